@@ -1,0 +1,118 @@
+"""The ``radtrt`` command: a thin typer layer over the library.
+
+Results go to stdout, logs and progress to stderr. A ``RadtrtError`` (bad input, missing files)
+becomes one line on stderr and exit code 2; usage errors are 2 as well; anything else is a bug: 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from radtrt import __version__
+from radtrt.errors import RadtrtError, fail
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run LLaVA-Rad chest X-ray report generation fast on the hardware you have.")
+err = Console(stderr=True, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"radtrt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """radtrt: LLaVA-Rad on Jetson Orin, V100 and plain CPUs."""
+
+
+@app.command()
+def infer(
+    studies: list[Path] = typer.Argument(..., help="DICOM file, study folder, or PNG/JPEG; several allowed."),
+    model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="What 'radtrt export' wrote."),
+    backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | tensorrt"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16 (torch backend)."),
+    indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation limit."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per study on stdout."),
+    sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Write a DICOM SR per study into this folder."),
+    allow_any_modality: bool = typer.Option(False, "--allow-any-modality", help="Accept non-radiograph DICOMs."),
+) -> None:
+    """Generate the findings section for each study."""
+    from radtrt.runtime.session import open_pipeline, run_studies
+
+    pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
+                             dtype=dtype, console=err)
+    for result in run_studies(pipeline, studies, indication=indication, max_new_tokens=max_new_tokens,
+                              allow_any_modality=allow_any_modality, sr_out=sr_out, console=err):
+        if as_json:
+            typer.echo(json.dumps(result.to_json()))
+        else:
+            typer.echo(f"{result.study} [{result.view_position}]\n{result.report}\n")
+
+
+@app.command()
+def convert(
+    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release directory (or a radtrt model dir)."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 directory."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (radtrt merged layout)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 | bfloat16 | float32."),
+) -> None:
+    """Merge a release (LoRA + base + projector + trunk) into radtrt's safetensors layout."""
+    from radtrt.model.loading import load_model, save_toolkit
+    from radtrt.runtime.backends import DTYPES
+
+    if dtype not in DTYPES:
+        fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
+    if out.exists() and any(out.iterdir()):
+        fail(f"output directory {out} is not empty")
+    with err.status("loading and merging the model"):
+        loaded = load_model(model, base_model)
+    with err.status(f"writing {out}"):
+        save_toolkit(loaded, out, dtype=DTYPES[dtype])
+    typer.echo(str(out))
+
+
+@app.command()
+def doctor() -> None:
+    """What backends, providers, GPUs and versions are usable here, and why not."""
+    from radtrt.runtime.doctor import report
+
+    for line in report():
+        typer.echo(line)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Where to write the demo files."),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """First run: a synthetic study through a tiny RANDOM-weight model (gibberish report, pipeline check)."""
+    from radtrt.runtime.demo import make_demo
+
+    model_dir, study = make_demo(out)
+    err.print(f"[yellow]demo: tiny random-weight model in {model_dir}, synthetic study {study}; "
+              f"the report is meaningless by design[/yellow]")
+    infer([study], model=model_dir, base_model=None, bundle=None, backend="torch", device="cpu", dtype="float32",
+          indication=None, max_new_tokens=32, as_json=as_json, sr_out=out / "sr", allow_any_modality=False)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except RadtrtError as e:
+        err.print(f"radtrt: error: {e}", markup=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The reference PyTorch LLaVA-Rad: trunk, projector, decoder, prompt, checkpoints."""

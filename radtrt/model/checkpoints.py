@@ -1,0 +1,114 @@
+"""Pure state-dict transforms between the official LLaVA-Rad release layout and radtrt's model.
+
+Each function takes and returns plain ``{name: tensor}`` dicts (timm's ``filter_fn`` style), so
+conversions are testable without files and reusable by the release writer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from radtrt.errors import fail
+
+OPEN_CLIP_TRUNK_PREFIX = "visual.trunk."
+VISION_PREFIX = "vision_tower."
+PROJECTOR_PREFIX = "mm_projector."
+DECODER_PREFIX = "language_model."
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def open_clip_to_trunk(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """timm trunk weights from an open_clip checkpoint (``state_dict`` wrapper and ``module.`` optional)."""
+    sd = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(sd, dict):
+        fail("open_clip checkpoint's 'state_dict' is not a dict")
+    trunk = {}
+    for key, value in sd.items():
+        key = key.removeprefix("module.")
+        if key.startswith(OPEN_CLIP_TRUNK_PREFIX) and isinstance(value, torch.Tensor):
+            trunk[key[len(OPEN_CLIP_TRUNK_PREFIX):]] = value
+    if not trunk:
+        fail(f"open_clip checkpoint has no '{OPEN_CLIP_TRUNK_PREFIX}*' weights (is it a timm-trunk model?)")
+    return trunk
+
+
+def trunk_to_open_clip(trunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {OPEN_CLIP_TRUNK_PREFIX + k: v for k, v in trunk.items()}
+
+
+def non_lora_to_projector(non_lora: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split ``non_lora_trainables.bin`` into projector weights and any decoder weights it overrides.
+
+    Same prefix stripping as the released loader: ``base_model.`` then, when keys start with
+    ``model.model.``, one ``model.``. Returns (projector state, decoder overrides in HF names).
+    """
+    sd = {k.removeprefix("base_model."): v for k, v in non_lora.items()}
+    if any(k.startswith("model.model.") for k in sd):
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    projector, decoder = {}, {}
+    for key, value in sd.items():
+        if key.startswith("model.mm_projector."):
+            projector[key[len("model.mm_projector."):]] = value
+        elif key.startswith(("model.vision_tower.", "model.vision_resampler.")):
+            continue  # frozen trunk copies: the open_clip checkpoint is the source of truth
+        else:
+            decoder[key] = value
+    if not projector:
+        fail("non_lora_trainables.bin holds no 'model.mm_projector.*' weights")
+    return projector, decoder
+
+
+def projector_to_non_lora(projector: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"base_model.model.model.mm_projector.{k}": v for k, v in projector.items()}
+
+
+def lora_scaling(adapter_config: dict[str, Any], module: str) -> tuple[int, float]:
+    r = int(adapter_config.get("rank_pattern", {}).get(module, adapter_config["r"]))
+    alpha = float(adapter_config.get("alpha_pattern", {}).get(module, adapter_config["lora_alpha"]))
+    return r, alpha / (math.sqrt(r) if adapter_config.get("use_rslora") else r)
+
+
+def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
+               adapter_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """PEFT's ``merge_and_unload`` for plain LoRA on linear layers: ``W += scale * B @ A``.
+
+    Merged in float32 and cast back, so an fp16 base does not lose the low-rank update's low bits.
+    """
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        fail(f"adapter type {adapter_config.get('peft_type')} is not supported (only LoRA)")
+    if adapter_config.get("fan_in_fan_out") or adapter_config.get("use_dora"):
+        fail("LoRA with fan_in_fan_out or DoRA is not supported")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in adapter.items():
+        name = key.removeprefix("base_model.model.").replace(".default", "")
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.weight"
+            if name.endswith(marker):
+                pairs.setdefault(name[: -len(marker)], {})[part] = value
+                break
+        else:
+            fail(f"adapter weight '{key}' is not a LoRA A/B matrix; only plain LoRA adapters are supported")
+    merged = dict(decoder)
+    for module, ab in sorted(pairs.items()):
+        target = module + ".weight"
+        if target not in merged or set(ab) != {"lora_A", "lora_B"}:
+            fail(f"LoRA adapter targets '{module}', which the base decoder does not have (wrong base model?)")
+        base = merged[target]
+        a, b = ab["lora_A"].float(), ab["lora_B"].float()
+        if a.shape[1] != base.shape[1] or b.shape[0] != base.shape[0]:
+            fail(f"LoRA weights for '{module}' have shape {tuple(b.shape)}x{tuple(a.shape)}, the base weight "
+                 f"{tuple(base.shape)}: the base model is not the one this adapter was trained on")
+        _, scale = lora_scaling(adapter_config, module.rsplit(".", 1)[-1])
+        merged[target] = (base.float() + scale * (b @ a)).to(base.dtype)
+    return merged
+
+
+def with_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

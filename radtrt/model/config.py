@@ -1,0 +1,192 @@
+"""Configs for the three parts of LLaVA-Rad, as dataclasses with named presets.
+
+The real sizes and a ``tiny`` preset come from the same code path, so the tests exercise exactly
+what runs at 7B scale. Vision configs are derived from the open_clip model JSON the release ships
+(``timm_model_name`` + ``image_size``) instead of being hard-coded to ViT-B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from radtrt.errors import fail
+
+# Architecture of the timm DINOv2 trunks open_clip can name (timm's vision_transformer.py model
+# functions). open_clip passes only the name and ``img_size`` to timm, so this table is the whole
+# contract between the JSON and the trunk.
+TIMM_TRUNKS: dict[str, dict[str, Any]] = {
+    "vit_small_patch14_dinov2": dict(patch_size=14, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch14_dinov2": dict(patch_size=14, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch14_dinov2": dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16),
+}
+# A radtrt-only key in ``vision_cfg`` that overrides trunk sizes; open_clip does not know it. Used by
+# the tiny test models and the small embedded default model, never by the official release.
+TRUNK_OVERRIDES_KEY = "radtrt_trunk_overrides"
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A DINOv2-style ViT trunk (LayerScale, class token, learned position embedding)."""
+
+    img_size: int = 518
+    patch_size: int = 14
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    init_values: float | None = 1e-5  # LayerScale present when not None
+    eps: float = 1e-6
+    timm_model_name: str = "vit_base_patch14_dinov2.lvd142m"
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @classmethod
+    def from_open_clip(cls, model_cfg: dict[str, Any]) -> "VisionConfig":
+        """Build from an open_clip model config (the release's ``biomedclipcxr_518.json``)."""
+        vision_cfg = model_cfg.get("vision_cfg", model_cfg)
+        name = vision_cfg.get("timm_model_name")
+        if not name:
+            fail("open_clip vision config has no 'vision_cfg.timm_model_name'; only timm trunks are supported")
+        arch = TIMM_TRUNKS.get(name.split(".")[0])
+        if arch is None:
+            fail(f"unsupported vision trunk '{name}'; supported: {', '.join(sorted(TIMM_TRUNKS))}")
+        image_size = vision_cfg.get("image_size", 518)
+        if isinstance(image_size, (list, tuple)):
+            if len(set(image_size)) != 1:
+                fail(f"non-square image_size {image_size} is not supported")
+            image_size = image_size[0]
+        kwargs = dict(arch, img_size=int(image_size), timm_model_name=name)
+        kwargs.update(vision_cfg.get(TRUNK_OVERRIDES_KEY, {}))
+        return cls(**kwargs)
+
+    def to_open_clip(self) -> dict[str, Any]:
+        """The open_clip model config JSON that describes this trunk (inverse of from_open_clip)."""
+        base = VisionConfig.from_open_clip({"vision_cfg": {"timm_model_name": self.timm_model_name,
+                                                           "image_size": self.img_size}})
+        overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if f.name not in ("timm_model_name", "img_size") and getattr(self, f.name) != getattr(base, f.name)}
+        vision_cfg: dict[str, Any] = {
+            "timm_model_name": self.timm_model_name,
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": self.img_size,
+        }
+        if overrides:
+            vision_cfg[TRUNK_OVERRIDES_KEY] = overrides
+        return {"embed_dim": 512, "vision_cfg": vision_cfg}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """A LLaMA-architecture decoder (Vicuna v1.5 for LLaVA-Rad), with Hugging Face's field names."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "DecoderConfig":
+        """Parse a Hugging Face LLaMA ``config.json`` (also the LLaVA-Rad one, which extends it)."""
+        if hf.get("rope_scaling"):
+            fail(f"rope_scaling {hf['rope_scaling']} is not supported (Vicuna v1.5 has none)")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            fail("LLaMA variants with attention/MLP biases are not supported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        kwargs.setdefault("num_key_value_heads", hf.get("num_attention_heads", cls.num_attention_heads))
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # a field of the wrong kind in a user's config.json
+            fail(f"LLaMA config.json is malformed: {e}")
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+                "torch_dtype": "float32", **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class LlavaRadConfig:
+    """The whole model: trunk, LLaVA feature selection, projector, decoder, prompt template."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    projector_type: str = "mlp2x_gelu"
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    conv_template: str = "v1"
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches + (0 if self.mm_vision_select_feature == "patch" else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlavaRadConfig":
+        try:
+            rest = {k: v for k, v in d.items() if k not in ("vision", "decoder")}
+            for key in ("image_mean", "image_std"):
+                if key in rest:
+                    rest[key] = tuple(rest[key])
+            return cls(vision=VisionConfig(**d["vision"]), decoder=DecoderConfig(**d["decoder"]), **rest)
+        except (KeyError, TypeError) as e:
+            fail(f"radtrt model config is malformed ({e}); re-run 'radtrt convert'")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def tiny_vision() -> VisionConfig:
+    return VisionConfig(img_size=56, patch_size=14, embed_dim=32, depth=3, num_heads=2)
+
+
+def tiny_decoder(vocab_size: int = 512) -> DecoderConfig:
+    return DecoderConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+PRESETS: dict[str, LlavaRadConfig] = {
+    # The released model: BiomedCLIP-CXR DINOv2 ViT-B/14 at 518 px + Vicuna-7B v1.5.
+    "llava-rad": LlavaRadConfig(),
+    # Mid-size decoder used by the CPU benchmarks (12 x 1024, 220M params) with the real trunk.
+    "mid": LlavaRadConfig(decoder=DecoderConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                                                num_attention_heads=16, num_key_value_heads=16)),
+    "tiny": LlavaRadConfig(vision=tiny_vision(), decoder=tiny_decoder()),
+}
+
+
+def preset(name: str) -> LlavaRadConfig:
+    if name not in PRESETS:
+        fail(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,82 @@
+"""Greedy decoding with a static KV cache: ``prefill`` then ``decode_one_token`` (gpt-fast's shape).
+
+Matches Hugging Face ``generate(do_sample=False, num_beams=1)`` as LLaVA-Rad's evaluation calls it:
+left-padded batches, positions counted over real tokens only, stop at EOS, ``max_new_tokens`` 256.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from radtrt.model.decoder import LlamaForCausalLM, causal_mask
+
+MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class Generation:
+    """Generated ids per sequence (prompt and EOS excluded) and how long each phase took."""
+
+    token_ids: list[list[int]]
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    first_logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def n_decode_steps(self) -> int:
+        return max((len(t) for t in self.token_ids), default=0) - 1
+
+
+def left_pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length ``[L_i, H]`` embeddings left-padded; returns (embeds, valid mask)."""
+    length = max(e.shape[0] for e in embeds)
+    out = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
+    valid = torch.zeros(len(embeds), length, dtype=torch.bool, device=embeds[0].device)
+    for i, e in enumerate(embeds):
+        out[i, length - e.shape[0]:] = e
+        valid[i, length - e.shape[0]:] = True
+    return out, valid
+
+
+@torch.no_grad()
+def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_token_id: int,
+                    max_new_tokens: int = MAX_NEW_TOKENS, keep_first_logits: bool = False) -> Generation:
+    if max_new_tokens < 1:
+        return Generation([[] for _ in embeds])
+    x, valid = left_pad(embeds)
+    batch, length = valid.shape
+    total = length + max_new_tokens
+    key_valid = torch.zeros(batch, total, dtype=torch.bool, device=x.device)
+    key_valid[:, :length] = valid
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    lm.setup_cache(batch, total, dtype=x.dtype)
+    try:
+        t0 = time.perf_counter()
+        slots = torch.arange(length, device=x.device)
+        logits = lm(x, positions, causal_mask(key_valid, slots), slots, last_only=True)[:, -1]
+        first_logits = logits.float().clone() if keep_first_logits else None
+        next_pos = positions[:, -1] + 1
+        t1 = time.perf_counter()
+        out: list[list[int]] = [[] for _ in range(batch)]
+        done = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            for i in range(batch):
+                if not done[i] and token[i].item() != eos_token_id:
+                    out[i].append(int(token[i]))
+            done |= token == eos_token_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            slot = length + step
+            key_valid[:, slot] = True
+            slots = torch.tensor([slot], device=x.device)
+            emb = lm.embed(token[:, None])
+            logits = lm(emb, next_pos[:, None], causal_mask(key_valid, slots), slots)[:, -1]
+            next_pos = next_pos + 1
+        t2 = time.perf_counter()
+    finally:
+        lm.clear_cache()
+    return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)

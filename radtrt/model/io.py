@@ -1,0 +1,75 @@
+"""Reading weight and config files with one clear error for each way they can be broken.
+
+Pickled checkpoints (``.bin``/``.pt``) are read only through ``torch.load(weights_only=True)``:
+a release directory is untrusted input, and a full unpickler would execute code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from radtrt.errors import fail
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        fail(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"{path} is not valid JSON ({e})")
+    if not isinstance(data, dict):
+        fail(f"{path} does not hold a JSON object")
+    return data
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file or a weights-only pickle, on the CPU."""
+    if not path.is_file():
+        fail(f"missing weight file: {path}")
+    if path.stat().st_size == 0:
+        fail(f"weight file is empty: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            fail(f"weight file is truncated or corrupt: {path} ({e})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        fail(f"refusing {path}: not a plain tensor checkpoint ({str(e).splitlines()[0]})")
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        fail(f"weight file is truncated or corrupt: {path} ({str(e).splitlines()[0]})")
+    if not isinstance(obj, dict):
+        fail(f"{path} does not hold a state dict")
+    return obj
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write safetensors atomically: a crash never leaves a half-written weight file behind."""
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    tmp.replace(path)
+
+
+def hf_weight_files(directory: Path) -> list[Path]:
+    """The weight files of a Hugging Face model directory (sharded or not), safetensors preferred."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            if not shards:
+                fail(f"{index} lists no weight files")
+            return [directory / s for s in shards]
+        if (directory / single).is_file():
+            return [directory / single]
+    fail(f"no model weights (model.safetensors or pytorch_model.bin, sharded or not) in {directory}")

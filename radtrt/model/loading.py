@@ -1,0 +1,177 @@
+"""Load LLaVA-Rad from the official release layout or from radtrt's merged layout; save the latter.
+
+Release layout (``--model RELEASE_DIR --base-model VICUNA_DIR``), as the released loader reads it:
+LLaMA + ``mm_*`` keys in ``config.json``; the base decoder and tokenizer from the Vicuna directory;
+``non_lora_trainables.bin`` (projector); ``adapter_*`` (LoRA, merged here); the open_clip JSON and
+checkpoint for the trunk. radtrt's merged layout: ``config.json`` (``radtrt_format``),
+``model.safetensors``, ``tokenizer.model``, ``tokenizer_config.json`` — no base model, no pickles.
+Which layout a directory holds is read from its ``config.json``, never guessed from its path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radtrt import __version__
+from radtrt.errors import fail
+from radtrt.model import checkpoints as ck
+from radtrt.model.config import DecoderConfig, LlavaRadConfig, VisionConfig
+from radtrt.model.decoder import Rotary
+from radtrt.model.io import hf_weight_files, load_tensors, read_json, save_tensors
+from radtrt.model.llava_rad import LlavaRad
+from radtrt.model.tokenizer import LlamaSPTokenizer
+
+TOOLKIT_FORMAT = "radtrt-llava-rad"
+TOOLKIT_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+DEFAULT_VISION_JSON = "biomedclipcxr_518.json"
+DEFAULT_VISION_CKPT = "biomedclipcxr_518_checkpoint.pt"
+
+
+@dataclass
+class LoadedModel:
+    model: LlavaRad
+    tokenizer: LlamaSPTokenizer
+    name: str
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def layout_of(model_dir: Path) -> str:
+    """``'toolkit'`` or ``'release'``, from the directory's config.json."""
+    if not model_dir.is_dir():
+        fail(f"model directory not found: {model_dir}")
+    cfg = read_json(model_dir / "config.json")
+    if cfg.get("radtrt_format") == TOOLKIT_FORMAT:
+        return "toolkit"
+    if "mm_vision_tower" in cfg:
+        return "release"
+    fail(f"{model_dir} is neither a LLaVA-Rad release (config.json has no mm_vision_tower) "
+         f"nor a radtrt model (run 'radtrt convert')")
+
+
+def load_model(model_dir: Path, base_model: Path | None = None, *, dtype: torch.dtype = torch.float32,
+               device: str = "cpu") -> LoadedModel:
+    """Load either layout; the release layout needs the base Vicuna directory."""
+    if layout_of(model_dir) == "toolkit":
+        loaded = _load_toolkit(model_dir, dtype)
+    else:
+        if base_model is None:
+            fail(f"{model_dir} is the official LLaVA-Rad release layout: pass --base-model with the local "
+                 f"Vicuna-7B v1.5 directory")
+        loaded = _load_release(model_dir, base_model, dtype)
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _instantiate(cfg: LlavaRadConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> LlavaRad:
+    """Build on the meta device and adopt the tensors, so a 7B model is never held twice in memory."""
+    with torch.device("meta"):
+        model = LlavaRad(cfg)
+    expected = model.state_dict()
+    if cfg.decoder.tie_word_embeddings:
+        state.setdefault("language_model.lm_head.weight", state.get("language_model.model.embed_tokens.weight"))
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        fail(f"{what}: weight '{missing[0]}' is missing ({len(missing)} missing in all)")
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            fail(f"{what}: weight '{name}' has shape {tuple(state[name].shape)}, the config expects "
+                 f"{tuple(tensor.shape)} (wrong base model or mismatched files?)")
+    model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=True, assign=True)
+    lm = model.language_model.model
+    lm.rotary_emb = Rotary(cfg.decoder.head_dim, cfg.decoder.rope_theta)  # non-persistent buffer, rebuilt
+    return model
+
+
+def _load_toolkit(model_dir: Path, dtype: torch.dtype) -> LoadedModel:
+    meta = read_json(model_dir / "config.json")
+    if meta.get("format_version") != TOOLKIT_FORMAT_VERSION:
+        fail(f"{model_dir} was written by radtrt format {meta.get('format_version')}, this radtrt reads "
+             f"format {TOOLKIT_FORMAT_VERSION}: re-run 'radtrt convert'")
+    cfg = LlavaRadConfig.from_dict(meta["model"])
+    model = _instantiate(cfg, load_tensors(model_dir / WEIGHTS_FILE), dtype, str(model_dir))
+    tokenizer = LlamaSPTokenizer.from_dir(model_dir)
+    _check_vocab(tokenizer, cfg.decoder, model_dir)
+    return LoadedModel(model, tokenizer, meta.get("name", model_dir.name), meta.get("source", {}))
+
+
+def _check_vocab(tokenizer: LlamaSPTokenizer, cfg: DecoderConfig, where: Path) -> None:
+    if tokenizer.vocab_size > cfg.vocab_size:
+        fail(f"tokenizer in {where} has {tokenizer.vocab_size} tokens, the decoder only {cfg.vocab_size}")
+
+
+def release_config(release_dir: Path) -> tuple[LlavaRadConfig, dict[str, Any]]:
+    """radtrt config from a release ``config.json`` (parsed here: transformers' llava class differs)."""
+    hf = read_json(release_dir / "config.json")
+    vision_json = hf.get("mm_vision_tower_config") or DEFAULT_VISION_JSON
+    if isinstance(vision_json, str):
+        vision_json = read_json(release_dir / Path(vision_json).name)
+    if not isinstance(vision_json, dict):
+        fail(f"{release_dir}/config.json: mm_vision_tower_config is neither a file name nor a JSON object")
+    for key, allowed in (("mm_use_im_start_end", (False, None)), ("mm_use_im_patch_token", (False, None))):
+        if hf.get(key) not in allowed:
+            fail(f"{release_dir}/config.json sets {key}={hf.get(key)}; LLaVA-Rad uses neither image start/end "
+                 f"nor patch tokens and radtrt supports only that")
+    cfg = LlavaRadConfig(
+        vision=VisionConfig.from_open_clip(vision_json),
+        decoder=DecoderConfig.from_hf(hf),
+        projector_type=hf.get("mm_projector_type", "linear"),
+        mm_vision_select_layer=int(hf.get("mm_vision_select_layer", -2)),
+        mm_vision_select_feature=hf.get("mm_vision_select_feature", "patch"),
+    )
+    if hf.get("mm_hidden_size", cfg.vision.embed_dim) != cfg.vision.embed_dim:
+        fail(f"config.json mm_hidden_size {hf['mm_hidden_size']} disagrees with the vision trunk width "
+             f"{cfg.vision.embed_dim}")
+    return cfg, hf
+
+
+def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> LoadedModel:
+    cfg, hf = release_config(release_dir)
+    if not base_dir.is_dir():
+        fail(f"base model directory not found: {base_dir}")
+    base_hf = read_json(base_dir / "config.json")
+    base_cfg = DecoderConfig.from_hf(base_hf)
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if getattr(base_cfg, name) != getattr(cfg.decoder, name):
+            fail(f"base model {base_dir} has {name}={getattr(base_cfg, name)}, LLaVA-Rad expects "
+                 f"{getattr(cfg.decoder, name)}: point --base-model at Vicuna-7B v1.5")
+    decoder: dict[str, torch.Tensor] = {}
+    for f in hf_weight_files(base_dir):
+        decoder.update(load_tensors(f))
+    projector, overrides = ck.non_lora_to_projector(load_tensors(release_dir / "non_lora_trainables.bin"))
+    decoder.update(overrides)
+    adapter_cfg_file = release_dir / "adapter_config.json"
+    if adapter_cfg_file.is_file():
+        adapter_file = next((release_dir / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                             if (release_dir / n).is_file()), release_dir / "adapter_model.bin")
+        decoder = ck.merge_lora(decoder, load_tensors(adapter_file), read_json(adapter_cfg_file))
+    vision_ckpt = Path(hf.get("mm_vision_tower_checkpoint") or DEFAULT_VISION_CKPT).name
+    trunk = ck.open_clip_to_trunk(load_tensors(release_dir / vision_ckpt))
+    state = {**ck.with_prefix(trunk, ck.VISION_PREFIX), **ck.with_prefix(projector, ck.PROJECTOR_PREFIX),
+             **ck.with_prefix(decoder, ck.DECODER_PREFIX)}
+    model = _instantiate(cfg, state, dtype, f"{release_dir} + {base_dir}")
+    tokenizer = LlamaSPTokenizer.from_dir(base_dir)
+    _check_vocab(tokenizer, cfg.decoder, base_dir)
+    source = {"layout": "llava-rad-release", "model_dir": release_dir.name, "base_model_dir": base_dir.name,
+              "base_model": hf.get("_name_or_path", "")}
+    return LoadedModel(model, tokenizer, "llava-rad", source)
+
+
+def save_toolkit(loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write radtrt's merged layout: later runs need neither the base model nor pickles."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).cpu()
+             for k, v in loaded.model.state_dict().items()}
+    if loaded.model.cfg.decoder.tie_word_embeddings:
+        state.pop("language_model.lm_head.weight", None)
+    save_tensors(state, out_dir / WEIGHTS_FILE, metadata={"format": TOOLKIT_FORMAT})
+    loaded.tokenizer.save(out_dir)
+    meta = {"radtrt_format": TOOLKIT_FORMAT, "format_version": TOOLKIT_FORMAT_VERSION, "radtrt_version": __version__,
+            "name": loaded.name, "source": loaded.source, "model": loaded.model.cfg.to_dict()}
+    (out_dir / "config.json").write_text(json.dumps(meta, indent=2))
+    return out_dir

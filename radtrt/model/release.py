@@ -1,0 +1,78 @@
+"""Write the official LLaVA-Rad release layout (the inverse of ``loading._load_release``).
+
+Used to build release-layout fixtures of any size and, with training, to publish checkpoints that
+the released LLaVA-Rad loader reads: a release directory (config, LoRA adapter, projector, open_clip
+JSON + checkpoint) next to a base-LM directory (Hugging Face LLaMA weights + tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radtrt.model import checkpoints as ck
+from radtrt.model.config import LlavaRadConfig
+from radtrt.model.io import save_tensors
+from radtrt.model.loading import DEFAULT_VISION_CKPT, DEFAULT_VISION_JSON
+from radtrt.model.tokenizer import LlamaSPTokenizer
+
+VISION_TOWER_NAME = "biomedclip_cxr_518"
+
+
+def release_config_json(cfg: LlavaRadConfig, base_name: str) -> dict[str, Any]:
+    return {
+        **cfg.decoder.to_hf(),
+        "_name_or_path": base_name,
+        "model_type": "llava",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "mm_vision_tower": VISION_TOWER_NAME,
+        "mm_vision_tower_config": DEFAULT_VISION_JSON,
+        "mm_vision_tower_checkpoint": DEFAULT_VISION_CKPT,
+        "mm_projector_type": cfg.projector_type,
+        "mm_hidden_size": cfg.vision.embed_dim,
+        "mm_vision_select_layer": cfg.mm_vision_select_layer,
+        "mm_vision_select_feature": cfg.mm_vision_select_feature,
+        "image_aspect_ratio": "square",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "tune_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+        "use_cache": True,
+    }
+
+
+def adapter_config_json(r: int, alpha: int, dropout: float, base_name: str,
+                        targets: tuple[str, ...] = ck.LORA_TARGETS) -> dict[str, Any]:
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+            "target_modules": list(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "base_model_name_or_path": base_name, "modules_to_save": None}
+
+
+def write_base_lm(out_dir: Path, cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor],
+                  tokenizer: LlamaSPTokenizer) -> Path:
+    """A Hugging Face LLaMA directory (what ``--base-model`` points at)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.decoder.to_hf(), indent=2))
+    save_tensors(decoder, out_dir / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save(out_dir)
+    return out_dir
+
+
+def write_release(out_dir: Path, cfg: LlavaRadConfig, *, trunk: dict[str, torch.Tensor],
+                  projector: dict[str, torch.Tensor], lora: dict[str, torch.Tensor] | None,
+                  adapter_config: dict[str, Any] | None, base_name: str,
+                  extra_open_clip: dict[str, torch.Tensor] | None = None) -> Path:
+    """The release directory; ``lora`` uses PEFT key names (``base_model.model.model.layers...lora_A.weight``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(release_config_json(cfg, base_name), indent=2))
+    (out_dir / DEFAULT_VISION_JSON).write_text(json.dumps(cfg.vision.to_open_clip(), indent=2))
+    torch.save({"state_dict": {**ck.trunk_to_open_clip(trunk), **(extra_open_clip or {})}},
+               out_dir / DEFAULT_VISION_CKPT)
+    torch.save(ck.projector_to_non_lora(projector), out_dir / "non_lora_trainables.bin")
+    if lora is not None and adapter_config is not None:
+        (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        torch.save(lora, out_dir / "adapter_model.bin")
+    return out_dir

@@ -1,0 +1,38 @@
+"""``radtrt doctor``: which backends can run here, and the reason when one cannot."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+
+def _module_version(name: str) -> tuple[str | None, str]:
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        return None, f"not importable ({e.msg if hasattr(e, 'msg') else e})"
+    except Exception as e:  # noqa: BLE001 - vendor stubs raise arbitrary errors on import; report, don't crash
+        return None, f"import failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return getattr(module, "__version__", "unknown"), "ok"
+
+
+def report() -> list[str]:
+    lines = [f"python {platform.python_version()} on {platform.machine()} ({platform.system()})",
+             f"torch {torch.__version__}: CUDA {'available' if torch.cuda.is_available() else 'not available'}"]
+    for i in range(torch.cuda.device_count()):
+        cap = torch.cuda.get_device_capability(i)
+        lines.append(f"  GPU {i}: {torch.cuda.get_device_name(i)} (sm{cap[0]}{cap[1]})")
+    version, status = _module_version("onnxruntime")
+    if version:
+        import onnxruntime as ort
+
+        lines.append(f"onnxruntime {version}: providers {', '.join(ort.get_available_providers())}")
+    else:
+        lines.append(f"onnxruntime: {status}")
+    for name, label in (("tensorrt", "TensorRT"), ("tensorrt_llm", "TensorRT-LLM")):
+        version, status = _module_version(name)
+        lines.append(f"{label} {version}" if version else f"{label}: {status}")
+    lines.append("backends usable here: torch" + (" (cpu, cuda)" if torch.cuda.is_available() else " (cpu)"))
+    return lines

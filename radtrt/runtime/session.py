@@ -1,0 +1,58 @@
+"""Open a pipeline from CLI-level choices and run studies, reporting progress on stderr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console
+
+from radtrt import __version__
+from radtrt.errors import RadtrtError, fail
+from radtrt.model.loading import load_model
+from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolve_device
+from radtrt.runtime.pipeline import Pipeline, StudyResult
+
+
+def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path | None, backend: str, device: str,
+                  dtype: str, console: Console) -> Pipeline:
+    chosen, why = choose_backend(backend, bundle=bundle is not None)
+    device = resolve_device(device)
+    if dtype not in DTYPES:
+        fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
+    if model is None:
+        fail("no --model given, and this radtrt version has no embedded default model yet: pass --model DIR "
+             "(or run 'radtrt demo' for a pipeline check on a tiny random-weight model)")
+    with console.status(f"loading model from {model}"):
+        loaded = load_model(model, base_model, dtype=DTYPES[dtype], device=device)
+    console.print(f"backend: {chosen} ({why}), device {device}, {dtype}; model {loaded.name}", highlight=False)
+    return Pipeline(TorchBackend(loaded.model, device), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
+
+
+def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | None, max_new_tokens: int,
+                allow_any_modality: bool, sr_out: Path | None, console: Console) -> Iterator[StudyResult]:
+    """Yield each study's result; a bad study gets one stderr line and the rest still run.
+
+    Raises one ``RadtrtError`` at the end when any study failed, so the exit code is 2.
+    """
+    failed = 0
+    for i, study in enumerate(studies, 1):
+        try:
+            with console.status(f"[{i}/{len(studies)}] generating report for {study.name}"):
+                result = pipeline.run(study, indication=indication, max_new_tokens=max_new_tokens,
+                                      allow_any_modality=allow_any_modality)
+                if sr_out is not None:
+                    from radtrt.imaging.sr import write_sr
+
+                    assert result.image is not None
+                    write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
+                             model_version=__version__)
+        except RadtrtError as e:
+            if len(studies) == 1:
+                raise
+            failed += 1
+            console.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+            continue
+        yield result
+    if failed:
+        fail(f"{failed} of {len(studies)} studies failed (see the lines above)")
