@@ -1,0 +1,163 @@
+"""Loading the official release layout: equal to the released loader's algorithm, bad files refused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+
+from radtrt.errors import RadtrtError
+from radtrt.model import checkpoints as ck
+from radtrt.model.generate import greedy_generate
+from radtrt.model.loading import layout_of, load_model, save_toolkit
+from radtrt.model.projector import build_projector
+from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
+from radtrt.model.vision import VisionTransformer
+
+from conftest import TinyRelease, build_tiny_release
+
+
+def _released_algorithm(rel: TinyRelease, pixels: torch.Tensor, indication: str | None, max_new: int) -> list[int]:
+    """What LLaVA-Rad's own code does: HF LLaMA + PeftModel merge, open_clip trunk, splice, HF generate."""
+    cfg = rel.cfg
+    hf = transformers.LlamaForCausalLM.from_pretrained(rel.base_dir, torch_dtype=torch.float32)
+    hf = PeftModel.from_pretrained(hf, rel.release_dir).merge_and_unload().eval()
+    ckpt = torch.load(rel.release_dir / "biomedclipcxr_518_checkpoint.pt", weights_only=True)["state_dict"]
+    trunk = VisionTransformer(cfg.vision).eval()
+    trunk.load_state_dict({k[len("visual.trunk."):]: v for k, v in ckpt.items() if k.startswith("visual.trunk.")})
+    non_lora = torch.load(rel.release_dir / "non_lora_trainables.bin", weights_only=True)
+    proj = build_projector(cfg.projector_type, cfg.vision.embed_dim, cfg.decoder.hidden_size)
+    proj.load_state_dict({k.split("mm_projector.")[1]: v for k, v in non_lora.items()})
+    with torch.no_grad():
+        feats = proj(trunk.hidden_states(pixels)[cfg.mm_vision_select_layer][:, 1:])[0]
+        ids = tokenizer_image_token(build_prompt(build_query(indication)), rel.tokenizer.encode,
+                                    rel.tokenizer.bos_token_id)
+        pos = ids.index(-200)
+        emb = hf.get_input_embeddings()
+        embeds = torch.cat([emb(torch.tensor(ids[:pos])), feats, emb(torch.tensor(ids[pos + 1:]))])[None]
+        out = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                          do_sample=False, num_beams=1, max_new_tokens=max_new,
+                          eos_token_id=rel.tokenizer.eos_token_id, pad_token_id=0)
+    return [t for t in out[0].tolist() if t != rel.tokenizer.eos_token_id]
+
+
+def _ours(model_dir: Path, base: Path | None, pixels: torch.Tensor, indication: str | None, max_new: int) -> list[int]:
+    loaded = load_model(model_dir, base)
+    m, tok = loaded.model, loaded.tokenizer
+    ids = tokenizer_image_token(build_prompt(build_query(indication)), tok.encode, tok.bos_token_id)
+    with torch.no_grad():
+        embeds = m.embed_multimodal(ids, m.encode_images(pixels)[0])
+    return greedy_generate(m.language_model, [embeds], eos_token_id=tok.eos_token_id, max_new_tokens=max_new).token_ids[0]
+
+
+@pytest.mark.parametrize("indication", [None, "65M with 3 days of cough"])
+def test_release_layout_gives_released_algorithms_tokens(tiny_release: TinyRelease, indication: str | None) -> None:
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(11))
+    ref = _released_algorithm(tiny_release, pixels, indication, 24)
+    got = _ours(tiny_release.release_dir, tiny_release.base_dir, pixels, indication, 24)
+    assert got == ref
+    assert len(set(got)) > 2  # the random model does not just repeat one token
+
+
+def test_lora_is_merged(tiny_release: TinyRelease) -> None:
+    loaded = load_model(tiny_release.release_dir, tiny_release.base_dir)
+    q = "language_model.model.layers.0.self_attn.q_proj.weight"
+    base = tiny_release.model.state_dict()[q]
+    a = tiny_release.lora["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = tiny_release.lora["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    torch.testing.assert_close(loaded.model.state_dict()[q], base + 2.0 * b @ a)  # alpha/r = 8/4
+
+
+def test_convert_roundtrip_equals_release(tiny_release: TinyRelease, tmp_path: Path) -> None:
+    out = save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), tmp_path / "merged",
+                       dtype=torch.float32)
+    assert layout_of(out) == "toolkit"
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    assert _ours(out, None, pixels, None, 16) == _ours(tiny_release.release_dir, tiny_release.base_dir, pixels, None, 16)
+
+
+def test_open_clip_checkpoint_variants() -> None:
+    w = torch.ones(2)
+    for ckpt in ({"state_dict": {"module.visual.trunk.cls_token": w}}, {"visual.trunk.cls_token": w},
+                 {"module.visual.trunk.cls_token": w, "module.text.proj": w}):
+        assert list(ck.open_clip_to_trunk(ckpt)) == ["cls_token"]
+    with pytest.raises(RadtrtError, match="visual.trunk"):
+        ck.open_clip_to_trunk({"state_dict": {"text.proj": w}})
+
+
+def test_non_lora_prefixes() -> None:
+    w = torch.ones(1)
+    proj, dec = ck.non_lora_to_projector({"base_model.model.model.mm_projector.0.weight": w,
+                                          "base_model.model.model.mm_projector.2.bias": w})
+    assert sorted(proj) == ["0.weight", "2.bias"] and dec == {}
+    proj, _ = ck.non_lora_to_projector({"model.mm_projector.0.weight": w})
+    assert list(proj) == ["0.weight"]
+
+
+@pytest.fixture()
+def broken_copy(tiny_release: TinyRelease, tmp_path: Path) -> TinyRelease:
+    rel = TinyRelease(tmp_path / "llava-rad", tmp_path / "base-lm", tiny_release.cfg, tiny_release.model,
+                      tiny_release.tokenizer, tiny_release.lora)
+    shutil.copytree(tiny_release.release_dir, rel.release_dir)
+    shutil.copytree(tiny_release.base_dir, rel.base_dir)
+    return rel
+
+
+def test_missing_file_is_refused(broken_copy: TinyRelease) -> None:
+    (broken_copy.release_dir / "non_lora_trainables.bin").unlink()
+    with pytest.raises(RadtrtError, match="missing weight file.*non_lora_trainables.bin"):
+        load_model(broken_copy.release_dir, broken_copy.base_dir)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.bin", "biomedclipcxr_518_checkpoint.pt"])
+def test_truncated_pickle_is_refused(broken_copy: TinyRelease, name: str) -> None:
+    f = broken_copy.release_dir / name
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(RadtrtError, match="truncated or corrupt"):
+        load_model(broken_copy.release_dir, broken_copy.base_dir)
+
+
+def test_truncated_safetensors_is_refused(broken_copy: TinyRelease) -> None:
+    f = broken_copy.base_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(RadtrtError, match="truncated or corrupt"):
+        load_model(broken_copy.release_dir, broken_copy.base_dir)
+
+
+def test_base_model_of_wrong_shape_is_refused(tmp_path: Path, tiny_release: TinyRelease) -> None:
+    other = build_tiny_release(tmp_path / "other")
+    cfg = (other.base_dir / "config.json")
+    cfg.write_text(cfg.read_text().replace('"hidden_size": 64', '"hidden_size": 128'))
+    with pytest.raises(RadtrtError, match="hidden_size=128"):
+        load_model(tiny_release.release_dir, other.base_dir)
+
+
+def test_base_weights_disagreeing_with_config_are_refused(broken_copy: TinyRelease) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = broken_copy.base_dir / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(10, 64)
+    save_file(sd, f)
+    with pytest.raises(RadtrtError, match="up_proj"):
+        load_model(broken_copy.release_dir, broken_copy.base_dir)
+
+
+def test_release_without_base_model_is_refused(tiny_release: TinyRelease) -> None:
+    with pytest.raises(RadtrtError, match="--base-model"):
+        load_model(tiny_release.release_dir, None)
+
+
+def test_malicious_pickle_is_refused(broken_copy: TinyRelease) -> None:
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (print, ("owned",))
+
+    torch.save({"x": Evil()}, broken_copy.release_dir / "non_lora_trainables.bin")
+    with pytest.raises(RadtrtError, match="refusing"):
+        load_model(broken_copy.release_dir, broken_copy.base_dir)
