@@ -1,11 +1,11 @@
 """The slow (sentencepiece) LLaMA tokenizer that LLaVA-Rad was trained and evaluated with.
 
-transformers 5 removed the slow ``LlamaTokenizer`` (``use_fast=False``); its fast replacement can
-tokenize some strings differently, and LLaVA-Rad's prompt ids must match exactly. This module
-reproduces the slow tokenizer's behaviour on top of ``sentencepiece`` directly, including the
-``legacy`` switch from ``tokenizer_config.json`` and the splitting of text on the special-token
-strings (``<s>``, ``</s>``, ``<unk>``). ``tests/test_tokenizer.py`` checks it against ids produced
-once by transformers 4.x's slow tokenizer.
+LLaVA-Rad pins transformers 4.31 and loads Vicuna's tokenizer with ``use_fast=False``;
+transformers 5 removed that class and the fast one can differ. This module reproduces 4.31's
+``LlamaTokenizer`` on top of ``sentencepiece``: the ``legacy`` switch from ``tokenizer_config.json``
+(Vicuna v1.5 sets ``false``), and text split on the special-token strings (``<s>``, ``</s>``,
+``<unk>``), which become their ids as in the slow tokenizer. ``tests/test_tokenizer.py`` checks it
+against ids produced once by transformers 4.31 (``tools/make_golden_tokenizer.py``).
 """
 
 from __future__ import annotations
@@ -21,16 +21,6 @@ from radtrt.errors import fail
 SPIECE_UNDERLINE = "\u2581"
 
 
-def _without_dummy_prefix(model_proto: bytes) -> bytes:
-    """The same sentencepiece model with ``add_dummy_prefix`` off (what ``legacy=False`` loads)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf; only for legacy=False
-
-    proto = pb.ModelProto()
-    proto.ParseFromString(model_proto)
-    proto.normalizer_spec.add_dummy_prefix = False
-    return proto.SerializeToString()
-
-
 def clean_up_tokenization(text: str) -> str:
     """transformers' ``clean_up_tokenization`` (applied only when the tokenizer config asks for it)."""
     for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -40,22 +30,19 @@ def clean_up_tokenization(text: str) -> str:
 
 
 class LlamaSPTokenizer:
-    """Encode/decode like transformers 4.x ``LlamaTokenizer`` (slow), BOS added, no EOS."""
+    """Encode/decode like transformers 4.31 ``LlamaTokenizer`` (slow): BOS added, no EOS."""
 
     def __init__(self, model_proto: bytes, *, legacy: bool = True, clean_up_spaces: bool = False) -> None:
         self.legacy = legacy
         self.clean_up_spaces = clean_up_spaces
         self.model_proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        self.sp_encode = self.sp if legacy else spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(model_proto))
         self.bos_token_id = self.sp.bos_id()
         self.eos_token_id = self.sp.eos_id()
         self.unk_token_id = self.sp.unk_id()
         self.special_ids = {i for i in (self.bos_token_id, self.eos_token_id, self.unk_token_id) if i >= 0}
-        specials = [self.sp.id_to_piece(i) for i in sorted(self.special_ids)]
-        self._special_split = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
         self._special_to_id = {self.sp.id_to_piece(i): i for i in self.special_ids}
-        self._unk_len = len(self.sp_encode.encode(self.sp.id_to_piece(self.unk_token_id), out_type=str))
+        self._special_split = re.compile("(" + "|".join(re.escape(s) for s in self._special_to_id) + ")")
 
     @property
     def vocab_size(self) -> int:
@@ -89,26 +76,29 @@ class LlamaSPTokenizer:
                   "model_max_length": 4096, "padding_side": "right"}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
-    def _encode_piece(self, text: str, first: bool) -> list[int]:
+    def _pieces(self, chunk: str) -> list[str]:
+        """4.31's ``_tokenize`` for one chunk between special tokens."""
         if self.legacy:
-            return self.sp.encode(text)
-        if first:
-            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
-        if not text.startswith((SPIECE_UNDERLINE, " ")):
-            return self.sp_encode.encode(text)
-        unk = self.sp.id_to_piece(self.unk_token_id)
-        return self.sp_encode.encode(unk + text)[self._unk_len:]
+            return self.sp.encode(chunk, out_type=str)
+        is_first = chunk.startswith(SPIECE_UNDERLINE)
+        if is_first:
+            chunk = chunk[1:]
+        pieces = self.sp.encode(chunk, out_type=str)
+        if not is_first and not chunk.startswith(" ") and pieces and pieces[0].startswith(SPIECE_UNDERLINE):
+            # sentencepiece's dummy prefix does not belong to a chunk that follows a special token
+            pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+        return pieces
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """``tokenizer(text).input_ids`` of the slow tokenizer."""
+        if not self.legacy and text:
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
         ids = [self.bos_token_id] if add_bos else []
-        first = True
-        for part in self._special_split.split(text):
-            if part in self._special_to_id:
-                ids.append(self._special_to_id[part])
-            elif part:
-                ids.extend(self._encode_piece(part, first))
-            first = False if part else first
+        for chunk in self._special_split.split(text):
+            if chunk in self._special_to_id:
+                ids.append(self._special_to_id[chunk])
+            elif chunk:
+                ids.extend(self.sp.piece_to_id(p) for p in self._pieces(chunk))
         return ids
 
     def decode(self, ids: list[int]) -> str:
