@@ -27,7 +27,8 @@ def golden() -> tuple[dict, dict[str, torch.Tensor]]:
 def _trunk(meta: dict, tensors: dict[str, torch.Tensor]) -> VisionTransformer:
     cfg = VisionConfig.from_open_clip({"vision_cfg": {
         "timm_model_name": "vit_base_patch14_dinov2.lvd142m", "image_size": meta["img_size"],
-        TRUNK_OVERRIDES_KEY: {"embed_dim": meta["embed_dim"], "depth": meta["depth"], "num_heads": meta["num_heads"]}}})
+        TRUNK_OVERRIDES_KEY: {"img_size": meta["img_size"], "embed_dim": meta["embed_dim"], "depth": meta["depth"],
+                              "num_heads": meta["num_heads"]}}})
     trunk = VisionTransformer(cfg).eval()
     trunk.load_state_dict({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}, strict=True)
     return trunk
@@ -68,6 +69,16 @@ def test_real_size_parameters_match_timm_names_and_shapes() -> None:
 def test_unknown_trunk_is_refused() -> None:
     with pytest.raises(RadtrtError, match="unsupported vision trunk"):
         VisionConfig.from_open_clip({"vision_cfg": {"timm_model_name": "convnext_base", "image_size": 224}})
+
+
+def test_open_clip_json_roundtrip_and_size_mismatch() -> None:
+    tiny = preset("tiny").vision
+    assert VisionConfig.from_open_clip(tiny.to_open_clip()) == tiny
+    assert preset("llava-rad").vision.to_open_clip()["vision_cfg"] == {
+        "timm_model_name": "vit_base_patch14_dinov2.lvd142m", "timm_model_pretrained": False, "timm_pool": "",
+        "timm_proj": "linear", "image_size": 518}
+    with pytest.raises(RadtrtError, match="takes 518 px"):
+        VisionConfig.from_open_clip({"vision_cfg": {"timm_model_name": "vit_base_patch14_dinov2", "image_size": 224}})
 
 
 def test_wrong_image_size_is_rejected() -> None:

@@ -15,12 +15,13 @@ from typing import Any
 from radtrt.errors import fail
 
 # Architecture of the timm DINOv2 trunks open_clip can name (timm's vision_transformer.py model
-# functions). open_clip passes only the name and ``img_size`` to timm, so this table is the whole
-# contract between the JSON and the trunk.
+# functions). open_clip calls ``timm.create_model(timm_model_name, pretrained=False)`` with no size
+# arguments, so the trunk's input size is timm's default for the name (518 for DINOv2), and this
+# table is the whole contract between the JSON and the trunk.
 TIMM_TRUNKS: dict[str, dict[str, Any]] = {
-    "vit_small_patch14_dinov2": dict(patch_size=14, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch14_dinov2": dict(patch_size=14, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch14_dinov2": dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16),
+    "vit_small_patch14_dinov2": dict(img_size=518, patch_size=14, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch14_dinov2": dict(img_size=518, patch_size=14, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch14_dinov2": dict(img_size=518, patch_size=14, embed_dim=1024, depth=24, num_heads=16),
 }
 # A radtrt-only key in ``vision_cfg`` that overrides trunk sizes; open_clip does not know it. Used by
 # the tiny test models and the small embedded default model, never by the official release.
@@ -62,21 +63,23 @@ class VisionConfig:
         arch = TIMM_TRUNKS.get(name.split(".")[0])
         if arch is None:
             fail(f"unsupported vision trunk '{name}'; supported: {', '.join(sorted(TIMM_TRUNKS))}")
-        image_size = vision_cfg.get("image_size", 518)
+        kwargs = dict(arch, timm_model_name=name)
+        kwargs.update(vision_cfg.get(TRUNK_OVERRIDES_KEY, {}))
+        cfg = cls(**kwargs)
+        image_size = vision_cfg.get("image_size", cfg.img_size)
         if isinstance(image_size, (list, tuple)):
             if len(set(image_size)) != 1:
                 fail(f"non-square image_size {image_size} is not supported")
             image_size = image_size[0]
-        kwargs = dict(arch, img_size=int(image_size), timm_model_name=name)
-        kwargs.update(vision_cfg.get(TRUNK_OVERRIDES_KEY, {}))
-        return cls(**kwargs)
+        if int(image_size) != cfg.img_size:
+            fail(f"open_clip config preprocesses to {image_size} px but its trunk '{name}' takes {cfg.img_size} px")
+        return cfg
 
     def to_open_clip(self) -> dict[str, Any]:
         """The open_clip model config JSON that describes this trunk (inverse of from_open_clip)."""
-        base = VisionConfig.from_open_clip({"vision_cfg": {"timm_model_name": self.timm_model_name,
-                                                           "image_size": self.img_size}})
+        base = VisionConfig.from_open_clip({"vision_cfg": {"timm_model_name": self.timm_model_name}})
         overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                     if f.name not in ("timm_model_name", "img_size") and getattr(self, f.name) != getattr(base, f.name)}
+                     if f.name != "timm_model_name" and getattr(self, f.name) != getattr(base, f.name)}
         vision_cfg: dict[str, Any] = {
             "timm_model_name": self.timm_model_name,
             "timm_model_pretrained": False,
