@@ -6,10 +6,10 @@ becomes one line on stderr and exit code 2; usage errors are 2 as well; anything
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +20,22 @@ from radtrt.errors import RadtrtError, fail
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run LLaVA-Rad chest X-ray report generation fast on the hardware you have.")
 err = Console(stderr=True, highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(fn: F) -> F:
+    """Register a command whose user-facing failures end as one stderr line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RadtrtError as e:
+            err.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    app.command()(wrapper)
+    return fn
 
 
 def _version(value: bool) -> None:
@@ -34,7 +50,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """radtrt: LLaVA-Rad on Jetson Orin, V100 and plain CPUs."""
 
 
-@app.command()
+@command
 def infer(
     studies: list[Path] = typer.Argument(..., help="DICOM file, study folder, or PNG/JPEG; several allowed."),
     model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir."),
@@ -50,8 +66,9 @@ def infer(
     allow_any_modality: bool = typer.Option(False, "--allow-any-modality", help="Accept non-radiograph DICOMs."),
 ) -> None:
     """Generate the findings section for each study."""
-    from radtrt.runtime.session import open_pipeline, run_studies
+    from radtrt.runtime.session import check_studies_exist, open_pipeline, run_studies
 
+    check_studies_exist(studies)
     pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
                              dtype=dtype, console=err)
     for result in run_studies(pipeline, studies, indication=indication, max_new_tokens=max_new_tokens,
@@ -62,7 +79,7 @@ def infer(
             typer.echo(f"{result.study} [{result.view_position}]\n{result.report}\n")
 
 
-@app.command()
+@command
 def convert(
     model: Path = typer.Option(..., "--model", help="LLaVA-Rad release directory (or a radtrt model dir)."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 directory."),
@@ -84,7 +101,7 @@ def convert(
     typer.echo(str(out))
 
 
-@app.command()
+@command
 def doctor() -> None:
     """What backends, providers, GPUs and versions are usable here, and why not."""
     from radtrt.runtime.doctor import report
@@ -93,7 +110,7 @@ def doctor() -> None:
         typer.echo(line)
 
 
-@app.command()
+@command
 def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Where to write the demo files."),
          as_json: bool = typer.Option(False, "--json")) -> None:
     """First run: a synthetic study through a tiny RANDOM-weight model (gibberish report, pipeline check)."""
@@ -107,11 +124,7 @@ def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Wher
 
 
 def main() -> None:
-    try:
-        app(standalone_mode=True)
-    except RadtrtError as e:
-        err.print(f"radtrt: error: {e}", markup=False, soft_wrap=True)
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

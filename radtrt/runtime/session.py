@@ -14,6 +14,13 @@ from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolv
 from radtrt.runtime.pipeline import Pipeline, StudyResult
 
 
+def check_studies_exist(studies: list[Path]) -> None:
+    """Fail before the (slow) model load when a study path is mistyped."""
+    for study in studies:
+        if not study.exists():
+            fail(f"study not found: {study}")
+
+
 def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path | None, backend: str, device: str,
                   dtype: str, console: Console) -> Pipeline:
     chosen, why = choose_backend(backend, bundle=bundle is not None)
@@ -25,7 +32,8 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
              "(or run 'radtrt demo' for a pipeline check on a tiny random-weight model)")
     with console.status(f"loading model from {model}"):
         loaded = load_model(model, base_model, dtype=DTYPES[dtype], device=device)
-    console.print(f"backend: {chosen} ({why}), device {device}, {dtype}; model {loaded.name}", highlight=False)
+    console.print(f"backend: {chosen} ({why}), device {device}, {dtype}; model {loaded.name}", highlight=False,
+                  soft_wrap=True)
     return Pipeline(TorchBackend(loaded.model, device), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
 
 

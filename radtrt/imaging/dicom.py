@@ -1,0 +1,292 @@
+"""Read one DICOM radiograph and bring it to the 8-bit distribution LLaVA-Rad was trained on.
+
+LLaVA-Rad learned from MIMIC-CXR-JPG (arXiv 1901.07042), whose JPEGs were made from the DICOMs
+by scaling to 8 bit with bright = dense and then equalizing the histogram. A DICOM fed to the
+model must go through the same steps, each one a documented, tested function here:
+
+(a) Modality LUT: ``ModalityLUTSequence`` or ``RescaleSlope``/``RescaleIntercept``
+    (``pydicom.pixels.apply_modality_lut``), so stored values become the modality's values. A
+    linear rescale alone would vanish in (d), but windows and VOI LUTs are expressed in these
+    units, and a Modality LUT Sequence may be non-linear.
+(b) VOI: the first ``VOILUTSequence`` item, else the first ``WindowCenter``/``WindowWidth`` pair
+    (``pydicom.pixels.apply_voi_lut``, LUT preferred over window as the standard says). This is
+    the contrast the acquiring site chose for display. Without either, nothing is applied here
+    and step (d) scales over the image's own min..max.
+(c) MONOCHROME1 (high value = black) is mirrored so that bright = dense for every image. It is
+    done after VOI, as in the DICOM display pipeline, and inside step (d)'s range so that a
+    MONOCHROME1 file and its MONOCHROME2 twin give bit-identical output.
+    ``PresentationLUTShape`` is not read: for CR/DX it must agree with the photometric value.
+(d) Linear min..max of the result onto 0..255 (rounding half to even). After (b) the min/max are
+    the window's clipping levels when the window saturates, so this is the window's own scaling.
+(e) Histogram equalization with PIL's integer algorithm (``pixels.equalize_histogram``):
+    deterministic and checked bit-for-bit against ``PIL.ImageOps.equalize``.
+
+Decisions, each refused with :func:`radtrt.errors.fail` and a one-line message naming only the
+file (never patient data):
+
+* Modalities: CR, DX, DR (a common non-standard label for DX) and RG (film/screen radiography)
+  are chest-radiograph modalities. Everything else (MG, CT, OT secondary captures, ...) is
+  refused unless ``allow_any_modality=True``; OT is refused by default because it can hold any
+  picture at all.
+* Non-image objects (SR, RT Plan, presentation states: no Pixel Data) are refused naming their
+  SOP class; float pixel data too.
+* Native (uncompressed) pixel data must be exactly as long as Rows x Columns x SamplesPerPixel x
+  BitsAllocated x frames says (one pad byte allowed): a truncated file or edited geometry would
+  otherwise decode to a silently wrong picture. Decoded compressed frames must have the
+  declared shape.
+* Compressed transfer syntaxes are decoded by pydicom's plugins (pylibjpeg-libjpeg: JPEG
+  baseline/extended/lossless and JPEG-LS; pylibjpeg-openjpeg: JPEG 2000; RLE built in). A missing
+  decoder is reported with the packages pydicom says it needs.
+* Multi-frame images (NumberOfFrames > 1) are refused: a chest radiograph is a single frame, and
+  picking "the first" of a tomosynthesis or cine series would report on an arbitrary slice.
+* Colour (RGB/YBR, i.e. secondary captures of a film or screen) is converted to grey with BT.601
+  luma, then steps (d)-(e); modality LUT and VOI do not apply to colour. PALETTE COLOR and other
+  photometric interpretations are refused.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.utils import get_expected_length
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, MediaStorageDirectoryStorage
+
+from radtrt.errors import fail
+from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8, rgb_to_grey
+from radtrt.imaging.views import view_of
+
+ACCEPTED_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")
+_GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
+_COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"})
+_PIXEL_DATA_TAG = 0x7FE00010
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class DicomImage:
+    """A decoded radiograph plus the header facts the pipeline needs (no patient data).
+
+    ``dataset`` is kept for the SR writer, which copies the patient/study modules into the
+    report; it is excluded from ``repr`` so it can never leak into a log line.
+    """
+
+    pixels_u8: np.ndarray = field(repr=False, compare=False)
+    source_file: Path
+    modality: str | None
+    view_position: str
+    view_source: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    dataset: Dataset = field(repr=False, compare=False)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _parse_all(ds: Dataset) -> None:
+    """Convert every raw element now (pydicom parses lazily), leaving Pixel Data untouched.
+
+    Corrupt values then fail here, inside the error conversion of :func:`read_dicom`, instead of
+    surfacing later as an unexplained exception from some attribute access.
+    """
+    for tag in list(ds.keys()):
+        if tag == _PIXEL_DATA_TAG:
+            continue
+        value = ds[tag].value
+        if isinstance(value, Sequence):
+            for item in value:
+                _parse_all(item)
+
+
+def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
+    """``dcmread`` with ``force=False``: anything without the DICM preamble is not DICOM.
+
+    ``defer_size`` lets folder scans read headers without loading pixel data.
+    """
+    name = path.name
+    try:
+        ds = dcmread(path, force=False, defer_size=defer_size)
+        _parse_all(ds)
+    except InvalidDicomError:
+        fail(f"{name}: not a DICOM file (no DICOM preamble and 'DICM' prefix)")
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
+        fail(f"{name}: cannot read file ({exc.strerror or type(exc).__name__})")
+    except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError):
+        fail(f"{name}: DICOM header is truncated or corrupt")
+    return ds
+
+
+def _sop_class_name(ds: Dataset) -> str:
+    uid = ds.get("SOPClassUID") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    if not uid:
+        return "unknown SOP class"
+    name = UID(str(uid)).name
+    return name if name and name != str(uid) else f"SOP class {uid}"
+
+
+def check_image_object(ds: Dataset, name: str) -> None:
+    """Refuse DICOMDIRs and objects that carry no (integer) pixel data."""
+    media_class = ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    if media_class == MediaStorageDirectoryStorage:
+        fail(f"{name}: a DICOMDIR index, not an image")
+    if "PixelData" in ds:
+        return
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        fail(f"{name}: float pixel data ({_sop_class_name(ds)}) is not a radiograph")
+    fail(f"{name}: not an image ({_sop_class_name(ds)}, no pixel data)")
+
+
+def check_modality(ds: Dataset, name: str, *, allow_any_modality: bool) -> str | None:
+    """Return the modality; refuse non-radiograph modalities unless explicitly allowed."""
+    modality = str(ds.get("Modality", "") or "").strip().upper() or None
+    if allow_any_modality or modality in ACCEPTED_MODALITIES:
+        return modality
+    accepted = ", ".join(ACCEPTED_MODALITIES)
+    shown = f"modality {modality!r}" if modality else "missing modality"
+    fail(
+        f"{name}: {shown} is not a chest radiograph (accepted: {accepted}); "
+        "use allow_any_modality to override"
+    )
+
+
+def check_single_frame(ds: Dataset, name: str) -> None:
+    """Refuse multi-frame objects (see the module docstring for why not 'first frame')."""
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        fail(f"{name}: invalid NumberOfFrames")
+    if frames != 1:
+        fail(f"{name}: multi-frame image ({frames} frames); a chest radiograph is one frame")
+
+
+def _uids(ds: Dataset, name: str) -> dict[str, str]:
+    found = {key: str(ds.get(key, "") or "") for key in _REQUIRED_UIDS}
+    missing = [key for key, value in found.items() if not value]
+    if missing:
+        fail(f"{name}: missing {', '.join(missing)}")
+    return found
+
+
+def read_header(path: Path, *, allow_any_modality: bool = False) -> Dataset:
+    """Header-only screening for folder scans: every refusal that needs no pixel decoding."""
+    ds = read_dicom(path, defer_size="64 KB")
+    check_image_object(ds, path.name)
+    check_modality(ds, path.name, allow_any_modality=allow_any_modality)
+    check_single_frame(ds, path.name)
+    _uids(ds, path.name)
+    return ds
+
+
+def _check_geometry(ds: Dataset, name: str) -> tuple[int, int, int]:
+    """Validate the Image Pixel module; return (rows, columns, samples per pixel)."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
+        int(ds.PixelRepresentation)
+        str(ds.PhotometricInterpretation)
+    except (AttributeError, TypeError, ValueError):
+        fail(f"{name}: incomplete image pixel description (Rows/Columns/SamplesPerPixel/...)")
+    if rows < 1 or cols < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32):
+        fail(f"{name}: invalid image geometry (Rows/Columns/SamplesPerPixel/BitsAllocated)")
+    return rows, cols, samples
+
+
+def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
+    """Decode the single frame as stored (no LUTs); colour comes back as RGB."""
+    rows, cols, samples = _check_geometry(ds, name)
+    ts_value = ds.get("file_meta", Dataset()).get("TransferSyntaxUID")
+    if not ts_value:
+        fail(f"{name}: no transfer syntax in the DICOM file meta information")
+    ts = UID(str(ts_value))
+    if not ts.is_transfer_syntax:
+        fail(f"{name}: unknown transfer syntax {ts}; no decoder available")
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        fail(f"{name}: no decoder available for transfer syntax {ts.name}")
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        fail(f"{name}: no decoder installed for {ts.name} (needs: {_one_line(needs)})")
+    if not ts.is_compressed:
+        expected = get_expected_length(ds, "bytes")
+        actual = len(ds.PixelData)
+        if actual < expected:
+            fail(f"{name}: pixel data truncated ({actual} of {expected} bytes)")
+        if actual > expected + 1:
+            fail(f"{name}: pixel data length ({actual} bytes) disagrees with "
+                 f"Rows/Columns/SamplesPerPixel/BitsAllocated ({expected} bytes)")
+    try:
+        arr = ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, EOFError, OSError) as exc:
+        fail(f"{name}: cannot decode pixel data ({ts.name}): {_one_line(str(exc))}")
+    expected_shape = (rows, cols) if samples == 1 else (rows, cols, 3)
+    if arr.shape != expected_shape:
+        fail(f"{name}: decoded pixel data shape {arr.shape} disagrees with the header "
+             f"{expected_shape}")
+    return arr
+
+
+def _integral(values: np.ndarray) -> np.ndarray:
+    """VOI LUTs index by integer value; give them integers when the values are integral."""
+    if np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values)):
+        return values.astype(np.int64)
+    return values
+
+
+def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
+    """Steps (a)-(e) of the module docstring: stored values -> equalized 8-bit, bright = dense."""
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    if photometric in _GREY:
+        if arr.ndim != 2:
+            fail(f"{name}: {photometric} image with {arr.ndim} dimensions")
+        try:
+            values = apply_modality_lut(arr, ds)
+            if ds.get("VOILUTSequence"):
+                values = _integral(values)
+            values = apply_voi_lut(values, ds, index=0)
+        except (ValueError, NotImplementedError, IndexError, TypeError) as exc:
+            fail(f"{name}: invalid modality/VOI LUT or window: {_one_line(str(exc))}")
+        scaled = min_max_to_uint8(values, invert=photometric == "MONOCHROME1")
+    elif photometric in _COLOUR:
+        scaled = min_max_to_uint8(rgb_to_grey(arr))
+    else:
+        fail(f"{name}: photometric interpretation {photometric!r} is not supported")
+    if scaled is None:
+        fail(f"{name}: image has no contrast (all pixel values equal)")
+    return equalize_histogram(scaled)
+
+
+def load_dicom_image(path: Path, *, allow_any_modality: bool = False) -> DicomImage:
+    """Read, validate, decode and convert one DICOM radiograph (see module docstring)."""
+    name = path.name
+    ds = read_dicom(path)
+    check_image_object(ds, name)
+    modality = check_modality(ds, name, allow_any_modality=allow_any_modality)
+    check_single_frame(ds, name)
+    uids = _uids(ds, name)
+    pixels = to_uint8(ds, decode_pixels(ds, name), name)
+    view, rule = view_of(ds)
+    return DicomImage(
+        pixels_u8=np.ascontiguousarray(pixels),
+        source_file=path,
+        modality=modality,
+        view_position=view,
+        view_source=rule,
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        dataset=ds,
+    )

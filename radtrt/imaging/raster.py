@@ -1,0 +1,64 @@
+"""PNG and JPEG input: already-rendered pictures, brought to 8-bit grey.
+
+Rules (documented because they decide what the model sees):
+
+* The file type is recognised by its signature bytes, not its extension.
+* EXIF orientation is applied (what any viewer shows).
+* 8-bit images (grey, RGB, palette, with or without alpha) become grey with PIL's ``convert("L")``
+  (BT.601 luma) and are otherwise used as they are: such files are usually display renderings
+  like MIMIC-CXR-JPG itself, which is already equalized, so equalizing again would only move
+  them away from the training distribution.
+* High-bit-depth images (16-bit PNG, PIL modes ``I;16*``/``I``/``F``) are raw detector-like data
+  with no display transform: they get the DICOM path's steps (d)-(e), i.e. min..max to 8 bit
+  and histogram equalization. No inversion is possible: PNG has no MONOCHROME1 flag.
+* The view is unknown for these files (``views.UNKNOWN_VIEW``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from radtrt.errors import fail
+from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+_HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def sniff_raster(head: bytes) -> str | None:
+    """Return "PNG" or "JPEG" when the leading bytes carry that signature, else None."""
+    if head.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if head.startswith(JPEG_SIGNATURE):
+        return "JPEG"
+    return None
+
+
+def load_raster(path: Path) -> np.ndarray:
+    """Read a PNG/JPEG as an (H, W) uint8 grey image following the module rules."""
+    name = path.name
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except UnidentifiedImageError:
+        fail(f"{name}: not a readable PNG or JPEG image")
+    except Image.DecompressionBombError:
+        fail(f"{name}: image is implausibly large for a radiograph (decompression bomb guard)")
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
+        fail(f"{name}: cannot read file ({exc.strerror or type(exc).__name__})")
+    except (OSError, SyntaxError, ValueError):
+        fail(f"{name}: image data is truncated or corrupt")
+    if image.mode in _HIGH_BIT_MODES:
+        scaled = min_max_to_uint8(np.asarray(image))
+        if scaled is None:
+            fail(f"{name}: image has no contrast (all pixel values equal)")
+        return equalize_histogram(scaled)
+    grey = np.asarray(image.convert("L"), dtype=np.uint8)
+    if grey.min() == grey.max():
+        fail(f"{name}: image has no contrast (all pixel values equal)")
+    return np.ascontiguousarray(grey)

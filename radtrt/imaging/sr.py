@@ -1,0 +1,182 @@
+"""Write the generated report as a DICOM Comprehensive SR that a PACS can file with the study.
+
+Why Comprehensive SR (via highdicom): it is widely stored and displayed, highdicom builds and
+validates it, and it allows every item needed here. The document is built after the pattern of
+TID 2000 (Basic Diagnostic Imaging Report) without claiming that template:
+
+    CONTAINER "Diagnostic Imaging Report" (LN 18748-4)
+      HAS CONCEPT MOD  TEXT "Algorithm Name" / "Algorithm Version"  (TID 4019: the model)
+      HAS OBS CONTEXT  observer type Device, device UID/name/manufacturer/model  (TID 1004)
+      CONTAINS TEXT "Comment": research use only, not for diagnostic use, unverified
+      CONTAINS CONTAINER "Findings" (DCM 121070)
+        CONTAINS TEXT "Finding" (DCM 121071): the report text
+          INFERRED FROM IMAGE "Best illustration of finding": the source image (DICOM input only)
+
+Header: same Study Instance UID and patient/study modules as the source (copied by highdicom,
+never logged), the source instance in the Current Requested Procedure Evidence Sequence,
+VerificationFlag UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag PRELIMINARY,
+Manufacturer "radtrt", ManufacturerModelName = model name, SoftwareVersions = (model version,
+radtrt version), and a series description saying research use only. Character set UTF-8 so any
+report text (and any source patient name) can be encoded.
+
+PNG/JPEG input has no DICOM header: a new study is created with an anonymous patient, and no
+evidence is referenced (there is no DICOM instance to point at).
+
+The file is written to a temporary name in the output folder, flushed to disk and renamed, so an
+interrupted run leaves either no SR or a complete one, never half a file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from pathlib import Path
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+
+import radtrt
+from radtrt.errors import fail
+from radtrt.imaging.study import SelectedImage
+
+DISCLAIMER = (
+    "RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE. This report was generated automatically by an "
+    "AI model and has not been reviewed or verified by a physician."
+)
+MANUFACTURER = "radtrt"
+_SERIES_NUMBER = 9901  # a high number keeps the AI series after the acquired ones in viewers
+# Type 2 patient/study attributes highdicom reads from the evidence; absent ones become empty.
+_TYPE2_DEFAULTS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                   "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+                   "ReferringPhysicianName")
+_BULK_GROUPS = (0x7FE0,)
+
+
+def _evidence_from_dicom(source: Dataset) -> Dataset:
+    """The source header without pixel data, with missing Type 2 attributes filled as empty."""
+    evidence = Dataset()
+    for element in source:
+        if element.tag.group not in _BULK_GROUPS:
+            evidence.add(element)
+    for keyword in _TYPE2_DEFAULTS:
+        if keyword not in evidence:
+            setattr(evidence, keyword, "")
+    return evidence
+
+
+def _anonymous_evidence() -> Dataset:
+    """A header for PNG/JPEG input: a fresh study of an anonymous patient."""
+    now = datetime.datetime.now()
+    evidence = Dataset()
+    for keyword in _TYPE2_DEFAULTS:
+        setattr(evidence, keyword, "")
+    evidence.PatientName = "ANONYMOUS^"  # family name only; the caret makes that explicit
+    evidence.StudyDate = now.strftime("%Y%m%d")
+    evidence.StudyTime = now.strftime("%H%M%S")
+    evidence.StudyInstanceUID = generate_uid()
+    evidence.SeriesInstanceUID = generate_uid()
+    evidence.SOPInstanceUID = generate_uid()
+    evidence.SOPClassUID = SecondaryCaptureImageStorage
+    return evidence
+
+
+def _content(report_text: str, model_name: str, model_version: str,
+             source: Dataset | None) -> hd.sr.ContainerContentItem:
+    root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport)
+    items = hd.sr.ContentSequence()
+    items.extend(hd.sr.AlgorithmIdentification(name=model_name, version=model_version))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=[MANUFACTURER, model_name, model_version]),
+        name=model_name,
+        manufacturer_name=MANUFACTURER,
+        model_name=model_name,
+    )
+    items.extend(hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device)))
+    items.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=DISCLAIMER,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+
+    finding = hd.sr.TextContentItem(
+        name=codes.DCM.Finding, value=report_text,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    if source is not None:
+        finding.ContentSequence = hd.sr.ContentSequence([hd.sr.ImageContentItem(
+            name=codes.DCM.BestIllustrationOfFinding,
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM)])
+    findings = hd.sr.ContainerContentItem(
+        name=codes.DCM.Findings, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    findings.ContentSequence = hd.sr.ContentSequence([finding])
+    items.append(findings)
+    root.ContentSequence = items
+    return root
+
+
+def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
+             model_version: str) -> hd.sr.ComprehensiveSR:
+    """Build (but do not write) the SR document for one study; see the module docstring."""
+    if not report_text.strip():
+        fail("the report text is empty; no DICOM SR written")
+    if not model_name.strip() or not model_version.strip():
+        fail("model name and version are needed to write a DICOM SR")
+    from_dicom = source.dataset is not None
+    evidence = _evidence_from_dicom(source.dataset) if from_dicom else _anonymous_evidence()
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[evidence],
+        content=_content(report_text, model_name, model_version,
+                         evidence if from_dicom else None),
+        series_instance_uid=generate_uid(),
+        series_number=_SERIES_NUMBER,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model_name,
+        # a list, not the tuple highdicom's hint suggests: pydicom warns on tuples for LO
+        software_versions=[model_version, f"radtrt {radtrt.__version__}"],  # type: ignore[arg-type]
+        series_description="AI draft report - research use only",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        specific_character_set="ISO_IR 192",
+    )
+    if not from_dicom and "CurrentRequestedProcedureEvidenceSequence" in sr:
+        del sr.CurrentRequestedProcedureEvidenceSequence  # it would name a non-existent image
+    return sr
+
+
+def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_name: str,
+             model_version: str) -> Path:
+    """Write one SR for the study into ``out_dir`` atomically; return its path.
+
+    The file is named after the SR's own new SOP Instance UID (not the patient or the source
+    file), so repeated runs never overwrite one another. It is created owner-read/write only
+    (``mkstemp``), as befits a file carrying patient data.
+    """
+    sr = build_sr(report_text, source, model_name=model_name, model_version=model_version)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create SR output folder {out_dir.name!r}: {exc.strerror}")
+    final = out_dir / f"SR_{sr.SOPInstanceUID}.dcm"
+    try:
+        fd, temp_name = tempfile.mkstemp(dir=out_dir, prefix=".sr-", suffix=".tmp")
+    except OSError as exc:
+        fail(f"cannot write into SR output folder {out_dir.name!r}: {exc.strerror}")
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            sr.save_as(handle, enforce_file_format=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return final

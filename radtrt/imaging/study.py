@@ -1,0 +1,151 @@
+"""A study on disk -> the one frontal image the model will report on.
+
+A study is either a single file (DICOM, PNG or JPEG, recognised by content) or a folder searched
+recursively. Rules:
+
+* Single file: the user chose it, so it is used whatever its view (the view is still reported).
+* Folder: hidden files and folders (name starting with ".") and DICOMDIR index files are
+  ignored, as are files that are neither DICOM (preamble + "DICM") nor PNG/JPEG by signature.
+  DICOM headers are screened first (no pixel decoding); files refused by the screening (non-image
+  objects such as an SR, wrong modality, multi-frame, unreadable) are skipped and listed in
+  ``SelectedImage.skipped`` with the reason. Among the rest the first PA, else the first AP, is
+  chosen, "first" meaning sorted by path so the choice is deterministic. Laterals and other
+  views are never chosen. When every usable image has an unknown view (e.g. PNGs), a single such
+  image is taken; several are ambiguous and refused. Only the chosen file is decoded, and a
+  failure decoding it fails the study (no silent fallback to another image).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from radtrt.errors import RadtrtError, fail
+from radtrt.imaging.dicom import load_dicom_image, read_header
+from radtrt.imaging.raster import load_raster, sniff_raster
+from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, view_of
+
+_DICOM_MAGIC_OFFSET = 128
+
+
+@dataclass(frozen=True)
+class SelectedImage:
+    """The image chosen for a study, as 8-bit grey, and where it came from.
+
+    ``dataset`` is the source DICOM header (None for PNG/JPEG), kept for the SR writer; it and
+    the pixels are excluded from ``repr`` so that logging this object never shows patient data.
+    ``skipped`` lists ``(file name, reason)`` for files of a folder that could not be used.
+    """
+
+    pixels_u8: np.ndarray = field(repr=False, compare=False)
+    source_file: Path
+    view_position: str
+    modality: str | None
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    view_source: str = "none"
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    path: Path
+    kind: str  # "DICOM" or "RASTER"
+    view: str
+
+
+def _sniff(path: Path) -> str | None:
+    """Classify a file by its leading bytes: "DICOM", "RASTER" or None."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_DICOM_MAGIC_OFFSET + 4)
+    except OSError:
+        return None
+    if head[_DICOM_MAGIC_OFFSET:] == b"DICM":
+        return "DICOM"
+    if sniff_raster(head):
+        return "RASTER"
+    return None
+
+
+def _load(path: Path, kind: str, *, allow_any_modality: bool,
+          skipped: tuple[tuple[str, str], ...] = ()) -> SelectedImage:
+    if kind == "RASTER":
+        return SelectedImage(load_raster(path), path, UNKNOWN_VIEW, None, None, "none", skipped)
+    image = load_dicom_image(path, allow_any_modality=allow_any_modality)
+    return SelectedImage(image.pixels_u8, path, image.view_position, image.modality,
+                         image.dataset, image.view_source, skipped)
+
+
+def _walk(folder: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for file_name in names:
+            if file_name.startswith(".") or file_name.upper() == "DICOMDIR":
+                continue
+            files.append(Path(root) / file_name)
+    return sorted(files)
+
+
+def _describe(candidates: list[_Candidate]) -> str:
+    counts = Counter(c.view for c in candidates)
+    return ", ".join(f"{view} x{n}" for view, n in sorted(counts.items()))
+
+
+def _summarise_skipped(skipped: list[tuple[str, str]], limit: int = 5) -> str:
+    shown = "; ".join(reason for _, reason in skipped[:limit])
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return shown + more
+
+
+def _choose(candidates: list[_Candidate], folder_name: str) -> _Candidate:
+    for view in FRONTAL_VIEWS:
+        for candidate in candidates:
+            if candidate.view == view:
+                return candidate
+    if all(c.view == UNKNOWN_VIEW for c in candidates):
+        if len(candidates) == 1:
+            return candidates[0]
+        fail(f"{folder_name}: {len(candidates)} images with unknown view; cannot tell which is "
+             "frontal (pass the file itself)")
+    fail(f"{folder_name}: no frontal (PA/AP) image; views found: {_describe(candidates)}")
+
+
+def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedImage:
+    candidates: list[_Candidate] = []
+    skipped: list[tuple[str, str]] = []
+    for path in _walk(folder):
+        kind = _sniff(path)
+        if kind is None:
+            continue
+        if kind == "RASTER":
+            candidates.append(_Candidate(path, kind, UNKNOWN_VIEW))
+            continue
+        try:
+            header = read_header(path, allow_any_modality=allow_any_modality)
+        except RadtrtError as exc:  # recorded, reported to the caller, never silent
+            skipped.append((path.name, str(exc)))
+            continue
+        candidates.append(_Candidate(path, kind, view_of(header)[0]))
+    if not candidates:
+        why = f": {_summarise_skipped(skipped)}" if skipped else " (no DICOM, PNG or JPEG files)"
+        fail(f"{folder.name}: no usable image in folder{why}")
+    chosen = _choose(candidates, folder.name)
+    return _load(chosen.path, chosen.kind, allow_any_modality=allow_any_modality,
+                 skipped=tuple(skipped))
+
+
+def load_study(path: Path, *, allow_any_modality: bool = False) -> SelectedImage:
+    """Load a study (file or folder) and return its chosen image as equalized 8-bit grey."""
+    path = Path(path)
+    if not path.exists():
+        fail(f"{path.name or path}: no such file or folder")
+    if path.is_dir():
+        return _select_from_folder(path, allow_any_modality=allow_any_modality)
+    kind = _sniff(path) or "DICOM"  # unknown content: let the DICOM reader say why it is refused
+    return _load(path, kind, allow_any_modality=allow_any_modality)

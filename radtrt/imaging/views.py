@@ -1,0 +1,87 @@
+"""Which projection a radiograph shows, read from its DICOM header by explicit, ordered rules.
+
+LLaVA-Rad was trained and evaluated on frontal (PA/AP) chest radiographs; running it on a lateral
+produces a confident but meaningless report. So the view must be known before a study folder is
+reduced to one image, and the rules deciding it must be few and visible:
+
+1. ``ViewPosition`` (0018,5101), if not empty, upper-cased as is ("PA", "AP", "LL", "RL", ...).
+2. ``ViewCodeSequence`` (0054,0220) first item, by its code meaning from DICOM CID 4010
+   ("postero-anterior" -> PA, "antero-posterior" -> AP, "left lateral" -> LL,
+   "right lateral" -> RL, any other meaning containing "lateral" -> LATERAL).
+3. ``SeriesDescription`` then ``ProtocolName``: split into words on non-letters; the words
+   LAT/LATERAL/LL/RL mean LATERAL, PA means PA, AP means AP. Used only when exactly one of these
+   three is present ("CHEST PA" -> PA; "PA AND LAT" is ambiguous and gives nothing).
+4. Otherwise "UNKNOWN".
+
+Only "PA" and "AP" count as frontal. ImageLaterality is irrelevant to the projection and is
+ignored. The free-text attributes are read, never logged or returned (they may hold PHI); only the
+derived view code and the name of the rule that produced it leave this module.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydicom.dataset import Dataset
+
+UNKNOWN_VIEW = "UNKNOWN"
+FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP")  # in order of preference
+
+_CODE_MEANINGS = {
+    "posteroanterior": "PA",
+    "anteroposterior": "AP",
+    "leftlateral": "LL",
+    "rightlateral": "RL",
+}
+_LATERAL_WORDS = frozenset({"LAT", "LATERAL", "LL", "RL"})
+
+
+def is_frontal(view: str) -> bool:
+    """True for the projections the model was trained on."""
+    return view in FRONTAL_VIEWS
+
+
+def _from_view_code(ds: Dataset) -> str | None:
+    seq = ds.get("ViewCodeSequence")
+    if not seq:
+        return None
+    meaning = str(seq[0].get("CodeMeaning", "") or "").lower()
+    key = re.sub(r"[^a-z]", "", meaning)
+    if not key:
+        return None
+    if key in _CODE_MEANINGS:
+        return _CODE_MEANINGS[key]
+    if "lateral" in key:
+        return "LATERAL"
+    return None
+
+
+def _from_description(text: str) -> str | None:
+    words = set(re.split(r"[^A-Z]+", text.upper()))
+    found = set()
+    if words & _LATERAL_WORDS:
+        found.add("LATERAL")
+    for view in FRONTAL_VIEWS:
+        if view in words:
+            found.add(view)
+    return found.pop() if len(found) == 1 else None
+
+
+def view_of(ds: Dataset) -> tuple[str, str]:
+    """Return ``(view, rule)``: the projection and which header rule decided it.
+
+    ``rule`` is one of "ViewPosition", "ViewCodeSequence", "SeriesDescription",
+    "ProtocolName" or "none"; it lets callers report how much to trust the view.
+    """
+    position = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if position:
+        return position, "ViewPosition"
+    coded = _from_view_code(ds)
+    if coded:
+        return coded, "ViewCodeSequence"
+    for keyword in ("SeriesDescription", "ProtocolName"):
+        text = str(ds.get(keyword, "") or "")
+        described = _from_description(text) if text else None
+        if described:
+            return described, keyword
+    return UNKNOWN_VIEW, "none"

@@ -1,0 +1,229 @@
+"""The radtrt command end to end on tiny models: contract, twins, SR output, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless
+from typer.testing import CliRunner
+
+from radtrt import __version__
+from radtrt.cli import app
+from radtrt.imaging.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, radiograph_dataset, synthetic_chest
+from radtrt.model.loading import load_model, save_toolkit
+
+from conftest import TinyRelease
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_release: TinyRelease, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("merged") / "model"
+    return save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), out, dtype=torch.float32)
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _infer_json(model: Path, *studies: Path, extra: tuple[str, ...] = ()) -> list[dict]:
+    code, out, err = _invoke("infer", *studies, "--model", model, "--json", "--max-new-tokens", "12", *extra)
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def _write(path: Path, ds: pydicom.Dataset) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _assert_refused(code: int, err: str, match: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("radtrt: error:") and match in lines[-1], err
+    assert "Traceback" not in err
+    assert FAKE_PATIENT_NAME.split("^")[0] not in err and FAKE_PATIENT_ID not in err
+
+
+def test_version() -> None:
+    code, out, _ = _invoke("--version")
+    assert code == 0 and out.strip() == f"radtrt {__version__}"
+
+
+def test_json_contract(merged: Path, tmp_path: Path) -> None:
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=1), view_position="AP"))
+    (result,) = _infer_json(merged, study)
+    assert set(result) == {"study", "source_file", "view_position", "report", "token_ids", "backend", "precision",
+                           "timings_ms"}
+    assert result["view_position"] == "AP" and result["backend"] == "torch" and result["precision"] == "float32"
+    assert 0 < len(result["token_ids"]) <= 12 and 2 not in result["token_ids"]
+    assert {"preprocess", "vision", "prefill", "decode", "end_to_end"} <= set(result["timings_ms"])
+
+
+def test_release_layout_and_merged_layout_agree(tiny_release: TinyRelease, merged: Path, tmp_path: Path) -> None:
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=2)))
+    (a,) = _infer_json(merged, study)
+    (b,) = _infer_json(tiny_release.release_dir, study, extra=("--base-model", str(tiny_release.base_dir)))
+    assert a["token_ids"] == b["token_ids"] and a["report"] == b["report"]
+
+
+def test_indication_changes_the_prompt(merged: Path, tmp_path: Path) -> None:
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=3)))
+    (plain,) = _infer_json(merged, study)
+    (with_ind,) = _infer_json(merged, study, extra=("--indication", "Cough and fever"))
+    assert plain["token_ids"] != with_ind["token_ids"]
+
+
+def test_photometric_and_lossless_twins_give_identical_reports(merged: Path, tmp_path: Path) -> None:
+    pixels = synthetic_chest(seed=4)
+    mono2 = _write(tmp_path / "m2.dcm", radiograph_dataset(pixels))
+    mono1 = _write(tmp_path / "m1.dcm", radiograph_dataset((4095 - pixels).astype(np.uint16), photometric="MONOCHROME1"))
+    ds = radiograph_dataset(pixels)
+    ds.compress(JPEG2000Lossless)
+    j2k = _write(tmp_path / "j2k.dcm", ds)
+    results = _infer_json(merged, mono2, mono1, j2k)
+    assert len(results) == 3
+    assert results[0]["token_ids"] == results[1]["token_ids"] == results[2]["token_ids"]
+    other = _infer_json(merged, _write(tmp_path / "o.dcm", radiograph_dataset(synthetic_chest(seed=9))))[0]
+    assert other["token_ids"] != results[0]["token_ids"]  # the image does reach the report
+
+
+def test_study_folder_picks_pa_over_lateral(merged: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    _write(folder / "1_lat.dcm", radiograph_dataset(synthetic_chest(seed=5), view_position="LL"))
+    _write(folder / "2_pa.dcm", radiograph_dataset(synthetic_chest(seed=6), view_position="PA"))
+    (result,) = _infer_json(merged, folder)
+    assert result["view_position"] == "PA" and result["source_file"].endswith("2_pa.dcm")
+
+
+def test_sr_out_reads_back(merged: Path, tmp_path: Path) -> None:
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=7)))
+    (result,) = _infer_json(merged, study, extra=("--sr-out", str(tmp_path / "sr")))
+    (sr_file,) = (tmp_path / "sr").glob("*.dcm")
+    sr = pydicom.dcmread(sr_file)
+    assert sr.Modality == "SR" and sr.VerificationFlag == "UNVERIFIED"
+    assert sr.StudyInstanceUID == pydicom.dcmread(study).StudyInstanceUID
+    texts = []
+
+    def walk(items) -> None:  # type: ignore[no-untyped-def]
+        for item in items:
+            if "TextValue" in item:
+                texts.append(item.TextValue)
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    assert result["report"] in texts
+
+
+def test_doctor() -> None:
+    code, out, _ = _invoke("doctor")
+    assert code == 0 and "torch" in out and "TensorRT" in out and "onnxruntime" in out
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    good = _write(tmp_path / "good.dcm", radiograph_dataset(synthetic_chest(seed=8)))
+    raw = good.read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(raw[: len(raw) - 5000])
+    ds = pydicom.dcmread(good)
+    ds.Rows = ds.Rows + 3
+    rows = _write(tmp_path / "rows.dcm", ds)
+    return {
+        "missing": (tmp_path / "nope.dcm", "study not found"),
+        "empty": (empty, "empty"),
+        "text": (text, ""),
+        "truncated": (truncated, ""),
+        "rows": (rows, ""),
+        "rtplan": (Path(get_testdata_file("rtplan.dcm")), ""),
+        "ct": (Path(get_testdata_file("CT_small.dcm")), "CT"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "text", "truncated", "rows", "rtplan", "ct"])
+def test_bad_studies_exit_2_with_one_line(merged: Path, tmp_path: Path, case: str) -> None:
+    path, match = _bad_inputs(tmp_path)[case]
+    code, out, err = _invoke("infer", path, "--model", merged, "--json")
+    _assert_refused(code, err, match)
+    assert out == ""
+    ct_name = str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).PatientName)
+    assert ct_name not in err
+
+
+def test_any_modality_override(merged: Path) -> None:
+    (result,) = _infer_json(merged, Path(get_testdata_file("CT_small.dcm")), extra=("--allow-any-modality",))
+    assert result["token_ids"]
+
+
+def test_one_bad_study_among_several_keeps_the_others(merged: Path, tmp_path: Path) -> None:
+    good = _write(tmp_path / "good.dcm", radiograph_dataset(synthetic_chest(seed=10)))
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    code, out, err = _invoke("infer", good, empty, good, "--model", merged, "--json",
+                             "--max-new-tokens", "4")
+    assert code == 2 and len(out.splitlines()) == 2
+    assert "1 of 3 studies failed" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--model", "{tmp}/no-such-model"], "model directory not found"),
+    (["--backend", "onnxruntime", "--model", "{merged}"], "onnxruntime"),
+    (["--backend", "cuda-magic", "--model", "{merged}"], "unknown backend"),
+    (["--device", "cuda", "--model", "{merged}"], "CUDA"),
+    ([], "--model"),
+])
+def test_bad_options_exit_2(merged: Path, tmp_path: Path, args: list[str], match: str) -> None:
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest()))
+    args = [a.format(tmp=tmp_path, merged=merged) for a in args]
+    code, _, err = _invoke("infer", study, *args)
+    _assert_refused(code, err, match)
+
+
+def test_release_without_base_model_exits_2(tiny_release: TinyRelease, tmp_path: Path) -> None:
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest()))
+    code, _, err = _invoke("infer", study, "--model", tiny_release.release_dir)
+    _assert_refused(code, err, "--base-model")
+
+
+def test_convert_cli(tiny_release: TinyRelease, tmp_path: Path) -> None:
+    out = tmp_path / "converted"
+    code, stdout, err = _invoke("convert", "--model", tiny_release.release_dir, "--base-model",
+                                tiny_release.base_dir, "-o", out, "--dtype", "float32")
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.model").is_file()
+    code, _, err = _invoke("convert", "--model", tiny_release.release_dir, "--base-model", tiny_release.base_dir,
+                           "-o", out)
+    _assert_refused(code, err, "not empty")
+
+
+def test_usage_error_exits_2() -> None:
+    code, _, _ = _invoke("infer")
+    assert code == 2
+
+
+def test_console_script_exit_codes(tmp_path: Path) -> None:
+    """The installed entry point, not just the typer app: exit 2, one line, no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "radtrt.cli", "infer", str(tmp_path / "none.dcm"), "--model",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"radtrt: error: study not found: {tmp_path / 'none.dcm'}"]

@@ -1,0 +1,276 @@
+"""DICOM reading: refusals (with PHI-free messages), the 8-bit pipeline and transfer syntaxes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_encoder
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
+
+from radtrt.errors import RadtrtError
+from radtrt.imaging import dicom as dicom_module
+from radtrt.imaging.dicom import load_dicom_image
+from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8
+from radtrt.imaging.synthetic import (
+    FAKE_PATIENT_ID,
+    FAKE_PATIENT_NAME,
+    radiograph_dataset,
+    synthetic_chest,
+    write_radiograph,
+)
+
+
+def _bundled(name: str) -> Path:
+    """A pydicom test file that ships with the wheel (never one that needs a download)."""
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not bundled")
+    return Path(path)
+
+
+def _phi_parts(path: Path) -> list[str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    name = str(ds.get("PatientName", "") or "")
+    parts = [p for p in name.replace("^", " ").split() if len(p) > 2]
+    pid = str(ds.get("PatientID", "") or "")
+    return parts + ([pid] if len(pid) > 2 else [])
+
+
+def _refused(path: Path, match: str, **kwargs: object) -> str:
+    """Assert loading fails with RadtrtError matching `match` and without patient data."""
+    with pytest.raises(RadtrtError, match=match) as info:
+        load_dicom_image(path, **kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message
+    assert path.name in message
+    if path.exists() and path.stat().st_size > 0:
+        try:
+            parts = _phi_parts(path)
+        except Exception:  # unreadable header: nothing to leak
+            parts = []
+        for part in parts + FAKE_PATIENT_NAME.split("^") + [FAKE_PATIENT_ID]:
+            assert part not in message
+    return message
+
+
+# ---- bundled files -----------------------------------------------------------------------
+
+def test_ct_is_refused_unless_any_modality_allowed() -> None:
+    ct = _bundled("CT_small.dcm")
+    assert "CompressedSamples" in " ".join(_phi_parts(ct))  # the PHI check below is live
+    _refused(ct, r"modality 'CT' is not a chest radiograph")
+    image = load_dicom_image(ct, allow_any_modality=True)
+    assert image.pixels_u8.shape == (128, 128) and image.pixels_u8.dtype == np.uint8
+    assert image.modality == "CT" and image.view_position == "UNKNOWN"
+    assert "CompressedSamples" not in repr(image)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("rtplan.dcm", "RT Plan Storage"),
+                                             ("test-SR.dcm", "SR Storage")])
+def test_non_image_objects_are_refused_naming_their_kind(name: str, kind: str) -> None:
+    message = _refused(_bundled(name), "not an image", allow_any_modality=True)
+    assert kind in message
+
+
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")
+def test_rgb_secondary_capture_needs_override_then_becomes_grey() -> None:
+    sc = _bundled("SC_rgb_jpeg.dcm")  # modality OT, JPEG baseline, RGB
+    _refused(sc, r"modality 'OT'")
+    image = load_dicom_image(sc, allow_any_modality=True)
+    assert image.pixels_u8.shape == (256, 256) and image.pixels_u8.dtype == np.uint8
+
+
+def test_multi_frame_is_refused() -> None:
+    _refused(_bundled("SC_rgb_rle_2frame.dcm"), "multi-frame", allow_any_modality=True)
+
+
+def test_truncated_bundled_pixel_data_is_refused(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(_bundled("CT_small.dcm"))
+    ds.PixelData = ds.PixelData[:-1000]
+    ds.save_as(tmp_path / "ct_cut.dcm")
+    _refused(tmp_path / "ct_cut.dcm", "truncated", allow_any_modality=True)
+
+
+@pytest.mark.parametrize("content", [b"", b"just some text\n" * 20, b"\x00" * 300])
+def test_non_dicom_files_are_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "input.dcm"
+    path.write_bytes(content)
+    _refused(path, "not a DICOM file")
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    _refused(tmp_path / "absent.dcm", "cannot read file")
+
+
+# ---- generated radiographs: refusals ---------------------------------------------------------
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = write_radiograph(tmp_path / "dx.dcm")
+    data = path.read_bytes()
+    path.write_bytes(data[:-4000])  # cut inside Pixel Data
+    _refused(path, "truncated")
+
+
+@pytest.mark.parametrize(("delta", "match"), [(10, "truncated"), (-10, "disagrees")])
+def test_rows_disagreeing_with_pixel_length_are_refused(tmp_path: Path, delta: int,
+                                                        match: str) -> None:
+    ds = radiograph_dataset(synthetic_chest())
+    ds.Rows = ds.Rows + delta
+    ds.save_as(tmp_path / "dx.dcm", enforce_file_format=True)
+    _refused(tmp_path / "dx.dcm", match)
+
+
+def test_bits_allocated_disagreeing_is_refused(tmp_path: Path) -> None:
+    ds = radiograph_dataset(synthetic_chest())
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.save_as(tmp_path / "dx.dcm", enforce_file_format=True)
+    _refused(tmp_path / "dx.dcm", "disagrees")
+
+
+@pytest.mark.parametrize(("modality", "match"), [("MG", "modality 'MG'"),
+                                                 (None, "missing modality")])
+def test_wrong_or_missing_modality_is_refused(tmp_path: Path, modality: str | None,
+                                              match: str) -> None:
+    ds = radiograph_dataset(synthetic_chest(), modality=modality or "DX")
+    if modality is None:
+        del ds.Modality
+    ds.save_as(tmp_path / "img.dcm", enforce_file_format=True)
+    _refused(tmp_path / "img.dcm", match)
+    assert load_dicom_image(tmp_path / "img.dcm", allow_any_modality=True).pixels_u8.size
+
+
+def test_generated_multi_frame_is_refused(tmp_path: Path) -> None:
+    frames = np.stack([synthetic_chest(seed=0), synthetic_chest(seed=1)])
+    ds = radiograph_dataset(frames)
+    ds.save_as(tmp_path / "mf.dcm", enforce_file_format=True)
+    _refused(tmp_path / "mf.dcm", r"multi-frame image \(2 frames\)")
+
+
+def test_unknown_transfer_syntax_is_refused(tmp_path: Path) -> None:
+    path = write_radiograph(tmp_path / "dx.dcm")
+    data = path.read_bytes()
+    assert data.count(b"1.2.840.10008.1.2.1\x00") == 1
+    path.write_bytes(data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.99999.1.2.1\x00"))
+    _refused(path, "unknown transfer syntax")
+
+
+def test_missing_decoder_is_reported_with_its_dependencies(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = radiograph_dataset(synthetic_chest())
+    ds.compress(JPEG2000Lossless)
+    ds.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
+    missing = SimpleNamespace(is_available=False,
+                              missing_dependencies=["pylibjpeg - requires pylibjpeg-openjpeg"])
+    monkeypatch.setattr(dicom_module, "get_decoder", lambda uid: missing)
+    message = _refused(tmp_path / "j2k.dcm", "no decoder installed for JPEG 2000")
+    assert "pylibjpeg-openjpeg" in message
+
+
+def test_constant_image_is_refused(tmp_path: Path) -> None:
+    write_radiograph(tmp_path / "flat.dcm", np.full((64, 64), 1000, np.uint16))
+    _refused(tmp_path / "flat.dcm", "no contrast")
+
+
+# ---- generated radiographs: the pixel pipeline ------------------------------------------------
+
+def _u8(path: Path) -> np.ndarray:
+    return load_dicom_image(path).pixels_u8
+
+
+def test_pipeline_is_min_max_then_equalize_and_bright_is_dense(tmp_path: Path) -> None:
+    raw = synthetic_chest()
+    out = _u8(write_radiograph(tmp_path / "dx.dcm", raw))
+    assert out.shape == raw.shape and out.dtype == np.uint8 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, equalize_histogram(min_max_to_uint8(raw)))
+    lung, body = out[110, 60], out[230, 100]  # left lung field vs lower mediastinum
+    assert int(body) - int(lung) > 60
+
+
+def test_monochrome1_twin_gives_identical_output(tmp_path: Path) -> None:
+    raw = synthetic_chest()
+    mono2 = _u8(write_radiograph(tmp_path / "m2.dcm", raw))
+    twin = (4095 - raw).astype(np.uint16)
+    mono1 = _u8(write_radiograph(tmp_path / "m1.dcm", twin, photometric="MONOCHROME1"))
+    np.testing.assert_array_equal(mono1, mono2)
+    # and without the MONOCHROME1 flag the same stored values would come out inverted
+    assert not np.array_equal(_u8(write_radiograph(tmp_path / "m2b.dcm", twin)), mono2)
+
+
+def test_rescale_slope_and_intercept_are_applied_before_the_window(tmp_path: Path) -> None:
+    # A linear rescale alone is invisible after min-max; it matters because the window is given
+    # in rescaled (modality) units, so the window only lands right if the rescale comes first.
+    raw = (synthetic_chest() // 2 * 2 + 10).astype(np.uint16)  # even values >= 10
+    window = (2600.0, 1200.0)
+    plain = _u8(write_radiograph(tmp_path / "plain.dcm", raw, window=window))
+    stored = ((raw.astype(np.int64) - 10) // 2).astype(np.uint16)
+    rescaled = _u8(write_radiograph(tmp_path / "slope2.dcm", stored, rescale=(2.0, 10.0),
+                                    window=window))
+    np.testing.assert_array_equal(rescaled, plain)
+
+
+def test_window_center_width_is_applied(tmp_path: Path) -> None:
+    raw = synthetic_chest()
+    center, width = 2600.0, 1200.0
+    windowed = _u8(write_radiograph(tmp_path / "win.dcm", raw, window=(center, width)))
+    plain = _u8(write_radiograph(tmp_path / "plain.dcm", raw))
+    assert not np.array_equal(windowed, plain)
+    below = raw <= center - 0.5 - (width - 1) / 2  # DICOM LINEAR window: clipped to black
+    above = raw > center - 0.5 + (width - 1) / 2
+    assert below.any() and above.any()
+    assert np.all(windowed[below] == windowed.min())
+    assert np.all(windowed[above] == windowed.max())
+
+
+def test_voi_lut_sequence_is_applied(tmp_path: Path) -> None:
+    raw = synthetic_chest()
+    lut = np.sqrt(np.arange(4096) / 4095.0) * 65535  # a non-linear display curve
+    ds = radiograph_dataset(raw)
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 0, 16])
+    item.add_new("LUTData", "US", [int(v) for v in lut])
+    ds.VOILUTSequence = [item]
+    ds.save_as(tmp_path / "voi.dcm", enforce_file_format=True)
+    expected = equalize_histogram(min_max_to_uint8(lut.astype(np.uint16)[raw]))
+    np.testing.assert_array_equal(_u8(tmp_path / "voi.dcm"), expected)
+    assert not np.array_equal(expected, _u8(write_radiograph(tmp_path / "plain.dcm", raw)))
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, RLELossless, JPEGLSLossless])
+def test_lossless_compressed_decodes_like_uncompressed(tmp_path: Path, syntax: str) -> None:
+    raw = synthetic_chest()
+    plain = _u8(write_radiograph(tmp_path / "plain.dcm", raw))
+    if not get_encoder(syntax).is_available:  # e.g. JPEG-LS needs pyjpegls: say so, don't pass
+        pytest.skip(f"no encoder installed for {syntax.name}")
+    ds = radiograph_dataset(raw)
+    ds.compress(syntax)
+    ds.save_as(tmp_path / "compressed.dcm", enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "compressed.dcm").file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(_u8(tmp_path / "compressed.dcm"), plain)
+
+
+def test_bundled_jpeg2000_and_rle_files_decode(tmp_path: Path) -> None:
+    for name in ("MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"):
+        image = load_dicom_image(_bundled(name), allow_any_modality=True)
+        reference = load_dicom_image(_bundled("MR_small.dcm"), allow_any_modality=True)
+        np.testing.assert_array_equal(image.pixels_u8, reference.pixels_u8)
+
+
+def test_metadata_is_exposed_without_phi(tmp_path: Path) -> None:
+    path = shutil.copy(write_radiograph(tmp_path / "a.dcm", view_position="AP", modality="CR"),
+                       tmp_path / "b.dcm")
+    image = load_dicom_image(Path(path))
+    ds = pydicom.dcmread(path)
+    assert (image.modality, image.view_position, image.view_source) == ("CR", "AP", "ViewPosition")
+    assert image.sop_instance_uid == ds.SOPInstanceUID
+    assert image.study_instance_uid == ds.StudyInstanceUID
+    assert image.series_instance_uid == ds.SeriesInstanceUID
+    assert image.sop_class_uid == ds.SOPClassUID
+    assert image.dataset.PatientName == FAKE_PATIENT_NAME  # kept for the SR writer...
+    assert "Synthetic" not in repr(image) and FAKE_PATIENT_ID not in repr(image)  # ...not shown

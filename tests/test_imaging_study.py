@@ -1,0 +1,174 @@
+"""Study loading: frontal-view choice in folders, and PNG/JPEG input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from radtrt.errors import RadtrtError
+from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8
+from radtrt.imaging.study import SelectedImage, load_study
+from radtrt.imaging.synthetic import FAKE_PATIENT_NAME, synthetic_chest, write_radiograph
+
+
+def _sr_file(folder: Path) -> Path:
+    source = get_testdata_file("test-SR.dcm", download=False)
+    if source is None:
+        pytest.skip("pydicom test file test-SR.dcm not bundled")
+    return Path(shutil.copy(source, folder / "report.dcm"))
+
+
+def _dx(folder: Path, name: str, view: str | None, seed: int = 0, **header: object) -> Path:
+    return write_radiograph(folder / name, synthetic_chest(seed=seed), view_position=view,
+                            **header)
+
+
+def _refused(path: Path, match: str) -> str:
+    with pytest.raises(RadtrtError, match=match) as info:
+        load_study(path)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in FAKE_PATIENT_NAME.split("^"):
+        assert part not in message
+    return message
+
+
+def test_folder_picks_pa_over_lateral_and_skips_sr(tmp_path: Path) -> None:
+    _dx(tmp_path, "1_lateral.dcm", "LL", seed=1)
+    pa = _dx(tmp_path, "2_pa.dcm", "PA", seed=2)
+    _sr_file(tmp_path)
+    chosen = load_study(tmp_path)
+    assert isinstance(chosen, SelectedImage)
+    assert chosen.source_file == pa and chosen.view_position == "PA"
+    assert chosen.modality == "DX" and chosen.dataset is not None
+    assert chosen.pixels_u8.dtype == np.uint8 and chosen.pixels_u8.shape == (256, 200)
+    assert [name for name, _ in chosen.skipped] == ["report.dcm"]
+    assert "not an image" in chosen.skipped[0][1]
+
+
+def test_pa_wins_over_ap_regardless_of_order(tmp_path: Path) -> None:
+    _dx(tmp_path, "a_ap.dcm", "AP", seed=1)
+    pa = _dx(tmp_path / "sub", "z_pa.dcm", "PA", seed=2)  # found recursively
+    assert load_study(tmp_path).source_file == pa
+
+
+def test_ap_is_picked_when_no_pa(tmp_path: Path) -> None:
+    _dx(tmp_path, "a.dcm", "LL", seed=1)
+    ap = _dx(tmp_path, "b.dcm", "AP", seed=2)
+    chosen = load_study(tmp_path)
+    assert chosen.source_file == ap and chosen.view_position == "AP"
+
+
+def test_several_frontals_are_chosen_by_sorted_path(tmp_path: Path) -> None:
+    first = _dx(tmp_path, "a.dcm", "PA", seed=1)
+    _dx(tmp_path, "b.dcm", "PA", seed=2)
+    _dx(tmp_path, "c.dcm", "PA", seed=3)
+    assert load_study(tmp_path).source_file == first
+
+
+def test_a_broken_chosen_image_fails_the_study_without_fallback(tmp_path: Path) -> None:
+    pa = _dx(tmp_path, "a_pa.dcm", "PA", seed=1)
+    pa.write_bytes(pa.read_bytes()[:-5000])  # header intact, pixel data cut
+    _dx(tmp_path, "b_ap.dcm", "AP", seed=2)
+    message = _refused(tmp_path, "truncated")
+    assert "a_pa.dcm" in message
+
+
+def test_only_laterals_are_refused_naming_the_views(tmp_path: Path) -> None:
+    _dx(tmp_path, "a.dcm", "LL", seed=1)
+    _dx(tmp_path, "b.dcm", "RL", seed=2)
+    _sr_file(tmp_path)
+    message = _refused(tmp_path, "no frontal")
+    assert "LL x1" in message and "RL x1" in message
+
+
+def test_hidden_files_and_dicomdir_are_ignored(tmp_path: Path) -> None:
+    _dx(tmp_path, "lat.dcm", "LL", seed=1)
+    _dx(tmp_path, ".hidden_pa.dcm", "PA", seed=2)
+    _dx(tmp_path / ".cache", "pa.dcm", "PA", seed=3)
+    _dx(tmp_path, "DICOMDIR", "PA", seed=4)
+    (tmp_path / "notes.txt").write_text("not an image")
+    _refused(tmp_path, "no frontal")
+
+
+def test_folder_without_usable_images_gives_reasons(tmp_path: Path) -> None:
+    _sr_file(tmp_path)
+    _dx(tmp_path, "mammo.dcm", "PA", modality="MG")
+    message = _refused(tmp_path, "no usable image")
+    assert "not an image" in message and "modality 'MG'" in message
+    # the override makes the MG image usable
+    assert load_study(tmp_path, allow_any_modality=True).modality == "MG"
+
+
+def test_empty_folder_and_missing_path_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    _refused(tmp_path / "empty", "no usable image")
+    _refused(tmp_path / "nowhere", "no such file")
+
+
+def test_single_lateral_file_is_used_and_its_view_reported(tmp_path: Path) -> None:
+    chosen = load_study(_dx(tmp_path, "lat.dcm", "LL"))
+    assert chosen.view_position == "LL"
+
+
+def test_selected_image_repr_has_no_patient_data(tmp_path: Path) -> None:
+    text = repr(load_study(_dx(tmp_path, "pa.dcm", "PA")))
+    assert "Synthetic" not in text and "PHANTOM" not in text
+
+
+# ---- PNG / JPEG ---------------------------------------------------------------------------
+
+def _grey8(seed: int = 0) -> np.ndarray:
+    return (synthetic_chest(seed=seed) >> 4).astype(np.uint8)
+
+
+def test_png_8bit_is_used_as_is(tmp_path: Path) -> None:
+    grey = _grey8()
+    Image.fromarray(grey).save(tmp_path / "cxr.png")
+    chosen = load_study(tmp_path / "cxr.png")
+    np.testing.assert_array_equal(chosen.pixels_u8, grey)
+    assert (chosen.view_position, chosen.modality, chosen.dataset) == ("UNKNOWN", None, None)
+
+
+def test_png_16bit_is_scaled_and_equalized(tmp_path: Path) -> None:
+    raw = synthetic_chest()
+    Image.fromarray(raw).save(tmp_path / "cxr16.png")
+    assert Image.open(tmp_path / "cxr16.png").mode.startswith("I")
+    chosen = load_study(tmp_path / "cxr16.png")
+    assert chosen.pixels_u8.dtype == np.uint8
+    np.testing.assert_array_equal(chosen.pixels_u8, equalize_histogram(min_max_to_uint8(raw)))
+
+
+def test_rgb_png_and_jpeg_become_grey(tmp_path: Path) -> None:
+    rgb = np.stack([_grey8(), _grey8(1), _grey8(2)], axis=-1)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    expected = np.asarray(Image.fromarray(rgb).convert("L"))
+    np.testing.assert_array_equal(load_study(tmp_path / "colour.png").pixels_u8, expected)
+    Image.fromarray(_grey8()).save(tmp_path / "cxr.jpg", quality=95)
+    jpeg = load_study(tmp_path / "cxr.jpg")
+    assert jpeg.pixels_u8.shape == (256, 200)
+    assert np.abs(jpeg.pixels_u8.astype(int) - _grey8().astype(int)).mean() < 3
+
+
+def test_file_type_is_decided_by_content_not_extension(tmp_path: Path) -> None:
+    Image.fromarray(_grey8()).save(tmp_path / "image.dcm", format="PNG")
+    assert load_study(tmp_path / "image.dcm").dataset is None
+
+
+def test_truncated_png_is_refused(tmp_path: Path) -> None:
+    Image.fromarray(_grey8()).save(tmp_path / "cxr.png")
+    data = (tmp_path / "cxr.png").read_bytes()
+    (tmp_path / "cxr.png").write_bytes(data[: len(data) // 2])
+    _refused(tmp_path / "cxr.png", "truncated or corrupt")
+
+
+def test_folder_with_one_png_uses_it_but_two_are_ambiguous(tmp_path: Path) -> None:
+    Image.fromarray(_grey8()).save(tmp_path / "a.png")
+    assert load_study(tmp_path).source_file == tmp_path / "a.png"
+    Image.fromarray(_grey8(1)).save(tmp_path / "b.png")
+    _refused(tmp_path, "unknown view")

@@ -1,0 +1,111 @@
+"""DICOM SR writer: read back with pydicom, references, flags, anonymous PNG case, atomicity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.uid import ComprehensiveSRStorage
+
+from radtrt.errors import RadtrtError
+from radtrt.imaging import sr as sr_module
+from radtrt.imaging.sr import DISCLAIMER, write_sr
+from radtrt.imaging.study import SelectedImage, load_study
+from radtrt.imaging.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, write_radiograph
+
+REPORT = "Heart size is normal. No focal consolidation, effusion or pneumothorax. 5 mm – stable."
+
+
+def _items(ds: Dataset) -> list[Dataset]:
+    """All content items of the SR tree, depth first."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        found.append(item)
+        found.extend(_items(item))
+    return found
+
+
+def _text(items: list[Dataset], meaning: str) -> list[str]:
+    return [i.TextValue for i in items
+            if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+@pytest.fixture()
+def dicom_source(tmp_path: Path) -> SelectedImage:
+    return load_study(write_radiograph(tmp_path / "in" / "pa.dcm", view_position="PA"))
+
+
+def test_sr_reads_back_with_text_flags_and_references(tmp_path: Path,
+                                                      dicom_source: SelectedImage) -> None:
+    out = write_sr(REPORT, dicom_source, tmp_path / "out", model_name="LLaVA-Rad",
+                   model_version="1.0-test")
+    assert out.parent == tmp_path / "out" and out.suffix == ".dcm"
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
+    sr = pydicom.dcmread(out)
+    src = dicom_source.dataset
+    assert sr.SOPClassUID == ComprehensiveSRStorage and sr.Modality == "SR"
+    assert sr.StudyInstanceUID == src.StudyInstanceUID
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+    assert sr.PatientName == FAKE_PATIENT_NAME and sr.PatientID == FAKE_PATIENT_ID
+    assert sr.Manufacturer == "radtrt" and sr.ManufacturerModelName == "LLaVA-Rad"
+    assert "1.0-test" in list(sr.SoftwareVersions)
+    assert "research use only" in sr.SeriesDescription.lower()
+
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == src.StudyInstanceUID
+    series = evidence.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == src.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+
+    items = _items(sr)
+    assert _text(items, "Finding") == [REPORT]  # non-ASCII survives (UTF-8)
+    assert _text(items, "Comment") == [DISCLAIMER]
+    assert _text(items, "Algorithm Name") == ["LLaVA-Rad"]
+    assert _text(items, "Algorithm Version") == ["1.0-test"]
+    images = [i for i in items if i.ValueType == "IMAGE"]
+    assert len(images) == 1
+    assert images[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert images[0].RelationshipType == "INFERRED FROM"
+
+
+def test_sr_for_png_input_is_a_new_anonymous_study(tmp_path: Path) -> None:
+    grey = np.random.default_rng(0).integers(0, 256, (64, 48)).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "cxr.png")
+    source = load_study(tmp_path / "cxr.png")
+    out = write_sr(REPORT, source, tmp_path / "out", model_name="m", model_version="v")
+    sr = pydicom.dcmread(out)
+    assert sr.PatientName.family_name == "ANONYMOUS" and sr.PatientID == ""
+    assert pydicom.uid.UID(sr.StudyInstanceUID).is_valid
+    assert "CurrentRequestedProcedureEvidenceSequence" not in sr
+    assert not [i for i in _items(sr) if i.ValueType == "IMAGE"]
+    assert _text(_items(sr), "Finding") == [REPORT]
+    assert sr.VerificationFlag == "UNVERIFIED"
+
+
+def test_each_run_writes_a_new_file(tmp_path: Path, dicom_source: SelectedImage) -> None:
+    first = write_sr(REPORT, dicom_source, tmp_path, model_name="m", model_version="v")
+    second = write_sr(REPORT, dicom_source, tmp_path, model_name="m", model_version="v")
+    assert first != second and first.exists() and second.exists()
+    assert FAKE_PATIENT_ID not in first.name and "Synthetic" not in first.name
+
+
+def test_interrupted_write_leaves_nothing(tmp_path: Path, dicom_source: SelectedImage,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sr_module.os, "fsync", crash)  # after the bytes were written
+    with pytest.raises(OSError, match="disk full"):
+        write_sr(REPORT, dicom_source, tmp_path / "out", model_name="m", model_version="v")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_empty_report_is_refused(tmp_path: Path, dicom_source: SelectedImage) -> None:
+    with pytest.raises(RadtrtError, match="empty"):
+        write_sr("  \n", dicom_source, tmp_path, model_name="m", model_version="v")
+    assert list(tmp_path.glob("*.dcm")) == []
