@@ -161,3 +161,23 @@ def test_malicious_pickle_is_refused(broken_copy: TinyRelease) -> None:
     torch.save({"x": Evil()}, broken_copy.release_dir / "non_lora_trainables.bin")
     with pytest.raises(RadtrtError, match="refusing"):
         load_model(broken_copy.release_dir, broken_copy.base_dir)
+
+
+def test_sharded_pickle_base_model(broken_copy: TinyRelease, tiny_release: TinyRelease) -> None:
+    """Vicuna ships sharded ``pytorch_model-0000N-of-0000M.bin`` files with an index."""
+    import json
+
+    from safetensors.torch import load_file
+
+    base = broken_copy.base_dir
+    sd = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    names = sorted(sd)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, keys in shards.items():
+        torch.save({k: sd[k] for k in keys}, base / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (base / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(5))
+    assert _ours(broken_copy.release_dir, base, pixels, None, 8) == _ours(
+        tiny_release.release_dir, tiny_release.base_dir, pixels, None, 8)
