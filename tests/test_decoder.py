@@ -21,8 +21,7 @@ def _pair(cfg: DecoderConfig, seed: int = 0) -> tuple[LlamaForCausalLM, transfor
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
     ours = LlamaForCausalLM(cfg).eval()
-    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=True), None
-    del missing, unexpected
+    ours.load_state_dict(hf.state_dict(), strict=True)
     return ours, hf
 
 

@@ -53,20 +53,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
-class KVCache(nn.Module):
-    """Static per-layer key/value buffers indexed by absolute slot (gpt-fast's layout)."""
+class StaticCache:
+    """Preallocated per-layer key/value buffers indexed by absolute slot (gpt-fast's layout).
 
-    def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype: torch.dtype,
+    ``slots`` are the buffer positions the current tokens are written to; attention then runs over
+    the whole buffer, with the mask hiding unwritten and padding slots.
+    """
+
+    def __init__(self, cfg: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
-        super().__init__()
-        shape = (batch, n_kv, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots = torch.arange(0, device=device)
 
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
-        return self.k, self.v
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer][:, :, self.slots] = k
+        self.v[layer][:, :, self.slots] = v
+        return self.k[layer], self.v[layer]
+
+
+class ConcatCache:
+    """Past keys/values as explicit tensors, presents collected: the ONNX decoder's I/O form."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.past = past
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past_k, past_v = self.past[layer]
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.present.append((k, v))
+        return k, v
 
 
 class LlamaAttention(nn.Module):
@@ -77,17 +95,16 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                slots: torch.Tensor | None) -> torch.Tensor:
+                cache: StaticCache | ConcatCache | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.kv_cache is not None and slots is not None:
-            k, v = self.kv_cache.update(slots, k, v)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
@@ -107,15 +124,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, index: int) -> None:
         super().__init__()
+        self.index = index
         self.self_attn = LlamaAttention(cfg)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, slots):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                cache: StaticCache | ConcatCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -123,7 +142,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = Rotary(cfg.head_dim, cfg.rope_theta)
 
@@ -132,8 +151,8 @@ class LlamaForCausalLM(nn.Module):
     """Decoder over input embeddings.
 
     ``mask`` is a boolean ``[B, 1, T, S]`` (True = may attend) over the keys in play: the current
-    tokens when no cache is set up, otherwise every cache slot. ``slots`` are the cache slots the
-    current tokens are written to.
+    tokens without a cache, every buffer slot with a ``StaticCache``, past + current tokens with a
+    ``ConcatCache``.
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:
@@ -144,25 +163,19 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> StaticCache:
         weight = self.lm_head.weight
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch, self.cfg.num_key_value_heads, max_len, self.cfg.head_dim,
-                                               dtype or weight.dtype, weight.device)
-
-    def clear_cache(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
+        return StaticCache(self.cfg, batch, max_len, dtype or weight.dtype, weight.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                slots: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: StaticCache | ConcatCache | None = None, last_only: bool = False) -> torch.Tensor:
         cos, sin = self.model.rotary_emb(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, slots)
+            x = layer(x, cos, sin, mask, cache)
         x = self.model.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x)
 

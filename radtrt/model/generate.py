@@ -52,31 +52,27 @@ def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_tok
     key_valid = torch.zeros(batch, total, dtype=torch.bool, device=x.device)
     key_valid[:, :length] = valid
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    lm.setup_cache(batch, total, dtype=x.dtype)
-    try:
-        t0 = time.perf_counter()
-        slots = torch.arange(length, device=x.device)
-        logits = lm(x, positions, causal_mask(key_valid, slots), slots, last_only=True)[:, -1]
-        first_logits = logits.float().clone() if keep_first_logits else None
-        next_pos = positions[:, -1] + 1
-        t1 = time.perf_counter()
-        out: list[list[int]] = [[] for _ in range(batch)]
-        done = torch.zeros(batch, dtype=torch.bool, device=x.device)
-        for step in range(max_new_tokens):
-            token = logits.argmax(-1)
-            for i in range(batch):
-                if not done[i] and token[i].item() != eos_token_id:
-                    out[i].append(int(token[i]))
-            done |= token == eos_token_id
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            slot = length + step
-            key_valid[:, slot] = True
-            slots = torch.tensor([slot], device=x.device)
-            emb = lm.embed(token[:, None])
-            logits = lm(emb, next_pos[:, None], causal_mask(key_valid, slots), slots)[:, -1]
-            next_pos = next_pos + 1
-        t2 = time.perf_counter()
-    finally:
-        lm.clear_cache()
+    cache = lm.new_cache(batch, total, dtype=x.dtype)
+    t0 = time.perf_counter()
+    cache.slots = torch.arange(length, device=x.device)
+    logits = lm(x, positions, causal_mask(key_valid, cache.slots), cache, last_only=True)[:, -1]
+    first_logits = logits.float().clone() if keep_first_logits else None
+    next_pos = positions[:, -1] + 1
+    t1 = time.perf_counter()
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        for i in range(batch):
+            if not done[i] and token[i].item() != eos_token_id:
+                out[i].append(int(token[i]))
+        done |= token == eos_token_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        slot = length + step
+        key_valid[:, slot] = True
+        cache.slots = torch.tensor([slot], device=x.device)
+        logits = lm(lm.embed(token[:, None]), next_pos[:, None], causal_mask(key_valid, cache.slots), cache)[:, -1]
+        next_pos = next_pos + 1
+    t2 = time.perf_counter()
     return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
