@@ -64,13 +64,15 @@ def infer(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per study on stdout."),
     sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Write a DICOM SR per study into this folder."),
     allow_any_modality: bool = typer.Option(False, "--allow-any-modality", help="Accept non-radiograph DICOMs."),
+    ort_provider: str = typer.Option("auto", "--ort-provider", help="auto | cpu | cuda | tensorrt (onnxruntime)."),
+    trt_cache: Optional[Path] = typer.Option(None, "--trt-cache", help="Engine/timing cache dir for the TensorRT EP."),
 ) -> None:
     """Generate the findings section for each study."""
     from radtrt.runtime.session import check_studies_exist, open_pipeline, run_studies
 
     check_studies_exist(studies)
     pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
-                             dtype=dtype, console=err)
+                             dtype=dtype, console=err, ort_provider=ort_provider, trt_cache=trt_cache)
     for result in run_studies(pipeline, studies, indication=indication, max_new_tokens=max_new_tokens,
                               allow_any_modality=allow_any_modality, sr_out=sr_out, console=err):
         if as_json:
@@ -98,6 +100,34 @@ def convert(
         loaded = load_model(model, base_model)
     with err.status(f"writing {out}"):
         save_toolkit(loaded, out, dtype=DTYPES[dtype])
+    typer.echo(str(out))
+
+
+@command
+def export(
+    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir or radtrt model dir."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+    target: str = typer.Option("onnx", "--target", help="onnx | tensorrt | trtllm | all"),
+    out: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
+) -> None:
+    """Export the model to a bundle (ONNX graphs, embedding table, tokenizer, manifest)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from radtrt.exporter.bundle import export_bundle
+    from radtrt.model.loading import load_model
+
+    if target != "onnx":
+        fail(f"export target '{target}' is not available in this radtrt version (available: onnx)")
+    with err.status(f"loading model from {model}"):
+        loaded = load_model(model, base_model)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
+        manifest = export_bundle(loaded, out, precision=precision, progress=progress)
+    check = manifest["export_check"]
+    err.print(f"ONNX Runtime vs PyTorch: image embeddings max abs err {check['vision']['max_abs']:.3g}, "
+              f"first-step logits max abs err {check['decoder_first_logits']['max_abs']:.3g}, greedy tokens "
+              f"{'identical' if check['greedy_tokens_equal'] else 'DIFFER'} over {check['greedy_steps']} steps",
+              highlight=False, soft_wrap=True)
     typer.echo(str(out))
 
 

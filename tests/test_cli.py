@@ -66,7 +66,7 @@ def test_json_contract(merged: Path, tmp_path: Path) -> None:
     (result,) = _infer_json(merged, study)
     assert set(result) == {"study", "source_file", "view_position", "report", "token_ids", "backend", "precision",
                            "timings_ms"}
-    assert result["view_position"] == "AP" and result["backend"] == "torch" and result["precision"] == "float32"
+    assert result["view_position"] == "AP" and result["backend"] == "torch" and result["precision"] == "fp32"
     assert 0 < len(result["token_ids"]) <= 12 and 2 not in result["token_ids"]
     assert {"preprocess", "vision", "prefill", "decode", "end_to_end"} <= set(result["timings_ms"])
 

@@ -53,6 +53,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention with grouped K/V heads repeated to the query heads."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class StaticCache:
     """Preallocated per-layer key/value buffers indexed by absolute slot (gpt-fast's layout).
 
@@ -67,24 +75,39 @@ class StaticCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.slots = torch.arange(0, device=device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
         self.k[layer][:, :, self.slots] = k
         self.v[layer][:, :, self.slots] = v
-        return self.k[layer], self.v[layer]
+        return sdpa(q, self.k[layer], self.v[layer], mask)
 
 
-class ConcatCache:
-    """Past keys/values as explicit tensors, presents collected: the ONNX decoder's I/O form."""
+class SplitCache:
+    """Past keys/values in caller-owned buffers that are read, never copied: the ONNX decoder's form.
+
+    Attention over ``[past | new]`` is computed as two score blocks joined only for the softmax, so
+    the (large) past is not concatenated with the (small) new keys at every step. The new keys and
+    values are collected in ``new`` for the caller to write into its buffers. ``mask`` covers
+    ``S + T`` keys. Grouped K/V heads are broadcast, not repeated.
+    """
 
     def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.past = past
-        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.new: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        self.new.append((k, v))
         past_k, past_v = self.past[layer]
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        self.present.append((k, v))
-        return k, v
+        b, h, t, d = q.shape
+        groups = k.shape[1]
+        qg = q.reshape(b, groups, h // groups, t, d) * d**-0.5
+        scores = torch.cat([qg @ past_k[:, :, None].transpose(-1, -2), qg @ k[:, :, None].transpose(-1, -2)], dim=-1)
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+        probs = scores.softmax(dim=-1)
+        s = past_k.shape[2]
+        y = probs[..., :s] @ past_v[:, :, None] + probs[..., s:] @ v[:, :, None]
+        return y.reshape(b, h, t, d)
 
 
 class LlamaAttention(nn.Module):
@@ -97,18 +120,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: StaticCache | ConcatCache | None, layer: int) -> torch.Tensor:
+                cache: StaticCache | SplitCache | None, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        if self.n_kv != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = sdpa(q, k, v, mask) if cache is None else cache.attend(layer, q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -133,7 +151,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: StaticCache | ConcatCache | None) -> torch.Tensor:
+                cache: StaticCache | SplitCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -152,7 +170,7 @@ class LlamaForCausalLM(nn.Module):
 
     ``mask`` is a boolean ``[B, 1, T, S]`` (True = may attend) over the keys in play: the current
     tokens without a cache, every buffer slot with a ``StaticCache``, past + current tokens with a
-    ``ConcatCache``.
+    ``SplitCache``.
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:
@@ -171,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache: StaticCache | ConcatCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: StaticCache | SplitCache | None = None, last_only: bool = False) -> torch.Tensor:
         cos, sin = self.model.rotary_emb(positions, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.model.layers:

@@ -15,6 +15,7 @@ from radtrt.model.generate import Generation, greedy_generate
 from radtrt.model.llava_rad import LlavaRad
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class Backend(Protocol):
@@ -36,7 +37,7 @@ class TorchBackend:
     def __init__(self, model: LlavaRad, device: str = "cpu") -> None:
         self.model = model
         self.device = device
-        self.precision = {v: k for k, v in DTYPES.items()}.get(model.dtype, str(model.dtype))
+        self.precision = PRECISION_NAMES.get(model.dtype, str(model.dtype))
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -59,13 +60,23 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def choose_backend(requested: str, *, bundle: bool) -> tuple[str, str]:
-    """(backend, why). Only the PyTorch reference exists in this version; others say so clearly."""
-    if requested in ("auto", "torch"):
-        why = "asked for" if requested == "torch" else "the only backend in this radtrt version"
-        if requested == "auto" and bundle:
-            fail("--bundle needs the ONNX Runtime or TensorRT backend, which this radtrt version does not have yet")
-        return "torch", why
-    if requested in ("onnxruntime", "tensorrt"):
-        fail(f"backend '{requested}' is not available in this radtrt version yet; use --backend torch")
-    fail(f"unknown backend '{requested}' (auto, torch, onnxruntime, tensorrt)")
+def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: list[str]) -> tuple[str, str]:
+    """(backend, why): TensorRT > ONNX Runtime (CUDA, then CPU) > torch, among what the inputs allow."""
+    if requested == "tensorrt":
+        fail("the TensorRT backend is not available in this radtrt version; use --backend onnxruntime "
+             "(with --ort-provider tensorrt on a GPU host) or --backend torch")
+    if requested == "onnxruntime":
+        if not bundle:
+            fail("--backend onnxruntime needs --bundle (what 'radtrt export' wrote)")
+        return "onnxruntime", "asked for"
+    if requested == "torch":
+        return "torch", "asked for"
+    if requested != "auto":
+        fail(f"unknown backend '{requested}' (auto, torch, onnxruntime, tensorrt)")
+    if bundle:
+        gpu = "CUDAExecutionProvider" in ort_providers
+        return "onnxruntime", ("a bundle was given; no TensorRT engines in this version; "
+                               + ("ONNX Runtime has CUDA" if gpu else "ONNX Runtime on the CPU"))
+    if model:
+        return "torch", "no --bundle given, so the PyTorch reference runs the model"
+    return "torch", "default model on the PyTorch reference"

@@ -22,9 +22,15 @@ def check_studies_exist(studies: list[Path]) -> None:
 
 
 def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path | None, backend: str, device: str,
-                  dtype: str, console: Console) -> Pipeline:
-    chosen, why = choose_backend(backend, bundle=bundle is not None)
-    device = resolve_device(device)
+                  dtype: str, console: Console, ort_provider: str = "auto", trt_cache: Path | None = None) -> Pipeline:
+    from radtrt.runtime.ort import available_providers
+
+    providers = available_providers() if bundle is not None else []
+    chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers)
+    device = resolve_device(device) if chosen == "torch" else device
+    if chosen == "onnxruntime":
+        assert bundle is not None
+        return _open_ort(bundle, device, ort_provider, trt_cache, why, console)
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
     if model is None:
@@ -35,6 +41,25 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     console.print(f"backend: {chosen} ({why}), device {device}, {dtype}; model {loaded.name}", highlight=False,
                   soft_wrap=True)
     return Pipeline(TorchBackend(loaded.model, device), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
+
+
+def _open_ort(bundle: Path, device: str, ort_provider: str, trt_cache: Path | None, why: str,
+              console: Console) -> Pipeline:
+    from radtrt.model.config import LlavaRadConfig
+    from radtrt.model.io import read_json
+    from radtrt.model.tokenizer import LlamaSPTokenizer
+    from radtrt.runtime.ort import OrtBackend
+
+    if ort_provider == "auto":
+        ort_provider = "cuda" if device == "cuda" else "cpu"
+    with console.status(f"verifying and loading bundle {bundle}"):
+        backend = OrtBackend(bundle, provider=ort_provider, trt_cache=trt_cache)
+        cfg = LlavaRadConfig.from_dict(read_json(bundle / "model_config.json"))
+        tokenizer = LlamaSPTokenizer.from_dir(bundle)
+    name = backend.manifest["model"]["name"]
+    console.print(f"backend: onnxruntime ({why}), provider {ort_provider}, {backend.precision}; model {name}",
+                  highlight=False, soft_wrap=True)
+    return Pipeline(backend, tokenizer, cfg, model_name=name)
 
 
 def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | None, max_new_tokens: int,

@@ -1,0 +1,1 @@
+"""Export LLaVA-Rad to deployable artifacts: ONNX bundles (and later TensorRT / TensorRT-LLM)."""

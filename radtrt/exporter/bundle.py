@@ -1,0 +1,196 @@
+"""``radtrt export``: a self-describing bundle directory with verified hashes.
+
+Layout: ``vision.onnx``, ``decoder.onnx`` (+ ``.data`` external weights), ``embed_tokens.safetensors``
+(the token-embedding table: the decoder graph takes embeddings, so image and text are spliced on
+the host), ``tokenizer.model`` + ``tokenizer_config.json``, ``model_config.json`` and
+``manifest.json``. A bundle is built in ``OUT.partial`` and renamed at the end, so an interrupted
+export never leaves something that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from radtrt import __version__
+from radtrt.errors import fail
+from radtrt.exporter.onnx import OPSET, export_decoder, export_vision
+from radtrt.model.loading import LoadedModel
+from radtrt.model.io import save_tensors
+from radtrt.model.prompt import QUERY, QUERY_WITH_INDICATION, SYSTEM_V1
+
+BUNDLE_FORMAT = "radtrt-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PRECISIONS = {"fp32": torch.float32}
+
+
+@dataclass
+class ExportStep:
+    name: str
+    seconds: float
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"radtrt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The ONNX exporter logs a warning per torchvision op it cannot register; we never use them."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32",
+                  progress: Any = None) -> dict[str, Any]:
+    """Export, check against PyTorch, hash, and write the manifest; returns the manifest."""
+    if precision not in PRECISIONS:
+        fail(f"precision '{precision}' is not available for ONNX export yet (available: {', '.join(PRECISIONS)})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        fail(f"output {out} already exists and is not an empty directory")
+    from radtrt.exporter.check import check_bundle_against_torch
+
+    dtype = PRECISIONS[precision]
+    model = loaded.model.to(dtype).eval()
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    steps = [("vision.onnx", lambda: export_vision(model, work / "vision.onnx", dtype)),
+             ("decoder.onnx", lambda: export_decoder(model.language_model, work / "decoder.onnx", dtype)),
+             ("embedding table, tokenizer, config", lambda: _write_side_files(loaded, work, dtype))]
+    timings = []
+    task = progress.add_task("export", total=len(steps) + 1) if progress else None
+    with _quiet_exporter():
+        for name, fn in steps:
+            if progress:
+                progress.update(task, description=f"exporting {name}")
+            t0 = time.perf_counter()
+            fn()
+            timings.append(ExportStep(name, time.perf_counter() - t0))
+            if progress:
+                progress.advance(task)
+    manifest = _manifest(loaded, work, precision, timings)
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if progress:
+        progress.update(task, description="checking ONNX Runtime against PyTorch")
+    manifest["export_check"] = check_bundle_against_torch(work, model)
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if progress:
+        progress.advance(task)
+    if out.exists():
+        out.rmdir()
+    work.rename(out)
+    return manifest
+
+
+def _write_side_files(loaded: LoadedModel, work: Path, dtype: torch.dtype) -> None:
+    table = loaded.model.language_model.model.embed_tokens.weight.detach().to(dtype).cpu()
+    save_tensors({"weight": table}, work / "embed_tokens.safetensors")
+    loaded.tokenizer.save(work)
+    (work / "model_config.json").write_text(loaded.model.cfg.to_json())
+
+
+def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[ExportStep]) -> dict[str, Any]:
+    import onnx
+
+    cfg = loaded.model.cfg
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(work.iterdir()) if p.is_file() and p.name != MANIFEST}
+    graphs = {}
+    for name in ("vision.onnx", "decoder.onnx"):
+        proto = onnx.load(str(work / name), load_external_data=False)
+        onnx.checker.check_model(str(work / name))  # path form: checks external-data models too
+        graphs[name] = {
+            "inputs": {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input},
+            "outputs": {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output},
+        }
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"name": loaded.name, "source": loaded.source,
+                  "weights_sha256": files.get("embed_tokens.safetensors", {}).get("sha256"),
+                  "config_sha256": hashlib.sha256(cfg.to_json().encode()).hexdigest()},
+        "precision": precision,
+        "opset": OPSET,
+        "graphs": graphs,
+        "decoder": {"num_layers": cfg.decoder.num_hidden_layers, "num_kv_heads": cfg.decoder.num_key_value_heads,
+                    "head_dim": cfg.decoder.head_dim, "hidden_size": cfg.decoder.hidden_size,
+                    "vocab_size": cfg.decoder.vocab_size, "eos_token_id": loaded.tokenizer.eos_token_id},
+        "vision": {"image_size": cfg.vision.img_size, "num_image_tokens": cfg.num_image_tokens},
+        "preprocess": {"image_size": cfg.vision.img_size, "resize": "shortest-edge bicubic (PIL)",
+                       "crop": "center", "mean": list(cfg.image_mean), "std": list(cfg.image_std),
+                       "dicom": "modality LUT, VOI LUT/window, MONOCHROME1 inversion, 8-bit, histogram equalization"},
+        "prompt": {"template": cfg.conv_template, "system": SYSTEM_V1, "query": QUERY,
+                   "query_with_indication": QUERY_WITH_INDICATION, "image_token_index": -200},
+        "export_check": None,
+        "export_seconds": {s.name: round(s.seconds, 2) for s in timings},
+        "calibration": None,
+        "tools": tool_versions(),
+        "files": files,
+    }
+
+
+def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a bundle, after checking its format version and every file's sha256."""
+    if not bundle.is_dir():
+        fail(f"bundle directory not found: {bundle}")
+    path = bundle / MANIFEST
+    if not path.is_file():
+        fail(f"{bundle} is not a radtrt bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        fail(f"{path} is not valid JSON ({e})")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        fail(f"{bundle} is not a radtrt bundle (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        fail(f"bundle {bundle} has format version {manifest.get('format_version')} (written by radtrt "
+             f"{manifest.get('tools', {}).get('radtrt', '?')}); this radtrt {__version__} reads version "
+             f"{BUNDLE_FORMAT_VERSION}: re-export it")
+    if verify:
+        for name, meta in manifest.get("files", {}).items():
+            f = bundle / name
+            if not f.is_file():
+                fail(f"bundle {bundle} is missing {name}")
+            if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
+                fail(f"bundle file {f} does not match its manifest hash (corrupt or modified): re-export the bundle")
+    return manifest
+
+
+def load_embedding_table(bundle: Path) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    return load_file(bundle / "embed_tokens.safetensors")["weight"]

@@ -1,0 +1,108 @@
+"""The two ONNX graphs of a bundle and their I/O contract.
+
+vision.onnx: ``pixel_values [B,3,S,S]`` -> ``image_embeds [B,N,H]`` (trunk, feature selection and
+projector fused; dynamic batch).
+
+decoder.onnx: one prefill or decode step over caller-owned KV buffers (``SplitCache``):
+  inputs  ``inputs_embeds [B,T,H]``, ``position_ids [B,T]`` int64, ``past_mask [B,S]`` bool (which
+          buffer slots hold real keys), ``new_mask [B,T]`` bool (which new tokens are real, for
+          left-padded prefill), ``past_key.i`` / ``past_value.i`` ``[B,KV,S,D]``;
+  outputs ``logits [B,V]`` (last position only: generation never needs the others), ``key.i`` /
+          ``value.i`` ``[B,KV,T,D]`` (the new tokens' keys/values, which the runtime writes into its
+          buffers).
+Past buffers are inputs that the graph only reads, so ONNX Runtime can bind one preallocated buffer
+per layer for the whole generation instead of concatenating a growing cache at every step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from radtrt.model.decoder import LlamaForCausalLM, SplitCache
+from radtrt.model.llava_rad import LlavaRad
+
+OPSET = 18
+VISION_INPUTS = ["pixel_values"]
+VISION_OUTPUTS = ["image_embeds"]
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
+    new = [f"{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", "position_ids", "past_mask", "new_mask", *past], ["logits", *new]
+
+
+class VisionForOnnx(nn.Module):
+    def __init__(self, model: LlavaRad) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.mm_projector(self.model.image_features(pixel_values))
+
+
+def step_mask(past_mask: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    """``[B,1,T,S+T]``: every real past slot, causal among the new tokens, a token always sees itself."""
+    t = new_mask.shape[1]
+    idx = torch.arange(t, device=new_mask.device)
+    causal = idx[None, :] <= idx[:, None]
+    own = idx[None, :] == idx[:, None]
+    new_ok = (causal[None] & new_mask[:, None, :]) | own[None]
+    past_ok = past_mask[:, None, :].expand(-1, t, -1)
+    return torch.cat([past_ok, new_ok], dim=-1)[:, None]
+
+
+class DecoderForOnnx(nn.Module):
+    def __init__(self, lm: LlamaForCausalLM) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, past_mask: torch.Tensor,
+                new_mask: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = SplitCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
+        logits = self.lm(inputs_embeds, position_ids, step_mask(past_mask, new_mask), cache, last_only=True)
+        return (logits[:, -1], *[t for kv in cache.new for t in kv])
+
+
+def decoder_example(lm: LlamaForCausalLM, batch: int = 2, new: int = 3, past: int = 4,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    cfg = lm.cfg
+    g = torch.Generator().manual_seed(0)
+    kv = [torch.randn(batch, cfg.num_key_value_heads, past, cfg.head_dim, generator=g).to(dtype)
+          for _ in range(2 * cfg.num_hidden_layers)]
+    return (torch.randn(batch, new, cfg.hidden_size, generator=g).to(dtype),
+            torch.arange(past, past + new).expand(batch, -1).contiguous(),
+            torch.ones(batch, past, dtype=torch.bool), torch.ones(batch, new, dtype=torch.bool), *kv)
+
+
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
+            dynamic_shapes: tuple) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter; errors still raise
+        program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs,
+                                    dynamic_shapes=dynamic_shapes, opset_version=OPSET, optimize=True,
+                                    verbose=False)
+    program.save(str(path), external_data=True)
+
+
+def export_vision(model: LlavaRad, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    size = model.cfg.vision.img_size
+    batch = torch.export.Dim("batch", min=1, max=256)
+    example = (torch.randn(2, 3, size, size, dtype=dtype),)
+    _export(VisionForOnnx(model), example, path, VISION_INPUTS, VISION_OUTPUTS, ({0: batch},))
+
+
+def export_decoder(lm: LlamaForCausalLM, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    batch = torch.export.Dim("batch", min=1, max=256)
+    seq = torch.export.Dim("seq", min=1, max=32768)
+    past = torch.export.Dim("past", min=0, max=32768)
+    inputs, outputs = decoder_io_names(lm.cfg.num_hidden_layers)
+    kv_shape = {0: batch, 2: past}
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past}, {0: batch, 1: seq},
+               tuple(kv_shape for _ in range(2 * lm.cfg.num_hidden_layers)))  # *past is one varargs entry
+    _export(DecoderForOnnx(lm), decoder_example(lm, dtype=dtype), path, inputs, outputs, dynamic)

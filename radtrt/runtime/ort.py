@@ -1,0 +1,166 @@
+"""The ONNX Runtime backend: a bundle's vision and decoder graphs behind the ``Backend`` interface.
+
+Generation keeps one preallocated key and value buffer per layer for the whole request and binds
+them to the decoder with I/O binding; the graph only reads them (see ``radtrt.exporter.onnx``), and
+the few new keys/values of each step are written into them here. Nothing grows or is concatenated
+per step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from radtrt.errors import fail
+from radtrt.exporter.bundle import load_embedding_table, read_manifest
+from radtrt.exporter.onnx import decoder_io_names
+from radtrt.model.generate import Generation
+from radtrt.model.prompt import IMAGE_TOKEN_INDEX
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def provider_list(provider: str, trt_cache: Path | None = None) -> list[Any]:
+    """ORT providers, most preferred first, with CPU always last as the fallback for unsupported ops."""
+    if provider not in PROVIDERS:
+        fail(f"unknown ONNX Runtime provider '{provider}' ({', '.join(PROVIDERS)})")
+    name = PROVIDERS[provider]
+    if name not in available_providers():
+        fail(f"ONNX Runtime here has no {name} (available: {', '.join(available_providers())}); "
+             f"install onnxruntime-gpu on a GPU host or use --ort-provider cpu")
+    chain: list[Any] = []
+    if provider == "tensorrt":
+        opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": trt_cache is not None}
+        if trt_cache is not None:
+            trt_cache.mkdir(parents=True, exist_ok=True)
+            opts |= {"trt_engine_cache_path": str(trt_cache), "trt_timing_cache_enable": True,
+                     "trt_timing_cache_path": str(trt_cache)}
+        chain.append((name, opts))
+    if provider in ("tensorrt", "cuda"):
+        chain.append(PROVIDERS["cuda"])
+    chain.append(PROVIDERS["cpu"])
+    return chain
+
+
+def _session(path: Path, providers: list[Any], threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except (RuntimeError, ValueError) as e:  # ORT raises its own Fail/InvalidGraph, subclasses of RuntimeError
+        fail(f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0]}")
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Path, *, provider: str = "cpu", trt_cache: Path | None = None,
+                 threads: int | None = None, verify: bool = True) -> None:
+        self.manifest = read_manifest(bundle, verify=verify)
+        self.bundle = bundle
+        self.precision = self.manifest["precision"]
+        self.provider = provider
+        providers = provider_list(provider, trt_cache)
+        self.vision = _session(bundle / "vision.onnx", providers, threads)
+        self.decoder = _session(bundle / "decoder.onnx", providers, threads)
+        self.table = load_embedding_table(bundle)
+        dec = self.manifest["decoder"]
+        self.num_layers, self.num_kv, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
+        self.input_names, self.output_names = decoder_io_names(self.num_layers)
+        self.dtype = self.table.dtype
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = pixel_values.detach().cpu().numpy().astype(self.dtype, copy=False)
+        return torch.from_numpy(self.vision.run(None, {"pixel_values": x})[0])
+
+    def embed_prompt(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor:
+        if input_ids.count(IMAGE_TOKEN_INDEX) != 1:
+            fail(f"the prompt must contain exactly one <image> placeholder, found {input_ids.count(IMAGE_TOKEN_INDEX)}")
+        pos = input_ids.index(IMAGE_TOKEN_INDEX)
+        parts = [self.table[input_ids[:pos]], image_embeds.numpy().astype(self.dtype, copy=False),
+                 self.table[input_ids[pos + 1:]]]
+        return torch.from_numpy(np.concatenate(parts, axis=0))
+
+    def _step(self, binding: Any, embeds: np.ndarray, positions: np.ndarray, past_mask: np.ndarray,
+              new_mask: np.ndarray, past: list[Any]) -> list[np.ndarray]:
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in zip(self.input_names[:4], (embeds, positions, past_mask, new_mask)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in zip(self.input_names[4:], past):
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.decoder.run_with_iobinding(binding)
+        return [v.numpy() for v in binding.get_outputs()]
+
+    def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
+                 keep_first_logits: bool = False) -> Generation:
+        import onnxruntime as ort
+
+        if max_new_tokens < 1:
+            return Generation([[] for _ in embeds])
+        batch, length = len(embeds), max(e.shape[0] for e in embeds)
+        hidden = embeds[0].shape[-1]
+        x = np.zeros((batch, length, hidden), dtype=self.dtype)
+        valid = np.zeros((batch, length), dtype=bool)
+        for i, e in enumerate(embeds):
+            x[i, length - e.shape[0]:] = e.numpy()
+            valid[i, length - e.shape[0]:] = True
+        total = length + max_new_tokens
+        shape = (batch, self.num_kv, total, self.head_dim)
+        buffers = [np.zeros(shape, dtype=self.dtype) for _ in range(2 * self.num_layers)]
+        bound = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]  # shares the numpy memory
+        empty = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, self.num_kv, 0, self.head_dim), self.dtype))
+                 for _ in buffers]
+        past_mask = np.zeros((batch, total), dtype=bool)
+        binding = self.decoder.io_binding()
+
+        t0 = time.perf_counter()
+        positions = np.clip(valid.cumsum(-1) - 1, 0, None).astype(np.int64)
+        outputs = self._step(binding, x, positions, np.zeros((batch, 0), bool), valid, empty)
+        for buf, new in zip(buffers, outputs[1:]):
+            buf[:, :, :length] = new
+        past_mask[:, :length] = valid
+        logits = outputs[0]
+        first_logits = torch.from_numpy(logits.astype(np.float32)) if keep_first_logits else None
+        next_pos = positions[:, -1:] + 1
+        t1 = time.perf_counter()
+        out: list[list[int]] = [[] for _ in range(batch)]
+        done = np.zeros(batch, dtype=bool)
+        ones = np.ones((batch, 1), dtype=bool)
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            for i in range(batch):
+                if not done[i] and token[i] != eos_token_id:
+                    out[i].append(int(token[i]))
+            done |= token == eos_token_id
+            if done.all() or step == max_new_tokens - 1:
+                break
+            outputs = self._step(binding, self.table[token][:, None], next_pos, past_mask, ones, bound)
+            slot = length + step
+            for buf, new in zip(buffers, outputs[1:]):
+                buf[:, :, slot] = new[:, :, 0]
+            past_mask[:, slot] = True
+            logits = outputs[0]
+            next_pos = next_pos + 1
+        t2 = time.perf_counter()
+        return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
+
+
+def bundle_exists(bundle: Path | None) -> bool:
+    return bundle is not None and (bundle / "manifest.json").is_file()
