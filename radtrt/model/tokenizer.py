@@ -102,6 +102,11 @@ class LlamaSPTokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        """``decode(ids, skip_special_tokens=True)`` of the slow tokenizer."""
-        text = self.sp.decode([i for i in ids if i not in self.special_ids])
+        """``decode(ids, skip_special_tokens=True)`` of the slow tokenizer.
+
+        Ids past the tokenizer's vocabulary (only a random-weight model with a larger embedding
+        table than its tokenizer can produce them) are dropped rather than crashing the decode.
+        """
+        size = self.vocab_size
+        text = self.sp.decode([i for i in ids if i not in self.special_ids and 0 <= i < size])
         return clean_up_tokenization(text) if self.clean_up_spaces else text

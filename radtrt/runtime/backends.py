@@ -26,7 +26,8 @@ class Backend(Protocol):
 
     def embed_prompt(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor: ...
 
-    def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int) -> Generation: ...
+    def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
+                 keep_first_logits: bool = False) -> Generation: ...
 
 
 class TorchBackend:
@@ -47,9 +48,10 @@ class TorchBackend:
     def embed_prompt(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor:
         return self.model.embed_multimodal(input_ids, image_embeds)
 
-    def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int) -> Generation:
+    def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
+                 keep_first_logits: bool = False) -> Generation:
         return greedy_generate(self.model.language_model, embeds, eos_token_id=eos_token_id,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, keep_first_logits=keep_first_logits)
 
 
 def resolve_device(device: str) -> str:
