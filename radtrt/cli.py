@@ -61,6 +61,7 @@ def infer(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16 (torch backend)."),
     indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation limit."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Studies generated together (left-padded)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per study on stdout."),
     sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Write a DICOM SR per study into this folder."),
     allow_any_modality: bool = typer.Option(False, "--allow-any-modality", help="Accept non-radiograph DICOMs."),
@@ -74,7 +75,8 @@ def infer(
     pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
                              dtype=dtype, console=err, ort_provider=ort_provider, trt_cache=trt_cache)
     for result in run_studies(pipeline, studies, indication=indication, max_new_tokens=max_new_tokens,
-                              allow_any_modality=allow_any_modality, sr_out=sr_out, console=err):
+                              allow_any_modality=allow_any_modality, sr_out=sr_out, console=err,
+                              batch_size=batch_size):
         if as_json:
             typer.echo(json.dumps(result.to_json()))
         else:
@@ -150,7 +152,8 @@ def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Wher
     err.print(f"[yellow]demo: tiny random-weight model in {model_dir}, synthetic study {study}; "
               f"the report is meaningless by design[/yellow]")
     infer([study], model=model_dir, base_model=None, bundle=None, backend="torch", device="cpu", dtype="float32",
-          indication=None, max_new_tokens=32, as_json=as_json, sr_out=out / "sr", allow_any_modality=False)
+          indication=None, max_new_tokens=32, batch_size=1, as_json=as_json, sr_out=out / "sr",
+          allow_any_modality=False, ort_provider="auto", trt_cache=None)
 
 
 def main() -> None:

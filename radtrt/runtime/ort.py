@@ -52,6 +52,15 @@ def provider_list(provider: str, trt_cache: Path | None = None) -> list[Any]:
     return chain
 
 
+def _load_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception types for a graph it cannot load (they derive from Exception only)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented", "InvalidArgument",
+             "RuntimeException", "EPFail")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
+
+
 def _session(path: Path, providers: list[Any], threads: int | None) -> Any:
     import onnxruntime as ort
 
@@ -61,7 +70,7 @@ def _session(path: Path, providers: list[Any], threads: int | None) -> Any:
         opts.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except (RuntimeError, ValueError) as e:  # ORT raises its own Fail/InvalidGraph, subclasses of RuntimeError
+    except _load_errors() as e:
         fail(f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0]}")
 
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from radtrt.imaging.preprocess import preprocess
 from radtrt.imaging.study import SelectedImage, load_study
 from radtrt.model.config import LlavaRadConfig
@@ -28,11 +30,15 @@ class StudyResult:
     backend: str
     precision: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
     image: SelectedImage | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        """The ``--json`` contract; timings of batched stages are per batch (``batch_size`` says how big)."""
         d = asdict(self)
         d.pop("image")
+        if self.batch_size == 1:
+            d.pop("batch_size")
         return d
 
 
@@ -42,6 +48,17 @@ def postprocess(text: str) -> str:
     if text.endswith(STOP_STR):
         text = text[: -len(STOP_STR)]
     return text.strip()
+
+
+@dataclass
+class PreparedStudy:
+    """A study read, its frontal image preprocessed and its prompt tokenized: ready for compute."""
+
+    study: Path
+    image: SelectedImage
+    pixels: torch.Tensor
+    prompt_ids: list[int]
+    preprocess_ms: float
 
 
 class Pipeline:
@@ -56,23 +73,37 @@ class Pipeline:
         prompt = build_prompt(build_query(indication), self.cfg.conv_template)
         return tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
 
-    def run(self, study: Path, *, indication: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
-            allow_any_modality: bool = False) -> StudyResult:
+    def prepare(self, study: Path, *, indication: str | None = None,
+                allow_any_modality: bool = False) -> PreparedStudy:
+        """Everything before the model; a bad study fails here, before any batch is formed."""
         t0 = time.perf_counter()
         image = load_study(study, allow_any_modality=allow_any_modality)
         pixels = preprocess(image.pixels_u8, image_size=self.cfg.vision.img_size, mean=self.cfg.image_mean,
                             std=self.cfg.image_std)
+        return PreparedStudy(study, image, pixels, self.prompt_ids(indication), (time.perf_counter() - t0) * 1e3)
+
+    def generate(self, batch: list[PreparedStudy], *, max_new_tokens: int = MAX_NEW_TOKENS) -> list[StudyResult]:
+        """One batch through vision, prefill and decode (left-padded; same tokens as one by one)."""
+        t0 = time.perf_counter()
+        image_embeds = self.backend.encode_images(torch.stack([p.pixels for p in batch]))
         t1 = time.perf_counter()
-        image_embeds = self.backend.encode_images(pixels[None])[0]
+        embeds = [self.backend.embed_prompt(p.prompt_ids, image_embeds[i]) for i, p in enumerate(batch)]
+        gen = self.backend.generate(embeds, max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id)
         t2 = time.perf_counter()
-        embeds = self.backend.embed_prompt(self.prompt_ids(indication), image_embeds)
-        gen = self.backend.generate([embeds], max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id)
-        t3 = time.perf_counter()
-        ids = gen.token_ids[0]
-        timings = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, "prefill": gen.prefill_ms,
-                   "decode": gen.decode_ms, "decode_per_token": gen.decode_ms / max(len(ids) - 1, 1),
-                   "end_to_end": (t3 - t0) * 1e3}
-        return StudyResult(study=str(study), source_file=str(image.source_file), view_position=image.view_position,
-                           report=postprocess(self.tokenizer.decode(ids)), token_ids=ids,
-                           backend=self.backend.name, precision=self.backend.precision,
-                           timings_ms={k: round(v, 3) for k, v in timings.items()}, image=image)
+        results = []
+        for p, ids in zip(batch, gen.token_ids):
+            timings = {"preprocess": p.preprocess_ms, "vision": (t1 - t0) * 1e3, "prefill": gen.prefill_ms,
+                       "decode": gen.decode_ms, "decode_per_token": gen.decode_ms / max(gen.n_decode_steps, 1),
+                       "end_to_end": p.preprocess_ms + (t2 - t0) * 1e3}
+            results.append(StudyResult(study=str(p.study), source_file=str(p.image.source_file),
+                                       view_position=p.image.view_position,
+                                       report=postprocess(self.tokenizer.decode(ids)), token_ids=ids,
+                                       backend=self.backend.name, precision=self.backend.precision,
+                                       timings_ms={k: round(v, 3) for k, v in timings.items()},
+                                       batch_size=len(batch), image=p.image))
+        return results
+
+    def run(self, study: Path, *, indication: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+            allow_any_modality: bool = False) -> StudyResult:
+        prepared = self.prepare(study, indication=indication, allow_any_modality=allow_any_modality)
+        return self.generate([prepared], max_new_tokens=max_new_tokens)[0]

@@ -63,29 +63,39 @@ def _open_ort(bundle: Path, device: str, ort_provider: str, trt_cache: Path | No
 
 
 def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | None, max_new_tokens: int,
-                allow_any_modality: bool, sr_out: Path | None, console: Console) -> Iterator[StudyResult]:
-    """Yield each study's result; a bad study gets one stderr line and the rest still run.
+                allow_any_modality: bool, sr_out: Path | None, console: Console,
+                batch_size: int = 1) -> Iterator[StudyResult]:
+    """Yield each study's result in order; a bad study gets one stderr line and the rest still run.
 
     Raises one ``RadtrtError`` at the end when any study failed, so the exit code is 2.
     """
+    if batch_size < 1:
+        fail("--batch-size must be at least 1")
     failed = 0
-    for i, study in enumerate(studies, 1):
-        try:
-            with console.status(f"[{i}/{len(studies)}] generating report for {study.name}"):
-                result = pipeline.run(study, indication=indication, max_new_tokens=max_new_tokens,
-                                      allow_any_modality=allow_any_modality)
-                if sr_out is not None:
-                    from radtrt.imaging.sr import write_sr
-
-                    assert result.image is not None
-                    write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
-                             model_version=__version__)
-        except RadtrtError as e:
-            if len(studies) == 1:
-                raise
-            failed += 1
-            console.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+    done = 0
+    for start in range(0, len(studies), batch_size):
+        chunk = studies[start:start + batch_size]
+        prepared = []
+        for study in chunk:
+            try:
+                prepared.append(pipeline.prepare(study, indication=indication, allow_any_modality=allow_any_modality))
+            except RadtrtError as e:
+                if len(studies) == 1:
+                    raise
+                failed += 1
+                console.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+        if not prepared:
             continue
-        yield result
+        with console.status(f"[{done + 1}-{done + len(prepared)}/{len(studies)}] generating"):
+            results = pipeline.generate(prepared, max_new_tokens=max_new_tokens)
+        done += len(prepared)
+        for result in results:
+            if sr_out is not None:
+                from radtrt.imaging.sr import write_sr
+
+                assert result.image is not None
+                write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
+                         model_version=__version__)
+            yield result
     if failed:
         fail(f"{failed} of {len(studies)} studies failed (see the lines above)")

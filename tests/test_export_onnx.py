@@ -1,0 +1,165 @@
+"""ONNX bundle export and the ONNX Runtime backend against the PyTorch reference (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from radtrt.cli import app
+from radtrt.errors import RadtrtError
+from radtrt.exporter.bundle import BUNDLE_FORMAT_VERSION, export_bundle, read_manifest, sha256_file
+from radtrt.imaging.synthetic import radiograph_dataset, synthetic_chest
+from radtrt.model.loading import load_model, save_toolkit
+
+from conftest import TinyRelease
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_release: TinyRelease, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("m") / "model"
+    return save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), out, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def bundle(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    result = runner.invoke(app, ["export", "--model", str(model_dir), "--precision", "fp32", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("studies")
+    paths = []
+    for i in range(4):
+        path = root / f"s{i}.dcm"
+        radiograph_dataset(synthetic_chest(rows=180 + 20 * i, cols=200, seed=20 + i)).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _infer(*args: str | Path) -> list[dict]:
+    result = runner.invoke(app, ["infer", *map(str, args), "--json", "--max-new-tokens", "20"])
+    assert result.exit_code == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_manifest_describes_and_hashes_the_bundle(bundle: Path) -> None:
+    m = read_manifest(bundle)
+    assert m["format_version"] == BUNDLE_FORMAT_VERSION and m["precision"] == "fp32" and m["opset"] >= 17
+    assert {"vision.onnx", "decoder.onnx", "embed_tokens.safetensors", "tokenizer.model"} <= set(m["files"])
+    for name, meta in m["files"].items():
+        assert sha256_file(bundle / name) == meta["sha256"]
+    assert m["graphs"]["decoder.onnx"]["inputs"]["inputs_embeds"][0] == "batch"
+    assert m["preprocess"]["image_size"] == 56 and m["prompt"]["template"] == "v1"
+    check = m["export_check"]
+    assert check["greedy_tokens_equal"] is True
+    assert check["vision"]["max_abs"] < 1e-4 and check["decoder_first_logits"]["max_abs"] < 1e-4
+    assert not (bundle.parent / "bundle.partial").exists()
+
+
+@pytest.mark.parametrize("indication", [None, "Shortness of breath"])
+def test_onnxruntime_tokens_equal_torch(bundle: Path, model_dir: Path, studies: list[Path],
+                                        indication: str | None) -> None:
+    extra = ["--indication", indication] if indication else []
+    ort = _infer(*studies, "--bundle", bundle, "--backend", "onnxruntime", *extra)
+    ref = _infer(*studies, "--model", model_dir, "--backend", "torch", *extra)
+    assert [r["token_ids"] for r in ort] == [r["token_ids"] for r in ref]
+    assert [r["report"] for r in ort] == [r["report"] for r in ref]
+    assert {r["backend"] for r in ort} == {"onnxruntime"} and len({tuple(r["token_ids"]) for r in ref}) > 1
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_batched_generation_equals_one_by_one(bundle: Path, model_dir: Path, studies: list[Path],
+                                              backend: str) -> None:
+    src = ["--bundle", bundle] if backend == "onnxruntime" else ["--model", model_dir]
+    one = _infer(*studies, *src, "--backend", backend)
+    batched = _infer(*studies, *src, "--backend", backend, "--batch-size", "3", "--indication", "")
+    assert [r["token_ids"] for r in batched] == [r["token_ids"] for r in one]
+    assert [r.get("batch_size", 1) for r in batched] == [3, 3, 3, 1]
+
+
+def test_auto_backend_picks_onnxruntime_for_a_bundle(bundle: Path, studies: list[Path]) -> None:
+    result = runner.invoke(app, ["infer", str(studies[0]), "--bundle", str(bundle), "--json", "--max-new-tokens", "2"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["backend"] == "onnxruntime"
+    assert "ONNX Runtime on the CPU" in result.stderr
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(bundle, out)
+    return out
+
+
+def _refused(args: list[str], match: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("radtrt: error:") and match in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_bundle_file_is_refused(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
+    copy = _copy(bundle, tmp_path)
+    data = copy / "decoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)], "does not match its manifest hash")
+
+
+def test_bundle_from_another_version_is_refused(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
+    copy = _copy(bundle, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = BUNDLE_FORMAT_VERSION + 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)], "re-export")
+
+
+def test_graph_onnxruntime_cannot_load_is_refused(bundle: Path, tmp_path: Path) -> None:
+    from radtrt.runtime.ort import OrtBackend
+
+    copy = _copy(bundle, tmp_path)
+    (copy / "decoder.onnx").write_bytes(b"not an onnx graph")
+    with pytest.raises(RadtrtError, match="ONNX Runtime cannot load decoder.onnx"):
+        OrtBackend(copy, verify=False)
+
+
+def test_not_a_bundle_is_refused(model_dir: Path, studies: list[Path]) -> None:
+    _refused(["infer", str(studies[0]), "--bundle", str(model_dir)], "not a radtrt bundle")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--precision", "int8"], "not available"),
+    (["--target", "tensorrt"], "not available"),
+])
+def test_export_refusals(model_dir: Path, tmp_path: Path, extra: list[str], match: str) -> None:
+    _refused(["export", "--model", str(model_dir), "-o", str(tmp_path / "b"), *extra], match)
+
+
+def test_export_refuses_a_non_empty_output(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("user data")
+    _refused(["export", "--model", str(model_dir), "-o", str(tmp_path / "b")], "not an empty directory")
+    assert (tmp_path / "b" / "keep.txt").read_text() == "user data"
+
+
+def test_onnxruntime_backend_without_bundle_is_refused(model_dir: Path, studies: list[Path]) -> None:
+    _refused(["infer", str(studies[0]), "--model", str(model_dir), "--backend", "onnxruntime"], "--bundle")
+
+
+def test_unavailable_provider_is_refused(bundle: Path, studies: list[Path]) -> None:
+    from radtrt.runtime.ort import available_providers
+
+    if "TensorrtExecutionProvider" in available_providers():
+        pytest.skip("TensorRT EP present")
+    _refused(["infer", str(studies[0]), "--bundle", str(bundle), "--ort-provider", "tensorrt"],
+             "TensorrtExecutionProvider")
