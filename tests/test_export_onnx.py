@@ -163,3 +163,39 @@ def test_unavailable_provider_is_refused(bundle: Path, studies: list[Path]) -> N
         pytest.skip("TensorRT EP present")
     _refused(["infer", str(studies[0]), "--bundle", str(bundle), "--ort-provider", "tensorrt"],
              "TensorrtExecutionProvider")
+
+
+@pytest.fixture(scope="module")
+def bundle_fp16(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("b16") / "bundle"
+    result = runner.invoke(app, ["export", "--model", str(model_dir), "--precision", "fp16", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_fp16_bundle_within_stated_tolerance_of_fp32_torch(bundle_fp16: Path, model_dir: Path,
+                                                           studies: list[Path]) -> None:
+    """fp16 tolerances (README): image-embedding cosine >= 0.999, first-step logits within 2% of their range."""
+    from radtrt.runtime.ort import OrtBackend
+
+    assert read_manifest(bundle_fp16)["precision"] == "fp16"
+    ref = load_model(model_dir).model
+    ort = OrtBackend(bundle_fp16)
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_img = ref.encode_images(pixels)
+    got_img = ort.encode_images(pixels).float()
+    cos = torch.nn.functional.cosine_similarity(got_img.flatten(1), ref_img.flatten(1))
+    assert float(cos.min()) >= 0.999
+    embeds = [torch.cat([ref_img[0], ref.language_model.embed(torch.arange(1, 9))])]
+    from radtrt.model.generate import greedy_generate
+
+    r = greedy_generate(ref.language_model, embeds, eos_token_id=-1, max_new_tokens=1, keep_first_logits=True)
+    g = ort.generate([e.half() for e in embeds], eos_token_id=-1, max_new_tokens=1, keep_first_logits=True)
+    span = float(r.first_logits.max() - r.first_logits.min())
+    assert float((g.first_logits - r.first_logits).abs().max()) <= 0.02 * span
+    fp16 = _infer(*studies, "--bundle", bundle_fp16)
+    fp32 = _infer(*studies, "--model", model_dir, "--backend", "torch")
+    same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(fp16, fp32))
+    assert {r["precision"] for r in fp16} == {"fp16"}
+    print(f"fp16 ONNX Runtime vs fp32 torch: {same}/{len(studies)} identical token sequences")

@@ -33,7 +33,7 @@ from radtrt.model.prompt import QUERY, QUERY_WITH_INDICATION, SYSTEM_V1
 BUNDLE_FORMAT = "radtrt-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-PRECISIONS = {"fp32": torch.float32}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass

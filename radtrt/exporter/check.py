@@ -34,6 +34,7 @@ def check_bundle_against_torch(bundle: Path, model: LlavaRad, steps: int = 4) ->
     ref = greedy_generate(model.language_model, embeds, eos_token_id=-1, max_new_tokens=steps, keep_first_logits=True)
     got = ort_backend.generate(embeds, eos_token_id=-1, max_new_tokens=steps, keep_first_logits=True)
     assert ref.first_logits is not None and got.first_logits is not None
-    return {"provider": "CPUExecutionProvider", "vision": _errors(got_img, ref_img),
+    return {"provider": "CPUExecutionProvider", "reference": f"torch {str(dtype).removeprefix('torch.')} on the CPU",
+            "vision": _errors(got_img, ref_img),
             "decoder_first_logits": _errors(got.first_logits, ref.first_logits),
             "greedy_tokens_equal": got.token_ids == ref.token_ids, "greedy_steps": steps}

@@ -104,7 +104,7 @@ class SplitCache:
         qg = q.reshape(b, groups, h // groups, t, d) * d**-0.5
         scores = torch.cat([qg @ past_k[:, :, None].transpose(-1, -2), qg @ k[:, :, None].transpose(-1, -2)], dim=-1)
         scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
-        probs = scores.softmax(dim=-1)
+        probs = scores.float().softmax(dim=-1).to(q.dtype)  # fp32 softmax: no fp16 overflow
         s = past_k.shape[2]
         y = probs[..., :s] @ past_v[:, :, None] + probs[..., s:] @ v[:, :, None]
         return y.reshape(b, h, t, d)

@@ -39,8 +39,21 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if x.dtype == torch.float32:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:  # fp16/bf16: softmax in fp32, the known overflow trap of fp16 vision towers
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+            x = scores.float().softmax(dim=-1).to(v.dtype) @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm evaluated in fp32 whatever the activation dtype (a no-op cast in fp32 models)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class LayerScale(nn.Module):
@@ -67,10 +80,10 @@ class Block(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         dim = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=cfg.eps)
+        self.norm1 = LayerNorm(dim, eps=cfg.eps)
         self.attn = Attention(dim, cfg.num_heads)
         self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=cfg.eps)
+        self.norm2 = LayerNorm(dim, eps=cfg.eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values is not None else nn.Identity()
 
@@ -90,7 +103,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, cfg.embed_dim) * 0.02)
         self.norm_pre = nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.eps)
+        self.norm = LayerNorm(cfg.embed_dim, eps=cfg.eps)
 
     def hidden_states(self, pixel_values: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """Embedding output followed by each block's output (``depth + 1`` tensors).

@@ -100,7 +100,7 @@ class OrtBackend:
         if input_ids.count(IMAGE_TOKEN_INDEX) != 1:
             fail(f"the prompt must contain exactly one <image> placeholder, found {input_ids.count(IMAGE_TOKEN_INDEX)}")
         pos = input_ids.index(IMAGE_TOKEN_INDEX)
-        parts = [self.table[input_ids[:pos]], image_embeds.numpy().astype(self.dtype, copy=False),
+        parts = [self.table[input_ids[:pos]], image_embeds.detach().cpu().numpy().astype(self.dtype, copy=False),
                  self.table[input_ids[pos + 1:]]]
         return torch.from_numpy(np.concatenate(parts, axis=0))
 
@@ -128,7 +128,7 @@ class OrtBackend:
         x = np.zeros((batch, length, hidden), dtype=self.dtype)
         valid = np.zeros((batch, length), dtype=bool)
         for i, e in enumerate(embeds):
-            x[i, length - e.shape[0]:] = e.numpy()
+            x[i, length - e.shape[0]:] = e.detach().cpu().numpy()
             valid[i, length - e.shape[0]:] = True
         total = length + max_new_tokens
         shape = (batch, self.num_kv, total, self.head_dim)
