@@ -57,7 +57,7 @@ def infer(
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="What 'radtrt export' wrote."),
     backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | tensorrt"),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when usable, else cpu)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16 (torch backend)."),
     indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation limit."),

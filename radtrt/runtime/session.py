@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from rich.console import Console
 
 from radtrt import __version__
@@ -21,16 +22,17 @@ def check_studies_exist(studies: list[Path]) -> None:
             fail(f"study not found: {study}")
 
 
-def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path | None, backend: str, device: str,
+def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path | None, backend: str,
+                  device: str | None,
                   dtype: str, console: Console, ort_provider: str = "auto", trt_cache: Path | None = None) -> Pipeline:
     from radtrt.runtime.ort import available_providers
 
     providers = available_providers() if bundle is not None else []
     chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers)
-    device = resolve_device(device) if chosen == "torch" else device
     if chosen == "onnxruntime":
         assert bundle is not None
         return _open_ort(bundle, device, ort_provider, trt_cache, why, console)
+    device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
     if model is None:
@@ -43,15 +45,18 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     return Pipeline(TorchBackend(loaded.model, device), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
 
 
-def _open_ort(bundle: Path, device: str, ort_provider: str, trt_cache: Path | None, why: str,
+def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Path | None, why: str,
               console: Console) -> Pipeline:
     from radtrt.model.config import LlavaRadConfig
     from radtrt.model.io import read_json
     from radtrt.model.tokenizer import LlamaSPTokenizer
-    from radtrt.runtime.ort import OrtBackend
+    from radtrt.runtime.ort import OrtBackend, available_providers
 
+    if device not in (None, "cpu", "cuda"):
+        fail(f"unknown device '{device}' (cpu or cuda)")
     if ort_provider == "auto":
-        ort_provider = "cuda" if device == "cuda" else "cpu"
+        gpu = "CUDAExecutionProvider" in available_providers()
+        ort_provider = "cuda" if device == "cuda" or (device is None and gpu) else "cpu"
     with console.status(f"verifying and loading bundle {bundle}"):
         backend = OrtBackend(bundle, provider=ort_provider, trt_cache=trt_cache)
         cfg = LlavaRadConfig.from_dict(read_json(bundle / "model_config.json"))
