@@ -6,35 +6,24 @@ becomes one line on stderr and exit code 2; usage errors are 2 as well; anything
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import typer
-from rich.console import Console
 
 from radtrt import __version__
-from radtrt.errors import RadtrtError, fail
+from radtrt.cli_support import err, user_errors
+from radtrt.errors import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run LLaVA-Rad chest X-ray report generation fast on the hardware you have.")
-err = Console(stderr=True, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def command(fn: F) -> F:
     """Register a command whose user-facing failures end as one stderr line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RadtrtError as e:
-            err.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    app.command()(wrapper)
+    app.command()(user_errors(fn))
     return fn
 
 
@@ -154,6 +143,16 @@ def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Wher
     infer([study], model=model_dir, base_model=None, bundle=None, backend="torch", device="cpu", dtype="float32",
           indication=None, max_new_tokens=32, batch_size=1, as_json=as_json, sr_out=out / "sr",
           allow_any_modality=False, ort_provider="auto", trt_cache=None)
+
+
+def _register_subcommands() -> None:
+    """Command groups that live next to their library code."""
+    from radtrt.evaluation.cli import register as register_eval
+
+    register_eval(app)
+
+
+_register_subcommands()
 
 
 def main() -> None:

@@ -1,0 +1,30 @@
+"""What every command module shares: the stderr console and the user-error wrapper.
+
+A ``RadtrtError`` leaving a command becomes one ``radtrt: error: ...`` line on stderr and exit
+code 2; anything else is a bug and propagates (exit 1).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from radtrt.errors import RadtrtError
+
+err = Console(stderr=True, highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RadtrtError as e:
+            err.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,121 @@
+"""F1-CheXbert from local weights: the CheXbert labeler as the released LLaVA-Rad evaluator runs it.
+
+The released ``rrg_eval/chexbert.py`` builds BERT-base with 13 four-way heads (blank, positive,
+negative, uncertain) and one two-way "No Finding" head, loads ``chexbert.pth`` from the Hugging Face
+hub, and labels each report from its [CLS] state. radtrt builds the same model with ``transformers``
+from files the user already has (no hub access at run time): the CheXbert checkpoint and a local
+``bert-base-uncased`` directory for the config and WordPiece vocabulary. Labels then go through the same
+F1 code as the offline labeler.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch and transformers load only when CheXbert runs
+    import torch
+    import transformers
+
+from radtrt.errors import fail
+from radtrt.evaluation.labels import CONDITIONS
+
+WHAT_TO_PROVIDE = ("F1-CheXbert needs local weights: --chexbert-checkpoint PATH (chexbert.pth, the CheXbert "
+                   "labeler checkpoint) and --bert-dir DIR (a local bert-base-uncased with config.json and vocab.txt)")
+MAX_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class CheXbertConfig:
+    """Where the CheXbert weights and the BERT vocabulary are on disk."""
+
+    checkpoint: Path
+    bert_dir: Path
+    device: str = "cpu"
+    batch_size: int = 32
+
+    def check(self) -> None:
+        if not self.checkpoint.is_file() or not (self.bert_dir / "config.json").is_file() or \
+                not (self.bert_dir / "vocab.txt").is_file():
+            fail(WHAT_TO_PROVIDE)
+
+
+def build_labeler(bert_config: transformers.BertConfig) -> torch.nn.Module:
+    """BERT plus CheXbert's heads, with the released module names (``bert``, ``linear_heads``)."""
+    import torch
+    from transformers import BertModel
+
+    class CheXbertLabeler(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = BertModel(bert_config)
+            self.dropout = torch.nn.Dropout(0.1)
+            hidden = bert_config.hidden_size
+            heads = [torch.nn.Linear(hidden, 4) for _ in range(len(CONDITIONS) - 1)] + [torch.nn.Linear(hidden, 2)]
+            self.linear_heads = torch.nn.ModuleList(heads)
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+            cls = self.dropout(self.bert(ids, attention_mask=mask)[0][:, 0, :])
+            return [head(cls) for head in self.linear_heads]
+
+    return CheXbertLabeler()
+
+
+def _encode(tokenizer: object, report: str) -> list[int]:
+    """The released tokenization: whitespace-normalized text, WordPiece, [CLS] ... [SEP], cut at 512."""
+    text = re.sub(r"\s+", " ", report.strip().replace("\n", " "))
+    tokens = tokenizer.tokenize(text)  # type: ignore[attr-defined]
+    ids = [tokenizer.cls_token_id, *tokenizer.convert_tokens_to_ids(tokens), tokenizer.sep_token_id]  # type: ignore[attr-defined]
+    if len(ids) > MAX_TOKENS:
+        ids = ids[:MAX_TOKENS - 1] + [tokenizer.sep_token_id]  # type: ignore[attr-defined]
+    return ids
+
+
+def load(cfg: CheXbertConfig) -> tuple[torch.nn.Module, object]:
+    """Labeler and tokenizer from local files only."""
+    import torch
+    from transformers import BertConfig, BertTokenizer
+
+    cfg.check()
+    bert_config = BertConfig.from_pretrained(str(cfg.bert_dir), local_files_only=True)
+    tokenizer = BertTokenizer.from_pretrained(str(cfg.bert_dir), local_files_only=True)
+    model = build_labeler(bert_config)
+    checkpoint = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        fail(f"{cfg.checkpoint.name} is not a CheXbert checkpoint (no model_state_dict)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    # Older transformers stored the position-id buffer; it carries no weights.
+    state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or unexpected:
+        fail(f"{cfg.checkpoint.name} does not match the CheXbert architecture "
+             f"({len(missing)} weights missing, {len(unexpected)} unexpected)")
+    model.load_state_dict(state)
+    return model.to(cfg.device).eval(), tokenizer
+
+
+def chexbert_labels(reports: Sequence[str], cfg: CheXbertConfig) -> np.ndarray:
+    """Label codes (n_reports, 14) in CheXbert's order (0 blank, 1 positive, 2 negative, 3 uncertain)."""
+    import torch
+
+    model, tokenizer = load(cfg)
+    encoded = [_encode(tokenizer, r) for r in reports]
+    out = np.zeros((len(reports), len(CONDITIONS)), dtype=np.int8)
+    with torch.inference_mode():
+        for start in range(0, len(encoded), cfg.batch_size):
+            batch = encoded[start:start + cfg.batch_size]
+            ids = torch.zeros(len(batch), max(len(b) for b in batch), dtype=torch.long)
+            mask = torch.zeros_like(ids, dtype=torch.float32)
+            for i, b in enumerate(batch):
+                ids[i, :len(b)] = torch.tensor(b)
+                mask[i, :len(b)] = 1.0
+            logits = model(ids.to(cfg.device), mask.to(cfg.device))
+            for j, head in enumerate(logits):
+                out[start:start + len(batch), j] = head.argmax(dim=1).cpu().numpy()
+    return out

@@ -1,0 +1,138 @@
+"""Talking to the judge: OpenAI-compatible endpoints and Azure OpenAI through the ``openai`` SDK.
+
+The SDK's own retries are switched off so that one policy, here, decides: rate-limit and server errors,
+timeouts and dropped connections are retried with exponential backoff (honouring ``Retry-After``), up to
+``max_attempts``; anything else is final. Requests are spaced by a shared rate limiter so that
+concurrent workers stay under the endpoint's requests-per-minute quota. The API key comes from the
+environment and is never logged, stored or echoed in messages.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Optional, Protocol
+
+import openai
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from radtrt.errors import fail
+from radtrt.evaluation.chexprompt.config import JudgeConfig
+from radtrt.evaluation.chexprompt.prompt import Messages
+
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
+AZURE_KEY_ENV = "AZURE_OPENAI_API_KEY"
+
+
+class JudgeClient(Protocol):
+    """Anything that turns chat messages into the judge's answer text (tests may pass their own)."""
+
+    def complete(self, messages: Messages) -> Optional[str]: ...
+
+
+class RateLimiter:
+    """Spaces request starts at least 60/rpm seconds apart, across all worker threads."""
+
+    def __init__(self, requests_per_minute: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._interval = 60.0 / requests_per_minute if requests_per_minute > 0 else 0.0
+        self._clock, self._sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if self._interval == 0.0:
+            return
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self._interval
+        if start > now:
+            self._sleep(start - now)
+
+
+def retry_after_seconds(exc: BaseException) -> Optional[float]:
+    """The server's requested wait (``retry-after-ms`` or ``retry-after`` in seconds), if it sent one."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue  # an HTTP-date Retry-After: fall back to exponential backoff
+    return None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Rate limits, server errors, timeouts and connection failures are worth another attempt."""
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    return False
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Errors that will hit every report alike (bad key, unknown model or deployment): stop the run."""
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in (401, 403, 404)
+
+
+def describe(exc: BaseException) -> str:
+    """A short, key-free description of a judge request failure."""
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection error"
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}"
+    return type(exc).__name__
+
+
+class OpenAIJudgeClient:
+    """A judge behind an OpenAI-compatible or Azure OpenAI chat-completions endpoint."""
+
+    def __init__(self, cfg: JudgeConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+        self._cfg = cfg
+        self._sleep = sleep
+        self._limiter = RateLimiter(cfg.requests_per_minute)
+        # initial * 2**(attempt - 1), plus up to ``initial`` of jitter so that workers do not retry in step.
+        self._backoff = wait_exponential_jitter(multiplier=cfg.backoff_initial_s, jitter=cfg.backoff_initial_s,
+                                                max=cfg.backoff_max_s)
+        key_env = AZURE_KEY_ENV if cfg.is_azure else OPENAI_KEY_ENV
+        api_key = os.environ.get(key_env)
+        if not api_key:
+            fail(f"set {key_env} to the judge endpoint's API key (any non-empty value for a keyless local server)")
+        self._client: openai.OpenAI
+        if cfg.azure_endpoint is not None:
+            self._client = openai.AzureOpenAI(azure_endpoint=cfg.azure_endpoint, api_key=api_key,
+                                              api_version=cfg.api_version,
+                                              azure_deployment=cfg.azure_deployment or cfg.model,
+                                              max_retries=0, timeout=cfg.timeout_s)
+        else:
+            self._client = openai.OpenAI(base_url=cfg.endpoint, api_key=api_key, max_retries=0,
+                                         timeout=cfg.timeout_s)
+
+    def _wait(self, retry_state: RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        server_wait = retry_after_seconds(exc) if exc is not None else None
+        if server_wait is not None:
+            return min(server_wait, self._cfg.backoff_max_s)
+        return self._backoff(retry_state)
+
+    def complete(self, messages: Messages) -> Optional[str]:
+        """The judge's answer text; raises the last SDK error when every attempt failed."""
+        for attempt in Retrying(stop=stop_after_attempt(self._cfg.max_attempts), wait=self._wait,
+                                retry=retry_if_exception(is_retryable), sleep=self._sleep, reraise=True):
+            with attempt:
+                self._limiter.acquire()
+                response = self._client.chat.completions.create(
+                    model=self._cfg.model, messages=messages,  # type: ignore[arg-type]
+                    temperature=self._cfg.temperature, max_tokens=self._cfg.max_tokens)
+        if not response.choices:
+            return None
+        return response.choices[0].message.content

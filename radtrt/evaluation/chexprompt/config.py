@@ -1,0 +1,54 @@
+"""Judge settings, kept apart from the client so that building them needs neither openai nor tenacity."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from radtrt.errors import fail
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Which judge to ask and how politely. Defaults follow the published settings (temperature 0, 128 tokens)."""
+
+    model: str
+    endpoint: Optional[str] = None  # OpenAI-compatible base URL, e.g. http://host:8000/v1; None: api.openai.com
+    azure_endpoint: Optional[str] = None  # https://NAME.openai.azure.com; selects Azure OpenAI
+    azure_deployment: Optional[str] = None  # defaults to ``model``
+    api_version: Optional[str] = None  # Azure OpenAI API version, e.g. 2024-06-01
+    prompt: str = "auto"  # auto | published | radtrt
+    temperature: float = 0.0
+    max_tokens: int = 128
+    requests_per_minute: float = 30.0  # <= 0: unlimited
+    concurrency: int = 4
+    max_attempts: int = 6
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 60.0
+    timeout_s: float = 60.0
+    max_consecutive_failures: int = 10  # give up (resumably) when the endpoint looks down
+    cache_path: Optional[Path] = None  # None: $XDG_CACHE_HOME/radtrt/chexprompt-judge.sqlite
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            fail("a judge model name is needed (--judge-model)")
+        if self.endpoint and self.azure_endpoint:
+            fail("give either --endpoint (OpenAI-compatible) or --azure-endpoint, not both")
+        if self.azure_endpoint and not self.api_version:
+            fail("Azure OpenAI needs an API version (--api-version, e.g. 2024-06-01)")
+        if self.concurrency < 1 or self.max_attempts < 1 or self.max_consecutive_failures < 1:
+            fail("judge concurrency, attempts and failure limit must be at least 1")
+        if self.timeout_s <= 0:
+            fail("the judge timeout must be positive")
+
+    @property
+    def is_azure(self) -> bool:
+        return self.azure_endpoint is not None
+
+    def resolved_cache_path(self) -> Path:
+        if self.cache_path is not None:
+            return self.cache_path
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return base / "radtrt" / "chexprompt-judge.sqlite"

@@ -1,0 +1,117 @@
+"""Judging many reports: cache first, then concurrent requests, a progress bar, and honest failures.
+
+Each report ends as either error counts or a recorded failure (the judge's answer did not parse, or the
+request failed after every retry). Failures are not cached, so running the same command again resumes
+with exactly the reports that are still missing. When the endpoint rejects the key or does not know the
+model, or fails for many reports in a row, the run stops with one line; what was judged so far stays in
+the cache.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import openai
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from radtrt.errors import fail
+from radtrt.evaluation.chexprompt.cache import JudgeCache, prompt_hash
+from radtrt.evaluation.chexprompt.client import JudgeClient, describe, is_fatal
+from radtrt.evaluation.chexprompt.config import JudgeConfig
+from radtrt.evaluation.chexprompt.parser import AnswerFormatError, ErrorCounts
+from radtrt.evaluation.chexprompt.prompt import JudgePrompt, select_prompt
+from radtrt.evaluation.records import ReportPair
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The judge's verdict on one report: counts, or why there are none."""
+
+    study: str
+    counts: Optional[ErrorCounts]
+    failure: Optional[str]
+    answer: Optional[str]  # the raw answer, kept so that failures can be audited
+    cached: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"study": self.study, "errors": self.counts.to_json() if self.counts else None,
+                "failure": self.failure, "answer": self.answer, "cached": self.cached}
+
+
+class Judge:
+    """A prompt, a client and a cache, wired together for one judge model."""
+
+    def __init__(self, cfg: JudgeConfig, client: Optional[JudgeClient] = None,
+                 prompt: Optional[JudgePrompt] = None, cache: Optional[JudgeCache] = None) -> None:
+        self.cfg = cfg
+        self.prompt = prompt or select_prompt(cfg.prompt)
+        if client is None:
+            from radtrt.evaluation.chexprompt.client import OpenAIJudgeClient
+
+            client = OpenAIJudgeClient(cfg)
+        self.client = client
+        self.cache = cache or JudgeCache(cfg.resolved_cache_path())
+
+    def _parsed(self, study: str, answer: Optional[str], cached: bool) -> Judgement:
+        try:
+            return Judgement(study, self.prompt.parse(answer), None, answer, cached)
+        except AnswerFormatError as e:
+            return Judgement(study, None, f"unparseable answer: {e}", answer, cached)
+
+    def judge(self, pairs: Sequence[ReportPair], show_progress: bool = True,
+              console: Optional[Console] = None) -> list[Judgement]:
+        """Judge every (reference, prediction) pair; results come back in input order."""
+        results: dict[int, Judgement] = {}
+        pending: list[tuple[int, list[dict[str, str]], str]] = []
+        for i, pair in enumerate(pairs):
+            messages = self.prompt.build(pair.reference, pair.prediction)
+            key = prompt_hash(messages, self.cfg.temperature, self.cfg.max_tokens)
+            answer = self.cache.get(self.cfg.model, key)
+            if answer is not None:
+                results[i] = self._parsed(pair.study, answer, cached=True)
+            else:
+                pending.append((i, messages, key))
+
+        progress = Progress(TextColumn("judging ({task.fields[label]})"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=console or Console(stderr=True),
+                            disable=not show_progress, transient=True)
+        consecutive = 0
+        with progress, ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            task = progress.add_task("judge", total=len(pairs), completed=len(results), label=self.cfg.model)
+            futures: dict[Future[Optional[str]], tuple[int, str]] = {
+                pool.submit(self.client.complete, messages): (i, key) for i, messages, key in pending}
+            try:
+                for future in as_completed(futures):
+                    i, key = futures[future]
+                    study = pairs[i].study
+                    exc = future.exception()
+                    if exc is None:
+                        answer = future.result()
+                        if answer:
+                            self.cache.put(self.cfg.model, key, answer)
+                        results[i] = self._parsed(study, answer, cached=False)
+                        consecutive = 0
+                    elif is_fatal(exc):
+                        fail(f"the judge endpoint refused the request ({describe(exc)}): check the API key, "
+                             f"the model or deployment name and the endpoint URL")
+                    elif isinstance(exc, Exception) and _is_request_error(exc):
+                        results[i] = Judgement(study, None, f"request failed: {describe(exc)}", None, False)
+                        consecutive += 1
+                        if consecutive >= self.cfg.max_consecutive_failures:
+                            fail(f"the judge failed {consecutive} reports in a row (last: {describe(exc)}); "
+                                 f"answers so far are cached in {self.cache.path}, rerun to resume")
+                    else:
+                        raise exc
+                    progress.advance(task)
+            finally:
+                for future in futures:
+                    future.cancel()
+        return [results[i] for i in range(len(pairs))]
+
+
+def _is_request_error(exc: Exception) -> bool:
+    """SDK errors about one request (status, timeout, connection), as opposed to bugs."""
+    return isinstance(exc, openai.APIError)

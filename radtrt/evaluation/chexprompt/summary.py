@@ -1,0 +1,81 @@
+"""CheXprompt aggregates: errors per report (significant, insignificant, per type) and error-free share.
+
+Means are over the reports the judge scored; failed reports are counted and listed by reason, never
+averaged in as zero errors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap_mean
+from radtrt.evaluation.chexprompt.judge import Judgement
+from radtrt.evaluation.chexprompt.parser import LETTERS
+
+
+@dataclass(frozen=True)
+class ChexpromptSummary:
+    """Aggregates of one set of judgements, labelled with the judge that produced them."""
+
+    judge: str
+    published_prompt: bool
+    judge_model: str
+    n_reports: int
+    n_scored: int
+    failures: dict[str, int]
+    mean_significant: Optional[Estimate]
+    mean_insignificant: Optional[Estimate]
+    share_without_significant: Optional[Estimate]
+    per_type_significant: dict[str, Estimate]
+    per_type_insignificant: dict[str, Estimate]
+
+    @property
+    def n_failed(self) -> int:
+        return self.n_reports - self.n_scored
+
+    def to_json(self) -> dict[str, Any]:
+        def est(e: Optional[Estimate]) -> Optional[dict[str, Any]]:
+            return None if e is None else e.to_json()
+
+        return {
+            "judge": self.judge, "published_prompt": self.published_prompt, "judge_model": self.judge_model,
+            "n_reports": self.n_reports, "n_scored": self.n_scored, "n_failed": self.n_failed,
+            "failures": self.failures,
+            "mean_significant_errors": est(self.mean_significant),
+            "mean_insignificant_errors": est(self.mean_insignificant),
+            "share_without_significant_error": est(self.share_without_significant),
+            "per_type_significant": {k: v.to_json() for k, v in self.per_type_significant.items()},
+            "per_type_insignificant": {k: v.to_json() for k, v in self.per_type_insignificant.items()},
+        }
+
+
+def _reason(failure: str) -> str:
+    """Coarse failure category for the tally: 'unparseable answer', 'request failed: HTTP 429', ..."""
+    return failure.split(":", 1)[0] if failure.startswith("unparseable") else failure
+
+
+def summarize(judgements: Sequence[Judgement], judge: str, published_prompt: bool, judge_model: str,
+              cfg: BootstrapConfig) -> ChexpromptSummary:
+    scored = [j.counts for j in judgements if j.counts is not None]
+    failures = Counter(_reason(j.failure) for j in judgements if j.failure is not None)
+    per_sig: dict[str, Estimate] = {}
+    per_insig: dict[str, Estimate] = {}
+    mean_sig = mean_insig = share = None
+    if scored:
+        sig = np.array([c.significant for c in scored], dtype=np.float64)
+        insig = np.array([c.insignificant for c in scored], dtype=np.float64)
+        mean_sig = bootstrap_mean(sig.sum(axis=1), cfg)
+        mean_insig = bootstrap_mean(insig.sum(axis=1), cfg)
+        share = bootstrap_mean((sig.sum(axis=1) == 0).astype(np.float64), cfg)
+        for k, letter in enumerate(LETTERS):
+            per_sig[letter] = bootstrap_mean(sig[:, k], cfg)
+            per_insig[letter] = bootstrap_mean(insig[:, k], cfg)
+    return ChexpromptSummary(judge=judge, published_prompt=published_prompt, judge_model=judge_model,
+                             n_reports=len(judgements), n_scored=len(scored), failures=dict(failures),
+                             mean_significant=mean_sig, mean_insignificant=mean_insig,
+                             share_without_significant=share, per_type_significant=per_sig,
+                             per_type_insignificant=per_insig)

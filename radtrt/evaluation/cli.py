@@ -1,0 +1,105 @@
+"""``radtrt eval``: a thin typer command over ``radtrt.evaluation``.
+
+``register(app)`` adds the command to the root app. Results: JSON to ``-o``, a Markdown summary to
+stdout, progress to stderr. A ``RadtrtError`` becomes one ``radtrt: error: ...`` line on stderr and exit
+code 2, as for every radtrt command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from radtrt.cli_support import user_errors
+from radtrt.errors import fail
+
+
+def eval_command(
+    predictions: Optional[Path] = typer.Option(None, "--predictions", "-p",
+                                               help="JSONL with {study, reference, prediction} per line."),
+    paired: Optional[tuple[Path, Path]] = typer.Option(
+        None, "--paired", help="REFERENCE.jsonl CANDIDATE.jsonl: two backends on the same studies; with "
+                               "chexprompt, a parity verdict."),
+    metrics: str = typer.Option("rouge,bleu,labels", "--metrics",
+                                help="Comma list: rouge,bleu,labels,chexprompt,radgraph,chexbert."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the full results as JSON here."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint",
+                                           help="OpenAI-compatible base URL of the judge, e.g. http://host:8000/v1."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (or Azure deployment) name."),
+    azure_endpoint: Optional[str] = typer.Option(None, "--azure-endpoint", help="Azure OpenAI resource URL."),
+    azure_deployment: Optional[str] = typer.Option(None, "--azure-deployment",
+                                                   help="Azure deployment (default: --judge-model)."),
+    api_version: Optional[str] = typer.Option(None, "--api-version", help="Azure OpenAI API version."),
+    judge_prompt: str = typer.Option("auto", "--judge-prompt",
+                                     help="auto (published if chexprompt is installed) | published | radtrt."),
+    requests_per_minute: float = typer.Option(30.0, "--requests-per-minute", help="Judge rate limit (0: none)."),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Judge requests in flight."),
+    max_attempts: int = typer.Option(6, "--max-attempts", min=1, help="Tries per judge request."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per judge request."),
+    judge_cache: Optional[Path] = typer.Option(None, "--judge-cache",
+                                               help="Judge answer cache (default ~/.cache/radtrt/...)."),
+    margin: float = typer.Option(0.1, "--margin", help="Parity margin, significant errors per report."),
+    n_bootstrap: int = typer.Option(500, "--bootstrap", min=1, help="Bootstrap resamples."),
+    seed: int = typer.Option(3, "--seed", help="Bootstrap seed."),
+    chexbert_checkpoint: Optional[Path] = typer.Option(None, "--chexbert-checkpoint", help="Local chexbert.pth."),
+    bert_dir: Optional[Path] = typer.Option(None, "--bert-dir", help="Local bert-base-uncased directory."),
+    radgraph_dir: Optional[Path] = typer.Option(None, "--radgraph-dir",
+                                                help="Folder holding radgraph/ (extracted radgraph.tar.gz)."),
+    device: str = typer.Option("cpu", "--device", help="Device for CheXbert: cpu | cuda."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Score generated reports: ROUGE-L, BLEU, finding-label F1, CheXprompt, F1-RadGraph, F1-CheXbert."""
+    from radtrt.evaluation.bootstrap import BootstrapConfig
+    from radtrt.evaluation.chexbert import CheXbertConfig
+    from radtrt.evaluation.chexprompt.config import JudgeConfig
+    from radtrt.evaluation.markdown import render_paired, render_report
+    from radtrt.evaluation.radgraph_metric import RadGraphConfig
+    from radtrt.evaluation.records import load_predictions
+    from radtrt.evaluation.run import EvalConfig, evaluate, evaluate_paired, parse_metrics
+
+    if (predictions is None) == (paired is None):
+        fail("give either --predictions FILE or --paired REFERENCE.jsonl CANDIDATE.jsonl")
+    names = parse_metrics(metrics)
+    judge = None
+    if "chexprompt" in names:
+        if not judge_model:
+            fail("CheXprompt needs --judge-model NAME")
+        if not endpoint and not azure_endpoint:
+            fail("CheXprompt sends reports to the judge: give --endpoint URL (OpenAI-compatible) "
+                 "or --azure-endpoint URL")
+        judge = JudgeConfig(model=judge_model, endpoint=endpoint, azure_endpoint=azure_endpoint,
+                            azure_deployment=azure_deployment, api_version=api_version, prompt=judge_prompt,
+                            requests_per_minute=requests_per_minute, concurrency=concurrency,
+                            max_attempts=max_attempts, timeout_s=timeout, cache_path=judge_cache)
+    chexbert = None
+    if chexbert_checkpoint is not None or bert_dir is not None:
+        if chexbert_checkpoint is None or bert_dir is None:
+            fail("F1-CheXbert needs both --chexbert-checkpoint and --bert-dir")
+        chexbert = CheXbertConfig(checkpoint=chexbert_checkpoint, bert_dir=bert_dir, device=device)
+    radgraph = RadGraphConfig(model_dir=radgraph_dir) if radgraph_dir is not None else None
+    cfg = EvalConfig(metrics=names, bootstrap=BootstrapConfig(n_resamples=n_bootstrap, seed=seed), judge=judge,
+                     chexbert=chexbert, radgraph=radgraph, show_progress=not no_progress)
+    cfg.check()
+
+    if paired is not None:
+        paired_report = evaluate_paired(load_predictions(paired[0]), load_predictions(paired[1]), cfg, margin=margin)
+        result, summary = paired_report.to_json(), render_paired(paired_report)
+    else:
+        assert predictions is not None
+        report = evaluate(load_predictions(predictions), cfg)
+        result, summary = report.to_json(), render_report(report)
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            fail(f"cannot write {out}: {e.strerror}")
+    typer.echo(summary, nl=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval`` to ``app`` (the root ``radtrt`` app)."""
+    app.command("eval")(user_errors(eval_command))

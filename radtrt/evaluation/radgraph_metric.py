@@ -1,0 +1,65 @@
+"""F1-RadGraph (partial reward) through the ``radgraph`` package, from local weights only.
+
+The released evaluator scores F1-RadGraph with ``radgraph``'s ``F1RadGraph(reward_level="partial")`` on
+the ``radgraph`` model (``radgraph.tar.gz`` of StanfordAIMI/RRG_scorers), averaging the per-report
+reward. The package downloads that archive, and the BERT it names, from the hub when they are missing;
+radtrt refuses to start unless both are already local, so nothing is fetched at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from radtrt.errors import fail
+from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap_mean
+
+WHAT_TO_PROVIDE = ("F1-RadGraph needs the radgraph package (pip install 'radgraph>=0.1') and local weights: "
+                   "--radgraph-dir DIR holding radgraph/config.json, radgraph/vocabulary/ and radgraph/weights.th "
+                   "(the extracted radgraph.tar.gz of StanfordAIMI/RRG_scorers)")
+
+
+@dataclass(frozen=True)
+class RadGraphConfig:
+    """``model_dir`` is radgraph's ``model_cache_dir``: it holds one folder per model type."""
+
+    model_dir: Path
+    model_type: str = "radgraph"
+    reward_level: str = "partial"
+
+    def check(self) -> None:
+        folder = self.model_dir / self.model_type
+        if not all((folder / name).exists() for name in ("config.json", "vocabulary", "weights.th")):
+            fail(WHAT_TO_PROVIDE)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        try:
+            bert = config["model"]["embedder"]["token_embedders"]["bert"]["model_name"]
+        except (KeyError, TypeError):
+            fail(f"{folder / 'config.json'} does not name the BERT the RadGraph model uses")
+        if not Path(bert).is_dir() and os.environ.get("HF_HUB_OFFLINE") != "1":
+            fail(f"the RadGraph model uses the BERT '{bert}', which is not a local directory: point its "
+                 f"model_name in {folder / 'config.json'} at a local copy, or set HF_HUB_OFFLINE=1 with it in "
+                 f"the Hugging Face cache")
+
+
+def radgraph_rewards(predictions: Sequence[str], references: Sequence[str], cfg: RadGraphConfig) -> np.ndarray:
+    """Per-report F1-RadGraph at ``cfg.reward_level``."""
+    cfg.check()
+    try:
+        from radgraph import F1RadGraph
+    except ImportError:
+        fail(WHAT_TO_PROVIDE)
+    scorer = F1RadGraph(reward_level=cfg.reward_level, model_type=cfg.model_type, model_cache_dir=str(cfg.model_dir))
+    rewards = scorer(refs=list(references), hyps=list(predictions))[1]
+    # "partial" gives one F1 per report; some versions give (f1, precision, recall).
+    return np.array([r[0] if isinstance(r, (tuple, list)) else r for r in rewards], dtype=np.float64)
+
+
+def f1_radgraph(predictions: Sequence[str], references: Sequence[str], cfg: RadGraphConfig,
+                bootstrap: BootstrapConfig) -> Estimate:
+    return bootstrap_mean(radgraph_rewards(predictions, references, cfg), bootstrap)

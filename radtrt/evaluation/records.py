@@ -1,0 +1,73 @@
+"""Reading prediction files: one JSON object per line, ``{"study", "reference", "prediction"}``.
+
+Errors name the file and line number only, never report text or study identifiers, because both can be
+patient data.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from radtrt.errors import fail
+
+FIELDS = ("study", "reference", "prediction")
+
+
+@dataclass(frozen=True)
+class ReportPair:
+    """A generated findings section and the ground-truth one for the same study."""
+
+    study: str
+    reference: str
+    prediction: str
+
+
+def load_predictions(path: Path) -> list[ReportPair]:
+    """Parse a predictions JSONL file; every line must carry the three string fields, studies unique."""
+    if not path.is_file():
+        fail(f"predictions file {path} does not exist")
+    pairs: list[ReportPair] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                fail(f"{path.name} line {lineno}: not valid JSON")
+            if not isinstance(obj, dict):
+                fail(f"{path.name} line {lineno}: expected a JSON object with {', '.join(FIELDS)}")
+            for field in FIELDS:
+                if not isinstance(obj.get(field), str):
+                    fail(f"{path.name} line {lineno}: field '{field}' is missing or not a string")
+            if obj["study"] in seen:
+                fail(f"{path.name} line {lineno}: a study appears twice")
+            seen.add(obj["study"])
+            pairs.append(ReportPair(study=obj["study"], reference=obj["reference"], prediction=obj["prediction"]))
+    if not pairs:
+        fail(f"predictions file {path} has no records")
+    return pairs
+
+
+def align_pairs(reference_arm: list[ReportPair], candidate_arm: list[ReportPair]
+                ) -> tuple[list[ReportPair], list[ReportPair]]:
+    """Order two arms by the same studies; they must cover the same studies with the same ground truth.
+
+    A parity comparison over different study sets or different ground truth would compare nothing, so
+    both are refused rather than silently intersected.
+    """
+    ref_by_study = {p.study: p for p in reference_arm}
+    cand_by_study = {p.study: p for p in candidate_arm}
+    only_ref = len(ref_by_study.keys() - cand_by_study.keys())
+    only_cand = len(cand_by_study.keys() - ref_by_study.keys())
+    if only_ref or only_cand:
+        fail(f"the two prediction files cover different studies ({only_ref} only in the reference arm, "
+             f"{only_cand} only in the candidate arm)")
+    studies = [p.study for p in reference_arm]
+    differing = sum(ref_by_study[s].reference != cand_by_study[s].reference for s in studies)
+    if differing:
+        fail(f"the ground-truth 'reference' text differs between the two files for {differing} studies")
+    return [ref_by_study[s] for s in studies], [cand_by_study[s] for s in studies]

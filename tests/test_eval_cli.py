@@ -1,0 +1,237 @@
+"""``radtrt eval`` through typer, prediction files, and the optional model-based metrics."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from radtrt.errors import RadtrtError
+from radtrt.evaluation.cli import register
+from radtrt.evaluation.labels import CONDITIONS
+from radtrt.evaluation.records import ReportPair, align_pairs, load_predictions
+
+RECORDS = [
+    {"study": "a", "reference": "Small left pleural effusion. No pneumothorax.",
+     "prediction": "Small left pleural effusion. No pneumothorax."},
+    {"study": "b", "reference": "Moderate cardiomegaly. Mild pulmonary edema.",
+     "prediction": "Mild cardiomegaly. No edema."},
+    {"study": "c", "reference": "No acute cardiopulmonary process.",
+     "prediction": "Right lower lobe consolidation, possibly pneumonia."},
+]
+
+
+def app() -> typer.Typer:
+    root = typer.Typer()
+
+    @root.callback()
+    def _root() -> None:
+        """Stand-in for the radtrt root app."""
+
+    register(root)
+    return root
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app(), ["eval", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def write_jsonl(path: Path, records: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_eval_writes_json_and_prints_markdown(tmp_path: Path) -> None:
+    preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
+    code, out, err = run("--predictions", str(preds), "--metrics", "rouge,bleu,labels", "-o", str(tmp_path / "r.json"),
+                         "--bootstrap", "100")
+    assert code == 0, err
+    result = json.loads((tmp_path / "r.json").read_text())
+    metrics = result["metrics"]
+    assert result["n_reports"] == 3 and result["bootstrap"] == {"n_resamples": 100, "seed": 3, "level": 0.95,
+                                                               "method": "percentile"}
+    assert set(metrics) == {"rouge_l", "bleu_1", "bleu_4", "offline_labels"}
+    assert 0 < metrics["rouge_l"]["value"] < 1 and metrics["rouge_l"]["ci_low"] <= metrics["rouge_l"]["value"]
+    labels = metrics["offline_labels"]
+    assert "proxy for F1-CheXbert" in labels["name"]
+    # Study a: effusion TP; b: cardiomegaly TP, edema FN; c: consolidation FP, pneumonia uncertain (-> 0),
+    # No Finding FN (the reference is normal): TP 2, FP 1, FN 2.
+    assert labels["micro_f1_14"]["value"] == pytest.approx(4 / 7)
+    assert "| ROUGE-L |" in out and "Micro-F1-14 (offline labels)" in out and "offline proxy" in out
+
+
+def test_eval_is_deterministic(tmp_path: Path) -> None:
+    preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
+    outs = [run("--predictions", str(preds), "--bootstrap", "50")[1] for _ in range(2)]
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "give either --predictions"),
+    (["--metrics", "rouge,meteor"], "unknown metric(s) meteor"),
+    (["--metrics", "chexprompt"], "--judge-model"),
+    (["--metrics", "chexprompt", "--judge-model", "gpt"], "--endpoint URL"),
+    (["--metrics", "chexbert"], "F1-CheXbert needs local weights"),
+    (["--metrics", "radgraph"], "F1-RadGraph needs the radgraph package"),
+])
+def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
+    full = args if not args or args[0] != "--metrics" else ["--predictions", str(preds), *args]
+    code, out, err = run(*full)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("radtrt: error: ") and message in lines[0]
+
+
+def test_prediction_file_errors_name_the_line_not_the_content(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"study": "PATIENT-SECRET", "reference": 3}) + "\n")
+    with pytest.raises(RadtrtError) as info:
+        load_predictions(bad)
+    assert "line 2" in str(info.value) and "PATIENT-SECRET" not in str(info.value)
+    dup = write_jsonl(tmp_path / "dup.jsonl", [RECORDS[0], RECORDS[0]])
+    with pytest.raises(RadtrtError, match="appears twice"):
+        load_predictions(dup)
+    with pytest.raises(RadtrtError, match="does not exist"):
+        load_predictions(tmp_path / "missing.jsonl")
+
+
+def test_paired_arms_must_match() -> None:
+    a = [ReportPair("s1", "ref 1", "x"), ReportPair("s2", "ref 2", "y")]
+    reordered = align_pairs(a, [ReportPair("s2", "ref 2", "q"), ReportPair("s1", "ref 1", "p")])[1]
+    assert [p.prediction for p in reordered] == ["p", "q"]
+    with pytest.raises(RadtrtError, match="different studies"):
+        align_pairs(a, a[:1])
+    with pytest.raises(RadtrtError, match="ground-truth"):
+        align_pairs(a, [ReportPair("s1", "ref 1", "x"), ReportPair("s2", "other", "y")])
+
+
+def test_paired_lexical_eval_prints_both_arms(tmp_path: Path) -> None:
+    ref = write_jsonl(tmp_path / "ref.jsonl", RECORDS)
+    cand = write_jsonl(tmp_path / "cand.jsonl", [{**r, "prediction": r["reference"]} for r in RECORDS])
+    code, out, err = run("--paired", str(ref), str(cand), "--metrics", "rouge", "-o", str(tmp_path / "p.json"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert result["candidate"]["metrics"]["rouge_l"]["value"] == pytest.approx(1.0)
+    assert result["reference"]["metrics"]["rouge_l"]["value"] < 1.0
+    assert result["chexprompt_parity"] is None
+    assert "| ROUGE-L | " in out and "| 100.0 [100.0, 100.0] |" in out
+
+
+# --- F1-CheXbert from local weights: a tiny BERT with the released checkpoint layout ------------------
+
+def _tiny_chexbert(tmp_path: Path, bias_class: int) -> tuple[Path, Path]:
+    import torch
+    from transformers import BertConfig
+
+    from radtrt.evaluation.chexbert import build_labeler
+
+    bert_dir = tmp_path / "bert"
+    bert_dir.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "small", "left", "pleural", "effusion", "."]
+    (bert_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=512)
+    cfg.save_pretrained(bert_dir)
+    torch.manual_seed(0)
+    model = build_labeler(cfg)
+    with torch.no_grad():
+        for head in model.linear_heads:
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[min(bias_class, head.bias.numel() - 1)] = 5.0
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    checkpoint = tmp_path / "chexbert.pth"
+    torch.save({"epoch": 1, "model_state_dict": state}, checkpoint)
+    return checkpoint, bert_dir
+
+
+def test_chexbert_labels_from_local_checkpoint(tmp_path: Path) -> None:
+    from radtrt.evaluation.chexbert import CheXbertConfig, chexbert_labels
+
+    checkpoint, bert_dir = _tiny_chexbert(tmp_path, bias_class=2)
+    codes = chexbert_labels(["Small left pleural effusion.", "", "no effusion " * 400],
+                            CheXbertConfig(checkpoint=checkpoint, bert_dir=bert_dir, batch_size=2))
+    assert codes.shape == (3, 14)
+    assert (codes[:, :13] == 2).all()  # the heads were forced to "negative"
+    assert (codes[:, 13] == 1).all()  # the two-way No Finding head: its class 1 is "positive"
+
+
+def test_chexbert_metric_through_cli(tmp_path: Path) -> None:
+    checkpoint, bert_dir = _tiny_chexbert(tmp_path, bias_class=1)
+    preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
+    code, out, err = run("--predictions", str(preds), "--metrics", "chexbert", "--chexbert-checkpoint",
+                         str(checkpoint), "--bert-dir", str(bert_dir), "-o", str(tmp_path / "r.json"),
+                         "--bootstrap", "20")
+    assert code == 0, err
+    chexbert = json.loads((tmp_path / "r.json").read_text())["metrics"]["chexbert"]
+    assert chexbert["micro_f1_14"]["value"] == pytest.approx(1.0)  # every label positive on both sides
+    assert "Micro-F1-14 (CheXbert)" in out
+
+
+def test_chexbert_checkpoint_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from radtrt.evaluation.chexbert import CheXbertConfig, chexbert_labels
+
+    _, bert_dir = _tiny_chexbert(tmp_path, bias_class=0)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"model_state_dict": {"module.something": torch.zeros(2)}}, wrong)
+    with pytest.raises(RadtrtError, match="does not match the CheXbert architecture"):
+        chexbert_labels(["x"], CheXbertConfig(checkpoint=wrong, bert_dir=bert_dir))
+
+
+# --- F1-RadGraph through the radgraph package: a stand-in package records how it is called ---------
+
+def _radgraph_dir(tmp_path: Path, bert: str) -> Path:
+    folder = tmp_path / "weights" / "radgraph"
+    (folder / "vocabulary").mkdir(parents=True)
+    (folder / "weights.th").write_bytes(b"")
+    (folder / "config.json").write_text(json.dumps(
+        {"model": {"embedder": {"token_embedders": {"bert": {"model_name": bert}}}}}))
+    return tmp_path / "weights"
+
+
+def test_radgraph_uses_local_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radtrt.evaluation.bootstrap import BootstrapConfig
+    from radtrt.evaluation.radgraph_metric import RadGraphConfig, f1_radgraph
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(RadtrtError, match="not a local directory"):
+        RadGraphConfig(model_dir=_radgraph_dir(tmp_path / "hub", "some/hub-bert")).check()
+    with pytest.raises(RadtrtError, match="extracted radgraph.tar.gz"):
+        RadGraphConfig(model_dir=tmp_path / "empty").check()
+
+    (tmp_path / "bert").mkdir()
+    model_dir = _radgraph_dir(tmp_path, str(tmp_path / "bert"))
+    stub = tmp_path / "stub" / "radgraph"
+    stub.mkdir(parents=True)
+    stub.joinpath("__init__.py").write_text(
+        "CALLS = []\n"
+        "class F1RadGraph:\n"
+        "    def __init__(self, **kwargs):\n"
+        "        CALLS.append(kwargs)\n"
+        "    def __call__(self, refs, hyps):\n"
+        "        rewards = [1.0 if r == h else 0.25 for r, h in zip(refs, hyps)]\n"
+        "        return sum(rewards) / len(rewards), rewards, [], []\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "stub"))
+    monkeypatch.delitem(sys.modules, "radgraph", raising=False)
+    got = f1_radgraph(["same", "different"], ["same", "other"], RadGraphConfig(model_dir=model_dir),
+                      BootstrapConfig(n_resamples=50))
+    assert got.value == pytest.approx(0.625)
+    import radgraph  # the stand-in
+
+    assert radgraph.CALLS == [{"reward_level": "partial", "model_type": "radgraph", "model_cache_dir": str(model_dir)}]
+    assert np.isfinite([got.ci_low, got.ci_high]).all()
+
+
+def test_conditions_are_the_released_chexbert_order() -> None:
+    assert CONDITIONS == ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+                          "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                          "Pleural Other", "Fracture", "Support Devices", "No Finding")

@@ -1,0 +1,365 @@
+"""The CheXprompt judge client, retries, rate limiting, cache, resumption and parity, against a real HTTP
+server on 127.0.0.1 that serves scripted OpenAI-compatible answers (no external service is reached)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from radtrt.errors import RadtrtError
+from radtrt.evaluation.bootstrap import BootstrapConfig
+from radtrt.evaluation.chexprompt.client import OpenAIJudgeClient, RateLimiter
+from radtrt.evaluation.chexprompt.config import JudgeConfig
+from radtrt.evaluation.chexprompt.judge import Judge, Judgement
+from radtrt.evaluation.chexprompt.parser import ErrorCounts, format_answer
+from radtrt.evaluation.parity import chexprompt_parity, parity_from_judgements
+from radtrt.evaluation.records import ReportPair
+from radtrt.evaluation.run import EvalConfig, evaluate
+
+KEY = "sk-test-DO-NOT-LOG-4242"
+ZERO = (0, 0, 0, 0, 0, 0)
+Action = tuple[Any, ...]  # ("answer", text) | ("status", code, headers) | ("sleep", seconds, text)
+
+
+def answer(sig: tuple[int, ...] = ZERO, insig: tuple[int, ...] = ZERO) -> str:
+    return format_answer(ErrorCounts(sig, insig))
+
+
+class FakeJudge:
+    """Scripted answers per candidate text (consumed in order), then a default responder."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[dict[str, Any]] = []
+        self.scripts: dict[str, list[Action]] = {}
+        self.default: Callable[[str], Action] = lambda candidate: ("answer", answer())
+        self.url = ""
+
+    def act(self, candidate: str) -> Action:
+        with self.lock:
+            queue = self.scripts.get(candidate)
+            if queue:
+                return queue.pop(0)
+        return self.default(candidate)
+
+    def count(self, candidate: str) -> int:
+        return sum(r["candidate"] == candidate for r in self.requests)
+
+
+def _candidate(body: dict[str, Any]) -> str:
+    user = body["messages"][-1]["content"]
+    start = user.rindex('Candidate Findings: """') + len('Candidate Findings: """')
+    return user[start:user.index('"""', start)]
+
+
+def _handler(judge: FakeJudge) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            candidate = _candidate(body)
+            with judge.lock:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                judge.requests.append({"path": self.path, "headers": headers, "body": body,
+                                       "candidate": candidate, "time": time.monotonic()})
+            action = judge.act(candidate)
+            if action[0] == "sleep":
+                time.sleep(action[1])
+                action = ("answer", action[2])
+            if action[0] == "status":
+                self._send(action[1], {"error": {"message": "scripted failure", "type": "scripted"}},
+                           action[2] if len(action) > 2 else {})
+            else:
+                self._send(200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0,
+                                 "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": action[1]}}],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+        def _send(self, code: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(obj).encode()
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client timed out and hung up (the "slow" script): nothing left to tell it
+
+    return Handler
+
+
+@pytest.fixture
+def fake_judge(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJudge]:
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    judge = FakeJudge()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(judge))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    judge.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield judge
+    server.shutdown()
+    server.server_close()
+
+
+def config(judge: FakeJudge, tmp_path: Path, **overrides: Any) -> JudgeConfig:
+    settings: dict[str, Any] = dict(model="judge-test", endpoint=judge.url + "/v1", prompt="radtrt",
+                                    requests_per_minute=0, concurrency=2, max_attempts=3, backoff_initial_s=0.01,
+                                    backoff_max_s=0.05, timeout_s=0.3, cache_path=tmp_path / "judge.sqlite")
+    settings.update(overrides)
+    return JudgeConfig(**settings)
+
+
+def pairs(*candidates: str) -> list[ReportPair]:
+    return [ReportPair(study=f"s{i}", reference="Small left pleural effusion.", prediction=c)
+            for i, c in enumerate(candidates)]
+
+
+def run_judge(cfg: JudgeConfig, items: list[ReportPair], **kw: Any) -> list[Judgement]:
+    judge = Judge(cfg, **kw)
+    try:
+        return judge.judge(items, show_progress=False)
+    finally:
+        judge.cache.close()
+
+
+def test_scores_reports_with_published_settings(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    fake_judge.scripts = {"one": [("answer", answer((1, 0, 0, 0, 0, 0)))],
+                          "two": [("answer", answer((0, 2, 0, 0, 0, 0), (0, 0, 1, 0, 0, 0)))]}
+    cfg = EvalConfig(metrics=("chexprompt",), judge=config(fake_judge, tmp_path),
+                     bootstrap=BootstrapConfig(n_resamples=100), show_progress=False)
+    report = evaluate(pairs("one", "two", "three"), cfg)
+    assert [j.counts.total_significant for j in report.judgements] == [1, 2, 0]
+    summary = report.chexprompt
+    assert summary.n_scored == 3 and summary.failures == {}
+    assert summary.mean_significant.value == pytest.approx(1.0)
+    assert summary.mean_insignificant.value == pytest.approx(1 / 3)
+    assert summary.per_type_significant["B"].value == pytest.approx(2 / 3)
+    assert summary.share_without_significant.value == pytest.approx(1 / 3)
+    assert "not the published" in summary.judge
+    request = fake_judge.requests[0]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["authorization"] == f"Bearer {KEY}"
+    assert request["body"]["temperature"] == 0 and request["body"]["max_tokens"] == 128
+    assert request["body"]["model"] == "judge-test"
+    assert [m["role"] for m in request["body"]["messages"]] == ["system", "user"]
+    assert KEY not in json.dumps(report.to_json())
+
+
+def test_retries_rate_limits_server_errors_and_timeouts(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    good = answer((0, 0, 1, 0, 0, 0))
+    fake_judge.scripts = {"limited": [("status", 429, {"retry-after-ms": "20"}), ("answer", good)],
+                          "broken": [("status", 500), ("status", 503), ("answer", good)],
+                          "slow": [("sleep", 0.6, good), ("answer", good)]}
+    cfg = config(fake_judge, tmp_path, concurrency=1)
+    sleeps: list[float] = []
+    results = run_judge(cfg, pairs("limited", "broken", "slow"),
+                        client=OpenAIJudgeClient(cfg, sleep=sleeps.append))
+    assert all(j.counts is not None and j.counts.significant[2] == 1 for j in results)
+    assert [fake_judge.count(c) for c in ("limited", "broken", "slow")] == [2, 3, 2]
+    assert sleeps[0] == pytest.approx(0.02)  # the server's retry-after-ms was honoured
+    assert len(sleeps) == 4 and all(0 <= s <= cfg.backoff_max_s for s in sleeps)
+
+
+def test_failures_are_recorded_not_zero_and_a_rerun_resumes(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    fake_judge.scripts = {"down": [("status", 500)] * 3}
+    cfg = config(fake_judge, tmp_path)
+    items = pairs("down", "fine")
+    first = run_judge(cfg, items)
+    assert first[0].counts is None and first[0].failure == "request failed: HTTP 500"
+    assert first[1].counts == ErrorCounts(ZERO, ZERO) and not first[1].cached
+    asked = len(fake_judge.requests)
+    second = run_judge(cfg, items)  # the server now answers "down" too (script used up)
+    assert len(fake_judge.requests) == asked + 1 and fake_judge.count("down") == 4
+    assert second[0].counts is not None and second[1].cached
+
+
+def test_unparseable_answer_is_a_failure_and_left_out_of_means(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    fake_judge.scripts = {"chatty": [("answer", "The candidate looks fine to me.")],
+                          "bad": [("answer", answer((3, 0, 0, 0, 0, 0)))]}
+    cfg = EvalConfig(metrics=("chexprompt",), judge=config(fake_judge, tmp_path),
+                     bootstrap=BootstrapConfig(n_resamples=100), show_progress=False)
+    report = evaluate(pairs("chatty", "bad"), cfg)
+    chatty = report.judgements[0]
+    assert chatty.counts is None and chatty.failure.startswith("unparseable answer")
+    assert chatty.answer == "The candidate looks fine to me."
+    assert report.chexprompt.n_scored == 1 and report.chexprompt.failures == {"unparseable answer": 1}
+    assert report.chexprompt.mean_significant.value == pytest.approx(3.0)  # not (3 + 0) / 2
+    again = evaluate(pairs("chatty", "bad"), cfg)
+    assert fake_judge.count("chatty") == 1 and again.judgements[0].cached
+
+
+def test_cache_is_keyed_by_model_and_prompt_and_stores_no_reports(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    items = pairs("CANDIDATE-ALPHA", "CANDIDATE-BETA")
+    run_judge(config(fake_judge, tmp_path), items)
+    run_judge(config(fake_judge, tmp_path), items)
+    assert len(fake_judge.requests) == 2
+    run_judge(config(fake_judge, tmp_path, model="judge-other"), items)
+    assert len(fake_judge.requests) == 4
+    run_judge(config(fake_judge, tmp_path), pairs("CANDIDATE-ALPHA", "CANDIDATE-GAMMA"))
+    assert len(fake_judge.requests) == 5
+    stored = (tmp_path / "judge.sqlite").read_bytes()
+    assert b"CANDIDATE" not in stored and b"pleural" not in stored and KEY.encode() not in stored
+
+
+def test_rate_limiter_spaces_request_starts() -> None:
+    now = [100.0]
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+
+    limiter = RateLimiter(120, clock=lambda: now[0], sleep=sleep)
+    for _ in range(3):
+        limiter.acquire()
+    assert sleeps == [pytest.approx(0.5), pytest.approx(1.0)]
+    unlimited = RateLimiter(0, clock=lambda: now[0], sleep=sleep)
+    unlimited.acquire()
+    assert len(sleeps) == 2
+
+
+def test_rate_limit_holds_across_concurrent_workers(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    run_judge(config(fake_judge, tmp_path, requests_per_minute=600, concurrency=4), pairs(*"abcde"))
+    times = sorted(r["time"] for r in fake_judge.requests)
+    assert len(times) == 5
+    # 600/min: one start per 0.1 s, so five starts span at least 0.4 s even with four workers
+    # (a little is allowed for the first request reaching the server later than it left).
+    assert times[-1] - times[0] >= 0.3
+
+
+def test_rejected_key_stops_the_run_without_echoing_it(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    fake_judge.default = lambda candidate: ("status", 401)
+    with pytest.raises(RadtrtError) as info:
+        run_judge(config(fake_judge, tmp_path), pairs("x", "y"))
+    assert "HTTP 401" in str(info.value) and KEY not in str(info.value)
+
+
+def test_endpoint_down_stops_after_consecutive_failures(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    fake_judge.scripts = {"first": [("answer", answer())]}
+    fake_judge.default = lambda candidate: ("status", 502)
+    cfg = config(fake_judge, tmp_path, concurrency=1, max_attempts=1, max_consecutive_failures=2)
+    with pytest.raises(RadtrtError, match="rerun to resume"):
+        run_judge(cfg, pairs("first", "b", "c", "d", "e", "f"))
+    assert len(fake_judge.requests) < 6
+    fake_judge.default = lambda candidate: ("answer", answer())
+    resumed = run_judge(cfg, pairs("first", "b", "c", "d", "e", "f"))
+    assert resumed[0].cached and all(j.counts is not None for j in resumed)
+
+
+def test_missing_key_is_one_clear_line(fake_judge: FakeJudge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(RadtrtError, match="set OPENAI_API_KEY"):
+        Judge(config(fake_judge, tmp_path))
+
+
+def test_azure_openai_deployment_path_and_key_header(fake_judge: FakeJudge, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-" + KEY)
+    cfg = config(fake_judge, tmp_path, endpoint=None, azure_endpoint=fake_judge.url, model="gpt4-judge",
+                 api_version="2024-06-01")
+    assert run_judge(cfg, pairs("x"))[0].counts is not None
+    request = fake_judge.requests[0]
+    assert request["path"] == "/openai/deployments/gpt4-judge/chat/completions?api-version=2024-06-01"
+    assert request["headers"]["api-key"] == "azure-" + KEY
+
+
+def _judgements(sig_totals: list[int | None]) -> list[Judgement]:
+    return [Judgement(f"s{i}", None if t is None else ErrorCounts((t, 0, 0, 0, 0, 0), ZERO),
+                      None if t is not None else "unparseable answer: x", None, False)
+            for i, t in enumerate(sig_totals)]
+
+
+@pytest.mark.parametrize("reference,candidate,verdict", [
+    ([1, 0] * 20, [1, 0] * 20, "pass"),
+    ([0] * 40, [1] * 40, "fail"),
+    ([0] * 40, [1, 0, 0, 0, 0, 0, 0, 0, 0, 0] * 4, "inconclusive"),
+    ([0] * 40, [None, None, None] + [0] * 37, "inconclusive"),
+    ([None] * 4, [0] * 4, "inconclusive"),
+])
+def test_parity_verdicts(reference: list[int | None], candidate: list[int | None], verdict: str) -> None:
+    result = parity_from_judgements(_judgements(reference), _judgements(candidate), margin=0.1,
+                                    cfg=BootstrapConfig(n_resamples=300))
+    assert result.verdict == verdict, result.reason
+
+
+def test_parity_difference_is_paired() -> None:
+    # Identical per-study error counts: a paired difference of exactly zero, however noisy the counts.
+    counts = [0, 3, 1, 5, 0, 2, 4, 0] * 5
+    result = parity_from_judgements(_judgements(counts), _judgements(counts), margin=0.0,
+                                    cfg=BootstrapConfig(n_resamples=300))
+    assert (result.difference.ci_low, result.difference.ci_high) == (0.0, 0.0) and result.verdict == "pass"
+    with pytest.raises(RadtrtError):
+        parity_from_judgements(_judgements([0, 1]), _judgements([0]), margin=0.1)
+
+
+def _write(path: Path, predictions: list[str]) -> Path:
+    with path.open("w") as fh:
+        for i, p in enumerate(predictions):
+            fh.write(json.dumps({"study": f"study-{i}", "reference": f"Ground truth {i}.", "prediction": p}) + "\n")
+    return path
+
+
+def test_chexprompt_parity_end_to_end(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    fake_judge.default = lambda c: ("answer", answer((1, 0, 0, 0, 0, 0) if "WORSE" in c else ZERO))
+    reference = _write(tmp_path / "torch.jsonl", [f"Report {i}." for i in range(30)])
+    same = _write(tmp_path / "same.jsonl", [f"Report {i}." for i in range(30)])
+    worse = _write(tmp_path / "worse.jsonl", [f"Report {i}. WORSE" for i in range(30)])
+    cfg = config(fake_judge, tmp_path, concurrency=4)
+    verdict = chexprompt_parity(reference, same, cfg, margin=0.1, show_progress=False)
+    assert verdict.verdict == "pass" and verdict.identical_predictions == 30
+    assert len(fake_judge.requests) == 30  # the identical arm came from the cache
+    assert verdict.reference_summary.n_scored == 30 and "not the published" in verdict.judge
+    verdict = chexprompt_parity(reference, worse, cfg, margin=0.1, show_progress=False)
+    assert verdict.verdict == "fail" and verdict.difference.value == pytest.approx(1.0)
+    assert json.loads(json.dumps(verdict.to_json()))["verdict"] == "fail"
+
+
+def test_cli_paired_chexprompt_parity(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from radtrt.evaluation.cli import register
+
+    fake_judge.default = lambda c: ("answer", answer((1, 0, 0, 0, 0, 0) if "WORSE" in c else ZERO, (0, 1, 0, 0, 0, 0)))
+    reference = _write(tmp_path / "torch.jsonl", [f"Report {i}." for i in range(20)])
+    candidate = _write(tmp_path / "trt.jsonl", [f"Report {i}." for i in range(20)])
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Stand-in for the radtrt root app."""
+
+    register(app)
+    common = ["--metrics", "chexprompt,rouge", "--endpoint", fake_judge.url + "/v1", "--judge-model", "judge-test",
+              "--judge-prompt", "radtrt", "--judge-cache", str(tmp_path / "c.sqlite"), "--requests-per-minute", "0",
+              "--timeout", "2", "--bootstrap", "100", "--no-progress"]
+    result = CliRunner().invoke(app, ["eval", "--paired", str(reference), str(candidate), "-o",
+                                      str(tmp_path / "p.json"), *common])
+    assert result.exit_code == 0, result.stderr
+    assert "CheXprompt parity: **PASS**" in result.stdout and "not the published" in result.stdout
+    parity = json.loads((tmp_path / "p.json").read_text())["chexprompt_parity"]
+    assert parity["verdict"] == "pass" and parity["identical_predictions"] == 20
+    assert parity["candidate"]["mean_insignificant_errors"]["value"] == pytest.approx(1.0)
+    assert KEY not in result.stdout + result.stderr + (tmp_path / "p.json").read_text()
+
+    single = CliRunner().invoke(app, ["eval", "--predictions", str(candidate), *common])
+    assert single.exit_code == 0, single.stderr
+    assert "errors per report" in single.stdout
+    assert "| B: omission of a finding | 0.000 [0.000, 0.000] | 1.000 [1.000, 1.000] |" in single.stdout
