@@ -96,30 +96,59 @@ def convert(
 
 @command
 def export(
-    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir or radtrt model dir."),
+    model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
-    target: str = typer.Option("onnx", "--target", help="onnx | tensorrt | trtllm | all"),
-    out: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
+    target: str = typer.Option("onnx", "--target", help="onnx | tensorrt | trtllm | triton | all"),
+    out: Path = typer.Option(..., "-o", "--out", help="Bundle directory (Triton: repository directory)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Existing bundle to add engines to / serve."),
+    int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant"),
+    int8_kv_cache: bool = typer.Option(False, "--int8-kv-cache", help="INT8 KV cache (TensorRT-LLM)."),
+    calibration_stats: Optional[Path] = typer.Option(None, "--calibration-stats",
+                                                     help="Activation statistics from 'radtrt calibrate'."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Engine batch limit."),
+    trtllm_engine: Optional[Path] = typer.Option(None, "--trtllm-engine",
+                                                 help="Triton: TensorRT-LLM engine dir on the serving host."),
 ) -> None:
-    """Export the model to a bundle (ONNX graphs, embedding table, tokenizer, manifest)."""
+    """Export the model: ONNX bundle, TensorRT vision engine, TensorRT-LLM decoder, Triton repository."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from radtrt.exporter.bundle import export_bundle
+    from radtrt.exporter import targets
+    from radtrt.exporter.bundle import export_bundle, read_manifest
     from radtrt.model.loading import load_model
 
-    if target != "onnx":
-        fail(f"export target '{target}' is not available in this radtrt version (available: onnx)")
-    with err.status(f"loading model from {model}"):
-        loaded = load_model(model, base_model)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
-        manifest = export_bundle(loaded, out, precision=precision, progress=progress)
-    check = manifest["export_check"]
-    err.print(f"ONNX Runtime vs PyTorch: image embeddings max abs err {check['vision']['max_abs']:.3g}, "
-              f"first-step logits max abs err {check['decoder_first_logits']['max_abs']:.3g}, greedy tokens "
-              f"{'identical' if check['greedy_tokens_equal'] else 'DIFFER'} over {check['greedy_steps']} steps",
-              highlight=False, soft_wrap=True)
-    typer.echo(str(out))
+    plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,
+                              trtllm_engine)
+    targets.preflight(plan)
+    log = lambda line: err.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+    if plan.target == "triton":
+        if bundle is None:
+            fail("--target triton needs --bundle (the bundle to serve) and -o (the repository to write)")
+        targets.write_triton(bundle, out, plan, log)
+        typer.echo(str(out))
+        return
+    bundle_dir = bundle or out
+    needs_model = "onnx" in plan.steps and bundle is None or "trtllm" in plan.steps
+    loaded = None
+    if needs_model:
+        if model is None:
+            fail("--model is required to export (or pass --bundle to add engines to an existing bundle)")
+        with err.status(f"loading model from {model}"):
+            loaded = load_model(model, base_model)
+    if bundle is None:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
+            manifest = export_bundle(loaded, out, precision=precision, progress=progress)
+        check = manifest["export_check"]
+        log(f"ONNX Runtime vs PyTorch: image embeddings max abs err {check['vision']['max_abs']:.3g}, "
+            f"first-step logits max abs err {check['decoder_first_logits']['max_abs']:.3g}, greedy tokens "
+            f"{'identical' if check['greedy_tokens_equal'] else 'DIFFER'} over {check['greedy_steps']} steps")
+    else:
+        read_manifest(bundle)
+    if "tensorrt" in plan.steps:
+        targets.add_tensorrt(bundle_dir, plan, log)
+    if "trtllm" in plan.steps:
+        targets.add_trtllm(bundle_dir, loaded, plan, log)
+    typer.echo(str(bundle_dir))
 
 
 @command

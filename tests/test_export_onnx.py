@@ -139,7 +139,11 @@ def test_not_a_bundle_is_refused(model_dir: Path, studies: list[Path]) -> None:
 
 @pytest.mark.parametrize("extra, match", [
     (["--precision", "int8"], "not available"),
-    (["--target", "tensorrt"], "not available"),
+    (["--target", "tensorrt"], "no CUDA GPU"),
+    (["--target", "all"], "no CUDA GPU"),
+    (["--target", "trtllm", "--int8-decoder", "smoothquant", "--precision", "int8"], "calibration statistics"),
+    (["--target", "triton"], "--bundle"),
+    (["--target", "tensor"], "unknown export target"),
 ])
 def test_export_refusals(model_dir: Path, tmp_path: Path, extra: list[str], match: str) -> None:
     _refused(["export", "--model", str(model_dir), "-o", str(tmp_path / "b"), *extra], match)
@@ -199,3 +203,29 @@ def test_fp16_bundle_within_stated_tolerance_of_fp32_torch(bundle_fp16: Path, mo
     same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(fp16, fp32))
     assert {r["precision"] for r in fp16} == {"fp16"}
     print(f"fp16 ONNX Runtime vs fp32 torch: {same}/{len(studies)} identical token sequences")
+
+
+def test_trtllm_checkpoint_added_to_a_bundle_without_a_gpu(bundle_fp16: Path, model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """The GPU-independent TensorRT-LLM checkpoint is written anywhere; the engine build waits for the target."""
+    copy = _copy(bundle_fp16, tmp_path)
+    result = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
+                                 "--precision", "int8", "-o", str(copy)])
+    assert result.exit_code == 0, result.stderr
+    ckpt = copy / "trtllm" / "checkpoint-w8a16"
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "W8A16" and (ckpt / "rank0.safetensors").is_file()
+    assert "build the engine on the target host" in result.stderr
+    read_manifest(copy)  # the bundle's own files are untouched
+
+
+def test_triton_repository_from_a_bundle(bundle_fp16: Path, tmp_path: Path) -> None:
+    from radtrt.exporter.triton import check_repo
+
+    repo = tmp_path / "repo"
+    args = ["export", "--target", "triton", "--bundle", str(bundle_fp16), "-o", str(repo)]
+    _refused(args, "--trtllm-engine")
+    result = runner.invoke(app, [*args, "--trtllm-engine", str(tmp_path / "engines" / "llava-rad")])
+    assert result.exit_code == 0, result.stderr
+    check_repo(repo)
+    assert (repo / "radtrt" / "config.pbtxt").is_file()

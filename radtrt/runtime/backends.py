@@ -6,7 +6,7 @@ backend differs from the PyTorch reference only in the three compute stages.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -24,9 +24,10 @@ class Backend(Protocol):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
 
-    def embed_prompt(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor: ...
+    def embed_prompt(self, input_ids: list[int], image_embeds: torch.Tensor) -> Any:
+        """Spliced ``[L, H]`` embeddings, or a backend-specific prompt (TensorRT-LLM's prompt table)."""
 
-    def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
+    def generate(self, embeds: list[Any], *, max_new_tokens: int, eos_token_id: int,
                  keep_first_logits: bool = False) -> Generation: ...
 
 
@@ -62,22 +63,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: list[str]) -> tuple[str, str]:
-    """(backend, why): TensorRT > ONNX Runtime (CUDA, then CPU) > torch, among what the inputs allow."""
-    if requested == "tensorrt":
-        fail("the TensorRT backend is not available in this radtrt version; use --backend onnxruntime "
-             "(with --ort-provider tensorrt on a GPU host) or --backend torch")
-    if requested == "onnxruntime":
+def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: list[str],
+                   trt_ready: bool = False) -> tuple[str, str]:
+    """(backend, why): TensorRT > ONNX Runtime (CUDA, then CPU) > torch, among what the inputs allow.
+
+    ``trt_ready``: the bundle holds a vision engine and a TensorRT-LLM engine built for this GPU.
+    """
+    if requested in ("tensorrt", "onnxruntime"):
         if not bundle:
-            fail("--backend onnxruntime needs --bundle (what 'radtrt export' wrote)")
-        return "onnxruntime", "asked for"
+            fail(f"--backend {requested} needs --bundle (what 'radtrt export' wrote)")
+        return requested, "asked for"
     if requested == "torch":
         return "torch", "asked for"
     if requested != "auto":
         fail(f"unknown backend '{requested}' (auto, torch, onnxruntime, tensorrt)")
     if bundle:
+        if trt_ready:
+            return "tensorrt", "the bundle has TensorRT and TensorRT-LLM engines built for this GPU"
         gpu = "CUDAExecutionProvider" in ort_providers
-        return "onnxruntime", ("a bundle was given; no TensorRT engines in this version; "
+        return "onnxruntime", ("a bundle was given without engines for this host; "
                                + ("ONNX Runtime has CUDA" if gpu else "ONNX Runtime on the CPU"))
     if model:
         return "torch", "no --bundle given, so the PyTorch reference runs the model"

@@ -25,6 +25,7 @@ def report() -> list[str]:
         cap = torch.cuda.get_device_capability(i)
         lines.append(f"  GPU {i}: {torch.cuda.get_device_name(i)} (sm{cap[0]}{cap[1]})")
     version, status = _module_version("onnxruntime")
+    version_ort = version
     if version:
         import onnxruntime as ort
 
@@ -34,5 +35,11 @@ def report() -> list[str]:
     for name, label in (("tensorrt", "TensorRT"), ("tensorrt_llm", "TensorRT-LLM")):
         version, status = _module_version(name)
         lines.append(f"{label} {version}" if version else f"{label}: {status}")
-    lines.append("backends usable here: torch" + (" (cpu, cuda)" if torch.cuda.is_available() else " (cpu)"))
+    from radtrt.exporter.gpu import doctor_lines
+
+    lines.extend(doctor_lines())
+    usable = ["torch" + (" (cpu, cuda)" if torch.cuda.is_available() else " (cpu)")]
+    if version_ort:
+        usable.append("onnxruntime")
+    lines.append("backends usable here: " + ", ".join(usable))
     return lines

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from rich.console import Console
@@ -13,6 +13,10 @@ from radtrt.errors import RadtrtError, fail
 from radtrt.model.loading import load_model
 from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolve_device
 from radtrt.runtime.pipeline import Pipeline, StudyResult
+
+if TYPE_CHECKING:
+    from radtrt.model.config import LlavaRadConfig
+    from radtrt.model.tokenizer import LlamaSPTokenizer
 
 
 def check_studies_exist(studies: list[Path]) -> None:
@@ -28,10 +32,15 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     from radtrt.runtime.ort import available_providers
 
     providers = available_providers() if bundle is not None else []
-    chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers)
+    trt_ready = bundle is not None and backend == "auto" and _trt_ready(bundle)
+    chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers,
+                                 trt_ready=trt_ready)
     if chosen == "onnxruntime":
         assert bundle is not None
         return _open_ort(bundle, device, ort_provider, trt_cache, why, console)
+    if chosen == "tensorrt":
+        assert bundle is not None
+        return _open_trt(bundle, why, console)
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
@@ -45,11 +54,35 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     return Pipeline(TorchBackend(loaded.model, device), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
 
 
-def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Path | None, why: str,
-              console: Console) -> Pipeline:
+def _trt_ready(bundle: Path) -> bool:
+    from radtrt.exporter.gpu import detect_gpu
+    from radtrt.runtime.tensorrt import usable_engines
+
+    engines = usable_engines(bundle, detect_gpu())
+    return bool(engines["vision"] and engines["decoder"])
+
+
+def _bundle_side(bundle: Path) -> tuple["LlavaRadConfig", "LlamaSPTokenizer"]:
     from radtrt.model.config import LlavaRadConfig
     from radtrt.model.io import read_json
     from radtrt.model.tokenizer import LlamaSPTokenizer
+
+    return LlavaRadConfig.from_dict(read_json(bundle / "model_config.json")), LlamaSPTokenizer.from_dir(bundle)
+
+
+def _open_trt(bundle: Path, why: str, console: Console) -> Pipeline:
+    from radtrt.runtime.tensorrt import TensorRTBackend
+
+    with console.status(f"verifying bundle {bundle} and loading its TensorRT engines"):
+        backend = TensorRTBackend(bundle)
+        cfg, tokenizer = _bundle_side(bundle)
+    name = backend.manifest["model"]["name"]
+    console.print(f"backend: tensorrt ({why}), {backend.precision}; model {name}", highlight=False, soft_wrap=True)
+    return Pipeline(backend, tokenizer, cfg, model_name=name)
+
+
+def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Path | None, why: str,
+              console: Console) -> Pipeline:
     from radtrt.runtime.ort import OrtBackend, available_providers
 
     if device not in (None, "cpu", "cuda"):
@@ -59,8 +92,7 @@ def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Pa
         ort_provider = "cuda" if device == "cuda" or (device is None and gpu) else "cpu"
     with console.status(f"verifying and loading bundle {bundle}"):
         backend = OrtBackend(bundle, provider=ort_provider, trt_cache=trt_cache)
-        cfg = LlavaRadConfig.from_dict(read_json(bundle / "model_config.json"))
-        tokenizer = LlamaSPTokenizer.from_dir(bundle)
+        cfg, tokenizer = _bundle_side(bundle)
     name = backend.manifest["model"]["name"]
     console.print(f"backend: onnxruntime ({why}), provider {ort_provider}, {backend.precision}; model {name}",
                   highlight=False, soft_wrap=True)

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# One run on a GPU host with TensorRT and TensorRT-LLM: build every precision this GPU allows
+# (TensorRT fp16 [+ int8 Q/DQ] vision engines; TensorRT-LLM fp16, W8A16, SmoothQuant W8A8, with and
+# without INT8 KV cache) and print the parity-vs-PyTorch and latency table, plus gpu_check.json.
+#
+#   benchmarks/gpu_check.sh [MODEL_DIR] [WORK_DIR]
+#
+# MODEL_DIR: a radtrt merged model ('radtrt convert'); without it a random-weight model with the
+# real ViT-B/14 and a 12 x 1024 decoder ("mid") is used (parity and speed only: the text is noise).
+# Environment: STUDIES (folder of studies; default 8 synthetic), MAX_BATCH (8), MAX_NEW_TOKENS (64),
+# RUNS (3 timed runs per study), CALIB (an ActivationStats .safetensors for SmoothQuant / INT8 KV;
+# default: maxima captured here from the reference on the studies - a stand-in, not a CXR calibration).
+set -euo pipefail
+
+MODEL_DIR="${1:-}"
+WORK_DIR="${2:-gpu-check}"
+mkdir -p "$WORK_DIR"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
+radtrt doctor
+
+MODEL_DIR="$MODEL_DIR" WORK_DIR="$WORK_DIR" python - <<'PY'
+import functools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from radtrt.benchmarks.assets import synthetic_studies
+from radtrt.benchmarks.parity import cosine, first_divergence
+from radtrt.exporter.bundle import export_bundle
+from radtrt.exporter.gpu import detect_gpu, require_gpu, trtllm_problem
+from radtrt.exporter.quant import ActivationStats
+from radtrt.exporter.tensorrt import build_vision_engine
+from radtrt.exporter.trtllm import BuildLimits, build_decoder_engine, mode_tag, write_trtllm_checkpoint
+from radtrt.model.config import preset
+from radtrt.model.generate import greedy_generate
+from radtrt.model.loading import LoadedModel, load_model, save_toolkit
+from radtrt.model.tiny import random_model, train_tiny_tokenizer
+from radtrt.runtime.backends import TorchBackend
+from radtrt.runtime.pipeline import Pipeline
+from radtrt.runtime.tensorrt import TensorRTBackend
+
+work = Path(os.environ["WORK_DIR"]).resolve()
+max_batch, max_new = int(os.environ.get("MAX_BATCH", 8)), int(os.environ.get("MAX_NEW_TOKENS", 64))
+runs = int(os.environ.get("RUNS", 3))
+gpu = require_gpu(detect_gpu())
+print(f"GPU: {gpu.describe(trtllm=True)}", flush=True)
+
+if os.environ["MODEL_DIR"]:
+    loaded = load_model(Path(os.environ["MODEL_DIR"]))
+else:
+    loaded = LoadedModel(random_model(preset("mid"), seed=0), train_tiny_tokenizer(), "mid-random")
+    save_toolkit(loaded, work / "model")
+cfg = loaded.model.cfg
+bundle = work / "bundle-fp16"
+if not (bundle / "manifest.json").is_file():
+    export_bundle(loaded, bundle, precision="fp16")  # also checks ONNX Runtime against PyTorch
+studies = (sorted(p for p in Path(os.environ["STUDIES"]).iterdir()) if os.environ.get("STUDIES")
+           else synthetic_studies(8, work / "studies"))
+
+reference = Pipeline(TorchBackend(loaded.model.to("cuda", torch.float16).eval(), "cuda"), loaded.tokenizer, cfg)
+prepared = [reference.prepare(s) for s in studies]
+lm = loaded.model.language_model
+
+# --- calibration stand-in: per-channel maxima of each decoder linear over the studies' prompts ----
+if os.environ.get("CALIB"):
+    stats = ActivationStats.load(Path(os.environ["CALIB"]))
+else:
+    ins, outs = {}, {}
+    def hook(name, _m, args, out):
+        x, y = args[0].float().abs().flatten(0, -2).amax(0), out.float().abs().flatten(0, -2).amax(0)
+        ins[name] = torch.maximum(ins[name], x) if name in ins else x
+        outs[name] = torch.maximum(outs[name], y) if name in outs else y
+    handles = [m.register_forward_hook(functools.partial(hook, n)) for n, m in lm.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for p in prepared:
+            image = reference.backend.encode_images(p.pixels[None])[0]
+            embeds = reference.backend.embed_prompt(p.prompt_ids, image)
+            greedy_generate(lm, [embeds], eos_token_id=-1, max_new_tokens=1)
+    for h in handles:
+        h.remove()
+    stats = ActivationStats({k: v.cpu() for k, v in ins.items()}, {k: v.cpu() for k, v in outs.items()},
+                            description=f"gpu_check stand-in: {len(prepared)} studies")
+
+# --- builds -------------------------------------------------------------------------------------
+vision_precisions = ["fp16"]
+build_vision_engine(bundle, gpu, max_batch=max_batch)
+limits = BuildLimits.for_llava(cfg.num_image_tokens, max_batch=max_batch, max_new_tokens=max(max_new, 256),
+                               max_position_embeddings=cfg.decoder.max_position_embeddings)
+modes = [(m, kv) for m in ("fp16", "w8a16", "w8a8_sq") for kv in (False, True)]
+built, skipped = [], []
+for mode, kv in modes:
+    why = trtllm_problem(gpu, mode, int8_kv=kv)
+    if why:
+        skipped.append((mode_tag(mode, kv), why))
+        continue
+    ckpt = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, kv)}"
+    if not ckpt.is_dir():
+        write_trtllm_checkpoint(loaded.model.language_model, ckpt, mode, smoothquant_stats=stats, int8_kv=kv)
+    t0 = time.perf_counter()
+    build_decoder_engine(bundle, ckpt, gpu, limits, gather_generation_logits=True)
+    print(f"built TensorRT-LLM {mode_tag(mode, kv)} in {time.perf_counter() - t0:.0f} s", flush=True)
+    built.append((mode, kv))
+
+# --- parity and latency ---------------------------------------------------------------------------
+def measure(pipeline, with_logits):
+    rows = []
+    for p in prepared:
+        t0 = time.perf_counter()
+        image = pipeline.backend.encode_images(p.pixels[None])[0]
+        torch.cuda.synchronize()
+        vision_ms = (time.perf_counter() - t0) * 1e3
+        gen = pipeline.backend.generate([pipeline.backend.embed_prompt(p.prompt_ids, image)], max_new_tokens=max_new,
+                                        eos_token_id=loaded.tokenizer.eos_token_id, keep_first_logits=with_logits)
+        rows.append((image.float().cpu(), gen, vision_ms))
+    return rows
+
+def latency(pipeline):
+    vis, pre, dec = [], [], []
+    for _ in range(runs):
+        for _image, gen, vision_ms in measure(pipeline, False):
+            vis.append(vision_ms)
+            pre.append(gen.prefill_ms)
+            dec.append(gen.decode_ms / max(gen.n_decode_steps, 1))
+    return statistics.median(vis), statistics.median(pre), statistics.median(dec)
+
+ref_rows = measure(reference, True)
+table = [{"vision": "torch fp16", "decoder": "torch fp16", "latency_ms": latency(reference)}]
+for mode, kv in built:
+    for vp in vision_precisions:
+        backend = TensorRTBackend(bundle, decoder_mode=mode, int8_kv=kv, vision_precision=vp, gpu=gpu, verify=False)
+        pipe = Pipeline(backend, loaded.tokenizer, cfg)
+        rows = measure(pipe, True)
+        exact = sum(r[1].token_ids == g[1].token_ids for r, g in zip(ref_rows, rows, strict=True)) / len(rows)
+        div = [first_divergence(g[1].token_ids[0], r[1].token_ids[0]) for r, g in zip(ref_rows, rows, strict=True)]
+        logit = max(float((g[1].first_logits - r[1].first_logits.cpu()).abs().max())
+                    for r, g in zip(ref_rows, rows, strict=True))
+        table.append({"vision": f"TensorRT {vp}", "decoder": f"TensorRT-LLM {mode_tag(mode, kv)}", "exact_match": exact,
+                      "first_divergences": div, "first_logits_max_abs_diff": logit,
+                      "vision_cosine_min": min(cosine(g[0], r[0]) for r, g in zip(ref_rows, rows, strict=True)),
+                      "latency_ms": latency(pipe)})
+        del backend, pipe
+        torch.cuda.empty_cache()
+
+print(f"\n## gpu_check: {gpu.describe(trtllm=True)}; {len(prepared)} studies, {max_new} new tokens, "
+      f"model {loaded.name}; reference: PyTorch fp16 on the same GPU\n")
+print("| vision | decoder | exact match | first divergence (per study) | first-logit max abs diff | "
+      "vision cosine min | vision ms | prefill ms | decode ms/token |")
+print("|---|---|---|---|---|---|---|---|---|")
+for row in table:
+    v, p, d = row["latency_ms"]
+    print(f"| {row['vision']} | {row['decoder']} | {row.get('exact_match', 1.0):.0%} | "
+          f"{row.get('first_divergences', '-')} | {row.get('first_logits_max_abs_diff', 0.0):.3g} | "
+          f"{row.get('vision_cosine_min', 1.0):.5f} | {v:.1f} | {p:.1f} | {d:.2f} |")
+for tag, why in skipped:
+    print(f"- skipped TensorRT-LLM {tag}: {why}")
+(work / "gpu_check.json").write_text(json.dumps({"gpu": gpu.describe(trtllm=True), "model": loaded.name,
+                                                  "studies": len(prepared), "max_new_tokens": max_new,
+                                                  "rows": table, "skipped": skipped}, indent=2, default=str))
+print(f"\nwrote {work / 'gpu_check.json'}")
+PY

@@ -1,0 +1,102 @@
+"""``radtrt export --target ...``: which artifacts to make, in order, and what this host can make.
+
+``onnx`` writes the bundle; ``tensorrt`` adds this GPU's vision engine to it; ``trtllm`` adds the
+TensorRT-LLM checkpoint (anywhere) and builds its engine when TensorRT-LLM and a GPU are present;
+``all`` does the three. ``triton`` writes a Triton model repository from an existing bundle. Every
+refusal (no GPU, a mode the GPU cannot run) happens before anything is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from radtrt.errors import fail
+
+TARGETS = ("onnx", "tensorrt", "trtllm", "triton", "all")
+
+
+@dataclass
+class ExportPlan:
+    target: str
+    precision: str
+    int8_decoder: str | None = None
+    int8_kv: bool = False
+    calibration_stats: Path | None = None
+    max_batch: int = 8
+    trtllm_engine: Path | None = None  # Triton: the decoder engine dir on the serving host
+    steps: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            fail(f"unknown export target '{self.target}' ({', '.join(TARGETS)})")
+        self.steps = {"onnx": ["onnx"], "tensorrt": ["onnx", "tensorrt"], "trtllm": ["onnx", "trtllm"],
+                      "all": ["onnx", "tensorrt", "trtllm"], "triton": ["triton"]}[self.target]
+
+
+def preflight(plan: ExportPlan) -> None:
+    """Refuse, before any export work, what this host or its GPU cannot make."""
+    from radtrt.exporter.gpu import check_tensorrt, check_trtllm, detect_gpu, library_version, require_gpu
+    from radtrt.exporter.trtllm import decoder_mode
+
+    if "tensorrt" in plan.steps:
+        check_tensorrt(require_gpu(detect_gpu()))
+    if "trtllm" in plan.steps:
+        mode = decoder_mode(plan.precision, plan.int8_decoder)
+        if (mode == "w8a8_sq" or plan.int8_kv) and plan.calibration_stats is None:
+            fail("SmoothQuant and the INT8 KV cache need calibration statistics: pass --calibration-stats FILE")
+        gpu = detect_gpu()
+        if gpu is not None and library_version("tensorrt_llm") is not None:
+            check_trtllm(gpu, mode, int8_kv=plan.int8_kv)
+
+
+def add_tensorrt(bundle: Path, plan: ExportPlan, log: Callable[[str], None]) -> Path:
+    from radtrt.exporter.gpu import detect_gpu, require_gpu
+    from radtrt.exporter.tensorrt import build_vision_engine
+
+    gpu = require_gpu(detect_gpu())
+    path = build_vision_engine(bundle, gpu, max_batch=plan.max_batch)
+    log(f"TensorRT vision engine for {gpu.describe()}: {path}")
+    return path
+
+
+def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str], None]) -> Path:
+    """Write the checkpoint; build the engine only where TensorRT-LLM and a GPU are present."""
+    from radtrt.exporter.gpu import detect_gpu, library_version
+    from radtrt.exporter.quant import ActivationStats
+    from radtrt.exporter.trtllm import (BuildLimits, build_decoder_engine, decoder_mode, mode_tag,
+                                        write_trtllm_checkpoint)
+
+    mode = decoder_mode(plan.precision, plan.int8_decoder)
+    stats = ActivationStats.load(plan.calibration_stats) if plan.calibration_stats else None
+    gpu = detect_gpu()
+    checkpoint = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, plan.int8_kv)}"
+    write_trtllm_checkpoint(loaded, checkpoint, mode, smoothquant_stats=stats, int8_kv=plan.int8_kv)
+    log(f"TensorRT-LLM checkpoint ({mode_tag(mode, plan.int8_kv)}): {checkpoint}")
+    if gpu is None or library_version("tensorrt_llm") is None:
+        log("no GPU with TensorRT-LLM here: build the engine on the target host with "
+            f"'radtrt export --target trtllm' against this bundle ({checkpoint.name} is GPU-independent)")
+        return checkpoint
+    cfg = loaded.model.cfg
+    limits = BuildLimits.for_llava(cfg.num_image_tokens, max_batch=plan.max_batch,
+                                   max_position_embeddings=cfg.decoder.max_position_embeddings)
+    engine = build_decoder_engine(bundle, checkpoint, gpu, limits)
+    log(f"TensorRT-LLM engine for {gpu.describe(trtllm=True)}: {engine}")
+    return engine
+
+
+def write_triton(bundle: Path, out: Path, plan: ExportPlan, log: Callable[[str], None]) -> Path:
+    from radtrt.exporter.gpu import detect_gpu
+    from radtrt.exporter.trtllm import decoder_mode, mode_tag
+    from radtrt.exporter.triton import write_triton_repo
+
+    gpu = detect_gpu()
+    tag = mode_tag(decoder_mode(plan.precision, plan.int8_decoder), plan.int8_kv)
+    if gpu is None and plan.trtllm_engine is None:
+        fail("no GPU here to find this host's TensorRT-LLM engine: pass --trtllm-engine DIR (the engine "
+             "directory on the serving host)")
+    repo = write_triton_repo(bundle, out, gpu=gpu, vision_backend="tensorrt" if gpu else "onnxruntime",
+                             decoder_tag=tag, decoder_engine=plan.trtllm_engine, max_batch=plan.max_batch)
+    log(f"Triton model repository: {repo}")
+    return repo

@@ -1,0 +1,249 @@
+"""The TensorRT vision engine: built from a bundle's ``vision.onnx``, keyed and stamped per GPU.
+
+Layout inside the bundle: ``tensorrt/<engine key>/vision.engine`` + ``engine.json`` (the stamp: GPU
+name, compute capability, TensorRT and CUDA versions, precision, ONNX and engine sha256, profile),
+and ``tensorrt/timing_<gpu>_<sm>_trt<version>.cache`` shared by the builds of one GPU + TensorRT.
+
+Precision follows the graph (``plan_vision_build``):
+* Q/DQ INT8 graph: strongly typed (explicit quantization; implicit INT8 calibration is deprecated
+  since TensorRT 10.1 and removed in 11).
+* fp16 graph (LayerNorm and softmax already cast to fp32 by the exporter): strongly typed, so those
+  casts are kept exactly - the fix for fp16 ViT overflow. TensorRT < 10 (no strong typing): FP16 flag
+  with normalization and softmax layers pinned to fp32 under OBEY_PRECISION_CONSTRAINTS.
+* fp32 graph: strongly typed fp32, or, when fp16 is requested, the pinned FP16 build above.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from radtrt import __version__
+from radtrt.errors import fail
+from radtrt.exporter.bundle import read_manifest, sha256_file
+from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, parse_version, stamp_mismatch,
+                                 timing_cache_name)
+
+ENGINE_FILE = "vision.engine"
+STAMP_FILE = "engine.json"
+STAMP_FORMAT = "radtrt-tensorrt-engine"
+ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 3: "int8", 7: "int64"}
+FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX")
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """The vision graph's I/O contract and whether it is explicitly quantized."""
+
+    input_name: str
+    input_dtype: str
+    input_shape: tuple[int | str, ...]
+    output_name: str
+    output_dtype: str
+    output_shape: tuple[int | str, ...]
+    has_qdq: bool
+
+    @property
+    def image_size(self) -> int:
+        size = self.input_shape[-1]
+        if not isinstance(size, int) or self.input_shape[-2] != size or len(self.input_shape) != 4:
+            fail(f"vision graph input {self.input_name} has shape {self.input_shape}; expected [batch, 3, S, S]")
+        return size
+
+
+def inspect_onnx(path: Path) -> OnnxInfo:
+    """Read names, dtypes and shapes without loading the (external) weights."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    graph = proto.graph
+    if len(graph.input) != 1 or len(graph.output) != 1:
+        fail(f"{path.name} must have one input and one output, has {len(graph.input)} and {len(graph.output)}")
+
+    def describe(value: Any) -> tuple[str, tuple[int | str, ...]]:
+        t = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
+        return ONNX_DTYPES.get(t.elem_type, f"onnx-type-{t.elem_type}"), dims
+
+    (in_dtype, in_shape), (out_dtype, out_shape) = describe(graph.input[0]), describe(graph.output[0])
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+    return OnnxInfo(graph.input[0].name, in_dtype, in_shape, graph.output[0].name, out_dtype, out_shape, qdq)
+
+
+@dataclass(frozen=True)
+class VisionBuildPlan:
+    """How TensorRT is asked to honour the graph's precision (pure, so it is tested without TensorRT)."""
+
+    precision: str  # engine label: fp32 | fp16 | int8
+    strongly_typed: bool
+    builder_flags: tuple[str, ...]  # trt.BuilderFlag names
+    fp32_layer_types: tuple[str, ...]  # trt.LayerType names pinned to fp32 (weakly typed builds only)
+    note: str
+
+
+def plan_vision_build(onnx: OnnxInfo, tensorrt_version: str, requested: str | None = None) -> VisionBuildPlan:
+    version = parse_version(tensorrt_version)
+    strong = version >= (10, 0)  # NetworkDefinitionCreationFlag.STRONGLY_TYPED, first GA in TensorRT 10
+    graph = "int8" if onnx.has_qdq else {"float16": "fp16", "float32": "fp32"}.get(onnx.input_dtype)
+    if graph is None:
+        fail(f"vision graph input dtype {onnx.input_dtype} is not supported for TensorRT (fp32, fp16, Q/DQ int8)")
+    wanted = requested or graph
+    if wanted not in ("fp32", "fp16", "int8"):
+        fail(f"unknown TensorRT vision precision '{wanted}' (fp32, fp16, int8)")
+    if wanted == "int8" and graph != "int8":
+        fail("an INT8 vision engine needs the bundle's Q/DQ-quantized vision.onnx (export with --precision int8); "
+             "TensorRT's implicit INT8 calibration is deprecated and not used")
+    if graph == "int8":
+        if not strong:
+            fail(f"the vision graph is Q/DQ INT8, which radtrt builds strongly typed: needs TensorRT 10 or newer, "
+                 f"found {tensorrt_version}")
+        return VisionBuildPlan("int8", True, (), (), "strongly typed: Q/DQ nodes and graph dtypes fix every precision")
+    if wanted == graph:
+        note = ("strongly typed: the graph's fp32 LayerNorm/softmax casts are kept" if graph == "fp16"
+                else "strongly typed fp32")
+        if strong:
+            return VisionBuildPlan(graph, True, (), (), note)
+        if graph == "fp32":
+            return VisionBuildPlan("fp32", False, (), (), "fp32 (TensorRT < 10: no strong typing)")
+    if wanted == "fp32":
+        fail("this bundle's vision graph is fp16; an fp32 engine needs an fp32 bundle")
+    if version >= (11, 0):
+        fail(f"TensorRT {tensorrt_version} builds strongly typed only; for an fp16 engine export an fp16 bundle")
+    return VisionBuildPlan("fp16", False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), FP32_LAYER_TYPES,
+                           "weakly typed fp16 with normalization and softmax layers pinned to fp32")
+
+
+def vision_profile(onnx: OnnxInfo, max_batch: int, opt_batch: int | None = None) -> dict[str, list[int]]:
+    """Optimization profile over the dynamic batch: 1 .. max_batch (opt defaults to max_batch)."""
+    if max_batch < 1:
+        fail("max batch size must be at least 1")
+    opt = max_batch if opt_batch is None else opt_batch
+    if not 1 <= opt <= max_batch:
+        fail(f"optimum batch {opt} must be within 1..{max_batch}")
+    size = onnx.image_size
+    return {"min": [1, 3, size, size], "opt": [opt, 3, size, size], "max": [max_batch, 3, size, size]}
+
+
+def trtexec_command(onnx_path: Path, engine_path: Path, onnx: OnnxInfo, plan: VisionBuildPlan,
+                    profile: dict[str, list[int]], timing_cache: Path) -> list[str]:
+    """The equivalent ``trtexec`` build (for reproducing or profiling a build outside radtrt). For the
+    weakly typed fallback it is approximate: trtexec pins layers by name, not by layer type."""
+    shape = {k: f"{onnx.input_name}:{'x'.join(map(str, v))}" for k, v in profile.items()}
+    cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}", f"--minShapes={shape['min']}",
+           f"--optShapes={shape['opt']}", f"--maxShapes={shape['max']}", f"--timingCacheFile={timing_cache}"]
+    if plan.strongly_typed:
+        cmd.append("--stronglyTyped")
+    if "FP16" in plan.builder_flags:
+        cmd.append("--fp16")
+    return cmd
+
+
+def _build_serialized(onnx_path: Path, onnx: OnnxInfo, plan: VisionBuildPlan, profile: dict[str, list[int]],
+                      cache_path: Path, workspace_bytes: int) -> bytes:
+    """TensorRT Python API build (lazy import: TensorRT exists only on GPU hosts)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if plan.strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    elif parse_version(trt.__version__)[0] < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        fail(f"TensorRT cannot parse {onnx_path.name}: {errors[0] if errors else 'unknown error'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    pinned = {getattr(trt.LayerType, t) for t in plan.fp32_layer_types}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in pinned:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(onnx.input_name, profile["min"], profile["opt"], profile["max"])
+    config.add_optimization_profile(opt_profile)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        fail("TensorRT could not build the vision engine (its log above says why)")
+    cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(serialized))
+
+
+def read_vision_manifest(bundle: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The bundle manifest, with only the vision graph's files (and ``extra``) hash-checked: hashing a
+    7B decoder to build a vision engine would cost a minute for nothing."""
+    manifest = read_manifest(bundle, verify=False)
+    for name, meta in manifest.get("files", {}).items():
+        if name.startswith("vision.onnx") or name in extra:
+            path = bundle / name
+            if not path.is_file() or path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+                fail(f"bundle file {path} is missing or does not match its manifest hash: re-export the bundle")
+    return manifest
+
+
+def build_vision_engine(bundle: Path, gpu: GpuInfo, *, precision: str | None = None, max_batch: int = 8,
+                        opt_batch: int | None = None, workspace_gib: float = 4.0) -> Path:
+    """Build (or rebuild) this GPU's vision engine in the bundle; returns the engine directory."""
+    manifest = read_vision_manifest(bundle)
+    check_tensorrt(gpu)
+    assert gpu.tensorrt is not None
+    onnx_path = bundle / "vision.onnx"
+    onnx = inspect_onnx(onnx_path)
+    plan = plan_vision_build(onnx, gpu.tensorrt, precision)
+    profile = vision_profile(onnx, max_batch, opt_batch)
+    out = bundle / "tensorrt" / engine_key(gpu, plan.precision)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = bundle / "tensorrt" / timing_cache_name(gpu)
+    t0 = time.perf_counter()
+    engine = _build_serialized(onnx_path, onnx, plan, profile, cache, int(workspace_gib * 2**30))
+    (out / ENGINE_FILE).write_bytes(engine)
+    onnx_sha = manifest["files"]["vision.onnx"]["sha256"]
+    stamp = {"format": STAMP_FORMAT, "format_version": 1, "component": "vision", "precision": plan.precision,
+             "gpu": gpu_stamp(gpu), "onnx": {"file": "vision.onnx", "sha256": onnx_sha},
+             "engine_sha256": sha256_file(out / ENGINE_FILE), "input": onnx.input_name, "output": onnx.output_name,
+             "profile": profile, "plan": asdict(plan), "timing_cache": cache.name,
+             "trtexec_equivalent": trtexec_command(onnx_path, out / ENGINE_FILE, onnx, plan, profile, cache),
+             "build_seconds": round(time.perf_counter() - t0, 1),
+             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "radtrt": __version__}
+    (out / STAMP_FILE).write_text(json.dumps(stamp, indent=2))
+    return out
+
+
+def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
+                       manifest: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """This host's engine (verified against its stamp, its hash and the bundle's ONNX), or one line
+    naming the machine the existing engine was built for."""
+    manifest = manifest or read_manifest(bundle, verify=False)
+    root = bundle / "tensorrt"
+    mismatches = []
+    for path in sorted(root.glob(f"*/{STAMP_FILE}")) if root.is_dir() else []:
+        stamp = json.loads(path.read_text())
+        if stamp.get("format") != STAMP_FORMAT or (precision and stamp.get("precision") != precision):
+            continue
+        mismatch = stamp_mismatch(stamp, gpu)
+        if mismatch:
+            mismatches.append(mismatch)
+            continue
+        engine = path.parent / ENGINE_FILE
+        if not engine.is_file() or sha256_file(engine) != stamp["engine_sha256"]:
+            fail(f"TensorRT engine {engine} is missing or does not match its stamp (corrupt): rebuild it")
+        if stamp["onnx"]["sha256"] != manifest["files"]["vision.onnx"]["sha256"]:
+            fail(f"TensorRT engine {engine} was built from another export of vision.onnx: rebuild it")
+        return engine, stamp
+    what = f"{precision} " if precision else ""
+    if mismatches:
+        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: rebuild it on this host with "
+             f"'radtrt export --target tensorrt'")
+    fail(f"bundle {bundle} has no TensorRT {what}vision engine; build one with 'radtrt export --target tensorrt'")

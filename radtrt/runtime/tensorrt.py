@@ -1,0 +1,201 @@
+"""The ``tensorrt`` backend: TensorRT vision engine -> prompt table -> TensorRT-LLM decoder -> tokens.
+
+One interface difference from the other backends, kept minimal: TensorRT-LLM takes token ids, not
+input embeddings. The image enters as a *prompt table* (prompt tuning): the ``<image>`` position
+holds fake ids ``vocab_size .. vocab_size + N - 1`` that index the table's N rows. So
+``embed_prompt`` returns a ``PromptTableInput`` (ids + table) instead of spliced embeddings, and only
+this backend's ``generate`` consumes it; ``Pipeline`` and the parity benchmark pass it through
+unchanged. With a batch, request ``b`` uses task ``b`` of a ``[B, N, H]`` table (TensorRT-LLM's
+``prompt_tasks``), so every request keeps the same fake ids.
+
+Everything that needs TensorRT / TensorRT-LLM is imported lazily; the id/table/output handling is
+pure and tested on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radtrt.errors import fail
+from radtrt.exporter.bundle import read_manifest
+from radtrt.exporter.gpu import GpuInfo, detect_gpu, require_gpu, stamp_mismatch
+from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, find_vision_engine
+from radtrt.exporter.trtllm import BUILD_STAMP, find_decoder_engine, mode_tag
+from radtrt.model.generate import Generation
+from radtrt.model.prompt import IMAGE_TOKEN_INDEX
+
+TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+                "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+
+
+@dataclass
+class PromptTableInput:
+    """A prompt for TensorRT-LLM: ids with fake image ids, and the image rows they point to."""
+
+    input_ids: list[int]
+    table: torch.Tensor  # [N, H]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(prompt length, hidden): what callers read off spliced embeddings."""
+        return len(self.input_ids), self.table.shape[-1]
+
+
+def fake_prompt_ids(input_ids: list[int], num_image_tokens: int, vocab_size: int) -> list[int]:
+    """Replace the single ``<image>`` placeholder by ``vocab_size .. vocab_size + N - 1``."""
+    if input_ids.count(IMAGE_TOKEN_INDEX) != 1:
+        fail(f"the prompt must contain exactly one <image> placeholder, found {input_ids.count(IMAGE_TOKEN_INDEX)}")
+    pos = input_ids.index(IMAGE_TOKEN_INDEX)
+    return input_ids[:pos] + list(range(vocab_size, vocab_size + num_image_tokens)) + input_ids[pos + 1:]
+
+
+def batch_prompt_tables(inputs: list[PromptTableInput]) -> tuple[list[list[int]], torch.Tensor, str]:
+    """(ids per request, table ``[B, N, H]``, prompt_tasks ``"0,1,..."``) for ``runner.generate``."""
+    shapes = {tuple(p.table.shape) for p in inputs}
+    if len(shapes) != 1:
+        fail(f"all image tables of a batch must have one shape, got {sorted(shapes)}")
+    return [p.input_ids for p in inputs], torch.stack([p.table for p in inputs]), ",".join(map(str, range(len(inputs))))
+
+
+def generated_tokens(output_ids: torch.Tensor, sequence_lengths: torch.Tensor, input_lengths: list[int],
+                     eos_token_id: int) -> list[list[int]]:
+    """New ids per request from a runner's ``[B, beams, L]`` output (prompt included), EOS and after removed."""
+    out = []
+    for b, start in enumerate(input_lengths):
+        ids = output_ids[b, 0, start:int(sequence_lengths[b, 0])].tolist()
+        out.append(ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids)
+    return out
+
+
+def usable_engines(bundle: Path, gpu: GpuInfo | None) -> dict[str, list[str]]:
+    """Engines in ``bundle`` built for this GPU and library versions: ``{"vision": [precisions],
+    "decoder": [mode tags]}`` (both empty without a GPU). For ``--backend auto`` and ``radtrt doctor``."""
+    found: dict[str, list[str]] = {"vision": [], "decoder": []}
+    if gpu is None:
+        return found
+    for path in sorted(bundle.glob(f"tensorrt/*/{STAMP_FILE}")):
+        stamp = json.loads(path.read_text())
+        if stamp.get("format") == STAMP_FORMAT and stamp_mismatch(stamp, gpu) is None:
+            found["vision"].append(stamp["precision"])
+    for path in sorted(bundle.glob(f"trtllm/*/{BUILD_STAMP}")):
+        stamp = json.loads(path.read_text())
+        if stamp_mismatch(stamp, gpu, trtllm=True) is None:
+            found["decoder"].append(mode_tag(stamp["mode"], stamp["int8_kv"]))
+    return found
+
+
+class TrtVisionEngine:
+    """A deserialized vision engine, run on torch CUDA buffers (batches above the profile are split)."""
+
+    def __init__(self, engine_path: Path, stamp: dict[str, Any]) -> None:
+        import tensorrt as trt
+
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            fail(f"TensorRT could not deserialize {engine_path} (see its log above)")
+        self.context = self.engine.create_execution_context()
+        self.input, self.output = stamp["input"], stamp["output"]
+        self.in_dtype = TRT_TO_TORCH[self.engine.get_tensor_dtype(self.input).name]
+        self.out_dtype = TRT_TO_TORCH[self.engine.get_tensor_dtype(self.output).name]
+        self.max_batch = int(stamp["profile"]["max"][0])
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        stream = torch.cuda.current_stream()
+        outs = []
+        for chunk in pixels.split(self.max_batch):
+            x = chunk.to("cuda", self.in_dtype).contiguous()
+            self.context.set_input_shape(self.input, tuple(x.shape))
+            y = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype, device="cuda")
+            self.context.set_tensor_address(self.input, x.data_ptr())
+            self.context.set_tensor_address(self.output, y.data_ptr())
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                fail("the TensorRT vision engine failed to run (see its log above)")
+            outs.append(y)
+        stream.synchronize()
+        return torch.cat(outs)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work before reading a clock (a no-op where CUDA was never used)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def open_runner(engine_dir: Path, session: str) -> Any:
+    """TensorRT-LLM's C++ runtime (``ModelRunnerCpp``) or its Python session (``ModelRunner``)."""
+    from tensorrt_llm.runtime import ModelRunner, ModelRunnerCpp
+
+    if session not in ("cpp", "python"):
+        fail(f"unknown TensorRT-LLM session '{session}' (cpp, python)")
+    cls = ModelRunnerCpp if session == "cpp" else ModelRunner
+    return cls.from_dir(engine_dir=str(engine_dir), rank=0)
+
+
+class TensorRTBackend:
+    """The ``Backend`` interface over a bundle's TensorRT vision engine and TensorRT-LLM decoder engine."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Path, *, decoder_mode: str = "fp16", int8_kv: bool = False,
+                 vision_precision: str | None = None, session: str = "cpp", gpu: GpuInfo | None = None,
+                 verify: bool = True) -> None:
+        self.manifest = read_manifest(bundle, verify=verify)
+        gpu = require_gpu(gpu or detect_gpu())
+        engine, self.vision_stamp = find_vision_engine(bundle, gpu, vision_precision, self.manifest)
+        tag = mode_tag(decoder_mode, int8_kv)
+        decoder_dir, self.decoder_stamp = find_decoder_engine(bundle, gpu, tag)
+        self.vision = TrtVisionEngine(engine, self.vision_stamp)
+        self.runner = open_runner(decoder_dir, session)
+        engine_config = json.loads((decoder_dir / "config.json").read_text())
+        self.table_dtype = getattr(torch, engine_config["pretrained_config"]["dtype"])
+        self.vocab_size = int(self.manifest["decoder"]["vocab_size"])
+        self.num_image_tokens = int(self.manifest["vision"]["num_image_tokens"])
+        self.precision = f"{self.vision_stamp['precision']}+{tag}"
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixel_values)
+
+    def embed_prompt(self, input_ids: list[int], image_embeds: torch.Tensor) -> PromptTableInput:
+        if image_embeds.shape[0] != self.num_image_tokens:
+            fail(f"expected {self.num_image_tokens} image tokens, got {image_embeds.shape[0]}")
+        return PromptTableInput(fake_prompt_ids(input_ids, self.num_image_tokens, self.vocab_size),
+                                image_embeds.to(self.table_dtype))
+
+    def generate(self, embeds: list[PromptTableInput], *, max_new_tokens: int, eos_token_id: int,
+                 keep_first_logits: bool = False) -> Generation:
+        if max_new_tokens < 1:
+            return Generation([[] for _ in embeds])
+        ids, table, tasks = batch_prompt_tables(embeds)
+        args = dict(batch_input_ids=[torch.tensor(x, dtype=torch.int32) for x in ids], prompt_table=table,
+                    prompt_tasks=tasks, max_new_tokens=max_new_tokens, end_id=eos_token_id, pad_id=max(eos_token_id, 0),
+                    num_beams=1, top_k=1, temperature=1.0, output_sequence_lengths=True, return_dict=True)
+        lengths = [len(x) for x in ids]
+        t0 = time.perf_counter()
+        if keep_first_logits:  # needs an engine built with --gather_generation_logits
+            out = self.runner.generate(**args, output_generation_logits=True)
+            _sync()
+            total = (time.perf_counter() - t0) * 1e3
+            tokens = generated_tokens(out["output_ids"], out["sequence_lengths"], lengths, eos_token_id)
+            first = out["generation_logits"][:, 0, 0, :].float().cpu()
+            return Generation(tokens, prefill_ms=0.0, decode_ms=total, first_logits=first)
+        first_ms, last = None, None
+        for step in self.runner.generate(**args, streaming=True):  # first yield: prompt + first token
+            if first_ms is None:
+                _sync()
+                first_ms = (time.perf_counter() - t0) * 1e3
+            last = step
+        _sync()
+        total = (time.perf_counter() - t0) * 1e3
+        if last is None:
+            fail("TensorRT-LLM returned no output")
+        tokens = generated_tokens(last["output_ids"], last["sequence_lengths"], lengths, eos_token_id)
+        return Generation(tokens, prefill_ms=first_ms or 0.0, decode_ms=total - (first_ms or 0.0))

@@ -1,0 +1,282 @@
+"""TensorRT-LLM checkpoint writer, host preparation and trtllm-build command lines, without TensorRT-LLM.
+
+The strongest check maps each checkpoint back to an HF LLaMA state dict (the inverse of TensorRT-LLM's
+converter layout) and compares the logits of the tiny decoder: a swapped or mis-transposed tensor
+would move them by ~5% on this tiny model (measured), while quantization moves them by ~0.3%.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from radtrt.errors import RadtrtError
+from radtrt.exporter.gpu import GpuInfo
+from radtrt.exporter.quant import ActivationStats
+from radtrt.exporter.trtllm import (BuildLimits, build_decoder_engine, convert_decoder_weights, decoder_mode,
+                                    find_decoder_engine, prepare_checkpoint_for_host, read_checkpoint,
+                                    trtllm_build_command, trtllm_config, write_trtllm_checkpoint)
+from radtrt.model.config import preset
+from radtrt.model.decoder import LlamaForCausalLM
+from radtrt.model.tiny import random_model
+
+V100 = GpuInfo("Tesla V100-SXM2-32GB", (7, 0), "12.4", "10.4.0", "0.14.0")
+A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0), "12.8", "10.9.0", "0.18.2")
+ORIN = GpuInfo("Orin", (8, 7), "12.6", "10.3.0", "0.12.0")
+
+
+@functools.cache
+def tiny_lm() -> LlamaForCausalLM:
+    return random_model(preset("tiny"), seed=3).language_model.eval()
+
+
+@functools.cache
+def tiny_stats() -> ActivationStats:
+    """Per-channel input/output maxima of every linear layer, captured with hooks on random inputs."""
+    lm = tiny_lm()
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, _m: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        x, y = args[0].abs().flatten(0, -2).amax(0), out.abs().flatten(0, -2).amax(0)
+        inputs[name] = torch.maximum(inputs[name], x) if name in inputs else x
+        outputs[name] = torch.maximum(outputs[name], y) if name in outputs else y
+
+    handles = [m.register_forward_hook(functools.partial(hook, n)) for n, m in lm.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        _logits(lm, torch.randn(3, 12, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(9)))
+    for h in handles:
+        h.remove()
+    return ActivationStats(inputs, outputs, description="tiny random calibration")
+
+
+def _logits(lm: LlamaForCausalLM, x: torch.Tensor) -> torch.Tensor:
+    t = x.shape[1]
+    mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None].expand(x.shape[0], 1, t, t)
+    return lm(x, torch.arange(t).expand(x.shape[0], t), mask)
+
+
+def hf_state_from_checkpoint(t: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
+    """Inverse of the converter: effective float HF weights a TensorRT-LLM engine would compute with."""
+    cfg = tiny_lm().cfg
+    kv = cfg.num_key_value_heads * cfg.head_dim
+
+    def lin(name: str) -> torch.Tensor:
+        w = t[name + ".weight"]
+        if mode == "fp16":
+            return w.float()
+        scale = t[name + ".per_channel_scale"].float().reshape(-1, 1)
+        if mode == "w8a16":  # int8 [in, out], scale [out]
+            return w.t().float() * scale
+        deq = w.float() * scale  # SmoothQuant int8 [out, in]
+        smoother = t.get(name + ".smoother")
+        return deq / smoother.reshape(1, -1) if smoother is not None else deq
+
+    sd = {"model.embed_tokens.weight": t["transformer.vocab_embedding.weight"].float(),
+          "model.norm.weight": t["transformer.ln_f.weight"].float(), "lm_head.weight": t["lm_head.weight"].float()}
+    for i in range(cfg.num_hidden_layers):
+        p, q = f"model.layers.{i}.", f"transformer.layers.{i}."
+        wq, wk, wv = lin(q + "attention.qkv").split([cfg.hidden_size, kv, kv])
+        sd |= {p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv,
+               p + "self_attn.o_proj.weight": lin(q + "attention.dense"), p + "mlp.gate_proj.weight": lin(q + "mlp.fc"),
+               p + "mlp.up_proj.weight": lin(q + "mlp.gate"), p + "mlp.down_proj.weight": lin(q + "mlp.proj"),
+               p + "input_layernorm.weight": t[q + "input_layernorm.weight"].float(),
+               p + "post_attention_layernorm.weight": t[q + "post_layernorm.weight"].float()}
+    return sd
+
+
+@pytest.mark.parametrize("mode,tolerance", [("fp16", 0.002), ("w8a16", 0.012), ("w8a8_sq", 0.012)])
+def test_checkpoint_maps_back_to_the_same_decoder(mode: str, tolerance: float) -> None:
+    lm = tiny_lm()
+    tensors = convert_decoder_weights(lm.state_dict(), lm.cfg, mode, smoothquant_stats=tiny_stats())
+    rebuilt = LlamaForCausalLM(lm.cfg)
+    rebuilt.load_state_dict(hf_state_from_checkpoint(tensors, mode), strict=True)
+    x = torch.randn(2, 9, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref, got = _logits(lm, x), _logits(rebuilt.eval(), x)
+    rel = float((got - ref).abs().max() / ref.abs().max())
+    assert rel < tolerance, f"{mode}: relative logit error {rel:.4f}"
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def _expected_names(mode: str, layers: int) -> set[str]:
+    names = {"transformer.vocab_embedding.weight", "transformer.ln_f.weight", "lm_head.weight"}
+    for i in range(layers):
+        t = f"transformer.layers.{i}."
+        names |= {t + "input_layernorm.weight", t + "post_layernorm.weight"}
+        for lin in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj"):
+            names.add(f"{t}{lin}.weight")
+            if mode != "fp16":
+                names.add(f"{t}{lin}.per_channel_scale")
+        if mode == "w8a8_sq":
+            names |= {t + "input_layernorm.scale_to_int", t + "post_layernorm.scale_to_int",
+                      t + "attention.dense.smoother", t + "mlp.proj.smoother"}
+    return names
+
+
+@pytest.mark.parametrize("mode", ["fp16", "w8a16", "w8a8_sq"])
+def test_names_shapes_and_dtypes(mode: str) -> None:
+    lm = tiny_lm()
+    cfg = lm.cfg
+    t = convert_decoder_weights(lm.state_dict(), cfg, mode, smoothquant_stats=tiny_stats())
+    assert set(t) == _expected_names(mode, cfg.num_hidden_layers)
+    d, inter, qkv = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size + 2 * cfg.num_key_value_heads * cfg.head_dim
+    assert t["transformer.vocab_embedding.weight"].shape == (cfg.vocab_size, d)
+    assert t["lm_head.weight"].dtype == torch.float16 and t["transformer.ln_f.weight"].dtype == torch.float16
+    shapes = {"attention.qkv": (qkv, d), "attention.dense": (d, d), "mlp.fc": (inter, d), "mlp.gate": (inter, d),
+              "mlp.proj": (d, inter)}
+    for lin, (out_f, in_f) in shapes.items():
+        w = t[f"transformer.layers.1.{lin}.weight"]
+        if mode == "fp16":
+            assert w.dtype == torch.float16 and w.shape == (out_f, in_f)
+        elif mode == "w8a16":  # TensorRT-LLM's weight-only layout: [in, out] int8, scale [out] in the model dtype
+            assert w.dtype == torch.int8 and w.shape == (in_f, out_f)
+            scale = t[f"transformer.layers.1.{lin}.per_channel_scale"]
+            assert scale.dtype == torch.float16 and scale.shape == (out_f,)
+        else:  # SmoothQuant: [out, in] int8, fp32 scales [1, out]
+            assert w.dtype == torch.int8 and w.shape == (out_f, in_f)
+            scale = t[f"transformer.layers.1.{lin}.per_channel_scale"]
+            assert scale.dtype == torch.float32 and scale.shape == (1, out_f)
+    if mode == "w8a8_sq":
+        assert t["transformer.layers.0.attention.dense.smoother"].shape == (1, d)
+        assert t["transformer.layers.0.mlp.proj.smoother"].shape == (1, inter)
+        assert t["transformer.layers.0.input_layernorm.scale_to_int"].tolist() == [1.0]
+
+
+def test_w8a16_weights_dequantize_within_half_a_step() -> None:
+    lm = tiny_lm()
+    t = convert_decoder_weights(lm.state_dict(), lm.cfg, "w8a16")
+    w = lm.state_dict()["model.layers.0.mlp.down_proj.weight"]
+    q, scale = t["transformer.layers.0.mlp.proj.weight"], t["transformer.layers.0.mlp.proj.per_channel_scale"]
+    err = (q.t().float() * scale.float()[:, None] - w).abs()
+    assert (err <= 0.5 * scale.float()[:, None] * (1 + 1e-6)).all()
+
+
+def test_config_json_and_metadata(tmp_path: Path) -> None:
+    lm = tiny_lm()
+    ckpt = write_trtllm_checkpoint(lm, tmp_path / "ckpt", "w8a16", int8_kv=True, smoothquant_stats=tiny_stats())
+    config, meta, tensors = read_checkpoint(ckpt)
+    assert json.loads((ckpt / "config.json").read_text()) == trtllm_config(lm.cfg, "w8a16", int8_kv=True)
+    assert config["architecture"] == "LlamaForCausalLM" and config["dtype"] == "float16"
+    assert config["quantization"] == {"quant_algo": "W8A16", "kv_cache_quant_algo": "INT8"}
+    assert (config["num_key_value_heads"], config["head_size"], config["position_embedding_type"]) == (2, 16,
+                                                                                                      "rope_gpt_neox")
+    assert config["mapping"] == {"world_size": 1, "tp_size": 1, "pp_size": 1}
+    assert config["rotary_base"] == lm.cfg.rope_theta and config["norm_epsilon"] == lm.cfg.rms_norm_eps
+    assert meta["weight_layout"] == "plain" and meta["needs_host_preprocessing"] is True
+    assert meta["calibration"] == "tiny random calibration"
+    # INT8 KV: TensorRT-LLM's recipe, max of the q/k/v output maxima / 127, per layer
+    stats = tiny_stats()
+    expect = max(float(stats.outputs[f"model.layers.1.self_attn.{n}"].max()) for n in ("q_proj", "k_proj", "v_proj"))
+    scale = tensors["transformer.layers.1.attention.kv_cache_scaling_factor"]
+    assert scale.dtype == torch.float32 and scale.shape == (1,)
+    assert float(scale) == pytest.approx(expect / 127)
+    sq = trtllm_config(lm.cfg, "w8a8_sq")["quantization"]
+    assert sq == {"quant_algo": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "kv_cache_quant_algo": None}
+    with pytest.raises(RadtrtError, match="not empty"):
+        write_trtllm_checkpoint(lm, ckpt, "fp16")
+
+
+def test_refusals_without_calibration() -> None:
+    lm = tiny_lm()
+    with pytest.raises(RadtrtError, match="SmoothQuant needs calibration"):
+        convert_decoder_weights(lm.state_dict(), lm.cfg, "w8a8_sq")
+    with pytest.raises(RadtrtError, match="INT8 KV cache needs calibration"):
+        convert_decoder_weights(lm.state_dict(), lm.cfg, "fp16", int8_kv=True)
+    explicit = convert_decoder_weights(lm.state_dict(), lm.cfg, "fp16", int8_kv=True, kv_scales={0: 0.5, 1: 0.25})
+    assert float(explicit["transformer.layers.1.attention.kv_cache_scaling_factor"]) == 0.25
+    partial = ActivationStats({"model.layers.0.self_attn.q_proj": torch.ones(64)})
+    with pytest.raises(RadtrtError, match="no input maxima for 'model.layers.0.self_attn.o_proj'"):
+        convert_decoder_weights(lm.state_dict(), lm.cfg, "w8a8_sq", smoothquant_stats=partial)
+    with pytest.raises(RadtrtError, match="unknown TensorRT-LLM decoder mode"):
+        convert_decoder_weights(lm.state_dict(), lm.cfg, "int4")
+    assert decoder_mode("int8") == "w8a16" and decoder_mode("int8", "smoothquant") == "w8a8_sq"
+    assert decoder_mode("fp16") == "fp16"
+
+
+def test_host_preparation_applies_the_vendor_preprocessing(tmp_path: Path) -> None:
+    lm = tiny_lm()
+    plain = write_trtllm_checkpoint(lm, tmp_path / "plain", "w8a16")
+    calls = []
+
+    def fake(w: torch.Tensor) -> torch.Tensor:  # stands in for TensorRT-LLM's preprocess_weights_for_mixed_gemm
+        calls.append(tuple(w.shape))
+        return w.flip(0).contiguous()
+
+    prepared = prepare_checkpoint_for_host(plain, tmp_path / "host", A100, preprocess=fake)
+    _, meta, before = read_checkpoint(plain)
+    _, meta2, after = read_checkpoint(prepared)
+    assert len(calls) == 5 * lm.cfg.num_hidden_layers  # every quantized linear, nothing else
+    fc = "transformer.layers.0.mlp.fc.weight"
+    assert torch.equal(after[fc], before[fc].flip(0))
+    assert torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+    assert meta2["weight_layout"] == "trtllm-mixed-gemm-sm80" and meta2["prepared_for"]["name"] == A100.name
+    with pytest.raises(RadtrtError, match="already in TensorRT-LLM's layout"):
+        prepare_checkpoint_for_host(prepared, tmp_path / "again", A100, preprocess=fake)
+
+
+def test_build_command_lines_per_target(tmp_path: Path) -> None:
+    limits = BuildLimits.for_llava(1369, max_batch=8)
+    assert (limits.max_input_len, limits.max_seq_len, limits.max_multimodal_len) == (1881, 2137, 10952)
+    cmd = trtllm_build_command(tmp_path / "ckpt", tmp_path / "engine", A100, limits)
+    assert cmd == ["trtllm-build", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "engine"),
+                   "--max_batch_size", "8", "--max_input_len", "1881", "--max_seq_len", "2137",
+                   "--max_num_tokens", "15048", "--max_multimodal_len", "10952", "--gemm_plugin", "float16",
+                   "--gpt_attention_plugin", "float16", "--remove_input_padding", "enable", "--workers", "1"]
+    v100 = trtllm_build_command(tmp_path / "c", tmp_path / "e", V100, BuildLimits.for_llava(1369, max_batch=1),
+                                gather_generation_logits=True)
+    assert v100[v100.index("--max_multimodal_len") + 1] == "1369"
+    assert v100[-3:] == ["--context_fmha", "disable", "--gather_generation_logits"]
+    assert "--context_fmha" not in trtllm_build_command(tmp_path / "c", tmp_path / "e", ORIN, limits)
+    with pytest.raises(RadtrtError, match="4096 positions"):
+        BuildLimits.for_llava(1369, max_text_tokens=3000)
+    with pytest.raises(RadtrtError, match="no room"):
+        BuildLimits(1, 1369, 2000, 1369).check(4096)
+
+
+def _fake_trtllm_build(bin_dir: Path) -> None:
+    """A stand-in ``trtllm-build`` on PATH: writes the engine config the real one would."""
+    bin_dir.mkdir()
+    script = bin_dir / "trtllm-build"
+    script.write_text("#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --output_dir ] && out=$2; shift; done\n"
+                      "mkdir -p \"$out\"\n"
+                      "echo '{\"pretrained_config\": {\"dtype\": \"float16\"}}' > \"$out/config.json\"\n"
+                      "echo built\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = tiny_lm()
+    bundle = tmp_path / "bundle"
+    sq = write_trtllm_checkpoint(lm, bundle / "trtllm" / "checkpoint-w8a8_sq", "w8a8_sq",
+                                 smoothquant_stats=tiny_stats())
+    limits = BuildLimits(2, 100, 200, 16)
+
+    def must_not_run(*_a: object, **_k: object) -> None:
+        raise AssertionError("trtllm-build must not start for a refused mode")
+
+    with pytest.raises(RadtrtError, match="SmoothQuant W8A8 needs sm75 or newer; Tesla V100-SXM2-32GB is sm70"):
+        build_decoder_engine(bundle, sq, V100, limits, run=must_not_run)
+
+    _fake_trtllm_build(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    plain = write_trtllm_checkpoint(lm, bundle / "trtllm" / "checkpoint-w8a16", "w8a16")
+    engine = build_decoder_engine(bundle, plain, V100, limits, preprocess=lambda w: w.clone())
+    assert (engine / "config.json").is_file() and (engine.parent / "checkpoint" / "rank0.safetensors").is_file()
+    stamp = json.loads((engine.parent / "build.json").read_text())
+    assert stamp["gpu"]["name"] == V100.name and stamp["command"][0] == "trtllm-build"
+    assert stamp["command"][stamp["command"].index("--checkpoint_dir") + 1] == str(engine.parent / "checkpoint")
+    found, _ = find_decoder_engine(bundle, V100, "w8a16")
+    assert found == engine
+    other = GpuInfo("Tesla V100-SXM2-32GB", (7, 0), "12.4", "10.4.0", "0.13.0")
+    with pytest.raises(RadtrtError, match="was built for .*TensorRT-LLM 0.14.0.*this host has .*TensorRT-LLM 0.13.0"):
+        find_decoder_engine(bundle, other, "w8a16")
+    with pytest.raises(RadtrtError, match="has no TensorRT-LLM fp16 decoder engine"):
+        find_decoder_engine(bundle, V100, "fp16")

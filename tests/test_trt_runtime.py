@@ -1,0 +1,114 @@
+"""The tensorrt backend's pure parts: fake image ids, prompt tables, runner output parsing; CPU refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from radtrt.errors import RadtrtError
+from radtrt.exporter.gpu import gpu_stamp
+from radtrt.model.prompt import IMAGE_TOKEN_INDEX
+from radtrt.runtime.tensorrt import (PromptTableInput, TensorRTBackend, batch_prompt_tables, fake_prompt_ids,
+                                     generated_tokens, usable_engines)
+
+from test_trt_vision import make_fake_bundle
+
+
+def test_fake_ids_replace_the_image_placeholder() -> None:
+    ids = [1, 319, 13563, IMAGE_TOKEN_INDEX, 13, 1019, 29901]
+    fake = fake_prompt_ids(ids, 4, 32000)
+    assert fake == [1, 319, 13563, 32000, 32001, 32002, 32003, 13, 1019, 29901]
+    assert len(fake_prompt_ids(ids, 1369, 32000)) == len(ids) - 1 + 1369  # LLaVA-Rad: 37 x 37 patches
+    with pytest.raises(RadtrtError, match="exactly one <image>"):
+        fake_prompt_ids([1, 2, 3], 4, 32000)
+    with pytest.raises(RadtrtError, match="exactly one <image>"):
+        fake_prompt_ids([IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX], 4, 32000)
+
+
+def test_batched_prompt_tables_use_one_task_per_request() -> None:
+    a = PromptTableInput([1, 512, 513, 7], torch.full((2, 8), 1.0))
+    b = PromptTableInput([1, 9, 512, 513, 7, 7], torch.full((2, 8), 2.0))
+    assert a.shape == (4, 8)
+    ids, table, tasks = batch_prompt_tables([a, b])
+    assert ids == [a.input_ids, b.input_ids] and tasks == "0,1"
+    assert table.shape == (2, 2, 8) and table[1, 0, 0] == 2.0
+    # TensorRT-LLM looks fake id v + j of request b up at row b * N + j of the flattened table
+    flat = table.view(-1, 8)
+    assert torch.equal(flat[1 * 2 + 1], b.table[1])
+    with pytest.raises(RadtrtError, match="one shape"):
+        batch_prompt_tables([a, PromptTableInput([1], torch.zeros(3, 8))])
+
+
+def test_generated_tokens_strip_prompt_and_eos() -> None:
+    # runner output: [batch, beams, max_len], prompt included, padded with end_id
+    out = torch.tensor([[[1, 5, 6, 40, 41, 2, 2, 2]], [[1, 5, 6, 7, 50, 51, 52, 53]]])
+    lengths = torch.tensor([[6], [8]])
+    assert generated_tokens(out, lengths, [3, 4], eos_token_id=2) == [[40, 41], [50, 51, 52, 53]]
+    assert generated_tokens(out, torch.tensor([[3], [4]]), [3, 4], eos_token_id=2) == [[], []]
+
+
+def test_backend_refuses_cleanly_without_a_gpu(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU; the refusal is for CPU hosts")
+    bundle = make_fake_bundle(tmp_path)
+    with pytest.raises(RadtrtError, match="no CUDA GPU is visible"):
+        TensorRTBackend(bundle)
+
+
+class FakeRunner:
+    """Records what TensorRTBackend hands TensorRT-LLM's runner and answers like ModelRunnerCpp."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def generate(self, **kw: object):  # noqa: ANN201
+        self.calls.append(kw)
+        ids = kw["batch_input_ids"]
+        out = torch.full((len(ids), 1, 20), 2, dtype=torch.int32)
+        for b, x in enumerate(ids):
+            out[b, 0, :len(x)] = x
+            out[b, 0, len(x):len(x) + 3] = torch.tensor([40 + b, 41, 2])
+        lengths = torch.tensor([[len(x) + 3] for x in ids])
+        result = {"output_ids": out, "sequence_lengths": lengths}
+        if kw.get("output_generation_logits"):
+            result["generation_logits"] = torch.zeros(len(ids), 1, 3, 512)
+            return result
+        assert kw["streaming"]
+        return iter([result, result])
+
+
+def test_generate_drives_the_runner_with_a_prompt_table() -> None:
+    backend = object.__new__(TensorRTBackend)  # no engines on a CPU host: wire the parts by hand
+    backend.runner = FakeRunner()
+    backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
+    a = backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7], torch.ones(2, 8))
+    b = backend.embed_prompt([1, 9, IMAGE_TOKEN_INDEX, 7], torch.zeros(2, 8))
+    assert a.input_ids == [1, 512, 513, 7] and a.table.dtype == torch.float16
+    gen = backend.generate([a, b], max_new_tokens=5, eos_token_id=2)
+    assert gen.token_ids == [[40, 41], [41, 41]]
+    call = backend.runner.calls[0]
+    assert call["prompt_tasks"] == "0,1" and call["prompt_table"].shape == (2, 2, 8)
+    assert [x.tolist() for x in call["batch_input_ids"]] == [[1, 512, 513, 7], [1, 9, 512, 513, 7]]
+    assert (call["end_id"], call["max_new_tokens"], call["top_k"], call["num_beams"]) == (2, 5, 1, 1)
+    assert gen.prefill_ms >= 0 and gen.decode_ms >= 0
+    parity = backend.generate([a], max_new_tokens=3, eos_token_id=2, keep_first_logits=True)
+    assert parity.first_logits is not None and parity.first_logits.shape == (1, 512)
+    with pytest.raises(RadtrtError, match="expected 2 image tokens"):
+        backend.embed_prompt([1, IMAGE_TOKEN_INDEX], torch.ones(3, 8))
+
+
+def test_usable_engines_lists_only_this_hosts_builds(tmp_path: Path) -> None:
+    from test_trt_vision import ORIN, V100, fake_engine
+
+    bundle = make_fake_bundle(tmp_path)
+    assert usable_engines(bundle, ORIN) == {"vision": [], "decoder": []}
+    fake_engine(bundle, ORIN)
+    stamp_dir = bundle / "trtllm" / "orin-w8a16"
+    stamp_dir.mkdir(parents=True)
+    (stamp_dir / "build.json").write_text(json.dumps({"gpu": gpu_stamp(ORIN), "mode": "w8a16", "int8_kv": True}))
+    assert usable_engines(bundle, ORIN) == {"vision": ["fp16"], "decoder": ["w8a16-kv8"]}
+    assert usable_engines(bundle, V100) == {"vision": [], "decoder": []}
+    assert usable_engines(bundle, None) == {"vision": [], "decoder": []}

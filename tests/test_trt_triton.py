@@ -1,0 +1,151 @@
+"""The Triton model repository: configs written, parsed back and checked; the Python models' logic."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+from PIL import Image
+
+from radtrt.errors import RadtrtError
+from radtrt.exporter.triton import (Ident, PostprocessingModel, PreprocessingModel, RepoSpec, check_repo,
+                                    decode_output, model_configs, parse_pbtxt, to_pbtxt, write_triton_repo)
+
+from test_trt_vision import ORIN, fake_engine, make_fake_bundle
+
+SPEC = RepoSpec(image_size=518, num_image_tokens=1369, hidden_size=4096, vocab_size=32000, eos_token_id=2,
+                pixel_dtype="float16", embeds_dtype="float16", vision_input="pixel_values",
+                vision_output="image_embeds", max_batch=8)
+
+
+def _decoder_engine(root: Path) -> Path:
+    engine = root / "engine"
+    engine.mkdir()
+    (engine / "config.json").write_text(json.dumps({"pretrained_config": {"dtype": "float16"}}))
+    return engine
+
+
+def test_configs_round_trip_through_protobuf_text(tmp_path: Path) -> None:
+    configs = model_configs(SPEC, "tensorrt_plan", tmp_path / "engine")
+    for cfg in configs.values():
+        assert parse_pbtxt(to_pbtxt(cfg)) == cfg
+    text = to_pbtxt(configs["vision"])
+    assert 'platform: "tensorrt_plan"' in text and "data_type: TYPE_FP16" in text and "dims: [ 1369, 4096 ]" in text
+    llm = configs["tensorrt_llm"]
+    params = {p["key"]: p["value"]["string_value"] for p in llm["parameters"]}
+    assert params["gpt_model_path"] == str(tmp_path / "engine")
+    assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["exclude_input_in_output"] == "true"
+    assert {i["name"] for i in llm["input"]} >= {"input_ids", "prompt_embedding_table", "prompt_vocab_size"}
+
+
+def test_parser_reads_triton_style_configs() -> None:
+    text = """
+    # comment
+    name: "tensorrt_llm"
+    backend: "tensorrtllm"
+    max_batch_size: 4
+    model_transaction_policy { decoupled: false }
+    input [
+      { name: "input_ids" data_type: TYPE_INT32 dims: [ -1 ] allow_ragged_batch: true },
+      { name: "input_lengths" data_type: TYPE_INT32 dims: [ 1 ] reshape: { shape: [ ] } }
+    ]
+    parameters: { key: "gpt_model_path" value: { string_value: "/e" } }
+    parameters: { key: "max_beam_width" value: { string_value: "1" } }
+    instance_group [ { count: 1 kind: KIND_CPU } ]
+    """
+    cfg = parse_pbtxt(text)
+    assert cfg["model_transaction_policy"] == {"decoupled": False}
+    assert cfg["input"][1]["reshape"] == {"shape": []} and cfg["input"][0]["dims"] == [-1]
+    assert [p["key"] for p in cfg["parameters"]] == ["gpt_model_path", "max_beam_width"]
+    assert cfg["instance_group"][0]["kind"] == Ident("KIND_CPU")
+    with pytest.raises(RadtrtError, match="cannot parse"):
+        parse_pbtxt('name: "x" ~')
+
+
+def test_repository_with_onnxruntime_vision(tmp_path: Path) -> None:
+    bundle = make_fake_bundle(tmp_path)
+    engine = _decoder_engine(tmp_path)
+    repo = write_triton_repo(bundle, tmp_path / "repo", vision_backend="onnxruntime", decoder_engine=engine,
+                             max_batch=4)
+    assert sorted(p.name for p in repo.iterdir()) == ["postprocessing", "preprocessing", "radtrt", "tensorrt_llm",
+                                                      "vision"]
+    assert (repo / "vision/1/model.onnx").is_file() and (repo / "vision/1/vision.onnx.data").is_file()
+    for name in ("preprocessing", "postprocessing"):
+        model_py = (repo / name / "1" / "model.py").read_text()
+        assert "import" in model_py and "as TritonPythonModel" in model_py
+        assert {"tokenizer.model", "model_config.json"} <= {p.name for p in (repo / name / "1").iterdir()}
+    configs = check_repo(repo)
+    vision = configs["vision"]
+    assert vision["platform"] == "onnxruntime_onnx" and vision["max_batch_size"] == 4
+    assert vision["input"][0]["dims"] == [3, 56, 56] and vision["output"][0]["dims"] == [16, 64]
+    steps = configs["radtrt"]["ensemble_scheduling"]["step"]
+    assert [s["model_name"] for s in steps] == ["preprocessing", "vision", "tensorrt_llm", "postprocessing"]
+    llm_inputs = {m["key"]: m["value"] for m in steps[2]["input_map"]}
+    assert llm_inputs["prompt_embedding_table"] == "_image_embeds"  # the image rows feed the prompt table
+    params = {p["key"]: p["value"]["string_value"] for p in configs["tensorrt_llm"]["parameters"]}
+    assert params["gpt_model_path"] == str(engine.resolve())
+    pre = {p["key"]: p["value"]["string_value"] for p in configs["preprocessing"]["parameters"]}
+    assert pre == {"vocab_size": "512", "num_image_tokens": "16", "pixel_dtype": "float16"}
+    with pytest.raises(RadtrtError, match="not empty"):
+        write_triton_repo(bundle, repo, vision_backend="onnxruntime", decoder_engine=engine)
+
+
+def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
+    bundle = make_fake_bundle(tmp_path)
+    folder = fake_engine(bundle, ORIN, max_batch=8)
+    engine = _decoder_engine(tmp_path)
+    repo = write_triton_repo(bundle, tmp_path / "repo", gpu=ORIN, decoder_engine=engine)
+    assert (repo / "vision/1/model.plan").read_bytes() == (folder / "vision.engine").read_bytes()
+    assert check_repo(repo)["vision"]["platform"] == "tensorrt_plan"
+    with pytest.raises(RadtrtError, match="allows batch 8, below Triton's max batch 16"):
+        write_triton_repo(bundle, tmp_path / "repo2", gpu=ORIN, decoder_engine=engine, max_batch=16)
+    fp32_out = make_fake_bundle(tmp_path / "b2", out_dtype=TensorProto.FLOAT)
+    with pytest.raises(RadtrtError, match="outputs float32 but the decoder's prompt table is float16"):
+        write_triton_repo(fp32_out, tmp_path / "repo3", vision_backend="onnxruntime", decoder_engine=engine)
+
+
+def test_check_repo_catches_broken_wiring(tmp_path: Path) -> None:
+    bundle = make_fake_bundle(tmp_path)
+    repo = write_triton_repo(bundle, tmp_path / "repo", vision_backend="onnxruntime",
+                             decoder_engine=_decoder_engine(tmp_path))
+    path = repo / "tensorrt_llm" / "config.pbtxt"
+    path.write_text(path.read_text().replace('"prompt_embedding_table"', '"prompt_table"'))
+    with pytest.raises(RadtrtError, match="model tensorrt_llm has no input 'prompt_embedding_table'"):
+        check_repo(repo)
+    path = repo / "vision" / "config.pbtxt"
+    path.write_text(path.read_text().replace("TYPE_FP16", "TYPE_FP32"))
+    with pytest.raises(RadtrtError, match="wants TYPE_FP32 but receives TYPE_FP16"):
+        check_repo(repo)
+
+
+def test_python_models_prepare_and_decode(tmp_path: Path) -> None:
+    bundle = make_fake_bundle(tmp_path)
+    repo = write_triton_repo(bundle, tmp_path / "repo", vision_backend="onnxruntime",
+                             decoder_engine=_decoder_engine(tmp_path))
+    args = {"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in
+                                                       {"vocab_size": "512", "num_image_tokens": "16",
+                                                        "pixel_dtype": "float16"}.items()}}),
+            "model_repository": str(repo / "preprocessing"), "model_version": "1"}
+    model = PreprocessingModel()
+    model.initialize(args)
+    png = io.BytesIO()
+    Image.fromarray((np.arange(80 * 60) % 251).astype(np.uint8).reshape(80, 60)).save(png, format="PNG")
+    out = model.prepare(png.getvalue(), "Cough", 32)
+    assert out["PIXEL_VALUES"].shape == (1, 3, 56, 56) and out["PIXEL_VALUES"].dtype == np.float16
+    ids = out["INPUT_IDS"][0].tolist()
+    assert ids[ids.index(512):ids.index(512) + 16] == list(range(512, 528)) and max(ids) == 527
+    assert out["INPUT_LENGTH"].tolist() == [[len(ids)]] and out["REQUEST_OUTPUT_LEN"].tolist() == [[32]]
+    assert out["PROMPT_VOCAB_SIZE"].tolist() == [[16]] and out["END_ID"].tolist() == [[2]]
+    assert len(model.prepare(png.getvalue(), "", 32)["INPUT_IDS"][0]) < len(ids)  # no indication, shorter query
+    with pytest.raises(RadtrtError):
+        model.prepare(b"not an image", "", 32)
+    post = PostprocessingModel()
+    post.initialize({"model_config": json.dumps({"parameters": {"eos_token_id": {"string_value": "2"}}}),
+                     "model_repository": str(repo / "postprocessing"), "model_version": "1"})
+    report, kept = decode_output(post.tokenizer, np.array([[300, 301, 2, 2]]), np.array([4]), post.eos)
+    assert kept == [300, 301] and report == post.tokenizer.decode([300, 301]).strip()
