@@ -1,0 +1,86 @@
+"""The benchmarks as library calls: resolve inputs, open backends, measure, and build the report.
+
+The CLI is a thin layer over ``run_latency`` and ``run_parity``; scripts and notebooks call them
+directly. ``progress`` is an optional rich ``Progress`` for stderr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from radtrt.benchmarks.assets import resolve_assets, study_paths
+from radtrt.benchmarks.latency import BackendInfo, LatencyReport, LatencySettings, build_report, measure
+from radtrt.benchmarks.machine import gpu_peak_memory_mb, machine_info, peak_rss_mb
+from radtrt.benchmarks.parity import ParityReport, measure_parity
+from radtrt.benchmarks.sides import open_sides
+
+
+class _Step:
+    """One progress line that each step of a benchmark rewrites."""
+
+    def __init__(self, progress: Any, first: str) -> None:
+        self.progress = progress
+        self.task = progress.add_task(first, total=None) if progress else None
+
+    def __call__(self, description: str) -> None:
+        if self.progress:
+            self.progress.update(self.task, description=description)
+
+
+def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_model: Path | None = None,
+                random_model: str | None = None, work_dir: Path, seed: int = 0, backends: list[str],
+                studies: Path | None = None, synthetic: int | None = None, stages: str = "all", runs: int = 3,
+                warmup: int = 1, max_new_tokens: int = 64, indication: str | None = None,
+                threads: int | None = None, device: str = "cpu", ort_provider: str = "cpu", command: str = "",
+                progress: Any = None, bandwidth_probe: bool = True) -> LatencyReport:
+    from radtrt.benchmarks.bandwidth import measure_gemv_bandwidth
+
+    settings = LatencySettings(stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
+                               indication=indication)
+    machine = machine_info()  # before anything heavy runs: the load average is other work's
+    assets = resolve_assets(model=model, bundle=bundle, random_model=random_model, work_dir=work_dir, seed=seed,
+                            vision_only=stages == "vision", progress=progress)
+    paths = study_paths(studies, synthetic, work_dir, default_synthetic=1)
+    step = _Step(progress, "opening backends")
+    sides = open_sides(backends, assets, base_model=base_model, device=device, ort_provider=ort_provider,
+                       threads=threads)
+    bandwidth = None
+    if stages == "all" and bandwidth_probe:
+        step("measuring matrix-vector bandwidth")
+        bandwidth = measure_gemv_bandwidth()
+    samples = measure(sides, paths, settings, on_step=step)
+    pipeline = sides[0].pipeline
+    prompt_tokens = len(pipeline.prompt_ids(indication)) - 1 + pipeline.cfg.num_image_tokens
+    machine.torch_threads = _torch_threads()
+    return build_report(command=command, model=assets.label, settings=settings, machine=machine,
+                        infos=[BackendInfo.of(s) for s in sides], samples=samples, n_studies=len(paths),
+                        prompt_tokens=prompt_tokens, image_tokens=pipeline.cfg.num_image_tokens,
+                        bandwidth=bandwidth, peak_rss_mb=peak_rss_mb(), gpu_peak_memory_mb=gpu_peak_memory_mb())
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_model: Path | None = None,
+               random_model: str | None = None, work_dir: Path, seed: int = 0, backend: str = "onnxruntime",
+               reference: str = "torch", studies: Path | None = None, synthetic: int | None = None,
+               max_new_tokens: int = 64, indication: str | None = None, threads: int | None = None,
+               device: str = "cpu", ort_provider: str = "cpu", command: str = "",
+               progress: Any = None) -> ParityReport:
+    machine = machine_info()
+    assets = resolve_assets(model=model, bundle=bundle, random_model=random_model, work_dir=work_dir, seed=seed,
+                            vision_only=False, progress=progress)
+    paths = study_paths(studies, synthetic, work_dir, default_synthetic=2)
+    step = _Step(progress, "opening backends")
+    got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
+                          ort_provider=ort_provider, threads=threads)
+    results = measure_parity(got.pipeline, ref.pipeline, paths, indication=indication,
+                             max_new_tokens=max_new_tokens, on_step=step)
+    machine.torch_threads = _torch_threads()
+    precision = f"{got.pipeline.backend.precision} vs {ref.pipeline.backend.precision}"
+    return ParityReport(command=command, model=assets.label, backend=got.name, reference=ref.name,
+                        precision=precision, max_new_tokens=max_new_tokens, machine=machine, studies=results)

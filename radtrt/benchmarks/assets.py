@@ -1,0 +1,151 @@
+"""What a benchmark runs on: a model directory, a bundle, and studies.
+
+Either the user names them (``--model``, ``--bundle``, ``--studies``) or the bench builds them, so a
+single command reproduces a number on any machine: ``--random-model PRESET`` makes random weights of
+that preset, saves the model directory and exports a bundle into a cache folder (reused while the
+config and bundle format match), and ``--synthetic N`` writes N synthetic DICOM studies.
+
+``vision_only`` keeps the preset's vision tower and projector at full size (the projector's output
+width is the decoder's hidden size) but replaces the decoder by a one-layer stub, so the real-size
+vision stage can be built and exported where the 7B decoder would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from radtrt.errors import fail
+from radtrt.model.config import DecoderConfig, LlavaRadConfig, preset
+
+DEFAULT_WORK_DIR = Path(".radtrt-cache/bench")
+ASSETS_MARKER = "radtrt-bench-assets.json"
+STUB_VOCAB = 512  # the random models share the tiny tokenizer; a stub decoder needs no larger table
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Where the model directory and the bundle are; either may be None when not given or built."""
+
+    model_dir: Path | None
+    bundle: Path | None
+    label: str  # how reports name the model, e.g. "mid (random weights, seed 0)"
+
+
+def vision_only_config(cfg: LlavaRadConfig) -> LlavaRadConfig:
+    """Same trunk and projector; a 1-layer decoder stub of the same width (one KV head, tiny MLP)."""
+    d = cfg.decoder
+    stub = DecoderConfig(vocab_size=STUB_VOCAB, hidden_size=d.hidden_size, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=d.num_attention_heads, num_key_value_heads=1,
+                         max_position_embeddings=d.max_position_embeddings)
+    return dataclasses.replace(cfg, decoder=stub)
+
+
+def random_config(preset_name: str, vision_only: bool) -> LlavaRadConfig:
+    cfg = preset(preset_name)
+    return vision_only_config(cfg) if vision_only else cfg
+
+
+def _config_key(cfg: LlavaRadConfig) -> str:
+    return hashlib.sha256(cfg.to_json().encode()).hexdigest()
+
+
+def _cached(folder: Path, cfg: LlavaRadConfig, seed: int) -> bool:
+    """True when ``folder`` holds a model and bundle built for this config and seed by this radtrt."""
+    from radtrt import __version__
+    from radtrt.exporter.bundle import BUNDLE_FORMAT_VERSION, MANIFEST
+
+    marker, manifest = folder / ASSETS_MARKER, folder / "bundle" / MANIFEST
+    if not (marker.is_file() and manifest.is_file() and (folder / "model" / "config.json").is_file()):
+        return False
+    meta = json.loads(marker.read_text())
+    bundle_meta = json.loads(manifest.read_text())
+    return (meta.get("config_sha256") == _config_key(cfg) and meta.get("seed") == seed
+            and meta.get("radtrt") == __version__ and bundle_meta.get("format_version") == BUNDLE_FORMAT_VERSION)
+
+
+def random_assets(preset_name: str, work_dir: Path, *, seed: int = 0, vision_only: bool = False,
+                  progress: Any = None) -> Assets:
+    """Build (or reuse) a random-weight model directory and its fp32 bundle under ``work_dir``."""
+    from radtrt import __version__
+
+    cfg = random_config(preset_name, vision_only)
+    name = f"{preset_name}{'-vision' if vision_only else ''}-seed{seed}"
+    folder = work_dir / name
+    what = "vision tower and projector at full size, 1-layer decoder stub" if vision_only else "random weights"
+    label = f"{preset_name} ({what}, seed {seed})"
+    if _cached(folder, cfg, seed):
+        return Assets(folder / "model", folder / "bundle", label)
+    if folder.exists():
+        if not (folder / ASSETS_MARKER).is_file() and any(folder.iterdir()):
+            fail(f"{folder} exists and was not made by 'radtrt bench'; choose another --work-dir")
+        shutil.rmtree(folder)  # stale: built for another config, seed, or radtrt version
+    folder.mkdir(parents=True)
+    _build(cfg, name, seed, folder, progress)
+    (folder / ASSETS_MARKER).write_text(json.dumps({"preset": preset_name, "vision_only": vision_only, "seed": seed,
+                                                    "config_sha256": _config_key(cfg), "radtrt": __version__}))
+    return Assets(folder / "model", folder / "bundle", label)
+
+
+def _build(cfg: LlavaRadConfig, name: str, seed: int, folder: Path, progress: Any) -> None:
+    from radtrt.exporter.bundle import export_bundle
+    from radtrt.model.loading import LoadedModel, save_toolkit
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+
+    task = progress.add_task(f"building random model {name}", total=None) if progress else None
+    loaded = LoadedModel(random_model(cfg, seed=seed), train_tiny_tokenizer(), f"{name}-random",
+                         {"layout": "random", "seed": seed})
+    save_toolkit(loaded, folder / "model")
+    if progress:
+        progress.update(task, description=f"saved {folder / 'model'}")
+        progress.remove_task(task)
+    export_bundle(loaded, folder / "bundle", precision="fp32", progress=progress)
+
+
+def resolve_assets(*, model: Path | None, bundle: Path | None, random_model: str | None, work_dir: Path,
+                   seed: int, vision_only: bool, progress: Any = None) -> Assets:
+    """The user's model/bundle, or random ones built for ``--random-model``; never both."""
+    if random_model is not None:
+        if model is not None or bundle is not None:
+            fail("--random-model builds its own model and bundle; do not combine it with --model or --bundle")
+        return random_assets(random_model, work_dir, seed=seed, vision_only=vision_only, progress=progress)
+    if model is None and bundle is None:
+        fail("say what to benchmark: --bundle DIR (and --model DIR for torch), or --random-model tiny|mid|llava-rad")
+    label = (bundle or model).name  # type: ignore[union-attr]
+    return Assets(model, bundle, label)
+
+
+def synthetic_studies(count: int, folder: Path) -> list[Path]:
+    """``count`` synthetic frontal DX studies (seeds 0..count-1), written once and reused."""
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+
+    if count < 1:
+        fail("--synthetic needs at least 1 study")
+    paths = []
+    for i in range(count):
+        path = folder / f"synthetic_{i:03d}.dcm"
+        if not path.is_file():
+            write_radiograph(path, synthetic_chest(seed=i), modality="DX", view_position="PA")
+        paths.append(path)
+    return paths
+
+
+def study_paths(studies: Path | None, synthetic: int | None, work_dir: Path, default_synthetic: int) -> list[Path]:
+    """Studies from ``--studies`` (a file, or a folder whose entries are studies) or synthetic ones."""
+    if studies is not None and synthetic is not None:
+        fail("give either --studies or --synthetic, not both")
+    if studies is None:
+        return synthetic_studies(synthetic if synthetic is not None else default_synthetic, work_dir / "studies")
+    if not studies.exists():
+        fail(f"--studies {studies}: no such file or folder")
+    if studies.is_file():
+        return [studies]
+    entries = sorted(p for p in studies.iterdir() if not p.name.startswith("."))
+    if not entries:
+        fail(f"--studies {studies} is empty")
+    return entries

@@ -1,0 +1,130 @@
+"""The decode bandwidth floor: on a CPU, each generated token reads every decoder weight once.
+
+A decode step is a chain of matrix-vector products, so its speed is set by how fast the host streams
+weights from memory, not by FLOPs. We measure that rate directly, as an fp32 GEMV over a matrix far
+larger than the caches (best of several runs, all threads, with torch and with numpy's BLAS), and derive
+
+    floor tokens/s   = bandwidth / bytes read per token
+    achieved fraction = measured tokens/s / floor tokens/s
+
+Bytes per token counts the decoder's layer weights, final norm and ``lm_head``, but not the token
+embedding table (a step reads one row of it). The KV cache is also read every step; it is reported
+separately (``floor_with_kv``) because it grows with the context and is not a property of the model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from radtrt.errors import fail
+
+DEFAULT_MATRIX_BYTES = 512 << 20
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Matrix-vector read bandwidth of this host: the best of the probes, each timed in this process."""
+
+    gb_per_s: float  # 1 GB = 1e9 bytes
+    matrix_bytes: int
+    best_ms: float
+    median_ms: float
+    repeats: int
+    threads: int
+    method: str = "torch.mv fp32"
+    probes: dict[str, float] = field(default_factory=dict)  # GB/s of every probe that ran
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _time_best(fn: Callable[[], object], repeats: int) -> list[float]:
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        fn()
+        if i >= 2:  # two warmups: page faults, thread pool start
+            times.append(time.perf_counter() - t0)
+    return sorted(times)
+
+
+def measure_gemv_bandwidth(matrix_bytes: int = DEFAULT_MATRIX_BYTES, repeats: int = 10) -> Bandwidth:
+    """Stream an fp32 matrix through ``torch.mv`` and numpy's BLAS ``matmul``; the best run of the
+    faster one is the host's attainable rate (libraries differ by up to ~30% on the same host)."""
+    import numpy as np
+    import torch
+
+    if matrix_bytes < 1 << 20 or repeats < 1:
+        fail("the bandwidth probe needs at least 1 MiB and one repeat")
+    cols = 4096
+    rows = max(matrix_bytes // (4 * cols), 1)
+    matrix = np.full((rows, cols), 0.5, dtype=np.float32)  # filled, so every page is really mapped
+    vector = np.ones(cols, dtype=np.float32)
+    out = np.empty(rows, dtype=np.float32)
+    t_matrix, t_vector, t_out = torch.from_numpy(matrix), torch.from_numpy(vector), torch.from_numpy(out)
+    with torch.no_grad():
+        results = {"torch.mv fp32": _time_best(lambda: torch.mv(t_matrix, t_vector, out=t_out), repeats),
+                   "numpy.matmul fp32": _time_best(lambda: np.matmul(matrix, vector, out=out), repeats)}
+    nbytes = matrix.nbytes
+    probes = {name: nbytes / times[0] / 1e9 for name, times in results.items()}
+    method = max(probes, key=probes.__getitem__)
+    times = results[method]
+    return Bandwidth(gb_per_s=probes[method], matrix_bytes=nbytes, best_ms=times[0] * 1e3,
+                     median_ms=times[len(times) // 2] * 1e3, repeats=repeats, threads=torch.get_num_threads(),
+                     method=method, probes=probes)
+
+
+def torch_decoder_weight_bytes(lm: Any) -> int:
+    """Bytes a decode step reads from a radtrt ``LlamaForCausalLM``: layers, final norm, ``lm_head``."""
+    params = [*lm.model.layers.parameters(), *lm.model.norm.parameters(), lm.lm_head.weight]
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def bundle_decoder_weight_bytes(manifest: dict[str, Any]) -> int:
+    """Bytes of the decoder graph and its external weights (the embedding table lives in its own file)."""
+    files = manifest.get("files", {})
+    total = sum(meta["bytes"] for name, meta in files.items() if name.startswith("decoder.onnx"))
+    if total == 0:
+        fail("the bundle manifest lists no decoder.onnx files; re-export the bundle")
+    return total
+
+
+def kv_bytes_per_step(num_layers: int, num_kv_heads: int, head_dim: int, context: float, dtype_bytes: int) -> float:
+    """Keys and values a decode step reads at a given context length."""
+    return 2.0 * num_layers * num_kv_heads * head_dim * context * dtype_bytes
+
+
+@dataclass(frozen=True)
+class DecodeFloor:
+    """Floor and achieved fraction for one backend; ``*_with_kv`` also counts the KV cache reads."""
+
+    weight_bytes: int
+    bandwidth_gb_per_s: float
+    floor_tokens_per_s: float
+    achieved_tokens_per_s: float | None
+    achieved_fraction: float | None
+    kv_bytes_at_mean_context: float | None = None
+    floor_with_kv_tokens_per_s: float | None = None
+    achieved_fraction_with_kv: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decode_floor(weight_bytes: int, bandwidth: Bandwidth, achieved_tokens_per_s: float | None,
+                 kv_bytes: float | None = None) -> DecodeFloor:
+    if weight_bytes <= 0:
+        fail("decoder weight bytes must be positive")
+    rate = bandwidth.gb_per_s * 1e9
+    floor = rate / weight_bytes
+    frac = achieved_tokens_per_s / floor if achieved_tokens_per_s is not None else None
+    floor_kv = rate / (weight_bytes + kv_bytes) if kv_bytes is not None else None
+    frac_kv = (achieved_tokens_per_s / floor_kv if achieved_tokens_per_s is not None and floor_kv is not None
+               else None)
+    return DecodeFloor(weight_bytes=weight_bytes, bandwidth_gb_per_s=bandwidth.gb_per_s, floor_tokens_per_s=floor,
+                       achieved_tokens_per_s=achieved_tokens_per_s, achieved_fraction=frac,
+                       kv_bytes_at_mean_context=kv_bytes, floor_with_kv_tokens_per_s=floor_kv,
+                       achieved_fraction_with_kv=frac_kv)

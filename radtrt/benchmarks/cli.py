@@ -1,0 +1,153 @@
+"""``radtrt bench latency|parity``: a thin typer layer over ``radtrt.benchmarks``.
+
+``register(app)`` adds the ``bench`` group to the main app. Results go to stdout (Markdown, or JSON
+with ``--json``); ``-o report.md`` also writes ``report.json`` and, for latency, ``report.png`` next
+to it. Progress goes to stderr. A ``RadtrtError`` becomes one stderr line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
+from radtrt.cli_support import err, user_errors
+
+_guarded = user_errors
+
+
+def reproduce_command(sub: str, options: list[tuple[str, Any]]) -> str:
+    """The command line that reproduces a run, every option spelled out (defaults may change)."""
+    parts = ["radtrt", "bench", sub]
+    for flag, value in options:
+        if value is None or value is False:
+            continue
+        parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                    transient=True)
+
+
+def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(markdown)
+        out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+        err.print(f"wrote {out} and {out.with_suffix('.json')}")
+    typer.echo(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
+
+
+MODEL_HELP = "radtrt model dir (or LLaVA-Rad release dir) for the torch/transformers side."
+RANDOM_HELP = "Build random weights of this preset (tiny | mid | llava-rad), its model dir and bundle, in --work-dir."
+
+
+def latency(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Bundle from 'radtrt export' (onnxruntime side)."),
+    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Vicuna-7B v1.5 dir (release layout)."),
+    random_model: Optional[str] = typer.Option(None, "--random-model", help=RANDOM_HELP),
+    work_dir: Path = typer.Option(DEFAULT_WORK_DIR, "--work-dir", help="Cache for random models and studies."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime | torch | transformers"),
+    vs_backend: Optional[str] = typer.Option(None, "--vs-backend", help="Second backend, run interleaved."),
+    studies: Optional[Path] = typer.Option(None, "--studies", help="A study, or a folder whose entries are studies."),
+    synthetic: Optional[int] = typer.Option(None, "--synthetic", help="Use N synthetic studies (default 1)."),
+    stages: str = typer.Option("all", "--stages", help="all | vision (vision: read, preprocess, ViT + projector)."),
+    runs: int = typer.Option(3, "--runs", help="Measured runs (each over every study and backend)."),
+    warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs first."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation limit per study."),
+    indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for torch and ONNX Runtime."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (torch side)."),
+    ort_provider: str = typer.Option("cpu", "--ort-provider", help="cpu | cuda | tensorrt (onnxruntime side)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of Markdown."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json, .png) here."),
+) -> None:
+    """Per-stage latency, tokens/s against the bandwidth floor, memory; ratios when two backends run."""
+    from radtrt.benchmarks.api import run_latency
+
+    if studies is None and synthetic is None:
+        synthetic = 1
+
+    command = reproduce_command("latency", [
+        ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
+        ("--work-dir", work_dir if random_model or studies is None else None),
+        ("--seed", seed if random_model else None), ("--backend", backend), ("--vs-backend", vs_backend),
+        ("--studies", studies), ("--synthetic", synthetic), ("--stages", stages),
+        ("--runs", runs), ("--warmup", warmup), ("--max-new-tokens", max_new_tokens), ("--indication", indication),
+        ("--threads", threads), ("--device", device), ("--ort-provider", ort_provider), ("--json", as_json),
+        ("-o", out)])
+    with _progress() as progress:
+        report = run_latency(
+            bundle=bundle, model=model, base_model=base_model, random_model=random_model, work_dir=work_dir,
+            seed=seed, backends=[backend] + ([vs_backend] if vs_backend else []), studies=studies,
+            synthetic=synthetic, stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
+            indication=indication, threads=threads, device=device, ort_provider=ort_provider, command=command,
+            progress=progress)
+    from radtrt.benchmarks.markdown import latency_markdown
+
+    _emit(latency_markdown(report), report.to_json(), as_json, out)
+    if out is not None:
+        from radtrt.benchmarks.chart import matplotlib_available, write_chart
+
+        if matplotlib_available():
+            err.print(f"wrote {write_chart(report, out.with_suffix('.png'))}")
+        else:
+            err.print("radtrt: no PNG chart: matplotlib is not installed (pip install 'radtrt[bench]')")
+
+
+def parity(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Bundle from 'radtrt export' (onnxruntime side)."),
+    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Vicuna-7B v1.5 dir (release layout)."),
+    random_model: Optional[str] = typer.Option(None, "--random-model", help=RANDOM_HELP),
+    work_dir: Path = typer.Option(DEFAULT_WORK_DIR, "--work-dir", help="Cache for random models and studies."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime | torch | transformers"),
+    reference: str = typer.Option("torch", "--reference", help="torch | transformers | onnxruntime"),
+    studies: Optional[Path] = typer.Option(None, "--studies", help="A study, or a folder whose entries are studies."),
+    synthetic: Optional[int] = typer.Option(None, "--synthetic", help="Use N synthetic studies (default 2)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation limit per study."),
+    indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for torch and ONNX Runtime."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (torch side)."),
+    ort_provider: str = typer.Option("cpu", "--ort-provider", help="cpu | cuda | tensorrt (onnxruntime side)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of Markdown."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json) here."),
+) -> None:
+    """Generated tokens, report text, first-step logits and image embeddings against a reference."""
+    from radtrt.benchmarks.api import run_parity
+    from radtrt.benchmarks.markdown import parity_markdown
+
+    if studies is None and synthetic is None:
+        synthetic = 2
+    command = reproduce_command("parity", [
+        ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
+        ("--work-dir", work_dir if random_model or studies is None else None),
+        ("--seed", seed if random_model else None), ("--backend", backend), ("--reference", reference),
+        ("--studies", studies), ("--synthetic", synthetic),
+        ("--max-new-tokens", max_new_tokens), ("--indication", indication), ("--threads", threads),
+        ("--device", device), ("--ort-provider", ort_provider), ("--json", as_json), ("-o", out)])
+    with _progress() as progress:
+        report = run_parity(
+            bundle=bundle, model=model, base_model=base_model, random_model=random_model, work_dir=work_dir,
+            seed=seed, backend=backend, reference=reference, studies=studies, synthetic=synthetic,
+            max_new_tokens=max_new_tokens, indication=indication, threads=threads, device=device,
+            ort_provider=ort_provider, command=command, progress=progress)
+    _emit(parity_markdown(report), report.to_json(), as_json, out)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``radtrt bench latency`` and ``radtrt bench parity`` to ``app``."""
+    bench = typer.Typer(no_args_is_help=True, help="Latency and parity benchmarks with JSON, Markdown and PNG reports.")
+    bench.command("latency")(_guarded(latency))
+    bench.command("parity")(_guarded(parity))
+    app.add_typer(bench, name="bench")

@@ -1,0 +1,148 @@
+"""Markdown renderings of the latency and parity reports: readable tables plus the reproduce command."""
+
+from __future__ import annotations
+
+from radtrt.benchmarks.latency import BackendLatency, LatencyReport
+from radtrt.benchmarks.parity import ParityReport
+
+STAGE_LABELS = {
+    "preprocess": "preprocess (read + resize + normalize)",
+    "vision": "vision (ViT + projector)",
+    "prefill": "prefill = time to first token after vision",
+    "decode_per_token": "decode per token",
+    "end_to_end": "end to end",
+}
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _mb(nbytes: float) -> str:
+    mb = nbytes / 1e6
+    return f"{mb:,.0f} MB" if mb >= 100 else f"{mb:.1f} MB" if mb >= 1 else f"{mb:.2f} MB"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _settings(b: BackendLatency) -> str:
+    parts = ", ".join(f"{k} {v}" for k, v in b.info.settings.items())
+    return f"{b.info.name} ({b.info.precision}; {parts})"
+
+
+def _header(title: str, command: str) -> list[str]:
+    return [f"# {title}", "", "Reproduce with:", "", "```", command, "```", ""]
+
+
+def latency_markdown(report: LatencyReport) -> str:
+    names = [b.info.name for b in report.backends]
+    title = "radtrt bench latency: " + " vs ".join(names)
+    s = report.settings
+    lines = _header(title, report.command)
+    decode = "" if s.stages == "vision" else f"; up to {s.max_new_tokens} new tokens (greedy)"
+    prompt = ("" if s.stages == "vision" else f"; prompt {report.prompt_tokens} tokens "
+              f"({report.image_tokens} image tokens)")
+    lines += [f"- Model: {report.model}{prompt}{decode}",
+              f"- Stages: {s.stages}; {s.runs} measured run(s) x {report.n_studies} study(ies) after {s.warmup} "
+              f"warmup run(s)" + ("; backends interleaved, order alternating per run" if len(names) > 1 else ""),
+              f"- Backends: {'; '.join(_settings(b) for b in report.backends)}",
+              f"- Machine: {report.machine.one_line()}"]
+    if report.bandwidth:
+        bw = report.bandwidth
+        probes = "; probes GB/s: " + ", ".join(f"{n} {gb:.1f}" for n, gb in bw.probes.items()) if bw.probes else ""
+        lines.append(f"- Matrix-vector bandwidth: {bw.gb_per_s:.1f} GB/s ({bw.method} over {bw.matrix_bytes >> 20} "
+                     f"MiB, best of {bw.repeats}, {bw.threads} threads{probes})")
+    gpu = f"; GPU peak (torch) {_num(report.gpu_peak_memory_mb, 0)} MiB" if report.gpu_peak_memory_mb else ""
+    lines += [f"- Peak RSS of the process (all backends together): {report.peak_rss_mb:,.0f} MiB{gpu}", ""]
+    lines += _medians_table(report) + [""] + _distribution_table(report)
+    floors = [b for b in report.backends if b.floor]
+    if floors:
+        lines += ["", "## Decode bandwidth floor", "",
+                  "A decode step reads every decoder weight once (layers, final norm, lm_head; not the embedding "
+                  "table), so tokens/s cannot exceed bandwidth / weight bytes. The KV cache is read too; the "
+                  "'with KV' floor adds it at the mean context length.", ""]
+        for b in floors:
+            f = b.floor
+            assert f is not None
+            kv = ("" if f.kv_bytes_at_mean_context is None else
+                  f"; with KV ({_mb(f.kv_bytes_at_mean_context)}) floor "
+                  f"{_num(f.floor_with_kv_tokens_per_s)} tokens/s, achieved {_pct(f.achieved_fraction_with_kv)}")
+            lines.append(f"- {b.info.name}: {_mb(f.weight_bytes)} per token -> floor "
+                         f"{_num(f.floor_tokens_per_s)} tokens/s; achieved {_num(f.achieved_tokens_per_s)} tokens/s "
+                         f"= {_pct(f.achieved_fraction)} of the floor{kv}")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _medians_table(report: LatencyReport) -> list[str]:
+    backends = report.backends
+    ratios = report.ratios()
+    two = len(backends) > 1
+    head = ["median", *(b.info.name for b in backends)]
+    if two:
+        head.append(f"{backends[0].info.name} / {backends[1].info.name}")
+    lines = ["## Medians" + (" and ratios (time ratio < 1: first backend faster)" if two else ""), "",
+             "| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+
+    def row(label: str, values: list[str], r: float | None = None) -> None:
+        cells = [label, *values] + ([_ratio(r)] if two else [])
+        lines.append("| " + " | ".join(cells) + " |")
+
+    for stage in report.stage_names:
+        row(f"{STAGE_LABELS[stage]} (ms)", [_num(b.stages[stage].median) for b in backends], ratios.get(stage))
+    if any(b.tokens_per_s for b in backends):
+        row("decode tokens/s", [_num(b.tokens_per_s.median if b.tokens_per_s else None) for b in backends],
+            ratios.get("tokens_per_s"))
+        row("generated tokens", [_num(b.new_tokens.median if b.new_tokens else None, 0) for b in backends])
+    if any(b.floor for b in backends):
+        row("decode floor tokens/s (weights)", [_num(b.floor.floor_tokens_per_s if b.floor else None)
+                                                 for b in backends])
+        row("achieved fraction of floor", [_pct(b.floor.achieved_fraction if b.floor else None) for b in backends])
+    row("resident memory added by loading (MiB)", [_num(b.info.rss_added_mb, 0) for b in backends])
+    row("load time (s)", [_num(b.info.load_seconds, 2) for b in backends])
+    return lines
+
+
+def _distribution_table(report: LatencyReport) -> list[str]:
+    lines = ["## Distribution (ms)", "", "| backend | stage | min | median | p90 | p95 | max |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for b in report.backends:
+        for stage in report.stage_names:
+            v = b.stages[stage]
+            lines.append(f"| {b.info.name} | {stage} | {_num(v.min)} | {_num(v.median)} | {_num(v.p90)} | "
+                         f"{_num(v.p95)} | {_num(v.max)} |")
+    return lines
+
+
+def parity_markdown(report: ParityReport) -> str:
+    s = report.summary()
+    n = s["studies"]
+    equal = sum(st.tokens_equal for st in report.studies)
+    lines = _header(f"radtrt bench parity: {report.backend} vs {report.reference} (reference)", report.command)
+    lines += [f"- Model: {report.model}; {report.precision}; greedy, up to {report.max_new_tokens} new tokens; "
+              f"{n} study(ies)", f"- Machine: {report.machine.one_line()}", "",
+              "| metric | value |", "|---|---|",
+              f"| exact-match rate of generated tokens | {equal}/{n} ({_pct(s['exact_match_rate'])}) |",
+              f"| first divergence position per study | "
+              f"{', '.join('none' if d is None else str(d) for d in s['first_divergences'])} |",
+              f"| ROUGE-L F1 of the reports, mean / min | {s['rouge_l_mean']:.4f} / {s['rouge_l_min']:.4f} |",
+              f"| max \\|logit difference\\| on the first step | {s['first_logits_max_abs_diff']:.3g} |",
+              f"| first-step argmax agreement | {_pct(s['first_argmax_agreement'])} |",
+              f"| image-embedding cosine, min / mean | {s['vision_cosine_min']:.8f} / {s['vision_cosine_mean']:.8f} "
+              f"(1 - min = {1 - s['vision_cosine_min']:.2g}) |",
+              f"| image-embedding max \\|difference\\| | {s['vision_max_abs_diff']:.3g} |",
+              "", "## Per study", "",
+              "| study | tokens equal | first divergence | new tokens (backend / reference) | ROUGE-L | "
+              "max \\|Δ first logits\\| (ref max \\|logit\\|) | image cosine |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for st in report.studies:
+        div = "none" if st.first_divergence is None else str(st.first_divergence)
+        lines.append(f"| {st.study} | {'yes' if st.tokens_equal else 'NO'} | {div} | {st.new_tokens} / "
+                     f"{st.reference_new_tokens} | {st.rouge_l:.4f} | {st.first_logits_max_abs_diff:.3g} "
+                     f"({st.reference_first_logits_max_abs:.3g}) | {st.vision_cosine:.8f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,164 @@
+"""``radtrt bench parity``: does a backend write the same reports as the reference, and how close is it?
+
+Per study, both backends see the same preprocessed pixels; each then runs its own vision, prompt
+splice and greedy decode, exactly as ``radtrt infer`` would. Compared:
+
+* image embeddings: cosine of the flattened tensors (float64) and max |difference|;
+* first decode step: max |logit difference| and whether the argmax agrees;
+* generated tokens: identical or not, and the first position where they differ;
+* report text: ROUGE-L F1 (backend vs reference), with LLaVA-Rad's evaluator settings.
+
+The per-study comparisons (``compare``) are pure functions so they are tested without any model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from radtrt.benchmarks.machine import MachineInfo
+from radtrt.errors import fail
+from radtrt.runtime.pipeline import Pipeline, postprocess
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first differing token; the shorter length when one is a prefix; None when equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.detach().double().flatten(), b.detach().double().flatten()
+    if a64.shape != b64.shape:
+        fail(f"image embeddings differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    denom = float(a64.norm() * b64.norm())
+    if denom == 0.0:  # an all-zero embedding: only another all-zero one is "the same direction"
+        return 1.0 if torch.equal(a64, b64) else 0.0
+    return float(a64 @ b64) / denom
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 as LLaVA-Rad's evaluator scores it; identical texts score 1 (rouge-score gives an
+    empty pair 0, which would read as total disagreement for two backends that agree)."""
+    if prediction == reference:
+        return 1.0
+    try:
+        import rouge_score  # noqa: F401  (radtrt.evaluation.lexical imports it lazily)
+    except ImportError:
+        fail("ROUGE-L needs the rouge-score package: pip install 'radtrt[bench]'")
+    from radtrt.evaluation.lexical import rouge_l_scores
+
+    return float(rouge_l_scores([prediction], [reference])[0])
+
+
+@dataclass(frozen=True)
+class StudyParity:
+    study: str
+    tokens_equal: bool
+    first_divergence: int | None
+    new_tokens: int
+    reference_new_tokens: int
+    rouge_l: float
+    first_logits_max_abs_diff: float
+    reference_first_logits_max_abs: float
+    first_argmax_equal: bool
+    vision_cosine: float
+    vision_max_abs_diff: float
+    report: str
+    reference_report: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one backend produced for one study."""
+
+    image_embeds: torch.Tensor
+    token_ids: list[int]
+    first_logits: torch.Tensor
+    report: str
+
+
+def compare(study: str, got: Outcome, ref: Outcome) -> StudyParity:
+    diff = (got.first_logits.float() - ref.first_logits.float()).abs()
+    return StudyParity(
+        study=study, tokens_equal=got.token_ids == ref.token_ids,
+        first_divergence=first_divergence(got.token_ids, ref.token_ids), new_tokens=len(got.token_ids),
+        reference_new_tokens=len(ref.token_ids), rouge_l=rouge_l(got.report, ref.report),
+        first_logits_max_abs_diff=float(diff.max()),
+        reference_first_logits_max_abs=float(ref.first_logits.float().abs().max()),
+        first_argmax_equal=bool(torch.equal(got.first_logits.argmax(-1), ref.first_logits.argmax(-1))),
+        vision_cosine=cosine(got.image_embeds, ref.image_embeds),
+        vision_max_abs_diff=float((got.image_embeds.float() - ref.image_embeds.float()).abs().max()),
+        report=got.report, reference_report=ref.report)
+
+
+def run_one(pipeline: Pipeline, pixels: torch.Tensor, *, indication: str | None, max_new_tokens: int) -> Outcome:
+    """The pipeline's compute stages on given pixels, keeping the first step's logits."""
+    backend = pipeline.backend
+    image_embeds = backend.encode_images(pixels[None])[0]
+    embeds = backend.embed_prompt(pipeline.prompt_ids(indication), image_embeds)
+    gen = backend.generate([embeds], max_new_tokens=max_new_tokens, eos_token_id=pipeline.tokenizer.eos_token_id,
+                           keep_first_logits=True)
+    if gen.first_logits is None:
+        fail(f"backend {backend.name} returned no first-step logits")
+    ids = gen.token_ids[0]
+    return Outcome(image_embeds.detach().cpu(), ids, gen.first_logits[0].cpu(),
+                   postprocess(pipeline.tokenizer.decode(ids)))
+
+
+@dataclass
+class ParityReport:
+    command: str
+    model: str
+    backend: str
+    reference: str
+    precision: str
+    max_new_tokens: int
+    machine: MachineInfo
+    studies: list[StudyParity]
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.studies)
+        cos = [s.vision_cosine for s in self.studies]
+        return {"studies": n,
+                "exact_match_rate": sum(s.tokens_equal for s in self.studies) / n,
+                "first_divergences": [s.first_divergence for s in self.studies],
+                "rouge_l_mean": sum(s.rouge_l for s in self.studies) / n,
+                "rouge_l_min": min(s.rouge_l for s in self.studies),
+                "first_logits_max_abs_diff": max(s.first_logits_max_abs_diff for s in self.studies),
+                "first_argmax_agreement": sum(s.first_argmax_equal for s in self.studies) / n,
+                "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n,
+                "vision_max_abs_diff": max(s.vision_max_abs_diff for s in self.studies)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "parity", "command": self.command, "created": self.created, "model": self.model,
+                "backend": self.backend, "reference": self.reference, "precision": self.precision,
+                "max_new_tokens": self.max_new_tokens, "machine": self.machine.to_json(),
+                "summary": self.summary(), "studies": [asdict(s) for s in self.studies]}
+
+
+def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Path], *, indication: str | None,
+                   max_new_tokens: int, on_step: Callable[[str], None] | None = None) -> list[StudyParity]:
+    from radtrt.imaging.preprocess import preprocess
+    from radtrt.imaging.study import load_study
+
+    if not studies:
+        fail("no studies to compare")
+    cfg = reference.cfg
+    results = []
+    for i, study in enumerate(studies, 1):
+        if on_step:
+            on_step(f"study {i}/{len(studies)}: {study.name}")
+        image = load_study(study)
+        pixels = preprocess(image.pixels_u8, image_size=cfg.vision.img_size, mean=cfg.image_mean, std=cfg.image_std)
+        got = run_one(backend, pixels, indication=indication, max_new_tokens=max_new_tokens)
+        ref = run_one(reference, pixels, indication=indication, max_new_tokens=max_new_tokens)
+        results.append(compare(study.name, got, ref))
+    return results

@@ -1,0 +1,115 @@
+"""Open the backends a benchmark compares, each as a full ``Pipeline`` plus what the report needs.
+
+A "side" is one backend as the user would run it (same pipeline, same tokenizer and config loading as
+``radtrt infer``), and the facts the report derives numbers from: the bytes a decode step reads, the
+resident memory after loading, how long loading took, and the thread setting.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radtrt.benchmarks.assets import Assets
+from radtrt.benchmarks.bandwidth import bundle_decoder_weight_bytes, torch_decoder_weight_bytes
+from radtrt.benchmarks.machine import current_rss_mb
+from radtrt.errors import fail
+from radtrt.runtime.pipeline import Pipeline
+
+BACKENDS = ("onnxruntime", "torch", "transformers")
+
+
+@dataclass
+class Side:
+    pipeline: Pipeline
+    weight_bytes: int  # decoder bytes read per decode step
+    load_seconds: float
+    rss_added_mb: float | None  # resident memory this backend's loading added (shared weights count once)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.backend.name
+
+
+def _torch_side(kind: str, assets: Assets, base_model: Path | None, device: str,
+                cache: dict[str, Any]) -> tuple[Pipeline, int, dict[str, Any]]:
+    import torch
+
+    from radtrt.model.loading import load_model
+    from radtrt.runtime.backends import TorchBackend, resolve_device
+
+    if assets.model_dir is None:
+        fail(f"the {kind} backend needs --model DIR (the model directory the bundle was exported from), "
+             f"or use --random-model")
+    device = resolve_device(device)
+    if "loaded" not in cache:  # torch and transformers sides share one copy of the weights
+        cache["loaded"] = load_model(assets.model_dir, base_model, dtype=torch.float32, device=device)
+    loaded = cache["loaded"]
+    if kind == "torch":
+        backend: Any = TorchBackend(loaded.model, device)
+    else:
+        from radtrt.benchmarks.hf_backend import TransformersBackend
+
+        backend = TransformersBackend(loaded.model, device)
+    pipeline = Pipeline(backend, loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
+    settings = {"device": device, "threads": torch.get_num_threads(), "dtype": "float32"}
+    return pipeline, torch_decoder_weight_bytes(loaded.model.language_model), settings
+
+
+def _ort_side(assets: Assets, provider: str, threads: int | None) -> tuple[Pipeline, int, dict[str, Any]]:
+    from radtrt.model.config import LlavaRadConfig
+    from radtrt.model.io import read_json
+    from radtrt.model.tokenizer import LlamaSPTokenizer
+    from radtrt.runtime.ort import OrtBackend
+
+    if assets.bundle is None:
+        fail("the onnxruntime backend needs --bundle DIR (what 'radtrt export' wrote), or use --random-model")
+    backend = OrtBackend(assets.bundle, provider=provider, threads=threads)
+    cfg = LlavaRadConfig.from_dict(read_json(assets.bundle / "model_config.json"))
+    tokenizer = LlamaSPTokenizer.from_dir(assets.bundle)
+    pipeline = Pipeline(backend, tokenizer, cfg, model_name=backend.manifest["model"]["name"])
+    settings = {"provider": provider, "threads": threads if threads else "onnxruntime default (physical cores)"}
+    return pipeline, bundle_decoder_weight_bytes(backend.manifest), settings
+
+
+def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = None, device: str = "cpu",
+               ort_provider: str = "cpu", threads: int | None = None) -> list[Side]:
+    """Open each backend in turn; ``threads`` also sets torch's intra-op threads for the whole process."""
+    import torch
+
+    for kind in kinds:
+        if kind not in BACKENDS:
+            fail(f"unknown backend '{kind}' for the bench ({', '.join(BACKENDS)})")
+    if len(set(kinds)) != len(kinds):
+        fail(f"the backends to compare must differ (got {' and '.join(kinds)})")
+    if threads is not None:
+        if threads < 1:
+            fail("--threads must be at least 1")
+        torch.set_num_threads(threads)
+    cache: dict[str, Any] = {}
+    sides = []
+    for kind in kinds:
+        t0, rss0 = time.perf_counter(), current_rss_mb()
+        if kind == "onnxruntime":
+            pipeline, weight_bytes, settings = _ort_side(assets, ort_provider, threads)
+        else:
+            pipeline, weight_bytes, settings = _torch_side(kind, assets, base_model, device, cache)
+        rss1 = current_rss_mb()
+        added = rss1 - rss0 if rss0 is not None and rss1 is not None else None
+        sides.append(Side(pipeline, weight_bytes, time.perf_counter() - t0, added, settings))
+    _check_same_model(sides)
+    return sides
+
+
+def _check_same_model(sides: list[Side]) -> None:
+    """Comparing two different models would print meaningless ratios; refuse mismatched configs."""
+    if len(sides) < 2:
+        return
+    first = sides[0].pipeline.cfg
+    for other in sides[1:]:
+        if other.pipeline.cfg != first:
+            fail(f"{sides[0].name} and {other.name} load different model configs; the --model directory must be "
+                 f"the one the --bundle was exported from")

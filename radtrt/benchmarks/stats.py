@@ -1,0 +1,56 @@
+"""Order statistics over repeated timings, and ratios between two backends measured in one run.
+
+Percentiles use linear interpolation between order statistics (numpy's default), so a report can be
+checked by hand against the raw samples stored in the JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from radtrt.errors import fail
+
+
+@dataclass(frozen=True)
+class Summary:
+    """min / median / p90 / p95 / max (and mean) of one quantity over the measured runs."""
+
+    n: int
+    min: float
+    median: float
+    p90: float
+    p95: float
+    max: float
+    mean: float
+
+    def to_json(self) -> dict[str, float]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) of already sorted values, interpolating linearly."""
+    if not sorted_values:
+        fail("no samples to summarize")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile {q} outside 0..100")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    """Summary of the samples; the caller decides which runs count (warmup excluded)."""
+    ordered = sorted(float(v) for v in values)
+    if not ordered:
+        fail("no samples to summarize")
+    return Summary(n=len(ordered), min=ordered[0], median=percentile(ordered, 50), p90=percentile(ordered, 90),
+                   p95=percentile(ordered, 95), max=ordered[-1], mean=sum(ordered) / len(ordered))
+
+
+def ratio(other: float | None, reference: float | None) -> float | None:
+    """``other / reference``; None when either is missing or the reference is zero (nothing to compare)."""
+    if other is None or reference is None or reference == 0:
+        return None
+    return other / reference

@@ -1,0 +1,72 @@
+"""Bench inputs: studies from a folder or synthetic, the vision-only config, refused combinations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from radtrt.benchmarks.assets import (
+    ASSETS_MARKER,
+    random_assets,
+    resolve_assets,
+    study_paths,
+    synthetic_studies,
+    vision_only_config,
+)
+from radtrt.errors import RadtrtError
+from radtrt.model.config import preset
+
+
+def test_synthetic_studies_are_written_once_and_reused(tmp_path: Path) -> None:
+    paths = study_paths(None, None, tmp_path, default_synthetic=2)
+    assert [p.name for p in paths] == ["synthetic_000.dcm", "synthetic_001.dcm"] and all(p.is_file() for p in paths)
+    mtime = paths[0].stat().st_mtime_ns
+    assert synthetic_studies(1, tmp_path / "studies")[0].stat().st_mtime_ns == mtime
+    with pytest.raises(RadtrtError):
+        synthetic_studies(0, tmp_path)
+
+
+def test_studies_folder_entries_are_the_studies(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.dcm").write_bytes(b"x")
+    (tmp_path / ".hidden").write_bytes(b"x")
+    assert [p.name for p in study_paths(tmp_path, None, tmp_path, 1)] == ["a.dcm", "b"]
+    assert study_paths(tmp_path / "a.dcm", None, tmp_path, 1) == [tmp_path / "a.dcm"]
+
+
+@pytest.mark.parametrize("studies,synthetic,match", [("empty", None, "is empty"), ("missing", None, "no such"),
+                                                     ("empty", 2, "not both")])
+def test_bad_study_arguments(tmp_path: Path, studies: str, synthetic: int | None, match: str) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RadtrtError, match=match):
+        study_paths(tmp_path / studies, synthetic, tmp_path, 1)
+
+
+def test_vision_only_config_keeps_trunk_and_projector_size() -> None:
+    real = preset("llava-rad")
+    cfg = vision_only_config(real)
+    assert cfg.vision == real.vision and cfg.projector_type == real.projector_type
+    assert cfg.decoder.hidden_size == real.decoder.hidden_size == 4096  # projector output width unchanged
+    assert cfg.decoder.num_hidden_layers == 1 and cfg.num_image_tokens == 1369
+
+
+def test_resolve_assets_refusals(tmp_path: Path) -> None:
+    with pytest.raises(RadtrtError, match="say what to benchmark"):
+        resolve_assets(model=None, bundle=None, random_model=None, work_dir=tmp_path, seed=0, vision_only=False)
+    with pytest.raises(RadtrtError, match="do not combine"):
+        resolve_assets(model=None, bundle=tmp_path, random_model="tiny", work_dir=tmp_path, seed=0, vision_only=False)
+    with pytest.raises(RadtrtError, match="unknown model preset"):
+        resolve_assets(model=None, bundle=None, random_model="huge", work_dir=tmp_path, seed=0, vision_only=False)
+    given = resolve_assets(model=tmp_path / "m", bundle=None, random_model=None, work_dir=tmp_path, seed=0,
+                           vision_only=False)
+    assert given.model_dir == tmp_path / "m" and given.bundle is None
+
+
+def test_random_assets_never_deletes_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    foreign = tmp_path / "tiny-seed0"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep")
+    with pytest.raises(RadtrtError, match="not made by 'radtrt bench'"):
+        random_assets("tiny", tmp_path)
+    assert (foreign / "precious.txt").is_file() and not (foreign / ASSETS_MARKER).exists()

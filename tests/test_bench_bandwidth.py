@@ -1,0 +1,75 @@
+"""Decode bandwidth floor: the arithmetic, and which bytes count as read per token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radtrt.benchmarks.bandwidth import (
+    Bandwidth,
+    bundle_decoder_weight_bytes,
+    decode_floor,
+    kv_bytes_per_step,
+    measure_gemv_bandwidth,
+    torch_decoder_weight_bytes,
+)
+from radtrt.errors import RadtrtError
+from radtrt.model.config import DecoderConfig, preset
+from radtrt.model.decoder import LlamaForCausalLM
+
+
+def _bw(gb: float) -> Bandwidth:
+    return Bandwidth(gb_per_s=gb, matrix_bytes=1 << 29, best_ms=1.0, median_ms=1.0, repeats=1, threads=2)
+
+
+def test_floor_is_bandwidth_over_weight_bytes() -> None:
+    f = decode_floor(750_000_000, _bw(27.0), achieved_tokens_per_s=32.4)
+    assert f.floor_tokens_per_s == pytest.approx(36.0)
+    assert f.achieved_fraction == pytest.approx(0.9)
+    assert f.floor_with_kv_tokens_per_s is None and f.achieved_fraction_with_kv is None
+
+
+def test_floor_with_kv_cache_counts_the_cache_reads() -> None:
+    kv = kv_bytes_per_step(num_layers=12, num_kv_heads=16, head_dim=64, context=1000, dtype_bytes=4)
+    assert kv == 2 * 12 * 16 * 64 * 1000 * 4
+    f = decode_floor(1_000_000_000, _bw(20.0), achieved_tokens_per_s=None, kv_bytes=kv)
+    assert f.floor_with_kv_tokens_per_s == pytest.approx(20e9 / (1e9 + kv))
+    assert f.achieved_fraction is None
+
+
+def test_zero_weight_bytes_is_refused() -> None:
+    with pytest.raises(RadtrtError):
+        decode_floor(0, _bw(1.0), 1.0)
+
+
+def test_torch_weight_bytes_are_layers_norm_and_lm_head_not_embedding() -> None:
+    cfg = preset("mid").decoder
+    with torch.device("meta"):
+        lm = LlamaForCausalLM(cfg)
+    d, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    per_layer = 4 * d * d + 3 * d * i + 2 * d  # q, k, v, o (16 KV heads = MHA), MLP, two norms
+    expected = 4 * (layers * per_layer + d + cfg.vocab_size * d)
+    assert torch_decoder_weight_bytes(lm) == expected
+    assert expected == pytest.approx(748e6, rel=0.01)  # the mid preset: ~0.75 GB read per token in fp32
+
+
+def test_tied_lm_head_is_still_counted() -> None:
+    cfg = DecoderConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    lm = LlamaForCausalLM(cfg)
+    assert torch_decoder_weight_bytes(lm) >= 4 * 100 * 8
+
+
+def test_bundle_weight_bytes_sum_the_decoder_files_only() -> None:
+    manifest = {"files": {"decoder.onnx": {"bytes": 10}, "decoder.onnx.data": {"bytes": 1000},
+                          "embed_tokens.safetensors": {"bytes": 500}, "vision.onnx": {"bytes": 7}}}
+    assert bundle_decoder_weight_bytes(manifest) == 1010
+    with pytest.raises(RadtrtError):
+        bundle_decoder_weight_bytes({"files": {}})
+
+
+def test_gemv_probe_reports_its_method() -> None:
+    bw = measure_gemv_bandwidth(matrix_bytes=4 << 20, repeats=2)  # tiny: structure only, no timing claims
+    assert bw.gb_per_s > 0 and bw.matrix_bytes == 4 << 20 and bw.repeats == 2 and bw.threads >= 1
+    assert bw.best_ms <= bw.median_ms
+    assert set(bw.probes) == {"torch.mv fp32", "numpy.matmul fp32"} and bw.gb_per_s == max(bw.probes.values())

@@ -1,0 +1,119 @@
+"""``radtrt bench`` end to end on the tiny preset: exit codes, outputs, and fp32 parity of the backends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from radtrt.benchmarks.assets import Assets, random_assets
+from radtrt.benchmarks.cli import register
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.callback()
+    def _root() -> None:
+        """Test root."""
+
+    register(app)
+    return app
+
+
+APP = _app()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-work")
+
+
+@pytest.fixture(scope="module")
+def tiny(work: Path) -> Assets:
+    """The tiny random model and bundle, built once; CLI runs with --work-dir reuse them."""
+    return random_assets("tiny", work, seed=0)
+
+
+def _invoke(*args: object) -> tuple[int, str, str]:
+    result = runner.invoke(APP, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_parity_onnxruntime_vs_torch_is_exact_in_fp32(tiny: Assets, work: Path) -> None:
+    code, out, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--synthetic", 2,
+                             "--max-new-tokens", 16, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    s = data["summary"]
+    assert data["backend"] == "onnxruntime" and data["reference"] == "torch"
+    assert s["exact_match_rate"] == 1.0 and s["first_divergences"] == [None, None] and s["rouge_l_min"] == 1.0
+    assert s["vision_cosine_min"] > 0.99999 and s["first_logits_max_abs_diff"] < 1e-3
+    assert all(st["new_tokens"] > 0 for st in data["studies"])
+    assert data["command"].startswith("radtrt bench parity --random-model tiny")
+
+
+def test_parity_transformers_generate_vs_torch(tiny: Assets, work: Path, tmp_path: Path) -> None:
+    out_md = tmp_path / "parity.md"
+    code, out, err = _invoke("bench", "parity", "--model", tiny.model_dir, "--backend", "transformers",
+                             "--synthetic", 1, "--work-dir", work, "--max-new-tokens", 12, "-o", out_md)
+    assert code == 0, err
+    assert "| exact-match rate of generated tokens | 1/1 (100%) |" in out
+    assert out_md.read_text() == out
+    assert json.loads(out_md.with_suffix(".json").read_text())["summary"]["exact_match_rate"] == 1.0
+
+
+def test_latency_two_backends_writes_markdown_json_png(tiny: Assets, work: Path, tmp_path: Path) -> None:
+    report = tmp_path / "out" / "latency.md"
+    code, out, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", work, "--vs-backend",
+                             "torch", "--runs", 2, "--warmup", 0, "--max-new-tokens", 4, "-o", report)
+    assert code == 0, err
+    assert out == report.read_text() and "| median | onnxruntime | torch | onnxruntime / torch |" in out
+    assert "radtrt bench latency --random-model tiny" in out
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert [b["name"] for b in data["backends"]] == ["onnxruntime", "torch"]
+    assert all(len(b["samples"]) == 2 for b in data["backends"])
+    assert set(data["ratios"]["of_medians"]) >= {"vision", "prefill", "decode_per_token", "end_to_end"}
+    assert data["bandwidth"]["gb_per_s"] > 0 and data["peak_rss_mb"] > 0
+    assert data["backends"][0]["decode_floor"]["floor_tokens_per_s"] > 0
+    png = report.with_suffix(".png")
+    assert png.is_file() or "no PNG chart" in err
+
+
+def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Path) -> None:
+    code, out, err = _invoke("bench", "latency", "--bundle", tiny.bundle, "--model", tiny.model_dir, "--vs-backend",
+                             "torch", "--stages", "vision", "--runs", 1, "--warmup", 0, "--synthetic", 1,
+                             "--work-dir", work, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data["backends"][0]["stages_ms"]) == {"preprocess", "vision", "end_to_end"}
+    assert data["bandwidth"] is None and data["backends"][0]["decode_floor"] is None
+
+
+@pytest.mark.parametrize("args,match", [
+    (("latency", "--synthetic", 1, "--studies", "."), "not both"),
+    (("latency", "--backend", "tensorrt"), "unknown backend"),
+    (("latency", "--vs-backend", "onnxruntime"), "must differ"),
+    (("latency", "--random-model", "tiny", "--bundle", "x"), "do not combine"),
+    (("parity",), "say what to benchmark"),
+    (("latency", "--stages", "text"), "unknown --stages"),
+    (("latency", "--runs", 0), "--runs"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny: Assets, work: Path, args: tuple, match: str) -> None:
+    extra = () if "--bundle" in args or args == ("parity",) else ("--random-model", "tiny")
+    code, _, err = _invoke("bench", *args, *extra, "--work-dir", work)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and lines and lines[-1].startswith("radtrt: error:") and match in lines[-1], err
+    assert "Traceback" not in err
+
+
+def test_torch_side_needs_a_model(tiny: Assets, work: Path) -> None:
+    code, _, err = _invoke("bench", "parity", "--bundle", tiny.bundle, "--work-dir", work)
+    assert code == 2 and "needs --model" in err

@@ -1,0 +1,178 @@
+"""Latency bench: interleaving, warmup exclusion, summary math on fake timings, Markdown/JSON/PNG reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from radtrt.benchmarks.bandwidth import Bandwidth
+from radtrt.benchmarks.chart import matplotlib_available, stage_medians, write_chart
+from radtrt.benchmarks.latency import (
+    BackendInfo,
+    LatencyReport,
+    LatencySettings,
+    Sample,
+    build_report,
+    measure,
+    run_order,
+)
+from radtrt.benchmarks.machine import MachineInfo, machine_info, peak_rss_mb
+from radtrt.benchmarks.markdown import latency_markdown
+from radtrt.benchmarks.sides import Side
+from radtrt.errors import RadtrtError
+
+MACHINE = MachineInfo(cpu="Test CPU", logical_cores=2, usable_cores=2, platform="Linux-test", python="3.11",
+                      load_average=(0.1, 0.2, 0.3), torch_threads=2, versions={"radtrt": "0"})
+BW = Bandwidth(gb_per_s=27.0, matrix_bytes=512 << 20, best_ms=20.0, median_ms=21.0, repeats=10, threads=2)
+
+
+@dataclass
+class FakePipeline:
+    """Records the order of runs; returns fixed timings scaled per backend."""
+
+    name: str
+    scale: float
+    log: list[str]
+    cfg: object = None
+    backend: object = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.backend = SimpleNamespace(name=self.name, precision="fp32")
+
+    def run(self, study: Path, *, indication: str | None, max_new_tokens: int) -> SimpleNamespace:
+        self.log.append(f"{self.name}:{study.name}")
+        t = {"preprocess": 10.0, "vision": 100.0 * self.scale, "prefill": 50.0 * self.scale, "decode": 99.0,
+             "decode_per_token": 10.0 * self.scale, "end_to_end": 500.0 * self.scale}
+        return SimpleNamespace(timings_ms=t, token_ids=list(range(max_new_tokens)))
+
+
+def _info(name: str, weight_bytes: int = 270_000_000) -> BackendInfo:
+    return BackendInfo(name=name, precision="fp32", settings={"threads": 2}, load_seconds=1.5, rss_added_mb=900.0,
+                       weight_bytes=weight_bytes, kv_geometry=(12, 16, 64))
+
+
+def test_run_order_alternates() -> None:
+    assert run_order(["a", "b"], 0) == [0, 1] and run_order(["a", "b"], 1) == [1, 0]
+    assert run_order(["a"], 3) == [0]
+
+
+def test_measure_interleaves_backends_and_drops_warmup() -> None:
+    log: list[str] = []
+    sides = [Side(FakePipeline("ort", 0.5, log), 1, 0.0, None), Side(FakePipeline("torch", 1.0, log), 1, 0.0, None)]
+    studies = [Path("s1"), Path("s2")]
+    samples = measure(sides, studies, LatencySettings(runs=2, warmup=1, max_new_tokens=5))  # type: ignore[arg-type]
+    # warmup is run -1 (odd: reversed), then run 0 (as given), then run 1 (reversed)
+    assert log == ["torch:s1", "ort:s1", "torch:s2", "ort:s2",
+                   "ort:s1", "torch:s1", "ort:s2", "torch:s2",
+                   "torch:s1", "ort:s1", "torch:s2", "ort:s2"]
+    assert len(samples) == 8 and {s.run for s in samples} == {0, 1}
+    assert all(s.new_tokens == 5 for s in samples)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stages="text"), dict(runs=0), dict(warmup=-1), dict(max_new_tokens=0)])
+def test_settings_are_validated(kwargs: dict) -> None:
+    with pytest.raises(RadtrtError):
+        LatencySettings(**kwargs)
+
+
+def _samples() -> list[Sample]:
+    out = []
+    for run, (a, b) in enumerate([(20.0, 40.0), (25.0, 50.0), (30.0, 45.0)]):
+        for name, per_token in (("onnxruntime", a), ("torch", b)):
+            t = {"preprocess": 10.0, "vision": 2 * per_token, "prefill": 3 * per_token, "decode": per_token * 31,
+                 "decode_per_token": per_token, "end_to_end": 10 + 5 * per_token + per_token * 31}
+            out.append(Sample(name, run, 0, t, 32))
+    return out
+
+
+def _report(**kw: object) -> LatencyReport:
+    args = dict(command="radtrt bench latency --random-model mid", model="mid (random weights, seed 0)",
+                settings=LatencySettings(runs=3, warmup=0, max_new_tokens=32), machine=MACHINE,
+                infos=[_info("onnxruntime"), _info("torch")], samples=_samples(), n_studies=1, prompt_tokens=1430,
+                image_tokens=1369, bandwidth=BW, peak_rss_mb=2048.0)
+    args.update(kw)
+    return build_report(**args)  # type: ignore[arg-type]
+
+
+def test_report_math_on_fake_timings() -> None:
+    report = _report()
+    ort, torch_ = report.backends
+    assert ort.stages["decode_per_token"].median == 25.0 and torch_.stages["decode_per_token"].median == 45.0
+    assert ort.tokens_per_s is not None and ort.tokens_per_s.median == pytest.approx(40.0)
+    assert ort.floor is not None
+    assert ort.floor.floor_tokens_per_s == pytest.approx(27e9 / 270e6)
+    assert ort.floor.achieved_fraction == pytest.approx(40.0 / 100.0)
+    kv = 2 * 12 * 16 * 64 * (1430 + 16) * 4
+    assert ort.floor.kv_bytes_at_mean_context == pytest.approx(kv)
+    ratios = report.ratios()
+    assert ratios["decode_per_token"] == pytest.approx(25 / 45)
+    assert ratios["vision"] == pytest.approx(50 / 90)
+    assert ratios["tokens_per_s"] == pytest.approx(40 / (1000 / 45))
+
+
+def test_single_backend_has_no_ratios_and_one_token_runs_no_tokens_per_s() -> None:
+    samples = [Sample("onnxruntime", 0, 0, {k: 1.0 for k in ("preprocess", "vision", "prefill", "decode",
+                                                              "decode_per_token", "end_to_end")}, 1)]
+    report = _report(infos=[_info("onnxruntime")], samples=samples)
+    assert report.ratios() == {}
+    assert report.backends[0].tokens_per_s is None and report.backends[0].floor is None
+    md = latency_markdown(report)
+    assert "decode tokens/s" not in md and " / " not in md.split("| median |")[1].splitlines()[0]
+
+
+def test_missing_samples_for_a_backend_is_an_error() -> None:
+    with pytest.raises(RadtrtError, match="no measured samples"):
+        _report(infos=[_info("onnxruntime"), _info("tensorrt")])
+
+
+def test_vision_only_report_has_vision_stages_only() -> None:
+    samples = [Sample(n, r, 0, {"preprocess": 5.0, "vision": v, "end_to_end": 5.0 + v}, 0)
+               for r in range(2) for n, v in (("onnxruntime", 1820.0), ("torch", 1930.0))]
+    report = _report(settings=LatencySettings(stages="vision", runs=2, warmup=0), samples=samples, bandwidth=None)
+    assert report.stage_names == ("preprocess", "vision", "end_to_end")
+    assert report.ratios()["vision"] == pytest.approx(1820 / 1930)
+    md = latency_markdown(report)
+    assert "| vision (ViT + projector) (ms) | 1,820.0 | 1,930.0 | 0.943 |" in md
+    assert "prefill" not in md and "bandwidth floor" not in md
+
+
+def test_markdown_has_command_tables_and_ratios() -> None:
+    md = latency_markdown(_report())
+    assert "```\nradtrt bench latency --random-model mid\n```" in md
+    assert "| median | onnxruntime | torch | onnxruntime / torch |" in md
+    assert "| decode per token (ms) | 25.0 | 45.0 | 0.556 |" in md
+    assert "| decode tokens/s | 40.0 | 22.2 | 1.800 |" in md
+    assert "| onnxruntime | decode_per_token | 20.0 | 25.0 | 29.0 | 29.5 | 30.0 |" in md
+    assert "27.0 GB/s" in md and "floor 100.0 tokens/s" in md and "= 40% of the floor" in md
+    assert "Test CPU" in md and "Peak RSS" in md
+
+
+def test_json_report_is_complete_and_serializable() -> None:
+    data = json.loads(json.dumps(_report().to_json()))
+    assert data["kind"] == "latency" and data["command"].startswith("radtrt bench latency")
+    assert data["ratios"]["numerator"] == "onnxruntime" and data["ratios"]["denominator"] == "torch"
+    ort = data["backends"][0]
+    assert set(ort["stages_ms"]["vision"]) == {"n", "min", "median", "p90", "p95", "max", "mean"}
+    assert len(ort["samples"]) == 3 and ort["decode_floor"]["achieved_fraction"] == pytest.approx(0.4)
+    assert data["bandwidth"]["gb_per_s"] == 27.0 and data["machine"]["cpu"] == "Test CPU"
+
+
+def test_chart_medians_and_png(tmp_path: Path) -> None:
+    report = _report()
+    medians = stage_medians(report)
+    assert medians["torch"]["decode"] == pytest.approx(45.0 * 31)
+    if not matplotlib_available():
+        pytest.skip("matplotlib is not installed")
+    png = write_chart(report, tmp_path / "chart.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_machine_info_and_memory_are_reported() -> None:
+    info = machine_info()
+    assert info.cpu and info.versions["radtrt"] and "torch" in info.versions
+    assert peak_rss_mb() > 10
+    assert "load average" in info.one_line()

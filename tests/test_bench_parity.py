@@ -1,0 +1,87 @@
+"""Parity bench metrics on hand-made outcomes: divergence, cosine, ROUGE-L, logits, reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from radtrt.benchmarks.machine import MachineInfo
+from radtrt.benchmarks.markdown import parity_markdown
+from radtrt.benchmarks.parity import Outcome, ParityReport, compare, cosine, first_divergence, rouge_l
+from radtrt.errors import RadtrtError
+
+MACHINE = MachineInfo(cpu="Test CPU", logical_cores=2, usable_cores=2, platform="Linux-test", python="3.11",
+                      load_average=None, torch_threads=2)
+
+
+@pytest.mark.parametrize("a,b,expected", [([1, 2, 3], [1, 2, 3], None), ([1, 2, 3], [1, 5, 3], 1),
+                                           ([7], [8], 0), ([1, 2], [1, 2, 3], 2), ([1, 2, 3], [1], 1),
+                                           ([], [], None), ([], [4], 0)])
+def test_first_divergence(a: list[int], b: list[int], expected: int | None) -> None:
+    assert first_divergence(a, b) == expected
+
+
+def test_cosine() -> None:
+    x = torch.randn(4, 8)
+    assert cosine(x, x) == pytest.approx(1.0)
+    assert cosine(x, -x) == pytest.approx(-1.0)
+    assert cosine(x, 3 * x) == pytest.approx(1.0)
+    assert cosine(torch.zeros(3), torch.zeros(3)) == 1.0 and cosine(torch.zeros(3), torch.ones(3)) == 0.0
+    with pytest.raises(RadtrtError):
+        cosine(torch.ones(3), torch.ones(4))
+
+
+def test_rouge_l_uses_the_released_scorer_and_identical_texts_score_one() -> None:
+    assert rouge_l("", "") == 1.0
+    assert rouge_l("The lungs are clear.", "The lungs are clear.") == 1.0
+    assert rouge_l("no effusion", "the heart is enlarged") == 0.0
+    # LCS "the lungs are clear" = 4 tokens; P = 4/5, R = 4/4 -> F1 = 8/9
+    assert rouge_l("the lungs are very clear", "the lungs are clear") == pytest.approx(8 / 9)
+
+
+def _outcome(ids: list[int], logits: list[float], embeds: torch.Tensor, report: str) -> Outcome:
+    return Outcome(embeds, ids, torch.tensor(logits), report)
+
+
+def test_compare_identical_and_divergent() -> None:
+    e = torch.randn(5, 4)
+    ref = _outcome([5, 6, 7], [0.1, 3.0, -2.0], e, "the lungs are clear")
+    same = compare("s1", _outcome([5, 6, 7], [0.1, 3.0, -2.0], e.clone(), "the lungs are clear"), ref)
+    assert same.tokens_equal and same.first_divergence is None and same.rouge_l == 1.0
+    assert same.first_logits_max_abs_diff == 0.0 and same.first_argmax_equal and same.vision_cosine == pytest.approx(1)
+    other = compare("s2", _outcome([5, 9], [0.1, 2.5, 2.9], e + 0.01, "the lungs are very clear"), ref)
+    assert not other.tokens_equal and other.first_divergence == 1
+    assert other.new_tokens == 2 and other.reference_new_tokens == 3
+    assert other.first_logits_max_abs_diff == pytest.approx(4.9) and not other.first_argmax_equal
+    assert other.reference_first_logits_max_abs == pytest.approx(3.0)
+    assert other.vision_max_abs_diff == pytest.approx(0.01, abs=1e-6) and other.vision_cosine < 1.0
+
+
+def _report() -> ParityReport:
+    e = torch.ones(3, 2)
+    ref = _outcome([1, 2, 3], [0.0, 1.0], e, "a b c")
+    studies = [compare("s1.dcm", _outcome([1, 2, 3], [0.0, 1.0 + 2**-10], e, "a b c"), ref),
+               compare("s2.dcm", _outcome([1, 2, 4], [0.0, 1.0], e, "a b d"), ref)]
+    return ParityReport(command="radtrt bench parity --random-model tiny", model="tiny", backend="onnxruntime",
+                        reference="torch", precision="fp32 vs fp32", max_new_tokens=8, machine=MACHINE,
+                        studies=studies)
+
+
+def test_summary_and_json() -> None:
+    report = _report()
+    s = report.summary()
+    assert s["exact_match_rate"] == 0.5 and s["first_divergences"] == [None, 2]
+    assert s["rouge_l_min"] == pytest.approx(2 / 3) and s["rouge_l_mean"] == pytest.approx(5 / 6)
+    assert s["first_logits_max_abs_diff"] == 2**-10
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["kind"] == "parity" and len(data["studies"]) == 2 and data["studies"][1]["first_divergence"] == 2
+
+
+def test_markdown() -> None:
+    md = parity_markdown(_report())
+    assert "```\nradtrt bench parity --random-model tiny\n```" in md
+    assert "| exact-match rate of generated tokens | 1/2 (50%) |" in md
+    assert "| first divergence position per study | none, 2 |" in md
+    assert "| s2.dcm | NO | 2 | 3 / 3 |" in md

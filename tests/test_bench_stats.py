@@ -1,0 +1,44 @@
+"""Order statistics and ratios of the latency bench, checked against numpy on fixed numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from radtrt.benchmarks.stats import percentile, ratio, summarize
+from radtrt.errors import RadtrtError
+
+
+@pytest.mark.parametrize("values", [[5.0], [3.0, 1.0], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 7.5],
+                                    list(np.random.default_rng(0).exponential(3.0, size=37))])
+def test_summary_matches_numpy_linear_percentiles(values: list[float]) -> None:
+    s = summarize(values)
+    arr = np.asarray(values, dtype=float)
+    assert s.n == len(values)
+    assert s.min == arr.min() and s.max == arr.max()
+    for got, q in ((s.median, 50), (s.p90, 90), (s.p95, 95)):
+        assert got == pytest.approx(np.percentile(arr, q))
+    assert s.mean == pytest.approx(arr.mean())
+    assert s.min <= s.median <= s.p90 <= s.p95 <= s.max
+
+
+def test_percentile_interpolates_between_order_statistics() -> None:
+    assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_empty_samples_are_a_user_error() -> None:
+    with pytest.raises(RadtrtError):
+        summarize([])
+
+
+def test_ratio_is_other_over_reference_and_none_when_undefined() -> None:
+    assert ratio(1.82, 1.93) == pytest.approx(0.943, abs=1e-3)
+    assert ratio(None, 1.0) is None and ratio(1.0, None) is None and ratio(1.0, 0.0) is None
+
+
+def test_summary_json_is_rounded_plain_numbers() -> None:
+    data = summarize([1.23456789, 2.0]).to_json()
+    assert data["min"] == 1.2346 and data["n"] == 2
