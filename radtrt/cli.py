@@ -237,10 +237,14 @@ def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Wher
 def _register_subcommands() -> None:
     """Command groups that live next to their library code."""
     from radtrt.benchmarks.cli import register as register_bench
+    from radtrt.data.cli import register as register_data
     from radtrt.evaluation.cli import register as register_eval
+    from radtrt.training.cli import register as register_train
 
     register_eval(app)
     register_bench(app)
+    register_data(app)
+    register_train(app)
 
 
 _register_subcommands()

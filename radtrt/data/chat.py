@@ -1,0 +1,131 @@
+"""A small client for OpenAI-compatible chat endpoints: rate limit, retries, on-disk cache.
+
+Only the standard library (``urllib``): one POST to ``{endpoint}/chat/completions`` per request.
+The API key comes from the caller (read from an environment variable by the CLI), is sent only
+in the ``Authorization`` header and never appears in messages, logs or the cache. Error messages
+carry the HTTP status, never the response body (which may echo clinical text).
+
+* Rate limit: request starts are spaced at least ``1 / rate_per_s`` seconds apart.
+* Retries: HTTP 408/409/429/5xx, timeouts and connection errors are retried up to
+  ``max_retries`` times with exponential backoff, or after ``Retry-After`` when the server says.
+  Other 4xx answers fail at once (a bad key or model name does not get better by retrying).
+* Cache: answers are stored under ``cache_dir`` keyed by a hash of (endpoint, model, messages,
+  sampling settings); a rerun asks the endpoint only for what it has not answered yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from radtrt.errors import fail
+
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+def completions_url(endpoint: str) -> str:
+    endpoint = endpoint.rstrip("/")
+    if not endpoint.startswith(("http://", "https://")):
+        fail(f"--endpoint must be an http(s) URL, got '{endpoint}'")
+    return endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
+
+
+@dataclass
+class ChatClient:
+    endpoint: str
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    rate_per_s: float = 1.0
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+    cache_dir: Path | None = None
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    requests_made: int = 0
+    _last_start: float = field(default=float("-inf"), repr=False)
+
+    def __post_init__(self) -> None:
+        self.url = completions_url(self.endpoint)
+        if self.rate_per_s <= 0 or self.max_retries < 0:
+            fail("--rate must be positive and --retries at least 0")
+
+    def _cache_file(self, payload: dict[str, Any]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(json.dumps({"url": self.url, **payload}, sort_keys=True).encode()).hexdigest()
+        return self.cache_dir / key[:2] / f"{key}.json"
+
+    def complete(self, messages: list[dict[str, str]], *, temperature: float = 0.0, max_tokens: int = 400,
+                 seed: int | None = None) -> str:
+        """The assistant's reply text for ``messages`` (from the cache when answered before)."""
+        payload: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature,
+                                   "max_tokens": max_tokens}
+        if seed is not None:
+            payload["seed"] = seed
+        cache = self._cache_file(payload)
+        if cache is not None and cache.is_file():
+            return json.loads(cache.read_text())["content"]
+        content = self._parse(self._post(payload))
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".partial")
+            tmp.write_text(json.dumps({"content": content}))
+            tmp.replace(cache)
+        return content
+
+    def _wait_for_slot(self) -> None:
+        gap = 1.0 / self.rate_per_s - (time.monotonic() - self._last_start)
+        if gap > 0:
+            self.sleep(gap)
+        self._last_start = time.monotonic()
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        body = json.dumps(payload).encode()
+        problem = ""
+        for attempt in range(self.max_retries + 1):
+            self._wait_for_slot()
+            self.requests_made += 1
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            retry_after = None
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as e:
+                if e.code not in RETRY_STATUS:
+                    hint = " (check the API key)" if e.code in (401, 403) else ""
+                    fail(f"chat endpoint refused the request: HTTP {e.code}{hint}")
+                problem, retry_after = f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+                problem = type(getattr(e, "reason", e)).__name__
+            except json.JSONDecodeError:
+                fail("chat endpoint answered with something that is not JSON")
+            if attempt < self.max_retries:
+                self.sleep(retry_after if retry_after is not None else self.backoff_s * 2**attempt)
+        fail(f"chat endpoint failed {self.max_retries + 1} times (last: {problem}); rerun to resume")
+
+    @staticmethod
+    def _parse(answer: dict[str, Any]) -> str:
+        try:
+            content = answer["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            fail("chat endpoint's answer has no choices[0].message.content")
+        if not isinstance(content, str) or not content.strip():
+            fail("chat endpoint answered with empty content")
+        return content.strip()
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to exponential backoff

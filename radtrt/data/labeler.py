@@ -1,0 +1,116 @@
+"""A small phrase labeler for the phantom vocabulary, and micro/macro F1 between label sets.
+
+It reads a findings paragraph the way CheXpert-style rule labelers do: sentences, finding
+mentions by pattern, negation when a cue ("no", "without", "not", ...) occurs earlier in the same
+sentence than the end of the mention, and the side or region named nearest the mention (before it
+if any, else after it). It only knows the phantom vocabulary (``vocabulary.LABELS``), which is
+what the default model's held-out check needs: labels of generated vs. true reports.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from radtrt.data.vocabulary import LABELS, NO_FINDING, DEVICE_LABELS
+
+_SENTENCE = re.compile(r"(?<=[.;!?])\s+|\n+")
+_NEGATION = re.compile(r"\b(no|not|without|negative for|free of|absent|resolved)\b")
+_SIDE = re.compile(r"\b(right|left|bilateral)\b")
+_REGION = re.compile(r"\b(right|left)\s+(upper|lower)\b")
+_PATTERNS: dict[str, re.Pattern[str]] = {
+    "cardiomegaly": re.compile(r"cardiomegaly|\b(heart|cardiac silhouette|heart size)\b[^.;]*?\benlarged\b|"
+                               r"\benlarged (heart|cardiac silhouette)"),
+    "pleural_effusion": re.compile(r"\beffusions?\b"),
+    "pneumothorax": re.compile(r"\bpneumothora(x|ces)\b"),
+    "consolidation": re.compile(r"\bconsolidation\b|\bairspace (opacity|disease)\b|\bopacity concerning for pneumonia\b|"
+                                r"\blobe opacity\b"),
+    "nodule": re.compile(r"\bnodul(e|es|ar)\b"),
+    "endotracheal_tube": re.compile(r"\bendotracheal tube\b|\bett\b"),
+    "central_line": re.compile(r"\bcentral (venous )?(catheter|line)\b|\bpicc\b"),
+}
+_SIDED = {"pleural_effusion", "pneumothorax", "nodule"}
+
+
+@dataclass(frozen=True)
+class Mention:
+    finding: str
+    start: int
+    end: int
+
+
+def _nearest(pattern: re.Pattern[str], sentence: str, mention: Mention) -> re.Match[str] | None:
+    """The match of ``pattern`` nearest before the mention, else the first one after it."""
+    before = [m for m in pattern.finditer(sentence) if m.end() <= mention.end]
+    if before:
+        return before[-1]
+    return next((m for m in pattern.finditer(sentence) if m.start() >= mention.start), None)
+
+
+def _sentence_labels(sentence: str) -> set[str]:
+    out: set[str] = set()
+    for finding, pattern in _PATTERNS.items():
+        for m in pattern.finditer(sentence):
+            mention = Mention(finding, m.start(), m.end())
+            if _NEGATION.search(sentence[: mention.end]):
+                continue
+            if finding in _SIDED:
+                side = _nearest(_SIDE, sentence, mention)
+                sides = {"right", "left"} if side and side.group(1) == "bilateral" else {side.group(1)} if side else set()
+                out.update(f"{finding}_{s}" for s in sides)
+            elif finding == "consolidation":
+                region = _nearest(_REGION, sentence, mention)
+                if region:
+                    out.add(f"consolidation_{region.group(1)}_{region.group(2)}")
+            else:
+                out.add(finding)
+    return out
+
+
+def extract_labels(text: str) -> list[str]:
+    """Phantom-vocabulary labels of a findings paragraph, in ``LABELS`` order.
+
+    ``no_finding`` is set when no pathology is mentioned (devices do not count), as in CheXpert.
+    A mention whose side or region is not stated yields no label: the vocabulary is sided.
+    """
+    found: set[str] = set()
+    for sentence in _SENTENCE.split(text.lower()):
+        found |= _sentence_labels(sentence)
+    if not found - DEVICE_LABELS:
+        found.add(NO_FINDING)
+    return [label for label in LABELS if label in found]
+
+
+@dataclass(frozen=True)
+class F1Report:
+    micro_f1: float
+    macro_f1: float
+    per_label: dict[str, float]
+    support: dict[str, int]
+    n: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"micro_f1": self.micro_f1, "macro_f1": self.macro_f1, "per_label": self.per_label,
+                "support": self.support, "n": self.n}
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+
+def label_f1(predicted: Iterable[Iterable[str]], reference: Iterable[Iterable[str]]) -> F1Report:
+    """Micro F1 (pooled over labels and samples); macro F1 is the mean over labels in either side (as sklearn)."""
+    counts = {label: [0, 0, 0] for label in LABELS}  # tp, fp, fn
+    n = 0
+    for pred, ref in zip(predicted, reference, strict=True):
+        p, r = set(pred), set(ref)
+        n += 1
+        for label in p | r:
+            c = counts.setdefault(label, [0, 0, 0])
+            c[0 if label in p and label in r else 1 if label in p else 2] += 1
+    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
+    support = {label: c[0] + c[2] for label, c in counts.items()}
+    per_label = {label: _f1(*c) for label, c in counts.items() if any(c)}
+    macro = sum(per_label.values()) / len(per_label) if per_label else 1.0
+    return F1Report(_f1(tp, fp, fn), macro, per_label, {k: v for k, v in support.items() if v}, n)

@@ -1,0 +1,97 @@
+"""JSONL manifests: one image-report pair per line, ``{image, findings, indication, labels, ...}``.
+
+``image`` is a study path (DICOM file or folder, PNG, JPEG) relative to the manifest's folder
+(or absolute); ``findings`` the report's findings text; ``indication`` optional; ``labels`` an
+optional list of finding label names. Other keys are kept as they are (provenance such as
+``synthesis`` or ``phantom``). Errors name the file and line, never the content, which may be
+clinical text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radtrt.errors import fail
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    image: str
+    findings: str
+    indication: str | None = None
+    labels: tuple[str, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def image_path(self, root: Path) -> Path:
+        path = Path(self.image)
+        return path if path.is_absolute() else root / path
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"image": self.image, "findings": self.findings, "indication": self.indication}
+        if self.labels is not None:
+            d["labels"] = list(self.labels)
+        return {**d, **self.extra}
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; anything but a JSON object is refused."""
+    if not path.is_file():
+        fail(f"manifest not found: {path}")
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{lineno}: not valid JSON ({e.msg})")
+            if not isinstance(obj, dict):
+                fail(f"{path}:{lineno}: each line must be a JSON object")
+            yield lineno, obj
+
+
+def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        fail(f"{where}: '{key}' must be a string or null")
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def parse_row(obj: dict[str, Any], where: str) -> ManifestRow:
+    image, findings = obj.get("image"), obj.get("findings")
+    if not isinstance(image, str) or not image:
+        fail(f"{where}: 'image' (a study path) is missing or not a string")
+    if not isinstance(findings, str) or not findings.strip():
+        fail(f"{where}: 'findings' is missing or empty")
+    labels = obj.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+        fail(f"{where}: 'labels' must be a list of label names")
+    extra = {k: v for k, v in obj.items() if k not in ("image", "findings", "indication", "labels")}
+    return ManifestRow(image, findings.strip(), _optional_str(obj, "indication", where),
+                       tuple(labels) if labels is not None else None, extra)
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    """All rows of a manifest, validated; an empty manifest is refused."""
+    rows = [parse_row(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl(path)]
+    if not rows:
+        fail(f"manifest {path} has no rows")
+    return rows
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write atomically (temporary file, then rename): a crash never leaves half a manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    return path

@@ -1,0 +1,161 @@
+"""Findings text from structured labels (the paper's GPT-4 step), through a chat endpoint or templates.
+
+Input: JSONL rows with ``image``, ``labels`` and optionally ``indication`` (other keys are kept).
+``labels`` is either a list of positive label names or a CheXpert-style mapping
+``{name: 1 | 0 | -1 | null}`` (positive, negative, uncertain, not mentioned).
+Output: a training manifest, one row per input row in the same order, each marked with how its
+text was made: ``synthesis: {"mode": "llm", "model", "endpoint"}`` or ``{"mode": "template", ...}``.
+
+Resumable: rows already in the output are kept and skipped (checked to be the same images), and
+the chat client's cache avoids paying twice for answers that were received but not yet written.
+Template mode is deterministic: row ``i`` with seed ``s`` always gets the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from rich.console import Console
+from rich.progress import Progress
+
+from radtrt.data.chat import ChatClient
+from radtrt.data.manifest import read_jsonl
+from radtrt.data.reports import findings_text
+from radtrt.data.vocabulary import LABELS, NO_FINDING, Findings
+from radtrt.errors import fail
+
+PROMPT_VERSION = 1
+SYSTEM_PROMPT = ("You are an experienced radiologist. You write the findings section of chest radiograph reports "
+                 "in the concise style of clinical reports.")
+# CheXpert's 14 observations, phrased for template mode: (positive, negative, uncertain)
+CHEXPERT_PHRASES = {
+    "no finding": ("No acute cardiopulmonary abnormality.", "", ""),
+    "enlarged cardiomediastinum": ("The cardiomediastinal silhouette is widened.",
+                                   "The cardiomediastinal silhouette is within normal limits.",
+                                   "The mediastinum may be slightly widened."),
+    "cardiomegaly": ("The heart is enlarged.", "Heart size is normal.", "The heart is possibly enlarged."),
+    "lung opacity": ("There is a pulmonary opacity.", "No focal opacity.", "A faint opacity cannot be excluded."),
+    "lung lesion": ("There is a pulmonary nodule.", "No pulmonary nodules.", "A possible nodule is seen."),
+    "edema": ("There is pulmonary edema.", "No pulmonary edema.", "Mild edema is possible."),
+    "consolidation": ("There is focal consolidation.", "No focal consolidation.", "Possible early consolidation."),
+    "pneumonia": ("Findings are concerning for pneumonia.", "No evidence of pneumonia.", "Pneumonia is possible."),
+    "atelectasis": ("There is bibasilar atelectasis.", "No atelectasis.", "Possible minimal atelectasis."),
+    "pneumothorax": ("There is a pneumothorax.", "No pneumothorax.", "A small pneumothorax cannot be excluded."),
+    "pleural effusion": ("There is a pleural effusion.", "No pleural effusion.", "A small effusion is possible."),
+    "pleural other": ("There is pleural thickening.", "", "Possible pleural thickening."),
+    "fracture": ("There is a rib fracture.", "No acute fracture.", "A possible rib fracture is seen."),
+    "support devices": ("Support devices are in place.", "", ""),
+}
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    positive: tuple[str, ...]
+    negative: tuple[str, ...] = ()
+    uncertain: tuple[str, ...] = ()
+
+
+def parse_labels(value: Any, where: str) -> LabelSet:
+    if isinstance(value, list) and all(isinstance(x, str) for x in value):
+        return LabelSet(tuple(value))
+    if isinstance(value, dict):
+        groups: dict[Any, list[str]] = {1: [], 0: [], -1: []}
+        for name, v in value.items():
+            if v is None:
+                continue
+            if v not in groups or isinstance(v, bool):
+                fail(f"{where}: label '{name}' must be 1, 0, -1 or null")
+            groups[v].append(str(name))
+        return LabelSet(tuple(groups[1]), tuple(groups[0]), tuple(groups[-1]))
+    fail(f"{where}: 'labels' must be a list of names or an object {{name: 1|0|-1|null}}")
+
+
+def _readable(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def llm_messages(labels: LabelSet, indication: str | None) -> list[dict[str, str]]:
+    lines = ["Write the findings section of a frontal chest radiograph report consistent with these labels.",
+             f"Positive findings: {', '.join(map(_readable, labels.positive)) or 'none'}."]
+    if labels.negative:
+        lines.append(f"Absent (state as negatives where a radiologist would): {', '.join(map(_readable, labels.negative))}.")
+    if labels.uncertain:
+        lines.append(f"Uncertain (hedge): {', '.join(map(_readable, labels.uncertain))}.")
+    if indication:
+        lines.append(f"Indication: {indication}")
+    lines.append("Mention every positive finding with its side or location when the label gives one, state the "
+                 "relevant negatives, invent no other findings, and answer with one paragraph of findings only "
+                 "(no heading, no impression).")
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def template_text(labels: LabelSet, rng: random.Random) -> str:
+    """Phantom-vocabulary labels get the phantom report generator; CheXpert names get fixed phrases."""
+    if set(labels.positive) <= set(LABELS) and not labels.negative and not labels.uncertain:
+        return findings_text(Findings.from_labels(list(labels.positive)), rng)
+    sentences = []
+    for names, slot in ((labels.positive, 0), (labels.uncertain, 2), (labels.negative, 1)):
+        for name in names:
+            phrases = CHEXPERT_PHRASES.get(_readable(name).lower())
+            if phrases is None:
+                fail(f"template mode knows the phantom labels and CheXpert's 14 observations, not '{name}'; "
+                     f"use --endpoint for other label sets")
+            if phrases[slot]:
+                sentences.append(phrases[slot])
+    return " ".join(sentences) or CHEXPERT_PHRASES["no finding"][0]
+
+
+def _positive_names(labels: LabelSet) -> list[str]:
+    return list(labels.positive) if labels.positive else [NO_FINDING]
+
+
+def _done_rows(out: Path, inputs: list[dict[str, Any]]) -> int:
+    if not out.is_file():
+        return 0
+    text = out.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):  # a run killed mid-line: drop the partial row, it is redone
+        out.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+    done = [obj for _, obj in read_jsonl(out)]
+    if len(done) > len(inputs) or any(d.get("image") != i.get("image") for d, i in zip(done, inputs)):
+        fail(f"{out} holds rows for other images than the label file; choose another -o")
+    return len(done)
+
+
+def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed: int = 0, temperature: float = 0.0,
+               console: Console | None = None) -> Path:
+    """Write (or complete) the manifest ``out``; ``client`` None means template mode."""
+    inputs = [obj for _, obj in read_jsonl(labels_file)]
+    if not inputs:
+        fail(f"label file {labels_file} has no rows")
+    parsed = []
+    for lineno, obj in enumerate(inputs, 1):
+        where = f"{labels_file}:{lineno}"
+        if not isinstance(obj.get("image"), str):
+            fail(f"{where}: 'image' is missing or not a string")
+        parsed.append(parse_labels(obj.get("labels"), where))
+    start = _done_rows(out, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
+            {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
+             "prompt_version": PROMPT_VERSION, "temperature": temperature})
+    with out.open("a", encoding="utf-8") as handle, \
+            Progress(console=console or Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("synthesizing reports", total=len(inputs), completed=start)
+        for i in range(start, len(inputs)):
+            obj, labels = inputs[i], parsed[i]
+            indication = obj.get("indication") if isinstance(obj.get("indication"), str) else None
+            if client is None:
+                text = template_text(labels, random.Random(f"radtrt-synth-{seed}-{i}"))
+            else:
+                text = client.complete(llm_messages(labels, indication), temperature=temperature, seed=seed)
+            row = {**obj, "findings": text, "indication": indication, "labels": _positive_names(labels),
+                   "source_labels": obj.get("labels"), "synthesis": mode}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            progress.advance(task)
+    return out

@@ -1,0 +1,61 @@
+"""Training checkpoints: everything an exact resume needs, in one weights-only loadable file.
+
+``RUN/checkpoint/state.pt`` holds the config, the global step, the trainable parameters (the
+frozen ones come back from ``config.init_model``), the optimizer and scheduler states and every
+rank's RNG states. The data position is the step itself (``data.Schedule`` is a function of it).
+It is written to a temporary name and renamed, so a crash mid-save leaves the previous one.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radtrt.errors import fail
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+FORMAT = "radtrt-train-state-1"
+
+
+def state_path(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINT_DIR / STATE_FILE
+
+
+def rng_state(device: str) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: str) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.startswith("cuda") and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
+    path = state_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(STATE_FILE + ".partial")
+    torch.save({"format": FORMAT, **state}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    path = state_path(run_dir)
+    if not path.is_file():
+        fail(f"no training checkpoint in {run_dir} (expected {CHECKPOINT_DIR}/{STATE_FILE})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        fail(f"training checkpoint {path} is corrupt or not radtrt's ({str(e).splitlines()[0]})")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        fail(f"{path} is not a radtrt training checkpoint of format {FORMAT}")
+    return state

@@ -1,0 +1,159 @@
+"""Manifest rows as training items, and the deterministic order in which a run consumes them.
+
+Images go through the inference path (``load_study`` -> ``preprocess``) so training sees what
+``radtrt infer`` sees. They are kept as the 8-bit resized, cropped grey picture and normalised per
+batch (``normalize``), which reproduces ``preprocess`` bit for bit at a quarter of the memory.
+
+The order is a pure function of (seed, step): epoch ``e`` is ``randperm(n)`` seeded by
+``(seed, e)``; step ``k`` of an epoch takes the ``k``-th slice of ``global_batch`` indices (the
+last partial slice is dropped), split into contiguous per-rank parts and then micro-batches.
+Resuming at step ``s`` therefore sees exactly the data the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from radtrt.data.labeler import extract_labels
+from radtrt.data.manifest import ManifestRow
+from radtrt.errors import fail
+from radtrt.imaging.preprocess import preprocess
+from radtrt.imaging.study import load_study
+from radtrt.model.tokenizer import LlamaSPTokenizer
+from radtrt.training.examples import build_example
+
+
+def load_pixels_u8(path: Path, image_size: int) -> torch.Tensor:
+    """The study's frontal image resized and cropped as ``preprocess`` does, as uint8 ``[S, S]``."""
+    unit = preprocess(load_study(path).pixels_u8, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0]
+    return unit.mul(255).round().to(torch.uint8)
+
+
+def normalize(pixels_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """``[B, S, S]`` uint8 -> ``[B, 3, S, S]`` model input, identical to ``preprocess``'s output."""
+    x = pixels_u8.to(torch.float32).div(255)[:, None].expand(-1, 3, -1, -1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Items ``{index, pixels, input_ids, labels, targets}`` for one training stage.
+
+    ``template`` None means no text (trunk pretraining); ``image_size`` None means no images
+    (decoder pretraining). ``label_names`` turns each row's labels (or, without them, the labels
+    the phrase labeler reads from its findings) into a multi-hot ``targets`` vector.
+    ``condition_on_labels`` (text only) puts each row's labels, in words, before its report.
+    """
+
+    def __init__(self, rows: list[ManifestRow], root: Path, *, tokenizer: LlamaSPTokenizer | None,
+                 template: str | None, max_length: int, image_size: int | None,
+                 label_names: list[str] | None = None, preload: bool = True, console: Console | None = None,
+                 condition_on_labels: bool = False) -> None:
+        if condition_on_labels and template != "text":
+            fail("conditioning on labels is only for text-only decoder pretraining")
+        self.rows, self.root, self.condition_on_labels = rows, root, condition_on_labels
+        self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
+        self.image_size, self.label_names = image_size, label_names
+        self.images: torch.Tensor | None = None
+        if image_size is not None:
+            missing = next((r.image for r in rows if not r.image_path(root).exists()), None)
+            if missing is not None:
+                fail(f"manifest image not found: {missing} (relative to {root})")
+            if preload:
+                self.images = self._preload(console)
+
+    def _preload(self, console: Console | None) -> torch.Tensor:
+        assert self.image_size is not None
+        images = torch.empty(len(self.rows), self.image_size, self.image_size, dtype=torch.uint8)
+        with Progress(console=console or Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("reading images", total=len(self.rows))
+            for i, row in enumerate(self.rows):
+                images[i] = load_pixels_u8(row.image_path(self.root), self.image_size)
+                progress.advance(task)
+        return images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row_labels(self, i: int) -> list[str]:
+        row = self.rows[i]
+        return list(row.labels) if row.labels is not None else extract_labels(row.findings)
+
+    def label_context(self, i: int) -> str:
+        """The row's labels as words, e.g. ``"cardiomegaly, pleural effusion left"``."""
+        return ", ".join(label.replace("_", " ") for label in self.row_labels(i))
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        item: dict[str, Any] = {"index": i}
+        if self.image_size is not None:
+            item["pixels"] = (self.images[i] if self.images is not None
+                              else load_pixels_u8(row.image_path(self.root), self.image_size))
+        if self.template is not None:
+            assert self.tokenizer is not None
+            context = self.label_context(i) if self.condition_on_labels else None
+            ex = build_example(self.tokenizer, self.template, row.findings, row.indication, self.max_length, context)
+            item["input_ids"], item["labels"] = ex.input_ids, ex.labels
+        if self.label_names is not None:
+            present = set(self.row_labels(i))
+            item["targets"] = torch.tensor([float(name in present) for name in self.label_names])
+        return item
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"index": torch.tensor([it["index"] for it in items])}
+    if "pixels" in items[0]:
+        batch["pixels"] = torch.stack([it["pixels"] for it in items])
+    if "input_ids" in items[0]:
+        batch["input_ids"] = [it["input_ids"] for it in items]
+        batch["labels"] = [it["labels"] for it in items]
+    if "targets" in items[0]:
+        batch["targets"] = torch.stack([it["targets"] for it in items])
+    return batch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which dataset indices each (step, rank, micro-batch) uses."""
+
+    n: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def check(self) -> None:
+        if self.steps_per_epoch < 1:
+            fail(f"the manifest has {self.n} rows, fewer than one global batch of {self.global_batch} "
+                 f"(micro-batch {self.micro_batch_size} x accumulation {self.grad_accum} x {self.world_size} "
+                 f"processes); lower the batch size")
+
+    def total_steps(self, epochs: float, max_steps: int | None) -> int:
+        return max_steps if max_steps else max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        per_rank = self.micro_batch_size * self.grad_accum
+        mine = perm[k * self.global_batch:(k + 1) * self.global_batch][rank * per_rank:(rank + 1) * per_rank]
+        return [mine[j * self.micro_batch_size:(j + 1) * self.micro_batch_size].tolist()
+                for j in range(self.grad_accum)]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch

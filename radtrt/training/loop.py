@@ -1,0 +1,221 @@
+"""The training loop: flat and readable (nanoGPT style), one function for every stage.
+
+AdamW (no decay on biases and norm weights, as Hugging Face's Trainer), cosine schedule with
+linear warmup (the released scripts' ``lr_scheduler_type cosine``: ``schedule.cosine_with_warmup``,
+equal to transformers' ``get_cosine_schedule_with_warmup``), gradient accumulation and clipping, fp32 or bf16 autocast, DDP under torchrun,
+periodic checkpoints with exact resume, a rich progress bar on stderr and ``RUN/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.nn.parallel import DistributedDataParallel
+
+from radtrt.data.manifest import read_manifest
+from radtrt.data.vocabulary import LABELS
+from radtrt.errors import fail
+from radtrt.model.loading import load_model
+from radtrt.training import checkpoint as ckpt
+from radtrt.training.config import TrainConfig
+from radtrt.training.data import ManifestDataset, Schedule, collate
+from radtrt.training.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across, shutdown
+from radtrt.training.objectives import MultimodalLM, build_objective, trainable_parameters
+from radtrt.training.outputs import MODEL_DIR, write_outputs
+from radtrt.training.schedule import cosine_with_warmup
+
+CONFIG_FILE = "train_config.json"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path | None  # None when the run stopped before its last step
+    step: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)  # this invocation's per-step losses
+
+
+def label_vocabulary(dataset: ManifestDataset) -> list[str]:
+    """Labels seen in the manifest: the phantom vocabulary's order first, then any others sorted."""
+    seen = {label for i in range(len(dataset.rows)) for label in dataset.row_labels(i)}
+    if not seen:
+        fail("trunk pretraining needs finding labels: the manifest has no 'labels' and none could be read "
+             "from its findings")
+    return [x for x in LABELS if x in seen] + sorted(seen - set(LABELS))
+
+
+def _optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in named if p.dim() >= 2]
+    no_decay = [p for n, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[sps]:.1f} samples/s"),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo) -> None:
+    if not resume and ckpt.state_path(run_dir).exists():
+        fail(f"{run_dir} already holds a training run; pass --resume to continue it or choose another -o")
+    if not resume and (run_dir / MODEL_DIR).exists():
+        fail(f"{run_dir} already holds a trained model; choose another -o")
+    if info.is_main and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(cfg.to_json())
+        (run_dir / LOG_FILE).write_text("")
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """Drop log lines past the checkpoint (steps a killed run did after its last save)."""
+    path = run_dir / LOG_FILE
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / LOG_FILE
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def resume_config(run_dir: Path) -> TrainConfig:
+    """The config a run was started with, from its checkpoint (the source of truth for resume)."""
+    return TrainConfig.from_dict(ckpt.load_checkpoint(run_dir)["config"])
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
+          console: Console | None = None) -> TrainResult:
+    """Run (or resume) one stage. ``stop_after`` ends this invocation after that many steps, saved."""
+    console = console or Console(stderr=True)
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, info, resume, stop_after, console)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None, console: Console) -> TrainResult:
+    run_dir = Path(cfg.out_dir)
+    manifest = Path(cfg.manifest)
+    rows = read_manifest(manifest)  # inputs are checked before anything is written
+    torch.manual_seed(cfg.seed + info.rank)
+    loaded = load_model(Path(cfg.init_model), Path(cfg.init_base_model) if cfg.init_base_model else None,
+                        device=info.device)
+    _prepare_run_dir(cfg, run_dir, resume, info)
+    image_size = None if cfg.stage == "lm" else loaded.model.cfg.vision.img_size
+    dataset = ManifestDataset(rows, manifest.parent, tokenizer=loaded.tokenizer,
+                              template=cfg.template, max_length=cfg.max_length, image_size=image_size,
+                              preload=cfg.num_workers == 0 or cfg.cache_features, console=console,
+                              condition_on_labels=cfg.stage == "lm" and cfg.lm_condition == "labels")
+    label_names = label_vocabulary(dataset) if cfg.stage == "vision" else None
+    dataset.label_names = label_names
+    objective, peft_lm = build_objective(cfg, loaded.model, label_names)
+    objective.to(info.device)
+    if isinstance(objective, MultimodalLM) and cfg.cache_features and dataset.images is not None:
+        with console.status("computing image features once (the trunk is frozen)"):
+            objective.build_feature_cache(dataset.images.to(info.device))
+        dataset.images, dataset.image_size = None, None
+    named = trainable_parameters(objective)
+    params = [p for _, p in named]
+    optimizer = _optimizer(named, cfg)
+    schedule = Schedule(len(dataset), cfg.micro_batch_size, cfg.grad_accum, info.world_size, cfg.seed)
+    schedule.check()
+    total = schedule.total_steps(cfg.epochs, cfg.max_steps)
+    scheduler = cosine_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+    start = _restore(run_dir, objective, named, optimizer, scheduler, info, total) if resume else 0
+    model: torch.nn.Module = objective
+    if info.enabled:
+        model = DistributedDataParallel(objective, device_ids=[info.local_rank] if info.device != "cpu" else None)
+    end = total if stop_after is None else min(total, start + stop_after)
+    plan = [mb for step in range(start, end) for mb in schedule.micro_batches(step, info.rank)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collate,
+                                         num_workers=cfg.num_workers, generator=torch.Generator())
+    batches = iter(loader)
+    autocast = torch.autocast(device_type=info.device.split(":")[0], dtype=torch.bfloat16,
+                              enabled=cfg.precision == "bf16")
+    losses: list[float] = []
+    model.train()
+    progress = _progress(console) if info.is_main else None
+    with progress or contextlib.nullcontext():
+        task = progress.add_task(f"{cfg.stage}", total=total, completed=start, loss=float("nan"), lr=0.0,
+                                 sps=0.0) if progress else None
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                sync = micro == cfg.grad_accum - 1 or not info.enabled
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:  # type: ignore[operator]
+                    loss = model(batch)
+                (loss / cfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / cfg.grad_accum
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            step_loss = mean_across(info, step_loss)
+            losses.append(step_loss)
+            sps = schedule.global_batch / (time.perf_counter() - t0)
+            done = step + 1
+            if info.is_main:
+                entry = {"step": done, "epoch": round(schedule.epoch_of(done), 4), "loss": step_loss, "lr": lr,
+                         "grad_norm": grad_norm, "samples_per_s": round(sps, 2)}
+                with (run_dir / LOG_FILE).open("a") as log:
+                    log.write(json.dumps(entry) + "\n")
+                assert progress is not None and task is not None
+                progress.update(task, completed=done, loss=step_loss, lr=lr, sps=sps)
+            if done % cfg.save_every == 0 or done == end:
+                _save(run_dir, cfg, info, done, named, optimizer, scheduler)
+    model_dir = None
+    if end == total and info.is_main:
+        model_dir = write_outputs(cfg, run_dir, loaded, objective, peft_lm, total)
+    barrier(info)
+    return TrainResult(run_dir, model_dir if end == total else None, end, total, losses)
+
+
+def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
+             optimizer: torch.optim.Optimizer, scheduler: Any, info: DistInfo, total: int) -> int:
+    """Load a checkpoint's trainable weights, optimizer, scheduler and this rank's RNG; the step to go on from."""
+    state = ckpt.load_checkpoint(run_dir)
+    if state["world_size"] != info.world_size:
+        fail(f"{run_dir} was trained with {state['world_size']} processes; resume it with the same number "
+             f"(now {info.world_size}) for an exact continuation")
+    _, unexpected = objective.load_state_dict(state["trainable"], strict=False)
+    absent = sorted({n for n, _ in named} - set(state["trainable"]))
+    if unexpected or absent:
+        fail(f"checkpoint in {run_dir} does not match this stage's trainable weights ({(unexpected or absent)[0]})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"][info.rank], info.device)
+    step = int(state["step"])
+    if step >= total:
+        fail(f"{run_dir} has finished all {total} steps; nothing to resume")
+    if info.is_main:
+        _truncate_log(run_dir, step)
+    return step
+
+
+def _save(run_dir: Path, cfg: TrainConfig, info: DistInfo, step: int, named: list[tuple[str, torch.nn.Parameter]],
+          optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    rng = gather_objects(info, ckpt.rng_state(info.device))
+    if info.is_main:
+        ckpt.save_checkpoint(run_dir, {
+            "config": cfg.to_dict(), "step": step, "world_size": info.world_size,
+            "trainable": {n: p.detach().cpu().clone() for n, p in named},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng})
+    barrier(info)

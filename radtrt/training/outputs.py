@@ -1,0 +1,63 @@
+"""What a finished run leaves behind, besides its checkpoint and log.
+
+* ``RUN/model/``: the trained model in radtrt's toolkit layout (``load_model`` reads it; the next
+  stage starts from it). Stage 1 records the ``plain`` template, stage 2 ``v1``; stage 2's LoRA is
+  merged with ``checkpoints.merge_lora``, the release loader's own merge.
+* ``RUN/lora/`` (stage 2): ``adapter_config.json`` + ``adapter_model.safetensors`` with PEFT key
+  names; with the run's ``init_model`` as base this is what ``release_export`` publishes.
+* ``RUN/vision_head.safetensors`` + ``.json`` (trunk pretraining): the classifier and its labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from radtrt.model.io import save_tensors
+from radtrt.model.loading import LoadedModel, save_toolkit
+from radtrt.training.config import TrainConfig
+from radtrt.training.objectives import VisionClassifier
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+MODEL_DIR = "model"
+LORA_DIR = "lora"
+VISION_HEAD = "vision_head"
+CONV_TEMPLATE = {"stage1": "plain", "stage2": "v1"}
+
+
+def model_name(cfg: TrainConfig, init_name: str) -> str:
+    return cfg.model_name or f"{init_name}+{cfg.stage}"
+
+
+def write_outputs(cfg: TrainConfig, run_dir: Path, loaded: LoadedModel, objective: nn.Module,
+                  peft_lm: "PeftModel | None", steps: int) -> Path:
+    """Write the stage's outputs and return the toolkit model directory."""
+    llava = loaded.model
+    if peft_lm is not None:
+        from radtrt.training.lora import adapter_config, adapter_state, merged_decoder_state
+
+        lora_dir = run_dir / LORA_DIR
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        base_name = Path(cfg.init_model).name
+        (lora_dir / "adapter_config.json").write_text(json.dumps(adapter_config(peft_lm, base_name), indent=2))
+        save_tensors(adapter_state(peft_lm), lora_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+        merged = merged_decoder_state(peft_lm, base_name)
+        peft_lm.unload()  # plain Linear layers again, holding the base weights
+        llava.language_model.load_state_dict(merged, strict=True)
+    if isinstance(objective, VisionClassifier):
+        save_tensors({k: v.detach().cpu() for k, v in objective.head.state_dict().items()},
+                     run_dir / f"{VISION_HEAD}.safetensors")
+        (run_dir / f"{VISION_HEAD}.json").write_text(json.dumps({"labels": objective.label_names}, indent=2))
+    if cfg.stage in CONV_TEMPLATE:
+        llava.cfg = dataclasses.replace(llava.cfg, conv_template=CONV_TEMPLATE[cfg.stage])
+    source = {"layout": "radtrt-training", "stage": cfg.stage, "init_model": loaded.name,
+              "manifest": Path(cfg.manifest).name, "steps": steps, "seed": cfg.seed}
+    out = save_toolkit(LoadedModel(llava.cpu(), loaded.tokenizer, model_name(cfg, loaded.name), source),
+                       run_dir / MODEL_DIR)
+    return out

@@ -1,0 +1,169 @@
+"""Report synthesis against a scripted OpenAI-compatible server on 127.0.0.1, and the template mode."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from radtrt.data.chat import ChatClient
+from radtrt.data.cli import register
+from radtrt.data.labeler import extract_labels
+from radtrt.data.manifest import read_manifest
+from radtrt.data.synthesize import synthesize, template_text, parse_labels
+from radtrt.errors import RadtrtError
+
+KEY = "sk-test-SECRET-0123456789"
+
+
+class ScriptedServer:
+    """Answers POST /v1/chat/completions from a script of (status, headers) or None for success."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple[int, dict[str, str]] | None] = []
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                step = outer.script.pop(0) if outer.script else None
+                if step is not None:
+                    status, headers = step
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": {"message": "scripted failure"}}')
+                    return
+                labels = body["messages"][1]["content"].split("Positive findings: ")[1].split(".")[0]
+                answer = {"choices": [{"message": {"role": "assistant", "content": f" Findings for {labels}. "}}]}
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture()
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedServer]:
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    srv = ScriptedServer()
+    yield srv
+    srv.httpd.shutdown()
+
+
+def _labels_file(path: Path, n: int = 4) -> Path:
+    rows = [{"image": f"img{i}.png", "labels": ["cardiomegaly"] if i % 2 else {"Pneumothorax": 1, "Edema": 0},
+             "indication": "Cough." if i == 0 else None, "site": "A"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _client(server: ScriptedServer, cache: Path | None, sleeps: list[float]) -> ChatClient:
+    return ChatClient(server.url, "gpt-test", api_key=KEY, rate_per_s=1e9, max_retries=3, backoff_s=0.5,
+                      cache_dir=cache, sleep=sleeps.append)
+
+
+def test_retries_cache_and_key_handling(server: ScriptedServer, tmp_path: Path) -> None:
+    server.script = [(429, {"Retry-After": "0"}), (503, {})]
+    sleeps: list[float] = []
+    out = synthesize(_labels_file(tmp_path / "labels.jsonl"), tmp_path / "out.jsonl",
+                     client=_client(server, tmp_path / "cache", sleeps), console=None)
+    rows = read_manifest(out)
+    assert [r.image for r in rows] == [f"img{i}.png" for i in range(4)]
+    assert rows[1].findings == "Findings for cardiomegaly." and rows[1].labels == ("cardiomegaly",)
+    assert rows[0].labels == ("Pneumothorax",) and rows[0].indication == "Cough."
+    assert rows[0].extra["synthesis"]["mode"] == "llm" and rows[0].extra["site"] == "A"
+    assert len(server.requests) == 5  # 2 failures + 3 distinct prompts (rows 1 and 3 are equal: cached)
+    assert 0.0 in sleeps and 1.0 in sleeps  # Retry-After honoured, then backoff 0.5 * 2**1
+    assert {r["auth"] for r in server.requests} == {f"Bearer {KEY}"}
+    assert all(r["path"] == "/v1/chat/completions" and r["body"]["model"] == "gpt-test" for r in server.requests)
+    assert "Indication: Cough." in server.requests[2]["body"]["messages"][1]["content"]
+    assert "Absent" in server.requests[2]["body"]["messages"][1]["content"]  # Edema: 0
+    stored = out.read_text() + "".join(p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
+    assert KEY not in stored
+    # a fresh output with the same cache asks the endpoint nothing
+    again = synthesize(tmp_path / "labels.jsonl", tmp_path / "out2.jsonl",
+                       client=_client(server, tmp_path / "cache", sleeps), console=None)
+    assert len(server.requests) == 5 and again.read_text() == out.read_text()
+
+
+def test_resumes_after_a_failure(server: ScriptedServer, tmp_path: Path) -> None:
+    labels = _labels_file(tmp_path / "labels.jsonl", n=5)
+    server.script = [None, None, (400, {})]
+    with pytest.raises(RadtrtError, match="HTTP 400") as info:
+        synthesize(labels, tmp_path / "out.jsonl", client=_client(server, None, []), console=None)
+    assert KEY not in str(info.value) and "scripted failure" not in str(info.value)
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+    with (tmp_path / "out.jsonl").open("a") as f:
+        f.write('{"image": "img2.png", "find')  # a run killed mid-line
+    synthesize(labels, tmp_path / "out.jsonl", client=_client(server, None, []), console=None)
+    assert [r.image for r in read_manifest(tmp_path / "out.jsonl")] == [f"img{i}.png" for i in range(5)]
+    assert len(server.requests) == 3 + 3  # only rows 2..4 asked again
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"image": "zzz.png", "labels": []}) + "\n")
+    with pytest.raises(RadtrtError, match="other images"):
+        synthesize(other, tmp_path / "out.jsonl", client=None, console=None)
+
+
+def test_gives_up_after_retries(server: ScriptedServer, tmp_path: Path) -> None:
+    server.script = [(500, {})] * 4
+    sleeps: list[float] = []
+    with pytest.raises(RadtrtError, match="failed 4 times .*HTTP 500"):
+        _client(server, None, sleeps).complete([{"role": "user", "content": "Positive findings: x."}])
+    assert sleeps == [0.5, 1.0, 2.0]
+
+
+def test_template_mode_is_deterministic_and_marked(tmp_path: Path) -> None:
+    labels = _labels_file(tmp_path / "labels.jsonl")
+    a = synthesize(labels, tmp_path / "a.jsonl", client=None, seed=1, console=None)
+    b = synthesize(labels, tmp_path / "b.jsonl", client=None, seed=1, console=None)
+    assert a.read_text() == b.read_text()
+    rows = read_manifest(a)
+    assert all(r.extra["synthesis"]["mode"] == "template" for r in rows)
+    assert rows[0].findings == "There is a pneumothorax. No pulmonary edema."
+    assert extract_labels(rows[1].findings) == ["cardiomegaly"]  # phantom vocabulary: the varied generator
+
+
+def test_parse_labels_and_template_errors() -> None:
+    assert parse_labels({"Cardiomegaly": 1, "Edema": -1, "Fracture": None}, "x").uncertain == ("Edema",)
+    with pytest.raises(RadtrtError, match="must be 1, 0, -1"):
+        parse_labels({"Cardiomegaly": 2}, "x")
+    with pytest.raises(RadtrtError, match="list of names"):
+        parse_labels("cardiomegaly", "x")
+    with pytest.raises(RadtrtError, match="not 'situs inversus'"):
+        template_text(parse_labels({"situs inversus": 1}, "x"), __import__("random").Random(0))
+
+
+def test_cli_synthesize(server: ScriptedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    runner = CliRunner()
+    labels = _labels_file(tmp_path / "labels.jsonl", n=2)
+    monkeypatch.setenv("MY_KEY", KEY)
+    result = runner.invoke(app, ["data", "synthesize", "--labels", str(labels), "-o", str(tmp_path / "o.jsonl"),
+                                 "--endpoint", server.url, "--model", "m", "--api-key-env", "MY_KEY",
+                                 "--rate", "100"])
+    assert result.exit_code == 0, result.stderr
+    assert KEY not in result.stdout + result.stderr and "2 request(s)" in result.stderr
+    assert server.requests[0]["auth"] == f"Bearer {KEY}" and (tmp_path / "o.jsonl.cache").is_dir()
+    bad = runner.invoke(app, ["data", "synthesize", "--labels", str(labels), "-o", str(tmp_path / "p.jsonl")])
+    assert bad.exit_code == 2 and "--template" in bad.stderr and "Traceback" not in bad.stderr

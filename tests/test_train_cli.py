@@ -1,0 +1,109 @@
+"""``radtrt train ...`` commands end to end, and two-process DDP (gloo on CPU) under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from radtrt.model.io import load_tensors
+from radtrt.training.checkpoint import load_checkpoint
+from radtrt.training.cli import register
+from radtrt.training.config import make_config
+from radtrt.training.loop import read_log, train
+
+from test_train_loop import Chain, chain, one_thread  # noqa: F401 - shared module fixtures
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    return app
+
+
+def _invoke(*args: object) -> tuple[int, str, str]:
+    result = runner.invoke(_app(), [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_train_commands(chain: Chain, tmp_path: Path) -> None:
+    code, out, err = _invoke("train", "tokenizer", chain.manifest, "-o", tmp_path / "tok", "--vocab-size", "400")
+    assert code == 0, err
+    code, out, err = _invoke("train", "init", "--tokenizer", tmp_path / "tok", "--arch", "tiny", "-o", tmp_path / "init")
+    assert code == 0, err
+    code, out, err = _invoke("train", "stage1", chain.manifest, "--model", tmp_path / "init", "-o", tmp_path / "run",
+                             "--preset", "tiny", "--max-steps", "2", "--threads", "1", "--name", "cli-test")
+    assert code == 0, err
+    model_dir = Path(out.strip())
+    assert model_dir == tmp_path / "run" / "model"
+    assert json.loads((model_dir / "config.json").read_text())["name"] == "cli-test"
+    assert [e["step"] for e in read_log(tmp_path / "run")] == [1, 2]
+    code, _, err = _invoke("train", "resume", tmp_path / "run")
+    assert code == 2 and "nothing to resume" in err
+    code, out, err = _invoke("train", "eval", chain.manifest, "--model", chain.runs["stage2"] / "model", "--limit", "2",
+                             "--max-new-tokens", "8", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["n"] == 2 and 0.0 <= result["micro_f1"] <= 1.0 and len(result["examples"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "lm", "{tmp}/missing.jsonl", "--model", "{model}", "-o", "{tmp}/r"), "not found"),
+    (("train", "stage2", "{manifest}", "--model", "{model}", "-o", "{tmp}/r", "--precision", "fp8"), "precision"),
+    (("train", "init", "--tokenizer", "{tmp}", "--arch", "huge", "-o", "{tmp}/i"), "unknown --arch"),
+])
+def test_train_errors_are_one_line(chain: Chain, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    fill = {"manifest": chain.manifest, "model": chain.runs["stage1"] / "model", "tmp": tmp_path}
+    code, _, err = _invoke(*(a.format(**fill) for a in args))
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()  # nothing written for refused input
+
+
+def _ddp_worker(rank: int, world: int, port: int, manifest: str, init: str, out: str) -> None:
+    """One torchrun-style process: the environment torchrun sets, then the library call it makes."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    train(make_config("stage1", "tiny", manifest=manifest, init_model=init, out_dir=out, max_steps=3,
+                      micro_batch_size=2, grad_accum=1, save_every=100))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(chain: Chain, tmp_path: Path) -> None:
+    """2 gloo ranks x micro-batch 2 average the same gradients as 1 process x 2 accumulated micro-batches.
+
+    The ranks are forked from this process with the environment torchrun would give them (a
+    torchrun subprocess works the same, ``radtrt.training.distributed``, but costs two fresh
+    interpreter starts).
+    """
+    init = chain.runs["lm"] / "model"
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(2, _free_port(), str(chain.manifest), str(init), str(tmp_path / "ddp")), nprocs=2,
+        start_method="fork")
+    state = load_checkpoint(tmp_path / "ddp")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 3
+    single = train(make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(init),
+                               out_dir=str(tmp_path / "single"), max_steps=3, micro_batch_size=2, grad_accum=2,
+                               save_every=100))
+    ddp_losses = [e["loss"] for e in read_log(tmp_path / "ddp")]
+    assert ddp_losses == pytest.approx(single.losses, rel=1e-5)
+    a = load_tensors(tmp_path / "ddp" / "model" / "model.safetensors")
+    b = load_tensors(tmp_path / "single" / "model" / "model.safetensors")
+    for key in ("mm_projector.0.weight", "mm_projector.2.bias"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a["mm_projector.0.weight"], load_tensors(init / "model.safetensors")["mm_projector.0.weight"])

@@ -1,0 +1,92 @@
+"""Training data and schedule: items, normalisation, batch plan, and the cosine schedule vs transformers'."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import get_cosine_schedule_with_warmup
+
+from radtrt.data.manifest import read_manifest
+from radtrt.errors import RadtrtError
+from radtrt.imaging.preprocess import preprocess
+from radtrt.imaging.study import load_study
+from radtrt.model.config import CLIP_MEAN, CLIP_STD
+from radtrt.model.tiny import train_tiny_tokenizer
+from radtrt.training.data import ManifestDataset, Schedule, load_pixels_u8, normalize
+from radtrt.training.examples import IGNORE_INDEX
+from radtrt.training.schedule import cosine_with_warmup
+
+
+def _lrs(make, total: int) -> list[float]:  # noqa: ANN001
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = make(opt)
+    out = []
+    for _ in range(total):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_cosine_schedule_equals_transformers() -> None:
+    for warmup, total in ((3, 100), (0, 7), (1, 1)):
+        ours = _lrs(lambda o: cosine_with_warmup(o, warmup, total), total)
+        theirs = _lrs(lambda o: get_cosine_schedule_with_warmup(o, warmup, total), total)
+        assert ours == theirs
+    assert _lrs(lambda o: cosine_with_warmup(o, 3, 100), 100)[:4] == [0.0, 1e-3 / 3, 2e-3 / 3, 1e-3]
+
+
+def test_batch_plan_covers_each_epoch_once_and_splits_ranks() -> None:
+    one = Schedule(n=10, micro_batch_size=2, grad_accum=2, world_size=1, seed=0)
+    assert one.steps_per_epoch == 2 and one.total_steps(1.5, None) == 3 and one.total_steps(1.0, 7) == 7
+    epoch0 = [i for step in (0, 1) for mb in one.micro_batches(step, 0) for i in mb]
+    assert len(set(epoch0)) == 8  # 2 of 10 dropped (last partial batch)
+    assert one.micro_batches(2, 0) != one.micro_batches(0, 0)  # a new permutation each epoch
+    assert one.micro_batches(1, 0) == Schedule(10, 2, 2, 1, 0).micro_batches(1, 0)  # pure function of the step
+    two = Schedule(n=10, micro_batch_size=2, grad_accum=1, world_size=2, seed=0)
+    assert two.micro_batches(0, 0) + two.micro_batches(0, 1) == one.micro_batches(0, 0)
+
+
+
+def _manifest(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 70), dtype=np.uint8)).save(tmp_path / "x.png")
+    rows = [{"image": "x.png", "findings": f"The heart is enlarged {i}.", "labels": ["cardiomegaly", "central_line"]}
+            for i in range(3)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "m.jsonl"
+
+
+def test_cached_pixels_normalise_exactly_like_preprocess(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    _manifest(tmp_path)
+    u8 = load_pixels_u8(image, 56)
+    assert u8.dtype == torch.uint8 and u8.shape == (56, 56)
+    expected = preprocess(load_study(image).pixels_u8, 56, CLIP_MEAN, CLIP_STD)
+    assert torch.equal(normalize(u8[None], CLIP_MEAN, CLIP_STD)[0], expected)
+
+
+def test_text_items_can_be_conditioned_on_labels(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path)
+    tok = train_tiny_tokenizer()
+    ds = ManifestDataset(read_manifest(manifest), tmp_path, tokenizer=tok, template="text", max_length=2048,
+                         image_size=None, condition_on_labels=True)
+    item = ds[1]
+    prefix = tok.encode("cardiomegaly, central line\n")
+    report = tok.encode("The heart is enlarged 1.", add_bos=False) + [tok.eos_token_id]
+    assert item["input_ids"] == prefix + report and item["labels"] == [IGNORE_INDEX] * len(prefix) + report
+    plain = ManifestDataset(read_manifest(manifest), tmp_path, tokenizer=tok, template="text", max_length=2048,
+                            image_size=None)[1]
+    assert plain["input_ids"] == tok.encode("The heart is enlarged 1.") + [tok.eos_token_id]
+    with pytest.raises(RadtrtError, match="only for text-only"):
+        ManifestDataset(read_manifest(manifest), tmp_path, tokenizer=tok, template="v1", max_length=2048,
+                        image_size=None, condition_on_labels=True)
+    vision = ManifestDataset(read_manifest(manifest), tmp_path, tokenizer=None, template=None, max_length=2048,
+                             image_size=56, label_names=["no_finding", "cardiomegaly", "central_line"])
+    assert vision[0]["targets"].tolist() == [0.0, 1.0, 1.0] and vision[0]["pixels"].shape == (56, 56)
+    assert "input_ids" not in vision[0]

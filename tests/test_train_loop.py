@@ -1,0 +1,145 @@
+"""The training stages on a tiny model and a handful of phantoms: what trains, loss, exact resume, outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from radtrt.data.manifest import read_manifest
+from radtrt.data.phantom_set import write_phantom_set
+from radtrt.errors import RadtrtError
+from radtrt.model.io import load_tensors
+from radtrt.model.loading import load_model, save_toolkit
+from radtrt.training.checkpoint import load_checkpoint
+from radtrt.training.config import make_config
+from radtrt.training.init_model import fresh_model
+from radtrt.training.loop import read_log, train
+from radtrt.training.objectives import build_objective, trainable_parameters
+from radtrt.training.tokenizer import train_tokenizer
+
+
+@dataclass
+class Chain:
+    manifest: Path
+    init: Path
+    runs: dict[str, Path]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> None:
+    """Small ops are much faster single-threaded, and the CI machine's 2 cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_stage(stage: str, manifest: Path, init: Path, out: Path, **overrides: object) -> Path:
+    cfg = make_config(stage, "tiny", manifest=str(manifest), init_model=str(init), out_dir=str(out), **overrides)
+    result = train(cfg)
+    assert result.model_dir is not None
+    return out
+
+
+STAGES = ("vision", "lm", "stage1", "stage2")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    """Phantoms -> tokenizer -> init -> the four stages, built once per session (other modules import it)."""
+    root = tmp_path_factory.getbasetemp() / "train-chain"
+    runs = {stage: root / stage for stage in STAGES}
+    manifest, init = root / "phantoms" / "manifest.jsonl", root / "init"
+    if (runs["stage2"] / "model" / "config.json").is_file():
+        return Chain(manifest, init, runs)
+    write_phantom_set(root / "phantoms", 16, seed=11, rows=72, cols=64, formats=("png",))
+    save_toolkit(fresh_model("tiny", train_tokenizer(read_manifest(manifest), 400)), init)
+    previous = init
+    for stage in STAGES:
+        run_stage(stage, manifest, previous, runs[stage], max_steps=12)  # 3 epochs of 4 steps
+        previous = runs[stage] / "model"
+    return Chain(manifest, init, runs)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.parametrize("stage", ["vision", "lm", "stage1", "stage2"])
+def test_each_stage_lowers_the_loss(chain: Chain, stage: str) -> None:
+    """Mean loss over the last epoch below the first epoch's (every epoch sees every phantom once)."""
+    losses = [entry["loss"] for entry in read_log(chain.runs[stage])]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert _mean(losses[-4:]) < _mean(losses[:4]), losses
+
+
+def test_each_stage_trains_only_its_parameters(chain: Chain) -> None:
+    def names(stage: str) -> set[str]:
+        cfg = make_config(stage, "tiny", manifest=str(chain.manifest), init_model=str(chain.init), out_dir="unused")
+        objective, _ = build_objective(cfg, load_model(chain.init).model, ["cardiomegaly"])
+        return {n for n, _ in trainable_parameters(objective)}
+
+    vision, lm, stage1, stage2 = (names(s) for s in ("vision", "lm", "stage1", "stage2"))
+    assert vision and all(n.startswith(("llava.vision_tower.blocks.0.", "llava.vision_tower.blocks.1.", "head.",
+                                        "llava.vision_tower.patch_embed", "llava.vision_tower.pos_embed",
+                                        "llava.vision_tower.cls_token")) for n in vision)  # block 2 of 3 unused
+    assert lm and all(n.startswith("llava.language_model.") for n in lm)
+    assert stage1 == {f"llava.mm_projector.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+    lora = stage2 - stage1
+    assert stage1 < stage2 and all(".lora_A." in n or ".lora_B." in n for n in lora)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in lora} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_stage_outputs(chain: Chain) -> None:
+    s1, s2 = load_model(chain.runs["stage1"] / "model"), load_model(chain.runs["stage2"] / "model")
+    assert s1.model.cfg.conv_template == "plain" and s2.model.cfg.conv_template == "v1"
+    base = load_model(chain.runs["stage1"] / "model").model.state_dict()
+    after = s2.model.state_dict()
+    assert torch.equal(base["vision_tower.blocks.0.attn.qkv.weight"], after["vision_tower.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(base["mm_projector.0.weight"], after["mm_projector.0.weight"])
+    assert not torch.equal(base["language_model.model.layers.0.mlp.up_proj.weight"],
+                           after["language_model.model.layers.0.mlp.up_proj.weight"])  # LoRA merged in
+    assert torch.equal(base["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
+    adapter = load_tensors(chain.runs["stage2"] / "lora" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in adapter
+    head = json.loads((chain.runs["vision"] / "vision_head.json").read_text())
+    assert "no_finding" in head["labels"]
+    state = load_checkpoint(chain.runs["stage2"])
+    assert state["step"] == 12 and state["world_size"] == 1 and state["config"]["stage"] == "stage2"
+
+
+def test_resume_reproduces_the_uninterrupted_run(chain: Chain, tmp_path: Path) -> None:
+    overrides = dict(max_steps=6, save_every=100, lora_dropout=0.3)  # dropout: the RNG state must come back too
+    full = run_stage("stage2", chain.manifest, chain.runs["stage1"] / "model", tmp_path / "full", **overrides)
+    cfg = make_config("stage2", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["stage1"] / "model"),
+                      out_dir=str(tmp_path / "split"), **overrides)
+    first = train(cfg, stop_after=3)
+    assert first.model_dir is None and first.step == 3 and load_checkpoint(tmp_path / "split")["step"] == 3
+    with open(tmp_path / "split" / "log.jsonl", "a") as log:  # a step the killed run logged but never saved
+        log.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+    with pytest.raises(RadtrtError, match="already holds a training run"):
+        train(cfg)
+    second = train(cfg, resume=True)
+    assert second.model_dir is not None
+    assert [e["loss"] for e in read_log(tmp_path / "split")] == [e["loss"] for e in read_log(full)]
+    a = load_tensors(full / "model" / "model.safetensors")
+    b = load_tensors(tmp_path / "split" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_larger_than_data_is_refused(chain: Chain, tmp_path: Path) -> None:
+    with pytest.raises(RadtrtError, match="fewer than one global batch"):
+        run_stage("lm", chain.manifest, chain.init, tmp_path / "big", micro_batch_size=64)
+
+
+def test_bf16_autocast_trains(chain: Chain, tmp_path: Path) -> None:
+    run = run_stage("stage2", chain.manifest, chain.runs["stage1"] / "model", tmp_path / "bf16", max_steps=2,
+                    precision="bf16")
+    losses = [e["loss"] for e in read_log(run)]
+    assert len(losses) == 2 and all(0.0 < x < 20.0 for x in losses)
+    assert load_model(run / "model").model.dtype == torch.float32  # autocast: weights stay fp32

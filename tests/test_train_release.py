@@ -1,0 +1,92 @@
+"""A trained checkpoint in the official release layout: same weights and tokens through both loaders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from radtrt.errors import RadtrtError
+from radtrt.model.io import load_tensors
+from radtrt.model.loading import load_model
+from radtrt.runtime.backends import TorchBackend
+from radtrt.runtime.pipeline import Pipeline
+from radtrt.training.data import load_pixels_u8, normalize
+from radtrt.training.release_export import export_release
+
+from conftest import TinyRelease
+from test_release_loading import _released_algorithm
+from test_train_loop import Chain, chain, one_thread  # noqa: F401 - shared module fixtures
+
+
+def _tokens(model_dir: Path, study: Path, base: Path | None = None) -> list[int]:
+    loaded = load_model(model_dir, base)
+    pipeline = Pipeline(TorchBackend(loaded.model), loaded.tokenizer, loaded.model.cfg)
+    return pipeline.run(study, indication="Cough.", max_new_tokens=20).token_ids
+
+
+def _study(chain: Chain) -> Path:
+    return chain.manifest.parent / json.loads(chain.manifest.read_text().splitlines()[0])["image"]
+
+
+@pytest.fixture(scope="module")
+def exported(chain: Chain, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return export_release(chain.runs["stage2"], tmp_path_factory.mktemp("export") / "out")
+
+
+def test_stage2_export_has_the_release_files(exported: tuple[Path, Path], chain: Chain) -> None:
+    release, base = exported
+    assert release.name == "llava-rad" and base.name == "base-lm"
+    for name in ("config.json", "adapter_config.json", "adapter_model.bin", "non_lora_trainables.bin",
+                 "biomedclipcxr_518.json", "biomedclipcxr_518_checkpoint.pt"):
+        assert (release / name).is_file(), name
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {p.name for p in base.iterdir()}
+    adapter = torch.load(release / "adapter_model.bin", weights_only=True)
+    trained = load_tensors(chain.runs["stage2"] / "lora" / "adapter_model.safetensors")
+    assert adapter.keys() == trained.keys() and all(torch.equal(adapter[k], trained[k]) for k in adapter)
+    hf = json.loads((release / "config.json").read_text())
+    assert hf["mm_projector_type"] == "mlp2x_gelu" and hf["model_type"] == "llava"
+
+
+def test_release_reloads_with_identical_weights_and_tokens(exported: tuple[Path, Path], chain: Chain) -> None:
+    release, base = exported
+    merged = load_model(chain.runs["stage2"] / "model").model.state_dict()
+    reloaded = load_model(release, base).model.state_dict()
+    assert merged.keys() == reloaded.keys() and all(torch.equal(merged[k], reloaded[k]) for k in merged)
+    study = _study(chain)
+    assert _tokens(release, study, base) == _tokens(chain.runs["stage2"] / "model", study)
+
+
+def test_released_loading_algorithm_agrees(exported: tuple[Path, Path], chain: Chain) -> None:
+    """Hugging Face LLaMA + PeftModel merge + open_clip trunk, as LLaVA-Rad's builder.py loads it."""
+    release, base = exported
+    loaded = load_model(chain.runs["stage2"] / "model")
+    cfg = loaded.model.cfg
+    pixels = normalize(load_pixels_u8(_study(chain), cfg.vision.img_size)[None], cfg.image_mean, cfg.image_std)
+    rel = TinyRelease(release, base, cfg, loaded.model, loaded.tokenizer, {})
+    ours = _tokens(chain.runs["stage2"] / "model", _study(chain))
+    assert _released_algorithm(rel, pixels, "Cough.", 20) == ours
+
+
+def test_merged_model_exports_with_an_identity_adapter(chain: Chain, tmp_path: Path) -> None:
+    release, base = export_release(chain.runs["stage1"], tmp_path / "out")
+    adapter = torch.load(release / "adapter_model.bin", weights_only=True)
+    assert adapter and not any(v.any() for v in adapter.values())
+    a = load_model(chain.runs["stage1"] / "model").model.state_dict()
+    b = load_model(release, base).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RadtrtError, match="not empty"):
+        export_release(chain.runs["stage1"], tmp_path / "out")
+
+
+def test_export_refuses_a_changed_base(chain: Chain, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(chain.runs["stage2"], run)
+    cfg = json.loads((run / "train_config.json").read_text())
+    cfg["init_model"] = str(chain.init)  # not the model stage 2 started from
+    (run / "train_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RadtrtError, match="is not the one"):
+        export_release(run, tmp_path / "out")
