@@ -41,7 +41,7 @@ def write_chart(report: LatencyReport, path: Path) -> Path:
 
     medians = stage_medians(report)
     names = list(medians)
-    fig, ax = plt.subplots(figsize=(8, 1.9 + 0.7 * len(names)))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)))
     left = [0.0] * len(names)
     shown = 0
     for stage in CHART_STAGES:
@@ -54,12 +54,11 @@ def write_chart(report: LatencyReport, path: Path) -> Path:
     for y, total in enumerate(left):
         ax.text(total, y, f" {total:.2f} s", va="center", fontsize=8)
     ax.set_xlim(0, max(left, default=1.0) * 1.15 or 1.0)
-    ax.set_xlabel("median seconds per study")
+    ax.set_xlabel("seconds per study (median of each stage, stacked)")
     ax.set_title(f"{report.model}: stage breakdown", fontsize=10)
     ax.invert_yaxis()
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), fontsize=8, ncols=max(shown, 1), frameon=False)
-    fig.tight_layout()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, ncols=max(shown, 1), frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -51,7 +51,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     try:
         import rouge_score  # noqa: F401  (radtrt.evaluation.lexical imports it lazily)
     except ImportError:
-        fail("ROUGE-L needs the rouge-score package: pip install 'radtrt[bench]'")
+        fail("ROUGE-L needs the rouge-score package (a radtrt dependency): pip install rouge-score")
     from radtrt.evaluation.lexical import rouge_l_scores
 
     return float(rouge_l_scores([prediction], [reference])[0])

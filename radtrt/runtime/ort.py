@@ -66,6 +66,9 @@ def _session(path: Path, providers: list[Any], threads: int | None) -> Any:
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Busy-waiting worker threads halve decode speed when any other process shares the cores
+    # (measured: 171.9 -> 86.9 ms/token on the 2-core CI-class machine under load).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     try:
