@@ -69,7 +69,11 @@ def infer(
         if as_json:
             typer.echo(json.dumps(result.to_json()))
         else:
+            t = result.timings_ms
             typer.echo(f"{result.study} [{result.view_position}]\n{result.report}\n")
+            err.print(f"timings: preprocess {t['preprocess']:.0f} ms, vision {t['vision']:.0f} ms, prefill "
+                      f"{t['prefill']:.0f} ms, decode {t['decode_per_token']:.1f} ms/token, end to end "
+                      f"{t['end_to_end']:.0f} ms", highlight=False)
 
 
 @command
@@ -102,10 +106,16 @@ def export(
     target: str = typer.Option("onnx", "--target", help="onnx | tensorrt | trtllm | triton | all"),
     out: Path = typer.Option(..., "-o", "--out", help="Bundle directory (Triton: repository directory)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Existing bundle to add engines to / serve."),
-    int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant"),
+    int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant (ONNX default)"),
     int8_kv_cache: bool = typer.Option(False, "--int8-kv-cache", help="INT8 KV cache (TensorRT-LLM)."),
     calibration_stats: Optional[Path] = typer.Option(None, "--calibration-stats",
                                                      help="Activation statistics from 'radtrt calibrate'."),
+    calibration_data: Optional[str] = typer.Option(
+        None, "--calibration-data", help="INT8: studies folder, JSONL manifest, 'radtrt calibrate' file, or 'phantom'."),
+    calibration_n: int = typer.Option(32, "--calibration-n", min=1, help="INT8: calibration samples to read."),
+    smoothquant_alpha: float = typer.Option(0.5, "--smoothquant-alpha", help="INT8 SmoothQuant migration strength."),
+    int8_lm_head: bool = typer.Option(True, "--int8-lm-head/--fp32-lm-head", help="INT8: quantize lm_head too."),
+    parity_samples: int = typer.Option(8, "--parity-samples", min=0, help="INT8: held-out samples for the parity gate."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Engine batch limit."),
     trtllm_engine: Optional[Path] = typer.Option(None, "--trtllm-engine",
                                                  help="Triton: TensorRT-LLM engine dir on the serving host."),
@@ -118,7 +128,7 @@ def export(
     from radtrt.model.loading import load_model
 
     plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,
-                              trtllm_engine)
+                              trtllm_engine, calibration_data=calibration_data if bundle is None else None)
     targets.preflight(plan)
     log = lambda line: err.print(line, highlight=False, soft_wrap=True)  # noqa: E731
     if plan.target == "triton":
@@ -127,6 +137,13 @@ def export(
         targets.write_triton(bundle, out, plan, log)
         typer.echo(str(out))
         return
+    int8_plan = None
+    if precision == "int8" and bundle is None:
+        from radtrt.exporter.onnx_int8 import Int8Plan
+
+        int8_plan = Int8Plan(calibration_data, int8_decoder or "smoothquant", smoothquant_alpha, int8_lm_head,
+                             calibration_n, parity_samples=parity_samples)
+        int8_plan.check_ready()
     bundle_dir = bundle or out
     needs_model = "onnx" in plan.steps and bundle is None or "trtllm" in plan.steps
     loaded = None
@@ -137,11 +154,14 @@ def export(
             loaded = load_model(model, base_model)
     if bundle is None:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
-            manifest = export_bundle(loaded, out, precision=precision, progress=progress)
+            manifest = export_bundle(loaded, out, precision=precision, progress=progress, int8=int8_plan)
         check = manifest["export_check"]
-        log(f"ONNX Runtime vs PyTorch: image embeddings max abs err {check['vision']['max_abs']:.3g}, "
+        what = "random-pixel smoke check, " if precision == "int8" else ""  # INT8 is judged on held-out studies
+        log(f"ONNX Runtime vs PyTorch ({what}fp32 reference): image embeddings max abs err {check['vision']['max_abs']:.3g}, "
             f"first-step logits max abs err {check['decoder_first_logits']['max_abs']:.3g}, greedy tokens "
             f"{'identical' if check['greedy_tokens_equal'] else 'DIFFER'} over {check['greedy_steps']} steps")
+        if check.get("int8_parity"):
+            _print_parity(check["int8_parity"], log)
     else:
         read_manifest(bundle)
     if "tensorrt" in plan.steps:
@@ -149,6 +169,50 @@ def export(
     if "trtllm" in plan.steps:
         targets.add_trtllm(bundle_dir, loaded, plan, log)
     typer.echo(str(bundle_dir))
+
+
+def _print_parity(parity: dict[str, Any], log: Callable[[str], None]) -> None:
+    from radtrt.calibration.parity import summary_lines
+
+    for line in summary_lines(parity):
+        log(line)
+    for warning in parity["warnings"]:
+        err.print(f"[bold red]WARNING: INT8 parity below target: {warning}[/bold red]", highlight=False, soft_wrap=True)
+
+
+@command
+def calibrate(
+    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir or radtrt model dir."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
+    data: str = typer.Option(..., "--data", help="Studies folder, JSONL manifest, or 'phantom' (synthetic)."),
+    n: int = typer.Option(32, "--n", min=1, help="Number of samples (the first N of the data)."),
+    seed: int = typer.Option(11, "--seed", help="Phantom seed (with --data phantom)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Calibration file to write (.safetensors)."),
+) -> None:
+    """Activation statistics on chest X-ray samples for INT8 export (one reusable, versioned file)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from radtrt.calibration.run import PHANTOM, calibrate as run_calibration, calibrate_phantoms
+    from radtrt.model.loading import load_model
+
+    if out.suffix != ".safetensors":
+        fail(f"the calibration file must end in .safetensors, got {out.name}")
+    if out.exists():
+        fail(f"{out} already exists; choose another -o")
+    with err.status(f"loading model from {model}"):
+        loaded = load_model(model, base_model)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        if data == PHANTOM:
+            calibration = calibrate_phantoms(loaded, n, seed, progress=progress)
+        else:
+            calibration = run_calibration(loaded, Path(data), n, progress=progress)
+    calibration.file.save(out)
+    meta = calibration.file.meta
+    err.print(f"{calibration.file.n} samples ({meta['method']['samples_with_findings']} with findings, "
+              f"{meta['method']['decoder_tokens']} decoder tokens), sample-list sha256 {calibration.file.hash[:16]}",
+              highlight=False)
+    typer.echo(str(out))
 
 
 @command
@@ -163,15 +227,16 @@ def doctor() -> None:
 @command
 def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Where to write the demo files."),
          as_json: bool = typer.Option(False, "--json")) -> None:
-    """First run: a synthetic study through a tiny RANDOM-weight model (gibberish report, pipeline check)."""
+    """First run: a synthetic phantom study through an ONNX bundle of the embedded default model."""
     from radtrt.runtime.demo import make_demo
 
-    model_dir, study = make_demo(out)
-    err.print(f"[yellow]demo: tiny random-weight model in {model_dir}, synthetic study {study}; "
-              f"the report is meaningless by design[/yellow]")
-    infer([study], model=model_dir, base_model=None, bundle=None, backend="torch", device="cpu", dtype="float32",
-          indication=None, max_new_tokens=32, batch_size=1, as_json=as_json, sr_out=out / "sr",
-          allow_any_modality=False, ort_provider="auto", trt_cache=None)
+    with err.status("preparing the demo: ONNX export of the default model and a phantom study"):
+        bundle, study, row = make_demo(out)
+    err.print(f"demo: phantom study {study} (synthetic; its true findings: {row['findings']})", highlight=False,
+              soft_wrap=True)
+    infer([study], model=None, base_model=None, bundle=bundle, backend="onnxruntime", device="cpu",
+          dtype="float32", indication=row.get("indication"), max_new_tokens=256, batch_size=1, as_json=as_json,
+          sr_out=out / "sr", allow_any_modality=False, ort_provider="cpu", trt_cache=None)
 
 
 def _register_subcommands() -> None:

@@ -138,7 +138,7 @@ def test_not_a_bundle_is_refused(model_dir: Path, studies: list[Path]) -> None:
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--precision", "int8"], "not available"),
+    (["--precision", "int8"], "needs calibration data"),
     (["--target", "tensorrt"], "no CUDA GPU"),
     (["--target", "all"], "no CUDA GPU"),
     (["--target", "trtllm", "--int8-decoder", "smoothquant", "--precision", "int8"], "calibration statistics"),

@@ -4,7 +4,7 @@
 # classification) -> stage 0 decoder (reports) -> stage 1 (projector) -> stage 2 (LoRA + projector)
 # -> held-out check -> float16 copy into the package.
 #
-#   tools/train_default_model.sh [WORK_DIR]          (about 15-20 minutes on 2 CPU cores)
+#   tools/train_default_model.sh [WORK_DIR]          (about 30 minutes on 2 shared CPU cores)
 #
 # Single-threaded torch (THREADS=1) is faster for these small matrices on a shared 2-core machine
 # and makes the floating-point results reproducible run to run; other thread counts or torch
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 RADTRT=${RADTRT:-radtrt}
 WORK=${1:-default-model-work}
 THREADS=${THREADS:-1}
-ASSET=radtrt/assets/default-model
+ASSET=${ASSET:-radtrt/assets/default-model}
 export OMP_NUM_THREADS=$THREADS
 
 $RADTRT data phantoms -o "$WORK/train" --n 4000 --seed 1 --formats png
@@ -27,8 +27,10 @@ $RADTRT train lm "$WORK/train/manifest.jsonl" --model "$WORK/vision/model" -o "$
 $RADTRT train stage1 "$WORK/train/manifest.jsonl" --model "$WORK/lm/model" -o "$WORK/stage1" "${common[@]}"
 $RADTRT train stage2 "$WORK/train/manifest.jsonl" --model "$WORK/stage1/model" -o "$WORK/stage2" "${common[@]}" \
     --name radtrt-phantom-default
-rm -rf "$ASSET"
-$RADTRT convert --model "$WORK/stage2/model" -o "$ASSET" --dtype float16
+rm -rf "$WORK/asset"
+$RADTRT convert --model "$WORK/stage2/model" -o "$WORK/asset" --dtype float16
+mkdir -p "$ASSET"
+install -m 644 "$WORK"/asset/{config.json,model.safetensors,tokenizer.model,tokenizer_config.json} "$ASSET"/
 $RADTRT train eval "$WORK/heldout/manifest.jsonl" --model "$ASSET" --threads "$THREADS" --json \
     > "$WORK/heldout-eval.json"
 python - "$WORK/heldout-eval.json" <<'PY'

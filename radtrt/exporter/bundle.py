@@ -72,43 +72,70 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32",
-                  progress: Any = None) -> dict[str, Any]:
-    """Export, check against PyTorch, hash, and write the manifest; returns the manifest."""
-    if precision not in PRECISIONS:
-        fail(f"precision '{precision}' is not available for ONNX export yet (available: {', '.join(PRECISIONS)})")
+def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", progress: Any = None,
+                  int8: Any = None) -> dict[str, Any]:
+    """Export, check against PyTorch, hash, and write the manifest; returns the manifest.
+
+    ``int8`` (an ``onnx_int8.Int8Plan``) is required for ``precision="int8"``: calibration data and the
+    decoder method. The export check of an INT8 bundle also runs the parity gate on held-out samples.
+    """
+    if precision not in (*PRECISIONS, "int8"):
+        fail(f"precision '{precision}' is not available for ONNX export (available: {', '.join(PRECISIONS)}, int8)")
+    if precision == "int8":
+        if int8 is None:
+            fail("INT8 export needs calibration data: pass --calibration-data DIR|MANIFEST|CALIB_FILE, or "
+                 "'--calibration-data phantom' for synthetic phantoms")
+        int8.check_ready()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"output {out} already exists and is not an empty directory")
     from radtrt.exporter.check import check_bundle_against_torch
 
-    dtype = PRECISIONS[precision]
+    dtype = PRECISIONS.get(precision, torch.float32)
     model = loaded.model.to(dtype).eval()
     work = out.with_name(out.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    steps = [("vision.onnx", lambda: export_vision(model, work / "vision.onnx", dtype)),
-             ("decoder.onnx", lambda: export_decoder(model.language_model, work / "decoder.onnx", dtype)),
-             ("embedding table, tokenizer, config", lambda: _write_side_files(loaded, work, dtype))]
+    task = progress.add_task("export", total=None) if progress else None
+
+    def describe(text: str) -> None:
+        if progress:
+            progress.update(task, description=text)
+
     timings = []
-    task = progress.add_task("export", total=len(steps) + 1) if progress else None
+    int8_result = None
     with _quiet_exporter():
-        for name, fn in steps:
-            if progress:
-                progress.update(task, description=f"exporting {name}")
+        if precision == "int8":
+            from radtrt.exporter.onnx_int8 import build_int8
+
             t0 = time.perf_counter()
-            fn()
-            timings.append(ExportStep(name, time.perf_counter() - t0))
-            if progress:
-                progress.advance(task)
+            int8_result = build_int8(loaded, work, int8, progress=progress, step=describe)
+            timings.append(ExportStep("INT8 calibration and graphs", time.perf_counter() - t0))
+        else:
+            for name, fn in (("vision.onnx", lambda: export_vision(model, work / "vision.onnx", dtype)),
+                             ("decoder.onnx", lambda: export_decoder(model.language_model, work / "decoder.onnx",
+                                                                     dtype))):
+                describe(f"exporting {name}")
+                t0 = time.perf_counter()
+                fn()
+                timings.append(ExportStep(name, time.perf_counter() - t0))
+        describe("writing the embedding table, tokenizer, config")
+        _write_side_files(loaded, work, dtype)
     manifest = _manifest(loaded, work, precision, timings)
+    if int8_result is not None:
+        manifest["int8"] = int8_result.int8
+        manifest["calibration"] = int8_result.calibration
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if progress:
-        progress.update(task, description="checking ONNX Runtime against PyTorch")
+    describe("checking ONNX Runtime against PyTorch")
     manifest["export_check"] = check_bundle_against_torch(work, model)
+    if int8_result is not None:
+        from radtrt.exporter.onnx_int8 import int8_parity
+
+        describe("INT8 parity gate on held-out samples")
+        manifest["export_check"]["int8_parity"] = int8_parity(loaded, work, int8_result, int8, progress=progress)
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if progress:
-        progress.advance(task)
+        progress.remove_task(task)
     if out.exists():
         out.rmdir()
     work.rename(out)

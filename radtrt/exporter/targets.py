@@ -26,6 +26,7 @@ class ExportPlan:
     calibration_stats: Path | None = None
     max_batch: int = 8
     trtllm_engine: Path | None = None  # Triton: the decoder engine dir on the serving host
+    calibration_data: str | None = None  # INT8 ONNX export: its calibration file lands in the bundle
     steps: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -44,8 +45,10 @@ def preflight(plan: ExportPlan) -> None:
         check_tensorrt(require_gpu(detect_gpu()))
     if "trtllm" in plan.steps:
         mode = decoder_mode(plan.precision, plan.int8_decoder)
-        if (mode == "w8a8_sq" or plan.int8_kv) and plan.calibration_stats is None:
-            fail("SmoothQuant and the INT8 KV cache need calibration statistics: pass --calibration-stats FILE")
+        calibrated_here = "onnx" in plan.steps and plan.precision == "int8" and plan.calibration_data is not None
+        if (mode == "w8a8_sq" or plan.int8_kv) and plan.calibration_stats is None and not calibrated_here:
+            fail("SmoothQuant and the INT8 KV cache need calibration statistics: pass --calibration-stats FILE "
+                 "(from 'radtrt calibrate'), or --calibration-data with --precision int8")
         gpu = detect_gpu()
         if gpu is not None and library_version("tensorrt_llm") is not None:
             check_trtllm(gpu, mode, int8_kv=plan.int8_kv)
@@ -63,13 +66,17 @@ def add_tensorrt(bundle: Path, plan: ExportPlan, log: Callable[[str], None]) -> 
 
 def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str], None]) -> Path:
     """Write the checkpoint; build the engine only where TensorRT-LLM and a GPU are present."""
+    from radtrt.calibration.file import load_activation_stats
     from radtrt.exporter.gpu import detect_gpu, library_version
-    from radtrt.exporter.quant import ActivationStats
+    from radtrt.exporter.onnx_int8 import CALIBRATION_FILE
     from radtrt.exporter.trtllm import (BuildLimits, build_decoder_engine, decoder_mode, mode_tag,
                                         write_trtllm_checkpoint)
 
     mode = decoder_mode(plan.precision, plan.int8_decoder)
-    stats = ActivationStats.load(plan.calibration_stats) if plan.calibration_stats else None
+    stats_file = plan.calibration_stats
+    if stats_file is None and (bundle / CALIBRATION_FILE).is_file():
+        stats_file = bundle / CALIBRATION_FILE  # an INT8 bundle carries the calibration it was made with
+    stats = load_activation_stats(stats_file) if stats_file else None
     gpu = detect_gpu()
     checkpoint = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, plan.int8_kv)}"
     write_trtllm_checkpoint(loaded, checkpoint, mode, smoothquant_stats=stats, int8_kv=plan.int8_kv)

@@ -1,25 +1,28 @@
-"""First-run demo material: a tiny random-weight model and a synthetic frontal radiograph.
+"""First-run demo: a phantom study, an ONNX bundle of the embedded default model, a report.
 
-Until the embedded default model exists this shows the pipeline end to end on any machine; the
-report is meaningless by construction and the CLI says so.
+The default model was trained on synthetic phantoms only; the demo shows the whole pipeline
+(DICOM study with a lateral and a frontal view, view selection, preprocessing, ONNX Runtime
+vision + decoder, report) on any machine, and prints the phantom's true findings beside it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
-from radtrt.model.loading import LoadedModel, save_toolkit
-from radtrt.model.tiny import random_model, train_tiny_tokenizer
+from radtrt.data.phantom_set import write_phantom_set
+from radtrt.exporter.bundle import export_bundle
+from radtrt.model.loading import load_model
+from radtrt.training.default_model import default_model_dir
 
 
-def make_demo(out: Path, seed: int = 0) -> tuple[Path, Path]:
-    """(model dir, study file), reusing what an earlier demo run left in ``out``."""
-    model_dir = out / "tiny-random-model"
-    if not (model_dir / "config.json").is_file():
-        save_toolkit(LoadedModel(random_model(seed=seed), train_tiny_tokenizer(), "tiny-random-demo",
-                                 {"layout": "random", "seed": seed}), model_dir)
-    study = out / "synthetic-study" / "frontal_pa.dcm"
-    if not study.is_file():
-        write_radiograph(study, synthetic_chest(seed=seed), modality="DX", view_position="PA")
-    return model_dir, study
+def make_demo(out: Path, seed: int = 2) -> tuple[Path, Path, dict]:
+    """(bundle dir, study folder, the phantom's manifest row), reusing what an earlier run left in ``out``."""
+    bundle = out / "default-model-fp32"
+    if not (bundle / "manifest.json").is_file():
+        export_bundle(load_model(default_model_dir()), bundle, precision="fp32")
+    phantoms = out / "phantom-study"
+    if not (phantoms / "manifest.jsonl").is_file():
+        write_phantom_set(phantoms, 1, seed, formats=("dicom",))
+    row = json.loads((phantoms / "manifest.jsonl").read_text().splitlines()[0])
+    return bundle, phantoms / row["study"], row

@@ -45,8 +45,9 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
     if model is None:
-        fail("no --model given, and this radtrt version has no embedded default model yet: pass --model DIR "
-             "(or run 'radtrt demo' for a pipeline check on a tiny random-weight model)")
+        from radtrt.training.default_model import default_model_dir
+
+        model = default_model_dir(console)
     with console.status(f"loading model from {model}"):
         loaded = load_model(model, base_model, dtype=DTYPES[dtype], device=device)
     console.print(f"backend: {chosen} ({why}), device {device}, {dtype}; model {loaded.name}", highlight=False,

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import typer
 
-from radtrt.data.cli import err, guarded
+from radtrt.cli_support import err
+from radtrt.cli_support import user_errors as guarded
 from radtrt.errors import fail
 
 

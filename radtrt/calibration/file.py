@@ -1,0 +1,166 @@
+"""The calibration file: one versioned safetensors file, reusable across exports.
+
+Tensors: ``decoder.input:NAME`` / ``decoder.output:NAME`` (per-channel absmax, the decoder's
+``ActivationStats``), ``vision.input:NAME`` / ``vision.output:NAME`` (the same for the trunk and
+projector). Metadata (``__metadata__``): ``format`` = ``radtrt-calibration``, ``format_version``,
+and ``meta``, a JSON object with the model's config sha256 (the bundle manifest's
+``model.config_sha256`` scheme) and a weights fingerprint, the sample list (paths relative to the
+data root, file sha256s, findings/indication used) and its hash, the data root and source, the
+preprocessing constants, the method and the tool versions.
+
+The pixels are not stored: an export that needs them for static quantization re-reads the listed
+files from the data root and refuses when any is missing or changed (``verify_refs``). Phantom
+calibration sets are PNG-only, whose bytes depend only on (seed, index), so they are regenerated
+and still match their hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radtrt.calibration.samples import SampleRef, sample_list_hash
+from radtrt.calibration.stats import AbsMax
+from radtrt.errors import fail
+from radtrt.exporter.quant import ActivationStats
+from radtrt.model.llava_rad import LlavaRad
+
+CALIBRATION_FORMAT = "radtrt-calibration"
+CALIBRATION_FORMAT_VERSION = 1
+STATS_FORMAT = "radtrt-activation-stats"  # ActivationStats.save's format
+
+
+def config_sha256(model: LlavaRad) -> str:
+    return hashlib.sha256(model.cfg.to_json().encode()).hexdigest()
+
+
+@torch.no_grad()
+def weights_fingerprint(model: LlavaRad, per_tensor: int = 4096) -> str:
+    """sha256 over every parameter's name, shape and up to ``per_tensor`` strided values (as fp32).
+
+    Hashing all weights of a 7B model would take minutes; a strided sample of every tensor still
+    tells a different fine-tune or checkpoint apart, which is what a stale calibration would be.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // per_tensor)
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(flat[::step][:per_tensor].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class CalibrationFile:
+    meta: dict[str, Any]
+    decoder: ActivationStats
+    vision: AbsMax = field(default_factory=AbsMax)
+
+    @property
+    def refs(self) -> list[SampleRef]:
+        return [SampleRef.from_json(d) for d in self.meta["samples"]]
+
+    @property
+    def hash(self) -> str:
+        return str(self.meta["sample_list_sha256"])
+
+    @property
+    def n(self) -> int:
+        return len(self.meta["samples"])
+
+    def summary(self) -> dict[str, Any]:
+        """What a bundle manifest records about the calibration it was quantized with."""
+        return {"hash": self.hash, "n": self.n, "source": self.meta["source"], "method": self.meta["method"],
+                "created": self.meta["created"]}
+
+    def save(self, path: Path) -> Path:
+        from radtrt.model.io import save_tensors
+
+        tensors = {f"decoder.input:{k}": v for k, v in self.decoder.inputs.items()}
+        tensors |= {f"decoder.output:{k}": v for k, v in self.decoder.outputs.items()}
+        tensors |= {f"vision.input:{k}": v for k, v in self.vision.inputs.items()}
+        tensors |= {f"vision.output:{k}": v for k, v in self.vision.outputs.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors({k: v.float().contiguous() for k, v in tensors.items()}, path,
+                     metadata={"format": CALIBRATION_FORMAT, "format_version": str(CALIBRATION_FORMAT_VERSION),
+                               "meta": json.dumps(self.meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "CalibrationFile":
+        from radtrt.model.io import load_tensors
+
+        meta_raw = _metadata(path)
+        if meta_raw.get("format") != CALIBRATION_FORMAT:
+            fail(f"{path} is not a radtrt calibration file (format {meta_raw.get('format')!r})")
+        if meta_raw.get("format_version") != str(CALIBRATION_FORMAT_VERSION):
+            fail(f"calibration file {path} has format version {meta_raw.get('format_version')}; this radtrt reads "
+                 f"version {CALIBRATION_FORMAT_VERSION}: re-run 'radtrt calibrate'")
+        try:
+            meta = json.loads(meta_raw["meta"])
+        except (KeyError, json.JSONDecodeError) as e:
+            fail(f"calibration file {path} has unreadable metadata ({e})")
+        tensors = load_tensors(path)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+        decoder = ActivationStats(part("decoder.input:"), part("decoder.output:"), describe(meta))
+        calib = cls(meta, decoder, AbsMax(part("vision.input:"), part("vision.output:")))
+        if sample_list_hash(calib.refs) != calib.hash:
+            fail(f"calibration file {path}: its sample list does not match its recorded hash (modified?)")
+        return calib
+
+    def check_model(self, model: LlavaRad, path: Path | str = "the calibration file") -> None:
+        """Refuse statistics collected on another model (architecture or weights)."""
+        if self.meta["model"]["config_sha256"] != config_sha256(model):
+            fail(f"{path} was calibrated for another model configuration: re-run 'radtrt calibrate' with this model")
+        if self.meta["model"]["weights_fingerprint"] != weights_fingerprint(model):
+            fail(f"{path} was calibrated on other weights of this architecture: re-run 'radtrt calibrate' "
+                 f"with this model")
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """One line naming the calibration set (recorded into TensorRT-LLM checkpoints)."""
+    return (f"radtrt calibration: {len(meta['samples'])} samples, {meta['source'].get('kind')}, "
+            f"sample-list sha256 {meta['sample_list_sha256'][:16]}")
+
+
+def build_meta(*, model: LlavaRad, model_name: str, refs: list[SampleRef], root: Path, source: dict[str, Any],
+               method: dict[str, Any], preprocess: dict[str, Any]) -> dict[str, Any]:
+    from radtrt.exporter.bundle import tool_versions
+
+    return {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": {"name": model_name, "config_sha256": config_sha256(model),
+                      "weights_fingerprint": weights_fingerprint(model)},
+            "sample_list_sha256": sample_list_hash(refs), "samples": [r.to_json() for r in refs],
+            "data_root": str(root.resolve()), "source": source, "method": method, "preprocess": preprocess,
+            "tools": tool_versions()}
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        fail(f"calibration file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        fail(f"{path} is not a safetensors file ({e})")
+
+
+def load_activation_stats(path: Path) -> ActivationStats:
+    """Decoder statistics from a ``radtrt calibrate`` file or an ``ActivationStats`` file."""
+    fmt = _metadata(path).get("format")
+    if fmt == CALIBRATION_FORMAT:
+        return CalibrationFile.load(path).decoder
+    if fmt == STATS_FORMAT:
+        return ActivationStats.load(path)
+    fail(f"{path} holds neither radtrt calibration data nor activation statistics (format {fmt!r})")

@@ -1,0 +1,172 @@
+"""``radtrt calibrate`` and the export's ``--calibration-data`` as library calls.
+
+``--calibration-data`` names a data source (folder or manifest), a calibration file written by
+``radtrt calibrate``, or the word ``phantom``: a seeded synthetic set made on the fly with
+``radtrt.data`` (PNG only, so its bytes and hash are the same every time). Held-out samples for the
+parity gate come after the calibration samples in the same source, or from phantoms of another
+seed when the source has no more.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from radtrt.calibration.file import CALIBRATION_FORMAT, CalibrationFile, _metadata, build_meta
+from radtrt.calibration.samples import Sample, SampleSet, count_samples, load_samples, verify_refs
+from radtrt.calibration.stats import collect_stats
+from radtrt.errors import fail
+from radtrt.model.loading import LoadedModel
+
+PHANTOM = "phantom"
+PHANTOM_CALIBRATION_SEED = 11  # the default model trains on seeds 1 and 2: calibration and held-out differ
+PHANTOM_HELDOUT_SEED = 12
+DEFAULT_N = 32
+
+
+@dataclass
+class Calibration:
+    """A calibration file and the samples it was made from (the pixels static quantization needs)."""
+
+    file: CalibrationFile
+    samples: list[Sample]
+    path: Path | None = None  # where the file came from, when it was given rather than made
+
+
+def _preparer(loaded: LoadedModel) -> Callable[[Path, str | None], tuple[Any, torch.Tensor, list[int]]]:
+    """Exactly ``radtrt infer``'s preprocessing and prompt (``Pipeline.prepare``)."""
+    from radtrt.runtime.backends import TorchBackend
+    from radtrt.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline(TorchBackend(loaded.model), loaded.tokenizer, loaded.model.cfg, loaded.name)
+
+    def prepare(study: Path, indication: str | None) -> tuple[Any, torch.Tensor, list[int]]:
+        p = pipeline.prepare(study, indication=indication)
+        return p.image, p.pixels, p.prompt_ids
+
+    return prepare
+
+
+@contextmanager
+def phantom_source(n: int, seed: int, progress: Any = None) -> Iterator[Path]:
+    """A temporary PNG phantom set of ``n`` images (seeded); yields its manifest."""
+    from rich.console import Console
+
+    from radtrt.data.phantom_set import write_phantom_set
+
+    with tempfile.TemporaryDirectory(prefix="radtrt-phantoms-") as tmp:
+        # inside a running progress display a second live display on its console is an error: write quietly
+        console = Console(stderr=True, quiet=progress is not None)
+        yield write_phantom_set(Path(tmp) / "phantoms", n, seed, formats=("png",), console=console)
+
+
+def progress_callback(progress: Any, text: str, total: int) -> Callable[[int], None] | None:
+    if progress is None:
+        return None
+    task = progress.add_task(text, total=total)
+    return lambda done: progress.update(task, completed=done)
+
+
+def calibrate(loaded: LoadedModel, data: Path, n: int = DEFAULT_N, *, skip: int = 0, source: dict | None = None,
+              progress: Any = None) -> Calibration:
+    """Read ``n`` samples from ``data`` and collect the vision and decoder statistics."""
+    model = loaded.model.float().eval()
+    samples = load_samples(data, n, _preparer(loaded), skip=skip,
+                           on_sample=progress_callback(progress, f"reading {n} calibration samples", n))
+    return _collect(loaded, samples if source is None else SampleSet(samples.root, samples.samples, source),
+                    model, progress)
+
+
+def _collect(loaded: LoadedModel, samples: SampleSet, model: Any, progress: Any) -> Calibration:
+    n = len(samples.samples)
+    collected = collect_stats(model, loaded.tokenizer, samples.samples,
+                              description=f"radtrt calibration, sample-list sha256 {samples.hash[:16]}",
+                              on_sample=progress_callback(progress, f"collecting activation statistics on {n} samples", n))
+    cfg = model.cfg
+    method = {"decoder": "per-channel absmax of linear inputs and outputs (forward hooks, fp32 torch), on v1 "
+                         "prompt + image embeddings + findings answer where the data has findings",
+              "vision": "per-channel absmax of linear/conv inputs and outputs (forward hooks, fp32 torch)",
+              "decoder_tokens": collected.tokens, "samples_with_findings": collected.with_findings}
+    preprocess = {"image_size": cfg.vision.img_size, "mean": list(cfg.image_mean), "std": list(cfg.image_std),
+                  "pipeline": "radtrt.runtime.pipeline.Pipeline.prepare"}
+    meta = build_meta(model=model, model_name=loaded.name, refs=samples.refs, root=samples.root,
+                      source=samples.source, method=method, preprocess=preprocess)
+    return Calibration(CalibrationFile(meta, collected.decoder, collected.vision), samples.samples)
+
+
+def calibrate_phantoms(loaded: LoadedModel, n: int, seed: int = PHANTOM_CALIBRATION_SEED,
+                       progress: Any = None) -> Calibration:
+    with phantom_source(n, seed, progress) as manifest:
+        return calibrate(loaded, manifest, n, source={"kind": PHANTOM, "seed": seed, "n": n, "formats": ["png"]},
+                         progress=progress)
+
+
+def is_calibration_file(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".safetensors" and _metadata(path).get("format") == CALIBRATION_FORMAT
+
+
+def resolve_calibration(loaded: LoadedModel, data: str | None, n: int = DEFAULT_N, *,
+                        progress: Any = None) -> Calibration:
+    """What ``--calibration-data`` names, as statistics plus the samples' pixels; refuses when missing."""
+    if data is None:
+        fail("INT8 export needs calibration data: pass --calibration-data DIR|MANIFEST|CALIB_FILE "
+             "(chest X-ray studies, or a 'radtrt calibrate' file), or '--calibration-data phantom' for synthetic "
+             "phantoms")
+    if data == PHANTOM:
+        return calibrate_phantoms(loaded, n, progress=progress)
+    path = Path(data)
+    if is_calibration_file(path):
+        return reuse(loaded, path, progress=progress)
+    return calibrate(loaded, path, n, progress=progress)
+
+
+def reuse(loaded: LoadedModel, path: Path, progress: Any = None) -> Calibration:
+    """A calibration file, checked against the model, with its samples re-read (hashes verified)."""
+    file = CalibrationFile.load(path)
+    model = loaded.model.float().eval()
+    file.check_model(model, path)
+    source = file.meta["source"]
+    refs = file.refs
+    if source.get("kind") == PHANTOM:
+        with phantom_source(int(source["n"]), int(source["seed"]), progress) as manifest:
+            samples = _reread(loaded, manifest.parent, refs, progress)
+    else:
+        samples = _reread(loaded, Path(file.meta["data_root"]), refs, progress)
+    return Calibration(file, samples, path)
+
+
+def _reread(loaded: LoadedModel, root: Path, refs: list, progress: Any) -> list[Sample]:
+    verify_refs(root, refs)
+    prepare = _preparer(loaded)
+    tick = progress_callback(progress, f"re-reading {len(refs)} calibration samples", len(refs))
+    out = []
+    for i, ref in enumerate(refs):
+        study = Path(ref.study) if Path(ref.study).is_absolute() else root / ref.study
+        _, pixels, prompt_ids = prepare(study, ref.indication)
+        out.append(Sample(ref, pixels, prompt_ids))
+        if tick:
+            tick(i + 1)
+    return out
+
+
+def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,
+                    progress: Any = None) -> tuple[list[Sample], str]:
+    """``k`` samples not used for calibration, and a line saying where they came from."""
+    source = calibration.file.meta["source"]
+    note = ""
+    if source.get("kind") in ("manifest", "folder"):
+        data = Path(source["path"])
+        used = int(source.get("skip", 0)) + int(source.get("n", calibration.file.n))
+        left = count_samples(data) - used
+        if left >= k:
+            found = load_samples(data, k, _preparer(loaded), skip=used)
+            return found.samples, f"{k} held-out samples of {data} (after the {used} calibration ones)"
+        note = f"; {data} has only {max(left, 0)} samples beyond the calibration ones"
+    with phantom_source(k, PHANTOM_HELDOUT_SEED, progress) as manifest:
+        found = load_samples(manifest, k, _preparer(loaded))
+        return found.samples, f"{k} held-out synthetic phantoms (seed {PHANTOM_HELDOUT_SEED}){note}"

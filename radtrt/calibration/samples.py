@@ -1,0 +1,172 @@
+"""Calibration samples: which studies, their identity (a hash), and their model inputs.
+
+A data source is a JSONL manifest (``{image, findings, indication, ...}``, paths relative to its
+folder), a folder holding ``manifest.jsonl`` (a phantom set), or a folder whose entries are studies
+(a DICOM file or study folder, a PNG/JPEG). The first ``n`` usable samples are taken in manifest
+order (folders: sorted by name); ``skip`` leaves out the first ones, so held-out samples come after
+the calibration ones in the same source.
+
+Every sample goes through exactly what ``radtrt infer`` does before the model (``Pipeline.prepare``:
+study selection, DICOM pipeline, open_clip transform, prompt tokenization). A sample is identified
+by the file the pixels came from (path relative to the data root, and its sha256); the set's hash is
+the sha256 over the sorted ``(path, sha256)`` pairs, so it names the images, not their order or
+where the folder lives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from radtrt.errors import fail
+
+MANIFEST_NAME = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One calibration sample: its study, the file the pixels came from, and its text (if any).
+
+    ``to_json`` (what a calibration file and a bundle keep) records the text only as a sha256: the
+    findings and indication are clinical text of the user's data set and must not travel with a
+    bundle; re-using a calibration needs only the pixels.
+    """
+
+    study: str  # relative to the data root (as the manifest names it)
+    file: str  # the file the image was read from, relative to the data root
+    sha256: str
+    findings: str | None = None
+    indication: str | None = None
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def text_sha256(self) -> str | None:
+        if self.findings is None and self.indication is None:
+            return None
+        return hashlib.sha256(json.dumps([self.indication, self.findings]).encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"study": self.study, "file": self.file, "sha256": self.sha256,
+                "has_findings": self.findings is not None, "text_sha256": self.text_sha256}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SampleRef":
+        return cls(d["study"], d["file"], d["sha256"])
+
+
+@dataclass
+class Sample:
+    """A sample ready for the model: preprocessed pixels ``[3, S, S]`` and its prompt ids."""
+
+    ref: SampleRef
+    pixels: torch.Tensor
+    prompt_ids: list[int]
+
+
+@dataclass
+class SampleSet:
+    root: Path
+    samples: list[Sample]
+    source: dict[str, Any]  # what the user named: {"kind": "manifest"|"folder"|"phantom", ...}
+
+    @property
+    def refs(self) -> list[SampleRef]:
+        return [s.ref for s in self.samples]
+
+    @property
+    def hash(self) -> str:
+        return sample_list_hash(self.refs)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sample_list_hash(refs: list[SampleRef]) -> str:
+    """sha256 over the sorted (relative path, file sha256) pairs."""
+    pairs = sorted((r.file, r.sha256) for r in refs)
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    study: Path
+    findings: str | None = None
+    indication: str | None = None
+    labels: tuple[str, ...] | None = None
+
+
+def _entries(data: Path) -> tuple[Path, list[_Entry], dict[str, Any]]:
+    """(data root, candidate studies in order, source description)."""
+    from radtrt.data.manifest import read_manifest
+
+    if not data.exists():
+        fail(f"calibration data not found: {data}")
+    manifest = data / MANIFEST_NAME if data.is_dir() else data
+    if manifest.is_file() and (data.is_dir() or data.suffix in (".jsonl", ".json")):
+        root = manifest.parent
+        rows = read_manifest(manifest)
+        entries = [_Entry(r.image_path(root), r.findings, r.indication, r.labels) for r in rows]
+        return root, entries, {"kind": "manifest", "path": str(manifest.resolve())}
+    if data.is_file():
+        fail(f"calibration data {data} is neither a folder nor a JSONL manifest (.jsonl)")
+    studies = sorted(p for p in data.iterdir() if not p.name.startswith("."))
+    if not studies:
+        fail(f"calibration data folder {data} is empty")
+    return data, [_Entry(p) for p in studies], {"kind": "folder", "path": str(data.resolve())}
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())  # outside the root (an absolute manifest path): kept absolute
+
+
+def count_samples(data: Path) -> int:
+    """How many samples ``data`` lists (manifest rows, or folder entries)."""
+    return len(_entries(data)[1])
+
+
+def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple[Any, torch.Tensor, list[int]]],
+                 *, skip: int = 0, on_sample: Callable[[int], None] | None = None) -> SampleSet:
+    """The first ``n`` samples after ``skip``, read with ``prepare`` (the inference preprocessing).
+
+    ``prepare(study, indication)`` returns ``(selected image, pixels, prompt ids)``. A study that
+    fails to read fails the calibration: calibrating on a silently different set is worse.
+    """
+    if n < 1:
+        fail(f"the number of calibration samples must be at least 1, got {n}")
+    root, entries, source = _entries(data)
+    chosen = entries[skip:skip + n]
+    if len(chosen) < n:
+        fail(f"calibration data {data} has {len(entries)} samples; {skip + n} are needed "
+             f"({n} after skipping {skip})")
+    samples = []
+    for i, entry in enumerate(chosen):
+        image, pixels, prompt_ids = prepare(entry.study, entry.indication)
+        ref = SampleRef(_relative(entry.study, root), _relative(image.source_file, root),
+                        sha256_of(image.source_file), entry.findings, entry.indication, entry.labels)
+        samples.append(Sample(ref, pixels, prompt_ids))
+        if on_sample:
+            on_sample(i + 1)
+    return SampleSet(root, samples, {**source, "skip": skip, "n": n})
+
+
+def verify_refs(root: Path, refs: list[SampleRef]) -> None:
+    """Refuse to re-use a sample list whose files are missing or changed (a different calibration)."""
+    for ref in refs:
+        path = Path(ref.file) if Path(ref.file).is_absolute() else root / ref.file
+        if not path.is_file():
+            fail(f"calibration sample {ref.file} is missing under {root}: re-run 'radtrt calibrate'")
+        if sha256_of(path) != ref.sha256:
+            fail(f"calibration sample {ref.file} changed since calibration (sha256 differs): re-run 'radtrt calibrate'")

@@ -1,0 +1,119 @@
+"""INT8 bundle graphs: calibrate (or reuse a calibration), then the Q/DQ vision graph and an INT8 decoder.
+
+``export_bundle(..., precision="int8", int8=Int8Plan(...))`` calls ``build_int8`` for the two graphs
+instead of the float exports; everything else in the bundle is as for fp32 (the embedding table,
+KV buffers and logits stay fp32, so ``OrtBackend`` runs INT8 bundles unchanged). The calibration
+file travels with the bundle (``calibration.safetensors``): a later ``radtrt export --target trtllm
+--calibration-stats BUNDLE/calibration.safetensors`` reuses its decoder statistics.
+
+INT8 KV cache: not offered for the ONNX Runtime bundle. The runtime owns fp32 KV buffers; an INT8
+cache would have to be dequantized to fp32 inside the graph at every step (ONNX Runtime's CPU
+provider has no integer attention kernel for this graph), which reads the int8 past and writes and
+reads a full fp32 copy -- more traffic than the fp32 cache it replaces. ``--int8-kv-cache`` remains
+for TensorRT-LLM, whose kernels read the INT8 cache directly.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from radtrt.errors import fail
+from radtrt.model.loading import LoadedModel
+
+CALIBRATION_FILE = "calibration.safetensors"
+DEFAULT_PARITY_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    """What the user asked for; ``calibration_data`` is a folder, manifest, calibration file or ``phantom``."""
+
+    calibration_data: str | None
+    decoder: str = "smoothquant"
+    alpha: float = 0.5
+    lm_head: bool = True
+    n: int = 32
+    parity_samples: int = DEFAULT_PARITY_SAMPLES
+    parity_max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        from radtrt.exporter.int8_decoder import DECODER_METHODS
+
+        if self.decoder not in DECODER_METHODS:
+            fail(f"unknown --int8-decoder '{self.decoder}' ({', '.join(DECODER_METHODS)})")
+        if not 0.0 <= self.alpha <= 1.0:
+            fail(f"SmoothQuant alpha must be within [0, 1], got {self.alpha}")
+        if self.n < 1 or self.parity_samples < 0:
+            fail("the calibration sample count must be at least 1 and the parity sample count not negative")
+
+    def check_ready(self) -> None:
+        if self.calibration_data is None:
+            fail("INT8 export needs calibration data: pass --calibration-data DIR|MANIFEST|CALIB_FILE (chest X-ray "
+                 "studies, or a 'radtrt calibrate' file), or '--calibration-data phantom' for synthetic phantoms")
+
+
+@dataclass
+class Int8Result:
+    """The manifest's ``int8`` and ``calibration`` sections, and the calibration the graphs came from."""
+
+    int8: dict[str, Any]
+    calibration: dict[str, Any]
+    calibration_run: Any  # radtrt.calibration.run.Calibration
+
+
+def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any = None,
+               step: Callable[[str], None] = lambda _: None) -> Int8Result:
+    """Calibrate, write ``vision.onnx``, ``decoder.onnx`` and ``calibration.safetensors`` into ``work``."""
+    from radtrt.calibration.run import resolve_calibration
+    from radtrt.exporter.int8_decoder import quantize_smoothquant, quantize_weight_only
+    from radtrt.exporter.int8_vision import quantize_vision
+    from radtrt.exporter.onnx import export_decoder, export_vision
+
+    plan.check_ready()
+    model = loaded.model.float().eval()
+    step("calibrating")
+    calibration = resolve_calibration(loaded, plan.calibration_data, plan.n, progress=progress)
+    calibration.file.save(work / CALIBRATION_FILE)
+    with tempfile.TemporaryDirectory(prefix=".radtrt-int8-", dir=work.parent) as tmp_dir:
+        tmp = Path(tmp_dir)
+        step("exporting the fp32 vision graph to quantize")
+        export_vision(model, tmp / "vision-fp32.onnx")
+        step(f"quantizing vision.onnx (Q/DQ, {len(calibration.samples)} calibration images)")
+        vision = quantize_vision(tmp / "vision-fp32.onnx", work / "vision.onnx", [s.pixels for s in calibration.samples])
+        if plan.decoder == "weight-only":
+            step("exporting the fp32 decoder graph to quantize")
+            export_decoder(model.language_model, tmp / "decoder-fp32.onnx")
+            step("quantizing decoder.onnx (weight-only INT8, MatMulNBits)")
+            decoder = quantize_weight_only(tmp / "decoder-fp32.onnx", work / "decoder.onnx", lm_head=plan.lm_head)
+        else:
+            step(f"smoothing (alpha {plan.alpha}), exporting and quantizing decoder.onnx (W8A8)")
+            decoder = quantize_smoothquant(model.language_model, calibration.file.decoder, work / "decoder.onnx", tmp,
+                                           alpha=plan.alpha, lm_head=plan.lm_head)
+    int8 = {"vision_method": vision, "decoder_method": decoder,
+            "alpha": plan.alpha if plan.decoder == "smoothquant" else None,
+            "lm_head": "int8" if plan.lm_head else "fp32",
+            "embeddings": "fp32 (embed_tokens.safetensors: a host-side lookup, one row per token)",
+            "kv_cache": "fp32 (runtime-owned buffers; INT8 KV cache is a TensorRT-LLM option)",
+            "image_embeds": "fp32 (a TensorRT/Triton fp16 deployment casts at its boundary)"}
+    summary = calibration.file.summary() | {"file": CALIBRATION_FILE}
+    if calibration.path is not None:
+        summary["reused_from"] = str(calibration.path)
+    return Int8Result(int8, summary, calibration)
+
+
+def int8_parity(loaded: LoadedModel, bundle: Path, result: Int8Result, plan: Int8Plan, *,
+                progress: Any = None) -> dict[str, Any] | None:
+    """The parity gate on held-out samples (None when ``parity_samples`` is 0)."""
+    from radtrt.calibration.parity import measure, summarize
+    from radtrt.calibration.run import heldout_samples, progress_callback
+
+    if plan.parity_samples == 0:
+        return None
+    samples, source = heldout_samples(loaded, result.calibration_run, plan.parity_samples, progress=progress)
+    results = measure(bundle, loaded.model.float().eval(), loaded.tokenizer, samples,
+                      max_new_tokens=plan.parity_max_new_tokens,
+                      on_sample=progress_callback(progress, f"INT8 parity on {len(samples)} held-out samples", len(samples)))
+    return summarize(results, source=source, max_new_tokens=plan.parity_max_new_tokens)

@@ -1,0 +1,157 @@
+"""Calibration: samples and their hash, statistics on multimodal sequences, the versioned file, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from radtrt.calibration.file import CalibrationFile, load_activation_stats
+from radtrt.calibration.run import calibrate, calibrate_phantoms, reuse
+from radtrt.calibration.samples import sample_list_hash
+from radtrt.calibration.stats import answer_ids
+from radtrt.cli import app
+from radtrt.errors import RadtrtError
+from radtrt.exporter.quant import ActivationStats
+from radtrt.model.loading import LoadedModel, load_model, save_toolkit
+from radtrt.model.tiny import random_model
+
+from conftest import TinyRelease
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_release: TinyRelease) -> LoadedModel:
+    return load_model(tiny_release.release_dir, tiny_release.base_dir)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from radtrt.data.phantom_set import write_phantom_set
+
+    return write_phantom_set(tmp_path_factory.mktemp("ph") / "set", 4, 5, rows=96, cols=80, formats=("png",))
+
+
+@pytest.fixture(scope="module")
+def calib(loaded: LoadedModel, phantoms: Path):
+    return calibrate(loaded, phantoms, 3)
+
+
+def test_decoder_stats_cover_every_linear_with_hf_names(loaded: LoadedModel, calib) -> None:
+    lm = loaded.model.language_model
+    linears = {n: m for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    stats = calib.file.decoder
+    assert set(stats.inputs) == set(linears) == set(stats.outputs)
+    assert "model.layers.1.self_attn.k_proj" in stats.inputs and "lm_head" in stats.inputs
+    for name, m in linears.items():
+        assert stats.inputs[name].shape == (m.in_features,) and stats.outputs[name].shape == (m.out_features,)
+        assert bool((stats.inputs[name] > 0).all()) and bool(torch.isfinite(stats.inputs[name]).all())
+    vision = calib.file.vision
+    assert "vision_tower.blocks.0.attn.qkv" in vision.inputs and "mm_projector.2" in vision.outputs
+    assert vision.outputs["vision_tower.patch_embed.proj"].shape == (loaded.model.cfg.vision.embed_dim,)
+
+
+def test_stats_are_collected_on_prompt_image_and_findings(loaded: LoadedModel, calib) -> None:
+    """The decoder saw every sample's prompt with the image spliced in and its findings as the answer."""
+    cfg = loaded.model.cfg
+    expected = sum(len(answer_ids(loaded.tokenizer, s.ref.indication, s.ref.findings)) - 1 + cfg.num_image_tokens
+                   for s in calib.samples)
+    prompt_only = sum(len(s.prompt_ids) - 1 + cfg.num_image_tokens for s in calib.samples)
+    assert calib.file.meta["method"]["decoder_tokens"] == expected > prompt_only
+    assert calib.file.meta["method"]["samples_with_findings"] == 3
+    # the statistics are maxima over those tokens: recompute one layer's input maximum directly
+    s = calib.samples[0]
+    with torch.no_grad():
+        img = loaded.model.encode_images(s.pixels[None])[0]
+        x = loaded.model.embed_multimodal(answer_ids(loaded.tokenizer, s.ref.indication, s.ref.findings), img)
+        first = loaded.model.language_model.model.layers[0].input_layernorm(x[None])
+    assert bool((calib.file.decoder.inputs["model.layers.0.self_attn.q_proj"] >= first.abs().amax((0, 1)) - 1e-6).all())
+
+
+def test_file_round_trip_and_activation_stats_compatibility(calib, tmp_path: Path) -> None:
+    path = calib.file.save(tmp_path / "calib.safetensors")
+    back = CalibrationFile.load(path)
+    assert back.meta == calib.file.meta and back.hash == calib.file.hash == sample_list_hash(calib.file.refs)
+    for name, t in calib.file.decoder.inputs.items():
+        assert torch.equal(back.decoder.inputs[name], t)
+    for name, t in calib.file.vision.outputs.items():
+        assert torch.equal(back.vision.outputs[name], t)
+    meta = back.meta
+    assert meta["model"]["config_sha256"] and meta["preprocess"]["image_size"] == 56 and meta["source"]["n"] == 3
+    text = json.dumps(meta)  # the data set's clinical text never travels with the file, only its hash
+    assert all(s.ref.findings not in text for s in calib.samples) and meta["samples"][0]["text_sha256"]
+    stats = load_activation_stats(path)  # what --calibration-stats reads
+    assert set(stats.inputs) == set(calib.file.decoder.inputs) and "calibration" in stats.description
+    calib.file.decoder.save(tmp_path / "plain.safetensors")  # the older ActivationStats format still loads
+    assert set(load_activation_stats(tmp_path / "plain.safetensors").outputs) == set(stats.outputs)
+    with pytest.raises(RadtrtError, match="neither radtrt calibration data nor activation statistics"):
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+        load_activation_stats(tmp_path / "other.safetensors")
+
+
+def test_sample_hash_names_the_images_not_their_place_or_order(loaded: LoadedModel, phantoms: Path, calib,
+                                                              tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(phantoms.parent, moved)
+    again = calibrate(loaded, moved / "manifest.jsonl", 3)
+    assert again.file.hash == calib.file.hash
+    assert sample_list_hash(list(reversed(calib.file.refs))) == calib.file.hash
+    assert calibrate(loaded, phantoms, 2).file.hash != calib.file.hash
+    png = moved / calib.file.refs[0].file
+    png.write_bytes(png.read_bytes() + b"\0")  # any change to a listed image changes the set
+    assert calibrate(loaded, moved, 3).file.hash != calib.file.hash
+
+
+def test_phantom_calibration_is_reproducible(loaded: LoadedModel) -> None:
+    a, b = calibrate_phantoms(loaded, 2, seed=3), calibrate_phantoms(loaded, 2, seed=3)
+    assert a.file.hash == b.file.hash and a.file.meta["source"] == {"kind": "phantom", "seed": 3, "n": 2,
+                                                                     "formats": ["png"]}
+    assert calibrate_phantoms(loaded, 2, seed=4).file.hash != a.file.hash
+    assert torch.equal(a.file.decoder.inputs["lm_head"], b.file.decoder.inputs["lm_head"])
+
+
+def test_reuse_rereads_the_samples_and_refuses_changes(loaded: LoadedModel, phantoms: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(phantoms.parent, data)
+    path = calibrate(loaded, data, 2).file.save(tmp_path / "c.safetensors")
+    reused = reuse(loaded, path)
+    fresh = calibrate(loaded, data, 2)
+    assert [torch.equal(a.pixels, b.pixels) for a, b in zip(reused.samples, fresh.samples)] == [True, True]
+    other = LoadedModel(random_model(loaded.model.cfg, seed=9), loaded.tokenizer, "other")
+    with pytest.raises(RadtrtError, match="other weights"):
+        reuse(other, path)
+    png = data / reused.file.refs[1].file
+    png.write_bytes(png.read_bytes() + b"\0")
+    with pytest.raises(RadtrtError, match="changed since calibration"):
+        reuse(loaded, path)
+
+
+def test_too_few_samples_and_missing_data_are_refused(loaded: LoadedModel, phantoms: Path, tmp_path: Path) -> None:
+    with pytest.raises(RadtrtError, match="4 samples; 5 are needed"):
+        calibrate(loaded, phantoms, 5)
+    with pytest.raises(RadtrtError, match="calibration data not found"):
+        calibrate(loaded, tmp_path / "nowhere", 2)
+
+
+def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: Path) -> None:
+    model_dir = save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), tmp_path / "m")
+    out = tmp_path / "calib.safetensors"
+    result = runner.invoke(app, ["calibrate", "--model", str(model_dir), "--data", str(phantoms.parent), "--n", "2",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out) and "sample-list sha256" in result.stderr
+    assert CalibrationFile.load(out).n == 2
+    again = runner.invoke(app, ["calibrate", "--model", str(model_dir), "--data", str(phantoms.parent), "-o", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    with pytest.raises(RadtrtError, match="not a radtrt calibration file"):
+        ActivationStats({"x": torch.ones(2)}).save(tmp_path / "s.safetensors")
+        CalibrationFile.load(tmp_path / "s.safetensors")
+    meta = json.loads(json.dumps(CalibrationFile.load(out).meta))
+    assert meta["samples"][0]["file"].startswith("png/") and len(meta["samples"][0]["sha256"]) == 64

@@ -1,0 +1,257 @@
+"""INT8 bundles (tiny model): graphs, manifest, refusals, runtime, parity against the fp32 reference.
+
+Stated bounds for the tiny random-weight model: image-embedding cosine >= 0.99 on held-out phantom
+pixels (measured 0.996); first-step logits on a held-out prompt within 2% of the reference's logit
+range (measured 0.1% weight-only, 0.7% SmoothQuant W8A8; 7.7% with full-range weights, whose
+products saturate in ONNX Runtime's AVX2 kernels).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from radtrt.calibration.file import CalibrationFile
+from radtrt.calibration.samples import sample_list_hash
+from radtrt.cli import app
+from radtrt.exporter.bundle import read_manifest
+from radtrt.exporter.int8_decoder import lm_head_node, smooth_decoder
+from radtrt.model.generate import greedy_generate
+from radtrt.model.loading import load_model, save_toolkit
+
+runner = CliRunner()
+MIN_COSINE, MAX_LOGIT_REL, MAX_SQ_LOGIT_REL = 0.99, 0.02, 0.02
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random model without the conftest's random LoRA (whose large low-rank updates give
+    activations unlike any trained model's); the shared tokenizer keeps prompts realistic."""
+    from radtrt.model.loading import LoadedModel
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+
+    loaded = LoadedModel(random_model(seed=0), train_tiny_tokenizer(), "tiny-random")
+    return save_toolkit(loaded, tmp_path_factory.mktemp("m") / "model", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from radtrt.data.phantom_set import write_phantom_set
+
+    return write_phantom_set(tmp_path_factory.mktemp("ph") / "set", 6, 7, rows=96, cols=80, formats=("png",)).parent
+
+
+def _export(model_dir: Path, out: Path, *extra: str) -> Path:
+    result = runner.invoke(app, ["export", "--model", str(model_dir), "-o", str(out), *extra])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(model_dir: Path, phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-command INT8 export (default decoder: SmoothQuant W8A8), with a 2-study parity gate."""
+    return _export(model_dir, tmp_path_factory.mktemp("b") / "b", "--precision", "int8", "--calibration-data",
+                   str(phantoms), "--calibration-n", "3", "--parity-samples", "2")
+
+
+@pytest.fixture(scope="module")
+def weight_only(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The weight-only decoder graph alone (the library calls the export makes), lm_head left fp32."""
+    from radtrt.exporter.int8_decoder import quantize_weight_only
+    from radtrt.exporter.onnx import export_decoder
+
+    out = tmp_path_factory.mktemp("w")
+    export_decoder(load_model(model_dir).model.language_model, out / "fp32.onnx")
+    info = quantize_weight_only(out / "fp32.onnx", out / "decoder.onnx", lm_head=False)
+    assert info["bits"] == 8 and info["method"] == "weight-only"
+    return out / "decoder.onnx"
+
+
+def _ops(path: Path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _refused(args: list[str], match: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("radtrt: error:") and match in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_int8_without_calibration_data_is_refused_before_loading(tmp_path: Path) -> None:
+    """One line, before any model is read (the model path does not even exist)."""
+    _refused(["export", "--model", str(tmp_path / "no-model"), "--precision", "int8", "-o", str(tmp_path / "b")],
+             "needs calibration data")
+    _refused(["export", "--model", str(tmp_path / "no-model"), "--precision", "int8", "--calibration-data", "phantom",
+              "--int8-decoder", "w4", "-o", str(tmp_path / "b")], "unknown --int8-decoder")
+
+
+def test_vision_graph_is_qdq_with_per_channel_weights_and_float_norms(bundle: Path) -> None:
+    model = onnx.load(str(bundle / "vision.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    matmul_weights = [n for n in weight_dq if consumers[n.output[0]][0].op_type == "MatMul"]
+    cfg_blocks = 2  # tiny trunk: 3 blocks, hidden state -2 needs 2; 4 linears each, plus the 2 projector layers
+    assert len(matmul_weights) == 4 * cfg_blocks + 2
+    for n in matmul_weights:
+        w, scale = inits[n.input[0]], inits[n.input[1]]
+        assert str(w.dtype) == "int8" and scale.shape == (w.shape[1],)  # one scale per output channel
+        assert [a.i for a in n.attribute if a.name == "axis"] == [1]
+        assert not inits[n.input[2]].any()  # symmetric: zero point 0
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":  # activations: int8, symmetric
+            zp = inits[n.input[2]]
+            assert str(zp.dtype) == "int8" and not zp.any()
+        if n.op_type in ("LayerNormalization", "Softmax", "Erf"):  # computed in float: no DQ feeds them
+            assert all(producer[i].op_type != "DequantizeLinear" for i in n.input if i in producer)
+        if n.op_type == "Softmax":  # and the attention probabilities are never quantized
+            assert all(c.op_type != "QuantizeLinear" for c in consumers.get(n.output[0], []))
+    activation_matmuls = [n for n in model.graph.node if n.op_type == "MatMul"
+                          and all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear"
+                                  for i in n.input)]
+    assert len(activation_matmuls) == 2 * cfg_blocks  # attention's q@k and p@v stay float
+
+
+def _first_logits(decoder: Path, model_dir: Path, phantoms: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ONNX Runtime, fp32 torch) first-step logits of a held-out prompt with its image."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from radtrt.calibration.run import calibrate
+    from radtrt.exporter.onnx import decoder_io_names
+
+    loaded = load_model(model_dir)
+    lm, cfg = loaded.model.language_model, loaded.model.language_model.cfg
+    sample = calibrate(loaded, phantoms, 1, skip=4).samples[0]
+    with torch.no_grad():
+        x = loaded.model.embed_multimodal(sample.prompt_ids, loaded.model.encode_images(sample.pixels[None])[0])[None]
+    names, _ = decoder_io_names(cfg.num_hidden_layers)
+    empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+    t = x.shape[1]
+    feeds = {"inputs_embeds": x.numpy(), "position_ids": np.arange(t)[None], "past_mask": np.zeros((1, 0), bool),
+             "new_mask": np.ones((1, t), bool), **{n: empty for n in names[4:]}}
+    got = ort.InferenceSession(str(decoder), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    ref = greedy_generate(lm, [x[0]], eos_token_id=-1, max_new_tokens=1, keep_first_logits=True).first_logits
+    return torch.from_numpy(got), ref
+
+
+def test_weight_only_decoder_is_matmulnbits_with_a_float_lm_head(weight_only: Path, model_dir: Path,
+                                                                phantoms: Path) -> None:
+    model = onnx.load(str(weight_only), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["MatMulNBits"] == 7 * 2 and "MatMulInteger" not in ops
+    nbits = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: a.i for a in nbits.attribute}
+    assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == 128
+    head = next(n for n in model.graph.node if n.name == lm_head_node(model))
+    assert head.op_type == "MatMul"  # lm_head=False keeps it float
+    got, ref = _first_logits(weight_only, model_dir, phantoms)
+    print(f"weight-only first-logit error {float((got - ref).abs().max()) / float(ref.max() - ref.min()):.2%}")
+    assert float((got - ref).abs().max()) <= MAX_LOGIT_REL * float(ref.max() - ref.min())
+
+
+def test_smoothquant_decoder_is_w8a8_everywhere(bundle: Path, model_dir: Path, phantoms: Path) -> None:
+    model = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    inits = {i.name for i in model.graph.initializer}
+    float_weight_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and any(i in inits for i in n.input)]
+    assert ops["MatMulInteger"] == 7 * 2 + 1 and ops["DynamicQuantizeLinear"] >= 1 and not float_weight_matmuls
+    manifest = read_manifest(bundle)
+    assert manifest["int8"]["lm_head"] == "int8" and manifest["int8"]["alpha"] == 0.5
+    assert manifest["int8"]["decoder_method"]["method"] == "smoothquant"
+    got, ref = _first_logits(bundle / "decoder.onnx", model_dir, phantoms)
+    print(f"smoothquant first-logit error {float((got - ref).abs().max()) / float(ref.max() - ref.min()):.2%}")
+    assert float((got - ref).abs().max()) <= MAX_SQ_LOGIT_REL * float(ref.max() - ref.min())
+
+
+def test_manifest_records_the_calibration(bundle: Path, phantoms: Path) -> None:
+    manifest = read_manifest(bundle)
+    assert manifest["precision"] == "int8"
+    cal = manifest["calibration"]
+    stored = CalibrationFile.load(bundle / cal["file"])
+    assert cal["hash"] == stored.hash == sample_list_hash(stored.refs) and cal["n"] == 3
+    rows = [json.loads(line) for line in (phantoms / "manifest.jsonl").read_text().splitlines()]
+    assert [r.file for r in stored.refs] == [row["image"] for row in rows[:3]]
+    assert cal["source"]["kind"] == "manifest" and "calibration.safetensors" in manifest["files"]
+
+
+def test_int8_bundle_runs_and_stays_close_to_fp32_torch(bundle: Path, model_dir: Path, phantoms: Path) -> None:
+    from radtrt.calibration.run import calibrate
+    from radtrt.runtime.ort import OrtBackend
+
+    loaded = load_model(model_dir)
+    ref = loaded.model
+    heldout = calibrate(loaded, phantoms, 2, skip=3).samples
+    pixels = torch.stack([s.pixels for s in heldout])
+    ort = OrtBackend(bundle)  # verifies hashes; KV buffers and the table stay fp32
+    assert ort.precision == "int8" and ort.table.dtype.name == "float32"
+    with torch.no_grad():
+        ref_img = ref.encode_images(pixels)
+    got_img = ort.encode_images(pixels)
+    cos = torch.nn.functional.cosine_similarity(got_img.flatten(1).double(), ref_img.flatten(1).double())
+    assert float(cos.min()) >= MIN_COSINE
+    embeds = [ref.embed_multimodal(heldout[0].prompt_ids, ref_img[0]).detach()]
+    r = greedy_generate(ref.language_model, embeds, eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
+    g = ort.generate(embeds, eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
+    span = float(r.first_logits.max() - r.first_logits.min())
+    print(f"bundle cosine {float(cos.min()):.5f} first-logit error {float((g.first_logits - r.first_logits).abs().max()) / span:.2%}")
+    assert float((g.first_logits - r.first_logits).abs().max()) <= MAX_SQ_LOGIT_REL * span
+    assert len(g.token_ids[0]) == 8
+
+
+def test_export_prints_the_parity_gate(bundle: Path) -> None:
+    parity = read_manifest(bundle)["export_check"]["int8_parity"]
+    assert parity["studies"] == 2 and "held-out samples" in parity["source"]
+    assert parity["vision_cosine_min"] >= MIN_COSINE and 0.0 <= parity["exact_match_rate"] <= 1.0
+    assert {"label_f1_int8", "label_f1_fp32", "rouge_l_mean", "warnings"} <= set(parity)
+
+
+def test_int8_bundle_is_smaller_than_fp32(bundle: Path, model_dir: Path) -> None:
+    """Weights: at most 0.35x their fp32 bytes (the embedding table, fp32 by policy, is counted too)."""
+    model = load_model(model_dir).model
+    fp32_bytes = sum(p.numel() * 4 for p in model.state_dict().values())
+    files = read_manifest(bundle)["files"]
+    int8_bytes = sum(files[f]["bytes"] for f in ("vision.onnx.data", "decoder.onnx.data", "embed_tokens.safetensors"))
+    assert int8_bytes <= 0.35 * fp32_bytes
+
+
+def test_smoothing_is_exact_in_float(model_dir: Path, phantoms: Path) -> None:
+    """Folded SmoothQuant factors (GQA o_proj via v_proj, down via up_proj rows, norms) change nothing."""
+    from radtrt.calibration.run import calibrate
+
+    loaded = load_model(model_dir)
+    stats = calibrate(loaded, phantoms, 2).file.decoder
+    lm = loaded.model.language_model
+    assert lm.cfg.num_key_value_heads < lm.cfg.num_attention_heads  # the tiny decoder has grouped KV heads
+    smoothed = smooth_decoder(lm, stats, alpha=0.8)
+    assert not torch.allclose(smoothed.model.layers[0].self_attn.v_proj.weight, lm.model.layers[0].self_attn.v_proj.weight)
+    x = torch.randn(1, 12, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    embeds = [x[0]]
+    a = greedy_generate(lm, embeds, eos_token_id=-1, max_new_tokens=6, keep_first_logits=True)
+    b = greedy_generate(smoothed, embeds, eos_token_id=-1, max_new_tokens=6, keep_first_logits=True)
+    assert torch.allclose(a.first_logits, b.first_logits, atol=1e-4) and a.token_ids == b.token_ids
+
+
+def test_trtllm_reads_the_bundles_calibration(bundle: Path, model_dir: Path, tmp_path: Path) -> None:
+    """``--calibration-stats`` accepts the calibration file an INT8 bundle carries (SmoothQuant checkpoint)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    result = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
+                                 "--precision", "int8", "--int8-decoder", "smoothquant", "--calibration-stats",
+                                 str(copy / "calibration.safetensors"), "-o", str(copy)])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((copy / "trtllm" / "checkpoint-w8a8_sq" / "config.json").read_text())
+    assert config["quantization"]["quant_algo"].startswith("W8A8_SQ")
