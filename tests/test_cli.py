@@ -185,7 +185,6 @@ def test_one_bad_study_among_several_keeps_the_others(merged: Path, tmp_path: Pa
     (["--backend", "onnxruntime", "--model", "{merged}"], "onnxruntime"),
     (["--backend", "cuda-magic", "--model", "{merged}"], "unknown backend"),
     (["--device", "cuda", "--model", "{merged}"], "CUDA"),
-    ([], "--model"),
 ])
 def test_bad_options_exit_2(merged: Path, tmp_path: Path, args: list[str], match: str) -> None:
     if "--device" in args and torch.cuda.is_available():
@@ -227,3 +226,10 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"radtrt: error: study not found: {tmp_path / 'none.dcm'}"]
+
+
+def test_without_model_the_embedded_default_model_runs(tmp_path: Path) -> None:
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=12)))
+    code, out, err = _invoke("infer", study, "--json", "--max-new-tokens", "8")
+    assert code == 0, err
+    assert "embedded default model" in err and json.loads(out)["token_ids"]
