@@ -78,19 +78,30 @@ def infer(
 
 @command
 def convert(
-    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release directory (or a radtrt model dir)."),
+    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir, radtrt model dir or training run dir."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 directory."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output directory (radtrt merged layout)."),
-    dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16 | bfloat16 | float32."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory."),
+    to: str = typer.Option("radtrt", "--to", help="radtrt (merged safetensors) | llava-rad (official release layout)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored dtype for --to radtrt: float16 | bfloat16 | float32."),
 ) -> None:
-    """Merge a release (LoRA + base + projector + trunk) into radtrt's safetensors layout."""
+    """Convert between the official release layout and radtrt's merged layout."""
     from radtrt.model.loading import load_model, save_toolkit
     from radtrt.runtime.backends import DTYPES
 
+    if to not in ("radtrt", "llava-rad"):
+        fail(f"unknown --to '{to}' (radtrt, llava-rad)")
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
     if out.exists() and any(out.iterdir()):
         fail(f"output directory {out} is not empty")
+    if to == "llava-rad":
+        from radtrt.training.release_export import export_release
+
+        source = load_model(model, base_model) if base_model is not None else model
+        with err.status(f"writing the release layout to {out}"):
+            release, base = export_release(source, out)
+        typer.echo(f"{release}\n{base}")
+        return
     with err.status("loading and merging the model"):
         loaded = load_model(model, base_model)
     with err.status(f"writing {out}"):

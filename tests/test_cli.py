@@ -233,3 +233,13 @@ def test_without_model_the_embedded_default_model_runs(tmp_path: Path) -> None:
     code, out, err = _invoke("infer", study, "--json", "--max-new-tokens", "8")
     assert code == 0, err
     assert "embedded default model" in err and json.loads(out)["token_ids"]
+
+
+def test_convert_to_release_layout_reloads_with_identical_tokens(merged: Path, tmp_path: Path) -> None:
+    out = tmp_path / "release"
+    code, stdout, err = _invoke("convert", "--model", merged, "--to", "llava-rad", "-o", out)
+    assert code == 0, err
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=13)))
+    (a,) = _infer_json(merged, study)
+    (b,) = _infer_json(out / "llava-rad", study, extra=("--base-model", str(out / "base-lm")))
+    assert a["token_ids"] == b["token_ids"]
