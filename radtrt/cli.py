@@ -126,18 +126,24 @@ def export(
     calibration_n: int = typer.Option(32, "--calibration-n", min=1, help="INT8: calibration samples to read."),
     smoothquant_alpha: float = typer.Option(0.5, "--smoothquant-alpha", help="INT8 SmoothQuant migration strength."),
     int8_lm_head: bool = typer.Option(True, "--int8-lm-head/--fp32-lm-head", help="INT8: quantize lm_head too."),
+    int8_embeddings: bool = typer.Option(True, "--int8-embeddings/--fp32-embeddings",
+                                         help="INT8: store the embedding table as INT8 rows."),
     parity_samples: int = typer.Option(8, "--parity-samples", min=0, help="INT8: held-out samples for the parity gate."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Engine batch limit."),
     trtllm_engine: Optional[Path] = typer.Option(None, "--trtllm-engine",
                                                  help="Triton: TensorRT-LLM engine dir on the serving host."),
 ) -> None:
     """Export the model: ONNX bundle, TensorRT vision engine, TensorRT-LLM decoder, Triton repository."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from radtrt.progress import make_progress
 
     from radtrt.exporter import targets
     from radtrt.exporter.bundle import export_bundle, read_manifest
     from radtrt.model.loading import load_model
 
+    if bundle is not None and calibration_stats is None and (bundle / targets.CALIBRATION_FILE).is_file():
+        calibration_stats = bundle / targets.CALIBRATION_FILE  # an INT8 bundle carries its calibration
     plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,
                               trtllm_engine, calibration_data=calibration_data if bundle is None else None)
     targets.preflight(plan)
@@ -153,7 +159,7 @@ def export(
         from radtrt.exporter.onnx_int8 import Int8Plan
 
         int8_plan = Int8Plan(calibration_data, int8_decoder or "smoothquant", smoothquant_alpha, int8_lm_head,
-                             calibration_n, parity_samples=parity_samples)
+                             calibration_n, "int8" if int8_embeddings else "fp32", parity_samples=parity_samples)
         int8_plan.check_ready()
     bundle_dir = bundle or out
     needs_model = "onnx" in plan.steps and bundle is None or "trtllm" in plan.steps
@@ -164,7 +170,7 @@ def export(
         with err.status(f"loading model from {model}"):
             loaded = load_model(model, base_model)
     if bundle is None:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
+        with make_progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
             manifest = export_bundle(loaded, out, precision=precision, progress=progress, int8=int8_plan)
         check = manifest["export_check"]
         what = "random-pixel smoke check, " if precision == "int8" else ""  # INT8 is judged on held-out studies
@@ -201,7 +207,9 @@ def calibrate(
     out: Path = typer.Option(..., "-o", "--out", help="Calibration file to write (.safetensors)."),
 ) -> None:
     """Activation statistics on chest X-ray samples for INT8 export (one reusable, versioned file)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from radtrt.progress import make_progress
 
     from radtrt.calibration.run import PHANTOM, calibrate as run_calibration, calibrate_phantoms
     from radtrt.model.loading import load_model
@@ -213,7 +221,7 @@ def calibrate(
     with err.status(f"loading model from {model}"):
         loaded = load_model(model, base_model)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err) as progress:
+    with make_progress(*columns, console=err) as progress:
         if data == PHANTOM:
             calibration = calibrate_phantoms(loaded, n, seed, progress=progress)
         else:

@@ -22,6 +22,7 @@ from radtrt.calibration.samples import sample_list_hash
 from radtrt.cli import app
 from radtrt.exporter.bundle import read_manifest
 from radtrt.exporter.int8_decoder import lm_head_node, smooth_decoder
+from radtrt.exporter.int8_vision import module_of
 from radtrt.model.generate import greedy_generate
 from radtrt.model.loading import load_model, save_toolkit
 
@@ -102,8 +103,12 @@ def test_vision_graph_is_qdq_with_per_channel_weights_and_float_norms(bundle: Pa
             consumers.setdefault(i, []).append(n)
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     matmul_weights = [n for n in weight_dq if consumers[n.output[0]][0].op_type == "MatMul"]
-    cfg_blocks = 2  # tiny trunk: 3 blocks, hidden state -2 needs 2; 4 linears each, plus the 2 projector layers
-    assert len(matmul_weights) == 4 * cfg_blocks + 2
+    blocks = 2  # tiny trunk: 3 blocks, hidden state -2 needs 2; qkv, fc1, fc2 quantized in each
+    assert len(matmul_weights) == 3 * blocks
+    float_linears = sorted(module_of(n) for n in model.graph.node if n.op_type == "MatMul"
+                           and any(i in inits and inits[i].dtype.name == "float32" for i in n.input))
+    assert float_linears == ["mm_projector.0", "mm_projector.2", "vision_tower.blocks.0.attn.proj",
+                             "vision_tower.blocks.1.attn.proj"]  # KEEP_FLOAT, by measurement
     for n in matmul_weights:
         w, scale = inits[n.input[0]], inits[n.input[1]]
         assert str(w.dtype) == "int8" and scale.shape == (w.shape[1],)  # one scale per output channel
@@ -120,7 +125,7 @@ def test_vision_graph_is_qdq_with_per_channel_weights_and_float_norms(bundle: Pa
     activation_matmuls = [n for n in model.graph.node if n.op_type == "MatMul"
                           and all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear"
                                   for i in n.input)]
-    assert len(activation_matmuls) == 2 * cfg_blocks  # attention's q@k and p@v stay float
+    assert len(activation_matmuls) == 2 * blocks + len(float_linears)  # q@k, p@v and KEEP_FLOAT stay float
 
 
 def _first_logits(decoder: Path, model_dir: Path, phantoms: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,8 +199,11 @@ def test_int8_bundle_runs_and_stays_close_to_fp32_torch(bundle: Path, model_dir:
     ref = loaded.model
     heldout = calibrate(loaded, phantoms, 2, skip=3).samples
     pixels = torch.stack([s.pixels for s in heldout])
-    ort = OrtBackend(bundle)  # verifies hashes; KV buffers and the table stay fp32
+    ort = OrtBackend(bundle)  # verifies hashes; KV buffers and the (dequantized) table are fp32
     assert ort.precision == "int8" and ort.table.dtype.name == "float32"
+    table = ref.language_model.model.embed_tokens.weight.detach()
+    step = table.abs().amax(1, keepdim=True) / 127  # INT8 rows on disk: within half a step of fp32
+    assert bool(((torch.from_numpy(ort.table) - table).abs() <= step / 2 + 1e-6).all())
     with torch.no_grad():
         ref_img = ref.encode_images(pixels)
     got_img = ort.encode_images(pixels)
@@ -218,7 +226,7 @@ def test_export_prints_the_parity_gate(bundle: Path) -> None:
 
 
 def test_int8_bundle_is_smaller_than_fp32(bundle: Path, model_dir: Path) -> None:
-    """Weights: at most 0.35x their fp32 bytes (the embedding table, fp32 by policy, is counted too)."""
+    """Weights (graphs' external data and the embedding table): at most 0.35x their fp32 bytes."""
     model = load_model(model_dir).model
     fp32_bytes = sum(p.numel() * 4 for p in model.state_dict().values())
     files = read_manifest(bundle)["files"]
@@ -244,14 +252,13 @@ def test_smoothing_is_exact_in_float(model_dir: Path, phantoms: Path) -> None:
 
 
 def test_trtllm_reads_the_bundles_calibration(bundle: Path, model_dir: Path, tmp_path: Path) -> None:
-    """``--calibration-stats`` accepts the calibration file an INT8 bundle carries (SmoothQuant checkpoint)."""
+    """A SmoothQuant TensorRT-LLM checkpoint from an INT8 bundle uses the calibration the bundle carries."""
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
     result = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
-                                 "--precision", "int8", "--int8-decoder", "smoothquant", "--calibration-stats",
-                                 str(copy / "calibration.safetensors"), "-o", str(copy)])
+                                 "--precision", "int8", "--int8-decoder", "smoothquant", "-o", str(copy)])
     assert result.exit_code == 0, result.stderr
     config = json.loads((copy / "trtllm" / "checkpoint-w8a8_sq" / "config.json").read_text())
     assert config["quantization"]["quant_algo"].startswith("W8A8_SQ")

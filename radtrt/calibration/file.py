@@ -96,7 +96,7 @@ class CalibrationFile:
     def load(cls, path: Path) -> "CalibrationFile":
         from radtrt.model.io import load_tensors
 
-        meta_raw = _metadata(path)
+        meta_raw = read_metadata(path)
         if meta_raw.get("format") != CALIBRATION_FORMAT:
             fail(f"{path} is not a radtrt calibration file (format {meta_raw.get('format')!r})")
         if meta_raw.get("format_version") != str(CALIBRATION_FORMAT_VERSION):
@@ -144,7 +144,7 @@ def build_meta(*, model: LlavaRad, model_name: str, refs: list[SampleRef], root:
             "tools": tool_versions()}
 
 
-def _metadata(path: Path) -> dict[str, str]:
+def read_metadata(path: Path) -> dict[str, str]:
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
@@ -158,7 +158,7 @@ def _metadata(path: Path) -> dict[str, str]:
 
 def load_activation_stats(path: Path) -> ActivationStats:
     """Decoder statistics from a ``radtrt calibrate`` file or an ``ActivationStats`` file."""
-    fmt = _metadata(path).get("format")
+    fmt = read_metadata(path).get("format")
     if fmt == CALIBRATION_FORMAT:
         return CalibrationFile.load(path).decoder
     if fmt == STATS_FORMAT:

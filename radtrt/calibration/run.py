@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from radtrt.calibration.file import CALIBRATION_FORMAT, CalibrationFile, _metadata, build_meta
+from radtrt.calibration.file import CALIBRATION_FORMAT, CalibrationFile, build_meta, read_metadata
 from radtrt.calibration.samples import Sample, SampleSet, count_samples, load_samples, verify_refs
 from radtrt.calibration.stats import collect_stats
 from radtrt.errors import fail
@@ -107,7 +107,7 @@ def calibrate_phantoms(loaded: LoadedModel, n: int, seed: int = PHANTOM_CALIBRAT
 
 
 def is_calibration_file(path: Path) -> bool:
-    return path.is_file() and path.suffix == ".safetensors" and _metadata(path).get("format") == CALIBRATION_FORMAT
+    return path.is_file() and path.suffix == ".safetensors" and read_metadata(path).get("format") == CALIBRATION_FORMAT
 
 
 def resolve_calibration(loaded: LoadedModel, data: str | None, n: int = DEFAULT_N, *,

@@ -120,7 +120,7 @@ def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", pr
                 fn()
                 timings.append(ExportStep(name, time.perf_counter() - t0))
         describe("writing the embedding table, tokenizer, config")
-        _write_side_files(loaded, work, dtype)
+        _write_side_files(loaded, work, dtype, int8_table=int8 is not None and int8.embeddings == "int8")
     manifest = _manifest(loaded, work, precision, timings)
     if int8_result is not None:
         manifest["int8"] = int8_result.int8
@@ -142,9 +142,15 @@ def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", pr
     return manifest
 
 
-def _write_side_files(loaded: LoadedModel, work: Path, dtype: torch.dtype) -> None:
+def _write_side_files(loaded: LoadedModel, work: Path, dtype: torch.dtype, *, int8_table: bool = False) -> None:
     table = loaded.model.language_model.model.embed_tokens.weight.detach().to(dtype).cpu()
-    save_tensors({"weight": table}, work / "embed_tokens.safetensors")
+    if int8_table:  # INT8 rows with one fp32 scale each; the runtime dequantizes once at load
+        from radtrt.exporter.quant import quantize_per_channel
+
+        q = quantize_per_channel(table.float())
+        save_tensors({"weight_int8": q.q, "scale": q.scale}, work / "embed_tokens.safetensors")
+    else:
+        save_tensors({"weight": table}, work / "embed_tokens.safetensors")
     loaded.tokenizer.save(work)
     (work / "model_config.json").write_text(loaded.model.cfg.to_json())
 
@@ -218,6 +224,12 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
 
 
 def load_embedding_table(bundle: Path) -> np.ndarray:
+    """The token-embedding table as the runtime uses it (an INT8 bundle's INT8 rows dequantized to fp32)."""
     from safetensors.numpy import load_file
 
-    return load_file(bundle / "embed_tokens.safetensors")["weight"]
+    tensors = load_file(bundle / "embed_tokens.safetensors")
+    if "weight" in tensors:
+        return tensors["weight"]
+    if {"weight_int8", "scale"} <= set(tensors):
+        return tensors["weight_int8"].astype(np.float32) * tensors["scale"].astype(np.float32)[:, None]
+    fail(f"{bundle}/embed_tokens.safetensors holds neither 'weight' nor 'weight_int8' + 'scale': re-export the bundle")

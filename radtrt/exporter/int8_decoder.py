@@ -1,7 +1,7 @@
 """Decoder INT8 as ONNX graphs ONNX Runtime's CPU provider runs with integer kernels.
 
 Two methods, same I/O contract as the fp32 ``decoder.onnx`` (``radtrt.exporter.onnx``); the KV
-buffers, the embedding table and the logits stay fp32:
+buffers, input embeddings and logits stay fp32:
 
 * ``weight-only``: every linear layer's weight as INT8 in ``MatMulNBits`` (bits 8, symmetric, one
   scale per output channel per 128 input channels; per-channel over the whole input is not offered
@@ -19,8 +19,8 @@ buffers, the embedding table and the logits stay fp32:
 ``lm_head`` policy: INT8 by default (unsmoothed), ``--fp32-lm-head`` to keep it float. At the
 mid-size config it is 15% of the decoder's weights: fp32 it costs decode speed (its bytes are read
 every token) and the bundle-size target; on the trained phantom model it cost 83% -> 87% identical
-reports (60 held-out studies, within their noise). ``embed_tokens`` stays fp32 in its own file: a
-host-side lookup, one row read per token, so INT8 would only save bytes on disk.
+reports (60 held-out studies, within their noise). The embedding table is not in this graph (the
+bundle stores it INT8 per row, ``radtrt.exporter.bundle``).
 """
 
 from __future__ import annotations

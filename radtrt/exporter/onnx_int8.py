@@ -1,16 +1,21 @@
 """INT8 bundle graphs: calibrate (or reuse a calibration), then the Q/DQ vision graph and an INT8 decoder.
 
 ``export_bundle(..., precision="int8", int8=Int8Plan(...))`` calls ``build_int8`` for the two graphs
-instead of the float exports; everything else in the bundle is as for fp32 (the embedding table,
-KV buffers and logits stay fp32, so ``OrtBackend`` runs INT8 bundles unchanged). The calibration
-file travels with the bundle (``calibration.safetensors``): a later ``radtrt export --target trtllm
---calibration-stats BUNDLE/calibration.safetensors`` reuses its decoder statistics.
+instead of the float exports, and stores the embedding table as INT8 rows with a per-row scale
+(dequantized to fp32 once at load: the table is a host-side lookup, so INT8 only saves bytes on
+disk -- 98 MB at the mid-size config, where the bundle-size target needs it; each row is within half
+a quantization step of fp32). KV buffers, input embeddings
+and logits stay fp32, so ``OrtBackend`` runs INT8 bundles unchanged. The calibration file travels
+with the bundle (``calibration.safetensors``): ``radtrt export --target trtllm --bundle BUNDLE``
+reuses its decoder statistics.
 
-INT8 KV cache: not offered for the ONNX Runtime bundle. The runtime owns fp32 KV buffers; an INT8
-cache would have to be dequantized to fp32 inside the graph at every step (ONNX Runtime's CPU
-provider has no integer attention kernel for this graph), which reads the int8 past and writes and
-reads a full fp32 copy -- more traffic than the fp32 cache it replaces. ``--int8-kv-cache`` remains
-for TensorRT-LLM, whose kernels read the INT8 cache directly.
+INT8 KV cache: not offered for the ONNX Runtime bundle yet. With this decoder graph (attention as
+plain MatMul/Softmax over caller-owned fp32 buffers) an INT8 cache would be dequantized to fp32 in
+the graph every step -- more traffic, not less. It would pay through ONNX Runtime's
+``GroupQueryAttention`` (com.microsoft), whose CPU kernel reads int8 caches with k/v scales. That
+needs the decoder's
+attention exported as that op and int8 KV buffers in the runtime (an I/O-contract change).
+``--int8-kv-cache`` remains for TensorRT-LLM, whose kernels read the INT8 cache directly.
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
+from radtrt.exporter.targets import CALIBRATION_FILE
 from radtrt.model.loading import LoadedModel
 
-CALIBRATION_FILE = "calibration.safetensors"
 DEFAULT_PARITY_SAMPLES = 8
 
 
@@ -36,6 +41,7 @@ class Int8Plan:
     alpha: float = 0.5
     lm_head: bool = True
     n: int = 32
+    embeddings: str = "int8"
     parity_samples: int = DEFAULT_PARITY_SAMPLES
     parity_max_new_tokens: int = 64
 
@@ -46,6 +52,8 @@ class Int8Plan:
             fail(f"unknown --int8-decoder '{self.decoder}' ({', '.join(DECODER_METHODS)})")
         if not 0.0 <= self.alpha <= 1.0:
             fail(f"SmoothQuant alpha must be within [0, 1], got {self.alpha}")
+        if self.embeddings not in ("int8", "fp32"):
+            fail(f"unknown embedding-table precision '{self.embeddings}' (int8, fp32)")
         if self.n < 1 or self.parity_samples < 0:
             fail("the calibration sample count must be at least 1 and the parity sample count not negative")
 
@@ -95,7 +103,8 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
     int8 = {"vision_method": vision, "decoder_method": decoder,
             "alpha": plan.alpha if plan.decoder == "smoothquant" else None,
             "lm_head": "int8" if plan.lm_head else "fp32",
-            "embeddings": "fp32 (embed_tokens.safetensors: a host-side lookup, one row per token)",
+            "embeddings": ("int8 rows + fp32 per-row scale on disk, dequantized to fp32 at load" if plan.embeddings == "int8"
+                           else "fp32"),
             "kv_cache": "fp32 (runtime-owned buffers; INT8 KV cache is a TensorRT-LLM option)",
             "image_embeds": "fp32 (a TensorRT/Triton fp16 deployment casts at its boundary)"}
     summary = calibration.file.summary() | {"file": CALIBRATION_FILE}

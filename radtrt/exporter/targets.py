@@ -15,6 +15,7 @@ from typing import Any, Callable
 from radtrt.errors import fail
 
 TARGETS = ("onnx", "tensorrt", "trtllm", "triton", "all")
+CALIBRATION_FILE = "calibration.safetensors"  # what an INT8 bundle carries (``onnx_int8`` writes it)
 
 
 @dataclass
@@ -68,7 +69,6 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     """Write the checkpoint; build the engine only where TensorRT-LLM and a GPU are present."""
     from radtrt.calibration.file import load_activation_stats
     from radtrt.exporter.gpu import detect_gpu, library_version
-    from radtrt.exporter.onnx_int8 import CALIBRATION_FILE
     from radtrt.exporter.trtllm import (BuildLimits, build_decoder_engine, decoder_mode, mode_tag,
                                         write_trtllm_checkpoint)
 
