@@ -15,6 +15,8 @@ from typing import Any, Optional
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from radtrt.progress import LineProgress, make_progress
+
 from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.cli_support import err, user_errors
 
@@ -31,8 +33,8 @@ def reproduce_command(sub: str, options: list[tuple[str, Any]]) -> str:
     return shlex.join(parts)
 
 
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+def _progress() -> Progress | LineProgress:
+    return make_progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                     transient=True)
 
 

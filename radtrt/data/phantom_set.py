@@ -22,7 +22,6 @@ import numpy as np
 from PIL import Image
 from pydicom.uid import generate_uid
 from rich.console import Console
-from rich.progress import Progress
 
 from radtrt.data.manifest import write_jsonl
 from radtrt.data.phantoms import expose, render_frontal, render_lateral
@@ -31,6 +30,7 @@ from radtrt.data.vocabulary import Findings, sample_findings
 from radtrt.errors import fail
 from radtrt.imaging.dicom import load_dicom_image
 from radtrt.imaging.synthetic import radiograph_dataset
+from radtrt.progress import make_progress
 
 FORMATS = ("dicom", "png")
 BITS_STORED = 12
@@ -130,7 +130,7 @@ def write_phantom_set(out: Path, n: int, seed: int, *, rows: int = 288, cols: in
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.txt").write_text(README)
     rows_out = []
-    with Progress(console=console or Console(stderr=True), transient=True) as progress:
+    with make_progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("writing phantoms", total=n)
         for i in range(n):
             rows_out.append(write_phantom(out, phantom_spec(seed, i), seed=seed, rows=rows, cols=cols, formats=formats))

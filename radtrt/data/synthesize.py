@@ -21,13 +21,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from rich.console import Console
-from rich.progress import Progress
 
 from radtrt.data.chat import ChatClient
 from radtrt.data.manifest import read_jsonl
 from radtrt.data.reports import findings_text
 from radtrt.data.vocabulary import LABELS, NO_FINDING, Findings
 from radtrt.errors import fail
+from radtrt.progress import make_progress
 
 PROMPT_VERSION = 1
 SYSTEM_PROMPT = ("You are an experienced radiologist. You write the findings section of chest radiograph reports "
@@ -144,7 +144,7 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature})
     with out.open("a", encoding="utf-8") as handle, \
-            Progress(console=console or Console(stderr=True), transient=True) as progress:
+            make_progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("synthesizing reports", total=len(inputs), completed=start)
         for i in range(start, len(inputs)):
             obj, labels = inputs[i], parsed[i]

@@ -41,6 +41,14 @@ def left_pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, valid
 
 
+def clock(device: torch.device) -> float:
+    """``perf_counter`` after the device's queued work: CUDA kernels run asynchronously, so without
+    the sync a stage's time would land in whichever later stage first reads a result back."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_token_id: int,
                     max_new_tokens: int = MAX_NEW_TOKENS, keep_first_logits: bool = False) -> Generation:
@@ -53,12 +61,12 @@ def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_tok
     key_valid[:, :length] = valid
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     cache = lm.new_cache(batch, total, dtype=x.dtype)
-    t0 = time.perf_counter()
+    t0 = clock(x.device)
     cache.slots = torch.arange(length, device=x.device)
     logits = lm(x, positions, causal_mask(key_valid, cache.slots), cache, last_only=True)[:, -1]
     first_logits = logits.float().clone() if keep_first_logits else None
     next_pos = positions[:, -1] + 1
-    t1 = time.perf_counter()
+    t1 = clock(x.device)
     out: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=x.device)
     for step in range(max_new_tokens):
@@ -74,5 +82,5 @@ def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_tok
         cache.slots = torch.tensor([slot], device=x.device)
         logits = lm(lm.embed(token[:, None]), next_pos[:, None], causal_mask(key_valid, cache.slots), cache)[:, -1]
         next_pos = next_pos + 1
-    t2 = time.perf_counter()
+    t2 = clock(x.device)
     return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)

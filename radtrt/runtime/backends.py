@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 
 from radtrt.errors import fail
-from radtrt.model.generate import Generation, greedy_generate
+from radtrt.model.generate import Generation, clock, greedy_generate
 from radtrt.model.llava_rad import LlavaRad
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,7 +43,9 @@ class TorchBackend:
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixel_values.to(self.device))
+        embeds = self.model.encode_images(pixel_values.to(self.device))
+        clock(embeds.device)  # the pipeline times this stage: wait for the device
+        return embeds
 
     @torch.no_grad()
     def embed_prompt(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 
 from radtrt.data.labeler import extract_labels
 from radtrt.data.manifest import ManifestRow
@@ -27,6 +26,7 @@ from radtrt.errors import fail
 from radtrt.imaging.preprocess import preprocess
 from radtrt.imaging.study import load_study
 from radtrt.model.tokenizer import LlamaSPTokenizer
+from radtrt.progress import make_progress
 from radtrt.training.examples import build_example
 
 
@@ -73,7 +73,7 @@ class ManifestDataset(torch.utils.data.Dataset):
     def _preload(self, console: Console | None) -> torch.Tensor:
         assert self.image_size is not None
         images = torch.empty(len(self.rows), self.image_size, self.image_size, dtype=torch.uint8)
-        with Progress(console=console or Console(stderr=True), transient=True) as progress:
+        with make_progress(console=console or Console(stderr=True), transient=True) as progress:
             task = progress.add_task("reading images", total=len(self.rows))
             for i, row in enumerate(self.rows):
                 images[i] = load_pixels_u8(row.image_path(self.root), self.image_size)

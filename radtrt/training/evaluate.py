@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
 
 from radtrt.data.labeler import F1Report, extract_labels, label_f1
 from radtrt.data.manifest import ManifestRow, read_manifest
 from radtrt.model.loading import LoadedModel
+from radtrt.progress import make_progress
 from radtrt.runtime.backends import TorchBackend
 from radtrt.runtime.pipeline import Pipeline
 
@@ -44,7 +44,7 @@ def evaluate_findings(loaded: LoadedModel, manifest: Path, *, limit: int | None 
     loaded.model.eval()
     pipeline = Pipeline(TorchBackend(loaded.model), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
     reports = []
-    with Progress(console=console or Console(stderr=True), transient=True) as progress:
+    with make_progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("generating reports", total=len(rows))
         for row in rows:
             result = pipeline.run(study_path(row, manifest.parent), max_new_tokens=max_new_tokens,

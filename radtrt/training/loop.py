@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from radtrt.progress import LineProgress, make_progress
 from torch.nn.parallel import DistributedDataParallel
 
 from radtrt.data.manifest import read_manifest
@@ -62,8 +64,8 @@ def _optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) ->
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+def _progress(console: Console) -> Progress | LineProgress:
+    return make_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[sps]:.1f} samples/s"),
                     TimeRemainingColumn(), console=console, transient=False)
 

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import openai
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from radtrt.errors import fail
 from radtrt.evaluation.chexprompt.cache import JudgeCache, prompt_hash
@@ -24,6 +24,7 @@ from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.parser import AnswerFormatError, ErrorCounts
 from radtrt.evaluation.chexprompt.prompt import JudgePrompt, select_prompt
 from radtrt.evaluation.records import ReportPair
+from radtrt.progress import make_progress
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Judge:
             else:
                 pending.append((i, messages, key))
 
-        progress = Progress(TextColumn("judging ({task.fields[label]})"), BarColumn(), MofNCompleteColumn(),
+        progress = make_progress(TextColumn("judging ({task.fields[label]})"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), console=console or Console(stderr=True),
                             disable=not show_progress, transient=True)
         consecutive = 0

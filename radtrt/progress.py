@@ -1,0 +1,98 @@
+"""Progress display for long work: rich's live bars on a terminal, plain lines everywhere else.
+
+Rich draws nothing while a live display runs on a console that is not a terminal (a CI log, ``nohup``,
+``2> export.log``): a 20-minute INT8 export or a training run would look hung until it ended.
+``LineProgress`` takes the same calls (the subset of ``rich.progress.Progress`` this package uses) and
+prints one line when a task starts or changes description, at every tenth of a known total, and when
+it completes, with its fields (loss, lr, ...) and the elapsed time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress, ProgressColumn
+
+STEPS = 10  # lines per task with a known total
+
+
+def make_progress(*columns: str | ProgressColumn, console: Console, transient: bool = False,
+                  disable: bool = False) -> Progress | LineProgress:
+    """A live ``Progress`` on a terminal, a ``LineProgress`` otherwise (same calls)."""
+    if console.is_terminal:
+        return Progress(*columns, console=console, transient=transient, disable=disable)
+    return LineProgress(console, disable=disable)
+
+
+@dataclass
+class _Task:
+    description: str
+    total: float | None
+    completed: float
+    fields: dict[str, Any]
+    started: float = field(default_factory=time.perf_counter)
+    reported: int = -1  # last tenth of the total printed
+    finished: bool = False
+
+
+class LineProgress:
+    def __init__(self, console: Console, *, disable: bool = False) -> None:
+        self.console = console
+        self.disable = disable
+        self._tasks: dict[int, _Task] = {}
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = 100.0, *, start: bool = True, completed: float = 0,
+                 visible: bool = True, **fields: Any) -> int:
+        task_id = len(self._tasks)
+        self._tasks[task_id] = _Task(description, total, completed, fields)
+        self._report(task_id, force=True)
+        return task_id
+
+    def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, description: str | None = None, visible: bool | None = None,
+               refresh: bool = False, **fields: Any) -> None:
+        task = self._tasks[task_id]
+        renamed = description is not None and description != task.description
+        if description is not None:
+            task.description = description
+        if total is not None:
+            task.total = total
+        if completed is not None:
+            task.completed = completed
+        if advance is not None:
+            task.completed += advance
+        task.fields.update(fields)
+        self._report(task_id, force=renamed)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def remove_task(self, task_id: int) -> None:
+        self._tasks.pop(task_id, None)
+
+    def _report(self, task_id: int, *, force: bool) -> None:
+        task = self._tasks[task_id]
+        if self.disable or task.finished:
+            return
+        tenth = int(STEPS * task.completed / task.total) if task.total else -1
+        if not force and tenth <= task.reported:
+            return
+        task.reported = max(task.reported, tenth)
+        task.finished = bool(task.total) and task.completed >= task.total
+        count = f" {task.completed:g}/{task.total:g}" if task.total else ""
+        extras = "".join(f"  {k} {_fmt(v)}" for k, v in task.fields.items())
+        self.console.print(f"{task.description}{count}{extras}  [{time.perf_counter() - task.started:.0f} s]",
+                           highlight=False, markup=False, soft_wrap=True)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

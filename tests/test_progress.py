@@ -1,0 +1,42 @@
+"""Long work stays visible in logs: without a terminal, progress is printed as lines."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+from rich.progress import Progress
+
+from radtrt.progress import LineProgress, make_progress
+
+
+def _log_console() -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, force_terminal=False, width=200), buf
+
+
+def test_a_log_gets_lines_for_start_tenths_renames_and_fields() -> None:
+    console, buf = _log_console()
+    progress = make_progress(console=console)
+    assert isinstance(progress, LineProgress)
+    with progress:
+        task = progress.add_task("collecting statistics", total=20, loss=float("nan"))
+        for i in range(20):
+            progress.update(task, advance=1, loss=1.0 / (i + 1))
+        other = progress.add_task("export", total=None)
+        progress.update(other, description="exporting vision.onnx")
+        progress.update(other, description="exporting vision.onnx")  # unchanged: no new line
+        progress.update(other, description="exporting decoder.onnx")
+    lines = buf.getvalue().splitlines()
+    stats = [line for line in lines if line.startswith("collecting statistics")]
+    assert stats[0].startswith("collecting statistics 0/20  loss nan")
+    assert len(stats) == 11 and stats[-1].startswith("collecting statistics 20/20  loss 0.05")
+    assert [line.split("  [")[0] for line in lines[11:]] == ["export", "exporting vision.onnx", "exporting decoder.onnx"]
+
+
+def test_a_terminal_gets_rich_live_bars_and_disable_prints_nothing() -> None:
+    assert isinstance(make_progress(console=Console(file=io.StringIO(), force_terminal=True)), Progress)
+    console, buf = _log_console()
+    with make_progress(console=console, disable=True) as progress:
+        progress.advance(progress.add_task("quiet", total=3))
+    assert buf.getvalue() == ""
