@@ -60,6 +60,23 @@ def test_parity_onnxruntime_vs_torch_is_exact_in_fp32(tiny: Assets, work: Path) 
     assert data["command"].startswith("radtrt bench parity --random-model tiny")
 
 
+
+def test_parity_on_a_phantom_manifest_reports_finding_labels(tiny: Assets, work: Path, tmp_path: Path) -> None:
+    """``--studies`` a phantom set: its manifest rows are the studies and give the true labels."""
+    from radtrt.data.phantom_set import write_phantom_set
+
+    manifest = write_phantom_set(tmp_path / "set", 3, 5, rows=96, cols=80, formats=("png",))
+    code, out, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies",
+                             manifest.parent, "--max-new-tokens", 8, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    truth = [json.loads(line)["labels"] for line in manifest.read_text().splitlines()]
+    assert [st["true_labels"] for st in data["studies"]] == truth
+    assert [st["study"] for st in data["studies"]] == ["phantom-00000.png", "phantom-00001.png", "phantom-00002.png"]
+    s = data["summary"]
+    assert s["label_f1_vs_reference"] == 1.0  # fp32: identical reports, identical labels
+    assert s["label_f1_drop"] == 0.0 and 0.0 <= s["label_f1_true"] <= 1.0
+
 def test_parity_transformers_generate_vs_torch(tiny: Assets, work: Path, tmp_path: Path) -> None:
     out_md = tmp_path / "parity.md"
     code, out, err = _invoke("bench", "parity", "--model", tiny.model_dir, "--backend", "transformers",

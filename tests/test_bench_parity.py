@@ -85,3 +85,27 @@ def test_markdown() -> None:
     assert "| exact-match rate of generated tokens | 1/2 (50%) |" in md
     assert "| first divergence position per study | none, 2 |" in md
     assert "| s2.dcm | NO | 2 | 3 / 3 |" in md
+
+
+def test_label_agreement_and_true_label_f1() -> None:
+    e = torch.ones(3, 2)
+    ref = _outcome([1], [0.0, 1.0], e, "Moderate cardiomegaly. Small right pleural effusion.")
+    studies = [compare("a", _outcome([2], [0.0, 1.0], e, "Moderate cardiomegaly. No pleural effusion."), ref,
+                       ["cardiomegaly", "pleural_effusion_right"]),
+               compare("b", _outcome([1], [0.0, 1.0], e, ref.report), ref, ["cardiomegaly", "pleural_effusion_right"])]
+    assert studies[0].labels == ["cardiomegaly"] and studies[0].reference_labels == ["cardiomegaly", "pleural_effusion_right"]
+    report = ParityReport(command="c", model="m", backend="onnxruntime", reference="torch", precision="int8 vs fp32",
+                          max_new_tokens=8, machine=MACHINE, studies=studies)
+    s = report.summary()
+    assert s["label_f1_vs_reference"] == pytest.approx(2 * 3 / (2 * 3 + 1))  # tp 3, fn 1
+    assert s["reference_label_f1_true"] == 1.0 and s["label_f1_drop"] == pytest.approx(1 - 6 / 7)
+    md = parity_markdown(report)
+    assert "| finding-label micro-F1 against the manifest's true labels: backend / reference / difference | " \
+           "0.857 / 1.000 / +0.143 |" in md
+    assert "INT8 targets: image-embedding cosine >= 0.99: met; identical reports >= 80%: NOT MET; " \
+           "label micro-F1 within 0.02 of the reference: NOT MET" in md
+    without_truth = ParityReport(command="c", model="m", backend="onnxruntime", reference="torch",
+                                 precision="fp32 vs fp32", max_new_tokens=8, machine=MACHINE, studies=[
+                                     compare("c", _outcome([1], [0.0], e, "x"), _outcome([1], [0.0], e, "x"))])
+    assert "label_f1_true" not in without_truth.summary()
+    assert "INT8 targets" not in parity_markdown(without_truth)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from radtrt.benchmarks.assets import resolve_assets, study_paths
+from radtrt.benchmarks.assets import resolve_assets, study_entries, study_paths
 from radtrt.benchmarks.latency import BackendInfo, LatencyReport, LatencySettings, build_report, measure
 from radtrt.benchmarks.machine import gpu_peak_memory_mb, machine_info, peak_rss_mb
 from radtrt.benchmarks.parity import ParityReport, measure_parity
@@ -74,11 +74,11 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
     machine = machine_info()
     assets = resolve_assets(model=model, bundle=bundle, random_model=random_model, work_dir=work_dir, seed=seed,
                             vision_only=False, progress=progress)
-    paths = study_paths(studies, synthetic, work_dir, default_synthetic=2)
+    entries = study_entries(studies, synthetic, work_dir, default_synthetic=2)
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
                           ort_provider=ort_provider, threads=threads)
-    results = measure_parity(got.pipeline, ref.pipeline, paths, indication=indication,
+    results = measure_parity(got.pipeline, ref.pipeline, entries, indication=indication,
                              max_new_tokens=max_new_tokens, on_step=step)
     machine.torch_threads = _torch_threads()
     precision = f"{got.pipeline.backend.precision} vs {ref.pipeline.backend.precision}"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radtrt.calibration.samples import MANIFEST_NAME, Entry, source_entries
 from radtrt.errors import fail
 from radtrt.model.config import DecoderConfig, LlavaRadConfig, preset
 
@@ -135,17 +136,24 @@ def synthetic_studies(count: int, folder: Path) -> list[Path]:
     return paths
 
 
-def study_paths(studies: Path | None, synthetic: int | None, work_dir: Path, default_synthetic: int) -> list[Path]:
-    """Studies from ``--studies`` (a file, or a folder whose entries are studies) or synthetic ones."""
+def study_entries(studies: Path | None, synthetic: int | None, work_dir: Path, default_synthetic: int) -> list[Entry]:
+    """Studies from ``--studies`` or synthetic ones. ``--studies`` is a study (DICOM file or folder, image),
+    a folder whose entries are studies, or a JSONL manifest / a folder holding ``manifest.jsonl`` (a
+    phantom set), whose rows also give each study's true finding labels."""
     if studies is not None and synthetic is not None:
         fail("give either --studies or --synthetic, not both")
     if studies is None:
-        return synthetic_studies(synthetic if synthetic is not None else default_synthetic, work_dir / "studies")
+        count = synthetic if synthetic is not None else default_synthetic
+        return [Entry(p) for p in synthetic_studies(count, work_dir / "studies")]
     if not studies.exists():
         fail(f"--studies {studies}: no such file or folder")
-    if studies.is_file():
-        return [studies]
-    entries = sorted(p for p in studies.iterdir() if not p.name.startswith("."))
-    if not entries:
+    if studies.is_file() and studies.suffix not in (".jsonl", ".json"):
+        return [Entry(studies)]
+    if studies.is_dir() and not (studies / MANIFEST_NAME).is_file() and not any(
+            not p.name.startswith(".") for p in studies.iterdir()):
         fail(f"--studies {studies} is empty")
-    return entries
+    return source_entries(studies, "--studies")[1]
+
+
+def study_paths(studies: Path | None, synthetic: int | None, work_dir: Path, default_synthetic: int) -> list[Path]:
+    return [e.study for e in study_entries(studies, synthetic, work_dir, default_synthetic)]

@@ -119,6 +119,18 @@ def _distribution_table(report: LatencyReport) -> list[str]:
     return lines
 
 
+def int8_targets(s: dict[str, Any]) -> str:
+    """The INT8 parity gate's thresholds (``radtrt.calibration.parity``), each marked met or not."""
+    from radtrt.calibration.parity import MAX_LABEL_F1_DROP, MIN_EXACT_MATCH, MIN_VISION_COSINE
+
+    checks = [(f"image-embedding cosine >= {MIN_VISION_COSINE}", s["vision_cosine_min"] >= MIN_VISION_COSINE),
+              (f"identical reports >= {MIN_EXACT_MATCH:.0%}", s["exact_match_rate"] >= MIN_EXACT_MATCH)]
+    if "label_f1_drop" in s:
+        checks.append((f"label micro-F1 within {MAX_LABEL_F1_DROP} of the reference",
+                       s["label_f1_drop"] <= MAX_LABEL_F1_DROP))
+    return "; ".join(f"{name}: {'met' if ok else 'NOT MET'}" for name, ok in checks)
+
+
 def parity_markdown(report: ParityReport) -> str:
     s = report.summary()
     n = s["studies"]
@@ -136,7 +148,15 @@ def parity_markdown(report: ParityReport) -> str:
               f"| image-embedding cosine, min / mean | {s['vision_cosine_min']:.8f} / {s['vision_cosine_mean']:.8f} "
               f"(1 - min = {1 - s['vision_cosine_min']:.2g}) |",
               f"| image-embedding max \\|difference\\| | {s['vision_max_abs_diff']:.3g} |",
-              "", "## Per study", "",
+              f"| finding labels (phantom labeler): micro-F1 of the backend's against the reference's | "
+              f"{s['label_f1_vs_reference']:.3f} |"]
+    if "label_f1_true" in s:
+        lines.append(f"| finding-label micro-F1 against the manifest's true labels: backend / reference / "
+                     f"difference | {s['label_f1_true']:.3f} / {s['reference_label_f1_true']:.3f} / "
+                     f"{s['label_f1_drop']:+.3f} |")
+    if "int8" in report.precision.split(" vs ")[0]:
+        lines += ["", f"INT8 targets: {int8_targets(s)}"]
+    lines += ["", "## Per study", "",
               "| study | tokens equal | first divergence | new tokens (backend / reference) | ROUGE-L | "
               "max \\|Δ first logits\\| (ref max \\|logit\\|) | image cosine |",
               "|---|---|---:|---:|---:|---:|---:|"]

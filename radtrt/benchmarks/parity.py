@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from radtrt.benchmarks.machine import MachineInfo
+from radtrt.calibration.samples import Entry
 from radtrt.errors import fail
 from radtrt.runtime.pipeline import Pipeline, postprocess
 
@@ -72,6 +73,9 @@ class StudyParity:
     vision_max_abs_diff: float
     report: str
     reference_report: str
+    labels: list[str]  # the phantom labeler's finding labels of each report (radtrt.data.labeler)
+    reference_labels: list[str]
+    true_labels: list[str] | None = None  # from the studies' manifest, where it has them
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,9 @@ class Outcome:
     report: str
 
 
-def compare(study: str, got: Outcome, ref: Outcome) -> StudyParity:
+def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | None = None) -> StudyParity:
+    from radtrt.data.labeler import extract_labels
+
     diff = (got.first_logits.float() - ref.first_logits.float()).abs()
     return StudyParity(
         study=study, tokens_equal=got.token_ids == ref.token_ids,
@@ -95,7 +101,8 @@ def compare(study: str, got: Outcome, ref: Outcome) -> StudyParity:
         first_argmax_equal=bool(torch.equal(got.first_logits.argmax(-1), ref.first_logits.argmax(-1))),
         vision_cosine=cosine(got.image_embeds, ref.image_embeds),
         vision_max_abs_diff=float((got.image_embeds.float() - ref.image_embeds.float()).abs().max()),
-        report=got.report, reference_report=ref.report)
+        report=got.report, reference_report=ref.report, labels=extract_labels(got.report),
+        reference_labels=extract_labels(ref.report), true_labels=true_labels)
 
 
 def run_one(pipeline: Pipeline, pixels: torch.Tensor, *, indication: str | None, max_new_tokens: int) -> Outcome:
@@ -135,7 +142,20 @@ class ParityReport:
                 "first_logits_max_abs_diff": max(s.first_logits_max_abs_diff for s in self.studies),
                 "first_argmax_agreement": sum(s.first_argmax_equal for s in self.studies) / n,
                 "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n,
-                "vision_max_abs_diff": max(s.vision_max_abs_diff for s in self.studies)}
+                "vision_max_abs_diff": max(s.vision_max_abs_diff for s in self.studies)} | self.label_summary()
+
+    def label_summary(self) -> dict[str, float]:
+        """Finding-label agreement (micro-F1 of the backend's labels against the reference's) and, where
+        every study has true labels, each side's micro-F1 against them and the difference."""
+        from radtrt.data.labeler import label_f1
+
+        got, ref = [s.labels for s in self.studies], [s.reference_labels for s in self.studies]
+        out = {"label_f1_vs_reference": label_f1(got, ref).micro_f1}
+        truth = [s.true_labels for s in self.studies]
+        if all(t is not None for t in truth):
+            f1, ref_f1 = label_f1(got, truth).micro_f1, label_f1(ref, truth).micro_f1  # type: ignore[arg-type]
+            out |= {"label_f1_true": f1, "reference_label_f1_true": ref_f1, "label_f1_drop": ref_f1 - f1}
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "parity", "command": self.command, "created": self.created, "model": self.model,
@@ -144,7 +164,7 @@ class ParityReport:
                 "summary": self.summary(), "studies": [asdict(s) for s in self.studies]}
 
 
-def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Path], *, indication: str | None,
+def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry], *, indication: str | None,
                    max_new_tokens: int, on_step: Callable[[str], None] | None = None) -> list[StudyParity]:
     from radtrt.imaging.preprocess import preprocess
     from radtrt.imaging.study import load_study
@@ -153,12 +173,14 @@ def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Path], 
         fail("no studies to compare")
     cfg = reference.cfg
     results = []
-    for i, study in enumerate(studies, 1):
+    for i, entry in enumerate(studies, 1):
+        study = entry.study
         if on_step:
             on_step(f"study {i}/{len(studies)}: {study.name}")
         image = load_study(study)
         pixels = preprocess(image.pixels_u8, image_size=cfg.vision.img_size, mean=cfg.image_mean, std=cfg.image_std)
         got = run_one(backend, pixels, indication=indication, max_new_tokens=max_new_tokens)
         ref = run_one(reference, pixels, indication=indication, max_new_tokens=max_new_tokens)
-        results.append(compare(study.name, got, ref))
+        truth = list(entry.labels) if entry.labels is not None else None
+        results.append(compare(study.name, got, ref, truth))
     return results

@@ -45,24 +45,11 @@ class StudyResult:
     true_labels: list[str] | None
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.double().flatten(), b.double().flatten()
-    denom = float(a64.norm() * b64.norm())
-    return float(a64 @ b64) / denom if denom else float(torch.equal(a64, b64))
-
-
-def _rouge_l(prediction: str, reference: str) -> float:
-    if prediction == reference:
-        return 1.0
-    from radtrt.evaluation.lexical import rouge_l_scores
-
-    return float(rouge_l_scores([prediction], [reference])[0])
-
-
 @torch.no_grad()
 def measure(bundle: Path, model: LlavaRad, tokenizer: LlamaSPTokenizer, samples: list[Sample], *,
             max_new_tokens: int = PARITY_MAX_NEW_TOKENS, threads: int | None = None,
             on_sample: Callable[[int], None] | None = None) -> list[StudyResult]:
+    from radtrt.benchmarks.parity import cosine, rouge_l
     from radtrt.data.labeler import extract_labels
     from radtrt.runtime.ort import OrtBackend
     from radtrt.runtime.pipeline import postprocess
@@ -83,9 +70,9 @@ def measure(bundle: Path, model: LlavaRad, tokenizer: LlamaSPTokenizer, samples:
         span = float(r_logits.max() - r_logits.min()) or 1.0
         report, ref_report = (postprocess(tokenizer.decode(g.token_ids[0])) for g in (got, ref))
         truth = list(sample.ref.labels) if sample.ref.labels is not None else None
-        results.append(StudyResult(sample.ref.study, _cosine(got_img, ref_img), diff, diff / span,
+        results.append(StudyResult(sample.ref.study, cosine(got_img, ref_img), diff, diff / span,
                                    bool(g_logits.argmax() == r_logits.argmax()), got.token_ids == ref.token_ids,
-                                   _rouge_l(report, ref_report), extract_labels(report), extract_labels(ref_report),
+                                   rouge_l(report, ref_report), extract_labels(report), extract_labels(ref_report),
                                    truth))
         if on_sample:
             on_sample(i + 1)

@@ -98,31 +98,33 @@ def sample_list_hash(refs: list[SampleRef]) -> str:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Entry:
+    """One study of a data source, with what its manifest row says about it (nothing for a folder entry)."""
+
     study: Path
     findings: str | None = None
     indication: str | None = None
     labels: tuple[str, ...] | None = None
 
 
-def _entries(data: Path) -> tuple[Path, list[_Entry], dict[str, Any]]:
-    """(data root, candidate studies in order, source description)."""
+def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, list[Entry], dict[str, Any]]:
+    """(data root, candidate studies in order, source description); ``what`` names the source in errors."""
     from radtrt.data.manifest import read_manifest
 
     if not data.exists():
-        fail(f"calibration data not found: {data}")
+        fail(f"{what} not found: {data}")
     manifest = data / MANIFEST_NAME if data.is_dir() else data
     if manifest.is_file() and (data.is_dir() or data.suffix in (".jsonl", ".json")):
         root = manifest.parent
         rows = read_manifest(manifest)
-        entries = [_Entry(r.image_path(root), r.findings, r.indication, r.labels) for r in rows]
+        entries = [Entry(r.image_path(root), r.findings, r.indication, r.labels) for r in rows]
         return root, entries, {"kind": "manifest", "path": str(manifest.resolve())}
     if data.is_file():
-        fail(f"calibration data {data} is neither a folder nor a JSONL manifest (.jsonl)")
+        fail(f"{what} {data} is neither a folder nor a JSONL manifest (.jsonl)")
     studies = sorted(p for p in data.iterdir() if not p.name.startswith("."))
     if not studies:
-        fail(f"calibration data folder {data} is empty")
-    return data, [_Entry(p) for p in studies], {"kind": "folder", "path": str(data.resolve())}
+        fail(f"{what} folder {data} is empty")
+    return data, [Entry(p) for p in studies], {"kind": "folder", "path": str(data.resolve())}
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -134,7 +136,7 @@ def _relative(path: Path, root: Path) -> str:
 
 def count_samples(data: Path) -> int:
     """How many samples ``data`` lists (manifest rows, or folder entries)."""
-    return len(_entries(data)[1])
+    return len(source_entries(data)[1])
 
 
 def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple[Any, torch.Tensor, list[int]]],
@@ -146,7 +148,7 @@ def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple
     """
     if n < 1:
         fail(f"the number of calibration samples must be at least 1, got {n}")
-    root, entries, source = _entries(data)
+    root, entries, source = source_entries(data)
     chosen = entries[skip:skip + n]
     if len(chosen) < n:
         fail(f"calibration data {data} has {len(entries)} samples; {skip + n} are needed "
