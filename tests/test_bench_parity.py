@@ -109,3 +109,11 @@ def test_label_agreement_and_true_label_f1() -> None:
                                      compare("c", _outcome([1], [0.0], e, "x"), _outcome([1], [0.0], e, "x"))])
     assert "label_f1_true" not in without_truth.summary()
     assert "INT8 targets" not in parity_markdown(without_truth)
+
+
+def test_many_studies_list_only_the_divergences() -> None:
+    from radtrt.benchmarks.markdown import _divergences
+
+    assert _divergences([None, 3]) == "none, 3"
+    assert _divergences([None] * 10) == "none of 10 studies diverge"
+    assert _divergences([None] * 8 + [5, 0]) == "2 of 10 studies diverge, at 5, 0"

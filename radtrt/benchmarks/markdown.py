@@ -119,6 +119,16 @@ def _distribution_table(report: LatencyReport) -> list[str]:
     return lines
 
 
+def _divergences(positions: list[int | None]) -> str:
+    """'none' per study for a few studies; for many, only the diverging ones (the per-study table has all)."""
+    if len(positions) <= 8:
+        return ", ".join("none" if d is None else str(d) for d in positions)
+    diverging = [d for d in positions if d is not None]
+    if not diverging:
+        return f"none of {len(positions)} studies diverge"
+    return f"{len(diverging)} of {len(positions)} studies diverge, at {', '.join(map(str, diverging))}"
+
+
 def int8_targets(s: dict[str, Any]) -> str:
     """The INT8 parity gate's thresholds (``radtrt.calibration.parity``), each marked met or not."""
     from radtrt.calibration.parity import MAX_LABEL_F1_DROP, MIN_EXACT_MATCH, MIN_VISION_COSINE
@@ -140,8 +150,7 @@ def parity_markdown(report: ParityReport) -> str:
               f"{n} study(ies)", f"- Machine: {report.machine.one_line()}", "",
               "| metric | value |", "|---|---|",
               f"| exact-match rate of generated tokens | {equal}/{n} ({_pct(s['exact_match_rate'])}) |",
-              f"| first divergence position per study | "
-              f"{', '.join('none' if d is None else str(d) for d in s['first_divergences'])} |",
+              f"| first divergence position per study | {_divergences(s['first_divergences'])} |",
               f"| ROUGE-L F1 of the reports, mean / min | {s['rouge_l_mean']:.4f} / {s['rouge_l_min']:.4f} |",
               f"| max \\|logit difference\\| on the first step | {s['first_logits_max_abs_diff']:.3g} |",
               f"| first-step argmax agreement | {_pct(s['first_argmax_agreement'])} |",
