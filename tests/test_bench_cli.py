@@ -77,6 +77,7 @@ def test_parity_on_a_phantom_manifest_reports_finding_labels(tiny: Assets, work:
     assert s["label_f1_vs_reference"] == 1.0  # fp32: identical reports, identical labels
     assert s["label_f1_drop"] == 0.0 and 0.0 <= s["label_f1_true"] <= 1.0
 
+
 def test_parity_transformers_generate_vs_torch(tiny: Assets, work: Path, tmp_path: Path) -> None:
     out_md = tmp_path / "parity.md"
     code, out, err = _invoke("bench", "parity", "--model", tiny.model_dir, "--backend", "transformers",
@@ -103,6 +104,27 @@ def test_latency_two_backends_writes_markdown_json_png(tiny: Assets, work: Path,
     png = report.with_suffix(".png")
     assert png.is_file() or "no PNG chart" in err
 
+
+
+def test_latency_two_bundles_named_by_precision(tiny: Assets, work: Path, tmp_path: Path) -> None:
+    """``--vs-bundle``: an fp16 bundle against the fp32 one, interleaved; its KV cache counted at 2 bytes."""
+    from radtrt.cli import app
+
+    fp16 = tmp_path / "fp16"
+    result = runner.invoke(app, ["export", "--model", str(tiny.model_dir), "--precision", "fp16", "-o", str(fp16)])
+    assert result.exit_code == 0, result.stderr
+    code, out, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", work, "--vs-bundle", fp16,
+                             "--runs", 1, "--warmup", 0, "--max-new-tokens", 4, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [b["name"] for b in data["backends"]] == ["onnxruntime fp32", "onnxruntime fp16"]
+    assert data["ratios"]["numerator"] == "onnxruntime fp32" and data["ratios"]["denominator"] == "onnxruntime fp16"
+    floors = [b["decode_floor"] for b in data["backends"]]
+    assert floors[0]["kv_bytes_at_mean_context"] == pytest.approx(2 * floors[1]["kv_bytes_at_mean_context"])
+    assert "--vs-bundle" in data["command"]
+    code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", work, "--vs-bundle", fp16,
+                           "--vs-backend", "torch")
+    assert code == 2 and "--vs-bundle compares two bundles" in err
 
 def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Path) -> None:
     code, out, err = _invoke("bench", "latency", "--bundle", tiny.bundle, "--model", tiny.model_dir, "--vs-backend",

@@ -33,7 +33,7 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
                 studies: Path | None = None, synthetic: int | None = None, stages: str = "all", runs: int = 3,
                 warmup: int = 1, max_new_tokens: int = 64, indication: str | None = None,
                 threads: int | None = None, device: str = "cpu", ort_provider: str = "cpu", command: str = "",
-                progress: Any = None, bandwidth_probe: bool = True) -> LatencyReport:
+                progress: Any = None, bandwidth_probe: bool = True, vs_bundle: Path | None = None) -> LatencyReport:
     from radtrt.benchmarks.bandwidth import measure_gemv_bandwidth
 
     settings = LatencySettings(stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
@@ -44,7 +44,7 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
     paths = study_paths(studies, synthetic, work_dir, default_synthetic=1)
     step = _Step(progress, "opening backends")
     sides = open_sides(backends, assets, base_model=base_model, device=device, ort_provider=ort_provider,
-                       threads=threads)
+                       threads=threads, vs_bundle=vs_bundle)
     bandwidth = None
     if stages == "all" and bandwidth_probe:
         step("measuring matrix-vector bandwidth")

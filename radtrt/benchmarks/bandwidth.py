@@ -21,7 +21,6 @@ from typing import Any, Callable
 from radtrt.errors import fail
 
 DEFAULT_MATRIX_BYTES = 512 << 20
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ def latency(
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime | torch | transformers"),
     vs_backend: Optional[str] = typer.Option(None, "--vs-backend", help="Second backend, run interleaved."),
+    vs_bundle: Optional[Path] = typer.Option(None, "--vs-bundle", help="Second bundle (onnxruntime), run interleaved: "
+                                             "INT8 against fp32, say."),
     studies: Optional[Path] = typer.Option(None, "--studies", help="A study, or a folder whose entries are studies."),
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="Use N synthetic studies (default 1)."),
     stages: str = typer.Option("all", "--stages", help="all | vision (vision: read, preprocess, ViT + projector)."),
@@ -83,6 +85,7 @@ def latency(
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
         ("--work-dir", work_dir if random_model or studies is None else None),
         ("--seed", seed if random_model else None), ("--backend", backend), ("--vs-backend", vs_backend),
+        ("--vs-bundle", vs_bundle),
         ("--studies", studies), ("--synthetic", synthetic), ("--stages", stages),
         ("--runs", runs), ("--warmup", warmup), ("--max-new-tokens", max_new_tokens), ("--indication", indication),
         ("--threads", threads), ("--device", device), ("--ort-provider", ort_provider), ("--json", as_json),
@@ -93,7 +96,7 @@ def latency(
             seed=seed, backends=[backend] + ([vs_backend] if vs_backend else []), studies=studies,
             synthetic=synthetic, stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
             indication=indication, threads=threads, device=device, ort_provider=ort_provider, command=command,
-            progress=progress)
+            progress=progress, vs_bundle=vs_bundle)
     from radtrt.benchmarks.markdown import latency_markdown
 
     _emit(latency_markdown(report), report.to_json(), as_json, out)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from radtrt.benchmarks.bandwidth import DTYPE_BYTES, Bandwidth, DecodeFloor, decode_floor, kv_bytes_per_step
+from radtrt.benchmarks.bandwidth import Bandwidth, DecodeFloor, decode_floor, kv_bytes_per_step
 from radtrt.benchmarks.machine import MachineInfo
 from radtrt.benchmarks.sides import Side
 from radtrt.benchmarks.stats import Summary, ratio, summarize
@@ -69,12 +69,14 @@ class BackendInfo:
     rss_added_mb: float | None
     weight_bytes: int
     kv_geometry: tuple[int, int, int]  # decoder layers, KV heads, head dim
+    kv_dtype_bytes: int = 4
 
     @classmethod
     def of(cls, side: Side) -> "BackendInfo":
         d = side.pipeline.cfg.decoder
         return cls(side.name, side.pipeline.backend.precision, side.settings, side.load_seconds,
-                   side.rss_added_mb, side.weight_bytes, (d.num_hidden_layers, d.num_key_value_heads, d.head_dim))
+                   side.rss_added_mb, side.weight_bytes, (d.num_hidden_layers, d.num_key_value_heads, d.head_dim),
+                   side.kv_dtype_bytes)
 
 
 def run_vision_only(pipeline: Pipeline, study: Path, settings: LatencySettings) -> tuple[dict[str, float], int]:
@@ -198,7 +200,7 @@ def summarize_backend(info: BackendInfo, samples: list[Sample], stages: tuple[st
     if bandwidth is not None:
         layers, kv_heads, head_dim = info.kv_geometry
         mean_context = prompt_tokens + new_tokens.mean / 2
-        kv = kv_bytes_per_step(layers, kv_heads, head_dim, mean_context, DTYPE_BYTES.get(info.precision, 4))
+        kv = kv_bytes_per_step(layers, kv_heads, head_dim, mean_context, info.kv_dtype_bytes)
         floor = decode_floor(info.weight_bytes, bandwidth, tps.median, kv)
     return BackendLatency(info, summaries, tps, new_tokens, floor, mine)
 

@@ -7,6 +7,7 @@ resident memory after loading, how long loading took, and the thread setting.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,12 @@ class Side:
     load_seconds: float
     rss_added_mb: float | None  # resident memory this backend's loading added (shared weights count once)
     settings: dict[str, Any] = field(default_factory=dict)
+    kv_dtype_bytes: int = 4  # the KV cache's element size (an INT8 bundle keeps an fp32 cache)
+    label: str | None = None  # set when two sides share a backend (two bundles)
 
     @property
     def name(self) -> str:
-        return self.pipeline.backend.name
+        return self.label or self.pipeline.backend.name
 
 
 def _torch_side(kind: str, assets: Assets, base_model: Path | None, device: str,
@@ -55,11 +58,13 @@ def _torch_side(kind: str, assets: Assets, base_model: Path | None, device: str,
 
         backend = TransformersBackend(loaded.model, device)
     pipeline = Pipeline(backend, loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
-    settings = {"device": device, "threads": torch.get_num_threads(), "dtype": "float32"}
+    settings = {"device": device, "threads": torch.get_num_threads(), "dtype": "float32", "kv_dtype_bytes": 4}
     return pipeline, torch_decoder_weight_bytes(loaded.model.language_model), settings
 
 
 def _ort_side(assets: Assets, provider: str, threads: int | None) -> tuple[Pipeline, int, dict[str, Any]]:
+    import numpy as np
+
     from radtrt.model.config import LlavaRadConfig
     from radtrt.model.io import read_json
     from radtrt.model.tokenizer import LlamaSPTokenizer
@@ -71,14 +76,31 @@ def _ort_side(assets: Assets, provider: str, threads: int | None) -> tuple[Pipel
     cfg = LlavaRadConfig.from_dict(read_json(assets.bundle / "model_config.json"))
     tokenizer = LlamaSPTokenizer.from_dir(assets.bundle)
     pipeline = Pipeline(backend, tokenizer, cfg, model_name=backend.manifest["model"]["name"])
-    settings = {"provider": provider, "threads": threads if threads else "onnxruntime default (physical cores)"}
+    settings = {"provider": provider, "threads": threads if threads else "onnxruntime default (physical cores)",
+                "bundle": str(assets.bundle), "kv_dtype_bytes": np.dtype(backend.dtype).itemsize}
     return pipeline, bundle_decoder_weight_bytes(backend.manifest), settings
 
 
 def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = None, device: str = "cpu",
-               ort_provider: str = "cpu", threads: int | None = None) -> list[Side]:
-    """Open each backend in turn; ``threads`` also sets torch's intra-op threads for the whole process."""
+               ort_provider: str = "cpu", threads: int | None = None, vs_bundle: Path | None = None) -> list[Side]:
+    """Open each backend in turn; ``threads`` also sets torch's intra-op threads for the whole process.
+
+    ``vs_bundle``: a second ONNX Runtime side on another bundle of the same model (INT8 against fp32,
+    say); the two are then named by precision (or by folder when their precisions match)."""
     import torch
+
+    if vs_bundle is not None:
+        if kinds != ["onnxruntime"]:
+            fail("--vs-bundle compares two bundles under onnxruntime: use it with --backend onnxruntime and "
+                 "without --vs-backend")
+        if assets.bundle is None:
+            fail("--vs-bundle needs --bundle (or --random-model) for the first side")
+        sides = open_sides(kinds, assets, ort_provider=ort_provider, threads=threads)
+        sides += open_sides(kinds, dataclasses.replace(assets, bundle=vs_bundle), ort_provider=ort_provider,
+                            threads=threads)
+        _label_bundle_sides(sides)
+        _check_same_model(sides)
+        return sides
 
     for kind in kinds:
         if kind not in BACKENDS:
@@ -99,9 +121,19 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
             pipeline, weight_bytes, settings = _torch_side(kind, assets, base_model, device, cache)
         rss1 = current_rss_mb()
         added = rss1 - rss0 if rss0 is not None and rss1 is not None else None
-        sides.append(Side(pipeline, weight_bytes, time.perf_counter() - t0, added, settings))
+        kv_bytes = settings.pop("kv_dtype_bytes")
+        sides.append(Side(pipeline, weight_bytes, time.perf_counter() - t0, added, settings, kv_bytes))
     _check_same_model(sides)
     return sides
+
+
+def _label_bundle_sides(sides: list[Side]) -> None:
+    precisions = [s.pipeline.backend.precision for s in sides]
+    by_folder = len(set(precisions)) < len(precisions)
+    for side, precision in zip(sides, precisions):
+        side.label = f"{side.pipeline.backend.name} {Path(side.settings['bundle']).name if by_folder else precision}"
+    if len({s.name for s in sides}) < len(sides):
+        fail("the two bundles have the same precision and folder name; give them different folder names")
 
 
 def _check_same_model(sides: list[Side]) -> None:
