@@ -5,10 +5,15 @@ Rich draws nothing while a live display runs on a console that is not a terminal
 ``LineProgress`` takes the same calls (the subset of ``rich.progress.Progress`` this package uses) and
 prints one line when a task starts or changes description, at every tenth of a known total, and when
 it completes, with its fields (loss, lr, ...) and the elapsed time.
+
+Nothing is printed during the first ``QUIET_SECONDS``: a command that fails on bad input at once
+still says so in one line on stderr. Lines due in that window are held (the latest per task), printed
+when it ends if the work is still running, or at a normal exit; an error drops them.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +22,7 @@ from rich.console import Console
 from rich.progress import Progress, ProgressColumn
 
 STEPS = 10  # lines per task with a known total
+QUIET_SECONDS = 2.0
 
 
 def make_progress(*columns: str | ProgressColumn, console: Console, transient: bool = False,
@@ -39,16 +45,41 @@ class _Task:
 
 
 class LineProgress:
-    def __init__(self, console: Console, *, disable: bool = False) -> None:
+    def __init__(self, console: Console, *, disable: bool = False, quiet_seconds: float = QUIET_SECONDS) -> None:
         self.console = console
         self.disable = disable
         self._tasks: dict[int, _Task] = {}
+        self._held: dict[int, str] = {}  # task -> its latest line, during the quiet window
+        self._lock = threading.Lock()
+        self._quiet_until = time.perf_counter() + quiet_seconds
+        self._timer: threading.Timer | None = None
+        if quiet_seconds > 0 and not disable:
+            self._timer = threading.Timer(quiet_seconds, self._release)
+            self._timer.daemon = True
+            self._timer.start()
 
     def __enter__(self) -> "LineProgress":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        with self._lock:
+            held, self._held = self._held, {}
+            self._quiet_until = 0.0
+        if exc_type is None:
+            for line in held.values():
+                self._print(line)
+
+    def _release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, {}
+            self._quiet_until = 0.0
+            for line in held.values():
+                self._print(line)
+
+    def _print(self, line: str) -> None:
+        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def add_task(self, description: str, total: float | None = 100.0, *, start: bool = True, completed: float = 0,
                  visible: bool = True, **fields: Any) -> int:
@@ -90,8 +121,13 @@ class LineProgress:
         task.finished = bool(task.total) and task.completed >= task.total
         count = f" {task.completed:g}/{task.total:g}" if task.total else ""
         extras = "".join(f"  {k} {_fmt(v)}" for k, v in task.fields.items())
-        self.console.print(f"{task.description}{count}{extras}  [{time.perf_counter() - task.started:.0f} s]",
-                           highlight=False, markup=False, soft_wrap=True)
+        line = f"{task.description}{count}{extras}  [{time.perf_counter() - task.started:.0f} s]"
+        with self._lock:
+            if time.perf_counter() < self._quiet_until:
+                self._held.pop(task_id, None)
+                self._held[task_id] = line  # re-inserted: held lines keep the order they were last due in
+                return
+        self._print(line)
 
 
 def _fmt(value: Any) -> str:

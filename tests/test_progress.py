@@ -17,9 +17,8 @@ def _log_console() -> tuple[Console, io.StringIO]:
 
 def test_a_log_gets_lines_for_start_tenths_renames_and_fields() -> None:
     console, buf = _log_console()
-    progress = make_progress(console=console)
-    assert isinstance(progress, LineProgress)
-    with progress:
+    assert isinstance(make_progress(console=console), LineProgress)
+    with LineProgress(console, quiet_seconds=0) as progress:
         task = progress.add_task("collecting statistics", total=20, loss=float("nan"))
         for i in range(20):
             progress.update(task, advance=1, loss=1.0 / (i + 1))
@@ -40,3 +39,33 @@ def test_a_terminal_gets_rich_live_bars_and_disable_prints_nothing() -> None:
     with make_progress(console=console, disable=True) as progress:
         progress.advance(progress.add_task("quiet", total=3))
     assert buf.getvalue() == ""
+
+
+def test_quick_failures_print_only_their_error_and_quick_successes_their_last_lines() -> None:
+    console, buf = _log_console()
+    try:
+        with LineProgress(console, quiet_seconds=60) as progress:
+            progress.add_task("reading studies", total=4)
+            raise RuntimeError("bad input")
+    except RuntimeError:
+        pass
+    assert buf.getvalue() == ""  # the caller's one error line stays the only line
+    with LineProgress(console, quiet_seconds=60) as progress:
+        first = progress.add_task("reading studies", total=4)
+        progress.update(first, advance=4)
+        second = progress.add_task("export", total=None)
+        progress.update(second, description="exporting decoder.onnx")
+    lines = [line.split("  [")[0] for line in buf.getvalue().splitlines()]
+    assert lines == ["reading studies 4/4", "exporting decoder.onnx"]
+
+
+def test_held_lines_appear_when_the_quiet_window_ends_while_work_runs() -> None:
+    import time
+
+    console, buf = _log_console()
+    with LineProgress(console, quiet_seconds=0.05) as progress:
+        progress.add_task("exporting vision.onnx", total=None)
+        deadline = time.monotonic() + 5
+        while not buf.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert buf.getvalue().startswith("exporting vision.onnx")

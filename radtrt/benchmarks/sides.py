@@ -143,5 +143,8 @@ def _check_same_model(sides: list[Side]) -> None:
     first = sides[0].pipeline.cfg
     for other in sides[1:]:
         if other.pipeline.cfg != first:
+            if other.label is not None:
+                fail(f"the two bundles hold different models ({sides[0].name}: {sides[0].settings['bundle']}, "
+                     f"{other.name}: {other.settings['bundle']}); compare bundles exported from one model")
             fail(f"{sides[0].name} and {other.name} load different model configs; the --model directory must be "
                  f"the one the --bundle was exported from")
