@@ -118,7 +118,8 @@ def export(
     out: Path = typer.Option(..., "-o", "--out", help="Bundle directory (Triton: repository directory)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Existing bundle to add engines to / serve."),
     int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant (ONNX default)"),
-    int8_kv_cache: bool = typer.Option(False, "--int8-kv-cache", help="INT8 KV cache (TensorRT-LLM)."),
+    int8_kv_cache: bool = typer.Option(False, "--int8-kv-cache",
+                                       help="INT8 KV cache (TensorRT-LLM engine; ONNX bundle with --precision int8)."),
     calibration_stats: Optional[Path] = typer.Option(None, "--calibration-stats",
                                                      help="Activation statistics from 'radtrt calibrate'."),
     calibration_data: Optional[str] = typer.Option(
@@ -159,7 +160,8 @@ def export(
         from radtrt.exporter.onnx_int8 import Int8Plan
 
         int8_plan = Int8Plan(calibration_data, int8_decoder or "smoothquant", smoothquant_alpha, int8_lm_head,
-                             calibration_n, "int8" if int8_embeddings else "fp32", parity_samples=parity_samples)
+                             calibration_n, "int8" if int8_embeddings else "fp32",
+                             kv_cache="int8" if int8_kv_cache else "fp32", parity_samples=parity_samples)
         int8_plan.check_ready()
     bundle_dir = bundle or out
     needs_model = "onnx" in plan.steps and bundle is None or "trtllm" in plan.steps

@@ -262,3 +262,73 @@ def test_trtllm_reads_the_bundles_calibration(bundle: Path, model_dir: Path, tmp
     assert result.exit_code == 0, result.stderr
     config = json.loads((copy / "trtllm" / "checkpoint-w8a8_sq" / "config.json").read_text())
     assert config["quantization"]["quant_algo"].startswith("W8A8_SQ")
+
+
+@pytest.fixture(scope="module")
+def int8_kv(model_dir: Path, bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Weight-only decoder with the INT8 KV cache, reusing the SmoothQuant bundle's calibration."""
+    return _export(model_dir, tmp_path_factory.mktemp("kv") / "b", "--precision", "int8", "--int8-decoder",
+                   "weight-only", "--int8-kv-cache", "--calibration-data", str(bundle / "calibration.safetensors"),
+                   "--parity-samples", "0")
+
+
+def test_int8_kv_cache_graph_is_group_query_attention_over_int8_buffers(int8_kv: Path, model_dir: Path) -> None:
+    cfg = load_model(model_dir).model.cfg.decoder
+    model = onnx.load(str(int8_kv / "decoder.onnx"), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == cfg.num_hidden_layers and all(n.domain == "com.microsoft" for n in gqa)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["kv_cache_bit_width"] == 8 and attrs["do_rotary"] == 1
+    assert attrs["num_heads"] == cfg.num_attention_heads and attrs["kv_num_heads"] == cfg.num_key_value_heads
+    inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    assert inputs["past_key.0"] == onnx.TensorProto.INT8 and "position_ids" not in inputs and "past_mask" not in inputs
+    assert not any(n.op_type == "Softmax" for n in model.graph.node)  # the old attention is gone
+    inits = {i.name: onnx.numpy_helper.to_array(i, base_dir=str(int8_kv)) for i in model.graph.initializer
+             if i.name.startswith("gqa_")}
+    assert all(float(inits[f"gqa_k_scale.{i}"][0]) > 0 for i in range(cfg.num_hidden_layers))
+    assert inits["gqa_cos_cache"].shape == (cfg.max_position_embeddings, cfg.head_dim // 2)
+    assert "int8" in read_manifest(int8_kv)["int8"]["kv_cache"]
+
+
+def test_int8_kv_cache_bundle_generates_close_to_fp32_and_batches_one_by_one(int8_kv: Path, model_dir: Path,
+                                                                            phantoms: Path) -> None:
+    from radtrt.calibration.run import calibrate
+    from radtrt.runtime.ort import OrtBackend
+
+    loaded = load_model(model_dir)
+    ref = loaded.model
+    heldout = calibrate(loaded, phantoms, 2, skip=3).samples
+    ort = OrtBackend(int8_kv)
+    assert ort.int8_kv
+    with torch.no_grad():
+        embeds = [ref.embed_multimodal(s.prompt_ids, ref.encode_images(s.pixels[None])[0]).detach() for s in heldout]
+    r = greedy_generate(ref.language_model, embeds[:1], eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
+    g = ort.generate(embeds[:1], eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
+    span = float(r.first_logits.max() - r.first_logits.min())
+    assert float((g.first_logits - r.first_logits).abs().max()) <= MAX_LOGIT_REL * span
+    assert len(g.token_ids[0]) == 8
+    both = ort.generate(embeds, eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
+    alone = [ort.generate([e], eos_token_id=-1, max_new_tokens=8).token_ids[0] for e in embeds]
+    assert both.token_ids == alone and both.first_logits is not None and both.first_logits.shape[0] == 2
+
+
+def test_kv_scales_bound_the_rotated_keys() -> None:
+    from radtrt.exporter.gqa import kv_scales
+    from radtrt.exporter.quant import ActivationStats
+    from radtrt.model.config import tiny_decoder
+
+    cfg = tiny_decoder()
+    width = cfg.num_key_value_heads * cfg.head_dim
+    k = torch.zeros(width)
+    k[0], k[cfg.head_dim // 2] = 3.0, 4.0  # a pair the rotation can turn into one channel of norm 5
+    stats = ActivationStats({}, {f"model.layers.{i}.self_attn.{n}_proj": k if n == "k" else torch.full((width,), 2.0)
+                                 for i in range(cfg.num_hidden_layers) for n in "kv"})
+    scales = kv_scales(stats, cfg, [torch.full((width,), 4.0)] * cfg.num_hidden_layers)
+    assert scales.key == pytest.approx([5.0 / 127] * cfg.num_hidden_layers)
+    assert scales.value == pytest.approx([0.5 / 127] * cfg.num_hidden_layers)  # divided by the smoothing factors
+
+
+def test_int8_kv_cache_needs_an_int8_onnx_bundle(model_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["export", "--model", str(model_dir), "--precision", "fp32", "--int8-kv-cache",
+                                 "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--int8-kv-cache in an ONNX bundle needs --precision int8" in result.stderr

@@ -118,13 +118,19 @@ def _smooth_o_proj(attn: Any, act_absmax: torch.Tensor, alpha: float, n_kv: int)
 
 
 def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path, work: Path, *,
-                         alpha: float = 0.5, lm_head: bool = True) -> dict[str, Any]:
-    """Smooth, export fp32 to ``work``, then dynamic W8A8 into ``out``."""
+                         alpha: float = 0.5, lm_head: bool = True, int8_kv: bool = False) -> dict[str, Any]:
+    """Smooth, export fp32 to ``work`` (``int8_kv``: attention over an INT8 cache), then dynamic W8A8 into ``out``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from radtrt.exporter.gqa import kv_scales, rewrite_attention
 
     smoothed = smooth_decoder(lm, stats, alpha)
     fp32 = work / "decoder-smoothed-fp32.onnx"
     export_decoder(smoothed, fp32)
+    if int8_kv:  # smoothing o_proj divided v_proj's rows by its factors: the cached values are divided too
+        divisors = [old.self_attn.v_proj.weight.detach().abs().amax(1) / new.self_attn.v_proj.weight.detach().abs().amax(1)
+                    for old, new in zip(lm.model.layers, smoothed.model.layers)]
+        rewrite_attention(fp32, lm.cfg, kv_scales(stats, lm.cfg, divisors))
     del smoothed
     exclude = [] if lm_head else [lm_head_node(onnx.load(str(fp32), load_external_data=False))]
     with quiet_quantizer():

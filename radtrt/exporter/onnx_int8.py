@@ -4,18 +4,15 @@
 instead of the float exports, and stores the embedding table as INT8 rows with a per-row scale
 (dequantized to fp32 once at load: the table is a host-side lookup, so INT8 only saves bytes on
 disk -- 98 MB at the mid-size config, where the bundle-size target needs it; each row is within half
-a quantization step of fp32). KV buffers, input embeddings
-and logits stay fp32, so ``OrtBackend`` runs INT8 bundles unchanged. The calibration file travels
+a quantization step of fp32). Input embeddings and logits stay fp32. The calibration file travels
 with the bundle (``calibration.safetensors``): ``radtrt export --target trtllm --bundle BUNDLE``
 reuses its decoder statistics.
 
-INT8 KV cache: not offered for the ONNX Runtime bundle yet. With this decoder graph (attention as
-plain MatMul/Softmax over caller-owned fp32 buffers) an INT8 cache would be dequantized to fp32 in
-the graph every step -- more traffic, not less. It would pay through ONNX Runtime's
-``GroupQueryAttention`` (com.microsoft), whose CPU kernel reads int8 caches with k/v scales. That
-needs the decoder's
-attention exported as that op and int8 KV buffers in the runtime (an I/O-contract change).
-``--int8-kv-cache`` remains for TensorRT-LLM, whose kernels read the INT8 cache directly.
+INT8 KV cache (``--int8-kv-cache``): the decoder's attention becomes ONNX Runtime's
+``GroupQueryAttention`` over int8 buffers with per-layer scales from the calibration
+(``radtrt.exporter.gqa``); the runtime then generates one study at a time. Without it the KV buffers
+are fp32 and the attention is the exported MatMul/Softmax graph, as in fp32 bundles. For
+TensorRT-LLM, ``--int8-kv-cache`` sets the engine's own INT8 cache.
 """
 
 from __future__ import annotations
@@ -42,6 +39,7 @@ class Int8Plan:
     lm_head: bool = True
     n: int = 32
     embeddings: str = "int8"
+    kv_cache: str = "fp32"
     parity_samples: int = DEFAULT_PARITY_SAMPLES
     parity_max_new_tokens: int = 64
 
@@ -52,6 +50,8 @@ class Int8Plan:
             fail(f"unknown --int8-decoder '{self.decoder}' ({', '.join(DECODER_METHODS)})")
         if not 0.0 <= self.alpha <= 1.0:
             fail(f"SmoothQuant alpha must be within [0, 1], got {self.alpha}")
+        if self.kv_cache not in ("int8", "fp32"):
+            fail(f"unknown KV-cache precision '{self.kv_cache}' (int8, fp32)")
         if self.embeddings not in ("int8", "fp32"):
             fail(f"unknown embedding-table precision '{self.embeddings}' (int8, fp32)")
         if self.n < 1 or self.parity_samples < 0:
@@ -76,6 +76,7 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
                step: Callable[[str], None] = lambda _: None) -> Int8Result:
     """Calibrate, write ``vision.onnx``, ``decoder.onnx`` and ``calibration.safetensors`` into ``work``."""
     from radtrt.calibration.run import resolve_calibration
+    from radtrt.exporter.gqa import kv_scales, rewrite_attention
     from radtrt.exporter.int8_decoder import quantize_smoothquant, quantize_weight_only
     from radtrt.exporter.int8_vision import quantize_vision
     from radtrt.exporter.onnx import export_decoder, export_vision
@@ -91,21 +92,27 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
         export_vision(model, tmp / "vision-fp32.onnx")
         step(f"quantizing vision.onnx (Q/DQ, {len(calibration.samples)} calibration images)")
         vision = quantize_vision(tmp / "vision-fp32.onnx", work / "vision.onnx", [s.pixels for s in calibration.samples])
+        int8_kv = plan.kv_cache == "int8"
         if plan.decoder == "weight-only":
             step("exporting the fp32 decoder graph to quantize")
             export_decoder(model.language_model, tmp / "decoder-fp32.onnx")
+            if int8_kv:
+                step("attention as GroupQueryAttention over an INT8 KV cache")
+                scales = kv_scales(calibration.file.decoder, model.cfg.decoder)
+                rewrite_attention(tmp / "decoder-fp32.onnx", model.cfg.decoder, scales)
             step("quantizing decoder.onnx (weight-only INT8, MatMulNBits)")
             decoder = quantize_weight_only(tmp / "decoder-fp32.onnx", work / "decoder.onnx", lm_head=plan.lm_head)
         else:
             step(f"smoothing (alpha {plan.alpha}), exporting and quantizing decoder.onnx (W8A8)")
             decoder = quantize_smoothquant(model.language_model, calibration.file.decoder, work / "decoder.onnx", tmp,
-                                           alpha=plan.alpha, lm_head=plan.lm_head)
+                                           alpha=plan.alpha, lm_head=plan.lm_head, int8_kv=int8_kv)
     int8 = {"vision_method": vision, "decoder_method": decoder,
             "alpha": plan.alpha if plan.decoder == "smoothquant" else None,
             "lm_head": "int8" if plan.lm_head else "fp32",
             "embeddings": ("int8 rows + fp32 per-row scale on disk, dequantized to fp32 at load" if plan.embeddings == "int8"
                            else "fp32"),
-            "kv_cache": "fp32 (runtime-owned buffers; INT8 KV cache is a TensorRT-LLM option)",
+            "kv_cache": ("int8, per-layer symmetric scales from the calibration (GroupQueryAttention, com.microsoft)"
+                         if plan.kv_cache == "int8" else "fp32 (runtime-owned buffers)"),
             "image_embeds": "fp32 (a TensorRT/Triton fp16 deployment casts at its boundary)"}
     summary = calibration.file.summary() | {"file": CALIBRATION_FILE}
     if calibration.path is not None:

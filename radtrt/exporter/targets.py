@@ -42,6 +42,8 @@ def preflight(plan: ExportPlan) -> None:
     from radtrt.exporter.gpu import check_tensorrt, check_trtllm, detect_gpu, library_version, require_gpu
     from radtrt.exporter.trtllm import decoder_mode
 
+    if plan.int8_kv and plan.steps == ["onnx"] and plan.precision != "int8":
+        fail("--int8-kv-cache in an ONNX bundle needs --precision int8 (or --target trtllm for the TensorRT-LLM engine)")
     if "tensorrt" in plan.steps:
         check_tensorrt(require_gpu(detect_gpu()))
     if "trtllm" in plan.steps:

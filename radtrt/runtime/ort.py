@@ -3,7 +3,8 @@
 Generation keeps one preallocated key and value buffer per layer for the whole request and binds
 them to the decoder with I/O binding; the graph only reads them (see ``radtrt.exporter.onnx``), and
 the few new keys/values of each step are written into them here. Nothing grows or is concatenated
-per step.
+per step. A decoder with an INT8 KV cache (``radtrt.exporter.gqa``) writes its own int8 buffers in
+place (past and present bound to one ``OrtValue``) and runs one study at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from radtrt.errors import fail
 from radtrt.exporter.bundle import load_embedding_table, read_manifest
+from radtrt.exporter.gqa import SEQLENS, io_names as gqa_io_names
 from radtrt.exporter.onnx import decoder_io_names
 from radtrt.model.generate import Generation
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
@@ -94,6 +96,7 @@ class OrtBackend:
         self.num_layers, self.num_kv, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
         self.input_names, self.output_names = decoder_io_names(self.num_layers)
         self.dtype = self.table.dtype
+        self.int8_kv = SEQLENS in self.manifest["graphs"]["decoder.onnx"]["inputs"]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.detach().cpu().numpy().astype(self.dtype, copy=False)
@@ -126,6 +129,11 @@ class OrtBackend:
 
         if max_new_tokens < 1:
             return Generation([[] for _ in embeds])
+        if self.int8_kv:
+            gens = [self._generate_int8_kv(e, max_new_tokens, eos_token_id, keep_first_logits) for e in embeds]
+            first = torch.cat([g.first_logits for g in gens]) if keep_first_logits else None  # type: ignore[misc]
+            return Generation([g.token_ids[0] for g in gens], prefill_ms=sum(g.prefill_ms for g in gens),
+                              decode_ms=sum(g.decode_ms for g in gens), first_logits=first)
         batch, length = len(embeds), max(e.shape[0] for e in embeds)
         hidden = embeds[0].shape[-1]
         x = np.zeros((batch, length, hidden), dtype=self.dtype)
@@ -172,6 +180,48 @@ class OrtBackend:
             next_pos = next_pos + 1
         t2 = time.perf_counter()
         return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
+
+
+    def _generate_int8_kv(self, embeds: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+                          keep_first_logits: bool) -> Generation:
+        """One sequence from cache slot 0 (GQA takes positions from the slots): prefill, then one token a step."""
+        import onnxruntime as ort
+
+        inputs, outputs = gqa_io_names(self.num_layers)
+        length = embeds.shape[0]
+        shape = (1, self.num_kv, length + max_new_tokens, self.head_dim)
+        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.int8)) for _ in range(2 * self.num_layers)]
+        binding = self.decoder.io_binding()
+
+        def step(x: np.ndarray, total: int) -> np.ndarray:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            binding.bind_cpu_input(inputs[0], np.ascontiguousarray(x, dtype=self.dtype))
+            binding.bind_cpu_input(inputs[1], np.array([total - 1], np.int32))
+            binding.bind_cpu_input(inputs[2], np.array(total, np.int32))
+            binding.bind_output(outputs[0], "cpu")
+            for name, value in zip(inputs[3:], buffers):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(outputs[1:], buffers):  # the same buffers: written in place
+                binding.bind_ortvalue_output(name, value)
+            self.decoder.run_with_iobinding(binding)
+            return binding.get_outputs()[0].numpy()
+
+        t0 = time.perf_counter()
+        logits = step(embeds.detach().cpu().numpy()[None], length)
+        first_logits = torch.from_numpy(logits.astype(np.float32)) if keep_first_logits else None
+        t1 = time.perf_counter()
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            token = int(logits.argmax(-1)[0])
+            if token == eos_token_id:
+                break
+            out.append(token)
+            if i == max_new_tokens - 1:
+                break
+            logits = step(self.table[[token]][None], length + i + 1)
+        t2 = time.perf_counter()
+        return Generation([out], prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
 
 
 def bundle_exists(bundle: Path | None) -> bool:

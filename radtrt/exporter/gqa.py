@@ -1,0 +1,186 @@
+"""INT8 KV cache for the ONNX Runtime CPU decoder: each layer's attention as ``GroupQueryAttention``.
+
+Why: in an INT8 decoder the fp32 KV cache is what a decode step reads most after the weights (153 MB
+per step at the mid-size config and a 1,560-token context, as much as 0.8x the INT8 weights), and the
+exported attention (score blocks, mask, softmax, two matrix products) runs as ~15 small nodes per layer.
+ONNX Runtime's ``GroupQueryAttention`` (com.microsoft) reads an INT8 cache with per-tensor scales in
+one fused CPU kernel and applies the rotary embedding itself.
+
+How: a rewrite of the exported fp32 graph, before the weights are quantized. For each layer, the
+outputs of ``q_proj``/``k_proj``/``v_proj`` (found by the exporter's module name scopes) feed one
+``GroupQueryAttention`` node whose output replaces the input of ``o_proj``; everything the old
+attention used (rotary, masks, positions) becomes dead and is removed. The cache contract changes:
+
+  inputs   ``inputs_embeds [1,T,H]``, ``seqlens_k [1]`` int32 (tokens in the cache after this step,
+           minus one), ``total_sequence_length`` int32 scalar, ``past_key.i`` / ``past_value.i``
+           ``[1,KV,MAX,D]`` int8;
+  outputs  ``logits [1,V]``, ``present_key.i`` / ``present_value.i``: the same buffers, written in place
+           when the runtime binds past and present to one ``OrtValue`` (``radtrt.runtime.ort``).
+
+Positions come from the cache slot (GQA derives them from ``seqlens_k``), so a sequence must start at
+slot 0: the runtime generates such bundles one study at a time (no left padding). Scales: per layer,
+K from the calibration's ``k_proj`` output maxima bounded through the rotation (``|k'_j| <=
+sqrt(k_j^2 + k_{j+D/2}^2)``), V from ``v_proj``'s (divided by the SmoothQuant factors folded into
+``v_proj``); symmetric, ``absmax / 127``.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from radtrt.errors import fail
+from radtrt.exporter.quant import ActivationStats
+from radtrt.model.config import DecoderConfig
+
+SEQLENS, TOTAL = "seqlens_k", "total_sequence_length"
+
+
+@dataclass(frozen=True)
+class KVScales:
+    key: list[float]  # one per layer
+    value: list[float]
+
+
+def kv_scales(stats: ActivationStats, cfg: DecoderConfig, value_divisors: list[torch.Tensor] | None = None) -> KVScales:
+    """Per-layer symmetric INT8 scales of the rotated keys and of the values, from calibration maxima."""
+    half = cfg.head_dim // 2
+    keys, values = [], []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        k = stats.output_absmax(p + "k_proj").reshape(cfg.num_key_value_heads, cfg.head_dim)
+        bound = (k[:, :half] ** 2 + k[:, half:] ** 2).sqrt()  # the rotation mixes channel j with j + D/2
+        v = stats.output_absmax(p + "v_proj")
+        if value_divisors is not None:
+            v = v / value_divisors[i]
+        keys.append(max(float(bound.max()), 1e-6) / 127.0)
+        values.append(max(float(v.max()), 1e-6) / 127.0)
+    return KVScales(keys, values)
+
+
+def _module(node: onnx.NodeProto) -> str:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s for s in ast.literal_eval(prop.value) if s.startswith("lm.")]
+            return scopes[-1].removeprefix("lm.") if scopes else ""
+    return ""
+
+
+def _rotary_caches(cfg: DecoderConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``[max_positions, D/2]`` cos and sin, as ``radtrt.model.decoder.Rotary`` computes them."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+    freqs = torch.arange(cfg.max_position_embeddings).float()[:, None] * inv_freq
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes, inputs and initializers nothing reaches from the outputs."""
+    producer = {o: n for n in graph.node for o in n.output}
+    needed, stack, keep = set(), [o.name for o in graph.output], set()
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        node = producer.get(name)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(i for i in node.input if i)
+    nodes = [n for n in graph.node if id(n) in keep]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for field in (graph.input, graph.initializer):
+        kept = [x for x in field if x.name in needed]
+        del field[:]
+        field.extend(kept)
+
+
+def to_int8_kv_attention(model: onnx.ModelProto, cfg: DecoderConfig, scales: KVScales) -> onnx.ModelProto:
+    """The decoder graph with every layer's attention as an INT8-cache ``GroupQueryAttention`` (in place)."""
+    graph = model.graph
+    by_module: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:
+        if node.op_type == "MatMul":
+            by_module.setdefault(_module(node), node)
+    cos, sin = _rotary_caches(cfg)
+    graph.initializer.extend([numpy_helper.from_array(cos, "gqa_cos_cache"), numpy_helper.from_array(sin, "gqa_sin_cache")])
+    old_outputs = {o.name for o in graph.output if o.name != "logits"}
+    new_outputs = []
+    layers = cfg.num_hidden_layers
+    for i in range(layers):
+        p = f"model.layers.{i}.self_attn."
+        proj = {n: by_module.get(p + n + "_proj") for n in ("q", "k", "v", "o")}
+        missing = [n for n, node in proj.items() if node is None]
+        if missing:
+            fail(f"layer {i}: no {'/'.join(m + '_proj' for m in missing)} MatMul in the decoder graph (has the exporter "
+                 f"changed its name scopes?)")
+        ks, vs = f"gqa_k_scale.{i}", f"gqa_v_scale.{i}"
+        graph.initializer.extend([numpy_helper.from_array(np.array([scales.key[i]], np.float32), ks),
+                                  numpy_helper.from_array(np.array([scales.value[i]], np.float32), vs)])
+        gqa = helper.make_node(
+            "GroupQueryAttention",
+            [proj["q"].output[0], proj["k"].output[0], proj["v"].output[0], f"past_key.{i}", f"past_value.{i}",
+             SEQLENS, TOTAL, "gqa_cos_cache", "gqa_sin_cache", "", "", "", ks, vs],
+            [f"attn_out.{i}", f"present_key.{i}", f"present_value.{i}"], name=f"gqa.{i}", domain="com.microsoft",
+            num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, do_rotary=1,
+            k_quant_type="PER_TENSOR", v_quant_type="PER_TENSOR", kv_cache_bit_width=8)
+        graph.node.append(gqa)
+        proj["o"].input[0] = f"attn_out.{i}"
+        new_outputs += [f"present_key.{i}", f"present_value.{i}"]
+    kv_shape: list[Any] = ["batch", cfg.num_key_value_heads, "max_sequence", cfg.head_dim]
+    kept_outputs = [o for o in graph.output if o.name not in old_outputs]
+    del graph.output[:]
+    graph.output.extend(kept_outputs + [helper.make_tensor_value_info(n, TensorProto.INT8, kv_shape) for n in new_outputs])
+    inputs = [i for i in graph.input if i.name == "inputs_embeds"]
+    inputs += [helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch"]),
+               helper.make_tensor_value_info(TOTAL, TensorProto.INT32, [])]
+    inputs += [helper.make_tensor_value_info(f"past_{kv}.{i}", TensorProto.INT8, kv_shape)
+               for i in range(layers) for kv in ("key", "value")]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    _prune(graph)
+    _topological_sort(graph)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    """The GQA nodes were appended; put every node after its inputs' producers."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            fail("the attention rewrite left a cycle or a dangling input in the decoder graph")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def rewrite_attention(path: Path, cfg: DecoderConfig, scales: KVScales) -> None:
+    """``to_int8_kv_attention`` on an exported graph file, written back with its weights external."""
+    model = to_int8_kv_attention(onnx.load(str(path)), cfg, scales)
+    for stale in path.parent.glob(path.name + "*.data"):
+        stale.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Inputs and outputs of a decoder with an INT8 cache, in the order the runtime binds them."""
+    past = [f"past_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", SEQLENS, TOTAL, *past], ["logits", *present]
