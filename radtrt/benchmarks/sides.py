@@ -77,7 +77,8 @@ def _ort_side(assets: Assets, provider: str, threads: int | None) -> tuple[Pipel
     tokenizer = LlamaSPTokenizer.from_dir(assets.bundle)
     pipeline = Pipeline(backend, tokenizer, cfg, model_name=backend.manifest["model"]["name"])
     settings = {"provider": provider, "threads": threads if threads else "onnxruntime default (physical cores)",
-                "bundle": str(assets.bundle), "kv_dtype_bytes": np.dtype(backend.dtype).itemsize}
+                "bundle": str(assets.bundle),
+                "kv_dtype_bytes": 1 if backend.int8_kv else np.dtype(backend.dtype).itemsize}
     return pipeline, bundle_decoder_weight_bytes(backend.manifest), settings
 
 
