@@ -1,7 +1,8 @@
 """Decoder INT8 as ONNX graphs ONNX Runtime's CPU provider runs with integer kernels.
 
-Two methods, same I/O contract as the fp32 ``decoder.onnx`` (``radtrt.exporter.onnx``); the KV
-buffers, input embeddings and logits stay fp32:
+Two methods, same I/O contract as the fp32 ``decoder.onnx`` (``radtrt.exporter.onnx``; fp32 KV
+buffers) unless the attention is rewritten for an INT8 KV cache first (``radtrt.exporter.gqa``); input
+embeddings and logits stay fp32:
 
 * ``weight-only``: every linear layer's weight as INT8 in ``MatMulNBits`` (bits 8, symmetric, one
   scale per output channel per 128 input channels; per-channel over the whole input is not offered
