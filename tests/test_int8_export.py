@@ -285,7 +285,9 @@ def test_int8_kv_cache_graph_is_group_query_attention_over_int8_buffers(int8_kv:
     assert not any(n.op_type == "Softmax" for n in model.graph.node)  # the old attention is gone
     inits = {i.name: onnx.numpy_helper.to_array(i, base_dir=str(int8_kv)) for i in model.graph.initializer
              if i.name.startswith("gqa_")}
-    assert all(float(inits[f"gqa_k_scale.{i}"][0]) > 0 for i in range(cfg.num_hidden_layers))
+    width = cfg.num_key_value_heads * cfg.head_dim
+    assert all(inits[f"gqa_k_scale.{i}"].shape == (width,) and (inits[f"gqa_k_scale.{i}"] > 0).all()
+               for i in range(cfg.num_hidden_layers))
     assert inits["gqa_cos_cache"].shape == (cfg.max_position_embeddings, cfg.head_dim // 2)
     assert "int8" in read_manifest(int8_kv)["int8"]["kv_cache"]
 
@@ -324,8 +326,12 @@ def test_kv_scales_bound_the_rotated_keys() -> None:
     stats = ActivationStats({}, {f"model.layers.{i}.self_attn.{n}_proj": k if n == "k" else torch.full((width,), 2.0)
                                  for i in range(cfg.num_hidden_layers) for n in "kv"})
     scales = kv_scales(stats, cfg, [torch.full((width,), 4.0)] * cfg.num_hidden_layers)
-    assert scales.key == pytest.approx([5.0 / 127] * cfg.num_hidden_layers)
-    assert scales.value == pytest.approx([0.5 / 127] * cfg.num_hidden_layers)  # divided by the smoothing factors
+    half = cfg.head_dim // 2
+    for key, value in zip(scales.key, scales.value):
+        assert key.shape == value.shape == (width,)
+        assert key[0] == key[half] == pytest.approx(5.0 / 127)  # the pair's norm, both channels
+        assert key[1] == pytest.approx(1e-6 / 127)  # a channel never seen non-zero keeps a tiny positive scale
+        assert value == pytest.approx([0.5 / 127] * width)  # divided by the smoothing factors
 
 
 def test_int8_kv_cache_needs_an_int8_onnx_bundle(model_dir: Path, tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 Why: in an INT8 decoder the fp32 KV cache is what a decode step reads most after the weights (153 MB
 per step at the mid-size config and a 1,560-token context, as much as 0.8x the INT8 weights), and the
 exported attention (score blocks, mask, softmax, two matrix products) runs as ~15 small nodes per layer.
-ONNX Runtime's ``GroupQueryAttention`` (com.microsoft) reads an INT8 cache with per-tensor scales in
+ONNX Runtime's ``GroupQueryAttention`` (com.microsoft) reads an INT8 cache with per-channel scales in
 one fused CPU kernel and applies the rotary embedding itself.
 
 How: a rewrite of the exported fp32 graph, before the weights are quantized. For each layer, the
@@ -18,10 +18,10 @@ attention used (rotary, masks, positions) becomes dead and is removed. The cache
            when the runtime binds past and present to one ``OrtValue`` (``radtrt.runtime.ort``).
 
 Positions come from the cache slot (GQA derives them from ``seqlens_k``), so a sequence must start at
-slot 0: the runtime generates such bundles one study at a time (no left padding). Scales: per layer,
-K from the calibration's ``k_proj`` output maxima bounded through the rotation (``|k'_j| <=
-sqrt(k_j^2 + k_{j+D/2}^2)``), V from ``v_proj``'s (divided by the SmoothQuant factors folded into
-``v_proj``); symmetric, ``absmax / 127``.
+slot 0: the runtime generates such bundles one study at a time (no left padding). Scales: per layer and
+cached channel, K from the calibration's ``k_proj`` output maxima bounded through the rotation
+(``|k'_j| <= sqrt(k_j^2 + k_{j+D/2}^2)``), V from ``v_proj``'s (divided by the SmoothQuant factors
+folded into ``v_proj``); symmetric, ``absmax / 127``.
 """
 
 from __future__ import annotations
@@ -45,23 +45,26 @@ SEQLENS, TOTAL = "seqlens_k", "total_sequence_length"
 
 @dataclass(frozen=True)
 class KVScales:
-    key: list[float]  # one per layer
-    value: list[float]
+    """Per layer, one symmetric scale per cached channel (``[KV * D]``, GQA's ``PER_CHANNEL``)."""
+
+    key: list[np.ndarray]
+    value: list[np.ndarray]
 
 
 def kv_scales(stats: ActivationStats, cfg: DecoderConfig, value_divisors: list[torch.Tensor] | None = None) -> KVScales:
-    """Per-layer symmetric INT8 scales of the rotated keys and of the values, from calibration maxima."""
+    """Per-channel symmetric INT8 scales of the rotated keys and of the values, from calibration maxima."""
     half = cfg.head_dim // 2
     keys, values = [], []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}.self_attn."
         k = stats.output_absmax(p + "k_proj").reshape(cfg.num_key_value_heads, cfg.head_dim)
-        bound = (k[:, :half] ** 2 + k[:, half:] ** 2).sqrt()  # the rotation mixes channel j with j + D/2
+        pair = (k[:, :half] ** 2 + k[:, half:] ** 2).sqrt()  # the rotation mixes channel j with j + D/2
+        bound = torch.cat([pair, pair], dim=1).reshape(-1)
         v = stats.output_absmax(p + "v_proj")
         if value_divisors is not None:
             v = v / value_divisors[i]
-        keys.append(max(float(bound.max()), 1e-6) / 127.0)
-        values.append(max(float(v.max()), 1e-6) / 127.0)
+        keys.append((bound.clamp(min=1e-6) / 127.0).numpy().astype(np.float32))
+        values.append((v.clamp(min=1e-6) / 127.0).numpy().astype(np.float32))
     return KVScales(keys, values)
 
 
@@ -122,15 +125,14 @@ def to_int8_kv_attention(model: onnx.ModelProto, cfg: DecoderConfig, scales: KVS
             fail(f"layer {i}: no {'/'.join(m + '_proj' for m in missing)} MatMul in the decoder graph (has the exporter "
                  f"changed its name scopes?)")
         ks, vs = f"gqa_k_scale.{i}", f"gqa_v_scale.{i}"
-        graph.initializer.extend([numpy_helper.from_array(np.array([scales.key[i]], np.float32), ks),
-                                  numpy_helper.from_array(np.array([scales.value[i]], np.float32), vs)])
+        graph.initializer.extend([numpy_helper.from_array(scales.key[i], ks), numpy_helper.from_array(scales.value[i], vs)])
         gqa = helper.make_node(
             "GroupQueryAttention",
             [proj["q"].output[0], proj["k"].output[0], proj["v"].output[0], f"past_key.{i}", f"past_value.{i}",
              SEQLENS, TOTAL, "gqa_cos_cache", "gqa_sin_cache", "", "", "", ks, vs],
             [f"attn_out.{i}", f"present_key.{i}", f"present_value.{i}"], name=f"gqa.{i}", domain="com.microsoft",
             num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, do_rotary=1,
-            k_quant_type="PER_TENSOR", v_quant_type="PER_TENSOR", kv_cache_bit_width=8)
+            k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         graph.node.append(gqa)
         proj["o"].input[0] = f"attn_out.{i}"
         new_outputs += [f"present_key.{i}", f"present_value.{i}"]
