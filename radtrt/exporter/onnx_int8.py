@@ -9,7 +9,7 @@ with the bundle (``calibration.safetensors``): ``radtrt export --target trtllm -
 reuses its decoder statistics.
 
 INT8 KV cache (``--int8-kv-cache``): the decoder's attention becomes ONNX Runtime's
-``GroupQueryAttention`` over int8 buffers with per-layer scales from the calibration
+``GroupQueryAttention`` over int8 buffers with per-channel scales from the calibration
 (``radtrt.exporter.gqa``); the runtime then generates one study at a time. Without it the KV buffers
 are fp32 and the attention is the exported MatMul/Softmax graph, as in fp32 bundles. For
 TensorRT-LLM, ``--int8-kv-cache`` sets the engine's own INT8 cache.
@@ -111,7 +111,7 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
             "lm_head": "int8" if plan.lm_head else "fp32",
             "embeddings": ("int8 rows + fp32 per-row scale on disk, dequantized to fp32 at load" if plan.embeddings == "int8"
                            else "fp32"),
-            "kv_cache": ("int8, per-layer symmetric scales from the calibration (GroupQueryAttention, com.microsoft)"
+            "kv_cache": ("int8, per-channel symmetric scales from the calibration (GroupQueryAttention, com.microsoft)"
                          if plan.kv_cache == "int8" else "fp32 (runtime-owned buffers)"),
             "image_embeds": "fp32 (a TensorRT/Triton fp16 deployment casts at its boundary)"}
     summary = calibration.file.summary() | {"file": CALIBRATION_FILE}
