@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from radtrt.calibration.file import CalibrationFile
 from radtrt.calibration.samples import sample_list_hash
 from radtrt.cli import app
+from radtrt.errors import RadtrtError
 from radtrt.exporter.bundle import read_manifest
 from radtrt.exporter.int8_decoder import lm_head_node, smooth_decoder
 from radtrt.exporter.int8_vision import module_of
@@ -312,6 +313,8 @@ def test_int8_kv_cache_bundle_generates_close_to_fp32_and_batches_one_by_one(int
     both = ort.generate(embeds, eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
     alone = [ort.generate([e], eos_token_id=-1, max_new_tokens=8).token_ids[0] for e in embeds]
     assert both.token_ids == alone and both.first_logits is not None and both.first_logits.shape[0] == 2
+    with pytest.raises(RadtrtError, match="exceed the 512 positions"):  # GQA's rotary tables end there
+        ort.generate(embeds[:1], eos_token_id=-1, max_new_tokens=512)
 
 
 def test_kv_scales_bound_the_rotated_keys() -> None:

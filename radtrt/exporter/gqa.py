@@ -99,7 +99,7 @@ def _prune(graph: onnx.GraphProto) -> None:
     nodes = [n for n in graph.node if id(n) in keep]
     del graph.node[:]
     graph.node.extend(nodes)
-    for field in (graph.input, graph.initializer):
+    for field in (graph.input, graph.initializer, graph.value_info):
         kept = [x for x in field if x.name in needed]
         del field[:]
         field.extend(kept)

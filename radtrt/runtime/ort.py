@@ -21,6 +21,7 @@ from radtrt.exporter.bundle import load_embedding_table, read_manifest
 from radtrt.exporter.gqa import SEQLENS, io_names as gqa_io_names
 from radtrt.exporter.onnx import decoder_io_names
 from radtrt.model.generate import Generation
+from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -97,6 +98,8 @@ class OrtBackend:
         self.input_names, self.output_names = decoder_io_names(self.num_layers)
         self.dtype = self.table.dtype
         self.int8_kv = SEQLENS in self.manifest["graphs"]["decoder.onnx"]["inputs"]
+        # GroupQueryAttention's rotary tables stop at the model's max_position_embeddings
+        self.max_positions = read_json(bundle / "model_config.json")["decoder"]["max_position_embeddings"]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.detach().cpu().numpy().astype(self.dtype, copy=False)
@@ -189,6 +192,9 @@ class OrtBackend:
 
         inputs, outputs = gqa_io_names(self.num_layers)
         length = embeds.shape[0]
+        if length + max_new_tokens > self.max_positions:
+            fail(f"prompt ({length} positions) + {max_new_tokens} new tokens exceed the {self.max_positions} positions "
+                 f"this INT8-KV bundle's decoder supports; lower --max-new-tokens")
         shape = (1, self.num_kv, length + max_new_tokens, self.head_dim)
         buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.int8)) for _ in range(2 * self.num_layers)]
         binding = self.decoder.io_binding()
