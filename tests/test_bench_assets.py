@@ -70,3 +70,14 @@ def test_random_assets_never_deletes_a_folder_it_did_not_make(tmp_path: Path) ->
     with pytest.raises(RadtrtError, match="not made by 'radtrt bench'"):
         random_assets("tiny", tmp_path)
     assert (foreign / "precious.txt").is_file() and not (foreign / ASSETS_MARKER).exists()
+
+
+def test_a_phantom_manifest_lists_its_rows_with_their_labels(tmp_path: Path) -> None:
+    from radtrt.benchmarks.assets import study_entries
+    from radtrt.data.phantom_set import write_phantom_set
+
+    manifest = write_phantom_set(tmp_path / "set", 2, 3, rows=96, cols=80, formats=("png",))
+    for source in (manifest, manifest.parent):  # the .jsonl itself, or the folder holding it
+        entries = study_entries(source, None, tmp_path, 1)
+        assert [e.study.name for e in entries] == ["phantom-00000.png", "phantom-00001.png"]
+        assert all(e.study.is_file() and e.labels for e in entries)
