@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from radtrt.progress import LineProgress, make_progress
-
 from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.cli_support import err, user_errors
+from radtrt.progress import LineProgress, make_progress
 
 _guarded = user_errors
 
@@ -35,7 +34,7 @@ def reproduce_command(sub: str, options: list[tuple[str, Any]]) -> str:
 
 def _progress() -> Progress | LineProgress:
     return make_progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                    transient=True)
+                         transient=True)
 
 
 def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) -> None:
@@ -50,29 +49,46 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) 
 MODEL_HELP = "radtrt model dir (or LLaVA-Rad release dir) for the torch/transformers side."
 RANDOM_HELP = "Build random weights of this preset (tiny | mid | llava-rad), its model dir and bundle, in --work-dir."
 
+# Options both commands take, declared once.
+BundleOpt = Annotated[Optional[Path], typer.Option("--bundle", help="Bundle from 'radtrt export' (onnxruntime side).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", help=MODEL_HELP)]
+BaseModelOpt = Annotated[Optional[Path], typer.Option("--base-model", help="Vicuna-7B v1.5 dir (release layout).")]
+RandomOpt = Annotated[Optional[str], typer.Option("--random-model", help=RANDOM_HELP)]
+WorkDirOpt = Annotated[Path, typer.Option("--work-dir", help="Cache for random models and studies.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random weights.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="onnxruntime | torch | transformers")]
+StudiesOpt = Annotated[Optional[Path], typer.Option(
+    "--studies", help="A study, a folder whose entries are studies, or a JSONL manifest / phantom set (true labels).")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Generation limit per study.")]
+IndicationOpt = Annotated[Optional[str], typer.Option("--indication", help="Exam indication added to the prompt.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for torch and ONNX Runtime.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda (torch side).")]
+ProviderOpt = Annotated[str, typer.Option("--ort-provider", help="cpu | cuda | tensorrt (onnxruntime side).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report instead of Markdown.")]
+
 
 def latency(
-    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Bundle from 'radtrt export' (onnxruntime side)."),
-    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Vicuna-7B v1.5 dir (release layout)."),
-    random_model: Optional[str] = typer.Option(None, "--random-model", help=RANDOM_HELP),
-    work_dir: Path = typer.Option(DEFAULT_WORK_DIR, "--work-dir", help="Cache for random models and studies."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
-    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime | torch | transformers"),
+    bundle: BundleOpt = None,
+    model: ModelOpt = None,
+    base_model: BaseModelOpt = None,
+    random_model: RandomOpt = None,
+    work_dir: WorkDirOpt = DEFAULT_WORK_DIR,
+    seed: SeedOpt = 0,
+    backend: BackendOpt = "onnxruntime",
     vs_backend: Optional[str] = typer.Option(None, "--vs-backend", help="Second backend, run interleaved."),
     vs_bundle: Optional[Path] = typer.Option(None, "--vs-bundle", help="Second bundle (onnxruntime), run interleaved: "
                                              "INT8 against fp32, say."),
-    studies: Optional[Path] = typer.Option(None, "--studies", help="A study, or a folder whose entries are studies."),
+    studies: StudiesOpt = None,
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="Use N synthetic studies (default 1)."),
     stages: str = typer.Option("all", "--stages", help="all | vision (vision: read, preprocess, ViT + projector)."),
     runs: int = typer.Option(3, "--runs", help="Measured runs (each over every study and backend)."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs first."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation limit per study."),
-    indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for torch and ONNX Runtime."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda (torch side)."),
-    ort_provider: str = typer.Option("cpu", "--ort-provider", help="cpu | cuda | tensorrt (onnxruntime side)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of Markdown."),
+    max_new_tokens: MaxNewOpt = 64,
+    indication: IndicationOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
+    ort_provider: ProviderOpt = "cpu",
+    as_json: JsonOpt = False,
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json, .png) here."),
 ) -> None:
     """Per-stage latency, tokens/s against the bandwidth floor, memory; ratios when two backends run."""
@@ -110,22 +126,22 @@ def latency(
 
 
 def parity(
-    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Bundle from 'radtrt export' (onnxruntime side)."),
-    model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Vicuna-7B v1.5 dir (release layout)."),
-    random_model: Optional[str] = typer.Option(None, "--random-model", help=RANDOM_HELP),
-    work_dir: Path = typer.Option(DEFAULT_WORK_DIR, "--work-dir", help="Cache for random models and studies."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
-    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime | torch | transformers"),
+    bundle: BundleOpt = None,
+    model: ModelOpt = None,
+    base_model: BaseModelOpt = None,
+    random_model: RandomOpt = None,
+    work_dir: WorkDirOpt = DEFAULT_WORK_DIR,
+    seed: SeedOpt = 0,
+    backend: BackendOpt = "onnxruntime",
     reference: str = typer.Option("torch", "--reference", help="torch | transformers | onnxruntime"),
-    studies: Optional[Path] = typer.Option(None, "--studies", help="A study, or a folder whose entries are studies."),
+    studies: StudiesOpt = None,
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="Use N synthetic studies (default 2)."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Generation limit per study."),
-    indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for torch and ONNX Runtime."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda (torch side)."),
-    ort_provider: str = typer.Option("cpu", "--ort-provider", help="cpu | cuda | tensorrt (onnxruntime side)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the JSON report instead of Markdown."),
+    max_new_tokens: MaxNewOpt = 64,
+    indication: IndicationOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
+    ort_provider: ProviderOpt = "cpu",
+    as_json: JsonOpt = False,
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json) here."),
 ) -> None:
     """Generated tokens, report text, first-step logits and image embeddings against a reference."""

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from radtrt.errors import fail
+from radtrt.model.io import sha256_file
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -82,13 +83,6 @@ class SampleSet:
     def hash(self) -> str:
         return sample_list_hash(self.refs)
 
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sample_list_hash(refs: list[SampleRef]) -> str:
@@ -157,7 +151,7 @@ def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple
     for i, entry in enumerate(chosen):
         image, pixels, prompt_ids = prepare(entry.study, entry.indication)
         ref = SampleRef(_relative(entry.study, root), _relative(image.source_file, root),
-                        sha256_of(image.source_file), entry.findings, entry.indication, entry.labels)
+                        sha256_file(image.source_file), entry.findings, entry.indication, entry.labels)
         samples.append(Sample(ref, pixels, prompt_ids))
         if on_sample:
             on_sample(i + 1)
@@ -170,5 +164,5 @@ def verify_refs(root: Path, refs: list[SampleRef]) -> None:
         path = Path(ref.file) if Path(ref.file).is_absolute() else root / ref.file
         if not path.is_file():
             fail(f"calibration sample {ref.file} is missing under {root}: re-run 'radtrt calibrate'")
-        if sha256_of(path) != ref.sha256:
+        if sha256_file(path) != ref.sha256:
             fail(f"calibration sample {ref.file} changed since calibration (sha256 differs): re-run 'radtrt calibrate'")

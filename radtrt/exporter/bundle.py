@@ -27,7 +27,7 @@ from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.onnx import OPSET, export_decoder, export_vision
 from radtrt.model.loading import LoadedModel
-from radtrt.model.io import save_tensors
+from radtrt.model.io import save_tensors, sha256_file
 from radtrt.model.prompt import QUERY, QUERY_WITH_INDICATION, SYSTEM_V1
 
 BUNDLE_FORMAT = "radtrt-bundle"
@@ -41,13 +41,6 @@ class ExportStep:
     name: str
     seconds: float
 
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:

@@ -6,6 +6,7 @@ a release directory is untrusted input, and a full unpickler would execute code 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import zipfile
@@ -17,6 +18,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from radtrt.errors import fail
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (bundle manifests, engine stamps, calibration sample lists)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any]:
