@@ -120,6 +120,8 @@ def export(
     int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant (ONNX default)"),
     int8_kv_cache: bool = typer.Option(False, "--int8-kv-cache",
                                        help="INT8 KV cache (TensorRT-LLM engine; ONNX bundle with --precision int8)."),
+    attention: str = typer.Option("fused", "--attention",
+                                  help="ONNX decoder attention: fused (GroupQueryAttention; CPU, or fp16 on CUDA) | plain."),
     calibration_stats: Optional[Path] = typer.Option(None, "--calibration-stats",
                                                      help="Activation statistics from 'radtrt calibrate'."),
     calibration_data: Optional[str] = typer.Option(
@@ -161,7 +163,8 @@ def export(
 
         int8_plan = Int8Plan(calibration_data, int8_decoder or "smoothquant", smoothquant_alpha, int8_lm_head,
                              calibration_n, "int8" if int8_embeddings else "fp32",
-                             kv_cache="int8" if int8_kv_cache else "fp32", parity_samples=parity_samples)
+                             kv_cache="int8" if int8_kv_cache else "fp32", attention=attention,
+                             parity_samples=parity_samples)
         int8_plan.check_ready()
     bundle_dir = bundle or out
     needs_model = "onnx" in plan.steps and bundle is None or "trtllm" in plan.steps
@@ -173,7 +176,8 @@ def export(
             loaded = load_model(model, base_model)
     if bundle is None:
         with make_progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
-            manifest = export_bundle(loaded, out, precision=precision, progress=progress, int8=int8_plan)
+            manifest = export_bundle(loaded, out, precision=precision, progress=progress, int8=int8_plan,
+                                     attention=attention)
         check = manifest["export_check"]
         what = "random-pixel smoke check, " if precision == "int8" else ""  # INT8 is judged on held-out studies
         log(f"ONNX Runtime vs PyTorch ({what}fp32 reference): image embeddings max abs err {check['vision']['max_abs']:.3g}, "

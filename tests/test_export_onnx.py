@@ -61,6 +61,7 @@ def test_manifest_describes_and_hashes_the_bundle(bundle: Path) -> None:
         assert sha256_file(bundle / name) == meta["sha256"]
     assert m["graphs"]["decoder.onnx"]["inputs"]["inputs_embeds"][0] == "batch"
     assert m["preprocess"]["image_size"] == 56 and m["prompt"]["template"] == "v1"
+    assert (m["decoder"]["attention"], m["decoder"]["kv_cache"]) == ("fused", "float32")
     check = m["export_check"]
     assert check["greedy_tokens_equal"] is True
     assert check["vision"]["max_abs"] < 1e-4 and check["decoder_first_logits"]["max_abs"] < 1e-4
@@ -86,6 +87,55 @@ def test_batched_generation_equals_one_by_one(bundle: Path, model_dir: Path, stu
     batched = _infer(*studies, *src, "--backend", backend, "--batch-size", "3", "--indication", "")
     assert [r["token_ids"] for r in batched] == [r["token_ids"] for r in one]
     assert [r.get("batch_size", 1) for r in batched] == [3, 3, 3, 1]
+
+
+@pytest.fixture(scope="module")
+def bundle_plain(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bp") / "bundle"
+    result = runner.invoke(app, ["export", "--model", str(model_dir), "--attention", "plain", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_fused_and_plain_attention_graphs(bundle: Path, bundle_plain: Path, model_dir: Path) -> None:
+    import onnx
+
+    layers = load_model(model_dir).model.cfg.decoder.num_hidden_layers
+    ops = {name: [n.op_type for n in onnx.load(str(b / "decoder.onnx"), load_external_data=False).graph.node]
+           for name, b in (("fused", bundle), ("plain", bundle_plain))}
+    assert ops["fused"].count("GroupQueryAttention") == layers and "Softmax" not in ops["fused"]
+    assert "GroupQueryAttention" not in ops["plain"] and ops["plain"].count("Softmax") == layers
+    m = read_manifest(bundle_plain)
+    assert (m["decoder"]["attention"], m["decoder"]["kv_cache"]) == ("plain", "float32")
+    assert m["export_check"]["greedy_tokens_equal"] is True
+
+
+@pytest.mark.parametrize("which", ["fused", "plain"])
+def test_prompts_of_different_lengths_in_one_batch(bundle: Path, bundle_plain: Path, model_dir: Path,
+                                                   which: str) -> None:
+    """Fused attention batches equal lengths together; plain attention left-pads: both equal torch."""
+    from radtrt.model.generate import greedy_generate
+    from radtrt.runtime.ort import OrtBackend
+
+    lm = load_model(model_dir).model.language_model
+    g = torch.Generator().manual_seed(3)
+    embeds = [torch.randn(n, lm.cfg.hidden_size, generator=g) * 0.5 for n in (12, 17, 12, 9)]
+    ort = OrtBackend(bundle if which == "fused" else bundle_plain)
+    batched = ort.generate(embeds, max_new_tokens=12, eos_token_id=-1, keep_first_logits=True)
+    one = [ort.generate([e], max_new_tokens=12, eos_token_id=-1).token_ids[0] for e in embeds]
+    ref = greedy_generate(lm, embeds, eos_token_id=-1, max_new_tokens=12, keep_first_logits=True)
+    assert batched.token_ids == one == ref.token_ids
+    assert len({tuple(t) for t in one}) > 1
+    assert float((batched.first_logits - ref.first_logits).abs().max()) < 1e-4
+
+
+def test_fused_fp32_attention_on_a_gpu_provider_is_explained(bundle: Path, bundle_fp16: Path) -> None:
+    from radtrt.runtime.ort import OrtBackend
+
+    fp32, fp16 = OrtBackend(bundle), OrtBackend(bundle_fp16)
+    assert fp32.attention_note() is None  # CPU: every fused kernel is there
+    fp32.provider = fp16.provider = "cuda"  # what a GPU host would have chosen (no CUDA provider here)
+    assert "runs on the CPU" in (fp32.attention_note() or "") and fp16.attention_note() is None
 
 
 def test_auto_backend_picks_onnxruntime_for_a_bundle(bundle: Path, studies: list[Path]) -> None:
@@ -182,7 +232,8 @@ def test_fp16_bundle_within_stated_tolerance_of_fp32_torch(bundle_fp16: Path, mo
     """fp16 tolerances (README): image-embedding cosine >= 0.999, first-step logits within 2% of their range."""
     from radtrt.runtime.ort import OrtBackend
 
-    assert read_manifest(bundle_fp16)["precision"] == "fp16"
+    manifest = read_manifest(bundle_fp16)
+    assert manifest["precision"] == "fp16" and manifest["decoder"]["kv_cache"] == "float16"
     ref = load_model(model_dir).model
     ort = OrtBackend(bundle_fp16)
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))

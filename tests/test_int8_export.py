@@ -135,6 +135,7 @@ def _first_logits(decoder: Path, model_dir: Path, phantoms: Path) -> tuple[torch
     import onnxruntime as ort
 
     from radtrt.calibration.run import calibrate
+    from radtrt.exporter.gqa import SEQLENS, TOTAL, io_names as gqa_io_names
     from radtrt.exporter.onnx import decoder_io_names
 
     loaded = load_model(model_dir)
@@ -142,12 +143,20 @@ def _first_logits(decoder: Path, model_dir: Path, phantoms: Path) -> tuple[torch
     sample = calibrate(loaded, phantoms, 1, skip=4).samples[0]
     with torch.no_grad():
         x = loaded.model.embed_multimodal(sample.prompt_ids, loaded.model.encode_images(sample.pixels[None])[0])[None]
-    names, _ = decoder_io_names(cfg.num_hidden_layers)
-    empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+    session = ort.InferenceSession(str(decoder), providers=["CPUExecutionProvider"])
     t = x.shape[1]
-    feeds = {"inputs_embeds": x.numpy(), "position_ids": np.arange(t)[None], "past_mask": np.zeros((1, 0), bool),
-             "new_mask": np.ones((1, t), bool), **{n: empty for n in names[4:]}}
-    got = ort.InferenceSession(str(decoder), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    if SEQLENS in {i.name for i in session.get_inputs()}:  # fused attention: the cache holds the prompt
+        names, _ = gqa_io_names(cfg.num_hidden_layers)
+        kv_type = np.int8 if session.get_inputs()[3].type == "tensor(int8)" else np.float32
+        cache = np.zeros((1, cfg.num_key_value_heads, t, cfg.head_dim), kv_type)
+        feeds = {"inputs_embeds": x.numpy(), SEQLENS: np.array([t - 1], np.int32), TOTAL: np.array(t, np.int32),
+                 **{n: cache for n in names[3:]}}
+    else:
+        names, _ = decoder_io_names(cfg.num_hidden_layers)
+        empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+        feeds = {"inputs_embeds": x.numpy(), "position_ids": np.arange(t)[None], "past_mask": np.zeros((1, 0), bool),
+                 "new_mask": np.ones((1, t), bool), **{n: empty for n in names[4:]}}
+    got = session.run(["logits"], feeds)[0]
     ref = greedy_generate(lm, [x[0]], eos_token_id=-1, max_new_tokens=1, keep_first_logits=True).first_logits
     return torch.from_numpy(got), ref
 
@@ -176,6 +185,8 @@ def test_smoothquant_decoder_is_w8a8_everywhere(bundle: Path, model_dir: Path, p
     manifest = read_manifest(bundle)
     assert manifest["int8"]["lm_head"] == "int8" and manifest["int8"]["alpha"] == 0.5
     assert manifest["int8"]["decoder_method"]["method"] == "smoothquant"
+    assert (manifest["decoder"]["attention"], manifest["decoder"]["kv_cache"]) == ("fused", "float32")
+    assert ops["GroupQueryAttention"] == 2
     got, ref = _first_logits(bundle / "decoder.onnx", model_dir, phantoms)
     print(f"smoothquant first-logit error {float((got - ref).abs().max()) / float(ref.max() - ref.min()):.2%}")
     assert float((got - ref).abs().max()) <= MAX_SQ_LOGIT_REL * float(ref.max() - ref.min())
@@ -302,7 +313,7 @@ def test_int8_kv_cache_bundle_generates_close_to_fp32_and_batches_one_by_one(int
     ref = loaded.model
     heldout = calibrate(loaded, phantoms, 2, skip=3).samples
     ort = OrtBackend(int8_kv)
-    assert ort.int8_kv
+    assert ort.fused and ort.kv_dtype == "int8"
     with torch.no_grad():
         embeds = [ref.embed_multimodal(s.prompt_ids, ref.encode_images(s.pixels[None])[0]).detach() for s in heldout]
     r = greedy_generate(ref.language_model, embeds[:1], eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
@@ -341,3 +352,15 @@ def test_int8_kv_cache_needs_an_int8_onnx_bundle(model_dir: Path, tmp_path: Path
     result = runner.invoke(app, ["export", "--model", str(model_dir), "--precision", "fp32", "--int8-kv-cache",
                                  "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--int8-kv-cache in an ONNX bundle needs --precision int8" in result.stderr
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--precision", "int8", "--int8-kv-cache", "--attention", "plain", "--calibration-data", "phantom"],
+     "--int8-kv-cache needs the fused attention"),
+    (["--attention", "flash"], "unknown --attention 'flash'"),
+])
+def test_attention_choices_are_checked_before_exporting(model_dir: Path, tmp_path: Path, extra: list[str],
+                                                        match: str) -> None:
+    result = runner.invoke(app, ["export", "--model", str(model_dir), *extra, "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and match in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

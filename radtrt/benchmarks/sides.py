@@ -29,7 +29,7 @@ class Side:
     load_seconds: float
     rss_added_mb: float | None  # resident memory this backend's loading added (shared weights count once)
     settings: dict[str, Any] = field(default_factory=dict)
-    kv_dtype_bytes: int = 4  # the KV cache's element size (an INT8 bundle keeps an fp32 cache)
+    kv_dtype_bytes: int = 4  # the KV cache's element size (1 for an --int8-kv-cache bundle)
     label: str | None = None  # set when two sides share a backend (two bundles)
 
     @property
@@ -63,8 +63,6 @@ def _torch_side(kind: str, assets: Assets, base_model: Path | None, device: str,
 
 
 def _ort_side(assets: Assets, provider: str, threads: int | None) -> tuple[Pipeline, int, dict[str, Any]]:
-    import numpy as np
-
     from radtrt.model.config import LlavaRadConfig
     from radtrt.model.io import read_json
     from radtrt.model.tokenizer import LlamaSPTokenizer
@@ -78,7 +76,8 @@ def _ort_side(assets: Assets, provider: str, threads: int | None) -> tuple[Pipel
     pipeline = Pipeline(backend, tokenizer, cfg, model_name=backend.manifest["model"]["name"])
     settings = {"provider": provider, "threads": threads if threads else "onnxruntime default (physical cores)",
                 "bundle": str(assets.bundle),
-                "kv_dtype_bytes": 1 if backend.int8_kv else np.dtype(backend.dtype).itemsize}
+                "attention": f"{backend.manifest['decoder'].get('attention', 'plain')}, {backend.kv_dtype} KV cache",
+                "kv_dtype_bytes": backend.kv_dtype.itemsize}
     return pipeline, bundle_decoder_weight_bytes(backend.manifest), settings
 
 

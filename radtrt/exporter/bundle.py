@@ -25,6 +25,7 @@ import torch
 
 from radtrt import __version__
 from radtrt.errors import fail
+from radtrt.exporter.gqa import ATTENTION_KINDS, FusedAttention, describe as describe_attention
 from radtrt.exporter.onnx import OPSET, export_decoder, export_vision
 from radtrt.model.loading import LoadedModel
 from radtrt.model.io import save_tensors, sha256_file
@@ -66,12 +67,17 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", progress: Any = None,
-                  int8: Any = None) -> dict[str, Any]:
+                  int8: Any = None, attention: str = "fused") -> dict[str, Any]:
     """Export, check against PyTorch, hash, and write the manifest; returns the manifest.
+
+    ``attention``: ``fused`` (one ``GroupQueryAttention`` per layer, ``radtrt.exporter.gqa``) or ``plain``
+    (the exported graph); an INT8 export takes it from ``int8.attention``.
 
     ``int8`` (an ``onnx_int8.Int8Plan``) is required for ``precision="int8"``: calibration data and the
     decoder method. The export check of an INT8 bundle also runs the parity gate on held-out samples.
     """
+    if attention not in ATTENTION_KINDS:
+        fail(f"unknown --attention '{attention}' ({', '.join(ATTENTION_KINDS)})")
     if precision not in (*PRECISIONS, "int8"):
         fail(f"precision '{precision}' is not available for ONNX export (available: {', '.join(PRECISIONS)}, int8)")
     if precision == "int8":
@@ -105,9 +111,10 @@ def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", pr
             int8_result = build_int8(loaded, work, int8, progress=progress, step=describe)
             timings.append(ExportStep("INT8 calibration and graphs", time.perf_counter() - t0))
         else:
+            fused = FusedAttention("float16" if precision == "fp16" else "float32") if attention == "fused" else None
             for name, fn in (("vision.onnx", lambda: export_vision(model, work / "vision.onnx", dtype)),
                              ("decoder.onnx", lambda: export_decoder(model.language_model, work / "decoder.onnx",
-                                                                     dtype))):
+                                                                     dtype, fused))):
                 describe(f"exporting {name}")
                 t0 = time.perf_counter()
                 fn()
@@ -154,9 +161,9 @@ def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[Exp
     cfg = loaded.model.cfg
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(work.iterdir()) if p.is_file() and p.name != MANIFEST}
-    graphs = {}
+    graphs, protos = {}, {}
     for name in ("vision.onnx", "decoder.onnx"):
-        proto = onnx.load(str(work / name), load_external_data=False)
+        proto = protos[name] = onnx.load(str(work / name), load_external_data=False)
         onnx.checker.check_model(str(work / name))  # path form: checks external-data models too
         graphs[name] = {
             "inputs": {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input},
@@ -174,7 +181,8 @@ def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[Exp
         "graphs": graphs,
         "decoder": {"num_layers": cfg.decoder.num_hidden_layers, "num_kv_heads": cfg.decoder.num_key_value_heads,
                     "head_dim": cfg.decoder.head_dim, "hidden_size": cfg.decoder.hidden_size,
-                    "vocab_size": cfg.decoder.vocab_size, "eos_token_id": loaded.tokenizer.eos_token_id},
+                    "vocab_size": cfg.decoder.vocab_size, "eos_token_id": loaded.tokenizer.eos_token_id,
+                    **describe_attention(protos["decoder.onnx"].graph)},
         "vision": {"image_size": cfg.vision.img_size, "num_image_tokens": cfg.num_image_tokens},
         "preprocess": {"image_size": cfg.vision.img_size, "resize": "shortest-edge bicubic (PIL)",
                        "crop": "center", "mean": list(cfg.image_mean), "std": list(cfg.image_std),

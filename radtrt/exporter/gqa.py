@@ -1,27 +1,32 @@
-"""INT8 KV cache for the ONNX Runtime CPU decoder: each layer's attention as ``GroupQueryAttention``.
+"""Fused attention for the ONNX Runtime decoder: each layer's attention as ``GroupQueryAttention``.
 
-Why: in an INT8 decoder the fp32 KV cache is what a decode step reads most after the weights (153 MB
-per step at the mid-size config and a 1,560-token context, as much as 0.8x the INT8 weights), and the
-exported attention (score blocks, mask, softmax, two matrix products) runs as ~15 small nodes per layer.
-ONNX Runtime's ``GroupQueryAttention`` (com.microsoft) reads an INT8 cache with per-channel scales in
-one fused CPU kernel and applies the rotary embedding itself.
+Why: the exported attention (score blocks, mask, softmax, two matrix products, rotary) runs as ~15
+small nodes per layer; ONNX Runtime's ``GroupQueryAttention`` (com.microsoft) does the same in one
+kernel that applies the rotary embedding itself and appends the new keys/values to a cache buffer in
+place. Measured on the 2-core CPU at the mid-size config (1,529-token prompt, fp32): prefill 1.43x and
+decode 1.10x faster than the exported graph, tokens identical. Its cache can also be INT8: in an INT8
+decoder the fp32 cache is what a decode step reads most after the weights (153 MB per step at a
+1,560-token context, as much as 0.8x the INT8 weights), and GQA reads an INT8 cache with per-channel
+scales in the same kernel.
 
-How: a rewrite of the exported fp32 graph, before the weights are quantized. For each layer, the
-outputs of ``q_proj``/``k_proj``/``v_proj`` (found by the exporter's module name scopes) feed one
+How: a rewrite of the exported graph (fp32 or fp16), before any weight quantization. For each layer,
+the outputs of ``q_proj``/``k_proj``/``v_proj`` (found by the exporter's module name scopes) feed one
 ``GroupQueryAttention`` node whose output replaces the input of ``o_proj``; everything the old
 attention used (rotary, masks, positions) becomes dead and is removed. The cache contract changes:
 
-  inputs   ``inputs_embeds [1,T,H]``, ``seqlens_k [1]`` int32 (tokens in the cache after this step,
+  inputs   ``inputs_embeds [B,T,H]``, ``seqlens_k [B]`` int32 (tokens in the cache after this step,
            minus one), ``total_sequence_length`` int32 scalar, ``past_key.i`` / ``past_value.i``
-           ``[1,KV,MAX,D]`` int8;
-  outputs  ``logits [1,V]``, ``present_key.i`` / ``present_value.i``: the same buffers, written in place
+           ``[B,KV,MAX,D]`` in the cache's type (float32, float16 or int8);
+  outputs  ``logits [B,V]``, ``present_key.i`` / ``present_value.i``: the same buffers, written in place
            when the runtime binds past and present to one ``OrtValue`` (``radtrt.runtime.ort``).
 
-Positions come from the cache slot (GQA derives them from ``seqlens_k``), so a sequence must start at
-slot 0: the runtime generates such bundles one study at a time (no left padding). Scales: per layer and
-cached channel, K from the calibration's ``k_proj`` output maxima bounded through the rotation
-(``|k'_j| <= sqrt(k_j^2 + k_{j+D/2}^2)``), V from ``v_proj``'s (divided by the SmoothQuant factors
-folded into ``v_proj``); symmetric, ``absmax / 127``.
+Positions come from the cache slot (GQA derives them from ``seqlens_k``), so every sequence starts at
+slot 0: the runtime batches studies whose prompts have the same length (no left padding). ONNX
+Runtime's CUDA kernel takes fp16/bf16 queries only, so on its CUDA provider an fp32 or INT8 bundle's
+attention runs on the CPU (the runtime says so); ``radtrt export --attention plain`` keeps the
+exported graph. INT8 scales: per layer and cached channel, K from the calibration's ``k_proj`` output
+maxima bounded through the rotation (``|k'_j| <= sqrt(k_j^2 + k_{j+D/2}^2)``), V from ``v_proj``'s
+(divided by the SmoothQuant factors folded into ``v_proj``); symmetric, ``absmax / 127``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from radtrt.exporter.quant import ActivationStats
 from radtrt.model.config import DecoderConfig
 
 SEQLENS, TOTAL = "seqlens_k", "total_sequence_length"
+ATTENTION_KINDS = ("fused", "plain")
+CACHE_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,20 @@ class KVScales:
 
     key: list[np.ndarray]
     value: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class FusedAttention:
+    """How to rewrite the attention: the cache's element type, and its scales when that is int8."""
+
+    cache: str = "float32"
+    scales: KVScales | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHE_TYPES:
+            fail(f"unknown KV-cache type '{self.cache}' ({', '.join(CACHE_TYPES)})")
+        if (self.cache == "int8") != (self.scales is not None):
+            fail("an INT8 KV cache needs its calibration scales, and only an INT8 cache takes scales")
 
 
 def kv_scales(stats: ActivationStats, cfg: DecoderConfig, value_divisors: list[torch.Tensor] | None = None) -> KVScales:
@@ -76,11 +97,12 @@ def _module(node: onnx.NodeProto) -> str:
     return ""
 
 
-def _rotary_caches(cfg: DecoderConfig) -> tuple[np.ndarray, np.ndarray]:
-    """``[max_positions, D/2]`` cos and sin, as ``radtrt.model.decoder.Rotary`` computes them."""
+def _rotary_caches(cfg: DecoderConfig, dtype: type[np.floating]) -> tuple[np.ndarray, np.ndarray]:
+    """``[max_positions, D/2]`` cos and sin, as ``radtrt.model.decoder.Rotary`` computes them (in fp32,
+    then cast to the activations' type, as the model casts its fp32 tables)."""
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
     freqs = torch.arange(cfg.max_position_embeddings).float()[:, None] * inv_freq
-    return freqs.cos().numpy(), freqs.sin().numpy()
+    return freqs.cos().numpy().astype(dtype), freqs.sin().numpy().astype(dtype)
 
 
 def _prune(graph: onnx.GraphProto) -> None:
@@ -105,18 +127,24 @@ def _prune(graph: onnx.GraphProto) -> None:
         field.extend(kept)
 
 
-def to_int8_kv_attention(model: onnx.ModelProto, cfg: DecoderConfig, scales: KVScales) -> onnx.ModelProto:
-    """The decoder graph with every layer's attention as an INT8-cache ``GroupQueryAttention`` (in place)."""
+def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedAttention) -> onnx.ModelProto:
+    """The decoder graph with every layer's attention as one ``GroupQueryAttention`` node (in place)."""
     graph = model.graph
     by_module: dict[str, onnx.NodeProto] = {}
     for node in graph.node:
         if node.op_type == "MatMul":
             by_module.setdefault(_module(node), node)
-    cos, sin = _rotary_caches(cfg)
+    embeds = next((i for i in graph.input if i.name == "inputs_embeds"), None)
+    if embeds is None:
+        fail("the decoder graph has no inputs_embeds input: not a radtrt decoder export")
+    act_type = embeds.type.tensor_type.elem_type
+    cos, sin = _rotary_caches(cfg, helper.tensor_dtype_to_np_dtype(act_type).type)
     graph.initializer.extend([numpy_helper.from_array(cos, "gqa_cos_cache"), numpy_helper.from_array(sin, "gqa_sin_cache")])
     old_outputs = {o.name for o in graph.output if o.name != "logits"}
     new_outputs = []
     layers = cfg.num_hidden_layers
+    quant: dict[str, Any] = ({"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
+                             if fused.scales is not None else {})
     for i in range(layers):
         p = f"model.layers.{i}.self_attn."
         proj = {n: by_module.get(p + n + "_proj") for n in ("q", "k", "v", "o")}
@@ -124,29 +152,32 @@ def to_int8_kv_attention(model: onnx.ModelProto, cfg: DecoderConfig, scales: KVS
         if missing:
             fail(f"layer {i}: no {'/'.join(m + '_proj' for m in missing)} MatMul in the decoder graph (has the exporter "
                  f"changed its name scopes?)")
-        ks, vs = f"gqa_k_scale.{i}", f"gqa_v_scale.{i}"
-        graph.initializer.extend([numpy_helper.from_array(scales.key[i], ks), numpy_helper.from_array(scales.value[i], vs)])
+        inputs = [proj["q"].output[0], proj["k"].output[0], proj["v"].output[0], f"past_key.{i}", f"past_value.{i}",
+                  SEQLENS, TOTAL, "gqa_cos_cache", "gqa_sin_cache"]
+        if fused.scales is not None:
+            ks, vs = f"gqa_k_scale.{i}", f"gqa_v_scale.{i}"
+            graph.initializer.extend([numpy_helper.from_array(fused.scales.key[i], ks),
+                                      numpy_helper.from_array(fused.scales.value[i], vs)])
+            inputs += ["", "", "", ks, vs]
         gqa = helper.make_node(
-            "GroupQueryAttention",
-            [proj["q"].output[0], proj["k"].output[0], proj["v"].output[0], f"past_key.{i}", f"past_value.{i}",
-             SEQLENS, TOTAL, "gqa_cos_cache", "gqa_sin_cache", "", "", "", ks, vs],
-            [f"attn_out.{i}", f"present_key.{i}", f"present_value.{i}"], name=f"gqa.{i}", domain="com.microsoft",
-            num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads, do_rotary=1,
-            k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+            "GroupQueryAttention", inputs, [f"attn_out.{i}", f"present_key.{i}", f"present_value.{i}"],
+            name=f"gqa.{i}", domain="com.microsoft", num_heads=cfg.num_attention_heads,
+            kv_num_heads=cfg.num_key_value_heads, do_rotary=1, **quant)
         graph.node.append(gqa)
         proj["o"].input[0] = f"attn_out.{i}"
         new_outputs += [f"present_key.{i}", f"present_value.{i}"]
+    kv_type = CACHE_TYPES[fused.cache]
     kv_shape: list[Any] = ["batch", cfg.num_key_value_heads, "max_sequence", cfg.head_dim]
     kept_outputs = [o for o in graph.output if o.name not in old_outputs]
     del graph.output[:]
-    graph.output.extend(kept_outputs + [helper.make_tensor_value_info(n, TensorProto.INT8, kv_shape) for n in new_outputs])
-    inputs = [i for i in graph.input if i.name == "inputs_embeds"]
-    inputs += [helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch"]),
-               helper.make_tensor_value_info(TOTAL, TensorProto.INT32, [])]
-    inputs += [helper.make_tensor_value_info(f"past_{kv}.{i}", TensorProto.INT8, kv_shape)
-               for i in range(layers) for kv in ("key", "value")]
+    graph.output.extend(kept_outputs + [helper.make_tensor_value_info(n, kv_type, kv_shape) for n in new_outputs])
+    graph_inputs = [embeds]
+    graph_inputs += [helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch"]),
+                helper.make_tensor_value_info(TOTAL, TensorProto.INT32, [])]
+    graph_inputs += [helper.make_tensor_value_info(f"past_{kv}.{i}", kv_type, kv_shape)
+                for i in range(layers) for kv in ("key", "value")]
     del graph.input[:]
-    graph.input.extend(inputs)
+    graph.input.extend(graph_inputs)
     _prune(graph)
     _topological_sort(graph)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -173,16 +204,25 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def rewrite_attention(path: Path, cfg: DecoderConfig, scales: KVScales) -> None:
-    """``to_int8_kv_attention`` on an exported graph file, written back with its weights external."""
-    model = to_int8_kv_attention(onnx.load(str(path)), cfg, scales)
+def rewrite_attention(path: Path, cfg: DecoderConfig, fused: FusedAttention) -> None:
+    """``to_fused_attention`` on an exported graph file, written back with its weights external."""
+    model = to_fused_attention(onnx.load(str(path)), cfg, fused)
     for stale in path.parent.glob(path.name + "*.data"):
         stale.unlink()
     onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
 
 
+def describe(graph: onnx.GraphProto) -> dict[str, str]:
+    """The manifest's record of a decoder graph's attention: fused or plain, and its cache's type."""
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    if SEQLENS not in types:
+        return {"attention": "plain", "kv_cache": helper.tensor_dtype_to_np_dtype(types["past_key.0"]).name}
+    cache = next(name for name, t in CACHE_TYPES.items() if t == types["past_key.0"])
+    return {"attention": "fused", "kv_cache": cache}
+
+
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Inputs and outputs of a decoder with an INT8 cache, in the order the runtime binds them."""
+    """Inputs and outputs of a decoder with fused attention, in the order the runtime binds them."""
     past = [f"past_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present_{kv}.{i}" for i in range(num_layers) for kv in ("key", "value")]
     return ["inputs_embeds", SEQLENS, TOTAL, *past], ["logits", *present]

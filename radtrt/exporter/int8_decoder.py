@@ -1,7 +1,7 @@
 """Decoder INT8 as ONNX graphs ONNX Runtime's CPU provider runs with integer kernels.
 
 Two methods, same I/O contract as the fp32 ``decoder.onnx`` (``radtrt.exporter.onnx``; fp32 KV
-buffers) unless the attention is rewritten for an INT8 KV cache first (``radtrt.exporter.gqa``); input
+buffers, ``--attention plain``) or of its fused-attention rewrite (``radtrt.exporter.gqa``, fp32 or INT8 cache); input
 embeddings and logits stay fp32:
 
 * ``weight-only``: every linear layer's weight as INT8 in ``MatMulNBits`` (bits 8, symmetric, one
@@ -119,19 +119,22 @@ def _smooth_o_proj(attn: Any, act_absmax: torch.Tensor, alpha: float, n_kv: int)
 
 
 def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path, work: Path, *,
-                         alpha: float = 0.5, lm_head: bool = True, int8_kv: bool = False) -> dict[str, Any]:
-    """Smooth, export fp32 to ``work`` (``int8_kv``: attention over an INT8 cache), then dynamic W8A8 into ``out``."""
+                         alpha: float = 0.5, lm_head: bool = True, cache: str | None = "float32") -> dict[str, Any]:
+    """Smooth, export fp32 to ``work``, then dynamic W8A8 into ``out``.
+
+    ``cache``: the fused attention's KV-cache type (``float32`` or ``int8``), or None for the plain graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from radtrt.exporter.gqa import kv_scales, rewrite_attention
+    from radtrt.exporter.gqa import FusedAttention, kv_scales
 
     smoothed = smooth_decoder(lm, stats, alpha)
     fp32 = work / "decoder-smoothed-fp32.onnx"
-    export_decoder(smoothed, fp32)
-    if int8_kv:  # smoothing o_proj divided v_proj's rows by its factors: the cached values are divided too
+    scales = None
+    if cache == "int8":  # smoothing o_proj divided v_proj's rows by its factors: the cached values are divided too
         divisors = [old.self_attn.v_proj.weight.detach().abs().amax(1) / new.self_attn.v_proj.weight.detach().abs().amax(1)
                     for old, new in zip(lm.model.layers, smoothed.model.layers)]
-        rewrite_attention(fp32, lm.cfg, kv_scales(stats, lm.cfg, divisors))
+        scales = kv_scales(stats, lm.cfg, divisors)
+    export_decoder(smoothed, fp32, fused=None if cache is None else FusedAttention(cache, scales))
     del smoothed
     exclude = [] if lm_head else [lm_head_node(onnx.load(str(fp32), load_external_data=False))]
     with quiet_quantizer():

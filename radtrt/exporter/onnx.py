@@ -11,19 +11,25 @@ decoder.onnx: one prefill or decode step over caller-owned KV buffers (``SplitCa
           ``value.i`` ``[B,KV,T,D]`` (the new tokens' keys/values, which the runtime writes into its
           buffers).
 Past buffers are inputs that the graph only reads, so ONNX Runtime can bind one preallocated buffer
-per layer for the whole generation instead of concatenating a growing cache at every step.
+per layer for the whole generation instead of concatenating a growing cache at every step. This is the
+``--attention plain`` contract; bundles use fused attention by default, a rewrite of this graph with
+its own cache contract (``radtrt.exporter.gqa``).
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from radtrt.model.decoder import LlamaForCausalLM, SplitCache
 from radtrt.model.llava_rad import LlavaRad
+
+if TYPE_CHECKING:
+    from radtrt.exporter.gqa import FusedAttention
 
 OPSET = 18
 VISION_INPUTS = ["pixel_values"]
@@ -97,7 +103,9 @@ def export_vision(model: LlavaRad, path: Path, dtype: torch.dtype = torch.float3
     _export(VisionForOnnx(model), example, path, VISION_INPUTS, VISION_OUTPUTS, ({0: batch},))
 
 
-def export_decoder(lm: LlamaForCausalLM, path: Path, dtype: torch.dtype = torch.float32) -> None:
+def export_decoder(lm: LlamaForCausalLM, path: Path, dtype: torch.dtype = torch.float32,
+                   fused: "FusedAttention | None" = None) -> None:
+    """The step graph above; with ``fused``, rewritten so each layer's attention is one fused node."""
     batch = torch.export.Dim("batch", min=1, max=256)
     seq = torch.export.Dim("seq", min=1, max=32768)
     past = torch.export.Dim("past", min=0, max=32768)
@@ -106,3 +114,7 @@ def export_decoder(lm: LlamaForCausalLM, path: Path, dtype: torch.dtype = torch.
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past}, {0: batch, 1: seq},
                tuple(kv_shape for _ in range(2 * lm.cfg.num_hidden_layers)))  # *past is one varargs entry
     _export(DecoderForOnnx(lm), decoder_example(lm, dtype=dtype), path, inputs, outputs, dynamic)
+    if fused is not None:
+        from radtrt.exporter.gqa import rewrite_attention
+
+        rewrite_attention(path, lm.cfg, fused)

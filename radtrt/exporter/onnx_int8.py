@@ -8,11 +8,10 @@ a quantization step of fp32). Input embeddings and logits stay fp32. The calibra
 with the bundle (``calibration.safetensors``): ``radtrt export --target trtllm --bundle BUNDLE``
 reuses its decoder statistics.
 
-INT8 KV cache (``--int8-kv-cache``): the decoder's attention becomes ONNX Runtime's
-``GroupQueryAttention`` over int8 buffers with per-channel scales from the calibration
-(``radtrt.exporter.gqa``); the runtime then generates one study at a time. Without it the KV buffers
-are fp32 and the attention is the exported MatMul/Softmax graph, as in fp32 bundles. For
-TensorRT-LLM, ``--int8-kv-cache`` sets the engine's own INT8 cache.
+Attention: fused (ONNX Runtime's ``GroupQueryAttention``, ``radtrt.exporter.gqa``) over an fp32
+cache by default, as in float bundles; ``--int8-kv-cache`` makes that cache int8 with per-channel
+scales from the calibration; ``--attention plain`` keeps the exported MatMul/Softmax graph (fp32
+cache only). For TensorRT-LLM, ``--int8-kv-cache`` sets the engine's own INT8 cache.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
+from radtrt.exporter.gqa import ATTENTION_KINDS
 from radtrt.exporter.targets import CALIBRATION_FILE
 from radtrt.model.loading import LoadedModel
 
@@ -40,6 +40,7 @@ class Int8Plan:
     n: int = 32
     embeddings: str = "int8"
     kv_cache: str = "fp32"
+    attention: str = "fused"
     parity_samples: int = DEFAULT_PARITY_SAMPLES
     parity_max_new_tokens: int = 64
 
@@ -52,6 +53,10 @@ class Int8Plan:
             fail(f"SmoothQuant alpha must be within [0, 1], got {self.alpha}")
         if self.kv_cache not in ("int8", "fp32"):
             fail(f"unknown KV-cache precision '{self.kv_cache}' (int8, fp32)")
+        if self.attention not in ATTENTION_KINDS:
+            fail(f"unknown --attention '{self.attention}' ({', '.join(ATTENTION_KINDS)})")
+        if self.kv_cache == "int8" and self.attention != "fused":
+            fail("--int8-kv-cache needs the fused attention (leave out --attention plain)")
         if self.embeddings not in ("int8", "fp32"):
             fail(f"unknown embedding-table precision '{self.embeddings}' (int8, fp32)")
         if self.n < 1 or self.parity_samples < 0:
@@ -76,7 +81,7 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
                step: Callable[[str], None] = lambda _: None) -> Int8Result:
     """Calibrate, write ``vision.onnx``, ``decoder.onnx`` and ``calibration.safetensors`` into ``work``."""
     from radtrt.calibration.run import resolve_calibration
-    from radtrt.exporter.gqa import kv_scales, rewrite_attention
+    from radtrt.exporter.gqa import FusedAttention, kv_scales
     from radtrt.exporter.int8_decoder import quantize_smoothquant, quantize_weight_only
     from radtrt.exporter.int8_vision import quantize_vision
     from radtrt.exporter.onnx import export_decoder, export_vision
@@ -92,27 +97,24 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
         export_vision(model, tmp / "vision-fp32.onnx")
         step(f"quantizing vision.onnx (Q/DQ, {len(calibration.samples)} calibration images)")
         vision = quantize_vision(tmp / "vision-fp32.onnx", work / "vision.onnx", [s.pixels for s in calibration.samples])
-        int8_kv = plan.kv_cache == "int8"
+        cache = None if plan.attention == "plain" else ("int8" if plan.kv_cache == "int8" else "float32")
         if plan.decoder == "weight-only":
             step("exporting the fp32 decoder graph to quantize")
-            export_decoder(model.language_model, tmp / "decoder-fp32.onnx")
-            if int8_kv:
-                step("attention as GroupQueryAttention over an INT8 KV cache")
-                scales = kv_scales(calibration.file.decoder, model.cfg.decoder)
-                rewrite_attention(tmp / "decoder-fp32.onnx", model.cfg.decoder, scales)
+            fused = None if cache is None else FusedAttention(
+                cache, kv_scales(calibration.file.decoder, model.cfg.decoder) if cache == "int8" else None)
+            export_decoder(model.language_model, tmp / "decoder-fp32.onnx", fused=fused)
             step("quantizing decoder.onnx (weight-only INT8, MatMulNBits)")
             decoder = quantize_weight_only(tmp / "decoder-fp32.onnx", work / "decoder.onnx", lm_head=plan.lm_head)
         else:
             step(f"smoothing (alpha {plan.alpha}), exporting and quantizing decoder.onnx (W8A8)")
             decoder = quantize_smoothquant(model.language_model, calibration.file.decoder, work / "decoder.onnx", tmp,
-                                           alpha=plan.alpha, lm_head=plan.lm_head, int8_kv=int8_kv)
+                                           alpha=plan.alpha, lm_head=plan.lm_head, cache=cache)
     int8 = {"vision_method": vision, "decoder_method": decoder,
             "alpha": plan.alpha if plan.decoder == "smoothquant" else None,
             "lm_head": "int8" if plan.lm_head else "fp32",
             "embeddings": ("int8 rows + fp32 per-row scale on disk, dequantized to fp32 at load" if plan.embeddings == "int8"
                            else "fp32"),
-            "kv_cache": ("int8, per-channel symmetric scales from the calibration (GroupQueryAttention, com.microsoft)"
-                         if plan.kv_cache == "int8" else "fp32 (runtime-owned buffers)"),
+            "kv_cache": ("int8, per-channel symmetric scales from the calibration" if cache == "int8" else "fp32"),
             "image_embeds": "fp32 (a TensorRT/Triton fp16 deployment casts at its boundary)"}
     summary = calibration.file.summary() | {"file": CALIBRATION_FILE}
     if calibration.path is not None:

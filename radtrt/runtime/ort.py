@@ -1,17 +1,20 @@
 """The ONNX Runtime backend: a bundle's vision and decoder graphs behind the ``Backend`` interface.
 
 Generation keeps one preallocated key and value buffer per layer for the whole request and binds
-them to the decoder with I/O binding; the graph only reads them (see ``radtrt.exporter.onnx``), and
-the few new keys/values of each step are written into them here. Nothing grows or is concatenated
-per step. A decoder with an INT8 KV cache (``radtrt.exporter.gqa``) writes its own int8 buffers in
-place (past and present bound to one ``OrtValue``) and runs one study at a time.
+them to the decoder with I/O binding, so nothing grows or is concatenated per step. A decoder with
+fused attention (``radtrt.exporter.gqa``, the default) writes its own buffers in place (past and
+present bound to one ``OrtValue``, fp32/fp16 or int8); it takes positions from the cache slots, so
+studies are batched only with others of the same prompt length (all of them, with one prompt
+template). A plain decoder (``--attention plain``, ``radtrt.exporter.onnx``) only reads the buffers;
+the new keys/values of each step are written into them here, and left padding lets any prompts share
+a batch.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from radtrt.model.generate import Generation
 from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
 
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -97,7 +101,9 @@ class OrtBackend:
         self.num_layers, self.num_kv, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
         self.input_names, self.output_names = decoder_io_names(self.num_layers)
         self.dtype = self.table.dtype
-        self.int8_kv = SEQLENS in self.manifest["graphs"]["decoder.onnx"]["inputs"]
+        self.fused = SEQLENS in self.manifest["graphs"]["decoder.onnx"]["inputs"]
+        past_type = next(i.type for i in self.decoder.get_inputs() if i.name == "past_key.0")
+        self.kv_dtype = np.dtype(ORT_TYPES[past_type])
         # GroupQueryAttention's rotary tables stop at the model's max_position_embeddings
         self.max_positions = read_json(bundle / "model_config.json")["decoder"]["max_position_embeddings"]
 
@@ -132,11 +138,8 @@ class OrtBackend:
 
         if max_new_tokens < 1:
             return Generation([[] for _ in embeds])
-        if self.int8_kv:
-            gens = [self._generate_int8_kv(e, max_new_tokens, eos_token_id, keep_first_logits) for e in embeds]
-            first = torch.cat([g.first_logits for g in gens]) if keep_first_logits else None  # type: ignore[misc]
-            return Generation([g.token_ids[0] for g in gens], prefill_ms=sum(g.prefill_ms for g in gens),
-                              decode_ms=sum(g.decode_ms for g in gens), first_logits=first)
+        if self.fused:
+            return self._generate_fused(embeds, max_new_tokens, eos_token_id, keep_first_logits)
         batch, length = len(embeds), max(e.shape[0] for e in embeds)
         hidden = embeds[0].shape[-1]
         x = np.zeros((batch, length, hidden), dtype=self.dtype)
@@ -163,47 +166,66 @@ class OrtBackend:
         first_logits = torch.from_numpy(logits.astype(np.float32)) if keep_first_logits else None
         next_pos = positions[:, -1:] + 1
         t1 = time.perf_counter()
-        out: list[list[int]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, dtype=bool)
         ones = np.ones((batch, 1), dtype=bool)
-        for step in range(max_new_tokens):
-            token = logits.argmax(-1)
-            for i in range(batch):
-                if not done[i] and token[i] != eos_token_id:
-                    out[i].append(int(token[i]))
-            done |= token == eos_token_id
-            if done.all() or step == max_new_tokens - 1:
-                break
-            outputs = self._step(binding, self.table[token][:, None], next_pos, past_mask, ones, bound)
+
+        def advance(token: np.ndarray, step: int) -> np.ndarray:
+            outputs = self._step(binding, self.table[token][:, None], next_pos + step, past_mask, ones, bound)
             slot = length + step
             for buf, new in zip(buffers, outputs[1:]):
                 buf[:, :, slot] = new[:, :, 0]
             past_mask[:, slot] = True
-            logits = outputs[0]
-            next_pos = next_pos + 1
+            return outputs[0]
+
+        out = _greedy(logits, advance, max_new_tokens, eos_token_id)
         t2 = time.perf_counter()
         return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
 
+    def attention_note(self) -> str | None:
+        """Where a fused attention cannot run on the chosen provider: ONNX Runtime's CUDA kernel takes
+        fp16 queries only, so an fp32 or INT8 bundle's attention falls back to the CPU there."""
+        if self.fused and self.provider != "cpu" and self.dtype != np.float16:
+            return (f"this {self.precision} bundle's fused attention (GroupQueryAttention) has no CUDA kernel in ONNX "
+                    f"Runtime and runs on the CPU; for the GPU export --precision fp16, or --attention plain")
+        return None
 
-    def _generate_int8_kv(self, embeds: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-                          keep_first_logits: bool) -> Generation:
-        """One sequence from cache slot 0 (GQA takes positions from the slots): prefill, then one token a step."""
+    def _generate_fused(self, embeds: list[torch.Tensor], max_new_tokens: int, eos_token_id: int,
+                        keep_first_logits: bool) -> Generation:
+        """Batches of equal prompt length (GQA has no left padding), each from cache slot 0."""
+        groups: dict[int, list[int]] = {}
+        for i, e in enumerate(embeds):
+            groups.setdefault(e.shape[0], []).append(i)
+        tokens: list[list[int]] = [[] for _ in embeds]
+        first: list[torch.Tensor | None] = [None] * len(embeds)
+        prefill_ms = decode_ms = 0.0
+        for members in groups.values():
+            gen = self._generate_fused_batch(np.stack([embeds[i].detach().cpu().numpy() for i in members]),
+                                             max_new_tokens, eos_token_id, keep_first_logits)
+            prefill_ms, decode_ms = prefill_ms + gen.prefill_ms, decode_ms + gen.decode_ms
+            for row, i in enumerate(members):
+                tokens[i] = gen.token_ids[row]
+                if gen.first_logits is not None:
+                    first[i] = gen.first_logits[row:row + 1]
+        first_logits = torch.cat(first) if keep_first_logits else None  # type: ignore[arg-type]
+        return Generation(tokens, prefill_ms=prefill_ms, decode_ms=decode_ms, first_logits=first_logits)
+
+    def _generate_fused_batch(self, x: np.ndarray, max_new_tokens: int, eos_token_id: int,
+                              keep_first_logits: bool) -> Generation:
         import onnxruntime as ort
 
         inputs, outputs = gqa_io_names(self.num_layers)
-        length = embeds.shape[0]
+        batch, length = x.shape[:2]
         if length + max_new_tokens > self.max_positions:
             fail(f"prompt ({length} positions) + {max_new_tokens} new tokens exceed the {self.max_positions} positions "
-                 f"this INT8-KV bundle's decoder supports; lower --max-new-tokens")
-        shape = (1, self.num_kv, length + max_new_tokens, self.head_dim)
-        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.int8)) for _ in range(2 * self.num_layers)]
+                 f"this bundle's fused-attention decoder supports; lower --max-new-tokens")
+        shape = (batch, self.num_kv, length + max_new_tokens, self.head_dim)
+        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in range(2 * self.num_layers)]
         binding = self.decoder.io_binding()
 
         def step(x: np.ndarray, total: int) -> np.ndarray:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
             binding.bind_cpu_input(inputs[0], np.ascontiguousarray(x, dtype=self.dtype))
-            binding.bind_cpu_input(inputs[1], np.array([total - 1], np.int32))
+            binding.bind_cpu_input(inputs[1], np.full(batch, total - 1, np.int32))
             binding.bind_cpu_input(inputs[2], np.array(total, np.int32))
             binding.bind_output(outputs[0], "cpu")
             for name, value in zip(inputs[3:], buffers):
@@ -214,20 +236,32 @@ class OrtBackend:
             return binding.get_outputs()[0].numpy()
 
         t0 = time.perf_counter()
-        logits = step(embeds.detach().cpu().numpy()[None], length)
+        logits = step(x, length)
         first_logits = torch.from_numpy(logits.astype(np.float32)) if keep_first_logits else None
         t1 = time.perf_counter()
-        out: list[int] = []
-        for i in range(max_new_tokens):
-            token = int(logits.argmax(-1)[0])
-            if token == eos_token_id:
-                break
-            out.append(token)
-            if i == max_new_tokens - 1:
-                break
-            logits = step(self.table[[token]][None], length + i + 1)
+        out = _greedy(logits, lambda token, i: step(self.table[token][:, None], length + i + 1), max_new_tokens,
+                      eos_token_id)
         t2 = time.perf_counter()
-        return Generation([out], prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
+        return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
+
+
+def _greedy(logits: np.ndarray, advance: Callable[[np.ndarray, int], np.ndarray], max_new_tokens: int,
+            eos_token_id: int) -> list[list[int]]:
+    """Greedy tokens from the prefill's logits; ``advance(token, step)`` runs one decode step. A finished
+    row keeps stepping with the others (its tokens are dropped) until every row is done."""
+    batch = logits.shape[0]
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, dtype=bool)
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        for row in range(batch):
+            if not done[row] and token[row] != eos_token_id:
+                out[row].append(int(token[row]))
+        done |= token == eos_token_id
+        if done.all() or step == max_new_tokens - 1:
+            break
+        logits = advance(token, step)
+    return out
 
 
 def bundle_exists(bundle: Path | None) -> bool:

@@ -97,6 +97,9 @@ def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Pa
     name = backend.manifest["model"]["name"]
     console.print(f"backend: onnxruntime ({why}), provider {ort_provider}, {backend.precision}; model {name}",
                   highlight=False, soft_wrap=True)
+    note = backend.attention_note()
+    if note:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     return Pipeline(backend, tokenizer, cfg, model_name=name)
 
 
