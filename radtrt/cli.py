@@ -120,8 +120,8 @@ def export(
     int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant (ONNX default)"),
     int8_kv_cache: bool = typer.Option(False, "--int8-kv-cache",
                                        help="INT8 KV cache (TensorRT-LLM engine; ONNX bundle with --precision int8)."),
-    attention: str = typer.Option("fused", "--attention",
-                                  help="ONNX decoder attention: fused (GroupQueryAttention; CPU, or fp16 on CUDA) | plain."),
+    attention: Optional[str] = typer.Option(
+        None, "--attention", help="ONNX decoder attention: fused (default: GroupQueryAttention; CPU, or fp16 on CUDA) | plain."),
     calibration_stats: Optional[Path] = typer.Option(None, "--calibration-stats",
                                                      help="Activation statistics from 'radtrt calibrate'."),
     calibration_data: Optional[str] = typer.Option(
@@ -143,8 +143,10 @@ def export(
 
     from radtrt.exporter import targets
     from radtrt.exporter.bundle import export_bundle, read_manifest
+    from radtrt.exporter.gqa import DEFAULT_ATTENTION
     from radtrt.model.loading import load_model
 
+    attention = attention or DEFAULT_ATTENTION
     if bundle is not None and calibration_stats is None and (bundle / targets.CALIBRATION_FILE).is_file():
         calibration_stats = bundle / targets.CALIBRATION_FILE  # an INT8 bundle carries its calibration
     plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,

@@ -25,7 +25,7 @@ import torch
 
 from radtrt import __version__
 from radtrt.errors import fail
-from radtrt.exporter.gqa import ATTENTION_KINDS, FusedAttention, describe as describe_attention
+from radtrt.exporter.gqa import ATTENTION_KINDS, DEFAULT_ATTENTION, FusedAttention, describe as describe_attention
 from radtrt.exporter.onnx import OPSET, export_decoder, export_vision
 from radtrt.model.loading import LoadedModel
 from radtrt.model.io import save_tensors, sha256_file
@@ -67,7 +67,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", progress: Any = None,
-                  int8: Any = None, attention: str = "fused") -> dict[str, Any]:
+                  int8: Any = None, attention: str = DEFAULT_ATTENTION) -> dict[str, Any]:
     """Export, check against PyTorch, hash, and write the manifest; returns the manifest.
 
     ``attention``: ``fused`` (one ``GroupQueryAttention`` per layer, ``radtrt.exporter.gqa``) or ``plain``

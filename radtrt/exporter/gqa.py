@@ -47,6 +47,7 @@ from radtrt.model.config import DecoderConfig
 
 SEQLENS, TOTAL = "seqlens_k", "total_sequence_length"
 ATTENTION_KINDS = ("fused", "plain")
+DEFAULT_ATTENTION = "fused"
 CACHE_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 
 

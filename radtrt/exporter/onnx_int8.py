@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
-from radtrt.exporter.gqa import ATTENTION_KINDS
+from radtrt.exporter.gqa import ATTENTION_KINDS, DEFAULT_ATTENTION
 from radtrt.exporter.targets import CALIBRATION_FILE
 from radtrt.model.loading import LoadedModel
 
@@ -40,7 +40,7 @@ class Int8Plan:
     n: int = 32
     embeddings: str = "int8"
     kv_cache: str = "fp32"
-    attention: str = "fused"
+    attention: str = DEFAULT_ATTENTION
     parity_samples: int = DEFAULT_PARITY_SAMPLES
     parity_max_new_tokens: int = 64
 
