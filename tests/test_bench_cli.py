@@ -66,16 +66,36 @@ def test_parity_on_a_phantom_manifest_reports_finding_labels(tiny: Assets, work:
     from radtrt.data.phantom_set import write_phantom_set
 
     manifest = write_phantom_set(tmp_path / "set", 3, 5, rows=96, cols=80, formats=("png",))
+    preds = tmp_path / "preds"
     code, out, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies",
-                             manifest.parent, "--max-new-tokens", 8, "--json")
+                             manifest.parent, "--max-new-tokens", 8, "--json", "--predictions-out", preds)
     assert code == 0, err
     data = json.loads(out)
-    truth = [json.loads(line)["labels"] for line in manifest.read_text().splitlines()]
-    assert [st["true_labels"] for st in data["studies"]] == truth
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [st["true_labels"] for st in data["studies"]] == [r["labels"] for r in rows]
     assert [st["study"] for st in data["studies"]] == ["phantom-00000.png", "phantom-00001.png", "phantom-00002.png"]
     s = data["summary"]
     assert s["label_f1_vs_reference"] == 1.0  # fp32: identical reports, identical labels
     assert s["label_f1_drop"] == 0.0 and 0.0 <= s["label_f1_true"] <= 1.0
+    # both sides' reports, with the manifest's findings as ground truth, for 'radtrt eval --paired' (CheXprompt)
+    ref, cand = ([json.loads(line) for line in (preds / f"{n}.jsonl").read_text().splitlines()]
+                 for n in ("reference", "candidate"))
+    assert [r["reference"] for r in ref] == [r["reference"] for r in cand] == [r["findings"] for r in rows]
+    assert [r["prediction"] for r in cand] == [st["report"] for st in data["studies"]]
+    assert [r["prediction"] for r in ref] == [st["reference_report"] for st in data["studies"]]
+    assert f"radtrt eval --paired {preds / 'reference.jsonl'} {preds / 'candidate.jsonl'}" in err
+    from radtrt.cli import app
+
+    result = runner.invoke(app, ["eval", "--paired", str(preds / "reference.jsonl"), str(preds / "candidate.jsonl"),
+                                 "--metrics", "rouge,labels"])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_predictions_out_needs_ground_truth_findings(tiny: Assets, work: Path, tmp_path: Path) -> None:
+    code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--synthetic", 1,
+                           "--predictions-out", tmp_path / "p")
+    assert code == 2 and "--predictions-out needs --studies with ground-truth findings" in err
+    assert not (tmp_path / "p").exists()
 
 
 def test_parity_transformers_generate_vs_torch(tiny: Assets, work: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from radtrt.benchmarks.latency import BackendInfo, LatencyReport, LatencySetting
 from radtrt.benchmarks.machine import gpu_peak_memory_mb, machine_info, peak_rss_mb
 from radtrt.benchmarks.parity import ParityReport, measure_parity
 from radtrt.benchmarks.sides import open_sides
+from radtrt.errors import fail
 
 
 class _Step:
@@ -70,11 +71,17 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
                reference: str = "torch", studies: Path | None = None, synthetic: int | None = None,
                max_new_tokens: int = 64, indication: str | None = None, threads: int | None = None,
                device: str = "cpu", ort_provider: str = "cpu", command: str = "",
-               progress: Any = None) -> ParityReport:
+               progress: Any = None, need_findings: bool = False) -> ParityReport:
+    """``need_findings``: refuse, before any work, studies without ground-truth findings (for CheXprompt)."""
+    if need_findings and studies is None:
+        fail("--predictions-out needs --studies with ground-truth findings (a phantom set from 'radtrt data "
+             "phantoms', or a JSONL manifest with 'findings')")
     machine = machine_info()
     assets = resolve_assets(model=model, bundle=bundle, random_model=random_model, work_dir=work_dir, seed=seed,
                             vision_only=False, progress=progress)
     entries = study_entries(studies, synthetic, work_dir, default_synthetic=2)
+    if need_findings and any(e.findings is None for e in entries):
+        fail(f"--predictions-out needs ground-truth findings for every study; {studies} has studies without them")
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
                           ort_provider=ort_provider, threads=threads)

@@ -143,6 +143,9 @@ def parity(
     ort_provider: ProviderOpt = "cpu",
     as_json: JsonOpt = False,
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json) here."),
+    predictions_out: Optional[Path] = typer.Option(
+        None, "--predictions-out", help="Write reference.jsonl and candidate.jsonl here for 'radtrt eval --paired' "
+                                        "(CheXprompt); needs --studies with ground-truth findings."),
 ) -> None:
     """Generated tokens, report text, first-step logits and image embeddings against a reference."""
     from radtrt.benchmarks.api import run_parity
@@ -156,13 +159,20 @@ def parity(
         ("--seed", seed if random_model else None), ("--backend", backend), ("--reference", reference),
         ("--studies", studies), ("--synthetic", synthetic),
         ("--max-new-tokens", max_new_tokens), ("--indication", indication), ("--threads", threads),
-        ("--device", device), ("--ort-provider", ort_provider), ("--json", as_json), ("-o", out)])
+        ("--device", device), ("--ort-provider", ort_provider), ("--json", as_json), ("-o", out),
+        ("--predictions-out", predictions_out)])
     with _progress() as progress:
         report = run_parity(
             bundle=bundle, model=model, base_model=base_model, random_model=random_model, work_dir=work_dir,
             seed=seed, backend=backend, reference=reference, studies=studies, synthetic=synthetic,
             max_new_tokens=max_new_tokens, indication=indication, threads=threads, device=device,
-            ort_provider=ort_provider, command=command, progress=progress)
+            ort_provider=ort_provider, command=command, progress=progress, need_findings=predictions_out is not None)
+    if predictions_out is not None:
+        from radtrt.benchmarks.parity import write_paired_predictions
+
+        ref, cand = write_paired_predictions(report, predictions_out)
+        err.print(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
+                  f"--endpoint URL --judge-model NAME", highlight=False, soft_wrap=True)
     _emit(parity_markdown(report), report.to_json(), as_json, out)
 
 

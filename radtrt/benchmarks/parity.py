@@ -6,7 +6,11 @@ splice and greedy decode, exactly as ``radtrt infer`` would. Compared:
 * image embeddings: cosine of the flattened tensors (float64) and max |difference|;
 * first decode step: max |logit difference| and whether the argmax agrees;
 * generated tokens: identical or not, and the first position where they differ;
-* report text: ROUGE-L F1 (backend vs reference), with LLaVA-Rad's evaluator settings.
+* report text: ROUGE-L F1 (backend vs reference), with LLaVA-Rad's evaluator settings;
+* finding labels (phantom labeler): agreement, and micro-F1 against the manifest's true labels.
+
+CheXprompt (an LLM judge) is not run here: ``write_paired_predictions`` writes both sides' reports for
+``radtrt eval --paired``, which talks to the judge.
 
 The per-study comparisons (``compare``) are pure functions so they are tested without any model.
 """
@@ -76,6 +80,7 @@ class StudyParity:
     labels: list[str]  # the phantom labeler's finding labels of each report (radtrt.data.labeler)
     reference_labels: list[str]
     true_labels: list[str] | None = None  # from the studies' manifest, where it has them
+    true_findings: str | None = None  # the manifest's ground-truth findings (what CheXprompt judges against)
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,8 @@ class Outcome:
     report: str
 
 
-def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | None = None) -> StudyParity:
+def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | None = None,
+            true_findings: str | None = None) -> StudyParity:
     from radtrt.data.labeler import extract_labels
 
     diff = (got.first_logits.float() - ref.first_logits.float()).abs()
@@ -102,7 +108,7 @@ def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | Non
         vision_cosine=cosine(got.image_embeds, ref.image_embeds),
         vision_max_abs_diff=float((got.image_embeds.float() - ref.image_embeds.float()).abs().max()),
         report=got.report, reference_report=ref.report, labels=extract_labels(got.report),
-        reference_labels=extract_labels(ref.report), true_labels=true_labels)
+        reference_labels=extract_labels(ref.report), true_labels=true_labels, true_findings=true_findings)
 
 
 def run_one(pipeline: Pipeline, pixels: torch.Tensor, *, indication: str | None, max_new_tokens: int) -> Outcome:
@@ -182,5 +188,29 @@ def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry],
         got = run_one(backend, pixels, indication=indication, max_new_tokens=max_new_tokens)
         ref = run_one(reference, pixels, indication=indication, max_new_tokens=max_new_tokens)
         truth = list(entry.labels) if entry.labels is not None else None
-        results.append(compare(study.name, got, ref, truth))
+        results.append(compare(study.name, got, ref, truth, entry.findings))
     return results
+
+
+def write_paired_predictions(report: ParityReport, folder: Path) -> tuple[Path, Path]:
+    """Both sides' reports as ``radtrt eval`` prediction files (``study``, ``reference`` = the ground-truth
+    findings, ``prediction``), so ``radtrt eval --paired REF CAND --metrics chexprompt`` can judge the
+    backend's factuality against the reference's. Needs studies whose manifest has findings."""
+    import json
+
+    if any(s.true_findings is None for s in report.studies):
+        fail("--predictions-out needs ground-truth findings: pass --studies with a manifest that has them "
+             "(a phantom set from 'radtrt data phantoms', or your own JSONL manifest with 'findings')")
+    names = [s.study for s in report.studies]
+    if len(set(names)) != len(names):
+        fail("--predictions-out needs distinct study file names")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, field_name in (("reference.jsonl", "reference_report"), ("candidate.jsonl", "report")):
+        path, tmp = folder / name, folder / (name + ".partial")
+        tmp.write_text("".join(json.dumps({"study": s.study, "reference": s.true_findings,
+                                           "prediction": getattr(s, field_name)}) + "\n" for s in report.studies),
+                       encoding="utf-8")
+        tmp.replace(path)
+        paths.append(path)
+    return paths[0], paths[1]
