@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import torch
@@ -28,12 +29,16 @@ def model_dir(tiny_release: TinyRelease, tmp_path_factory: pytest.TempPathFactor
     return save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), out, dtype=torch.float32)
 
 
-@pytest.fixture(scope="module")
-def bundle(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _exported(model_dir: Path, tmp_path_factory: pytest.TempPathFactory, *options: str) -> Path:
     out = tmp_path_factory.mktemp("b") / "bundle"
-    result = runner.invoke(app, ["export", "--model", str(model_dir), "--precision", "fp32", "-o", str(out)])
+    result = runner.invoke(app, ["export", "--model", str(model_dir), *options, "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def bundle(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _exported(model_dir, tmp_path_factory, "--precision", "fp32")
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +96,7 @@ def test_batched_generation_equals_one_by_one(bundle: Path, model_dir: Path, stu
 
 @pytest.fixture(scope="module")
 def bundle_plain(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bp") / "bundle"
-    result = runner.invoke(app, ["export", "--model", str(model_dir), "--attention", "plain", "-o", str(out)])
-    assert result.exit_code == 0, result.stderr
-    return out
+    return _exported(model_dir, tmp_path_factory, "--attention", "plain")
 
 
 def test_fused_and_plain_attention_graphs(bundle: Path, bundle_plain: Path, model_dir: Path) -> None:
@@ -136,6 +138,24 @@ def test_fused_fp32_attention_on_a_gpu_provider_is_explained(bundle: Path, bundl
     assert fp32.attention_note() is None  # CPU: every fused kernel is there
     fp32.provider = fp16.provider = "cuda"  # what a GPU host would have chosen (no CUDA provider here)
     assert "runs on the CPU" in (fp32.attention_note() or "") and fp16.attention_note() is None
+
+
+def test_fused_cache_lives_where_its_attention_runs(bundle: Path, bundle_fp16: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a GPU provider an fp16 bundle's KV buffers are allocated on the GPU (no per-step copies); an
+    fp32 bundle's stay in host memory, next to its CPU attention."""
+    import onnxruntime as ort
+
+    from radtrt.runtime.ort import OrtBackend
+
+    calls = []
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_shape_and_type",
+                        lambda *args, **kwargs: calls.append(args) or "gpu buffer")
+    fp32, fp16 = OrtBackend(bundle), OrtBackend(bundle_fp16)
+    assert fp16._cache_buffer((1, 2, 3, 4)).device_name() == "cpu"  # the CPU provider: host memory
+    fp32.provider = fp16.provider = "cuda"  # what a GPU host would have chosen (no CUDA provider here)
+    assert fp16._cache_buffer((1, 2, 3, 4)) == "gpu buffer" and calls == [((1, 2, 3, 4), np.float16, "cuda", 0)]
+    assert fp32._cache_buffer((1, 2, 3, 4)).device_name() == "cpu"
 
 
 def test_auto_backend_picks_onnxruntime_for_a_bundle(bundle: Path, studies: list[Path]) -> None:
@@ -221,10 +241,7 @@ def test_unavailable_provider_is_refused(bundle: Path, studies: list[Path]) -> N
 
 @pytest.fixture(scope="module")
 def bundle_fp16(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("b16") / "bundle"
-    result = runner.invoke(app, ["export", "--model", str(model_dir), "--precision", "fp16", "-o", str(out)])
-    assert result.exit_code == 0, result.stderr
-    return out
+    return _exported(model_dir, tmp_path_factory, "--precision", "fp16")
 
 
 def test_fp16_bundle_within_stated_tolerance_of_fp32_torch(bundle_fp16: Path, model_dir: Path,

@@ -188,6 +188,16 @@ class OrtBackend:
                     f"Runtime and runs on the CPU; for the GPU export --precision fp16, or --attention plain")
         return None
 
+    def _cache_buffer(self, shape: tuple[int, ...]) -> Any:
+        """One fused decoder's KV buffer: on the GPU where the fused attention runs there (fp16 bundles under
+        the CUDA/TensorRT providers; not run here, no GPU), so no step copies the cache between host and
+        device; in host memory otherwise."""
+        import onnxruntime as ort
+
+        if self.provider != "cpu" and self.attention_note() is None:
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype))
+
     def _generate_fused(self, embeds: list[torch.Tensor], max_new_tokens: int, eos_token_id: int,
                         keep_first_logits: bool) -> Generation:
         """Batches of equal prompt length (GQA has no left padding), each from cache slot 0."""
@@ -210,15 +220,13 @@ class OrtBackend:
 
     def _generate_fused_batch(self, x: np.ndarray, max_new_tokens: int, eos_token_id: int,
                               keep_first_logits: bool) -> Generation:
-        import onnxruntime as ort
-
         inputs, outputs = gqa_io_names(self.num_layers)
         batch, length = x.shape[:2]
         if length + max_new_tokens > self.max_positions:
             fail(f"prompt ({length} positions) + {max_new_tokens} new tokens exceed the {self.max_positions} positions "
                  f"this bundle's fused-attention decoder supports; lower --max-new-tokens")
         shape = (batch, self.num_kv, length + max_new_tokens, self.head_dim)
-        buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in range(2 * self.num_layers)]
+        buffers = [self._cache_buffer(shape) for _ in range(2 * self.num_layers)]
         binding = self.decoder.io_binding()
 
         def step(x: np.ndarray, total: int) -> np.ndarray:
