@@ -106,6 +106,8 @@ def test_fused_and_plain_attention_graphs(bundle: Path, bundle_plain: Path, mode
     ops = {name: [n.op_type for n in onnx.load(str(b / "decoder.onnx"), load_external_data=False).graph.node]
            for name, b in (("fused", bundle), ("plain", bundle_plain))}
     assert ops["fused"].count("GroupQueryAttention") == layers and "Softmax" not in ops["fused"]
+    # q/k/v packed into one projection, gate/up into one (+ a Split): 4 weight MatMuls per layer, + lm_head
+    assert ops["fused"].count("MatMul") == 4 * layers + 1 and ops["plain"].count("MatMul") >= 7 * layers + 1
     assert "GroupQueryAttention" not in ops["plain"] and ops["plain"].count("Softmax") == layers
     m = read_manifest(bundle_plain)
     assert (m["decoder"]["attention"], m["decoder"]["kv_cache"]) == ("plain", "float32")

@@ -12,7 +12,9 @@ scales in the same kernel.
 How: a rewrite of the exported graph (fp32 or fp16), before any weight quantization. For each layer,
 the outputs of ``q_proj``/``k_proj``/``v_proj`` (found by the exporter's module name scopes) feed one
 ``GroupQueryAttention`` node whose output replaces the input of ``o_proj``; everything the old
-attention used (rotary, masks, positions) becomes dead and is removed. The cache contract changes:
+attention used (rotary, masks, positions) becomes dead and is removed. The q/k/v projections become
+one packed projection (GQA's packed-QKV input) and gate/up one projection and a Split: 4 weight
+products per layer instead of 7, each with ONNX Runtime's fixed per-node cost. The cache contract changes:
 
   inputs   ``inputs_embeds [B,T,H]``, ``seqlens_k [B]`` int32 (tokens in the cache after this step,
            minus one), ``total_sequence_length`` int32 scalar, ``past_key.i`` / ``past_value.i``
@@ -128,8 +130,37 @@ def _prune(graph: onnx.GraphProto) -> None:
         field.extend(kept)
 
 
+def _pack(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], name: str) -> tuple[str, list[int]]:
+    """One MatMul in place of several that read the same input: their weights side by side, so a decode
+    step runs one larger matrix-vector product instead of several small ones (each ONNX Runtime node has
+    a fixed dispatch cost). Returns the packed output and each original's width, in order."""
+    weights = {i.name: i for i in graph.initializer}
+    if any(n.input[0] != nodes[0].input[0] or n.input[1] not in weights for n in nodes):
+        fail(f"{name}: the projections to pack do not share one input and constant weights")
+    arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
+    graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), name + ".weight"))
+    node = helper.make_node("MatMul", [nodes[0].input[0], name + ".weight"], [name + ".out"], name=name)
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(["lm." + name]))
+    graph.node.append(node)
+    return node.output[0], [a.shape[1] for a in arrays]
+
+
+def _pack_mlp_input(graph: onnx.GraphProto, by_module: dict[str, onnx.NodeProto], prefix: str) -> None:
+    """``gate_proj`` and ``up_proj`` as one MatMul and a Split that yields their original outputs."""
+    gate, up = by_module.get(prefix + "gate_proj"), by_module.get(prefix + "up_proj")
+    if gate is None or up is None:
+        fail(f"no {prefix}gate_proj/up_proj MatMul in the decoder graph (has the exporter changed its name scopes?)")
+    packed, widths = _pack(graph, [gate, up], prefix + "gate_up_proj")
+    graph.initializer.append(numpy_helper.from_array(np.array(widths, np.int64), prefix + "gate_up_split"))
+    graph.node.append(helper.make_node("Split", [packed, prefix + "gate_up_split"], [gate.output[0], up.output[0]],
+                                       name=prefix + "gate_up_split", axis=-1))
+    graph.node.remove(gate)
+    graph.node.remove(up)
+
+
 def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedAttention) -> onnx.ModelProto:
-    """The decoder graph with every layer's attention as one ``GroupQueryAttention`` node (in place)."""
+    """The decoder graph with every layer's attention as one ``GroupQueryAttention`` node fed by one packed
+    q/k/v projection, and gate/up as one projection (in place)."""
     graph = model.graph
     by_module: dict[str, onnx.NodeProto] = {}
     for node in graph.node:
@@ -153,8 +184,8 @@ def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedA
         if missing:
             fail(f"layer {i}: no {'/'.join(m + '_proj' for m in missing)} MatMul in the decoder graph (has the exporter "
                  f"changed its name scopes?)")
-        inputs = [proj["q"].output[0], proj["k"].output[0], proj["v"].output[0], f"past_key.{i}", f"past_value.{i}",
-                  SEQLENS, TOTAL, "gqa_cos_cache", "gqa_sin_cache"]
+        qkv, _ = _pack(graph, [proj["q"], proj["k"], proj["v"]], f"model.layers.{i}.self_attn.qkv_proj")
+        inputs = [qkv, "", "", f"past_key.{i}", f"past_value.{i}", SEQLENS, TOTAL, "gqa_cos_cache", "gqa_sin_cache"]
         if fused.scales is not None:
             ks, vs = f"gqa_k_scale.{i}", f"gqa_v_scale.{i}"
             graph.initializer.extend([numpy_helper.from_array(fused.scales.key[i], ks),
@@ -167,6 +198,7 @@ def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedA
         graph.node.append(gqa)
         proj["o"].input[0] = f"attn_out.{i}"
         new_outputs += [f"present_key.{i}", f"present_value.{i}"]
+        _pack_mlp_input(graph, by_module, f"model.layers.{i}.mlp.")
     kv_type = CACHE_TYPES[fused.cache]
     kv_shape: list[Any] = ["batch", cfg.num_key_value_heads, "max_sequence", cfg.head_dim]
     kept_outputs = [o for o in graph.output if o.name not in old_outputs]
