@@ -81,3 +81,19 @@ def test_a_phantom_manifest_lists_its_rows_with_their_labels(tmp_path: Path) -> 
         entries = study_entries(source, None, tmp_path, 1)
         assert [e.study.name for e in entries] == ["phantom-00000.png", "phantom-00001.png"]
         assert all(e.study.is_file() and e.labels for e in entries)
+
+
+def test_a_cached_bundle_from_older_graphs_is_rebuilt(tmp_path: Path) -> None:
+    import json
+
+    from radtrt.exporter.onnx import GRAPH_REVISION
+
+    first = random_assets("tiny", tmp_path)
+    manifest = first.bundle / "manifest.json"
+    assert json.loads(manifest.read_text())["graph_revision"] == GRAPH_REVISION
+    built = manifest.stat().st_mtime_ns
+    assert random_assets("tiny", tmp_path).bundle == first.bundle and manifest.stat().st_mtime_ns == built  # reused
+    stale = json.loads(manifest.read_text()) | {"graph_revision": GRAPH_REVISION - 1}
+    manifest.write_text(json.dumps(stale))
+    random_assets("tiny", tmp_path)
+    assert json.loads(manifest.read_text())["graph_revision"] == GRAPH_REVISION  # exported again

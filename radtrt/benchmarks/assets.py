@@ -58,10 +58,10 @@ def _config_key(cfg: LlavaRadConfig) -> str:
 
 def _cached(folder: Path, cfg: LlavaRadConfig, seed: int) -> bool:
     """True when ``folder`` holds a model and bundle built for this config and seed by this radtrt, with
-    today's default decoder attention (a bundle cached before fused attention was the default is rebuilt)."""
+    today's graphs (``GRAPH_REVISION``: a bundle cached before an exporter change is rebuilt)."""
     from radtrt import __version__
     from radtrt.exporter.bundle import BUNDLE_FORMAT_VERSION, MANIFEST
-    from radtrt.exporter.gqa import DEFAULT_ATTENTION
+    from radtrt.exporter.onnx import GRAPH_REVISION
 
     marker, manifest = folder / ASSETS_MARKER, folder / "bundle" / MANIFEST
     if not (marker.is_file() and manifest.is_file() and (folder / "model" / "config.json").is_file()):
@@ -70,7 +70,7 @@ def _cached(folder: Path, cfg: LlavaRadConfig, seed: int) -> bool:
     bundle_meta = json.loads(manifest.read_text())
     return (meta.get("config_sha256") == _config_key(cfg) and meta.get("seed") == seed
             and meta.get("radtrt") == __version__ and bundle_meta.get("format_version") == BUNDLE_FORMAT_VERSION
-            and bundle_meta.get("decoder", {}).get("attention", "plain") == DEFAULT_ATTENTION)
+            and bundle_meta.get("graph_revision") == GRAPH_REVISION)
 
 
 def random_assets(preset_name: str, work_dir: Path, *, seed: int = 0, vision_only: bool = False,

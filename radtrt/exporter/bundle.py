@@ -26,7 +26,7 @@ import torch
 from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.gqa import ATTENTION_KINDS, DEFAULT_ATTENTION, FusedAttention, describe as describe_attention
-from radtrt.exporter.onnx import OPSET, export_decoder, export_vision
+from radtrt.exporter.onnx import GRAPH_REVISION, OPSET, export_decoder, export_vision
 from radtrt.model.loading import LoadedModel
 from radtrt.model.io import save_tensors, sha256_file
 from radtrt.model.prompt import QUERY, QUERY_WITH_INDICATION, SYSTEM_V1
@@ -178,6 +178,7 @@ def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[Exp
                   "config_sha256": hashlib.sha256(cfg.to_json().encode()).hexdigest()},
         "precision": precision,
         "opset": OPSET,
+        "graph_revision": GRAPH_REVISION,
         "graphs": graphs,
         "decoder": {"num_layers": cfg.decoder.num_hidden_layers, "num_kv_heads": cfg.decoder.num_key_value_heads,
                     "head_dim": cfg.decoder.head_dim, "hidden_size": cfg.decoder.hidden_size,

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from radtrt.exporter.gqa import FusedAttention
 
 OPSET = 18
+# Bumped whenever the exported graphs change for the same model and options (1: plain attention;
+# 2: fused attention by default; 3: packed projections; 4: RMSNorm written for ONNX Runtime's fusion).
+# Recorded in the manifest; the bench's cached random-model bundles are rebuilt when it differs.
+GRAPH_REVISION = 4
 VISION_INPUTS = ["pixel_values"]
 VISION_OUTPUTS = ["image_embeds"]
 
