@@ -185,6 +185,10 @@ def export(
         log(f"ONNX Runtime vs PyTorch ({what}fp32 reference): image embeddings max abs err {check['vision']['max_abs']:.3g}, "
             f"first-step logits max abs err {check['decoder_first_logits']['max_abs']:.3g}, greedy tokens "
             f"{'identical' if check['greedy_tokens_equal'] else 'DIFFER'} over {check['greedy_steps']} steps")
+        dec = manifest["decoder"]
+        log(f"decoder attention: {dec['attention']}"
+            + (" (GroupQueryAttention, com.microsoft)" if dec["attention"] == "fused" else "")
+            + f", {dec['kv_cache']} KV cache")
         if check.get("int8_parity"):
             _print_parity(check["int8_parity"], log)
     else:

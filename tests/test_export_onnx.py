@@ -33,6 +33,8 @@ def _exported(model_dir: Path, tmp_path_factory: pytest.TempPathFactory, *option
     out = tmp_path_factory.mktemp("b") / "bundle"
     result = runner.invoke(app, ["export", "--model", str(model_dir), *options, "-o", str(out)])
     assert result.exit_code == 0, result.stderr
+    attention = "plain" if "plain" in options else "fused (GroupQueryAttention, com.microsoft)"
+    assert f"decoder attention: {attention}" in result.stderr
     return out
 
 
