@@ -206,9 +206,9 @@ def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedA
     graph.output.extend(kept_outputs + [helper.make_tensor_value_info(n, kv_type, kv_shape) for n in new_outputs])
     graph_inputs = [embeds]
     graph_inputs += [helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch"]),
-                helper.make_tensor_value_info(TOTAL, TensorProto.INT32, [])]
+                     helper.make_tensor_value_info(TOTAL, TensorProto.INT32, [])]
     graph_inputs += [helper.make_tensor_value_info(f"past_{kv}.{i}", kv_type, kv_shape)
-                for i in range(layers) for kv in ("key", "value")]
+                     for i in range(layers) for kv in ("key", "value")]
     del graph.input[:]
     graph.input.extend(graph_inputs)
     _prune(graph)
