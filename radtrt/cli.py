@@ -56,13 +56,16 @@ def infer(
     allow_any_modality: bool = typer.Option(False, "--allow-any-modality", help="Accept non-radiograph DICOMs."),
     ort_provider: str = typer.Option("auto", "--ort-provider", help="auto | cpu | cuda | tensorrt (onnxruntime)."),
     trt_cache: Optional[Path] = typer.Option(None, "--trt-cache", help="Engine/timing cache dir for the TensorRT EP."),
+    ort_spin: bool = typer.Option(False, "--ort-spin", help="ONNX Runtime threads busy-wait between operators: "
+                                  "faster INT8 decode on a machine doing nothing else, slower when it is shared."),
 ) -> None:
     """Generate the findings section for each study."""
     from radtrt.runtime.session import check_studies_exist, open_pipeline, run_studies
 
     check_studies_exist(studies)
     pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
-                             dtype=dtype, console=err, ort_provider=ort_provider, trt_cache=trt_cache)
+                             dtype=dtype, console=err, ort_provider=ort_provider, trt_cache=trt_cache,
+                             ort_spin=ort_spin)
     for result in run_studies(pipeline, studies, indication=indication, max_new_tokens=max_new_tokens,
                               allow_any_modality=allow_any_modality, sr_out=sr_out, console=err,
                               batch_size=batch_size):

@@ -134,10 +134,11 @@ def test_latency_two_bundles_named_by_precision(tiny: Assets, work: Path, tmp_pa
     result = runner.invoke(app, ["export", "--model", str(tiny.model_dir), "--precision", "fp16", "-o", str(fp16)])
     assert result.exit_code == 0, result.stderr
     code, out, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", work, "--vs-bundle", fp16,
-                             "--runs", 1, "--warmup", 0, "--max-new-tokens", 4, "--json")
+                             "--runs", 1, "--warmup", 0, "--max-new-tokens", 4, "--ort-spin", "--json")
     assert code == 0, err
     data = json.loads(out)
     assert [b["name"] for b in data["backends"]] == ["onnxruntime fp32", "onnxruntime fp16"]
+    assert all(b["settings"]["spinning threads"] == "on" for b in data["backends"]) and "--ort-spin" in data["command"]
     assert data["ratios"]["numerator"] == "onnxruntime fp32" and data["ratios"]["denominator"] == "onnxruntime fp16"
     floors = [b["decode_floor"] for b in data["backends"]]
     assert floors[0]["kv_bytes_at_mean_context"] == pytest.approx(2 * floors[1]["kv_bytes_at_mean_context"])

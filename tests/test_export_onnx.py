@@ -183,7 +183,11 @@ def test_fused_cache_lives_where_its_attention_runs(bundle: Path, bundle_fp16: P
 def test_auto_backend_picks_onnxruntime_for_a_bundle(bundle: Path, studies: list[Path]) -> None:
     result = runner.invoke(app, ["infer", str(studies[0]), "--bundle", str(bundle), "--json", "--max-new-tokens", "2"])
     assert result.exit_code == 0 and json.loads(result.stdout)["backend"] == "onnxruntime"
-    assert "ONNX Runtime on the CPU" in result.stderr
+    assert "ONNX Runtime on the CPU" in result.stderr and "spinning" not in result.stderr
+    spun = runner.invoke(app, ["infer", str(studies[0]), "--bundle", str(bundle), "--json", "--max-new-tokens", "2",
+                               "--ort-spin"])
+    assert spun.exit_code == 0 and "provider cpu, spinning threads" in spun.stderr
+    assert json.loads(spun.stdout)["token_ids"] == json.loads(result.stdout)["token_ids"]
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

@@ -34,7 +34,8 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
                 studies: Path | None = None, synthetic: int | None = None, stages: str = "all", runs: int = 3,
                 warmup: int = 1, max_new_tokens: int = 64, indication: str | None = None,
                 threads: int | None = None, device: str = "cpu", ort_provider: str = "cpu", command: str = "",
-                progress: Any = None, bandwidth_probe: bool = True, vs_bundle: Path | None = None) -> LatencyReport:
+                progress: Any = None, bandwidth_probe: bool = True, vs_bundle: Path | None = None,
+                ort_spin: bool = False) -> LatencyReport:
     from radtrt.benchmarks.bandwidth import measure_gemv_bandwidth
 
     settings = LatencySettings(stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
@@ -45,7 +46,7 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
     paths = study_paths(studies, synthetic, work_dir, default_synthetic=1)
     step = _Step(progress, "opening backends")
     sides = open_sides(backends, assets, base_model=base_model, device=device, ort_provider=ort_provider,
-                       threads=threads, vs_bundle=vs_bundle)
+                       threads=threads, vs_bundle=vs_bundle, ort_spin=ort_spin)
     bandwidth = None
     if stages == "all" and bandwidth_probe:
         step("measuring matrix-vector bandwidth")
@@ -71,7 +72,7 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
                reference: str = "torch", studies: Path | None = None, synthetic: int | None = None,
                max_new_tokens: int = 64, indication: str | None = None, threads: int | None = None,
                device: str = "cpu", ort_provider: str = "cpu", command: str = "",
-               progress: Any = None, need_findings: bool = False) -> ParityReport:
+               progress: Any = None, need_findings: bool = False, ort_spin: bool = False) -> ParityReport:
     """``need_findings``: refuse, before any work, studies without ground-truth findings (for CheXprompt)."""
     if need_findings and studies is None:
         fail("--predictions-out needs --studies with ground-truth findings (a phantom set from 'radtrt data "
@@ -84,7 +85,7 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
         fail(f"--predictions-out needs ground-truth findings for every study; {studies} has studies without them")
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
-                          ort_provider=ort_provider, threads=threads)
+                          ort_provider=ort_provider, threads=threads, ort_spin=ort_spin)
     results = measure_parity(got.pipeline, ref.pipeline, entries, indication=indication,
                              max_new_tokens=max_new_tokens, on_step=step)
     machine.torch_threads = _torch_threads()

@@ -64,6 +64,8 @@ IndicationOpt = Annotated[Optional[str], typer.Option("--indication", help="Exam
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for torch and ONNX Runtime.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda (torch side).")]
 ProviderOpt = Annotated[str, typer.Option("--ort-provider", help="cpu | cuda | tensorrt (onnxruntime side).")]
+SpinOpt = Annotated[bool, typer.Option("--ort-spin", help="ONNX Runtime threads busy-wait between operators (every "
+                                       "onnxruntime side; for a machine doing nothing else).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report instead of Markdown.")]
 
 
@@ -88,6 +90,7 @@ def latency(
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     ort_provider: ProviderOpt = "cpu",
+    ort_spin: SpinOpt = False,
     as_json: JsonOpt = False,
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json, .png) here."),
 ) -> None:
@@ -104,15 +107,15 @@ def latency(
         ("--vs-bundle", vs_bundle),
         ("--studies", studies), ("--synthetic", synthetic), ("--stages", stages),
         ("--runs", runs), ("--warmup", warmup), ("--max-new-tokens", max_new_tokens), ("--indication", indication),
-        ("--threads", threads), ("--device", device), ("--ort-provider", ort_provider), ("--json", as_json),
-        ("-o", out)])
+        ("--threads", threads), ("--device", device), ("--ort-provider", ort_provider), ("--ort-spin", ort_spin),
+        ("--json", as_json), ("-o", out)])
     with _progress() as progress:
         report = run_latency(
             bundle=bundle, model=model, base_model=base_model, random_model=random_model, work_dir=work_dir,
             seed=seed, backends=[backend] + ([vs_backend] if vs_backend else []), studies=studies,
             synthetic=synthetic, stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
             indication=indication, threads=threads, device=device, ort_provider=ort_provider, command=command,
-            progress=progress, vs_bundle=vs_bundle)
+            progress=progress, vs_bundle=vs_bundle, ort_spin=ort_spin)
     from radtrt.benchmarks.markdown import latency_markdown
 
     _emit(latency_markdown(report), report.to_json(), as_json, out)
@@ -141,6 +144,7 @@ def parity(
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
     ort_provider: ProviderOpt = "cpu",
+    ort_spin: SpinOpt = False,
     as_json: JsonOpt = False,
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json) here."),
     predictions_out: Optional[Path] = typer.Option(
@@ -159,14 +163,16 @@ def parity(
         ("--seed", seed if random_model else None), ("--backend", backend), ("--reference", reference),
         ("--studies", studies), ("--synthetic", synthetic),
         ("--max-new-tokens", max_new_tokens), ("--indication", indication), ("--threads", threads),
-        ("--device", device), ("--ort-provider", ort_provider), ("--json", as_json), ("-o", out),
+        ("--device", device), ("--ort-provider", ort_provider), ("--ort-spin", ort_spin), ("--json", as_json),
+        ("-o", out),
         ("--predictions-out", predictions_out)])
     with _progress() as progress:
         report = run_parity(
             bundle=bundle, model=model, base_model=base_model, random_model=random_model, work_dir=work_dir,
             seed=seed, backend=backend, reference=reference, studies=studies, synthetic=synthetic,
             max_new_tokens=max_new_tokens, indication=indication, threads=threads, device=device,
-            ort_provider=ort_provider, command=command, progress=progress, need_findings=predictions_out is not None)
+            ort_provider=ort_provider, command=command, progress=progress, need_findings=predictions_out is not None,
+            ort_spin=ort_spin)
     if predictions_out is not None:
         from radtrt.benchmarks.parity import write_paired_predictions
 

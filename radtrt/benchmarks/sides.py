@@ -62,7 +62,7 @@ def _torch_side(kind: str, assets: Assets, base_model: Path | None, device: str,
     return pipeline, torch_decoder_weight_bytes(loaded.model.language_model), settings
 
 
-def _ort_side(assets: Assets, provider: str, threads: int | None) -> tuple[Pipeline, int, dict[str, Any]]:
+def _ort_side(assets: Assets, provider: str, threads: int | None, spin: bool) -> tuple[Pipeline, int, dict[str, Any]]:
     from radtrt.model.config import LlavaRadConfig
     from radtrt.model.io import read_json
     from radtrt.model.tokenizer import LlamaSPTokenizer
@@ -70,11 +70,12 @@ def _ort_side(assets: Assets, provider: str, threads: int | None) -> tuple[Pipel
 
     if assets.bundle is None:
         fail("the onnxruntime backend needs --bundle DIR (what 'radtrt export' wrote), or use --random-model")
-    backend = OrtBackend(assets.bundle, provider=provider, threads=threads)
+    backend = OrtBackend(assets.bundle, provider=provider, threads=threads, spin=spin)
     cfg = LlavaRadConfig.from_dict(read_json(assets.bundle / "model_config.json"))
     tokenizer = LlamaSPTokenizer.from_dir(assets.bundle)
     pipeline = Pipeline(backend, tokenizer, cfg, model_name=backend.manifest["model"]["name"])
     settings = {"provider": provider, "threads": threads if threads else "onnxruntime default (physical cores)",
+                "spinning threads": "on" if spin else "off",
                 "bundle": str(assets.bundle),
                 "attention": f"{backend.manifest['decoder'].get('attention', 'plain')}, {backend.kv_dtype} KV cache",
                 "kv_dtype_bytes": backend.kv_dtype.itemsize}
@@ -82,7 +83,8 @@ def _ort_side(assets: Assets, provider: str, threads: int | None) -> tuple[Pipel
 
 
 def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = None, device: str = "cpu",
-               ort_provider: str = "cpu", threads: int | None = None, vs_bundle: Path | None = None) -> list[Side]:
+               ort_provider: str = "cpu", threads: int | None = None, vs_bundle: Path | None = None,
+               ort_spin: bool = False) -> list[Side]:
     """Open each backend in turn; ``threads`` also sets torch's intra-op threads for the whole process.
 
     ``vs_bundle``: a second ONNX Runtime side on another bundle of the same model (INT8 against fp32,
@@ -95,9 +97,9 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
                  "without --vs-backend")
         if assets.bundle is None:
             fail("--vs-bundle needs --bundle (or --random-model) for the first side")
-        sides = open_sides(kinds, assets, ort_provider=ort_provider, threads=threads)
+        sides = open_sides(kinds, assets, ort_provider=ort_provider, threads=threads, ort_spin=ort_spin)
         sides += open_sides(kinds, dataclasses.replace(assets, bundle=vs_bundle), ort_provider=ort_provider,
-                            threads=threads)
+                            threads=threads, ort_spin=ort_spin)
         _label_bundle_sides(sides)
         _check_same_model(sides)
         return sides
@@ -116,7 +118,7 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
     for kind in kinds:
         t0, rss0 = time.perf_counter(), current_rss_mb()
         if kind == "onnxruntime":
-            pipeline, weight_bytes, settings = _ort_side(assets, ort_provider, threads)
+            pipeline, weight_bytes, settings = _ort_side(assets, ort_provider, threads, ort_spin)
         else:
             pipeline, weight_bytes, settings = _torch_side(kind, assets, base_model, device, cache)
         rss1 = current_rss_mb()

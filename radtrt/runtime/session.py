@@ -28,7 +28,8 @@ def check_studies_exist(studies: list[Path]) -> None:
 
 def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path | None, backend: str,
                   device: str | None,
-                  dtype: str, console: Console, ort_provider: str = "auto", trt_cache: Path | None = None) -> Pipeline:
+                  dtype: str, console: Console, ort_provider: str = "auto", trt_cache: Path | None = None,
+                  ort_spin: bool = False) -> Pipeline:
     from radtrt.runtime.ort import available_providers
 
     providers = available_providers() if bundle is not None else []
@@ -37,7 +38,7 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
                                  trt_ready=trt_ready)
     if chosen == "onnxruntime":
         assert bundle is not None
-        return _open_ort(bundle, device, ort_provider, trt_cache, why, console)
+        return _open_ort(bundle, device, ort_provider, trt_cache, why, console, ort_spin)
     if chosen == "tensorrt":
         assert bundle is not None
         return _open_trt(bundle, why, console)
@@ -83,7 +84,7 @@ def _open_trt(bundle: Path, why: str, console: Console) -> Pipeline:
 
 
 def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Path | None, why: str,
-              console: Console) -> Pipeline:
+              console: Console, spin: bool = False) -> Pipeline:
     from radtrt.runtime.ort import OrtBackend, available_providers
 
     if device not in (None, "cpu", "cuda"):
@@ -92,10 +93,11 @@ def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Pa
         gpu = "CUDAExecutionProvider" in available_providers()
         ort_provider = "cuda" if device == "cuda" or (device is None and gpu) else "cpu"
     with console.status(f"verifying and loading bundle {bundle}"):
-        backend = OrtBackend(bundle, provider=ort_provider, trt_cache=trt_cache)
+        backend = OrtBackend(bundle, provider=ort_provider, trt_cache=trt_cache, spin=spin)
         cfg, tokenizer = _bundle_side(bundle)
     name = backend.manifest["model"]["name"]
-    console.print(f"backend: onnxruntime ({why}), provider {ort_provider}, {backend.precision}; model {name}",
+    console.print(f"backend: onnxruntime ({why}), provider {ort_provider}{', spinning threads' if spin else ''}, "
+                  f"{backend.precision}; model {name}",
                   highlight=False, soft_wrap=True)
     note = backend.attention_note()
     if note:
