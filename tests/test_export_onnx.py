@@ -153,6 +153,15 @@ def test_prompts_of_different_lengths_in_one_batch(bundle: Path, bundle_plain: P
     assert float((batched.first_logits - ref.first_logits).abs().max()) < 1e-4
 
 
+def test_a_decoder_without_a_known_kv_cache_input_is_refused(bundle: Path, tmp_path: Path) -> None:
+    from radtrt.runtime.ort import OrtBackend
+
+    copy = _copy(bundle, tmp_path)
+    shutil.copy(copy / "vision.onnx", copy / "decoder.onnx")  # a loadable graph, but not a decoder
+    with pytest.raises(RadtrtError, match="no past_key.0 input"):
+        OrtBackend(copy, verify=False)
+
+
 def test_fused_fp32_attention_on_a_gpu_provider_is_explained(bundle: Path, bundle_fp16: Path) -> None:
     from radtrt.runtime.ort import OrtBackend
 

@@ -106,7 +106,10 @@ class OrtBackend:
         self.input_names, self.output_names = decoder_io_names(self.num_layers)
         self.dtype = self.table.dtype
         self.fused = SEQLENS in self.manifest["graphs"]["decoder.onnx"]["inputs"]
-        past_type = next(i.type for i in self.decoder.get_inputs() if i.name == "past_key.0")
+        past_type = next((i.type for i in self.decoder.get_inputs() if i.name == "past_key.0"), None)
+        if past_type not in ORT_TYPES:
+            fail(f"{bundle / 'decoder.onnx'} has no past_key.0 input of a KV-cache type radtrt knows ({past_type}); "
+                 f"re-export the bundle with this radtrt")
         self.kv_dtype = np.dtype(ORT_TYPES[past_type])
         # GroupQueryAttention's rotary tables stop at the model's max_position_embeddings
         self.max_positions = read_json(bundle / "model_config.json")["decoder"]["max_position_embeddings"]
