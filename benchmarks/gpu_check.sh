@@ -10,6 +10,8 @@
 # Environment: STUDIES (folder of studies; default 8 synthetic), MAX_BATCH (8), MAX_NEW_TOKENS (64),
 # RUNS (3 timed runs per study), CALIB (an ActivationStats .safetensors for SmoothQuant / INT8 KV;
 # default: maxima captured here from the reference on the studies - a stand-in, not a CXR calibration).
+# Then, where onnxruntime-gpu is installed: bench parity and latency of the fp16 bundle on ONNX Runtime's CUDA
+# provider against PyTorch on the GPU (ort-cuda-parity.md, ort-cuda-latency.md).
 set -euo pipefail
 
 MODEL_DIR="${1:-}"
@@ -163,3 +165,16 @@ for tag, why in skipped:
                                                   "rows": table, "skipped": skipped}, indent=2, default=str))
 print(f"\nwrote {work / 'gpu_check.json'}")
 PY
+
+# --- ONNX Runtime's CUDA provider on the same fp16 bundle (fused attention, KV cache kept on the GPU) ---
+MODEL="${MODEL_DIR:-$WORK_DIR/model}"
+STUDY_DIR="${STUDIES:-$WORK_DIR/studies}"
+if python -c "import sys, onnxruntime as o; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
+  radtrt bench parity --bundle "$WORK_DIR/bundle-fp16" --model "$MODEL" --backend onnxruntime --ort-provider cuda \
+    --device cuda --studies "$STUDY_DIR" --max-new-tokens "${MAX_NEW_TOKENS:-64}" -o "$WORK_DIR/ort-cuda-parity.md"
+  radtrt bench latency --bundle "$WORK_DIR/bundle-fp16" --model "$MODEL" --backend onnxruntime --ort-provider cuda \
+    --vs-backend torch --device cuda --studies "$STUDY_DIR" --runs "${RUNS:-3}" \
+    --max-new-tokens "${MAX_NEW_TOKENS:-64}" -o "$WORK_DIR/ort-cuda-latency.md"
+else
+  echo "ONNX Runtime here has no CUDAExecutionProvider (pip install onnxruntime-gpu): its CUDA check skipped"
+fi
