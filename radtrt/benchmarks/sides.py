@@ -77,7 +77,7 @@ def _ort_side(assets: Assets, provider: str, threads: int | None, spin: bool) ->
     settings = {"provider": provider, "threads": threads if threads else "onnxruntime default (physical cores)",
                 "spinning threads": "on" if spin else "off",
                 "bundle": str(assets.bundle),
-                "attention": f"{backend.manifest['decoder'].get('attention', 'plain')}, {backend.kv_dtype} KV cache",
+                "attention": f"{'fused' if backend.fused else 'plain'}, {backend.kv_dtype} KV cache",
                 "kv_dtype_bytes": backend.kv_dtype.itemsize}
     return pipeline, bundle_decoder_weight_bytes(backend.manifest), settings
 

@@ -248,10 +248,8 @@ def rewrite_attention(path: Path, cfg: DecoderConfig, fused: FusedAttention) -> 
 def describe(graph: onnx.GraphProto) -> dict[str, str]:
     """The manifest's record of a decoder graph's attention: fused or plain, and its cache's type."""
     types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
-    if SEQLENS not in types:
-        return {"attention": "plain", "kv_cache": helper.tensor_dtype_to_np_dtype(types["past_key.0"]).name}
-    cache = next(name for name, t in CACHE_TYPES.items() if t == types["past_key.0"])
-    return {"attention": "fused", "kv_cache": cache}
+    return {"attention": "fused" if SEQLENS in types else "plain",
+            "kv_cache": helper.tensor_dtype_to_np_dtype(types["past_key.0"]).name}
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:

@@ -235,18 +235,16 @@ class OrtBackend:
         shape = (batch, self.num_kv, length + max_new_tokens, self.head_dim)
         buffers = [self._cache_buffer(shape) for _ in range(2 * self.num_layers)]
         binding = self.decoder.io_binding()
+        binding.bind_output(outputs[0], "cpu")  # first: get_outputs() lists outputs in binding order
+        for name, value in zip(inputs[3:], buffers):  # bound once for the whole generation
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(outputs[1:], buffers):  # the same buffers: written in place
+            binding.bind_ortvalue_output(name, value)
 
-        def step(x: np.ndarray, total: int) -> np.ndarray:
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
+        def step(x: np.ndarray, total: int) -> np.ndarray:  # rebinding a name replaces its value
             binding.bind_cpu_input(inputs[0], np.ascontiguousarray(x, dtype=self.dtype))
             binding.bind_cpu_input(inputs[1], np.full(batch, total - 1, np.int32))
             binding.bind_cpu_input(inputs[2], np.array(total, np.int32))
-            binding.bind_output(outputs[0], "cpu")
-            for name, value in zip(inputs[3:], buffers):
-                binding.bind_ortvalue_input(name, value)
-            for name, value in zip(outputs[1:], buffers):  # the same buffers: written in place
-                binding.bind_ortvalue_output(name, value)
             self.decoder.run_with_iobinding(binding)
             return binding.get_outputs()[0].numpy()
 
