@@ -20,8 +20,8 @@ from radtrt.errors import RadtrtError
 from radtrt.exporter.gpu import GpuInfo
 from radtrt.exporter.quant import ActivationStats
 from radtrt.exporter.trtllm import (BuildLimits, build_decoder_engine, convert_decoder_weights, decoder_mode,
-                                    find_decoder_engine, prepare_checkpoint_for_host, read_checkpoint,
-                                    trtllm_build_command, trtllm_config, write_trtllm_checkpoint)
+                                    find_decoder_engine, mixed_gemm_preprocessor, prepare_checkpoint_for_host,
+                                    read_checkpoint, trtllm_build_command, trtllm_config, write_trtllm_checkpoint)
 from radtrt.model.config import preset
 from radtrt.model.decoder import LlamaForCausalLM
 from radtrt.model.tiny import random_model
@@ -222,6 +222,39 @@ def test_host_preparation_applies_the_vendor_preprocessing(tmp_path: Path) -> No
         prepare_checkpoint_for_host(prepared, tmp_path / "again", A100, preprocess=fake)
 
 
+def test_mixed_gemm_preprocessor_prefers_the_cpp_op() -> None:
+    """The C++ op (every version, Volta included) beats the Python function, which in 0.12-0.14-era sources
+    is a transpose-only helper ``(weight, quant_mode)`` and later a port asserting sm >= 75."""
+    calls: list[tuple] = []
+
+    def op(w: torch.Tensor, quant: torch.dtype, act: torch.dtype) -> torch.Tensor:
+        calls.append(("op", quant, act))
+        return w
+
+    def transpose_only(weight: torch.Tensor, quant_mode: torch.dtype) -> torch.Tensor:  # 0.12-0.14 helper
+        calls.append(("helper", quant_mode))
+        return weight.T.reshape(weight.shape)
+
+    def port(tensor: torch.Tensor, quant_mode: torch.dtype, act_dtype: torch.dtype, sm_: int = -1,
+             do_weight_interleave: bool = True) -> torch.Tensor:  # 1.x Python port
+        calls.append(("port", quant_mode, act_dtype))
+        return tensor
+
+    w = torch.zeros(64, 32, dtype=torch.int8)
+    for py_fn in (transpose_only, port, None):
+        calls.clear()
+        mixed_gemm_preprocessor(op, py_fn, (7, 0))(w)
+        assert calls == [("op", torch.int8, torch.float16)]
+    mixed_gemm_preprocessor(None, port, (8, 0))(w)
+    assert calls[-1] == ("port", torch.int8, torch.float16)
+    with pytest.raises(RadtrtError, match="needs sm75 or newer"):
+        mixed_gemm_preprocessor(None, port, (7, 0))
+    with pytest.raises(RadtrtError, match="transpose-only helper"):
+        mixed_gemm_preprocessor(None, transpose_only, (8, 0))
+    with pytest.raises(RadtrtError, match="provides no preprocess_weights_for_mixed_gemm"):
+        mixed_gemm_preprocessor(None, None, (8, 0))
+
+
 def test_build_command_lines_per_target(tmp_path: Path) -> None:
     limits = BuildLimits.for_llava(1369, max_batch=8)
     assert (limits.max_input_len, limits.max_seq_len, limits.max_multimodal_len) == (1881, 2137, 10952)
@@ -235,6 +268,11 @@ def test_build_command_lines_per_target(tmp_path: Path) -> None:
     assert v100[v100.index("--max_multimodal_len") + 1] == "1369"
     assert v100[-3:] == ["--context_fmha", "disable", "--gather_generation_logits"]
     assert "--context_fmha" not in trtllm_build_command(tmp_path / "c", tmp_path / "e", ORIN, limits)
+    bf16 = trtllm_build_command(tmp_path / "c", tmp_path / "e", A100, limits, dtype="bfloat16")
+    assert bf16[bf16.index("--gemm_plugin") + 1] == "bfloat16" and bf16[bf16.index("--gpt_attention_plugin") + 1] \
+        == "bfloat16"  # the plugins follow the checkpoint dtype
+    with pytest.raises(RadtrtError, match="unsupported checkpoint dtype"):
+        trtllm_build_command(tmp_path / "c", tmp_path / "e", A100, limits, dtype="float32")
     with pytest.raises(RadtrtError, match="4096 positions"):
         BuildLimits.for_llava(1369, max_text_tokens=3000)
     with pytest.raises(RadtrtError, match="no room"):
@@ -275,8 +313,14 @@ def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytes
     assert stamp["command"][stamp["command"].index("--checkpoint_dir") + 1] == str(engine.parent / "checkpoint")
     found, _ = find_decoder_engine(bundle, V100, "w8a16")
     assert found == engine
+    assert stamp["command"][stamp["command"].index("--gemm_plugin") + 1] == "float16"
     other = GpuInfo("Tesla V100-SXM2-32GB", (7, 0), "12.4", "10.4.0", "0.13.0")
     with pytest.raises(RadtrtError, match="was built for .*TensorRT-LLM 0.14.0.*this host has .*TensorRT-LLM 0.13.0"):
         find_decoder_engine(bundle, other, "w8a16")
     with pytest.raises(RadtrtError, match="has no TensorRT-LLM fp16 decoder engine"):
         find_decoder_engine(bundle, V100, "fp16")
+    # a bfloat16 checkpoint gets bfloat16 GEMM/attention plugins on the real command line
+    bf16 = write_trtllm_checkpoint(lm, bundle / "trtllm" / "checkpoint-fp16-bf16", "fp16", dtype="bfloat16")
+    bf16_engine = build_decoder_engine(bundle, bf16, A100, limits)
+    bf16_cmd = json.loads((bf16_engine.parent / "build.json").read_text())["command"]
+    assert bf16_cmd[bf16_cmd.index("--gpt_attention_plugin") + 1] == "bfloat16"

@@ -40,6 +40,12 @@ def test_configs_round_trip_through_protobuf_text(tmp_path: Path) -> None:
     assert params["gpt_model_path"] == str(tmp_path / "engine")
     assert params["gpt_model_type"] == "inflight_fused_batching"
     assert params["exclude_input_in_output"] == "true"
+    # identical fake image ids in every request: reused KV blocks would carry another image (backend >= 0.19
+    # turns reuse on when the parameter is absent)
+    assert params["enable_kv_cache_reuse"] == "false"
+    inputs = {i["name"]: i for i in llm["input"]}
+    for scalar in ("input_lengths", "request_output_len", "end_id", "pad_id", "prompt_vocab_size"):
+        assert inputs[scalar]["dims"] == [1] and inputs[scalar]["reshape"] == {"shape": []}, scalar
     assert {i["name"] for i in llm["input"]} >= {"input_ids", "prompt_embedding_table", "prompt_vocab_size"}
 
 

@@ -184,7 +184,14 @@ class RepoSpec:
 
 def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
                   kv_cache_free_gpu_mem_fraction: float = 0.85, max_queue_delay_us: int = 1000) -> dict[str, dict]:
-    """Every model's config (pure). ``vision_platform``: ``tensorrt_plan`` or ``onnxruntime_onnx``."""
+    """Every model's config (pure). ``vision_platform``: ``tensorrt_plan`` or ``onnxruntime_onnx``.
+
+    The ``tensorrt_llm`` model follows tensorrtllm_backend's ``inflight_batcher_llm/tensorrt_llm/config.pbtxt``
+    (scalar inputs declared ``dims: [1]`` with ``reshape: { shape: [] }``). KV-cache block reuse is switched
+    off explicitly: every request carries the same fake image ids ``vocab_size ..``, so reused blocks would
+    hold another image's keys/values, and the backend turns reuse on when the parameter is absent (from
+    v0.19.0; off before).
+    """
     b, n, s = spec.max_batch, spec.num_image_tokens, spec.image_size
     i32 = "TYPE_INT32"
     pre = _python_model(
@@ -204,7 +211,7 @@ def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
            "dynamic_batching": {"preferred_batch_size": [b], "max_queue_delay_microseconds": max_queue_delay_us},
            "input": [_io("input_ids", i32, [-1], allow_ragged_batch=True),
                      _io("input_lengths", i32, [1], reshape={"shape": []}),
-                     _io("request_output_len", i32, [1]),
+                     _io("request_output_len", i32, [1], reshape={"shape": []}),
                      _io("end_id", i32, [1], reshape={"shape": []}, optional=True),
                      _io("pad_id", i32, [1], reshape={"shape": []}, optional=True),
                      _io("prompt_embedding_table", TRITON_DTYPES[spec.embeds_dtype], [-1, -1], optional=True,
@@ -215,7 +222,8 @@ def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
            "parameters": _params({"gpt_model_type": "inflight_fused_batching", "gpt_model_path": engine_dir,
                                   "max_beam_width": 1, "batch_scheduler_policy": "guaranteed_no_evict",
                                   "kv_cache_free_gpu_mem_fraction": kv_cache_free_gpu_mem_fraction,
-                                  "exclude_input_in_output": "true", "enable_chunked_context": "false"})}
+                                  "exclude_input_in_output": "true", "enable_chunked_context": "false",
+                                  "enable_kv_cache_reuse": "false"})}
     post = _python_model("postprocessing", b,
                          [_io("TOKENS_BATCH", i32, [-1, -1]), _io("SEQUENCE_LENGTH", i32, [-1])],
                          [_io("REPORT", "TYPE_STRING", [1]), _io("TOKEN_IDS", i32, [-1])],

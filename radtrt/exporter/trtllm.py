@@ -16,7 +16,9 @@ converter (``tensorrt_llm/models/llama/convert.py``, ``convert_utils.py``, ``qua
   interleaves per architecture), plus ``per_channel_scale`` ``[out]`` in the model dtype. That layout is
   GPU-specific, so radtrt writes a *plain* checkpoint (row-major int8 ``[in, out]`` + scales, marked
   ``weight_layout: plain`` in ``radtrt_checkpoint.json``) and ``prepare_checkpoint_for_host`` applies
-  TensorRT-LLM's own ``preprocess_weights_for_mixed_gemm`` on the target GPU before ``trtllm-build``.
+  TensorRT-LLM's own C++ op ``torch.ops.trtllm.preprocess_weights_for_mixed_gemm`` on the target GPU
+  before ``trtllm-build`` (``trtllm-build`` leaves int8 W8A16 weights as they are: its
+  ``weight_only_quantize_dict`` only quantizes weights whose dtype is not int8).
 * INT8 KV cache (kv_cache_quant_algo ``INT8``): ``attention.kv_cache_scaling_factor`` ``[1]`` fp32 =
   absmax / 127 per layer (TensorRT-LLM derives it from the q/k/v output maxima; radtrt does the same
   unless explicit per-layer scales are given).
@@ -24,6 +26,7 @@ converter (``tensorrt_llm/models/llama/convert.py``, ``convert_utils.py``, ``qua
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import subprocess
@@ -227,18 +230,63 @@ def read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[st
 
 # --- on the target GPU -----------------------------------------------------------------------------
 
-def trtllm_mixed_gemm_preprocessor() -> Callable[[torch.Tensor], torch.Tensor]:
-    """TensorRT-LLM's rearrangement of row-major int8 ``[in, out]`` weights for its weight-only GEMM on
-    *this* GPU: the Python ``preprocess_weights_for_mixed_gemm`` of 1.x, else the
-    ``torch.ops.trtllm`` op of 0.12-0.14 (registered by importing tensorrt_llm)."""
-    import tensorrt_llm  # noqa: F401  (registers torch.ops.trtllm)
-    import tensorrt_llm.quantization.functional as functional
+# Oldest GPU the Python port of the preprocessing handles (it asserts ``sm_ >= 75``); the C++ op also
+# knows Volta's layout (cutlass_preprocessors.cpp: getLayoutDetailsForArch<cutlass::arch::Sm70>).
+PY_PREPROCESS_MIN_SM = (7, 5)
 
-    fn = getattr(functional, "preprocess_weights_for_mixed_gemm", None)
-    if fn is not None:
-        return lambda w: fn(w, torch.int8, torch.float16)
-    op = torch.ops.trtllm.preprocess_weights_for_mixed_gemm
-    return lambda w: op(w, torch.int8, torch.float16)
+
+def mixed_gemm_preprocessor(op: Callable[..., torch.Tensor] | None, py_fn: Callable[..., torch.Tensor] | None,
+                            sm: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Choose TensorRT-LLM's rearrangement of row-major int8 ``[in, out]`` weights for its weight-only GEMM.
+
+    Pure (the candidates are passed in) so the choice is tested without TensorRT-LLM. Why this order:
+
+    * ``op`` = ``torch.ops.trtllm.preprocess_weights_for_mixed_gemm(weight, quant_type, activation_type)``,
+      the C++ op TensorRT-LLM's own converters use. It is registered in every target version (0.12 through
+      1.x) and lays weights out for the GPU it runs on, Volta included, so it is preferred.
+    * ``py_fn`` = ``tensorrt_llm.quantization.functional.preprocess_weights_for_mixed_gemm`` is *not* one
+      function across versions: in the 0.12-0.14-era sources it is a two-argument helper that only
+      transposes int8 weights (no interleaving or bias, so the plugin would read garbage); later it is a
+      Python port of the op taking ``act_dtype`` that asserts sm >= 75. It is only a fallback, and only
+      in its port form on Turing or newer.
+
+    The activation type is float16 as in TensorRT-LLM's own int8 calls: the W8A16 layout is the same for
+    fp16 and bf16 activations.
+    """
+    if op is not None:
+        return lambda w: op(w, torch.int8, torch.float16)
+    if py_fn is None:
+        fail("TensorRT-LLM provides no preprocess_weights_for_mixed_gemm (neither torch.ops.trtllm nor "
+             "tensorrt_llm.quantization.functional); is tensorrt_llm installed correctly?")
+    try:
+        params = inspect.signature(py_fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "act_dtype" not in params:
+        fail("this TensorRT-LLM has no torch.ops.trtllm.preprocess_weights_for_mixed_gemm, and its Python "
+             "preprocess_weights_for_mixed_gemm is the transpose-only helper, not the kernel layout; "
+             "weight-only INT8 cannot be prepared with it")
+    if sm < PY_PREPROCESS_MIN_SM:
+        fail(f"TensorRT-LLM's Python weight preprocessing needs sm75 or newer and its C++ op is missing; "
+             f"cannot prepare weight-only INT8 for sm{sm[0]}{sm[1]}")
+    return lambda w: py_fn(w, torch.int8, torch.float16)
+
+
+def trtllm_mixed_gemm_preprocessor(gpu: GpuInfo) -> Callable[[torch.Tensor], torch.Tensor]:
+    """TensorRT-LLM's weight rearrangement for *this* GPU (see ``mixed_gemm_preprocessor``)."""
+    import tensorrt_llm  # noqa: F401  (importing it loads libth_common, which registers torch.ops.trtllm)
+
+    try:
+        op = torch.ops.trtllm.preprocess_weights_for_mixed_gemm
+    except (AttributeError, RuntimeError):
+        op = None
+    try:
+        import tensorrt_llm.quantization.functional as functional
+
+        py_fn = getattr(functional, "preprocess_weights_for_mixed_gemm", None)
+    except ImportError:
+        py_fn = None
+    return mixed_gemm_preprocessor(op, py_fn, gpu.sm)
 
 
 def prepare_checkpoint_for_host(plain: Path, out_dir: Path, gpu: GpuInfo,
@@ -247,7 +295,7 @@ def prepare_checkpoint_for_host(plain: Path, out_dir: Path, gpu: GpuInfo,
     config, meta, tensors = read_checkpoint(plain)
     if meta["weight_layout"] != "plain":
         fail(f"{plain} is already in TensorRT-LLM's layout; build it directly")
-    fn = preprocess or trtllm_mixed_gemm_preprocessor()
+    fn = preprocess or trtllm_mixed_gemm_preprocessor(gpu)
     prepared = {}
     for name, t in tensors.items():
         if name.endswith(".weight") and t.dtype == torch.int8:
@@ -297,14 +345,19 @@ class BuildLimits:
 
 
 def trtllm_build_command(checkpoint_dir: Path, engine_dir: Path, gpu: GpuInfo, limits: BuildLimits, *,
-                         gather_generation_logits: bool = False, workers: int = 1) -> list[str]:
+                         dtype: str = "float16", gather_generation_logits: bool = False,
+                         workers: int = 1) -> list[str]:
     """The ``trtllm-build`` command line (options present from 0.12 through 1.x); quantization plugins
-    follow the checkpoint's quant_algo inside trtllm-build."""
+    follow the checkpoint's quant_algo inside trtllm-build (builder.build sets the weight-only / SmoothQuant
+    plugins to the model dtype). The GEMM and attention plugins take the checkpoint ``dtype`` explicitly:
+    a float16 plugin on a bfloat16 checkpoint does not match its weights."""
+    if dtype not in DTYPES:
+        fail(f"unsupported checkpoint dtype '{dtype}' ({', '.join(DTYPES)})")
     cmd = ["trtllm-build", "--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(engine_dir),
            "--max_batch_size", str(limits.max_batch), "--max_input_len", str(limits.max_input_len),
            "--max_seq_len", str(limits.max_seq_len), "--max_num_tokens", str(limits.max_batch * limits.max_input_len),
            "--max_multimodal_len", str(limits.max_multimodal_len),
-           "--gemm_plugin", "float16", "--gpt_attention_plugin", "float16", "--remove_input_padding", "enable",
+           "--gemm_plugin", dtype, "--gpt_attention_plugin", dtype, "--remove_input_padding", "enable",
            "--workers", str(workers)]
     if gpu.sm < (8, 0):
         cmd += ["--context_fmha", "disable"]  # fused context attention kernels target sm80+
@@ -333,7 +386,8 @@ def build_decoder_engine(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: B
     if meta["needs_host_preprocessing"]:
         checkpoint = prepare_checkpoint_for_host(checkpoint, root / "checkpoint", gpu, preprocess)
     engine = root / "engine"
-    cmd = trtllm_build_command(checkpoint, engine, gpu, limits, gather_generation_logits=gather_generation_logits)
+    cmd = trtllm_build_command(checkpoint, engine, gpu, limits, dtype=config["dtype"],
+                               gather_generation_logits=gather_generation_logits)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with (root / "trtllm-build.log").open("w") as log:
