@@ -189,6 +189,20 @@ def test_fused_cache_lives_where_its_attention_runs(bundle: Path, bundle_fp16: P
     assert fp32._cache_buffer((1, 2, 3, 4)).device_name() == "cpu"
 
 
+def test_spinning_threads_only_within_a_run(bundle: Path) -> None:
+    from radtrt.runtime.ort import OrtBackend
+
+    def entries(backend: OrtBackend) -> set[tuple[str, str]]:
+        opts = [s.get_session_options() for s in (backend.vision, backend.decoder)]
+        return {(o.get_session_config_entry("session.intra_op.allow_spinning"),
+                 o.get_session_config_entry("session.force_spinning_stop")) for o in opts}
+
+    assert entries(OrtBackend(bundle, spin=True)) == {("1", "1")}
+    quiet = OrtBackend(bundle)
+    assert {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            for s in (quiet.vision, quiet.decoder)} == {"0"}
+
+
 def test_auto_backend_picks_onnxruntime_for_a_bundle(bundle: Path, studies: list[Path]) -> None:
     result = runner.invoke(app, ["infer", str(studies[0]), "--bundle", str(bundle), "--json", "--max-new-tokens", "2"])
     assert result.exit_code == 0 and json.loads(result.stdout)["backend"] == "onnxruntime"

@@ -77,8 +77,12 @@ def _session(path: Path, providers: list[Any], threads: int | None, spin: bool =
     # cores (measured: 171.9 -> 86.9 ms/token on the 2-core CI-class machine under load). On a machine
     # that does nothing else they save each operator's thread wake-up: INT8 decode, dozens of short
     # operators per token, measured 1.23x faster (12.3 -> 10.0 ms/token, mid-size, 2 cores); fp32 decode
-    # no faster. ``--ort-spin`` turns it on.
+    # no faster. ``--ort-spin`` turns it on, for the duration of each run only: the threads stop spinning
+    # when a run returns, so they do not burn the cores between decode steps' Python work or between
+    # studies (within a run: same speed; with another process busy: 24.3 -> 21.0 ms/token, INT8 decode).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         opts.intra_op_num_threads = threads
     try:
