@@ -44,6 +44,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from radtrt.errors import fail
+from radtrt.exporter.external import InMemory, TensorFile, TensorStore
 from radtrt.exporter.quant import ActivationStats
 from radtrt.model.config import DecoderConfig
 
@@ -130,27 +131,28 @@ def _prune(graph: onnx.GraphProto) -> None:
         field.extend(kept)
 
 
-def _pack(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], name: str) -> tuple[str, list[int]]:
+def _pack(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], name: str, store: TensorStore) -> tuple[str, list[int]]:
     """One MatMul in place of several that read the same input: their weights side by side, so a decode
     step runs one larger matrix-vector product instead of several small ones (each ONNX Runtime node has
     a fixed dispatch cost). Returns the packed output and each original's width, in order."""
     weights = {i.name: i for i in graph.initializer}
     if any(n.input[0] != nodes[0].input[0] or n.input[1] not in weights for n in nodes):
         fail(f"{name}: the projections to pack do not share one input and constant weights")
-    arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
-    graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), name + ".weight"))
+    arrays = [store.read(weights[n.input[1]]) for n in nodes]
+    graph.initializer.append(store.add(np.concatenate(arrays, axis=1), name + ".weight"))
     node = helper.make_node("MatMul", [nodes[0].input[0], name + ".weight"], [name + ".out"], name=name)
     node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=repr(["lm." + name]))
     graph.node.append(node)
     return node.output[0], [a.shape[1] for a in arrays]
 
 
-def _pack_mlp_input(graph: onnx.GraphProto, by_module: dict[str, onnx.NodeProto], prefix: str) -> None:
+def _pack_mlp_input(graph: onnx.GraphProto, by_module: dict[str, onnx.NodeProto], prefix: str,
+                    store: TensorStore) -> None:
     """``gate_proj`` and ``up_proj`` as one MatMul and a Split that yields their original outputs."""
     gate, up = by_module.get(prefix + "gate_proj"), by_module.get(prefix + "up_proj")
     if gate is None or up is None:
         fail(f"no {prefix}gate_proj/up_proj MatMul in the decoder graph (has the exporter changed its name scopes?)")
-    packed, widths = _pack(graph, [gate, up], prefix + "gate_up_proj")
+    packed, widths = _pack(graph, [gate, up], prefix + "gate_up_proj", store)
     graph.initializer.append(numpy_helper.from_array(np.array(widths, np.int64), prefix + "gate_up_split"))
     graph.node.append(helper.make_node("Split", [packed, prefix + "gate_up_split"], [gate.output[0], up.output[0]],
                                        name=prefix + "gate_up_split", axis=-1))
@@ -158,9 +160,12 @@ def _pack_mlp_input(graph: onnx.GraphProto, by_module: dict[str, onnx.NodeProto]
     graph.node.remove(up)
 
 
-def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedAttention) -> onnx.ModelProto:
+def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedAttention,
+                       store: TensorStore | None = None) -> onnx.ModelProto:
     """The decoder graph with every layer's attention as one ``GroupQueryAttention`` node fed by one packed
-    q/k/v projection, and gate/up as one projection (in place)."""
+    q/k/v projection, and gate/up as one projection (in place). ``store``: where weights are read and the
+    packed ones put (default: inside the protobuf)."""
+    store = store or InMemory()
     graph = model.graph
     by_module: dict[str, onnx.NodeProto] = {}
     for node in graph.node:
@@ -184,7 +189,7 @@ def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedA
         if missing:
             fail(f"layer {i}: no {'/'.join(m + '_proj' for m in missing)} MatMul in the decoder graph (has the exporter "
                  f"changed its name scopes?)")
-        qkv, _ = _pack(graph, [proj["q"], proj["k"], proj["v"]], f"model.layers.{i}.self_attn.qkv_proj")
+        qkv, _ = _pack(graph, [proj["q"], proj["k"], proj["v"]], f"model.layers.{i}.self_attn.qkv_proj", store)
         inputs = [qkv, "", "", f"past_key.{i}", f"past_value.{i}", SEQLENS, TOTAL, "gqa_cos_cache", "gqa_sin_cache"]
         if fused.scales is not None:
             ks, vs = f"gqa_k_scale.{i}", f"gqa_v_scale.{i}"
@@ -198,7 +203,7 @@ def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedA
         graph.node.append(gqa)
         proj["o"].input[0] = f"attn_out.{i}"
         new_outputs += [f"present_key.{i}", f"present_value.{i}"]
-        _pack_mlp_input(graph, by_module, f"model.layers.{i}.mlp.")
+        _pack_mlp_input(graph, by_module, f"model.layers.{i}.mlp.", store)
     kv_type = CACHE_TYPES[fused.cache]
     kv_shape: list[Any] = ["batch", cfg.num_key_value_heads, "max_sequence", cfg.head_dim]
     kept_outputs = [o for o in graph.output if o.name not in old_outputs]
@@ -238,11 +243,18 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
 
 
 def rewrite_attention(path: Path, cfg: DecoderConfig, fused: FusedAttention) -> None:
-    """``to_fused_attention`` on an exported graph file, written back with its weights external."""
-    model = to_fused_attention(onnx.load(str(path)), cfg, fused)
+    """``to_fused_attention`` on an exported graph file, its weights kept on disk (``TensorFile``): the
+    packed ones and the untouched ones go to a new data file that then replaces the old ones."""
+    model = onnx.load(str(path), load_external_data=False)
+    location = path.name + ".data"
+    fresh = path.with_name(location + ".new")
+    with TensorFile(path.parent, fresh, location) as store:
+        to_fused_attention(model, cfg, fused, store)
+        store.finish(model.graph)
     for stale in path.parent.glob(path.name + "*.data"):
         stale.unlink()
-    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    fresh.rename(path.with_name(location))
+    onnx.save(model, str(path))
 
 
 def describe(graph: onnx.GraphProto) -> dict[str, str]:
