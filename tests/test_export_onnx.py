@@ -134,6 +134,49 @@ def test_rms_norms_are_written_so_onnxruntime_fuses_them(bundle: Path, bundle_pl
     assert norms == 2 * layers + 1 and "ReduceMean" not in optimized
 
 
+def test_vision_gelus_are_written_so_onnxruntime_fuses_them(bundle: Path, model_dir: Path, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    blocks = len(load_model(model_dir).model.vision_tower.blocks)
+    vision = bundle / "vision.onnx"
+    # one GELU per block used (select layer -2 leaves the last block out) + the projector's
+    assert [n.op_type for n in onnx.load(str(vision), load_external_data=False).graph.node].count("Erf") == blocks
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(vision), sess_options=opts, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(opts.optimized_model_filepath, load_external_data=False).graph.node]
+    assert "Erf" not in optimized and optimized.count("BiasGelu") + optimized.count("Gelu") == blocks
+
+
+def test_gelu_reorder_is_exact_and_only_for_a_half() -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from radtrt.exporter.onnx import gelus_for_fusion
+
+    def gelu_graph(half: float) -> onnx.ModelProto:
+        consts = {"sqrt2": np.float32(np.sqrt(2.0)), "one": np.float32(1.0), "half": np.float32(half)}
+        nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+                 helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["half", "a"], ["h"]),
+                 helper.make_node("Mul", ["x", "h"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])],
+                                  [numpy_helper.from_array(np.array(v), k) for k, v in consts.items()])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    x = np.random.default_rng(0).standard_normal(64).astype(np.float32) * 4
+    model = gelu_graph(0.5)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # compare the graphs as written
+    before = ort.InferenceSession(model.SerializeToString(), opts).run(None, {"x": x})[0]
+    assert gelus_for_fusion(model.graph) == 1
+    after = ort.InferenceSession(model.SerializeToString(), opts).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(before, after)  # multiplying by 0.5 is exact: same bits in either order
+    assert gelus_for_fusion(gelu_graph(0.25).graph) == 0
+
+
 @pytest.mark.parametrize("which", ["fused", "plain"])
 def test_prompts_of_different_lengths_in_one_batch(bundle: Path, bundle_plain: Path, model_dir: Path,
                                                    which: str) -> None:
