@@ -133,6 +133,16 @@ def export_decoder(lm: LlamaForCausalLM, path: Path, dtype: torch.dtype = torch.
         rewrite_attention(path, lm.cfg, fused)
 
 
+def _links(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Each value's producing node and its consuming nodes."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
 def rms_norms_as_division(graph: onnx.GraphProto) -> int:
     """Rewrite each RMSNorm's ``x * Reciprocal(Sqrt(mean(x^2) + eps))`` as ``x / Sqrt(...)``; returns how many.
 
@@ -143,11 +153,7 @@ def rms_norms_as_division(graph: onnx.GraphProto) -> int:
     interleaved A/B of 5 runs on the 2-core CPU: decode 1.05x, prefill 1.08x). Only the exact pattern is
     touched: Pow(x, 2) -> ReduceMean -> Add -> Sqrt -> Reciprocal -> Mul with x.
     """
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _links(graph)
     rewritten = []
     for recip in graph.node:
         if recip.op_type != "Reciprocal":
@@ -191,11 +197,7 @@ def gelus_for_fusion(graph: onnx.GraphProto) -> int:
     standard ONNX (TensorRT reads it as before). Touched only where the factor is exactly 0.5 and the
     chain Div -> Erf -> Add -> Mul(0.5) -> Mul(x) has no other consumers.
     """
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _links(graph)
     count = 0
     for erf in graph.node:
         div = producer.get(erf.input[0]) if erf.op_type == "Erf" else None
