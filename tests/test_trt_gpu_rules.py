@@ -6,7 +6,8 @@ import pytest
 
 from radtrt.errors import RadtrtError
 from radtrt.exporter.gpu import (GpuInfo, capability_lines, check_tensorrt, check_trtllm, engine_key, gpu_stamp,
-                                 parse_version, stamp_mismatch, tensorrt_problem, timing_cache_name, trtllm_problem)
+                                 loaded_tensorrt_problem, parse_version, stamp_mismatch, tensorrt_problem,
+                                 timing_cache_name, trtllm_problem)
 
 # The deployment targets with the library versions users run on them.
 TARGETS = {
@@ -75,6 +76,15 @@ def test_tensorrt_refusals() -> None:
         check_tensorrt(GpuInfo("Tesla V100-SXM2-32GB", (7, 0), "12.4", "10.5.0"))
     assert "not installed" in tensorrt_problem(GpuInfo("Tesla T4", (7, 5)))
     check_tensorrt(TARGETS["v100"])  # 10.4 still supports Volta
+
+
+def test_imported_tensorrt_must_be_the_recorded_release() -> None:
+    assert loaded_tensorrt_problem("10.3.0", "10.3.0") is None
+    assert loaded_tensorrt_problem("10.3.0.30", "10.3.0") is None  # JetPack's build number vs the wheel's x.y.z
+    msg = loaded_tensorrt_problem("10.3.0", "10.4.0")  # stale metapackage metadata vs the bindings imported
+    assert msg is not None and "10.4.0" in msg and "10.3.0" in msg and "\n" not in msg
+    assert loaded_tensorrt_problem("10.3.0.26", "10.3.0.30") is not None  # engines need the exact build
+    assert loaded_tensorrt_problem(None, "10.3.0") is not None
 
 
 def test_stamp_mismatch_names_both_machines() -> None:

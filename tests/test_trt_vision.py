@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 from radtrt.errors import RadtrtError
 from radtrt.exporter.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
 from radtrt.exporter.gpu import GpuInfo, engine_key, gpu_stamp
-from radtrt.exporter.tensorrt import (STAMP_FORMAT, find_vision_engine, inspect_onnx, plan_vision_build,
-                                      trtexec_command, vision_profile)
+from radtrt.exporter.tensorrt import (STAMP_FORMAT, _build_serialized, attach_timing_cache, find_vision_engine,
+                                      inspect_onnx, network_flag_names, plan_vision_build, trtexec_command,
+                                      vision_profile)
 from radtrt.model.config import preset
 from radtrt.model.tiny import train_tiny_tokenizer
 
@@ -109,9 +112,11 @@ def test_build_plans(tmp_path: Path) -> None:
     fp16, fp32, qdq = (inspect_onnx(tmp_path / n) for n in ("h.onnx", "f.onnx", "q.onnx"))
     plan = plan_vision_build(fp16, "10.3.0")
     assert (plan.precision, plan.strongly_typed, plan.builder_flags, plan.fp32_layer_types) == ("fp16", True, (), ())
-    old = plan_vision_build(fp16, "8.6.2")  # JetPack 5: no strong typing, pin norm/softmax to fp32
+    old = plan_vision_build(fp16, "8.6.2")  # JetPack 6.0: no strong typing, pin norm/softmax to fp32
     assert (old.strongly_typed, old.builder_flags, old.fp32_layer_types) == (
         False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), ("NORMALIZATION", "SOFTMAX"))
+    with pytest.raises(RadtrtError, match="needs TensorRT 8.6 or newer"):  # JetPack 5: no LayerType.NORMALIZATION
+        plan_vision_build(fp16, "8.5.2")
     assert plan_vision_build(qdq, "10.4.0").precision == "int8" and plan_vision_build(qdq, "10.4.0").strongly_typed
     with pytest.raises(RadtrtError, match="needs TensorRT 10 or newer, found 8.6.2"):
         plan_vision_build(qdq, "8.6.2")
@@ -122,6 +127,20 @@ def test_build_plans(tmp_path: Path) -> None:
         plan_vision_build(fp32, "11.0.0", "fp16")
     with pytest.raises(RadtrtError, match="Q/DQ-quantized vision.onnx"):
         plan_vision_build(fp16, "10.3.0", "int8")
+    # strong typing keeps Q/DQ: asking a Q/DQ graph for fp16 must not silently give an int8 engine
+    with pytest.raises(RadtrtError, match="graph is Q/DQ INT8; an fp16 vision engine"):
+        plan_vision_build(qdq, "10.3.0", "fp16")
+    assert "deprecated since TensorRT 10.12" in plan_vision_build(fp32, "10.13.0", "fp16").note
+    assert plan_vision_build(fp16, "11.0.0").strongly_typed and plan_vision_build(qdq, "11.1.0").precision == "int8"
+
+
+def test_network_flags_per_version() -> None:
+    assert network_flag_names("8.6.2", False) == ("EXPLICIT_BATCH",)  # required before 10
+    assert network_flag_names("10.3.0", True) == ("STRONGLY_TYPED",)
+    assert network_flag_names("10.4.0", False) == ()  # explicit batch is implied from 10.0
+    assert network_flag_names("11.0.0", True) == ()  # always strongly typed; the flag is deprecated
+    with pytest.raises(RadtrtError, match="needs TensorRT 10"):
+        network_flag_names("8.6.2", True)
 
 
 def test_profile_and_trtexec_command(tmp_path: Path) -> None:
@@ -175,3 +194,209 @@ def test_vision_files_are_hash_checked(tmp_path: Path) -> None:
     data.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
     with pytest.raises(RadtrtError, match="vision.onnx.data is missing or does not match"):
         read_vision_manifest(bundle)
+
+
+# --- the build and the runtime against a stand-in ``tensorrt`` module (TensorRT 10 Python API names) ---
+
+class _Layer:
+    def __init__(self, kind: str, outputs: int = 1) -> None:
+        self.type, self.num_outputs, self.precision, self.output_types = kind, outputs, None, {}
+
+    def set_output_type(self, index: int, dtype: str) -> None:
+        self.output_types[index] = dtype
+
+
+class _Cache:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def serialize(self) -> bytes:
+        return self.data or b"fresh cache"
+
+
+class _Config:
+    def __init__(self, *, other_device: bool = False) -> None:
+        self.flags: list[str] = []
+        self.profiles: list[object] = []
+        self.pool: tuple | None = None
+        self.cache: _Cache | None = None
+        self.other_device = other_device
+
+    def set_memory_pool_limit(self, pool: str, size: int) -> None:
+        self.pool = (pool, size)
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.append(flag)
+
+    def add_optimization_profile(self, profile: object) -> int:
+        self.profiles.append(profile)
+        return 0
+
+    def create_timing_cache(self, data: bytes) -> _Cache | None:
+        return None if data == b"garbage" else _Cache(bytes(data))
+
+    def set_timing_cache(self, cache: _Cache, ignore_mismatch: bool) -> bool:
+        assert isinstance(cache, _Cache) and ignore_mismatch is False
+        if self.other_device and cache.data:
+            return False
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self) -> _Cache | None:
+        return self.cache
+
+
+def fake_tensorrt(version: str, *, cache_on_other_device: bool = False) -> types.SimpleNamespace:
+    """The parts of the ``tensorrt`` module radtrt calls, recording what it is asked to do. Enum values
+    follow the release: STRONGLY_TYPED is 1 on 10.x and 0 (ignored) on 11; EXPLICIT_BATCH is gone in 11."""
+    major = int(version.split(".")[0])
+    calls: dict = {"logs": []}
+    layers = [_Layer("MATRIX_MULTIPLY"), _Layer("NORMALIZATION"), _Layer("SOFTMAX"), _Layer("ELEMENTWISE")]
+
+    class Logger:
+        WARNING = "warning"
+
+        def __init__(self, severity: str) -> None:
+            pass
+
+        def log(self, severity: str, msg: str) -> None:
+            calls["logs"].append(msg)
+
+    class Builder:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def create_network(self, flags: int = 0) -> types.SimpleNamespace:
+            calls["network_flags"] = flags
+            return types.SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+
+        def create_builder_config(self) -> _Config:
+            calls["config"] = _Config(other_device=cache_on_other_device)
+            return calls["config"]
+
+        def create_optimization_profile(self) -> types.SimpleNamespace:
+            return types.SimpleNamespace(set_shape=lambda *a: calls.setdefault("shape", a))
+
+        def build_serialized_network(self, network: object, config: _Config) -> bytes:
+            return b"plan"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network: object, logger: Logger) -> None:
+            pass
+
+        def parse_from_file(self, path: str) -> bool:
+            calls["parsed"] = path
+            return True
+
+    flags = {"STRONGLY_TYPED": 0} if major >= 11 else {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
+    builder_flags = {} if major >= 11 else {"FP16": "FP16", "OBEY_PRECISION_CONSTRAINTS": "OBEY_PRECISION_CONSTRAINTS"}
+    return types.SimpleNamespace(
+        __version__=version, calls=calls, layers=layers, Logger=Logger, Builder=Builder, OnnxParser=OnnxParser,
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(**flags),
+        BuilderFlag=types.SimpleNamespace(**builder_flags),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"), float32="float32",
+        LayerType=types.SimpleNamespace(**{k: k for k in ("MATRIX_MULTIPLY", "NORMALIZATION", "SOFTMAX",
+                                                          "ELEMENTWISE")}))
+
+
+def _fake_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str, *, dtype: int = TensorProto.FLOAT16,
+                requested: str | None = None, **fake_kw: bool) -> types.SimpleNamespace:
+    trt = fake_tensorrt(version, **fake_kw)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    vision_graph(tmp_path / "v.onnx", dtype=dtype)
+    info = inspect_onnx(tmp_path / "v.onnx")
+    plan = plan_vision_build(info, version, requested)
+    trt.engine = _build_serialized(tmp_path / "v.onnx", info, plan, vision_profile(info, 4), tmp_path / "t.cache",
+                                   2**30, version)
+    return trt
+
+
+@pytest.mark.parametrize("version,flags", [("10.3.0", 1 << 1), ("10.4.0", 1 << 1), ("11.0.0", 0)])
+def test_strongly_typed_build_sets_no_precision_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str,
+                                                     flags: int) -> None:
+    trt = _fake_build(tmp_path, monkeypatch, version)
+    config = trt.calls["config"]
+    assert trt.engine == b"plan" and trt.calls["network_flags"] == flags
+    assert config.flags == [] and config.pool == ("WORKSPACE", 2**30)  # TensorRT refuses FP16 on strong networks
+    assert all(layer.precision is None and not layer.output_types for layer in trt.layers)
+    assert trt.calls["shape"] == ("pixel_values", [1, 3, 56, 56], [4, 3, 56, 56], [4, 3, 56, 56])
+    assert (tmp_path / "t.cache").read_bytes() == b"fresh cache" and not trt.calls["logs"]
+
+
+@pytest.mark.parametrize("version,flags", [("8.6.2", 1 << 0), ("10.3.0", 0)])
+def test_weakly_typed_fp16_pins_norm_and_softmax(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str,
+                                                 flags: int) -> None:
+    trt = _fake_build(tmp_path, monkeypatch, version, dtype=TensorProto.FLOAT, requested="fp16")
+    assert trt.calls["network_flags"] == flags  # EXPLICIT_BATCH only before 10
+    assert trt.calls["config"].flags == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    pinned = {layer.type for layer in trt.layers
+              if layer.precision == "float32" and layer.output_types == {0: "float32"}}
+    assert pinned == {"NORMALIZATION", "SOFTMAX"}
+
+
+def test_timing_cache_is_reused_or_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "t.cache").write_bytes(b"tactics")
+    trt = _fake_build(tmp_path, monkeypatch, "10.3.0")
+    assert trt.calls["config"].cache.data == b"tactics" and not trt.calls["logs"]
+    (tmp_path / "t.cache").write_bytes(b"garbage")  # unreadable: a fresh cache, not a crash
+    trt = _fake_build(tmp_path, monkeypatch, "10.3.0")
+    assert "cannot be read" in trt.calls["logs"][0] and (tmp_path / "t.cache").read_bytes() == b"fresh cache"
+    (tmp_path / "t.cache").write_bytes(b"tactics")  # other device properties: set_timing_cache says False
+    trt = _fake_build(tmp_path, monkeypatch, "10.3.0", cache_on_other_device=True)
+    assert "another device" in trt.calls["logs"][0] and trt.calls["config"].cache.data == b""
+    assert not (tmp_path / "t.cache.partial").exists()
+    assert attach_timing_cache(_Config(), b"") is None
+
+
+def test_build_refuses_a_different_imported_tensorrt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.4.0"))
+    vision_graph(tmp_path / "v.onnx")
+    info = inspect_onnx(tmp_path / "v.onnx")
+    with pytest.raises(RadtrtError, match="imported tensorrt module is version 10.4.0, but TensorRT 10.3.0"):
+        _build_serialized(tmp_path / "v.onnx", info, plan_vision_build(info, "10.3.0"), vision_profile(info, 2),
+                          tmp_path / "t.cache", 2**30, "10.3.0")
+
+
+class _Enum(str):
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+def fake_runtime_module(version: str, io: dict[str, str], *, context: bool = True) -> types.SimpleNamespace:
+    """``tensorrt`` for TrtVisionEngine's checks, which all run before any CUDA work."""
+    engine = types.SimpleNamespace(
+        num_io_tensors=len(io), get_tensor_name=list(io).__getitem__,
+        get_tensor_mode=lambda name: _Enum(io[name]), get_tensor_dtype=lambda name: _Enum("HALF"),
+        create_execution_context=lambda: object() if context else None)
+    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda data: engine if data == b"plan" else None)
+    logger = type("Logger", (), {"WARNING": "warning", "__init__": lambda self, severity: None})
+    return types.SimpleNamespace(__version__=version, Logger=logger, Runtime=lambda logger: runtime)
+
+
+def test_vision_runtime_checks_before_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radtrt.runtime.tensorrt import TrtVisionEngine, engine_io_problem, torch_dtype
+
+    stamp = {"gpu": gpu_stamp(ORIN), "input": "pixel_values", "output": "image_embeds",
+             "profile": {"max": [4, 3, 56, 56]}}
+    path = tmp_path / "vision.engine"
+    path.write_bytes(b"plan")
+    good = {"pixel_values": "INPUT", "image_embeds": "OUTPUT"}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_runtime_module("10.4.0", good))
+    with pytest.raises(RadtrtError, match="imported tensorrt module is version 10.4.0, but TensorRT 10.3.0"):
+        TrtVisionEngine(path, stamp)
+    renamed = {"input": "INPUT", "image_embeds": "OUTPUT"}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_runtime_module("10.3.0", renamed))
+    with pytest.raises(RadtrtError, match="I/O tensors are"):
+        TrtVisionEngine(path, stamp)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_runtime_module("10.3.0", good, context=False))
+    with pytest.raises(RadtrtError, match="could not create an execution context"):
+        TrtVisionEngine(path, stamp)
+    path.write_bytes(b"truncated")
+    with pytest.raises(RadtrtError, match="could not deserialize"):
+        TrtVisionEngine(path, stamp)
+    assert engine_io_problem(good, "pixel_values", "image_embeds") is None
+    with pytest.raises(RadtrtError, match="TensorRT type FP8"):
+        torch_dtype("FP8", "image_embeds")

@@ -157,6 +157,24 @@ def trtllm_problem(gpu: GpuInfo, mode: str, *, int8_kv: bool = False) -> str | N
     return None
 
 
+def loaded_tensorrt_problem(recorded: str | None, loaded: str) -> str | None:
+    """Why the imported ``tensorrt`` module (``trt.__version__``) is not the TensorRT that ``recorded``
+    names (``GpuInfo.tensorrt``, read from package metadata, or an engine stamp), or None.
+
+    Engines and timing caches are only valid for the exact TensorRT release that made them, and pip's
+    ``tensorrt`` metapackage metadata can disagree with the ``tensorrt_cuXX`` bindings actually imported
+    (e.g. after upgrading only the bindings). Compared on the releases' common length, because official
+    wheels report major.minor.patch while other installs may add the build number."""
+    if recorded is None:
+        return f"TensorRT {loaded} is imported but no TensorRT version was recorded for it"
+    a, b = parse_version(recorded), parse_version(loaded)
+    n = min(len(a), len(b), 4)
+    if a[:n] != b[:n]:
+        return (f"the imported tensorrt module is version {loaded}, but TensorRT {recorded} was expected (installed "
+                f"package metadata or the engine's stamp): reinstall one TensorRT release")
+    return None
+
+
 def check_tensorrt(gpu: GpuInfo) -> None:
     problem = tensorrt_problem(gpu)
     if problem:

@@ -8,9 +8,14 @@ Precision follows the graph (``plan_vision_build``):
 * Q/DQ INT8 graph: strongly typed (explicit quantization; implicit INT8 calibration is deprecated
   since TensorRT 10.1 and removed in 11).
 * fp16 graph (LayerNorm and softmax already cast to fp32 by the exporter): strongly typed, so those
-  casts are kept exactly - the fix for fp16 ViT overflow. TensorRT < 10 (no strong typing): FP16 flag
-  with normalization and softmax layers pinned to fp32 under OBEY_PRECISION_CONSTRAINTS.
-* fp32 graph: strongly typed fp32, or, when fp16 is requested, the pinned FP16 build above.
+  casts are kept exactly - the fix for fp16 ViT overflow. TensorRT 8.6-9 (no strong typing here): FP16
+  flag with normalization and softmax layers pinned to fp32 under OBEY_PRECISION_CONSTRAINTS.
+* fp32 graph: strongly typed fp32, or, when fp16 is requested, the pinned FP16 build above (TensorRT
+  10.x only: the precision flags are deprecated since 10.12 and removed in 11, where every network is
+  strongly typed).
+
+Strongly typed builds set no precision builder flag: TensorRT 10 does not allow FP16/INT8/BF16/FP8 flags
+with a strongly typed network (trtexec switches them off with a warning); the graph's dtypes decide.
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ from typing import Any
 from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.bundle import read_manifest, sha256_file
-from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, parse_version, stamp_mismatch,
-                                 timing_cache_name)
+from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, loaded_tensorrt_problem, parse_version,
+                                 stamp_mismatch, timing_cache_name)
 
 ENGINE_FILE = "vision.engine"
 STAMP_FILE = "engine.json"
 STAMP_FORMAT = "radtrt-tensorrt-engine"
 ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 3: "int8", 7: "int64"}
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX")
+STRONG_TYPING = (10, 0)  # first GA with NetworkDefinitionCreationFlag.STRONGLY_TYPED (9.x: TensorRT-LLM only)
+ALWAYS_STRONG = (11, 0)  # weak typing and the precision builder flags removed; STRONGLY_TYPED a no-op
+NORMALIZATION_LAYER = (8, 6)  # trt.LayerType.NORMALIZATION (ONNX LayerNormalization) first in 8.6
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,11 @@ class VisionBuildPlan:
 
 
 def plan_vision_build(onnx: OnnxInfo, tensorrt_version: str, requested: str | None = None) -> VisionBuildPlan:
+    """Strongly typed wherever the graph's dtypes already say what we want; the weakly typed FP16 build
+    (norm/softmax pinned to fp32) only for an fp16 engine from an fp32 graph, or where strong typing is
+    missing. Refusals come before the (long) build."""
     version = parse_version(tensorrt_version)
-    strong = version >= (10, 0)  # NetworkDefinitionCreationFlag.STRONGLY_TYPED, first GA in TensorRT 10
+    strong = version >= STRONG_TYPING
     graph = "int8" if onnx.has_qdq else {"float16": "fp16", "float32": "fp32"}.get(onnx.input_dtype)
     if graph is None:
         fail(f"vision graph input dtype {onnx.input_dtype} is not supported for TensorRT (fp32, fp16, Q/DQ int8)")
@@ -97,6 +108,9 @@ def plan_vision_build(onnx: OnnxInfo, tensorrt_version: str, requested: str | No
         fail("an INT8 vision engine needs the bundle's Q/DQ-quantized vision.onnx (export with --precision int8); "
              "TensorRT's implicit INT8 calibration is deprecated and not used")
     if graph == "int8":
+        if wanted != "int8":  # strong typing keeps every Q/DQ node: the engine would be int8, not what was asked
+            fail(f"this bundle's vision graph is Q/DQ INT8; an {wanted} vision engine needs a bundle exported "
+                 f"without --precision int8")
         if not strong:
             fail(f"the vision graph is Q/DQ INT8, which radtrt builds strongly typed: needs TensorRT 10 or newer, "
                  f"found {tensorrt_version}")
@@ -110,10 +124,30 @@ def plan_vision_build(onnx: OnnxInfo, tensorrt_version: str, requested: str | No
             return VisionBuildPlan("fp32", False, (), (), "fp32 (TensorRT < 10: no strong typing)")
     if wanted == "fp32":
         fail("this bundle's vision graph is fp16; an fp32 engine needs an fp32 bundle")
-    if version >= (11, 0):
-        fail(f"TensorRT {tensorrt_version} builds strongly typed only; for an fp16 engine export an fp16 bundle")
-    return VisionBuildPlan("fp16", False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), FP32_LAYER_TYPES,
-                           "weakly typed fp16 with normalization and softmax layers pinned to fp32")
+    if version >= ALWAYS_STRONG:
+        fail(f"TensorRT {tensorrt_version} builds strongly typed only (the FP16 builder flag was removed in 11); "
+             f"for an fp16 engine export an fp16 bundle")
+    if version < NORMALIZATION_LAYER:
+        fail(f"TensorRT {tensorrt_version} has no normalization layer to keep in fp32, so an fp16 vision engine "
+             f"would overflow in LayerNorm; needs TensorRT 8.6 or newer")
+    note = "weakly typed fp16 with normalization and softmax layers pinned to fp32"
+    if version >= (10, 12):
+        note += " (precision flags deprecated since TensorRT 10.12; an fp16 bundle builds strongly typed)"
+    return VisionBuildPlan("fp16", False, ("FP16", "OBEY_PRECISION_CONSTRAINTS"), FP32_LAYER_TYPES, note)
+
+
+def network_flag_names(tensorrt_version: str, strongly_typed: bool) -> tuple[str, ...]:
+    """``trt.NetworkDefinitionCreationFlag`` names for ``create_network``: EXPLICIT_BATCH before 10
+    (deprecated and ignored from 10.0), STRONGLY_TYPED on 10.x, nothing on 11+ (always strongly typed;
+    the flag is deprecated there and its value moved from 1 to 0)."""
+    version = parse_version(tensorrt_version)
+    if version >= ALWAYS_STRONG:
+        return ()
+    if strongly_typed:
+        if version < STRONG_TYPING:
+            fail(f"a strongly typed build needs TensorRT 10 or newer, found {tensorrt_version}")
+        return ("STRONGLY_TYPED",)
+    return ("EXPLICIT_BATCH",) if version < STRONG_TYPING else ()
 
 
 def vision_profile(onnx: OnnxInfo, max_batch: int, opt_batch: int | None = None) -> dict[str, list[int]]:
@@ -141,18 +175,44 @@ def trtexec_command(onnx_path: Path, engine_path: Path, onnx: OnnxInfo, plan: Vi
     return cmd
 
 
+def attach_timing_cache(config: Any, cached: bytes) -> str | None:
+    """Give ``config`` the saved timing cache, or a fresh one when it cannot be used; returns why it was
+    not used (for the log), or None.
+
+    The cache is only a speed-up, so it never fails a build: ``create_timing_cache`` returns None for an
+    unreadable blob, and ``set_timing_cache(..., ignore_mismatch=False)`` returns False for a cache whose
+    device properties differ from this GPU's (its header is checked; ignoring that risks wrong tactics).
+    An empty blob makes an empty cache that the build fills."""
+    why = None
+    if cached:
+        try:
+            cache = config.create_timing_cache(cached)
+        except (RuntimeError, TypeError, ValueError):  # a binding that raises instead of returning None
+            cache = None
+        if cache is None:
+            why = "cannot be read"
+        elif not config.set_timing_cache(cache, ignore_mismatch=False):
+            why = "was made on another device"
+        else:
+            return None
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        fail("TensorRT refused an empty timing cache (see its log above)")
+    return None if why is None else f"the timing cache {why}; starting a fresh one"
+
+
 def _build_serialized(onnx_path: Path, onnx: OnnxInfo, plan: VisionBuildPlan, profile: dict[str, list[int]],
-                      cache_path: Path, workspace_bytes: int) -> bytes:
+                      cache_path: Path, workspace_bytes: int, tensorrt_version: str) -> bytes:
     """TensorRT Python API build (lazy import: TensorRT exists only on GPU hosts)."""
     import tensorrt as trt
 
+    problem = loaded_tensorrt_problem(tensorrt_version, trt.__version__)
+    if problem:
+        fail(problem)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
-    if plan.strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    elif parse_version(trt.__version__)[0] < 10:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    for name in network_flag_names(trt.__version__, plan.strongly_typed):
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
@@ -160,10 +220,10 @@ def _build_serialized(onnx_path: Path, onnx: OnnxInfo, plan: VisionBuildPlan, pr
         fail(f"TensorRT cannot parse {onnx_path.name}: {errors[0] if errors else 'unknown error'}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    for flag in plan.builder_flags:
+    for flag in plan.builder_flags:  # empty for strongly typed plans: TensorRT rejects precision flags there
         config.set_flag(getattr(trt.BuilderFlag, flag))
     pinned = {getattr(trt.LayerType, t) for t in plan.fp32_layer_types}
-    for i in range(network.num_layers):
+    for i in range(network.num_layers):  # weakly typed only: strongly typed networks reject these setters
         layer = network.get_layer(i)
         if layer.type in pinned:
             layer.precision = trt.float32
@@ -172,12 +232,15 @@ def _build_serialized(onnx_path: Path, onnx: OnnxInfo, plan: VisionBuildPlan, pr
     opt_profile = builder.create_optimization_profile()
     opt_profile.set_shape(onnx.input_name, profile["min"], profile["opt"], profile["max"])
     config.add_optimization_profile(opt_profile)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    note = attach_timing_cache(config, cache_path.read_bytes() if cache_path.is_file() else b"")
+    if note:
+        logger.log(trt.Logger.WARNING, f"{note} ({cache_path})")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         fail("TensorRT could not build the vision engine (its log above says why)")
-    cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    partial = cache_path.with_name(cache_path.name + ".partial")  # never leave a torn cache behind
+    partial.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    partial.replace(cache_path)
     return bytes(memoryview(serialized))
 
 
@@ -207,7 +270,7 @@ def build_vision_engine(bundle: Path, gpu: GpuInfo, *, precision: str | None = N
     out.mkdir(parents=True, exist_ok=True)
     cache = bundle / "tensorrt" / timing_cache_name(gpu)
     t0 = time.perf_counter()
-    engine = _build_serialized(onnx_path, onnx, plan, profile, cache, int(workspace_gib * 2**30))
+    engine = _build_serialized(onnx_path, onnx, plan, profile, cache, int(workspace_gib * 2**30), gpu.tensorrt)
     (out / ENGINE_FILE).write_bytes(engine)
     onnx_sha = manifest["files"]["vision.onnx"]["sha256"]
     stamp = {"format": STAMP_FORMAT, "format_version": 1, "component": "vision", "precision": plan.precision,

@@ -24,7 +24,7 @@ import torch
 
 from radtrt.errors import fail
 from radtrt.exporter.bundle import read_manifest
-from radtrt.exporter.gpu import GpuInfo, detect_gpu, require_gpu, stamp_mismatch
+from radtrt.exporter.gpu import GpuInfo, detect_gpu, loaded_tensorrt_problem, require_gpu, stamp_gpu, stamp_mismatch
 from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, find_vision_engine
 from radtrt.exporter.trtllm import BUILD_STAMP, find_decoder_engine, mode_tag
 from radtrt.model.generate import Generation
@@ -90,37 +90,72 @@ def usable_engines(bundle: Path, gpu: GpuInfo | None) -> dict[str, list[str]]:
     return found
 
 
+def engine_io_problem(io: dict[str, str], input_name: str, output_name: str) -> str | None:
+    """Why an engine's I/O tensors (name -> ``trt.TensorIOMode`` name, from ``num_io_tensors`` /
+    ``get_tensor_name`` / ``get_tensor_mode``) do not match the stamp's one input and one output, or None."""
+    want = {input_name: "INPUT", output_name: "OUTPUT"}
+    if io != want:
+        return f"the engine's I/O tensors are {io}, its stamp says {want}"
+    return None
+
+
+def torch_dtype(trt_dtype_name: str, tensor: str) -> torch.dtype:
+    """The torch dtype of a ``trt.DataType`` name; a clear refusal for types torch buffers cannot hold."""
+    if trt_dtype_name not in TRT_TO_TORCH:
+        fail(f"the vision engine's tensor {tensor} has TensorRT type {trt_dtype_name}, which radtrt cannot bind")
+    return TRT_TO_TORCH[trt_dtype_name]
+
+
 class TrtVisionEngine:
-    """A deserialized vision engine, run on torch CUDA buffers (batches above the profile are split)."""
+    """A deserialized vision engine, run on torch CUDA buffers (batches above the profile are split).
+
+    Runs on a stream of its own: ``execute_async_v3`` on the legacy default stream makes TensorRT 10
+    add stream synchronizations (and warn on every call)."""
 
     def __init__(self, engine_path: Path, stamp: dict[str, Any]) -> None:
         import tensorrt as trt
 
+        problem = loaded_tensorrt_problem(stamp_gpu(stamp).tensorrt, trt.__version__)
+        if problem:
+            fail(f"{engine_path}: {problem}")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             fail(f"TensorRT could not deserialize {engine_path} (see its log above)")
-        self.context = self.engine.create_execution_context()
         self.input, self.output = stamp["input"], stamp["output"]
-        self.in_dtype = TRT_TO_TORCH[self.engine.get_tensor_dtype(self.input).name]
-        self.out_dtype = TRT_TO_TORCH[self.engine.get_tensor_dtype(self.output).name]
+        io = {self.engine.get_tensor_name(i): self.engine.get_tensor_mode(self.engine.get_tensor_name(i)).name
+              for i in range(self.engine.num_io_tensors)}
+        problem = engine_io_problem(io, self.input, self.output)
+        if problem:
+            fail(f"{engine_path}: {problem}; rebuild it")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            fail(f"TensorRT could not create an execution context for {engine_path} (GPU memory? see its log above)")
+        self.in_dtype = torch_dtype(self.engine.get_tensor_dtype(self.input).name, self.input)
+        self.out_dtype = torch_dtype(self.engine.get_tensor_dtype(self.output).name, self.output)
         self.max_batch = int(stamp["profile"]["max"][0])
+        self.stream = torch.cuda.Stream()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        stream = torch.cuda.current_stream()
+        self.stream.wait_stream(torch.cuda.current_stream())  # pixels may come from work queued by the caller
         outs = []
-        for chunk in pixels.split(self.max_batch):
-            x = chunk.to("cuda", self.in_dtype).contiguous()
-            self.context.set_input_shape(self.input, tuple(x.shape))
-            y = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype, device="cuda")
-            self.context.set_tensor_address(self.input, x.data_ptr())
-            self.context.set_tensor_address(self.output, y.data_ptr())
-            if not self.context.execute_async_v3(stream.cuda_stream):
-                fail("the TensorRT vision engine failed to run (see its log above)")
-            outs.append(y)
-        stream.synchronize()
-        return torch.cat(outs)
+        with torch.cuda.stream(self.stream):  # buffers allocated, filled and read in this stream's order
+            for chunk in pixels.split(self.max_batch):
+                x = chunk.to("cuda", self.in_dtype).contiguous()
+                if not self.context.set_input_shape(self.input, tuple(x.shape)):
+                    fail(f"the vision engine does not accept input shape {tuple(x.shape)} (its profile: batch "
+                         f"1..{self.max_batch} at the built image size)")
+                y = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype,
+                                device="cuda")
+                self.context.set_tensor_address(self.input, x.data_ptr())
+                self.context.set_tensor_address(self.output, y.data_ptr())
+                if not self.context.execute_async_v3(self.stream.cuda_stream):
+                    fail("the TensorRT vision engine failed to run (see its log above)")
+                outs.append(y)
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        self.stream.synchronize()  # the caller's stream may use ``out`` at once; a later call waits for it above
+        return out
 
 
 def _sync() -> None:
