@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One run on a GPU host with TensorRT and TensorRT-LLM: build every precision this GPU allows
-# (TensorRT fp16 [+ int8 Q/DQ] vision engines; TensorRT-LLM fp16, W8A16, SmoothQuant W8A8, with and
-# without INT8 KV cache) and print the parity-vs-PyTorch and latency table, plus gpu_check.json.
+# (the TensorRT fp16 vision engine; TensorRT-LLM fp16, W8A16, SmoothQuant W8A8, with and without INT8 KV
+# cache) and print the parity-vs-PyTorch and latency table, plus gpu_check.json. The INT8 (Q/DQ) vision
+# engine is not built here: it comes from an INT8 bundle ('radtrt export --precision int8 ...', then
+# 'radtrt export --target tensorrt --bundle THAT_BUNDLE').
 #
 #   benchmarks/gpu_check.sh [MODEL_DIR] [WORK_DIR]
 #
