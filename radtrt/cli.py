@@ -118,7 +118,8 @@ def export(
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
     target: str = typer.Option("onnx", "--target", help="onnx | tensorrt | trtllm | triton | all"),
-    out: Path = typer.Option(..., "-o", "--out", help="Bundle directory (Triton: repository directory)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle directory (Triton: repository directory); "
+                                       "not needed with --bundle, whose folder receives the engines."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Existing bundle to add engines to / serve."),
     int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant (ONNX default)"),
     int8_kv_cache: bool = typer.Option(False, "--int8-kv-cache",
@@ -155,6 +156,10 @@ def export(
     plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,
                               trtllm_engine, calibration_data=calibration_data if bundle is None else None)
     targets.preflight(plan)
+    if out is None and (bundle is None or plan.target == "triton"):
+        fail("-o/--out is required: the bundle folder to write (Triton: the repository folder)")
+    if bundle is not None and plan.target != "triton" and out is not None and out.resolve() != bundle.resolve():
+        fail(f"with --bundle the engines go into {bundle}; drop -o {out} (or pass the same folder)")
     log = lambda line: err.print(line, highlight=False, soft_wrap=True)  # noqa: E731
     if plan.target == "triton":
         if bundle is None:

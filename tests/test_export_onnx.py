@@ -369,8 +369,9 @@ def test_trtllm_checkpoint_added_to_a_bundle_without_a_gpu(bundle_fp16: Path, mo
                                                            tmp_path: Path) -> None:
     """The GPU-independent TensorRT-LLM checkpoint is written anywhere; the engine build waits for the target."""
     copy = _copy(bundle_fp16, tmp_path)
-    result = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
-                                 "--precision", "int8", "-o", str(copy)])
+    args = ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm", "--precision", "int8"]
+    _refused([*args, "-o", str(tmp_path / "elsewhere")], "drop -o")  # engines go into the bundle, not elsewhere
+    result = runner.invoke(app, args)  # no -o needed with --bundle
     assert result.exit_code == 0, result.stderr
     ckpt = copy / "trtllm" / "checkpoint-w8a16"
     config = json.loads((ckpt / "config.json").read_text())
@@ -385,6 +386,7 @@ def test_triton_repository_from_a_bundle(bundle_fp16: Path, tmp_path: Path) -> N
     repo = tmp_path / "repo"
     args = ["export", "--target", "triton", "--bundle", str(bundle_fp16), "-o", str(repo)]
     _refused(args, "--trtllm-engine")
+    _refused([a for a in args if a not in ("-o", str(repo))] + ["--trtllm-engine", str(tmp_path)], "-o/--out is required")
     result = runner.invoke(app, [*args, "--trtllm-engine", str(tmp_path / "engines" / "llava-rad")])
     assert result.exit_code == 0, result.stderr
     check_repo(repo)
