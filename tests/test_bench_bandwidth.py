@@ -73,3 +73,31 @@ def test_gemv_probe_reports_its_method() -> None:
     assert bw.gb_per_s > 0 and bw.matrix_bytes == 4 << 20 and bw.repeats == 2 and bw.threads >= 1
     assert bw.best_ms <= bw.median_ms
     assert set(bw.probes) == {"torch.mv fp32", "numpy.matmul fp32"} and bw.gb_per_s == max(bw.probes.values())
+
+
+def test_decoder_matrix_shapes_follow_the_config() -> None:
+    from radtrt.benchmarks.bandwidth import decoder_matrix_shapes
+
+    cfg = DecoderConfig(vocab_size=500, hidden_size=64, intermediate_size=172, num_hidden_layers=3,
+                        num_attention_heads=8, num_key_value_heads=2)
+    layer, head = decoder_matrix_shapes(cfg)
+    assert layer == [(64, 64), (16, 64), (16, 64), (64, 64), (172, 64), (172, 64), (64, 172)] and head == (500, 64)
+    lm = LlamaForCausalLM(cfg)  # the same matrices as the model's Linear weights ([out, in])
+    linears = sorted(tuple(m.weight.shape) for m in lm.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    assert linears == sorted(layer) and tuple(lm.lm_head.weight.shape) == head
+
+
+def test_shaped_probe_is_reported_beside_the_floor_not_as_it() -> None:
+    from radtrt.benchmarks.bandwidth import measure_shaped_gemv
+
+    cfg = DecoderConfig(vocab_size=500, hidden_size=64, intermediate_size=172, num_hidden_layers=3,
+                        num_attention_heads=8, num_key_value_heads=2)
+    rate, nbytes = measure_shaped_gemv(cfg, min_bytes=1 << 20, repeats=1)
+    per_layer = 4 * 64 * (64 * 2 + 16 * 2 + 172 * 3)
+    assert rate > 0 and nbytes == 4 * 500 * 64 + 3 * per_layer  # capped at the config's layers
+    bw = measure_gemv_bandwidth(matrix_bytes=4 << 20, repeats=1, decoder=cfg)
+    assert bw.shaped_gb_per_s and bw.gb_per_s == max(bw.probes.values())  # the floor's rate is unchanged
+    f = decode_floor(1_000_000_000, Bandwidth(gb_per_s=40.0, matrix_bytes=1, best_ms=1, median_ms=1, repeats=1,
+                                              threads=2, shaped_gb_per_s=30.0), achieved_tokens_per_s=24.0)
+    assert f.floor_tokens_per_s == pytest.approx(40.0) and f.achieved_fraction == pytest.approx(0.6)
+    assert f.floor_shaped_tokens_per_s == pytest.approx(30.0) and f.achieved_fraction_shaped == pytest.approx(0.8)

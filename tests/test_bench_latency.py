@@ -149,6 +149,20 @@ def test_markdown_has_command_tables_and_ratios() -> None:
     assert "| onnxruntime | decode_per_token | 20.0 | 25.0 | 29.0 | 29.5 | 30.0 |" in md
     assert "27.0 GB/s" in md and "floor 100.0 tokens/s" in md and "= 40% of the floor" in md
     assert "Test CPU" in md and "Peak RSS" in md
+    assert "own matrix shapes" not in md  # no shaped probe ran
+
+
+def test_markdown_prints_the_shaped_probe_beside_the_floor() -> None:
+    import dataclasses
+
+    report = _report()
+    report.bandwidth = dataclasses.replace(BW, shaped_gb_per_s=21.6, shaped_bytes=400 << 20)
+    for b in report.backends:
+        if b.floor is not None:
+            b.floor = dataclasses.replace(b.floor, floor_shaped_tokens_per_s=80.0, achieved_fraction_shaped=0.5)
+    md = latency_markdown(report)
+    assert "own matrix shapes (one layer's q/k/v/o/gate/up/down repeated + lm_head, 400 MiB per pass): 21.6 GB/s" in md
+    assert "(a diagnostic, not the floor) 80.0 tokens/s, achieved 50%" in md and "= 40% of the floor" in md
 
 
 def test_json_report_is_complete_and_serializable() -> None:

@@ -50,7 +50,7 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
     bandwidth = None
     if stages == "all" and bandwidth_probe:
         step("measuring matrix-vector bandwidth")
-        bandwidth = measure_gemv_bandwidth()
+        bandwidth = measure_gemv_bandwidth(decoder=sides[0].pipeline.cfg.decoder)
     samples = measure(sides, paths, settings, on_step=step)
     pipeline = sides[0].pipeline
     prompt_tokens = len(pipeline.prompt_ids(indication)) - 1 + pipeline.cfg.num_image_tokens

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from radtrt.errors import fail
+from radtrt.model.config import DecoderConfig
 
 DEFAULT_MATRIX_BYTES = 512 << 20
 
@@ -35,6 +36,10 @@ class Bandwidth:
     threads: int
     method: str = "torch.mv fp32"
     probes: dict[str, float] = field(default_factory=dict)  # GB/s of every probe that ran
+    # numpy's GEMV over the decoder's own matrix shapes (``measure_shaped_gemv``): a diagnostic printed
+    # beside the floor, never the floor itself (that stays the host's best streaming rate above)
+    shaped_gb_per_s: float | None = None
+    shaped_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,9 +55,45 @@ def _time_best(fn: Callable[[], object], repeats: int) -> list[float]:
     return sorted(times)
 
 
-def measure_gemv_bandwidth(matrix_bytes: int = DEFAULT_MATRIX_BYTES, repeats: int = 10) -> Bandwidth:
+def decoder_matrix_shapes(cfg: DecoderConfig) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """``[out, in]`` of the weight matrices one decode step multiplies: one layer's (q, k, v, o, gate, up,
+    down) and ``lm_head``'s."""
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+    layer = [(h, h), (kv, h), (kv, h), (h, h), (cfg.intermediate_size, h), (cfg.intermediate_size, h),
+             (h, cfg.intermediate_size)]
+    return layer, (cfg.vocab_size, h)
+
+
+def measure_shaped_gemv(cfg: DecoderConfig, min_bytes: int = DEFAULT_MATRIX_BYTES, repeats: int = 5) -> tuple[float, int]:
+    """GB/s of numpy's GEMV over fp32 matrices of the decoder's own shapes, one after another as a decode step
+    runs them (``lm_head`` and as many layers as make ``min_bytes``, at least one; not the whole model, so a
+    7B config allocates about one layer and ``lm_head``). Why: the floor's probe streams one large matrix, the
+    best case; a step's matrices are small (a few MB each, each product its own parallel region), and this
+    rate shows what a good BLAS gets on them, so a reader can tell the library's share of a gap from the
+    shapes' share. Returns (GB/s, bytes per pass)."""
+    import numpy as np
+
+    layer, head = decoder_matrix_shapes(cfg)
+    layer_bytes = 4 * sum(o * i for o, i in layer)
+    n_layers = max(1, min(cfg.num_hidden_layers, -(-(min_bytes - 4 * head[0] * head[1]) // layer_bytes)))
+    shapes = layer * n_layers + [head]
+    mats = [np.full(shape, 0.5, dtype=np.float32) for shape in shapes]
+    vecs = {i: np.ones(i, dtype=np.float32) for _, i in shapes}
+    outs = [np.empty(o, dtype=np.float32) for o, _ in shapes]
+
+    def step() -> None:
+        for m, out in zip(mats, outs):
+            np.matmul(m, vecs[m.shape[1]], out=out)
+
+    nbytes = sum(m.nbytes for m in mats)
+    return nbytes / _time_best(step, repeats)[0] / 1e9, nbytes
+
+
+def measure_gemv_bandwidth(matrix_bytes: int = DEFAULT_MATRIX_BYTES, repeats: int = 10,
+                           decoder: DecoderConfig | None = None) -> Bandwidth:
     """Stream an fp32 matrix through ``torch.mv`` and numpy's BLAS ``matmul``; the best run of the
-    faster one is the host's attainable rate (libraries differ by up to ~30% on the same host)."""
+    faster one is the host's attainable rate (libraries differ by up to ~30% on the same host). With
+    ``decoder``, also ``measure_shaped_gemv`` for it."""
     import numpy as np
     import torch
 
@@ -68,12 +109,14 @@ def measure_gemv_bandwidth(matrix_bytes: int = DEFAULT_MATRIX_BYTES, repeats: in
         results = {"torch.mv fp32": _time_best(lambda: torch.mv(t_matrix, t_vector, out=t_out), repeats),
                    "numpy.matmul fp32": _time_best(lambda: np.matmul(matrix, vector, out=out), repeats)}
     nbytes = matrix.nbytes
+    del matrix, t_matrix
     probes = {name: nbytes / times[0] / 1e9 for name, times in results.items()}
     method = max(probes, key=probes.__getitem__)
     times = results[method]
+    shaped, shaped_bytes = measure_shaped_gemv(decoder, matrix_bytes) if decoder is not None else (None, None)
     return Bandwidth(gb_per_s=probes[method], matrix_bytes=nbytes, best_ms=times[0] * 1e3,
                      median_ms=times[len(times) // 2] * 1e3, repeats=repeats, threads=torch.get_num_threads(),
-                     method=method, probes=probes)
+                     method=method, probes=probes, shaped_gb_per_s=shaped, shaped_bytes=shaped_bytes)
 
 
 def torch_decoder_weight_bytes(lm: Any) -> int:
@@ -108,6 +151,8 @@ class DecodeFloor:
     kv_bytes_at_mean_context: float | None = None
     floor_with_kv_tokens_per_s: float | None = None
     achieved_fraction_with_kv: float | None = None
+    floor_shaped_tokens_per_s: float | None = None  # weights only, at ``Bandwidth.shaped_gb_per_s``
+    achieved_fraction_shaped: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,7 +168,10 @@ def decode_floor(weight_bytes: int, bandwidth: Bandwidth, achieved_tokens_per_s:
     floor_kv = rate / (weight_bytes + kv_bytes) if kv_bytes is not None else None
     frac_kv = (achieved_tokens_per_s / floor_kv if achieved_tokens_per_s is not None and floor_kv is not None
                else None)
+    shaped = bandwidth.shaped_gb_per_s * 1e9 / weight_bytes if bandwidth.shaped_gb_per_s else None
+    frac_shaped = achieved_tokens_per_s / shaped if achieved_tokens_per_s is not None and shaped else None
     return DecodeFloor(weight_bytes=weight_bytes, bandwidth_gb_per_s=bandwidth.gb_per_s, floor_tokens_per_s=floor,
                        achieved_tokens_per_s=achieved_tokens_per_s, achieved_fraction=frac,
                        kv_bytes_at_mean_context=kv_bytes, floor_with_kv_tokens_per_s=floor_kv,
-                       achieved_fraction_with_kv=frac_kv)
+                       achieved_fraction_with_kv=frac_kv, floor_shaped_tokens_per_s=shaped,
+                       achieved_fraction_shaped=frac_shaped)

@@ -54,6 +54,9 @@ def latency_markdown(report: LatencyReport) -> str:
         probes = "; probes GB/s: " + ", ".join(f"{n} {gb:.1f}" for n, gb in bw.probes.items()) if bw.probes else ""
         lines.append(f"- Matrix-vector bandwidth: {bw.gb_per_s:.1f} GB/s ({bw.method} over {bw.matrix_bytes >> 20} "
                      f"MiB, best of {bw.repeats}, {bw.threads} threads{probes})")
+        if bw.shaped_gb_per_s is not None and bw.shaped_bytes is not None:
+            lines.append(f"- numpy's GEMV over this decoder's own matrix shapes (one layer's q/k/v/o/gate/up/down "
+                         f"repeated + lm_head, {bw.shaped_bytes >> 20} MiB per pass): {bw.shaped_gb_per_s:.1f} GB/s")
     gpu = f"; GPU peak (torch) {_num(report.gpu_peak_memory_mb, 0)} MiB" if report.gpu_peak_memory_mb else ""
     lines += [f"- Peak RSS of the process (all backends together): {report.peak_rss_mb:,.0f} MiB{gpu}", ""]
     lines += _medians_table(report) + [""] + _distribution_table(report)
@@ -69,9 +72,12 @@ def latency_markdown(report: LatencyReport) -> str:
             kv = ("" if f.kv_bytes_at_mean_context is None else
                   f"; with KV ({_mb(f.kv_bytes_at_mean_context)}) floor "
                   f"{_num(f.floor_with_kv_tokens_per_s)} tokens/s, achieved {_pct(f.achieved_fraction_with_kv)}")
+            shaped = ("" if f.floor_shaped_tokens_per_s is None else
+                      f"; at numpy's GEMV rate on this decoder's own matrix shapes (a diagnostic, not the floor) "
+                      f"{_num(f.floor_shaped_tokens_per_s)} tokens/s, achieved {_pct(f.achieved_fraction_shaped)}")
             lines.append(f"- {b.info.name}: {_mb(f.weight_bytes)} per token -> floor "
                          f"{_num(f.floor_tokens_per_s)} tokens/s; achieved {_num(f.achieved_tokens_per_s)} tokens/s "
-                         f"= {_pct(f.achieved_fraction)} of the floor{kv}")
+                         f"= {_pct(f.achieved_fraction)} of the floor{kv}{shaped}")
     return "\n".join(lines) + "\n"
 
 
