@@ -79,7 +79,7 @@ class TensorFile:
     def _source(self, tensor: TensorProto) -> tuple[Path, int, int]:
         info = ExternalDataInfo(tensor)
         source = (self.base_dir / info.location).resolve()
-        if source.parent != self.base_dir.resolve():
+        if not source.is_relative_to(self.base_dir.resolve()):
             fail(f"tensor {tensor.name} points outside the graph's folder ({info.location})")
         size = source.stat().st_size
         offset = info.offset or 0
