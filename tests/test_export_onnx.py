@@ -246,6 +246,25 @@ def test_spinning_threads_only_within_a_run(bundle: Path) -> None:
             for s in (quiet.vision, quiet.decoder)} == {"0"}
 
 
+def test_export_check_runs_without_prepacked_weight_copies(bundle: Path, model_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check runs beside the PyTorch model at the export's memory peak: no packed copies of the weights."""
+    import radtrt.runtime.ort as ort_runtime
+    from radtrt.exporter.check import check_bundle_against_torch
+
+    opened = []
+
+    class Recording(ort_runtime.OrtBackend):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append({s.get_session_options().get_session_config_entry("session.disable_prepacking")
+                           for s in (self.vision, self.decoder)})
+
+    monkeypatch.setattr(ort_runtime, "OrtBackend", Recording)
+    result = check_bundle_against_torch(bundle, load_model(model_dir).model, steps=2)
+    assert opened == [{"1"}] and result["greedy_tokens_equal"] is True
+
+
 def test_auto_backend_picks_onnxruntime_for_a_bundle(bundle: Path, studies: list[Path]) -> None:
     result = runner.invoke(app, ["infer", str(studies[0]), "--bundle", str(bundle), "--json", "--max-new-tokens", "2"])
     assert result.exit_code == 0 and json.loads(result.stdout)["backend"] == "onnxruntime"

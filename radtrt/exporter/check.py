@@ -23,7 +23,8 @@ def check_bundle_against_torch(bundle: Path, model: LlavaRad, steps: int = 4) ->
     """Max abs/rel error of the image embeddings and the first-step logits; greedy token agreement."""
     from radtrt.runtime.ort import OrtBackend
 
-    ort_backend = OrtBackend(bundle, verify=False)
+    # no pre-packed weight copies: the check runs once, beside the PyTorch model, at the export's peak memory
+    ort_backend = OrtBackend(bundle, verify=False, prepack=False)
     dtype = model.dtype
     size = model.cfg.vision.img_size
     g = torch.Generator().manual_seed(0)

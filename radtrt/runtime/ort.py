@@ -68,7 +68,7 @@ def _load_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
 
 
-def _session(path: Path, providers: list[Any], threads: int | None, spin: bool = False) -> Any:
+def _session(path: Path, providers: list[Any], threads: int | None, spin: bool = False, prepack: bool = True) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -83,6 +83,8 @@ def _session(path: Path, providers: list[Any], threads: int | None, spin: bool =
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if spin:
         opts.add_session_config_entry("session.force_spinning_stop", "1")
+    if not prepack:  # the weights stay memory-mapped instead of copied into packed layouts (one-off runs)
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
     try:
@@ -95,15 +97,17 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Path, *, provider: str = "cpu", trt_cache: Path | None = None,
-                 threads: int | None = None, spin: bool = False, verify: bool = True) -> None:
+                 threads: int | None = None, spin: bool = False, verify: bool = True, prepack: bool = True) -> None:
+        """``prepack=False``: ONNX Runtime keeps no packed copy of each weight matrix, about the decoder's
+        size less memory for slower large products; for one-off runs such as the export check."""
         self.manifest = read_manifest(bundle, verify=verify)
         self.bundle = bundle
         self.precision = self.manifest["precision"]
         self.provider = provider
         providers = provider_list(provider, trt_cache)
         self.spin = spin
-        self.vision = _session(bundle / "vision.onnx", providers, threads, spin)
-        self.decoder = _session(bundle / "decoder.onnx", providers, threads, spin)
+        self.vision = _session(bundle / "vision.onnx", providers, threads, spin, prepack)
+        self.decoder = _session(bundle / "decoder.onnx", providers, threads, spin, prepack)
         self.table = load_embedding_table(bundle)
         dec = self.manifest["decoder"]
         self.num_layers, self.num_kv, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
