@@ -63,6 +63,12 @@ def infer(
     from radtrt.runtime.session import check_studies_exist, open_pipeline, run_studies
 
     check_studies_exist(studies)
+    if sr_out is not None:  # refused before the model loads, not after the first study was generated
+        from radtrt.outputs import check_creatable
+
+        if sr_out.exists() and not sr_out.is_dir():
+            fail(f"--sr-out {sr_out} exists and is not a folder")
+        check_creatable(sr_out, "SR output folder")
     pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
                              dtype=dtype, console=err, ort_provider=ort_provider, trt_cache=trt_cache,
                              ort_spin=ort_spin)
@@ -89,14 +95,14 @@ def convert(
 ) -> None:
     """Convert between the official release layout and radtrt's merged layout."""
     from radtrt.model.loading import load_model, save_toolkit
+    from radtrt.outputs import check_new_dir
     from radtrt.runtime.backends import DTYPES
 
     if to not in ("radtrt", "llava-rad"):
         fail(f"unknown --to '{to}' (radtrt, llava-rad)")
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
-    if out.exists() and any(out.iterdir()):
-        fail(f"output directory {out} is not empty")
+    check_new_dir(out)
     if to == "llava-rad":
         from radtrt.training.release_export import export_release
 
@@ -233,11 +239,11 @@ def calibrate(
 
     from radtrt.calibration.run import PHANTOM, calibrate as run_calibration, calibrate_phantoms
     from radtrt.model.loading import load_model
+    from radtrt.outputs import check_new_file
 
     if out.suffix != ".safetensors":
         fail(f"the calibration file must end in .safetensors, got {out.name}")
-    if out.exists():
-        fail(f"{out} already exists; choose another -o")
+    check_new_file(out, "calibration file")
     with err.status(f"loading model from {model}"):
         loaded = load_model(model, base_model)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

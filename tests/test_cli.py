@@ -243,3 +243,27 @@ def test_convert_to_release_layout_reloads_with_identical_tokens(merged: Path, t
     (a,) = _infer_json(merged, study)
     (b,) = _infer_json(out / "llava-rad", study, extra=("--base-model", str(out / "base-lm")))
     assert a["token_ids"] == b["token_ids"]
+
+
+def test_torch_backend_with_only_a_bundle_is_refused(tmp_path: Path) -> None:
+    # without the refusal the embedded default model ran silently in place of the bundle's model
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest()))
+    (tmp_path / "bundle").mkdir()
+    code, _, err = _invoke("infer", study, "--bundle", tmp_path / "bundle", "--backend", "torch")
+    _assert_refused(code, err, "--backend torch")
+
+
+def test_output_paths_in_the_way_are_refused_before_the_model_loads(merged: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("user data")
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest()))
+    code, _, err = _invoke("convert", "--model", merged, "-o", a_file)
+    _assert_refused(code, err, "is not a folder")
+    code, _, err = _invoke("convert", "--model", merged, "-o", a_file / "sub")
+    _assert_refused(code, err, "is not a folder")
+    code, _, err = _invoke("calibrate", "--model", merged, "--data", "phantom", "--n", "1",
+                           "-o", a_file / "c.safetensors")
+    _assert_refused(code, err, "is not a folder")
+    code, out, err = _invoke("infer", study, "--model", merged, "--sr-out", a_file, "--max-new-tokens", "2")
+    _assert_refused(code, err, "--sr-out")
+    assert out == "" and a_file.read_text() == "user data"

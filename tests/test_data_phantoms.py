@@ -106,3 +106,17 @@ def test_cli_phantoms(tmp_path: Path) -> None:
     assert len(manifest.read_text().splitlines()) == 2 and json.loads(manifest.read_text().splitlines()[0])["image"]
     bad = runner.invoke(app, ["data", "phantoms", "-o", str(tmp_path / "q"), "--formats", "jpeg"])
     assert bad.exit_code == 2 and "unknown phantom format" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_phantoms_refuses_bad_output_and_sizes(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    runner = CliRunner()
+    (tmp_path / "f").write_text("x")
+    for args, message in ((["-o", str(tmp_path / "f")], "is not a folder"),
+                          (["-o", str(tmp_path / "f" / "sub")], "is not a folder"),
+                          (["-o", str(tmp_path / "big"), "--rows", "100000", "--cols", "100000"], "at most 4096")):
+        result = runner.invoke(app, ["data", "phantoms", "--n", "1", *args])
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "big").exists()

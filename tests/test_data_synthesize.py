@@ -167,3 +167,22 @@ def test_cli_synthesize(server: ScriptedServer, tmp_path: Path, monkeypatch: pyt
     assert server.requests[0]["auth"] == f"Bearer {KEY}" and (tmp_path / "o.jsonl.cache").is_dir()
     bad = runner.invoke(app, ["data", "synthesize", "--labels", str(labels), "-o", str(tmp_path / "p.jsonl")])
     assert bad.exit_code == 2 and "--template" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
+    labels = _labels_file(tmp_path / "labels.jsonl")
+    before = labels.read_text()
+    with pytest.raises(RadtrtError, match="is the label file itself"):
+        synthesize(labels, labels, client=None)  # exited 0 having "completed" the labels as a manifest
+    assert labels.read_text() == before
+    with pytest.raises(RadtrtError, match="is a folder"):
+        synthesize(labels, tmp_path, client=None)
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"image": "a.png", "labels": ["situs inversus"]}) + "\n")
+    with pytest.raises(RadtrtError, match="not 'situs inversus'"):
+        synthesize(unknown, tmp_path / "out.jsonl", client=None)
+    assert not (tmp_path / "out.jsonl").exists()  # an empty manifest was left behind
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00\x89PNG")
+    with pytest.raises(RadtrtError, match="binary.jsonl:1: not UTF-8 text"):
+        synthesize(binary, tmp_path / "out2.jsonl", client=None)

@@ -235,3 +235,18 @@ def test_conditions_are_the_released_chexbert_order() -> None:
     assert CONDITIONS == ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
                           "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
                           "Pleural Other", "Fracture", "Support Devices", "No Finding")
+
+
+def test_binary_predictions_and_results_over_an_input_are_refused(tmp_path: Path) -> None:
+    binary = tmp_path / "preds.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    code, _, err = run("--predictions", str(binary))
+    assert code == 2 and "line 1: not UTF-8 text" in err and "Traceback" not in err
+    preds = write_jsonl(tmp_path / "p.jsonl", RECORDS)
+    before = preds.read_text()
+    code, _, err = run("--predictions", str(preds), "-o", str(preds))
+    assert code == 2 and "one of the prediction files" in err
+    assert preds.read_text() == before  # the predictions were overwritten by the results before
+    code, _, err = run("--predictions", str(preds), "--metrics", "chexprompt", "--judge-model", "m",
+                       "--endpoint", "localhost:8000/v1")
+    assert code == 2 and "--endpoint must be an http(s) URL" in err

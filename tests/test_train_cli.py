@@ -107,3 +107,33 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(chain: Chain, tmp
     for key in ("mm_projector.0.weight", "mm_projector.2.bias"):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert not torch.equal(a["mm_projector.0.weight"], load_tensors(init / "model.safetensors")["mm_projector.0.weight"])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--save-every", "0", "save_every"),  # divided by zero at the first step
+    ("--max-steps", "0", "max_steps"),  # read as "unset": trained full epochs
+    ("--lora-dropout", "1.5", "lora_dropout"),  # torch's ValueError traceback
+    ("--num-workers", "-1", "num_workers"),
+])
+def test_bad_training_values_are_refused_before_the_run_folder(chain: Chain, tmp_path: Path, option: str,
+                                                               value: str, message: str) -> None:
+    code, _, err = _invoke("train", "stage2", chain.manifest, "--model", chain.runs["stage1"] / "model", "-o",
+                           tmp_path / "r", "--preset", "tiny", "--threads", "1", option, value)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_data_and_output_paths_leave_no_run_folder(chain: Chain, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "missing.png", "findings": "No effusion."}) + "\n")
+    code, _, err = _invoke("train", "stage2", manifest, "--model", chain.runs["stage1"] / "model", "-o",
+                           tmp_path / "r", "--preset", "tiny", "--threads", "1")
+    assert code == 2 and "not found" in err
+    assert not (tmp_path / "r").exists()  # the run folder was written before the images were read
+    (tmp_path / "f").write_text("x")
+    for args in (("train", "stage2", chain.manifest, "--model", chain.runs["stage1"] / "model", "-o", tmp_path / "f",
+                  "--preset", "tiny", "--threads", "1"),
+                 ("train", "init", "--tokenizer", chain.runs["stage1"] / "model", "--arch", "tiny", "-o", tmp_path / "f"),
+                 ("train", "tokenizer", chain.manifest, "-o", tmp_path / "f")):
+        code, _, err = _invoke(*args)
+        assert code == 2 and "Traceback" not in err and str(tmp_path / "f") in err, err

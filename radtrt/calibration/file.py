@@ -30,6 +30,7 @@ from radtrt.calibration.stats import AbsMax
 from radtrt.errors import fail
 from radtrt.exporter.quant import ActivationStats
 from radtrt.model.llava_rad import LlavaRad
+from radtrt.outputs import make_dir
 
 CALIBRATION_FORMAT = "radtrt-calibration"
 CALIBRATION_FORMAT_VERSION = 1
@@ -86,7 +87,7 @@ class CalibrationFile:
         tensors |= {f"decoder.output:{k}": v for k, v in self.decoder.outputs.items()}
         tensors |= {f"vision.input:{k}": v for k, v in self.vision.inputs.items()}
         tensors |= {f"vision.output:{k}": v for k, v in self.vision.outputs.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(path.parent, "folder for the calibration file")
         save_tensors({k: v.float().contiguous() for k, v in tensors.items()}, path,
                      metadata={"format": CALIBRATION_FORMAT, "format_version": str(CALIBRATION_FORMAT_VERSION),
                                "meta": json.dumps(self.meta)})

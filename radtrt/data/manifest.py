@@ -39,11 +39,19 @@ class ManifestRow:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; anything but a JSON object is refused."""
+    """(line number, object) for each non-blank line; anything but a JSON object is refused.
+
+    Lines are decoded one by one so that a binary or mis-encoded file (an image or archive passed by
+    mistake) is refused with its line number instead of a decoder traceback.
+    """
     if not path.is_file():
         fail(f"manifest not found: {path}")
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                fail(f"{path}:{lineno}: not UTF-8 text (a JSONL manifest is expected)")
             if not line.strip():
                 continue
             try:

@@ -28,11 +28,13 @@ from radtrt.data.phantoms import expose, render_frontal, render_lateral
 from radtrt.data.reports import findings_text
 from radtrt.data.vocabulary import Findings, sample_findings
 from radtrt.errors import fail
+from radtrt.outputs import check_creatable, make_dir
 from radtrt.imaging.dicom import load_dicom_image
 from radtrt.imaging.synthetic import radiograph_dataset
 from radtrt.progress import make_progress
 
 FORMATS = ("dicom", "png")
+MAX_SIDE = 4096  # a 4096 x 4096 phantom already takes ~3 GB and ~40 s to render; larger is a typo
 BITS_STORED = 12
 INDICATIONS = ["Cough.", "Shortness of breath.", "Fever and cough, evaluate for pneumonia.", "Chest pain.",
                "Preoperative evaluation.", "Follow-up.", "Hypoxia.", "Weakness."]
@@ -122,12 +124,17 @@ def write_phantom_set(out: Path, n: int, seed: int, *, rows: int = 288, cols: in
         fail(f"--n must be at least 1, got {n}")
     if min(rows, cols) < 64:
         fail(f"phantoms need at least 64 x 64 pixels, got {rows} x {cols}")
+    if max(rows, cols) > MAX_SIDE:
+        fail(f"phantoms are at most {MAX_SIDE} x {MAX_SIDE} pixels, got {rows} x {cols}")
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         fail(f"unknown phantom format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
+    if out.exists() and not out.is_dir():
+        fail(f"output folder {out} exists and is not a folder")
     if (out / "manifest.jsonl").exists():
         fail(f"{out} already holds a phantom set (manifest.jsonl); choose another -o")
-    out.mkdir(parents=True, exist_ok=True)
+    check_creatable(out, "output folder")
+    make_dir(out, "output folder")
     (out / "README.txt").write_text(README)
     rows_out = []
     with make_progress(console=console or Console(stderr=True), transient=True) as progress:

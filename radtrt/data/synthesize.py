@@ -27,6 +27,7 @@ from radtrt.data.manifest import read_jsonl
 from radtrt.data.reports import findings_text
 from radtrt.data.vocabulary import LABELS, NO_FINDING, Findings
 from radtrt.errors import fail
+from radtrt.outputs import check_creatable, make_dir
 from radtrt.progress import make_progress
 
 PROMPT_VERSION = 1
@@ -128,7 +129,15 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]]) -> int:
 
 def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed: int = 0, temperature: float = 0.0,
                console: Console | None = None) -> Path:
-    """Write (or complete) the manifest ``out``; ``client`` None means template mode."""
+    """Write (or complete) the manifest ``out``; ``client`` None means template mode.
+
+    Everything that can be refused (the output path, every row's labels, in template mode every
+    row's text) is checked before ``out`` is opened, so a refusal leaves no empty manifest behind.
+    """
+    if out.is_dir():
+        fail(f"-o {out} is a folder; give the manifest file (JSONL) to write")
+    if out.exists() and out.samefile(labels_file):
+        fail(f"-o {out} is the label file itself; choose another output manifest")
     inputs = [obj for _, obj in read_jsonl(labels_file)]
     if not inputs:
         fail(f"label file {labels_file} has no rows")
@@ -139,18 +148,24 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
             fail(f"{where}: 'image' is missing or not a string")
         parsed.append(parse_labels(obj.get("labels"), where))
     start = _done_rows(out, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
+                 for i in range(start, len(inputs))} if client is None else {}
+    check_creatable(out, "output manifest")
+    make_dir(out.parent, "folder for the output manifest")
     mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature})
-    with out.open("a", encoding="utf-8") as handle, \
-            make_progress(console=console or Console(stderr=True), transient=True) as progress:
+    try:
+        handle = out.open("a", encoding="utf-8")
+    except OSError as e:
+        fail(f"cannot write {out}: {e.strerror}")
+    with handle, make_progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("synthesizing reports", total=len(inputs), completed=start)
         for i in range(start, len(inputs)):
             obj, labels = inputs[i], parsed[i]
             indication = obj.get("indication") if isinstance(obj.get("indication"), str) else None
             if client is None:
-                text = template_text(labels, random.Random(f"radtrt-synth-{seed}-{i}"))
+                text = templates[i]
             else:
                 text = client.complete(llm_messages(labels, indication), temperature=temperature, seed=seed)
             row = {**obj, "findings": text, "indication": indication, "labels": _positive_names(labels),

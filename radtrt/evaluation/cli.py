@@ -62,6 +62,8 @@ def eval_command(
 
     if (predictions is None) == (paired is None):
         fail("give either --predictions FILE or --paired REFERENCE.jsonl CANDIDATE.jsonl")
+    if out is not None:
+        _check_results_path(out, [predictions] if predictions is not None else list(paired or ()))
     names = parse_metrics(metrics)
     judge = None
     if "chexprompt" in names:
@@ -98,6 +100,21 @@ def eval_command(
         except OSError as e:
             fail(f"cannot write {out}: {e.strerror}")
     typer.echo(summary, nl=False)
+
+
+def _check_results_path(out: Path, inputs: list[Path]) -> None:
+    """Refuse a results path that would overwrite an input or cannot be written, before any scoring.
+
+    Scoring may take a long, paid judge run: a bad ``-o`` must fail first, and ``-o`` naming the
+    predictions file would replace the user's predictions with the results.
+    """
+    from radtrt.outputs import check_creatable
+
+    if any(p.exists() and out.exists() and out.samefile(p) for p in inputs):
+        fail(f"-o {out} is one of the prediction files being scored; choose another results path")
+    if out.is_dir():
+        fail(f"cannot write {out}: it is a folder (give the results file to write)")
+    check_creatable(out, "results file")
 
 
 def register(app: typer.Typer) -> None:

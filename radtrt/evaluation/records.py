@@ -30,8 +30,12 @@ def load_predictions(path: Path) -> list[ReportPair]:
         fail(f"predictions file {path} does not exist")
     pairs: list[ReportPair] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # decoded per line: a binary file is refused with its line, not a traceback
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                fail(f"{path.name} line {lineno}: not UTF-8 text (a JSONL predictions file is expected)")
             if not line.strip():
                 continue
             try:

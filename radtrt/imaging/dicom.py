@@ -157,7 +157,7 @@ def check_modality(ds: Dataset, name: str, *, allow_any_modality: bool) -> str |
     shown = f"modality {modality!r}" if modality else "missing modality"
     fail(
         f"{name}: {shown} is not a chest radiograph (accepted: {accepted}); "
-        "use allow_any_modality to override"
+        "use --allow-any-modality to override"
     )
 
 

@@ -25,6 +25,7 @@ from radtrt.model.decoder import Rotary
 from radtrt.model.io import hf_weight_files, load_tensors, read_json, save_tensors
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.tokenizer import LlamaSPTokenizer
+from radtrt.outputs import make_dir
 
 TOOLKIT_FORMAT = "radtrt-llava-rad"
 TOOLKIT_FORMAT_VERSION = 1
@@ -164,7 +165,7 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
 
 def save_toolkit(loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> Path:
     """Write radtrt's merged layout: later runs need neither the base model nor pickles."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).cpu()
              for k, v in loaded.model.state_dict().items()}
     if loaded.model.cfg.decoder.tie_word_embeddings:

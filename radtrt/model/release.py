@@ -18,6 +18,7 @@ from radtrt.model.config import LlavaRadConfig
 from radtrt.model.io import save_tensors
 from radtrt.model.loading import DEFAULT_VISION_CKPT, DEFAULT_VISION_JSON
 from radtrt.model.tokenizer import LlamaSPTokenizer
+from radtrt.outputs import make_dir
 
 VISION_TOWER_NAME = "biomedclip_cxr_518"
 
@@ -54,7 +55,7 @@ def adapter_config_json(r: int, alpha: int, dropout: float, base_name: str,
 def write_base_lm(out_dir: Path, cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor],
                   tokenizer: LlamaSPTokenizer) -> Path:
     """A Hugging Face LLaMA directory (what ``--base-model`` points at)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     (out_dir / "config.json").write_text(json.dumps(cfg.decoder.to_hf(), indent=2))
     save_tensors(decoder, out_dir / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save(out_dir)
@@ -66,7 +67,7 @@ def write_release(out_dir: Path, cfg: LlavaRadConfig, *, trunk: dict[str, torch.
                   adapter_config: dict[str, Any] | None, base_name: str,
                   extra_open_clip: dict[str, torch.Tensor] | None = None) -> Path:
     """The release directory; ``lora`` uses PEFT key names (``base_model.model.model.layers...lora_A.weight``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     (out_dir / "config.json").write_text(json.dumps(release_config_json(cfg, base_name), indent=2))
     (out_dir / DEFAULT_VISION_JSON).write_text(json.dumps(cfg.vision.to_open_clip(), indent=2))
     torch.save({"state_dict": {**ck.trunk_to_open_clip(trunk), **(extra_open_clip or {})}},

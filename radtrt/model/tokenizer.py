@@ -17,6 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from radtrt.errors import fail
+from radtrt.outputs import make_dir
 
 SPIECE_UNDERLINE = "\u2581"
 
@@ -68,7 +69,7 @@ class LlamaSPTokenizer:
             fail(f"{model_file} is not a valid sentencepiece model ({e})")
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dir(directory, "tokenizer folder")
         (directory / "tokenizer.model").write_bytes(self.model_proto)
         config = {"tokenizer_class": "LlamaTokenizer", "legacy": self.legacy, "add_bos_token": True,
                   "add_eos_token": False, "clean_up_tokenization_spaces": self.clean_up_spaces,

@@ -76,6 +76,9 @@ def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: 
             fail(f"--backend {requested} needs --bundle (what 'radtrt export' wrote)")
         return requested, "asked for"
     if requested == "torch":
+        if bundle and not model:  # else the embedded default model would run in place of the bundle's
+            fail("--backend torch runs PyTorch weights (--model DIR), not a bundle: drop --backend torch to run "
+                 "the bundle, or pass --model")
         return "torch", "asked for"
     if requested != "auto":
         fail(f"unknown backend '{requested}' (auto, torch, onnxruntime, tensorrt)")

@@ -25,6 +25,7 @@ import typer
 from radtrt.cli_support import err
 from radtrt.cli_support import user_errors as guarded
 from radtrt.errors import fail
+from radtrt.outputs import check_new_dir
 
 
 def _threads(threads: Optional[int]) -> None:
@@ -59,8 +60,7 @@ def init(out: Path = typer.Option(..., "-o", "--out", help="Output model folder 
 
     if arch not in ARCHS:
         fail(f"unknown --arch '{arch}' ({', '.join(ARCHS)})")
-    if out.exists() and any(out.iterdir()):
-        fail(f"output directory {out} is not empty")
+    check_new_dir(out)
     save_toolkit(fresh_model(arch, LlamaSPTokenizer.from_dir(tokenizer_dir), seed, name), out)
     typer.echo(str(out))
 

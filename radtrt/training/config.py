@@ -74,6 +74,18 @@ class TrainConfig:
             fail(f"unknown lm_condition '{self.lm_condition}' ({', '.join(LM_CONDITIONS)})")
         if self.lr <= 0 or self.epochs <= 0 or not 0 <= self.warmup_ratio < 1:
             fail("lr and epochs must be positive and warmup_ratio in [0, 1)")
+        # checked here, not where they are used: a bad value must not surface mid-run as a traceback
+        # (save_every 0 divides by zero at the first step) or be quietly read as "unset" (max_steps 0)
+        if self.max_steps is not None and self.max_steps < 1:
+            fail(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.save_every < 1:
+            fail(f"save_every must be at least 1, got {self.save_every}")
+        if self.num_workers < 0:
+            fail(f"num_workers must be at least 0, got {self.num_workers}")
+        if not 0 <= self.lora_dropout < 1:
+            fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            fail("weight_decay must be at least 0 and max_grad_norm positive")
 
     @property
     def template(self) -> str | None:

@@ -27,6 +27,7 @@ from radtrt.data.manifest import read_manifest
 from radtrt.data.vocabulary import LABELS
 from radtrt.errors import fail
 from radtrt.model.loading import load_model
+from radtrt.outputs import check_creatable, make_dir
 from radtrt.training import checkpoint as ckpt
 from radtrt.training.config import TrainConfig
 from radtrt.training.data import ManifestDataset, Schedule, collate
@@ -70,13 +71,23 @@ def _progress(console: Console) -> Progress | LineProgress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo) -> None:
-    if not resume and ckpt.state_path(run_dir).exists():
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse an -o that holds another run or model, or cannot be created, before any slow work."""
+    if resume:
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        fail(f"run folder {run_dir} exists and is not a folder")
+    if ckpt.state_path(run_dir).exists():
         fail(f"{run_dir} already holds a training run; pass --resume to continue it or choose another -o")
-    if not resume and (run_dir / MODEL_DIR).exists():
+    if (run_dir / MODEL_DIR).exists():
         fail(f"{run_dir} already holds a trained model; choose another -o")
+    check_creatable(run_dir, "run folder")
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo) -> None:
+    """Write the run's config and empty log: only once the data, model and schedule were accepted."""
     if info.is_main and not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir, "run folder")
         (run_dir / CONFIG_FILE).write_text(cfg.to_json())
         (run_dir / LOG_FILE).write_text("")
 
@@ -113,11 +124,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None, console: Console) -> TrainResult:
     run_dir = Path(cfg.out_dir)
     manifest = Path(cfg.manifest)
+    _check_run_dir(run_dir, resume)
     rows = read_manifest(manifest)  # inputs are checked before anything is written
     torch.manual_seed(cfg.seed + info.rank)
     loaded = load_model(Path(cfg.init_model), Path(cfg.init_base_model) if cfg.init_base_model else None,
                         device=info.device)
-    _prepare_run_dir(cfg, run_dir, resume, info)
     image_size = None if cfg.stage == "lm" else loaded.model.cfg.vision.img_size
     dataset = ManifestDataset(rows, manifest.parent, tokenizer=loaded.tokenizer,
                               template=cfg.template, max_length=cfg.max_length, image_size=image_size,
@@ -138,6 +149,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     schedule.check()
     total = schedule.total_steps(cfg.epochs, cfg.max_steps)
     scheduler = cosine_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+    _prepare_run_dir(cfg, run_dir, resume, info)
     start = _restore(run_dir, objective, named, optimizer, scheduler, info, total) if resume else 0
     model: torch.nn.Module = objective
     if info.enabled:

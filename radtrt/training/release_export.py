@@ -24,6 +24,7 @@ import torch
 from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
 from radtrt.model.io import load_tensors, read_json
+from radtrt.outputs import check_new_dir
 from radtrt.model.loading import LoadedModel, load_model
 from radtrt.model.release import adapter_config_json, write_base_lm, write_release
 from radtrt.training.config import TrainConfig
@@ -94,8 +95,7 @@ def export_release(source: LoadedModel | Path, out_dir: Path, *, base_name: str 
     ``source``: a training run directory (``radtrt train ... -o RUN``), a model directory
     ``load_model`` reads, or an already loaded model.
     """
-    if out_dir.exists() and any(out_dir.iterdir()):
-        fail(f"output directory {out_dir} is not empty")
+    check_new_dir(out_dir)
     if isinstance(source, LoadedModel):
         return _export_merged(source, out_dir, base_name or f"{source.name}-base")
     if not source.is_dir():

@@ -36,6 +36,10 @@ class JudgeConfig:
             fail("a judge model name is needed (--judge-model)")
         if self.endpoint and self.azure_endpoint:
             fail("give either --endpoint (OpenAI-compatible) or --azure-endpoint, not both")
+        for option, url in (("--endpoint", self.endpoint), ("--azure-endpoint", self.azure_endpoint)):
+            # else every request fails as a connection error and the run "succeeds" having scored nothing
+            if url and not url.startswith(("http://", "https://")):
+                fail(f"{option} must be an http(s) URL, got '{url}'")
         if self.azure_endpoint and not self.api_version:
             fail("Azure OpenAI needs an API version (--api-version, e.g. 2024-06-01)")
         if self.concurrency < 1 or self.max_attempts < 1 or self.max_consecutive_failures < 1:
