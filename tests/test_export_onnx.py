@@ -305,6 +305,25 @@ def test_bundle_from_another_version_is_refused(bundle: Path, studies: list[Path
     _refused(["infer", str(studies[0]), "--bundle", str(copy)], "re-export")
 
 
+@pytest.mark.parametrize("damage", ["binary", "list", "no files", "files null", "no precision", "int3",
+                                    "no decoder", "no model name"])
+def test_damaged_manifest_is_refused(bundle: Path, studies: list[Path], tmp_path: Path, damage: str) -> None:
+    copy = _copy(bundle, tmp_path)
+    path = copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edits = {"no files": lambda m: m.pop("files"), "files null": lambda m: m.update(files=None),
+             "no precision": lambda m: m.pop("precision"), "int3": lambda m: m.update(precision="int3"),
+             "no decoder": lambda m: m.pop("decoder"), "no model name": lambda m: m["model"].pop("name")}
+    if damage == "binary":
+        path.write_bytes(b"\xff\xfe\x00garbage")
+    elif damage == "list":
+        path.write_text("[1, 2]")
+    else:
+        edits[damage](manifest)
+        path.write_text(json.dumps(manifest))
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)], str(path))
+
+
 def test_graph_onnxruntime_cannot_load_is_refused(bundle: Path, tmp_path: Path) -> None:
     from radtrt.runtime.ort import OrtBackend
 
@@ -333,8 +352,19 @@ def test_export_refusals(model_dir: Path, tmp_path: Path, extra: list[str], matc
 def test_export_refuses_a_non_empty_output(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("user data")
-    _refused(["export", "--model", str(model_dir), "-o", str(tmp_path / "b")], "not an empty directory")
+    _refused(["export", "--model", str(model_dir), "-o", str(tmp_path / "b")], "is not empty")
     assert (tmp_path / "b" / "keep.txt").read_text() == "user data"
+    (tmp_path / "f").write_text("a file")
+    _refused(["export", "--model", str(model_dir), "-o", str(tmp_path / "f" / "b")], "is not a folder")
+
+
+def test_failed_export_leaves_nothing_behind(model_dir: Path, tmp_path: Path) -> None:
+    """A failure inside the export (here: calibration data without one usable study) removes its work folder."""
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "calib" / "notes.txt").write_text("no studies here")
+    _refused(["export", "--model", str(model_dir), "--precision", "int8", "--calibration-data",
+              str(tmp_path / "calib"), "-o", str(tmp_path / "b")], "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib"]
 
 
 def test_onnxruntime_backend_without_bundle_is_refused(model_dir: Path, studies: list[Path]) -> None:

@@ -27,9 +27,11 @@ from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.gqa import ATTENTION_KINDS, DEFAULT_ATTENTION, FusedAttention, describe as describe_attention
 from radtrt.exporter.onnx import GRAPH_REVISION, OPSET, export_decoder, export_vision
+from radtrt.model.io import read_json, save_tensors, sha256_file
+from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.loading import LoadedModel
-from radtrt.model.io import save_tensors, sha256_file
 from radtrt.model.prompt import QUERY, QUERY_WITH_INDICATION, SYSTEM_V1
+from radtrt.outputs import check_new_dir, make_dir
 
 BUNDLE_FORMAT = "radtrt-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -85,16 +87,29 @@ def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", pr
             fail("INT8 export needs calibration data: pass --calibration-data DIR|MANIFEST|CALIB_FILE, or "
                  "'--calibration-data phantom' for synthetic phantoms")
         int8.check_ready()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        fail(f"output {out} already exists and is not an empty directory")
-    from radtrt.exporter.check import check_bundle_against_torch
-
+    check_new_dir(out, "bundle directory")
     dtype = PRECISIONS.get(precision, torch.float32)
     model = loaded.model.to(dtype).eval()
     work = out.with_name(out.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    make_dir(work, "bundle work folder")
+    try:
+        manifest = _export_into(work, loaded, model, precision, dtype, int8, attention, progress)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # no half-written bundle left behind; the error itself goes on
+        raise
+    if out.exists():
+        out.rmdir()
+    work.rename(out)
+    return manifest
+
+
+def _export_into(work: Path, loaded: LoadedModel, model: LlavaRad, precision: str, dtype: torch.dtype, int8: Any,
+                 attention: str, progress: Any) -> dict[str, Any]:
+    """Every file of the bundle and its checked manifest, in ``work``."""
+    from radtrt.exporter.check import check_bundle_against_torch
+
     task = progress.add_task("export", total=None) if progress else None
 
     def describe(text: str) -> None:
@@ -136,9 +151,6 @@ def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", pr
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if progress:
         progress.remove_task(task)
-    if out.exists():
-        out.rmdir()
-    work.rename(out)
     return manifest
 
 
@@ -205,24 +217,45 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
     path = bundle / MANIFEST
     if not path.is_file():
         fail(f"{bundle} is not a radtrt bundle (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        fail(f"{path} is not valid JSON ({e})")
+    manifest = read_json(path)
     if manifest.get("format") != BUNDLE_FORMAT:
         fail(f"{bundle} is not a radtrt bundle (format {manifest.get('format')!r})")
     if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
         fail(f"bundle {bundle} has format version {manifest.get('format_version')} (written by radtrt "
              f"{manifest.get('tools', {}).get('radtrt', '?')}); this radtrt {__version__} reads version "
              f"{BUNDLE_FORMAT_VERSION}: re-export it")
+    problem = manifest_problem(manifest)
+    if problem:
+        fail(f"{path} is damaged ({problem}): re-export the bundle")
     if verify:
-        for name, meta in manifest.get("files", {}).items():
+        for name, meta in manifest["files"].items():
             f = bundle / name
             if not f.is_file():
                 fail(f"bundle {bundle} is missing {name}")
             if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
                 fail(f"bundle file {f} does not match its manifest hash (corrupt or modified): re-export the bundle")
     return manifest
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What makes a manifest of the current format unusable, or None (pure).
+
+    Why: the runtime reads these fields without further checks, and a manifest without its file list
+    would silently skip the hash check of every file."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "no file list"
+    for name, meta in files.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            return f"no size and sha256 for {name}"
+    if manifest.get("precision") not in (*PRECISIONS, "int8"):
+        return f"unknown precision {manifest.get('precision')!r}"
+    for key in ("model", "graphs", "vision", "decoder"):
+        if not isinstance(manifest.get(key), dict):
+            return f"no '{key}' section"
+    if not isinstance(manifest["model"].get("name"), str):
+        return "no model name"
+    return None
 
 
 def load_embedding_table(bundle: Path) -> np.ndarray:
