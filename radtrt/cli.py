@@ -157,6 +157,8 @@ def export(
     from radtrt.model.loading import load_model
 
     attention = attention or DEFAULT_ATTENTION
+    if precision == "int8" and bundle is None and calibration_data is None and calibration_stats is not None:
+        calibration_data = str(calibration_stats)  # a 'radtrt calibrate' file serves the ONNX INT8 export too
     if bundle is not None and calibration_stats is None and (bundle / targets.CALIBRATION_FILE).is_file():
         calibration_stats = bundle / targets.CALIBRATION_FILE  # an INT8 bundle carries its calibration
     plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,

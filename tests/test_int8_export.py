@@ -365,3 +365,11 @@ def test_attention_choices_are_checked_before_exporting(model_dir: Path, tmp_pat
     result = runner.invoke(app, ["export", "--model", str(model_dir), *extra, "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and match in result.stderr, result.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_calibration_stats_file_serves_the_onnx_int8_export(model_dir: Path, bundle: Path, tmp_path: Path) -> None:
+    """--calibration-stats (the TensorRT-LLM flag) is also taken as the calibration of an ONNX INT8 export."""
+    calib = bundle / "calibration.safetensors"
+    out = _export(model_dir, tmp_path / "b", "--precision", "int8", "--int8-decoder", "weight-only",
+                  "--calibration-stats", str(calib), "--parity-samples", "0")
+    assert (out / "calibration.safetensors").read_bytes() == calib.read_bytes()
