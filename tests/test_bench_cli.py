@@ -177,3 +177,13 @@ def test_bad_input_is_one_line_and_exit_2(tiny: Assets, work: Path, args: tuple,
 def test_torch_side_needs_a_model(tiny: Assets, work: Path) -> None:
     code, _, err = _invoke("bench", "parity", "--bundle", tiny.bundle, "--work-dir", work)
     assert code == 2 and "needs --model" in err
+
+
+@pytest.mark.parametrize("kind", ["latency", "parity"])
+def test_unusable_report_path_is_refused_before_any_work(work: Path, tmp_path: Path, kind: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    for out, match in ((tmp_path, "is a folder"), (tmp_path / "afile" / "r.md", "is not a folder")):
+        code, _, err = _invoke("bench", kind, "--random-model", "tiny", "--work-dir", tmp_path / "never",
+                               "--synthetic", 1, "-o", out)
+        assert code == 2 and match in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()  # refused before the random model was built

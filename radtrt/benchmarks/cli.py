@@ -17,6 +17,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.cli_support import err, user_errors
+from radtrt.errors import fail
 from radtrt.progress import LineProgress, make_progress
 
 _guarded = user_errors
@@ -37,9 +38,22 @@ def _progress() -> Progress | LineProgress:
                          transient=True)
 
 
+def _check_report_path(out: Path | None) -> None:
+    """Refuse an unusable -o before the (long) benchmark runs, not when its report is written."""
+    if out is None:
+        return
+    from radtrt.outputs import check_creatable
+
+    if out.is_dir():
+        fail(f"-o {out} is a folder; name the report file (report.md)")
+    check_creatable(out, "report")
+
+
 def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) -> None:
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        from radtrt.outputs import make_dir
+
+        make_dir(out.parent, "report folder")
         out.write_text(markdown)
         out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
         err.print(f"wrote {out} and {out.with_suffix('.json')}")
@@ -99,6 +113,7 @@ def latency(
 
     if studies is None and synthetic is None:
         synthetic = 1
+    _check_report_path(out)
 
     command = reproduce_command("latency", [
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
@@ -157,6 +172,7 @@ def parity(
 
     if studies is None and synthetic is None:
         synthetic = 2
+    _check_report_path(out)
     command = reproduce_command("parity", [
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
         ("--work-dir", work_dir if random_model or studies is None else None),
