@@ -306,14 +306,15 @@ def test_bundle_from_another_version_is_refused(bundle: Path, studies: list[Path
 
 
 @pytest.mark.parametrize("damage", ["binary", "list", "no files", "files null", "no precision", "int3",
-                                    "no decoder", "no model name"])
+                                    "no decoder", "no model name", "no graphs"])
 def test_damaged_manifest_is_refused(bundle: Path, studies: list[Path], tmp_path: Path, damage: str) -> None:
     copy = _copy(bundle, tmp_path)
     path = copy / "manifest.json"
     manifest = json.loads(path.read_text())
     edits = {"no files": lambda m: m.pop("files"), "files null": lambda m: m.update(files=None),
              "no precision": lambda m: m.pop("precision"), "int3": lambda m: m.update(precision="int3"),
-             "no decoder": lambda m: m.pop("decoder"), "no model name": lambda m: m["model"].pop("name")}
+             "no decoder": lambda m: m.pop("decoder"), "no model name": lambda m: m["model"].pop("name"),
+             "no graphs": lambda m: m.pop("graphs")}
     if damage == "binary":
         path.write_bytes(b"\xff\xfe\x00garbage")
     elif damage == "list":

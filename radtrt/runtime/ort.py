@@ -113,7 +113,10 @@ class OrtBackend:
         self.num_layers, self.num_kv, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
         self.input_names, self.output_names = decoder_io_names(self.num_layers)
         self.dtype = self.table.dtype
-        self.fused = SEQLENS in self.manifest["graphs"]["decoder.onnx"]["inputs"]
+        decoder_io = self.manifest.get("graphs", {}).get("decoder.onnx", {}).get("inputs")
+        if not isinstance(decoder_io, (dict, list)):
+            fail(f"{bundle}/manifest.json records no decoder.onnx inputs: re-export the bundle")
+        self.fused = SEQLENS in decoder_io
         past_type = next((i.type for i in self.decoder.get_inputs() if i.name == "past_key.0"), None)
         if past_type not in ORT_TYPES:
             fail(f"{bundle / 'decoder.onnx'} has no past_key.0 input of a KV-cache type radtrt knows ({past_type}); "
