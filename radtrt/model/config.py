@@ -162,12 +162,43 @@ class LlavaRadConfig:
             for key in ("image_mean", "image_std"):
                 if key in rest:
                     rest[key] = tuple(rest[key])
-            return cls(vision=VisionConfig(**d["vision"]), decoder=DecoderConfig(**d["decoder"]), **rest)
+            cfg = cls(vision=VisionConfig(**d["vision"]), decoder=DecoderConfig(**d["decoder"]), **rest)
         except (KeyError, TypeError) as e:
             fail(f"radtrt model config is malformed ({e}); re-run 'radtrt convert'")
+        problem = config_problem(cfg)
+        if problem:
+            fail(f"radtrt model config is malformed ({problem}); re-run 'radtrt convert'")
+        return cfg
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+_SCALAR_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+_POSITIVE = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "vocab_size", "hidden_size",
+             "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "max_position_embeddings")
+
+
+def config_problem(cfg: LlavaRadConfig) -> str | None:
+    """What in a config read from a file would break model construction, or None (pure).
+
+    Why: a hand-edited ``config.json`` with a string size, a zero or negative count, or heads that do not
+    divide the width otherwise fails deep inside torch with a traceback."""
+    for part in (cfg.vision, cfg.decoder):
+        for f in dataclasses.fields(part):
+            value, kind = getattr(part, f.name), _SCALAR_TYPES.get(str(f.type))
+            if kind is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+                return f"{f.name} = {value!r} is not a {f.type}"
+            if f.name in _POSITIVE and value <= 0:
+                return f"{f.name} = {value} must be positive"
+    v, d = cfg.vision, cfg.decoder
+    if v.embed_dim % v.num_heads or v.img_size < v.patch_size:
+        return f"vision embed_dim {v.embed_dim} / num_heads {v.num_heads} / img_size {v.img_size} do not fit"
+    if d.hidden_size % d.num_attention_heads or d.num_attention_heads % d.num_key_value_heads:
+        return (f"decoder hidden_size {d.hidden_size}, num_attention_heads {d.num_attention_heads} and "
+                f"num_key_value_heads {d.num_key_value_heads} do not divide")
+    return None
 
 
 def tiny_vision() -> VisionConfig:

@@ -1,0 +1,50 @@
+"""Model configs read from files: what a hand-edited config.json gets (one line, not a torch traceback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from radtrt.cli import app
+from radtrt.errors import RadtrtError
+from radtrt.model.config import PRESETS, LlavaRadConfig, config_problem, preset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid_and_round_trip(name: str) -> None:
+    cfg = preset(name)
+    assert config_problem(cfg) is None
+    assert LlavaRadConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("part, key, value, match", [
+    ("decoder", "hidden_size", "64", "is not a int"),
+    ("decoder", "num_hidden_layers", -1, "must be positive"),
+    ("decoder", "num_key_value_heads", 3, "do not divide"),
+    ("decoder", "tie_word_embeddings", 1, "is not a bool"),
+    ("vision", "num_heads", 5, "do not fit"),
+    ("vision", "depth", True, "is not a int"),
+    ("vision", "mlp_ratio", "4", "is not a float"),
+])
+def test_malformed_values_are_refused(part: str, key: str, value: object, match: str) -> None:
+    d = json.loads(preset("tiny").to_json())
+    d[part][key] = value
+    with pytest.raises(RadtrtError, match=match):
+        LlavaRadConfig.from_dict(d)
+
+
+def test_cli_refuses_a_hand_edited_model_config(tmp_path: Path) -> None:
+    from radtrt.model.loading import LoadedModel, save_toolkit
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    save_toolkit(LoadedModel(random_model(preset("tiny"), seed=0), train_tiny_tokenizer(), "tiny"), model_dir)
+    config = model_dir / "config.json"
+    d = json.loads(config.read_text())
+    d["model"]["decoder"]["num_attention_heads"] = 0
+    config.write_text(json.dumps(d))
+    result = CliRunner().invoke(app, ["convert", "--model", str(model_dir), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "must be positive" in result.stderr and "Traceback" not in result.stderr
