@@ -363,3 +363,39 @@ def test_cli_paired_chexprompt_parity(fake_judge: FakeJudge, tmp_path: Path) -> 
     assert single.exit_code == 0, single.stderr
     assert "errors per report" in single.stdout
     assert "| B: omission of a finding | 0.000 [0.000, 0.000] | 1.000 [1.000, 1.000] |" in single.stdout
+
+
+def test_cli_exits_2_when_the_judge_scored_nothing(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    """Every request failing (fewer than the consecutive-failure stop) writes the report and exits 2."""
+    import typer
+    from typer.testing import CliRunner
+
+    from radtrt.evaluation.cli import register
+
+    fake_judge.default = lambda c: ("status", 500)
+    preds = _write(tmp_path / "p.jsonl", ["Report A.", "Report B."])
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Stand-in for the radtrt root app."""
+
+    register(app)
+    result = CliRunner().invoke(app, [
+        "eval", "--predictions", str(preds), "-o", str(tmp_path / "r.json"), "--metrics", "chexprompt",
+        "--endpoint", fake_judge.url + "/v1", "--judge-model", "judge-test", "--judge-prompt", "radtrt",
+        "--judge-cache", str(tmp_path / "c.sqlite"), "--requests-per-minute", "0", "--timeout", "2",
+        "--max-attempts", "1", "--no-progress"])
+    assert result.exit_code == 2 and "scored none of the reports" in result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())  # the failure table is kept
+    assert "Traceback" not in result.stderr
+
+
+def test_nothing_judged_reads_plain_and_paired_results() -> None:
+    from radtrt.evaluation.cli import nothing_judged
+
+    scored = {"n_reports": 3, "n_scored": 2}
+    assert not nothing_judged({"chexprompt": scored}) and not nothing_judged({"chexprompt": None})
+    assert nothing_judged({"chexprompt": {"n_reports": 3, "n_scored": 0}})
+    assert nothing_judged({"reference": {"chexprompt": scored}, "candidate": {"chexprompt": {"n_reports": 1,
+                                                                                             "n_scored": 0}}})

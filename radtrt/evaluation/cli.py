@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -100,6 +100,24 @@ def eval_command(
         except OSError as e:
             fail(f"cannot write {out}: {e.strerror}")
     typer.echo(summary, nl=False)
+    if nothing_judged(result):
+        written = f" (results written to {out})" if out is not None else ""
+        fail(f"CheXprompt scored none of the reports: every judge request failed, see the reasons above{written}; "
+             f"rerun the same command to resume from the judge cache")
+
+
+def nothing_judged(result: Any) -> bool:
+    """True when some CheXprompt summary in an eval result (plain or paired) scored none of its reports.
+
+    Why: such a run prints a table of failures and no number; exiting 0 would let a script take it for a
+    result."""
+    if isinstance(result, dict):
+        if isinstance(result.get("n_reports"), int) and "n_scored" in result:
+            return result["n_reports"] > 0 and result["n_scored"] == 0
+        return any(nothing_judged(v) for v in result.values())
+    if isinstance(result, list):
+        return any(nothing_judged(v) for v in result)
+    return False
 
 
 def _check_results_path(out: Path, inputs: list[Path]) -> None:
