@@ -105,6 +105,12 @@ def test_non_dicom_files_are_refused(tmp_path: Path, content: bytes) -> None:
     _refused(path, "not a DICOM file")
 
 
+def test_junk_named_png_is_refused_as_neither_format(tmp_path: Path) -> None:
+    path = tmp_path / "image.png"
+    path.write_bytes(b"just some text\n" * 20)
+    _refused(path, "nor a PNG or JPEG image")
+
+
 def test_missing_file_is_refused(tmp_path: Path) -> None:
     _refused(tmp_path / "absent.dcm", "cannot read file")
 

@@ -120,7 +120,8 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
         ds = dcmread(path, force=False, defer_size=defer_size)
         _parse_all(ds)
     except InvalidDicomError:
-        fail(f"{name}: not a DICOM file (no DICOM preamble and 'DICM' prefix)")
+        fail(f"{name}: not a DICOM file (no DICOM preamble and 'DICM' prefix), nor a PNG or JPEG image "
+             f"(radtrt recognises files by content, not by name)")
     except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
         fail(f"{name}: cannot read file ({exc.strerror or type(exc).__name__})")
     except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError):
