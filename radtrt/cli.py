@@ -64,11 +64,9 @@ def infer(
 
     check_studies_exist(studies)
     if sr_out is not None:  # refused before the model loads, not after the first study was generated
-        from radtrt.outputs import check_creatable
+        from radtrt.outputs import check_folder_target
 
-        if sr_out.exists() and not sr_out.is_dir():
-            fail(f"--sr-out {sr_out} exists and is not a folder")
-        check_creatable(sr_out, "SR output folder")
+        check_folder_target(sr_out, "--sr-out folder")
     pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
                              dtype=dtype, console=err, ort_provider=ort_provider, trt_cache=trt_cache,
                              ort_spin=ort_spin)

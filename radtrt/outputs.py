@@ -18,7 +18,7 @@ def check_creatable(path: Path, what: str) -> None:
 
     Checked without creating anything, so a later failure leaves no empty folders behind.
     """
-    ancestor = path.absolute().parent
+    ancestor = path.absolute() if path.is_dir() else path.absolute().parent  # an existing folder: itself
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -27,17 +27,25 @@ def check_creatable(path: Path, what: str) -> None:
         fail(f"cannot write {what} {path}: {ancestor} is not writable")
 
 
-def check_new_dir(path: Path, what: str = "output directory") -> None:
-    """Fail unless ``path`` is an empty folder or can be created as one (never merge into user data)."""
+def check_folder_target(path: Path, what: str) -> None:
+    """Fail unless ``path`` is a folder or could be created as one (what is in it is the caller's concern)."""
     if path.exists() and not path.is_dir():
         fail(f"{what} {path} exists and is not a folder")
-    if path.is_dir():
-        if any(path.iterdir()):
-            fail(f"{what} {path} is not empty")
-        if not os.access(path, os.W_OK | os.X_OK):
-            fail(f"cannot write {what} {path}: not writable")
-        return
     check_creatable(path, what)
+
+
+def check_file_target(path: Path, what: str) -> None:
+    """Fail unless ``path`` could be written as a file (an existing file is overwritten by the caller)."""
+    if path.is_dir():
+        fail(f"{what} {path} is a folder; give the file to write")
+    check_creatable(path, what)
+
+
+def check_new_dir(path: Path, what: str = "output directory") -> None:
+    """Fail unless ``path`` is an empty folder or can be created as one (never merge into user data)."""
+    check_folder_target(path, what)
+    if path.is_dir() and any(path.iterdir()):
+        fail(f"{what} {path} is not empty")
 
 
 def check_new_file(path: Path, what: str = "output file") -> None:

@@ -17,7 +17,6 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.cli_support import err, user_errors
-from radtrt.errors import fail
 from radtrt.progress import LineProgress, make_progress
 
 _guarded = user_errors
@@ -42,11 +41,9 @@ def _check_report_path(out: Path | None) -> None:
     """Refuse an unusable -o before the (long) benchmark runs, not when its report is written."""
     if out is None:
         return
-    from radtrt.outputs import check_creatable
+    from radtrt.outputs import check_file_target
 
-    if out.is_dir():
-        fail(f"-o {out} is a folder; name the report file (report.md)")
-    check_creatable(out, "report")
+    check_file_target(out, "report")
 
 
 def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) -> None:

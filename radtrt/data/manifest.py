@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,29 +38,34 @@ class ManifestRow:
         return {**d, **self.extra}
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; anything but a JSON object is refused.
+def text_lines(path: Path, where: Callable[[int], str], expected: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 file.
 
     Lines are decoded one by one so that a binary or mis-encoded file (an image or archive passed by
-    mistake) is refused with its line number instead of a decoder traceback.
+    mistake) is refused with its line number (``where(lineno)``) instead of a decoder traceback.
     """
-    if not path.is_file():
-        fail(f"manifest not found: {path}")
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                fail(f"{path}:{lineno}: not UTF-8 text (a JSONL manifest is expected)")
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{lineno}: not valid JSON ({e.msg})")
-            if not isinstance(obj, dict):
-                fail(f"{path}:{lineno}: each line must be a JSON object")
-            yield lineno, obj
+                fail(f"{where(lineno)}: not UTF-8 text ({expected} is expected)")
+            if line.strip():
+                yield lineno, line
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; anything but a JSON object is refused."""
+    if not path.is_file():
+        fail(f"manifest not found: {path}")
+    for lineno, line in text_lines(path, lambda n: f"{path}:{n}", "a JSONL manifest"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{lineno}: not valid JSON ({e.msg})")
+        if not isinstance(obj, dict):
+            fail(f"{path}:{lineno}: each line must be a JSON object")
+        yield lineno, obj
 
 
 def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:

@@ -28,7 +28,7 @@ from radtrt.data.phantoms import expose, render_frontal, render_lateral
 from radtrt.data.reports import findings_text
 from radtrt.data.vocabulary import Findings, sample_findings
 from radtrt.errors import fail
-from radtrt.outputs import check_creatable, make_dir
+from radtrt.outputs import check_folder_target, make_dir
 from radtrt.imaging.dicom import load_dicom_image
 from radtrt.imaging.synthetic import radiograph_dataset
 from radtrt.progress import make_progress
@@ -129,11 +129,9 @@ def write_phantom_set(out: Path, n: int, seed: int, *, rows: int = 288, cols: in
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         fail(f"unknown phantom format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
-    if out.exists() and not out.is_dir():
-        fail(f"output folder {out} exists and is not a folder")
+    check_folder_target(out, "output folder")
     if (out / "manifest.jsonl").exists():
         fail(f"{out} already holds a phantom set (manifest.jsonl); choose another -o")
-    check_creatable(out, "output folder")
     make_dir(out, "output folder")
     (out / "README.txt").write_text(README)
     rows_out = []

@@ -27,7 +27,7 @@ from radtrt.data.manifest import read_jsonl
 from radtrt.data.reports import findings_text
 from radtrt.data.vocabulary import LABELS, NO_FINDING, Findings
 from radtrt.errors import fail
-from radtrt.outputs import check_creatable, make_dir
+from radtrt.outputs import check_file_target, make_dir
 from radtrt.progress import make_progress
 
 PROMPT_VERSION = 1
@@ -134,8 +134,7 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     Everything that can be refused (the output path, every row's labels, in template mode every
     row's text) is checked before ``out`` is opened, so a refusal leaves no empty manifest behind.
     """
-    if out.is_dir():
-        fail(f"-o {out} is a folder; give the manifest file (JSONL) to write")
+    check_file_target(out, "output manifest")
     if out.exists() and out.samefile(labels_file):
         fail(f"-o {out} is the label file itself; choose another output manifest")
     inputs = [obj for _, obj in read_jsonl(labels_file)]
@@ -150,7 +149,6 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     start = _done_rows(out, inputs)
     templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
                  for i in range(start, len(inputs))} if client is None else {}
-    check_creatable(out, "output manifest")
     make_dir(out.parent, "folder for the output manifest")
     mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,

@@ -126,13 +126,11 @@ def _check_results_path(out: Path, inputs: list[Path]) -> None:
     Scoring may take a long, paid judge run: a bad ``-o`` must fail first, and ``-o`` naming the
     predictions file would replace the user's predictions with the results.
     """
-    from radtrt.outputs import check_creatable
+    from radtrt.outputs import check_file_target
 
     if any(p.exists() and out.exists() and out.samefile(p) for p in inputs):
         fail(f"-o {out} is one of the prediction files being scored; choose another results path")
-    if out.is_dir():
-        fail(f"cannot write {out}: it is a folder (give the results file to write)")
-    check_creatable(out, "results file")
+    check_file_target(out, "results file")
 
 
 def register(app: typer.Typer) -> None:

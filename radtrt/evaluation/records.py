@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from radtrt.data.manifest import text_lines
 from radtrt.errors import fail
 
 FIELDS = ("study", "reference", "prediction")
@@ -30,27 +31,20 @@ def load_predictions(path: Path) -> list[ReportPair]:
         fail(f"predictions file {path} does not exist")
     pairs: list[ReportPair] = []
     seen: set[str] = set()
-    with path.open("rb") as fh:  # decoded per line: a binary file is refused with its line, not a traceback
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                fail(f"{path.name} line {lineno}: not UTF-8 text (a JSONL predictions file is expected)")
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                fail(f"{path.name} line {lineno}: not valid JSON")
-            if not isinstance(obj, dict):
-                fail(f"{path.name} line {lineno}: expected a JSON object with {', '.join(FIELDS)}")
-            for field in FIELDS:
-                if not isinstance(obj.get(field), str):
-                    fail(f"{path.name} line {lineno}: field '{field}' is missing or not a string")
-            if obj["study"] in seen:
-                fail(f"{path.name} line {lineno}: a study appears twice")
-            seen.add(obj["study"])
-            pairs.append(ReportPair(study=obj["study"], reference=obj["reference"], prediction=obj["prediction"]))
+    for lineno, line in text_lines(path, lambda n: f"{path.name} line {n}", "a JSONL predictions file"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            fail(f"{path.name} line {lineno}: not valid JSON")
+        if not isinstance(obj, dict):
+            fail(f"{path.name} line {lineno}: expected a JSON object with {', '.join(FIELDS)}")
+        for field in FIELDS:
+            if not isinstance(obj.get(field), str):
+                fail(f"{path.name} line {lineno}: field '{field}' is missing or not a string")
+        if obj["study"] in seen:
+            fail(f"{path.name} line {lineno}: a study appears twice")
+        seen.add(obj["study"])
+        pairs.append(ReportPair(study=obj["study"], reference=obj["reference"], prediction=obj["prediction"]))
     if not pairs:
         fail(f"predictions file {path} has no records")
     return pairs

@@ -27,7 +27,7 @@ from radtrt.data.manifest import read_manifest
 from radtrt.data.vocabulary import LABELS
 from radtrt.errors import fail
 from radtrt.model.loading import load_model
-from radtrt.outputs import check_creatable, make_dir
+from radtrt.outputs import check_folder_target, make_dir
 from radtrt.training import checkpoint as ckpt
 from radtrt.training.config import TrainConfig
 from radtrt.training.data import ManifestDataset, Schedule, collate
@@ -75,13 +75,11 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse an -o that holds another run or model, or cannot be created, before any slow work."""
     if resume:
         return
-    if run_dir.exists() and not run_dir.is_dir():
-        fail(f"run folder {run_dir} exists and is not a folder")
+    check_folder_target(run_dir, "run folder")
     if ckpt.state_path(run_dir).exists():
         fail(f"{run_dir} already holds a training run; pass --resume to continue it or choose another -o")
     if (run_dir / MODEL_DIR).exists():
         fail(f"{run_dir} already holds a trained model; choose another -o")
-    check_creatable(run_dir, "run folder")
 
 
 def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo) -> None:
