@@ -288,8 +288,14 @@ def int8_kv(model_dir: Path, bundle: Path, tmp_path_factory: pytest.TempPathFact
 def test_int8_kv_cache_graph_is_group_query_attention_over_int8_buffers(int8_kv: Path, model_dir: Path) -> None:
     cfg = load_model(model_dir).model.cfg.decoder
     model = onnx.load(str(int8_kv / "decoder.onnx"), load_external_data=False)
-    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == cfg.num_hidden_layers and all(n.domain == "com.microsoft" for n in gqa)
+    # each layer: an If whose decode branch is the int8-cache GQA and whose prompt branch attends in fp32
+    # (radtrt.exporter.gqa.float_prompt_attention; tested on its own in test_prompt_attention.py)
+    branches = [{a.name: a.g for a in n.attribute} for n in model.graph.node if n.op_type == "If"]
+    gqa = [n for b in branches for n in b["else_branch"].node if n.op_type == "GroupQueryAttention"]
+    prompt = [n for b in branches for n in b["then_branch"].node if n.op_type == "GroupQueryAttention"]
+    assert not any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    assert len(gqa) == len(prompt) == cfg.num_hidden_layers and all(n.domain == "com.microsoft" for n in gqa)
+    assert "prompt step's attention in fp32" in read_manifest(int8_kv)["int8"]["kv_cache"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
     assert attrs["kv_cache_bit_width"] == 8 and attrs["do_rotary"] == 1
     assert attrs["num_heads"] == cfg.num_attention_heads and attrs["kv_num_heads"] == cfg.num_key_value_heads

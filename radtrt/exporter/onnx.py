@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 OPSET = 18
 # Bumped whenever the exported graphs change for the same model and options (1: plain attention;
 # 2: fused attention by default; 3: packed projections; 4: RMSNorm written for ONNX Runtime's fusion;
-# 5: the vision GELUs ordered for ONNX Runtime's fusion).
+# 5: the vision GELUs ordered for ONNX Runtime's fusion; 6: with an int8 KV cache, the prompt step attends in fp32).
 # Recorded in the manifest; the bench's cached random-model bundles are rebuilt when it differs.
-GRAPH_REVISION = 5
+GRAPH_REVISION = 6
 VISION_INPUTS = ["pixel_values"]
 VISION_OUTPUTS = ["image_embeds"]
 

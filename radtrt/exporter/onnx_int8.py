@@ -10,7 +10,7 @@ reuses its decoder statistics.
 
 Attention: fused (ONNX Runtime's ``GroupQueryAttention``, ``radtrt.exporter.gqa``) over an fp32
 cache by default, as in float bundles; ``--int8-kv-cache`` makes that cache int8 with per-channel
-scales from the calibration; ``--attention plain`` keeps the exported MatMul/Softmax graph (fp32
+scales from the calibration (the prompt step still attends in fp32: ``gqa.float_prompt_attention``); ``--attention plain`` keeps the exported MatMul/Softmax graph (fp32
 cache only). For TensorRT-LLM, ``--int8-kv-cache`` sets the engine's own INT8 cache.
 """
 
@@ -81,7 +81,7 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
                step: Callable[[str], None] = lambda _: None) -> Int8Result:
     """Calibrate, write ``vision.onnx``, ``decoder.onnx`` and ``calibration.safetensors`` into ``work``."""
     from radtrt.calibration.run import resolve_calibration
-    from radtrt.exporter.gqa import FusedAttention, kv_scales
+    from radtrt.exporter.gqa import FusedAttention, kv_scales, rewrite_prompt_attention
     from radtrt.exporter.int8_decoder import quantize_smoothquant, quantize_weight_only
     from radtrt.exporter.int8_vision import quantize_vision
     from radtrt.exporter.onnx import export_decoder, export_vision
@@ -109,12 +109,16 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
             step(f"smoothing (alpha {plan.alpha}), exporting and quantizing decoder.onnx (W8A8)")
             decoder = quantize_smoothquant(model.language_model, calibration.file.decoder, work / "decoder.onnx", tmp,
                                            alpha=plan.alpha, lm_head=plan.lm_head, cache=cache)
+        if cache == "int8":
+            step("prompt attention in fp32, decode attention over the int8 cache")
+            rewrite_prompt_attention(work / "decoder.onnx")
     int8 = {"vision_method": vision, "decoder_method": decoder,
             "alpha": plan.alpha if plan.decoder == "smoothquant" else None,
             "lm_head": "int8" if plan.lm_head else "fp32",
             "embeddings": ("int8 rows + fp32 per-row scale on disk, dequantized to fp32 at load" if plan.embeddings == "int8"
                            else "fp32"),
-            "kv_cache": ("int8, per-channel symmetric scales from the calibration" if cache == "int8" else "fp32"),
+            "kv_cache": ("int8, per-channel symmetric scales from the calibration; the prompt step's attention in fp32, "
+                         "its keys/values then quantized into the cache" if cache == "int8" else "fp32"),
             "image_embeds": "fp32 (a TensorRT/Triton fp16 deployment casts at its boundary)"}
     summary = calibration.file.summary() | {"file": CALIBRATION_FILE}
     if calibration.path is not None:
