@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from radtrt.model import checkpoints as ck
 from radtrt.model.config import LlavaRadConfig, preset
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.release import adapter_config_json, write_base_lm, write_release

@@ -7,14 +7,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from radtrt.cli import app
 from radtrt.errors import RadtrtError
-from radtrt.exporter.bundle import BUNDLE_FORMAT_VERSION, export_bundle, read_manifest, sha256_file
+from radtrt.exporter.bundle import BUNDLE_FORMAT_VERSION, read_manifest, sha256_file
 from radtrt.imaging.synthetic import radiograph_dataset, synthetic_chest
 from radtrt.model.loading import load_model, save_toolkit
 

@@ -89,16 +89,11 @@ def measure_shaped_gemv(cfg: DecoderConfig, min_bytes: int = DEFAULT_MATRIX_BYTE
     return nbytes / _time_best(step, repeats)[0] / 1e9, nbytes
 
 
-def measure_gemv_bandwidth(matrix_bytes: int = DEFAULT_MATRIX_BYTES, repeats: int = 10,
-                           decoder: DecoderConfig | None = None) -> Bandwidth:
-    """Stream an fp32 matrix through ``torch.mv`` and numpy's BLAS ``matmul``; the best run of the
-    faster one is the host's attainable rate (libraries differ by up to ~30% on the same host). With
-    ``decoder``, also ``measure_shaped_gemv`` for it."""
+def _stream_probes(matrix_bytes: int, repeats: int) -> tuple[dict[str, list[float]], int]:
+    """Sorted run times of ``torch.mv`` and numpy's ``matmul`` over one fp32 matrix, and its bytes."""
     import numpy as np
     import torch
 
-    if matrix_bytes < 1 << 20 or repeats < 1:
-        fail("the bandwidth probe needs at least 1 MiB and one repeat")
     cols = 4096
     rows = max(matrix_bytes // (4 * cols), 1)
     matrix = np.full((rows, cols), 0.5, dtype=np.float32)  # filled, so every page is really mapped
@@ -108,8 +103,19 @@ def measure_gemv_bandwidth(matrix_bytes: int = DEFAULT_MATRIX_BYTES, repeats: in
     with torch.no_grad():
         results = {"torch.mv fp32": _time_best(lambda: torch.mv(t_matrix, t_vector, out=t_out), repeats),
                    "numpy.matmul fp32": _time_best(lambda: np.matmul(matrix, vector, out=out), repeats)}
-    nbytes = matrix.nbytes
-    del matrix, t_matrix
+    return results, matrix.nbytes
+
+
+def measure_gemv_bandwidth(matrix_bytes: int = DEFAULT_MATRIX_BYTES, repeats: int = 10,
+                           decoder: DecoderConfig | None = None) -> Bandwidth:
+    """Stream an fp32 matrix through ``torch.mv`` and numpy's BLAS ``matmul``; the best run of the
+    faster one is the host's attainable rate (libraries differ by up to ~30% on the same host). With
+    ``decoder``, also ``measure_shaped_gemv`` for it."""
+    import torch
+
+    if matrix_bytes < 1 << 20 or repeats < 1:
+        fail("the bandwidth probe needs at least 1 MiB and one repeat")
+    results, nbytes = _stream_probes(matrix_bytes, repeats)  # its matrix is freed before the shaped probe
     probes = {name: nbytes / times[0] / 1e9 for name, times in results.items()}
     method = max(probes, key=probes.__getitem__)
     times = results[method]

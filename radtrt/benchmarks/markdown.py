@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from radtrt.benchmarks.latency import BackendLatency, LatencyReport
 from radtrt.benchmarks.parity import ParityReport
 

@@ -53,8 +53,9 @@ ATTENTION_KINDS = ("fused", "plain")
 DEFAULT_ATTENTION = "fused"
 CACHE_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 # names ``float_prompt_attention`` adds
-IS_PROMPT, SCALE_SHAPE = "is_prompt_step", "prompt_kv_scale_shape"
+IS_PROMPT, SCALE_SHAPE, SCALAR_SHAPE = "is_prompt_step", "prompt_kv_scale_shape", "prompt_scalar_shape"
 PAD_BEFORE, PAD_LAST, INT8_MIN, INT8_MAX = "prompt_pad_before", "prompt_pad_last", "prompt_int8_min", "prompt_int8_max"
+KV_QUANT_ATTRIBUTES = ("k_quant_type", "v_quant_type", "kv_cache_bit_width")
 
 
 @dataclass(frozen=True)
@@ -283,11 +284,11 @@ def _float_prompt_branch(node: onnx.NodeProto, tag: str) -> onnx.GraphProto:
     which are then quantized with the node's scales into a cache as long as the bound one, zeros after."""
     qkv, seqlens, total, cos, sin = node.input[0], node.input[5], node.input[6], node.input[7], node.input[8]
     past_key, scales = node.input[3], {"k": node.input[12], "v": node.input[13]}
-    a = _attrs(node)
     n = lambda name: f"prompt_{name}.{tag}"  # noqa: E731 (names unique across the layers' branches)
-    nodes = [helper.make_node("GroupQueryAttention", [qkv, "", "", "", "", seqlens, total, cos, sin],
-                              [n("attn"), n("key"), n("value")], domain="com.microsoft", num_heads=a["num_heads"],
-                              kv_num_heads=a["kv_num_heads"], do_rotary=a.get("do_rotary", 0)),
+    attention = helper.make_node("GroupQueryAttention", [qkv, "", "", "", "", seqlens, total, cos, sin],
+                                 [n("attn"), n("key"), n("value")], domain=node.domain)
+    attention.attribute.extend(a for a in node.attribute if a.name not in KV_QUANT_ATTRIBUTES)
+    nodes = [attention,
              helper.make_node("Shape", [past_key], [n("max")], start=2, end=3),
              helper.make_node("Shape", [n("key")], [n("len")], start=2, end=3),
              helper.make_node("Sub", [n("max"), n("len")], [n("rest")]),
@@ -334,10 +335,10 @@ def float_prompt_attention(model: onnx.ModelProto) -> int:
         numpy_helper.from_array(np.zeros(6, np.int64), PAD_BEFORE), numpy_helper.from_array(np.zeros(1, np.int64), PAD_LAST),
         numpy_helper.from_array(np.array([1, kv_heads, 1, head_dim], np.int64), SCALE_SHAPE),
         numpy_helper.from_array(np.array(-128, np.float32), INT8_MIN), numpy_helper.from_array(np.array(127, np.float32), INT8_MAX),
-        numpy_helper.from_array(np.array([], np.int64), "prompt_scalar_shape")])
+        numpy_helper.from_array(np.array([], np.int64), SCALAR_SHAPE)])
     condition = [helper.make_node("Shape", ["inputs_embeds"], ["step_length64"], name="step_length", start=1, end=2),
                  helper.make_node("Cast", ["step_length64"], ["step_length32"], name="step_length_int32", to=TensorProto.INT32),
-                 helper.make_node("Reshape", ["step_length32", "prompt_scalar_shape"], ["step_length"], name="step_length_scalar"),
+                 helper.make_node("Reshape", ["step_length32", SCALAR_SHAPE], ["step_length"], name="step_length_scalar"),
                  helper.make_node("Equal", ["step_length", TOTAL], [IS_PROMPT], name="is_prompt_step")]
     nodes = list(graph.node)
     for node in targets:
