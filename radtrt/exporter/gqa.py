@@ -28,7 +28,8 @@ Runtime's CUDA kernel takes fp16/bf16 queries only, so on its CUDA provider an f
 attention runs on the CPU (the runtime says so); ``radtrt export --attention plain`` keeps the
 exported graph. INT8 scales: per layer and cached channel, K from the calibration's ``k_proj`` output
 maxima bounded through the rotation (``|k'_j| <= sqrt(k_j^2 + k_{j+D/2}^2)``), V from ``v_proj``'s
-(divided by the SmoothQuant factors folded into ``v_proj``); symmetric, ``absmax / 127``.
+(divided by the SmoothQuant factors folded into ``v_proj``); symmetric, ``absmax / 127``. An int8-cache
+graph then gets ``float_prompt_attention`` (after quantization): the prompt step attends in fp32.
 """
 
 from __future__ import annotations
