@@ -12,7 +12,8 @@ embeddings and logits stay fp32:
 * ``smoothquant`` (W8A8): SmoothQuant (Xiao et al.) with the calibration statistics on a copy of the
   PyTorch decoder -- q/k/v folded into ``input_layernorm``, gate/up into ``post_attention_layernorm``,
   down_proj into up_proj's rows, o_proj into v_proj's rows (one factor per KV head channel), not
-  lm_head (measured worse) -- all exact in float; then fp32 ONNX export and ``quantize_dynamic``:
+  lm_head (measured worse) -- all exact in float; then fp32 ONNX export and ``quantize_dynamic``'s graph
+  (written one weight at a time by ``radtrt.exporter.dynamic_int8`` for the fused attention):
   INT8 per-channel weights (7-bit range, see ``REDUCE_RANGE``), activations quantized per call
   (``DynamicQuantizeLinear``, uint8 with a zero point), i.e. per token at decode (T=1) and per tensor
   over the prompt at prefill; ``MatMulInteger``-family kernels.
@@ -125,6 +126,7 @@ def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path
     ``cache``: the fused attention's KV-cache type (``float32`` or ``int8``), or None for the plain graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from radtrt.exporter.dynamic_int8 import quantize_matmuls_streaming
     from radtrt.exporter.gqa import FusedAttention, kv_scales
 
     smoothed = smooth_decoder(lm, stats, alpha)
@@ -137,9 +139,13 @@ def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path
     export_decoder(smoothed, fp32, fused=None if cache is None else FusedAttention(cache, scales))
     del smoothed
     exclude = [] if lm_head else [lm_head_node(onnx.load(str(fp32), load_external_data=False))]
-    with quiet_quantizer():
-        quantize_dynamic(str(fp32), str(out), per_channel=True, reduce_range=REDUCE_RANGE, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude, use_external_data_format=True)
+    if cache is not None:  # every MatMul has a constant weight: the same graph, streamed (radtrt.exporter.dynamic_int8)
+        quantize_matmuls_streaming(fp32, out, exclude=set(exclude), reduce_range=REDUCE_RANGE)
+    else:
+        with quiet_quantizer():
+            quantize_dynamic(str(fp32), str(out), per_channel=True, reduce_range=REDUCE_RANGE,
+                             weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
+                             use_external_data_format=True)
     return {"method": "smoothquant", "alpha": alpha, "op": "DynamicQuantizeLinear + MatMulInteger (ONNX Runtime "
             "fuses them into DynamicQuantizeMatMul)", "weights": "int8 symmetric per output channel",
             "activations": "uint8 dynamic: per token at decode, per tensor over the prompt at prefill",
