@@ -106,8 +106,6 @@ def quantize_matmuls_streaming(src: Path, out: Path, *, exclude: set[str], reduc
         del graph.node[:]
         graph.node.extend(nodes)
         store.finish(graph)
-    for stale in out.parent.glob(location):
-        stale.unlink()
-    fresh.rename(out.with_name(location))
+    fresh.replace(out.with_name(location))
     onnx.save(model, str(out))
     return len(targets)
