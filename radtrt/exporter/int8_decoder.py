@@ -8,12 +8,13 @@ embeddings and logits stay fp32:
   scale per output channel per 128 input channels; per-channel over the whole input is not offered
   by the quantizer for this op). No calibration needed. At ``accuracy_level`` 4 ONNX Runtime
   computes it with int8 dot products (activations quantized per 128-wide block of each row, on the
-  fly); at level 0/1 it dequantizes to fp32 and measured 8-10x slower than fp32 here.
+  fly); at level 0/1 it dequantizes to fp32 and measured 8-10x slower than fp32 here. Written one weight
+  at a time (``radtrt.exporter.streamed_quant``: ``MatMulNBitsQuantizer``'s graph, its own block packing).
 * ``smoothquant`` (W8A8): SmoothQuant (Xiao et al.) with the calibration statistics on a copy of the
   PyTorch decoder -- q/k/v folded into ``input_layernorm``, gate/up into ``post_attention_layernorm``,
   down_proj into up_proj's rows, o_proj into v_proj's rows (one factor per KV head channel), not
   lm_head (measured worse) -- all exact in float; then fp32 ONNX export and ``quantize_dynamic``'s graph
-  (written one weight at a time by ``radtrt.exporter.dynamic_int8`` for the fused attention):
+  (written one weight at a time by ``radtrt.exporter.streamed_quant`` for the fused attention):
   INT8 per-channel weights (7-bit range, see ``REDUCE_RANGE``), activations quantized per call
   (``DynamicQuantizeLinear``, uint8 with a zero point), i.e. per token at decode (T=1) and per tensor
   over the prompt at prefill; ``MatMulInteger``-family kernels.
@@ -64,15 +65,10 @@ def lm_head_node(model: onnx.ModelProto, output: str = "logits") -> str:
 
 
 def quantize_weight_only(fp32_model: Path, out: Path, *, lm_head: bool = True) -> dict[str, Any]:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from radtrt.exporter.streamed_quant import quantize_nbits8
 
-    model = onnx.load(str(fp32_model))
-    exclude = [] if lm_head else [lm_head_node(model)]
-    with quiet_quantizer():
-        quant = MatMulNBitsQuantizer(model, bits=8, block_size=NBITS_BLOCK, is_symmetric=True,
-                                     accuracy_level=NBITS_ACCURACY_LEVEL, nodes_to_exclude=exclude)
-        quant.process()
-        quant.model.save_model_to_file(str(out), use_external_data_format=True)
+    exclude = set() if lm_head else {lm_head_node(onnx.load(str(fp32_model), load_external_data=False))}
+    quantize_nbits8(fp32_model, out, exclude=exclude, block_size=NBITS_BLOCK, accuracy_level=NBITS_ACCURACY_LEVEL)
     return {"method": "weight-only", "op": "MatMulNBits (com.microsoft)", "bits": 8, "block_size": NBITS_BLOCK,
             "symmetric": True, "accuracy_level": NBITS_ACCURACY_LEVEL,
             "compute": "int8 dot products, activations quantized per 128-wide block on the fly"}
@@ -126,7 +122,7 @@ def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path
     ``cache``: the fused attention's KV-cache type (``float32`` or ``int8``), or None for the plain graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from radtrt.exporter.dynamic_int8 import quantize_matmuls_streaming
+    from radtrt.exporter.streamed_quant import quantize_w8a8
     from radtrt.exporter.gqa import FusedAttention, kv_scales
 
     smoothed = smooth_decoder(lm, stats, alpha)
@@ -139,8 +135,8 @@ def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path
     export_decoder(smoothed, fp32, fused=None if cache is None else FusedAttention(cache, scales))
     del smoothed
     exclude = [] if lm_head else [lm_head_node(onnx.load(str(fp32), load_external_data=False))]
-    if cache is not None:  # every MatMul has a constant weight: the same graph, streamed (radtrt.exporter.dynamic_int8)
-        quantize_matmuls_streaming(fp32, out, exclude=set(exclude), reduce_range=REDUCE_RANGE)
+    if cache is not None:  # every MatMul has a constant weight: the same graph, streamed (radtrt.exporter.streamed_quant)
+        quantize_w8a8(fp32, out, exclude=set(exclude), reduce_range=REDUCE_RANGE)
     else:
         with quiet_quantizer():
             quantize_dynamic(str(fp32), str(out), per_channel=True, reduce_range=REDUCE_RANGE,
