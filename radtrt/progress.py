@@ -16,13 +16,21 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn
 
 STEPS = 10  # lines per task with a known total
 QUIET_SECONDS = 2.0
+
+
+def progress_callback(progress: Any, text: str, total: int) -> Callable[[int], None] | None:
+    """A new task on ``progress`` (None: no display) and the callback that reports how much of it is done."""
+    if progress is None:
+        return None
+    task = progress.add_task(text, total=total)
+    return lambda done: progress.update(task, completed=done)
 
 
 def make_progress(*columns: str | ProgressColumn, console: Console, transient: bool = False,

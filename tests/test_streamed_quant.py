@@ -130,3 +130,27 @@ def test_activation_by_activation_matmul_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RadtrtError, match="two activations"):
         quantize_w8a8(src, tmp_path / "out.onnx", exclude=set(), reduce_range=True)
     assert not (tmp_path / "out.onnx").exists()
+
+
+class _Recorder:
+    """The two ``rich.progress.Progress`` calls the quantizers make."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[int, tuple[str, int]] = {}
+        self.completed: dict[int, list[int]] = {}
+
+    def add_task(self, description: str, total: int) -> int:
+        self.tasks[len(self.tasks)] = (description, total)
+        self.completed[len(self.tasks) - 1] = []
+        return len(self.tasks) - 1
+
+    def update(self, task: int, completed: int) -> None:
+        self.completed[task].append(completed)
+
+
+def test_progress_counts_every_weight_matrix(fp32_decoder: Path, tmp_path: Path) -> None:
+    recorder = _Recorder()
+    n = quantize_nbits8(fp32_decoder, tmp_path / "decoder.onnx", exclude=set(), block_size=NBITS_BLOCK,
+                        accuracy_level=NBITS_ACCURACY_LEVEL, progress=recorder)
+    assert recorder.tasks == {0: (f"weight-only INT8: {n} weight matrices", n)}
+    assert recorder.completed[0] == list(range(1, n + 1))

@@ -22,6 +22,7 @@ from radtrt.calibration.samples import Sample, SampleSet, count_samples, load_sa
 from radtrt.calibration.stats import collect_stats
 from radtrt.errors import fail
 from radtrt.model.loading import LoadedModel
+from radtrt.progress import progress_callback
 
 PHANTOM = "phantom"
 PHANTOM_CALIBRATION_SEED = 11  # the default model trains on seeds 1 and 2: calibration and held-out differ
@@ -63,13 +64,6 @@ def phantom_source(n: int, seed: int, progress: Any = None) -> Iterator[Path]:
         # inside a running progress display a second live display on its console is an error: write quietly
         console = Console(stderr=True, quiet=progress is not None)
         yield write_phantom_set(Path(tmp) / "phantoms", n, seed, formats=("png",), console=console)
-
-
-def progress_callback(progress: Any, text: str, total: int) -> Callable[[int], None] | None:
-    if progress is None:
-        return None
-    task = progress.add_task(text, total=total)
-    return lambda done: progress.update(task, completed=done)
 
 
 def calibrate(loaded: LoadedModel, data: Path, n: int = DEFAULT_N, *, skip: int = 0, source: dict | None = None,

@@ -64,11 +64,12 @@ def lm_head_node(model: onnx.ModelProto, output: str = "logits") -> str:
     fail("could not find the lm_head MatMul in the decoder graph (has the exporter changed?)")
 
 
-def quantize_weight_only(fp32_model: Path, out: Path, *, lm_head: bool = True) -> dict[str, Any]:
+def quantize_weight_only(fp32_model: Path, out: Path, *, lm_head: bool = True, progress: Any = None) -> dict[str, Any]:
     from radtrt.exporter.streamed_quant import quantize_nbits8
 
     exclude = set() if lm_head else {lm_head_node(onnx.load(str(fp32_model), load_external_data=False))}
-    quantize_nbits8(fp32_model, out, exclude=exclude, block_size=NBITS_BLOCK, accuracy_level=NBITS_ACCURACY_LEVEL)
+    quantize_nbits8(fp32_model, out, exclude=exclude, block_size=NBITS_BLOCK, accuracy_level=NBITS_ACCURACY_LEVEL,
+                    progress=progress)
     return {"method": "weight-only", "op": "MatMulNBits (com.microsoft)", "bits": 8, "block_size": NBITS_BLOCK,
             "symmetric": True, "accuracy_level": NBITS_ACCURACY_LEVEL,
             "compute": "int8 dot products, activations quantized per 128-wide block on the fly"}
@@ -116,14 +117,15 @@ def _smooth_o_proj(attn: Any, act_absmax: torch.Tensor, alpha: float, n_kv: int)
 
 
 def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path, work: Path, *,
-                         alpha: float = 0.5, lm_head: bool = True, cache: str | None = "float32") -> dict[str, Any]:
+                         alpha: float = 0.5, lm_head: bool = True, cache: str | None = "float32",
+                         progress: Any = None) -> dict[str, Any]:
     """Smooth, export fp32 to ``work``, then dynamic W8A8 into ``out``.
 
     ``cache``: the fused attention's KV-cache type (``float32`` or ``int8``), or None for the plain graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from radtrt.exporter.streamed_quant import quantize_w8a8
     from radtrt.exporter.gqa import FusedAttention, kv_scales
+    from radtrt.exporter.streamed_quant import quantize_w8a8
 
     smoothed = smooth_decoder(lm, stats, alpha)
     fp32 = work / "decoder-smoothed-fp32.onnx"
@@ -136,7 +138,7 @@ def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path
     del smoothed
     exclude = [] if lm_head else [lm_head_node(onnx.load(str(fp32), load_external_data=False))]
     if cache is not None:  # every MatMul has a constant weight: the same graph, streamed (radtrt.exporter.streamed_quant)
-        quantize_w8a8(fp32, out, exclude=set(exclude), reduce_range=REDUCE_RANGE)
+        quantize_w8a8(fp32, out, exclude=set(exclude), reduce_range=REDUCE_RANGE, progress=progress)
     else:
         with quiet_quantizer():
             quantize_dynamic(str(fp32), str(out), per_channel=True, reduce_range=REDUCE_RANGE,

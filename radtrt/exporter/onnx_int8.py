@@ -10,8 +10,9 @@ reuses its decoder statistics.
 
 Attention: fused (ONNX Runtime's ``GroupQueryAttention``, ``radtrt.exporter.gqa``) over an fp32
 cache by default, as in float bundles; ``--int8-kv-cache`` makes that cache int8 with per-channel
-scales from the calibration (the prompt step still attends in fp32: ``gqa.float_prompt_attention``); ``--attention plain`` keeps the exported MatMul/Softmax graph (fp32
-cache only). For TensorRT-LLM, ``--int8-kv-cache`` sets the engine's own INT8 cache.
+scales from the calibration (the prompt step still attends in fp32: ``gqa.float_prompt_attention``);
+``--attention plain`` keeps the exported MatMul/Softmax graph (fp32 cache only). For TensorRT-LLM,
+``--int8-kv-cache`` sets the engine's own INT8 cache.
 """
 
 from __future__ import annotations
@@ -104,11 +105,12 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
                 cache, kv_scales(calibration.file.decoder, model.cfg.decoder) if cache == "int8" else None)
             export_decoder(model.language_model, tmp / "decoder-fp32.onnx", fused=fused)
             step("quantizing decoder.onnx (weight-only INT8, MatMulNBits)")
-            decoder = quantize_weight_only(tmp / "decoder-fp32.onnx", work / "decoder.onnx", lm_head=plan.lm_head)
+            decoder = quantize_weight_only(tmp / "decoder-fp32.onnx", work / "decoder.onnx", lm_head=plan.lm_head,
+                                           progress=progress)
         else:
             step(f"smoothing (alpha {plan.alpha}), exporting and quantizing decoder.onnx (W8A8)")
             decoder = quantize_smoothquant(model.language_model, calibration.file.decoder, work / "decoder.onnx", tmp,
-                                           alpha=plan.alpha, lm_head=plan.lm_head, cache=cache)
+                                           alpha=plan.alpha, lm_head=plan.lm_head, cache=cache, progress=progress)
         if cache == "int8":
             step("prompt attention in fp32, decode attention over the int8 cache")
             rewrite_prompt_attention(work / "decoder.onnx")
@@ -130,7 +132,8 @@ def int8_parity(loaded: LoadedModel, bundle: Path, result: Int8Result, plan: Int
                 progress: Any = None) -> dict[str, Any] | None:
     """The parity gate on held-out samples (None when ``parity_samples`` is 0)."""
     from radtrt.calibration.parity import measure, summarize
-    from radtrt.calibration.run import heldout_samples, progress_callback
+    from radtrt.calibration.run import heldout_samples
+    from radtrt.progress import progress_callback
 
     if plan.parity_samples == 0:
         return None

@@ -25,7 +25,7 @@ Both are checked against the library's output tensor for tensor (``tests/test_st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from radtrt.errors import fail
 from radtrt.exporter.external import TensorFile
+from radtrt.progress import progress_callback
 
 # (the MatMul, its weight, the store) -> nodes replacing it, new initializers
 Rewrite = Callable[[onnx.NodeProto, np.ndarray, TensorFile], tuple[list[onnx.NodeProto], list[TensorProto]]]
@@ -70,7 +71,7 @@ def constant_weight_matmuls(graph: onnx.GraphProto, exclude: set[str]) -> tuple[
     return chosen, activation_only
 
 
-def _rewrite_matmuls(src: Path, out: Path, exclude: set[str], rewrite: Rewrite) -> int:
+def _rewrite_matmuls(src: Path, out: Path, exclude: set[str], rewrite: Rewrite, progress: Any, what: str) -> int:
     """Write ``out`` (+ ``out.name + '.data'``): ``src`` with each chosen MatMul replaced by ``rewrite``'s
     nodes, in place in the node order; returns how many were replaced."""
     model = onnx.load(str(src), load_external_data=False)
@@ -80,8 +81,10 @@ def _rewrite_matmuls(src: Path, out: Path, exclude: set[str], rewrite: Rewrite) 
     location = out.name + ".data"
     fresh = out.with_name(location + ".new")
     chosen = {id(n) for n in targets}
+    tick = progress_callback(progress, f"{what}: {len(targets)} weight matrices", len(targets))
     nodes: list[onnx.NodeProto] = []
     new_weights: list[TensorProto] = []
+    done = 0
     with TensorFile(src.parent, fresh, location) as store:
         for node in graph.node:
             if id(node) not in chosen:
@@ -90,6 +93,9 @@ def _rewrite_matmuls(src: Path, out: Path, exclude: set[str], rewrite: Rewrite) 
             replacement, tensors = rewrite(node, store.read(weights[node.input[1]]), store)
             nodes += replacement
             new_weights += tensors
+            done += 1
+            if tick:
+                tick(done)
         still_read = {i for n in nodes for i in n.input}
         kept = [t for t in graph.initializer if t.name in still_read]
         del graph.initializer[:]
@@ -104,7 +110,7 @@ def _rewrite_matmuls(src: Path, out: Path, exclude: set[str], rewrite: Rewrite) 
     return len(targets)
 
 
-def quantize_w8a8(src: Path, out: Path, *, exclude: set[str], reduce_range: bool) -> int:
+def quantize_w8a8(src: Path, out: Path, *, exclude: set[str], reduce_range: bool, progress: Any = None) -> int:
     """Dynamic W8A8 (``quantize_dynamic``'s graph) of every constant-weight MatMul not in ``exclude``."""
     if constant_weight_matmuls(onnx.load(str(src), load_external_data=False).graph, exclude)[1]:
         fail("the decoder graph multiplies two activations (plain attention): quantize it with quantize_dynamic")
@@ -132,10 +138,11 @@ def quantize_w8a8(src: Path, out: Path, *, exclude: set[str], reduce_range: bool
                                    name=base + "_quant_output_scale_mul")]
         return nodes, tensors
 
-    return _rewrite_matmuls(src, out, exclude, rewrite)
+    return _rewrite_matmuls(src, out, exclude, rewrite, progress, "W8A8")
 
 
-def quantize_nbits8(src: Path, out: Path, *, exclude: set[str], block_size: int, accuracy_level: int) -> int:
+def quantize_nbits8(src: Path, out: Path, *, exclude: set[str], block_size: int, accuracy_level: int,
+                    progress: Any = None) -> int:
     """Weight-only INT8 ``MatMulNBits`` (``MatMulNBitsQuantizer``'s graph, symmetric) of every constant-weight
     MatMul not in ``exclude``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
@@ -154,4 +161,4 @@ def quantize_nbits8(src: Path, out: Path, *, exclude: set[str], block_size: int,
         return [helper.make_node("MatMulNBits", [node.input[0], w_name + "_Q8", w_name + "_scales"], [node.output[0]],
                                  name=node.name + "_Q8" if node.name else "", domain="com.microsoft", **attrs)], tensors
 
-    return _rewrite_matmuls(src, out, exclude, rewrite)
+    return _rewrite_matmuls(src, out, exclude, rewrite, progress, "weight-only INT8")
