@@ -10,9 +10,10 @@ most one new tensor at a time.
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Callable, Protocol
 
 import numpy as np
 import onnx
@@ -135,3 +136,19 @@ class TensorFile:
             _point(tensor, self.location, start, length)
         self._out.flush()  # type: ignore[union-attr]
         os.fsync(self._out.fileno())  # type: ignore[union-attr]
+
+
+def rewrite_graph_file(src: Path, out: Path, edit: Callable[[onnx.ModelProto, TensorFile], None]) -> None:
+    """Load ``src``'s graph without its weights, let ``edit`` change it (reading and adding tensors through a
+    ``TensorFile``), and write it as ``out`` with one data file, ``out.name + '.data'``; ``src == out``
+    rewrites in place. ``out``'s old data files are replaced only once the new one is complete."""
+    model = onnx.load(str(src), load_external_data=False)
+    location = out.name + ".data"
+    fresh = out.with_name(location + ".new")
+    with TensorFile(src.parent, fresh, location) as store:
+        edit(model, store)
+        store.finish(model.graph)
+    for stale in out.parent.glob(glob.escape(out.name) + "*.data"):
+        stale.unlink()
+    fresh.rename(out.with_name(location))
+    onnx.save(model, str(out))

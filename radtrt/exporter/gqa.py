@@ -45,7 +45,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from radtrt.errors import fail
-from radtrt.exporter.external import InMemory, TensorFile, TensorStore
+from radtrt.exporter.external import InMemory, TensorStore, rewrite_graph_file
 from radtrt.exporter.quant import ActivationStats
 from radtrt.model.config import DecoderConfig
 
@@ -248,18 +248,9 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
 
 
 def rewrite_attention(path: Path, cfg: DecoderConfig, fused: FusedAttention) -> None:
-    """``to_fused_attention`` on an exported graph file, its weights kept on disk (``TensorFile``): the
-    packed ones and the untouched ones go to a new data file that then replaces the old ones."""
-    model = onnx.load(str(path), load_external_data=False)
-    location = path.name + ".data"
-    fresh = path.with_name(location + ".new")
-    with TensorFile(path.parent, fresh, location) as store:
-        to_fused_attention(model, cfg, fused, store)
-        store.finish(model.graph)
-    for stale in path.parent.glob(path.name + "*.data"):
-        stale.unlink()
-    fresh.rename(path.with_name(location))
-    onnx.save(model, str(path))
+    """``to_fused_attention`` on an exported graph file, its weights kept on disk: the packed ones and the
+    untouched ones go to a new data file that then replaces the old ones (``rewrite_graph_file``)."""
+    rewrite_graph_file(path, path, lambda model, store: to_fused_attention(model, cfg, fused, store))
 
 
 def describe(graph: onnx.GraphProto) -> dict[str, str]:

@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from radtrt.errors import fail
-from radtrt.exporter.external import TensorFile
+from radtrt.exporter.external import TensorFile, rewrite_graph_file
 from radtrt.progress import progress_callback
 
 # (the MatMul, its weight, the store) -> nodes replacing it, new initializers
@@ -71,21 +71,23 @@ def constant_weight_matmuls(graph: onnx.GraphProto, exclude: set[str]) -> tuple[
     return chosen, activation_only
 
 
-def _rewrite_matmuls(src: Path, out: Path, exclude: set[str], rewrite: Rewrite, progress: Any, what: str) -> int:
+def _rewrite_matmuls(src: Path, out: Path, exclude: set[str], rewrite: Rewrite, progress: Any, what: str, *,
+                     refuse_activation_products: bool = False) -> int:
     """Write ``out`` (+ ``out.name + '.data'``): ``src`` with each chosen MatMul replaced by ``rewrite``'s
     nodes, in place in the node order; returns how many were replaced."""
-    model = onnx.load(str(src), load_external_data=False)
-    graph = model.graph
-    targets, _ = constant_weight_matmuls(graph, exclude)
-    weights = {i.name: i for i in graph.initializer}
-    location = out.name + ".data"
-    fresh = out.with_name(location + ".new")
-    chosen = {id(n) for n in targets}
-    tick = progress_callback(progress, f"{what}: {len(targets)} weight matrices", len(targets))
-    nodes: list[onnx.NodeProto] = []
-    new_weights: list[TensorProto] = []
-    done = 0
-    with TensorFile(src.parent, fresh, location) as store:
+    replaced = 0
+
+    def edit(model: onnx.ModelProto, store: TensorFile) -> None:
+        nonlocal replaced
+        graph = model.graph
+        targets, activation_products = constant_weight_matmuls(graph, exclude)
+        if activation_products and refuse_activation_products:
+            fail("the decoder graph multiplies two activations (plain attention): quantize it with quantize_dynamic")
+        weights = {i.name: i for i in graph.initializer}
+        chosen = {id(n) for n in targets}
+        tick = progress_callback(progress, f"{what}: {len(targets)} weight matrices", len(targets))
+        nodes: list[onnx.NodeProto] = []
+        new_weights: list[TensorProto] = []
         for node in graph.node:
             if id(node) not in chosen:
                 nodes.append(node)
@@ -93,9 +95,9 @@ def _rewrite_matmuls(src: Path, out: Path, exclude: set[str], rewrite: Rewrite, 
             replacement, tensors = rewrite(node, store.read(weights[node.input[1]]), store)
             nodes += replacement
             new_weights += tensors
-            done += 1
+            replaced += 1
             if tick:
-                tick(done)
+                tick(replaced)
         still_read = {i for n in nodes for i in n.input}
         kept = [t for t in graph.initializer if t.name in still_read]
         del graph.initializer[:]
@@ -104,16 +106,13 @@ def _rewrite_matmuls(src: Path, out: Path, exclude: set[str], rewrite: Rewrite, 
         graph.node.extend(nodes)
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-        store.finish(graph)
-    fresh.replace(out.with_name(location))
-    onnx.save(model, str(out))
-    return len(targets)
+
+    rewrite_graph_file(src, out, edit)
+    return replaced
 
 
 def quantize_w8a8(src: Path, out: Path, *, exclude: set[str], reduce_range: bool, progress: Any = None) -> int:
     """Dynamic W8A8 (``quantize_dynamic``'s graph) of every constant-weight MatMul not in ``exclude``."""
-    if constant_weight_matmuls(onnx.load(str(src), load_external_data=False).graph, exclude)[1]:
-        fail("the decoder graph multiplies two activations (plain attention): quantize it with quantize_dynamic")
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
 
     def rewrite(node: onnx.NodeProto, weight: np.ndarray, store: TensorFile) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
@@ -138,7 +137,7 @@ def quantize_w8a8(src: Path, out: Path, *, exclude: set[str], reduce_range: bool
                                    name=base + "_quant_output_scale_mul")]
         return nodes, tensors
 
-    return _rewrite_matmuls(src, out, exclude, rewrite, progress, "W8A8")
+    return _rewrite_matmuls(src, out, exclude, rewrite, progress, "W8A8", refuse_activation_products=True)
 
 
 def quantize_nbits8(src: Path, out: Path, *, exclude: set[str], block_size: int, accuracy_level: int,
