@@ -22,8 +22,8 @@ from radtrt.calibration.samples import sample_list_hash
 from radtrt.cli import app
 from radtrt.errors import RadtrtError
 from radtrt.exporter.bundle import read_manifest
-from radtrt.exporter.int8_decoder import lm_head_node, smooth_decoder
-from radtrt.exporter.int8_vision import module_of
+from radtrt.exporter.int8_decoder import lm_head_node
+from radtrt.exporter.onnx import VISION_ROOT, module_of
 from radtrt.model.generate import greedy_generate
 from radtrt.model.loading import load_model, save_toolkit
 
@@ -106,7 +106,7 @@ def test_vision_graph_is_qdq_with_per_channel_weights_and_float_norms(bundle: Pa
     matmul_weights = [n for n in weight_dq if consumers[n.output[0]][0].op_type == "MatMul"]
     blocks = 2  # tiny trunk: 3 blocks, hidden state -2 needs 2; qkv, fc1, fc2 quantized in each
     assert len(matmul_weights) == 3 * blocks
-    float_linears = sorted(module_of(n) for n in model.graph.node if n.op_type == "MatMul"
+    float_linears = sorted(module_of(n, VISION_ROOT) for n in model.graph.node if n.op_type == "MatMul"
                            and any(i in inits and inits[i].dtype.name == "float32" for i in n.input))
     assert float_linears == ["mm_projector.0", "mm_projector.2", "vision_tower.blocks.0.attn.proj",
                              "vision_tower.blocks.1.attn.proj"]  # KEEP_FLOAT, by measurement
@@ -127,6 +127,73 @@ def test_vision_graph_is_qdq_with_per_channel_weights_and_float_norms(bundle: Pa
                           and all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear"
                                   for i in n.input)]
     assert len(activation_matmuls) == 2 * blocks + len(float_linears)  # q@k, p@v and KEEP_FLOAT stay float
+
+
+def _activation_scales(path: Path) -> dict[str, float]:
+    """Module -> the scale of the QuantizeLinear feeding its activation input, in a Q/DQ vision graph."""
+    model = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    by_dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits}
+    scales = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Conv") and node.input[0] in by_dq:
+            scales[module_of(node, VISION_ROOT)] = float(inits[by_dq[node.input[0]].input[1]])
+    return scales
+
+
+def test_vision_scales_come_from_the_calibration_file_and_match_onnx_runtime_calibration(
+        bundle: Path, model_dir: Path, phantoms: Path, tmp_path: Path) -> None:
+    """Each activation scale is the calibration's input absmax / 127, and ONNX Runtime's own MinMax
+    calibration of the fp32 graph over the same images gives the same scales (to float rounding)."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from radtrt.calibration.run import calibrate
+    from radtrt.exporter.int8_vision import KEEP_FLOAT, VISION_OP_TYPES, activation_matmuls, float_modules
+    from radtrt.exporter.onnx import export_vision
+
+    mine = _activation_scales(bundle / "vision.onnx")
+    calib = CalibrationFile.load(bundle / "calibration.safetensors")
+    assert len(mine) == 1 + 3 * 2  # patch conv, then qkv, fc1, fc2 of the 2 blocks in use
+    for module, scale in mine.items():
+        assert scale == pytest.approx(float(calib.vision.inputs[module].max()) / 127, rel=1e-6), module
+
+    loaded = load_model(model_dir)
+    pixels = [s.pixels for s in calibrate(loaded, phantoms, 3).samples]  # the bundle's calibration images
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"pixel_values": p[None].numpy()} for p in pixels])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    fp32 = tmp_path / "vision-fp32.onnx"
+    export_vision(loaded.model.float().eval(), fp32)
+    quantize_static(str(fp32), str(tmp_path / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=VISION_OP_TYPES,
+                    nodes_to_exclude=activation_matmuls(fp32) + float_modules(fp32, KEEP_FLOAT),
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                                   "OpTypesToExcludeOutputQuantization": VISION_OP_TYPES})
+    theirs = _activation_scales(tmp_path / "ort.onnx")
+    assert theirs.keys() == mine.keys()
+    for module in mine:
+        assert mine[module] == pytest.approx(theirs[module], rel=1e-5), module
+
+
+def test_vision_quantization_refuses_a_calibration_without_its_modules(bundle: Path, model_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    from radtrt.exporter.int8_vision import quantize_vision
+    from radtrt.exporter.onnx import export_vision
+
+    fp32 = tmp_path / "vision-fp32.onnx"
+    export_vision(load_model(model_dir).model.float().eval(), fp32)
+    inputs = dict(CalibrationFile.load(bundle / "calibration.safetensors").vision.inputs)
+    del inputs["vision_tower.blocks.1.mlp.fc1"]
+    with pytest.raises(RadtrtError, match="no vision statistics for 'vision_tower.blocks.1.mlp.fc1'"):
+        quantize_vision(fp32, tmp_path / "v.onnx", inputs)
+    assert not (tmp_path / "v.onnx").exists()
 
 
 def _first_logits(decoder: Path, model_dir: Path, phantoms: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,21 +314,118 @@ def test_int8_bundle_is_smaller_than_fp32(bundle: Path, model_dir: Path) -> None
     assert int8_bytes <= 0.35 * fp32_bytes
 
 
-def test_smoothing_is_exact_in_float(model_dir: Path, phantoms: Path) -> None:
-    """Folded SmoothQuant factors (GQA o_proj via v_proj, down via up_proj rows, norms) change nothing."""
+@pytest.fixture(scope="module")
+def smoothed_graphs(model_dir: Path, phantoms: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny decoder exported plain, and a copy smoothed in place (alpha 0.8: factors far from 1)."""
+    import shutil
+
     from radtrt.calibration.run import calibrate
+    from radtrt.exporter.int8_decoder import smooth_graph_file, smoothing_factors
+    from radtrt.exporter.onnx import export_decoder
 
     loaded = load_model(model_dir)
-    stats = calibrate(loaded, phantoms, 2).file.decoder
     lm = loaded.model.language_model
+    stats = calibrate(loaded, phantoms, 2).file.decoder
+    out = tmp_path_factory.mktemp("smooth")
+    export_decoder(lm, out / "plain" / "decoder.onnx")
+    shutil.copytree(out / "plain", out / "smoothed")
+    smoothing = smoothing_factors(lm, stats, alpha=0.8)
+    smooth_graph_file(out / "smoothed" / "decoder.onnx", smoothing)
+    return lm, stats, smoothing, out / "plain" / "decoder.onnx", out / "smoothed" / "decoder.onnx"
+
+
+def _run_plain(path: Path, lm, x: torch.Tensor) -> dict[str, "np.ndarray"]:
+    import numpy as np
+    import onnxruntime as ort
+
+    from radtrt.exporter.onnx import decoder_io_names
+
+    cfg = lm.cfg
+    names, outputs = decoder_io_names(cfg.num_hidden_layers)
+    empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+    t = x.shape[1]
+    feeds = {"inputs_embeds": x.numpy(), "position_ids": np.arange(t)[None], "past_mask": np.zeros((1, 0), bool),
+             "new_mask": np.ones((1, t), bool), **{n: empty for n in names[4:]}}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip(outputs, session.run(outputs, feeds)))
+
+
+def test_smoothing_the_graph_is_exact_in_float_and_divides_the_cached_values(smoothed_graphs) -> None:
+    """Folded SmoothQuant factors (GQA o_proj via v_proj, down via up_proj rows, norms) change no logit; the
+    cached values come out divided by v_proj's factors (what the INT8 KV cache's value scales follow)."""
+    lm, _, smoothing, plain, smoothed = smoothed_graphs
     assert lm.cfg.num_key_value_heads < lm.cfg.num_attention_heads  # the tiny decoder has grouped KV heads
-    smoothed = smooth_decoder(lm, stats, alpha=0.8)
-    assert not torch.allclose(smoothed.model.layers[0].self_attn.v_proj.weight, lm.model.layers[0].self_attn.v_proj.weight)
     x = torch.randn(1, 12, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    embeds = [x[0]]
-    a = greedy_generate(lm, embeds, eos_token_id=-1, max_new_tokens=6, keep_first_logits=True)
-    b = greedy_generate(smoothed, embeds, eos_token_id=-1, max_new_tokens=6, keep_first_logits=True)
-    assert torch.allclose(a.first_logits, b.first_logits, atol=1e-4) and a.token_ids == b.token_ids
+    a, b = _run_plain(plain, lm, x), _run_plain(smoothed, lm, x)
+    span = float(a["logits"].max() - a["logits"].min())
+    assert abs(a["logits"] - b["logits"]).max() <= 1e-5 * span
+    for i in range(lm.cfg.num_hidden_layers):
+        s_kv = smoothing.value_divisors(lm.cfg.num_hidden_layers)[i].numpy()
+        assert float(s_kv.min()) < 0.9 or float(s_kv.max()) > 1.1  # the factors are not trivial
+        divided = a[f"value.{i}"] / s_kv.reshape(lm.cfg.num_key_value_heads, 1, lm.cfg.head_dim)
+        assert abs(b[f"value.{i}"] - divided).max() <= 1e-5 * abs(divided).max()
+        assert abs(b[f"key.{i}"] - a[f"key.{i}"]).max() <= 1e-5 * abs(a[f"key.{i}"]).max()  # keys unchanged
+
+
+def test_smoothed_graph_weights_are_quant_smooth_bit_for_bit(smoothed_graphs) -> None:
+    """The graph holds exactly what ``quant.smooth`` / ``fold_into_norm`` compute on the PyTorch weights."""
+    import numpy as np
+
+    from radtrt.exporter.onnx import DECODER_ROOT, module_of
+    from radtrt.exporter.quant import fold_into_norm, smooth
+
+    lm, stats, smoothing, _, smoothed = smoothed_graphs
+    model = onnx.load(str(smoothed))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    weight = {module_of(n, DECODER_ROOT): inits[n.input[1]] for n in model.graph.node
+              if n.op_type == "MatMul" and n.input[1] in inits}
+    layer, p = lm.model.layers[1], "model.layers.1."
+    attn, mlp = layer.self_attn, layer.mlp
+    (q, k, v), s = smooth([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                          stats.input_absmax(p + "self_attn.q_proj"), 0.8)
+    s_kv = smoothing.outputs[p + "self_attn.v_proj"]
+    expected = {p + "self_attn.q_proj": q, p + "self_attn.k_proj": k, p + "self_attn.v_proj": v / s_kv[:, None],
+                p + "self_attn.o_proj": attn.o_proj.weight.detach() * smoothing.inputs[p + "self_attn.o_proj"][None, :]}
+    (gate, up), s2 = smooth([mlp.gate_proj.weight, mlp.up_proj.weight], stats.input_absmax(p + "mlp.gate_proj"), 0.8)
+    (down,), s3 = smooth([mlp.down_proj.weight], stats.input_absmax(p + "mlp.down_proj"), 0.8)
+    expected |= {p + "mlp.gate_proj": gate, p + "mlp.up_proj": up / s3[:, None], p + "mlp.down_proj": down}
+    for module, w in expected.items():
+        assert np.array_equal(weight[module], w.T.numpy()), module
+    assert np.array_equal(inits[f"{DECODER_ROOT}.{p}input_layernorm.weight"],
+                          fold_into_norm(layer.input_layernorm.weight, s).numpy())
+    assert np.array_equal(inits[f"{DECODER_ROOT}.{p}post_attention_layernorm.weight"],
+                          fold_into_norm(layer.post_attention_layernorm.weight, s2).numpy())
+    assert np.array_equal(weight["lm_head"], lm.lm_head.weight.detach().T.numpy())  # not smoothed
+
+
+def test_smoothquant_int8_cache_value_scales_follow_the_smoothed_values(smoothed_graphs, tmp_path: Path) -> None:
+    """The cached values are v_proj's outputs over its factors: the value scales are their maxima / 127."""
+    import numpy as np
+
+    from radtrt.exporter.int8_decoder import quantize_smoothquant
+
+    lm, stats, smoothing, _, _ = smoothed_graphs
+    quantize_smoothquant(lm, stats, tmp_path / "decoder.onnx", tmp_path, alpha=0.8, cache="int8")
+    model = onnx.load(str(tmp_path / "decoder.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("gqa_v_scale")}
+    for i, s_kv in enumerate(smoothing.value_divisors(lm.cfg.num_hidden_layers)):
+        expected = (stats.output_absmax(f"model.layers.{i}.self_attn.v_proj") / s_kv).clamp(min=1e-6) / 127.0
+        assert np.allclose(inits[f"gqa_v_scale.{i}"], expected.numpy(), rtol=1e-6, atol=0)
+
+
+def test_smoothing_refuses_a_graph_without_the_modules_it_names(smoothed_graphs, tmp_path: Path) -> None:
+    import shutil
+    from dataclasses import replace
+
+    from radtrt.exporter.int8_decoder import smooth_graph_file
+
+    _, _, smoothing, plain, _ = smoothed_graphs
+    shutil.copytree(plain.parent, tmp_path / "g")
+    before = (tmp_path / "g" / "decoder.onnx.data").read_bytes()
+    bad = replace(smoothing, inputs={**smoothing.inputs, "model.layers.9.mlp.gate_proj": torch.ones(1)})
+    with pytest.raises(RadtrtError, match="no model.layers.9.mlp.gate_proj in it"):
+        smooth_graph_file(tmp_path / "g" / "decoder.onnx", bad)
+    assert (tmp_path / "g" / "decoder.onnx.data").read_bytes() == before  # left as it was
 
 
 def test_trtllm_reads_the_bundles_calibration(bundle: Path, model_dir: Path, tmp_path: Path) -> None:

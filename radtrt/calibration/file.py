@@ -8,10 +8,9 @@ and ``meta``, a JSON object with the model's config sha256 (the bundle manifest'
 data root, file sha256s, findings/indication used) and its hash, the data root and source, the
 preprocessing constants, the method and the tool versions.
 
-The pixels are not stored: an export that needs them for static quantization re-reads the listed
-files from the data root and refuses when any is missing or changed (``verify_refs``). Phantom
-calibration sets are PNG-only, whose bytes depend only on (seed, index), so they are regenerated
-and still match their hashes.
+The pixels are not stored, and an export does not need them: the vision Q/DQ scales come from the
+``vision.input`` maxima (``radtrt.exporter.int8_vision``), SmoothQuant and the INT8 KV cache from the
+decoder's. The sample list and its hashes record what the statistics were measured on.
 """
 
 from __future__ import annotations

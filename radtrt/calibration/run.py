@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from radtrt.calibration.file import CALIBRATION_FORMAT, CalibrationFile, build_meta, read_metadata
-from radtrt.calibration.samples import Sample, SampleSet, count_samples, load_samples, verify_refs
+from radtrt.calibration.samples import Sample, SampleSet, count_samples, load_samples
 from radtrt.calibration.stats import collect_stats
 from radtrt.errors import fail
 from radtrt.model.loading import LoadedModel
@@ -32,7 +32,7 @@ DEFAULT_N = 32
 
 @dataclass
 class Calibration:
-    """A calibration file and the samples it was made from (the pixels static quantization needs)."""
+    """A calibration file, and the samples read to make it (none when an existing file was reused)."""
 
     file: CalibrationFile
     samples: list[Sample]
@@ -115,37 +115,16 @@ def resolve_calibration(loaded: LoadedModel, data: str | None, n: int = DEFAULT_
         return calibrate_phantoms(loaded, n, progress=progress)
     path = Path(data)
     if is_calibration_file(path):
-        return reuse(loaded, path, progress=progress)
+        return reuse(loaded, path)
     return calibrate(loaded, path, n, progress=progress)
 
 
-def reuse(loaded: LoadedModel, path: Path, progress: Any = None) -> Calibration:
-    """A calibration file, checked against the model, with its samples re-read (hashes verified)."""
+def reuse(loaded: LoadedModel, path: Path) -> Calibration:
+    """A calibration file, checked against the model. Its statistics are all an export needs (the vision
+    Q/DQ scales, SmoothQuant factors, KV-cache scales), so the images it was made from need not be present."""
     file = CalibrationFile.load(path)
-    model = loaded.model.float().eval()
-    file.check_model(model, path)
-    source = file.meta["source"]
-    refs = file.refs
-    if source.get("kind") == PHANTOM:
-        with phantom_source(int(source["n"]), int(source["seed"]), progress) as manifest:
-            samples = _reread(loaded, manifest.parent, refs, progress)
-    else:
-        samples = _reread(loaded, Path(file.meta["data_root"]), refs, progress)
-    return Calibration(file, samples, path)
-
-
-def _reread(loaded: LoadedModel, root: Path, refs: list, progress: Any) -> list[Sample]:
-    verify_refs(root, refs)
-    prepare = _preparer(loaded)
-    tick = progress_callback(progress, f"re-reading {len(refs)} calibration samples", len(refs))
-    out = []
-    for i, ref in enumerate(refs):
-        study = Path(ref.study) if Path(ref.study).is_absolute() else root / ref.study
-        _, pixels, prompt_ids = prepare(study, ref.indication)
-        out.append(Sample(ref, pixels, prompt_ids))
-        if tick:
-            tick(i + 1)
-    return out
+    file.check_model(loaded.model.float().eval(), path)
+    return Calibration(file, [], path)
 
 
 def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,

@@ -156,13 +156,3 @@ def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple
         if on_sample:
             on_sample(i + 1)
     return SampleSet(root, samples, {**source, "skip": skip, "n": n})
-
-
-def verify_refs(root: Path, refs: list[SampleRef]) -> None:
-    """Refuse to re-use a sample list whose files are missing or changed (a different calibration)."""
-    for ref in refs:
-        path = Path(ref.file) if Path(ref.file).is_absolute() else root / ref.file
-        if not path.is_file():
-            fail(f"calibration sample {ref.file} is missing under {root}: re-run 'radtrt calibrate'")
-        if sha256_file(path) != ref.sha256:
-            fail(f"calibration sample {ref.file} changed since calibration (sha256 differs): re-run 'radtrt calibrate'")

@@ -1,9 +1,8 @@
 """Activation statistics from forward hooks on the PyTorch model, over calibration samples.
 
 Vision: every ``nn.Linear``/``nn.Conv2d`` of the trunk and the projector gets per-channel input and
-output absolute maxima over all patches of all samples (the per-tensor range is their max). They are
-recorded for reporting and for checking a quantized graph; ONNX Runtime's static quantization
-calibrates its own Q/DQ scales from the same samples' pixels.
+output absolute maxima over all patches of all samples (the per-tensor range is their max). The
+input maxima are the vision Q/DQ graph's activation ranges (``radtrt.exporter.int8_vision``).
 
 Decoder: the statistics SmoothQuant and INT8 KV-cache scales need, in ``ActivationStats`` form
 (``radtrt.exporter.quant``): per-input-channel absmax of every linear layer's input and per-output-

@@ -34,7 +34,6 @@ graph then gets ``float_prompt_attention`` (after quantization): the prompt step
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from radtrt.errors import fail
 from radtrt.exporter.external import InMemory, TensorStore, rewrite_graph_file
+from radtrt.exporter.onnx import DECODER_ROOT, module_of
 from radtrt.exporter.quant import ActivationStats
 from radtrt.model.config import DecoderConfig
 
@@ -96,14 +96,6 @@ def kv_scales(stats: ActivationStats, cfg: DecoderConfig, value_divisors: list[t
         keys.append((bound.clamp(min=1e-6) / 127.0).numpy().astype(np.float32))
         values.append((v.clamp(min=1e-6) / 127.0).numpy().astype(np.float32))
     return KVScales(keys, values)
-
-
-def _module(node: onnx.NodeProto) -> str:
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            scopes = [s for s in ast.literal_eval(prop.value) if s.startswith("lm.")]
-            return scopes[-1].removeprefix("lm.") if scopes else ""
-    return ""
 
 
 def _rotary_caches(cfg: DecoderConfig, dtype: type[np.floating]) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +167,7 @@ def to_fused_attention(model: onnx.ModelProto, cfg: DecoderConfig, fused: FusedA
     by_module: dict[str, onnx.NodeProto] = {}
     for node in graph.node:
         if node.op_type == "MatMul":
-            by_module.setdefault(_module(node), node)
+            by_module.setdefault(module_of(node, DECODER_ROOT), node)
     embeds = next((i for i in graph.input if i.name == "inputs_embeds"), None)
     if embeds is None:
         fail("the decoder graph has no inputs_embeds input: not a radtrt decoder export")

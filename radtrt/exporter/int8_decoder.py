@@ -10,10 +10,11 @@ embeddings and logits stay fp32:
   computes it with int8 dot products (activations quantized per 128-wide block of each row, on the
   fly); at level 0/1 it dequantizes to fp32 and measured 8-10x slower than fp32 here. Written one weight
   at a time (``radtrt.exporter.streamed_quant``: ``MatMulNBitsQuantizer``'s graph, its own block packing).
-* ``smoothquant`` (W8A8): SmoothQuant (Xiao et al.) with the calibration statistics on a copy of the
-  PyTorch decoder -- q/k/v folded into ``input_layernorm``, gate/up into ``post_attention_layernorm``,
-  down_proj into up_proj's rows, o_proj into v_proj's rows (one factor per KV head channel), not
-  lm_head (measured worse) -- all exact in float; then fp32 ONNX export and ``quantize_dynamic``'s graph
+* ``smoothquant`` (W8A8): SmoothQuant (Xiao et al.) with the calibration statistics -- q/k/v folded
+  into ``input_layernorm``, gate/up into ``post_attention_layernorm``, down_proj into up_proj's rows,
+  o_proj into v_proj's rows (one factor per KV head channel), not lm_head (measured worse) -- all
+  exact in float, applied to the exported fp32 graph's weights one at a time (no smoothed copy of the
+  decoder in memory, which at 4 bytes a parameter is 27 GB for Vicuna-7B); then ``quantize_dynamic``'s graph
   (written one weight at a time by ``radtrt.exporter.streamed_quant`` for the fused attention):
   INT8 per-channel weights (7-bit range, see ``REDUCE_RANGE``), activations quantized per call
   (``DynamicQuantizeLinear``, uint8 with a zero point), i.e. per token at decode (T=1) and per tensor
@@ -28,17 +29,18 @@ bundle stores it INT8 per row, ``radtrt.exporter.bundle``).
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
 from radtrt.errors import fail
 from radtrt.exporter.int8_vision import quiet_quantizer
 from radtrt.exporter.onnx import export_decoder
-from radtrt.exporter.quant import ActivationStats, fold_into_norm, smooth, smoothing_scales
+from radtrt.exporter.quant import ActivationStats, smoothing_scales
 from radtrt.model.decoder import LlamaForCausalLM
 
 DECODER_METHODS = ("weight-only", "smoothquant")
@@ -75,45 +77,110 @@ def quantize_weight_only(fp32_model: Path, out: Path, *, lm_head: bool = True, p
             "compute": "int8 dot products, activations quantized per 128-wide block on the fly"}
 
 
+@dataclass(frozen=True)
+class Smoothing:
+    """SmoothQuant's factors for one decoder, by Hugging Face module / parameter name (``model.layers.0...``).
+
+    ``inputs[m]`` multiplies module m's weight per input channel, ``outputs[m]`` divides it per output
+    channel (v_proj takes o_proj's factors, up_proj down_proj's) and ``norms[p]`` divides RMSNorm weight p:
+    the decoder then computes the same function in exact arithmetic. The cached values come out divided by
+    ``outputs[v_proj]``, which the INT8 KV cache's value scales must follow.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    norms: dict[str, torch.Tensor]
+
+    def weight(self, module: str, w_in_out: np.ndarray) -> np.ndarray:
+        """A ``[in, out]`` weight (an ONNX MatMul's B) smoothed in fp32: times the input factors, then over the
+        output ones, the order and arithmetic of ``quant.smooth`` on the ``[out, in]`` layout."""
+        w = np.asarray(w_in_out, dtype=np.float32)
+        if module in self.inputs:
+            w = w * self.inputs[module].numpy()[:, None]
+        if module in self.outputs:
+            w = w / self.outputs[module].numpy()[None, :]
+        return w
+
+    def value_divisors(self, num_layers: int) -> list[torch.Tensor]:
+        return [self.outputs[f"model.layers.{i}.self_attn.v_proj"] for i in range(num_layers)]
+
+
 @torch.no_grad()
-def smooth_decoder(lm: LlamaForCausalLM, stats: ActivationStats, alpha: float = 0.5) -> LlamaForCausalLM:
-    """A smoothed fp32 copy: the same function, with activation outliers moved into the weights.
+def smoothing_factors(lm: LlamaForCausalLM, stats: ActivationStats, alpha: float = 0.5) -> Smoothing:
+    """The factors for q/k/v (into ``input_layernorm``), gate/up (into ``post_attention_layernorm``), down
+    (into up_proj's rows) and o (into v_proj's rows, one factor per KV head channel), all from the
+    unsmoothed weights and the calibration maxima. Computed, not applied: the export smooths the exported
+    graph's weights one at a time (``smooth_graph_file``) instead of holding a smoothed copy of the decoder.
 
     lm_head is not smoothed (as in TensorRT-LLM's SmoothQuant): folding factors into the final norm
     made the INT8 lm_head worse, not better (identical reports 77% vs 83% unsmoothed, 60 held-out
     phantoms, trained phantom model).
     """
-    lm = copy.deepcopy(lm).float().eval()
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    norms: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(lm.model.layers):
         p, attn, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        weights, s = smooth([m.weight for m in qkv], stats.input_absmax(p + "self_attn.q_proj"), alpha)
-        for m, w in zip(qkv, weights):
-            m.weight.copy_(w)
-        layer.input_layernorm.weight.copy_(fold_into_norm(layer.input_layernorm.weight, s))
-        weights, s = smooth([mlp.gate_proj.weight, mlp.up_proj.weight], stats.input_absmax(p + "mlp.gate_proj"), alpha)
-        mlp.gate_proj.weight.copy_(weights[0])
-        mlp.up_proj.weight.copy_(weights[1])
-        layer.post_attention_layernorm.weight.copy_(fold_into_norm(layer.post_attention_layernorm.weight, s))
+        s = smoothing_scales(stats.input_absmax(p + "self_attn.q_proj"),
+                             [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], alpha)
+        inputs |= {p + f"self_attn.{n}_proj": s for n in "qkv"}
+        norms[p + "input_layernorm.weight"] = s
+        s = smoothing_scales(stats.input_absmax(p + "mlp.gate_proj"), [mlp.gate_proj.weight, mlp.up_proj.weight], alpha)
+        inputs |= {p + "mlp.gate_proj": s, p + "mlp.up_proj": s}
+        norms[p + "post_attention_layernorm.weight"] = s
         # down_proj's input is silu(gate) * up: dividing up's rows by s divides it exactly
-        (w_down,), s = smooth([mlp.down_proj.weight], stats.input_absmax(p + "mlp.down_proj"), alpha)
-        mlp.down_proj.weight.copy_(w_down)
-        mlp.up_proj.weight.div_(s[:, None])
-        _smooth_o_proj(attn, stats.input_absmax(p + "self_attn.o_proj"), alpha, lm.cfg.num_key_value_heads)
-    return lm
+        s = smoothing_scales(stats.input_absmax(p + "mlp.down_proj"), [mlp.down_proj.weight], alpha)
+        inputs[p + "mlp.down_proj"], outputs[p + "mlp.up_proj"] = s, s
+        s_kv, s_full = _o_proj_factors(attn, stats.input_absmax(p + "self_attn.o_proj"), alpha, lm.cfg.num_key_value_heads)
+        inputs[p + "self_attn.o_proj"], outputs[p + "self_attn.v_proj"] = s_full, s_kv
+    return Smoothing(inputs, outputs, norms)
 
 
-def _smooth_o_proj(attn: Any, act_absmax: torch.Tensor, alpha: float, n_kv: int) -> None:
-    """o_proj's input is probs @ V per query head; query heads sharing a KV head must share factors."""
+def _o_proj_factors(attn: Any, act_absmax: torch.Tensor, alpha: float, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """o_proj's input is probs @ V per query head; query heads sharing a KV head must share factors.
+    Returns (per KV channel, for v_proj's rows; per o_proj input channel)."""
     out_features, width = attn.o_proj.weight.shape
     head_dim = attn.head_dim
     group = width // (n_kv * head_dim)
     act = act_absmax.float().view(n_kv, group, head_dim).amax(1).reshape(-1)
     w = attn.o_proj.weight.abs().view(out_features, n_kv, group, head_dim).amax(2).reshape(out_features, -1)
     s_kv = smoothing_scales(act, [w], alpha)  # [n_kv * head_dim]
-    s_full = s_kv.view(n_kv, 1, head_dim).expand(n_kv, group, head_dim).reshape(-1)
-    attn.o_proj.weight.mul_(s_full[None, :])
-    attn.v_proj.weight.div_(s_kv[:, None])
+    return s_kv, s_kv.view(n_kv, 1, head_dim).expand(n_kv, group, head_dim).reshape(-1)
+
+
+def smooth_graph_file(path: Path, smoothing: Smoothing) -> None:
+    """Apply ``smoothing`` to an exported (plain-attention) fp32 decoder graph in place, one weight at a time
+    (``external.rewrite_graph_file``): linear weights found by their nodes' module scopes, norm weights by
+    their parameter names. Refuses a graph missing any module or norm the factors name."""
+    from radtrt.exporter.external import rewrite_graph_file
+    from radtrt.exporter.onnx import DECODER_ROOT, module_of
+
+    def edit(model: onnx.ModelProto, store: Any) -> None:
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        smoothed: dict[str, onnx.TensorProto] = {}  # written to the new data file as made: one weight in memory
+        found = set()
+        for node in graph.node:
+            module = module_of(node, DECODER_ROOT) if node.op_type == "MatMul" else ""
+            if module not in smoothing.inputs and module not in smoothing.outputs:
+                continue
+            weight = node.input[1]
+            if weight not in inits or weight in smoothed:
+                fail(f"{module}: its MatMul has no weight of its own in the decoder graph (has the exporter changed?)")
+            smoothed[weight] = store.add(smoothing.weight(module, store.read(inits[weight])), weight)
+            found.add(module)
+        missing = sorted((set(smoothing.inputs) | set(smoothing.outputs)) - found)
+        missing += [f"{DECODER_ROOT}.{n}" for n in smoothing.norms if f"{DECODER_ROOT}.{n}" not in inits]
+        if missing:
+            fail(f"cannot smooth the decoder graph: no {missing[0]} in it (has the exporter changed its names?)")
+        for name, s in smoothing.norms.items():
+            key = f"{DECODER_ROOT}.{name}"
+            smoothed[key] = store.add(np.asarray(store.read(inits[key]), dtype=np.float32) / s.numpy(), key)
+        for name, tensor in smoothed.items():
+            graph.initializer.remove(inits[name])
+            graph.initializer.append(tensor)
+
+    rewrite_graph_file(path, path, edit)
 
 
 def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path, work: Path, *,
@@ -124,18 +191,17 @@ def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path
     ``cache``: the fused attention's KV-cache type (``float32`` or ``int8``), or None for the plain graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from radtrt.exporter.gqa import FusedAttention, kv_scales
+    from radtrt.exporter.gqa import FusedAttention, kv_scales, rewrite_attention
     from radtrt.exporter.streamed_quant import quantize_w8a8
 
-    smoothed = smooth_decoder(lm, stats, alpha)
+    smoothing = smoothing_factors(lm, stats, alpha)
     fp32 = work / "decoder-smoothed-fp32.onnx"
-    scales = None
-    if cache == "int8":  # smoothing o_proj divided v_proj's rows by its factors: the cached values are divided too
-        divisors = [old.self_attn.v_proj.weight.detach().abs().amax(1) / new.self_attn.v_proj.weight.detach().abs().amax(1)
-                    for old, new in zip(lm.model.layers, smoothed.model.layers)]
-        scales = kv_scales(stats, lm.cfg, divisors)
-    export_decoder(smoothed, fp32, fused=None if cache is None else FusedAttention(cache, scales))
-    del smoothed
+    export_decoder(lm, fp32)  # the plain graph: every linear node still carries its module's name scope
+    smooth_graph_file(fp32, smoothing)
+    if cache is not None:  # then the fused attention, over the smoothed weights
+        # smoothing o_proj divided v_proj's rows by its factors: the cached values are divided too
+        scales = kv_scales(stats, lm.cfg, smoothing.value_divisors(lm.cfg.num_hidden_layers)) if cache == "int8" else None
+        rewrite_attention(fp32, lm.cfg, FusedAttention(cache, scales))
     exclude = [] if lm_head else [lm_head_node(onnx.load(str(fp32), load_external_data=False))]
     if cache is not None:  # every MatMul has a constant weight: the same graph, streamed (radtrt.exporter.streamed_quant)
         quantize_w8a8(fp32, out, exclude=set(exclude), reduce_range=REDUCE_RANGE, progress=progress)

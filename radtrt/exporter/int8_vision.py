@@ -1,14 +1,19 @@
-"""Vision INT8: a Q/DQ ONNX graph from the fp32 ``vision.onnx`` and calibration pixels.
+"""Vision INT8: a Q/DQ ONNX graph from the fp32 ``vision.onnx`` and the calibration's statistics.
 
 ONNX Runtime's ``quantize_static`` in QDQ format (NVIDIA ModelOpt's ONNX PTQ would need
 ``onnxruntime-gpu`` 1.24 and ``onnx`` 1.21, replacing this environment's ONNX Runtime, so it is not
 used). Choices, each measured (``radtrt calibrate``/``export`` report, and the INT8 notes):
 
 * weights: INT8, symmetric, per output channel; activations: INT8, symmetric (zero point 0), one
-  static scale per tensor from the calibration images' min/max (percentile 99.999 and entropy
-  calibration gave the same cosine to 1e-4 on a trained phantom model, and print to stdout). This
-  is the form TensorRT consumes as explicit quantization (it requires zero points of 0); biases
-  stay float.
+  static scale per tensor: the input absolute maximum of each linear layer over the calibration
+  images, which ``radtrt calibrate`` records with forward hooks on the PyTorch model
+  (``radtrt.calibration.stats``), passed to ``quantize_static`` as its calibration cache. ONNX
+  Runtime's own MinMax calibration of the fp32 graph gives the same scales to float rounding (a test
+  checks it) but runs every image again through an augmented graph that held 7.5 GB at 518 px; this
+  way the export reruns nothing, and a calibration file fixes the vision scales as it fixes the
+  decoder's. (Percentile 99.999 and entropy calibration gave the same cosine to 1e-4 on a trained
+  phantom model.) This is the form TensorRT consumes as explicit quantization (it requires zero
+  points of 0); biases stay float.
 * only linear layers (``MatMul`` with a constant weight, the patch ``Conv``) are quantized, except
   those in ``KEEP_FLOAT``; LayerNorm, softmax and GELU have no Q/DQ and stay float; the attention's
   activation x activation MatMuls stay float too (excluded by name): quantizing them gave no
@@ -21,16 +26,17 @@ used). Choices, each measured (``radtrt calibrate``/``export`` report, and the I
 from __future__ import annotations
 
 import logging
+import tempfile
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from onnxruntime.quantization import CalibrationDataReader
 
 from radtrt.errors import fail
+from radtrt.exporter.onnx import VISION_ROOT, module_of
 
 VISION_OP_TYPES = ["MatMul", "Conv", "Gemm"]
 # Linear layers left float, by module name: the attention output projections (their input, the
@@ -56,27 +62,6 @@ def quiet_quantizer() -> Iterator[None]:
             lg.setLevel(level)
 
 
-class PixelReader(CalibrationDataReader):
-    """``CalibrationDataReader``: one preprocessed image per batch (what ``radtrt infer`` feeds)."""
-
-    def __init__(self, pixels: list[torch.Tensor], input_name: str = "pixel_values") -> None:
-        self._batches = [{input_name: p[None].float().numpy()} for p in pixels]
-        self._next, self._end = 0, len(self._batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= self._end:
-            return None
-        self._next += 1
-        return self._batches[self._next - 1]
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        """``CalibStridedMinMax`` calibrates one slice at a time and merges the ranges."""
-        self._next, self._end = start_index, min(end_index, len(self._batches))
-
-
 def activation_matmuls(path: Path) -> list[str]:
     """MatMul nodes with no constant input (attention's q@k^T and p@v): they stay float.
 
@@ -90,48 +75,63 @@ def activation_matmuls(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
 
 
-def module_of(node: Any) -> str:
-    """The innermost PyTorch module a node was exported from (the dynamo exporter's name scopes), or ''."""
-    import ast
-
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            scopes = [s for s in ast.literal_eval(prop.value) if s.startswith("model.")]
-            return scopes[-1].removeprefix("model.") if scopes else ""
-    return ""
-
-
 def float_modules(path: Path, patterns: Sequence[str]) -> list[str]:
     """Names of the linear nodes exported from modules matching ``patterns`` (fnmatch, module names)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     return [n.name for n in model.graph.node if n.op_type in VISION_OP_TYPES
-            and any(fnmatchcase(module_of(n), p) for p in patterns)]
+            and any(fnmatchcase(module_of(n, VISION_ROOT), p) for p in patterns)]
 
 
-def quantize_vision(fp32_model: Path, out: Path, pixels: list[torch.Tensor], *,
+def activation_ranges(path: Path, input_absmax: Mapping[str, torch.Tensor], exclude: set[str]) -> dict[str, float]:
+    """Per-tensor absolute maximum of each quantized node's activation input, from its module's per-channel
+    input maxima (the graph's linear nodes carry the module they came from, ``module_of``)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ranges: dict[str, float] = {}
+    for node in model.graph.node:
+        if node.op_type not in VISION_OP_TYPES or node.name in exclude:
+            continue
+        module = module_of(node, VISION_ROOT)
+        if module not in input_absmax:
+            fail(f"the calibration has no vision statistics for '{module or node.name}': it was made for another "
+                 "model or by an older radtrt; re-run 'radtrt calibrate'")
+        absmax = float(input_absmax[module].float().max())
+        ranges[node.input[0]] = max(ranges.get(node.input[0], 0.0), absmax)
+    return ranges
+
+
+def quantize_vision(fp32_model: Path, out: Path, input_absmax: Mapping[str, torch.Tensor], *,
                     keep_float: Sequence[str] = KEEP_FLOAT) -> dict[str, Any]:
-    """Write the Q/DQ INT8 vision graph (external weights next to it); returns what the manifest records."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """Write the Q/DQ INT8 vision graph (external weights next to it); returns what the manifest records.
 
-    if not pixels:
-        fail("vision INT8 quantization needs at least one calibration image")
-    reader = PixelReader(pixels)
+    ``input_absmax``: per-channel input absolute maxima by module name (``CalibrationFile.vision.inputs``)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
     exclude = activation_matmuls(fp32_model) + float_modules(fp32_model, keep_float)
+    ranges = activation_ranges(fp32_model, input_absmax, set(exclude))
+    if not ranges:
+        fail("the vision graph has no linear layer to quantize (has the exporter changed?)")
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True,
              "QuantizeBias": False,  # biases stay float: TensorRT's explicit quantization has no int32 bias Q/DQ
-             "OpTypesToExcludeOutputQuantization": VISION_OP_TYPES,
-             # one image's intermediate tensors at a time (518 px attention maps are large), ranges merged;
-             # not CalibMaxIntermediateOutputs: ORT 1.32 drops the collected outputs without merging them
-             "CalibStridedMinMax": 1}
-    with quiet_quantizer():
-        quantize_static(str(fp32_model), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=VISION_OP_TYPES, nodes_to_exclude=exclude,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        use_external_data_format=True, extra_options=extra)
-    return {"method": "onnxruntime quantize_static QDQ", "calibration": "minmax", "samples": len(pixels),
+             "OpTypesToExcludeOutputQuantization": VISION_OP_TYPES}
+    with tempfile.TemporaryDirectory(prefix=".radtrt-vision-ranges-", dir=out.parent) as tmp:
+        cache = Path(tmp) / "ranges.json"  # quantize_static's calibration cache: it then runs no calibration
+        save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+            name: TensorData(lowest=np.array(-a, dtype=np.float32), highest=np.array(a, dtype=np.float32))
+            for name, a in ranges.items()}), cache)
+        with quiet_quantizer():
+            quantize_static(str(fp32_model), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=VISION_OP_TYPES, nodes_to_exclude=exclude,
+                            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
+                            use_external_data_format=True, extra_options=extra)
+    return {"method": "onnxruntime quantize_static QDQ",
+            "calibration": "per-tensor input absmax of each linear layer (the calibration file's vision statistics)",
+            "quantized_tensors": len(ranges),
             "weights": "int8 symmetric per output channel", "activations": "int8 symmetric per tensor (static)",
             "quantized_ops": "linear layers (MatMul with constant weight, patch Conv)",
             "float_ops": "LayerNorm, Softmax, GELU, attention activation x activation MatMuls",

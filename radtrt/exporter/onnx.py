@@ -18,6 +18,7 @@ its own cache contract (``radtrt.exporter.gqa``).
 
 from __future__ import annotations
 
+import ast
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +42,20 @@ OPSET = 18
 GRAPH_REVISION = 6
 VISION_INPUTS = ["pixel_values"]
 VISION_OUTPUTS = ["image_embeds"]
+# The wrappers' attribute holding the exported model: the first part of every name scope in the graphs.
+VISION_ROOT, DECODER_ROOT = "model", "lm"
+
+
+def module_of(node: onnx.NodeProto, root: str) -> str:
+    """The innermost PyTorch module ``node`` was exported from, named relative to the wrapper's ``root``
+    (``VISION_ROOT``, ``DECODER_ROOT``), from the dynamo exporter's name scopes; '' when it has none.
+    Why: the exporter names most weights ``val_N``; the scopes are what ties a node to its module."""
+    prefix = root + "."
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s for s in ast.literal_eval(prop.value) if s.startswith(prefix)]
+            return scopes[-1].removeprefix(prefix) if scopes else ""
+    return ""
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -52,7 +67,7 @@ def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
 class VisionForOnnx(nn.Module):
     def __init__(self, model: LlavaRad) -> None:
         super().__init__()
-        self.model = model
+        self.model = model  # VISION_ROOT
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.mm_projector(self.model.image_features(pixel_values))
@@ -72,7 +87,7 @@ def step_mask(past_mask: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
 class DecoderForOnnx(nn.Module):
     def __init__(self, lm: LlamaForCausalLM) -> None:
         super().__init__()
-        self.lm = lm
+        self.lm = lm  # DECODER_ROOT
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, past_mask: torch.Tensor,
                 new_mask: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -96,8 +96,8 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
         tmp = Path(tmp_dir)
         step("exporting the fp32 vision graph to quantize")
         export_vision(model, tmp / "vision-fp32.onnx")
-        step(f"quantizing vision.onnx (Q/DQ, {len(calibration.samples)} calibration images)")
-        vision = quantize_vision(tmp / "vision-fp32.onnx", work / "vision.onnx", [s.pixels for s in calibration.samples])
+        step(f"quantizing vision.onnx (Q/DQ, ranges from {calibration.file.n} calibration images)")
+        vision = quantize_vision(tmp / "vision-fp32.onnx", work / "vision.onnx", calibration.file.vision.inputs)
         cache = None if plan.attention == "plain" else ("int8" if plan.kv_cache == "int8" else "float32")
         if plan.decoder == "weight-only":
             step("exporting the fp32 decoder graph to quantize")
