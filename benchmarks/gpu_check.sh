@@ -119,7 +119,7 @@ def measure(pipeline, with_logits):
         torch.cuda.synchronize()
         vision_ms = (time.perf_counter() - t0) * 1e3
         gen = pipeline.backend.generate([pipeline.backend.embed_prompt(p.prompt_ids, image)], max_new_tokens=max_new,
-                                        eos_token_id=loaded.tokenizer.eos_token_id, keep_first_logits=with_logits)
+                                        eos_token_id=loaded.tokenizer.eos_token_id, keep_logits=with_logits)
         rows.append((image.float().cpu(), gen, vision_ms))
     return rows
 

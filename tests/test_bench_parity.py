@@ -41,8 +41,24 @@ def test_rouge_l_uses_the_released_scorer_and_identical_texts_score_one() -> Non
     assert rouge_l("the lungs are very clear", "the lungs are clear") == pytest.approx(8 / 9)
 
 
-def _outcome(ids: list[int], logits: list[float], embeds: torch.Tensor, report: str) -> Outcome:
-    return Outcome(embeds, ids, torch.tensor(logits), report)
+def _outcome(ids: list[int], logits: list, embeds: torch.Tensor, report: str) -> Outcome:
+    """``logits``: one step's vector (the first), or a list of steps."""
+    t = torch.tensor(logits)
+    return Outcome(embeds, ids, t if t.dim() == 2 else t[None], report)
+
+
+def test_decode_logits_are_compared_only_where_both_sides_had_the_same_tokens() -> None:
+    e = torch.zeros(2, 2)
+    steps = [[0.0, 1.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]  # prompt step, then one per token; EOS at step 3
+    ref = _outcome([1, 0, 0], steps, e, "x")
+    same = compare("a", _outcome([1, 0, 0], [[0.0, 1.0], [1.5, 0.0], [2.0, 0.25], [3.0, 0.0]], e, "x"), ref)
+    assert same.decode_steps_compared == 3 and same.decode_logits_max_abs_diff == pytest.approx(0.5)
+    # diverging at token 1: step 1 (same inputs, different choice) is compared; step 2 fed different tokens
+    diverged = compare("b", _outcome([1, 1], [[0.0, 1.0], [0.0, 1.25], [9.0, 9.0]], e, "y"), ref)
+    assert diverged.first_divergence == 1 and diverged.decode_steps_compared == 1
+    assert diverged.decode_logits_max_abs_diff == pytest.approx(1.25)
+    first_only = compare("c", _outcome([1, 0, 0], [0.0, 1.0], e, "x"), ref)  # only the prompt step kept
+    assert first_only.decode_steps_compared == 0 and first_only.decode_logits_max_abs_diff is None
 
 
 def test_compare_identical_and_divergent() -> None:

@@ -187,12 +187,15 @@ def test_prompts_of_different_lengths_in_one_batch(bundle: Path, bundle_plain: P
     g = torch.Generator().manual_seed(3)
     embeds = [torch.randn(n, lm.cfg.hidden_size, generator=g) * 0.5 for n in (12, 17, 12, 9)]
     ort = OrtBackend(bundle if which == "fused" else bundle_plain)
-    batched = ort.generate(embeds, max_new_tokens=12, eos_token_id=-1, keep_first_logits=True)
+    batched = ort.generate(embeds, max_new_tokens=12, eos_token_id=-1, keep_logits=True)
     one = [ort.generate([e], max_new_tokens=12, eos_token_id=-1).token_ids[0] for e in embeds]
-    ref = greedy_generate(lm, embeds, eos_token_id=-1, max_new_tokens=12, keep_first_logits=True)
+    ref = greedy_generate(lm, embeds, eos_token_id=-1, max_new_tokens=12, keep_logits=True)
     assert batched.token_ids == one == ref.token_ids
     assert len({tuple(t) for t in one}) > 1
     assert float((batched.first_logits - ref.first_logits).abs().max()) < 1e-4
+    # every step's logits are kept, each a copy (the output buffer is reused by the next step)
+    assert batched.logits.shape == ref.logits.shape == (4, 12, lm.cfg.vocab_size)
+    assert float((batched.logits - ref.logits).abs().max()) < 1e-4
 
 
 def test_a_decoder_without_a_known_kv_cache_input_is_refused(bundle: Path, tmp_path: Path) -> None:
@@ -403,8 +406,8 @@ def test_fp16_bundle_within_stated_tolerance_of_fp32_torch(bundle_fp16: Path, mo
     embeds = [torch.cat([ref_img[0], ref.language_model.embed(torch.arange(1, 9))])]
     from radtrt.model.generate import greedy_generate
 
-    r = greedy_generate(ref.language_model, embeds, eos_token_id=-1, max_new_tokens=1, keep_first_logits=True)
-    g = ort.generate([e.half() for e in embeds], eos_token_id=-1, max_new_tokens=1, keep_first_logits=True)
+    r = greedy_generate(ref.language_model, embeds, eos_token_id=-1, max_new_tokens=1, keep_logits=True)
+    g = ort.generate([e.half() for e in embeds], eos_token_id=-1, max_new_tokens=1, keep_logits=True)
     span = float(r.first_logits.max() - r.first_logits.min())
     assert float((g.first_logits - r.first_logits).abs().max()) <= 0.02 * span
     fp16 = _infer(*studies, "--bundle", bundle_fp16)

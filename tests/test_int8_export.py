@@ -224,7 +224,7 @@ def _first_logits(decoder: Path, model_dir: Path, phantoms: Path) -> tuple[torch
         feeds = {"inputs_embeds": x.numpy(), "position_ids": np.arange(t)[None], "past_mask": np.zeros((1, 0), bool),
                  "new_mask": np.ones((1, t), bool), **{n: empty for n in names[4:]}}
     got = session.run(["logits"], feeds)[0]
-    ref = greedy_generate(lm, [x[0]], eos_token_id=-1, max_new_tokens=1, keep_first_logits=True).first_logits
+    ref = greedy_generate(lm, [x[0]], eos_token_id=-1, max_new_tokens=1, keep_logits=True).first_logits
     return torch.from_numpy(got), ref
 
 
@@ -290,8 +290,8 @@ def test_int8_bundle_runs_and_stays_close_to_fp32_torch(bundle: Path, model_dir:
     cos = torch.nn.functional.cosine_similarity(got_img.flatten(1).double(), ref_img.flatten(1).double())
     assert float(cos.min()) >= MIN_COSINE
     embeds = [ref.embed_multimodal(heldout[0].prompt_ids, ref_img[0]).detach()]
-    r = greedy_generate(ref.language_model, embeds, eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
-    g = ort.generate(embeds, eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
+    r = greedy_generate(ref.language_model, embeds, eos_token_id=-1, max_new_tokens=8, keep_logits=True)
+    g = ort.generate(embeds, eos_token_id=-1, max_new_tokens=8, keep_logits=True)
     span = float(r.first_logits.max() - r.first_logits.min())
     print(f"bundle cosine {float(cos.min()):.5f} first-logit error {float((g.first_logits - r.first_logits).abs().max()) / span:.2%}")
     assert float((g.first_logits - r.first_logits).abs().max()) <= MAX_SQ_LOGIT_REL * span
@@ -487,12 +487,12 @@ def test_int8_kv_cache_bundle_generates_close_to_fp32_and_batches_one_by_one(int
     assert ort.fused and ort.kv_dtype == "int8"
     with torch.no_grad():
         embeds = [ref.embed_multimodal(s.prompt_ids, ref.encode_images(s.pixels[None])[0]).detach() for s in heldout]
-    r = greedy_generate(ref.language_model, embeds[:1], eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
-    g = ort.generate(embeds[:1], eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
+    r = greedy_generate(ref.language_model, embeds[:1], eos_token_id=-1, max_new_tokens=8, keep_logits=True)
+    g = ort.generate(embeds[:1], eos_token_id=-1, max_new_tokens=8, keep_logits=True)
     span = float(r.first_logits.max() - r.first_logits.min())
     assert float((g.first_logits - r.first_logits).abs().max()) <= MAX_LOGIT_REL * span
     assert len(g.token_ids[0]) == 8
-    both = ort.generate(embeds, eos_token_id=-1, max_new_tokens=8, keep_first_logits=True)
+    both = ort.generate(embeds, eos_token_id=-1, max_new_tokens=8, keep_logits=True)
     alone = [ort.generate([e], eos_token_id=-1, max_new_tokens=8).token_ids[0] for e in embeds]
     assert both.token_ids == alone and both.first_logits is not None and both.first_logits.shape[0] == 2
     with pytest.raises(RadtrtError, match="exceed the 512 positions"):  # GQA's rotary tables end there

@@ -79,11 +79,11 @@ def test_tensorrt_backend_matches_torch(fp16_bundle: Path) -> None:
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     prompt = [1, 31, 45, -200, 13, 101, 29]  # ids of the tiny 512-token vocabulary
     embeds = backend.embed_prompt(prompt, backend.encode_images(pixels)[0])
-    got = backend.generate([embeds], max_new_tokens=8, eos_token_id=-1, keep_first_logits=True)
+    got = backend.generate([embeds], max_new_tokens=8, eos_token_id=-1, keep_logits=True)
     with torch.no_grad():
         image = model.encode_images(pixels.to("cuda", torch.float16))[0]
         ref = greedy_generate(model.language_model, [model.embed_multimodal(prompt, image)], eos_token_id=-1,
-                              max_new_tokens=8, keep_first_logits=True)
+                              max_new_tokens=8, keep_logits=True)
     assert got.first_logits is not None and ref.first_logits is not None
     err = (got.first_logits - ref.first_logits.cpu()).abs().max() / ref.first_logits.abs().max()
     assert float(err) < 2e-2

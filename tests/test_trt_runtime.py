@@ -94,7 +94,7 @@ def test_generate_drives_the_runner_with_a_prompt_table() -> None:
     assert [x.tolist() for x in call["batch_input_ids"]] == [[1, 512, 513, 7], [1, 9, 512, 513, 7]]
     assert (call["end_id"], call["max_new_tokens"], call["top_k"], call["num_beams"]) == (2, 5, 1, 1)
     assert gen.prefill_ms >= 0 and gen.decode_ms >= 0
-    parity = backend.generate([a], max_new_tokens=3, eos_token_id=2, keep_first_logits=True)
+    parity = backend.generate([a], max_new_tokens=3, eos_token_id=2, keep_logits=True)
     assert parity.first_logits is not None and parity.first_logits.shape == (1, 512)
     with pytest.raises(RadtrtError, match="expected 2 image tokens"):
         backend.embed_prompt([1, IMAGE_TOKEN_INDEX], torch.ones(3, 8))

@@ -23,16 +23,15 @@ from radtrt.runtime.backends import PRECISION_NAMES
 
 
 class _StepClock:
-    """A logits processor that only records when each step's logits arrive (and the first ones)."""
+    """A logits processor that only records when each step's logits arrive (and, when asked, the logits)."""
 
-    def __init__(self, keep_first: bool) -> None:
+    def __init__(self, keep: bool) -> None:
         self.times: list[float] = []
-        self.keep_first = keep_first
-        self.first: torch.Tensor | None = None
+        self.kept: list[torch.Tensor] | None = [] if keep else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if not self.times and self.keep_first:
-            self.first = scores.float().clone()
+        if self.kept is not None:
+            self.kept.append(scores.float().clone())
         self.times.append(time.perf_counter())
         return scores
 
@@ -85,11 +84,11 @@ class TransformersBackend:
 
     @torch.no_grad()
     def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
-                 keep_first_logits: bool = False) -> Generation:
+                 keep_logits: bool = False) -> Generation:
         if max_new_tokens < 1:
             return Generation([[] for _ in embeds])
         x, valid = left_pad(embeds)
-        clock = _StepClock(keep_first_logits)
+        clock = _StepClock(keep_logits)
         with _quiet_transformers():
             t0 = time.perf_counter()
             out = self.hf.generate(inputs_embeds=x, attention_mask=valid.long(), do_sample=False, num_beams=1,
@@ -101,4 +100,4 @@ class TransformersBackend:
             ids.append(row[: row.index(eos_token_id)] if eos_token_id in row else row)
         t_first = clock.times[0] if clock.times else t_end
         return Generation(ids, prefill_ms=(t_first - t0) * 1e3, decode_ms=(t_end - t_first) * 1e3,
-                          first_logits=clock.first)
+                          logits=None if clock.kept is None else torch.stack(clock.kept, dim=1))

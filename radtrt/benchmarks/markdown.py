@@ -149,6 +149,10 @@ def int8_targets(s: dict[str, Any]) -> str:
     return "; ".join(f"{name}: {'met' if ok else 'NOT MET'}" for name, ok in checks)
 
 
+def _maybe(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 def parity_markdown(report: ParityReport) -> str:
     s = report.summary()
     n = s["studies"]
@@ -162,6 +166,8 @@ def parity_markdown(report: ParityReport) -> str:
               f"| ROUGE-L F1 of the reports, mean / min | {s['rouge_l_mean']:.4f} / {s['rouge_l_min']:.4f} |",
               f"| max \\|logit difference\\| on the first step | {s['first_logits_max_abs_diff']:.3g} |",
               f"| first-step argmax agreement | {_pct(s['first_argmax_agreement'])} |",
+              f"| max \\|logit difference\\| on the decode steps both sides ran on the same tokens (those "
+              f"steps, all studies) | {_maybe(s['decode_logits_max_abs_diff'])} ({s['decode_steps_compared']}) |",
               f"| image-embedding cosine, min / mean | {s['vision_cosine_min']:.8f} / {s['vision_cosine_mean']:.8f} "
               f"(1 - min = {1 - s['vision_cosine_min']:.2g}) |",
               f"| image-embedding max \\|difference\\| | {s['vision_max_abs_diff']:.3g} |",
@@ -175,11 +181,12 @@ def parity_markdown(report: ParityReport) -> str:
         lines += ["", f"INT8 targets: {int8_targets(s)}"]
     lines += ["", "## Per study", "",
               "| study | tokens equal | first divergence | new tokens (backend / reference) | ROUGE-L | "
-              "max \\|Δ first logits\\| (ref max \\|logit\\|) | image cosine |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "max \\|Δ first logits\\| (ref max \\|logit\\|) | max \\|Δ decode logits\\| (steps) | image cosine |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for st in report.studies:
         div = "none" if st.first_divergence is None else str(st.first_divergence)
         lines.append(f"| {st.study} | {'yes' if st.tokens_equal else 'NO'} | {div} | {st.new_tokens} / "
                      f"{st.reference_new_tokens} | {st.rouge_l:.4f} | {st.first_logits_max_abs_diff:.3g} "
-                     f"({st.reference_first_logits_max_abs:.3g}) | {st.vision_cosine:.8f} |")
+                     f"({st.reference_first_logits_max_abs:.3g}) | {_maybe(st.decode_logits_max_abs_diff)} "
+                     f"({st.decode_steps_compared}) | {st.vision_cosine:.8f} |")
     return "\n".join(lines) + "\n"

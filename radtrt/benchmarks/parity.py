@@ -73,6 +73,11 @@ class StudyParity:
     first_logits_max_abs_diff: float
     reference_first_logits_max_abs: float
     first_argmax_equal: bool
+    # Steps after the first whose inputs were the same on both sides (up to and including the step where the
+    # tokens diverge), and the largest |logit difference| over them: what a quantized KV cache changes, which
+    # the first step (the prompt's) does not see. None when no such step ran.
+    decode_steps_compared: int
+    decode_logits_max_abs_diff: float | None
     vision_cosine: float
     vision_max_abs_diff: float
     report: str
@@ -89,8 +94,12 @@ class Outcome:
 
     image_embeds: torch.Tensor
     token_ids: list[int]
-    first_logits: torch.Tensor
+    logits: torch.Tensor  # [steps, V]: every step's logits, the first being the prompt's
     report: str
+
+    @property
+    def first_logits(self) -> torch.Tensor:
+        return self.logits[0]
 
 
 def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | None = None,
@@ -98,13 +107,20 @@ def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | Non
     from radtrt.data.labeler import extract_labels
 
     diff = (got.first_logits.float() - ref.first_logits.float()).abs()
+    divergence = first_divergence(got.token_ids, ref.token_ids)
+    # step k's input is the prompt and tokens[:k]: equal on both sides for every k up to the divergence
+    same_input = divergence + 1 if divergence is not None else len(ref.token_ids) + 1
+    steps = min(same_input, got.logits.shape[0], ref.logits.shape[0])
+    decode = (got.logits[1:steps].float() - ref.logits[1:steps].float()).abs()
     return StudyParity(
         study=study, tokens_equal=got.token_ids == ref.token_ids,
-        first_divergence=first_divergence(got.token_ids, ref.token_ids), new_tokens=len(got.token_ids),
+        first_divergence=divergence, new_tokens=len(got.token_ids),
         reference_new_tokens=len(ref.token_ids), rouge_l=rouge_l(got.report, ref.report),
         first_logits_max_abs_diff=float(diff.max()),
         reference_first_logits_max_abs=float(ref.first_logits.float().abs().max()),
         first_argmax_equal=bool(torch.equal(got.first_logits.argmax(-1), ref.first_logits.argmax(-1))),
+        decode_steps_compared=max(steps - 1, 0),
+        decode_logits_max_abs_diff=float(decode.max()) if decode.numel() else None,
         vision_cosine=cosine(got.image_embeds, ref.image_embeds),
         vision_max_abs_diff=float((got.image_embeds.float() - ref.image_embeds.float()).abs().max()),
         report=got.report, reference_report=ref.report, labels=extract_labels(got.report),
@@ -112,16 +128,16 @@ def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | Non
 
 
 def run_one(pipeline: Pipeline, pixels: torch.Tensor, *, indication: str | None, max_new_tokens: int) -> Outcome:
-    """The pipeline's compute stages on given pixels, keeping the first step's logits."""
+    """The pipeline's compute stages on given pixels, keeping every step's logits."""
     backend = pipeline.backend
     image_embeds = backend.encode_images(pixels[None])[0]
     embeds = backend.embed_prompt(pipeline.prompt_ids(indication), image_embeds)
     gen = backend.generate([embeds], max_new_tokens=max_new_tokens, eos_token_id=pipeline.tokenizer.eos_token_id,
-                           keep_first_logits=True)
-    if gen.first_logits is None:
-        fail(f"backend {backend.name} returned no first-step logits")
+                           keep_logits=True)
+    if gen.logits is None:
+        fail(f"backend {backend.name} returned no logits")
     ids = gen.token_ids[0]
-    return Outcome(image_embeds.detach().cpu(), ids, gen.first_logits[0].cpu(),
+    return Outcome(image_embeds.detach().cpu(), ids, gen.logits[0].cpu(),
                    postprocess(pipeline.tokenizer.decode(ids)))
 
 
@@ -147,6 +163,9 @@ class ParityReport:
                 "rouge_l_min": min(s.rouge_l for s in self.studies),
                 "first_logits_max_abs_diff": max(s.first_logits_max_abs_diff for s in self.studies),
                 "first_argmax_agreement": sum(s.first_argmax_equal for s in self.studies) / n,
+                "decode_steps_compared": sum(s.decode_steps_compared for s in self.studies),
+                "decode_logits_max_abs_diff": max((s.decode_logits_max_abs_diff for s in self.studies
+                                                   if s.decode_logits_max_abs_diff is not None), default=None),
                 "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n,
                 "vision_max_abs_diff": max(s.vision_max_abs_diff for s in self.studies)} | self.label_summary()
 

@@ -61,9 +61,9 @@ def measure(bundle: Path, model: LlavaRad, tokenizer: LlamaSPTokenizer, samples:
         ref_img = model.encode_images(sample.pixels[None].to(model.dtype))[0]
         got_img = backend.encode_images(sample.pixels[None])[0]
         ref = greedy_generate(model.language_model, [model.embed_multimodal(sample.prompt_ids, ref_img)],
-                              eos_token_id=eos, max_new_tokens=max_new_tokens, keep_first_logits=True)
+                              eos_token_id=eos, max_new_tokens=max_new_tokens, keep_logits=True)
         got = backend.generate([backend.embed_prompt(sample.prompt_ids, got_img)], eos_token_id=eos,
-                               max_new_tokens=max_new_tokens, keep_first_logits=True)
+                               max_new_tokens=max_new_tokens, keep_logits=True)
         assert ref.first_logits is not None and got.first_logits is not None
         r_logits, g_logits = ref.first_logits[0].float(), got.first_logits[0].float()
         diff = float((g_logits - r_logits).abs().max())

@@ -32,8 +32,8 @@ def check_bundle_against_torch(bundle: Path, model: LlavaRad, steps: int = 4) ->
     ref_img = model.encode_images(pixels.to(dtype))
     got_img = ort_backend.encode_images(pixels)
     embeds = [torch.cat([ref_img[0], model.language_model.embed(torch.arange(1, 9))])]
-    ref = greedy_generate(model.language_model, embeds, eos_token_id=-1, max_new_tokens=steps, keep_first_logits=True)
-    got = ort_backend.generate(embeds, eos_token_id=-1, max_new_tokens=steps, keep_first_logits=True)
+    ref = greedy_generate(model.language_model, embeds, eos_token_id=-1, max_new_tokens=steps, keep_logits=True)
+    got = ort_backend.generate(embeds, eos_token_id=-1, max_new_tokens=steps, keep_logits=True)
     assert ref.first_logits is not None and got.first_logits is not None
     return {"provider": "CPUExecutionProvider", "reference": f"torch {str(dtype).removeprefix('torch.')} on the CPU",
             "vision": _errors(got_img, ref_img),

@@ -23,7 +23,13 @@ class Generation:
     token_ids: list[list[int]]
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
-    first_logits: torch.Tensor | None = field(default=None, repr=False)
+    # ``[B, steps, V]`` fp32, every step's logits (with ``keep_logits``): step 0 is the prompt's; a row that
+    # finished keeps stepping with the others, so rows compare only up to their own end.
+    logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def first_logits(self) -> torch.Tensor | None:
+        return None if self.logits is None else self.logits[:, 0]
 
     @property
     def n_decode_steps(self) -> int:
@@ -51,7 +57,7 @@ def clock(device: torch.device) -> float:
 
 @torch.no_grad()
 def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_token_id: int,
-                    max_new_tokens: int = MAX_NEW_TOKENS, keep_first_logits: bool = False) -> Generation:
+                    max_new_tokens: int = MAX_NEW_TOKENS, keep_logits: bool = False) -> Generation:
     if max_new_tokens < 1:
         return Generation([[] for _ in embeds])
     x, valid = left_pad(embeds)
@@ -64,7 +70,7 @@ def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_tok
     t0 = clock(x.device)
     cache.slots = torch.arange(length, device=x.device)
     logits = lm(x, positions, causal_mask(key_valid, cache.slots), cache, last_only=True)[:, -1]
-    first_logits = logits.float().clone() if keep_first_logits else None
+    kept = [logits.float().cpu()] if keep_logits else None
     next_pos = positions[:, -1] + 1
     t1 = clock(x.device)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -81,6 +87,9 @@ def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_tok
         key_valid[:, slot] = True
         cache.slots = torch.tensor([slot], device=x.device)
         logits = lm(lm.embed(token[:, None]), next_pos[:, None], causal_mask(key_valid, cache.slots), cache)[:, -1]
+        if kept is not None:
+            kept.append(logits.float().cpu())
         next_pos = next_pos + 1
     t2 = clock(x.device)
-    return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
+    return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3,
+                      logits=None if kept is None else torch.stack(kept, dim=1))

@@ -28,7 +28,7 @@ class Backend(Protocol):
         """Spliced ``[L, H]`` embeddings, or a backend-specific prompt (TensorRT-LLM's prompt table)."""
 
     def generate(self, embeds: list[Any], *, max_new_tokens: int, eos_token_id: int,
-                 keep_first_logits: bool = False) -> Generation: ...
+                 keep_logits: bool = False) -> Generation: ...
 
 
 class TorchBackend:
@@ -52,9 +52,9 @@ class TorchBackend:
         return self.model.embed_multimodal(input_ids, image_embeds)
 
     def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
-                 keep_first_logits: bool = False) -> Generation:
+                 keep_logits: bool = False) -> Generation:
         return greedy_generate(self.model.language_model, embeds, eos_token_id=eos_token_id,
-                               max_new_tokens=max_new_tokens, keep_first_logits=keep_first_logits)
+                               max_new_tokens=max_new_tokens, keep_logits=keep_logits)
 
 
 def resolve_device(device: str) -> str:

@@ -151,13 +151,13 @@ class OrtBackend:
         return [v.numpy() for v in binding.get_outputs()]
 
     def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
-                 keep_first_logits: bool = False) -> Generation:
+                 keep_logits: bool = False) -> Generation:
         import onnxruntime as ort
 
         if max_new_tokens < 1:
             return Generation([[] for _ in embeds])
         if self.fused:
-            return self._generate_fused(embeds, max_new_tokens, eos_token_id, keep_first_logits)
+            return self._generate_fused(embeds, max_new_tokens, eos_token_id, keep_logits)
         batch, length = len(embeds), max(e.shape[0] for e in embeds)
         hidden = embeds[0].shape[-1]
         x = np.zeros((batch, length, hidden), dtype=self.dtype)
@@ -181,7 +181,7 @@ class OrtBackend:
             buf[:, :, :length] = new
         past_mask[:, :length] = valid
         logits = outputs[0]
-        first_logits = torch.from_numpy(logits.astype(np.float32)) if keep_first_logits else None
+        kept: list[np.ndarray] | None = [] if keep_logits else None
         next_pos = positions[:, -1:] + 1
         t1 = time.perf_counter()
         ones = np.ones((batch, 1), dtype=bool)
@@ -194,9 +194,9 @@ class OrtBackend:
             past_mask[:, slot] = True
             return outputs[0]
 
-        out = _greedy(logits, advance, max_new_tokens, eos_token_id)
+        out = _greedy(logits, advance, max_new_tokens, eos_token_id, kept)
         t2 = time.perf_counter()
-        return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
+        return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, logits=_stacked(kept))
 
     def attention_note(self) -> str | None:
         """Where a fused attention cannot run on the chosen provider: ONNX Runtime's CUDA kernel takes
@@ -217,27 +217,32 @@ class OrtBackend:
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype))
 
     def _generate_fused(self, embeds: list[torch.Tensor], max_new_tokens: int, eos_token_id: int,
-                        keep_first_logits: bool) -> Generation:
+                        keep_logits: bool) -> Generation:
         """Batches of equal prompt length (GQA has no left padding), each from cache slot 0."""
         groups: dict[int, list[int]] = {}
         for i, e in enumerate(embeds):
             groups.setdefault(e.shape[0], []).append(i)
         tokens: list[list[int]] = [[] for _ in embeds]
-        first: list[torch.Tensor | None] = [None] * len(embeds)
+        rows: list[torch.Tensor | None] = [None] * len(embeds)  # [steps, V] each
         prefill_ms = decode_ms = 0.0
         for members in groups.values():
             gen = self._generate_fused_batch(np.stack([embeds[i].detach().cpu().numpy() for i in members]),
-                                             max_new_tokens, eos_token_id, keep_first_logits)
+                                             max_new_tokens, eos_token_id, keep_logits)
             prefill_ms, decode_ms = prefill_ms + gen.prefill_ms, decode_ms + gen.decode_ms
             for row, i in enumerate(members):
                 tokens[i] = gen.token_ids[row]
-                if gen.first_logits is not None:
-                    first[i] = gen.first_logits[row:row + 1]
-        first_logits = torch.cat(first) if keep_first_logits else None  # type: ignore[arg-type]
-        return Generation(tokens, prefill_ms=prefill_ms, decode_ms=decode_ms, first_logits=first_logits)
+                if gen.logits is not None:
+                    rows[i] = gen.logits[row]
+        logits = None
+        if keep_logits:  # groups may have stepped different numbers of times: NaN past a group's last step
+            steps = max(r.shape[0] for r in rows if r is not None)
+            logits = torch.full((len(embeds), steps, rows[0].shape[-1]), float("nan"))  # type: ignore[union-attr]
+            for i, r in enumerate(rows):
+                logits[i, :r.shape[0]] = r  # type: ignore[union-attr]
+        return Generation(tokens, prefill_ms=prefill_ms, decode_ms=decode_ms, logits=logits)
 
     def _generate_fused_batch(self, x: np.ndarray, max_new_tokens: int, eos_token_id: int,
-                              keep_first_logits: bool) -> Generation:
+                              keep_logits: bool) -> Generation:
         inputs, outputs = gqa_io_names(self.num_layers)
         batch, length = x.shape[:2]
         if length + max_new_tokens > self.max_positions:
@@ -261,22 +266,25 @@ class OrtBackend:
 
         t0 = time.perf_counter()
         logits = step(x, length)
-        first_logits = torch.from_numpy(logits.astype(np.float32)) if keep_first_logits else None
+        kept: list[np.ndarray] | None = [] if keep_logits else None
         t1 = time.perf_counter()
         out = _greedy(logits, lambda token, i: step(self.table[token][:, None], length + i + 1), max_new_tokens,
-                      eos_token_id)
+                      eos_token_id, kept)
         t2 = time.perf_counter()
-        return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, first_logits=first_logits)
+        return Generation(out, prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, logits=_stacked(kept))
 
 
 def _greedy(logits: np.ndarray, advance: Callable[[np.ndarray, int], np.ndarray], max_new_tokens: int,
-            eos_token_id: int) -> list[list[int]]:
+            eos_token_id: int, kept: list[np.ndarray] | None = None) -> list[list[int]]:
     """Greedy tokens from the prefill's logits; ``advance(token, step)`` runs one decode step. A finished
-    row keeps stepping with the others (its tokens are dropped) until every row is done."""
+    row keeps stepping with the others (its tokens are dropped) until every row is done. ``kept``: receives
+    a copy of every step's logits (the binding's output buffer is reused by the next step)."""
     batch = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)
     for step in range(max_new_tokens):
+        if kept is not None:
+            kept.append(np.array(logits, dtype=np.float32))
         token = logits.argmax(-1)
         for row in range(batch):
             if not done[row] and token[row] != eos_token_id:
@@ -286,6 +294,11 @@ def _greedy(logits: np.ndarray, advance: Callable[[np.ndarray, int], np.ndarray]
             break
         logits = advance(token, step)
     return out
+
+
+def _stacked(kept: list[np.ndarray] | None) -> torch.Tensor | None:
+    """``_greedy``'s kept steps as ``Generation.logits`` (``[B, steps, V]``)."""
+    return None if kept is None else torch.from_numpy(np.stack(kept, axis=1))
 
 
 def bundle_exists(bundle: Path | None) -> bool:

@@ -206,7 +206,7 @@ class TensorRTBackend:
                                 image_embeds.to(self.table_dtype))
 
     def generate(self, embeds: list[PromptTableInput], *, max_new_tokens: int, eos_token_id: int,
-                 keep_first_logits: bool = False) -> Generation:
+                 keep_logits: bool = False) -> Generation:
         if max_new_tokens < 1:
             return Generation([[] for _ in embeds])
         ids, table, tasks = batch_prompt_tables(embeds)
@@ -215,13 +215,13 @@ class TensorRTBackend:
                     num_beams=1, top_k=1, temperature=1.0, output_sequence_lengths=True, return_dict=True)
         lengths = [len(x) for x in ids]
         t0 = time.perf_counter()
-        if keep_first_logits:  # needs an engine built with --gather_generation_logits
+        if keep_logits:  # needs an engine built with --gather_generation_logits
             out = self.runner.generate(**args, output_generation_logits=True)
             _sync()
             total = (time.perf_counter() - t0) * 1e3
             tokens = generated_tokens(out["output_ids"], out["sequence_lengths"], lengths, eos_token_id)
-            first = out["generation_logits"][:, 0, 0, :].float().cpu()
-            return Generation(tokens, prefill_ms=0.0, decode_ms=total, first_logits=first)
+            logits = out["generation_logits"][:, 0].float().cpu()  # [B, beams, steps, V]: beam 0
+            return Generation(tokens, prefill_ms=0.0, decode_ms=total, logits=logits)
         first_ms, last = None, None
         for step in self.runner.generate(**args, streaming=True):  # first yield: prompt + first token
             if first_ms is None:
