@@ -53,12 +53,19 @@ def test_decode_logits_are_compared_only_where_both_sides_had_the_same_tokens() 
     ref = _outcome([1, 0, 0], steps, e, "x")
     same = compare("a", _outcome([1, 0, 0], [[0.0, 1.0], [1.5, 0.0], [2.0, 0.25], [3.0, 0.0]], e, "x"), ref)
     assert same.decode_steps_compared == 3 and same.decode_logits_max_abs_diff == pytest.approx(0.5)
+    assert same.decode_logits_mean_max_abs_diff == pytest.approx((0.5 + 0.25 + 0.0) / 3)
     # diverging at token 1: step 1 (same inputs, different choice) is compared; step 2 fed different tokens
     diverged = compare("b", _outcome([1, 1], [[0.0, 1.0], [0.0, 1.25], [9.0, 9.0]], e, "y"), ref)
     assert diverged.first_divergence == 1 and diverged.decode_steps_compared == 1
     assert diverged.decode_logits_max_abs_diff == pytest.approx(1.25)
     first_only = compare("c", _outcome([1, 0, 0], [0.0, 1.0], e, "x"), ref)  # only the prompt step kept
     assert first_only.decode_steps_compared == 0 and first_only.decode_logits_max_abs_diff is None
+    report = ParityReport(command="c", model="m", backend="onnxruntime", reference="torch", precision="int8 vs fp32",
+                          max_new_tokens=3, machine=MACHINE, studies=[same, diverged, first_only])
+    s = report.summary()
+    assert s["decode_steps_compared"] == 4 and s["decode_logits_max_abs_diff"] == pytest.approx(1.25)
+    assert s["decode_logits_mean_max_abs_diff"] == pytest.approx((0.75 + 1.25) / 4)
+    assert "| 1.25 / 0.5 (4) |" in parity_markdown(report)
 
 
 def test_compare_identical_and_divergent() -> None:

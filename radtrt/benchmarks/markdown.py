@@ -166,8 +166,9 @@ def parity_markdown(report: ParityReport) -> str:
               f"| ROUGE-L F1 of the reports, mean / min | {s['rouge_l_mean']:.4f} / {s['rouge_l_min']:.4f} |",
               f"| max \\|logit difference\\| on the first step | {s['first_logits_max_abs_diff']:.3g} |",
               f"| first-step argmax agreement | {_pct(s['first_argmax_agreement'])} |",
-              f"| max \\|logit difference\\| on the decode steps both sides ran on the same tokens (those "
-              f"steps, all studies) | {_maybe(s['decode_logits_max_abs_diff'])} ({s['decode_steps_compared']}) |",
+              f"| max \\|logit difference\\| on the decode steps both sides ran on the same tokens: largest / "
+              f"mean of each step's (steps, all studies) | {_maybe(s['decode_logits_max_abs_diff'])} / "
+              f"{_maybe(s['decode_logits_mean_max_abs_diff'])} ({s['decode_steps_compared']}) |",
               f"| image-embedding cosine, min / mean | {s['vision_cosine_min']:.8f} / {s['vision_cosine_mean']:.8f} "
               f"(1 - min = {1 - s['vision_cosine_min']:.2g}) |",
               f"| image-embedding max \\|difference\\| | {s['vision_max_abs_diff']:.3g} |",

@@ -74,10 +74,11 @@ class StudyParity:
     reference_first_logits_max_abs: float
     first_argmax_equal: bool
     # Steps after the first whose inputs were the same on both sides (up to and including the step where the
-    # tokens diverge), and the largest |logit difference| over them: what a quantized KV cache changes, which
-    # the first step (the prompt's) does not see. None when no such step ran.
+    # tokens diverge), the largest |logit difference| over them and the mean over them of each step's largest:
+    # what a quantized KV cache changes, which the first step (the prompt's) does not see. None: no such step.
     decode_steps_compared: int
     decode_logits_max_abs_diff: float | None
+    decode_logits_mean_max_abs_diff: float | None
     vision_cosine: float
     vision_max_abs_diff: float
     report: str
@@ -111,7 +112,7 @@ def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | Non
     # step k's input is the prompt and tokens[:k]: equal on both sides for every k up to the divergence
     same_input = divergence + 1 if divergence is not None else len(ref.token_ids) + 1
     steps = min(same_input, got.logits.shape[0], ref.logits.shape[0])
-    decode = (got.logits[1:steps].float() - ref.logits[1:steps].float()).abs()
+    decode = (got.logits[1:steps].float() - ref.logits[1:steps].float()).abs().amax(-1)  # per step
     return StudyParity(
         study=study, tokens_equal=got.token_ids == ref.token_ids,
         first_divergence=divergence, new_tokens=len(got.token_ids),
@@ -121,6 +122,7 @@ def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | Non
         first_argmax_equal=bool(torch.equal(got.first_logits.argmax(-1), ref.first_logits.argmax(-1))),
         decode_steps_compared=max(steps - 1, 0),
         decode_logits_max_abs_diff=float(decode.max()) if decode.numel() else None,
+        decode_logits_mean_max_abs_diff=float(decode.mean()) if decode.numel() else None,
         vision_cosine=cosine(got.image_embeds, ref.image_embeds),
         vision_max_abs_diff=float((got.image_embeds.float() - ref.image_embeds.float()).abs().max()),
         report=got.report, reference_report=ref.report, labels=extract_labels(got.report),
@@ -163,7 +165,10 @@ class ParityReport:
                 "rouge_l_min": min(s.rouge_l for s in self.studies),
                 "first_logits_max_abs_diff": max(s.first_logits_max_abs_diff for s in self.studies),
                 "first_argmax_agreement": sum(s.first_argmax_equal for s in self.studies) / n,
-                "decode_steps_compared": sum(s.decode_steps_compared for s in self.studies),
+                "decode_steps_compared": (steps := sum(s.decode_steps_compared for s in self.studies)),
+                "decode_logits_mean_max_abs_diff": sum(s.decode_logits_mean_max_abs_diff * s.decode_steps_compared
+                                                       for s in self.studies if s.decode_logits_mean_max_abs_diff
+                                                       is not None) / steps if steps else None,
                 "decode_logits_max_abs_diff": max((s.decode_logits_max_abs_diff for s in self.studies
                                                    if s.decode_logits_max_abs_diff is not None), default=None),
                 "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n,
