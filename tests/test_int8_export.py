@@ -413,6 +413,18 @@ def test_smoothquant_int8_cache_value_scales_follow_the_smoothed_values(smoothed
         assert np.allclose(inits[f"gqa_v_scale.{i}"], expected.numpy(), rtol=1e-6, atol=0)
 
 
+def test_smoothquant_plain_attention_decoder_stays_close_to_fp32(smoothed_graphs, tmp_path: Path) -> None:
+    """``--attention plain``: the smoothed graph goes through ``quantize_dynamic`` (activation products too)."""
+    from radtrt.exporter.int8_decoder import quantize_smoothquant
+
+    lm, stats, _, plain, _ = smoothed_graphs
+    quantize_smoothquant(lm, stats, tmp_path / "decoder.onnx", tmp_path, alpha=0.5, cache=None)
+    assert _ops(tmp_path / "decoder.onnx")["MatMulInteger"] > 4 * lm.cfg.num_hidden_layers  # q/k/v/o/gate/up/down...
+    x = torch.randn(1, 12, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    ref, got = _run_plain(plain, lm, x)["logits"], _run_plain(tmp_path / "decoder.onnx", lm, x)["logits"]
+    assert abs(got - ref).max() <= MAX_SQ_LOGIT_REL * float(ref.max() - ref.min())
+
+
 def test_smoothing_refuses_a_graph_without_the_modules_it_names(smoothed_graphs, tmp_path: Path) -> None:
     import shutil
     from dataclasses import replace
