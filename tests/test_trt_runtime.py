@@ -74,7 +74,8 @@ class FakeRunner:
         lengths = torch.tensor([[len(x) + 3] for x in ids])
         result = {"output_ids": out, "sequence_lengths": lengths}
         if kw.get("output_generation_logits"):
-            result["generation_logits"] = torch.zeros(len(ids), 1, 3, 512)
+            # [B, beams, max_new_tokens, padded vocab] as ModelRunner allocates it; step k filled with k
+            result["generation_logits"] = torch.arange(3.0)[None, None, :, None].expand(len(ids), 1, 3, 576).clone()
             return result
         assert kw["streaming"]
         return iter([result, result])
@@ -96,6 +97,7 @@ def test_generate_drives_the_runner_with_a_prompt_table() -> None:
     assert gen.prefill_ms >= 0 and gen.decode_ms >= 0
     parity = backend.generate([a], max_new_tokens=3, eos_token_id=2, keep_logits=True)
     assert parity.first_logits is not None and parity.first_logits.shape == (1, 512)
+    assert parity.logits.shape == (1, 3, 512) and parity.logits[0, :, 0].tolist() == [0.0, 1.0, 2.0]
     with pytest.raises(RadtrtError, match="expected 2 image tokens"):
         backend.embed_prompt([1, IMAGE_TOKEN_INDEX], torch.ones(3, 8))
 

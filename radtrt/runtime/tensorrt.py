@@ -220,7 +220,8 @@ class TensorRTBackend:
             _sync()
             total = (time.perf_counter() - t0) * 1e3
             tokens = generated_tokens(out["output_ids"], out["sequence_lengths"], lengths, eos_token_id)
-            logits = out["generation_logits"][:, 0].float().cpu()  # [B, beams, steps, V]: beam 0
+            # [B, beams, max_new_tokens, padded vocab] (ModelRunner): beam 0, the real vocabulary
+            logits = out["generation_logits"][:, 0, :, :self.vocab_size].float().cpu()
             return Generation(tokens, prefill_ms=0.0, decode_ms=total, logits=logits)
         first_ms, last = None, None
         for step in self.runner.generate(**args, streaming=True):  # first yield: prompt + first token
