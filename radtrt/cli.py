@@ -152,7 +152,7 @@ def export(
     from radtrt.exporter import targets
     from radtrt.exporter.bundle import export_bundle, read_manifest
     from radtrt.exporter.gqa import DEFAULT_ATTENTION
-    from radtrt.model.loading import load_model
+    from radtrt.model.loading import cast_on_load, load_model
 
     attention = attention or DEFAULT_ATTENTION
     if precision == "int8" and bundle is None and calibration_data is None and calibration_stats is not None:
@@ -190,6 +190,11 @@ def export(
             fail("--model is required to export (or pass --bundle to add engines to an existing bundle)")
         with err.status(f"loading model from {model}"):
             loaded = load_model(model, base_model)
+        cast = cast_on_load(model)
+        if cast is not None and cast[1] >= 1e9 and "onnx" in plan.steps and bundle is None:  # small ones don't matter
+            log(f"note: {model} stores {cast[0]} weights: the export casts them to float32 in memory "
+                f"({cast[1] / 1e9:.1f} GB) instead of reading them memory-mapped; 'radtrt convert --dtype float32' "
+                f"avoids that")
     if bundle is None:
         with make_progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
             manifest = export_bundle(loaded, out, precision=precision, progress=progress, int8=int8_plan,

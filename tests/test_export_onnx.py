@@ -443,3 +443,17 @@ def test_triton_repository_from_a_bundle(bundle_fp16: Path, tmp_path: Path) -> N
     assert result.exit_code == 0, result.stderr
     check_repo(repo)
     assert (repo / "radtrt" / "config.pbtxt").is_file()
+
+
+def test_cast_on_load_tells_a_float16_model_from_a_float32_one(tmp_path: Path) -> None:
+    """An fp16-converted model is cast to an in-memory fp32 copy by the export (the CLI says so when large);
+    an fp32 one is read memory-mapped."""
+    from radtrt.model.loading import LoadedModel, cast_on_load
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+
+    loaded = LoadedModel(random_model(seed=0), train_tiny_tokenizer(), "tiny")
+    params = sum(p.numel() for p in loaded.model.state_dict().values())
+    half = save_toolkit(loaded, tmp_path / "half", dtype=torch.float16)
+    full = save_toolkit(loaded, tmp_path / "full", dtype=torch.float32)
+    assert cast_on_load(half) == ("float16", 4 * params)
+    assert cast_on_load(full) is None and cast_on_load(half, torch.float16) is None

@@ -101,6 +101,26 @@ def _load_toolkit(model_dir: Path, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(model, tokenizer, meta.get("name", model_dir.name), meta.get("source", {}))
 
 
+def cast_on_load(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[str, int] | None:
+    """(stored dtype, bytes the cast copy takes) when loading a toolkit model as ``dtype`` casts its weights,
+    else None. Why: weights already in ``dtype`` stay memory-mapped from the file; cast ones are a full
+    in-memory copy (27 GB at 7B in fp32), which decides whether an export fits the machine."""
+    from safetensors import safe_open
+
+    if layout_of(model_dir) != "toolkit" or not (model_dir / WEIGHTS_FILE).is_file():
+        return None
+    with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
+        keys = list(f.keys())
+        stored = {f.get_slice(k).get_dtype() for k in keys}
+        numel = sum(int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in keys)
+    target = str(dtype).removeprefix("torch.")
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    stored_names = {names.get(s, s) for s in stored}
+    if stored_names == {target}:
+        return None
+    return "/".join(sorted(stored_names)), numel * torch.finfo(dtype).bits // 8
+
+
 def _check_vocab(tokenizer: LlamaSPTokenizer, cfg: DecoderConfig, where: Path) -> None:
     if tokenizer.vocab_size > cfg.vocab_size:
         fail(f"tokenizer in {where} has {tokenizer.vocab_size} tokens, the decoder only {cfg.vocab_size}")
