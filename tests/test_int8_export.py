@@ -425,6 +425,22 @@ def test_smoothquant_plain_attention_decoder_stays_close_to_fp32(smoothed_graphs
     assert abs(got - ref).max() <= MAX_SQ_LOGIT_REL * float(ref.max() - ref.min())
 
 
+def test_smoothing_reports_progress_per_weight_matrix(smoothed_graphs, tmp_path: Path) -> None:
+    import shutil
+
+    from test_streamed_quant import _Recorder
+
+    from radtrt.exporter.int8_decoder import smooth_graph_file
+
+    lm, _, smoothing, plain, _ = smoothed_graphs
+    shutil.copytree(plain.parent, tmp_path / "g")
+    recorder = _Recorder()
+    smooth_graph_file(tmp_path / "g" / "decoder.onnx", smoothing, recorder)
+    n = 7 * lm.cfg.num_hidden_layers  # q, k, v, o, gate, up, down
+    assert recorder.tasks == {0: (f"SmoothQuant: {n} weight matrices", n)}
+    assert recorder.completed[0] == list(range(1, n + 1))
+
+
 def test_smoothing_refuses_a_graph_without_the_modules_it_names(smoothed_graphs, tmp_path: Path) -> None:
     import shutil
     from dataclasses import replace

@@ -148,31 +148,33 @@ def _o_proj_factors(attn: Any, act_absmax: torch.Tensor, alpha: float, n_kv: int
     return s_kv, s_kv.view(n_kv, 1, head_dim).expand(n_kv, group, head_dim).reshape(-1)
 
 
-def smooth_graph_file(path: Path, smoothing: Smoothing) -> None:
+def smooth_graph_file(path: Path, smoothing: Smoothing, progress: Any = None) -> None:
     """Apply ``smoothing`` to an exported (plain-attention) fp32 decoder graph in place, one weight at a time
     (``external.rewrite_graph_file``): linear weights found by their nodes' module scopes, norm weights by
     their parameter names. Refuses a graph missing any module or norm the factors name."""
     from radtrt.exporter.external import rewrite_graph_file
     from radtrt.exporter.onnx import DECODER_ROOT, module_of
+    from radtrt.progress import progress_callback
 
     def edit(model: onnx.ModelProto, store: Any) -> None:
         graph = model.graph
         inits = {t.name: t for t in graph.initializer}
-        smoothed: dict[str, onnx.TensorProto] = {}  # written to the new data file as made: one weight in memory
-        found = set()
-        for node in graph.node:
-            module = module_of(node, DECODER_ROOT) if node.op_type == "MatMul" else ""
-            if module not in smoothing.inputs and module not in smoothing.outputs:
-                continue
-            weight = node.input[1]
-            if weight not in inits or weight in smoothed:
-                fail(f"{module}: its MatMul has no weight of its own in the decoder graph (has the exporter changed?)")
-            smoothed[weight] = store.add(smoothing.weight(module, store.read(inits[weight])), weight)
-            found.add(module)
-        missing = sorted((set(smoothing.inputs) | set(smoothing.outputs)) - found)
+        targets = [(n, module_of(n, DECODER_ROOT)) for n in graph.node if n.op_type == "MatMul"]
+        targets = [(n, m) for n, m in targets if m in smoothing.inputs or m in smoothing.outputs]
+        weights = [n.input[1] for n, _ in targets]
+        missing = sorted((set(smoothing.inputs) | set(smoothing.outputs)) - {m for _, m in targets})
         missing += [f"{DECODER_ROOT}.{n}" for n in smoothing.norms if f"{DECODER_ROOT}.{n}" not in inits]
-        if missing:
+        if missing:  # checked before any weight is read: at 7B the rewrite is tens of GB
             fail(f"cannot smooth the decoder graph: no {missing[0]} in it (has the exporter changed its names?)")
+        if any(w not in inits for w in weights) or len(set(weights)) != len(weights):
+            fail("the decoder graph's linear layers do not each have a constant weight of their own "
+                 "(has the exporter changed?)")
+        smoothed: dict[str, onnx.TensorProto] = {}  # written to the new data file as made: one weight in memory
+        tick = progress_callback(progress, f"SmoothQuant: {len(targets)} weight matrices", len(targets))
+        for done, (node, module) in enumerate(targets, 1):
+            smoothed[node.input[1]] = store.add(smoothing.weight(module, store.read(inits[node.input[1]])), node.input[1])
+            if tick:
+                tick(done)
         for name, s in smoothing.norms.items():
             key = f"{DECODER_ROOT}.{name}"
             smoothed[key] = store.add(np.asarray(store.read(inits[key]), dtype=np.float32) / s.numpy(), key)
@@ -197,7 +199,7 @@ def quantize_smoothquant(lm: LlamaForCausalLM, stats: ActivationStats, out: Path
     smoothing = smoothing_factors(lm, stats, alpha)
     fp32 = work / "decoder-smoothed-fp32.onnx"
     export_decoder(lm, fp32)  # the plain graph: every linear node still carries its module's name scope
-    smooth_graph_file(fp32, smoothing)
+    smooth_graph_file(fp32, smoothing, progress)
     if cache is not None:  # then the fused attention, over the smoothed weights
         # smoothing o_proj divided v_proj's rows by its factors: the cached values are divided too
         scales = kv_scales(stats, lm.cfg, smoothing.value_divisors(lm.cfg.num_hidden_layers)) if cache == "int8" else None
