@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from radtrt.calibration.file import CalibrationFile, load_activation_stats
-from radtrt.calibration.run import calibrate, calibrate_phantoms, reuse
+from radtrt.calibration.run import calibrate, calibrate_phantoms, heldout_samples, reuse
 from radtrt.calibration.samples import sample_list_hash
 from radtrt.calibration.stats import answer_ids
 from radtrt.cli import app
@@ -131,6 +131,9 @@ def test_reuse_needs_only_the_file_and_the_same_model(loaded: LoadedModel, phant
     other = LoadedModel(random_model(loaded.model.cfg, seed=9), loaded.tokenizer, "other")
     with pytest.raises(RadtrtError, match="other weights"):
         reuse(other, path)
+    # the export's parity gate then draws its held-out samples from phantoms, and says why
+    samples, where = heldout_samples(loaded, reused, 1)
+    assert len(samples) == 1 and "phantoms" in where and f"{data}/manifest.jsonl is not here" in where
 
 
 def test_too_few_samples_and_missing_data_are_refused(loaded: LoadedModel, phantoms: Path, tmp_path: Path) -> None:
