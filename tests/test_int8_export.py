@@ -303,6 +303,10 @@ def test_export_prints_the_parity_gate(bundle: Path) -> None:
     assert parity["studies"] == 2 and "held-out samples" in parity["source"]
     assert parity["vision_cosine_min"] >= MIN_COSINE and 0.0 <= parity["exact_match_rate"] <= 1.0
     assert {"label_f1_int8", "label_f1_fp32", "rouge_l_mean", "warnings"} <= set(parity)
+    assert parity["decode_steps_compared"] > 0 and parity["decode_logits_mean_max_abs_diff"] >= 0.0
+    # numbers and labels only: no report text of the held-out data goes into the bundle's manifest
+    per_study = parity["per_study"][0]
+    assert "tokens_equal" in per_study and not {"report", "reference_report", "true_findings"} & set(per_study)
 
 
 def test_int8_bundle_is_smaller_than_fp32(bundle: Path, model_dir: Path) -> None:

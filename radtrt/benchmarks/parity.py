@@ -4,7 +4,8 @@ Per study, both backends see the same preprocessed pixels; each then runs its ow
 splice and greedy decode, exactly as ``radtrt infer`` would. Compared:
 
 * image embeddings: cosine of the flattened tensors (float64) and max |difference|;
-* first decode step: max |logit difference| and whether the argmax agrees;
+* first decode step: max |logit difference| and whether the argmax agrees; later steps run on the same
+  tokens by both sides: the largest |logit difference| and the mean of each step's largest;
 * generated tokens: identical or not, and the first position where they differ;
 * report text: ROUGE-L F1 (backend vs reference), with LLaVA-Rad's evaluator settings;
 * finding labels (phantom labeler): agreement, and micro-F1 against the manifest's true labels.
@@ -12,7 +13,8 @@ splice and greedy decode, exactly as ``radtrt infer`` would. Compared:
 CheXprompt (an LLM judge) is not run here: ``write_paired_predictions`` writes both sides' reports for
 ``radtrt eval --paired``, which talks to the judge.
 
-The per-study comparisons (``compare``) are pure functions so they are tested without any model.
+The per-study comparisons (``compare``) are pure functions so they are tested without any model. The
+export's INT8 parity gate (``radtrt.calibration.parity``) measures with the same ``outcome``/``compare``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from radtrt.benchmarks.machine import MachineInfo
 from radtrt.calibration.samples import Entry
 from radtrt.errors import fail
+from radtrt.model.tokenizer import LlamaSPTokenizer
+from radtrt.runtime.backends import Backend
 from radtrt.runtime.pipeline import Pipeline, postprocess
 
 
@@ -72,6 +76,7 @@ class StudyParity:
     rouge_l: float
     first_logits_max_abs_diff: float
     reference_first_logits_max_abs: float
+    reference_first_logits_range: float  # max - min: what the INT8 gate states the difference against
     first_argmax_equal: bool
     # Steps after the first whose inputs were the same on both sides (up to and including the step where the
     # tokens diverge), the largest |logit difference| over them and the mean over them of each step's largest:
@@ -119,6 +124,7 @@ def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | Non
         reference_new_tokens=len(ref.token_ids), rouge_l=rouge_l(got.report, ref.report),
         first_logits_max_abs_diff=float(diff.max()),
         reference_first_logits_max_abs=float(ref.first_logits.float().abs().max()),
+        reference_first_logits_range=float(ref.first_logits.float().max() - ref.first_logits.float().min()),
         first_argmax_equal=bool(torch.equal(got.first_logits.argmax(-1), ref.first_logits.argmax(-1))),
         decode_steps_compared=max(steps - 1, 0),
         decode_logits_max_abs_diff=float(decode.max()) if decode.numel() else None,
@@ -129,18 +135,22 @@ def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | Non
         reference_labels=extract_labels(ref.report), true_labels=true_labels, true_findings=true_findings)
 
 
-def run_one(pipeline: Pipeline, pixels: torch.Tensor, *, indication: str | None, max_new_tokens: int) -> Outcome:
-    """The pipeline's compute stages on given pixels, keeping every step's logits."""
-    backend = pipeline.backend
+def outcome(backend: Backend, tokenizer: LlamaSPTokenizer, pixels: torch.Tensor, prompt_ids: list[int], *,
+            max_new_tokens: int) -> Outcome:
+    """A backend's compute stages on given pixels and prompt, keeping every step's logits."""
     image_embeds = backend.encode_images(pixels[None])[0]
-    embeds = backend.embed_prompt(pipeline.prompt_ids(indication), image_embeds)
-    gen = backend.generate([embeds], max_new_tokens=max_new_tokens, eos_token_id=pipeline.tokenizer.eos_token_id,
+    embeds = backend.embed_prompt(prompt_ids, image_embeds)
+    gen = backend.generate([embeds], max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                            keep_logits=True)
     if gen.logits is None:
         fail(f"backend {backend.name} returned no logits")
     ids = gen.token_ids[0]
-    return Outcome(image_embeds.detach().cpu(), ids, gen.logits[0].cpu(),
-                   postprocess(pipeline.tokenizer.decode(ids)))
+    return Outcome(image_embeds.detach().cpu(), ids, gen.logits[0].cpu(), postprocess(tokenizer.decode(ids)))
+
+
+def run_one(pipeline: Pipeline, pixels: torch.Tensor, *, indication: str | None, max_new_tokens: int) -> Outcome:
+    return outcome(pipeline.backend, pipeline.tokenizer, pixels, pipeline.prompt_ids(indication),
+                   max_new_tokens=max_new_tokens)
 
 
 @dataclass
