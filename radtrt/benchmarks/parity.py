@@ -153,6 +153,24 @@ def run_one(pipeline: Pipeline, pixels: torch.Tensor, *, indication: str | None,
                    max_new_tokens=max_new_tokens)
 
 
+def totals(studies: Sequence[StudyParity]) -> dict[str, Any]:
+    """The rates and extremes over studies that this bench and the export's INT8 gate both report."""
+    n = len(studies)
+    cos = [s.vision_cosine for s in studies]
+    decode = [s for s in studies if s.decode_logits_max_abs_diff is not None]
+    steps = sum(s.decode_steps_compared for s in decode)
+    return {"studies": n,
+            "exact_match_rate": sum(s.tokens_equal for s in studies) / n,
+            "rouge_l_mean": sum(s.rouge_l for s in studies) / n,
+            "first_logits_max_abs_diff": max(s.first_logits_max_abs_diff for s in studies),
+            "first_argmax_agreement": sum(s.first_argmax_equal for s in studies) / n,
+            "decode_steps_compared": steps,
+            "decode_logits_max_abs_diff": max((s.decode_logits_max_abs_diff for s in decode), default=None),
+            "decode_logits_mean_max_abs_diff": (sum(s.decode_logits_mean_max_abs_diff * s.decode_steps_compared
+                                                    for s in decode) / steps) if steps else None,
+            "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n}
+
+
 @dataclass
 class ParityReport:
     command: str
@@ -166,23 +184,10 @@ class ParityReport:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def summary(self) -> dict[str, Any]:
-        n = len(self.studies)
-        cos = [s.vision_cosine for s in self.studies]
-        return {"studies": n,
-                "exact_match_rate": sum(s.tokens_equal for s in self.studies) / n,
-                "first_divergences": [s.first_divergence for s in self.studies],
-                "rouge_l_mean": sum(s.rouge_l for s in self.studies) / n,
-                "rouge_l_min": min(s.rouge_l for s in self.studies),
-                "first_logits_max_abs_diff": max(s.first_logits_max_abs_diff for s in self.studies),
-                "first_argmax_agreement": sum(s.first_argmax_equal for s in self.studies) / n,
-                "decode_steps_compared": (steps := sum(s.decode_steps_compared for s in self.studies)),
-                "decode_logits_mean_max_abs_diff": sum(s.decode_logits_mean_max_abs_diff * s.decode_steps_compared
-                                                       for s in self.studies if s.decode_logits_mean_max_abs_diff
-                                                       is not None) / steps if steps else None,
-                "decode_logits_max_abs_diff": max((s.decode_logits_max_abs_diff for s in self.studies
-                                                   if s.decode_logits_max_abs_diff is not None), default=None),
-                "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n,
-                "vision_max_abs_diff": max(s.vision_max_abs_diff for s in self.studies)} | self.label_summary()
+        return totals(self.studies) | {
+            "first_divergences": [s.first_divergence for s in self.studies],
+            "rouge_l_min": min(s.rouge_l for s in self.studies),
+            "vision_max_abs_diff": max(s.vision_max_abs_diff for s in self.studies)} | self.label_summary()
 
     def label_summary(self) -> dict[str, float]:
         """Finding-label agreement (micro-F1 of the backend's labels against the reference's) and, where

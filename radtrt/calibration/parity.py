@@ -61,25 +61,13 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
               ) -> dict[str, Any]:
     """Rates over the studies, the label F1s, and the list of thresholds missed (``warnings``). The
     per-study part keeps numbers and labels only: no report text goes into the bundle's manifest."""
+    from radtrt.benchmarks.parity import totals
     from radtrt.data.labeler import label_f1
 
-    n = len(results)
-    cos = [r.vision_cosine for r in results]
-    decode = [r for r in results if r.decode_logits_max_abs_diff is not None]
-    steps = sum(r.decode_steps_compared for r in decode)
-    summary: dict[str, Any] = {
-        "studies": n, "source": source, "max_new_tokens": max_new_tokens,
-        "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n,
-        "first_logits_max_abs_diff": max(r.first_logits_max_abs_diff for r in results),
+    summary: dict[str, Any] = totals(results) | {
+        "source": source, "max_new_tokens": max_new_tokens,
         "first_logits_max_rel_diff": max(r.first_logits_max_abs_diff / (r.reference_first_logits_range or 1.0)
                                          for r in results),
-        "first_argmax_agreement": sum(r.first_argmax_equal for r in results) / n,
-        "decode_steps_compared": steps,
-        "decode_logits_max_abs_diff": max((r.decode_logits_max_abs_diff for r in decode), default=None),  # type: ignore[type-var]
-        "decode_logits_mean_max_abs_diff": (sum(r.decode_logits_mean_max_abs_diff * r.decode_steps_compared  # type: ignore[operator]
-                                                for r in decode) / steps) if steps else None,
-        "exact_match_rate": sum(r.tokens_equal for r in results) / n,
-        "rouge_l_mean": sum(r.rouge_l for r in results) / n,
         "label_f1_vs_fp32": label_f1([r.labels for r in results], [r.reference_labels for r in results]).micro_f1,
     }
     truth = [r.true_labels for r in results]
