@@ -212,6 +212,35 @@ def test_convert_cli(tiny_release: TinyRelease, tmp_path: Path) -> None:
     _assert_refused(code, err, "not empty")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_convert_loads_in_the_stored_dtype_with_identical_bytes(tiny_release: TinyRelease, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """convert loads straight into the dtype it stores (a float32 copy of Vicuna-7B is 27 GB), and the file
+    it writes is what loading in float32 and casting at the save gives, bit for bit (float16 base, as released)."""
+    from safetensors.torch import load_file
+
+    import radtrt.model.loading as loading
+    from radtrt.model.release import write_base_lm
+
+    base16 = write_base_lm(tmp_path / "base16", tiny_release.cfg,
+                           {k: v.half() for k, v in tiny_release.model.language_model.state_dict().items()},
+                           tiny_release.tokenizer)
+    seen: list[torch.dtype] = []
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda *a, **kw: seen.append(kw.get("dtype")) or real(*a, **kw))
+    out = tmp_path / "converted"
+    code, _, err = _invoke("convert", "--model", tiny_release.release_dir, "--base-model", base16, "-o", out,
+                           "--dtype", dtype)
+    assert code == 0, err
+    assert seen == [getattr(torch, dtype)]
+    reference = save_toolkit(real(tiny_release.release_dir, base16, dtype=torch.float32), tmp_path / "via-fp32",
+                             dtype=getattr(torch, dtype))
+    got, want = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+
+
 def test_usage_error_exits_2() -> None:
     code, _, _ = _invoke("infer")
     assert code == 2

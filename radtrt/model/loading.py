@@ -24,6 +24,7 @@ from radtrt.model.config import DecoderConfig, LlavaRadConfig, VisionConfig
 from radtrt.model.decoder import Rotary
 from radtrt.model.io import hf_weight_files, load_tensors, read_json, save_tensors
 from radtrt.model.llava_rad import LlavaRad
+from radtrt.model.memory import available_bytes
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import make_dir
 
@@ -58,6 +59,7 @@ def layout_of(model_dir: Path) -> str:
 def load_model(model_dir: Path, base_model: Path | None = None, *, dtype: torch.dtype = torch.float32,
                device: str = "cpu") -> LoadedModel:
     """Load either layout; the release layout needs the base Vicuna directory."""
+    _check_memory(model_dir, dtype)
     if layout_of(model_dir) == "toolkit":
         loaded = _load_toolkit(model_dir, dtype)
     else:
@@ -119,6 +121,35 @@ def cast_on_load(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[s
     if stored_names == {target}:
         return None
     return "/".join(sorted(stored_names)), numel * torch.finfo(dtype).bits // 8
+
+
+def anonymous_load_bytes(model_dir: Path, dtype: torch.dtype) -> tuple[int, str] | None:
+    """A lower bound on the weight bytes loading ``model_dir`` as ``dtype`` holds outside the files' memory
+    maps, and why; None when the weights can stay mapped. Why a lower bound: refusing on it is never wrong."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    if layout_of(model_dir) == "toolkit":
+        cast = cast_on_load(model_dir, dtype)
+        return None if cast is None else (cast[1], f"its {cast[0]} weights are cast to {dtype_name}")
+    adapter_file = model_dir / "adapter_config.json"
+    targets = read_json(adapter_file).get("target_modules") if adapter_file.is_file() else None
+    if not isinstance(targets, list):  # no adapter, or a regex: nothing certain to count
+        return None
+    cfg, _ = release_config(model_dir)
+    with torch.device("meta"):
+        layers = LlavaRad(cfg).language_model.model.layers
+    numel = sum(module.weight.numel() for name, module in layers.named_modules()
+                if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    return numel * torch.finfo(dtype).bits // 8, f"the LoRA adapter is merged into {dtype_name} copies of its weights"
+
+
+def _check_memory(model_dir: Path, dtype: torch.dtype) -> None:
+    need = anonymous_load_bytes(model_dir, dtype)
+    if need is None:
+        return
+    have = available_bytes()
+    if need[0] > have:
+        fail(f"loading {model_dir} needs at least {need[0] / 1e9:.1f} GB of memory ({need[1]}); this host has "
+             f"{have / 1e9:.1f} GB available: free memory or use a larger host")
 
 
 def _check_vocab(tokenizer: LlamaSPTokenizer, cfg: DecoderConfig, where: Path) -> None:
