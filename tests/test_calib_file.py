@@ -137,7 +137,7 @@ def test_reuse_needs_only_the_file_and_the_same_model(loaded: LoadedModel, phant
 
 
 def test_too_few_samples_and_missing_data_are_refused(loaded: LoadedModel, phantoms: Path, tmp_path: Path) -> None:
-    with pytest.raises(RadtrtError, match="4 samples; 5 are needed"):
+    with pytest.raises(RadtrtError, match=r"4 samples; 5 are needed \(export --calibration-n, calibrate --n"):
         calibrate(loaded, phantoms, 5)
     with pytest.raises(RadtrtError, match="calibration data not found"):
         calibrate(loaded, tmp_path / "nowhere", 2)
