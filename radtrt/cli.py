@@ -188,6 +188,9 @@ def export(
     needs_model = "onnx" in plan.steps and bundle is None or "trtllm" in plan.steps
     loaded = None
     if needs_model:
+        if model is None and bundle is not None:
+            fail(f"--target {plan.target} needs --model as well: the TensorRT-LLM checkpoint is written from the "
+                 f"model's weights, and {bundle} holds ONNX graphs")
         if model is None:
             fail("--model is required to export (or pass --bundle to add engines to an existing bundle)")
         with err.status(f"loading model from {model}"):

@@ -7,7 +7,7 @@ cannot be written) must end as one ``RadtrtError`` line, and must do so *before*
 
 from __future__ import annotations
 
-import os
+import tempfile
 from pathlib import Path
 
 from radtrt.errors import fail
@@ -16,15 +16,20 @@ from radtrt.errors import fail
 def check_creatable(path: Path, what: str) -> None:
     """Fail unless ``path`` could be created: its nearest existing ancestor must be a writable folder.
 
-    Checked without creating anything, so a later failure leaves no empty folders behind.
+    Probed by creating (and at once removing) a temporary file there, not with ``os.access``: root passes
+    every ``access`` check, and folders such as /proc or /sys refuse new files whatever their mode bits say.
+    No folder is created, so a later failure leaves none behind.
     """
     ancestor = path.absolute() if path.is_dir() else path.absolute().parent  # an existing folder: itself
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         fail(f"cannot write {what} {path}: {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        fail(f"cannot write {what} {path}: {ancestor} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        fail(f"cannot write {what} {path}: {ancestor} is not writable ({e.strerror})")
 
 
 def check_folder_target(path: Path, what: str) -> None:
@@ -53,6 +58,18 @@ def check_new_file(path: Path, what: str = "output file") -> None:
     if path.exists():
         fail(f"{what} {path} already exists; choose another -o")
     check_creatable(path, what)
+
+
+def write_text(path: Path, text: str, what: str) -> None:
+    """Write ``text`` whole or not at all (through ``NAME.partial``); a full disk or a vanished folder is a
+    user error, and never leaves half a file under the final name."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {what} {path}: {e.strerror}")
 
 
 def make_dir(path: Path, what: str = "output directory") -> Path:

@@ -187,3 +187,24 @@ def test_unusable_report_path_is_refused_before_any_work(work: Path, tmp_path: P
                                "--synthetic", 1, "-o", out)
         assert code == 2 and match in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()  # refused before the random model was built
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder nobody can write in")
+@pytest.mark.parametrize("kind", ["latency", "parity"])
+def test_report_path_in_a_folder_that_refuses_files_is_refused_first(tmp_path: Path, kind: str) -> None:
+    """/proc passes os.access for root, yet no file can be made there: the check must try."""
+    code, _, err = _invoke("bench", kind, "--random-model", "tiny", "--work-dir", tmp_path / "never",
+                           "--synthetic", 1, "-o", "/proc/radtrt-report.md")
+    assert code == 2 and "cannot write report /proc/radtrt-report.md" in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_predictions_out_must_be_a_new_folder(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "reference.jsonl").write_text("{}\n")
+    for target, match in ((tmp_path / "afile", "is not a folder"), (tmp_path / "full", "is not empty")):
+        code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", tmp_path / "never",
+                               "--synthetic", 1, "--predictions-out", target)
+        assert code == 2 and match in err and "Traceback" not in err, err
+    assert not (tmp_path / "never").exists() and (tmp_path / "full" / "reference.jsonl").read_text() == "{}\n"

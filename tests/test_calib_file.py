@@ -158,3 +158,56 @@ def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: 
         CalibrationFile.load(tmp_path / "s.safetensors")
     meta = json.loads(json.dumps(CalibrationFile.load(out).meta))
     assert meta["samples"][0]["file"].startswith("png/") and len(meta["samples"][0]["sha256"]) == 64
+
+
+def _edited(calib, tmp_path: Path, name: str, meta_edit=None, tensor_edit=None) -> Path:
+    """A copy of the calibration file with its metadata or tensors damaged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = calib.file.save(tmp_path / "source.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if meta_edit is not None:
+        metadata["meta"] = json.dumps(meta_edit(json.loads(metadata["meta"])))
+    if tensor_edit is not None:
+        tensor_edit(tensors)
+    out = tmp_path / f"{name}.safetensors"
+    save_file(tensors, out, metadata=metadata)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["list", "empty", "model null", "model empty", "no source", "samples null",
+                                    "samples of ints", "hash null"])
+def test_damaged_metadata_is_one_clear_error(calib, tmp_path: Path, damage: str) -> None:
+    edits = {"list": lambda m: [], "empty": lambda m: {}, "model null": lambda m: {**m, "model": None},
+             "model empty": lambda m: {**m, "model": {}}, "no source": lambda m: {k: v for k, v in m.items() if k != "source"},
+             "samples null": lambda m: {**m, "samples": None}, "samples of ints": lambda m: {**m, "samples": [1, 2]},
+             "hash null": lambda m: {**m, "sample_list_sha256": None}}
+    with pytest.raises(RadtrtError, match="damaged file"):
+        CalibrationFile.load(_edited(calib, tmp_path, damage, meta_edit=edits[damage]))
+
+
+def test_damaged_statistics_are_refused(calib, loaded: LoadedModel, tmp_path: Path) -> None:
+    key = "decoder.input:model.layers.0.self_attn.q_proj"
+    for value in (float("nan"), float("inf"), -1.0):
+        path = _edited(calib, tmp_path, "bad", tensor_edit=lambda t: t[key].fill_(value))
+        with pytest.raises(RadtrtError, match="NaN, infinite or negative"):
+            CalibrationFile.load(path)
+    # shapes and module names are checked against the model the file is used with
+    path = _edited(calib, tmp_path, "shape", tensor_edit=lambda t: t.update({"vision.input:vision_tower.patch_embed.proj": torch.ones(7)}))
+    with pytest.raises(RadtrtError, match="have shape \\(7,\\), the module has 3 channels"):
+        CalibrationFile.load(path).check_model(loaded.model)
+    path = _edited(calib, tmp_path, "extra", tensor_edit=lambda t: t.update({"decoder.output:model.layers.9.mlp": torch.ones(4)}))
+    with pytest.raises(RadtrtError, match="'model.layers.9.mlp', which this model does not have"):
+        CalibrationFile.load(path).check_model(loaded.model)
+    CalibrationFile.load(calib.file.save(tmp_path / "intact.safetensors")).check_model(loaded.model)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder nobody can write in")
+def test_calibration_file_in_a_folder_that_refuses_files_is_refused_first(tiny_release: TinyRelease) -> None:
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_release.release_dir), "--base-model",
+                                 str(tiny_release.base_dir), "--data", "phantom", "--n", "1",
+                                 "-o", "/proc/radtrt-calibration.safetensors"])
+    assert result.exit_code == 2 and "cannot write calibration file" in result.stderr, result.stderr
+    assert "loading model" not in result.stderr  # refused before the model was loaded

@@ -15,7 +15,9 @@ from radtrt.cli import app
 from radtrt.errors import RadtrtError
 from radtrt.exporter.bundle import BUNDLE_FORMAT_VERSION, read_manifest, sha256_file
 from radtrt.imaging.synthetic import radiograph_dataset, synthetic_chest
-from radtrt.model.loading import load_model, save_toolkit
+from radtrt.model.config import preset
+from radtrt.model.loading import LoadedModel, load_model, save_toolkit
+from radtrt.model.tiny import random_model
 
 from conftest import TinyRelease
 
@@ -299,6 +301,18 @@ def test_corrupt_bundle_file_is_refused(bundle: Path, studies: list[Path], tmp_p
     _refused(["infer", str(studies[0]), "--bundle", str(copy)], "does not match its manifest hash")
 
 
+def test_corrupt_embedding_table_with_a_matching_hash_is_refused(bundle: Path, studies: list[Path],
+                                                                   tmp_path: Path) -> None:
+    """A table that cannot be read is one line even when the manifest was edited to match it."""
+    copy = _copy(bundle, tmp_path)
+    table = copy / "embed_tokens.safetensors"
+    table.write_bytes(table.read_bytes()[:2000])
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["embed_tokens.safetensors"].update(sha256=sha256_file(table), bytes=table.stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)], "embed_tokens.safetensors is truncated or corrupt")
+
+
 def test_bundle_from_another_version_is_refused(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
     copy = _copy(bundle, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -430,6 +444,22 @@ def test_trtllm_checkpoint_added_to_a_bundle_without_a_gpu(bundle_fp16: Path, mo
     assert config["quantization"]["quant_algo"] == "W8A16" and (ckpt / "rank0.safetensors").is_file()
     assert "build the engine on the target host" in result.stderr
     read_manifest(copy)  # the bundle's own files are untouched
+    assert json.loads((copy / "manifest.json").read_text())["model"]["weights_fingerprint_fp16"]
+
+    # the checkpoint must come from the model the bundle's graphs were exported from
+    other = save_toolkit(LoadedModel(random_model(preset("tiny"), seed=1), load_model(model_dir).tokenizer, "other"),
+                         tmp_path / "other", dtype=torch.float32)
+    _refused(["export", "--model", str(other), "--bundle", str(copy), "--target", "trtllm"], "other weights")
+    _refused(["export", "--bundle", str(copy), "--target", "trtllm"], "needs --model as well")
+
+
+def test_fp16_bundle_and_trtllm_checkpoint_in_one_export(model_dir: Path, tmp_path: Path) -> None:
+    """The fp16 export casts the loaded model in place; its own TensorRT-LLM step must still recognise it."""
+    out = tmp_path / "b16"
+    result = runner.invoke(app, ["export", "--model", str(model_dir), "--precision", "fp16", "--target", "trtllm",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert (out / "trtllm" / "checkpoint-fp16" / "rank0.safetensors").is_file()
 
 
 def test_triton_repository_from_a_bundle(bundle_fp16: Path, tmp_path: Path) -> None:

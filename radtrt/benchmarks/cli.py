@@ -48,11 +48,11 @@ def _check_report_path(out: Path | None) -> None:
 
 def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) -> None:
     if out is not None:
-        from radtrt.outputs import make_dir
+        from radtrt.outputs import make_dir, write_text
 
         make_dir(out.parent, "report folder")
-        out.write_text(markdown)
-        out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+        write_text(out, markdown, "report")
+        write_text(out.with_suffix(".json"), json.dumps(data, indent=2) + "\n", "report")
         err.print(f"wrote {out} and {out.with_suffix('.json')}")
     typer.echo(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 
@@ -170,6 +170,10 @@ def parity(
     if studies is None and synthetic is None:
         synthetic = 2
     _check_report_path(out)
+    if predictions_out is not None:
+        from radtrt.outputs import check_new_dir
+
+        check_new_dir(predictions_out, "--predictions-out folder")
     command = reproduce_command("parity", [
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
         ("--work-dir", work_dir if random_model or studies is None else None),

@@ -30,6 +30,7 @@ from radtrt.benchmarks.machine import MachineInfo
 from radtrt.calibration.samples import Entry
 from radtrt.errors import fail
 from radtrt.model.tokenizer import LlamaSPTokenizer
+from radtrt.outputs import make_dir, write_text
 from radtrt.runtime.backends import Backend
 from radtrt.runtime.pipeline import Pipeline, postprocess
 
@@ -243,13 +244,12 @@ def write_paired_predictions(report: ParityReport, folder: Path) -> tuple[Path, 
     names = [s.study for s in report.studies]
     if len(set(names)) != len(names):
         fail("--predictions-out needs distinct study file names")
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder, "--predictions-out folder")
     paths = []
     for name, field_name in (("reference.jsonl", "reference_report"), ("candidate.jsonl", "report")):
-        path, tmp = folder / name, folder / (name + ".partial")
-        tmp.write_text("".join(json.dumps({"study": s.study, "reference": s.true_findings,
-                                           "prediction": getattr(s, field_name)}) + "\n" for s in report.studies),
-                       encoding="utf-8")
-        tmp.replace(path)
+        path = folder / name
+        write_text(path, "".join(json.dumps({"study": s.study, "reference": s.true_findings,
+                                             "prediction": getattr(s, field_name)}) + "\n" for s in report.studies),
+                   "predictions file")
         paths.append(path)
     return paths[0], paths[1]

@@ -15,7 +15,6 @@ decoder's. The sample list and its hashes record what the statistics were measur
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,35 +24,16 @@ from typing import Any
 import torch
 
 from radtrt.calibration.samples import SampleRef, sample_list_hash
-from radtrt.calibration.stats import AbsMax
+from radtrt.calibration.stats import AbsMax, channels, observed_modules
 from radtrt.errors import fail
 from radtrt.exporter.quant import ActivationStats
+from radtrt.model.fingerprint import config_sha256, weights_fingerprint
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.outputs import make_dir
 
 CALIBRATION_FORMAT = "radtrt-calibration"
 CALIBRATION_FORMAT_VERSION = 1
 STATS_FORMAT = "radtrt-activation-stats"  # ActivationStats.save's format
-
-
-def config_sha256(model: LlavaRad) -> str:
-    return hashlib.sha256(model.cfg.to_json().encode()).hexdigest()
-
-
-@torch.no_grad()
-def weights_fingerprint(model: LlavaRad, per_tensor: int = 4096) -> str:
-    """sha256 over every parameter's name, shape and up to ``per_tensor`` strided values (as fp32).
-
-    Hashing all weights of a 7B model would take minutes; a strided sample of every tensor still
-    tells a different fine-tune or checkpoint apart, which is what a stale calibration would be.
-    """
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // per_tensor)
-        h.update(f"{name}:{tuple(p.shape)}".encode())
-        h.update(flat[::step][:per_tensor].float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -103,10 +83,14 @@ class CalibrationFile:
             fail(f"calibration file {path} has format version {meta_raw.get('format_version')}; this radtrt reads "
                  f"version {CALIBRATION_FORMAT_VERSION}: re-run 'radtrt calibrate'")
         try:
-            meta = json.loads(meta_raw["meta"])
+            meta = _checked_meta(json.loads(meta_raw["meta"]), path)
         except (KeyError, json.JSONDecodeError) as e:
             fail(f"calibration file {path} has unreadable metadata ({e})")
         tensors = load_tensors(path)
+        for key, values in tensors.items():
+            if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+                fail(f"calibration file {path}: statistics '{key}' hold NaN, infinite or negative values "
+                     f"(damaged file?): re-run 'radtrt calibrate'")
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
@@ -124,6 +108,37 @@ class CalibrationFile:
         if self.meta["model"]["weights_fingerprint"] != weights_fingerprint(model):
             fail(f"{path} was calibrated on other weights of this architecture: re-run 'radtrt calibrate' "
                  f"with this model")
+        vision, decoder = observed_modules(model)
+        for stats, modules in ((self.vision, vision), (self.decoder, decoder)):
+            for side, table in (("input", stats.inputs), ("output", stats.outputs)):
+                for name, values in table.items():
+                    if name not in modules:
+                        fail(f"{path} holds statistics of '{name}', which this model does not have (damaged file?)")
+                    if tuple(values.shape) != (channels(modules[name], side),):
+                        fail(f"{path}: the {side} statistics of '{name}' have shape {tuple(values.shape)}, the module "
+                             f"has {channels(modules[name], side)} channels (damaged file?): re-run 'radtrt calibrate'")
+
+
+META_TYPES = {"model": dict, "samples": list, "sample_list_sha256": str, "source": dict, "method": dict, "created": str}
+
+
+def _checked_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """The metadata's structure, checked where it is read: a damaged or hand-edited file fails here in one
+    line instead of as a KeyError deep inside an export."""
+    if not isinstance(meta, dict):
+        fail(f"calibration file {path}: its metadata is not a JSON object (damaged file?): re-run 'radtrt calibrate'")
+    for key, kind in META_TYPES.items():
+        if not isinstance(meta.get(key), kind):
+            fail(f"calibration file {path}: metadata '{key}' is missing or not a JSON {kind.__name__} "
+                 f"(damaged file?): re-run 'radtrt calibrate'")
+    for key in ("config_sha256", "weights_fingerprint"):
+        if not isinstance(meta["model"].get(key), str):
+            fail(f"calibration file {path}: metadata 'model.{key}' is missing (damaged file?): re-run 'radtrt calibrate'")
+    for i, sample in enumerate(meta["samples"]):
+        if not (isinstance(sample, dict) and all(isinstance(sample.get(k), str) for k in ("study", "file", "sha256"))):
+            fail(f"calibration file {path}: sample {i} of its metadata lacks study/file/sha256 (damaged file?): "
+                 f"re-run 'radtrt calibrate'")
+    return meta
 
 
 def describe(meta: dict[str, Any]) -> str:
@@ -156,11 +171,15 @@ def read_metadata(path: Path) -> dict[str, str]:
         fail(f"{path} is not a safetensors file ({e})")
 
 
-def load_activation_stats(path: Path) -> ActivationStats:
-    """Decoder statistics from a ``radtrt calibrate`` file or an ``ActivationStats`` file."""
+def load_activation_stats(path: Path, model: LlavaRad | None = None) -> ActivationStats:
+    """Decoder statistics from a ``radtrt calibrate`` file (checked against ``model`` when given) or an
+    ``ActivationStats`` file (which records no model)."""
     fmt = read_metadata(path).get("format")
     if fmt == CALIBRATION_FORMAT:
-        return CalibrationFile.load(path).decoder
+        calibration = CalibrationFile.load(path)
+        if model is not None:
+            calibration.check_model(model, path)
+        return calibration.decoder
     if fmt == STATS_FORMAT:
         return ActivationStats.load(path)
     fail(f"{path} holds neither radtrt calibration data nor activation statistics (format {fmt!r})")

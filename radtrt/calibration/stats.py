@@ -70,6 +70,21 @@ def _linears(root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
     return {prefix + name: m for name, m in root.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
+def observed_modules(model: LlavaRad) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """The modules statistics are collected on, by the names the calibration file stores: (vision tower and
+    projector, decoder)."""
+    vision = {**_linears(model.vision_tower, "vision_tower."), **_linears(model.mm_projector, "mm_projector.")}
+    decoder = {n: m for n, m in _linears(model.language_model).items() if isinstance(m, nn.Linear)}
+    return vision, decoder
+
+
+def channels(module: nn.Module, side: str) -> int:
+    """How many per-channel values a module's ``side`` ('input' / 'output') statistics hold."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels if side == "input" else module.out_channels
+    return module.in_features if side == "input" else module.out_features
+
+
 def answer_ids(tokenizer: LlamaSPTokenizer, indication: str | None, findings: str | None,
                template: str = "v1") -> list[int]:
     """Prompt ids, with ``findings</s>`` as the assistant's answer when given (the training conversation)."""
@@ -92,8 +107,7 @@ def collect_stats(model: LlavaRad, tokenizer: LlamaSPTokenizer, samples: list[Sa
                   description: str = "", on_sample: Callable[[int], None] | None = None) -> CollectedStats:
     """Run every sample through the fp32 model (vision, then the decoder over the multimodal sequence)."""
     model = model.eval()
-    vision_modules = {**_linears(model.vision_tower, "vision_tower."), **_linears(model.mm_projector, "mm_projector.")}
-    decoder_modules = {n: m for n, m in _linears(model.language_model).items() if isinstance(m, nn.Linear)}
+    vision_modules, decoder_modules = observed_modules(model)
     vision, decoder = AbsMax(), AbsMax()
     tokens = with_findings = 0
     for i, sample in enumerate(samples):

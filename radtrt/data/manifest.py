@@ -80,7 +80,7 @@ def parse_row(obj: dict[str, Any], where: str) -> ManifestRow:
     if not isinstance(image, str) or not image:
         fail(f"{where}: 'image' (a study path) is missing or not a string")
     if not isinstance(findings, str) or not findings.strip():
-        fail(f"{where}: 'findings' is missing or empty")
+        fail(f"{where}: 'findings' is missing, empty or not a string")
     labels = obj.get("labels")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
         fail(f"{where}: 'labels' must be a list of label names")

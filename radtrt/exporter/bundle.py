@@ -9,7 +9,6 @@ export never leaves something that looks like a bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -27,6 +26,7 @@ from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.gqa import ATTENTION_KINDS, DEFAULT_ATTENTION, FusedAttention, describe as describe_attention
 from radtrt.exporter.onnx import GRAPH_REVISION, OPSET, export_decoder, export_vision
+from radtrt.model.fingerprint import config_sha256, weights_fingerprint
 from radtrt.model.io import read_json, save_tensors, sha256_file
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.loading import LoadedModel
@@ -89,13 +89,14 @@ def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", pr
         int8.check_ready()
     check_new_dir(out, "bundle directory")
     dtype = PRECISIONS.get(precision, torch.float32)
+    identity = {"config_sha256": config_sha256(loaded.model), BUNDLE_FINGERPRINT: bundle_fingerprint(loaded.model)}
     model = loaded.model.to(dtype).eval()
     work = out.with_name(out.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
     make_dir(work, "bundle work folder")
     try:
-        manifest = _export_into(work, loaded, model, precision, dtype, int8, attention, progress)
+        manifest = _export_into(work, loaded, model, precision, dtype, int8, attention, progress, identity)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # no half-written bundle left behind; the error itself goes on
         raise
@@ -106,7 +107,7 @@ def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", pr
 
 
 def _export_into(work: Path, loaded: LoadedModel, model: LlavaRad, precision: str, dtype: torch.dtype, int8: Any,
-                 attention: str, progress: Any) -> dict[str, Any]:
+                 attention: str, progress: Any, identity: dict[str, str]) -> dict[str, Any]:
     """Every file of the bundle and its checked manifest, in ``work``."""
     from radtrt.exporter.check import check_bundle_against_torch
 
@@ -136,7 +137,7 @@ def _export_into(work: Path, loaded: LoadedModel, model: LlavaRad, precision: st
                 timings.append(ExportStep(name, time.perf_counter() - t0))
         describe("writing the embedding table, tokenizer, config")
         _write_side_files(loaded, work, dtype, int8_table=int8 is not None and int8.embeddings == "int8")
-    manifest = _manifest(loaded, work, precision, timings)
+    manifest = _manifest(loaded, work, precision, timings, identity)
     if int8_result is not None:
         manifest["int8"] = int8_result.int8
         manifest["calibration"] = int8_result.calibration
@@ -167,7 +168,8 @@ def _write_side_files(loaded: LoadedModel, work: Path, dtype: torch.dtype, *, in
     (work / "model_config.json").write_text(loaded.model.cfg.to_json())
 
 
-def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[ExportStep]) -> dict[str, Any]:
+def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[ExportStep],
+              identity: dict[str, str]) -> dict[str, Any]:
     import onnx
 
     cfg = loaded.model.cfg
@@ -186,8 +188,7 @@ def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[Exp
         "format_version": BUNDLE_FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {"name": loaded.name, "source": loaded.source,
-                  "weights_sha256": files.get("embed_tokens.safetensors", {}).get("sha256"),
-                  "config_sha256": hashlib.sha256(cfg.to_json().encode()).hexdigest()},
+                  "weights_sha256": files.get("embed_tokens.safetensors", {}).get("sha256"), **identity},
         "precision": precision,
         "opset": OPSET,
         "graph_revision": GRAPH_REVISION,
@@ -208,6 +209,15 @@ def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[Exp
         "tools": tool_versions(),
         "files": files,
     }
+
+
+BUNDLE_FINGERPRINT = "weights_fingerprint_fp16"
+
+
+def bundle_fingerprint(model: LlavaRad) -> str:
+    """The weights' fingerprint at float16 resolution: the same for the model as loaded and after an fp16
+    export's in-place cast, different for another fine-tune (``check_same_model``)."""
+    return weights_fingerprint(model, dtype=torch.float16)
 
 
 def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
@@ -260,9 +270,13 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
 
 def load_embedding_table(bundle: Path) -> np.ndarray:
     """The token-embedding table as the runtime uses it (an INT8 bundle's INT8 rows dequantized to fp32)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    tensors = load_file(bundle / "embed_tokens.safetensors")
+    try:
+        tensors = load_file(bundle / "embed_tokens.safetensors")
+    except (SafetensorError, OSError, ValueError) as e:
+        fail(f"{bundle}/embed_tokens.safetensors is truncated or corrupt ({e}): re-export the bundle")
     if "weight" in tensors:
         return tensors["weight"]
     if {"weight_int8", "scale"} <= set(tensors):

@@ -67,6 +67,19 @@ def add_tensorrt(bundle: Path, plan: ExportPlan, log: Callable[[str], None]) -> 
     return path
 
 
+def check_same_model(bundle: Path, model: Any) -> None:
+    """Refuse to put a checkpoint of one model beside the graphs of another (say, two fine-tunes of one
+    architecture): the bundle would run two different models depending on the backend."""
+    from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, bundle_fingerprint, read_manifest
+    from radtrt.model.fingerprint import config_sha256
+
+    recorded = read_manifest(bundle, verify=False)["model"]
+    if recorded.get("config_sha256") not in (None, config_sha256(model)):
+        fail(f"--model has another configuration than the model {bundle} was exported from: pass that model")
+    if recorded.get(BUNDLE_FINGERPRINT) not in (None, bundle_fingerprint(model)):  # bundles before 2026-11-29 lack it
+        fail(f"--model has other weights than the model {bundle} was exported from: pass that model")
+
+
 def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str], None]) -> Path:
     """Write the checkpoint; build the engine only where TensorRT-LLM and a GPU are present."""
     from radtrt.calibration.file import load_activation_stats
@@ -74,11 +87,12 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     from radtrt.exporter.trtllm import (BuildLimits, build_decoder_engine, decoder_mode, mode_tag,
                                         write_trtllm_checkpoint)
 
+    check_same_model(bundle, loaded.model)
     mode = decoder_mode(plan.precision, plan.int8_decoder)
     stats_file = plan.calibration_stats
     if stats_file is None and (bundle / CALIBRATION_FILE).is_file():
         stats_file = bundle / CALIBRATION_FILE  # an INT8 bundle carries the calibration it was made with
-    stats = load_activation_stats(stats_file) if stats_file else None
+    stats = load_activation_stats(stats_file, loaded.model) if stats_file else None
     gpu = detect_gpu()
     checkpoint = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, plan.int8_kv)}"
     write_trtllm_checkpoint(loaded, checkpoint, mode, smoothquant_stats=stats, int8_kv=plan.int8_kv)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from radtrt.errors import fail
@@ -41,12 +41,26 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file or a weights-only pickle, on the CPU."""
+def _check_exists(path: Path) -> None:
     if not path.is_file():
         fail(f"missing weight file: {path}")
     if path.stat().st_size == 0:
         fail(f"weight file is empty: {path}")
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (safetensors dtype, shape) of every tensor, read from the header alone (no tensor data)."""
+    _check_exists(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        fail(f"weight file is truncated or corrupt: {path} ({e})")
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file or a weights-only pickle, on the CPU."""
+    _check_exists(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(path)
@@ -66,8 +80,12 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write safetensors atomically: a crash never leaves a half-written weight file behind."""
     tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        tmp.replace(path)
+    except (SafetensorError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {path}: {e}")
 
 
 def hf_weight_files(directory: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
 from radtrt.model.config import DecoderConfig, LlavaRadConfig, VisionConfig
 from radtrt.model.decoder import Rotary
-from radtrt.model.io import hf_weight_files, load_tensors, read_json, save_tensors
+from radtrt.model.io import hf_weight_files, load_tensors, read_json, safetensors_header, save_tensors
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.memory import available_bytes
 from radtrt.model.tokenizer import LlamaSPTokenizer
@@ -107,14 +107,11 @@ def cast_on_load(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[s
     """(stored dtype, bytes the cast copy takes) when loading a toolkit model as ``dtype`` casts its weights,
     else None. Why: weights already in ``dtype`` stay memory-mapped from the file; cast ones are a full
     in-memory copy (27 GB at 7B in fp32), which decides whether an export fits the machine."""
-    from safetensors import safe_open
-
     if layout_of(model_dir) != "toolkit" or not (model_dir / WEIGHTS_FILE).is_file():
         return None
-    with safe_open(str(model_dir / WEIGHTS_FILE), framework="pt") as f:
-        keys = list(f.keys())
-        stored = {f.get_slice(k).get_dtype() for k in keys}
-        numel = sum(int(torch.Size(f.get_slice(k).get_shape()).numel()) for k in keys)
+    header = safetensors_header(model_dir / WEIGHTS_FILE)
+    stored = {stored_dtype for stored_dtype, _ in header.values()}
+    numel = sum(int(torch.Size(shape).numel()) for _, shape in header.values())
     target = str(dtype).removeprefix("torch.")
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
     stored_names = {names.get(s, s) for s in stored}
