@@ -104,15 +104,15 @@ def test_vision_graph_is_qdq_with_per_channel_weights_and_float_norms(bundle: Pa
             consumers.setdefault(i, []).append(n)
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     matmul_weights = [n for n in weight_dq if consumers[n.output[0]][0].op_type == "MatMul"]
-    blocks = 2  # tiny trunk: 3 blocks, hidden state -2 needs 2; qkv, fc1, fc2 quantized in each
-    assert len(matmul_weights) == 3 * blocks
+    blocks = 2  # tiny trunk: 3 blocks, hidden state -2 needs 2; qkv, proj, fc1, fc2 quantized in each
+    assert len(matmul_weights) == 4 * blocks
     float_linears = sorted(module_of(n, VISION_ROOT) for n in model.graph.node if n.op_type == "MatMul"
                            and any(i in inits and inits[i].dtype.name == "float32" for i in n.input))
-    assert float_linears == ["mm_projector.0", "mm_projector.2", "vision_tower.blocks.0.attn.proj",
-                             "vision_tower.blocks.1.attn.proj"]  # KEEP_FLOAT, by measurement
+    assert float_linears == ["mm_projector.0", "mm_projector.2"]  # KEEP_FLOAT, by measurement
     for n in matmul_weights:
         w, scale = inits[n.input[0]], inits[n.input[1]]
         assert str(w.dtype) == "int8" and scale.shape == (w.shape[1],)  # one scale per output channel
+        assert int(abs(w.astype("int32")).max()) == 64  # 7-bit range: no int16 saturation (ORT_REDUCE_RANGE)
         assert [a.i for a in n.attribute if a.name == "axis"] == [1]
         assert not inits[n.input[2]].any()  # symmetric: zero point 0
     for n in model.graph.node:
@@ -154,7 +154,7 @@ def test_vision_scales_come_from_the_calibration_file_and_match_onnx_runtime_cal
 
     mine = _activation_scales(bundle / "vision.onnx")
     calib = CalibrationFile.load(bundle / "calibration.safetensors")
-    assert len(mine) == 1 + 3 * 2  # patch conv, then qkv, fc1, fc2 of the 2 blocks in use
+    assert len(mine) == 1 + 4 * 2  # patch conv, then qkv, proj, fc1, fc2 of the 2 blocks in use
     for module, scale in mine.items():
         assert scale == pytest.approx(float(calib.vision.inputs[module].max()) / 127, rel=1e-6), module
 
@@ -171,7 +171,8 @@ def test_vision_scales_come_from_the_calibration_file_and_match_onnx_runtime_cal
     fp32 = tmp_path / "vision-fp32.onnx"
     export_vision(loaded.model.float().eval(), fp32)
     quantize_static(str(fp32), str(tmp_path / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=VISION_OP_TYPES,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=True,
+                    op_types_to_quantize=VISION_OP_TYPES,
                     nodes_to_exclude=activation_matmuls(fp32) + float_modules(fp32, KEEP_FLOAT),
                     calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
@@ -578,3 +579,32 @@ def test_calibration_stats_file_serves_the_onnx_int8_export(model_dir: Path, bun
 
     mine, given = load_file(out / "calibration.safetensors"), load_file(calib)
     assert mine.keys() == given.keys() and all(torch.equal(mine[k], given[k]) for k in given)
+
+
+def test_seven_bit_weights_are_computed_exactly_by_onnx_runtime() -> None:
+    """Why ORT_REDUCE_RANGE: with weights in [-64, 64] ONNX Runtime's integer GEMM equals exact integer
+    arithmetic on any x86 CPU (without VNNI, 8-bit weights saturate int16 pair sums and do not)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n = 768, 256
+    w = rng.integers(-64, 65, (k, n)).astype(np.int8)
+    w[:2] = 64  # the worst case for a pair: two 64s against two activations of 127
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    x[:, :2] = 3.0
+    xs, ws = np.float32(np.abs(x).max() / 127), np.full(n, 0.01, np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(ws, "ws"),
+             numpy_helper.from_array(np.zeros(n, np.int8), "wz"), numpy_helper.from_array(np.array(xs), "xs"),
+             numpy_helper.from_array(np.array(0, np.int8), "xz")]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    exact = (np.clip(np.round(x / xs), -128, 127).astype(np.int64) @ w.astype(np.int64)) * xs * ws
+    assert np.abs(y - exact).max() <= 1e-5 * np.abs(exact).max()

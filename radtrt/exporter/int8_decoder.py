@@ -40,16 +40,13 @@ import torch
 from radtrt.errors import fail
 from radtrt.exporter.int8_vision import quiet_quantizer
 from radtrt.exporter.onnx import export_decoder
-from radtrt.exporter.quant import ActivationStats, smoothing_scales
+from radtrt.exporter.quant import ORT_REDUCE_RANGE, ActivationStats, smoothing_scales
 from radtrt.model.decoder import LlamaForCausalLM
 
 DECODER_METHODS = ("weight-only", "smoothquant")
 NBITS_BLOCK = 128
 NBITS_ACCURACY_LEVEL = 4  # int8 compute: the only fast MatMulNBits path on this CPU
-# 7-bit weights for the dynamic W8A8 path: without AVX-512 VNNI/AVX-VNNI, ONNX Runtime's u8 x s8 kernels
-# (VPMADDUBSW) saturate pairs of products in int16; on the tiny model this cut the first-step logit
-# error from 7.7% to 0.8% of the logit range (measured), for a 1-bit coarser weight grid.
-REDUCE_RANGE = True
+REDUCE_RANGE = ORT_REDUCE_RANGE  # 7-bit weights for the dynamic W8A8 path (why: radtrt.exporter.quant)
 
 
 def lm_head_node(model: onnx.ModelProto, output: str = "logits") -> str:

@@ -4,7 +4,8 @@ ONNX Runtime's ``quantize_static`` in QDQ format (NVIDIA ModelOpt's ONNX PTQ wou
 ``onnxruntime-gpu`` 1.24 and ``onnx`` 1.21, replacing this environment's ONNX Runtime, so it is not
 used). Choices, each measured (``radtrt calibrate``/``export`` report, and the INT8 notes):
 
-* weights: INT8, symmetric, per output channel; activations: INT8, symmetric (zero point 0), one
+* weights: INT8, symmetric, per output channel, in the 7-bit range (``ORT_REDUCE_RANGE``: ONNX Runtime's
+  integer kernels saturate on x86 without VNNI otherwise); activations: INT8, symmetric (zero point 0), one
   static scale per tensor: the input absolute maximum of each linear layer over the calibration
   images, which ``radtrt calibrate`` records with forward hooks on the PyTorch model
   (``radtrt.calibration.stats``), passed to ``quantize_static`` as its calibration cache. ONNX
@@ -37,14 +38,16 @@ import torch
 
 from radtrt.errors import fail
 from radtrt.exporter.onnx import VISION_ROOT, module_of
+from radtrt.exporter.quant import ORT_REDUCE_RANGE
 
 VISION_OP_TYPES = ["MatMul", "Conv", "Gemm"]
-# Linear layers left float, by module name: the attention output projections (their input, the
-# attention output, has outliers a per-tensor scale serves badly) and the projector (its output is
-# the decoder's input). Measured (README, "Vision >= 2.5x"): on the default model's 100 held-out
-# phantoms 90% identical reports, against 85% with the attention projections INT8 and 78% (below the
-# 80% target) with everything INT8; real-size vision 1.35x fp32, against 1.40x and 1.53x.
-KEEP_FLOAT = ("vision_tower.blocks.*.attn.proj", "mm_projector.*")
+# Linear layers left float, by module name: the projector (its output is the decoder's input).
+# Measured on the default model's 100 held-out phantoms (SmoothQuant + INT8 KV bundle, only the vision
+# graph re-quantized; README, "Vision >= 2.5x"), identical reports / 1 - min image cosine, 7-bit weights:
+# projector float 93% / 9.6e-6; attention output projections float too 91% / 9.5e-6; everything INT8
+# 89% / 7.3e-5. With 8-bit weights (saturating on this CPU, see ORT_REDUCE_RANGE) the same three were
+# 85% / 9.7e-5, 90% / 3.0e-5 and 78% / 6.0e-4, which is why the attention projections used to stay float.
+KEEP_FLOAT = ("mm_projector.*",)
 _ORT_LOGGERS = ("onnxruntime.quantization", "root")
 
 
@@ -105,7 +108,7 @@ def activation_ranges(path: Path, input_absmax: Mapping[str, torch.Tensor], excl
 
 
 def quantize_vision(fp32_model: Path, out: Path, input_absmax: Mapping[str, torch.Tensor], *,
-                    keep_float: Sequence[str] = KEEP_FLOAT) -> dict[str, Any]:
+                    keep_float: Sequence[str] = KEEP_FLOAT, reduce_range: bool = ORT_REDUCE_RANGE) -> dict[str, Any]:
     """Write the Q/DQ INT8 vision graph (external weights next to it); returns what the manifest records.
 
     ``input_absmax``: per-channel input absolute maxima by module name (``CalibrationFile.vision.inputs``)."""
@@ -126,14 +129,15 @@ def quantize_vision(fp32_model: Path, out: Path, input_absmax: Mapping[str, torc
             for name, a in ranges.items()}), cache)
         with quiet_quantizer():
             quantize_static(str(fp32_model), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
                             op_types_to_quantize=VISION_OP_TYPES, nodes_to_exclude=exclude,
                             calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache),
                             use_external_data_format=True, extra_options=extra)
     return {"method": "onnxruntime quantize_static QDQ",
             "calibration": "per-tensor input absmax of each linear layer (the calibration file's vision statistics)",
             "quantized_tensors": len(ranges),
-            "weights": "int8 symmetric per output channel", "activations": "int8 symmetric per tensor (static)",
+            "weights": "int8 symmetric per output channel" + (", 7-bit range (reduce_range)" if reduce_range else ""),
+            "activations": "int8 symmetric per tensor (static)",
             "quantized_ops": "linear layers (MatMul with constant weight, patch Conv)",
             "float_ops": "LayerNorm, Softmax, GELU, attention activation x activation MatMuls",
             "float_linears": list(keep_float),
