@@ -120,3 +120,12 @@ def test_cli_phantoms_refuses_bad_output_and_sizes(tmp_path: Path) -> None:
         result = runner.invoke(app, ["data", "phantoms", "--n", "1", *args])
         assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "big").exists()
+
+
+def test_a_users_readme_is_never_overwritten(tmp_path: Path) -> None:
+    from radtrt.errors import RadtrtError
+
+    (tmp_path / "README.txt").write_text("my notes")
+    with pytest.raises(RadtrtError, match="already holds a README.txt"):
+        write_phantom_set(tmp_path, 1, 0, rows=64, cols=64, formats=("png",))
+    assert (tmp_path / "README.txt").read_text() == "my notes"

@@ -123,6 +123,20 @@ def test_resumes_after_a_failure(server: ScriptedServer, tmp_path: Path) -> None
         synthesize(other, tmp_path / "out.jsonl", client=None, console=None)
 
 
+def test_a_refused_output_file_is_left_as_it_was(tmp_path: Path) -> None:
+    """An existing -o that is not a manifest is refused before anything in it changes (no partial-row trim)."""
+    labels = _labels_file(tmp_path / "labels.jsonl", n=2)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("line one\nline two without its newline")
+    binary = tmp_path / "b.dat"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n" + bytes(range(256)))
+    for path, match in ((notes, "not valid JSON"), (binary, "not UTF-8")):
+        before = path.read_bytes()
+        with pytest.raises(RadtrtError, match=match):
+            synthesize(labels, path, client=None, console=None)
+        assert path.read_bytes() == before
+
+
 def test_gives_up_after_retries(server: ScriptedServer, tmp_path: Path) -> None:
     server.script = [(500, {})] * 4
     sleeps: list[float] = []

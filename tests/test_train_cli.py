@@ -42,6 +42,9 @@ def test_train_commands(chain: Chain, tmp_path: Path) -> None:
     assert code == 0, err
     code, out, err = _invoke("train", "init", "--tokenizer", tmp_path / "tok", "--arch", "tiny", "-o", tmp_path / "init")
     assert code == 0, err
+    before = (tmp_path / "init" / "tokenizer.model").read_bytes()  # a model's tokenizer is never replaced
+    code, _, err = _invoke("train", "tokenizer", chain.manifest, "-o", tmp_path / "init", "--vocab-size", "300")
+    assert code == 2 and "is not empty" in err and (tmp_path / "init" / "tokenizer.model").read_bytes() == before
     code, out, err = _invoke("train", "stage1", chain.manifest, "--model", tmp_path / "init", "-o", tmp_path / "run",
                              "--preset", "tiny", "--max-steps", "2", "--threads", "1", "--name", "cli-test")
     assert code == 0, err

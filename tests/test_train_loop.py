@@ -132,6 +132,28 @@ def test_resume_reproduces_the_uninterrupted_run(chain: Chain, tmp_path: Path) -
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_copied_run_resumes_where_it_is_now(chain: Chain, tmp_path: Path) -> None:
+    """resume writes into the folder it was given, never into the one the run started in (stored in its
+    checkpoint), which may hold another run or be gone."""
+    import shutil
+
+    from radtrt.training.loop import resume_config
+
+    cfg = make_config("stage2", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["stage1"] / "model"),
+                      out_dir=str(tmp_path / "original"), max_steps=4, save_every=100)
+    train(cfg, stop_after=2)
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    before = (tmp_path / "original" / "checkpoint" / "state.pt").read_bytes()
+    assert resume_config(tmp_path / "copy").out_dir == str(tmp_path / "copy")
+    result = train(resume_config(tmp_path / "copy"), resume=True)
+    assert result.model_dir == tmp_path / "copy" / "model"
+    assert not (tmp_path / "original" / "model").exists()
+    assert (tmp_path / "original" / "checkpoint" / "state.pt").read_bytes() == before
+    (tmp_path / "original" / "checkpoint" / "state.pt").write_bytes(b"")  # an empty checkpoint: one line
+    with pytest.raises(RadtrtError, match="corrupt or not radtrt's"):
+        resume_config(tmp_path / "original")
+
+
 def test_batch_larger_than_data_is_refused(chain: Chain, tmp_path: Path) -> None:
     with pytest.raises(RadtrtError, match="fewer than one global batch"):
         run_stage("lm", chain.manifest, chain.init, tmp_path / "big", micro_batch_size=64)

@@ -38,14 +38,18 @@ class ManifestRow:
         return {**d, **self.extra}
 
 
-def text_lines(path: Path, where: Callable[[int], str], expected: str) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each non-blank line of a UTF-8 file.
+def text_lines(path: Path, where: Callable[[int], str], expected: str, *,
+               complete_only: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 file; ``complete_only`` skips a last line
+    without its newline (a writer killed mid-line).
 
     Lines are decoded one by one so that a binary or mis-encoded file (an image or archive passed by
     mistake) is refused with its line number (``where(lineno)``) instead of a decoder traceback.
     """
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, 1):
+            if complete_only and not raw.endswith(b"\n"):
+                return
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -54,11 +58,11 @@ def text_lines(path: Path, where: Callable[[int], str], expected: str) -> Iterat
                 yield lineno, line
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path, *, complete_only: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; anything but a JSON object is refused."""
     if not path.is_file():
         fail(f"manifest not found: {path}")
-    for lineno, line in text_lines(path, lambda n: f"{path}:{n}", "a JSONL manifest"):
+    for lineno, line in text_lines(path, lambda n: f"{path}:{n}", "a JSONL manifest", complete_only=complete_only):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:

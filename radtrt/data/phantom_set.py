@@ -132,6 +132,8 @@ def write_phantom_set(out: Path, n: int, seed: int, *, rows: int = 288, cols: in
     check_folder_target(out, "output folder")
     if (out / "manifest.jsonl").exists():
         fail(f"{out} already holds a phantom set (manifest.jsonl); choose another -o")
+    if (out / "README.txt").exists():  # never overwrite a file of the user's
+        fail(f"{out} already holds a README.txt; choose another -o")
     make_dir(out, "output folder")
     (out / "README.txt").write_text(README)
     rows_out = []

@@ -118,12 +118,12 @@ def _positive_names(labels: LabelSet) -> list[str]:
 def _done_rows(out: Path, inputs: list[dict[str, Any]]) -> int:
     if not out.is_file():
         return 0
-    text = out.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):  # a run killed mid-line: drop the partial row, it is redone
-        out.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
-    done = [obj for _, obj in read_jsonl(out)]
+    done = [obj for _, obj in read_jsonl(out, complete_only=True)]  # checked before anything is changed
     if len(done) > len(inputs) or any(d.get("image") != i.get("image") for d, i in zip(done, inputs)):
         fail(f"{out} holds rows for other images than the label file; choose another -o")
+    raw = out.read_bytes()
+    if raw and not raw.endswith(b"\n"):  # a run killed mid-line: drop the partial row, it is redone
+        out.write_bytes(raw[: raw.rfind(b"\n") + 1])
     return len(done)
 
 

@@ -54,8 +54,9 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         fail(f"no training checkpoint in {run_dir} (expected {CHECKPOINT_DIR}/{STATE_FILE})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        fail(f"training checkpoint {path} is corrupt or not radtrt's ({str(e).splitlines()[0]})")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file raises with no message
+        fail(f"training checkpoint {path} is corrupt or not radtrt's ({reason})")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fail(f"{path} is not a radtrt training checkpoint of format {FORMAT}")
     return state

@@ -77,7 +77,7 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
         return
     check_folder_target(run_dir, "run folder")
     if ckpt.state_path(run_dir).exists():
-        fail(f"{run_dir} already holds a training run; pass --resume to continue it or choose another -o")
+        fail(f"{run_dir} already holds a training run; continue it with 'radtrt train resume {run_dir}' or choose another -o")
     if (run_dir / MODEL_DIR).exists():
         fail(f"{run_dir} already holds a trained model; choose another -o")
 
@@ -104,8 +104,13 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def resume_config(run_dir: Path) -> TrainConfig:
-    """The config a run was started with, from its checkpoint (the source of truth for resume)."""
-    return TrainConfig.from_dict(ckpt.load_checkpoint(run_dir)["config"])
+    """The config a run was started with, from its checkpoint (the source of truth for resume), writing into
+    ``run_dir`` itself: a run that was copied or moved continues where it is now, never in the folder it was
+    started in (which may hold another run, or be gone)."""
+    config = ckpt.load_checkpoint(run_dir).get("config")
+    if not isinstance(config, dict):
+        fail(f"the checkpoint in {run_dir} has no training config (damaged file?)")
+    return TrainConfig.from_dict({**config, "out_dir": str(run_dir)})
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
