@@ -200,3 +200,14 @@ def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00\x89PNG")
     with pytest.raises(RadtrtError, match="binary.jsonl:1: not UTF-8 text"):
         synthesize(binary, tmp_path / "out2.jsonl", client=None)
+
+
+@pytest.mark.parametrize("endpoint,options,match", [
+    ("http://[::1", {}, "not a valid URL"),
+    ("http:///v1", {}, "names no host"),
+    ("http://127.0.0.1:9/v1", {"timeout_s": -1.0}, "--timeout must be positive"),
+    ("http://127.0.0.1:9/v1", {"timeout_s": float("nan")}, "--timeout must be positive"),
+])
+def test_unusable_endpoint_settings_are_refused_before_any_request(endpoint: str, options: dict, match: str) -> None:
+    with pytest.raises(RadtrtError, match=match):
+        ChatClient(endpoint, "m", **options)

@@ -20,6 +20,7 @@ import json
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,11 @@ def completions_url(endpoint: str) -> str:
     endpoint = endpoint.rstrip("/")
     if not endpoint.startswith(("http://", "https://")):
         fail(f"--endpoint must be an http(s) URL, got '{endpoint}'")
+    try:
+        if not urllib.parse.urlsplit(endpoint).hostname:
+            fail(f"--endpoint '{endpoint}' names no host")
+    except ValueError as e:  # e.g. an unclosed IPv6 bracket
+        fail(f"--endpoint '{endpoint}' is not a valid URL ({e})")
     return endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
 
 
@@ -53,8 +59,8 @@ class ChatClient:
 
     def __post_init__(self) -> None:
         self.url = completions_url(self.endpoint)
-        if self.rate_per_s <= 0 or self.max_retries < 0:
-            fail("--rate must be positive and --retries at least 0")
+        if self.rate_per_s <= 0 or self.max_retries < 0 or not self.timeout_s > 0:
+            fail("--rate and --timeout must be positive, --retries at least 0")
 
     def _cache_file(self, payload: dict[str, Any]) -> Path | None:
         if self.cache_dir is None:
