@@ -22,9 +22,11 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from radtrt.exporter.int8_decoder import NBITS_ACCURACY_LEVEL, NBITS_BLOCK, REDUCE_RANGE
+from radtrt.exporter.streamed_quant import quantize_nbits8, quantize_w8a8
 from radtrt.model.config import preset
 
-NBITS_BLOCK = 128
+KINDS = ("fp32", "w8a8", "w8-nbits")
 
 
 def decoder_shapes(name: str) -> list[tuple[int, int]]:
@@ -36,38 +38,24 @@ def decoder_shapes(name: str) -> list[tuple[int, int]]:
     return layer * d.num_hidden_layers + [(d.hidden_size, d.vocab_size)]
 
 
-def _graph(kind: str, shapes: list[tuple[int, int]], rng: np.random.Generator) -> onnx.ModelProto:
+def build_graphs(shapes: list[tuple[int, int]], folder: Path, seed: int = 0) -> dict[str, Path]:
+    """The fp32 products with random weights, and the same graph through radtrt's own INT8 quantizers (the
+    bundles' operators and weights: W8A8 with its 7-bit weights, weight-only ``MatMulNBits``)."""
+    rng = np.random.default_rng(seed)
     nodes, inits, outputs = [], [], []
     for i, (k, n) in enumerate(shapes):
-        w = rng.standard_normal((k, n), dtype=np.float32) * 0.02
-        x, y = f"x{k}", f"y{i}"
-        if kind == "fp32":
-            inits.append(numpy_helper.from_array(w, f"w{i}"))
-            nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
-        elif kind == "w8a8":  # SmoothQuant's graph before ONNX Runtime fuses it into DynamicQuantizeMatMul,
-            scale = np.abs(w).max(0) / 64  # with its 7-bit weights (ORT_REDUCE_RANGE: no int16 saturation)
-            inits += [numpy_helper.from_array(np.round(w / scale).astype(np.int8), f"w{i}"),
-                      numpy_helper.from_array(scale.astype(np.float32), f"s{i}")]
-            nodes += [helper.make_node("DynamicQuantizeLinear", [x], [f"q{i}", f"qs{i}", f"qz{i}"]),
-                      helper.make_node("MatMulInteger", [f"q{i}", f"w{i}", f"qz{i}"], [f"m{i}"]),
-                      helper.make_node("Cast", [f"m{i}"], [f"f{i}"], to=TensorProto.FLOAT),
-                      helper.make_node("Mul", [f"qs{i}", f"s{i}"], [f"ss{i}"]),
-                      helper.make_node("Mul", [f"f{i}", f"ss{i}"], [y])]
-        else:  # weight-only: MatMulNBits, 8 bits, symmetric (zero point 128), int8 compute
-            blocks = -(-k // NBITS_BLOCK)
-            wt = np.zeros((n, blocks * NBITS_BLOCK), np.float32)
-            wt[:, :k] = w.T
-            wt = wt.reshape(n, blocks, NBITS_BLOCK)
-            scale = np.abs(wt).max(-1) / 127 + 1e-12
-            q = (np.clip(np.round(wt / scale[..., None]), -127, 127) + 128).astype(np.uint8)
-            inits += [numpy_helper.from_array(q, f"w{i}"),
-                      numpy_helper.from_array(scale.astype(np.float32).reshape(-1), f"s{i}")]
-            nodes.append(helper.make_node("MatMulNBits", [x, f"w{i}", f"s{i}"], [y], domain="com.microsoft",
-                                          K=k, N=n, bits=8, block_size=NBITS_BLOCK, accuracy_level=4))
-        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
+        inits.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"], name=f"product{i}"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
     inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in sorted({k for k, _ in shapes})]
-    graph = helper.make_graph(nodes, kind, inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(helper.make_graph(nodes, "products", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    paths = {kind: folder / f"{kind}.onnx" for kind in KINDS}
+    onnx.save(model, str(paths["fp32"]), save_as_external_data=True, location="fp32.onnx.data")
+    quantize_w8a8(paths["fp32"], paths["w8a8"], exclude=set(), reduce_range=REDUCE_RANGE)
+    quantize_nbits8(paths["fp32"], paths["w8-nbits"], exclude=set(), block_size=NBITS_BLOCK,
+                    accuracy_level=NBITS_ACCURACY_LEVEL)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,13 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shapes = decoder_shapes(args.preset)
     params = sum(k * n for k, n in shapes)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(1)
     feeds = {f"x{k}": rng.standard_normal((1, k), dtype=np.float32) for k in {k for k, _ in shapes}}
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("fp32", "w8a8", "w8-nbits"):
-            path = Path(tmp) / f"{kind}.onnx"
-            onnx.save(_graph(kind, shapes, rng), str(path), save_as_external_data=True, location=f"{kind}.data")
+        for kind, path in build_graphs(shapes, Path(tmp)).items():
             so = ort.SessionOptions()
             so.intra_op_num_threads = args.threads
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -132,11 +132,11 @@ def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,
     """``k`` samples not used for calibration, and a line saying where they came from."""
     source = calibration.file.meta["source"]
     note = ""
-    if source.get("kind") in ("manifest", "folder") and not Path(source["path"]).exists():
+    data = Path(source["path"]) if source.get("kind") in ("manifest", "folder") else None
+    if data is not None and not data.exists():
         # a reused calibration file needs no images (``reuse``): the gate then runs on phantoms, and says why
-        note = f"; the calibration data {source['path']} is not here"
-    elif source.get("kind") in ("manifest", "folder"):
-        data = Path(source["path"])
+        note = f"; the calibration data {data} is not here"
+    elif data is not None:
         used = int(source.get("skip", 0)) + int(source.get("n", calibration.file.n))
         left = count_samples(data) - used
         if left >= k:
