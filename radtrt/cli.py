@@ -85,7 +85,7 @@ def infer(
 
 @command
 def convert(
-    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir, radtrt model dir or training run dir."),
+    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir, radtrt model dir, or (with --to llava-rad) a training run dir."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 directory."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory."),
     to: str = typer.Option("radtrt", "--to", help="radtrt (merged safetensors) | llava-rad (official release layout)."),

@@ -211,3 +211,20 @@ def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
 def test_unusable_endpoint_settings_are_refused_before_any_request(endpoint: str, options: dict, match: str) -> None:
     with pytest.raises(RadtrtError, match=match):
         ChatClient(endpoint, "m", **options)
+
+
+def test_unusable_cache_folder_is_refused_before_any_request(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RadtrtError, match="answer cache folder .* is not a folder"):
+        ChatClient("http://127.0.0.1:9/v1", "m", cache_dir=tmp_path / "file" / "cache")
+
+
+def test_damaged_cache_entry_is_one_line(server: ScriptedServer, tmp_path: Path) -> None:
+    client = _client(server, tmp_path / "cache", [])
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "Positive findings: edema."}]
+    assert client.complete(messages).strip() == "Findings for edema."
+    entry = next((tmp_path / "cache").rglob("*.json"))
+    entry.write_text('{"content": 3}')
+    with pytest.raises(RadtrtError, match="answer cache entry .* is damaged"):
+        client.complete(messages)
+    assert len(server.requests) == 1

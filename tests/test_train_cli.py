@@ -65,6 +65,7 @@ def test_train_commands(chain: Chain, tmp_path: Path) -> None:
     (("train", "lm", "{tmp}/missing.jsonl", "--model", "{model}", "-o", "{tmp}/r"), "not found"),
     (("train", "stage2", "{manifest}", "--model", "{model}", "-o", "{tmp}/r", "--precision", "fp8"), "precision"),
     (("train", "init", "--tokenizer", "{tmp}", "--arch", "huge", "-o", "{tmp}/i"), "unknown --arch"),
+    (("train", "init", "--tokenizer", "{model}", "--arch", "tiny", "-o", "{tmp}/r", "--seed", "-1"), "seed must be in"),
 ])
 def test_train_errors_are_one_line(chain: Chain, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     fill = {"manifest": chain.manifest, "model": chain.runs["stage1"] / "model", "tmp": tmp_path}
@@ -117,6 +118,15 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(chain: Chain, tmp
     ("--max-steps", "0", "max_steps"),  # read as "unset": trained full epochs
     ("--lora-dropout", "1.5", "lora_dropout"),  # torch's ValueError traceback
     ("--num-workers", "-1", "num_workers"),
+    ("--lr", "nan", "lr must be a finite number"),  # NaN passed every range check
+    ("--lr", "inf", "lr must be a finite number"),  # trained to non-finite weights
+    ("--epochs", "inf", "epochs must be a finite number"),
+    ("--max-grad-norm", "nan", "max_grad_norm must be a finite number"),
+    ("--weight-decay", "nan", "weight_decay must be a finite number"),
+    ("--seed", str(2**64), "seed must be in"),  # torch's RuntimeError traceback
+    ("--lora-alpha", "0", "lora_alpha must be at least 1"),  # a LoRA that can never change the model
+    ("--lora-r", "100000", "above the rank of this decoder's smallest linear layer"),  # an allocation failure
+    ("--max-length", "3", "cuts the <image> placeholder"),  # failed at the first step, after the run folder
 ])
 def test_bad_training_values_are_refused_before_the_run_folder(chain: Chain, tmp_path: Path, option: str,
                                                                value: str, message: str) -> None:
@@ -124,6 +134,22 @@ def test_bad_training_values_are_refused_before_the_run_folder(chain: Chain, tmp
                            tmp_path / "r", "--preset", "tiny", "--threads", "1", option, value)
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_unreadable_image_in_a_dataloader_worker_is_one_line(chain: Chain, tmp_path: Path) -> None:
+    """Images read lazily by worker processes: the worker's error reaches the main process as data, so the
+    user sees its one line, not the worker's traceback torch would wrap into the message."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(chain.manifest.parent, data)
+    first = json.loads((data / "manifest.jsonl").read_text().splitlines()[0])["image"]
+    (data / first).write_bytes((data / first).read_bytes()[:100])
+    code, _, err = _invoke("train", "stage1", data / "manifest.jsonl", "--model", chain.runs["lm"] / "model", "-o",
+                           tmp_path / "r", "--preset", "tiny", "--threads", "1", "--num-workers", "1",
+                           "--no-feature-cache")
+    assert code == 2 and "image data is truncated or corrupt" in err
+    assert "Traceback" not in err and "worker" not in err
 
 
 def test_bad_data_and_output_paths_leave_no_run_folder(chain: Chain, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,7 @@ def test_resume_reproduces_the_uninterrupted_run(chain: Chain, tmp_path: Path) -
     assert first.model_dir is None and first.step == 3 and load_checkpoint(tmp_path / "split")["step"] == 3
     with open(tmp_path / "split" / "log.jsonl", "a") as log:  # a step the killed run logged but never saved
         log.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+        log.write('{"step": 5, "lo')  # killed while appending: a cut last line
     with pytest.raises(RadtrtError, match="already holds a training run"):
         train(cfg)
     second = train(cfg, resume=True)
@@ -152,6 +154,50 @@ def test_a_copied_run_resumes_where_it_is_now(chain: Chain, tmp_path: Path) -> N
     (tmp_path / "original" / "checkpoint" / "state.pt").write_bytes(b"")  # an empty checkpoint: one line
     with pytest.raises(RadtrtError, match="corrupt or not radtrt's"):
         resume_config(tmp_path / "original")
+
+
+def _damage_state(key: str, value: object) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        state = load_checkpoint(run)
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value(state[key]) if callable(value) else value
+        torch.save(state, run / "checkpoint" / "state.pt")
+    return damage
+
+
+def _first_tensor_wrong_shape(trainable: dict) -> dict:
+    return {**trainable, next(iter(trainable)): torch.zeros(3)}
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_damage_state("optimizer", None), "has no valid 'optimizer'"),
+    (_damage_state("step", "3"), "has no valid 'step'"),
+    (_damage_state("rng", []), "damaged training state \\(IndexError"),
+    (_damage_state("optimizer", {"state": {}}), "damaged training state \\(KeyError"),
+    (_damage_state("trainable", _first_tensor_wrong_shape), "damaged training state \\(RuntimeError"),
+    (lambda run: (run / "log.jsonl").write_text("garbage\n" + (run / "log.jsonl").read_text()),
+     "log.jsonl line 1 is not a training log entry"),
+    (lambda run: (run / "model").write_text("x"), "model folder .* is not a folder"),  # found after the last step
+])
+def test_a_damaged_run_is_refused_before_resuming(chain: Chain, tmp_path: Path, damage: Callable[[Path], None],
+                                                  message: str) -> None:
+    import shutil
+
+    from radtrt.training.loop import resume_config
+
+    base = tmp_path.parent / "damage-base"  # one interrupted run shared by the cases
+    if not (base / "checkpoint" / "state.pt").is_file():
+        train(make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                          out_dir=str(base), max_steps=4), stop_after=2)
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    damage(run)
+    log_before = (run / "log.jsonl").read_text()
+    with pytest.raises(RadtrtError, match=message):
+        train(resume_config(run), resume=True)
+    assert (run / "log.jsonl").read_text() == log_before and load_checkpoint(base)["step"] == 2
 
 
 def test_batch_larger_than_data_is_refused(chain: Chain, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
+from radtrt.outputs import check_folder_target
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -61,6 +62,8 @@ class ChatClient:
         self.url = completions_url(self.endpoint)
         if self.rate_per_s <= 0 or self.max_retries < 0 or not self.timeout_s > 0:
             fail("--rate and --timeout must be positive, --retries at least 0")
+        if self.cache_dir is not None:  # before any request: answers paid for must have somewhere to go
+            check_folder_target(self.cache_dir, "answer cache folder")
 
     def _cache_file(self, payload: dict[str, Any]) -> Path | None:
         if self.cache_dir is None:
@@ -77,13 +80,23 @@ class ChatClient:
             payload["seed"] = seed
         cache = self._cache_file(payload)
         if cache is not None and cache.is_file():
-            return json.loads(cache.read_text())["content"]
+            return self._cached(cache)
         content = self._parse(self._post(payload))
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".partial")
             tmp.write_text(json.dumps({"content": content}))
             tmp.replace(cache)
+        return content
+
+    @staticmethod
+    def _cached(path: Path) -> str:
+        try:
+            content = json.loads(path.read_text(encoding="utf-8")).get("content")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            content = None
+        if not isinstance(content, str):  # entries are written atomically: this one was changed by hand
+            fail(f"answer cache entry {path} is damaged; delete it to ask the endpoint again")
         return content
 
     def _wait_for_slot(self) -> None:

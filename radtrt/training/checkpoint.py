@@ -20,6 +20,8 @@ from radtrt.errors import fail
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 FORMAT = "radtrt-train-state-1"
+FIELDS = {"config": dict, "step": int, "world_size": int, "trainable": dict, "optimizer": dict, "scheduler": dict,
+          "rng": list}  # what save_checkpoint's callers store and resume reads
 
 
 def state_path(run_dir: Path) -> Path:
@@ -59,4 +61,7 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         fail(f"training checkpoint {path} is corrupt or not radtrt's ({reason})")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fail(f"{path} is not a radtrt training checkpoint of format {FORMAT}")
+    for key, kind in FIELDS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            fail(f"training checkpoint {path} has no valid '{key}' (damaged file?)")
     return state

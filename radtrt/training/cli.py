@@ -58,10 +58,12 @@ def init(out: Path = typer.Option(..., "-o", "--out", help="Output model folder 
     """A freshly initialised LLaVA-Rad-architecture model to train from scratch."""
     from radtrt.model.loading import save_toolkit
     from radtrt.model.tokenizer import LlamaSPTokenizer
+    from radtrt.training.config import check_seed
     from radtrt.training.init_model import ARCHS, fresh_model
 
     if arch not in ARCHS:
         fail(f"unknown --arch '{arch}' ({', '.join(ARCHS)})")
+    check_seed(seed)
     check_new_dir(out)
     save_toolkit(fresh_model(arch, LlamaSPTokenizer.from_dir(tokenizer_dir), seed, name), out)
     typer.echo(str(out))

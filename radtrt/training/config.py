@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,13 @@ from radtrt.errors import fail
 STAGES = ("vision", "lm", "stage1", "stage2")
 TEMPLATES = {"vision": None, "lm": "text", "stage1": "plain", "stage2": "v1"}
 PRECISIONS = ("fp32", "bf16")
+SEED_LIMIT = 2**32  # data.Schedule seeds torch.Generator with seed * 100_003 + epoch, which must stay below 2**64
 LM_CONDITIONS = ("none", "labels")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        fail(f"seed must be in [0, 2**32), got {seed}")
 
 
 @dataclass(frozen=True)
@@ -63,11 +70,16 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        # NaN passes every comparison below as "not too small", and inf lr trains to non-finite weights
+        for name in ("epochs", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "lora_dropout"):
+            if not math.isfinite(getattr(self, name)):
+                fail(f"{name} must be a finite number, got {getattr(self, name)}")
+        check_seed(self.seed)
         if self.stage not in STAGES:
             fail(f"unknown training stage '{self.stage}' ({', '.join(STAGES)})")
         if self.precision not in PRECISIONS:
             fail(f"unknown precision '{self.precision}' ({', '.join(PRECISIONS)})")
-        for name in ("micro_batch_size", "grad_accum", "max_length", "lora_r"):
+        for name in ("micro_batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha"):
             if getattr(self, name) < 1:
                 fail(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lm_condition not in LM_CONDITIONS:

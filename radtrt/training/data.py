@@ -19,15 +19,16 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from torch.utils.data import get_worker_info
 
 from radtrt.data.labeler import extract_labels
 from radtrt.data.manifest import ManifestRow
-from radtrt.errors import fail
+from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.preprocess import preprocess
 from radtrt.imaging.study import load_study
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.progress import make_progress
-from radtrt.training.examples import build_example
+from radtrt.training.examples import build_example, min_length
 
 
 def load_pixels_u8(path: Path, image_size: int) -> torch.Tensor:
@@ -62,6 +63,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.rows, self.root, self.condition_on_labels = rows, root, condition_on_labels
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
         self.image_size, self.label_names = image_size, label_names
+        if template is not None and tokenizer is not None and max_length < min_length(tokenizer, template):
+            fail(f"max_length {max_length} cuts the <image> placeholder out of every '{template}' example; "
+                 f"it must be at least {min_length(tokenizer, template)}")
         self.images: torch.Tensor | None = None
         if image_size is not None:
             missing = next((r.image for r in rows if not r.image_path(root).exists()), None)
@@ -95,8 +99,17 @@ class ManifestDataset(torch.utils.data.Dataset):
         row = self.rows[i]
         item: dict[str, Any] = {"index": i}
         if self.image_size is not None:
-            item["pixels"] = (self.images[i] if self.images is not None
-                              else load_pixels_u8(row.image_path(self.root), self.image_size))
+            if self.images is not None:
+                item["pixels"] = self.images[i]
+            else:
+                try:
+                    item["pixels"] = load_pixels_u8(row.image_path(self.root), self.image_size)
+                except RadtrtError as e:
+                    if get_worker_info() is None:
+                        raise
+                    # a DataLoader worker's exception reaches the main process wrapped with its traceback
+                    # text; the message travels as data instead, and the training loop fails with it
+                    return {"index": i, "error": str(e)}
         if self.template is not None:
             assert self.tokenizer is not None
             context = self.label_context(i) if self.condition_on_labels else None
@@ -109,6 +122,9 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    failed = next((it for it in items if "error" in it), None)
+    if failed is not None:
+        return {"error": failed["error"]}
     batch: dict[str, Any] = {"index": torch.tensor([it["index"] for it in items])}
     if "pixels" in items[0]:
         batch["pixels"] = torch.stack([it["pixels"] for it in items])

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from radtrt.errors import fail
-from radtrt.model.prompt import IMAGE_TOKEN, STOP_STR, SYSTEM_V1, build_query, tokenizer_image_token
+from radtrt.model.prompt import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, STOP_STR, SYSTEM_V1, build_query, tokenizer_image_token
 from radtrt.model.tokenizer import LlamaSPTokenizer
 
 IGNORE_INDEX = -100
@@ -98,6 +98,21 @@ def text_example(tokenizer: LlamaSPTokenizer, findings: str, context: str | None
     prefix = tokenizer.encode(context + "\n")
     report = tokenizer.encode(findings, add_bos=False) + [tokenizer.eos_token_id]
     return Example(prefix + report, [IGNORE_INDEX] * len(prefix) + report)
+
+
+def min_length(tokenizer: LlamaSPTokenizer, template: str) -> int:
+    """The shortest ``max_length`` that keeps a template's ``<image>`` placeholder and one token after it.
+
+    Truncation cuts from the end, and the image sits at the same position in every example of a
+    template (before the findings and the indication), so one prompt tells it for all of them.
+    """
+    if template == "plain":
+        ids = plain_example(tokenizer, "x").input_ids
+    elif template == "v1":
+        ids = _ids(tokenizer, v1_conversation(None, "x"))
+    else:
+        return 1
+    return ids.index(IMAGE_TOKEN_INDEX) + 2
 
 
 def build_example(tokenizer: LlamaSPTokenizer, template: str, findings: str, indication: str | None,

@@ -73,7 +73,8 @@ def _progress(console: Console) -> Progress | LineProgress:
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse an -o that holds another run or model, or cannot be created, before any slow work."""
-    if resume:
+    if resume:  # the run folder is the run's; only the model it ends with must still be writable
+        check_folder_target(run_dir / MODEL_DIR, "model folder")
         return
     check_folder_target(run_dir, "run folder")
     if ckpt.state_path(run_dir).exists():
@@ -90,12 +91,38 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistIn
         (run_dir / LOG_FILE).write_text("")
 
 
+def _log_step(line: str) -> int | None:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = entry.get("step") if isinstance(entry, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def _truncate_log(run_dir: Path, step: int) -> None:
-    """Drop log lines past the checkpoint (steps a killed run did after its last save)."""
+    """Drop log lines past the checkpoint (steps a killed run did after its last save).
+
+    A run killed while appending leaves a cut last line, which is dropped too; a damaged line
+    anywhere else is the user's to look at, so the resume stops before rewriting the log.
+    """
     path = run_dir / LOG_FILE
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+    if not path.is_file():
+        return
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    keep = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        line_step = _log_step(line)
+        if line_step is None:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            fail(f"{path} line {number} is not a training log entry; repair or remove the line, then resume")
+        if line_step <= step:
+            keep.append(line)
+    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
@@ -177,6 +204,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
                 batch = next(batches)
+                if "error" in batch:  # an unreadable image, read lazily by a DataLoader worker
+                    fail(batch["error"])
                 sync = micro == cfg.grad_accum - 1 or not info.enabled
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast:  # type: ignore[operator]
                     loss = model(batch)
@@ -212,13 +241,18 @@ def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, t
     if state["world_size"] != info.world_size:
         fail(f"{run_dir} was trained with {state['world_size']} processes; resume it with the same number "
              f"(now {info.world_size}) for an exact continuation")
-    _, unexpected = objective.load_state_dict(state["trainable"], strict=False)
     absent = sorted({n for n, _ in named} - set(state["trainable"]))
+    unexpected = sorted(set(state["trainable"]) - {n for n, _ in named})
     if unexpected or absent:
         fail(f"checkpoint in {run_dir} does not match this stage's trainable weights ({(unexpected or absent)[0]})")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(state["rng"][info.rank], info.device)
+    try:  # the names matched; what is inside them (shapes, optimizer groups, RNG bytes) can still be damaged
+        objective.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"][info.rank], info.device)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        fail(f"checkpoint in {run_dir} holds damaged training state ({type(e).__name__}: {reason})")
     step = int(state["step"])
     if step >= total:
         fail(f"{run_dir} has finished all {total} steps; nothing to resume")

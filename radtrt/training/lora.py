@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
+from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
 from radtrt.model.decoder import LlamaForCausalLM
 from radtrt.model.release import adapter_config_json
@@ -31,8 +32,17 @@ def find_all_linear_names(model: nn.Module) -> list[str]:
 
 
 def apply_lora(lm: LlamaForCausalLM, r: int, alpha: int, dropout: float) -> PeftModel:
-    """Inject LoRA layers into ``lm`` in place; only the LoRA weights stay trainable in it."""
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=find_all_linear_names(lm),
+    """Inject LoRA layers into ``lm`` in place; only the LoRA weights stay trainable in it.
+
+    A rank above a layer's smaller side adds parameters without adding rank, and a huge one only
+    surfaces as an allocation failure, so it is refused here, before the run folder is written.
+    """
+    targets = find_all_linear_names(lm)
+    max_rank = min(min(m.in_features, m.out_features) for name, m in lm.named_modules()
+                   if isinstance(m, nn.Linear) and name.split(".")[-1] in targets)
+    if r > max_rank:
+        fail(f"lora_r {r} is above the rank of this decoder's smallest linear layer ({max_rank})")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         bias="none")
     return get_peft_model(lm, config)
 
