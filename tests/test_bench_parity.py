@@ -9,7 +9,7 @@ import torch
 
 from radtrt.benchmarks.machine import MachineInfo
 from radtrt.benchmarks.markdown import parity_markdown
-from radtrt.benchmarks.parity import Outcome, ParityReport, compare, cosine, first_divergence, rouge_l
+from radtrt.benchmarks.parity import Outcome, ParityReport, StudyParity, compare, cosine, first_divergence, rouge_l
 from radtrt.errors import RadtrtError
 
 MACHINE = MachineInfo(cpu="Test CPU", logical_cores=2, usable_cores=2, platform="Linux-test", python="3.11",
@@ -140,3 +140,37 @@ def test_many_studies_list_only_the_divergences() -> None:
     assert _divergences([None, 3]) == "none, 3"
     assert _divergences([None] * 10) == "none of 10 studies diverge"
     assert _divergences([None] * 8 + [5, 0]) == "2 of 10 studies diverge, at 5, 0"
+
+
+def _study(i: int, labels: list[str], reference: list[str], truth: list[str], equal: bool) -> StudyParity:
+    return StudyParity(study=f"s{i}", tokens_equal=equal, first_divergence=None if equal else 3, new_tokens=9,
+                       reference_new_tokens=9, rouge_l=1.0 if equal else 0.8, first_logits_max_abs_diff=0.01,
+                       reference_first_logits_max_abs=5.0, reference_first_logits_range=10.0, first_argmax_equal=True,
+                       decode_steps_compared=8, decode_logits_max_abs_diff=0.02, decode_logits_mean_max_abs_diff=0.01,
+                       vision_cosine=0.9999, vision_max_abs_diff=0.001, report="", reference_report="",
+                       labels=labels, reference_labels=reference, true_labels=truth)
+
+
+def test_int8_gate_warnings_say_whether_more_studies_are_needed() -> None:
+    """One changed report of 8 moves micro-F1 by ~0.1: the warning must say its interval still reaches the
+    target. The same loss in every one of 100 studies is a regression, and is said without that hint."""
+    from radtrt.calibration.parity import summarize
+
+    truth = ["cardiomegaly", "pleural_effusion_left"]
+    few = [_study(0, ["cardiomegaly"], truth, truth, False)] + [_study(i, truth, truth, truth, True) for i in range(1, 8)]
+    s = summarize(few)
+    assert s["label_f1_drop"] == pytest.approx(1 - 30 / 31) and s["exact_match_rate"] == 7 / 8
+    low, high = s["label_f1_drop_ci"]
+    assert low <= 0.0 < s["label_f1_drop"] <= high and s["exact_match_rate_ci"][1] == 1.0
+    assert not any("identical reports" in w for w in s["warnings"])  # 7/8 >= 80%
+    many = [_study(i, ["cardiomegaly"], truth, truth, i % 2 == 0) for i in range(100)]
+    s = summarize(many)
+    assert s["label_f1_drop"] == pytest.approx(1 - 2 / 3) and s["label_f1_drop_ci"][0] > 0.3
+    f1_warning, exact_warning = (next(w for w in s["warnings"] if key in w) for key in ("micro-F1", "identical"))
+    assert "more studies are needed" not in f1_warning and "more studies are needed" not in exact_warning
+    assert "over 100 studies" in f1_warning
+    few[1] = _study(1, ["cardiomegaly"], truth, truth, False)
+    s = summarize(few)
+    assert s["exact_match_rate"] == 0.75 and s["label_f1_drop"] > 0.02
+    assert all("more studies are needed" in w for w in s["warnings"] if "micro-F1" in w or "identical" in w)
+    assert len([w for w in s["warnings"] if "micro-F1" in w or "identical" in w]) == 2

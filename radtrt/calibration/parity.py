@@ -12,6 +12,12 @@ has true labels, both backends' micro-F1 against them and the difference.
 Thresholds (the INT8 issue's targets): vision cosine >= 0.99, identical reports >= 80%, label
 micro-F1 within 0.02 of fp32. Below them the export warns loudly; it does not refuse, because the
 thresholds are for the trained model and a random-weight test model cannot meet them.
+
+The rate of identical reports and the F1 difference come with 95% intervals from the same seeded
+bootstrap as every other metric (``radtrt.evaluation.bootstrap``; the F1 difference paired over
+studies). On the gate's few studies one changed report moves micro-F1 by several hundredths, so a
+warning says whether its interval still reaches the threshold, i.e. whether more studies are
+needed before reading it as a regression.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from radtrt.benchmarks.parity import StudyParity
+from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap, bootstrap_mean, resampled_sums
 from radtrt.calibration.samples import Sample
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.tokenizer import LlamaSPTokenizer
@@ -74,7 +82,11 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
     if all(t is not None for t in truth):
         f1_int8 = label_f1([r.labels for r in results], truth).micro_f1  # type: ignore[arg-type]
         f1_fp32 = label_f1([r.reference_labels for r in results], truth).micro_f1  # type: ignore[arg-type]
-        summary |= {"label_f1_int8": f1_int8, "label_f1_fp32": f1_fp32, "label_f1_drop": f1_fp32 - f1_int8}
+        drop = _f1_drop_interval(results, f1_fp32 - f1_int8)
+        summary |= {"label_f1_int8": f1_int8, "label_f1_fp32": f1_fp32, "label_f1_drop": f1_fp32 - f1_int8,
+                    "label_f1_drop_ci": [drop.ci_low, drop.ci_high]}
+    exact = bootstrap_mean([float(r.tokens_equal) for r in results], BootstrapConfig())
+    summary["exact_match_rate_ci"] = [exact.ci_low, exact.ci_high]
     summary["warnings"] = _warnings(summary)
     summary["thresholds"] = {"vision_cosine_min": MIN_VISION_COSINE, "exact_match_rate": MIN_EXACT_MATCH,
                              "label_f1_drop": MAX_LABEL_F1_DROP}
@@ -82,15 +94,46 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
     return summary
 
 
+def _f1_drop_interval(results: list[StudyParity], point: float) -> Estimate:
+    """fp32's micro-F1 minus INT8's against the true labels, resampling studies (both sides together)."""
+    def counts(predicted: list[str], truth: list[str]) -> list[int]:
+        p, t = set(predicted), set(truth)
+        return [len(p & t), len(p - t), len(t - p)]
+
+    per_study = np.array([counts(r.reference_labels, r.true_labels) + counts(r.labels, r.true_labels)  # type: ignore[arg-type]
+                          for r in results], dtype=np.float64)
+
+    def micro_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+        denominator = 2 * tp + fp + fn
+        return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)  # label_f1's empty case
+
+    def statistic(idx: np.ndarray) -> np.ndarray:
+        sums = resampled_sums(idx, per_study)
+        return micro_f1(*sums[:, :3].T) - micro_f1(*sums[:, 3:].T)
+
+    return bootstrap(point, len(results), statistic, BootstrapConfig())
+
+
+def _verdict(interval: list[float], reaches: Callable[[float], bool], n: int, fmt: str) -> str:
+    low, high = interval
+    text = f"95% interval {low:{fmt}} to {high:{fmt}} over {n} studies"
+    if reaches(low) or reaches(high):
+        text += "; it reaches the target, so more studies are needed to tell (--parity-samples)"
+    return text
+
+
 def _warnings(s: dict[str, Any]) -> list[str]:
     out = []
+    n = s["studies"]
     if s["vision_cosine_min"] < MIN_VISION_COSINE:
         out.append(f"vision-embedding cosine {s['vision_cosine_min']:.4f} < {MIN_VISION_COSINE}")
     if s["exact_match_rate"] < MIN_EXACT_MATCH:
-        out.append(f"identical reports {s['exact_match_rate']:.0%} < {MIN_EXACT_MATCH:.0%}")
+        out.append(f"identical reports {s['exact_match_rate']:.0%} < {MIN_EXACT_MATCH:.0%} ("
+                   + _verdict(s["exact_match_rate_ci"], lambda v: v >= MIN_EXACT_MATCH, n, ".0%") + ")")
     if s.get("label_f1_drop", 0.0) > MAX_LABEL_F1_DROP:
         out.append(f"finding-label micro-F1 {s['label_f1_int8']:.3f} is {s['label_f1_drop']:.3f} below fp32's "
-                   f"{s['label_f1_fp32']:.3f} (> {MAX_LABEL_F1_DROP})")
+                   f"{s['label_f1_fp32']:.3f} (> {MAX_LABEL_F1_DROP}; difference's "
+                   + _verdict(s["label_f1_drop_ci"], lambda v: v <= MAX_LABEL_F1_DROP, n, ".3f") + ")")
     return out
 
 
@@ -108,9 +151,11 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
              f"{s['first_argmax_agreement']:.0%}",
              f"  later steps on the same tokens ({s['decode_steps_compared']}): logits max |diff| "
              f"{_num(s['decode_logits_max_abs_diff'])}, mean of each step's {_num(s['decode_logits_mean_max_abs_diff'])}",
-             f"  identical reports {s['exact_match_rate']:.0%}, ROUGE-L mean {s['rouge_l_mean']:.3f}, "
+             f"  identical reports {s['exact_match_rate']:.0%} (95% interval {s['exact_match_rate_ci'][0]:.0%} to "
+             f"{s['exact_match_rate_ci'][1]:.0%}), ROUGE-L mean {s['rouge_l_mean']:.3f}, "
              f"finding labels micro-F1 vs fp32 {s['label_f1_vs_fp32']:.3f}"]
     if "label_f1_int8" in s:
         lines.append(f"  finding-label micro-F1 vs true labels: int8 {s['label_f1_int8']:.3f}, "
-                     f"fp32 {s['label_f1_fp32']:.3f}")
+                     f"fp32 {s['label_f1_fp32']:.3f} (difference {s['label_f1_drop']:.3f}, 95% interval "
+                     f"{s['label_f1_drop_ci'][0]:.3f} to {s['label_f1_drop_ci'][1]:.3f})")
     return lines
