@@ -107,6 +107,23 @@ def test_study_folder_picks_pa_over_lateral(merged: Path, tmp_path: Path) -> Non
     assert result["view_position"] == "PA" and result["source_file"].endswith("2_pa.dcm")
 
 
+def test_unused_files_and_a_lateral_given_by_itself_are_warned_about(merged: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    _write(folder / "2_pa.dcm", radiograph_dataset(synthetic_chest(seed=6), view_position="PA"))
+    ct = radiograph_dataset(synthetic_chest(seed=7), view_position="PA")
+    ct.Modality = "CT"
+    _write(folder / "3_ct.dcm", ct)
+    lateral = _write(tmp_path / "lat.dcm", radiograph_dataset(synthetic_chest(seed=5), view_position="LL"))
+    code, out, err = _invoke("infer", folder, lateral, "--model", merged, "--json", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert [json.loads(line)["view_position"] for line in out.splitlines()] == ["PA", "LL"]  # stdout stays JSON
+    warnings = [line for line in err.splitlines() if line.startswith("radtrt: warning:")]
+    assert len(warnings) == 2, err
+    assert warnings[0].startswith("radtrt: warning: study: 1 file(s) not used:") and "CT" in warnings[0]
+    assert warnings[1].startswith("radtrt: warning: lat.dcm: the image is a LL view, not frontal")
+    assert FAKE_PATIENT_NAME.split("^")[0] not in err and FAKE_PATIENT_ID not in err
+
+
 def test_sr_out_reads_back(merged: Path, tmp_path: Path) -> None:
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=7)))
     (result,) = _infer_json(merged, study, extra=("--sr-out", str(tmp_path / "sr")))

@@ -3,7 +3,8 @@
 A study is either a single file (DICOM, PNG or JPEG, recognised by content) or a folder searched
 recursively. Rules:
 
-* Single file: the user chose it, so it is used whatever its view (the view is still reported).
+* Single file: the user chose it, so it is used whatever its view (the view is still reported, and
+  ``study_warnings`` says when it is not frontal).
 * Folder: hidden files and folders (name starting with ".") and DICOMDIR index files are
   ignored, as are files that are neither DICOM (preamble + "DICM") nor PNG/JPEG by signature.
   DICOM headers are screened first (no pixel decoding); files refused by the screening (non-image
@@ -28,7 +29,7 @@ from pydicom.dataset import Dataset
 from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.dicom import load_dicom_image, read_header
 from radtrt.imaging.raster import load_raster, sniff_raster
-from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, view_of
+from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_of
 
 _DICOM_MAGIC_OFFSET = 128
 
@@ -138,6 +139,19 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
     chosen = _choose(candidates, folder.name)
     return _load(chosen.path, chosen.kind, allow_any_modality=allow_any_modality,
                  skipped=tuple(skipped))
+
+
+def study_warnings(study: Path, image: SelectedImage) -> list[str]:
+    """What the user must hear about a study that was read: files of its folder that were not used, and a
+    chosen image that is not frontal (only a file given by itself can be; its report is then unreliable)."""
+    name = Path(study).name or str(study)
+    out = []
+    if image.skipped:
+        out.append(f"{name}: {len(image.skipped)} file(s) not used: {_summarise_skipped(list(image.skipped))}")
+    if image.view_position != UNKNOWN_VIEW and not is_frontal(image.view_position):
+        out.append(f"{name}: the image is a {image.view_position} view, not frontal (PA/AP); LLaVA-Rad reads "
+                   "frontal radiographs, so this report is unreliable")
+    return out
 
 
 def load_study(path: Path, *, allow_any_modality: bool = False) -> SelectedImage:

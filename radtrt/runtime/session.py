@@ -10,6 +10,7 @@ from rich.console import Console
 
 from radtrt import __version__
 from radtrt.errors import RadtrtError, fail
+from radtrt.imaging.study import study_warnings
 from radtrt.model.loading import load_model
 from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolve_device
 from radtrt.runtime.pipeline import Pipeline, StudyResult
@@ -127,6 +128,9 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
                     raise
                 failed += 1
                 console.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+                continue
+            for warning in study_warnings(study, prepared[-1].image):
+                console.print(f"radtrt: warning: {warning}", markup=False, highlight=False, soft_wrap=True)
         if not prepared:
             continue
         with console.status(f"[{done + 1}-{done + len(prepared)}/{len(studies)}] generating"):
