@@ -105,7 +105,7 @@ def test_summary_and_json() -> None:
 def test_markdown() -> None:
     md = parity_markdown(_report())
     assert "```\nradtrt bench parity --random-model tiny\n```" in md
-    assert "| exact-match rate of generated tokens | 1/2 (50%) |" in md
+    assert "| exact-match rate of generated tokens (95% interval) | 1/2 (50%; 0% to 100%) |" in md
     assert "| first divergence position per study | none, 2 |" in md
     assert "| s2.dcm | NO | 2 | 3 / 3 |" in md
 
@@ -123,10 +123,12 @@ def test_label_agreement_and_true_label_f1() -> None:
     assert s["label_f1_vs_reference"] == pytest.approx(2 * 3 / (2 * 3 + 1))  # tp 3, fn 1
     assert s["reference_label_f1_true"] == 1.0 and s["label_f1_drop"] == pytest.approx(1 - 6 / 7)
     md = parity_markdown(report)
-    assert "| finding-label micro-F1 against the manifest's true labels: backend / reference / difference | " \
-           "0.857 / 1.000 / +0.143 |" in md
-    assert "INT8 targets: image-embedding cosine >= 0.99: met; identical reports >= 80%: NOT MET; " \
-           "label micro-F1 within 0.02 of the reference: NOT MET" in md
+    assert s["label_f1_drop_ci"] == pytest.approx([0.0, 1 - 2 / 3])  # resamples of {a, b}: 0, 1 - 6/7 or 1 - 2/3
+    assert "| finding-label micro-F1 against the manifest's true labels: backend / reference / difference (95% " \
+           "interval) | 0.857 / 1.000 / +0.143 (+0.000 to +0.333) |" in md
+    too_few = " (its 95% interval reaches the target: too few studies to tell)"
+    assert ("INT8 targets: image-embedding cosine >= 0.99: met; identical reports >= 80%: NOT MET" + too_few
+            + "; label micro-F1 within 0.02 of the reference: NOT MET" + too_few) in md
     without_truth = ParityReport(command="c", model="m", backend="onnxruntime", reference="torch",
                                  precision="fp32 vs fp32", max_new_tokens=8, machine=MACHINE, studies=[
                                      compare("c", _outcome([1], [0.0], e, "x"), _outcome([1], [0.0], e, "x"))])

@@ -139,14 +139,18 @@ def _divergences(positions: list[int | None]) -> str:
 
 def int8_targets(s: dict[str, Any]) -> str:
     """The INT8 parity gate's thresholds (``radtrt.calibration.parity``), each marked met or not."""
-    from radtrt.calibration.parity import MAX_LABEL_F1_DROP, MIN_EXACT_MATCH, MIN_VISION_COSINE
+    from radtrt.calibration.parity import MAX_LABEL_F1_DROP, MIN_EXACT_MATCH, MIN_VISION_COSINE, undecided
 
-    checks = [(f"image-embedding cosine >= {MIN_VISION_COSINE}", s["vision_cosine_min"] >= MIN_VISION_COSINE),
-              (f"identical reports >= {MIN_EXACT_MATCH:.0%}", s["exact_match_rate"] >= MIN_EXACT_MATCH)]
+    checks = [(f"image-embedding cosine >= {MIN_VISION_COSINE}", s["vision_cosine_min"] >= MIN_VISION_COSINE, None),
+              (f"identical reports >= {MIN_EXACT_MATCH:.0%}", s["exact_match_rate"] >= MIN_EXACT_MATCH,
+               "exact_match_rate")]
     if "label_f1_drop" in s:
         checks.append((f"label micro-F1 within {MAX_LABEL_F1_DROP} of the reference",
-                       s["label_f1_drop"] <= MAX_LABEL_F1_DROP))
-    return "; ".join(f"{name}: {'met' if ok else 'NOT MET'}" for name, ok in checks)
+                       s["label_f1_drop"] <= MAX_LABEL_F1_DROP, "label_f1_drop"))
+    return "; ".join(f"{name}: " + ("met" if ok else "NOT MET" + (" (its 95% interval reaches the target: too few "
+                                                                  "studies to tell)" if metric and undecided(s, metric)
+                                                                  else ""))
+                     for name, ok, metric in checks)
 
 
 def _maybe(value: float | None) -> str:
@@ -161,7 +165,8 @@ def parity_markdown(report: ParityReport) -> str:
     lines += [f"- Model: {report.model}; {report.precision}; greedy, up to {report.max_new_tokens} new tokens; "
               f"{n} study(ies)", f"- Machine: {report.machine.one_line()}", "",
               "| metric | value |", "|---|---|",
-              f"| exact-match rate of generated tokens | {equal}/{n} ({_pct(s['exact_match_rate'])}) |",
+              f"| exact-match rate of generated tokens (95% interval) | {equal}/{n} ({_pct(s['exact_match_rate'])}; "
+              f"{_pct(s['exact_match_rate_ci'][0])} to {_pct(s['exact_match_rate_ci'][1])}) |",
               f"| first divergence position per study | {_divergences(s['first_divergences'])} |",
               f"| ROUGE-L F1 of the reports, mean / min | {s['rouge_l_mean']:.4f} / {s['rouge_l_min']:.4f} |",
               f"| max \\|logit difference\\| on the first step | {s['first_logits_max_abs_diff']:.3g} |",
@@ -176,8 +181,8 @@ def parity_markdown(report: ParityReport) -> str:
               f"{s['label_f1_vs_reference']:.3f} |"]
     if "label_f1_true" in s:
         lines.append(f"| finding-label micro-F1 against the manifest's true labels: backend / reference / "
-                     f"difference | {s['label_f1_true']:.3f} / {s['reference_label_f1_true']:.3f} / "
-                     f"{s['label_f1_drop']:+.3f} |")
+                     f"difference (95% interval) | {s['label_f1_true']:.3f} / {s['reference_label_f1_true']:.3f} / "
+                     f"{s['label_f1_drop']:+.3f} ({s['label_f1_drop_ci'][0]:+.3f} to {s['label_f1_drop_ci'][1]:+.3f}) |")
     if "int8" in report.precision.split(" vs ")[0]:
         lines += ["", f"INT8 targets: {int8_targets(s)}"]
     lines += ["", "## Per study", "",

@@ -24,11 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from radtrt.benchmarks.machine import MachineInfo
 from radtrt.calibration.samples import Entry
 from radtrt.errors import fail
+from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap, bootstrap_mean, resampled_sums
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import make_dir, write_text
 from radtrt.runtime.backends import Backend
@@ -169,7 +171,35 @@ def totals(studies: Sequence[StudyParity]) -> dict[str, Any]:
             "decode_logits_max_abs_diff": max((s.decode_logits_max_abs_diff for s in decode), default=None),
             "decode_logits_mean_max_abs_diff": (sum(s.decode_logits_mean_max_abs_diff * s.decode_steps_compared
                                                     for s in decode) / steps) if steps else None,
-            "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n}
+            "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n,
+            "exact_match_rate_ci": _interval(bootstrap_mean([float(s.tokens_equal) for s in studies],
+                                                            BootstrapConfig()))}
+
+
+def _interval(estimate: Estimate) -> list[float]:
+    return [estimate.ci_low, estimate.ci_high]
+
+
+def label_f1_drop_interval(studies: Sequence[StudyParity]) -> list[float]:
+    """95% interval of the reference's micro-F1 minus the backend's, both against the true labels, resampling
+    studies with both sides together (the seeded bootstrap of ``radtrt.evaluation``). On a few studies one
+    changed report moves micro-F1 by several hundredths; the interval says how far that can be trusted."""
+    def counts(predicted: list[str], truth: list[str]) -> list[int]:
+        p, t = set(predicted), set(truth)
+        return [len(p & t), len(p - t), len(t - p)]
+
+    per_study = np.array([counts(s.reference_labels, s.true_labels) + counts(s.labels, s.true_labels)  # type: ignore[arg-type]
+                          for s in studies], dtype=np.float64)
+
+    def micro_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+        denominator = 2 * tp + fp + fn
+        return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)  # label_f1's empty case
+
+    def statistic(idx: np.ndarray) -> np.ndarray:
+        sums = resampled_sums(idx, per_study)
+        return micro_f1(*sums[:, :3].T) - micro_f1(*sums[:, 3:].T)
+
+    return _interval(bootstrap(0.0, len(studies), statistic, BootstrapConfig()))
 
 
 @dataclass
@@ -200,7 +230,8 @@ class ParityReport:
         truth = [s.true_labels for s in self.studies]
         if all(t is not None for t in truth):
             f1, ref_f1 = label_f1(got, truth).micro_f1, label_f1(ref, truth).micro_f1  # type: ignore[arg-type]
-            out |= {"label_f1_true": f1, "reference_label_f1_true": ref_f1, "label_f1_drop": ref_f1 - f1}
+            out |= {"label_f1_true": f1, "reference_label_f1_true": ref_f1, "label_f1_drop": ref_f1 - f1,
+                    "label_f1_drop_ci": label_f1_drop_interval(self.studies)}
         return out
 
     def to_json(self) -> dict[str, Any]:

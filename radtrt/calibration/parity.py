@@ -26,11 +26,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from radtrt.benchmarks.parity import StudyParity
-from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap, bootstrap_mean, resampled_sums
 from radtrt.calibration.samples import Sample
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.tokenizer import LlamaSPTokenizer
@@ -69,7 +67,7 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
               ) -> dict[str, Any]:
     """Rates over the studies, the label F1s, and the list of thresholds missed (``warnings``). The
     per-study part keeps numbers and labels only: no report text goes into the bundle's manifest."""
-    from radtrt.benchmarks.parity import totals
+    from radtrt.benchmarks.parity import label_f1_drop_interval, totals
     from radtrt.data.labeler import label_f1
 
     summary: dict[str, Any] = totals(results) | {
@@ -82,11 +80,8 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
     if all(t is not None for t in truth):
         f1_int8 = label_f1([r.labels for r in results], truth).micro_f1  # type: ignore[arg-type]
         f1_fp32 = label_f1([r.reference_labels for r in results], truth).micro_f1  # type: ignore[arg-type]
-        drop = _f1_drop_interval(results, f1_fp32 - f1_int8)
         summary |= {"label_f1_int8": f1_int8, "label_f1_fp32": f1_fp32, "label_f1_drop": f1_fp32 - f1_int8,
-                    "label_f1_drop_ci": [drop.ci_low, drop.ci_high]}
-    exact = bootstrap_mean([float(r.tokens_equal) for r in results], BootstrapConfig())
-    summary["exact_match_rate_ci"] = [exact.ci_low, exact.ci_high]
+                    "label_f1_drop_ci": label_f1_drop_interval(results)}
     summary["warnings"] = _warnings(summary)
     summary["thresholds"] = {"vision_cosine_min": MIN_VISION_COSINE, "exact_match_rate": MIN_EXACT_MATCH,
                              "label_f1_drop": MAX_LABEL_F1_DROP}
@@ -94,46 +89,34 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
     return summary
 
 
-def _f1_drop_interval(results: list[StudyParity], point: float) -> Estimate:
-    """fp32's micro-F1 minus INT8's against the true labels, resampling studies (both sides together)."""
-    def counts(predicted: list[str], truth: list[str]) -> list[int]:
-        p, t = set(predicted), set(truth)
-        return [len(p & t), len(p - t), len(t - p)]
-
-    per_study = np.array([counts(r.reference_labels, r.true_labels) + counts(r.labels, r.true_labels)  # type: ignore[arg-type]
-                          for r in results], dtype=np.float64)
-
-    def micro_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
-        denominator = 2 * tp + fp + fn
-        return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)  # label_f1's empty case
-
-    def statistic(idx: np.ndarray) -> np.ndarray:
-        sums = resampled_sums(idx, per_study)
-        return micro_f1(*sums[:, :3].T) - micro_f1(*sums[:, 3:].T)
-
-    return bootstrap(point, len(results), statistic, BootstrapConfig())
+def undecided(s: dict[str, Any], metric: str) -> bool:
+    """Whether a missed target's 95% interval still reaches it (``exact_match_rate`` or ``label_f1_drop``):
+    then the studies were too few to call it a regression."""
+    low, high = s[f"{metric}_ci"]
+    if metric == "exact_match_rate":
+        return high >= MIN_EXACT_MATCH
+    return low <= MAX_LABEL_F1_DROP
 
 
-def _verdict(interval: list[float], reaches: Callable[[float], bool], n: int, fmt: str) -> str:
-    low, high = interval
-    text = f"95% interval {low:{fmt}} to {high:{fmt}} over {n} studies"
-    if reaches(low) or reaches(high):
+def _interval(s: dict[str, Any], metric: str, fmt: str) -> str:
+    low, high = s[f"{metric}_ci"]
+    text = f"95% interval {low:{fmt}} to {high:{fmt}} over {s['studies']} studies"
+    if undecided(s, metric):
         text += "; it reaches the target, so more studies are needed to tell (--parity-samples)"
     return text
 
 
 def _warnings(s: dict[str, Any]) -> list[str]:
     out = []
-    n = s["studies"]
     if s["vision_cosine_min"] < MIN_VISION_COSINE:
         out.append(f"vision-embedding cosine {s['vision_cosine_min']:.4f} < {MIN_VISION_COSINE}")
     if s["exact_match_rate"] < MIN_EXACT_MATCH:
         out.append(f"identical reports {s['exact_match_rate']:.0%} < {MIN_EXACT_MATCH:.0%} ("
-                   + _verdict(s["exact_match_rate_ci"], lambda v: v >= MIN_EXACT_MATCH, n, ".0%") + ")")
+                   + _interval(s, "exact_match_rate", ".0%") + ")")
     if s.get("label_f1_drop", 0.0) > MAX_LABEL_F1_DROP:
         out.append(f"finding-label micro-F1 {s['label_f1_int8']:.3f} is {s['label_f1_drop']:.3f} below fp32's "
                    f"{s['label_f1_fp32']:.3f} (> {MAX_LABEL_F1_DROP}; difference's "
-                   + _verdict(s["label_f1_drop_ci"], lambda v: v <= MAX_LABEL_F1_DROP, n, ".3f") + ")")
+                   + _interval(s, "label_f1_drop", ".3f") + ")")
     return out
 
 
