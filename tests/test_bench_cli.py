@@ -189,6 +189,39 @@ def test_unusable_report_path_is_refused_before_any_work(work: Path, tmp_path: P
     assert not (tmp_path / "never").exists()  # refused before the random model was built
 
 
+@pytest.mark.parametrize("kind", ["latency", "parity"])
+def test_files_beside_the_report_are_the_users_unless_an_earlier_report_wrote_them(tmp_path: Path, kind: str) -> None:
+    """-o r.md also writes r.json and r.png: they used to be replaced whatever they held (a bundle's
+    manifest.json for -o BUNDLE/manifest.md)."""
+    (tmp_path / "r.json").write_text('{"format_version": 1}')
+    (tmp_path / "c.png").write_bytes(b"\x89PNG user chart")
+    for out, match in ((tmp_path / "r.md", "r.json already exists and is not part of an earlier radtrt bench report"),
+                       (tmp_path / "c.md", "c.png already exists"),
+                       (tmp_path / "x.json", "names the Markdown report"), (tmp_path / "x.png", "names the Markdown")):
+        code, _, err = _invoke("bench", kind, "--random-model", "tiny", "--work-dir", tmp_path / "never",
+                               "--synthetic", 1, "-o", out)
+        assert code == 2 and match in err and "Traceback" not in err, err
+    assert (tmp_path / "r.json").read_text() == '{"format_version": 1}' and not (tmp_path / "never").exists()
+    from radtrt.benchmarks.cli import _check_report_path
+
+    (tmp_path / "old.md").write_text("# an earlier report")
+    (tmp_path / "old.json").write_text(json.dumps({"kind": kind, "command": "radtrt bench ..."}))
+    _check_report_path(tmp_path / "old.md")  # rerunning a benchmark replaces its own report
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--work-dir", "{file}"), "--work-dir folder"),  # NotADirectoryError traceback
+    (("--seed", str(2**70)), "--seed"),  # torch's OverflowError traceback, and an empty folder left behind
+])
+def test_unusable_work_dir_and_seed_are_refused(tmp_path: Path, args: tuple[str, ...], match: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    args = tuple(a.format(file=tmp_path / "afile") for a in args)
+    work = () if "--work-dir" in args else ("--work-dir", tmp_path / "never")
+    code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--synthetic", 1, *work, *args)
+    assert code == 2 and match in err and "Traceback" not in err, err
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder nobody can write in")
 @pytest.mark.parametrize("kind", ["latency", "parity"])
 def test_report_path_in_a_folder_that_refuses_files_is_refused_first(tmp_path: Path, kind: str) -> None:

@@ -79,6 +79,7 @@ def test_eval_is_deterministic(tmp_path: Path) -> None:
     (["--metrics", "chexprompt", "--judge-model", "gpt"], "--endpoint URL"),
     (["--metrics", "chexbert"], "F1-CheXbert needs local weights"),
     (["--metrics", "radgraph"], "F1-RadGraph needs the radgraph package"),
+    (["--metrics", "rouge", "--seed", "-1"], "bootstrap seed must be at least 0"),  # numpy's ValueError traceback
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)

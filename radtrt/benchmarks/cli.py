@@ -17,6 +17,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.cli_support import err, user_errors
+from radtrt.errors import fail
 from radtrt.progress import LineProgress, make_progress
 
 _guarded = user_errors
@@ -37,13 +38,47 @@ def _progress() -> Progress | LineProgress:
                          transient=True)
 
 
+REPORT_KINDS = ("latency", "parity")
+
+
+def _report_files(out: Path) -> tuple[Path, Path, Path]:
+    """-o names the Markdown report; its JSON and PNG chart go beside it under the same stem."""
+    return out, out.with_suffix(".json"), out.with_suffix(".png")
+
+
+def _is_bench_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("kind") in REPORT_KINDS and "command" in data
+
+
 def _check_report_path(out: Path | None) -> None:
-    """Refuse an unusable -o before the (long) benchmark runs, not when its report is written."""
+    """Refuse an unusable -o before the (long) benchmark runs, not when its report is written.
+
+    Three files are written, so the two beside -o are checked too: they are replaced only when they are an
+    earlier report of this command (its JSON says so); anything else there is the user's and is kept.
+    """
     if out is None:
         return
     from radtrt.outputs import check_file_target
 
-    check_file_target(out, "report")
+    if out.suffix.lower() in (".json", ".png"):
+        fail(f"-o {out} names the Markdown report (say report.md); its .json and .png are written beside it")
+    files = _report_files(out)
+    for path in files:
+        check_file_target(path, "report")
+    existing = [p for p in files if p.exists()]
+    if existing and not _is_bench_report(files[1]):
+        fail(f"{existing[0]} already exists and is not part of an earlier radtrt bench report; choose another -o")
+
+
+def _check_work_dir(work_dir: Path, used: bool) -> None:
+    if used:
+        from radtrt.outputs import check_folder_target
+
+        check_folder_target(work_dir, "--work-dir folder")
 
 
 def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) -> None:
@@ -51,9 +86,10 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) 
         from radtrt.outputs import make_dir, write_text
 
         make_dir(out.parent, "report folder")
-        write_text(out, markdown, "report")
-        write_text(out.with_suffix(".json"), json.dumps(data, indent=2) + "\n", "report")
-        err.print(f"wrote {out} and {out.with_suffix('.json')}")
+        md_path, json_path, _ = _report_files(out)
+        write_text(md_path, markdown, "report")
+        write_text(json_path, json.dumps(data, indent=2) + "\n", "report")
+        err.print(f"wrote {md_path} and {json_path}")
     typer.echo(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 
 
@@ -66,7 +102,7 @@ ModelOpt = Annotated[Optional[Path], typer.Option("--model", help=MODEL_HELP)]
 BaseModelOpt = Annotated[Optional[Path], typer.Option("--base-model", help="Vicuna-7B v1.5 dir (release layout).")]
 RandomOpt = Annotated[Optional[str], typer.Option("--random-model", help=RANDOM_HELP)]
 WorkDirOpt = Annotated[Path, typer.Option("--work-dir", help="Cache for random models and studies.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random weights.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the random weights.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="onnxruntime | torch | transformers")]
 StudiesOpt = Annotated[Optional[Path], typer.Option(
     "--studies", help="A study, a folder whose entries are studies, or a JSONL manifest / phantom set (true labels).")]
@@ -111,6 +147,7 @@ def latency(
     if studies is None and synthetic is None:
         synthetic = 1
     _check_report_path(out)
+    _check_work_dir(work_dir, random_model is not None or studies is None)
 
     command = reproduce_command("latency", [
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
@@ -135,7 +172,7 @@ def latency(
         from radtrt.benchmarks.chart import matplotlib_available, write_chart
 
         if matplotlib_available():
-            err.print(f"wrote {write_chart(report, out.with_suffix('.png'))}")
+            err.print(f"wrote {write_chart(report, _report_files(out)[2])}")
         else:
             err.print("radtrt: no PNG chart: matplotlib is not installed (pip install 'radtrt[bench]')")
 
@@ -170,6 +207,7 @@ def parity(
     if studies is None and synthetic is None:
         synthetic = 2
     _check_report_path(out)
+    _check_work_dir(work_dir, random_model is not None or studies is None)
     if predictions_out is not None:
         from radtrt.outputs import check_new_dir
 

@@ -31,6 +31,8 @@ class BootstrapConfig:
     def __post_init__(self) -> None:
         if self.n_resamples < 1:
             fail("the bootstrap needs at least one resample")
+        if self.seed < 0:
+            fail(f"the bootstrap seed must be at least 0, got {self.seed}")
         if not 0.0 < self.level < 1.0:
             fail("the confidence level must lie strictly between 0 and 1")
 

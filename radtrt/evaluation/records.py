@@ -28,7 +28,7 @@ class ReportPair:
 def load_predictions(path: Path) -> list[ReportPair]:
     """Parse a predictions JSONL file; every line must carry the three string fields, studies unique."""
     if not path.is_file():
-        fail(f"predictions file {path} does not exist")
+        fail(f"predictions file {path} " + ("is not a file" if path.exists() else "does not exist"))
     pairs: list[ReportPair] = []
     seen: set[str] = set()
     for lineno, line in text_lines(path, lambda n: f"{path.name} line {n}", "a JSONL predictions file"):
