@@ -20,6 +20,8 @@ def check_creatable(path: Path, what: str) -> None:
     every ``access`` check, and folders such as /proc or /sys refuse new files whatever their mode bits say.
     No folder is created, so a later failure leaves none behind.
     """
+    if path.is_symlink() and not path.exists():  # neither a folder nor creatable: mkdir says "File exists"
+        fail(f"cannot write {what} {path}: it is a symbolic link to a missing target")
     ancestor = path.absolute() if path.is_dir() else path.absolute().parent  # an existing folder: itself
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,25 @@ def test_study_folder_picks_pa_over_lateral(merged: Path, tmp_path: Path) -> Non
     _write(folder / "2_pa.dcm", radiograph_dataset(synthetic_chest(seed=6), view_position="PA"))
     (result,) = _infer_json(merged, folder)
     assert result["view_position"] == "PA" and result["source_file"].endswith("2_pa.dcm")
+
+
+def test_malformed_header_values_never_reach_stderr(merged: Path, tmp_path: Path) -> None:
+    """pydicom's validation warnings quoted values read from the header ("Invalid value for VR UI: '...'"),
+    which Python prints on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # writing the malformed file warns too
+        ds = radiograph_dataset(synthetic_chest(seed=8), view_position="PA")
+        ds.StudyInstanceUID = "1.2.SECRET"
+        ds.PatientBirthDate = "1931-07-04"
+        study = _write(tmp_path / "a.dcm", ds)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = _invoke("infer", study, "--model", merged, "--max-new-tokens", "2", "--sr-out", tmp_path / "sr")
+    assert code == 0, err
+    assert not [w for w in caught if "SECRET" in str(w.message) or "1931" in str(w.message)]
+    assert "SECRET" not in err and "1931" not in err
+    (sr,) = (tmp_path / "sr").glob("*.dcm")
+    assert pydicom.dcmread(sr).PatientBirthDate == ""  # not valid DICOM, so not carried into the SR
 
 
 def test_unused_files_and_a_lateral_given_by_itself_are_warned_about(merged: Path, tmp_path: Path) -> None:
@@ -313,3 +333,8 @@ def test_output_paths_in_the_way_are_refused_before_the_model_loads(merged: Path
     code, out, err = _invoke("infer", study, "--model", merged, "--sr-out", a_file, "--max-new-tokens", "2")
     _assert_refused(code, err, "--sr-out")
     assert out == "" and a_file.read_text() == "user data"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # passed the check, failed after generating
+    code, out, err = _invoke("infer", study, "--model", merged, "--sr-out", tmp_path / "dangling", "--max-new-tokens",
+                             "2")
+    _assert_refused(code, err, "symbolic link to a missing target")
+    assert out == ""

@@ -248,6 +248,26 @@ def test_voi_lut_sequence_is_applied(tmp_path: Path) -> None:
     assert not np.array_equal(expected, _u8(write_radiograph(tmp_path / "plain.dcm", raw)))
 
 
+@pytest.mark.parametrize("sequence, descriptor, data", [
+    ("VOILUTSequence", [4096, 0, 16], [0, 1]),  # data shorter than declared: struct.error traceback
+    ("ModalityLUTSequence", [4, 0, 16], [0, 1]),
+    ("ModalityLUTSequence", None, None),  # an item without its descriptor: AttributeError traceback
+])
+def test_damaged_lut_sequences_are_refused(tmp_path: Path, sequence: str, descriptor: list[int] | None,
+                                           data: list[int] | None) -> None:
+    ds = radiograph_dataset(synthetic_chest())
+    item = Dataset()
+    if descriptor is not None:
+        item.add_new("LUTDescriptor", "US", descriptor)
+        item.add_new("LUTData", "US", data)
+    if sequence == "ModalityLUTSequence":
+        item.add_new("ModalityLUTType", "LO", "US")
+    setattr(ds, sequence, [item])
+    ds.save_as(tmp_path / "lut.dcm", enforce_file_format=True)
+    with pytest.raises(RadtrtError, match="lut.dcm: invalid modality/VOI LUT or window"):
+        load_dicom_image(tmp_path / "lut.dcm")
+
+
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, RLELossless, JPEGLSLossless])
 def test_lossless_compressed_decodes_like_uncompressed(tmp_path: Path, syntax: str) -> None:
     raw = synthetic_chest()

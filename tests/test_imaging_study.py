@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,15 @@ def test_empty_folder_and_missing_path_are_refused(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     _refused(tmp_path / "empty", "no usable image")
     _refused(tmp_path / "nowhere", "no such file")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_fifo_is_never_opened(tmp_path: Path) -> None:
+    """Opening a FIFO blocks until a writer comes: a study (or a file in a study folder) hung forever."""
+    os.mkfifo(tmp_path / "pipe.dcm")
+    _refused(tmp_path / "pipe.dcm", "not a regular file or folder")
+    pa = _dx(tmp_path, "z_pa.dcm", "PA")
+    assert load_study(tmp_path).source_file == pa
 
 
 def test_single_lateral_file_is_used_and_its_view_reported(tmp_path: Path) -> None:

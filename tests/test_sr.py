@@ -109,3 +109,28 @@ def test_empty_report_is_refused(tmp_path: Path, dicom_source: SelectedImage) ->
     with pytest.raises(RadtrtError, match="empty"):
         write_sr("  \n", dicom_source, tmp_path, model_name="m", model_version="v")
     assert list(tmp_path.glob("*.dcm")) == []
+
+
+@pytest.mark.parametrize("keyword, value", [("PatientBirthDate", "1980-01-02"), ("StudyDate", "2020/01/02"),
+                                            ("StudyTime", "12:30:00"), ("PatientSex", "Male")])
+def test_non_conformant_patient_and_study_values_are_left_empty(tmp_path: Path, keyword: str, value: str) -> None:
+    """highdicom refused these with a ValueError quoting the value (a birth date in a traceback); Type 2
+    allows them empty, and everything else is still copied."""
+    source = write_radiograph(tmp_path / "in" / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    setattr(ds, keyword, value)
+    ds.save_as(source, enforce_file_format=True)
+    sr = pydicom.dcmread(write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1"))
+    assert getattr(sr, keyword) == "" and sr.PatientID == FAKE_PATIENT_ID
+    assert sr.StudyInstanceUID == ds.StudyInstanceUID
+
+
+def test_a_header_highdicom_refuses_is_one_line_without_its_values(tmp_path: Path, dicom_source: SelectedImage,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError(f"Unable to convert '{FAKE_PATIENT_NAME}'")
+
+    monkeypatch.setattr(sr_module.hd.sr, "ComprehensiveSR", refuse)
+    with pytest.raises(RadtrtError, match="pa.dcm: its DICOM header cannot be carried into an SR") as info:
+        write_sr(REPORT, dicom_source, tmp_path / "out", model_name="m", model_version="1")
+    assert FAKE_PATIENT_NAME not in str(info.value) and not (tmp_path / "out").exists()

@@ -257,7 +257,9 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
             if ds.get("VOILUTSequence"):
                 values = _integral(values)
             values = apply_voi_lut(values, ds, index=0)
-        except (ValueError, NotImplementedError, IndexError, TypeError) as exc:
+        # pydicom reads LUT data as declared by its descriptor: short data is a struct.error, an item
+        # without its descriptor an AttributeError
+        except (ValueError, NotImplementedError, IndexError, TypeError, KeyError, AttributeError, struct.error) as exc:
             fail(f"{name}: invalid modality/VOI LUT or window: {_one_line(str(exc))}")
         scaled = min_max_to_uint8(values, invert=photometric == "MONOCHROME1")
     elif photometric in _COLOUR:

@@ -37,6 +37,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pydicom.valuerep import DA, TM
 
 import radtrt
 from radtrt.errors import fail
@@ -53,16 +54,36 @@ _TYPE2_DEFAULTS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
                    "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
                    "ReferringPhysicianName")
 _BULK_GROUPS = (0x7FE0,)
+_VALIDATED = ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex")  # highdicom parses these
+
+
+def _conformant(keyword: str, value: object) -> bool:
+    """Whether highdicom will accept the source's value of a patient/study attribute it validates."""
+    if keyword == "PatientSex":
+        return str(value) in ("", "M", "F", "O")
+    try:
+        (TM if keyword == "StudyTime" else DA)(value)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _evidence_from_dicom(source: Dataset) -> Dataset:
-    """The source header without pixel data, with missing Type 2 attributes filled as empty."""
+    """The source header without pixel data, with missing Type 2 attributes filled as empty.
+
+    A date, time or sex in the source that is not valid DICOM (``1980-01-02``, ``12:30:00``, ``Male``:
+    common in hand-made exports) is left empty, as Type 2 allows: highdicom refuses to copy it, and its
+    error would carry the value itself, patient data, into a message.
+    """
     evidence = Dataset()
     for element in source:
         if element.tag.group not in _BULK_GROUPS:
             evidence.add(element)
     for keyword in _TYPE2_DEFAULTS:
         if keyword not in evidence:
+            setattr(evidence, keyword, "")
+    for keyword in _VALIDATED:
+        if evidence.get(keyword) not in (None, "") and not _conformant(keyword, evidence.get(keyword)):
             setattr(evidence, keyword, "")
     return evidence
 
@@ -127,7 +148,19 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
         fail("model name and version are needed to write a DICOM SR")
     from_dicom = source.dataset is not None
     evidence = _evidence_from_dicom(source.dataset) if from_dicom else _anonymous_evidence()
-    sr = hd.sr.ComprehensiveSR(
+    try:
+        sr = _document(report_text, evidence, from_dicom, model_name, model_version)
+    except (ValueError, TypeError, AttributeError) as e:  # the message may quote header values: not shown
+        fail(f"{source.source_file.name}: its DICOM header cannot be carried into an SR ({type(e).__name__} "
+             "from highdicom); no SR written")
+    if not from_dicom and "CurrentRequestedProcedureEvidenceSequence" in sr:
+        del sr.CurrentRequestedProcedureEvidenceSequence  # it would name a non-existent image
+    return sr
+
+
+def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name: str,
+              model_version: str) -> hd.sr.ComprehensiveSR:
+    return hd.sr.ComprehensiveSR(
         evidence=[evidence],
         content=_content(report_text, model_name, model_version,
                          evidence if from_dicom else None),
@@ -145,9 +178,6 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
         is_verified=False,
         specific_character_set="ISO_IR 192",
     )
-    if not from_dicom and "CurrentRequestedProcedureEvidenceSequence" in sr:
-        del sr.CurrentRequestedProcedureEvidenceSequence  # it would name a non-existent image
-    return sr
 
 
 def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_name: str,

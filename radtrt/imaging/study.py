@@ -60,7 +60,10 @@ class _Candidate:
 
 
 def _sniff(path: Path) -> str | None:
-    """Classify a file by its leading bytes: "DICOM", "RASTER" or None."""
+    """Classify a file by its leading bytes: "DICOM", "RASTER" or None (also for anything not a regular
+    file: opening a FIFO or a device would block or read forever)."""
+    if not path.is_file():
+        return None
     try:
         with path.open("rb") as handle:
             head = handle.read(_DICOM_MAGIC_OFFSET + 4)
@@ -161,5 +164,7 @@ def load_study(path: Path, *, allow_any_modality: bool = False) -> SelectedImage
         fail(f"{path.name or path}: no such file or folder")
     if path.is_dir():
         return _select_from_folder(path, allow_any_modality=allow_any_modality)
+    if not path.is_file():
+        fail(f"{path.name}: not a regular file or folder (a pipe, socket or device cannot be a study)")
     kind = _sniff(path) or "DICOM"  # unknown content: let the DICOM reader say why it is refused
     return _load(path, kind, allow_any_modality=allow_any_modality)

@@ -137,12 +137,18 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
             results = pipeline.generate(prepared, max_new_tokens=max_new_tokens)
         done += len(prepared)
         for result in results:
-            if sr_out is not None:
+            yield result
+            if sr_out is not None:  # after the report is out: an SR that cannot be written does not lose it
                 from radtrt.imaging.sr import write_sr
 
                 assert result.image is not None
-                write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
-                         model_version=__version__)
-            yield result
+                try:
+                    write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
+                             model_version=__version__)
+                except RadtrtError as e:
+                    if len(studies) == 1:
+                        raise
+                    failed += 1
+                    console.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
     if failed:
         fail(f"{failed} of {len(studies)} studies failed (see the lines above)")
