@@ -7,8 +7,11 @@ cannot be written) must end as one ``RadtrtError`` line, and must do so *before*
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from radtrt.errors import fail
 
@@ -81,3 +84,22 @@ def make_dir(path: Path, what: str = "output directory") -> Path:
     except OSError as e:
         fail(f"cannot create {what} {path}: {e.strerror}")
     return path
+
+
+@contextlib.contextmanager
+def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[Path]:
+    """Yield ``OUT.partial`` to fill, renamed to ``out`` (new or empty) only when the block ends without error:
+    an interrupted or failed export never leaves a half-written folder under the name the user asked for."""
+    check_new_dir(out, what)
+    work = out.with_name(out.name + ".partial")
+    if work.exists():  # radtrt's own name: what an interrupted run left
+        shutil.rmtree(work)
+    make_dir(work, f"{what} work folder")
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # the error itself goes on
+        raise
+    if out.exists():
+        out.rmdir()
+    work.rename(out)

@@ -222,6 +222,9 @@ def test_one_bad_study_among_several_keeps_the_others(merged: Path, tmp_path: Pa
     (["--backend", "onnxruntime", "--model", "{merged}"], "onnxruntime"),
     (["--backend", "cuda-magic", "--model", "{merged}"], "unknown backend"),
     (["--device", "cuda", "--model", "{merged}"], "CUDA"),
+    # the torch backend allocated its KV cache for them first: a 300 GB allocation failure, or past the positions
+    (["--model", "{merged}", "--max-new-tokens", "100000000"], "exceed the model's 512 positions"),
+    (["--model", "{merged}", "--indication", "x " * 600], "shorten --indication or lower --max-new-tokens"),
 ])
 def test_bad_options_exit_2(merged: Path, tmp_path: Path, args: list[str], match: str) -> None:
     if "--device" in args and torch.cuda.is_available():

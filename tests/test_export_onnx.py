@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -339,6 +340,39 @@ def test_damaged_manifest_is_refused(bundle: Path, studies: list[Path], tmp_path
         edits[damage](manifest)
         path.write_text(json.dumps(manifest))
     _refused(["infer", str(studies[0]), "--bundle", str(copy)], str(path))
+
+
+def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
+    return lambda m: m[section].update({key: value})
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set("decoder", "num_layers", 7), "decoder.num_layers is 7, the model's is 2"),  # a binding traceback
+    (_set("decoder", "kv_cache", "int4"), "kv_cache 'int4' unknown"),
+    (_set("decoder", "attention", "weird"), "attention 'weird'"),
+    (_set("vision", "image_size", 224), "vision.image_size is 224"),
+    (lambda m: m.update(format_version=str(m["format_version"])), "has format version '1'"),  # said "version 1 ... reads 1"
+])
+def test_manifest_fields_disagreeing_with_the_model_are_refused(bundle: Path, studies: list[Path], tmp_path: Path,
+                                                                  edit: Callable[[dict], None], match: str) -> None:
+    """The manifest is not hashed; the fields the runtime sizes its buffers from are checked against the
+    bundle's (hashed) model_config.json."""
+    copy = _copy(bundle, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)], match)
+
+
+def test_malformed_model_config_with_a_matching_hash_is_refused(bundle: Path, studies: list[Path],
+                                                                 tmp_path: Path) -> None:
+    copy = _copy(bundle, tmp_path)
+    config = copy / "model_config.json"
+    config.write_text('{"x": 1}')  # a KeyError traceback from the runtime
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["model_config.json"].update(sha256=sha256_file(config), bytes=config.stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)], "model config is malformed")
 
 
 def test_graph_onnxruntime_cannot_load_is_refused(bundle: Path, tmp_path: Path) -> None:

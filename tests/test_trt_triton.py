@@ -99,6 +99,9 @@ def test_repository_with_onnxruntime_vision(tmp_path: Path) -> None:
     assert pre == {"vocab_size": "512", "num_image_tokens": "16", "pixel_dtype": "float16"}
     with pytest.raises(RadtrtError, match="not empty"):
         write_triton_repo(bundle, repo, vision_backend="onnxruntime", decoder_engine=engine)
+    (tmp_path / "a-file").write_text("user data")  # NotADirectoryError traceback from iterdir()
+    with pytest.raises(RadtrtError, match="exists and is not a folder"):
+        write_triton_repo(bundle, tmp_path / "a-file", vision_backend="onnxruntime", decoder_engine=engine)
 
 
 def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
@@ -110,6 +113,7 @@ def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
     assert check_repo(repo)["vision"]["platform"] == "tensorrt_plan"
     with pytest.raises(RadtrtError, match="allows batch 8, below Triton's max batch 16"):
         write_triton_repo(bundle, tmp_path / "repo2", gpu=ORIN, decoder_engine=engine, max_batch=16)
+    assert not (tmp_path / "repo2").exists() and not (tmp_path / "repo2.partial").exists()  # nothing half-written
     fp32_out = make_fake_bundle(tmp_path / "b2", out_dtype=TensorProto.FLOAT)
     with pytest.raises(RadtrtError, match="outputs float32 but the decoder's prompt table is float16"):
         write_triton_repo(fp32_out, tmp_path / "repo3", vision_backend="onnxruntime", decoder_engine=engine)

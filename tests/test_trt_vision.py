@@ -74,7 +74,7 @@ def make_fake_bundle(root: Path, *, precision: str = "fp16", qdq: bool = False, 
     manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION,
                 "precision": "int8" if qdq else precision, "model": {"name": "tiny"}, "files": files,
                 "decoder": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "hidden_size": 64, "vocab_size": 512,
-                            "eos_token_id": 2},
+                            "eos_token_id": 2, "attention": "fused", "kv_cache": "float16"},
                 "vision": {"image_size": 56, "num_image_tokens": cfg.num_image_tokens}}
     (bundle / MANIFEST).write_text(json.dumps(manifest))
     return bundle

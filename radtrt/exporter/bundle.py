@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,18 +23,21 @@ import torch
 
 from radtrt import __version__
 from radtrt.errors import fail
-from radtrt.exporter.gqa import ATTENTION_KINDS, DEFAULT_ATTENTION, FusedAttention, describe as describe_attention
+from radtrt.exporter.gqa import (ATTENTION_KINDS, CACHE_TYPES, DEFAULT_ATTENTION, SEQLENS, FusedAttention,
+                                 describe as describe_attention)
 from radtrt.exporter.onnx import GRAPH_REVISION, OPSET, export_decoder, export_vision
+from radtrt.model.config import LlavaRadConfig
 from radtrt.model.fingerprint import config_sha256, weights_fingerprint
 from radtrt.model.io import read_json, save_tensors, sha256_file
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.loading import LoadedModel
 from radtrt.model.prompt import QUERY, QUERY_WITH_INDICATION, SYSTEM_V1
-from radtrt.outputs import check_new_dir, make_dir
+from radtrt.outputs import check_new_dir, new_dir_built_aside
 
 BUNDLE_FORMAT = "radtrt-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MODEL_CONFIG = "model_config.json"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -91,19 +93,8 @@ def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", pr
     dtype = PRECISIONS.get(precision, torch.float32)
     identity = {"config_sha256": config_sha256(loaded.model), BUNDLE_FINGERPRINT: bundle_fingerprint(loaded.model)}
     model = loaded.model.to(dtype).eval()
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)
-    make_dir(work, "bundle work folder")
-    try:
-        manifest = _export_into(work, loaded, model, precision, dtype, int8, attention, progress, identity)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # no half-written bundle left behind; the error itself goes on
-        raise
-    if out.exists():
-        out.rmdir()
-    work.rename(out)
-    return manifest
+    with new_dir_built_aside(out, "bundle directory") as work:
+        return _export_into(work, loaded, model, precision, dtype, int8, attention, progress, identity)
 
 
 def _export_into(work: Path, loaded: LoadedModel, model: LlavaRad, precision: str, dtype: torch.dtype, int8: Any,
@@ -165,7 +156,7 @@ def _write_side_files(loaded: LoadedModel, work: Path, dtype: torch.dtype, *, in
     else:
         save_tensors({"weight": table}, work / "embed_tokens.safetensors")
     loaded.tokenizer.save(work)
-    (work / "model_config.json").write_text(loaded.model.cfg.to_json())
+    (work / MODEL_CONFIG).write_text(loaded.model.cfg.to_json())
 
 
 def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[ExportStep],
@@ -231,7 +222,7 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
     if manifest.get("format") != BUNDLE_FORMAT:
         fail(f"{bundle} is not a radtrt bundle (format {manifest.get('format')!r})")
     if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
-        fail(f"bundle {bundle} has format version {manifest.get('format_version')} (written by radtrt "
+        fail(f"bundle {bundle} has format version {manifest.get('format_version')!r} (written by radtrt "
              f"{manifest.get('tools', {}).get('radtrt', '?')}); this radtrt {__version__} reads version "
              f"{BUNDLE_FORMAT_VERSION}: re-export it")
     problem = manifest_problem(manifest)
@@ -244,7 +235,37 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
                 fail(f"bundle {bundle} is missing {name}")
             if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
                 fail(f"bundle file {f} does not match its manifest hash (corrupt or modified): re-export the bundle")
+    if (bundle / MODEL_CONFIG).is_file():  # hashed above; the manifest itself is not, so it is checked against it
+        cfg = LlavaRadConfig.from_dict(read_json(bundle / MODEL_CONFIG), remedy="re-export the bundle")
+        problem = manifest_mismatch(manifest, cfg)
+        if problem:
+            fail(f"{path} does not match the bundle's {MODEL_CONFIG} ({problem}): re-export the bundle")
     return manifest
+
+
+def manifest_mismatch(manifest: dict[str, Any], cfg: LlavaRadConfig) -> str | None:
+    """Where the manifest's description of the graphs disagrees with the model they were exported from,
+    or with the graphs' recorded inputs (pure). The runtime sizes its KV buffers and binds its inputs from
+    these fields, so an edited one ended in an ONNX Runtime binding traceback."""
+    dec, vision = manifest["decoder"], manifest["vision"]
+    expected = {("decoder", "num_layers"): cfg.decoder.num_hidden_layers,
+                ("decoder", "num_kv_heads"): cfg.decoder.num_key_value_heads,
+                ("decoder", "head_dim"): cfg.decoder.head_dim, ("decoder", "hidden_size"): cfg.decoder.hidden_size,
+                ("decoder", "vocab_size"): cfg.decoder.vocab_size, ("vision", "image_size"): cfg.vision.img_size,
+                ("vision", "num_image_tokens"): cfg.num_image_tokens}
+    for (section, key), value in expected.items():
+        if manifest[section].get(key) != value:
+            return f"{section}.{key} is {manifest[section].get(key)!r}, the model's is {value}"
+    if dec.get("attention") not in ATTENTION_KINDS or dec.get("kv_cache") not in CACHE_TYPES:
+        return f"decoder attention {dec.get('attention')!r} / kv_cache {dec.get('kv_cache')!r} unknown"
+    inputs = manifest.get("graphs", {}).get("decoder.onnx", {}).get("inputs")
+    if isinstance(inputs, dict):
+        layers = cfg.decoder.num_hidden_layers
+        if f"past_key.{layers - 1}" not in inputs or f"past_key.{layers}" in inputs:
+            return f"the decoder graph's inputs are not those of {layers} layers"
+        if (SEQLENS in inputs) != (dec["attention"] == "fused"):
+            return f"decoder attention {dec['attention']!r} but the graph's inputs say otherwise"
+    return None
 
 
 def manifest_problem(manifest: dict[str, Any]) -> str | None:

@@ -33,6 +33,7 @@ from radtrt.errors import RadtrtError, fail
 from radtrt.exporter.gpu import GpuInfo, require_gpu
 from radtrt.exporter.tensorrt import find_vision_engine, inspect_onnx, read_vision_manifest
 from radtrt.exporter.trtllm import find_decoder_engine
+from radtrt.outputs import check_new_dir, new_dir_built_aside
 
 TRITON_DTYPES = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16"}
 NP_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -296,8 +297,7 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
                       kv_cache_free_gpu_mem_fraction: float = 0.85) -> Path:
     """Write the repository; engines come from the bundle (built for ``gpu``) unless given explicitly."""
     manifest = read_vision_manifest(bundle, extra=SIDE_FILES)
-    if out.exists() and any(out.iterdir()):
-        fail(f"Triton repository {out} already exists and is not empty")
+    check_new_dir(out, "Triton repository")
     if vision_backend not in ("tensorrt", "onnxruntime"):
         fail(f"unknown vision backend '{vision_backend}' for Triton (tensorrt, onnxruntime)")
     onnx = inspect_onnx(bundle / "vision.onnx")
@@ -315,6 +315,13 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
                     max_batch)
     platform = "tensorrt_plan" if vision_backend == "tensorrt" else "onnxruntime_onnx"
     configs = model_configs(spec, platform, decoder_engine.resolve(), kv_cache_free_gpu_mem_fraction)
+    with new_dir_built_aside(out, "Triton repository") as work:
+        _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch)
+    return out
+
+
+def _fill_repo(out: Path, bundle: Path, manifest: dict[str, Any], configs: dict[str, dict[str, Any]],
+               vision_backend: str, gpu: GpuInfo | None, max_batch: int) -> None:
     for name, cfg in configs.items():
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         (out / name / "config.pbtxt").write_text(to_pbtxt(cfg))
@@ -335,7 +342,6 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
         for f in SIDE_FILES:
             shutil.copyfile(bundle / f, folder / f)
     check_repo(out)
-    return out
 
 
 # --- the Python-backend models (their pure parts are tested without Triton) ------------------------

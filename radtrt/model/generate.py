@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from radtrt.errors import fail
 from radtrt.model.decoder import LlamaForCausalLM, causal_mask
 
 MAX_NEW_TOKENS = 256
@@ -56,6 +57,14 @@ def clock(device: torch.device) -> float:
 
 
 @torch.no_grad()
+def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int) -> None:
+    """Refuse a generation longer than the model's positions before its KV cache is allocated (a huge
+    --max-new-tokens was an allocation failure), with the same words on every backend."""
+    if prompt_length + max_new_tokens > max_positions:
+        fail(f"the prompt ({prompt_length} positions, with the image) + {max_new_tokens} new tokens exceed the "
+             f"model's {max_positions} positions; shorten --indication or lower --max-new-tokens")
+
+
 def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_token_id: int,
                     max_new_tokens: int = MAX_NEW_TOKENS, keep_logits: bool = False) -> Generation:
     if max_new_tokens < 1:
@@ -63,6 +72,7 @@ def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_tok
     x, valid = left_pad(embeds)
     batch, length = valid.shape
     total = length + max_new_tokens
+    check_positions(length, max_new_tokens, lm.cfg.max_position_embeddings)
     key_valid = torch.zeros(batch, total, dtype=torch.bool, device=x.device)
     key_valid[:, :length] = valid
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)

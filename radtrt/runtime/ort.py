@@ -23,7 +23,7 @@ from radtrt.errors import fail
 from radtrt.exporter.bundle import load_embedding_table, read_manifest
 from radtrt.exporter.gqa import SEQLENS, io_names as gqa_io_names
 from radtrt.exporter.onnx import decoder_io_names
-from radtrt.model.generate import Generation
+from radtrt.model.generate import Generation, check_positions
 from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
 
@@ -122,7 +122,7 @@ class OrtBackend:
             fail(f"{bundle / 'decoder.onnx'} has no past_key.0 input of a KV-cache type radtrt knows ({past_type}); "
                  f"re-export the bundle with this radtrt")
         self.kv_dtype = np.dtype(ORT_TYPES[past_type])
-        # GroupQueryAttention's rotary tables stop at the model's max_position_embeddings
+        # every backend refuses to generate past the model's positions (GroupQueryAttention's rotary tables end there)
         self.max_positions = read_json(bundle / "model_config.json")["decoder"]["max_position_embeddings"]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -156,6 +156,7 @@ class OrtBackend:
 
         if max_new_tokens < 1:
             return Generation([[] for _ in embeds])
+        check_positions(max(e.shape[0] for e in embeds), max_new_tokens, self.max_positions)  # before any buffer
         if self.fused:
             return self._generate_fused(embeds, max_new_tokens, eos_token_id, keep_logits)
         batch, length = len(embeds), max(e.shape[0] for e in embeds)
@@ -245,9 +246,7 @@ class OrtBackend:
                               keep_logits: bool) -> Generation:
         inputs, outputs = gqa_io_names(self.num_layers)
         batch, length = x.shape[:2]
-        if length + max_new_tokens > self.max_positions:
-            fail(f"prompt ({length} positions) + {max_new_tokens} new tokens exceed the {self.max_positions} positions "
-                 f"this bundle's fused-attention decoder supports; lower --max-new-tokens")
+        check_positions(length, max_new_tokens, self.max_positions)
         shape = (batch, self.num_kv, length + max_new_tokens, self.head_dim)
         buffers = [self._cache_buffer(shape) for _ in range(2 * self.num_layers)]
         binding = self.decoder.io_binding()
