@@ -528,7 +528,7 @@ def test_int8_kv_cache_bundle_generates_close_to_fp32_and_batches_one_by_one(int
     both = ort.generate(embeds, eos_token_id=-1, max_new_tokens=8, keep_logits=True)
     alone = [ort.generate([e], eos_token_id=-1, max_new_tokens=8).token_ids[0] for e in embeds]
     assert both.token_ids == alone and both.first_logits is not None and both.first_logits.shape[0] == 2
-    with pytest.raises(RadtrtError, match="exceed the 512 positions"):  # GQA's rotary tables end there
+    with pytest.raises(RadtrtError, match="exceed the model's 512 positions"):  # GQA's rotary tables end there
         ort.generate(embeds[:1], eos_token_id=-1, max_new_tokens=512)
 
 
