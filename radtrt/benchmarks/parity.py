@@ -199,7 +199,8 @@ def label_f1_drop_interval(studies: Sequence[StudyParity]) -> list[float]:
         sums = resampled_sums(idx, per_study)
         return micro_f1(*sums[:, :3].T) - micro_f1(*sums[:, 3:].T)
 
-    return _interval(bootstrap(0.0, len(studies), statistic, BootstrapConfig()))
+    point = float(statistic(np.arange(len(studies))[None])[0])  # all studies once: label_f1's difference
+    return _interval(bootstrap(point, len(studies), statistic, BootstrapConfig()))
 
 
 @dataclass
