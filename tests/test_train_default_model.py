@@ -14,7 +14,7 @@ from radtrt.data.phantom_set import write_phantom_set
 from radtrt.model.loading import load_model
 from radtrt.runtime.backends import TorchBackend
 from radtrt.runtime.pipeline import Pipeline
-from radtrt.training.default_model import default_model_dir
+from radtrt.model.default_model import default_model_dir
 
 
 def test_default_model_is_small_and_loads() -> None:

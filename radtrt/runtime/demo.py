@@ -13,7 +13,7 @@ from pathlib import Path
 from radtrt.data.phantom_set import write_phantom_set
 from radtrt.exporter.bundle import export_bundle
 from radtrt.model.loading import load_model
-from radtrt.training.default_model import default_model_dir
+from radtrt.model.default_model import default_model_dir
 
 
 def make_demo(out: Path, seed: int = 2) -> tuple[Path, Path, dict]:

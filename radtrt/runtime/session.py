@@ -47,7 +47,7 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
     if model is None:
-        from radtrt.training.default_model import default_model_dir
+        from radtrt.model.default_model import default_model_dir
 
         model = default_model_dir(console)
     with console.status(f"loading model from {model}"):
