@@ -8,12 +8,15 @@ cannot be written) must end as one ``RadtrtError`` line, and must do so *before*
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from radtrt.errors import fail
+
+WORK_MARKER = ".radtrt-unfinished"  # inside OUT.partial while radtrt builds an output folder there
 
 
 def check_creatable(path: Path, what: str) -> None:
@@ -65,15 +68,32 @@ def check_new_file(path: Path, what: str = "output file") -> None:
     check_creatable(path, what)
 
 
-def write_text(path: Path, text: str, what: str) -> None:
-    """Write ``text`` whole or not at all (through ``NAME.partial``); a full disk or a vanished folder is a
-    user error, and never leaves half a file under the final name."""
-    tmp = path.with_name(path.name + ".partial")
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a new temporary file beside ``path`` to write; it replaces ``path`` when the block succeeds and
+    is removed when it fails. The name is fresh (``mkstemp``), never a fixed ``NAME.partial`` that could be
+    a user's file."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would make every output private to its writer
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         tmp.replace(path)
-    except OSError as e:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str, what: str) -> None:
+    """Write ``text`` whole or not at all; a full disk or a vanished folder is a user error, and never
+    leaves half a file under the final name."""
+    try:
+        with replaced_atomically(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
         fail(f"cannot write {what} {path}: {e.strerror}")
 
 
@@ -92,14 +112,18 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
     an interrupted or failed export never leaves a half-written folder under the name the user asked for."""
     check_new_dir(out, what)
     work = out.with_name(out.name + ".partial")
-    if work.exists():  # radtrt's own name: what an interrupted run left
-        shutil.rmtree(work)
+    if work.is_symlink() or work.exists():
+        if not (work.is_dir() and not work.is_symlink() and (work / WORK_MARKER).is_file()):
+            fail(f"{work} is in the way of the {what} (radtrt builds it there first); move it or choose another -o")
+        shutil.rmtree(work)  # what an interrupted run of radtrt left (its marker says so)
     make_dir(work, f"{what} work folder")
+    (work / WORK_MARKER).write_text("an unfinished radtrt output; safe to delete\n")
     try:
         yield work
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # the error itself goes on
         raise
+    (work / WORK_MARKER).unlink()
     if out.exists():
         out.rmdir()
     work.rename(out)

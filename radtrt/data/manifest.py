@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from radtrt.errors import fail
+from radtrt.outputs import replaced_atomically
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,9 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Write atomically (temporary file, then rename): a crash never leaves half a manifest."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as handle:
+    with replaced_atomically(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-    tmp.replace(path)
     return path

@@ -46,6 +46,7 @@ file (never patient data):
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,13 +150,19 @@ def check_image_object(ds: Dataset, name: str) -> None:
     fail(f"{name}: not an image ({_sop_class_name(ds)}, no pixel data)")
 
 
+def _shown_code(value: str) -> str:
+    """A code-string attribute's value for a message, only when it looks like one (DICOM CS: at most 16
+    upper-case letters, digits, spaces, underscores); a damaged or hand-edited header can hold a name there."""
+    return repr(value) if re.fullmatch(r"[A-Z0-9 _]{1,16}", value) else "(a value that is not a DICOM code)"
+
+
 def check_modality(ds: Dataset, name: str, *, allow_any_modality: bool) -> str | None:
     """Return the modality; refuse non-radiograph modalities unless explicitly allowed."""
     modality = str(ds.get("Modality", "") or "").strip().upper() or None
     if allow_any_modality or modality in ACCEPTED_MODALITIES:
         return modality
     accepted = ", ".join(ACCEPTED_MODALITIES)
-    shown = f"modality {modality!r}" if modality else "missing modality"
+    shown = f"modality {_shown_code(modality)}" if modality else "missing modality"
     fail(
         f"{name}: {shown} is not a chest radiograph (accepted: {accepted}); "
         "use --allow-any-modality to override"
@@ -265,7 +272,7 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
     elif photometric in _COLOUR:
         scaled = min_max_to_uint8(rgb_to_grey(arr))
     else:
-        fail(f"{name}: photometric interpretation {photometric!r} is not supported")
+        fail(f"{name}: photometric interpretation {_shown_code(photometric)} is not supported")
     if scaled is None:
         fail(f"{name}: image has no contrast (all pixel values equal)")
     return equalize_histogram(scaled)

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from radtrt.errors import fail
+from radtrt.outputs import replaced_atomically
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -79,12 +80,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write safetensors atomically: a crash never leaves a half-written weight file behind."""
-    tmp = path.with_name(path.name + ".partial")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        tmp.replace(path)
+        with replaced_atomically(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     except (SafetensorError, OSError) as e:
-        tmp.unlink(missing_ok=True)
         fail(f"cannot write {path}: {e}")
 
 

@@ -1,0 +1,57 @@
+"""Output writing never touches a user's file: fresh temporary names, and a build folder radtrt can prove is its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from radtrt.errors import RadtrtError
+from radtrt.model.io import load_tensors, save_tensors
+from radtrt.outputs import WORK_MARKER, new_dir_built_aside, write_text
+
+
+def test_atomic_writes_leave_a_users_partial_file_alone(tmp_path: Path) -> None:
+    """'calibrate -o c.safetensors' wrote through c.safetensors.partial and renamed it: a user's file of that
+    name was destroyed."""
+    for name in ("c.safetensors.partial", "r.md.partial"):
+        (tmp_path / name).write_text("precious")
+    save_tensors({"x": torch.ones(2)}, tmp_path / "c.safetensors")
+    write_text(tmp_path / "r.md", "# report", "report")
+    assert torch.equal(load_tensors(tmp_path / "c.safetensors")["x"], torch.ones(2))
+    assert (tmp_path / "r.md").read_text() == "# report"
+    assert all((tmp_path / n).read_text() == "precious" for n in ("c.safetensors.partial", "r.md.partial"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "c.safetensors.partial", "r.md",
+                                                          "r.md.partial"]  # no temporary file left
+    assert (tmp_path / "r.md").stat().st_mode & 0o044  # readable by others as umask allows, not mkstemp's 0600
+
+
+def test_build_folder_that_is_not_radtrts_is_refused(tmp_path: Path) -> None:
+    """'export -o OUT' deleted a user's folder named OUT.partial (say, the model being exported)."""
+    user = tmp_path / "out.partial"
+    user.mkdir()
+    (user / "model.safetensors").write_text("weights")
+    with pytest.raises(RadtrtError, match="out.partial is in the way"):
+        with new_dir_built_aside(tmp_path / "out"):
+            pass
+    assert (user / "model.safetensors").read_text() == "weights" and not (tmp_path / "out").exists()
+    (tmp_path / "f.partial").write_text("x")
+    with pytest.raises(RadtrtError, match="in the way"):  # a file there was a NotADirectoryError traceback
+        with new_dir_built_aside(tmp_path / "f"):
+            pass
+
+
+def test_build_folder_left_by_an_interrupted_run_is_replaced(tmp_path: Path) -> None:
+    left = tmp_path / "out.partial"
+    left.mkdir()
+    (left / WORK_MARKER).write_text("")
+    (left / "half.onnx").write_text("x")
+    with new_dir_built_aside(tmp_path / "out") as work:
+        assert work == left and not (work / "half.onnx").exists()
+        (work / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json"] and not left.exists()
+    with pytest.raises(ValueError):
+        with new_dir_built_aside(tmp_path / "out2"):
+            raise ValueError("export failed")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()
