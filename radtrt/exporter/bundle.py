@@ -32,7 +32,7 @@ from radtrt.model.io import read_json, save_tensors, sha256_file
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.loading import LoadedModel
 from radtrt.model.prompt import QUERY, QUERY_WITH_INDICATION, SYSTEM_V1
-from radtrt.outputs import check_new_dir, new_dir_built_aside
+from radtrt.outputs import WORK_MARKER, check_new_dir, new_dir_built_aside
 
 BUNDLE_FORMAT = "radtrt-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -165,7 +165,7 @@ def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[Exp
 
     cfg = loaded.model.cfg
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(work.iterdir()) if p.is_file() and p.name != MANIFEST}
+             for p in sorted(work.iterdir()) if p.is_file() and p.name not in (MANIFEST, WORK_MARKER)}
     graphs, protos = {}, {}
     for name in ("vision.onnx", "decoder.onnx"):
         proto = protos[name] = onnx.load(str(work / name), load_external_data=False)
