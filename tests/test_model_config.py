@@ -28,10 +28,21 @@ def test_presets_are_valid_and_round_trip(name: str) -> None:
     ("vision", "num_heads", 5, "do not fit"),
     ("vision", "depth", True, "is not a int"),
     ("vision", "mlp_ratio", "4", "is not a float"),
+    # each of these was a traceback (or a hang) when the model was built or run
+    ("decoder", "hidden_size", 10**12, "is above"),  # torch's storage-size overflow
+    ("decoder", "num_hidden_layers", 10**9, "is above 1024"),  # built layers for ever
+    ("vision", "mlp_ratio", -4, "mlp_ratio"),
+    ("vision", "init_values", "abc", "init_values"),
+    (None, "mm_vision_select_layer", "x", "mm_vision_select_layer"),
+    (None, "mm_vision_select_layer", 100, "not a hidden state of a 3-block trunk"),  # wrapped around silently
+    (None, "mm_vision_select_feature", "bogus", "mm_vision_select_feature"),
+    (None, "image_mean", [1, 2], "image_mean"),
+    (None, "image_mean", "abc", "image_mean"),
+    (None, "image_std", [0, 0, 0], "image_std"),
 ])
-def test_malformed_values_are_refused(part: str, key: str, value: object, match: str) -> None:
+def test_malformed_values_are_refused(part: str | None, key: str, value: object, match: str) -> None:
     d = json.loads(preset("tiny").to_json())
-    d[part][key] = value
+    (d if part is None else d[part])[key] = value
     with pytest.raises(RadtrtError, match=match):
         LlavaRadConfig.from_dict(d)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,31 @@ def test_sharded_pickle_base_model(broken_copy: TinyRelease, tiny_release: TinyR
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(5))
     assert _ours(broken_copy.release_dir, base, pixels, None, 8) == _ours(
         tiny_release.release_dir, tiny_release.base_dir, pixels, None, 8)
+
+
+def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def _edit_pickle(path: Path, edit: Callable[[dict], dict]) -> None:
+    torch.save(edit(torch.load(path, weights_only=True)), path)
+
+
+@pytest.mark.parametrize("damage, match", [  # each was a traceback (ZeroDivisionError, KeyError, AttributeError...)
+    (lambda rel: _edit_json(rel / "adapter_config.json", lambda d: d.update(r=0)), "r must be at least 1"),
+    (lambda rel: _edit_json(rel / "adapter_config.json", lambda d: d.pop("r")), "no usable r / lora_alpha"),
+    (lambda rel: _edit_json(rel / "adapter_config.json", lambda d: d.update(lora_alpha="x")), "no usable r"),
+    (lambda rel: _edit_pickle(rel / "adapter_model.bin", lambda d: {1: next(iter(d.values()))}), "not a named tensor"),
+    (lambda rel: _edit_pickle(rel / "non_lora_trainables.bin", lambda d: {k: 1 for k in d}), "not a named tensor"),
+    (lambda rel: _edit_json(rel / "config.json", lambda d: d.update(num_attention_heads=0)), "must be positive"),
+    (lambda rel: _edit_json(rel / "config.json", lambda d: d.update(eos_token_id=[])), "empty list"),
+    (lambda rel: _edit_json(rel / "config.json", lambda d: d.update(mm_vision_select_layer="x")), "malformed"),
+    (lambda rel: (rel / "adapter_config.json").unlink(), "no adapter_config.json"),  # silently ran the bare base
+])
+def test_damaged_release_files_are_one_line(broken_copy: TinyRelease, damage: Callable[[Path], None],
+                                            match: str) -> None:
+    damage(broken_copy.release_dir)
+    with pytest.raises(RadtrtError, match=match):
+        load_model(broken_copy.release_dir, broken_copy.base_dir)

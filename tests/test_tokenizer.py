@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -48,3 +49,18 @@ def test_our_prompt_builder_matches_the_released_template() -> None:
             expected = case["prompt"]
             got = build_prompt(build_query(case["indication"]))
             assert got == expected or got == build_prompt(expected.split("USER: <image>\n")[1].rsplit(" ASSISTANT:", 1)[0])
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / "tokenizer.model").write_bytes(b""), "tokenizer.model is empty"),  # failed at the first encode
+    (lambda d: (d / "tokenizer_config.json").write_text("[1]"), "is not a JSON object"),
+    (lambda d: (d / "tokenizer_config.json").write_bytes(b"\xff\xfe{"), "is not valid JSON"),
+])
+def test_damaged_tokenizer_files_are_one_line(tmp_path: Path, damage: Callable[[Path], None], match: str) -> None:
+    from radtrt.errors import RadtrtError
+    from radtrt.model.tiny import train_tiny_tokenizer
+
+    train_tiny_tokenizer().save(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(RadtrtError, match=match):
+        LlamaSPTokenizer.from_dir(tmp_path)

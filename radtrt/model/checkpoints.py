@@ -27,6 +27,8 @@ def open_clip_to_trunk(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
         fail("open_clip checkpoint's 'state_dict' is not a dict")
     trunk = {}
     for key, value in sd.items():
+        if not isinstance(key, str):  # not a weight name: nothing of the trunk
+            continue
         key = key.removeprefix("module.")
         if key.startswith(OPEN_CLIP_TRUNK_PREFIX) and isinstance(value, torch.Tensor):
             trunk[key[len(OPEN_CLIP_TRUNK_PREFIX):]] = value
@@ -39,13 +41,24 @@ def trunk_to_open_clip(trunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {OPEN_CLIP_TRUNK_PREFIX + k: v for k, v in trunk.items()}
 
 
+def named_tensors(state: dict[Any, Any], what: str) -> dict[str, torch.Tensor]:
+    """``state`` itself, once every entry is checked to be a tensor under a string name (pure).
+
+    Why: a weights-only pickle may hold any plain data; an int key or a number in place of a tensor
+    otherwise fails later as an AttributeError deep in the mapping."""
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            fail(f"{what} holds {type(key).__name__} {key!r} -> {type(value).__name__}, not a named tensor")
+    return state
+
+
 def non_lora_to_projector(non_lora: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split ``non_lora_trainables.bin`` into projector weights and any decoder weights it overrides.
 
     Same prefix stripping as the released loader: ``base_model.`` then, when keys start with
     ``model.model.``, one ``model.``. Returns (projector state, decoder overrides in HF names).
     """
-    sd = {k.removeprefix("base_model."): v for k, v in non_lora.items()}
+    sd = {k.removeprefix("base_model."): v for k, v in named_tensors(non_lora, "non_lora_trainables.bin").items()}
     if any(k.startswith("model.model.") for k in sd):
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
     projector, decoder = {}, {}
@@ -66,8 +79,13 @@ def projector_to_non_lora(projector: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def lora_scaling(adapter_config: dict[str, Any], module: str) -> tuple[int, float]:
-    r = int(adapter_config.get("rank_pattern", {}).get(module, adapter_config["r"]))
-    alpha = float(adapter_config.get("alpha_pattern", {}).get(module, adapter_config["lora_alpha"]))
+    try:
+        r = int((adapter_config.get("rank_pattern") or {}).get(module, adapter_config["r"]))
+        alpha = float((adapter_config.get("alpha_pattern") or {}).get(module, adapter_config["lora_alpha"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        fail(f"adapter_config.json has no usable r / lora_alpha for '{module}' ({type(e).__name__}: {e})")
+    if r < 1 or not math.isfinite(alpha):
+        fail(f"adapter_config.json gives '{module}' r={r}, lora_alpha={alpha}: r must be at least 1")
     return r, alpha / (math.sqrt(r) if adapter_config.get("use_rslora") else r)
 
 
@@ -81,8 +99,10 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
         fail(f"adapter type {adapter_config.get('peft_type')} is not supported (only LoRA)")
     if adapter_config.get("fan_in_fan_out") or adapter_config.get("use_dora"):
         fail("LoRA with fan_in_fan_out or DoRA is not supported")
+    if not isinstance(adapter_config, dict):
+        fail("adapter_config.json is not a JSON object")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in adapter.items():
+    for key, value in named_tensors(adapter, "the LoRA adapter weights").items():
         name = key.removeprefix("base_model.model.").replace(".default", "")
         for part in ("lora_A", "lora_B"):
             marker = f".{part}.weight"
@@ -98,7 +118,8 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
             fail(f"LoRA adapter targets '{module}', which the base decoder does not have (wrong base model?)")
         base = merged[target]
         a, b = ab["lora_A"].float(), ab["lora_B"].float()
-        if a.shape[1] != base.shape[1] or b.shape[0] != base.shape[0]:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.shape[1] or b.shape[0] != base.shape[0] \
+                or b.shape[1] != a.shape[0]:
             fail(f"LoRA weights for '{module}' have shape {tuple(b.shape)}x{tuple(a.shape)}, the base weight "
                  f"{tuple(base.shape)}: the base model is not the one this adapter was trained on")
         _, scale = lora_scaling(adapter_config, module.rsplit(".", 1)[-1])

@@ -123,6 +123,8 @@ class DecoderConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
         if isinstance(kwargs.get("eos_token_id"), list):
+            if not kwargs["eos_token_id"]:
+                fail("LLaMA config.json is malformed: eos_token_id is an empty list")
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         kwargs.setdefault("num_key_value_heads", hf.get("num_attention_heads", cls.num_attention_heads))
         try:
@@ -177,6 +179,8 @@ class LlavaRadConfig:
 
 
 _SCALAR_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+_COUNTS = ("depth", "num_heads", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+_MAX_COUNT, _MAX_SIZE = 1024, 2**20  # Vicuna-7B: 32 layers, 32 heads; widths, vocabulary and positions <= 32000
 _POSITIVE = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "vocab_size", "hidden_size",
              "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "max_position_embeddings")
@@ -195,6 +199,27 @@ def config_problem(cfg: LlavaRadConfig) -> str | None:
             if f.name in _POSITIVE and value <= 0:
                 return f"{f.name} = {value} must be positive"
     v, d = cfg.vision, cfg.decoder
+    for part in (v, d):  # a size of 10**12 overflowed torch's storage, a depth of 10**9 built layers for ever
+        for name in _POSITIVE:
+            limit = _MAX_COUNT if name in _COUNTS else _MAX_SIZE
+            if getattr(part, name, 0) > limit:
+                return f"{name} = {getattr(part, name)} is above {limit}"
+    if not (isinstance(v.mlp_ratio, (int, float)) and 0 < v.mlp_ratio <= 64):
+        return f"vision mlp_ratio = {v.mlp_ratio!r} must be a positive number"
+    if v.init_values is not None and (isinstance(v.init_values, bool) or not isinstance(v.init_values, (int, float))):
+        return f"vision init_values = {v.init_values!r} must be a number or null"
+    if isinstance(cfg.mm_vision_select_layer, bool) or not isinstance(cfg.mm_vision_select_layer, int) \
+            or not -(v.depth + 1) <= cfg.mm_vision_select_layer <= v.depth:  # LLaVA indexes the depth + 1 hidden states
+        return f"mm_vision_select_layer = {cfg.mm_vision_select_layer!r} is not a hidden state of a {v.depth}-block trunk"
+    if cfg.mm_vision_select_feature not in ("patch", "cls_patch"):
+        return f"mm_vision_select_feature = {cfg.mm_vision_select_feature!r} is not 'patch' or 'cls_patch'"
+    for key in ("image_mean", "image_std"):
+        values = getattr(cfg, key)
+        if not (isinstance(values, tuple) and len(values) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values)):
+            return f"{key} = {values!r} is not three numbers"
+    if any(x <= 0 for x in cfg.image_std):
+        return f"image_std = {cfg.image_std} must be positive"
     if v.embed_dim % v.num_heads or v.img_size < v.patch_size:
         return f"vision embed_dim {v.embed_dim} / num_heads {v.num_heads} / img_size {v.img_size} do not fit"
     if d.hidden_size % d.num_attention_heads or d.num_attention_heads % d.num_key_value_heads:

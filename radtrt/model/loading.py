@@ -20,7 +20,7 @@ import torch
 from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
-from radtrt.model.config import DecoderConfig, LlavaRadConfig, VisionConfig
+from radtrt.model.config import DecoderConfig, LlavaRadConfig, VisionConfig, config_problem
 from radtrt.model.decoder import Rotary
 from radtrt.model.io import hf_weight_files, load_tensors, read_json, safetensors_header, save_tensors
 from radtrt.model.llava_rad import LlavaRad
@@ -93,8 +93,10 @@ def _instantiate(cfg: LlavaRadConfig, state: dict[str, torch.Tensor], dtype: tor
 
 def _load_toolkit(model_dir: Path, dtype: torch.dtype) -> LoadedModel:
     meta = read_json(model_dir / "config.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        fail(f"{model_dir}/config.json has no 'model' section: not a radtrt model folder, or damaged")
     if meta.get("format_version") != TOOLKIT_FORMAT_VERSION:
-        fail(f"{model_dir} was written by radtrt format {meta.get('format_version')}, this radtrt reads "
+        fail(f"{model_dir} was written by radtrt format {meta.get('format_version')!r}, this radtrt reads "
              f"format {TOOLKIT_FORMAT_VERSION}: re-run 'radtrt convert'")
     cfg = LlavaRadConfig.from_dict(meta["model"])
     model = _instantiate(cfg, load_tensors(model_dir / WEIGHTS_FILE), dtype, str(model_dir))
@@ -157,6 +159,8 @@ def _check_vocab(tokenizer: LlamaSPTokenizer, cfg: DecoderConfig, where: Path) -
 def release_config(release_dir: Path) -> tuple[LlavaRadConfig, dict[str, Any]]:
     """radtrt config from a release ``config.json`` (parsed here: transformers' llava class differs)."""
     hf = read_json(release_dir / "config.json")
+    if not isinstance(hf, dict):
+        fail(f"{release_dir}/config.json is not a JSON object")
     vision_json = hf.get("mm_vision_tower_config") or DEFAULT_VISION_JSON
     if isinstance(vision_json, str):
         vision_json = read_json(release_dir / Path(vision_json).name)
@@ -166,13 +170,19 @@ def release_config(release_dir: Path) -> tuple[LlavaRadConfig, dict[str, Any]]:
         if hf.get(key) not in allowed:
             fail(f"{release_dir}/config.json sets {key}={hf.get(key)}; LLaVA-Rad uses neither image start/end "
                  f"nor patch tokens and radtrt supports only that")
-    cfg = LlavaRadConfig(
-        vision=VisionConfig.from_open_clip(vision_json),
-        decoder=DecoderConfig.from_hf(hf),
-        projector_type=hf.get("mm_projector_type", "linear"),
-        mm_vision_select_layer=int(hf.get("mm_vision_select_layer", -2)),
-        mm_vision_select_feature=hf.get("mm_vision_select_feature", "patch"),
-    )
+    try:  # a field of the wrong kind anywhere in the two JSON files
+        cfg = LlavaRadConfig(
+            vision=VisionConfig.from_open_clip(vision_json),
+            decoder=DecoderConfig.from_hf(hf),
+            projector_type=hf.get("mm_projector_type", "linear"),
+            mm_vision_select_layer=int(hf.get("mm_vision_select_layer", -2)),
+            mm_vision_select_feature=hf.get("mm_vision_select_feature", "patch"),
+        )
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError, ZeroDivisionError) as e:
+        fail(f"{release_dir}: config.json or its vision tower JSON is malformed ({type(e).__name__}: {e})")
+    problem = config_problem(cfg)
+    if problem:
+        fail(f"{release_dir}: config.json or its vision tower JSON is malformed ({problem})")
     if hf.get("mm_hidden_size", cfg.vision.embed_dim) != cfg.vision.embed_dim:
         fail(f"config.json mm_hidden_size {hf['mm_hidden_size']} disagrees with the vision trunk width "
              f"{cfg.vision.embed_dim}")
@@ -184,7 +194,12 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     if not base_dir.is_dir():
         fail(f"base model directory not found: {base_dir}")
     base_hf = read_json(base_dir / "config.json")
+    if not isinstance(base_hf, dict):
+        fail(f"{base_dir}/config.json is not a JSON object")
     base_cfg = DecoderConfig.from_hf(base_hf)
+    problem = config_problem(LlavaRadConfig(decoder=base_cfg))
+    if problem:
+        fail(f"base model {base_dir}/config.json is malformed ({problem})")
     for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if getattr(base_cfg, name) != getattr(cfg.decoder, name):
             fail(f"base model {base_dir} has {name}={getattr(base_cfg, name)}, LLaVA-Rad expects "
@@ -195,10 +210,13 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     projector, overrides = ck.non_lora_to_projector(load_tensors(release_dir / "non_lora_trainables.bin"))
     decoder.update(overrides)
     adapter_cfg_file = release_dir / "adapter_config.json"
+    adapter_file = next((release_dir / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                         if (release_dir / n).is_file()), None)
+    if adapter_file is not None and not adapter_cfg_file.is_file():  # merging nothing would run the bare base
+        fail(f"{release_dir} has {adapter_file.name} but no adapter_config.json to merge it with")
     if adapter_cfg_file.is_file():
-        adapter_file = next((release_dir / n for n in ("adapter_model.safetensors", "adapter_model.bin")
-                             if (release_dir / n).is_file()), release_dir / "adapter_model.bin")
-        decoder = ck.merge_lora(decoder, load_tensors(adapter_file), read_json(adapter_cfg_file))
+        decoder = ck.merge_lora(decoder, load_tensors(adapter_file or release_dir / "adapter_model.bin"),
+                                read_json(adapter_cfg_file))
     vision_ckpt = Path(hf.get("mm_vision_tower_checkpoint") or DEFAULT_VISION_CKPT).name
     trunk = ck.open_clip_to_trunk(load_tensors(release_dir / vision_ckpt))
     state = {**ck.with_prefix(trunk, ck.VISION_PREFIX), **ck.with_prefix(projector, ck.PROJECTOR_PREFIX),

@@ -59,11 +59,16 @@ class LlamaSPTokenizer:
         cfg = {}
         if cfg_file.is_file():
             try:
-                cfg = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as e:
+                cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 fail(f"{cfg_file} is not valid JSON ({e})")
+            if not isinstance(cfg, dict):
+                fail(f"{cfg_file} is not a JSON object")
+        proto = model_file.read_bytes()
+        if not proto:  # sentencepiece loads an empty file and fails at the first encode
+            fail(f"{model_file} is empty")
         try:
-            return cls(model_file.read_bytes(), legacy=cfg.get("legacy") is not False,
+            return cls(proto, legacy=cfg.get("legacy") is not False,
                        clean_up_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)))
         except RuntimeError as e:  # sentencepiece's error for a corrupt model file
             fail(f"{model_file} is not a valid sentencepiece model ({e})")
