@@ -189,6 +189,14 @@ def export(
                              kv_cache="int8" if int8_kv_cache else "fp32", attention=attention,
                              parity_samples=parity_samples)
         int8_plan.check_ready()
+    if precision != "int8":
+        for flag, value in (("--int8-decoder", int8_decoder), ("--calibration-data", calibration_data)):
+            if value is not None:
+                fail(f"{flag} applies to --precision int8 only (this export is {precision})")
+    if bundle is None:
+        from radtrt.outputs import check_new_dir
+
+        check_new_dir(out, "bundle directory")  # before the model loads: minutes at 7B
     bundle_dir = bundle or out
     needs_model = "onnx" in plan.steps and bundle is None or "trtllm" in plan.steps
     loaded = None
@@ -243,7 +251,7 @@ def calibrate(
     model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir or radtrt model dir."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
     data: str = typer.Option(..., "--data", help="Studies folder, JSONL manifest, or 'phantom' (synthetic)."),
-    n: int = typer.Option(32, "--n", min=1, help="Number of samples (the first N of the data)."),
+    n: int = typer.Option(32, "--n", min=1, max=10_000, help="Number of samples (the first N of the data)."),
     seed: int = typer.Option(11, "--seed", help="Phantom seed (with --data phantom)."),
     out: Path = typer.Option(..., "-o", "--out", help="Calibration file to write (.safetensors)."),
 ) -> None:

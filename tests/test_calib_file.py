@@ -178,12 +178,15 @@ def _edited(calib, tmp_path: Path, name: str, meta_edit=None, tensor_edit=None) 
 
 
 @pytest.mark.parametrize("damage", ["list", "empty", "model null", "model empty", "no source", "samples null",
-                                    "samples of ints", "hash null"])
+                                    "samples of ints", "hash null", "source skip text", "source path number"])
 def test_damaged_metadata_is_one_clear_error(calib, tmp_path: Path, damage: str) -> None:
     edits = {"list": lambda m: [], "empty": lambda m: {}, "model null": lambda m: {**m, "model": None},
              "model empty": lambda m: {**m, "model": {}}, "no source": lambda m: {k: v for k, v in m.items() if k != "source"},
              "samples null": lambda m: {**m, "samples": None}, "samples of ints": lambda m: {**m, "samples": [1, 2]},
-             "hash null": lambda m: {**m, "sample_list_sha256": None}}
+             "hash null": lambda m: {**m, "sample_list_sha256": None},
+             # the parity gate's int()/Path() of these failed after the whole export
+             "source skip text": lambda m: {**m, "source": {"kind": "folder", "path": "/data", "skip": "1", "n": 1}},
+             "source path number": lambda m: {**m, "source": {"kind": "manifest", "path": 5, "skip": 0, "n": 1}}}
     with pytest.raises(RadtrtError, match="damaged file"):
         CalibrationFile.load(_edited(calib, tmp_path, damage, meta_edit=edits[damage]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -341,3 +342,33 @@ def test_output_paths_in_the_way_are_refused_before_the_model_loads(merged: Path
                              "2")
     _assert_refused(code, err, "symbolic link to a missing target")
     assert out == ""
+
+
+def test_export_checks_its_inputs_before_loading_the_model(tmp_path: Path) -> None:
+    """Each of these used to be found only after the model had loaded (minutes at 7B), or never."""
+    missing_model = tmp_path / "no-model"  # loading it would fail with "model directory not found"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("user data")
+    for args, match in (
+            (["--precision", "int8", "--calibration-data", str(tmp_path / "nowhere"), "-o", str(tmp_path / "b")],
+             "calibration data not found"),
+            (["--precision", "fp32", "-o", str(tmp_path / "full")], "is not empty"),
+            (["--precision", "fp16", "--int8-decoder", "smoothquant", "-o", str(tmp_path / "b")],
+             "--int8-decoder applies to --precision int8 only"),  # was ignored, exit 0
+            (["--precision", "int8", "--calibration-data", "phantom", "--parity-samples", "1000000000",
+              "-o", str(tmp_path / "b")], "at most 10000")):  # generated phantoms without end
+        code, _, err = _invoke("export", "--model", missing_model, *args)
+        _assert_refused(code, err, match)
+    assert not (tmp_path / "b").exists() and (tmp_path / "full" / "x").read_text() == "user data"
+
+
+def test_a_failed_release_export_leaves_no_folder(merged: Path, tmp_path: Path) -> None:
+    """convert --to llava-rad wrote base-lm/ and half of llava-rad/ before failing on the trunk's name."""
+    model = tmp_path / "model"
+    shutil.copytree(merged, model)
+    meta = json.loads((model / "config.json").read_text())
+    meta["model"]["vision"]["timm_model_name"] = "bogus_model"
+    (model / "config.json").write_text(json.dumps(meta))
+    code, _, err = _invoke("convert", "--model", model, "--to", "llava-rad", "-o", tmp_path / "rel")
+    _assert_refused(code, err, "bogus_model")
+    assert not (tmp_path / "rel").exists() and not (tmp_path / "rel.partial").exists()

@@ -134,6 +134,13 @@ def _checked_meta(meta: Any, path: Path) -> dict[str, Any]:
     for key in ("config_sha256", "weights_fingerprint"):
         if not isinstance(meta["model"].get(key), str):
             fail(f"calibration file {path}: metadata 'model.{key}' is missing (damaged file?): re-run 'radtrt calibrate'")
+    source = meta["source"]
+    if source.get("kind") in ("manifest", "folder"):  # the parity gate finds its held-out samples from these
+        if not (isinstance(source.get("path"), str) and all(isinstance(source.get(k, 0), int)
+                                                             and not isinstance(source.get(k, 0), bool)
+                                                             for k in ("skip", "n"))):
+            fail(f"calibration file {path}: metadata 'source' lacks a path or integer skip/n (damaged file?): "
+                 f"re-run 'radtrt calibrate'")
     for i, sample in enumerate(meta["samples"]):
         if not (isinstance(sample, dict) and all(isinstance(sample.get(k), str) for k in ("study", "file", "sha256"))):
             fail(f"calibration file {path}: sample {i} of its metadata lacks study/file/sha256 (damaged file?): "

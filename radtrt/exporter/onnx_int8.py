@@ -28,6 +28,7 @@ from radtrt.exporter.targets import CALIBRATION_FILE
 from radtrt.model.loading import LoadedModel
 
 DEFAULT_PARITY_SAMPLES = 8
+MAX_SAMPLES = 10_000
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,16 @@ class Int8Plan:
             fail(f"unknown embedding-table precision '{self.embeddings}' (int8, fp32)")
         if self.n < 1 or self.parity_samples < 0:
             fail("the calibration sample count must be at least 1 and the parity sample count not negative")
+        if max(self.n, self.parity_samples) > MAX_SAMPLES:  # phantoms would be generated without end
+            fail(f"--calibration-n and --parity-samples are at most {MAX_SAMPLES} (a few dozen calibrate well)")
 
     def check_ready(self) -> None:
+        """Before the model loads (minutes at 7B): what the export will read must be there."""
         if self.calibration_data is None:
             fail("INT8 export needs calibration data: pass --calibration-data DIR|MANIFEST|CALIB_FILE (chest X-ray "
                  "studies, or a 'radtrt calibrate' file), or '--calibration-data phantom' for synthetic phantoms")
+        if self.calibration_data != "phantom" and not Path(self.calibration_data).exists():
+            fail(f"calibration data not found: {self.calibration_data}")
 
 
 @dataclass

@@ -69,8 +69,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
             fail(f"weight file is truncated or corrupt: {path} ({e})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        fail(f"refusing {path}: not a plain tensor checkpoint ({str(e).splitlines()[0]})")
+    except pickle.UnpicklingError:  # torch's message goes on to suggest weights_only=False: never here
+        fail(f"refusing {path}: it holds Python objects other than tensors, and radtrt loads weights only, "
+             "never code")
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         fail(f"weight file is truncated or corrupt: {path} ({str(e).splitlines()[0]})")
     if not isinstance(obj, dict):

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
 from radtrt.model.io import load_tensors, read_json
-from radtrt.outputs import check_new_dir
+from radtrt.outputs import check_new_dir, new_dir_built_aside
 from radtrt.model.loading import LoadedModel, load_model
 from radtrt.model.release import adapter_config_json, write_base_lm, write_release
 from radtrt.training.config import TrainConfig
@@ -96,16 +97,24 @@ def export_release(source: LoadedModel | Path, out_dir: Path, *, base_name: str 
     ``load_model`` reads, or an already loaded model.
     """
     check_new_dir(out_dir)
+    write: Callable[[Path], tuple[Path, Path]]
     if isinstance(source, LoadedModel):
-        return _export_merged(source, out_dir, base_name or f"{source.name}-base")
-    if not source.is_dir():
-        fail(f"not a directory: {source}")
-    if (source / CONFIG_FILE).is_file():
-        cfg = TrainConfig.from_dict(json.loads((source / CONFIG_FILE).read_text()))
-        if not (source / MODEL_DIR / "config.json").is_file():
-            fail(f"training run {source} has not finished (no {MODEL_DIR}/); resume it first")
-        if cfg.stage == "stage2" and (source / LORA_DIR).is_dir():
-            return _export_lora_run(source, cfg, out_dir, base_name)
-        source = source / MODEL_DIR
-    loaded = load_model(source)
-    return _export_merged(loaded, out_dir, base_name or f"{loaded.name}-base")
+        loaded = source
+        write = lambda work: _export_merged(loaded, work, base_name or f"{loaded.name}-base")  # noqa: E731
+    else:
+        if not source.is_dir():
+            fail(f"not a directory: {source}")
+        run_cfg = None
+        if (source / CONFIG_FILE).is_file():
+            run_cfg = TrainConfig.from_dict(json.loads((source / CONFIG_FILE).read_text()))
+            if not (source / MODEL_DIR / "config.json").is_file():
+                fail(f"training run {source} has not finished (no {MODEL_DIR}/); resume it first")
+        if run_cfg is not None and run_cfg.stage == "stage2" and (source / LORA_DIR).is_dir():
+            run, cfg = source, run_cfg
+            write = lambda work: _export_lora_run(run, cfg, work, base_name)  # noqa: E731
+        else:
+            loaded = load_model(source / MODEL_DIR if run_cfg is not None else source)
+            write = lambda work: _export_merged(loaded, work, base_name or f"{loaded.name}-base")  # noqa: E731
+    with new_dir_built_aside(out_dir, "release folder") as work:  # a failure leaves no half-written release
+        release, base = write(work)
+    return out_dir / release.relative_to(work), out_dir / base.relative_to(work)
