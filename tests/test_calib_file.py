@@ -214,3 +214,11 @@ def test_calibration_file_in_a_folder_that_refuses_files_is_refused_first(tiny_r
                                  "-o", "/proc/radtrt-calibration.safetensors"])
     assert result.exit_code == 2 and "cannot write calibration file" in result.stderr, result.stderr
     assert "loading model" not in result.stderr  # refused before the model was loaded
+
+
+def test_statistics_missing_a_module_are_refused_when_checked(calib, loaded: LoadedModel, tmp_path: Path) -> None:
+    """They failed halfway through an export, when the quantizer looked the module up."""
+    for key in ("decoder.input:model.layers.0.self_attn.q_proj", "vision.input:vision_tower.patch_embed.proj"):
+        path = _edited(calib, tmp_path, key.split(":")[0], tensor_edit=lambda t: t.pop(key))
+        with pytest.raises(RadtrtError, match=f"no {key.split('.')[0]} statistics for '{key.split(':')[1]}'"):
+            CalibrationFile.load(path).check_model(loaded.model)

@@ -109,6 +109,14 @@ class CalibrationFile:
             fail(f"{path} was calibrated on other weights of this architecture: re-run 'radtrt calibrate' "
                  f"with this model")
         vision, decoder = observed_modules(model)
+        reached = model.cfg.mm_vision_select_layer % (model.cfg.vision.depth + 1)  # blocks after it never run
+        needed = {"vision": [n for n in vision if not n.startswith("vision_tower.blocks.")
+                             or int(n.split(".")[2]) < reached], "decoder": list(decoder)}
+        for part, stats in (("vision", self.vision), ("decoder", self.decoder)):
+            missing = [n for n in needed[part] if n not in stats.inputs or (part == "decoder" and n not in stats.outputs)]
+            if missing:  # found here, not when the quantizer looks the module up halfway through an export
+                fail(f"{path} has no {part} statistics for '{missing[0]}' ({len(missing)} module(s) missing; "
+                     f"damaged file?): re-run 'radtrt calibrate'")
         for stats, modules in ((self.vision, vision), (self.decoder, decoder)):
             for side, table in (("input", stats.inputs), ("output", stats.outputs)):
                 for name, values in table.items():
