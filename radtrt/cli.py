@@ -304,7 +304,8 @@ def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Wher
               soft_wrap=True)
     infer([study], model=None, base_model=None, bundle=bundle, backend="onnxruntime", device="cpu",
           dtype="float32", indication=row.get("indication"), max_new_tokens=256, batch_size=1, as_json=as_json,
-          sr_out=out / "sr", allow_any_modality=False, ort_provider="cpu", trt_cache=None)
+          sr_out=out / "sr", allow_any_modality=False, ort_provider="cpu", trt_cache=None,
+          ort_spin=False)  # every parameter: a left-out one would be its truthy typer.Option default
 
 
 def _register_subcommands() -> None:

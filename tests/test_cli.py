@@ -372,3 +372,13 @@ def test_a_failed_release_export_leaves_no_folder(merged: Path, tmp_path: Path) 
     code, _, err = _invoke("convert", "--model", model, "--to", "llava-rad", "-o", tmp_path / "rel")
     _assert_refused(code, err, "bogus_model")
     assert not (tmp_path / "rel").exists() and not (tmp_path / "rel.partial").exists()
+
+
+def test_demo_runs_the_default_bundle_without_spinning_threads(tmp_path: Path) -> None:
+    """demo calls infer directly: a parameter it left out took typer's Option object, which is truthy, so ONNX
+    Runtime's threads busy-waited (--ort-spin) in everybody's first run."""
+    code, out, err = _invoke("demo", "-o", tmp_path / "demo", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["backend"] == "onnxruntime" and result["view_position"] in ("PA", "AP") and result["report"]
+    assert "spinning" not in err and len(list((tmp_path / "demo" / "sr").glob("*.dcm"))) == 1
