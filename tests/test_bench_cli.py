@@ -174,6 +174,21 @@ def test_bad_input_is_one_line_and_exit_2(tiny: Assets, work: Path, args: tuple,
     assert "Traceback" not in err
 
 
+def test_a_bundle_of_other_weights_is_refused(tiny: Assets, work: Path, tmp_path: Path) -> None:
+    """Same configuration, other weights (another fine-tune): parity numbers between them mean nothing, and
+    were reported."""
+    other = random_assets("tiny", work, seed=1)
+    code, _, err = _invoke("bench", "parity", "--bundle", tiny.bundle, "--model", other.model_dir, "--synthetic", 1,
+                           "--max-new-tokens", 2, "--work-dir", work)
+    assert code == 2 and "--model has other weights than the model" in err, err
+    import shutil
+
+    renamed = Path(shutil.copytree(other.bundle, tmp_path / "other-bundle"))  # the sides are named by folder
+    code, _, err = _invoke("bench", "latency", "--bundle", tiny.bundle, "--vs-bundle", renamed, "--synthetic", 1,
+                           "--runs", 1, "--warmup", 0, "--max-new-tokens", 2, "--work-dir", work)
+    assert code == 2 and "exported from different weights" in err, err
+
+
 def test_torch_side_needs_a_model(tiny: Assets, work: Path) -> None:
     code, _, err = _invoke("bench", "parity", "--bundle", tiny.bundle, "--work-dir", work)
     assert code == 2 and "needs --model" in err

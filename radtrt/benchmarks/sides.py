@@ -17,6 +17,7 @@ from radtrt.benchmarks.assets import Assets
 from radtrt.benchmarks.bandwidth import bundle_decoder_weight_bytes, torch_decoder_weight_bytes
 from radtrt.benchmarks.machine import current_rss_mb
 from radtrt.errors import fail
+from radtrt.exporter.bundle import BUNDLE_FINGERPRINT
 from radtrt.runtime.pipeline import Pipeline
 
 BACKENDS = ("onnxruntime", "torch", "transformers")
@@ -102,6 +103,10 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
                             threads=threads, ort_spin=ort_spin)
         _label_bundle_sides(sides)
         _check_same_model(sides)
+        prints = [s.pipeline.backend.manifest["model"].get(BUNDLE_FINGERPRINT) for s in sides]
+        if None not in prints and prints[0] != prints[1]:
+            fail(f"the two bundles were exported from different weights ({assets.bundle}, {vs_bundle}); "
+                 f"compare bundles exported from one model")
         return sides
 
     for kind in kinds:
@@ -126,6 +131,10 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
         kv_bytes = settings.pop("kv_dtype_bytes")
         sides.append(Side(pipeline, weight_bytes, time.perf_counter() - t0, added, settings, kv_bytes))
     _check_same_model(sides)
+    if "loaded" in cache and "onnxruntime" in kinds and assets.bundle is not None:
+        from radtrt.exporter.targets import check_same_model
+
+        check_same_model(assets.bundle, cache["loaded"].model)  # same config, other fine-tune: meaningless parity
     return sides
 
 
