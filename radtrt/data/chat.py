@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
-from radtrt.outputs import check_folder_target
+from radtrt.outputs import check_folder_target, replaced_atomically
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
@@ -84,9 +84,8 @@ class ChatClient:
         content = self._parse(self._post(payload))
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".partial")
-            tmp.write_text(json.dumps({"content": content}))
-            tmp.replace(cache)
+            with replaced_atomically(cache) as tmp:
+                tmp.write_text(json.dumps({"content": content}))
         return content
 
     @staticmethod

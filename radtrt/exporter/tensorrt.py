@@ -28,6 +28,7 @@ from typing import Any
 
 from radtrt import __version__
 from radtrt.errors import fail
+from radtrt.outputs import replaced_atomically
 from radtrt.exporter.bundle import read_manifest, sha256_file
 from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, loaded_tensorrt_problem, parse_version,
                                  stamp_mismatch, timing_cache_name)
@@ -238,9 +239,8 @@ def _build_serialized(onnx_path: Path, onnx: OnnxInfo, plan: VisionBuildPlan, pr
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         fail("TensorRT could not build the vision engine (its log above says why)")
-    partial = cache_path.with_name(cache_path.name + ".partial")  # never leave a torn cache behind
-    partial.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-    partial.replace(cache_path)
+    with replaced_atomically(cache_path) as tmp:  # never leave a torn cache behind
+        tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
 
 

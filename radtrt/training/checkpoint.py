@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from radtrt.errors import fail
+from radtrt.outputs import replaced_atomically
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
@@ -44,9 +45,8 @@ def set_rng_state(state: dict[str, torch.Tensor], device: str) -> None:
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     path = state_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(STATE_FILE + ".partial")
-    torch.save({"format": FORMAT, **state}, tmp)
-    tmp.replace(path)
+    with replaced_atomically(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
     return path
 
 
