@@ -59,3 +59,31 @@ def test_cli_refuses_a_hand_edited_model_config(tmp_path: Path) -> None:
     config.write_text(json.dumps(d))
     result = CliRunner().invoke(app, ["convert", "--model", str(model_dir), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "must be positive" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("damage, match", [("nan", "NaN or infinite"), ("inf", "NaN or infinite"),
+                                           ("int", "not a floating-point type")])
+def test_weights_that_are_not_finite_floats_are_refused(tmp_path: Path, damage: str, match: str) -> None:
+    """A diverged run's NaN weights used to export and serve garbage reports without a word."""
+    import torch
+
+    from radtrt.model.io import load_tensors, save_tensors
+    from radtrt.model.loading import WEIGHTS_FILE, LoadedModel, load_model, save_toolkit
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    save_toolkit(LoadedModel(random_model(preset("tiny"), seed=0), train_tiny_tokenizer(), "tiny"), model_dir)
+    state = dict(load_tensors(model_dir / WEIGHTS_FILE))
+    name = next(k for k in state if k.endswith("mlp.fc2.weight"))
+    weight = state[name].clone()
+    if damage == "int":
+        weight = weight.to(torch.int32)
+    else:
+        weight.view(-1)[3] = float(damage)
+    state[name] = weight
+    save_tensors(state, model_dir / WEIGHTS_FILE)
+    with pytest.raises(RadtrtError, match=match) as err:
+        load_model(model_dir)
+    assert name in str(err.value)
+    result = CliRunner().invoke(app, ["convert", "--model", str(model_dir), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and match in result.stderr and not (tmp_path / "out").exists()

@@ -52,6 +52,17 @@ def named_tensors(state: dict[Any, Any], what: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN or infinity in ``tensor`` (pure).
+
+    Why a sum first: a NaN or infinity always reaches the sum, and a sum streams at memory speed, while
+    ``isfinite`` writes a mask as large as its input (a gigabyte for the 7B embedding table); only a sum that
+    overflowed on finite values is settled element by element, in slices."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(chunk))
+
+
 def non_lora_to_projector(non_lora: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split ``non_lora_trainables.bin`` into projector weights and any decoder weights it overrides.
 

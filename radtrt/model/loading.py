@@ -85,7 +85,17 @@ def _instantiate(cfg: LlavaRadConfig, state: dict[str, torch.Tensor], dtype: tor
         if tuple(state[name].shape) != tuple(tensor.shape):
             fail(f"{what}: weight '{name}' has shape {tuple(state[name].shape)}, the config expects "
                  f"{tuple(tensor.shape)} (wrong base model or mismatched files?)")
-    model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=True, assign=True)
+    adopted = {}
+    for name in expected:
+        if not state[name].is_floating_point():
+            fail(f"{what}: weight '{name}' is stored as {str(state[name].dtype).removeprefix('torch.')}, not a "
+                 f"floating-point type (damaged or not a weights file)")
+        adopted[name] = state[name].to(dtype)
+        if not ck.all_finite(adopted[name]):
+            cast = "" if state[name].dtype == dtype else f" once cast to {str(dtype).removeprefix('torch.')}"
+            fail(f"{what}: weight '{name}' holds NaN or infinite values{cast} (a diverged training run or a "
+                 f"damaged file); refusing to load it")
+    model.load_state_dict(adopted, strict=True, assign=True)
     lm = model.language_model.model
     lm.rotary_emb = Rotary(cfg.decoder.head_dim, cfg.decoder.rope_theta)  # non-persistent buffer, rebuilt
     return model
