@@ -12,8 +12,9 @@ from onnx import TensorProto
 from PIL import Image
 
 from radtrt.errors import RadtrtError
-from radtrt.exporter.triton import (Ident, PostprocessingModel, PreprocessingModel, RepoSpec, check_repo,
-                                    decode_output, model_configs, parse_pbtxt, to_pbtxt, write_triton_repo)
+from radtrt.exporter.pbtxt import Ident, parse_pbtxt, to_pbtxt
+from radtrt.exporter.triton import RepoSpec, check_repo, model_configs, write_triton_repo
+from radtrt.exporter.triton_models import PostprocessingModel, PreprocessingModel, decode_output
 
 from test_trt_vision import ORIN, fake_engine, make_fake_bundle
 
@@ -81,9 +82,10 @@ def test_repository_with_onnxruntime_vision(tmp_path: Path) -> None:
     assert sorted(p.name for p in repo.iterdir()) == ["postprocessing", "preprocessing", "radtrt", "tensorrt_llm",
                                                       "vision"]
     assert (repo / "vision/1/model.onnx").is_file() and (repo / "vision/1/vision.onnx.data").is_file()
-    for name in ("preprocessing", "postprocessing"):
-        model_py = (repo / name / "1" / "model.py").read_text()
-        assert "import" in model_py and "as TritonPythonModel" in model_py
+    for name, cls in (("preprocessing", PreprocessingModel), ("postprocessing", PostprocessingModel)):
+        shim: dict = {}
+        exec((repo / name / "1" / "model.py").read_text(), shim)  # what Triton's Python backend imports
+        assert shim["TritonPythonModel"] is cls
         assert {"tokenizer.model", "model_config.json"} <= {p.name for p in (repo / name / "1").iterdir()}
     configs = check_repo(repo)
     vision = configs["vision"]

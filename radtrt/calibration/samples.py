@@ -147,7 +147,7 @@ def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple
     if len(chosen) < n:
         fail(f"calibration data {data} has {len(entries)} samples; {skip + n} are needed "
              + (f"({n} after skipping {skip})" if skip else
-                f"(export --calibration-n, calibrate --n; a few dozen chest X-rays calibrate well)"))
+                "(export --calibration-n, calibrate --n; a few dozen chest X-rays calibrate well)"))
     samples = []
     for i, entry in enumerate(chosen):
         image, pixels, prompt_ids = prepare(entry.study, entry.indication)

@@ -247,7 +247,7 @@ def manifest_mismatch(manifest: dict[str, Any], cfg: LlavaRadConfig) -> str | No
     """Where the manifest's description of the graphs disagrees with the model they were exported from,
     or with the graphs' recorded inputs (pure). The runtime sizes its KV buffers and binds its inputs from
     these fields, so an edited one ended in an ONNX Runtime binding traceback."""
-    dec, vision = manifest["decoder"], manifest["vision"]
+    dec = manifest["decoder"]
     expected = {("decoder", "num_layers"): cfg.decoder.num_hidden_layers,
                 ("decoder", "num_kv_heads"): cfg.decoder.num_key_value_heads,
                 ("decoder", "head_dim"): cfg.decoder.head_dim, ("decoder", "hidden_size"): cfg.decoder.hidden_size,

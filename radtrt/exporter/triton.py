@@ -10,145 +10,30 @@
       -> postprocessing (Python backend: ids -> report text)
     -> REPORT, TOKEN_IDS
 
-The Python models are two-line ``model.py`` shims importing the classes below, so radtrt must be
-installed in the Python backend's environment; the tokenizer and model config are copied next to
-them. The TensorRT-LLM engine is referenced by absolute path (``gpt_model_path``), not copied.
-Configs are built as dicts, written as protobuf text (``to_pbtxt``), and ``check_repo`` parses them
-back and verifies the ensemble's wiring (names, dtypes, producers).
+The Python models are two-line ``model.py`` shims importing ``radtrt.exporter.triton_models``, so
+radtrt must be installed in the Python backend's environment; the tokenizer and model config are copied
+next to them. The TensorRT-LLM engine is referenced by absolute path (``gpt_model_path``), not copied.
+Configs are built as dicts, written as protobuf text (``radtrt.exporter.pbtxt``), and ``check_repo``
+parses them back and verifies the ensemble's wiring (names, dtypes, producers).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from radtrt.errors import RadtrtError, fail
+from radtrt.errors import fail
 from radtrt.exporter.gpu import GpuInfo, require_gpu
+from radtrt.exporter.pbtxt import Ident, as_list, parse_pbtxt, to_pbtxt
 from radtrt.exporter.tensorrt import find_vision_engine, inspect_onnx, read_vision_manifest
 from radtrt.exporter.trtllm import find_decoder_engine
 from radtrt.outputs import check_new_dir, new_dir_built_aside
 
 TRITON_DTYPES = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16"}
-NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "model_config.json")
-
-
-class Ident(str):
-    """A bare protobuf-text identifier (an enum value such as TYPE_FP16), written without quotes."""
-
-
-# --- protobuf text format: writer and a parser for what it writes (and Triton's own configs) --------
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, Ident):
-        return str(v)
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
-def to_pbtxt(msg: dict[str, Any], indent: int = 0) -> str:
-    pad = "  " * indent
-    lines = []
-    for key, value in msg.items():
-        if isinstance(value, dict):
-            lines.append(f"{pad}{key} {{\n{to_pbtxt(value, indent + 1)}{pad}}}")
-        elif isinstance(value, list) and all(isinstance(v, dict) for v in value) and value:
-            items = ",\n".join(f"{pad}  {{\n{to_pbtxt(v, indent + 2)}{pad}  }}" for v in value)
-            lines.append(f"{pad}{key} [\n{items}\n{pad}]")
-        elif isinstance(value, list):  # scalar lists need the colon in protobuf text
-            lines.append(f"{pad}{key}: [ {', '.join(_scalar(v) for v in value)} ]")
-        else:
-            lines.append(f"{pad}{key}: {_scalar(value)}")
-    return "".join(line + "\n" for line in lines)
-
-
-_TOKEN = re.compile(r'\s*(?:#[^\n]*\n?|("(?:[^"\\]|\\.)*")|([\[\]{}:,])|([A-Za-z_][A-Za-z0-9_.]*)|'
-                    r'(-?[0-9][0-9.eE+-]*))')
-
-
-def _tokens(text: str) -> list[tuple[str, Any]]:
-    out, pos = [], 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            if text[pos:].strip():
-                fail(f"cannot parse protobuf text near: {text[pos:pos + 30]!r}")
-            break
-        pos = m.end()
-        if m.group(1):
-            out.append(("value", json.loads(m.group(1))))
-        elif m.group(2):
-            out.append(("punct", m.group(2)))
-        elif m.group(3):
-            word = m.group(3)
-            out.append(("value", {"true": True, "false": False}.get(word, Ident(word))))
-        elif m.group(4):
-            num = m.group(4)
-            out.append(("value", float(num) if any(c in num for c in ".eE") else int(num)))
-    return out
-
-
-def parse_pbtxt(text: str) -> dict[str, Any]:
-    """Protobuf text -> dicts; a field written several times or with ``[...]`` becomes a list."""
-    tokens = _tokens(text)
-    pos = 0
-
-    def value() -> Any:
-        nonlocal pos
-        kind, tok = tokens[pos]
-        pos += 1
-        if (kind, tok) == ("punct", "{"):
-            return message("}")
-        if kind != "value":
-            fail(f"unexpected {tok!r} in protobuf text")
-        return tok
-
-    def message(end: str | None) -> dict[str, Any]:
-        nonlocal pos
-        msg: dict[str, Any] = {}
-        repeated: set[str] = set()
-        while pos < len(tokens) and tokens[pos] != ("punct", end):
-            name = str(tokens[pos][1])
-            pos += 1
-            if tokens[pos] == ("punct", ":"):
-                pos += 1
-            if tokens[pos] == ("punct", "["):
-                pos += 1
-                items = []
-                while tokens[pos] != ("punct", "]"):
-                    items.append(value())
-                    if tokens[pos] == ("punct", ","):
-                        pos += 1
-                pos += 1
-                msg[name] = (msg[name] + items) if name in repeated else items
-                repeated.add(name)
-                continue
-            item = value()
-            if name in msg:
-                if name not in repeated:
-                    msg[name] = [msg[name]]
-                    repeated.add(name)
-                msg[name].append(item)
-            else:
-                msg[name] = item
-        pos += 1
-        return msg
-
-    return message(None)
-
-
-def as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [] if value is None else [value]
 
 
 # --- configs --------------------------------------------------------------------------------------
@@ -337,122 +222,8 @@ def _fill_repo(out: Path, bundle: Path, manifest: dict[str, Any], configs: dict[
     for name, cls in (("preprocessing", "PreprocessingModel"), ("postprocessing", "PostprocessingModel")):
         folder = out / name / "1"
         (folder / "model.py").write_text("# Triton Python backend entry point (needs radtrt installed)\n"
-                                         f"from radtrt.exporter.triton import {cls} as TritonPythonModel"
+                                         f"from radtrt.exporter.triton_models import {cls} as TritonPythonModel"
                                          "  # noqa: F401\n")
         for f in SIDE_FILES:
             shutil.copyfile(bundle / f, folder / f)
     check_repo(out)
-
-
-# --- the Python-backend models (their pure parts are tested without Triton) ------------------------
-
-@dataclass
-class RequestPreparer:
-    """Image bytes + indication -> the tensors the vision and TensorRT-LLM models take (one request)."""
-
-    tokenizer: Any
-    cfg: Any  # LlavaRadConfig
-    vocab_size: int
-    num_image_tokens: int
-    pixel_dtype: str
-
-    @classmethod
-    def from_dir(cls, folder: Path, params: dict[str, str]) -> "RequestPreparer":
-        from radtrt.model.config import LlavaRadConfig
-        from radtrt.model.io import read_json
-        from radtrt.model.tokenizer import LlamaSPTokenizer
-
-        return cls(LlamaSPTokenizer.from_dir(folder), LlavaRadConfig.from_dict(read_json(folder / "model_config.json")),
-                   int(params["vocab_size"]), int(params["num_image_tokens"]), params["pixel_dtype"])
-
-    def __call__(self, image: bytes, indication: str, max_new_tokens: int) -> dict[str, np.ndarray]:
-        from radtrt.imaging.preprocess import preprocess
-        from radtrt.imaging.study import load_study
-        from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
-        from radtrt.runtime.tensorrt import fake_prompt_ids
-
-        if max_new_tokens < 1:
-            fail("MAX_NEW_TOKENS must be at least 1")
-        with tempfile.TemporaryDirectory() as tmp:  # the study reader sniffs content, not names
-            path = Path(tmp) / "image"
-            path.write_bytes(image)
-            selected = load_study(path)
-        pixels = preprocess(selected.pixels_u8, image_size=self.cfg.vision.img_size, mean=self.cfg.image_mean,
-                            std=self.cfg.image_std)
-        prompt = build_prompt(build_query(indication or None), self.cfg.conv_template)
-        ids = tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
-        ids = fake_prompt_ids(ids, self.num_image_tokens, self.vocab_size)
-        eos = self.tokenizer.eos_token_id
-        col = lambda v: np.array([[v]], dtype=np.int32)  # noqa: E731 - [batch 1, 1]
-        return {"PIXEL_VALUES": pixels.numpy().astype(NP_DTYPES[self.pixel_dtype])[None],
-                "INPUT_IDS": np.array([ids], dtype=np.int32), "INPUT_LENGTH": col(len(ids)),
-                "REQUEST_OUTPUT_LEN": col(max_new_tokens), "PROMPT_VOCAB_SIZE": col(self.num_image_tokens),
-                "END_ID": col(eos), "PAD_ID": col(eos)}
-
-
-def decode_output(tokenizer: Any, output_ids: np.ndarray, sequence_length: np.ndarray,
-                  eos_token_id: int) -> tuple[str, list[int]]:
-    """One request's ``[beams, L]`` generated ids (prompt excluded) -> (report, ids without EOS)."""
-    from radtrt.runtime.pipeline import postprocess
-
-    ids = [int(x) for x in output_ids[0][: int(sequence_length[0])]]
-    ids = ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
-    return postprocess(tokenizer.decode(ids)), ids
-
-
-def _model_args(args: dict[str, Any]) -> tuple[Path, dict[str, str]]:
-    cfg = json.loads(args["model_config"])
-    params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-    return Path(args["model_repository"]) / str(args["model_version"]), params
-
-
-class PreprocessingModel:
-    """Triton Python-backend model (``TritonPythonModel`` interface); a bad image fails its request only."""
-
-    def initialize(self, args: dict[str, Any]) -> None:
-        folder, params = _model_args(args)
-        self.prepare = RequestPreparer.from_dir(folder, params)
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        import triton_python_backend_utils as pb_utils
-
-        def first(request: Any, name: str) -> Any:
-            return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0]
-
-        responses = []
-        for request in requests:
-            indication = first(request, "INDICATION")
-            try:
-                arrays = self.prepare(bytes(first(request, "IMAGE")), indication.decode()
-                                      if isinstance(indication, bytes) else str(indication),
-                                      int(first(request, "MAX_NEW_TOKENS")))
-            except RadtrtError as e:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
-                continue
-            responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()]))
-        return responses
-
-
-class PostprocessingModel:
-    """Triton Python-backend model: generated ids -> report text."""
-
-    def initialize(self, args: dict[str, Any]) -> None:
-        from radtrt.model.tokenizer import LlamaSPTokenizer
-
-        folder, params = _model_args(args)
-        self.tokenizer = LlamaSPTokenizer.from_dir(folder)
-        self.eos = int(params["eos_token_id"])
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        import triton_python_backend_utils as pb_utils
-
-        responses = []
-        for request in requests:
-            ids = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()[0]
-            lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()[0]
-            report, kept = decode_output(self.tokenizer, ids, lengths, self.eos)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("REPORT", np.array([[report.encode()]], dtype=object)),
-                pb_utils.Tensor("TOKEN_IDS", np.array([kept], dtype=np.int32))]))
-        return responses

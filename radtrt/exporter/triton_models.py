@@ -1,0 +1,129 @@
+"""The Triton Python-backend models of radtrt's repository (``radtrt.exporter.triton``): request preparation
+(image bytes + indication -> pixels and prompt ids with fake image ids) and output decoding. Their pure parts
+are tested without Triton; ``triton_python_backend_utils`` is imported only inside ``execute``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radtrt.errors import RadtrtError, fail
+
+NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class RequestPreparer:
+    """Image bytes + indication -> the tensors the vision and TensorRT-LLM models take (one request)."""
+
+    tokenizer: Any
+    cfg: Any  # LlavaRadConfig
+    vocab_size: int
+    num_image_tokens: int
+    pixel_dtype: str
+
+    @classmethod
+    def from_dir(cls, folder: Path, params: dict[str, str]) -> "RequestPreparer":
+        from radtrt.model.config import LlavaRadConfig
+        from radtrt.model.io import read_json
+        from radtrt.model.tokenizer import LlamaSPTokenizer
+
+        return cls(LlamaSPTokenizer.from_dir(folder), LlavaRadConfig.from_dict(read_json(folder / "model_config.json")),
+                   int(params["vocab_size"]), int(params["num_image_tokens"]), params["pixel_dtype"])
+
+    def __call__(self, image: bytes, indication: str, max_new_tokens: int) -> dict[str, np.ndarray]:
+        from radtrt.imaging.preprocess import preprocess
+        from radtrt.imaging.study import load_study
+        from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
+        from radtrt.runtime.tensorrt import fake_prompt_ids
+
+        if max_new_tokens < 1:
+            fail("MAX_NEW_TOKENS must be at least 1")
+        with tempfile.TemporaryDirectory() as tmp:  # the study reader sniffs content, not names
+            path = Path(tmp) / "image"
+            path.write_bytes(image)
+            selected = load_study(path)
+        pixels = preprocess(selected.pixels_u8, image_size=self.cfg.vision.img_size, mean=self.cfg.image_mean,
+                            std=self.cfg.image_std)
+        prompt = build_prompt(build_query(indication or None), self.cfg.conv_template)
+        ids = tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
+        ids = fake_prompt_ids(ids, self.num_image_tokens, self.vocab_size)
+        eos = self.tokenizer.eos_token_id
+        col = lambda v: np.array([[v]], dtype=np.int32)  # noqa: E731 - [batch 1, 1]
+        return {"PIXEL_VALUES": pixels.numpy().astype(NP_DTYPES[self.pixel_dtype])[None],
+                "INPUT_IDS": np.array([ids], dtype=np.int32), "INPUT_LENGTH": col(len(ids)),
+                "REQUEST_OUTPUT_LEN": col(max_new_tokens), "PROMPT_VOCAB_SIZE": col(self.num_image_tokens),
+                "END_ID": col(eos), "PAD_ID": col(eos)}
+
+
+def decode_output(tokenizer: Any, output_ids: np.ndarray, sequence_length: np.ndarray,
+                  eos_token_id: int) -> tuple[str, list[int]]:
+    """One request's ``[beams, L]`` generated ids (prompt excluded) -> (report, ids without EOS)."""
+    from radtrt.runtime.pipeline import postprocess
+
+    ids = [int(x) for x in output_ids[0][: int(sequence_length[0])]]
+    ids = ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
+    return postprocess(tokenizer.decode(ids)), ids
+
+
+def _model_args(args: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+    cfg = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+    return Path(args["model_repository"]) / str(args["model_version"]), params
+
+
+class PreprocessingModel:
+    """Triton Python-backend model (``TritonPythonModel`` interface); a bad image fails its request only."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        folder, params = _model_args(args)
+        self.prepare = RequestPreparer.from_dir(folder, params)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        import triton_python_backend_utils as pb_utils
+
+        def first(request: Any, name: str) -> Any:
+            return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0]
+
+        responses = []
+        for request in requests:
+            indication = first(request, "INDICATION")
+            try:
+                arrays = self.prepare(bytes(first(request, "IMAGE")), indication.decode()
+                                      if isinstance(indication, bytes) else str(indication),
+                                      int(first(request, "MAX_NEW_TOKENS")))
+            except RadtrtError as e:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
+                continue
+            responses.append(pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()]))
+        return responses
+
+
+class PostprocessingModel:
+    """Triton Python-backend model: generated ids -> report text."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        from radtrt.model.tokenizer import LlamaSPTokenizer
+
+        folder, params = _model_args(args)
+        self.tokenizer = LlamaSPTokenizer.from_dir(folder)
+        self.eos = int(params["eos_token_id"])
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        import triton_python_backend_utils as pb_utils
+
+        responses = []
+        for request in requests:
+            ids = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()[0]
+            lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()[0]
+            report, kept = decode_output(self.tokenizer, ids, lengths, self.eos)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("REPORT", np.array([[report.encode()]], dtype=object)),
+                pb_utils.Tensor("TOKEN_IDS", np.array([kept], dtype=np.int32))]))
+        return responses
