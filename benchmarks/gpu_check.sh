@@ -38,7 +38,8 @@ from radtrt.exporter.bundle import export_bundle
 from radtrt.exporter.gpu import detect_gpu, require_gpu, trtllm_problem
 from radtrt.exporter.quant import ActivationStats
 from radtrt.exporter.tensorrt import build_vision_engine
-from radtrt.exporter.trtllm import BuildLimits, build_decoder_engine, mode_tag, write_trtllm_checkpoint
+from radtrt.exporter.trtllm import mode_tag, write_trtllm_checkpoint
+from radtrt.exporter.trtllm_build import BuildLimits, build_decoder_engine
 from radtrt.model.config import preset
 from radtrt.model.generate import greedy_generate
 from radtrt.model.loading import LoadedModel, load_model, save_toolkit

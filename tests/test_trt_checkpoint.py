@@ -19,9 +19,10 @@ import torch
 from radtrt.errors import RadtrtError
 from radtrt.exporter.gpu import GpuInfo
 from radtrt.exporter.quant import ActivationStats
-from radtrt.exporter.trtllm import (BuildLimits, build_decoder_engine, convert_decoder_weights, decoder_mode,
-                                    find_decoder_engine, mixed_gemm_preprocessor, prepare_checkpoint_for_host,
-                                    read_checkpoint, trtllm_build_command, trtllm_config, write_trtllm_checkpoint)
+from radtrt.exporter.trtllm import (convert_decoder_weights, decoder_mode, read_checkpoint, trtllm_config,
+                                    write_trtllm_checkpoint)
+from radtrt.exporter.trtllm_build import (BuildLimits, build_decoder_engine, find_decoder_engine,
+                                          mixed_gemm_preprocessor, prepare_checkpoint_for_host, trtllm_build_command)
 from radtrt.model.config import preset
 from radtrt.model.decoder import LlamaForCausalLM
 from radtrt.model.tiny import random_model

@@ -63,7 +63,8 @@ def test_tensorrt_backend_matches_torch(fp16_bundle: Path) -> None:
     pytest.importorskip("tensorrt_llm")
     from radtrt.exporter.gpu import detect_gpu
     from radtrt.exporter.tensorrt import build_vision_engine
-    from radtrt.exporter.trtllm import BuildLimits, build_decoder_engine, write_trtllm_checkpoint
+    from radtrt.exporter.trtllm import write_trtllm_checkpoint
+    from radtrt.exporter.trtllm_build import BuildLimits, build_decoder_engine
     from radtrt.model.generate import greedy_generate
     from radtrt.runtime.tensorrt import TensorRTBackend
 

@@ -84,8 +84,8 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     """Write the checkpoint; build the engine only where TensorRT-LLM and a GPU are present."""
     from radtrt.calibration.file import load_activation_stats
     from radtrt.exporter.gpu import detect_gpu, library_version
-    from radtrt.exporter.trtllm import (BuildLimits, build_decoder_engine, decoder_mode, mode_tag,
-                                        write_trtllm_checkpoint)
+    from radtrt.exporter.trtllm import decoder_mode, mode_tag, write_trtllm_checkpoint
+    from radtrt.exporter.trtllm_build import BuildLimits, build_decoder_engine
 
     check_same_model(bundle, loaded.model)
     mode = decoder_mode(plan.precision, plan.int8_decoder)

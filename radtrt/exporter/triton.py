@@ -29,7 +29,7 @@ from radtrt.errors import fail
 from radtrt.exporter.gpu import GpuInfo, require_gpu
 from radtrt.exporter.pbtxt import Ident, as_list, parse_pbtxt, to_pbtxt
 from radtrt.exporter.tensorrt import find_vision_engine, inspect_onnx, read_vision_manifest
-from radtrt.exporter.trtllm import find_decoder_engine
+from radtrt.exporter.trtllm_build import find_decoder_engine
 from radtrt.outputs import check_new_dir, new_dir_built_aside
 
 TRITON_DTYPES = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16"}

@@ -26,7 +26,8 @@ from radtrt.errors import fail
 from radtrt.exporter.bundle import read_manifest
 from radtrt.exporter.gpu import GpuInfo, detect_gpu, loaded_tensorrt_problem, require_gpu, stamp_gpu, stamp_mismatch
 from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, find_vision_engine
-from radtrt.exporter.trtllm import BUILD_STAMP, find_decoder_engine, mode_tag
+from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag
+from radtrt.exporter.trtllm_build import find_decoder_engine
 from radtrt.model.generate import Generation
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
 

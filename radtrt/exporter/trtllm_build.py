@@ -1,0 +1,213 @@
+"""The ``trtllm-build`` step on the target GPU: weight-only INT8 rearranged for that GPU's kernels, the
+build command, and the stamped engine directory that ``find_decoder_engine`` matches against a host.
+
+The checkpoint itself is written anywhere, without TensorRT-LLM (``radtrt.exporter.trtllm``)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from radtrt import __version__
+from radtrt.errors import fail
+from radtrt.exporter.gpu import GpuInfo, check_trtllm, engine_key, gpu_stamp, stamp_mismatch
+from radtrt.exporter.trtllm import BUILD_STAMP, DTYPES, META, mode_tag, read_checkpoint
+from radtrt.model.io import save_tensors
+
+# Oldest GPU the Python port of the preprocessing handles (it asserts ``sm_ >= 75``); the C++ op also
+# knows Volta's layout (cutlass_preprocessors.cpp: getLayoutDetailsForArch<cutlass::arch::Sm70>).
+PY_PREPROCESS_MIN_SM = (7, 5)
+
+
+def mixed_gemm_preprocessor(op: Callable[..., torch.Tensor] | None, py_fn: Callable[..., torch.Tensor] | None,
+                            sm: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Choose TensorRT-LLM's rearrangement of row-major int8 ``[in, out]`` weights for its weight-only GEMM.
+
+    Pure (the candidates are passed in) so the choice is tested without TensorRT-LLM. Why this order:
+
+    * ``op`` = ``torch.ops.trtllm.preprocess_weights_for_mixed_gemm(weight, quant_type, activation_type)``,
+      the C++ op TensorRT-LLM's own converters use. It is registered in every target version (0.12 through
+      1.x) and lays weights out for the GPU it runs on, Volta included, so it is preferred.
+    * ``py_fn`` = ``tensorrt_llm.quantization.functional.preprocess_weights_for_mixed_gemm`` is *not* one
+      function across versions: in the 0.12-0.14-era sources it is a two-argument helper that only
+      transposes int8 weights (no interleaving or bias, so the plugin would read garbage); later it is a
+      Python port of the op taking ``act_dtype`` that asserts sm >= 75. It is only a fallback, and only
+      in its port form on Turing or newer.
+
+    The activation type is float16 as in TensorRT-LLM's own int8 calls: the W8A16 layout is the same for
+    fp16 and bf16 activations.
+    """
+    if op is not None:
+        return lambda w: op(w, torch.int8, torch.float16)
+    if py_fn is None:
+        fail("TensorRT-LLM provides no preprocess_weights_for_mixed_gemm (neither torch.ops.trtllm nor "
+             "tensorrt_llm.quantization.functional); is tensorrt_llm installed correctly?")
+    try:
+        params = inspect.signature(py_fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "act_dtype" not in params:
+        fail("this TensorRT-LLM has no torch.ops.trtllm.preprocess_weights_for_mixed_gemm, and its Python "
+             "preprocess_weights_for_mixed_gemm is the transpose-only helper, not the kernel layout; "
+             "weight-only INT8 cannot be prepared with it")
+    if sm < PY_PREPROCESS_MIN_SM:
+        fail(f"TensorRT-LLM's Python weight preprocessing needs sm75 or newer and its C++ op is missing; "
+             f"cannot prepare weight-only INT8 for sm{sm[0]}{sm[1]}")
+    return lambda w: py_fn(w, torch.int8, torch.float16)
+
+
+def trtllm_mixed_gemm_preprocessor(gpu: GpuInfo) -> Callable[[torch.Tensor], torch.Tensor]:
+    """TensorRT-LLM's weight rearrangement for *this* GPU (see ``mixed_gemm_preprocessor``)."""
+    import tensorrt_llm  # noqa: F401  (importing it loads libth_common, which registers torch.ops.trtllm)
+
+    try:
+        op = torch.ops.trtllm.preprocess_weights_for_mixed_gemm
+    except (AttributeError, RuntimeError):
+        op = None
+    try:
+        import tensorrt_llm.quantization.functional as functional
+
+        py_fn = getattr(functional, "preprocess_weights_for_mixed_gemm", None)
+    except ImportError:
+        py_fn = None
+    return mixed_gemm_preprocessor(op, py_fn, gpu.sm)
+
+
+def prepare_checkpoint_for_host(plain: Path, out_dir: Path, gpu: GpuInfo,
+                                preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path:
+    """Plain W8A16 checkpoint -> the layout TensorRT-LLM's kernels expect on ``gpu`` (run on that GPU)."""
+    config, meta, tensors = read_checkpoint(plain)
+    if meta["weight_layout"] != "plain":
+        fail(f"{plain} is already in TensorRT-LLM's layout; build it directly")
+    fn = preprocess or trtllm_mixed_gemm_preprocessor(gpu)
+    prepared = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight") and t.dtype == torch.int8:
+            t = fn(t.contiguous())
+            if t.dtype != torch.int8 or t.shape != tensors[name].shape:
+                fail(f"TensorRT-LLM's weight preprocessing changed {name} to {t.dtype} {tuple(t.shape)}")
+        prepared[name] = t
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(prepared, out_dir / "rank0.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    meta = meta | {"weight_layout": f"trtllm-mixed-gemm-{gpu.sm_tag}", "needs_host_preprocessing": False,
+                   "prepared_for": gpu_stamp(gpu), "prepared_from": str(plain)}
+    (out_dir / META).write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    """Engine limits: prompts are the image tokens plus the text around them."""
+
+    max_batch: int
+    max_input_len: int
+    max_seq_len: int
+    num_image_tokens: int
+
+    @classmethod
+    def for_llava(cls, num_image_tokens: int, *, max_batch: int = 8, max_text_tokens: int = 512,
+                  max_new_tokens: int = 256, max_position_embeddings: int = 4096) -> "BuildLimits":
+        limits = cls(max_batch, num_image_tokens + max_text_tokens,
+                     num_image_tokens + max_text_tokens + max_new_tokens, num_image_tokens)
+        limits.check(max_position_embeddings)
+        return limits
+
+    def check(self, max_position_embeddings: int) -> None:
+        if self.max_batch < 1:
+            fail("max batch size must be at least 1")
+        if self.max_input_len <= self.num_image_tokens:
+            fail(f"max input length {self.max_input_len} leaves no room for text after "
+                 f"{self.num_image_tokens} image tokens")
+        if not self.max_input_len < self.max_seq_len <= max_position_embeddings:
+            fail(f"max sequence length {self.max_seq_len} must exceed the max input length {self.max_input_len} "
+                 f"and fit the decoder's {max_position_embeddings} positions")
+
+    @property
+    def max_multimodal_len(self) -> int:
+        return self.max_batch * self.num_image_tokens
+
+
+def trtllm_build_command(checkpoint_dir: Path, engine_dir: Path, gpu: GpuInfo, limits: BuildLimits, *,
+                         dtype: str = "float16", gather_generation_logits: bool = False,
+                         workers: int = 1) -> list[str]:
+    """The ``trtllm-build`` command line (options present from 0.12 through 1.x); quantization plugins
+    follow the checkpoint's quant_algo inside trtllm-build (builder.build sets the weight-only / SmoothQuant
+    plugins to the model dtype). The GEMM and attention plugins take the checkpoint ``dtype`` explicitly:
+    a float16 plugin on a bfloat16 checkpoint does not match its weights."""
+    if dtype not in DTYPES:
+        fail(f"unsupported checkpoint dtype '{dtype}' ({', '.join(DTYPES)})")
+    cmd = ["trtllm-build", "--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(engine_dir),
+           "--max_batch_size", str(limits.max_batch), "--max_input_len", str(limits.max_input_len),
+           "--max_seq_len", str(limits.max_seq_len), "--max_num_tokens", str(limits.max_batch * limits.max_input_len),
+           "--max_multimodal_len", str(limits.max_multimodal_len),
+           "--gemm_plugin", dtype, "--gpt_attention_plugin", dtype, "--remove_input_padding", "enable",
+           "--workers", str(workers)]
+    if gpu.sm < (8, 0):
+        cmd += ["--context_fmha", "disable"]  # fused context attention kernels target sm80+
+    if gather_generation_logits:
+        cmd.append("--gather_generation_logits")  # first-step logits for parity checks
+    return cmd
+
+
+def decoder_engine_dir(bundle: Path, gpu: GpuInfo, tag: str) -> Path:
+    return bundle / "trtllm" / engine_key(gpu, tag, trtllm=True)
+
+
+def build_decoder_engine(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: BuildLimits, *,
+                         gather_generation_logits: bool = False,
+                         run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+                         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path:
+    """Refuse what ``gpu`` cannot run, prepare a plain checkpoint for it, run trtllm-build, stamp the result.
+    ``run`` / ``preprocess`` default to the real subprocess and TensorRT-LLM's weight preprocessing."""
+    config, meta, _ = read_checkpoint(checkpoint)
+    tag = mode_tag(meta["mode"], meta["int8_kv"])
+    check_trtllm(gpu, meta["mode"], int8_kv=meta["int8_kv"])
+    limits.check(config["max_position_embeddings"])
+    if shutil.which("trtllm-build") is None:
+        fail("trtllm-build is not on PATH (install TensorRT-LLM on this GPU host)")
+    root = decoder_engine_dir(bundle, gpu, tag)
+    if meta["needs_host_preprocessing"]:
+        checkpoint = prepare_checkpoint_for_host(checkpoint, root / "checkpoint", gpu, preprocess)
+    engine = root / "engine"
+    cmd = trtllm_build_command(checkpoint, engine, gpu, limits, dtype=config["dtype"],
+                               gather_generation_logits=gather_generation_logits)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with (root / "trtllm-build.log").open("w") as log:
+        result = run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        fail(f"trtllm-build failed (exit {result.returncode}); see {root / 'trtllm-build.log'}")
+    stamp = {"format": "radtrt-trtllm-engine", "format_version": 1, "mode": meta["mode"], "int8_kv": meta["int8_kv"],
+             "gpu": gpu_stamp(gpu), "command": cmd, "limits": asdict(limits),
+             "gather_generation_logits": gather_generation_logits, "build_seconds": round(time.perf_counter() - t0, 1),
+             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "radtrt": __version__}
+    (root / BUILD_STAMP).write_text(json.dumps(stamp, indent=2))
+    return engine
+
+
+def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str) -> tuple[Path, dict[str, Any]]:
+    """The engine directory built for this GPU and versions, or one line naming what exists instead."""
+    root = bundle / "trtllm"
+    stamps = sorted(root.glob(f"*/{BUILD_STAMP}")) if root.is_dir() else []
+    others = []
+    for path in stamps:
+        stamp = json.loads(path.read_text())
+        if mode_tag(stamp["mode"], stamp["int8_kv"]) != tag:
+            continue
+        mismatch = stamp_mismatch(stamp, gpu, trtllm=True)
+        if mismatch is None:
+            return path.parent / "engine", stamp
+        others.append(mismatch)
+    if others:
+        fail(f"the TensorRT-LLM {tag} decoder engine in {bundle} was {others[0]}: rebuild it on this host "
+             f"with 'radtrt export --target trtllm'")
+    fail(f"bundle {bundle} has no TensorRT-LLM {tag} decoder engine; build one with 'radtrt export --target trtllm'")
