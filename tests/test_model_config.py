@@ -87,3 +87,15 @@ def test_weights_that_are_not_finite_floats_are_refused(tmp_path: Path, damage: 
     assert name in str(err.value)
     result = CliRunner().invoke(app, ["convert", "--model", str(model_dir), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and match in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_base_model_beside_a_merged_model_folder_is_refused(tmp_path: Path) -> None:
+    """It used to be ignored without a word, so a user could believe another base was in use."""
+    from radtrt.model.loading import LoadedModel, save_toolkit
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    save_toolkit(LoadedModel(random_model(preset("tiny"), seed=0), train_tiny_tokenizer(), "tiny"), model_dir)
+    result = CliRunner().invoke(app, ["convert", "--model", str(model_dir), "--base-model", str(tmp_path),
+                                      "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "drop --base-model" in result.stderr and not (tmp_path / "out").exists()

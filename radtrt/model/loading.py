@@ -61,6 +61,9 @@ def load_model(model_dir: Path, base_model: Path | None = None, *, dtype: torch.
     """Load either layout; the release layout needs the base Vicuna directory."""
     _check_memory(model_dir, dtype)
     if layout_of(model_dir) == "toolkit":
+        if base_model is not None:  # said, not ignored: the user may believe the base model is being used
+            fail(f"{model_dir} is a radtrt model folder, whose decoder weights are already merged: drop "
+                 f"--base-model {base_model}")
         loaded = _load_toolkit(model_dir, dtype)
     else:
         if base_model is None:
