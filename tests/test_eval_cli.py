@@ -80,6 +80,18 @@ def test_eval_is_deterministic(tmp_path: Path) -> None:
     (["--metrics", "chexbert"], "F1-CheXbert needs local weights"),
     (["--metrics", "radgraph"], "F1-RadGraph needs the radgraph package"),
     (["--metrics", "rouge", "--seed", "-1"], "bootstrap seed must be at least 0"),  # numpy's ValueError traceback
+    # options of a metric that is not computed were ignored without a word
+    (["--metrics", "rouge", "--endpoint", "http://x/v1", "--judge-model", "g"], "--endpoint is for the chexprompt"),
+    (["--metrics", "rouge", "--chexbert-checkpoint", "c.pth"], "--chexbert-checkpoint is for the chexbert"),
+    (["--metrics", "rouge", "--radgraph-dir", "r"], "--radgraph-dir is for the radgraph"),
+    (["--metrics", "rouge", "--device", "tpu9"], "--device is for the chexbert"),
+    (["--metrics", "rouge", "--judge-prompt", "bogus"], "unknown --judge-prompt 'bogus'"),
+    (["--metrics", "rouge", "--margin", "0.2"], "--margin is the CheXprompt parity margin"),
+    # values that ended in tracebacks or meant something else than said
+    (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--timeout", "nan"],
+     "judge timeout must be a positive number"),
+    (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--requests-per-minute", "-1"],
+     "--requests-per-minute must be a number >= 0"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
@@ -251,3 +263,41 @@ def test_binary_predictions_and_results_over_an_input_are_refused(tmp_path: Path
     code, _, err = run("--predictions", str(preds), "--metrics", "chexprompt", "--judge-model", "m",
                        "--endpoint", "localhost:8000/v1")
     assert code == 2 and "--endpoint must be an http(s) URL" in err
+
+
+def test_paired_margin_is_checked_before_the_judge_runs(tmp_path: Path) -> None:
+    """A negative margin used to be refused after the paid judge run, and nan gave a verdict and bad JSON."""
+    a = write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    b = write_jsonl(tmp_path / "b.jsonl", RECORDS)
+    judge = ["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://127.0.0.1:9/v1"]
+    for margin in ("-1", "nan", "inf"):
+        code, _, err = run("--paired", str(a), str(b), *judge, "--margin", margin)
+        assert code == 2 and "--margin must be a number >= 0" in err
+
+
+def test_results_path_may_not_be_the_judge_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    preds = write_jsonl(tmp_path / "p.jsonl", RECORDS)
+    cache = tmp_path / "judge.sqlite"
+    code, _, err = run("-p", str(preds), "--metrics", "chexprompt", "--judge-model", "g", "--endpoint",
+                       "http://127.0.0.1:9/v1", "--judge-cache", str(cache), "-o", str(cache))
+    assert code == 2 and "is the judge cache" in err and not cache.exists()
+
+
+def test_prediction_texts_that_cannot_be_scored_are_refused(tmp_path: Path) -> None:
+    surrogate = tmp_path / "s.jsonl"
+    surrogate.write_text('{"study": "a", "reference": "x", "prediction": "\\ud800"}\n')
+    with pytest.raises(RadtrtError, match="line 1: field 'prediction' holds a lone surrogate"):
+        load_predictions(surrogate)
+    long = write_jsonl(tmp_path / "l.jsonl", [{"study": "a", "reference": "x", "prediction": "word " * 2001}])
+    with pytest.raises(RadtrtError, match="prediction has 2001 words"):
+        load_predictions(long)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(RECORDS[0]) + "\n").encode())
+    assert load_predictions(bom)[0].study == "a"  # a Windows editor's byte-order mark is not an error
+
+
+def test_empty_predictions_are_named_on_stderr(tmp_path: Path) -> None:
+    preds = write_jsonl(tmp_path / "p.jsonl", [RECORDS[0], {**RECORDS[1], "prediction": "  "}])
+    code, out, err = run("-p", str(preds), "--metrics", "rouge")
+    assert code == 0 and "1 of 2 predictions are empty" in err and "predictions are empty" not in out

@@ -79,6 +79,12 @@ def _handler(judge: FakeJudge) -> type[BaseHTTPRequestHandler]:
             if action[0] == "status":
                 self._send(action[1], {"error": {"message": "scripted failure", "type": "scripted"}},
                            action[2] if len(action) > 2 else {})
+            elif action[0] == "raw":  # ("raw", content type, body bytes): what a broken server sends
+                self._send_bytes(200, action[2], {"Content-Type": action[1]})
+            elif action[0] == "content":  # ("content", any JSON value) in the message's content field
+                self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": action[1]}}]})
             else:
                 self._send(200, {"id": "chatcmpl-test", "object": "chat.completion", "created": 0,
                                  "model": body["model"],
@@ -87,12 +93,13 @@ def _handler(judge: FakeJudge) -> type[BaseHTTPRequestHandler]:
                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
         def _send(self, code: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(obj).encode()
+            self._send_bytes(code, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+        def _send_bytes(self, code: int, data: bytes, headers: dict[str, str]) -> None:
             try:
                 self.send_response(code)
-                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
-                for name, value in (headers or {}).items():
+                for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
@@ -202,8 +209,42 @@ def test_unparseable_answer_is_a_failure_and_left_out_of_means(fake_judge: FakeJ
     assert chatty.answer == "The candidate looks fine to me."
     assert report.chexprompt.n_scored == 1 and report.chexprompt.failures == {"unparseable answer": 1}
     assert report.chexprompt.mean_significant.value == pytest.approx(3.0)  # not (3 + 0) / 2
-    again = evaluate(pairs("chatty", "bad"), cfg)
-    assert fake_judge.count("chatty") == 1 and again.judgements[0].cached
+    again = evaluate(pairs("chatty", "bad"), cfg)  # unreadable answers are not cached: asked again
+    assert fake_judge.count("chatty") == 2 and not again.judgements[0].cached and again.judgements[1].cached
+
+
+@pytest.mark.parametrize("action, failure", [
+    (("answer", answer().replace("(A, 0)", "(A, \u00b2)")), "unparseable answer"),  # a digit int() refuses
+    (("answer", answer().replace("(A, 0)", "(A, 99999999999)")), "unparseable answer"),
+    (("raw", "application/json", b'{"id": "x", "choices": [{"mess'), "request failed: unreadable response body"),
+    (("raw", "text/plain", b"upstream says hello"), "request failed: the response is not a chat completion"),
+    (("raw", "application/json", b'{"choices": "abc"}'), "request failed: the response is not a chat completion"),
+    (("raw", "application/json", b"\xff\xfe{}"), "request failed: unreadable response body"),
+    (("content", ["a list"]), "request failed: the answer's content is not text"),
+    (("content", None), "unparseable answer"),
+])
+def test_a_broken_answer_fails_its_report_not_the_run(fake_judge: FakeJudge, tmp_path: Path, action: Action,
+                                                      failure: str) -> None:
+    """Each of these used to end the whole run in a traceback (and the cached ones on every rerun)."""
+    fake_judge.scripts = {"broken": [action]}
+    cfg = config(fake_judge, tmp_path, max_attempts=1)
+    first = run_judge(cfg, pairs("broken", "fine"))
+    assert first[0].counts is None and first[0].failure.startswith(failure) and first[1].counts is not None
+    second = run_judge(cfg, pairs("broken", "fine"))  # nothing of the broken answer was cached
+    assert fake_judge.count("broken") == 2 and second[0].counts is not None and second[1].cached
+
+
+def test_a_huge_unreadable_answer_is_kept_cut(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    fake_judge.scripts = {"huge": [("answer", "x" * 1_000_000)]}
+    (judged,) = run_judge(config(fake_judge, tmp_path), pairs("huge"))
+    assert judged.failure.startswith("unparseable answer") and len(judged.answer) < 5000
+
+
+def test_unreadable_answers_in_a_row_stop_the_run(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    fake_judge.default = lambda candidate: ("answer", "I cannot judge this.")
+    with pytest.raises(RadtrtError, match="failed 3 reports in a row .*unparseable answer"):
+        run_judge(config(fake_judge, tmp_path, max_consecutive_failures=3, concurrency=1), pairs(*"abcdef"))
+    assert len(fake_judge.requests) <= 4  # the run stopped: at most the one request in flight went on
 
 
 def test_cache_is_keyed_by_model_and_prompt_and_stores_no_reports(fake_judge: FakeJudge, tmp_path: Path) -> None:
@@ -213,8 +254,11 @@ def test_cache_is_keyed_by_model_and_prompt_and_stores_no_reports(fake_judge: Fa
     assert len(fake_judge.requests) == 2
     run_judge(config(fake_judge, tmp_path, model="judge-other"), items)
     assert len(fake_judge.requests) == 4
+    # the same model name served elsewhere is another judge (a different URL to the same fake server here)
+    run_judge(config(fake_judge, tmp_path, endpoint=fake_judge.url.replace("127.0.0.1", "localhost") + "/v1"), items)
+    assert len(fake_judge.requests) == 6
     run_judge(config(fake_judge, tmp_path), pairs("CANDIDATE-ALPHA", "CANDIDATE-GAMMA"))
-    assert len(fake_judge.requests) == 5
+    assert len(fake_judge.requests) == 7
     stored = (tmp_path / "judge.sqlite").read_bytes()
     assert b"CANDIDATE" not in stored and b"pleural" not in stored and KEY.encode() not in stored
 

@@ -51,8 +51,8 @@ def text_lines(path: Path, where: Callable[[int], str], expected: str, *,
         for lineno, raw in enumerate(handle, 1):
             if complete_only and not raw.endswith(b"\n"):
                 return
-            try:
-                line = raw.decode("utf-8")
+            try:  # a byte-order mark (Windows editors write one) is not part of the first line's JSON
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
                 fail(f"{where(lineno)}: not UTF-8 text ({expected} is expected)")
             if line.strip():

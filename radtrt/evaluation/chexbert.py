@@ -39,6 +39,9 @@ class CheXbertConfig:
     batch_size: int = 32
 
     def check(self) -> None:
+        from radtrt.runtime.backends import resolve_device
+
+        resolve_device(self.device)
         if not self.checkpoint.is_file() or not (self.bert_dir / "config.json").is_file() or \
                 not (self.bert_dir / "vocab.txt").is_file():
             fail(WHAT_TO_PROVIDE)
@@ -77,14 +80,15 @@ def _encode(tokenizer: object, report: str) -> list[int]:
 
 def load(cfg: CheXbertConfig) -> tuple[torch.nn.Module, object]:
     """Labeler and tokenizer from local files only."""
-    import torch
     from transformers import BertConfig, BertTokenizer
+
+    from radtrt.model.io import load_weights_pickle
 
     cfg.check()
     bert_config = BertConfig.from_pretrained(str(cfg.bert_dir), local_files_only=True)
     tokenizer = BertTokenizer.from_pretrained(str(cfg.bert_dir), local_files_only=True)
     model = build_labeler(bert_config)
-    checkpoint = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
+    checkpoint = load_weights_pickle(cfg.checkpoint)
     state = checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         fail(f"{cfg.checkpoint.name} is not a CheXbert checkpoint (no model_state_dict)")

@@ -8,6 +8,7 @@ code 2, as for every radtrt command.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,8 +42,9 @@ def eval_command(
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds per judge request."),
     judge_cache: Optional[Path] = typer.Option(None, "--judge-cache",
                                                help="Judge answer cache (default ~/.cache/radtrt/...)."),
-    margin: float = typer.Option(0.1, "--margin", help="Parity margin, significant errors per report."),
-    n_bootstrap: int = typer.Option(500, "--bootstrap", min=1, help="Bootstrap resamples."),
+    margin: Optional[float] = typer.Option(None, "--margin", help="Parity margin of --paired runs, significant "
+                                           "errors per report [default: 0.1]."),
+    n_bootstrap: int = typer.Option(500, "--bootstrap", min=1, max=100_000, help="Bootstrap resamples."),
     seed: int = typer.Option(3, "--seed", help="Bootstrap seed."),
     chexbert_checkpoint: Optional[Path] = typer.Option(None, "--chexbert-checkpoint", help="Local chexbert.pth."),
     bert_dir: Optional[Path] = typer.Option(None, "--bert-dir", help="Local bert-base-uncased directory."),
@@ -60,11 +62,24 @@ def eval_command(
     from radtrt.evaluation.records import load_predictions
     from radtrt.evaluation.run import EvalConfig, evaluate, evaluate_paired, parse_metrics
 
+    from radtrt.evaluation.parity import DEFAULT_MARGIN
+
     if (predictions is None) == (paired is None):
         fail("give either --predictions FILE or --paired REFERENCE.jsonl CANDIDATE.jsonl")
-    if out is not None:
-        _check_results_path(out, [predictions] if predictions is not None else list(paired or ()))
     names = parse_metrics(metrics)
+    if margin is not None:
+        if paired is None or "chexprompt" not in names:
+            fail("--margin is the CheXprompt parity margin: it needs --paired and chexprompt in --metrics")
+        if not (math.isfinite(margin) and margin >= 0):
+            fail(f"--margin must be a number >= 0 (significant errors per report), got {margin}")
+    _refuse_unused({"--endpoint": endpoint, "--judge-model": judge_model, "--azure-endpoint": azure_endpoint,
+                    "--azure-deployment": azure_deployment, "--api-version": api_version,
+                    "--judge-cache": judge_cache}, "chexprompt", names)
+    _refuse_unused({"--chexbert-checkpoint": chexbert_checkpoint, "--bert-dir": bert_dir}, "chexbert", names)
+    _refuse_unused({"--radgraph-dir": radgraph_dir}, "radgraph", names)
+    _refuse_unused({"--device": None if device == "cpu" else device}, "chexbert", names)
+    if judge_prompt not in ("auto", "published", "radtrt"):
+        fail(f"unknown --judge-prompt '{judge_prompt}' (auto | published | radtrt)")
     judge = None
     if "chexprompt" in names:
         if not judge_model:
@@ -76,6 +91,9 @@ def eval_command(
                             azure_deployment=azure_deployment, api_version=api_version, prompt=judge_prompt,
                             requests_per_minute=requests_per_minute, concurrency=concurrency,
                             max_attempts=max_attempts, timeout_s=timeout, cache_path=judge_cache)
+    if out is not None:
+        _check_results_path(out, [predictions] if predictions is not None else list(paired or ()),
+                            judge.resolved_cache_path() if judge is not None else None)
     chexbert = None
     if chexbert_checkpoint is not None or bert_dir is not None:
         if chexbert_checkpoint is None or bert_dir is None:
@@ -87,11 +105,16 @@ def eval_command(
     cfg.check()
 
     if paired is not None:
-        paired_report = evaluate_paired(load_predictions(paired[0]), load_predictions(paired[1]), cfg, margin=margin)
+        arms = load_predictions(paired[0]), load_predictions(paired[1])
+        _warn_empty(paired[0], arms[0])
+        _warn_empty(paired[1], arms[1])
+        paired_report = evaluate_paired(*arms, cfg, margin=DEFAULT_MARGIN if margin is None else margin)
         result, summary = paired_report.to_json(), render_paired(paired_report)
     else:
         assert predictions is not None
-        report = evaluate(load_predictions(predictions), cfg)
+        pairs = load_predictions(predictions)
+        _warn_empty(predictions, pairs)
+        report = evaluate(pairs, cfg)
         result, summary = report.to_json(), render_report(report)
     if out is not None:
         try:
@@ -102,8 +125,8 @@ def eval_command(
     typer.echo(summary, nl=False)
     if nothing_judged(result):
         written = f" (results written to {out})" if out is not None else ""
-        fail(f"CheXprompt scored none of the reports: every judge request failed, see the reasons above{written}; "
-             f"rerun the same command to resume from the judge cache")
+        fail(f"CheXprompt scored none of the reports: no judge answer could be used (failed requests or "
+             f"unreadable answers, see the reasons above){written}; rerun the same command to ask again")
 
 
 def nothing_judged(result: Any) -> bool:
@@ -120,8 +143,9 @@ def nothing_judged(result: Any) -> bool:
     return False
 
 
-def _check_results_path(out: Path, inputs: list[Path]) -> None:
-    """Refuse a results path that would overwrite an input or cannot be written, before any scoring.
+def _check_results_path(out: Path, inputs: list[Path], judge_cache: Optional[Path]) -> None:
+    """Refuse a results path that would overwrite an input or the judge cache, or cannot be written,
+    before any scoring.
 
     Scoring may take a long, paid judge run: a bad ``-o`` must fail first, and ``-o`` naming the
     predictions file would replace the user's predictions with the results.
@@ -130,7 +154,26 @@ def _check_results_path(out: Path, inputs: list[Path]) -> None:
 
     if any(p.exists() and out.exists() and out.samefile(p) for p in inputs):
         fail(f"-o {out} is one of the prediction files being scored; choose another results path")
+    if judge_cache is not None and out.resolve() == judge_cache.resolve():
+        fail(f"-o {out} is the judge cache; choose another results path")
     check_file_target(out, "results file")
+
+
+def _refuse_unused(options: dict[str, Any], metric: str, names: tuple[str, ...]) -> None:
+    """An option of a metric that is not being computed would be ignored without a word."""
+    given = [name for name, value in options.items() if value is not None]
+    if given and metric not in names:
+        fail(f"{given[0]} is for the {metric} metric: add {metric} to --metrics, or drop it")
+
+
+def _warn_empty(path: Path, pairs: list[Any]) -> None:
+    """Empty predictions score as reports that mention nothing, which can look like a perfect normal study."""
+    from radtrt.cli_support import err
+
+    empty = sum(not p.prediction.strip() for p in pairs)
+    if empty:
+        err.print(f"warning: {path.name}: {empty} of {len(pairs)} predictions are empty (scored as reports "
+                  f"that mention no finding)", markup=False, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,6 @@ radtrt refuses to start unless both are already local, so nothing is fetched at 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from radtrt.errors import fail
+from radtrt.model.io import read_json
 from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap_mean
 
 WHAT_TO_PROVIDE = ("F1-RadGraph needs the radgraph package (pip install 'radgraph>=0.1') and local weights: "
@@ -36,7 +36,7 @@ class RadGraphConfig:
         folder = self.model_dir / self.model_type
         if not all((folder / name).exists() for name in ("config.json", "vocabulary", "weights.th")):
             fail(WHAT_TO_PROVIDE)
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = read_json(folder / "config.json")
         try:
             bert = config["model"]["embedder"]["token_embedders"]["bert"]["model_name"]
         except (KeyError, TypeError):

@@ -14,6 +14,8 @@ from radtrt.data.manifest import text_lines
 from radtrt.errors import fail
 
 FIELDS = ("study", "reference", "prediction")
+# ROUGE-L's table grows with the product of the two lengths: a runaway generation must not exhaust memory
+MAX_REPORT_WORDS = 2000
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,15 @@ def load_predictions(path: Path) -> list[ReportPair]:
         if not isinstance(obj, dict):
             fail(f"{path.name} line {lineno}: expected a JSON object with {', '.join(FIELDS)}")
         for field in FIELDS:
-            if not isinstance(obj.get(field), str):
+            value = obj.get(field)
+            if not isinstance(value, str):
                 fail(f"{path.name} line {lineno}: field '{field}' is missing or not a string")
+            if not _is_unicode(value):
+                fail(f"{path.name} line {lineno}: field '{field}' holds a lone surrogate escape (\\ud800-\\udfff), "
+                     f"not text")
+            if field != "study" and len(value.split()) > MAX_REPORT_WORDS:
+                fail(f"{path.name} line {lineno}: the {field} has {len(value.split())} words; reports up to "
+                     f"{MAX_REPORT_WORDS} are scored (a findings section has a few hundred at most)")
         if obj["study"] in seen:
             fail(f"{path.name} line {lineno}: a study appears twice")
         seen.add(obj["study"])
@@ -69,3 +78,12 @@ def align_pairs(reference_arm: list[ReportPair], candidate_arm: list[ReportPair]
     if differing:
         fail(f"the ground-truth 'reference' text differs between the two files for {differing} studies")
     return [ref_by_study[s] for s in studies], [cand_by_study[s] for s in studies]
+
+
+def _is_unicode(text: str) -> bool:
+    """JSON may escape a lone surrogate, which no encoder (the judge request, the cache key) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -134,11 +134,21 @@ def _make_judge(cfg: EvalConfig) -> Any:
 
 def evaluate(pairs: Sequence[ReportPair], cfg: EvalConfig, judge: Optional[Any] = None) -> EvalReport:
     """Compute ``cfg.metrics`` over ``pairs``; ``judge`` (a ``Judge``) may be shared between calls."""
-    from radtrt.evaluation import label_f1, labels, lexical
-
     cfg.check()
     if not pairs:
         fail("no reports to evaluate")
+    if judge is None and "chexprompt" in cfg.metrics:
+        judge = _make_judge(cfg)  # the key, prompt and cache are checked before the other metrics run
+        try:
+            return _evaluate(pairs, cfg, judge)
+        finally:
+            judge.cache.close()
+    return _evaluate(pairs, cfg, judge)
+
+
+def _evaluate(pairs: Sequence[ReportPair], cfg: EvalConfig, judge: Optional[Any]) -> EvalReport:
+    from radtrt.evaluation import label_f1, labels, lexical
+
     preds = [p.prediction for p in pairs]
     refs = [p.reference for p in pairs]
     b = cfg.bootstrap
@@ -170,14 +180,8 @@ def evaluate(pairs: Sequence[ReportPair], cfg: EvalConfig, judge: Optional[Any] 
     if "chexprompt" in cfg.metrics:
         from radtrt.evaluation.chexprompt.summary import summarize
 
-        assert cfg.judge is not None
-        own_judge = judge is None
-        judge = judge or _make_judge(cfg)
-        try:
-            judgements = judge.judge(pairs, show_progress=cfg.show_progress)
-        finally:
-            if own_judge:
-                judge.cache.close()
+        assert cfg.judge is not None and judge is not None
+        judgements = judge.judge(pairs, show_progress=cfg.show_progress)
         summary = summarize(judgements, judge.prompt.label, judge.prompt.name == "published", cfg.judge.model, b)
     return EvalReport(n_reports=len(pairs), bootstrap=b, lexical=lex, labels=label_sets, radgraph=radgraph,
                       chexprompt=summary, judgements=judgements)

@@ -67,16 +67,22 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             fail(f"weight file is truncated or corrupt: {path} ({e})")
+    obj = load_weights_pickle(path)
+    if not isinstance(obj, dict):
+        fail(f"{path} does not hold a state dict")
+    return obj
+
+
+def load_weights_pickle(path: Path) -> Any:
+    """What a weights-only pickle holds (tensors in plain containers); anything else is refused in one line."""
+    _check_exists(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message goes on to suggest weights_only=False: never here
         fail(f"refusing {path}: it holds Python objects other than tensors, and radtrt loads weights only, "
              "never code")
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         fail(f"weight file is truncated or corrupt: {path} ({str(e).splitlines()[0]})")
-    if not isinstance(obj, dict):
-        fail(f"{path} does not hold a state dict")
-    return obj
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -1,8 +1,9 @@
-"""An on-disk cache of judge answers, keyed by judge model and a hash of the exact request.
+"""An on-disk cache of judge answers, keyed by the judge (model and where it is served) and a hash of the
+exact request.
 
 It makes runs resumable (an interrupted run re-asks only what it had not stored) and makes parity runs
-cheap when the exported engine writes the same report as the reference. Only the model name, the request
-hash and the answer text are stored: never the reports, which can be patient data, nor any key. Answers
+cheap when the exported engine writes the same report as the reference. Only the judge's name with a hash of
+where it is served, the request hash and the answers that could be read are stored: never the reports, which can be patient data, nor any key. Answers
 are written one at a time from the calling thread and committed at once, so a crash loses at most the
 requests in flight.
 """
@@ -40,22 +41,33 @@ class JudgeCache:
     def __init__(self, path: Path) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path)
+            # a second eval sharing the default cache waits for the other's write instead of failing
+            self._db = sqlite3.connect(path, timeout=60)
             self._db.execute(_SCHEMA)
+            self._db.execute("SELECT model, prompt_sha256, answer FROM answers LIMIT 1").fetchall()
             self._db.commit()
         except (OSError, sqlite3.Error) as e:
             fail(f"cannot open the judge cache {path}: {e}")
         self.path = path
 
     def get(self, model: str, key: str) -> Optional[str]:
-        row = self._db.execute("SELECT answer FROM answers WHERE model = ? AND prompt_sha256 = ?",
-                               (model, key)).fetchone()
-        return None if row is None else row[0]
+        """``model``: the judge's identity (``JudgeConfig.cache_identity``), not only its name."""
+        try:
+            row = self._db.execute("SELECT answer FROM answers WHERE model = ? AND prompt_sha256 = ?",
+                                   (model, key)).fetchone()
+        except sqlite3.Error as e:
+            fail(f"cannot read the judge cache {self.path}: {e} (another radtrt eval using it, or not a radtrt "
+                 f"judge cache? --judge-cache names another file)")
+        return row[0] if row is not None and isinstance(row[0], str) else None
 
     def put(self, model: str, key: str, answer: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO answers (model, prompt_sha256, answer) VALUES (?, ?, ?)",
-                         (model, key, answer))
-        self._db.commit()
+        try:
+            self._db.execute("INSERT OR REPLACE INTO answers (model, prompt_sha256, answer) VALUES (?, ?, ?)",
+                             (model, key, answer))
+            self._db.commit()
+        except sqlite3.Error as e:
+            fail(f"cannot write the judge cache {self.path}: {e}; the answers stored so far stay in it "
+                 f"(another radtrt eval using it? --judge-cache names another file)")
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])

@@ -25,6 +25,11 @@ OPENAI_KEY_ENV = "OPENAI_API_KEY"
 AZURE_KEY_ENV = "AZURE_OPENAI_API_KEY"
 
 
+class MalformedResponse(Exception):
+    """The endpoint answered, but not with a chat completion (a truncated or non-JSON body, text where a
+    list belongs): a failure of that report, as a dropped connection is, not a crash of the run."""
+
+
 class JudgeClient(Protocol):
     """Anything that turns chat messages into the judge's answer text (tests may pass their own)."""
 
@@ -90,6 +95,8 @@ def describe(exc: BaseException) -> str:
         return "connection error"
     if isinstance(exc, openai.APIStatusError):
         return f"HTTP {exc.status_code}"
+    if isinstance(exc, MalformedResponse):
+        return str(exc)
     return type(exc).__name__
 
 
@@ -130,9 +137,25 @@ class OpenAIJudgeClient:
                                 retry=retry_if_exception(is_retryable), sleep=self._sleep, reraise=True):
             with attempt:
                 self._limiter.acquire()
-                response = self._client.chat.completions.create(
-                    model=self._cfg.model, messages=messages,  # type: ignore[arg-type]
-                    temperature=self._cfg.temperature, max_tokens=self._cfg.max_tokens)
-        if not response.choices:
-            return None
-        return response.choices[0].message.content
+                try:
+                    response = self._client.chat.completions.create(
+                        model=self._cfg.model, messages=messages,  # type: ignore[arg-type]
+                        temperature=self._cfg.temperature, max_tokens=self._cfg.max_tokens)
+                except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: the SDK could not read the body
+                    raise MalformedResponse(f"unreadable response body ({type(e).__name__})") from e
+        return answer_text(response)
+
+
+def answer_text(response: object) -> Optional[str]:
+    """The first choice's text (None when the judge gave none); anything not shaped like a chat completion
+    raises ``MalformedResponse``. The SDK returns a plain string for a non-JSON body and does not check
+    the fields of a JSON one."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list):
+        raise MalformedResponse("the response is not a chat completion")
+    if not choices:
+        return None
+    content = getattr(getattr(choices[0], "message", None), "content", None)
+    if content is not None and not isinstance(content, str):
+        raise MalformedResponse("the answer's content is not text")
+    return content

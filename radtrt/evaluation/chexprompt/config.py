@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +46,27 @@ class JudgeConfig:
             fail("Azure OpenAI needs an API version (--api-version, e.g. 2024-06-01)")
         if self.concurrency < 1 or self.max_attempts < 1 or self.max_consecutive_failures < 1:
             fail("judge concurrency, attempts and failure limit must be at least 1")
-        if self.timeout_s <= 0:
-            fail("the judge timeout must be positive")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            fail(f"the judge timeout must be a positive number of seconds, got {self.timeout_s}")
+        if not (math.isfinite(self.requests_per_minute) and self.requests_per_minute >= 0):
+            fail(f"--requests-per-minute must be a number >= 0 (0: no limit), got {self.requests_per_minute}")
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2) or self.max_tokens < 1:
+            fail("the judge temperature must be within 0-2 and its answer length at least 1 token")
 
     @property
     def is_azure(self) -> bool:
         return self.azure_endpoint is not None
+
+    @property
+    def cache_identity(self) -> str:
+        """Who answers: the model name and a hash of where it is served (endpoint, Azure deployment).
+
+        Why the place: one name (a local "gpt-4o" behind vLLM, two Azure deployments of one model) can be
+        different judges, and the default cache is shared by every project. Hashed, because an endpoint
+        URL may carry credentials."""
+        where = (f"azure {self.azure_endpoint} {self.azure_deployment or self.model}" if self.is_azure
+                 else f"openai {self.endpoint or 'https://api.openai.com/v1'}")
+        return f"{self.model} @{hashlib.sha256(where.encode()).hexdigest()[:16]}"
 
     def resolved_cache_path(self) -> Path:
         if self.cache_path is not None:

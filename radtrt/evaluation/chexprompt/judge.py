@@ -1,10 +1,10 @@
 """Judging many reports: cache first, then concurrent requests, a progress bar, and honest failures.
 
-Each report ends as either error counts or a recorded failure (the judge's answer did not parse, or the
-request failed after every retry). Failures are not cached, so running the same command again resumes
-with exactly the reports that are still missing. When the endpoint rejects the key or does not know the
-model, or fails for many reports in a row, the run stops with one line; what was judged so far stays in
-the cache.
+Each report ends as either error counts or a recorded failure (the judge's answer did not parse, the
+response was not a chat completion, or the request failed after every retry). Only answers that parse
+are cached, so running the same command again resumes with exactly the reports that are still missing.
+When the endpoint rejects the key or does not know the model, or fails for many reports in a row
+(unreadable answers included), the run stops with one line; what was judged so far stays in the cache.
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 
 from radtrt.errors import fail
 from radtrt.evaluation.chexprompt.cache import JudgeCache, prompt_hash
-from radtrt.evaluation.chexprompt.client import JudgeClient, describe, is_fatal
+from radtrt.evaluation.chexprompt.client import JudgeClient, MalformedResponse, describe, is_fatal
 from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.parser import AnswerFormatError, ErrorCounts
 from radtrt.evaluation.chexprompt.prompt import JudgePrompt, select_prompt
 from radtrt.evaluation.records import ReportPair
 from radtrt.progress import make_progress
+
+# an unreadable answer is kept for audit in the results, cut to this many characters (the judge's
+# answer length is set in tokens, but a misbehaving server may send megabytes)
+MAX_KEPT_ANSWER = 4000
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ class Judge:
         try:
             return Judgement(study, self.prompt.parse(answer), None, answer, cached)
         except AnswerFormatError as e:
-            return Judgement(study, None, f"unparseable answer: {e}", answer, cached)
+            kept = answer if answer is None or len(answer) <= MAX_KEPT_ANSWER else answer[:MAX_KEPT_ANSWER] + " [...]"
+            return Judgement(study, None, f"unparseable answer: {e}", kept, cached)
 
     def judge(self, pairs: Sequence[ReportPair], show_progress: bool = True,
               console: Optional[Console] = None) -> list[Judgement]:
@@ -70,10 +75,11 @@ class Judge:
         for i, pair in enumerate(pairs):
             messages = self.prompt.build(pair.reference, pair.prediction)
             key = prompt_hash(messages, self.cfg.temperature, self.cfg.max_tokens)
-            answer = self.cache.get(self.cfg.model, key)
-            if answer is not None:
-                results[i] = self._parsed(pair.study, answer, cached=True)
-            else:
+            answer = self.cache.get(self.cfg.cache_identity, key)
+            judgement = self._parsed(pair.study, answer, cached=True) if answer is not None else None
+            if judgement is not None and judgement.counts is not None:
+                results[i] = judgement
+            else:  # not asked yet, or an unreadable answer cached by an older radtrt: ask again
                 pending.append((i, messages, key))
 
         progress = make_progress(TextColumn("judging ({task.fields[label]})"), BarColumn(), MofNCompleteColumn(),
@@ -91,21 +97,22 @@ class Judge:
                     exc = future.exception()
                     if exc is None:
                         answer = future.result()
-                        if answer:
-                            self.cache.put(self.cfg.model, key, answer)
                         results[i] = self._parsed(study, answer, cached=False)
-                        consecutive = 0
+                        if results[i].counts is not None:
+                            assert answer is not None
+                            self.cache.put(self.cfg.cache_identity, key, answer)
                     elif is_fatal(exc):
                         fail(f"the judge endpoint refused the request ({describe(exc)}): check the API key, "
                              f"the model or deployment name and the endpoint URL")
                     elif isinstance(exc, Exception) and _is_request_error(exc):
                         results[i] = Judgement(study, None, f"request failed: {describe(exc)}", None, False)
-                        consecutive += 1
-                        if consecutive >= self.cfg.max_consecutive_failures:
-                            fail(f"the judge failed {consecutive} reports in a row (last: {describe(exc)}); "
-                                 f"answers so far are cached in {self.cache.path}, rerun to resume")
                     else:
                         raise exc
+                    failure = results[i].failure
+                    consecutive = 0 if failure is None else consecutive + 1
+                    if failure is not None and consecutive >= self.cfg.max_consecutive_failures:
+                        fail(f"the judge failed {consecutive} reports in a row (last: {failure}); answers so far "
+                             f"are cached in {self.cache.path}, rerun to resume")
                     progress.advance(task)
             finally:
                 for future in futures:
@@ -114,5 +121,6 @@ class Judge:
 
 
 def _is_request_error(exc: Exception) -> bool:
-    """SDK errors about one request (status, timeout, connection), as opposed to bugs."""
-    return isinstance(exc, openai.APIError)
+    """Errors about one request (status, timeout, connection, a body that is no chat completion), as
+    opposed to bugs."""
+    return isinstance(exc, (openai.APIError, MalformedResponse))

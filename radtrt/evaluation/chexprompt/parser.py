@@ -34,6 +34,8 @@ _LINE = re.compile(r"^\s*(?:Errors:\s*)?Number of clinically (significant|insign
                    re.IGNORECASE | re.MULTILINE)
 _LIST = re.compile(r"^\s*[\[(]\s*((?:\(\s*[A-Za-z]\s*,\s*[^()]*?\s*\)\s*,?\s*)+)[\])]\s*$")
 _PAIR = re.compile(r"\(\s*([A-Za-z])\s*,\s*([^()]*?)\s*\)")
+MAX_COUNT = 999
+_COUNT = re.compile(r"[0-9]{1,3}")
 
 
 class AnswerFormatError(ValueError):
@@ -49,8 +51,8 @@ class ErrorCounts:
 
     def __post_init__(self) -> None:
         for counts in (self.significant, self.insignificant):
-            if len(counts) != len(LETTERS) or any(not isinstance(c, int) or c < 0 for c in counts):
-                raise AnswerFormatError("error counts must be six whole numbers >= 0")
+            if len(counts) != len(LETTERS) or any(not isinstance(c, int) or not 0 <= c <= MAX_COUNT for c in counts):
+                raise AnswerFormatError(f"error counts must be six whole numbers from 0 to {MAX_COUNT}")
 
     @property
     def total_significant(self) -> int:
@@ -86,8 +88,10 @@ def _parse_list(body: str, which: str) -> tuple[int, ...]:
         raise AnswerFormatError(f"the {which} line must list types A-F once each, in order")
     values = []
     for _, raw in pairs:
-        if not raw.isdigit():
-            raise AnswerFormatError(f"the {which} line has a count that is not a whole number")
+        # ASCII digits only (str.isdigit also takes "²", which int() refuses) and a bounded count: a
+        # findings section has a few sentences, and a runaway number would dominate every mean
+        if _COUNT.fullmatch(raw) is None:
+            raise AnswerFormatError(f"the {which} line has a count that is not a whole number up to {MAX_COUNT}")
         values.append(int(raw))
     return tuple(values)
 
