@@ -72,3 +72,12 @@ def test_generation_stops_at_eos_and_excludes_it() -> None:
     stop = free[4]
     got = greedy_generate(ours, [embeds], eos_token_id=stop, max_new_tokens=12).token_ids[0]
     assert got == free[: free.index(stop)]
+
+
+def test_generation_records_no_autograd_graph() -> None:
+    """A misplaced ``no_grad`` decorator once made every generation build a graph (slower, more memory)."""
+    cfg = tiny_decoder()
+    ours, _ = _pair(cfg, seed=6)
+    assert torch.is_grad_enabled()
+    got = greedy_generate(ours, [torch.randn(5, cfg.hidden_size)], eos_token_id=-1, max_new_tokens=3, keep_logits=True)
+    assert got.logits is not None and not got.logits.requires_grad

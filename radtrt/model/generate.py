@@ -56,7 +56,6 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-@torch.no_grad()
 def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int) -> None:
     """Refuse a generation longer than the model's positions before its KV cache is allocated (a huge
     --max-new-tokens was an allocation failure), with the same words on every backend."""
@@ -65,6 +64,7 @@ def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int)
              f"model's {max_positions} positions; shorten --indication or lower --max-new-tokens")
 
 
+@torch.no_grad()
 def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_token_id: int,
                     max_new_tokens: int = MAX_NEW_TOKENS, keep_logits: bool = False) -> Generation:
     if max_new_tokens < 1:
