@@ -301,3 +301,13 @@ def test_metadata_is_exposed_without_phi(tmp_path: Path) -> None:
     assert image.sop_class_uid == ds.SOPClassUID
     assert image.dataset.PatientName == FAKE_PATIENT_NAME  # kept for the SR writer...
     assert "Synthetic" not in repr(image) and FAKE_PATIENT_ID not in repr(image)  # ...not shown
+
+
+def test_colour_header_over_one_sample_per_pixel_is_refused(tmp_path: Path) -> None:
+    """It reached the RGB conversion and ended in a ValueError traceback."""
+    path = tmp_path / "img.dcm"
+    write_radiograph(path, synthetic_chest(64, 64, seed=0), modality="DX", view_position="PA")
+    ds = pydicom.dcmread(path)
+    ds.PhotometricInterpretation = "RGB"
+    ds.save_as(path)
+    _refused(path, "RGB image with 1 sample")

@@ -85,6 +85,10 @@ def _coded_view(meaning: str) -> Dataset:
         (_header(SeriesDescription="PA/LAT"), (UNKNOWN_VIEW, "none")),
         (_header(SeriesDescription="CAPACITY"), (UNKNOWN_VIEW, "none")),  # no substring match
         (_header(), (UNKNOWN_VIEW, "none")),
+        # a name in ViewPosition is never echoed (it went to stdout and warnings); the next rules decide
+        (_header(ViewPosition="DOE^JANE"), (UNKNOWN_VIEW, "none")),
+        (_header(ViewPosition="JANE DOE", SeriesDescription="CHEST PA"), ("PA", "SeriesDescription")),
+        (_header(ViewPosition="ap  supine"), ("AP SUPINE", "ViewPosition")),
     ],
 )
 def test_view_rules(ds: Dataset, expected: tuple[str, str]) -> None:

@@ -270,6 +270,8 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
             fail(f"{name}: invalid modality/VOI LUT or window: {_one_line(str(exc))}")
         scaled = min_max_to_uint8(values, invert=photometric == "MONOCHROME1")
     elif photometric in _COLOUR:
+        if arr.ndim != 3:  # the header says colour but one sample per pixel
+            fail(f"{name}: {photometric} image with {int(ds.get('SamplesPerPixel') or 1)} sample(s) per pixel")
         scaled = min_max_to_uint8(rgb_to_grey(arr))
     else:
         fail(f"{name}: photometric interpretation {_shown_code(photometric)} is not supported")

@@ -4,7 +4,10 @@ LLaVA-Rad was trained and evaluated on frontal (PA/AP) chest radiographs; runnin
 produces a confident but meaningless report. So the view must be known before a study folder is
 reduced to one image, and the rules deciding it must be few and visible:
 
-1. ``ViewPosition`` (0018,5101), if not empty, upper-cased as is ("PA", "AP", "LL", "RL", ...).
+1. ``ViewPosition`` (0018,5101), upper-cased, when it is one of the projection terms of DICOM and
+   common practice (``POSITION_TERMS``: "PA", "AP", "LL", "RL", "LAT", obliques, decubitus ...). Any
+   other value is not echoed (a damaged or hand-edited header can hold a name there) and the next
+   rules decide.
 2. ``ViewCodeSequence`` (0054,0220) first item, by its code meaning from DICOM CID 4010
    ("postero-anterior" -> PA, "antero-posterior" -> AP, "left lateral" -> LL,
    "right lateral" -> RL, any other meaning containing "lateral" -> LATERAL).
@@ -34,6 +37,9 @@ _CODE_MEANINGS = {
     "rightlateral": "RL",
 }
 _LATERAL_WORDS = frozenset({"LAT", "LATERAL", "LL", "RL"})
+# ViewPosition's defined terms (PS3.3 C.8.11.5.1.1) and the other projections seen in chest practice
+POSITION_TERMS = frozenset({"AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO", "LAT", "LATERAL", "LAO", "RAO",
+                            "LPO", "RPO", "OBL", "OBLIQUE", "LORDOTIC", "AP SUPINE", "AP ERECT", "PA ERECT"})
 
 
 def is_frontal(view: str) -> bool:
@@ -73,8 +79,8 @@ def view_of(ds: Dataset) -> tuple[str, str]:
     ``rule`` is one of "ViewPosition", "ViewCodeSequence", "SeriesDescription",
     "ProtocolName" or "none"; it lets callers report how much to trust the view.
     """
-    position = str(ds.get("ViewPosition", "") or "").strip().upper()
-    if position:
+    position = " ".join(str(ds.get("ViewPosition", "") or "").split()).upper()
+    if position in POSITION_TERMS:
         return position, "ViewPosition"
     coded = _from_view_code(ds)
     if coded:
