@@ -76,15 +76,34 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
     tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would make every output private to its writer
     try:
         yield tmp
+        # after the writer: mkstemp's 0600 (or a writer's own temporary file renamed over ``tmp``, as
+        # safetensors does) would make every output private to its writer
+        tmp.chmod(0o666 & ~_umask())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _share_like_new_files(folder: Path) -> None:
+    """Give everything in ``folder`` the modes a plain ``open``/``mkdir`` would have (umask applied).
+
+    Why: writers that go through temporary files (``mkstemp``, safetensors, ONNX Runtime's quantizer)
+    leave some files 0600, and a bundle must be readable by the server (Triton, another user) that loads it."""
+    umask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def write_text(path: Path, text: str, what: str) -> None:
@@ -111,6 +130,9 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
     """Yield ``OUT.partial`` to fill, renamed to ``out`` (new or empty) only when the block ends without error:
     an interrupted or failed export never leaves a half-written folder under the name the user asked for."""
     check_new_dir(out, what)
+    if out.is_symlink() or os.path.ismount(out):  # neither can be replaced by the finished folder
+        fail(f"{what} {out} is {'a symbolic link' if out.is_symlink() else 'a mount point'}; radtrt builds the "
+             f"folder beside it and renames it into place: give a new folder inside it, e.g. {out / 'bundle'}")
     work = out.with_name(out.name + ".partial")
     if work.is_symlink() or work.exists():
         if not (work.is_dir() and not work.is_symlink() and (work / WORK_MARKER).is_file()):
@@ -123,7 +145,12 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # the error itself goes on
         raise
-    (work / WORK_MARKER).unlink()
-    if out.exists():
-        out.rmdir()
-    work.rename(out)
+    _share_like_new_files(work)
+    try:
+        if out.exists():
+            out.rmdir()
+        work.rename(out)
+    except OSError as e:  # e.g. a folder created in the meantime; the finished output stays where it is
+        (work / WORK_MARKER).unlink()
+        fail(f"cannot move the finished {what} into place at {out} ({e.strerror}); it is complete in {work}")
+    (out / WORK_MARKER).unlink()

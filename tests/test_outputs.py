@@ -55,3 +55,35 @@ def test_build_folder_left_by_an_interrupted_run_is_replaced(tmp_path: Path) -> 
         with new_dir_built_aside(tmp_path / "out2"):
             raise ValueError("export failed")
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()
+
+
+def test_outputs_are_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
+    """safetensors renames its own temporary file over ours, and quantizers write through mkstemp: bundles
+    came out 0600, unreadable by a Triton server running as another user."""
+    import os
+    import tempfile
+
+    old = os.umask(0o022)
+    try:
+        save_tensors({"x": torch.ones(2)}, tmp_path / "c.safetensors")
+        assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644
+        with new_dir_built_aside(tmp_path / "out") as work:
+            fd, _ = tempfile.mkstemp(dir=work)  # 0600, as ONNX Runtime's quantizer leaves its data file
+            os.close(fd)
+            (work / "sub").mkdir(mode=0o700)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*")}
+        assert modes.pop("sub") == 0o755 and set(modes.values()) == {0o644}
+    finally:
+        os.umask(old)
+
+
+def test_a_symlink_or_mount_point_as_output_folder_is_refused_up_front(tmp_path: Path) -> None:
+    """The finished folder cannot be renamed onto either: the export ended in a traceback after all its
+    work, leaving a complete bundle under OUT.partial that blocked every rerun."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    ran = []
+    with pytest.raises(RadtrtError, match="is a symbolic link.*give a new folder inside it"):
+        with new_dir_built_aside(tmp_path / "link"):
+            ran.append(True)
+    assert not ran and not (tmp_path / "link.partial").exists()
