@@ -222,3 +222,25 @@ def test_statistics_missing_a_module_are_refused_when_checked(calib, loaded: Loa
         path = _edited(calib, tmp_path, key.split(":")[0], tensor_edit=lambda t: t.pop(key))
         with pytest.raises(RadtrtError, match=f"no {key.split('.')[0]} statistics for '{key.split(':')[1]}'"):
             CalibrationFile.load(path).check_model(loaded.model)
+
+
+def test_held_out_samples_are_never_calibration_images(loaded: LoadedModel, phantoms: Path, tmp_path: Path) -> None:
+    """The gate ran on the calibration images themselves after 'calibrate --seed 12' (the held-out seed), and
+    with a manifest listing an image twice."""
+    from radtrt.calibration.run import PHANTOM_HELDOUT_SEED
+
+    on_heldout_seed = calibrate_phantoms(loaded, 2, seed=PHANTOM_HELDOUT_SEED)
+    samples, where = heldout_samples(loaded, on_heldout_seed, 2)
+    assert {s.ref.sha256 for s in samples}.isdisjoint(r.sha256 for r in on_heldout_seed.file.refs)
+    assert f"seed {PHANTOM_HELDOUT_SEED + 1}" in where
+
+    rows = [json.loads(line) for line in phantoms.read_text().splitlines()]
+    twice = tmp_path / "twice.jsonl"  # rows A, B, A, B, C: only C is new after calibrating on A, B
+    twice.write_text("".join(json.dumps({**r, "image": str(phantoms.parent / r["image"])}) + "\n"
+                             for r in rows[:2] + rows[:3]))
+    made = calibrate(loaded, twice, 2)
+    samples, where = heldout_samples(loaded, made, 1)
+    assert [s.ref.study for s in samples] != [] and samples[0].ref.sha256 not in {r.sha256 for r in made.file.refs}
+    assert "held-out samples of" in where
+    samples, where = heldout_samples(loaded, made, 2)  # only one new image: phantoms, and it says why
+    assert "phantoms" in where and "only 1 images beyond the calibration ones" in where

@@ -131,6 +131,7 @@ def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,
                     progress: Any = None) -> tuple[list[Sample], str]:
     """``k`` samples not used for calibration, and a line saying where they came from."""
     source = calibration.file.meta["source"]
+    calibrated = {ref.sha256 for ref in calibration.file.refs}
     note = ""
     data = Path(source["path"]) if source.get("kind") in ("manifest", "folder") else None
     if data is not None and not data.exists():
@@ -138,11 +139,31 @@ def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,
         note = f"; the calibration data {data} is not here"
     elif data is not None:
         used = int(source.get("skip", 0)) + int(source.get("n", calibration.file.n))
-        left = count_samples(data) - used
-        if left >= k:
-            found = load_samples(data, k, _preparer(loaded), skip=used)
-            return found.samples, f"{k} held-out samples of {data} (after the {used} calibration ones)"
-        note = f"; {data} has only {max(left, 0)} samples beyond the calibration ones"
-    with phantom_source(k, PHANTOM_HELDOUT_SEED, progress) as manifest:
-        found = load_samples(manifest, k, _preparer(loaded))
-        return found.samples, f"{k} held-out synthetic phantoms (seed {PHANTOM_HELDOUT_SEED}){note}"
+        found = _unseen(data, k, used, calibrated, _preparer(loaded))
+        if len(found) == k:
+            return found, f"{k} held-out samples of {data} (after the {used} calibration ones)"
+        note = f"; {data} has only {len(found)} images beyond the calibration ones and not among them"
+    # phantoms of another seed than the calibration's are other images (each depends on seed and index)
+    seed = PHANTOM_HELDOUT_SEED + (source.get("kind") == PHANTOM and source.get("seed") == PHANTOM_HELDOUT_SEED)
+    with phantom_source(k, seed, progress) as manifest:
+        found = [s for s in load_samples(manifest, k, _preparer(loaded)).samples if s.ref.sha256 not in calibrated]
+        if len(found) < k:
+            fail(f"the held-out phantoms (seed {seed}) repeat images of the calibration set; calibrate with "
+                 f"another --seed")
+        return found, f"{k} held-out synthetic phantoms (seed {seed}){note}"
+
+
+def _unseen(data: Path, k: int, skip: int, calibrated: set[str], prepare: Any) -> list[Sample]:
+    """Up to ``k`` samples after the first ``skip`` whose images are neither calibration images nor each
+    other's: a manifest may list an image twice, and a folder may have changed since the calibration."""
+    total = count_samples(data)
+    found: list[Sample] = []
+    seen = set(calibrated)
+    while len(found) < k and skip < total:
+        batch = load_samples(data, min(k - len(found), total - skip), prepare, skip=skip).samples
+        skip += len(batch)
+        for sample in batch:
+            if sample.ref.sha256 not in seen:
+                seen.add(sample.ref.sha256)
+                found.append(sample)
+    return found
