@@ -182,3 +182,23 @@ def test_folder_with_one_png_uses_it_but_two_are_ambiguous(tmp_path: Path) -> No
     assert load_study(tmp_path).source_file == tmp_path / "a.png"
     Image.fromarray(_grey8(1)).save(tmp_path / "b.png")
     _refused(tmp_path, "unknown view")
+
+
+def test_one_study_folder_is_told_from_a_folder_of_studies(tmp_path: Path) -> None:
+    """bench --studies STUDY_FOLDER measured the lateral as a study of its own."""
+    from radtrt.benchmarks.assets import study_entries
+    from radtrt.imaging.study import is_one_study_folder
+
+    one = tmp_path / "one"
+    one.mkdir()
+    _dx(one, "frontal.dcm", "PA", seed=1, study_uid="1.2.3.4")
+    _dx(one, "lateral.dcm", "LL", seed=2, study_uid="1.2.3.4")
+    many = tmp_path / "many"
+    many.mkdir()
+    _dx(many, "a.dcm", "PA", seed=1)
+    _dx(many, "b.dcm", "PA", seed=2)  # another StudyInstanceUID each
+    assert is_one_study_folder(one) and not is_one_study_folder(many)
+    assert [e.study for e in study_entries(one, None, tmp_path, 1)] == [one]
+    assert [e.study.name for e in study_entries(many, None, tmp_path, 1)] == ["a.dcm", "b.dcm"]
+    (one / "notes.txt").write_text("x")  # not only DICOM: read as before, entry by entry
+    assert not is_one_study_folder(one)

@@ -105,7 +105,8 @@ WorkDirOpt = Annotated[Path, typer.Option("--work-dir", help="Cache for random m
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the random weights.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="onnxruntime | torch | transformers")]
 StudiesOpt = Annotated[Optional[Path], typer.Option(
-    "--studies", help="A study, a folder whose entries are studies, or a JSONL manifest / phantom set (true labels).")]
+    "--studies", help="A study (file, or folder of one study's DICOM files), a folder whose entries are studies, or a "
+    "JSONL manifest / phantom set (true labels).")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Generation limit per study.")]
 IndicationOpt = Annotated[Optional[str], typer.Option("--indication", help="Exam indication added to the prompt.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for torch and ONNX Runtime.")]

@@ -104,6 +104,7 @@ class Entry:
 def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, list[Entry], dict[str, Any]]:
     """(data root, candidate studies in order, source description); ``what`` names the source in errors."""
     from radtrt.data.manifest import read_manifest
+    from radtrt.imaging.study import is_one_study_folder
 
     if not data.exists():
         fail(f"{what} not found: {data}")
@@ -113,8 +114,10 @@ def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, li
         rows = read_manifest(manifest)
         entries = [Entry(r.image_path(root), r.findings, r.indication, r.labels) for r in rows]
         return root, entries, {"kind": "manifest", "path": str(manifest.resolve())}
-    if data.is_file():
+    if not data.is_dir():
         fail(f"{what} {data} is neither a folder nor a JSONL manifest (.jsonl)")
+    if is_one_study_folder(data):  # the folder of one study (frontal + lateral), not a folder of studies
+        return data.parent, [Entry(data)], {"kind": "folder", "path": str(data.resolve())}
     studies = sorted(p for p in data.iterdir() if not p.name.startswith("."))
     if not studies:
         fail(f"{what} folder {data} is empty")

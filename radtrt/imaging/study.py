@@ -96,6 +96,25 @@ def _walk(folder: Path) -> list[Path]:
     return sorted(files)
 
 
+def is_one_study_folder(folder: Path) -> bool:
+    """True when ``folder`` holds the DICOM files of one study and nothing else: two or more files, no
+    subfolders, all DICOM, all with one StudyInstanceUID (a frontal and its lateral, say).
+
+    Why: commands that take "a study, or a folder of studies" (``bench --studies``, calibration data)
+    must not read such a folder as several studies, one of them a lateral. A file that cannot be read
+    here makes the answer "no"; it is then reported when its own study is read."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name.upper() != "DICOMDIR"]
+    if len(entries) < 2 or any(p.is_dir() or _sniff(p) != "DICOM" for p in entries):
+        return False
+    studies = set()
+    for path in entries:
+        try:
+            studies.add(str(read_header(path, allow_any_modality=True).get("StudyInstanceUID", "")))
+        except RadtrtError:
+            return False
+    return len(studies) == 1 and "" not in studies
+
+
 def _describe(candidates: list[_Candidate]) -> str:
     counts = Counter(c.view for c in candidates)
     return ", ".join(f"{view} x{n}" for view, n in sorted(counts.items()))
