@@ -165,6 +165,7 @@ def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Pa
     (("parity",), "say what to benchmark"),
     (("latency", "--stages", "text"), "unknown --stages"),
     (("latency", "--runs", 0), "--runs"),
+    (("parity", "--max-new-tokens", 0), "--max-new-tokens"),  # after loading both backends: "returned no logits"
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny: Assets, work: Path, args: tuple, match: str) -> None:
     extra = () if "--bundle" in args or args == ("parity",) else ("--random-model", "tiny")

@@ -352,6 +352,9 @@ def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
     (_set("decoder", "attention", "weird"), "attention 'weird'"),
     (_set("vision", "image_size", 224), "vision.image_size is 224"),
     (lambda m: m.update(format_version=str(m["format_version"])), "has format version '1'"),  # said "version 1 ... reads 1"
+    (lambda m: m.update(format_version=2, tools=None), r"written by an unknown radtrt"),  # an AttributeError
+    (lambda m: m.update(graphs=None), "'graphs' section is not an object"),  # an AttributeError
+    (lambda m: (m.pop("graph_revision"), m["decoder"].pop("attention")), "exported by an older radtrt"),
 ])
 def test_manifest_fields_disagreeing_with_the_model_are_refused(bundle: Path, studies: list[Path], tmp_path: Path,
                                                                   edit: Callable[[dict], None], match: str) -> None:

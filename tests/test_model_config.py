@@ -99,3 +99,18 @@ def test_base_model_beside_a_merged_model_folder_is_refused(tmp_path: Path) -> N
     result = CliRunner().invoke(app, ["convert", "--model", str(model_dir), "--base-model", str(tmp_path),
                                       "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "drop --base-model" in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"hello this is text\n" * 10, "not a PyTorch file"),  # was a KeyError traceback
+    (b"abcd", "not a PyTorch file"),  # struct.error
+    (b"\x80\x02junk", "not a PyTorch file"),  # IndexError
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 12\n", "Git LFS pointer"),
+])
+def test_junk_in_place_of_a_pickle_is_one_line(tmp_path: Path, content: bytes, match: str) -> None:
+    from radtrt.model.io import load_tensors
+
+    path = tmp_path / "non_lora_trainables.bin"
+    path.write_bytes(content)
+    with pytest.raises(RadtrtError, match=match):
+        load_tensors(path)

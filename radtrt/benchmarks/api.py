@@ -74,6 +74,8 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
                device: str = "cpu", ort_provider: str = "cpu", command: str = "",
                progress: Any = None, need_findings: bool = False, ort_spin: bool = False) -> ParityReport:
     """``need_findings``: refuse, before any work, studies without ground-truth findings (for CheXprompt)."""
+    if max_new_tokens < 1:  # checked before both backends load (it ended as "returned no logits")
+        fail("--max-new-tokens must be at least 1")
     if need_findings and studies is None:
         fail("--predictions-out needs --studies with ground-truth findings (a phantom set from 'radtrt data "
              "phantoms', or a JSONL manifest with 'findings')")
@@ -83,6 +85,8 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
     entries = study_entries(studies, synthetic, work_dir, default_synthetic=2)
     if need_findings and any(e.findings is None for e in entries):
         fail(f"--predictions-out needs ground-truth findings for every study; {studies} has studies without them")
+    if need_findings and len({e.study.name for e in entries}) != len(entries):  # found before, not after, the run
+        fail("--predictions-out needs distinct study file names (the predictions name each study by it)")
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
                           ort_provider=ort_provider, threads=threads, ort_spin=ort_spin)

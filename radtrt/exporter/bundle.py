@@ -222,12 +222,15 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
     if manifest.get("format") != BUNDLE_FORMAT:
         fail(f"{bundle} is not a radtrt bundle (format {manifest.get('format')!r})")
     if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
-        fail(f"bundle {bundle} has format version {manifest.get('format_version')!r} (written by radtrt "
-             f"{manifest.get('tools', {}).get('radtrt', '?')}); this radtrt {__version__} reads version "
+        fail(f"bundle {bundle} has format version {manifest.get('format_version')!r} (written by "
+             f"{_written_by(manifest)}); this radtrt {__version__} reads version "
              f"{BUNDLE_FORMAT_VERSION}: re-export it")
     problem = manifest_problem(manifest)
     if problem:
         fail(f"{path} is damaged ({problem}): re-export the bundle")
+    if not isinstance(manifest.get("graph_revision"), int) or "attention" not in manifest["decoder"]:
+        fail(f"bundle {bundle} was exported by an older radtrt ({_written_by(manifest)}, graph revision "
+             f"{manifest.get('graph_revision')!r}; this radtrt writes {GRAPH_REVISION}): re-export it")
     if verify:
         for name, meta in manifest["files"].items():
             f = bundle / name
@@ -241,6 +244,12 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
         if problem:
             fail(f"{path} does not match the bundle's {MODEL_CONFIG} ({problem}): re-export the bundle")
     return manifest
+
+
+def _written_by(manifest: dict[str, Any]) -> str:
+    tools = manifest.get("tools")
+    version = tools.get("radtrt") if isinstance(tools, dict) else None
+    return f"radtrt {version}" if isinstance(version, str) else "an unknown radtrt"
 
 
 def manifest_mismatch(manifest: dict[str, Any], cfg: LlavaRadConfig) -> str | None:
@@ -284,6 +293,8 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     for key in ("model", "vision", "decoder"):  # "graphs" is the ONNX Runtime backend's own check
         if not isinstance(manifest.get(key), dict):
             return f"no '{key}' section"
+    if not isinstance(manifest.get("graphs", {}), dict):
+        return "its 'graphs' section is not an object"
     if not isinstance(manifest["model"].get("name"), str):
         return "no model name"
     return None

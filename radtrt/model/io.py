@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,17 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 def _check_exists(path: Path) -> None:
     if not path.is_file():
         fail(f"missing weight file: {path}")
     if path.stat().st_size == 0:
         fail(f"weight file is empty: {path}")
+    with path.open("rb") as handle:
+        if handle.read(len(LFS_POINTER)) == LFS_POINTER:  # a clone without 'git lfs pull'
+            fail(f"{path} is a Git LFS pointer, not the weights: fetch them ('git lfs pull') or copy the real file")
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -81,8 +88,11 @@ def load_weights_pickle(path: Path) -> Any:
     except pickle.UnpicklingError:  # torch's message goes on to suggest weights_only=False: never here
         fail(f"refusing {path}: it holds Python objects other than tensors, and radtrt loads weights only, "
              "never code")
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        fail(f"weight file is truncated or corrupt: {path} ({str(e).splitlines()[0]})")
+    # the legacy (non-zip) reader fails on junk with whatever it trips over (KeyError, IndexError, struct.error)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError, TypeError, ValueError,
+            struct.error) as e:
+        fail(f"weight file is truncated or corrupt, or not a PyTorch file: {path} "
+             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
