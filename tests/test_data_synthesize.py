@@ -162,6 +162,12 @@ def test_parse_labels_and_template_errors() -> None:
         parse_labels({"Cardiomegaly": 2}, "x")
     with pytest.raises(RadtrtError, match="list of names"):
         parse_labels("cardiomegaly", "x")
+    with pytest.raises(RadtrtError, match="must be 1, 0, -1"):  # was a TypeError (unhashable list)
+        parse_labels({"Edema": [1]}, "x")
+    with pytest.raises(RadtrtError, match="'cardiomegaly' is given more than once"):  # contradictory text
+        parse_labels({"Cardiomegaly": 1, "cardiomegaly": 0}, "x")
+    with pytest.raises(RadtrtError, match="'No Finding' is positive together"):
+        parse_labels({"No Finding": 1, "Edema": 1}, "x")
     with pytest.raises(RadtrtError, match="not 'situs inversus'"):
         template_text(parse_labels({"situs inversus": 1}, "x"), __import__("random").Random(0))
 
@@ -228,3 +234,38 @@ def test_damaged_cache_entry_is_one_line(server: ScriptedServer, tmp_path: Path)
     with pytest.raises(RadtrtError, match="answer cache entry .* is damaged"):
         client.complete(messages)
     assert len(server.requests) == 1
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    """A rerun with another seed left the file as it was (exit 0); a template manifest finished by an endpoint
+    mixed both kinds of rows."""
+    labels = _labels_file(tmp_path / "labels.jsonl")
+    out = synthesize(labels, tmp_path / "out.jsonl", client=None, seed=0, console=None)
+    with pytest.raises(RadtrtError, match="rows made with other settings"):
+        synthesize(labels, out, client=None, seed=7, console=None)
+    assert synthesize(labels, out, client=None, seed=0, console=None) == out  # same settings: nothing to do
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_unusable_temperature_is_refused(tmp_path: Path, temperature: float) -> None:
+    with pytest.raises(RadtrtError, match="--temperature must be within 0-2"):
+        synthesize(_labels_file(tmp_path / "labels.jsonl"), tmp_path / "out.jsonl", client=None,
+                   temperature=temperature, console=None)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_errors_name_the_files_own_line(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n\n" + json.dumps({"image": "", "labels": []}) + "\n")
+    with pytest.raises(RadtrtError, match=r"labels.jsonl:3: 'image' is missing, empty"):
+        synthesize(labels, tmp_path / "out.jsonl", client=None, console=None)
+
+
+def test_retry_after_is_capped(server: ScriptedServer, tmp_path: Path) -> None:
+    from radtrt.data.chat import MAX_WAIT_S
+
+    server.script = [(429, {"Retry-After": "100000"}), (429, {"Retry-After": "inf"})]
+    sleeps: list[float] = []
+    synthesize(_labels_file(tmp_path / "labels.jsonl", n=1), tmp_path / "out.jsonl",
+               client=_client(server, None, sleeps), console=None)
+    assert sleeps == [MAX_WAIT_S, 1.0]  # a day's wait capped; "inf" is no number: backoff 0.5 * 2**1

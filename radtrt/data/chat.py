@@ -7,7 +7,8 @@ carry the HTTP status, never the response body (which may echo clinical text).
 
 * Rate limit: request starts are spaced at least ``1 / rate_per_s`` seconds apart.
 * Retries: HTTP 408/409/429/5xx, timeouts and connection errors are retried up to
-  ``max_retries`` times with exponential backoff, or after ``Retry-After`` when the server says.
+  ``max_retries`` times with exponential backoff, or after ``Retry-After`` when the server says (at
+  most ``MAX_WAIT_S``).
   Other 4xx answers fail at once (a bad key or model name does not get better by retrying).
 * Cache: answers are stored under ``cache_dir`` keyed by a hash of (endpoint, model, messages,
   sampling settings); a rerun asks the endpoint only for what it has not answered yet.
@@ -16,7 +17,9 @@ carry the HTTP status, never the response body (which may echo clinical text).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
+import math
 import socket
 import time
 import urllib.error
@@ -30,6 +33,7 @@ from radtrt.errors import fail
 from radtrt.outputs import check_folder_target, replaced_atomically
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_WAIT_S = 120.0  # longest pause between attempts, whatever Retry-After asks
 
 
 def completions_url(endpoint: str) -> str:
@@ -60,8 +64,9 @@ class ChatClient:
 
     def __post_init__(self) -> None:
         self.url = completions_url(self.endpoint)
-        if self.rate_per_s <= 0 or self.max_retries < 0 or not self.timeout_s > 0:
-            fail("--rate and --timeout must be positive, --retries at least 0")
+        if not (math.isfinite(self.rate_per_s) and self.rate_per_s > 0 and math.isfinite(self.timeout_s)
+                and self.timeout_s > 0) or self.max_retries < 0:
+            fail("--rate and --timeout must be positive numbers, --retries at least 0")
         if self.cache_dir is not None:  # before any request: answers paid for must have somewhere to go
             check_folder_target(self.cache_dir, "answer cache folder")
 
@@ -118,17 +123,21 @@ class ChatClient:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     return json.loads(response.read().decode("utf-8"))
+            except UnicodeDecodeError:
+                fail("chat endpoint answered with something that is not UTF-8 text")
             except urllib.error.HTTPError as e:
                 if e.code not in RETRY_STATUS:
                     hint = " (check the API key)" if e.code in (401, 403) else ""
                     fail(f"chat endpoint refused the request: HTTP {e.code}{hint}")
                 problem, retry_after = f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
+                    http.client.HTTPException) as e:  # HTTPException: a body cut off (IncompleteRead) and kin
                 problem = type(getattr(e, "reason", e)).__name__
             except json.JSONDecodeError:
                 fail("chat endpoint answered with something that is not JSON")
             if attempt < self.max_retries:
-                self.sleep(retry_after if retry_after is not None else self.backoff_s * 2**attempt)
+                wait = retry_after if retry_after is not None else self.backoff_s * 2**attempt
+                self.sleep(min(wait, MAX_WAIT_S))  # a server's Retry-After of a day is not obeyed silently
         fail(f"chat endpoint failed {self.max_retries + 1} times (last: {problem}); rerun to resume")
 
     @staticmethod
@@ -144,6 +153,7 @@ class ChatClient:
 
 def _retry_after(value: str | None) -> float | None:
     try:
-        return max(0.0, float(value)) if value is not None else None
+        seconds = float(value) if value is not None else None
     except ValueError:
         return None  # an HTTP date: fall back to exponential backoff
+    return None if seconds is None or not math.isfinite(seconds) else max(0.0, seconds)

@@ -14,6 +14,7 @@ Template mode is deterministic: row ``i`` with seed ``s`` always gets the same t
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,17 +64,33 @@ class LabelSet:
 
 def parse_labels(value: Any, where: str) -> LabelSet:
     if isinstance(value, list) and all(isinstance(x, str) for x in value):
-        return LabelSet(tuple(value))
+        labels = LabelSet(tuple(value))
+        _check_consistent(labels, where)
+        return labels
     if isinstance(value, dict):
-        groups: dict[Any, list[str]] = {1: [], 0: [], -1: []}
+        groups: dict[int, list[str]] = {1: [], 0: [], -1: []}
         for name, v in value.items():
             if v is None:
                 continue
-            if v not in groups or isinstance(v, bool):
+            if isinstance(v, bool) or not isinstance(v, int) or v not in groups:
                 fail(f"{where}: label '{name}' must be 1, 0, -1 or null")
             groups[v].append(str(name))
-        return LabelSet(tuple(groups[1]), tuple(groups[0]), tuple(groups[-1]))
-    fail(f"{where}: 'labels' must be a list of names or an object {{name: 1|0|-1|null}}")
+        labels = LabelSet(tuple(groups[1]), tuple(groups[0]), tuple(groups[-1]))
+    else:
+        fail(f"{where}: 'labels' must be a list of names or an object {{name: 1|0|-1|null}}")
+    _check_consistent(labels, where)
+    return labels
+
+
+def _check_consistent(labels: LabelSet, where: str) -> None:
+    """Refuse label rows that would make contradictory text ("The heart is enlarged. Heart size is normal.")."""
+    named = [_readable(n).lower().strip() for n in (*labels.positive, *labels.negative, *labels.uncertain)]
+    repeated = sorted({n for n in named if named.count(n) > 1})
+    if repeated:
+        fail(f"{where}: label '{repeated[0]}' is given more than once (names differing only in case or spacing)")
+    positive = {_readable(n).lower().strip() for n in labels.positive}
+    if "no finding" in positive and len(positive) > 1:
+        fail(f"{where}: 'No Finding' is positive together with other positive findings")
 
 
 def _readable(name: str) -> str:
@@ -115,12 +132,15 @@ def _positive_names(labels: LabelSet) -> list[str]:
     return list(labels.positive) if labels.positive else [NO_FINDING]
 
 
-def _done_rows(out: Path, inputs: list[dict[str, Any]]) -> int:
+def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any]) -> int:
     if not out.is_file():
         return 0
     done = [obj for _, obj in read_jsonl(out, complete_only=True)]  # checked before anything is changed
     if len(done) > len(inputs) or any(d.get("image") != i.get("image") for d, i in zip(done, inputs)):
         fail(f"{out} holds rows for other images than the label file; choose another -o")
+    if any(d.get("synthesis") != mode for d in done):  # a resume must not mix two settings in one manifest
+        fail(f"{out} holds rows made with other settings (template/endpoint, model, seed or temperature); "
+             f"rerun with the same options, or choose another -o")
     raw = out.read_bytes()
     if raw and not raw.endswith(b"\n"):  # a run killed mid-line: drop the partial row, it is redone
         out.write_bytes(raw[: raw.rfind(b"\n") + 1])
@@ -137,22 +157,25 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     check_file_target(out, "output manifest")
     if out.exists() and out.samefile(labels_file):
         fail(f"-o {out} is the label file itself; choose another output manifest")
-    inputs = [obj for _, obj in read_jsonl(labels_file)]
-    if not inputs:
+    if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        fail(f"--temperature must be within 0-2, got {temperature}")
+    rows = list(read_jsonl(labels_file))
+    if not rows:
         fail(f"label file {labels_file} has no rows")
+    inputs = [obj for _, obj in rows]
     parsed = []
-    for lineno, obj in enumerate(inputs, 1):
+    for lineno, obj in rows:  # the file's own line numbers (blank lines included)
         where = f"{labels_file}:{lineno}"
-        if not isinstance(obj.get("image"), str):
-            fail(f"{where}: 'image' is missing or not a string")
+        if not isinstance(obj.get("image"), str) or not obj["image"].strip():
+            fail(f"{where}: 'image' is missing, empty or not a string")
         parsed.append(parse_labels(obj.get("labels"), where))
-    start = _done_rows(out, inputs)
+    mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
+            {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
+             "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
+    start = _done_rows(out, inputs, mode)
     templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
                  for i in range(start, len(inputs))} if client is None else {}
     make_dir(out.parent, "folder for the output manifest")
-    mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
-            {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
-             "prompt_version": PROMPT_VERSION, "temperature": temperature})
     try:
         handle = out.open("a", encoding="utf-8")
     except OSError as e:
