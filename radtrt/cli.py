@@ -161,13 +161,20 @@ def export(
     from radtrt.exporter.gqa import DEFAULT_ATTENTION
     from radtrt.model.loading import cast_on_load, load_model
 
+    _refuse_ignored_export_options(
+        precision=precision, target=target, bundle=bundle, int8_decoder=int8_decoder, calibration_data=calibration_data,
+        calibration_stats=calibration_stats,
+        int8_only={"--calibration-n": calibration_n != 32, "--smoothquant-alpha": smoothquant_alpha != 0.5,
+                   "--fp32-lm-head": not int8_lm_head, "--fp32-embeddings": not int8_embeddings,
+                   "--parity-samples": parity_samples != 8})
     attention = attention or DEFAULT_ATTENTION
     if precision == "int8" and bundle is None and calibration_data is None and calibration_stats is not None:
         calibration_data = str(calibration_stats)  # a 'radtrt calibrate' file serves the ONNX INT8 export too
     if bundle is not None and calibration_stats is None and (bundle / targets.CALIBRATION_FILE).is_file():
         calibration_stats = bundle / targets.CALIBRATION_FILE  # an INT8 bundle carries its calibration
     plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,
-                              trtllm_engine, calibration_data=calibration_data if bundle is None else None)
+                              trtllm_engine, calibration_data=calibration_data if bundle is None else None,
+                              smoothquant_alpha=smoothquant_alpha)
     targets.preflight(plan)
     if out is None and (bundle is None or plan.target == "triton"):
         fail("-o/--out is required: the bundle folder to write (Triton: the repository folder)")
@@ -184,7 +191,8 @@ def export(
     if precision == "int8" and bundle is None:
         from radtrt.exporter.onnx_int8 import Int8Plan
 
-        int8_plan = Int8Plan(calibration_data, int8_decoder or "smoothquant", smoothquant_alpha, int8_lm_head,
+        int8_plan = Int8Plan(calibration_data, "smoothquant" if int8_decoder is None else int8_decoder,
+                             smoothquant_alpha, int8_lm_head,
                              calibration_n, "int8" if int8_embeddings else "fp32",
                              kv_cache="int8" if int8_kv_cache else "fp32", attention=attention,
                              parity_samples=parity_samples)
@@ -235,6 +243,32 @@ def export(
     if "trtllm" in plan.steps:
         targets.add_trtllm(bundle_dir, loaded, plan, log)
     typer.echo(str(bundle_dir))
+
+
+def _refuse_ignored_export_options(*, precision: str, target: str, bundle: Optional[Path], int8_decoder: Optional[str],
+                                   calibration_data: Optional[str], calibration_stats: Optional[Path],
+                                   int8_only: dict[str, bool]) -> None:
+    """Options this export would not use are refused, not ignored: the user believes they took effect.
+    ``int8_only``: option -> whether it was given a non-default value (used by the ONNX INT8 export only)."""
+    onnx_int8 = precision == "int8" and bundle is None
+    smoothquant = (onnx_int8 and int8_decoder in (None, "smoothquant")) or (
+        precision == "int8" and target in ("trtllm", "all") and int8_decoder == "smoothquant")
+    if int8_only.pop("--smoothquant-alpha") and not smoothquant:
+        fail("--smoothquant-alpha applies to SmoothQuant INT8 exports only (ONNX: --precision int8, SmoothQuant "
+             "by default; TensorRT-LLM: --int8-decoder smoothquant)")
+    given = [flag for flag, changed in int8_only.items() if changed]
+    if given and not onnx_int8:
+        fail(f"{given[0]} applies to the ONNX INT8 export only (--precision int8 without --bundle)")
+    if onnx_int8 and calibration_data is not None and calibration_stats is not None:
+        fail("give --calibration-data or --calibration-stats, not both (both name the calibration to use)")
+    if onnx_int8 and calibration_data not in (None, "phantom") and int8_only["--calibration-n"]:
+        from radtrt.calibration.run import is_calibration_file
+
+        if is_calibration_file(Path(calibration_data)):
+            fail("--calibration-n does not apply to a calibration file: it holds the samples it was made from")
+    if bundle is not None and target == "onnx":
+        fail(f"{bundle} is already an ONNX bundle: --bundle adds engines (--target tensorrt | trtllm | all) or "
+             f"serves it (--target triton); to export again, drop --bundle and pass -o")
 
 
 def _print_parity(parity: dict[str, Any], log: Callable[[str], None]) -> None:

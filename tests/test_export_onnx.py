@@ -398,6 +398,14 @@ def test_not_a_bundle_is_refused(model_dir: Path, studies: list[Path]) -> None:
     (["--target", "trtllm", "--int8-decoder", "smoothquant", "--precision", "int8"], "calibration statistics"),
     (["--target", "triton"], "--bundle"),
     (["--target", "tensor"], "unknown export target"),
+    # options this export would not use were accepted without a word
+    (["--precision", "fp16", "--smoothquant-alpha", "0.7"], "--smoothquant-alpha applies to SmoothQuant"),
+    (["--precision", "fp32", "--parity-samples", "3"], "--parity-samples applies to the ONNX INT8 export only"),
+    (["--precision", "fp32", "--fp32-lm-head"], "--fp32-lm-head applies to the ONNX INT8 export only"),
+    (["--precision", "int8", "--int8-decoder", "weight-only", "--smoothquant-alpha", "0.9",
+      "--calibration-data", "phantom"], "--smoothquant-alpha applies to SmoothQuant"),
+    (["--precision", "int8", "--calibration-data", "phantom", "--calibration-stats", "c.safetensors"], "not both"),
+    (["--precision", "int8", "--int8-decoder", "", "--calibration-data", "phantom"], "unknown --int8-decoder ''"),
 ])
 def test_export_refusals(model_dir: Path, tmp_path: Path, extra: list[str], match: str) -> None:
     _refused(["export", "--model", str(model_dir), "-o", str(tmp_path / "b"), *extra], match)
@@ -488,6 +496,7 @@ def test_trtllm_checkpoint_added_to_a_bundle_without_a_gpu(bundle_fp16: Path, mo
                          tmp_path / "other", dtype=torch.float32)
     _refused(["export", "--model", str(other), "--bundle", str(copy), "--target", "trtllm"], "other weights")
     _refused(["export", "--bundle", str(copy), "--target", "trtllm"], "needs --model as well")
+    _refused(["export", "--bundle", str(copy), "--precision", "fp16"], "is already an ONNX bundle")  # a silent no-op
 
 
 def test_fp16_bundle_and_trtllm_checkpoint_in_one_export(model_dir: Path, tmp_path: Path) -> None:

@@ -471,8 +471,23 @@ def test_trtllm_reads_the_bundles_calibration(bundle: Path, model_dir: Path, tmp
     result = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
                                  "--precision", "int8", "--int8-decoder", "smoothquant", "-o", str(copy)])
     assert result.exit_code == 0, result.stderr
-    config = json.loads((copy / "trtllm" / "checkpoint-w8a8_sq" / "config.json").read_text())
+    ckpt = copy / "trtllm" / "checkpoint-w8a8_sq"
+    config = json.loads((ckpt / "config.json").read_text())
     assert config["quantization"]["quant_algo"].startswith("W8A8_SQ")
+    assert json.loads((ckpt / "radtrt_checkpoint.json").read_text())["smoothquant_alpha"] == 0.5
+    # the command the CPU host advises for the GPU host builds from that checkpoint instead of refusing it
+    again = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
+                                "--precision", "int8", "--int8-decoder", "smoothquant"])
+    assert again.exit_code == 0 and "written before" in again.stderr, again.stderr
+    # --smoothquant-alpha was ignored by the TensorRT-LLM checkpoint (0.5 recorded)
+    other = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
+                                "--precision", "int8", "--int8-decoder", "smoothquant", "--smoothquant-alpha", "0.8"])
+    assert other.exit_code == 2 and "written with other settings (SmoothQuant alpha 0.5" in other.stderr
+    shutil.rmtree(ckpt)
+    assert runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
+                               "--precision", "int8", "--int8-decoder", "smoothquant", "--smoothquant-alpha",
+                               "0.8"]).exit_code == 0
+    assert json.loads((ckpt / "radtrt_checkpoint.json").read_text())["smoothquant_alpha"] == 0.8
 
 
 @pytest.fixture(scope="module")

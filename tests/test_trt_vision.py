@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from radtrt.errors import RadtrtError
 from radtrt.exporter.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
+from radtrt.exporter.onnx import GRAPH_REVISION
 from radtrt.exporter.gpu import GpuInfo, engine_key, gpu_stamp
 from radtrt.exporter.tensorrt import (STAMP_FORMAT, _build_serialized, attach_timing_cache, find_vision_engine,
                                       inspect_onnx, network_flag_names, plan_vision_build, trtexec_command,
@@ -71,7 +72,7 @@ def make_fake_bundle(root: Path, *, precision: str = "fp16", qdq: bool = False, 
     cfg = preset("tiny")
     (bundle / "model_config.json").write_text(cfg.to_json())
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(bundle.iterdir())}
-    manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION,
+    manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "graph_revision": GRAPH_REVISION,
                 "precision": "int8" if qdq else precision, "model": {"name": "tiny"}, "files": files,
                 "decoder": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "hidden_size": 64, "vocab_size": 512,
                             "eos_token_id": 2, "attention": "fused", "kv_cache": "float16"},

@@ -28,6 +28,7 @@ class ExportPlan:
     max_batch: int = 8
     trtllm_engine: Path | None = None  # Triton: the decoder engine dir on the serving host
     calibration_data: str | None = None  # INT8 ONNX export: its calibration file lands in the bundle
+    smoothquant_alpha: float = 0.5  # TensorRT-LLM SmoothQuant checkpoint (the ONNX export has its own plan)
     steps: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -95,8 +96,14 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     stats = load_activation_stats(stats_file, loaded.model) if stats_file else None
     gpu = detect_gpu()
     checkpoint = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, plan.int8_kv)}"
-    write_trtllm_checkpoint(loaded, checkpoint, mode, smoothquant_stats=stats, int8_kv=plan.int8_kv)
-    log(f"TensorRT-LLM checkpoint ({mode_tag(mode, plan.int8_kv)}): {checkpoint}")
+    alpha = plan.smoothquant_alpha if mode == "w8a8_sq" else None
+    if checkpoint.is_dir():  # written on the CPU host before; the GPU host builds from it
+        _check_reusable(checkpoint, alpha, stats.description if stats else None)
+        log(f"TensorRT-LLM checkpoint ({mode_tag(mode, plan.int8_kv)}), written before: {checkpoint}")
+    else:
+        write_trtllm_checkpoint(loaded, checkpoint, mode, smoothquant_stats=stats, int8_kv=plan.int8_kv,
+                                alpha=plan.smoothquant_alpha)
+        log(f"TensorRT-LLM checkpoint ({mode_tag(mode, plan.int8_kv)}): {checkpoint}")
     if gpu is None or library_version("tensorrt_llm") is None:
         log("no GPU with TensorRT-LLM here: build the engine on the target host with "
             f"'radtrt export --target trtllm' against this bundle ({checkpoint.name} is GPU-independent)")
@@ -107,6 +114,17 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     engine = build_decoder_engine(bundle, checkpoint, gpu, limits)
     log(f"TensorRT-LLM engine for {gpu.describe(trtllm=True)}: {engine}")
     return engine
+
+
+def _check_reusable(checkpoint: Path, alpha: float | None, calibration: str | None) -> None:
+    """An existing checkpoint of this mode is built from only when it was made with these settings (the
+    bundle's own weights are checked by ``check_same_model``)."""
+    from radtrt.exporter.trtllm import read_checkpoint_meta
+
+    meta = read_checkpoint_meta(checkpoint)
+    if meta.get("smoothquant_alpha") != alpha or meta.get("calibration") != calibration:
+        fail(f"{checkpoint} was written with other settings (SmoothQuant alpha {meta.get('smoothquant_alpha')}, "
+             f"calibration {meta.get('calibration')!r}); delete it to write it again with these")
 
 
 def write_triton(bundle: Path, out: Path, plan: ExportPlan, log: Callable[[str], None]) -> Path:

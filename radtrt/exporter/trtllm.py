@@ -38,6 +38,7 @@ from radtrt.errors import fail
 from radtrt.exporter.quant import ActivationStats, fold_into_norm, quantize_per_channel, smooth
 from radtrt.model.config import DecoderConfig
 from radtrt.model.io import load_tensors, save_tensors
+from radtrt.outputs import check_new_dir, new_dir_built_aside
 
 QUANT_ALGO = {"fp16": None, "w8a16": "W8A16", "w8a8_sq": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}
 META = "radtrt_checkpoint.json"
@@ -196,20 +197,31 @@ def write_trtllm_checkpoint(source: Any, out_dir: Path, mode: str = "fp16", *,
     ``source`` is a ``LoadedModel`` or the merged ``LlamaForCausalLM``. No TensorRT-LLM needed.
     """
     state, cfg = _decoder_of(source)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        fail(f"checkpoint directory {out_dir} already exists and is not empty")
+    check_new_dir(out_dir, "checkpoint directory")
     tensors = convert_decoder_weights(state, cfg, mode, smoothquant_stats=smoothquant_stats, alpha=alpha,
                                       int8_kv=int8_kv, kv_scales=kv_scales, dtype=dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(tensors, out_dir / "rank0.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(trtllm_config(cfg, mode, int8_kv=int8_kv, dtype=dtype), indent=2))
     meta = {"format": META_FORMAT, "format_version": 1, "mode": mode, "int8_kv": int8_kv, "dtype": dtype,
             "weight_layout": "plain" if mode == "w8a16" else "trtllm",
             "needs_host_preprocessing": mode == "w8a16", "smoothquant_alpha": alpha if mode == "w8a8_sq" else None,
             "calibration": smoothquant_stats.description if smoothquant_stats else None,
             "written_by": f"radtrt {__version__}", "num_tensors": len(tensors)}
-    (out_dir / META).write_text(json.dumps(meta, indent=2))
+    with new_dir_built_aside(out_dir, "checkpoint directory") as work:  # an interrupted write leaves no half
+        save_tensors(tensors, work / "rank0.safetensors")
+        (work / "config.json").write_text(json.dumps(trtllm_config(cfg, mode, int8_kv=int8_kv, dtype=dtype), indent=2))
+        (work / META).write_text(json.dumps(meta, indent=2))
     return out_dir
+
+
+def read_checkpoint_meta(ckpt: Path) -> dict[str, Any]:
+    """``radtrt_checkpoint.json`` of a checkpoint radtrt wrote (one line when it is not one)."""
+    from radtrt.model.io import read_json
+
+    if not (ckpt / META).is_file():
+        fail(f"{ckpt} is not a radtrt TensorRT-LLM checkpoint (no {META}); move it away or delete it")
+    meta = read_json(ckpt / META)
+    if meta.get("format") != META_FORMAT:
+        fail(f"{ckpt / META} is not a radtrt checkpoint description")
+    return meta
 
 
 def read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
@@ -217,7 +229,5 @@ def read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[st
     for name in ("config.json", META, "rank0.safetensors"):
         if not (ckpt / name).is_file():
             fail(f"{ckpt} is not a radtrt TensorRT-LLM checkpoint (no {name})")
-    meta = json.loads((ckpt / META).read_text())
-    if meta.get("format") != META_FORMAT:
-        fail(f"{ckpt / META} is not a radtrt checkpoint description")
+    meta = read_checkpoint_meta(ckpt)
     return json.loads((ckpt / "config.json").read_text()), meta, load_tensors(ckpt / "rank0.safetensors")
