@@ -126,6 +126,27 @@ def test_a_users_readme_is_never_overwritten(tmp_path: Path) -> None:
     from radtrt.errors import RadtrtError
 
     (tmp_path / "README.txt").write_text("my notes")
-    with pytest.raises(RadtrtError, match="already holds a README.txt"):
+    with pytest.raises(RadtrtError, match="is not empty"):
         write_phantom_set(tmp_path, 1, 0, rows=64, cols=64, formats=("png",))
     assert (tmp_path / "README.txt").read_text() == "my notes"
+    # nor a user's image (png/phantom-00000.png was overwritten), nor a file in the way of a subfolder
+    (tmp_path / "b" / "png").mkdir(parents=True)
+    (tmp_path / "b" / "png" / "phantom-00000.png").write_text("mine")
+    with pytest.raises(RadtrtError, match="is not empty"):
+        write_phantom_set(tmp_path / "b", 1, 0, rows=64, cols=64, formats=("png",))
+    assert (tmp_path / "b" / "png" / "phantom-00000.png").read_text() == "mine"
+    with pytest.raises(RadtrtError, match="--seed must be at least 0"):  # a ValueError traceback, after README.txt
+        write_phantom_set(tmp_path / "c", 1, -1, rows=64, cols=64, formats=("png",))
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_interrupted_set_leaves_nothing_under_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radtrt.data import phantom_set
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(phantom_set, "write_jsonl", disk_full)
+    with pytest.raises(RadtrtError, match="cannot write the phantoms .*No space left"):
+        write_phantom_set(tmp_path / "p", 2, 0, rows=64, cols=64, formats=("png",))
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()

@@ -19,9 +19,9 @@ guarded = user_errors
 
 
 def phantoms(
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder (must not hold a phantom set yet)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (new or empty)."),
     n: int = typer.Option(100, "--n", min=1, help="Number of phantoms."),
-    seed: int = typer.Option(0, "--seed", help="Phantom i depends only on (seed, i)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Phantom i depends only on (seed, i)."),
     rows: int = typer.Option(288, "--rows", help="Image height in pixels."),
     cols: int = typer.Option(256, "--cols", help="Image width in pixels."),
     formats: str = typer.Option("dicom,png", "--formats", help="Comma-separated: dicom, png."),

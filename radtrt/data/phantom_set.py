@@ -28,7 +28,7 @@ from radtrt.data.phantoms import expose, render_frontal, render_lateral
 from radtrt.data.reports import findings_text
 from radtrt.data.vocabulary import Findings, sample_findings
 from radtrt.errors import fail
-from radtrt.outputs import check_folder_target, make_dir
+from radtrt.outputs import new_dir_built_aside
 from radtrt.imaging.dicom import load_dicom_image
 from radtrt.imaging.synthetic import radiograph_dataset
 from radtrt.progress import make_progress
@@ -129,19 +129,29 @@ def write_phantom_set(out: Path, n: int, seed: int, *, rows: int = 288, cols: in
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         fail(f"unknown phantom format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
-    check_folder_target(out, "output folder")
+    if seed < 0:
+        fail(f"--seed must be at least 0, got {seed}")
     if (out / "manifest.jsonl").exists():
         fail(f"{out} already holds a phantom set (manifest.jsonl); choose another -o")
-    if (out / "README.txt").exists():  # never overwrite a file of the user's
-        fail(f"{out} already holds a README.txt; choose another -o")
-    make_dir(out, "output folder")
-    (out / "README.txt").write_text(README)
+    # a new or empty folder, filled aside: a full disk or an interrupt never leaves half a set under the name,
+    # and no file of the user's is ever overwritten
+    with new_dir_built_aside(out, "phantom folder") as work:
+        try:
+            _fill(work, n, seed, rows, cols, formats, console)
+        except OSError as e:  # a full disk: one line (the folder built aside is removed)
+            fail(f"cannot write the phantoms into {out}: {e.strerror or e}")
+    return out / "manifest.jsonl"
+
+
+def _fill(work: Path, n: int, seed: int, rows: int, cols: int, formats: tuple[str, ...],
+          console: Console | None) -> None:
+    (work / "README.txt").write_text(README)
     rows_out = []
     with make_progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("writing phantoms", total=n)
         for i in range(n):
-            rows_out.append(write_phantom(out, phantom_spec(seed, i), seed=seed, rows=rows, cols=cols, formats=formats))
+            rows_out.append(write_phantom(work, phantom_spec(seed, i), seed=seed, rows=rows, cols=cols, formats=formats))
             progress.advance(task)
-    (out / "phantoms.json").write_text(json.dumps({"n": n, "seed": seed, "rows": rows, "cols": cols,
-                                                   "formats": list(formats), "synthetic": True}, indent=2))
-    return write_jsonl(out / "manifest.jsonl", rows_out)
+    (work / "phantoms.json").write_text(json.dumps({"n": n, "seed": seed, "rows": rows, "cols": cols,
+                                                    "formats": list(formats), "synthetic": True}, indent=2))
+    write_jsonl(work / "manifest.jsonl", rows_out)
