@@ -295,12 +295,21 @@ def calibrate(
     from radtrt.progress import make_progress
 
     from radtrt.calibration.run import PHANTOM, calibrate as run_calibration, calibrate_phantoms
+    from radtrt.calibration.samples import count_samples
     from radtrt.model.loading import load_model
     from radtrt.outputs import check_new_file
 
     if out.suffix != ".safetensors":
         fail(f"the calibration file must end in .safetensors, got {out.name}")
     check_new_file(out, "calibration file")
+    if data != PHANTOM:  # before the model loads (minutes at 7B)
+        if not data.strip():
+            fail("--data is empty: name a studies folder, a JSONL manifest, or 'phantom'")
+        if seed != 11:
+            fail("--seed chooses the phantoms of --data phantom; it does not apply to other data")
+        available = count_samples(Path(data))
+        if available < n:
+            fail(f"calibration data {data} has {available} samples; --n {n} are asked for")
     with err.status(f"loading model from {model}"):
         loaded = load_model(model, base_model)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

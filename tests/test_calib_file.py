@@ -244,3 +244,28 @@ def test_held_out_samples_are_never_calibration_images(loaded: LoadedModel, phan
     assert "held-out samples of" in where
     samples, where = heldout_samples(loaded, made, 2)  # only one new image: phantoms, and it says why
     assert "phantoms" in where and "only 1 images beyond the calibration ones" in where
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--data", "NOWHERE", "--n", "1"], "calibration data not found"),
+    (["--data", "PHANTOMS", "--n", "9"], "has 4 samples; --n 9 are asked for"),
+    (["--data", "PHANTOMS", "--n", "1", "--seed", "99"], "--seed chooses the phantoms"),
+    (["--data", "", "--n", "1"], "--data is empty"),  # Path("") is ".": it calibrated on the current folder
+])
+def test_calibration_data_is_checked_before_the_model_loads(tiny_release: TinyRelease, phantoms: Path,
+                                                            tmp_path: Path, args: list[str], match: str) -> None:
+    args = [{"NOWHERE": str(tmp_path / "nowhere"), "PHANTOMS": str(phantoms)}.get(a, a) for a in args]
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_release.release_dir), "--base-model",
+                                 str(tiny_release.base_dir), *args, "-o", str(tmp_path / "c.safetensors")])
+    assert result.exit_code == 2 and match in result.stderr, result.stderr
+    assert "loading model" not in result.stderr
+
+
+def test_a_sample_beyond_the_models_positions_is_refused(loaded: LoadedModel, phantoms: Path, tmp_path: Path) -> None:
+    """Its statistics came from positions the model never sees at inference."""
+    row = json.loads(phantoms.read_text().splitlines()[0])
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({**row, "image": str(phantoms.parent / row["image"]), "indication": "Cough. " * 600})
+                    + "\n")
+    with pytest.raises(RadtrtError, match=r"calibration sample 1 of 1: .* positions, beyond the model's"):
+        calibrate(loaded, long, 1)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from radtrt.calibration.samples import Sample
+from radtrt.errors import fail
 from radtrt.exporter.quant import ActivationStats
 from radtrt.model.decoder import causal_mask
 from radtrt.model.llava_rad import LlavaRad
@@ -116,6 +117,10 @@ def collect_stats(model: LlavaRad, tokenizer: LlamaSPTokenizer, samples: list[Sa
         ids = answer_ids(tokenizer, sample.ref.indication, sample.ref.findings, model.cfg.conv_template)
         embeds = model.embed_multimodal(ids, image_embeds)[None]
         length = embeds.shape[1]
+        limit = model.cfg.decoder.max_position_embeddings
+        if length > limit:  # positions the model never sees at inference would skew the statistics
+            fail(f"calibration sample {i + 1} of {len(samples)}: the prompt with its image and findings takes "
+                 f"{length} positions, beyond the model's {limit}; shorten its indication or findings, or leave it out")
         positions = torch.arange(length)[None]
         mask = causal_mask(torch.ones(1, length, dtype=torch.bool), torch.arange(length))
         with _Hooks(decoder_modules, decoder):
