@@ -97,3 +97,21 @@ def test_a_cached_bundle_from_older_graphs_is_rebuilt(tmp_path: Path) -> None:
     manifest.write_text(json.dumps(stale))
     random_assets("tiny", tmp_path)
     assert json.loads(manifest.read_text())["graph_revision"] == GRAPH_REVISION  # exported again
+    manifest.write_text('{"graph_rev')  # damaged (a JSONDecodeError traceback): rebuilt like a stale one
+    random_assets("tiny", tmp_path)
+    assert json.loads(manifest.read_text())["graph_revision"] == GRAPH_REVISION
+
+
+def test_a_build_cut_short_is_rebuilt_not_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted first build left a folder the next run called 'not made by radtrt bench'."""
+    from radtrt.benchmarks import assets
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(assets, "_build", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        random_assets("tiny", tmp_path)
+    monkeypatch.undo()
+    built = random_assets("tiny", tmp_path)
+    assert (built.bundle / "manifest.json").is_file()

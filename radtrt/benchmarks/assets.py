@@ -66,11 +66,19 @@ def _cached(folder: Path, cfg: LlavaRadConfig, seed: int) -> bool:
     marker, manifest = folder / ASSETS_MARKER, folder / "bundle" / MANIFEST
     if not (marker.is_file() and manifest.is_file() and (folder / "model" / "config.json").is_file()):
         return False
-    meta = json.loads(marker.read_text())
-    bundle_meta = json.loads(manifest.read_text())
+    meta, bundle_meta = _json_object(marker), _json_object(manifest)  # damaged: rebuilt like a stale one
     return (meta.get("config_sha256") == _config_key(cfg) and meta.get("seed") == seed
             and meta.get("radtrt") == __version__ and bundle_meta.get("format_version") == BUNDLE_FORMAT_VERSION
             and bundle_meta.get("graph_revision") == GRAPH_REVISION)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in a file of the bench's own cache, or {} when it is damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def random_assets(preset_name: str, work_dir: Path, *, seed: int = 0, vision_only: bool = False,
@@ -90,9 +98,11 @@ def random_assets(preset_name: str, work_dir: Path, *, seed: int = 0, vision_onl
             fail(f"{folder} exists and was not made by 'radtrt bench'; choose another --work-dir")
         shutil.rmtree(folder)  # stale: built for another config, seed, or radtrt version
     folder.mkdir(parents=True)
-    _build(cfg, name, seed, folder, progress)
+    # the marker comes first: a build cut short is then known as the bench's own and rebuilt, not refused
+    # (until the bundle's manifest exists, ``_cached`` says no)
     (folder / ASSETS_MARKER).write_text(json.dumps({"preset": preset_name, "vision_only": vision_only, "seed": seed,
                                                     "config_sha256": _config_key(cfg), "radtrt": __version__}))
+    _build(cfg, name, seed, folder, progress)
     return Assets(folder / "model", folder / "bundle", label)
 
 
