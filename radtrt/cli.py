@@ -7,6 +7,7 @@ becomes one line on stderr and exit code 2; usage errors are 2 as well; anything
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -367,7 +368,14 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (``timeout``, ``kill``, a batch scheduler) unwinds like Ctrl-C, so the ``finally`` blocks that
+    remove half-built outputs and temporary folders (gigabytes at 7B) run instead of the process just ending."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

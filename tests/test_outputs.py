@@ -87,3 +87,23 @@ def test_a_symlink_or_mount_point_as_output_folder_is_refused_up_front(tmp_path:
         with new_dir_built_aside(tmp_path / "link"):
             ran.append(True)
     assert not ran and not (tmp_path / "link.partial").exists()
+
+
+def test_sigterm_removes_what_was_half_built(tmp_path: Path) -> None:
+    """'timeout' or a scheduler's kill left OUT.partial (at 7B, gigabytes of fp32 graphs) behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "set"
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from radtrt.cli import main; sys.argv[0] = 'radtrt'; "
+                             "main()", "data", "phantoms", "-o", str(out), "--n", "5000", "--rows", "64", "--cols", "64",
+                             "--formats", "png"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "set.partial" / "png").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0 and not out.exists() and not (tmp_path / "set.partial").exists()
