@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -168,6 +169,23 @@ def test_sr_out_reads_back(merged: Path, tmp_path: Path) -> None:
 def test_doctor() -> None:
     code, out, _ = _invoke("doctor")
     assert code == 0 and "torch" in out and "TensorRT" in out and "onnxruntime" in out
+
+
+def test_doctor_reports_an_onnxruntime_that_cannot_list_providers(tmp_path: Path) -> None:
+    """An install whose get_available_providers raises (or is missing) ended doctor in a traceback."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "onnxruntime"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '0.0-broken'\n"
+                                      "def get_available_providers():\n    raise RuntimeError('no libs')\n")
+    done = subprocess.run([sys.executable, "-c", "from radtrt.runtime.doctor import report; print(chr(10).join(report()))"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(tmp_path), *sys.path])}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "onnxruntime 0.0-broken: cannot list its providers (RuntimeError)" in done.stdout
+    assert "backends usable here: torch (cpu)" in done.stdout
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:

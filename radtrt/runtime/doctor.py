@@ -29,7 +29,11 @@ def report() -> list[str]:
     if version:
         import onnxruntime as ort
 
-        lines.append(f"onnxruntime {version}: providers {', '.join(ort.get_available_providers())}")
+        try:
+            lines.append(f"onnxruntime {version}: providers {', '.join(ort.get_available_providers())}")
+        except Exception as e:  # noqa: BLE001 - a broken or stub install: report it, as for the imports above
+            lines.append(f"onnxruntime {version}: cannot list its providers ({type(e).__name__}); reinstall it")
+            version_ort = None
     else:
         lines.append(f"onnxruntime: {status}")
     for name, label in (("tensorrt", "TensorRT"), ("tensorrt_llm", "TensorRT-LLM")):
