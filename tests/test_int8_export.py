@@ -309,6 +309,7 @@ def test_export_prints_the_parity_gate(bundle: Path) -> None:
     # numbers and labels only: no report text of the held-out data goes into the bundle's manifest
     per_study = parity["per_study"][0]
     assert "tokens_equal" in per_study and not {"report", "reference_report", "true_findings"} & set(per_study)
+    assert per_study["sample"] == 1 and "study" not in per_study  # a study folder's name can be an accession number
 
 
 def test_int8_bundle_is_smaller_than_fp32(bundle: Path, model_dir: Path) -> None:

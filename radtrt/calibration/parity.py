@@ -37,7 +37,7 @@ MIN_VISION_COSINE = 0.99
 MIN_EXACT_MATCH = 0.80
 MAX_LABEL_F1_DROP = 0.02
 PARITY_MAX_NEW_TOKENS = 64
-PER_STUDY_FIELDS = ("study", "vision_cosine", "first_logits_max_abs_diff", "first_argmax_equal", "tokens_equal",
+PER_STUDY_FIELDS = ("vision_cosine", "first_logits_max_abs_diff", "first_argmax_equal", "tokens_equal",
                     "first_divergence", "decode_logits_max_abs_diff", "rouge_l", "labels", "reference_labels",
                     "true_labels")
 
@@ -85,7 +85,10 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
     summary["warnings"] = _warnings(summary)
     summary["thresholds"] = {"vision_cosine_min": MIN_VISION_COSINE, "exact_match_rate": MIN_EXACT_MATCH,
                              "label_f1_drop": MAX_LABEL_F1_DROP}
-    summary["per_study"] = [{k: v for k, v in asdict(r).items() if k in PER_STUDY_FIELDS} for r in results]
+    # numbered, not named: study folders are often accession numbers or patient IDs, and this goes into the
+    # bundle's manifest, which travels to other machines
+    summary["per_study"] = [{"sample": i} | {k: v for k, v in asdict(r).items() if k in PER_STUDY_FIELDS}
+                            for i, r in enumerate(results, 1)]
     return summary
 
 

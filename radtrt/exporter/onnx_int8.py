@@ -130,7 +130,7 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
             "image_embeds": "fp32 (a TensorRT/Triton fp16 deployment casts at its boundary)"}
     summary = calibration.file.summary() | {"file": CALIBRATION_FILE}
     if calibration.path is not None:
-        summary["reused_from"] = str(calibration.path)
+        summary["reused_from"] = str(calibration.path.resolve())  # a path relative to where export ran means nothing later
     return Int8Result(int8, summary, calibration)
 
 
