@@ -103,7 +103,7 @@ def test_parity_transformers_generate_vs_torch(tiny: Assets, work: Path, tmp_pat
     code, out, err = _invoke("bench", "parity", "--model", tiny.model_dir, "--backend", "transformers",
                              "--synthetic", 1, "--work-dir", work, "--max-new-tokens", 12, "-o", out_md)
     assert code == 0, err
-    assert "| exact-match rate of generated tokens (95% interval) | 1/1 (100%; 100% to 100%) |" in out
+    assert "| exact-match rate of generated tokens (95% interval) | 1/1 (100%; 21% to 100%) |" in out  # Wilson: one study proves little
     assert out_md.read_text() == out
     assert json.loads(out_md.with_suffix(".json").read_text())["summary"]["exact_match_rate"] == 1.0
 

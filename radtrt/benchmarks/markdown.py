@@ -116,14 +116,21 @@ def _medians_table(report: LatencyReport) -> list[str]:
     return lines
 
 
+# fewer samples than these, and p90 / p95 are only interpolations towards the maximum: shown as n/a
+MIN_SAMPLES_P90, MIN_SAMPLES_P95 = 10, 20
+
+
 def _distribution_table(report: LatencyReport) -> list[str]:
-    lines = ["## Distribution (ms)", "", "| backend | stage | min | median | p90 | p95 | max |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["## Distribution (ms)", "", f"p90 needs {MIN_SAMPLES_P90} samples and p95 {MIN_SAMPLES_P95} (more "
+             f"--runs or studies); with fewer they are n/a here (the JSON keeps every sample).", "",
+             "| backend | stage | n | min | median | p90 | p95 | max |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for b in report.backends:
         for stage in report.stage_names:
             v = b.stages[stage]
-            lines.append(f"| {b.info.name} | {stage} | {_num(v.min)} | {_num(v.median)} | {_num(v.p90)} | "
-                         f"{_num(v.p95)} | {_num(v.max)} |")
+            p90 = _num(v.p90) if v.n >= MIN_SAMPLES_P90 else "n/a"
+            p95 = _num(v.p95) if v.n >= MIN_SAMPLES_P95 else "n/a"
+            lines.append(f"| {b.info.name} | {stage} | {v.n} | {_num(v.min)} | {_num(v.median)} | {p90} | {p95} | "
+                         f"{_num(v.max)} |")
     return lines
 
 

@@ -30,7 +30,7 @@ import torch
 from radtrt.benchmarks.machine import MachineInfo
 from radtrt.calibration.samples import Entry
 from radtrt.errors import fail
-from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap, bootstrap_mean, resampled_sums
+from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap, resampled_sums, wilson_interval
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import make_dir, write_text
 from radtrt.runtime.backends import Backend
@@ -172,8 +172,7 @@ def totals(studies: Sequence[StudyParity]) -> dict[str, Any]:
             "decode_logits_mean_max_abs_diff": (sum(s.decode_logits_mean_max_abs_diff * s.decode_steps_compared
                                                     for s in decode) / steps) if steps else None,
             "vision_cosine_min": min(cos), "vision_cosine_mean": sum(cos) / n,
-            "exact_match_rate_ci": _interval(bootstrap_mean([float(s.tokens_equal) for s in studies],
-                                                            BootstrapConfig()))}
+            "exact_match_rate_ci": list(wilson_interval(sum(s.tokens_equal for s in studies), n))}
 
 
 def _interval(estimate: Estimate) -> list[float]:

@@ -84,3 +84,19 @@ def bootstrap_mean(values: np.ndarray | list[float], cfg: BootstrapConfig) -> Es
     if arr.ndim != 1:
         fail("bootstrap_mean takes one value per report")
     return bootstrap(float(arr.mean()) if arr.size else 0.0, arr.size, lambda idx: arr[idx].mean(axis=1), cfg)
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion.
+
+    Why not the bootstrap: resampling n identical outcomes (2 of 2 identical reports) gives a zero-width
+    interval, as if two studies proved a 100% rate; Wilson's interval stays honest at 0/n and n/n."""
+    from statistics import NormalDist
+
+    if n < 1 or not 0 <= successes <= n:
+        fail(f"a proportion needs 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
