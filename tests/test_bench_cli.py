@@ -166,6 +166,11 @@ def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Pa
     (("latency", "--stages", "text"), "unknown --stages"),
     (("latency", "--runs", 0), "--runs"),
     (("parity", "--max-new-tokens", 0), "--max-new-tokens"),  # after loading both backends: "returned no logits"
+    # options of a side that does not run were ignored without a word
+    (("latency", "--device", "cuda"), "--device applies to the torch"),
+    (("latency", "--backend", "torch", "--ort-spin"), "--ort-spin applies to the onnxruntime side"),
+    (("latency", "--stages", "vision", "--indication", "Cough."), "--stages vision runs no decoder"),
+    (("latency", "--bundle", "x", "--seed", 5), "--seed chooses the random weights"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny: Assets, work: Path, args: tuple, match: str) -> None:
     extra = () if "--bundle" in args or args == ("parity",) else ("--random-model", "tiny")

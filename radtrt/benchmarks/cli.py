@@ -147,6 +147,10 @@ def latency(
 
     if studies is None and synthetic is None:
         synthetic = 1
+    _refuse_unused(sides={backend, vs_backend or backend} | ({"onnxruntime"} if vs_bundle else set()),
+                   random_model=random_model, seed=seed, device=device, ort_provider=ort_provider, ort_spin=ort_spin)
+    if stages == "vision" and (indication is not None or max_new_tokens != 64):
+        fail("--stages vision runs no decoder: drop --indication / --max-new-tokens")
     _check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
 
@@ -207,6 +211,8 @@ def parity(
 
     if studies is None and synthetic is None:
         synthetic = 2
+    _refuse_unused(sides={backend, reference}, random_model=random_model, seed=seed, device=device,
+                   ort_provider=ort_provider, ort_spin=ort_spin)
     _check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
     if predictions_out is not None:
@@ -236,6 +242,19 @@ def parity(
         err.print(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
                   f"--endpoint URL --judge-model NAME", highlight=False, soft_wrap=True)
     _emit(parity_markdown(report), report.to_json(), as_json, out)
+
+
+def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, device: str, ort_provider: str,
+                   ort_spin: bool) -> None:
+    """Options of a side that does not run would be ignored without a word (and dropped from the reproduce
+    command): the user believes they took effect."""
+    if seed != 0 and random_model is None:
+        fail("--seed chooses the random weights of --random-model; it does not apply here")
+    if device != "cpu" and not sides & {"torch", "transformers"}:
+        fail("--device applies to the torch / transformers side; none runs here (--ort-provider for onnxruntime)")
+    if (ort_provider != "cpu" or ort_spin) and "onnxruntime" not in sides:
+        fail(f"{'--ort-provider' if ort_provider != 'cpu' else '--ort-spin'} applies to the onnxruntime side; "
+             f"none runs here")
 
 
 def register(app: typer.Typer) -> None:
