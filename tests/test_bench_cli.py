@@ -146,6 +146,10 @@ def test_latency_two_bundles_named_by_precision(tiny: Assets, work: Path, tmp_pa
     code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", work, "--vs-bundle", fp16,
                            "--vs-backend", "torch")
     assert code == 2 and "--vs-bundle compares two bundles" in err
+    (tmp_path / "link").symlink_to(fp16)  # a bundle against itself ran without a word
+    code, _, err = _invoke("bench", "latency", "--bundle", fp16, "--vs-bundle", tmp_path / "link", "--work-dir", work)
+    assert code == 2 and "is the same bundle as" in err
+
 
 def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Path) -> None:
     code, out, err = _invoke("bench", "latency", "--bundle", tiny.bundle, "--model", tiny.model_dir, "--vs-backend",

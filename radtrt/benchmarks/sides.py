@@ -98,6 +98,8 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
                  "without --vs-backend")
         if assets.bundle is None:
             fail("--vs-bundle needs --bundle (or --random-model) for the first side")
+        if vs_bundle.exists() and assets.bundle.exists() and vs_bundle.resolve() == assets.bundle.resolve():
+            fail(f"--vs-bundle {vs_bundle} is the same bundle as {assets.bundle}: compare two different bundles")
         sides = open_sides(kinds, assets, ort_provider=ort_provider, threads=threads, ort_spin=ort_spin)
         sides += open_sides(kinds, dataclasses.replace(assets, bundle=vs_bundle), ort_provider=ort_provider,
                             threads=threads, ort_spin=ort_spin)
