@@ -114,14 +114,21 @@ def test_report_math_on_fake_timings() -> None:
     assert ratios["tokens_per_s"] == pytest.approx(40 / (1000 / 45))
 
 
-def test_single_backend_has_no_ratios_and_one_token_runs_no_tokens_per_s() -> None:
-    samples = [Sample("onnxruntime", 0, 0, {k: 1.0 for k in ("preprocess", "vision", "prefill", "decode",
-                                                              "decode_per_token", "end_to_end")}, 1)]
+def test_single_backend_has_no_ratios_and_passes_without_a_decode_step_are_left_out() -> None:
+    """A pass that ended at its first token measured only overhead as 'decode per token' (0.1 ms)."""
+    stages = ("preprocess", "vision", "prefill", "decode", "decode_per_token", "end_to_end")
+    samples = [Sample("onnxruntime", 0, 0, {k: 1.0 for k in stages}, 1),
+               Sample("onnxruntime", 0, 1, {k: 10.0 for k in stages}, 8)]
     report = _report(infos=[_info("onnxruntime")], samples=samples)
     assert report.ratios() == {}
-    assert report.backends[0].tokens_per_s is None and report.backends[0].floor is None
+    assert report.backends[0].stages["decode_per_token"].n == 1 and report.backends[0].stages["vision"].n == 2
+    assert report.backends[0].stages["decode_per_token"].median == 10.0
     md = latency_markdown(report)
-    assert "decode tokens/s" not in md and " / " not in md.split("| median |")[1].splitlines()[0]
+    assert " / " not in md.split("| median |")[1].splitlines()[0]
+    with pytest.raises(RadtrtError, match="decoded no second token for any study"):
+        _report(infos=[_info("onnxruntime")], samples=samples[:1])
+    with pytest.raises(RadtrtError, match="needs --max-new-tokens 2 or more"):
+        LatencySettings(max_new_tokens=1)
 
 
 def test_missing_samples_for_a_backend_is_an_error() -> None:

@@ -45,6 +45,8 @@ class LatencySettings:
             fail("--warmup cannot be negative")
         if self.max_new_tokens < 1:
             fail("--max-new-tokens must be at least 1")
+        if self.max_new_tokens < 2 and "decode_per_token" in STAGE_MODES[self.stages]:
+            fail("decode per token needs --max-new-tokens 2 or more (the first token comes from the prefill)")
 
 
 @dataclass(frozen=True)
@@ -190,9 +192,14 @@ def summarize_backend(info: BackendInfo, samples: list[Sample], stages: tuple[st
     mine = [s for s in samples if s.backend == info.name]
     if not mine:
         fail(f"no measured samples for backend {info.name}")
-    summaries = {stage: summarize([s.timings_ms[stage] for s in mine]) for stage in stages}
     decoding = [s for s in mine if s.new_tokens >= 2 and s.timings_ms.get("decode_per_token", 0) > 0]
-    if "decode_per_token" not in stages or not decoding:
+    if "decode_per_token" in stages and not decoding:
+        fail(f"{info.name} decoded no second token for any study (each ended at its first, EOS): decode per token "
+             f"was not measured; use other studies, or --stages vision")
+    # decode per token over the passes that decoded: one that stopped at its first token measured only overhead
+    summaries = {stage: summarize([s.timings_ms[stage] for s in (decoding if stage == "decode_per_token" else mine)])
+                 for stage in stages}
+    if "decode_per_token" not in stages:
         return BackendLatency(info, summaries, None, None, None, mine)
     tps = summarize([1e3 / s.timings_ms["decode_per_token"] for s in decoding])
     new_tokens = summarize([s.new_tokens for s in mine])
