@@ -80,7 +80,7 @@ def _ort_side(assets: Assets, provider: str, threads: int | None, spin: bool) ->
                 "bundle": str(assets.bundle),
                 "attention": f"{'fused' if backend.fused else 'plain'}, {backend.kv_dtype} KV cache",
                 "kv_dtype_bytes": backend.kv_dtype.itemsize}
-    return pipeline, bundle_decoder_weight_bytes(backend.manifest), settings
+    return pipeline, bundle_decoder_weight_bytes(assets.bundle / "decoder.onnx"), settings
 
 
 def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = None, device: str = "cpu",
