@@ -104,6 +104,8 @@ def convert(
 
     if to not in ("radtrt", "llava-rad"):
         fail(f"unknown --to '{to}' (radtrt, llava-rad)")
+    if to == "llava-rad" and dtype != "float16":  # not silently ignored: the user expects that dtype on disk
+        fail("--dtype applies to --to radtrt; the release layout is written as the release stores it")
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
     check_new_dir(out)
