@@ -156,6 +156,10 @@ def test_markdown_has_command_tables_and_ratios() -> None:
     # three samples: p90 / p95 would only interpolate towards the maximum
     assert "| onnxruntime | decode_per_token | 3 | 20.0 | 25.0 | n/a | n/a | 30.0 |" in md
     assert "27.0 GB/s" in md and "floor 100.0 tokens/s" in md and "= 40% of the floor" in md
+    # two sides measured without warmup: the first passes' one-time costs skewed identical work by 2-6x
+    assert "**Warning: --warmup 0.**" in md and "onnxruntime was opened first" in md
+    warmed = latency_markdown(_report(settings=LatencySettings(runs=3, warmup=1, max_new_tokens=32)))
+    assert "--warmup 0" not in warmed
     assert "Test CPU" in md and "Peak RSS" in md
     assert "own matrix shapes" not in md  # no shaped probe ran
 

@@ -59,6 +59,12 @@ def latency_markdown(report: LatencyReport) -> str:
         if bw.shaped_gb_per_s is not None and bw.shaped_bytes is not None:
             lines.append(f"- numpy's GEMV over this decoder's own matrix shapes (one layer's q/k/v/o/gate/up/down "
                          f"repeated + lm_head, {bw.shaped_bytes >> 20} MiB per pass): {bw.shaped_gb_per_s:.1f} GB/s")
+    if len(names) > 1:
+        lines.append(f"- Loading: {names[0]} was opened first, so its load time and resident memory include "
+                     f"importing shared libraries; compare those two rows with care")
+        if s.warmup == 0:
+            lines.append("- **Warning: --warmup 0.** Each side's first measured pass pays one-time costs (thread pools, "
+                         "allocations, caches), so ratios from this run are biased; use --warmup 1 or more")
     gpu = f"; GPU peak (torch) {_num(report.gpu_peak_memory_mb, 0)} MiB" if report.gpu_peak_memory_mb else ""
     lines += [f"- Peak RSS of the process (all backends together): {report.peak_rss_mb:,.0f} MiB{gpu}", ""]
     lines += _medians_table(report) + [""] + _distribution_table(report)
