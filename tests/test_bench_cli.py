@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from radtrt.benchmarks.assets import Assets, random_assets
 from radtrt.benchmarks.cli import register
+from radtrt.errors import RadtrtError
 
 runner = CliRunner()
 
@@ -123,7 +124,11 @@ def test_latency_two_backends_writes_markdown_json_png(tiny: Assets, work: Path,
     assert data["backends"][0]["decode_floor"]["floor_tokens_per_s"] > 0
     png = report.with_suffix(".png")
     assert png.is_file() or "no PNG chart" in err
-
+    # the same -o again replaces the whole earlier report; a parity report there drops its stale chart
+    code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--synthetic", 1,
+                           "--max-new-tokens", 2, "-o", report)
+    assert code == 0, err
+    assert json.loads(report.with_suffix(".json").read_text())["kind"] == "parity" and not png.exists()
 
 
 def test_latency_two_bundles_named_by_precision(tiny: Assets, work: Path, tmp_path: Path) -> None:
@@ -229,9 +234,19 @@ def test_files_beside_the_report_are_the_users_unless_an_earlier_report_wrote_th
     assert (tmp_path / "r.json").read_text() == '{"format_version": 1}' and not (tmp_path / "never").exists()
     from radtrt.benchmarks.cli import _check_report_path
 
-    (tmp_path / "old.md").write_text("# an earlier report")
+    (tmp_path / "old.md").write_text(f"# radtrt bench {kind}: onnxruntime\n")
     (tmp_path / "old.json").write_text(json.dumps({"kind": kind, "command": "radtrt bench ..."}))
     _check_report_path(tmp_path / "old.md")  # rerunning a benchmark replaces its own report
+    # a user's notes (or picture) under the report's names were replaced when only the JSON was radtrt's
+    (tmp_path / "old.md").write_text("my notes on the run")
+    with pytest.raises(RadtrtError, match="old.md already exists and is not part of an earlier radtrt bench"):
+        _check_report_path(tmp_path / "old.md")
+    (tmp_path / "old.md").write_text(f"# radtrt bench {kind}: onnxruntime\n")
+    from PIL import Image
+
+    Image.new("L", (4, 4)).save(tmp_path / "old.png")  # a PNG that radtrt's chart did not write
+    with pytest.raises(RadtrtError, match="old.png already exists"):
+        _check_report_path(tmp_path / "old.md")
 
 
 @pytest.mark.parametrize("args, match", [

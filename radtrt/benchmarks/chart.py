@@ -10,7 +10,10 @@ import statistics
 from pathlib import Path
 
 from radtrt.benchmarks.latency import LatencyReport
+from radtrt.errors import fail
+from radtrt.outputs import replaced_atomically
 
+CHART_SOFTWARE = "radtrt bench"  # the PNG's Software text chunk: how a later -o knows the file is radtrt's
 CHART_STAGES = ("preprocess", "vision", "prefill", "decode")
 COLORS = {"preprocess": "#8c8c8c", "vision": "#4c72b0", "prefill": "#dd8452", "decode": "#55a868"}
 
@@ -58,7 +61,11 @@ def write_chart(report: LatencyReport, path: Path) -> Path:
     ax.set_title(f"{report.model}: stage breakdown", fontsize=10)
     ax.invert_yaxis()
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, ncols=max(shown, 1), frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:  # whole or not at all, and marked as radtrt's so that a later -o may replace it (and only it)
+        with replaced_atomically(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": CHART_SOFTWARE})
+    except OSError as e:
+        fail(f"cannot write the chart {path}: {e.strerror or e}")
+    finally:
+        plt.close(fig)
     return path

@@ -69,9 +69,30 @@ def _check_report_path(out: Path | None) -> None:
     files = _report_files(out)
     for path in files:
         check_file_target(path, "report")
-    existing = [p for p in files if p.exists()]
-    if existing and not _is_bench_report(files[1]):
-        fail(f"{existing[0]} already exists and is not part of an earlier radtrt bench report; choose another -o")
+    theirs = [p for p in files if p.exists() and not _is_ours(p)]
+    if theirs:
+        fail(f"{theirs[0]} already exists and is not part of an earlier radtrt bench report; choose another -o")
+
+
+def _is_ours(path: Path) -> bool:
+    """Whether an existing report file is one radtrt bench wrote (each kind checked by its own content)."""
+    if path.suffix == ".json":
+        return _is_bench_report(path)
+    if path.suffix == ".png":
+        from PIL import Image, UnidentifiedImageError
+
+        from radtrt.benchmarks.chart import CHART_SOFTWARE
+
+        try:
+            with Image.open(path) as image:
+                return getattr(image, "text", {}).get("Software") == CHART_SOFTWARE
+        except (OSError, UnidentifiedImageError):
+            return False
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.readline().startswith("# radtrt bench ")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _check_work_dir(work_dir: Path, used: bool) -> None:
@@ -242,6 +263,8 @@ def parity(
         err.print(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
                   f"--endpoint URL --judge-model NAME", highlight=False, soft_wrap=True)
     _emit(parity_markdown(report), report.to_json(), as_json, out)
+    if out is not None and _report_files(out)[2].exists():  # an earlier latency report's chart (checked as ours)
+        _report_files(out)[2].unlink()
 
 
 def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, device: str, ort_provider: str,
