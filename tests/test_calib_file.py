@@ -178,7 +178,8 @@ def _edited(calib, tmp_path: Path, name: str, meta_edit=None, tensor_edit=None) 
 
 
 @pytest.mark.parametrize("damage", ["list", "empty", "model null", "model empty", "no source", "samples null",
-                                    "samples of ints", "hash null", "source skip text", "source path number"])
+                                    "samples of ints", "hash null", "source skip text", "source path number",
+                                    "source skip negative", "no samples"])
 def test_damaged_metadata_is_one_clear_error(calib, tmp_path: Path, damage: str) -> None:
     edits = {"list": lambda m: [], "empty": lambda m: {}, "model null": lambda m: {**m, "model": None},
              "model empty": lambda m: {**m, "model": {}}, "no source": lambda m: {k: v for k, v in m.items() if k != "source"},
@@ -186,7 +187,10 @@ def test_damaged_metadata_is_one_clear_error(calib, tmp_path: Path, damage: str)
              "hash null": lambda m: {**m, "sample_list_sha256": None},
              # the parity gate's int()/Path() of these failed after the whole export
              "source skip text": lambda m: {**m, "source": {"kind": "folder", "path": "/data", "skip": "1", "n": 1}},
-             "source path number": lambda m: {**m, "source": {"kind": "manifest", "path": 5, "skip": 0, "n": 1}}}
+             "source path number": lambda m: {**m, "source": {"kind": "manifest", "path": 5, "skip": 0, "n": 1}},
+             # accepted before: "after the -3 calibration ones", and a file calibrated on nothing
+             "source skip negative": lambda m: {**m, "source": {"kind": "folder", "path": "/d", "skip": -3, "n": 1}},
+             "no samples": lambda m: {**m, "samples": []}}
     with pytest.raises(RadtrtError, match="damaged file"):
         CalibrationFile.load(_edited(calib, tmp_path, damage, meta_edit=edits[damage]))
 
@@ -197,6 +201,9 @@ def test_damaged_statistics_are_refused(calib, loaded: LoadedModel, tmp_path: Pa
         path = _edited(calib, tmp_path, "bad", tensor_edit=lambda t: t[key].fill_(value))
         with pytest.raises(RadtrtError, match="NaN, infinite or negative"):
             CalibrationFile.load(path)
+    path = _edited(calib, tmp_path, "int", tensor_edit=lambda t: t.update({key: t[key].long()}))  # truncated ranges
+    with pytest.raises(RadtrtError, match="are not a float vector"):
+        CalibrationFile.load(path)
     # shapes and module names are checked against the model the file is used with
     path = _edited(calib, tmp_path, "shape", tensor_edit=lambda t: t.update({"vision.input:vision_tower.patch_embed.proj": torch.ones(7)}))
     with pytest.raises(RadtrtError, match="have shape \\(7,\\), the module has 3 channels"):

@@ -88,6 +88,9 @@ class CalibrationFile:
             fail(f"calibration file {path} has unreadable metadata ({e})")
         tensors = load_tensors(path)
         for key, values in tensors.items():
+            if not values.is_floating_point() or values.ndim != 1:
+                fail(f"calibration file {path}: statistics '{key}' are not a float vector (damaged file?): "
+                     f"re-run 'radtrt calibrate'")
             if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
                 fail(f"calibration file {path}: statistics '{key}' hold NaN, infinite or negative values "
                      f"(damaged file?): re-run 'radtrt calibrate'")
@@ -106,8 +109,8 @@ class CalibrationFile:
         if self.meta["model"]["config_sha256"] != config_sha256(model):
             fail(f"{path} was calibrated for another model configuration: re-run 'radtrt calibrate' with this model")
         if self.meta["model"]["weights_fingerprint"] != weights_fingerprint(model):
-            fail(f"{path} was calibrated on other weights of this architecture: re-run 'radtrt calibrate' "
-                 f"with this model")
+            fail(f"{path} was calibrated on other weights of this architecture (a float16/bfloat16 copy of a "
+                 f"model counts as other weights: its values are rounded): re-run 'radtrt calibrate' with this model")
         vision, decoder = observed_modules(model)
         reached = model.cfg.mm_vision_select_layer % (model.cfg.vision.depth + 1)  # blocks after it never run
         needed = {"vision": [n for n in vision if not n.startswith("vision_tower.blocks.")
@@ -149,6 +152,11 @@ def _checked_meta(meta: Any, path: Path) -> dict[str, Any]:
                                                              for k in ("skip", "n"))):
             fail(f"calibration file {path}: metadata 'source' lacks a path or integer skip/n (damaged file?): "
                  f"re-run 'radtrt calibrate'")
+    if not meta["samples"]:
+        fail(f"calibration file {path}: it lists no samples (damaged file?): re-run 'radtrt calibrate'")
+    for key in ("skip", "n"):
+        if isinstance(source.get(key), int) and source[key] < 0:
+            fail(f"calibration file {path}: metadata 'source.{key}' is negative (damaged file?): re-run 'radtrt calibrate'")
     for i, sample in enumerate(meta["samples"]):
         if not (isinstance(sample, dict) and all(isinstance(sample.get(k), str) for k in ("study", "file", "sha256"))):
             fail(f"calibration file {path}: sample {i} of its metadata lacks study/file/sha256 (damaged file?): "
