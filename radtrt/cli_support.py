@@ -6,6 +6,7 @@ code 2; anything else is a bug and propagates (exit 1).
 
 from __future__ import annotations
 
+import errno
 import functools
 from typing import Any, Callable, TypeVar
 
@@ -25,6 +26,14 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except RadtrtError as e:
             err.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:
+            # a path the user typed that the file system cannot even look up; pathlib's exists() and
+            # is_file() raise it from wherever a path is first touched
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            err.print(f"radtrt: error: a file or folder name is too long for the file system: {e.filename}",
+                      markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

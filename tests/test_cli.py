@@ -402,3 +402,12 @@ def test_demo_runs_the_default_bundle_without_spinning_threads(tmp_path: Path) -
     result = json.loads(out)
     assert result["backend"] == "onnxruntime" and result["view_position"] in ("PA", "AP") and result["report"]
     assert "spinning" not in err and len(list((tmp_path / "demo" / "sr").glob("*.dcm"))) == 1
+
+
+def test_a_name_too_long_for_the_file_system_is_one_line(tmp_path: Path) -> None:
+    """pathlib's exists() raises ENAMETOOLONG: an OSError traceback from wherever the path was first touched."""
+    long = tmp_path / ("a" * 300)
+    for args in (["infer", str(long)], ["calibrate", "--model", str(tmp_path), "--data", str(long), "-o",
+                                        str(tmp_path / "c.safetensors")]):
+        code, _, err = _invoke(*args)
+        assert code == 2 and "name is too long for the file system" in err and "Traceback" not in err
