@@ -125,6 +125,22 @@ def make_dir(path: Path, what: str = "output directory") -> Path:
     return path
 
 
+def _builder(marker: Path) -> int | None:
+    """The process still building the folder a marker belongs to, or None when it has ended (an interrupted
+    run: its leftovers may go). Two exports to one -o deleted each other's files."""
+    for line in marker.read_text(errors="replace").splitlines():
+        if line.startswith("pid ") and line[4:].strip().isdigit():
+            pid = int(line[4:])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:  # alive, another user's
+                return pid
+            return pid if pid != os.getpid() else None
+    return None
+
+
 @contextlib.contextmanager
 def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[Path]:
     """Yield ``OUT.partial`` to fill, renamed to ``out`` (new or empty) only when the block ends without error:
@@ -137,9 +153,12 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
     if work.is_symlink() or work.exists():
         if not (work.is_dir() and not work.is_symlink() and (work / WORK_MARKER).is_file()):
             fail(f"{work} is in the way of the {what} (radtrt builds it there first); move it or choose another -o")
+        builder = _builder(work / WORK_MARKER)
+        if builder is not None:
+            fail(f"another radtrt (process {builder}) is building {out} right now; wait for it or choose another -o")
         shutil.rmtree(work)  # what an interrupted run of radtrt left (its marker says so)
     make_dir(work, f"{what} work folder")
-    (work / WORK_MARKER).write_text("an unfinished radtrt output; safe to delete\n")
+    (work / WORK_MARKER).write_text(f"an unfinished radtrt output; safe to delete\npid {os.getpid()}\n")
     try:
         yield work
     except BaseException:

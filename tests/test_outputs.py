@@ -107,3 +107,25 @@ def test_sigterm_removes_what_was_half_built(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode != 0 and not out.exists() and not (tmp_path / "set.partial").exists()
+
+
+def test_a_folder_another_live_radtrt_is_building_is_left_alone(tmp_path: Path) -> None:
+    """A second export to the same -o deleted the first one's OUT.partial while it was being written."""
+    import subprocess
+    import sys
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        work = tmp_path / "out.partial"
+        work.mkdir()
+        (work / WORK_MARKER).write_text(f"an unfinished radtrt output; safe to delete\npid {sleeper.pid}\n")
+        (work / "decoder.onnx").write_text("being written")
+        with pytest.raises(RadtrtError, match=f"another radtrt \\(process {sleeper.pid}\\) is building"):
+            with new_dir_built_aside(tmp_path / "out"):
+                pass
+        assert (work / "decoder.onnx").is_file()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with new_dir_built_aside(tmp_path / "out") as fresh:  # the process has ended: its leftovers go
+        assert not (fresh / "decoder.onnx").exists()
