@@ -155,7 +155,8 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
             fail(f"{work} is in the way of the {what} (radtrt builds it there first); move it or choose another -o")
         builder = _builder(work / WORK_MARKER)
         if builder is not None:
-            fail(f"another radtrt (process {builder}) is building {out} right now; wait for it or choose another -o")
+            fail(f"another radtrt (process {builder}) is building {out} right now; wait for it or choose another -o "
+                 f"(if none is running, delete {work})")
         shutil.rmtree(work)  # what an interrupted run of radtrt left (its marker says so)
     make_dir(work, f"{what} work folder")
     (work / WORK_MARKER).write_text(f"an unfinished radtrt output; safe to delete\npid {os.getpid()}\n")
