@@ -144,12 +144,15 @@ def export(
                                                      help="Activation statistics from 'radtrt calibrate'."),
     calibration_data: Optional[str] = typer.Option(
         None, "--calibration-data", help="INT8: studies folder, JSONL manifest, 'radtrt calibrate' file, or 'phantom'."),
-    calibration_n: int = typer.Option(32, "--calibration-n", min=1, help="INT8: calibration samples to read."),
-    smoothquant_alpha: float = typer.Option(0.5, "--smoothquant-alpha", help="INT8 SmoothQuant migration strength."),
+    calibration_n: Optional[int] = typer.Option(None, "--calibration-n", min=1,
+                                                help="INT8: calibration samples to read [default: 32]."),
+    smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha",
+                                                      help="INT8 SmoothQuant migration strength [default: 0.5]."),
     int8_lm_head: bool = typer.Option(True, "--int8-lm-head/--fp32-lm-head", help="INT8: quantize lm_head too."),
     int8_embeddings: bool = typer.Option(True, "--int8-embeddings/--fp32-embeddings",
                                          help="INT8: store the embedding table as INT8 rows."),
-    parity_samples: int = typer.Option(8, "--parity-samples", min=0, help="INT8: held-out samples for the parity gate."),
+    parity_samples: Optional[int] = typer.Option(None, "--parity-samples", min=0,
+                                                 help="INT8: held-out samples for the parity gate [default: 8]."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Engine batch limit."),
     trtllm_engine: Optional[Path] = typer.Option(None, "--trtllm-engine",
                                                  help="Triton: TensorRT-LLM engine dir on the serving host."),
@@ -159,17 +162,23 @@ def export(
 
     from radtrt.progress import make_progress
 
+    from radtrt.calibration.run import DEFAULT_N
     from radtrt.exporter import targets
     from radtrt.exporter.bundle import export_bundle, read_manifest
+    from radtrt.exporter.onnx_int8 import DEFAULT_ALPHA, DEFAULT_PARITY_SAMPLES
     from radtrt.exporter.gqa import DEFAULT_ATTENTION
     from radtrt.model.loading import cast_on_load, load_model
 
     _refuse_ignored_export_options(
         precision=precision, target=target, bundle=bundle, int8_decoder=int8_decoder, calibration_data=calibration_data,
         calibration_stats=calibration_stats,
-        int8_only={"--calibration-n": calibration_n != 32, "--smoothquant-alpha": smoothquant_alpha != 0.5,
+        int8_only={"--calibration-n": calibration_n is not None, "--smoothquant-alpha": smoothquant_alpha is not None,
                    "--fp32-lm-head": not int8_lm_head, "--fp32-embeddings": not int8_embeddings,
-                   "--parity-samples": parity_samples != 8})
+                   "--parity-samples": parity_samples is not None})
+    # the defaults, once it is known which options were given (Int8Plan's own defaults)
+    calibration_n = DEFAULT_N if calibration_n is None else calibration_n
+    smoothquant_alpha = DEFAULT_ALPHA if smoothquant_alpha is None else smoothquant_alpha
+    parity_samples = DEFAULT_PARITY_SAMPLES if parity_samples is None else parity_samples
     attention = attention or DEFAULT_ATTENTION
     if precision == "int8" and bundle is None and calibration_data is None and calibration_stats is not None:
         calibration_data = str(calibration_stats)  # a 'radtrt calibrate' file serves the ONNX INT8 export too

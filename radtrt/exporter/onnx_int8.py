@@ -28,6 +28,7 @@ from radtrt.exporter.targets import CALIBRATION_FILE
 from radtrt.model.loading import LoadedModel
 
 DEFAULT_PARITY_SAMPLES = 8
+DEFAULT_ALPHA = 0.5  # SmoothQuant's migration strength, the paper's default
 MAX_SAMPLES = 10_000
 
 
@@ -37,7 +38,7 @@ class Int8Plan:
 
     calibration_data: str | None
     decoder: str = "smoothquant"
-    alpha: float = 0.5
+    alpha: float = DEFAULT_ALPHA
     lm_head: bool = True
     n: int = 32
     embeddings: str = "int8"
