@@ -298,7 +298,7 @@ def calibrate(
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
     data: str = typer.Option(..., "--data", help="Studies folder, JSONL manifest, or 'phantom' (synthetic)."),
     n: int = typer.Option(32, "--n", min=1, max=10_000, help="Number of samples (the first N of the data)."),
-    seed: int = typer.Option(11, "--seed", help="Phantom seed (with --data phantom)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Phantom seed (with --data phantom) [default: 11]."),
     out: Path = typer.Option(..., "-o", "--out", help="Calibration file to write (.safetensors)."),
 ) -> None:
     """Activation statistics on chest X-ray samples for INT8 export (one reusable, versioned file)."""
@@ -306,7 +306,8 @@ def calibrate(
 
     from radtrt.progress import make_progress
 
-    from radtrt.calibration.run import PHANTOM, calibrate as run_calibration, calibrate_phantoms
+    from radtrt.calibration.run import PHANTOM, PHANTOM_CALIBRATION_SEED, calibrate_phantoms
+    from radtrt.calibration.run import calibrate as run_calibration
     from radtrt.calibration.samples import count_samples
     from radtrt.model.loading import load_model
     from radtrt.outputs import check_new_file
@@ -317,7 +318,7 @@ def calibrate(
     if data != PHANTOM:  # before the model loads (minutes at 7B)
         if not data.strip():
             fail("--data is empty: name a studies folder, a JSONL manifest, or 'phantom'")
-        if seed != 11:
+        if seed is not None:
             fail("--seed chooses the phantoms of --data phantom; it does not apply to other data")
         available = count_samples(Path(data))
         if available < n:
@@ -327,7 +328,8 @@ def calibrate(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with make_progress(*columns, console=err) as progress:
         if data == PHANTOM:
-            calibration = calibrate_phantoms(loaded, n, seed, progress=progress)
+            calibration = calibrate_phantoms(loaded, n, PHANTOM_CALIBRATION_SEED if seed is None else seed,
+                                             progress=progress)
         else:
             calibration = run_calibration(loaded, Path(data), n, progress=progress)
     calibration.file.save(out)
