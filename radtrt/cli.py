@@ -171,7 +171,7 @@ def export(
 
     _refuse_ignored_export_options(
         precision=precision, target=target, bundle=bundle, int8_decoder=int8_decoder, calibration_data=calibration_data,
-        calibration_stats=calibration_stats,
+        calibration_stats=calibration_stats, int8_kv_cache=int8_kv_cache,
         int8_only={"--calibration-n": calibration_n is not None, "--smoothquant-alpha": smoothquant_alpha is not None,
                    "--fp32-lm-head": not int8_lm_head, "--fp32-embeddings": not int8_embeddings,
                    "--parity-samples": parity_samples is not None})
@@ -259,7 +259,7 @@ def export(
 
 def _refuse_ignored_export_options(*, precision: str, target: str, bundle: Optional[Path], int8_decoder: Optional[str],
                                    calibration_data: Optional[str], calibration_stats: Optional[Path],
-                                   int8_only: dict[str, bool]) -> None:
+                                   int8_kv_cache: bool, int8_only: dict[str, bool]) -> None:
     """Options this export would not use are refused, not ignored: the user believes they took effect.
     ``int8_only``: option -> whether it was given a non-default value (used by the ONNX INT8 export only)."""
     onnx_int8 = precision == "int8" and bundle is None
@@ -273,10 +273,19 @@ def _refuse_ignored_export_options(*, precision: str, target: str, bundle: Optio
         fail(f"{given[0]} applies to the ONNX INT8 export only (--precision int8 without --bundle)")
     if onnx_int8 and calibration_data is not None and calibration_stats is not None:
         fail("give --calibration-data or --calibration-stats, not both (both name the calibration to use)")
-    if onnx_int8 and calibration_data not in (None, "phantom") and int8_only["--calibration-n"]:
+    if calibration_stats is not None:
+        stats_used = onnx_int8 or (target in ("trtllm", "all") and (int8_kv_cache or (
+            precision == "int8" and int8_decoder == "smoothquant")))
+        if not stats_used:
+            fail("--calibration-stats is used by INT8 exports (ONNX --precision int8; TensorRT-LLM SmoothQuant or "
+                 "--int8-kv-cache); this export would ignore it")
+        if not calibration_stats.is_file():
+            fail(f"--calibration-stats {calibration_stats}: no such file")
+    calibration_file = calibration_data if calibration_data is not None else calibration_stats
+    if onnx_int8 and calibration_file not in (None, "phantom") and int8_only["--calibration-n"]:
         from radtrt.calibration.run import is_calibration_file
 
-        if is_calibration_file(Path(calibration_data)):
+        if is_calibration_file(Path(calibration_file)):
             fail("--calibration-n does not apply to a calibration file: it holds the samples it was made from")
     if bundle is not None and target == "onnx":
         fail(f"{bundle} is already an ONNX bundle: --bundle adds engines (--target tensorrt | trtllm | all) or "

@@ -180,6 +180,7 @@ def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Pa
     (("latency", "--backend", "torch", "--ort-spin"), "--ort-spin applies to the onnxruntime side"),
     (("latency", "--stages", "vision", "--indication", "Cough."), "--stages vision runs no decoder"),
     (("latency", "--bundle", "x", "--seed", 5), "--seed chooses the random weights"),
+    (("latency", "--bundle", "x", "--base-model", "v"), "--base-model completes --model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny: Assets, work: Path, args: tuple, match: str) -> None:
     extra = () if "--bundle" in args or args == ("parity",) else ("--random-model", "tiny")

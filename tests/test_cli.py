@@ -258,6 +258,8 @@ def test_release_without_base_model_exits_2(tiny_release: TinyRelease, tmp_path:
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest()))
     code, _, err = _invoke("infer", study, "--model", tiny_release.release_dir)
     _assert_refused(code, err, "--base-model")
+    code, _, err = _invoke("infer", study, "--base-model", tiny_release.base_dir)  # was ignored: the default ran
+    _assert_refused(code, err, "pass --model too")
 
 
 def test_convert_cli(tiny_release: TinyRelease, tmp_path: Path) -> None:

@@ -85,11 +85,15 @@ def test_eval_is_deterministic(tmp_path: Path) -> None:
     (["--metrics", "rouge", "--chexbert-checkpoint", "c.pth"], "--chexbert-checkpoint is for the chexbert"),
     (["--metrics", "rouge", "--radgraph-dir", "r"], "--radgraph-dir is for the radgraph"),
     (["--metrics", "rouge", "--device", "tpu9"], "--device is for the chexbert"),
-    (["--metrics", "rouge", "--judge-prompt", "bogus"], "unknown --judge-prompt 'bogus'"),
+    (["--metrics", "rouge", "--judge-prompt", "radtrt"], "--judge-prompt is for the chexprompt"),
+    (["--metrics", "rouge", "--timeout", "-3"], "--timeout is for the chexprompt"),  # invalid and ignored
+    (["--metrics", "rouge", "--concurrency", "9"], "--concurrency is for the chexprompt"),
+    (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--judge-prompt", "bogus"],
+     "unknown --judge-prompt 'bogus'"),
     (["--metrics", "rouge", "--margin", "0.2"], "--margin is the CheXprompt parity margin"),
     # values that ended in tracebacks or meant something else than said
     (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--timeout", "nan"],
-     "judge timeout must be a positive number"),
+     "judge timeout must be a finite positive number"),
     (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--requests-per-minute", "-1"],
      "--requests-per-minute must be a number >= 0"),
 ])

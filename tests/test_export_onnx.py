@@ -406,6 +406,8 @@ def test_not_a_bundle_is_refused(model_dir: Path, studies: list[Path]) -> None:
       "--calibration-data", "phantom"], "--smoothquant-alpha applies to SmoothQuant"),
     (["--precision", "int8", "--calibration-data", "phantom", "--calibration-stats", "c.safetensors"], "not both"),
     (["--precision", "int8", "--int8-decoder", "", "--calibration-data", "phantom"], "unknown --int8-decoder ''"),
+    (["--precision", "fp16", "--calibration-stats", "c.safetensors"], "--calibration-stats is used by INT8 exports"),
+    (["--precision", "int8", "--calibration-stats", "nowhere.safetensors"], "no such file"),  # ignored: exit 0
 ])
 def test_export_refusals(model_dir: Path, tmp_path: Path, extra: list[str], match: str) -> None:
     _refused(["export", "--model", str(model_dir), "-o", str(tmp_path / "b"), *extra], match)

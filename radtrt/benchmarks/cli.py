@@ -169,7 +169,8 @@ def latency(
     if studies is None and synthetic is None:
         synthetic = 1
     _refuse_unused(sides={backend, vs_backend or backend} | ({"onnxruntime"} if vs_bundle else set()),
-                   random_model=random_model, seed=seed, device=device, ort_provider=ort_provider, ort_spin=ort_spin)
+                   random_model=random_model, seed=seed, device=device, ort_provider=ort_provider, ort_spin=ort_spin,
+                   base_model=base_model)
     if stages == "vision" and (indication is not None or max_new_tokens != 64):
         fail("--stages vision runs no decoder: drop --indication / --max-new-tokens")
     _check_report_path(out)
@@ -233,7 +234,7 @@ def parity(
     if studies is None and synthetic is None:
         synthetic = 2
     _refuse_unused(sides={backend, reference}, random_model=random_model, seed=seed, device=device,
-                   ort_provider=ort_provider, ort_spin=ort_spin)
+                   ort_provider=ort_provider, ort_spin=ort_spin, base_model=base_model)
     _check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
     if predictions_out is not None:
@@ -268,9 +269,11 @@ def parity(
 
 
 def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, device: str, ort_provider: str,
-                   ort_spin: bool) -> None:
+                   ort_spin: bool, base_model: Optional[Path]) -> None:
     """Options of a side that does not run would be ignored without a word (and dropped from the reproduce
     command): the user believes they took effect."""
+    if base_model is not None and not sides & {"torch", "transformers"}:
+        fail("--base-model completes --model for the torch / transformers side; none runs here")
     if seed != 0 and random_model is None:
         fail("--seed chooses the random weights of --random-model; it does not apply here")
     if device != "cpu" and not sides & {"torch", "transformers"}:

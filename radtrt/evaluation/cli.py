@@ -34,12 +34,13 @@ def eval_command(
     azure_deployment: Optional[str] = typer.Option(None, "--azure-deployment",
                                                    help="Azure deployment (default: --judge-model)."),
     api_version: Optional[str] = typer.Option(None, "--api-version", help="Azure OpenAI API version."),
-    judge_prompt: str = typer.Option("auto", "--judge-prompt",
-                                     help="auto (published if chexprompt is installed) | published | radtrt."),
-    requests_per_minute: float = typer.Option(30.0, "--requests-per-minute", help="Judge rate limit (0: none)."),
-    concurrency: int = typer.Option(4, "--concurrency", min=1, help="Judge requests in flight."),
-    max_attempts: int = typer.Option(6, "--max-attempts", min=1, help="Tries per judge request."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per judge request."),
+    judge_prompt: Optional[str] = typer.Option(
+        None, "--judge-prompt", help="auto (published if chexprompt is installed) | published | radtrt [default: auto]."),
+    requests_per_minute: Optional[float] = typer.Option(None, "--requests-per-minute",
+                                                        help="Judge rate limit (0: none) [default: 30]."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Judge requests in flight [default: 4]."),
+    max_attempts: Optional[int] = typer.Option(None, "--max-attempts", min=1, help="Tries per judge request [default: 6]."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per judge request [default: 60]."),
     judge_cache: Optional[Path] = typer.Option(None, "--judge-cache",
                                                help="Judge answer cache (default ~/.cache/radtrt/...)."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Parity margin of --paired runs, significant "
@@ -72,14 +73,18 @@ def eval_command(
             fail("--margin is the CheXprompt parity margin: it needs --paired and chexprompt in --metrics")
         if not (math.isfinite(margin) and margin >= 0):
             fail(f"--margin must be a number >= 0 (significant errors per report), got {margin}")
+    # the judge's settings: only those given, so that JudgeConfig's defaults apply to the rest
+    tuning = {key: value for key, value in (("prompt", judge_prompt), ("requests_per_minute", requests_per_minute),
+                                            ("concurrency", concurrency), ("max_attempts", max_attempts),
+                                            ("timeout_s", timeout)) if value is not None}
     _refuse_unused({"--endpoint": endpoint, "--judge-model": judge_model, "--azure-endpoint": azure_endpoint,
                     "--azure-deployment": azure_deployment, "--api-version": api_version,
-                    "--judge-cache": judge_cache}, "chexprompt", names)
+                    "--judge-cache": judge_cache, "--judge-prompt": judge_prompt,
+                    "--requests-per-minute": requests_per_minute, "--concurrency": concurrency,
+                    "--max-attempts": max_attempts, "--timeout": timeout}, "chexprompt", names)
     _refuse_unused({"--chexbert-checkpoint": chexbert_checkpoint, "--bert-dir": bert_dir}, "chexbert", names)
     _refuse_unused({"--radgraph-dir": radgraph_dir}, "radgraph", names)
     _refuse_unused({"--device": None if device == "cpu" else device}, "chexbert", names)
-    if judge_prompt not in ("auto", "published", "radtrt"):
-        fail(f"unknown --judge-prompt '{judge_prompt}' (auto | published | radtrt)")
     judge = None
     if "chexprompt" in names:
         if not judge_model:
@@ -88,9 +93,8 @@ def eval_command(
             fail("CheXprompt sends reports to the judge: give --endpoint URL (OpenAI-compatible) "
                  "or --azure-endpoint URL")
         judge = JudgeConfig(model=judge_model, endpoint=endpoint, azure_endpoint=azure_endpoint,
-                            azure_deployment=azure_deployment, api_version=api_version, prompt=judge_prompt,
-                            requests_per_minute=requests_per_minute, concurrency=concurrency,
-                            max_attempts=max_attempts, timeout_s=timeout, cache_path=judge_cache)
+                            azure_deployment=azure_deployment, api_version=api_version, cache_path=judge_cache,
+                            **tuning)
     if out is not None:
         _check_results_path(out, [predictions] if predictions is not None else list(paired or ()),
                             judge.resolved_cache_path() if judge is not None else None)

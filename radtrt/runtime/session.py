@@ -33,6 +33,8 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
                   ort_spin: bool = False) -> Pipeline:
     from radtrt.runtime.ort import available_providers
 
+    if base_model is not None and model is None:  # it completes a release --model; alone it would be ignored
+        fail("--base-model names the Vicuna folder of a LLaVA-Rad release given with --model; pass --model too")
     providers = available_providers() if bundle is not None else []
     trt_ready = bundle is not None and backend == "auto" and _trt_ready(bundle)
     chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers,

@@ -36,6 +36,8 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         if not self.model:
             fail("a judge model name is needed (--judge-model)")
+        if self.prompt not in ("auto", "published", "radtrt"):
+            fail(f"unknown --judge-prompt '{self.prompt}' (auto | published | radtrt)")
         if self.endpoint and self.azure_endpoint:
             fail("give either --endpoint (OpenAI-compatible) or --azure-endpoint, not both")
         for option, url in (("--endpoint", self.endpoint), ("--azure-endpoint", self.azure_endpoint)):
@@ -47,7 +49,7 @@ class JudgeConfig:
         if self.concurrency < 1 or self.max_attempts < 1 or self.max_consecutive_failures < 1:
             fail("judge concurrency, attempts and failure limit must be at least 1")
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            fail(f"the judge timeout must be a positive number of seconds, got {self.timeout_s}")
+            fail(f"the judge timeout must be a finite positive number of seconds, got {self.timeout_s}")
         if not (math.isfinite(self.requests_per_minute) and self.requests_per_minute >= 0):
             fail(f"--requests-per-minute must be a number >= 0 (0: no limit), got {self.requests_per_minute}")
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2) or self.max_tokens < 1:
