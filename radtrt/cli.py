@@ -228,6 +228,10 @@ def export(
             fail("--model is required to export (or pass --bundle to add engines to an existing bundle)")
         with err.status(f"loading model from {model}"):
             loaded = load_model(model, base_model)
+        if "trtllm" in plan.steps and calibration_stats is not None:
+            from radtrt.calibration.file import load_activation_stats
+
+            load_activation_stats(calibration_stats, loaded.model)  # checked now, not after the ONNX bundle is written
         cast = cast_on_load(model)
         if cast is not None and cast[1] >= 1e9 and "onnx" in plan.steps and bundle is None:  # small ones don't matter
             log(f"note: {model} stores {cast[0]} weights: the export casts them to float32 in memory "

@@ -625,3 +625,15 @@ def test_seven_bit_weights_are_computed_exactly_by_onnx_runtime() -> None:
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     exact = (np.clip(np.round(x / xs), -128, 127).astype(np.int64) @ w.astype(np.int64)) * xs * ws
     assert np.abs(y - exact).max() <= 1e-5 * np.abs(exact).max()
+
+
+def test_trtllm_calibration_of_another_model_is_refused_before_the_bundle(bundle: Path, tmp_path: Path) -> None:
+    """The ONNX bundle was written whole before the TensorRT-LLM step found the statistics were another model's."""
+    from radtrt.model.loading import LoadedModel
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+
+    other = save_toolkit(LoadedModel(random_model(seed=1), train_tiny_tokenizer(), "other"), tmp_path / "other")
+    result = runner.invoke(app, ["export", "--model", str(other), "--precision", "fp16", "--target", "trtllm",
+                                 "--int8-kv-cache", "--calibration-stats", str(bundle / "calibration.safetensors"),
+                                 "-o", str(tmp_path / "new")])
+    assert result.exit_code == 2 and "other weights" in result.stderr and not (tmp_path / "new").exists()
