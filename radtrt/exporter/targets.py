@@ -38,6 +38,41 @@ class ExportPlan:
                       "all": ["onnx", "tensorrt", "trtllm"], "triton": ["triton"]}[self.target]
 
 
+def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, int8_decoder: str | None,
+                          calibration_data: str | None, calibration_stats: Path | None, int8_kv_cache: bool,
+                          int8_only: dict[str, bool]) -> None:
+    """Options this export would not use are refused, not ignored: the user believes they took effect.
+    ``int8_only``: option -> whether it was given (options of the ONNX INT8 export only)."""
+    onnx_int8 = precision == "int8" and bundle is None
+    smoothquant = (onnx_int8 and int8_decoder in (None, "smoothquant")) or (
+        precision == "int8" and target in ("trtllm", "all") and int8_decoder == "smoothquant")
+    if int8_only.pop("--smoothquant-alpha") and not smoothquant:
+        fail("--smoothquant-alpha applies to SmoothQuant INT8 exports only (ONNX: --precision int8, SmoothQuant "
+             "by default; TensorRT-LLM: --int8-decoder smoothquant)")
+    given = [flag for flag, changed in int8_only.items() if changed]
+    if given and not onnx_int8:
+        fail(f"{given[0]} applies to the ONNX INT8 export only (--precision int8 without --bundle)")
+    if onnx_int8 and calibration_data is not None and calibration_stats is not None:
+        fail("give --calibration-data or --calibration-stats, not both (both name the calibration to use)")
+    if calibration_stats is not None:
+        stats_used = onnx_int8 or (target in ("trtllm", "all") and (int8_kv_cache or (
+            precision == "int8" and int8_decoder == "smoothquant")))
+        if not stats_used:
+            fail("--calibration-stats is used by INT8 exports (ONNX --precision int8; TensorRT-LLM SmoothQuant or "
+                 "--int8-kv-cache); this export would ignore it")
+        if not calibration_stats.is_file():
+            fail(f"--calibration-stats {calibration_stats}: no such file")
+    calibration_file = calibration_data if calibration_data is not None else calibration_stats
+    if onnx_int8 and calibration_file not in (None, "phantom") and int8_only["--calibration-n"]:
+        from radtrt.calibration.run import is_calibration_file
+
+        if is_calibration_file(Path(calibration_file)):
+            fail("--calibration-n does not apply to a calibration file: it holds the samples it was made from")
+    if bundle is not None and target == "onnx":
+        fail(f"{bundle} is already an ONNX bundle: --bundle adds engines (--target tensorrt | trtllm | all) or "
+             f"serves it (--target triton); to export again, drop --bundle and pass -o")
+
+
 def preflight(plan: ExportPlan) -> None:
     """Refuse, before any export work, what this host or its GPU cannot make."""
     from radtrt.exporter.gpu import check_tensorrt, check_trtllm, detect_gpu, library_version, require_gpu
