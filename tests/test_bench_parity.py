@@ -176,6 +176,11 @@ def test_int8_gate_warnings_say_whether_more_studies_are_needed() -> None:
     assert s["exact_match_rate"] == 0.75 and s["label_f1_drop"] > 0.02
     assert all("more studies are needed" in w for w in s["warnings"] if "micro-F1" in w or "identical" in w)
     assert len([w for w in s["warnings"] if "micro-F1" in w or "identical" in w]) == 2
+    from radtrt.calibration.parity import summary_lines
+
+    # a passing gate on 8 studies (the default) used to read as confident as one on 100
+    assert "only 8 held-out studies: a pass says little" in "\n".join(summary_lines(s))
+    assert "a pass says little" not in "\n".join(summary_lines(summarize(many)))
 
 
 def test_identical_report_rate_interval_is_wilsons() -> None:

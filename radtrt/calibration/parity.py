@@ -37,6 +37,7 @@ MIN_VISION_COSINE = 0.99
 MIN_EXACT_MATCH = 0.80
 MAX_LABEL_F1_DROP = 0.02
 PARITY_MAX_NEW_TOKENS = 64
+FIRM_STUDIES = 30  # fewer held-out studies than this, and the printout says the gate is a weak one
 PER_STUDY_FIELDS = ("vision_cosine", "first_logits_max_abs_diff", "first_argmax_equal", "tokens_equal",
                     "first_divergence", "decode_logits_max_abs_diff", "rouge_l", "labels", "reference_labels",
                     "true_labels")
@@ -144,4 +145,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         lines.append(f"  finding-label micro-F1 vs true labels: int8 {s['label_f1_int8']:.3f}, "
                      f"fp32 {s['label_f1_fp32']:.3f} (difference {s['label_f1_drop']:.3f}, 95% interval "
                      f"{s['label_f1_drop_ci'][0]:.3f} to {s['label_f1_drop_ci'][1]:.3f})")
+    if s["studies"] < FIRM_STUDIES:
+        lines.append(f"  only {s['studies']} held-out studies: a pass says little (the label-F1 interval is zero-width "
+                     f"when every study agrees); --parity-samples {FIRM_STUDIES} or more for a firmer gate")
     return lines
