@@ -165,7 +165,8 @@ def export(
     from radtrt.calibration.run import DEFAULT_N
     from radtrt.exporter import targets
     from radtrt.exporter.bundle import export_bundle, read_manifest
-    from radtrt.exporter.onnx_int8 import DEFAULT_ALPHA, DEFAULT_PARITY_SAMPLES
+    from radtrt.exporter.onnx_int8 import DEFAULT_PARITY_SAMPLES
+    from radtrt.exporter.quant import DEFAULT_ALPHA
     from radtrt.exporter.gqa import DEFAULT_ATTENTION
     from radtrt.model.loading import cast_on_load, load_model
 
@@ -209,10 +210,6 @@ def export(
                              kv_cache="int8" if int8_kv_cache else "fp32", attention=attention,
                              parity_samples=parity_samples)
         int8_plan.check_ready()
-    if precision != "int8":
-        for flag, value in (("--int8-decoder", int8_decoder), ("--calibration-data", calibration_data)):
-            if value is not None:
-                fail(f"{flag} applies to --precision int8 only (this export is {precision})")
     if bundle is None:
         from radtrt.outputs import check_new_dir
 

@@ -8,7 +8,6 @@ code 2, as for every radtrt command.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,7 +62,7 @@ def eval_command(
     from radtrt.evaluation.records import load_predictions
     from radtrt.evaluation.run import EvalConfig, evaluate, evaluate_paired, parse_metrics
 
-    from radtrt.evaluation.parity import DEFAULT_MARGIN
+    from radtrt.evaluation.parity import DEFAULT_MARGIN, check_margin
 
     if (predictions is None) == (paired is None):
         fail("give either --predictions FILE or --paired REFERENCE.jsonl CANDIDATE.jsonl")
@@ -71,8 +70,7 @@ def eval_command(
     if margin is not None:
         if paired is None or "chexprompt" not in names:
             fail("--margin is the CheXprompt parity margin: it needs --paired and chexprompt in --metrics")
-        if not (math.isfinite(margin) and margin >= 0):
-            fail(f"--margin must be a number >= 0 (significant errors per report), got {margin}")
+        check_margin(margin)
     # the judge's settings: only those given, so that JudgeConfig's defaults apply to the rest
     tuning = {key: value for key, value in (("prompt", judge_prompt), ("requests_per_minute", requests_per_minute),
                                             ("concurrency", concurrency), ("max_attempts", max_attempts),

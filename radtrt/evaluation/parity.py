@@ -13,6 +13,7 @@ a stated margin, by default 0.1 significant errors per report:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -63,13 +64,18 @@ class ParityVerdict:
         }
 
 
+def check_margin(margin: float) -> None:
+    """A finite margin >= 0 (checked by the CLI before any paid judge request, and here for library callers)."""
+    if not (math.isfinite(margin) and margin >= 0):
+        fail(f"--margin must be a number >= 0 (significant errors per report), got {margin}")
+
+
 def parity_from_judgements(reference: Sequence[Any], candidate: Sequence[Any], *, margin: float = DEFAULT_MARGIN,
                            cfg: Optional[BootstrapConfig] = None, judge: str = "", judge_model: str = "",
                            identical_predictions: int = 0,
                            max_failure_share: float = DEFAULT_MAX_FAILURE_SHARE) -> ParityVerdict:
     """Verdict from two lists of ``Judgement`` for the same studies, in the same order."""
-    if margin < 0:
-        fail("the parity margin must be >= 0 errors per report")
+    check_margin(margin)
     cfg = cfg or BootstrapConfig()
     if len(reference) != len(candidate) or any(r.study != c.study for r, c in zip(reference, candidate)):
         fail("the two arms' judgements are not for the same studies in the same order")

@@ -40,7 +40,7 @@ import torch
 from radtrt.errors import fail
 from radtrt.exporter.int8_vision import quiet_quantizer
 from radtrt.exporter.onnx import export_decoder
-from radtrt.exporter.quant import ORT_REDUCE_RANGE, ActivationStats, smoothing_scales
+from radtrt.exporter.quant import DEFAULT_ALPHA, ORT_REDUCE_RANGE, ActivationStats, smoothing_scales
 from radtrt.model.decoder import LlamaForCausalLM
 
 DECODER_METHODS = ("weight-only", "smoothquant")
@@ -103,7 +103,7 @@ class Smoothing:
 
 
 @torch.no_grad()
-def smoothing_factors(lm: LlamaForCausalLM, stats: ActivationStats, alpha: float = 0.5) -> Smoothing:
+def smoothing_factors(lm: LlamaForCausalLM, stats: ActivationStats, alpha: float = DEFAULT_ALPHA) -> Smoothing:
     """The factors for q/k/v (into ``input_layernorm``), gate/up (into ``post_attention_layernorm``), down
     (into up_proj's rows) and o (into v_proj's rows, one factor per KV head channel), all from the
     unsmoothed weights and the calibration maxima. Computed, not applied: the export smooths the exported

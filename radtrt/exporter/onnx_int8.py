@@ -24,11 +24,11 @@ from typing import Any, Callable
 
 from radtrt.errors import fail
 from radtrt.exporter.gqa import ATTENTION_KINDS, DEFAULT_ATTENTION
+from radtrt.exporter.quant import DEFAULT_ALPHA
 from radtrt.exporter.targets import CALIBRATION_FILE
 from radtrt.model.loading import LoadedModel
 
 DEFAULT_PARITY_SAMPLES = 8
-DEFAULT_ALPHA = 0.5  # SmoothQuant's migration strength, the paper's default
 MAX_SAMPLES = 10_000
 
 

@@ -136,7 +136,10 @@ class ActivationStats:
 
 # --- SmoothQuant -----------------------------------------------------------------------------------
 
-def smoothing_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
+DEFAULT_ALPHA = 0.5  # SmoothQuant's migration strength, the paper's default (every export path)
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
     """Per-input-channel factors ``s`` shared by ``weights`` (all ``[out_i, in]``, same input)."""
     if not 0.0 <= alpha <= 1.0:
         fail(f"SmoothQuant alpha must be within [0, 1], got {alpha}")
@@ -151,7 +154,7 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], 
 
 
 def smooth(weights: Sequence[torch.Tensor], act_absmax: torch.Tensor,
-           alpha: float = 0.5) -> tuple[list[torch.Tensor], torch.Tensor]:
+           alpha: float = DEFAULT_ALPHA) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Smoothed fp32 weights ``W * s`` and ``s``; the caller divides the activations by ``s``
     (by folding it into the previous norm, ``fold_into_norm``, or as a runtime smoother)."""
     s = smoothing_scales(act_absmax, weights, alpha)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
+from radtrt.exporter.quant import DEFAULT_ALPHA
 
 TARGETS = ("onnx", "tensorrt", "trtllm", "triton", "all")
 CALIBRATION_FILE = "calibration.safetensors"  # what an INT8 bundle carries (``onnx_int8`` writes it)
@@ -28,7 +29,7 @@ class ExportPlan:
     max_batch: int = 8
     trtllm_engine: Path | None = None  # Triton: the decoder engine dir on the serving host
     calibration_data: str | None = None  # INT8 ONNX export: its calibration file lands in the bundle
-    smoothquant_alpha: float = 0.5  # TensorRT-LLM SmoothQuant checkpoint (the ONNX export has its own plan)
+    smoothquant_alpha: float = DEFAULT_ALPHA  # TensorRT-LLM SmoothQuant checkpoint (the ONNX export has its own plan)
     steps: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -43,13 +44,17 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
                           int8_only: dict[str, bool]) -> None:
     """Options this export would not use are refused, not ignored: the user believes they took effect.
     ``int8_only``: option -> whether it was given (options of the ONNX INT8 export only)."""
+    if precision != "int8":
+        for flag, value in (("--int8-decoder", int8_decoder), ("--calibration-data", calibration_data)):
+            if value is not None:
+                fail(f"{flag} applies to --precision int8 only (this export is {precision})")
     onnx_int8 = precision == "int8" and bundle is None
     smoothquant = (onnx_int8 and int8_decoder in (None, "smoothquant")) or (
         precision == "int8" and target in ("trtllm", "all") and int8_decoder == "smoothquant")
-    if int8_only.pop("--smoothquant-alpha") and not smoothquant:
+    if int8_only["--smoothquant-alpha"] and not smoothquant:
         fail("--smoothquant-alpha applies to SmoothQuant INT8 exports only (ONNX: --precision int8, SmoothQuant "
              "by default; TensorRT-LLM: --int8-decoder smoothquant)")
-    given = [flag for flag, changed in int8_only.items() if changed]
+    given = [flag for flag, changed in int8_only.items() if changed and flag != "--smoothquant-alpha"]
     if given and not onnx_int8:
         fail(f"{given[0]} applies to the ONNX INT8 export only (--precision int8 without --bundle)")
     if onnx_int8 and calibration_data is not None and calibration_stats is not None:

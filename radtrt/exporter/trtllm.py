@@ -35,7 +35,7 @@ import torch
 
 from radtrt import __version__
 from radtrt.errors import fail
-from radtrt.exporter.quant import ActivationStats, fold_into_norm, quantize_per_channel, smooth
+from radtrt.exporter.quant import DEFAULT_ALPHA, ActivationStats, fold_into_norm, quantize_per_channel, smooth
 from radtrt.model.config import DecoderConfig
 from radtrt.model.io import load_tensors, save_tensors
 from radtrt.outputs import check_new_dir, new_dir_built_aside
@@ -154,7 +154,7 @@ def _layer(state: dict[str, torch.Tensor], i: int, mode: str, dtype: torch.dtype
 
 
 def convert_decoder_weights(state: dict[str, torch.Tensor], cfg: DecoderConfig, mode: str, *,
-                            smoothquant_stats: ActivationStats | None = None, alpha: float = 0.5,
+                            smoothquant_stats: ActivationStats | None = None, alpha: float = DEFAULT_ALPHA,
                             int8_kv: bool = False, kv_scales: dict[int, float] | None = None,
                             dtype: str = "float16") -> dict[str, torch.Tensor]:
     """HF LLaMA state dict -> TensorRT-LLM checkpoint tensors (pure; see the module docstring)."""
@@ -189,7 +189,7 @@ def _decoder_of(source: Any) -> tuple[dict[str, torch.Tensor], DecoderConfig]:
 
 
 def write_trtllm_checkpoint(source: Any, out_dir: Path, mode: str = "fp16", *,
-                            smoothquant_stats: ActivationStats | None = None, alpha: float = 0.5,
+                            smoothquant_stats: ActivationStats | None = None, alpha: float = DEFAULT_ALPHA,
                             int8_kv: bool = False, kv_scales: dict[int, float] | None = None,
                             dtype: str = "float16") -> Path:
     """Write ``config.json``, ``rank0.safetensors`` and ``radtrt_checkpoint.json`` into ``out_dir``.

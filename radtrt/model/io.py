@@ -68,13 +68,13 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file or a weights-only pickle, on the CPU."""
-    _check_exists(path)
     if path.suffix == ".safetensors":
+        _check_exists(path)
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             fail(f"weight file is truncated or corrupt: {path} ({e})")
-    obj = load_weights_pickle(path)
+    obj = load_weights_pickle(path)  # checks the file itself
     if not isinstance(obj, dict):
         fail(f"{path} does not hold a state dict")
     return obj
