@@ -106,13 +106,16 @@ def is_one_study_folder(folder: Path) -> bool:
     entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name.upper() != "DICOMDIR"]
     if len(entries) < 2 or any(p.is_dir() or _sniff(p) != "DICOM" for p in entries):
         return False
-    studies = set()
-    for path in entries:
+    first = None
+    for path in entries:  # stops at the first header that differs: a folder of many studies is read no further
         try:
-            studies.add(str(read_header(path, allow_any_modality=True).get("StudyInstanceUID", "")))
+            uid = str(read_header(path, allow_any_modality=True).get("StudyInstanceUID", ""))
         except RadtrtError:
             return False
-    return len(studies) == 1 and "" not in studies
+        if not uid or (first is not None and uid != first):
+            return False
+        first = uid
+    return True
 
 
 def _describe(candidates: list[_Candidate]) -> str:
