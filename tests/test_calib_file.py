@@ -133,7 +133,32 @@ def test_reuse_needs_only_the_file_and_the_same_model(loaded: LoadedModel, phant
         reuse(other, path)
     # the export's parity gate then draws its held-out samples from phantoms, and says why
     samples, where = heldout_samples(loaded, reused, 1)
-    assert len(samples) == 1 and "phantoms" in where and f"{data}/manifest.jsonl is not here" in where
+    assert len(samples) == 1 and "phantoms" in where and "the calibration manifest is not on this machine" in where
+    assert str(data) not in where  # the line goes into the bundle's manifest
+
+
+def test_a_bundles_copy_names_no_folder_or_file_and_still_verifies(loaded: LoadedModel, phantoms: Path,
+                                                                  tmp_path: Path) -> None:
+    data = tmp_path / "MRN_12345678"  # what hospital folders are often named after
+    shutil.copytree(phantoms.parent, data)
+    made = calibrate(loaded, data, 2)
+    assert made.file.refs[0].file and str(data) in json.dumps(made.file.meta)  # the user's own file keeps them
+    path = made.file.without_paths().save(tmp_path / "copy.safetensors")
+    assert b"MRN_12345678" not in path.read_bytes() and made.file.refs[0].file.encode() not in path.read_bytes()
+    assert "MRN_12345678" not in json.dumps(made.file.summary())  # what the bundle's manifest records
+    copy = reuse(loaded, path)  # the hash still verifies: it never covered the paths
+    assert copy.file.hash == made.file.hash and {r.sha256 for r in copy.file.refs} == {r.sha256 for r in made.file.refs}
+    samples, where = heldout_samples(loaded, copy, 1)  # no source to draw from: phantoms, and it says why
+    assert "phantoms" in where and "does not name its manifest" in where
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    older = made.file.save(tmp_path / "older.safetensors")
+    with safe_open(str(older), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, older, metadata={**metadata, "format_version": "1"})  # its hash covered the paths
+    with pytest.raises(RadtrtError, match="format version 1; this radtrt reads version 2: re-run 'radtrt calibrate'"):
+        CalibrationFile.load(older)
 
 
 def test_too_few_samples_and_missing_data_are_refused(loaded: LoadedModel, phantoms: Path, tmp_path: Path) -> None:

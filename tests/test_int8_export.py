@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from radtrt.calibration.file import CalibrationFile
 from radtrt.calibration.samples import sample_list_hash
+from radtrt.model.io import sha256_file
 from radtrt.cli import app
 from radtrt.errors import RadtrtError
 from radtrt.exporter.bundle import read_manifest
@@ -269,8 +270,13 @@ def test_manifest_records_the_calibration(bundle: Path, phantoms: Path) -> None:
     stored = CalibrationFile.load(bundle / cal["file"])
     assert cal["hash"] == stored.hash == sample_list_hash(stored.refs) and cal["n"] == 3
     rows = [json.loads(line) for line in (phantoms / "manifest.jsonl").read_text().splitlines()]
-    assert [r.file for r in stored.refs] == [row["image"] for row in rows[:3]]
+    assert sorted(r.sha256 for r in stored.refs) == sorted(sha256_file(phantoms / row["image"]) for row in rows[:3])
     assert cal["source"]["kind"] == "manifest" and "calibration.safetensors" in manifest["files"]
+    # the bundle travels: neither file names the data's folder or files (study folders name patients)
+    assert [(r.study, r.file) for r in stored.refs] == [(None, None)] * 3
+    for path in (bundle / "manifest.json", bundle / cal["file"]):
+        raw = path.read_bytes()
+        assert str(phantoms.parent).encode() not in raw and rows[0]["image"].encode() not in raw, path
 
 
 def test_int8_bundle_runs_and_stays_close_to_fp32_torch(bundle: Path, model_dir: Path, phantoms: Path) -> None:

@@ -5,8 +5,11 @@ Tensors: ``decoder.input:NAME`` / ``decoder.output:NAME`` (per-channel absmax, t
 projector). Metadata (``__metadata__``): ``format`` = ``radtrt-calibration``, ``format_version``,
 and ``meta``, a JSON object with the model's config sha256 (the bundle manifest's
 ``model.config_sha256`` scheme) and a weights fingerprint, the sample list (paths relative to the
-data root, file sha256s, findings/indication used) and its hash, the data root and source, the
-preprocessing constants, the method and the tool versions.
+data root, file sha256s, whether findings were used and their hash) and its hash, the data root and
+source, the preprocessing constants, the method and the tool versions.
+
+The copy an INT8 bundle carries (``without_paths``) names no folder or file: study folders are often
+accession numbers or patient IDs, and a bundle travels to other machines and sites.
 
 The pixels are not stored, and an export does not need them: the vision Q/DQ scales come from the
 ``vision.input`` maxima (``radtrt.exporter.int8_vision``), SmoothQuant and the INT8 KV cache from the
@@ -32,7 +35,7 @@ from radtrt.model.llava_rad import LlavaRad
 from radtrt.outputs import make_dir
 
 CALIBRATION_FORMAT = "radtrt-calibration"
-CALIBRATION_FORMAT_VERSION = 1
+CALIBRATION_FORMAT_VERSION = 2  # 2: the sample-list hash leaves the paths out
 STATS_FORMAT = "radtrt-activation-stats"  # ActivationStats.save's format
 
 
@@ -55,9 +58,17 @@ class CalibrationFile:
         return len(self.meta["samples"])
 
     def summary(self) -> dict[str, Any]:
-        """What a bundle manifest records about the calibration it was quantized with."""
-        return {"hash": self.hash, "n": self.n, "source": self.meta["source"], "method": self.meta["method"],
-                "created": self.meta["created"]}
+        """What a bundle manifest records about the calibration it was quantized with (no paths)."""
+        return {"hash": self.hash, "n": self.n, "source": self.without_paths().meta["source"],
+                "method": self.meta["method"], "created": self.meta["created"]}
+
+    def without_paths(self) -> "CalibrationFile":
+        """This file as a bundle carries it: no data root, source path, study or file names; the statistics,
+        the images' sha256s and the sample-list hash (which never included the paths) stay."""
+        meta = {k: v for k, v in self.meta.items() if k != "data_root"}
+        meta["source"] = {k: v for k, v in self.meta["source"].items() if k != "path"}
+        meta["samples"] = [{k: v for k, v in s.items() if k not in ("study", "file")} for s in self.meta["samples"]]
+        return CalibrationFile(meta, self.decoder, self.vision)
 
     def save(self, path: Path) -> Path:
         from radtrt.model.io import save_tensors
@@ -147,20 +158,21 @@ def _checked_meta(meta: Any, path: Path) -> dict[str, Any]:
             fail(f"calibration file {path}: metadata 'model.{key}' is missing (damaged file?): re-run 'radtrt calibrate'")
     source = meta["source"]
     if source.get("kind") in ("manifest", "folder"):  # the parity gate finds its held-out samples from these
-        if not (isinstance(source.get("path"), str) and all(isinstance(source.get(k, 0), int)
-                                                             and not isinstance(source.get(k, 0), bool)
-                                                             for k in ("skip", "n"))):
-            fail(f"calibration file {path}: metadata 'source' lacks a path or integer skip/n (damaged file?): "
-                 f"re-run 'radtrt calibrate'")
+        if not (isinstance(source.get("path", ""), str) and all(isinstance(source.get(k, 0), int)
+                                                                 and not isinstance(source.get(k, 0), bool)
+                                                                 for k in ("skip", "n"))):
+            fail(f"calibration file {path}: metadata 'source' has a non-text path or non-integer skip/n "
+                 f"(damaged file?): re-run 'radtrt calibrate'")
     if not meta["samples"]:
         fail(f"calibration file {path}: it lists no samples (damaged file?): re-run 'radtrt calibrate'")
     for key in ("skip", "n"):
         if isinstance(source.get(key), int) and source[key] < 0:
             fail(f"calibration file {path}: metadata 'source.{key}' is negative (damaged file?): re-run 'radtrt calibrate'")
     for i, sample in enumerate(meta["samples"]):
-        if not (isinstance(sample, dict) and all(isinstance(sample.get(k), str) for k in ("study", "file", "sha256"))):
-            fail(f"calibration file {path}: sample {i} of its metadata lacks study/file/sha256 (damaged file?): "
-                 f"re-run 'radtrt calibrate'")
+        if not (isinstance(sample, dict) and isinstance(sample.get("sha256"), str)
+                and all(isinstance(sample.get(k, ""), str) for k in ("study", "file"))):
+            fail(f"calibration file {path}: sample {i} of its metadata lacks a sha256 or has non-text study/file "
+                 f"(damaged file?): re-run 'radtrt calibrate'")
     return meta
 
 

@@ -133,16 +133,20 @@ def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,
     source = calibration.file.meta["source"]
     calibrated = {ref.sha256 for ref in calibration.file.refs}
     note = ""
-    data = Path(source["path"]) if source.get("kind") in ("manifest", "folder") else None
-    if data is not None and not data.exists():
+    kind = source.get("kind")
+    # The line goes into the bundle's manifest, so it names the kind of source, never its path (folders name patients).
+    data = Path(source["path"]) if kind in ("manifest", "folder") and "path" in source else None
+    if kind in ("manifest", "folder") and data is None:
+        note = f"; this calibration file does not name its {kind} (a bundle's copy)"
+    elif data is not None and not data.exists():
         # a reused calibration file needs no images (``reuse``): the gate then runs on phantoms, and says why
-        note = f"; the calibration data {data} is not here"
+        note = f"; the calibration {kind} is not on this machine"
     elif data is not None:
         used = int(source.get("skip", 0)) + int(source.get("n", calibration.file.n))
         found = _unseen(data, k, used, calibrated, _preparer(loaded))
         if len(found) == k:
-            return found, f"{k} held-out samples of {data} (after the {used} calibration ones)"
-        note = f"; {data} has only {len(found)} images beyond the calibration ones and not among them"
+            return found, f"{k} held-out samples of the calibration {kind} (after the {used} calibration ones)"
+        note = f"; the calibration {kind} has only {len(found)} images beyond the calibration ones and not among them"
     # phantoms of another seed than the calibration's are other images (each depends on seed and index)
     seed = PHANTOM_HELDOUT_SEED + (source.get("kind") == PHANTOM and source.get("seed") == PHANTOM_HELDOUT_SEED)
     with phantom_source(k, seed, progress) as manifest:

@@ -9,8 +9,8 @@ the calibration ones in the same source.
 Every sample goes through exactly what ``radtrt infer`` does before the model (``Pipeline.prepare``:
 study selection, DICOM pipeline, open_clip transform, prompt tokenization). A sample is identified
 by the file the pixels came from (path relative to the data root, and its sha256); the set's hash is
-the sha256 over the sorted ``(path, sha256)`` pairs, so it names the images, not their order or
-where the folder lives.
+the sha256 over the sorted file sha256s, so it names the images' contents, not their order, their names
+or where the folder lives (a bundle's copy of a calibration file drops the paths and still verifies).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class SampleRef:
     bundle; re-using a calibration needs only the pixels.
     """
 
-    study: str  # relative to the data root (as the manifest names it)
-    file: str  # the file the image was read from, relative to the data root
+    study: str | None  # relative to the data root (as the manifest names it); None in a bundle's copy
+    file: str | None  # the file the image was read from, relative to the data root; None in a bundle's copy
     sha256: str
     findings: str | None = None
     indication: str | None = None
@@ -52,12 +52,12 @@ class SampleRef:
         return hashlib.sha256(json.dumps([self.indication, self.findings]).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
-        return {"study": self.study, "file": self.file, "sha256": self.sha256,
-                "has_findings": self.findings is not None, "text_sha256": self.text_sha256}
+        paths = {"study": self.study, "file": self.file} if self.study is not None else {}
+        return paths | {"sha256": self.sha256, "has_findings": self.findings is not None, "text_sha256": self.text_sha256}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "SampleRef":
-        return cls(d["study"], d["file"], d["sha256"])
+        return cls(d.get("study"), d.get("file"), d["sha256"])
 
 
 @dataclass
@@ -86,9 +86,8 @@ class SampleSet:
 
 
 def sample_list_hash(refs: list[SampleRef]) -> str:
-    """sha256 over the sorted (relative path, file sha256) pairs."""
-    pairs = sorted((r.file, r.sha256) for r in refs)
-    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    """sha256 over the sorted file sha256s: the paths stay out, so a copy without them verifies too."""
+    return hashlib.sha256(json.dumps(sorted(r.sha256 for r in refs)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

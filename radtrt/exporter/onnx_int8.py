@@ -98,7 +98,7 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
     model = loaded.model.float().eval()
     step("calibrating")
     calibration = resolve_calibration(loaded, plan.calibration_data, plan.n, progress=progress)
-    calibration.file.save(work / CALIBRATION_FILE)
+    calibration.file.without_paths().save(work / CALIBRATION_FILE)
     with tempfile.TemporaryDirectory(prefix=".radtrt-int8-", dir=work.parent) as tmp_dir:
         tmp = Path(tmp_dir)
         step("exporting the fp32 vision graph to quantize")
@@ -131,7 +131,7 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
             "image_embeds": "fp32 (a TensorRT/Triton fp16 deployment casts at its boundary)"}
     summary = calibration.file.summary() | {"file": CALIBRATION_FILE}
     if calibration.path is not None:
-        summary["reused_from"] = str(calibration.path.resolve())  # a path relative to where export ran means nothing later
+        summary["reused_from"] = calibration.path.name  # the name only: the bundle travels, folders name patients
     return Int8Result(int8, summary, calibration)
 
 
