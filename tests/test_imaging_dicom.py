@@ -98,6 +98,15 @@ def test_truncated_bundled_pixel_data_is_refused(tmp_path: Path) -> None:
     _refused(tmp_path / "ct_cut.dcm", "truncated", allow_any_modality=True)
 
 
+def test_empty_pixel_data_is_refused(tmp_path: Path) -> None:
+    """An empty Pixel Data element read as None: a TypeError traceback, and the studies after it never ran."""
+    source = write_radiograph(tmp_path / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    ds.PixelData = b""
+    ds.save_as(tmp_path / "empty.dcm")
+    _refused(tmp_path / "empty.dcm", "its Pixel Data element is empty")
+
+
 @pytest.mark.parametrize("content", [b"", b"just some text\n" * 20, b"\x00" * 300])
 def test_non_dicom_files_are_refused(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "input.dcm"

@@ -145,6 +145,17 @@ def test_png_8bit_is_used_as_is(tmp_path: Path) -> None:
     assert (chosen.view_position, chosen.modality, chosen.dataset) == ("UNKNOWN", None, None)
 
 
+@pytest.mark.parametrize("shape", [(1, 20000), (20000, 1), (100, 401)])
+def test_a_strip_is_not_a_radiograph(tmp_path: Path, shape: tuple[int, int]) -> None:
+    """A 20 KB 1 x 20000 PNG became a 518 x 10-million-pixel image in the transform (6 GB, 25 s)."""
+    strip = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    _refused(tmp_path / "strip.png", f"a {shape[1]} x {shape[0]} image is not a chest radiograph")
+    long_length = (np.random.default_rng(1).random((400, 100)) * 255).astype(np.uint8)  # 4:1 is still read
+    Image.fromarray(long_length).save(tmp_path / "ok.png")
+    assert load_study(tmp_path / "ok.png").pixels_u8.shape == (400, 100)
+
+
 def test_png_16bit_is_scaled_and_equalized(tmp_path: Path) -> None:
     raw = synthetic_chest()
     Image.fromarray(raw).save(tmp_path / "cxr16.png")

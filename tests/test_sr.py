@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,32 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, dicom_source: Selected
         raise OSError("disk full")
 
     monkeypatch.setattr(sr_module.os, "fsync", crash)  # after the bytes were written
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RadtrtError, match="cannot write an SR into folder 'out': disk full"):  # one line, not a traceback
         write_sr(REPORT, dicom_source, tmp_path / "out", model_name="m", model_version="v")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_sop_class_highdicom_does_not_know_is_one_line(tmp_path: Path) -> None:
+    """A vendor's private SOP class: highdicom's KeyError was a traceback that lost every later study."""
+    source = write_radiograph(tmp_path / "in" / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.3.46.670589.2.99.1"
+    ds.save_as(source, enforce_file_format=True)
+    with pytest.raises(RadtrtError, match="its DICOM header cannot be carried into an SR \\(KeyError"):
+        write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
+
+
+def test_header_warnings_never_quote_the_patient(tmp_path: Path) -> None:
+    """highdicom warned about a one-component name by quoting it on stderr ("DOE JOHN" is unlikely ...)."""
+    source = write_radiograph(tmp_path / "in" / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    ds.PatientName, ds.ReferringPhysicianName = "DOE JOHN", "SMITH ANNA"
+    ds.save_as(source, enforce_file_format=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
+    assert not [w for w in caught if "DOE" in str(w.message) or "SMITH" in str(w.message)]
+    assert pydicom.dcmread(written).PatientName == "DOE JOHN"  # still the same patient's document
 
 
 def test_empty_report_is_refused(tmp_path: Path, dicom_source: SelectedImage) -> None:

@@ -227,6 +227,8 @@ def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
     if not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
         fail(f"{name}: no decoder installed for {ts.name} (needs: {_one_line(needs)})")
+    if not ds.PixelData:  # an empty element reads as None or b"": no frame to decode
+        fail(f"{name}: its Pixel Data element is empty")
     if not ts.is_compressed:
         expected = get_expected_length(ds, "bytes")
         actual = len(ds.PixelData)

@@ -31,7 +31,10 @@ from __future__ import annotations
 import datetime
 import os
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -149,13 +152,24 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
     from_dicom = source.dataset is not None
     evidence = _evidence_from_dicom(source.dataset) if from_dicom else _anonymous_evidence()
     try:
-        sr = _document(report_text, evidence, from_dicom, model_name, model_version)
-    except (ValueError, TypeError, AttributeError) as e:  # the message may quote header values: not shown
+        with _quiet():
+            sr = _document(report_text, evidence, from_dicom, model_name, model_version)
+    # the message may quote header values: not shown. KeyError: a SOP class highdicom has no IOD for (a vendor's)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
         fail(f"{source.source_file.name}: its DICOM header cannot be carried into an SR ({type(e).__name__} "
              "from highdicom); no SR written")
     if not from_dicom and "CurrentRequestedProcedureEvidenceSequence" in sr:
         del sr.CurrentRequestedProcedureEvidenceSequence  # it would name a non-existent image
     return sr
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """highdicom's and pydicom's warnings while a header is copied or written quote its values (a patient's
+    name, say); what matters is refused in radtrt's own lines, without values."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"(highdicom|pydicom)\.")
+        yield
 
 
 def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name: str,
@@ -201,11 +215,14 @@ def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_na
         fail(f"cannot write into SR output folder {out_dir.name!r}: {exc.strerror}")
     temp = Path(temp_name)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with os.fdopen(fd, "wb") as handle, _quiet():
             sr.save_as(handle, enforce_file_format=True)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, final)
+    except OSError as exc:  # a full disk, say: this study's SR is not written, the others still are
+        temp.unlink(missing_ok=True)
+        fail(f"cannot write an SR into folder {out_dir.name!r}: {exc.strerror or exc}")
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

@@ -32,6 +32,7 @@ from radtrt.imaging.raster import load_raster, sniff_raster
 from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_of
 
 _DICOM_MAGIC_OFFSET = 128
+MAX_ASPECT = 4  # long side over short side; chest radiographs are near 1.2:1, long-length stitched ones 3:1
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,17 @@ def _sniff(path: Path) -> str | None:
 def _load(path: Path, kind: str, *, allow_any_modality: bool,
           skipped: tuple[tuple[str, str], ...] = ()) -> SelectedImage:
     if kind == "RASTER":
-        return SelectedImage(load_raster(path), path, UNKNOWN_VIEW, None, None, "none", skipped)
-    image = load_dicom_image(path, allow_any_modality=allow_any_modality)
-    return SelectedImage(image.pixels_u8, path, image.view_position, image.modality,
-                         image.dataset, image.view_source, skipped)
+        selected = SelectedImage(load_raster(path), path, UNKNOWN_VIEW, None, None, "none", skipped)
+    else:
+        image = load_dicom_image(path, allow_any_modality=allow_any_modality)
+        selected = SelectedImage(image.pixels_u8, path, image.view_position, image.modality,
+                                 image.dataset, image.view_source, skipped)
+    rows, cols = selected.pixels_u8.shape[:2]
+    if max(rows, cols) > MAX_ASPECT * min(rows, cols):
+        # the transform scales the short side to the model's size: a 1 x 20000 strip would become 518 x 10 million
+        fail(f"{path.name}: a {cols} x {rows} image is not a chest radiograph (sides differ by more than "
+             f"{MAX_ASPECT}:1)")
+    return selected
 
 
 def _walk(folder: Path) -> list[Path]:
