@@ -10,14 +10,17 @@
 # MODEL_DIR: a radtrt merged model ('radtrt convert'); without it a random-weight model with the
 # real ViT-B/14 and a 12 x 1024 decoder ("mid") is used (parity and speed only: the text is noise).
 # Environment: STUDIES (folder of studies; default 8 synthetic), MAX_BATCH (8), MAX_NEW_TOKENS (64),
-# RUNS (3 timed runs per study), CALIB (an ActivationStats .safetensors for SmoothQuant / INT8 KV;
-# default: maxima captured here from the reference on the studies - a stand-in, not a CXR calibration).
+# RUNS (3 timed runs per study), CALIB (a 'radtrt calibrate' file, or an ActivationStats .safetensors, for
+# SmoothQuant / INT8 KV; default: maxima captured here from the reference on the studies - a stand-in, not a
+# CXR calibration). A WORK_DIR from an earlier run is reused only for the same model and calibration.
 # Then, where onnxruntime-gpu is installed: bench parity and latency of the fp16 bundle on ONNX Runtime's CUDA
 # provider against PyTorch on the GPU (ort-cuda-parity.md, ort-cuda-latency.md).
 set -euo pipefail
 
 MODEL_DIR="${1:-}"
 WORK_DIR="${2:-gpu-check}"
+python -c "from radtrt.exporter.gpu import detect_gpu; import sys; sys.exit(detect_gpu() is None)" || {
+  echo "gpu_check.sh: no CUDA GPU here (see 'radtrt doctor'); run it on the GPU host" >&2; exit 2; }
 mkdir -p "$WORK_DIR"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
 radtrt doctor
@@ -30,13 +33,30 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
+
+from radtrt.errors import RadtrtError
+
+
+def _one_line(kind, value, tb, hook=sys.excepthook):
+    """radtrt's own refusals as the CLI prints them, not as tracebacks."""
+    if issubclass(kind, RadtrtError):
+        print(f"radtrt: error: {value}", file=sys.stderr)
+    else:
+        hook(kind, value, tb)
+
+
+sys.excepthook = _one_line
 
 from radtrt.benchmarks.assets import synthetic_studies
 from radtrt.benchmarks.parity import cosine, first_divergence
 from radtrt.exporter.bundle import export_bundle
 from radtrt.exporter.gpu import detect_gpu, require_gpu, trtllm_problem
-from radtrt.exporter.quant import ActivationStats
+from radtrt.calibration.file import load_activation_stats
+from radtrt.exporter.quant import DEFAULT_ALPHA, ActivationStats
+from radtrt.exporter.targets import check_reusable_checkpoint, check_same_model
 from radtrt.exporter.tensorrt import build_vision_engine
 from radtrt.exporter.trtllm import mode_tag, write_trtllm_checkpoint
 from radtrt.exporter.trtllm_build import BuildLimits, build_decoder_engine
@@ -61,7 +81,9 @@ else:
     save_toolkit(loaded, work / "model")
 cfg = loaded.model.cfg
 bundle = work / "bundle-fp16"
-if not (bundle / "manifest.json").is_file():
+if (bundle / "manifest.json").is_file():
+    check_same_model(bundle, loaded.model)  # an earlier run's WORK_DIR with another MODEL_DIR is refused
+else:
     export_bundle(loaded, bundle, precision="fp16")  # also checks ONNX Runtime against PyTorch
 studies = (sorted(p for p in Path(os.environ["STUDIES"]).iterdir()) if os.environ.get("STUDIES")
            else synthetic_studies(8, work / "studies"))
@@ -72,7 +94,7 @@ lm = loaded.model.language_model
 
 # --- calibration stand-in: per-channel maxima of each decoder linear over the studies' prompts ----
 if os.environ.get("CALIB"):
-    stats = ActivationStats.load(Path(os.environ["CALIB"]))
+    stats = load_activation_stats(Path(os.environ["CALIB"]), loaded.model)
 else:
     ins, outs = {}, {}
     def hook(name, _m, args, out):
@@ -104,7 +126,9 @@ for mode, kv in modes:
         skipped.append((mode_tag(mode, kv), why))
         continue
     ckpt = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, kv)}"
-    if not ckpt.is_dir():
+    if ckpt.is_dir():  # same model (checked above); same calibration and alpha, or refused
+        check_reusable_checkpoint(ckpt, DEFAULT_ALPHA if mode == "w8a8_sq" else None, stats.description)
+    else:
         write_trtllm_checkpoint(loaded.model.language_model, ckpt, mode, smoothquant_stats=stats, int8_kv=kv)
     t0 = time.perf_counter()
     build_decoder_engine(bundle, ckpt, gpu, limits, gather_generation_logits=True)

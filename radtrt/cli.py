@@ -130,7 +130,8 @@ def convert(
 def export(
     model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 [default: fp32; with "
+                                            "--bundle: the bundle's]"),
     target: str = typer.Option("onnx", "--target", help="onnx | tensorrt | trtllm | triton | all"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle directory (Triton: repository directory); "
                                        "not needed with --bundle, whose folder receives the engines."),
@@ -153,7 +154,7 @@ def export(
                                          help="INT8: store the embedding table as INT8 rows."),
     parity_samples: Optional[int] = typer.Option(None, "--parity-samples", min=0,
                                                  help="INT8: held-out samples for the parity gate [default: 8]."),
-    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Engine batch limit."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Engine batch limit [default: 8]."),
     trtllm_engine: Optional[Path] = typer.Option(None, "--trtllm-engine",
                                                  help="Triton: TensorRT-LLM engine dir on the serving host."),
 ) -> None:
@@ -170,12 +171,15 @@ def export(
     from radtrt.exporter.gqa import DEFAULT_ATTENTION
     from radtrt.model.loading import cast_on_load, load_model
 
+    precision = targets.resolve_precision(precision, bundle, target)
     targets.refuse_unused_options(
         precision=precision, target=target, bundle=bundle, int8_decoder=int8_decoder, calibration_data=calibration_data,
         calibration_stats=calibration_stats, int8_kv_cache=int8_kv_cache,
         int8_only={"--calibration-n": calibration_n is not None, "--smoothquant-alpha": smoothquant_alpha is not None,
                    "--fp32-lm-head": not int8_lm_head, "--fp32-embeddings": not int8_embeddings,
-                   "--parity-samples": parity_samples is not None})
+                   "--parity-samples": parity_samples is not None},
+        attention=attention, trtllm_engine=trtllm_engine, max_batch_given=max_batch is not None)
+    max_batch = 8 if max_batch is None else max_batch
     # the defaults, once it is known which options were given (Int8Plan's own defaults)
     calibration_n = DEFAULT_N if calibration_n is None else calibration_n
     smoothquant_alpha = DEFAULT_ALPHA if smoothquant_alpha is None else smoothquant_alpha
@@ -186,7 +190,7 @@ def export(
     if bundle is not None and calibration_stats is None and (bundle / targets.CALIBRATION_FILE).is_file():
         calibration_stats = bundle / targets.CALIBRATION_FILE  # an INT8 bundle carries its calibration
     plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,
-                              trtllm_engine, calibration_data=calibration_data if bundle is None else None,
+                              trtllm_engine, calibration_data=calibration_data,
                               smoothquant_alpha=smoothquant_alpha)
     targets.preflight(plan)
     if out is None and (bundle is None or plan.target == "triton"):

@@ -57,6 +57,10 @@ def check_file_target(path: Path, what: str) -> None:
 def check_new_dir(path: Path, what: str = "output directory") -> None:
     """Fail unless ``path`` is an empty folder or can be created as one (never merge into user data)."""
     check_folder_target(path, what)
+    here = Path.cwd()
+    if path.resolve() == here or path.resolve() in here.parents:
+        # the output is built beside it and renamed into place: the shell's folder would be replaced under it
+        fail(f"{what} '{path}' is the current folder or one above it; give a new folder, e.g. {path / 'out'}")
     if path.is_dir() and any(path.iterdir()):
         fail(f"{what} {path} is not empty")
 

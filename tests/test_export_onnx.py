@@ -486,6 +486,8 @@ def test_trtllm_checkpoint_added_to_a_bundle_without_a_gpu(bundle_fp16: Path, mo
     _refused([*args, "-o", str(tmp_path / "elsewhere")], "drop -o")  # engines go into the bundle, not elsewhere
     result = runner.invoke(app, args)  # no -o needed with --bundle
     assert result.exit_code == 0, result.stderr
+    assert runner.invoke(app, [*args[:-2]]).exit_code == 0  # without --precision: the bundle's own, fp16
+    assert (copy / "trtllm" / "checkpoint-fp16" / "config.json").is_file()
     ckpt = copy / "trtllm" / "checkpoint-w8a16"
     config = json.loads((ckpt / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == "W8A16" and (ckpt / "rank0.safetensors").is_file()
@@ -499,6 +501,27 @@ def test_trtllm_checkpoint_added_to_a_bundle_without_a_gpu(bundle_fp16: Path, mo
     _refused(["export", "--model", str(other), "--bundle", str(copy), "--target", "trtllm"], "other weights")
     _refused(["export", "--bundle", str(copy), "--target", "trtllm"], "needs --model as well")
     _refused(["export", "--bundle", str(copy), "--precision", "fp16"], "is already an ONNX bundle")  # a silent no-op
+
+
+@pytest.mark.parametrize("extra, match", [
+    # each was accepted and ignored, or (--calibration-data) refused with advice to pass it again
+    (["--target", "trtllm", "--precision", "int8", "--int8-decoder", "smoothquant", "--calibration-data", "phantom"],
+     "--calibration-data calibrates an ONNX INT8 export"),
+    (["--target", "trtllm", "--attention", "plain"], "--attention chooses the ONNX decoder's attention"),
+    (["--target", "trtllm", "--trtllm-engine", "/srv/engine"], "--trtllm-engine names the decoder engine a Triton"),
+    (["--target", "tensorrt", "--int8-kv-cache"], "--int8-kv-cache is the decoder's"),
+    (["--target", "tensorrt", "--precision", "int8"], "built from the fp32 graphs of"),  # built an fp32 engine
+    (["--target", "all", "--precision", "fp16"], "built from the fp32 graphs of"),
+])
+def test_options_an_existing_bundle_would_ignore_are_refused(bundle: Path, model_dir: Path, extra: list[str],
+                                                             match: str) -> None:
+    _refused(["export", "--model", str(model_dir), "--bundle", str(bundle), *extra], match)
+
+
+def test_max_batch_is_refused_where_no_engine_is_built(model_dir: Path, tmp_path: Path) -> None:
+    _refused(["export", "--model", str(model_dir), "--max-batch", "4", "-o", str(tmp_path / "b")],
+             "--max-batch limits engines")
+    assert not (tmp_path / "b").exists()
 
 
 def test_fp16_bundle_and_trtllm_checkpoint_in_one_export(model_dir: Path, tmp_path: Path) -> None:
@@ -517,10 +540,21 @@ def test_triton_repository_from_a_bundle(bundle_fp16: Path, tmp_path: Path) -> N
     args = ["export", "--target", "triton", "--bundle", str(bundle_fp16), "-o", str(repo)]
     _refused(args, "--trtllm-engine")
     _refused([a for a in args if a not in ("-o", str(repo))] + ["--trtllm-engine", str(tmp_path)], "-o/--out is required")
-    result = runner.invoke(app, [*args, "--trtllm-engine", str(tmp_path / "engines" / "llava-rad")])
+    # a relative path was resolved on this host and written as the serving host's
+    _refused([*args, "--trtllm-engine", "engines/llava-rad"], "give the engine folder's absolute path")
+    # radtrt's own checkpoint folder given as the engine: a KeyError traceback
+    checkpoint = tmp_path / "checkpoint-fp16"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"architecture": "LlamaForCausalLM", "dtype": "float16"}))
+    _refused([*args, "--trtllm-engine", str(checkpoint)], "is not a TensorRT-LLM engine folder")
+    assert not repo.exists()
+    engine = tmp_path / "engines \N{GRINNING FACE}" / "llava-rad"  # outside the BMP: written as UTF-8, not \ud83d
+    result = runner.invoke(app, [*args, "--trtllm-engine", str(engine)])
     assert result.exit_code == 0, result.stderr
     check_repo(repo)
     assert (repo / "radtrt" / "config.pbtxt").is_file()
+    text = (repo / "tensorrt_llm" / "config.pbtxt").read_text(encoding="utf-8")
+    assert str(engine) in text and "\\ud83d" not in text
 
 
 def test_cast_on_load_tells_a_float16_model_from_a_float32_one(tmp_path: Path) -> None:

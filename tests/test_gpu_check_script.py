@@ -59,3 +59,24 @@ def test_keyword_arguments_it_passes_exist() -> None:
                 assert kw.arg in params, f"{ast.unparse(func)}(..., {kw.arg}=...) in gpu_check.sh"
         checked += 1
     assert checked >= 8
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_without_a_gpu_it_stops_in_one_line_before_making_anything(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(SCRIPT.parents[1]), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", str(SCRIPT), "", str(tmp_path / "work")], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "gpu_check.sh: no CUDA GPU here (see 'radtrt doctor'); run it on the GPU host"], result.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_calibration_files_are_read_as_the_export_reads_them() -> None:
+    """CALIB= went through ActivationStats.load, which refuses what 'radtrt calibrate -o' writes."""
+    block = _python_block()
+    assert "load_activation_stats(Path(os.environ[\"CALIB\"]), loaded.model)" in block
+    assert "ActivationStats.load(" not in block and "check_same_model(bundle, loaded.model)" in block

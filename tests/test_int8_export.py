@@ -480,6 +480,11 @@ def test_trtllm_reads_the_bundles_calibration(bundle: Path, model_dir: Path, tmp
     assert result.exit_code == 0, result.stderr
     ckpt = copy / "trtllm" / "checkpoint-w8a8_sq"
     config = json.loads((ckpt / "config.json").read_text())
+    # without --precision the decoder follows the bundle: INT8 (weight-only), not a quiet fp16
+    plain = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm"])
+    assert plain.exit_code == 0, plain.stderr
+    assert json.loads((copy / "trtllm" / "checkpoint-w8a16" / "config.json").read_text())["quantization"][
+        "quant_algo"] == "W8A16"
     assert config["quantization"]["quant_algo"].startswith("W8A8_SQ")
     assert json.loads((ckpt / "radtrt_checkpoint.json").read_text())["smoothquant_alpha"] == 0.5
     # the command the CPU host advises for the GPU host builds from that checkpoint instead of refusing it

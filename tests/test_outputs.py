@@ -9,7 +9,7 @@ import torch
 
 from radtrt.errors import RadtrtError
 from radtrt.model.io import load_tensors, save_tensors
-from radtrt.outputs import WORK_MARKER, new_dir_built_aside, write_text
+from radtrt.outputs import WORK_MARKER, check_new_dir, new_dir_built_aside, write_text
 
 
 def test_atomic_writes_leave_a_users_partial_file_alone(tmp_path: Path) -> None:
@@ -129,3 +129,15 @@ def test_a_folder_another_live_radtrt_is_building_is_left_alone(tmp_path: Path) 
         sleeper.wait()
     with new_dir_built_aside(tmp_path / "out") as fresh:  # the process has ended: its leftovers go
         assert not (fresh / "decoder.onnx").exists()
+
+
+@pytest.mark.parametrize("name", [".", "", ".."])
+def test_the_current_folder_is_not_an_output_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """``-o .`` in an empty folder passed, then ``Path('.').with_name`` crashed (after loading the model); built
+    aside and renamed into place, the shell's own folder would have been replaced under it."""
+    here = tmp_path / "parent" / "empty"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    with pytest.raises(RadtrtError, match="is the current folder or one above it"):
+        check_new_dir(Path(name))
+    check_new_dir(Path("out"))  # a new folder inside it is fine

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,14 @@ def test_build_command_lines_per_target(tmp_path: Path) -> None:
         BuildLimits(1, 1369, 2000, 1369).check(4096)
 
 
+def test_default_limits_fit_a_decoder_with_few_positions() -> None:
+    """The embedded default model (64 image tokens, 512 positions) was asked for 832 and could never be built."""
+    small = BuildLimits.for_llava(64, max_position_embeddings=512)
+    assert small.max_seq_len == 512 and 64 < small.max_input_len < 512
+    assert BuildLimits.for_llava(1369) == BuildLimits(8, 1369 + 512, 1369 + 512 + 256, 1369)  # LLaVA-Rad: unchanged
+    assert BuildLimits.for_llava(64, max_new_tokens=256, max_position_embeddings=512).max_input_len == 64 + 192
+
+
 def _fake_trtllm_build(bin_dir: Path) -> None:
     """A stand-in ``trtllm-build`` on PATH: writes the engine config the real one would."""
     bin_dir.mkdir()
@@ -314,6 +323,13 @@ def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytes
     assert stamp["command"][stamp["command"].index("--checkpoint_dir") + 1] == str(engine.parent / "checkpoint")
     found, _ = find_decoder_engine(bundle, V100, "w8a16")
     assert found == engine
+    # a rebuild that fails halfway leaves no stamp vouching for the torn engine (the old one was accepted)
+    with pytest.raises(RadtrtError, match="trtllm-build failed"):
+        build_decoder_engine(bundle, plain, V100, limits, preprocess=lambda w: w.clone(),
+                             run=lambda cmd, **_: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(RadtrtError, match="has no TensorRT-LLM w8a16 decoder engine"):
+        find_decoder_engine(bundle, V100, "w8a16")
+    assert build_decoder_engine(bundle, plain, V100, limits, preprocess=lambda w: w.clone()) == engine
     assert stamp["command"][stamp["command"].index("--gemm_plugin") + 1] == "float16"
     other = GpuInfo("Tesla V100-SXM2-32GB", (7, 0), "12.4", "10.4.0", "0.13.0")
     with pytest.raises(RadtrtError, match="was built for .*TensorRT-LLM 0.14.0.*this host has .*TensorRT-LLM 0.13.0"):

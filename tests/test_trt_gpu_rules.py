@@ -110,5 +110,9 @@ def test_doctor_lines() -> None:
     assert "decoder INT8 weight-only (W8A16) (TensorRT-LLM 0.14.0): yes" in v100
     assert "decoder SmoothQuant W8A8: no (SmoothQuant W8A8 needs sm75" in v100
     assert "--backend tensorrt: usable" in v100 and "tritonserver at /opt" in v100
+    # INT8 vision engines are built strongly typed from Q/DQ graphs: TensorRT 10 or newer ("fp16/int8" before)
+    older = "\n".join(capability_lines(GpuInfo("NVIDIA A10", (8, 6), "12.2", "9.2.0", None)))
+    assert "vision engine (TensorRT 9.2.0): fp32/fp16 buildable (INT8 Q/DQ engines need TensorRT 10" in older
+    assert "vision engine (TensorRT 10.4.0): fp32/fp16/int8 buildable" in v100
     nothing = "\n".join(capability_lines(GpuInfo("NVIDIA L4", (8, 9), "12.8")))
     assert "vision engine: no (TensorRT is not installed" in nothing and "--backend tensorrt: not usable" in nothing

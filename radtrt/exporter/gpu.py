@@ -252,8 +252,14 @@ def capability_lines(gpu: GpuInfo | None, *, tritonserver: str | None = None) ->
         mem = f", {gpu.memory_gib} GiB" if gpu.memory_gib else ""
         lines = [f"TensorRT path on {gpu.name} ({gpu.sm_tag}{mem}, CUDA {gpu.cuda or 'unknown'}):"]
         problem = tensorrt_problem(gpu)
-        lines.append(f"  vision engine (TensorRT {gpu.tensorrt}): fp16/int8 buildable" if problem is None
-                     else f"  vision engine: no ({problem})")
+        if problem is None:
+            from radtrt.exporter.tensorrt import buildable_vision_precisions
+
+            buildable = "/".join(buildable_vision_precisions(str(gpu.tensorrt)))
+            lines.append(f"  vision engine (TensorRT {gpu.tensorrt}): {buildable} buildable"
+                         + ("" if "int8" in buildable else " (INT8 Q/DQ engines need TensorRT 10 or newer)"))
+        else:
+            lines.append(f"  vision engine: no ({problem})")
         for mode in DECODER_MODES:
             why = trtllm_problem(gpu, mode)
             lines.append(f"  decoder {MODE_LABELS[mode]} (TensorRT-LLM {gpu.tensorrt_llm}): yes" if why is None

@@ -21,7 +21,8 @@ def _scalar(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return json.dumps(str(v))
+    # raw UTF-8, not \u escapes: protobuf's text format refuses JSON's surrogate pairs (an emoji in a path)
+    return json.dumps(str(v), ensure_ascii=False)
 
 
 def to_pbtxt(msg: dict[str, Any], indent: int = 0) -> str:

@@ -39,11 +39,39 @@ class ExportPlan:
                       "all": ["onnx", "tensorrt", "trtllm"], "triton": ["triton"]}[self.target]
 
 
+def resolve_precision(precision: str | None, bundle: Path | None, target: str) -> str:
+    """``--precision``, by default fp32, or with ``--bundle`` the bundle's own: the vision engine is built from
+    its graphs, so another precision there is refused; a TensorRT-LLM decoder of another precision than the
+    bundle's is asked for explicitly (an INT8 bundle gave an fp16 decoder by default)."""
+    if bundle is None:
+        return precision or "fp32"
+    from radtrt.exporter.bundle import read_manifest
+
+    own = str(read_manifest(bundle, verify=False).get("precision"))
+    if precision is not None and precision != own and target in ("tensorrt", "all"):
+        fail(f"the TensorRT vision engine is built from the {own} graphs of {bundle}: drop --precision {precision}, "
+             f"or export a {precision} bundle to build it from")
+    return precision or own
+
+
 def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, int8_decoder: str | None,
                           calibration_data: str | None, calibration_stats: Path | None, int8_kv_cache: bool,
-                          int8_only: dict[str, bool]) -> None:
+                          int8_only: dict[str, bool], attention: str | None = None,
+                          trtllm_engine: Path | None = None, max_batch_given: bool = False) -> None:
     """Options this export would not use are refused, not ignored: the user believes they took effect.
     ``int8_only``: option -> whether it was given (options of the ONNX INT8 export only)."""
+    if bundle is not None:  # the ONNX export's options: that export happened before
+        if calibration_data is not None:
+            fail(f"--calibration-data calibrates an ONNX INT8 export; {bundle} is exported already: its own "
+                 f"calibration (INT8 bundles carry one) or --calibration-stats FILE serves its engines")
+        if attention is not None:
+            fail(f"--attention chooses the ONNX decoder's attention; {bundle} is exported already")
+    if trtllm_engine is not None and target != "triton":
+        fail("--trtllm-engine names the decoder engine a Triton repository serves (--target triton)")
+    if max_batch_given and target == "onnx":
+        fail("--max-batch limits engines (--target tensorrt | trtllm | triton | all); an ONNX bundle takes any batch")
+    if int8_kv_cache and target == "tensorrt" and bundle is not None:
+        fail("--int8-kv-cache is the decoder's; --target tensorrt with --bundle builds the vision engine only")
     if precision != "int8":
         for flag, value in (("--int8-decoder", int8_decoder), ("--calibration-data", calibration_data)):
             if value is not None:
@@ -92,7 +120,8 @@ def preflight(plan: ExportPlan) -> None:
         calibrated_here = "onnx" in plan.steps and plan.precision == "int8" and plan.calibration_data is not None
         if (mode == "w8a8_sq" or plan.int8_kv) and plan.calibration_stats is None and not calibrated_here:
             fail("SmoothQuant and the INT8 KV cache need calibration statistics: pass --calibration-stats FILE "
-                 "(from 'radtrt calibrate'), or --calibration-data with --precision int8")
+                 "(from 'radtrt calibrate'), or --calibration-data with --precision int8 when this run exports "
+                 "the ONNX bundle too")
         gpu = detect_gpu()
         if gpu is not None and library_version("tensorrt_llm") is not None:
             check_trtllm(gpu, mode, int8_kv=plan.int8_kv)
@@ -138,7 +167,7 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     checkpoint = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, plan.int8_kv)}"
     alpha = plan.smoothquant_alpha if mode == "w8a8_sq" else None
     if checkpoint.is_dir():  # written on the CPU host before; the GPU host builds from it
-        _check_reusable(checkpoint, alpha, stats.description if stats else None)
+        check_reusable_checkpoint(checkpoint, alpha, stats.description if stats else None)
         log(f"TensorRT-LLM checkpoint ({mode_tag(mode, plan.int8_kv)}), written before: {checkpoint}")
     else:
         write_trtllm_checkpoint(loaded, checkpoint, mode, smoothquant_stats=stats, int8_kv=plan.int8_kv,
@@ -156,7 +185,7 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     return engine
 
 
-def _check_reusable(checkpoint: Path, alpha: float | None, calibration: str | None) -> None:
+def check_reusable_checkpoint(checkpoint: Path, alpha: float | None, calibration: str | None) -> None:
     """An existing checkpoint of this mode is built from only when it was made with these settings (the
     bundle's own weights are checked by ``check_same_model``)."""
     from radtrt.exporter.trtllm import read_checkpoint_meta
@@ -177,6 +206,9 @@ def write_triton(bundle: Path, out: Path, plan: ExportPlan, log: Callable[[str],
     if gpu is None and plan.trtllm_engine is None:
         fail("no GPU here to find this host's TensorRT-LLM engine: pass --trtllm-engine DIR (the engine "
              "directory on the serving host)")
+    if plan.trtllm_engine is not None and not plan.trtllm_engine.is_absolute():
+        # resolved here it would name a folder of this host, written into the repository as the serving host's
+        fail(f"--trtllm-engine {plan.trtllm_engine}: give the engine folder's absolute path on the serving host")
     repo = write_triton_repo(bundle, out, gpu=gpu, vision_backend="tensorrt" if gpu else "onnxruntime",
                              decoder_tag=tag, decoder_engine=plan.trtllm_engine, max_batch=plan.max_batch)
     log(f"Triton model repository: {repo}")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from radtrt import __version__
-from radtrt.errors import fail
+from radtrt.errors import RadtrtError, fail
 from radtrt.outputs import replaced_atomically
 from radtrt.exporter.bundle import read_manifest, sha256_file
 from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, loaded_tensorrt_problem, parse_version,
@@ -91,6 +91,24 @@ class VisionBuildPlan:
     builder_flags: tuple[str, ...]  # trt.BuilderFlag names
     fp32_layer_types: tuple[str, ...]  # trt.LayerType names pinned to fp32 (weakly typed builds only)
     note: str
+
+
+def buildable_vision_precisions(tensorrt_version: str) -> list[str]:
+    """The engine precisions ``plan_vision_build`` accepts from some bundle under this TensorRT (``radtrt
+    doctor``): asked of the planner itself, so the two never disagree. Its refusals are the answer here."""
+    bundles = {"fp32": [("float32", False)], "fp16": [("float16", False), ("float32", False)],
+               "int8": [("float32", True)]}
+    found = []
+    for wanted, graphs in bundles.items():
+        for dtype, qdq in graphs:
+            try:
+                plan_vision_build(OnnxInfo("pixel_values", dtype, (), "image_embeds", dtype, (), qdq),
+                                  tensorrt_version, wanted)
+            except RadtrtError:
+                continue
+            found.append(wanted)
+            break
+    return found
 
 
 def plan_vision_build(onnx: OnnxInfo, tensorrt_version: str, requested: str | None = None) -> VisionBuildPlan:

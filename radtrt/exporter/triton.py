@@ -19,7 +19,6 @@ parses them back and verifies the ensemble's wiring (names, dtypes, producers).
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from radtrt.exporter.gpu import GpuInfo, require_gpu
 from radtrt.exporter.pbtxt import Ident, as_list, parse_pbtxt, to_pbtxt
 from radtrt.exporter.tensorrt import find_vision_engine, inspect_onnx, read_vision_manifest
 from radtrt.exporter.trtllm_build import find_decoder_engine
+from radtrt.model.io import read_json
 from radtrt.outputs import check_new_dir, new_dir_built_aside
 
 TRITON_DTYPES = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16"}
@@ -177,6 +177,20 @@ def _onnx_files(onnx_path: Path) -> list[Path]:
     return [onnx_path.parent / loc for loc in sorted(locations)]
 
 
+def _engine_dtype(engine: Path) -> str:
+    """The prompt table's dtype, from the engine's config.json; float16 (radtrt's engines) when the engine is
+    on the serving host rather than here."""
+    config = engine / "config.json"
+    if not config.is_file():
+        return "float16"
+    dtype = read_json(config).get("pretrained_config")
+    dtype = dtype.get("dtype") if isinstance(dtype, dict) else None
+    if not isinstance(dtype, str):
+        fail(f"{engine} is not a TensorRT-LLM engine folder (its config.json has no pretrained_config.dtype; a "
+             f"checkpoint folder becomes an engine with 'radtrt export --target trtllm' on the GPU host)")
+    return dtype
+
+
 def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vision_backend: str = "tensorrt",
                       decoder_tag: str = "fp16", decoder_engine: Path | None = None, max_batch: int = 8,
                       kv_cache_free_gpu_mem_fraction: float = 0.85) -> Path:
@@ -188,9 +202,7 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     onnx = inspect_onnx(bundle / "vision.onnx")
     if decoder_engine is None:
         decoder_engine, _ = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
-    engine_cfg = decoder_engine / "config.json"
-    table_dtype = (json.loads(engine_cfg.read_text())["pretrained_config"]["dtype"] if engine_cfg.is_file()
-                   else "float16")
+    table_dtype = _engine_dtype(decoder_engine)
     if onnx.output_dtype != table_dtype:
         fail(f"the vision graph outputs {onnx.output_dtype} but the decoder's prompt table is {table_dtype}; "
              f"export the bundle so that image_embeds is {table_dtype}")
@@ -209,7 +221,7 @@ def _fill_repo(out: Path, bundle: Path, manifest: dict[str, Any], configs: dict[
                vision_backend: str, gpu: GpuInfo | None, max_batch: int) -> None:
     for name, cfg in configs.items():
         (out / name / "1").mkdir(parents=True, exist_ok=True)
-        (out / name / "config.pbtxt").write_text(to_pbtxt(cfg))
+        (out / name / "config.pbtxt").write_text(to_pbtxt(cfg), encoding="utf-8")
     if vision_backend == "tensorrt":
         engine, stamp = find_vision_engine(bundle, require_gpu(gpu), manifest=manifest)
         if stamp["profile"]["max"][0] < max_batch:

@@ -21,6 +21,7 @@ from radtrt.errors import fail
 from radtrt.exporter.gpu import GpuInfo, check_trtllm, engine_key, gpu_stamp, stamp_mismatch
 from radtrt.exporter.trtllm import BUILD_STAMP, DTYPES, META, mode_tag, read_checkpoint
 from radtrt.model.io import save_tensors
+from radtrt.outputs import write_text
 
 # Oldest GPU the Python port of the preprocessing handles (it asserts ``sm_ >= 75``); the C++ op also
 # knows Volta's layout (cutlass_preprocessors.cpp: getLayoutDetailsForArch<cutlass::arch::Sm70>).
@@ -104,6 +105,9 @@ def prepare_checkpoint_for_host(plain: Path, out_dir: Path, gpu: GpuInfo,
     return out_dir
 
 
+DEFAULT_TEXT_TOKENS, DEFAULT_NEW_TOKENS = 512, 256
+
+
 @dataclass(frozen=True)
 class BuildLimits:
     """Engine limits: prompts are the image tokens plus the text around them."""
@@ -114,10 +118,16 @@ class BuildLimits:
     num_image_tokens: int
 
     @classmethod
-    def for_llava(cls, num_image_tokens: int, *, max_batch: int = 8, max_text_tokens: int = 512,
-                  max_new_tokens: int = 256, max_position_embeddings: int = 4096) -> "BuildLimits":
-        limits = cls(max_batch, num_image_tokens + max_text_tokens,
-                     num_image_tokens + max_text_tokens + max_new_tokens, num_image_tokens)
+    def for_llava(cls, num_image_tokens: int, *, max_batch: int = 8, max_text_tokens: int | None = None,
+                  max_new_tokens: int | None = None, max_position_embeddings: int = 4096) -> "BuildLimits":
+        """Room for the image, the prompt text (default 512 tokens) and the new tokens (default 256). A decoder
+        with fewer positions (the embedded default model has 512) gets defaults cut to what is left after the
+        image, shared between the two, instead of limits it can never build; given values are kept as given
+        (and refused when they do not fit)."""
+        room = max_position_embeddings - num_image_tokens
+        new = max_new_tokens if max_new_tokens is not None else min(DEFAULT_NEW_TOKENS, max(room // 2, 1))
+        text = max_text_tokens if max_text_tokens is not None else min(DEFAULT_TEXT_TOKENS, room - new)
+        limits = cls(max_batch, num_image_tokens + text, num_image_tokens + text + new, num_image_tokens)
         limits.check(max_position_embeddings)
         return limits
 
@@ -175,6 +185,8 @@ def build_decoder_engine(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: B
     if shutil.which("trtllm-build") is None:
         fail("trtllm-build is not on PATH (install TensorRT-LLM on this GPU host)")
     root = decoder_engine_dir(bundle, gpu, tag)
+    # first: a rebuild that fails or is interrupted halfway must not leave the old stamp vouching for a torn engine
+    (root / BUILD_STAMP).unlink(missing_ok=True)
     if meta["needs_host_preprocessing"]:
         checkpoint = prepare_checkpoint_for_host(checkpoint, root / "checkpoint", gpu, preprocess)
     engine = root / "engine"
@@ -190,7 +202,7 @@ def build_decoder_engine(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: B
              "gpu": gpu_stamp(gpu), "command": cmd, "limits": asdict(limits),
              "gather_generation_logits": gather_generation_logits, "build_seconds": round(time.perf_counter() - t0, 1),
              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "radtrt": __version__}
-    (root / BUILD_STAMP).write_text(json.dumps(stamp, indent=2))
+    write_text(root / BUILD_STAMP, json.dumps(stamp, indent=2), "TensorRT-LLM engine stamp")
     return engine
 
 
