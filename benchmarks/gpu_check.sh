@@ -78,7 +78,8 @@ if os.environ["MODEL_DIR"]:
     loaded = load_model(Path(os.environ["MODEL_DIR"]))
 else:
     loaded = LoadedModel(random_model(preset("mid"), seed=0), train_tiny_tokenizer(), "mid-random")
-    save_toolkit(loaded, work / "model")
+    if not (work / "model" / "config.json").is_file():  # an earlier run's: the same seeded weights
+        save_toolkit(loaded, work / "model")
 cfg = loaded.model.cfg
 bundle = work / "bundle-fp16"
 if (bundle / "manifest.json").is_file():

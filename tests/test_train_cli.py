@@ -126,7 +126,8 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(chain: Chain, tmp
     ("--seed", str(2**64), "seed must be in"),  # torch's RuntimeError traceback
     ("--lora-alpha", "0", "lora_alpha must be at least 1"),  # a LoRA that can never change the model
     ("--lora-r", "100000", "above the rank of this decoder's smallest linear layer"),  # an allocation failure
-    ("--max-length", "3", "cuts the <image> placeholder"),  # failed at the first step, after the run folder
+    ("--max-length", "3", "leaves no report token to train on"),  # failed at the first step, after the run folder
+    ("--max-length", "90", "leaves no report token to train on"),  # kept the <image>, not one report token: loss 0
 ])
 def test_bad_training_values_are_refused_before_the_run_folder(chain: Chain, tmp_path: Path, option: str,
                                                                value: str, message: str) -> None:

@@ -90,3 +90,12 @@ def test_text_items_can_be_conditioned_on_labels(tmp_path: Path) -> None:
                              image_size=56, label_names=["no_finding", "cardiomegaly", "central_line"])
     assert vision[0]["targets"].tolist() == [0.0, 1.0, 1.0] and vision[0]["pixels"].shape == (56, 56)
     assert "input_ids" not in vision[0]
+
+
+@pytest.mark.parametrize("line", ["[" * 100000 + "]" * 100000, '{"image": 1' + "0" * 5000 + "}"])
+def test_json_that_python_cannot_parse_is_one_line(tmp_path: Path, line: str) -> None:
+    """RecursionError / ValueError (over 4300 digits) escaped as tracebacks: only JSONDecodeError was caught."""
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"image": "a.png", "findings": "Clear."}) + "\n" + line + "\n")
+    with pytest.raises(RadtrtError, match="manifest.jsonl:2: not a manifest row"):
+        read_manifest(manifest)

@@ -211,3 +211,94 @@ def test_bf16_autocast_trains(chain: Chain, tmp_path: Path) -> None:
     losses = [e["loss"] for e in read_log(run)]
     assert len(losses) == 2 and all(0.0 < x < 20.0 for x in losses)
     assert load_model(run / "model").model.dtype == torch.float32  # autocast: weights stay fp32
+
+
+def test_a_run_stopped_while_writing_its_model_is_finished_by_resume(chain: Chain, tmp_path: Path) -> None:
+    """All steps saved, the model not yet written (killed, or a full disk): resume said 'nothing to resume' and
+    the trained weights could never be written."""
+    import shutil
+
+    from radtrt.training.loop import resume_config
+
+    run = run_stage("stage2", chain.manifest, chain.runs["stage1"] / "model", tmp_path / "run", max_steps=3)
+    written = load_tensors(run / "model" / "model.safetensors")
+    adapter = (run / "lora" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(RadtrtError, match="has finished all 3 steps and written its model; nothing to resume"):
+        train(resume_config(run), resume=True)
+    shutil.rmtree(run / "model")
+    result = train(resume_config(run), resume=True)  # no step runs: the outputs are written from the checkpoint
+    assert result.model_dir == run / "model" and [e["step"] for e in read_log(run)] == [1, 2, 3]
+    again = load_tensors(run / "model" / "model.safetensors")
+    assert all(torch.equal(written[k], again[k]) for k in written)
+    assert (run / "lora" / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def test_resume_refuses_another_init_model_or_manifest(chain: Chain, tmp_path: Path) -> None:
+    """The checkpoint holds only the trainable weights and the data's position: a frozen model or manifest
+    changed in between continued silently on other weights or other data."""
+    import shutil
+
+    from radtrt.training.loop import resume_config
+
+    init, manifest = tmp_path / "init", tmp_path / "data" / "manifest.jsonl"
+    shutil.copytree(chain.runs["stage1"] / "model", init)
+    shutil.copytree(chain.manifest.parent, manifest.parent)
+    cfg = make_config("stage2", "tiny", manifest=str(manifest), init_model=str(init), out_dir=str(tmp_path / "run"),
+                      max_steps=4, save_every=1)
+    train(cfg, stop_after=2)
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same studies in another order
+    with pytest.raises(RadtrtError, match="manifest .* has changed since"):
+        train(resume_config(tmp_path / "run"), resume=True)
+    manifest.write_text("\n".join(rows) + "\n")
+    shutil.rmtree(init)
+    save_toolkit(fresh_model("tiny", load_model(chain.runs["stage1"] / "model").tokenizer, seed=5), init)
+    with pytest.raises(RadtrtError, match="--model .* has changed since"):
+        train(resume_config(tmp_path / "run"), resume=True)
+
+
+def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
+    """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
+    with pytest.raises(RadtrtError, match="training diverged at step [0-9]+: loss .*a lower --lr"):
+        run_stage("stage1", chain.manifest, chain.runs["lm"] / "model", tmp_path / "run", max_steps=6, lr=1e30)
+    assert not (tmp_path / "run" / "model").exists()
+    assert all(json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+
+
+def test_a_one_step_run_trains(chain: Chain, tmp_path: Path) -> None:
+    """Its one step was all warmup, at lr 0: the model came out bit-identical to the one that went in."""
+    run = run_stage("stage1", chain.manifest, chain.runs["lm"] / "model", tmp_path / "run", max_steps=1)
+    assert read_log(run)[0]["lr"] > 0
+    before = load_tensors(chain.runs["lm"] / "model" / "model.safetensors")
+    after = load_tensors(run / "model" / "model.safetensors")
+    assert not torch.equal(before["mm_projector.0.weight"], after["mm_projector.0.weight"])
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(chain: Chain, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from radtrt.training import checkpoint as ckpt
+
+    def full_disk(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(RadtrtError, match="cannot write training checkpoint .*PytorchStreamWriter failed"):
+        run_stage("stage1", chain.manifest, chain.runs["lm"] / "model", tmp_path / "run", max_steps=2)
+    assert not list((tmp_path / "run" / "checkpoint").glob("*"))
+
+
+def test_a_model_folder_is_never_left_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert and training wrote straight into the folder: a kill or a full disk left a part of a model there."""
+    from radtrt.model.loading import LoadedModel
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+    from radtrt.model.tokenizer import LlamaSPTokenizer
+
+    loaded = LoadedModel(random_model(seed=0), train_tiny_tokenizer(), "tiny")
+
+    def full_disk(self: object, directory: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(LlamaSPTokenizer, "save", full_disk)
+    with pytest.raises(RadtrtError, match="cannot write model folder .*No space left on device"):
+        save_toolkit(loaded, tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []

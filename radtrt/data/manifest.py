@@ -68,6 +68,8 @@ def read_jsonl(path: Path, *, complete_only: bool = False) -> Iterator[tuple[int
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             fail(f"{path}:{lineno}: not valid JSON ({e.msg})")
+        except (RecursionError, ValueError) as e:  # nested too deeply; an integer of more than 4300 digits
+            fail(f"{path}:{lineno}: not a manifest row ({type(e).__name__}: JSON nested too deeply or a number too long)")
         if not isinstance(obj, dict):
             fail(f"{path}:{lineno}: each line must be a JSON object")
         yield lineno, obj

@@ -26,7 +26,7 @@ from radtrt.model.io import hf_weight_files, load_tensors, read_json, safetensor
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.memory import available_bytes
 from radtrt.model.tokenizer import LlamaSPTokenizer
-from radtrt.outputs import make_dir
+from radtrt.outputs import new_dir_built_aside
 
 TOOLKIT_FORMAT = "radtrt-llava-rad"
 TOOLKIT_FORMAT_VERSION = 1
@@ -243,15 +243,20 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
 
 
 def save_toolkit(loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write radtrt's merged layout: later runs need neither the base model nor pickles."""
-    make_dir(out_dir)
+    """Write radtrt's merged layout: later runs need neither the base model nor pickles. Built beside ``out_dir``
+    (new or empty) and renamed into place: an interrupted or failed write (a full disk) leaves no half model
+    under the name, which a later run would take for a finished one."""
     state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).cpu()
              for k, v in loaded.model.state_dict().items()}
     if loaded.model.cfg.decoder.tie_word_embeddings:
         state.pop("language_model.lm_head.weight", None)
-    save_tensors(state, out_dir / WEIGHTS_FILE, metadata={"format": TOOLKIT_FORMAT})
-    loaded.tokenizer.save(out_dir)
     meta = {"radtrt_format": TOOLKIT_FORMAT, "format_version": TOOLKIT_FORMAT_VERSION, "radtrt_version": __version__,
             "name": loaded.name, "source": loaded.source, "model": loaded.model.cfg.to_dict()}
-    (out_dir / "config.json").write_text(json.dumps(meta, indent=2))
+    with new_dir_built_aside(out_dir, "model folder") as work:
+        save_tensors(state, work / WEIGHTS_FILE, metadata={"format": TOOLKIT_FORMAT})
+        try:
+            loaded.tokenizer.save(work)
+            (work / "config.json").write_text(json.dumps(meta, indent=2))
+        except OSError as e:
+            fail(f"cannot write model folder {out_dir}: {e.strerror or e}")
     return out_dir

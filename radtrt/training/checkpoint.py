@@ -44,9 +44,13 @@ def set_rng_state(state: dict[str, torch.Tensor], device: str) -> None:
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     path = state_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with replaced_atomically(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_atomically(path) as tmp:
+            torch.save({"format": FORMAT, **state}, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk: torch's writer raises RuntimeError ("file write failed")
+        fail(f"cannot write training checkpoint {path} ({(str(e).splitlines() or [type(e).__name__])[0]}); the "
+             f"previous one is kept")
     return path
 
 

@@ -64,8 +64,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
         self.image_size, self.label_names = image_size, label_names
         if template is not None and tokenizer is not None and max_length < min_length(tokenizer, template):
-            fail(f"max_length {max_length} cuts the <image> placeholder out of every '{template}' example; "
-                 f"it must be at least {min_length(tokenizer, template)}")
+            fail(f"max_length {max_length} leaves no report token to train on in any '{template}' example (the "
+                 f"prompt before the report is longer); it must be at least {min_length(tokenizer, template)}")
         self.images: torch.Tensor | None = None
         if image_size is not None:
             missing = next((r.image for r in rows if not r.image_path(root).exists()), None)

@@ -101,18 +101,19 @@ def text_example(tokenizer: LlamaSPTokenizer, findings: str, context: str | None
 
 
 def min_length(tokenizer: LlamaSPTokenizer, template: str) -> int:
-    """The shortest ``max_length`` that keeps a template's ``<image>`` placeholder and one token after it.
+    """The shortest ``max_length`` that keeps a template's ``<image>`` placeholder and one report token to learn.
 
-    Truncation cuts from the end, and the image sits at the same position in every example of a
-    template (before the findings and the indication), so one prompt tells it for all of them.
+    Truncation cuts from the end, and the report starts no earlier than in the shortest example of a template
+    (no indication; the image comes before the report), so one prompt tells it for all of them. A shorter
+    ``max_length`` trains on nothing: every loss is 0 and the model comes out as it went in.
     """
     if template == "plain":
-        ids = plain_example(tokenizer, "x").input_ids
+        labels = plain_example(tokenizer, "x").labels
     elif template == "v1":
-        ids = _ids(tokenizer, v1_conversation(None, "x"))
+        labels = v1_example(tokenizer, "x", None).labels
     else:
         return 1
-    return ids.index(IMAGE_TOKEN_INDEX) + 2
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
 
 
 def build_example(tokenizer: LlamaSPTokenizer, template: str, findings: str, indication: str | None,

@@ -26,6 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from radtrt.data.manifest import read_manifest
 from radtrt.data.vocabulary import LABELS
 from radtrt.errors import fail
+from radtrt.model.fingerprint import weights_fingerprint
+from radtrt.model.io import sha256_file
 from radtrt.model.loading import load_model
 from radtrt.outputs import check_folder_target, make_dir
 from radtrt.training import checkpoint as ckpt
@@ -159,6 +161,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     torch.manual_seed(cfg.seed + info.rank)
     loaded = load_model(Path(cfg.init_model), Path(cfg.init_base_model) if cfg.init_base_model else None,
                         device=info.device)
+    # what the checkpoint cannot hold (frozen weights, the data): a resume refuses other ones than the run began with
+    origin = {"init_weights": weights_fingerprint(loaded.model), "manifest_sha256": sha256_file(manifest)}
     image_size = None if cfg.stage == "lm" else loaded.model.cfg.vision.img_size
     dataset = ManifestDataset(rows, manifest.parent, tokenizer=loaded.tokenizer,
                               template=cfg.template, max_length=cfg.max_length, image_size=image_size,
@@ -178,9 +182,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     schedule = Schedule(len(dataset), cfg.micro_batch_size, cfg.grad_accum, info.world_size, cfg.seed)
     schedule.check()
     total = schedule.total_steps(cfg.epochs, cfg.max_steps)
-    scheduler = cosine_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+    # at most total - 1 warmup steps: a warmup as long as the run trains every step at lr 0 or near it (one step: 0)
+    scheduler = cosine_with_warmup(optimizer, min(math.ceil(cfg.warmup_ratio * total), total - 1), total)
     _prepare_run_dir(cfg, run_dir, resume, info)
-    start = _restore(run_dir, objective, named, optimizer, scheduler, info, total) if resume else 0
+    start = _restore(run_dir, objective, named, optimizer, scheduler, info, total, origin) if resume else 0
     model: torch.nn.Module = objective
     if info.enabled:
         model = DistributedDataParallel(objective, device_ids=[info.local_rank] if info.device != "cpu" else None)
@@ -212,9 +217,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                 (loss / cfg.grad_accum).backward()
                 step_loss += float(loss.detach()) / cfg.grad_accum
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            step_loss = mean_across(info, step_loss)
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # before the step spreads it to the weights
+                fail(f"training diverged at step {step + 1}: loss {step_loss}, gradient norm {grad_norm} (a lower --lr?); "
+                     f"no model written, the checkpoints before it are kept")
             optimizer.step()
             scheduler.step()
-            step_loss = mean_across(info, step_loss)
             losses.append(step_loss)
             sps = schedule.global_batch / (time.perf_counter() - t0)
             done = step + 1
@@ -226,7 +234,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                 assert progress is not None and task is not None
                 progress.update(task, completed=done, loss=step_loss, lr=lr, sps=sps)
             if done % cfg.save_every == 0 or done == end:
-                _save(run_dir, cfg, info, done, named, optimizer, scheduler)
+                _save(run_dir, cfg, info, done, named, optimizer, scheduler, origin)
     model_dir = None
     if end == total and info.is_main:
         model_dir = write_outputs(cfg, run_dir, loaded, objective, peft_lm, total)
@@ -235,9 +243,17 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
 
 
 def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
-             optimizer: torch.optim.Optimizer, scheduler: Any, info: DistInfo, total: int) -> int:
+             optimizer: torch.optim.Optimizer, scheduler: Any, info: DistInfo, total: int,
+             origin: dict[str, str]) -> int:
     """Load a checkpoint's trainable weights, optimizer, scheduler and this rank's RNG; the step to go on from."""
     state = ckpt.load_checkpoint(run_dir)
+    recorded = state.get("origin")  # checkpoints before 2026-11-30 lack it
+    if isinstance(recorded, dict):
+        for key, what in (("init_weights", f"--model {state['config'].get('init_model')}"),
+                          ("manifest_sha256", f"manifest {state['config'].get('manifest')}")):
+            if recorded.get(key) != origin[key]:
+                fail(f"{what} has changed since {run_dir} started; an exact continuation needs the same one "
+                     f"(restore it, or start a new run)")
     if state["world_size"] != info.world_size:
         fail(f"{run_dir} was trained with {state['world_size']} processes; resume it with the same number "
              f"(now {info.world_size}) for an exact continuation")
@@ -254,19 +270,20 @@ def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, t
         reason = (str(e).strip().splitlines() or [""])[0]
         fail(f"checkpoint in {run_dir} holds damaged training state ({type(e).__name__}: {reason})")
     step = int(state["step"])
-    if step >= total:
-        fail(f"{run_dir} has finished all {total} steps; nothing to resume")
+    if step >= total and (run_dir / MODEL_DIR).is_dir():  # built aside: present means complete
+        fail(f"{run_dir} has finished all {total} steps and written its model; nothing to resume")
+    # step == total without a model: interrupted while writing it; the resume writes it (no step to run)
     if info.is_main:
         _truncate_log(run_dir, step)
     return step
 
 
 def _save(run_dir: Path, cfg: TrainConfig, info: DistInfo, step: int, named: list[tuple[str, torch.nn.Parameter]],
-          optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+          optimizer: torch.optim.Optimizer, scheduler: Any, origin: dict[str, str]) -> None:
     rng = gather_objects(info, ckpt.rng_state(info.device))
     if info.is_main:
         ckpt.save_checkpoint(run_dir, {
-            "config": cfg.to_dict(), "step": step, "world_size": info.world_size,
+            "config": cfg.to_dict(), "step": step, "world_size": info.world_size, "origin": origin,
             "trainable": {n: p.detach().cpu().clone() for n, p in named},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng})
     barrier(info)

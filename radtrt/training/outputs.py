@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from radtrt.model.io import save_tensors
 from radtrt.model.loading import LoadedModel, save_toolkit
+from radtrt.outputs import new_dir_built_aside
 from radtrt.training.config import TrainConfig
 from radtrt.training.objectives import VisionClassifier
 
@@ -43,10 +45,12 @@ def write_outputs(cfg: TrainConfig, run_dir: Path, loaded: LoadedModel, objectiv
         from radtrt.training.lora import adapter_config, adapter_state, merged_decoder_state
 
         lora_dir = run_dir / LORA_DIR
-        lora_dir.mkdir(parents=True, exist_ok=True)
+        if lora_dir.is_dir() and not (run_dir / MODEL_DIR).exists():
+            shutil.rmtree(lora_dir)  # this run's own, from a resume of a run stopped while writing its outputs
         base_name = Path(cfg.init_model).name
-        (lora_dir / "adapter_config.json").write_text(json.dumps(adapter_config(peft_lm, base_name), indent=2))
-        save_tensors(adapter_state(peft_lm), lora_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+        with new_dir_built_aside(lora_dir, "LoRA adapter folder") as work:
+            (work / "adapter_config.json").write_text(json.dumps(adapter_config(peft_lm, base_name), indent=2))
+            save_tensors(adapter_state(peft_lm), work / "adapter_model.safetensors", metadata={"format": "pt"})
         merged = merged_decoder_state(peft_lm, base_name)
         peft_lm.unload()  # plain Linear layers again, holding the base weights
         llava.language_model.load_state_dict(merged, strict=True)
