@@ -53,7 +53,8 @@ def infer(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="What 'radtrt export' wrote."),
     backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | tensorrt"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when usable, else cpu)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16 (torch backend)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (torch backend) "
+                                        "[default: float32]."),
     indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation limit."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Studies generated together (left-padded)."),
@@ -68,7 +69,10 @@ def infer(
     """Generate the findings section for each study."""
     from radtrt.runtime.session import check_studies_exist, open_pipeline, run_studies
 
+    from radtrt.model.prompt import build_query
+
     check_studies_exist(studies)
+    build_query(indication)  # an indication the prompt refuses fails now, not in every study after the model loads
     if sr_out is not None:  # refused before the model loads, not after the first study was generated
         from radtrt.outputs import check_folder_target
 
@@ -86,7 +90,7 @@ def infer(
             typer.echo(f"{result.study} [{result.view_position}]\n{result.report}\n")
             err.print(f"timings: preprocess {t['preprocess']:.0f} ms, vision {t['vision']:.0f} ms, prefill "
                       f"{t['prefill']:.0f} ms, decode {t['decode_per_token']:.1f} ms/token, end to end "
-                      f"{t['end_to_end']:.0f} ms", highlight=False)
+                      f"{t['end_to_end']:.0f} ms", highlight=False, soft_wrap=True)
 
 
 @command
@@ -339,7 +343,7 @@ def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Wher
     err.print(f"demo: phantom study {study} (synthetic; its true findings: {row['findings']})", highlight=False,
               soft_wrap=True)
     infer([study], model=None, base_model=None, bundle=bundle, backend="onnxruntime", device="cpu",
-          dtype="float32", indication=row.get("indication"), max_new_tokens=256, batch_size=1, as_json=as_json,
+          dtype=None, indication=row.get("indication"), max_new_tokens=256, batch_size=1, as_json=as_json,
           sr_out=out / "sr", allow_any_modality=False, ort_provider="cpu", trt_cache=None,
           ort_spin=False)  # every parameter: a left-out one would be its truthy typer.Option default
 

@@ -104,8 +104,8 @@ def test_photometric_and_lossless_twins_give_identical_reports(merged: Path, tmp
 
 def test_study_folder_picks_pa_over_lateral(merged: Path, tmp_path: Path) -> None:
     folder = tmp_path / "study"
-    _write(folder / "1_lat.dcm", radiograph_dataset(synthetic_chest(seed=5), view_position="LL"))
-    _write(folder / "2_pa.dcm", radiograph_dataset(synthetic_chest(seed=6), view_position="PA"))
+    _write(folder / "1_lat.dcm", radiograph_dataset(synthetic_chest(seed=5), view_position="LL", study_uid="1.2.3.9"))
+    _write(folder / "2_pa.dcm", radiograph_dataset(synthetic_chest(seed=6), view_position="PA", study_uid="1.2.3.9"))
     (result,) = _infer_json(merged, folder)
     assert result["view_position"] == "PA" and result["source_file"].endswith("2_pa.dcm")
 
@@ -122,9 +122,16 @@ def test_malformed_header_values_never_reach_stderr(merged: Path, tmp_path: Path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         code, _, err = _invoke("infer", study, "--model", merged, "--max-new-tokens", "2", "--sr-out", tmp_path / "sr")
-    assert code == 0, err
+    assert code == 2 and "a.dcm: its StudyInstanceUID is not a DICOM UID; no SR written" in err, err
     assert not [w for w in caught if "SECRET" in str(w.message) or "1931" in str(w.message)]
     assert "SECRET" not in err and "1931" not in err
+    assert not list((tmp_path / "sr").glob("*.dcm"))  # an SR copying it would not be valid DICOM
+    ds.StudyInstanceUID = "1.2.3.10"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = _write(tmp_path / "b.dcm", ds)
+    code, _, err = _invoke("infer", study, "--model", merged, "--max-new-tokens", "2", "--sr-out", tmp_path / "sr")
+    assert code == 0 and "1931" not in err, err
     (sr,) = (tmp_path / "sr").glob("*.dcm")
     assert pydicom.dcmread(sr).PatientBirthDate == ""  # not valid DICOM, so not carried into the SR
 

@@ -355,6 +355,10 @@ def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
     (lambda m: m.update(format_version=2, tools=None), r"written by an unknown radtrt"),  # an AttributeError
     (lambda m: m.update(graphs=None), "'graphs' section is not an object"),  # an AttributeError
     (lambda m: (m.pop("graph_revision"), m["decoder"].pop("attention")), "exported by an older radtrt"),
+    (lambda m: m.update(graph_revision=99), "exported by a newer radtrt"),  # ran as if it were this one's
+    # an unlisted file escaped the hash check: a corrupted decoder.onnx.data ran with exit 0
+    (lambda m: m["files"].pop("decoder.onnx.data"), "does not list decoder.onnx.data"),
+    (lambda m: m["files"].pop("embed_tokens.safetensors"), "does not list embed_tokens.safetensors"),
 ])
 def test_manifest_fields_disagreeing_with_the_model_are_refused(bundle: Path, studies: list[Path], tmp_path: Path,
                                                                   edit: Callable[[dict], None], match: str) -> None:
@@ -365,6 +369,45 @@ def test_manifest_fields_disagreeing_with_the_model_are_refused(bundle: Path, st
     edit(manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     _refused(["infer", str(studies[0]), "--bundle", str(copy)], match)
+
+
+def test_an_embedding_table_of_another_shape_is_refused(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
+    """Re-hashed to match, a table of other rows or dtype was an IndexError / ONNX Runtime traceback."""
+    from safetensors.numpy import load_file, save_file
+
+    copy = _copy(bundle, tmp_path)
+    table = copy / "embed_tokens.safetensors"
+    weight = load_file(table)["weight"]
+    for name, replaced in (("rows", weight[:10]), ("dtype", weight.astype("float64"))):
+        save_file({"weight": replaced}, table)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["files"]["embed_tokens.safetensors"].update(sha256=sha256_file(table), bytes=table.stat().st_size)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        _refused(["infer", str(studies[0]), "--bundle", str(copy)], "not the model's")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--dtype", "float16"], "--dtype applies to the torch backend; this run uses onnxruntime"),
+    (["--model", "/does/not/exist"], "--model directory not found: /does/not/exist"),  # ignored for the bundle
+    (["--ort-provider", "cpu", "--trt-cache", "cache"], "--trt-cache is the TensorRT execution provider's"),
+    (["--backend", "torch", "--model", "MODEL", "--ort-spin"], "--ort-spin applies to the onnxruntime backend"),
+    (["--indication", "see <ima<image>ge> prior"], "contains the image placeholder"),  # failed every study
+])
+def test_infer_options_the_run_would_ignore_are_refused(bundle: Path, model_dir: Path, studies: list[Path],
+                                                        extra: list[str], match: str) -> None:
+    extra = [str(model_dir) if a == "MODEL" else a for a in extra]
+    _refused(["infer", str(studies[0]), "--bundle", str(bundle), *extra], match)
+
+
+def test_a_failed_study_is_named_as_given(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
+    """In a run of several studies, the error named only 'frontal.dcm', the file inside the study folder."""
+    broken = tmp_path / "study-7"
+    broken.mkdir()
+    (broken / "frontal.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    result = runner.invoke(app, ["infer", str(studies[0]), str(broken), "--bundle", str(bundle), "--json",
+                                 "--max-new-tokens", "2"])
+    assert result.exit_code == 2 and f"radtrt: error: {broken}: frontal.png: " in result.stderr, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1  # the other study still ran
 
 
 def test_malformed_model_config_with_a_matching_hash_is_refused(bundle: Path, studies: list[Path],

@@ -98,6 +98,46 @@ def test_truncated_bundled_pixel_data_is_refused(tmp_path: Path) -> None:
     _refused(tmp_path / "ct_cut.dcm", "truncated", allow_any_modality=True)
 
 
+def test_damaged_headers_are_one_line(tmp_path: Path) -> None:
+    """Each was a traceback, and one such extra file in a study folder ended the whole run."""
+    source = write_radiograph(tmp_path / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    del ds.BitsStored
+    ds.save_as(tmp_path / "no_bits_stored.dcm")
+    _refused(tmp_path / "no_bits_stored.dcm", "incomplete image pixel description")  # AttributeError
+    raw = bytearray(source.read_bytes())
+    at = raw.find(b"\x28\x00\x10\x00US\x02\x00")  # Rows, US, 2 bytes -> 3: not a whole US value
+    raw[at + 6:at + 8] = b"\x03\x00"
+    raw[at + 8:at + 8] = b"\x00"
+    (tmp_path / "odd_length.dcm").write_bytes(bytes(raw))
+    _refused(tmp_path / "odd_length.dcm", "DICOM header is truncated or corrupt")  # BytesLengthException
+    raw = bytearray(source.read_bytes())
+    at = raw.find(b"\x02\x00\x02\x00UI")  # the file meta's Media Storage SOP Class UID: a VR code no one knows
+    raw[at + 4:at + 6] = b"\x55\xca"
+    (tmp_path / "bad_meta_vr.dcm").write_bytes(bytes(raw))
+    _refused(tmp_path / "bad_meta_vr.dcm", "DICOM header is truncated or corrupt")  # NotImplementedError
+
+
+def test_decoder_errors_do_not_quote_header_values(tmp_path: Path) -> None:
+    """pydicom's message quoted the Photometric Interpretation: a name typed into the wrong field reached stderr."""
+    source = write_radiograph(tmp_path / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    ds.PhotometricInterpretation = FAKE_PATIENT_NAME
+    ds.save_as(tmp_path / "named.dcm", enforce_file_format=True)
+    with pytest.raises(RadtrtError) as info:
+        load_dicom_image(tmp_path / "named.dcm")
+    assert FAKE_PATIENT_NAME.split("^")[0] not in str(info.value)
+
+
+def test_a_declared_size_beyond_any_detector_is_refused_before_decoding(tmp_path: Path) -> None:
+    """A 1 MB RLE file declaring 8000 x 8000 took 2 GB and 10 s to decode; there was no guard for DICOM."""
+    source = write_radiograph(tmp_path / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    ds.Rows, ds.Columns = 8000, 8000
+    ds.save_as(tmp_path / "big.dcm")
+    _refused(tmp_path / "big.dcm", "8000 x 8000 pixels is implausibly large for a radiograph")
+
+
 def test_empty_pixel_data_is_refused(tmp_path: Path) -> None:
     """An empty Pixel Data element read as None: a TypeError traceback, and the studies after it never ran."""
     source = write_radiograph(tmp_path / "pa.dcm", view_position="PA")

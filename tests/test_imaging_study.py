@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 from radtrt.errors import RadtrtError
 from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8
@@ -25,6 +26,8 @@ def _sr_file(folder: Path) -> Path:
 
 
 def _dx(folder: Path, name: str, view: str | None, seed: int = 0, **header: object) -> Path:
+    """One image of the study this folder holds (one StudyInstanceUID per folder, as an export writes it)."""
+    header.setdefault("study_uid", generate_uid(entropy_srcs=[str(folder)]))
     return write_radiograph(folder / name, synthetic_chest(seed=seed), view_position=view,
                             **header)
 
@@ -53,8 +56,8 @@ def test_folder_picks_pa_over_lateral_and_skips_sr(tmp_path: Path) -> None:
 
 
 def test_pa_wins_over_ap_regardless_of_order(tmp_path: Path) -> None:
-    _dx(tmp_path, "a_ap.dcm", "AP", seed=1)
-    pa = _dx(tmp_path / "sub", "z_pa.dcm", "PA", seed=2)  # found recursively
+    _dx(tmp_path, "a_ap.dcm", "AP", seed=1, study_uid="1.2.3.5")
+    pa = _dx(tmp_path / "sub", "z_pa.dcm", "PA", seed=2, study_uid="1.2.3.5")  # found recursively
     assert load_study(tmp_path).source_file == pa
 
 
@@ -156,6 +159,21 @@ def test_a_strip_is_not_a_radiograph(tmp_path: Path, shape: tuple[int, int]) -> 
     assert load_study(tmp_path / "ok.png").pixels_u8.shape == (400, 100)
 
 
+def test_a_folder_of_two_studies_is_refused(tmp_path: Path) -> None:
+    """Two patients' images in one folder: the report of the first PA by path was filed without a word."""
+    _dx(tmp_path / "mixed", "a.dcm", "PA", seed=1, study_uid=generate_uid())
+    _dx(tmp_path / "mixed", "b.dcm", "PA", seed=2, study_uid=generate_uid())
+    _refused(tmp_path / "mixed", "mixed: holds the images of 2 studies")
+
+
+def test_an_animated_or_enormous_png_is_refused(tmp_path: Path) -> None:
+    frames = [Image.fromarray(_grey8()), Image.fromarray(255 - _grey8())]
+    frames[0].save(tmp_path / "anim.png", save_all=True, append_images=frames[1:])
+    _refused(tmp_path / "anim.png", "2 frames \\(an animation\\)")  # its first frame was read
+    Image.new("1", (7200, 7200)).save(tmp_path / "huge.png")  # a few kB on disk
+    _refused(tmp_path / "huge.png", "7200 x 7200 pixels is implausibly large")
+
+
 def test_png_16bit_is_scaled_and_equalized(tmp_path: Path) -> None:
     raw = synthetic_chest()
     Image.fromarray(raw).save(tmp_path / "cxr16.png")
@@ -206,8 +224,8 @@ def test_one_study_folder_is_told_from_a_folder_of_studies(tmp_path: Path) -> No
     _dx(one, "lateral.dcm", "LL", seed=2, study_uid="1.2.3.4")
     many = tmp_path / "many"
     many.mkdir()
-    _dx(many, "a.dcm", "PA", seed=1)
-    _dx(many, "b.dcm", "PA", seed=2)  # another StudyInstanceUID each
+    _dx(many, "a.dcm", "PA", seed=1, study_uid="1.2.3.6")
+    _dx(many, "b.dcm", "PA", seed=2, study_uid="1.2.3.7")
     assert is_one_study_folder(one) and not is_one_study_folder(many)
     assert [e.study for e in study_entries(one, None, tmp_path, 1)] == [one]
     assert [e.study.name for e in study_entries(many, None, tmp_path, 1)] == ["a.dcm", "b.dcm"]

@@ -158,3 +158,15 @@ def test_a_header_highdicom_refuses_is_one_line_without_its_values(tmp_path: Pat
     with pytest.raises(RadtrtError, match="pa.dcm: its DICOM header cannot be carried into an SR") as info:
         write_sr(REPORT, dicom_source, tmp_path / "out", model_name="m", model_version="1")
     assert FAKE_PATIENT_NAME not in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keyword, value", [("StudyInstanceUID", "1.2.3.abc.4"), ("SOPInstanceUID", "abc")])
+def test_a_source_uid_that_is_not_one_gives_no_sr(tmp_path: Path, keyword: str, value: str) -> None:
+    """It was copied into the SR, which was then not valid DICOM."""
+    source = write_radiograph(tmp_path / "in" / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    setattr(ds, keyword, value)
+    ds.save_as(source, enforce_file_format=True)
+    with pytest.raises(RadtrtError, match=f"pa.dcm: its {keyword} is not a DICOM UID; no SR written"):
+        write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
+    assert not (tmp_path / "out").exists()

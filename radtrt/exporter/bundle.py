@@ -203,6 +203,8 @@ def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[Exp
 
 
 BUNDLE_FINGERPRINT = "weights_fingerprint_fp16"
+# what every bundle holds besides the manifest (and ``*.onnx.data`` where a graph keeps its weights outside)
+REQUIRED_FILES = ("vision.onnx", "decoder.onnx", "embed_tokens.safetensors", MODEL_CONFIG, "tokenizer.model")
 
 
 def bundle_fingerprint(model: LlavaRad) -> str:
@@ -231,7 +233,16 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
     if not isinstance(manifest.get("graph_revision"), int) or "attention" not in manifest["decoder"]:
         fail(f"bundle {bundle} was exported by an older radtrt ({_written_by(manifest)}, graph revision "
              f"{manifest.get('graph_revision')!r}; this radtrt writes {GRAPH_REVISION}): re-export it")
+    if manifest["graph_revision"] > GRAPH_REVISION:  # older revisions still run: their graphs are plain ONNX
+        fail(f"bundle {bundle} was exported by a newer radtrt ({_written_by(manifest)}, graph revision "
+             f"{manifest['graph_revision']}; this radtrt {__version__} knows up to {GRAPH_REVISION}): upgrade radtrt "
+             f"or re-export it with this one")
     if verify:
+        unlisted = [name for name in REQUIRED_FILES if name not in manifest["files"]]
+        unlisted += [p.name for p in sorted(bundle.glob("*.onnx.data")) if p.name not in manifest["files"]]
+        if unlisted:  # an unlisted file escaped the hash check below
+            fail(f"{path} does not list {unlisted[0]} among the bundle's files (damaged or edited?): re-export the "
+                 f"bundle")
         for name, meta in manifest["files"].items():
             f = bundle / name
             if not f.is_file():
@@ -300,8 +311,17 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def load_embedding_table(bundle: Path) -> np.ndarray:
-    """The token-embedding table as the runtime uses it (an INT8 bundle's INT8 rows dequantized to fp32)."""
+def load_embedding_table(bundle: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The token-embedding table as the runtime uses it (an INT8 bundle's INT8 rows dequantized to fp32);
+    ``shape`` (vocabulary, hidden size) is checked when given."""
+    table = _embedding_table(bundle)
+    if table.dtype not in (np.float32, np.float16) or table.ndim != 2 or (shape is not None and table.shape != shape):
+        fail(f"{bundle}/embed_tokens.safetensors holds a {table.dtype} table of shape {table.shape}, not the model's "
+             f"{shape or '2-D float'} one: re-export the bundle")
+    return table
+
+
+def _embedding_table(bundle: Path) -> np.ndarray:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 

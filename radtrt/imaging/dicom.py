@@ -54,14 +54,14 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, MediaStorageDirectoryStorage
 
 from radtrt.errors import fail
-from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8, rgb_to_grey
+from radtrt.imaging.pixels import MAX_PIXELS, equalize_histogram, min_max_to_uint8, rgb_to_grey
 from radtrt.imaging.views import view_of
 
 ACCEPTED_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")
@@ -120,12 +120,14 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
     try:
         ds = dcmread(path, force=False, defer_size=defer_size)
         _parse_all(ds)
+        _parse_all(ds.get("file_meta", Dataset()))  # parsed lazily too: a damaged VR there failed much later
     except InvalidDicomError:
         fail(f"{name}: not a DICOM file (no DICOM preamble and 'DICM' prefix), nor a PNG or JPEG image "
              f"(radtrt recognises files by content, not by name)")
     except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
         fail(f"{name}: cannot read file ({exc.strerror or type(exc).__name__})")
-    except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError):
+    # BytesLengthException: a value whose length does not fit its VR; NotImplementedError: a damaged VR code
+    except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError, BytesLengthException):
         fail(f"{name}: DICOM header is truncated or corrupt")
     return ds
 
@@ -202,12 +204,14 @@ def _check_geometry(ds: Dataset, name: str) -> tuple[int, int, int]:
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
-        int(ds.PixelRepresentation)
+        int(ds.PixelRepresentation), int(ds.BitsStored)
         str(ds.PhotometricInterpretation)
     except (AttributeError, TypeError, ValueError):
-        fail(f"{name}: incomplete image pixel description (Rows/Columns/SamplesPerPixel/...)")
+        fail(f"{name}: incomplete image pixel description (Rows/Columns/SamplesPerPixel/BitsStored/...)")
     if rows < 1 or cols < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32):
         fail(f"{name}: invalid image geometry (Rows/Columns/SamplesPerPixel/BitsAllocated)")
+    if rows * cols > MAX_PIXELS:  # a few compressed bytes can declare gigabytes of pixels
+        fail(f"{name}: {cols} x {rows} pixels is implausibly large for a radiograph (decompression bomb guard)")
     return rows, cols, samples
 
 
@@ -227,7 +231,11 @@ def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
     if not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
         fail(f"{name}: no decoder installed for {ts.name} (needs: {_one_line(needs)})")
-    if not ds.PixelData:  # an empty element reads as None or b"": no frame to decode
+    try:
+        data = ds.PixelData
+    except (NotImplementedError, ValueError, KeyError, BytesLengthException):  # a damaged VR code on the element
+        fail(f"{name}: its Pixel Data element is damaged")
+    if not data:  # an empty element reads as None or b"": no frame to decode
         fail(f"{name}: its Pixel Data element is empty")
     if not ts.is_compressed:
         expected = get_expected_length(ds, "bytes")
@@ -239,8 +247,10 @@ def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
                  f"Rows/Columns/SamplesPerPixel/BitsAllocated ({expected} bytes)")
     try:
         arr = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, EOFError, OSError) as exc:
-        fail(f"{name}: cannot decode pixel data ({ts.name}): {_one_line(str(exc))}")
+    # the decoders' messages quote header values (a name where a code should be): only the kind of error is shown
+    except (ValueError, RuntimeError, NotImplementedError, EOFError, OSError, AttributeError, TypeError,
+            KeyError) as exc:
+        fail(f"{name}: cannot decode pixel data ({ts.name}, {type(exc).__name__})")
     expected_shape = (rows, cols) if samples == 1 else (rows, cols, 3)
     if arr.shape != expected_shape:
         fail(f"{name}: decoded pixel data shape {arr.shape} disagrees with the header "
@@ -269,7 +279,7 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
         # pydicom reads LUT data as declared by its descriptor: short data is a struct.error, an item
         # without its descriptor an AttributeError
         except (ValueError, NotImplementedError, IndexError, TypeError, KeyError, AttributeError, struct.error) as exc:
-            fail(f"{name}: invalid modality/VOI LUT or window: {_one_line(str(exc))}")
+            fail(f"{name}: invalid modality/VOI LUT or window ({type(exc).__name__})")
         scaled = min_max_to_uint8(values, invert=photometric == "MONOCHROME1")
     elif photometric in _COLOUR:
         if arr.ndim != 3:  # the header says colour but one sample per pixel

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Pixels one image may declare: the largest chest detectors are about 4300 x 4300 (18.5 M); a few compressed
+# bytes (DICOM RLE, PNG) can declare far more, and decoding needs about 25 bytes a pixel on the way to 8 bit.
+MAX_PIXELS = 50_000_000
+
 # ITU-R BT.601 luma weights: the same weights PIL uses for RGB -> "L", so an RGB DICOM and the
 # same picture saved as an RGB PNG become the same grey image (up to PIL's integer rounding).
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from radtrt.errors import fail
-from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8
+from radtrt.imaging.pixels import MAX_PIXELS, equalize_histogram, min_max_to_uint8
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -42,7 +42,12 @@ def load_raster(path: Path) -> np.ndarray:
     """Read a PNG/JPEG as an (H, W) uint8 grey image following the module rules."""
     name = path.name
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # lazy: the header only, so the checks come before any decoding
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                fail(f"{name}: {width} x {height} pixels is implausibly large for a radiograph (decompression bomb guard)")
+            if getattr(opened, "n_frames", 1) != 1:  # an animated PNG; multi-frame DICOM is refused too
+                fail(f"{name}: {opened.n_frames} frames (an animation); a chest radiograph is one image")
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except UnidentifiedImageError:

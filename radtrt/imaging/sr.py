@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -150,6 +151,11 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
     if not model_name.strip() or not model_version.strip():
         fail("model name and version are needed to write a DICOM SR")
     from_dicom = source.dataset is not None
+    if from_dicom:
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+            # the SR copies these: digits and dots, at most 64 (leading zeros, common in the field, pass)
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid := str(source.dataset.get(keyword, ""))) or len(uid) > 64:
+                fail(f"{source.source_file.name}: its {keyword} is not a DICOM UID; no SR written")
     evidence = _evidence_from_dicom(source.dataset) if from_dicom else _anonymous_evidence()
     try:
         with _quiet():

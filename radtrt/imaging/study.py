@@ -153,6 +153,7 @@ def _choose(candidates: list[_Candidate], folder_name: str) -> _Candidate:
 def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedImage:
     candidates: list[_Candidate] = []
     skipped: list[tuple[str, str]] = []
+    studies: set[str] = set()
     for path in _walk(folder):
         kind = _sniff(path)
         if kind is None:
@@ -166,6 +167,10 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
             skipped.append((path.name, str(exc)))
             continue
         candidates.append(_Candidate(path, kind, view_of(header)[0]))
+        studies.add(str(header.get("StudyInstanceUID", "") or ""))
+    if len(studies - {""}) > 1:  # two patients' images, say: a report of one would be filed under the other
+        fail(f"{folder.name}: holds the images of {len(studies - {''})} studies (StudyInstanceUID); give each study's "
+             f"folder or file")
     if not candidates:
         why = f": {_summarise_skipped(skipped)}" if skipped else " (no DICOM, PNG or JPEG files)"
         fail(f"{folder.name}: no usable image in folder{why}")

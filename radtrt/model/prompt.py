@@ -24,6 +24,8 @@ def build_query(indication: str | None = None) -> str:
     """The paper's query, with the exam indication when one is given (blank counts as none)."""
     if indication is None or not indication.strip():
         return QUERY
+    if IMAGE_TOKEN in indication:  # the released code strips it once: "<ima<image>ge>" left a second placeholder
+        fail(f"the indication contains the image placeholder {IMAGE_TOKEN}; remove it")
     return QUERY_WITH_INDICATION.format(indication=indication)
 
 

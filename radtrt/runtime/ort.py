@@ -12,6 +12,9 @@ a batch.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -88,7 +91,10 @@ def _session(path: Path, providers: list[Any], threads: int | None, spin: bool =
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        # ONNX Runtime prints its provider-fallback banner ("EP Error ...") with print(): on stdout it would break
+        # the --json stream, which holds results only
+        with contextlib.redirect_stdout(sys.stderr):
+            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except _load_errors() as e:
         fail(f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0]}")
 
@@ -108,8 +114,12 @@ class OrtBackend:
         self.spin = spin
         self.vision = _session(bundle / "vision.onnx", providers, threads, spin, prepack)
         self.decoder = _session(bundle / "decoder.onnx", providers, threads, spin, prepack)
-        self.table = load_embedding_table(bundle)
         dec = self.manifest["decoder"]
+        self.table = load_embedding_table(bundle, (dec["vocab_size"], dec["hidden_size"]))
+        size = self.manifest["vision"]["image_size"]
+        if self.vision.get_inputs()[0].shape[2:] != [size, size]:
+            fail(f"{bundle / 'vision.onnx'} takes {self.vision.get_inputs()[0].shape[2:]} pixels, the manifest says "
+                 f"{size}: re-export the bundle")
         self.num_layers, self.num_kv, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
         self.input_names, self.output_names = decoder_io_names(self.num_layers)
         self.dtype = self.table.dtype

@@ -29,16 +29,21 @@ def check_studies_exist(studies: list[Path]) -> None:
 
 def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path | None, backend: str,
                   device: str | None,
-                  dtype: str, console: Console, ort_provider: str = "auto", trt_cache: Path | None = None,
+                  dtype: str | None, console: Console, ort_provider: str = "auto", trt_cache: Path | None = None,
                   ort_spin: bool = False) -> Pipeline:
     from radtrt.runtime.ort import available_providers
 
     if base_model is not None and model is None:  # it completes a release --model; alone it would be ignored
         fail("--base-model names the Vicuna folder of a LLaVA-Rad release given with --model; pass --model too")
+    for flag, path in (("--model", model), ("--base-model", base_model)):
+        if path is not None and not path.exists():  # found even when the bundle's backend would not read it
+            fail(f"{flag} directory not found: {path}")
     providers = available_providers() if bundle is not None else []
     trt_ready = bundle is not None and backend == "auto" and _trt_ready(bundle)
     chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers,
                                  trt_ready=trt_ready)
+    _refuse_unused(chosen, why, dtype=dtype, ort_provider=ort_provider, trt_cache=trt_cache, ort_spin=ort_spin)
+    dtype = dtype or "float32"
     if chosen == "onnxruntime":
         assert bundle is not None
         return _open_ort(bundle, device, ort_provider, trt_cache, why, console, ort_spin)
@@ -57,6 +62,29 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     console.print(f"backend: {chosen} ({why}), device {device}, {dtype}; model {loaded.name}", highlight=False,
                   soft_wrap=True)
     return Pipeline(TorchBackend(loaded.model, device), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
+
+
+def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: str, trt_cache: Path | None,
+                   ort_spin: bool) -> None:
+    """Options of a backend this run does not use are refused, not ignored: the user believes they took effect."""
+    if chosen != "onnxruntime":
+        given = [flag for flag, used in (("--ort-provider", ort_provider != "auto"), ("--trt-cache", trt_cache),
+                                         ("--ort-spin", ort_spin)) if used]
+        if given:
+            fail(f"{given[0]} applies to the onnxruntime backend; this run uses {chosen} ({why})")
+    elif trt_cache is not None and ort_provider != "tensorrt":
+        fail("--trt-cache is the TensorRT execution provider's engine cache: pass --ort-provider tensorrt too")
+    if chosen != "torch" and dtype is not None:
+        fail(f"--dtype applies to the torch backend; this run uses {chosen} ({why}), which runs the bundle in the "
+             f"precision it was exported in")
+
+
+def study_error(study: Path, error: Exception) -> str:
+    """An error line that names the study as given, not only the file inside it that failed."""
+    message, name = str(error), Path(study).name
+    if message.startswith(f"{name}:"):  # a file given by itself: its name becomes the path as given
+        return f"{study}{message[len(name):]}"
+    return f"{study}: {message}"
 
 
 def _trt_ready(bundle: Path) -> bool:
@@ -129,7 +157,7 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
                 if len(studies) == 1:
                     raise
                 failed += 1
-                console.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+                console.print(f"radtrt: error: {study_error(study, e)}", markup=False, highlight=False, soft_wrap=True)
                 continue
             for warning in study_warnings(study, prepared[-1].image):
                 console.print(f"radtrt: warning: {warning}", markup=False, highlight=False, soft_wrap=True)
@@ -151,6 +179,7 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
                     if len(studies) == 1:
                         raise
                     failed += 1
-                    console.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+                    console.print(f"radtrt: error: {study_error(Path(result.study), e)}", markup=False,
+                                  highlight=False, soft_wrap=True)
     if failed:
         fail(f"{failed} of {len(studies)} studies failed (see the lines above)")

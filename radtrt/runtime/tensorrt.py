@@ -183,8 +183,8 @@ class TensorRTBackend:
     def __init__(self, bundle: Path, *, decoder_mode: str = "fp16", int8_kv: bool = False,
                  vision_precision: str | None = None, session: str = "cpp", gpu: GpuInfo | None = None,
                  verify: bool = True) -> None:
+        gpu = require_gpu(gpu or detect_gpu())  # before hashing gigabytes of bundle on a host that cannot run it
         self.manifest = read_manifest(bundle, verify=verify)
-        gpu = require_gpu(gpu or detect_gpu())
         engine, self.vision_stamp = find_vision_engine(bundle, gpu, vision_precision, self.manifest)
         tag = mode_tag(decoder_mode, int8_kv)
         decoder_dir, self.decoder_stamp = find_decoder_engine(bundle, gpu, tag)
