@@ -360,3 +360,21 @@ def test_colour_header_over_one_sample_per_pixel_is_refused(tmp_path: Path) -> N
     ds.PhotometricInterpretation = "RGB"
     ds.save_as(path)
     _refused(path, "RGB image with 1 sample")
+
+
+def test_compressed_frames_that_disagree_with_the_header_are_refused(tmp_path: Path) -> None:
+    """pydicom cropped an RLE frame of more rows than declared (warning on stderr) and the report was made on the
+    crop; the same mismatch in native pixel data was already refused."""
+    ds = pydicom.dcmread(write_radiograph(tmp_path / "pa.dcm", view_position="PA"))
+    ds.compress(RLELossless)
+    ds.Rows = int(ds.Rows) // 2
+    ds.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    _refused(tmp_path / "rle.dcm", "its pixel data does not match its header")
+
+
+def test_an_empty_number_of_frames_is_one_frame(tmp_path: Path) -> None:
+    """Written by some exports; read as one frame (check_single_frame), not refused over pydicom's warning."""
+    ds = pydicom.dcmread(write_radiograph(tmp_path / "pa.dcm", view_position="PA"))
+    ds.NumberOfFrames = ""
+    ds.save_as(tmp_path / "frames.dcm", enforce_file_format=True)
+    assert load_dicom_image(tmp_path / "frames.dcm").pixels_u8.shape == (int(ds.Rows), int(ds.Columns))

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,6 +219,8 @@ def _check_geometry(ds: Dataset, name: str) -> tuple[int, int, int]:
 def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
     """Decode the single frame as stored (no LUTs); colour comes back as RGB."""
     rows, cols, samples = _check_geometry(ds, name)
+    if "NumberOfFrames" in ds and ds.NumberOfFrames in (None, ""):  # empty in some exports: one frame (see
+        del ds.NumberOfFrames  # check_single_frame), not a decoder warning that refuses the file
     ts_value = ds.get("file_meta", Dataset()).get("TransferSyntaxUID")
     if not ts_value:
         fail(f"{name}: no transfer syntax in the DICOM file meta information")
@@ -246,11 +249,17 @@ def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
             fail(f"{name}: pixel data length ({actual} bytes) disagrees with "
                  f"Rows/Columns/SamplesPerPixel/BitsAllocated ({expected} bytes)")
     try:
-        arr = ds.pixel_array
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            arr = ds.pixel_array
     # the decoders' messages quote header values (a name where a code should be): only the kind of error is shown
     except (ValueError, RuntimeError, NotImplementedError, EOFError, OSError, AttributeError, TypeError,
             KeyError) as exc:
         fail(f"{name}: cannot decode pixel data ({ts.name}, {type(exc).__name__})")
+    if any(issubclass(w.category, UserWarning) for w in caught):
+        # pydicom decodes what it can and warns: RLE frames with more rows than declared came back cropped
+        fail(f"{name}: its pixel data does not match its header (the {ts.name} decoder had to guess); refused "
+             f"rather than read as a different picture")
     expected_shape = (rows, cols) if samples == 1 else (rows, cols, 3)
     if arr.shape != expected_shape:
         fail(f"{name}: decoded pixel data shape {arr.shape} disagrees with the header "
