@@ -74,6 +74,25 @@ def test_lora_is_merged(tiny_release: TinyRelease) -> None:
     torch.testing.assert_close(loaded.model.state_dict()[q], base + 2.0 * b @ a)  # alpha/r = 8/4
 
 
+def test_adapters_peft_would_merge_otherwise_are_refused(tiny_release: TinyRelease) -> None:
+    """Each merged with exit 0 where PEFT's merge_and_unload refuses or merges something else."""
+    decoder = ck.strip_prefix(tiny_release.model.state_dict(), ck.DECODER_PREFIX)
+    config = json.loads((tiny_release.release_dir / "adapter_config.json").read_text())
+    lora = tiny_release.lora
+    assert ck.merge_lora(decoder, lora, config).keys() == decoder.keys()  # the adapter as released merges
+    with pytest.raises(RadtrtError, match="have rank 4, adapter_config.json says r=8"):  # the scale would be alpha/8
+        ck.merge_lora(decoder, lora, {**config, "r": 8})
+    with pytest.raises(RadtrtError, match="which its target_modules \\['q_proj'\\] leave out"):  # PEFT merges q only
+        ck.merge_lora(decoder, lora, {**config, "target_modules": ["q_proj"]})
+    only_q = {k: v for k, v in lora.items() if ".q_proj." in k}
+    assert ck.merge_lora(decoder, only_q, {**config, "target_modules": ["q_proj"]})
+    assert ck.merge_lora(decoder, only_q, {**config, "target_modules": ".*\\.q_proj"})  # PEFT's regex form
+    with pytest.raises(RadtrtError, match="holds no weights"):
+        ck.merge_lora(decoder, {}, config)
+    with pytest.raises(RadtrtError, match="not floating point"):
+        ck.merge_lora(decoder, {k: v.to(torch.int8) for k, v in lora.items()}, config)
+
+
 def test_convert_roundtrip_equals_release(tiny_release: TinyRelease, tmp_path: Path) -> None:
     out = save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), tmp_path / "merged",
                        dtype=torch.float32)
@@ -211,3 +230,11 @@ def test_damaged_release_files_are_one_line(broken_copy: TinyRelease, damage: Ca
     damage(broken_copy.release_dir)
     with pytest.raises(RadtrtError, match=match):
         load_model(broken_copy.release_dir, broken_copy.base_dir)
+
+
+def test_a_weight_map_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
+    from radtrt.model.io import hf_weight_files
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a.safetensors"]}))
+    with pytest.raises(RadtrtError, match="'weight_map' is not an object"):  # an AttributeError traceback
+        hf_weight_files(tmp_path)

@@ -167,3 +167,83 @@ def test_bad_data_and_output_paths_leave_no_run_folder(chain: Chain, tmp_path: P
                  ("train", "tokenizer", chain.manifest, "-o", tmp_path / "f")):
         code, _, err = _invoke(*args)
         assert code == 2 and "Traceback" not in err and str(tmp_path / "f") in err, err
+
+
+def test_a_run_folder_holding_other_files_is_refused(chain: Chain, tmp_path: Path) -> None:
+    """Any folder without checkpoint/ or model/ was taken, and the user's log.jsonl there overwritten."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "log.jsonl").write_text("my notes\n")
+    code, _, err = _invoke("train", "stage1", chain.manifest, "--model", chain.runs["lm"] / "model", "-o", out,
+                           "--preset", "tiny", "--threads", "1")
+    assert code == 2 and "is not empty" in err and (out / "log.jsonl").read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("stage, option, value, message", [
+    ("stage1", "--lora-r", "8", "--lora-r does not apply to 'train stage1' (LoRA is stage 2's)"),
+    ("lm", "--lora-dropout", "0.1", "--lora-dropout does not apply to 'train lm'"),
+    ("vision", "--max-length", "64", "--max-length does not apply to 'train vision' (it reads no text)"),
+    ("stage2", "--max-length", "2048", "max_length 2048 does not fit the model's 512 positions"),  # trained, then
+])                                                                                                # infer refused it
+def test_options_a_stage_does_not_use_or_cannot_fit_are_refused(chain: Chain, tmp_path: Path, stage: str, option: str,
+                                                                value: str, message: str) -> None:
+    init = {"stage2": chain.runs["stage1"], "stage1": chain.runs["lm"]}.get(stage, chain.init)
+    init = init / "model" if init != chain.init else init
+    code, _, err = _invoke("train", stage, chain.manifest, "--model", init, "-o", tmp_path / "r", "--preset", "tiny",
+                           "--threads", "1", option, value)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_epochs_given_with_the_tiny_preset_are_trained(chain: Chain, tmp_path: Path) -> None:
+    """The preset's max_steps won over an explicit --epochs: '--epochs 5' ran 3 epochs."""
+    cfg = make_config("stage1", "tiny", epochs=2.0, manifest=str(chain.manifest), init_model=".", out_dir=".")
+    assert cfg.max_steps is None and cfg.epochs == 2.0
+    assert make_config("stage1", "tiny", manifest=".", init_model=".", out_dir=".").max_steps == 6
+
+
+def test_the_data_plan_is_made_as_the_loader_asks(chain: Chain) -> None:
+    """A list of every micro-batch took a minute and 700 MB before step 1 of a long run."""
+    import itertools
+
+    from radtrt.training.data import Schedule
+    from radtrt.training.loop import _Plan
+
+    schedule = Schedule(16, 2, 2, 1, 0)
+    plan = _Plan(schedule, 3, 10**15, 0)  # never materialized: taking the first few is instant
+    first = list(itertools.islice(plan, 4))
+    assert first == [mb for step in (3, 4) for mb in schedule.micro_batches(step, 0)]
+
+
+def test_train_eval_checks_every_study_before_generating(chain: Chain, tmp_path: Path) -> None:
+    rows = chain.manifest.read_text().splitlines()
+    manifest = chain.manifest.parent / "with-missing.jsonl"
+    manifest.write_text("\n".join(rows[:2] + [json.dumps({**json.loads(rows[2]), "image": "png/nowhere.png"})]) + "\n")
+    code, _, err = _invoke("train", "eval", manifest, "--model", chain.runs["stage2"] / "model", "--max-new-tokens", "4")
+    assert code == 2 and f"{manifest}:3: study not found" in err and "generating" not in err
+
+
+def test_a_damaged_run_config_is_one_line_for_convert(chain: Chain, tmp_path: Path) -> None:
+    import shutil
+
+    from radtrt.errors import RadtrtError
+    from radtrt.training.release_export import export_release
+
+    run = tmp_path / "run"
+    shutil.copytree(chain.runs["stage2"], run)
+    for text in ("{not json", "[]", "{}", json.dumps({**json.loads((run / "train_config.json").read_text()), "lr": "x"})):
+        (run / "train_config.json").write_text(text)
+        with pytest.raises(RadtrtError):  # JSONDecodeError / TypeError tracebacks before
+            export_release(run, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_fresh_model_the_host_cannot_hold_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'train init --arch llava-rad' met the allocator's RuntimeError, or the OOM killer."""
+    from radtrt.errors import RadtrtError
+    from radtrt.model.tiny import train_tiny_tokenizer
+    from radtrt.training import init_model
+
+    monkeypatch.setattr(init_model, "available_bytes", lambda: 10**6)
+    with pytest.raises(RadtrtError, match="a fresh 'tiny' model needs about .* GB of memory"):
+        init_model.fresh_model("tiny", train_tiny_tokenizer())

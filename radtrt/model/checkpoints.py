@@ -7,6 +7,7 @@ conversions are testable without files and reusable by the release writer.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -122,20 +123,44 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
                 break
         else:
             fail(f"adapter weight '{key}' is not a LoRA A/B matrix; only plain LoRA adapters are supported")
+    if not pairs:  # merging nothing would run the bare base model under the adapter's name
+        fail("the LoRA adapter holds no weights")
     merged = dict(decoder)
     for module, ab in sorted(pairs.items()):
         target = module + ".weight"
         if target not in merged or set(ab) != {"lora_A", "lora_B"}:
             fail(f"LoRA adapter targets '{module}', which the base decoder does not have (wrong base model?)")
+        if not _targeted(module, adapter_config.get("target_modules")):  # PEFT would leave it unmerged
+            fail(f"the LoRA adapter holds weights for '{module}', which its target_modules "
+                 f"{adapter_config.get('target_modules')!r} leave out: adapter and adapter_config.json disagree")
         base = merged[target]
+        if not all(t.is_floating_point() for t in ab.values()):
+            fail(f"LoRA weights for '{module}' are {ab['lora_A'].dtype}, not floating point")
         a, b = ab["lora_A"].float(), ab["lora_B"].float()
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.shape[1] or b.shape[0] != base.shape[0] \
                 or b.shape[1] != a.shape[0]:
             fail(f"LoRA weights for '{module}' have shape {tuple(b.shape)}x{tuple(a.shape)}, the base weight "
                  f"{tuple(base.shape)}: the base model is not the one this adapter was trained on")
-        _, scale = lora_scaling(adapter_config, module.rsplit(".", 1)[-1])
+        r, scale = lora_scaling(adapter_config, module.rsplit(".", 1)[-1])
+        if a.shape[0] != r:  # the scale alpha / r would be wrong; PEFT refuses the size mismatch
+            fail(f"LoRA weights for '{module}' have rank {a.shape[0]}, adapter_config.json says r={r}")
         merged[target] = (base.float() + scale * (b @ a)).to(base.dtype)
     return merged
+
+
+def _targeted(module: str, target_modules: Any) -> bool:
+    """PEFT's ``check_target_module_exists``: a string is a regex over the whole module name, a list names
+    modules by their last parts; absent, every module with weights counts (what PEFT infers)."""
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        try:
+            return re.fullmatch(target_modules, module) is not None
+        except re.error as e:
+            fail(f"adapter_config.json target_modules {target_modules!r} is not a regular expression ({e})")
+    if isinstance(target_modules, list):
+        return any(module == t or module.endswith(f".{t}") for t in target_modules if isinstance(t, str))
+    fail(f"adapter_config.json target_modules is {type(target_modules).__name__}, not a list or a regex")
 
 
 def with_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -110,7 +110,10 @@ def hf_weight_files(directory: Path) -> list[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = directory / index_name
         if index.is_file():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+            weight_map = read_json(index).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                fail(f"{index}: 'weight_map' is not an object of tensor name -> file")
+            shards = sorted({str(v) for v in weight_map.values()})
             if not shards:
                 fail(f"{index} lists no weight files")
             return [directory / s for s in shards]

@@ -100,6 +100,12 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
         from radtrt.training.config import make_config
         from radtrt.training.loop import train
 
+        unused = [flag for flag, value in (("--lora-r", lora_r), ("--lora-alpha", lora_alpha),
+                                           ("--lora-dropout", lora_dropout)) if value is not None and stage != "stage2"]
+        unused += ["--max-length"] if max_length is not None and stage == "vision" else []
+        if unused:  # refused, not ignored: the user believes they took effect
+            fail(f"{unused[0]} does not apply to 'train {stage}' ("
+                 + ("LoRA is stage 2's)" if unused[0].startswith("--lora") else "it reads no text)"))
         _threads(threads)
         cfg = make_config(stage, preset, manifest=str(manifest.resolve()), init_model=str(model.resolve()),
                           init_base_model=str(base_model.resolve()) if base_model else None,

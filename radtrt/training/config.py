@@ -112,7 +112,10 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             fail(f"training config has unknown keys {unknown} (written by another radtrt version?)")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:  # a key missing, or a value of the wrong type (a damaged or hand-edited file)
+            fail(f"training config is incomplete or malformed ({e})")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -135,8 +138,10 @@ _PHANTOM = {  # the embedded default model (tools/train_default_model.sh): ~20 m
     "stage2": dict(lr=1e-3, epochs=3.0, micro_batch_size=16, lora_r=32, lora_alpha=64, lora_dropout=0.0,
                    save_every=200),
 }
+for _stage in ("lm", "stage1", "stage2"):  # the phantom model's 512 positions hold 64 image tokens + 448 ids
+    _PHANTOM[_stage]["max_length"] = 448
 _TINY = dict(lr=3e-3, max_steps=6, micro_batch_size=2, grad_accum=2, save_every=2, lora_r=4, lora_alpha=8,
-             warmup_ratio=0.2)
+             warmup_ratio=0.2, max_length=256)
 PRESETS = ("paper", "phantom", "tiny")
 
 
@@ -146,7 +151,9 @@ def make_config(stage: str, preset: str = "paper", **overrides: Any) -> TrainCon
         fail(f"unknown training preset '{preset}' ({', '.join(PRESETS)})")
     if stage not in STAGES:
         fail(f"unknown training stage '{stage}' ({', '.join(STAGES)})")
-    base: dict[str, Any] = {"paper": _PAPER, "phantom": _PHANTOM}.get(preset, {}).get(stage, {})
+    base: dict[str, Any] = dict({"paper": _PAPER, "phantom": _PHANTOM}.get(preset, {}).get(stage, {}))
     if preset == "tiny":
         base = dict(_TINY)
+    if overrides.get("epochs") is not None and overrides.get("max_steps") is None:
+        base.pop("max_steps", None)  # epochs asked for: the tiny preset's step count no longer wins over them
     return TrainConfig(stage=stage, **{**base, **{k: v for k, v in overrides.items() if v is not None}})

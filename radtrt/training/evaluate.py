@@ -16,6 +16,7 @@ from rich.console import Console
 
 from radtrt.data.labeler import F1Report, extract_labels, label_f1
 from radtrt.data.manifest import ManifestRow, read_manifest
+from radtrt.errors import fail
 from radtrt.model.loading import LoadedModel
 from radtrt.progress import make_progress
 from radtrt.runtime.backends import TorchBackend
@@ -41,6 +42,9 @@ def study_path(row: ManifestRow, root: Path) -> Path:
 def evaluate_findings(loaded: LoadedModel, manifest: Path, *, limit: int | None = None, max_new_tokens: int = 160,
                       use_indication: bool = True, console: Console | None = None) -> Evaluation:
     rows = read_manifest(manifest)[:limit]
+    for number, row in enumerate(rows, 1):  # before any report is generated, not after all the others were
+        if not study_path(row, manifest.parent).exists():
+            fail(f"{manifest}:{number}: study not found: {study_path(row, manifest.parent)}")
     loaded.model.eval()
     pipeline = Pipeline(TorchBackend(loaded.model), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
     reports = []

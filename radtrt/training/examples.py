@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from radtrt.errors import fail
-from radtrt.model.prompt import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, STOP_STR, SYSTEM_V1, build_query, tokenizer_image_token
+from radtrt.model.prompt import IMAGE_TOKEN, STOP_STR, SYSTEM_V1, build_query, tokenizer_image_token
 from radtrt.model.tokenizer import LlamaSPTokenizer
 
 IGNORE_INDEX = -100

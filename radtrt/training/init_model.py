@@ -19,9 +19,11 @@ import dataclasses
 import torch
 from torch import nn
 
+from radtrt.errors import fail
 from radtrt.model.config import DecoderConfig, LlavaRadConfig, VisionConfig, preset
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.loading import LoadedModel
+from radtrt.model.memory import available_bytes
 from radtrt.model.tokenizer import LlamaSPTokenizer
 
 PHANTOM_ARCH = LlavaRadConfig(
@@ -59,5 +61,11 @@ def init_weights(model: LlavaRad, seed: int) -> LlavaRad:
 
 def fresh_model(arch: str, tokenizer: LlamaSPTokenizer, seed: int = 0, name: str | None = None) -> LoadedModel:
     cfg = arch_config(arch, tokenizer.vocab_size)
+    with torch.device("meta"):  # counted without allocating
+        numel = sum(p.numel() for p in LlavaRad(cfg).parameters())
+    need, have = 2 * 4 * numel, available_bytes()  # fp32 weights, and safetensors' serialized copy when saved
+    if need > have:  # the allocator's RuntimeError, or the OOM killer, otherwise
+        fail(f"a fresh '{arch}' model needs about {need / 1e9:.1f} GB of memory to make and save; this host has "
+             f"{have / 1e9:.1f} GB available")
     model = init_weights(LlavaRad(cfg), seed)
     return LoadedModel(model, tokenizer, name or f"{arch}-init", {"layout": "radtrt-init", "arch": arch, "seed": seed})

@@ -9,12 +9,13 @@ periodic checkpoints with exact resume, a rich progress bar on stderr and ``RUN/
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from rich.console import Console
@@ -29,7 +30,7 @@ from radtrt.errors import fail
 from radtrt.model.fingerprint import weights_fingerprint
 from radtrt.model.io import sha256_file
 from radtrt.model.loading import load_model
-from radtrt.outputs import check_folder_target, make_dir
+from radtrt.outputs import check_folder_target, check_new_dir, make_dir
 from radtrt.training import checkpoint as ckpt
 from radtrt.training.config import TrainConfig
 from radtrt.training.data import ManifestDataset, Schedule, collate
@@ -73,7 +74,7 @@ def _progress(console: Console) -> Progress | LineProgress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
+def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True) -> None:
     """Refuse an -o that holds another run or model, or cannot be created, before any slow work."""
     if resume:  # the run folder is the run's; only the model it ends with must still be writable
         check_folder_target(run_dir / MODEL_DIR, "model folder")
@@ -83,6 +84,8 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
         fail(f"{run_dir} already holds a training run; continue it with 'radtrt train resume {run_dir}' or choose another -o")
     if (run_dir / MODEL_DIR).exists():
         fail(f"{run_dir} already holds a trained model; choose another -o")
+    if is_main:  # the other ranks start while the main one may already be writing into it
+        check_new_dir(run_dir, "run folder")  # a user's log.jsonl or train_config.json there was overwritten
 
 
 def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo) -> None:
@@ -156,13 +159,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None, console: Console) -> TrainResult:
     run_dir = Path(cfg.out_dir)
     manifest = Path(cfg.manifest)
-    _check_run_dir(run_dir, resume)
+    _check_run_dir(run_dir, resume, info.is_main)
     rows = read_manifest(manifest)  # inputs are checked before anything is written
     torch.manual_seed(cfg.seed + info.rank)
     loaded = load_model(Path(cfg.init_model), Path(cfg.init_base_model) if cfg.init_base_model else None,
                         device=info.device)
-    # what the checkpoint cannot hold (frozen weights, the data): a resume refuses other ones than the run began with
-    origin = {"init_weights": weights_fingerprint(loaded.model), "manifest_sha256": sha256_file(manifest)}
+    # what the checkpoint cannot hold (frozen weights, tokenizer, the data): a resume refuses other ones than the run
+    # began with
+    origin = {"init_weights": weights_fingerprint(loaded.model), "manifest_sha256": sha256_file(manifest),
+              "tokenizer_sha256": hashlib.sha256(loaded.tokenizer.model_proto).hexdigest()}
+    _check_max_length(cfg, loaded.model.cfg)
     image_size = None if cfg.stage == "lm" else loaded.model.cfg.vision.img_size
     dataset = ManifestDataset(rows, manifest.parent, tokenizer=loaded.tokenizer,
                               template=cfg.template, max_length=cfg.max_length, image_size=image_size,
@@ -190,7 +196,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     if info.enabled:
         model = DistributedDataParallel(objective, device_ids=[info.local_rank] if info.device != "cpu" else None)
     end = total if stop_after is None else min(total, start + stop_after)
-    plan = [mb for step in range(start, end) for mb in schedule.micro_batches(step, info.rank)]
+    plan = _Plan(schedule, start, end, info.rank)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collate,
                                          num_workers=cfg.num_workers, generator=torch.Generator())
     batches = iter(loader)
@@ -242,6 +248,31 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     return TrainResult(run_dir, model_dir if end == total else None, end, total, losses)
 
 
+def _check_max_length(cfg: TrainConfig, model_cfg: Any) -> None:
+    """Examples longer than the decoder's positions trained positions no later command can use (infer refuses
+    the model past them); checked before the run folder is made."""
+    if cfg.template is None:
+        return
+    positions = model_cfg.decoder.max_position_embeddings
+    fits = positions - (model_cfg.num_image_tokens - 1 if cfg.template in ("plain", "v1") else 0)
+    if cfg.max_length > fits:
+        fail(f"max_length {cfg.max_length} does not fit the model's {positions} positions"
+             + (f" with its {model_cfg.num_image_tokens} image tokens" if fits != positions else "")
+             + f": pass --max-length {fits} or less")
+
+
+class _Plan:
+    """The micro-batches of steps [start, end), made as the loader asks for them: a list of all of them took
+    a minute and 700 MB before the first step of a long run (and never ended for --epochs 1e15)."""
+
+    def __init__(self, schedule: Schedule, start: int, end: int, rank: int) -> None:
+        self.schedule, self.start, self.end, self.rank = schedule, start, end, rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.end):
+            yield from self.schedule.micro_batches(step, self.rank)
+
+
 def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
              optimizer: torch.optim.Optimizer, scheduler: Any, info: DistInfo, total: int,
              origin: dict[str, str]) -> int:
@@ -250,8 +281,9 @@ def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, t
     recorded = state.get("origin")  # checkpoints before 2026-11-30 lack it
     if isinstance(recorded, dict):
         for key, what in (("init_weights", f"--model {state['config'].get('init_model')}"),
+                          ("tokenizer_sha256", f"the tokenizer of --model {state['config'].get('init_model')}"),
                           ("manifest_sha256", f"manifest {state['config'].get('manifest')}")):
-            if recorded.get(key) != origin[key]:
+            if key in recorded and recorded.get(key) != origin[key]:
                 fail(f"{what} has changed since {run_dir} started; an exact continuation needs the same one "
                      f"(restore it, or start a new run)")
     if state["world_size"] != info.world_size:

@@ -16,7 +16,6 @@ and radtrt's ``load_model(OUT/llava-rad, OUT/base-lm)`` both read it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -106,7 +105,7 @@ def export_release(source: LoadedModel | Path, out_dir: Path, *, base_name: str 
             fail(f"not a directory: {source}")
         run_cfg = None
         if (source / CONFIG_FILE).is_file():
-            run_cfg = TrainConfig.from_dict(json.loads((source / CONFIG_FILE).read_text()))
+            run_cfg = TrainConfig.from_dict(read_json(source / CONFIG_FILE))
             if not (source / MODEL_DIR / "config.json").is_file():
                 fail(f"training run {source} has not finished (no {MODEL_DIR}/); resume it first")
         if run_cfg is not None and run_cfg.stage == "stage2" and (source / LORA_DIR).is_dir():
