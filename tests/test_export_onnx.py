@@ -386,6 +386,22 @@ def test_an_embedding_table_of_another_shape_is_refused(bundle: Path, studies: l
         _refused(["infer", str(studies[0]), "--bundle", str(copy)], "not the model's")
 
 
+def test_a_config_whose_image_size_the_vision_graph_does_not_take_is_refused(bundle: Path, studies: list[Path],
+                                                                               tmp_path: Path) -> None:
+    """model_config.json and the manifest edited alike (and re-hashed): an ONNX Runtime shape traceback."""
+    copy = _copy(bundle, tmp_path)
+    config = json.loads((copy / "model_config.json").read_text())
+    config["vision"]["img_size"] = config["vision"]["img_size"] + config["vision"]["patch_size"]
+    (copy / "model_config.json").write_text(json.dumps(config))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    grid = config["vision"]["img_size"] // config["vision"]["patch_size"]
+    manifest["vision"].update(image_size=config["vision"]["img_size"], num_image_tokens=grid * grid)
+    manifest["files"]["model_config.json"].update(sha256=sha256_file(copy / "model_config.json"),
+                                                  bytes=(copy / "model_config.json").stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)], "vision.onnx takes")
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--dtype", "float16"], "--dtype applies to the torch backend; this run uses onnxruntime"),
     (["--model", "/does/not/exist"], "--model directory not found: /does/not/exist"),  # ignored for the bundle
