@@ -378,3 +378,18 @@ def test_an_empty_number_of_frames_is_one_frame(tmp_path: Path) -> None:
     ds.NumberOfFrames = ""
     ds.save_as(tmp_path / "frames.dcm", enforce_file_format=True)
     assert load_dicom_image(tmp_path / "frames.dcm").pixels_u8.shape == (int(ds.Rows), int(ds.Columns))
+
+
+def test_a_zero_number_of_frames_or_a_huge_slope_print_nothing_raw(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """pydicom's and numpy's own warnings (two lines each, a site-packages path) reached stderr."""
+    ds = pydicom.dcmread(write_radiograph(tmp_path / "pa.dcm", view_position="PA"))
+    ds.NumberOfFrames = 0
+    ds.save_as(tmp_path / "zero.dcm", enforce_file_format=True)
+    ds.NumberOfFrames, ds.RescaleSlope, ds.RescaleIntercept = 1, 1e308, 0
+    ds.save_as(tmp_path / "slope.dcm", enforce_file_format=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning now fails the read
+        assert load_dicom_image(tmp_path / "zero.dcm").pixels_u8.size
+        _refused(tmp_path / "slope.dcm", "values beyond floating point")

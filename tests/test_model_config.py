@@ -39,6 +39,11 @@ def test_presets_are_valid_and_round_trip(name: str) -> None:
     (None, "image_mean", [1, 2], "image_mean"),
     (None, "image_mean", "abc", "image_mean"),
     (None, "image_std", [0, 0, 0], "image_std"),
+    # a model that ran with exit 0 and wrote empty reports (NaN everywhere) or never stopped
+    ("decoder", "rms_norm_eps", float("nan"), "rms_norm_eps = nan must be a positive finite number"),
+    ("decoder", "rope_theta", -1.0, "rope_theta = -1.0 must be a positive finite number"),
+    ("vision", "eps", 0.0, "eps = 0.0 must be a positive finite number"),
+    ("decoder", "eos_token_id", 5000, "eos_token_id = 5000 is not a token of the 512-token vocabulary"),
 ])
 def test_malformed_values_are_refused(part: str | None, key: str, value: object, match: str) -> None:
     d = json.loads(preset("tiny").to_json())

@@ -184,6 +184,7 @@ def test_a_run_folder_holding_other_files_is_refused(chain: Chain, tmp_path: Pat
     ("lm", "--lora-dropout", "0.1", "--lora-dropout does not apply to 'train lm'"),
     ("vision", "--max-length", "64", "--max-length does not apply to 'train vision' (it reads no text)"),
     ("stage2", "--max-length", "2048", "max_length 2048 does not fit the model's 512 positions"),  # trained, then
+    ("lm", "--max-length", "1", "leaves no report token to train on"),  # one id has nothing to predict: loss 0
 ])                                                                                                # infer refused it
 def test_options_a_stage_does_not_use_or_cannot_fit_are_refused(chain: Chain, tmp_path: Path, stage: str, option: str,
                                                                 value: str, message: str) -> None:

@@ -219,8 +219,8 @@ def _check_geometry(ds: Dataset, name: str) -> tuple[int, int, int]:
 def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
     """Decode the single frame as stored (no LUTs); colour comes back as RGB."""
     rows, cols, samples = _check_geometry(ds, name)
-    if "NumberOfFrames" in ds and ds.NumberOfFrames in (None, ""):  # empty in some exports: one frame (see
-        del ds.NumberOfFrames  # check_single_frame), not a decoder warning that refuses the file
+    if "NumberOfFrames" in ds and ds.NumberOfFrames in (None, "", 0):  # empty or 0 in some exports: one frame
+        del ds.NumberOfFrames  # (see check_single_frame), not a decoder warning that refuses the file
     ts_value = ds.get("file_meta", Dataset()).get("TransferSyntaxUID")
     if not ts_value:
         fail(f"{name}: no transfer syntax in the DICOM file meta information")
@@ -281,14 +281,18 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
         if arr.ndim != 2:
             fail(f"{name}: {photometric} image with {arr.ndim} dimensions")
         try:
-            values = apply_modality_lut(arr, ds)
-            if ds.get("VOILUTSequence"):
-                values = _integral(values)
-            values = apply_voi_lut(values, ds, index=0)
+            with np.errstate(over="ignore", invalid="ignore"):  # a huge RescaleSlope: inf, then "no contrast" below
+                values = apply_modality_lut(arr, ds)
+                if ds.get("VOILUTSequence"):
+                    values = _integral(values)
+                values = apply_voi_lut(values, ds, index=0)
         # pydicom reads LUT data as declared by its descriptor: short data is a struct.error, an item
         # without its descriptor an AttributeError
         except (ValueError, NotImplementedError, IndexError, TypeError, KeyError, AttributeError, struct.error) as exc:
             fail(f"{name}: invalid modality/VOI LUT or window ({type(exc).__name__})")
+        if not np.isfinite(values).all():
+            fail(f"{name}: the rescale/VOI transform gives values beyond floating point (implausible RescaleSlope, "
+                 f"RescaleIntercept or window)")
         scaled = min_max_to_uint8(values, invert=photometric == "MONOCHROME1")
     elif photometric in _COLOUR:
         if arr.ndim != 3:  # the header says colour but one sample per pixel

@@ -8,6 +8,7 @@ what runs at 7B scale. Vision configs are derived from the open_clip model JSON 
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,6 +199,8 @@ def config_problem(cfg: LlavaRadConfig) -> str | None:
                 return f"{f.name} = {value!r} is not a {f.type}"
             if f.name in _POSITIVE and value <= 0:
                 return f"{f.name} = {value} must be positive"
+            if str(f.type) == "float" and not (math.isfinite(value) and value > 0):  # eps, rope_theta: NaN gave
+                return f"{f.name} = {value} must be a positive finite number"          # empty reports, exit 0
     v, d = cfg.vision, cfg.decoder
     for part in (v, d):  # a size of 10**12 overflowed torch's storage, a depth of 10**9 built layers for ever
         for name in _POSITIVE:
@@ -222,6 +225,10 @@ def config_problem(cfg: LlavaRadConfig) -> str | None:
         return f"image_std = {cfg.image_std} must be positive"
     if v.embed_dim % v.num_heads or v.img_size < v.patch_size:
         return f"vision embed_dim {v.embed_dim} / num_heads {v.num_heads} / img_size {v.img_size} do not fit"
+    for name in ("bos_token_id", "eos_token_id"):  # an end token outside the vocabulary is never generated
+        if isinstance(getattr(d, name), bool) or not isinstance(getattr(d, name), int) \
+                or not 0 <= getattr(d, name) < d.vocab_size:
+            return f"{name} = {getattr(d, name)!r} is not a token of the {d.vocab_size}-token vocabulary"
     if d.hidden_size % d.num_attention_heads or d.num_attention_heads % d.num_key_value_heads:
         return (f"decoder hidden_size {d.hidden_size}, num_attention_heads {d.num_attention_heads} and "
                 f"num_key_value_heads {d.num_key_value_heads} do not divide")

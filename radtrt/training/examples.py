@@ -112,8 +112,9 @@ def min_length(tokenizer: LlamaSPTokenizer, template: str) -> int:
     elif template == "v1":
         labels = v1_example(tokenizer, "x", None).labels
     else:
-        return 1
-    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+        labels = text_example(tokenizer, "x").labels
+    # a label is predicted from the ids before it: the first one (index 0) never is, so one id alone trains nothing
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX and i >= 1) + 1
 
 
 def build_example(tokenizer: LlamaSPTokenizer, template: str, findings: str, indication: str | None,

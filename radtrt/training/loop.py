@@ -255,6 +255,8 @@ def _check_max_length(cfg: TrainConfig, model_cfg: Any) -> None:
         return
     positions = model_cfg.decoder.max_position_embeddings
     fits = positions - (model_cfg.num_image_tokens - 1 if cfg.template in ("plain", "v1") else 0)
+    if fits < 2:
+        fail(f"the model's {positions} positions cannot hold its {model_cfg.num_image_tokens} image tokens and a report")
     if cfg.max_length > fits:
         fail(f"max_length {cfg.max_length} does not fit the model's {positions} positions"
              + (f" with its {model_cfg.num_image_tokens} image tokens" if fits != positions else "")
