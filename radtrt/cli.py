@@ -191,7 +191,8 @@ def export(
     attention = attention or DEFAULT_ATTENTION
     if precision == "int8" and bundle is None and calibration_data is None and calibration_stats is not None:
         calibration_data = str(calibration_stats)  # a 'radtrt calibrate' file serves the ONNX INT8 export too
-    if bundle is not None and calibration_stats is None and (bundle / targets.CALIBRATION_FILE).is_file():
+    if bundle is not None and calibration_stats is None and (bundle / targets.CALIBRATION_FILE).is_file() \
+            and targets.uses_statistics(precision, int8_decoder, int8_kv_cache):
         calibration_stats = bundle / targets.CALIBRATION_FILE  # an INT8 bundle carries its calibration
     plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,
                               trtllm_engine, calibration_data=calibration_data,
@@ -205,6 +206,8 @@ def export(
     if plan.target == "triton":
         if bundle is None:
             fail("--target triton needs --bundle (the bundle to serve) and -o (the repository to write)")
+        if model is not None or base_model is not None:
+            fail("--target triton writes its repository from --bundle alone; drop --model/--base-model")
         targets.write_triton(bundle, out, plan, log)
         typer.echo(str(out))
         return

@@ -282,3 +282,11 @@ def test_predictions_out_must_be_a_new_folder(tmp_path: Path) -> None:
                                "--synthetic", 1, "--predictions-out", target)
         assert code == 2 and match in err and "Traceback" not in err, err
     assert not (tmp_path / "never").exists() and (tmp_path / "full" / "reference.jsonl").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("name", [".", "", "/"])
+def test_a_folder_as_the_report_is_one_line(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'.' and '/' have no name to put report.json beside: a ValueError traceback."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", tmp_path / "wd", "-o", name)
+    assert code == 2 and "is a folder; name the Markdown report" in err and "Traceback" not in err, err

@@ -628,3 +628,24 @@ def test_cast_on_load_tells_a_float16_model_from_a_float32_one(tmp_path: Path) -
     full = save_toolkit(loaded, tmp_path / "full", dtype=torch.float32)
     assert cast_on_load(half) == ("float16", 4 * params)
     assert cast_on_load(full) is None and cast_on_load(half, torch.float16) is None
+
+
+@pytest.mark.parametrize("target, extra, match", [
+    ("tensorrt", {"int8_decoder": "weight-only"}, "--int8-decoder is the decoder's"),
+    ("triton", {"int8_kv_cache": True, "trtllm_engine": Path("/srv/e")}, "--int8-kv-cache chooses which engine"),
+    ("triton", {"int8_decoder": "smoothquant", "trtllm_engine": Path("/srv/e")}, "--int8-decoder chooses which engine"),
+])
+def test_decoder_options_no_decoder_step_uses_are_refused(tmp_path: Path, target: str, extra: dict, match: str) -> None:
+    from radtrt.exporter.targets import refuse_unused_options
+
+    options = dict(precision="int8", target=target, bundle=tmp_path, int8_decoder=None, calibration_data=None,
+                   calibration_stats=None, int8_kv_cache=False, int8_only={
+                       k: False for k in ("--calibration-n", "--smoothquant-alpha", "--fp32-lm-head",
+                                          "--fp32-embeddings", "--parity-samples")})
+    with pytest.raises(RadtrtError, match=match):
+        refuse_unused_options(**{**options, **extra})
+
+
+def test_triton_takes_no_model(bundle_fp16: Path, model_dir: Path, tmp_path: Path) -> None:
+    _refused(["export", "--target", "triton", "--bundle", str(bundle_fp16), "-o", str(tmp_path / "repo"),
+              "--trtllm-engine", "/srv/engine", "--model", str(model_dir)], "writes its repository from --bundle alone")

@@ -648,3 +648,31 @@ def test_trtllm_calibration_of_another_model_is_refused_before_the_bundle(bundle
                                  "--int8-kv-cache", "--calibration-stats", str(bundle / "calibration.safetensors"),
                                  "-o", str(tmp_path / "new")])
     assert result.exit_code == 2 and "other weights" in result.stderr and not (tmp_path / "new").exists()
+
+
+def test_a_bundle_calibration_of_an_older_format_does_not_block_checkpoints_without_statistics(
+        bundle: Path, model_dir: Path, tmp_path: Path) -> None:
+    """Every TensorRT-LLM checkpoint of an INT8 bundle from before calibration format 2 was refused, the fp16 and
+    weight-only ones too, which use no statistics ("re-run 'radtrt calibrate'" cannot mend a bundle)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    calib = copy / "calibration.safetensors"
+    with safe_open(str(calib), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, calib, metadata={**metadata, "format_version": "1"})
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["calibration.safetensors"].update(sha256=sha256_file(calib), bytes=calib.stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for extra, ckpt in (([], "checkpoint-w8a16"), (["--precision", "fp16"], "checkpoint-fp16")):
+        result = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
+                                     *extra])
+        assert result.exit_code == 0, result.stderr
+        assert (copy / "trtllm" / ckpt / "rank0.safetensors").is_file()
+    sq = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
+                             "--int8-decoder", "smoothquant"])
+    assert sq.exit_code == 2 and "format version 1" in sq.stderr  # SmoothQuant does need the statistics

@@ -64,6 +64,8 @@ def _check_report_path(out: Path | None) -> None:
         return
     from radtrt.outputs import check_file_target
 
+    if not out.name or out.is_dir():  # "." or "/" has no name to put .json/.png beside (a ValueError)
+        fail(f"-o {out} is a folder; name the Markdown report to write (say {out / 'report.md'})")
     if out.suffix.lower() in (".json", ".png"):
         fail(f"-o {out} names the Markdown report (say report.md); its .json and .png are written beside it")
     files = _report_files(out)

@@ -70,8 +70,15 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
         fail("--trtllm-engine names the decoder engine a Triton repository serves (--target triton)")
     if max_batch_given and target == "onnx":
         fail("--max-batch limits engines (--target tensorrt | trtllm | triton | all); an ONNX bundle takes any batch")
-    if int8_kv_cache and target == "tensorrt" and bundle is not None:
-        fail("--int8-kv-cache is the decoder's; --target tensorrt with --bundle builds the vision engine only")
+    if target == "tensorrt" and bundle is not None:
+        for flag, given in (("--int8-kv-cache", int8_kv_cache), ("--int8-decoder", int8_decoder is not None)):
+            if given:
+                fail(f"{flag} is the decoder's; --target tensorrt with --bundle builds the vision engine only")
+    if target == "triton" and trtllm_engine is not None:  # the engine named is served as it is
+        for flag, given in (("--int8-kv-cache", int8_kv_cache), ("--int8-decoder", int8_decoder is not None)):
+            if given:
+                fail(f"{flag} chooses which engine of the bundle to serve; with --trtllm-engine that engine is "
+                     f"served as it was built")
     if precision != "int8":
         for flag, value in (("--int8-decoder", int8_decoder), ("--calibration-data", calibration_data)):
             if value is not None:
@@ -104,6 +111,15 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
     if bundle is not None and target == "onnx":
         fail(f"{bundle} is already an ONNX bundle: --bundle adds engines (--target tensorrt | trtllm | all) or "
              f"serves it (--target triton); to export again, drop --bundle and pass -o")
+
+
+def uses_statistics(precision: str, int8_decoder: str | None, int8_kv: bool) -> bool:
+    """Whether the TensorRT-LLM decoder of these options needs calibration statistics (SmoothQuant scales, INT8
+    KV-cache scales); fp16 and weight-only checkpoints need none, so an INT8 bundle's calibration (one of an
+    older format, say) must not stand in their way."""
+    from radtrt.exporter.trtllm import decoder_mode
+
+    return int8_kv or decoder_mode(precision, int8_decoder) == "w8a8_sq"
 
 
 def preflight(plan: ExportPlan) -> None:
@@ -160,7 +176,8 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     check_same_model(bundle, loaded.model)
     mode = decoder_mode(plan.precision, plan.int8_decoder)
     stats_file = plan.calibration_stats
-    if stats_file is None and (bundle / CALIBRATION_FILE).is_file():
+    needed = uses_statistics(plan.precision, plan.int8_decoder, plan.int8_kv)
+    if stats_file is None and needed and (bundle / CALIBRATION_FILE).is_file():
         stats_file = bundle / CALIBRATION_FILE  # an INT8 bundle carries the calibration it was made with
     stats = load_activation_stats(stats_file, loaded.model) if stats_file else None
     gpu = detect_gpu()

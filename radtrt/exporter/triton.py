@@ -205,7 +205,8 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     table_dtype = _engine_dtype(decoder_engine)
     if onnx.output_dtype != table_dtype:
         fail(f"the vision graph outputs {onnx.output_dtype} but the decoder's prompt table is {table_dtype}; "
-             f"export the bundle so that image_embeds is {table_dtype}")
+             f"serve a bundle whose image_embeds are {table_dtype} ('radtrt export --precision fp16' for float16; "
+             f"an fp32 or INT8 bundle's vision graph is not served by Triton yet)")
     dec = manifest["decoder"]
     spec = RepoSpec(onnx.image_size, manifest["vision"]["num_image_tokens"], dec["hidden_size"], dec["vocab_size"],
                     dec["eos_token_id"], onnx.input_dtype, onnx.output_dtype, onnx.input_name, onnx.output_name,
