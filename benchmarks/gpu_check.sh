@@ -128,7 +128,7 @@ for mode, kv in modes:
         continue
     ckpt = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, kv)}"
     if ckpt.is_dir():  # same model (checked above); same calibration and alpha, or refused
-        check_reusable_checkpoint(ckpt, DEFAULT_ALPHA if mode == "w8a8_sq" else None, stats.description)
+        check_reusable_checkpoint(ckpt, DEFAULT_ALPHA if mode == "w8a8_sq" else None, stats.identity)
     else:
         write_trtllm_checkpoint(loaded.model.language_model, ckpt, mode, smoothquant_stats=stats, int8_kv=kv)
     t0 = time.perf_counter()

@@ -131,7 +131,7 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
             "image_embeds": "fp32 (a TensorRT/Triton fp16 deployment casts at its boundary)"}
     summary = calibration.file.summary() | {"file": CALIBRATION_FILE}
     if calibration.path is not None:
-        summary["reused_from"] = calibration.path.name  # the name only: the bundle travels, folders name patients
+        summary["reused"] = True  # not its path or name: the bundle travels, and folders and files name patients
     return Int8Result(int8, summary, calibration)
 
 

@@ -19,6 +19,7 @@ output channel is a row.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -98,6 +99,17 @@ class ActivationStats:
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     description: str = ""
+
+    @property
+    def identity(self) -> str:
+        """``description`` and a digest of the statistics themselves: two calibrations of the same images with
+        other report texts share a description (its sample hash names the images) but not their maxima."""
+        h = hashlib.sha256()
+        for side, table in (("in", self.inputs), ("out", self.outputs)):
+            for name in sorted(table):
+                h.update(f"{side}:{name}".encode())
+                h.update(table[name].float().contiguous().numpy().tobytes())
+        return f"{self.description}; statistics sha256 {h.hexdigest()[:16]}"
 
     def input_absmax(self, module: str) -> torch.Tensor:
         if module not in self.inputs:

@@ -184,7 +184,7 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     checkpoint = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, plan.int8_kv)}"
     alpha = plan.smoothquant_alpha if mode == "w8a8_sq" else None
     if checkpoint.is_dir():  # written on the CPU host before; the GPU host builds from it
-        check_reusable_checkpoint(checkpoint, alpha, stats.description if stats else None)
+        check_reusable_checkpoint(checkpoint, alpha, stats.identity if stats else None)
         log(f"TensorRT-LLM checkpoint ({mode_tag(mode, plan.int8_kv)}), written before: {checkpoint}")
     else:
         write_trtllm_checkpoint(loaded, checkpoint, mode, smoothquant_stats=stats, int8_kv=plan.int8_kv,

@@ -203,7 +203,7 @@ def write_trtllm_checkpoint(source: Any, out_dir: Path, mode: str = "fp16", *,
     meta = {"format": META_FORMAT, "format_version": 1, "mode": mode, "int8_kv": int8_kv, "dtype": dtype,
             "weight_layout": "plain" if mode == "w8a16" else "trtllm",
             "needs_host_preprocessing": mode == "w8a16", "smoothquant_alpha": alpha if mode == "w8a8_sq" else None,
-            "calibration": smoothquant_stats.description if smoothquant_stats else None,
+            "calibration": smoothquant_stats.identity if smoothquant_stats else None,
             "written_by": f"radtrt {__version__}", "num_tensors": len(tensors)}
     with new_dir_built_aside(out_dir, "checkpoint directory") as work:  # an interrupted write leaves no half
         save_tensors(tensors, work / "rank0.safetensors")
