@@ -67,9 +67,8 @@ def infer(
                                   "faster INT8 decode on a machine doing nothing else, slower when it is shared."),
 ) -> None:
     """Generate the findings section for each study."""
-    from radtrt.runtime.session import check_studies_exist, open_pipeline, run_studies
-
     from radtrt.model.prompt import build_query
+    from radtrt.runtime.session import check_studies_exist, open_pipeline, run_studies
 
     check_studies_exist(studies)
     build_query(indication)  # an indication the prompt refuses fails now, not in every study after the model loads
