@@ -302,3 +302,15 @@ def test_a_model_folder_is_never_left_half_written(tmp_path: Path, monkeypatch: 
     with pytest.raises(RadtrtError, match="cannot write model folder .*No space left on device"):
         save_toolkit(loaded, tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_runs_started_into_one_folder_do_not_share_it(chain: Chain, tmp_path: Path) -> None:
+    """Both passed the start-up check (the folder was empty for each) and interleaved one log.jsonl."""
+    from radtrt.training.distributed import DistInfo
+    from radtrt.training.loop import _prepare_run_dir
+
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(tmp_path / "run"))
+    _prepare_run_dir(cfg, tmp_path / "run", False, DistInfo())  # the first run, once its inputs were accepted
+    with pytest.raises(RadtrtError, match="was taken by another run started at the same time"):
+        _prepare_run_dir(cfg, tmp_path / "run", False, DistInfo())  # the second, a moment later

@@ -92,7 +92,11 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistIn
     """Write the run's config and empty log: only once the data, model and schedule were accepted."""
     if info.is_main and not resume:
         make_dir(run_dir, "run folder")
-        (run_dir / CONFIG_FILE).write_text(cfg.to_json())
+        try:  # created exclusively: of two runs started into one folder at once, the second stops here
+            with open(run_dir / CONFIG_FILE, "x", encoding="utf-8") as config:
+                config.write(cfg.to_json())
+        except FileExistsError:
+            fail(f"{run_dir} was taken by another run started at the same time; choose another -o")
         (run_dir / LOG_FILE).write_text("")
 
 
