@@ -95,8 +95,8 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
     if onnx_int8 and calibration_data is not None and calibration_stats is not None:
         fail("give --calibration-data or --calibration-stats, not both (both name the calibration to use)")
     if calibration_stats is not None:
-        stats_used = onnx_int8 or (target in ("trtllm", "all") and (int8_kv_cache or (
-            precision == "int8" and int8_decoder == "smoothquant")))
+        stats_used = onnx_int8 or (target in ("trtllm", "all")
+                                   and uses_statistics(precision, int8_decoder, int8_kv_cache))
         if not stats_used:
             fail("--calibration-stats is used by INT8 exports (ONNX --precision int8; TensorRT-LLM SmoothQuant or "
                  "--int8-kv-cache); this export would ignore it")
@@ -134,7 +134,8 @@ def preflight(plan: ExportPlan) -> None:
     if "trtllm" in plan.steps:
         mode = decoder_mode(plan.precision, plan.int8_decoder)
         calibrated_here = "onnx" in plan.steps and plan.precision == "int8" and plan.calibration_data is not None
-        if (mode == "w8a8_sq" or plan.int8_kv) and plan.calibration_stats is None and not calibrated_here:
+        if uses_statistics(plan.precision, plan.int8_decoder, plan.int8_kv) and plan.calibration_stats is None \
+                and not calibrated_here:
             fail("SmoothQuant and the INT8 KV cache need calibration statistics: pass --calibration-stats FILE "
                  "(from 'radtrt calibrate'), or --calibration-data with --precision int8 when this run exports "
                  "the ONNX bundle too")
