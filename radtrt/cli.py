@@ -68,6 +68,7 @@ def infer(
 ) -> None:
     """Generate the findings section for each study."""
     from radtrt.model.prompt import build_query
+    from radtrt.runtime.pipeline import StudyResult
     from radtrt.runtime.session import check_studies_exist, open_pipeline, run_studies
 
     check_studies_exist(studies)
@@ -84,7 +85,7 @@ def infer(
                               batch_size=batch_size):
         if as_json:
             typer.echo(json.dumps(result.to_json()))
-        else:
+        elif isinstance(result, StudyResult):  # a failure's line is already on stderr
             t = result.timings_ms
             typer.echo(f"{result.study} [{result.view_position}]\n{result.report}\n")
             err.print(f"timings: preprocess {t['preprocess']:.0f} ms, vision {t['vision']:.0f} ms, prefill "

@@ -223,7 +223,11 @@ def test_bad_studies_exit_2_with_one_line(merged: Path, tmp_path: Path, case: st
     path, match = _bad_inputs(tmp_path)[case]
     code, out, err = _invoke("infer", path, "--model", merged, "--json")
     _assert_refused(code, err, match)
-    assert out == ""
+    if case == "missing":  # refused before the model loads: nothing ran
+        assert out == ""
+        return
+    (record,) = [json.loads(line) for line in out.splitlines()]  # --json: one record per study, failed ones too
+    assert record == {"study": str(path), "error": record["error"], "stage": "input"} and match in record["error"]
     ct_name = str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).PatientName)
     assert ct_name not in err
 
@@ -237,10 +241,31 @@ def test_one_bad_study_among_several_keeps_the_others(merged: Path, tmp_path: Pa
     good = _write(tmp_path / "good.dcm", radiograph_dataset(synthetic_chest(seed=10)))
     empty = tmp_path / "empty.dcm"
     empty.write_bytes(b"")
-    code, out, err = _invoke("infer", good, empty, good, "--model", merged, "--json",
-                             "--max-new-tokens", "4")
-    assert code == 2 and len(out.splitlines()) == 2
-    assert "1 of 3 studies failed" in err and "Traceback" not in err
+    for batch in ("1", "3"):
+        code, out, err = _invoke("infer", good, empty, good, "--model", merged, "--json",
+                                 "--max-new-tokens", "4", "--batch-size", batch)
+        assert code == 2 and "1 of 3 studies failed" in err and "Traceback" not in err
+        records = [json.loads(line) for line in out.splitlines()]
+        assert [r["study"] for r in records] == [str(good), str(empty), str(good)]  # the order given
+        assert records[0]["token_ids"] == records[2]["token_ids"] and "error" not in records[0]
+        assert records[1]["stage"] == "input" and records[1]["error"].startswith(f"{empty}: ")
+        assert f"radtrt: error: {records[1]['error']}" in err.splitlines()
+
+
+def test_a_study_whose_sr_fails_keeps_its_report_and_gets_an_sr_record(merged: Path, tmp_path: Path) -> None:
+    good = _write(tmp_path / "good.dcm", radiograph_dataset(synthetic_chest(seed=10)))
+    ds = radiograph_dataset(synthetic_chest(seed=11))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.StudyInstanceUID = "not-a-uid"
+        bad = _write(tmp_path / "bad.dcm", ds)
+    code, out, err = _invoke("infer", bad, good, "--model", merged, "--json", "--max-new-tokens", "4",
+                             "--sr-out", tmp_path / "sr")
+    assert code == 2 and "1 of 2 studies failed" in err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [(r["study"], "report" in r, r.get("stage")) for r in records] == [
+        (str(bad), True, None), (str(bad), False, "sr"), (str(good), True, None)]
+    assert len(list((tmp_path / "sr").glob("*.dcm"))) == 1
 
 
 @pytest.mark.parametrize("args, match", [

@@ -42,6 +42,20 @@ class StudyResult:
         return d
 
 
+@dataclass
+class StudyFailure:
+    """A study that produced no report (``stage`` "input") or whose SR could not be written (``stage`` "sr",
+    after its report record): ``--json`` keeps one record per study, so a consumer never has to match stderr
+    lines to inputs."""
+
+    study: str
+    error: str
+    stage: str = "input"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def postprocess(text: str) -> str:
     """The released evaluator's cleanup: strip, drop a trailing stop string, strip again."""
     text = text.strip()

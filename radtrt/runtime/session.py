@@ -13,7 +13,7 @@ from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.study import study_warnings
 from radtrt.model.loading import load_model
 from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolve_device
-from radtrt.runtime.pipeline import Pipeline, StudyResult
+from radtrt.runtime.pipeline import Pipeline, PreparedStudy, StudyFailure, StudyResult
 
 if TYPE_CHECKING:
     from radtrt.model.config import LlavaRadConfig
@@ -138,35 +138,46 @@ def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Pa
 
 def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | None, max_new_tokens: int,
                 allow_any_modality: bool, sr_out: Path | None, console: Console,
-                batch_size: int = 1) -> Iterator[StudyResult]:
-    """Yield each study's result in order; a bad study gets one stderr line and the rest still run.
+                batch_size: int = 1) -> Iterator[StudyResult | StudyFailure]:
+    """Yield one record per study, in the order given; a bad study gets one stderr line and the rest still run.
 
-    Raises one ``RadtrtError`` at the end when any study failed, so the exit code is 2.
+    Raises one ``RadtrtError`` at the end when any study failed, so the exit code is 2: a lone study's own
+    error, or a count of the failures whose lines came before.
     """
     if batch_size < 1:
         fail("--batch-size must be at least 1")
-    failed = 0
+    errors: list[RadtrtError] = []
+
+    def failure(study: Path, error: RadtrtError, stage: str) -> StudyFailure:
+        errors.append(error)
+        line = study_error(study, error)
+        if len(studies) > 1:  # a lone study's error is the final line the CLI prints
+            console.print(f"radtrt: error: {line}", markup=False, highlight=False, soft_wrap=True)
+        return StudyFailure(study=str(study), error=line, stage=stage)
+
     done = 0
     for start in range(0, len(studies), batch_size):
         chunk = studies[start:start + batch_size]
-        prepared = []
+        outcomes: list[PreparedStudy | StudyFailure] = []
         for study in chunk:
             try:
-                prepared.append(pipeline.prepare(study, indication=indication, allow_any_modality=allow_any_modality))
+                outcomes.append(pipeline.prepare(study, indication=indication, allow_any_modality=allow_any_modality))
             except RadtrtError as e:
-                if len(studies) == 1:
-                    raise
-                failed += 1
-                console.print(f"radtrt: error: {study_error(study, e)}", markup=False, highlight=False, soft_wrap=True)
+                outcomes.append(failure(study, e, "input"))
                 continue
-            for warning in study_warnings(study, prepared[-1].image):
+            for warning in study_warnings(study, outcomes[-1].image):
                 console.print(f"radtrt: warning: {warning}", markup=False, highlight=False, soft_wrap=True)
-        if not prepared:
-            continue
-        with console.status(f"[{done + 1}-{done + len(prepared)}/{len(studies)}] generating"):
-            results = pipeline.generate(prepared, max_new_tokens=max_new_tokens)
-        done += len(prepared)
-        for result in results:
+        prepared = [o for o in outcomes if isinstance(o, PreparedStudy)]
+        results: Iterator[StudyResult] = iter(())
+        if prepared:
+            with console.status(f"[{done + 1}-{done + len(prepared)}/{len(studies)}] generating"):
+                results = iter(pipeline.generate(prepared, max_new_tokens=max_new_tokens))
+            done += len(prepared)
+        for outcome in outcomes:  # the order given, failures in their place
+            if isinstance(outcome, StudyFailure):
+                yield outcome
+                continue
+            result = next(results)
             yield result
             if sr_out is not None:  # after the report is out: an SR that cannot be written does not lose it
                 from radtrt.imaging.sr import write_sr
@@ -176,10 +187,8 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
                     write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
                              model_version=__version__)
                 except RadtrtError as e:
-                    if len(studies) == 1:
-                        raise
-                    failed += 1
-                    console.print(f"radtrt: error: {study_error(Path(result.study), e)}", markup=False,
-                                  highlight=False, soft_wrap=True)
-    if failed:
-        fail(f"{failed} of {len(studies)} studies failed (see the lines above)")
+                    yield failure(Path(result.study), e, "sr")
+    if len(studies) == 1 and errors:
+        raise errors[0]
+    if errors:
+        fail(f"{len(errors)} of {len(studies)} studies failed (see the lines above)")
