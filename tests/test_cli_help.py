@@ -1,0 +1,39 @@
+"""Every command's --help shows each option's help text whole (rich markup must not eat any of it)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+import typer
+from typer.testing import CliRunner
+
+from radtrt.cli import app
+
+runner = CliRunner()
+
+
+def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("│", " ")).strip()
+
+
+def test_every_option_help_is_shown_whole() -> None:
+    checked = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "250"})  # no word cropped at 80
+        assert result.exit_code == 0, (path, result.output)
+        shown = _flat(result.output)
+        summary = (command.help or "").split("\n\n")[0]
+        assert _flat(summary) in shown, path
+        for param in command.params:
+            help_text = getattr(param, "help", None)
+            if help_text:
+                assert _flat(help_text) in shown, (path, param.name)
+                checked += 1
+    assert checked > 50
