@@ -130,7 +130,9 @@ def test_a_refused_output_file_is_left_as_it_was(tmp_path: Path) -> None:
     notes.write_text("line one\nline two without its newline")
     binary = tmp_path / "b.dat"
     binary.write_bytes(b"\xff\xfe\x00garbage\n" + bytes(range(256)))
-    for path, match in ((notes, "not valid JSON"), (binary, "not UTF-8")):
+    one_line = tmp_path / "results.json"
+    one_line.write_text('{"precious": "work"}')  # json.dump's output: one line, no newline; it was emptied
+    for path, match in ((notes, "not valid JSON"), (binary, "not UTF-8"), (one_line, "holds no finished manifest row")):
         before = path.read_bytes()
         with pytest.raises(RadtrtError, match=match):
             synthesize(labels, path, client=None, console=None)
@@ -269,3 +271,38 @@ def test_retry_after_is_capped(server: ScriptedServer, tmp_path: Path) -> None:
     synthesize(_labels_file(tmp_path / "labels.jsonl", n=1), tmp_path / "out.jsonl",
                client=_client(server, None, sleeps), console=None)
     assert sleeps == [MAX_WAIT_S, 1.0]  # a day's wait capped; "inf" is no number: backoff 0.5 * 2**1
+
+
+def test_an_endpoint_failing_at_once_leaves_no_empty_manifest(server: ScriptedServer, tmp_path: Path) -> None:
+    server.script = [(400, {})]
+    with pytest.raises(RadtrtError, match="HTTP 400"):
+        synthesize(_labels_file(tmp_path / "labels.jsonl"), tmp_path / "out.jsonl",
+                   client=_client(server, None, []), console=None)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    result = CliRunner().invoke(app, ["data", "synthesize", *args])
+    assert "Traceback" not in result.stderr
+    return result.exit_code, result.stderr
+
+
+def test_endpoint_options_with_template_are_refused(tmp_path: Path) -> None:
+    labels = _labels_file(tmp_path / "labels.jsonl")
+    code, err = _cli("--labels", str(labels), "-o", str(tmp_path / "o.jsonl"), "--template", "--temperature", "1.5",
+                     "--rate", "5", "--cache", str(tmp_path / "c"))
+    assert code == 2 and "drop --rate/--cache/--temperature" in err  # each was accepted and unused
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_cache_that_is_the_output_or_the_labels_is_refused(server: ScriptedServer, tmp_path: Path) -> None:
+    labels = _labels_file(tmp_path / "labels.jsonl")
+    out = tmp_path / "out.jsonl"
+    for cache, name in ((out, "output manifest"), (labels, "label file")):
+        code, err = _cli("--labels", str(labels), "-o", str(out), "--cache", str(cache), "--endpoint", server.url,
+                         "--model", "m")
+        assert code == 2 and f"is the {name}" in err, err  # was NotADirectoryError after a paid request
+    assert not server.requests and not out.exists()

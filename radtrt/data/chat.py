@@ -88,9 +88,12 @@ class ChatClient:
             return self._cached(cache)
         content = self._parse(self._post(payload))
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with replaced_atomically(cache) as tmp:
-                tmp.write_text(json.dumps({"content": content}))
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                with replaced_atomically(cache) as tmp:
+                    tmp.write_text(json.dumps({"content": content}))
+            except OSError as e:  # a full disk, or a file where the folder should be
+                fail(f"cannot write answer cache entry {cache}: {e.strerror}")
         return content
 
     @staticmethod

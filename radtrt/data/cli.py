@@ -41,12 +41,16 @@ def synthesize(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. https://host/v1."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name the endpoint serves."),
     template: bool = typer.Option(False, "--template", help="Offline deterministic templates instead of an endpoint."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the key."),
-    rate: float = typer.Option(1.0, "--rate", help="At most this many requests per second."),
-    retries: int = typer.Option(5, "--retries", min=0, help="Retries per request on 429/5xx/timeouts."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Answer cache folder (default: OUT.cache)."),
-    temperature: float = typer.Option(0.0, "--temperature"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key.",
+                                              show_default="OPENAI_API_KEY"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="At most this many requests per second.",
+                                         show_default="1"),
+    retries: Optional[int] = typer.Option(None, "--retries", min=0,
+                                          help="Retries per request on 429/5xx/timeouts.", show_default="5"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request.", show_default="60"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Answer cache folder.", show_default="OUT.cache"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature of the endpoint.",
+                                                show_default="0"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Turn structured label rows into findings text (chat endpoint, or --template offline)."""
@@ -54,16 +58,23 @@ def synthesize(
     from radtrt.data.synthesize import synthesize as run
 
     client = None
+    endpoint_only = {"--endpoint": endpoint, "--model": model, "--api-key-env": api_key_env, "--rate": rate,
+                     "--retries": retries, "--timeout": timeout, "--cache": cache, "--temperature": temperature}
     if template:
-        if endpoint or model:
-            fail("--template makes text offline; drop --endpoint/--model (or drop --template)")
+        given = [flag for flag, value in endpoint_only.items() if value is not None]
+        if given:  # each would be silently unused: templates are made offline
+            fail(f"--template makes text offline; drop {'/'.join(given)} (or drop --template)")
     else:
         if not endpoint or not model:
             fail("pass --endpoint URL and --model NAME, or --template for offline template text")
-        client = ChatClient(endpoint, model, api_key=os.environ.get(api_key_env) or None, rate_per_s=rate,
-                            max_retries=retries, timeout_s=timeout,
-                            cache_dir=cache or out.with_name(out.name + ".cache"))
-    path = run(labels, out, client=client, seed=seed, temperature=temperature, console=err)
+        cache_dir = cache or out.with_name(out.name + ".cache")
+        for name, path in (("output manifest", out), ("label file", labels)):
+            if cache_dir.resolve() == path.resolve():
+                fail(f"--cache {cache_dir} is the {name}; the answer cache needs a folder of its own")
+        limits = {"rate_per_s": rate, "max_retries": retries, "timeout_s": timeout}  # the client's defaults otherwise
+        client = ChatClient(endpoint, model, api_key=os.environ.get(api_key_env or "OPENAI_API_KEY") or None,
+                            cache_dir=cache_dir, **{k: v for k, v in limits.items() if v is not None})
+    path = run(labels, out, client=client, seed=seed, temperature=temperature or 0.0, console=err)
     if client is not None:
         err.print(f"{client.requests_made} request(s) sent to {client.url.split('/')[2]}", highlight=False)
     typer.echo(str(path))

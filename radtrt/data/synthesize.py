@@ -13,12 +13,13 @@ Template mode is deterministic: row ``i`` with seed ``s`` always gets the same t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from rich.console import Console
@@ -142,7 +143,10 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any]) ->
         fail(f"{out} holds rows made with other settings (template/endpoint, model, seed or temperature); "
              f"rerun with the same options, or choose another -o")
     raw = out.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # a run killed mid-line: drop the partial row, it is redone
+    if raw.strip() and not done:  # a file of someone else's (one line, no newline): never emptied
+        fail(f"{out} exists and holds no finished manifest row; choose another -o (if a run was stopped while "
+             f"writing its first row, delete {out} and rerun)")
+    if raw and not raw.endswith(b"\n"):  # a run killed mid-line after its rows: drop the partial row, it is redone
         out.write_bytes(raw[: raw.rfind(b"\n") + 1])
     return len(done)
 
@@ -176,11 +180,9 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
                  for i in range(start, len(inputs))} if client is None else {}
     make_dir(out.parent, "folder for the output manifest")
-    try:
-        handle = out.open("a", encoding="utf-8")
-    except OSError as e:
-        fail(f"cannot write {out}: {e.strerror}")
-    with handle, make_progress(console=console or Console(stderr=True), transient=True) as progress:
+    with contextlib.ExitStack() as stack, make_progress(console=console or Console(stderr=True),
+                                                          transient=True) as progress:
+        handle: TextIO | None = None  # opened with the first row: an endpoint failing at once leaves no empty file
         task = progress.add_task("synthesizing reports", total=len(inputs), completed=start)
         for i in range(start, len(inputs)):
             obj, labels = inputs[i], parsed[i]
@@ -191,7 +193,15 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
                 text = client.complete(llm_messages(labels, indication), temperature=temperature, seed=seed)
             row = {**obj, "findings": text, "indication": indication, "labels": _positive_names(labels),
                    "source_labels": obj.get("labels"), "synthesis": mode}
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
+            if handle is None:
+                try:
+                    handle = stack.enter_context(out.open("a", encoding="utf-8"))
+                except OSError as e:
+                    fail(f"cannot write {out}: {e.strerror}")
+            try:  # the rows before this one stay: a rerun completes the manifest
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.flush()
+            except OSError as e:
+                fail(f"cannot write {out}: {e.strerror}")
             progress.advance(task)
     return out
