@@ -91,6 +91,10 @@ def test_eval_is_deterministic(tmp_path: Path) -> None:
     (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--judge-prompt", "bogus"],
      "unknown --judge-prompt 'bogus'"),
     (["--metrics", "rouge", "--margin", "0.2"], "--margin is the CheXprompt parity margin"),
+    (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--api-version", "2024-06-01"],
+     "--api-version and --azure-deployment are for Azure OpenAI"),
+    (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--azure-deployment", "d"],
+     "--api-version and --azure-deployment are for Azure OpenAI"),
     # values that ended in tracebacks or meant something else than said
     (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--timeout", "nan"],
      "judge timeout must be a finite positive number"),
@@ -286,6 +290,38 @@ def test_results_path_may_not_be_the_judge_cache(tmp_path: Path, monkeypatch: py
     code, _, err = run("-p", str(preds), "--metrics", "chexprompt", "--judge-model", "g", "--endpoint",
                        "http://127.0.0.1:9/v1", "--judge-cache", str(cache), "-o", str(cache))
     assert code == 2 and "is the judge cache" in err and not cache.exists()
+    cache.write_bytes(b"SQLite format 3\x00")
+    (tmp_path / "results.json").hardlink_to(cache)  # the cache's answers were replaced by the results JSON
+    code, _, err = run("-p", str(preds), "--metrics", "chexprompt", "--judge-model", "g", "--endpoint",
+                       "http://127.0.0.1:9/v1", "--judge-cache", str(cache), "-o", str(tmp_path / "results.json"))
+    assert code == 2 and "is the judge cache" in err and cache.read_bytes() == b"SQLite format 3\x00"
+
+
+def test_results_replace_the_old_file_whole(tmp_path: Path) -> None:
+    """The results were written in place: a full disk left half a JSON file, and the old results were gone."""
+    preds = write_jsonl(tmp_path / "p.jsonl", RECORDS)
+    keep = tmp_path / "keep.json"
+    keep.write_text("earlier results")
+    (tmp_path / "r.json").hardlink_to(keep)  # written in place, the other name's file changed too
+    code, _, err = run("-p", str(preds), "--metrics", "rouge", "--bootstrap", "2", "-o", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert keep.read_text() == "earlier results" and json.loads((tmp_path / "r.json").read_text())
+
+
+def test_deeply_nested_or_huge_json_is_one_line(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "\n")
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text('{"study": ' + "9" * 5000 + "}\n")
+    for path in (deep, huge):
+        code, _, err = run("-p", str(path))
+        assert code == 2 and "line 1: not a predictions row" in err and "Traceback" not in err, err
+
+
+def test_paired_run_against_itself_is_refused(tmp_path: Path) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    code, _, err = run("--paired", str(a), str(a), "--metrics", "rouge")
+    assert code == 2 and "names" in err and "twice" in err
 
 
 def test_prediction_texts_that_cannot_be_scored_are_refused(tmp_path: Path) -> None:

@@ -69,6 +69,9 @@ def eval_command(
 
     if (predictions is None) == (paired is None):
         fail("give either --predictions FILE or --paired REFERENCE.jsonl CANDIDATE.jsonl")
+    if paired is not None and all(p.is_file() for p in paired) and paired[0].samefile(paired[1]):
+        fail(f"--paired names {paired[0]} twice: a run compared with itself always passes; give the reference "
+             f"and the candidate runs")
     names = parse_metrics(metrics)
     if margin is not None:
         if paired is None or "chexprompt" not in names:
@@ -121,12 +124,11 @@ def eval_command(
         _warn_empty(predictions, pairs)
         report = evaluate(pairs, cfg)
         result, summary = report.to_json(), render_report(report)
-    if out is not None:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        except OSError as e:
-            fail(f"cannot write {out}: {e.strerror}")
+    if out is not None:  # whole or not at all: a full disk after a long judge run must not cost the old results
+        from radtrt.outputs import make_dir, write_text
+
+        make_dir(out.parent, "folder for the results file")
+        write_text(out, json.dumps(result, indent=2) + "\n", "results file")
     typer.echo(summary, nl=False)
     if nothing_judged(result):
         written = f" (results written to {out})" if out is not None else ""
@@ -159,7 +161,8 @@ def _check_results_path(out: Path, inputs: list[Path], judge_cache: Optional[Pat
 
     if any(p.exists() and out.exists() and out.samefile(p) for p in inputs):
         fail(f"-o {out} is one of the prediction files being scored; choose another results path")
-    if judge_cache is not None and out.resolve() == judge_cache.resolve():
+    if judge_cache is not None and (out.resolve() == judge_cache.resolve() or
+                                    (out.exists() and judge_cache.exists() and out.samefile(judge_cache))):
         fail(f"-o {out} is the judge cache; choose another results path")
     check_file_target(out, "results file")
 

@@ -38,6 +38,8 @@ def load_predictions(path: Path) -> list[ReportPair]:
             obj = json.loads(line)
         except json.JSONDecodeError:
             fail(f"{path.name} line {lineno}: not valid JSON")
+        except (RecursionError, ValueError):  # nested too deeply; an integer of more than 4300 digits
+            fail(f"{path.name} line {lineno}: not a predictions row (JSON nested too deeply or a number too long)")
         if not isinstance(obj, dict):
             fail(f"{path.name} line {lineno}: expected a JSON object with {', '.join(FIELDS)}")
         for field in FIELDS:

@@ -46,6 +46,8 @@ class JudgeConfig:
                 fail(f"{option} must be an http(s) URL, got '{url}'")
         if self.azure_endpoint and not self.api_version:
             fail("Azure OpenAI needs an API version (--api-version, e.g. 2024-06-01)")
+        if not self.azure_endpoint and (self.api_version or self.azure_deployment):  # else silently unused
+            fail("--api-version and --azure-deployment are for Azure OpenAI: give --azure-endpoint too, or drop them")
         if self.concurrency < 1 or self.max_attempts < 1 or self.max_consecutive_failures < 1:
             fail("judge concurrency, attempts and failure limit must be at least 1")
         if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
