@@ -295,6 +295,22 @@ def test_rejected_key_stops_the_run_without_echoing_it(fake_judge: FakeJudge, tm
     assert "HTTP 401" in str(info.value) and KEY not in str(info.value)
 
 
+def test_a_stopped_run_caches_the_answers_in_flight_and_retries_no_more(fake_judge: FakeJudge,
+                                                                        tmp_path: Path) -> None:
+    """An interrupted or fatally stopped run kept retrying in its workers for minutes, and dropped the answers
+    that arrived meanwhile: paid for, then asked again on the rerun."""
+    fake_judge.scripts = {"slow": [("sleep", 0.5, answer())]}
+    fake_judge.default = lambda candidate: ("status", 401) if candidate == "bad" else ("status", 500)
+    cfg = config(fake_judge, tmp_path, concurrency=3, max_attempts=6, timeout_s=5, backoff_initial_s=1.0,
+                 backoff_max_s=2.0)
+    with pytest.raises(RadtrtError, match="HTTP 401"):
+        run_judge(cfg, pairs("slow", "bad", "down"))
+    assert fake_judge.count("down") == 1  # its backoff pause ended with the run, and no attempt followed
+    fake_judge.default = lambda candidate: ("answer", answer())
+    again = run_judge(cfg, pairs("slow", "bad", "down"))
+    assert again[0].cached and fake_judge.count("slow") == 1
+
+
 def test_endpoint_down_stops_after_consecutive_failures(fake_judge: FakeJudge, tmp_path: Path) -> None:
     fake_judge.scripts = {"first": [("answer", answer())]}
     fake_judge.default = lambda candidate: ("status", 502)

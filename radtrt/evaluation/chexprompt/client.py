@@ -30,8 +30,17 @@ class MalformedResponse(Exception):
     list belongs): a failure of that report, as a dropped connection is, not a crash of the run."""
 
 
+class Stopped(Exception):
+    """The run is stopping (interrupted, or ended by a fatal error): no further attempt is made."""
+
+
 class JudgeClient(Protocol):
-    """Anything that turns chat messages into the judge's answer text (tests may pass their own)."""
+    """Anything that turns chat messages into the judge's answer text (tests may pass their own).
+
+    ``stopping`` is set when the run ends early: no request may start after it, so an interrupted run does
+    not keep paying for retries while it waits for the requests already in flight."""
+
+    stopping: threading.Event
 
     def complete(self, messages: Messages) -> Optional[str]: ...
 
@@ -103,9 +112,10 @@ def describe(exc: BaseException) -> str:
 class OpenAIJudgeClient:
     """A judge behind an OpenAI-compatible or Azure OpenAI chat-completions endpoint."""
 
-    def __init__(self, cfg: JudgeConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, cfg: JudgeConfig, sleep: Optional[Callable[[float], object]] = None) -> None:
         self._cfg = cfg
-        self._sleep = sleep
+        self.stopping = threading.Event()
+        self._sleep = sleep or self.stopping.wait  # a backoff pause ends as soon as the run stops
         self._limiter = RateLimiter(cfg.requests_per_minute)
         # initial * 2**(attempt - 1), plus up to ``initial`` of jitter so that workers do not retry in step.
         self._backoff = wait_exponential_jitter(multiplier=cfg.backoff_initial_s, jitter=cfg.backoff_initial_s,
@@ -136,6 +146,8 @@ class OpenAIJudgeClient:
         for attempt in Retrying(stop=stop_after_attempt(self._cfg.max_attempts), wait=self._wait,
                                 retry=retry_if_exception(is_retryable), sleep=self._sleep, reraise=True):
             with attempt:
+                if self.stopping.is_set():
+                    raise Stopped()
                 self._limiter.acquire()
                 try:
                     response = self._client.chat.completions.create(

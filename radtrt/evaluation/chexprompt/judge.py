@@ -86,6 +86,7 @@ class Judge:
                             TimeRemainingColumn(), console=console or Console(stderr=True),
                             disable=not show_progress, transient=True)
         consecutive = 0
+        self.client.stopping.clear()
         with progress, ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             task = progress.add_task("judge", total=len(pairs), completed=len(results), label=self.cfg.model)
             futures: dict[Future[Optional[str]], tuple[int, str]] = {
@@ -114,10 +115,29 @@ class Judge:
                         fail(f"the judge failed {consecutive} reports in a row (last: {failure}); answers so far "
                              f"are cached in {self.cache.path}, rerun to resume")
                     progress.advance(task)
-            finally:
-                for future in futures:
-                    future.cancel()
+            except BaseException:  # interrupted, or stopped by a fatal answer: keep what is still arriving
+                running = sum(f.running() for f in futures)
+                if running:
+                    progress.console.print(f"stopping: waiting for {running} judge request(s) in flight; their "
+                                           f"answers are cached", highlight=False)
+                self._stop(pool, futures, results, pairs)
+                raise
         return [results[i] for i in range(len(pairs))]
+
+    def _stop(self, pool: ThreadPoolExecutor, futures: dict[Future[Optional[str]], tuple[int, str]],
+              results: dict[int, Judgement], pairs: Sequence[ReportPair]) -> None:
+        """Drop the queued requests and every retry, wait for the requests in flight, and cache their answers
+        that parse: the judge was paid for them, and a rerun then asks only for the rest."""
+        self.client.stopping.set()
+        for future in futures:
+            future.cancel()
+        pool.shutdown(wait=True)
+        for future, (i, key) in futures.items():
+            if i in results or future.cancelled() or future.exception() is not None:
+                continue
+            answer = future.result()
+            if answer is not None and self._parsed(pairs[i].study, answer, cached=False).counts is not None:
+                self.cache.put(self.cfg.cache_identity, key, answer)
 
 
 def _is_request_error(exc: Exception) -> bool:
