@@ -340,8 +340,10 @@ def doctor() -> None:
 def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Where to write the demo files."),
          as_json: bool = typer.Option(False, "--json")) -> None:
     """First run: a synthetic phantom study through an ONNX bundle of the embedded default model."""
+    from radtrt.outputs import check_folder_target
     from radtrt.runtime.demo import make_demo
 
+    check_folder_target(out / "sr", "demo SR folder (in -o)")  # before the export, not after it
     with err.status("preparing the demo: ONNX export of the default model and a phantom study"):
         bundle, study, row = make_demo(out)
     err.print(f"demo: phantom study {study} (synthetic; its true findings: {row['findings']})", highlight=False,

@@ -436,6 +436,18 @@ def test_demo_runs_the_default_bundle_without_spinning_threads(tmp_path: Path) -
     result = json.loads(out)
     assert result["backend"] == "onnxruntime" and result["view_position"] in ("PA", "AP") and result["report"]
     assert "spinning" not in err and len(list((tmp_path / "demo" / "sr").glob("*.dcm"))) == 1
+    manifest = tmp_path / "demo" / "phantom-study" / "manifest.jsonl"
+    row = json.loads(manifest.read_text())
+    for text, match in (("", "has no rows"), (json.dumps({k: v for k, v in row.items() if k != "study"}) + "\n",
+                                               "holds no DICOM phantom study")):
+        manifest.write_text(text)  # an IndexError, a KeyError
+        code, _, err = _invoke("demo", "-o", tmp_path / "demo")
+        _assert_refused(code, err, match)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sr").write_text("x")
+    code, _, err = _invoke("demo", "-o", tmp_path / "other")  # refused after a 20 s export
+    _assert_refused(code, err, "demo SR folder (in -o)")
+    assert not (tmp_path / "other" / "default-model-fp32").exists()
 
 
 def test_a_name_too_long_for_the_file_system_is_one_line(tmp_path: Path) -> None:

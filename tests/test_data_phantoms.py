@@ -116,7 +116,9 @@ def test_cli_phantoms_refuses_bad_output_and_sizes(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     for args, message in ((["-o", str(tmp_path / "f")], "is not a folder"),
                           (["-o", str(tmp_path / "f" / "sub")], "is not a folder"),
-                          (["-o", str(tmp_path / "big"), "--rows", "100000", "--cols", "100000"], "at most 4096")):
+                          (["-o", str(tmp_path / "big"), "--rows", "100000", "--cols", "100000"], "at most 4096"),
+                          # accepted, then refused by every command that reads it
+                          (["-o", str(tmp_path / "big"), "--rows", "64", "--cols", "4096"], "at most 4:1")):
         result = runner.invoke(app, ["data", "phantoms", "--n", "1", *args])
         assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "big").exists()

@@ -30,6 +30,7 @@ from radtrt.data.vocabulary import Findings, sample_findings
 from radtrt.errors import fail
 from radtrt.outputs import new_dir_built_aside
 from radtrt.imaging.dicom import load_dicom_image
+from radtrt.imaging.study import MAX_ASPECT
 from radtrt.imaging.synthetic import radiograph_dataset
 from radtrt.progress import make_progress
 
@@ -126,6 +127,8 @@ def write_phantom_set(out: Path, n: int, seed: int, *, rows: int = 288, cols: in
         fail(f"phantoms need at least 64 x 64 pixels, got {rows} x {cols}")
     if max(rows, cols) > MAX_SIDE:
         fail(f"phantoms are at most {MAX_SIDE} x {MAX_SIDE} pixels, got {rows} x {cols}")
+    if max(rows, cols) > MAX_ASPECT * min(rows, cols):  # infer, calibrate and training refuse such an image
+        fail(f"phantom sides may differ by at most {MAX_ASPECT}:1 (as a radiograph's), got {rows} x {cols}")
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         fail(f"unknown phantom format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")

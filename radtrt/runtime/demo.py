@@ -7,10 +7,11 @@ vision + decoder, report) on any machine, and prints the phantom's true findings
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from radtrt.data.manifest import read_manifest
 from radtrt.data.phantom_set import write_phantom_set
+from radtrt.errors import fail
 from radtrt.exporter.bundle import export_bundle
 from radtrt.model.loading import load_model
 from radtrt.model.default_model import default_model_dir
@@ -24,5 +25,8 @@ def make_demo(out: Path, seed: int = 2) -> tuple[Path, Path, dict]:
     phantoms = out / "phantom-study"
     if not (phantoms / "manifest.jsonl").is_file():
         write_phantom_set(phantoms, 1, seed, formats=("dicom",))
-    row = json.loads((phantoms / "manifest.jsonl").read_text().splitlines()[0])
-    return bundle, phantoms / row["study"], row
+    row = read_manifest(phantoms / "manifest.jsonl")[0].to_json()
+    study = row.get("study")
+    if not isinstance(study, str) or not (phantoms / study).is_dir():  # another run's set, or edited by hand
+        fail(f"{phantoms} holds no DICOM phantom study of radtrt's demo; delete it or choose another -o")
+    return bundle, phantoms / study, row
