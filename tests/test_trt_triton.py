@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -161,3 +164,59 @@ def test_python_models_prepare_and_decode(tmp_path: Path) -> None:
                      "model_repository": str(repo / "postprocessing"), "model_version": "1"})
     report, kept = decode_output(post.tokenizer, np.array([[300, 301, 2, 2]]), np.array([4]), post.eos)
     assert kept == [300, 301] and report == post.tokenizer.decode([300, 301]).strip()
+
+
+def _fake_pb_utils() -> types.ModuleType:
+    """The parts of Triton's ``triton_python_backend_utils`` the Python models use."""
+    pb = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor:
+        def __init__(self, name: str, array: np.ndarray) -> None:
+            self.name, self.array = name, array
+
+        def as_numpy(self) -> np.ndarray:
+            return self.array
+
+    class TritonError(Exception):
+        pass
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list[Tensor], error: Any = None) -> None:
+            self.output_tensors, self.error = output_tensors, error
+
+    pb.Tensor, pb.TritonError, pb.InferenceResponse = Tensor, TritonError, InferenceResponse  # type: ignore[attr-defined]
+    pb.get_input_tensor_by_name = lambda request, name: request[name]  # type: ignore[attr-defined]
+    return pb
+
+
+def test_preprocessing_execute_fails_only_the_bad_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request with two images lost the second silently, and a non-UTF-8 indication raised out of execute,
+    which fails every request of the call."""
+    pb = _fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    bundle = make_fake_bundle(tmp_path)
+    repo = write_triton_repo(bundle, tmp_path / "repo", vision_backend="onnxruntime",
+                             decoder_engine=_decoder_engine(tmp_path))
+    model = PreprocessingModel()
+    model.initialize({"model_config": json.dumps(
+        {"parameters": {k: {"string_value": v} for k, v in {"vocab_size": "512", "num_image_tokens": "16",
+                                                           "pixel_dtype": "float16"}.items()}}),
+        "model_repository": str(repo / "preprocessing"), "model_version": "1"})
+    png = io.BytesIO()
+    Image.fromarray((np.arange(80 * 60) % 251).astype(np.uint8).reshape(80, 60)).save(png, format="PNG")
+
+    def request(images: list[bytes], indication: bytes = b"Cough", max_new: int = 32) -> dict[str, Any]:
+        return {"IMAGE": pb.Tensor("IMAGE", np.array([[i] for i in images], dtype=object)),
+                "INDICATION": pb.Tensor("INDICATION", np.array([[indication]], dtype=object)),
+                "MAX_NEW_TOKENS": pb.Tensor("MAX_NEW_TOKENS", np.array([[max_new]], dtype=np.int32))}
+
+    good = request([png.getvalue()])
+    responses = model.execute([good, request([png.getvalue()] * 2), request([png.getvalue()], b"Dyspn\xe9e"),
+                               request([png.getvalue()], b"x " * 3000, 10**6), good])
+    errors = [str(r.error) if r.error is not None else None for r in responses]
+    assert errors[0] is None and errors[4] is None
+    assert "IMAGE holds 2 values: send one request per study" in errors[1]
+    assert errors[2] == "INDICATION is not UTF-8 text"
+    assert "exceed the model's 512 positions; shorten INDICATION or lower MAX_NEW_TOKENS" in errors[3]
+    outputs = {t.name: t.array for t in responses[0].output_tensors}
+    assert outputs["PIXEL_VALUES"].shape == (1, 3, 56, 56) and outputs["REQUEST_OUTPUT_LEN"].tolist() == [[32]]

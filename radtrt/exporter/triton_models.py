@@ -8,7 +8,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -39,6 +39,7 @@ class RequestPreparer:
     def __call__(self, image: bytes, indication: str, max_new_tokens: int) -> dict[str, np.ndarray]:
         from radtrt.imaging.preprocess import preprocess
         from radtrt.imaging.study import load_study
+        from radtrt.model.generate import check_positions
         from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
         from radtrt.runtime.tensorrt import fake_prompt_ids
 
@@ -53,6 +54,8 @@ class RequestPreparer:
         prompt = build_prompt(build_query(indication or None), self.cfg.conv_template)
         ids = tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
         ids = fake_prompt_ids(ids, self.num_image_tokens, self.vocab_size)
+        check_positions(len(ids), max_new_tokens, self.cfg.decoder.max_position_embeddings,
+                        fix="shorten INDICATION or lower MAX_NEW_TOKENS")
         eos = self.tokenizer.eos_token_id
         col = lambda v: np.array([[v]], dtype=np.int32)  # noqa: E731 - [batch 1, 1]
         return {"PIXEL_VALUES": pixels.numpy().astype(NP_DTYPES[self.pixel_dtype])[None],
@@ -71,6 +74,25 @@ def decode_output(tokenizer: Any, output_ids: np.ndarray, sequence_length: np.nd
     return postprocess(tokenizer.decode(ids)), ids
 
 
+def request_inputs(tensor: Callable[[str], np.ndarray]) -> tuple[bytes, str, int]:
+    """One request's (IMAGE, INDICATION, MAX_NEW_TOKENS) from ``tensor(name)``, its input as an array.
+
+    A request carrying several studies is refused, not cut to its first: the server batches requests, so a
+    client sends one request per study. An indication that is not UTF-8 fails its own request only."""
+    values = {}
+    for name in ("IMAGE", "INDICATION", "MAX_NEW_TOKENS"):
+        array = tensor(name)
+        if array.size != 1:
+            fail(f"{name} holds {array.size} values: send one request per study (the server batches requests)")
+        values[name] = array.reshape(-1)[0]
+    indication = values["INDICATION"]
+    try:
+        text = indication.decode("utf-8") if isinstance(indication, bytes) else str(indication)
+    except UnicodeDecodeError:
+        fail("INDICATION is not UTF-8 text")
+    return bytes(values["IMAGE"]), text, int(values["MAX_NEW_TOKENS"])
+
+
 def _model_args(args: dict[str, Any]) -> tuple[Path, dict[str, str]]:
     cfg = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
@@ -87,16 +109,11 @@ class PreprocessingModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils
 
-        def first(request: Any, name: str) -> Any:
-            return pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0]
-
         responses = []
         for request in requests:
-            indication = first(request, "INDICATION")
             try:
-                arrays = self.prepare(bytes(first(request, "IMAGE")), indication.decode()
-                                      if isinstance(indication, bytes) else str(indication),
-                                      int(first(request, "MAX_NEW_TOKENS")))
+                arrays = self.prepare(*request_inputs(
+                    lambda name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()))  # noqa: B023
             except RadtrtError as e:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
                 continue

@@ -56,12 +56,13 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int) -> None:
+def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int, *,
+                    fix: str = "shorten --indication or lower --max-new-tokens") -> None:
     """Refuse a generation longer than the model's positions before its KV cache is allocated (a huge
     --max-new-tokens was an allocation failure), with the same words on every backend."""
     if prompt_length + max_new_tokens > max_positions:
         fail(f"the prompt ({prompt_length} positions, with the image) + {max_new_tokens} new tokens exceed the "
-             f"model's {max_positions} positions; shorten --indication or lower --max-new-tokens")
+             f"model's {max_positions} positions; {fix}")
 
 
 @torch.no_grad()
