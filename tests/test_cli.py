@@ -406,6 +406,8 @@ def test_export_checks_its_inputs_before_loading_the_model(tmp_path: Path) -> No
     for args, match in (
             (["--precision", "int8", "--calibration-data", str(tmp_path / "nowhere"), "-o", str(tmp_path / "b")],
              "calibration data not found"),
+            (["--precision", "int8", "--calibration-data", "", "-o", str(tmp_path / "b")],  # calibrated on cwd
+             "--calibration-data is empty"),
             (["--precision", "fp32", "-o", str(tmp_path / "full")], "is not empty"),
             (["--precision", "fp16", "--int8-decoder", "smoothquant", "-o", str(tmp_path / "b")],
              "--int8-decoder applies to --precision int8 only"),  # was ignored, exit 0

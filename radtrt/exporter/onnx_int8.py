@@ -72,6 +72,9 @@ class Int8Plan:
         if self.calibration_data is None:
             fail("INT8 export needs calibration data: pass --calibration-data DIR|MANIFEST|CALIB_FILE (chest X-ray "
                  "studies, or a 'radtrt calibrate' file), or '--calibration-data phantom' for synthetic phantoms")
+        if not self.calibration_data.strip():  # Path("") is the current folder, which exists
+            fail("--calibration-data is empty: name a studies folder, a JSONL manifest, a 'radtrt calibrate' file, "
+                 "or 'phantom'")
         if self.calibration_data != "phantom" and not Path(self.calibration_data).exists():
             fail(f"calibration data not found: {self.calibration_data}")
 
