@@ -175,6 +175,7 @@ def export(
     from radtrt.exporter.gqa import DEFAULT_ATTENTION
     from radtrt.model.loading import cast_on_load, load_model
 
+    precision_given = precision is not None
     precision = targets.resolve_precision(precision, bundle, target)
     targets.refuse_unused_options(
         precision=precision, target=target, bundle=bundle, int8_decoder=int8_decoder, calibration_data=calibration_data,
@@ -182,7 +183,8 @@ def export(
         int8_only={"--calibration-n": calibration_n is not None, "--smoothquant-alpha": smoothquant_alpha is not None,
                    "--fp32-lm-head": not int8_lm_head, "--fp32-embeddings": not int8_embeddings,
                    "--parity-samples": parity_samples is not None},
-        attention=attention, trtllm_engine=trtllm_engine, max_batch_given=max_batch is not None)
+        attention=attention, trtllm_engine=trtllm_engine, max_batch_given=max_batch is not None,
+        precision_given=precision_given)
     max_batch = 8 if max_batch is None else max_batch
     # the defaults, once it is known which options were given (Int8Plan's own defaults)
     calibration_n = DEFAULT_N if calibration_n is None else calibration_n

@@ -649,3 +649,10 @@ def test_decoder_options_no_decoder_step_uses_are_refused(tmp_path: Path, target
 def test_triton_takes_no_model(bundle_fp16: Path, model_dir: Path, tmp_path: Path) -> None:
     _refused(["export", "--target", "triton", "--bundle", str(bundle_fp16), "-o", str(tmp_path / "repo"),
               "--trtllm-engine", "/srv/engine", "--model", str(model_dir)], "writes its repository from --bundle alone")
+
+
+def test_triton_with_an_engine_refuses_a_precision(bundle_fp16: Path, tmp_path: Path) -> None:
+    """The engine named is served as it was built: --precision int8 and fp32 wrote identical repositories."""
+    _refused(["export", "--target", "triton", "--bundle", str(bundle_fp16), "-o", str(tmp_path / "repo"),
+              "--trtllm-engine", "/srv/engine", "--precision", "int8"], "--precision chooses which engine")
+    assert not (tmp_path / "repo").exists()

@@ -57,7 +57,8 @@ def resolve_precision(precision: str | None, bundle: Path | None, target: str) -
 def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, int8_decoder: str | None,
                           calibration_data: str | None, calibration_stats: Path | None, int8_kv_cache: bool,
                           int8_only: dict[str, bool], attention: str | None = None,
-                          trtllm_engine: Path | None = None, max_batch_given: bool = False) -> None:
+                          trtllm_engine: Path | None = None, max_batch_given: bool = False,
+                          precision_given: bool = False) -> None:
     """Options this export would not use are refused, not ignored: the user believes they took effect.
     ``int8_only``: option -> whether it was given (options of the ONNX INT8 export only)."""
     if bundle is not None:  # the ONNX export's options: that export happened before
@@ -75,7 +76,8 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
             if given:
                 fail(f"{flag} is the decoder's; --target tensorrt with --bundle builds the vision engine only")
     if target == "triton" and trtllm_engine is not None:  # the engine named is served as it is
-        for flag, given in (("--int8-kv-cache", int8_kv_cache), ("--int8-decoder", int8_decoder is not None)):
+        for flag, given in (("--int8-kv-cache", int8_kv_cache), ("--int8-decoder", int8_decoder is not None),
+                            ("--precision", precision_given)):
             if given:
                 fail(f"{flag} chooses which engine of the bundle to serve; with --trtllm-engine that engine is "
                      f"served as it was built")
