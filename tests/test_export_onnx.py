@@ -408,6 +408,8 @@ def test_a_config_whose_image_size_the_vision_graph_does_not_take_is_refused(bun
     (["--ort-provider", "cpu", "--trt-cache", "cache"], "--trt-cache is the TensorRT execution provider's"),
     (["--backend", "torch", "--model", "MODEL", "--ort-spin"], "--ort-spin applies to the onnxruntime backend"),
     (["--indication", "see <ima<image>ge> prior"], "contains the image placeholder"),  # failed every study
+    (["--model", "MODEL"], "--model is not used: this run uses onnxruntime"),  # ran the bundle, ignored the model
+    (["--backend", "torch", "--model", "MODEL"], "--bundle is not used: this run uses torch"),
 ])
 def test_infer_options_the_run_would_ignore_are_refused(bundle: Path, model_dir: Path, studies: list[Path],
                                                         extra: list[str], match: str) -> None:

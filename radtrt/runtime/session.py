@@ -42,7 +42,8 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     trt_ready = bundle is not None and backend == "auto" and _trt_ready(bundle)
     chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers,
                                  trt_ready=trt_ready)
-    _refuse_unused(chosen, why, dtype=dtype, ort_provider=ort_provider, trt_cache=trt_cache, ort_spin=ort_spin)
+    _refuse_unused(chosen, why, dtype=dtype, ort_provider=ort_provider, trt_cache=trt_cache, ort_spin=ort_spin,
+                   model=model, bundle=bundle)
     dtype = dtype or "float32"
     if chosen == "onnxruntime":
         assert bundle is not None
@@ -65,7 +66,7 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
 
 
 def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: str, trt_cache: Path | None,
-                   ort_spin: bool) -> None:
+                   ort_spin: bool, model: Path | None = None, bundle: Path | None = None) -> None:
     """Options of a backend this run does not use are refused, not ignored: the user believes they took effect."""
     if chosen != "onnxruntime":
         given = [flag for flag, used in (("--ort-provider", ort_provider != "auto"), ("--trt-cache", trt_cache),
@@ -77,6 +78,11 @@ def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: st
     if chosen != "torch" and dtype is not None:
         fail(f"--dtype applies to the torch backend; this run uses {chosen} ({why}), which runs the bundle in the "
              f"precision it was exported in")
+    if chosen == "torch" and bundle is not None:
+        fail(f"--bundle is not used: this run uses torch ({why}), which runs --model; drop --bundle or --model")
+    if chosen != "torch" and model is not None:
+        fail(f"--model is not used: this run uses {chosen} ({why}) on --bundle; drop --model, or pass "
+             f"--backend torch and drop --bundle to run the model")
 
 
 def study_error(study: Path, error: Exception) -> str:
