@@ -404,3 +404,24 @@ def test_a_zero_number_of_frames_or_a_huge_slope_print_nothing_raw(tmp_path: Pat
         warnings.simplefilter("error")  # any warning now fails the read
         assert load_dicom_image(tmp_path / "zero.dcm").pixels_u8.size
         _refused(tmp_path / "slope.dcm", "values beyond floating point")
+
+
+def test_header_charset_warnings_stay_off_stderr(tmp_path: Path) -> None:
+    """pydicom warned over several stderr lines about a name it could not decode or a charset it does not
+    know, while reading a study that is otherwise fine."""
+    import warnings
+
+    from radtrt.imaging.dicom import read_dicom
+
+    for charset, name in (("ISO_IR 192", b"Dyspn\xe9e^X"), ("ISO_IR 999", b"DOE^J")):
+        ds = radiograph_dataset(synthetic_chest(seed=3))
+        ds.SpecificCharacterSet = charset
+        ds.add_new(0x00100010, "PN", name)
+        path = tmp_path / f"{charset.replace(' ', '_')}.dcm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.save_as(path, enforce_file_format=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            read_dicom(path)
+        assert not [w for w in caught if "pydicom" in w.filename], [str(w.message) for w in caught]

@@ -49,8 +49,10 @@ from __future__ import annotations
 import re
 import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from pydicom import dcmread
@@ -112,6 +114,16 @@ def _parse_all(ds: Dataset) -> None:
                 _parse_all(item)
 
 
+@contextmanager
+def quiet(modules: str = "pydicom") -> Iterator[None]:
+    """No warnings from ``modules`` (a regex of package names): pydicom's and highdicom's quote header values
+    (a patient's name in a charset it cannot decode, say) over several lines of stderr; what matters is
+    refused in radtrt's own lines, without values."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=rf"({modules})\.")
+        yield
+
+
 def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
     """``dcmread`` with ``force=False``: anything without the DICM preamble is not DICOM.
 
@@ -119,9 +131,10 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
     """
     name = path.name
     try:
-        ds = dcmread(path, force=False, defer_size=defer_size)
-        _parse_all(ds)
-        _parse_all(ds.get("file_meta", Dataset()))  # parsed lazily too: a damaged VR there failed much later
+        with quiet():
+            ds = dcmread(path, force=False, defer_size=defer_size)
+            _parse_all(ds)
+            _parse_all(ds.get("file_meta", Dataset()))  # parsed lazily too: a damaged VR there failed much later
     except InvalidDicomError:
         fail(f"{name}: not a DICOM file (no DICOM preamble and 'DICM' prefix), nor a PNG or JPEG image "
              f"(radtrt recognises files by content, not by name)")

@@ -32,10 +32,7 @@ import datetime
 import os
 import re
 import tempfile
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -45,6 +42,7 @@ from pydicom.valuerep import DA, TM
 
 import radtrt
 from radtrt.errors import fail
+from radtrt.imaging.dicom import quiet
 from radtrt.imaging.study import SelectedImage
 
 DISCLAIMER = (
@@ -158,7 +156,7 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
                 fail(f"{source.source_file.name}: its {keyword} is not a DICOM UID; no SR written")
     evidence = _evidence_from_dicom(source.dataset) if from_dicom else _anonymous_evidence()
     try:
-        with _quiet():
+        with quiet("highdicom|pydicom"):  # warnings of a header copied or written
             sr = _document(report_text, evidence, from_dicom, model_name, model_version)
     # the message may quote header values: not shown. KeyError: a SOP class highdicom has no IOD for (a vendor's)
     except (ValueError, TypeError, AttributeError, KeyError) as e:
@@ -167,15 +165,6 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
     if not from_dicom and "CurrentRequestedProcedureEvidenceSequence" in sr:
         del sr.CurrentRequestedProcedureEvidenceSequence  # it would name a non-existent image
     return sr
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """highdicom's and pydicom's warnings while a header is copied or written quote its values (a patient's
-    name, say); what matters is refused in radtrt's own lines, without values."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"(highdicom|pydicom)\.")
-        yield
 
 
 def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name: str,
@@ -221,7 +210,7 @@ def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_na
         fail(f"cannot write into SR output folder {out_dir.name!r}: {exc.strerror}")
     temp = Path(temp_name)
     try:
-        with os.fdopen(fd, "wb") as handle, _quiet():
+        with os.fdopen(fd, "wb") as handle, quiet("highdicom|pydicom"):
             sr.save_as(handle, enforce_file_format=True)
             handle.flush()
             os.fsync(handle.fileno())
