@@ -148,8 +148,8 @@ def test_unused_files_and_a_lateral_given_by_itself_are_warned_about(merged: Pat
     assert [json.loads(line)["view_position"] for line in out.splitlines()] == ["PA", "LL"]  # stdout stays JSON
     warnings = [line for line in err.splitlines() if line.startswith("radtrt: warning:")]
     assert len(warnings) == 2, err
-    assert warnings[0].startswith("radtrt: warning: study: 1 file(s) not used:") and "CT" in warnings[0]
-    assert warnings[1].startswith("radtrt: warning: lat.dcm: the image is a LL view, not frontal")
+    assert warnings[0].startswith(f"radtrt: warning: {folder}: 1 file(s) not used:") and "CT" in warnings[0]
+    assert warnings[1].startswith(f"radtrt: warning: {lateral}: the image is a LL view, not frontal")  # as given
     assert FAKE_PATIENT_NAME.split("^")[0] not in err and FAKE_PATIENT_ID not in err
 
 

@@ -182,7 +182,7 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
 def study_warnings(study: Path, image: SelectedImage) -> list[str]:
     """What the user must hear about a study that was read: files of its folder that were not used, and a
     chosen image that is not frontal (only a file given by itself can be; its report is then unreliable)."""
-    name = Path(study).name or str(study)
+    name = str(study)  # as given, as errors name it: two studies' "frontal.dcm" are told apart
     out = []
     if image.skipped:
         out.append(f"{name}: {len(image.skipped)} file(s) not used: {_summarise_skipped(list(image.skipped))}")
