@@ -1,13 +1,14 @@
 """The ``radtrt`` command: a thin typer layer over the library.
 
 Results go to stdout, logs and progress to stderr. A ``RadtrtError`` (bad input, missing files)
-becomes one line on stderr and exit code 2; usage errors are 2 as well; anything else is a bug: 1.
+becomes one line on stderr and exit code 2; so does a usage error (``main``); anything else is a bug: 1.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -380,7 +381,16 @@ def _terminated(signum: int, frame: Any) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminated)
-    app()
+    try:
+        code = app(standalone_mode=False)  # typer returns the exit code instead of leaving
+    except typer.TyperException as e:  # a usage error (unknown option, bad value): one line, like every refusal
+        message = e.format_message().strip() if hasattr(e, "format_message") else str(e)
+        ctx = getattr(e, "ctx", None)
+        if message:  # empty for a group called without a command: typer has shown its help
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            err.print(f"radtrt: error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,18 @@ def test_every_option_help_is_shown_whole() -> None:
                 assert _flat(help_text) in shown, (path, param.name)
                 checked += 1
     assert checked > 50
+
+
+def test_usage_errors_are_one_line_and_exit_2() -> None:
+    """They were a usage line, a hint and an error box over five lines of stderr."""
+    import subprocess
+    import sys
+
+    for args, match in ((["infer", "--bogus", "x"], "No such option: --bogus"),
+                        (["infer", "--max-new-tokens", "abc", "x"], "Invalid value for '--max-new-tokens'"),
+                        (["data", "phantoms", "--n", "0", "-o", "x"], "Invalid value for '--n'")):
+        run = subprocess.run([sys.executable, "-m", "radtrt.cli", *args], capture_output=True, text=True, timeout=120)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, run.stderr
+        assert lines[0].startswith("radtrt: error: ") and match in lines[0] and lines[0].endswith("--help')")
+        assert run.stdout == ""
