@@ -185,14 +185,17 @@ def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: 
     assert meta["samples"][0]["file"].startswith("png/") and len(meta["samples"][0]["sha256"]) == 64
 
 
-def _edited(calib, tmp_path: Path, name: str, meta_edit=None, tensor_edit=None) -> Path:
-    """A copy of the calibration file with its metadata or tensors damaged."""
+def _edited(calib, tmp_path: Path, name: str, meta_edit=None, tensor_edit=None, keep_digest: bool = False) -> Path:
+    """A copy of the calibration file with its metadata or tensors damaged; without ``keep_digest``, as a file
+    without a content digest (written before radtrt recorded one), so that the checks behind it are reached."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = calib.file.save(tmp_path / "source.safetensors")
     with safe_open(str(path), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if not keep_digest:
+        del metadata["content_sha256"]
     if meta_edit is not None:
         metadata["meta"] = json.dumps(meta_edit(json.loads(metadata["meta"])))
     if tensor_edit is not None:
@@ -237,6 +240,22 @@ def test_damaged_statistics_are_refused(calib, loaded: LoadedModel, tmp_path: Pa
     with pytest.raises(RadtrtError, match="'model.layers.9.mlp', which this model does not have"):
         CalibrationFile.load(path).check_model(loaded.model)
     CalibrationFile.load(calib.file.save(tmp_path / "intact.safetensors")).check_model(loaded.model)
+
+
+def test_edited_statistics_or_metadata_fail_the_content_digest(calib, loaded: LoadedModel, tmp_path: Path) -> None:
+    """Zeroed or scaled maxima exported with exit code 0 into a badly wrong INT8 graph (image error 4.7 and 18
+    against 1.75); an edited preprocessing constant was accepted too."""
+    key = "vision.input:vision_tower.patch_embed.proj"
+    for name, edit in (("zero", lambda t: t[key].zero_()), ("x1000", lambda t: t[key].mul_(1000))):
+        with pytest.raises(RadtrtError, match="do not match its recorded sha256"):
+            CalibrationFile.load(_edited(calib, tmp_path, name, tensor_edit=edit, keep_digest=True))
+    with pytest.raises(RadtrtError, match="do not match its recorded sha256"):
+        CalibrationFile.load(_edited(calib, tmp_path, "meta", keep_digest=True,
+                                     meta_edit=lambda m: {**m, "preprocess": {**m["preprocess"], "image_size": 999}}))
+    CalibrationFile.load(_edited(calib, tmp_path, "old"))  # a file without a digest still loads
+    intact = CalibrationFile.load(calib.file.save(tmp_path / "intact.safetensors"))
+    copy = CalibrationFile.load(intact.without_paths().save(tmp_path / "copy.safetensors"))  # a bundle's copy
+    assert copy.hash == intact.hash
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder nobody can write in")

@@ -18,6 +18,7 @@ decoder's. The sample list and its hashes record what the statistics were measur
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -78,9 +79,11 @@ class CalibrationFile:
         tensors |= {f"vision.input:{k}": v for k, v in self.vision.inputs.items()}
         tensors |= {f"vision.output:{k}": v for k, v in self.vision.outputs.items()}
         make_dir(path.parent, "folder for the calibration file")
-        save_tensors({k: v.float().contiguous() for k, v in tensors.items()}, path,
-                     metadata={"format": CALIBRATION_FORMAT, "format_version": str(CALIBRATION_FORMAT_VERSION),
-                               "meta": json.dumps(self.meta)})
+        tensors = {k: v.float().contiguous() for k, v in tensors.items()}
+        meta = json.dumps(self.meta)
+        save_tensors(tensors, path, metadata={"format": CALIBRATION_FORMAT,
+                                              "format_version": str(CALIBRATION_FORMAT_VERSION), "meta": meta,
+                                              "content_sha256": content_sha256(meta, tensors)})
         return path
 
     @classmethod
@@ -98,6 +101,10 @@ class CalibrationFile:
         except (KeyError, json.JSONDecodeError) as e:
             fail(f"calibration file {path} has unreadable metadata ({e})")
         tensors = load_tensors(path)
+        recorded = meta_raw.get("content_sha256")  # absent from files of radtrt before 2026-11-30
+        if recorded is not None and recorded != content_sha256(meta_raw["meta"], tensors):
+            fail(f"calibration file {path}: its statistics or metadata do not match its recorded sha256 (edited or "
+                 f"damaged): re-run 'radtrt calibrate'")
         for key, values in tensors.items():
             if not values.is_floating_point() or values.ndim != 1:
                 fail(f"calibration file {path}: statistics '{key}' are not a float vector (damaged file?): "
@@ -139,6 +146,16 @@ class CalibrationFile:
                     if tuple(values.shape) != (channels(modules[name], side),):
                         fail(f"{path}: the {side} statistics of '{name}' have shape {tuple(values.shape)}, the module "
                              f"has {channels(modules[name], side)} channels (damaged file?): re-run 'radtrt calibrate'")
+
+
+def content_sha256(meta: str, tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of the metadata as stored and every statistic: scales exported from edited maxima (zeroed, or
+    a thousand times larger) gave a wrong INT8 graph with exit code 0, and only the sample list was hashed."""
+    h = hashlib.sha256(meta.encode())
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 META_TYPES = {"model": dict, "samples": list, "sample_list_sha256": str, "source": dict, "method": dict, "created": str}
