@@ -425,7 +425,8 @@ def test_a_failed_study_is_named_as_given(bundle: Path, studies: list[Path], tmp
     result = runner.invoke(app, ["infer", str(studies[0]), str(broken), "--bundle", str(bundle), "--json",
                                  "--max-new-tokens", "2"])
     assert result.exit_code == 2 and f"radtrt: error: {broken}: frontal.png: " in result.stderr, result.stderr
-    assert len(result.stdout.strip().splitlines()) == 1  # the other study still ran
+    ran, failed = [json.loads(line) for line in result.stdout.splitlines()]  # the other study still ran
+    assert ran["token_ids"] and failed == {"study": str(broken), "error": failed["error"], "stage": "input"}
 
 
 def test_malformed_model_config_with_a_matching_hash_is_refused(bundle: Path, studies: list[Path],
