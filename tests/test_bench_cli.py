@@ -69,8 +69,10 @@ def test_parity_on_a_phantom_manifest_reports_finding_labels(tiny: Assets, work:
     manifest = write_phantom_set(tmp_path / "set", 3, 5, rows=96, cols=80, formats=("png",))
     preds = tmp_path / "preds"
     code, out, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies",
-                             manifest.parent, "--max-new-tokens", 8, "--json", "--predictions-out", preds)
+                             manifest.parent, "--max-new-tokens", 8, "--json", "--predictions-out", preds,
+                             "-o", tmp_path / "r.md")
     assert code == 0, err
+    assert err.index("wrote ") < err.index("CheXprompt: radtrt eval")  # the next step once everything is written
     data = json.loads(out)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     assert [st["true_labels"] for st in data["studies"]] == [r["labels"] for r in rows]
@@ -282,6 +284,16 @@ def test_predictions_out_must_be_a_new_folder(tmp_path: Path) -> None:
                                "--synthetic", 1, "--predictions-out", target)
         assert code == 2 and match in err and "Traceback" not in err, err
     assert not (tmp_path / "never").exists() and (tmp_path / "full" / "reference.jsonl").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("preds, out", [("rep", "rep"), ("rep.json", "rep.md"), ("rep.png", "rep.md"),
+                                        ("d", "d/r.md"), ("d/sub", "d")])
+def test_predictions_out_in_the_way_of_the_report_is_refused_first(tmp_path: Path, preds: str, out: str) -> None:
+    """Accepted, it failed after the whole run, with the predictions (and half the report) written."""
+    code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", tmp_path / "never",
+                           "--synthetic", 1, "--predictions-out", tmp_path / preds, "-o", tmp_path / out)
+    assert code == 2 and "are in each other's way" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", [".", "", "/"])

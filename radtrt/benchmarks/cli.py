@@ -97,6 +97,24 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, once links and '..' are resolved (two spellings of one
+    place must not pass as two places)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_predictions_apart(predictions_out: Path | None, out: Path | None) -> None:
+    """--predictions-out is a folder and -o writes three files: one inside (or above) the other was only found
+    when the second was written, after the whole run and with the first already there."""
+    if predictions_out is None or out is None:
+        return
+    for path in _report_files(out):
+        if _within(path, predictions_out) or _within(predictions_out, path):
+            fail(f"--predictions-out {predictions_out} and the report file {path} (-o {out}) are in each other's "
+                 f"way; give the predictions a folder of their own")
+
+
 def _check_work_dir(work_dir: Path, used: bool) -> None:
     if used:
         from radtrt.outputs import check_folder_target
@@ -243,6 +261,7 @@ def parity(
         from radtrt.outputs import check_new_dir
 
         check_new_dir(predictions_out, "--predictions-out folder")
+    _check_predictions_apart(predictions_out, out)
     command = reproduce_command("parity", [
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
         ("--work-dir", work_dir if random_model or studies is None else None),
@@ -263,11 +282,12 @@ def parity(
         from radtrt.benchmarks.parity import write_paired_predictions
 
         ref, cand = write_paired_predictions(report, predictions_out)
-        err.print(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
-                  f"--endpoint URL --judge-model NAME", highlight=False, soft_wrap=True)
     _emit(parity_markdown(report), report.to_json(), as_json, out)
     if out is not None and _report_files(out)[2].exists():  # an earlier latency report's chart (checked as ours)
         _report_files(out)[2].unlink()
+    if predictions_out is not None:  # last: the next step, once every output is written
+        err.print(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
+                  f"--endpoint URL --judge-model NAME", highlight=False, soft_wrap=True)
 
 
 def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, device: str, ort_provider: str,
