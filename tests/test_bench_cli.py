@@ -296,6 +296,24 @@ def test_predictions_out_in_the_way_of_the_report_is_refused_first(tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind, flag, target", [
+    ("latency", "-o", "studies/r.md"), ("parity", "-o", "studies/sub/r.md"), ("latency", "--work-dir", "studies"),
+    ("parity", "--work-dir", "studies/cache"), ("parity", "--predictions-out", "studies/preds"),
+    ("latency", "-o", "link/r.md")])
+def test_outputs_inside_the_studies_folder_are_refused_first(tmp_path: Path, kind: str, flag: str,
+                                                             target: str) -> None:
+    """A report among the studies was read as one by the printed reproduce command; --work-dir exported a random
+    model into the user's study folder."""
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "a.dcm").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(tmp_path / "studies")
+    work = () if flag == "--work-dir" else ("--work-dir", tmp_path / "never")
+    code, _, err = _invoke("bench", kind, "--random-model", "tiny", "--studies", tmp_path / "studies", *work,
+                           flag, tmp_path / target)
+    assert code == 2 and "is inside the --studies folder" in err and "Traceback" not in err, err
+    assert [p.name for p in (tmp_path / "studies").iterdir()] == ["a.dcm"] and not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize("name", [".", "", "/"])
 def test_a_folder_as_the_report_is_one_line(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """'.' and '/' have no name to put report.json beside: a ValueError traceback."""

@@ -115,6 +115,16 @@ def _check_predictions_apart(predictions_out: Path | None, out: Path | None) -> 
                  f"way; give the predictions a folder of their own")
 
 
+def _check_outside_studies(studies: Path | None, outputs: list[tuple[str, Path | None]]) -> None:
+    """Nothing is written into a --studies folder: its entries are the studies, so a report left there was read
+    as a study by the printed reproduce command, and --work-dir exported a random model among them."""
+    if studies is None or not studies.is_dir():
+        return
+    for flag, path in outputs:
+        if path is not None and _within(path, studies):
+            fail(f"{flag} {path} is inside the --studies folder {studies}; write outputs elsewhere")
+
+
 def _check_work_dir(work_dir: Path, used: bool) -> None:
     if used:
         from radtrt.outputs import check_folder_target
@@ -195,6 +205,7 @@ def latency(
         fail("--stages vision runs no decoder: drop --indication / --max-new-tokens")
     _check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
+    _check_outside_studies(studies, [("-o", out), ("--work-dir", work_dir if random_model is not None else None)])
 
     command = reproduce_command("latency", [
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
@@ -262,6 +273,8 @@ def parity(
 
         check_new_dir(predictions_out, "--predictions-out folder")
     _check_predictions_apart(predictions_out, out)
+    _check_outside_studies(studies, [("-o", out), ("--work-dir", work_dir if random_model is not None else None),
+                                     ("--predictions-out", predictions_out)])
     command = reproduce_command("parity", [
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
         ("--work-dir", work_dir if random_model or studies is None else None),
