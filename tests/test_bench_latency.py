@@ -114,6 +114,17 @@ def test_report_math_on_fake_timings() -> None:
     assert ratios["tokens_per_s"] == pytest.approx(40 / (1000 / 45))
 
 
+def test_tokens_per_s_ratio_is_the_inverse_of_the_decode_ms_ratio() -> None:
+    """With an even number of passes a median of per-pass tokens/s is not 1000 / the median ms per token: the
+    report printed a 1.025 time ratio beside a 0.751 tokens/s ratio for one measurement."""
+    samples = [s for s in _samples() if s.run < 2]  # two runs each: 20, 25 ms against 40, 50 ms
+    report = _report(settings=LatencySettings(runs=2, warmup=0, max_new_tokens=32), samples=samples)
+    ort, torch_ = report.backends
+    assert ort.tokens_per_s is not None and ort.tokens_per_s.median == pytest.approx(1e3 / 22.5)
+    assert report.ratios()["tokens_per_s"] == pytest.approx(1 / report.ratios()["decode_per_token"])
+    assert ort.floor is not None and ort.floor.achieved_tokens_per_s == pytest.approx(1e3 / 22.5)
+
+
 def test_single_backend_has_no_ratios_and_passes_without_a_decode_step_are_left_out() -> None:
     """A pass that ended at its first token measured only overhead as 'decode per token' (0.1 ms)."""
     stages = ("preprocess", "vision", "prefill", "decode", "decode_per_token", "end_to_end")

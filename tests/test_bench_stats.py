@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radtrt.benchmarks.stats import percentile, ratio, summarize
+from radtrt.benchmarks.stats import percentile, rates, ratio, summarize
 from radtrt.errors import RadtrtError
 
 
@@ -42,3 +42,16 @@ def test_ratio_is_other_over_reference_and_none_when_undefined() -> None:
 def test_summary_json_is_rounded_plain_numbers() -> None:
     data = summarize([1.23456789, 2.0]).to_json()
     assert data["min"] == 1.2346 and data["n"] == 2
+
+
+def test_rates_are_the_reciprocals_of_the_timings_statistics() -> None:
+    """Two runs at 20 and 30 ms per token: 40 tokens/s (1000 / the 25 ms median printed beside it), not the
+    median of 50 and 33.3 tokens/s (41.7), which gave a second, different speed-up for one measurement."""
+    ms = [20.0, 30.0, 25.0, 40.0]
+    r, t = rates(ms), summarize(ms)
+    assert r.n == 4 and r.median == pytest.approx(1e3 / t.median) and r.mean == pytest.approx(1e3 / t.mean)
+    assert r.min == pytest.approx(1e3 / t.max) and r.max == pytest.approx(1e3 / t.min)
+    assert r.p90 == pytest.approx(1e3 / np.percentile(ms, 10)) and r.p95 == pytest.approx(1e3 / np.percentile(ms, 5))
+    assert r.min <= r.median <= r.p90 <= r.p95 <= r.max
+    with pytest.raises(RadtrtError):
+        rates([])

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from radtrt.benchmarks.bandwidth import Bandwidth, DecodeFloor, decode_floor, kv_bytes_per_step
 from radtrt.benchmarks.machine import MachineInfo
 from radtrt.benchmarks.sides import Side
-from radtrt.benchmarks.stats import Summary, ratio, summarize
+from radtrt.benchmarks.stats import Summary, rates, ratio, summarize
 from radtrt.errors import fail
 from radtrt.runtime.pipeline import Pipeline
 
@@ -201,7 +201,7 @@ def summarize_backend(info: BackendInfo, samples: list[Sample], stages: tuple[st
                  for stage in stages}
     if "decode_per_token" not in stages:
         return BackendLatency(info, summaries, None, None, None, mine)
-    tps = summarize([1e3 / s.timings_ms["decode_per_token"] for s in decoding])
+    tps = rates([s.timings_ms["decode_per_token"] for s in decoding])  # 1e3 / the decode ms per token shown
     new_tokens = summarize([s.new_tokens for s in mine])
     floor = None
     if bandwidth is not None:
