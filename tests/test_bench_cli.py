@@ -133,6 +133,26 @@ def test_latency_two_backends_writes_markdown_json_png(tiny: Assets, work: Path,
     assert json.loads(report.with_suffix(".json").read_text())["kind"] == "parity" and not png.exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM")
+def test_peak_rss_leaves_out_what_ran_before_and_the_bandwidth_probe(tiny: Assets, work: Path) -> None:
+    """'Peak RSS ... (all backends together)' was the process's lifetime peak: the bandwidth probe's 512 MiB
+    matrix, a random model's build, anything the caller had allocated before."""
+    import numpy as np
+
+    from radtrt.benchmarks.api import run_latency
+    from radtrt.benchmarks.machine import PEAK_WHILE_MEASURED, current_rss_mb
+
+    before = current_rss_mb()
+    assert before is not None
+    big = np.ones(300 << 17)  # 300 MiB, touched
+    del big
+    report = run_latency(random_model="tiny", work_dir=work, backends=["onnxruntime"], synthetic=1, runs=1, warmup=0,
+                         max_new_tokens=2)
+    assert report.bandwidth is not None and report.bandwidth.matrix_bytes >= 256 << 20  # the probe ran
+    assert report.peak_rss_scope == PEAK_WHILE_MEASURED
+    assert report.peak_rss_mb < before + 200, (before, report.peak_rss_mb)
+
+
 def test_latency_two_bundles_named_by_precision(tiny: Assets, work: Path, tmp_path: Path) -> None:
     """``--vs-bundle``: an fp16 bundle against the fp32 one, interleaved; its KV cache counted at 2 bytes."""
     from radtrt.cli import app

@@ -11,7 +11,14 @@ from typing import Any
 
 from radtrt.benchmarks.assets import resolve_assets, study_entries, study_paths
 from radtrt.benchmarks.latency import BackendInfo, LatencyReport, LatencySettings, build_report, measure
-from radtrt.benchmarks.machine import gpu_peak_memory_mb, machine_info, peak_rss_mb
+from radtrt.benchmarks.machine import (
+    PEAK_WHILE_MEASURED,
+    PEAK_WHOLE_PROCESS,
+    gpu_peak_memory_mb,
+    machine_info,
+    peak_rss_mb,
+    reset_peak_rss,
+)
 from radtrt.benchmarks.parity import ParityReport, measure_parity
 from radtrt.benchmarks.sides import open_sides
 from radtrt.errors import fail
@@ -45,20 +52,27 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
                             vision_only=stages == "vision", progress=progress)
     paths = study_paths(studies, synthetic, work_dir, default_synthetic=1)
     step = _Step(progress, "opening backends")
+    # the peak memory is of loading and measuring the backends: the random model's build before and the
+    # bandwidth probe's matrix between are left out where the kernel can restart the high-water mark
+    scoped = reset_peak_rss()
     sides = open_sides(backends, assets, base_model=base_model, device=device, ort_provider=ort_provider,
                        threads=threads, vs_bundle=vs_bundle, ort_spin=ort_spin)
+    peak = peak_rss_mb()
     bandwidth = None
     if stages == "all" and bandwidth_probe:
         step("measuring matrix-vector bandwidth")
         bandwidth = measure_gemv_bandwidth(decoder=sides[0].pipeline.cfg.decoder)
+        scoped = reset_peak_rss() and scoped
     samples = measure(sides, paths, settings, on_step=step)
+    peak = max(peak, peak_rss_mb())
     pipeline = sides[0].pipeline
     prompt_tokens = len(pipeline.prompt_ids(indication)) - 1 + pipeline.cfg.num_image_tokens
     machine.torch_threads = _torch_threads()
     return build_report(command=command, model=assets.label, settings=settings, machine=machine,
                         infos=[BackendInfo.of(s) for s in sides], samples=samples, n_studies=len(paths),
                         prompt_tokens=prompt_tokens, image_tokens=pipeline.cfg.num_image_tokens,
-                        bandwidth=bandwidth, peak_rss_mb=peak_rss_mb(), gpu_peak_memory_mb=gpu_peak_memory_mb())
+                        bandwidth=bandwidth, peak_rss_mb=peak, gpu_peak_memory_mb=gpu_peak_memory_mb(),
+                        peak_rss_scope=PEAK_WHILE_MEASURED if scoped else PEAK_WHOLE_PROCESS)
 
 
 def _torch_threads() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.benchmarks.bandwidth import Bandwidth, DecodeFloor, decode_floor, kv_bytes_per_step
-from radtrt.benchmarks.machine import MachineInfo
+from radtrt.benchmarks.machine import PEAK_WHOLE_PROCESS, MachineInfo
 from radtrt.benchmarks.sides import Side
 from radtrt.benchmarks.stats import Summary, rates, ratio, summarize
 from radtrt.errors import fail
@@ -159,6 +159,7 @@ class LatencyReport:
     bandwidth: Bandwidth | None
     peak_rss_mb: float
     gpu_peak_memory_mb: float | None
+    peak_rss_scope: str = PEAK_WHOLE_PROCESS  # what the peak covers (``radtrt.benchmarks.machine``)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     @property
@@ -180,7 +181,7 @@ class LatencyReport:
                 "settings": asdict(self.settings), "machine": self.machine.to_json(), "studies": self.n_studies,
                 "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
                 "bandwidth": self.bandwidth.to_json() if self.bandwidth else None,
-                "peak_rss_mb": round(self.peak_rss_mb, 1), "gpu_peak_memory_mb": self.gpu_peak_memory_mb,
+                "peak_rss_mb": round(self.peak_rss_mb, 1), "peak_rss_scope": self.peak_rss_scope, "gpu_peak_memory_mb": self.gpu_peak_memory_mb,
                 "backends": [b.to_json() for b in self.backends],
                 "ratios": {"numerator": self.backends[0].info.name,
                            "denominator": self.backends[1].info.name if len(self.backends) > 1 else None,
@@ -215,8 +216,8 @@ def summarize_backend(info: BackendInfo, samples: list[Sample], stages: tuple[st
 def build_report(*, command: str, model: str, settings: LatencySettings, machine: MachineInfo,
                  infos: list[BackendInfo], samples: list[Sample], n_studies: int, prompt_tokens: int,
                  image_tokens: int, bandwidth: Bandwidth | None, peak_rss_mb: float,
-                 gpu_peak_memory_mb: float | None = None) -> LatencyReport:
+                 gpu_peak_memory_mb: float | None = None, peak_rss_scope: str = PEAK_WHOLE_PROCESS) -> LatencyReport:
     stages = STAGE_MODES[settings.stages]
     backends = [summarize_backend(info, samples, stages, prompt_tokens, bandwidth) for info in infos]
     return LatencyReport(command, model, settings, machine, n_studies, prompt_tokens, image_tokens, backends,
-                         bandwidth, peak_rss_mb, gpu_peak_memory_mb)
+                         bandwidth, peak_rss_mb, gpu_peak_memory_mb, peak_rss_scope)

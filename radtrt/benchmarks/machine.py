@@ -76,8 +76,30 @@ def machine_info() -> MachineInfo:
                        versions=library_versions())
 
 
+PEAK_WHILE_MEASURED = "while the backends loaded and ran"
+PEAK_WHOLE_PROCESS = "whole process, including building the inputs and the bandwidth probe"
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's resident-memory high-water mark from what is resident now (Linux: "5" into
+    ``/proc/self/clear_refs``), so a later ``peak_rss_mb`` is the peak of what ran in between, not of building a
+    random model or of the bandwidth probe's 512 MiB matrix. False where the kernel offers no such reset (not
+    Linux, or a container that refuses it): the peak is then the whole process's (``PEAK_WHOLE_PROCESS``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def peak_rss_mb() -> float:
-    """High-water mark of this process's resident memory (all backends together), in MiB."""
+    """High-water mark of this process's resident memory (all backends together), in MiB: since the last
+    ``reset_peak_rss`` on Linux (``VmHWM``), over the process's life elsewhere (``ru_maxrss``)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 

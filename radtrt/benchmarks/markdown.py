@@ -66,7 +66,8 @@ def latency_markdown(report: LatencyReport) -> str:
             lines.append("- **Warning: --warmup 0.** Each side's first measured pass pays one-time costs (thread pools, "
                          "allocations, caches), so ratios from this run are biased; use --warmup 1 or more")
     gpu = f"; GPU peak (torch) {_num(report.gpu_peak_memory_mb, 0)} MiB" if report.gpu_peak_memory_mb else ""
-    lines += [f"- Peak RSS of the process (all backends together): {report.peak_rss_mb:,.0f} MiB{gpu}", ""]
+    lines += [f"- Peak RSS of the process (all backends together; {report.peak_rss_scope}): "
+              f"{report.peak_rss_mb:,.0f} MiB{gpu}", ""]
     lines += _medians_table(report) + [""] + _distribution_table(report)
     floors = [b for b in report.backends if b.floor]
     if floors:
