@@ -92,6 +92,13 @@ def test_parity_on_a_phantom_manifest_reports_finding_labels(tiny: Assets, work:
     result = runner.invoke(app, ["eval", "--paired", str(preds / "reference.jsonl"), str(preds / "candidate.jsonl"),
                                  "--metrics", "rouge,labels"])
     assert result.exit_code == 0, result.stderr
+    # the printed command runs again as printed: the earlier predictions and report are replaced
+    import shlex
+
+    (preds / "candidate.jsonl").write_text("stale\n")
+    code, again, err = _invoke(*shlex.split(data["command"])[1:])
+    assert code == 0, err
+    assert (preds / "candidate.jsonl").read_text().splitlines()[0] == json.dumps(cand[0])
 
 
 def test_predictions_out_needs_ground_truth_findings(tiny: Assets, work: Path, tmp_path: Path) -> None:
@@ -299,7 +306,15 @@ def test_predictions_out_must_be_a_new_folder(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "reference.jsonl").write_text("{}\n")
-    for target, match in ((tmp_path / "afile", "is not a folder"), (tmp_path / "full", "is not empty")):
+    from radtrt.benchmarks.parity import PREDICTIONS_MARKER
+
+    for folder, marker in (("theirs", '{"written_by": "someone else"}'), ("mixed", None)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / PREDICTIONS_MARKER).write_text(
+            marker or '{"written_by": "radtrt bench parity --predictions-out"}')
+    (tmp_path / "mixed" / "notes.txt").write_text("mine")  # beside an earlier run's predictions: not replaced
+    for target, match in ((tmp_path / "afile", "is not a folder"), (tmp_path / "full", "is not empty"),
+                          (tmp_path / "theirs", "is not empty"), (tmp_path / "mixed", "is not empty")):
         code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", tmp_path / "never",
                                "--synthetic", 1, "--predictions-out", target)
         assert code == 2 and match in err and "Traceback" not in err, err

@@ -269,9 +269,9 @@ def parity(
     _check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
     if predictions_out is not None:
-        from radtrt.outputs import check_new_dir
+        from radtrt.benchmarks.parity import check_predictions_dir
 
-        check_new_dir(predictions_out, "--predictions-out folder")
+        check_predictions_dir(predictions_out)
     _check_predictions_apart(predictions_out, out)
     _check_outside_studies(studies, [("-o", out), ("--work-dir", work_dir if random_model is not None else None),
                                      ("--predictions-out", predictions_out)])

@@ -263,6 +263,41 @@ def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry],
     return results
 
 
+PREDICTIONS_MARKER = "radtrt-bench-predictions.json"  # beside the two files: the folder is radtrt's to replace
+PREDICTION_FILES = ("reference.jsonl", "candidate.jsonl")
+_PREDICTIONS_WRITER = "radtrt bench parity --predictions-out"
+
+
+def is_earlier_predictions(folder: Path) -> bool:
+    """Whether ``folder`` holds only what an earlier ``--predictions-out`` wrote (its marker says so): the
+    printed reproduce command names the same folder, and must run again; anything else there is the user's."""
+    import json
+
+    if not folder.is_dir():
+        return False
+    names = {p.name for p in folder.iterdir()}
+    if PREDICTIONS_MARKER not in names or not names <= {PREDICTIONS_MARKER, *PREDICTION_FILES}:
+        return False
+    try:
+        data = json.loads((folder / PREDICTIONS_MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("written_by") == _PREDICTIONS_WRITER
+
+
+def check_predictions_dir(folder: Path) -> None:
+    """Fail, before any work, unless ``folder`` is new, empty, or an earlier run's predictions (replaced)."""
+    from radtrt.outputs import check_folder_target, check_new_dir
+
+    if is_earlier_predictions(folder):
+        check_folder_target(folder, "--predictions-out folder")
+        return
+    if folder.is_dir() and any(folder.iterdir()):
+        fail(f"--predictions-out folder {folder} is not empty, and not an earlier run's predictions "
+             f"({', '.join(PREDICTION_FILES)} and {PREDICTIONS_MARKER} only); choose a new folder")
+    check_new_dir(folder, "--predictions-out folder")
+
+
 def write_paired_predictions(report: ParityReport, folder: Path) -> tuple[Path, Path]:
     """Both sides' reports as ``radtrt eval`` prediction files (``study``, ``reference`` = the ground-truth
     findings, ``prediction``), so ``radtrt eval --paired REF CAND --metrics chexprompt`` can judge the
@@ -276,8 +311,11 @@ def write_paired_predictions(report: ParityReport, folder: Path) -> tuple[Path, 
     if len(set(names)) != len(names):
         fail("--predictions-out needs distinct study file names")
     make_dir(folder, "--predictions-out folder")
+    # the marker first: a run cut short between the files still leaves a folder the next run may replace
+    write_text(folder / PREDICTIONS_MARKER, json.dumps({"written_by": _PREDICTIONS_WRITER, "command": report.command,
+                                                         "files": list(PREDICTION_FILES)}) + "\n", "predictions file")
     paths = []
-    for name, field_name in (("reference.jsonl", "reference_report"), ("candidate.jsonl", "report")):
+    for name, field_name in zip(PREDICTION_FILES, ("reference_report", "report")):
         path = folder / name
         write_text(path, "".join(json.dumps({"study": s.study, "reference": s.true_findings,
                                              "prediction": getattr(s, field_name)}) + "\n" for s in report.studies),
