@@ -96,7 +96,7 @@ def test_parity_on_a_phantom_manifest_reports_finding_labels(tiny: Assets, work:
     import shlex
 
     (preds / "candidate.jsonl").write_text("stale\n")
-    code, again, err = _invoke(*shlex.split(data["command"])[1:])
+    code, _, err = _invoke(*shlex.split(data["command"])[1:])
     assert code == 0, err
     assert (preds / "candidate.jsonl").read_text().splitlines()[0] == json.dumps(cand[0])
 
