@@ -192,6 +192,7 @@ def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Pa
     assert code == 0, err
     data = json.loads(out)
     assert set(data["backends"][0]["stages_ms"]) == {"preprocess", "vision", "end_to_end"}
+    assert "--max-new-tokens" not in data["command"]  # nothing decodes; the reproduce command refused it
     assert data["bandwidth"] is None and data["backends"][0]["decode_floor"] is None
 
 
@@ -210,6 +211,12 @@ def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Pa
     (("latency", "--stages", "vision", "--indication", "Cough."), "--stages vision runs no decoder"),
     (("latency", "--bundle", "x", "--seed", 5), "--seed chooses the random weights"),
     (("latency", "--bundle", "x", "--base-model", "v"), "--base-model completes --model"),
+    # ... and so were --model beside onnxruntime sides only, and --max-new-tokens (even 64) with --stages vision
+    (("latency", "--bundle", "x", "--model", "m"), "--model is the torch / transformers side's model"),
+    (("latency", "--bundle", "x", "--vs-bundle", "y", "--model", "m"), "--model is the torch / transformers"),
+    (("latency", "--stages", "vision", "--max-new-tokens", 64), "--stages vision runs no decoder"),
+    (("latency", "--bundle", "x", "--studies", "s"), "--work-dir caches random models and synthetic studies"),
+    (("parity", "--bundle", "x", "--model", "m", "--studies", "s"), "--work-dir caches random models"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny: Assets, work: Path, args: tuple, match: str) -> None:
     extra = () if "--bundle" in args or args == ("parity",) else ("--random-model", "tiny")

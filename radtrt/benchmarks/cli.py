@@ -39,6 +39,7 @@ def _progress() -> Progress | LineProgress:
 
 
 REPORT_KINDS = ("latency", "parity")
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 def _report_files(out: Path) -> tuple[Path, Path, Path]:
@@ -152,13 +153,18 @@ BundleOpt = Annotated[Optional[Path], typer.Option("--bundle", help="Bundle from
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", help=MODEL_HELP)]
 BaseModelOpt = Annotated[Optional[Path], typer.Option("--base-model", help="Vicuna-7B v1.5 dir (release layout).")]
 RandomOpt = Annotated[Optional[str], typer.Option("--random-model", help=RANDOM_HELP)]
-WorkDirOpt = Annotated[Path, typer.Option("--work-dir", help="Cache for random models and studies.")]
+WorkDirOpt = Annotated[Optional[Path], typer.Option(
+    "--work-dir", help=f"Cache for random models and synthetic studies (default {DEFAULT_WORK_DIR}).")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the random weights.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="onnxruntime | torch | transformers")]
 StudiesOpt = Annotated[Optional[Path], typer.Option(
     "--studies", help="A study (file, or folder of one study's DICOM files), a folder whose entries are studies, or a "
     "JSONL manifest / phantom set (true labels).")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Generation limit per study.")]
+# latency: None tells an explicit --max-new-tokens (refused with --stages vision, which decodes nothing) from none
+LatencyMaxNewOpt = Annotated[Optional[int], typer.Option(
+    "--max-new-tokens", help=f"Generation limit per study (default {DEFAULT_MAX_NEW_TOKENS}; not with --stages "
+                             "vision).")]
 IndicationOpt = Annotated[Optional[str], typer.Option("--indication", help="Exam indication added to the prompt.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="Intra-op threads for torch and ONNX Runtime.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda (torch side).")]
@@ -173,7 +179,7 @@ def latency(
     model: ModelOpt = None,
     base_model: BaseModelOpt = None,
     random_model: RandomOpt = None,
-    work_dir: WorkDirOpt = DEFAULT_WORK_DIR,
+    work_dir: WorkDirOpt = None,
     seed: SeedOpt = 0,
     backend: BackendOpt = "onnxruntime",
     vs_backend: Optional[str] = typer.Option(None, "--vs-backend", help="Second backend, run interleaved."),
@@ -184,7 +190,7 @@ def latency(
     stages: str = typer.Option("all", "--stages", help="all | vision (vision: read, preprocess, ViT + projector)."),
     runs: int = typer.Option(3, "--runs", help="Measured runs (each over every study and backend)."),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured runs first."),
-    max_new_tokens: MaxNewOpt = 64,
+    max_new_tokens: LatencyMaxNewOpt = None,
     indication: IndicationOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
@@ -198,11 +204,14 @@ def latency(
 
     if studies is None and synthetic is None:
         synthetic = 1
-    _refuse_unused(sides={backend, vs_backend or backend} | ({"onnxruntime"} if vs_bundle else set()),
-                   random_model=random_model, seed=seed, device=device, ort_provider=ort_provider, ort_spin=ort_spin,
-                   base_model=base_model)
-    if stages == "vision" and (indication is not None or max_new_tokens != 64):
+    sides = {backend, vs_backend or backend} | ({"onnxruntime"} if vs_bundle else set())
+    work_dir = _refuse_unused(sides=sides, random_model=random_model, seed=seed, device=device,
+                              ort_provider=ort_provider, ort_spin=ort_spin, model=model, base_model=base_model,
+                              work_dir=work_dir, studies=studies)
+    if stages == "vision" and (indication is not None or max_new_tokens is not None):
         fail("--stages vision runs no decoder: drop --indication / --max-new-tokens")
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     _check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
     _check_outside_studies(studies, [("-o", out), ("--work-dir", work_dir if random_model is not None else None)])
@@ -213,7 +222,8 @@ def latency(
         ("--seed", seed if random_model else None), ("--backend", backend), ("--vs-backend", vs_backend),
         ("--vs-bundle", vs_bundle),
         ("--studies", studies), ("--synthetic", synthetic), ("--stages", stages),
-        ("--runs", runs), ("--warmup", warmup), ("--max-new-tokens", max_new_tokens), ("--indication", indication),
+        ("--runs", runs), ("--warmup", warmup), ("--max-new-tokens", None if stages == "vision" else max_new_tokens),
+        ("--indication", indication),
         ("--threads", threads), ("--device", device), ("--ort-provider", ort_provider), ("--ort-spin", ort_spin),
         ("--json", as_json), ("-o", out)])
     with _progress() as progress:
@@ -240,13 +250,13 @@ def parity(
     model: ModelOpt = None,
     base_model: BaseModelOpt = None,
     random_model: RandomOpt = None,
-    work_dir: WorkDirOpt = DEFAULT_WORK_DIR,
+    work_dir: WorkDirOpt = None,
     seed: SeedOpt = 0,
     backend: BackendOpt = "onnxruntime",
     reference: str = typer.Option("torch", "--reference", help="torch | transformers | onnxruntime"),
     studies: StudiesOpt = None,
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="Use N synthetic studies (default 2)."),
-    max_new_tokens: MaxNewOpt = 64,
+    max_new_tokens: MaxNewOpt = DEFAULT_MAX_NEW_TOKENS,
     indication: IndicationOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
@@ -264,8 +274,9 @@ def parity(
 
     if studies is None and synthetic is None:
         synthetic = 2
-    _refuse_unused(sides={backend, reference}, random_model=random_model, seed=seed, device=device,
-                   ort_provider=ort_provider, ort_spin=ort_spin, base_model=base_model)
+    work_dir = _refuse_unused(sides={backend, reference}, random_model=random_model, seed=seed, device=device,
+                              ort_provider=ort_provider, ort_spin=ort_spin, model=model, base_model=base_model,
+                              work_dir=work_dir, studies=studies)
     _check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
     if predictions_out is not None:
@@ -304,9 +315,15 @@ def parity(
 
 
 def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, device: str, ort_provider: str,
-                   ort_spin: bool, base_model: Optional[Path]) -> None:
+                   ort_spin: bool, model: Optional[Path], base_model: Optional[Path], work_dir: Optional[Path],
+                   studies: Optional[Path]) -> Path:
     """Options of a side that does not run would be ignored without a word (and dropped from the reproduce
-    command): the user believes they took effect."""
+    command): the user believes they took effect. Returns the --work-dir to use (its default when not given)."""
+    if model is not None and not sides & {"torch", "transformers"}:
+        fail("--model is the torch / transformers side's model; none runs here (the onnxruntime side runs --bundle)")
+    if work_dir is not None and random_model is None and studies is not None:
+        fail("--work-dir caches random models and synthetic studies; with --studies and no --random-model it is "
+             "not used")
     if base_model is not None and not sides & {"torch", "transformers"}:
         fail("--base-model completes --model for the torch / transformers side; none runs here")
     if seed != 0 and random_model is None:
@@ -316,6 +333,7 @@ def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, d
     if (ort_provider != "cpu" or ort_spin) and "onnxruntime" not in sides:
         fail(f"{'--ort-provider' if ort_provider != 'cpu' else '--ort-spin'} applies to the onnxruntime side; "
              f"none runs here")
+    return work_dir if work_dir is not None else DEFAULT_WORK_DIR
 
 
 def register(app: typer.Typer) -> None:
