@@ -185,6 +185,22 @@ def test_latency_two_bundles_named_by_precision(tiny: Assets, work: Path, tmp_pa
     assert code == 2 and "is the same bundle as" in err
 
 
+def test_a_vs_bundle_that_is_not_the_random_model_is_refused_before_building_it(tiny: Assets, tmp_path: Path) -> None:
+    """--stages vision builds a vision-only stub of the preset; a --vs-bundle of the full preset then failed after
+    the build, saying the two bundles held different models."""
+    code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", tmp_path / "w", "--vs-bundle",
+                           tiny.bundle, "--stages", "vision", "--runs", 1)
+    assert code == 2 and "builds a vision-only model (a 1-layer decoder stub)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "w").exists()
+    from radtrt.benchmarks.assets import check_vs_bundle_fits
+
+    with pytest.raises(RadtrtError, match="holds another model than --random-model mid builds"):
+        check_vs_bundle_fits("mid", False, tiny.bundle)  # type: ignore[arg-type]
+    with pytest.raises(RadtrtError, match="is not a folder"):
+        check_vs_bundle_fits("tiny", False, tmp_path / "missing")
+    check_vs_bundle_fits("tiny", False, tiny.bundle)  # type: ignore[arg-type]
+
+
 def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Path) -> None:
     code, out, err = _invoke("bench", "latency", "--bundle", tiny.bundle, "--model", tiny.model_dir, "--vs-backend",
                              "torch", "--stages", "vision", "--runs", 1, "--warmup", 0, "--synthetic", 1,

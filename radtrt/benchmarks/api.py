@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from radtrt.benchmarks.assets import resolve_assets, study_entries, study_paths
+from radtrt.benchmarks.assets import check_vs_bundle_fits, resolve_assets, study_entries, study_paths
 from radtrt.benchmarks.latency import BackendInfo, LatencyReport, LatencySettings, build_report, measure
 from radtrt.benchmarks.machine import (
     PEAK_WHILE_MEASURED,
@@ -47,6 +47,8 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
 
     settings = LatencySettings(stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
                                indication=indication)
+    if random_model is not None and vs_bundle is not None:  # before the build, not after it
+        check_vs_bundle_fits(random_model, stages == "vision", vs_bundle)
     machine = machine_info()  # before anything heavy runs: the load average is other work's
     assets = resolve_assets(model=model, bundle=bundle, random_model=random_model, work_dir=work_dir, seed=seed,
                             vision_only=stages == "vision", progress=progress)

@@ -52,6 +52,25 @@ def random_config(preset_name: str, vision_only: bool) -> LlavaRadConfig:
     return vision_only_config(cfg) if vision_only else cfg
 
 
+def check_vs_bundle_fits(preset_name: str, vision_only: bool, vs_bundle: Path) -> None:
+    """Before a random model is built: ``--vs-bundle`` must hold the model it builds (the same config). Found
+    after the build, the mismatch read "the two bundles hold different models"; with ``--stages vision`` the
+    build is the vision-only stub, which a bundle of the full preset (the usual --vs-bundle) is not."""
+    from radtrt.model.io import read_json
+
+    if not vs_bundle.is_dir():
+        fail(f"--vs-bundle {vs_bundle} is not a folder (a bundle from 'radtrt export')")
+    theirs = LlavaRadConfig.from_dict(read_json(vs_bundle / "model_config.json"), remedy="export the bundle again")
+    if theirs == random_config(preset_name, vision_only):
+        return
+    if vision_only and theirs == random_config(preset_name, False):
+        fail(f"--stages vision with --random-model {preset_name} builds a vision-only model (a 1-layer decoder stub), "
+             f"not the full model of --vs-bundle {vs_bundle}; drop --stages vision (full runs time the vision stage "
+             f"too), or give --bundle for the first side")
+    fail(f"--vs-bundle {vs_bundle} holds another model than --random-model {preset_name} builds; compare two bundles "
+         f"of one model")
+
+
 def _config_key(cfg: LlavaRadConfig) -> str:
     return hashlib.sha256(cfg.to_json().encode()).hexdigest()
 
