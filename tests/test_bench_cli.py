@@ -201,6 +201,26 @@ def test_a_vs_bundle_that_is_not_the_random_model_is_refused_before_building_it(
     check_vs_bundle_fits("tiny", False, tiny.bundle)  # type: ignore[arg-type]
 
 
+def test_two_bundles_in_folders_of_one_name_are_named_by_the_shortest_distinct_path(tiny: Assets, work: Path,
+                                                                                    tmp_path: Path) -> None:
+    """runs/a/bundle against runs/b/bundle (same precision, same folder name) was refused."""
+    import shutil
+
+    for run in ("a", "b"):
+        shutil.copytree(tiny.bundle, tmp_path / "runs" / run / "bundle")  # type: ignore[arg-type]
+    code, out, err = _invoke("bench", "latency", "--bundle", tmp_path / "runs/a/bundle", "--vs-bundle",
+                             tmp_path / "runs/b/bundle", "--synthetic", 1, "--runs", 1, "--warmup", 0,
+                             "--max-new-tokens", 2, "--work-dir", work, "--json")
+    assert code == 0, err
+    assert [b["name"] for b in json.loads(out)["backends"]] == ["onnxruntime a/bundle", "onnxruntime b/bundle"]
+    from radtrt.benchmarks.sides import distinct_suffixes
+
+    assert distinct_suffixes([Path("/x/fp32"), Path("/y/int8")]) == ["fp32", "int8"]
+    assert distinct_suffixes([Path("/a"), Path("/b/a")]) == ["a", "b/a"]
+    with pytest.raises(RadtrtError, match="are the same folder"):
+        distinct_suffixes([tmp_path, tmp_path / "runs" / ".."])
+
+
 def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Path) -> None:
     code, out, err = _invoke("bench", "latency", "--bundle", tiny.bundle, "--model", tiny.model_dir, "--vs-backend",
                              "torch", "--stages", "vision", "--runs", 1, "--warmup", 0, "--synthetic", 1,

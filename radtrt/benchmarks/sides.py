@@ -140,13 +140,23 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
     return sides
 
 
+def distinct_suffixes(paths: list[Path]) -> list[str]:
+    """The fewest trailing parts of each (resolved) path that tell them apart: runs/a/bundle and runs/b/bundle
+    are "a/bundle" and "b/bundle" (their folder names alone collided, and the run was refused)."""
+    parts = [p.resolve().parts for p in paths]
+    for n in range(1, max(len(x) for x in parts) + 1):
+        suffixes = ["/".join(x[-n:]).lstrip("/") or "/" for x in parts]
+        if len(set(suffixes)) == len(suffixes):
+            return suffixes
+    fail(f"{' and '.join(map(str, paths))} are the same folder: compare two different bundles")
+
+
 def _label_bundle_sides(sides: list[Side]) -> None:
     precisions = [s.pipeline.backend.precision for s in sides]
     by_folder = len(set(precisions)) < len(precisions)
-    for side, precision in zip(sides, precisions):
-        side.label = f"{side.pipeline.backend.name} {Path(side.settings['bundle']).name if by_folder else precision}"
-    if len({s.name for s in sides}) < len(sides):
-        fail("the two bundles have the same precision and folder name; give them different folder names")
+    folders = distinct_suffixes([Path(s.settings["bundle"]) for s in sides]) if by_folder else precisions
+    for side, what in zip(sides, folders):
+        side.label = f"{side.pipeline.backend.name} {what}"
 
 
 def _check_same_model(sides: list[Side]) -> None:
