@@ -27,6 +27,36 @@ def test_synthetic_studies_are_written_once_and_reused(tmp_path: Path) -> None:
         synthetic_studies(0, tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["replaced", "emptied", "record lost", "record of other pixels"])
+def test_a_cached_synthetic_study_that_is_not_what_was_written_is_written_again(tmp_path: Path, damage: str) -> None:
+    """Reused by name only, another image under the cached name was measured as "synthetic 0", and a file emptied
+    by an interrupted run failed every later run until deleted by hand."""
+    import json
+
+    from radtrt.imaging.synthetic import synthetic_chest
+
+    path = synthetic_studies(1, tmp_path)[0]
+    record = tmp_path / f".{path.name}.json"
+    if damage == "replaced":
+        path.write_bytes(b"\x89PNG some other image")
+    elif damage == "emptied":
+        path.write_bytes(b"")
+    elif damage == "record lost":
+        record.unlink()
+    else:
+        record.write_text(json.dumps({**json.loads(record.read_text()), "pixels_sha256": "0" * 64}))
+    assert synthetic_studies(1, tmp_path) == [path]
+    assert _stored_pixels(path) == synthetic_chest(seed=0).tobytes()
+    assert json.loads(record.read_text())["pixels_sha256"] != "0" * 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == [record.name, path.name]  # no temporary file left
+
+
+def _stored_pixels(path: Path) -> bytes:
+    import pydicom
+
+    return pydicom.dcmread(path).pixel_array.tobytes()
+
+
 def test_studies_folder_entries_are_the_studies(tmp_path: Path) -> None:
     (tmp_path / "b").mkdir()
     (tmp_path / "a.dcm").write_bytes(b"x")

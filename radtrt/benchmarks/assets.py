@@ -154,18 +154,51 @@ def resolve_assets(*, model: Path | None, bundle: Path | None, random_model: str
 
 
 def synthetic_studies(count: int, folder: Path) -> list[Path]:
-    """``count`` synthetic frontal DX studies (seeds 0..count-1), written once and reused."""
-    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+    """``count`` synthetic frontal DX studies (seeds 0..count-1), written once and reused while they are what
+    was written: a file replaced, emptied by an interrupted run, or of an older generator was reused by name,
+    measured as "synthetic" (or failed every run until deleted by hand)."""
+    from radtrt.outputs import make_dir
 
     if count < 1:
         fail("--synthetic needs at least 1 study")
+    make_dir(folder, "synthetic studies folder")
     paths = []
     for i in range(count):
         path = folder / f"synthetic_{i:03d}.dcm"
-        if not path.is_file():
-            write_radiograph(path, synthetic_chest(seed=i), modality="DX", view_position="PA")
+        _synthetic_study(path, seed=i)
         paths.append(path)
     return paths
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _synthetic_study(path: Path, seed: int) -> None:
+    """Write (atomically) the study of ``seed`` unless ``path`` holds it. Its DICOM header has fresh UIDs and
+    today's date, so the bytes are not reproducible: a hidden record beside it keeps the file's sha256 and that
+    of the pixels the generator makes for the seed, both checked before reuse."""
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+    from radtrt.outputs import replaced_atomically, write_text
+
+    pixels = synthetic_chest(seed=seed)
+    pixels_sha256 = hashlib.sha256(pixels.tobytes()).hexdigest()
+    record = path.with_name(f".{path.name}.json")
+    if path.is_file() and record.is_file():
+        try:
+            meta = _json_object(record)
+            same = meta.get("pixels_sha256") == pixels_sha256 and meta.get("sha256") == _file_sha256(path)
+        except OSError:  # unreadable: written again below
+            same = False
+        if same:
+            return
+    try:
+        with replaced_atomically(path) as tmp:
+            write_radiograph(tmp, pixels, modality="DX", view_position="PA")
+    except OSError as e:
+        fail(f"cannot write synthetic study {path}: {e.strerror}")
+    write_text(record, json.dumps({"seed": seed, "sha256": _file_sha256(path), "pixels_sha256": pixels_sha256}),
+               "synthetic study record")
 
 
 def study_entries(studies: Path | None, synthetic: int | None, work_dir: Path, default_synthetic: int) -> list[Entry]:
