@@ -186,6 +186,10 @@ def test_markdown_prints_the_shaped_probe_beside_the_floor() -> None:
     md = latency_markdown(report)
     assert "own matrix shapes (one layer's q/k/v/o/gate/up/down repeated + lm_head, 400 MiB per pass): 21.6 GB/s" in md
     assert "(a diagnostic, not the floor) 80.0 tokens/s, achieved 50%" in md and "= 40% of the floor" in md
+    report.bandwidth = dataclasses.replace(BW, shaped_gb_per_s=21.6, shaped_bytes=300_000)  # tiny: was "0 MiB"
+    assert "lm_head, 293.0 KiB per pass)" in latency_markdown(report)
+    report.bandwidth = dataclasses.replace(BW, shaped_gb_per_s=21.6, shaped_bytes=5 << 19)
+    assert "lm_head, 2.5 MiB per pass)" in latency_markdown(report)
 
 
 def test_json_report_is_complete_and_serializable() -> None:

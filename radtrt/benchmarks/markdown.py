@@ -25,6 +25,12 @@ def _mb(nbytes: float) -> str:
     return f"{mb:,.0f} MB" if mb >= 100 else f"{mb:.1f} MB" if mb >= 1 else f"{mb:.2f} MB"
 
 
+def _mib(nbytes: int) -> str:
+    """Binary sizes with a unit that keeps digits: a small decoder's matrices printed as "0 MiB per pass"."""
+    mib = nbytes / (1 << 20)
+    return f"{mib:,.0f} MiB" if mib >= 100 else f"{mib:.1f} MiB" if mib >= 1 else f"{nbytes / 1024:.1f} KiB"
+
+
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -54,11 +60,11 @@ def latency_markdown(report: LatencyReport) -> str:
     if report.bandwidth:
         bw = report.bandwidth
         probes = "; probes GB/s: " + ", ".join(f"{n} {gb:.1f}" for n, gb in bw.probes.items()) if bw.probes else ""
-        lines.append(f"- Matrix-vector bandwidth: {bw.gb_per_s:.1f} GB/s ({bw.method} over {bw.matrix_bytes >> 20} "
-                     f"MiB, best of {bw.repeats}, {bw.threads} threads{probes})")
+        lines.append(f"- Matrix-vector bandwidth: {bw.gb_per_s:.1f} GB/s ({bw.method} over {_mib(bw.matrix_bytes)}, "
+                     f"best of {bw.repeats}, {bw.threads} threads{probes})")
         if bw.shaped_gb_per_s is not None and bw.shaped_bytes is not None:
             lines.append(f"- numpy's GEMV over this decoder's own matrix shapes (one layer's q/k/v/o/gate/up/down "
-                         f"repeated + lm_head, {bw.shaped_bytes >> 20} MiB per pass): {bw.shaped_gb_per_s:.1f} GB/s")
+                         f"repeated + lm_head, {_mib(bw.shaped_bytes)} per pass): {bw.shaped_gb_per_s:.1f} GB/s")
     if len(names) > 1:
         lines.append(f"- Loading: {names[0]} was opened first, so its load time and resident memory include "
                      f"importing shared libraries; compare those two rows with care")
