@@ -247,10 +247,11 @@ def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Pa
     (("latency", "--stages", "vision", "--indication", "Cough."), "--stages vision runs no decoder"),
     (("latency", "--bundle", "x", "--seed", 5), "--seed chooses the random weights"),
     (("latency", "--bundle", "x", "--base-model", "v"), "--base-model completes --model"),
-    # ... and so were --model beside onnxruntime sides only, and --max-new-tokens (even 64) with --stages vision
+    # ... and so were --model beside onnxruntime sides only, and --max-new-tokens with --stages vision (64, the
+    # default, is accepted: reports printed it in their vision-stage reproduce commands before 2026-11-30)
     (("latency", "--bundle", "x", "--model", "m"), "--model is the torch / transformers side's model"),
     (("latency", "--bundle", "x", "--vs-bundle", "y", "--model", "m"), "--model is the torch / transformers"),
-    (("latency", "--stages", "vision", "--max-new-tokens", 64), "--stages vision runs no decoder"),
+    (("latency", "--stages", "vision", "--max-new-tokens", 32), "--stages vision runs no decoder"),
     (("latency", "--bundle", "x", "--studies", "s"), "--work-dir caches random models and synthetic studies"),
     (("parity", "--bundle", "x", "--model", "m", "--studies", "s"), "--work-dir caches random models"),
 ])
@@ -392,9 +393,38 @@ def test_outputs_inside_the_studies_folder_are_refused_first(tmp_path: Path, kin
     assert [p.name for p in (tmp_path / "studies").iterdir()] == ["a.dcm"] and not (tmp_path / "never").exists()
 
 
+def test_the_default_work_dir_inside_a_studies_folder_given_as_dot_is_fine(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from inside the studies folder (--studies .), the default work dir (a hidden folder, never read as a
+    study) lies in it; only a --work-dir the user gives is refused there. An older report's vision-stage
+    reproduce command, which printed --max-new-tokens 64, still runs."""
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+
+    studies = tmp_path / "studies"
+    write_radiograph(studies / "a.dcm", synthetic_chest(seed=1))
+    monkeypatch.chdir(studies)
+    code, out, err = _invoke("bench", "latency", "--random-model", "tiny", "--studies", ".", "--stages", "vision",
+                             "--runs", 1, "--warmup", 0, "--max-new-tokens", 64, "-o", tmp_path / "r.md")
+    assert code == 0, err
+    assert sorted(p.name for p in studies.iterdir()) == [".radtrt-cache", "a.dcm"]
+
+
 @pytest.mark.parametrize("name", [".", "", "/"])
 def test_a_folder_as_the_report_is_one_line(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """'.' and '/' have no name to put report.json beside: a ValueError traceback."""
     monkeypatch.chdir(tmp_path)
     code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", tmp_path / "wd", "-o", name)
     assert code == 2 and "is a folder; name the Markdown report" in err and "Traceback" not in err, err
+
+
+def test_bundle_labels_keep_the_path_as_typed(tmp_path: Path) -> None:
+    """A bundle given through a link (fp32-current) was labelled by its target's folder."""
+    from radtrt.benchmarks.sides import distinct_suffixes
+
+    (tmp_path / "runs" / "a" / "bundle").mkdir(parents=True)
+    (tmp_path / "runs" / "b" / "bundle").mkdir(parents=True)
+    (tmp_path / "fp32-current").symlink_to(tmp_path / "runs" / "a" / "bundle")
+    assert distinct_suffixes([tmp_path / "fp32-current", tmp_path / "runs" / "b" / "bundle"]) == ["fp32-current",
+                                                                                                 "bundle"]
+    assert distinct_suffixes([tmp_path / "runs" / "a" / "bundle", tmp_path / "runs" / "b" / "bundle/"]) == [
+        "a/bundle", "b/bundle"]

@@ -205,16 +205,19 @@ def latency(
     if studies is None and synthetic is None:
         synthetic = 1
     sides = {backend, vs_backend or backend} | ({"onnxruntime"} if vs_bundle else set())
+    given_work_dir = work_dir  # the default (a hidden folder) may lie in a --studies '.': never read
     work_dir = _refuse_unused(sides=sides, random_model=random_model, seed=seed, device=device,
                               ort_provider=ort_provider, ort_spin=ort_spin, model=model, base_model=base_model,
                               work_dir=work_dir, studies=studies)
-    if stages == "vision" and (indication is not None or max_new_tokens is not None):
+    # the default value is accepted: reports before 2026-11-30 printed it in their vision-stage reproduce command
+    if stages == "vision" and (indication is not None or max_new_tokens not in (None, DEFAULT_MAX_NEW_TOKENS)):
         fail("--stages vision runs no decoder: drop --indication / --max-new-tokens")
     if max_new_tokens is None:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     _check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
-    _check_outside_studies(studies, [("-o", out), ("--work-dir", work_dir if random_model is not None else None)])
+    _check_outside_studies(studies, [("-o", out),
+                                     ("--work-dir", given_work_dir if random_model is not None else None)])
 
     command = reproduce_command("latency", [
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
@@ -274,6 +277,7 @@ def parity(
 
     if studies is None and synthetic is None:
         synthetic = 2
+    given_work_dir = work_dir  # the default (a hidden folder) may lie in a --studies '.': never read
     work_dir = _refuse_unused(sides={backend, reference}, random_model=random_model, seed=seed, device=device,
                               ort_provider=ort_provider, ort_spin=ort_spin, model=model, base_model=base_model,
                               work_dir=work_dir, studies=studies)
@@ -284,7 +288,8 @@ def parity(
 
         check_predictions_dir(predictions_out)
     _check_predictions_apart(predictions_out, out)
-    _check_outside_studies(studies, [("-o", out), ("--work-dir", work_dir if random_model is not None else None),
+    _check_outside_studies(studies, [("-o", out),
+                                     ("--work-dir", given_work_dir if random_model is not None else None),
                                      ("--predictions-out", predictions_out)])
     command = reproduce_command("parity", [
         ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),

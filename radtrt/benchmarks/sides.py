@@ -8,6 +8,7 @@ resident memory after loading, how long loading took, and the thread setting.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,9 +142,10 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
 
 
 def distinct_suffixes(paths: list[Path]) -> list[str]:
-    """The fewest trailing parts of each (resolved) path that tell them apart: runs/a/bundle and runs/b/bundle
-    are "a/bundle" and "b/bundle" (their folder names alone collided, and the run was refused)."""
-    parts = [p.resolve().parts for p in paths]
+    """The fewest trailing parts of each path, as typed (made absolute, links kept: a link named fp32-current
+    is labelled so, not by its target), that tell them apart: runs/a/bundle and runs/b/bundle are "a/bundle"
+    and "b/bundle" (their folder names alone collided, and the run was refused)."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
     for n in range(1, max(len(x) for x in parts) + 1):
         suffixes = ["/".join(x[-n:]).lstrip("/") or "/" for x in parts]
         if len(set(suffixes)) == len(suffixes):
