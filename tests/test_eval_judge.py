@@ -311,6 +311,16 @@ def test_a_stopped_run_caches_the_answers_in_flight_and_retries_no_more(fake_jud
     assert again[0].cached and fake_judge.count("slow") == 1
 
 
+def test_a_stopped_run_starts_no_request_waiting_for_the_rate_limit(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    """Workers waiting for a rate-limit slot when the run stopped sent their requests anyway, one a second."""
+    fake_judge.default = lambda candidate: ("status", 401)  # whichever worker gets the first slot
+    cfg = config(fake_judge, tmp_path, concurrency=4, requests_per_minute=60)
+    start = time.monotonic()
+    with pytest.raises(RadtrtError, match="HTTP 401"):
+        run_judge(cfg, pairs("bad", "x", "y", "z"))
+    assert len(fake_judge.requests) == 1 and time.monotonic() - start < 0.9
+
+
 def test_endpoint_down_stops_after_consecutive_failures(fake_judge: FakeJudge, tmp_path: Path) -> None:
     fake_judge.scripts = {"first": [("answer", answer())]}
     fake_judge.default = lambda candidate: ("status", 502)

@@ -49,7 +49,7 @@ class RateLimiter:
     """Spaces request starts at least 60/rpm seconds apart, across all worker threads."""
 
     def __init__(self, requests_per_minute: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], object] = time.sleep) -> None:
         self._interval = 60.0 / requests_per_minute if requests_per_minute > 0 else 0.0
         self._clock, self._sleep = clock, sleep
         self._next = 0.0
@@ -116,7 +116,7 @@ class OpenAIJudgeClient:
         self._cfg = cfg
         self.stopping = threading.Event()
         self._sleep = sleep or self.stopping.wait  # a backoff pause ends as soon as the run stops
-        self._limiter = RateLimiter(cfg.requests_per_minute)
+        self._limiter = RateLimiter(cfg.requests_per_minute, sleep=self.stopping.wait)  # no waiting past a stop
         # initial * 2**(attempt - 1), plus up to ``initial`` of jitter so that workers do not retry in step.
         self._backoff = wait_exponential_jitter(multiplier=cfg.backoff_initial_s, jitter=cfg.backoff_initial_s,
                                                 max=cfg.backoff_max_s)
@@ -149,6 +149,8 @@ class OpenAIJudgeClient:
                 if self.stopping.is_set():
                     raise Stopped()
                 self._limiter.acquire()
+                if self.stopping.is_set():  # stopped while waiting for a slot of the rate limit
+                    raise Stopped()
                 try:
                     response = self._client.chat.completions.create(
                         model=self._cfg.model, messages=messages,  # type: ignore[arg-type]
