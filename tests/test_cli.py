@@ -228,6 +228,7 @@ def test_bad_studies_exit_2_with_one_line(merged: Path, tmp_path: Path, case: st
         return
     (record,) = [json.loads(line) for line in out.splitlines()]  # --json: one record per study, failed ones too
     assert record == {"study": str(path), "error": record["error"], "stage": "input"} and match in record["error"]
+    assert err.strip().splitlines()[-1] == f"radtrt: error: {record['error']}"  # the same line as its record
     ct_name = str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).PatientName)
     assert ct_name not in err
 

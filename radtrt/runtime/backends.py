@@ -78,7 +78,7 @@ def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: 
     if requested == "torch":
         if bundle and not model:  # else the embedded default model would run in place of the bundle's
             fail("--backend torch runs PyTorch weights (--model DIR), not a bundle: drop --backend torch to run "
-                 "the bundle, or pass --model")
+                 "the bundle, or pass --model DIR in place of --bundle")
         return "torch", "asked for"
     if requested != "auto":
         fail(f"unknown backend '{requested}' (auto, torch, onnxruntime, tensorrt)")

@@ -152,14 +152,13 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
     """
     if batch_size < 1:
         fail("--batch-size must be at least 1")
-    errors: list[RadtrtError] = []
+    failures: list[StudyFailure] = []
 
     def failure(study: Path, error: RadtrtError, stage: str) -> StudyFailure:
-        errors.append(error)
-        line = study_error(study, error)
+        failures.append(StudyFailure(study=str(study), error=study_error(study, error), stage=stage))
         if len(studies) > 1:  # a lone study's error is the final line the CLI prints
-            console.print(f"radtrt: error: {line}", markup=False, highlight=False, soft_wrap=True)
-        return StudyFailure(study=str(study), error=line, stage=stage)
+            console.print(f"radtrt: error: {failures[-1].error}", markup=False, highlight=False, soft_wrap=True)
+        return failures[-1]
 
     done = 0
     for start in range(0, len(studies), batch_size):
@@ -194,7 +193,7 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
                              model_version=__version__)
                 except RadtrtError as e:
                     yield failure(Path(result.study), e, "sr")
-    if len(studies) == 1 and errors:
-        raise errors[0]
-    if errors:
-        fail(f"{len(errors)} of {len(studies)} studies failed (see the lines above)")
+    if len(studies) == 1 and failures:
+        fail(failures[0].error)  # the line its --json record holds
+    if failures:
+        fail(f"{len(failures)} of {len(studies)} studies failed (see the lines above)")
