@@ -76,7 +76,9 @@ def check_new_file(path: Path, what: str = "output file") -> None:
 def replaced_atomically(path: Path) -> Iterator[Path]:
     """Yield a new temporary file beside ``path`` to write; it replaces ``path`` when the block succeeds and
     is removed when it fails. The name is fresh (``mkstemp``), never a fixed ``NAME.partial`` that could be
-    a user's file."""
+    a user's file. A link at ``path`` stays: the file it names is replaced, as a plain write through it would."""
+    if path.is_symlink():
+        path = path.resolve()
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
     tmp = Path(name)

@@ -27,6 +27,17 @@ def test_atomic_writes_leave_a_users_partial_file_alone(tmp_path: Path) -> None:
     assert (tmp_path / "r.md").stat().st_mode & 0o044  # readable by others as umask allows, not mkstemp's 0600
 
 
+def test_a_link_as_output_file_stays_and_its_target_is_replaced(tmp_path: Path) -> None:
+    """'eval -o LINK' replaced the link with a file and left the old results at its target."""
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "results.json"
+    target.write_text("old")
+    (tmp_path / "latest.json").symlink_to(target)
+    write_text(tmp_path / "latest.json", "new", "results file")
+    assert (tmp_path / "latest.json").is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["results.json"]
+
+
 def test_build_folder_that_is_not_radtrts_is_refused(tmp_path: Path) -> None:
     """'export -o OUT' deleted a user's folder named OUT.partial (say, the model being exported)."""
     user = tmp_path / "out.partial"
