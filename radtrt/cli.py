@@ -54,8 +54,8 @@ def infer(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="What 'radtrt export' wrote."),
     backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | tensorrt"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when usable, else cpu)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (torch backend).",
-                                        show_default="float32"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (torch backend). "
+                                                              "\\[default: float32]"),
     indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation limit."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Studies generated together (left-padded)."),
@@ -135,8 +135,8 @@ def convert(
 def export(
     model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8",
-                                            show_default="fp32; with --bundle: the bundle's"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 "
+                                                                      "\\[default: fp32; with --bundle: the bundle's]"),
     target: str = typer.Option("onnx", "--target", help="onnx | tensorrt | trtllm | triton | all"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle directory (Triton: repository directory); "
                                        "not needed with --bundle, whose folder receives the engines."),
@@ -151,15 +151,15 @@ def export(
     calibration_data: Optional[str] = typer.Option(
         None, "--calibration-data", help="INT8: studies folder, JSONL manifest, 'radtrt calibrate' file, or 'phantom'."),
     calibration_n: Optional[int] = typer.Option(None, "--calibration-n", min=1,
-                                                help="INT8: calibration samples to read.", show_default="32"),
+                                                help="INT8: calibration samples to read. \\[default: 32]"),
     smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha",
-                                                      help="INT8 SmoothQuant migration strength.", show_default="0.5"),
+                                                      help="INT8 SmoothQuant migration strength. \\[default: 0.5]"),
     int8_lm_head: bool = typer.Option(True, "--int8-lm-head/--fp32-lm-head", help="INT8: quantize lm_head too."),
     int8_embeddings: bool = typer.Option(True, "--int8-embeddings/--fp32-embeddings",
                                          help="INT8: store the embedding table as INT8 rows."),
     parity_samples: Optional[int] = typer.Option(None, "--parity-samples", min=0,
-                                                 help="INT8: held-out samples for the parity gate.", show_default="8"),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Engine batch limit.", show_default="8"),
+                                                 help="INT8: held-out samples for the parity gate. \\[default: 8]"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Engine batch limit. \\[default: 8]"),
     trtllm_engine: Optional[Path] = typer.Option(None, "--trtllm-engine",
                                                  help="Triton: TensorRT-LLM engine dir on the serving host."),
 ) -> None:
@@ -287,8 +287,8 @@ def calibrate(
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
     data: str = typer.Option(..., "--data", help="Studies folder, JSONL manifest, or 'phantom' (synthetic)."),
     n: int = typer.Option(32, "--n", min=1, max=10_000, help="Number of samples (the first N of the data)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Phantom seed (with --data phantom).",
-                                       show_default="11"),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Phantom seed (with --data phantom). "
+                                                                   "\\[default: 11]"),
     out: Path = typer.Option(..., "-o", "--out", help="Calibration file to write (.safetensors)."),
 ) -> None:
     """Activation statistics on chest X-ray samples for INT8 export (one reusable, versioned file)."""

@@ -41,16 +41,15 @@ def synthesize(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. https://host/v1."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name the endpoint serves."),
     template: bool = typer.Option(False, "--template", help="Offline deterministic templates instead of an endpoint."),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key.",
-                                              show_default="OPENAI_API_KEY"),
-    rate: Optional[float] = typer.Option(None, "--rate", help="At most this many requests per second.",
-                                         show_default="1"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key. "
+                                                                          "\\[default: OPENAI_API_KEY]"),
+    rate: Optional[float] = typer.Option(None, "--rate", help="At most this many requests per second. \\[default: 1]"),
     retries: Optional[int] = typer.Option(None, "--retries", min=0,
-                                          help="Retries per request on 429/5xx/timeouts.", show_default="5"),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request.", show_default="60"),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Answer cache folder.", show_default="OUT.cache"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature of the endpoint.",
-                                                show_default="0"),
+                                          help="Retries per request on 429/5xx/timeouts. \\[default: 5]"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request. \\[default: 60]"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Answer cache folder. \\[default: OUT.cache]"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature of the endpoint. "
+                                                                            "\\[default: 0]"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Turn structured label rows into findings text (chat endpoint, or --template offline)."""

@@ -34,19 +34,19 @@ def eval_command(
                                                    help="Azure deployment (default: --judge-model)."),
     api_version: Optional[str] = typer.Option(None, "--api-version", help="Azure OpenAI API version."),
     judge_prompt: Optional[str] = typer.Option(
-        None, "--judge-prompt", help="auto (published if chexprompt is installed) | published | radtrt.",
-        show_default="auto"),
+        None, "--judge-prompt", help="auto (published if chexprompt is installed) | published | radtrt. "
+                                     "\\[default: auto]"),
     requests_per_minute: Optional[float] = typer.Option(None, "--requests-per-minute",
-                                                        help="Judge rate limit (0: none).", show_default="30"),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Judge requests in flight.",
-                                              show_default="4"),
-    max_attempts: Optional[int] = typer.Option(None, "--max-attempts", min=1, help="Tries per judge request.",
-                                               show_default="6"),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per judge request.", show_default="60"),
+                                                        help="Judge rate limit (0: none). \\[default: 30]"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Judge requests in flight. "
+                                                                                 "\\[default: 4]"),
+    max_attempts: Optional[int] = typer.Option(None, "--max-attempts", min=1, help="Tries per judge request. "
+                                                                                   "\\[default: 6]"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per judge request. \\[default: 60]"),
     judge_cache: Optional[Path] = typer.Option(None, "--judge-cache",
                                                help="Judge answer cache (default ~/.cache/radtrt/...)."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Parity margin of --paired runs, significant "
-                                           "errors per report.", show_default="0.1"),
+                                           "errors per report. \\[default: 0.1]"),
     n_bootstrap: int = typer.Option(500, "--bootstrap", min=1, max=100_000, help="Bootstrap resamples."),
     seed: int = typer.Option(3, "--seed", help="Bootstrap seed."),
     chexbert_checkpoint: Optional[Path] = typer.Option(None, "--chexbert-checkpoint", help="Local chexbert.pth."),
