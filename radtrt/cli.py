@@ -390,6 +390,9 @@ def main() -> None:
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             err.print(f"radtrt: error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:  # end of input at a prompt; standalone typer says the same
+        err.print("Aborted.", highlight=False)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 
