@@ -120,8 +120,31 @@ def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
         write_triton_repo(bundle, tmp_path / "repo2", gpu=ORIN, decoder_engine=engine, max_batch=16)
     assert not (tmp_path / "repo2").exists() and not (tmp_path / "repo2.partial").exists()  # nothing half-written
     fp32_out = make_fake_bundle(tmp_path / "b2", out_dtype=TensorProto.FLOAT)
-    with pytest.raises(RadtrtError, match="outputs float32 but the decoder's prompt table is float16"):
-        write_triton_repo(fp32_out, tmp_path / "repo3", vision_backend="onnxruntime", decoder_engine=engine)
+    with pytest.raises(RadtrtError, match="vision engine outputs float32 but the decoder's prompt table is float16"):
+        write_triton_repo(fp32_out, tmp_path / "repo3", gpu=ORIN, decoder_engine=engine)
+
+
+def test_an_fp32_or_int8_bundles_vision_graph_is_cast_for_the_prompt_table(tmp_path: Path) -> None:
+    """An fp32 or INT8 bundle (float32 image embeddings) could not be served: the TensorRT-LLM engine takes its
+    prompt table in float16. Through ONNX Runtime, the served graph now ends in a cast."""
+    import onnxruntime as ort
+
+    engine = _decoder_engine(tmp_path)
+    for precision, qdq in (("fp32", False), ("int8", True)):
+        bundle = make_fake_bundle(tmp_path / precision, precision=precision, qdq=qdq)
+        repo = write_triton_repo(bundle, tmp_path / f"repo-{precision}", vision_backend="onnxruntime",
+                                 decoder_engine=engine)
+        configs = check_repo(repo)  # the vision output and the prompt table agree
+        assert configs["vision"]["output"][0]["data_type"] == Ident("TYPE_FP16")
+        assert configs["vision"]["input"][0]["data_type"] == Ident("TYPE_FP32")
+        pixels = np.random.default_rng(0).standard_normal((2, 3, 56, 56)).astype(np.float32)
+        served = ort.InferenceSession(str(repo / "vision/1/model.onnx"), providers=["CPUExecutionProvider"])
+        original = ort.InferenceSession(str(bundle / "vision.onnx"), providers=["CPUExecutionProvider"])
+        out, = served.run(None, {"pixel_values": pixels})
+        ref, = original.run(None, {"pixel_values": pixels})
+        assert out.dtype == np.float16 and served.get_outputs()[0].name == "image_embeds"
+        np.testing.assert_array_equal(out, ref.astype(np.float16))
+        assert (bundle / "vision.onnx").read_bytes() != (repo / "vision/1/model.onnx").read_bytes()
 
 
 def test_check_repo_catches_broken_wiring(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from radtrt.model.io import read_json
 from radtrt.outputs import check_new_dir, new_dir_built_aside
 
 TRITON_DTYPES = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16"}
+CASTABLE = {"float16": 10, "bfloat16": 16}  # prompt-table dtypes -> onnx.TensorProto element types
 SIDE_FILES = ("tokenizer.model", "tokenizer_config.json", "model_config.json")
 
 
@@ -203,23 +204,46 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     if decoder_engine is None:
         decoder_engine, _ = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
     table_dtype = _engine_dtype(decoder_engine)
+    cast_to = None  # the served ONNX graph ends in a Cast to the prompt table's dtype
     if onnx.output_dtype != table_dtype:
-        fail(f"the vision graph outputs {onnx.output_dtype} but the decoder's prompt table is {table_dtype}; "
-             f"serve a bundle whose image_embeds are {table_dtype} ('radtrt export --precision fp16' for float16; "
-             f"an fp32 or INT8 bundle's vision graph is not served by Triton yet)")
+        if vision_backend != "onnxruntime" or table_dtype not in CASTABLE:
+            fail(f"the vision {'engine' if vision_backend == 'tensorrt' else 'graph'} outputs {onnx.output_dtype} "
+                 f"but the decoder's prompt table is {table_dtype}; serve a bundle whose image_embeds are "
+                 f"{table_dtype} ('radtrt export --precision fp16' for float16), or its ONNX graph through ONNX "
+                 f"Runtime, which radtrt ends with a cast (an export host without a GPU writes that)")
+        cast_to = table_dtype
     dec = manifest["decoder"]
     spec = RepoSpec(onnx.image_size, manifest["vision"]["num_image_tokens"], dec["hidden_size"], dec["vocab_size"],
-                    dec["eos_token_id"], onnx.input_dtype, onnx.output_dtype, onnx.input_name, onnx.output_name,
-                    max_batch)
+                    dec["eos_token_id"], onnx.input_dtype, cast_to or onnx.output_dtype, onnx.input_name,
+                    onnx.output_name, max_batch)
     platform = "tensorrt_plan" if vision_backend == "tensorrt" else "onnxruntime_onnx"
     configs = model_configs(spec, platform, decoder_engine.resolve(), kv_cache_free_gpu_mem_fraction)
     with new_dir_built_aside(out, "Triton repository") as work:
-        _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch)
+        _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch, cast_to)
     return out
 
 
+def with_output_cast(onnx_path: Path, dtype: str) -> Any:
+    """The vision graph (weights left in their external files) with its output cast to ``dtype``, under the
+    same name: an fp32 or INT8 bundle's image embeddings (float32) then fill the float16 prompt table of a
+    TensorRT-LLM engine, which takes that table in its own dtype only."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    output = proto.graph.output[0]
+    inner = f"{output.name}_before_cast"
+    for node in proto.graph.node:
+        node.output[:] = [inner if name == output.name else name for name in node.output]
+        node.input[:] = [inner if name == output.name else name for name in node.input]
+    proto.graph.node.append(helper.make_node("Cast", [inner], [output.name], to=CASTABLE[dtype],
+                                             name="radtrt_prompt_table_cast"))
+    output.type.tensor_type.elem_type = CASTABLE[dtype]
+    return proto
+
+
 def _fill_repo(out: Path, bundle: Path, manifest: dict[str, Any], configs: dict[str, dict[str, Any]],
-               vision_backend: str, gpu: GpuInfo | None, max_batch: int) -> None:
+               vision_backend: str, gpu: GpuInfo | None, max_batch: int, cast_to: str | None = None) -> None:
     for name, cfg in configs.items():
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         (out / name / "config.pbtxt").write_text(to_pbtxt(cfg), encoding="utf-8")
@@ -229,9 +253,16 @@ def _fill_repo(out: Path, bundle: Path, manifest: dict[str, Any], configs: dict[
             fail(f"the vision engine allows batch {stamp['profile']['max'][0]}, below Triton's max batch {max_batch}")
         shutil.copyfile(engine, out / "vision" / "1" / "model.plan")
     else:
-        shutil.copyfile(bundle / "vision.onnx", out / "vision" / "1" / "model.onnx")
+        served = out / "vision" / "1" / "model.onnx"
         for data in _onnx_files(bundle / "vision.onnx"):
-            shutil.copyfile(data, out / "vision" / "1" / data.name)
+            shutil.copyfile(data, served.parent / data.name)
+        if cast_to is None:
+            shutil.copyfile(bundle / "vision.onnx", served)
+        else:
+            import onnx
+
+            onnx.save(with_output_cast(bundle / "vision.onnx", cast_to), str(served))
+            onnx.checker.check_model(str(served))  # by path: the weights stay in their external files
     for name, cls in (("preprocessing", "PreprocessingModel"), ("postprocessing", "PostprocessingModel")):
         folder = out / name / "1"
         (folder / "model.py").write_text("# Triton Python backend entry point (needs radtrt installed)\n"
