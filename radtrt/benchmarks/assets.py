@@ -170,15 +170,12 @@ def synthetic_studies(count: int, folder: Path) -> list[Path]:
     return paths
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _synthetic_study(path: Path, seed: int) -> None:
     """Write (atomically) the study of ``seed`` unless ``path`` holds it. Its DICOM header has fresh UIDs and
     today's date, so the bytes are not reproducible: a hidden record beside it keeps the file's sha256 and that
     of the pixels the generator makes for the seed, both checked before reuse."""
     from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+    from radtrt.model.io import sha256_file
     from radtrt.outputs import replaced_atomically, write_text
 
     pixels = synthetic_chest(seed=seed)
@@ -187,7 +184,7 @@ def _synthetic_study(path: Path, seed: int) -> None:
     if path.is_file() and record.is_file():
         try:
             meta = _json_object(record)
-            same = meta.get("pixels_sha256") == pixels_sha256 and meta.get("sha256") == _file_sha256(path)
+            same = meta.get("pixels_sha256") == pixels_sha256 and meta.get("sha256") == sha256_file(path)
         except OSError:  # unreadable: written again below
             same = False
         if same:
@@ -197,7 +194,7 @@ def _synthetic_study(path: Path, seed: int) -> None:
             write_radiograph(tmp, pixels, modality="DX", view_position="PA")
     except OSError as e:
         fail(f"cannot write synthetic study {path}: {e.strerror}")
-    write_text(record, json.dumps({"seed": seed, "sha256": _file_sha256(path), "pixels_sha256": pixels_sha256}),
+    write_text(record, json.dumps({"seed": seed, "sha256": sha256_file(path), "pixels_sha256": pixels_sha256}),
                "synthetic study record")
 
 
