@@ -73,10 +73,14 @@ def check_new_file(path: Path, what: str = "output file") -> None:
 
 
 @contextlib.contextmanager
-def replaced_atomically(path: Path) -> Iterator[Path]:
+def replaced_atomically(path: Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a new temporary file beside ``path`` to write; it replaces ``path`` when the block succeeds and
     is removed when it fails. The name is fresh (``mkstemp``), never a fixed ``NAME.partial`` that could be
-    a user's file. A link at ``path`` stays: the file it names is replaced, as a plain write through it would."""
+    a user's file. A link at ``path`` stays: the file it names is replaced, as a plain write through it would.
+
+    The data is flushed to disk before the rename: otherwise a power cut soon after can leave the final name
+    pointing at an empty file. ``mode`` (default: what a plain ``open`` gives under the umask) is for files
+    that must stay private, such as an SR carrying patient data."""
     if path.is_symlink():
         path = path.resolve()
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
@@ -86,7 +90,12 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         yield tmp
         # after the writer: mkstemp's 0600 (or a writer's own temporary file renamed over ``tmp``, as
         # safetensors does) would make every output private to its writer
-        tmp.chmod(0o666 & ~_umask())
+        tmp.chmod(0o666 & ~_umask() if mode is None else mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

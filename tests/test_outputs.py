@@ -152,3 +152,19 @@ def test_the_current_folder_is_not_an_output_folder(tmp_path: Path, monkeypatch:
     with pytest.raises(RadtrtError, match="is the current folder or one above it"):
         check_new_dir(Path(name))
     check_new_dir(Path("out"))  # a new folder inside it is fine
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an fsync before the rename, a power cut soon after could leave the final name on an empty file."""
+    import radtrt.outputs as outputs_module
+
+    synced: list[str] = []
+    real_fsync = outputs_module.os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(f"/proc/self/fd/{fd}").resolve().name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(outputs_module.os, "fsync", fsync)
+    write_text(tmp_path / "r.md", "# report", "report")
+    assert len(synced) == 1 and synced[0].startswith(".r.md.") and synced[0].endswith(".partial")

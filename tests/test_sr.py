@@ -12,6 +12,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import ComprehensiveSRStorage
 
+from radtrt import outputs as outputs_module
 from radtrt.errors import RadtrtError
 from radtrt.imaging import sr as sr_module
 from radtrt.imaging.sr import DISCLAIMER, write_sr
@@ -92,6 +93,7 @@ def test_each_run_writes_a_new_file(tmp_path: Path, dicom_source: SelectedImage)
     first = write_sr(REPORT, dicom_source, tmp_path, model_name="m", model_version="v")
     second = write_sr(REPORT, dicom_source, tmp_path, model_name="m", model_version="v")
     assert first != second and first.exists() and second.exists()
+    assert {p.stat().st_mode & 0o777 for p in (first, second)} == {0o600}  # patient data: the owner's only
     assert FAKE_PATIENT_ID not in first.name and "Synthetic" not in first.name
 
 
@@ -100,7 +102,7 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, dicom_source: Selected
     def crash(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(sr_module.os, "fsync", crash)  # after the bytes were written
+    monkeypatch.setattr(outputs_module.os, "fsync", crash)  # after the bytes were written
     with pytest.raises(RadtrtError, match="cannot write an SR into folder 'out': disk full"):  # one line, not a traceback
         write_sr(REPORT, dicom_source, tmp_path / "out", model_name="m", model_version="v")
     assert list((tmp_path / "out").iterdir()) == []

@@ -10,7 +10,6 @@ clinical text.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +109,4 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     with replaced_atomically(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
     return path

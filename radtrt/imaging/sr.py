@@ -29,9 +29,7 @@ interrupted run leaves either no SR or a complete one, never half a file.
 from __future__ import annotations
 
 import datetime
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import highdicom as hd
@@ -43,6 +41,7 @@ from pydicom.valuerep import DA, TM
 import radtrt
 from radtrt.errors import fail
 from radtrt.imaging.dicom import quiet
+from radtrt.outputs import replaced_atomically
 from radtrt.imaging.study import SelectedImage
 
 DISCLAIMER = (
@@ -194,8 +193,8 @@ def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_na
     """Write one SR for the study into ``out_dir`` atomically; return its path.
 
     The file is named after the SR's own new SOP Instance UID (not the patient or the source
-    file), so repeated runs never overwrite one another. It is created owner-read/write only
-    (``mkstemp``), as befits a file carrying patient data.
+    file), so repeated runs never overwrite one another. It is created owner-read/write only,
+    as befits a file carrying patient data.
     """
     sr = build_sr(report_text, source, model_name=model_name, model_version=model_version)
     out_dir = Path(out_dir)
@@ -205,20 +204,8 @@ def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_na
         fail(f"cannot create SR output folder {out_dir.name!r}: {exc.strerror}")
     final = out_dir / f"SR_{sr.SOPInstanceUID}.dcm"
     try:
-        fd, temp_name = tempfile.mkstemp(dir=out_dir, prefix=".sr-", suffix=".tmp")
-    except OSError as exc:
-        fail(f"cannot write into SR output folder {out_dir.name!r}: {exc.strerror}")
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle, quiet("highdicom|pydicom"):
-            sr.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
+        with replaced_atomically(final, mode=0o600) as temp, quiet("highdicom|pydicom"):
+            sr.save_as(temp, enforce_file_format=True)
     except OSError as exc:  # a full disk, say: this study's SR is not written, the others still are
-        temp.unlink(missing_ok=True)
         fail(f"cannot write an SR into folder {out_dir.name!r}: {exc.strerror or exc}")
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     return final
