@@ -22,7 +22,8 @@ from radtrt.errors import RadtrtError
 from radtrt.exporter.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, MANIFEST, sha256_file
 from radtrt.exporter.onnx import GRAPH_REVISION
 from radtrt.exporter.gpu import GpuInfo, engine_key, gpu_stamp
-from radtrt.exporter.tensorrt import (STAMP_FORMAT, _build_serialized, attach_timing_cache, find_vision_engine,
+from radtrt.exporter.tensorrt import (STAMP_FORMAT, _build_serialized, attach_timing_cache, build_vision_engine,
+                                      find_vision_engine,
                                       inspect_onnx, network_flag_names, plan_vision_build, trtexec_command,
                                       vision_profile)
 from radtrt.model.config import preset
@@ -401,3 +402,30 @@ def test_vision_runtime_checks_before_running(tmp_path: Path, monkeypatch: pytes
     assert engine_io_problem(good, "pixel_values", "image_embeds") is None
     with pytest.raises(RadtrtError, match="TensorRT type FP8"):
         torch_dtype("FP8", "image_embeds")
+
+
+def test_a_failed_rebuild_leaves_no_stamp_vouching_for_the_old_engine(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine was rewritten in place with the old stamp still beside it: an interrupted rebuild left a torn
+    engine, and a stamp cut short was a JSONDecodeError traceback at the next lookup."""
+    import radtrt.exporter.tensorrt as tensorrt_module
+
+    bundle = make_fake_bundle(tmp_path)
+    folder = fake_engine(bundle, ORIN)
+
+    def interrupted(*args: object, **kwargs: object) -> bytes:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tensorrt_module, "_build_serialized", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_vision_engine(bundle, ORIN, precision="fp16")
+    assert not (folder / "engine.json").exists()
+    with pytest.raises(RadtrtError, match="has no TensorRT fp16 vision engine"):
+        find_vision_engine(bundle, ORIN, "fp16")
+    monkeypatch.setattr(tensorrt_module, "_build_serialized", lambda *a, **k: b"plan")
+    assert build_vision_engine(bundle, ORIN, precision="fp16") == folder
+    engine, stamp = find_vision_engine(bundle, ORIN, "fp16")
+    assert engine.read_bytes() == b"plan" and stamp["precision"] == "fp16"
+    (folder / "engine.json").write_text('{"format": ')  # cut short
+    with pytest.raises(RadtrtError, match="engine.json is not valid JSON"):
+        find_vision_engine(bundle, ORIN, "fp16")

@@ -28,8 +28,9 @@ from typing import Any
 
 from radtrt import __version__
 from radtrt.errors import RadtrtError, fail
-from radtrt.outputs import replaced_atomically
+from radtrt.outputs import replaced_atomically, write_text
 from radtrt.exporter.bundle import read_manifest, sha256_file
+from radtrt.model.io import read_json
 from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, loaded_tensorrt_problem, parse_version,
                                  stamp_mismatch, timing_cache_name)
 
@@ -286,10 +287,13 @@ def build_vision_engine(bundle: Path, gpu: GpuInfo, *, precision: str | None = N
     profile = vision_profile(onnx, max_batch, opt_batch)
     out = bundle / "tensorrt" / engine_key(gpu, plan.precision)
     out.mkdir(parents=True, exist_ok=True)
+    # first: a rebuild that fails or is interrupted must not leave the old stamp vouching for another engine
+    (out / STAMP_FILE).unlink(missing_ok=True)
     cache = bundle / "tensorrt" / timing_cache_name(gpu)
     t0 = time.perf_counter()
     engine = _build_serialized(onnx_path, onnx, plan, profile, cache, int(workspace_gib * 2**30), gpu.tensorrt)
-    (out / ENGINE_FILE).write_bytes(engine)
+    with replaced_atomically(out / ENGINE_FILE) as tmp:
+        tmp.write_bytes(engine)
     onnx_sha = manifest["files"]["vision.onnx"]["sha256"]
     stamp = {"format": STAMP_FORMAT, "format_version": 1, "component": "vision", "precision": plan.precision,
              "gpu": gpu_stamp(gpu), "onnx": {"file": "vision.onnx", "sha256": onnx_sha},
@@ -298,7 +302,7 @@ def build_vision_engine(bundle: Path, gpu: GpuInfo, *, precision: str | None = N
              "trtexec_equivalent": trtexec_command(onnx_path, out / ENGINE_FILE, onnx, plan, profile, cache),
              "build_seconds": round(time.perf_counter() - t0, 1),
              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "radtrt": __version__}
-    (out / STAMP_FILE).write_text(json.dumps(stamp, indent=2))
+    write_text(out / STAMP_FILE, json.dumps(stamp, indent=2), "TensorRT engine stamp")
     return out
 
 
@@ -310,7 +314,7 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
     root = bundle / "tensorrt"
     mismatches = []
     for path in sorted(root.glob(f"*/{STAMP_FILE}")) if root.is_dir() else []:
-        stamp = json.loads(path.read_text())
+        stamp = read_json(path)
         if stamp.get("format") != STAMP_FORMAT or (precision and stamp.get("precision") != precision):
             continue
         mismatch = stamp_mismatch(stamp, gpu)

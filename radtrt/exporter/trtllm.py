@@ -37,7 +37,7 @@ from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.quant import DEFAULT_ALPHA, ActivationStats, fold_into_norm, quantize_per_channel, smooth
 from radtrt.model.config import DecoderConfig
-from radtrt.model.io import load_tensors, save_tensors
+from radtrt.model.io import load_tensors, read_json, save_tensors
 from radtrt.outputs import check_new_dir, new_dir_built_aside
 
 QUANT_ALGO = {"fp16": None, "w8a16": "W8A16", "w8a8_sq": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}
@@ -214,7 +214,6 @@ def write_trtllm_checkpoint(source: Any, out_dir: Path, mode: str = "fp16", *,
 
 def read_checkpoint_meta(ckpt: Path) -> dict[str, Any]:
     """``radtrt_checkpoint.json`` of a checkpoint radtrt wrote (one line when it is not one)."""
-    from radtrt.model.io import read_json
 
     if not (ckpt / META).is_file():
         fail(f"{ckpt} is not a radtrt TensorRT-LLM checkpoint (no {META}); move it away or delete it")
@@ -230,4 +229,4 @@ def read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[st
         if not (ckpt / name).is_file():
             fail(f"{ckpt} is not a radtrt TensorRT-LLM checkpoint (no {name})")
     meta = read_checkpoint_meta(ckpt)
-    return json.loads((ckpt / "config.json").read_text()), meta, load_tensors(ckpt / "rank0.safetensors")
+    return read_json(ckpt / "config.json"), meta, load_tensors(ckpt / "rank0.safetensors")

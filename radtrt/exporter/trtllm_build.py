@@ -20,7 +20,7 @@ from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.gpu import GpuInfo, check_trtllm, engine_key, gpu_stamp, stamp_mismatch
 from radtrt.exporter.trtllm import BUILD_STAMP, DTYPES, META, mode_tag, read_checkpoint
-from radtrt.model.io import save_tensors
+from radtrt.model.io import read_json, save_tensors
 from radtrt.outputs import write_text
 
 # Oldest GPU the Python port of the preprocessing handles (it asserts ``sm_ >= 75``); the C++ op also
@@ -98,10 +98,10 @@ def prepare_checkpoint_for_host(plain: Path, out_dir: Path, gpu: GpuInfo,
         prepared[name] = t
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(prepared, out_dir / "rank0.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_text(out_dir / "config.json", json.dumps(config, indent=2), "TensorRT-LLM checkpoint config")
     meta = meta | {"weight_layout": f"trtllm-mixed-gemm-{gpu.sm_tag}", "needs_host_preprocessing": False,
                    "prepared_for": gpu_stamp(gpu), "prepared_from": str(plain)}
-    (out_dir / META).write_text(json.dumps(meta, indent=2))
+    write_text(out_dir / META, json.dumps(meta, indent=2), "TensorRT-LLM checkpoint metadata")
     return out_dir
 
 
@@ -212,7 +212,7 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str) -> tuple[Path, dic
     stamps = sorted(root.glob(f"*/{BUILD_STAMP}")) if root.is_dir() else []
     others = []
     for path in stamps:
-        stamp = json.loads(path.read_text())
+        stamp = read_json(path)
         if mode_tag(stamp["mode"], stamp["int8_kv"]) != tag:
             continue
         mismatch = stamp_mismatch(stamp, gpu, trtllm=True)

@@ -35,7 +35,7 @@ def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         fail(f"missing file: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         fail(f"{path} is not valid JSON ({e})")
     if not isinstance(data, dict):

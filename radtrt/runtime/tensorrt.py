@@ -14,7 +14,6 @@ pure and tested on CPU.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, find_vision_engin
 from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag
 from radtrt.exporter.trtllm_build import find_decoder_engine
 from radtrt.model.generate import Generation
+from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
 
 TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
@@ -81,11 +81,11 @@ def usable_engines(bundle: Path, gpu: GpuInfo | None) -> dict[str, list[str]]:
     if gpu is None:
         return found
     for path in sorted(bundle.glob(f"tensorrt/*/{STAMP_FILE}")):
-        stamp = json.loads(path.read_text())
+        stamp = read_json(path)
         if stamp.get("format") == STAMP_FORMAT and stamp_mismatch(stamp, gpu) is None:
             found["vision"].append(stamp["precision"])
     for path in sorted(bundle.glob(f"trtllm/*/{BUILD_STAMP}")):
-        stamp = json.loads(path.read_text())
+        stamp = read_json(path)
         if stamp_mismatch(stamp, gpu, trtllm=True) is None:
             found["decoder"].append(mode_tag(stamp["mode"], stamp["int8_kv"]))
     return found
@@ -190,7 +190,7 @@ class TensorRTBackend:
         decoder_dir, self.decoder_stamp = find_decoder_engine(bundle, gpu, tag)
         self.vision = TrtVisionEngine(engine, self.vision_stamp)
         self.runner = open_runner(decoder_dir, session)
-        engine_config = json.loads((decoder_dir / "config.json").read_text())
+        engine_config = read_json(decoder_dir / "config.json")
         self.table_dtype = getattr(torch, engine_config["pretrained_config"]["dtype"])
         self.vocab_size = int(self.manifest["decoder"]["vocab_size"])
         self.num_image_tokens = int(self.manifest["vision"]["num_image_tokens"])

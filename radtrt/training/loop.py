@@ -30,7 +30,7 @@ from radtrt.errors import fail
 from radtrt.model.fingerprint import weights_fingerprint
 from radtrt.model.io import sha256_file
 from radtrt.model.loading import load_model
-from radtrt.outputs import check_folder_target, check_new_dir, make_dir
+from radtrt.outputs import check_folder_target, check_new_dir, make_dir, write_text
 from radtrt.training import checkpoint as ckpt
 from radtrt.training.config import TrainConfig
 from radtrt.training.data import ManifestDataset, Schedule, collate
@@ -131,7 +131,7 @@ def _truncate_log(run_dir: Path, step: int) -> None:
             fail(f"{path} line {number} is not a training log entry; repair or remove the line, then resume")
         if line_step <= step:
             keep.append(line)
-    path.write_text("".join(ln + "\n" for ln in keep))
+    write_text(path, "".join(ln + "\n" for ln in keep), "training log")
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from radtrt.model.io import save_tensors
 from radtrt.model.loading import LoadedModel, save_toolkit
-from radtrt.outputs import new_dir_built_aside
+from radtrt.outputs import new_dir_built_aside, write_text
 from radtrt.training.config import TrainConfig
 from radtrt.training.objectives import VisionClassifier
 
@@ -57,7 +57,8 @@ def write_outputs(cfg: TrainConfig, run_dir: Path, loaded: LoadedModel, objectiv
     if isinstance(objective, VisionClassifier):
         save_tensors({k: v.detach().cpu() for k, v in objective.head.state_dict().items()},
                      run_dir / f"{VISION_HEAD}.safetensors")
-        (run_dir / f"{VISION_HEAD}.json").write_text(json.dumps({"labels": objective.label_names}, indent=2))
+        write_text(run_dir / f"{VISION_HEAD}.json", json.dumps({"labels": objective.label_names}, indent=2),
+                   "vision head labels")
     if cfg.stage in CONV_TEMPLATE:
         llava.cfg = dataclasses.replace(llava.cfg, conv_template=CONV_TEMPLATE[cfg.stage])
     source = {"layout": "radtrt-training", "stage": cfg.stage, "init_model": loaded.name,
