@@ -469,3 +469,12 @@ def test_nothing_judged_reads_plain_and_paired_results() -> None:
     assert nothing_judged({"chexprompt": {"n_reports": 3, "n_scored": 0}})
     assert nothing_judged({"reference": {"chexprompt": scored}, "candidate": {"chexprompt": {"n_reports": 1,
                                                                                              "n_scored": 0}}})
+
+
+def test_the_library_never_picks_a_judge_endpoint_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the CLI asked for an endpoint: a library caller's JudgeConfig(model=...) sent the reports to
+    api.openai.com, or wherever OPENAI_BASE_URL pointed, without being told so."""
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://elsewhere.invalid/v1")
+    with pytest.raises(RadtrtError, match="give --endpoint URL"):
+        JudgeConfig(model="gpt-4o")
+    assert JudgeConfig(model="gpt-4o", endpoint="https://api.openai.com/v1").endpoint == "https://api.openai.com/v1"

@@ -93,9 +93,6 @@ def eval_command(
     if "chexprompt" in names:
         if not judge_model:
             fail("CheXprompt needs --judge-model NAME")
-        if not endpoint and not azure_endpoint:
-            fail("CheXprompt sends reports to the judge: give --endpoint URL (OpenAI-compatible) "
-                 "or --azure-endpoint URL")
         judge = JudgeConfig(model=judge_model, endpoint=endpoint, azure_endpoint=azure_endpoint,
                             azure_deployment=azure_deployment, api_version=api_version, cache_path=judge_cache,
                             **tuning)

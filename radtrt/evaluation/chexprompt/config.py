@@ -17,7 +17,7 @@ class JudgeConfig:
     """Which judge to ask and how politely. Defaults follow the published settings (temperature 0, 128 tokens)."""
 
     model: str
-    endpoint: Optional[str] = None  # OpenAI-compatible base URL, e.g. http://host:8000/v1; None: api.openai.com
+    endpoint: Optional[str] = None  # OpenAI-compatible base URL, e.g. http://host:8000/v1 or https://api.openai.com/v1
     azure_endpoint: Optional[str] = None  # https://NAME.openai.azure.com; selects Azure OpenAI
     azure_deployment: Optional[str] = None  # defaults to ``model``
     api_version: Optional[str] = None  # Azure OpenAI API version, e.g. 2024-06-01
@@ -38,6 +38,10 @@ class JudgeConfig:
             fail("a judge model name is needed (--judge-model)")
         if self.prompt not in ("auto", "published", "radtrt"):
             fail(f"unknown --judge-prompt '{self.prompt}' (auto | published | radtrt)")
+        if not self.endpoint and not self.azure_endpoint:
+            # never a default: the SDK's would send report text to api.openai.com, or wherever OPENAI_BASE_URL says
+            fail("CheXprompt sends reports to the judge: give --endpoint URL (OpenAI-compatible) "
+                 "or --azure-endpoint URL")
         if self.endpoint and self.azure_endpoint:
             fail("give either --endpoint (OpenAI-compatible) or --azure-endpoint, not both")
         for option, url in (("--endpoint", self.endpoint), ("--azure-endpoint", self.azure_endpoint)):
@@ -69,7 +73,7 @@ class JudgeConfig:
         different judges, and the default cache is shared by every project. Hashed, because an endpoint
         URL may carry credentials."""
         where = (f"azure {self.azure_endpoint} {self.azure_deployment or self.model}" if self.is_azure
-                 else f"openai {self.endpoint or 'https://api.openai.com/v1'}")
+                 else f"openai {self.endpoint}")
         return f"{self.model} @{hashlib.sha256(where.encode()).hexdigest()[:16]}"
 
     def resolved_cache_path(self) -> Path:
