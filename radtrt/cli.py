@@ -39,11 +39,6 @@ def _version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """radtrt: LLaVA-Rad on Jetson Orin, V100 and plain CPUs."""
-    import pydicom.config
-
-    # pydicom warns about a malformed header value by quoting it ("Invalid value for VR DA: '1980-01-02'"):
-    # a birth date or a name on stderr. radtrt's own checks refuse what matters, in lines without values.
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 @command

@@ -425,3 +425,37 @@ def test_header_charset_warnings_stay_off_stderr(tmp_path: Path) -> None:
             warnings.simplefilter("always")
             read_dicom(path)
         assert not [w for w in caught if "pydicom" in w.filename], [str(w.message) for w in caught]
+
+
+def test_reading_never_logs_header_values_and_leaves_pydicom_settings_alone(tmp_path: Path) -> None:
+    """Only the CLI turned pydicom's value validation off, for the whole process: a library caller (Triton's
+    preprocessing, a script with logging set up) got "Invalid value for VR UI: '1.2.SECRET'" in its logs."""
+    import logging
+    import warnings
+
+    import pydicom.config
+
+    from radtrt.imaging.study import load_study
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # writing the malformed file warns too
+        ds = radiograph_dataset(synthetic_chest(seed=8), view_position="PA")
+        ds.PatientBirthDate = "19310704X"
+        ds.StudyInstanceUID = "1.2.SECRET"  # pydicom validates UIs as it reads them
+        path = tmp_path / "a.dcm"
+        ds.save_as(path, enforce_file_format=True)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    root.addHandler(handler)
+    before = pydicom.config.settings.reading_validation_mode
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_study(path)
+    finally:
+        root.removeHandler(handler)
+    shown = [r.getMessage() for r in records] + [str(w.message) for w in caught]
+    assert not [m for m in shown if "19310704" in m or "SECRET" in m], shown
+    assert pydicom.config.settings.reading_validation_mode == before

@@ -46,6 +46,7 @@ file (never patient data):
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
 import warnings
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pydicom.config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
@@ -116,12 +118,28 @@ def _parse_all(ds: Dataset) -> None:
 
 @contextmanager
 def quiet(modules: str = "pydicom") -> Iterator[None]:
-    """No warnings from ``modules`` (a regex of package names): pydicom's and highdicom's quote header values
-    (a patient's name in a charset it cannot decode, say) over several lines of stderr; what matters is
-    refused in radtrt's own lines, without values."""
+    """No warnings or log records from ``modules`` (package names joined by ``|``), and no validation of the
+    values pydicom reads: pydicom's and highdicom's messages quote header values ("Invalid value for VR DA:
+    '1980-01-02'", a patient's name in a charset it cannot decode) on stderr, and pydicom also logs each one,
+    which reaches any handler the host application set up. What matters is refused in radtrt's own lines,
+    without values.
+
+    Scoped, not set once by the CLI: the library's own callers (Triton's preprocessing, a user's script) read
+    studies through here too, and a host application's settings stay its own outside."""
+    loggers = [logging.getLogger(name) for name in modules.split("|")]
+    levels = [logger.level for logger in loggers]
+    validation = pydicom.config.settings.reading_validation_mode
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=rf"({modules})\.")
-        yield
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)  # the packages' child loggers inherit it
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+            pydicom.config.settings.reading_validation_mode = validation
 
 
 def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
@@ -264,8 +282,8 @@ def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
     try:
         # pydicom warns, with values, about what it adjusts while decoding (a padding byte in an RLE segment, a
         # JPEG's colour space): valid images do that, so the warnings are neither shown nor a refusal
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet("pydicom|pylibjpeg"):
+            warnings.simplefilter("ignore")  # the decoders' own warnings too, restored when ``quiet`` ends
             arr = ds.pixel_array
     # the decoders' messages quote header values (a name where a code should be): only the kind of error is shown
     except (ValueError, RuntimeError, NotImplementedError, EOFError, OSError, AttributeError, TypeError,
