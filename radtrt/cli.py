@@ -10,13 +10,16 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar
 
 import typer
 
 from radtrt import __version__
 from radtrt.cli_support import err, user_errors
 from radtrt.errors import fail
+
+if TYPE_CHECKING:
+    from radtrt.runtime.pipeline import StudyFailure, StudyResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run LLaVA-Rad chest X-ray report generation fast on the hardware you have.")
@@ -61,24 +64,25 @@ def infer(
     trt_cache: Optional[Path] = typer.Option(None, "--trt-cache", help="Engine/timing cache dir for the TensorRT EP."),
     ort_spin: bool = typer.Option(False, "--ort-spin", help="ONNX Runtime threads busy-wait between operators: "
                                   "faster INT8 decode on a machine doing nothing else, slower when it is shared."),
+    trt_decoder: Optional[str] = typer.Option(None, "--trt-decoder", help="TensorRT-LLM engine to run (tensorrt "
+                                              "backend): fp16 | w8a16 | w8a8_sq, with -kv8 for an INT8 KV cache. "
+                                              "\\[default: the one built for this host]"),
 ) -> None:
     """Generate the findings section for each study."""
-    from radtrt.model.prompt import build_query
+    from radtrt.runtime.session import infer_studies
+
+    _print_results(infer_studies(studies, model=model, base_model=base_model, bundle=bundle, backend=backend,
+                                 device=device, dtype=dtype, indication=indication, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, sr_out=sr_out, allow_any_modality=allow_any_modality,
+                                 ort_provider=ort_provider, trt_cache=trt_cache, ort_spin=ort_spin,
+                                 trt_decoder=trt_decoder, console=err), as_json)
+
+
+def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: bool) -> None:
+    """Reports on stdout (or one JSON record per study); timings and failures on stderr."""
     from radtrt.runtime.pipeline import StudyResult
-    from radtrt.runtime.session import check_studies_exist, open_pipeline, run_studies
 
-    check_studies_exist(studies)
-    build_query(indication)  # an indication the prompt refuses fails now, not in every study after the model loads
-    if sr_out is not None:  # refused before the model loads, not after the first study was generated
-        from radtrt.outputs import check_folder_target
-
-        check_folder_target(sr_out, "--sr-out folder")
-    pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
-                             dtype=dtype, console=err, ort_provider=ort_provider, trt_cache=trt_cache,
-                             ort_spin=ort_spin)
-    for result in run_studies(pipeline, studies, indication=indication, max_new_tokens=max_new_tokens,
-                              allow_any_modality=allow_any_modality, sr_out=sr_out, console=err,
-                              batch_size=batch_size):
+    for result in results:
         if as_json:
             typer.echo(json.dumps(result.to_json()))
         elif isinstance(result, StudyResult):  # a failure's line is already on stderr
@@ -340,16 +344,16 @@ def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Wher
     """First run: a synthetic phantom study through an ONNX bundle of the embedded default model."""
     from radtrt.outputs import check_folder_target
     from radtrt.runtime.demo import make_demo
+    from radtrt.runtime.session import infer_studies
 
     check_folder_target(out / "sr", "demo SR folder (in -o)")  # before the export, not after it
     with err.status("preparing the demo: ONNX export of the default model and a phantom study"):
         bundle, study, row = make_demo(out)
     err.print(f"demo: phantom study {study} (synthetic; its true findings: {row['findings']})", highlight=False,
               soft_wrap=True)
-    infer([study], model=None, base_model=None, bundle=bundle, backend="onnxruntime", device="cpu",
-          dtype=None, indication=row.get("indication"), max_new_tokens=256, batch_size=1, as_json=as_json,
-          sr_out=out / "sr", allow_any_modality=False, ort_provider="cpu", trt_cache=None,
-          ort_spin=False)  # every parameter: a left-out one would be its truthy typer.Option default
+    _print_results(infer_studies([study], bundle=bundle, backend="onnxruntime", device="cpu",
+                                 indication=row.get("indication"), sr_out=out / "sr", ort_provider="cpu",
+                                 console=err), as_json)
 
 
 def _register_subcommands() -> None:

@@ -410,6 +410,9 @@ def test_a_config_whose_image_size_the_vision_graph_does_not_take_is_refused(bun
     (["--indication", "see <ima<image>ge> prior"], "contains the image placeholder"),  # failed every study
     (["--model", "MODEL"], "--model is not used: this run uses onnxruntime"),  # ran the bundle, ignored the model
     (["--backend", "torch", "--model", "MODEL"], "--bundle is not used: this run uses torch"),
+    (["--trt-decoder", "w8a16"], "--trt-decoder picks a TensorRT-LLM engine of the tensorrt backend; this run uses "
+                                 "onnxruntime"),
+    (["--backend", "tensorrt", "--device", "cpu"], "--device cpu: the tensorrt backend runs on the GPU"),
 ])
 def test_infer_options_the_run_would_ignore_are_refused(bundle: Path, model_dir: Path, studies: list[Path],
                                                         extra: list[str], match: str) -> None:

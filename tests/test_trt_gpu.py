@@ -76,7 +76,7 @@ def test_tensorrt_backend_matches_torch(fp16_bundle: Path) -> None:
     build_decoder_engine(fp16_bundle, ckpt, gpu, BuildLimits.for_llava(16, max_batch=2, max_text_tokens=64,
                                                                        max_new_tokens=16, max_position_embeddings=512),
                          gather_generation_logits=True)
-    backend = TensorRTBackend(fp16_bundle, decoder_mode="fp16", gpu=gpu, verify=False)
+    backend = TensorRTBackend(fp16_bundle, decoder="fp16", gpu=gpu, verify=False)
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     prompt = [1, 31, 45, -200, 13, 101, 29]  # ids of the tiny 512-token vocabulary
     embeds = backend.embed_prompt(prompt, backend.encode_images(pixels)[0])

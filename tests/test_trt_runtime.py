@@ -85,6 +85,7 @@ def test_generate_drives_the_runner_with_a_prompt_table() -> None:
     backend = object.__new__(TensorRTBackend)  # no engines on a CPU host: wire the parts by hand
     backend.runner = FakeRunner()
     backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
+    backend.limits = {"max_batch": 8, "max_input_len": 64, "max_seq_len": 96}
     a = backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7], torch.ones(2, 8))
     b = backend.embed_prompt([1, 9, IMAGE_TOKEN_INDEX, 7], torch.zeros(2, 8))
     assert a.input_ids == [1, 512, 513, 7] and a.table.dtype == torch.float16
@@ -114,3 +115,53 @@ def test_usable_engines_lists_only_this_hosts_builds(tmp_path: Path) -> None:
     assert usable_engines(bundle, ORIN) == {"vision": ["fp16"], "decoder": ["w8a16-kv8"]}
     assert usable_engines(bundle, V100) == {"vision": [], "decoder": []}
     assert usable_engines(bundle, None) == {"vision": [], "decoder": []}
+
+
+def test_generate_keeps_to_the_engines_build_limits() -> None:
+    """TensorRT-LLM's runner raised a bare RuntimeError (a traceback) for a batch, prompt or sequence over the
+    engine's build limits: batches are now split to the engine's size, and too long a generation is one line."""
+    backend = object.__new__(TensorRTBackend)
+    backend.runner = FakeRunner()
+    backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
+    backend.limits = {"max_batch": 2, "max_input_len": 6, "max_seq_len": 10}
+    prompts = [backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7 + i], torch.ones(2, 8)) for i in range(5)]
+    gen = backend.generate(prompts, max_new_tokens=5, eos_token_id=2)
+    assert [len(c["batch_input_ids"]) for c in backend.runner.calls] == [2, 2, 1]
+    assert gen.token_ids == [[40, 41], [41, 41], [40, 41], [41, 41], [40, 41]]
+    parity = backend.generate(prompts[:3], max_new_tokens=3, eos_token_id=2, keep_logits=True)
+    assert parity.logits is not None and parity.logits.shape == (3, 3, 512)
+    with pytest.raises(RadtrtError, match=r"the prompt \(4 positions, with the image\) \+ 7 new tokens exceed the "
+                                          r"TensorRT-LLM engine's limits \(prompts up to 6 positions, sequences up to 10\)"):
+        backend.generate(prompts, max_new_tokens=7, eos_token_id=2)
+    long_prompt = backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7, 8, 9, 10, 11], torch.ones(2, 8))
+    with pytest.raises(RadtrtError, match="8 positions"):
+        backend.generate([long_prompt], max_new_tokens=1, eos_token_id=2)
+
+
+def test_the_decoder_engine_is_the_one_built_not_always_fp16(tmp_path: Path) -> None:
+    """The backend always asked for the fp16 engine: every INT8 engine 'radtrt export' built could not run."""
+    from radtrt.runtime.tensorrt import choose_decoder
+
+    assert choose_decoder(["w8a16"], None, tmp_path) == "w8a16"
+    assert choose_decoder(["w8a8_sq-kv8"], None, tmp_path) == "w8a8_sq-kv8"
+    assert choose_decoder([], None, tmp_path) == "fp16"  # the lookup then says what exists, or how to build one
+    with pytest.raises(RadtrtError, match="has TensorRT-LLM decoder engines fp16, w8a16 for this host: choose one "
+                                          "with --trt-decoder"):
+        choose_decoder(["fp16", "w8a16"], None, tmp_path)
+    assert choose_decoder(["fp16", "w8a16"], "w8a16", tmp_path) == "w8a16"
+    assert choose_decoder(["fp16"], "w8a8_sq-kv8", tmp_path) == "w8a8_sq-kv8"  # missing: the lookup's own line
+    for bad in ("int8", "w8a16-kv4"):
+        with pytest.raises(RadtrtError, match="--trt-decoder|unknown TensorRT-LLM decoder mode"):
+            choose_decoder([], bad, tmp_path)
+
+
+def test_device_cpu_never_runs_the_tensorrt_backend() -> None:
+    """'--device cpu' was silently ignored: auto picked the GPU engines, and '--backend tensorrt' ran them."""
+    from radtrt.runtime.backends import choose_backend
+
+    assert choose_backend("auto", bundle=True, model=False, ort_providers=[], trt_ready=True) == (
+        "tensorrt", "the bundle has TensorRT and TensorRT-LLM engines built for this GPU")
+    assert choose_backend("auto", bundle=True, model=False, ort_providers=[], trt_ready=True, cpu=True) == (
+        "onnxruntime", "--device cpu")
+    with pytest.raises(RadtrtError, match="--device cpu: the tensorrt backend runs on the GPU"):
+        choose_backend("tensorrt", bundle=True, model=False, ort_providers=[], cpu=True)

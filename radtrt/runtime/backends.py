@@ -66,14 +66,18 @@ def resolve_device(device: str) -> str:
 
 
 def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: list[str],
-                   trt_ready: bool = False) -> tuple[str, str]:
+                   trt_ready: bool = False, cpu: bool = False) -> tuple[str, str]:
     """(backend, why): TensorRT > ONNX Runtime (CUDA, then CPU) > torch, among what the inputs allow.
 
     ``trt_ready``: the bundle holds a vision engine and a TensorRT-LLM engine built for this GPU.
+    ``cpu``: ``--device cpu`` was given, which TensorRT cannot honour.
     """
     if requested in ("tensorrt", "onnxruntime"):
         if not bundle:
             fail(f"--backend {requested} needs --bundle (what 'radtrt export' wrote)")
+        if requested == "tensorrt" and cpu:
+            fail("--device cpu: the tensorrt backend runs on the GPU; drop --device cpu, or pass --backend "
+                 "onnxruntime to run the bundle on the CPU")
         return requested, "asked for"
     if requested == "torch":
         if bundle and not model:  # else the embedded default model would run in place of the bundle's
@@ -83,6 +87,8 @@ def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: 
     if requested != "auto":
         fail(f"unknown backend '{requested}' (auto, torch, onnxruntime, tensorrt)")
     if bundle:
+        if cpu:
+            return "onnxruntime", "--device cpu"
         if trt_ready:
             return "tensorrt", "the bundle has TensorRT and TensorRT-LLM engines built for this GPU"
         gpu = "CUDAExecutionProvider" in ort_providers

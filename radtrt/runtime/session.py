@@ -27,10 +27,36 @@ def check_studies_exist(studies: list[Path]) -> None:
             fail(f"study not found: {study}")
 
 
+def infer_studies(studies: list[Path], *, console: Console, model: Path | None = None,
+                  base_model: Path | None = None, bundle: Path | None = None, backend: str = "auto",
+                  device: str | None = None, dtype: str | None = None, indication: str | None = None,
+                  max_new_tokens: int = 256, batch_size: int = 1, sr_out: Path | None = None,
+                  allow_any_modality: bool = False, ort_provider: str = "auto", trt_cache: Path | None = None,
+                  ort_spin: bool = False, trt_decoder: str | None = None) -> Iterator[StudyResult | StudyFailure]:
+    """``radtrt infer`` as a library call: one record per study, in the order given (see :func:`run_studies`).
+
+    What can be refused without the model (a mistyped study, an indication the prompt refuses, an unusable
+    ``sr_out``) is refused before the slow model load, not after the first study was generated."""
+    from radtrt.model.prompt import build_query
+
+    check_studies_exist(studies)
+    build_query(indication)
+    if sr_out is not None:
+        from radtrt.outputs import check_folder_target
+
+        check_folder_target(sr_out, "--sr-out folder")
+    pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
+                             dtype=dtype, console=console, ort_provider=ort_provider, trt_cache=trt_cache,
+                             ort_spin=ort_spin, trt_decoder=trt_decoder)
+    yield from run_studies(pipeline, studies, indication=indication, max_new_tokens=max_new_tokens,
+                           allow_any_modality=allow_any_modality, sr_out=sr_out, console=console,
+                           batch_size=batch_size)
+
+
 def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path | None, backend: str,
                   device: str | None,
                   dtype: str | None, console: Console, ort_provider: str = "auto", trt_cache: Path | None = None,
-                  ort_spin: bool = False) -> Pipeline:
+                  ort_spin: bool = False, trt_decoder: str | None = None) -> Pipeline:
     from radtrt.runtime.ort import available_providers
 
     if base_model is not None and model is None:  # it completes a release --model; alone it would be ignored
@@ -39,18 +65,19 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
         if path is not None and not path.exists():  # found even when the bundle's backend would not read it
             fail(f"{flag} directory not found: {path}")
     providers = available_providers() if bundle is not None else []
-    trt_ready = bundle is not None and backend == "auto" and _trt_ready(bundle)
+    cpu = device == "cpu"
+    trt_ready = bundle is not None and backend == "auto" and not cpu and _trt_ready(bundle)
     chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers,
-                                 trt_ready=trt_ready)
+                                 trt_ready=trt_ready, cpu=cpu)
     _refuse_unused(chosen, why, dtype=dtype, ort_provider=ort_provider, trt_cache=trt_cache, ort_spin=ort_spin,
-                   model=model, bundle=bundle)
+                   model=model, bundle=bundle, trt_decoder=trt_decoder)
     dtype = dtype or "float32"
     if chosen == "onnxruntime":
         assert bundle is not None
         return _open_ort(bundle, device, ort_provider, trt_cache, why, console, ort_spin)
     if chosen == "tensorrt":
         assert bundle is not None
-        return _open_trt(bundle, why, console)
+        return _open_trt(bundle, why, console, trt_decoder)
     device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
@@ -66,8 +93,11 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
 
 
 def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: str, trt_cache: Path | None,
-                   ort_spin: bool, model: Path | None = None, bundle: Path | None = None) -> None:
+                   ort_spin: bool, model: Path | None = None, bundle: Path | None = None,
+                   trt_decoder: str | None = None) -> None:
     """Options of a backend this run does not use are refused, not ignored: the user believes they took effect."""
+    if chosen != "tensorrt" and trt_decoder is not None:
+        fail(f"--trt-decoder picks a TensorRT-LLM engine of the tensorrt backend; this run uses {chosen} ({why})")
     if chosen != "onnxruntime":
         given = [flag for flag, used in (("--ort-provider", ort_provider != "auto"), ("--trt-cache", trt_cache),
                                          ("--ort-spin", ort_spin)) if used]
@@ -109,11 +139,11 @@ def _bundle_side(bundle: Path) -> tuple["LlavaRadConfig", "LlamaSPTokenizer"]:
     return LlavaRadConfig.from_dict(read_json(bundle / "model_config.json")), LlamaSPTokenizer.from_dir(bundle)
 
 
-def _open_trt(bundle: Path, why: str, console: Console) -> Pipeline:
+def _open_trt(bundle: Path, why: str, console: Console, decoder: str | None = None) -> Pipeline:
     from radtrt.runtime.tensorrt import TensorRTBackend
 
     with console.status(f"verifying bundle {bundle} and loading its TensorRT engines"):
-        backend = TensorRTBackend(bundle)
+        backend = TensorRTBackend(bundle, decoder=decoder)
         cfg, tokenizer = _bundle_side(bundle)
     name = backend.manifest["model"]["name"]
     console.print(f"backend: tensorrt ({why}), {backend.precision}; model {name}", highlight=False, soft_wrap=True)

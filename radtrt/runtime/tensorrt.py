@@ -91,6 +91,39 @@ def usable_engines(bundle: Path, gpu: GpuInfo | None) -> dict[str, list[str]]:
     return found
 
 
+def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> str:
+    """The decoder engine to run. Every precision ``radtrt export --target trtllm`` builds must be runnable (only
+    fp16 was, whatever the bundle held), and with several built none is picked silently."""
+    if requested is not None:
+        mode, _, kv = requested.partition("-")
+        if kv not in ("", "kv8"):
+            fail(f"unknown --trt-decoder '{requested}' (a mode tag: fp16, w8a16, w8a8_sq, each optionally with -kv8)")
+        return mode_tag(mode, kv == "kv8")  # an engine missing or built elsewhere: find_decoder_engine says which
+    if len(usable) == 1:
+        return usable[0]
+    if not usable:
+        return "fp16"  # find_decoder_engine names what exists instead, or how to build one
+    fail(f"bundle {bundle} has TensorRT-LLM decoder engines {', '.join(usable)} for this host: choose one with "
+         f"--trt-decoder")
+
+
+def check_engine_limits(prompt_lengths: list[int], max_new_tokens: int, limits: dict[str, Any]) -> None:
+    """Refuse what the TensorRT-LLM engine was not built for, before it runs: its runner raises a bare
+    ``RuntimeError`` (a traceback) for a prompt or sequence over the build limits."""
+    longest = max(prompt_lengths)
+    if longest > limits["max_input_len"] or longest + max_new_tokens > limits["max_seq_len"]:
+        fail(f"the prompt ({longest} positions, with the image) + {max_new_tokens} new tokens exceed the TensorRT-LLM "
+             f"engine's limits (prompts up to {limits['max_input_len']} positions, sequences up to "
+             f"{limits['max_seq_len']}); lower --max-new-tokens or shorten --indication")
+
+
+def _cat_logits(parts: list[torch.Tensor | None]) -> torch.Tensor:
+    """Chunks' ``[B, steps, vocab]`` logits as one batch; chunks that stopped early have fewer steps."""
+    tensors = [p for p in parts if p is not None]
+    steps = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, steps - t.shape[1])) for t in tensors])
+
+
 def engine_io_problem(io: dict[str, str], input_name: str, output_name: str) -> str | None:
     """Why an engine's I/O tensors (name -> ``trt.TensorIOMode`` name, from ``num_io_tensors`` /
     ``get_tensor_name`` / ``get_tensor_mode``) do not match the stamp's one input and one output, or None."""
@@ -180,14 +213,16 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, bundle: Path, *, decoder_mode: str = "fp16", int8_kv: bool = False,
-                 vision_precision: str | None = None, session: str = "cpp", gpu: GpuInfo | None = None,
-                 verify: bool = True) -> None:
+    def __init__(self, bundle: Path, *, decoder: str | None = None, vision_precision: str | None = None,
+                 session: str = "cpp", gpu: GpuInfo | None = None, verify: bool = True) -> None:
+        """``decoder``: the TensorRT-LLM engine's mode tag (``fp16``, ``w8a16``, ``w8a8_sq-kv8`` ...); None takes
+        the one engine built for this host, and asks for a choice when there are several."""
         gpu = require_gpu(gpu or detect_gpu())  # before hashing gigabytes of bundle on a host that cannot run it
         self.manifest = read_manifest(bundle, verify=verify)
         engine, self.vision_stamp = find_vision_engine(bundle, gpu, vision_precision, self.manifest)
-        tag = mode_tag(decoder_mode, int8_kv)
+        tag = choose_decoder(usable_engines(bundle, gpu)["decoder"], decoder, bundle)
         decoder_dir, self.decoder_stamp = find_decoder_engine(bundle, gpu, tag)
+        self.limits = self.decoder_stamp["limits"]
         self.vision = TrtVisionEngine(engine, self.vision_stamp)
         self.runner = open_runner(decoder_dir, session)
         engine_config = read_json(decoder_dir / "config.json")
@@ -210,6 +245,20 @@ class TensorRTBackend:
                  keep_logits: bool = False) -> Generation:
         if max_new_tokens < 1:
             return Generation([[] for _ in embeds])
+        check_engine_limits([len(p.input_ids) for p in embeds], max_new_tokens, self.limits)
+        size = int(self.limits["max_batch"])
+        if len(embeds) <= size:
+            return self._generate(embeds, max_new_tokens, eos_token_id, keep_logits)
+        # more studies than the engine's batch: in engine-sized chunks, as the vision engine splits its batches
+        parts = [self._generate(embeds[i:i + size], max_new_tokens, eos_token_id, keep_logits)
+                 for i in range(0, len(embeds), size)]
+        logits = [p.logits for p in parts]
+        return Generation([t for p in parts for t in p.token_ids], prefill_ms=sum(p.prefill_ms for p in parts),
+                          decode_ms=sum(p.decode_ms for p in parts),
+                          logits=_cat_logits(logits) if keep_logits else None)
+
+    def _generate(self, embeds: list[PromptTableInput], max_new_tokens: int, eos_token_id: int,
+                  keep_logits: bool) -> Generation:
         ids, table, tasks = batch_prompt_tables(embeds)
         args = dict(batch_input_ids=[torch.tensor(x, dtype=torch.int32) for x in ids], prompt_table=table,
                     prompt_tasks=tasks, max_new_tokens=max_new_tokens, end_id=eos_token_id, pad_id=max(eos_token_id, 0),
