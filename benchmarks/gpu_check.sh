@@ -162,7 +162,7 @@ ref_rows = measure(reference, True)
 table = [{"vision": "torch fp16", "decoder": "torch fp16", "latency_ms": latency(reference)}]
 for mode, kv in built:
     for vp in vision_precisions:
-        backend = TensorRTBackend(bundle, decoder_mode=mode, int8_kv=kv, vision_precision=vp, gpu=gpu, verify=False)
+        backend = TensorRTBackend(bundle, decoder=mode_tag(mode, kv), vision_precision=vp, gpu=gpu, verify=False)
         pipe = Pipeline(backend, loaded.tokenizer, cfg)
         rows = measure(pipe, True)
         exact = sum(r[1].token_ids == g[1].token_ids for r, g in zip(ref_rows, rows, strict=True)) / len(rows)
