@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
+from radtrt.http_retry import retry_after_seconds, retryable_status
 from radtrt.outputs import check_folder_target, replaced_atomically
 
-RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_WAIT_S = 120.0  # longest pause between attempts, whatever Retry-After asks
 
 
@@ -129,10 +129,10 @@ class ChatClient:
             except UnicodeDecodeError:
                 fail("chat endpoint answered with something that is not UTF-8 text")
             except urllib.error.HTTPError as e:
-                if e.code not in RETRY_STATUS:
+                if not retryable_status(e.code):
                     hint = " (check the API key)" if e.code in (401, 403) else ""
                     fail(f"chat endpoint refused the request: HTTP {e.code}{hint}")
-                problem, retry_after = f"HTTP {e.code}", _retry_after(e.headers.get("Retry-After"))
+                problem, retry_after = f"HTTP {e.code}", retry_after_seconds(e.headers)
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                     http.client.HTTPException) as e:  # HTTPException: a body cut off (IncompleteRead) and kin
                 problem = type(getattr(e, "reason", e)).__name__
@@ -153,10 +153,3 @@ class ChatClient:
             fail("chat endpoint answered with empty content")
         return content.strip()
 
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: fall back to exponential backoff
-    return None if seconds is None or not math.isfinite(seconds) else max(0.0, seconds)

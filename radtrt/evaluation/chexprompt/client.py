@@ -20,6 +20,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from radtrt.errors import fail
 from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.prompt import Messages
+from radtrt.http_retry import retry_after_seconds, retryable_status
 
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 AZURE_KEY_ENV = "AZURE_OPENAI_API_KEY"
@@ -66,20 +67,9 @@ class RateLimiter:
             self._sleep(start - now)
 
 
-def retry_after_seconds(exc: BaseException) -> Optional[float]:
-    """The server's requested wait (``retry-after-ms`` or ``retry-after`` in seconds), if it sent one."""
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is not None:
-            try:
-                return max(0.0, float(value) * scale)
-            except ValueError:
-                continue  # an HTTP-date Retry-After: fall back to exponential backoff
-    return None
+def server_wait(exc: BaseException) -> Optional[float]:
+    """The wait the server asked for in the failed response's headers, if it sent one."""
+    return retry_after_seconds(getattr(getattr(exc, "response", None), "headers", None))
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -87,7 +77,7 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         return True
     if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+        return retryable_status(exc.status_code)
     return False
 
 
@@ -136,9 +126,9 @@ class OpenAIJudgeClient:
 
     def _wait(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        server_wait = retry_after_seconds(exc) if exc is not None else None
-        if server_wait is not None:
-            return min(server_wait, self._cfg.backoff_max_s)
+        asked = server_wait(exc) if exc is not None else None
+        if asked is not None:
+            return min(asked, self._cfg.backoff_max_s)
         return self._backoff(retry_state)
 
     def complete(self, messages: Messages) -> Optional[str]:
