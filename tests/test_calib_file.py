@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from radtrt.calibration.file import CalibrationFile, load_activation_stats
+from radtrt.calibration.file import CalibrationFile, content_sha256, load_activation_stats
 from radtrt.calibration.run import calibrate, calibrate_phantoms, heldout_samples, reuse
 from radtrt.calibration.samples import sample_list_hash
 from radtrt.calibration.stats import answer_ids
@@ -157,7 +157,7 @@ def test_a_bundles_copy_names_no_folder_or_file_and_still_verifies(loaded: Loade
     with safe_open(str(older), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, older, metadata={**metadata, "format_version": "1"})  # its hash covered the paths
-    with pytest.raises(RadtrtError, match="format version 1; this radtrt reads version 2: re-run 'radtrt calibrate'"):
+    with pytest.raises(RadtrtError, match="format version 1; this radtrt reads version 3: re-run 'radtrt calibrate'"):
         CalibrationFile.load(older)
 
 
@@ -186,20 +186,20 @@ def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: 
 
 
 def _edited(calib, tmp_path: Path, name: str, meta_edit=None, tensor_edit=None, keep_digest: bool = False) -> Path:
-    """A copy of the calibration file with its metadata or tensors damaged; without ``keep_digest``, as a file
-    without a content digest (written before radtrt recorded one), so that the checks behind it are reached."""
+    """A copy of the calibration file with its metadata or tensors damaged; without ``keep_digest``, with its
+    digest recomputed (a deliberate forgery), so that the checks behind it are reached."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = calib.file.save(tmp_path / "source.safetensors")
     with safe_open(str(path), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    if not keep_digest:
-        del metadata["content_sha256"]
     if meta_edit is not None:
         metadata["meta"] = json.dumps(meta_edit(json.loads(metadata["meta"])))
     if tensor_edit is not None:
         tensor_edit(tensors)
+    if not keep_digest:
+        metadata["content_sha256"] = content_sha256(metadata["meta"], tensors)
     out = tmp_path / f"{name}.safetensors"
     save_file(tensors, out, metadata=metadata)
     return out
@@ -252,7 +252,16 @@ def test_edited_statistics_or_metadata_fail_the_content_digest(calib, loaded: Lo
     with pytest.raises(RadtrtError, match="do not match its recorded sha256"):
         CalibrationFile.load(_edited(calib, tmp_path, "meta", keep_digest=True,
                                      meta_edit=lambda m: {**m, "preprocess": {**m["preprocess"], "image_size": 999}}))
-    CalibrationFile.load(_edited(calib, tmp_path, "old"))  # a file without a digest still loads
+    without = _edited(calib, tmp_path, "without", keep_digest=True)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(without), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del metadata["content_sha256"]  # deleting the digest was enough to pass an edited file
+    save_file(tensors, without, metadata=metadata)
+    with pytest.raises(RadtrtError, match="do not match its recorded sha256"):
+        CalibrationFile.load(without)
     intact = CalibrationFile.load(calib.file.save(tmp_path / "intact.safetensors"))
     copy = CalibrationFile.load(intact.without_paths().save(tmp_path / "copy.safetensors"))  # a bundle's copy
     assert copy.hash == intact.hash
