@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from radtrt.errors import RadtrtError
 from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8
-from radtrt.imaging.study import SelectedImage, load_study
+from radtrt.imaging.study import SelectedImage, load_study, study_warnings
 from radtrt.imaging.synthetic import FAKE_PATIENT_NAME, synthetic_chest, write_radiograph
 
 
@@ -231,3 +231,32 @@ def test_one_study_folder_is_told_from_a_folder_of_studies(tmp_path: Path) -> No
     assert [e.study.name for e in study_entries(many, None, tmp_path, 1)] == ["a.dcm", "b.dcm"]
     (one / "notes.txt").write_text("x")  # not only DICOM: read as before, entry by entry
     assert not is_one_study_folder(one)
+
+
+def test_unreadable_files_and_folders_are_skipped_aloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreadable PA vanished from the folder as "not an image", and the AP was reported on without a word."""
+    study = tmp_path / "study"
+    write_radiograph(study / "a_pa.dcm", view_position="PA", study_uid="1.2.3.4")
+    write_radiograph(study / "b_ap.dcm", view_position="AP", study_uid="1.2.3.4")
+    write_radiograph(study / "sub" / "c_pa.dcm", view_position="PA", study_uid="1.2.3.4")
+    real_open, real_scandir = Path.open, os.scandir
+
+    def refusing_open(self: Path, *args: object, **kwargs: object):  # noqa: ANN202
+        if self.name == "a_pa.dcm":
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    def refusing_scandir(path: object = "."):  # noqa: ANN202
+        if Path(os.fspath(path)).name == "sub":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    image = load_study(study)
+    assert image.source_file.name == "b_ap.dcm"
+    assert sorted(reason for _, reason in image.skipped) == ["a_pa.dcm: cannot read file (Permission denied)",
+                                                             "sub: cannot read folder (Permission denied)"]
+    assert any("2 file(s) not used" in w for w in study_warnings(study, image))
+    with pytest.raises(RadtrtError, match="a_pa.dcm: cannot read file \\(Permission denied\\)"):
+        load_study(study / "a_pa.dcm")

@@ -62,14 +62,15 @@ class _Candidate:
 
 def _sniff(path: Path) -> str | None:
     """Classify a file by its leading bytes: "DICOM", "RASTER" or None (also for anything not a regular
-    file: opening a FIFO or a device would block or read forever)."""
+    file: opening a FIFO or a device would block or read forever). A file that cannot be read is an error,
+    not "no image": in a folder it would vanish without a word, and another image be chosen in its place."""
     if not path.is_file():
         return None
     try:
         with path.open("rb") as handle:
             head = handle.read(_DICOM_MAGIC_OFFSET + 4)
-    except OSError:
-        return None
+    except OSError as exc:
+        fail(f"{path.name}: cannot read file ({exc.strerror or type(exc).__name__})")
     if head[_DICOM_MAGIC_OFFSET:] == b"DICM":
         return "DICOM"
     if sniff_raster(head):
@@ -93,15 +94,22 @@ def _load(path: Path, kind: str, *, allow_any_modality: bool,
     return selected
 
 
-def _walk(folder: Path) -> list[Path]:
-    files = []
-    for root, dirs, names in os.walk(folder):
+def _walk(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The folder's files, and the subfolders that could not be listed as ``(name, reason)``: skipped, but said."""
+    files: list[Path] = []
+    unreadable: list[tuple[str, str]] = []
+
+    def note(error: OSError) -> None:
+        name = Path(error.filename or folder).name
+        unreadable.append((name, f"{name}: cannot read folder ({error.strerror or type(error).__name__})"))
+
+    for root, dirs, names in os.walk(folder, onerror=note):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for file_name in names:
             if file_name.startswith(".") or file_name.upper() == "DICOMDIR":
                 continue
             files.append(Path(root) / file_name)
-    return sorted(files)
+    return sorted(files), unreadable
 
 
 def is_one_study_folder(folder: Path) -> bool:
@@ -112,7 +120,10 @@ def is_one_study_folder(folder: Path) -> bool:
     must not read such a folder as several studies, one of them a lateral. A file that cannot be read
     here makes the answer "no"; it is then reported when its own study is read."""
     entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name.upper() != "DICOMDIR"]
-    if len(entries) < 2 or any(p.is_dir() or _sniff(p) != "DICOM" for p in entries):
+    try:
+        if len(entries) < 2 or any(p.is_dir() or _sniff(p) != "DICOM" for p in entries):
+            return False
+    except RadtrtError:
         return False
     first = None
     for path in entries:  # stops at the first header that differs: a folder of many studies is read no further
@@ -152,10 +163,14 @@ def _choose(candidates: list[_Candidate], folder_name: str) -> _Candidate:
 
 def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedImage:
     candidates: list[_Candidate] = []
-    skipped: list[tuple[str, str]] = []
+    files, skipped = _walk(folder)
     studies: set[str] = set()
-    for path in _walk(folder):
-        kind = _sniff(path)
+    for path in files:
+        try:
+            kind = _sniff(path)
+        except RadtrtError as exc:
+            skipped.append((path.name, str(exc)))
+            continue
         if kind is None:
             continue
         if kind == "RASTER":
