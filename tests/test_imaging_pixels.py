@@ -88,7 +88,10 @@ def _coded_view(meaning: str) -> Dataset:
         # a name in ViewPosition is never echoed (it went to stdout and warnings); the next rules decide
         (_header(ViewPosition="DOE^JANE"), (UNKNOWN_VIEW, "none")),
         (_header(ViewPosition="JANE DOE", SeriesDescription="CHEST PA"), ("PA", "SeriesDescription")),
-        (_header(ViewPosition="ap  supine"), ("AP SUPINE", "ViewPosition")),
+        # the posture added to a frontal projection: "no frontal image; views found: AP SUPINE x1" refused a study
+        (_header(ViewPosition="ap  supine"), ("AP", "ViewPosition")),
+        (_header(ViewPosition="PA ERECT"), ("PA", "ViewPosition")),
+        (_header(ViewPosition="LORDOTIC"), ("LORDOTIC", "ViewPosition")),  # an angled view: not what it learnt
     ],
 )
 def test_view_rules(ds: Dataset, expected: tuple[str, str]) -> None:

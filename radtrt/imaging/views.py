@@ -5,7 +5,8 @@ produces a confident but meaningless report. So the view must be known before a 
 reduced to one image, and the rules deciding it must be few and visible:
 
 1. ``ViewPosition`` (0018,5101), upper-cased, when it is one of the projection terms of DICOM and
-   common practice (``POSITION_TERMS``: "PA", "AP", "LL", "RL", "LAT", obliques, decubitus ...). Any
+   common practice (``POSITION_TERMS``: "PA", "AP", "LL", "RL", "LAT", obliques, decubitus ...; "AP SUPINE",
+   "AP ERECT" and "PA ERECT", the frontal projection with the posture added, read as AP or PA). Any
    other value is not echoed (a damaged or hand-edited header can hold a name there) and the next
    rules decide.
 2. ``ViewCodeSequence`` (0054,0220) first item, by its code meaning from DICOM CID 4010
@@ -40,6 +41,8 @@ _LATERAL_WORDS = frozenset({"LAT", "LATERAL", "LL", "RL"})
 # ViewPosition's defined terms (PS3.3 C.8.11.5.1.1) and the other projections seen in chest practice
 POSITION_TERMS = frozenset({"AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO", "LAT", "LATERAL", "LAO", "RAO",
                             "LPO", "RPO", "OBL", "OBLIQUE", "LORDOTIC", "AP SUPINE", "AP ERECT", "PA ERECT"})
+# the patient's posture added to a frontal projection: still the projection the model was trained on
+_POSTURE_OF_FRONTAL = {"AP SUPINE": "AP", "AP ERECT": "AP", "PA ERECT": "PA"}
 
 
 def is_frontal(view: str) -> bool:
@@ -81,7 +84,7 @@ def view_of(ds: Dataset) -> tuple[str, str]:
     """
     position = " ".join(str(ds.get("ViewPosition", "") or "").split()).upper()
     if position in POSITION_TERMS:
-        return position, "ViewPosition"
+        return _POSTURE_OF_FRONTAL.get(position, position), "ViewPosition"
     coded = _from_view_code(ds)
     if coded:
         return coded, "ViewCodeSequence"
