@@ -191,14 +191,17 @@ def test_bits_allocated_disagreeing_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("modality", "match"), [("MG", "modality 'MG'"),
                                                  (None, "missing modality"),
-                                                 ("DOE^JOHN", r"modality \(a value that is not a DICOM code\)")])
+                                                 ("DOE^JOHN", r"modality \(a value that is not a DICOM defined term\)"),
+                                                 # an ID looks like a code string, and was shown
+                                                 ("PIDX98765", r"modality \(a value that is not a DICOM defined term\)")])
 def test_wrong_or_missing_modality_is_refused(tmp_path: Path, modality: str | None,
                                               match: str) -> None:
     ds = radiograph_dataset(synthetic_chest(), modality=modality or "DX")
     if modality is None:
         del ds.Modality
     ds.save_as(tmp_path / "img.dcm", enforce_file_format=True)
-    assert "DOE" not in _refused(tmp_path / "img.dcm", match)  # a name typed into the wrong field stays unshown
+    shown = _refused(tmp_path / "img.dcm", match)
+    assert "DOE" not in shown and "PIDX" not in shown  # a name or ID typed into the wrong field stays unshown
     assert load_dicom_image(tmp_path / "img.dcm", allow_any_modality=True).pixels_u8.size
 
 

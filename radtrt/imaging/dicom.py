@@ -47,7 +47,6 @@ file (never patient data):
 from __future__ import annotations
 
 import logging
-import re
 import struct
 import warnings
 from contextlib import contextmanager
@@ -184,10 +183,21 @@ def check_image_object(ds: Dataset, name: str) -> None:
     fail(f"{name}: not an image ({_sop_class_name(ds)}, no pixel data)")
 
 
-def _shown_code(value: str) -> str:
-    """A code-string attribute's value for a message, only when it looks like one (DICOM CS: at most 16
-    upper-case letters, digits, spaces, underscores); a damaged or hand-edited header can hold a name there."""
-    return repr(value) if re.fullmatch(r"[A-Z0-9 _]{1,16}", value) else "(a value that is not a DICOM code)"
+# the values messages may show: a damaged or hand-edited header can hold a name or an ID in a code attribute,
+# and an ID ("PIDX98765") looks like a code, so only the standard's own terms (PS3.3 C.7.3.1.1.1, C.7.6.3.1.2)
+# are echoed
+KNOWN_MODALITIES = frozenset(
+    "AR ASMT AU BDUS BI BMD CD CR CT CTPROTOCOL DD DF DG DM DOC DS DX EC ECG EPS ES FA FID FS GM HC HD IO IOL IVOCT "
+    "IVUS KER KO LEN LP LS MA MG MR MS NM OAM OCT OP OPM OPR OPT OPTBSV OPTENF OPV OSS OT PLAN POS PR PT PX REG RESP "
+    "RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF ST STAIN TEXTUREMAP "
+    "TG US VA VF XA XC".split())
+KNOWN_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL",
+                               "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"})
+
+
+def _shown_code(value: str, known: frozenset[str]) -> str:
+    """A code attribute's value for a message, only when it is one of the standard's terms."""
+    return repr(value) if value in known else "(a value that is not a DICOM defined term)"
 
 
 def check_modality(ds: Dataset, name: str, *, allow_any_modality: bool) -> str | None:
@@ -196,7 +206,7 @@ def check_modality(ds: Dataset, name: str, *, allow_any_modality: bool) -> str |
     if allow_any_modality or modality in ACCEPTED_MODALITIES:
         return modality
     accepted = ", ".join(ACCEPTED_MODALITIES)
-    shown = f"modality {_shown_code(modality)}" if modality else "missing modality"
+    shown = f"modality {_shown_code(modality, KNOWN_MODALITIES)}" if modality else "missing modality"
     fail(
         f"{name}: {shown} is not a chest radiograph (accepted: {accepted}); "
         "use --allow-any-modality to override"
@@ -328,7 +338,7 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
             fail(f"{name}: {photometric} image with {int(ds.get('SamplesPerPixel') or 1)} sample(s) per pixel")
         scaled = min_max_to_uint8(rgb_to_grey(arr))
     else:
-        fail(f"{name}: photometric interpretation {_shown_code(photometric)} is not supported")
+        fail(f"{name}: photometric interpretation {_shown_code(photometric, KNOWN_PHOTOMETRIC)} is not supported")
     if scaled is None:
         fail(f"{name}: image has no contrast (all pixel values equal)")
     return equalize_histogram(scaled)
