@@ -462,3 +462,17 @@ def test_reading_never_logs_header_values_and_leaves_pydicom_settings_alone(tmp_
     shown = [r.getMessage() for r in records] + [str(w.message) for w in caught]
     assert not [m for m in shown if "19310704" in m or "SECRET" in m], shown
     assert pydicom.config.settings.reading_validation_mode == before
+
+
+@pytest.mark.parametrize("edit", [{"Rows": 128}, {"Columns": 100}])
+def test_rle_data_larger_than_its_header_is_refused(tmp_path: Path, edit: dict[str, int]) -> None:
+    """pydicom only warns ("non-conformant padding") and decodes the image's top half (fewer Rows declared) or a
+    scramble of it (fewer Columns): a report was written on it with exit code 0."""
+    ds = radiograph_dataset(synthetic_chest())
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "intact.dcm", enforce_file_format=False)
+    assert load_dicom_image(tmp_path / "intact.dcm").pixels_u8.shape == (int(ds.Rows), int(ds.Columns))
+    for keyword, value in edit.items():
+        setattr(ds, keyword, value)
+    ds.save_as(tmp_path / "edited.dcm", enforce_file_format=False)
+    _refused(tmp_path / "edited.dcm", "RLE pixel data holds more pixels than Rows x Columns")

@@ -62,7 +62,8 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, MediaStorageDirectoryStorage
+from pydicom.encaps import generate_frames
+from pydicom.uid import UID, MediaStorageDirectoryStorage, RLELossless
 
 from radtrt.errors import fail
 from radtrt.imaging.pixels import MAX_PIXELS, equalize_histogram, min_max_to_uint8, rgb_to_grey
@@ -257,6 +258,42 @@ def _check_geometry(ds: Dataset, name: str) -> tuple[int, int, int]:
     return rows, cols, samples
 
 
+def rle_decoded_lengths(frame: bytes) -> list[int]:
+    """How many bytes each segment of an RLE frame (PS3.5 G) decodes to, counted from its PackBits headers
+    without decoding."""
+    if len(frame) < 64:
+        return []
+    header = struct.unpack("<16L", frame[:64])
+    count = header[0]
+    if not 1 <= count <= 15:
+        return []
+    bounds = [*header[1:count + 1], len(frame)]
+    lengths = []
+    for start, end in zip(bounds, bounds[1:]):
+        i, n = start, 0
+        while i < min(end, len(frame)):
+            h = frame[i]
+            if h < 128:  # a literal run of h + 1 bytes
+                n, i = n + h + 1, i + h + 2
+            elif h > 128:  # one byte repeated 257 - h times
+                n, i = n + 257 - h, i + 2
+            else:  # 128: no operation
+                i += 1
+        lengths.append(n)
+    return lengths
+
+
+def _check_rle_segments(ds: Dataset, name: str, plane: int) -> None:
+    """Refuse an RLE frame whose segments hold more than Rows x Columns bytes (one pad byte aside): pydicom
+    only warns, and decodes the top of the image (more rows than declared) or a scramble of it (other columns)."""
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (StopIteration, ValueError, struct.error):
+        return  # the decoder refuses what has no frame
+    if any(n > plane + 1 for n in rle_decoded_lengths(frame)):
+        fail(f"{name}: RLE pixel data holds more pixels than Rows x Columns ({ds.Rows} x {ds.Columns}) declare")
+
+
 def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
     """Decode the single frame as stored (no LUTs); colour comes back as RGB."""
     rows, cols, samples = _check_geometry(ds, name)
@@ -289,6 +326,8 @@ def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
         if actual > expected + 1:
             fail(f"{name}: pixel data length ({actual} bytes) disagrees with "
                  f"Rows/Columns/SamplesPerPixel/BitsAllocated ({expected} bytes)")
+    if ts == RLELossless:
+        _check_rle_segments(ds, name, rows * cols)
     try:
         # pydicom warns, with values, about what it adjusts while decoding (a padding byte in an RLE segment, a
         # JPEG's colour space): valid images do that, so the warnings are neither shown nor a refusal
