@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -334,6 +335,16 @@ def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(RadtrtError, match="has no TensorRT-LLM w8a16 decoder engine"):
         find_decoder_engine(bundle, V100, "w8a16")
     assert build_decoder_engine(bundle, plain, V100, limits, preprocess=lambda w: w.clone()) == engine
+    # a bundle from when keys held the CUDA version: the folder of a build under CUDA 12.2 stays beside the
+    # rebuild under 12.4, which must be the one found (it sorts after the old folder)
+    legacy = engine.parent.with_name(engine.parent.name.replace("_w8a16", "_cuda12.2_w8a16"))
+    shutil.copytree(engine.parent, legacy)
+    old_stamp = json.loads((legacy / "build.json").read_text())
+    old_stamp["gpu"]["cuda"], old_stamp["built"] = "12.2", "2020-01-01T00:00:00Z"
+    (legacy / "build.json").write_text(json.dumps(old_stamp))
+    assert sorted(p.name for p in legacy.parent.iterdir() if p.name.startswith("tesla"))[0] == legacy.name
+    assert find_decoder_engine(bundle, V100, "w8a16")[0] == engine
+    shutil.rmtree(legacy)
     assert stamp["command"][stamp["command"].index("--gemm_plugin") + 1] == "float16"
     other = GpuInfo("Tesla V100-SXM2-32GB", (7, 0), "12.4", "10.4.0", "0.13.0")
     with pytest.raises(RadtrtError, match="was built for .*TensorRT-LLM 0.14.0.*this host has .*TensorRT-LLM 0.13.0"):

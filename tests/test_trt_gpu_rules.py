@@ -19,11 +19,11 @@ TARGETS = {
 }
 
 EXPECTED_KEYS = {
-    "v100": "tesla-v100-sxm2-32gb_sm70_trt10.4.0_cuda12.4_fp16",
-    "orin": "orin_sm87_trt10.3.0_cuda12.6_fp16",
-    "a100": "nvidia-a100-sxm4-80gb_sm80_trt10.9.0.34_cuda12.8_fp16",
-    "l4": "nvidia-l4_sm89_trt10.11.0_cuda12.8_fp16",
-    "h100": "nvidia-h100-80gb-hbm3_sm90_trt10.11.0_cuda12.8_fp16",
+    "v100": "tesla-v100-sxm2-32gb_sm70_trt10.4.0_fp16",
+    "orin": "orin_sm87_trt10.3.0_fp16",
+    "a100": "nvidia-a100-sxm4-80gb_sm80_trt10.9.0.34_fp16",
+    "l4": "nvidia-l4_sm89_trt10.11.0_fp16",
+    "h100": "nvidia-h100-80gb-hbm3_sm90_trt10.11.0_fp16",
 }
 
 
@@ -36,6 +36,19 @@ def test_engine_keys_per_target(target: str) -> None:
     assert llm_key.endswith("_w8a16-kv8") and "/" not in llm_key and " " not in llm_key
     name = EXPECTED_KEYS[target].split("_")[0]
     assert timing_cache_name(gpu) == f"timing_{name}_{gpu.sm_tag}_trt{gpu.tensorrt}.cache"
+
+
+def test_engine_key_is_what_stamps_compare() -> None:
+    """A rebuild after a CUDA update fits the host exactly as the old engine did (stamp_mismatch ignores CUDA),
+    so it must land in the same folder and replace it, not beside it."""
+    from dataclasses import replace
+
+    for gpu in TARGETS.values():
+        updated = replace(gpu, cuda="13.0")
+        assert stamp_mismatch({"gpu": gpu_stamp(gpu)}, updated, trtllm=True) is None
+        assert engine_key(updated, "fp16") == engine_key(gpu, "fp16")
+        assert engine_key(updated, "w8a16", trtllm=True) == engine_key(gpu, "w8a16", trtllm=True)
+        assert engine_key(replace(gpu, tensorrt="9.9.9"), "fp16") != engine_key(gpu, "fp16")
 
 
 def test_version_parsing() -> None:

@@ -186,6 +186,25 @@ def test_engine_lookup_and_refusals(tmp_path: Path) -> None:
         find_vision_engine(bundle, ORIN)
 
 
+def test_lookup_takes_the_rebuild_after_a_cuda_update(tmp_path: Path) -> None:
+    """A bundle from when engine keys held the CUDA version keeps its old folder after a rebuild under a new
+    CUDA; both fit the host (CUDA is not compared), and the lookup must return the rebuild, not the folder
+    that sorts first."""
+    bundle = make_fake_bundle(tmp_path)
+    old = fake_engine(bundle, ORIN)
+    legacy = old.with_name("orin_sm87_trt10.3.0_cuda12.2_fp16")  # the old key layout, CUDA 12.2
+    old.rename(legacy)
+    updated = GpuInfo("Orin", (8, 7), "12.8", "10.3.0", "0.12.0")
+    new = fake_engine(bundle, updated)
+    for folder, built in ((legacy, "2026-01-01T00:00:00Z"), (new, "2026-02-01T00:00:00Z")):
+        stamp = json.loads((folder / "engine.json").read_text())
+        (folder / "engine.json").write_text(json.dumps(stamp | {"built": built}))
+    assert sorted(p.name for p in (bundle / "tensorrt").iterdir())[0] == legacy.name
+    for precision in ("fp16", None):
+        engine, stamp = find_vision_engine(bundle, updated, precision)
+        assert engine == new / "vision.engine" and stamp["gpu"]["cuda"] == "12.8"
+
+
 def test_vision_files_are_hash_checked(tmp_path: Path) -> None:
     from radtrt.exporter.tensorrt import read_vision_manifest
 

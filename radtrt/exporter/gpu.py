@@ -19,6 +19,7 @@ import importlib.metadata
 import re
 import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from radtrt.errors import fail
@@ -200,11 +201,15 @@ def _version_tag(version: str | None) -> str:
 
 def engine_key(gpu: GpuInfo, precision: str, *, trtllm: bool = False) -> str:
     """Folder name of an engine: GPU, sm, library versions and precision, e.g.
-    ``tesla-v100-sxm2-32gb_sm70_trt10.4.0_cuda12.2_fp16``; TensorRT-LLM engines add ``trtllm<version>``."""
+    ``tesla-v100-sxm2-32gb_sm70_trt10.4.0_fp16``; TensorRT-LLM engines add ``trtllm<version>``.
+
+    Exactly what ``stamp_mismatch`` compares, so one folder holds the one engine a host can use and a
+    rebuild replaces it. The CUDA version is left out for the reason it is not compared (the stamp still
+    records it): with it, a rebuild after a CUDA update made a second folder beside the old engine."""
     parts = [sanitize(gpu.name), gpu.sm_tag]
     if trtllm:
         parts.append(f"trtllm{_version_tag(gpu.tensorrt_llm)}")
-    parts += [f"trt{_version_tag(gpu.tensorrt)}", f"cuda{_version_tag(gpu.cuda)}", sanitize(precision)]
+    parts += [f"trt{_version_tag(gpu.tensorrt)}", sanitize(precision)]
     return "_".join(parts)
 
 
@@ -239,6 +244,16 @@ def stamp_mismatch(stamp: dict[str, Any], gpu: GpuInfo, *, trtllm: bool = False)
     if same:
         return None
     return f"built for {built.describe(trtllm=trtllm)}; this host has {gpu.describe(trtllm=trtllm)}"
+
+
+def newest_first(found: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Path, dict[str, Any]]]:
+    """(stamp path, stamp) pairs of engines that all fit one host, the most recent build first.
+
+    Bundles written while ``engine_key`` still held the CUDA version can have two folders for one engine
+    (the rebuild after a CUDA update went to a new folder); the rebuild is the one to use, not whichever
+    folder sorts first. The stamp's ``built`` time survives copying a bundle; the stamp file's mtime
+    breaks ties within its second (and orders stamps that lack it)."""
+    return sorted(found, key=lambda f: (str(f[1].get("built") or ""), f[0].stat().st_mtime_ns), reverse=True)
 
 
 # --- radtrt doctor ---------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from radtrt.errors import RadtrtError, fail
 from radtrt.outputs import replaced_atomically, write_text
 from radtrt.exporter.bundle import read_manifest, sha256_file
 from radtrt.model.io import read_json
-from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, loaded_tensorrt_problem, parse_version,
-                                 stamp_mismatch, timing_cache_name)
+from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, loaded_tensorrt_problem, newest_first,
+                                 parse_version, stamp_mismatch, timing_cache_name)
 
 ENGINE_FILE = "vision.engine"
 STAMP_FILE = "engine.json"
@@ -312,7 +312,7 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
     naming the machine the existing engine was built for."""
     manifest = manifest or read_manifest(bundle, verify=False)
     root = bundle / "tensorrt"
-    mismatches = []
+    mismatches, fitting = [], []
     for path in sorted(root.glob(f"*/{STAMP_FILE}")) if root.is_dir() else []:
         stamp = read_json(path)
         if stamp.get("format") != STAMP_FORMAT or (precision and stamp.get("precision") != precision):
@@ -320,7 +320,12 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
         mismatch = stamp_mismatch(stamp, gpu)
         if mismatch:
             mismatches.append(mismatch)
-            continue
+        else:
+            fitting.append((path, stamp))
+    if fitting:
+        # the first precision in order (as before), and of it the newest build: an older folder of the same
+        # engine may remain (see newest_first); a stable sort keeps newest first within each precision
+        path, stamp = sorted(newest_first(fitting), key=lambda f: str(f[1].get("precision")))[0]
         engine = path.parent / ENGINE_FILE
         if not engine.is_file() or sha256_file(engine) != stamp["engine_sha256"]:
             fail(f"TensorRT engine {engine} is missing or does not match its stamp (corrupt): rebuild it")

@@ -18,7 +18,7 @@ import torch
 
 from radtrt import __version__
 from radtrt.errors import fail
-from radtrt.exporter.gpu import GpuInfo, check_trtllm, engine_key, gpu_stamp, stamp_mismatch
+from radtrt.exporter.gpu import GpuInfo, check_trtllm, engine_key, gpu_stamp, newest_first, stamp_mismatch
 from radtrt.exporter.trtllm import BUILD_STAMP, DTYPES, META, mode_tag, read_checkpoint
 from radtrt.model.io import read_json, save_tensors
 from radtrt.outputs import write_text
@@ -210,15 +210,19 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str) -> tuple[Path, dic
     """The engine directory built for this GPU and versions, or one line naming what exists instead."""
     root = bundle / "trtllm"
     stamps = sorted(root.glob(f"*/{BUILD_STAMP}")) if root.is_dir() else []
-    others = []
+    others, fitting = [], []
     for path in stamps:
         stamp = read_json(path)
         if mode_tag(stamp["mode"], stamp["int8_kv"]) != tag:
             continue
         mismatch = stamp_mismatch(stamp, gpu, trtllm=True)
         if mismatch is None:
-            return path.parent / "engine", stamp
-        others.append(mismatch)
+            fitting.append((path, stamp))
+        else:
+            others.append(mismatch)
+    if fitting:  # the newest build: an older folder of the same engine may remain (see newest_first)
+        path, stamp = newest_first(fitting)[0]
+        return path.parent / "engine", stamp
     if others:
         fail(f"the TensorRT-LLM {tag} decoder engine in {bundle} was {others[0]}: rebuild it on this host "
              f"with 'radtrt export --target trtllm'")
