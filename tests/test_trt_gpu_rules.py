@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from radtrt.errors import RadtrtError
@@ -129,3 +131,46 @@ def test_doctor_lines() -> None:
     assert "vision engine (TensorRT 10.4.0): fp32/fp16/int8 buildable" in v100
     nothing = "\n".join(capability_lines(GpuInfo("NVIDIA L4", (8, 9), "12.8")))
     assert "vision engine: no (TensorRT is not installed" in nothing and "--backend tensorrt: not usable" in nothing
+
+
+def _gpu_host(monkeypatch: pytest.MonkeyPatch, gpu: GpuInfo) -> None:
+    """``preflight`` on a simulated GPU host: ``gpu`` with its TensorRT-LLM installed."""
+    import radtrt.exporter.gpu as gpu_module
+
+    monkeypatch.setattr(gpu_module, "detect_gpu", lambda device=0: gpu)
+    monkeypatch.setattr(gpu_module, "library_version",
+                        lambda module: {"tensorrt": gpu.tensorrt, "tensorrt_llm": gpu.tensorrt_llm}.get(module))
+
+
+@pytest.mark.parametrize("target, precision, used", [
+    ("onnx", "fp32", False), ("onnx", "fp16", False), ("tensorrt", "fp32", False), ("tensorrt", "fp16", False),
+    ("onnx", "int8", True), ("tensorrt", "int8", True),  # the ONNX INT8 export writes an INT8 KV cache
+    ("trtllm", "fp16", True), ("all", "fp32", True), ("triton", "fp16", True),  # the TensorRT-LLM engine's
+])
+def test_int8_kv_cache_is_refused_where_no_step_uses_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, target: str,
+                                                        precision: str, used: bool) -> None:
+    """--target tensorrt of an fp32/fp16 bundle took --int8-kv-cache and wrote a float32 KV cache."""
+    from radtrt.exporter.targets import ExportPlan, preflight
+
+    _gpu_host(monkeypatch, TARGETS["a100"])
+    plan = ExportPlan(target, precision, int8_kv=True, calibration_stats=tmp_path / "stats.safetensors")
+    if used:
+        preflight(plan)
+        return
+    with pytest.raises(RadtrtError, match=r"^--int8-kv-cache in an ONNX bundle needs --precision int8") as e:
+        preflight(plan)
+    assert ("vision engine has no KV cache" in str(e.value)) == (target == "tensorrt")
+
+
+def test_smoothquant_on_v100_is_refused_before_calibration_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU rule comes first: asking for statistics (a long 'radtrt calibrate' at 7B) for a mode this GPU
+    then refuses anyway wastes that run."""
+    from radtrt.exporter.targets import ExportPlan, preflight
+
+    _gpu_host(monkeypatch, TARGETS["v100"])
+    for target in ("trtllm", "all"):
+        with pytest.raises(RadtrtError, match="SmoothQuant W8A8 needs sm75 or newer; Tesla V100-SXM2-32GB is sm70"):
+            preflight(ExportPlan(target, "int8", "smoothquant"))
+    _gpu_host(monkeypatch, TARGETS["a100"])  # where it runs, the missing statistics are still asked for
+    with pytest.raises(RadtrtError, match="need calibration statistics"):
+        preflight(ExportPlan("trtllm", "int8", "smoothquant"))

@@ -129,21 +129,27 @@ def preflight(plan: ExportPlan) -> None:
     from radtrt.exporter.gpu import check_tensorrt, check_trtllm, detect_gpu, library_version, require_gpu
     from radtrt.exporter.trtllm import decoder_mode
 
-    if plan.int8_kv and plan.steps == ["onnx"] and plan.precision != "int8":
-        fail("--int8-kv-cache in an ONNX bundle needs --precision int8 (or --target trtllm for the TensorRT-LLM engine)")
+    # Who reads --int8-kv-cache: the ONNX INT8 export, the TensorRT-LLM step, and Triton (which decoder engine
+    # to serve). Not the fp32/fp16 ONNX export, nor the TensorRT vision engine (it has no KV cache): a
+    # --target tensorrt export of an fp16 bundle took the flag and wrote a float32 KV cache.
+    if plan.int8_kv and plan.precision != "int8" and "trtllm" not in plan.steps and plan.target != "triton":
+        fail("--int8-kv-cache in an ONNX bundle needs --precision int8 (or --target trtllm | all for the TensorRT-LLM "
+             "engine)" + ("; the TensorRT vision engine has no KV cache" if "tensorrt" in plan.steps else ""))
     if "tensorrt" in plan.steps:
         check_tensorrt(require_gpu(detect_gpu()))
     if "trtllm" in plan.steps:
         mode = decoder_mode(plan.precision, plan.int8_decoder)
+        # what the GPU cannot run first: asking for calibration statistics (a long 'radtrt calibrate' at 7B)
+        # for a mode that is then refused on this GPU anyway wastes that run
+        gpu = detect_gpu()
+        if gpu is not None and library_version("tensorrt_llm") is not None:
+            check_trtllm(gpu, mode, int8_kv=plan.int8_kv)
         calibrated_here = "onnx" in plan.steps and plan.precision == "int8" and plan.calibration_data is not None
         if uses_statistics(plan.precision, plan.int8_decoder, plan.int8_kv) and plan.calibration_stats is None \
                 and not calibrated_here:
             fail("SmoothQuant and the INT8 KV cache need calibration statistics: pass --calibration-stats FILE "
                  "(from 'radtrt calibrate'), or --calibration-data with --precision int8 when this run exports "
                  "the ONNX bundle too")
-        gpu = detect_gpu()
-        if gpu is not None and library_version("tensorrt_llm") is not None:
-            check_trtllm(gpu, mode, int8_kv=plan.int8_kv)
 
 
 def add_tensorrt(bundle: Path, plan: ExportPlan, log: Callable[[str], None]) -> Path:
