@@ -184,7 +184,7 @@ def export(
                    "--fp32-lm-head": not int8_lm_head, "--fp32-embeddings": not int8_embeddings,
                    "--parity-samples": parity_samples is not None},
         attention=attention, trtllm_engine=trtllm_engine, max_batch_given=max_batch is not None,
-        precision_given=precision_given)
+        precision_given=precision_given, model_given=model is not None, base_model_given=base_model is not None)
     max_batch = 8 if max_batch is None else max_batch
     # the defaults, once it is known which options were given (Int8Plan's own defaults)
     calibration_n = DEFAULT_N if calibration_n is None else calibration_n
@@ -208,8 +208,6 @@ def export(
     if plan.target == "triton":
         if bundle is None:
             fail("--target triton needs --bundle (the bundle to serve) and -o (the repository to write)")
-        if model is not None or base_model is not None:
-            fail("--target triton writes its repository from --bundle alone; drop --model/--base-model")
         targets.write_triton(bundle, out, plan, log)
         typer.echo(str(out))
         return

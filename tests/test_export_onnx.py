@@ -652,6 +652,33 @@ def test_decoder_options_no_decoder_step_uses_are_refused(tmp_path: Path, target
         refuse_unused_options(**{**options, **extra})
 
 
+@pytest.mark.parametrize("target, bundle_given, used", [
+    ("tensorrt", True, False), ("triton", True, False), ("triton", False, False),
+    ("tensorrt", False, True), ("trtllm", True, True), ("all", True, True), ("onnx", False, True),
+])
+def test_model_options_no_step_reads_are_refused(tmp_path: Path, target: str, bundle_given: bool, used: bool) -> None:
+    """A vision engine is built from the bundle's graphs: --bundle B --target tensorrt --model /nonexistent
+    exited 0."""
+    from radtrt.exporter.targets import refuse_unused_options
+
+    options = dict(precision="fp32", target=target, bundle=tmp_path if bundle_given else None, int8_decoder=None,
+                   calibration_data=None, calibration_stats=None, int8_kv_cache=False, int8_only={
+                       k: False for k in ("--calibration-n", "--smoothquant-alpha", "--fp32-lm-head",
+                                          "--fp32-embeddings", "--parity-samples")})
+    for flag in ("model_given", "base_model_given"):
+        if used:
+            refuse_unused_options(**options, **{flag: True})
+            continue
+        with pytest.raises(RadtrtError, match=f"drop --{flag[:-6].replace('_', '-')}$"):
+            refuse_unused_options(**options, **{flag: True})
+
+
+def test_vision_engine_of_a_bundle_takes_no_model(bundle: Path, tmp_path: Path) -> None:
+    for flag in ("--model", "--base-model"):
+        _refused(["export", "--bundle", str(bundle), "--target", "tensorrt", flag, str(tmp_path / "nonexistent")],
+                 f"builds the vision engine from the graphs of {bundle}, not from a model; drop {flag}")
+
+
 def test_triton_takes_no_model(bundle_fp16: Path, model_dir: Path, tmp_path: Path) -> None:
     _refused(["export", "--target", "triton", "--bundle", str(bundle_fp16), "-o", str(tmp_path / "repo"),
               "--trtllm-engine", "/srv/engine", "--model", str(model_dir)], "writes its repository from --bundle alone")

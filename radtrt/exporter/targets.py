@@ -58,7 +58,8 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
                           calibration_data: str | None, calibration_stats: Path | None, int8_kv_cache: bool,
                           int8_only: dict[str, bool], attention: str | None = None,
                           trtllm_engine: Path | None = None, max_batch_given: bool = False,
-                          precision_given: bool = False) -> None:
+                          precision_given: bool = False, model_given: bool = False,
+                          base_model_given: bool = False) -> None:
     """Options this export would not use are refused, not ignored: the user believes they took effect.
     ``int8_only``: option -> whether it was given (options of the ONNX INT8 export only)."""
     if bundle is not None:  # the ONNX export's options: that export happened before
@@ -110,6 +111,15 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
 
         if is_calibration_file(Path(calibration_file)):
             fail("--calibration-n does not apply to a calibration file: it holds the samples it was made from")
+    # the model is read by the ONNX export (without --bundle) and the TensorRT-LLM checkpoint; a vision engine
+    # is built from the bundle's graphs and a Triton repository from the bundle (a --model that did not even
+    # exist was accepted with --bundle --target tensorrt)
+    for flag, given in (("--model", model_given), ("--base-model", base_model_given)):
+        if given and target == "triton":
+            fail(f"--target triton writes its repository from --bundle alone; drop {flag}")
+        if given and target == "tensorrt" and bundle is not None:
+            fail(f"--target tensorrt with --bundle builds the vision engine from the graphs of {bundle}, not from a "
+                 f"model; drop {flag}")
     if bundle is not None and target == "onnx":
         fail(f"{bundle} is already an ONNX bundle: --bundle adds engines (--target tensorrt | trtllm | all) or "
              f"serves it (--target triton); to export again, drop --bundle and pass -o")
