@@ -448,3 +448,29 @@ def test_a_failed_rebuild_leaves_no_stamp_vouching_for_the_old_engine(tmp_path: 
     (folder / "engine.json").write_text('{"format": ')  # cut short
     with pytest.raises(RadtrtError, match="engine.json is not valid JSON"):
         find_vision_engine(bundle, ORIN, "fp16")
+
+
+def test_a_failed_first_build_leaves_no_engine_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh bundle whose build failed kept an empty tensorrt/<key>/ folder; a folder is made once there is
+    an engine, and one made by a build that then fails is removed (an engine without its stamp is no use)."""
+    import radtrt.exporter.tensorrt as tensorrt_module
+    from radtrt.errors import fail
+
+    bundle = make_fake_bundle(tmp_path)
+
+    def refused(*args: object, **kwargs: object) -> bytes:
+        fail("TensorRT could not build the vision engine (its log above says why)")
+
+    monkeypatch.setattr(tensorrt_module, "_build_serialized", refused)
+    with pytest.raises(RadtrtError, match="could not build"):
+        build_vision_engine(bundle, ORIN, precision="fp16")
+    assert not (bundle / "tensorrt").exists()
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tensorrt_module, "_build_serialized", lambda *a, **k: b"plan")
+    monkeypatch.setattr(tensorrt_module, "write_text", disk_full)  # the stamp, after the engine file
+    with pytest.raises(OSError):
+        build_vision_engine(bundle, ORIN, precision="fp16")
+    assert not (bundle / "tensorrt" / engine_key(ORIN, "fp16")).exists()

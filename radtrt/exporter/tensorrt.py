@@ -21,6 +21,7 @@ with a strongly typed network (trtexec switches them off with a warning); the gr
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -258,6 +259,7 @@ def _build_serialized(onnx_path: Path, onnx: OnnxInfo, plan: VisionBuildPlan, pr
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         fail("TensorRT could not build the vision engine (its log above says why)")
+    cache_path.parent.mkdir(parents=True, exist_ok=True)  # a bundle's first engine: tensorrt/ is made here
     with replaced_atomically(cache_path) as tmp:  # never leave a torn cache behind
         tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
@@ -286,23 +288,30 @@ def build_vision_engine(bundle: Path, gpu: GpuInfo, *, precision: str | None = N
     plan = plan_vision_build(onnx, gpu.tensorrt, precision)
     profile = vision_profile(onnx, max_batch, opt_batch)
     out = bundle / "tensorrt" / engine_key(gpu, plan.precision)
-    out.mkdir(parents=True, exist_ok=True)
     # first: a rebuild that fails or is interrupted must not leave the old stamp vouching for another engine
     (out / STAMP_FILE).unlink(missing_ok=True)
     cache = bundle / "tensorrt" / timing_cache_name(gpu)
     t0 = time.perf_counter()
     engine = _build_serialized(onnx_path, onnx, plan, profile, cache, int(workspace_gib * 2**30), gpu.tensorrt)
-    with replaced_atomically(out / ENGINE_FILE) as tmp:
-        tmp.write_bytes(engine)
-    onnx_sha = manifest["files"]["vision.onnx"]["sha256"]
-    stamp = {"format": STAMP_FORMAT, "format_version": 1, "component": "vision", "precision": plan.precision,
-             "gpu": gpu_stamp(gpu), "onnx": {"file": "vision.onnx", "sha256": onnx_sha},
-             "engine_sha256": sha256_file(out / ENGINE_FILE), "input": onnx.input_name, "output": onnx.output_name,
-             "profile": profile, "plan": asdict(plan), "timing_cache": cache.name,
-             "trtexec_equivalent": trtexec_command(onnx_path, out / ENGINE_FILE, onnx, plan, profile, cache),
-             "build_seconds": round(time.perf_counter() - t0, 1),
-             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "radtrt": __version__}
-    write_text(out / STAMP_FILE, json.dumps(stamp, indent=2), "TensorRT engine stamp")
+    # the folder only once there is an engine to put in it: a failed first build left an empty engine folder
+    fresh = not out.is_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # the engine, then the stamp that vouches for it
+        with replaced_atomically(out / ENGINE_FILE) as tmp:
+            tmp.write_bytes(engine)
+        onnx_sha = manifest["files"]["vision.onnx"]["sha256"]
+        stamp = {"format": STAMP_FORMAT, "format_version": 1, "component": "vision", "precision": plan.precision,
+                 "gpu": gpu_stamp(gpu), "onnx": {"file": "vision.onnx", "sha256": onnx_sha},
+                 "engine_sha256": sha256_file(out / ENGINE_FILE), "input": onnx.input_name,
+                 "output": onnx.output_name, "profile": profile, "plan": asdict(plan), "timing_cache": cache.name,
+                 "trtexec_equivalent": trtexec_command(onnx_path, out / ENGINE_FILE, onnx, plan, profile, cache),
+                 "build_seconds": round(time.perf_counter() - t0, 1),
+                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "radtrt": __version__}
+        write_text(out / STAMP_FILE, json.dumps(stamp, indent=2), "TensorRT engine stamp")
+    except BaseException:
+        if fresh:  # no engine folder without its stamp
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 
