@@ -16,7 +16,7 @@ import typer
 
 from radtrt import __version__
 from radtrt.cli_support import err, user_errors
-from radtrt.errors import fail
+from radtrt.errors import RadtrtError, fail
 
 if TYPE_CHECKING:
     from radtrt.runtime.pipeline import StudyFailure, StudyResult
@@ -185,6 +185,7 @@ def export(
                    "--parity-samples": parity_samples is not None},
         attention=attention, trtllm_engine=trtllm_engine, max_batch_given=max_batch is not None,
         precision_given=precision_given, model_given=model is not None, base_model_given=base_model is not None)
+    max_batch_given, smoothquant_alpha_given = max_batch is not None, smoothquant_alpha is not None
     max_batch = 8 if max_batch is None else max_batch
     # the defaults, once it is known which options were given (Int8Plan's own defaults)
     calibration_n = DEFAULT_N if calibration_n is None else calibration_n
@@ -262,10 +263,25 @@ def export(
             _print_parity(check["int8_parity"], log)
     else:
         read_manifest(bundle)
-    if "tensorrt" in plan.steps:
-        targets.add_tensorrt(bundle_dir, plan, log)
-    if "trtllm" in plan.steps:
-        targets.add_trtllm(bundle_dir, loaded, plan, log)
+    step = ""
+    try:
+        if "tensorrt" in plan.steps:
+            step = "tensorrt"
+            targets.add_tensorrt(bundle_dir, plan, log)
+        if "trtllm" in plan.steps:
+            step = "trtllm"
+            targets.add_trtllm(bundle_dir, loaded, plan, log)
+    except RadtrtError as e:
+        if bundle is not None:
+            raise
+        # the bundle written above is complete; rerunning this command is refused ('not empty') after loading
+        # the model, so say how to redo just the engines
+        retry = targets.retry_engines_command(bundle_dir, step, plan, model=model, base_model=base_model,
+                                              max_batch_given=max_batch_given,
+                                              alpha_given=smoothquant_alpha_given)
+        both = step == "tensorrt" and "trtllm" in plan.steps
+        fail(f"{e}; the ONNX bundle at {bundle_dir} is complete: retry only the engine{'s' if both else ''} "
+             f"with '{retry}'")
     typer.echo(str(bundle_dir))
 
 

@@ -679,6 +679,53 @@ def test_vision_engine_of_a_bundle_takes_no_model(bundle: Path, tmp_path: Path) 
                  f"builds the vision engine from the graphs of {bundle}, not from a model; drop {flag}")
 
 
+def test_a_failed_vision_engine_says_the_bundle_is_complete_and_how_to_retry(
+        model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a (simulated) GPU host whose engine build fails after the bundle is written: exit 2 with one line
+    that says so and how to build only the engine; rerunning the same command was refused ('not empty')."""
+    import radtrt.exporter.gpu as gpu_module
+    import radtrt.exporter.tensorrt as tensorrt_module
+    from radtrt.errors import fail
+    from radtrt.exporter.gpu import GpuInfo
+
+    t4 = GpuInfo("Tesla T4", (7, 5), "12.4", "10.4.0", None, 15.0)
+    monkeypatch.setattr(gpu_module, "detect_gpu", lambda device=0: t4)
+
+    def refused(*args: object, **kwargs: object) -> bytes:
+        fail("TensorRT could not build the vision engine (its log above says why)")
+
+    monkeypatch.setattr(tensorrt_module, "_build_serialized", refused)
+    out = tmp_path / "b"
+    _refused(["export", "--model", str(model_dir), "--target", "tensorrt", "--max-batch", "4", "-o", str(out)],
+             f"TensorRT could not build the vision engine (its log above says why); the ONNX bundle at {out} is "
+             f"complete: retry only the engine with 'radtrt export --bundle {out} --target tensorrt --max-batch 4'")
+    read_manifest(out)  # complete and verified
+    assert not (out / "tensorrt").exists()
+    monkeypatch.setattr(tensorrt_module, "_build_serialized", lambda *a, **k: b"plan")
+    result = runner.invoke(app, ["export", "--bundle", str(out), "--target", "tensorrt", "--max-batch", "4"])
+    assert result.exit_code == 0, result.stderr
+    assert (out / "tensorrt" / "tesla-t4_sm75_trt10.4.0_fp32" / "engine.json").is_file()
+
+
+def test_retry_command_carries_the_engine_options(tmp_path: Path) -> None:
+    from radtrt.exporter.targets import ExportPlan, retry_engines_command
+
+    bundle = tmp_path / "my bundle"
+    sq = ExportPlan("all", "int8", "smoothquant", True, tmp_path / "stats", 4, smoothquant_alpha=0.8)
+    assert retry_engines_command(bundle, "tensorrt", sq, model=Path("m"), base_model=Path("v"), max_batch_given=True,
+                                 alpha_given=True) == (
+        f"radtrt export --bundle '{bundle}' --target all --model m --base-model v --int8-decoder smoothquant "
+        f"--int8-kv-cache --calibration-stats {tmp_path / 'stats'} --smoothquant-alpha 0.8 --max-batch 4")
+    assert retry_engines_command(bundle, "trtllm", sq, model=Path("m")).startswith(
+        f"radtrt export --bundle '{bundle}' --target trtllm --model m --int8-decoder")
+    # weight-only: no statistics read, so none passed (--bundle would refuse them), nor a SmoothQuant alpha
+    w8 = ExportPlan("trtllm", "int8", None, False, tmp_path / "stats", smoothquant_alpha=0.8)
+    assert retry_engines_command(bundle, "trtllm", w8, model=Path("m"), alpha_given=True) == (
+        f"radtrt export --bundle '{bundle}' --target trtllm --model m")
+    assert retry_engines_command(bundle, "tensorrt", ExportPlan("tensorrt", "fp16")) == (
+        f"radtrt export --bundle '{bundle}' --target tensorrt")
+
+
 def test_triton_takes_no_model(bundle_fp16: Path, model_dir: Path, tmp_path: Path) -> None:
     _refused(["export", "--target", "triton", "--bundle", str(bundle_fp16), "-o", str(tmp_path / "repo"),
               "--trtllm-engine", "/srv/engine", "--model", str(model_dir)], "writes its repository from --bundle alone")

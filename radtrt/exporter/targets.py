@@ -162,6 +162,34 @@ def preflight(plan: ExportPlan) -> None:
                  "the ONNX bundle too")
 
 
+def retry_engines_command(bundle: Path, step: str, plan: ExportPlan, *, model: Path | None = None,
+                          base_model: Path | None = None, max_batch_given: bool = False,
+                          alpha_given: bool = False) -> str:
+    """The command that redoes, on the bundle this run wrote, the engine step that failed (``step``) and the
+    ones after it, with this run's options for them: the bundle is complete by then, and the same command
+    again is refused ('not empty') after minutes of loading the model. Only options ``--bundle`` accepts
+    (``refuse_unused_options``): the precision is the bundle's own, an INT8 bundle carries its calibration."""
+    import shlex
+
+    from radtrt.exporter.trtllm import decoder_mode
+
+    target = plan.target if step == "tensorrt" else "trtllm"  # 'all' redoes both; after the vision engine, one
+    cmd = ["radtrt", "export", "--bundle", str(bundle), "--target", target]
+    if target != "tensorrt":
+        cmd += ["--model", str(model)] + (["--base-model", str(base_model)] if base_model is not None else [])
+        if plan.int8_decoder is not None:
+            cmd += ["--int8-decoder", plan.int8_decoder]
+        if plan.int8_kv:
+            cmd.append("--int8-kv-cache")
+        if plan.calibration_stats is not None and uses_statistics(plan.precision, plan.int8_decoder, plan.int8_kv):
+            cmd += ["--calibration-stats", str(plan.calibration_stats)]
+        if alpha_given and decoder_mode(plan.precision, plan.int8_decoder) == "w8a8_sq":
+            cmd += ["--smoothquant-alpha", str(plan.smoothquant_alpha)]
+    if max_batch_given:
+        cmd += ["--max-batch", str(plan.max_batch)]
+    return shlex.join(cmd)
+
+
 def add_tensorrt(bundle: Path, plan: ExportPlan, log: Callable[[str], None]) -> Path:
     from radtrt.exporter.gpu import detect_gpu, require_gpu
     from radtrt.exporter.tensorrt import build_vision_engine
