@@ -661,10 +661,10 @@ def test_model_options_no_step_reads_are_refused(tmp_path: Path, target: str, bu
     exited 0."""
     from radtrt.exporter.targets import refuse_unused_options
 
-    options = dict(precision="fp32", target=target, bundle=tmp_path if bundle_given else None, int8_decoder=None,
-                   calibration_data=None, calibration_stats=None, int8_kv_cache=False, int8_only={
-                       k: False for k in ("--calibration-n", "--smoothquant-alpha", "--fp32-lm-head",
-                                          "--fp32-embeddings", "--parity-samples")})
+    options = {"precision": "fp32", "target": target, "bundle": tmp_path if bundle_given else None,
+               "int8_decoder": None, "calibration_data": None, "calibration_stats": None, "int8_kv_cache": False,
+               "int8_only": {k: False for k in ("--calibration-n", "--smoothquant-alpha", "--fp32-lm-head",
+                                                "--fp32-embeddings", "--parity-samples")}}
     for flag in ("model_given", "base_model_given"):
         if used:
             refuse_unused_options(**options, **{flag: True})

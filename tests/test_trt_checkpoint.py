@@ -342,7 +342,7 @@ def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytes
     old_stamp = json.loads((legacy / "build.json").read_text())
     old_stamp["gpu"]["cuda"], old_stamp["built"] = "12.2", "2020-01-01T00:00:00Z"
     (legacy / "build.json").write_text(json.dumps(old_stamp))
-    assert sorted(p.name for p in legacy.parent.iterdir() if p.name.startswith("tesla"))[0] == legacy.name
+    assert min(p.name for p in legacy.parent.iterdir() if p.name.startswith("tesla")) == legacy.name
     assert find_decoder_engine(bundle, V100, "w8a16")[0] == engine
     shutil.rmtree(legacy)
     assert stamp["command"][stamp["command"].index("--gemm_plugin") + 1] == "float16"

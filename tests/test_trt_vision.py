@@ -199,7 +199,7 @@ def test_lookup_takes_the_rebuild_after_a_cuda_update(tmp_path: Path) -> None:
     for folder, built in ((legacy, "2026-01-01T00:00:00Z"), (new, "2026-02-01T00:00:00Z")):
         stamp = json.loads((folder / "engine.json").read_text())
         (folder / "engine.json").write_text(json.dumps(stamp | {"built": built}))
-    assert sorted(p.name for p in (bundle / "tensorrt").iterdir())[0] == legacy.name
+    assert min(p.name for p in (bundle / "tensorrt").iterdir()) == legacy.name
     for precision in ("fp16", None):
         engine, stamp = find_vision_engine(bundle, updated, precision)
         assert engine == new / "vision.engine" and stamp["gpu"]["cuda"] == "12.8"

@@ -333,8 +333,8 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
             fitting.append((path, stamp))
     if fitting:
         # the first precision in order (as before), and of it the newest build: an older folder of the same
-        # engine may remain (see newest_first); a stable sort keeps newest first within each precision
-        path, stamp = sorted(newest_first(fitting), key=lambda f: str(f[1].get("precision")))[0]
+        # engine may remain (see newest_first); min keeps the first, so the newest, of equal precisions
+        path, stamp = min(newest_first(fitting), key=lambda f: str(f[1].get("precision")))
         engine = path.parent / ENGINE_FILE
         if not engine.is_file() or sha256_file(engine) != stamp["engine_sha256"]:
             fail(f"TensorRT engine {engine} is missing or does not match its stamp (corrupt): rebuild it")
