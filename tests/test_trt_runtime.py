@@ -113,6 +113,10 @@ def test_usable_engines_lists_only_this_hosts_builds(tmp_path: Path) -> None:
     stamp_dir.mkdir(parents=True)
     (stamp_dir / "build.json").write_text(json.dumps({"gpu": gpu_stamp(ORIN), "mode": "w8a16", "int8_kv": True}))
     assert usable_engines(bundle, ORIN) == {"vision": ["fp16"], "decoder": ["w8a16-kv8"]}
+    older = bundle / "trtllm" / "orin-cuda12.4-w8a16"  # an engine key of before, beside its rebuild
+    older.mkdir()
+    (older / "build.json").write_text((stamp_dir / "build.json").read_text())
+    assert usable_engines(bundle, ORIN)["decoder"] == ["w8a16-kv8"]  # not "choose one of w8a16-kv8, w8a16-kv8"
     assert usable_engines(bundle, V100) == {"vision": [], "decoder": []}
     assert usable_engines(bundle, None) == {"vision": [], "decoder": []}
 

@@ -88,7 +88,8 @@ def usable_engines(bundle: Path, gpu: GpuInfo | None) -> dict[str, list[str]]:
         stamp = read_json(path)
         if stamp_mismatch(stamp, gpu, trtllm=True) is None:
             found["decoder"].append(mode_tag(stamp["mode"], stamp["int8_kv"]))
-    return found
+    # one precision built twice (a folder of an older engine key beside its rebuild) is one engine to choose
+    return {part: sorted(set(names)) for part, names in found.items()}
 
 
 def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> str:
