@@ -309,7 +309,7 @@ def calibrate(
 
     from radtrt.progress import make_progress
 
-    from radtrt.calibration.run import PHANTOM, PHANTOM_CALIBRATION_SEED, calibrate_phantoms
+    from radtrt.calibration.run import PHANTOM_CALIBRATION_SEED, calibrate_phantoms, means_phantoms
     from radtrt.calibration.run import calibrate as run_calibration
     from radtrt.calibration.samples import count_samples
     from radtrt.model.loading import load_model
@@ -318,7 +318,8 @@ def calibrate(
     if out.suffix != ".safetensors":
         fail(f"the calibration file must end in .safetensors, got {out.name}")
     check_new_file(out, "calibration file")
-    if data != PHANTOM:  # before the model loads (minutes at 7B)
+    phantoms = means_phantoms(data)
+    if not phantoms:  # before the model loads (minutes at 7B)
         if not data.strip():
             fail("--data is empty: name a studies folder, a JSONL manifest, or 'phantom'")
         if seed is not None:
@@ -330,7 +331,7 @@ def calibrate(
         loaded = load_model(model, base_model)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with make_progress(*columns, console=err) as progress:
-        if data == PHANTOM:
+        if phantoms:
             calibration = calibrate_phantoms(loaded, n, PHANTOM_CALIBRATION_SEED if seed is None else seed,
                                              progress=progress)
         else:

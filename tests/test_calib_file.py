@@ -329,3 +329,20 @@ def test_a_sample_beyond_the_models_positions_is_refused(loaded: LoadedModel, ph
                     + "\n")
     with pytest.raises(RadtrtError, match=r"calibration sample 1 of 1: .* positions, beyond the model's"):
         calibrate(loaded, long, 1)
+
+
+def test_phantom_keyword_beside_a_folder_of_that_name_is_refused(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """'radtrt data phantoms -o phantom' then 'radtrt calibrate --data phantom' generated new phantoms and ignored
+    the user's folder without a word."""
+    from radtrt.calibration.run import means_phantoms
+    from radtrt.exporter.onnx_int8 import Int8Plan
+
+    monkeypatch.chdir(tmp_path)
+    assert means_phantoms("phantom") and not means_phantoms("./phantom") and not means_phantoms("studies")
+    (tmp_path / "phantom").mkdir()
+    for check in (lambda: means_phantoms("phantom"), lambda: Int8Plan(calibration_data="phantom").check_ready()):
+        with pytest.raises(RadtrtError, match=r"'phantom' names the synthetic phantoms, and ./phantom exists here: "
+                                              r"give ./phantom to calibrate on that folder"):
+            check()
+    assert not means_phantoms("./phantom")

@@ -104,6 +104,18 @@ def is_calibration_file(path: Path) -> bool:
     return path.is_file() and path.suffix == ".safetensors" and read_metadata(path).get("format") == CALIBRATION_FORMAT
 
 
+def means_phantoms(data: str) -> bool:
+    """Whether ``--data`` / ``--calibration-data`` asks for synthetic phantoms. The keyword is also a folder name
+    ``radtrt data phantoms -o phantom`` may well have made: were it taken as the keyword there, the user's own
+    folder would be ignored without a word, so that case is refused."""
+    if data != PHANTOM:
+        return False
+    if Path(data).exists():
+        fail(f"'{data}' names the synthetic phantoms, and ./{data} exists here: give ./{data} to calibrate on that "
+             f"folder, or run from another folder for synthetic phantoms")
+    return True
+
+
 def resolve_calibration(loaded: LoadedModel, data: str | None, n: int = DEFAULT_N, *,
                         progress: Any = None) -> Calibration:
     """What ``--calibration-data`` names, as statistics plus the samples' pixels; refuses when missing."""
@@ -111,7 +123,7 @@ def resolve_calibration(loaded: LoadedModel, data: str | None, n: int = DEFAULT_
         fail("INT8 export needs calibration data: pass --calibration-data DIR|MANIFEST|CALIB_FILE "
              "(chest X-ray studies, or a 'radtrt calibrate' file), or '--calibration-data phantom' for synthetic "
              "phantoms")
-    if data == PHANTOM:
+    if means_phantoms(data):
         return calibrate_phantoms(loaded, n, progress=progress)
     path = Path(data)
     if is_calibration_file(path):

@@ -75,7 +75,9 @@ class Int8Plan:
         if not self.calibration_data.strip():  # Path("") is the current folder, which exists
             fail("--calibration-data is empty: name a studies folder, a JSONL manifest, a 'radtrt calibrate' file, "
                  "or 'phantom'")
-        if self.calibration_data != "phantom" and not Path(self.calibration_data).exists():
+        from radtrt.calibration.run import means_phantoms
+
+        if not means_phantoms(self.calibration_data) and not Path(self.calibration_data).exists():
             fail(f"calibration data not found: {self.calibration_data}")
 
 
