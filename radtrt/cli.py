@@ -16,7 +16,7 @@ import typer
 
 from radtrt import __version__
 from radtrt.cli_support import err, user_errors
-from radtrt.errors import RadtrtError, fail
+from radtrt.errors import fail
 
 if TYPE_CHECKING:
     from radtrt.runtime.pipeline import StudyFailure, StudyResult
@@ -163,135 +163,16 @@ def export(
                                                  help="Triton: TensorRT-LLM engine dir on the serving host."),
 ) -> None:
     """Export the model: ONNX bundle, TensorRT vision engine, TensorRT-LLM decoder, Triton repository."""
-    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+    from radtrt.exporter.run import ExportRequest, run_export
 
-    from radtrt.progress import make_progress
-
-    from radtrt.calibration.run import DEFAULT_N
-    from radtrt.exporter import targets
-    from radtrt.exporter.bundle import export_bundle, read_manifest
-    from radtrt.exporter.onnx_int8 import DEFAULT_PARITY_SAMPLES
-    from radtrt.exporter.quant import DEFAULT_ALPHA
-    from radtrt.exporter.gqa import DEFAULT_ATTENTION
-    from radtrt.model.loading import cast_on_load, load_model
-
-    precision_given = precision is not None
-    precision = targets.resolve_precision(precision, bundle, target)
-    targets.refuse_unused_options(
-        precision=precision, target=target, bundle=bundle, int8_decoder=int8_decoder, calibration_data=calibration_data,
-        calibration_stats=calibration_stats, int8_kv_cache=int8_kv_cache,
-        int8_only={"--calibration-n": calibration_n is not None, "--smoothquant-alpha": smoothquant_alpha is not None,
-                   "--fp32-lm-head": not int8_lm_head, "--fp32-embeddings": not int8_embeddings,
-                   "--parity-samples": parity_samples is not None},
-        attention=attention, trtllm_engine=trtllm_engine, max_batch_given=max_batch is not None,
-        precision_given=precision_given, model_given=model is not None, base_model_given=base_model is not None)
-    max_batch_given, smoothquant_alpha_given = max_batch is not None, smoothquant_alpha is not None
-    max_batch = 8 if max_batch is None else max_batch
-    # the defaults, once it is known which options were given (Int8Plan's own defaults)
-    calibration_n = DEFAULT_N if calibration_n is None else calibration_n
-    smoothquant_alpha = DEFAULT_ALPHA if smoothquant_alpha is None else smoothquant_alpha
-    parity_samples = DEFAULT_PARITY_SAMPLES if parity_samples is None else parity_samples
-    attention = attention or DEFAULT_ATTENTION
-    if precision == "int8" and bundle is None and calibration_data is None and calibration_stats is not None:
-        calibration_data = str(calibration_stats)  # a 'radtrt calibrate' file serves the ONNX INT8 export too
-    if bundle is not None and calibration_stats is None and (bundle / targets.CALIBRATION_FILE).is_file() \
-            and targets.uses_statistics(precision, int8_decoder, int8_kv_cache):
-        calibration_stats = bundle / targets.CALIBRATION_FILE  # an INT8 bundle carries its calibration
-    plan = targets.ExportPlan(target, precision, int8_decoder, int8_kv_cache, calibration_stats, max_batch,
-                              trtllm_engine, calibration_data=calibration_data,
-                              smoothquant_alpha=smoothquant_alpha)
-    targets.preflight(plan)
-    if out is None and (bundle is None or plan.target == "triton"):
-        fail("-o/--out is required: the bundle folder to write (Triton: the repository folder)")
-    if bundle is not None and plan.target != "triton" and out is not None and out.resolve() != bundle.resolve():
-        fail(f"with --bundle the engines go into {bundle}; drop -o {out} (or pass the same folder)")
-    log = lambda line: err.print(line, highlight=False, soft_wrap=True)  # noqa: E731
-    if plan.target == "triton":
-        if bundle is None:
-            fail("--target triton needs --bundle (the bundle to serve) and -o (the repository to write)")
-        targets.write_triton(bundle, out, plan, log)
-        typer.echo(str(out))
-        return
-    int8_plan = None
-    if precision == "int8" and bundle is None:
-        from radtrt.exporter.onnx_int8 import Int8Plan
-
-        int8_plan = Int8Plan(calibration_data, "smoothquant" if int8_decoder is None else int8_decoder,
-                             smoothquant_alpha, int8_lm_head,
-                             calibration_n, "int8" if int8_embeddings else "fp32",
-                             kv_cache="int8" if int8_kv_cache else "fp32", attention=attention,
-                             parity_samples=parity_samples)
-        int8_plan.check_ready()
-    if bundle is None:
-        from radtrt.outputs import check_new_dir
-
-        check_new_dir(out, "bundle directory")  # before the model loads: minutes at 7B
-    bundle_dir = bundle or out
-    needs_model = "onnx" in plan.steps and bundle is None or "trtllm" in plan.steps
-    loaded = None
-    if needs_model:
-        if model is None and bundle is not None:
-            fail(f"--target {plan.target} needs --model as well: the TensorRT-LLM checkpoint is written from the "
-                 f"model's weights, and {bundle} holds ONNX graphs")
-        if model is None:
-            fail("--model is required to export (or pass --bundle to add engines to an existing bundle)")
-        with err.status(f"loading model from {model}"):
-            loaded = load_model(model, base_model)
-        if "trtllm" in plan.steps and calibration_stats is not None:
-            from radtrt.calibration.file import load_activation_stats
-
-            load_activation_stats(calibration_stats, loaded.model)  # checked now, not after the ONNX bundle is written
-        cast = cast_on_load(model)
-        if cast is not None and cast[1] >= 1e9 and "onnx" in plan.steps and bundle is None:  # small ones don't matter
-            log(f"note: {model} stores {cast[0]} weights: the export casts them to float32 in memory "
-                f"({cast[1] / 1e9:.1f} GB) instead of reading them memory-mapped; 'radtrt convert --dtype float32' "
-                f"avoids that")
-    if bundle is None:
-        with make_progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err) as progress:
-            manifest = export_bundle(loaded, out, precision=precision, progress=progress, int8=int8_plan,
-                                     attention=attention)
-        check = manifest["export_check"]
-        what = "random-pixel smoke check, " if precision == "int8" else ""  # INT8 is judged on held-out studies
-        log(f"ONNX Runtime vs PyTorch ({what}fp32 reference): image embeddings max abs err {check['vision']['max_abs']:.3g}, "
-            f"first-step logits max abs err {check['decoder_first_logits']['max_abs']:.3g}, greedy tokens "
-            f"{'identical' if check['greedy_tokens_equal'] else 'DIFFER'} over {check['greedy_steps']} steps")
-        dec = manifest["decoder"]
-        log(f"decoder attention: {dec['attention']}"
-            + (" (GroupQueryAttention, com.microsoft)" if dec["attention"] == "fused" else "")
-            + f", {dec['kv_cache']} KV cache")
-        if check.get("int8_parity"):
-            _print_parity(check["int8_parity"], log)
-    else:
-        read_manifest(bundle)
-    step = ""
-    try:
-        if "tensorrt" in plan.steps:
-            step = "tensorrt"
-            targets.add_tensorrt(bundle_dir, plan, log)
-        if "trtllm" in plan.steps:
-            step = "trtllm"
-            targets.add_trtllm(bundle_dir, loaded, plan, log)
-    except RadtrtError as e:
-        if bundle is not None:
-            raise
-        # the bundle written above is complete; rerunning this command is refused ('not empty') after loading
-        # the model, so say how to redo just the engines
-        retry = targets.retry_engines_command(bundle_dir, step, plan, model=model, base_model=base_model,
-                                              max_batch_given=max_batch_given,
-                                              alpha_given=smoothquant_alpha_given)
-        both = step == "tensorrt" and "trtllm" in plan.steps
-        fail(f"{e}; the ONNX bundle at {bundle_dir} is complete: retry only the engine{'s' if both else ''} "
-             f"with '{retry}'")
-    typer.echo(str(bundle_dir))
-
-
-def _print_parity(parity: dict[str, Any], log: Callable[[str], None]) -> None:
-    from radtrt.calibration.parity import summary_lines
-
-    for line in summary_lines(parity):
-        log(line)
-    for warning in parity["warnings"]:
-        err.print(f"[bold red]WARNING: INT8 parity below target: {warning}[/bold red]", highlight=False, soft_wrap=True)
+    request = ExportRequest(target=target, model=model, base_model=base_model, precision=precision, out=out,
+                            bundle=bundle, int8_decoder=int8_decoder, int8_kv_cache=int8_kv_cache,
+                            attention=attention, calibration_stats=calibration_stats,
+                            calibration_data=calibration_data, calibration_n=calibration_n,
+                            smoothquant_alpha=smoothquant_alpha, int8_lm_head=int8_lm_head,
+                            int8_embeddings=int8_embeddings, parity_samples=parity_samples, max_batch=max_batch,
+                            trtllm_engine=trtllm_engine)
+    typer.echo(str(run_export(request, err)))
 
 
 @command
