@@ -56,11 +56,12 @@ def check_vs_bundle_fits(preset_name: str, vision_only: bool, vs_bundle: Path) -
     """Before a random model is built: ``--vs-bundle`` must hold the model it builds (the same config). Found
     after the build, the mismatch read "the two bundles hold different models"; with ``--stages vision`` the
     build is the vision-only stub, which a bundle of the full preset (the usual --vs-bundle) is not."""
+    from radtrt.exporter.bundle import MODEL_CONFIG
     from radtrt.model.io import read_json
 
     if not vs_bundle.is_dir():
         fail(f"--vs-bundle {vs_bundle} is not a folder (a bundle from 'radtrt export')")
-    theirs = LlavaRadConfig.from_dict(read_json(vs_bundle / "model_config.json"), remedy="export the bundle again")
+    theirs = LlavaRadConfig.from_dict(read_json(vs_bundle / MODEL_CONFIG), remedy="export the bundle again")
     if theirs == random_config(preset_name, vision_only):
         return
     if vision_only and theirs == random_config(preset_name, False):

@@ -83,13 +83,12 @@ class BackendInfo:
 
 def run_vision_only(pipeline: Pipeline, study: Path, settings: LatencySettings) -> tuple[dict[str, float], int]:
     """Read + preprocess + vision tower and projector, timed like ``Pipeline.run`` times them."""
-    from radtrt.imaging.preprocess import preprocess
     from radtrt.imaging.study import load_study
 
     cfg = pipeline.cfg
     t0 = time.perf_counter()
     image = load_study(study)
-    pixels = preprocess(image.pixels_u8, image_size=cfg.vision.img_size, mean=cfg.image_mean, std=cfg.image_std)
+    pixels = cfg.preprocessing(image.pixels_u8)
     t1 = time.perf_counter()
     pipeline.backend.encode_images(pixels[None])
     t2 = time.perf_counter()

@@ -243,7 +243,6 @@ class ParityReport:
 
 def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry], *, indication: str | None,
                    max_new_tokens: int, on_step: Callable[[str], None] | None = None) -> list[StudyParity]:
-    from radtrt.imaging.preprocess import preprocess
     from radtrt.imaging.study import load_study
 
     if not studies:
@@ -255,7 +254,7 @@ def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry],
         if on_step:
             on_step(f"study {i}/{len(studies)}: {study.name}")
         image = load_study(study)
-        pixels = preprocess(image.pixels_u8, image_size=cfg.vision.img_size, mean=cfg.image_mean, std=cfg.image_std)
+        pixels = cfg.preprocessing(image.pixels_u8)
         got = run_one(backend, pixels, indication=indication, max_new_tokens=max_new_tokens)
         ref = run_one(reference, pixels, indication=indication, max_new_tokens=max_new_tokens)
         truth = list(entry.labels) if entry.labels is not None else None

@@ -65,16 +65,13 @@ def _torch_side(kind: str, assets: Assets, base_model: Path | None, device: str,
 
 
 def _ort_side(assets: Assets, provider: str, threads: int | None, spin: bool) -> tuple[Pipeline, int, dict[str, Any]]:
-    from radtrt.model.config import LlavaRadConfig
-    from radtrt.model.io import read_json
-    from radtrt.model.tokenizer import LlamaSPTokenizer
+    from radtrt.exporter.bundle import read_bundle_side
     from radtrt.runtime.ort import OrtBackend
 
     if assets.bundle is None:
         fail("the onnxruntime backend needs --bundle DIR (what 'radtrt export' wrote), or use --random-model")
     backend = OrtBackend(assets.bundle, provider=provider, threads=threads, spin=spin)
-    cfg = LlavaRadConfig.from_dict(read_json(assets.bundle / "model_config.json"))
-    tokenizer = LlamaSPTokenizer.from_dir(assets.bundle)
+    cfg, tokenizer = read_bundle_side(assets.bundle)
     pipeline = Pipeline(backend, tokenizer, cfg, model_name=backend.manifest["model"]["name"])
     settings = {"provider": provider, "threads": threads if threads else "onnxruntime default (physical cores)",
                 "spinning threads": "on" if spin else "off",

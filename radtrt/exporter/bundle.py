@@ -32,6 +32,7 @@ from radtrt.model.io import read_json, save_tensors, sha256_file
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.loading import LoadedModel
 from radtrt.model.prompt import QUERY, QUERY_WITH_INDICATION, SYSTEM_V1
+from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import WORK_MARKER, check_new_dir, new_dir_built_aside
 
 BUNDLE_FORMAT = "radtrt-bundle"
@@ -334,3 +335,10 @@ def _embedding_table(bundle: Path) -> np.ndarray:
     if {"weight_int8", "scale"} <= set(tensors):
         return tensors["weight_int8"].astype(np.float32) * tensors["scale"].astype(np.float32)[:, None]
     fail(f"{bundle}/embed_tokens.safetensors holds neither 'weight' nor 'weight_int8' + 'scale': re-export the bundle")
+
+
+def read_bundle_side(folder: Path) -> tuple[LlavaRadConfig, LlamaSPTokenizer]:
+    """The model config and tokenizer a bundle (or a Triton model folder holding its side files) carries: what
+    the runtime, the benchmarks and Triton's preprocessing build their prompts and transforms from."""
+    return (LlavaRadConfig.from_dict(read_json(folder / MODEL_CONFIG), remedy="export the bundle again"),
+            LlamaSPTokenizer.from_dir(folder))

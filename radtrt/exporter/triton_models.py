@@ -29,15 +29,12 @@ class RequestPreparer:
 
     @classmethod
     def from_dir(cls, folder: Path, params: dict[str, str]) -> "RequestPreparer":
-        from radtrt.model.config import LlavaRadConfig
-        from radtrt.model.io import read_json
-        from radtrt.model.tokenizer import LlamaSPTokenizer
+        from radtrt.exporter.bundle import read_bundle_side
 
-        return cls(LlamaSPTokenizer.from_dir(folder), LlavaRadConfig.from_dict(read_json(folder / "model_config.json")),
-                   int(params["vocab_size"]), int(params["num_image_tokens"]), params["pixel_dtype"])
+        cfg, tokenizer = read_bundle_side(folder)
+        return cls(tokenizer, cfg, int(params["vocab_size"]), int(params["num_image_tokens"]), params["pixel_dtype"])
 
     def __call__(self, image: bytes, indication: str, max_new_tokens: int) -> dict[str, np.ndarray]:
-        from radtrt.imaging.preprocess import preprocess
         from radtrt.imaging.study import load_study
         from radtrt.model.generate import check_positions
         from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
@@ -49,8 +46,7 @@ class RequestPreparer:
             path = Path(tmp) / "image"
             path.write_bytes(image)
             selected = load_study(path)
-        pixels = preprocess(selected.pixels_u8, image_size=self.cfg.vision.img_size, mean=self.cfg.image_mean,
-                            std=self.cfg.image_std)
+        pixels = self.cfg.preprocessing(selected.pixels_u8)
         prompt = build_prompt(build_query(indication or None), self.cfg.conv_template)
         ids = tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
         ids = fake_prompt_ids(ids, self.num_image_tokens, self.vocab_size)

@@ -36,7 +36,7 @@ _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC}
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """The constants of the transform, recorded in an exported bundle's manifest."""
+    """The constants of the transform (a model's: ``LlavaRadConfig.preprocessing``)."""
 
     image_size: int = LLAVA_RAD_IMAGE_SIZE
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN

@@ -11,9 +11,12 @@ import dataclasses
 import math
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from radtrt.errors import fail
+
+if TYPE_CHECKING:
+    from radtrt.imaging.preprocess import PreprocessConfig
 
 # Architecture of the timm DINOv2 trunks open_clip can name (timm's vision_transformer.py model
 # functions). open_clip calls ``timm.create_model(timm_model_name, pretrained=False)`` with no size
@@ -154,6 +157,14 @@ class LlavaRadConfig:
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_patches + (0 if self.mm_vision_select_feature == "patch" else 1)
+
+    @property
+    def preprocessing(self) -> "PreprocessConfig":
+        """This model's image transform: every path to the model (the pipeline, the benchmarks, Triton's
+        preprocessing) takes it from here, so none can drift from the others."""
+        from radtrt.imaging.preprocess import PreprocessConfig
+
+        return PreprocessConfig(image_size=self.vision.img_size, mean=self.image_mean, std=self.image_std)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from radtrt.imaging.preprocess import preprocess
 from radtrt.imaging.study import SelectedImage, load_study
 from radtrt.model.config import LlavaRadConfig
 from radtrt.model.generate import MAX_NEW_TOKENS
@@ -92,8 +91,7 @@ class Pipeline:
         """Everything before the model; a bad study fails here, before any batch is formed."""
         t0 = time.perf_counter()
         image = load_study(study, allow_any_modality=allow_any_modality)
-        pixels = preprocess(image.pixels_u8, image_size=self.cfg.vision.img_size, mean=self.cfg.image_mean,
-                            std=self.cfg.image_std)
+        pixels = self.cfg.preprocessing(image.pixels_u8)
         return PreparedStudy(study, image, pixels, self.prompt_ids(indication), (time.perf_counter() - t0) * 1e3)
 
     def generate(self, batch: list[PreparedStudy], *, max_new_tokens: int = MAX_NEW_TOKENS) -> list[StudyResult]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from rich.console import Console
@@ -14,10 +14,6 @@ from radtrt.imaging.study import study_warnings
 from radtrt.model.loading import load_model
 from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolve_device
 from radtrt.runtime.pipeline import Pipeline, PreparedStudy, StudyFailure, StudyResult
-
-if TYPE_CHECKING:
-    from radtrt.model.config import LlavaRadConfig
-    from radtrt.model.tokenizer import LlamaSPTokenizer
 
 
 def check_studies_exist(studies: list[Path]) -> None:
@@ -131,20 +127,13 @@ def _trt_ready(bundle: Path) -> bool:
     return bool(engines["vision"] and engines["decoder"])
 
 
-def _bundle_side(bundle: Path) -> tuple["LlavaRadConfig", "LlamaSPTokenizer"]:
-    from radtrt.model.config import LlavaRadConfig
-    from radtrt.model.io import read_json
-    from radtrt.model.tokenizer import LlamaSPTokenizer
-
-    return LlavaRadConfig.from_dict(read_json(bundle / "model_config.json")), LlamaSPTokenizer.from_dir(bundle)
-
-
 def _open_trt(bundle: Path, why: str, console: Console, decoder: str | None = None) -> Pipeline:
+    from radtrt.exporter.bundle import read_bundle_side
     from radtrt.runtime.tensorrt import TensorRTBackend
 
     with console.status(f"verifying bundle {bundle} and loading its TensorRT engines"):
         backend = TensorRTBackend(bundle, decoder=decoder)
-        cfg, tokenizer = _bundle_side(bundle)
+        cfg, tokenizer = read_bundle_side(bundle)
     name = backend.manifest["model"]["name"]
     console.print(f"backend: tensorrt ({why}), {backend.precision}; model {name}", highlight=False, soft_wrap=True)
     return Pipeline(backend, tokenizer, cfg, model_name=name)
@@ -152,6 +141,7 @@ def _open_trt(bundle: Path, why: str, console: Console, decoder: str | None = No
 
 def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Path | None, why: str,
               console: Console, spin: bool = False) -> Pipeline:
+    from radtrt.exporter.bundle import read_bundle_side
     from radtrt.runtime.ort import OrtBackend, available_providers
 
     if device not in (None, "cpu", "cuda"):
@@ -161,7 +151,7 @@ def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Pa
         ort_provider = "cuda" if device == "cuda" or (device is None and gpu) else "cpu"
     with console.status(f"verifying and loading bundle {bundle}"):
         backend = OrtBackend(bundle, provider=ort_provider, trt_cache=trt_cache, spin=spin)
-        cfg, tokenizer = _bundle_side(bundle)
+        cfg, tokenizer = read_bundle_side(bundle)
     name = backend.manifest["model"]["name"]
     console.print(f"backend: onnxruntime ({why}), provider {ort_provider}{', spinning threads' if spin else ''}, "
                   f"{backend.precision}; model {name}",
