@@ -15,7 +15,7 @@ with the image embeddings spliced in, followed by the manifest's findings as the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -131,9 +131,3 @@ def collect_stats(model: LlavaRad, tokenizer: LlamaSPTokenizer, samples: list[Sa
             on_sample(i + 1)
     stats = ActivationStats(decoder.inputs, decoder.outputs, description)
     return CollectedStats(vision, stats, tokens, with_findings)
-
-
-def iter_ranges(stats: AbsMax) -> Iterator[tuple[str, float, float]]:
-    """(module, input absmax, output absmax) per module: the per-tensor ranges, for reports."""
-    for name in stats.inputs:
-        yield name, float(stats.inputs[name].max()), float(stats.outputs[name].max())

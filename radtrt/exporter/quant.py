@@ -176,8 +176,3 @@ def smooth(weights: Sequence[torch.Tensor], act_absmax: torch.Tensor,
 def fold_into_norm(norm_weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """RMSNorm weight that also divides its output by ``s`` (RMSNorm's output is ``weight * x_hat``)."""
     return norm_weight.detach().float() / s
-
-
-def smoothed_activation_absmax(act_absmax: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Input maxima after smoothing (what per-tensor activation scales would be computed from)."""
-    return act_absmax.float() / s

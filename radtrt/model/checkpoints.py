@@ -111,8 +111,6 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
         fail(f"adapter type {adapter_config.get('peft_type')} is not supported (only LoRA)")
     if adapter_config.get("fan_in_fan_out") or adapter_config.get("use_dora"):
         fail("LoRA with fan_in_fan_out or DoRA is not supported")
-    if not isinstance(adapter_config, dict):
-        fail("adapter_config.json is not a JSON object")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in named_tensors(adapter, "the LoRA adapter weights").items():
         name = key.removeprefix("base_model.model.").replace(".default", "")

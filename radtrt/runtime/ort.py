@@ -308,7 +308,3 @@ def _greedy(logits: np.ndarray, advance: Callable[[np.ndarray, int], np.ndarray]
 def _stacked(kept: list[np.ndarray] | None) -> torch.Tensor | None:
     """``_greedy``'s kept steps as ``Generation.logits`` (``[B, steps, V]``)."""
     return None if kept is None else torch.from_numpy(np.stack(kept, axis=1))
-
-
-def bundle_exists(bundle: Path | None) -> bool:
-    return bundle is not None and (bundle / "manifest.json").is_file()
