@@ -16,7 +16,7 @@ import typer
 
 from radtrt import __version__
 from radtrt.cli_support import err, user_errors
-from radtrt.errors import fail
+from radtrt.errors import fail, printable
 
 if TYPE_CHECKING:
     from radtrt.runtime.pipeline import StudyFailure, StudyResult
@@ -87,7 +87,7 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
             typer.echo(json.dumps(result.to_json()))
         elif isinstance(result, StudyResult):  # a failure's line is already on stderr
             t = result.timings_ms
-            typer.echo(f"{result.study} [{result.view_position}]\n{result.report}\n")
+            typer.echo(f"{printable(result.study)} [{result.view_position}]\n{result.report}\n")
             err.print(f"timings: preprocess {t['preprocess']:.0f} ms, vision {t['vision']:.0f} ms, prefill "
                       f"{t['prefill']:.0f} ms, decode {t['decode_per_token']:.1f} ms/token, end to end "
                       f"{t['end_to_end']:.0f} ms", highlight=False, soft_wrap=True)

@@ -260,3 +260,17 @@ def test_unreadable_files_and_folders_are_skipped_aloud(tmp_path: Path, monkeypa
     assert any("2 file(s) not used" in w for w in study_warnings(study, image))
     with pytest.raises(RadtrtError, match="a_pa.dcm: cannot read file \\(Permission denied\\)"):
         load_study(study / "a_pa.dcm")
+
+
+def test_control_characters_in_names_never_split_the_one_line(tmp_path: Path) -> None:
+    """'weird/a<newline>radtrt: done, all studies OK.dcm' printed a second line that posed as radtrt's, and an
+    escape sequence in a name reached the terminal."""
+    from radtrt.runtime.session import study_error
+
+    bad = tmp_path / "a\nradtrt: done\x1b[2J.dcm"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(RadtrtError) as e:
+        load_study(bad)
+    line = study_error(bad, e.value)
+    assert "\n" not in line and "\x1b" not in line
+    assert "a\\nradtrt: done\\x1b[2J.dcm: not a DICOM file" in line

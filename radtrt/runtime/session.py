@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 
 from radtrt import __version__
-from radtrt.errors import RadtrtError, fail
+from radtrt.errors import RadtrtError, fail, printable
 from radtrt.imaging.study import study_warnings
 from radtrt.model.loading import load_model
 from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolve_device
@@ -113,10 +113,10 @@ def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: st
 
 def study_error(study: Path, error: Exception) -> str:
     """An error line that names the study as given, not only the file inside it that failed."""
-    message, name = str(error), Path(study).name
+    message, name, shown = str(error), printable(Path(study).name), printable(str(study))
     if message.startswith(f"{name}:"):  # a file given by itself: its name becomes the path as given
-        return f"{study}{message[len(name):]}"
-    return f"{study}: {message}"
+        return f"{shown}{message[len(name):]}"
+    return f"{shown}: {message}"
 
 
 def _trt_ready(bundle: Path) -> bool:
