@@ -500,11 +500,10 @@ def test_onnxruntime_backend_without_bundle_is_refused(model_dir: Path, studies:
     _refused(["infer", str(studies[0]), "--model", str(model_dir), "--backend", "onnxruntime"], "--bundle")
 
 
-def test_unavailable_provider_is_refused(bundle: Path, studies: list[Path]) -> None:
-    from radtrt.runtime.ort import available_providers
+def test_unavailable_provider_is_refused(bundle: Path, studies: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import radtrt.runtime.ort as ort_runtime
 
-    if "TensorrtExecutionProvider" in available_providers():
-        pytest.skip("TensorRT EP present")
+    monkeypatch.setattr(ort_runtime, "available_providers", lambda: ["CPUExecutionProvider"])  # on GPU hosts too
     _refused(["infer", str(studies[0]), "--bundle", str(bundle), "--ort-provider", "tensorrt"],
              "TensorrtExecutionProvider")
 

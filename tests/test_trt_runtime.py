@@ -50,9 +50,10 @@ def test_generated_tokens_strip_prompt_and_eos() -> None:
     assert generated_tokens(out, torch.tensor([[3], [4]]), [3, 4], eos_token_id=2) == [[], []]
 
 
-def test_backend_refuses_cleanly_without_a_gpu(tmp_path: Path) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this host has a GPU; the refusal is for CPU hosts")
+def test_backend_refuses_cleanly_without_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import radtrt.runtime.tensorrt as trt_runtime
+
+    monkeypatch.setattr(trt_runtime, "detect_gpu", lambda: None)  # a CPU host's refusal, on a GPU host too
     bundle = make_fake_bundle(tmp_path)
     with pytest.raises(RadtrtError, match="no CUDA GPU is visible"):
         TensorRTBackend(bundle)
