@@ -54,8 +54,8 @@ def hf_llama(model: LlavaRad, attn_implementation: str = "eager") -> torch.nn.Mo
     import transformers
 
     cfg = model.cfg.decoder
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k != "torch_dtype"})
-    hf_cfg._attn_implementation = attn_implementation
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k != "torch_dtype"},
+                                      attn_implementation=attn_implementation)
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_cfg)
     state = model.language_model.state_dict()
