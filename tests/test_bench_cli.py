@@ -306,21 +306,21 @@ def test_files_beside_the_report_are_the_users_unless_an_earlier_report_wrote_th
                                "--synthetic", 1, "-o", out)
         assert code == 2 and match in err and "Traceback" not in err, err
     assert (tmp_path / "r.json").read_text() == '{"format_version": 1}' and not (tmp_path / "never").exists()
-    from radtrt.benchmarks.cli import _check_report_path
+    from radtrt.benchmarks.report_files import check_report_path
 
     (tmp_path / "old.md").write_text(f"# radtrt bench {kind}: onnxruntime\n")
     (tmp_path / "old.json").write_text(json.dumps({"kind": kind, "command": "radtrt bench ..."}))
-    _check_report_path(tmp_path / "old.md")  # rerunning a benchmark replaces its own report
+    check_report_path(tmp_path / "old.md")  # rerunning a benchmark replaces its own report
     # a user's notes (or picture) under the report's names were replaced when only the JSON was radtrt's
     (tmp_path / "old.md").write_text("my notes on the run")
     with pytest.raises(RadtrtError, match="old.md already exists and is not part of an earlier radtrt bench"):
-        _check_report_path(tmp_path / "old.md")
+        check_report_path(tmp_path / "old.md")
     (tmp_path / "old.md").write_text(f"# radtrt bench {kind}: onnxruntime\n")
     from PIL import Image
 
     Image.new("L", (4, 4)).save(tmp_path / "old.png")  # a PNG that radtrt's chart did not write
     with pytest.raises(RadtrtError, match="old.png already exists"):
-        _check_report_path(tmp_path / "old.md")
+        check_report_path(tmp_path / "old.md")
 
 
 @pytest.mark.parametrize("args, match", [

@@ -8,7 +8,6 @@ to it. Progress goes to stderr. A ``RadtrtError`` becomes one stderr line and ex
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,6 +15,8 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
+from radtrt.benchmarks.report_files import (check_outside_studies, check_predictions_apart, check_report_path,
+                                           report_files, reproduce_command)
 from radtrt.cli_support import err, user_errors
 from radtrt.errors import fail
 from radtrt.progress import LineProgress, make_progress
@@ -23,107 +24,12 @@ from radtrt.progress import LineProgress, make_progress
 _guarded = user_errors
 
 
-def reproduce_command(sub: str, options: list[tuple[str, Any]]) -> str:
-    """The command line that reproduces a run, every option spelled out (defaults may change)."""
-    parts = ["radtrt", "bench", sub]
-    for flag, value in options:
-        if value is None or value is False:
-            continue
-        parts += [flag] if value is True else [flag, str(value)]
-    return shlex.join(parts)
-
-
 def _progress() -> Progress | LineProgress:
     return make_progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
                          transient=True)
 
 
-REPORT_KINDS = ("latency", "parity")
 DEFAULT_MAX_NEW_TOKENS = 64
-
-
-def _report_files(out: Path) -> tuple[Path, Path, Path]:
-    """-o names the Markdown report; its JSON and PNG chart go beside it under the same stem."""
-    return out, out.with_suffix(".json"), out.with_suffix(".png")
-
-
-def _is_bench_report(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("kind") in REPORT_KINDS and "command" in data
-
-
-def _check_report_path(out: Path | None) -> None:
-    """Refuse an unusable -o before the (long) benchmark runs, not when its report is written.
-
-    Three files are written, so the two beside -o are checked too: they are replaced only when they are an
-    earlier report of this command (its JSON says so); anything else there is the user's and is kept.
-    """
-    if out is None:
-        return
-    from radtrt.outputs import check_file_target
-
-    if not out.name or out.is_dir():  # "." or "/" has no name to put .json/.png beside (a ValueError)
-        fail(f"-o {out} is a folder; name the Markdown report to write (say {out / 'report.md'})")
-    if out.suffix.lower() in (".json", ".png"):
-        fail(f"-o {out} names the Markdown report (say report.md); its .json and .png are written beside it")
-    files = _report_files(out)
-    for path in files:
-        check_file_target(path, "report")
-    theirs = [p for p in files if p.exists() and not _is_ours(p)]
-    if theirs:
-        fail(f"{theirs[0]} already exists and is not part of an earlier radtrt bench report; choose another -o")
-
-
-def _is_ours(path: Path) -> bool:
-    """Whether an existing report file is one radtrt bench wrote (each kind checked by its own content)."""
-    if path.suffix == ".json":
-        return _is_bench_report(path)
-    if path.suffix == ".png":
-        from PIL import Image, UnidentifiedImageError
-
-        from radtrt.benchmarks.chart import CHART_SOFTWARE
-
-        try:
-            with Image.open(path) as image:
-                return getattr(image, "text", {}).get("Software") == CHART_SOFTWARE
-        except (OSError, UnidentifiedImageError):
-            return False
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return handle.readline().startswith("# radtrt bench ")
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _within(path: Path, folder: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies under it, once links and '..' are resolved (two spellings of one
-    place must not pass as two places)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
-def _check_predictions_apart(predictions_out: Path | None, out: Path | None) -> None:
-    """--predictions-out is a folder and -o writes three files: one inside (or above) the other was only found
-    when the second was written, after the whole run and with the first already there."""
-    if predictions_out is None or out is None:
-        return
-    for path in _report_files(out):
-        if _within(path, predictions_out) or _within(predictions_out, path):
-            fail(f"--predictions-out {predictions_out} and the report file {path} (-o {out}) are in each other's "
-                 f"way; give the predictions a folder of their own")
-
-
-def _check_outside_studies(studies: Path | None, outputs: list[tuple[str, Path | None]]) -> None:
-    """Nothing is written into a --studies folder: its entries are the studies, so a report left there was read
-    as a study by the printed reproduce command, and --work-dir exported a random model among them."""
-    if studies is None or not studies.is_dir():
-        return
-    for flag, path in outputs:
-        if path is not None and _within(path, studies):
-            fail(f"{flag} {path} is inside the --studies folder {studies}; write outputs elsewhere")
 
 
 def _check_work_dir(work_dir: Path, used: bool) -> None:
@@ -138,7 +44,7 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) 
         from radtrt.outputs import make_dir, write_text
 
         make_dir(out.parent, "report folder")
-        md_path, json_path, _ = _report_files(out)
+        md_path, json_path, _ = report_files(out)
         write_text(md_path, markdown, "report")
         write_text(json_path, json.dumps(data, indent=2) + "\n", "report")
         err.print(f"wrote {md_path} and {json_path}")
@@ -214,9 +120,9 @@ def latency(
         fail("--stages vision runs no decoder: drop --indication / --max-new-tokens")
     if max_new_tokens is None:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-    _check_report_path(out)
+    check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
-    _check_outside_studies(studies, [("-o", out),
+    check_outside_studies(studies, [("-o", out),
                                      ("--work-dir", given_work_dir if random_model is not None else None)])
 
     command = reproduce_command("latency", [
@@ -243,7 +149,7 @@ def latency(
         from radtrt.benchmarks.chart import matplotlib_available, write_chart
 
         if matplotlib_available():
-            err.print(f"wrote {write_chart(report, _report_files(out)[2])}")
+            err.print(f"wrote {write_chart(report, report_files(out)[2])}")
         else:
             err.print("radtrt: no PNG chart: matplotlib is not installed (pip install 'radtrt[bench]')")
 
@@ -281,14 +187,14 @@ def parity(
     work_dir = _refuse_unused(sides={backend, reference}, random_model=random_model, seed=seed, device=device,
                               ort_provider=ort_provider, ort_spin=ort_spin, model=model, base_model=base_model,
                               work_dir=work_dir, studies=studies)
-    _check_report_path(out)
+    check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
     if predictions_out is not None:
         from radtrt.benchmarks.parity import check_predictions_dir
 
         check_predictions_dir(predictions_out)
-    _check_predictions_apart(predictions_out, out)
-    _check_outside_studies(studies, [("-o", out),
+    check_predictions_apart(predictions_out, out)
+    check_outside_studies(studies, [("-o", out),
                                      ("--work-dir", given_work_dir if random_model is not None else None),
                                      ("--predictions-out", predictions_out)])
     command = reproduce_command("parity", [
@@ -312,8 +218,8 @@ def parity(
 
         ref, cand = write_paired_predictions(report, predictions_out)
     _emit(parity_markdown(report), report.to_json(), as_json, out)
-    if out is not None and _report_files(out)[2].exists():  # an earlier latency report's chart (checked as ours)
-        _report_files(out)[2].unlink()
+    if out is not None and report_files(out)[2].exists():  # an earlier latency report's chart (checked as ours)
+        report_files(out)[2].unlink()
     if predictions_out is not None:  # last: the next step, once every output is written
         err.print(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
                   f"--endpoint URL --judge-model NAME", highlight=False, soft_wrap=True)

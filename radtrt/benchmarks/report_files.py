@@ -1,0 +1,111 @@
+"""Where ``radtrt bench`` may write its reports, and the command line that reproduces a run.
+
+A report is three files (``-o report.md`` and its ``.json`` and ``.png`` beside it): an existing file is replaced
+only when it is an earlier report of this command, proven by its own content, so a user's file is never lost to a
+benchmark. The rules live here, not in the CLI, so that library callers of ``run_latency``/``run_parity`` get them.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from radtrt.errors import fail
+
+def reproduce_command(sub: str, options: list[tuple[str, Any]]) -> str:
+    """The command line that reproduces a run, every option spelled out (defaults may change)."""
+    parts = ["radtrt", "bench", sub]
+    for flag, value in options:
+        if value is None or value is False:
+            continue
+        parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)
+
+
+REPORT_KINDS = ("latency", "parity")
+
+
+def report_files(out: Path) -> tuple[Path, Path, Path]:
+    """-o names the Markdown report; its JSON and PNG chart go beside it under the same stem."""
+    return out, out.with_suffix(".json"), out.with_suffix(".png")
+
+
+def is_bench_report(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("kind") in REPORT_KINDS and "command" in data
+
+
+def check_report_path(out: Path | None) -> None:
+    """Refuse an unusable -o before the (long) benchmark runs, not when its report is written.
+
+    Three files are written, so the two beside -o are checked too: they are replaced only when they are an
+    earlier report of this command (its JSON says so); anything else there is the user's and is kept.
+    """
+    if out is None:
+        return
+    from radtrt.outputs import check_file_target
+
+    if not out.name or out.is_dir():  # "." or "/" has no name to put .json/.png beside (a ValueError)
+        fail(f"-o {out} is a folder; name the Markdown report to write (say {out / 'report.md'})")
+    if out.suffix.lower() in (".json", ".png"):
+        fail(f"-o {out} names the Markdown report (say report.md); its .json and .png are written beside it")
+    files = report_files(out)
+    for path in files:
+        check_file_target(path, "report")
+    theirs = [p for p in files if p.exists() and not is_ours(p)]
+    if theirs:
+        fail(f"{theirs[0]} already exists and is not part of an earlier radtrt bench report; choose another -o")
+
+
+def is_ours(path: Path) -> bool:
+    """Whether an existing report file is one radtrt bench wrote (each kind checked by its own content)."""
+    if path.suffix == ".json":
+        return is_bench_report(path)
+    if path.suffix == ".png":
+        from PIL import Image, UnidentifiedImageError
+
+        from radtrt.benchmarks.chart import CHART_SOFTWARE
+
+        try:
+            with Image.open(path) as image:
+                return getattr(image, "text", {}).get("Software") == CHART_SOFTWARE
+        except (OSError, UnidentifiedImageError):
+            return False
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.readline().startswith("# radtrt bench ")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, once links and '..' are resolved (two spellings of one
+    place must not pass as two places)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_predictions_apart(predictions_out: Path | None, out: Path | None) -> None:
+    """--predictions-out is a folder and -o writes three files: one inside (or above) the other was only found
+    when the second was written, after the whole run and with the first already there."""
+    if predictions_out is None or out is None:
+        return
+    for path in report_files(out):
+        if within(path, predictions_out) or within(predictions_out, path):
+            fail(f"--predictions-out {predictions_out} and the report file {path} (-o {out}) are in each other's "
+                 f"way; give the predictions a folder of their own")
+
+
+def check_outside_studies(studies: Path | None, outputs: list[tuple[str, Path | None]]) -> None:
+    """Nothing is written into a --studies folder: its entries are the studies, so a report left there was read
+    as a study by the printed reproduce command, and --work-dir exported a random model among them."""
+    if studies is None or not studies.is_dir():
+        return
+    for flag, path in outputs:
+        if path is not None and within(path, studies):
+            fail(f"{flag} {path} is inside the --studies folder {studies}; write outputs elsewhere")
