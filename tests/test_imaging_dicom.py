@@ -475,3 +475,26 @@ def test_rle_data_larger_than_its_header_is_refused(tmp_path: Path, edit: dict[s
         setattr(ds, keyword, value)
     ds.save_as(tmp_path / "edited.dcm", enforce_file_format=False)
     _refused(tmp_path / "edited.dcm", "RLE pixel data holds more pixels than Rows x Columns")
+
+
+def test_pixel_padding_takes_the_darkest_value_not_the_range(tmp_path: Path) -> None:
+    """A 65535 padding border around a 12-bit image stretched the min..max scaling: the body kept 10 grey levels."""
+    pixels = synthetic_chest()
+    pixels[:30], pixels[:, :30] = 65535, 65535
+    levels = {}
+    for padding in (None, 65535):
+        ds = radiograph_dataset(pixels.copy(), bits_stored=16)
+        if padding is not None:
+            ds.PixelPaddingValue = padding
+        ds.save_as(tmp_path / "pad.dcm", enforce_file_format=True)
+        u8 = load_dicom_image(tmp_path / "pad.dcm").pixels_u8
+        levels[padding] = len(np.unique(u8[30:, 30:]))
+        if padding is not None:
+            assert u8[:30].max() == 0  # outside the detector: black, as in the display pipeline
+    assert levels[None] < 20 and levels[65535] > 100
+    ds = radiograph_dataset(synthetic_chest(), bits_stored=12)
+    ds.save_as(tmp_path / "plain.dcm", enforce_file_format=True)
+    ds.PixelPaddingValue = 4095 + 1  # declared, but no pixel has it: nothing changes
+    ds.save_as(tmp_path / "declared.dcm", enforce_file_format=True)
+    assert np.array_equal(load_dicom_image(tmp_path / "plain.dcm").pixels_u8,
+                          load_dicom_image(tmp_path / "declared.dcm").pixels_u8)

@@ -18,6 +18,8 @@ model must go through the same steps, each one a documented, tested function her
     ``PresentationLUTShape`` is not read: for CR/DX it must agree with the photometric value.
 (d) Linear min..max of the result onto 0..255 (rounding half to even). After (b) the min/max are
     the window's clipping levels when the window saturates, so this is the window's own scaling.
+    Pixels declared padding (``PixelPaddingValue``/``PixelPaddingRangeLimit``: outside the detector) take the
+    image's darkest value first, so an out-of-range padding value cannot stretch the range.
 (e) Histogram equalization with PIL's integer algorithm (``pixels.equalize_histogram``):
     deterministic and checked bit-for-bit against ``PIL.ImageOps.equalize``.
 
@@ -352,6 +354,28 @@ def _integral(values: np.ndarray) -> np.ndarray:
     return values
 
 
+def padding_mask(ds: Dataset, arr: np.ndarray) -> np.ndarray | None:
+    """Pixels outside the detector (``PixelPaddingValue``, up to ``PixelPaddingRangeLimit`` when given), in stored
+    values; None when the header declares none or they cover the whole image."""
+    value, limit = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    lo, hi = (value, value) if not isinstance(limit, int) or isinstance(limit, bool) else sorted((value, limit))
+    mask = (arr >= lo) & (arr <= hi)
+    return mask if mask.any() and not mask.all() else None
+
+
+def _padding_as_background(values: np.ndarray, mask: np.ndarray | None, *, dark_is_high: bool) -> np.ndarray:
+    """Padding takes the darkest value of the image itself: an out-of-range padding value (65535 around a 12-bit
+    image, say) stretched step (d)'s range and left the body a handful of grey levels."""
+    if mask is None:
+        return values
+    body = values[~mask]
+    out = np.array(values, dtype=np.float64 if not np.issubdtype(values.dtype, np.integer) else values.dtype)
+    out[mask] = body.max() if dark_is_high else body.min()
+    return out
+
+
 def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
     """Steps (a)-(e) of the module docstring: stored values -> equalized 8-bit, bright = dense."""
     photometric = str(ds.PhotometricInterpretation).strip().upper()
@@ -359,7 +383,9 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
         if arr.ndim != 2:
             fail(f"{name}: {photometric} image with {arr.ndim} dimensions")
         try:
-            with np.errstate(over="ignore", invalid="ignore"):  # a huge RescaleSlope: inf, then "no contrast" below
+            # quiet: pydicom warns about a VOI LUT on non-integral values; errstate: a huge RescaleSlope gives inf,
+            # then "no contrast" below
+            with quiet(), np.errstate(over="ignore", invalid="ignore"):
                 values = apply_modality_lut(arr, ds)
                 if ds.get("VOILUTSequence"):
                     values = _integral(values)
@@ -371,6 +397,7 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
         if not np.isfinite(values).all():
             fail(f"{name}: the rescale/VOI transform gives values beyond floating point (implausible RescaleSlope, "
                  f"RescaleIntercept or window)")
+        values = _padding_as_background(values, padding_mask(ds, arr), dark_is_high=photometric == "MONOCHROME1")
         scaled = min_max_to_uint8(values, invert=photometric == "MONOCHROME1")
     elif photometric in _COLOUR:
         if arr.ndim != 3:  # the header says colour but one sample per pixel
