@@ -273,3 +273,13 @@ def test_control_characters_in_names_never_split_the_one_line(tmp_path: Path) ->
     line = study_error(bad, e.value)
     assert "\n" not in line and "\x1b" not in line
     assert "a\\nradtrt: done\\x1b[2J.dcm: not a DICOM file" in line
+
+
+def test_a_thumbnail_is_read_but_said_to_be_one(tmp_path: Path) -> None:
+    """A 2 x 2 DICOM or a 16 x 16 test image got a confident report (and an SR) without a word."""
+    tiny = write_radiograph(tmp_path / "tiny.dcm", synthetic_chest(rows=8, cols=6))
+    image = load_study(tiny)
+    assert study_warnings(tiny, image) == [f"{tiny}: the image is only 6 x 8 pixels (a chest radiograph has "
+                                           "thousands a side); this report is unreliable"]
+    normal = write_radiograph(tmp_path / "normal.dcm")
+    assert study_warnings(normal, load_study(normal)) == []

@@ -33,6 +33,7 @@ from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_o
 
 _DICOM_MAGIC_OFFSET = 128
 MAX_ASPECT = 4  # long side over short side; chest radiographs are near 1.2:1, long-length stitched ones 3:1
+MIN_SIDE = 64  # below this, a thumbnail or a test pattern, not a radiograph: said, not refused
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,9 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
 
 
 def study_warnings(study: Path, image: SelectedImage) -> list[str]:
-    """What the user must hear about a study that was read: files of its folder that were not used, and a
-    chosen image that is not frontal (only a file given by itself can be; its report is then unreliable)."""
+    """What the user must hear about a study that was read: files of its folder that were not used, a chosen
+    image that is not frontal (only a file given by itself can be), and an image far too small to be a chest
+    radiograph (a thumbnail, a test pattern): in the last two the report is unreliable."""
     name = printable(str(study))  # as given, as errors name it: two studies' "frontal.dcm" are told apart
     out = []
     if image.skipped:
@@ -204,6 +206,10 @@ def study_warnings(study: Path, image: SelectedImage) -> list[str]:
     if image.view_position != UNKNOWN_VIEW and not is_frontal(image.view_position):
         out.append(f"{name}: the image is a {image.view_position} view, not frontal (PA/AP); LLaVA-Rad reads "
                    "frontal radiographs, so this report is unreliable")
+    rows, cols = image.pixels_u8.shape[:2]
+    if min(rows, cols) < MIN_SIDE:
+        out.append(f"{name}: the image is only {cols} x {rows} pixels (a chest radiograph has thousands a side); "
+                   f"this report is unreliable")
     return out
 
 
