@@ -498,3 +498,15 @@ def test_pixel_padding_takes_the_darkest_value_not_the_range(tmp_path: Path) -> 
     ds.save_as(tmp_path / "declared.dcm", enforce_file_format=True)
     assert np.array_equal(load_dicom_image(tmp_path / "plain.dcm").pixels_u8,
                           load_dicom_image(tmp_path / "declared.dcm").pixels_u8)
+
+
+def test_a_window_outside_the_data_is_named_as_the_cause(tmp_path: Path) -> None:
+    """'image has no contrast (all pixel values equal)' was said of an image with contrast whose window lay
+    outside its values."""
+    ds = radiograph_dataset(synthetic_chest())
+    ds.WindowCenter, ds.WindowWidth = 100000, 10
+    ds.save_as(tmp_path / "w.dcm", enforce_file_format=True)
+    _refused(tmp_path / "w.dcm", "its VOI LUT or window leaves no contrast")
+    flat = radiograph_dataset(np.full((64, 64), 7, dtype=np.uint16))
+    flat.save_as(tmp_path / "flat.dcm", enforce_file_format=True)
+    _refused(tmp_path / "flat.dcm", r"image has no contrast \(all pixel values equal\)")
