@@ -174,9 +174,12 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
                  f"(if none is running, delete {work})")
         shutil.rmtree(work)  # what an interrupted run of radtrt left (its marker says so)
     make_dir(work, f"{what} work folder")
-    (work / WORK_MARKER).write_text(f"an unfinished radtrt output; safe to delete\npid {os.getpid()}\n")
     try:
+        (work / WORK_MARKER).write_text(f"an unfinished radtrt output; safe to delete\npid {os.getpid()}\n")
         yield work
+    except OSError as e:  # a full disk, a vanished folder: the user's to fix, and no traceback
+        shutil.rmtree(work, ignore_errors=True)
+        fail(f"cannot write {what} {out} ({e.strerror or e}); nothing was left under that name")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # the error itself goes on
         raise

@@ -168,3 +168,28 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path: Path, monkeypa
     monkeypatch.setattr(outputs_module.os, "fsync", fsync)
     write_text(tmp_path / "r.md", "# report", "report")
     assert len(synced) == 1 and synced[0].startswith(".r.md.") and synced[0].endswith(".partial")
+
+
+def test_a_full_disk_while_building_a_folder_is_one_line_and_leaves_nothing(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError inside the block (or writing the marker) was a traceback."""
+    with pytest.raises(RadtrtError, match="cannot write model folder .*out.*No space left on device"):
+        with new_dir_built_aside(tmp_path / "out", "model folder"):
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="a bug"):  # not the user's: it goes on as it was
+        with new_dir_built_aside(tmp_path / "out"):
+            raise ValueError("a bug")
+    assert list(tmp_path.iterdir()) == []
+    real_write_text = Path.write_text
+
+    def full_disk(self: Path, *args: object, **kwargs: object) -> int:
+        if self.name == WORK_MARKER:
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(RadtrtError, match="cannot write output directory .*No space left on device"):
+        with new_dir_built_aside(tmp_path / "out"):
+            pass
+    assert list(tmp_path.iterdir()) == []
