@@ -90,3 +90,36 @@ def test_export_refuses_a_changed_base(chain: Chain, tmp_path: Path) -> None:
     (run / "train_config.json").write_text(json.dumps(cfg))
     with pytest.raises(RadtrtError, match="is not the one"):
         export_release(run, tmp_path / "out")
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+                 "file write failed"),
+    OSError(28, "No space left on device"),
+])
+def test_a_release_that_cannot_be_written_is_one_line(chain: Chain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      failure: Exception) -> None:
+    """torch.save on a full disk raised its C++ writer's RuntimeError as a traceback."""
+    from radtrt.model import release
+
+    def full_disk(*_args: object, **_kwargs: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(release.torch, "save", full_disk)
+    with pytest.raises(RadtrtError, match="cannot write release folder .*(file write failed|No space left)"):
+        export_release(chain.runs["stage1"] / "model", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_base_lm_that_cannot_be_written_is_one_line(chain: Chain, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from radtrt.model.release import write_base_lm
+    from radtrt.model.tokenizer import LlamaSPTokenizer
+
+    def full_disk(self: object, directory: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(LlamaSPTokenizer, "save", full_disk)
+    loaded = load_model(chain.runs["stage1"] / "model")
+    with pytest.raises(RadtrtError, match="cannot write base-LM folder .*No space left on device"):
+        write_base_lm(tmp_path / "base", loaded.model.cfg, loaded.model.language_model.state_dict(), loaded.tokenizer)

@@ -7,12 +7,14 @@ JSON + checkpoint) next to a base-LM directory (Hugging Face LLaMA weights + tok
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
 from radtrt.model.config import LlavaRadConfig
 from radtrt.model.io import save_tensors
@@ -56,9 +58,10 @@ def write_base_lm(out_dir: Path, cfg: LlavaRadConfig, decoder: dict[str, torch.T
                   tokenizer: LlamaSPTokenizer) -> Path:
     """A Hugging Face LLaMA directory (what ``--base-model`` points at)."""
     make_dir(out_dir)
-    (out_dir / "config.json").write_text(json.dumps(cfg.decoder.to_hf(), indent=2))
-    save_tensors(decoder, out_dir / "model.safetensors", metadata={"format": "pt"})
-    tokenizer.save(out_dir)
+    with _write_failures(out_dir, "base-LM folder"):
+        (out_dir / "config.json").write_text(json.dumps(cfg.decoder.to_hf(), indent=2))
+        save_tensors(decoder, out_dir / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save(out_dir)
     return out_dir
 
 
@@ -68,12 +71,24 @@ def write_release(out_dir: Path, cfg: LlavaRadConfig, *, trunk: dict[str, torch.
                   extra_open_clip: dict[str, torch.Tensor] | None = None) -> Path:
     """The release directory; ``lora`` uses PEFT key names (``base_model.model.model.layers...lora_A.weight``)."""
     make_dir(out_dir)
-    (out_dir / "config.json").write_text(json.dumps(release_config_json(cfg, base_name), indent=2))
-    (out_dir / DEFAULT_VISION_JSON).write_text(json.dumps(cfg.vision.to_open_clip(), indent=2))
-    torch.save({"state_dict": {**ck.trunk_to_open_clip(trunk), **(extra_open_clip or {})}},
-               out_dir / DEFAULT_VISION_CKPT)
-    torch.save(ck.projector_to_non_lora(projector), out_dir / "non_lora_trainables.bin")
-    if lora is not None and adapter_config is not None:
-        (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        torch.save(lora, out_dir / "adapter_model.bin")
+    with _write_failures(out_dir, "release folder"):
+        (out_dir / "config.json").write_text(json.dumps(release_config_json(cfg, base_name), indent=2))
+        (out_dir / DEFAULT_VISION_JSON).write_text(json.dumps(cfg.vision.to_open_clip(), indent=2))
+        torch.save({"state_dict": {**ck.trunk_to_open_clip(trunk), **(extra_open_clip or {})}},
+                   out_dir / DEFAULT_VISION_CKPT)
+        torch.save(ck.projector_to_non_lora(projector), out_dir / "non_lora_trainables.bin")
+        if lora is not None and adapter_config is not None:
+            (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+            torch.save(lora, out_dir / "adapter_model.bin")
     return out_dir
+
+
+@contextlib.contextmanager
+def _write_failures(out_dir: Path, what: str) -> Iterator[None]:
+    """A full disk as one line: ``torch.save`` reports it as a RuntimeError from its C++ zip writer
+    ("[enforce fail at inline_container.cc...] file write failed"), plain writes as OSError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"cannot write {what} {out_dir} ({e.strerror if isinstance(e, OSError) and e.strerror else reason})")
