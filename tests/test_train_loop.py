@@ -314,3 +314,69 @@ def test_two_runs_started_into_one_folder_do_not_share_it(chain: Chain, tmp_path
     _prepare_run_dir(cfg, tmp_path / "run", False, DistInfo())  # the first run, once its inputs were accepted
     with pytest.raises(RadtrtError, match="was taken by another run started at the same time"):
         _prepare_run_dir(cfg, tmp_path / "run", False, DistInfo())  # the second, a moment later
+
+
+class _FullDiskFile:
+    """A file whose writes fail as on a full disk (what a tmpfs mount would take root to show)."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+
+    def __enter__(self) -> "_FullDiskFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.real.close()  # type: ignore[attr-defined]
+
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_at_the_start_of_a_run_leaves_nothing_that_blocks_a_retry(chain: Chain, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exclusive write of train_config.json was a traceback and left it empty: neither a rerun ('not empty')
+    nor a resume ('no checkpoint') could go on."""
+    import builtins
+
+    from radtrt.training import loop
+
+    real_open = builtins.open
+
+    def full_disk_open(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+        return _FullDiskFile(f) if "x" in mode else f
+
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(tmp_path / "run"), max_steps=2)
+    monkeypatch.setattr(loop, "open", full_disk_open, raising=False)
+    with pytest.raises(RadtrtError, match="cannot write train_config.json .*No space left on device.*run the "
+                                          "command again"):
+        train(cfg)
+    assert list((tmp_path / "run").iterdir()) == []
+    monkeypatch.undo()
+    assert train(cfg).model_dir is not None  # the retry
+
+
+def test_a_full_disk_while_logging_a_step_is_one_line_and_resumable(chain: Chain, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from radtrt.training.loop import resume_config
+
+    real_open = Path.open
+    appended = []
+
+    def full_disk_after_two(self: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if self.name == "log.jsonl" and mode == "a":
+            appended.append(1)
+            if len(appended) > 2:
+                return _FullDiskFile(real_open(self, mode, *args, **kwargs))
+        return real_open(self, mode, *args, **kwargs)
+
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(tmp_path / "run"), max_steps=4, save_every=2)
+    monkeypatch.setattr(Path, "open", full_disk_after_two)
+    with pytest.raises(RadtrtError, match="cannot append to training log .*No space left on device.*train resume"):
+        train(cfg)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "run")["step"] == 2
+    assert train(resume_config(tmp_path / "run"), resume=True).model_dir is not None
+    assert [e["step"] for e in read_log(tmp_path / "run")] == [1, 2, 3, 4]

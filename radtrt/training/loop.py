@@ -92,12 +92,35 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistIn
     """Write the run's config and empty log: only once the data, model and schedule were accepted."""
     if info.is_main and not resume:
         make_dir(run_dir, "run folder")
+        config_path, log_path = run_dir / CONFIG_FILE, run_dir / LOG_FILE
         try:  # created exclusively: of two runs started into one folder at once, the second stops here
-            with open(run_dir / CONFIG_FILE, "x", encoding="utf-8") as config:
-                config.write(cfg.to_json())
+            config = open(config_path, "x", encoding="utf-8")
         except FileExistsError:
             fail(f"{run_dir} was taken by another run started at the same time; choose another -o")
-        (run_dir / LOG_FILE).write_text("")
+        except OSError as e:
+            fail(f"cannot write {config_path} ({e.strerror or e}); nothing was trained")
+        try:
+            with config:
+                config.write(cfg.to_json())
+            log_path.write_text("")
+        except OSError as e:
+            # both are this run's (the folder was empty and the config created exclusively); an empty
+            # train_config.json left behind made the folder refuse a rerun ("not empty") and a resume alike
+            config_path.unlink(missing_ok=True)
+            log_path.unlink(missing_ok=True)
+            fail(f"cannot write {config_path.name} and {log_path.name} in {run_dir} ({e.strerror or e}); nothing "
+                 f"was trained: free space and run the command again")
+
+
+def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
+    """A full disk here stops the run in one line; a cut last line it may leave is dropped by the resume."""
+    path = run_dir / LOG_FILE
+    try:
+        with path.open("a") as log:
+            log.write(json.dumps(entry) + "\n")
+    except OSError as e:
+        fail(f"cannot append to training log {path} ({e.strerror or e}); the steps since the last checkpoint are "
+             f"lost: free space, then 'radtrt train resume {run_dir}'")
 
 
 def _log_step(line: str) -> int | None:
@@ -239,8 +262,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
             if info.is_main:
                 entry = {"step": done, "epoch": round(schedule.epoch_of(done), 4), "loss": step_loss, "lr": lr,
                          "grad_norm": grad_norm, "samples_per_s": round(sps, 2)}
-                with (run_dir / LOG_FILE).open("a") as log:
-                    log.write(json.dumps(entry) + "\n")
+                _append_log(run_dir, entry)
                 assert progress is not None and task is not None
                 progress.update(task, completed=done, loss=step_loss, lr=lr, sps=sps)
             if done % cfg.save_every == 0 or done == end:
