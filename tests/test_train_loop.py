@@ -171,6 +171,33 @@ def _first_tensor_wrong_shape(trainable: dict) -> dict:
     return {**trainable, next(iter(trainable)): torch.zeros(3)}
 
 
+def _flip_a_bit_in_a_tensor(run: Path) -> None:
+    """One bit of a stored tensor: torch.load accepted it and the resume trained a damaged model, exit 0."""
+    import zipfile
+
+    path = run / "checkpoint" / "state.pt"
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        payload = archive.read(record)
+    at = raw.find(payload[:64]) + len(payload) // 2
+    raw[at] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+def _flip_a_byte_in_a_pickled_string(run: Path) -> None:
+    """A damaged byte in data.pkl, with checksums that still agree (rewritten): a UnicodeDecodeError traceback."""
+    import zipfile
+
+    path = run / "checkpoint" / "state.pt"
+    with zipfile.ZipFile(path) as src:
+        records = [(i.filename, src.read(i)) for i in src.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for name, data in records:
+            dst.writestr(name, data.replace(b"radtrt-train-state-1", b"\xffadtrt-train-state-1")
+                         if name.endswith("data.pkl") else data)
+
+
 @pytest.mark.parametrize("damage, message", [
     (_damage_state("optimizer", None), "has no valid 'optimizer'"),
     (_damage_state("step", "3"), "has no valid 'step'"),
@@ -180,6 +207,8 @@ def _first_tensor_wrong_shape(trainable: dict) -> dict:
     (lambda run: (run / "log.jsonl").write_text("garbage\n" + (run / "log.jsonl").read_text()),
      "log.jsonl line 1 is not a training log entry"),
     (lambda run: (run / "model").write_text("x"), "model folder .* is not a folder"),  # found after the last step
+    (_flip_a_bit_in_a_tensor, "state.pt is corrupt: its record .*/data/.* fails its checksum"),
+    (_flip_a_byte_in_a_pickled_string, "state.pt is corrupt or not radtrt's \\(UnicodeDecodeError"),
 ])
 def test_a_damaged_run_is_refused_before_resuming(chain: Chain, tmp_path: Path, damage: Callable[[Path], None],
                                                   message: str) -> None:

@@ -9,6 +9,7 @@ It is written to a temporary name and renamed, so a crash mid-save leaves the pr
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,20 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         fail(f"no training checkpoint in {run_dir} (expected {CHECKPOINT_DIR}/{STATE_FILE})")
     try:
+        # torch.load never checks the zip's CRC-32s: a flipped bit in a tensor was resumed from, and trained into
+        # the model, without a word. torch.save writes them (the zip writer computes one per record).
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            fail(f"training checkpoint {path} is corrupt: its record {damaged} fails its checksum (a damaged disk "
+                 f"or copy); restore the file from a backup, or start the run again")
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file raises with no message
-        fail(f"training checkpoint {path} is corrupt or not radtrt's ({reason})")
+    # what model/io.py's load_weights_pickle catches: damaged pickle bytes raise whatever the unpickler trips over
+    # (a flipped byte in a string: UnicodeDecodeError, a ValueError)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError, KeyError,
+            TypeError, ValueError, struct.error) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]  # an empty file raises with no message
+        fail(f"training checkpoint {path} is corrupt or not radtrt's ({type(e).__name__}: {reason})")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fail(f"{path} is not a radtrt training checkpoint of format {FORMAT}")
     for key, kind in FIELDS.items():
