@@ -340,9 +340,12 @@ def test_two_runs_started_into_one_folder_do_not_share_it(chain: Chain, tmp_path
 
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
                       out_dir=str(tmp_path / "run"))
-    _prepare_run_dir(cfg, tmp_path / "run", False, DistInfo())  # the first run, once its inputs were accepted
-    with pytest.raises(RadtrtError, match="was taken by another run started at the same time"):
+    first = _prepare_run_dir(cfg, tmp_path / "run", False, DistInfo())  # the first run, once its inputs were accepted
+    assert first is not None
+    with first, pytest.raises(RadtrtError, match="was taken by another run started at the same time"):
         _prepare_run_dir(cfg, tmp_path / "run", False, DistInfo())  # the second, a moment later
+    with pytest.raises(RadtrtError, match="was taken by another run started at the same time"):
+        _prepare_run_dir(cfg, tmp_path / "run", False, DistInfo())  # or once the first has ended
 
 
 class _FullDiskFile:
@@ -409,3 +412,34 @@ def test_a_full_disk_while_logging_a_step_is_one_line_and_resumable(chain: Chain
     assert load_checkpoint(tmp_path / "run")["step"] == 2
     assert train(resume_config(tmp_path / "run"), resume=True).model_dir is not None
     assert [e["step"] for e in read_log(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_a_run_folder_is_trained_in_by_one_process_at_a_time(chain: Chain, tmp_path: Path) -> None:
+    """Two 'train resume RUN' at once both ran: one log.jsonl interleaved for good, each removed the other's lora/."""
+    import subprocess
+    import sys
+
+    from radtrt.training.loop import resume_config
+
+    run = tmp_path / "run"
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(run), max_steps=4, save_every=2)
+    train(cfg, stop_after=2)
+    assert not (run / "train.lock").exists()  # let go, and removed, when the run ends
+    holder = subprocess.Popen(  # another radtrt, in the middle of its run
+        [sys.executable, "-c", "import sys; from pathlib import Path; from radtrt.training.runlock import lock_run; "
+         "lock = lock_run(Path(sys.argv[1]), 'busy'); print('locked', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        log_before = (run / "log.jsonl").read_text()
+        with pytest.raises(RadtrtError, match=f"process {holder.pid} is training in .*run right now.*wait for it"):
+            train(resume_config(run), resume=True)
+        with pytest.raises(RadtrtError, match=f"process {holder.pid} is training in .*run right now; choose another"):
+            train(cfg)
+        assert (run / "log.jsonl").read_text() == log_before
+    finally:
+        holder.communicate("")  # ends it: its lock goes with it
+    assert train(resume_config(run), resume=True).model_dir is not None
+    assert [e["step"] for e in read_log(run)] == [1, 2, 3, 4]
+

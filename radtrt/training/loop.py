@@ -37,6 +37,7 @@ from radtrt.training.data import ManifestDataset, Schedule, collate
 from radtrt.training.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across, shutdown
 from radtrt.training.objectives import MultimodalLM, build_objective, trainable_parameters
 from radtrt.training.outputs import MODEL_DIR, write_outputs
+from radtrt.training.runlock import RunLock, lock_holder, lock_run
 from radtrt.training.schedule import cosine_with_warmup
 
 CONFIG_FILE = "train_config.json"
@@ -80,6 +81,9 @@ def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True) -> None:
         check_folder_target(run_dir / MODEL_DIR, "model folder")
         return
     check_folder_target(run_dir, "run folder")
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        fail(f"{holder} is training in {run_dir} right now; choose another -o")
     if ckpt.state_path(run_dir).exists():
         fail(f"{run_dir} already holds a training run; continue it with 'radtrt train resume {run_dir}' or choose another -o")
     if (run_dir / MODEL_DIR).exists():
@@ -88,10 +92,15 @@ def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True) -> None:
         check_new_dir(run_dir, "run folder")  # a user's log.jsonl or train_config.json there was overwritten
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo) -> None:
-    """Write the run's config and empty log: only once the data, model and schedule were accepted."""
-    if info.is_main and not resume:
-        make_dir(run_dir, "run folder")
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo) -> RunLock | None:
+    """Lock the new run's folder and write its config and empty log: only once the data, model and schedule were
+    accepted. The lock, for the caller to hold until the run ends."""
+    if not info.is_main or resume:
+        return None
+    make_dir(run_dir, "run folder")
+    lock = lock_run(run_dir, f"{run_dir} was taken by another run started at the same time ({{holder}}); choose "
+                             f"another -o")
+    try:
         config_path, log_path = run_dir / CONFIG_FILE, run_dir / LOG_FILE
         try:  # created exclusively: of two runs started into one folder at once, the second stops here
             config = open(config_path, "x", encoding="utf-8")
@@ -108,8 +117,12 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistIn
             # train_config.json left behind made the folder refuse a rerun ("not empty") and a resume alike
             config_path.unlink(missing_ok=True)
             log_path.unlink(missing_ok=True)
-            fail(f"cannot write {config_path.name} and {log_path.name} in {run_dir} ({e.strerror or e}); nothing "
-                 f"was trained: free space and run the command again")
+            fail(f"cannot write {config_path.name} and {log_path.name} in {run_dir} ({e.strerror or e}); "
+                 f"nothing was trained: free space and run the command again")
+    except BaseException:
+        lock.release()  # its file too: the folder is left as empty as it was found
+        raise
+    return lock
 
 
 def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
@@ -166,6 +179,11 @@ def resume_config(run_dir: Path) -> TrainConfig:
     """The config a run was started with, from its checkpoint (the source of truth for resume), writing into
     ``run_dir`` itself: a run that was copied or moved continues where it is now, never in the folder it was
     started in (which may hold another run, or be gone)."""
+    if not ckpt.state_path(run_dir).is_file() and (run_dir / CONFIG_FILE).is_file():
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            fail(f"{holder} is training in {run_dir} right now and has not saved its first checkpoint yet; wait for "
+                 f"it to end")
     config = ckpt.load_checkpoint(run_dir).get("config")
     if not isinstance(config, dict):
         fail(f"the checkpoint in {run_dir} has no training config (damaged file?)")
@@ -178,14 +196,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     console = console or Console(stderr=True)
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info, resume, stop_after, console)
+        with contextlib.ExitStack() as held:  # the run folder's lock, from where it is taken to the run's end
+            return _train(cfg, info, resume, stop_after, console, held)
     finally:
         shutdown(info)
 
 
-def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None, console: Console) -> TrainResult:
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | None, console: Console,
+           held: contextlib.ExitStack) -> TrainResult:
     run_dir = Path(cfg.out_dir)
     manifest = Path(cfg.manifest)
+    if resume and info.is_main:  # two resumes of one run interleaved its log and removed each other's lora/
+        held.enter_context(lock_run(run_dir, f"{{holder}} is training in {run_dir} right now; a second process "
+                                             f"would overwrite its checkpoint and log: wait for it to end"))
     _check_run_dir(run_dir, resume, info.is_main)
     rows = read_manifest(manifest)  # inputs are checked before anything is written
     torch.manual_seed(cfg.seed + info.rank)
@@ -217,7 +240,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     total = schedule.total_steps(cfg.epochs, cfg.max_steps)
     # at most total - 1 warmup steps: a warmup as long as the run trains every step at lr 0 or near it (one step: 0)
     scheduler = cosine_with_warmup(optimizer, min(math.ceil(cfg.warmup_ratio * total), total - 1), total)
-    _prepare_run_dir(cfg, run_dir, resume, info)
+    lock = _prepare_run_dir(cfg, run_dir, resume, info)
+    if lock is not None:
+        held.enter_context(lock)
     start = _restore(run_dir, objective, named, optimizer, scheduler, info, total, origin) if resume else 0
     model: torch.nn.Module = objective
     if info.enabled:
