@@ -443,3 +443,19 @@ def test_a_run_folder_is_trained_in_by_one_process_at_a_time(chain: Chain, tmp_p
     assert train(resume_config(run), resume=True).model_dir is not None
     assert [e["step"] for e in read_log(run)] == [1, 2, 3, 4]
 
+
+def test_a_run_stopped_before_its_first_checkpoint_says_what_to_do(chain: Chain, tmp_path: Path) -> None:
+    """resume said only 'no training checkpoint in RUN' and a rerun 'run folder ... is not empty'."""
+    from radtrt.training.loop import resume_config
+
+    run = tmp_path / "run"
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(run), max_steps=4, save_every=2)
+    run.mkdir()  # what a run killed before step 2's checkpoint leaves (and the lock file, once it has one)
+    (run / "train_config.json").write_text(cfg.to_json())
+    (run / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    message = "stopped before its first checkpoint, so there is nothing to resume: delete the folder"
+    with pytest.raises(RadtrtError, match=message):
+        resume_config(run)
+    with pytest.raises(RadtrtError, match=message):
+        train(cfg)

@@ -88,8 +88,15 @@ def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True) -> None:
         fail(f"{run_dir} already holds a training run; continue it with 'radtrt train resume {run_dir}' or choose another -o")
     if (run_dir / MODEL_DIR).exists():
         fail(f"{run_dir} already holds a trained model; choose another -o")
+    if (run_dir / CONFIG_FILE).exists():
+        fail(_before_first_checkpoint(run_dir))
     if is_main:  # the other ranks start while the main one may already be writing into it
         check_new_dir(run_dir, "run folder")  # a user's log.jsonl or train_config.json there was overwritten
+
+
+def _before_first_checkpoint(run_dir: Path) -> str:
+    return (f"{run_dir} holds a run that stopped before its first checkpoint, so there is nothing to resume: delete "
+            f"the folder and run the training command again (or choose another -o)")
 
 
 def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, info: DistInfo) -> RunLock | None:
@@ -184,6 +191,7 @@ def resume_config(run_dir: Path) -> TrainConfig:
         if holder is not None:
             fail(f"{holder} is training in {run_dir} right now and has not saved its first checkpoint yet; wait for "
                  f"it to end")
+        fail(_before_first_checkpoint(run_dir))
     config = ckpt.load_checkpoint(run_dir).get("config")
     if not isinstance(config, dict):
         fail(f"the checkpoint in {run_dir} has no training config (damaged file?)")
