@@ -123,3 +123,24 @@ def test_a_base_lm_that_cannot_be_written_is_one_line(chain: Chain, tmp_path: Pa
     loaded = load_model(chain.runs["stage1"] / "model")
     with pytest.raises(RadtrtError, match="cannot write base-LM folder .*No space left on device"):
         write_base_lm(tmp_path / "base", loaded.model.cfg, loaded.model.language_model.state_dict(), loaded.tokenizer)
+
+
+def test_the_prompt_template_survives_the_release_round_trip(chain: Chain, tmp_path: Path,
+                                                            tiny_release: TinyRelease) -> None:
+    """A stage-1 model (plain) came back as v1 from release -> radtrt: bit-identical weights, other tokens."""
+    release, base = export_release(chain.runs["stage1"] / "model", tmp_path / "out")
+    assert load_model(release, base).model.cfg.conv_template == "plain"
+    study = _study(chain)
+    assert _tokens(release, study, base) == _tokens(chain.runs["stage1"] / "model", study)
+    assert load_model(tiny_release.release_dir, tiny_release.base_dir).model.cfg.conv_template == "v1"
+    official = json.loads((tiny_release.release_dir / "config.json").read_text())
+    official.pop("radtrt_conv_template", None)  # LLaVA-Rad's own config.json has no such key
+    (tmp_path / "official").mkdir()
+    for f in tiny_release.release_dir.iterdir():
+        shutil.copy(f, tmp_path / "official" / f.name)
+    (tmp_path / "official" / "config.json").write_text(json.dumps(official))
+    assert load_model(tmp_path / "official", tiny_release.base_dir).model.cfg.conv_template == "v1"
+    official["radtrt_conv_template"] = "chatml"
+    (tmp_path / "official" / "config.json").write_text(json.dumps(official))
+    with pytest.raises(RadtrtError, match="radtrt_conv_template 'chatml' is not a conversation template"):
+        load_model(tmp_path / "official", tiny_release.base_dir)

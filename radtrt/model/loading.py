@@ -33,6 +33,8 @@ TOOLKIT_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_VISION_JSON = "biomedclipcxr_518.json"
 DEFAULT_VISION_CKPT = "biomedclipcxr_518_checkpoint.pt"
+RELEASE_TEMPLATE_KEY = "radtrt_conv_template"  # model/release.py writes it (it imports this module, not the reverse)
+CONV_TEMPLATES = ("v1", "plain")  # model/prompt.py's
 
 
 @dataclass
@@ -183,8 +185,13 @@ def release_config(release_dir: Path) -> tuple[LlavaRadConfig, dict[str, Any]]:
         if hf.get(key) not in allowed:
             fail(f"{release_dir}/config.json sets {key}={hf.get(key)}; LLaVA-Rad uses neither image start/end "
                  f"nor patch tokens and radtrt supports only that")
+    template = hf.get(RELEASE_TEMPLATE_KEY, "v1")  # written by 'radtrt convert --to llava-rad'; the release's is v1
+    if template not in CONV_TEMPLATES:
+        fail(f"{release_dir}/config.json: {RELEASE_TEMPLATE_KEY} {template!r} is not a conversation template "
+             f"radtrt knows ({', '.join(CONV_TEMPLATES)})")
     try:  # a field of the wrong kind anywhere in the two JSON files
         cfg = LlavaRadConfig(
+            conv_template=template,
             vision=VisionConfig.from_open_clip(vision_json),
             decoder=DecoderConfig.from_hf(hf),
             projector_type=hf.get("mm_projector_type", "linear"),

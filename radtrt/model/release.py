@@ -18,7 +18,7 @@ from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
 from radtrt.model.config import LlavaRadConfig
 from radtrt.model.io import save_tensors
-from radtrt.model.loading import DEFAULT_VISION_CKPT, DEFAULT_VISION_JSON
+from radtrt.model.loading import DEFAULT_VISION_CKPT, DEFAULT_VISION_JSON, RELEASE_TEMPLATE_KEY
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import make_dir
 
@@ -44,6 +44,10 @@ def release_config_json(cfg: LlavaRadConfig, base_name: str) -> dict[str, Any]:
         "tune_mm_mlp_adapter": False,
         "use_mm_proj": True,
         "use_cache": True,
+        # radtrt's own key: the official loader ignores it, and a release without it (LLaVA-Rad's own) is read as
+        # v1. Why: a stage-1 model (plain template) came back from 'convert --to llava-rad' as v1, and generated
+        # other tokens from bit-identical weights.
+        RELEASE_TEMPLATE_KEY: cfg.conv_template,
     }
 
 
