@@ -99,7 +99,8 @@ def convert(
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 directory."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory."),
     to: str = typer.Option("radtrt", "--to", help="radtrt (merged safetensors) | llava-rad (official release layout)."),
-    dtype: str = typer.Option("float16", "--dtype", help="Stored dtype for --to radtrt: float16 | bfloat16 | float32."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Stored dtype for --to radtrt: float16 | bfloat16 | "
+                                                              "float32 \\[default: float16]"),
 ) -> None:
     """Convert between the official release layout and radtrt's merged layout."""
     from radtrt.model.loading import load_model, save_toolkit
@@ -108,8 +109,11 @@ def convert(
 
     if to not in ("radtrt", "llava-rad"):
         fail(f"unknown --to '{to}' (radtrt, llava-rad)")
-    if to == "llava-rad" and dtype != "float16":  # not silently ignored: the user expects that dtype on disk
+    # None tells an explicit --dtype float16 from the default: refused with --to llava-rad too, not ignored (the
+    # release layout is written in float32 whatever was asked)
+    if to == "llava-rad" and dtype is not None:
         fail("--dtype applies to --to radtrt; the release layout is written as the release stores it")
+    dtype = dtype or "float16"
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
     check_new_dir(out)

@@ -196,6 +196,15 @@ def test_options_a_stage_does_not_use_or_cannot_fit_are_refused(chain: Chain, tm
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("stage", ["vision", "lm"])
+def test_no_feature_cache_is_refused_where_nothing_is_cached(chain: Chain, tmp_path: Path, stage: str) -> None:
+    """It was accepted and did nothing: only stages 1 and 2 have a frozen trunk whose features are cached."""
+    code, _, err = _invoke("train", stage, chain.manifest, "--model", chain.init, "-o", tmp_path / "r", "--preset",
+                           "tiny", "--threads", "1", "--no-feature-cache")
+    assert code == 2 and f"--no-feature-cache does not apply to 'train {stage}' (only stages 1 and 2" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_epochs_given_with_the_tiny_preset_are_trained(chain: Chain, tmp_path: Path) -> None:
     """The preset's max_steps won over an explicit --epochs: '--epochs 5' ran 3 epochs."""
     cfg = make_config("stage1", "tiny", epochs=2.0, manifest=str(chain.manifest), init_model=".", out_dir=".")

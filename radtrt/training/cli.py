@@ -104,9 +104,12 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
         unused = [flag for flag, value in (("--lora-r", lora_r), ("--lora-alpha", lora_alpha),
                                            ("--lora-dropout", lora_dropout)) if value is not None and stage != "stage2"]
         unused += ["--max-length"] if max_length is not None and stage == "vision" else []
+        unused += ["--no-feature-cache"] if no_feature_cache and stage in ("vision", "lm") else []
         if unused:  # refused, not ignored: the user believes they took effect
+            why = {"--lora": "LoRA is stage 2's", "--max-length": "it reads no text",
+                   "--no-feature-cache": "only stages 1 and 2 cache the features of their frozen trunk"}
             fail(f"{unused[0]} does not apply to 'train {stage}' ("
-                 + ("LoRA is stage 2's)" if unused[0].startswith("--lora") else "it reads no text)"))
+                 + next(text for prefix, text in why.items() if unused[0].startswith(prefix)) + ")")
         _threads(threads)
         cfg = make_config(stage, preset, manifest=str(manifest.resolve()), init_model=str(model.resolve()),
                           init_base_model=str(base_model.resolve()) if base_model else None,
