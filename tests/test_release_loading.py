@@ -238,3 +238,13 @@ def test_a_weight_map_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a.safetensors"]}))
     with pytest.raises(RadtrtError, match="'weight_map' is not an object"):  # an AttributeError traceback
         hf_weight_files(tmp_path)
+
+
+def test_a_model_folder_given_as_base_model_is_named_as_such(tiny_release: TinyRelease, tmp_path: Path) -> None:
+    """'--base-model TOOLKIT_DIR' said 'has hidden_size=4096, LLaVA-Rad expects 64': 4096 is a default, read from a
+    config.json that nests the model's sizes under "model"."""
+    merged = save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), tmp_path / "merged")
+    with pytest.raises(RadtrtError, match="--base-model .*merged is a radtrt model folder, not a base language model"):
+        load_model(tiny_release.release_dir, merged)
+    with pytest.raises(RadtrtError, match="is a LLaVA-Rad release folder, not a base language model"):
+        load_model(tiny_release.release_dir, tiny_release.release_dir)

@@ -216,6 +216,14 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     base_hf = read_json(base_dir / "config.json")
     if not isinstance(base_hf, dict):
         fail(f"{base_dir}/config.json is not a JSON object")
+    # their config.json read as a LLaMA one gave 'hidden_size=4096' (DecoderConfig's default: a radtrt model nests
+    # its sizes under "model"), a misleading reason
+    kind = ("a radtrt model folder" if base_hf.get("radtrt_format") == TOOLKIT_FORMAT
+            else "a LLaVA-Rad release folder" if "mm_vision_tower" in base_hf else None)
+    if kind is not None:
+        fail(f"--base-model {base_dir} is {kind}, not a base language model: give the Hugging Face LLaMA "
+             f"(Vicuna-7B v1.5) directory the release was built on, e.g. the base-lm/ that 'radtrt convert --to "
+             f"llava-rad' writes beside llava-rad/")
     base_cfg = DecoderConfig.from_hf(base_hf)
     problem = config_problem(LlavaRadConfig(decoder=base_cfg))
     if problem:
