@@ -257,3 +257,25 @@ def test_a_fresh_model_the_host_cannot_hold_is_refused(monkeypatch: pytest.Monke
     monkeypatch.setattr(init_model, "available_bytes", lambda: 10**6)
     with pytest.raises(RadtrtError, match="a fresh 'tiny' model needs about .* GB of memory"):
         init_model.fresh_model("tiny", train_tiny_tokenizer())
+
+
+def test_a_ct_study_is_refused_with_a_remedy_training_has(chain: Chain, tmp_path: Path) -> None:
+    """Training and 'train eval' said 'use --allow-any-modality to override', an option only infer has."""
+    from radtrt.imaging.synthetic import radiograph_dataset, synthetic_chest
+
+    rows = [json.loads(line) for line in chain.manifest.read_text().splitlines()]
+    ct = tmp_path / "ct.dcm"
+    radiograph_dataset(synthetic_chest(seed=3), modality="CT").save_as(ct, enforce_file_format=True)
+    rows[0] = {**rows[0], "image": str(ct)}
+    for row in rows[1:]:
+        row["image"] = str(chain.manifest.parent / row["image"])
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = _invoke("train", "stage1", manifest, "--model", chain.runs["lm"] / "model", "-o", tmp_path / "r",
+                           "--preset", "tiny", "--threads", "1")
+    assert code == 2 and "is not a chest radiograph" in err and "--allow-any-modality" not in err, err
+    assert "'radtrt train' reads chest radiographs only: remove the study from the manifest" in err, err
+    code, _, err = _invoke("train", "eval", manifest, "--model", chain.runs["stage2"] / "model", "--limit", "1",
+                           "--threads", "1")
+    assert code == 2 and "'radtrt train eval' reads chest radiographs only" in err, err
+    assert "--allow-any-modality" not in err and len(err.strip().splitlines()) == 1, err
