@@ -246,6 +246,11 @@ def test_a_damaged_run_config_is_one_line_for_convert(chain: Chain, tmp_path: Pa
         with pytest.raises(RadtrtError):  # JSONDecodeError / TypeError tracebacks before
             export_release(run, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+    config = json.loads((chain.runs["stage2"] / "train_config.json").read_text())
+    del config["lora_alpha"]  # took the default: a release with another LoRA scale than the one trained
+    (run / "train_config.json").write_text(json.dumps(config))
+    with pytest.raises(RadtrtError, match="train_config.json is incomplete: it lacks lora_alpha"):
+        export_release(run, tmp_path / "out")
 
 
 def test_a_fresh_model_the_host_cannot_hold_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,15 +107,24 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "training config") -> "TrainConfig":
+        """A run's config as it was saved: every key must be there. Why: a missing one (lora_r, say) took its
+        default, so a resume or export went on with another config than the run's and failed later for an
+        unrelated reason (or not at all)."""
+        if not isinstance(d, dict):
+            fail(f"{where} is not a JSON object (damaged file?)")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            fail(f"training config has unknown keys {unknown} (written by another radtrt version?)")
+            fail(f"{where} has unknown keys {unknown} (written by another radtrt version?)")
+        missing = sorted(names - set(d))
+        if missing:
+            fail(f"{where} is incomplete: it lacks {', '.join(missing)} (a damaged or hand-edited file, or one "
+                 f"written by another radtrt version)")
         try:
             return cls(**d)
-        except TypeError as e:  # a key missing, or a value of the wrong type (a damaged or hand-edited file)
-            fail(f"training config is incomplete or malformed ({e})")
+        except TypeError as e:  # a value of the wrong type (a damaged or hand-edited file)
+            fail(f"{where} is malformed ({e})")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

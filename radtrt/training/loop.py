@@ -195,7 +195,8 @@ def resume_config(run_dir: Path) -> TrainConfig:
     config = ckpt.load_checkpoint(run_dir).get("config")
     if not isinstance(config, dict):
         fail(f"the checkpoint in {run_dir} has no training config (damaged file?)")
-    return TrainConfig.from_dict({**config, "out_dir": str(run_dir)})
+    return TrainConfig.from_dict({**config, "out_dir": str(run_dir)},
+                                 f"the training config in {ckpt.state_path(run_dir)}")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,

@@ -105,7 +105,7 @@ def export_release(source: LoadedModel | Path, out_dir: Path, *, base_name: str 
             fail(f"not a directory: {source}")
         run_cfg = None
         if (source / CONFIG_FILE).is_file():
-            run_cfg = TrainConfig.from_dict(read_json(source / CONFIG_FILE))
+            run_cfg = TrainConfig.from_dict(read_json(source / CONFIG_FILE), str(source / CONFIG_FILE))
             if not (source / MODEL_DIR / "config.json").is_file():
                 fail(f"training run {source} has not finished (no {MODEL_DIR}/); resume it first")
         if run_cfg is not None and run_cfg.stage == "stage2" and (source / LORA_DIR).is_dir():
