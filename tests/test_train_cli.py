@@ -284,3 +284,23 @@ def test_a_ct_study_is_refused_with_a_remedy_training_has(chain: Chain, tmp_path
                            "--threads", "1")
     assert code == 2 and "'radtrt train eval' reads chest radiographs only" in err, err
     assert "--allow-any-modality" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "29500"},
+     "WORLD_SIZE=2 asks for 2 processes, but MASTER_ADDR is not set: start multi-process training with torchrun"),
+    ({"WORLD_SIZE": "x"}, "environment variable WORLD_SIZE='x' is not a whole number"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "one"}, "environment variable LOCAL_RANK='one' is not a whole number"),
+])
+def test_a_broken_torchrun_environment_is_one_line(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
+                                                   message: str) -> None:
+    """WORLD_SIZE=2 without MASTER_ADDR, or WORLD_SIZE=x, were tracebacks (torch's ValueError, int()'s)."""
+    from radtrt.errors import RadtrtError
+    from radtrt.training.distributed import init_distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RadtrtError, match=message):
+        init_distributed("cpu")

@@ -40,16 +40,40 @@ def init_distributed(device: str) -> DistInfo:
         fail(f"unknown device '{device}' (cpu or cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
         return DistInfo(device="cuda:0" if device == "cuda" else "cpu")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = _env_int("LOCAL_RANK", 0)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        # checked here: torch's env:// rendezvous raises them as a ValueError traceback
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            fail(f"WORLD_SIZE={world} asks for {world} processes, but {', '.join(missing)} "
+                 f"{'is' if len(missing) == 1 else 'are'} not set: start multi-process training with torchrun, "
+                 f"or unset WORLD_SIZE for one process")
+        _env_int("RANK", 0)
+        _env_int("MASTER_PORT", 0)
+        try:
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        except (ValueError, RuntimeError) as e:  # e.g. a MASTER_ADDR that does not resolve (DistNetworkError)
+            fail(f"cannot join the process group of {world} processes at {os.environ['MASTER_ADDR']}:"
+                 f"{os.environ['MASTER_PORT']} ({(str(e).strip().splitlines() or [type(e).__name__])[0]})")
     if device == "cuda":
         torch.cuda.set_device(local)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, f"cuda:{local}" if device == "cuda" else "cpu", owns)
+
+
+def _env_int(name: str, default: int) -> int:
+    """A torchrun variable as a number; a stray non-number (``WORLD_SIZE=x``) was a ValueError traceback."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        fail(f"environment variable {name}={raw!r} is not a whole number (torchrun sets it; unset it to train "
+             f"in one process)")
 
 
 def mean_across(info: DistInfo, value: float) -> float:
