@@ -461,3 +461,15 @@ def test_a_run_stopped_before_its_first_checkpoint_says_what_to_do(chain: Chain,
         resume_config(run)
     with pytest.raises(RadtrtError, match=message):
         train(cfg)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_feature_cache_changes_only_the_speed(chain: Chain, tmp_path: Path, precision: str) -> None:
+    """In bf16 the cache held fp32 trunk features (computed outside autocast) while the per-step path ran the trunk
+    under bf16 autocast: the losses differed with and without the cache."""
+    losses = {}
+    for cache in (True, False):
+        run = run_stage("stage1", chain.manifest, chain.runs["lm"] / "model", tmp_path / f"cache-{cache}",
+                        max_steps=3, precision=precision, cache_features=cache)
+        losses[cache] = [e["loss"] for e in read_log(run)]
+    assert losses[True] == losses[False], losses

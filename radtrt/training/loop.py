@@ -237,9 +237,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     dataset.label_names = label_names
     objective, peft_lm = build_objective(cfg, loaded.model, label_names)
     objective.to(info.device)
+    autocast = torch.autocast(device_type=info.device.split(":")[0], dtype=torch.bfloat16,
+                              enabled=cfg.precision == "bf16")
     if isinstance(objective, MultimodalLM) and cfg.cache_features and dataset.images is not None:
         with console.status("computing image features once (the trunk is frozen)"):
-            objective.build_feature_cache(dataset.images.to(info.device))
+            objective.build_feature_cache(dataset.images.to(info.device), autocast)
         dataset.images, dataset.image_size = None, None
     named = trainable_parameters(objective)
     params = [p for _, p in named]
@@ -261,8 +263,6 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collate,
                                          num_workers=cfg.num_workers, generator=torch.Generator())
     batches = iter(loader)
-    autocast = torch.autocast(device_type=info.device.split(":")[0], dtype=torch.bfloat16,
-                              enabled=cfg.precision == "bf16")
     losses: list[float] = []
     model.train()
     progress = _progress(console) if info.is_main else None

@@ -6,7 +6,8 @@ DDP and the checkpoint all see one list of trainable parameters.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -90,14 +91,19 @@ class MultimodalLM(nn.Module):
                               *multimodal_inputs(self.llava, batch["input_ids"], batch["labels"], image_embeds))
 
     @torch.no_grad()
-    def build_feature_cache(self, images_u8: torch.Tensor, batch_size: int = 64) -> None:
+    def build_feature_cache(self, images_u8: torch.Tensor, autocast: ContextManager[Any] | None = None,
+                            batch_size: int = 64) -> None:
+        """``autocast``: the one the training steps run under. The features must be computed as a step would
+        compute them (bf16 ones under bf16 autocast): fp32 ones, computed outside it, made the losses of a bf16
+        run differ with and without the cache."""
         cfg = self.llava.cfg
         device = next(self.llava.vision_tower.parameters()).device
         was_training = self.llava.vision_tower.training
         self.llava.vision_tower.eval()
-        chunks = [self.llava.image_features(normalize(images_u8[i:i + batch_size].to(device), cfg.image_mean,
-                                                      cfg.image_std))
-                  for i in range(0, images_u8.shape[0], batch_size)]
+        with autocast if autocast is not None else contextlib.nullcontext():
+            chunks = [self.llava.image_features(normalize(images_u8[i:i + batch_size].to(device), cfg.image_mean,
+                                                          cfg.image_std))
+                      for i in range(0, images_u8.shape[0], batch_size)]
         self.llava.vision_tower.train(was_training)
         self.feature_cache = torch.cat(chunks)
 
