@@ -212,7 +212,7 @@ def check_modality(ds: Dataset, name: str, *, allow_any_modality: bool) -> str |
     shown = f"modality {_shown_code(modality, KNOWN_MODALITIES)}" if modality else "missing modality"
     fail(
         f"{name}: {shown} is not a chest radiograph (accepted: {accepted}); "
-        "use --allow-any-modality to override"
+        "only 'radtrt infer --allow-any-modality' reads other modalities"  # true wherever it is read (training too)
     )
 
 

@@ -12,11 +12,10 @@ Resuming at step ``s`` therefore sees exactly the data the uninterrupted run wou
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -32,28 +31,9 @@ from radtrt.progress import make_progress
 from radtrt.training.examples import build_example, min_length
 
 
-# the remedy imaging/dicom.py's check_modality ends its refusal with: an option of 'radtrt infer' only
-INFER_MODALITY_HINT = "; use --allow-any-modality to override"
-
-
-@contextlib.contextmanager
-def radiographs_only(command: str) -> Iterator[None]:
-    """Replace infer's --allow-any-modality remedy in a refusal by one that ``command`` has. Why: training and
-    'train eval' told the user to pass an option they do not take."""
-    try:
-        yield
-    except RadtrtError as e:
-        if INFER_MODALITY_HINT not in str(e):
-            raise
-        fail(str(e).replace(INFER_MODALITY_HINT, f"; '{command}' reads chest radiographs only: remove the study "
-                                                 f"from the manifest"))
-
-
 def load_pixels_u8(path: Path, image_size: int) -> torch.Tensor:
     """The study's frontal image resized and cropped as ``preprocess`` does, as uint8 ``[S, S]``."""
-    with radiographs_only("radtrt train"):
-        study = load_study(path)
-    unit = preprocess(study.pixels_u8, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0]
+    unit = preprocess(load_study(path).pixels_u8, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0]
     return unit.mul(255).round().to(torch.uint8)
 
 

@@ -21,7 +21,6 @@ from radtrt.model.loading import LoadedModel
 from radtrt.progress import make_progress
 from radtrt.runtime.backends import TorchBackend
 from radtrt.runtime.pipeline import Pipeline
-from radtrt.training.data import radiographs_only
 
 
 @dataclass
@@ -52,9 +51,8 @@ def evaluate_findings(loaded: LoadedModel, manifest: Path, *, limit: int | None 
     with make_progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("generating reports", total=len(rows))
         for row in rows:
-            with radiographs_only("radtrt train eval"):
-                result = pipeline.run(study_path(row, manifest.parent), max_new_tokens=max_new_tokens,
-                                      indication=row.indication if use_indication else None)
+            result = pipeline.run(study_path(row, manifest.parent), max_new_tokens=max_new_tokens,
+                                  indication=row.indication if use_indication else None)
             reports.append(result.report)
             progress.advance(task)
     references = [row.findings for row in rows]
