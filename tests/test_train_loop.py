@@ -286,6 +286,13 @@ def test_resume_refuses_another_init_model_or_manifest(chain: Chain, tmp_path: P
     save_toolkit(fresh_model("tiny", load_model(chain.runs["stage1"] / "model").tokenizer, seed=5), init)
     with pytest.raises(RadtrtError, match="--model .* has changed since"):
         train(resume_config(tmp_path / "run"), resume=True)
+    from radtrt.training import checkpoint as ckpt
+
+    state = ckpt.load_checkpoint(tmp_path / "run")
+    del state["origin"]  # leaving the record out skipped these checks
+    ckpt.save_checkpoint(tmp_path / "run", state)
+    with pytest.raises(RadtrtError, match="does not record what the run started from"):
+        train(resume_config(tmp_path / "run"), resume=True)
 
 
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:

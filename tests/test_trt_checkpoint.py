@@ -356,3 +356,15 @@ def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytes
     bf16_engine = build_decoder_engine(bundle, bf16, A100, limits)
     bf16_cmd = json.loads((bf16_engine.parent / "build.json").read_text())["command"]
     assert bf16_cmd[bf16_cmd.index("--gpt_attention_plugin") + 1] == "bfloat16"
+
+
+def test_a_bundle_that_does_not_record_its_model_is_not_taken_as_this_one(tmp_path: Path) -> None:
+    """A manifest without the model's config hash or weight fingerprint passed the check: a TensorRT-LLM
+    checkpoint of one model could be put beside the graphs of another."""
+    from test_trt_vision import make_fake_bundle
+
+    from radtrt.exporter.targets import check_same_model
+
+    bundle = make_fake_bundle(tmp_path)  # its manifest names the model only
+    with pytest.raises(RadtrtError, match="--model has another configuration than the model"):
+        check_same_model(bundle, random_model(preset("tiny"), seed=0))

@@ -207,9 +207,9 @@ def check_same_model(bundle: Path, model: Any) -> None:
     from radtrt.model.fingerprint import config_sha256
 
     recorded = read_manifest(bundle, verify=False)["model"]
-    if recorded.get("config_sha256") not in (None, config_sha256(model)):
+    if recorded.get("config_sha256") != config_sha256(model):
         fail(f"--model has another configuration than the model {bundle} was exported from: pass that model")
-    if recorded.get(BUNDLE_FINGERPRINT) not in (None, bundle_fingerprint(model)):  # bundles before 2026-11-29 lack it
+    if recorded.get(BUNDLE_FINGERPRINT) != bundle_fingerprint(model):
         fail(f"--model has other weights than the model {bundle} was exported from: pass that model")
 
 

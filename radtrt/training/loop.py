@@ -340,14 +340,16 @@ def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, t
              origin: dict[str, str]) -> int:
     """Load a checkpoint's trainable weights, optimizer, scheduler and this rank's RNG; the step to go on from."""
     state = ckpt.load_checkpoint(run_dir)
-    recorded = state.get("origin")  # checkpoints before 2026-11-30 lack it
-    if isinstance(recorded, dict):
-        for key, what in (("init_weights", f"--model {state['config'].get('init_model')}"),
-                          ("tokenizer_sha256", f"the tokenizer of --model {state['config'].get('init_model')}"),
-                          ("manifest_sha256", f"manifest {state['config'].get('manifest')}")):
-            if key in recorded and recorded.get(key) != origin[key]:
-                fail(f"{what} has changed since {run_dir} started; an exact continuation needs the same one "
-                     f"(restore it, or start a new run)")
+    recorded = state.get("origin")
+    if not isinstance(recorded, dict) or not set(origin) <= set(recorded):  # a check left out checks nothing
+        fail(f"the checkpoint in {run_dir} does not record what the run started from (made by an older radtrt?); "
+             f"start a new run")
+    for key, what in (("init_weights", f"--model {state['config'].get('init_model')}"),
+                      ("tokenizer_sha256", f"the tokenizer of --model {state['config'].get('init_model')}"),
+                      ("manifest_sha256", f"manifest {state['config'].get('manifest')}")):
+        if recorded[key] != origin[key]:
+            fail(f"{what} has changed since {run_dir} started; an exact continuation needs the same one "
+                 f"(restore it, or start a new run)")
     if state["world_size"] != info.world_size:
         fail(f"{run_dir} was trained with {state['world_size']} processes; resume it with the same number "
              f"(now {info.world_size}) for an exact continuation")
