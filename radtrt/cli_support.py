@@ -20,6 +20,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(fn: F) -> F:
+    """Wrap a command so that a ``RadtrtError`` ends as one stderr line and exit code 2, not a traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:

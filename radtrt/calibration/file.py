@@ -42,6 +42,9 @@ STATS_FORMAT = "radtrt-activation-stats"  # ActivationStats.save's format
 
 @dataclass
 class CalibrationFile:
+    """Statistics with the metadata that makes them reusable: which samples (by content hash), which model,
+    which preprocessing. An export checks all of it, since stale statistics give a wrong INT8 graph quietly."""
+
     meta: dict[str, Any]
     decoder: ActivationStats
     vision: AbsMax = field(default_factory=AbsMax)

@@ -68,6 +68,8 @@ def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int,
 @torch.no_grad()
 def greedy_generate(lm: LlamaForCausalLM, embeds: list[torch.Tensor], *, eos_token_id: int,
                     max_new_tokens: int = MAX_NEW_TOKENS, keep_logits: bool = False) -> Generation:
+    """The reference's greedy decoding (argmax, stop at EOS) for a left-padded batch: each row gets the tokens
+    it gets alone, which is what every other backend is compared against."""
     if max_new_tokens < 1:
         return Generation([[] for _ in embeds])
     x, valid = left_pad(embeds)

@@ -100,6 +100,10 @@ def _session(path: Path, providers: list[Any], threads: int | None, spin: bool =
 
 
 class OrtBackend:
+    """A bundle run by ONNX Runtime behind the torch backend's interface: the bundle is verified against its
+    manifest first, and generation keeps its KV cache in preallocated buffers bound to the sessions (I/O
+    binding), so a decode step copies no cache."""
+
     name = "onnxruntime"
 
     def __init__(self, bundle: Path, *, provider: str = "cpu", trt_cache: Path | None = None,

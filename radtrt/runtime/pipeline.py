@@ -75,6 +75,9 @@ class PreparedStudy:
 
 
 class Pipeline:
+    """Study -> report over any backend: the study reading, preprocessing and prompt are the same code for
+    torch, ONNX Runtime and TensorRT, so a difference in output can only come from the backend itself."""
+
     def __init__(self, backend: Backend, tokenizer: LlamaSPTokenizer, cfg: LlavaRadConfig,
                  model_name: str = "llava-rad") -> None:
         self.backend = backend

@@ -53,6 +53,9 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
                   device: str | None,
                   dtype: str | None, console: Console, ort_provider: str = "auto", trt_cache: Path | None = None,
                   ort_spin: bool = False, trt_decoder: str | None = None) -> Pipeline:
+    """The pipeline for the CLI-level choices: picks the backend (``--backend auto``: TensorRT > ONNX Runtime >
+    torch), says on ``console`` what it chose and why, and refuses every option the chosen backend would not
+    use, since an option silently ignored is one the user believes took effect."""
     from radtrt.runtime.ort import available_providers
 
     if base_model is not None and model is None:  # it completes a release --model; alone it would be ignored

@@ -44,6 +44,7 @@ def set_rng_state(state: dict[str, torch.Tensor], device: str) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
+    """Replace the run's checkpoint whole or not at all: a full disk keeps the previous one to resume from."""
     path = state_path(run_dir)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +57,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The checkpoint, verified (zip CRCs, then torch's weights-only unpickler): a damaged one is one line, never
+    a resume that quietly trains on flipped bits."""
     path = state_path(run_dir)
     if not path.is_file():
         fail(f"no training checkpoint in {run_dir} (expected {CHECKPOINT_DIR}/{STATE_FILE})")

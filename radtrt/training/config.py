@@ -43,6 +43,9 @@ def check_seed(seed: int) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything a training run depends on, saved in the run folder and in each checkpoint: a resume reads it
+    back instead of the command line, so it continues the run that was started, not a new one."""
+
     stage: str
     manifest: str
     init_model: str
