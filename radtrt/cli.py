@@ -287,7 +287,7 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         if message:  # empty for a group called without a command: typer has shown its help
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            err.print(f"radtrt: error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"radtrt: error: {printable(message)}{hint}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(getattr(e, "exit_code", 2))
     except typer.Abort:  # end of input at a prompt; standalone typer says the same
         err.print("Aborted.", highlight=False)

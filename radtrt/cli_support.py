@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 import typer
 from rich.console import Console
 
-from radtrt.errors import RadtrtError
+from radtrt.errors import RadtrtError, printable
 
 err = Console(stderr=True, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,14 +27,15 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except RadtrtError as e:
-            err.print(f"radtrt: error: {e}", markup=False, highlight=False, soft_wrap=True)
+            err.print(f"radtrt: error: {printable(str(e))}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:
             # a path the user typed that the file system cannot even look up; pathlib's exists() and
             # is_file() raise it from wherever a path is first touched
             if e.errno != errno.ENAMETOOLONG:
                 raise
-            err.print(f"radtrt: error: a file or folder name is too long for the file system: {e.filename}",
+            err.print(f"radtrt: error: a file or folder name is too long for the file system: "
+                      f"{printable(str(e.filename))}",
                       markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 

@@ -17,11 +17,13 @@ class RadtrtError(Exception):
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters escaped (``\\n``, ``\\x1b``): a file named with a newline split the one
-    error line in two (a second line could pose as radtrt's), and an escape sequence reached the terminal."""
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``), for the terminal: a file named with a newline
+    split the one error line in two (a second line could pose as radtrt's), and an escape sequence reached the
+    terminal. Applied where lines are printed, not to the messages themselves: JSON records keep the names as
+    they are (JSON escapes them), so a record's error still starts with its study."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def fail(message: str) -> NoReturn:
     """Raise the user-facing error; the single place such failures originate."""
-    raise RadtrtError(printable(message))
+    raise RadtrtError(message)

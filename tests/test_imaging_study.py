@@ -263,16 +263,24 @@ def test_unreadable_files_and_folders_are_skipped_aloud(tmp_path: Path, monkeypa
 
 def test_control_characters_in_names_never_split_the_one_line(tmp_path: Path) -> None:
     """'weird/a<newline>radtrt: done, all studies OK.dcm' printed a second line that posed as radtrt's, and an
-    escape sequence in a name reached the terminal."""
-    from radtrt.runtime.session import study_error
+    escape sequence in a name reached the terminal. The JSON record keeps the name as it is (JSON escapes it),
+    so its error still starts with its study."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from radtrt.cli import app
 
     bad = tmp_path / "a\nradtrt: done\x1b[2J.dcm"
     bad.write_bytes(b"not an image")
-    with pytest.raises(RadtrtError) as e:
-        load_study(bad)
-    line = study_error(bad, e.value)
-    assert "\n" not in line and "\x1b" not in line
-    assert "a\\nradtrt: done\\x1b[2J.dcm: not a DICOM file" in line
+    good = write_radiograph(tmp_path / "good.dcm")
+    result = CliRunner().invoke(app, ["infer", str(bad), str(good), "--json", "--max-new-tokens", "1"])
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if "not a DICOM file" in line]
+    assert len(errors) == 1 and "\x1b" not in result.stderr
+    assert errors[0].startswith(f"radtrt: error: {tmp_path}/a\\nradtrt: done\\x1b[2J.dcm: not a DICOM file")
+    record = json.loads(result.stdout.splitlines()[0])
+    assert record["study"] == str(bad) and record["error"].startswith(f"{bad}: not a DICOM file")
 
 
 def test_a_thumbnail_is_read_but_said_to_be_one(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from radtrt.errors import RadtrtError, fail, printable
+from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.dicom import load_dicom_image, read_header
 from radtrt.imaging.raster import load_raster, sniff_raster
 from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_of
@@ -101,7 +101,7 @@ def _walk(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     unreadable: list[tuple[str, str]] = []
 
     def note(error: OSError) -> None:
-        name = printable(Path(error.filename or folder).name)
+        name = Path(error.filename or folder).name
         unreadable.append((name, f"{name}: cannot read folder ({error.strerror or type(error).__name__})"))
 
     for root, dirs, names in os.walk(folder, onerror=note):
@@ -199,7 +199,7 @@ def study_warnings(study: Path, image: SelectedImage) -> list[str]:
     """What the user must hear about a study that was read: files of its folder that were not used, a chosen
     image that is not frontal (only a file given by itself can be), and an image far too small to be a chest
     radiograph (a thumbnail, a test pattern): in the last two the report is unreliable."""
-    name = printable(str(study))  # as given, as errors name it: two studies' "frontal.dcm" are told apart
+    name = str(study)  # as given, as errors name it: two studies' "frontal.dcm" are told apart
     out = []
     if image.skipped:
         out.append(f"{name}: {len(image.skipped)} file(s) not used: {_summarise_skipped(list(image.skipped))}")

@@ -116,10 +116,10 @@ def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: st
 
 def study_error(study: Path, error: Exception) -> str:
     """An error line that names the study as given, not only the file inside it that failed."""
-    message, name, shown = str(error), printable(Path(study).name), printable(str(study))
+    message, name = str(error), Path(study).name
     if message.startswith(f"{name}:"):  # a file given by itself: its name becomes the path as given
-        return f"{shown}{message[len(name):]}"
-    return f"{shown}: {message}"
+        return f"{study}{message[len(name):]}"
+    return f"{study}: {message}"
 
 
 def _trt_ready(bundle: Path) -> bool:
@@ -180,7 +180,7 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
     def failure(study: Path, error: RadtrtError, stage: str) -> StudyFailure:
         failures.append(StudyFailure(study=str(study), error=study_error(study, error), stage=stage))
         if len(studies) > 1:  # a lone study's error is the final line the CLI prints
-            console.print(f"radtrt: error: {failures[-1].error}", markup=False, highlight=False, soft_wrap=True)
+            console.print(f"radtrt: error: {printable(failures[-1].error)}", markup=False, highlight=False, soft_wrap=True)
         return failures[-1]
 
     done = 0
@@ -194,7 +194,7 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
                 outcomes.append(failure(study, e, "input"))
                 continue
             for warning in study_warnings(study, outcomes[-1].image):
-                console.print(f"radtrt: warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+                console.print(f"radtrt: warning: {printable(warning)}", markup=False, highlight=False, soft_wrap=True)
         prepared = [o for o in outcomes if isinstance(o, PreparedStudy)]
         results: Iterator[StudyResult] = iter(())
         if prepared:
