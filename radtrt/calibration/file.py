@@ -36,7 +36,7 @@ from radtrt.model.llava_rad import LlavaRad
 from radtrt.outputs import make_dir
 
 CALIBRATION_FORMAT = "radtrt-calibration"
-CALIBRATION_FORMAT_VERSION = 3  # 2: the sample-list hash leaves the paths out; 3: a content digest is required
+CALIBRATION_FORMAT_VERSION = 2  # 2: the sample-list hash leaves the paths out
 STATS_FORMAT = "radtrt-activation-stats"  # ActivationStats.save's format
 
 
@@ -104,8 +104,13 @@ class CalibrationFile:
         except (KeyError, json.JSONDecodeError) as e:
             fail(f"calibration file {path} has unreadable metadata ({e})")
         tensors = load_tensors(path)
-        # required: a digest that could be left out would let an edited file through by deleting it
-        if meta_raw.get("content_sha256") != content_sha256(meta_raw["meta"], tensors):
+        # required: a digest that could be left out would let an edited file through by deleting it (files of
+        # radtrt before 2026-11-30 noon have none and are refused too: their statistics cannot be vouched for)
+        if "content_sha256" not in meta_raw:
+            fail(f"calibration file {path} records no digest of its statistics (made by an older radtrt, or edited): "
+                 f"re-run 'radtrt calibrate' (for a bundle's own calibration.safetensors: export the bundle again, or "
+                 f"pass --calibration-stats FILE)")
+        if meta_raw["content_sha256"] != content_sha256(meta_raw["meta"], tensors):
             fail(f"calibration file {path}: its statistics or metadata do not match its recorded sha256 (edited or "
                  f"damaged): re-run 'radtrt calibrate'")
         for key, values in tensors.items():
