@@ -156,14 +156,20 @@ def _builder(marker: Path) -> int | None:
     return None
 
 
+def check_buildable_aside(out: Path, what: str = "output directory") -> None:
+    """What :func:`new_dir_built_aside` refuses, for callers to check before their slow work (a tokenizer
+    trained, then refused for its -o)."""
+    check_new_dir(out, what)
+    if out.is_symlink() or os.path.ismount(out):  # neither can be replaced by the finished folder
+        fail(f"{what} {out} is {'a symbolic link' if out.is_symlink() else 'a mount point'}; radtrt builds the "
+             f"folder beside it and renames it into place: give a new folder inside it, e.g. {out / 'out'}")
+
+
 @contextlib.contextmanager
 def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[Path]:
     """Yield ``OUT.partial`` to fill, renamed to ``out`` (new or empty) only when the block ends without error:
     an interrupted or failed export never leaves a half-written folder under the name the user asked for."""
-    check_new_dir(out, what)
-    if out.is_symlink() or os.path.ismount(out):  # neither can be replaced by the finished folder
-        fail(f"{what} {out} is {'a symbolic link' if out.is_symlink() else 'a mount point'}; radtrt builds the "
-             f"folder beside it and renames it into place: give a new folder inside it, e.g. {out / 'bundle'}")
+    check_buildable_aside(out, what)
     work = out.with_name(out.name + ".partial")
     if work.is_symlink() or work.exists():
         if not (work.is_dir() and not work.is_symlink() and (work / WORK_MARKER).is_file()):
@@ -179,7 +185,9 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
         yield work
     except OSError as e:  # a full disk, a vanished folder: the user's to fix, and no traceback
         shutil.rmtree(work, ignore_errors=True)
-        fail(f"cannot write {what} {out} ({e.strerror or e}); nothing was left under that name")
+        # a file outside the folder (one being read, say) is named: the failure need not be the output's
+        elsewhere = f": {e.filename}" if e.filename and not Path(str(e.filename)).is_relative_to(work) else ""
+        fail(f"{what} {out} was not written ({e.strerror or e}{elsewhere}); nothing was left under that name")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # the error itself goes on
         raise

@@ -304,3 +304,19 @@ def test_a_broken_torchrun_environment_is_one_line(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv(name, value)
     with pytest.raises(RadtrtError, match=message):
         init_distributed("cpu")
+
+
+def test_tokenizer_refusals_are_one_line_and_come_before_training(chain: Chain, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vocabulary too small for the corpus' characters was sentencepiece's RuntimeError traceback; a symlinked
+    -o was refused only after the tokenizer had been trained."""
+    code, _, err = _invoke("train", "tokenizer", chain.manifest, "-o", tmp_path / "t300", "--vocab-size", "300")
+    assert code == 2 and "sentencepiece cannot train a 300-piece tokenizer on this manifest (" in err, err
+    assert "give a larger --vocab-size" in err and "--character_coverage" not in err and not (tmp_path / "t300").exists()
+    import radtrt.training.tokenizer as tokenizer_module
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setattr(tokenizer_module, "train_tokenizer", lambda *a, **k: pytest.fail("trained before refusing"))
+    code, _, err = _invoke("train", "tokenizer", chain.manifest, "-o", tmp_path / "link")
+    assert code == 2 and "is a symbolic link" in err and f"e.g. {tmp_path / 'link' / 'out'}" in err, err

@@ -40,10 +40,10 @@ def tokenizer(manifest: Path = typer.Argument(..., help="Training manifest (JSON
               vocab_size: int = typer.Option(1024, "--vocab-size", help="Upper bound on the vocabulary.")) -> None:
     """Train a LLaMA-style sentencepiece tokenizer on a manifest's reports."""
     from radtrt.data.manifest import read_manifest
-    from radtrt.outputs import new_dir_built_aside
+    from radtrt.outputs import check_buildable_aside, new_dir_built_aside
     from radtrt.training.tokenizer import train_tokenizer
 
-    check_new_dir(out, "tokenizer folder")  # never replace the tokenizer of an existing model
+    check_buildable_aside(out, "tokenizer folder")  # before training; never replace an existing model's tokenizer
     tok = train_tokenizer(read_manifest(manifest), vocab_size)
     with new_dir_built_aside(out, "tokenizer folder") as work:  # a failed write leaves no half folder
         tok.save(work)

@@ -32,10 +32,17 @@ def train_tokenizer(rows: list[ManifestRow], vocab_size: int = 1024) -> LlamaSPT
     if vocab_size < 300:
         fail(f"--vocab-size {vocab_size} is too small: byte fallback alone takes 259 pieces")
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus(rows)), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2, hard_vocab_limit=False,
-        shuffle_input_sentence=False)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(tokenizer_corpus(rows)), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+            normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+            allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2, hard_vocab_limit=False,
+            shuffle_input_sentence=False)
+    # sentencepiece's own refusal (the corpus' characters need more pieces than asked for, say), after the
+    # source location it prefixes: "INTERNAL: src/trainer_interface.cc(638) [...] Vocabulary size is ..."
+    except RuntimeError as e:
+        reason = str(e).rsplit("] ", 1)[-1].split(" Increase ", 1)[0].strip()  # its remedy names its own options
+        fail(f"sentencepiece cannot train a {vocab_size}-piece tokenizer on this manifest ({reason}); give a larger "
+             f"--vocab-size")
     return LlamaSPTokenizer(buf.getvalue(), legacy=False)
