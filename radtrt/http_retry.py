@@ -2,7 +2,7 @@
 
 Shared by the report synthesizer (``data/chat.py``, plain urllib so that it needs no SDK) and the CheXprompt
 judge (``evaluation/chexprompt/client.py``, the openai SDK for Azure): their own copies had drifted apart (a
-501 or 520 was retried by one and fatal to the other)."""
+520 was retried by one and fatal to the other)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Mapping, Optional
 
 
 def retryable_status(code: int) -> bool:
-    """Timeouts, conflicts, rate limits and server errors pass; the rest fail the same way every time."""
-    return code in (408, 409, 429) or code >= 500
+    """Timeouts, conflicts, rate limits and server errors pass; the rest fail the same way every time, 501 (no
+    such endpoint: a wrong URL) and 505 among the server errors."""
+    return code in (408, 409, 429) or (code >= 500 and code not in (501, 505))
 
 
 def retry_after_seconds(headers: Optional[Mapping[str, str]]) -> Optional[float]:

@@ -274,13 +274,17 @@ def test_retry_after_is_capped(server: ScriptedServer, tmp_path: Path) -> None:
 
 
 def test_the_synthesizer_retries_as_the_judge_does(server: ScriptedServer, tmp_path: Path) -> None:
-    """The two chat clients kept their own rules: a 501 or 520 was fatal here and retried by the judge, and only
-    the judge obeyed retry-after-ms."""
-    server.script = [(520, {}), (501, {"retry-after-ms": "250"})]
+    """The two chat clients kept their own rules: a 520 was fatal here and retried by the judge, and only the
+    judge obeyed retry-after-ms. A 501 (no such endpoint) is fatal to both."""
+    server.script = [(520, {}), (503, {"retry-after-ms": "250"})]
     sleeps: list[float] = []
     synthesize(_labels_file(tmp_path / "labels.jsonl", n=1), tmp_path / "out.jsonl",
                client=_client(server, None, sleeps), console=None)
     assert sleeps == [0.5, 0.25] and len(server.requests) == 3
+    server.script = [(501, {})]
+    with pytest.raises(RadtrtError, match="HTTP 501"):
+        synthesize(_labels_file(tmp_path / "labels2.jsonl", n=1), tmp_path / "out2.jsonl",
+                   client=_client(server, None, sleeps), console=None)
 
 
 def test_an_endpoint_failing_at_once_leaves_no_empty_manifest(server: ScriptedServer, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 A report is three files (``-o report.md`` and its ``.json`` and ``.png`` beside it): an existing file is replaced
 only when it is an earlier report of this command, proven by its own content, so a user's file is never lost to a
-benchmark. The rules live here, not in the CLI, so that library callers of ``run_latency``/``run_parity`` get them.
+benchmark. The rules live here, beside the library, rather than in the CLI's option handling.
 """
 
 from __future__ import annotations
