@@ -510,3 +510,39 @@ def test_a_window_outside_the_data_is_named_as_the_cause(tmp_path: Path) -> None
     flat = radiograph_dataset(np.full((64, 64), 7, dtype=np.uint16))
     flat.save_as(tmp_path / "flat.dcm", enforce_file_format=True)
     _refused(tmp_path / "flat.dcm", r"image has no contrast \(all pixel values equal\)")
+
+
+def test_quiet_from_two_threads_restores_what_was_there() -> None:
+    """Each thread saved the other's changed settings and restored them: validation stayed off and pydicom's
+    logger silent after both had left."""
+    import logging
+    import threading
+
+    import pydicom.config
+
+    from radtrt.imaging.dicom import quiet
+
+    validation, level = pydicom.config.settings.reading_validation_mode, logging.getLogger("pydicom").level
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    inside: list[int] = []
+
+    def first() -> None:
+        with quiet():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(5)
+        with quiet("pydicom|highdicom"):
+            second_in.set()
+            first_out.wait(5)
+            inside.append(pydicom.config.settings.reading_validation_mode)  # the first has left, this one has not
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert inside == [pydicom.config.IGNORE]
+    assert pydicom.config.settings.reading_validation_mode == validation
+    assert logging.getLogger("pydicom").level == level and logging.getLogger("highdicom").level == logging.NOTSET

@@ -50,11 +50,12 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pydicom.config
@@ -118,6 +119,49 @@ def _parse_all(ds: Dataset) -> None:
                 _parse_all(item)
 
 
+class _Silenced:
+    """Who is inside :func:`quiet` now, per setting: the first to enter saves a setting and the last to leave
+    restores it. Why counted, under a lock: two threads reading studies at once (a threaded host application)
+    each saved the other's changed value and restored it, leaving validation off and the loggers silent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, list[Any]] = {}  # setting -> [holders, saved value]
+
+    def enter(self, names: list[str]) -> None:
+        with self._lock:
+            for name in ["validation", *names]:
+                held = self._held.setdefault(name, [0, None])
+                if held[0] == 0:
+                    held[1] = self._get(name)
+                    self._set(name, pydicom.config.IGNORE if name == "validation" else logging.CRITICAL + 1)
+                held[0] += 1
+
+    def leave(self, names: list[str]) -> None:
+        with self._lock:
+            for name in ["validation", *names]:
+                held = self._held[name]
+                held[0] -= 1
+                if held[0] == 0:
+                    self._set(name, held[1])
+
+    @staticmethod
+    def _get(name: str) -> Any:
+        if name == "validation":
+            return pydicom.config.settings.reading_validation_mode
+        return logging.getLogger(name).level
+
+    @staticmethod
+    def _set(name: str, value: Any) -> None:
+        if name == "validation":
+            pydicom.config.settings.reading_validation_mode = value
+        else:
+            logging.getLogger(name).setLevel(value)  # the package's child loggers inherit it
+
+
+_SILENCED = _Silenced()
+
+
 @contextmanager
 def quiet(modules: str = "pydicom") -> Iterator[None]:
     """No warnings or log records from ``modules`` (package names joined by ``|``), and no validation of the
@@ -127,21 +171,16 @@ def quiet(modules: str = "pydicom") -> Iterator[None]:
     without values.
 
     Scoped, not set once by the CLI: the library's own callers (Triton's preprocessing, a user's script) read
-    studies through here too, and a host application's settings stay its own outside."""
-    loggers = [logging.getLogger(name) for name in modules.split("|")]
-    levels = [logger.level for logger in loggers]
-    validation = pydicom.config.settings.reading_validation_mode
+    studies through here too, and a host application's settings stay its own outside. (Python's own warning
+    filters are process-wide; ``catch_warnings`` is not thread-safe, which no code here can change.)"""
+    names = modules.split("|")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=rf"({modules})\.")
-        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-        for logger in loggers:
-            logger.setLevel(logging.CRITICAL + 1)  # the packages' child loggers inherit it
+        _SILENCED.enter(names)
         try:
             yield
         finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
-            pydicom.config.settings.reading_validation_mode = validation
+            _SILENCED.leave(names)
 
 
 def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
