@@ -262,6 +262,12 @@ PRESETS: dict[str, LlavaRadConfig] = {
     "mid": LlavaRadConfig(decoder=DecoderConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                                                 num_attention_heads=16, num_key_value_heads=16)),
     "tiny": LlavaRadConfig(vision=tiny_vision(), decoder=tiny_decoder()),
+    # The embedded default model's architecture (radtrt/assets/default-model), trained on phantoms only.
+    "phantom": LlavaRadConfig(
+        vision=VisionConfig(img_size=112, patch_size=14, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
+                            init_values=0.1, timm_model_name="vit_small_patch14_dinov2.lvd142m"),
+        decoder=DecoderConfig(vocab_size=1024, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)),
 }
 
 

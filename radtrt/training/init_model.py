@@ -20,23 +20,17 @@ import torch
 from torch import nn
 
 from radtrt.errors import fail
-from radtrt.model.config import DecoderConfig, LlavaRadConfig, VisionConfig, preset
+from radtrt.model.config import PRESETS, LlavaRadConfig, preset
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.loading import LoadedModel
 from radtrt.model.memory import available_bytes
 from radtrt.model.tokenizer import LlamaSPTokenizer
 
-PHANTOM_ARCH = LlavaRadConfig(
-    vision=VisionConfig(img_size=112, patch_size=14, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
-                        init_values=0.1, timm_model_name="vit_small_patch14_dinov2.lvd142m"),
-    decoder=DecoderConfig(vocab_size=1024, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512),
-)
-ARCHS = ("phantom", "tiny", "mid", "llava-rad")
+ARCHS = tuple(PRESETS)
 
 
 def arch_config(arch: str, vocab_size: int) -> LlavaRadConfig:
-    base = PHANTOM_ARCH if arch == "phantom" else preset(arch)
+    base = preset(arch)
     return dataclasses.replace(base, decoder=dataclasses.replace(base.decoder, vocab_size=vocab_size))
 
 
