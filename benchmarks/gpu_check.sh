@@ -89,14 +89,14 @@ else:
 studies = (sorted(p for p in Path(os.environ["STUDIES"]).iterdir()) if os.environ.get("STUDIES")
            else synthetic_studies(8, work / "studies"))
 
+# CALIB is checked against the weights it was made from: before the in-place float16 cast below
+stats = load_activation_stats(Path(os.environ["CALIB"]), loaded.model) if os.environ.get("CALIB") else None
 reference = Pipeline(TorchBackend(loaded.model.to("cuda", torch.float16).eval(), "cuda"), loaded.tokenizer, cfg)
 prepared = [reference.prepare(s) for s in studies]
 lm = loaded.model.language_model
 
 # --- calibration stand-in: per-channel maxima of each decoder linear over the studies' prompts ----
-if os.environ.get("CALIB"):
-    stats = load_activation_stats(Path(os.environ["CALIB"]), loaded.model)
-else:
+if stats is None:
     ins, outs = {}, {}
     def hook(name, _m, args, out):
         x, y = args[0].float().abs().flatten(0, -2).amax(0), out.float().abs().flatten(0, -2).amax(0)

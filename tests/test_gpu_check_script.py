@@ -80,3 +80,10 @@ def test_calibration_files_are_read_as_the_export_reads_them() -> None:
     block = _python_block()
     assert "load_activation_stats(Path(os.environ[\"CALIB\"]), loaded.model)" in block
     assert "ActivationStats.load(" not in block and "check_same_model(bundle, loaded.model)" in block
+
+
+def test_calibration_is_checked_before_the_reference_casts_the_model_to_float16() -> None:
+    """'.to("cuda", torch.float16)' casts in place: CALIB checked after it compared the fp16 weights with the
+    fp32 ones it was made from, and every run with CALIB= stopped ('calibrated on other weights')."""
+    block = _python_block()
+    assert block.index('load_activation_stats(Path(os.environ["CALIB"])') < block.index('.to("cuda", torch.float16)')
