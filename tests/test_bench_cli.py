@@ -428,3 +428,45 @@ def test_bundle_labels_keep_the_path_as_typed(tmp_path: Path) -> None:
                                                                                                  "bundle"]
     assert distinct_suffixes([tmp_path / "runs" / "a" / "bundle", tmp_path / "runs" / "b" / "bundle/"]) == [
         "a/bundle", "b/bundle"]
+
+
+class _StandInTensorRT:
+    """What the tensorrt side opens, standing in for TensorRTBackend on a host without a GPU: ONNX Runtime runs the
+    bundle, and the engine facts the side reports come from here."""
+
+    def __new__(cls, bundle: Path, *, decoder: str | None = None):  # noqa: ANN204
+        from radtrt.runtime.ort import OrtBackend
+
+        backend = OrtBackend(bundle)
+        backend.name = "tensorrt"
+        backend.precision = f"fp16+{decoder or 'fp16'}"
+        backend.limits = {"max_batch": 4, "max_input_len": 4096, "max_seq_len": 4096}
+        backend.decoder_stamp = {"int8_kv": decoder == "w8a16-kv8"}
+        engine_dir = bundle.parent / "stand-in-engine"
+        engine_dir.mkdir(exist_ok=True)
+        (engine_dir / "rank0.engine").write_bytes(b"\0" * 1000)
+        backend.decoder_dir = engine_dir
+        return backend
+
+
+def test_the_tensorrt_backend_is_benchmarked_like_the_others(tiny: Assets, work: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """'radtrt bench latency/parity --backend tensorrt' was 'unknown backend': the engines could only be timed by
+    benchmarks/gpu_check.sh."""
+    import radtrt.runtime.tensorrt as trt_runtime
+
+    monkeypatch.setattr(trt_runtime, "TensorRTBackend", _StandInTensorRT)
+    code, out, err = _invoke("bench", "latency", "--bundle", tiny.bundle, "--backend", "tensorrt", "--vs-backend",
+                             "onnxruntime", "--trt-decoder", "w8a16-kv8", "--synthetic", 1, "--work-dir", work,
+                             "--runs", 1, "--warmup", 0, "--max-new-tokens", 4, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert "--backend tensorrt" in report["command"] and "--trt-decoder w8a16-kv8" in report["command"]
+    trt = next(b for b in report["backends"] if b["name"] == "tensorrt")
+    assert trt["settings"]["decoder engine max batch"] == 4 and trt["weight_bytes"] == 1000
+    code, out, err = _invoke("bench", "parity", "--bundle", tiny.bundle, "--backend", "tensorrt", "--reference",
+                             "onnxruntime", "--synthetic", 1, "--work-dir", work, "--max-new-tokens", 4, "--json")
+    assert code == 0 and json.loads(out)["summary"]["exact_match_rate"] == 1.0, err
+    code, _, err = _invoke("bench", "latency", "--bundle", tiny.bundle, "--trt-decoder", "fp16", "--synthetic", 1,
+                           "--work-dir", work)
+    assert code == 2 and "--trt-decoder picks the tensorrt side's TensorRT-LLM engine; none runs here" in err

@@ -42,7 +42,7 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
                 warmup: int = 1, max_new_tokens: int = 64, indication: str | None = None,
                 threads: int | None = None, device: str = "cpu", ort_provider: str = "cpu", command: str = "",
                 progress: Any = None, bandwidth_probe: bool = True, vs_bundle: Path | None = None,
-                ort_spin: bool = False) -> LatencyReport:
+                ort_spin: bool = False, trt_decoder: str | None = None) -> LatencyReport:
     from radtrt.benchmarks.bandwidth import measure_gemv_bandwidth
 
     settings = LatencySettings(stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
@@ -58,7 +58,7 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
     # bandwidth probe's matrix between are left out where the kernel can restart the high-water mark
     scoped = reset_peak_rss()
     sides = open_sides(backends, assets, base_model=base_model, device=device, ort_provider=ort_provider,
-                       threads=threads, vs_bundle=vs_bundle, ort_spin=ort_spin)
+                       threads=threads, vs_bundle=vs_bundle, ort_spin=ort_spin, trt_decoder=trt_decoder)
     peak = peak_rss_mb()
     bandwidth = None
     if stages == "all" and bandwidth_probe:
@@ -88,7 +88,8 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
                reference: str = "torch", studies: Path | None = None, synthetic: int | None = None,
                max_new_tokens: int = 64, indication: str | None = None, threads: int | None = None,
                device: str = "cpu", ort_provider: str = "cpu", command: str = "",
-               progress: Any = None, need_findings: bool = False, ort_spin: bool = False) -> ParityReport:
+               progress: Any = None, need_findings: bool = False, ort_spin: bool = False,
+               trt_decoder: str | None = None) -> ParityReport:
     """``need_findings``: refuse, before any work, studies without ground-truth findings (for CheXprompt)."""
     if max_new_tokens < 1:  # checked before both backends load (it ended as "returned no logits")
         fail("--max-new-tokens must be at least 1")
@@ -105,7 +106,7 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
         fail("--predictions-out needs distinct study file names (the predictions name each study by it)")
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
-                          ort_provider=ort_provider, threads=threads, ort_spin=ort_spin)
+                          ort_provider=ort_provider, threads=threads, ort_spin=ort_spin, trt_decoder=trt_decoder)
     results = measure_parity(got.pipeline, ref.pipeline, entries, indication=indication,
                              max_new_tokens=max_new_tokens, on_step=step)
     machine.torch_threads = _torch_threads()

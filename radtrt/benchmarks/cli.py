@@ -55,14 +55,18 @@ MODEL_HELP = "radtrt model dir (or LLaVA-Rad release dir) for the torch/transfor
 RANDOM_HELP = "Build random weights of this preset (tiny | mid | llava-rad), its model dir and bundle, in --work-dir."
 
 # Options both commands take, declared once.
-BundleOpt = Annotated[Optional[Path], typer.Option("--bundle", help="Bundle from 'radtrt export' (onnxruntime side).")]
+BundleOpt = Annotated[Optional[Path], typer.Option("--bundle", help="Bundle from 'radtrt export' (onnxruntime and "
+                                                                   "tensorrt sides).")]
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", help=MODEL_HELP)]
 BaseModelOpt = Annotated[Optional[Path], typer.Option("--base-model", help="Vicuna-7B v1.5 dir (release layout).")]
 RandomOpt = Annotated[Optional[str], typer.Option("--random-model", help=RANDOM_HELP)]
 WorkDirOpt = Annotated[Optional[Path], typer.Option(
     "--work-dir", help=f"Cache for random models and synthetic studies (default {DEFAULT_WORK_DIR}).")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the random weights.")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="onnxruntime | torch | transformers")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="onnxruntime | torch | transformers | tensorrt")]
+TrtDecoderOpt = Annotated[Optional[str], typer.Option(
+    "--trt-decoder", help="TensorRT-LLM engine of the tensorrt side: fp16 | w8a16 | w8a8_sq, with -kv8 for an INT8 KV "
+                          "cache. \\[default: the one built for this host]")]
 StudiesOpt = Annotated[Optional[Path], typer.Option(
     "--studies", help="A study (file, or folder of one study's DICOM files), a folder whose entries are studies, or a "
     "JSONL manifest / phantom set (true labels).")]
@@ -102,6 +106,7 @@ def latency(
     device: DeviceOpt = "cpu",
     ort_provider: ProviderOpt = "cpu",
     ort_spin: SpinOpt = False,
+    trt_decoder: TrtDecoderOpt = None,
     as_json: JsonOpt = False,
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json, .png) here."),
 ) -> None:
@@ -114,7 +119,7 @@ def latency(
     given_work_dir = work_dir  # the default (a hidden folder) may lie in a --studies '.': never read
     work_dir = _refuse_unused(sides=sides, random_model=random_model, seed=seed, device=device,
                               ort_provider=ort_provider, ort_spin=ort_spin, model=model, base_model=base_model,
-                              work_dir=work_dir, studies=studies)
+                              work_dir=work_dir, studies=studies, trt_decoder=trt_decoder)
     # the default value is accepted: reports before 2026-11-30 printed it in their vision-stage reproduce command
     if stages == "vision" and (indication is not None or max_new_tokens not in (None, DEFAULT_MAX_NEW_TOKENS)):
         fail("--stages vision runs no decoder: drop --indication / --max-new-tokens")
@@ -134,14 +139,14 @@ def latency(
         ("--runs", runs), ("--warmup", warmup), ("--max-new-tokens", None if stages == "vision" else max_new_tokens),
         ("--indication", indication),
         ("--threads", threads), ("--device", device), ("--ort-provider", ort_provider), ("--ort-spin", ort_spin),
-        ("--json", as_json), ("-o", out)])
+        ("--trt-decoder", trt_decoder), ("--json", as_json), ("-o", out)])
     with _progress() as progress:
         report = run_latency(
             bundle=bundle, model=model, base_model=base_model, random_model=random_model, work_dir=work_dir,
             seed=seed, backends=[backend] + ([vs_backend] if vs_backend else []), studies=studies,
             synthetic=synthetic, stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
             indication=indication, threads=threads, device=device, ort_provider=ort_provider, command=command,
-            progress=progress, vs_bundle=vs_bundle, ort_spin=ort_spin)
+            progress=progress, vs_bundle=vs_bundle, ort_spin=ort_spin, trt_decoder=trt_decoder)
     from radtrt.benchmarks.markdown import latency_markdown
 
     _emit(latency_markdown(report), report.to_json(), as_json, out)
@@ -162,7 +167,7 @@ def parity(
     work_dir: WorkDirOpt = None,
     seed: SeedOpt = 0,
     backend: BackendOpt = "onnxruntime",
-    reference: str = typer.Option("torch", "--reference", help="torch | transformers | onnxruntime"),
+    reference: str = typer.Option("torch", "--reference", help="torch | transformers | onnxruntime | tensorrt"),
     studies: StudiesOpt = None,
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="Use N synthetic studies (default 2)."),
     max_new_tokens: MaxNewOpt = DEFAULT_MAX_NEW_TOKENS,
@@ -171,6 +176,7 @@ def parity(
     device: DeviceOpt = "cpu",
     ort_provider: ProviderOpt = "cpu",
     ort_spin: SpinOpt = False,
+    trt_decoder: TrtDecoderOpt = None,
     as_json: JsonOpt = False,
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json) here."),
     predictions_out: Optional[Path] = typer.Option(
@@ -186,7 +192,7 @@ def parity(
     given_work_dir = work_dir  # the default (a hidden folder) may lie in a --studies '.': never read
     work_dir = _refuse_unused(sides={backend, reference}, random_model=random_model, seed=seed, device=device,
                               ort_provider=ort_provider, ort_spin=ort_spin, model=model, base_model=base_model,
-                              work_dir=work_dir, studies=studies)
+                              work_dir=work_dir, studies=studies, trt_decoder=trt_decoder)
     check_report_path(out)
     _check_work_dir(work_dir, random_model is not None or studies is None)
     if predictions_out is not None:
@@ -203,8 +209,8 @@ def parity(
         ("--seed", seed if random_model else None), ("--backend", backend), ("--reference", reference),
         ("--studies", studies), ("--synthetic", synthetic),
         ("--max-new-tokens", max_new_tokens), ("--indication", indication), ("--threads", threads),
-        ("--device", device), ("--ort-provider", ort_provider), ("--ort-spin", ort_spin), ("--json", as_json),
-        ("-o", out),
+        ("--device", device), ("--ort-provider", ort_provider), ("--ort-spin", ort_spin),
+        ("--trt-decoder", trt_decoder), ("--json", as_json), ("-o", out),
         ("--predictions-out", predictions_out)])
     with _progress() as progress:
         report = run_parity(
@@ -212,7 +218,7 @@ def parity(
             seed=seed, backend=backend, reference=reference, studies=studies, synthetic=synthetic,
             max_new_tokens=max_new_tokens, indication=indication, threads=threads, device=device,
             ort_provider=ort_provider, command=command, progress=progress, need_findings=predictions_out is not None,
-            ort_spin=ort_spin)
+            ort_spin=ort_spin, trt_decoder=trt_decoder)
     if predictions_out is not None:
         from radtrt.benchmarks.parity import write_paired_predictions
 
@@ -227,7 +233,7 @@ def parity(
 
 def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, device: str, ort_provider: str,
                    ort_spin: bool, model: Optional[Path], base_model: Optional[Path], work_dir: Optional[Path],
-                   studies: Optional[Path]) -> Path:
+                   studies: Optional[Path], trt_decoder: Optional[str] = None) -> Path:
     """Options of a side that does not run would be ignored without a word (and dropped from the reproduce
     command): the user believes they took effect. Returns the --work-dir to use (its default when not given)."""
     if model is not None and not sides & {"torch", "transformers"}:
@@ -244,6 +250,8 @@ def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, d
     if (ort_provider != "cpu" or ort_spin) and "onnxruntime" not in sides:
         fail(f"{'--ort-provider' if ort_provider != 'cpu' else '--ort-spin'} applies to the onnxruntime side; "
              f"none runs here")
+    if trt_decoder is not None and "tensorrt" not in sides:
+        fail("--trt-decoder picks the tensorrt side's TensorRT-LLM engine; none runs here")
     return work_dir if work_dir is not None else DEFAULT_WORK_DIR
 
 

@@ -21,7 +21,7 @@ from radtrt.errors import fail
 from radtrt.exporter.bundle import BUNDLE_FINGERPRINT
 from radtrt.runtime.pipeline import Pipeline
 
-BACKENDS = ("onnxruntime", "torch", "transformers")
+BACKENDS = ("onnxruntime", "torch", "transformers", "tensorrt")
 
 
 @dataclass
@@ -81,9 +81,27 @@ def _ort_side(assets: Assets, provider: str, threads: int | None, spin: bool) ->
     return pipeline, bundle_decoder_weight_bytes(assets.bundle / "decoder.onnx"), settings
 
 
+def _trt_side(assets: Assets, decoder: str | None) -> tuple[Pipeline, int, dict[str, Any]]:
+    """The bundle's TensorRT vision engine and TensorRT-LLM decoder engine, as ``radtrt infer --backend tensorrt``
+    opens them; a decode step reads the decoder engine's weights, so its engine files are the floor's bytes."""
+    from radtrt.exporter.bundle import read_bundle_side
+    from radtrt.runtime.tensorrt import TensorRTBackend
+
+    if assets.bundle is None:
+        fail("the tensorrt backend needs --bundle DIR holding engines built for this GPU ('radtrt export --bundle "
+             "DIR --target tensorrt' and '--target trtllm')")
+    backend = TensorRTBackend(assets.bundle, decoder=decoder)
+    cfg, tokenizer = read_bundle_side(assets.bundle)
+    pipeline = Pipeline(backend, tokenizer, cfg, model_name=backend.manifest["model"]["name"])
+    settings = {"bundle": str(assets.bundle), "engines": f"vision + decoder {backend.precision}",
+                "decoder engine max batch": backend.limits["max_batch"],
+                "kv_dtype_bytes": 1 if backend.decoder_stamp.get("int8_kv") else 2}
+    return pipeline, sum(p.stat().st_size for p in backend.decoder_dir.glob("*.engine")), settings
+
+
 def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = None, device: str = "cpu",
                ort_provider: str = "cpu", threads: int | None = None, vs_bundle: Path | None = None,
-               ort_spin: bool = False) -> list[Side]:
+               ort_spin: bool = False, trt_decoder: str | None = None) -> list[Side]:
     """Open each backend in turn; ``threads`` also sets torch's intra-op threads for the whole process.
 
     ``vs_bundle``: a second ONNX Runtime side on another bundle of the same model (INT8 against fp32,
@@ -124,6 +142,8 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
         t0, rss0 = time.perf_counter(), current_rss_mb()
         if kind == "onnxruntime":
             pipeline, weight_bytes, settings = _ort_side(assets, ort_provider, threads, ort_spin)
+        elif kind == "tensorrt":
+            pipeline, weight_bytes, settings = _trt_side(assets, trt_decoder)
         else:
             pipeline, weight_bytes, settings = _torch_side(kind, assets, base_model, device, cache)
         rss1 = current_rss_mb()
