@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,12 +113,33 @@ def test_usable_engines_lists_only_this_hosts_builds(tmp_path: Path) -> None:
     fake_engine(bundle, ORIN)
     stamp_dir = bundle / "trtllm" / "orin-w8a16"
     stamp_dir.mkdir(parents=True)
-    (stamp_dir / "build.json").write_text(json.dumps({"gpu": gpu_stamp(ORIN), "mode": "w8a16", "int8_kv": True}))
+    (stamp_dir / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
+                                                      "mode": "w8a16", "int8_kv": True, "limits": {}}))
     assert usable_engines(bundle, ORIN) == {"vision": ["fp16"], "decoder": ["w8a16-kv8"]}
     older = bundle / "trtllm" / "orin-cuda12.4-w8a16"  # an engine key of before, beside its rebuild
     older.mkdir()
     (older / "build.json").write_text((stamp_dir / "build.json").read_text())
     assert usable_engines(bundle, ORIN)["decoder"] == ["w8a16-kv8"]  # not "choose one of w8a16-kv8, w8a16-kv8"
+    stray = bundle / "trtllm" / "junk"  # someone else's build.json: passed over, where it failed every run
+    stray.mkdir()
+    (stray / "build.json").write_text(json.dumps({"format": "other", "name": "x"}))
+    assert usable_engines(bundle, ORIN)["decoder"] == ["w8a16-kv8"]
+    damaged = json.loads((stamp_dir / "build.json").read_text())
+    del damaged["limits"]  # a KeyError traceback from TensorRTBackend
+    (older / "build.json").write_text(json.dumps(damaged))
+    with pytest.raises(RadtrtError, match=f"engine stamp {older / 'build.json'} is malformed \\(no 'limits'\\)"):
+        usable_engines(bundle, ORIN)
+    (older / "build.json").write_text(json.dumps({**damaged, "limits": {}, "gpu": {"name": "x"}}))
+    with pytest.raises(RadtrtError, match=f"engine stamp {older / 'build.json'} is malformed"):
+        usable_engines(bundle, ORIN)
+    shutil.rmtree(older)
+    from radtrt.exporter.trtllm_build import find_decoder_engine
+
+    with pytest.raises(RadtrtError, match=r"has no TensorRT-LLM w8a8_sq-kv8 decoder engine \(for this host it has "
+                                          r"w8a16-kv8\); build one with 'radtrt export --bundle .* --model MODEL "
+                                          r"--target trtllm --precision int8 --int8-decoder smoothquant "
+                                          r"--int8-kv-cache'"):
+        find_decoder_engine(bundle, ORIN, "w8a8_sq-kv8")
     assert usable_engines(bundle, V100) == {"vision": [], "decoder": []}
     assert usable_engines(bundle, None) == {"vision": [], "decoder": []}
 
@@ -136,10 +158,12 @@ def test_generate_keeps_to_the_engines_build_limits() -> None:
     parity = backend.generate(prompts[:3], max_new_tokens=3, eos_token_id=2, keep_logits=True)
     assert parity.logits is not None and parity.logits.shape == (3, 3, 512)
     with pytest.raises(RadtrtError, match=r"the prompt \(4 positions, with the image\) \+ 7 new tokens exceed the "
-                                          r"TensorRT-LLM engine's limits \(prompts up to 6 positions, sequences up to 10\)"):
+                                          r"TensorRT-LLM engine's sequences \(up to 10 positions\): --max-new-tokens 6 "
+                                          r"at most for this prompt"):
         backend.generate(prompts, max_new_tokens=7, eos_token_id=2)
     long_prompt = backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7, 8, 9, 10, 11], torch.ones(2, 8))
-    with pytest.raises(RadtrtError, match="8 positions"):
+    with pytest.raises(RadtrtError, match=r"the prompt \(8 positions, with the image\) is longer than the "
+                                          r"TensorRT-LLM engine's prompts \(up to 6 positions\): shorten --indication"):
         backend.generate([long_prompt], max_new_tokens=1, eos_token_id=2)
 
 
@@ -155,7 +179,7 @@ def test_the_decoder_engine_is_the_one_built_not_always_fp16(tmp_path: Path) -> 
         choose_decoder(["fp16", "w8a16"], None, tmp_path)
     assert choose_decoder(["fp16", "w8a16"], "w8a16", tmp_path) == "w8a16"
     assert choose_decoder(["fp16"], "w8a8_sq-kv8", tmp_path) == "w8a8_sq-kv8"  # missing: the lookup's own line
-    for bad in ("int8", "w8a16-kv4"):
+    for bad in ("int8", "w8a16-kv4", "w8a16-"):
         with pytest.raises(RadtrtError, match="--trt-decoder|unknown TensorRT-LLM decoder mode"):
             choose_decoder([], bad, tmp_path)
 
@@ -170,3 +194,36 @@ def test_device_cpu_never_runs_the_tensorrt_backend() -> None:
         "onnxruntime", "--device cpu")
     with pytest.raises(RadtrtError, match="--device cpu: the tensorrt backend runs on the GPU"):
         choose_backend("tensorrt", bundle=True, model=False, ort_providers=[], cpu=True)
+
+
+def test_an_engine_on_a_host_without_tensorrt_llm_asks_for_it_not_for_a_rebuild(tmp_path: Path) -> None:
+    """'rebuild it on this host' was the remedy where no rebuild is possible: TensorRT-LLM is not installed."""
+    import dataclasses
+
+    from test_trt_vision import ORIN
+
+    from radtrt.exporter.trtllm_build import find_decoder_engine
+
+    bundle = make_fake_bundle(tmp_path)
+    folder = bundle / "trtllm" / "orin-w8a16"
+    folder.mkdir(parents=True)
+    (folder / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
+                                                   "mode": "w8a16", "int8_kv": False, "limits": {}}))
+    with pytest.raises(RadtrtError, match="install TensorRT-LLM on this host"):
+        find_decoder_engine(bundle, dataclasses.replace(ORIN, tensorrt_llm=None), "w8a16")
+
+
+@pytest.mark.parametrize("host", ["orin", "cpu"])
+def test_doctors_summary_agrees_with_its_tensorrt_line(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'--backend tensorrt: usable once the engines are built' was followed by a summary without tensorrt."""
+    from test_trt_vision import ORIN
+
+    import radtrt.exporter.gpu as gpu_module
+    from radtrt.runtime.doctor import report
+
+    monkeypatch.setattr(gpu_module, "detect_gpu", lambda: ORIN if host == "orin" else None)
+    lines = report()
+    usable_line = any(line.strip().startswith("--backend tensorrt: usable") for line in lines)
+    summary = next(line for line in lines if line.startswith("backends usable here:"))
+    assert ("tensorrt" in summary) == usable_line
+    assert usable_line == (host == "orin")

@@ -225,13 +225,29 @@ def gpu_stamp(gpu: GpuInfo) -> dict[str, Any]:
     return d
 
 
-def stamp_gpu(stamp: dict[str, Any]) -> GpuInfo:
+def stamp_gpu(stamp: dict[str, Any], where: Path | str = "an engine stamp") -> GpuInfo:
     try:
         g = stamp["gpu"]
         return GpuInfo(name=g["name"], sm=(int(g["sm"][0]), int(g["sm"][1])), cuda=g.get("cuda"),
                        tensorrt=g.get("tensorrt"), tensorrt_llm=g.get("tensorrt_llm"), memory_gib=g.get("memory_gib"))
     except (KeyError, TypeError, IndexError, ValueError) as e:
-        fail(f"engine stamp is malformed ({e!r}); rebuild the engine")
+        fail(f"{where} is malformed ({e!r}); rebuild the engine")
+
+
+def read_stamp(path: Path, fmt: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """An engine stamp radtrt wrote, checked for what the lookups read; None for a file of another format (not
+    radtrt's: passed over, where it made every run on the bundle fail). A damaged stamp of ours is one line
+    naming it, not a KeyError traceback from whichever lookup read it first."""
+    from radtrt.model.io import read_json
+
+    stamp = read_json(path)
+    if stamp.get("format") != fmt:
+        return None
+    missing = [key for key in keys if key not in stamp]
+    if missing:
+        fail(f"engine stamp {path} is malformed (no '{missing[0]}'); rebuild the engine")
+    stamp_gpu(stamp, f"engine stamp {path}")
+    return stamp
 
 
 def stamp_mismatch(stamp: dict[str, Any], gpu: GpuInfo, *, trtllm: bool = False) -> str | None:
@@ -281,13 +297,17 @@ def capability_lines(gpu: GpuInfo | None, *, tritonserver: str | None = None) ->
                          else f"  decoder {MODE_LABELS[mode]}: no ({why})")
         if trtllm_problem(gpu, "fp16") is None:
             lines.append("  INT8 KV cache: allowed with any decoder mode above (needs calibration scales)")
-        backend_ok = problem is None and trtllm_problem(gpu, "fp16") is None
-        lines.append("  --backend tensorrt: " + ("usable once the engines are built for this GPU" if backend_ok
-                                                  else "not usable here"))
+        lines.append("  --backend tensorrt: " + ("usable once the engines are built for this GPU"
+                                                  if tensorrt_backend_possible(gpu) else "not usable here"))
     lines.append("Triton: " + (f"tritonserver at {tritonserver}" if tritonserver else
                                "tritonserver not on PATH (serve the 'radtrt export --target triton' repository "
                                "from NVIDIA's tritonserver container with the TensorRT-LLM backend)"))
     return lines
+
+
+def tensorrt_backend_possible(gpu: GpuInfo | None) -> bool:
+    """Whether this host can build and run both engines the tensorrt backend needs."""
+    return gpu is not None and tensorrt_problem(gpu) is None and trtllm_problem(gpu, "fp16") is None
 
 
 def doctor_lines() -> list[str]:

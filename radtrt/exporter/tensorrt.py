@@ -31,13 +31,13 @@ from radtrt import __version__
 from radtrt.errors import RadtrtError, fail
 from radtrt.outputs import replaced_atomically, write_text
 from radtrt.exporter.bundle import read_manifest, sha256_file
-from radtrt.model.io import read_json
 from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, loaded_tensorrt_problem, newest_first,
-                                 parse_version, stamp_mismatch, timing_cache_name)
+                                 parse_version, read_stamp, stamp_mismatch, timing_cache_name)
 
 ENGINE_FILE = "vision.engine"
 STAMP_FILE = "engine.json"
 STAMP_FORMAT = "radtrt-tensorrt-engine"
+VISION_STAMP_KEYS = ("precision", "gpu", "onnx", "engine_sha256", "input", "output", "profile")  # what is read
 ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 3: "int8", 7: "int64"}
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX")
 STRONG_TYPING = (10, 0)  # first GA with NetworkDefinitionCreationFlag.STRONGLY_TYPED (9.x: TensorRT-LLM only)
@@ -323,8 +323,8 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
     root = bundle / "tensorrt"
     mismatches, fitting = [], []
     for path in sorted(root.glob(f"*/{STAMP_FILE}")) if root.is_dir() else []:
-        stamp = read_json(path)
-        if stamp.get("format") != STAMP_FORMAT or (precision and stamp.get("precision") != precision):
+        stamp = read_stamp(path, STAMP_FORMAT, VISION_STAMP_KEYS)
+        if stamp is None or (precision and stamp["precision"] != precision):
             continue
         mismatch = stamp_mismatch(stamp, gpu)
         if mismatch:

@@ -18,9 +18,9 @@ import torch
 
 from radtrt import __version__
 from radtrt.errors import fail
-from radtrt.exporter.gpu import GpuInfo, check_trtllm, engine_key, gpu_stamp, newest_first, stamp_mismatch
+from radtrt.exporter.gpu import GpuInfo, check_trtllm, engine_key, gpu_stamp, newest_first, read_stamp, stamp_mismatch
 from radtrt.exporter.trtllm import BUILD_STAMP, DTYPES, META, mode_tag, read_checkpoint
-from radtrt.model.io import read_json, save_tensors
+from radtrt.model.io import save_tensors
 from radtrt.outputs import write_text
 
 # Oldest GPU the Python port of the preprocessing handles (it asserts ``sm_ >= 75``); the C++ op also
@@ -105,6 +105,8 @@ def prepare_checkpoint_for_host(plain: Path, out_dir: Path, gpu: GpuInfo,
     return out_dir
 
 
+DECODER_STAMP_FORMAT = "radtrt-trtllm-engine"
+DECODER_STAMP_KEYS = ("mode", "int8_kv", "gpu", "limits")  # what the lookups and the runtime read
 DEFAULT_TEXT_TOKENS, DEFAULT_NEW_TOKENS = 512, 256
 
 
@@ -198,7 +200,7 @@ def build_decoder_engine(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: B
         result = run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0:
         fail(f"trtllm-build failed (exit {result.returncode}); see {root / 'trtllm-build.log'}")
-    stamp = {"format": "radtrt-trtllm-engine", "format_version": 1, "mode": meta["mode"], "int8_kv": meta["int8_kv"],
+    stamp = {"format": DECODER_STAMP_FORMAT, "format_version": 1, "mode": meta["mode"], "int8_kv": meta["int8_kv"],
              "gpu": gpu_stamp(gpu), "command": cmd, "limits": asdict(limits),
              "gather_generation_logits": gather_generation_logits, "build_seconds": round(time.perf_counter() - t0, 1),
              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "radtrt": __version__}
@@ -210,10 +212,14 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str) -> tuple[Path, dic
     """The engine directory built for this GPU and versions, or one line naming what exists instead."""
     root = bundle / "trtllm"
     stamps = sorted(root.glob(f"*/{BUILD_STAMP}")) if root.is_dir() else []
-    others, fitting = [], []
+    others, fitting, here = [], [], set()
     for path in stamps:
-        stamp = read_json(path)
+        stamp = read_stamp(path, DECODER_STAMP_FORMAT, DECODER_STAMP_KEYS)
+        if stamp is None:
+            continue
         if mode_tag(stamp["mode"], stamp["int8_kv"]) != tag:
+            if stamp_mismatch(stamp, gpu, trtllm=True) is None:
+                here.add(mode_tag(stamp["mode"], stamp["int8_kv"]))
             continue
         mismatch = stamp_mismatch(stamp, gpu, trtllm=True)
         if mismatch is None:
@@ -223,7 +229,15 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str) -> tuple[Path, dic
     if fitting:  # the newest build: an older folder of the same engine may remain (see newest_first)
         path, stamp = newest_first(fitting)[0]
         return path.parent / "engine", stamp
+    if others and gpu.tensorrt_llm is None:  # no rebuild can help before TensorRT-LLM is there
+        fail(f"the TensorRT-LLM {tag} decoder engine in {bundle} was {others[0]}: install TensorRT-LLM on this host "
+             f"(the version it was built with), or rebuild the engine once it is installed")
     if others:
         fail(f"the TensorRT-LLM {tag} decoder engine in {bundle} was {others[0]}: rebuild it on this host "
              f"with 'radtrt export --target trtllm'")
-    fail(f"bundle {bundle} has no TensorRT-LLM {tag} decoder engine; build one with 'radtrt export --target trtllm'")
+    mode, _, kv = tag.partition("-")
+    options = {"fp16": "--precision fp16", "w8a16": "--precision int8",
+               "w8a8_sq": "--precision int8 --int8-decoder smoothquant"}.get(mode, "") + (" --int8-kv-cache" if kv else "")
+    has = f" (for this host it has {', '.join(sorted(here))})" if here else ""
+    fail(f"bundle {bundle} has no TensorRT-LLM {tag} decoder engine{has}; build one with 'radtrt export --bundle "
+         f"{bundle} --model MODEL --target trtllm {options}'")

@@ -92,7 +92,7 @@ def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: 
         if trt_ready:
             return "tensorrt", "the bundle has TensorRT and TensorRT-LLM engines built for this GPU"
         gpu = "CUDAExecutionProvider" in ort_providers
-        return "onnxruntime", ("a bundle was given without engines for this host; "
+        return "onnxruntime", ("the bundle holds no TensorRT vision engine and TensorRT-LLM engine pair for this host; "
                                + ("ONNX Runtime has CUDA" if gpu else "ONNX Runtime on the CPU"))
     if model:
         return "torch", "no --bundle given, so the PyTorch reference runs the model"

@@ -45,5 +45,9 @@ def report() -> list[str]:
     usable = ["torch" + (" (cpu, cuda)" if torch.cuda.is_available() else " (cpu)")]
     if version_ort:
         usable.append("onnxruntime")
+    from radtrt.exporter.gpu import detect_gpu, tensorrt_backend_possible
+
+    if tensorrt_backend_possible(detect_gpu()):  # the summary agreed with no "--backend tensorrt: usable" above
+        usable.append("tensorrt (with engines built for this GPU)")
     lines.append("backends usable here: " + ", ".join(usable))
     return lines

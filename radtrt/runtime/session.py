@@ -138,7 +138,9 @@ def _open_trt(bundle: Path, why: str, console: Console, decoder: str | None = No
         backend = TensorRTBackend(bundle, decoder=decoder)
         cfg, tokenizer = read_bundle_side(bundle)
     name = backend.manifest["model"]["name"]
-    console.print(f"backend: tensorrt ({why}), {backend.precision}; model {name}", highlight=False, soft_wrap=True)
+    console.print(f"backend: tensorrt ({why}), {backend.precision}, decoder engine batch up to "
+                  f"{backend.limits['max_batch']} (a larger --batch-size runs in parts); model {name}", highlight=False,
+                  soft_wrap=True)
     return Pipeline(backend, tokenizer, cfg, model_name=name)
 
 

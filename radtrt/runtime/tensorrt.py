@@ -23,10 +23,11 @@ import torch
 
 from radtrt.errors import fail
 from radtrt.exporter.bundle import read_manifest
-from radtrt.exporter.gpu import GpuInfo, detect_gpu, loaded_tensorrt_problem, require_gpu, stamp_gpu, stamp_mismatch
-from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, find_vision_engine
+from radtrt.exporter.gpu import (GpuInfo, detect_gpu, loaded_tensorrt_problem, read_stamp, require_gpu, stamp_gpu,
+                                 stamp_mismatch)
+from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine
 from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag
-from radtrt.exporter.trtllm_build import find_decoder_engine
+from radtrt.exporter.trtllm_build import DECODER_STAMP_FORMAT, DECODER_STAMP_KEYS, find_decoder_engine
 from radtrt.model.generate import Generation
 from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
@@ -81,12 +82,12 @@ def usable_engines(bundle: Path, gpu: GpuInfo | None) -> dict[str, list[str]]:
     if gpu is None:
         return found
     for path in sorted(bundle.glob(f"tensorrt/*/{STAMP_FILE}")):
-        stamp = read_json(path)
-        if stamp.get("format") == STAMP_FORMAT and stamp_mismatch(stamp, gpu) is None:
+        stamp = read_stamp(path, STAMP_FORMAT, VISION_STAMP_KEYS)
+        if stamp is not None and stamp_mismatch(stamp, gpu) is None:
             found["vision"].append(stamp["precision"])
     for path in sorted(bundle.glob(f"trtllm/*/{BUILD_STAMP}")):
-        stamp = read_json(path)
-        if stamp_mismatch(stamp, gpu, trtllm=True) is None:
+        stamp = read_stamp(path, DECODER_STAMP_FORMAT, DECODER_STAMP_KEYS)
+        if stamp is not None and stamp_mismatch(stamp, gpu, trtllm=True) is None:
             found["decoder"].append(mode_tag(stamp["mode"], stamp["int8_kv"]))
     # one precision built twice (a folder of an older engine key beside its rebuild) is one engine to choose
     return {part: sorted(set(names)) for part, names in found.items()}
@@ -96,8 +97,8 @@ def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> st
     """The decoder engine to run. Every precision ``radtrt export --target trtllm`` builds must be runnable (only
     fp16 was, whatever the bundle held), and with several built none is picked silently."""
     if requested is not None:
-        mode, _, kv = requested.partition("-")
-        if kv not in ("", "kv8"):
+        mode, dash, kv = requested.partition("-")
+        if kv not in ("", "kv8") or (dash and not kv):
             fail(f"unknown --trt-decoder '{requested}' (a mode tag: fp16, w8a16, w8a8_sq, each optionally with -kv8)")
         return mode_tag(mode, kv == "kv8")  # an engine missing or built elsewhere: find_decoder_engine says which
     if len(usable) == 1:
@@ -112,10 +113,13 @@ def check_engine_limits(prompt_lengths: list[int], max_new_tokens: int, limits: 
     """Refuse what the TensorRT-LLM engine was not built for, before it runs: its runner raises a bare
     ``RuntimeError`` (a traceback) for a prompt or sequence over the build limits."""
     longest = max(prompt_lengths)
-    if longest > limits["max_input_len"] or longest + max_new_tokens > limits["max_seq_len"]:
+    if longest > limits["max_input_len"]:  # fewer new tokens cannot help
+        fail(f"the prompt ({longest} positions, with the image) is longer than the TensorRT-LLM engine's prompts "
+             f"(up to {limits['max_input_len']} positions): shorten --indication")
+    if longest + max_new_tokens > limits["max_seq_len"]:
         fail(f"the prompt ({longest} positions, with the image) + {max_new_tokens} new tokens exceed the TensorRT-LLM "
-             f"engine's limits (prompts up to {limits['max_input_len']} positions, sequences up to "
-             f"{limits['max_seq_len']}); lower --max-new-tokens or shorten --indication")
+             f"engine's sequences (up to {limits['max_seq_len']} positions): --max-new-tokens "
+             f"{limits['max_seq_len'] - longest} at most for this prompt")
 
 
 def _cat_logits(parts: list[torch.Tensor | None]) -> torch.Tensor:
