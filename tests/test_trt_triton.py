@@ -15,6 +15,7 @@ from onnx import TensorProto
 from PIL import Image
 
 from radtrt.errors import RadtrtError
+from radtrt.exporter.gpu import gpu_stamp
 from radtrt.exporter.pbtxt import Ident, parse_pbtxt, to_pbtxt
 from radtrt.exporter.triton import RepoSpec, check_repo, model_configs, write_triton_repo
 from radtrt.exporter.triton_models import PostprocessingModel, PreprocessingModel, decode_output
@@ -119,6 +120,16 @@ def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(RadtrtError, match="allows batch 8, below Triton's max batch 16"):
         write_triton_repo(bundle, tmp_path / "repo2", gpu=ORIN, decoder_engine=engine, max_batch=16)
     assert not (tmp_path / "repo2").exists() and not (tmp_path / "repo2.partial").exists()  # nothing half-written
+    built = bundle / "trtllm" / "orin-fp16"  # the bundle's own decoder engine, built for batch 2
+    built.mkdir(parents=True)
+    _decoder_engine(built)
+    (built / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
+                                                  "mode": "fp16", "int8_kv": False, "limits": {"max_batch": 2}}))
+    with pytest.raises(RadtrtError, match="the TensorRT-LLM fp16 engine allows batch 2, below Triton's max batch 8: "
+                                          "pass --max-batch 2"):
+        write_triton_repo(bundle, tmp_path / "repo4", gpu=ORIN)
+    assert check_repo(write_triton_repo(bundle, tmp_path / "repo5", gpu=ORIN, max_batch=2))["tensorrt_llm"][
+        "max_batch_size"] == 2
     fp32_out = make_fake_bundle(tmp_path / "b2", out_dtype=TensorProto.FLOAT)
     with pytest.raises(RadtrtError, match="vision engine outputs float32 but the decoder's prompt table is float16"):
         write_triton_repo(fp32_out, tmp_path / "repo3", gpu=ORIN, decoder_engine=engine)

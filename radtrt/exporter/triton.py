@@ -202,7 +202,11 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
         fail(f"unknown vision backend '{vision_backend}' for Triton (tensorrt, onnxruntime)")
     onnx = inspect_onnx(bundle / "vision.onnx")
     if decoder_engine is None:
-        decoder_engine, _ = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
+        decoder_engine, stamp = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
+        engine_batch = int(stamp["limits"].get("max_batch", max_batch))
+        if engine_batch < max_batch:  # as the vision engine's profile is checked: the server would accept more
+            fail(f"the TensorRT-LLM {decoder_tag} engine allows batch {engine_batch}, below Triton's max batch "
+                 f"{max_batch}: pass --max-batch {engine_batch}, or rebuild the engine with --max-batch {max_batch}")
     table_dtype = _engine_dtype(decoder_engine)
     cast_to = None  # the served ONNX graph ends in a Cast to the prompt table's dtype
     if onnx.output_dtype != table_dtype:
