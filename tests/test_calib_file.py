@@ -347,3 +347,15 @@ def test_phantom_keyword_beside_a_folder_of_that_name_is_refused(tmp_path: Path,
                                               r"give ./phantom to calibrate on that folder"):
             check()
     assert not means_phantoms("./phantom")
+
+
+def test_files_written_as_format_version_3_still_load(calib, tmp_path: Path) -> None:
+    """For one hour the writer stamped "3" on files of the same content: they were refused ('reads version 2')."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = calib.file.save(tmp_path / "v3.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, path, metadata={**metadata, "format_version": "3"})
+    assert CalibrationFile.load(path).hash == calib.file.hash

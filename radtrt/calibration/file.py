@@ -37,6 +37,8 @@ from radtrt.outputs import make_dir
 
 CALIBRATION_FORMAT = "radtrt-calibration"
 CALIBRATION_FORMAT_VERSION = 2  # 2: the sample-list hash leaves the paths out
+# "3" was written for one hour of 2026-11-30 (11:22-12:02 UTC) for the same content: read as 2
+READABLE_FORMAT_VERSIONS = (str(CALIBRATION_FORMAT_VERSION), "3")
 STATS_FORMAT = "radtrt-activation-stats"  # ActivationStats.save's format
 
 
@@ -96,7 +98,7 @@ class CalibrationFile:
         meta_raw = read_metadata(path)
         if meta_raw.get("format") != CALIBRATION_FORMAT:
             fail(f"{path} is not a radtrt calibration file (format {meta_raw.get('format')!r})")
-        if meta_raw.get("format_version") != str(CALIBRATION_FORMAT_VERSION):
+        if meta_raw.get("format_version") not in READABLE_FORMAT_VERSIONS:
             fail(f"calibration file {path} has format version {meta_raw.get('format_version')}; this radtrt reads "
                  f"version {CALIBRATION_FORMAT_VERSION}: re-run 'radtrt calibrate'")
         try:
@@ -105,7 +107,7 @@ class CalibrationFile:
             fail(f"calibration file {path} has unreadable metadata ({e})")
         tensors = load_tensors(path)
         # required: a digest that could be left out would let an edited file through by deleting it (files of
-        # radtrt before 2026-11-30 noon have none and are refused too: their statistics cannot be vouched for)
+        # radtrt before 2026-11-30 09:17 UTC have none and are refused too: their statistics cannot be vouched for)
         if "content_sha256" not in meta_raw:
             fail(f"calibration file {path} records no digest of its statistics (made by an older radtrt, or edited): "
                  f"re-run 'radtrt calibrate' (for a bundle's own calibration.safetensors: export the bundle again, or "
