@@ -234,7 +234,9 @@ def test_latency_vision_stage_with_given_bundle_and_model(tiny: Assets, work: Pa
 
 @pytest.mark.parametrize("args,match", [
     (("latency", "--synthetic", 1, "--studies", "."), "not both"),
-    (("latency", "--backend", "tensorrt"), "unknown backend"),
+    (("latency", "--backend", "cuda-magic"), "unknown backend"),
+    # the random model's bundle has no engines: refused before it is built, not after
+    (("latency", "--backend", "tensorrt"), "--random-model builds an ONNX bundle without engines"),
     (("latency", "--vs-backend", "onnxruntime"), "must differ"),
     (("latency", "--random-model", "tiny", "--bundle", "x"), "do not combine"),
     (("parity",), "say what to benchmark"),
@@ -269,6 +271,13 @@ def test_a_bundle_of_other_weights_is_refused(tiny: Assets, work: Path, tmp_path
     other = random_assets("tiny", work, seed=1)
     code, _, err = _invoke("bench", "parity", "--bundle", tiny.bundle, "--model", other.model_dir, "--synthetic", 1,
                            "--max-new-tokens", 2, "--work-dir", work)
+    assert code == 2 and "--model has other weights than the model" in err, err
+    import radtrt.runtime.tensorrt as trt_runtime
+
+    with pytest.MonkeyPatch.context() as patch:  # torch beside the tensorrt side was not checked at all
+        patch.setattr(trt_runtime, "TensorRTBackend", _StandInTensorRT)
+        code, _, err = _invoke("bench", "parity", "--bundle", tiny.bundle, "--model", other.model_dir, "--backend",
+                               "tensorrt", "--synthetic", 1, "--max-new-tokens", 2, "--work-dir", work)
     assert code == 2 and "--model has other weights than the model" in err, err
     import shutil
 

@@ -119,3 +119,9 @@ def test_junk_in_place_of_a_pickle_is_one_line(tmp_path: Path, content: bytes, m
     path.write_bytes(content)
     with pytest.raises(RadtrtError, match=match):
         load_tensors(path)
+
+
+def test_every_model_preset_can_be_trained_from_scratch() -> None:
+    from radtrt.training.init_model import ARCHS
+
+    assert set(ARCHS) == set(PRESETS)

@@ -60,6 +60,9 @@ def test_backend_refuses_cleanly_without_a_gpu(tmp_path: Path, monkeypatch: pyte
         TensorRTBackend(bundle)
 
 
+LIMITS = {"max_batch": 8, "max_input_len": 64, "max_seq_len": 96}  # what a decoder engine's stamp records
+
+
 class FakeRunner:
     """Records what TensorRTBackend hands TensorRT-LLM's runner and answers like ModelRunnerCpp."""
 
@@ -88,6 +91,7 @@ def test_generate_drives_the_runner_with_a_prompt_table() -> None:
     backend.runner = FakeRunner()
     backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
     backend.limits = {"max_batch": 8, "max_input_len": 64, "max_seq_len": 96}
+    backend.decoder_stamp = {"gather_generation_logits": True}
     a = backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7], torch.ones(2, 8))
     b = backend.embed_prompt([1, 9, IMAGE_TOKEN_INDEX, 7], torch.zeros(2, 8))
     assert a.input_ids == [1, 512, 513, 7] and a.table.dtype == torch.float16
@@ -101,6 +105,9 @@ def test_generate_drives_the_runner_with_a_prompt_table() -> None:
     parity = backend.generate([a], max_new_tokens=3, eos_token_id=2, keep_logits=True)
     assert parity.first_logits is not None and parity.first_logits.shape == (1, 512)
     assert parity.logits.shape == (1, 3, 512) and parity.logits[0, :, 0].tolist() == [0.0, 1.0, 2.0]
+    backend.decoder_stamp = {"gather_generation_logits": False}  # what 'radtrt export --target trtllm' builds
+    with pytest.raises(RadtrtError, match="built without generation logits"):
+        backend.generate([a], max_new_tokens=3, eos_token_id=2, keep_logits=True)
     with pytest.raises(RadtrtError, match="expected 2 image tokens"):
         backend.embed_prompt([1, IMAGE_TOKEN_INDEX], torch.ones(3, 8))
 
@@ -114,7 +121,7 @@ def test_usable_engines_lists_only_this_hosts_builds(tmp_path: Path) -> None:
     stamp_dir = bundle / "trtllm" / "orin-w8a16"
     stamp_dir.mkdir(parents=True)
     (stamp_dir / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
-                                                      "mode": "w8a16", "int8_kv": True, "limits": {}}))
+                                                      "mode": "w8a16", "int8_kv": True, "limits": LIMITS}))
     assert usable_engines(bundle, ORIN) == {"vision": ["fp16"], "decoder": ["w8a16-kv8"]}
     older = bundle / "trtllm" / "orin-cuda12.4-w8a16"  # an engine key of before, beside its rebuild
     older.mkdir()
@@ -129,8 +136,11 @@ def test_usable_engines_lists_only_this_hosts_builds(tmp_path: Path) -> None:
     (older / "build.json").write_text(json.dumps(damaged))
     with pytest.raises(RadtrtError, match=f"engine stamp {older / 'build.json'} is malformed \\(no 'limits'\\)"):
         usable_engines(bundle, ORIN)
-    (older / "build.json").write_text(json.dumps({**damaged, "limits": {}, "gpu": {"name": "x"}}))
+    (older / "build.json").write_text(json.dumps({**damaged, "limits": LIMITS, "gpu": {"name": "x"}}))
     with pytest.raises(RadtrtError, match=f"engine stamp {older / 'build.json'} is malformed"):
+        usable_engines(bundle, ORIN)
+    (older / "build.json").write_text(json.dumps({**damaged, "limits": None}))  # a traceback at the batch split
+    with pytest.raises(RadtrtError, match=f"engine stamp {older / 'build.json'} is malformed \\(its limits\\)"):
         usable_engines(bundle, ORIN)
     shutil.rmtree(older)
     from radtrt.exporter.trtllm_build import find_decoder_engine
@@ -138,7 +148,7 @@ def test_usable_engines_lists_only_this_hosts_builds(tmp_path: Path) -> None:
     with pytest.raises(RadtrtError, match=r"has no TensorRT-LLM w8a8_sq-kv8 decoder engine \(for this host it has "
                                           r"w8a16-kv8\); build one with 'radtrt export --bundle .* --model MODEL "
                                           r"--target trtllm --precision int8 --int8-decoder smoothquant "
-                                          r"--int8-kv-cache'"):
+                                          r"--int8-kv-cache --calibration-stats CALIB'"):
         find_decoder_engine(bundle, ORIN, "w8a8_sq-kv8")
     assert usable_engines(bundle, V100) == {"vision": [], "decoder": []}
     assert usable_engines(bundle, None) == {"vision": [], "decoder": []}
@@ -151,6 +161,7 @@ def test_generate_keeps_to_the_engines_build_limits() -> None:
     backend.runner = FakeRunner()
     backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
     backend.limits = {"max_batch": 2, "max_input_len": 6, "max_seq_len": 10}
+    backend.decoder_stamp = {"gather_generation_logits": True}
     prompts = [backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7 + i], torch.ones(2, 8)) for i in range(5)]
     gen = backend.generate(prompts, max_new_tokens=5, eos_token_id=2)
     assert [len(c["batch_input_ids"]) for c in backend.runner.calls] == [2, 2, 1]
@@ -173,7 +184,7 @@ def test_the_decoder_engine_is_the_one_built_not_always_fp16(tmp_path: Path) -> 
 
     assert choose_decoder(["w8a16"], None, tmp_path) == "w8a16"
     assert choose_decoder(["w8a8_sq-kv8"], None, tmp_path) == "w8a8_sq-kv8"
-    assert choose_decoder([], None, tmp_path) == "fp16"  # the lookup then says what exists, or how to build one
+    assert choose_decoder([], None, tmp_path) is None  # the lookup then says why none fits, or how to build one
     with pytest.raises(RadtrtError, match="has TensorRT-LLM decoder engines fp16, w8a16 for this host: choose one "
                                           "with --trt-decoder"):
         choose_decoder(["fp16", "w8a16"], None, tmp_path)
@@ -208,9 +219,19 @@ def test_an_engine_on_a_host_without_tensorrt_llm_asks_for_it_not_for_a_rebuild(
     folder = bundle / "trtllm" / "orin-w8a16"
     folder.mkdir(parents=True)
     (folder / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
-                                                   "mode": "w8a16", "int8_kv": False, "limits": {}}))
+                                                   "mode": "w8a16", "int8_kv": False, "limits": LIMITS}))
     with pytest.raises(RadtrtError, match="install TensorRT-LLM on this host"):
         find_decoder_engine(bundle, dataclasses.replace(ORIN, tensorrt_llm=None), "w8a16")
+    # no --trt-decoder: the engine there is named with why it does not fit (it read "no fp16 decoder engine")
+    with pytest.raises(RadtrtError, match=r"the TensorRT-LLM decoder engine in .* was built for Orin .*install "
+                                          r"TensorRT-LLM on this host"):
+        find_decoder_engine(bundle, dataclasses.replace(ORIN, tensorrt_llm=None), None)
+    shutil.rmtree(folder)
+    with pytest.raises(RadtrtError, match=r"has no TensorRT-LLM decoder engine; build one with .*--target trtllm "
+                                          r"--precision fp16'"):
+        find_decoder_engine(bundle, ORIN, None)
+    with pytest.raises(RadtrtError, match=r"--int8-kv-cache --calibration-stats CALIB'"):  # an fp16 bundle has none
+        find_decoder_engine(bundle, ORIN, "w8a16-kv8")
 
 
 @pytest.mark.parametrize("host", ["orin", "cpu"])

@@ -124,7 +124,8 @@ def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
     built.mkdir(parents=True)
     _decoder_engine(built)
     (built / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
-                                                  "mode": "fp16", "int8_kv": False, "limits": {"max_batch": 2}}))
+                                                  "mode": "fp16", "int8_kv": False,
+                                                  "limits": {"max_batch": 2, "max_input_len": 64, "max_seq_len": 96}}))
     with pytest.raises(RadtrtError, match="the TensorRT-LLM fp16 engine allows batch 2, below Triton's max batch 8: "
                                           "pass --max-batch 2"):
         write_triton_repo(bundle, tmp_path / "repo4", gpu=ORIN)

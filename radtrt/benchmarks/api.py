@@ -107,6 +107,10 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
                           ort_provider=ort_provider, threads=threads, ort_spin=ort_spin, trt_decoder=trt_decoder)
+    for side in (got, ref):  # parity compares logits: refused now, not after the first study
+        if not getattr(side.pipeline.backend, "keeps_logits", True):
+            fail(f"{side.name}: its TensorRT-LLM engine was built without generation logits, which parity compares; "
+                 f"'radtrt bench latency' times it, and benchmarks/gpu_check.sh builds engines that keep them")
     results = measure_parity(got.pipeline, ref.pipeline, entries, indication=indication,
                              max_new_tokens=max_new_tokens, on_step=step)
     machine.torch_threads = _torch_threads()

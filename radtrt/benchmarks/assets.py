@@ -149,7 +149,7 @@ def resolve_assets(*, model: Path | None, bundle: Path | None, random_model: str
             fail("--random-model builds its own model and bundle; do not combine it with --model or --bundle")
         return random_assets(random_model, work_dir, seed=seed, vision_only=vision_only, progress=progress)
     if model is None and bundle is None:
-        fail("say what to benchmark: --bundle DIR (and --model DIR for torch), or --random-model tiny|mid|llava-rad")
+        fail("say what to benchmark: --bundle DIR (and --model DIR for torch), or --random-model tiny|phantom|mid|llava-rad")
     label = (bundle or model).name  # type: ignore[union-attr]
     return Assets(model, bundle, label)
 

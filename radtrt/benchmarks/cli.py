@@ -52,7 +52,8 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) 
 
 
 MODEL_HELP = "radtrt model dir (or LLaVA-Rad release dir) for the torch/transformers side."
-RANDOM_HELP = "Build random weights of this preset (tiny | mid | llava-rad), its model dir and bundle, in --work-dir."
+RANDOM_HELP = ("Build random weights of this preset (tiny | phantom | mid | llava-rad), its model dir and bundle, in "
+               "--work-dir.")
 
 # Options both commands take, declared once.
 BundleOpt = Annotated[Optional[Path], typer.Option("--bundle", help="Bundle from 'radtrt export' (onnxruntime and "
@@ -252,6 +253,9 @@ def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, d
              f"none runs here")
     if trt_decoder is not None and "tensorrt" not in sides:
         fail("--trt-decoder picks the tensorrt side's TensorRT-LLM engine; none runs here")
+    if random_model is not None and "tensorrt" in sides:  # found after the build (minutes, at 7B) otherwise
+        fail("--random-model builds an ONNX bundle without engines; the tensorrt side needs --bundle with engines "
+             "built for this GPU ('radtrt export --bundle B --target tensorrt' and '--target trtllm')")
     return work_dir if work_dir is not None else DEFAULT_WORK_DIR
 
 

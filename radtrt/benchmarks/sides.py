@@ -151,7 +151,7 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
         kv_bytes = settings.pop("kv_dtype_bytes")
         sides.append(Side(pipeline, weight_bytes, time.perf_counter() - t0, added, settings, kv_bytes))
     _check_same_model(sides)
-    if "loaded" in cache and "onnxruntime" in kinds and assets.bundle is not None:
+    if "loaded" in cache and {"onnxruntime", "tensorrt"} & set(kinds) and assets.bundle is not None:
         from radtrt.exporter.targets import check_same_model
 
         check_same_model(assets.bundle, cache["loaded"].model)  # same config, other fine-tune: meaningless parity

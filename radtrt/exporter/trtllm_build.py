@@ -208,8 +208,9 @@ def build_decoder_engine(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: B
     return engine
 
 
-def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str) -> tuple[Path, dict[str, Any]]:
-    """The engine directory built for this GPU and versions, or one line naming what exists instead."""
+def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Path, dict[str, Any]]:
+    """The engine directory built for this GPU and versions, or one line naming what exists instead. ``tag``
+    None: any engine (the runtime asks so when none fits this host, for the line that says why)."""
     root = bundle / "trtllm"
     stamps = sorted(root.glob(f"*/{BUILD_STAMP}")) if root.is_dir() else []
     others, fitting, here = [], [], set()
@@ -217,7 +218,7 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str) -> tuple[Path, dic
         stamp = read_stamp(path, DECODER_STAMP_FORMAT, DECODER_STAMP_KEYS)
         if stamp is None:
             continue
-        if mode_tag(stamp["mode"], stamp["int8_kv"]) != tag:
+        if tag is not None and mode_tag(stamp["mode"], stamp["int8_kv"]) != tag:
             if stamp_mismatch(stamp, gpu, trtllm=True) is None:
                 here.add(mode_tag(stamp["mode"], stamp["int8_kv"]))
             continue
@@ -229,15 +230,18 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str) -> tuple[Path, dic
     if fitting:  # the newest build: an older folder of the same engine may remain (see newest_first)
         path, stamp = newest_first(fitting)[0]
         return path.parent / "engine", stamp
+    what = f"{tag} decoder engine" if tag is not None else "decoder engine"
     if others and gpu.tensorrt_llm is None:  # no rebuild can help before TensorRT-LLM is there
-        fail(f"the TensorRT-LLM {tag} decoder engine in {bundle} was {others[0]}: install TensorRT-LLM on this host "
+        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: install TensorRT-LLM on this host "
              f"(the version it was built with), or rebuild the engine once it is installed")
     if others:
-        fail(f"the TensorRT-LLM {tag} decoder engine in {bundle} was {others[0]}: rebuild it on this host "
+        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: rebuild it on this host "
              f"with 'radtrt export --target trtllm'")
-    mode, _, kv = tag.partition("-")
+    mode, _, kv = (tag or "fp16").partition("-")
     options = {"fp16": "--precision fp16", "w8a16": "--precision int8",
                "w8a8_sq": "--precision int8 --int8-decoder smoothquant"}.get(mode, "") + (" --int8-kv-cache" if kv else "")
+    if (kv or mode == "w8a8_sq") and not (bundle / "calibration.safetensors").is_file():
+        options += " --calibration-stats CALIB"  # an fp16/fp32 bundle carries no statistics to take them from
     has = f" (for this host it has {', '.join(sorted(here))})" if here else ""
-    fail(f"bundle {bundle} has no TensorRT-LLM {tag} decoder engine{has}; build one with 'radtrt export --bundle "
+    fail(f"bundle {bundle} has no TensorRT-LLM {what}{has}; build one with 'radtrt export --bundle "
          f"{bundle} --model MODEL --target trtllm {options}'")

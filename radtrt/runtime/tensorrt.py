@@ -93,7 +93,7 @@ def usable_engines(bundle: Path, gpu: GpuInfo | None) -> dict[str, list[str]]:
     return {part: sorted(set(names)) for part, names in found.items()}
 
 
-def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> str:
+def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> str | None:
     """The decoder engine to run. Every precision ``radtrt export --target trtllm`` builds must be runnable (only
     fp16 was, whatever the bundle held), and with several built none is picked silently."""
     if requested is not None:
@@ -104,7 +104,7 @@ def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> st
     if len(usable) == 1:
         return usable[0]
     if not usable:
-        return "fp16"  # find_decoder_engine names what exists instead, or how to build one
+        return None  # find_decoder_engine then says why the engines there do not fit, or how to build one
     fail(f"bundle {bundle} has TensorRT-LLM decoder engines {', '.join(usable)} for this host: choose one with "
          f"--trt-decoder")
 
@@ -234,7 +234,13 @@ class TensorRTBackend:
         self.table_dtype = getattr(torch, engine_config["pretrained_config"]["dtype"])
         self.vocab_size = int(self.manifest["decoder"]["vocab_size"])
         self.num_image_tokens = int(self.manifest["vision"]["num_image_tokens"])
-        self.precision = f"{self.vision_stamp['precision']}+{tag}"
+        decoder_tag = mode_tag(self.decoder_stamp["mode"], self.decoder_stamp["int8_kv"])
+        self.precision = f"{self.vision_stamp['precision']}+{decoder_tag}"
+
+    @property
+    def keeps_logits(self) -> bool:
+        """Whether the decoder engine returns each step's logits (built with ``--gather_generation_logits``)."""
+        return bool(self.decoder_stamp.get("gather_generation_logits"))
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -271,6 +277,9 @@ class TensorRTBackend:
         lengths = [len(x) for x in ids]
         t0 = time.perf_counter()
         if keep_logits:  # needs an engine built with --gather_generation_logits
+            if not self.keeps_logits:
+                fail("the TensorRT-LLM engine was built without generation logits (--gather_generation_logits); "
+                     "benchmarks/gpu_check.sh builds engines that keep them")
             out = self.runner.generate(**args, output_generation_logits=True)
             _sync()
             total = (time.perf_counter() - t0) * 1e3
