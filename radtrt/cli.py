@@ -165,6 +165,8 @@ def export(
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Engine batch limit. \\[default: 8]"),
     trtllm_engine: Optional[Path] = typer.Option(None, "--trtllm-engine",
                                                  help="Triton: TensorRT-LLM engine dir on the serving host."),
+    trtllm_logits: bool = typer.Option(False, "--trtllm-logits", help="TensorRT-LLM engine that returns each "
+                                       "step's logits, for 'radtrt bench parity' (more GPU memory)."),
 ) -> None:
     """Export the model: ONNX bundle, TensorRT vision engine, TensorRT-LLM decoder, Triton repository."""
     from radtrt.exporter.run import ExportRequest, run_export
@@ -175,7 +177,7 @@ def export(
                             calibration_data=calibration_data, calibration_n=calibration_n,
                             smoothquant_alpha=smoothquant_alpha, int8_lm_head=int8_lm_head,
                             int8_embeddings=int8_embeddings, parity_samples=parity_samples, max_batch=max_batch,
-                            trtllm_engine=trtllm_engine)
+                            trtllm_engine=trtllm_engine, trtllm_logits=trtllm_logits)
     typer.echo(str(run_export(request, err)))
 
 

@@ -723,6 +723,8 @@ def test_retry_command_carries_the_engine_options(tmp_path: Path) -> None:
         f"radtrt export --bundle '{bundle}' --target trtllm --model m")
     assert retry_engines_command(bundle, "tensorrt", ExportPlan("tensorrt", "fp16")) == (
         f"radtrt export --bundle '{bundle}' --target tensorrt")
+    assert retry_engines_command(bundle, "trtllm", ExportPlan("trtllm", "fp16", keep_logits=True),
+                                 model=Path("m")).endswith("--model m --trtllm-logits")
 
 
 def test_triton_takes_no_model(bundle_fp16: Path, model_dir: Path, tmp_path: Path) -> None:
@@ -735,3 +737,32 @@ def test_triton_with_an_engine_refuses_a_precision(bundle_fp16: Path, tmp_path: 
     _refused(["export", "--target", "triton", "--bundle", str(bundle_fp16), "-o", str(tmp_path / "repo"),
               "--trtllm-engine", "/srv/engine", "--precision", "int8"], "--precision chooses which engine")
     assert not (tmp_path / "repo").exists()
+
+
+def test_trtllm_logits_builds_an_engine_parity_can_read(bundle_fp16: Path, model_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines from 'radtrt export' never kept their logits, so 'bench parity --backend tensorrt' could not run
+    on them; --trtllm-logits builds one that does, and is refused where no engine is built."""
+    import shutil
+
+    import radtrt.exporter.gpu as gpu_module
+    import radtrt.exporter.trtllm_build as build_module
+    from radtrt.exporter.gpu import GpuInfo
+
+    a100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0), "12.4", "10.8.0", "0.16.0", 80.0)
+    monkeypatch.setattr(gpu_module, "detect_gpu", lambda device=0: a100)
+    monkeypatch.setattr(gpu_module, "library_version", lambda name: "0.16.0")
+    built: list[dict] = []
+
+    def build(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: object, **kwargs: object) -> Path:
+        built.append(kwargs)
+        return bundle / "trtllm" / "engine"
+
+    monkeypatch.setattr(build_module, "build_decoder_engine", build)
+    bundle = Path(shutil.copytree(bundle_fp16, tmp_path / "b"))
+    result = runner.invoke(app, ["export", "--bundle", str(bundle), "--model", str(model_dir), "--target", "trtllm",
+                                 "--trtllm-logits"])
+    assert result.exit_code == 0, result.stderr
+    assert built == [{"gather_generation_logits": True}]
+    _refused(["export", "--bundle", str(bundle), "--target", "tensorrt", "--trtllm-logits"],
+             "--trtllm-logits is a TensorRT-LLM engine build option")

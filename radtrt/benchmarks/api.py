@@ -110,7 +110,8 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
     for side in (got, ref):  # parity compares logits: refused now, not after the first study
         if not getattr(side.pipeline.backend, "keeps_logits", True):
             fail(f"{side.name}: its TensorRT-LLM engine was built without generation logits, which parity compares; "
-                 f"'radtrt bench latency' times it, and benchmarks/gpu_check.sh builds engines that keep them")
+                 f"'radtrt bench latency' times it, and 'radtrt export --bundle B --model M --target trtllm "
+                 f"--trtllm-logits' builds one that keeps them")
     results = measure_parity(got.pipeline, ref.pipeline, entries, indication=indication,
                              max_new_tokens=max_new_tokens, on_step=step)
     machine.torch_threads = _torch_threads()

@@ -38,6 +38,7 @@ class ExportRequest:
     parity_samples: int | None = None
     max_batch: int | None = None
     trtllm_engine: Path | None = None
+    trtllm_logits: bool = False
 
 
 def run_export(req: ExportRequest, console: Console) -> Path:
@@ -60,7 +61,7 @@ def run_export(req: ExportRequest, console: Console) -> Path:
                    "--parity-samples": req.parity_samples is not None},
         attention=req.attention, trtllm_engine=req.trtllm_engine, max_batch_given=req.max_batch is not None,
         precision_given=req.precision is not None, model_given=req.model is not None,
-        base_model_given=req.base_model is not None)
+        base_model_given=req.base_model is not None, trtllm_logits=req.trtllm_logits)
     calibration_data, calibration_stats = req.calibration_data, req.calibration_stats
     if precision == "int8" and bundle is None and calibration_data is None and calibration_stats is not None:
         calibration_data = str(calibration_stats)  # a 'radtrt calibrate' file serves the ONNX INT8 export too
@@ -70,7 +71,8 @@ def run_export(req: ExportRequest, console: Console) -> Path:
     alpha = DEFAULT_ALPHA if req.smoothquant_alpha is None else req.smoothquant_alpha
     plan = targets.ExportPlan(req.target, precision, req.int8_decoder, req.int8_kv_cache, calibration_stats,
                               8 if req.max_batch is None else req.max_batch, req.trtllm_engine,
-                              calibration_data=calibration_data, smoothquant_alpha=alpha)
+                              calibration_data=calibration_data, smoothquant_alpha=alpha,
+                              keep_logits=req.trtllm_logits)
     targets.preflight(plan)
     if out is None and (bundle is None or plan.target == "triton"):
         fail("-o/--out is required: the bundle folder to write (Triton: the repository folder)")

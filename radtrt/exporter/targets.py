@@ -30,6 +30,7 @@ class ExportPlan:
     trtllm_engine: Path | None = None  # Triton: the decoder engine dir on the serving host
     calibration_data: str | None = None  # INT8 ONNX export: its calibration file lands in the bundle
     smoothquant_alpha: float = DEFAULT_ALPHA  # TensorRT-LLM SmoothQuant checkpoint (the ONNX export has its own plan)
+    keep_logits: bool = False  # the TensorRT-LLM engine returns each step's logits: 'radtrt bench parity' needs them
     steps: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -59,7 +60,7 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
                           int8_only: dict[str, bool], attention: str | None = None,
                           trtllm_engine: Path | None = None, max_batch_given: bool = False,
                           precision_given: bool = False, model_given: bool = False,
-                          base_model_given: bool = False) -> None:
+                          base_model_given: bool = False, trtllm_logits: bool = False) -> None:
     """Options this export would not use are refused, not ignored: the user believes they took effect.
     ``int8_only``: option -> whether it was given (options of the ONNX INT8 export only)."""
     if bundle is not None:  # the ONNX export's options: that export happened before
@@ -70,6 +71,8 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
             fail(f"--attention chooses the ONNX decoder's attention; {bundle} is exported already")
     if trtllm_engine is not None and target != "triton":
         fail("--trtllm-engine names the decoder engine a Triton repository serves (--target triton)")
+    if trtllm_logits and target not in ("trtllm", "all"):
+        fail("--trtllm-logits is a TensorRT-LLM engine build option (--target trtllm | all)")
     if max_batch_given and target == "onnx":
         fail("--max-batch limits engines (--target tensorrt | trtllm | triton | all); an ONNX bundle takes any batch")
     if target == "tensorrt" and bundle is not None:
@@ -185,6 +188,8 @@ def retry_engines_command(bundle: Path, step: str, plan: ExportPlan, *, model: P
             cmd += ["--calibration-stats", str(plan.calibration_stats)]
         if alpha_given and decoder_mode(plan.precision, plan.int8_decoder) == "w8a8_sq":
             cmd += ["--smoothquant-alpha", str(plan.smoothquant_alpha)]
+        if plan.keep_logits:
+            cmd.append("--trtllm-logits")
     if max_batch_given:
         cmd += ["--max-batch", str(plan.max_batch)]
     return shlex.join(cmd)
@@ -244,7 +249,7 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     cfg = loaded.model.cfg
     limits = BuildLimits.for_llava(cfg.num_image_tokens, max_batch=plan.max_batch,
                                    max_position_embeddings=cfg.decoder.max_position_embeddings)
-    engine = build_decoder_engine(bundle, checkpoint, gpu, limits)
+    engine = build_decoder_engine(bundle, checkpoint, gpu, limits, gather_generation_logits=plan.keep_logits)
     log(f"TensorRT-LLM engine for {gpu.describe(trtllm=True)}: {engine}")
     return engine
 

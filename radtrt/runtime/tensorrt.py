@@ -279,7 +279,7 @@ class TensorRTBackend:
         if keep_logits:  # needs an engine built with --gather_generation_logits
             if not self.keeps_logits:
                 fail("the TensorRT-LLM engine was built without generation logits (--gather_generation_logits); "
-                     "benchmarks/gpu_check.sh builds engines that keep them")
+                     "rebuild it with 'radtrt export --bundle B --model M --target trtllm --trtllm-logits'")
             out = self.runner.generate(**args, output_generation_logits=True)
             _sync()
             total = (time.perf_counter() - t0) * 1e3
