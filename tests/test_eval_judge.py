@@ -462,7 +462,7 @@ def test_cli_exits_2_when_the_judge_scored_nothing(fake_judge: FakeJudge, tmp_pa
 
 
 def test_nothing_judged_reads_plain_and_paired_results() -> None:
-    from radtrt.evaluation.cli import nothing_judged
+    from radtrt.evaluation.chexprompt.summary import nothing_judged
 
     scored = {"n_reports": 3, "n_scored": 2}
     assert not nothing_judged({"chexprompt": scored}) and not nothing_judged({"chexprompt": None})

@@ -127,24 +127,12 @@ def eval_command(
         make_dir(out.parent, "folder for the results file")
         write_text(out, json.dumps(result, indent=2) + "\n", "results file")
     typer.echo(summary, nl=False)
+    from radtrt.evaluation.chexprompt.summary import nothing_judged
+
     if nothing_judged(result):
         written = f" (results written to {out})" if out is not None else ""
         fail(f"CheXprompt scored none of the reports: no judge answer could be used (failed requests or "
              f"unreadable answers, see the reasons above){written}; rerun the same command to ask again")
-
-
-def nothing_judged(result: Any) -> bool:
-    """True when some CheXprompt summary in an eval result (plain or paired) scored none of its reports.
-
-    Why: such a run prints a table of failures and no number; exiting 0 would let a script take it for a
-    result."""
-    if isinstance(result, dict):
-        if isinstance(result.get("n_reports"), int) and "n_scored" in result:
-            return result["n_reports"] > 0 and result["n_scored"] == 0
-        return any(nothing_judged(v) for v in result.values())
-    if isinstance(result, list):
-        return any(nothing_judged(v) for v in result)
-    return False
 
 
 def _check_results_path(out: Path, inputs: list[Path], judge_cache: Optional[Path]) -> None:

@@ -79,3 +79,17 @@ def summarize(judgements: Sequence[Judgement], judge: str, published_prompt: boo
                              mean_significant=mean_sig, mean_insignificant=mean_insig,
                              share_without_significant=share, per_type_significant=per_sig,
                              per_type_insignificant=per_insig)
+
+
+def nothing_judged(result: Any) -> bool:
+    """True when some CheXprompt summary in an eval result (plain or paired) scored none of its reports.
+
+    Why: such a run prints a table of failures and no number; exiting 0 would let a script take it for a
+    result."""
+    if isinstance(result, dict):
+        if isinstance(result.get("n_reports"), int) and "n_scored" in result:
+            return result["n_reports"] > 0 and result["n_scored"] == 0
+        return any(nothing_judged(v) for v in result.values())
+    if isinstance(result, list):
+        return any(nothing_judged(v) for v in result)
+    return False
