@@ -480,18 +480,3 @@ def test_the_feature_cache_changes_only_the_speed(chain: Chain, tmp_path: Path, 
                         max_steps=3, precision=precision, cache_features=cache)
         losses[cache] = [e["loss"] for e in read_log(run)]
     assert losses[True] == losses[False], losses
-
-
-def test_dataloader_workers_leave_sigterm_to_the_main_process() -> None:
-    """'timeout' signals the whole group: workers killed by it made the unwinding main process print two
-    tracebacks (measured: 'timeout 50 radtrt train stage2 ... --num-workers 2' gave 2 before, 0 after)."""
-    import signal
-
-    from radtrt.training.loop import worker_ignores_terminate
-
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        worker_ignores_terminate(0)
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGTERM, before)

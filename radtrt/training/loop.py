@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,8 +261,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     end = total if stop_after is None else min(total, start + stop_after)
     plan = _Plan(schedule, start, end, info.rank)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collate,
-                                         num_workers=cfg.num_workers, generator=torch.Generator(),
-                                         worker_init_fn=worker_ignores_terminate if cfg.num_workers else None)
+                                         num_workers=cfg.num_workers, generator=torch.Generator())
     batches = iter(loader)
     losses: list[float] = []
     model.train()
@@ -335,14 +333,6 @@ class _Plan:
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.end):
             yield from self.schedule.micro_batches(step, self.rank)
-
-
-def worker_ignores_terminate(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM to the main process, as torch already has them leave SIGINT: 'timeout'
-    signals the whole process group, and workers that died of it made the main process print two tracebacks
-    ("DataLoader worker ... is killed by signal: Terminated") while it was unwinding cleanly. The main process
-    shuts them down as it exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
