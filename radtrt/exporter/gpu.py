@@ -246,10 +246,6 @@ def read_stamp(path: Path, fmt: str, keys: tuple[str, ...]) -> dict[str, Any] | 
     missing = [key for key in keys if key not in stamp]
     if missing:
         fail(f"engine stamp {path} is malformed (no '{missing[0]}'); rebuild the engine")
-    limits = stamp.get("limits", {})
-    if "limits" in keys and not (isinstance(limits, dict) and all(
-            isinstance(limits.get(k), int) for k in ("max_batch", "max_input_len", "max_seq_len"))):
-        fail(f"engine stamp {path} is malformed (its limits); rebuild the engine")
     stamp_gpu(stamp, f"engine stamp {path}")
     return stamp
 

@@ -57,6 +57,15 @@ def mode_tag(mode: str, int8_kv: bool) -> str:
     return mode + ("-kv8" if int8_kv else "")
 
 
+def split_mode_tag(tag: str) -> tuple[str, bool]:
+    """``mode_tag``'s inverse: ``w8a8_sq-kv8`` -> (``w8a8_sq``, True); anything else is refused."""
+    mode, dash, kv = tag.partition("-")
+    if kv not in ("", "kv8") or (dash and not kv):
+        fail(f"unknown --trt-decoder '{tag}' (a mode tag: fp16, w8a16, w8a8_sq, each optionally with -kv8)")
+    mode_tag(mode, kv == "kv8")  # an unknown mode: its own line
+    return mode, kv == "kv8"
+
+
 def decoder_mode(precision: str, int8_decoder: str | None = None) -> str:
     """CLI ``--precision`` (+ ``--int8-decoder``) -> decoder mode: int8 means weight-only unless SmoothQuant
     is asked for, since weight-only INT8 runs on every target (V100 included)."""

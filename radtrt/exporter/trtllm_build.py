@@ -19,7 +19,7 @@ import torch
 from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.gpu import GpuInfo, check_trtllm, engine_key, gpu_stamp, newest_first, read_stamp, stamp_mismatch
-from radtrt.exporter.trtllm import BUILD_STAMP, DTYPES, META, mode_tag, read_checkpoint
+from radtrt.exporter.trtllm import BUILD_STAMP, DTYPES, META, mode_tag, read_checkpoint, split_mode_tag
 from radtrt.model.io import save_tensors
 from radtrt.outputs import write_text
 
@@ -208,6 +208,16 @@ def build_decoder_engine(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: B
     return engine
 
 
+def read_decoder_stamp(path: Path) -> dict[str, Any] | None:
+    """A TensorRT-LLM engine's stamp (``read_stamp``), with the build limits the runtime splits batches by."""
+    stamp = read_stamp(path, DECODER_STAMP_FORMAT, DECODER_STAMP_KEYS)
+    limits = stamp["limits"] if stamp is not None else {}
+    if stamp is not None and not (isinstance(limits, dict) and all(
+            isinstance(limits.get(k), int) for k in ("max_batch", "max_input_len", "max_seq_len"))):
+        fail(f"engine stamp {path} is malformed (its limits); rebuild the engine")
+    return stamp
+
+
 def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Path, dict[str, Any]]:
     """The engine directory built for this GPU and versions, or one line naming what exists instead. ``tag``
     None: any engine (the runtime asks so when none fits this host, for the line that says why)."""
@@ -215,7 +225,7 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
     stamps = sorted(root.glob(f"*/{BUILD_STAMP}")) if root.is_dir() else []
     others, fitting, here = [], [], set()
     for path in stamps:
-        stamp = read_stamp(path, DECODER_STAMP_FORMAT, DECODER_STAMP_KEYS)
+        stamp = read_decoder_stamp(path)
         if stamp is None:
             continue
         if tag is not None and mode_tag(stamp["mode"], stamp["int8_kv"]) != tag:
@@ -237,7 +247,7 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
     if others:
         fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: rebuild it on this host "
              f"with 'radtrt export --target trtllm'")
-    mode, _, kv = (tag or "fp16").partition("-")
+    mode, kv = split_mode_tag(tag or "fp16")
     options = {"fp16": "--precision fp16", "w8a16": "--precision int8",
                "w8a8_sq": "--precision int8 --int8-decoder smoothquant"}.get(mode, "") + (" --int8-kv-cache" if kv else "")
     if (kv or mode == "w8a8_sq") and not (bundle / "calibration.safetensors").is_file():

@@ -26,8 +26,8 @@ from radtrt.exporter.bundle import read_manifest
 from radtrt.exporter.gpu import (GpuInfo, detect_gpu, loaded_tensorrt_problem, read_stamp, require_gpu, stamp_gpu,
                                  stamp_mismatch)
 from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine
-from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag
-from radtrt.exporter.trtllm_build import DECODER_STAMP_FORMAT, DECODER_STAMP_KEYS, find_decoder_engine
+from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag, split_mode_tag
+from radtrt.exporter.trtllm_build import find_decoder_engine, read_decoder_stamp
 from radtrt.model.generate import Generation
 from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
@@ -86,7 +86,7 @@ def usable_engines(bundle: Path, gpu: GpuInfo | None) -> dict[str, list[str]]:
         if stamp is not None and stamp_mismatch(stamp, gpu) is None:
             found["vision"].append(stamp["precision"])
     for path in sorted(bundle.glob(f"trtllm/*/{BUILD_STAMP}")):
-        stamp = read_stamp(path, DECODER_STAMP_FORMAT, DECODER_STAMP_KEYS)
+        stamp = read_decoder_stamp(path)
         if stamp is not None and stamp_mismatch(stamp, gpu, trtllm=True) is None:
             found["decoder"].append(mode_tag(stamp["mode"], stamp["int8_kv"]))
     # one precision built twice (a folder of an older engine key beside its rebuild) is one engine to choose
@@ -97,10 +97,7 @@ def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> st
     """The decoder engine to run. Every precision ``radtrt export --target trtllm`` builds must be runnable (only
     fp16 was, whatever the bundle held), and with several built none is picked silently."""
     if requested is not None:
-        mode, dash, kv = requested.partition("-")
-        if kv not in ("", "kv8") or (dash and not kv):
-            fail(f"unknown --trt-decoder '{requested}' (a mode tag: fp16, w8a16, w8a8_sq, each optionally with -kv8)")
-        return mode_tag(mode, kv == "kv8")  # an engine missing or built elsewhere: find_decoder_engine says which
+        return mode_tag(*split_mode_tag(requested))  # missing or built elsewhere: find_decoder_engine says which
     if len(usable) == 1:
         return usable[0]
     if not usable:
