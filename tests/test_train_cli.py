@@ -153,6 +153,35 @@ def test_an_unreadable_image_in_a_dataloader_worker_is_one_line(chain: Chain, tm
     assert "Traceback" not in err and "worker" not in err
 
 
+def test_sigterm_to_the_whole_job_stops_in_one_line_with_the_resume_command(chain: Chain, tmp_path: Path) -> None:
+    """A scheduler or ``kill`` signals every process of the job, DataLoader workers included: their deaths
+    printed two torch tracebacks, and nothing said where the run could go on from."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "radtrt.cli", "train", "stage1", str(chain.manifest), "--model",
+                             str(chain.runs["lm"] / "model"), "-o", str(run), "--preset", "tiny", "--threads", "1",
+                             "--num-workers", "2", "--no-feature-cache", "--max-steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoint").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        os.killpg(proc.pid, signal.SIGTERM)  # the main process and its workers, as a scheduler does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = load_checkpoint(run)["step"]
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "DataLoader worker" not in err, err
+    assert f"'radtrt train resume {run}' goes on from step {saved}," in err
+
+
 def test_bad_data_and_output_paths_leave_no_run_folder(chain: Chain, tmp_path: Path) -> None:
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"image": "missing.png", "findings": "No effusion."}) + "\n")

@@ -18,7 +18,7 @@ from radtrt.model.loading import load_model, save_toolkit
 from radtrt.training.checkpoint import load_checkpoint
 from radtrt.training.config import make_config
 from radtrt.training.init_model import fresh_model
-from radtrt.training.loop import read_log, train
+from radtrt.training.loop import _quiet_on_sigterm, read_log, train
 from radtrt.training.objectives import build_objective, trainable_parameters
 from radtrt.training.tokenizer import train_tokenizer
 
@@ -480,3 +480,18 @@ def test_the_feature_cache_changes_only_the_speed(chain: Chain, tmp_path: Path, 
                         max_steps=3, precision=precision, cache_features=cache)
         losses[cache] = [e["loss"] for e in read_log(run)]
     assert losses[True] == losses[False], losses
+
+
+def test_a_dataloader_worker_ends_with_status_0_on_sigterm() -> None:
+    """Killed by the signal, torch's SIGCHLD handler raised in the training process and printed tracebacks.
+    The signal comes from another process (a scheduler, ``kill``): torch's own worker handler ends quietly
+    only on its parent's SIGTERM."""
+    import subprocess
+
+    batches = iter(torch.utils.data.DataLoader(range(8), num_workers=1, worker_init_fn=_quiet_on_sigterm))
+    next(batches)
+    worker = batches._workers[0]  # type: ignore[attr-defined]
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+    worker.join(30)
+    assert worker.exitcode == 0
+    del batches

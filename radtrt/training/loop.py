@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,51 +263,79 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     end = total if stop_after is None else min(total, start + stop_after)
     plan = _Plan(schedule, start, end, info.rank)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collate,
-                                         num_workers=cfg.num_workers, generator=torch.Generator())
+                                         num_workers=cfg.num_workers, generator=torch.Generator(),
+                                         worker_init_fn=_quiet_on_sigterm if cfg.num_workers else None)
     batches = iter(loader)
     losses: list[float] = []
     model.train()
     progress = _progress(console) if info.is_main else None
-    with progress or contextlib.nullcontext():
-        task = progress.add_task(f"{cfg.stage}", total=total, completed=start, loss=float("nan"), lr=0.0,
-                                 sps=0.0) if progress else None
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                if "error" in batch:  # an unreadable image, read lazily by a DataLoader worker
-                    fail(batch["error"])
-                sync = micro == cfg.grad_accum - 1 or not info.enabled
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:  # type: ignore[operator]
-                    loss = model(batch)
-                (loss / cfg.grad_accum).backward()
-                step_loss += float(loss.detach()) / cfg.grad_accum
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            step_loss = mean_across(info, step_loss)
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # before the step spreads it to the weights
-                fail(f"training diverged at step {step + 1}: loss {step_loss}, gradient norm {grad_norm} (a lower --lr?); "
-                     f"no model written, the checkpoints before it are kept")
-            optimizer.step()
-            scheduler.step()
-            losses.append(step_loss)
-            sps = schedule.global_batch / (time.perf_counter() - t0)
-            done = step + 1
-            if info.is_main:
-                entry = {"step": done, "epoch": round(schedule.epoch_of(done), 4), "loss": step_loss, "lr": lr,
-                         "grad_norm": grad_norm, "samples_per_s": round(sps, 2)}
-                _append_log(run_dir, entry)
-                assert progress is not None and task is not None
-                progress.update(task, completed=done, loss=step_loss, lr=lr, sps=sps)
-            if done % cfg.save_every == 0 or done == end:
-                _save(run_dir, cfg, info, done, named, optimizer, scheduler, origin)
-    model_dir = None
-    if end == total and info.is_main:
-        model_dir = write_outputs(cfg, run_dir, loaded, objective, peft_lm, total)
+    saved = start if resume else None  # the step of the run folder's checkpoint
+    try:
+        with progress or contextlib.nullcontext():
+            task = progress.add_task(f"{cfg.stage}", total=total, completed=start, loss=float("nan"), lr=0.0,
+                                     sps=0.0) if progress else None
+            for step in range(start, end):
+                t0 = time.perf_counter()
+                lr = scheduler.get_last_lr()[0]
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for micro in range(cfg.grad_accum):
+                    batch = next(batches)
+                    if "error" in batch:  # an unreadable image, read lazily by a DataLoader worker
+                        fail(batch["error"])
+                    sync = micro == cfg.grad_accum - 1 or not info.enabled
+                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast:  # type: ignore[operator]
+                        loss = model(batch)
+                    (loss / cfg.grad_accum).backward()
+                    step_loss += float(loss.detach()) / cfg.grad_accum
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                step_loss = mean_across(info, step_loss)
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # before the step spreads it to the weights
+                    fail(f"training diverged at step {step + 1}: loss {step_loss}, gradient norm {grad_norm} (a lower --lr?); "
+                         f"no model written, the checkpoints before it are kept")
+                optimizer.step()
+                scheduler.step()
+                losses.append(step_loss)
+                sps = schedule.global_batch / (time.perf_counter() - t0)
+                done = step + 1
+                if info.is_main:
+                    entry = {"step": done, "epoch": round(schedule.epoch_of(done), 4), "loss": step_loss, "lr": lr,
+                             "grad_norm": grad_norm, "samples_per_s": round(sps, 2)}
+                    _append_log(run_dir, entry)
+                    assert progress is not None and task is not None
+                    progress.update(task, completed=done, loss=step_loss, lr=lr, sps=sps)
+                if done % cfg.save_every == 0 or done == end:
+                    _save(run_dir, cfg, info, done, named, optimizer, scheduler, origin)
+                    saved = done
+        model_dir = None
+        if end == total and info.is_main:
+            model_dir = write_outputs(cfg, run_dir, loaded, objective, peft_lm, total)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.cli) from timeout, kill or a batch scheduler
+        if info.is_main:
+            console.print(_interrupted(run_dir, saved), markup=False, highlight=False, soft_wrap=True)
+        raise
     barrier(info)
     return TrainResult(run_dir, model_dir if end == total else None, end, total, losses)
+
+
+def _interrupted(run_dir: Path, saved: int | None) -> str:
+    """What an interrupted run left, and the command that goes on from it."""
+    if saved is None:
+        return (f"radtrt: interrupted before the first checkpoint, so there is nothing to resume: delete {run_dir} "
+                f"and run the command again")
+    return f"radtrt: interrupted; 'radtrt train resume {run_dir}' goes on from step {saved}, its last checkpoint"
+
+
+def _quiet_on_sigterm(worker_id: int) -> None:
+    """A DataLoader worker ends at once, with status 0, on SIGTERM.
+
+    torch's workers end quietly on their parent's SIGTERM only. A scheduler or ``kill`` signals every process of
+    a job: a worker dying of the signal made torch's SIGCHLD handler in the main process raise, and two
+    tracebacks buried the interrupted run's message. Ending,
+    instead of ignoring the signal, keeps interpreter exit from hanging: multiprocessing terminates leftover
+    daemonic workers with SIGTERM and then joins them.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def _check_max_length(cfg: TrainConfig, model_cfg: Any) -> None:
