@@ -126,6 +126,11 @@ def test_malformed_header_values_never_reach_stderr(merged: Path, tmp_path: Path
     assert not [w for w in caught if "SECRET" in str(w.message) or "1931" in str(w.message)]
     assert "SECRET" not in err and "1931" not in err
     assert not list((tmp_path / "sr").glob("*.dcm"))  # an SR copying it would not be valid DICOM
+    with warnings.catch_warnings(record=True) as caught:  # --json deep-copied the Dataset, which re-validates
+        warnings.simplefilter("always")
+        code, out, err = _invoke("infer", study, "--model", merged, "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["report"] is not None
+    assert not [w for w in caught if "SECRET" in str(w.message)] and "SECRET" not in err
     ds.StudyInstanceUID = "1.2.3.10"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

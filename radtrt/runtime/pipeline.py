@@ -33,11 +33,16 @@ class StudyResult:
     image: SelectedImage | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--json`` contract; timings of batched stages are per batch (``batch_size`` says how big)."""
-        d = asdict(self)
-        d.pop("image")
-        if self.batch_size == 1:
-            d.pop("batch_size")
+        """The ``--json`` contract; timings of batched stages are per batch (``batch_size`` says how big).
+
+        Field by field, not ``asdict``: that deep-copied ``image`` (its pydicom Dataset and pixels) only to drop
+        it, and pydicom re-validates UIDs on copy, warning with their values outside the CLI's silencing."""
+        d: dict[str, Any] = {"study": self.study, "source_file": self.source_file,
+                             "view_position": self.view_position, "report": self.report,
+                             "token_ids": list(self.token_ids), "backend": self.backend, "precision": self.precision,
+                             "timings_ms": dict(self.timings_ms)}
+        if self.batch_size != 1:
+            d["batch_size"] = self.batch_size
         return d
 
 
