@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from radtrt.data.manifest import read_manifest
+from radtrt.data.manifest import read_manifest as read_phantoms
 from radtrt.data.phantom_set import write_phantom_set
-from radtrt.errors import fail
-from radtrt.exporter.bundle import export_bundle
+from radtrt.errors import RadtrtError, fail
+from radtrt.exporter.bundle import export_bundle, read_manifest
 from radtrt.model.loading import load_model
 from radtrt.model.default_model import default_model_dir
 
@@ -22,10 +22,15 @@ def make_demo(out: Path, seed: int = 2) -> tuple[Path, Path, dict]:
     bundle = out / "default-model-fp32"
     if not (bundle / "manifest.json").is_file():
         export_bundle(load_model(default_model_dir()), bundle, precision="fp32")
+    else:  # an earlier run's: 'radtrt export' is no remedy the demo's user is looking for
+        try:
+            read_manifest(bundle)
+        except RadtrtError as e:
+            fail(f"{e} (an earlier demo's bundle: delete {bundle} and 'radtrt demo' exports it again)")
     phantoms = out / "phantom-study"
     if not (phantoms / "manifest.jsonl").is_file():
         write_phantom_set(phantoms, 1, seed, formats=("dicom",))
-    row = read_manifest(phantoms / "manifest.jsonl")[0].to_json()
+    row = read_phantoms(phantoms / "manifest.jsonl")[0].to_json()
     study = row.get("study")
     if not isinstance(study, str) or not (phantoms / study).is_dir():  # another run's set, or edited by hand
         fail(f"{phantoms} holds no DICOM phantom study of radtrt's demo; delete it or choose another -o")
