@@ -51,7 +51,15 @@ def check_file_target(path: Path, what: str) -> None:
     """Fail unless ``path`` could be written as a file (an existing file is overwritten by the caller)."""
     if path.is_dir():
         fail(f"{what} {path} is a folder; give the file to write")
+    _check_not_special(path, what)
     check_creatable(path, what)
+
+
+def _check_not_special(path: Path, what: str) -> None:
+    """Outputs are written beside their name and renamed over it: onto ``/dev/null`` or a named pipe that
+    replaced the device or pipe with a regular file (for everyone on the machine, when run as root)."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        fail(f"{what} {path} is not a regular file (a device, pipe or socket); give the path of a file to write")
 
 
 def check_new_dir(path: Path, what: str = "output directory") -> None:
@@ -81,6 +89,7 @@ def replaced_atomically(path: Path, mode: int | None = None) -> Iterator[Path]:
     The data is flushed to disk before the rename: otherwise a power cut soon after can leave the final name
     pointing at an empty file. ``mode`` (default: what a plain ``open`` gives under the umask) is for files
     that must stay private, such as an SR carrying patient data."""
+    _check_not_special(path, "output")
     if path.is_symlink():
         path = path.resolve()
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")

@@ -9,7 +9,7 @@ import torch
 
 from radtrt.errors import RadtrtError
 from radtrt.model.io import load_tensors, save_tensors
-from radtrt.outputs import WORK_MARKER, check_new_dir, new_dir_built_aside, write_text
+from radtrt.outputs import WORK_MARKER, check_file_target, check_new_dir, new_dir_built_aside, write_text
 
 
 def test_atomic_writes_leave_a_users_partial_file_alone(tmp_path: Path) -> None:
@@ -36,6 +36,22 @@ def test_a_link_as_output_file_stays_and_its_target_is_replaced(tmp_path: Path) 
     write_text(tmp_path / "latest.json", "new", "results file")
     assert (tmp_path / "latest.json").is_symlink() and target.read_text() == "new"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["results.json"]
+
+
+def test_a_named_pipe_as_output_file_is_refused_and_stays_a_pipe(tmp_path: Path) -> None:
+    """'eval -o /dev/null' (or a FIFO) renamed a regular file over the device: as root, /dev/null was gone for
+    the whole machine."""
+    import os
+    import stat
+
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(RadtrtError, match="is not a regular file"):
+        check_file_target(fifo, "results file")  # before the work
+    with pytest.raises(RadtrtError, match="is not a regular file"):
+        write_text(fifo, "{}", "results file")  # and where every output is written
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.fifo"]
 
 
 def test_build_folder_that_is_not_radtrts_is_refused(tmp_path: Path) -> None:
