@@ -9,7 +9,9 @@
 #
 # MODEL_DIR: a radtrt merged model ('radtrt convert'); without it a random-weight model with the
 # real ViT-B/14 and a 12 x 1024 decoder ("mid") is used (parity and speed only: the text is noise).
-# Environment: STUDIES (folder of studies; default 8 synthetic), MAX_BATCH (8), MAX_NEW_TOKENS (64),
+# Exit code 2 on a refusal (no GPU; bad input, one 'radtrt: error:' line), 1 on a failure.
+# Environment: STUDIES (what 'radtrt bench --studies' takes: a folder of studies or a phantom set;
+# default 8 synthetic), MAX_BATCH (8), MAX_NEW_TOKENS (64),
 # RUNS (3 timed runs per study), CALIB (a 'radtrt calibrate' file, or an ActivationStats .safetensors, for
 # SmoothQuant / INT8 KV; default: maxima captured here from the reference on the studies - a stand-in, not a
 # CXR calibration). A WORK_DIR from an earlier run is reused only for the same model and calibration.
@@ -44,13 +46,15 @@ def _one_line(kind, value, tb, hook=sys.excepthook):
     """radtrt's own refusals as the CLI prints them, not as tracebacks."""
     if issubclass(kind, RadtrtError):
         print(f"radtrt: error: {value}", file=sys.stderr)
+        sys.stdout.flush()
+        os._exit(2)  # the CLI's code for a refusal (bad input, a GPU or build this cannot run)
     else:
         hook(kind, value, tb)
 
 
 sys.excepthook = _one_line
 
-from radtrt.benchmarks.assets import synthetic_studies
+from radtrt.benchmarks.assets import study_paths
 from radtrt.benchmarks.parity import cosine, first_divergence
 from radtrt.exporter.bundle import export_bundle
 from radtrt.exporter.gpu import detect_gpu, require_gpu, trtllm_problem
@@ -86,8 +90,9 @@ if (bundle / "manifest.json").is_file():
     check_same_model(bundle, loaded.model)  # an earlier run's WORK_DIR with another MODEL_DIR is refused
 else:
     export_bundle(loaded, bundle, precision="fp16")  # also checks ONNX Runtime against PyTorch
-studies = (sorted(p for p in Path(os.environ["STUDIES"]).iterdir()) if os.environ.get("STUDIES")
-           else synthetic_studies(8, work / "studies"))
+# read as 'radtrt bench --studies' reads it (the ONNX Runtime check below passes it there): a phantom set's
+# manifest, hidden files and a synthetic set's records are not studies
+studies = study_paths(Path(os.environ["STUDIES"]) if os.environ.get("STUDIES") else None, None, work, 8)
 
 # CALIB is checked against the weights it was made from: before the in-place float16 cast below
 stats = load_activation_stats(Path(os.environ["CALIB"]), loaded.model) if os.environ.get("CALIB") else None

@@ -87,3 +87,10 @@ def test_calibration_is_checked_before_the_reference_casts_the_model_to_float16(
     fp32 ones it was made from, and every run with CALIB= stopped ('calibrated on other weights')."""
     block = _python_block()
     assert block.index('load_activation_stats(Path(os.environ["CALIB"])') < block.index('.to("cuda", torch.float16)')
+
+
+def test_studies_are_read_as_bench_reads_them() -> None:
+    """STUDIES went through iterdir(): a phantom set's README.txt and manifest, or a synthetic set's hidden
+    records, were taken for studies, while the bench commands later in the script read the same folder right."""
+    block = _python_block()
+    assert 'study_paths(Path(os.environ["STUDIES"])' in block and ".iterdir()" not in block
