@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from radtrt.exporter.int8_decoder import NBITS_ACCURACY_LEVEL, NBITS_BLOCK, REDUCE_RANGE
 from radtrt.exporter.streamed_quant import quantize_nbits8, quantize_w8a8
-from radtrt.model.config import preset
+from radtrt.model.config import PRESETS, preset
 
 KINDS = ("fp32", "w8a8", "w8-nbits")
 
@@ -58,11 +58,19 @@ def build_graphs(shapes: list[tuple[int, int]], folder: Path, seed: int = 0) -> 
     return paths
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: a median of no runs printed 'nan ms', exit 0."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="mid")
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--preset", default="mid", choices=list(PRESETS))
+    parser.add_argument("--runs", type=_at_least_one, default=10)
+    parser.add_argument("--threads", type=_at_least_one, default=2)
     args = parser.parse_args(argv)
     shapes = decoder_shapes(args.preset)
     params = sum(k * n for k, n in shapes)

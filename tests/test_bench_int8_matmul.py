@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_matmul.py"
 
@@ -46,3 +47,10 @@ def test_script_prints_ratios_and_the_command() -> None:
     run = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--runs", "1"], capture_output=True,
                          text=True, check=True)
     assert "w8a8" in run.stdout and "x fp32" in run.stdout and "reproduce: python" in run.stdout
+
+
+@pytest.mark.parametrize("args", [["--preset", "bogus"], ["--runs", "0"], ["--threads", "-1"]])
+def test_bad_arguments_are_one_usage_line(args: list[str]) -> None:
+    """An unknown preset ended in a RadtrtError traceback; --runs 0 printed 'nan ms' with exit 0."""
+    run = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "error: argument" in run.stderr
