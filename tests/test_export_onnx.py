@@ -71,6 +71,8 @@ def test_manifest_describes_and_hashes_the_bundle(bundle: Path) -> None:
     assert m["graphs"]["decoder.onnx"]["inputs"]["inputs_embeds"][0] == "batch"
     assert m["preprocess"]["image_size"] == 56 and m["prompt"]["template"] == "v1"
     assert (m["decoder"]["attention"], m["decoder"]["kv_cache"]) == ("fused", "float32")
+    # the model's identity: its weights' fingerprint, not the embedding table's file hash under a misleading name
+    assert set(m["model"]) == {"name", "source", "config_sha256", "weights_fingerprint_fp16"}
     check = m["export_check"]
     assert check["greedy_tokens_equal"] is True
     assert check["vision"]["max_abs"] < 1e-4 and check["decoder_first_logits"]["max_abs"] < 1e-4

@@ -179,8 +179,9 @@ def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[Exp
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {"name": loaded.name, "source": loaded.source,
-                  "weights_sha256": files.get("embed_tokens.safetensors", {}).get("sha256"), **identity},
+        # the model's hash is its weights' fingerprint in ``identity``; a "weights_sha256" here was only the
+        # embedding table's file hash, which "files" holds anyway
+        "model": {"name": loaded.name, "source": loaded.source, **identity},
         "precision": precision,
         "opset": OPSET,
         "graph_revision": GRAPH_REVISION,
