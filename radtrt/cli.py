@@ -56,7 +56,7 @@ def infer(
                                                               "\\[default: float32]"),
     indication: Optional[str] = typer.Option(None, "--indication", help="Exam indication added to the prompt."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation limit."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Studies generated together (left-padded)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Studies generated together (left-padded; a fused-attention bundle groups prompts of equal length)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per study on stdout."),
     sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Write a DICOM SR per study into this folder."),
     allow_any_modality: bool = typer.Option(False, "--allow-any-modality", help="Accept non-radiograph DICOMs."),
@@ -144,7 +144,7 @@ def export(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle directory (Triton: repository directory); "
                                        "not needed with --bundle, whose folder receives the engines."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Existing bundle to add engines to / serve."),
-    int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant (ONNX default)"),
+    int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant (default: smoothquant for the ONNX decoder, weight-only for TensorRT-LLM)"),
     int8_kv_cache: bool = typer.Option(False, "--int8-kv-cache",
                                        help="INT8 KV cache (TensorRT-LLM engine; ONNX bundle with --precision int8)."),
     attention: Optional[str] = typer.Option(
@@ -242,7 +242,7 @@ def doctor() -> None:
 
 @command
 def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Where to write the demo files."),
-         as_json: bool = typer.Option(False, "--json")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="The report as infer --json prints it.")) -> None:
     """First run: a synthetic phantom study through an ONNX bundle of the embedded default model."""
     from radtrt.outputs import check_folder_target
     from radtrt.runtime.demo import make_demo

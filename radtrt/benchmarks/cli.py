@@ -261,7 +261,7 @@ def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, d
 
 def register(app: typer.Typer) -> None:
     """Add ``radtrt bench latency`` and ``radtrt bench parity`` to ``app``."""
-    bench = typer.Typer(no_args_is_help=True, help="Latency and parity benchmarks with JSON, Markdown and PNG reports.")
+    bench = typer.Typer(no_args_is_help=True, help="Latency and parity benchmarks: Markdown and JSON reports (latency also a PNG chart).")
     bench.command("latency")(_guarded(latency))
     bench.command("parity")(_guarded(parity))
     app.add_typer(bench, name="bench")

@@ -50,7 +50,7 @@ def synthesize(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Answer cache folder. \\[default: OUT.cache]"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature of the endpoint. "
                                                                             "\\[default: 0]"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Template wording of row i; passed to the endpoint too."),
 ) -> None:
     """Turn structured label rows into findings text (chat endpoint, or --template offline)."""
     from radtrt.data.chat import ChatClient
