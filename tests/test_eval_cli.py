@@ -208,6 +208,52 @@ def test_chexbert_checkpoint_that_does_not_fit_is_refused(tmp_path: Path) -> Non
         chexbert_labels(["x"], CheXbertConfig(checkpoint=wrong, bert_dir=bert_dir))
 
 
+
+def test_chexbert_checkpoint_for_another_bert_is_one_line(tmp_path: Path) -> None:
+    """Same weight names, other shapes (a cased vocabulary): load_state_dict's "size mismatch" was a traceback."""
+    import torch
+    from transformers import BertConfig
+
+    from radtrt.evaluation.chexbert import CheXbertConfig, chexbert_labels
+
+    checkpoint, bert_dir = _tiny_chexbert(tmp_path, bias_class=0)
+    other = tmp_path / "other_bert"
+    other.mkdir()
+    (other / "vocab.txt").write_text((bert_dir / "vocab.txt").read_text() + "extra\n")
+    config = BertConfig.from_pretrained(str(bert_dir))
+    config.vocab_size += 1
+    config.save_pretrained(other)
+    torch.manual_seed(0)
+    with pytest.raises(RadtrtError, match="does not match the BERT in --bert-dir") as err:
+        chexbert_labels(["x"], CheXbertConfig(checkpoint=checkpoint, bert_dir=other))
+    assert str(checkpoint) in str(err.value) and "word_embeddings" in str(err.value)
+
+
+@pytest.mark.parametrize("broken, named", [
+    ("checkpoint", "--chexbert-checkpoint"),
+    ("config.json", "has no config.json"),
+    ("vocab.txt", "has no vocab.txt"),
+])
+def test_chexbert_paths_name_the_one_that_is_wrong(tmp_path: Path, broken: str, named: str) -> None:
+    from radtrt.evaluation.chexbert import CheXbertConfig
+
+    checkpoint, bert_dir = _tiny_chexbert(tmp_path, bias_class=0)
+    (checkpoint if broken == "checkpoint" else bert_dir / broken).unlink()
+    with pytest.raises(RadtrtError, match=named) as err:
+        CheXbertConfig(checkpoint=checkpoint, bert_dir=bert_dir).check()
+    assert str(checkpoint if broken == "checkpoint" else bert_dir) in str(err.value)
+
+
+def test_text_file_as_chexbert_checkpoint_is_not_called_a_pickle(tmp_path: Path) -> None:
+    from radtrt.evaluation.chexbert import CheXbertConfig, chexbert_labels
+
+    _, bert_dir = _tiny_chexbert(tmp_path, bias_class=0)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n")  # 'n' is a byte the weights-only unpickler calls unsupported
+    with pytest.raises(RadtrtError, match="is not a PyTorch checkpoint") as err:
+        chexbert_labels(["x"], CheXbertConfig(checkpoint=text, bert_dir=bert_dir))
+    assert "Python objects" not in str(err.value)
+
 # --- F1-RadGraph through the radgraph package: a stand-in package records how it is called ---------
 
 def _radgraph_dir(tmp_path: Path, bert: str) -> Path:

@@ -42,9 +42,22 @@ class CheXbertConfig:
         from radtrt.runtime.backends import resolve_device
 
         resolve_device(self.device)
-        if not self.checkpoint.is_file() or not (self.bert_dir / "config.json").is_file() or \
-                not (self.bert_dir / "vocab.txt").is_file():
-            fail(WHAT_TO_PROVIDE)
+        problem = missing_input(self.checkpoint, self.bert_dir)
+        if problem is not None:
+            fail(f"{problem}; {WHAT_TO_PROVIDE}")
+
+
+def missing_input(checkpoint: Path, bert_dir: Path) -> str | None:
+    """Which of the two given paths is wrong, or None: a bare "needs local weights" left the user guessing
+    which of the paths they did pass was the problem."""
+    if not checkpoint.is_file():
+        return f"--chexbert-checkpoint {checkpoint} is not a file"
+    if not bert_dir.is_dir():
+        return f"--bert-dir {bert_dir} is not a directory"
+    for name in ("config.json", "vocab.txt"):
+        if not (bert_dir / name).is_file():
+            return f"--bert-dir {bert_dir} has no {name}"
+    return None
 
 
 def build_labeler(bert_config: transformers.BertConfig) -> torch.nn.Module:
@@ -78,6 +91,19 @@ def _encode(tokenizer: object, report: str) -> list[int]:
     return ids
 
 
+def shape_mismatches(state: dict[str, object], expected: dict[str, torch.Tensor]) -> list[str]:
+    """``name: checkpoint shape vs model shape`` for each weight whose shape differs from the model built from
+    --bert-dir: the names match for any BERT (a cased vocabulary of 28996 against 30522), so without this
+    ``load_state_dict`` ended in a "size mismatch" traceback. A value that is no tensor counts as a mismatch."""
+    out = []
+    for name, want in expected.items():
+        got = getattr(state[name], "shape", None)
+        if got is None or tuple(got) != tuple(want.shape):
+            shown = "no tensor" if got is None else tuple(got)
+            out.append(f"{name}: {shown} in the checkpoint, {tuple(want.shape)} in the model")
+    return out
+
+
 def load(cfg: CheXbertConfig) -> tuple[torch.nn.Module, object]:
     """Labeler and tokenizer from local files only."""
     from transformers import BertConfig, BertTokenizer
@@ -100,6 +126,10 @@ def load(cfg: CheXbertConfig) -> tuple[torch.nn.Module, object]:
     if missing or unexpected:
         fail(f"{cfg.checkpoint.name} does not match the CheXbert architecture "
              f"({len(missing)} weights missing, {len(unexpected)} unexpected)")
+    differing = shape_mismatches(state, expected)
+    if differing:
+        fail(f"{cfg.checkpoint} does not match the BERT in --bert-dir {cfg.bert_dir} ({len(differing)} weights "
+             f"differ in shape, e.g. {differing[0]}): give the bert-base-uncased the checkpoint was trained from")
     model.load_state_dict(state)
     return model.to(cfg.device).eval(), tokenizer
 

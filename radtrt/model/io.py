@@ -80,12 +80,26 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = b"\x80"
+
+
+def looks_like_torch_save(head: bytes) -> bool:
+    """Whether a file's first bytes can be torch.save's: its zip archive, or the legacy format's pickle (protocol
+    2 or later, so it opens with the PROTO opcode). The weights-only unpickler reports any byte it does not know
+    as an unsupported pickle, so a text file was called one holding Python objects other than tensors."""
+    return head.startswith((ZIP_MAGIC, PICKLE_PROTO))
+
+
 def load_weights_pickle(path: Path) -> Any:
     """What a weights-only pickle holds (tensors in plain containers); anything else is refused in one line."""
     _check_exists(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message goes on to suggest weights_only=False: never here
+        with path.open("rb") as handle:
+            if not looks_like_torch_save(handle.read(len(ZIP_MAGIC))):
+                fail(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle; a text file?)")
         fail(f"refusing {path}: it holds Python objects other than tensors, and radtrt loads weights only, "
              "never code")
     # the legacy (non-zip) reader fails on junk with whatever it trips over (KeyError, IndexError, struct.error)
