@@ -1,13 +1,52 @@
-"""Which failures of an OpenAI-compatible endpoint deserve another attempt, and how long the server asked to wait.
+"""What the two clients of OpenAI-compatible endpoints must agree on: which URLs can be one, which failures
+deserve another attempt, and how long the server asked to wait.
 
 Shared by the report synthesizer (``data/chat.py``, plain urllib so that it needs no SDK) and the CheXprompt
 judge (``evaluation/chexprompt/client.py``, the openai SDK for Azure): their own copies had drifted apart (a
-520 was retried by one and fatal to the other)."""
+520 was retried by one and fatal to the other; a URL one refused, the other crashed on or retried)."""
 
 from __future__ import annotations
 
 import math
+import re
+import urllib.parse
 from typing import Mapping, Optional
+
+from radtrt.errors import fail
+
+_HOST = re.compile(r"[\w.-]+")  # letters (IDN too), digits, dots, hyphens, underscores (container names)
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")  # what http.client refuses in a request line: spaces, controls
+
+
+def endpoint_problem(url: str, option: str) -> str | None:
+    """Why ``url`` cannot be an endpoint's base URL, in one line naming ``option``, or None. Checked before any
+    work: a bad port or bracket crashed the openai SDK with a traceback and failed urllib's request as
+    "retryable", and a URL without a usable host ran the whole job with every request failing, then said
+    "rerun"."""
+    if not url.startswith(("http://", "https://")):
+        return f"{option} must be an http(s) URL, got '{url}'"
+    if _UNSENDABLE.search(url):
+        return f"{option} '{url}' contains a space or control character"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # parsed on access: a non-number or one out of range raises here
+    except ValueError as e:  # an unclosed IPv6 bracket, a port that is no number
+        return f"{option} '{url}' is not a valid URL ({e})"
+    host = parts.hostname
+    if not host:
+        return f"{option} '{url}' names no host"
+    if ":" not in host and not _HOST.fullmatch(host):  # ':' only in an IPv6 literal, which urlsplit checked
+        return f"{option} '{url}' has an invalid host name '{host}'"
+    if port == 0:
+        return f"{option} '{url}' names port 0, which nothing listens on"
+    return None
+
+
+def check_endpoint(url: str, option: str) -> None:
+    """Refuse ``url`` in one line when it cannot be an endpoint (see ``endpoint_problem``)."""
+    problem = endpoint_problem(url, option)
+    if problem is not None:
+        fail(problem)
 
 
 def retryable_status(code: int) -> bool:

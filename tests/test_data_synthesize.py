@@ -213,12 +213,38 @@ def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
 @pytest.mark.parametrize("endpoint,options,match", [
     ("http://[::1", {}, "not a valid URL"),
     ("http:///v1", {}, "names no host"),
+    # the port was parsed only when urllib sent the request: InvalidURL, retried with backoff, then "rerun"
+    ("http://127.0.0.1:notaport/v1", {}, "is not a valid URL"),
+    ("http://127.0.0.1:99999/v1", {}, "is not a valid URL"),
+    ("http://exa mple/v1", {}, "contains a space"),  # every request failed, then "rerun to resume"
+    ("http://exa%20mple/v1", {}, "invalid host name"),
     ("http://127.0.0.1:9/v1", {"timeout_s": -1.0}, "--timeout must be positive"),
     ("http://127.0.0.1:9/v1", {"timeout_s": float("nan")}, "--timeout must be positive"),
 ])
 def test_unusable_endpoint_settings_are_refused_before_any_request(endpoint: str, options: dict, match: str) -> None:
     with pytest.raises(RadtrtError, match=match):
         ChatClient(endpoint, "m", **options)
+
+
+def test_invalid_url_is_never_retried() -> None:
+    """http.client's InvalidURL is an HTTPException, so it was retried with backoff like a cut-off body."""
+    sleeps: list[float] = []
+    client = ChatClient("http://127.0.0.1:9/v1", "m", rate_per_s=1e9, sleep=sleeps.append)
+    client.url = "http://127.0.0.1:9/v 1"  # past the up-front check, as a URL urllib cannot send
+    with pytest.raises(RadtrtError, match="is not a valid URL"):
+        client.complete([{"role": "user", "content": "x"}])
+    assert client.requests_made == 1 and not sleeps
+
+
+@pytest.mark.parametrize("content, match", [
+    (5, "content that is not text"),  # was "answered with empty content"
+    ([{"type": "text", "text": "x"}], "content that is not text"),
+    (None, "empty content"),
+    ("  ", "empty content"),
+])
+def test_answer_content_that_is_no_text_is_named(content: object, match: str) -> None:
+    with pytest.raises(RadtrtError, match=match):
+        ChatClient._parse({"choices": [{"message": {"content": content}}]})
 
 
 def test_unusable_cache_folder_is_refused_before_any_request(tmp_path: Path) -> None:

@@ -478,3 +478,16 @@ def test_the_library_never_picks_a_judge_endpoint_itself(monkeypatch: pytest.Mon
     with pytest.raises(RadtrtError, match="give --endpoint URL"):
         JudgeConfig(model="gpt-4o")
     assert JudgeConfig(model="gpt-4o", endpoint="https://api.openai.com/v1").endpoint == "https://api.openai.com/v1"
+
+
+@pytest.mark.parametrize("option, url, match", [
+    ("endpoint", "http://[::1", "is not a valid URL"),  # the SDK's InvalidURL was a traceback
+    ("endpoint", "http://host:notaport/v1", "is not a valid URL"),
+    ("endpoint", "http://", "names no host"),  # every request failed, then "rerun"
+    ("endpoint", "http://exa mple/v1", "contains a space"),
+    ("azure_endpoint", "https://exa mple.openai.azure.com", "--azure-endpoint .* contains a space"),
+])
+def test_unusable_judge_url_is_refused_before_any_work(option: str, url: str, match: str) -> None:
+    with pytest.raises(RadtrtError, match=match):
+        JudgeConfig(model="gpt-4o", api_version="2024-06-01" if option == "azure_endpoint" else None,
+                    **{option: url})

@@ -23,14 +23,13 @@ import math
 import socket
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
-from radtrt.http_retry import retry_after_seconds, retryable_status
+from radtrt.http_retry import check_endpoint, retry_after_seconds, retryable_status
 from radtrt.outputs import check_folder_target, replaced_atomically
 
 MAX_WAIT_S = 120.0  # longest pause between attempts, whatever Retry-After asks
@@ -38,13 +37,7 @@ MAX_WAIT_S = 120.0  # longest pause between attempts, whatever Retry-After asks
 
 def completions_url(endpoint: str) -> str:
     endpoint = endpoint.rstrip("/")
-    if not endpoint.startswith(("http://", "https://")):
-        fail(f"--endpoint must be an http(s) URL, got '{endpoint}'")
-    try:
-        if not urllib.parse.urlsplit(endpoint).hostname:
-            fail(f"--endpoint '{endpoint}' names no host")
-    except ValueError as e:  # e.g. an unclosed IPv6 bracket
-        fail(f"--endpoint '{endpoint}' is not a valid URL ({e})")
+    check_endpoint(endpoint, "--endpoint")
     return endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
 
 
@@ -133,6 +126,8 @@ class ChatClient:
                     hint = " (check the API key)" if e.code in (401, 403) else ""
                     fail(f"chat endpoint refused the request: HTTP {e.code}{hint}")
                 problem, retry_after = f"HTTP {e.code}", retry_after_seconds(e.headers)
+            except http.client.InvalidURL as e:  # checked up front; never worth another attempt
+                fail(f"--endpoint '{self.endpoint}' is not a valid URL ({e})")
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                     http.client.HTTPException) as e:  # HTTPException: a body cut off (IncompleteRead) and kin
                 problem = type(getattr(e, "reason", e)).__name__
@@ -149,7 +144,9 @@ class ChatClient:
             content = answer["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             fail("chat endpoint's answer has no choices[0].message.content")
-        if not isinstance(content, str) or not content.strip():
+        if content is not None and not isinstance(content, str):  # a number was called "empty content"
+            fail(f"chat endpoint answered with content that is not text (JSON type {type(content).__name__})")
+        if content is None or not content.strip():
             fail("chat endpoint answered with empty content")
         return content.strip()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from radtrt.errors import fail
+from radtrt.http_retry import check_endpoint
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,10 @@ class JudgeConfig:
         if self.endpoint and self.azure_endpoint:
             fail("give either --endpoint (OpenAI-compatible) or --azure-endpoint, not both")
         for option, url in (("--endpoint", self.endpoint), ("--azure-endpoint", self.azure_endpoint)):
-            # else every request fails as a connection error and the run "succeeds" having scored nothing
-            if url and not url.startswith(("http://", "https://")):
-                fail(f"{option} must be an http(s) URL, got '{url}'")
+            # else every request fails as a connection error and the run "succeeds" having scored nothing, or
+            # the SDK raises InvalidURL as a traceback
+            if url:
+                check_endpoint(url, option)
         if self.azure_endpoint and not self.api_version:
             fail("Azure OpenAI needs an API version (--api-version, e.g. 2024-06-01)")
         if not self.azure_endpoint and (self.api_version or self.azure_deployment):  # else silently unused
