@@ -369,6 +369,16 @@ def test_parity_verdicts(reference: list[int | None], candidate: list[int | None
     assert result.verdict == verdict, result.reason
 
 
+@pytest.mark.parametrize("n, verdict", [(1, "inconclusive"), (29, "inconclusive"), (30, "pass")])
+def test_parity_needs_enough_studies(n: int, verdict: str) -> None:
+    """One study gave PASS: every resample identical, a zero-width interval [+0.000, +0.000]."""
+    result = parity_from_judgements(_judgements([0] * n), _judgements([0] * n), margin=0.1,
+                                    cfg=BootstrapConfig(n_resamples=100))
+    assert result.verdict == verdict, result.reason
+    if verdict == "inconclusive":
+        assert f"only {n} studies" in result.reason and "at least 30" in result.reason
+
+
 def test_parity_difference_is_paired() -> None:
     # Identical per-study error counts: a paired difference of exactly zero, however noisy the counts.
     counts = [0, 3, 1, 5, 0, 2, 4, 0] * 5
@@ -408,8 +418,8 @@ def test_cli_paired_chexprompt_parity(fake_judge: FakeJudge, tmp_path: Path) -> 
     from radtrt.evaluation.cli import register
 
     fake_judge.default = lambda c: ("answer", answer((1, 0, 0, 0, 0, 0) if "WORSE" in c else ZERO, (0, 1, 0, 0, 0, 0)))
-    reference = _write(tmp_path / "torch.jsonl", [f"Report {i}." for i in range(20)])
-    candidate = _write(tmp_path / "trt.jsonl", [f"Report {i}." for i in range(20)])
+    reference = _write(tmp_path / "torch.jsonl", [f"Report {i}." for i in range(30)])  # the fewest for a PASS
+    candidate = _write(tmp_path / "trt.jsonl", [f"Report {i}." for i in range(30)])
     app = typer.Typer()
 
     @app.callback()
@@ -425,7 +435,7 @@ def test_cli_paired_chexprompt_parity(fake_judge: FakeJudge, tmp_path: Path) -> 
     assert result.exit_code == 0, result.stderr
     assert "CheXprompt parity: **PASS**" in result.stdout and "not the published" in result.stdout
     parity = json.loads((tmp_path / "p.json").read_text())["chexprompt_parity"]
-    assert parity["verdict"] == "pass" and parity["identical_predictions"] == 20
+    assert parity["verdict"] == "pass" and parity["identical_predictions"] == 30
     assert parity["candidate"]["mean_insignificant_errors"]["value"] == pytest.approx(1.0)
     assert KEY not in result.stdout + result.stderr + (tmp_path / "p.json").read_text()
 

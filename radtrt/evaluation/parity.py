@@ -7,8 +7,9 @@ a stated margin, by default 0.1 significant errors per report:
 
 * ``pass``: the interval's upper bound is at most the margin;
 * ``fail``: its lower bound is above the margin (the candidate is clearly worse);
-* ``inconclusive``: the interval straddles the margin, or too many studies could not be judged in one
-  of the arms (judge more studies, or fix the judge).
+* ``inconclusive``: the interval straddles the margin, fewer than ``MIN_PAIRED_STUDIES`` studies were
+  scored in both arms, or too many studies could not be judged in one of the arms (judge more studies, or
+  fix the judge).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ from radtrt.evaluation.records import load_predictions
 
 DEFAULT_MARGIN = 0.1
 DEFAULT_MAX_FAILURE_SHARE = 0.05
+# Fewest studies scored in both arms for a pass or a fail. Why: a percentile bootstrap interval means something
+# only when the resampled studies can stand in for the population, and 30 is the usual floor for that. Below it
+# the interval is too narrow, and when every paired difference is the same (an engine that reproduces the
+# reference: every resample's mean is 0) it has zero width, so one study "proved" parity: the reasoning that
+# bootstrap.wilson_interval's docstring rejects for proportions.
+MIN_PAIRED_STUDIES = 30
 
 
 @dataclass(frozen=True)
@@ -99,12 +106,16 @@ def parity_from_judgements(reference: Sequence[Any], candidate: Sequence[Any], *
 
 
 def _decide(diff: Estimate, margin: float, excluded: int, n: int, max_failure_share: float) -> tuple[str, str]:
-    """Non-inferiority against ``margin``, unless too many studies went unjudged."""
+    """Non-inferiority against ``margin``, unless too many studies went unjudged or too few were judged."""
     if excluded / n > max_failure_share:
         return "inconclusive", (f"{excluded} of {n} studies could not be judged in one arm "
                                 f"(more than {max_failure_share:.0%}); rerun to resume the judge")
     stated = (f"candidate minus reference: {diff.value:+.3f} significant errors per report, "
               f"95% CI [{diff.ci_low:+.3f}, {diff.ci_high:+.3f}]")
+    if n - excluded < MIN_PAIRED_STUDIES:
+        return "inconclusive", (f"{stated}, but only {n - excluded} studies were scored in both arms: a pass or "
+                                f"fail needs at least {MIN_PAIRED_STUDIES}, as a bootstrap interval from fewer "
+                                f"is too narrow to trust; judge more studies")
     if diff.ci_high <= margin:
         return "pass", f"{stated}, upper bound within the margin of {margin}"
     if diff.ci_low > margin:
