@@ -274,6 +274,31 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     assert synthesize(labels, out, client=None, seed=0, console=None) == out  # same settings: nothing to do
 
 
+@pytest.mark.parametrize("change", [
+    {"labels": {"Pneumothorax": 0, "Edema": 1}},  # same image, other labels: the old findings were kept, rc 0
+    {"indication": "Fever."},
+])
+def test_resume_after_the_label_file_changed_is_refused(tmp_path: Path, change: dict) -> None:
+    labels = _labels_file(tmp_path / "labels.jsonl")
+    out = synthesize(labels, tmp_path / "out.jsonl", client=None, console=None)
+    rows = [json.loads(line) for line in labels.read_text().splitlines()]
+    rows[2].update(change)
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(kept[:3]))  # a stopped run: rows 0-2 finished
+    with pytest.raises(RadtrtError, match=r"other labels or indications .*row 3, image img2.png"):
+        synthesize(labels, out, client=None, console=None)
+    assert out.read_text() == "".join(kept[:3])
+
+
+def test_resume_with_unchanged_labels_completes(tmp_path: Path) -> None:
+    labels = _labels_file(tmp_path / "labels.jsonl")
+    out = synthesize(labels, tmp_path / "out.jsonl", client=None, console=None)
+    whole = out.read_text()
+    out.write_text("".join(whole.splitlines(keepends=True)[:2]))
+    assert synthesize(labels, out, client=None, console=None).read_text() == whole
+
+
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
 def test_unusable_temperature_is_refused(tmp_path: Path, temperature: float) -> None:
     with pytest.raises(RadtrtError, match="--temperature must be within 0-2"):

@@ -6,7 +6,8 @@ Input: JSONL rows with ``image``, ``labels`` and optionally ``indication`` (othe
 Output: a training manifest, one row per input row in the same order, each marked with how its
 text was made: ``synthesis: {"mode": "llm", "model", "endpoint"}`` or ``{"mode": "template", ...}``.
 
-Resumable: rows already in the output are kept and skipped (checked to be the same images), and
+Resumable: rows already in the output are kept and skipped (checked to be the same images, made from the
+same labels and indications with the same settings), and
 the chat client's cache avoids paying twice for answers that were received but not yet written.
 Template mode is deterministic: row ``i`` with seed ``s`` always gets the same text.
 """
@@ -133,6 +134,22 @@ def _positive_names(labels: LabelSet) -> list[str]:
     return list(labels.positive) if labels.positive else [NO_FINDING]
 
 
+def _text_or_none(value: Any) -> Any:
+    """An indication as a manifest reader sees it (stripped, blank is none), so that a resume compares meaning."""
+    return (value.strip() or None) if isinstance(value, str) else value
+
+
+def _first_changed_input(done: list[dict[str, Any]], inputs: list[dict[str, Any]]) -> int | None:
+    """Index of the first finished row whose labels or indication are not the label file's any more, or None.
+    Why: a resume after the label file was edited (same images, other labels) kept the old findings and their
+    old labels without a word; each row records what it was made from (``source_labels``, ``indication``)."""
+    for index, (row, given) in enumerate(zip(done, inputs)):
+        if row.get("source_labels") != given.get("labels") or \
+                _text_or_none(row.get("indication")) != _text_or_none(given.get("indication")):
+            return index
+    return None
+
+
 def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any]) -> int:
     if not out.is_file():
         return 0
@@ -142,6 +159,11 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any]) ->
     if any(d.get("synthesis") != mode for d in done):  # a resume must not mix two settings in one manifest
         fail(f"{out} holds rows made with other settings (template/endpoint, model, seed or temperature); "
              f"rerun with the same options, or choose another -o")
+    changed = _first_changed_input(done, inputs)
+    if changed is not None:
+        fail(f"{out} holds rows made from other labels or indications than the label file's (first: row "
+             f"{changed + 1}, image {inputs[changed].get('image')}); rerun with the label file they were made "
+             f"from, or choose another -o")
     raw = out.read_bytes()
     if raw.strip() and not done:  # a file of someone else's (one line, no newline): never emptied
         fail(f"{out} exists and holds no finished manifest row; choose another -o (if a run was stopped while "
