@@ -158,6 +158,29 @@ def test_template_mode_is_deterministic_and_marked(tmp_path: Path) -> None:
     assert extract_labels(rows[1].findings) == ["cardiomegaly"]  # phantom vocabulary: the varied generator
 
 
+@pytest.mark.parametrize("labels, expected", [
+    ({"Pneumonia": -1, "Edema": 0}, ()),  # was ("no_finding",) next to "Pneumonia is possible."
+    ({"No Finding": 0}, ()),  # No Finding negated
+    ({"Edema": 0, "Fracture": None}, ("no_finding",)),  # only negatives: CheXpert's No Finding
+    ({"Edema": 1, "Pneumonia": -1}, ("Edema",)),
+])
+def test_no_finding_only_when_nothing_is_positive_or_uncertain(tmp_path: Path, labels: dict,
+                                                                expected: tuple[str, ...]) -> None:
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"image": "a", "labels": labels}) + "\n")
+    row = read_manifest(synthesize(path, tmp_path / "out.jsonl", client=None, console=None))[0]
+    assert row.labels == expected, row.findings
+
+
+def test_indication_that_is_no_string_is_refused(tmp_path: Path) -> None:
+    """A number was written as null without a word; read_manifest refuses it the same way."""
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"image": "a", "labels": ["cardiomegaly"], "indication": 5}) + "\n")
+    with pytest.raises(RadtrtError, match=r"labels.jsonl:1: 'indication' must be a string or null"):
+        synthesize(path, tmp_path / "out.jsonl", client=None, console=None)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_parse_labels_and_template_errors() -> None:
     assert parse_labels({"Cardiomegaly": 1, "Edema": -1, "Fracture": None}, "x").uncertain == ("Edema",)
     with pytest.raises(RadtrtError, match="must be 1, 0, -1"):

@@ -74,7 +74,9 @@ def read_jsonl(path: Path, *, complete_only: bool = False) -> Iterator[tuple[int
         yield lineno, obj
 
 
-def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
+def optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
+    """A string field that may be absent (stripped; blank is none); anything but a string is refused in one line,
+    here and where synthesized rows are made, so that a number is never turned into "none" silently."""
     value = obj.get(key)
     if value is not None and not isinstance(value, str):
         fail(f"{where}: '{key}' must be a string or null")
@@ -91,7 +93,7 @@ def parse_row(obj: dict[str, Any], where: str) -> ManifestRow:
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
         fail(f"{where}: 'labels' must be a list of label names")
     extra = {k: v for k, v in obj.items() if k not in ("image", "findings", "indication", "labels")}
-    return ManifestRow(image, findings.strip(), _optional_str(obj, "indication", where),
+    return ManifestRow(image, findings.strip(), optional_str(obj, "indication", where),
                        tuple(labels) if labels is not None else None, extra)
 
 

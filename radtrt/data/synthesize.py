@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from rich.console import Console
 
 from radtrt.data.chat import ChatClient
-from radtrt.data.manifest import read_jsonl
+from radtrt.data.manifest import optional_str, read_jsonl
 from radtrt.data.reports import findings_text
 from radtrt.data.vocabulary import LABELS, NO_FINDING, Findings
 from radtrt.errors import fail
@@ -131,7 +131,14 @@ def template_text(labels: LabelSet, rng: random.Random) -> str:
 
 
 def _positive_names(labels: LabelSet) -> list[str]:
-    return list(labels.positive) if labels.positive else [NO_FINDING]
+    """The manifest's ``labels``: the positive findings (a manifest's list holds findings that are present), or
+    ``no_finding`` by CheXpert's rule: only when no finding is positive or uncertain and No Finding is not
+    negated. Uncertain findings are not listed as present, but a row of only uncertain or negative findings
+    is no "no finding" either (it was, next to text such as "Pneumonia is possible"): it gets an empty list."""
+    if labels.positive:
+        return list(labels.positive)
+    no_finding_negated = any(_readable(n).lower().strip() == "no finding" for n in labels.negative)
+    return [] if labels.uncertain or no_finding_negated else [NO_FINDING]
 
 
 def _text_or_none(value: Any) -> Any:
@@ -189,12 +196,13 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     if not rows:
         fail(f"label file {labels_file} has no rows")
     inputs = [obj for _, obj in rows]
-    parsed = []
+    parsed, indications = [], []
     for lineno, obj in rows:  # the file's own line numbers (blank lines included)
         where = f"{labels_file}:{lineno}"
         if not isinstance(obj.get("image"), str) or not obj["image"].strip():
             fail(f"{where}: 'image' is missing, empty or not a string")
         parsed.append(parse_labels(obj.get("labels"), where))
+        indications.append(optional_str(obj, "indication", where))  # a number was turned into null silently
     mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
@@ -207,8 +215,7 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
         handle: TextIO | None = None  # opened with the first row: an endpoint failing at once leaves no empty file
         task = progress.add_task("synthesizing reports", total=len(inputs), completed=start)
         for i in range(start, len(inputs)):
-            obj, labels = inputs[i], parsed[i]
-            indication = obj.get("indication") if isinstance(obj.get("indication"), str) else None
+            obj, labels, indication = inputs[i], parsed[i], indications[i]
             if client is None:
                 text = templates[i]
             else:
