@@ -344,6 +344,17 @@ def test_damaged_manifest_is_refused(bundle: Path, studies: list[Path], tmp_path
     _refused(["infer", str(studies[0]), "--bundle", str(copy)], str(path))
 
 
+@pytest.mark.parametrize("precision, match", [("fp16", "decoder.onnx takes float32 embeddings"),
+                                              ("int8", "without an INT8 quantization record")])
+def test_a_precision_the_graphs_do_not_have_is_refused(bundle: Path, studies: list[Path], tmp_path: Path,
+                                                       precision: str, match: str) -> None:
+    """An edited precision was taken at its word: infer's records and bench's sides named the wrong one."""
+    copy = _copy(bundle, tmp_path)
+    path = copy / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "precision": precision}))
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)], match)
+
+
 def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
     return lambda m: m[section].update({key: value})
 

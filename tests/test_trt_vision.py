@@ -78,6 +78,8 @@ def make_fake_bundle(root: Path, *, precision: str = "fp16", qdq: bool = False, 
                 "decoder": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "hidden_size": 64, "vocab_size": 512,
                             "eos_token_id": 2, "attention": "fused", "kv_cache": "float16"},
                 "vision": {"image_size": 56, "num_image_tokens": cfg.num_image_tokens}}
+    if qdq:
+        manifest["int8"] = {"vision_method": "Q/DQ", "decoder_method": "weight-only"}
     (bundle / MANIFEST).write_text(json.dumps(manifest))
     return bundle
 

@@ -303,6 +303,9 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
             return f"no size and sha256 for {name}"
     if manifest.get("precision") not in (*PRECISIONS, "int8"):
         return f"unknown precision {manifest.get('precision')!r}"
+    if (manifest["precision"] == "int8") != isinstance(manifest.get("int8"), dict):  # reports name the precision
+        return f"precision {manifest['precision']!r} " + ("without" if manifest["precision"] == "int8" else "with") \
+            + " an INT8 quantization record"
     for key in ("model", "vision", "decoder"):  # "graphs" is the ONNX Runtime backend's own check
         if not isinstance(manifest.get(key), dict):
             return f"no '{key}' section"

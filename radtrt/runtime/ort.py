@@ -127,6 +127,10 @@ class OrtBackend:
         self.num_layers, self.num_kv, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
         self.input_names, self.output_names = decoder_io_names(self.num_layers)
         self.dtype = self.table.dtype
+        embeds_type = next((i.type for i in self.decoder.get_inputs() if i.name == "inputs_embeds"), None)
+        if (self.precision == "fp16") != (embeds_type == "tensor(float16)"):  # reports and logs name the precision
+            fail(f"{bundle}/manifest.json says precision {self.precision}, but decoder.onnx takes "
+                 f"{ORT_TYPES.get(embeds_type, embeds_type)} embeddings: re-export the bundle")
         decoder_io = self.manifest.get("graphs", {}).get("decoder.onnx", {}).get("inputs")
         if not isinstance(decoder_io, (dict, list)):
             fail(f"{bundle}/manifest.json records no decoder.onnx inputs: re-export the bundle")
