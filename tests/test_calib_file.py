@@ -168,6 +168,17 @@ def test_too_few_samples_and_missing_data_are_refused(loaded: LoadedModel, phant
         calibrate(loaded, tmp_path / "nowhere", 2)
 
 
+def test_a_missing_manifest_image_is_named_where_it_was_looked_for(loaded: LoadedModel, phantoms: Path,
+                                                                   tmp_path: Path) -> None:
+    """Only 'phantom-00000.png: no such file or folder': nothing said it was looked for beside the manifest."""
+    (tmp_path / "elsewhere").mkdir()
+    manifest = tmp_path / "elsewhere" / "manifest.jsonl"
+    shutil.copy(phantoms, manifest)  # its relative image paths now point into elsewhere/
+    first = json.loads(manifest.read_text().splitlines()[0])["image"]
+    with pytest.raises(RadtrtError, match=f"^{tmp_path / 'elsewhere' / first}: no such file or folder"):
+        calibrate(loaded, manifest, 2)
+
+
 def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: Path) -> None:
     model_dir = save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), tmp_path / "m")
     out = tmp_path / "calib.safetensors"

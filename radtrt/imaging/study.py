@@ -213,9 +213,27 @@ def study_warnings(study: Path, image: SelectedImage) -> list[str]:
     return out
 
 
+def study_error(study: Path, error: Exception) -> str:
+    """An error line that names the study as given, not only the file inside it that failed (a manifest's
+    relative image path, two studies' "frontal.dcm")."""
+    message, name = str(error), Path(study).name
+    if message.startswith(f"{study}:"):  # named already
+        return message
+    if message.startswith(f"{name}:"):  # a file given by itself: its name becomes the path as given
+        return f"{study}{message[len(name):]}"
+    return f"{study}: {message}"
+
+
 def load_study(path: Path, *, allow_any_modality: bool = False) -> SelectedImage:
-    """Load a study (file or folder) and return its chosen image as equalized 8-bit grey."""
-    path = Path(path)
+    """Load a study (file or folder) and return its chosen image as equalized 8-bit grey; errors name the
+    study as given (every caller's, be it infer, calibration or a benchmark)."""
+    try:
+        return _load_study(Path(path), allow_any_modality)
+    except RadtrtError as e:
+        fail(study_error(path, e))
+
+
+def _load_study(path: Path, allow_any_modality: bool) -> SelectedImage:
     if not path.exists():
         fail(f"{path.name or path}: no such file or folder")
     if path.is_dir():

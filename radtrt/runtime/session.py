@@ -10,7 +10,7 @@ from rich.console import Console
 
 from radtrt import __version__
 from radtrt.errors import RadtrtError, fail, printable
-from radtrt.imaging.study import study_warnings
+from radtrt.imaging.study import study_error, study_warnings
 from radtrt.model.loading import load_model
 from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolve_device
 from radtrt.runtime.pipeline import Pipeline, PreparedStudy, StudyFailure, StudyResult
@@ -112,14 +112,6 @@ def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: st
     if chosen != "torch" and model is not None:
         fail(f"--model is not used: this run uses {chosen} ({why}) on --bundle; drop --model, or pass "
              f"--backend torch and drop --bundle to run the model")
-
-
-def study_error(study: Path, error: Exception) -> str:
-    """An error line that names the study as given, not only the file inside it that failed."""
-    message, name = str(error), Path(study).name
-    if message.startswith(f"{name}:"):  # a file given by itself: its name becomes the path as given
-        return f"{study}{message[len(name):]}"
-    return f"{study}: {message}"
 
 
 def _trt_ready(bundle: Path) -> bool:
