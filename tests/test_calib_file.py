@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from radtrt.calibration.file import CalibrationFile, content_sha256, load_activation_stats
-from radtrt.calibration.run import calibrate, calibrate_phantoms, heldout_samples, reuse
+from radtrt.calibration.run import calibrate, calibrate_phantoms, heldout_samples, resolve_calibration, reuse
 from radtrt.calibration.samples import sample_list_hash
 from radtrt.calibration.stats import answer_ids
 from radtrt.cli import app
@@ -189,7 +189,7 @@ def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: 
     assert CalibrationFile.load(out).n == 2
     again = runner.invoke(app, ["calibrate", "--model", str(model_dir), "--data", str(phantoms.parent), "-o", str(out)])
     assert again.exit_code == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
-    with pytest.raises(RadtrtError, match="not a radtrt calibration file"):
+    with pytest.raises(RadtrtError, match="is not a calibration file of 'radtrt calibrate'"):
         ActivationStats({"x": torch.ones(2)}).save(tmp_path / "s.safetensors")
         CalibrationFile.load(tmp_path / "s.safetensors")
     meta = json.loads(json.dumps(CalibrationFile.load(out).meta))
@@ -370,3 +370,14 @@ def test_files_written_as_format_version_3_still_load(calib, tmp_path: Path) -> 
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, path, metadata={**metadata, "format_version": "3"})
     assert CalibrationFile.load(path).hash == calib.file.hash
+
+
+def test_a_safetensors_file_that_is_no_calibration_is_told_so(loaded: LoadedModel, tmp_path: Path) -> None:
+    """A model's weights given as --calibration-data were 'neither a folder nor a JSONL manifest', though the
+    option takes calibration files."""
+    from radtrt.model.io import save_tensors
+
+    weights = tmp_path / "model.safetensors"
+    save_tensors({"w": torch.ones(2)}, weights)
+    with pytest.raises(RadtrtError, match="is not a calibration file of 'radtrt calibrate' \\(format None\\)"):
+        resolve_calibration(loaded, str(weights))

@@ -97,7 +97,8 @@ class CalibrationFile:
 
         meta_raw = read_metadata(path)
         if meta_raw.get("format") != CALIBRATION_FORMAT:
-            fail(f"{path} is not a radtrt calibration file (format {meta_raw.get('format')!r})")
+            fail(f"{path} is not a calibration file of 'radtrt calibrate' (format {meta_raw.get('format')!r}): make one "
+                 f"with 'radtrt calibrate --model ... --data STUDIES -o CALIB.safetensors', or give the studies")
         if meta_raw.get("format_version") not in READABLE_FORMAT_VERSIONS:
             fail(f"calibration file {path} has format version {meta_raw.get('format_version')}; this radtrt reads "
                  f"version {CALIBRATION_FORMAT_VERSION}: re-run 'radtrt calibrate'")

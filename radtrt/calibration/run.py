@@ -126,7 +126,7 @@ def resolve_calibration(loaded: LoadedModel, data: str | None, n: int = DEFAULT_
     if means_phantoms(data):
         return calibrate_phantoms(loaded, n, progress=progress)
     path = Path(data)
-    if is_calibration_file(path):
+    if path.is_file() and path.suffix == ".safetensors":  # one that is not a calibration file is told so
         return reuse(loaded, path)
     return calibrate(loaded, path, n, progress=progress)
 
