@@ -132,6 +132,19 @@ def test_a_cached_bundle_from_older_graphs_is_rebuilt(tmp_path: Path) -> None:
     assert json.loads(manifest.read_text())["graph_revision"] == GRAPH_REVISION
 
 
+@pytest.mark.parametrize("damaged", ["bundle/vision.onnx", "model/model.safetensors"])
+def test_a_cached_file_changed_since_the_build_is_rebuilt(tmp_path: Path, damaged: str) -> None:
+    """A changed byte failed the bench later with the remedies for a user's own files ('re-export the bundle',
+    'pass that model'): this folder is the bench's own, so it is rebuilt."""
+    first = random_assets("tiny", tmp_path)
+    path = first.bundle.parent / damaged
+    original = path.read_bytes()
+    changed = original[:-1] + bytes([original[-1] ^ 1])
+    path.write_bytes(changed)
+    random_assets("tiny", tmp_path)
+    assert path.read_bytes() != changed and path.stat().st_size == len(original)
+
+
 def test_a_build_cut_short_is_rebuilt_not_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupted first build left a folder the next run called 'not made by radtrt bench'."""
     from radtrt.benchmarks import assets

@@ -89,7 +89,15 @@ def _cached(folder: Path, cfg: LlavaRadConfig, seed: int) -> bool:
     meta, bundle_meta = _json_object(marker), _json_object(manifest)  # damaged: rebuilt like a stale one
     return (meta.get("config_sha256") == _config_key(cfg) and meta.get("seed") == seed
             and meta.get("radtrt") == __version__ and bundle_meta.get("format_version") == BUNDLE_FORMAT_VERSION
-            and bundle_meta.get("graph_revision") == GRAPH_REVISION)
+            and bundle_meta.get("graph_revision") == GRAPH_REVISION and meta.get("files") == _file_stamps(folder))
+
+
+def _file_stamps(folder: Path) -> dict[str, list[int]]:
+    """Size and modification time of every file of the built model and bundle: a file edited, truncated or
+    replaced since makes the cache stale, so it is rebuilt. Checked by hash instead, it failed later with the
+    remedies for a user's own files ('re-export the bundle', 'pass that model'), which do not apply here."""
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
+            for sub in ("model", "bundle") for p in sorted((folder / sub).rglob("*")) if p.is_file()}
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -120,9 +128,11 @@ def random_assets(preset_name: str, work_dir: Path, *, seed: int = 0, vision_onl
     folder.mkdir(parents=True)
     # the marker comes first: a build cut short is then known as the bench's own and rebuilt, not refused
     # (until the bundle's manifest exists, ``_cached`` says no)
-    (folder / ASSETS_MARKER).write_text(json.dumps({"preset": preset_name, "vision_only": vision_only, "seed": seed,
-                                                    "config_sha256": _config_key(cfg), "radtrt": __version__}))
+    meta = {"preset": preset_name, "vision_only": vision_only, "seed": seed, "config_sha256": _config_key(cfg),
+            "radtrt": __version__}
+    (folder / ASSETS_MARKER).write_text(json.dumps(meta))
     _build(cfg, name, seed, folder, progress)
+    (folder / ASSETS_MARKER).write_text(json.dumps(meta | {"files": _file_stamps(folder)}))  # complete
     return Assets(folder / "model", folder / "bundle", label)
 
 
