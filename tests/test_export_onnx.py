@@ -469,6 +469,13 @@ def test_not_a_bundle_is_refused(model_dir: Path, studies: list[Path]) -> None:
     _refused(["infer", str(studies[0]), "--bundle", str(model_dir)], "not a radtrt bundle")
 
 
+def test_a_bundle_given_as_model_is_named_so(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
+    """'missing file: BUNDLE/config.json' left the user guessing."""
+    for args in (["export", "--model", str(bundle), "-o", str(tmp_path / "b")],
+                 ["infer", str(studies[0]), "--model", str(bundle)]):
+        _refused(args, f"{bundle} is an ONNX bundle, not a model: give it as --bundle")
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--precision", "int8"], "needs calibration data"),
     (["--target", "tensorrt"], "no CUDA GPU"),
