@@ -3,8 +3,9 @@
 Rich draws nothing while a live display runs on a console that is not a terminal (a CI log, ``nohup``,
 ``2> export.log``): a 20-minute INT8 export or a training run would look hung until it ended.
 ``LineProgress`` takes the same calls (the subset of ``rich.progress.Progress`` this package uses) and
-prints one line when a task starts or changes description, at every tenth of a known total, and when
-it completes, with its fields (loss, lr, ...) and the elapsed time.
+prints one line when a task starts or changes description, at every tenth of a known total, when it
+completes, and, while it advances, at least every ``HEARTBEAT_SECONDS`` (a tenth of a long training run
+can be an hour), with its fields (loss, lr, ...) and the elapsed time.
 
 Nothing is printed during the first ``QUIET_SECONDS``: a command that fails on bad input at once
 still says so in one line on stderr. Lines due in that window are held (the latest per task), printed
@@ -23,6 +24,7 @@ from rich.progress import Progress, ProgressColumn
 
 STEPS = 10  # lines per task with a known total
 QUIET_SECONDS = 2.0
+HEARTBEAT_SECONDS = 300.0
 
 
 def progress_callback(progress: Any, text: str, total: int) -> Callable[[int], None] | None:
@@ -50,12 +52,16 @@ class _Task:
     started: float = field(default_factory=time.perf_counter)
     reported: int = -1  # last tenth of the total printed
     finished: bool = False
+    last_line: float = field(default_factory=time.perf_counter)  # when the task's last line was due
+    last_completed: float = 0  # its progress then
 
 
 class LineProgress:
-    def __init__(self, console: Console, *, disable: bool = False, quiet_seconds: float = QUIET_SECONDS) -> None:
+    def __init__(self, console: Console, *, disable: bool = False, quiet_seconds: float = QUIET_SECONDS,
+                 heartbeat_seconds: float = HEARTBEAT_SECONDS) -> None:
         self.console = console
         self.disable = disable
+        self.heartbeat_seconds = heartbeat_seconds
         self._tasks: dict[int, _Task] = {}
         self._held: dict[int, str] = {}  # task -> its latest line, during the quiet window
         self._lock = threading.Lock()
@@ -123,9 +129,12 @@ class LineProgress:
         if self.disable or task.finished:
             return
         tenth = int(STEPS * task.completed / task.total) if task.total else -1
-        if not force and tenth <= task.reported:
+        now = time.perf_counter()
+        beat = task.completed != task.last_completed and now - task.last_line >= self.heartbeat_seconds
+        if not force and tenth <= task.reported and not beat:
             return
         task.reported = max(task.reported, tenth)
+        task.last_line, task.last_completed = now, task.completed
         task.finished = bool(task.total) and task.completed >= task.total
         count = f" {task.completed:g}/{task.total:g}" if task.total else ""
         extras = "".join(f"  {k} {_fmt(v)}" for k, v in task.fields.items())

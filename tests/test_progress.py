@@ -69,3 +69,22 @@ def test_held_lines_appear_when_the_quiet_window_ends_while_work_runs() -> None:
         while not buf.getvalue() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert buf.getvalue().startswith("exporting vision.onnx")
+
+
+def test_a_task_that_advances_gets_a_line_at_least_every_heartbeat() -> None:
+    """A tenth of a long training run can be an hour: the log looked hung in between."""
+    import time
+
+    console, buf = _log_console()
+    with LineProgress(console, quiet_seconds=0, heartbeat_seconds=0.05) as progress:
+        task = progress.add_task("stage2", total=1000, loss=1.0)
+        progress.update(task, completed=1)  # within the heartbeat, no tenth reached: no line
+        time.sleep(0.06)
+        progress.update(task, completed=1)  # a heartbeat later, with progress since the last line
+        progress.update(task, completed=2, loss=0.5)  # within the heartbeat again
+        time.sleep(0.06)
+        progress.update(task, completed=2, loss=0.5)
+        time.sleep(0.06)
+        progress.update(task, completed=2, loss=0.5)  # no progress since the last line: no line
+    lines = [line.split("  [")[0] for line in buf.getvalue().splitlines()]
+    assert lines == ["stage2 0/1000  loss 1", "stage2 1/1000  loss 1", "stage2 2/1000  loss 0.5"]
