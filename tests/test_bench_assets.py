@@ -135,8 +135,16 @@ def test_a_cached_bundle_from_older_graphs_is_rebuilt(tmp_path: Path) -> None:
 @pytest.mark.parametrize("damaged", ["bundle/vision.onnx", "model/model.safetensors"])
 def test_a_cached_file_changed_since_the_build_is_rebuilt(tmp_path: Path, damaged: str) -> None:
     """A changed byte failed the bench later with the remedies for a user's own files ('re-export the bundle',
-    'pass that model'): this folder is the bench's own, so it is rebuilt."""
+    'pass that model'): this folder is the bench's own, so it is rebuilt. Engines that 'radtrt export --bundle'
+    adds later are not a change: the cache and they stay."""
     first = random_assets("tiny", tmp_path)
+    engine = first.bundle / "trtllm" / "checkpoint-fp16" / "config.json"
+    engine.parent.mkdir(parents=True)
+    engine.write_text("{}")
+    manifest = first.bundle / "manifest.json"
+    built = manifest.stat().st_mtime_ns
+    assert random_assets("tiny", tmp_path).bundle == first.bundle and manifest.stat().st_mtime_ns == built
+    assert engine.is_file()
     path = first.bundle.parent / damaged
     original = path.read_bytes()
     changed = original[:-1] + bytes([original[-1] ^ 1])

@@ -93,11 +93,12 @@ def _cached(folder: Path, cfg: LlavaRadConfig, seed: int) -> bool:
 
 
 def _file_stamps(folder: Path) -> dict[str, list[int]]:
-    """Size and modification time of every file of the built model and bundle: a file edited, truncated or
-    replaced since makes the cache stale, so it is rebuilt. Checked by hash instead, it failed later with the
-    remedies for a user's own files ('re-export the bundle', 'pass that model'), which do not apply here."""
+    """Size and modification time of every file the build wrote (the model's and the bundle's own, not the
+    engines 'radtrt export --bundle' adds in subfolders later): a file edited, truncated or replaced since
+    makes the cache stale, so it is rebuilt. Checked by hash instead, it failed later with the remedies for a
+    user's own files ('re-export the bundle', 'pass that model'), which do not apply here."""
     return {p.relative_to(folder).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
-            for sub in ("model", "bundle") for p in sorted((folder / sub).rglob("*")) if p.is_file()}
+            for sub in ("model", "bundle") for p in sorted((folder / sub).iterdir()) if p.is_file()}
 
 
 def _json_object(path: Path) -> dict[str, Any]:
