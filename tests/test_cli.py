@@ -452,10 +452,12 @@ def test_demo_runs_the_default_bundle_without_spinning_threads(tmp_path: Path) -
         manifest.write_text(text)  # an IndexError, a KeyError
         code, _, err = _invoke("demo", "-o", tmp_path / "demo")
         _assert_refused(code, err, match)
-    bundle_manifest = tmp_path / "demo" / "default-model-fp32" / "manifest.json"  # as after a radtrt upgrade
-    bundle_manifest.write_text(json.dumps({**json.loads(bundle_manifest.read_text()), "format_version": 0}))
-    code, _, err = _invoke("demo", "-o", tmp_path / "demo")  # 'radtrt export' was the remedy given
-    _assert_refused(code, err, f"delete {tmp_path / 'demo' / 'default-model-fp32'} and 'radtrt demo' exports it again")
+    bundle_manifest = tmp_path / "demo" / "default-model-fp32" / "manifest.json"
+    original = bundle_manifest.read_text()
+    for edit in ({"format_version": 0}, {"precision": "fp16"}):  # after a radtrt upgrade; a check the backend makes
+        bundle_manifest.write_text(json.dumps({**json.loads(original), **edit}))
+        code, _, err = _invoke("demo", "-o", tmp_path / "demo")  # 'radtrt export' was the remedy given
+        _assert_refused(code, err, "delete it and 'radtrt demo' exports it again")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "sr").write_text("x")
     code, _, err = _invoke("demo", "-o", tmp_path / "other")  # refused after a 20 s export

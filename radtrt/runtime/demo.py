@@ -12,9 +12,10 @@ from pathlib import Path
 from radtrt.data.manifest import read_manifest as read_phantoms
 from radtrt.data.phantom_set import write_phantom_set
 from radtrt.errors import RadtrtError, fail
-from radtrt.exporter.bundle import export_bundle, read_manifest
+from radtrt.exporter.bundle import export_bundle
 from radtrt.model.loading import load_model
 from radtrt.model.default_model import default_model_dir
+from radtrt.runtime.ort import OrtBackend
 
 
 def make_demo(out: Path, seed: int = 2) -> tuple[Path, Path, dict]:
@@ -22,11 +23,12 @@ def make_demo(out: Path, seed: int = 2) -> tuple[Path, Path, dict]:
     bundle = out / "default-model-fp32"
     if not (bundle / "manifest.json").is_file():
         export_bundle(load_model(default_model_dir()), bundle, precision="fp32")
-    else:  # an earlier run's: 'radtrt export' is no remedy the demo's user is looking for
+    else:  # an earlier run's, opened as the demo will open it: 'radtrt export' is no remedy for the demo's user
         try:
-            read_manifest(bundle)
+            OrtBackend(bundle, provider="cpu")
         except RadtrtError as e:
-            fail(f"{e} (an earlier demo's bundle: delete {bundle} and 'radtrt demo' exports it again)")
+            fail(f"the bundle an earlier demo left in {bundle} cannot be used ({e}): delete it and 'radtrt demo' "
+                 f"exports it again")
     phantoms = out / "phantom-study"
     if not (phantoms / "manifest.jsonl").is_file():
         write_phantom_set(phantoms, 1, seed, formats=("dicom",))
