@@ -247,9 +247,10 @@ def test_preprocessing_execute_fails_only_the_bad_requests(tmp_path: Path, monke
 
     good = request([png.getvalue()])
     responses = model.execute([good, request([png.getvalue()] * 2), request([png.getvalue()], b"Dyspn\xe9e"),
-                               request([png.getvalue()], b"x " * 3000, 10**6), good])
+                               request([png.getvalue()], b"x " * 3000, 10**6), good, request([b"not an image"])])
     errors = [str(r.error) if r.error is not None else None for r in responses]
     assert errors[0] is None and errors[4] is None
+    assert errors[5].startswith("IMAGE: not a DICOM file")  # not the server's temporary path
     assert "IMAGE holds 2 values: send one request per study" in errors[1]
     assert errors[2] == "INDICATION is not UTF-8 text"
     assert "exceed the model's 512 positions; shorten INDICATION or lower MAX_NEW_TOKENS" in errors[3]

@@ -43,9 +43,9 @@ class RequestPreparer:
         if max_new_tokens < 1:
             fail("MAX_NEW_TOKENS must be at least 1")
         with tempfile.TemporaryDirectory() as tmp:  # the study reader sniffs content, not names
-            path = Path(tmp) / "image"
+            path = Path(tmp) / "IMAGE"
             path.write_bytes(image)
-            selected = load_study(path)
+            selected = load_study(path, shown_as="IMAGE")  # the request input, not a server path
         pixels = self.cfg.preprocessing(selected.pixels_u8)
         prompt = build_prompt(build_query(indication or None), self.cfg.conv_template)
         ids = tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)

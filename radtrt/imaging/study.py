@@ -224,13 +224,14 @@ def study_error(study: Path, error: Exception) -> str:
     return f"{study}: {message}"
 
 
-def load_study(path: Path, *, allow_any_modality: bool = False) -> SelectedImage:
+def load_study(path: Path, *, allow_any_modality: bool = False, shown_as: str | None = None) -> SelectedImage:
     """Load a study (file or folder) and return its chosen image as equalized 8-bit grey; errors name the
-    study as given (every caller's, be it infer, calibration or a benchmark)."""
+    study as given (every caller's, be it infer, calibration or a benchmark), or as ``shown_as`` (a server's
+    temporary file means nothing to its client)."""
     try:
         return _load_study(Path(path), allow_any_modality)
     except RadtrtError as e:
-        fail(study_error(path, e))
+        fail(study_error(Path(shown_as) if shown_as is not None else path, e))
 
 
 def _load_study(path: Path, allow_any_modality: bool) -> SelectedImage:
