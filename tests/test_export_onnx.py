@@ -472,8 +472,9 @@ def test_not_a_bundle_is_refused(model_dir: Path, studies: list[Path]) -> None:
 def test_a_bundle_given_as_model_is_named_so(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
     """'missing file: BUNDLE/config.json' left the user guessing."""
     for args in (["export", "--model", str(bundle), "-o", str(tmp_path / "b")],
-                 ["infer", str(studies[0]), "--model", str(bundle)]):
-        _refused(args, f"{bundle} is an ONNX bundle, not a model: give it as --bundle")
+                 ["infer", str(studies[0]), "--model", str(bundle)],
+                 ["calibrate", "--model", str(bundle), "--data", "phantom", "--n", "1", "-o", str(tmp_path / "c.safetensors")]):
+        _refused(args, f"{bundle} is an ONNX bundle, not a model: --model takes the model folder it was exported from")
 
 
 @pytest.mark.parametrize("extra, match", [

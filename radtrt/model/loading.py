@@ -51,8 +51,8 @@ def layout_of(model_dir: Path) -> str:
         fail(f"model directory not found: {model_dir}")
     if not (model_dir / "config.json").exists() and (model_dir / "manifest.json").is_file() \
             and (model_dir / "decoder.onnx").is_file():  # said as such, not as "missing file: config.json"
-        fail(f"{model_dir} is an ONNX bundle, not a model: give it as --bundle, and as --model the model folder "
-             f"it was exported from")
+        fail(f"{model_dir} is an ONNX bundle, not a model: --model takes the model folder it was exported from "
+             f"(commands that run bundles take them as --bundle)")
     cfg = read_json(model_dir / "config.json")
     if cfg.get("radtrt_format") == TOOLKIT_FORMAT:
         return "toolkit"
