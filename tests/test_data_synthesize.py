@@ -295,6 +295,12 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RadtrtError, match="rows made with other settings"):
         synthesize(labels, out, client=None, seed=7, console=None)
     assert synthesize(labels, out, client=None, seed=0, console=None) == out  # same settings: nothing to do
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:  # as written before the label rules changed (uncertain-only rows got no_finding)
+        del row["synthesis"]["label_rules"]
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows[:-1]))  # unfinished
+    with pytest.raises(RadtrtError, match="older radtrt's label rules"):
+        synthesize(labels, out, client=None, seed=0, console=None)
 
 
 @pytest.mark.parametrize("change", [

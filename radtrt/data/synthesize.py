@@ -34,6 +34,9 @@ from radtrt.outputs import check_file_target, make_dir
 from radtrt.progress import make_progress
 
 PROMPT_VERSION = 1
+# 2: no_finding only when no finding is positive or uncertain (1 gave it to uncertain-only rows); recorded,
+# so a manifest begun under 1 is not completed under 2
+LABEL_RULES_VERSION = 2
 SYSTEM_PROMPT = ("You are an experienced radiologist. You write the findings section of chest radiograph reports "
                  "in the concise style of clinical reports.")
 # CheXpert's 14 observations, phrased for template mode: (positive, negative, uncertain)
@@ -164,7 +167,8 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any]) ->
     if len(done) > len(inputs) or any(d.get("image") != i.get("image") for d, i in zip(done, inputs)):
         fail(f"{out} holds rows for other images than the label file; choose another -o")
     if any(d.get("synthesis") != mode for d in done):  # a resume must not mix two settings in one manifest
-        fail(f"{out} holds rows made with other settings (template/endpoint, model, seed or temperature); "
+        fail(f"{out} holds rows made with other settings (template/endpoint, model, seed or temperature, or an "
+             f"older radtrt's label rules); "
              f"rerun with the same options, or choose another -o")
     changed = _first_changed_input(done, inputs)
     if changed is not None:
@@ -206,6 +210,7 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
+    mode["label_rules"] = LABEL_RULES_VERSION
     start = _done_rows(out, inputs, mode)
     templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
                  for i in range(start, len(inputs))} if client is None else {}
