@@ -84,13 +84,28 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
 
     for result in results:
         if as_json:
-            typer.echo(json.dumps(result.to_json()))
+            _stdout(json.dumps(result.to_json()))
         elif isinstance(result, StudyResult):  # a failure's line is already on stderr
             t = result.timings_ms
-            typer.echo(f"{printable(result.study)} [{result.view_position}]\n{result.report}\n")
+            _stdout(f"{printable(result.study)} [{result.view_position}]\n{result.report}\n")
             err.print(f"timings: preprocess {t['preprocess']:.0f} ms, vision {t['vision']:.0f} ms, prefill "
                       f"{t['prefill']:.0f} ms, decode {t['decode_per_token']:.1f} ms/token, end to end "
                       f"{t['end_to_end']:.0f} ms", highlight=False, soft_wrap=True)
+
+
+def _stdout(text: str) -> None:
+    """A full disk or a reader gone (``| head``) on stdout is one line and exit 2: it was a traceback, or
+    click's silent exit 1, and the studies after it went unreported without a word."""
+    try:
+        typer.echo(text)
+    except OSError as e:
+        import errno
+        import os
+
+        if e.errno == errno.EPIPE:  # Python flushes stdout again at exit: into nothing, not another EPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        fail(f"cannot write to standard output ({e.strerror or e}); stopped there, the remaining studies were "
+             f"not run")
 
 
 @command

@@ -363,6 +363,21 @@ def test_without_model_the_embedded_default_model_runs(tmp_path: Path) -> None:
     assert "embedded default model" in err and json.loads(out)["token_ids"]
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_stdout_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    """A full disk was a traceback (exit 1); a closed pipe, click's silent exit 1."""
+    import subprocess
+    import sys
+
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=12)))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "radtrt.cli", "infer", str(study), "--json", "--max-new-tokens",
+                               "2"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("radtrt: error: cannot write to standard output (No space left "
+                                                    "on device); stopped there, the remaining studies were not run")
+
+
 def test_convert_to_release_layout_reloads_with_identical_tokens(merged: Path, tmp_path: Path) -> None:
     out = tmp_path / "release"
     for dtype in ("bfloat16", "float16"):  # float16, said explicitly, was taken for the default and ignored
