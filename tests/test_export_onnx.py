@@ -426,6 +426,9 @@ def test_a_config_whose_image_size_the_vision_graph_does_not_take_is_refused(bun
     (["--trt-decoder", "w8a16"], "--trt-decoder picks a TensorRT-LLM engine of the tensorrt backend; this run uses "
                                  "onnxruntime"),
     (["--backend", "tensorrt", "--device", "cpu"], "--device cpu: the tensorrt backend runs on the GPU"),
+    # ran on the CPU without a word: the provider decides
+    (["--device", "cuda", "--ort-provider", "cpu"], "--device cuda contradicts --ort-provider cpu"),
+    (["--device", "cpu", "--ort-provider", "cuda"], "--device cpu contradicts --ort-provider cuda"),
 ])
 def test_infer_options_the_run_would_ignore_are_refused(bundle: Path, model_dir: Path, studies: list[Path],
                                                         extra: list[str], match: str) -> None:

@@ -143,6 +143,10 @@ def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Pa
 
     if device not in (None, "cpu", "cuda"):
         fail(f"unknown device '{device}' (cpu or cuda)")
+    on_gpu = ort_provider in ("cuda", "tensorrt")
+    if device is not None and ort_provider != "auto" and (device == "cuda") != on_gpu:  # one would be ignored
+        fail(f"--device {device} contradicts --ort-provider {ort_provider} (ONNX Runtime's provider decides where "
+             f"a bundle runs); give one of them")
     if ort_provider == "auto":
         gpu = "CUDAExecutionProvider" in available_providers()
         ort_provider = "cuda" if device == "cuda" or (device is None and gpu) else "cpu"
