@@ -436,6 +436,23 @@ def test_infer_options_the_run_would_ignore_are_refused(bundle: Path, model_dir:
     _refused(["infer", str(studies[0]), "--bundle", str(bundle), *extra], match)
 
 
+def test_an_sr_says_which_weights_precision_and_backend_wrote_it(bundle: Path, model_dir: Path, studies: list[Path],
+                                                                 tmp_path: Path) -> None:
+    """Every SR's version was radtrt's own: an INT8 bundle's SR could not be told from the fp32 model's."""
+    import pydicom
+
+    versions = {}
+    for name, args in (("torch", ["--model", str(model_dir)]), ("ort", ["--bundle", str(bundle)])):
+        result = runner.invoke(app, ["infer", str(studies[0]), *args, "--max-new-tokens", "2", "--sr-out",
+                                     str(tmp_path / name)])
+        assert result.exit_code == 0, result.stderr
+        (sr,) = (tmp_path / name).glob("*.dcm")
+        versions[name] = list(pydicom.dcmread(sr).SoftwareVersions)
+    weights = json.loads((bundle / "manifest.json").read_text())["model"]["weights_fingerprint_fp16"][:16]
+    assert versions["torch"][0] == f"weights {weights}, fp32 on torch"  # one id for a model and its bundles
+    assert versions["ort"][0] == f"weights {weights}, fp32 on onnxruntime"
+
+
 def test_a_failed_study_is_named_as_given(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
     """In a run of several studies, the error named only 'frontal.dcm', the file inside the study folder."""
     broken = tmp_path / "study-7"

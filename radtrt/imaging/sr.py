@@ -15,8 +15,8 @@ TID 2000 (Basic Diagnostic Imaging Report) without claiming that template:
 Header: same Study Instance UID and patient/study modules as the source (copied by highdicom,
 never logged), the source instance in the Current Requested Procedure Evidence Sequence,
 VerificationFlag UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag PRELIMINARY,
-Manufacturer "radtrt", ManufacturerModelName = model name, SoftwareVersions = (model version,
-radtrt version), and a series description saying research use only. Character set UTF-8 so any
+Manufacturer "radtrt", ManufacturerModelName = model name, SoftwareVersions = (model version: which weights,
+in which precision, on which backend; radtrt version), and a series description saying research use only. Character set UTF-8 so any
 report text (and any source patient name) can be encoded.
 
 PNG/JPEG input has no DICOM header: a new study is created with an anonymous patient, and no

@@ -6,6 +6,7 @@ backend differs from the PyTorch reference only in the three compute stages.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol
 
 import torch
@@ -21,6 +22,11 @@ PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16:
 class Backend(Protocol):
     name: str
     precision: str
+
+    @property
+    def weights_id(self) -> str:
+        """The weights' fingerprint at float16 resolution (``bundle_fingerprint``): one id for a model and every
+        bundle exported from it, so an SR says which weights wrote it whatever the backend."""
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
 
@@ -40,6 +46,12 @@ class TorchBackend:
         self.model = model
         self.device = device
         self.precision = PRECISION_NAMES.get(model.dtype, str(model.dtype))
+
+    @functools.cached_property
+    def weights_id(self) -> str:
+        from radtrt.exporter.bundle import bundle_fingerprint
+
+        return bundle_fingerprint(self.model)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from radtrt.errors import fail
-from radtrt.exporter.bundle import MODEL_CONFIG, load_embedding_table, read_manifest
+from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, MODEL_CONFIG, load_embedding_table, read_manifest
 from radtrt.exporter.gqa import SEQLENS, io_names as gqa_io_names
 from radtrt.exporter.onnx import decoder_io_names
 from radtrt.model.generate import Generation, check_positions
@@ -142,6 +142,10 @@ class OrtBackend:
         self.kv_dtype = np.dtype(ORT_TYPES[past_type])
         # every backend refuses to generate past the model's positions (GroupQueryAttention's rotary tables end there)
         self.max_positions = read_json(bundle / MODEL_CONFIG)["decoder"]["max_position_embeddings"]
+
+    @property
+    def weights_id(self) -> str:
+        return str(self.manifest["model"].get(BUNDLE_FINGERPRINT, "unknown"))
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.detach().cpu().numpy().astype(self.dtype, copy=False)

@@ -90,6 +90,12 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.cfg = cfg
 
+    @property
+    def model_version(self) -> str:
+        """An SR's algorithm version: which weights, in which precision, on which backend (an INT8 bundle's
+        reports differ from the fp32 model's, and its SRs must say so)."""
+        return f"weights {self.backend.weights_id[:16]}, {self.backend.precision} on {self.backend.name}"
+
     def prompt_ids(self, indication: str | None) -> list[int]:
         prompt = build_prompt(build_query(indication), self.cfg.conv_template)
         return tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)

@@ -8,7 +8,6 @@ from typing import Iterator
 import torch
 from rich.console import Console
 
-from radtrt import __version__
 from radtrt.errors import RadtrtError, fail, printable
 from radtrt.imaging.study import study_error, study_warnings
 from radtrt.model.loading import load_model
@@ -211,7 +210,7 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
                 assert result.image is not None
                 try:
                     write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
-                             model_version=__version__)
+                             model_version=pipeline.model_version)
                 except RadtrtError as e:
                     yield failure(Path(result.study), e, "sr")
     if len(studies) == 1 and failures:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from radtrt.errors import fail
-from radtrt.exporter.bundle import read_manifest
+from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, read_manifest
 from radtrt.exporter.gpu import (GpuInfo, detect_gpu, loaded_tensorrt_problem, read_stamp, require_gpu, stamp_gpu,
                                  stamp_mismatch)
 from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine
@@ -240,6 +240,10 @@ class TensorRTBackend:
         return bool(self.decoder_stamp.get("gather_generation_logits"))
 
     @torch.no_grad()
+    @property
+    def weights_id(self) -> str:
+        return str(self.manifest["model"].get(BUNDLE_FINGERPRINT, "unknown"))
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision(pixel_values)
 
