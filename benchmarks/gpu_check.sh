@@ -160,7 +160,7 @@ def latency(pipeline):
         for _image, gen, vision_ms in measure(pipeline, False):
             vis.append(vision_ms)
             pre.append(gen.prefill_ms)
-            dec.append(gen.decode_ms / max(gen.n_decode_steps, 1))
+            dec.append(gen.decode_ms / max(gen.decode_steps(max_new), 1))
     return statistics.median(vis), statistics.median(pre), statistics.median(dec)
 
 ref_rows = measure(reference, True)

@@ -67,8 +67,9 @@ def test_version() -> None:
 def test_json_contract(merged: Path, tmp_path: Path) -> None:
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=1), view_position="AP"))
     (result,) = _infer_json(merged, study)
+    # the stable keys, and "truncated": the random tiny model never says EOS within its 12 tokens
     assert set(result) == {"study", "source_file", "view_position", "report", "token_ids", "backend", "precision",
-                           "timings_ms"}
+                           "timings_ms", "truncated"} and result["truncated"] is True
     assert result["view_position"] == "AP" and result["backend"] == "torch" and result["precision"] == "fp32"
     assert 0 < len(result["token_ids"]) <= 12 and 2 not in result["token_ids"]
     assert {"preprocess", "vision", "prefill", "decode", "end_to_end"} <= set(result["timings_ms"])
@@ -376,6 +377,20 @@ def test_stdout_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == ("radtrt: error: cannot write to standard output (No space left "
                                                     "on device); stopped there, the remaining studies were not run")
+
+
+def test_a_report_cut_off_at_max_new_tokens_says_so(tmp_path: Path) -> None:
+    """A one-token report was 'COMPLETE' in its SR, and its record did not say it had hit the limit."""
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=12)))
+    for limit, reason, flag in (("1", "max_new_tokens", "PARTIAL"), ("256", "eos", "COMPLETE")):
+        sr_out = tmp_path / f"sr-{limit}"
+        code, out, err = _invoke("infer", study, "--json", "--max-new-tokens", limit, "--sr-out", sr_out)
+        assert code == 0, err
+        record = json.loads(out)
+        assert record.get("truncated", False) == (reason == "max_new_tokens")
+        assert (len(record["token_ids"]) == 1) == (limit == "1")
+        (sr,) = sr_out.glob("*.dcm")
+        assert pydicom.dcmread(sr).CompletionFlag == flag
 
 
 def test_convert_to_release_layout_reloads_with_identical_tokens(merged: Path, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import transformers
 
 from radtrt.model.config import DecoderConfig, tiny_decoder
 from radtrt.model.decoder import LlamaForCausalLM, causal_mask
-from radtrt.model.generate import greedy_generate
+from radtrt.model.generate import Generation, greedy_generate
 
 
 def _pair(cfg: DecoderConfig, seed: int = 0) -> tuple[LlamaForCausalLM, transformers.LlamaForCausalLM]:
@@ -81,3 +81,11 @@ def test_generation_records_no_autograd_graph() -> None:
     assert torch.is_grad_enabled()
     got = greedy_generate(ours, [torch.randn(5, cfg.hidden_size)], eos_token_id=-1, max_new_tokens=3, keep_logits=True)
     assert got.logits is not None and not got.logits.requires_grad
+
+
+def test_decode_steps_count_the_step_that_produced_eos() -> None:
+    """Reports ending at EOS were timed over one step fewer than ran, so their ms per token read high."""
+    assert Generation([[5, 6, 7]]).decode_steps(10) == 3  # prefill gave 5; steps gave 6, 7 and the EOS
+    assert Generation([[5] * 10]).decode_steps(10) == 9  # cut off at the limit: no EOS step
+    assert Generation([[5, 6], [5] * 9]).decode_steps(10) == 9  # the batch ran as long as its longest row
+    assert Generation([[]]).decode_steps(10) == 0  # EOS first, from the prefill

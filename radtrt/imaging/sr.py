@@ -14,7 +14,8 @@ TID 2000 (Basic Diagnostic Imaging Report) without claiming that template:
 
 Header: same Study Instance UID and patient/study modules as the source (copied by highdicom,
 never logged), the source instance in the Current Requested Procedure Evidence Sequence,
-VerificationFlag UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag PRELIMINARY,
+VerificationFlag UNVERIFIED, CompletionFlag COMPLETE (PARTIAL for a report cut off at --max-new-tokens),
+PreliminaryFlag PRELIMINARY,
 Manufacturer "radtrt", ManufacturerModelName = model name, SoftwareVersions = (model version: which weights,
 in which precision, on which backend; radtrt version), and a series description saying research use only. Character set UTF-8 so any
 report text (and any source patient name) can be encoded.
@@ -141,7 +142,7 @@ def _content(report_text: str, model_name: str, model_version: str,
 
 
 def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
-             model_version: str) -> hd.sr.ComprehensiveSR:
+             model_version: str, complete: bool = True) -> hd.sr.ComprehensiveSR:
     """Build (but do not write) the SR document for one study; see the module docstring."""
     if not report_text.strip():
         fail("the report text is empty; no DICOM SR written")
@@ -156,7 +157,7 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
     evidence = _evidence_from_dicom(source.dataset) if from_dicom else _anonymous_evidence()
     try:
         with quiet("highdicom|pydicom"):  # warnings of a header copied or written
-            sr = _document(report_text, evidence, from_dicom, model_name, model_version)
+            sr = _document(report_text, evidence, from_dicom, model_name, model_version, complete)
     # the message may quote header values: not shown. KeyError: a SOP class highdicom has no IOD for (a vendor's)
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         fail(f"{source.source_file.name}: its DICOM header cannot be carried into an SR ({type(e).__name__} "
@@ -167,7 +168,7 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
 
 
 def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name: str,
-              model_version: str) -> hd.sr.ComprehensiveSR:
+              model_version: str, complete: bool) -> hd.sr.ComprehensiveSR:
     return hd.sr.ComprehensiveSR(
         evidence=[evidence],
         content=_content(report_text, model_name, model_version,
@@ -181,7 +182,7 @@ def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name:
         # a list, not the tuple highdicom's hint suggests: pydicom warns on tuples for LO
         software_versions=[model_version, f"radtrt {radtrt.__version__}"],  # type: ignore[arg-type]
         series_description="AI draft report - research use only",
-        is_complete=True,
+        is_complete=complete,  # PARTIAL: the report was cut off at --max-new-tokens
         is_final=False,
         is_verified=False,
         specific_character_set="ISO_IR 192",
@@ -189,14 +190,14 @@ def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name:
 
 
 def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_name: str,
-             model_version: str) -> Path:
+             model_version: str, complete: bool = True) -> Path:
     """Write one SR for the study into ``out_dir`` atomically; return its path.
 
     The file is named after the SR's own new SOP Instance UID (not the patient or the source
     file), so repeated runs never overwrite one another. It is created owner-read/write only,
     as befits a file carrying patient data.
     """
-    sr = build_sr(report_text, source, model_name=model_name, model_version=model_version)
+    sr = build_sr(report_text, source, model_name=model_name, model_version=model_version, complete=complete)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

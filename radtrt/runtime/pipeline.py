@@ -26,6 +26,7 @@ class StudyResult:
     view_position: str
     report: str
     token_ids: list[int]
+    stop_reason: str  # "eos", or "max_new_tokens": the report was cut off
     backend: str
     precision: str
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -43,6 +44,8 @@ class StudyResult:
                              "timings_ms": dict(self.timings_ms)}
         if self.batch_size != 1:
             d["batch_size"] = self.batch_size
+        if self.stop_reason != "eos":  # beside the stable keys, only where it applies (as batch_size)
+            d["truncated"] = True
         return d
 
 
@@ -119,11 +122,12 @@ class Pipeline:
         results = []
         for p, ids in zip(batch, gen.token_ids):
             timings = {"preprocess": p.preprocess_ms, "vision": (t1 - t0) * 1e3, "prefill": gen.prefill_ms,
-                       "decode": gen.decode_ms, "decode_per_token": gen.decode_ms / max(gen.n_decode_steps, 1),
+                       "decode": gen.decode_ms, "decode_per_token": gen.decode_ms / max(gen.decode_steps(max_new_tokens), 1),
                        "end_to_end": p.preprocess_ms + (t2 - t0) * 1e3}
             results.append(StudyResult(study=str(p.study), source_file=str(p.image.source_file),
                                        view_position=p.image.view_position,
                                        report=postprocess(self.tokenizer.decode(ids)), token_ids=ids,
+                                       stop_reason="max_new_tokens" if len(ids) >= max_new_tokens else "eos",
                                        backend=self.backend.name, precision=self.backend.precision,
                                        timings_ms={k: round(v, 3) for k, v in timings.items()},
                                        batch_size=len(batch), image=p.image))

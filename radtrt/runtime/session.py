@@ -210,7 +210,7 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
                 assert result.image is not None
                 try:
                     write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
-                             model_version=pipeline.model_version)
+                             model_version=pipeline.model_version, complete=result.stop_reason == "eos")
                 except RadtrtError as e:
                     yield failure(Path(result.study), e, "sr")
     if len(studies) == 1 and failures:
