@@ -37,7 +37,7 @@ def check_creatable(path: Path, what: str) -> None:
         with tempfile.TemporaryFile(dir=ancestor):
             pass
     except OSError as e:
-        fail(f"cannot write {what} {path}: {ancestor} is not writable ({e.strerror})")
+        fail(f"cannot write {what} {path}: {ancestor} takes no new files ({e.strerror})")  # /proc: ENOENT
 
 
 def check_folder_target(path: Path, what: str) -> None:

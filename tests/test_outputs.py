@@ -214,3 +214,12 @@ def test_a_full_disk_while_building_a_folder_is_one_line_and_leaves_nothing(tmp_
         with new_dir_built_aside(tmp_path / "out"):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_a_folder_that_takes_no_files_is_named_so() -> None:
+    """/proc refuses new files with ENOENT: 'not writable (No such file or directory)' read as a contradiction."""
+    from radtrt.outputs import check_folder_target
+
+    with pytest.raises(RadtrtError, match="cannot write SR folder /proc/sr: /proc takes no new files"):
+        check_folder_target(Path("/proc/sr"), "SR folder")
