@@ -393,6 +393,16 @@ def test_a_report_cut_off_at_max_new_tokens_says_so(tmp_path: Path) -> None:
         assert pydicom.dcmread(sr).CompletionFlag == flag
 
 
+def test_a_prompt_too_long_is_refused_before_any_study_is_read(merged: Path, tmp_path: Path) -> None:
+    """It was refused at the first batch: a bad study before it already had its --json record, the rest none."""
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"not dicom")
+    good = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=3)))
+    code, out, err = _invoke("infer", garbage, good, "--model", merged, "--json", "--indication", "x " * 600)
+    assert code == 2 and out == "" and "garbage.dcm" not in err
+    assert err.strip().splitlines()[-1].endswith("shorten --indication or lower --max-new-tokens")
+
+
 def test_convert_to_release_layout_reloads_with_identical_tokens(merged: Path, tmp_path: Path) -> None:
     out = tmp_path / "release"
     for dtype in ("bfloat16", "float16"):  # float16, said explicitly, was taken for the default and ignored

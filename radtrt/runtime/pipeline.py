@@ -11,7 +11,7 @@ import torch
 
 from radtrt.imaging.study import SelectedImage, load_study
 from radtrt.model.config import LlavaRadConfig
-from radtrt.model.generate import MAX_NEW_TOKENS
+from radtrt.model.generate import MAX_NEW_TOKENS, check_positions
 from radtrt.model.prompt import STOP_STR, build_prompt, build_query, tokenizer_image_token
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.runtime.backends import Backend
@@ -98,6 +98,13 @@ class Pipeline:
         """An SR's algorithm version: which weights, in which precision, on which backend (an INT8 bundle's
         reports differ from the fp32 model's, and its SRs must say so)."""
         return f"weights {self.backend.weights_id[:16]}, {self.backend.precision} on {self.backend.name}"
+
+    def check_fits(self, indication: str | None, max_new_tokens: int) -> None:
+        """Refuse a prompt plus ``max_new_tokens`` past the model's positions before any study is read: every
+        study of a run shares the prompt, and the refusal came at the first batch, after the studies before it
+        had their records (so ``--json`` listed some studies and not the rest)."""
+        length = len(self.prompt_ids(indication)) - 1 + self.cfg.num_image_tokens  # the placeholder, expanded
+        check_positions(length, max_new_tokens, self.cfg.decoder.max_position_embeddings)
 
     def prompt_ids(self, indication: str | None) -> list[int]:
         prompt = build_prompt(build_query(indication), self.cfg.conv_template)

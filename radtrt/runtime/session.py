@@ -172,6 +172,7 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
     """
     if batch_size < 1:
         fail("--batch-size must be at least 1")
+    pipeline.check_fits(indication, max_new_tokens)
     failures: list[StudyFailure] = []
 
     def failure(study: Path, error: RadtrtError, stage: str) -> StudyFailure:
