@@ -248,3 +248,17 @@ def test_doctors_summary_agrees_with_its_tensorrt_line(host: str, monkeypatch: p
     summary = next(line for line in lines if line.startswith("backends usable here:"))
     assert ("tensorrt" in summary) == usable_line
     assert usable_line == (host == "orin")
+
+
+def test_an_srs_version_and_the_engines_limits_are_known_before_any_study() -> None:
+    """weights_id sat under encode_images' @torch.no_grad(), so it was no property and writing an SR raised a
+    TypeError; the engine's limits were checked only at the first batch, after earlier studies' records."""
+    from radtrt.runtime.pipeline import Pipeline
+
+    backend = object.__new__(TensorRTBackend)
+    backend.manifest = {"model": {"weights_fingerprint_fp16": "ab" * 32}}
+    backend.precision, backend.limits = "fp16+w8a16", {"max_batch": 2, "max_input_len": 6, "max_seq_len": 10}
+    assert Pipeline(backend, None, None).model_version == f"weights {'ab' * 8}, fp16+w8a16 on tensorrt"
+    backend.check_length(4, 6)
+    with pytest.raises(RadtrtError, match=r"exceed the TensorRT-LLM engine's sequences \(up to 10 positions\)"):
+        backend.check_length(4, 7)

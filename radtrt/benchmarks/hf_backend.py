@@ -11,13 +11,14 @@ prefill forward), so it includes ``generate``'s own setup, as a user of it would
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
-from radtrt.model.generate import Generation, left_pad
+from radtrt.model.generate import Generation, check_positions, left_pad
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.runtime.backends import PRECISION_NAMES
 
@@ -73,6 +74,15 @@ class TransformersBackend:
         self.device = device
         self.precision = PRECISION_NAMES.get(model.dtype, str(model.dtype))
         self.hf = hf_llama(model)
+
+    @functools.cached_property
+    def weights_id(self) -> str:
+        from radtrt.exporter.bundle import bundle_fingerprint
+
+        return bundle_fingerprint(self.model)
+
+    def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        check_positions(prompt_length, max_new_tokens, self.model.language_model.cfg.max_position_embeddings)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 
 from radtrt.errors import fail
-from radtrt.model.generate import Generation, clock, greedy_generate
+from radtrt.model.generate import Generation, check_positions, clock, greedy_generate
 from radtrt.model.llava_rad import LlavaRad
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -27,6 +27,10 @@ class Backend(Protocol):
     def weights_id(self) -> str:
         """The weights' fingerprint at float16 resolution (``bundle_fingerprint``): one id for a model and every
         bundle exported from it, so an SR says which weights wrote it whatever the backend."""
+
+    def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        """Refuse a prompt (image tokens included) plus ``max_new_tokens`` this backend cannot run, in the words
+        its ``generate`` would use, before any study is read."""
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
 
@@ -52,6 +56,9 @@ class TorchBackend:
         from radtrt.exporter.bundle import bundle_fingerprint
 
         return bundle_fingerprint(self.model)
+
+    def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        check_positions(prompt_length, max_new_tokens, self.model.language_model.cfg.max_position_embeddings)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

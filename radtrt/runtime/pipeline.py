@@ -11,7 +11,7 @@ import torch
 
 from radtrt.imaging.study import SelectedImage, load_study
 from radtrt.model.config import LlavaRadConfig
-from radtrt.model.generate import MAX_NEW_TOKENS, check_positions
+from radtrt.model.generate import MAX_NEW_TOKENS
 from radtrt.model.prompt import STOP_STR, build_prompt, build_query, tokenizer_image_token
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.runtime.backends import Backend
@@ -104,7 +104,7 @@ class Pipeline:
         study of a run shares the prompt, and the refusal came at the first batch, after the studies before it
         had their records (so ``--json`` listed some studies and not the rest)."""
         length = len(self.prompt_ids(indication)) - 1 + self.cfg.num_image_tokens  # the placeholder, expanded
-        check_positions(length, max_new_tokens, self.cfg.decoder.max_position_embeddings)
+        self.backend.check_length(length, max_new_tokens)
 
     def prompt_ids(self, indication: str | None) -> list[int]:
         prompt = build_prompt(build_query(indication), self.cfg.conv_template)

@@ -239,11 +239,14 @@ class TensorRTBackend:
         """Whether the decoder engine returns each step's logits (built with ``--gather_generation_logits``)."""
         return bool(self.decoder_stamp.get("gather_generation_logits"))
 
-    @torch.no_grad()
     @property
     def weights_id(self) -> str:
         return str(self.manifest["model"].get(BUNDLE_FINGERPRINT, "unknown"))
 
+    def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        check_engine_limits([prompt_length], max_new_tokens, self.limits)  # tighter than the model's positions
+
+    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision(pixel_values)
 
