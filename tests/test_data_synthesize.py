@@ -298,9 +298,10 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     for row in rows:  # as written before the label rules changed (uncertain-only rows got no_finding)
         del row["synthesis"]["label_rules"]
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows[:-1]))  # unfinished
-    with pytest.raises(RadtrtError, match="older radtrt's label rules"):
-        synthesize(labels, out, client=None, seed=0, console=None)
+    for rewrite in (rows[:-1], rows):  # unfinished, and finished ('nothing to do' before)
+        out.write_text("".join(json.dumps(row) + "\n" for row in rewrite))
+        with pytest.raises(RadtrtError, match="made with an older radtrt's label rules .*; delete it to make it again"):
+            synthesize(labels, out, client=None, seed=0, console=None)
 
 
 @pytest.mark.parametrize("change", [

@@ -166,9 +166,13 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any]) ->
     done = [obj for _, obj in read_jsonl(out, complete_only=True)]  # checked before anything is changed
     if len(done) > len(inputs) or any(d.get("image") != i.get("image") for d, i in zip(done, inputs)):
         fail(f"{out} holds rows for other images than the label file; choose another -o")
+    older = [d for d in done if isinstance(d.get("synthesis"), dict) and d["synthesis"].get("label_rules") != mode[
+        "label_rules"] and {**d["synthesis"], "label_rules": mode["label_rules"]} == mode]
+    if older:  # the same options, an older radtrt: rerunning them cannot help
+        fail(f"{out} was made with an older radtrt's label rules (rows whose findings were all uncertain were "
+             f"labelled no_finding); delete it to make it again, or choose another -o")
     if any(d.get("synthesis") != mode for d in done):  # a resume must not mix two settings in one manifest
-        fail(f"{out} holds rows made with other settings (template/endpoint, model, seed or temperature, or an "
-             f"older radtrt's label rules); "
+        fail(f"{out} holds rows made with other settings (template/endpoint, model, seed or temperature); "
              f"rerun with the same options, or choose another -o")
     changed = _first_changed_input(done, inputs)
     if changed is not None:
