@@ -104,8 +104,8 @@ def _stdout(text: str) -> None:
 
         if e.errno == errno.EPIPE:  # Python flushes stdout again at exit: into nothing, not another EPIPE
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        fail(f"cannot write to standard output ({e.strerror or e}); stopped there, the remaining studies were "
-             f"not run")
+        fail(f"cannot write to standard output ({e.strerror or e}); stopped: no study after the last record "
+             f"written was reported")
 
 
 @command

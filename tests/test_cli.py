@@ -376,7 +376,8 @@ def test_stdout_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
                                "2"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == ("radtrt: error: cannot write to standard output (No space left "
-                                                    "on device); stopped there, the remaining studies were not run")
+                                                    "on device); stopped: no study after the last record written was "
+                                                    "reported")
 
 
 def test_a_report_cut_off_at_max_new_tokens_says_so(tmp_path: Path) -> None:
