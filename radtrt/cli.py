@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar
 import typer
 
 from radtrt import __version__
-from radtrt.cli_support import err, user_errors
-from radtrt.errors import fail, printable
+from radtrt.cli_support import emit, err, user_errors
+from radtrt.errors import RadtrtError, fail, printable
 
 if TYPE_CHECKING:
     from radtrt.runtime.pipeline import StudyFailure, StudyResult
@@ -34,7 +34,7 @@ def command(fn: F) -> F:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"radtrt {__version__}")
+        emit(f"radtrt {__version__}")
         raise typer.Exit()
 
 
@@ -84,28 +84,13 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
 
     for result in results:
         if as_json:
-            _stdout(json.dumps(result.to_json()))
+            emit(json.dumps(result.to_json()))
         elif isinstance(result, StudyResult):  # a failure's line is already on stderr
             t = result.timings_ms
-            _stdout(f"{printable(result.study)} [{result.view_position}]\n{result.report}\n")
+            emit(f"{printable(result.study)} [{result.view_position}]\n{result.report}\n")
             err.print(f"timings: preprocess {t['preprocess']:.0f} ms, vision {t['vision']:.0f} ms, prefill "
                       f"{t['prefill']:.0f} ms, decode {t['decode_per_token']:.1f} ms/token, end to end "
                       f"{t['end_to_end']:.0f} ms", highlight=False, soft_wrap=True)
-
-
-def _stdout(text: str) -> None:
-    """A full disk or a reader gone (``| head``) on stdout is one line and exit 2: it was a traceback, or
-    click's silent exit 1, and the studies after it went unreported without a word."""
-    try:
-        typer.echo(text)
-    except OSError as e:
-        import errno
-        import os
-
-        if e.errno == errno.EPIPE:  # Python flushes stdout again at exit: into nothing, not another EPIPE
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        fail(f"cannot write to standard output ({e.strerror or e}); stopped: no study after the last record "
-             f"written was reported")
 
 
 @command
@@ -138,7 +123,7 @@ def convert(
         source = load_model(model, base_model) if base_model is not None else model
         with err.status(f"writing the release layout to {out}"):
             release, base = export_release(source, out)
-        typer.echo(f"{release}\n{base}")
+        emit(f"{release}\n{base}")
         return
     with err.status("loading and merging the model"):
         # Loaded in the stored dtype: a float32 copy of a float16 base would double the memory (7B: 27 GB)
@@ -146,7 +131,7 @@ def convert(
         loaded = load_model(model, base_model, dtype=DTYPES[dtype])
     with err.status(f"writing {out}"):
         save_toolkit(loaded, out, dtype=DTYPES[dtype])
-    typer.echo(str(out))
+    emit(str(out))
 
 
 @command
@@ -193,7 +178,7 @@ def export(
                             smoothquant_alpha=smoothquant_alpha, int8_lm_head=int8_lm_head,
                             int8_embeddings=int8_embeddings, parity_samples=parity_samples, max_batch=max_batch,
                             trtllm_engine=trtllm_engine, trtllm_logits=trtllm_logits)
-    typer.echo(str(run_export(request, err)))
+    emit(str(run_export(request, err)))
 
 
 @command
@@ -243,7 +228,7 @@ def calibrate(
     err.print(f"{calibration.file.n} samples ({meta['method']['samples_with_findings']} with findings, "
               f"{meta['method']['decoder_tokens']} decoder tokens), sample-list sha256 {calibration.file.hash[:16]}",
               highlight=False)
-    typer.echo(str(out))
+    emit(str(out))
 
 
 @command
@@ -252,7 +237,7 @@ def doctor() -> None:
     from radtrt.runtime.doctor import report
 
     for line in report():
-        typer.echo(line)
+        emit(line)
 
 
 @command
@@ -309,6 +294,9 @@ def main() -> None:
     except typer.Abort:  # end of input at a prompt; standalone typer says the same
         err.print("Aborted.", highlight=False)
         sys.exit(1)
+    except RadtrtError as e:  # from an option callback (--version), which no command's wrapper covers
+        err.print(f"radtrt: error: {printable(str(e))}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -1,4 +1,4 @@
-"""What every command module shares: the stderr console and the user-error wrapper.
+"""What every command module shares: the stderr console, results on stdout and the user-error wrapper.
 
 A ``RadtrtError`` leaving a command becomes one ``radtrt: error: ...`` line on stderr and exit
 code 2; anything else is a bug and propagates (exit 1).
@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
+import sys
 from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 
-from radtrt.errors import RadtrtError, printable
+from radtrt.errors import RadtrtError, fail, printable
 
 err = Console(stderr=True, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,3 +42,14 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def emit(text: str, *, nl: bool = True) -> None:
+    """A command's result on stdout. A full disk or a reader gone (``| head``) is one line and exit 2: it was
+    a traceback, or click's silent exit 1, and what came after went unreported without a word."""
+    try:
+        typer.echo(text, nl=nl)
+    except OSError as e:
+        if e.errno == errno.EPIPE:  # Python flushes stdout again at exit: into nothing, not another EPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        fail(f"cannot write to standard output ({e.strerror or e}); stopped there")

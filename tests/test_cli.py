@@ -366,18 +366,20 @@ def test_without_model_the_embedded_default_model_runs(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_stdout_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
-    """A full disk was a traceback (exit 1); a closed pipe, click's silent exit 1."""
+    """A full disk was a traceback (exit 1); a closed pipe, click's silent exit 1. Every command prints its
+    results through one function, an option callback (--version) included."""
     import subprocess
     import sys
 
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=12)))
-    with open("/dev/full", "w") as full:
-        proc = subprocess.run([sys.executable, "-m", "radtrt.cli", "infer", str(study), "--json", "--max-new-tokens",
-                               "2"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("radtrt: error: cannot write to standard output (No space left "
-                                                    "on device); stopped: no study after the last record written was "
-                                                    "reported")
+    for args in (["infer", str(study), "--json", "--max-new-tokens", "2"], ["--version"],
+                 ["data", "phantoms", "-o", str(tmp_path / "ph"), "--n", "1"]):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "radtrt.cli", *args], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert proc.stderr.strip().splitlines()[-1] == ("radtrt: error: cannot write to standard output (No space "
+                                                        "left on device); stopped there")
 
 
 def test_a_report_cut_off_at_max_new_tokens_says_so(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.benchmarks.report_files import (check_outside_studies, check_predictions_apart, check_report_path,
                                            report_files, reproduce_command)
-from radtrt.cli_support import err, user_errors
+from radtrt.cli_support import emit, err, user_errors
 from radtrt.errors import fail
 from radtrt.progress import LineProgress, make_progress
 
@@ -48,7 +48,7 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) 
         write_text(md_path, markdown, "report")
         write_text(json_path, json.dumps(data, indent=2) + "\n", "report")
         err.print(f"wrote {md_path} and {json_path}")
-    typer.echo(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
+    emit(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 
 
 MODEL_HELP = "radtrt model dir (or LLaVA-Rad release dir) for the torch/transformers side."

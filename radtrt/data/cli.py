@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from radtrt.cli_support import err, user_errors
+from radtrt.cli_support import emit, err, user_errors
 from radtrt.errors import fail
 
 guarded = user_errors
@@ -32,7 +32,7 @@ def phantoms(
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
     manifest = write_phantom_set(out, n, seed, rows=rows, cols=cols, formats=chosen, console=err)
     err.print(f"{n} synthetic phantoms (not for clinical use) in {out}", highlight=False)
-    typer.echo(str(manifest))
+    emit(str(manifest))
 
 
 def synthesize(
@@ -76,7 +76,7 @@ def synthesize(
     path = run(labels, out, client=client, seed=seed, temperature=temperature or 0.0, console=err)
     if client is not None:
         err.print(f"{client.requests_made} request(s) sent to {client.url.split('/')[2]}", highlight=False)
-    typer.echo(str(path))
+    emit(str(path))
 
 
 def register(app: typer.Typer) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import typer
 
-from radtrt.cli_support import user_errors
+from radtrt.cli_support import emit, user_errors
 from radtrt.errors import fail
 
 
@@ -126,7 +126,7 @@ def eval_command(
 
         make_dir(out.parent, "folder for the results file")
         write_text(out, json.dumps(result, indent=2) + "\n", "results file")
-    typer.echo(summary, nl=False)
+    emit(summary, nl=False)
     from radtrt.evaluation.chexprompt.summary import nothing_judged
 
     if nothing_judged(result):

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import typer
 
-from radtrt.cli_support import err
+from radtrt.cli_support import emit, err
 from radtrt.cli_support import user_errors as guarded
 from radtrt.errors import fail
 from radtrt.outputs import check_new_dir
@@ -48,7 +48,7 @@ def tokenizer(manifest: Path = typer.Argument(..., help="Training manifest (JSON
     with new_dir_built_aside(out, "tokenizer folder") as work:  # a failed write leaves no half folder
         tok.save(work)
     err.print(f"tokenizer with {tok.vocab_size} pieces", highlight=False)
-    typer.echo(str(out))
+    emit(str(out))
 
 
 def init(out: Path = typer.Option(..., "-o", "--out", help="Output model folder (toolkit layout)."),
@@ -67,7 +67,7 @@ def init(out: Path = typer.Option(..., "-o", "--out", help="Output model folder 
     check_seed(seed)
     check_new_dir(out)
     save_toolkit(fresh_model(arch, LlamaSPTokenizer.from_dir(tokenizer_dir), seed, name), out)
-    typer.echo(str(out))
+    emit(str(out))
 
 
 def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the signature
@@ -121,7 +121,7 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
                           cache_features=not no_feature_cache, model_name=name)
         result = train(cfg, console=err)
         if result.model_dir is not None:
-            typer.echo(str(result.model_dir))
+            emit(str(result.model_dir))
 
     command.__doc__ = summary
     return command
@@ -135,7 +135,7 @@ def resume(run: Path = typer.Argument(..., help="Run folder of an interrupted 'r
     _threads(threads)
     result = train(resume_config(run), resume=True, console=err)
     if result.model_dir is not None:
-        typer.echo(str(result.model_dir))
+        emit(str(result.model_dir))
 
 
 def evaluate(manifest: Path = typer.Argument(..., help="Held-out manifest with findings (and labels)."),
@@ -153,9 +153,9 @@ def evaluate(manifest: Path = typer.Argument(..., help="Held-out manifest with f
     result = evaluate_findings(load_model(model, base_model), manifest, limit=limit, max_new_tokens=max_new_tokens,
                                console=err)
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        emit(json.dumps(result.to_dict(), indent=2))
     else:
-        typer.echo(f"micro-F1 {result.f1.micro_f1:.3f}  macro-F1 {result.f1.macro_f1:.3f}  (n={result.f1.n})")
+        emit(f"micro-F1 {result.f1.micro_f1:.3f}  macro-F1 {result.f1.macro_f1:.3f}  (n={result.f1.n})")
 
 
 STAGE_HELP = {
