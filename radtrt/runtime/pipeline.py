@@ -100,7 +100,8 @@ class Pipeline:
         return f"weights {self.backend.weights_id[:16]}, {self.backend.precision} on {self.backend.name}"
 
     def check_fits(self, indication: str | None, max_new_tokens: int) -> None:
-        """Refuse a prompt plus ``max_new_tokens`` past the model's positions before any study is read: every
+        """Refuse a prompt plus ``max_new_tokens`` the backend cannot run (past the model's positions, or a
+        TensorRT-LLM engine's build limits) before any study is read: every
         study of a run shares the prompt, and the refusal came at the first batch, after the studies before it
         had their records (so ``--json`` listed some studies and not the rest)."""
         length = len(self.prompt_ids(indication)) - 1 + self.cfg.num_image_tokens  # the placeholder, expanded
