@@ -47,6 +47,8 @@ def user_errors(fn: F) -> F:
 def emit(text: str, *, nl: bool = True) -> None:
     """A command's result on stdout. A full disk or a reader gone (``| head``) is one line and exit 2: it was
     a traceback, or click's silent exit 1, and what came after went unreported without a word."""
+    if sys.stdout is None:  # started with stdout closed (``>&-``): click would drop the text without a word
+        fail("standard output is closed; the results cannot be printed")
     try:
         typer.echo(text, nl=nl)
     except OSError as e:

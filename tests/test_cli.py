@@ -380,6 +380,10 @@ def test_stdout_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert proc.stderr.strip().splitlines()[-1] == ("radtrt: error: cannot write to standard output (No space "
                                                         "left on device); stopped there")
+    closed = subprocess.run(["bash", "-c", f"'{sys.executable}' -m radtrt.cli --version >&-"], capture_output=True,
+                            text=True, timeout=300)  # exit 0 and nothing printed, without a word
+    assert closed.returncode == 2 and closed.stderr.strip() == ("radtrt: error: standard output is closed; the "
+                                                                "results cannot be printed")
 
 
 def test_a_report_cut_off_at_max_new_tokens_says_so(tmp_path: Path) -> None:
