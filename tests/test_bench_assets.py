@@ -166,3 +166,11 @@ def test_a_build_cut_short_is_rebuilt_not_refused(tmp_path: Path, monkeypatch: p
     monkeypatch.undo()
     built = random_assets("tiny", tmp_path)
     assert (built.bundle / "manifest.json").is_file()
+
+
+def test_a_bundle_is_labelled_with_its_models_name(tmp_path: Path) -> None:
+    """Reports said 'Model: i8', the bundle's folder name."""
+    built = random_assets("tiny", tmp_path)
+    assets = resolve_assets(model=None, bundle=built.bundle, random_model=None, work_dir=tmp_path, seed=0,
+                            vision_only=False)
+    assert assets.label == "tiny-seed0-random (bundle bundle)"

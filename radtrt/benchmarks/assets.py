@@ -162,6 +162,10 @@ def resolve_assets(*, model: Path | None, bundle: Path | None, random_model: str
     if model is None and bundle is None:
         fail("say what to benchmark: --bundle DIR (and --model DIR for torch), or --random-model tiny|phantom|mid|llava-rad")
     label = (bundle or model).name  # type: ignore[union-attr]
+    if bundle is not None:  # the model's name, not only a folder's ("Model: i8")
+        from radtrt.exporter.bundle import read_manifest
+
+        label = f"{read_manifest(bundle, verify=False)['model']['name']} (bundle {bundle.name})"
     return Assets(model, bundle, label)
 
 
