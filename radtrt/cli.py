@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar
 import typer
 
 from radtrt import __version__
-from radtrt.cli_support import emit, err, user_errors
+from radtrt.cli_support import emit, err, print_error, user_errors
 from radtrt.errors import RadtrtError, fail, printable
 
 if TYPE_CHECKING:
@@ -289,13 +289,13 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         if message:  # empty for a group called without a command: typer has shown its help
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            err.print(f"radtrt: error: {printable(message)}{hint}", markup=False, highlight=False, soft_wrap=True)
+            print_error(f"{message}{hint}")
         sys.exit(getattr(e, "exit_code", 2))
     except typer.Abort:  # end of input at a prompt; standalone typer says the same
         err.print("Aborted.", highlight=False)
         sys.exit(1)
     except RadtrtError as e:  # from an option callback (--version), which no command's wrapper covers
-        err.print(f"radtrt: error: {printable(str(e))}", markup=False, highlight=False, soft_wrap=True)
+        print_error(str(e))
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -21,6 +21,11 @@ err = Console(stderr=True, highlight=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def print_error(message: str) -> None:
+    """The one stderr line of a refusal (control characters escaped: a name could fake a second line)."""
+    err.print(f"radtrt: error: {printable(message)}", markup=False, highlight=False, soft_wrap=True)
+
+
 def user_errors(fn: F) -> F:
     """Wrap a command so that a ``RadtrtError`` ends as one stderr line and exit code 2, not a traceback."""
 
@@ -29,7 +34,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except RadtrtError as e:
-            err.print(f"radtrt: error: {printable(str(e))}", markup=False, highlight=False, soft_wrap=True)
+            print_error(str(e))
             raise typer.Exit(2) from None
         except OSError as e:
             # a path the user typed that the file system cannot even look up; pathlib's exists() and
