@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar
 import typer
 
 from radtrt import __version__
-from radtrt.cli_support import emit, err, print_error, user_errors
+from radtrt.cli_support import WRITE_ERRNOS, emit, err, print_error, stdout_failed, user_errors
 from radtrt.errors import RadtrtError, fail, printable
 
 if TYPE_CHECKING:
@@ -283,7 +283,12 @@ def _terminated(signum: int, frame: Any) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        code = app(standalone_mode=False)  # typer returns the exit code instead of leaving
+        try:
+            code = app(standalone_mode=False)  # typer returns the exit code instead of leaving
+        except OSError as e:  # --help from typer's rich formatter into a full disk (commands' wrappers take theirs)
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            stdout_failed(e)
     except typer.TyperException as e:  # a usage error (unknown option, bad value): one line, like every refusal
         message = e.format_message().strip() if hasattr(e, "format_message") else str(e)
         ctx = getattr(e, "ctx", None)
@@ -294,7 +299,7 @@ def main() -> None:
     except typer.Abort:  # end of input at a prompt; standalone typer says the same
         err.print("Aborted.", highlight=False)
         sys.exit(1)
-    except RadtrtError as e:  # from an option callback (--version), which no command's wrapper covers
+    except RadtrtError as e:  # from an option callback (--version) or stdout_failed: no command's wrapper covers them
         print_error(str(e))
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

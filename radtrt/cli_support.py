@@ -18,6 +18,8 @@ from rich.console import Console
 from radtrt.errors import RadtrtError, fail, printable
 
 err = Console(stderr=True, highlight=False)
+#: what writing to a pipe, disk or terminal fails with; looking a path up or reading it never raises these
+WRITE_ERRNOS = frozenset({errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG})
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -39,11 +41,13 @@ def user_errors(fn: F) -> F:
         except OSError as e:
             # a path the user typed that the file system cannot even look up; pathlib's exists() and
             # is_file() raise it from wherever a path is first touched
-            if e.errno != errno.ENAMETOOLONG:
+            if e.errno == errno.ENAMETOOLONG:
+                print_error(f"a file or folder name is too long for the file system: {e.filename}")
+            elif e.errno in WRITE_ERRNOS - {errno.EPIPE}:  # a full disk or quota where no output step expected it
+                where = f": {e.filename}" if e.filename else ""
+                print_error(f"a write failed ({e.strerror or e}){where}; stopped there")
+            else:
                 raise
-            err.print(f"radtrt: error: a file or folder name is too long for the file system: "
-                      f"{printable(str(e.filename))}",
-                      markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -57,6 +61,13 @@ def emit(text: str, *, nl: bool = True) -> None:
     try:
         typer.echo(text, nl=nl)
     except OSError as e:
-        if e.errno == errno.EPIPE:  # Python flushes stdout again at exit: into nothing, not another EPIPE
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        fail(f"cannot write to standard output ({e.strerror or e}); stopped there")
+        stdout_failed(e)
+
+
+
+
+def stdout_failed(e: OSError) -> None:
+    """Refuse on behalf of a write to stdout that failed; typer's help printer and ``emit`` both end here."""
+    if e.errno == errno.EPIPE:  # Python flushes stdout again at exit: into nothing, not another EPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    fail(f"cannot write to standard output ({e.strerror or e}); stopped there")

@@ -372,8 +372,8 @@ def test_stdout_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     import sys
 
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=12)))
-    for args in (["infer", str(study), "--json", "--max-new-tokens", "2"], ["--version"],
-                 ["data", "phantoms", "-o", str(tmp_path / "ph"), "--n", "1"]):
+    for args in (["infer", str(study), "--json", "--max-new-tokens", "2"], ["--version"], ["--help"],
+                 ["infer", "--help"], ["data", "phantoms", "-o", str(tmp_path / "ph"), "--n", "1"]):
         with open("/dev/full", "w") as full:
             proc = subprocess.run([sys.executable, "-m", "radtrt.cli", *args], stdout=full, stderr=subprocess.PIPE,
                                   text=True, timeout=300)
@@ -510,6 +510,32 @@ def test_demo_runs_the_default_bundle_without_spinning_threads(tmp_path: Path) -
     code, _, err = _invoke("demo", "-o", tmp_path / "other")  # refused after a 20 s export
     _assert_refused(code, err, "demo SR folder (in -o)")
     assert not (tmp_path / "other" / "default-model-fp32").exists()
+
+
+def test_a_full_disk_no_output_step_expected_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A write error leaving a command (a full disk, a quota) was an OSError traceback; a bug's OSError still is."""
+    import errno
+
+    import typer
+
+    from radtrt.cli_support import user_errors
+
+    @user_errors
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/report.md")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        full()
+    assert exit_info.value.exit_code == 2
+    assert capsys.readouterr().err.strip() == ("radtrt: error: a write failed (No space left on device): "
+                                               "/out/report.md; stopped there")
+
+    @user_errors
+    def missing() -> None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+    with pytest.raises(FileNotFoundError):
+        missing()
 
 
 def test_a_name_too_long_for_the_file_system_is_one_line(tmp_path: Path) -> None:
