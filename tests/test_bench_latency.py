@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,14 @@ def test_markdown_has_command_tables_and_ratios() -> None:
     assert "--warmup 0" not in warmed
     assert "Test CPU" in md and "Peak RSS" in md
     assert "own matrix shapes" not in md  # no shaped probe ran
+    assert "| resident memory added by loading (MiB) | 900 | 900 |" in md
+
+
+def test_resident_memory_that_fell_while_loading_is_not_a_negative_addition() -> None:
+    """'-40' MiB added by loading read as a measuring error: the allocator had returned pages meanwhile."""
+    report = _report(infos=[dataclasses.replace(_info("onnxruntime"), rss_added_mb=-40.4), _info("torch")])
+    md = latency_markdown(report)
+    assert "| resident memory added by loading (MiB) | 0 (resident memory fell by 40 while loading) | 900 |" in md
 
 
 def test_markdown_prints_the_shaped_probe_beside_the_floor() -> None:

@@ -20,6 +20,14 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def _rss_added(mb: float | None) -> str:
+    """Loading can end with less resident memory than it began with (the allocator returned freed pages), and
+    "-40 MiB added" read as a measuring error; say what happened instead."""
+    if mb is None or mb >= 0:
+        return _num(mb, 0)
+    return f"0 (resident memory fell by {-mb:,.0f} while loading)"
+
+
 def _mb(nbytes: float) -> str:
     mb = nbytes / 1e6
     return f"{mb:,.0f} MB" if mb >= 100 else f"{mb:.1f} MB" if mb >= 1 else f"{mb:.2f} MB"
@@ -124,7 +132,7 @@ def _medians_table(report: LatencyReport) -> list[str]:
         row("decode floor tokens/s (weights)", [_num(b.floor.floor_tokens_per_s if b.floor else None)
                                                  for b in backends])
         row("achieved fraction of floor", [_pct(b.floor.achieved_fraction if b.floor else None) for b in backends])
-    row("resident memory added by loading (MiB)", [_num(b.info.rss_added_mb, 0) for b in backends])
+    row("resident memory added by loading (MiB)", [_rss_added(b.info.rss_added_mb) for b in backends])
     row("load time (s)", [_num(b.info.load_seconds, 2) for b in backends])
     return lines
 
