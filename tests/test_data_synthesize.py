@@ -163,6 +163,10 @@ def test_template_mode_is_deterministic_and_marked(tmp_path: Path) -> None:
     ({"No Finding": 0}, ()),  # No Finding negated
     ({"Edema": 0, "Fracture": None}, ("no_finding",)),  # only negatives: CheXpert's No Finding
     ({"Edema": 1, "Pneumonia": -1}, ("Edema",)),
+    ({"Support Devices": 1, "Edema": 0}, ("Support Devices", "no_finding")),  # CheXpert's rule ignores devices
+    ({"Support Devices": 1, "No Finding": 1}, ("Support Devices", "No Finding")),
+    ({"Support Devices": 1, "Pneumonia": -1}, ("Support Devices",)),
+    ({"Support Devices": 1, "Edema": 1}, ("Support Devices", "Edema")),
 ])
 def test_no_finding_only_when_nothing_is_positive_or_uncertain(tmp_path: Path, labels: dict,
                                                                 expected: tuple[str, ...]) -> None:
@@ -170,6 +174,21 @@ def test_no_finding_only_when_nothing_is_positive_or_uncertain(tmp_path: Path, l
     path.write_text(json.dumps({"image": "a", "labels": labels}) + "\n")
     row = read_manifest(synthesize(path, tmp_path / "out.jsonl", client=None, console=None))[0]
     assert row.labels == expected, row.findings
+
+
+def test_devices_alone_are_labelled_as_the_phantom_labeler_reads_their_text(tmp_path: Path) -> None:
+    """A devices-only row got no no_finding, while the labeler gives it to the text written for that row."""
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"image": "a", "labels": ["central_line"]}) + "\n")
+    row = read_manifest(synthesize(path, tmp_path / "out.jsonl", client=None, console=None))[0]
+    assert set(row.labels) == set(extract_labels(row.findings)) == {"central_line", "no_finding"}
+
+
+def test_no_finding_beside_uncertain_findings_is_refused(tmp_path: Path) -> None:
+    """It was accepted, and the text said both "No acute cardiopulmonary abnormality." and "Pneumonia is possible."."""
+    with pytest.raises(RadtrtError, match="x: 'No Finding' is positive together with uncertain findings"):
+        parse_labels({"No Finding": 1, "Pneumonia": -1}, "x")
+    assert parse_labels({"No Finding": 1, "Support Devices": 1}, "x").positive == ("No Finding", "Support Devices")
 
 
 def test_indication_that_is_no_string_is_refused(tmp_path: Path) -> None:
@@ -296,12 +315,18 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
         synthesize(labels, out, client=None, seed=7, console=None)
     assert synthesize(labels, out, client=None, seed=0, console=None) == out  # same settings: nothing to do
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    for row in rows:  # as written before the label rules changed (uncertain-only rows got no_finding)
-        del row["synthesis"]["label_rules"]
-    for rewrite in (rows[:-1], rows):  # unfinished, and finished ('nothing to do' before)
-        out.write_text("".join(json.dumps(row) + "\n" for row in rewrite))
-        with pytest.raises(RadtrtError, match="made with an older radtrt's label rules .*; delete it to make it again"):
-            synthesize(labels, out, client=None, seed=0, console=None)
+    for version, said in ((None, r"\(rows whose findings were all uncertain were labelled no_finding; rows whose only positive "
+                                 "findings were support"),
+                          (2, r"\(rows whose only positive findings were support devices")):
+        for row in rows:  # as written before the label rules changed (uncertain-only rows got no_finding)
+            row["synthesis"].pop("label_rules", None)
+            if version is not None:
+                row["synthesis"]["label_rules"] = version
+        for rewrite in (rows[:-1], rows):  # unfinished, and finished ('nothing to do' before)
+            out.write_text("".join(json.dumps(row) + "\n" for row in rewrite))
+            with pytest.raises(RadtrtError, match=f"made with an older radtrt's label rules {said}.*; delete it to "
+                                                  f"make it again"):
+                synthesize(labels, out, client=None, seed=0, console=None)
 
 
 @pytest.mark.parametrize("change", [

@@ -28,15 +28,21 @@ from rich.console import Console
 from radtrt.data.chat import ChatClient
 from radtrt.data.manifest import optional_str, read_jsonl
 from radtrt.data.reports import findings_text
-from radtrt.data.vocabulary import LABELS, NO_FINDING, Findings
+from radtrt.data.vocabulary import DEVICE_LABELS, LABELS, NO_FINDING, Findings
 from radtrt.errors import fail
 from radtrt.outputs import check_file_target, make_dir
 from radtrt.progress import make_progress
 
 PROMPT_VERSION = 1
-# 2: no_finding only when no finding is positive or uncertain (1 gave it to uncertain-only rows); recorded,
-# so a manifest begun under 1 is not completed under 2
-LABEL_RULES_VERSION = 2
+# Recorded in every row, so a manifest begun under one version is not completed under another. What each
+# version changed, for the refusal of a manifest an older radtrt began:
+LABEL_RULE_CHANGES = {
+    2: "rows whose findings were all uncertain were labelled no_finding",
+    3: "rows whose only positive findings were support devices were not labelled no_finding",
+}
+LABEL_RULES_VERSION = max(LABEL_RULE_CHANGES)
+# CheXpert's No Finding ignores support devices; these are the phantom vocabulary's and CheXpert's names of them
+DEVICE_NAMES = frozenset({*(_n.replace("_", " ") for _n in DEVICE_LABELS), "support devices"})
 SYSTEM_PROMPT = ("You are an experienced radiologist. You write the findings section of chest radiograph reports "
                  "in the concise style of clinical reports.")
 # CheXpert's 14 observations, phrased for template mode: (positive, negative, uncertain)
@@ -89,13 +95,19 @@ def parse_labels(value: Any, where: str) -> LabelSet:
 
 def _check_consistent(labels: LabelSet, where: str) -> None:
     """Refuse label rows that would make contradictory text ("The heart is enlarged. Heart size is normal.")."""
-    named = [_readable(n).lower().strip() for n in (*labels.positive, *labels.negative, *labels.uncertain)]
+    named = [_key(n) for n in (*labels.positive, *labels.negative, *labels.uncertain)]
     repeated = sorted({n for n in named if named.count(n) > 1})
     if repeated:
         fail(f"{where}: label '{repeated[0]}' is given more than once (names differing only in case or spacing)")
-    positive = {_readable(n).lower().strip() for n in labels.positive}
-    if "no finding" in positive and len(positive) > 1:
+    positive = {_key(n) for n in labels.positive}
+    if "no finding" in positive and positive - DEVICE_NAMES - {"no finding"}:
         fail(f"{where}: 'No Finding' is positive together with other positive findings")
+    if "no finding" in positive and labels.uncertain:  # CheXpert: No Finding only when nothing is even uncertain
+        fail(f"{where}: 'No Finding' is positive together with uncertain findings ('{labels.uncertain[0]}')")
+
+
+def _key(name: str) -> str:
+    return _readable(name).lower().strip()
 
 
 def _readable(name: str) -> str:
@@ -134,14 +146,17 @@ def template_text(labels: LabelSet, rng: random.Random) -> str:
 
 
 def _positive_names(labels: LabelSet) -> list[str]:
-    """The manifest's ``labels``: the positive findings (a manifest's list holds findings that are present), or
-    ``no_finding`` by CheXpert's rule: only when no finding is positive or uncertain and No Finding is not
-    negated. Uncertain findings are not listed as present, but a row of only uncertain or negative findings
-    is no "no finding" either (it was, next to text such as "Pneumonia is possible"): it gets an empty list."""
-    if labels.positive:
-        return list(labels.positive)
-    no_finding_negated = any(_readable(n).lower().strip() == "no finding" for n in labels.negative)
-    return [] if labels.uncertain or no_finding_negated else [NO_FINDING]
+    """The manifest's ``labels``: the positive findings (a manifest's list holds findings that are present), and
+    ``no_finding`` by CheXpert's rule: only when no finding but support devices is positive, none is uncertain
+    and No Finding is not negated. Uncertain findings are not listed as present, but a row of only uncertain or
+    negative findings is no "no finding" either (it was, next to text such as "Pneumonia is possible"): it gets
+    an empty list. Devices alone get no_finding beside them, as the phantom labeler reads such text."""
+    positive = list(labels.positive)
+    keys = {_key(n) for n in positive}
+    if "no finding" in keys or keys - DEVICE_NAMES:
+        return positive
+    no_finding_negated = any(_key(n) == "no finding" for n in labels.negative)
+    return positive if labels.uncertain or no_finding_negated else [*positive, NO_FINDING]
 
 
 def _text_or_none(value: Any) -> Any:
@@ -160,17 +175,27 @@ def _first_changed_input(done: list[dict[str, Any]], inputs: list[dict[str, Any]
     return None
 
 
+def _older_rules(done: dict[str, Any], mode: dict[str, Any]) -> int | None:
+    """The label-rules version of a row made with today's options under older rules (none recorded: 1)."""
+    synthesis = done.get("synthesis")
+    if not isinstance(synthesis, dict) or {**synthesis, "label_rules": mode["label_rules"]} != mode:
+        return None
+    version = synthesis.get("label_rules", 1)
+    return version if isinstance(version, int) and not isinstance(version, bool) and version < mode[
+        "label_rules"] else None
+
+
 def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any]) -> int:
     if not out.is_file():
         return 0
     done = [obj for _, obj in read_jsonl(out, complete_only=True)]  # checked before anything is changed
     if len(done) > len(inputs) or any(d.get("image") != i.get("image") for d, i in zip(done, inputs)):
         fail(f"{out} holds rows for other images than the label file; choose another -o")
-    older = [d for d in done if isinstance(d.get("synthesis"), dict) and d["synthesis"].get("label_rules") != mode[
-        "label_rules"] and {**d["synthesis"], "label_rules": mode["label_rules"]} == mode]
+    older = [v for v in (_older_rules(d, mode) for d in done) if v is not None]
     if older:  # the same options, an older radtrt: rerunning them cannot help
-        fail(f"{out} was made with an older radtrt's label rules (rows whose findings were all uncertain were "
-             f"labelled no_finding); delete it to make it again, or choose another -o")
+        changes = "; ".join(c for v, c in sorted(LABEL_RULE_CHANGES.items()) if v > min(older))
+        fail(f"{out} was made with an older radtrt's label rules ({changes}); delete it to make it again, or "
+             f"choose another -o")
     if any(d.get("synthesis") != mode for d in done):  # a resume must not mix two settings in one manifest
         fail(f"{out} holds rows made with other settings (template/endpoint, model, seed or temperature); "
              f"rerun with the same options, or choose another -o")
