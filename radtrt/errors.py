@@ -13,7 +13,14 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class RadtrtError(Exception):
-    """A user-facing failure: bad input, missing or incompatible files, unsupported requests."""
+    """A user-facing failure: bad input, missing or incompatible files, unsupported requests.
+
+    ``remedy``, when given apart, lets a caller that knows a better one (the demo, for the bundle it made itself)
+    quote only the problem; ``str()`` is the whole line either way."""
+
+    def __init__(self, problem: str, remedy: str | None = None) -> None:
+        super().__init__(f"{problem}: {remedy}" if remedy else problem)
+        self.problem, self.remedy = problem, remedy
 
 
 def printable(text: str) -> str:
@@ -24,6 +31,6 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, *, remedy: str | None = None) -> NoReturn:
     """Raise the user-facing error; the single place such failures originate."""
-    raise RadtrtError(message)
+    raise RadtrtError(message, remedy)

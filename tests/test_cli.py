@@ -505,6 +505,7 @@ def test_demo_runs_the_default_bundle_without_spinning_threads(tmp_path: Path) -
         bundle_manifest.write_text(json.dumps({**json.loads(original), **edit}))
         code, _, err = _invoke("demo", "-o", tmp_path / "demo")  # 'radtrt export' was the remedy given
         _assert_refused(code, err, "delete it and 'radtrt demo' exports it again")
+        assert "re-export" not in err  # the underlying refusal's own remedy came first, then the demo's
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "sr").write_text("x")
     code, _, err = _invoke("demo", "-o", tmp_path / "other")  # refused after a 20 s export

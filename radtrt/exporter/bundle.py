@@ -35,6 +35,8 @@ from radtrt.model.prompt import QUERY, QUERY_WITH_INDICATION, SYSTEM_V1
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import WORK_MARKER, check_new_dir, new_dir_built_aside
 
+REEXPORT = "re-export the bundle"  # the remedy of a damaged bundle, apart: the demo has its own
+
 BUNDLE_FORMAT = "radtrt-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -228,34 +230,34 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
     if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
         fail(f"bundle {bundle} has format version {manifest.get('format_version')!r} (written by "
              f"{_written_by(manifest)}); this radtrt {__version__} reads version "
-             f"{BUNDLE_FORMAT_VERSION}: re-export it")
+             f"{BUNDLE_FORMAT_VERSION}", remedy="re-export it")
     problem = manifest_problem(manifest)
     if problem:
-        fail(f"{path} is damaged ({problem}): re-export the bundle")
+        fail(f"{path} is damaged ({problem})", remedy=REEXPORT)
     if not isinstance(manifest.get("graph_revision"), int) or "attention" not in manifest["decoder"]:
         fail(f"bundle {bundle} was exported by an older radtrt ({_written_by(manifest)}, graph revision "
-             f"{manifest.get('graph_revision')!r}; this radtrt writes {GRAPH_REVISION}): re-export it")
+             f"{manifest.get('graph_revision')!r}; this radtrt writes {GRAPH_REVISION})", remedy="re-export it")
     if manifest["graph_revision"] > GRAPH_REVISION:  # older revisions still run: their graphs are plain ONNX
         fail(f"bundle {bundle} was exported by a newer radtrt ({_written_by(manifest)}, graph revision "
-             f"{manifest['graph_revision']}; this radtrt {__version__} knows up to {GRAPH_REVISION}): upgrade radtrt "
-             f"or re-export it with this one")
+             f"{manifest['graph_revision']}; this radtrt {__version__} knows up to {GRAPH_REVISION})",
+             remedy="upgrade radtrt or re-export it with this one")
     if verify:
         unlisted = [name for name in REQUIRED_FILES if name not in manifest["files"]]
         unlisted += [p.name for p in sorted(bundle.glob("*.onnx.data")) if p.name not in manifest["files"]]
         if unlisted:  # an unlisted file escaped the hash check below
-            fail(f"{path} does not list {unlisted[0]} among the bundle's files (damaged or edited?): re-export the "
-                 f"bundle")
+            fail(f"{path} does not list {unlisted[0]} among the bundle's files (damaged or edited?)",
+                 remedy=REEXPORT)
         for name, meta in manifest["files"].items():
             f = bundle / name
             if not f.is_file():
                 fail(f"bundle {bundle} is missing {name}")
             if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
-                fail(f"bundle file {f} does not match its manifest hash (corrupt or modified): re-export the bundle")
+                fail(f"bundle file {f} does not match its manifest hash (corrupt or modified)", remedy=REEXPORT)
     if (bundle / MODEL_CONFIG).is_file():  # hashed above; the manifest itself is not, so it is checked against it
-        cfg = LlavaRadConfig.from_dict(read_json(bundle / MODEL_CONFIG), remedy="re-export the bundle")
+        cfg = LlavaRadConfig.from_dict(read_json(bundle / MODEL_CONFIG), remedy=REEXPORT)
         problem = manifest_mismatch(manifest, cfg)
         if problem:
-            fail(f"{path} does not match the bundle's {MODEL_CONFIG} ({problem}): re-export the bundle")
+            fail(f"{path} does not match the bundle's {MODEL_CONFIG} ({problem})", remedy=REEXPORT)
     return manifest
 
 
@@ -322,7 +324,7 @@ def load_embedding_table(bundle: Path, shape: tuple[int, int] | None = None) -> 
     table = _embedding_table(bundle)
     if table.dtype not in (np.float32, np.float16) or table.ndim != 2 or (shape is not None and table.shape != shape):
         fail(f"{bundle}/embed_tokens.safetensors holds a {table.dtype} table of shape {table.shape}, not the model's "
-             f"{shape or '2-D float'} one: re-export the bundle")
+             f"{shape or '2-D float'} one", remedy=REEXPORT)
     return table
 
 
@@ -333,12 +335,12 @@ def _embedding_table(bundle: Path) -> np.ndarray:
     try:
         tensors = load_file(bundle / "embed_tokens.safetensors")
     except (SafetensorError, OSError, ValueError) as e:
-        fail(f"{bundle}/embed_tokens.safetensors is truncated or corrupt ({e}): re-export the bundle")
+        fail(f"{bundle}/embed_tokens.safetensors is truncated or corrupt ({e})", remedy=REEXPORT)
     if "weight" in tensors:
         return tensors["weight"]
     if {"weight_int8", "scale"} <= set(tensors):
         return tensors["weight_int8"].astype(np.float32) * tensors["scale"].astype(np.float32)[:, None]
-    fail(f"{bundle}/embed_tokens.safetensors holds neither 'weight' nor 'weight_int8' + 'scale': re-export the bundle")
+    fail(f"{bundle}/embed_tokens.safetensors holds neither 'weight' nor 'weight_int8' + 'scale'", remedy=REEXPORT)
 
 
 def read_bundle_side(folder: Path) -> tuple[LlavaRadConfig, LlamaSPTokenizer]:

@@ -172,7 +172,7 @@ class LlavaRadConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, remedy: str = "re-run 'radtrt convert'") -> "LlavaRadConfig":
         if not isinstance(d, dict):
-            fail(f"radtrt model config is malformed (not a JSON object); {remedy}")
+            fail("radtrt model config is malformed (not a JSON object)", remedy=remedy)
         try:
             rest = {k: v for k, v in d.items() if k not in ("vision", "decoder")}
             for key in ("image_mean", "image_std"):
@@ -180,10 +180,10 @@ class LlavaRadConfig:
                     rest[key] = tuple(rest[key])
             cfg = cls(vision=VisionConfig(**d["vision"]), decoder=DecoderConfig(**d["decoder"]), **rest)
         except (KeyError, TypeError) as e:
-            fail(f"radtrt model config is malformed ({type(e).__name__}: {e}); {remedy}")
+            fail(f"radtrt model config is malformed ({type(e).__name__}: {e})", remedy=remedy)
         problem = config_problem(cfg)
         if problem:
-            fail(f"radtrt model config is malformed ({problem}); {remedy}")
+            fail(f"radtrt model config is malformed ({problem})", remedy=remedy)
         return cfg
 
     def to_json(self) -> str:

@@ -27,8 +27,8 @@ def make_demo(out: Path, seed: int = 2) -> tuple[Path, Path, dict]:
         try:
             OrtBackend(bundle, provider="cpu")
         except RadtrtError as e:
-            fail(f"the bundle an earlier demo left in {bundle} cannot be used ({e}): delete it and 'radtrt demo' "
-                 f"exports it again")
+            fail(f"the bundle an earlier demo left in {bundle} cannot be used ({e.problem})",
+                 remedy="delete it and 'radtrt demo' exports it again")
     phantoms = out / "phantom-study"
     if not (phantoms / "manifest.jsonl").is_file():
         write_phantom_set(phantoms, 1, seed, formats=("dicom",))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from radtrt.errors import fail
-from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, MODEL_CONFIG, load_embedding_table, read_manifest
+from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, MODEL_CONFIG, REEXPORT, load_embedding_table, read_manifest
 from radtrt.exporter.gqa import SEQLENS, io_names as gqa_io_names
 from radtrt.exporter.onnx import decoder_io_names
 from radtrt.model.generate import Generation, check_positions
@@ -123,22 +123,22 @@ class OrtBackend:
         size = self.manifest["vision"]["image_size"]
         if self.vision.get_inputs()[0].shape[2:] != [size, size]:
             fail(f"{bundle / 'vision.onnx'} takes {self.vision.get_inputs()[0].shape[2:]} pixels, the manifest says "
-                 f"{size}: re-export the bundle")
+                 f"{size}", remedy=REEXPORT)
         self.num_layers, self.num_kv, self.head_dim = dec["num_layers"], dec["num_kv_heads"], dec["head_dim"]
         self.input_names, self.output_names = decoder_io_names(self.num_layers)
         self.dtype = self.table.dtype
         embeds_type = next((i.type for i in self.decoder.get_inputs() if i.name == "inputs_embeds"), None)
         if (self.precision == "fp16") != (embeds_type == "tensor(float16)"):  # reports and logs name the precision
             fail(f"{bundle}/manifest.json says precision {self.precision}, but decoder.onnx takes "
-                 f"{ORT_TYPES.get(embeds_type, embeds_type)} embeddings: re-export the bundle")
+                 f"{ORT_TYPES.get(embeds_type, embeds_type)} embeddings", remedy=REEXPORT)
         decoder_io = self.manifest.get("graphs", {}).get("decoder.onnx", {}).get("inputs")
         if not isinstance(decoder_io, (dict, list)):
-            fail(f"{bundle}/manifest.json records no decoder.onnx inputs: re-export the bundle")
+            fail(f"{bundle}/manifest.json records no decoder.onnx inputs", remedy=REEXPORT)
         self.fused = SEQLENS in decoder_io
         past_type = next((i.type for i in self.decoder.get_inputs() if i.name == "past_key.0"), None)
         if past_type not in ORT_TYPES:
-            fail(f"{bundle / 'decoder.onnx'} has no past_key.0 input of a KV-cache type radtrt knows ({past_type}); "
-                 f"re-export the bundle with this radtrt")
+            fail(f"{bundle / 'decoder.onnx'} has no past_key.0 input of a KV-cache type radtrt knows ({past_type})",
+                 remedy=f"{REEXPORT} with this radtrt")
         self.kv_dtype = np.dtype(ORT_TYPES[past_type])
         # every backend refuses to generate past the model's positions (GroupQueryAttention's rotary tables end there)
         self.max_positions = read_json(bundle / MODEL_CONFIG)["decoder"]["max_position_embeddings"]
