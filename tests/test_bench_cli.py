@@ -160,6 +160,22 @@ def test_peak_rss_leaves_out_what_ran_before_and_the_bandwidth_probe(tiny: Asset
     assert report.peak_rss_mb < before + 200, (before, report.peak_rss_mb)
 
 
+def test_latency_refuses_an_engine_whose_streaming_copies_its_logits(tiny: Assets, work: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TensorRT-LLM < 1.0 engine built for parity runs in one call: its first token has no time of its own."""
+    from types import SimpleNamespace
+
+    import radtrt.benchmarks.api as api
+
+    side = SimpleNamespace(name="tensorrt", pipeline=SimpleNamespace(backend=SimpleNamespace(streams_cheaply=False)))
+    monkeypatch.setattr(api, "open_sides", lambda *a, **k: [side])
+    monkeypatch.setattr(api, "measure", lambda *a, **k: pytest.fail("measured"))
+    with pytest.raises(RadtrtError, match="tensorrt: its TensorRT-LLM engine keeps generation logits .*; time an "
+                                          "engine built without --trtllm-logits"):
+        api.run_latency(random_model="tiny", work_dir=work, backends=["tensorrt"], synthetic=1, runs=1, warmup=0,
+                        max_new_tokens=2)
+
+
 def test_latency_two_bundles_named_by_precision(tiny: Assets, work: Path, tmp_path: Path) -> None:
     """``--vs-bundle``: an fp16 bundle against the fp32 one, interleaved; its KV cache counted at 2 bytes."""
     from radtrt.cli import app

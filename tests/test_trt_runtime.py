@@ -13,7 +13,7 @@ from radtrt.errors import RadtrtError
 from radtrt.exporter.gpu import gpu_stamp
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
 from radtrt.runtime.tensorrt import (PromptTableInput, TensorRTBackend, batch_prompt_tables, fake_prompt_ids,
-                                     generated_tokens, usable_engines)
+                                     generated_tokens, runner_options, streams_cheaply, usable_engines)
 
 from test_trt_vision import make_fake_bundle
 
@@ -82,7 +82,8 @@ class FakeRunner:
             # [B, beams, max_new_tokens, padded vocab] as ModelRunner allocates it; step k filled with k
             result["generation_logits"] = torch.arange(3.0)[None, None, :, None].expand(len(ids), 1, 3, 576).clone()
             return result
-        assert kw["streaming"]
+        if not kw.get("streaming"):
+            return result
         return iter([result, result])
 
 
@@ -92,6 +93,7 @@ def test_generate_drives_the_runner_with_a_prompt_table() -> None:
     backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
     backend.limits = {"max_batch": 8, "max_input_len": 64, "max_seq_len": 96}
     backend.decoder_stamp = {"gather_generation_logits": True}
+    backend.streams_cheaply = True
     a = backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7], torch.ones(2, 8))
     b = backend.embed_prompt([1, 9, IMAGE_TOKEN_INDEX, 7], torch.zeros(2, 8))
     assert a.input_ids == [1, 512, 513, 7] and a.table.dtype == torch.float16
@@ -102,6 +104,7 @@ def test_generate_drives_the_runner_with_a_prompt_table() -> None:
     assert [x.tolist() for x in call["batch_input_ids"]] == [[1, 512, 513, 7], [1, 9, 512, 513, 7]]
     assert (call["end_id"], call["max_new_tokens"], call["top_k"], call["num_beams"]) == (2, 5, 1, 1)
     assert gen.prefill_ms >= 0 and gen.decode_ms >= 0
+    assert call["streaming"]  # the first token's time is the first response's
     parity = backend.generate([a], max_new_tokens=3, eos_token_id=2, keep_logits=True)
     assert parity.first_logits is not None and parity.first_logits.shape == (1, 512)
     assert parity.logits.shape == (1, 3, 512) and parity.logits[0, :, 0].tolist() == [0.0, 1.0, 2.0]
@@ -110,6 +113,31 @@ def test_generate_drives_the_runner_with_a_prompt_table() -> None:
         backend.generate([a], max_new_tokens=3, eos_token_id=2, keep_logits=True)
     with pytest.raises(RadtrtError, match="expected 2 image tokens"):
         backend.embed_prompt([1, IMAGE_TOKEN_INDEX], torch.ones(3, 8))
+
+
+def test_a_logits_engine_before_trtllm_1_is_not_streamed() -> None:
+    """0.12-0.14's ModelRunnerCpp returns the whole generation-logits buffer with every streamed response when
+    the engine keeps logits (~33 MB a step at 256 tokens): such engines run in one call."""
+    assert streams_cheaply(True, "cpp", "0.14.0") is False and streams_cheaply(True, "cpp", "0.12.0.dev2024") is False
+    assert streams_cheaply(True, "cpp", None) is False  # version unknown: the safe way
+    assert streams_cheaply(True, "cpp", "1.0.0rc4") and streams_cheaply(False, "cpp", "0.14.0")
+    assert streams_cheaply(True, "python", "0.14.0")
+    backend = object.__new__(TensorRTBackend)
+    backend.runner = FakeRunner()
+    backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
+    backend.limits, backend.decoder_stamp, backend.streams_cheaply = LIMITS, {"gather_generation_logits": True}, False
+    gen = backend.generate([backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7], torch.ones(2, 8))], max_new_tokens=5,
+                           eos_token_id=2)
+    assert gen.token_ids == [[40, 41]] and gen.prefill_ms == 0.0 and gen.decode_ms >= 0
+    assert not backend.runner.calls[0].get("streaming") and "output_generation_logits" not in backend.runner.calls[0]
+
+
+def test_the_cpp_runner_kv_cache_is_bounded_by_the_engine_limits() -> None:
+    """KvCacheConfig's default takes 90% of the free GPU memory: on a Jetson, most of the system's RAM."""
+    assert runner_options("cpp", LIMITS) == {"max_tokens_in_paged_kv_cache": 8 * 96}
+    assert runner_options("python", LIMITS) == {}
+    with pytest.raises(RadtrtError, match="unknown TensorRT-LLM session 'rust'"):
+        runner_options("rust", LIMITS)
 
 
 def test_usable_engines_lists_only_this_hosts_builds(tmp_path: Path) -> None:
@@ -161,7 +189,7 @@ def test_generate_keeps_to_the_engines_build_limits() -> None:
     backend.runner = FakeRunner()
     backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
     backend.limits = {"max_batch": 2, "max_input_len": 6, "max_seq_len": 10}
-    backend.decoder_stamp = {"gather_generation_logits": True}
+    backend.decoder_stamp, backend.streams_cheaply = {"gather_generation_logits": True}, True
     prompts = [backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7 + i], torch.ones(2, 8)) for i in range(5)]
     gen = backend.generate(prompts, max_new_tokens=5, eos_token_id=2)
     assert [len(c["batch_input_ids"]) for c in backend.runner.calls] == [2, 2, 1]

@@ -23,8 +23,8 @@ import torch
 
 from radtrt.errors import fail
 from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, read_manifest
-from radtrt.exporter.gpu import (GpuInfo, detect_gpu, loaded_tensorrt_problem, read_stamp, require_gpu, stamp_gpu,
-                                 stamp_mismatch)
+from radtrt.exporter.gpu import (GpuInfo, detect_gpu, loaded_tensorrt_problem, parse_version, read_stamp, require_gpu,
+                                 stamp_gpu, stamp_mismatch)
 from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine
 from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag, split_mode_tag
 from radtrt.exporter.trtllm_build import find_decoder_engine, read_decoder_stamp
@@ -200,14 +200,37 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def open_runner(engine_dir: Path, session: str) -> Any:
-    """TensorRT-LLM's C++ runtime (``ModelRunnerCpp``) or its Python session (``ModelRunner``)."""
-    from tensorrt_llm.runtime import ModelRunner, ModelRunnerCpp
-
+def runner_options(session: str, limits: dict[str, Any]) -> dict[str, Any]:
+    """``from_dir`` keywords. The C++ executor otherwise gives its paged KV cache 90% of the GPU memory free when
+    it loads (``KvCacheConfig``'s default): on a Jetson, whose GPU shares the system's memory, that is most of
+    the RAM, taken after the vision engine and before the studies' tensors. The engine can never hold more than
+    its own limits' tokens (``max_tokens_in_paged_kv_cache``, a ``ModelRunnerCpp.from_dir`` keyword from 0.12
+    to 1.x); the Python session sizes its cache from those limits by itself."""
     if session not in ("cpp", "python"):
         fail(f"unknown TensorRT-LLM session '{session}' (cpp, python)")
+    if session == "python":
+        return {}
+    return {"max_tokens_in_paged_kv_cache": int(limits["max_batch"]) * int(limits["max_seq_len"])}
+
+
+def open_runner(engine_dir: Path, session: str, limits: dict[str, Any]) -> Any:
+    """TensorRT-LLM's C++ runtime (``ModelRunnerCpp``) or its Python session (``ModelRunner``)."""
+    options = runner_options(session, limits)
+    from tensorrt_llm.runtime import ModelRunner, ModelRunnerCpp
+
     cls = ModelRunnerCpp if session == "cpp" else ModelRunner
-    return cls.from_dir(engine_dir=str(engine_dir), rank=0)
+    return cls.from_dir(engine_dir=str(engine_dir), rank=0, **options)
+
+
+def streams_cheaply(keeps_logits: bool, session: str, trtllm_version: str | None) -> bool:
+    """Whether streaming generation costs no more than one call. Before 1.0, ``ModelRunnerCpp.generate`` asks
+    for generation logits whenever the engine keeps them (``OutputConfig(return_generation_logits=
+    self.gather_generation_logits)``, whatever the caller passed) and every streamed response carries the whole
+    ``[beams, max_new_tokens, vocab]`` buffer, which it copies to the GPU: ~33 MB a step at 256 tokens. 1.x
+    streams one step's slice."""
+    if not keeps_logits or session != "cpp":
+        return True
+    return trtllm_version is not None and parse_version(trtllm_version) >= (1, 0)
 
 
 class TensorRTBackend:
@@ -226,7 +249,8 @@ class TensorRTBackend:
         self.decoder_dir, self.decoder_stamp = find_decoder_engine(bundle, gpu, tag)
         self.limits = self.decoder_stamp["limits"]
         self.vision = TrtVisionEngine(engine, self.vision_stamp)
-        self.runner = open_runner(self.decoder_dir, session)
+        self.runner = open_runner(self.decoder_dir, session, self.limits)
+        self.streams_cheaply = streams_cheaply(self.keeps_logits, session, gpu.tensorrt_llm)
         engine_config = read_json(self.decoder_dir / "config.json")
         self.table_dtype = getattr(torch, engine_config["pretrained_config"]["dtype"])
         self.vocab_size = int(self.manifest["decoder"]["vocab_size"])
@@ -291,6 +315,11 @@ class TensorRTBackend:
             # [B, beams, max_new_tokens, padded vocab] (ModelRunner): beam 0, the real vocabulary
             logits = out["generation_logits"][:, 0, :, :self.vocab_size].float().cpu()
             return Generation(tokens, prefill_ms=0.0, decode_ms=total, logits=logits)
+        if not self.streams_cheaply:  # one call, as the parity path: the first token cannot be timed apart
+            out = self.runner.generate(**args)
+            _sync()
+            tokens = generated_tokens(out["output_ids"], out["sequence_lengths"], lengths, eos_token_id)
+            return Generation(tokens, prefill_ms=0.0, decode_ms=(time.perf_counter() - t0) * 1e3)
         first_ms, last = None, None
         for step in self.runner.generate(**args, streaming=True):  # first yield: prompt + first token
             if first_ms is None:
