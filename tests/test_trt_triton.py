@@ -100,7 +100,7 @@ def test_repository_with_onnxruntime_vision(tmp_path: Path) -> None:
     llm_inputs = {m["key"]: m["value"] for m in steps[2]["input_map"]}
     assert llm_inputs["prompt_embedding_table"] == "_image_embeds"  # the image rows feed the prompt table
     params = {p["key"]: p["value"]["string_value"] for p in configs["tensorrt_llm"]["parameters"]}
-    assert params["gpt_model_path"] == str(engine.resolve())
+    assert params["gpt_model_path"] == str(engine)
     pre = {p["key"]: p["value"]["string_value"] for p in configs["preprocessing"]["parameters"]}
     assert pre == {"vocab_size": "512", "num_image_tokens": "16", "pixel_dtype": "float16"}
     with pytest.raises(RadtrtError, match="not empty"):
@@ -134,6 +134,40 @@ def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
     fp32_out = make_fake_bundle(tmp_path / "b2", out_dtype=TensorProto.FLOAT)
     with pytest.raises(RadtrtError, match="vision engine outputs float32 but the decoder's prompt table is float16"):
         write_triton_repo(fp32_out, tmp_path / "repo3", gpu=ORIN, decoder_engine=engine)
+
+
+def test_a_given_engine_is_written_as_typed_and_checked_against_the_bundle(tmp_path: Path) -> None:
+    """--trtllm-engine names a folder on the serving host: /var/run/... was written as /run/... (this host's
+    symlink). An engine readable here was checked for its dtype only: another model's vocabulary turned the
+    image's fake ids into words, and a smaller prompt table, batch or input length failed every request."""
+    bundle = make_fake_bundle(tmp_path)
+    engine = _decoder_engine(tmp_path)
+    (tmp_path / "alias").symlink_to(engine)
+    repo = write_triton_repo(bundle, tmp_path / "r0", vision_backend="onnxruntime", decoder_engine=tmp_path / "alias")
+    params = {p["key"]: p["value"]["string_value"] for p in check_repo(repo)["tensorrt_llm"]["parameters"]}
+    assert params["gpt_model_path"] == str(tmp_path / "alias")
+    good = {"pretrained_config": {"dtype": "float16", "vocab_size": 512, "hidden_size": 64},
+            "build_config": {"max_batch_size": 4, "max_input_len": 256, "max_prompt_embedding_table_size": 64}}
+    cases = [({"pretrained_config": {"vocab_size": 32000}}, r"engine of another model \(vocab_size 32000, the "
+                                                           r"bundle's 512\)"),
+             ({"pretrained_config": {"hidden_size": 4096}}, r"hidden_size 4096, the bundle's 64"),
+             ({"build_config": {"max_prompt_embedding_table_size": 32}},
+              r"max_prompt_embedding_table_size 32, below the image rows of a full batch \(4 x 16\): pass "
+              r"--max-batch 2, or rebuild"),
+             ({"build_config": {"max_prompt_embedding_table_size": 0}}, r"table_size 0, .*: rebuild the engine"),
+             ({"build_config": {"max_batch_size": 1}}, r"max_batch_size 1, below Triton's max batch 4: pass "
+                                                       r"--max-batch 1"),
+             ({"build_config": {"max_input_len": 8}}, r"max_input_len 8, below the \d+-token prompt without an "
+                                                      r"indication: rebuild the engine")]
+    for i, (edit, match) in enumerate(cases):
+        config = {k: {**v, **edit.get(k, {})} for k, v in good.items()}
+        (engine / "config.json").write_text(json.dumps(config))
+        with pytest.raises(RadtrtError, match=match):
+            write_triton_repo(bundle, tmp_path / f"r{i + 1}", vision_backend="onnxruntime", decoder_engine=engine,
+                              max_batch=4)
+    (engine / "config.json").write_text(json.dumps(good))
+    assert write_triton_repo(bundle, tmp_path / "ok", vision_backend="onnxruntime", decoder_engine=engine,
+                             max_batch=4).is_dir()
 
 
 def test_an_fp32_or_int8_bundles_vision_graph_is_cast_for_the_prompt_table(tmp_path: Path) -> None:

@@ -178,18 +178,38 @@ def _onnx_files(onnx_path: Path) -> list[Path]:
     return [onnx_path.parent / loc for loc in sorted(locations)]
 
 
-def _engine_dtype(engine: Path) -> str:
-    """The prompt table's dtype, from the engine's config.json; float16 (radtrt's engines) when the engine is
-    on the serving host rather than here."""
+def _engine_config(engine: Path) -> dict[str, Any] | None:
+    """An engine's config.json, or None when the engine is on the serving host rather than here."""
     config = engine / "config.json"
     if not config.is_file():
-        return "float16"
-    dtype = read_json(config).get("pretrained_config")
-    dtype = dtype.get("dtype") if isinstance(dtype, dict) else None
-    if not isinstance(dtype, str):
+        return None
+    data = read_json(config)
+    if not isinstance(data.get("pretrained_config"), dict) or not isinstance(data["pretrained_config"].get("dtype"),
+                                                                             str):
         fail(f"{engine} is not a TensorRT-LLM engine folder (its config.json has no pretrained_config.dtype; a "
              f"checkpoint folder becomes an engine with 'radtrt export --target trtllm' on the GPU host)")
-    return dtype
+    return data
+
+
+def check_engine_fits(engine: Path, config: dict[str, Any], spec: RepoSpec, prompt_length: int) -> None:
+    """A ``--trtllm-engine`` readable here must take what the repository sends it: with another vocabulary the
+    image's fake ids ``vocab_size ..`` become ordinary tokens (reports without the image), and a smaller prompt
+    table, batch or input length fails every request at serving time. Keys an engine's version does not
+    write are not checked (radtrt's own engines are checked against their stamps instead)."""
+    pretrained, build = config["pretrained_config"], config.get("build_config") or {}
+    for key, want in (("vocab_size", spec.vocab_size), ("hidden_size", spec.hidden_size)):
+        if key in pretrained and pretrained[key] != want:
+            fail(f"{engine} is a TensorRT-LLM engine of another model ({key} {pretrained[key]}, the bundle's {want})")
+    need = (("max_prompt_embedding_table_size", spec.num_image_tokens * spec.max_batch,
+             f"the image rows of a full batch ({spec.max_batch} x {spec.num_image_tokens})", "--max-batch"),
+            ("max_batch_size", spec.max_batch, f"Triton's max batch {spec.max_batch}", "--max-batch"),
+            ("max_input_len", prompt_length, f"the {prompt_length}-token prompt without an indication", None))
+    for key, want, what, option in need:
+        got = build.get(key)
+        if isinstance(got, int) and got < want:
+            fits = got // (want // spec.max_batch) if option else 0  # the batch the engine does take
+            fix = f"pass {option} {fits}, or rebuild the engine" if fits >= 1 else "rebuild the engine"
+            fail(f"{engine} was built with {key} {got}, below {what}: {fix}")
 
 
 def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vision_backend: str = "tensorrt",
@@ -201,13 +221,16 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     if vision_backend not in ("tensorrt", "onnxruntime"):
         fail(f"unknown vision backend '{vision_backend}' for Triton (tensorrt, onnxruntime)")
     onnx = inspect_onnx(bundle / "vision.onnx")
+    given = decoder_engine is not None
     if decoder_engine is None:
         decoder_engine, stamp = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
+        decoder_engine = decoder_engine.resolve()
         engine_batch = int(stamp["limits"].get("max_batch", max_batch))
         if engine_batch < max_batch:  # as the vision engine's profile is checked: the server would accept more
             fail(f"the TensorRT-LLM {decoder_tag} engine allows batch {engine_batch}, below Triton's max batch "
                  f"{max_batch}: pass --max-batch {engine_batch}, or rebuild the engine with --max-batch {max_batch}")
-    table_dtype = _engine_dtype(decoder_engine)
+    engine_config = _engine_config(decoder_engine)
+    table_dtype = engine_config["pretrained_config"]["dtype"] if engine_config else "float16"  # radtrt's engines'
     cast_to = None  # the served ONNX graph ends in a Cast to the prompt table's dtype
     if onnx.output_dtype != table_dtype:
         if vision_backend != "onnxruntime" or table_dtype not in CASTABLE:
@@ -220,11 +243,26 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     spec = RepoSpec(onnx.image_size, manifest["vision"]["num_image_tokens"], dec["hidden_size"], dec["vocab_size"],
                     dec["eos_token_id"], onnx.input_dtype, cast_to or onnx.output_dtype, onnx.input_name,
                     onnx.output_name, max_batch)
+    if given and engine_config is not None:
+        check_engine_fits(decoder_engine, engine_config, spec, _prompt_length(bundle, spec.num_image_tokens))
     platform = "tensorrt_plan" if vision_backend == "tensorrt" else "onnxruntime_onnx"
-    configs = model_configs(spec, platform, decoder_engine.resolve(), kv_cache_free_gpu_mem_fraction)
+    # a given engine's path as typed: it names a folder on the serving host, which this host's symlinks
+    # (/var/run -> /run, a mount alias) say nothing about
+    configs = model_configs(spec, platform, decoder_engine, kv_cache_free_gpu_mem_fraction)
     with new_dir_built_aside(out, "Triton repository") as work:
         _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch, cast_to)
     return out
+
+
+def _prompt_length(bundle: Path, num_image_tokens: int) -> int:
+    """Positions of the shortest request's prompt (no indication), the image's rows included."""
+    from radtrt.exporter.bundle import read_bundle_side
+    from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
+
+    cfg, tokenizer = read_bundle_side(bundle)
+    ids = tokenizer_image_token(build_prompt(build_query(None), cfg.conv_template), tokenizer.encode,
+                                tokenizer.bos_token_id)
+    return len(ids) - 1 + num_image_tokens
 
 
 def with_output_cast(onnx_path: Path, dtype: str) -> Any:
