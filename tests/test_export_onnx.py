@@ -613,6 +613,8 @@ def test_trtllm_checkpoint_added_to_a_bundle_without_a_gpu(bundle_fp16: Path, mo
     (["--target", "trtllm", "--precision", "int8", "--int8-decoder", "smoothquant", "--calibration-data", "phantom"],
      "--calibration-data calibrates an ONNX INT8 export"),
     (["--target", "trtllm", "--attention", "plain"], "--attention chooses the ONNX decoder's attention"),
+    # it suggested --calibration-stats, which --target triton refuses too
+    (["--target", "triton", "--calibration-data", "phantom"], "is exported already: it serves engines built already"),
     (["--target", "trtllm", "--trtllm-engine", "/srv/engine"], "--trtllm-engine names the decoder engine a Triton"),
     (["--target", "tensorrt", "--int8-kv-cache"], "--int8-kv-cache is the decoder's"),
     (["--target", "tensorrt", "--precision", "int8"], "built from the fp32 graphs of"),  # built an fp32 engine

@@ -254,6 +254,10 @@ def test_an_engine_on_a_host_without_tensorrt_llm_asks_for_it_not_for_a_rebuild(
     with pytest.raises(RadtrtError, match=r"the TensorRT-LLM decoder engine in .* was built for Orin .*install "
                                           r"TensorRT-LLM on this host"):
         find_decoder_engine(bundle, dataclasses.replace(ORIN, tensorrt_llm=None), None)
+    # with TensorRT-LLM there: the rebuild named goes into this bundle (without --bundle it made a new one)
+    with pytest.raises(RadtrtError, match=f"rebuild it on this host with 'radtrt export --bundle {bundle} --model "
+                                          f"MODEL --target trtllm --precision int8'"):
+        find_decoder_engine(bundle, dataclasses.replace(ORIN, tensorrt_llm="0.14.0"), "w8a16")
     shutil.rmtree(folder)
     with pytest.raises(RadtrtError, match=r"has no TensorRT-LLM decoder engine; build one with .*--target trtllm "
                                           r"--precision fp16'"):

@@ -65,8 +65,9 @@ def refuse_unused_options(*, precision: str, target: str, bundle: Path | None, i
     ``int8_only``: option -> whether it was given (options of the ONNX INT8 export only)."""
     if bundle is not None:  # the ONNX export's options: that export happened before
         if calibration_data is not None:
-            fail(f"--calibration-data calibrates an ONNX INT8 export; {bundle} is exported already: its own "
-                 f"calibration (INT8 bundles carry one) or --calibration-stats FILE serves its engines")
+            engines = ("it serves engines built already" if target == "triton" else
+                       "its own calibration (INT8 bundles carry one) or --calibration-stats FILE serves its engines")
+            fail(f"--calibration-data calibrates an ONNX INT8 export; {bundle} is exported already: {engines}")
         if attention is not None:
             fail(f"--attention chooses the ONNX decoder's attention; {bundle} is exported already")
     if trtllm_engine is not None and target != "triton":

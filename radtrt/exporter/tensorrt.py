@@ -342,7 +342,7 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
             fail(f"TensorRT engine {engine} was built from another export of vision.onnx: rebuild it")
         return engine, stamp
     what = f"{precision} " if precision else ""
+    build = f"'radtrt export --bundle {bundle} --target tensorrt'"  # without --bundle it would make a new bundle
     if mismatches:
-        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: rebuild it on this host with "
-             f"'radtrt export --target tensorrt'")
-    fail(f"bundle {bundle} has no TensorRT {what}vision engine; build one with 'radtrt export --target tensorrt'")
+        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: rebuild it on this host with {build}")
+    fail(f"bundle {bundle} has no TensorRT {what}vision engine; build one with {build}")

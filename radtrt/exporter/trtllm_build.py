@@ -244,14 +244,13 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
     if others and gpu.tensorrt_llm is None:  # no rebuild can help before TensorRT-LLM is there
         fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: install TensorRT-LLM on this host "
              f"(the version it was built with), or rebuild the engine once it is installed")
-    if others:
-        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: rebuild it on this host "
-             f"with 'radtrt export --target trtllm'")
     mode, kv = split_mode_tag(tag or "fp16")
     options = {"fp16": "--precision fp16", "w8a16": "--precision int8",
                "w8a8_sq": "--precision int8 --int8-decoder smoothquant"}.get(mode, "") + (" --int8-kv-cache" if kv else "")
     if (kv or mode == "w8a8_sq") and not (bundle / "calibration.safetensors").is_file():
         options += " --calibration-stats CALIB"  # an fp16/fp32 bundle carries no statistics to take them from
+    build = f"'radtrt export --bundle {bundle} --model MODEL --target trtllm {options}'"  # --bundle: into this one
+    if others:
+        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: rebuild it on this host with {build}")
     has = f" (for this host it has {', '.join(sorted(here))})" if here else ""
-    fail(f"bundle {bundle} has no TensorRT-LLM {what}{has}; build one with 'radtrt export --bundle "
-         f"{bundle} --model MODEL --target trtllm {options}'")
+    fail(f"bundle {bundle} has no TensorRT-LLM {what}{has}; build one with {build}")
