@@ -501,11 +501,18 @@ def test_demo_runs_the_default_bundle_without_spinning_threads(tmp_path: Path) -
         _assert_refused(code, err, match)
     bundle_manifest = tmp_path / "demo" / "default-model-fp32" / "manifest.json"
     original = bundle_manifest.read_text()
-    for edit in ({"format_version": 0}, {"precision": "fp16"}):  # after a radtrt upgrade; a check the backend makes
-        bundle_manifest.write_text(json.dumps({**json.loads(original), **edit}))
+    from radtrt.exporter.onnx import GRAPH_REVISION
+
+    recorded = json.loads(original)
+    # after a radtrt upgrade; a check the backend makes; a bundle that opens but is not what the demo exports
+    # (older graphs, another model's weights: they ran without a word)
+    for edit, why in (({"format_version": 0}, "format version 0"), ({"precision": "fp16"}, "says precision fp16"),
+                      ({"graph_revision": GRAPH_REVISION - 1}, f"graphs are revision {GRAPH_REVISION - 1}"),
+                      ({"model": {**recorded["model"], "weights_fingerprint_fp16": "0" * 64}}, "other weights")):
+        bundle_manifest.write_text(json.dumps({**recorded, **edit}))
         code, _, err = _invoke("demo", "-o", tmp_path / "demo")  # 'radtrt export' was the remedy given
         _assert_refused(code, err, "delete it and 'radtrt demo' exports it again")
-        assert "re-export" not in err  # the underlying refusal's own remedy came first, then the demo's
+        assert why in err and "re-export" not in err  # the underlying refusal's own remedy came first
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "sr").write_text("x")
     code, _, err = _invoke("demo", "-o", tmp_path / "other")  # refused after a 20 s export

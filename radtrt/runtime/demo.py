@@ -12,10 +12,24 @@ from pathlib import Path
 from radtrt.data.manifest import read_manifest as read_phantoms
 from radtrt.data.phantom_set import write_phantom_set
 from radtrt.errors import RadtrtError, fail
-from radtrt.exporter.bundle import export_bundle
+from radtrt.exporter.bundle import bundle_fingerprint, export_bundle
+from radtrt.exporter.onnx import GRAPH_REVISION
 from radtrt.model.loading import load_model
 from radtrt.model.default_model import default_model_dir
 from radtrt.runtime.ort import OrtBackend
+
+
+def _check_reusable(backend: OrtBackend) -> None:
+    """What the demo exports: the embedded default model, fp32, with this radtrt's graphs. A bundle that opens
+    but is another (an INT8 copy put there, the model or graphs of the radtrt before an upgrade) ran without a
+    word, and the demo showed that instead."""
+    if backend.precision != "fp32":
+        fail(f"it is an {backend.precision} bundle, not the demo's fp32 export")
+    revision = backend.manifest.get("graph_revision")
+    if revision != GRAPH_REVISION:
+        fail(f"its graphs are revision {revision}, this radtrt exports revision {GRAPH_REVISION}")
+    if backend.weights_id != bundle_fingerprint(load_model(default_model_dir()).model):
+        fail("it holds other weights than this radtrt's embedded default model")
 
 
 def make_demo(out: Path, seed: int = 2) -> tuple[Path, Path, dict]:
@@ -25,7 +39,7 @@ def make_demo(out: Path, seed: int = 2) -> tuple[Path, Path, dict]:
         export_bundle(load_model(default_model_dir()), bundle, precision="fp32")
     else:  # an earlier run's, opened as the demo will open it: 'radtrt export' is no remedy for the demo's user
         try:
-            OrtBackend(bundle, provider="cpu")
+            _check_reusable(OrtBackend(bundle, provider="cpu"))
         except RadtrtError as e:
             fail(f"the bundle an earlier demo left in {bundle} cannot be used ({e.problem})",
                  remedy="delete it and 'radtrt demo' exports it again")
