@@ -27,10 +27,14 @@ def report() -> list[str]:
     version, status = _module_version("onnxruntime")
     version_ort = version
     if version:
-        import onnxruntime as ort
+        from radtrt.runtime.ort import available_providers, usable_providers
 
         try:
-            lines.append(f"onnxruntime {version}: providers {', '.join(ort.get_available_providers())}")
+            built = available_providers()
+            usable = usable_providers()
+            failing = [p for p in built if p not in usable]
+            lines.append(f"onnxruntime {version}: providers {', '.join(usable)}" + (
+                f" (built in but not starting here: {', '.join(failing)})" if failing else ""))
         except Exception as e:  # noqa: BLE001 - a broken or stub install: report it, as for the imports above
             lines.append(f"onnxruntime {version}: cannot list its providers ({type(e).__name__}); reinstall it")
             version_ort = None

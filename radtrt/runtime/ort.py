@@ -94,9 +94,56 @@ def _session(path: Path, providers: list[Any], threads: int | None, spin: bool =
         # ONNX Runtime prints its provider-fallback banner ("EP Error ...") with print(): on stdout it would break
         # the --json stream, which holds results only
         with contextlib.redirect_stdout(sys.stderr):
-            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except _load_errors() as e:
         fail(f"ONNX Runtime cannot load {path.name}: {str(e).splitlines()[0]}")
+    check_started(session.get_providers(), providers, path.name)
+    return session
+
+
+def _name(provider: Any) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
+
+
+def check_started(started: list[str], requested: list[Any], what: str) -> None:
+    """ONNX Runtime falls back to the CPU when a GPU provider it was built with cannot start (no driver, a
+    missing CUDA or cuDNN library), printing a banner and carrying on: the run then said "provider cuda" and
+    ran on the CPU."""
+    wanted = _name(requested[0])
+    if started[:1] != [wanted]:
+        fail(f"ONNX Runtime could not start its {wanted} for {what} and fell back to {', '.join(started)} (its "
+             f"message is above): check the GPU driver and the CUDA libraries onnxruntime-gpu needs, or run on "
+             f"the CPU (--ort-provider cpu)")
+
+
+def usable_providers() -> list[str]:
+    """The providers that start here: the GPU ones each probed (``provider_starts``), the rest as built in."""
+    gpu = {PROVIDERS["cuda"], PROVIDERS["tensorrt"]}
+    return [p for p in available_providers() if p not in gpu or provider_starts(p)]
+
+
+def provider_starts(name: str) -> bool:
+    """Whether ``name`` starts here, on a one-node graph: ``get_available_providers`` lists what onnxruntime
+    was built with, so onnxruntime-gpu lists CUDA on a host without a GPU."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if name not in available_providers():
+        return False
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # what every onnxruntime radtrt supports reads
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # the probe's own fallback warning is not the user's concern
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            session = ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+                                           providers=list(dict.fromkeys([name, PROVIDERS["cpu"]])))
+    except _load_errors():  # the provider failed outright: it does not start
+        return False
+    return session.get_providers()[:1] == [name]
 
 
 class OrtBackend:

@@ -55,14 +55,14 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     """The pipeline for the CLI-level choices: picks the backend (``--backend auto``: TensorRT > ONNX Runtime >
     torch), says on ``console`` what it chose and why, and refuses every option the chosen backend would not
     use, since an option silently ignored is one the user believes took effect."""
-    from radtrt.runtime.ort import available_providers
+    from radtrt.runtime.ort import usable_providers
 
     if base_model is not None and model is None:  # it completes a release --model; alone it would be ignored
         fail("--base-model names the Vicuna folder of a LLaVA-Rad release given with --model; pass --model too")
     for flag, path in (("--model", model), ("--base-model", base_model)):
         if path is not None and not path.exists():  # found even when the bundle's backend would not read it
             fail(f"{flag} directory not found: {path}")
-    providers = available_providers() if bundle is not None else []
+    providers = usable_providers() if bundle is not None else []  # onnxruntime-gpu lists CUDA without a GPU
     cpu = device == "cpu"
     trt_ready = bundle is not None and backend == "auto" and not cpu and _trt_ready(bundle)
     chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers,
@@ -138,7 +138,7 @@ def _open_trt(bundle: Path, why: str, console: Console, decoder: str | None = No
 def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Path | None, why: str,
               console: Console, spin: bool = False) -> Pipeline:
     from radtrt.exporter.bundle import read_bundle_side
-    from radtrt.runtime.ort import OrtBackend, available_providers
+    from radtrt.runtime.ort import OrtBackend, usable_providers
 
     if device not in (None, "cpu", "cuda"):
         fail(f"unknown device '{device}' (cpu or cuda)")
@@ -147,7 +147,7 @@ def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Pa
         fail(f"--device {device} contradicts --ort-provider {ort_provider} (ONNX Runtime's provider decides where "
              f"a bundle runs); give one of them")
     if ort_provider == "auto":
-        gpu = "CUDAExecutionProvider" in available_providers()
+        gpu = "CUDAExecutionProvider" in usable_providers()
         ort_provider = "cuda" if device == "cuda" or (device is None and gpu) else "cpu"
     with console.status(f"verifying and loading bundle {bundle}"):
         backend = OrtBackend(bundle, provider=ort_provider, trt_cache=trt_cache, spin=spin)

@@ -1,0 +1,36 @@
+"""ONNX Runtime providers: which start here, and a GPU provider that fell back to the CPU without a word."""
+
+from __future__ import annotations
+
+import pytest
+
+import radtrt.runtime.ort as ort_module
+from radtrt.errors import RadtrtError
+from radtrt.runtime.ort import check_started, provider_starts, usable_providers
+
+
+def test_a_provider_that_fell_back_to_the_cpu_is_refused() -> None:
+    """onnxruntime-gpu without a driver or cuDNN prints a banner and runs on the CPU: the run said 'provider cuda'."""
+    requested = [("TensorrtExecutionProvider", {"trt_fp16_enable": True}), "CUDAExecutionProvider",
+                 "CPUExecutionProvider"]
+    with pytest.raises(RadtrtError, match=r"could not start its TensorrtExecutionProvider for vision.onnx and fell "
+                                          r"back to CUDAExecutionProvider, CPUExecutionProvider .*--ort-provider cpu"):
+        check_started(["CUDAExecutionProvider", "CPUExecutionProvider"], requested, "vision.onnx")
+    check_started(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], requested, "x")
+    check_started(["CPUExecutionProvider"], ["CPUExecutionProvider"], "x")
+
+
+def test_providers_built_in_but_not_starting_are_not_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """get_available_providers lists what onnxruntime was built with; CUDA on a host without a GPU chose
+    '--backend auto: ONNX Runtime has CUDA', and doctor called it usable."""
+    assert provider_starts("CPUExecutionProvider")
+    assert not provider_starts("CUDAExecutionProvider")  # no GPU on any machine these tests run on
+    assert usable_providers() == ort_module.available_providers()  # a CPU build: nothing to probe
+    monkeypatch.setattr(ort_module, "available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_module, "provider_starts", lambda name: name == "CPUExecutionProvider")
+    assert usable_providers() == ["CPUExecutionProvider"]
+    from radtrt.runtime.doctor import report
+
+    line = next(x for x in report() if x.startswith("onnxruntime"))
+    assert line.endswith(": providers CPUExecutionProvider (built in but not starting here: CUDAExecutionProvider)")
