@@ -17,6 +17,7 @@ import typer
 from radtrt import __version__
 from radtrt.cli_support import WRITE_ERRNOS, emit, err, print_error, stdout_failed, user_errors
 from radtrt.errors import RadtrtError, fail, printable
+from radtrt.progress import plain
 
 if TYPE_CHECKING:
     from radtrt.runtime.pipeline import StudyFailure, StudyResult
@@ -121,7 +122,7 @@ def convert(
         from radtrt.training.release_export import export_release
 
         source = load_model(model, base_model) if base_model is not None else model
-        with err.status(f"writing the release layout to {out}"):
+        with err.status(plain(f"writing the release layout to {out}")):
             release, base = export_release(source, out)
         emit(f"{release}\n{base}")
         return
@@ -129,7 +130,7 @@ def convert(
         # Loaded in the stored dtype: a float32 copy of a float16 base would double the memory (7B: 27 GB)
         # for bytes that come out identical (LoRA merges in float32 either way, and float16 -> float32 is exact).
         loaded = load_model(model, base_model, dtype=DTYPES[dtype])
-    with err.status(f"writing {out}"):
+    with err.status(plain(f"writing {out}")):
         save_toolkit(loaded, out, dtype=DTYPES[dtype])
     emit(str(out))
 
@@ -214,7 +215,7 @@ def calibrate(
         available = count_samples(Path(data))
         if available < n:
             fail(f"calibration data {data} has {available} samples; --n {n} are asked for")
-    with err.status(f"loading model from {model}"):
+    with err.status(plain(f"loading model from {model}")):
         loaded = load_model(model, base_model)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with make_progress(*columns, console=err) as progress:
@@ -251,7 +252,7 @@ def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Wher
     check_folder_target(out / "sr", "demo SR folder (in -o)")  # before the export, not after it
     with err.status("preparing the demo: ONNX export of the default model and a phantom study"):
         bundle, study, row = make_demo(out)
-    err.print(f"demo: phantom study {study} (synthetic; its true findings: {row['findings']})", highlight=False,
+    err.print(plain(f"demo: phantom study {study} (synthetic; its true findings: {row['findings']})"), highlight=False,
               soft_wrap=True)
     _print_results(infer_studies([study], bundle=bundle, backend="onnxruntime", device="cpu",
                                  indication=row.get("indication"), sr_out=out / "sr", ort_provider="cpu",

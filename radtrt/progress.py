@@ -21,10 +21,19 @@ from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn
+from rich.text import Text
+
+from radtrt.errors import printable
 
 STEPS = 10  # lines per task with a known total
 QUIET_SECONDS = 2.0
 HEARTBEAT_SECONDS = 300.0
+
+
+def plain(text: str) -> Text:
+    """A line for a rich console or status taken as it is: a file or model name holding ``[/red]`` was read as
+    markup (a MarkupError traceback), and a newline or escape sequence in it reached the terminal."""
+    return Text(printable(text))
 
 
 def progress_callback(progress: Any, text: str, total: int) -> Callable[[int], None] | None:

@@ -553,3 +553,23 @@ def test_a_name_too_long_for_the_file_system_is_one_line(tmp_path: Path) -> None
                                         str(tmp_path / "c.safetensors")]):
         code, _, err = _invoke(*args)
         assert code == 2 and "name is too long for the file system" in err and "Traceback" not in err
+
+
+def test_names_holding_markup_or_control_characters_are_printed_as_they_are(merged: Path, tmp_path: Path) -> None:
+    """rich read '[/red]' in an output folder or a model's name as markup (a MarkupError traceback), and a newline
+    in a name printed a fake 'radtrt: error:' line."""
+    odd = tmp_path / "m[/red]"
+    shutil.copytree(merged, odd)
+    meta = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**meta, "name": "x[/red]\nradtrt: error: fake\x1b[31m"}))
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=12)))
+    code, _, err = _invoke("infer", study, "--model", odd, "--max-new-tokens", "2")
+    assert code == 0, err
+    assert "x[/red]\\nradtrt: error: fake\\x1b[31m" in err and "\x1b" not in err
+    assert not any(line.startswith("radtrt: error: fake") for line in err.splitlines())
+    code, out, err = _invoke("convert", "--model", merged, "-o", tmp_path / "out[/red]")
+    assert code == 0 and out.strip() == str(tmp_path / "out[/red]"), err
+    code, _, err = _invoke("train", "init", "--tokenizer", merged, "--arch", "tiny", "-o", tmp_path / "init",
+                           "--name", "a\nb")
+    assert code == 2 and "--name must be printable text without control characters, got 'a\\nb'" in err
+    assert not (tmp_path / "init").exists()

@@ -473,7 +473,7 @@ def test_malformed_model_config_with_a_matching_hash_is_refused(bundle: Path, st
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["model_config.json"].update(sha256=sha256_file(config), bytes=config.stat().st_size)
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    _refused(["infer", str(studies[0]), "--bundle", str(copy)], "model config is malformed")
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)], "model_config.json is malformed")
 
 
 def test_graph_onnxruntime_cannot_load_is_refused(bundle: Path, tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ def test_presets_are_valid_and_round_trip(name: str) -> None:
     ("decoder", "rope_theta", -1.0, "rope_theta = -1.0 must be a positive finite number"),
     ("vision", "eps", 0.0, "eps = 0.0 must be a positive finite number"),
     ("decoder", "eos_token_id", 5000, "eos_token_id = 5000 is not a token of the 512-token vocabulary"),
+    # accepted, and written into a release radtrt's own loader refused
+    (None, "conv_template", "chatml", "conv_template = 'chatml' is not one of v1, plain"),
 ])
 def test_malformed_values_are_refused(part: str | None, key: str, value: object, match: str) -> None:
     d = json.loads(preset("tiny").to_json())
@@ -64,6 +66,7 @@ def test_cli_refuses_a_hand_edited_model_config(tmp_path: Path) -> None:
     config.write_text(json.dumps(d))
     result = CliRunner().invoke(app, ["convert", "--model", str(model_dir), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "must be positive" in result.stderr and "Traceback" not in result.stderr
+    assert f"{config} is malformed" in " ".join(result.stderr.split())  # it said only "radtrt model config"
 
 
 @pytest.mark.parametrize("damage, match", [("nan", "NaN or infinite"), ("inf", "NaN or infinite"),

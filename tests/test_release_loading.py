@@ -224,6 +224,8 @@ def _edit_pickle(path: Path, edit: Callable[[dict], dict]) -> None:
     (lambda rel: _edit_json(rel / "config.json", lambda d: d.update(eos_token_id=[])), "empty list"),
     (lambda rel: _edit_json(rel / "config.json", lambda d: d.update(mm_vision_select_layer="x")), "malformed"),
     (lambda rel: (rel / "adapter_config.json").unlink(), "no adapter_config.json"),  # silently ran the bare base
+    (lambda rel: _edit_json(rel / "config.json", lambda d: d.update(hidden_act="gelu")),  # it ran as SiLU
+     "hidden_act 'gelu' is not supported"),
 ])
 def test_damaged_release_files_are_one_line(broken_copy: TinyRelease, damage: Callable[[Path], None],
                                             match: str) -> None:

@@ -61,7 +61,8 @@ def check_vs_bundle_fits(preset_name: str, vision_only: bool, vs_bundle: Path) -
 
     if not vs_bundle.is_dir():
         fail(f"--vs-bundle {vs_bundle} is not a folder (a bundle from 'radtrt export')")
-    theirs = LlavaRadConfig.from_dict(read_json(vs_bundle / MODEL_CONFIG), remedy="export the bundle again")
+    theirs = LlavaRadConfig.from_dict(read_json(vs_bundle / MODEL_CONFIG), remedy="export the bundle again",
+                                      where=f"{vs_bundle / MODEL_CONFIG}")
     if theirs == random_config(preset_name, vision_only):
         return
     if vision_only and theirs == random_config(preset_name, False):
@@ -147,7 +148,7 @@ def _build(cfg: LlavaRadConfig, name: str, seed: int, folder: Path, progress: An
                          {"layout": "random", "seed": seed})
     save_toolkit(loaded, folder / "model")
     if progress:
-        progress.update(task, description=f"saved {folder / 'model'}")
+        progress.update(task, description=f"saved random model {name}")  # a folder's name could read as markup
         progress.remove_task(task)
     export_bundle(loaded, folder / "bundle", precision="fp32", progress=progress)
 

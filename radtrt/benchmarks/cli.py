@@ -19,7 +19,7 @@ from radtrt.benchmarks.report_files import (check_outside_studies, check_predict
                                            report_files, reproduce_command)
 from radtrt.cli_support import emit, err, user_errors
 from radtrt.errors import fail
-from radtrt.progress import LineProgress, make_progress
+from radtrt.progress import LineProgress, make_progress, plain
 
 _guarded = user_errors
 
@@ -47,7 +47,7 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) 
         md_path, json_path, _ = report_files(out)
         write_text(md_path, markdown, "report")
         write_text(json_path, json.dumps(data, indent=2) + "\n", "report")
-        err.print(f"wrote {md_path} and {json_path}")
+        err.print(plain(f"wrote {md_path} and {json_path}"))
     emit(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 
 
@@ -155,7 +155,7 @@ def latency(
         from radtrt.benchmarks.chart import matplotlib_available, write_chart
 
         if matplotlib_available():
-            err.print(f"wrote {write_chart(report, report_files(out)[2])}")
+            err.print(plain(f"wrote {write_chart(report, report_files(out)[2])}"))
         else:
             err.print("radtrt: no PNG chart: matplotlib is not installed (pip install 'radtrt[bench]')")
 
@@ -228,8 +228,8 @@ def parity(
     if out is not None and report_files(out)[2].exists():  # an earlier latency report's chart (checked as ours)
         report_files(out)[2].unlink()
     if predictions_out is not None:  # last: the next step, once every output is written
-        err.print(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
-                  f"--endpoint URL --judge-model NAME", highlight=False, soft_wrap=True)
+        err.print(plain(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
+                        f"--endpoint URL --judge-model NAME"), highlight=False, soft_wrap=True)
 
 
 def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, device: str, ort_provider: str,

@@ -14,6 +14,7 @@ import typer
 
 from radtrt.cli_support import emit, err, user_errors
 from radtrt.errors import fail
+from radtrt.progress import plain
 
 guarded = user_errors
 
@@ -31,7 +32,7 @@ def phantoms(
 
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
     manifest = write_phantom_set(out, n, seed, rows=rows, cols=cols, formats=chosen, console=err)
-    err.print(f"{n} synthetic phantoms (not for clinical use) in {out}", highlight=False)
+    err.print(plain(f"{n} synthetic phantoms (not for clinical use) in {out}"), highlight=False)
     emit(str(manifest))
 
 

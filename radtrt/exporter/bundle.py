@@ -254,7 +254,7 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
             if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
                 fail(f"bundle file {f} does not match its manifest hash (corrupt or modified)", remedy=REEXPORT)
     if (bundle / MODEL_CONFIG).is_file():  # hashed above; the manifest itself is not, so it is checked against it
-        cfg = LlavaRadConfig.from_dict(read_json(bundle / MODEL_CONFIG), remedy=REEXPORT)
+        cfg = LlavaRadConfig.from_dict(read_json(bundle / MODEL_CONFIG), remedy=REEXPORT, where=f"{bundle / MODEL_CONFIG}")
         problem = manifest_mismatch(manifest, cfg)
         if problem:
             fail(f"{path} does not match the bundle's {MODEL_CONFIG} ({problem})", remedy=REEXPORT)
@@ -346,5 +346,6 @@ def _embedding_table(bundle: Path) -> np.ndarray:
 def read_bundle_side(folder: Path) -> tuple[LlavaRadConfig, LlamaSPTokenizer]:
     """The model config and tokenizer a bundle (or a Triton model folder holding its side files) carries: what
     the runtime, the benchmarks and Triton's preprocessing build their prompts and transforms from."""
-    return (LlavaRadConfig.from_dict(read_json(folder / MODEL_CONFIG), remedy="export the bundle again"),
+    return (LlavaRadConfig.from_dict(read_json(folder / MODEL_CONFIG), remedy="export the bundle again",
+                                     where=f"{folder / MODEL_CONFIG}"),
             LlamaSPTokenizer.from_dir(folder))

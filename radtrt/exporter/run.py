@@ -13,6 +13,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from radtrt.errors import RadtrtError, fail
+from radtrt.progress import plain
 from radtrt.exporter import targets
 
 
@@ -149,7 +150,7 @@ def _load_for(plan: targets.ExportPlan, req: ExportRequest, calibration_stats: P
              f"model's weights, and {bundle} holds ONNX graphs")
     if model is None:
         fail("--model is required to export (or pass --bundle to add engines to an existing bundle)")
-    with console.status(f"loading model from {model}"):
+    with console.status(plain(f"loading model from {model}")):
         loaded = load_model(model, req.base_model)
     if "trtllm" in plan.steps and calibration_stats is not None:
         from radtrt.calibration.file import load_activation_stats

@@ -124,6 +124,8 @@ class DecoderConfig:
             fail(f"rope_scaling {hf['rope_scaling']} is not supported (Vicuna v1.5 has none)")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             fail("LLaMA variants with attention/MLP biases are not supported")
+        if hf.get("hidden_act", "silu") != "silu":  # it ran as SiLU, the only activation radtrt's LLaMA has
+            fail(f"hidden_act {hf['hidden_act']!r} is not supported (LLaMA and Vicuna use 'silu')")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
         if isinstance(kwargs.get("eos_token_id"), list):
@@ -170,9 +172,11 @@ class LlavaRadConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, remedy: str = "re-run 'radtrt convert'") -> "LlavaRadConfig":
+    def from_dict(cls, d: dict[str, Any], *, remedy: str = "re-run 'radtrt convert'",
+                  where: str = "radtrt model config") -> "LlavaRadConfig":
+        """``where``: the file, named in the refusal (a folder's config.json, a bundle's model_config.json)."""
         if not isinstance(d, dict):
-            fail("radtrt model config is malformed (not a JSON object)", remedy=remedy)
+            fail(f"{where} is malformed (not a JSON object)", remedy=remedy)
         try:
             rest = {k: v for k, v in d.items() if k not in ("vision", "decoder")}
             for key in ("image_mean", "image_std"):
@@ -180,16 +184,17 @@ class LlavaRadConfig:
                     rest[key] = tuple(rest[key])
             cfg = cls(vision=VisionConfig(**d["vision"]), decoder=DecoderConfig(**d["decoder"]), **rest)
         except (KeyError, TypeError) as e:
-            fail(f"radtrt model config is malformed ({type(e).__name__}: {e})", remedy=remedy)
+            fail(f"{where} is malformed ({type(e).__name__}: {e})", remedy=remedy)
         problem = config_problem(cfg)
         if problem:
-            fail(f"radtrt model config is malformed ({problem})", remedy=remedy)
+            fail(f"{where} is malformed ({problem})", remedy=remedy)
         return cfg
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
 
+CONV_TEMPLATES = ("v1", "plain")  # model/prompt.py's build_prompt
 _SCALAR_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
 _COUNTS = ("depth", "num_heads", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 _MAX_COUNT, _MAX_SIZE = 1024, 2**20  # Vicuna-7B: 32 layers, 32 heads; widths, vocabulary and positions <= 32000
@@ -240,6 +245,8 @@ def config_problem(cfg: LlavaRadConfig) -> str | None:
         if isinstance(getattr(d, name), bool) or not isinstance(getattr(d, name), int) \
                 or not 0 <= getattr(d, name) < d.vocab_size:
             return f"{name} = {getattr(d, name)!r} is not a token of the {d.vocab_size}-token vocabulary"
+    if cfg.conv_template not in CONV_TEMPLATES:  # accepted, then written into a release radtrt itself refused
+        return f"conv_template = {cfg.conv_template!r} is not one of {', '.join(CONV_TEMPLATES)}"
     if d.hidden_size % d.num_attention_heads or d.num_attention_heads % d.num_key_value_heads:
         return (f"decoder hidden_size {d.hidden_size}, num_attention_heads {d.num_attention_heads} and "
                 f"num_key_value_heads {d.num_key_value_heads} do not divide")

@@ -20,7 +20,7 @@ import torch
 from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
-from radtrt.model.config import DecoderConfig, LlavaRadConfig, VisionConfig, config_problem
+from radtrt.model.config import CONV_TEMPLATES, DecoderConfig, LlavaRadConfig, VisionConfig, config_problem
 from radtrt.model.decoder import Rotary
 from radtrt.model.io import hf_weight_files, load_tensors, read_json, safetensors_header, save_tensors
 from radtrt.model.llava_rad import LlavaRad
@@ -34,7 +34,6 @@ WEIGHTS_FILE = "model.safetensors"
 DEFAULT_VISION_JSON = "biomedclipcxr_518.json"
 DEFAULT_VISION_CKPT = "biomedclipcxr_518_checkpoint.pt"
 RELEASE_TEMPLATE_KEY = "radtrt_conv_template"  # model/release.py writes it (it imports this module, not the reverse)
-CONV_TEMPLATES = ("v1", "plain")  # model/prompt.py's
 
 
 @dataclass
@@ -117,7 +116,7 @@ def _load_toolkit(model_dir: Path, dtype: torch.dtype) -> LoadedModel:
     if meta.get("format_version") != TOOLKIT_FORMAT_VERSION:
         fail(f"{model_dir} was written by radtrt format {meta.get('format_version')!r}, this radtrt reads "
              f"format {TOOLKIT_FORMAT_VERSION}: re-run 'radtrt convert'")
-    cfg = LlavaRadConfig.from_dict(meta["model"])
+    cfg = LlavaRadConfig.from_dict(meta["model"], where=f"{model_dir}/config.json")
     model = _instantiate(cfg, load_tensors(model_dir / WEIGHTS_FILE), dtype, str(model_dir))
     tokenizer = LlamaSPTokenizer.from_dir(model_dir)
     _check_vocab(tokenizer, cfg.decoder, model_dir)

@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 
 from radtrt.errors import RadtrtError, fail, printable
+from radtrt.progress import plain
 from radtrt.imaging.study import study_error, study_warnings
 from radtrt.model.loading import load_model
 from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolve_device
@@ -83,9 +84,9 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
         from radtrt.model.default_model import default_model_dir
 
         model = default_model_dir(console)
-    with console.status(f"loading model from {model}"):
+    with console.status(plain(f"loading model from {model}")):
         loaded = load_model(model, base_model, dtype=DTYPES[dtype], device=device)
-    console.print(f"backend: {chosen} ({why}), device {device}, {dtype}; model {loaded.name}", highlight=False,
+    console.print(plain(f"backend: {chosen} ({why}), device {device}, {dtype}; model {loaded.name}"), highlight=False,
                   soft_wrap=True)
     return Pipeline(TorchBackend(loaded.model, device), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
 
@@ -125,13 +126,13 @@ def _open_trt(bundle: Path, why: str, console: Console, decoder: str | None = No
     from radtrt.exporter.bundle import read_bundle_side
     from radtrt.runtime.tensorrt import TensorRTBackend
 
-    with console.status(f"verifying bundle {bundle} and loading its TensorRT engines"):
+    with console.status(plain(f"verifying bundle {bundle} and loading its TensorRT engines")):
         backend = TensorRTBackend(bundle, decoder=decoder)
         cfg, tokenizer = read_bundle_side(bundle)
     name = backend.manifest["model"]["name"]
-    console.print(f"backend: tensorrt ({why}), {backend.precision}, decoder engine batch up to "
-                  f"{backend.limits['max_batch']} (a larger --batch-size runs in parts); model {name}", highlight=False,
-                  soft_wrap=True)
+    console.print(plain(f"backend: tensorrt ({why}), {backend.precision}, decoder engine batch up to "
+                        f"{backend.limits['max_batch']} (a larger --batch-size runs in parts); model {name}"),
+                  highlight=False, soft_wrap=True)
     return Pipeline(backend, tokenizer, cfg, model_name=name)
 
 
@@ -149,16 +150,15 @@ def _open_ort(bundle: Path, device: str | None, ort_provider: str, trt_cache: Pa
     if ort_provider == "auto":
         gpu = "CUDAExecutionProvider" in usable_providers()
         ort_provider = "cuda" if device == "cuda" or (device is None and gpu) else "cpu"
-    with console.status(f"verifying and loading bundle {bundle}"):
+    with console.status(plain(f"verifying and loading bundle {bundle}")):
         backend = OrtBackend(bundle, provider=ort_provider, trt_cache=trt_cache, spin=spin)
         cfg, tokenizer = read_bundle_side(bundle)
     name = backend.manifest["model"]["name"]
-    console.print(f"backend: onnxruntime ({why}), provider {ort_provider}{', spinning threads' if spin else ''}, "
-                  f"{backend.precision}; model {name}",
-                  highlight=False, soft_wrap=True)
+    console.print(plain(f"backend: onnxruntime ({why}), provider {ort_provider}{', spinning threads' if spin else ''}, "
+                        f"{backend.precision}; model {name}"), highlight=False, soft_wrap=True)
     note = backend.attention_note()
     if note:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        console.print(plain(f"note: {note}"), highlight=False, soft_wrap=True)
     return Pipeline(backend, tokenizer, cfg, model_name=name)
 
 

@@ -24,7 +24,7 @@ import typer
 
 from radtrt.cli_support import emit, err
 from radtrt.cli_support import user_errors as guarded
-from radtrt.errors import fail
+from radtrt.errors import fail, printable
 from radtrt.outputs import check_new_dir
 
 
@@ -33,6 +33,14 @@ def _threads(threads: Optional[int]) -> None:
         if threads < 1:
             fail("--threads must be at least 1")
         torch.set_num_threads(threads)
+
+
+def _model_name(name: str | None) -> str | None:
+    """A model's name is printed in every run's banner and written into SRs and bundles: a newline or escape
+    sequence in it faked lines on the terminal."""
+    if name is not None and (not name.strip() or printable(name) != name):
+        fail(f"--name must be printable text without control characters, got {name!r}")
+    return name
 
 
 def tokenizer(manifest: Path = typer.Argument(..., help="Training manifest (JSONL)."),
@@ -66,7 +74,7 @@ def init(out: Path = typer.Option(..., "-o", "--out", help="Output model folder 
         fail(f"unknown --arch '{arch}' ({', '.join(ARCHS)})")
     check_seed(seed)
     check_new_dir(out)
-    save_toolkit(fresh_model(arch, LlamaSPTokenizer.from_dir(tokenizer_dir), seed, name), out)
+    save_toolkit(fresh_model(arch, LlamaSPTokenizer.from_dir(tokenizer_dir), seed, _model_name(name)), out)
     emit(str(out))
 
 
@@ -118,7 +126,7 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
                           grad_accum=grad_accum, max_grad_norm=max_grad_norm, precision=precision,
                           max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           save_every=save_every, seed=seed, device=device, num_workers=num_workers,
-                          cache_features=not no_feature_cache, model_name=name)
+                          cache_features=not no_feature_cache, model_name=_model_name(name))
         result = train(cfg, console=err)
         if result.model_dir is not None:
             emit(str(result.model_dir))
