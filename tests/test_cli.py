@@ -569,6 +569,8 @@ def test_names_holding_markup_or_control_characters_are_printed_as_they_are(merg
     assert not any(line.startswith("radtrt: error: fake") for line in err.splitlines())
     code, out, err = _invoke("convert", "--model", merged, "-o", tmp_path / "out[/red]")
     assert code == 0 and out.strip() == str(tmp_path / "out[/red]"), err
+    code, out, err = _invoke("export", "--model", merged, "-o", tmp_path / "b[/red]")
+    assert code == 0 and str(tmp_path / "b[/red]") in out, err
     code, _, err = _invoke("train", "init", "--tokenizer", merged, "--arch", "tiny", "-o", tmp_path / "init",
                            "--name", "a\nb")
     assert code == 2 and "--name must be printable text without control characters, got 'a\\nb'" in err

@@ -80,8 +80,8 @@ def run_export(req: ExportRequest, console: Console) -> Path:
     if bundle is not None and plan.target != "triton" and out is not None and out.resolve() != bundle.resolve():
         fail(f"with --bundle the engines go into {bundle}; drop -o {out} (or pass the same folder)")
 
-    def log(line: str) -> None:
-        console.print(line, highlight=False, soft_wrap=True)
+    def log(line: str) -> None:  # lines name the user's folders: taken as they are, not as markup
+        console.print(plain(line), highlight=False, soft_wrap=True)
 
     if plan.target == "triton":
         if bundle is None:
