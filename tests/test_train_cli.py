@@ -123,6 +123,8 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(chain: Chain, tmp
     ("--epochs", "inf", "epochs must be a finite number"),
     ("--max-grad-norm", "nan", "max_grad_norm must be a finite number"),
     ("--weight-decay", "nan", "weight_decay must be a finite number"),
+    ("--lr", "1e38", "lr must be at most 1"),  # AdamW's overflow traceback, and a run folder left behind
+    ("--weight-decay", "1e38", "weight_decay must be in [0, 1]"),  # with --lr 10: infinite weights, exit 0
     ("--seed", str(2**64), "seed must be in"),  # torch's RuntimeError traceback
     ("--lora-alpha", "0", "lora_alpha must be at least 1"),  # a LoRA that can never change the model
     ("--lora-r", "100000", "above the rank of this decoder's smallest linear layer"),  # an allocation failure
@@ -276,6 +278,11 @@ def test_a_damaged_run_config_is_one_line_for_convert(chain: Chain, tmp_path: Pa
             export_release(run, tmp_path / "out")
         assert not (tmp_path / "out").exists()
     config = json.loads((chain.runs["stage2"] / "train_config.json").read_text())
+    for key, value, said in (("lr", "fast", "lr must be a number, got str 'fast'"),  # named no field
+                             ("lora_r", 4.5, "lora_r must be a whole number, got float 4.5")):
+        (run / "train_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(RadtrtError, match=f"train_config.json is malformed \\({said}\\)"):
+            export_release(run, tmp_path / "out")
     del config["lora_alpha"]  # took the default: a release with another LoRA scale than the one trained
     (run / "train_config.json").write_text(json.dumps(config))
     with pytest.raises(RadtrtError, match="train_config.json is incomplete: it lacks lora_alpha"):

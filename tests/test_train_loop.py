@@ -209,6 +209,8 @@ def _flip_a_byte_in_a_pickled_string(run: Path) -> None:
     (lambda run: (run / "model").write_text("x"), "model folder .* is not a folder"),  # found after the last step
     (_damage_state("config", lambda c: {k: v for k, v in c.items() if k != "lora_r"}),
      "training config in .*state.pt is incomplete: it lacks lora_r"),  # took the default, then failed elsewhere
+    (_damage_state("config", lambda c: {**c, "lr": float("nan")}),  # said without naming the checkpoint
+     "training config in .*state.pt is malformed \\(lr must be a finite number, got nan\\)"),
     (_flip_a_bit_in_a_tensor, "state.pt is corrupt: its record .*/data/.* fails its checksum"),
     (_flip_a_byte_in_a_pickled_string, "state.pt is corrupt or not radtrt's \\(UnicodeDecodeError"),
 ])

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from radtrt.errors import fail
+from radtrt.errors import RadtrtError, fail
 
 STAGES = ("vision", "lm", "stage1", "stage2")
 TEMPLATES = {"vision": None, "lm": "text", "stage1": "plain", "stage2": "v1"}
@@ -75,8 +75,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # NaN passes every comparison below as "not too small", and inf lr trains to non-finite weights
         for name in ("epochs", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "lora_dropout"):
-            if not math.isfinite(getattr(self, name)):
-                fail(f"{name} must be a finite number, got {getattr(self, name)}")
+            value = getattr(self, name)
+            # a hand-edited train_config.json ("lr": "fast") reached math.isfinite: "must be real number, not str"
+            # named no field
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):
+                fail(f"{name} must be a finite number, got {value}")
+        for name in ("micro_batch_size", "grad_accum", "max_length", "seed", "save_every", "lora_r", "lora_alpha",
+                     "num_workers", "max_steps"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int)) and not (name == "max_steps" and value is None):
+                fail(f"{name} must be a whole number, got {type(value).__name__} {value!r}")
         check_seed(self.seed)
         if self.stage not in STAGES:
             fail(f"unknown training stage '{self.stage}' ({', '.join(STAGES)})")
@@ -101,6 +111,13 @@ class TrainConfig:
             fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             fail("weight_decay must be at least 0 and max_grad_norm positive")
+        # bounded here, before the run folder is made: lr 1e38 overflowed inside AdamW (a RuntimeError traceback
+        # that left train_config.json behind), and lr 10 with weight decay 1e38 trained to infinite weights.
+        # AdamW decays by lr * weight_decay per step: above 1 it flips the weights' signs instead of shrinking them
+        if self.lr > 1:
+            fail(f"lr must be at most 1, got {self.lr}")
+        if self.weight_decay > 1:
+            fail(f"weight_decay must be in [0, 1], got {self.weight_decay}")
 
     @property
     def template(self) -> str | None:
@@ -127,6 +144,8 @@ class TrainConfig:
         try:
             return cls(**d)
         except TypeError as e:  # a value of the wrong type (a damaged or hand-edited file)
+            fail(f"{where} is malformed ({e})")
+        except RadtrtError as e:  # a bad value said without the file it came from ("lr must be ..." - where?)
             fail(f"{where} is malformed ({e})")
 
     def to_json(self) -> str:
