@@ -299,10 +299,28 @@ def test_resume_refuses_another_init_model_or_manifest(chain: Chain, tmp_path: P
 
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
     """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(tmp_path / "run"), max_steps=6)
+    object.__setattr__(cfg, "lr", 1e30)  # above TrainConfig's bound now: the loop's own check is what is tested
     with pytest.raises(RadtrtError, match="training diverged at step [0-9]+: loss .*a lower --lr"):
-        run_stage("stage1", chain.manifest, chain.runs["lm"] / "model", tmp_path / "run", max_steps=6, lr=1e30)
+        train(cfg)
     assert not (tmp_path / "run" / "model").exists()
     assert all(json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+
+
+def test_a_step_that_makes_the_weights_non_finite_stops_the_run(chain: Chain, tmp_path: Path) -> None:
+    """lr 10 and weight decay 1e38 (from before TrainConfig bounded them): the loss and gradient checked before the
+    step were finite, the step made the projector infinite, and the run ended with exit 0 and an infinite model."""
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(tmp_path / "run"), max_steps=2, save_every=1)
+    object.__setattr__(cfg, "lr", 10.0)  # what the checks in TrainConfig now refuse: the step itself is checked
+    object.__setattr__(cfg, "weight_decay", 1e38)
+    with pytest.raises(RadtrtError, match="training diverged at step 2: the step made llava.mm_projector.0.weight "
+                                          "non-finite \\(a lower --lr\\?\\)"):  # step 1 is warmup, at lr 0
+        train(cfg)
+    assert not (tmp_path / "run" / "model").exists()
+    state = load_checkpoint(tmp_path / "run")  # the last one saved is step 1's, finite
+    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["trainable"].values())
 
 
 def test_a_one_step_run_trains(chain: Chain, tmp_path: Path) -> None:

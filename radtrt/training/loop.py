@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from radtrt.data.manifest import read_manifest
 from radtrt.data.vocabulary import LABELS
 from radtrt.errors import fail
+from radtrt.model.checkpoints import all_finite
 from radtrt.model.fingerprint import weights_fingerprint
 from radtrt.model.io import sha256_file
 from radtrt.model.loading import load_model
@@ -294,6 +295,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                     fail(f"training diverged at step {step + 1}: loss {step_loss}, gradient norm {grad_norm} (a lower --lr?); "
                          f"no model written, the checkpoints before it are kept")
                 optimizer.step()
+                bad = _first_non_finite(named)
+                if bad is not None:  # a finite loss and gradient can still take a step to infinity
+                    fail(f"training diverged at step {step + 1}: the step made {bad} non-finite (a lower --lr?); no "
+                         f"model written, the checkpoints before it are kept")
                 scheduler.step()
                 losses.append(step_loss)
                 sps = schedule.global_batch / (time.perf_counter() - t0)
@@ -316,6 +321,19 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
         raise
     barrier(info)
     return TrainResult(run_dir, model_dir if end == total else None, end, total, losses)
+
+
+def _first_non_finite(named: list[tuple[str, torch.nn.Parameter]]) -> str | None:
+    """The first trainable weight holding NaN or infinity, checked after every step so that no checkpoint or model
+    ever holds one: lr 10 with weight decay 1e38 made the projector infinite while the loss and gradient checked
+    before the step were still finite, and the run ended with exit 0 and a model every later command refused.
+    One sum per weight, read back at once (one device sync a step); only a sum that overflowed is looked at
+    element by element."""
+    with torch.no_grad():
+        sums = torch.stack([p.detach().sum(dtype=torch.float32) for _, p in named])
+    if bool(torch.isfinite(sums).all()):
+        return None
+    return next((n for n, p in named if not all_finite(p.detach())), None)
 
 
 def _interrupted(run_dir: Path, saved: int | None) -> str:
