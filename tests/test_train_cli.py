@@ -74,6 +74,18 @@ def test_train_errors_are_one_line(chain: Chain, tmp_path: Path, args: tuple[str
     assert not (tmp_path / "r").exists()  # nothing written for refused input
 
 
+@pytest.mark.parametrize("command", ["stage1", "eval", "resume"])
+def test_more_threads_than_cpus_are_refused(chain: Chain, tmp_path: Path, command: str) -> None:
+    """--threads 100000: "can't start new thread", then a segfault (exit 139)."""
+    model = chain.runs["lm"] / "model"
+    args = {"stage1": ("stage1", chain.manifest, "--model", model, "-o", tmp_path / "r", "--preset", "tiny"),
+            "eval": ("eval", chain.manifest, "--model", model), "resume": ("resume", tmp_path / "r")}[command]
+    too_many = (os.cpu_count() or 1) + 1
+    code, _, err = _invoke("train", *args, "--threads", too_many)
+    assert code == 2 and f"--threads {too_many} is more than this machine's {os.cpu_count()} CPUs" in err
+    assert not (tmp_path / "r").exists()
+
+
 def _ddp_worker(rank: int, world: int, port: int, manifest: str, init: str, out: str) -> None:
     """One torchrun-style process: the environment torchrun sets, then the library call it makes."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",

@@ -16,6 +16,7 @@ Each stage writes ``RUN/model`` (toolkit layout) for the next. Multi-GPU: ``torc
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -29,9 +30,14 @@ from radtrt.outputs import check_new_dir
 
 
 def _threads(threads: Optional[int]) -> None:
+    """Bounded by the CPUs: torch tried to start --threads 100000 threads, failed ("can't start new thread") and
+    the process died of a segfault (exit 139), with no message."""
     if threads is not None:
         if threads < 1:
             fail("--threads must be at least 1")
+        cpus = os.cpu_count()
+        if cpus is not None and threads > cpus:
+            fail(f"--threads {threads} is more than this machine's {cpus} CPUs; give {cpus} or fewer")
         torch.set_num_threads(threads)
 
 
