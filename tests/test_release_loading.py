@@ -93,6 +93,11 @@ def test_adapters_peft_would_merge_otherwise_are_refused(tiny_release: TinyRelea
         ck.merge_lora(decoder, {k: v.to(torch.int8) for k, v in lora.items()}, config)
 
 
+def test_a_nan_lora_alpha_is_blamed_on_alpha() -> None:
+    with pytest.raises(RadtrtError, match="gives 'q_proj' lora_alpha=nan: lora_alpha must be a finite number"):
+        ck.lora_scaling({"r": 4, "lora_alpha": float("nan")}, "q_proj")  # said "r must be at least 1"
+
+
 def test_convert_roundtrip_equals_release(tiny_release: TinyRelease, tmp_path: Path) -> None:
     out = save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), tmp_path / "merged",
                        dtype=torch.float32)

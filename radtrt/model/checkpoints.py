@@ -96,8 +96,10 @@ def lora_scaling(adapter_config: dict[str, Any], module: str) -> tuple[int, floa
         alpha = float((adapter_config.get("alpha_pattern") or {}).get(module, adapter_config["lora_alpha"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         fail(f"adapter_config.json has no usable r / lora_alpha for '{module}' ({type(e).__name__}: {e})")
-    if r < 1 or not math.isfinite(alpha):
-        fail(f"adapter_config.json gives '{module}' r={r}, lora_alpha={alpha}: r must be at least 1")
+    if r < 1:
+        fail(f"adapter_config.json gives '{module}' r={r}: r must be at least 1")
+    if not math.isfinite(alpha):  # said apart: one message for both blamed r for a NaN alpha
+        fail(f"adapter_config.json gives '{module}' lora_alpha={alpha}: lora_alpha must be a finite number")
     return r, alpha / (math.sqrt(r) if adapter_config.get("use_rslora") else r)
 
 
