@@ -93,6 +93,58 @@ def test_adapters_peft_would_merge_otherwise_are_refused(tiny_release: TinyRelea
         ck.merge_lora(decoder, {k: v.to(torch.int8) for k, v in lora.items()}, config)
 
 
+def test_an_adapter_missing_targeted_modules_is_refused(tiny_release: TinyRelease, tmp_path: Path) -> None:
+    """Half the keys of adapter_model.bin: convert merged the rest with exit 0 (only what was present was checked)."""
+    decoder = ck.strip_prefix(tiny_release.model.state_dict(), ck.DECODER_PREFIX)
+    config = json.loads((tiny_release.release_dir / "adapter_config.json").read_text())
+    lora = tiny_release.lora
+    without_down = {k: v for k, v in lora.items() if "layers.1.mlp.down_proj" not in k}
+    with pytest.raises(RadtrtError, match="has no weights for 'model.layers.1.mlp.down_proj', which adapter_config"
+                                          ".json targets \\(target_modules \\[.*\\]\\): the adapter file is "
+                                          "incomplete"):
+        ck.merge_lora(decoder, without_down, config)
+    with pytest.raises(RadtrtError, match="has no weights for 'model.layers.1.mlp.down_proj'"):  # no target_modules
+        ck.merge_lora(decoder, without_down, {k: v for k, v in config.items() if k != "target_modules"})
+    no_b = {k: v for k, v in lora.items() if k != "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"}
+    with pytest.raises(RadtrtError, match="holds lora_A but not lora_B for 'model.layers.0.self_attn.v_proj'"):
+        ck.merge_lora(decoder, no_b, config)  # blamed the base decoder ("wrong base model?")
+    release = tmp_path / "release"  # what convert and infer load
+    shutil.copytree(tiny_release.release_dir, release)
+    keys = sorted(lora)
+    torch.save({k: lora[k] for k in keys[: len(keys) // 2]}, release / "adapter_model.bin")
+    with pytest.raises(RadtrtError, match="the adapter file is incomplete"):
+        load_model(release, tiny_release.base_dir)
+
+
+def test_layers_to_transform_is_honoured(tiny_release: TinyRelease) -> None:
+    """Ignored: every layer the adapter held was merged, and an adapter for some layers could not be checked."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    decoder = ck.strip_prefix(tiny_release.model.state_dict(), ck.DECODER_PREFIX)
+    config = {**json.loads((tiny_release.release_dir / "adapter_config.json").read_text()), "layers_to_transform": [0]}
+    layer0 = {k: v for k, v in tiny_release.lora.items() if ".layers.0." in k}
+    merged = ck.merge_lora(decoder, layer0, config)
+    changed = {k for k in decoder if not torch.equal(decoder[k], merged[k])}
+    assert changed and all(k.startswith("model.layers.0.") for k in changed)
+    with pytest.raises(RadtrtError, match="holds weights for 'model.layers.1.mlp.down_proj', which its target_modules "
+                                          ".* in layers_to_transform \\[0\\] leave out"):
+        ck.merge_lora(decoder, tiny_release.lora, config)
+    with pytest.raises(RadtrtError, match="no weights for 'model.layers.0.self_attn.q_proj'.*layers_to_transform"):
+        ck.merge_lora(decoder, {k: v for k, v in layer0.items() if "q_proj" not in k}, config)
+    modules = [k.removesuffix(".weight") for k in decoder if k.endswith(".weight")]
+    for extra in ({"layers_to_transform": 1}, {"layers_to_transform": [1], "layers_pattern": "layers"},
+                  {"layers_to_transform": [0], "layers_pattern": "blocks"}, {"layers_to_transform": []},
+                  {"target_modules": ["q_proj", "model.layers.1.mlp.up_proj"], "layers_to_transform": [0]}):
+        cfg = {**config, **extra}
+        peft_cfg = LoraConfig(target_modules=cfg["target_modules"], layers_to_transform=cfg["layers_to_transform"],
+                              layers_pattern=cfg.get("layers_pattern"))
+        assert [m for m in modules if ck._targeted(m, cfg)] == [
+            m for m in modules if check_target_module_exists(peft_cfg, m)], extra  # PEFT's own rule
+    with pytest.raises(RadtrtError, match="layers_to_transform is 'all', not a layer number"):
+        ck.merge_lora(decoder, layer0, {**config, "layers_to_transform": "all"})
+
+
 def test_a_nan_lora_alpha_is_blamed_on_alpha() -> None:
     with pytest.raises(RadtrtError, match="gives 'q_proj' lora_alpha=nan: lora_alpha must be a finite number"):
         ck.lora_scaling({"r": 4, "lora_alpha": float("nan")}, "q_proj")  # said "r must be at least 1"

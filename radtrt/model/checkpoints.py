@@ -128,11 +128,30 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
     merged = dict(decoder)
     for module, ab in sorted(pairs.items()):
         target = module + ".weight"
-        if target not in merged or set(ab) != {"lora_A", "lora_B"}:
+        if target not in merged:
             fail(f"LoRA adapter targets '{module}', which the base decoder does not have (wrong base model?)")
-        if not _targeted(module, adapter_config.get("target_modules")):  # PEFT would leave it unmerged
+        if len(ab) != 2:
+            fail(f"the LoRA adapter holds {next(iter(ab))} but not {({'lora_A', 'lora_B'} - set(ab)).pop()} for "
+                 f"'{module}' (a damaged or cut adapter file?): restore the adapter")
+        if not _targeted(module, adapter_config):  # PEFT would leave it unmerged
             fail(f"the LoRA adapter holds weights for '{module}', which its target_modules "
-                 f"{adapter_config.get('target_modules')!r} leave out: adapter and adapter_config.json disagree")
+                 f"{adapter_config.get('target_modules')!r}{_layers_said(adapter_config)} leave out: adapter and "
+                 f"adapter_config.json disagree")
+    # only what is present was checked: an adapter missing half its modules merged the rest with exit 0, a model
+    # PEFT never trained (PEFT creates every targeted module's pair, so a complete adapter has them all)
+    held_names = {m.rsplit(".", 1)[-1] for m in pairs}  # no target_modules: PEFT's inferred ones are unknown here
+    for key, weight in decoder.items():
+        module = key.removesuffix(".weight")
+        if key == module or weight.dim() != 2 or module in pairs:
+            continue
+        targeted = _targeted(module, adapter_config) if adapter_config.get("target_modules") is not None \
+            else module.rsplit(".", 1)[-1] in held_names and _in_layers(module, adapter_config)
+        if targeted:
+            fail(f"the LoRA adapter has no weights for '{module}', which adapter_config.json targets "
+                 f"(target_modules {adapter_config.get('target_modules')!r}{_layers_said(adapter_config)}): the "
+                 f"adapter file is incomplete (damaged or cut?); restore it")
+    for module, ab in sorted(pairs.items()):
+        target = module + ".weight"
         base = merged[target]
         if not all(t.is_floating_point() for t in ab.values()):
             fail(f"LoRA weights for '{module}' are {ab['lora_A'].dtype}, not floating point")
@@ -148,9 +167,11 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
     return merged
 
 
-def _targeted(module: str, target_modules: Any) -> bool:
+def _targeted(module: str, adapter_config: dict[str, Any]) -> bool:
     """PEFT's ``check_target_module_exists``: a string is a regex over the whole module name, a list names
-    modules by their last parts; absent, every module with weights counts (what PEFT infers)."""
+    modules by their last parts (then only in ``layers_to_transform``, when given, unless the list names the
+    module in full); absent, every module with weights counts (what PEFT infers)."""
+    target_modules = adapter_config.get("target_modules")
     if target_modules is None:
         return True
     if isinstance(target_modules, str):
@@ -159,8 +180,41 @@ def _targeted(module: str, target_modules: Any) -> bool:
         except re.error as e:
             fail(f"adapter_config.json target_modules {target_modules!r} is not a regular expression ({e})")
     if isinstance(target_modules, list):
-        return any(module == t or module.endswith(f".{t}") for t in target_modules if isinstance(t, str))
+        if module in target_modules:
+            return True
+        return any(module.endswith(f".{t}") for t in target_modules if isinstance(t, str)) \
+            and _in_layers(module, adapter_config)
     fail(f"adapter_config.json target_modules is {type(target_modules).__name__}, not a list or a regex")
+
+
+def _in_layers(module: str, adapter_config: dict[str, Any]) -> bool:
+    """Whether ``module`` is in the adapter's ``layers_to_transform`` (PEFT's rule: the first number after
+    ``layers_pattern``, or after any name, is the layer). Honoured, not ignored: every layer was merged, so an
+    adapter trained on some layers could not be checked for completeness."""
+    layers = adapter_config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    if not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+            isinstance(layers, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+        fail(f"adapter_config.json layers_to_transform is {layers!r}, not a layer number or a list of them")
+    pattern = adapter_config.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) and pattern else pattern or []
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        fail(f"adapter_config.json layers_pattern is {pattern!r}, not a name or a list of names")
+    try:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module) if not patterns else next(
+            (m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    except re.error as e:
+        fail(f"adapter_config.json layers_pattern {pattern!r} is not a regular expression ({e})")
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _layers_said(adapter_config: dict[str, Any]) -> str:
+    layers = adapter_config.get("layers_to_transform")
+    return f" in layers_to_transform {layers!r}" if layers not in (None, []) else ""
 
 
 def with_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
