@@ -297,6 +297,32 @@ def test_resume_refuses_another_init_model_or_manifest(chain: Chain, tmp_path: P
         train(resume_config(tmp_path / "run"), resume=True)
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["preloaded", "read-by-workers"])
+def test_resume_refuses_other_images_under_the_same_manifest(chain: Chain, tmp_path: Path, lazy: bool) -> None:
+    """PNGs overwritten in place, the manifest untouched: the 'exact continuation' trained on other images."""
+    import shutil
+
+    from radtrt.training import checkpoint as ckpt
+    from radtrt.training.loop import resume_config
+
+    data = tmp_path / "data"
+    shutil.copytree(chain.manifest.parent, data)
+    run = tmp_path / "run"
+    cfg = make_config("stage1", "tiny", manifest=str(data / "manifest.jsonl"),
+                      init_model=str(chain.runs["lm"] / "model"), out_dir=str(run), max_steps=4, save_every=1,
+                      **(dict(num_workers=1, cache_features=False) if lazy else {}))
+    train(cfg, stop_after=2)
+    first = data / json.loads((data / "manifest.jsonl").read_text().splitlines()[0])["image"]
+    shutil.copyfile(data / "png" / "phantom-00001.png", first)
+    with pytest.raises(RadtrtError, match="the image data of manifest .*manifest.jsonl \\(the manifest itself is "
+                                          "unchanged\\) has changed since .*run started"):
+        train(resume_config(run), resume=True)
+    state = ckpt.load_checkpoint(run)
+    del state["origin"]["images_sha256"]  # saved before the images were recorded: resumed unchecked, as before
+    ckpt.save_checkpoint(run, state)
+    assert train(resume_config(run), resume=True).model_dir is not None
+
+
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
     """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),

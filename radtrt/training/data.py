@@ -12,6 +12,7 @@ Resuming at step ``s`` therefore sees exactly the data the uninterrupted run wou
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,30 @@ class ManifestDataset(torch.utils.data.Dataset):
                 images[i] = load_pixels_u8(row.image_path(self.root), self.image_size)
                 progress.advance(task)
         return images
+
+    def images_digest(self) -> str | None:
+        """sha256 of the image data the run trains on, for resume to refuse other images under an unchanged
+        manifest (PNGs overwritten in place continued the run on other data). The preloaded pixels when there are
+        any (already in memory: hashing them is cheap, and they are exactly what is trained on); otherwise the
+        files' bytes, one extra read of the data set. None without images."""
+        if self.image_size is None:
+            return None
+        h = hashlib.sha256()
+        if self.images is not None:
+            h.update(b"pixels\0")
+            h.update(memoryview(self.images.contiguous().numpy()))
+            return h.hexdigest()
+        h.update(b"files\0")
+        for row in self.rows:
+            path = row.image_path(self.root)
+            try:
+                with path.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+            except OSError as e:
+                fail(f"cannot read manifest image {path} ({e.strerror or e})")
+            h.update(b"\0")  # file boundaries: two files that swap bytes between them differ
+        return h.hexdigest()
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -236,6 +236,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                               template=cfg.template, max_length=cfg.max_length, image_size=image_size,
                               preload=cfg.num_workers == 0 or cfg.cache_features, console=console,
                               condition_on_labels=cfg.stage == "lm" and cfg.lm_condition == "labels")
+    origin["images_sha256"] = dataset.images_digest()  # before the feature cache drops the pixels
     label_names = label_vocabulary(dataset) if cfg.stage == "vision" else None
     dataset.label_names = label_names
     objective, peft_lm = build_objective(cfg, loaded.model, label_names)
@@ -389,13 +390,16 @@ def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, t
     """Load a checkpoint's trainable weights, optimizer, scheduler and this rank's RNG; the step to go on from."""
     state = ckpt.load_checkpoint(run_dir)
     recorded = state.get("origin")
-    if not isinstance(recorded, dict) or not set(origin) <= set(recorded):  # a check left out checks nothing
+    # a check left out checks nothing; the images' digest came later, and runs saved before it resume unchecked
+    if not isinstance(recorded, dict) or not set(origin) - {"images_sha256"} <= set(recorded):
         fail(f"the checkpoint in {run_dir} does not record what the run started from (made by an older radtrt?); "
              f"start a new run")
     for key, what in (("init_weights", f"--model {state['config'].get('init_model')}"),
                       ("tokenizer_sha256", f"the tokenizer of --model {state['config'].get('init_model')}"),
-                      ("manifest_sha256", f"manifest {state['config'].get('manifest')}")):
-        if recorded[key] != origin[key]:
+                      ("manifest_sha256", f"manifest {state['config'].get('manifest')}"),
+                      ("images_sha256", f"the image data of manifest {state['config'].get('manifest')} (the manifest "
+                                        f"itself is unchanged)")):
+        if key in recorded and recorded[key] != origin[key]:
             fail(f"{what} has changed since {run_dir} started; an exact continuation needs the same one "
                  f"(restore it, or start a new run)")
     if state["world_size"] != info.world_size:
