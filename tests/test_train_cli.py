@@ -86,6 +86,16 @@ def test_more_threads_than_cpus_are_refused(chain: Chain, tmp_path: Path, comman
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("command", ["stage1", "eval"])
+def test_a_run_folder_as_model_names_its_model(chain: Chain, tmp_path: Path, command: str) -> None:
+    run = chain.runs["lm"]
+    args = {"stage1": ("stage1", chain.manifest, "--model", run, "-o", tmp_path / "r", "--preset", "tiny"),
+            "eval": ("eval", chain.manifest, "--model", run)}[command]
+    code, _, err = _invoke("train", *args)
+    assert code == 2 and "is a training run folder, not a model: give its model" in err  # was "missing file"
+    assert not (tmp_path / "r").exists()
+
+
 def _ddp_worker(rank: int, world: int, port: int, manifest: str, init: str, out: str) -> None:
     """One torchrun-style process: the environment torchrun sets, then the library call it makes."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",

@@ -388,6 +388,20 @@ def test_a_model_folder_is_never_left_half_written(tmp_path: Path, monkeypatch: 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_folder_given_as_a_model_is_said_to_be_one(chain: Chain, tmp_path: Path) -> None:
+    """'missing file: RUN/config.json' (convert, train eval, train <stage> --model RUN)."""
+    import shutil
+
+    run = chain.runs["stage1"]
+    with pytest.raises(RadtrtError, match=f"{run} is a training run folder, not a model: give its model, {run}/model$"):
+        load_model(run)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns("model"))
+    with pytest.raises(RadtrtError, match=f"has not written its model yet: 'radtrt train resume {unfinished}' "
+                                          f"finishes it, then give {unfinished}/model"):
+        load_model(unfinished)
+
+
 def test_two_runs_started_into_one_folder_do_not_share_it(chain: Chain, tmp_path: Path) -> None:
     """Both passed the start-up check (the folder was empty for each) and interleaved one log.jsonl."""
     from radtrt.training.distributed import DistInfo

@@ -34,6 +34,8 @@ WEIGHTS_FILE = "model.safetensors"
 DEFAULT_VISION_JSON = "biomedclipcxr_518.json"
 DEFAULT_VISION_CKPT = "biomedclipcxr_518_checkpoint.pt"
 RELEASE_TEMPLATE_KEY = "radtrt_conv_template"  # model/release.py writes it (it imports this module, not the reverse)
+# what every training run folder holds (training/loop.py's CONFIG_FILE, training/checkpoint.py's state file)
+RUN_MARKS = ("train_config.json", "checkpoint/state.pt")
 
 
 @dataclass
@@ -52,6 +54,12 @@ def layout_of(model_dir: Path) -> str:
             and (model_dir / "decoder.onnx").is_file():  # said as such, not as "missing file: config.json"
         fail(f"{model_dir} is an ONNX bundle, not a model: --model takes the model folder it was exported from "
              f"(commands that run bundles take them as --bundle)")
+    if not (model_dir / "config.json").exists() and any((model_dir / mark).is_file() for mark in RUN_MARKS):
+        # a training run (radtrt train ... -o RUN) was said as "missing file: RUN/config.json"
+        model = model_dir / "model"
+        fail(f"{model_dir} is a training run folder, not a model: give its model, {model}" if model.is_dir() else
+             f"{model_dir} is a training run folder that has not written its model yet: 'radtrt train resume "
+             f"{model_dir}' finishes it, then give {model}")
     cfg = read_json(model_dir / "config.json")
     if cfg.get("radtrt_format") == TOOLKIT_FORMAT:
         return "toolkit"
