@@ -388,6 +388,28 @@ def test_a_model_folder_is_never_left_half_written(tmp_path: Path, monkeypatch: 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_while_writing_the_model_says_resume_writes_it(chain: Chain, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the last step: 'cannot write model folder ...: No space left on device', and no word of the resume
+    that writes the model from the last checkpoint."""
+    from radtrt.model.tokenizer import LlamaSPTokenizer
+    from radtrt.training.loop import resume_config
+
+    def full_disk(self: object, directory: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    run = tmp_path / "run"
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(run), max_steps=2)
+    monkeypatch.setattr(LlamaSPTokenizer, "save", full_disk)
+    with pytest.raises(RadtrtError, match="No space left on device.*; all 2 steps are saved in .*state.pt: once that "
+                                          f"is fixed, 'radtrt train resume {run}' writes the model without training"):
+        train(cfg)
+    monkeypatch.undo()
+    assert train(resume_config(run), resume=True).model_dir == run / "model"
+    assert [e["step"] for e in read_log(run)] == [1, 2]
+
+
 def test_a_run_folder_given_as_a_model_is_said_to_be_one(chain: Chain, tmp_path: Path) -> None:
     """'missing file: RUN/config.json' (convert, train eval, train <stage> --model RUN)."""
     import shutil

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from radtrt.data.manifest import read_manifest
 from radtrt.data.vocabulary import LABELS
-from radtrt.errors import fail
+from radtrt.errors import RadtrtError, fail
 from radtrt.model.checkpoints import all_finite
 from radtrt.model.fingerprint import weights_fingerprint
 from radtrt.model.io import sha256_file
@@ -315,7 +315,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                     saved = done
         model_dir = None
         if end == total and info.is_main:
-            model_dir = write_outputs(cfg, run_dir, loaded, objective, peft_lm, total)
+            try:
+                model_dir = write_outputs(cfg, run_dir, loaded, objective, peft_lm, total)
+            except RadtrtError as e:  # a full disk said only "cannot write RUN/model.partial/...", not how to go on
+                fail(f"{e}; all {total} steps are saved in {ckpt.state_path(run_dir)}: once that is fixed, 'radtrt "
+                     f"train resume {run_dir}' writes the model without training again")
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.cli) from timeout, kill or a batch scheduler
         if info.is_main:
             console.print(_interrupted(run_dir, saved), markup=False, highlight=False, soft_wrap=True)
