@@ -495,3 +495,12 @@ def test_the_tensorrt_backend_is_benchmarked_like_the_others(tiny: Assets, work:
     code, _, err = _invoke("bench", "latency", "--bundle", tiny.bundle, "--trt-decoder", "fp16", "--synthetic", 1,
                            "--work-dir", work)
     assert code == 2 and "--trt-decoder picks the tensorrt side's TensorRT-LLM engine; none runs here" in err
+
+
+def test_more_threads_than_cpus_are_refused_as_in_training(tiny: Assets, work: Path) -> None:
+    """Only < 1 was checked: --threads 100000 was "can't start new thread" and a segfault, as in training."""
+    import os
+
+    code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", work, "--runs", 1, "--warmup",
+                           0, "--threads", (os.cpu_count() or 1) + 1)
+    assert code == 2 and f"is more than this machine's {os.cpu_count()} CPUs" in err

@@ -18,6 +18,7 @@ from radtrt.benchmarks.assets import Assets
 from radtrt.benchmarks.bandwidth import bundle_decoder_weight_bytes, torch_decoder_weight_bytes
 from radtrt.benchmarks.machine import current_rss_mb
 from radtrt.errors import fail
+from radtrt.threads import set_threads
 from radtrt.exporter.bundle import BUNDLE_FINGERPRINT
 from radtrt.runtime.pipeline import Pipeline
 
@@ -106,7 +107,6 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
 
     ``vs_bundle``: a second ONNX Runtime side on another bundle of the same model (INT8 against fp32,
     say); the two are then named by precision (or by folder when their precisions match)."""
-    import torch
 
     if vs_bundle is not None:
         if kinds != ["onnxruntime"]:
@@ -132,10 +132,7 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
             fail(f"unknown backend '{kind}' for the bench ({', '.join(BACKENDS)})")
     if len(set(kinds)) != len(kinds):
         fail(f"the backends to compare must differ (got {' and '.join(kinds)})")
-    if threads is not None:
-        if threads < 1:
-            fail("--threads must be at least 1")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     cache: dict[str, Any] = {}
     sides = []
     for kind in kinds:

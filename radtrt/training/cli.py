@@ -16,29 +16,16 @@ Each stage writes ``RUN/model`` (toolkit layout) for the next. Multi-GPU: ``torc
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
 from radtrt.cli_support import emit, err
 from radtrt.cli_support import user_errors as guarded
 from radtrt.errors import fail, printable
 from radtrt.outputs import check_new_dir
-
-
-def _threads(threads: Optional[int]) -> None:
-    """Bounded by the CPUs: torch tried to start --threads 100000 threads, failed ("can't start new thread") and
-    the process died of a segfault (exit 139), with no message."""
-    if threads is not None:
-        if threads < 1:
-            fail("--threads must be at least 1")
-        cpus = os.cpu_count()
-        if cpus is not None and threads > cpus:
-            fail(f"--threads {threads} is more than this machine's {cpus} CPUs; give {cpus} or fewer")
-        torch.set_num_threads(threads)
+from radtrt.threads import set_threads
 
 
 def _model_name(name: str | None) -> str | None:
@@ -124,7 +111,7 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
                    "--no-feature-cache": "only stages 1 and 2 cache the features of their frozen trunk"}
             fail(f"{unused[0]} does not apply to 'train {stage}' ("
                  + next(text for prefix, text in why.items() if unused[0].startswith(prefix)) + ")")
-        _threads(threads)
+        set_threads(threads)
         cfg = make_config(stage, preset, manifest=str(manifest.resolve()), init_model=str(model.resolve()),
                           init_base_model=str(base_model.resolve()) if base_model else None,
                           out_dir=str(out.resolve()), epochs=epochs, max_steps=max_steps, lr=lr,
@@ -146,7 +133,7 @@ def resume(run: Path = typer.Argument(..., help="Run folder of an interrupted 'r
     """Continue an interrupted run from its last checkpoint (same config, data position, RNG)."""
     from radtrt.training.loop import resume_config, train
 
-    _threads(threads)
+    set_threads(threads)
     result = train(resume_config(run), resume=True, console=err)
     if result.model_dir is not None:
         emit(str(result.model_dir))
@@ -163,7 +150,7 @@ def evaluate(manifest: Path = typer.Argument(..., help="Held-out manifest with f
     from radtrt.model.loading import load_model
     from radtrt.training.evaluate import evaluate_findings
 
-    _threads(threads)
+    set_threads(threads)
     result = evaluate_findings(load_model(model, base_model), manifest, limit=limit, max_new_tokens=max_new_tokens,
                                console=err)
     if as_json:

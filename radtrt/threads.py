@@ -1,0 +1,22 @@
+"""``--threads``, checked once for every command that takes it (training, bench)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from radtrt.errors import fail
+
+
+def set_threads(threads: int | None) -> None:
+    """Bounded by the CPUs: torch tried to start --threads 100000 threads, failed ("can't start new thread") and
+    the process died of a segfault (exit 139), with no message."""
+    if threads is None:
+        return
+    if threads < 1:
+        fail("--threads must be at least 1")
+    cpus = os.cpu_count()
+    if cpus is not None and threads > cpus:
+        fail(f"--threads {threads} is more than this machine's {cpus} CPUs; give {cpus} or fewer")
+    torch.set_num_threads(threads)
