@@ -91,6 +91,10 @@ def test_adapters_peft_would_merge_otherwise_are_refused(tiny_release: TinyRelea
         ck.merge_lora(decoder, {}, config)
     with pytest.raises(RadtrtError, match="not floating point"):
         ck.merge_lora(decoder, {k: v.to(torch.int8) for k, v in lora.items()}, config)
+    for key, value in (("modules_to_save", ["lm_head"]), ("exclude_modules", ["layers.0.self_attn.q_proj"])):
+        with pytest.raises(RadtrtError, match=f"sets {key} .* does not support"):  # merged as if unset
+            ck.merge_lora(decoder, lora, {**config, key: value})
+    assert ck.merge_lora(decoder, lora, {**config, "modules_to_save": None, "exclude_modules": None})
 
 
 def test_an_adapter_missing_targeted_modules_is_refused(tiny_release: TinyRelease, tmp_path: Path) -> None:

@@ -113,6 +113,10 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
         fail(f"adapter type {adapter_config.get('peft_type')} is not supported (only LoRA)")
     if adapter_config.get("fan_in_fan_out") or adapter_config.get("use_dora"):
         fail("LoRA with fan_in_fan_out or DoRA is not supported")
+    for key in ("modules_to_save", "exclude_modules"):  # PEFT would copy whole modules, or skip targeted ones
+        if adapter_config.get(key):
+            fail(f"adapter_config.json sets {key} {adapter_config[key]!r}, which radtrt's LoRA merge does not "
+                 f"support (LLaVA-Rad's adapter sets neither)")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in named_tensors(adapter, "the LoRA adapter weights").items():
         name = key.removeprefix("base_model.model.").replace(".default", "")
