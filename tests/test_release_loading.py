@@ -91,10 +91,31 @@ def test_adapters_peft_would_merge_otherwise_are_refused(tiny_release: TinyRelea
         ck.merge_lora(decoder, {}, config)
     with pytest.raises(RadtrtError, match="not floating point"):
         ck.merge_lora(decoder, {k: v.to(torch.int8) for k, v in lora.items()}, config)
-    for key, value in (("modules_to_save", ["lm_head"]), ("exclude_modules", ["layers.0.self_attn.q_proj"])):
-        with pytest.raises(RadtrtError, match=f"sets {key} .* does not support"):  # merged as if unset
-            ck.merge_lora(decoder, lora, {**config, key: value})
+    with pytest.raises(RadtrtError, match="sets modules_to_save \\['lm_head'\\], which radtrt's LoRA merge"):
+        ck.merge_lora(decoder, lora, {**config, "modules_to_save": ["lm_head"]})  # merged as if unset
     assert ck.merge_lora(decoder, lora, {**config, "modules_to_save": None, "exclude_modules": None})
+
+
+@pytest.mark.parametrize("exclude", [["model.layers.0.self_attn.q_proj"], ["layers.0.self_attn.q_proj"],
+                                     r"model\.layers\.0\.self_attn\.q_proj"])
+def test_excluded_modules_are_not_asked_for(tiny_release: TinyRelease, exclude: object) -> None:
+    """PEFT writes no pair for a module exclude_modules names: such adapters were refused as incomplete. The rule
+    is checked against PEFT's own check_target_module_exists."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    decoder = ck.strip_prefix(tiny_release.model.state_dict(), ck.DECODER_PREFIX)
+    config = {**json.loads((tiny_release.release_dir / "adapter_config.json").read_text()), "exclude_modules": exclude}
+    lora = {k: v for k, v in tiny_release.lora.items() if ".layers.0.self_attn.q_proj." not in k}
+    merged = ck.merge_lora(decoder, lora, config)
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(merged[q0], decoder[q0])  # left as it was, as PEFT leaves it
+    peft_config = LoraConfig(target_modules=config["target_modules"], exclude_modules=exclude)
+    for key in decoder:
+        module = key.removesuffix(".weight")
+        assert bool(check_target_module_exists(peft_config, module)) == ck._targeted(module, config), module
+    with pytest.raises(RadtrtError, match="holds weights for 'model.layers.0.self_attn.q_proj', which its"):
+        ck.merge_lora(decoder, tiny_release.lora, config)  # a pair for an excluded module: they disagree
 
 
 def test_an_adapter_missing_targeted_modules_is_refused(tiny_release: TinyRelease, tmp_path: Path) -> None:

@@ -113,10 +113,9 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
         fail(f"adapter type {adapter_config.get('peft_type')} is not supported (only LoRA)")
     if adapter_config.get("fan_in_fan_out") or adapter_config.get("use_dora"):
         fail("LoRA with fan_in_fan_out or DoRA is not supported")
-    for key in ("modules_to_save", "exclude_modules"):  # PEFT would copy whole modules, or skip targeted ones
-        if adapter_config.get(key):
-            fail(f"adapter_config.json sets {key} {adapter_config[key]!r}, which radtrt's LoRA merge does not "
-                 f"support (LLaVA-Rad's adapter sets neither)")
+    if adapter_config.get("modules_to_save"):  # PEFT stores whole trained copies of them beside the LoRA pairs
+        fail(f"adapter_config.json sets modules_to_save {adapter_config['modules_to_save']!r}, which radtrt's LoRA "
+             f"merge does not support (LLaVA-Rad's adapter has none)")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in named_tensors(adapter, "the LoRA adapter weights").items():
         name = key.removeprefix("base_model.model.").replace(".default", "")
@@ -175,6 +174,8 @@ def _targeted(module: str, adapter_config: dict[str, Any]) -> bool:
     """PEFT's ``check_target_module_exists``: a string is a regex over the whole module name, a list names
     modules by their last parts (then only in ``layers_to_transform``, when given, unless the list names the
     module in full); absent, every module with weights counts (what PEFT infers)."""
+    if _excluded(module, adapter_config.get("exclude_modules")):
+        return False
     target_modules = adapter_config.get("target_modules")
     if target_modules is None:
         return True
@@ -189,6 +190,21 @@ def _targeted(module: str, adapter_config: dict[str, Any]) -> bool:
         return any(module.endswith(f".{t}") for t in target_modules if isinstance(t, str)) \
             and _in_layers(module, adapter_config)
     fail(f"adapter_config.json target_modules is {type(target_modules).__name__}, not a list or a regex")
+
+
+def _excluded(module: str, exclude: Any) -> bool:
+    """PEFT's ``exclude_modules``: a regex over the whole name, or names matched in full or by their last parts.
+    PEFT writes no pair for them, so the completeness check must not ask for one."""
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        try:
+            return re.fullmatch(exclude, module) is not None
+        except re.error as e:
+            fail(f"adapter_config.json exclude_modules {exclude!r} is not a regular expression ({e})")
+    if isinstance(exclude, list) and all(isinstance(x, str) for x in exclude):
+        return module in exclude or any(module.endswith(f".{x}") for x in exclude)
+    fail(f"adapter_config.json exclude_modules is {exclude!r}, not a list of names or a regex")
 
 
 def _in_layers(module: str, adapter_config: dict[str, Any]) -> bool:
