@@ -9,9 +9,9 @@ import torch
 from radtrt.errors import fail
 
 
-def set_threads(threads: int | None) -> None:
+def check_threads(threads: int | None) -> None:
     """Bounded by the CPUs: torch tried to start --threads 100000 threads, failed ("can't start new thread") and
-    the process died of a segfault (exit 139), with no message."""
+    the process died of a segfault (exit 139), with no message. Callers check before their work starts."""
     if threads is None:
         return
     if threads < 1:
@@ -19,4 +19,9 @@ def set_threads(threads: int | None) -> None:
     cpus = os.cpu_count()
     if cpus is not None and threads > cpus:
         fail(f"--threads {threads} is more than this machine's {cpus} CPUs; give {cpus} or fewer")
-    torch.set_num_threads(threads)
+
+
+def set_threads(threads: int | None) -> None:
+    check_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)

@@ -501,6 +501,9 @@ def test_more_threads_than_cpus_are_refused_as_in_training(tiny: Assets, work: P
     """Only < 1 was checked: --threads 100000 was "can't start new thread" and a segfault, as in training."""
     import os
 
-    code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", work, "--runs", 1, "--warmup",
-                           0, "--threads", (os.cpu_count() or 1) + 1)
-    assert code == 2 and f"is more than this machine's {os.cpu_count()} CPUs" in err
+    fresh = work.parent / "fresh-work"  # refused before the random model is built there (it was built first)
+    for command in ("latency", "parity"):
+        code, _, err = _invoke("bench", command, "--random-model", "tiny", "--work-dir", fresh, "--threads",
+                               (os.cpu_count() or 1) + 1)
+        assert code == 2 and f"is more than this machine's {os.cpu_count()} CPUs" in err
+        assert not fresh.exists()

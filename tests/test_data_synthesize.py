@@ -166,6 +166,8 @@ def test_template_mode_is_deterministic_and_marked(tmp_path: Path) -> None:
     ({"Support Devices": 1, "Edema": 0}, ("Support Devices", "no_finding")),  # CheXpert's rule ignores devices
     ({"Support Devices": 1, "No Finding": 1}, ("Support Devices", "No Finding")),
     ({"Support Devices": 1, "Pneumonia": -1}, ("Support Devices",)),
+    ({"Support Devices": -1}, ("no_finding",)),  # an uncertain device is no finding either
+    ({"No Finding": 1, "Support Devices": -1}, ("No Finding",)),  # a CheXpert row it refused
     ({"Support Devices": 1, "Edema": 1}, ("Support Devices", "Edema")),
 ])
 def test_no_finding_only_when_nothing_is_positive_or_uncertain(tmp_path: Path, labels: dict,
@@ -316,8 +318,8 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     assert synthesize(labels, out, client=None, seed=0, console=None) == out  # same settings: nothing to do
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     for version, said in ((None, r"\(rows whose findings were all uncertain were labelled no_finding; rows whose only positive "
-                                 "findings were support"),
-                          (2, r"\(rows whose only positive findings were support devices")):
+                                 "or uncertain findings were support"),
+                          (2, r"\(rows whose only positive or uncertain findings were support devices")):
         for row in rows:  # as written before the label rules changed (uncertain-only rows got no_finding)
             row["synthesis"].pop("label_rules", None)
             if version is not None:

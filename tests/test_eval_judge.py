@@ -501,3 +501,19 @@ def test_unusable_judge_url_is_refused_before_any_work(option: str, url: str, ma
     with pytest.raises(RadtrtError, match=match):
         JudgeConfig(model="gpt-4o", api_version="2024-06-01" if option == "azure_endpoint" else None,
                     **{option: url})
+
+
+def test_a_judge_model_name_is_shown_as_typed_on_a_terminal(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    """The progress line read the model name as markup: '[/red]' in it was a MarkupError traceback."""
+    import io
+
+    from rich.console import Console
+
+    fake_judge.scripts = {"one": [("answer", answer((1, 0, 0, 0, 0, 0)))]}
+    out = io.StringIO()
+    judge = Judge(config(fake_judge, tmp_path, model="x[/red]"))
+    try:
+        (result,) = judge.judge(pairs("one"), show_progress=True, console=Console(file=out, force_terminal=True))
+    finally:
+        judge.cache.close()
+    assert result.counts is not None and result.counts.total_significant == 1

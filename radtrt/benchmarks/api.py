@@ -22,6 +22,7 @@ from radtrt.benchmarks.machine import (
 from radtrt.benchmarks.parity import ParityReport, measure_parity
 from radtrt.benchmarks.sides import open_sides
 from radtrt.errors import fail
+from radtrt.threads import check_threads
 
 
 class _Step:
@@ -47,6 +48,7 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
 
     settings = LatencySettings(stages=stages, runs=runs, warmup=warmup, max_new_tokens=max_new_tokens,
                                indication=indication)
+    check_threads(threads)  # before a random model is built and exported, not after
     if random_model is not None and vs_bundle is not None:  # before the build, not after it
         check_vs_bundle_fits(random_model, stages == "vision", vs_bundle)
     machine = machine_info()  # before anything heavy runs: the load average is other work's
@@ -98,6 +100,7 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
     """``need_findings``: refuse, before any work, studies without ground-truth findings (for CheXprompt)."""
     if max_new_tokens < 1:  # checked before both backends load (it ended as "returned no logits")
         fail("--max-new-tokens must be at least 1")
+    check_threads(threads)
     if need_findings and studies is None:
         fail("--predictions-out needs --studies with ground-truth findings (a phantom set from 'radtrt data "
              "phantoms', or a JSONL manifest with 'findings')")

@@ -38,7 +38,7 @@ PROMPT_VERSION = 1
 # version changed, for the refusal of a manifest an older radtrt began:
 LABEL_RULE_CHANGES = {
     2: "rows whose findings were all uncertain were labelled no_finding",
-    3: "rows whose only positive findings were support devices were not labelled no_finding",
+    3: "rows whose only positive or uncertain findings were support devices were not labelled no_finding",
 }
 LABEL_RULES_VERSION = max(LABEL_RULE_CHANGES)
 # CheXpert's No Finding ignores support devices; these are the phantom vocabulary's and CheXpert's names of them
@@ -102,8 +102,9 @@ def _check_consistent(labels: LabelSet, where: str) -> None:
     positive = {_key(n) for n in labels.positive}
     if "no finding" in positive and positive - DEVICE_NAMES - {"no finding"}:
         fail(f"{where}: 'No Finding' is positive together with other positive findings")
-    if "no finding" in positive and labels.uncertain:  # CheXpert: No Finding only when nothing is even uncertain
-        fail(f"{where}: 'No Finding' is positive together with uncertain findings ('{labels.uncertain[0]}')")
+    uncertain = [n for n in labels.uncertain if _key(n) not in DEVICE_NAMES]  # No Finding ignores devices
+    if "no finding" in positive and uncertain:  # CheXpert: No Finding only when nothing is even uncertain
+        fail(f"{where}: 'No Finding' is positive together with uncertain findings ('{uncertain[0]}')")
 
 
 def _key(name: str) -> str:
@@ -147,8 +148,8 @@ def template_text(labels: LabelSet, rng: random.Random) -> str:
 
 def _positive_names(labels: LabelSet) -> list[str]:
     """The manifest's ``labels``: the positive findings (a manifest's list holds findings that are present), and
-    ``no_finding`` by CheXpert's rule: only when no finding but support devices is positive, none is uncertain
-    and No Finding is not negated. Uncertain findings are not listed as present, but a row of only uncertain or
+    ``no_finding`` by CheXpert's rule: only when no finding but support devices is positive or uncertain and
+    No Finding is not negated. Uncertain findings are not listed as present, but a row of only uncertain or
     negative findings is no "no finding" either (it was, next to text such as "Pneumonia is possible"): it gets
     an empty list. Devices alone get no_finding beside them, as the phantom labeler reads such text."""
     positive = list(labels.positive)
@@ -156,7 +157,8 @@ def _positive_names(labels: LabelSet) -> list[str]:
     if "no finding" in keys or keys - DEVICE_NAMES:
         return positive
     no_finding_negated = any(_key(n) == "no finding" for n in labels.negative)
-    return positive if labels.uncertain or no_finding_negated else [*positive, NO_FINDING]
+    uncertain = [n for n in labels.uncertain if _key(n) not in DEVICE_NAMES]
+    return positive if uncertain or no_finding_negated else [*positive, NO_FINDING]
 
 
 def _text_or_none(value: Any) -> Any:

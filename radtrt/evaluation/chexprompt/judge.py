@@ -82,9 +82,10 @@ class Judge:
             else:  # not asked yet, or an unreadable answer cached by an older radtrt: ask again
                 pending.append((i, messages, key))
 
-        progress = make_progress(TextColumn("judging ({task.fields[label]})"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=console or Console(stderr=True),
-                            disable=not show_progress, transient=True)
+        # the judge model's name as typed: '[/red]' in it was read as markup (a traceback on a terminal)
+        progress = make_progress(TextColumn("judging ({task.fields[label]})", markup=False), BarColumn(),
+                                 MofNCompleteColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
+                                 disable=not show_progress, transient=True)
         consecutive = 0
         self.client.stopping.clear()
         with progress, ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
