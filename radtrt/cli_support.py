@@ -18,8 +18,10 @@ from rich.console import Console
 from radtrt.errors import RadtrtError, fail, printable
 
 err = Console(stderr=True, highlight=False)
-#: what writing to a pipe, disk or terminal fails with; looking a path up or reading it never raises these
+#: what writing stdout (a pipe, disk or terminal) fails with
 WRITE_ERRNOS = frozenset({errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG})
+#: of those, what only a write raises (a read can fail with EIO too): a full disk or quota, a file too large
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -43,7 +45,7 @@ def user_errors(fn: F) -> F:
             # is_file() raise it from wherever a path is first touched
             if e.errno == errno.ENAMETOOLONG:
                 print_error(f"a file or folder name is too long for the file system: {e.filename}")
-            elif e.errno in WRITE_ERRNOS - {errno.EPIPE}:  # a full disk or quota where no output step expected it
+            elif e.errno in FULL_ERRNOS:  # a full disk or quota where no output step expected it
                 where = f": {e.filename}" if e.filename else ""
                 print_error(f"a write failed ({e.strerror or e}){where}; stopped there")
             else:

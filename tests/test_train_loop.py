@@ -22,6 +22,8 @@ from radtrt.training.loop import _quiet_on_sigterm, read_log, train
 from radtrt.training.objectives import build_objective, trainable_parameters
 from radtrt.training.tokenizer import train_tokenizer
 
+from conftest import TinyRelease
+
 
 @dataclass
 class Chain:
@@ -422,6 +424,14 @@ def test_a_run_folder_given_as_a_model_is_said_to_be_one(chain: Chain, tmp_path:
     with pytest.raises(RadtrtError, match=f"has not written its model yet: 'radtrt train resume {unfinished}' "
                                           f"finishes it, then give {unfinished}/model"):
         load_model(unfinished)
+
+
+def test_a_run_folder_given_as_base_model_is_said_to_be_one(chain: Chain, tiny_release: TinyRelease) -> None:
+    """--base-model RUN said 'missing file: RUN/config.json' too."""
+    run = chain.runs["stage1"]
+    with pytest.raises(RadtrtError, match=f"--base-model {run} is a radtrt training run folder, not a base language "
+                                          f"model"):
+        load_model(tiny_release.release_dir, run)
 
 
 def test_two_runs_started_into_one_folder_do_not_share_it(chain: Chain, tmp_path: Path) -> None:

@@ -134,7 +134,9 @@ def test_a_logits_engine_before_trtllm_1_is_not_streamed() -> None:
 
 def test_the_cpp_runner_kv_cache_is_bounded_by_the_engine_limits() -> None:
     """KvCacheConfig's default takes 90% of the free GPU memory: on a Jetson, most of the system's RAM."""
-    assert runner_options("cpp", LIMITS) == {"max_tokens_in_paged_kv_cache": 8 * 96}
+    # whole 64-token blocks per sequence: 96 positions take two (a full batch queued on 8 x 96 tokens)
+    assert runner_options("cpp", LIMITS) == {"max_tokens_in_paged_kv_cache": 8 * 128}
+    assert runner_options("cpp", {**LIMITS, "max_seq_len": 128}) == {"max_tokens_in_paged_kv_cache": 8 * 128}
     assert runner_options("python", LIMITS) == {}
     with pytest.raises(RadtrtError, match="unknown TensorRT-LLM session 'rust'"):
         runner_options("rust", LIMITS)

@@ -224,6 +224,9 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     cfg, hf = release_config(release_dir)
     if not base_dir.is_dir():
         fail(f"base model directory not found: {base_dir}")
+    if not (base_dir / "config.json").exists() and any((base_dir / mark).is_file() for mark in RUN_MARKS):
+        fail(f"--base-model {base_dir} is a radtrt training run folder, not a base language model: give the "
+             f"Hugging Face LLaMA folder (Vicuna-7B v1.5) the release was trained on")
     base_hf = read_json(base_dir / "config.json")
     if not isinstance(base_hf, dict):
         fail(f"{base_dir}/config.json is not a JSON object")

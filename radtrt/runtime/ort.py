@@ -111,9 +111,10 @@ def check_started(started: list[str], requested: list[Any], what: str) -> None:
     ran on the CPU."""
     wanted = _name(requested[0])
     if started[:1] != [wanted]:
+        other = "--ort-provider cuda, or " if started[0] == PROVIDERS["cuda"] else ""  # TensorRT's libraries missing
         fail(f"ONNX Runtime could not start its {wanted} for {what} and fell back to {', '.join(started)} (its "
-             f"message is above): check the GPU driver and the CUDA libraries onnxruntime-gpu needs, or run on "
-             f"the CPU (--ort-provider cpu)")
+             f"message is above): check the GPU driver and the libraries onnxruntime-gpu needs, or run with "
+             f"{other}--ort-provider cpu")
 
 
 def usable_providers() -> list[str]:

@@ -200,6 +200,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+KV_BLOCK_TOKENS = 64
+
+
 def runner_options(session: str, limits: dict[str, Any]) -> dict[str, Any]:
     """``from_dir`` keywords. The C++ executor otherwise gives its paged KV cache 90% of the GPU memory free when
     it loads (``KvCacheConfig``'s default): on a Jetson, whose GPU shares the system's memory, that is most of
@@ -210,7 +213,9 @@ def runner_options(session: str, limits: dict[str, Any]) -> dict[str, Any]:
         fail(f"unknown TensorRT-LLM session '{session}' (cpp, python)")
     if session == "python":
         return {}
-    return {"max_tokens_in_paged_kv_cache": int(limits["max_batch"]) * int(limits["max_seq_len"])}
+    # whole blocks per sequence: 64 tokens, the paged cache's block in 0.12-0.14 (1.x: 32, which divides it)
+    blocks = -(-int(limits["max_seq_len"]) // KV_BLOCK_TOKENS)
+    return {"max_tokens_in_paged_kv_cache": int(limits["max_batch"]) * blocks * KV_BLOCK_TOKENS}
 
 
 def open_runner(engine_dir: Path, session: str, limits: dict[str, Any]) -> Any:
