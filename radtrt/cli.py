@@ -89,6 +89,9 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
         elif isinstance(result, StudyResult):  # a failure's line is already on stderr
             t = result.timings_ms
             emit(f"{printable(result.study)} [{result.view_position}]\n{result.report}\n")
+            if result.stop_reason != "eos":  # --json says "truncated"; a reader of the terminal saw half a sentence
+                err.print(plain(f"radtrt: warning: {result.study}: the report was cut off at --max-new-tokens "
+                                f"({len(result.token_ids)} tokens)"), highlight=False, soft_wrap=True)
             err.print(f"timings: preprocess {t['preprocess']:.0f} ms, vision {t['vision']:.0f} ms, prefill "
                       f"{t['prefill']:.0f} ms, decode {t['decode_per_token']:.1f} ms/token, end to end "
                       f"{t['end_to_end']:.0f} ms", highlight=False, soft_wrap=True)
@@ -228,7 +231,7 @@ def calibrate(
     meta = calibration.file.meta
     err.print(f"{calibration.file.n} samples ({meta['method']['samples_with_findings']} with findings, "
               f"{meta['method']['decoder_tokens']} decoder tokens), sample-list sha256 {calibration.file.hash[:16]}",
-              highlight=False)
+              highlight=False, soft_wrap=True)
     emit(str(out))
 
 

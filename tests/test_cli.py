@@ -387,7 +387,8 @@ def test_stdout_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
 
 
 def test_a_report_cut_off_at_max_new_tokens_says_so(tmp_path: Path) -> None:
-    """A one-token report was 'COMPLETE' in its SR, and its record did not say it had hit the limit."""
+    """A one-token report was 'COMPLETE' in its SR, and its record did not say it had hit the limit; printed
+    plainly it was half a sentence without a word. Each SR's file (named by a new UID) is said with its study."""
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=12)))
     for limit, reason, flag in (("1", "max_new_tokens", "PARTIAL"), ("256", "eos", "COMPLETE")):
         sr_out = tmp_path / f"sr-{limit}"
@@ -398,6 +399,10 @@ def test_a_report_cut_off_at_max_new_tokens_says_so(tmp_path: Path) -> None:
         assert (len(record["token_ids"]) == 1) == (limit == "1")
         (sr,) = sr_out.glob("*.dcm")
         assert pydicom.dcmread(sr).CompletionFlag == flag
+        assert f"structured report of {study}: {sr}" in err
+        code, out, err = _invoke("infer", study, "--max-new-tokens", limit)
+        cut = f"radtrt: warning: {study}: the report was cut off at --max-new-tokens (1 tokens)"
+        assert code == 0 and (cut in err) == (limit == "1") and "cut off" not in out
 
 
 def test_a_prompt_too_long_is_refused_before_any_study_is_read(merged: Path, tmp_path: Path) -> None:

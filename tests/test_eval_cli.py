@@ -387,3 +387,15 @@ def test_empty_predictions_are_named_on_stderr(tmp_path: Path) -> None:
     preds = write_jsonl(tmp_path / "p.jsonl", [RECORDS[0], {**RECORDS[1], "prediction": "  "}])
     code, out, err = run("-p", str(preds), "--metrics", "rouge")
     assert code == 0 and "1 of 2 predictions are empty" in err and "predictions are empty" not in out
+
+
+def test_a_metric_whose_extra_is_not_installed_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'pip install radtrt' leaves sacrebleu out, and BLEU is a default metric: eval was a ModuleNotFoundError
+    traceback after the README's first command."""
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # what an install without the eval extra looks like
+    preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
+    code, _, err = run("--predictions", str(preds), "-o", str(tmp_path / "r.json"))
+    assert code == 2 and "the bleu metric needs the eval extra (sacrebleu is not installed)" in err
+    assert "leave bleu out of --metrics" in err and not (tmp_path / "r.json").exists()
+    code, _, err = run("--predictions", str(preds), "--metrics", "rouge,labels", "-o", str(tmp_path / "r.json"))
+    assert code == 0, err

@@ -157,7 +157,7 @@ def latency(
         if matplotlib_available():
             err.print(plain(f"wrote {write_chart(report, report_files(out)[2])}"))
         else:
-            err.print("radtrt: no PNG chart: matplotlib is not installed (pip install 'radtrt[bench]')")
+            err.print("radtrt: no PNG chart: matplotlib is not installed (pip install 'radtrt[bench]')", markup=False)
 
 
 def parity(

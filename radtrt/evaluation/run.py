@@ -7,6 +7,7 @@ provide, before any work is done.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
@@ -56,6 +57,11 @@ class EvalConfig:
             fail(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
         if "chexprompt" in self.metrics and self.judge is None:
             fail("CheXprompt needs a judge: --judge-model NAME and --endpoint URL (or --azure-endpoint)")
+        # the eval extra's libraries: BLEU is a default metric, and 'pip install radtrt' leaves sacrebleu out
+        for metric, module in (("bleu", "sacrebleu"), ("chexprompt", "openai")):
+            if metric in self.metrics and importlib.util.find_spec(module) is None:
+                fail(f"the {metric} metric needs the eval extra ({module} is not installed): pip install "
+                     f"'radtrt[eval]', or leave {metric} out of --metrics")
         if "chexbert" in self.metrics:
             if self.chexbert is None:
                 fail(CHEXBERT_NEEDS)

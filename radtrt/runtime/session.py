@@ -210,10 +210,13 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
 
                 assert result.image is not None
                 try:
-                    write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
-                             model_version=pipeline.model_version, complete=result.stop_reason == "eos")
+                    path = write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
+                                    model_version=pipeline.model_version, complete=result.stop_reason == "eos")
                 except RadtrtError as e:
                     yield failure(Path(result.study), e, "sr")
+                else:  # named after a new UID: which study's it is was said nowhere
+                    console.print(plain(f"structured report of {result.study}: {path}"), highlight=False,
+                                  soft_wrap=True)
     if len(studies) == 1 and failures:
         fail(failures[0].error)  # the line its --json record holds
     if failures:
