@@ -428,3 +428,20 @@ def test_cache_that_is_the_output_or_the_labels_is_refused(server: ScriptedServe
                          "--model", "m")
         assert code == 2 and f"is the {name}" in err, err  # was NotADirectoryError after a paid request
     assert not server.requests and not out.exists()
+
+
+def test_relative_images_are_written_relative_to_the_new_manifest(tmp_path: Path) -> None:
+    """'png/a.png' was copied as written: relative to the label file's folder, it named nothing beside -o."""
+    source = tmp_path / "set"
+    (source / "png").mkdir(parents=True)
+    (source / "png" / "a.png").write_bytes(b"x")
+    labels = source / "labels.jsonl"
+    labels.write_text(json.dumps({"image": "png/a.png", "labels": ["cardiomegaly"]}) + "\n"
+                      + json.dumps({"image": "/abs/b.png", "labels": ["cardiomegaly"]}) + "\n")
+    out = synthesize(labels, tmp_path / "elsewhere" / "out.jsonl", client=None, console=None)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["image"] == "../set/png/a.png" and rows[1]["image"] == "/abs/b.png"
+    assert (out.parent / rows[0]["image"]).resolve() == (source / "png" / "a.png").resolve()
+    beside = synthesize(labels, source / "out.jsonl", client=None, console=None)  # same folder: unchanged
+    assert json.loads(beside.read_text().splitlines()[0])["image"] == "png/a.png"
+    assert synthesize(labels, out, client=None, console=None) == out  # a rerun finds its rows done

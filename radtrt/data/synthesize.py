@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +178,13 @@ def _first_changed_input(done: list[dict[str, Any]], inputs: list[dict[str, Any]
     return None
 
 
+def _rebased(image: str, source_dir: Path, out_dir: Path) -> str:
+    """``image``, relative to the label file's folder, made relative to the output manifest's (absolute: as is)."""
+    if Path(image).is_absolute():
+        return image
+    return os.path.relpath(source_dir.resolve() / image, out_dir.resolve())
+
+
 def _older_rules(done: dict[str, Any], mode: dict[str, Any]) -> int | None:
     """The label-rules version of a row made with today's options under older rules (none recorded: 1)."""
     synthesis = done.get("synthesis")
@@ -238,6 +246,8 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
             fail(f"{where}: 'image' is missing, empty or not a string")
         parsed.append(parse_labels(obj.get("labels"), where))
         indications.append(optional_str(obj, "indication", where))  # a number was turned into null silently
+    # a manifest's relative paths are read against its own folder: kept as written, they broke when -o was elsewhere
+    inputs = [{**obj, "image": _rebased(obj["image"], labels_file.parent, out.parent)} for obj in inputs]
     mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
