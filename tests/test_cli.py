@@ -180,8 +180,12 @@ def test_sr_out_reads_back(merged: Path, tmp_path: Path) -> None:
 
 
 def test_doctor() -> None:
+    from radtrt.model.default_model import default_model_dir
+
     code, out, _ = _invoke("doctor")
     assert code == 0 and "torch" in out and "TensorRT" in out and "onnxruntime" in out
+    # the folder export / calibrate / bench take as --model: the README gave only a path inside the source tree
+    assert f"embedded default model (phantoms only): {default_model_dir()}" in out
 
 
 def test_doctor_reports_an_onnxruntime_that_cannot_list_providers(tmp_path: Path) -> None:

@@ -54,4 +54,11 @@ def report() -> list[str]:
     if tensorrt_backend_possible(detect_gpu()):  # the summary agreed with no "--backend tensorrt: usable" above
         usable.append("tensorrt (with engines built for this GPU)")
     lines.append("backends usable here: " + ", ".join(usable))
+    from radtrt.errors import RadtrtError
+    from radtrt.model.default_model import default_model_dir
+
+    try:  # the folder to pass as --model where a command needs one (export, calibrate, bench)
+        lines.append(f"embedded default model (phantoms only): {default_model_dir()}")
+    except RadtrtError as e:
+        lines.append(f"embedded default model: {e}")
     return lines
