@@ -275,7 +275,7 @@ def test_export_check_runs_without_prepacked_weight_copies(bundle: Path, model_d
 def test_auto_backend_picks_onnxruntime_for_a_bundle(bundle: Path, studies: list[Path]) -> None:
     result = runner.invoke(app, ["infer", str(studies[0]), "--bundle", str(bundle), "--json", "--max-new-tokens", "2"])
     assert result.exit_code == 0 and json.loads(result.stdout)["backend"] == "onnxruntime"
-    assert "ONNX Runtime on the CPU" in result.stderr and "spinning" not in result.stderr
+    assert "no CUDA GPU visible here, so ONNX Runtime on the CPU" in result.stderr and "spinning" not in result.stderr
     spun = runner.invoke(app, ["infer", str(studies[0]), "--bundle", str(bundle), "--json", "--max-new-tokens", "2",
                                "--ort-spin"])
     assert spun.exit_code == 0 and "provider cpu, spinning threads" in spun.stderr

@@ -237,6 +237,18 @@ def test_device_cpu_never_runs_the_tensorrt_backend() -> None:
         choose_backend("tensorrt", bundle=True, model=False, ort_providers=[], cpu=True)
 
 
+def test_auto_says_no_gpu_where_there_is_none() -> None:
+    """On a host without a GPU, "no TensorRT engine pair for this host" read as if building some would help."""
+    from radtrt.runtime.backends import choose_backend
+
+    cpu = ["CPUExecutionProvider"]
+    assert choose_backend("auto", bundle=True, model=False, ort_providers=cpu, gpu_here=False) == (
+        "onnxruntime", "no CUDA GPU visible here, so ONNX Runtime on the CPU")
+    assert choose_backend("auto", bundle=True, model=False, ort_providers=["CUDAExecutionProvider", *cpu],
+                          gpu_here=False)[1].endswith("ONNX Runtime has CUDA")  # onnxruntime-gpu beside CPU torch
+    assert "holds no TensorRT vision engine" in choose_backend("auto", bundle=True, model=False, ort_providers=cpu)[1]
+
+
 def test_an_engine_on_a_host_without_tensorrt_llm_asks_for_it_not_for_a_rebuild(tmp_path: Path) -> None:
     """'rebuild it on this host' was the remedy where no rebuild is possible: TensorRT-LLM is not installed."""
     import dataclasses

@@ -85,11 +85,12 @@ def resolve_device(device: str) -> str:
 
 
 def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: list[str],
-                   trt_ready: bool = False, cpu: bool = False) -> tuple[str, str]:
+                   trt_ready: bool = False, cpu: bool = False, gpu_here: bool = True) -> tuple[str, str]:
     """(backend, why): TensorRT > ONNX Runtime (CUDA, then CPU) > torch, among what the inputs allow.
 
     ``trt_ready``: the bundle holds a vision engine and a TensorRT-LLM engine built for this GPU.
-    ``cpu``: ``--device cpu`` was given, which TensorRT cannot honour.
+    ``cpu``: ``--device cpu`` was given, which TensorRT cannot honour. ``gpu_here``: an NVIDIA GPU was found
+    (without one, "no engines for this host" read as if building some would help).
     """
     if requested in ("tensorrt", "onnxruntime"):
         if not bundle:
@@ -111,6 +112,8 @@ def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: 
         if trt_ready:
             return "tensorrt", "the bundle has TensorRT and TensorRT-LLM engines built for this GPU"
         gpu = "CUDAExecutionProvider" in ort_providers
+        if not gpu_here and not gpu:
+            return "onnxruntime", "no CUDA GPU visible here, so ONNX Runtime on the CPU"
         return "onnxruntime", ("the bundle holds no TensorRT vision engine and TensorRT-LLM engine pair for this host; "
                                + ("ONNX Runtime has CUDA" if gpu else "ONNX Runtime on the CPU"))
     if model:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from rich.console import Console
@@ -65,9 +65,12 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
             fail(f"{flag} directory not found: {path}")
     providers = usable_providers() if bundle is not None else []  # onnxruntime-gpu lists CUDA without a GPU
     cpu = device == "cpu"
-    trt_ready = bundle is not None and backend == "auto" and not cpu and _trt_ready(bundle)
+    from radtrt.exporter.gpu import detect_gpu
+
+    gpu = detect_gpu() if bundle is not None and backend == "auto" and not cpu else None
+    trt_ready = gpu is not None and _trt_ready(bundle, gpu)
     chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers,
-                                 trt_ready=trt_ready, cpu=cpu)
+                                 trt_ready=trt_ready, cpu=cpu, gpu_here=gpu is not None or cpu or backend != "auto")
     _refuse_unused(chosen, why, dtype=dtype, ort_provider=ort_provider, trt_cache=trt_cache, ort_spin=ort_spin,
                    model=model, bundle=bundle, trt_decoder=trt_decoder)
     dtype = dtype or "float32"
@@ -114,11 +117,10 @@ def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: st
              f"--backend torch and drop --bundle to run the model")
 
 
-def _trt_ready(bundle: Path) -> bool:
-    from radtrt.exporter.gpu import detect_gpu
+def _trt_ready(bundle: Path, gpu: Any) -> bool:  # a radtrt.exporter.gpu.GpuInfo
     from radtrt.runtime.tensorrt import usable_engines
 
-    engines = usable_engines(bundle, detect_gpu())
+    engines = usable_engines(bundle, gpu)
     return bool(engines["vision"] and engines["decoder"])
 
 
