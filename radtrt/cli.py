@@ -48,7 +48,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 @command
 def infer(
     studies: list[Path] = typer.Argument(..., help="DICOM file, study folder, or PNG/JPEG; several allowed."),
-    model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir."),
+    model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir (default: "
+                                         "the embedded default model, phantoms only; 'radtrt doctor' names its folder)."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="What 'radtrt export' wrote."),
     backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | tensorrt"),
