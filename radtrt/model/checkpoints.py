@@ -173,38 +173,30 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
 def _targeted(module: str, adapter_config: dict[str, Any]) -> bool:
     """PEFT's ``check_target_module_exists``: a string is a regex over the whole module name, a list names
     modules by their last parts (then only in ``layers_to_transform``, when given, unless the list names the
-    module in full); absent, every module with weights counts (what PEFT infers)."""
-    if _excluded(module, adapter_config.get("exclude_modules")):
+    module in full); absent, every module with weights counts (what PEFT infers). ``exclude_modules`` wins: PEFT
+    writes no pair for them, so the completeness check must not ask for one."""
+    if adapter_config.get("exclude_modules") and _named(module, adapter_config["exclude_modules"], "exclude_modules"):
         return False
     target_modules = adapter_config.get("target_modules")
     if target_modules is None:
         return True
-    if isinstance(target_modules, str):
-        try:
-            return re.fullmatch(target_modules, module) is not None
-        except re.error as e:
-            fail(f"adapter_config.json target_modules {target_modules!r} is not a regular expression ({e})")
-    if isinstance(target_modules, list):
-        if module in target_modules:
-            return True
-        return any(module.endswith(f".{t}") for t in target_modules if isinstance(t, str)) \
-            and _in_layers(module, adapter_config)
-    fail(f"adapter_config.json target_modules is {type(target_modules).__name__}, not a list or a regex")
+    named = _named(module, target_modules, "target_modules")
+    if named == "suffix":
+        return _in_layers(module, adapter_config)
+    return named is True
 
 
-def _excluded(module: str, exclude: Any) -> bool:
-    """PEFT's ``exclude_modules``: a regex over the whole name, or names matched in full or by their last parts.
-    PEFT writes no pair for them, so the completeness check must not ask for one."""
-    if not exclude:
-        return False
-    if isinstance(exclude, str):
+def _named(module: str, spec: Any, key: str) -> bool | str:
+    """How a PEFT module spec names ``module``: a regex over the whole name (True/False), or a list of names,
+    matched in full (True) or by the module's last parts ("suffix")."""
+    if isinstance(spec, str):
         try:
-            return re.fullmatch(exclude, module) is not None
+            return re.fullmatch(spec, module) is not None
         except re.error as e:
-            fail(f"adapter_config.json exclude_modules {exclude!r} is not a regular expression ({e})")
-    if isinstance(exclude, list) and all(isinstance(x, str) for x in exclude):
-        return module in exclude or any(module.endswith(f".{x}") for x in exclude)
-    fail(f"adapter_config.json exclude_modules is {exclude!r}, not a list of names or a regex")
+            fail(f"adapter_config.json {key} {spec!r} is not a regular expression ({e})")
+    if isinstance(spec, list) and all(isinstance(x, str) for x in spec):
+        return True if module in spec else "suffix" if any(module.endswith(f".{x}") for x in spec) else False
+    fail(f"adapter_config.json {key} is {spec!r}, not a list of names or a regex")
 
 
 def _in_layers(module: str, adapter_config: dict[str, Any]) -> bool:
