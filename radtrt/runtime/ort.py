@@ -13,6 +13,7 @@ a batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import time
@@ -123,6 +124,7 @@ def usable_providers() -> list[str]:
     return [p for p in available_providers() if p not in gpu or provider_starts(p)]
 
 
+@functools.cache  # a process probes each provider once: a TensorRT probe builds an engine
 def provider_starts(name: str) -> bool:
     """Whether ``name`` starts here, on a one-node graph: ``get_available_providers`` lists what onnxruntime
     was built with, so onnxruntime-gpu lists CUDA on a host without a GPU."""
