@@ -315,7 +315,7 @@ def test_held_out_samples_are_never_calibration_images(loaded: LoadedModel, phan
     assert [s.ref.study for s in samples] != [] and samples[0].ref.sha256 not in {r.sha256 for r in made.file.refs}
     assert "held-out samples of" in where
     samples, where = heldout_samples(loaded, made, 2)  # only one new image: phantoms, and it says why
-    assert "phantoms" in where and "holds 1 images besides the 2 it was calibrated on, fewer than 2" in where
+    assert "phantoms" in where and "holds 1 image besides the 2 it was calibrated on, fewer than 2" in where
 
 
 @pytest.mark.parametrize("args, match", [

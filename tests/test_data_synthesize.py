@@ -445,3 +445,16 @@ def test_relative_images_are_written_relative_to_the_new_manifest(tmp_path: Path
     beside = synthesize(labels, source / "out.jsonl", client=None, console=None)  # same folder: unchanged
     assert json.loads(beside.read_text().splitlines()[0])["image"] == "png/a.png"
     assert synthesize(labels, out, client=None, console=None) == out  # a rerun finds its rows done
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    old = tmp_path / "elsewhere" / "old.jsonl"  # rows the radtrt before the rebasing wrote: paths as given
+    old.write_text(json.dumps({**rows[0], "image": "png/a.png"}) + "\n")
+    with pytest.raises(RadtrtError, match=r"old.jsonl was made by an older radtrt, which copied image paths as "
+                                          r"written \(png/a.png names nothing beside it\); delete it"):
+        synthesize(labels, old, client=None, console=None)
+    beside_old = source / "old.jsonl"  # beside the label file, spelt './png/a.png': the same image, resumed
+    beside_old.write_text(json.dumps({**rows[0], "image": "./png/a.png"}) + "\n")
+    assert len(synthesize(labels, beside_old, client=None, console=None).read_text().splitlines()) == 2
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    with pytest.raises(RadtrtError, match="cannot resolve"):  # a RuntimeError traceback
+        synthesize(labels, tmp_path / "loop-a" / "m.jsonl", client=None, console=None)

@@ -114,8 +114,11 @@ def test_excluded_modules_are_not_asked_for(tiny_release: TinyRelease, exclude: 
     for key in decoder:
         module = key.removesuffix(".weight")
         assert bool(check_target_module_exists(peft_config, module)) == ck._targeted(module, config), module
-    with pytest.raises(RadtrtError, match="holds weights for 'model.layers.0.self_attn.q_proj', which its"):
+    with pytest.raises(RadtrtError, match="holds weights for 'model.layers.0.self_attn.q_proj', which its "
+                                          "target_modules .* and exclude_modules .* leave out"):
         ck.merge_lora(decoder, tiny_release.lora, config)  # a pair for an excluded module: they disagree
+    # no target_modules (PEFT infers them): an excluded module was still asked for
+    assert ck.merge_lora(decoder, lora, {**config, "target_modules": None})
 
 
 def test_an_adapter_missing_targeted_modules_is_refused(tiny_release: TinyRelease, tmp_path: Path) -> None:

@@ -158,8 +158,8 @@ def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,
         found = _unseen(data, k, used, calibrated, _preparer(loaded))
         if len(found) == k:
             return found, f"{k} held-out samples of the calibration {kind} (after the {used} calibration ones)"
-        note = (f"; the calibration {kind} holds {len(found)} images besides the {used} it was calibrated on, "
-                f"fewer than {k}")
+        images = f"{len(found)} image{'' if len(found) == 1 else 's'}"
+        note = f"; the calibration {kind} holds {images} besides the {used} it was calibrated on, fewer than {k}"
     # phantoms of another seed than the calibration's are other images (each depends on seed and index)
     seed = PHANTOM_HELDOUT_SEED + (source.get("kind") == PHANTOM and source.get("seed") == PHANTOM_HELDOUT_SEED)
     with phantom_source(k, seed, progress) as manifest:

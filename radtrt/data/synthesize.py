@@ -179,10 +179,27 @@ def _first_changed_input(done: list[dict[str, Any]], inputs: list[dict[str, Any]
 
 
 def _rebased(image: str, source_dir: Path, out_dir: Path) -> str:
-    """``image``, relative to the label file's folder, made relative to the output manifest's (absolute: as is)."""
+    """``image``, relative to the label file's folder, made relative to the output manifest's (absolute: as is).
+    Resolved first: a reader joins the result to the manifest's real folder, where '..' follows symlinks."""
     if Path(image).is_absolute():
         return image
-    return os.path.relpath(source_dir.resolve() / image, out_dir.resolve())
+    return os.path.relpath(_resolved(source_dir) / image, _resolved(out_dir))
+
+
+def _resolved(folder: Path) -> Path:
+    try:
+        return folder.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
+        fail(f"cannot resolve {folder}: {e}")
+
+
+def _same_image(written: Any, rebased: str, out_dir: Path) -> bool:
+    """A finished row's image against the label file's, both relative to the output's folder: rows written by
+    the radtrt before the rebasing spell an image in the same folder as given ('./png/a.png')."""
+    if not isinstance(written, str):
+        return False
+    base = _resolved(out_dir)
+    return os.path.normpath(base / written) == os.path.normpath(base / rebased)
 
 
 def _older_rules(done: dict[str, Any], mode: dict[str, Any]) -> int | None:
@@ -195,12 +212,19 @@ def _older_rules(done: dict[str, Any], mode: dict[str, Any]) -> int | None:
         "label_rules"] else None
 
 
-def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any]) -> int:
+def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any], given: list[str]) -> int:
+    """``given``: the label file's image paths as written (``inputs`` holds them rebased to the output)."""
     if not out.is_file():
         return 0
     done = [obj for _, obj in read_jsonl(out, complete_only=True)]  # checked before anything is changed
-    if len(done) > len(inputs) or any(d.get("image") != i.get("image") for d, i in zip(done, inputs)):
+    if len(done) > len(inputs):
         fail(f"{out} holds rows for other images than the label file; choose another -o")
+    for d, i, as_given in zip(done, inputs, given):
+        if not _same_image(d.get("image"), i["image"], out.parent):
+            if d.get("image") == as_given:  # copied as written, relative to another folder than the manifest's
+                fail(f"{out} was made by an older radtrt, which copied image paths as written ({as_given} names "
+                     f"nothing beside it); delete it to make it again, or choose another -o")
+            fail(f"{out} holds rows for other images than the label file; choose another -o")
     older = [v for v in (_older_rules(d, mode) for d in done) if v is not None]
     if older:  # the same options, an older radtrt: rerunning them cannot help
         changes = "; ".join(c for v, c in sorted(LABEL_RULE_CHANGES.items()) if v > min(older))
@@ -212,7 +236,7 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any]) ->
     changed = _first_changed_input(done, inputs)
     if changed is not None:
         fail(f"{out} holds rows made from other labels or indications than the label file's (first: row "
-             f"{changed + 1}, image {inputs[changed].get('image')}); rerun with the label file they were made "
+             f"{changed + 1}, image {given[changed]}); rerun with the label file they were made "
              f"from, or choose another -o")
     raw = out.read_bytes()
     if raw.strip() and not done:  # a file of someone else's (one line, no newline): never emptied
@@ -247,12 +271,13 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
         parsed.append(parse_labels(obj.get("labels"), where))
         indications.append(optional_str(obj, "indication", where))  # a number was turned into null silently
     # a manifest's relative paths are read against its own folder: kept as written, they broke when -o was elsewhere
+    given = [obj["image"] for obj in inputs]
     inputs = [{**obj, "image": _rebased(obj["image"], labels_file.parent, out.parent)} for obj in inputs]
     mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
     mode["label_rules"] = LABEL_RULES_VERSION
-    start = _done_rows(out, inputs, mode)
+    start = _done_rows(out, inputs, mode, given)
     templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
                  for i in range(start, len(inputs))} if client is None else {}
     make_dir(out.parent, "folder for the output manifest")

@@ -137,9 +137,8 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
             fail(f"the LoRA adapter holds {next(iter(ab))} but not {({'lora_A', 'lora_B'} - set(ab)).pop()} for "
                  f"'{module}' (a damaged or cut adapter file?): restore the adapter")
         if not _targeted(module, adapter_config):  # PEFT would leave it unmerged
-            fail(f"the LoRA adapter holds weights for '{module}', which its target_modules "
-                 f"{adapter_config.get('target_modules')!r}{_layers_said(adapter_config)} leave out: adapter and "
-                 f"adapter_config.json disagree")
+            fail(f"the LoRA adapter holds weights for '{module}', which its {_targets_said(adapter_config)} leave "
+                 f"out: adapter and adapter_config.json disagree")
     # only what is present was checked: an adapter missing half its modules merged the rest with exit 0, a model
     # PEFT never trained (PEFT creates every targeted module's pair, so a complete adapter has them all)
     held_names = {m.rsplit(".", 1)[-1] for m in pairs}  # no target_modules: PEFT's inferred ones are unknown here
@@ -148,11 +147,11 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
         if key == module or weight.dim() != 2 or module in pairs:
             continue
         targeted = _targeted(module, adapter_config) if adapter_config.get("target_modules") is not None \
-            else module.rsplit(".", 1)[-1] in held_names and _in_layers(module, adapter_config)
+            else module.rsplit(".", 1)[-1] in held_names and _targeted(module, adapter_config) \
+            and _in_layers(module, adapter_config)
         if targeted:
             fail(f"the LoRA adapter has no weights for '{module}', which adapter_config.json targets "
-                 f"(target_modules {adapter_config.get('target_modules')!r}{_layers_said(adapter_config)}): the "
-                 f"adapter file is incomplete (damaged or cut?); restore it")
+                 f"({_targets_said(adapter_config)}): the adapter file is incomplete (damaged or cut?); restore it")
     for module, ab in sorted(pairs.items()):
         target = module + ".weight"
         base = merged[target]
@@ -184,6 +183,13 @@ def _targeted(module: str, adapter_config: dict[str, Any]) -> bool:
     if named == "suffix":
         return _in_layers(module, adapter_config)
     return named is True
+
+
+def _targets_said(adapter_config: dict[str, Any]) -> str:
+    """The adapter config's module selection, as a refusal quotes it (exclude_modules too: it may be the cause)."""
+    excluded = adapter_config.get("exclude_modules")
+    return (f"target_modules {adapter_config.get('target_modules')!r}{_layers_said(adapter_config)}"
+            + (f" and exclude_modules {excluded!r}" if excluded else ""))
 
 
 def _named(module: str, spec: Any, key: str) -> bool | str:
