@@ -129,8 +129,11 @@ def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(RadtrtError, match="the TensorRT-LLM fp16 engine allows batch 2, below Triton's max batch 8: "
                                           "pass --max-batch 2"):
         write_triton_repo(bundle, tmp_path / "repo4", gpu=ORIN)
-    assert check_repo(write_triton_repo(bundle, tmp_path / "repo5", gpu=ORIN, max_batch=2))["tensorrt_llm"][
-        "max_batch_size"] == 2
+    llm = check_repo(write_triton_repo(bundle, tmp_path / "repo5", gpu=ORIN, max_batch=2))["tensorrt_llm"]
+    assert llm["max_batch_size"] == 2
+    # the KV cache bounded by the engine's limits (2 x two 64-token blocks of its 96 positions), not 85% of a
+    # Jetson's free memory
+    assert {p["key"]: p["value"]["string_value"] for p in llm["parameters"]}["max_tokens_in_paged_kv_cache"] == "256"
     fp32_out = make_fake_bundle(tmp_path / "b2", out_dtype=TensorProto.FLOAT)
     with pytest.raises(RadtrtError, match="vision engine outputs float32 but the decoder's prompt table is float16"):
         write_triton_repo(fp32_out, tmp_path / "repo3", gpu=ORIN, decoder_engine=engine)
@@ -168,6 +171,12 @@ def test_a_given_engine_is_written_as_typed_and_checked_against_the_bundle(tmp_p
     (engine / "config.json").write_text(json.dumps(good))
     assert write_triton_repo(bundle, tmp_path / "ok", vision_backend="onnxruntime", decoder_engine=engine,
                              max_batch=4).is_dir()
+    assert "max_tokens_in_paged_kv_cache" not in params  # an engine not readable here: the backend's default
+    good["build_config"]["max_seq_len"] = 300
+    (engine / "config.json").write_text(json.dumps(good))
+    repo = write_triton_repo(bundle, tmp_path / "ok2", vision_backend="onnxruntime", decoder_engine=engine, max_batch=4)
+    params = {p["key"]: p["value"]["string_value"] for p in check_repo(repo)["tensorrt_llm"]["parameters"]}
+    assert params["max_tokens_in_paged_kv_cache"] == str(4 * 320)
 
 
 def test_an_fp32_or_int8_bundles_vision_graph_is_cast_for_the_prompt_table(tmp_path: Path) -> None:

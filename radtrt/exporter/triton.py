@@ -28,7 +28,7 @@ from radtrt.errors import fail
 from radtrt.exporter.gpu import GpuInfo, require_gpu
 from radtrt.exporter.pbtxt import Ident, as_list, parse_pbtxt, to_pbtxt
 from radtrt.exporter.tensorrt import find_vision_engine, inspect_onnx, read_vision_manifest
-from radtrt.exporter.trtllm_build import find_decoder_engine
+from radtrt.exporter.trtllm_build import find_decoder_engine, kv_cache_tokens
 from radtrt.model.io import read_json
 from radtrt.outputs import check_new_dir, new_dir_built_aside
 
@@ -70,8 +70,11 @@ class RepoSpec:
 
 
 def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
-                  kv_cache_free_gpu_mem_fraction: float = 0.85, max_queue_delay_us: int = 1000) -> dict[str, dict]:
+                  kv_cache_free_gpu_mem_fraction: float = 0.85, max_queue_delay_us: int = 1000,
+                  max_kv_tokens: int | None = None) -> dict[str, dict]:
     """Every model's config (pure). ``vision_platform``: ``tensorrt_plan`` or ``onnxruntime_onnx``.
+    ``max_kv_tokens``: the KV cache the engine's limits can use (``kv_cache_tokens``), where they are known here;
+    the backend then takes no more than that, not the whole free-memory fraction (a Jetson's RAM).
 
     The ``tensorrt_llm`` model follows tensorrtllm_backend's ``inflight_batcher_llm/tensorrt_llm/config.pbtxt``
     (scalar inputs declared ``dims: [1]`` with ``reshape: { shape: [] }``). KV-cache block reuse is switched
@@ -110,7 +113,8 @@ def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
                                   "max_beam_width": 1, "batch_scheduler_policy": "guaranteed_no_evict",
                                   "kv_cache_free_gpu_mem_fraction": kv_cache_free_gpu_mem_fraction,
                                   "exclude_input_in_output": "true", "enable_chunked_context": "false",
-                                  "enable_kv_cache_reuse": "false"})}
+                                  "enable_kv_cache_reuse": "false",
+                                  **({} if max_kv_tokens is None else {"max_tokens_in_paged_kv_cache": max_kv_tokens})})}
     post = _python_model("postprocessing", b,
                          [_io("TOKENS_BATCH", i32, [-1, -1]), _io("SEQUENCE_LENGTH", i32, [-1])],
                          [_io("REPORT", "TYPE_STRING", [1]), _io("TOKEN_IDS", i32, [-1])],
@@ -222,9 +226,11 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
         fail(f"unknown vision backend '{vision_backend}' for Triton (tensorrt, onnxruntime)")
     onnx = inspect_onnx(bundle / "vision.onnx")
     given = decoder_engine is not None
+    max_seq_len = None  # the engine's, where known here: it bounds the KV cache Triton's backend allocates
     if decoder_engine is None:
         decoder_engine, stamp = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
         decoder_engine = decoder_engine.resolve()
+        max_seq_len = stamp["limits"].get("max_seq_len")
         engine_batch = int(stamp["limits"].get("max_batch", max_batch))
         if engine_batch < max_batch:  # as the vision engine's profile is checked: the server would accept more
             fail(f"the TensorRT-LLM {decoder_tag} engine allows batch {engine_batch}, below Triton's max batch "
@@ -245,10 +251,12 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
                     onnx.output_name, max_batch)
     if given and engine_config is not None:
         check_engine_fits(decoder_engine, engine_config, spec, _prompt_length(bundle, spec.num_image_tokens))
+        max_seq_len = (engine_config.get("build_config") or {}).get("max_seq_len")
     platform = "tensorrt_plan" if vision_backend == "tensorrt" else "onnxruntime_onnx"
     # a given engine's path as typed: it names a folder on the serving host, which this host's symlinks
     # (/var/run -> /run, a mount alias) say nothing about
-    configs = model_configs(spec, platform, decoder_engine, kv_cache_free_gpu_mem_fraction)
+    kv_tokens = kv_cache_tokens(max_batch, max_seq_len) if isinstance(max_seq_len, int) and max_seq_len > 0 else None
+    configs = model_configs(spec, platform, decoder_engine, kv_cache_free_gpu_mem_fraction, max_kv_tokens=kv_tokens)
     with new_dir_built_aside(out, "Triton repository") as work:
         _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch, cast_to)
     return out

@@ -105,6 +105,16 @@ def prepare_checkpoint_for_host(plain: Path, out_dir: Path, gpu: GpuInfo,
     return out_dir
 
 
+KV_BLOCK_TOKENS = 64  # the paged KV cache's block in 0.12-0.14 (1.x: 32, which divides it)
+
+
+def kv_cache_tokens(max_batch: int, max_seq_len: int) -> int:
+    """The paged KV cache an engine's limits can use: whole blocks per sequence, for the whole batch. Given to
+    the runtime (``max_tokens_in_paged_kv_cache``) in place of TensorRT-LLM's default, 90% of the GPU memory free
+    when it loads, which on a Jetson (GPU and CPU share the memory) is most of the system's RAM."""
+    return max_batch * -(-max_seq_len // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+
+
 DECODER_STAMP_FORMAT = "radtrt-trtllm-engine"
 DECODER_STAMP_KEYS = ("mode", "int8_kv", "gpu", "limits")  # what the lookups and the runtime read
 DEFAULT_TEXT_TOKENS, DEFAULT_NEW_TOKENS = 512, 256

@@ -27,7 +27,7 @@ from radtrt.exporter.gpu import (GpuInfo, detect_gpu, loaded_tensorrt_problem, p
                                  stamp_gpu, stamp_mismatch)
 from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine
 from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag, split_mode_tag
-from radtrt.exporter.trtllm_build import find_decoder_engine, read_decoder_stamp
+from radtrt.exporter.trtllm_build import find_decoder_engine, kv_cache_tokens, read_decoder_stamp
 from radtrt.model.generate import Generation
 from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
@@ -200,22 +200,15 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-KV_BLOCK_TOKENS = 64
-
-
 def runner_options(session: str, limits: dict[str, Any]) -> dict[str, Any]:
-    """``from_dir`` keywords. The C++ executor otherwise gives its paged KV cache 90% of the GPU memory free when
-    it loads (``KvCacheConfig``'s default): on a Jetson, whose GPU shares the system's memory, that is most of
-    the RAM, taken after the vision engine and before the studies' tensors. The engine can never hold more than
-    its own limits' tokens (``max_tokens_in_paged_kv_cache``, a ``ModelRunnerCpp.from_dir`` keyword from 0.12
-    to 1.x); the Python session sizes its cache from those limits by itself."""
+    """``from_dir`` keywords: the C++ executor's KV cache bounded by the engine's limits (``kv_cache_tokens``;
+    ``max_tokens_in_paged_kv_cache`` is a ``ModelRunnerCpp.from_dir`` keyword from 0.12 to 1.x), taken after the
+    vision engine and before the studies' tensors. The Python session sizes its cache from the limits itself."""
     if session not in ("cpp", "python"):
         fail(f"unknown TensorRT-LLM session '{session}' (cpp, python)")
     if session == "python":
         return {}
-    # whole blocks per sequence: 64 tokens, the paged cache's block in 0.12-0.14 (1.x: 32, which divides it)
-    blocks = -(-int(limits["max_seq_len"]) // KV_BLOCK_TOKENS)
-    return {"max_tokens_in_paged_kv_cache": int(limits["max_batch"]) * blocks * KV_BLOCK_TOKENS}
+    return {"max_tokens_in_paged_kv_cache": kv_cache_tokens(int(limits["max_batch"]), int(limits["max_seq_len"]))}
 
 
 def open_runner(engine_dir: Path, session: str, limits: dict[str, Any]) -> Any:
