@@ -235,6 +235,12 @@ def test_python_models_prepare_and_decode(tmp_path: Path) -> None:
     assert out["INPUT_LENGTH"].tolist() == [[len(ids)]] and out["REQUEST_OUTPUT_LEN"].tolist() == [[32]]
     assert out["PROMPT_VOCAB_SIZE"].tolist() == [[16]] and out["END_ID"].tolist() == [[2]]
     assert len(model.prepare(png.getvalue(), "", 32)["INPUT_IDS"][0]) < len(ids)  # no indication, shorter query
+    # what infer says on stderr reaches the client: a Triton client never saw it
+    assert out["WARNINGS"].tolist() == [[b"IMAGE: the image is only 60 x 80 pixels (a chest radiograph has "
+                                         b"thousands a side); this report is unreliable"]]
+    big = io.BytesIO()
+    Image.fromarray((np.arange(512 * 512) % 251).astype(np.uint8).reshape(512, 512)).save(big, format="PNG")
+    assert model.prepare(big.getvalue(), "", 32)["WARNINGS"].tolist() == [[b""]]
     with pytest.raises(RadtrtError):
         model.prepare(b"not an image", "", 32)
     post = PostprocessingModel()

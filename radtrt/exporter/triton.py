@@ -8,7 +8,7 @@
       -> vision        (TensorRT ``model.plan`` or ONNX Runtime ``model.onnx``: pixels -> [N, H])
       -> tensorrt_llm  (TensorRT-LLM backend; the image rows arrive as ``prompt_embedding_table``)
       -> postprocessing (Python backend: ids -> report text)
-    -> REPORT, TOKEN_IDS
+    -> REPORT, TOKEN_IDS, WARNINGS (what 'radtrt infer' says on stderr about the image: a lateral view, a thumbnail)
 
 The Python models are two-line ``model.py`` shims importing ``radtrt.exporter.triton_models``, so
 radtrt must be installed in the Python backend's environment; the tokenizer and model config are copied
@@ -89,7 +89,7 @@ def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
         [_io("IMAGE", "TYPE_STRING", [1]), _io("INDICATION", "TYPE_STRING", [1]), _io("MAX_NEW_TOKENS", i32, [1])],
         [_io("PIXEL_VALUES", TRITON_DTYPES[spec.pixel_dtype], [3, s, s]), _io("INPUT_IDS", i32, [-1]),
          _io("INPUT_LENGTH", i32, [1]), _io("REQUEST_OUTPUT_LEN", i32, [1]), _io("PROMPT_VOCAB_SIZE", i32, [1]),
-         _io("END_ID", i32, [1]), _io("PAD_ID", i32, [1])],
+         _io("END_ID", i32, [1]), _io("PAD_ID", i32, [1]), _io("WARNINGS", "TYPE_STRING", [1])],
         {"vocab_size": spec.vocab_size, "num_image_tokens": n, "pixel_dtype": spec.pixel_dtype})
     vision = {"name": "vision", "platform": vision_platform, "max_batch_size": b,
               "input": [_io(spec.vision_input, TRITON_DTYPES[spec.pixel_dtype], [3, s, s])],
@@ -125,13 +125,15 @@ def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
                 "input_map": [{"key": k, "value": v} for k, v in inputs.items()],
                 "output_map": [{"key": k, "value": v} for k, v in outputs.items()]}
 
+    # WARNINGS: what 'radtrt infer' prints on stderr about a study (a lateral view, a thumbnail), for the client
     ensemble = {"name": "radtrt", "platform": "ensemble", "max_batch_size": b,
-                "input": pre["input"], "output": post["output"],
+                "input": pre["input"], "output": [*post["output"], _io("WARNINGS", "TYPE_STRING", [1])],
                 "ensemble_scheduling": {"step": [
                     step("preprocessing", {"IMAGE": "IMAGE", "INDICATION": "INDICATION",
                                            "MAX_NEW_TOKENS": "MAX_NEW_TOKENS"},
-                         {k: f"_{k.lower()}" for k in ("PIXEL_VALUES", "INPUT_IDS", "INPUT_LENGTH",
-                                                       "REQUEST_OUTPUT_LEN", "PROMPT_VOCAB_SIZE", "END_ID", "PAD_ID")}),
+                         {**{k: f"_{k.lower()}" for k in ("PIXEL_VALUES", "INPUT_IDS", "INPUT_LENGTH",
+                                                          "REQUEST_OUTPUT_LEN", "PROMPT_VOCAB_SIZE", "END_ID", "PAD_ID")},
+                          "WARNINGS": "WARNINGS"}),
                     step("vision", {spec.vision_input: "_pixel_values"}, {spec.vision_output: "_image_embeds"}),
                     step("tensorrt_llm", {"input_ids": "_input_ids", "input_lengths": "_input_length",
                                           "request_output_len": "_request_output_len", "end_id": "_end_id",

@@ -35,7 +35,7 @@ class RequestPreparer:
         return cls(tokenizer, cfg, int(params["vocab_size"]), int(params["num_image_tokens"]), params["pixel_dtype"])
 
     def __call__(self, image: bytes, indication: str, max_new_tokens: int) -> dict[str, np.ndarray]:
-        from radtrt.imaging.study import load_study
+        from radtrt.imaging.study import load_study, study_warnings
         from radtrt.model.generate import check_positions
         from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
         from radtrt.runtime.tensorrt import fake_prompt_ids
@@ -46,6 +46,7 @@ class RequestPreparer:
             path = Path(tmp) / "IMAGE"
             path.write_bytes(image)
             selected = load_study(path, shown_as="IMAGE")  # the request input, not a server path
+        warnings = "; ".join(study_warnings(Path("IMAGE"), selected))  # the request input, as errors name it
         pixels = self.cfg.preprocessing(selected.pixels_u8)
         prompt = build_prompt(build_query(indication or None), self.cfg.conv_template)
         ids = tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
@@ -57,7 +58,7 @@ class RequestPreparer:
         return {"PIXEL_VALUES": pixels.numpy().astype(NP_DTYPES[self.pixel_dtype])[None],
                 "INPUT_IDS": np.array([ids], dtype=np.int32), "INPUT_LENGTH": col(len(ids)),
                 "REQUEST_OUTPUT_LEN": col(max_new_tokens), "PROMPT_VOCAB_SIZE": col(self.num_image_tokens),
-                "END_ID": col(eos), "PAD_ID": col(eos)}
+                "END_ID": col(eos), "PAD_ID": col(eos), "WARNINGS": np.array([[warnings.encode()]], dtype=object)}
 
 
 def decode_output(tokenizer: Any, output_ids: np.ndarray, sequence_length: np.ndarray,
