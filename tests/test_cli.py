@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from radtrt import __version__
 from radtrt.cli import app
+from radtrt.errors import RadtrtError
 from radtrt.imaging.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, radiograph_dataset, synthetic_chest
 from radtrt.model.loading import load_model, save_toolkit
 
@@ -430,6 +432,12 @@ def test_convert_to_release_layout_reloads_with_identical_tokens(merged: Path, t
     (a,) = _infer_json(merged, study)
     (b,) = _infer_json(out / "llava-rad", study, extra=("--base-model", str(out / "base-lm")))
     assert a["token_ids"] == b["token_ids"]
+    # the model's name survives the round trip (it came back as "llava-rad", the release layout's)
+    assert load_model(out / "llava-rad", out / "base-lm").name == load_model(merged).name
+    config = out / "llava-rad" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "radtrt_model_name": "a\nb"}))
+    with pytest.raises(RadtrtError, match=re.escape("radtrt_model_name 'a\\nb' is not a printable model name")):
+        load_model(out / "llava-rad", out / "base-lm")
 
 
 def test_torch_backend_with_only_a_bundle_is_refused(tmp_path: Path) -> None:

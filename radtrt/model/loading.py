@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from radtrt import __version__
-from radtrt.errors import fail
+from radtrt.errors import fail, printable
 from radtrt.model import checkpoints as ck
 from radtrt.model.config import CONV_TEMPLATES, DecoderConfig, LlavaRadConfig, VisionConfig, config_problem
 from radtrt.model.decoder import Rotary
@@ -34,6 +34,8 @@ WEIGHTS_FILE = "model.safetensors"
 DEFAULT_VISION_JSON = "biomedclipcxr_518.json"
 DEFAULT_VISION_CKPT = "biomedclipcxr_518_checkpoint.pt"
 RELEASE_TEMPLATE_KEY = "radtrt_conv_template"  # model/release.py writes it (it imports this module, not the reverse)
+RELEASE_NAME_KEY = "radtrt_model_name"  # the same: a radtrt model's name, kept through 'convert --to llava-rad'
+RELEASE_NAME = "llava-rad"  # a release without it (LLaVA-Rad's own)
 # what every training run folder holds (training/loop.py's CONFIG_FILE, training/checkpoint.py's state file)
 RUN_MARKS = ("train_config.json", "checkpoint/state.pt")
 
@@ -268,7 +270,10 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     _check_vocab(tokenizer, cfg.decoder, base_dir)
     source = {"layout": "llava-rad-release", "model_dir": release_dir.name, "base_model_dir": base_dir.name,
               "base_model": hf.get("_name_or_path", "")}
-    return LoadedModel(model, tokenizer, "llava-rad", source)
+    name = hf.get(RELEASE_NAME_KEY)
+    if name is not None and (not isinstance(name, str) or not name.strip() or printable(name) != name):
+        fail(f"{release_dir}/config.json: {RELEASE_NAME_KEY} {name!r} is not a printable model name")
+    return LoadedModel(model, tokenizer, name or RELEASE_NAME, source)
 
 
 def save_toolkit(loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> Path:

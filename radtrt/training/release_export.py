@@ -54,7 +54,7 @@ def _write(out_dir: Path, loaded: LoadedModel, base: dict[str, torch.Tensor], lo
     base_dir = write_base_lm(out_dir / BASE_DIR, cfg, base, loaded.tokenizer)
     release_dir = write_release(out_dir / RELEASE_DIR, cfg, trunk=_cpu(model.vision_tower.state_dict()),
                                 projector=_cpu(model.mm_projector.state_dict()), lora=lora,
-                                adapter_config=adapter_config, base_name=base_name)
+                                adapter_config=adapter_config, base_name=base_name, model_name=loaded.name)
     return release_dir, base_dir
 
 
