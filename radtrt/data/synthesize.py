@@ -21,7 +21,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 from urllib.parse import urlsplit
 
 from rich.console import Console
@@ -178,12 +178,20 @@ def _first_changed_input(done: list[dict[str, Any]], inputs: list[dict[str, Any]
     return None
 
 
-def _rebased(image: str, source_dir: Path, out_dir: Path) -> str:
+def _rebaser(source_dir: Path, out_dir: Path) -> Callable[[str], str]:
     """``image``, relative to the label file's folder, made relative to the output manifest's (absolute: as is).
-    Resolved first: a reader joins the result to the manifest's real folder, where '..' follows symlinks."""
-    if Path(image).is_absolute():
-        return image
-    return os.path.relpath(_resolved(source_dir) / image, _resolved(out_dir))
+    Resolved first: a reader joins the result to the manifest's real folder, where '..' follows symlinks. The two
+    folders are resolved once, at the first relative image (not twice a row)."""
+    bases: list[Path] = []
+
+    def rebase(image: str) -> str:
+        if Path(image).is_absolute():
+            return image
+        if not bases:
+            bases.extend((_resolved(source_dir), _resolved(out_dir)))
+        return os.path.relpath(bases[0] / image, bases[1])
+
+    return rebase
 
 
 def _resolved(folder: Path) -> Path:
@@ -193,12 +201,11 @@ def _resolved(folder: Path) -> Path:
         fail(f"cannot resolve {folder}: {e}")
 
 
-def _same_image(written: Any, rebased: str, out_dir: Path) -> bool:
-    """A finished row's image against the label file's, both relative to the output's folder: rows written by
-    the radtrt before the rebasing spell an image in the same folder as given ('./png/a.png')."""
+def _same_image(written: Any, rebased: str, base: Path) -> bool:
+    """A finished row's image against the label file's, both relative to the output's resolved folder ``base``:
+    rows written by the radtrt before the rebasing spell an image in the same folder as given ('./png/a.png')."""
     if not isinstance(written, str):
         return False
-    base = _resolved(out_dir)
     return os.path.normpath(base / written) == os.path.normpath(base / rebased)
 
 
@@ -219,8 +226,9 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any], gi
     done = [obj for _, obj in read_jsonl(out, complete_only=True)]  # checked before anything is changed
     if len(done) > len(inputs):
         fail(f"{out} holds rows for other images than the label file; choose another -o")
+    base = _resolved(out.parent) if done else out.parent
     for d, i, as_given in zip(done, inputs, given):
-        if not _same_image(d.get("image"), i["image"], out.parent):
+        if not _same_image(d.get("image"), i["image"], base):
             if d.get("image") == as_given:  # copied as written, relative to another folder than the manifest's
                 fail(f"{out} was made by an older radtrt, which copied image paths as written ({as_given} names "
                      f"nothing beside it); delete it to make it again, or choose another -o")
@@ -272,7 +280,8 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
         indications.append(optional_str(obj, "indication", where))  # a number was turned into null silently
     # a manifest's relative paths are read against its own folder: kept as written, they broke when -o was elsewhere
     given = [obj["image"] for obj in inputs]
-    inputs = [{**obj, "image": _rebased(obj["image"], labels_file.parent, out.parent)} for obj in inputs]
+    rebase = _rebaser(labels_file.parent, out.parent)
+    inputs = [{**obj, "image": rebase(obj["image"])} for obj in inputs]
     mode = ({"mode": "template", "generator": "radtrt.data.synthesize", "seed": seed} if client is None else
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
