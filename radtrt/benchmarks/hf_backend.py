@@ -11,16 +11,15 @@ prefill forward), so it includes ``generate``'s own setup, as a user of it would
 
 from __future__ import annotations
 
-import functools
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
-from radtrt.model.generate import Generation, check_positions, left_pad
+from radtrt.model.generate import Generation, left_pad
 from radtrt.model.llava_rad import LlavaRad
-from radtrt.runtime.backends import PRECISION_NAMES
+from radtrt.runtime.backends import TorchBackend
 
 
 class _StepClock:
@@ -66,31 +65,14 @@ def hf_llama(model: LlavaRad, attn_implementation: str = "eager") -> torch.nn.Mo
     return hf.eval()
 
 
-class TransformersBackend:
+class TransformersBackend(TorchBackend):
+    """The reference's vision and prompt splice; the decoder through ``generate``."""
+
     name = "transformers"
 
     def __init__(self, model: LlavaRad, device: str = "cpu") -> None:
-        self.model = model
-        self.device = device
-        self.precision = PRECISION_NAMES.get(model.dtype, str(model.dtype))
+        super().__init__(model, device)
         self.hf = hf_llama(model)
-
-    @functools.cached_property
-    def weights_id(self) -> str:
-        from radtrt.exporter.bundle import bundle_fingerprint
-
-        return bundle_fingerprint(self.model)
-
-    def check_length(self, prompt_length: int, max_new_tokens: int) -> None:
-        check_positions(prompt_length, max_new_tokens, self.model.language_model.cfg.max_position_embeddings)
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixel_values.to(self.device))
-
-    @torch.no_grad()
-    def embed_prompt(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_multimodal(input_ids, image_embeds)
 
     @torch.no_grad()
     def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
