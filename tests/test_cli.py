@@ -113,6 +113,24 @@ def test_study_folder_picks_pa_over_lateral(merged: Path, tmp_path: Path) -> Non
     assert result["view_position"] == "PA" and result["source_file"].endswith("2_pa.dcm")
 
 
+def test_a_folder_of_studies_reports_on_each(merged: Path, tmp_path: Path) -> None:
+    """`infer STUDIES_FOLDER` was read as one study and refused, after the model had loaded."""
+    root = tmp_path / "studies"
+    _write(root / "s1" / "pa.dcm", radiograph_dataset(synthetic_chest(seed=5), view_position="PA", study_uid="1.2.3.1"))
+    _write(root / "s1" / "lat.dcm", radiograph_dataset(synthetic_chest(seed=6), view_position="LL", study_uid="1.2.3.1"))
+    _write(root / "s2.dcm", radiograph_dataset(synthetic_chest(seed=7), view_position="AP", study_uid="1.2.3.2"))
+    code, out, err = _invoke("infer", root, "--model", merged, "--json", "--max-new-tokens", "4")
+    assert code == 0, err
+    results = [json.loads(line) for line in out.splitlines()]
+    assert [r["study"] for r in results] == [str(root / "s1"), str(root / "s2.dcm")]
+    assert results[0]["source_file"].endswith("pa.dcm") and results[1]["view_position"] == "AP"
+    assert f"{root}: a folder of 2 studies" in err
+    _write(root / "s1_extra.dcm", radiograph_dataset(synthetic_chest(seed=8), view_position="PA", study_uid="1.2.3.1"))
+    code, out, err = _invoke("infer", root, "--model", tmp_path / "no-model", "--max-new-tokens", "4")
+    _assert_refused(code, err, "studies: holds the images of 2 studies")  # before the model is looked for
+    assert out == ""
+
+
 def test_malformed_header_values_never_reach_stderr(merged: Path, tmp_path: Path) -> None:
     """pydicom's validation warnings quoted values read from the header ("Invalid value for VR UI: '...'"),
     which Python prints on stderr."""

@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from radtrt.errors import RadtrtError
 from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8
-from radtrt.imaging.study import SelectedImage, load_study, study_warnings
+from radtrt.imaging.study import SelectedImage, load_study, split_studies, study_warnings
 from radtrt.imaging.synthetic import FAKE_PATIENT_NAME, synthetic_chest, write_radiograph
 
 
@@ -163,6 +163,40 @@ def test_a_folder_of_two_studies_is_refused(tmp_path: Path) -> None:
     _dx(tmp_path / "mixed", "a.dcm", "PA", seed=1, study_uid=generate_uid())
     _dx(tmp_path / "mixed", "b.dcm", "PA", seed=2, study_uid=generate_uid())
     _refused(tmp_path / "mixed", "mixed: holds the images of 2 studies")
+
+
+def test_a_folder_of_studies_splits_into_its_entries(tmp_path: Path) -> None:
+    """One study per entry (a file, or a study's folder with its series below): each entry is a study."""
+    root = tmp_path / "studies"
+    _dx(root / "s1" / "series1", "pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(root / "s1" / "series2", "lat.dcm", "LATERAL", study_uid="1.2.3.1")
+    _dx(root, "s2.dcm", "PA", seed=2, study_uid="1.2.3.2")
+    (root / "notes.txt").write_text("not an image")
+    assert split_studies(root) == [root / "s1", root / "s2.dcm"]
+    assert split_studies(root / "s1") == [root / "s1"]  # one study, its series in subfolders
+    (root / "s2.dcm").unlink()
+    assert split_studies(root) == [root]  # what is left is one study
+    png = tmp_path / "pngs"
+    png.mkdir()
+    Image.fromarray(_grey8()).save(png / "a.png")
+    Image.fromarray(_grey8()).save(png / "b.png")
+    assert split_studies(png) == [png]  # no study UIDs: read as one folder, which says why it is ambiguous
+
+
+@pytest.mark.parametrize("layout", ["flat pairs", "one entry two studies", "png beside studies"])
+def test_studies_that_cannot_be_told_apart_are_refused(tmp_path: Path, layout: str) -> None:
+    root = tmp_path / "mixed"
+    _dx(root, "a_pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(root, "b_pa.dcm", "PA", seed=2, study_uid="1.2.3.2")
+    if layout == "flat pairs":  # study 1's lateral beside its frontal: two entries of one study
+        _dx(root, "a_lat.dcm", "LATERAL", study_uid="1.2.3.1")
+    elif layout == "one entry two studies":
+        _dx(root / "c", "x.dcm", "PA", study_uid="1.2.3.3")
+        _dx(root / "c", "y.dcm", "PA", study_uid="1.2.3.4")
+    else:
+        Image.fromarray(_grey8()).save(root / "c.png")
+    with pytest.raises(RadtrtError, match="mixed: holds the images of [0-9] studies"):
+        split_studies(root)
 
 
 def test_an_animated_or_enormous_png_is_refused(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ class _Candidate:
     path: Path
     kind: str  # "DICOM" or "RASTER"
     view: str
+    study_uid: str = ""  # StudyInstanceUID; "" for PNG/JPEG or a DICOM header without one
 
 
 def _sniff(path: Path) -> str | None:
@@ -162,10 +163,10 @@ def _choose(candidates: list[_Candidate], folder_name: str) -> _Candidate:
     fail(f"{folder_name}: no frontal (PA/AP) image; views found: {_describe(candidates)}")
 
 
-def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedImage:
+def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], list[tuple[str, str]]]:
+    """The folder's usable images (headers only, no pixels decoded) and its skipped files as ``(name, reason)``."""
     candidates: list[_Candidate] = []
     files, skipped = _walk(folder)
-    studies: set[str] = set()
     for path in files:
         try:
             kind = _sniff(path)
@@ -182,11 +183,43 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
         except RadtrtError as exc:  # recorded, reported to the caller, never silent
             skipped.append((path.name, str(exc)))
             continue
-        candidates.append(_Candidate(path, kind, view_of(header)[0]))
-        studies.add(str(header.get("StudyInstanceUID", "") or ""))
-    if len(studies - {""}) > 1:  # two patients' images, say: a report of one would be filed under the other
-        fail(f"{folder.name}: holds the images of {len(studies - {''})} studies (StudyInstanceUID); give each study's "
-             f"folder or file")
+        candidates.append(_Candidate(path, kind, view_of(header)[0], str(header.get("StudyInstanceUID", "") or "")))
+    return candidates, skipped
+
+
+def _study_count(candidates: list[_Candidate]) -> int:
+    return len({c.study_uid for c in candidates} - {""})
+
+
+def _mixed(folder: Path, candidates: list[_Candidate]) -> str:
+    return (f"{folder.name}: holds the images of {_study_count(candidates)} studies (StudyInstanceUID); give each "
+            f"study's folder or file")
+
+
+def split_studies(folder: Path, *, allow_any_modality: bool = False) -> list[Path]:
+    """The studies a folder given as one holds: ``[folder]`` when its images are of one study, else its
+    entries, when each entry (a file, or a study's folder) holds the images of one study and no two the same.
+
+    Why: ``radtrt infer STUDIES_FOLDER`` is the first thing a user tries on an export of several studies; read
+    as one study it was refused after the model had loaded. Images of several studies mixed in one folder are
+    still refused (here, before any model loads): which images go together cannot be told apart safely."""
+    candidates, _ = _scan(folder, allow_any_modality=allow_any_modality)
+    if _study_count(candidates) <= 1:
+        return [folder]
+    uids: dict[Path, set[str]] = {}
+    for candidate in candidates:
+        entry = folder / candidate.path.relative_to(folder).parts[0]
+        uids.setdefault(entry, set()).add(candidate.study_uid)
+    one_each = all(len(found) == 1 and "" not in found for found in uids.values())
+    if not one_each or len(set.union(*uids.values())) != len(uids):
+        fail(_mixed(folder, candidates))
+    return sorted(uids)
+
+
+def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedImage:
+    candidates, skipped = _scan(folder, allow_any_modality=allow_any_modality)
+    if _study_count(candidates) > 1:  # two patients' images, say: a report of one would be filed under the other
+        fail(_mixed(folder, candidates))
     if not candidates:
         why = f": {_summarise_skipped(skipped)}" if skipped else " (no DICOM, PNG or JPEG files)"
         fail(f"{folder.name}: no usable image in folder{why}")

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from radtrt.errors import RadtrtError, fail, printable
 from radtrt.progress import plain
-from radtrt.imaging.study import study_error, study_warnings
+from radtrt.imaging.study import split_studies, study_error, study_warnings
 from radtrt.model.loading import load_model
 from radtrt.runtime.backends import DTYPES, TorchBackend, choose_backend, resolve_device
 from radtrt.runtime.pipeline import Pipeline, PreparedStudy, StudyFailure, StudyResult
@@ -21,6 +21,18 @@ def check_studies_exist(studies: list[Path]) -> None:
     for study in studies:
         if not study.exists():
             fail(f"study not found: {study}")
+
+
+def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Console) -> list[Path]:
+    """Each folder of several studies (one per entry) in place of the folder, said on ``console``."""
+    out: list[Path] = []
+    for study in studies:
+        parts = split_studies(study, allow_any_modality=allow_any_modality) if study.is_dir() else [study]
+        if len(parts) > 1:
+            console.print(plain(f"{study}: a folder of {len(parts)} studies (one per entry); each is reported on"),
+                          highlight=False, soft_wrap=True)
+        out.extend(parts)
+    return out
 
 
 def infer_studies(studies: list[Path], *, console: Console, model: Path | None = None,
@@ -36,6 +48,7 @@ def infer_studies(studies: list[Path], *, console: Console, model: Path | None =
     from radtrt.model.prompt import build_query
 
     check_studies_exist(studies)
+    studies = expand_studies(studies, allow_any_modality=allow_any_modality, console=console)
     build_query(indication)
     if sr_out is not None:
         from radtrt.outputs import check_folder_target
