@@ -173,6 +173,32 @@ def test_layers_to_transform_is_honoured(tiny_release: TinyRelease) -> None:
         ck.merge_lora(decoder, layer0, {**config, "layers_to_transform": "all"})
 
 
+def test_rank_and_alpha_patterns_are_read_as_peft_reads_them(tiny_release: TinyRelease) -> None:
+    """Keys such as 'self_attn.q_proj' or '.*v_proj' matched nothing in an exact lookup: merged at the default
+    scale with exit 0 (alpha), or a valid adapter refused for its rank (rank)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_release.base_dir, torch_dtype=torch.float32)
+    decoder = {k: v.clone() for k, v in hf.state_dict().items()}
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                        rank_pattern={"self_attn.q_proj": 4, "layers.1.mlp.down_proj": 3},
+                        alpha_pattern={".*v_proj": 32, "layers.0.mlp.down_proj": 1})
+    peft_model = get_peft_model(hf, config)
+    torch.manual_seed(0)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    adapter = get_peft_model_state_dict(peft_model)
+    adapter_config = json.loads(json.dumps(config.to_dict(), default=list))
+    expected = peft_model.merge_and_unload().state_dict()
+    merged = ck.merge_lora(decoder, adapter, adapter_config)
+    changed = [k for k in decoder if not torch.equal(decoder[k], merged[k])]
+    assert len(changed) == 3 * len(hf.model.layers)
+    for key in decoder:
+        torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_a_nan_lora_alpha_is_blamed_on_alpha() -> None:
     with pytest.raises(RadtrtError, match="gives 'q_proj' lora_alpha=nan: lora_alpha must be a finite number"):
         ck.lora_scaling({"r": 4, "lora_alpha": float("nan")}, "q_proj")  # said "r must be at least 1"

@@ -91,9 +91,24 @@ def projector_to_non_lora(projector: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def lora_scaling(adapter_config: dict[str, Any], module: str) -> tuple[int, float]:
+    """(r, scale) of ``module`` (its full name): ``rank_pattern`` / ``alpha_pattern`` keys are read with PEFT's
+    own matcher (a regex over the name's last parts), since a key like ``self_attn.q_proj`` or ``.*q_proj``
+    matched nothing in an exact lookup and the adapter merged at the default scale, exit 0."""
+    from peft.utils.other import get_pattern_key
+
+    def pick(patterns_key: str, default_key: str) -> Any:
+        patterns = adapter_config.get(patterns_key) or {}
+        if not isinstance(patterns, dict):
+            fail(f"adapter_config.json {patterns_key} is {patterns!r}, not a mapping of module names to values")
+        try:
+            key = get_pattern_key(list(patterns), module)
+        except re.error as e:
+            fail(f"adapter_config.json {patterns_key} has a key that is not a regular expression ({e})")
+        return patterns[key] if key in patterns else adapter_config[default_key]
+
     try:
-        r = int((adapter_config.get("rank_pattern") or {}).get(module, adapter_config["r"]))
-        alpha = float((adapter_config.get("alpha_pattern") or {}).get(module, adapter_config["lora_alpha"]))
+        r = int(pick("rank_pattern", "r"))
+        alpha = float(pick("alpha_pattern", "lora_alpha"))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         fail(f"adapter_config.json has no usable r / lora_alpha for '{module}' ({type(e).__name__}: {e})")
     if r < 1:
@@ -162,7 +177,7 @@ def merge_lora(decoder: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
                 or b.shape[1] != a.shape[0]:
             fail(f"LoRA weights for '{module}' have shape {tuple(b.shape)}x{tuple(a.shape)}, the base weight "
                  f"{tuple(base.shape)}: the base model is not the one this adapter was trained on")
-        r, scale = lora_scaling(adapter_config, module.rsplit(".", 1)[-1])
+        r, scale = lora_scaling(adapter_config, module)
         if a.shape[0] != r:  # the scale alpha / r would be wrong; PEFT refuses the size mismatch
             fail(f"LoRA weights for '{module}' have rank {a.shape[0]}, adapter_config.json says r={r}")
         merged[target] = (base.float() + scale * (b @ a)).to(base.dtype)
