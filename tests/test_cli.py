@@ -458,6 +458,21 @@ def test_convert_to_release_layout_reloads_with_identical_tokens(merged: Path, t
         load_model(out / "llava-rad", out / "base-lm")
 
 
+def test_a_damaged_name_or_source_in_a_model_config_is_one_line(merged: Path, tmp_path: Path) -> None:
+    """A list as the name loaded, printed its report, then failed in the SR writer with exit 1."""
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=13)))
+    for field, value, match in (("name", ["not", "a", "name"], "'name' ['not', 'a', 'name'] is not a printable model"),
+                                ("name", "a\x1b[2Jb", "is not a printable model name"),
+                                ("source", "x", "'source' is str, not an object")):
+        model = tmp_path / f"m-{field}"
+        shutil.copytree(merged, model, dirs_exist_ok=True)
+        config = model / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+        code, out, err = _invoke("infer", study, "--model", model, "--sr-out", tmp_path / "sr", "--max-new-tokens", "2")
+        _assert_refused(code, err, match)
+        assert out == ""
+
+
 def test_torch_backend_with_only_a_bundle_is_refused(tmp_path: Path) -> None:
     # without the refusal the embedded default model ran silently in place of the bundle's model
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest()))
@@ -596,17 +611,20 @@ def test_names_holding_markup_or_control_characters_are_printed_as_they_are(merg
     odd = tmp_path / "m[/red]"
     shutil.copytree(merged, odd)
     meta = json.loads((odd / "config.json").read_text())
-    (odd / "config.json").write_text(json.dumps({**meta, "name": "x[/red]\nradtrt: error: fake\x1b[31m"}))
+    (odd / "config.json").write_text(json.dumps({**meta, "name": "x[/red] [bold]"}))
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=12)))
     code, _, err = _invoke("infer", study, "--model", odd, "--max-new-tokens", "2")
     assert code == 0, err
-    assert "x[/red]\\nradtrt: error: fake\\x1b[31m" in err and "\x1b" not in err
-    assert not any(line.startswith("radtrt: error: fake") for line in err.splitlines())
+    assert "model x[/red] [bold]" in err
+    (odd / "config.json").write_text(json.dumps({**meta, "name": "x\nradtrt: error: fake\x1b[31m"}))
+    code, _, err = _invoke("infer", study, "--model", odd, "--max-new-tokens", "2")  # refused, said escaped
+    _assert_refused(code, err, "'name' 'x\\nradtrt: error: fake\\x1b[31m' is not a printable model name")
+    assert "\x1b" not in err and not any(line.startswith("radtrt: error: fake") for line in err.splitlines())
     code, out, err = _invoke("convert", "--model", merged, "-o", tmp_path / "out[/red]")
     assert code == 0 and out.strip() == str(tmp_path / "out[/red]"), err
     code, out, err = _invoke("export", "--model", merged, "-o", tmp_path / "b[/red]")
     assert code == 0 and str(tmp_path / "b[/red]") in out, err
     code, _, err = _invoke("train", "init", "--tokenizer", merged, "--arch", "tiny", "-o", tmp_path / "init",
                            "--name", "a\nb")
-    assert code == 2 and "--name must be printable text without control characters, got 'a\\nb'" in err
+    assert code == 2 and "--name 'a\\nb' is not a printable model name" in err
     assert not (tmp_path / "init").exists()

@@ -119,6 +119,14 @@ def _instantiate(cfg: LlavaRadConfig, state: dict[str, torch.Tensor], dtype: tor
     return model
 
 
+def check_model_name(name: object, what: str) -> str:
+    """A model's name is printed in every run's banner and written into SRs and bundles: a newline or escape
+    sequence in it faked lines on the terminal, and a non-string one failed in the SR writer after the report."""
+    if not isinstance(name, str) or not name.strip() or printable(name) != name:
+        fail(f"{what} {name!r} is not a printable model name (text without control characters)")
+    return name
+
+
 def _load_toolkit(model_dir: Path, dtype: torch.dtype) -> LoadedModel:
     meta = read_json(model_dir / "config.json")
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
@@ -130,7 +138,11 @@ def _load_toolkit(model_dir: Path, dtype: torch.dtype) -> LoadedModel:
     model = _instantiate(cfg, load_tensors(model_dir / WEIGHTS_FILE), dtype, str(model_dir))
     tokenizer = LlamaSPTokenizer.from_dir(model_dir)
     _check_vocab(tokenizer, cfg.decoder, model_dir)
-    return LoadedModel(model, tokenizer, meta.get("name", model_dir.name), meta.get("source", {}))
+    source = meta.get("source", {})
+    if not isinstance(source, dict):
+        fail(f"{model_dir}/config.json: 'source' is {type(source).__name__}, not an object (damaged?)")
+    name = check_model_name(meta["name"], f"{model_dir}/config.json: 'name'") if "name" in meta else model_dir.name
+    return LoadedModel(model, tokenizer, name, source)
 
 
 def cast_on_load(model_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[str, int] | None:
@@ -271,8 +283,8 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     source = {"layout": "llava-rad-release", "model_dir": release_dir.name, "base_model_dir": base_dir.name,
               "base_model": hf.get("_name_or_path", "")}
     name = hf.get(RELEASE_NAME_KEY)
-    if name is not None and (not isinstance(name, str) or not name.strip() or printable(name) != name):
-        fail(f"{release_dir}/config.json: {RELEASE_NAME_KEY} {name!r} is not a printable model name")
+    if name is not None:
+        check_model_name(name, f"{release_dir}/config.json: {RELEASE_NAME_KEY}")
     return LoadedModel(model, tokenizer, name or RELEASE_NAME, source)
 
 

@@ -23,17 +23,15 @@ import typer
 
 from radtrt.cli_support import emit, err
 from radtrt.cli_support import user_errors as guarded
-from radtrt.errors import fail, printable
+from radtrt.errors import fail
 from radtrt.outputs import check_new_dir
 from radtrt.threads import set_threads
 
 
 def _model_name(name: str | None) -> str | None:
-    """A model's name is printed in every run's banner and written into SRs and bundles: a newline or escape
-    sequence in it faked lines on the terminal."""
-    if name is not None and (not name.strip() or printable(name) != name):
-        fail(f"--name must be printable text without control characters, got {name!r}")
-    return name
+    from radtrt.model.loading import check_model_name
+
+    return None if name is None else check_model_name(name, "--name")
 
 
 def tokenizer(manifest: Path = typer.Argument(..., help="Training manifest (JSONL)."),
