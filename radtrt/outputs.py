@@ -188,7 +188,13 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
             fail(f"another radtrt (process {builder}) is building {out} right now; wait for it or choose another -o "
                  f"(if none is running, delete {work})")
         shutil.rmtree(work)  # what an interrupted run of radtrt left (its marker says so)
-    make_dir(work, f"{what} work folder")
+    make_dir(work.parent, f"{what}'s parent folder")
+    try:
+        work.mkdir()  # exclusive: a second radtrt that passed the checks above in the meantime stops here
+    except FileExistsError:
+        fail(f"another radtrt is building {out} right now ({work} appeared); wait for it or choose another -o")
+    except OSError as e:
+        fail(f"cannot create {what} work folder {work}: {e.strerror}")
     try:
         (work / WORK_MARKER).write_text(f"an unfinished radtrt output; safe to delete\npid {os.getpid()}\n")
         yield work
@@ -206,6 +212,6 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
             out.rmdir()
         work.rename(out)
     except OSError as e:  # e.g. a folder created in the meantime; the finished output stays where it is
-        (work / WORK_MARKER).unlink()
+        (work / WORK_MARKER).unlink(missing_ok=True)
         fail(f"cannot move the finished {what} into place at {out} ({e.strerror}); it is complete in {work}")
     (out / WORK_MARKER).unlink()

@@ -223,3 +223,21 @@ def test_a_folder_that_takes_no_files_is_named_so() -> None:
 
     with pytest.raises(RadtrtError, match="cannot write SR folder /proc/sr: /proc takes no new files"):
         check_folder_target(Path("/proc/sr"), "SR folder")
+
+
+def test_a_work_folder_made_after_the_checks_is_not_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two builders that both passed the checks shared one OUT.partial (made with exist_ok): the second's clean-up
+    deleted the first's half-built folder."""
+    import radtrt.outputs as outputs
+
+    made = outputs.make_dir
+
+    def racing(path: Path, what: str = "output directory") -> Path:
+        (tmp_path / "out.partial").mkdir(exist_ok=True)  # the other builder, between the checks and our mkdir
+        return made(path, what)
+
+    monkeypatch.setattr(outputs, "make_dir", racing)
+    with pytest.raises(RadtrtError, match="another radtrt is building .*out right now"):
+        with new_dir_built_aside(tmp_path / "out"):
+            pass
+    assert (tmp_path / "out.partial").is_dir() and not (tmp_path / "out").exists()
