@@ -26,7 +26,7 @@ class ScriptedServer:
     """Answers POST /v1/chat/completions from a script of (status, headers) or None for success."""
 
     def __init__(self) -> None:
-        self.script: list[tuple[int, dict[str, str]] | None] = []
+        self.script: list[tuple | None] = []
         self.requests: list[dict] = []
         outer = self
 
@@ -36,12 +36,12 @@ class ScriptedServer:
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 step = outer.script.pop(0) if outer.script else None
                 if step is not None:
-                    status, headers = step
+                    status, headers, *body = step  # a third item: the body to answer with
                     self.send_response(status)
                     for k, v in headers.items():
                         self.send_header(k, v)
                     self.end_headers()
-                    self.wfile.write(b'{"error": {"message": "scripted failure"}}')
+                    self.wfile.write(body[0] if body else b'{"error": {"message": "scripted failure"}}')
                     return
                 labels = body["messages"][1]["content"].split("Positive findings: ")[1].split(".")[0]
                 answer = {"choices": [{"message": {"role": "assistant", "content": f" Findings for {labels}. "}}]}
@@ -458,3 +458,11 @@ def test_relative_images_are_written_relative_to_the_new_manifest(tmp_path: Path
     (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
     with pytest.raises(RadtrtError, match="cannot resolve"):  # a RuntimeError traceback
         synthesize(labels, tmp_path / "loop-a" / "m.jsonl", client=None, console=None)
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"choices": ' + b"1" * 5000 + b"}", b"<html>"])
+def test_an_answer_that_is_not_json_is_one_error(server: ScriptedServer, body: bytes) -> None:
+    """A number of 4300+ digits (ValueError) or nesting too deep (RecursionError) escaped as a traceback."""
+    server.script = [(200, {"Content-Length": str(len(body))}, body)]
+    with pytest.raises(RadtrtError, match="chat endpoint answered with something that is not JSON"):
+        _client(server, None, []).complete([{"role": "user", "content": "x"}])

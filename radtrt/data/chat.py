@@ -131,7 +131,7 @@ class ChatClient:
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                     http.client.HTTPException) as e:  # HTTPException: a body cut off (IncompleteRead) and kin
                 problem = type(getattr(e, "reason", e)).__name__
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError, a number of 4300+ digits, nesting too deep
                 fail("chat endpoint answered with something that is not JSON")
             if attempt < self.max_retries:
                 wait = retry_after if retry_after is not None else self.backoff_s * 2**attempt

@@ -149,7 +149,7 @@ def check_repo(repo: Path) -> dict[str, dict[str, Any]]:
     """Parse every ``config.pbtxt`` back and check the ensemble: each step's model and tensor names
     exist, every consumed tensor is an ensemble input or an earlier step's output of the same dtype,
     and every ensemble output is produced. Returns the parsed configs."""
-    configs = {p.parent.name: parse_pbtxt(p.read_text()) for p in sorted(repo.glob("*/config.pbtxt"))}
+    configs = {p.parent.name: parse_pbtxt(p.read_text(encoding="utf-8")) for p in sorted(repo.glob("*/config.pbtxt"))}
     for name, cfg in configs.items():
         if cfg.get("name") != name:
             fail(f"{repo / name / 'config.pbtxt'} names the model {cfg.get('name')!r}")

@@ -30,6 +30,7 @@ from radtrt.exporter.onnx import decoder_io_names
 from radtrt.model.generate import Generation, check_positions
 from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
+from radtrt.outputs import make_dir
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -54,7 +55,7 @@ def provider_list(provider: str, trt_cache: Path | None = None) -> list[Any]:
     if provider == "tensorrt":
         opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": trt_cache is not None}
         if trt_cache is not None:
-            trt_cache.mkdir(parents=True, exist_ok=True)
+            make_dir(trt_cache, "--trt-cache folder")
             opts |= {"trt_engine_cache_path": str(trt_cache), "trt_timing_cache_enable": True,
                      "trt_timing_cache_path": str(trt_cache)}
         chain.append((name, opts))

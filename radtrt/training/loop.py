@@ -139,7 +139,7 @@ def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
     """A full disk here stops the run in one line; a cut last line it may leave is dropped by the resume."""
     path = run_dir / LOG_FILE
     try:
-        with path.open("a") as log:
+        with path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(entry) + "\n")
     except OSError as e:
         fail(f"cannot append to training log {path} ({e.strerror or e}); the steps since the last checkpoint are "
@@ -164,7 +164,7 @@ def _truncate_log(run_dir: Path, step: int) -> None:
     path = run_dir / LOG_FILE
     if not path.is_file():
         return
-    text = path.read_text(errors="replace")
+    text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
     keep = []
     for number, line in enumerate(lines, 1):
@@ -181,8 +181,12 @@ def _truncate_log(run_dir: Path, step: int) -> None:
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's log entries, for scripts that plot a run; a cut last line (a run killed while appending) is
+    left out, as resume leaves it out."""
+    from radtrt.data.manifest import read_jsonl
+
     path = run_dir / LOG_FILE
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return [entry for _, entry in read_jsonl(path, complete_only=True)] if path.is_file() else []
 
 
 def resume_config(run_dir: Path) -> TrainConfig:

@@ -43,10 +43,14 @@ class JudgeCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             # a second eval sharing the default cache waits for the other's write instead of failing
             self._db = sqlite3.connect(path, timeout=60)
+        except (OSError, sqlite3.Error) as e:
+            fail(f"cannot open the judge cache {path}: {e}")
+        try:
             self._db.execute(_SCHEMA)
             self._db.execute("SELECT model, prompt_sha256, answer FROM answers LIMIT 1").fetchall()
             self._db.commit()
-        except (OSError, sqlite3.Error) as e:
+        except sqlite3.Error as e:  # not a cache of this schema (another SQLite file, say): closed, not leaked
+            self._db.close()
             fail(f"cannot open the judge cache {path}: {e}")
         self.path = path
 
