@@ -19,6 +19,15 @@ from radtrt.errors import fail
 WORK_MARKER = ".radtrt-unfinished"  # inside OUT.partial while radtrt builds an output folder there
 
 
+def resolved(path: Path) -> Path:
+    """``path.resolve()``, with a symbolic link loop on the way said in one line (a RuntimeError traceback
+    before Python 3.13, an OSError after)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as e:
+        fail(f"cannot follow the path {path}: {getattr(e, 'strerror', None) or e}")
+
+
 def check_creatable(path: Path, what: str) -> None:
     """Fail unless ``path`` could be created: its nearest existing ancestor must be a writable folder.
 
@@ -66,7 +75,7 @@ def check_new_dir(path: Path, what: str = "output directory") -> None:
     """Fail unless ``path`` is an empty folder or can be created as one (never merge into user data)."""
     check_folder_target(path, what)
     here = Path.cwd()
-    if path.resolve() == here or path.resolve() in here.parents:
+    if resolved(path) == here or resolved(path) in here.parents:
         # the output is built beside it and renamed into place: the shell's folder would be replaced under it
         fail(f"{what} '{path}' is the current folder or one above it; give a new folder, e.g. {path / 'out'}")
     if path.is_dir() and any(path.iterdir()):
@@ -91,7 +100,7 @@ def replaced_atomically(path: Path, mode: int | None = None) -> Iterator[Path]:
     that must stay private, such as an SR carrying patient data."""
     _check_not_special(path, "output")
     if path.is_symlink():
-        path = path.resolve()
+        path = resolved(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
     tmp = Path(name)
@@ -145,7 +154,9 @@ def make_dir(path: Path, what: str = "output directory") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        fail(f"cannot create {what} {path}: {e.strerror}")
+        broken = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
+        why = f"{broken} is a symbolic link to a missing target, or a loop" if broken is not None else e.strerror
+        fail(f"cannot create {what} {path}: {why}")
     return path
 
 

@@ -241,3 +241,18 @@ def test_a_work_folder_made_after_the_checks_is_not_shared(tmp_path: Path, monke
         with new_dir_built_aside(tmp_path / "out"):
             pass
     assert (tmp_path / "out.partial").is_dir() and not (tmp_path / "out").exists()
+
+
+def test_a_symbolic_link_loop_in_an_output_path_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert/export/data phantoms -o loop/x was a RuntimeError traceback; bench/calibrate said 'File exists'."""
+    from radtrt.outputs import make_dir, resolved
+
+    monkeypatch.chdir(tmp_path)
+    Path("loop").symlink_to("loop")
+    with pytest.raises(RadtrtError, match="cannot follow the path loop/x"):
+        check_new_dir(Path("loop/x"))
+    with pytest.raises(RadtrtError, match="cannot follow the path loop"):
+        resolved(Path("loop"))
+    with pytest.raises(RadtrtError, match="cannot create report folder loop: loop is a symbolic link to a missing "
+                                          "target, or a loop"):
+        make_dir(Path("loop"), "report folder")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from radtrt.errors import fail
+from radtrt.outputs import resolved
 
 def reproduce_command(sub: str, options: list[tuple[str, Any]]) -> str:
     """The command line that reproduces a run, every option spelled out (defaults may change)."""
@@ -86,7 +87,7 @@ def is_ours(path: Path) -> bool:
 def within(path: Path, folder: Path) -> bool:
     """Whether ``path`` is ``folder`` or lies under it, once links and '..' are resolved (two spellings of one
     place must not pass as two places)."""
-    path, folder = path.resolve(), folder.resolve()
+    path, folder = resolved(path), resolved(folder)
     return path == folder or folder in path.parents
 
 

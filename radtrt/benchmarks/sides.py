@@ -18,6 +18,7 @@ from radtrt.benchmarks.assets import Assets
 from radtrt.benchmarks.bandwidth import bundle_decoder_weight_bytes, torch_decoder_weight_bytes
 from radtrt.benchmarks.machine import current_rss_mb
 from radtrt.errors import fail
+from radtrt.outputs import resolved
 from radtrt.threads import set_threads
 from radtrt.exporter.bundle import BUNDLE_FINGERPRINT
 from radtrt.runtime.pipeline import Pipeline
@@ -114,7 +115,7 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
                  "without --vs-backend")
         if assets.bundle is None:
             fail("--vs-bundle needs --bundle (or --random-model) for the first side")
-        if vs_bundle.exists() and assets.bundle.exists() and vs_bundle.resolve() == assets.bundle.resolve():
+        if vs_bundle.exists() and assets.bundle.exists() and resolved(vs_bundle) == resolved(assets.bundle):
             fail(f"--vs-bundle {vs_bundle} is the same bundle as {assets.bundle}: compare two different bundles")
         sides = open_sides(kinds, assets, ort_provider=ort_provider, threads=threads, ort_spin=ort_spin)
         sides += open_sides(kinds, dataclasses.replace(assets, bundle=vs_bundle), ort_provider=ort_provider,

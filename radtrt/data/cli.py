@@ -14,6 +14,7 @@ import typer
 
 from radtrt.cli_support import emit, err, user_errors
 from radtrt.errors import fail
+from radtrt.outputs import resolved
 from radtrt.progress import plain
 
 guarded = user_errors
@@ -69,7 +70,7 @@ def synthesize(
             fail("pass --endpoint URL and --model NAME, or --template for offline template text")
         cache_dir = cache or out.with_name(out.name + ".cache")
         for name, path in (("output manifest", out), ("label file", labels)):
-            if cache_dir.resolve() == path.resolve():
+            if resolved(cache_dir) == resolved(path):
                 fail(f"--cache {cache_dir} is the {name}; the answer cache needs a folder of its own")
         limits = {"rate_per_s": rate, "max_retries": retries, "timeout_s": timeout}  # the client's defaults otherwise
         client = ChatClient(endpoint, model, api_key=os.environ.get(api_key_env or "OPENAI_API_KEY") or None,

@@ -31,7 +31,7 @@ from radtrt.data.manifest import optional_str, read_jsonl
 from radtrt.data.reports import findings_text
 from radtrt.data.vocabulary import DEVICE_LABELS, LABELS, NO_FINDING, Findings
 from radtrt.errors import fail
-from radtrt.outputs import check_file_target, make_dir
+from radtrt.outputs import check_file_target, make_dir, resolved
 from radtrt.progress import make_progress
 
 PROMPT_VERSION = 1
@@ -188,17 +188,10 @@ def _rebaser(source_dir: Path, out_dir: Path) -> Callable[[str], str]:
         if Path(image).is_absolute():
             return image
         if not bases:
-            bases.extend((_resolved(source_dir), _resolved(out_dir)))
+            bases.extend((resolved(source_dir), resolved(out_dir)))
         return os.path.relpath(bases[0] / image, bases[1])
 
     return rebase
-
-
-def _resolved(folder: Path) -> Path:
-    try:
-        return folder.resolve()
-    except (OSError, RuntimeError) as e:  # a symlink loop: RuntimeError before Python 3.13
-        fail(f"cannot resolve {folder}: {e}")
 
 
 def _same_image(written: Any, rebased: str, base: Path) -> bool:
@@ -226,7 +219,7 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any], gi
     done = [obj for _, obj in read_jsonl(out, complete_only=True)]  # checked before anything is changed
     if len(done) > len(inputs):
         fail(f"{out} holds rows for other images than the label file; choose another -o")
-    base = _resolved(out.parent) if done else out.parent
+    base = resolved(out.parent) if done else out.parent
     for d, i, as_given in zip(done, inputs, given):
         if not _same_image(d.get("image"), i["image"], base):
             if d.get("image") == as_given:  # copied as written, relative to another folder than the manifest's

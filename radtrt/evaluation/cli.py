@@ -142,11 +142,11 @@ def _check_results_path(out: Path, inputs: list[Path], judge_cache: Optional[Pat
     Scoring may take a long, paid judge run: a bad ``-o`` must fail first, and ``-o`` naming the
     predictions file would replace the user's predictions with the results.
     """
-    from radtrt.outputs import check_file_target
+    from radtrt.outputs import check_file_target, resolved
 
     if any(p.exists() and out.exists() and out.samefile(p) for p in inputs):
         fail(f"-o {out} is one of the prediction files being scored; choose another results path")
-    if judge_cache is not None and (out.resolve() == judge_cache.resolve() or
+    if judge_cache is not None and (resolved(out) == resolved(judge_cache) or
                                     (out.exists() and judge_cache.exists() and out.samefile(judge_cache))):
         fail(f"-o {out} is the judge cache; choose another results path")
     check_file_target(out, "results file")

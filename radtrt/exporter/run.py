@@ -13,6 +13,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from radtrt.errors import RadtrtError, fail
+from radtrt.outputs import resolved
 from radtrt.progress import plain
 from radtrt.exporter import targets
 
@@ -77,7 +78,7 @@ def run_export(req: ExportRequest, console: Console) -> Path:
     targets.preflight(plan)
     if out is None and (bundle is None or plan.target == "triton"):
         fail("-o/--out is required: the bundle folder to write (Triton: the repository folder)")
-    if bundle is not None and plan.target != "triton" and out is not None and out.resolve() != bundle.resolve():
+    if bundle is not None and plan.target != "triton" and out is not None and resolved(out) != resolved(bundle):
         fail(f"with --bundle the engines go into {bundle}; drop -o {out} (or pass the same folder)")
 
     def log(line: str) -> None:  # lines name the user's folders: taken as they are, not as markup

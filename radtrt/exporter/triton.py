@@ -30,7 +30,7 @@ from radtrt.exporter.pbtxt import Ident, as_list, parse_pbtxt, to_pbtxt
 from radtrt.exporter.tensorrt import find_vision_engine, inspect_onnx, read_vision_manifest
 from radtrt.exporter.trtllm_build import find_decoder_engine, kv_cache_tokens
 from radtrt.model.io import read_json
-from radtrt.outputs import check_new_dir, new_dir_built_aside
+from radtrt.outputs import check_new_dir, new_dir_built_aside, resolved
 
 TRITON_DTYPES = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16"}
 CASTABLE = {"float16": 10, "bfloat16": 16}  # prompt-table dtypes -> onnx.TensorProto element types
@@ -231,7 +231,7 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     max_seq_len = None  # the engine's, where known here: it bounds the KV cache Triton's backend allocates
     if decoder_engine is None:
         decoder_engine, stamp = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
-        decoder_engine = decoder_engine.resolve()
+        decoder_engine = resolved(decoder_engine)
         max_seq_len = stamp["limits"].get("max_seq_len")
         engine_batch = int(stamp["limits"].get("max_batch", max_batch))
         if engine_batch < max_batch:  # as the vision engine's profile is checked: the server would accept more

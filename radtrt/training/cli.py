@@ -24,7 +24,7 @@ import typer
 from radtrt.cli_support import emit, err
 from radtrt.cli_support import user_errors as guarded
 from radtrt.errors import fail
-from radtrt.outputs import check_new_dir
+from radtrt.outputs import check_new_dir, resolved
 from radtrt.threads import set_threads
 
 
@@ -110,9 +110,9 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
             fail(f"{unused[0]} does not apply to 'train {stage}' ("
                  + next(text for prefix, text in why.items() if unused[0].startswith(prefix)) + ")")
         set_threads(threads)
-        cfg = make_config(stage, preset, manifest=str(manifest.resolve()), init_model=str(model.resolve()),
-                          init_base_model=str(base_model.resolve()) if base_model else None,
-                          out_dir=str(out.resolve()), epochs=epochs, max_steps=max_steps, lr=lr,
+        cfg = make_config(stage, preset, manifest=str(resolved(manifest)), init_model=str(resolved(model)),
+                          init_base_model=str(resolved(base_model)) if base_model else None,
+                          out_dir=str(resolved(out)), epochs=epochs, max_steps=max_steps, lr=lr,
                           weight_decay=weight_decay, warmup_ratio=warmup_ratio, micro_batch_size=micro_batch_size,
                           grad_accum=grad_accum, max_grad_norm=max_grad_norm, precision=precision,
                           max_length=max_length, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
