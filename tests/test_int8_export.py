@@ -380,6 +380,36 @@ def test_smoothing_the_graph_is_exact_in_float_and_divides_the_cached_values(smo
         assert abs(b[f"key.{i}"] - a[f"key.{i}"]).max() <= 1e-5 * abs(a[f"key.{i}"]).max()  # keys unchanged
 
 
+def test_smoothing_a_decoder_whose_norms_were_never_trained(smoothed_graphs, tmp_path: Path) -> None:
+    """All-ones norms (train init, then stages 1 and 2) are merged into one initializer by the exporter:
+    'no lm.model.layers.0.post_attention_layernorm.weight in it', exit 2, for every such model's INT8 export."""
+    import copy
+    import shutil
+
+    from radtrt.exporter.int8_decoder import smooth_graph_file, smoothing_factors
+    from radtrt.exporter.onnx import export_decoder
+
+    lm, stats, _, _, _ = smoothed_graphs
+    fresh = copy.deepcopy(lm)
+    for name, param in fresh.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+    export_decoder(fresh, tmp_path / "plain" / "decoder.onnx")
+    norms = [i.name for i in onnx.load(str(tmp_path / "plain" / "decoder.onnx"), load_external_data=False)
+             .graph.initializer if i.name.endswith("norm.weight")]
+    assert len(norms) == 1  # what the exporter does with equal tensors (the case this test is for)
+    shutil.copytree(tmp_path / "plain", tmp_path / "smoothed")
+    smoothing = smoothing_factors(fresh, stats, alpha=0.8)
+    smooth_graph_file(tmp_path / "smoothed" / "decoder.onnx", smoothing)
+    x = torch.randn(1, 12, lm.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    a, b = _run_plain(tmp_path / "plain" / "decoder.onnx", lm, x), _run_plain(tmp_path / "smoothed" / "decoder.onnx",
+                                                                              lm, x)
+    assert abs(a["logits"] - b["logits"]).max() <= 1e-5 * float(a["logits"].max() - a["logits"].min())
+    inits = onnx.load(str(tmp_path / "smoothed" / "decoder.onnx")).graph.initializer
+    assert sum(i.name.endswith(("norm.weight", "norm.weight.smoothed")) for i in inits) == \
+        2 * lm.cfg.num_hidden_layers + 1  # each smoothed norm its own, the final norm the merged one
+
+
 def test_smoothed_graph_weights_are_quant_smooth_bit_for_bit(smoothed_graphs) -> None:
     """The graph holds exactly what ``quant.smooth`` / ``fold_into_norm`` compute on the PyTorch weights."""
     import numpy as np

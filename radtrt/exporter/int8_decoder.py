@@ -29,6 +29,7 @@ bundle stores it INT8 per row, ``radtrt.exporter.bundle``).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,13 @@ def _o_proj_factors(attn: Any, act_absmax: torch.Tensor, alpha: float, n_kv: int
 
 def smooth_graph_file(path: Path, smoothing: Smoothing, progress: Any = None) -> None:
     """Apply ``smoothing`` to an exported (plain-attention) fp32 decoder graph in place, one weight at a time
-    (``external.rewrite_graph_file``): linear weights found by their nodes' module scopes, norm weights by
-    their parameter names. Refuses a graph missing any module or norm the factors name."""
+    (``external.rewrite_graph_file``): linear weights and RMSNorm weights found by their nodes' module scopes.
+    Refuses a graph missing any module or norm the factors name.
+
+    The exporter merges equal initializers: the norms of a decoder whose norms were never trained (all ones,
+    as ``train init`` makes them and stages 1 and 2 leave them) are one tensor under the first norm's name,
+    which every norm's node reads. A smoothed norm is therefore written as a tensor of its own and only its
+    node is pointed at it."""
     from radtrt.exporter.external import rewrite_graph_file
     from radtrt.exporter.onnx import DECODER_ROOT, module_of
     from radtrt.progress import progress_callback
@@ -159,8 +165,14 @@ def smooth_graph_file(path: Path, smoothing: Smoothing, progress: Any = None) ->
         targets = [(n, module_of(n, DECODER_ROOT)) for n in graph.node if n.op_type == "MatMul"]
         targets = [(n, m) for n, m in targets if m in smoothing.inputs or m in smoothing.outputs]
         weights = [n.input[1] for n, _ in targets]
+        norm_nodes: dict[str, tuple[onnx.NodeProto, int]] = {}  # norm module -> (its Mul, the weight's input slot)
+        width = [len(s) for s in smoothing.norms.values()][:1]  # the hidden size: a norm weight's only dimension
+        for node in graph.node:
+            slots = [i for i, name in enumerate(node.input) if name in inits and list(inits[name].dims) == width]
+            if node.op_type == "Mul" and len(slots) == 1:
+                norm_nodes.setdefault(module_of(node, DECODER_ROOT), (node, slots[0]))
         missing = sorted((set(smoothing.inputs) | set(smoothing.outputs)) - {m for _, m in targets})
-        missing += [f"{DECODER_ROOT}.{n}" for n in smoothing.norms if f"{DECODER_ROOT}.{n}" not in inits]
+        missing += [f"{DECODER_ROOT}.{n}" for n in smoothing.norms if n.removesuffix(".weight") not in norm_nodes]
         if missing:  # checked before any weight is read: at 7B the rewrite is tens of GB
             fail(f"cannot smooth the decoder graph: no {missing[0]} in it (has the exporter changed its names?)")
         if any(w not in inits for w in weights) or len(set(weights)) != len(weights):
@@ -172,12 +184,22 @@ def smooth_graph_file(path: Path, smoothing: Smoothing, progress: Any = None) ->
             smoothed[node.input[1]] = store.add(smoothing.weight(module, store.read(inits[node.input[1]])), node.input[1])
             if tick:
                 tick(done)
+        readers = Counter(name for node in graph.node for name in node.input if name in inits)
         for name, s in smoothing.norms.items():
-            key = f"{DECODER_ROOT}.{name}"
-            smoothed[key] = store.add(np.asarray(store.read(inits[key]), dtype=np.float32) / s.numpy(), key)
+            node, slot = norm_nodes[name.removesuffix(".weight")]
+            source, key = node.input[slot], f"{DECODER_ROOT}.{name}"
+            if readers[source] > 1 or source != key:  # shared: a tensor of its own, under a name not taken
+                key = key if key not in inits and key not in smoothed else f"{key}.smoothed"
+                readers[source] -= 1
+                node.input[slot] = key
+            smoothed[key] = store.add(np.asarray(store.read(inits[source]), dtype=np.float32) / s.numpy(), key)
         for name, tensor in smoothed.items():
-            graph.initializer.remove(inits[name])
+            if name in inits:
+                graph.initializer.remove(inits[name])
             graph.initializer.append(tensor)
+        for name, count in readers.items():  # a merged norm every reader of which now has its own
+            if count == 0 and name not in smoothed:
+                graph.initializer.remove(inits[name])
 
     rewrite_graph_file(path, path, edit)
 
