@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -546,3 +547,50 @@ def test_quiet_from_two_threads_restores_what_was_there() -> None:
     assert inside == [pydicom.config.IGNORE]
     assert pydicom.config.settings.reading_validation_mode == validation
     assert logging.getLogger("pydicom").level == level and logging.getLogger("highdicom").level == logging.NOTSET
+
+
+@pytest.mark.parametrize("damage", ["meta SOP class length", "transfer syntax", "SOP class"])
+def test_a_value_that_is_not_a_uid_is_never_quoted(tmp_path: Path, damage: str,
+                                                   capfd: pytest.CaptureFixture) -> None:
+    """A UID's length damaged swallowed the header (the patient's name with it) into one value, quoted whole in
+    the error line; a name where a UID belongs was quoted too, and pydicom warned with it on stderr."""
+    ds = radiograph_dataset(synthetic_chest())
+    path = tmp_path / "d.dcm"
+    if damage == "meta SOP class length":
+        ds.save_as(path, enforce_file_format=True)
+        raw = bytearray(path.read_bytes())
+        at = raw.find(b"\x02\x00\x02\x00UI")
+        raw[at + 6:at + 8] = (0xFFF0).to_bytes(2, "little")
+        path.write_bytes(bytes(raw))
+        match = "not an image \\(a SOP class that is not a UID, no pixel data\\)"
+    elif damage == "transfer syntax":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.file_meta.TransferSyntaxUID = FAKE_PATIENT_NAME
+        ds.save_as(path, enforce_file_format=False)
+        match = "its transfer syntax is not a UID"
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.SOPClassUID = FAKE_PATIENT_NAME
+        del ds.PixelData
+        ds.save_as(path, enforce_file_format=False)
+        match = "a SOP class that is not a UID"
+    capfd.readouterr()
+    _refused(path, match)
+    out, err = capfd.readouterr()
+    assert FAKE_PATIENT_NAME.split("^")[0] not in out + err
+
+
+def test_a_damaged_offset_table_is_one_line(tmp_path: Path) -> None:
+    """pydicom's struct.error from a Basic Offset Table that claims 16 MB: a traceback, exit 1, the rest of the
+    studies lost."""
+    import struct
+
+    ds = radiograph_dataset(synthetic_chest())
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    raw = (tmp_path / "rle.dcm").read_bytes()
+    at = raw.find(b"\xfe\xff\x00\xe0", raw.rfind(b"\xe0\x7f\x10\x00"))
+    (tmp_path / "bot.dcm").write_bytes(raw[:at + 4] + struct.pack("<L", 0x00FFFFF0) + raw[at + 8:])
+    _refused(tmp_path / "bot.dcm", "cannot decode pixel data")

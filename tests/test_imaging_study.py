@@ -90,6 +90,14 @@ def test_only_laterals_are_refused_naming_the_views(tmp_path: Path) -> None:
     assert "LL x1" in message and "RL x1" in message
 
 
+def test_a_refused_frontal_is_named_when_no_frontal_is_left(tmp_path: Path) -> None:
+    """A PA refused for its modality left 'no frontal image; views found: LL x1', the PA and its remedy unsaid."""
+    _dx(tmp_path, "a_pa.dcm", "PA", seed=1, modality="CT")
+    _dx(tmp_path, "b_lat.dcm", "LL", seed=2)
+    message = _refused(tmp_path, "no frontal")
+    assert "LL x1; not used: a_pa.dcm: " in message and "modality" in message and "--allow-any-modality" in message
+
+
 def test_hidden_files_and_dicomdir_are_ignored(tmp_path: Path) -> None:
     _dx(tmp_path, "lat.dcm", "LL", seed=1)
     _dx(tmp_path, ".hidden_pa.dcm", "PA", seed=2)

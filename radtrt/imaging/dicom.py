@@ -49,6 +49,7 @@ file (never patient data):
 from __future__ import annotations
 
 import logging
+import re
 import struct
 import threading
 import warnings
@@ -205,12 +206,25 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
     return ds
 
 
+def _uid(value: object) -> UID | None:
+    """``value`` as a UID when it is one (digits and dots, at most 64 characters), else None: a damaged header
+    can put anything there, a patient's name or the whole rest of the header, which a message must not quote.
+    Made quietly: pydicom's validation warns with the value."""
+    text = str(value)
+    if len(text) > 64 or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", text):
+        return None
+    with quiet():
+        return UID(text)
+
+
 def _sop_class_name(ds: Dataset) -> str:
-    uid = ds.get("SOPClassUID") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
-    if not uid:
+    value = ds.get("SOPClassUID") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    if not value:
         return "unknown SOP class"
-    name = UID(str(uid)).name
-    return name if name and name != str(uid) else f"SOP class {uid}"
+    uid = _uid(value)
+    if uid is None:
+        return "a SOP class that is not a UID"
+    return uid.name if uid.name and uid.name != str(uid) else f"SOP class {uid}"
 
 
 def check_image_object(ds: Dataset, name: str) -> None:
@@ -343,7 +357,9 @@ def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
     ts_value = ds.get("file_meta", Dataset()).get("TransferSyntaxUID")
     if not ts_value:
         fail(f"{name}: no transfer syntax in the DICOM file meta information")
-    ts = UID(str(ts_value))
+    ts = _uid(ts_value)
+    if ts is None:
+        fail(f"{name}: its transfer syntax is not a UID (a damaged file meta header); no decoder available")
     if not ts.is_transfer_syntax:
         fail(f"{name}: unknown transfer syntax {ts}; no decoder available")
     try:
@@ -377,7 +393,7 @@ def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
             arr = ds.pixel_array
     # the decoders' messages quote header values (a name where a code should be): only the kind of error is shown
     except (ValueError, RuntimeError, NotImplementedError, EOFError, OSError, AttributeError, TypeError,
-            KeyError) as exc:
+            KeyError, struct.error) as exc:  # struct.error: a damaged Basic Offset Table
         fail(f"{name}: cannot decode pixel data ({ts.name}, {type(exc).__name__})")
     expected_shape = (rows, cols) if samples == 1 else (rows, cols, 3)
     if arr.shape != expected_shape:

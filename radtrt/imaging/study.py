@@ -150,7 +150,10 @@ def _summarise_skipped(skipped: list[tuple[str, str]], limit: int = 5) -> str:
     return shown + more
 
 
-def _choose(candidates: list[_Candidate], folder_name: str) -> _Candidate:
+def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[tuple[str, str]]) -> _Candidate:
+    """The frontal image; a refusal names the files that were not used, since the frontal may be among them (a
+    PA refused for its modality, say, whose remedy would otherwise go unsaid)."""
+    unused = f"; not used: {_summarise_skipped(skipped)}" if skipped else ""
     for view in FRONTAL_VIEWS:
         for candidate in candidates:
             if candidate.view == view:
@@ -159,8 +162,8 @@ def _choose(candidates: list[_Candidate], folder_name: str) -> _Candidate:
         if len(candidates) == 1:
             return candidates[0]
         fail(f"{folder_name}: {len(candidates)} images with unknown view; cannot tell which is "
-             "frontal (pass the file itself)")
-    fail(f"{folder_name}: no frontal (PA/AP) image; views found: {_describe(candidates)}")
+             f"frontal (pass the file itself){unused}")
+    fail(f"{folder_name}: no frontal (PA/AP) image; views found: {_describe(candidates)}{unused}")
 
 
 def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], list[tuple[str, str]]]:
@@ -223,7 +226,7 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
     if not candidates:
         why = f": {_summarise_skipped(skipped)}" if skipped else " (no DICOM, PNG or JPEG files)"
         fail(f"{folder.name}: no usable image in folder{why}")
-    chosen = _choose(candidates, folder.name)
+    chosen = _choose(candidates, folder.name, skipped)
     return _load(chosen.path, chosen.kind, allow_any_modality=allow_any_modality,
                  skipped=tuple(skipped))
 
