@@ -38,3 +38,14 @@ def test_providers_built_in_but_not_starting_are_not_usable(monkeypatch: pytest.
 
     line = next(x for x in report() if x.startswith("onnxruntime"))
     assert line.endswith(": providers CPUExecutionProvider (built in but not starting here: CUDAExecutionProvider)")
+
+
+def test_a_missing_provider_is_refused_with_a_remedy_that_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said '--ort-provider cpu, or --device cpu in place of --device cuda': with --device cuda still given,
+    --ort-provider cpu was refused as a contradiction."""
+    from radtrt.runtime.ort import provider_list
+
+    monkeypatch.setattr(ort_module, "available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RadtrtError, match="run ONNX Runtime on the CPU: --ort-provider cpu, without --device cuda$"):
+        provider_list("cuda")
+    assert provider_list("cpu") == ["CPUExecutionProvider"]

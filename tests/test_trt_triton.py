@@ -177,6 +177,16 @@ def test_a_given_engine_is_written_as_typed_and_checked_against_the_bundle(tmp_p
     repo = write_triton_repo(bundle, tmp_path / "ok2", vision_backend="onnxruntime", decoder_engine=engine, max_batch=4)
     params = {p["key"]: p["value"]["string_value"] for p in check_repo(repo)["tensorrt_llm"]["parameters"]}
     assert params["max_tokens_in_paged_kv_cache"] == str(4 * 320)
+    good["build_config"]["max_seq_len"] = True  # a damaged config: not 1 token (it bounded the cache at 256)
+    (engine / "config.json").write_text(json.dumps(good))
+    repo = write_triton_repo(bundle, tmp_path / "ok3", vision_backend="onnxruntime", decoder_engine=engine, max_batch=4)
+    params = {p["key"]: p["value"]["string_value"] for p in check_repo(repo)["tensorrt_llm"]["parameters"]}
+    assert "max_tokens_in_paged_kv_cache" not in params
+    for damaged, match in (({**good, "build_config": "x"}, "build_config is str, not an object"),
+                           ([good], "does not hold a JSON object")):  # AttributeError tracebacks
+        (engine / "config.json").write_text(json.dumps(damaged))
+        with pytest.raises(RadtrtError, match=match):
+            write_triton_repo(bundle, tmp_path / "bad", vision_backend="onnxruntime", decoder_engine=engine)
 
 
 def test_an_fp32_or_int8_bundles_vision_graph_is_cast_for_the_prompt_table(tmp_path: Path) -> None:

@@ -194,7 +194,14 @@ def _engine_config(engine: Path) -> dict[str, Any] | None:
                                                                              str):
         fail(f"{engine} is not a TensorRT-LLM engine folder (its config.json has no pretrained_config.dtype; a "
              f"checkpoint folder becomes an engine with 'radtrt export --target trtllm' on the GPU host)")
+    if not isinstance(data.get("build_config") or {}, dict):
+        fail(f"{config}: build_config is {type(data['build_config']).__name__}, not an object (damaged?)")
     return data
+
+
+def _count(value: Any) -> int | None:
+    """An engine limit as a number, where its config holds one (a bool is not one)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def check_engine_fits(engine: Path, config: dict[str, Any], spec: RepoSpec, prompt_length: int) -> None:
@@ -211,8 +218,8 @@ def check_engine_fits(engine: Path, config: dict[str, Any], spec: RepoSpec, prom
             ("max_batch_size", spec.max_batch, f"Triton's max batch {spec.max_batch}", "--max-batch"),
             ("max_input_len", prompt_length, f"the {prompt_length}-token prompt without an indication", None))
     for key, want, what, option in need:
-        got = build.get(key)
-        if isinstance(got, int) and got < want:
+        got = _count(build.get(key))
+        if got is not None and got < want:
             fits = got // (want // spec.max_batch) if option else 0  # the batch the engine does take
             fix = f"pass {option} {fits}, or rebuild the engine" if fits >= 1 else "rebuild the engine"
             fail(f"{engine} was built with {key} {got}, below {what}: {fix}")
@@ -253,11 +260,11 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
                     onnx.output_name, max_batch)
     if given and engine_config is not None:
         check_engine_fits(decoder_engine, engine_config, spec, _prompt_length(bundle, spec.num_image_tokens))
-        max_seq_len = (engine_config.get("build_config") or {}).get("max_seq_len")
+        max_seq_len = _count((engine_config.get("build_config") or {}).get("max_seq_len"))
     platform = "tensorrt_plan" if vision_backend == "tensorrt" else "onnxruntime_onnx"
     # a given engine's path as typed: it names a folder on the serving host, which this host's symlinks
     # (/var/run -> /run, a mount alias) say nothing about
-    kv_tokens = kv_cache_tokens(max_batch, max_seq_len) if isinstance(max_seq_len, int) and max_seq_len > 0 else None
+    kv_tokens = kv_cache_tokens(max_batch, max_seq_len) if _count(max_seq_len) and max_seq_len > 0 else None
     configs = model_configs(spec, platform, decoder_engine, kv_cache_free_gpu_mem_fraction, max_kv_tokens=kv_tokens)
     with new_dir_built_aside(out, "Triton repository") as work:
         _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch, cast_to)
