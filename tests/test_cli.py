@@ -473,6 +473,14 @@ def test_a_damaged_name_or_source_in_a_model_config_is_one_line(merged: Path, tm
         assert out == ""
 
 
+def test_a_model_given_as_a_bundle_or_a_file_as_a_model_says_so(merged: Path, tmp_path: Path) -> None:
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=13)))
+    code, _, err = _invoke("infer", study, "--bundle", merged)
+    _assert_refused(code, err, "is not a radtrt bundle (no manifest.json): it is a model folder, which --model takes")
+    code, _, err = _invoke("export", "--model", study, "-o", tmp_path / "b")
+    _assert_refused(code, err, f"{study} is a file, not a model directory")  # it said 'not found'
+
+
 def test_torch_backend_with_only_a_bundle_is_refused(tmp_path: Path) -> None:
     # without the refusal the embedded default model ran silently in place of the bundle's model
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest()))

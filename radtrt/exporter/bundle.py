@@ -223,7 +223,9 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
         fail(f"bundle directory not found: {bundle}")
     path = bundle / MANIFEST
     if not path.is_file():
-        fail(f"{bundle} is not a radtrt bundle (no {MANIFEST})")
+        model = (bundle / "config.json").is_file() and (bundle / "model.safetensors").is_file()
+        fail(f"{bundle} is not a radtrt bundle (no {MANIFEST})" + (
+            ": it is a model folder, which --model takes (a bundle is what 'radtrt export' writes)" if model else ""))
     manifest = read_json(path)
     if manifest.get("format") != BUNDLE_FORMAT:
         fail(f"{bundle} is not a radtrt bundle (format {manifest.get('format')!r})")

@@ -51,7 +51,8 @@ class LoadedModel:
 def layout_of(model_dir: Path) -> str:
     """``'toolkit'`` or ``'release'``, from the directory's config.json."""
     if not model_dir.is_dir():
-        fail(f"model directory not found: {model_dir}")
+        fail(f"{model_dir} is a file, not a model directory" if model_dir.exists() else
+             f"model directory not found: {model_dir}")
     if not (model_dir / "config.json").exists() and (model_dir / "manifest.json").is_file() \
             and (model_dir / "decoder.onnx").is_file():  # said as such, not as "missing file: config.json"
         fail(f"{model_dir} is an ONNX bundle, not a model: --model takes the model folder it was exported from "
