@@ -235,6 +235,10 @@ def test_missing_decoder_is_reported_with_its_dependencies(tmp_path: Path,
 def test_constant_image_is_refused(tmp_path: Path) -> None:
     write_radiograph(tmp_path / "flat.dcm", np.full((64, 64), 1000, np.uint16))
     _refused(tmp_path / "flat.dcm", "no contrast")
+    ds = radiograph_dataset(synthetic_chest())
+    ds.RescaleSlope, ds.RescaleIntercept = 0, 0
+    ds.save_as(tmp_path / "slope0.dcm", enforce_file_format=True)  # said 'all pixel values equal': they differ
+    _refused(tmp_path / "slope0.dcm", "RescaleSlope maps every pixel to one value, though the stored pixels differ")
 
 
 # ---- generated radiographs: the pixel pipeline ------------------------------------------------

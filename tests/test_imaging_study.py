@@ -98,6 +98,19 @@ def test_a_refused_frontal_is_named_when_no_frontal_is_left(tmp_path: Path) -> N
     assert "LL x1; not used: a_pa.dcm: " in message and "modality" in message and "--allow-any-modality" in message
 
 
+def test_linked_series_folders_are_followed_once(tmp_path: Path) -> None:
+    """Links to files were followed but links to folders were not: a study whose series are links was 'no usable
+    image in folder (no DICOM, PNG or JPEG files)'. A link back up must not walk forever."""
+    _dx(tmp_path / "store" / "s1", "pa.dcm", "PA", study_uid="1.2.3.7")
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "series1").symlink_to(tmp_path / "store" / "s1")
+    (study / "up").symlink_to(study)
+    (study / "again").symlink_to(tmp_path / "store" / "s1")
+    image = load_study(study)
+    assert image.view_position == "PA" and image.source_file.name == "pa.dcm"
+
+
 def test_hidden_files_and_dicomdir_are_ignored(tmp_path: Path) -> None:
     _dx(tmp_path, "lat.dcm", "LL", seed=1)
     _dx(tmp_path, ".hidden_pa.dcm", "PA", seed=2)

@@ -114,7 +114,7 @@ def test_a_sop_class_highdicom_does_not_know_is_one_line(tmp_path: Path) -> None
     ds = pydicom.dcmread(source)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.3.46.670589.2.99.1"
     ds.save_as(source, enforce_file_format=True)
-    with pytest.raises(RadtrtError, match="its DICOM header cannot be carried into an SR \\(KeyError"):
+    with pytest.raises(RadtrtError, match="cannot be carried into an SR \\(its SOP class is one highdicom cannot reference"):
         write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
 
 

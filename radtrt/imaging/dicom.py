@@ -461,9 +461,12 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
     else:
         fail(f"{name}: photometric interpretation {_shown_code(photometric, KNOWN_PHOTOMETRIC)} is not supported")
     if scaled is None:
-        if photometric in _GREY and (ds.get("VOILUTSequence") or "WindowCenter" in ds) and arr.min() != arr.max():
-            fail(f"{name}: its VOI LUT or window leaves no contrast (every pixel maps to one value, though the "
-                 f"stored pixels differ): the header's display settings do not fit its pixel data")
+        if photometric in _GREY and arr.min() != arr.max():  # the header flattened pixels that differ
+            if ds.get("VOILUTSequence") or "WindowCenter" in ds:
+                fail(f"{name}: its VOI LUT or window leaves no contrast (every pixel maps to one value, though the "
+                     f"stored pixels differ): the header's display settings do not fit its pixel data")
+            fail(f"{name}: its modality LUT or RescaleSlope maps every pixel to one value, though the stored pixels "
+                 f"differ (a RescaleSlope of 0?)")
         fail(f"{name}: image has no contrast (all pixel values equal)")
     return equalize_histogram(scaled)
 

@@ -160,8 +160,9 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
             sr = _document(report_text, evidence, from_dicom, model_name, model_version, complete)
     # the message may quote header values: not shown. KeyError: a SOP class highdicom has no IOD for (a vendor's)
     except (ValueError, TypeError, AttributeError, KeyError) as e:
-        fail(f"{source.source_file.name}: its DICOM header cannot be carried into an SR ({type(e).__name__} "
-             "from highdicom); no SR written")
+        why = "its SOP class is one highdicom cannot reference (a vendor's private class?)" if isinstance(e, KeyError) \
+            else f"{type(e).__name__} from highdicom"
+        fail(f"{source.source_file.name}: its DICOM header cannot be carried into an SR ({why}); no SR written")
     if not from_dicom and "CurrentRequestedProcedureEvidenceSequence" in sr:
         del sr.CurrentRequestedProcedureEvidenceSequence  # it would name a non-existent image
     return sr

@@ -1,7 +1,7 @@
 """A study on disk -> the one frontal image the model will report on.
 
 A study is either a single file (DICOM, PNG or JPEG, recognised by content) or a folder searched
-recursively. Rules:
+recursively (links to folders followed, each folder once). Rules:
 
 * Single file: the user chose it, so it is used whatever its view (the view is still reported, and
   ``study_warnings`` says when it is not frontal).
@@ -105,8 +105,23 @@ def _walk(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
         name = Path(error.filename or folder).name
         unreadable.append((name, f"{name}: cannot read folder ({error.strerror or type(error).__name__})"))
 
-    for root, dirs, names in os.walk(folder, onerror=note):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    seen: set[tuple[int, int]] = set()  # folders by device and inode: a link back up is walked once, not forever
+
+    def first_visit(path: Path) -> bool:
+        try:
+            st = path.stat()
+        except OSError:  # a dangling link: os.walk reports what it cannot list
+            return True
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    first_visit(folder)
+    # links to folders are followed, as links to files are: a PACS export's series are often links
+    for root, dirs, names in os.walk(folder, onerror=note, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and first_visit(Path(root) / d)]
         for file_name in names:
             if file_name.startswith(".") or file_name.upper() == "DICOMDIR":
                 continue

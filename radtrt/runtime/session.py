@@ -20,7 +20,8 @@ def check_studies_exist(studies: list[Path]) -> None:
     """Fail before the (slow) model load when a study path is mistyped."""
     for study in studies:
         if not study.exists():
-            fail(f"study not found: {study}")
+            fail(f"study {study} is a symbolic link to a missing target, or a loop" if study.is_symlink() else
+                 f"study not found: {study}")
 
 
 def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Console) -> list[Path]:
