@@ -104,15 +104,11 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def current_rss_mb() -> float | None:
-    """Resident memory now, in MiB (Linux ``/proc``); None where that is not available."""
-    status = Path("/proc/self/status")
-    if not status.is_file():
-        return None
-    for line in status.read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return None
+def current_rss_mb() -> float:
+    """Resident memory now, in MiB (psutil: every platform radtrt runs on)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def gpu_peak_memory_mb() -> float | None:

@@ -145,7 +145,7 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
         else:
             pipeline, weight_bytes, settings = _torch_side(kind, assets, base_model, device, cache)
         rss1 = current_rss_mb()
-        added = rss1 - rss0 if rss0 is not None and rss1 is not None else None
+        added = rss1 - rss0
         kv_bytes = settings.pop("kv_dtype_bytes")
         sides.append(Side(pipeline, weight_bytes, time.perf_counter() - t0, added, settings, kv_bytes))
     _check_same_model(sides)

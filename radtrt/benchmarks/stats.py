@@ -6,9 +6,10 @@ checked by hand against the raw samples stored in the JSON.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
+
+import numpy as np
 
 from radtrt.errors import fail
 
@@ -35,9 +36,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         fail("no samples to summarize")
     if not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile {q} outside 0..100")
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+    return float(np.percentile(sorted_values, q))
 
 
 def summarize(values: Sequence[float]) -> Summary:
