@@ -1,5 +1,5 @@
 """What the two clients of OpenAI-compatible endpoints must agree on: which URLs can be one, which failures
-deserve another attempt, and how long the server asked to wait.
+deserve another attempt, how long the server asked to wait, and how far apart requests start.
 
 Shared by the report synthesizer (``data/chat.py``, plain urllib so that it needs no SDK) and the CheXprompt
 judge (``evaluation/chexprompt/client.py``, the openai SDK for Azure): their own copies had drifted apart (a
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import time
 import urllib.parse
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from radtrt.errors import fail
 
@@ -71,3 +73,25 @@ def retry_after_seconds(headers: Optional[Mapping[str, str]]) -> Optional[float]
         if math.isfinite(seconds):
             return max(0.0, seconds)
     return None
+
+
+class RateLimiter:
+    """Spaces request starts at least 60/rpm seconds apart, across all worker threads (the judge's); one
+    request at a time for the synthesizer."""
+
+    def __init__(self, requests_per_minute: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
+        self._interval = 60.0 / requests_per_minute if requests_per_minute > 0 else 0.0
+        self._clock, self._sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if self._interval == 0.0:
+            return
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self._interval
+        if start > now:
+            self._sleep(start - now)

@@ -14,7 +14,8 @@ import pytest
 
 from radtrt.errors import RadtrtError
 from radtrt.evaluation.bootstrap import BootstrapConfig
-from radtrt.evaluation.chexprompt.client import OpenAIJudgeClient, RateLimiter
+from radtrt.evaluation.chexprompt.client import OpenAIJudgeClient
+from radtrt.http_retry import RateLimiter
 from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.judge import Judge, Judgement
 from radtrt.evaluation.chexprompt.parser import ErrorCounts, format_answer

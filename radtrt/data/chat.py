@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
-from radtrt.http_retry import check_endpoint, retry_after_seconds, retryable_status
+from radtrt.http_retry import RateLimiter, check_endpoint, retry_after_seconds, retryable_status
 from radtrt.outputs import check_folder_target, replaced_atomically
 
 MAX_WAIT_S = 120.0  # longest pause between attempts, whatever Retry-After asks
@@ -53,7 +53,6 @@ class ChatClient:
     cache_dir: Path | None = None
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
     requests_made: int = 0
-    _last_start: float = field(default=float("-inf"), repr=False)
 
     def __post_init__(self) -> None:
         self.url = completions_url(self.endpoint)
@@ -62,6 +61,7 @@ class ChatClient:
             fail("--rate and --timeout must be positive numbers, --retries at least 0")
         if self.cache_dir is not None:  # before any request: answers paid for must have somewhere to go
             check_folder_target(self.cache_dir, "answer cache folder")
+        self._limiter = RateLimiter(self.rate_per_s * 60, sleep=self.sleep)
 
     def _cache_file(self, payload: dict[str, Any]) -> Path | None:
         if self.cache_dir is None:
@@ -99,12 +99,6 @@ class ChatClient:
             fail(f"answer cache entry {path} is damaged; delete it to ask the endpoint again")
         return content
 
-    def _wait_for_slot(self) -> None:
-        gap = 1.0 / self.rate_per_s - (time.monotonic() - self._last_start)
-        if gap > 0:
-            self.sleep(gap)
-        self._last_start = time.monotonic()
-
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
@@ -112,7 +106,7 @@ class ChatClient:
         body = json.dumps(payload).encode()
         problem = ""
         for attempt in range(self.max_retries + 1):
-            self._wait_for_slot()
+            self._limiter.acquire()
             self.requests_made += 1
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             retry_after = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import Callable, Optional, Protocol
 
 import openai
@@ -20,7 +19,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from radtrt.errors import fail
 from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.prompt import Messages
-from radtrt.http_retry import retry_after_seconds, retryable_status
+from radtrt.http_retry import RateLimiter, retry_after_seconds, retryable_status
 
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 AZURE_KEY_ENV = "AZURE_OPENAI_API_KEY"
@@ -44,27 +43,6 @@ class JudgeClient(Protocol):
     stopping: threading.Event
 
     def complete(self, messages: Messages) -> Optional[str]: ...
-
-
-class RateLimiter:
-    """Spaces request starts at least 60/rpm seconds apart, across all worker threads."""
-
-    def __init__(self, requests_per_minute: float, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], object] = time.sleep) -> None:
-        self._interval = 60.0 / requests_per_minute if requests_per_minute > 0 else 0.0
-        self._clock, self._sleep = clock, sleep
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        if self._interval == 0.0:
-            return
-        with self._lock:
-            now = self._clock()
-            start = max(now, self._next)
-            self._next = start + self._interval
-        if start > now:
-            self._sleep(start - now)
 
 
 def server_wait(exc: BaseException) -> Optional[float]:
