@@ -36,7 +36,7 @@ def read_json(path: Path) -> dict[str, Any]:
         fail(f"missing file: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not JSON or not UTF-8; a 4300-digit number; nesting too deep
         fail(f"{path} is not valid JSON ({e})")
     if not isinstance(data, dict):
         fail(f"{path} does not hold a JSON object")

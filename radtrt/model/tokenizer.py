@@ -17,6 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from radtrt.errors import fail
+from radtrt.model.io import read_json
 from radtrt.outputs import make_dir
 
 SPIECE_UNDERLINE = "\u2581"
@@ -56,14 +57,7 @@ class LlamaSPTokenizer:
         if not model_file.is_file():
             fail(f"no sentencepiece tokenizer.model in {directory}")
         cfg_file = directory / "tokenizer_config.json"
-        cfg = {}
-        if cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                fail(f"{cfg_file} is not valid JSON ({e})")
-            if not isinstance(cfg, dict):
-                fail(f"{cfg_file} is not a JSON object")
+        cfg = read_json(cfg_file) if cfg_file.is_file() else {}
         proto = model_file.read_bytes()
         if not proto:  # sentencepiece loads an empty file and fails at the first encode
             fail(f"{model_file} is empty")
