@@ -68,7 +68,10 @@ def phantom_source(n: int, seed: int, progress: Any = None) -> Iterator[Path]:
 
 def calibrate(loaded: LoadedModel, data: Path, n: int = DEFAULT_N, *, skip: int = 0, source: dict | None = None,
               progress: Any = None) -> Calibration:
-    """Read ``n`` samples from ``data`` and collect the vision and decoder statistics."""
+    """Read ``n`` samples from ``data`` and collect the vision and decoder statistics.
+
+    Casts ``loaded.model`` to fp32 in place (not a copy: at 7B a second copy is 28 GB): statistics are taken in
+    fp32, as the INT8 export that uses them quantizes the fp32 model."""
     model = loaded.model.float().eval()
     samples = load_samples(data, n, _preparer(loaded), skip=skip,
                            on_sample=progress_callback(progress, f"reading {n} calibration samples", n))
