@@ -132,15 +132,11 @@ def latency(
                                      ("--work-dir", given_work_dir if random_model is not None else None)])
 
     command = reproduce_command("latency", [
-        ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
-        ("--work-dir", work_dir if random_model or studies is None else None),
-        ("--seed", seed if random_model else None), ("--backend", backend), ("--vs-backend", vs_backend),
-        ("--vs-bundle", vs_bundle),
-        ("--studies", studies), ("--synthetic", synthetic), ("--stages", stages),
-        ("--runs", runs), ("--warmup", warmup), ("--max-new-tokens", None if stages == "vision" else max_new_tokens),
-        ("--indication", indication),
-        ("--threads", threads), ("--device", device), ("--ort-provider", ort_provider), ("--ort-spin", ort_spin),
-        ("--trt-decoder", trt_decoder), ("--json", as_json), ("-o", out)])
+        *_model_options(bundle, model, base_model, random_model, work_dir, seed, studies), ("--backend", backend),
+        ("--vs-backend", vs_backend), ("--vs-bundle", vs_bundle), ("--studies", studies), ("--synthetic", synthetic),
+        ("--stages", stages), ("--runs", runs), ("--warmup", warmup),
+        ("--max-new-tokens", None if stages == "vision" else max_new_tokens), ("--indication", indication),
+        *_run_options(threads, device, ort_provider, ort_spin, trt_decoder, as_json, out)])
     with _progress() as progress:
         report = run_latency(
             bundle=bundle, model=model, base_model=base_model, random_model=random_model, work_dir=work_dir,
@@ -205,13 +201,10 @@ def parity(
                                      ("--work-dir", given_work_dir if random_model is not None else None),
                                      ("--predictions-out", predictions_out)])
     command = reproduce_command("parity", [
-        ("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
-        ("--work-dir", work_dir if random_model or studies is None else None),
-        ("--seed", seed if random_model else None), ("--backend", backend), ("--reference", reference),
-        ("--studies", studies), ("--synthetic", synthetic),
-        ("--max-new-tokens", max_new_tokens), ("--indication", indication), ("--threads", threads),
-        ("--device", device), ("--ort-provider", ort_provider), ("--ort-spin", ort_spin),
-        ("--trt-decoder", trt_decoder), ("--json", as_json), ("-o", out),
+        *_model_options(bundle, model, base_model, random_model, work_dir, seed, studies), ("--backend", backend),
+        ("--reference", reference), ("--studies", studies), ("--synthetic", synthetic),
+        ("--max-new-tokens", max_new_tokens), ("--indication", indication),
+        *_run_options(threads, device, ort_provider, ort_spin, trt_decoder, as_json, out),
         ("--predictions-out", predictions_out)])
     with _progress() as progress:
         report = run_parity(
@@ -230,6 +223,21 @@ def parity(
     if predictions_out is not None:  # last: the next step, once every output is written
         err.print(plain(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
                         f"--endpoint URL --judge-model NAME"), highlight=False, soft_wrap=True)
+
+
+def _model_options(bundle: Optional[Path], model: Optional[Path], base_model: Optional[Path],
+                   random_model: Optional[str], work_dir: Path, seed: int, studies: Optional[Path]) -> list[tuple[str, Any]]:
+    """What both benchmarks run, as their reproduce commands give it (the work dir and seed only where used)."""
+    return [("--bundle", bundle), ("--model", model), ("--base-model", base_model), ("--random-model", random_model),
+            ("--work-dir", work_dir if random_model or studies is None else None),
+            ("--seed", seed if random_model else None)]
+
+
+def _run_options(threads: Optional[int], device: str, ort_provider: str, ort_spin: bool, trt_decoder: Optional[str],
+                 as_json: bool, out: Optional[Path]) -> list[tuple[str, Any]]:
+    """How both benchmarks run their sides and where the report goes, as their reproduce commands give it."""
+    return [("--threads", threads), ("--device", device), ("--ort-provider", ort_provider), ("--ort-spin", ort_spin),
+            ("--trt-decoder", trt_decoder), ("--json", as_json), ("-o", out)]
 
 
 def _refuse_unused(*, sides: set[str], random_model: Optional[str], seed: int, device: str, ort_provider: str,
