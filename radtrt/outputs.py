@@ -8,6 +8,7 @@ cannot be written) must end as one ``RadtrtError`` line, and must do so *before*
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -28,6 +29,19 @@ def resolved(path: Path) -> Path:
         fail(f"cannot follow the path {path}: {getattr(e, 'strerror', None) or e}")
 
 
+def broken_link(path: Path) -> str | None:
+    """What is wrong with ``path`` when it is a symbolic link that leads nowhere ("a symbolic link loop", "a
+    symbolic link to a missing target"), else None."""
+    if not path.is_symlink() or path.exists():
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+    return "a symbolic link to a missing target"
+
+
 def check_creatable(path: Path, what: str) -> None:
     """Fail unless ``path`` could be created: its nearest existing ancestor must be a writable folder.
 
@@ -35,10 +49,12 @@ def check_creatable(path: Path, what: str) -> None:
     every ``access`` check, and folders such as /proc or /sys refuse new files whatever their mode bits say.
     No folder is created, so a later failure leaves none behind.
     """
-    if path.is_symlink() and not path.exists():  # neither a folder nor creatable: mkdir says "File exists"
-        fail(f"cannot write {what} {path}: it is a symbolic link to a missing target")
+    if broken_link(path):  # neither a folder nor creatable: mkdir says "File exists"
+        fail(f"cannot write {what} {path}: it is {broken_link(path)}")
     ancestor = path.absolute() if path.is_dir() else path.absolute().parent  # an existing folder: itself
     while not ancestor.exists() and ancestor != ancestor.parent:
+        if broken_link(ancestor):  # passed as "not there yet", then mkdir failed after the work
+            fail(f"cannot write {what} {path}: {ancestor} is {broken_link(ancestor)}")
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         fail(f"cannot write {what} {path}: {ancestor} is not a folder")
@@ -154,8 +170,8 @@ def make_dir(path: Path, what: str = "output directory") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        broken = next((p for p in (path, *path.parents) if p.is_symlink() and not p.exists()), None)
-        why = f"{broken} is a symbolic link to a missing target, or a loop" if broken is not None else e.strerror
+        broken = next((p for p in (path, *path.parents) if broken_link(p)), None)
+        why = f"{broken} is {broken_link(broken)}" if broken is not None else e.strerror
         fail(f"cannot create {what} {path}: {why}")
     return path
 

@@ -9,7 +9,7 @@ import torch
 
 from radtrt.errors import RadtrtError
 from radtrt.model.io import load_tensors, save_tensors
-from radtrt.outputs import WORK_MARKER, check_file_target, check_new_dir, new_dir_built_aside, write_text
+from radtrt.outputs import WORK_MARKER, check_creatable, check_file_target, check_new_dir, new_dir_built_aside, write_text
 
 
 def test_atomic_writes_leave_a_users_partial_file_alone(tmp_path: Path) -> None:
@@ -249,10 +249,15 @@ def test_a_symbolic_link_loop_in_an_output_path_is_one_line(tmp_path: Path, monk
 
     monkeypatch.chdir(tmp_path)
     Path("loop").symlink_to("loop")
-    with pytest.raises(RadtrtError, match="cannot follow the path loop/x"):
+    with pytest.raises(RadtrtError, match="cannot write output directory loop/x: .*loop is a symbolic link loop"):
         check_new_dir(Path("loop/x"))
     with pytest.raises(RadtrtError, match="cannot follow the path loop"):
         resolved(Path("loop"))
-    with pytest.raises(RadtrtError, match="cannot create report folder loop: loop is a symbolic link to a missing "
-                                          "target, or a loop"):
+    with pytest.raises(RadtrtError, match="cannot create report folder loop: loop is a symbolic link loop"):
         make_dir(Path("loop"), "report folder")
+    Path("dangling").symlink_to("gone")
+    for path, what in ((Path("loop/c.safetensors"), "loop is a symbolic link loop"),
+                       (Path("dangling/x/c.safetensors"), "dangling is a symbolic link to a missing target"),
+                       (Path("dangling"), "it is a symbolic link to a missing target")):
+        with pytest.raises(RadtrtError, match=what):  # passed as 'not there yet': failed after the work
+            check_creatable(path, "calibration file")

@@ -42,7 +42,7 @@ from pydicom.valuerep import DA, TM
 import radtrt
 from radtrt.errors import fail
 from radtrt.imaging.dicom import quiet
-from radtrt.outputs import replaced_atomically
+from radtrt.outputs import make_dir, replaced_atomically
 from radtrt.imaging.study import SelectedImage
 
 DISCLAIMER = (
@@ -199,11 +199,7 @@ def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_na
     as befits a file carrying patient data.
     """
     sr = build_sr(report_text, source, model_name=model_name, model_version=model_version, complete=complete)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        fail(f"cannot create SR output folder {out_dir.name!r}: {exc.strerror}")
+    out_dir = make_dir(Path(out_dir), "SR output folder")
     final = out_dir / f"SR_{sr.SOPInstanceUID}.dcm"
     try:
         with replaced_atomically(final, mode=0o600) as temp, quiet("highdicom|pydicom"):

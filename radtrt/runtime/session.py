@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 
 from radtrt.errors import RadtrtError, fail, printable
+from radtrt.outputs import broken_link
 from radtrt.progress import plain
 from radtrt.imaging.study import split_studies, study_error, study_warnings
 from radtrt.model.loading import load_model
@@ -20,8 +21,7 @@ def check_studies_exist(studies: list[Path]) -> None:
     """Fail before the (slow) model load when a study path is mistyped."""
     for study in studies:
         if not study.exists():
-            fail(f"study {study} is a symbolic link to a missing target, or a loop" if study.is_symlink() else
-                 f"study not found: {study}")
+            fail(f"study {study} is {broken_link(study)}" if broken_link(study) else f"study not found: {study}")
 
 
 def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Console) -> list[Path]:
