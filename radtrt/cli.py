@@ -47,7 +47,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @command
 def infer(
-    studies: list[Path] = typer.Argument(..., help="DICOM file, study folder, or PNG/JPEG; several allowed."),
+    studies: list[Path] = typer.Argument(..., help="DICOM file, study folder, folder of studies (one an entry), or PNG/JPEG; several allowed."),
     model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir (default: "
                                          "the embedded default model, phantoms only; 'radtrt doctor' names its folder)."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
@@ -157,7 +157,7 @@ def export(
     calibration_stats: Optional[Path] = typer.Option(None, "--calibration-stats",
                                                      help="Activation statistics from 'radtrt calibrate'."),
     calibration_data: Optional[str] = typer.Option(
-        None, "--calibration-data", help="INT8: studies folder, JSONL manifest, 'radtrt calibrate' file, or 'phantom'."),
+        None, "--calibration-data", help="INT8: a study folder or a folder of studies (one an entry; a PNG/JPEG each), a JSONL manifest, a 'radtrt calibrate' file, or 'phantom'."),
     calibration_n: Optional[int] = typer.Option(None, "--calibration-n", min=1,
                                                 help="INT8: calibration samples to read. \\[default: 32]"),
     smoothquant_alpha: Optional[float] = typer.Option(None, "--smoothquant-alpha",
@@ -190,7 +190,7 @@ def export(
 def calibrate(
     model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir or radtrt model dir."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
-    data: str = typer.Option(..., "--data", help="Studies folder, JSONL manifest, or 'phantom' (synthetic)."),
+    data: str = typer.Option(..., "--data", help="A study folder or a folder of studies (one an entry; a PNG/JPEG each), a JSONL manifest, or 'phantom' (synthetic)."),
     n: int = typer.Option(32, "--n", min=1, max=10_000, help="Number of samples (the first N of the data)."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Phantom seed (with --data phantom). "
                                                                    "\\[default: 11]"),

@@ -101,6 +101,25 @@ def test_parity_on_a_phantom_manifest_reports_finding_labels(tiny: Assets, work:
     assert (preds / "candidate.jsonl").read_text().splitlines()[0] == json.dumps(cand[0])
 
 
+def test_studies_sharing_a_file_name_are_named_apart(tiny: Assets, work: Path, tmp_path: Path) -> None:
+    """A PACS-style set (every study's frontal.dcm) was three rows named 'frontal.dcm', and --predictions-out was
+    refused for it."""
+    from radtrt.data.phantom_set import write_phantom_set
+
+    manifest = write_phantom_set(tmp_path / "set", 2, 5, rows=96, cols=80, formats=("dicom",))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    frontal = manifest.with_name("frontal.jsonl")
+    frontal.write_text("".join(json.dumps({**r, "image": f"{r['image']}/frontal.dcm"}) + "\n" for r in rows))
+    code, out, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies", frontal,
+                             "--max-new-tokens", 2, "--json", "--predictions-out", tmp_path / "preds")
+    assert code == 0, err
+    assert [st["study"] for st in json.loads(out)["studies"]] == ["phantom-00000/frontal.dcm", "phantom-00001/frontal.dcm"]
+    frontal.write_text(frontal.read_text() + frontal.read_text().splitlines()[0] + "\n")
+    code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies", frontal,
+                           "--max-new-tokens", 2, "--predictions-out", tmp_path / "preds2")
+    assert code == 2 and "lists a study twice" in err
+
+
 def test_predictions_out_needs_ground_truth_findings(tiny: Assets, work: Path, tmp_path: Path) -> None:
     code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--synthetic", 1,
                            "--predictions-out", tmp_path / "p")

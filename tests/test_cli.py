@@ -127,7 +127,7 @@ def test_a_folder_of_studies_reports_on_each(merged: Path, tmp_path: Path) -> No
     assert f"{root}: a folder of 2 studies" in err
     _write(root / "s1_extra.dcm", radiograph_dataset(synthetic_chest(seed=8), view_position="PA", study_uid="1.2.3.1"))
     code, out, err = _invoke("infer", root, "--model", tmp_path / "no-model", "--max-new-tokens", "4")
-    _assert_refused(code, err, "studies: holds the images of 2 studies")  # before the model is looked for
+    _assert_refused(code, err, f"{root}: s1 and s1_extra.dcm hold images of one study")  # before the model is looked for
     assert out == ""
 
 

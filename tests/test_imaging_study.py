@@ -204,8 +204,11 @@ def test_a_folder_of_studies_splits_into_its_entries(tmp_path: Path) -> None:
     assert split_studies(png) == [png]  # no study UIDs: read as one folder, which says why it is ambiguous
 
 
-@pytest.mark.parametrize("layout", ["flat pairs", "one entry two studies", "png beside studies"])
-def test_studies_that_cannot_be_told_apart_are_refused(tmp_path: Path, layout: str) -> None:
+@pytest.mark.parametrize("layout, match", [
+    ("flat pairs", "a_lat.dcm and a_pa.dcm hold images of one study"),
+    ("one entry two studies", "c holds the images of 2 studies"),
+    ("a lateral alone", "d_lat.dcm is a LL view, not frontal \\(PA/AP\\), among the studies of the folder")])
+def test_studies_that_cannot_be_told_apart_are_refused(tmp_path: Path, layout: str, match: str) -> None:
     root = tmp_path / "mixed"
     _dx(root, "a_pa.dcm", "PA", study_uid="1.2.3.1")
     _dx(root, "b_pa.dcm", "PA", seed=2, study_uid="1.2.3.2")
@@ -214,10 +217,35 @@ def test_studies_that_cannot_be_told_apart_are_refused(tmp_path: Path, layout: s
     elif layout == "one entry two studies":
         _dx(root / "c", "x.dcm", "PA", study_uid="1.2.3.3")
         _dx(root / "c", "y.dcm", "PA", study_uid="1.2.3.4")
-    else:
-        Image.fromarray(_grey8()).save(root / "c.png")
-    with pytest.raises(RadtrtError, match="mixed: holds the images of [0-9] studies"):
+    else:  # a file given by itself is read whatever its view; one found among studies is not (folder rules)
+        _dx(root, "d_lat.dcm", "LL", study_uid="1.2.3.5")
+    with pytest.raises(RadtrtError, match=f"mixed: {match}"):
         split_studies(root)
+
+
+def test_an_entry_whose_files_were_all_refused_stays_a_study(tmp_path: Path) -> None:
+    """It vanished from the run with exit 0: a CT, a damaged file, a link to a study folder."""
+    root = tmp_path / "studies"
+    _dx(root / "s1", "pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(root / "s2", "pa.dcm", "PA", study_uid="1.2.3.2", modality="CT")
+    (root / "s3").mkdir()
+    (root / "s3" / "pa.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"junk")
+    _dx(tmp_path / "elsewhere" / "s4", "pa.dcm", "PA", study_uid="1.2.3.4")
+    (root / "s4").symlink_to(tmp_path / "elsewhere" / "s4")
+    Image.fromarray(_grey8()).save(root / "s5.png")  # a PNG entry among DICOM studies: a study of its own
+    (root / "notes.txt").write_text("not an image, not a study")
+    assert split_studies(root) == [root / n for n in ("s1", "s2", "s3", "s4", "s5.png")]
+    assert split_studies(root / "s2") == [root / "s2"]
+    _refused(root / "s2", "no usable image in folder: pa.dcm: .*modality")
+
+
+def test_a_folder_of_images_without_study_uids(tmp_path: Path) -> None:
+    """A set of PNGs: one study whose frontal cannot be told for infer, one study an image for calibration and
+    benchmark sets."""
+    for i in range(3):
+        Image.fromarray(_grey8(i)).save(tmp_path / f"{i}.png")
+    assert split_studies(tmp_path) == [tmp_path]
+    assert split_studies(tmp_path, images_apart=True) == [tmp_path / f"{i}.png" for i in range(3)]
 
 
 def test_an_animated_or_enormous_png_is_refused(tmp_path: Path) -> None:
@@ -270,7 +298,6 @@ def test_folder_with_one_png_uses_it_but_two_are_ambiguous(tmp_path: Path) -> No
 def test_one_study_folder_is_told_from_a_folder_of_studies(tmp_path: Path) -> None:
     """bench --studies STUDY_FOLDER measured the lateral as a study of its own."""
     from radtrt.benchmarks.assets import study_entries
-    from radtrt.imaging.study import is_one_study_folder
 
     one = tmp_path / "one"
     one.mkdir()
@@ -280,11 +307,11 @@ def test_one_study_folder_is_told_from_a_folder_of_studies(tmp_path: Path) -> No
     many.mkdir()
     _dx(many, "a.dcm", "PA", seed=1, study_uid="1.2.3.6")
     _dx(many, "b.dcm", "PA", seed=2, study_uid="1.2.3.7")
-    assert is_one_study_folder(one) and not is_one_study_folder(many)
     assert [e.study for e in study_entries(one, None, tmp_path, 1)] == [one]
     assert [e.study.name for e in study_entries(many, None, tmp_path, 1)] == ["a.dcm", "b.dcm"]
-    (one / "notes.txt").write_text("x")  # not only DICOM: read as before, entry by entry
-    assert not is_one_study_folder(one)
+    (one / "notes.txt").write_text("x")  # a notes file was a study of its own (and failed the run)
+    _dx(one / "sub", "more.dcm", "AP", seed=3, study_uid="1.2.3.4")  # series in subfolders: still one study
+    assert [e.study for e in study_entries(one, None, tmp_path, 1)] == [one]
 
 
 def test_unreadable_files_and_folders_are_skipped_aloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,3 +99,22 @@ def test_json_that_python_cannot_parse_is_one_line(tmp_path: Path, line: str) ->
     manifest.write_text(json.dumps({"image": "a.png", "findings": "Clear."}) + "\n" + line + "\n")
     with pytest.raises(RadtrtError, match="manifest.jsonl:2: not a manifest row"):
         read_manifest(manifest)
+
+
+def test_lazily_read_rows_naming_study_folders_have_a_digest(tmp_path: Path) -> None:
+    """A row may name a study folder; without preloading the digest opened it as a file: 'Is a directory'."""
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+
+    for i in range(2):
+        write_radiograph(tmp_path / f"s{i}" / "pa.dcm", synthetic_chest(seed=i), view_position="PA")
+    rows = [{"image": f"s{i}", "findings": f"Finding {i}."} for i in range(2)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def digest() -> str | None:
+        return ManifestDataset(read_manifest(tmp_path / "m.jsonl"), tmp_path, tokenizer=None, template=None,
+                               max_length=2048, image_size=56, preload=False).images_digest()
+
+    first = digest()
+    assert first is not None and digest() == first
+    write_radiograph(tmp_path / "s1" / "pa.dcm", synthetic_chest(seed=7), view_position="PA")  # changed in place
+    assert digest() != first

@@ -19,7 +19,7 @@ from radtrt.benchmarks.machine import (
     peak_rss_mb,
     reset_peak_rss,
 )
-from radtrt.benchmarks.parity import ParityReport, measure_parity
+from radtrt.benchmarks.parity import ParityReport, measure_parity, study_names
 from radtrt.benchmarks.sides import open_sides
 from radtrt.errors import fail
 from radtrt.threads import check_threads
@@ -110,8 +110,8 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
     entries = study_entries(studies, synthetic, work_dir, default_synthetic=2)
     if need_findings and any(e.findings is None for e in entries):
         fail(f"--predictions-out needs ground-truth findings for every study; {studies} has studies without them")
-    if need_findings and len({e.study.name for e in entries}) != len(entries):  # found before, not after, the run
-        fail("--predictions-out needs distinct study file names (the predictions name each study by it)")
+    if need_findings and len(set(study_names([e.study for e in entries]))) != len(entries):  # before the run
+        fail(f"--predictions-out: {studies} lists a study twice (the predictions name each study once)")
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
                           ort_provider=ort_provider, threads=threads, ort_spin=ort_spin, trt_decoder=trt_decoder)

@@ -69,7 +69,8 @@ TrtDecoderOpt = Annotated[Optional[str], typer.Option(
     "--trt-decoder", help="TensorRT-LLM engine of the tensorrt side: fp16 | w8a16 | w8a8_sq, with -kv8 for an INT8 KV "
                           "cache. \\[default: the one built for this host]")]
 StudiesOpt = Annotated[Optional[Path], typer.Option(
-    "--studies", help="A study (file, or folder of one study's DICOM files), a folder whose entries are studies, or a "
+    "--studies", help="A study (file or folder: its series may be subfolders), a folder whose entries are studies (a "
+    "PNG/JPEG each), or a "
     "JSONL manifest / phantom set (true labels).")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Generation limit per study.")]
 # latency: None tells an explicit --max-new-tokens (refused with --stages vision, which decodes nothing) from none

@@ -19,6 +19,7 @@ export's INT8 parity gate (``radtrt.calibration.parity``) measures with the same
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,6 +242,17 @@ class ParityReport:
                 "summary": self.summary(), "studies": [asdict(s) for s in self.studies]}
 
 
+def study_names(paths: list[Path]) -> list[str]:
+    """Each study's name in reports and predictions: the fewest trailing parts of its path that tell it from the
+    others (a PACS set's studies are all '.../frontal.dcm': named by their file alone they could not be told
+    apart, and --predictions-out was refused). A study listed twice keeps one name."""
+    from radtrt.benchmarks.sides import distinct_suffixes
+
+    unique = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+    names = dict(zip(unique, distinct_suffixes([Path(u) for u in unique])))
+    return [names[os.path.abspath(p)] for p in paths]
+
+
 def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry], *, indication: str | None,
                    max_new_tokens: int, on_step: Callable[[str], None] | None = None) -> list[StudyParity]:
     from radtrt.imaging.study import load_study
@@ -249,16 +261,17 @@ def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry],
         fail("no studies to compare")
     cfg = reference.cfg
     results = []
-    for i, entry in enumerate(studies, 1):
+    names = study_names([entry.study for entry in studies])
+    for i, (entry, name) in enumerate(zip(studies, names), 1):
         study = entry.study
         if on_step:
-            on_step(f"study {i}/{len(studies)}: {study.name}")
+            on_step(f"study {i}/{len(studies)}: {name}")
         image = load_study(study)
         pixels = cfg.preprocessing(image.pixels_u8)
         got = run_one(backend, pixels, indication=indication, max_new_tokens=max_new_tokens)
         ref = run_one(reference, pixels, indication=indication, max_new_tokens=max_new_tokens)
         truth = list(entry.labels) if entry.labels is not None else None
-        results.append(compare(study.name, got, ref, truth, entry.findings))
+        results.append(compare(name, got, ref, truth, entry.findings))
     return results
 
 

@@ -103,7 +103,7 @@ class Entry:
 def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, list[Entry], dict[str, Any]]:
     """(data root, candidate studies in order, source description); ``what`` names the source in errors."""
     from radtrt.data.manifest import read_manifest
-    from radtrt.imaging.study import is_one_study_folder
+    from radtrt.imaging.study import split_studies
 
     if not data.exists():
         fail(f"{what} not found: {data}")
@@ -115,11 +115,11 @@ def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, li
         return root, entries, {"kind": "manifest", "path": str(manifest.resolve())}
     if not data.is_dir():
         fail(f"{what} {data} is neither a folder nor a JSONL manifest (.jsonl)")
-    if is_one_study_folder(data):  # the folder of one study (frontal + lateral), not a folder of studies
-        return data.parent, [Entry(data)], {"kind": "folder", "path": str(data.resolve())}
-    studies = sorted(p for p in data.iterdir() if not p.name.startswith("."))
-    if not studies:
+    if not any(not p.name.startswith(".") for p in data.iterdir()):
         fail(f"{what} folder {data} is empty")
+    studies = split_studies(data, images_apart=True)  # infer's rule: a PACS study's series are one study
+    if studies == [data]:  # the folder of one study (frontal + lateral), not a folder of studies
+        return data.parent, [Entry(data)], {"kind": "folder", "path": str(data.resolve())}
     return data, [Entry(p) for p in studies], {"kind": "folder", "path": str(data.resolve())}
 
 

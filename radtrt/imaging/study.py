@@ -96,14 +96,14 @@ def _load(path: Path, kind: str, *, allow_any_modality: bool,
     return selected
 
 
-def _walk(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The folder's files, and the subfolders that could not be listed as ``(name, reason)``: skipped, but said."""
+def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The folder's files, and the subfolders that could not be listed as ``(path, reason)``: skipped, but said."""
     files: list[Path] = []
-    unreadable: list[tuple[str, str]] = []
+    unreadable: list[tuple[Path, str]] = []
 
     def note(error: OSError) -> None:
-        name = Path(error.filename or folder).name
-        unreadable.append((name, f"{name}: cannot read folder ({error.strerror or type(error).__name__})"))
+        path = Path(error.filename or folder)
+        unreadable.append((path, f"{path.name}: cannot read folder ({error.strerror or type(error).__name__})"))
 
     seen: set[tuple[int, int]] = set()  # folders by device and inode: a link back up is walked once, not forever
 
@@ -129,43 +129,18 @@ def _walk(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     return sorted(files), unreadable
 
 
-def is_one_study_folder(folder: Path) -> bool:
-    """True when ``folder`` holds the DICOM files of one study and nothing else: two or more files, no
-    subfolders, all DICOM, all with one StudyInstanceUID (a frontal and its lateral, say).
-
-    Why: commands that take "a study, or a folder of studies" (``bench --studies``, calibration data)
-    must not read such a folder as several studies, one of them a lateral. A file that cannot be read
-    here makes the answer "no"; it is then reported when its own study is read."""
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name.upper() != "DICOMDIR"]
-    try:
-        if len(entries) < 2 or any(p.is_dir() or _sniff(p) != "DICOM" for p in entries):
-            return False
-    except RadtrtError:
-        return False
-    first = None
-    for path in entries:  # stops at the first header that differs: a folder of many studies is read no further
-        try:
-            uid = str(read_header(path, allow_any_modality=True).get("StudyInstanceUID", ""))
-        except RadtrtError:
-            return False
-        if not uid or (first is not None and uid != first):
-            return False
-        first = uid
-    return True
-
-
 def _describe(candidates: list[_Candidate]) -> str:
     counts = Counter(c.view for c in candidates)
     return ", ".join(f"{view} x{n}" for view, n in sorted(counts.items()))
 
 
-def _summarise_skipped(skipped: list[tuple[str, str]], limit: int = 5) -> str:
+def _summarise_skipped(skipped: list[tuple[Path, str]] | list[tuple[str, str]], limit: int = 5) -> str:
     shown = "; ".join(reason for _, reason in skipped[:limit])
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
     return shown + more
 
 
-def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[tuple[str, str]]) -> _Candidate:
+def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[tuple[Path, str]]) -> _Candidate:
     """The frontal image; a refusal names the files that were not used, since the frontal may be among them (a
     PA refused for its modality, say, whose remedy would otherwise go unsaid)."""
     unused = f"; not used: {_summarise_skipped(skipped)}" if skipped else ""
@@ -181,15 +156,15 @@ def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[tuple[
     fail(f"{folder_name}: no frontal (PA/AP) image; views found: {_describe(candidates)}{unused}")
 
 
-def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], list[tuple[str, str]]]:
-    """The folder's usable images (headers only, no pixels decoded) and its skipped files as ``(name, reason)``."""
+def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], list[tuple[Path, str]]]:
+    """The folder's usable images (headers only, no pixels decoded) and its skipped files as ``(path, reason)``."""
     candidates: list[_Candidate] = []
     files, skipped = _walk(folder)
     for path in files:
         try:
             kind = _sniff(path)
         except RadtrtError as exc:
-            skipped.append((path.name, str(exc)))
+            skipped.append((path, str(exc)))
             continue
         if kind is None:
             continue
@@ -199,7 +174,7 @@ def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], 
         try:
             header = read_header(path, allow_any_modality=allow_any_modality)
         except RadtrtError as exc:  # recorded, reported to the caller, never silent
-            skipped.append((path.name, str(exc)))
+            skipped.append((path, str(exc)))
             continue
         candidates.append(_Candidate(path, kind, view_of(header)[0], str(header.get("StudyInstanceUID", "") or "")))
     return candidates, skipped
@@ -214,24 +189,45 @@ def _mixed(folder: Path, candidates: list[_Candidate]) -> str:
             f"study's folder or file")
 
 
-def split_studies(folder: Path, *, allow_any_modality: bool = False) -> list[Path]:
-    """The studies a folder given as one holds: ``[folder]`` when its images are of one study, else its
-    entries, when each entry (a file, or a study's folder) holds the images of one study and no two the same.
+def split_studies(folder: Path, *, allow_any_modality: bool = False, images_apart: bool = False) -> list[Path]:
+    """The studies a folder given as "a study, or a folder of studies" holds: ``[folder]`` when its images are of
+    one study (a PACS study's series in subfolders too), else its entries, each a study (a file, or a study's
+    folder). One rule for every command that takes studies (``infer``, ``bench --studies``, calibration data).
 
-    Why: ``radtrt infer STUDIES_FOLDER`` is the first thing a user tries on an export of several studies; read
-    as one study it was refused after the model had loaded. Images of several studies mixed in one folder are
-    still refused (here, before any model loads): which images go together cannot be told apart safely."""
-    candidates, _ = _scan(folder, allow_any_modality=allow_any_modality)
-    if _study_count(candidates) <= 1:
+    ``images_apart``: a folder of several images without study UIDs (PNG/JPEG) is a set of studies, one an entry
+    (calibration and benchmark sets), not one study whose frontal cannot be told (``infer``).
+
+    Refused here, before any model loads: images of one study in two entries or of two studies in one entry
+    (which go together cannot be told safely), and a non-frontal DICOM found as an entry by itself (only a file
+    the user names is read whatever its view). An entry whose every file was refused stays a study: reading it
+    says why, instead of the study vanishing from the run."""
+    candidates, skipped = _scan(folder, allow_any_modality=allow_any_modality)
+    uids = {c.study_uid for c in candidates} - {""}
+    if len(uids) <= 1 and not (images_apart and not uids and len(candidates) > 1):
         return [folder]
-    uids: dict[Path, set[str]] = {}
+    entries: dict[Path, list[_Candidate]] = {}
     for candidate in candidates:
-        entry = folder / candidate.path.relative_to(folder).parts[0]
-        uids.setdefault(entry, set()).add(candidate.study_uid)
-    one_each = all(len(found) == 1 and "" not in found for found in uids.values())
-    if not one_each or len(set.union(*uids.values())) != len(uids):
-        fail(_mixed(folder, candidates))
-    return sorted(uids)
+        entries.setdefault(folder / candidate.path.relative_to(folder).parts[0], []).append(candidate)
+    for path, _ in skipped:
+        if path != folder:  # the folder itself unreadable: nothing of it was scanned
+            entries.setdefault(folder / path.relative_to(folder).parts[0], [])
+    shown = folder.name or str(folder)  # '.' has no name
+    owner: dict[str, Path] = {}
+    for entry, found in sorted(entries.items()):
+        entry_uids = {c.study_uid for c in found} - {""}
+        if len(entry_uids) > 1:
+            fail(f"{shown}: {entry.name} holds the images of {len(entry_uids)} studies (StudyInstanceUID); "
+                 f"give each study's folder or file")
+        for uid in entry_uids & set(owner):
+            fail(f"{shown}: {owner[uid].name} and {entry.name} hold images of one study (StudyInstanceUID): "
+                 f"put each study's images in a folder of its own, or give each study's folder or file")
+        owner.update(dict.fromkeys(entry_uids, entry))
+    for entry, found in sorted(entries.items()):
+        view = found[0].view if len(found) == 1 and found[0].path == entry else UNKNOWN_VIEW
+        if view != UNKNOWN_VIEW and not is_frontal(view):
+            fail(f"{shown}: {entry.name} is a {view} view, not frontal (PA/AP), among the studies of the folder; "
+                 f"LLaVA-Rad reads frontal radiographs: move it out, or give it by itself to report on it anyway")
+    return sorted(entries)
 
 
 def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedImage:
@@ -243,7 +239,7 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
         fail(f"{folder.name}: no usable image in folder{why}")
     chosen = _choose(candidates, folder.name, skipped)
     return _load(chosen.path, chosen.kind, allow_any_modality=allow_any_modality,
-                 skipped=tuple(skipped))
+                 skipped=tuple((path.name, reason) for path, reason in skipped))
 
 
 def study_warnings(study: Path, image: SelectedImage) -> list[str]:

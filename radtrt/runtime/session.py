@@ -28,7 +28,10 @@ def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Co
     """Each folder of several studies (one per entry) in place of the folder, said on ``console``."""
     out: list[Path] = []
     for study in studies:
-        parts = split_studies(study, allow_any_modality=allow_any_modality) if study.is_dir() else [study]
+        try:
+            parts = split_studies(study, allow_any_modality=allow_any_modality) if study.is_dir() else [study]
+        except RadtrtError as e:  # named as given ('.', a path), not by the folder's last part
+            fail(study_error(study, e))
         if len(parts) > 1:
             console.print(plain(f"{study}: a folder of {len(parts)} studies (one per entry); each is reported on"),
                           highlight=False, soft_wrap=True)

@@ -100,13 +100,17 @@ class ManifestDataset(torch.utils.data.Dataset):
         h.update(b"files\0")
         for row in self.rows:
             path = row.image_path(self.root)
-            try:
-                with path.open("rb") as f:
-                    while block := f.read(1 << 22):
-                        h.update(block)
-            except OSError as e:
-                fail(f"cannot read manifest image {path} ({e.strerror or e})")
-            h.update(b"\0")  # file boundaries: two files that swap bytes between them differ
+            # a row may name a study folder: every file in it, by name (it was read as a file: 'Is a directory')
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                h.update(file.relative_to(path).as_posix().encode() if file != path else b"")
+                try:
+                    with file.open("rb") as f:
+                        while block := f.read(1 << 22):
+                            h.update(block)
+                except OSError as e:
+                    fail(f"cannot read manifest image {file} ({e.strerror or e})")
+                h.update(b"\0")  # file boundaries: two files that swap bytes between them differ
         return h.hexdigest()
 
     def __len__(self) -> int:
