@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from radtrt.errors import fail
-from radtrt.outputs import replaced_atomically
+from radtrt.outputs import make_dir, replaced_atomically
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def read_manifest(path: Path) -> list[ManifestRow]:
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Write atomically (temporary file, then rename): a crash never leaves half a manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "manifest folder")
     with replaced_atomically(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")

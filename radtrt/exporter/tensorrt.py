@@ -29,7 +29,7 @@ from typing import Any
 
 from radtrt import __version__
 from radtrt.errors import RadtrtError, fail
-from radtrt.outputs import replaced_atomically, write_text
+from radtrt.outputs import make_dir, replaced_atomically, write_text
 from radtrt.exporter.bundle import read_manifest, sha256_file
 from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, loaded_tensorrt_problem, newest_first,
                                  parse_version, read_stamp, stamp_mismatch, timing_cache_name)
@@ -259,7 +259,7 @@ def _build_serialized(onnx_path: Path, onnx: OnnxInfo, plan: VisionBuildPlan, pr
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         fail("TensorRT could not build the vision engine (its log above says why)")
-    cache_path.parent.mkdir(parents=True, exist_ok=True)  # a bundle's first engine: tensorrt/ is made here
+    make_dir(cache_path.parent, "engine folder")  # a bundle's first engine: tensorrt/ is made here
     with replaced_atomically(cache_path) as tmp:  # never leave a torn cache behind
         tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
@@ -295,7 +295,7 @@ def build_vision_engine(bundle: Path, gpu: GpuInfo, *, precision: str | None = N
     engine = _build_serialized(onnx_path, onnx, plan, profile, cache, int(workspace_gib * 2**30), gpu.tensorrt)
     # the folder only once there is an engine to put in it: a failed first build left an empty engine folder
     fresh = not out.is_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "engine folder")
     try:  # the engine, then the stamp that vouches for it
         with replaced_atomically(out / ENGINE_FILE) as tmp:
             tmp.write_bytes(engine)
