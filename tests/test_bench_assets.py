@@ -58,9 +58,13 @@ def _stored_pixels(path: Path) -> bytes:
 
 
 def test_studies_folder_entries_are_the_studies(tmp_path: Path) -> None:
-    (tmp_path / "b").mkdir()
-    (tmp_path / "a.dcm").write_bytes(b"x")
+    from radtrt.imaging.synthetic import write_radiograph
+
+    write_radiograph(tmp_path / "a.dcm", view_position="PA", study_uid="1.2.3.1")
+    write_radiograph(tmp_path / "b" / "series1" / "pa.dcm", view_position="PA", study_uid="1.2.3.2")
     (tmp_path / ".hidden").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a study")
+    (tmp_path / "empty").mkdir()
     assert [p.name for p in study_paths(tmp_path, None, tmp_path, 1)] == ["a.dcm", "b"]
     assert study_paths(tmp_path / "a.dcm", None, tmp_path, 1) == [tmp_path / "a.dcm"]
 
