@@ -487,6 +487,20 @@ def test_a_study_that_is_a_broken_link_says_so(tmp_path: Path) -> None:
     _assert_refused(code, err, "loop.dcm is a symbolic link loop")  # was 'not found'
 
 
+def test_a_config_with_fewer_layers_than_the_weights_is_refused(merged: Path, tmp_path: Path) -> None:
+    """The model ran on the first layers only, with exit 0."""
+    from radtrt.model.loading import load_model
+
+    for section, key in (("decoder", "num_hidden_layers"), ("vision", "depth")):
+        model = tmp_path / f"m-{key}"
+        shutil.copytree(merged, model)
+        meta = json.loads((model / "config.json").read_text())
+        meta["model"][section][key] -= 1
+        (model / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(RadtrtError, match="belongs to no layer of the model config.json describes"):
+            load_model(model)
+
+
 def test_torch_backend_with_only_a_bundle_is_refused(tmp_path: Path) -> None:
     # without the refusal the embedded default model ran silently in place of the bundle's model
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest()))

@@ -11,6 +11,7 @@ Which layout a directory holds is read from its ``config.json``, never guessed f
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,13 @@ def _instantiate(cfg: LlavaRadConfig, state: dict[str, torch.Tensor], dtype: tor
     missing = sorted(set(expected) - set(state))
     if missing:
         fail(f"{what}: weight '{missing[0]}' is missing ({len(missing)} missing in all)")
+    # weights of a layer or block the config does not have (a config saying fewer layers than the weights hold):
+    # the model ran on the first layers only, with exit 0; unrelated extras (a stale rotary buffer) stay ignored
+    families = {re.sub(r"\.\d+\.", ".N.", name) for name in expected}
+    extra = sorted(name for name in set(state) - set(expected) if re.sub(r"\.\d+\.", ".N.", name) in families)
+    if extra:
+        fail(f"{what}: weight '{extra[0]}' belongs to no layer of the model config.json describes ({len(extra)} such "
+             f"weights): the weights hold more layers or blocks than the config says (mismatched files?)")
     for name, tensor in expected.items():
         if tuple(state[name].shape) != tuple(tensor.shape):
             fail(f"{what}: weight '{name}' has shape {tuple(state[name].shape)}, the config expects "
