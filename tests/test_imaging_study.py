@@ -239,6 +239,21 @@ def test_an_entry_whose_files_were_all_refused_stays_a_study(tmp_path: Path) -> 
     _refused(root / "s2", "no usable image in folder: pa.dcm: .*modality")
 
 
+def test_a_dangling_link_is_said_not_dropped(tmp_path: Path) -> None:
+    """A dangling link vanished from the scan: a study of a folder of studies was dropped with exit 0, and a
+    study whose frontal link dangled said 'no frontal image' without naming it."""
+    root = tmp_path / "studies"
+    _dx(root / "s1", "pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(root / "s2", "pa.dcm", "PA", study_uid="1.2.3.2")
+    (root / "s3").symlink_to(tmp_path / "gone")
+    assert split_studies(root) == [root / "s1", root / "s2", root / "s3"]
+    _refused(root / "s3", "s3: a symbolic link to a missing target")
+    _dx(root / "s1", "lat.dcm", "LL", study_uid="1.2.3.1")
+    (root / "s1" / "pa.dcm").unlink()
+    (root / "s1" / "pa.dcm").symlink_to(tmp_path / "gone.dcm")
+    _refused(root / "s1", "no frontal .*not used: pa.dcm: a symbolic link to a missing target")
+
+
 def test_a_folder_of_images_without_study_uids(tmp_path: Path) -> None:
     """A set of PNGs: one study whose frontal cannot be told for infer, one study an image for calibration and
     benchmark sets."""

@@ -30,6 +30,7 @@ from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.dicom import load_dicom_image, read_header
 from radtrt.imaging.raster import load_raster, sniff_raster
 from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_of
+from radtrt.outputs import broken_link
 
 _DICOM_MAGIC_OFFSET = 128
 MAX_ASPECT = 4  # long side over short side; chest radiographs are near 1.2:1, long-length stitched ones 3:1
@@ -161,6 +162,9 @@ def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], 
     candidates: list[_Candidate] = []
     files, skipped = _walk(folder)
     for path in files:
+        if broken_link(path):  # it vanished from the scan without a word (a study's frontal, say)
+            skipped.append((path, f"{path.name}: {broken_link(path)}"))
+            continue
         try:
             kind = _sniff(path)
         except RadtrtError as exc:
@@ -283,7 +287,7 @@ def load_study(path: Path, *, allow_any_modality: bool = False, shown_as: str | 
 
 def _load_study(path: Path, allow_any_modality: bool) -> SelectedImage:
     if not path.exists():
-        fail(f"{path.name or path}: no such file or folder")
+        fail(f"{path.name or path}: {broken_link(path) or 'no such file or folder'}")
     if path.is_dir():
         return _select_from_folder(path, allow_any_modality=allow_any_modality)
     if not path.is_file():
