@@ -294,6 +294,10 @@ def main() -> None:
             if e.errno not in WRITE_ERRNOS:
                 raise
             stdout_failed(e)
+        except SystemExit as e:  # rich ends a broken pipe (--help | head) with a silent exit 1, an "internal error"
+            if not isinstance(e.__context__, BrokenPipeError):
+                raise
+            stdout_failed(e.__context__)
     except typer.TyperException as e:  # a usage error (unknown option, bad value): one line, like every refusal
         message = e.format_message().strip() if hasattr(e, "format_message") else str(e)
         ctx = getattr(e, "ctx", None)

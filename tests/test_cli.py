@@ -381,6 +381,23 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [f"radtrt: error: study not found: {tmp_path / 'none.dcm'}"]
 
 
+def test_help_into_a_closed_pipe_is_one_line(tmp_path: Path) -> None:
+    """`radtrt infer --help | head -1`: rich ended the broken pipe with a silent exit 1, the code of an internal
+    error; the same exit and line as results written into a closed pipe."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    proc = subprocess.run([sys.executable, "-m", "radtrt.cli", "infer", "--help"], stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(write)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["radtrt: error: cannot write to standard output (Broken pipe); "
+                                                "stopped there"]
+
+
 def test_without_model_the_embedded_default_model_runs(tmp_path: Path) -> None:
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=12)))
     code, out, err = _invoke("infer", study, "--json", "--max-new-tokens", "8")
