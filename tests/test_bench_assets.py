@@ -69,7 +69,7 @@ def test_studies_folder_entries_are_the_studies(tmp_path: Path) -> None:
     assert study_paths(tmp_path / "a.dcm", None, tmp_path, 1) == [tmp_path / "a.dcm"]
 
 
-@pytest.mark.parametrize("studies,synthetic,match", [("empty", None, "is empty"), ("missing", None, "no such"),
+@pytest.mark.parametrize("studies,synthetic,match", [("empty", None, "is empty"), ("missing", None, "--studies not found"),
                                                      ("empty", 2, "not both")])
 def test_bad_study_arguments(tmp_path: Path, studies: str, synthetic: int | None, match: str) -> None:
     (tmp_path / "empty").mkdir()

@@ -164,8 +164,8 @@ def test_malformed_header_values_never_reach_stderr(merged: Path, tmp_path: Path
 
 def test_unused_files_and_a_lateral_given_by_itself_are_warned_about(merged: Path, tmp_path: Path) -> None:
     folder = tmp_path / "study"
-    _write(folder / "2_pa.dcm", radiograph_dataset(synthetic_chest(seed=6), view_position="PA"))
-    ct = radiograph_dataset(synthetic_chest(seed=7), view_position="PA")
+    _write(folder / "2_pa.dcm", radiograph_dataset(synthetic_chest(seed=6), view_position="PA", study_uid="1.2.3.6"))
+    ct = radiograph_dataset(synthetic_chest(seed=7), view_position="PA", study_uid="1.2.3.6")  # one study's CT
     ct.Modality = "CT"
     _write(folder / "3_ct.dcm", ct)
     lateral = _write(tmp_path / "lat.dcm", radiograph_dataset(synthetic_chest(seed=5), view_position="LL"))

@@ -254,6 +254,40 @@ def test_a_dangling_link_is_said_not_dropped(tmp_path: Path) -> None:
     _refused(root / "s1", "no frontal .*not used: pa.dcm: a symbolic link to a missing target")
 
 
+def test_what_makes_a_folder_a_set_of_studies(tmp_path: Path) -> None:
+    """Only readable UIDs were counted: PNGs beside one DICOM study were dropped from a calibration set (exit 0),
+    and a CT of another study beside one study was 'not used' while beside two it failed; an SR (radtrt's own
+    --sr-out among them) became a failing 'study'."""
+    mixed = tmp_path / "mixset"
+    mixed.mkdir()
+    for i in range(2):
+        Image.fromarray(_grey8(i)).save(mixed / f"{i}.png")
+    _dx(mixed / "acc0" / "ser1", "im1", "PA", study_uid="1.2.3.1")
+    _dx(mixed / "acc0" / "ser2", "im1", "LL", study_uid="1.2.3.1")
+    assert split_studies(mixed, images_apart=True) == [mixed / "0.png", mixed / "1.png", mixed / "acc0"]
+    assert split_studies(mixed) == [mixed]  # infer: one study, its PA chosen over the PNGs
+    two = tmp_path / "two"
+    _dx(two, "s0.dcm", "PA", study_uid="1.2.3.1")
+    _dx(two, "ct.dcm", "PA", study_uid="1.2.3.2", modality="CT")
+    assert split_studies(two) == [two / "ct.dcm", two / "s0.dcm"]  # the CT fails as the study it is
+    flat = tmp_path / "flat"
+    _dx(flat, "a.dcm", "PA", study_uid="1.2.3.1")
+    _dx(flat, "b.dcm", "PA", study_uid="1.2.3.2")
+    (flat / "sr").mkdir()
+    _sr_file(flat / "sr")
+    _sr_file(flat)
+    assert split_studies(flat) == [flat / "a.dcm", flat / "b.dcm"]
+
+
+def test_a_folder_reached_through_links_keeps_its_own_name(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    _dx(root / "study", "pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(root / "other", "pa.dcm", "PA", study_uid="1.2.3.2")
+    for name in "abc":
+        (root / name).symlink_to(root / "study")
+    assert split_studies(root) == [root / "other", root / "study"]
+
+
 def test_a_folder_of_images_without_study_uids(tmp_path: Path) -> None:
     """A set of PNGs: one study whose frontal cannot be told for infer, one study an image for calibration and
     benchmark sets."""

@@ -118,3 +118,15 @@ def test_lazily_read_rows_naming_study_folders_have_a_digest(tmp_path: Path) -> 
     assert first is not None and digest() == first
     write_radiograph(tmp_path / "s1" / "pa.dcm", synthetic_chest(seed=7), view_position="PA")  # changed in place
     assert digest() != first
+    (tmp_path / "s0" / ".DS_Store").write_bytes(b"x")  # what reading the study ignores, the digest ignores
+    second = digest()
+    assert second == ManifestDataset(read_manifest(tmp_path / "m.jsonl"), tmp_path, tokenizer=None, template=None,
+                                     max_length=2048, image_size=56, preload=False).images_digest()
+    (tmp_path / "s0" / ".DS_Store").write_bytes(b"y")
+    assert digest() == second
+    write_radiograph(tmp_path / "store" / "ser" / "pa.dcm", synthetic_chest(seed=3), view_position="PA")
+    (tmp_path / "s0" / "ser").symlink_to(tmp_path / "store" / "ser")  # a linked series is read, so hashed
+    linked = digest()
+    assert linked != second
+    write_radiograph(tmp_path / "store" / "ser" / "pa.dcm", synthetic_chest(seed=4), view_position="PA")
+    assert digest() != linked

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radtrt.calibration.samples import MANIFEST_NAME, Entry, source_entries
+from radtrt.calibration.samples import Entry, source_entries
 from radtrt.errors import fail
 from radtrt.model.config import DecoderConfig, LlavaRadConfig, preset
 
@@ -224,14 +224,9 @@ def study_entries(studies: Path | None, synthetic: int | None, work_dir: Path, d
     if studies is None:
         count = synthetic if synthetic is not None else default_synthetic
         return [Entry(p) for p in synthetic_studies(count, work_dir / "studies")]
-    if not studies.exists():
-        fail(f"--studies {studies}: no such file or folder")
     if studies.is_file() and studies.suffix not in (".jsonl", ".json"):
         return [Entry(studies)]
-    if studies.is_dir() and not (studies / MANIFEST_NAME).is_file() and not any(
-            not p.name.startswith(".") for p in studies.iterdir()):
-        fail(f"--studies {studies} is empty")
-    return source_entries(studies, "--studies")[1]
+    return source_entries(studies, "--studies")[1]  # says a missing, empty or unreadable one
 
 
 def study_paths(studies: Path | None, synthetic: int | None, work_dir: Path, default_synthetic: int) -> list[Path]:

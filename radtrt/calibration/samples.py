@@ -105,17 +105,24 @@ def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, li
     from radtrt.data.manifest import read_manifest
     from radtrt.imaging.study import split_studies
 
+    from radtrt.outputs import broken_link
+
     if not data.exists():
-        fail(f"{what} not found: {data}")
+        fail(f"{what} {data} is {broken_link(data)}" if broken_link(data) else f"{what} not found: {data}")
     manifest = data / MANIFEST_NAME if data.is_dir() else data
-    if manifest.is_file() and (data.is_dir() or data.suffix in (".jsonl", ".json")):
+    try:
+        listed = data.is_dir() and any(not p.name.startswith(".") for p in data.iterdir())
+        is_manifest = manifest.is_file() and (data.is_dir() or data.suffix in (".jsonl", ".json"))
+    except OSError as e:  # a folder without read permission: a PermissionError traceback
+        fail(f"cannot read {what} {data} ({e.strerror or e})")
+    if is_manifest:
         root = manifest.parent
         rows = read_manifest(manifest)
         entries = [Entry(r.image_path(root), r.findings, r.indication, r.labels) for r in rows]
         return root, entries, {"kind": "manifest", "path": str(manifest.resolve())}
     if not data.is_dir():
         fail(f"{what} {data} is neither a folder nor a JSONL manifest (.jsonl)")
-    if not any(not p.name.startswith(".") for p in data.iterdir()):
+    if not listed:
         fail(f"{what} folder {data} is empty")
     studies = split_studies(data, images_apart=True)  # infer's rule: a PACS study's series are one study
     if studies == [data]:  # the folder of one study (frontal + lateral), not a folder of studies

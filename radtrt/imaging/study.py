@@ -27,7 +27,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from radtrt.errors import RadtrtError, fail
-from radtrt.imaging.dicom import load_dicom_image, read_header
+from radtrt.imaging.dicom import load_dicom_image, read_dicom, read_header
 from radtrt.imaging.raster import load_raster, sniff_raster
 from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_of
 from radtrt.outputs import broken_link
@@ -61,6 +61,18 @@ class _Candidate:
     kind: str  # "DICOM" or "RASTER"
     view: str
     study_uid: str = ""  # StudyInstanceUID; "" for PNG/JPEG or a DICOM header without one
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A file of a folder that cannot be used, and why. ``image`` is False for a DICOM object that holds no image
+    (an SR, radtrt's own among them; a key object): never a study of its own. ``study_uid``: its study, where its
+    header could be read (a CT of another study is one more study, not a file of this one)."""
+
+    path: Path
+    reason: str
+    study_uid: str = ""
+    image: bool = True
 
 
 def _sniff(path: Path) -> str | None:
@@ -97,14 +109,14 @@ def _load(path: Path, kind: str, *, allow_any_modality: bool,
     return selected
 
 
-def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The folder's files, and the subfolders that could not be listed as ``(path, reason)``: skipped, but said."""
+def _walk(folder: Path) -> tuple[list[Path], list[_Refused]]:
+    """The folder's files, and the subfolders that could not be listed: skipped, but said."""
     files: list[Path] = []
-    unreadable: list[tuple[Path, str]] = []
+    unreadable: list[_Refused] = []
 
     def note(error: OSError) -> None:
         path = Path(error.filename or folder)
-        unreadable.append((path, f"{path.name}: cannot read folder ({error.strerror or type(error).__name__})"))
+        unreadable.append(_Refused(path, f"{path.name}: cannot read folder ({error.strerror or type(error).__name__})"))
 
     seen: set[tuple[int, int]] = set()  # folders by device and inode: a link back up is walked once, not forever
 
@@ -122,7 +134,9 @@ def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     first_visit(folder)
     # links to folders are followed, as links to files are: a PACS export's series are often links
     for root, dirs, names in os.walk(folder, onerror=note, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and first_visit(Path(root) / d)]
+        # a folder reached both directly and through links is walked under its own name, whatever the listing order
+        dirs[:] = [d for d in sorted(dirs, key=lambda d: ((Path(root) / d).is_symlink(), d))
+                   if not d.startswith(".") and first_visit(Path(root) / d)]
         for file_name in names:
             if file_name.startswith(".") or file_name.upper() == "DICOMDIR":
                 continue
@@ -130,18 +144,27 @@ def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return sorted(files), unreadable
 
 
+def study_files(folder: Path) -> list[Path]:
+    """The files reading ``folder`` as a study looks at, sorted (links followed; hidden files and DICOMDIR left
+    out): what a digest of a study folder must cover."""
+    files, unreadable = _walk(folder)
+    if unreadable:
+        fail(unreadable[0].reason)
+    return files
+
+
 def _describe(candidates: list[_Candidate]) -> str:
     counts = Counter(c.view for c in candidates)
     return ", ".join(f"{view} x{n}" for view, n in sorted(counts.items()))
 
 
-def _summarise_skipped(skipped: list[tuple[Path, str]] | list[tuple[str, str]], limit: int = 5) -> str:
-    shown = "; ".join(reason for _, reason in skipped[:limit])
+def _summarise_skipped(skipped: list[_Refused] | list[tuple[str, str]], limit: int = 5) -> str:
+    shown = "; ".join(r.reason if isinstance(r, _Refused) else r[1] for r in skipped[:limit])
     more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
     return shown + more
 
 
-def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[tuple[Path, str]]) -> _Candidate:
+def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[_Refused]) -> _Candidate:
     """The frontal image; a refusal names the files that were not used, since the frontal may be among them (a
     PA refused for its modality, say, whose remedy would otherwise go unsaid)."""
     unused = f"; not used: {_summarise_skipped(skipped)}" if skipped else ""
@@ -157,18 +180,18 @@ def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[tuple[
     fail(f"{folder_name}: no frontal (PA/AP) image; views found: {_describe(candidates)}{unused}")
 
 
-def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], list[tuple[Path, str]]]:
-    """The folder's usable images (headers only, no pixels decoded) and its skipped files as ``(path, reason)``."""
+def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], list[_Refused]]:
+    """The folder's usable images (headers only, no pixels decoded) and the files it cannot use."""
     candidates: list[_Candidate] = []
     files, skipped = _walk(folder)
     for path in files:
         if broken_link(path):  # it vanished from the scan without a word (a study's frontal, say)
-            skipped.append((path, f"{path.name}: {broken_link(path)}"))
+            skipped.append(_Refused(path, f"{path.name}: {broken_link(path)}"))
             continue
         try:
             kind = _sniff(path)
         except RadtrtError as exc:
-            skipped.append((path, str(exc)))
+            skipped.append(_Refused(path, str(exc)))
             continue
         if kind is None:
             continue
@@ -178,10 +201,20 @@ def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], 
         try:
             header = read_header(path, allow_any_modality=allow_any_modality)
         except RadtrtError as exc:  # recorded, reported to the caller, never silent
-            skipped.append((path, str(exc)))
+            skipped.append(_refused_dicom(path, exc))
             continue
         candidates.append(_Candidate(path, kind, view_of(header)[0], str(header.get("StudyInstanceUID", "") or "")))
     return candidates, skipped
+
+
+def _refused_dicom(path: Path, error: RadtrtError) -> _Refused:
+    try:
+        ds = read_dicom(path, defer_size="64 KB")
+    except RadtrtError:  # no header to read a study from
+        return _Refused(path, str(error))
+    declared = ds.get("SOPClassUID") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
+    no_image = bool(declared) and "PixelData" not in ds  # an SR or key object says what it is; damage does not
+    return _Refused(path, str(error), str(ds.get("StudyInstanceUID", "") or ""), image=not no_image)
 
 
 def _study_count(candidates: list[_Candidate]) -> int:
@@ -206,19 +239,23 @@ def split_studies(folder: Path, *, allow_any_modality: bool = False, images_apar
     the user names is read whatever its view). An entry whose every file was refused stays a study: reading it
     says why, instead of the study vanishing from the run."""
     candidates, skipped = _scan(folder, allow_any_modality=allow_any_modality)
-    uids = {c.study_uid for c in candidates} - {""}
-    if len(uids) <= 1 and not (images_apart and not uids and len(candidates) > 1):
-        return [folder]
+    images = [r for r in skipped if r.image and r.path != folder]  # refused images: their studies still count
+    uids = ({c.study_uid for c in candidates} | {r.study_uid for r in images}) - {""}
     entries: dict[Path, list[_Candidate]] = {}
     for candidate in candidates:
         entries.setdefault(folder / candidate.path.relative_to(folder).parts[0], []).append(candidate)
-    for path, _ in skipped:
-        if path != folder:  # the folder itself unreadable: nothing of it was scanned
-            entries.setdefault(folder / path.relative_to(folder).parts[0], [])
+    refused_uids: dict[Path, set[str]] = {}
+    for refused in images:  # an entry whose files were all refused stays a study: reading it says why
+        entry = folder / refused.path.relative_to(folder).parts[0]
+        entries.setdefault(entry, [])
+        refused_uids.setdefault(entry, set()).add(refused.study_uid)
+    rasters = any(c.kind == "RASTER" for c in candidates)
+    if len(uids) <= 1 and not (images_apart and rasters and len(entries) > 1):
+        return [folder]
     shown = folder.name or str(folder)  # '.' has no name
     owner: dict[str, Path] = {}
     for entry, found in sorted(entries.items()):
-        entry_uids = {c.study_uid for c in found} - {""}
+        entry_uids = ({c.study_uid for c in found} | refused_uids.get(entry, set())) - {""}
         if len(entry_uids) > 1:
             fail(f"{shown}: {entry.name} holds the images of {len(entry_uids)} studies (StudyInstanceUID); "
                  f"give each study's folder or file")
@@ -230,7 +267,8 @@ def split_studies(folder: Path, *, allow_any_modality: bool = False, images_apar
         view = found[0].view if len(found) == 1 and found[0].path == entry else UNKNOWN_VIEW
         if view != UNKNOWN_VIEW and not is_frontal(view):
             fail(f"{shown}: {entry.name} is a {view} view, not frontal (PA/AP), among the studies of the folder; "
-                 f"LLaVA-Rad reads frontal radiographs: move it out, or give it by itself to report on it anyway")
+                 f"LLaVA-Rad reads frontal radiographs: move it out (radtrt infer reads a file named by itself whatever "
+                 f"its view)")
     return sorted(entries)
 
 
@@ -243,7 +281,7 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
         fail(f"{folder.name}: no usable image in folder{why}")
     chosen = _choose(candidates, folder.name, skipped)
     return _load(chosen.path, chosen.kind, allow_any_modality=allow_any_modality,
-                 skipped=tuple((path.name, reason) for path, reason in skipped))
+                 skipped=tuple((r.path.name, r.reason) for r in skipped))
 
 
 def study_warnings(study: Path, image: SelectedImage) -> list[str]:

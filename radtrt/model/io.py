@@ -36,8 +36,14 @@ def read_json(path: Path) -> dict[str, Any]:
         fail(f"missing file: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # not JSON or not UTF-8; a 4300-digit number; nesting too deep
+    except OSError as e:  # no permission, a folder of that name
+        fail(f"cannot read {path} ({e.strerror or e})")
+    except json.JSONDecodeError as e:
         fail(f"{path} is not valid JSON ({e})")
+    except UnicodeDecodeError:
+        fail(f"{path} is not valid JSON (not UTF-8 text)")
+    except (ValueError, RecursionError):  # Python's own text names a setting the user cannot reach
+        fail(f"{path} is not valid JSON (a number too long or nesting too deep)")
     if not isinstance(data, dict):
         fail(f"{path} does not hold a JSON object")
     return data

@@ -26,7 +26,7 @@ from radtrt.data.labeler import extract_labels
 from radtrt.data.manifest import ManifestRow
 from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.preprocess import preprocess
-from radtrt.imaging.study import load_study
+from radtrt.imaging.study import load_study, study_files
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.progress import make_progress
 from radtrt.training.examples import build_example, min_length
@@ -101,7 +101,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         for row in self.rows:
             path = row.image_path(self.root)
             # a row may name a study folder: every file in it, by name (it was read as a file: 'Is a directory')
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            files = study_files(path) if path.is_dir() else [path]
             for file in files:
                 h.update(file.relative_to(path).as_posix().encode() if file != path else b"")
                 try:
