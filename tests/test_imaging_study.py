@@ -279,6 +279,52 @@ def test_what_makes_a_folder_a_set_of_studies(tmp_path: Path) -> None:
     assert split_studies(flat) == [flat / "a.dcm", flat / "b.dcm"]
 
 
+def test_a_radiograph_cut_short_is_a_failing_study_not_an_sr(tmp_path: Path) -> None:
+    """A DX file cut in its header reads quietly without PixelData: it was taken for a non-image object (an SR)
+    and vanished from a folder of studies with exit 0."""
+    root = tmp_path / "set"
+    _dx(root / "s1", "pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(root / "s2", "pa.dcm", "PA", study_uid="1.2.3.2")
+    whole = _dx(tmp_path / "tmp", "pa.dcm", "PA", study_uid="1.2.3.3").read_bytes()
+    (root / "s3").mkdir()
+    (root / "s3" / "pa.dcm").write_bytes(whole[:whole.find(b"\xe0\x7f\x10\x00")])  # up to the Pixel Data tag
+    assert split_studies(root) == [root / "s1", root / "s2", root / "s3"]
+    _refused(root / "s3", "no pixel data \\(Digital X-Ray Image Storage - For Presentation\\): a file cut short")
+
+
+def test_what_made_a_folder_a_set_is_named_when_a_study_is_split(tmp_path: Path) -> None:
+    """'lat.dcm and pa.dcm hold images of one study': what the user meant; the file that made the folder a set of
+    studies went unnamed."""
+    ct = tmp_path / "ctother"
+    _dx(ct, "pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(ct, "lat.dcm", "LL", study_uid="1.2.3.1")
+    _dx(ct, "loc.dcm", "PA", study_uid="1.2.3.9", modality="CT")
+    with pytest.raises(RadtrtError, match="lat.dcm and pa.dcm hold images of one study .*, and loc.dcm holds another "
+                                          "study's images"):
+        split_studies(ct)
+    preview = tmp_path / "mix"
+    _dx(preview, "pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(preview, "lat.dcm", "LL", study_uid="1.2.3.1")
+    Image.fromarray(_grey8()).save(preview / "preview.png")
+    with pytest.raises(RadtrtError, match="and preview.png makes it a set of studies"):
+        split_studies(preview, images_apart=True)
+    image = load_study(preview)  # infer: one study; the preview is said, not dropped
+    assert image.source_file.name == "pa.dcm" and [n for n, _ in image.skipped] == ["preview.png"]
+
+
+def test_study_files_leave_out_what_reading_never_opens(tmp_path: Path) -> None:
+    """Training's digest opened a dangling link (an error) and a FIFO (a hang) that reading the study skips."""
+    import os
+
+    from radtrt.imaging.study import study_files
+
+    _dx(tmp_path, "pa.dcm", "PA")
+    (tmp_path / "gone.dcm").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / ".DS_Store").write_bytes(b"x")
+    assert study_files(tmp_path) == [tmp_path / "pa.dcm"]
+
+
 def test_a_folder_reached_through_links_keeps_its_own_name(tmp_path: Path) -> None:
     root = tmp_path / "set"
     _dx(root / "study", "pa.dcm", "PA", study_uid="1.2.3.1")

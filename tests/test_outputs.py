@@ -261,3 +261,15 @@ def test_a_symbolic_link_loop_in_an_output_path_is_one_line(tmp_path: Path, monk
                        (Path("dangling"), "it is a symbolic link to a missing target")):
         with pytest.raises(RadtrtError, match=what):  # passed as 'not there yet': failed after the work
             check_creatable(path, "calibration file")
+
+
+def test_a_json_file_that_is_a_folder_or_a_dangling_link_is_said_so(tmp_path: Path) -> None:
+    """Both were 'missing file'."""
+    from radtrt.model.io import read_json
+
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(RadtrtError, match="config.json is not a file"):
+        read_json(tmp_path / "config.json")
+    (tmp_path / "other.json").symlink_to(tmp_path / "gone")
+    with pytest.raises(RadtrtError, match="other.json is a symbolic link to a missing target"):
+        read_json(tmp_path / "other.json")

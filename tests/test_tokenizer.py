@@ -56,6 +56,7 @@ def test_our_prompt_builder_matches_the_released_template() -> None:
     (lambda d: (d / "tokenizer_config.json").write_text("[1]"), "does not hold a JSON object"),
     (lambda d: (d / "tokenizer_config.json").write_bytes(b"\xff\xfe{"), "is not valid JSON"),
     (lambda d: (d / "tokenizer_config.json").write_text("[" * 100_000), "is not valid JSON"),  # RecursionError
+    (lambda d: (d / "tokenizer_config.json").write_text("1" * 5000), "a number too long or nesting too deep"),
 ])
 def test_damaged_tokenizer_files_are_one_line(tmp_path: Path, damage: Callable[[Path], None], match: str) -> None:
     from radtrt.errors import RadtrtError

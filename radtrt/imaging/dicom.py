@@ -227,6 +227,14 @@ def _sop_class_name(ds: Dataset) -> str:
     return uid.name if uid.name and uid.name != str(uid) else f"SOP class {uid}"
 
 
+def holds_no_image(ds: Dataset) -> bool:
+    """Whether the object's SOP class is a standard one that is no image storage (an SR, a key object, a plan, a
+    waveform, a DICOMDIR: PS3.4's names say "Image" for every image class), as opposed to an image whose pixel
+    data is missing (a file cut short reads quietly, without it) or a class nobody can name (a private one)."""
+    uid = _uid(ds.get("SOPClassUID") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID") or "")
+    return uid is not None and uid.name != str(uid) and "Image" not in uid.name
+
+
 def check_image_object(ds: Dataset, name: str) -> None:
     """Refuse DICOMDIRs and objects that carry no (integer) pixel data."""
     media_class = ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
@@ -236,7 +244,9 @@ def check_image_object(ds: Dataset, name: str) -> None:
         return
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         fail(f"{name}: float pixel data ({_sop_class_name(ds)}) is not a radiograph")
-    fail(f"{name}: not an image ({_sop_class_name(ds)}, no pixel data)")
+    if holds_no_image(ds) or not (ds.get("SOPClassUID") or media_class):
+        fail(f"{name}: not an image ({_sop_class_name(ds)}, no pixel data)")
+    fail(f"{name}: no pixel data ({_sop_class_name(ds)}): a file cut short or damaged?")
 
 
 # the values messages may show: a damaged or hand-edited header can hold a name or an ID in a code attribute,

@@ -27,7 +27,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from radtrt.errors import RadtrtError, fail
-from radtrt.imaging.dicom import load_dicom_image, read_dicom, read_header
+from radtrt.imaging.dicom import holds_no_image, load_dicom_image, read_dicom, read_header
 from radtrt.imaging.raster import load_raster, sniff_raster
 from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_of
 from radtrt.outputs import broken_link
@@ -150,7 +150,7 @@ def study_files(folder: Path) -> list[Path]:
     files, unreadable = _walk(folder)
     if unreadable:
         fail(unreadable[0].reason)
-    return files
+    return [f for f in files if f.is_file()]  # not a dangling link (said when read) or a FIFO (never opened)
 
 
 def _describe(candidates: list[_Candidate]) -> str:
@@ -212,9 +212,7 @@ def _refused_dicom(path: Path, error: RadtrtError) -> _Refused:
         ds = read_dicom(path, defer_size="64 KB")
     except RadtrtError:  # no header to read a study from
         return _Refused(path, str(error))
-    declared = ds.get("SOPClassUID") or ds.get("file_meta", Dataset()).get("MediaStorageSOPClassUID")
-    no_image = bool(declared) and "PixelData" not in ds  # an SR or key object says what it is; damage does not
-    return _Refused(path, str(error), str(ds.get("StudyInstanceUID", "") or ""), image=not no_image)
+    return _Refused(path, str(error), str(ds.get("StudyInstanceUID", "") or ""), image=not holds_no_image(ds))
 
 
 def _study_count(candidates: list[_Candidate]) -> int:
@@ -253,15 +251,21 @@ def split_studies(folder: Path, *, allow_any_modality: bool = False, images_apar
     if len(uids) <= 1 and not (images_apart and rasters and len(entries) > 1):
         return [folder]
     shown = folder.name or str(folder)  # '.' has no name
+    of_entry = {entry: ({c.study_uid for c in found} | refused_uids.get(entry, set())) - {""}
+                for entry, found in entries.items()}
     owner: dict[str, Path] = {}
-    for entry, found in sorted(entries.items()):
-        entry_uids = ({c.study_uid for c in found} | refused_uids.get(entry, set())) - {""}
+    for entry, entry_uids in sorted(of_entry.items()):
         if len(entry_uids) > 1:
             fail(f"{shown}: {entry.name} holds the images of {len(entry_uids)} studies (StudyInstanceUID); "
                  f"give each study's folder or file")
         for uid in entry_uids & set(owner):
-            fail(f"{shown}: {owner[uid].name} and {entry.name} hold images of one study (StudyInstanceUID): "
-                 f"put each study's images in a folder of its own, or give each study's folder or file")
+            # what made the folder a set of studies: without it these two would be read as the one study they are
+            other = next((e for e, u in sorted(of_entry.items()) if u and uid not in u), None)
+            raster = next((c.path for c in candidates if c.kind == "RASTER"), None)
+            why = (f"{other.name} holds another study's images" if other is not None else
+                   f"{raster.name if raster else 'a PNG/JPEG'} makes it a set of studies, one an entry")
+            fail(f"{shown}: {owner[uid].name} and {entry.name} hold images of one study (StudyInstanceUID), and "
+                 f"{why}: put each study's images in a folder of its own, or give each study's folder or file")
         owner.update(dict.fromkeys(entry_uids, entry))
     for entry, found in sorted(entries.items()):
         view = found[0].view if len(found) == 1 and found[0].path == entry else UNKNOWN_VIEW
@@ -280,6 +284,9 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
         why = f": {_summarise_skipped(skipped)}" if skipped else " (no DICOM, PNG or JPEG files)"
         fail(f"{folder.name}: no usable image in folder{why}")
     chosen = _choose(candidates, folder.name, skipped)
+    if chosen.kind == "DICOM":  # a PNG/JPEG beside the study's DICOM images (a preview) was dropped without a word
+        skipped += [_Refused(c.path, f"{c.path.name}: a PNG/JPEG image beside the study's DICOM images")
+                    for c in candidates if c.kind == "RASTER"]
     return _load(chosen.path, chosen.kind, allow_any_modality=allow_any_modality,
                  skipped=tuple((r.path.name, r.reason) for r in skipped))
 

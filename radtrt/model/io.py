@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from radtrt.errors import fail
-from radtrt.outputs import replaced_atomically
+from radtrt.outputs import broken_link, replaced_atomically
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -33,10 +33,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        fail(f"missing file: {path}")
+        fail(f"{path} is {broken_link(path)}" if broken_link(path) else
+             f"{path} is not a file" if path.exists() else f"missing file: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:  # no permission, a folder of that name
+    except OSError as e:  # no permission
         fail(f"cannot read {path} ({e.strerror or e})")
     except json.JSONDecodeError as e:
         fail(f"{path} is not valid JSON ({e})")
