@@ -290,6 +290,10 @@ def test_a_radiograph_cut_short_is_a_failing_study_not_an_sr(tmp_path: Path) -> 
     (root / "s3" / "pa.dcm").write_bytes(whole[:whole.find(b"\xe0\x7f\x10\x00")])  # up to the Pixel Data tag
     assert split_studies(root) == [root / "s1", root / "s2", root / "s3"]
     _refused(root / "s3", "no pixel data \\(Digital X-Ray Image Storage - For Presentation\\): a file cut short")
+    seg = get_testdata_file("liver_1frame.dcm", download=False)  # a SEG holds pixels; its class name says no 'Image'
+    assert seg is not None
+    shutil.copy(seg, root / "seg.dcm")
+    assert split_studies(root)[-1] == root / "seg.dcm"
 
 
 def test_what_made_a_folder_a_set_is_named_when_a_study_is_split(tmp_path: Path) -> None:
@@ -300,13 +304,21 @@ def test_what_made_a_folder_a_set_is_named_when_a_study_is_split(tmp_path: Path)
     _dx(ct, "lat.dcm", "LL", study_uid="1.2.3.1")
     _dx(ct, "loc.dcm", "PA", study_uid="1.2.3.9", modality="CT")
     with pytest.raises(RadtrtError, match="lat.dcm and pa.dcm hold images of one study .*, and loc.dcm holds another "
-                                          "study's images"):
+                                          "study's images: move loc.dcm out"):
         split_studies(ct)
+    why = tmp_path / "why"  # the entry of another study also holds this one's: it is still what makes the set
+    _dx(why, "a_pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(why, "b_pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(why / "z", "pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(why / "z", "pa2.dcm", "PA", study_uid="1.2.3.2")
+    with pytest.raises(RadtrtError, match="z holds the images of 2 studies|and z holds another study's images"):
+        split_studies(why)
     preview = tmp_path / "mix"
     _dx(preview, "pa.dcm", "PA", study_uid="1.2.3.1")
     _dx(preview, "lat.dcm", "LL", study_uid="1.2.3.1")
     Image.fromarray(_grey8()).save(preview / "preview.png")
-    with pytest.raises(RadtrtError, match="and preview.png makes it a set of studies"):
+    with pytest.raises(RadtrtError, match="and preview.png \\(no study UID\\) makes it a set of studies, one an "
+                                          "entry: move preview.png out"):
         split_studies(preview, images_apart=True)
     image = load_study(preview)  # infer: one study; the preview is said, not dropped
     assert image.source_file.name == "pa.dcm" and [n for n, _ in image.skipped] == ["preview.png"]

@@ -52,9 +52,9 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
     if random_model is not None and vs_bundle is not None:  # before the build, not after it
         check_vs_bundle_fits(random_model, stages == "vision", vs_bundle)
     machine = machine_info()  # before anything heavy runs: the load average is other work's
+    paths = study_paths(studies, synthetic, work_dir, default_synthetic=1)  # refused before a random model's build
     assets = resolve_assets(model=model, bundle=bundle, random_model=random_model, work_dir=work_dir, seed=seed,
                             vision_only=stages == "vision", progress=progress)
-    paths = study_paths(studies, synthetic, work_dir, default_synthetic=1)
     step = _Step(progress, "opening backends")
     # the peak memory is of loading and measuring the backends: the random model's build before and the
     # bandwidth probe's matrix between are left out where the kernel can restart the high-water mark
@@ -105,9 +105,9 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
         fail("--predictions-out needs --studies with ground-truth findings (a phantom set from 'radtrt data "
              "phantoms', or a JSONL manifest with 'findings')")
     machine = machine_info()
+    entries = study_entries(studies, synthetic, work_dir, default_synthetic=2)  # refused before a random model's build
     assets = resolve_assets(model=model, bundle=bundle, random_model=random_model, work_dir=work_dir, seed=seed,
                             vision_only=False, progress=progress)
-    entries = study_entries(studies, synthetic, work_dir, default_synthetic=2)
     if need_findings and any(e.findings is None for e in entries):
         fail(f"--predictions-out needs ground-truth findings for every study; {studies} has studies without them")
     if need_findings and len(set(study_names([e.study for e in entries]))) != len(entries):  # before the run

@@ -244,7 +244,7 @@ def check_image_object(ds: Dataset, name: str) -> None:
         return
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         fail(f"{name}: float pixel data ({_sop_class_name(ds)}) is not a radiograph")
-    if holds_no_image(ds) or not (ds.get("SOPClassUID") or media_class):
+    if holds_no_image(ds):
         fail(f"{name}: not an image ({_sop_class_name(ds)}, no pixel data)")
     fail(f"{name}: no pixel data ({_sop_class_name(ds)}): a file cut short or damaged?")
 

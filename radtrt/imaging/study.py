@@ -212,7 +212,8 @@ def _refused_dicom(path: Path, error: RadtrtError) -> _Refused:
         ds = read_dicom(path, defer_size="64 KB")
     except RadtrtError:  # no header to read a study from
         return _Refused(path, str(error))
-    return _Refused(path, str(error), str(ds.get("StudyInstanceUID", "") or ""), image=not holds_no_image(ds))
+    image = "PixelData" in ds or not holds_no_image(ds)  # a SEG or RT Dose holds pixels, whatever its class is named
+    return _Refused(path, str(error), str(ds.get("StudyInstanceUID", "") or ""), image=image)
 
 
 def _study_count(candidates: list[_Candidate]) -> int:
@@ -260,12 +261,13 @@ def split_studies(folder: Path, *, allow_any_modality: bool = False, images_apar
                  f"give each study's folder or file")
         for uid in entry_uids & set(owner):
             # what made the folder a set of studies: without it these two would be read as the one study they are
-            other = next((e for e, u in sorted(of_entry.items()) if u and uid not in u), None)
+            other = next((e for e, u in sorted(of_entry.items()) if u - {uid}), None)
             raster = next((c.path for c in candidates if c.kind == "RASTER"), None)
+            cause = other if other is not None else raster
             why = (f"{other.name} holds another study's images" if other is not None else
-                   f"{raster.name if raster else 'a PNG/JPEG'} makes it a set of studies, one an entry")
+                   f"{raster.name if raster else 'a PNG/JPEG'} (no study UID) makes it a set of studies, one an entry")
             fail(f"{shown}: {owner[uid].name} and {entry.name} hold images of one study (StudyInstanceUID), and "
-                 f"{why}: put each study's images in a folder of its own, or give each study's folder or file")
+                 f"{why}: move {cause.name if cause else 'it'} out, or put each study's images in a folder of its own")
         owner.update(dict.fromkeys(entry_uids, entry))
     for entry, found in sorted(entries.items()):
         view = found[0].view if len(found) == 1 and found[0].path == entry else UNKNOWN_VIEW
