@@ -313,6 +313,9 @@ def test_what_made_a_folder_a_set_is_named_when_a_study_is_split(tmp_path: Path)
     _dx(why / "z", "pa2.dcm", "PA", study_uid="1.2.3.2")
     with pytest.raises(RadtrtError, match="z holds the images of 2 studies|and z holds another study's images"):
         split_studies(why)
+    _dx(why, "c_pa.dcm", "PA", study_uid="1.2.3.3")  # two other studies: moving one out would not help
+    with pytest.raises(RadtrtError, match="another study's images: put each study's images in a folder of its own"):
+        split_studies(why)
     preview = tmp_path / "mix"
     _dx(preview, "pa.dcm", "PA", study_uid="1.2.3.1")
     _dx(preview, "lat.dcm", "LL", study_uid="1.2.3.1")

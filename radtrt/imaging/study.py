@@ -261,13 +261,16 @@ def split_studies(folder: Path, *, allow_any_modality: bool = False, images_apar
                  f"give each study's folder or file")
         for uid in entry_uids & set(owner):
             # what made the folder a set of studies: without it these two would be read as the one study they are
-            other = next((e for e, u in sorted(of_entry.items()) if u - {uid}), None)
-            raster = next((c.path for c in candidates if c.kind == "RASTER"), None)
-            cause = other if other is not None else raster
-            why = (f"{other.name} holds another study's images" if other is not None else
-                   f"{raster.name if raster else 'a PNG/JPEG'} (no study UID) makes it a set of studies, one an entry")
+            others = [e for e, u in sorted(of_entry.items()) if u - {uid}]
+            rasters_at = [c.path for c in candidates if c.kind == "RASTER"]
+            causes = others or rasters_at
+            why = (f"{others[0].name} holds another study's images" if others else
+                   f"{rasters_at[0].name if rasters_at else 'a PNG/JPEG'} (no study UID) makes it a set of studies, "
+                   f"one an entry")
+            # moving the cause out helps only when it is the one thing that made the folder a set
+            move = f"move {causes[0].name} out, or " if len(causes) == 1 else ""
             fail(f"{shown}: {owner[uid].name} and {entry.name} hold images of one study (StudyInstanceUID), and "
-                 f"{why}: move {cause.name if cause else 'it'} out, or put each study's images in a folder of its own")
+                 f"{why}: {move}put each study's images in a folder of its own")
         owner.update(dict.fromkeys(entry_uids, entry))
     for entry, found in sorted(entries.items()):
         view = found[0].view if len(found) == 1 and found[0].path == entry else UNKNOWN_VIEW
