@@ -14,9 +14,10 @@ micro-F1 within 0.02 of fp32. Below them the export warns loudly; it does not re
 thresholds are for the trained model and a random-weight test model cannot meet them.
 
 The rate of identical reports comes with a 95% Wilson score interval and the F1 difference with the
-same seeded bootstrap as every other metric, paired over studies (both in ``radtrt.evaluation.bootstrap``). On the gate's few studies one changed report moves micro-F1 by several hundredths, so a
-warning says whether its interval still reaches the threshold, i.e. whether more studies are
-needed before reading it as a regression.
+same seeded bootstrap as every other metric, paired over studies (both in ``radtrt.evaluation.bootstrap``).
+On the gate's few studies one changed report moves micro-F1 by several hundredths, so a warning says
+whether its interval still reaches the threshold, i.e. whether more studies are needed before reading
+it as a regression.
 """
 
 from __future__ import annotations

@@ -104,7 +104,6 @@ def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, li
     """(data root, candidate studies in order, source description); ``what`` names the source in errors."""
     from radtrt.data.manifest import read_manifest
     from radtrt.imaging.study import split_studies
-
     from radtrt.outputs import broken_link
 
     if not data.exists():

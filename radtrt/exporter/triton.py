@@ -264,7 +264,8 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     platform = "tensorrt_plan" if vision_backend == "tensorrt" else "onnxruntime_onnx"
     # a given engine's path as typed: it names a folder on the serving host, which this host's symlinks
     # (/var/run -> /run, a mount alias) say nothing about
-    kv_tokens = kv_cache_tokens(max_batch, max_seq_len) if _count(max_seq_len) and max_seq_len > 0 else None
+    seq_len = _count(max_seq_len)
+    kv_tokens = kv_cache_tokens(max_batch, seq_len) if seq_len is not None and seq_len > 0 else None
     configs = model_configs(spec, platform, decoder_engine, kv_cache_free_gpu_mem_fraction, max_kv_tokens=kv_tokens)
     with new_dir_built_aside(out, "Triton repository") as work:
         _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch, cast_to)

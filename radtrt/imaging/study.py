@@ -158,16 +158,16 @@ def _describe(candidates: list[_Candidate]) -> str:
     return ", ".join(f"{view} x{n}" for view, n in sorted(counts.items()))
 
 
-def _summarise_skipped(skipped: list[_Refused] | list[tuple[str, str]], limit: int = 5) -> str:
-    shown = "; ".join(r.reason if isinstance(r, _Refused) else r[1] for r in skipped[:limit])
-    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+def _summarise_skipped(reasons: list[str], limit: int = 5) -> str:
+    shown = "; ".join(reasons[:limit])
+    more = f"; and {len(reasons) - limit} more" if len(reasons) > limit else ""
     return shown + more
 
 
 def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[_Refused]) -> _Candidate:
     """The frontal image; a refusal names the files that were not used, since the frontal may be among them (a
     PA refused for its modality, say, whose remedy would otherwise go unsaid)."""
-    unused = f"; not used: {_summarise_skipped(skipped)}" if skipped else ""
+    unused = f"; not used: {_summarise_skipped([r.reason for r in skipped])}" if skipped else ""
     for view in FRONTAL_VIEWS:
         for candidate in candidates:
             if candidate.view == view:
@@ -286,7 +286,7 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
     if _study_count(candidates) > 1:  # two patients' images, say: a report of one would be filed under the other
         fail(_mixed(folder, candidates))
     if not candidates:
-        why = f": {_summarise_skipped(skipped)}" if skipped else " (no DICOM, PNG or JPEG files)"
+        why = f": {_summarise_skipped([r.reason for r in skipped])}" if skipped else " (no DICOM, PNG or JPEG files)"
         fail(f"{folder.name}: no usable image in folder{why}")
     chosen = _choose(candidates, folder.name, skipped)
     if chosen.kind == "DICOM":  # a PNG/JPEG beside the study's DICOM images (a preview) was dropped without a word
@@ -303,7 +303,8 @@ def study_warnings(study: Path, image: SelectedImage) -> list[str]:
     name = str(study)  # as given, as errors name it: two studies' "frontal.dcm" are told apart
     out = []
     if image.skipped:
-        out.append(f"{name}: {len(image.skipped)} file(s) not used: {_summarise_skipped(list(image.skipped))}")
+        reasons = [reason for _, reason in image.skipped]
+        out.append(f"{name}: {len(reasons)} file(s) not used: {_summarise_skipped(reasons)}")
     if image.view_position != UNKNOWN_VIEW and not is_frontal(image.view_position):
         out.append(f"{name}: the image is a {image.view_position} view, not frontal (PA/AP); LLaVA-Rad reads "
                    "frontal radiographs, so this report is unreliable")
