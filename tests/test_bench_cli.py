@@ -127,6 +127,26 @@ def test_predictions_out_needs_ground_truth_findings(tiny: Assets, work: Path, t
     assert not (tmp_path / "p").exists()
 
 
+def test_a_manifest_without_findings_serves_parity_but_not_predictions_out(tiny: Assets, work: Path,
+                                                                          tmp_path: Path) -> None:
+    """Rows without 'findings' were refused for every bench ("'findings' is missing"), though only CheXprompt's
+    predictions need them; --predictions-out refuses them before anything is built or run."""
+    from radtrt.data.phantom_set import write_phantom_set
+
+    manifest = write_phantom_set(tmp_path / "set", 1, 5, rows=96, cols=80, formats=("png",))
+    bare = manifest.with_name("bare.jsonl")
+    bare.write_text("".join(json.dumps({"image": json.loads(line)["image"]}) + "\n"
+                            for line in manifest.read_text().splitlines()))
+    code, out, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies", bare,
+                             "--max-new-tokens", 2, "--json")
+    assert code == 0, err
+    assert [st["study"] for st in json.loads(out)["studies"]] == ["phantom-00000.png"]
+    code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", tmp_path / "w2", "--studies",
+                           bare, "--max-new-tokens", 2, "--predictions-out", tmp_path / "p")
+    assert code == 2 and "has studies without them" in err
+    assert not (tmp_path / "w2").exists() and not (tmp_path / "p").exists()  # refused before the model's build
+
+
 def test_parity_transformers_generate_vs_torch(tiny: Assets, work: Path, tmp_path: Path) -> None:
     out_md = tmp_path / "parity.md"
     code, out, err = _invoke("bench", "parity", "--model", tiny.model_dir, "--backend", "transformers",

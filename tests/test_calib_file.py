@@ -179,6 +179,24 @@ def test_a_missing_manifest_image_is_named_where_it_was_looked_for(loaded: Loade
         calibrate(loaded, manifest, 2)
 
 
+def test_a_manifest_without_findings_calibrates_on_prompts_and_images(loaded: LoadedModel, phantoms: Path,
+                                                                        tmp_path: Path) -> None:
+    """Calibration reads images and indications; rows without 'findings' (unreported studies) were refused.
+    Training still needs them."""
+    from radtrt.data.manifest import read_manifest
+
+    bare = phantoms.with_name("bare.jsonl")
+    bare.write_text("".join(json.dumps({"image": json.loads(line)["image"], "findings": None}) + "\n"
+                            for line in phantoms.read_text().splitlines()))
+    made = calibrate(loaded, bare, 2)
+    assert made.file.n == 2 and made.file.meta["method"]["samples_with_findings"] == 0
+    with pytest.raises(RadtrtError, match="'findings' is missing, empty or not a string"):
+        read_manifest(bare)
+    bare.write_text(json.dumps({"image": "x.png", "findings": 3}) + "\n")
+    with pytest.raises(RadtrtError, match="'findings' must be a string or null"):
+        calibrate(loaded, bare, 1)
+
+
 def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: Path) -> None:
     model_dir = save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), tmp_path / "m")
     out = tmp_path / "calib.safetensors"

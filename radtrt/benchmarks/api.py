@@ -106,12 +106,12 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
              "phantoms', or a JSONL manifest with 'findings')")
     machine = machine_info()
     entries = study_entries(studies, synthetic, work_dir, default_synthetic=2)  # refused before a random model's build
-    assets = resolve_assets(model=model, bundle=bundle, random_model=random_model, work_dir=work_dir, seed=seed,
-                            vision_only=False, progress=progress)
     if need_findings and any(e.findings is None for e in entries):
         fail(f"--predictions-out needs ground-truth findings for every study; {studies} has studies without them")
     if need_findings and len(set(study_names([e.study for e in entries]))) != len(entries):  # before the run
         fail(f"--predictions-out: {studies} lists a study twice (the predictions name each study once)")
+    assets = resolve_assets(model=model, bundle=bundle, random_model=random_model, work_dir=work_dir, seed=seed,
+                            vision_only=False, progress=progress)
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
                           ort_provider=ort_provider, threads=threads, ort_spin=ort_spin, trt_decoder=trt_decoder)

@@ -22,7 +22,7 @@ from radtrt.outputs import make_dir, replaced_atomically
 @dataclass(frozen=True)
 class ManifestRow:
     image: str
-    findings: str
+    findings: str | None  # None only where the reader allows it (calibration, benchmarks: pixels and prompts)
     indication: str | None = None
     labels: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -83,23 +83,27 @@ def optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
     return value.strip() or None if isinstance(value, str) else None
 
 
-def parse_row(obj: dict[str, Any], where: str) -> ManifestRow:
-    image, findings = obj.get("image"), obj.get("findings")
+def parse_row(obj: dict[str, Any], where: str, *, findings_required: bool = True) -> ManifestRow:
+    """One validated row; without ``findings_required`` a row may omit its findings (calibration and latency
+    read only the image and indication, so a manifest of unreported studies serves them)."""
+    image = obj.get("image")
     if not isinstance(image, str) or not image:
         fail(f"{where}: 'image' (a study path) is missing or not a string")
-    if not isinstance(findings, str) or not findings.strip():
+    findings = obj.get("findings") if findings_required else optional_str(obj, "findings", where)
+    if findings_required and (not isinstance(findings, str) or not findings.strip()):
         fail(f"{where}: 'findings' is missing, empty or not a string")
     labels = obj.get("labels")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
         fail(f"{where}: 'labels' must be a list of label names")
     extra = {k: v for k, v in obj.items() if k not in ("image", "findings", "indication", "labels")}
-    return ManifestRow(image, findings.strip(), optional_str(obj, "indication", where),
+    return ManifestRow(image, findings.strip() if findings else None, optional_str(obj, "indication", where),
                        tuple(labels) if labels is not None else None, extra)
 
 
-def read_manifest(path: Path) -> list[ManifestRow]:
+def read_manifest(path: Path, *, findings_required: bool = True) -> list[ManifestRow]:
     """All rows of a manifest, validated; an empty manifest is refused."""
-    rows = [parse_row(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl(path)]
+    rows = [parse_row(obj, f"{path}:{lineno}", findings_required=findings_required)
+            for lineno, obj in read_jsonl(path)]
     if not rows:
         fail(f"manifest {path} has no rows")
     return rows
