@@ -203,7 +203,7 @@ def calibrate(
 
     from radtrt.calibration.run import PHANTOM_CALIBRATION_SEED, calibrate_phantoms, means_phantoms
     from radtrt.calibration.run import calibrate as run_calibration
-    from radtrt.calibration.samples import count_samples
+    from radtrt.calibration.samples import check_samples
     from radtrt.model.loading import load_model
     from radtrt.outputs import check_new_file
 
@@ -216,9 +216,7 @@ def calibrate(
             fail("--data is empty: name a studies folder, a JSONL manifest, or 'phantom'")
         if seed is not None:
             fail("--seed chooses the phantoms of --data phantom; it does not apply to other data")
-        available = count_samples(Path(data))
-        if available < n:
-            fail(f"calibration data {data} has {available} samples; --n {n} are asked for")
+        check_samples(Path(data), n)
     with err.status(plain(f"loading model from {model}")):
         loaded = load_model(model, base_model)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -147,6 +147,21 @@ def test_a_manifest_without_findings_serves_parity_but_not_predictions_out(tiny:
     assert not (tmp_path / "w2").exists() and not (tmp_path / "p").exists()  # refused before the model's build
 
 
+def test_studies_are_screened_before_the_model_is_built(tmp_path: Path) -> None:
+    """A CT among --studies was found when it was read, after a random model's build (or a 7B model's load)."""
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+
+    studies = tmp_path / "studies"
+    write_radiograph(studies / "a" / "pa.dcm", synthetic_chest(seed=1), view_position="PA", study_uid="1.2.3.1")
+    write_radiograph(studies / "b" / "pa.dcm", synthetic_chest(seed=2), view_position="PA", study_uid="1.2.3.2",
+                     modality="CT")
+    for command in ("latency", "parity"):
+        code, _, err = _invoke("bench", command, "--random-model", "tiny", "--work-dir", tmp_path / "w", "--studies",
+                               studies)
+        assert code == 2 and "b: no usable image in folder: pa.dcm: modality 'CT'" in err, err
+    assert not (tmp_path / "w").exists()
+
+
 def test_parity_transformers_generate_vs_torch(tiny: Assets, work: Path, tmp_path: Path) -> None:
     out_md = tmp_path / "parity.md"
     code, out, err = _invoke("bench", "parity", "--model", tiny.model_dir, "--backend", "transformers",

@@ -338,17 +338,24 @@ def test_held_out_samples_are_never_calibration_images(loaded: LoadedModel, phan
 
 @pytest.mark.parametrize("args, match", [
     (["--data", "NOWHERE", "--n", "1"], "calibration data not found"),
-    (["--data", "PHANTOMS", "--n", "9"], "has 4 samples; --n 9 are asked for"),
+    (["--data", "PHANTOMS", "--n", "9"], "has 4 samples; 9 are needed"),
     (["--data", "PHANTOMS", "--n", "1", "--seed", "99"], "--seed chooses the phantoms"),
     (["--data", "", "--n", "1"], "--data is empty"),  # Path("") is ".": it calibrated on the current folder
+    (["--data", "WITH_CT", "--n", "2"], "ct.dcm: modality"),  # read after the model loaded, sample by sample
 ])
-def test_calibration_data_is_checked_before_the_model_loads(tiny_release: TinyRelease, phantoms: Path,
+def test_calibration_data_is_checked_before_the_model_loads(phantoms: Path,
                                                             tmp_path: Path, args: list[str], match: str) -> None:
-    args = [{"NOWHERE": str(tmp_path / "nowhere"), "PHANTOMS": str(phantoms)}.get(a, a) for a in args]
-    result = runner.invoke(app, ["calibrate", "--model", str(tiny_release.release_dir), "--base-model",
-                                 str(tiny_release.base_dir), *args, "-o", str(tmp_path / "c.safetensors")])
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+
+    with_ct = tmp_path / "with-ct"
+    with_ct.mkdir()
+    shutil.copy(phantoms.parent / json.loads(phantoms.read_text().splitlines()[0])["image"], with_ct / "a.png")
+    write_radiograph(with_ct / "ct.dcm", synthetic_chest(seed=3), view_position="PA", modality="CT")
+    args = [{"NOWHERE": str(tmp_path / "nowhere"), "PHANTOMS": str(phantoms), "WITH_CT": str(with_ct)}.get(a, a)
+            for a in args]
+    result = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "no-model"), *args,
+                                 "-o", str(tmp_path / "c.safetensors")])  # the model would be refused once read
     assert result.exit_code == 2 and match in result.stderr, result.stderr
-    assert "loading model" not in result.stderr
 
 
 def test_a_sample_beyond_the_models_positions_is_refused(loaded: LoadedModel, phantoms: Path, tmp_path: Path) -> None:

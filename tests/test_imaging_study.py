@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from radtrt.errors import RadtrtError
 from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8
-from radtrt.imaging.study import SelectedImage, load_study, split_studies, study_warnings
+from radtrt.imaging.study import SelectedImage, load_study, screen_study, split_studies, study_warnings
 from radtrt.imaging.synthetic import FAKE_PATIENT_NAME, synthetic_chest, write_radiograph
 
 
@@ -237,6 +237,24 @@ def test_an_entry_whose_files_were_all_refused_stays_a_study(tmp_path: Path) -> 
     assert split_studies(root) == [root / n for n in ("s1", "s2", "s3", "s4", "s5.png")]
     assert split_studies(root / "s2") == [root / "s2"]
     _refused(root / "s2", "no usable image in folder: pa.dcm: .*modality")
+
+
+def test_screening_refuses_from_headers_what_reading_would(tmp_path: Path) -> None:
+    """``screen_study`` runs before a model loads: it refuses, by the same words, what ``load_study`` refuses from
+    headers, and leaves pixel damage (which only decoding finds) to the read."""
+    ct = _dx(tmp_path / "ct", "pa.dcm", "PA", modality="CT")
+    _dx(tmp_path / "lat", "a.dcm", "LL")
+    for study, match in ((ct, "modality"), (ct.parent, "no usable image in folder: pa.dcm: .*modality"),
+                         (tmp_path / "lat", "no frontal"), (tmp_path / "gone", "gone: no such file or folder"),
+                         (_sr_file(tmp_path), "not an image")):
+        with pytest.raises(RadtrtError, match=match) as screened:
+            screen_study(study)
+        assert str(screened.value) == _refused(study, match)
+    cut = _dx(tmp_path / "cut", "pa.dcm", "PA")
+    cut.write_bytes(cut.read_bytes()[:-5000])  # header intact, pixel data cut
+    screen_study(cut.parent)
+    screen_study(cut)
+    _refused(cut, "truncated")
 
 
 def test_a_dangling_link_is_said_not_dropped(tmp_path: Path) -> None:

@@ -96,6 +96,21 @@ def test_int8_without_calibration_data_is_refused_before_loading(tmp_path: Path)
               "--int8-decoder", "w4", "-o", str(tmp_path / "b")], "unknown --int8-decoder")
 
 
+def test_calibration_studies_are_screened_before_loading(tmp_path: Path) -> None:
+    """Too few samples, or a CT among them, failed the export after the model loaded (minutes at 7B)."""
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+
+    data = tmp_path / "studies"
+    write_radiograph(data / "a" / "pa.dcm", synthetic_chest(seed=1), view_position="PA", study_uid="1.2.3.1")
+    write_radiograph(data / "b" / "pa.dcm", synthetic_chest(seed=2), view_position="PA", study_uid="1.2.3.2",
+                     modality="CT")
+    args = ["export", "--model", str(tmp_path / "no-model"), "--precision", "int8", "--calibration-data", str(data)]
+    _refused([*args, "--calibration-n", "3", "-o", str(tmp_path / "o1")], "has 2 samples; 3 are needed")
+    _refused([*args, "--calibration-n", "2", "-o", str(tmp_path / "o2")], "b: no usable image in folder: pa.dcm: ")
+    _refused([*args, "--calibration-n", "1", "-o", str(tmp_path / "o3")], "model")  # the first study is fine
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
 def test_vision_graph_is_qdq_with_per_channel_weights_and_float_norms(bundle: Path) -> None:
     model = onnx.load(str(bundle / "vision.onnx"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}

@@ -22,6 +22,7 @@ from typing import Any
 
 from radtrt.calibration.samples import Entry, source_entries
 from radtrt.errors import fail
+from radtrt.imaging.study import screen_study
 from radtrt.model.config import DecoderConfig, LlavaRadConfig, preset
 
 DEFAULT_WORK_DIR = Path(".radtrt-cache/bench")
@@ -224,9 +225,11 @@ def study_entries(studies: Path | None, synthetic: int | None, work_dir: Path, d
     if studies is None:
         count = synthetic if synthetic is not None else default_synthetic
         return [Entry(p) for p in synthetic_studies(count, work_dir / "studies")]
-    if studies.is_file() and studies.suffix not in (".jsonl", ".json"):
-        return [Entry(studies)]
-    return source_entries(studies, "--studies")[1]  # says a missing, empty or unreadable one
+    entries = ([Entry(studies)] if studies.is_file() and studies.suffix not in (".jsonl", ".json") else
+               source_entries(studies, "--studies")[1])  # says a missing, empty or unreadable one
+    for entry in entries:  # before a model is built or loaded: a CT among them failed the run after that
+        screen_study(entry.study)
+    return entries
 
 
 def study_paths(studies: Path | None, synthetic: int | None, work_dir: Path, default_synthetic: int) -> list[Path]:

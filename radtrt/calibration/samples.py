@@ -141,13 +141,8 @@ def count_samples(data: Path) -> int:
     return len(source_entries(data)[1])
 
 
-def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple[Any, torch.Tensor, list[int]]],
-                 *, skip: int = 0, on_sample: Callable[[int], None] | None = None) -> SampleSet:
-    """The first ``n`` samples after ``skip``, read with ``prepare`` (the inference preprocessing).
-
-    ``prepare(study, indication)`` returns ``(selected image, pixels, prompt ids)``. A study that
-    fails to read fails the calibration: calibrating on a silently different set is worse.
-    """
+def _chosen(data: Path, n: int, skip: int) -> tuple[Path, list[Entry], dict[str, Any]]:
+    """(data root, the ``n`` entries after ``skip``, source description); too few is refused."""
     if n < 1:
         fail(f"the number of calibration samples must be at least 1, got {n}")
     root, entries, source = source_entries(data)
@@ -156,6 +151,26 @@ def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple
         fail(f"calibration data {data} has {len(entries)} samples; {skip + n} are needed "
              + (f"({n} after skipping {skip})" if skip else
                 "(export --calibration-n, calibrate --n; a few dozen chest X-rays calibrate well)"))
+    return root, chosen, source
+
+
+def check_samples(data: Path, n: int) -> None:
+    """Before the model loads (minutes at 7B): ``data`` has ``n`` samples, and each one's headers pass what reading
+    it checks (a CT or a lateral-only study among them failed the calibration after the load)."""
+    from radtrt.imaging.study import screen_study
+
+    for entry in _chosen(data, n, 0)[1]:
+        screen_study(entry.study)
+
+
+def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple[Any, torch.Tensor, list[int]]],
+                 *, skip: int = 0, on_sample: Callable[[int], None] | None = None) -> SampleSet:
+    """The first ``n`` samples after ``skip``, read with ``prepare`` (the inference preprocessing).
+
+    ``prepare(study, indication)`` returns ``(selected image, pixels, prompt ids)``. A study that
+    fails to read fails the calibration: calibrating on a silently different set is worse.
+    """
+    root, chosen, source = _chosen(data, n, skip)
     samples = []
     for i, entry in enumerate(chosen):
         image, pixels, prompt_ids = prepare(entry.study, entry.indication)

@@ -76,9 +76,15 @@ class Int8Plan:
             fail("--calibration-data is empty: name a studies folder, a JSONL manifest, a 'radtrt calibrate' file, "
                  "or 'phantom'")
         from radtrt.calibration.run import means_phantoms
+        from radtrt.calibration.samples import check_samples
 
-        if not means_phantoms(self.calibration_data) and not Path(self.calibration_data).exists():
+        data = Path(self.calibration_data)
+        if means_phantoms(self.calibration_data):
+            return
+        if not data.exists():
             fail(f"calibration data not found: {self.calibration_data}")
+        if not (data.is_file() and data.suffix == ".safetensors"):  # a calibration file is checked when it loads
+            check_samples(data, self.n)
 
 
 @dataclass

@@ -281,7 +281,8 @@ def split_studies(folder: Path, *, allow_any_modality: bool = False, images_apar
     return sorted(entries)
 
 
-def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedImage:
+def _pick_from_folder(folder: Path, *, allow_any_modality: bool) -> tuple[_Candidate, list[_Refused]]:
+    """The image a folder's study will be read from, and the files not used: headers only, no pixels decoded."""
     candidates, skipped = _scan(folder, allow_any_modality=allow_any_modality)
     if _study_count(candidates) > 1:  # two patients' images, say: a report of one would be filed under the other
         fail(_mixed(folder, candidates))
@@ -292,8 +293,7 @@ def _select_from_folder(folder: Path, *, allow_any_modality: bool) -> SelectedIm
     if chosen.kind == "DICOM":  # a PNG/JPEG beside the study's DICOM images (a preview) was dropped without a word
         skipped += [_Refused(c.path, f"{c.path.name}: a PNG/JPEG image beside the study's DICOM images")
                     for c in candidates if c.kind == "RASTER"]
-    return _load(chosen.path, chosen.kind, allow_any_modality=allow_any_modality,
-                 skipped=tuple((r.path.name, r.reason) for r in skipped))
+    return chosen, skipped
 
 
 def study_warnings(study: Path, image: SelectedImage) -> list[str]:
@@ -336,12 +336,31 @@ def load_study(path: Path, *, allow_any_modality: bool = False, shown_as: str | 
         fail(study_error(Path(shown_as) if shown_as is not None else path, e))
 
 
-def _load_study(path: Path, allow_any_modality: bool) -> SelectedImage:
+def screen_study(path: Path, *, allow_any_modality: bool = False) -> None:
+    """Refuse, from headers alone (no pixels decoded, a fraction of a second a study), what ``load_study`` would
+    refuse that way: a set of studies is checked before a model loads and minutes of work are spent on it,
+    instead of failing at its tenth study (a CT, a lateral-only folder, a missing file). Decoding can still fail
+    later (damaged pixel data): that is said when the study is read."""
+    try:
+        file, kind, _ = _study_source(Path(path), allow_any_modality)
+        if kind == "DICOM" and file == Path(path):  # a folder's images were screened as it was scanned
+            read_header(file, allow_any_modality=allow_any_modality)
+    except RadtrtError as e:
+        fail(study_error(path, e))
+
+
+def _study_source(path: Path, allow_any_modality: bool) -> tuple[Path, str, tuple[tuple[str, str], ...]]:
+    """(the file the study will be read from, its kind, the files of its folder not used): headers only."""
     if not path.exists():
         fail(f"{path.name or path}: {broken_link(path) or 'no such file or folder'}")
     if path.is_dir():
-        return _select_from_folder(path, allow_any_modality=allow_any_modality)
+        chosen, skipped = _pick_from_folder(path, allow_any_modality=allow_any_modality)
+        return chosen.path, chosen.kind, tuple((r.path.name, r.reason) for r in skipped)
     if not path.is_file():
         fail(f"{path.name}: not a regular file or folder (a pipe, socket or device cannot be a study)")
-    kind = _sniff(path) or "DICOM"  # unknown content: let the DICOM reader say why it is refused
-    return _load(path, kind, allow_any_modality=allow_any_modality)
+    return path, _sniff(path) or "DICOM", ()  # unknown content: let the DICOM reader say why it is refused
+
+
+def _load_study(path: Path, allow_any_modality: bool) -> SelectedImage:
+    file, kind, skipped = _study_source(path, allow_any_modality)
+    return _load(file, kind, allow_any_modality=allow_any_modality, skipped=skipped)
