@@ -378,9 +378,29 @@ def test_prediction_texts_that_cannot_be_scored_are_refused(tmp_path: Path) -> N
     long = write_jsonl(tmp_path / "l.jsonl", [{"study": "a", "reference": "x", "prediction": "word " * 2001}])
     with pytest.raises(RadtrtError, match="prediction has 2001 words"):
         load_predictions(long)
+    # rouge_score splits on anything but letters and digits: this passed as one word, then ROUGE-L took seconds
+    # and gigabytes on its quadratic table
+    commas = write_jsonl(tmp_path / "c.jsonl", [{"study": "a", "reference": ",".join(["effusion"] * 8000),
+                                                 "prediction": "x"}])
+    with pytest.raises(RadtrtError, match="line 1: the reference has 8000 words"):
+        load_predictions(commas)
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + (json.dumps(RECORDS[0]) + "\n").encode())
     assert load_predictions(bom)[0].study == "a"  # a Windows editor's byte-order mark is not an error
+
+
+def test_empty_references_are_refused_before_any_scoring(tmp_path: Path) -> None:
+    """An empty ground truth was scored: a normal prediction got a perfect label F1, and went to the paid judge."""
+    rows = [RECORDS[0], {**RECORDS[1], "study": "patient-7", "reference": ""}, {**RECORDS[2], "reference": " \n"}]
+    preds = write_jsonl(tmp_path / "p.jsonl", rows)
+    code, out, err = run("-p", str(preds), "--metrics", "chexprompt,labels", "--judge-model", "g", "--endpoint",
+                         "http://127.0.0.1:9/v1", "--judge-cache", str(tmp_path / "c.sqlite"),
+                         "-o", str(tmp_path / "r.json"))
+    assert code == 2 and "2 of 3 rows have an empty 'reference' (first at line 2)" in err, err
+    assert "join" in err and "patient-7" not in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "c.sqlite").exists() and out == ""
+    code, _, err = run("--paired", str(write_jsonl(tmp_path / "a.jsonl", RECORDS)), str(preds), "--metrics", "rouge")
+    assert code == 2 and "p.jsonl: 2 of 3 rows have an empty 'reference'" in err
 
 
 def test_empty_predictions_are_named_on_stderr(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ patient data.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from radtrt.errors import fail
 FIELDS = ("study", "reference", "prediction")
 # ROUGE-L's table grows with the product of the two lengths: a runaway generation must not exhaust memory
 MAX_REPORT_WORDS = 2000
+# rouge_score's tokenizer: lowercase, then runs of ASCII letters and digits (everything else separates). Counting
+# whitespace-separated words let "effusion,effusion,..." (8000 ROUGE tokens) pass as one word.
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ def load_predictions(path: Path) -> list[ReportPair]:
         fail(f"predictions file {path} " + ("is not a file" if path.exists() else "does not exist"))
     pairs: list[ReportPair] = []
     seen: set[str] = set()
+    empty_references: list[int] = []  # line numbers, never study ids
     for lineno, line in text_lines(path, lambda n: f"{path.name} line {n}", "a JSONL predictions file"):
         try:
             obj = json.loads(line)
@@ -49,16 +54,30 @@ def load_predictions(path: Path) -> list[ReportPair]:
             if not _is_unicode(value):
                 fail(f"{path.name} line {lineno}: field '{field}' holds a lone surrogate escape (\\ud800-\\udfff), "
                      f"not text")
-            if field != "study" and len(value.split()) > MAX_REPORT_WORDS:
-                fail(f"{path.name} line {lineno}: the {field} has {len(value.split())} words; reports up to "
-                     f"{MAX_REPORT_WORDS} are scored (a findings section has a few hundred at most)")
+            words = report_words(value) if field != "study" else 0
+            if words > MAX_REPORT_WORDS:
+                fail(f"{path.name} line {lineno}: the {field} has {words} words (runs of letters and digits, as "
+                     f"ROUGE counts them); reports up to {MAX_REPORT_WORDS} are scored (a findings section has a "
+                     f"few hundred at most)")
         if obj["study"] in seen:
             fail(f"{path.name} line {lineno}: a study appears twice")
         seen.add(obj["study"])
+        if not obj["reference"].strip():
+            empty_references.append(lineno)
         pairs.append(ReportPair(study=obj["study"], reference=obj["reference"], prediction=obj["prediction"]))
     if not pairs:
         fail(f"predictions file {path} has no records")
+    if empty_references:
+        # scored, an empty ground truth gave a perfect label F1 to any normal prediction, and went to the paid judge
+        fail(f"{path.name}: {len(empty_references)} of {len(pairs)} rows have an empty 'reference' (first at line "
+             f"{empty_references[0]}), so there is no ground truth to score them against; usually the join of "
+             f"predictions with the ground-truth findings failed for them: fix or drop those rows")
     return pairs
+
+
+def report_words(text: str) -> int:
+    """How many tokens rouge_score makes of ``text`` (its ROUGE-L table is quadratic in them)."""
+    return len(_ROUGE_TOKEN.findall(text.lower()))
 
 
 def align_pairs(reference_arm: list[ReportPair], candidate_arm: list[ReportPair]
