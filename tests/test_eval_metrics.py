@@ -84,6 +84,33 @@ def test_resampled_sums_equal_explicit_sums() -> None:
     assert np.array_equal(resampled_sums(idx, per_report), per_report[idx].sum(axis=1))
 
 
+def test_bootstrap_draws_resamples_in_blocks_with_unchanged_intervals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole (resamples x reports) index matrix was drawn at once, and copied by each metric: 100 000
+    resamples of 20 000 reports ended in a MemoryError traceback. Blocks of rows from the one generator give the
+    intervals of the single draw."""
+    from radtrt.evaluation import bootstrap as bootstrap_module
+
+    shapes: list[tuple[int, ...]] = []
+
+    def mean(idx: np.ndarray) -> np.ndarray:
+        shapes.append(idx.shape)
+        return values[idx].mean(axis=1)
+
+    values = np.random.default_rng(0).random(1000)
+    bootstrap_module.bootstrap(0.0, 1000, mean, BootstrapConfig(n_resamples=20_000))
+    assert max(r * n for r, n in shapes) <= 1 << 22 and sum(r for r, _ in shapes) == 20_000
+
+    values, cfg = values[:101], BootstrapConfig(n_resamples=300, seed=5)
+    whole = np.random.default_rng(5).integers(0, 101, size=(300, 101))  # the single draw radtrt made before
+    assert np.array_equal(resample_indices(101, cfg), whole)
+    monkeypatch.setattr(bootstrap_module, "CHUNK_ELEMENTS", 10**9)  # one block: the single draw
+    before = bootstrap_module.bootstrap(0.0, 101, mean, cfg)
+    monkeypatch.setattr(bootstrap_module, "CHUNK_ELEMENTS", 1000)  # blocks of 9 rows, the last one shorter
+    shapes.clear()
+    assert bootstrap_module.bootstrap(0.0, 101, mean, cfg) == before
+    assert shapes[0] == (9, 101) and shapes[-1] == (3, 101)
+
+
 def test_bootstrap_refuses_bad_settings() -> None:
     with pytest.raises(RadtrtError):
         BootstrapConfig(n_resamples=0)

@@ -10,7 +10,7 @@ noise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from radtrt.errors import fail
 
 # A statistic over resamples: takes an index array (n_resamples, n) and returns one value per resample.
 BatchStatistic = Callable[[np.ndarray], np.ndarray]
+# Indices drawn and scored at a time (32 MB of int64, a few times that in a statistic's temporaries): the whole
+# (resamples x reports) matrix, 100 000 resamples of 20 000 reports, was a MemoryError traceback.
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,18 @@ class Estimate:
 
 def resample_indices(n: int, cfg: BootstrapConfig) -> np.ndarray:
     """Index matrix (n_resamples, n); the same seed and n always give the same matrix."""
+    return np.concatenate(list(resample_chunks(n, cfg)))
+
+
+def resample_chunks(n: int, cfg: BootstrapConfig) -> Iterator[np.ndarray]:
+    """The rows of ``resample_indices``, a block of at most ``CHUNK_ELEMENTS`` indices (at least one row) at a time.
+
+    One generator draws the blocks in turn: numpy's bounded integers come off the bit stream in order, so the
+    rows are those of the single (n_resamples, n) draw and intervals do not change with the block size."""
     rng = np.random.default_rng(cfg.seed)
-    return rng.integers(0, n, size=(cfg.n_resamples, n))
+    rows = max(1, CHUNK_ELEMENTS // n)
+    for start in range(0, cfg.n_resamples, rows):
+        yield rng.integers(0, n, size=(min(rows, cfg.n_resamples - start), n))
 
 
 def resampled_sums(idx: np.ndarray, per_report: np.ndarray) -> np.ndarray:
@@ -72,7 +85,7 @@ def bootstrap(point: float, n: int, statistic: BatchStatistic, cfg: BootstrapCon
     """Percentile interval of ``statistic`` over resampled report indices."""
     if n < 1:
         fail("cannot compute a metric over zero reports")
-    samples = np.asarray(statistic(resample_indices(n, cfg)), dtype=np.float64)
+    samples = np.concatenate([np.asarray(statistic(idx), dtype=np.float64) for idx in resample_chunks(n, cfg)])
     alpha = (1.0 - cfg.level) / 2.0
     low, high = np.quantile(samples, [alpha, 1.0 - alpha])
     return Estimate(value=float(point), ci_low=float(low), ci_high=float(high), n=n)
