@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -227,6 +228,51 @@ def test_chexbert_checkpoint_for_another_bert_is_one_line(tmp_path: Path) -> Non
     with pytest.raises(RadtrtError, match="does not match the BERT in --bert-dir") as err:
         chexbert_labels(["x"], CheXbertConfig(checkpoint=checkpoint, bert_dir=other))
     assert str(checkpoint) in str(err.value) and "word_embeddings" in str(err.value)
+
+
+def test_chexbert_checkpoint_holding_no_tensors_is_not_blamed_on_the_bert(tmp_path: Path) -> None:
+    """A value that is no tensor was reported as a shape mismatch: "give the bert-base-uncased the checkpoint was
+    trained from", which no --bert-dir can satisfy."""
+    import torch
+
+    from radtrt.evaluation.chexbert import CheXbertConfig, chexbert_labels
+
+    checkpoint, bert_dir = _tiny_chexbert(tmp_path, bias_class=0)
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["model_state_dict"]["module.linear_heads.0.weight"] = [1.0, 2.0]
+    torch.save(saved, checkpoint)
+    with pytest.raises(RadtrtError, match="is not a CheXbert state dict: linear_heads.0.weight holds a list") as err:
+        chexbert_labels(["x"], CheXbertConfig(checkpoint=checkpoint, bert_dir=bert_dir))
+    assert "bert-base-uncased" not in str(err.value)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("config.json", "{bad", "config.json cannot be read or is not valid JSON"),  # transformers' OSError
+    ("config.json", "[]", "config.json is not a usable BERT config"),
+    ("config.json", {"hidden_size": "16"}, "config.json is not a usable BERT config .*hidden_size"),  # strict field
+    ("config.json", {"hidden_size": 15}, "config.json does not describe a BERT that can be built"),  # 2 heads
+    ("vocab.txt", "", "vocab.txt is empty"),  # WordPiece's bare Exception on the first report
+    ("vocab.txt", b"\xff\xfe[UNK]\n", "vocab.txt is not UTF-8 text"),
+    ("vocab.txt", "[PAD]\nword\n", r"vocab.txt has no \[UNK\] token"),
+    ("vocab.txt", "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n" + "".join(f"w{i}\n" for i in range(20)),
+     "vocab.txt makes 25 token ids, more than the vocab_size 11 of config.json"),  # an IndexError when run
+])
+def test_damaged_bert_dir_is_one_line_naming_the_file(tmp_path: Path, name: str, content: object,
+                                                      message: str) -> None:
+    checkpoint, bert_dir = _tiny_chexbert(tmp_path, bias_class=0)
+    target = bert_dir / name
+    if isinstance(content, dict):
+        content = json.dumps({**json.loads(target.read_text()), **content})
+    if isinstance(content, bytes):
+        target.write_bytes(content)
+    else:
+        target.write_text(str(content))
+    preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
+    code, out, err = run("-p", str(preds), "--metrics", "chexbert", "--chexbert-checkpoint", str(checkpoint),
+                         "--bert-dir", str(bert_dir), "--bootstrap", "5")
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith(f"radtrt: error: --bert-dir {bert_dir}: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
 
 
 @pytest.mark.parametrize("broken, named", [

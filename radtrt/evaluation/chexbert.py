@@ -104,16 +104,73 @@ def shape_mismatches(state: dict[str, object], expected: dict[str, torch.Tensor]
     return out
 
 
+def _one_line(exc: BaseException) -> str:
+    """A library's error text on one short line (transformers and huggingface_hub indent a second one)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What ``BertConfig.from_pretrained`` raises for a damaged config.json besides OSError: TypeError for JSON that
+    is no object, and huggingface_hub's strict-dataclass error for a field of the wrong type (newer
+    versions; older ones accept the value and fail in the model build, which ``_load_bert`` also catches)."""
+    errors: tuple[type[BaseException], ...] = (TypeError, ValueError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return errors
+    return (*errors, StrictDataclassError)
+
+
+def _vocab_tokens(bert_dir: Path) -> set[str]:
+    """The tokens of --bert-dir's vocab.txt, one a line as WordPiece reads them; bytes that are no UTF-8 made the
+    tokenizer raise a bare Exception."""
+    path = bert_dir / "vocab.txt"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        fail(f"--bert-dir {bert_dir}: cannot read vocab.txt ({e.strerror or e})")
+    except UnicodeDecodeError:
+        fail(f"--bert-dir {bert_dir}: vocab.txt is not UTF-8 text (not a BERT WordPiece vocabulary)")
+    return {line.rstrip() for line in text.split("\n")} - {""}
+
+
+def _load_bert(bert_dir: Path) -> tuple[object, torch.nn.Module]:
+    """Tokenizer and the labeler built from them, each file's damage refused in one line naming it: they
+    were tracebacks (invalid JSON, a field of the wrong type, an empty vocabulary), or, for a vocabulary larger than
+    the config's vocab_size, an IndexError once the first report was labelled."""
+    from transformers import BertConfig, BertTokenizer
+
+    try:
+        bert_config = BertConfig.from_pretrained(str(bert_dir), local_files_only=True)
+    except OSError:  # transformers' text repeats the path and suggests the hub
+        fail(f"--bert-dir {bert_dir}: config.json cannot be read or is not valid JSON")
+    except _config_errors() as e:
+        fail(f"--bert-dir {bert_dir}: config.json is not a usable BERT config ({_one_line(e)})")
+    vocab = _vocab_tokens(bert_dir)
+    tokenizer = BertTokenizer.from_pretrained(str(bert_dir), local_files_only=True)
+    unk = tokenizer.unk_token
+    if unk not in vocab:
+        fail(f"--bert-dir {bert_dir}: vocab.txt " + ("is empty" if not vocab else f"has no {unk} token") +
+             " (not a BERT WordPiece vocabulary)")
+    if len(tokenizer) > bert_config.vocab_size:
+        fail(f"--bert-dir {bert_dir}: vocab.txt makes {len(tokenizer)} token ids, more than the vocab_size "
+             f"{bert_config.vocab_size} of config.json: the two files are not from the same BERT")
+    try:
+        model = build_labeler(bert_config)
+    except (ValueError, RuntimeError) as e:  # a hidden size the heads do not divide, a negative size
+        fail(f"--bert-dir {bert_dir}: config.json does not describe a BERT that can be built ({_one_line(e)})")
+    return tokenizer, model
+
+
 def load(cfg: CheXbertConfig) -> tuple[torch.nn.Module, object]:
     """Labeler and tokenizer from local files only."""
-    from transformers import BertConfig, BertTokenizer
+    import torch
 
     from radtrt.model.io import load_weights_pickle
 
     cfg.check()
-    bert_config = BertConfig.from_pretrained(str(cfg.bert_dir), local_files_only=True)
-    tokenizer = BertTokenizer.from_pretrained(str(cfg.bert_dir), local_files_only=True)
-    model = build_labeler(bert_config)
+    tokenizer, model = _load_bert(cfg.bert_dir)
     checkpoint = load_weights_pickle(cfg.checkpoint)
     state = checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
@@ -126,6 +183,11 @@ def load(cfg: CheXbertConfig) -> tuple[torch.nn.Module, object]:
     if missing or unexpected:
         fail(f"{cfg.checkpoint.name} does not match the CheXbert architecture "
              f"({len(missing)} weights missing, {len(unexpected)} unexpected)")
+    not_tensors = [name for name in expected if not isinstance(state[name], torch.Tensor)]
+    if not_tensors:  # no BERT in --bert-dir can fix this: the file is something else
+        more = f" (and {len(not_tensors) - 1} more values)" if len(not_tensors) > 1 else ""
+        fail(f"{cfg.checkpoint} is not a CheXbert state dict: {not_tensors[0]} holds a "
+             f"{type(state[not_tensors[0]]).__name__}, not a tensor{more}")
     differing = shape_mismatches(state, expected)
     if differing:
         fail(f"{cfg.checkpoint} does not match the BERT in --bert-dir {cfg.bert_dir} ({len(differing)} weights "
