@@ -25,7 +25,7 @@ from radtrt.evaluation.run import EvalConfig, evaluate
 
 KEY = "sk-test-DO-NOT-LOG-4242"
 ZERO = (0, 0, 0, 0, 0, 0)
-Action = tuple[Any, ...]  # ("answer", text) | ("status", code, headers) | ("sleep", seconds, text)
+Action = tuple[Any, ...]  # ("answer", text) | ("status", code, headers, body) | ("sleep", seconds, text)
 
 
 def answer(sig: tuple[int, ...] = ZERO, insig: tuple[int, ...] = ZERO) -> str:
@@ -77,8 +77,9 @@ def _handler(judge: FakeJudge) -> type[BaseHTTPRequestHandler]:
             if action[0] == "sleep":
                 time.sleep(action[1])
                 action = ("answer", action[2])
-            if action[0] == "status":
-                self._send(action[1], {"error": {"message": "scripted failure", "type": "scripted"}},
+            if action[0] == "status":  # ("status", code[, headers[, body]])
+                self._send(action[1], action[3] if len(action) > 3 else
+                           {"error": {"message": "scripted failure", "type": "scripted"}},
                            action[2] if len(action) > 2 else {})
             elif action[0] == "raw":  # ("raw", content type, body bytes): what a broken server sends
                 self._send_bytes(200, action[2], {"Content-Type": action[1]})
@@ -191,7 +192,7 @@ def test_failures_are_recorded_not_zero_and_a_rerun_resumes(fake_judge: FakeJudg
     cfg = config(fake_judge, tmp_path)
     items = pairs("down", "fine")
     first = run_judge(cfg, items)
-    assert first[0].counts is None and first[0].failure == "request failed: HTTP 500"
+    assert first[0].counts is None and first[0].failure == "request failed: HTTP 500: scripted failure"
     assert first[1].counts == ErrorCounts(ZERO, ZERO) and not first[1].cached
     asked = len(fake_judge.requests)
     second = run_judge(cfg, items)  # the server now answers "down" too (script used up)
@@ -310,6 +311,69 @@ def test_a_stopped_run_caches_the_answers_in_flight_and_retries_no_more(fake_jud
     fake_judge.default = lambda candidate: ("answer", answer())
     again = run_judge(cfg, pairs("slow", "bad", "down"))
     assert again[0].cached and fake_judge.count("slow") == 1
+
+
+def test_a_rejected_key_promises_no_cached_answers_from_requests_in_flight(fake_judge: FakeJudge,
+                                                                          tmp_path: Path) -> None:
+    """After a 401 stderr said the requests in flight would have their answers cached: they get a 401 too."""
+    import io
+
+    from rich.console import Console
+
+    fake_judge.scripts = {"slow": [("sleep", 0.5, answer())]}
+    fake_judge.default = lambda candidate: ("status", 401)
+    out = io.StringIO()
+    judge = Judge(config(fake_judge, tmp_path, concurrency=2, timeout_s=5))
+    try:
+        with pytest.raises(RadtrtError, match="HTTP 401"):
+            judge.judge(pairs("slow", "bad"), show_progress=False, console=Console(file=out))
+    finally:
+        judge.cache.close()
+    assert "waiting for 1 judge request(s) in flight" in out.getvalue() and "cached" not in out.getvalue()
+
+
+REFUSAL = ("Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' "
+           f"instead.\nYour key {KEY} was fine. " + "padding " * 40)
+
+
+def test_a_refused_request_shows_the_server_message_and_suggests_no_rerun(fake_judge: FakeJudge,
+                                                                         tmp_path: Path) -> None:
+    """A 400 (an OpenAI reasoning model rejecting max_tokens) read "HTTP 400", then "rerun the same command", which
+    sends the same request again."""
+    import typer
+    from typer.testing import CliRunner
+
+    from radtrt.evaluation.cli import register
+
+    fake_judge.default = lambda c: ("status", 400, {}, {"error": {"message": REFUSAL, "type": "invalid_request"}})
+    preds = _write(tmp_path / "p.jsonl", ["Report A.", "Report B."])
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Stand-in for the radtrt root app."""
+
+    register(app)
+    result = CliRunner().invoke(app, [
+        "eval", "--predictions", str(preds), "--metrics", "chexprompt", "--endpoint", fake_judge.url + "/v1",
+        "--judge-model", "judge-test", "--judge-prompt", "radtrt", "--judge-cache", str(tmp_path / "c.sqlite"),
+        "--requests-per-minute", "0", "--timeout", "2", "--no-progress"])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert len(fake_judge.requests) == 2  # a 400 is not retried
+    line = result.stderr.strip()
+    assert "HTTP 400: Unsupported parameter: 'max_tokens' is not supported" in line and len(line.splitlines()) == 1
+    assert "rerun the same command" not in line and "--judge-model" in line and "--endpoint" in line
+    assert "request failed: HTTP 400: Unsupported parameter" in result.stdout  # the reasons table
+    assert KEY not in result.stdout + result.stderr and "Your key [key] was fine" in result.stdout
+    assert "...: 2." in result.stdout and "padding " * 30 not in result.stdout  # one line, cut short
+
+
+def test_refused_requests_in_a_row_do_not_say_rerun(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    fake_judge.default = lambda candidate: ("status", 422, {}, {"detail": "field required"})
+    cfg = config(fake_judge, tmp_path, concurrency=1, max_consecutive_failures=2)
+    with pytest.raises(RadtrtError, match="HTTP 422: field required.*a rerun fails the same way") as err:
+        run_judge(cfg, pairs("a", "b", "c", "d"))
+    assert "rerun to resume" not in str(err.value)
 
 
 def test_a_stopped_run_starts_no_request_waiting_for_the_rate_limit(fake_judge: FakeJudge, tmp_path: Path) -> None:

@@ -127,10 +127,15 @@ def eval_command(
         make_dir(out.parent, "folder for the results file")
         write_text(out, json.dumps(result, indent=2) + "\n", "results file")
     emit(summary, nl=False)
-    from radtrt.evaluation.chexprompt.summary import nothing_judged
+    from radtrt.evaluation.chexprompt.summary import nothing_judged, refusal
 
     if nothing_judged(result):
         written = f" (results written to {out})" if out is not None else ""
+        refused = refusal(result)
+        if refused is not None:  # a rerun sends the same requests and gets the same answer
+            fail(f"CheXprompt scored none of the reports: the judge endpoint rejected the requests ({refused})"
+                 f"{written}; a rerun fails the same way: check --judge-model (a chat model that takes temperature "
+                 f"and max_tokens) and --endpoint (or --azure-endpoint)")
         fail(f"CheXprompt scored none of the reports: no judge answer could be used (failed requests or "
              f"unreadable answers, see the reasons above){written}; rerun the same command to ask again")
 

@@ -9,6 +9,7 @@ environment and is never logged, stored or echoed in messages.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from typing import Callable, Optional, Protocol
@@ -16,13 +17,14 @@ from typing import Callable, Optional, Protocol
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from radtrt.errors import fail
+from radtrt.errors import fail, printable
 from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.prompt import Messages
 from radtrt.http_retry import RateLimiter, retry_after_seconds, retryable_status
 
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 AZURE_KEY_ENV = "AZURE_OPENAI_API_KEY"
+MAX_SERVER_MESSAGE = 200
 
 
 class MalformedResponse(Exception):
@@ -64,6 +66,37 @@ def is_fatal(exc: BaseException) -> bool:
     return isinstance(exc, openai.APIStatusError) and exc.status_code in (401, 403, 404)
 
 
+def refused(exc: BaseException) -> bool:
+    """A 4xx other than a timeout, conflict or rate limit: the endpoint rejects the request itself (a parameter the
+    model does not take, a body too large), so asking again, now or in a rerun, gets the same answer."""
+    return isinstance(exc, openai.APIStatusError) and 400 <= exc.status_code < 500 and not is_retryable(exc)
+
+
+def server_message(exc: BaseException) -> Optional[str]:
+    """The error message in a failed response's body, on one line of at most ``MAX_SERVER_MESSAGE`` characters,
+    with the API keys of the environment blanked out; None when the server sent none.
+
+    Why: "HTTP 400" alone hid the reason (OpenAI's reasoning models reject max_tokens and temperature, and say
+    so). Only the body is read, never the request or its headers."""
+    body = getattr(exc, "body", None)  # the SDK's parsed body: the "error" object of a JSON one, or its text
+    if isinstance(body, dict):
+        text = next((body[k] for k in ("message", "detail", "error") if isinstance(body.get(k), str)), None)
+        if text is None:
+            text = json.dumps(body, ensure_ascii=False, default=str)
+    elif isinstance(body, str):
+        text = body
+    else:
+        return None
+    for env in (OPENAI_KEY_ENV, AZURE_KEY_ENV):
+        key = os.environ.get(env, "")
+        if len(key) >= 8:  # a keyless local server's "x" is no secret, and blanking it would garble the text
+            text = text.replace(key, "[key]")
+    text = printable(" ".join(text.split()))
+    if not text:
+        return None
+    return text if len(text) <= MAX_SERVER_MESSAGE else text[:MAX_SERVER_MESSAGE - 3] + "..."
+
+
 def describe(exc: BaseException) -> str:
     """A short, key-free description of a judge request failure."""
     if isinstance(exc, openai.APITimeoutError):
@@ -71,7 +104,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, openai.APIConnectionError):
         return "connection error"
     if isinstance(exc, openai.APIStatusError):
-        return f"HTTP {exc.status_code}"
+        message = server_message(exc)
+        return f"HTTP {exc.status_code}" + (f": {message}" if message else "")
     if isinstance(exc, MalformedResponse):
         return str(exc)
     return type(exc).__name__

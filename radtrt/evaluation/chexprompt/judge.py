@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 
 from radtrt.errors import fail
 from radtrt.evaluation.chexprompt.cache import JudgeCache, prompt_hash
-from radtrt.evaluation.chexprompt.client import JudgeClient, MalformedResponse, describe, is_fatal
+from radtrt.evaluation.chexprompt.client import JudgeClient, MalformedResponse, describe, is_fatal, refused
 from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.parser import AnswerFormatError, ErrorCounts
 from radtrt.evaluation.chexprompt.prompt import JudgePrompt, select_prompt
@@ -87,6 +87,7 @@ class Judge:
                                  MofNCompleteColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
                                  disable=not show_progress, transient=True)
         consecutive = 0
+        rejected = False  # the endpoint refused the requests themselves: in-flight ones will not bring answers
         self.client.stopping.clear()
         with progress, ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             task = progress.add_task("judge", total=len(pairs), completed=len(results), label=self.cfg.model)
@@ -104,6 +105,7 @@ class Judge:
                             assert answer is not None
                             self.cache.put(self.cfg.cache_identity, key, answer)
                     elif is_fatal(exc):
+                        rejected = True
                         fail(f"the judge endpoint refused the request ({describe(exc)}): check the API key, "
                              f"the model or deployment name and the endpoint URL")
                     elif isinstance(exc, Exception) and _is_request_error(exc):
@@ -113,14 +115,20 @@ class Judge:
                     failure = results[i].failure
                     consecutive = 0 if failure is None else consecutive + 1
                     if failure is not None and consecutive >= self.cfg.max_consecutive_failures:
+                        if exc is not None and refused(exc):  # a rerun sends the same request
+                            rejected = True
+                            fail(f"the judge failed {consecutive} reports in a row (last: {failure}); the endpoint "
+                                 f"refuses the request itself, so a rerun fails the same way: check --judge-model "
+                                 f"and --endpoint (or --azure-endpoint); answers so far are cached in "
+                                 f"{self.cache.path}")
                         fail(f"the judge failed {consecutive} reports in a row (last: {failure}); answers so far "
                              f"are cached in {self.cache.path}, rerun to resume")
                     progress.advance(task)
             except BaseException:  # interrupted, or stopped by a fatal answer: keep what is still arriving
                 running = sum(f.running() for f in futures)
-                if running:
-                    progress.console.print(f"stopping: waiting for {running} judge request(s) in flight; their "
-                                           f"answers are cached", highlight=False)
+                if running:  # after a refusal (a rejected key) they will be refused too: no answers to promise
+                    progress.console.print(f"stopping: waiting for {running} judge request(s) in flight" +
+                                           ("" if rejected else "; their answers are cached"), highlight=False)
                 self._stop(pool, futures, results, pairs)
                 raise
         return [results[i] for i in range(len(pairs))]

@@ -6,6 +6,7 @@ averaged in as zero errors.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -15,6 +16,10 @@ import numpy as np
 from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap_mean
 from radtrt.evaluation.chexprompt.judge import Judgement
 from radtrt.evaluation.chexprompt.parser import LETTERS
+from radtrt.http_retry import retryable_status
+
+# how the judge records a request that ended in an HTTP status (``describe`` in client.py)
+_HTTP_FAILURE = re.compile(r"request failed: HTTP (\d{3})\b")
 
 
 @dataclass(frozen=True)
@@ -93,3 +98,28 @@ def nothing_judged(result: Any) -> bool:
     if isinstance(result, list):
         return any(nothing_judged(v) for v in result)
     return False
+
+
+def refusal(result: Any) -> Optional[str]:
+    """The first CheXprompt failure of an eval result (plain or paired), ``HTTP 400: <server message>``, when every
+    failure is an HTTP 4xx status not worth another attempt (400, 413, 422), else None. Why: the endpoint then
+    rejects the request itself, so "rerun" cannot help, while a timeout, a 429 or a 5xx may pass next time."""
+    reasons = _failure_reasons(result)
+    if not reasons or not all(_refused_status(r) for r in reasons):
+        return None
+    return reasons[0].removeprefix("request failed: ")
+
+
+def _refused_status(reason: str) -> bool:
+    match = _HTTP_FAILURE.match(reason)
+    return match is not None and 400 <= int(match.group(1)) < 500 and not retryable_status(int(match.group(1)))
+
+
+def _failure_reasons(result: Any) -> list[str]:
+    if isinstance(result, dict):
+        failures = result.get("failures")
+        own = list(failures) if "n_scored" in result and isinstance(failures, dict) else []
+        return own + [r for k, v in result.items() if k != "failures" for r in _failure_reasons(v)]
+    if isinstance(result, list):
+        return [r for v in result for r in _failure_reasons(v)]
+    return []
