@@ -449,6 +449,17 @@ def test_empty_references_are_refused_before_any_scoring(tmp_path: Path) -> None
     assert code == 2 and "p.jsonl: 2 of 3 rows have an empty 'reference'" in err
 
 
+def test_timeout_help_says_what_it_limits() -> None:
+    """"Seconds per judge request" promised a deadline; httpx applies it to each connect and read instead, so an
+    answer trickling in stays alive far longer."""
+    import inspect
+
+    from radtrt.evaluation.cli import eval_command
+
+    text = inspect.signature(eval_command).parameters["timeout"].default.help
+    assert "per judge request" not in text and "between bytes of its answer" in text and "not cut off" in text
+
+
 def test_empty_predictions_are_named_on_stderr(tmp_path: Path) -> None:
     preds = write_jsonl(tmp_path / "p.jsonl", [RECORDS[0], {**RECORDS[1], "prediction": "  "}])
     code, out, err = run("-p", str(preds), "--metrics", "rouge")

@@ -42,7 +42,10 @@ def eval_command(
                                                                                  "\\[default: 4]"),
     max_attempts: Optional[int] = typer.Option(None, "--max-attempts", min=1, help="Tries per judge request. "
                                                                                    "\\[default: 6]"),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per judge request. \\[default: 60]"),
+    timeout: Optional[float] = typer.Option(
+        None, "--timeout", help="Seconds the judge may stay silent (to connect, or between bytes of its answer) "
+                                "before an attempt times out; an answer that keeps arriving slowly is not cut off. "
+                                "\\[default: 60]"),
     judge_cache: Optional[Path] = typer.Option(None, "--judge-cache",
                                                help="Judge answer cache (default ~/.cache/radtrt/...)."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Parity margin of --paired runs, significant "

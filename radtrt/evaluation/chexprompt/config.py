@@ -30,7 +30,7 @@ class JudgeConfig:
     max_attempts: int = 6
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 60.0
-    timeout_s: float = 60.0
+    timeout_s: float = 60.0  # per socket operation (connect, each read), as httpx applies it: not the whole request
     max_consecutive_failures: int = 10  # give up (resumably) when the endpoint looks down
     cache_path: Optional[Path] = None  # None: $XDG_CACHE_HOME/radtrt/chexprompt-judge.sqlite
 
