@@ -101,6 +101,11 @@ def test_eval_is_deterministic(tmp_path: Path) -> None:
      "judge timeout must be a finite positive number"),
     (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--requests-per-minute", "-1"],
      "--requests-per-minute must be a number >= 0"),
+    # past threading.TIMEOUT_MAX: OverflowError tracebacks from the socket and the rate limiter's wait
+    (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--timeout", "1e12"],
+     "at most 3600 (--timeout), got 1000000000000.0"),
+    (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--requests-per-minute", "1e-9"],
+     "0 for no limit, else at least 0.01"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)

@@ -12,6 +12,9 @@ from typing import Optional
 from radtrt.errors import fail
 from radtrt.http_retry import check_endpoint
 
+MAX_TIMEOUT_S = 3600.0  # an hour of silence from the judge is a dead connection
+MIN_REQUESTS_PER_MINUTE = 0.01  # one request in 100 minutes; slower spacing is no rate limit anyone means
+
 
 @dataclass(frozen=True)
 class JudgeConfig:
@@ -56,10 +59,16 @@ class JudgeConfig:
             fail("--api-version and --azure-deployment are for Azure OpenAI: give --azure-endpoint too, or drop them")
         if self.concurrency < 1 or self.max_attempts < 1 or self.max_consecutive_failures < 1:
             fail("judge concurrency, attempts and failure limit must be at least 1")
-        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            fail(f"the judge timeout must be a finite positive number of seconds, got {self.timeout_s}")
-        if not (math.isfinite(self.requests_per_minute) and self.requests_per_minute >= 0):
-            fail(f"--requests-per-minute must be a number >= 0 (0: no limit), got {self.requests_per_minute}")
+        # bounded above: socket timeouts and the rate limiter's waits overflow (an OverflowError traceback) past
+        # threading.TIMEOUT_MAX, which --timeout 1e12 or --requests-per-minute 1e-9 reached
+        if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S):
+            fail(f"the judge timeout must be a finite positive number of seconds, at most {MAX_TIMEOUT_S:g} "
+                 f"(--timeout), got {self.timeout_s}")
+        if not (math.isfinite(self.requests_per_minute) and
+                (self.requests_per_minute == 0 or self.requests_per_minute >= MIN_REQUESTS_PER_MINUTE)):
+            fail(f"--requests-per-minute must be a number >= 0: 0 for no limit, else at least "
+                 f"{MIN_REQUESTS_PER_MINUTE:g} (a request every {60 / MIN_REQUESTS_PER_MINUTE:g} s), "
+                 f"got {self.requests_per_minute}")
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2) or self.max_tokens < 1:
             fail("the judge temperature must be within 0-2 and its answer length at least 1 token")
 
