@@ -316,18 +316,8 @@ def _radgraph_dir(tmp_path: Path, bert: str) -> Path:
     return tmp_path / "weights"
 
 
-def test_radgraph_uses_local_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from radtrt.evaluation.bootstrap import BootstrapConfig
-    from radtrt.evaluation.radgraph_metric import RadGraphConfig, f1_radgraph
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(RadtrtError, match="not a local directory"):
-        RadGraphConfig(model_dir=_radgraph_dir(tmp_path / "hub", "some/hub-bert")).check()
-    with pytest.raises(RadtrtError, match="extracted radgraph.tar.gz"):
-        RadGraphConfig(model_dir=tmp_path / "empty").check()
-
-    (tmp_path / "bert").mkdir()
-    model_dir = _radgraph_dir(tmp_path, str(tmp_path / "bert"))
+def _radgraph_stub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in ``radgraph`` package on sys.path, recording how F1RadGraph is built."""
     stub = tmp_path / "stub" / "radgraph"
     stub.mkdir(parents=True)
     stub.joinpath("__init__.py").write_text(
@@ -340,6 +330,21 @@ def test_radgraph_uses_local_weights_only(tmp_path: Path, monkeypatch: pytest.Mo
         "        return sum(rewards) / len(rewards), rewards, [], []\n")
     monkeypatch.syspath_prepend(str(tmp_path / "stub"))
     monkeypatch.delitem(sys.modules, "radgraph", raising=False)
+
+
+def test_radgraph_uses_local_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radtrt.evaluation.bootstrap import BootstrapConfig
+    from radtrt.evaluation.radgraph_metric import RadGraphConfig, f1_radgraph
+
+    _radgraph_stub(tmp_path, monkeypatch)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(RadtrtError, match="not a local directory"):
+        RadGraphConfig(model_dir=_radgraph_dir(tmp_path / "hub", "some/hub-bert")).check()
+    with pytest.raises(RadtrtError, match="extracted radgraph.tar.gz"):
+        RadGraphConfig(model_dir=tmp_path / "empty").check()
+
+    (tmp_path / "bert").mkdir()
+    model_dir = _radgraph_dir(tmp_path, str(tmp_path / "bert"))
     got = f1_radgraph(["same", "different"], ["same", "other"], RadGraphConfig(model_dir=model_dir),
                       BootstrapConfig(n_resamples=50))
     assert got.value == pytest.approx(0.625)
@@ -347,6 +352,34 @@ def test_radgraph_uses_local_weights_only(tmp_path: Path, monkeypatch: pytest.Mo
 
     assert radgraph.CALLS == [{"reward_level": "partial", "model_type": "radgraph", "model_cache_dir": str(model_dir)}]
     assert np.isfinite([got.ci_low, got.ci_high]).all()
+
+
+def test_radgraph_package_is_checked_before_any_scoring_and_only_what_is_missing_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The missing package was noticed after the other metrics had run, in a line that also asked for the weights
+    folder the user had given complete."""
+    from radtrt.evaluation.radgraph_metric import RadGraphConfig
+
+    (tmp_path / "bert").mkdir()
+    model_dir = _radgraph_dir(tmp_path, str(tmp_path / "bert"))
+    monkeypatch.setitem(sys.modules, "radgraph", None)  # what an environment without the package looks like
+    preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
+    code, out, err = run("-p", str(preds), "--metrics", "rouge,radgraph", "--radgraph-dir", str(model_dir),
+                         "-o", str(tmp_path / "r.json"))
+    assert code == 2 and out == "" and not (tmp_path / "r.json").exists()
+    assert "F1-RadGraph needs the radgraph package (pip install 'radgraph>=0.1')" in err and "--radgraph-dir" not in err
+
+    _radgraph_stub(tmp_path, monkeypatch)
+    (model_dir / "radgraph" / "weights.th").unlink()
+    with pytest.raises(RadtrtError, match="needs radgraph/weights.th in --radgraph-dir") as info:
+        RadGraphConfig(model_dir=model_dir).check()
+    assert "pip install" not in str(info.value) and "config.json" not in str(info.value)
+
+    (model_dir / "radgraph" / "weights.th").write_bytes(b"")
+    (model_dir / "radgraph" / "config.json").write_text(json.dumps(
+        {"model": {"embedder": {"token_embedders": {"bert": {"model_name": 5}}}}}))  # a TypeError traceback
+    code, _, err = run("-p", str(preds), "--metrics", "radgraph", "--radgraph-dir", str(model_dir))
+    assert code == 2 and "model_name must be a name or a folder, got 5" in err and "Traceback" not in err
 
 
 def test_conditions_are_the_released_chexbert_order() -> None:

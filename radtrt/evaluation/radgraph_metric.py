@@ -8,6 +8,7 @@ radtrt refuses to start unless both are already local, so nothing is fetched at 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from radtrt.errors import fail
 from radtrt.model.io import read_json
 from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap_mean
 
-WHAT_TO_PROVIDE = ("F1-RadGraph needs the radgraph package (pip install 'radgraph>=0.1') and local weights: "
+PACKAGE = "the radgraph package (pip install 'radgraph>=0.1')"
+WHAT_TO_PROVIDE = (f"F1-RadGraph needs {PACKAGE} and local weights: "
                    "--radgraph-dir DIR holding radgraph/config.json, radgraph/vocabulary/ and radgraph/weights.th "
                    "(the extracted radgraph.tar.gz of StanfordAIMI/RRG_scorers)")
 
@@ -33,14 +35,24 @@ class RadGraphConfig:
     reward_level: str = "partial"
 
     def check(self) -> None:
+        """Refuse, before any metric runs, a missing package or weights (naming only what is missing): the package
+        was noticed only once the other metrics had run."""
         folder = self.model_dir / self.model_type
-        if not all((folder / name).exists() for name in ("config.json", "vocabulary", "weights.th")):
-            fail(WHAT_TO_PROVIDE)
+        missing = [f"{self.model_type}/{name}" for name in ("config.json", "vocabulary", "weights.th")
+                   if not (folder / name).exists()]
+        needs = [] if importlib.util.find_spec("radgraph") is not None else [PACKAGE]
+        if missing:
+            needs.append(f"{', '.join(missing)} in --radgraph-dir {self.model_dir} (the extracted radgraph.tar.gz "
+                         f"of StanfordAIMI/RRG_scorers)")
+        if needs:
+            fail("F1-RadGraph needs " + " and ".join(needs))
         config = read_json(folder / "config.json")
         try:
             bert = config["model"]["embedder"]["token_embedders"]["bert"]["model_name"]
         except (KeyError, TypeError):
             fail(f"{folder / 'config.json'} does not name the BERT the RadGraph model uses")
+        if not isinstance(bert, str) or not bert:  # a number there was a TypeError traceback
+            fail(f"{folder / 'config.json'}: the BERT's model_name must be a name or a folder, got {bert!r}")
         if not Path(bert).is_dir() and os.environ.get("HF_HUB_OFFLINE") != "1":
             fail(f"the RadGraph model uses the BERT '{bert}', which is not a local directory: point its "
                  f"model_name in {folder / 'config.json'} at a local copy, or set HF_HUB_OFFLINE=1 with it in "
@@ -52,8 +64,8 @@ def radgraph_rewards(predictions: Sequence[str], references: Sequence[str], cfg:
     cfg.check()
     try:
         from radgraph import F1RadGraph
-    except ImportError:
-        fail(WHAT_TO_PROVIDE)
+    except ImportError as e:  # installed (check found it) but broken: its weights are not the problem
+        fail(f"F1-RadGraph needs {PACKAGE}, and importing it failed ({e})")
     scorer = F1RadGraph(reward_level=cfg.reward_level, model_type=cfg.model_type, model_cache_dir=str(cfg.model_dir))
     rewards = scorer(refs=list(references), hyps=list(predictions))[1]
     # "partial" gives one F1 per report; some versions give (f1, precision, recall).
