@@ -265,6 +265,24 @@ def test_cache_is_keyed_by_model_and_prompt_and_stores_no_reports(fake_judge: Fa
     assert b"CANDIDATE" not in stored and b"pleural" not in stored and KEY.encode() not in stored
 
 
+def test_a_trailing_slash_on_the_endpoint_is_the_same_judge(fake_judge: FakeJudge, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache key hashed the URL as typed: "/v1/" asked (and paid for) every report "/v1" had cached."""
+    import hashlib
+
+    written = hashlib.sha256(f"openai {fake_judge.url}/v1".encode()).hexdigest()[:16]  # the key of older radtrt
+    assert config(fake_judge, tmp_path, endpoint=fake_judge.url + "/v1/").cache_identity == f"judge-test @{written}"
+    items = pairs("CANDIDATE-ALPHA", "CANDIDATE-BETA")
+    run_judge(config(fake_judge, tmp_path), items)
+    run_judge(config(fake_judge, tmp_path, endpoint=fake_judge.url + "/v1/"), items)
+    assert len(fake_judge.requests) == 2
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", KEY)
+    azure = {"endpoint": None, "api_version": "2024-06-01", "model": "gpt4-judge"}
+    run_judge(config(fake_judge, tmp_path, azure_endpoint=fake_judge.url, **azure), items)
+    run_judge(config(fake_judge, tmp_path, azure_endpoint=fake_judge.url + "/", **azure), items)
+    assert len(fake_judge.requests) == 4
+
+
 def test_rate_limiter_spaces_request_starts() -> None:
     now = [100.0]
     sleeps: list[float] = []

@@ -82,9 +82,11 @@ class JudgeConfig:
 
         Why the place: one name (a local "gpt-4o" behind vLLM, two Azure deployments of one model) can be
         different judges, and the default cache is shared by every project. Hashed, because an endpoint
-        URL may carry credentials."""
-        where = (f"azure {self.azure_endpoint} {self.azure_deployment or self.model}" if self.is_azure
-                 else f"openai {self.endpoint}")
+        URL may carry credentials. The URL as the SDK sends it: one trailing slash is added to an OpenAI-compatible
+        base URL that lacks it and all are stripped from an Azure one, so "http://host/v1/" asked (and paid for)
+        every report again that "http://host/v1" had cached; keys as written before, without the slash, still hit."""
+        where = (f"azure {(self.azure_endpoint or '').rstrip('/')} {self.azure_deployment or self.model}"
+                 if self.is_azure else f"openai {(self.endpoint or '').removesuffix('/')}")
         return f"{self.model} @{hashlib.sha256(where.encode()).hexdigest()[:16]}"
 
     def resolved_cache_path(self) -> Path:
