@@ -283,6 +283,26 @@ def test_a_trailing_slash_on_the_endpoint_is_the_same_judge(fake_judge: FakeJudg
     assert len(fake_judge.requests) == 4
 
 
+def test_another_programs_database_is_not_taken_for_the_cache(tmp_path: Path) -> None:
+    """--judge-cache naming another SQLite database silently added radtrt's table to it."""
+    import sqlite3
+
+    from radtrt.evaluation.chexprompt.cache import JudgeCache
+
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE users (id INTEGER)")
+    db.close()
+    before = other.read_bytes()
+    with pytest.raises(RadtrtError, match="is another program's SQLite database .*none of them radtrt's 'answers'"):
+        JudgeCache(other)
+    assert other.read_bytes() == before
+    with JudgeCache(tmp_path / "new.sqlite") as fresh:  # a new file, and then radtrt's own, still open
+        fresh.put("m", "k", "answer")
+    with JudgeCache(tmp_path / "new.sqlite") as again:
+        assert again.get("m", "k") == "answer"
+
+
 def test_rate_limiter_spaces_request_starts() -> None:
     now = [100.0]
     sleeps: list[float] = []
