@@ -69,7 +69,8 @@ def load_predictions(path: Path) -> list[ReportPair]:
         fail(f"predictions file {path} has no records")
     if empty_references:
         # scored, an empty ground truth gave a perfect label F1 to any normal prediction, and went to the paid judge
-        fail(f"{path.name}: {len(empty_references)} of {len(pairs)} rows have an empty 'reference' (first at line "
+        verb = "has" if len(empty_references) == 1 else "have"
+        fail(f"{path.name}: {len(empty_references)} of {len(pairs)} rows {verb} an empty 'reference' (first at line "
              f"{empty_references[0]}), so there is no ground truth to score them against; usually the join of "
              f"predictions with the ground-truth findings failed for them: fix or drop those rows")
     return pairs
