@@ -273,7 +273,7 @@ def test_damaged_bert_dir_is_one_line_naming_the_file(tmp_path: Path, name: str,
     else:
         target.write_text(str(content))
     preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
-    code, out, err = run("-p", str(preds), "--metrics", "chexbert", "--chexbert-checkpoint", str(checkpoint),
+    code, _, err = run("-p", str(preds), "--metrics", "chexbert", "--chexbert-checkpoint", str(checkpoint),
                          "--bert-dir", str(bert_dir), "--bootstrap", "5")
     assert code == 2 and "Traceback" not in err, err
     assert err.startswith(f"radtrt: error: --bert-dir {bert_dir}: ") and len(err.strip().splitlines()) == 1, err
