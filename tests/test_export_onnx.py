@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -208,7 +208,7 @@ def test_a_decoder_without_a_known_kv_cache_input_is_refused(bundle: Path, tmp_p
 
     copy = _copy(bundle, tmp_path)
     shutil.copy(copy / "vision.onnx", copy / "decoder.onnx")  # a loadable graph, but not a decoder
-    with pytest.raises(RadtrtError, match="no past_key.0 input"):
+    with pytest.raises(RadtrtError, match="the graph's inputs and outputs are no radtrt decoder's"):
         OrtBackend(copy, verify=False)
 
 
@@ -325,15 +325,14 @@ def test_bundle_from_another_version_is_refused(bundle: Path, studies: list[Path
 
 
 @pytest.mark.parametrize("damage", ["binary", "list", "no files", "files null", "no precision", "int3",
-                                    "no decoder", "no model name", "no graphs"])
+                                    "no decoder", "no model name"])
 def test_damaged_manifest_is_refused(bundle: Path, studies: list[Path], tmp_path: Path, damage: str) -> None:
     copy = _copy(bundle, tmp_path)
     path = copy / "manifest.json"
     manifest = json.loads(path.read_text())
     edits = {"no files": lambda m: m.pop("files"), "files null": lambda m: m.update(files=None),
              "no precision": lambda m: m.pop("precision"), "int3": lambda m: m.update(precision="int3"),
-             "no decoder": lambda m: m.pop("decoder"), "no model name": lambda m: m["model"].pop("name"),
-             "no graphs": lambda m: m.pop("graphs")}
+             "no decoder": lambda m: m.pop("decoder"), "no model name": lambda m: m["model"].pop("name")}
     if damage == "binary":
         path.write_bytes(b"\xff\xfe\x00garbage")
     elif damage == "list":
@@ -372,6 +371,9 @@ def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
     # an unlisted file escaped the hash check: a corrupted decoder.onnx.data ran with exit 0
     (lambda m: m["files"].pop("decoder.onnx.data"), "does not list decoder.onnx.data"),
     (lambda m: m["files"].pop("embed_tokens.safetensors"), "does not list embed_tokens.safetensors"),
+    (lambda m: m["files"].pop("tokenizer_config.json"), "does not list tokenizer_config.json"),  # 'legacy' unchecked
+    (lambda m: m["graphs"]["decoder.onnx"].update(inputs=[]), None),  # the graph's own inputs are what is bound
+    (lambda m: m.pop("graphs"), None),  # a description only: the runtime reads the graphs themselves
 ])
 def test_manifest_fields_disagreeing_with_the_model_are_refused(bundle: Path, studies: list[Path], tmp_path: Path,
                                                                   edit: Callable[[dict], None], match: str) -> None:
@@ -381,7 +383,33 @@ def test_manifest_fields_disagreeing_with_the_model_are_refused(bundle: Path, st
     manifest = json.loads((copy / "manifest.json").read_text())
     edit(manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    _refused(["infer", str(studies[0]), "--bundle", str(copy)], match)
+    if match is None:
+        result = runner.invoke(app, ["infer", str(studies[0]), "--bundle", str(copy), "--max-new-tokens", "2"])
+        assert result.exit_code == 0, result.stderr
+    else:
+        _refused(["infer", str(studies[0]), "--bundle", str(copy)], match)
+
+
+@pytest.mark.parametrize("into", ["fused", "plain"])
+def test_a_decoder_graph_of_the_other_attention_kind_is_refused(bundle: Path, bundle_plain: Path, studies: list[Path],
+                                                                tmp_path: Path, into: str) -> None:
+    """A decoder copied in from another bundle, its hashes updated: an ONNX Runtime binding traceback (exit 1)."""
+    target, source = (bundle, bundle_plain) if into == "fused" else (bundle_plain, bundle)
+    copy = _copy(target, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for name in ("decoder.onnx", "decoder.onnx.data"):
+        if name in manifest["files"]:
+            del manifest["files"][name]
+            (copy / name).unlink()
+    for name in ("decoder.onnx", "decoder.onnx.data"):
+        if (source / name).is_file():
+            shutil.copy(source / name, copy / name)
+            manifest["files"][name] = {"sha256": sha256_file(copy / name), "bytes": (copy / name).stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    other = "plain" if into == "fused" else "fused"
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)],
+             f"decoder.onnx does not match its manifest ({into} attention, 2 layers): the graph's inputs and outputs "
+             f"are another decoder's ({other} attention, 2 layers)")
 
 
 def test_an_embedding_table_of_another_shape_is_refused(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
@@ -596,7 +624,9 @@ def test_trtllm_checkpoint_added_to_a_bundle_without_a_gpu(bundle_fp16: Path, mo
     ckpt = copy / "trtllm" / "checkpoint-w8a16"
     config = json.loads((ckpt / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == "W8A16" and (ckpt / "rank0.safetensors").is_file()
-    assert "build the engine on the target host" in result.stderr
+    # the GPU host's command keeps the decoder's precision chosen here (the bundle's own is fp16)
+    assert (f"build the engine on the GPU host with 'radtrt export --bundle {copy} --target trtllm --model {model_dir} "
+            f"--precision int8'") in " ".join(result.stderr.split())
     read_manifest(copy)  # the bundle's own files are untouched
     assert json.loads((copy / "manifest.json").read_text())["model"]["weights_fingerprint_fp16"]
 
@@ -635,9 +665,13 @@ def test_fp16_bundle_and_trtllm_checkpoint_in_one_export(model_dir: Path, tmp_pa
     """The fp16 export casts the loaded model in place; its own TensorRT-LLM step must still recognise it."""
     out = tmp_path / "b16"
     result = runner.invoke(app, ["export", "--model", str(model_dir), "--precision", "fp16", "--target", "trtllm",
-                                 "-o", str(out)])
+                                 "--trtllm-logits", "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     assert (out / "trtllm" / "checkpoint-fp16" / "rank0.safetensors").is_file()
+    # the GPU host's command keeps this run's options (a bare 'radtrt export --target trtllm' lost --trtllm-logits
+    # and --model)
+    assert (f"build the engine on the GPU host with 'radtrt export --bundle {out} --target trtllm --model {model_dir} "
+            f"--precision fp16 --trtllm-logits'") in " ".join(result.stderr.split())
 
 
 def test_triton_repository_from_a_bundle(bundle_fp16: Path, tmp_path: Path) -> None:
@@ -662,6 +696,35 @@ def test_triton_repository_from_a_bundle(bundle_fp16: Path, tmp_path: Path) -> N
     assert (repo / "radtrt" / "config.pbtxt").is_file()
     text = (repo / "tensorrt_llm" / "config.pbtxt").read_text(encoding="utf-8")
     assert str(engine) in text and "\\ud83d" not in text
+
+
+def test_triton_repository_refuses_damage_infer_refuses(bundle_fp16: Path, tmp_path: Path) -> None:
+    """Files damaged and re-hashed in the manifest: a truncated vision graph was a DecodeError traceback, a truncated
+    tokenizer a repository whose servers fail to start, and an edited (unhashed) eos id in the manifest cut every
+    served report at that token."""
+    def repo_of(edit: Callable[[Path, dict], None]) -> tuple[Any, Path]:
+        copy = Path(shutil.copytree(bundle_fp16, tmp_path / f"copy{len(list(tmp_path.iterdir()))}"))
+        manifest = json.loads((copy / "manifest.json").read_text())
+        edit(copy, manifest)
+        for name, meta in manifest["files"].items():
+            meta.update(sha256=sha256_file(copy / name), bytes=(copy / name).stat().st_size)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        repo = copy.with_name(copy.name + "-repo")
+        return runner.invoke(app, ["export", "--target", "triton", "--bundle", str(copy), "-o", str(repo),
+                                   "--trtllm-engine", "/srv/engine"]), repo
+
+    def truncate(name: str) -> Callable[[Path, dict], None]:
+        return lambda copy, _: (copy / name).write_bytes((copy / name).read_bytes()[:100])
+
+    for name, match in (("vision.onnx", "vision.onnx is not a readable ONNX graph"),
+                        ("tokenizer.model", "tokenizer.model is not a valid sentencepiece model")):
+        result, repo = repo_of(truncate(name))
+        assert result.exit_code == 2 and match in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not repo.exists()
+    result, repo = repo_of(lambda _, m: m["decoder"].update(eos_token_id=5))
+    assert result.exit_code == 0, result.stderr
+    post = (repo / "postprocessing" / "config.pbtxt").read_text()
+    assert 'key: "eos_token_id"' in post and 'string_value: "2"' in post.split('key: "eos_token_id"')[1][:80]
 
 
 def test_cast_on_load_tells_a_float16_model_from_a_float32_one(tmp_path: Path) -> None:

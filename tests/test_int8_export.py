@@ -545,6 +545,18 @@ def test_trtllm_reads_the_bundles_calibration(bundle: Path, model_dir: Path, tmp
                                "--precision", "int8", "--int8-decoder", "smoothquant", "--smoothquant-alpha",
                                "0.8"]).exit_code == 0
     assert json.loads((ckpt / "radtrt_checkpoint.json").read_text())["smoothquant_alpha"] == 0.8
+    # a checkpoint copied in from another bundle (or damaged) was built from as this bundle's: its weights are kept
+    rebuild = ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm", "--precision", "int8",
+               "--int8-decoder", "smoothquant", "--smoothquant-alpha", "0.8"]
+    meta_file, rank0 = ckpt / "radtrt_checkpoint.json", ckpt / "rank0.safetensors"
+    meta = json.loads(meta_file.read_text())
+    assert meta["bundle_weights"] == read_manifest(copy)["model"]["weights_fingerprint_fp16"]
+    rank0.write_bytes(rank0.read_bytes()[:-4] + b"\0\0\0\0")
+    damaged = runner.invoke(app, rebuild)
+    assert damaged.exit_code == 2 and "rank0.safetensors does not match its checkpoint's record" in damaged.stderr
+    meta_file.write_text(json.dumps({**meta, "bundle_weights": "0" * 16}))
+    foreign = runner.invoke(app, rebuild)
+    assert foreign.exit_code == 2 and "was not written from the weights of the model" in foreign.stderr
 
 
 @pytest.fixture(scope="module")

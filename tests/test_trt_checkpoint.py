@@ -23,7 +23,7 @@ from radtrt.exporter.gpu import GpuInfo
 from radtrt.exporter.quant import ActivationStats
 from radtrt.exporter.trtllm import (convert_decoder_weights, decoder_mode, read_checkpoint, trtllm_config,
                                     write_trtllm_checkpoint)
-from radtrt.exporter.trtllm_build import (BuildLimits, build_decoder_engine, find_decoder_engine,
+from radtrt.exporter.trtllm_build import (BuildLimits, build_decoder_engine, check_built_from, find_decoder_engine,
                                           mixed_gemm_preprocessor, prepare_checkpoint_for_host, trtllm_build_command)
 from radtrt.model.config import preset
 from radtrt.model.decoder import LlamaForCausalLM
@@ -320,10 +320,14 @@ def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytes
 
     _fake_trtllm_build(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    plain = write_trtllm_checkpoint(lm, bundle / "trtllm" / "checkpoint-w8a16", "w8a16")
+    plain = write_trtllm_checkpoint(lm, bundle / "trtllm" / "checkpoint-w8a16", "w8a16", bundle_weights="f00d")
     engine = build_decoder_engine(bundle, plain, V100, limits, preprocess=lambda w: w.clone())
     assert (engine / "config.json").is_file() and (engine.parent / "checkpoint" / "rank0.safetensors").is_file()
     stamp = json.loads((engine.parent / "build.json").read_text())
+    # the engine keeps the weights its checkpoint was written from: one copied in from another bundle is refused
+    check_built_from(engine, stamp, {"model": {"weights_fingerprint_fp16": "f00d"}}, bundle)
+    with pytest.raises(RadtrtError, match="was not built from the weights of the model .* delete its folder"):
+        check_built_from(engine, stamp, {"model": {"weights_fingerprint_fp16": "beef"}}, bundle)
     assert stamp["gpu"]["name"] == V100.name and stamp["command"][0] == "trtllm-build"
     assert stamp["command"][stamp["command"].index("--checkpoint_dir") + 1] == str(engine.parent / "checkpoint")
     found, _ = find_decoder_engine(bundle, V100, "w8a16")

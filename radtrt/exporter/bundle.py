@@ -208,7 +208,8 @@ def _manifest(loaded: LoadedModel, work: Path, precision: str, timings: list[Exp
 
 BUNDLE_FINGERPRINT = "weights_fingerprint_fp16"
 # what every bundle holds besides the manifest (and ``*.onnx.data`` where a graph keeps its weights outside)
-REQUIRED_FILES = ("vision.onnx", "decoder.onnx", "embed_tokens.safetensors", MODEL_CONFIG, "tokenizer.model")
+REQUIRED_FILES = ("vision.onnx", "decoder.onnx", "embed_tokens.safetensors", MODEL_CONFIG, "tokenizer.model",
+                  "tokenizer_config.json")  # its 'legacy' and space clean-up change the report's text
 
 
 def bundle_fingerprint(model: LlavaRad) -> str:

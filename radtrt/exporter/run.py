@@ -117,21 +117,22 @@ def run_export(req: ExportRequest, console: Console) -> Path:
 
         read_manifest(bundle)
     step = ""
+    engine_options = {"model": req.model, "base_model": req.base_model, "max_batch_given": req.max_batch is not None,
+                      "alpha_given": req.smoothquant_alpha is not None, "precision_given": req.precision is not None}
     try:
         if "tensorrt" in plan.steps:
             step = "tensorrt"
             targets.add_tensorrt(bundle_dir, plan, log)
         if "trtllm" in plan.steps:
             step = "trtllm"
-            targets.add_trtllm(bundle_dir, loaded, plan, log)
+            build = targets.retry_engines_command(bundle_dir, "trtllm", plan, **engine_options)
+            targets.add_trtllm(bundle_dir, loaded, plan, log, build_command=build)
     except RadtrtError as e:
         if bundle is not None:
             raise
         # the bundle written above is complete; rerunning this command is refused ('not empty') after loading
         # the model, so say how to redo just the engines
-        retry = targets.retry_engines_command(bundle_dir, step, plan, model=req.model, base_model=req.base_model,
-                                              max_batch_given=req.max_batch is not None,
-                                              alpha_given=req.smoothquant_alpha is not None)
+        retry = targets.retry_engines_command(bundle_dir, step, plan, **engine_options)
         both = step == "tensorrt" and "trtllm" in plan.steps
         fail(f"{e}; the ONNX bundle at {bundle_dir} is complete: retry only the engine{'s' if both else ''} "
              f"with '{retry}'")
@@ -147,8 +148,8 @@ def _load_for(plan: targets.ExportPlan, req: ExportRequest, calibration_stats: P
     if not ("onnx" in plan.steps and bundle is None or "trtllm" in plan.steps):
         return None
     if model is None and bundle is not None:
-        fail(f"--target {plan.target} needs --model as well: the TensorRT-LLM checkpoint is written from the "
-             f"model's weights, and {bundle} holds ONNX graphs")
+        fail(f"--target {plan.target} needs --model as well (the model {bundle} was exported from): the "
+             f"TensorRT-LLM checkpoint is written from its weights, and one written before is checked against them")
     if model is None:
         fail("--model is required to export (or pass --bundle to add engines to an existing bundle)")
     with console.status(plain(f"loading model from {model}")):

@@ -168,11 +168,12 @@ def preflight(plan: ExportPlan) -> None:
 
 def retry_engines_command(bundle: Path, step: str, plan: ExportPlan, *, model: Path | None = None,
                           base_model: Path | None = None, max_batch_given: bool = False,
-                          alpha_given: bool = False) -> str:
+                          alpha_given: bool = False, precision_given: bool = False) -> str:
     """The command that redoes, on the bundle this run wrote, the engine step that failed (``step``) and the
     ones after it, with this run's options for them: the bundle is complete by then, and the same command
     again is refused ('not empty') after minutes of loading the model. Only options ``--bundle`` accepts
-    (``refuse_unused_options``): the precision is the bundle's own, an INT8 bundle carries its calibration."""
+    (``refuse_unused_options``): an INT8 bundle carries its calibration, and the precision is the bundle's own
+    unless this run chose the decoder's (``precision_given``: an fp16 bundle's INT8 TensorRT-LLM decoder)."""
     import shlex
 
     from radtrt.exporter.trtllm import decoder_mode
@@ -181,6 +182,8 @@ def retry_engines_command(bundle: Path, step: str, plan: ExportPlan, *, model: P
     cmd = ["radtrt", "export", "--bundle", str(bundle), "--target", target]
     if target != "tensorrt":
         cmd += ["--model", str(model)] + (["--base-model", str(base_model)] if base_model is not None else [])
+        if precision_given:
+            cmd += ["--precision", plan.precision]
         if plan.int8_decoder is not None:
             cmd += ["--int8-decoder", plan.int8_decoder]
         if plan.int8_kv:
@@ -206,27 +209,33 @@ def add_tensorrt(bundle: Path, plan: ExportPlan, log: Callable[[str], None]) -> 
     return path
 
 
-def check_same_model(bundle: Path, model: Any) -> None:
+def check_same_model(bundle: Path, model: Any) -> str:
     """Refuse to put a checkpoint of one model beside the graphs of another (say, two fine-tunes of one
-    architecture): the bundle would run two different models depending on the backend."""
+    architecture): the bundle would run two different models depending on the backend. Returns the weights'
+    fingerprint, which the checkpoint and the engine built from it keep."""
     from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, bundle_fingerprint, read_manifest
     from radtrt.model.fingerprint import config_sha256
 
     recorded = read_manifest(bundle, verify=False)["model"]
     if recorded.get("config_sha256") != config_sha256(model):
         fail(f"--model has another configuration than the model {bundle} was exported from: pass that model")
-    if recorded.get(BUNDLE_FINGERPRINT) != bundle_fingerprint(model):
+    fingerprint = bundle_fingerprint(model)
+    if recorded.get(BUNDLE_FINGERPRINT) != fingerprint:
         fail(f"--model has other weights than the model {bundle} was exported from: pass that model")
+    return fingerprint
 
 
-def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str], None]) -> Path:
-    """Write the checkpoint; build the engine only where TensorRT-LLM and a GPU are present."""
+def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str], None], *,
+               build_command: str) -> Path:
+    """Write the checkpoint; build the engine only where TensorRT-LLM and a GPU are present. ``build_command``:
+    what builds it on the GPU host (``retry_engines_command``), said when this host cannot: with every option
+    of this run, as a bare 'radtrt export --target trtllm' lost --trtllm-logits and the INT8 choices."""
     from radtrt.calibration.file import load_activation_stats
     from radtrt.exporter.gpu import detect_gpu, library_version
     from radtrt.exporter.trtllm import decoder_mode, mode_tag, write_trtllm_checkpoint
     from radtrt.exporter.trtllm_build import BuildLimits, build_decoder_engine
 
-    check_same_model(bundle, loaded.model)
+    weights = check_same_model(bundle, loaded.model)
     mode = decoder_mode(plan.precision, plan.int8_decoder)
     stats_file = plan.calibration_stats
     needed = uses_statistics(plan.precision, plan.int8_decoder, plan.int8_kv)
@@ -237,15 +246,15 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     checkpoint = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, plan.int8_kv)}"
     alpha = plan.smoothquant_alpha if mode == "w8a8_sq" else None
     if checkpoint.is_dir():  # written on the CPU host before; the GPU host builds from it
-        check_reusable_checkpoint(checkpoint, alpha, stats.identity if stats else None)
+        check_reusable_checkpoint(checkpoint, alpha, stats.identity if stats else None, weights)
         log(f"TensorRT-LLM checkpoint ({mode_tag(mode, plan.int8_kv)}), written before: {checkpoint}")
     else:
         write_trtllm_checkpoint(loaded, checkpoint, mode, smoothquant_stats=stats, int8_kv=plan.int8_kv,
-                                alpha=plan.smoothquant_alpha)
+                                alpha=plan.smoothquant_alpha, bundle_weights=weights)
         log(f"TensorRT-LLM checkpoint ({mode_tag(mode, plan.int8_kv)}): {checkpoint}")
     if gpu is None or library_version("tensorrt_llm") is None:
-        log("no GPU with TensorRT-LLM here: build the engine on the target host with "
-            f"'radtrt export --target trtllm' against this bundle ({checkpoint.name} is GPU-independent)")
+        log(f"no GPU with TensorRT-LLM here: build the engine on the GPU host with '{build_command}' "
+            f"({checkpoint.name} is GPU-independent; the model must be there too)")
         return checkpoint
     cfg = loaded.model.cfg
     limits = BuildLimits.for_llava(cfg.num_image_tokens, max_batch=plan.max_batch,
@@ -255,12 +264,21 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
     return engine
 
 
-def check_reusable_checkpoint(checkpoint: Path, alpha: float | None, calibration: str | None) -> None:
-    """An existing checkpoint of this mode is built from only when it was made with these settings (the
-    bundle's own weights are checked by ``check_same_model``)."""
+def check_reusable_checkpoint(checkpoint: Path, alpha: float | None, calibration: str | None, weights: str) -> None:
+    """An existing checkpoint of this mode is built from only when it was written from this bundle's weights
+    (``weights``, from ``check_same_model``), with these settings, and is intact: one copied in from another
+    bundle would be built, stamped and served as this bundle's model."""
     from radtrt.exporter.trtllm import read_checkpoint_meta
+    from radtrt.model.io import sha256_file
 
     meta = read_checkpoint_meta(checkpoint)
+    again = "delete it to write it again from this bundle's model"
+    if meta.get("bundle_weights") != weights:
+        fail(f"{checkpoint} was not written from the weights of the model this bundle was exported from (copied "
+             f"from another bundle, or written by an older radtrt): {again}")
+    rank0 = checkpoint / "rank0.safetensors"
+    if not rank0.is_file() or sha256_file(rank0) != meta.get("rank0_sha256"):
+        fail(f"{rank0} does not match its checkpoint's record (damaged or replaced): {again}")
     if meta.get("smoothquant_alpha") != alpha or meta.get("calibration") != calibration:
         fail(f"{checkpoint} was written with other settings (SmoothQuant alpha {meta.get('smoothquant_alpha')}, "
              f"calibration {meta.get('calibration')!r}); delete it to write it again with these")

@@ -68,8 +68,12 @@ class OnnxInfo:
 def inspect_onnx(path: Path) -> OnnxInfo:
     """Read names, dtypes and shapes without loading the (external) weights."""
     import onnx
+    from google.protobuf.message import DecodeError
 
-    proto = onnx.load(str(path), load_external_data=False)
+    try:  # the hash check passes a graph damaged before the manifest was written (or re-hashed by hand)
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError) as e:
+        fail(f"{path} is not a readable ONNX graph ({type(e).__name__}: {e}): export the bundle again")
     graph = proto.graph
     if len(graph.input) != 1 or len(graph.output) != 1:
         fail(f"{path.name} must have one input and one output, has {len(graph.input)} and {len(graph.output)}")
@@ -343,6 +347,9 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
         return engine, stamp
     what = f"{precision} " if precision else ""
     build = f"'radtrt export --bundle {bundle} --target tensorrt'"  # without --bundle it would make a new bundle
+    if mismatches and gpu.tensorrt is None:  # no rebuild can help before TensorRT is there (as for TensorRT-LLM)
+        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: install TensorRT on this host (the "
+             f"version it was built with), or rebuild the engine once it is installed")
     if mismatches:
         fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: rebuild it on this host with {build}")
     fail(f"bundle {bundle} has no TensorRT {what}vision engine; build one with {build}")

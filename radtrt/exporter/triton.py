@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from radtrt.errors import fail
+from radtrt.exporter.bundle import read_bundle_side
 from radtrt.exporter.gpu import GpuInfo, require_gpu
 from radtrt.exporter.pbtxt import Ident, as_list, parse_pbtxt, to_pbtxt
 from radtrt.exporter.tensorrt import find_vision_engine, inspect_onnx, read_vision_manifest
-from radtrt.exporter.trtllm_build import find_decoder_engine, kv_cache_tokens
+from radtrt.exporter.trtllm_build import check_built_from, find_decoder_engine, kv_cache_tokens
 from radtrt.model.io import read_json
 from radtrt.outputs import check_new_dir, new_dir_built_aside, resolved
 
@@ -234,10 +235,14 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     if vision_backend not in ("tensorrt", "onnxruntime"):
         fail(f"unknown vision backend '{vision_backend}' for Triton (tensorrt, onnxruntime)")
     onnx = inspect_onnx(bundle / "vision.onnx")
+    # the tokenizer and config the served models load, read here so that damage is said now, not at the server's
+    # start; the end token is the tokenizer's, as in every radtrt backend (the manifest's copy is not hashed)
+    tokenizer = read_bundle_side(bundle)[1]
     given = decoder_engine is not None
     max_seq_len = None  # the engine's, where known here: it bounds the KV cache Triton's backend allocates
     if decoder_engine is None:
         decoder_engine, stamp = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
+        check_built_from(decoder_engine, stamp, manifest, bundle)
         decoder_engine = resolved(decoder_engine)
         max_seq_len = stamp["limits"].get("max_seq_len")
         engine_batch = int(stamp["limits"].get("max_batch", max_batch))
@@ -256,7 +261,7 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
         cast_to = table_dtype
     dec = manifest["decoder"]
     spec = RepoSpec(onnx.image_size, manifest["vision"]["num_image_tokens"], dec["hidden_size"], dec["vocab_size"],
-                    dec["eos_token_id"], onnx.input_dtype, cast_to or onnx.output_dtype, onnx.input_name,
+                    tokenizer.eos_token_id, onnx.input_dtype, cast_to or onnx.output_dtype, onnx.input_name,
                     onnx.output_name, max_batch)
     if given and engine_config is not None:
         check_engine_fits(decoder_engine, engine_config, spec, _prompt_length(bundle, spec.num_image_tokens))
@@ -274,7 +279,6 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
 
 def _prompt_length(bundle: Path, num_image_tokens: int) -> int:
     """Positions of the shortest request's prompt (no indication), the image's rows included."""
-    from radtrt.exporter.bundle import read_bundle_side
     from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
 
     cfg, tokenizer = read_bundle_side(bundle)

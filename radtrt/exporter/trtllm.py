@@ -37,7 +37,7 @@ from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.quant import DEFAULT_ALPHA, ActivationStats, fold_into_norm, quantize_per_channel, smooth
 from radtrt.model.config import DecoderConfig
-from radtrt.model.io import load_tensors, read_json, save_tensors
+from radtrt.model.io import load_tensors, read_json, save_tensors, sha256_file
 from radtrt.outputs import check_new_dir, new_dir_built_aside
 
 QUANT_ALGO = {"fp16": None, "w8a16": "W8A16", "w8a8_sq": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}
@@ -200,10 +200,12 @@ def _decoder_of(source: Any) -> tuple[dict[str, torch.Tensor], DecoderConfig]:
 def write_trtllm_checkpoint(source: Any, out_dir: Path, mode: str = "fp16", *,
                             smoothquant_stats: ActivationStats | None = None, alpha: float = DEFAULT_ALPHA,
                             int8_kv: bool = False, kv_scales: dict[int, float] | None = None,
-                            dtype: str = "float16") -> Path:
+                            dtype: str = "float16", bundle_weights: str | None = None) -> Path:
     """Write ``config.json``, ``rank0.safetensors`` and ``radtrt_checkpoint.json`` into ``out_dir``.
 
     ``source`` is a ``LoadedModel`` or the merged ``LlamaForCausalLM``. No TensorRT-LLM needed.
+    ``bundle_weights``: the fingerprint of the model the bundle's graphs hold (``BUNDLE_FINGERPRINT``), kept with
+    the weights' hash so that a checkpoint copied in from another bundle is never built or served as this one's.
     """
     state, cfg = _decoder_of(source)
     check_new_dir(out_dir, "checkpoint directory")
@@ -213,9 +215,10 @@ def write_trtllm_checkpoint(source: Any, out_dir: Path, mode: str = "fp16", *,
             "weight_layout": "plain" if mode == "w8a16" else "trtllm",
             "needs_host_preprocessing": mode == "w8a16", "smoothquant_alpha": alpha if mode == "w8a8_sq" else None,
             "calibration": smoothquant_stats.identity if smoothquant_stats else None,
-            "written_by": f"radtrt {__version__}", "num_tensors": len(tensors)}
+            "written_by": f"radtrt {__version__}", "num_tensors": len(tensors), "bundle_weights": bundle_weights}
     with new_dir_built_aside(out_dir, "checkpoint directory") as work:  # an interrupted write leaves no half
         save_tensors(tensors, work / "rank0.safetensors")
+        meta["rank0_sha256"] = sha256_file(work / "rank0.safetensors")
         (work / "config.json").write_text(json.dumps(trtllm_config(cfg, mode, int8_kv=int8_kv, dtype=dtype), indent=2))
         (work / META).write_text(json.dumps(meta, indent=2))
     return out_dir

@@ -212,7 +212,8 @@ def build_decoder_engine(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: B
         fail(f"trtllm-build failed (exit {result.returncode}); see {root / 'trtllm-build.log'}")
     stamp = {"format": DECODER_STAMP_FORMAT, "format_version": 1, "mode": meta["mode"], "int8_kv": meta["int8_kv"],
              "gpu": gpu_stamp(gpu), "command": cmd, "limits": asdict(limits),
-             "gather_generation_logits": gather_generation_logits, "build_seconds": round(time.perf_counter() - t0, 1),
+             "gather_generation_logits": gather_generation_logits, "bundle_weights": meta.get("bundle_weights"),
+             "build_seconds": round(time.perf_counter() - t0, 1),
              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "radtrt": __version__}
     write_text(root / BUILD_STAMP, json.dumps(stamp, indent=2), "TensorRT-LLM engine stamp")
     return engine
@@ -226,6 +227,18 @@ def read_decoder_stamp(path: Path) -> dict[str, Any] | None:
             isinstance(limits.get(k), int) for k in ("max_batch", "max_input_len", "max_seq_len"))):
         fail(f"engine stamp {path} is malformed (its limits); rebuild the engine")
     return stamp
+
+
+def check_built_from(engine: Path, stamp: dict[str, Any], manifest: dict[str, Any], bundle: Path) -> None:
+    """Refuse a decoder engine built from other weights than the bundle's graphs hold (an engine folder copied in
+    from another bundle): it would run beside this bundle's vision engine, and reports would name this bundle's
+    weights."""
+    from radtrt.exporter.bundle import BUNDLE_FINGERPRINT
+
+    if stamp.get("bundle_weights") != manifest["model"].get(BUNDLE_FINGERPRINT):
+        fail(f"the TensorRT-LLM engine {engine} was not built from the weights of the model {bundle} was exported "
+             f"from (copied from another bundle, or built by an older radtrt): delete its folder and rebuild it "
+             f"with 'radtrt export --bundle {bundle} --model MODEL --target trtllm ...'")
 
 
 def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Path, dict[str, Any]]:

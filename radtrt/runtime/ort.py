@@ -183,10 +183,7 @@ class OrtBackend:
         if (self.precision == "fp16") != (embeds_type == "tensor(float16)"):  # reports and logs name the precision
             fail(f"{bundle}/manifest.json says precision {self.precision}, but decoder.onnx takes "
                  f"{ORT_TYPES.get(embeds_type, embeds_type)} embeddings", remedy=REEXPORT)
-        decoder_io = self.manifest.get("graphs", {}).get("decoder.onnx", {}).get("inputs")
-        if not isinstance(decoder_io, (dict, list)):
-            fail(f"{bundle}/manifest.json records no decoder.onnx inputs", remedy=REEXPORT)
-        self.fused = SEQLENS in decoder_io
+        self.fused = self._check_decoder_io(bundle, dec["attention"])
         past_type = next((i.type for i in self.decoder.get_inputs() if i.name == "past_key.0"), None)
         if past_type not in ORT_TYPES:
             fail(f"{bundle / 'decoder.onnx'} has no past_key.0 input of a KV-cache type radtrt knows ({past_type})",
@@ -194,6 +191,21 @@ class OrtBackend:
         self.kv_dtype = np.dtype(ORT_TYPES[past_type])
         # every backend refuses to generate past the model's positions (GroupQueryAttention's rotary tables end there)
         self.max_positions = read_json(bundle / MODEL_CONFIG)["decoder"]["max_position_embeddings"]
+
+    def _check_decoder_io(self, bundle: Path, attention: str) -> bool:
+        """Whether the decoder graph has fused attention, from the graph itself: generation binds every input and
+        output by name, so a graph whose names are not those the manifest's attention kind has (a decoder copied
+        in from another bundle) ended in an ONNX Runtime binding traceback."""
+        fused = attention == "fused"
+        inputs, outputs = gqa_io_names(self.num_layers) if fused else decoder_io_names(self.num_layers)
+        got = ({i.name for i in self.decoder.get_inputs()}, {o.name for o in self.decoder.get_outputs()})
+        if got != (set(inputs), set(outputs)):
+            layers = sum(n.startswith("past_key.") for n in got[0])
+            kind = "fused" if SEQLENS in got[0] else "plain" if "position_ids" in got[0] else None
+            theirs = f"another decoder's ({kind} attention, {layers} layers)" if kind and layers else "no radtrt decoder's"
+            fail(f"{bundle / 'decoder.onnx'} does not match its manifest ({attention} attention, {self.num_layers} "
+                 f"layers): the graph's inputs and outputs are {theirs}", remedy=REEXPORT)
+        return fused
 
     @property
     def weights_id(self) -> str:

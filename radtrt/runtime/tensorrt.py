@@ -27,7 +27,7 @@ from radtrt.exporter.gpu import (GpuInfo, detect_gpu, loaded_tensorrt_problem, p
                                  stamp_gpu, stamp_mismatch)
 from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine
 from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag, split_mode_tag
-from radtrt.exporter.trtllm_build import find_decoder_engine, kv_cache_tokens, read_decoder_stamp
+from radtrt.exporter.trtllm_build import check_built_from, find_decoder_engine, kv_cache_tokens, read_decoder_stamp
 from radtrt.model.generate import Generation
 from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
@@ -245,6 +245,7 @@ class TensorRTBackend:
         engine, self.vision_stamp = find_vision_engine(bundle, gpu, vision_precision, self.manifest)
         tag = choose_decoder(usable_engines(bundle, gpu)["decoder"], decoder, bundle)
         self.decoder_dir, self.decoder_stamp = find_decoder_engine(bundle, gpu, tag)
+        check_built_from(self.decoder_dir, self.decoder_stamp, self.manifest, bundle)
         self.limits = self.decoder_stamp["limits"]
         self.vision = TrtVisionEngine(engine, self.vision_stamp)
         self.runner = open_runner(self.decoder_dir, session, self.limits)
