@@ -257,6 +257,18 @@ def test_screening_refuses_from_headers_what_reading_would(tmp_path: Path) -> No
     _refused(cut, "truncated")
 
 
+def test_an_empty_file_is_said_not_dropped(tmp_path: Path) -> None:
+    """A PA whose transfer was cut to 0 bytes vanished without a word, and the AP beside it was reported on."""
+    (tmp_path / "1_pa.dcm").write_bytes(b"")
+    ap = _dx(tmp_path, "2_ap.dcm", "AP")
+    chosen = load_study(tmp_path)
+    assert chosen.source_file == ap and chosen.skipped == (("1_pa.dcm", "1_pa.dcm: an empty file (0 bytes: a copy cut "
+                                                                          "short?)"),)
+    assert "1 file(s) not used: 1_pa.dcm: an empty file" in study_warnings(tmp_path, chosen)[0]
+    (tmp_path / "2_ap.dcm").unlink()
+    _refused(tmp_path, "no usable image in folder: 1_pa.dcm: an empty file")
+
+
 def test_a_dangling_link_is_said_not_dropped(tmp_path: Path) -> None:
     """A dangling link vanished from the scan: a study of a folder of studies was dropped with exit 0, and a
     study whose frontal link dangled said 'no frontal image' without naming it."""

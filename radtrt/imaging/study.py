@@ -194,6 +194,8 @@ def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], 
             skipped.append(_Refused(path, str(exc)))
             continue
         if kind is None:
+            if path.is_file() and path.stat().st_size == 0:  # a transfer cut short: the study's PA, perhaps
+                skipped.append(_Refused(path, f"{path.name}: an empty file (0 bytes: a copy cut short?)", image=False))
             continue
         if kind == "RASTER":
             candidates.append(_Candidate(path, kind, UNKNOWN_VIEW))
