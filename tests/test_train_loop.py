@@ -325,6 +325,41 @@ def test_resume_refuses_other_images_under_the_same_manifest(chain: Chain, tmp_p
     assert train(resume_config(run), resume=True).model_dir is not None
 
 
+def _lazy_stage1(chain: Chain, data: Path, run: Path) -> object:
+    return make_config("stage1", "tiny", manifest=str(data / "manifest.jsonl"),
+                       init_model=str(chain.runs["lm"] / "model"), out_dir=str(run), max_steps=4, save_every=1,
+                       num_workers=1, cache_features=False)
+
+
+def test_an_unreadable_image_is_refused_before_a_lazily_read_run_starts(chain: Chain, tmp_path: Path) -> None:
+    """--num-workers N --no-feature-cache: a PNG signature before garbage failed the run mid-way, after its
+    checkpoints, and the repaired image then made resume refuse the run (its images changed)."""
+    import shutil
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(chain.manifest.parent, data)
+    first = data / json.loads((data / "manifest.jsonl").read_text().splitlines()[0])["image"]
+    first.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)
+    with pytest.raises(RadtrtError, match=f"{first}: image data is truncated or corrupt$"):
+        train(_lazy_stage1(chain, data, run))
+    assert not run.exists()
+
+
+def test_an_image_that_fails_mid_run_says_the_run_must_start_again(chain: Chain, tmp_path: Path) -> None:
+    """Damaged pixel data under a good header is found only when a worker reads it; resume would refuse the run
+    once the image is repaired, so the error says to start again."""
+    import shutil
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(chain.manifest.parent, data)
+    first = data / json.loads((data / "manifest.jsonl").read_text().splitlines()[0])["image"]
+    first.write_bytes(first.read_bytes()[:60])  # the signature and header chunk, the pixel data cut
+    with pytest.raises(RadtrtError, match=f"{first}: image data is truncated or corrupt; resume refuses a run whose "
+                                          f"images changed since it began, so once the image is repaired start the "
+                                          f"run again: delete {run} or choose another -o$"):
+        train(_lazy_stage1(chain, data, run))
+
+
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
     """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),

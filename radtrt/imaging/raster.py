@@ -16,7 +16,9 @@ Rules (documented because they decide what the model sees):
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -38,18 +40,11 @@ def sniff_raster(head: bytes) -> str | None:
     return None
 
 
-def load_raster(path: Path) -> np.ndarray:
-    """Read a PNG/JPEG as an (H, W) uint8 grey image following the module rules."""
-    name = path.name
+@contextlib.contextmanager
+def _read_errors(name: str) -> Iterator[None]:
+    """What PIL raises for a file that is not a readable image, said in one line naming the file."""
     try:
-        with Image.open(path) as opened:  # lazy: the header only, so the checks come before any decoding
-            width, height = opened.size
-            if width * height > MAX_PIXELS:
-                fail(f"{name}: {width} x {height} pixels is implausibly large for a radiograph (decompression bomb guard)")
-            if getattr(opened, "n_frames", 1) != 1:  # an animated PNG; multi-frame DICOM is refused too
-                fail(f"{name}: {opened.n_frames} frames (an animation); a chest radiograph is one image")
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
+        yield
     except UnidentifiedImageError:
         fail(f"{name}: not a readable PNG or JPEG image")
     except Image.DecompressionBombError:
@@ -58,6 +53,31 @@ def load_raster(path: Path) -> np.ndarray:
         fail(f"{name}: cannot read file ({exc.strerror or type(exc).__name__})")
     except (OSError, SyntaxError, ValueError):
         fail(f"{name}: image data is truncated or corrupt")
+
+
+def _check_header(opened: Image.Image, name: str) -> None:
+    width, height = opened.size
+    if width * height > MAX_PIXELS:
+        fail(f"{name}: {width} x {height} pixels is implausibly large for a radiograph (decompression bomb guard)")
+    if getattr(opened, "n_frames", 1) != 1:  # an animated PNG; multi-frame DICOM is refused too
+        fail(f"{name}: {opened.n_frames} frames (an animation); a chest radiograph is one image")
+
+
+def check_raster_header(path: Path) -> None:
+    """Refuse what ``load_raster`` refuses from the file's header alone (no pixels decoded): a set of images is
+    screened before minutes of work are spent on it (a lazily read training run failed at its damaged image
+    after checkpoints were written). Damaged pixel data is still found only when the image is read."""
+    with _read_errors(path.name), Image.open(path) as opened:  # lazy: PIL reads the header only
+        _check_header(opened, path.name)
+
+
+def load_raster(path: Path) -> np.ndarray:
+    """Read a PNG/JPEG as an (H, W) uint8 grey image following the module rules."""
+    name = path.name
+    with _read_errors(name), Image.open(path) as opened:  # lazy: the header only, so the checks come before decoding
+        _check_header(opened, name)
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
     if image.mode in _HIGH_BIT_MODES:
         scaled = min_max_to_uint8(np.asarray(image))
         if scaled is None:

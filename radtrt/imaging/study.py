@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 
 from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.dicom import holds_no_image, load_dicom_image, read_dicom, read_header
-from radtrt.imaging.raster import load_raster, sniff_raster
+from radtrt.imaging.raster import check_raster_header, load_raster, sniff_raster
 from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_of
 from radtrt.outputs import broken_link
 
@@ -347,6 +347,8 @@ def screen_study(path: Path, *, allow_any_modality: bool = False) -> None:
         file, kind, _ = _study_source(Path(path), allow_any_modality)
         if kind == "DICOM" and file == Path(path):  # a folder's images were screened as it was scanned
             read_header(file, allow_any_modality=allow_any_modality)
+        if kind == "RASTER":  # its signature only so far: a PNG signature before garbage passed
+            check_raster_header(file)
     except RadtrtError as e:
         fail(study_error(path, e))
 

@@ -26,7 +26,7 @@ from radtrt.data.labeler import extract_labels
 from radtrt.data.manifest import ManifestRow
 from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.preprocess import preprocess
-from radtrt.imaging.study import load_study, study_files
+from radtrt.imaging.study import load_study, screen_study, study_files
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.progress import make_progress
 from radtrt.training.examples import build_example, min_length
@@ -74,6 +74,18 @@ class ManifestDataset(torch.utils.data.Dataset):
                 fail(f"manifest image not found: {missing} (relative to {root})")
             if preload:
                 self.images = self._preload(console)
+            else:  # read later, by DataLoader workers: what their headers tell is refused now, before the run starts
+                self._screen(console)
+
+    def _screen(self, console: Console | None) -> None:
+        """Refuse an image that reading it would refuse from its header (a damaged PNG, a CT) before the run
+        starts: read lazily it failed the run mid-way, after checkpoints were written, and a run whose images
+        changed cannot be resumed."""
+        with make_progress(console=console or Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("checking images", total=len(self.rows))
+            for row in self.rows:
+                screen_study(row.image_path(self.root))
+                progress.advance(task)
 
     def _preload(self, console: Console | None) -> torch.Tensor:
         assert self.image_size is not None

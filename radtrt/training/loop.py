@@ -288,7 +288,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                 for micro in range(cfg.grad_accum):
                     batch = next(batches)
                     if "error" in batch:  # an unreadable image, read lazily by a DataLoader worker
-                        fail(batch["error"])
+                        fail(_image_failed(batch["error"], run_dir))
                     sync = micro == cfg.grad_accum - 1 or not info.enabled
                     with (contextlib.nullcontext() if sync else model.no_sync()), autocast:  # type: ignore[operator]
                         loss = model(batch)
@@ -351,6 +351,14 @@ def _interrupted(run_dir: Path, saved: int | None) -> str:
         return (f"radtrt: interrupted before the first checkpoint, so there is nothing to resume: delete {run_dir} "
                 f"and run the command again")
     return f"radtrt: interrupted; 'radtrt train resume {run_dir}' goes on from step {saved}, its last checkpoint"
+
+
+def _image_failed(error: str, run_dir: Path) -> str:
+    """A lazily read image that failed mid-run (its header passed the check before the run). Resume refuses a run
+    whose image data changed since it began (the files' digest), so repairing the image cannot continue this run:
+    the message says so, instead of leaving the user to find it out from a refused resume."""
+    return (f"{error}; resume refuses a run whose images changed since it began, so once the image is repaired "
+            f"start the run again: delete {run_dir} or choose another -o")
 
 
 def _quiet_on_sigterm(worker_id: int) -> None:
