@@ -325,6 +325,35 @@ def test_resume_refuses_other_images_under_the_same_manifest(chain: Chain, tmp_p
     assert train(resume_config(run), resume=True).model_dir is not None
 
 
+def test_resume_refuses_a_checkpoint_that_disagrees_with_the_run_config(chain: Chain, tmp_path: Path) -> None:
+    """resume continued whatever RUN/checkpoint/state.pt held (another run's, another stage's), ignored an edited
+    train_config.json, and never wrote back a deleted one."""
+    import shutil
+
+    from radtrt.training.loop import resume_config
+
+    run = tmp_path / "run"
+    train(make_config("stage2", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["stage1"] / "model"),
+                      out_dir=str(run), max_steps=4, save_every=1), stop_after=2)
+    config_file, state = run / "train_config.json", run / "checkpoint" / "state.pt"
+    written = config_file.read_text()
+    config_file.write_text(json.dumps({**json.loads(written), "lr": 0.5}))  # edited, believed to take effect
+    with pytest.raises(RadtrtError, match=f"{config_file} disagrees with the checkpoint {state} \\(lr: 0.5 in the "
+                                          f"file, 0.003 in the checkpoint\\): the checkpoint is another run's, or "
+                                          f"the file was edited"):
+        resume_config(run)
+    config_file.write_text(written)
+    ours = state.read_bytes()
+    shutil.copyfile(chain.runs["stage1"] / "checkpoint" / "state.pt", state)  # another run's, another stage's
+    with pytest.raises(RadtrtError, match="disagrees with the checkpoint .*\\(init_model: "):
+        resume_config(run)
+    state.write_bytes(ours)
+    config_file.unlink()  # written again from the checkpoint
+    cfg = resume_config(run)
+    assert json.loads(config_file.read_text()) == json.loads(written)
+    assert train(cfg, resume=True).model_dir == run / "model"
+
+
 def _lazy_stage1(chain: Chain, data: Path, run: Path) -> object:
     return make_config("stage1", "tiny", manifest=str(data / "manifest.jsonl"),
                        init_model=str(chain.runs["lm"] / "model"), out_dir=str(run), max_steps=4, save_every=1,

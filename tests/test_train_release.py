@@ -71,6 +71,18 @@ def test_released_loading_algorithm_agrees(exported: tuple[Path, Path], chain: C
     assert _released_algorithm(rel, pixels, "Cough.", 20) == ours
 
 
+def test_a_stage2_run_without_its_train_config_exports_its_lora(chain: Chain, tmp_path: Path) -> None:
+    """RUN/train_config.json deleted: convert said "a training run folder, not a model: give RUN/model", and that
+    exported an identity adapter over the merged decoder instead of the trained LoRA."""
+    run = tmp_path / "run"
+    shutil.copytree(chain.runs["stage2"], run)
+    (run / "train_config.json").unlink()
+    release, _ = export_release(run, tmp_path / "out")
+    adapter = torch.load(release / "adapter_model.bin", weights_only=True)
+    trained = load_tensors(run / "lora" / "adapter_model.safetensors")
+    assert adapter.keys() == trained.keys() and all(torch.equal(adapter[k], trained[k]) for k in adapter)
+
+
 def test_merged_model_exports_with_an_identity_adapter(chain: Chain, tmp_path: Path) -> None:
     release, base = export_release(chain.runs["stage1"], tmp_path / "out")
     adapter = torch.load(release / "adapter_model.bin", weights_only=True)

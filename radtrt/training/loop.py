@@ -189,7 +189,7 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
     return [entry for _, entry in read_jsonl(path, complete_only=True)] if path.is_file() else []
 
 
-def resume_config(run_dir: Path) -> TrainConfig:
+def run_config(run_dir: Path) -> TrainConfig:
     """The config a run was started with, from its checkpoint (the source of truth for resume), writing into
     ``run_dir`` itself: a run that was copied or moved continues where it is now, never in the folder it was
     started in (which may hold another run, or be gone)."""
@@ -204,6 +204,41 @@ def resume_config(run_dir: Path) -> TrainConfig:
         fail(f"the checkpoint in {run_dir} has no training config (damaged file?)")
     return TrainConfig.from_dict({**config, "out_dir": str(run_dir)},
                                  f"the training config in {ckpt.state_path(run_dir)}")
+
+
+def resume_config(run_dir: Path) -> TrainConfig:
+    """:func:`run_config`, checked against ``RUN/train_config.json``. Why: resume continued whatever checkpoint
+    was in the folder (another run's, another stage's) and ignored an edited train_config.json without a word;
+    a deleted one is written again from the checkpoint (``convert --to llava-rad`` reads it)."""
+    cfg = run_config(run_dir)
+    _check_config_file(run_dir, cfg)
+    return cfg
+
+
+_ABSENT = object()
+
+
+def _check_config_file(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse a train_config.json that disagrees with the checkpoint's config (out_dir aside: a copied run's file
+    still names the folder it was copied from); recreate a missing one."""
+    from radtrt.model.io import read_json
+
+    path = run_dir / CONFIG_FILE
+    if not path.exists() and not path.is_symlink():
+        write_text(path, cfg.to_json(), "training config")
+        return
+    recorded = read_json(path)
+    saved = cfg.to_dict()
+    for key in sorted(set(saved) | set(recorded)):
+        if key == "out_dir":
+            continue
+        in_file, in_checkpoint = recorded.get(key, _ABSENT), saved.get(key, _ABSENT)
+        if in_file != in_checkpoint:
+            said = lambda value: "nothing" if value is _ABSENT else repr(value)  # noqa: E731
+            fail(f"{path} disagrees with the checkpoint {ckpt.state_path(run_dir)} ({key}: {said(in_file)} in the "
+                 f"file, {said(in_checkpoint)} in the checkpoint): the checkpoint is another run's, or the file was "
+                 f"edited (resume continues a run with the settings it began with; new settings need a new run); "
+                 f"put back the one that is wrong (a deleted {CONFIG_FILE} is written again from the checkpoint)")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,

@@ -28,7 +28,8 @@ from radtrt.outputs import check_new_dir, new_dir_built_aside
 from radtrt.model.loading import LoadedModel, load_model
 from radtrt.model.release import adapter_config_json, write_base_lm, write_release
 from radtrt.training.config import TrainConfig
-from radtrt.training.loop import CONFIG_FILE
+from radtrt.training.checkpoint import state_path
+from radtrt.training.loop import CONFIG_FILE, run_config
 from radtrt.training.outputs import LORA_DIR, MODEL_DIR
 
 RELEASE_DIR, BASE_DIR = "llava-rad", "base-lm"
@@ -106,6 +107,11 @@ def export_release(source: LoadedModel | Path, out_dir: Path, *, base_name: str 
         run_cfg = None
         if (source / CONFIG_FILE).is_file():
             run_cfg = TrainConfig.from_dict(read_json(source / CONFIG_FILE), str(source / CONFIG_FILE))
+        elif state_path(source).is_file():  # train_config.json deleted: the checkpoint holds the same config
+            # (without this, the run was said to be "not a model: give RUN/model", which exported an identity
+            # adapter over the merged decoder instead of the trained LoRA)
+            run_cfg = run_config(source)
+        if run_cfg is not None:
             if not (source / MODEL_DIR / "config.json").is_file():
                 fail(f"training run {source} has not finished (no {MODEL_DIR}/); resume it first")
         if run_cfg is not None and run_cfg.stage == "stage2" and (source / LORA_DIR).is_dir():
