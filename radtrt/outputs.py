@@ -201,14 +201,27 @@ def check_buildable_aside(out: Path, what: str = "output directory") -> None:
              f"folder beside it and renames it into place: give a new folder inside it, e.g. {out / 'out'}")
 
 
+def work_dir(out: Path) -> Path:
+    """Where :func:`new_dir_built_aside` builds ``out``."""
+    return out.with_name(out.name + ".partial")
+
+
+def not_ours(work: Path) -> bool:
+    """Whether something is at ``work`` (``OUT.partial``) that radtrt may not delete: anything but a folder
+    holding radtrt's unfinished-work marker."""
+    if not (work.is_symlink() or work.exists()):
+        return False
+    return not (work.is_dir() and not work.is_symlink() and (work / WORK_MARKER).is_file())
+
+
 @contextlib.contextmanager
 def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[Path]:
     """Yield ``OUT.partial`` to fill, renamed to ``out`` (new or empty) only when the block ends without error:
     an interrupted or failed export never leaves a half-written folder under the name the user asked for."""
     check_buildable_aside(out, what)
-    work = out.with_name(out.name + ".partial")
+    work = work_dir(out)
     if work.is_symlink() or work.exists():
-        if not (work.is_dir() and not work.is_symlink() and (work / WORK_MARKER).is_file()):
+        if not_ours(work):
             fail(f"{work} is in the way of the {what} (radtrt builds it there first); move it or choose another -o")
         builder = _builder(work / WORK_MARKER)
         if builder is not None:

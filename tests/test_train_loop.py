@@ -354,6 +354,42 @@ def test_resume_refuses_a_checkpoint_that_disagrees_with_the_run_config(chain: C
     assert train(cfg, resume=True).model_dir == run / "model"
 
 
+def test_resume_refuses_a_model_partial_in_the_way_before_training(chain: Chain, tmp_path: Path) -> None:
+    """A user's RUN/model.partial was found after every remaining step ("move it or choose another -o": resume
+    takes no -o)."""
+    from radtrt.training.loop import resume_config
+
+    run = tmp_path / "run"
+    train(make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(run), max_steps=4, save_every=1), stop_after=2)
+    (run / "model.partial").mkdir()
+    (run / "model.partial" / "notes.txt").write_text("mine")
+    with pytest.raises(RadtrtError, match=f"{run}/model.partial is in the way of the model this run ends with .* "
+                                          f"move it away, then 'radtrt train resume {run}'$"):
+        train(resume_config(run), resume=True)
+    assert [e["step"] for e in read_log(run)] == [1, 2] and load_checkpoint(run)["step"] == 2
+
+
+def test_resume_removes_only_the_lora_folder_it_wrote(chain: Chain, tmp_path: Path) -> None:
+    """A run stopped between writing RUN/lora and RUN/model: resume deleted lora/ with rmtree, whatever was in it."""
+    import shutil
+
+    from radtrt.training.loop import resume_config
+
+    run = run_stage("stage2", chain.manifest, chain.runs["stage1"] / "model", tmp_path / "run", max_steps=2)
+    adapter = (run / "lora" / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(run / "model")
+    (run / "lora" / "notes.txt").write_text("mine")
+    with pytest.raises(RadtrtError, match=f"{run}/lora holds notes.txt, which radtrt did not write; it is in the way "
+                                          f"of the LoRA adapter this run writes: move it away, then 'radtrt train "
+                                          f"resume {run}'$"):
+        train(resume_config(run), resume=True)
+    assert (run / "lora" / "notes.txt").read_text() == "mine"
+    (run / "lora" / "notes.txt").unlink()
+    assert train(resume_config(run), resume=True).model_dir == run / "model"
+    assert (run / "lora" / "adapter_model.safetensors").read_bytes() == adapter
+
+
 def _lazy_stage1(chain: Chain, data: Path, run: Path) -> object:
     return make_config("stage1", "tiny", manifest=str(data / "manifest.jsonl"),
                        init_model=str(chain.runs["lm"] / "model"), out_dir=str(run), max_steps=4, save_every=1,

@@ -33,13 +33,13 @@ from radtrt.model.checkpoints import all_finite
 from radtrt.model.fingerprint import weights_fingerprint
 from radtrt.model.io import sha256_file
 from radtrt.model.loading import load_model
-from radtrt.outputs import check_folder_target, check_new_dir, make_dir, write_text
+from radtrt.outputs import check_folder_target, check_new_dir, make_dir, not_ours, work_dir, write_text
 from radtrt.training import checkpoint as ckpt
 from radtrt.training.config import TrainConfig
 from radtrt.training.data import ManifestDataset, Schedule, collate
 from radtrt.training.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across, shutdown
 from radtrt.training.objectives import MultimodalLM, build_objective, trainable_parameters
-from radtrt.training.outputs import MODEL_DIR, write_outputs
+from radtrt.training.outputs import LORA_DIR, MODEL_DIR, check_leftover_lora, write_outputs
 from radtrt.training.runlock import RunLock, lock_holder, lock_run
 from radtrt.training.schedule import cosine_with_warmup
 
@@ -78,10 +78,10 @@ def _progress(console: Console) -> Progress | LineProgress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True) -> None:
+def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True, stage: str | None = None) -> None:
     """Refuse an -o that holds another run or model, or cannot be created, before any slow work."""
-    if resume:  # the run folder is the run's; only the model it ends with must still be writable
-        check_folder_target(run_dir / MODEL_DIR, "model folder")
+    if resume:  # the run folder is the run's; only the outputs it ends with must still be writable
+        _check_resume_outputs(run_dir, stage)
         return
     check_folder_target(run_dir, "run folder")
     holder = lock_holder(run_dir)
@@ -95,6 +95,20 @@ def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True) -> None:
         fail(_before_first_checkpoint(run_dir))
     if is_main:  # the other ranks start while the main one may already be writing into it
         check_new_dir(run_dir, "run folder")  # a user's log.jsonl or train_config.json there was overwritten
+
+
+def _check_resume_outputs(run_dir: Path, stage: str | None) -> None:
+    """What would stop a resume from writing its outputs, said before it trains: a user's RUN/model.partial was
+    found after every remaining step, with a remedy ("choose another -o") resume cannot take."""
+    check_folder_target(run_dir / MODEL_DIR, "model folder")
+    outputs = [(MODEL_DIR, "model")] + ([(LORA_DIR, "LoRA adapter")] if stage == "stage2" else [])
+    for name, what in outputs:
+        work = work_dir(run_dir / name)
+        if not_ours(work):
+            fail(f"{work} is in the way of the {what} this run ends with (radtrt builds {name}/ there first) and is "
+                 f"not radtrt's unfinished work: move it away, then 'radtrt train resume {run_dir}'")
+    if stage == "stage2" and not (run_dir / MODEL_DIR).exists():
+        check_leftover_lora(run_dir)
 
 
 def _before_first_checkpoint(run_dir: Path) -> str:
@@ -260,7 +274,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     if resume and info.is_main:  # two resumes of one run interleaved its log and removed each other's lora/
         held.enter_context(lock_run(run_dir, f"{{holder}} is training in {run_dir} right now; a second process "
                                              f"would overwrite its checkpoint and log: wait for it to end"))
-    _check_run_dir(run_dir, resume, info.is_main)
+    _check_run_dir(run_dir, resume, info.is_main, cfg.stage)
     rows = read_manifest(manifest)  # inputs are checked before anything is written
     torch.manual_seed(cfg.seed + info.rank)
     loaded = load_model(Path(cfg.init_model), Path(cfg.init_base_model) if cfg.init_base_model else None,

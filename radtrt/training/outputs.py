@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from radtrt.model.io import save_tensors
 from radtrt.model.loading import LoadedModel, save_toolkit
+from radtrt.errors import fail
 from radtrt.outputs import new_dir_built_aside, write_text
 from radtrt.training.config import TrainConfig
 from radtrt.training.objectives import VisionClassifier
@@ -31,6 +31,41 @@ MODEL_DIR = "model"
 LORA_DIR = "lora"
 VISION_HEAD = "vision_head"
 CONV_TEMPLATE = {"stage1": "plain", "stage2": "v1"}
+
+
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")  # all that write_outputs puts in RUN/lora
+
+
+def leftover_lora_problem(run_dir: Path) -> str | None:
+    """Why ``RUN/lora``, left by a run stopped between writing it and its model, cannot be removed as this run's
+    own, or None (nothing there, or only the files radtrt writes). Why: resume deleted the whole folder with
+    ``shutil.rmtree``, whatever a user had put in it; elsewhere radtrt deletes only what carries its marker."""
+    lora_dir = run_dir / LORA_DIR
+    if not (lora_dir.exists() or lora_dir.is_symlink()):
+        return None
+    if lora_dir.is_symlink() or not lora_dir.is_dir():
+        return f"{lora_dir} is not a folder radtrt wrote"
+    foreign = sorted(p.name for p in lora_dir.iterdir()
+                     if p.name not in LORA_FILES or p.is_symlink() or not p.is_file())
+    return f"{lora_dir} holds {foreign[0]}, which radtrt did not write" if foreign else None
+
+
+def check_leftover_lora(run_dir: Path) -> None:
+    """Refuse a ``RUN/lora`` that :func:`remove_leftover_lora` would not remove (resume checks it before training)."""
+    problem = leftover_lora_problem(run_dir)
+    if problem is not None:
+        fail(f"{problem}; it is in the way of the LoRA adapter this run writes: move it away, then 'radtrt train "
+             f"resume {run_dir}'")
+
+
+def remove_leftover_lora(run_dir: Path) -> None:
+    """Remove the files radtrt wrote in ``RUN/lora`` and the folder, refusing one that holds anything else."""
+    check_leftover_lora(run_dir)
+    lora_dir = run_dir / LORA_DIR
+    if lora_dir.is_dir():
+        for name in LORA_FILES:
+            (lora_dir / name).unlink(missing_ok=True)
+        lora_dir.rmdir()
 
 
 def model_name(cfg: TrainConfig, init_name: str) -> str:
@@ -45,8 +80,8 @@ def write_outputs(cfg: TrainConfig, run_dir: Path, loaded: LoadedModel, objectiv
         from radtrt.training.lora import adapter_config, adapter_state, merged_decoder_state
 
         lora_dir = run_dir / LORA_DIR
-        if lora_dir.is_dir() and not (run_dir / MODEL_DIR).exists():
-            shutil.rmtree(lora_dir)  # this run's own, from a resume of a run stopped while writing its outputs
+        if not (run_dir / MODEL_DIR).exists():
+            remove_leftover_lora(run_dir)  # from a resume of a run stopped while writing its outputs
         base_name = Path(cfg.init_model).name
         with new_dir_built_aside(lora_dir, "LoRA adapter folder") as work:
             (work / "adapter_config.json").write_text(json.dumps(adapter_config(peft_lm, base_name), indent=2))
