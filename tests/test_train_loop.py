@@ -390,6 +390,27 @@ def test_resume_removes_only_the_lora_folder_it_wrote(chain: Chain, tmp_path: Pa
     assert (run / "lora" / "adapter_model.safetensors").read_bytes() == adapter
 
 
+@pytest.mark.parametrize("step, max_steps", [(-3, 6), (100, 6), (2, 1)])
+def test_a_checkpoint_at_a_step_outside_its_run_is_refused(chain: Chain, tmp_path: Path, step: int,
+                                                          max_steps: int) -> None:
+    """step -3 trained 9 steps of 6; step 100 of 6 wrote a 2-step model as finished; max_steps 1 at step 2 showed
+    '2/1'."""
+    from radtrt.training import checkpoint as ckpt
+    from radtrt.training.loop import resume_config
+
+    run = tmp_path / "run"
+    train(make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(run), max_steps=6, save_every=1), stop_after=2)
+    state = ckpt.load_checkpoint(run)
+    state["step"], state["config"]["max_steps"] = step, max_steps
+    ckpt.save_checkpoint(run, state)
+    (run / "train_config.json").unlink()  # written again from the checkpoint, which it would disagree with
+    with pytest.raises(RadtrtError, match=f"training checkpoint {run}/checkpoint/state.pt is damaged: it is at step "
+                                          f"{step}, outside its run's 0 to {max_steps} steps"):
+        train(resume_config(run), resume=True)
+    assert not (run / "model").exists()
+
+
 def _lazy_stage1(chain: Chain, data: Path, run: Path) -> object:
     return make_config("stage1", "tiny", manifest=str(data / "manifest.jsonl"),
                        init_model=str(chain.runs["lm"] / "model"), out_dir=str(run), max_steps=4, save_every=1,

@@ -483,6 +483,9 @@ def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, t
         reason = (str(e).strip().splitlines() or [""])[0]
         fail(f"checkpoint in {run_dir} holds damaged training state ({type(e).__name__}: {reason})")
     step = int(state["step"])
+    if not 0 <= step <= total:  # step -3 trained 9 steps of 6; step 100 of 6 wrote a 2-step model as finished
+        fail(f"training checkpoint {ckpt.state_path(run_dir)} is damaged: it is at step {step}, outside its run's 0 "
+             f"to {total} steps; restore the file from a backup, or start the run again")
     if step >= total and (run_dir / MODEL_DIR).is_dir():  # built aside: present means complete
         fail(f"{run_dir} has finished all {total} steps and written its model; nothing to resume")
     # step == total without a model: interrupted while writing it; the resume writes it (no step to run)
