@@ -108,7 +108,7 @@ def convert(
                                                               "float32 \\[default: float16]"),
 ) -> None:
     """Convert between the official release layout and radtrt's merged layout."""
-    from radtrt.model.loading import load_model, save_toolkit
+    from radtrt.model.loading import check_generates, load_model, save_toolkit
     from radtrt.outputs import check_new_dir
     from radtrt.runtime.backends import DTYPES
 
@@ -126,6 +126,8 @@ def convert(
         from radtrt.training.release_export import export_release
 
         source = load_model(model, base_model) if base_model is not None else model
+        if base_model is not None:
+            check_generates(source, str(model), base_model)
         with err.status(plain(f"writing the release layout to {out}")):
             release, base = export_release(source, out)
         emit(f"{release}\n{base}")
@@ -134,6 +136,7 @@ def convert(
         # Loaded in the stored dtype: a float32 copy of a float16 base would double the memory (7B: 27 GB)
         # for bytes that come out identical (LoRA merges in float32 either way, and float16 -> float32 is exact).
         loaded = load_model(model, base_model, dtype=DTYPES[dtype])
+    check_generates(loaded, str(model), base_model)
     with err.status(plain(f"writing {out}")):
         save_toolkit(loaded, out, dtype=DTYPES[dtype])
     emit(str(out))

@@ -336,6 +336,30 @@ def test_convert_cli(tiny_release: TinyRelease, tmp_path: Path) -> None:
     _assert_refused(code, err, "not empty")
 
 
+def test_convert_refuses_a_model_whose_positions_hold_no_prompt(tiny_release: TinyRelease, merged: Path,
+                                                               tmp_path: Path) -> None:
+    """max_position_embeddings 10 in config.json: convert wrote the model with exit 0, and every infer failed."""
+    import shutil
+
+    release = tmp_path / "release"
+    shutil.copytree(tiny_release.release_dir, release)
+    hf = json.loads((release / "config.json").read_text())
+    (release / "config.json").write_text(json.dumps({**hf, "max_position_embeddings": 10}))
+    code, _, err = _invoke("convert", "--model", release, "--base-model", tiny_release.base_dir, "-o",
+                           tmp_path / "out")
+    _assert_refused(code, err, f"{release} cannot generate a report: its decoder has 10 positions "
+                               f"(max_position_embeddings), and its shortest prompt takes")
+    assert f"its base model {tiny_release.base_dir} has 512" in err and not (tmp_path / "out").exists()
+    model = tmp_path / "model"
+    shutil.copytree(merged, model)
+    meta = json.loads((model / "config.json").read_text())
+    meta["model"]["decoder"]["max_position_embeddings"] = 10
+    (model / "config.json").write_text(json.dumps(meta))
+    code, _, err = _invoke("convert", "--model", model, "--to", "llava-rad", "-o", tmp_path / "rel")
+    _assert_refused(code, err, "cannot generate a report: its decoder has 10 positions")
+    assert not (tmp_path / "rel").exists()
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_convert_loads_in_the_stored_dtype_with_identical_bytes(tiny_release: TinyRelease, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:

@@ -26,6 +26,7 @@ from radtrt.model.decoder import Rotary
 from radtrt.model.io import hf_weight_files, load_tensors, read_json, safetensors_header, save_tensors
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.memory import available_bytes
+from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import new_dir_built_aside
 
@@ -198,6 +199,27 @@ def _check_memory(model_dir: Path, dtype: torch.dtype) -> None:
     if need[0] > have:
         fail(f"loading {model_dir} needs at least {need[0] / 1e9:.1f} GB of memory ({need[1]}); this host has "
              f"{have / 1e9:.1f} GB available: free memory or use a larger host")
+
+
+def check_generates(loaded: LoadedModel, what: str, base_model: Path | None = None) -> None:
+    """Refuse a model whose decoder positions cannot hold its shortest prompt (no indication, the image tokens
+    counted) and one new token, before it is written: convert wrote one (max_position_embeddings 10) with exit 0,
+    and every infer of it then failed. Training refuses such a model the same way (loop.py's _check_max_length)."""
+    cfg = loaded.model.cfg
+    prompt = build_prompt(build_query(None), cfg.conv_template)
+    length = len(tokenizer_image_token(prompt, loaded.tokenizer.encode, loaded.tokenizer.bos_token_id)) - 1 \
+        + cfg.num_image_tokens
+    positions = cfg.decoder.max_position_embeddings
+    if length + 1 <= positions:
+        return
+    base_positions = None
+    if base_model is not None and (base_model / "config.json").is_file():
+        base_positions = read_json(base_model / "config.json").get("max_position_embeddings")
+    base = (f"; its base model {base_model} has {base_positions}" if isinstance(base_positions, int)
+            and base_positions != positions else "")
+    fail(f"{what} cannot generate a report: its decoder has {positions} positions (max_position_embeddings), and its "
+         f"shortest prompt takes {length} with the {cfg.num_image_tokens} image tokens, before any new token{base} "
+         f"(a damaged or hand-edited config.json?)")
 
 
 def _check_vocab(tokenizer: LlamaSPTokenizer, cfg: DecoderConfig, where: Path) -> None:
