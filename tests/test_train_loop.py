@@ -547,6 +547,21 @@ def test_a_run_folder_given_as_a_model_is_said_to_be_one(chain: Chain, tmp_path:
         load_model(unfinished)
 
 
+def test_a_lora_adapter_folder_given_as_a_model_is_said_to_be_one(chain: Chain, tmp_path: Path) -> None:
+    """RUN/lora as --model (convert, train stage2, infer) said only "missing file: RUN/lora/config.json"."""
+    import shutil
+
+    run = chain.runs["stage2"]
+    with pytest.raises(RadtrtError, match=f"{run}/lora is a PEFT LoRA adapter folder, not a model: give its training "
+                                          f"run's model, {run}/model \\('radtrt convert --to llava-rad' takes the "
+                                          f"run folder {run} to publish the adapter\\)$"):
+        load_model(run / "lora")
+    shutil.copytree(run / "lora", tmp_path / "adapter")
+    with pytest.raises(RadtrtError, match="adapter is a PEFT LoRA adapter folder \\(adapter_config.json\\), not a "
+                                          "model: give the model it belongs to"):
+        load_model(tmp_path / "adapter")
+
+
 def test_a_run_folder_given_as_base_model_is_said_to_be_one(chain: Chain, tiny_release: TinyRelease) -> None:
     """--base-model RUN said 'missing file: RUN/config.json' too."""
     run = chain.runs["stage1"]

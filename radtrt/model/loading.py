@@ -40,6 +40,8 @@ RELEASE_NAME_KEY = "radtrt_model_name"  # the same: a radtrt model's name, kept 
 RELEASE_NAME = "llava-rad"  # a release without it (LLaVA-Rad's own)
 # what every training run folder holds (training/loop.py's CONFIG_FILE, training/checkpoint.py's state file)
 RUN_MARKS = ("train_config.json", "checkpoint/state.pt")
+# a PEFT adapter folder (a stage-2 run's RUN/lora); a release holds them too, beside its config.json
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass
@@ -65,6 +67,8 @@ def layout_of(model_dir: Path) -> str:
         fail(f"{model_dir} is a training run folder, not a model: give its model, {model}" if model.is_dir() else
              f"{model_dir} is a training run folder that has not written its model yet: 'radtrt train resume "
              f"{model_dir}' finishes it, then give {model}")
+    if not (model_dir / "config.json").exists() and any((model_dir / name).is_file() for name in ADAPTER_FILES):
+        fail(_adapter_folder(model_dir))  # said as "missing file: .../config.json"
     cfg = read_json(model_dir / "config.json")
     if cfg.get("radtrt_format") == TOOLKIT_FORMAT:
         return "toolkit"
@@ -72,6 +76,21 @@ def layout_of(model_dir: Path) -> str:
         return "release"
     fail(f"{model_dir} is neither a LLaVA-Rad release (config.json has no mm_vision_tower) "
          f"nor a radtrt model (run 'radtrt convert')")
+
+
+def _adapter_folder(model_dir: Path) -> str:
+    """What to give instead of a PEFT LoRA adapter folder (a stage-2 run's RUN/lora, or a copy of one)."""
+    run = model_dir.parent
+    if any((run / mark).is_file() for mark in RUN_MARKS):
+        model = run / "model"
+        return (f"{model_dir} is a PEFT LoRA adapter folder, not a model: give its training run's model, {model} "
+                f"('radtrt convert --to llava-rad' takes the run folder {run} to publish the adapter)"
+                if model.is_dir() else
+                f"{model_dir} is a PEFT LoRA adapter folder, not a model, and its training run has not written its "
+                f"model yet: 'radtrt train resume {run}' finishes it, then give {model}")
+    return (f"{model_dir} is a PEFT LoRA adapter folder (adapter_config.json), not a model: give the model it belongs "
+            f"to, the RUN/model of the 'radtrt train stage2' run that wrote it, or the LLaVA-Rad release folder that "
+            f"holds it beside its config.json")
 
 
 def load_model(model_dir: Path, base_model: Path | None = None, *, dtype: torch.dtype = torch.float32,
