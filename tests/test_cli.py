@@ -697,3 +697,25 @@ def test_names_holding_markup_or_control_characters_are_printed_as_they_are(merg
                            "--name", "a\nb")
     assert code == 2 and "--name 'a\\nb' is not a printable model name" in err
     assert not (tmp_path / "init").exists()
+
+
+def test_an_interrupt_while_the_cli_is_imported_exits_130_without_a_traceback() -> None:
+    """Ctrl-C in the first second of any command (radtrt.cli imports torch and every command group) printed a
+    30-line KeyboardInterrupt traceback. The import raises it here on purpose: no timing involved."""
+    import subprocess
+    import sys
+    import tomllib
+
+    script = (
+        "import sys\n"
+        "class Interrupting:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'radtrt.cli':\n"
+        "            raise KeyboardInterrupt  # where a Ctrl-C during torch's import lands\n"
+        "sys.meta_path.insert(0, Interrupting())\n"
+        "from radtrt.entry import main\n"
+        "main()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["radtrt"] == "radtrt.entry:main"
