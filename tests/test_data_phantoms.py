@@ -106,6 +106,8 @@ def test_cli_phantoms(tmp_path: Path) -> None:
     assert len(manifest.read_text().splitlines()) == 2 and json.loads(manifest.read_text().splitlines()[0])["image"]
     bad = runner.invoke(app, ["data", "phantoms", "-o", str(tmp_path / "q"), "--formats", "jpeg"])
     assert bad.exit_code == 2 and "unknown phantom format" in bad.stderr and "Traceback" not in bad.stderr
+    empty = runner.invoke(app, ["data", "phantoms", "-o", str(tmp_path / "q"), "--formats", ","])  # said as "()"
+    assert empty.exit_code == 2 and "--formats ',' names no format; give dicom, png or both" in empty.stderr
 
 
 def test_cli_phantoms_refuses_bad_output_and_sizes(tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ def phantoms(
     from radtrt.data.phantom_set import write_phantom_set
 
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    if not chosen:  # said as "unknown phantom format(s) ()"
+        fail(f"--formats {formats!r} names no format; give dicom, png or both, comma-separated")
     manifest = write_phantom_set(out, n, seed, rows=rows, cols=cols, formats=chosen, console=err)
     err.print(plain(f"{n} synthetic phantoms (not for clinical use) in {out}"), highlight=False)
     emit(str(manifest))

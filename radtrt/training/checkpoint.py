@@ -68,7 +68,10 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
         if damaged is not None:
-            fail(f"training checkpoint {path} is corrupt: its record {damaged} fails its checksum (a damaged disk "
+            # records sit under a folder named after the file torch.save wrote: the temporary one it was written
+            # through (".state.pt.iek0kpmv/data/37"), a name that means nothing to the user
+            record = damaged.split("/", 1)[-1]
+            fail(f"training checkpoint {path} is corrupt: its record {record} fails its checksum (a damaged disk "
                  f"or copy); restore the file from a backup, or start the run again")
         state = torch.load(path, map_location="cpu", weights_only=True)
     # what model/io.py's load_weights_pickle catches: damaged pickle bytes raise whatever the unpickler trips over

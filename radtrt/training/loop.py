@@ -207,25 +207,34 @@ def run_config(run_dir: Path) -> TrainConfig:
     """The config a run was started with, from its checkpoint (the source of truth for resume), writing into
     ``run_dir`` itself: a run that was copied or moved continues where it is now, never in the folder it was
     started in (which may hold another run, or be gone)."""
+    return _run_state(run_dir)[0]
+
+
+def _run_state(run_dir: Path) -> tuple[TrainConfig, int]:
+    """:func:`run_config`, and the step of the checkpoint."""
     if not ckpt.state_path(run_dir).is_file() and (run_dir / CONFIG_FILE).is_file():
         holder = lock_holder(run_dir)
         if holder is not None:
             fail(f"{holder} is training in {run_dir} right now and has not saved its first checkpoint yet; wait for "
                  f"it to end")
         fail(_before_first_checkpoint(run_dir))
-    config = ckpt.load_checkpoint(run_dir).get("config")
+    state = ckpt.load_checkpoint(run_dir)
+    config = state.get("config")
     if not isinstance(config, dict):
         fail(f"the checkpoint in {run_dir} has no training config (damaged file?)")
     return TrainConfig.from_dict({**config, "out_dir": str(run_dir)},
-                                 f"the training config in {ckpt.state_path(run_dir)}")
+                                 f"the training config in {ckpt.state_path(run_dir)}"), state["step"]
 
 
 def resume_config(run_dir: Path) -> TrainConfig:
     """:func:`run_config`, checked against ``RUN/train_config.json``. Why: resume continued whatever checkpoint
     was in the folder (another run's, another stage's) and ignored an edited train_config.json without a word;
     a deleted one is written again from the checkpoint (``convert --to llava-rad`` reads it)."""
-    cfg = run_config(run_dir)
+    cfg, step = _run_state(run_dir)
     _check_config_file(run_dir, cfg)
+    if (run_dir / MODEL_DIR).is_dir():  # built aside: present means complete. Said before the model loads and
+        # every image is read (the same check in _restore stays for callers of train(resume=True))
+        fail(_finished(run_dir, step))
     return cfg
 
 
@@ -253,6 +262,10 @@ def _check_config_file(run_dir: Path, cfg: TrainConfig) -> None:
                  f"file, {said(in_checkpoint)} in the checkpoint): the checkpoint is another run's, or the file was "
                  f"edited (resume continues a run with the settings it began with; new settings need a new run); "
                  f"put back the one that is wrong (a deleted {CONFIG_FILE} is written again from the checkpoint)")
+
+
+def _finished(run_dir: Path, steps: int) -> str:
+    return f"{run_dir} has finished all {steps} steps and written its model; nothing to resume"
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
@@ -487,7 +500,7 @@ def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, t
         fail(f"training checkpoint {ckpt.state_path(run_dir)} is damaged: it is at step {step}, outside its run's 0 "
              f"to {total} steps; restore the file from a backup, or start the run again")
     if step >= total and (run_dir / MODEL_DIR).is_dir():  # built aside: present means complete
-        fail(f"{run_dir} has finished all {total} steps and written its model; nothing to resume")
+        fail(_finished(run_dir, total))
     # step == total without a model: interrupted while writing it; the resume writes it (no step to run)
     if info.is_main:
         _truncate_log(run_dir, step)
