@@ -124,9 +124,15 @@ def test_lazily_read_rows_naming_study_folders_have_a_digest(tmp_path: Path) -> 
                                      max_length=2048, image_size=56, preload=False).images_digest()
     (tmp_path / "s0" / ".DS_Store").write_bytes(b"y")
     assert digest() == second
-    write_radiograph(tmp_path / "store" / "ser" / "pa.dcm", synthetic_chest(seed=3), view_position="PA")
+    import pydicom
+
+    # a series of s0's own study (one of another study is refused, before the run, as a folder of two studies)
+    study_uid = pydicom.dcmread(tmp_path / "s0" / "pa.dcm", stop_before_pixels=True).StudyInstanceUID
+    write_radiograph(tmp_path / "store" / "ser" / "pa.dcm", synthetic_chest(seed=3), view_position="PA",
+                     study_uid=study_uid)
     (tmp_path / "s0" / "ser").symlink_to(tmp_path / "store" / "ser")  # a linked series is read, so hashed
     linked = digest()
     assert linked != second
-    write_radiograph(tmp_path / "store" / "ser" / "pa.dcm", synthetic_chest(seed=4), view_position="PA")
+    write_radiograph(tmp_path / "store" / "ser" / "pa.dcm", synthetic_chest(seed=4), view_position="PA",
+                     study_uid=study_uid)
     assert digest() != linked
