@@ -176,7 +176,8 @@ def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[_Refus
         if len(candidates) == 1:
             return candidates[0]
         fail(f"{folder_name}: {len(candidates)} images with unknown view; cannot tell which is "
-             f"frontal (pass the file itself){unused}")
+             f"frontal (name the frontal image's file itself: on the command line, or as a JSONL manifest row's "
+             f"'image' for calibration and benchmarks){unused}")
     fail(f"{folder_name}: no frontal (PA/AP) image; views found: {_describe(candidates)}{unused}")
 
 
