@@ -378,21 +378,9 @@ def test_a_refused_request_shows_the_server_message_and_suggests_no_rerun(fake_j
                                                                          tmp_path: Path) -> None:
     """A 400 (an OpenAI reasoning model rejecting max_tokens) read "HTTP 400", then "rerun the same command", which
     sends the same request again."""
-    import typer
-    from typer.testing import CliRunner
-
-    from radtrt.evaluation.cli import register
-
     fake_judge.default = lambda c: ("status", 400, {}, {"error": {"message": REFUSAL, "type": "invalid_request"}})
     preds = _write(tmp_path / "p.jsonl", ["Report A.", "Report B."])
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Stand-in for the radtrt root app."""
-
-    register(app)
-    result = CliRunner().invoke(app, [
+    result = _eval_cli([
         "eval", "--predictions", str(preds), "--metrics", "chexprompt", "--endpoint", fake_judge.url + "/v1",
         "--judge-model", "judge-test", "--judge-prompt", "radtrt", "--judge-cache", str(tmp_path / "c.sqlite"),
         "--requests-per-minute", "0", "--timeout", "2", "--no-progress"])
@@ -492,6 +480,23 @@ def test_parity_difference_is_paired() -> None:
         parity_from_judgements(_judgements([0, 1]), _judgements([0]), margin=0.1)
 
 
+def _eval_cli(args: list[str]) -> Any:
+    """``radtrt eval`` with ``args``, through an app holding only the eval command (not the whole CLI)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from radtrt.evaluation.cli import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Stand-in for the radtrt root app."""
+
+    register(app)
+    return CliRunner().invoke(app, args)
+
+
 def _write(path: Path, predictions: list[str]) -> Path:
     with path.open("w") as fh:
         for i, p in enumerate(predictions):
@@ -515,25 +520,13 @@ def test_chexprompt_parity_end_to_end(fake_judge: FakeJudge, tmp_path: Path) -> 
 
 
 def test_cli_paired_chexprompt_parity(fake_judge: FakeJudge, tmp_path: Path) -> None:
-    import typer
-    from typer.testing import CliRunner
-
-    from radtrt.evaluation.cli import register
-
     fake_judge.default = lambda c: ("answer", answer((1, 0, 0, 0, 0, 0) if "WORSE" in c else ZERO, (0, 1, 0, 0, 0, 0)))
     reference = _write(tmp_path / "torch.jsonl", [f"Report {i}." for i in range(30)])  # the fewest for a PASS
     candidate = _write(tmp_path / "trt.jsonl", [f"Report {i}." for i in range(30)])
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Stand-in for the radtrt root app."""
-
-    register(app)
     common = ["--metrics", "chexprompt,rouge", "--endpoint", fake_judge.url + "/v1", "--judge-model", "judge-test",
               "--judge-prompt", "radtrt", "--judge-cache", str(tmp_path / "c.sqlite"), "--requests-per-minute", "0",
               "--timeout", "2", "--bootstrap", "100", "--no-progress"]
-    result = CliRunner().invoke(app, ["eval", "--paired", str(reference), str(candidate), "-o",
+    result = _eval_cli(["eval", "--paired", str(reference), str(candidate), "-o",
                                       str(tmp_path / "p.json"), *common])
     assert result.exit_code == 0, result.stderr
     assert "CheXprompt parity: **PASS**" in result.stdout and "not the published" in result.stdout
@@ -542,7 +535,7 @@ def test_cli_paired_chexprompt_parity(fake_judge: FakeJudge, tmp_path: Path) -> 
     assert parity["candidate"]["mean_insignificant_errors"]["value"] == pytest.approx(1.0)
     assert KEY not in result.stdout + result.stderr + (tmp_path / "p.json").read_text()
 
-    single = CliRunner().invoke(app, ["eval", "--predictions", str(candidate), *common])
+    single = _eval_cli(["eval", "--predictions", str(candidate), *common])
     assert single.exit_code == 0, single.stderr
     assert "errors per report" in single.stdout
     assert "| B: omission of a finding | 0.000 [0.000, 0.000] | 1.000 [1.000, 1.000] |" in single.stdout
@@ -550,21 +543,9 @@ def test_cli_paired_chexprompt_parity(fake_judge: FakeJudge, tmp_path: Path) -> 
 
 def test_cli_exits_2_when_the_judge_scored_nothing(fake_judge: FakeJudge, tmp_path: Path) -> None:
     """Every request failing (fewer than the consecutive-failure stop) writes the report and exits 2."""
-    import typer
-    from typer.testing import CliRunner
-
-    from radtrt.evaluation.cli import register
-
     fake_judge.default = lambda c: ("status", 500)
     preds = _write(tmp_path / "p.jsonl", ["Report A.", "Report B."])
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Stand-in for the radtrt root app."""
-
-    register(app)
-    result = CliRunner().invoke(app, [
+    result = _eval_cli([
         "eval", "--predictions", str(preds), "-o", str(tmp_path / "r.json"), "--metrics", "chexprompt",
         "--endpoint", fake_judge.url + "/v1", "--judge-model", "judge-test", "--judge-prompt", "radtrt",
         "--judge-cache", str(tmp_path / "c.sqlite"), "--requests-per-minute", "0", "--timeout", "2",
