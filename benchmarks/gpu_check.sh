@@ -56,7 +56,7 @@ sys.excepthook = _one_line
 
 from radtrt.benchmarks.assets import study_paths
 from radtrt.benchmarks.parity import cosine, first_divergence
-from radtrt.exporter.bundle import export_bundle
+from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, export_bundle, read_manifest
 from radtrt.exporter.gpu import detect_gpu, require_gpu, trtllm_problem
 from radtrt.calibration.file import load_activation_stats
 from radtrt.exporter.quant import DEFAULT_ALPHA, ActivationStats
@@ -90,6 +90,7 @@ if (bundle / "manifest.json").is_file():
     check_same_model(bundle, loaded.model)  # an earlier run's WORK_DIR with another MODEL_DIR is refused
 else:
     export_bundle(loaded, bundle, precision="fp16")  # also checks ONNX Runtime against PyTorch
+weights = read_manifest(bundle, verify=False)["model"][BUNDLE_FINGERPRINT]  # kept by its TensorRT-LLM checkpoints
 # read as 'radtrt bench --studies' reads it (the ONNX Runtime check below passes it there): a phantom set's
 # manifest, hidden files and a synthetic set's records are not studies
 studies = study_paths(Path(os.environ["STUDIES"]) if os.environ.get("STUDIES") else None, None, work, 8)
@@ -133,9 +134,10 @@ for mode, kv in modes:
         continue
     ckpt = bundle / "trtllm" / f"checkpoint-{mode_tag(mode, kv)}"
     if ckpt.is_dir():  # same model (checked above); same calibration and alpha, or refused
-        check_reusable_checkpoint(ckpt, DEFAULT_ALPHA if mode == "w8a8_sq" else None, stats.identity)
+        check_reusable_checkpoint(ckpt, DEFAULT_ALPHA if mode == "w8a8_sq" else None, stats.identity, weights)
     else:
-        write_trtllm_checkpoint(loaded.model.language_model, ckpt, mode, smoothquant_stats=stats, int8_kv=kv)
+        write_trtllm_checkpoint(loaded.model.language_model, ckpt, mode, smoothquant_stats=stats, int8_kv=kv,
+                                bundle_weights=weights)
     t0 = time.perf_counter()
     build_decoder_engine(bundle, ckpt, gpu, limits, gather_generation_logits=True)  # parity's logits
     print(f"built TensorRT-LLM {mode_tag(mode, kv)} in {time.perf_counter() - t0:.0f} s", flush=True)

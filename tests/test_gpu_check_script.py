@@ -35,8 +35,9 @@ def test_every_radtrt_name_it_imports_exists() -> None:
         assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
 
 
-def test_keyword_arguments_it_passes_exist() -> None:
-    """Calls of imported radtrt functions/classes use keywords their signatures accept."""
+def test_calls_bind_to_the_signatures() -> None:
+    """Calls of imported radtrt functions/classes use keywords their signatures accept, and pass every argument
+    they require (a new required argument left the script calling with one too few: a TypeError on the GPU host)."""
     tree = ast.parse(_python_block())
     names = {alias.asname or alias.name: getattr(importlib.import_module(node.module), alias.name)
              for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
@@ -57,6 +58,11 @@ def test_keyword_arguments_it_passes_exist() -> None:
         for kw in call.keywords:
             if kw.arg is not None:
                 assert kw.arg in params, f"{ast.unparse(func)}(..., {kw.arg}=...) in gpu_check.sh"
+        if not any(isinstance(a, ast.Starred) for a in call.args) and all(k.arg for k in call.keywords):
+            try:
+                inspect.signature(target).bind(*call.args, **{k.arg: k.value for k in call.keywords if k.arg})
+            except TypeError as e:
+                raise AssertionError(f"{ast.unparse(call)} in gpu_check.sh: {e}") from None
         checked += 1
     assert checked >= 8
 

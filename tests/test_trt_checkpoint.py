@@ -164,7 +164,8 @@ def test_w8a16_weights_dequantize_within_half_a_step() -> None:
 
 def test_config_json_and_metadata(tmp_path: Path) -> None:
     lm = tiny_lm()
-    ckpt = write_trtllm_checkpoint(lm, tmp_path / "ckpt", "w8a16", int8_kv=True, smoothquant_stats=tiny_stats())
+    ckpt = write_trtllm_checkpoint(lm, tmp_path / "ckpt", "w8a16", int8_kv=True, smoothquant_stats=tiny_stats(),
+                                   bundle_weights=None)
     config, meta, tensors = read_checkpoint(ckpt)
     assert json.loads((ckpt / "config.json").read_text()) == trtllm_config(lm.cfg, "w8a16", int8_kv=True)
     assert config["architecture"] == "LlamaForCausalLM" and config["dtype"] == "float16"
@@ -188,7 +189,7 @@ def test_config_json_and_metadata(tmp_path: Path) -> None:
     sq = trtllm_config(lm.cfg, "w8a8_sq")["quantization"]
     assert sq == {"quant_algo": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "kv_cache_quant_algo": None}
     with pytest.raises(RadtrtError, match="not empty"):
-        write_trtllm_checkpoint(lm, ckpt, "fp16")
+        write_trtllm_checkpoint(lm, ckpt, "fp16", bundle_weights=None)
 
 
 def test_refusals_without_calibration() -> None:
@@ -210,7 +211,7 @@ def test_refusals_without_calibration() -> None:
 
 def test_host_preparation_applies_the_vendor_preprocessing(tmp_path: Path) -> None:
     lm = tiny_lm()
-    plain = write_trtllm_checkpoint(lm, tmp_path / "plain", "w8a16")
+    plain = write_trtllm_checkpoint(lm, tmp_path / "plain", "w8a16", bundle_weights=None)
     calls = []
 
     def fake(w: torch.Tensor) -> torch.Tensor:  # stands in for TensorRT-LLM's preprocess_weights_for_mixed_gemm
@@ -309,7 +310,7 @@ def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytes
     lm = tiny_lm()
     bundle = tmp_path / "bundle"
     sq = write_trtllm_checkpoint(lm, bundle / "trtllm" / "checkpoint-w8a8_sq", "w8a8_sq",
-                                 smoothquant_stats=tiny_stats())
+                                 smoothquant_stats=tiny_stats(), bundle_weights=None)
     limits = BuildLimits(2, 100, 200, 16)
 
     def must_not_run(*_a: object, **_k: object) -> None:
@@ -356,7 +357,8 @@ def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(RadtrtError, match="has no TensorRT-LLM fp16 decoder engine"):
         find_decoder_engine(bundle, V100, "fp16")
     # a bfloat16 checkpoint gets bfloat16 GEMM/attention plugins on the real command line
-    bf16 = write_trtllm_checkpoint(lm, bundle / "trtllm" / "checkpoint-fp16-bf16", "fp16", dtype="bfloat16")
+    bf16 = write_trtllm_checkpoint(lm, bundle / "trtllm" / "checkpoint-fp16-bf16", "fp16", dtype="bfloat16",
+                                   bundle_weights=None)
     bf16_engine = build_decoder_engine(bundle, bf16, A100, limits)
     bf16_cmd = json.loads((bf16_engine.parent / "build.json").read_text())["command"]
     assert bf16_cmd[bf16_cmd.index("--gpt_attention_plugin") + 1] == "bfloat16"

@@ -61,6 +61,7 @@ def test_vision_engine_matches_onnxruntime(fp16_bundle: Path) -> None:
 def test_tensorrt_backend_matches_torch(fp16_bundle: Path) -> None:
     pytest.importorskip("tensorrt")
     pytest.importorskip("tensorrt_llm")
+    from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, read_manifest
     from radtrt.exporter.gpu import detect_gpu
     from radtrt.exporter.tensorrt import build_vision_engine
     from radtrt.exporter.trtllm import write_trtllm_checkpoint
@@ -72,7 +73,9 @@ def test_tensorrt_backend_matches_torch(fp16_bundle: Path) -> None:
     assert gpu is not None
     model = gpu_tiny_model().to("cuda", torch.float16).eval()
     build_vision_engine(fp16_bundle, gpu, max_batch=2)
-    ckpt = write_trtllm_checkpoint(model.language_model, fp16_bundle / "trtllm" / "checkpoint-fp16", "fp16")
+    weights = read_manifest(fp16_bundle, verify=False)["model"][BUNDLE_FINGERPRINT]  # the engine is checked by it
+    ckpt = write_trtllm_checkpoint(model.language_model, fp16_bundle / "trtllm" / "checkpoint-fp16", "fp16",
+                                   bundle_weights=weights)
     build_decoder_engine(fp16_bundle, ckpt, gpu, BuildLimits.for_llava(16, max_batch=2, max_text_tokens=64,
                                                                        max_new_tokens=16, max_position_embeddings=512),
                          gather_generation_logits=True)

@@ -200,12 +200,14 @@ def _decoder_of(source: Any) -> tuple[dict[str, torch.Tensor], DecoderConfig]:
 def write_trtllm_checkpoint(source: Any, out_dir: Path, mode: str = "fp16", *,
                             smoothquant_stats: ActivationStats | None = None, alpha: float = DEFAULT_ALPHA,
                             int8_kv: bool = False, kv_scales: dict[int, float] | None = None,
-                            dtype: str = "float16", bundle_weights: str | None = None) -> Path:
+                            dtype: str = "float16", bundle_weights: str | None) -> Path:
     """Write ``config.json``, ``rank0.safetensors`` and ``radtrt_checkpoint.json`` into ``out_dir``.
 
     ``source`` is a ``LoadedModel`` or the merged ``LlamaForCausalLM``. No TensorRT-LLM needed.
     ``bundle_weights``: the fingerprint of the model the bundle's graphs hold (``BUNDLE_FINGERPRINT``), kept with
-    the weights' hash so that a checkpoint copied in from another bundle is never built or served as this one's.
+    the weights' hash so that a checkpoint copied in from another bundle is never built or served as this one's;
+    required (None only for a checkpoint outside any bundle), as an engine built from a checkpoint without it is
+    refused by the runtime.
     """
     state, cfg = _decoder_of(source)
     check_new_dir(out_dir, "checkpoint directory")
