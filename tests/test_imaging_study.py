@@ -267,6 +267,14 @@ def test_an_empty_file_is_said_not_dropped(tmp_path: Path) -> None:
     assert "1 file(s) not used: 1_pa.dcm: an empty file" in study_warnings(tmp_path, chosen)[0]
     (tmp_path / "2_ap.dcm").unlink()
     _refused(tmp_path, "no usable image in folder: 1_pa.dcm: an empty file")
+    # a study whose only image is empty stays a study of a folder of studies, and fails with its reason
+    root = tmp_path / "studies"
+    _dx(root / "s1", "pa.dcm", "PA", study_uid="1.2.3.1")
+    _dx(root / "s2", "pa.dcm", "PA", study_uid="1.2.3.2")
+    (root / "s3").mkdir()
+    (root / "s3" / "pa.dcm").write_bytes(b"")
+    assert split_studies(root) == [root / "s1", root / "s2", root / "s3"]
+    _refused(root / "s3", "no usable image in folder: pa.dcm: an empty file")
 
 
 def test_a_dangling_link_is_said_not_dropped(tmp_path: Path) -> None:

@@ -107,7 +107,10 @@ def test_calibration_studies_are_screened_before_loading(tmp_path: Path) -> None
     args = ["export", "--model", str(tmp_path / "no-model"), "--precision", "int8", "--calibration-data", str(data)]
     _refused([*args, "--calibration-n", "3", "-o", str(tmp_path / "o1")], "has 2 samples; 3 are needed")
     _refused([*args, "--calibration-n", "2", "-o", str(tmp_path / "o2")], "b: no usable image in folder: pa.dcm: ")
-    _refused([*args, "--calibration-n", "1", "-o", str(tmp_path / "o3")], "model")  # the first study is fine
+    # the first study calibrates; the second is read by the parity gate, after calibration and quantization
+    _refused([*args, "--calibration-n", "1", "-o", str(tmp_path / "o3")], "b: no usable image in folder: pa.dcm: ")
+    _refused([*args, "--calibration-n", "1", "--parity-samples", "0", "-o", str(tmp_path / "o3")],
+             "model directory not found")
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 

@@ -141,25 +141,24 @@ def count_samples(data: Path) -> int:
     return len(source_entries(data)[1])
 
 
-def _chosen(data: Path, n: int, skip: int) -> tuple[Path, list[Entry], dict[str, Any]]:
-    """(data root, the ``n`` entries after ``skip``, source description); too few is refused."""
+def _check_count(data: Path, available: int, n: int, skip: int) -> None:
     if n < 1:
         fail(f"the number of calibration samples must be at least 1, got {n}")
-    root, entries, source = source_entries(data)
-    chosen = entries[skip:skip + n]
-    if len(chosen) < n:
-        fail(f"calibration data {data} has {len(entries)} samples; {skip + n} are needed "
+    if available - skip < n:
+        fail(f"calibration data {data} has {available} samples; {skip + n} are needed "
              + (f"({n} after skipping {skip})" if skip else
                 "(export --calibration-n, calibrate --n; a few dozen chest X-rays calibrate well)"))
-    return root, chosen, source
 
 
-def check_samples(data: Path, n: int) -> None:
-    """Before the model loads (minutes at 7B): ``data`` has ``n`` samples, and each one's headers pass what reading
-    it checks (a CT or a lateral-only study among them failed the calibration after the load)."""
+def check_samples(data: Path, n: int, *, held_out: int = 0) -> None:
+    """Before the model loads (minutes at 7B): ``data`` has ``n`` samples, and each one's headers, and those of the
+    ``held_out`` after them that an INT8 export's parity gate reads where present, pass what reading checks (a CT
+    or a lateral-only study among them failed the export after the load, calibration and quantization)."""
     from radtrt.imaging.study import screen_study
 
-    for entry in _chosen(data, n, 0)[1]:
+    entries = source_entries(data)[1]
+    _check_count(data, len(entries), n, 0)
+    for entry in entries[:n + held_out]:
         screen_study(entry.study)
 
 
@@ -170,7 +169,9 @@ def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple
     ``prepare(study, indication)`` returns ``(selected image, pixels, prompt ids)``. A study that
     fails to read fails the calibration: calibrating on a silently different set is worse.
     """
-    root, chosen, source = _chosen(data, n, skip)
+    root, entries, source = source_entries(data)
+    _check_count(data, len(entries), n, skip)
+    chosen = entries[skip:skip + n]
     samples = []
     for i, entry in enumerate(chosen):
         image, pixels, prompt_ids = prepare(entry.study, entry.indication)

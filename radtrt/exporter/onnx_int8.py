@@ -84,7 +84,7 @@ class Int8Plan:
         if not data.exists():
             fail(f"calibration data not found: {self.calibration_data}")
         if not (data.is_file() and data.suffix == ".safetensors"):  # a calibration file is checked when it loads
-            check_samples(data, self.n)
+            check_samples(data, self.n, held_out=self.parity_samples)
 
 
 @dataclass

@@ -195,8 +195,9 @@ def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], 
             skipped.append(_Refused(path, str(exc)))
             continue
         if kind is None:
-            if path.is_file() and path.stat().st_size == 0:  # a transfer cut short: the study's PA, perhaps
-                skipped.append(_Refused(path, f"{path.name}: an empty file (0 bytes: a copy cut short?)", image=False))
+            if path.is_file() and path.stat().st_size == 0:  # a transfer cut short: the study's PA, perhaps, or
+                # a study's only image: counted as an image, so that its study fails aloud instead of vanishing
+                skipped.append(_Refused(path, f"{path.name}: an empty file (0 bytes: a copy cut short?)"))
             continue
         if kind == "RASTER":
             candidates.append(_Candidate(path, kind, UNKNOWN_VIEW))
