@@ -444,16 +444,17 @@ def test_an_unreadable_image_is_refused_before_a_lazily_read_run_starts(chain: C
 
 def test_an_image_that_fails_mid_run_says_the_run_must_start_again(chain: Chain, tmp_path: Path) -> None:
     """Damaged pixel data under a good header is found only when a worker reads it; resume would refuse the run
-    once the image is repaired, so the error says to start again."""
+    once the image is repaired, so the error says to start again (and to resume when only access was lost)."""
     import shutil
 
     data, run = tmp_path / "data", tmp_path / "run"
     shutil.copytree(chain.manifest.parent, data)
     first = data / json.loads((data / "manifest.jsonl").read_text().splitlines()[0])["image"]
     first.write_bytes(first.read_bytes()[:60])  # the signature and header chunk, the pixel data cut
-    with pytest.raises(RadtrtError, match=f"{first}: image data is truncated or corrupt; resume refuses a run whose "
-                                          f"images changed since it began, so once the image is repaired start the "
-                                          f"run again: delete {run} or choose another -o$"):
+    with pytest.raises(RadtrtError, match=f"{first}: image data is truncated or corrupt; if the file was only out of "
+                                          f"reach .* run 'radtrt train resume {run}'; if its bytes must be repaired, "
+                                          f"resume refuses .*: start the run again \\(delete {run} or choose "
+                                          f"another -o\\)$"):
         train(_lazy_stage1(chain, data, run))
 
 

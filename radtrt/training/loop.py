@@ -419,8 +419,9 @@ def _image_failed(error: str, run_dir: Path) -> str:
     """A lazily read image that failed mid-run (its header passed the check before the run). Resume refuses a run
     whose image data changed since it began (the files' digest), so repairing the image cannot continue this run:
     the message says so, instead of leaving the user to find it out from a refused resume."""
-    return (f"{error}; resume refuses a run whose images changed since it began, so once the image is repaired "
-            f"start the run again: delete {run_dir} or choose another -o")
+    return (f"{error}; if the file was only out of reach (permissions, a mount), restore access and run 'radtrt "
+            f"train resume {run_dir}'; if its bytes must be repaired, resume refuses a run whose images changed since "
+            f"it began: start the run again (delete {run_dir} or choose another -o)")
 
 
 def _quiet_on_sigterm(worker_id: int) -> None:
