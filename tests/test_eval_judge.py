@@ -77,6 +77,9 @@ def _handler(judge: FakeJudge) -> type[BaseHTTPRequestHandler]:
             if action[0] == "sleep":
                 time.sleep(action[1])
                 action = ("answer", action[2])
+            elif action[0] == "wait":  # ("wait", threading.Event, answer): in flight until the test says so
+                action[1].wait(timeout=30)
+                action = ("answer", action[2])
             if action[0] == "status":  # ("status", code[, headers[, body]])
                 self._send(action[1], action[3] if len(action) > 3 else
                            {"error": {"message": "scripted failure", "type": "scripted"}},
@@ -355,17 +358,27 @@ def test_a_rejected_key_promises_no_cached_answers_from_requests_in_flight(fake_
                                                                           tmp_path: Path) -> None:
     """After a 401 stderr said the requests in flight would have their answers cached: they get a 401 too."""
     import io
+    import threading
 
     from rich.console import Console
 
-    fake_judge.scripts = {"slow": [("sleep", 0.5, answer())]}
+    release = threading.Event()  # "slow" stays in flight until the stop has been said (no race with a sleep)
+
+    class Stderr(io.StringIO):
+        def write(self, text: str) -> int:
+            if "stopping" in text:
+                release.set()
+            return super().write(text)
+
+    fake_judge.scripts = {"slow": [("wait", release, answer())]}
     fake_judge.default = lambda candidate: ("status", 401)
-    out = io.StringIO()
-    judge = Judge(config(fake_judge, tmp_path, concurrency=2, timeout_s=5))
+    out = Stderr()
+    judge = Judge(config(fake_judge, tmp_path, concurrency=2, timeout_s=60))
     try:
         with pytest.raises(RadtrtError, match="HTTP 401"):
             judge.judge(pairs("slow", "bad"), show_progress=False, console=Console(file=out))
     finally:
+        release.set()
         judge.cache.close()
     assert "waiting for 1 judge request(s) in flight" in out.getvalue() and "cached" not in out.getvalue()
 
