@@ -300,6 +300,12 @@ def test_another_programs_database_is_not_taken_for_the_cache(tmp_path: Path) ->
     with pytest.raises(RadtrtError, match="is another program's SQLite database .*none of them radtrt's 'answers'"):
         JudgeCache(other)
     assert other.read_bytes() == before
+    views = tmp_path / "views.db"  # a view but no table: passed the first check
+    with sqlite3.connect(views) as db:
+        db.execute("CREATE VIEW v AS SELECT 1")
+    db.close()
+    with pytest.raises(RadtrtError, match="is another program's SQLite database"):
+        JudgeCache(views)
     with JudgeCache(tmp_path / "new.sqlite") as fresh:  # a new file, and then radtrt's own, still open
         fresh.put("m", "k", "answer")
     with JudgeCache(tmp_path / "new.sqlite") as again:

@@ -557,6 +557,8 @@ def test_trtllm_reads_the_bundles_calibration(bundle: Path, model_dir: Path, tmp
     rank0.write_bytes(rank0.read_bytes()[:-4] + b"\0\0\0\0")
     damaged = runner.invoke(app, rebuild)
     assert damaged.exit_code == 2 and "rank0.safetensors does not match its checkpoint's record" in damaged.stderr
+    # the folder is named: deleting the file alone, as it said before, led to the same refusal
+    assert f"delete {ckpt} to write it again" in " ".join(damaged.stderr.split())
     meta_file.write_text(json.dumps({**meta, "bundle_weights": "0" * 16}))
     foreign = runner.invoke(app, rebuild)
     assert foreign.exit_code == 2 and "was not written from the weights of the model" in foreign.stderr

@@ -272,13 +272,13 @@ def check_reusable_checkpoint(checkpoint: Path, alpha: float | None, calibration
     from radtrt.model.io import sha256_file
 
     meta = read_checkpoint_meta(checkpoint)
-    again = "delete it to write it again from this bundle's model"
+    again = f"delete {checkpoint} to write it again from this bundle's model"
     if meta.get("bundle_weights") != weights:
         fail(f"{checkpoint} was not written from the weights of the model this bundle was exported from (copied "
              f"from another bundle, or written by an older radtrt): {again}")
     rank0 = checkpoint / "rank0.safetensors"
     if not rank0.is_file() or sha256_file(rank0) != meta.get("rank0_sha256"):
-        fail(f"{rank0} does not match its checkpoint's record (damaged or replaced): {again}")
+        fail(f"{rank0} does not match its checkpoint's record (damaged, replaced or missing): {again}")
     if meta.get("smoothquant_alpha") != alpha or meta.get("calibration") != calibration:
         fail(f"{checkpoint} was written with other settings (SmoothQuant alpha {meta.get('smoothquant_alpha')}, "
              f"calibration {meta.get('calibration')!r}); delete it to write it again with these")

@@ -46,11 +46,11 @@ class JudgeCache:
         except (OSError, sqlite3.Error) as e:
             fail(f"cannot open the judge cache {path}: {e}")
         try:
-            tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables and "answers" not in tables:  # CREATE TABLE would have added ours to another program's file
+            objects = {(kind, name) for kind, name in self._db.execute("SELECT type, name FROM sqlite_master")}
+            if objects and ("table", "answers") not in objects:  # CREATE TABLE would have added ours to its file
                 self._db.close()
-                fail(f"the judge cache {path} is another program's SQLite database (it has tables, none of them "
-                     f"radtrt's 'answers'): give --judge-cache a new file or a radtrt judge cache")
+                fail(f"the judge cache {path} is another program's SQLite database (it holds tables or views, none "
+                     f"of them radtrt's 'answers'): give --judge-cache a new file or a radtrt judge cache")
             self._db.execute(_SCHEMA)
             self._db.execute("SELECT model, prompt_sha256, answer FROM answers LIMIT 1").fetchall()
             self._db.commit()
