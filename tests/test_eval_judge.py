@@ -408,9 +408,33 @@ def test_a_refused_request_shows_the_server_message_and_suggests_no_rerun(fake_j
     line = result.stderr.strip()
     assert "HTTP 400: Unsupported parameter: 'max_tokens' is not supported" in line and len(line.splitlines()) == 1
     assert "rerun the same command" not in line and "--judge-model" in line and "--endpoint" in line
-    assert "request failed: HTTP 400: Unsupported parameter" in result.stdout  # the reasons table
+    # the reasons table counts by status; the server's message is shown once, as an example, cut short
+    assert "Not scored (left out of the means): request failed: HTTP 400: 2." in result.stdout
+    assert "The server said, first for HTTP 400: Unsupported parameter" in result.stdout
     assert KEY not in result.stdout + result.stderr and "Your key [key] was fine" in result.stdout
-    assert "...: 2." in result.stdout and "padding " * 30 not in result.stdout  # one line, cut short
+    assert "padding " * 30 not in result.stdout
+
+
+def test_failures_are_counted_by_status_and_bodies_without_a_message_are_not_shown() -> None:
+    """The server's message made each failure a tally row of its own ('try again in 600ms', '... in 1.2s'), and a
+    body without a message (a validation error listing the request's fields) was shown whole, report text and all."""
+    from types import SimpleNamespace
+
+    from radtrt.evaluation.chexprompt.client import server_message
+    from radtrt.evaluation.chexprompt.summary import summarize
+
+    failures = ["request failed: HTTP 429: try again in 600ms", "request failed: HTTP 429: try again in 1.2s",
+                "request failed: HTTP 500", "unparseable answer: no counts"]
+    summary = summarize([Judgement(f"s{i}", None, f, None, False) for i, f in enumerate(failures)], "radtrt",
+                        False, "judge", BootstrapConfig(n_resamples=10, seed=0))
+    assert summary.failures == {"request failed: HTTP 429": 2, "request failed: HTTP 500": 1,
+                                "unparseable answer": 1}
+    assert summary.failure_examples == {"request failed: HTTP 429": failures[0]}
+    # what server_message reads of the SDK's error: its parsed body
+    echo = SimpleNamespace(body={"detail": [{"loc": ["messages"], "input": "Small left effusion."}]})
+    assert server_message(echo) is None  # type: ignore[arg-type]
+    assert server_message(SimpleNamespace(body={"message": "max_tokens is not supported"})) == (  # type: ignore[arg-type]
+        "max_tokens is not supported")
 
 
 def test_refused_requests_in_a_row_do_not_say_rerun(fake_judge: FakeJudge, tmp_path: Path) -> None:

@@ -47,6 +47,8 @@ def _chexprompt(summary: Any) -> list[str]:
     if summary.failures:
         lines.append("Not scored (left out of the means): "
                      + "; ".join(f"{reason}: {n}" for reason, n in sorted(summary.failures.items())) + ".")
+        lines += [f"The server said, first for {reason.removeprefix('request failed: ')}: "
+                  f"{example.removeprefix(reason + ': ')}" for reason, example in sorted(summary.failure_examples.items())]
     if summary.mean_significant is None:
         return lines + ["", "No report could be scored."]
     lines += ["", "| errors per report (95% CI) | clinically significant | clinically insignificant |",

@@ -9,7 +9,6 @@ environment and is never logged, stored or echoed in messages.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import Callable, Optional, Protocol
@@ -79,10 +78,10 @@ def server_message(exc: BaseException) -> Optional[str]:
     Why: "HTTP 400" alone hid the reason (OpenAI's reasoning models reject max_tokens and temperature, and say
     so). Only the body is read, never the request or its headers."""
     body = getattr(exc, "body", None)  # the SDK's parsed body: the "error" object of a JSON one, or its text
-    if isinstance(body, dict):
+    if isinstance(body, dict):  # its message only: a validation error's other fields may echo the report sent
         text = next((body[k] for k in ("message", "detail", "error") if isinstance(body.get(k), str)), None)
         if text is None:
-            text = json.dumps(body, ensure_ascii=False, default=str)
+            return None
     elif isinstance(body, str):
         text = body
     else:

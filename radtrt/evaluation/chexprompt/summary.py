@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -31,12 +31,14 @@ class ChexpromptSummary:
     judge_model: str
     n_reports: int
     n_scored: int
-    failures: dict[str, int]
+    failures: dict[str, int]  # by category ('request failed: HTTP 429', 'unparseable answer', ...)
     mean_significant: Optional[Estimate]
     mean_insignificant: Optional[Estimate]
     share_without_significant: Optional[Estimate]
     per_type_significant: dict[str, Estimate]
     per_type_insignificant: dict[str, Estimate]
+    # the first failure of each category whose server said why ('request failed: HTTP 400: Unsupported ...')
+    failure_examples: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_failed(self) -> int:
@@ -49,7 +51,7 @@ class ChexpromptSummary:
         return {
             "judge": self.judge, "published_prompt": self.published_prompt, "judge_model": self.judge_model,
             "n_reports": self.n_reports, "n_scored": self.n_scored, "n_failed": self.n_failed,
-            "failures": self.failures,
+            "failures": self.failures, "failure_examples": self.failure_examples,
             "mean_significant_errors": est(self.mean_significant),
             "mean_insignificant_errors": est(self.mean_insignificant),
             "share_without_significant_error": est(self.share_without_significant),
@@ -59,14 +61,22 @@ class ChexpromptSummary:
 
 
 def _reason(failure: str) -> str:
-    """Coarse failure category for the tally: 'unparseable answer', 'request failed: HTTP 429', ..."""
-    return failure.split(":", 1)[0] if failure.startswith("unparseable") else failure
+    """Coarse failure category for the tally: 'unparseable answer', 'request failed: HTTP 429', ... (the server's
+    message, which differs from report to report, "try again in 600ms", is kept apart as an example)."""
+    if failure.startswith("unparseable"):
+        return failure.split(":", 1)[0]
+    match = _HTTP_FAILURE.match(failure)
+    return match.group(0) if match else failure
 
 
 def summarize(judgements: Sequence[Judgement], judge: str, published_prompt: bool, judge_model: str,
               cfg: BootstrapConfig) -> ChexpromptSummary:
     scored = [j.counts for j in judgements if j.counts is not None]
     failures = Counter(_reason(j.failure) for j in judgements if j.failure is not None)
+    examples: dict[str, str] = {}
+    for j in judgements:
+        if j.failure is not None and _HTTP_FAILURE.match(j.failure) and j.failure != _reason(j.failure):
+            examples.setdefault(_reason(j.failure), j.failure)
     per_sig: dict[str, Estimate] = {}
     per_insig: dict[str, Estimate] = {}
     mean_sig = mean_insig = share = None
@@ -83,7 +93,7 @@ def summarize(judgements: Sequence[Judgement], judge: str, published_prompt: boo
                              n_reports=len(judgements), n_scored=len(scored), failures=dict(failures),
                              mean_significant=mean_sig, mean_insignificant=mean_insig,
                              share_without_significant=share, per_type_significant=per_sig,
-                             per_type_insignificant=per_insig)
+                             per_type_insignificant=per_insig, failure_examples=examples)
 
 
 def nothing_judged(result: Any) -> bool:
@@ -104,10 +114,12 @@ def refusal(result: Any) -> Optional[str]:
     """The first CheXprompt failure of an eval result (plain or paired), ``HTTP 400: <server message>``, when every
     failure is an HTTP 4xx status not worth another attempt (400, 413, 422), else None. Why: the endpoint then
     rejects the request itself, so "rerun" cannot help, while a timeout, a 429 or a 5xx may pass next time."""
-    reasons = _failure_reasons(result)
+    summaries = _summaries(result)
+    reasons = [r for s in summaries for r in s["failures"]]
     if not reasons or not all(_refused_status(r) for r in reasons):
         return None
-    return reasons[0].removeprefix("request failed: ")
+    examples = {k: v for s in summaries for k, v in (s.get("failure_examples") or {}).items()}
+    return examples.get(reasons[0], reasons[0]).removeprefix("request failed: ")
 
 
 def _refused_status(reason: str) -> bool:
@@ -115,11 +127,11 @@ def _refused_status(reason: str) -> bool:
     return match is not None and 400 <= int(match.group(1)) < 500 and not retryable_status(int(match.group(1)))
 
 
-def _failure_reasons(result: Any) -> list[str]:
+def _summaries(result: Any) -> list[dict[str, Any]]:
+    """The CheXprompt summaries (as JSON) of an eval result, plain or paired."""
     if isinstance(result, dict):
-        failures = result.get("failures")
-        own = list(failures) if "n_scored" in result and isinstance(failures, dict) else []
-        return own + [r for k, v in result.items() if k != "failures" for r in _failure_reasons(v)]
+        own = [result] if "n_scored" in result and isinstance(result.get("failures"), dict) else []
+        return own + [s for k, v in result.items() if k not in ("failures", "failure_examples") for s in _summaries(v)]
     if isinstance(result, list):
-        return [r for v in result for r in _failure_reasons(v)]
+        return [s for v in result for s in _summaries(v)]
     return []
