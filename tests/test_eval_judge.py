@@ -443,6 +443,12 @@ def test_refused_requests_in_a_row_do_not_say_rerun(fake_judge: FakeJudge, tmp_p
     with pytest.raises(RadtrtError, match="HTTP 422: field required.*a rerun fails the same way") as err:
         run_judge(cfg, pairs("a", "b", "c", "d"))
     assert "rerun to resume" not in str(err.value)
+    # a streak of server errors ending in one refusal is no proof a rerun fails the same way
+    fake_judge.default = lambda candidate: ("status", 422, {}, {"detail": "field required"}) if candidate == "b" \
+        else ("status", 500)
+    with pytest.raises(RadtrtError, match="HTTP 422: field required.*rerun to resume"):
+        run_judge(config(fake_judge, tmp_path, concurrency=1, max_consecutive_failures=2, max_attempts=1),
+                  pairs("a", "b", "c"))
 
 
 def test_a_stopped_run_starts_no_request_waiting_for_the_rate_limit(fake_judge: FakeJudge, tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ class Judge:
         progress = make_progress(TextColumn("judging ({task.fields[label]})", markup=False), BarColumn(),
                                  MofNCompleteColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
                                  disable=not show_progress, transient=True)
-        consecutive = 0
+        consecutive = streak_refused = 0
         rejected = False  # the endpoint refused the requests themselves: in-flight ones will not bring answers
         self.client.stopping.clear()
         with progress, ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
@@ -114,8 +114,10 @@ class Judge:
                         raise exc
                     failure = results[i].failure
                     consecutive = 0 if failure is None else consecutive + 1
+                    # refusals within the streak: "a rerun fails the same way" only when every failure was one
+                    streak_refused = 0 if failure is None else streak_refused + (exc is not None and refused(exc))
                     if failure is not None and consecutive >= self.cfg.max_consecutive_failures:
-                        if exc is not None and refused(exc):  # a rerun sends the same request
+                        if streak_refused == consecutive:  # a rerun sends the same requests
                             rejected = True
                             fail(f"the judge failed {consecutive} reports in a row (last: {failure}); the endpoint "
                                  f"refuses the request itself, so a rerun fails the same way: check --judge-model "
