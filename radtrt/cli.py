@@ -126,8 +126,6 @@ def convert(
         from radtrt.training.release_export import export_release
 
         source = load_model(model, base_model) if base_model is not None else model
-        if base_model is not None:
-            check_generates(source, str(model), base_model)
         with err.status(plain(f"writing the release layout to {out}")):
             release, base = export_release(source, out)
         emit(f"{release}\n{base}")

@@ -31,6 +31,7 @@ from radtrt.exporter.pbtxt import Ident, as_list, parse_pbtxt, to_pbtxt
 from radtrt.exporter.tensorrt import find_vision_engine, inspect_onnx, read_vision_manifest
 from radtrt.exporter.trtllm_build import check_built_from, find_decoder_engine, kv_cache_tokens
 from radtrt.model.io import read_json
+from radtrt.model.prompt import shortest_prompt_length
 from radtrt.outputs import check_new_dir, new_dir_built_aside, resolved
 
 TRITON_DTYPES = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16"}
@@ -237,7 +238,7 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     onnx = inspect_onnx(bundle / "vision.onnx")
     # the tokenizer and config the served models load, read here so that damage is said now, not at the server's
     # start; the end token is the tokenizer's, as in every radtrt backend (the manifest's copy is not hashed)
-    tokenizer = read_bundle_side(bundle)[1]
+    bundle_cfg, tokenizer = read_bundle_side(bundle)
     given = decoder_engine is not None
     max_seq_len = None  # the engine's, where known here: it bounds the KV cache Triton's backend allocates
     if decoder_engine is None:
@@ -264,7 +265,9 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
                     tokenizer.eos_token_id, onnx.input_dtype, cast_to or onnx.output_dtype, onnx.input_name,
                     onnx.output_name, max_batch)
     if given and engine_config is not None:
-        check_engine_fits(decoder_engine, engine_config, spec, _prompt_length(bundle, spec.num_image_tokens))
+        prompt = shortest_prompt_length(tokenizer.encode, tokenizer.bos_token_id, bundle_cfg.conv_template,
+                                        spec.num_image_tokens)
+        check_engine_fits(decoder_engine, engine_config, spec, prompt)
         max_seq_len = _count((engine_config.get("build_config") or {}).get("max_seq_len"))
     platform = "tensorrt_plan" if vision_backend == "tensorrt" else "onnxruntime_onnx"
     # a given engine's path as typed: it names a folder on the serving host, which this host's symlinks
@@ -275,16 +278,6 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     with new_dir_built_aside(out, "Triton repository") as work:
         _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch, cast_to)
     return out
-
-
-def _prompt_length(bundle: Path, num_image_tokens: int) -> int:
-    """Positions of the shortest request's prompt (no indication), the image's rows included."""
-    from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
-
-    cfg, tokenizer = read_bundle_side(bundle)
-    ids = tokenizer_image_token(build_prompt(build_query(None), cfg.conv_template), tokenizer.encode,
-                                tokenizer.bos_token_id)
-    return len(ids) - 1 + num_image_tokens
 
 
 def with_output_cast(onnx_path: Path, dtype: str) -> Any:

@@ -26,7 +26,7 @@ from radtrt.model.decoder import Rotary
 from radtrt.model.io import hf_weight_files, load_tensors, read_json, safetensors_header, save_tensors
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.memory import available_bytes
-from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
+from radtrt.model.prompt import shortest_prompt_length
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import new_dir_built_aside
 
@@ -225,9 +225,8 @@ def check_generates(loaded: LoadedModel, what: str, base_model: Path | None = No
     counted) and one new token, before it is written: convert wrote one (max_position_embeddings 10) with exit 0,
     and every infer of it then failed. Training refuses such a model the same way (loop.py's _check_max_length)."""
     cfg = loaded.model.cfg
-    prompt = build_prompt(build_query(None), cfg.conv_template)
-    length = len(tokenizer_image_token(prompt, loaded.tokenizer.encode, loaded.tokenizer.bos_token_id)) - 1 \
-        + cfg.num_image_tokens
+    length = shortest_prompt_length(loaded.tokenizer.encode, loaded.tokenizer.bos_token_id, cfg.conv_template,
+                                    cfg.num_image_tokens)
     positions = cfg.decoder.max_position_embeddings
     if length + 1 <= positions:
         return

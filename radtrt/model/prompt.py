@@ -53,3 +53,11 @@ def tokenizer_image_token(prompt: str, encode: Callable[[str], list[int]], bos_t
     for x in interleaved:
         ids.extend(x[offset:])
     return ids
+
+
+def shortest_prompt_length(encode: Callable[[str], list[int]], bos_token_id: int, template: str,
+                           num_image_tokens: int) -> int:
+    """Positions the shortest prompt (no indication) takes with the image's rows spliced in: what a model's
+    positions, or an engine's input length, must hold before any new token."""
+    ids = tokenizer_image_token(build_prompt(build_query(None), template), encode, bos_token_id)
+    return len(ids) - 1 + num_image_tokens
