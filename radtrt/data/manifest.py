@@ -84,8 +84,8 @@ def optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
 
 
 def parse_row(obj: dict[str, Any], where: str, *, findings_required: bool = True) -> ManifestRow:
-    """One validated row; without ``findings_required`` a row may omit its findings (calibration and latency
-    read only the image and indication, so a manifest of unreported studies serves them)."""
+    """One validated row; without ``findings_required`` a row may omit its findings: calibration uses them where
+    rows have them, and benchmarks only for --predictions-out, so a manifest of unreported studies serves both."""
     image = obj.get("image")
     if not isinstance(image, str) or not image:
         fail(f"{where}: 'image' (a study path) is missing or not a string")

@@ -31,7 +31,7 @@ from radtrt.data.vocabulary import LABELS
 from radtrt.errors import RadtrtError, fail
 from radtrt.model.checkpoints import all_finite
 from radtrt.model.fingerprint import weights_fingerprint
-from radtrt.model.io import sha256_file
+from radtrt.model.io import read_json, sha256_file
 from radtrt.model.loading import load_model
 from radtrt.outputs import check_folder_target, check_new_dir, make_dir, not_ours, work_dir, write_text
 from radtrt.training import checkpoint as ckpt
@@ -206,7 +206,8 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 def run_config(run_dir: Path) -> TrainConfig:
     """The config a run was started with, from its checkpoint (the source of truth for resume), writing into
     ``run_dir`` itself: a run that was copied or moved continues where it is now, never in the folder it was
-    started in (which may hold another run, or be gone)."""
+    started in (which may hold another run, or be gone). The whole checkpoint is read and verified for it (the
+    config is one of its records): the cost of one load, paid by resume anyway."""
     return _run_state(run_dir)[0]
 
 
@@ -244,8 +245,6 @@ _ABSENT = object()
 def _check_config_file(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse a train_config.json that disagrees with the checkpoint's config (out_dir aside: a copied run's file
     still names the folder it was copied from); recreate a missing one."""
-    from radtrt.model.io import read_json
-
     path = run_dir / CONFIG_FILE
     if not path.exists() and not path.is_symlink():
         write_text(path, cfg.to_json(), "training config")
@@ -257,11 +256,14 @@ def _check_config_file(run_dir: Path, cfg: TrainConfig) -> None:
             continue
         in_file, in_checkpoint = recorded.get(key, _ABSENT), saved.get(key, _ABSENT)
         if in_file != in_checkpoint:
-            said = lambda value: "nothing" if value is _ABSENT else repr(value)  # noqa: E731
-            fail(f"{path} disagrees with the checkpoint {ckpt.state_path(run_dir)} ({key}: {said(in_file)} in the "
-                 f"file, {said(in_checkpoint)} in the checkpoint): the checkpoint is another run's, or the file was "
+            fail(f"{path} disagrees with the checkpoint {ckpt.state_path(run_dir)} ({key}: {_said(in_file)} in the "
+                 f"file, {_said(in_checkpoint)} in the checkpoint): the checkpoint is another run's, or the file was "
                  f"edited (resume continues a run with the settings it began with; new settings need a new run); "
                  f"put back the one that is wrong (a deleted {CONFIG_FILE} is written again from the checkpoint)")
+
+
+def _said(value: object) -> str:
+    return "nothing" if value is _ABSENT else repr(value)
 
 
 def _finished(run_dir: Path, steps: int) -> str:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from radtrt.errors import fail
 from radtrt.model.io import save_tensors
 from radtrt.model.loading import LoadedModel, save_toolkit
-from radtrt.errors import fail
 from radtrt.outputs import new_dir_built_aside, write_text
 from radtrt.training.config import TrainConfig
 from radtrt.training.objectives import VisionClassifier
