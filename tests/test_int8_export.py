@@ -622,6 +622,26 @@ def test_int8_kv_cache_bundle_generates_close_to_fp32_and_batches_one_by_one(int
         ort.generate(embeds[:1], eos_token_id=-1, max_new_tokens=512)
 
 
+def test_a_smoothquant_bundle_reports_on_each_study_alone(bundle: Path, model_dir: Path, phantoms: Path) -> None:
+    """Its activations are quantized with one scale per call: in a batch one study's values set another's scale,
+    and a report changed with its neighbours (2 of 6 phantom studies at --batch-size 6)."""
+    from radtrt.calibration.run import calibrate
+    from radtrt.runtime.ort import OrtBackend
+
+    loaded = load_model(model_dir)
+    ref = loaded.model
+    sample = calibrate(loaded, phantoms, 1, skip=3).samples[0]
+    ort = OrtBackend(bundle)
+    assert ort.per_study
+    with torch.no_grad():
+        quiet = ref.embed_multimodal(sample.prompt_ids, ref.encode_images(sample.pixels[None])[0]).detach()
+    loud = quiet * 40  # a neighbour whose activations span a far wider range
+    both = ort.generate([quiet, loud], eos_token_id=-1, max_new_tokens=8, keep_logits=True)
+    alone = ort.generate([quiet], eos_token_id=-1, max_new_tokens=8, keep_logits=True)
+    assert both.token_ids[0] == alone.token_ids[0]
+    assert torch.equal(both.logits[0], alone.logits[0])  # bit for bit: no scale shared with the neighbour
+
+
 def test_kv_scales_bound_the_rotated_keys() -> None:
     from radtrt.exporter.gqa import kv_scales
     from radtrt.exporter.quant import ActivationStats

@@ -184,6 +184,11 @@ class OrtBackend:
             fail(f"{bundle}/manifest.json says precision {self.precision}, but decoder.onnx takes "
                  f"{ORT_TYPES.get(embeds_type, embeds_type)} embeddings", remedy=REEXPORT)
         self.fused = self._check_decoder_io(bundle, dec["attention"])
+        # SmoothQuant's activations are quantized per call, over the whole [batch, tokens, hidden] tensor: in a
+        # batch one study's values set the scale of another's, and its report changed with its neighbours
+        int8 = self.manifest.get("int8") or {}
+        method = int8.get("decoder_method") if isinstance(int8, dict) else None
+        self.per_study = isinstance(method, dict) and method.get("method") == "smoothquant"
         past_type = next((i.type for i in self.decoder.get_inputs() if i.name == "past_key.0"), None)
         if past_type not in ORT_TYPES:
             fail(f"{bundle / 'decoder.onnx'} has no past_key.0 input of a KV-cache type radtrt knows ({past_type})",
@@ -241,13 +246,24 @@ class OrtBackend:
 
     def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
                  keep_logits: bool = False) -> Generation:
-        import onnxruntime as ort
-
         if max_new_tokens < 1:
             return Generation([[] for _ in embeds])
         check_positions(max(e.shape[0] for e in embeds), max_new_tokens, self.max_positions)  # before any buffer
-        if self.fused:
-            return self._generate_fused(embeds, max_new_tokens, eos_token_id, keep_logits)
+        if self.per_study and len(embeds) > 1:  # each alone: its tokens must not depend on the batch
+            return self._in_groups(embeds, [[i] for i in range(len(embeds))], max_new_tokens, eos_token_id,
+                                   keep_logits)
+        if self.fused:  # GQA has no left padding: batches of equal prompt length, each from cache slot 0
+            groups: dict[int, list[int]] = {}
+            for i, e in enumerate(embeds):
+                groups.setdefault(e.shape[0], []).append(i)
+            return self._in_groups(embeds, list(groups.values()), max_new_tokens, eos_token_id, keep_logits)
+        return self._generate_plain(embeds, max_new_tokens, eos_token_id, keep_logits)
+
+    def _generate_plain(self, embeds: list[torch.Tensor], max_new_tokens: int, eos_token_id: int,
+                        keep_logits: bool) -> Generation:
+        """One batch, prompts left-padded to the longest, over caller-owned KV buffers."""
+        import onnxruntime as ort
+
         batch, length = len(embeds), max(e.shape[0] for e in embeds)
         hidden = embeds[0].shape[-1]
         x = np.zeros((batch, length, hidden), dtype=self.dtype)
@@ -306,18 +322,16 @@ class OrtBackend:
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, "cuda", 0)
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype))
 
-    def _generate_fused(self, embeds: list[torch.Tensor], max_new_tokens: int, eos_token_id: int,
-                        keep_logits: bool) -> Generation:
-        """Batches of equal prompt length (GQA has no left padding), each from cache slot 0."""
-        groups: dict[int, list[int]] = {}
-        for i, e in enumerate(embeds):
-            groups.setdefault(e.shape[0], []).append(i)
+    def _in_groups(self, embeds: list[torch.Tensor], groups: list[list[int]], max_new_tokens: int,
+                   eos_token_id: int, keep_logits: bool) -> Generation:
+        """Each group of studies generated as a batch of its own, the results put back in the order given."""
         tokens: list[list[int]] = [[] for _ in embeds]
         rows: list[torch.Tensor | None] = [None] * len(embeds)  # [steps, V] each
         prefill_ms = decode_ms = 0.0
-        for members in groups.values():
-            gen = self._generate_fused_batch(np.stack([embeds[i].detach().cpu().numpy() for i in members]),
-                                             max_new_tokens, eos_token_id, keep_logits)
+        for members in groups:
+            gen = (self._generate_fused_batch(np.stack([embeds[i].detach().cpu().numpy() for i in members]),
+                                              max_new_tokens, eos_token_id, keep_logits) if self.fused else
+                   self._generate_plain([embeds[i] for i in members], max_new_tokens, eos_token_id, keep_logits))
             prefill_ms, decode_ms = prefill_ms + gen.prefill_ms, decode_ms + gen.decode_ms
             for row, i in enumerate(members):
                 tokens[i] = gen.token_ids[row]
