@@ -162,6 +162,27 @@ def test_studies_are_screened_before_the_model_is_built(tmp_path: Path) -> None:
     assert not (tmp_path / "w").exists()
 
 
+def test_a_run_that_cannot_fit_or_is_too_large_is_refused_before_it_starts(tiny: Assets, work: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-new-tokens past the model's positions was refused after the bandwidth probe and a first run; a million
+    --synthetic studies were written (200 KB each) until the disk filled."""
+    import radtrt.benchmarks.api as api
+    import radtrt.benchmarks.bandwidth as bandwidth
+
+    def must_not_run(*_a: object, **_k: object) -> None:
+        raise AssertionError("the run started")
+
+    for target, name in ((bandwidth, "measure_gemv_bandwidth"), (api, "measure"), (api, "measure_parity")):
+        monkeypatch.setattr(target, name, must_not_run)
+    for command in ("latency", "parity"):
+        code, _, err = _invoke("bench", command, "--random-model", "tiny", "--work-dir", work, "--synthetic", 1,
+                               "--max-new-tokens", 100000)
+        assert code == 2 and "exceed the model's 512 positions" in err, err
+    code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", tmp_path / "w", "--synthetic",
+                           1000001)
+    assert code == 2 and "--synthetic is at most 1000 studies" in err and not (tmp_path / "w").exists()
+
+
 def test_parity_transformers_generate_vs_torch(tiny: Assets, work: Path, tmp_path: Path) -> None:
     out_md = tmp_path / "parity.md"
     code, out, err = _invoke("bench", "parity", "--model", tiny.model_dir, "--backend", "transformers",

@@ -26,6 +26,7 @@ from radtrt.imaging.study import screen_study
 from radtrt.model.config import DecoderConfig, LlavaRadConfig, preset
 
 DEFAULT_WORK_DIR = Path(".radtrt-cache/bench")
+MAX_SYNTHETIC = 1000
 ASSETS_MARKER = "radtrt-bench-assets.json"
 STUB_VOCAB = 512  # the random models share the tiny tokenizer; a stub decoder needs no larger table
 
@@ -179,6 +180,9 @@ def synthetic_studies(count: int, folder: Path) -> list[Path]:
 
     if count < 1:
         fail("--synthetic needs at least 1 study")
+    if count > MAX_SYNTHETIC:  # each is a ~200 KB DICOM written before anything runs: a million filled the disk
+        fail(f"--synthetic is at most {MAX_SYNTHETIC} studies (a benchmark's percentiles settle within a few dozen); "
+             f"for more, generate a set with 'radtrt data phantoms' and pass it as --studies")
     make_dir(folder, "synthetic studies folder")
     paths = []
     for i in range(count):
