@@ -7,9 +7,9 @@ recursively (links to folders followed, each folder once). Rules:
   ``study_warnings`` says when it is not frontal).
 * Folder: hidden files and folders (name starting with ".") and DICOMDIR index files are
   ignored, as are files that are neither DICOM (preamble + "DICM") nor PNG/JPEG by signature.
-  DICOM headers are screened first (no pixel decoding); files refused by the screening (non-image
-  objects such as an SR, wrong modality, multi-frame, unreadable) are skipped and listed in
-  ``SelectedImage.skipped`` with the reason. Among the rest the first PA, else the first AP, is
+  DICOM headers are screened first (no pixel decoding); objects without an image (an SR) are ignored,
+  and images refused by the screening (wrong modality, multi-frame, unreadable, empty) are skipped and
+  listed in ``SelectedImage.skipped`` with the reason. Among the rest the first PA, else the first AP, is
   chosen, "first" meaning sorted by path so the choice is deterministic. Laterals and other
   views are never chosen. When every usable image has an unknown view (e.g. PNGs), a single such
   image is taken; several are ambiguous and refused. Only the chosen file is decoded, and a
@@ -297,7 +297,9 @@ def _pick_from_folder(folder: Path, *, allow_any_modality: bool) -> tuple[_Candi
     if chosen.kind == "DICOM":  # a PNG/JPEG beside the study's DICOM images (a preview) was dropped without a word
         skipped += [_Refused(c.path, f"{c.path.name}: a PNG/JPEG image beside the study's DICOM images")
                     for c in candidates if c.kind == "RASTER"]
-    return chosen, skipped
+    # objects without an image (an SR, radtrt's own --sr-out among them) are ignored once a study is read, not
+    # warned about at every run; they still explain a refusal above, where the folder had nothing else
+    return chosen, [r for r in skipped if r.image]
 
 
 def study_warnings(study: Path, image: SelectedImage) -> list[str]:
