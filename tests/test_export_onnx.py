@@ -316,6 +316,11 @@ def test_corrupt_embedding_table_with_a_matching_hash_is_refused(bundle: Path, s
     _refused(["infer", str(studies[0]), "--bundle", str(copy)], "embed_tokens.safetensors is truncated or corrupt")
 
 
+def test_a_file_given_as_the_bundle_is_said_to_be_one(studies: list[Path]) -> None:
+    """It was 'bundle directory not found', though the path exists."""
+    _refused(["infer", str(studies[0]), "--bundle", str(studies[0])], f"{studies[0]} is a file, not a bundle folder")
+
+
 def test_bundle_from_another_version_is_refused(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
     copy = _copy(bundle, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())

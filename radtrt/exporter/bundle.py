@@ -221,7 +221,7 @@ def bundle_fingerprint(model: LlavaRad) -> str:
 def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
     """The manifest of a bundle, after checking its format version and every file's sha256."""
     if not bundle.is_dir():
-        fail(f"bundle directory not found: {bundle}")
+        fail(f"{bundle} is a file, not a bundle folder" if bundle.exists() else f"bundle directory not found: {bundle}")
     path = bundle / MANIFEST
     if not path.is_file():
         model = (bundle / "config.json").is_file() and (bundle / "model.safetensors").is_file()
