@@ -183,6 +183,23 @@ def test_a_run_that_cannot_fit_or_is_too_large_is_refused_before_it_starts(tiny:
     assert code == 2 and "--synthetic is at most 1000 studies" in err and not (tmp_path / "w").exists()
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_every_report_file_is_written_before_stdout(tiny: Assets, work: Path, tmp_path: Path) -> None:
+    """With stdout full, the command failed in one line after writing the Markdown and JSON, but not the chart."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.md"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "radtrt.cli", "bench", "latency", "--random-model", "tiny",
+                                 "--work-dir", str(work), "--synthetic", "1", "--runs", "1", "--warmup", "0",
+                                 "--stages", "vision", "-o", str(out)],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert out.with_suffix(".png").is_file() or "matplotlib is not installed" in result.stderr
+
+
 def test_parity_transformers_generate_vs_torch(tiny: Assets, work: Path, tmp_path: Path) -> None:
     out_md = tmp_path / "parity.md"
     code, out, err = _invoke("bench", "parity", "--model", tiny.model_dir, "--backend", "transformers",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -39,15 +39,20 @@ def _check_work_dir(work_dir: Path, used: bool) -> None:
         check_folder_target(work_dir, "--work-dir folder")
 
 
-def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None) -> None:
+def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
+          chart: Callable[[Path], None] | None = None) -> None:
+    """Every report file first (``chart`` writes, or removes, ``-o``'s PNG), then stdout: a closed or full stdout
+    fails the command, and it left the chart unwritten."""
     if out is not None:
         from radtrt.outputs import make_dir, write_text
 
         make_dir(out.parent, "report folder")
-        md_path, json_path, _ = report_files(out)
+        md_path, json_path, png_path = report_files(out)
         write_text(md_path, markdown, "report")
         write_text(json_path, json.dumps(data, indent=2) + "\n", "report")
         err.print(plain(f"wrote {md_path} and {json_path}"))
+        if chart is not None:
+            chart(png_path)
     emit(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 
 
@@ -147,14 +152,15 @@ def latency(
             progress=progress, vs_bundle=vs_bundle, ort_spin=ort_spin, trt_decoder=trt_decoder)
     from radtrt.benchmarks.markdown import latency_markdown
 
-    _emit(latency_markdown(report), report.to_json(), as_json, out)
-    if out is not None:
+    def chart(path: Path) -> None:
         from radtrt.benchmarks.chart import matplotlib_available, write_chart
 
         if matplotlib_available():
-            err.print(plain(f"wrote {write_chart(report, report_files(out)[2])}"))
+            err.print(plain(f"wrote {write_chart(report, path)}"))
         else:
             err.print("radtrt: no PNG chart: matplotlib is not installed (pip install 'radtrt[bench]')", markup=False)
+
+    _emit(latency_markdown(report), report.to_json(), as_json, out, chart)
 
 
 def parity(
@@ -218,9 +224,10 @@ def parity(
         from radtrt.benchmarks.parity import write_paired_predictions
 
         ref, cand = write_paired_predictions(report, predictions_out)
-    _emit(parity_markdown(report), report.to_json(), as_json, out)
-    if out is not None and report_files(out)[2].exists():  # an earlier latency report's chart (checked as ours)
-        report_files(out)[2].unlink()
+    def stale_chart(path: Path) -> None:  # an earlier latency report's chart (checked as ours)
+        path.unlink(missing_ok=True)
+
+    _emit(parity_markdown(report), report.to_json(), as_json, out, stale_chart)
     if predictions_out is not None:  # last: the next step, once every output is written
         err.print(plain(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
                         f"--endpoint URL --judge-model NAME"), highlight=False, soft_wrap=True)
