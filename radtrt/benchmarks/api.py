@@ -62,12 +62,12 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
     sides = open_sides(backends, assets, base_model=base_model, device=device, ort_provider=ort_provider,
                        threads=threads, vs_bundle=vs_bundle, ort_spin=ort_spin, trt_decoder=trt_decoder)
     for side in sides:  # refused before any study: its times would be one call's, copies included
-        if stages != "vision":  # a prompt past the positions was refused after the bandwidth probe and a first run
-            side.pipeline.check_fits(indication, max_new_tokens)
         if not getattr(side.pipeline.backend, "streams_cheaply", True):
             fail(f"{side.name}: its TensorRT-LLM engine keeps generation logits (built with --trtllm-logits, for "
                  f"parity), and this TensorRT-LLM copies all of them at every streamed step, so its first token "
                  f"cannot be timed apart and decoding reads slow; time an engine built without --trtllm-logits")
+        if stages != "vision":  # a prompt past the positions was refused after the bandwidth probe and a first run
+            side.pipeline.check_fits(indication, max_new_tokens)
     peak = peak_rss_mb()
     bandwidth = None
     if stages == "all" and bandwidth_probe:
