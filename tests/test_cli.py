@@ -239,7 +239,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     rows = _write(tmp_path / "rows.dcm", ds)
     return {
         "missing": (tmp_path / "nope.dcm", "study not found"),
-        "empty": (empty, "empty"),
+        "empty": (empty, "empty.dcm: an empty file (0 bytes: a copy cut short?)"),  # was "no DICOM preamble"
         "text": (text, ""),
         "truncated": (truncated, ""),
         "rows": (rows, ""),

@@ -46,7 +46,7 @@ def test_a_missing_provider_is_refused_with_a_remedy_that_works(monkeypatch: pyt
     from radtrt.runtime.ort import provider_list
 
     monkeypatch.setattr(ort_module, "available_providers", lambda: ["CPUExecutionProvider"])
-    with pytest.raises(RadtrtError, match=r"run ONNX Runtime on the CPU: --ort-provider cpu \(or leave --ort-provider and "
-                                          r"--device at their defaults\)$"):
+    with pytest.raises(RadtrtError, match=r"run ONNX Runtime on the CPU: --ort-provider cpu without --device cuda "
+                                          r"\(or leave both at their defaults\)$"):
         provider_list("cuda")
     assert provider_list("cpu") == ["CPUExecutionProvider"]

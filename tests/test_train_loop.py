@@ -359,6 +359,10 @@ def test_resume_refuses_a_checkpoint_that_disagrees_with_the_run_config(chain: C
     with pytest.raises(RadtrtError, match="disagrees with the checkpoint .*\\(init_model: "):
         resume_config(run)
     state.write_bytes(ours)
+    config_file.write_text(written[:50])  # cut short: the remedy is the one a deleted file has
+    with pytest.raises(RadtrtError, match=f"is not valid JSON .*; delete it, and 'radtrt train resume {run}' writes "
+                                          f"it again from the checkpoint"):
+        resume_config(run)
     config_file.unlink()  # written again from the checkpoint
     cfg = resume_config(run)
     assert json.loads(config_file.read_text()) == json.loads(written)

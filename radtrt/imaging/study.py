@@ -109,6 +109,10 @@ def _load(path: Path, kind: str, *, allow_any_modality: bool,
     return selected
 
 
+def _empty(path: Path) -> str:
+    return f"{path.name}: an empty file (0 bytes: a copy cut short?)"
+
+
 def _walk(folder: Path) -> tuple[list[Path], list[_Refused]]:
     """The folder's files, and the subfolders that could not be listed: skipped, but said."""
     files: list[Path] = []
@@ -197,7 +201,7 @@ def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], 
         if kind is None:
             if path.is_file() and path.stat().st_size == 0:  # a transfer cut short: the study's PA, perhaps, or
                 # a study's only image: counted as an image, so that its study fails aloud instead of vanishing
-                skipped.append(_Refused(path, f"{path.name}: an empty file (0 bytes: a copy cut short?)"))
+                skipped.append(_Refused(path, _empty(path)))
             continue
         if kind == "RASTER":
             candidates.append(_Candidate(path, kind, UNKNOWN_VIEW))
@@ -366,6 +370,8 @@ def _study_source(path: Path, allow_any_modality: bool) -> tuple[Path, str, tupl
         return chosen.path, chosen.kind, tuple((r.path.name, r.reason) for r in skipped)
     if not path.is_file():
         fail(f"{path.name}: not a regular file or folder (a pipe, socket or device cannot be a study)")
+    if path.stat().st_size == 0:  # not "no DICOM preamble", which sent the user looking at its name
+        fail(_empty(path))
     return path, _sniff(path) or "DICOM", ()  # unknown content: let the DICOM reader say why it is refused
 
 

@@ -49,8 +49,8 @@ def provider_list(provider: str, trt_cache: Path | None = None) -> list[Any]:
     name = PROVIDERS[provider]
     if name not in available_providers():
         fail(f"ONNX Runtime here has no {name} (available: {', '.join(available_providers())}); "
-             f"install onnxruntime-gpu on a GPU host, or run ONNX Runtime on the CPU: --ort-provider cpu (or leave "
-             f"--ort-provider and --device at their defaults)")
+             f"install onnxruntime-gpu on a GPU host, or run ONNX Runtime on the CPU: --ort-provider cpu without "
+             f"--device cuda (or leave both at their defaults)")
     chain: list[Any] = []
     if provider == "tensorrt":
         opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": trt_cache is not None}

@@ -249,7 +249,10 @@ def _check_config_file(run_dir: Path, cfg: TrainConfig) -> None:
     if not path.exists() and not path.is_symlink():
         write_text(path, cfg.to_json(), "training config")
         return
-    recorded = read_json(path)
+    try:
+        recorded = read_json(path)
+    except RadtrtError as e:  # the checkpoint holds the config: the file can be written again from it
+        fail(f"{e}; delete it, and 'radtrt train resume {run_dir}' writes it again from the checkpoint")
     saved = cfg.to_dict()
     for key in sorted(set(saved) | set(recorded)):
         if key == "out_dir":
