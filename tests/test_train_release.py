@@ -83,6 +83,19 @@ def test_a_stage2_run_without_its_train_config_exports_its_lora(chain: Chain, tm
     assert adapter.keys() == trained.keys() and all(torch.equal(adapter[k], trained[k]) for k in adapter)
 
 
+def test_an_unfinished_run_is_sent_where_it_can_go(chain: Chain, tmp_path: Path) -> None:
+    """A run without model/ was sent to resume, which had no checkpoint to resume from either."""
+    run = tmp_path / "run"
+    shutil.copytree(chain.runs["stage2"], run)
+    shutil.rmtree(run / "model")
+    with pytest.raises(RadtrtError, match=f"has not finished \\(no model/\\); resume it first: 'radtrt train resume "
+                                          f"{run}'"):
+        export_release(run, tmp_path / "out1")
+    shutil.rmtree(run / "checkpoint")
+    with pytest.raises(RadtrtError, match="has no checkpoint to resume from either: delete it and start the run again"):
+        export_release(run, tmp_path / "out2")
+
+
 def test_merged_model_exports_with_an_identity_adapter(chain: Chain, tmp_path: Path) -> None:
     release, base = export_release(chain.runs["stage1"], tmp_path / "out")
     adapter = torch.load(release / "adapter_model.bin", weights_only=True)

@@ -114,7 +114,9 @@ def export_release(source: LoadedModel | Path, out_dir: Path, *, base_name: str 
             run_cfg = run_config(source)
         if run_cfg is not None:
             if not (source / MODEL_DIR / "config.json").is_file():
-                fail(f"training run {source} has not finished (no {MODEL_DIR}/); resume it first")
+                fail(f"training run {source} has not finished (no {MODEL_DIR}/); " + (
+                    f"resume it first: 'radtrt train resume {source}'" if state_path(source).is_file() else
+                    "it has no checkpoint to resume from either: delete it and start the run again"))
         if run_cfg is not None and run_cfg.stage == "stage2" and (source / LORA_DIR).is_dir():
             run, cfg = source, run_cfg
             write = lambda work: _export_lora_run(run, cfg, work, base_name)  # noqa: E731
