@@ -36,23 +36,19 @@ CONV_TEMPLATE = {"stage1": "plain", "stage2": "v1"}
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")  # all that write_outputs puts in RUN/lora
 
 
-def leftover_lora_problem(run_dir: Path) -> str | None:
-    """Why ``RUN/lora``, left by a run stopped between writing it and its model, cannot be removed as this run's
-    own, or None (nothing there, or only the files radtrt writes). Why: resume deleted the whole folder with
+def check_leftover_lora(run_dir: Path) -> None:
+    """Refuse a ``RUN/lora``, left by a run stopped between writing it and its model, that holds anything but the
+    files radtrt writes (resume checks it before training). Why: resume deleted the whole folder with
     ``shutil.rmtree``, whatever a user had put in it; elsewhere radtrt deletes only what carries its marker."""
     lora_dir = run_dir / LORA_DIR
     if not (lora_dir.exists() or lora_dir.is_symlink()):
-        return None
+        return
     if lora_dir.is_symlink() or not lora_dir.is_dir():
-        return f"{lora_dir} is not a folder radtrt wrote"
-    foreign = sorted(p.name for p in lora_dir.iterdir()
-                     if p.name not in LORA_FILES or p.is_symlink() or not p.is_file())
-    return f"{lora_dir} holds {foreign[0]}, which radtrt did not write" if foreign else None
-
-
-def check_leftover_lora(run_dir: Path) -> None:
-    """Refuse a ``RUN/lora`` that :func:`remove_leftover_lora` would not remove (resume checks it before training)."""
-    problem = leftover_lora_problem(run_dir)
+        problem = f"{lora_dir} is not a folder radtrt wrote"
+    else:
+        foreign = sorted(p.name for p in lora_dir.iterdir()
+                         if p.name not in LORA_FILES or p.is_symlink() or not p.is_file())
+        problem = f"{lora_dir} holds {foreign[0]}, which radtrt did not write" if foreign else None
     if problem is not None:
         fail(f"{problem}; it is in the way of the LoRA adapter this run writes: move it away, then 'radtrt train "
              f"resume {run_dir}'")
