@@ -642,6 +642,19 @@ def test_a_smoothquant_bundle_reports_on_each_study_alone(bundle: Path, model_di
     assert torch.equal(both.logits[0], alone.logits[0])  # bit for bit: no scale shared with the neighbour
 
 
+def test_a_smoothquant_batch_records_each_studys_own_decoder_run(bundle: Path, phantoms: Path) -> None:
+    """Run one study at a time, a batch's records gave every study the batch's summed prefill and decode times
+    (and a ms per token several times too high) under a batch_size that was not the decoder's."""
+    studies = sorted(p for p in phantoms.rglob("*.png"))[:3]
+    result = runner.invoke(app, ["infer", *map(str, studies), "--bundle", str(bundle), "--backend", "onnxruntime",
+                                 "--json", "--max-new-tokens", "4", "--batch-size", "3"])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["batch_size"], r["decode_batch_size"]) for r in records] == [(3, 1)] * 3
+    assert len({r["timings_ms"]["decode"] for r in records}) == 3  # each its own run, not one shared sum
+    assert len({r["timings_ms"]["vision"] for r in records}) == 1  # the vision batch still ran once
+
+
 def test_kv_scales_bound_the_rotated_keys() -> None:
     from radtrt.exporter.gqa import kv_scales
     from radtrt.exporter.quant import ActivationStats

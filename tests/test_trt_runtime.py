@@ -196,6 +196,9 @@ def test_generate_keeps_to_the_engines_build_limits() -> None:
     gen = backend.generate(prompts, max_new_tokens=5, eos_token_id=2)
     assert [len(c["batch_input_ids"]) for c in backend.runner.calls] == [2, 2, 1]
     assert gen.token_ids == [[40, 41], [41, 41], [40, 41], [41, 41], [40, 41]]
+    last, size = gen.batch_of(4)  # a study's record takes its own chunk's times, not the sum over chunks
+    assert size == 1 and last is gen.parts[2][1] and gen.batch_of(1)[1] == 2
+    assert gen.decode_ms == pytest.approx(sum(part.decode_ms for _, part in gen.parts))
     parity = backend.generate(prompts[:3], max_new_tokens=3, eos_token_id=2, keep_logits=True)
     assert parity.logits is not None and parity.logits.shape == (3, 3, 512)
     with pytest.raises(RadtrtError, match=r"the prompt \(4 positions, with the image\) \+ 7 new tokens exceed the "

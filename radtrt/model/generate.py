@@ -27,6 +27,39 @@ class Generation:
     # ``[B, steps, V]`` fp32, every step's logits (with ``keep_logits``): step 0 is the prompt's; a row that
     # finished keeps stepping with the others, so rows compare only up to their own end.
     logits: torch.Tensor | None = field(default=None, repr=False)
+    # Rows that ran as separate batches one after another (a TensorRT-LLM engine's batch limit, fused attention's
+    # equal-length groups, a SmoothQuant bundle's one study at a time): each batch's rows and its own run. The
+    # totals above sum them; a study's record takes its own batch's times (the sum over batches, divided by one
+    # batch's steps, gave every study a ms per token several times too high).
+    parts: list[tuple[list[int], Generation]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def merged(cls, n: int, parts: list[tuple[list[int], Generation]], *, keep_logits: bool = False) -> Generation:
+        """Separate batches' runs put back in the caller's order of ``n`` rows; a row's logits are NaN past
+        its own batch's last step (batches may step different numbers of times)."""
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        rows: list[torch.Tensor | None] = [None] * n  # [steps, V] each
+        for members, gen in parts:
+            for row, i in enumerate(members):
+                tokens[i] = gen.token_ids[row]
+                if gen.logits is not None:
+                    rows[i] = gen.logits[row]
+        logits = None
+        if keep_logits:
+            kept = [r for r in rows if r is not None]
+            logits = torch.full((n, max(r.shape[0] for r in kept), kept[0].shape[-1]), float("nan"))
+            for i, r in enumerate(rows):
+                if r is not None:
+                    logits[i, :r.shape[0]] = r
+        return cls(tokens, prefill_ms=sum(g.prefill_ms for _, g in parts),
+                   decode_ms=sum(g.decode_ms for _, g in parts), logits=logits, parts=parts)
+
+    def batch_of(self, row: int) -> tuple[Generation, int]:
+        """The run that generated ``row`` and how many rows it held."""
+        for members, gen in self.parts:
+            if row in members:
+                return gen, len(members)
+        return self, len(self.token_ids)
 
     @property
     def first_logits(self) -> torch.Tensor | None:

@@ -325,25 +325,11 @@ class OrtBackend:
     def _in_groups(self, embeds: list[torch.Tensor], groups: list[list[int]], max_new_tokens: int,
                    eos_token_id: int, keep_logits: bool) -> Generation:
         """Each group of studies generated as a batch of its own, the results put back in the order given."""
-        tokens: list[list[int]] = [[] for _ in embeds]
-        rows: list[torch.Tensor | None] = [None] * len(embeds)  # [steps, V] each
-        prefill_ms = decode_ms = 0.0
-        for members in groups:
-            gen = (self._generate_fused_batch(np.stack([embeds[i].detach().cpu().numpy() for i in members]),
-                                              max_new_tokens, eos_token_id, keep_logits) if self.fused else
-                   self._generate_plain([embeds[i] for i in members], max_new_tokens, eos_token_id, keep_logits))
-            prefill_ms, decode_ms = prefill_ms + gen.prefill_ms, decode_ms + gen.decode_ms
-            for row, i in enumerate(members):
-                tokens[i] = gen.token_ids[row]
-                if gen.logits is not None:
-                    rows[i] = gen.logits[row]
-        logits = None
-        if keep_logits:  # groups may have stepped different numbers of times: NaN past a group's last step
-            steps = max(r.shape[0] for r in rows if r is not None)
-            logits = torch.full((len(embeds), steps, rows[0].shape[-1]), float("nan"))  # type: ignore[union-attr]
-            for i, r in enumerate(rows):
-                logits[i, :r.shape[0]] = r  # type: ignore[union-attr]
-        return Generation(tokens, prefill_ms=prefill_ms, decode_ms=decode_ms, logits=logits)
+        parts = [(members, self._generate_fused_batch(np.stack([embeds[i].detach().cpu().numpy() for i in members]),
+                                                      max_new_tokens, eos_token_id, keep_logits) if self.fused else
+                  self._generate_plain([embeds[i] for i in members], max_new_tokens, eos_token_id, keep_logits))
+                 for members in groups]
+        return Generation.merged(len(embeds), parts, keep_logits=keep_logits)
 
     def _generate_fused_batch(self, x: np.ndarray, max_new_tokens: int, eos_token_id: int,
                               keep_logits: bool) -> Generation:

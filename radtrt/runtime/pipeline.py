@@ -31,10 +31,12 @@ class StudyResult:
     precision: str
     timings_ms: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
+    decode_batch_size: int = 1  # below batch_size where the decoder ran the batch in parts (see Generation.parts)
     image: SelectedImage | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``--json`` contract; timings of batched stages are per batch (``batch_size`` says how big).
+        """The ``--json`` contract; timings of batched stages are per batch (``batch_size`` says how big; prefill
+        and decode are those of the study's decoder batch where that was smaller, ``decode_batch_size``).
 
         Field by field, not ``asdict``: that deep-copied ``image`` (its pydicom Dataset and pixels) only to drop
         it, and pydicom re-validates UIDs on copy, warning with their values outside the CLI's silencing."""
@@ -44,6 +46,8 @@ class StudyResult:
                              "timings_ms": dict(self.timings_ms)}
         if self.batch_size != 1:
             d["batch_size"] = self.batch_size
+        if self.decode_batch_size != self.batch_size:
+            d["decode_batch_size"] = self.decode_batch_size
         if self.stop_reason != "eos":  # beside the stable keys, only where it applies (as batch_size)
             d["truncated"] = True
         return d
@@ -128,9 +132,10 @@ class Pipeline:
         gen = self.backend.generate(embeds, max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id)
         t2 = time.perf_counter()
         results = []
-        for p, ids in zip(batch, gen.token_ids):
-            timings = {"preprocess": p.preprocess_ms, "vision": (t1 - t0) * 1e3, "prefill": gen.prefill_ms,
-                       "decode": gen.decode_ms, "decode_per_token": gen.decode_ms / max(gen.decode_steps(max_new_tokens), 1),
+        for i, (p, ids) in enumerate(zip(batch, gen.token_ids)):
+            run, decode_batch = gen.batch_of(i)  # the decoder may have run the batch in parts
+            timings = {"preprocess": p.preprocess_ms, "vision": (t1 - t0) * 1e3, "prefill": run.prefill_ms,
+                       "decode": run.decode_ms, "decode_per_token": run.decode_ms / max(run.decode_steps(max_new_tokens), 1),
                        "end_to_end": p.preprocess_ms + (t2 - t0) * 1e3}
             results.append(StudyResult(study=str(p.study), source_file=str(p.image.source_file),
                                        view_position=p.image.view_position,
@@ -138,7 +143,7 @@ class Pipeline:
                                        stop_reason="max_new_tokens" if len(ids) >= max_new_tokens else "eos",
                                        backend=self.backend.name, precision=self.backend.precision,
                                        timings_ms={k: round(v, 3) for k, v in timings.items()},
-                                       batch_size=len(batch), image=p.image))
+                                       batch_size=len(batch), decode_batch_size=decode_batch, image=p.image))
         return results
 
     def run(self, study: Path, *, indication: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,

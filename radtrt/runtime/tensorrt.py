@@ -119,13 +119,6 @@ def check_engine_limits(prompt_lengths: list[int], max_new_tokens: int, limits: 
              f"{limits['max_seq_len'] - longest} at most for this prompt")
 
 
-def _cat_logits(parts: list[torch.Tensor | None]) -> torch.Tensor:
-    """Chunks' ``[B, steps, vocab]`` logits as one batch; chunks that stopped early have fewer steps."""
-    tensors = [p for p in parts if p is not None]
-    steps = max(t.shape[1] for t in tensors)
-    return torch.cat([torch.nn.functional.pad(t, (0, 0, 0, steps - t.shape[1])) for t in tensors])
-
-
 def engine_io_problem(io: dict[str, str], input_name: str, output_name: str) -> str | None:
     """Why an engine's I/O tensors (name -> ``trt.TensorIOMode`` name, from ``num_io_tensors`` /
     ``get_tensor_name`` / ``get_tensor_mode``) do not match the stamp's one input and one output, or None."""
@@ -288,12 +281,10 @@ class TensorRTBackend:
         if len(embeds) <= size:
             return self._generate(embeds, max_new_tokens, eos_token_id, keep_logits)
         # more studies than the engine's batch: in engine-sized chunks, as the vision engine splits its batches
-        parts = [self._generate(embeds[i:i + size], max_new_tokens, eos_token_id, keep_logits)
+        parts = [(list(range(i, min(i + size, len(embeds)))),
+                  self._generate(embeds[i:i + size], max_new_tokens, eos_token_id, keep_logits))
                  for i in range(0, len(embeds), size)]
-        logits = [p.logits for p in parts]
-        return Generation([t for p in parts for t in p.token_ids], prefill_ms=sum(p.prefill_ms for p in parts),
-                          decode_ms=sum(p.decode_ms for p in parts),
-                          logits=_cat_logits(logits) if keep_logits else None)
+        return Generation.merged(len(embeds), parts, keep_logits=keep_logits)
 
     def _generate(self, embeds: list[PromptTableInput], max_new_tokens: int, eos_token_id: int,
                   keep_logits: bool) -> Generation:
