@@ -401,7 +401,9 @@ def test_resume_removes_only_the_lora_folder_it_wrote(chain: Chain, tmp_path: Pa
         train(resume_config(run), resume=True)
     assert (run / "lora" / "notes.txt").read_text() == "mine"
     (run / "lora" / "notes.txt").unlink()
+    (run / "lora" / ".DS_Store").write_bytes(b"\0")  # Finder's, from a look inside: no reason to refuse
     assert train(resume_config(run), resume=True).model_dir == run / "model"
+    assert sorted(p.name for p in (run / "lora").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert (run / "lora" / "adapter_model.safetensors").read_bytes() == adapter
 
 

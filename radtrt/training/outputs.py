@@ -36,6 +36,12 @@ CONV_TEMPLATE = {"stage1": "plain", "stage2": "v1"}
 LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")  # all that write_outputs puts in RUN/lora
 
 
+def _file_manager_metadata(name: str) -> bool:
+    """Files macOS Finder and Windows Explorer drop into a folder someone merely opened: deleting them loses
+    nothing, and refusing them stopped a resume over a folder its user had only looked at."""
+    return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith("._")
+
+
 def check_leftover_lora(run_dir: Path) -> None:
     """Refuse a ``RUN/lora``, left by a run stopped between writing it and its model, that holds anything but the
     files radtrt writes (resume checks it before training). Why: resume deleted the whole folder with
@@ -47,7 +53,8 @@ def check_leftover_lora(run_dir: Path) -> None:
         problem = f"{lora_dir} is not a folder radtrt wrote"
     else:
         foreign = sorted(p.name for p in lora_dir.iterdir()
-                         if p.name not in LORA_FILES or p.is_symlink() or not p.is_file())
+                         if not (p.name in LORA_FILES or _file_manager_metadata(p.name))
+                         or p.is_symlink() or not p.is_file())
         problem = f"{lora_dir} holds {foreign[0]}, which radtrt did not write" if foreign else None
     if problem is not None:
         fail(f"{problem}; it is in the way of the LoRA adapter this run writes: move it away, then 'radtrt train "
@@ -59,8 +66,8 @@ def remove_leftover_lora(run_dir: Path) -> None:
     check_leftover_lora(run_dir)
     lora_dir = run_dir / LORA_DIR
     if lora_dir.is_dir():
-        for name in LORA_FILES:
-            (lora_dir / name).unlink(missing_ok=True)
+        for path in lora_dir.iterdir():  # what the check above let through: radtrt's files, file managers' litter
+            path.unlink()
         lora_dir.rmdir()
 
 
