@@ -255,6 +255,15 @@ def test_mixed_gemm_preprocessor_prefers_the_cpp_op() -> None:
         assert calls == [("op", torch.int8, torch.float16)]
     mixed_gemm_preprocessor(None, port, (8, 0))(w)
     assert calls[-1] == ("port", torch.int8, torch.float16)
+
+    def older_op(w: torch.Tensor, quant: torch.dtype) -> torch.Tensor:  # registered before the activation type
+        calls.append(("older op", quant))
+        return w
+
+    mixed_gemm_preprocessor(older_op, port, (7, 0), op_arity=2)(w)
+    assert calls[-1] == ("older op", torch.int8)
+    with pytest.raises(RadtrtError, match="takes 5 arguments"):
+        mixed_gemm_preprocessor(op, port, (8, 0), op_arity=5)
     with pytest.raises(RadtrtError, match="needs sm75 or newer"):
         mixed_gemm_preprocessor(None, port, (7, 0))
     with pytest.raises(RadtrtError, match="transpose-only helper"):

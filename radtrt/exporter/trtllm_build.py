@@ -29,7 +29,7 @@ PY_PREPROCESS_MIN_SM = (7, 5)
 
 
 def mixed_gemm_preprocessor(op: Callable[..., torch.Tensor] | None, py_fn: Callable[..., torch.Tensor] | None,
-                            sm: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+                            sm: tuple[int, int], op_arity: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:
     """Choose TensorRT-LLM's rearrangement of row-major int8 ``[in, out]`` weights for its weight-only GEMM.
 
     Pure (the candidates are passed in) so the choice is tested without TensorRT-LLM. Why this order:
@@ -44,9 +44,17 @@ def mixed_gemm_preprocessor(op: Callable[..., torch.Tensor] | None, py_fn: Calla
       in its port form on Turing or newer.
 
     The activation type is float16 as in TensorRT-LLM's own int8 calls: the W8A16 layout is the same for
-    fp16 and bf16 activations.
+    fp16 and bf16 activations. ``op_arity`` is how many arguments the op's schema declares: older builds
+    registered it as ``(row_major_quantized_weight, quant_type)``, before the activation type was added for
+    the W4A8 kernels; called with three there, it raised a bare RuntimeError (a traceback) mid-export.
     """
     if op is not None:
+        if op_arity == 2:
+            return lambda w: op(w, torch.int8)
+        if op_arity != 3:
+            fail(f"this TensorRT-LLM's torch.ops.trtllm.preprocess_weights_for_mixed_gemm takes {op_arity} "
+                 f"arguments, not the (weight, quant_type[, activation_type]) radtrt knows; use TensorRT-LLM "
+                 f"0.12-0.14 (or 1.x)")
         return lambda w: op(w, torch.int8, torch.float16)
     if py_fn is None:
         fail("TensorRT-LLM provides no preprocess_weights_for_mixed_gemm (neither torch.ops.trtllm nor "
@@ -72,14 +80,16 @@ def trtllm_mixed_gemm_preprocessor(gpu: GpuInfo) -> Callable[[torch.Tensor], tor
     try:
         op = torch.ops.trtllm.preprocess_weights_for_mixed_gemm
     except (AttributeError, RuntimeError):
-        op = None
+        op, arity = None, 3
+    else:
+        arity = len(op.default._schema.arguments)
     try:
         import tensorrt_llm.quantization.functional as functional
 
         py_fn = getattr(functional, "preprocess_weights_for_mixed_gemm", None)
     except ImportError:
         py_fn = None
-    return mixed_gemm_preprocessor(op, py_fn, gpu.sm)
+    return mixed_gemm_preprocessor(op, py_fn, gpu.sm, arity)
 
 
 def prepare_checkpoint_for_host(plain: Path, out_dir: Path, gpu: GpuInfo,
