@@ -7,14 +7,13 @@ becomes one line on stderr and exit code 2; so does a usage error (``main``); an
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar
 
 import typer
 
-from radtrt import __version__
+from radtrt import __version__, interrupts
 from radtrt.cli_support import WRITE_ERRNOS, emit, err, print_error, stdout_failed, user_errors
 from radtrt.errors import RadtrtError, fail, printable
 from radtrt.progress import plain
@@ -278,14 +277,8 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    """SIGTERM (``timeout``, ``kill``, a batch scheduler) unwinds like Ctrl-C, so the ``finally`` blocks that
-    remove half-built outputs and temporary folders (gigabytes at 7B) run instead of the process just ending."""
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminated)
+    interrupts.install()  # SIGTERM unwinds as Ctrl-C does; neither breaks an import in progress
     try:
         try:
             code = app(standalone_mode=False)  # typer returns the exit code instead of leaving

@@ -1,0 +1,45 @@
+"""Interrupts held back while a module is imported (radtrt.interrupts)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from radtrt.interrupts import importing
+
+
+def test_importing_sees_the_import_machinery_among_the_callers(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "probe_module.py").write_text("import sys\nfrom radtrt.interrupts import importing\n"
+                                              "SEEN = importing(sys._getframe())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import probe_module  # type: ignore[import-not-found]
+
+    assert probe_module.SEEN is True
+    assert importing(sys._getframe()) is False
+
+
+def test_an_interrupt_during_an_import_waits_for_it_then_exits_130(tmp_path: Path) -> None:
+    """Ctrl-C inside a C extension's initialisation aborted torch (status 134) or left numpy half-imported (a
+    RecursionError traceback, status 1): the interrupt now lands once the import is over."""
+    (tmp_path / "slow_module.py").write_text(
+        "import time\nfrom pathlib import Path\n"
+        f"Path({str(tmp_path / 'started')!r}).touch()\n"
+        "end = time.monotonic() + 1.0\n"
+        "while time.monotonic() < end:\n    pass\n"  # bytecode running, as an extension's Python callbacks are
+        f"Path({str(tmp_path / 'imported')!r}).touch()\n")
+    code = ("import sys\nsys.argv[0] = 'radtrt'\n"
+            "from radtrt.entry import INTERRUPTED\nfrom radtrt import interrupts\ninterrupts.install()\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            "try:\n    import slow_module\n    import time\n    time.sleep(30)\n"
+            "except KeyboardInterrupt:\n    sys.exit(INTERRUPTED)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, proc.stderr.read().decode() if proc.stderr else ""
+    assert (tmp_path / "imported").exists()  # the import ran to its end before the interrupt landed
