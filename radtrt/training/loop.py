@@ -391,7 +391,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
             except RadtrtError as e:  # a full disk said only "cannot write RUN/model.partial/...", not how to go on
                 fail(f"{e}; all {total} steps are saved in {ckpt.state_path(run_dir)}: once that is fixed, 'radtrt "
                      f"train resume {run_dir}' writes the model without training again")
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.cli) from timeout, kill or a batch scheduler
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.interrupts) from timeout, kill or a batch scheduler
         if info.is_main:
             console.print(_interrupted(run_dir, saved), markup=False, highlight=False, soft_wrap=True)
         raise
