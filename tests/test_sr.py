@@ -172,3 +172,19 @@ def test_a_source_uid_that_is_not_one_gives_no_sr(tmp_path: Path, keyword: str, 
     with pytest.raises(RadtrtError, match=f"pa.dcm: its {keyword} is not a DICOM UID; no SR written"):
         write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_patient_name_its_character_set_cannot_decode_gives_no_sr(tmp_path: Path) -> None:
+    """pydicom decoded it with a replacement character (its warning silenced), and the SR was filed under a
+    patient name that differs from the source's."""
+    source = write_radiograph(tmp_path / "in" / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "SECRETX^NAME"
+    ds.save_as(source, enforce_file_format=True)
+    raw = source.read_bytes()
+    source.write_bytes(raw.replace(b"SECRETX^NAME", b"SECRET\xff^NAME"))  # not UTF-8
+    with pytest.raises(RadtrtError, match=r"^pa.dcm: its PatientName cannot be decoded in its character set "
+                                          r"\(ISO_IR 192\); no SR written$") as info:
+        write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
+    assert "SECRET" not in str(info.value) and not (tmp_path / "out").exists()

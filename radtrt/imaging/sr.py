@@ -158,6 +158,8 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
     try:
         with quiet("highdicom|pydicom"):  # warnings of a header copied or written
             sr = _document(report_text, evidence, from_dicom, model_name, model_version, complete)
+            if from_dicom:
+                _check_decoded(sr, source)  # pydicom's warning on a value it cannot decode may quote it
     # the message may quote header values: not shown. KeyError: a SOP class highdicom has no IOD for (a vendor's)
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         why = "its SOP class is one highdicom cannot reference (a vendor's private class?)" if isinstance(e, KeyError) \
@@ -166,6 +168,22 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
     if not from_dicom and "CurrentRequestedProcedureEvidenceSequence" in sr:
         del sr.CurrentRequestedProcedureEvidenceSequence  # it would name a non-existent image
     return sr
+
+
+_TEXT_VRS = ("PN", "LO", "SH", "LT", "ST", "UT", "UC")
+
+
+def _check_decoded(sr: Dataset, source: SelectedImage) -> None:
+    """Refuse an SR whose copied patient or study values pydicom could not decode in the source's character set:
+    it decodes them with replacement characters (its warning silenced above, since it could quote them), and the
+    SR was written under a patient name that differs from the source's, which a PACS cannot reconcile. Only the
+    document's top level is looked at: that is where the copied values sit (the report is radtrt's own text)."""
+    for element in sr:
+        if element.VR in _TEXT_VRS and element.value is not None and "\ufffd" in str(element.value):
+            charset = source.dataset.get("SpecificCharacterSet", "ISO_IR 6, none given")
+            named = charset if isinstance(charset, str) else "\\".join(charset)
+            fail(f"{source.source_file.name}: its {element.keyword or element.tag} cannot be decoded in its "
+                 f"character set ({named}); no SR written")
 
 
 def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name: str,
