@@ -189,6 +189,22 @@ def test_bits_allocated_disagreeing_is_refused(tmp_path: Path) -> None:
     _refused(tmp_path / "dx.dcm", "disagrees")
 
 
+@pytest.mark.parametrize(("attrs", "match"), [
+    ({"PhotometricInterpretation": "SECRETX"}, r"photometric interpretation \(a value that is not a DICOM defined "
+                                               r"term\) is not supported"),
+    ({"BitsStored": 20, "HighBit": 19}, "BitsStored 20 does not fit BitsAllocated 16"),
+    ({"SamplesPerPixel": 3}, "MONOCHROME2 image with 3 samples per pixel"),
+])
+def test_header_contradictions_are_named_before_decoding(tmp_path: Path, attrs: dict, match: str) -> None:
+    """These were 'cannot decode pixel data' (the decoder ran first) or, for 3 samples of a greyscale image,
+    'pixel data truncated' of a complete file."""
+    ds = radiograph_dataset(synthetic_chest())
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.save_as(tmp_path / "dx.dcm", enforce_file_format=True)
+    assert "SECRETX" not in _refused(tmp_path / "dx.dcm", match)
+
+
 @pytest.mark.parametrize(("modality", "match"), [("MG", "modality 'MG'"),
                                                  (None, "missing modality"),
                                                  ("DOE^JOHN", r"modality \(a value that is not a DICOM defined term\)"),

@@ -312,12 +312,19 @@ def _check_geometry(ds: Dataset, name: str) -> tuple[int, int, int]:
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
-        int(ds.PixelRepresentation), int(ds.BitsStored)
-        str(ds.PhotometricInterpretation)
+        stored = int(ds.BitsStored)
+        int(ds.PixelRepresentation)
+        photometric = supported_photometric(ds, name)
     except (AttributeError, TypeError, ValueError):
         fail(f"{name}: incomplete image pixel description (Rows/Columns/SamplesPerPixel/BitsStored/...)")
     if rows < 1 or cols < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32):
         fail(f"{name}: invalid image geometry (Rows/Columns/SamplesPerPixel/BitsAllocated)")
+    # said here, before the decoder: its error was only "cannot decode pixel data", and a greyscale header with
+    # 3 samples per pixel was called a truncated file (3x the bytes expected)
+    if not 1 <= stored <= bits:
+        fail(f"{name}: BitsStored {stored} does not fit BitsAllocated {bits}")
+    if photometric in _GREY and samples != 1:
+        fail(f"{name}: {photometric} image with {samples} samples per pixel (the header contradicts itself)")
     if rows * cols > MAX_PIXELS:  # a few compressed bytes can declare gigabytes of pixels
         fail(f"{name}: {cols} x {rows} pixels is implausibly large for a radiograph (decompression bomb guard)")
     return rows, cols, samples
@@ -441,9 +448,17 @@ def _padding_as_background(values: np.ndarray, mask: np.ndarray | None, *, dark_
     return out
 
 
+def supported_photometric(ds: Dataset, name: str) -> str:
+    """The image's photometric interpretation, refused here unless greyscale or a colour radtrt converts."""
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    if photometric not in _GREY | _COLOUR:
+        fail(f"{name}: photometric interpretation {_shown_code(photometric, KNOWN_PHOTOMETRIC)} is not supported")
+    return photometric
+
+
 def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
     """Steps (a)-(e) of the module docstring: stored values -> equalized 8-bit, bright = dense."""
-    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    photometric = supported_photometric(ds, name)
     if photometric in _GREY:
         if arr.ndim != 2:
             fail(f"{name}: {photometric} image with {arr.ndim} dimensions")
@@ -468,8 +483,6 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
         if arr.ndim != 3:  # the header says colour but one sample per pixel
             fail(f"{name}: {photometric} image with {int(ds.get('SamplesPerPixel') or 1)} sample(s) per pixel")
         scaled = min_max_to_uint8(rgb_to_grey(arr))
-    else:
-        fail(f"{name}: photometric interpretation {_shown_code(photometric, KNOWN_PHOTOMETRIC)} is not supported")
     if scaled is None:
         if photometric in _GREY and arr.min() != arr.max():  # the header flattened pixels that differ
             if ds.get("VOILUTSequence") or "WindowCenter" in ds:
