@@ -12,10 +12,12 @@ import re
 import threading
 import time
 import urllib.parse
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
-from radtrt.errors import fail
+from radtrt.errors import fail, printable
 
+REDIRECTS = (301, 302, 303, 307, 308)  # the statuses that send a client elsewhere (Location)
+MAX_SERVER_MESSAGE = 200  # characters of a server's error message shown
 _HOST = re.compile(r"[\w.-]+")  # letters (IDN too), digits, dots, hyphens, underscores (container names)
 _UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")  # what http.client refuses in a request line: spaces, controls
 
@@ -49,6 +51,49 @@ def check_endpoint(url: str, option: str) -> None:
     problem = endpoint_problem(url, option)
     if problem is not None:
         fail(problem)
+
+
+def redirect_target(location: Optional[str], url: str) -> Optional[str]:
+    """Where a redirect's ``Location`` (relative to the request's ``url``) points, as ``scheme://host[:port]`` for
+    a message, or None when there is none. Neither client follows redirects: urllib re-sent the Authorization
+    header to the other host and turned the POST into a GET, and the answer to that was written as findings. Only
+    the scheme and host are named, never the path or query (a redirect may carry a key or a token there)."""
+    if not location:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(urllib.parse.urljoin(url, location.strip()))
+        port = parts.port
+    except ValueError:  # an unclosed bracket or a port that is no number: no place worth naming
+        return None
+    if not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return printable(f"{parts.scheme}://{host}" + (f":{port}" if port is not None else ""))
+
+
+def error_message(body: object, secrets: Iterable[Optional[str]] = ()) -> Optional[str]:
+    """The error message in a failed response's body, on one line of at most ``MAX_SERVER_MESSAGE`` characters,
+    printable, with ``secrets`` (API keys) blanked out; None when the server sent none.
+
+    ``body`` as the openai SDK keeps it: a JSON body's ``error`` value (or the whole object when it has none), or
+    the text of a non-JSON one. Why: "HTTP 400" alone hid the reason (OpenAI's reasoning models reject max_tokens
+    and temperature, and say so). Of an object only its message is read: a validation error's other fields may
+    echo the report sent."""
+    if isinstance(body, dict):
+        text = next((body[k] for k in ("message", "detail", "error") if isinstance(body.get(k), str)), None)
+        if text is None:
+            return None
+    elif isinstance(body, str):
+        text = body
+    else:
+        return None
+    for secret in secrets:
+        if secret and len(secret) >= 8:  # a keyless local server's "x" is no secret, and blanking it garbles text
+            text = text.replace(secret, "[key]")
+    text = printable(" ".join(text.split()))
+    if not text:
+        return None
+    return text if len(text) <= MAX_SERVER_MESSAGE else text[:MAX_SERVER_MESSAGE - 3] + "..."
 
 
 def retryable_status(code: int) -> bool:

@@ -110,7 +110,7 @@ def test_resumes_after_a_failure(server: ScriptedServer, tmp_path: Path) -> None
     server.script = [None, None, (400, {})]
     with pytest.raises(RadtrtError, match="HTTP 400") as info:
         synthesize(labels, tmp_path / "out.jsonl", client=_client(server, None, []), console=None)
-    assert KEY not in str(info.value) and "scripted failure" not in str(info.value)
+    assert KEY not in str(info.value) and str(info.value).endswith("HTTP 400: scripted failure")
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
     with (tmp_path / "out.jsonl").open("a") as f:
         f.write('{"image": "img2.png", "find')  # a run killed mid-line
@@ -466,3 +466,35 @@ def test_an_answer_that_is_not_json_is_one_error(server: ScriptedServer, body: b
     server.script = [(200, {"Content-Length": str(len(body))}, body)]
     with pytest.raises(RadtrtError, match="chat endpoint answered with something that is not JSON"):
         _client(server, None, []).complete([{"role": "user", "content": "x"}])
+
+
+def test_a_redirect_is_refused_not_followed(server: ScriptedServer, tmp_path: Path) -> None:
+    """urllib followed it: the Authorization header went to the other host, the POST became a GET, and what
+    that answered was written as findings (exit 0)."""
+    server.script = [(302, {"Location": server.url.replace("/v1", "/elsewhere?api-key=SECRET")}, b"")]
+    labels = _labels_file(tmp_path / "labels.jsonl", n=1)
+    code, err = _cli("--labels", str(labels), "-o", str(tmp_path / "o.jsonl"), "--endpoint", server.url,
+                     "--model", "m")
+    host = server.url.split("/")[2]
+    assert code == 2 and f"chat endpoint redirected (HTTP 302) to http://{host}; give the final URL as --endpoint" \
+        in err, err
+    assert "SECRET" not in err and "elsewhere" not in err and len(server.requests) == 1
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_refusal_shows_the_servers_message(server: ScriptedServer, tmp_path: Path) -> None:
+    """A 4xx said only "HTTP 400"; the judge's client shows the server's reason, one line, cut short, key blanked."""
+    reason = f"max_tokens is not supported.\nYour key {KEY} \x1b[31mwas fine. " + "padding " * 60
+    server.script = [(400, {}, json.dumps({"error": {"message": reason, "param": "Positive findings: x"}}).encode()),
+                     (404, {}, b"no such model"), (422, {}, json.dumps({"detail": [{"input": "report"}]}).encode())]
+    client = _client(server, None, [])
+    with pytest.raises(RadtrtError) as info:
+        client.complete([{"role": "user", "content": "x"}])
+    line = str(info.value)
+    assert line.startswith("chat endpoint refused the request: HTTP 400: max_tokens is not supported. Your key [key] "
+                           "\\x1b[31mwas fine.") and line.endswith("...") and len(line) < 300, line
+    assert KEY not in line and "\n" not in line and "\x1b" not in line and "Positive findings" not in line
+    with pytest.raises(RadtrtError, match=r"HTTP 404: no such model$"):
+        client.complete([{"role": "user", "content": "x"}])
+    with pytest.raises(RadtrtError, match=r"HTTP 422$"):  # a validation error's fields may echo the report
+        client.complete([{"role": "user", "content": "x"}])

@@ -650,3 +650,14 @@ def test_a_judge_model_name_is_shown_as_typed_on_a_terminal(fake_judge: FakeJudg
     finally:
         judge.cache.close()
     assert result.counts is not None and result.counts.total_significant == 1
+
+
+def test_a_redirect_stops_the_run_and_is_not_followed(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    """The SDK's httpx client followed it, re-sending the API key and the reports to wherever it pointed."""
+    fake_judge.default = lambda c: ("status", 307, {"Location": fake_judge.url + "/elsewhere?api-key=SECRET"}, {})
+    cfg = config(fake_judge, tmp_path, concurrency=1)
+    with pytest.raises(RadtrtError) as err:
+        run_judge(cfg, pairs("a", "b", "c"))
+    assert str(err.value) == (f"the judge endpoint redirected (HTTP 307) to {fake_judge.url}; give the final URL "
+                              f"as --endpoint")
+    assert fake_judge.requests and {r["path"] for r in fake_judge.requests} == {"/v1/chat/completions"}

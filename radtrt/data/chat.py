@@ -10,6 +10,8 @@ carry the HTTP status, never the response body (which may echo clinical text).
   ``max_retries`` times with exponential backoff, or after ``Retry-After`` when the server says (at
   most ``MAX_WAIT_S``).
   Other 4xx answers fail at once (a bad key or model name does not get better by retrying).
+* Redirects are not followed (urllib's would re-send the Authorization header to the other host and turn the
+  POST into a GET): a redirect is refused, naming where it points.
 * Cache: answers are stored under ``cache_dir`` keyed by a hash of (endpoint, model, messages,
   sampling settings); a rerun asks the endpoint only for what it has not answered yet.
 """
@@ -29,10 +31,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
-from radtrt.http_retry import RateLimiter, check_endpoint, retry_after_seconds, retryable_status
+from radtrt.http_retry import (REDIRECTS, RateLimiter, check_endpoint, error_message, redirect_target,
+                               retry_after_seconds, retryable_status)
 from radtrt.outputs import check_folder_target, replaced_atomically
 
 MAX_WAIT_S = 120.0  # longest pause between attempts, whatever Retry-After asks
+MAX_ERROR_BODY = 65536  # bytes of a refusal's body read for its message
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Leaves a 3xx answer as an ``HTTPError`` instead of following it (see the module's docstring)."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)  # urlopen's handlers (proxies from the environment) but this one
 
 
 def completions_url(endpoint: str) -> str:
@@ -111,14 +126,20 @@ class ChatClient:
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             retry_after = None
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                with _OPENER.open(request, timeout=self.timeout_s) as response:
                     return json.loads(response.read().decode("utf-8"))
             except UnicodeDecodeError:
                 fail("chat endpoint answered with something that is not UTF-8 text")
             except urllib.error.HTTPError as e:
+                if e.code in REDIRECTS:
+                    target = redirect_target(e.headers.get("Location"), self.url)
+                    fail(f"chat endpoint redirected (HTTP {e.code})" + (f" to {target}" if target else "") +
+                         "; give the final URL as --endpoint")
                 if not retryable_status(e.code):
                     hint = " (check the API key)" if e.code in (401, 403) else ""
-                    fail(f"chat endpoint refused the request: HTTP {e.code}{hint}")
+                    message = self._server_message(e)
+                    fail(f"chat endpoint refused the request: HTTP {e.code}" + (f": {message}" if message else "")
+                         + hint)
                 problem, retry_after = f"HTTP {e.code}", retry_after_seconds(e.headers)
             except http.client.InvalidURL as e:  # checked up front; never worth another attempt
                 fail(f"--endpoint '{self.endpoint}' is not a valid URL ({e})")
@@ -131,6 +152,22 @@ class ChatClient:
                 wait = retry_after if retry_after is not None else self.backoff_s * 2**attempt
                 self.sleep(min(wait, MAX_WAIT_S))  # a server's Retry-After of a day is not obeyed silently
         fail(f"chat endpoint failed {self.max_retries + 1} times (last: {problem}); rerun to resume")
+
+    def _server_message(self, error: urllib.error.HTTPError) -> str | None:
+        """The server's error message in a refusal's body, read as the judge's client reads it: a 400 said only
+        "HTTP 400", hiding the reason (a parameter the model does not take)."""
+        try:
+            raw = error.read(MAX_ERROR_BODY)
+        except (OSError, http.client.HTTPException):  # the body was cut off: the status is all there is to say
+            return None
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            body: Any = json.loads(text)
+        except (ValueError, RecursionError):  # not JSON (a text or HTML page): its text, as the SDK keeps it
+            body = text
+        if isinstance(body, dict):
+            body = body.get("error", body)
+        return error_message(body, (self.api_key,))
 
     @staticmethod
     def _parse(answer: dict[str, Any]) -> str:

@@ -4,7 +4,9 @@ The SDK's own retries are switched off so that one policy, here, decides: rate-l
 timeouts and dropped connections are retried with exponential backoff (honouring ``Retry-After``), up to
 ``max_attempts``; anything else is final. Requests are spaced by a shared rate limiter so that
 concurrent workers stay under the endpoint's requests-per-minute quota. The API key comes from the
-environment and is never logged, stored or echoed in messages.
+environment and is never logged, stored or echoed in messages. Redirects are not followed (the SDK's httpx
+client would follow them, re-sending the key to wherever they point): a redirect stops the run, naming where it
+points.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from typing import Callable, Optional, Protocol
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from radtrt.errors import fail, printable
+from radtrt.errors import fail
 from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.prompt import Messages
-from radtrt.http_retry import RateLimiter, retry_after_seconds, retryable_status
+from radtrt.http_retry import (REDIRECTS, RateLimiter, error_message, redirect_target, retry_after_seconds,
+                               retryable_status)
 
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 AZURE_KEY_ENV = "AZURE_OPENAI_API_KEY"
-MAX_SERVER_MESSAGE = 200
 
 
 class MalformedResponse(Exception):
@@ -60,6 +62,17 @@ def is_retryable(exc: BaseException) -> bool:
     return False
 
 
+def redirect(exc: BaseException) -> Optional[str]:
+    """For a redirect the client did not follow, "(HTTP 302) to https://host" (the target named as
+    ``http_retry.redirect_target`` does, or left out when the answer names none); None for anything else."""
+    if not (isinstance(exc, openai.APIStatusError) and exc.status_code in REDIRECTS):
+        return None
+    response = getattr(exc, "response", None)
+    location = getattr(response, "headers", {}).get("location")
+    target = redirect_target(location, str(getattr(getattr(response, "request", None), "url", "")))
+    return f"(HTTP {exc.status_code})" + (f" to {target}" if target else "")
+
+
 def is_fatal(exc: BaseException) -> bool:
     """Errors that will hit every report alike (bad key, unknown model or deployment): stop the run."""
     return isinstance(exc, openai.APIStatusError) and exc.status_code in (401, 403, 404)
@@ -72,28 +85,11 @@ def refused(exc: BaseException) -> bool:
 
 
 def server_message(exc: BaseException) -> Optional[str]:
-    """The error message in a failed response's body, on one line of at most ``MAX_SERVER_MESSAGE`` characters,
-    with the API keys of the environment blanked out; None when the server sent none.
-
-    Why: "HTTP 400" alone hid the reason (OpenAI's reasoning models reject max_tokens and temperature, and say
-    so). Only the body is read, never the request or its headers."""
-    body = getattr(exc, "body", None)  # the SDK's parsed body: the "error" object of a JSON one, or its text
-    if isinstance(body, dict):  # its message only: a validation error's other fields may echo the report sent
-        text = next((body[k] for k in ("message", "detail", "error") if isinstance(body.get(k), str)), None)
-        if text is None:
-            return None
-    elif isinstance(body, str):
-        text = body
-    else:
-        return None
-    for env in (OPENAI_KEY_ENV, AZURE_KEY_ENV):
-        key = os.environ.get(env, "")
-        if len(key) >= 8:  # a keyless local server's "x" is no secret, and blanking it would garble the text
-            text = text.replace(key, "[key]")
-    text = printable(" ".join(text.split()))
-    if not text:
-        return None
-    return text if len(text) <= MAX_SERVER_MESSAGE else text[:MAX_SERVER_MESSAGE - 3] + "..."
+    """The error message in a failed response's body (see ``http_retry.error_message``), with the API keys of the
+    environment blanked out; None when the server sent none. Only the body is read, never the request or its
+    headers."""
+    # the SDK's parsed body: the "error" object of a JSON one, or its text
+    return error_message(getattr(exc, "body", None), (os.environ.get(env) for env in (OPENAI_KEY_ENV, AZURE_KEY_ENV)))
 
 
 def describe(exc: BaseException) -> str:
@@ -126,14 +122,15 @@ class OpenAIJudgeClient:
         if not api_key:
             fail(f"set {key_env} to the judge endpoint's API key (any non-empty value for a keyless local server)")
         self._client: openai.OpenAI
+        http_client = openai.DefaultHttpxClient(follow_redirects=False)  # the SDK's defaults, but this one
         if cfg.azure_endpoint is not None:
             self._client = openai.AzureOpenAI(azure_endpoint=cfg.azure_endpoint, api_key=api_key,
                                               api_version=cfg.api_version,
                                               azure_deployment=cfg.azure_deployment or cfg.model,
-                                              max_retries=0, timeout=cfg.timeout_s)
+                                              max_retries=0, timeout=cfg.timeout_s, http_client=http_client)
         else:
             self._client = openai.OpenAI(base_url=cfg.endpoint, api_key=api_key, max_retries=0,
-                                         timeout=cfg.timeout_s)
+                                         timeout=cfg.timeout_s, http_client=http_client)
 
     def _wait(self, retry_state: RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None

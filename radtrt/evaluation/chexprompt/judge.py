@@ -19,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 
 from radtrt.errors import fail
 from radtrt.evaluation.chexprompt.cache import JudgeCache, prompt_hash
-from radtrt.evaluation.chexprompt.client import JudgeClient, MalformedResponse, describe, is_fatal, refused
+from radtrt.evaluation.chexprompt.client import (JudgeClient, MalformedResponse, describe, is_fatal, redirect,
+                                                 refused)
 from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.parser import AnswerFormatError, ErrorCounts
 from radtrt.evaluation.chexprompt.prompt import JudgePrompt, select_prompt
@@ -104,6 +105,10 @@ class Judge:
                         if results[i].counts is not None:
                             assert answer is not None
                             self.cache.put(self.cfg.cache_identity, key, answer)
+                    elif redirect(exc) is not None:  # every request would be: the URL is not the endpoint's
+                        rejected = True
+                        fail(f"the judge endpoint redirected {redirect(exc)}; give the final URL as "
+                             f"{'--azure-endpoint' if self.cfg.is_azure else '--endpoint'}")
                     elif is_fatal(exc):
                         rejected = True
                         fail(f"the judge endpoint refused the request ({describe(exc)}): check the API key, "
