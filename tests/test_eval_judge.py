@@ -225,6 +225,8 @@ def test_unparseable_answer_is_a_failure_and_left_out_of_means(fake_judge: FakeJ
     (("raw", "text/plain", b"upstream says hello"), "request failed: the response is not a chat completion"),
     (("raw", "application/json", b'{"choices": "abc"}'), "request failed: the response is not a chat completion"),
     (("raw", "application/json", b"\xff\xfe{}"), "request failed: unreadable response body"),
+    # nested too deeply for json.loads: a RecursionError traceback, exit 1
+    (("raw", "application/json", b"[" * 100_000 + b"]" * 100_000), "request failed: unreadable response body"),
     (("content", ["a list"]), "request failed: the answer's content is not text"),
     (("content", None), "unparseable answer"),
 ])

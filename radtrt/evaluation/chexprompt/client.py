@@ -153,7 +153,8 @@ class OpenAIJudgeClient:
                     response = self._client.chat.completions.create(
                         model=self._cfg.model, messages=messages,  # type: ignore[arg-type]
                         temperature=self._cfg.temperature, max_tokens=self._cfg.max_tokens)
-                except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: the SDK could not read the body
+                except (ValueError, RecursionError) as e:  # the SDK could not read the body: JSONDecodeError,
+                    # UnicodeDecodeError, a number of 4300+ digits; JSON nested too deeply (a traceback, exit 1)
                     raise MalformedResponse(f"unreadable response body ({type(e).__name__})") from e
         return answer_text(response)
 
