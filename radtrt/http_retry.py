@@ -16,6 +16,10 @@ from typing import Callable, Iterable, Mapping, Optional
 
 from radtrt.errors import fail, printable
 
+# bounded above: socket timeouts and the rate limiter's waits overflow (an OverflowError traceback) past
+# threading.TIMEOUT_MAX, which --timeout 1e12 or a rate of 1e-300 reached
+MAX_TIMEOUT_S = 3600.0  # an hour of silence from the endpoint is a dead connection
+MIN_REQUESTS_PER_MINUTE = 0.01  # one request in 100 minutes; slower spacing is no rate limit anyone means
 REDIRECTS = (301, 302, 303, 307, 308)  # the statuses that send a client elsewhere (Location)
 MAX_SERVER_MESSAGE = 200  # characters of a server's error message shown
 _HOST = re.compile(r"[\w.-]+")  # letters (IDN too), digits, dots, hyphens, underscores (container names)

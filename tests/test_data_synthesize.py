@@ -264,6 +264,12 @@ def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
     ("http://exa%20mple/v1", {}, "invalid host name"),
     ("http://127.0.0.1:9/v1", {"timeout_s": -1.0}, "--timeout must be positive"),
     ("http://127.0.0.1:9/v1", {"timeout_s": float("nan")}, "--timeout must be positive"),
+    # past threading.TIMEOUT_MAX: an OverflowError traceback in the socket timeout or the rate limiter's sleep
+    ("http://127.0.0.1:9/v1", {"timeout_s": 1e12}, "--timeout must be positive seconds, at most 3600, got 1e\\+12"),
+    ("http://127.0.0.1:9/v1", {"rate_per_s": 1e-300}, r"--rate must be .* at least 0.000166667 \(a request every "
+                                                       r"6000 s\), got 1e-300"),
+    ("http://127.0.0.1:9/v1", {"rate_per_s": 0.0}, "--rate must be"),
+    ("http://127.0.0.1:9/v1", {"max_retries": -1}, "--retries must be at least 0"),
 ])
 def test_unusable_endpoint_settings_are_refused_before_any_request(endpoint: str, options: dict, match: str) -> None:
     with pytest.raises(RadtrtError, match=match):

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from radtrt.errors import fail
-from radtrt.http_retry import (REDIRECTS, RateLimiter, check_endpoint, error_message, redirect_target,
-                               retry_after_seconds, retryable_status)
+from radtrt.http_retry import (MAX_TIMEOUT_S, MIN_REQUESTS_PER_MINUTE, REDIRECTS, RateLimiter, check_endpoint,
+                               error_message, redirect_target, retry_after_seconds, retryable_status)
 from radtrt.outputs import check_folder_target, replaced_atomically
 
 MAX_WAIT_S = 120.0  # longest pause between attempts, whatever Retry-After asks
@@ -71,9 +71,16 @@ class ChatClient:
 
     def __post_init__(self) -> None:
         self.url = completions_url(self.endpoint)
-        if not (math.isfinite(self.rate_per_s) and self.rate_per_s > 0 and math.isfinite(self.timeout_s)
-                and self.timeout_s > 0) or self.max_retries < 0:
-            fail("--rate and --timeout must be positive numbers, --retries at least 0")
+        # bounded as the judge's settings are (see http_retry): --rate 1e-300 and --timeout 1e12 overflowed the
+        # rate limiter's sleep and the socket timeout, an OverflowError traceback
+        min_rate = MIN_REQUESTS_PER_MINUTE / 60
+        if not (math.isfinite(self.rate_per_s) and self.rate_per_s >= min_rate):
+            fail(f"--rate must be a number of requests per second, at least {min_rate:.6g} (a request every "
+                 f"{1 / min_rate:g} s), got {self.rate_per_s:g}")
+        if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S):
+            fail(f"--timeout must be positive seconds, at most {MAX_TIMEOUT_S:g}, got {self.timeout_s:g}")
+        if self.max_retries < 0:
+            fail("--retries must be at least 0")
         if self.cache_dir is not None:  # before any request: answers paid for must have somewhere to go
             check_folder_target(self.cache_dir, "answer cache folder")
         self._limiter = RateLimiter(self.rate_per_s * 60, sleep=self.sleep)

@@ -10,10 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from radtrt.errors import fail
-from radtrt.http_retry import check_endpoint
-
-MAX_TIMEOUT_S = 3600.0  # an hour of silence from the judge is a dead connection
-MIN_REQUESTS_PER_MINUTE = 0.01  # one request in 100 minutes; slower spacing is no rate limit anyone means
+from radtrt.http_retry import MAX_TIMEOUT_S, MIN_REQUESTS_PER_MINUTE, check_endpoint
 
 
 @dataclass(frozen=True)
@@ -59,8 +56,7 @@ class JudgeConfig:
             fail("--api-version and --azure-deployment are for Azure OpenAI: give --azure-endpoint too, or drop them")
         if self.concurrency < 1 or self.max_attempts < 1 or self.max_consecutive_failures < 1:
             fail("judge concurrency, attempts and failure limit must be at least 1")
-        # bounded above: socket timeouts and the rate limiter's waits overflow (an OverflowError traceback) past
-        # threading.TIMEOUT_MAX, which --timeout 1e12 or --requests-per-minute 1e-9 reached
+        # bounded (see http_retry): --timeout 1e12 or --requests-per-minute 1e-9 was an OverflowError traceback
         if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S):
             fail(f"the judge timeout must be a finite positive number of seconds, at most {MAX_TIMEOUT_S:g} "
                  f"(--timeout), got {self.timeout_s}")
