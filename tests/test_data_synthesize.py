@@ -504,3 +504,23 @@ def test_a_refusal_shows_the_servers_message(server: ScriptedServer, tmp_path: P
         client.complete([{"role": "user", "content": "x"}])
     with pytest.raises(RadtrtError, match=r"HTTP 422$"):  # a validation error's fields may echo the report
         client.complete([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("row, name", [
+    ('{"image": "a.png", "labels": ["cardiomegaly"], "indication": "Cough \\ud800"}', "'indication'"),
+    ('{"image": "b\\ud800.png", "labels": ["cardiomegaly"]}', "'image'"),
+    ('{"image": "a.png", "labels": {"Edema\\udfff": 1}}', "'labels'"),
+    ('{"image": "a.png", "labels": [], "site": ["x", {"\\ud800": 1}]}', "'site'"),
+    ('{"image": "a.png", "labels": [], "\\ud800": 1}', "a key"),
+])
+def test_a_lone_surrogate_is_refused_before_any_request(server: ScriptedServer, tmp_path: Path, row: str,
+                                                        name: str) -> None:
+    """Writing the row failed with a UnicodeEncodeError traceback mid-run, after the endpoint was paid; template
+    mode left an empty manifest behind."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"image": "ok.png", "labels": ["edema"]}) + "\n" + row + "\n")
+    for mode in (["--template"], ["--endpoint", server.url, "--model", "m"]):
+        code, err = _cli("--labels", str(labels), "-o", str(tmp_path / "o.jsonl"), *mode)
+        assert code == 2 and f"labels.jsonl:2: {name} holds a lone surrogate escape" in err, err
+        assert not (tmp_path / "o.jsonl").exists()
+    assert not server.requests

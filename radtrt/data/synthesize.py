@@ -162,6 +162,34 @@ def _positive_names(labels: LabelSet) -> list[str]:
     return positive if uncertain or no_finding_negated else [*positive, NO_FINDING]
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a string anywhere in ``value`` (keys included) holds a lone surrogate, which JSON may escape
+    ("\\ud800") but no encoder accepts. Walked without recursion: JSON as deep as the parser allows is no crash."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _check_unicode(obj: dict[str, Any], where: str) -> None:
+    """Refuse a row with a lone surrogate escape before any request or output: writing the row failed with a
+    UnicodeEncodeError traceback mid-run, after the endpoint was paid (template mode left an empty manifest)."""
+    for key, value in obj.items():
+        if _has_lone_surrogate(key) or _has_lone_surrogate(value):
+            name = f"'{key}'" if not _has_lone_surrogate(key) else "a key"  # the message itself must encode
+            fail(f"{where}: {name} holds a lone surrogate escape (\\ud800-\\udfff), not text")
+
+
 def _text_or_none(value: Any) -> Any:
     """An indication as a manifest reader sees it (stripped, blank is none), so that a resume compares meaning."""
     return (value.strip() or None) if isinstance(value, str) else value
@@ -267,6 +295,7 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     parsed, indications = [], []
     for lineno, obj in rows:  # the file's own line numbers (blank lines included)
         where = f"{labels_file}:{lineno}"
+        _check_unicode(obj, where)
         if not isinstance(obj.get("image"), str) or not obj["image"].strip():
             fail(f"{where}: 'image' is missing, empty or not a string")
         parsed.append(parse_labels(obj.get("labels"), where))
