@@ -663,3 +663,19 @@ def test_a_redirect_stops_the_run_and_is_not_followed(fake_judge: FakeJudge, tmp
     assert str(err.value) == (f"the judge endpoint redirected (HTTP 307) to {fake_judge.url}; give the final URL "
                               f"as --endpoint")
     assert fake_judge.requests and {r["path"] for r in fake_judge.requests} == {"/v1/chat/completions"}
+
+
+def test_equal_pairs_are_asked_once_and_share_the_answer(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    """Each was asked on its own: a judge at temperature 0 may still answer each differently, and the cache
+    kept only the last answer, so a rerun from the cache disagreed with the first run."""
+    asked = iter(range(100))
+    fake_judge.default = lambda c: ("answer", answer((next(asked) % 3, 0, 0, 0, 0, 0)))
+    items = [ReportPair(study=f"s{i}", reference="Small left pleural effusion.", prediction=c)
+             for i, c in enumerate(["same", "other", "same", "same"])]
+    first = run_judge(config(fake_judge, tmp_path), items)
+    assert fake_judge.count("same") == 1 and len(fake_judge.requests) == 2
+    assert [j.study for j in first] == ["s0", "s1", "s2", "s3"]
+    assert first[0].counts == first[2].counts == first[3].counts and not any(j.cached for j in first)
+    again = run_judge(config(fake_judge, tmp_path), items)
+    assert len(fake_judge.requests) == 2 and all(j.cached for j in again)
+    assert [j.counts for j in again] == [j.counts for j in first]

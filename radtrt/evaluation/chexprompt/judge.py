@@ -10,7 +10,7 @@ When the endpoint rejects the key or does not know the model, or fails for many 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import openai
@@ -72,16 +72,21 @@ class Judge:
               console: Optional[Console] = None) -> list[Judgement]:
         """Judge every (reference, prediction) pair; results come back in input order."""
         results: dict[int, Judgement] = {}
-        pending: list[tuple[int, list[dict[str, str]], str]] = []
+        # one request per distinct cache key, its answer shared by the rows with that key: asked once per row,
+        # equal pairs got different answers, and the cache kept only the last, so a rerun disagreed with the run
+        pending: dict[str, tuple[list[int], list[dict[str, str]]]] = {}
         for i, pair in enumerate(pairs):
             messages = self.prompt.build(pair.reference, pair.prediction)
             key = prompt_hash(messages, self.cfg.temperature, self.cfg.max_tokens)
+            if key in pending:
+                pending[key][0].append(i)
+                continue
             answer = self.cache.get(self.cfg.cache_identity, key)
             judgement = self._parsed(pair.study, answer, cached=True) if answer is not None else None
             if judgement is not None and judgement.counts is not None:
                 results[i] = judgement
             else:  # not asked yet, or an unreadable answer cached by an older radtrt: ask again
-                pending.append((i, messages, key))
+                pending[key] = ([i], messages)
 
         # the judge model's name as typed: '[/red]' in it was read as markup (a traceback on a terminal)
         progress = make_progress(TextColumn("judging ({task.fields[label]})", markup=False), BarColumn(),
@@ -92,11 +97,12 @@ class Judge:
         self.client.stopping.clear()
         with progress, ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             task = progress.add_task("judge", total=len(pairs), completed=len(results), label=self.cfg.model)
-            futures: dict[Future[Optional[str]], tuple[int, str]] = {
-                pool.submit(self.client.complete, messages): (i, key) for i, messages, key in pending}
+            futures: dict[Future[Optional[str]], tuple[list[int], str]] = {
+                pool.submit(self.client.complete, messages): (rows, key) for key, (rows, messages) in pending.items()}
             try:
                 for future in as_completed(futures):
-                    i, key = futures[future]
+                    rows, key = futures[future]
+                    i = rows[0]
                     study = pairs[i].study
                     exc = future.exception()
                     if exc is None:
@@ -117,6 +123,8 @@ class Judge:
                         results[i] = Judgement(study, None, f"request failed: {describe(exc)}", None, False)
                     else:
                         raise exc
+                    for other in rows[1:]:  # the same request's answer, or its failure
+                        results[other] = replace(results[i], study=pairs[other].study)
                     failure = results[i].failure
                     consecutive = 0 if failure is None else consecutive + 1
                     # refusals within the streak: "a rerun fails the same way" only when every failure was one
@@ -130,7 +138,7 @@ class Judge:
                                  f"{self.cache.path}")
                         fail(f"the judge failed {consecutive} reports in a row (last: {failure}); answers so far "
                              f"are cached in {self.cache.path}, rerun to resume")
-                    progress.advance(task)
+                    progress.advance(task, len(rows))
             except BaseException:  # interrupted, or stopped by a fatal answer: keep what is still arriving
                 running = sum(f.running() for f in futures)
                 if running:  # after a refusal (a rejected key) they will be refused too: no answers to promise
@@ -140,7 +148,7 @@ class Judge:
                 raise
         return [results[i] for i in range(len(pairs))]
 
-    def _stop(self, pool: ThreadPoolExecutor, futures: dict[Future[Optional[str]], tuple[int, str]],
+    def _stop(self, pool: ThreadPoolExecutor, futures: dict[Future[Optional[str]], tuple[list[int], str]],
               results: dict[int, Judgement], pairs: Sequence[ReportPair]) -> None:
         """Drop the queued requests and every retry, wait for the requests in flight, and cache their answers
         that parse: the judge was paid for them, and a rerun then asks only for the rest."""
@@ -148,7 +156,7 @@ class Judge:
         for future in futures:
             future.cancel()
         pool.shutdown(wait=True)
-        for future, (i, key) in futures.items():
+        for future, ([i, *_], key) in futures.items():
             if i in results or future.cancelled() or future.exception() is not None:
                 continue
             answer = future.result()
