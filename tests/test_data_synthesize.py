@@ -524,3 +524,21 @@ def test_a_lone_surrogate_is_refused_before_any_request(server: ScriptedServer, 
         assert code == 2 and f"labels.jsonl:2: {name} holds a lone surrogate escape" in err, err
         assert not (tmp_path / "o.jsonl").exists()
     assert not server.requests
+
+
+@pytest.mark.parametrize("key, said", [
+    (KEY + "\r", "a line break"),  # a key file saved with Windows line ends: "answered with something not JSON"
+    (KEY + "\n", "a line break"),
+    ("sk-test-\u00fc-0123456789", "a character that is not ASCII"),
+    ("sk-test-\x07-0123456789", "a control character"),
+    ("sk-test 0123456789", "a space"),
+])
+def test_an_api_key_that_cannot_be_sent_is_refused_up_front(server: ScriptedServer, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, key: str,
+                                                             said: str) -> None:
+    monkeypatch.setenv("MY_KEY", key)
+    code, err = _cli("--labels", str(_labels_file(tmp_path / "labels.jsonl", n=1)), "-o", str(tmp_path / "o.jsonl"),
+                     "--endpoint", server.url, "--model", "m", "--api-key-env", "MY_KEY")
+    assert code == 2 and f"the API key in MY_KEY holds {said}" in err and "set MY_KEY to the key alone" in err, err
+    assert key.strip() not in err and "0123456789" not in err
+    assert not server.requests and not (tmp_path / "o.jsonl").exists()

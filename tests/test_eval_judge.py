@@ -679,3 +679,15 @@ def test_equal_pairs_are_asked_once_and_share_the_answer(fake_judge: FakeJudge, 
     again = run_judge(config(fake_judge, tmp_path), items)
     assert len(fake_judge.requests) == 2 and all(j.cached for j in again)
     assert [j.counts for j in again] == [j.counts for j in first]
+
+
+@pytest.mark.parametrize("key, said", [(KEY + "\r", "a line break"),
+                                       ("sk-\u00e9-DO-NOT-LOG", "a character that is not ASCII")])
+def test_an_api_key_that_cannot_be_sent_is_refused_up_front(fake_judge: FakeJudge, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, key: str,
+                                                             said: str) -> None:
+    """A trailing \\r was sent as "connection error", retried for every report."""
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    with pytest.raises(RadtrtError, match=f"the API key in OPENAI_API_KEY holds {said}") as err:
+        OpenAIJudgeClient(config(fake_judge, tmp_path))
+    assert "DO-NOT-LOG" not in str(err.value) and not fake_judge.requests

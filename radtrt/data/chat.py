@@ -134,9 +134,7 @@ class ChatClient:
             retry_after = None
             try:
                 with _OPENER.open(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read().decode("utf-8"))
-            except UnicodeDecodeError:
-                fail("chat endpoint answered with something that is not UTF-8 text")
+                    return self._json(response.read())
             except urllib.error.HTTPError as e:
                 if e.code in REDIRECTS:
                     target = redirect_target(e.headers.get("Location"), self.url)
@@ -153,12 +151,21 @@ class ChatClient:
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                     http.client.HTTPException) as e:  # HTTPException: a body cut off (IncompleteRead) and kin
                 problem = type(getattr(e, "reason", e)).__name__
-            except (ValueError, RecursionError):  # JSONDecodeError, a number of 4300+ digits, nesting too deep
-                fail("chat endpoint answered with something that is not JSON")
             if attempt < self.max_retries:
                 wait = retry_after if retry_after is not None else self.backoff_s * 2**attempt
                 self.sleep(min(wait, MAX_WAIT_S))  # a server's Retry-After of a day is not obeyed silently
         fail(f"chat endpoint failed {self.max_retries + 1} times (last: {problem}); rerun to resume")
+
+    @staticmethod
+    def _json(raw: bytes) -> dict[str, Any]:
+        """The answer's body as JSON. Apart from the request: a ValueError of the request itself (a header
+        http.client refuses) was reported as an answer that is not JSON."""
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            fail("chat endpoint answered with something that is not UTF-8 text")
+        except (ValueError, RecursionError):  # JSONDecodeError, a number of 4300+ digits, nesting too deep
+            fail("chat endpoint answered with something that is not JSON")
 
     def _server_message(self, error: urllib.error.HTTPError) -> str | None:
         """The server's error message in a refusal's body, read as the judge's client reads it: a 400 said only

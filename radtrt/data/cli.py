@@ -14,6 +14,7 @@ import typer
 
 from radtrt.cli_support import emit, err, user_errors
 from radtrt.errors import fail
+from radtrt.http_retry import check_api_key
 from radtrt.outputs import resolved
 from radtrt.progress import plain
 
@@ -74,9 +75,13 @@ def synthesize(
         for name, path in (("output manifest", out), ("label file", labels)):
             if resolved(cache_dir) == resolved(path):
                 fail(f"--cache {cache_dir} is the {name}; the answer cache needs a folder of its own")
+        key_env = api_key_env or "OPENAI_API_KEY"
+        api_key = os.environ.get(key_env) or None
+        if api_key is not None:
+            check_api_key(api_key, key_env)
         limits = {"rate_per_s": rate, "max_retries": retries, "timeout_s": timeout}  # the client's defaults otherwise
-        client = ChatClient(endpoint, model, api_key=os.environ.get(api_key_env or "OPENAI_API_KEY") or None,
-                            cache_dir=cache_dir, **{k: v for k, v in limits.items() if v is not None})
+        client = ChatClient(endpoint, model, api_key=api_key, cache_dir=cache_dir,
+                            **{k: v for k, v in limits.items() if v is not None})
     path = run(labels, out, client=client, seed=seed, temperature=temperature or 0.0, console=err)
     if client is not None:
         err.print(f"{client.requests_made} request(s) sent to {client.url.split('/')[2]}", highlight=False)

@@ -21,8 +21,8 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from radtrt.errors import fail
 from radtrt.evaluation.chexprompt.config import JudgeConfig
 from radtrt.evaluation.chexprompt.prompt import Messages
-from radtrt.http_retry import (REDIRECTS, RateLimiter, error_message, redirect_target, retry_after_seconds,
-                               retryable_status)
+from radtrt.http_retry import (REDIRECTS, RateLimiter, check_api_key, error_message, redirect_target,
+                               retry_after_seconds, retryable_status)
 
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 AZURE_KEY_ENV = "AZURE_OPENAI_API_KEY"
@@ -121,6 +121,7 @@ class OpenAIJudgeClient:
         api_key = os.environ.get(key_env)
         if not api_key:
             fail(f"set {key_env} to the judge endpoint's API key (any non-empty value for a keyless local server)")
+        check_api_key(api_key, key_env)
         self._client: openai.OpenAI
         http_client = openai.DefaultHttpxClient(follow_redirects=False)  # the SDK's defaults, but this one
         if cfg.azure_endpoint is not None:
