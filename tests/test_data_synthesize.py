@@ -542,3 +542,14 @@ def test_an_api_key_that_cannot_be_sent_is_refused_up_front(server: ScriptedServ
     assert code == 2 and f"the API key in MY_KEY holds {said}" in err and "set MY_KEY to the key alone" in err, err
     assert key.strip() not in err and "0123456789" not in err
     assert not server.requests and not (tmp_path / "o.jsonl").exists()
+
+
+def test_timeout_help_says_what_it_bounds() -> None:
+    """It said "Seconds per request", but urllib applies it to connecting and to each read of the answer."""
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    result = CliRunner().invoke(app, ["data", "synthesize", "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "Seconds the endpoint may stay silent (to connect, or between bytes of its answer)" in text, text
+    assert "Seconds per request" not in text

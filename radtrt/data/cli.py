@@ -51,7 +51,10 @@ def synthesize(
     rate: Optional[float] = typer.Option(None, "--rate", help="At most this many requests per second. \\[default: 1]"),
     retries: Optional[int] = typer.Option(None, "--retries", min=0,
                                           help="Retries per request on 429/5xx/timeouts. \\[default: 5]"),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request. \\[default: 60]"),
+    timeout: Optional[float] = typer.Option(
+        None, "--timeout", help="Seconds the endpoint may stay silent (to connect, or between bytes of its answer) "
+                                "before an attempt times out; an answer that keeps arriving slowly is not cut off "
+                                "(at most 3600). \\[default: 60]"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Answer cache folder. \\[default: OUT.cache]"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature of the endpoint. "
                                                                             "\\[default: 0]"),
