@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -96,8 +97,8 @@ def parse_labels(value: Any, where: str) -> LabelSet:
 
 def _check_consistent(labels: LabelSet, where: str) -> None:
     """Refuse label rows that would make contradictory text ("The heart is enlarged. Heart size is normal.")."""
-    named = [_key(n) for n in (*labels.positive, *labels.negative, *labels.uncertain)]
-    repeated = sorted({n for n in named if named.count(n) > 1})
+    named = Counter(_key(n) for n in (*labels.positive, *labels.negative, *labels.uncertain))
+    repeated = sorted(n for n, times in named.items() if times > 1)  # counted once: list.count a name was quadratic
     if repeated:
         fail(f"{where}: label '{repeated[0]}' is given more than once (names differing only in case or spacing)")
     positive = {_key(n) for n in labels.positive}
