@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from radtrt.errors import fail
 FIELDS = ("study", "reference", "prediction")
 # ROUGE-L's table grows with the product of the two lengths: a runaway generation must not exhaust memory
 MAX_REPORT_WORDS = 2000
+# characters that show nothing beside the whitespace and the format and control characters (categories Cf, Cc):
+# Unicode's default-ignorable fillers, the combining grapheme joiner and the variation selectors
+_INVISIBLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u3164\uffa0") | frozenset(
+    map(chr, [*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]))
+_INVISIBLE_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")  # controls, format (zero-width space, BOM), separators
 # rouge_score's tokenizer: lowercase, then runs of ASCII letters and digits (everything else separates). Counting
 # whitespace-separated words let "effusion,effusion,..." (8000 ROUGE tokens) pass as one word.
 _ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
@@ -37,7 +43,7 @@ def load_predictions(path: Path) -> list[ReportPair]:
         fail(f"predictions file {path} " + ("is not a file" if path.exists() else "does not exist"))
     pairs: list[ReportPair] = []
     seen: set[str] = set()
-    empty_references: list[int] = []  # line numbers, never study ids
+    empty_references: list[int] = []  # line numbers, never study ids; empty: nothing visible
     for lineno, line in text_lines(path, lambda n: f"{path.name} line {n}", "a JSONL predictions file"):
         try:
             obj = json.loads(line)
@@ -62,7 +68,7 @@ def load_predictions(path: Path) -> list[ReportPair]:
         if obj["study"] in seen:
             fail(f"{path.name} line {lineno}: a study appears twice")
         seen.add(obj["study"])
-        if not obj["reference"].strip():
+        if not has_visible_text(obj["reference"]):
             empty_references.append(lineno)
         pairs.append(ReportPair(study=obj["study"], reference=obj["reference"], prediction=obj["prediction"]))
     if not pairs:
@@ -74,6 +80,13 @@ def load_predictions(path: Path) -> list[ReportPair]:
              f"{empty_references[0]}), so there is no ground truth to score them against; usually the join of "
              f"predictions with the ground-truth findings failed for them: fix or drop those rows")
     return pairs
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` shows anything: a reference of zero-width spaces ("\\u200b") or other invisible
+    characters passed the empty-reference check (``str.strip`` keeps them) and was scored as ground truth."""
+    return any(not c.isspace() and c not in _INVISIBLE and unicodedata.category(c) not in _INVISIBLE_CATEGORIES
+               for c in text)
 
 
 def report_words(text: str) -> int:
