@@ -15,7 +15,7 @@ import typer
 
 from radtrt import __version__, interrupts
 from radtrt.cli_support import WRITE_ERRNOS, emit, err, print_error, stdout_failed, user_errors
-from radtrt.errors import RadtrtError, fail, printable
+from radtrt.errors import RadtrtError, fail, printable, valid_unicode
 from radtrt.progress import plain
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
 
     for result in results:
         if as_json:
-            emit(json.dumps(result.to_json()))
+            emit(json.dumps({k: valid_unicode(v) if isinstance(v, str) else v for k, v in result.to_json().items()}))
         elif isinstance(result, StudyResult):  # a failure's line is already on stderr
             t = result.timings_ms
             emit(f"{printable(result.study)} [{result.view_position}]\n{result.report}\n")

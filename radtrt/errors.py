@@ -31,6 +31,16 @@ def printable(text: str) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def valid_unicode(text: str) -> str:
+    """``text`` with a file name's undecodable bytes written as ``\\xff``. Python carries them as lone surrogates
+    (``\\udcff``), which ``json.dumps`` writes out but strict JSON parsers reject and jq replaces: a ``--json``
+    record could not be read back, or traced to its file."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name's byte decodes to (``\\ud800``): its escape
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def fail(message: str, *, remedy: str | None = None) -> NoReturn:
     """Raise the user-facing error; the single place such failures originate."""
     raise RadtrtError(message, remedy)

@@ -19,3 +19,23 @@ def test_a_remedy_given_apart_ends_the_line_and_can_be_left_out() -> None:
     assert str(plain.value) == plain.value.problem == "no such study" and plain.value.remedy is None
     # DataLoader workers send errors back pickled: the line survives
     assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
+
+
+def test_json_records_carry_undecodable_file_names_as_valid_unicode(capsys: pytest.CaptureFixture[str]) -> None:
+    """A file named with a byte that is not UTF-8 reached --json as a lone surrogate, which strict parsers reject."""
+    import json
+    import os
+
+    from radtrt.cli import _print_results
+    from radtrt.errors import valid_unicode
+    from radtrt.runtime.pipeline import StudyFailure
+
+    name = os.fsdecode(b"/data/bad\xff.dcm")
+    assert valid_unicode(name) == "/data/bad\\xff.dcm"
+    assert valid_unicode("cough \ud800") == "cough \\ud800" and valid_unicode("épanchement") == "épanchement"
+    _print_results([StudyFailure(study=name, error=f"{name}: not a DICOM file")], as_json=True)
+    line = capsys.readouterr().out.strip()
+    record = json.loads(line)
+    assert record["study"] == "/data/bad\\xff.dcm" and record["error"].startswith("/data/bad\\xff.dcm: ")
+    line.encode("utf-8")  # no surrogate escape in the line, and none in what it parses to
+    json.dumps(record, ensure_ascii=False).encode("utf-8")
