@@ -66,8 +66,6 @@ def emit(text: str, *, nl: bool = True) -> None:
         stdout_failed(e)
 
 
-
-
 def stdout_failed(e: OSError) -> None:
     """Refuse on behalf of a write to stdout that failed; typer's help printer and ``emit`` both end here."""
     if e.errno == errno.EPIPE:  # Python flushes stdout again at exit: into nothing, not another EPIPE
