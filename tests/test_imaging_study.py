@@ -249,6 +249,11 @@ def test_screening_refuses_from_headers_what_reading_would(tmp_path: Path) -> No
         with pytest.raises(RadtrtError, match=match) as screened:
             screen_study(study)
         assert str(screened.value) == _refused(study, match)
+    wide = tmp_path / "wide.png"  # its aspect was checked only once decoded: a training run, mid-run
+    Image.fromarray(np.zeros((10, 100), np.uint8)).save(wide)
+    with pytest.raises(RadtrtError, match=r"wide.png: a 100 x 10 image is not a chest radiograph") as screened:
+        screen_study(wide)
+    assert str(screened.value) == _refused(wide, "not a chest radiograph")
     cut = _dx(tmp_path / "cut", "pa.dcm", "PA")
     cut.write_bytes(cut.read_bytes()[:-5000])  # header intact, pixel data cut
     screen_study(cut.parent)

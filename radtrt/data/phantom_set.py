@@ -30,7 +30,7 @@ from radtrt.data.vocabulary import Findings, sample_findings
 from radtrt.errors import fail
 from radtrt.outputs import new_dir_built_aside
 from radtrt.imaging.dicom import load_dicom_image
-from radtrt.imaging.study import MAX_ASPECT
+from radtrt.imaging.pixels import MAX_ASPECT
 from radtrt.imaging.synthetic import radiograph_dataset
 from radtrt.progress import make_progress
 

@@ -70,7 +70,7 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import UID, MediaStorageDirectoryStorage, RLELossless
 
 from radtrt.errors import fail
-from radtrt.imaging.pixels import MAX_PIXELS, equalize_histogram, min_max_to_uint8, rgb_to_grey
+from radtrt.imaging.pixels import MAX_PIXELS, check_aspect, equalize_histogram, min_max_to_uint8, rgb_to_grey
 from radtrt.imaging.views import view_of
 
 ACCEPTED_MODALITIES: tuple[str, ...] = ("CR", "DX", "DR", "RG")
@@ -303,6 +303,7 @@ def read_header(path: Path, *, allow_any_modality: bool = False) -> Dataset:
     check_image_object(ds, path.name)
     check_modality(ds, path.name, allow_any_modality=allow_any_modality)
     check_single_frame(ds, path.name)
+    _check_geometry(ds, path.name)
     _uids(ds, path.name)
     return ds
 
@@ -327,6 +328,7 @@ def _check_geometry(ds: Dataset, name: str) -> tuple[int, int, int]:
         fail(f"{name}: {photometric} image with {samples} samples per pixel (the header contradicts itself)")
     if rows * cols > MAX_PIXELS:  # a few compressed bytes can declare gigabytes of pixels
         fail(f"{name}: {cols} x {rows} pixels is implausibly large for a radiograph (decompression bomb guard)")
+    check_aspect(name, cols, rows)
     return rows, cols, samples
 
 

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from radtrt.errors import fail
+
 # Pixels one image may declare: the largest chest detectors are about 4300 x 4300 (18.5 M); a few compressed
 # bytes (DICOM RLE, PNG) can declare far more, and decoding needs about 25 bytes a pixel on the way to 8 bit.
 MAX_PIXELS = 50_000_000
+MAX_ASPECT = 4  # long side over short side; chest radiographs are near 1.2:1, long-length stitched ones 3:1
+
+
+def check_aspect(name: str, cols: int, rows: int) -> None:
+    """Refuse a strip: the transform scales the short side to the model's size, so a 1 x 20000 strip would
+    become 518 x 10 million. Both readers call it on the header, so a set of images is screened for it before
+    any model loads (PNG/JPEG were refused only once decoded: a lazily read training run, mid-run)."""
+    if max(rows, cols) > MAX_ASPECT * min(rows, cols):
+        fail(f"{name}: a {cols} x {rows} image is not a chest radiograph (sides differ by more than {MAX_ASPECT}:1)")
 
 # ITU-R BT.601 luma weights: the same weights PIL uses for RGB -> "L", so an RGB DICOM and the
 # same picture saved as an RGB PNG become the same grey image (up to PIL's integer rounding).

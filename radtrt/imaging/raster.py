@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from radtrt.errors import fail
-from radtrt.imaging.pixels import MAX_PIXELS, equalize_histogram, min_max_to_uint8
+from radtrt.imaging.pixels import MAX_PIXELS, check_aspect, equalize_histogram, min_max_to_uint8
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -59,6 +59,7 @@ def _check_header(opened: Image.Image, name: str) -> None:
     width, height = opened.size
     if width * height > MAX_PIXELS:
         fail(f"{name}: {width} x {height} pixels is implausibly large for a radiograph (decompression bomb guard)")
+    check_aspect(name, width, height)
     if getattr(opened, "n_frames", 1) != 1:  # an animated PNG; multi-frame DICOM is refused too
         fail(f"{name}: {opened.n_frames} frames (an animation); a chest radiograph is one image")
 

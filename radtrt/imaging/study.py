@@ -28,12 +28,12 @@ from pydicom.dataset import Dataset
 
 from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.dicom import holds_no_image, load_dicom_image, read_dicom, read_header
+from radtrt.imaging.pixels import check_aspect
 from radtrt.imaging.raster import check_raster_header, load_raster, sniff_raster
 from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_of
 from radtrt.outputs import broken_link
 
 _DICOM_MAGIC_OFFSET = 128
-MAX_ASPECT = 4  # long side over short side; chest radiographs are near 1.2:1, long-length stitched ones 3:1
 MIN_SIDE = 64  # below this, a thumbnail or a test pattern, not a radiograph: said, not refused
 
 
@@ -102,10 +102,7 @@ def _load(path: Path, kind: str, *, allow_any_modality: bool,
         selected = SelectedImage(image.pixels_u8, path, image.view_position, image.modality,
                                  image.dataset, image.view_source, skipped)
     rows, cols = selected.pixels_u8.shape[:2]
-    if max(rows, cols) > MAX_ASPECT * min(rows, cols):
-        # the transform scales the short side to the model's size: a 1 x 20000 strip would become 518 x 10 million
-        fail(f"{path.name}: a {cols} x {rows} image is not a chest radiograph (sides differ by more than "
-             f"{MAX_ASPECT}:1)")
+    check_aspect(path.name, cols, rows)  # the decoded image: what the model would be given
     return selected
 
 
