@@ -510,6 +510,21 @@ def test_outputs_inside_the_studies_folder_are_refused_first(tmp_path: Path, kin
     assert [p.name for p in (tmp_path / "studies").iterdir()] == ["a.dcm"] and not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("kind, flag", [("latency", "-o"), ("parity", "--predictions-out")])
+def test_outputs_among_a_manifests_images_are_refused_first(tmp_path: Path, kind: str, flag: str) -> None:
+    """The chart (a PNG) landed among the images a manifest lists, and a later run over that folder read it as a
+    chest X-ray."""
+    (tmp_path / "set" / "png").mkdir(parents=True)
+    (tmp_path / "set" / "png" / "a.png").write_bytes(b"x")
+    (tmp_path / "set" / "m.jsonl").write_text('{"image": "png/a.png", "findings": "Clear."}\n')
+    target = tmp_path / "set" / "png" / ("r.md" if flag == "-o" else "preds")
+    code, _, err = _invoke("bench", kind, "--random-model", "tiny", "--studies", tmp_path / "set" / "m.jsonl",
+                           "--work-dir", tmp_path / "never", flag, target)
+    assert code == 2 and f"{flag} {target} is inside {tmp_path / 'set' / 'png'}, a folder of the images the " \
+                          "--studies manifest lists" in err and "Traceback" not in err, err
+    assert [p.name for p in (tmp_path / "set" / "png").iterdir()] == ["a.png"] and not (tmp_path / "never").exists()
+
+
 def test_the_default_work_dir_inside_a_studies_folder_given_as_dot_is_fine(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Run from inside the studies folder (--studies .), the default work dir (a hidden folder, never read as a

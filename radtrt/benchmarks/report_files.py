@@ -104,9 +104,19 @@ def check_predictions_apart(predictions_out: Path | None, out: Path | None) -> N
 
 def check_outside_studies(studies: Path | None, outputs: list[tuple[str, Path | None]]) -> None:
     """Nothing is written into a --studies folder: its entries are the studies, so a report left there was read
-    as a study by the printed reproduce command, and --work-dir exported a random model among them."""
-    if studies is None or not studies.is_dir():
+    as a study by the printed reproduce command, and --work-dir exported a random model among them. Nor into
+    the folder of a manifest row's image: the chart (a PNG) joined the images there, and a later run over that
+    folder (bench, calibrate) took it for a chest X-ray without a word."""
+    if studies is None:
         return
+    folders = [(studies, f"the --studies folder {studies}")] if studies.is_dir() else []
+    if studies.is_file() and studies.suffix in (".jsonl", ".json") or (studies / "manifest.jsonl").is_file():
+        from radtrt.calibration.samples import source_entries
+
+        listed = {e.study if e.study.is_dir() else e.study.parent for e in source_entries(studies, "--studies")[1]}
+        folders += [(folder, f"{folder}, a folder of the images the --studies manifest lists")
+                    for folder in sorted(listed)]
     for flag, path in outputs:
-        if path is not None and within(path, studies):
-            fail(f"{flag} {path} is inside the --studies folder {studies}; write outputs elsewhere")
+        for folder, named in folders:
+            if path is not None and within(path, folder):
+                fail(f"{flag} {path} is inside {named}; write outputs elsewhere")
