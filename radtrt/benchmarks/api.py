@@ -12,6 +12,7 @@ from typing import Any
 from radtrt.benchmarks.assets import check_vs_bundle_fits, resolve_assets, study_entries, study_paths
 from radtrt.benchmarks.latency import BackendInfo, LatencyReport, LatencySettings, build_report, measure
 from radtrt.benchmarks.machine import (
+    PEAK_AFTER_BUILD,
     PEAK_WHILE_MEASURED,
     PEAK_WHOLE_PROCESS,
     gpu_peak_memory_mb,
@@ -83,7 +84,8 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
                         infos=[BackendInfo.of(s) for s in sides], samples=samples, n_studies=len(paths),
                         prompt_tokens=prompt_tokens, image_tokens=pipeline.cfg.num_image_tokens,
                         bandwidth=bandwidth, peak_rss_mb=peak, gpu_peak_memory_mb=gpu_peak_memory_mb(),
-                        peak_rss_scope=PEAK_WHILE_MEASURED if scoped else PEAK_WHOLE_PROCESS)
+                        peak_rss_scope=(PEAK_WHOLE_PROCESS if not scoped else
+                                        PEAK_AFTER_BUILD if assets.built else PEAK_WHILE_MEASURED))
 
 
 def _torch_threads() -> int:

@@ -38,6 +38,7 @@ class Assets:
     model_dir: Path | None
     bundle: Path | None
     label: str  # how reports name the model, e.g. "mid (random weights, seed 0)"
+    built: bool = False  # built by this process (--random-model, not from the cache): its libraries stay loaded
 
 
 def vision_only_config(cfg: LlavaRadConfig) -> LlavaRadConfig:
@@ -137,7 +138,7 @@ def random_assets(preset_name: str, work_dir: Path, *, seed: int = 0, vision_onl
     (folder / ASSETS_MARKER).write_text(json.dumps(meta))
     _build(cfg, name, seed, folder, progress)
     (folder / ASSETS_MARKER).write_text(json.dumps(meta | {"files": _file_stamps(folder)}))  # complete
-    return Assets(folder / "model", folder / "bundle", label)
+    return Assets(folder / "model", folder / "bundle", label, built=True)
 
 
 def _build(cfg: LlavaRadConfig, name: str, seed: int, folder: Path, progress: Any) -> None:
