@@ -280,6 +280,13 @@ _register_subcommands()
 def main() -> None:
     interrupts.install()  # SIGTERM unwinds as Ctrl-C does; neither breaks an import in progress
     try:
+        _run()
+    finally:  # the outcome is settled, whichever it is: an interrupt now would only misreport it
+        interrupts.finished()
+
+
+def _run() -> None:
+    try:
         try:
             code = app(standalone_mode=False)  # typer returns the exit code instead of leaving
         except OSError as e:  # --help from typer's rich formatter into a full disk (commands' wrappers take theirs)

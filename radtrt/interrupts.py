@@ -45,3 +45,10 @@ def install() -> None:
     """Take over SIGINT and SIGTERM for this process (the main thread only, as ``signal`` requires)."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+def finished() -> None:
+    """The command has ended (its results printed, or its failure said): a Ctrl-C during the second or so the
+    interpreter takes to tear down (torch's thread pools, module finalizers) no longer turns a complete run into
+    exit 130, which made ``radtrt ... && next`` skip ``next`` over output that was whole."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

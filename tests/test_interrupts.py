@@ -43,3 +43,21 @@ def test_an_interrupt_during_an_import_waits_for_it_then_exits_130(tmp_path: Pat
     proc.wait(timeout=60)
     assert proc.returncode == 130, proc.stderr.read().decode() if proc.stderr else ""
     assert (tmp_path / "imported").exists()  # the import ran to its end before the interrupt landed
+
+
+def test_once_a_command_has_ended_ctrl_c_no_longer_changes_its_status(monkeypatch) -> None:
+    """A Ctrl-C in the second the interpreter takes to tear down made a complete run exit 130."""
+    import pytest
+
+    from radtrt.cli import main
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "argv", ["radtrt", "--version"])
+    try:
+        with pytest.raises(SystemExit) as ended:
+            main()
+        assert ended.value.code == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
