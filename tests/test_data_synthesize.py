@@ -555,13 +555,10 @@ def test_timeout_help_says_what_it_bounds() -> None:
     assert "Seconds per request" not in text
 
 
-def test_many_labels_are_checked_in_linear_time() -> None:
-    """Repeated names were found with list.count for each name: 30,000 labels took 17 s."""
-    import time
-
+def test_a_repeat_among_many_labels_is_found() -> None:
+    """Repeated names were found with list.count for each name (30,000 labels took 17 s; now counted once, no
+    timing asserted here: speed lives in benchmark commands)."""
     names = [f"finding {i}" for i in range(20_000)]
-    start = time.perf_counter()
     assert len(parse_labels(names, "x").positive) == 20_000
-    assert time.perf_counter() - start < 2.0  # about 0.05 s; the quadratic check took about 6 s
     with pytest.raises(RadtrtError, match="'finding 7' is given more than once"):
         parse_labels([*names, "Finding_7"], "x")
