@@ -531,7 +531,6 @@ def test_a_lone_surrogate_is_refused_before_any_request(server: ScriptedServer, 
     (KEY + "\n", "a line break"),
     ("sk-test-\u00fc-0123456789", "a character that is not ASCII"),
     ("sk-test-\x07-0123456789", "a control character"),
-    ("sk-test 0123456789", "a space"),
 ])
 def test_an_api_key_that_cannot_be_sent_is_refused_up_front(server: ScriptedServer, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch, key: str,
