@@ -111,16 +111,28 @@ def test_resumes_after_a_failure(server: ScriptedServer, tmp_path: Path) -> None
     with pytest.raises(RadtrtError, match="HTTP 400") as info:
         synthesize(labels, tmp_path / "out.jsonl", client=_client(server, None, []), console=None)
     assert KEY not in str(info.value) and str(info.value).endswith("HTTP 400: scripted failure")
-    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
-    with (tmp_path / "out.jsonl").open("a") as f:
+    # the first rows wait apart: under the final name they read as a whole (shorter) manifest
+    partial = tmp_path / "out.jsonl.partial"
+    assert not (tmp_path / "out.jsonl").exists() and len(partial.read_text().splitlines()) == 2
+    with partial.open("a") as f:
         f.write('{"image": "img2.png", "find')  # a run killed mid-line
     synthesize(labels, tmp_path / "out.jsonl", client=_client(server, None, []), console=None)
     assert [r.image for r in read_manifest(tmp_path / "out.jsonl")] == [f"img{i}.png" for i in range(5)]
-    assert len(server.requests) == 3 + 3  # only rows 2..4 asked again
+    assert len(server.requests) == 3 + 3 and not partial.exists()  # only rows 2..4 asked again
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"image": "zzz.png", "labels": []}) + "\n")
     with pytest.raises(RadtrtError, match="other images"):
         synthesize(other, tmp_path / "out.jsonl", client=None, console=None)
+
+
+def test_a_manifest_an_older_radtrt_left_unfinished_is_completed_where_it_is(tmp_path: Path) -> None:
+    """Before OUT.partial, rows were appended to -o itself: such a file is still completed in place."""
+    labels = _labels_file(tmp_path / "labels.jsonl", n=3)
+    whole = synthesize(labels, tmp_path / "whole.jsonl", client=None, console=None).read_text().splitlines()
+    out = tmp_path / "out.jsonl"
+    out.write_text(whole[0] + "\n")
+    synthesize(labels, out, client=None, console=None)
+    assert out.read_text().splitlines() == whole and not (tmp_path / "out.jsonl.partial").exists()
 
 
 def test_a_refused_output_file_is_left_as_it_was(tmp_path: Path) -> None:

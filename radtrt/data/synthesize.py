@@ -283,8 +283,14 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
 
     Everything that can be refused (the output path, every row's labels, in template mode every
     row's text) is checked before ``out`` is opened, so a refusal leaves no empty manifest behind.
+    Rows are written to ``OUT.partial`` and renamed to ``out`` once the last one is: a run stopped part way
+    (an endpoint down, Ctrl-C) left an ordinary-looking manifest of its first rows under the final name, which
+    training took as the whole set. A rerun completes ``OUT.partial``; an ``out`` from a radtrt before this
+    (written row by row in place) is still completed where it is.
     """
     check_file_target(out, "output manifest")
+    target = out if out.exists() else out.with_name(out.name + ".partial")
+    check_file_target(target, "unfinished output manifest")
     if out.exists() and out.samefile(labels_file):
         fail(f"-o {out} is the label file itself; choose another output manifest")
     if not (math.isfinite(temperature) and 0 <= temperature <= 2):
@@ -309,7 +315,7 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
     mode["label_rules"] = LABEL_RULES_VERSION
-    start = _done_rows(out, inputs, mode, given)
+    start = _done_rows(target, inputs, mode, given)
     templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
                  for i in range(start, len(inputs))} if client is None else {}
     make_dir(out.parent, "folder for the output manifest")
@@ -327,13 +333,18 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
                    "source_labels": obj.get("labels"), "synthesis": mode}
             if handle is None:
                 try:
-                    handle = stack.enter_context(out.open("a", encoding="utf-8"))
+                    handle = stack.enter_context(target.open("a", encoding="utf-8"))
                 except OSError as e:
-                    fail(f"cannot write {out}: {e.strerror}")
+                    fail(f"cannot write {target}: {e.strerror}")
             try:  # the rows before this one stay: a rerun completes the manifest
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 handle.flush()
             except OSError as e:
-                fail(f"cannot write {out}: {e.strerror}")
+                fail(f"cannot write {target}: {e.strerror}")
             progress.advance(task)
+    if target != out:
+        try:
+            os.replace(target, out)
+        except OSError as e:
+            fail(f"cannot rename {target} to {out}: {e.strerror}")
     return out
