@@ -3,7 +3,8 @@
 Only the standard library (``urllib``): one POST to ``{endpoint}/chat/completions`` per request.
 The API key comes from the caller (read from an environment variable by the CLI), is sent only
 in the ``Authorization`` header and never appears in messages, logs or the cache. Error messages
-carry the HTTP status, never the response body (which may echo clinical text).
+carry the HTTP status and the server's own error message (one line, the key blanked), never the rest of the
+response body (which may echo clinical text).
 
 * Rate limit: request starts are spaced at least ``1 / rate_per_s`` seconds apart.
 * Retries: HTTP 408/409/429/5xx, timeouts and connection errors are retried up to
