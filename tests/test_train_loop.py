@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
@@ -697,6 +698,53 @@ def test_a_run_folder_is_trained_in_by_one_process_at_a_time(chain: Chain, tmp_p
         holder.communicate("")  # ends it: its lock goes with it
     assert train(resume_config(run), resume=True).model_dir is not None
     assert [e["step"] for e in read_log(run)] == [1, 2, 3, 4]
+
+
+def test_resume_removes_the_temporary_files_of_saves_that_were_killed(chain: Chain, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """kill -9 during a save left checkpoint/.state.pt.XXXXXXXX.partial (replaced_atomically's mkstemp name), as
+    large as the checkpoint, for good. Resume removes it once it holds the run's lock, and nothing else; while
+    another process holds the lock (its save in progress writes such a file), nothing is removed."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from radtrt.training.loop import resume_config
+
+    run = tmp_path / "run"
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(run), max_steps=4, save_every=2)
+    train(cfg, stop_after=2)
+    folder = run / "checkpoint"
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".state.pt.", suffix=".partial")  # what the killed save left
+    os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    leftover = Path(name)
+    others = [folder / n for n in (".state.pt.partial", ".state.pt.abc.partial", ".state.pt.abcd1234.partial.keep",
+                                   "notes.partial", ".log.jsonl.abcd1234.partial", ".state.pt.ABCD1234.partial")]
+    for other in others:
+        other.write_text("the user's")
+    linked = folder / ".state.pt.zz99zz99.partial"  # a link is not a file radtrt wrote
+    linked.symlink_to(tmp_path / "target")
+    (tmp_path / "target").write_text("the user's")
+    holder = subprocess.Popen(  # another radtrt, in the middle of its run (and maybe of a save)
+        [sys.executable, "-c", "import sys; from pathlib import Path; from radtrt.training.runlock import lock_run; "
+         "lock = lock_run(Path(sys.argv[1]), 'busy'); print('locked', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RadtrtError, match="is training in .*run right now"):
+            train(resume_config(run), resume=True)
+        assert leftover.is_file()
+    finally:
+        holder.communicate("")
+    capsys.readouterr()
+    assert train(resume_config(run), resume=True).model_dir is not None
+    assert not leftover.exists()
+    assert f"removed 1 unfinished checkpoint save (checkpoint/{leftover.name}) left by an interrupted run" in \
+        capsys.readouterr().err
+    assert all(other.read_text() == "the user's" for other in others)
+    assert linked.is_symlink() and (tmp_path / "target").read_text() == "the user's"
 
 
 def test_a_run_stopped_before_its_first_checkpoint_says_what_to_do(chain: Chain, tmp_path: Path) -> None:

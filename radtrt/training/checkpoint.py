@@ -9,6 +9,7 @@ It is written to a temporary name and renamed, so a crash mid-save leaves the pr
 from __future__ import annotations
 
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -22,6 +23,9 @@ from radtrt.outputs import replaced_atomically
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 FORMAT = "radtrt-train-state-1"
+# what radtrt.outputs.replaced_atomically names its temporary file when it writes state.pt: mkstemp's 8 random
+# characters between ".state.pt." and ".partial"
+_LEFTOVER = re.compile(r"\.%s\.[a-z0-9_]{8}\.partial" % re.escape(STATE_FILE))
 FIELDS = {"config": dict, "step": int, "world_size": int, "trainable": dict, "optimizer": dict, "scheduler": dict,
           "rng": list}  # what save_checkpoint's callers store and resume reads
 
@@ -54,6 +58,28 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         fail(f"cannot write training checkpoint {path} ({(str(e).splitlines() or [type(e).__name__])[0]}); the "
              f"previous one is kept")
     return path
+
+
+def remove_leftover_saves(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint saves that never finished; the files removed.
+
+    Why: a run killed (``kill -9``, a node lost) while saving leaves ``checkpoint/.state.pt.XXXXXXXX.partial``,
+    as large as the checkpoint itself (gigabytes at 7B), hidden and never removed. Only the caller that holds the
+    run folder's lock (``runlock.lock_run``) may call this: a save in progress by the lock's holder writes such a
+    file. Only regular files of exactly that name go; anything else in the folder is left as it is."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    removed = []
+    try:
+        for entry in folder.iterdir():
+            if _LEFTOVER.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    except OSError as e:
+        fail(f"cannot remove the unfinished checkpoint saves in {folder} ({e.strerror or e}); delete the files named "
+             f".{STATE_FILE}.*.partial there, then resume again")
+    return removed
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:

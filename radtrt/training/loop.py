@@ -292,6 +292,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     if resume and info.is_main:  # two resumes of one run interleaved its log and removed each other's lora/
         held.enter_context(lock_run(run_dir, f"{{holder}} is training in {run_dir} right now; a second process "
                                              f"would overwrite its checkpoint and log: wait for it to end"))
+        # held now: no other radtrt is saving into the folder, so a temporary checkpoint file there is a killed save's
+        leftovers = ckpt.remove_leftover_saves(run_dir)
+        if leftovers:
+            console.print(f"radtrt: removed {_unfinished_saves(leftovers)} left by an interrupted run", markup=False,
+                          highlight=False, soft_wrap=True)
     _check_run_dir(run_dir, resume, info.is_main, cfg.stage)
     rows = read_manifest(manifest)  # inputs are checked before anything is written
     torch.manual_seed(cfg.seed + info.rank)
@@ -418,6 +423,11 @@ def _interrupted(run_dir: Path, saved: int | None) -> str:
         return (f"radtrt: interrupted before the first checkpoint, so there is nothing to resume: delete {run_dir} "
                 f"and run the command again")
     return f"radtrt: interrupted; 'radtrt train resume {run_dir}' goes on from step {saved}, its last checkpoint"
+
+
+def _unfinished_saves(files: list[Path]) -> str:
+    names = ", ".join(f"{ckpt.CHECKPOINT_DIR}/{f.name}" for f in files)
+    return f"{len(files)} unfinished checkpoint save{'s' if len(files) > 1 else ''} ({names})"
 
 
 def _image_failed(error: str, run_dir: Path) -> str:
