@@ -147,6 +147,12 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(chain: Chain, tmp
     ("--weight-decay", "nan", "weight_decay must be a finite number"),
     ("--lr", "1e38", "lr must be at most 1"),  # AdamW's overflow traceback, and a run folder left behind
     ("--weight-decay", "1e38", "weight_decay must be in [0, 1]"),  # with --lr 10: infinite weights, exit 0
+    # one line for three options ("lr and epochs must be positive and warmup_ratio in [0, 1)"): which one?
+    ("--lr", "0", "lr must be positive, got 0.0"),
+    ("--epochs", "-1", "epochs must be positive, got -1.0"),
+    ("--warmup-ratio", "1", "warmup_ratio must be in [0, 1), got 1.0"),
+    ("--weight-decay", "-0.1", "weight_decay must be at least 0, got -0.1"),
+    ("--max-grad-norm", "0", "max_grad_norm must be positive, got 0.0"),
     ("--seed", str(2**64), "seed must be in"),  # torch's RuntimeError traceback
     ("--lora-alpha", "0", "lora_alpha must be at least 1"),  # a LoRA that can never change the model
     ("--lora-r", "100000", "above the rank of this decoder's smallest linear layer"),  # an allocation failure

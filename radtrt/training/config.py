@@ -97,8 +97,13 @@ class TrainConfig:
                 fail(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lm_condition not in LM_CONDITIONS:
             fail(f"unknown lm_condition '{self.lm_condition}' ({', '.join(LM_CONDITIONS)})")
-        if self.lr <= 0 or self.epochs <= 0 or not 0 <= self.warmup_ratio < 1:
-            fail("lr and epochs must be positive and warmup_ratio in [0, 1)")
+        # each named with what was given: "lr and epochs must be positive and warmup_ratio in [0, 1)"
+        # left the user to guess which of the three was wrong
+        for name in ("lr", "epochs"):
+            if getattr(self, name) <= 0:
+                fail(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            fail(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         # checked here, not where they are used: a bad value must not surface mid-run as a traceback
         # (save_every 0 divides by zero at the first step) or be quietly read as "unset" (max_steps 0)
         if self.max_steps is not None and self.max_steps < 1:
@@ -109,8 +114,10 @@ class TrainConfig:
             fail(f"num_workers must be at least 0, got {self.num_workers}")
         if not 0 <= self.lora_dropout < 1:
             fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.weight_decay < 0 or self.max_grad_norm <= 0:
-            fail("weight_decay must be at least 0 and max_grad_norm positive")
+        if self.weight_decay < 0:
+            fail(f"weight_decay must be at least 0, got {self.weight_decay}")
+        if self.max_grad_norm <= 0:
+            fail(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         # bounded here, before the run folder is made: lr 1e38 overflowed inside AdamW (a RuntimeError traceback
         # that left train_config.json behind), and lr 10 with weight decay 1e38 trained to infinite weights.
         # AdamW decays by lr * weight_decay per step: above 1 it flips the weights' signs instead of shrinking them
