@@ -62,6 +62,21 @@ def _manifest(tmp_path: Path) -> Path:
     return tmp_path / "m.jsonl"
 
 
+def test_a_manifest_whose_labels_are_all_empty_is_said_to_be_so(tmp_path: Path) -> None:
+    """Every row with "labels": [] was said as "the manifest has no 'labels'", sending the user to add what is
+    there."""
+    from radtrt.training.loop import label_vocabulary
+
+    path = _manifest(tmp_path)
+    path.write_text("".join(json.dumps({**json.loads(line), "labels": []}) + "\n"
+                            for line in path.read_text().splitlines()))
+    dataset = ManifestDataset(read_manifest(path), tmp_path, tokenizer=None, template=None, max_length=8,
+                              image_size=None)
+    with pytest.raises(RadtrtError, match="every manifest row's 'labels' is an empty list; list each study's "
+                                          "findings there"):
+        label_vocabulary(dataset)
+
+
 def test_cached_pixels_normalise_exactly_like_preprocess(tmp_path: Path) -> None:
     image = tmp_path / "x.png"
     _manifest(tmp_path)

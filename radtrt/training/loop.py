@@ -59,9 +59,15 @@ class TrainResult:
 def label_vocabulary(dataset: ManifestDataset) -> list[str]:
     """Labels seen in the manifest: the phantom vocabulary's order first, then any others sorted."""
     seen = {label for i in range(len(dataset.rows)) for label in dataset.row_labels(i)}
+    if not seen and all(row.labels is not None for row in dataset.rows):
+        # said as "the manifest has no 'labels'" when every row had them, as []; the phrase labeler gives every
+        # findings paragraph at least "no_finding", so this is the case in practice
+        fail("trunk pretraining needs finding labels: every manifest row's 'labels' is an empty list; list each "
+             "study's findings there (\"no_finding\" for a normal study), or leave 'labels' out to have them read "
+             "from the findings")
     if not seen:
-        fail("trunk pretraining needs finding labels: the manifest has no 'labels' and none could be read "
-             "from its findings")
+        fail("trunk pretraining needs finding labels: the manifest's rows have none, and none could be read from "
+             "their findings")
     return [x for x in LABELS if x in seen] + sorted(seen - set(LABELS))
 
 
