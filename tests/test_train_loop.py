@@ -465,6 +465,32 @@ def test_an_image_that_fails_mid_run_says_the_run_must_start_again(chain: Chain,
         train(_lazy_stage1(chain, data, run))
 
 
+def test_an_image_that_fails_before_the_first_checkpoint_says_to_start_again(chain: Chain, tmp_path: Path) -> None:
+    """The message named 'radtrt train resume RUN', which then refused the run: it had stopped before its first
+    checkpoint."""
+    import shutil
+
+    from radtrt.training.loop import resume_config
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(chain.manifest.parent, data)
+    # row 12 is in the first step's first micro-batch (seed 0, 16 rows, 4 a step)
+    image = data / json.loads((data / "manifest.jsonl").read_text().splitlines()[12])["image"]
+    image.write_bytes(image.read_bytes()[:60])
+    cfg = make_config("stage1", "tiny", manifest=str(data / "manifest.jsonl"),
+                      init_model=str(chain.runs["lm"] / "model"), out_dir=str(run), max_steps=4, save_every=2,
+                      num_workers=1, cache_features=False)
+    with pytest.raises(RadtrtError) as failed:
+        train(cfg)
+    assert str(failed.value) == (
+        f"{image}: image data is truncated or corrupt; the run stopped before its first checkpoint, so there is "
+        f"nothing to resume: once the file can be read, delete {run} and run the training command again (or "
+        f"choose another -o)")
+    assert not (run / "checkpoint").exists()
+    with pytest.raises(RadtrtError, match="stopped before its first checkpoint"):
+        resume_config(run)
+
+
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
     """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),

@@ -366,7 +366,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                 for micro in range(cfg.grad_accum):
                     batch = next(batches)
                     if "error" in batch:  # an unreadable image, read lazily by a DataLoader worker
-                        fail(_image_failed(batch["error"], run_dir))
+                        fail(_image_failed(batch["error"], run_dir, saved))
                     sync = micro == cfg.grad_accum - 1 or not info.enabled
                     with (contextlib.nullcontext() if sync else model.no_sync()), autocast:  # type: ignore[operator]
                         loss = model(batch)
@@ -436,10 +436,14 @@ def _unfinished_saves(files: list[Path]) -> str:
     return f"{len(files)} unfinished checkpoint save{'s' if len(files) > 1 else ''} ({names})"
 
 
-def _image_failed(error: str, run_dir: Path) -> str:
+def _image_failed(error: str, run_dir: Path, saved: int | None) -> str:
     """A lazily read image that failed mid-run (its header passed the check before the run). Resume refuses a run
     whose image data changed since it began (the files' digest), so repairing the image cannot continue this run:
-    the message says so, instead of leaving the user to find it out from a refused resume."""
+    the message says so, instead of leaving the user to find it out from a refused resume. Before the first
+    checkpoint (``saved`` None) there is nothing to resume at all: resume was named, and refused the run."""
+    if saved is None:
+        return (f"{error}; the run stopped before its first checkpoint, so there is nothing to resume: once the file "
+                f"can be read, delete {run_dir} and run the training command again (or choose another -o)")
     return (f"{error}; if the file was only out of reach (permissions, a mount), restore access and run 'radtrt "
             f"train resume {run_dir}'; if its bytes must be repaired, resume refuses a run whose images changed since "
             f"it began: start the run again (delete {run_dir} or choose another -o)")
