@@ -77,6 +77,21 @@ def test_a_manifest_whose_labels_are_all_empty_is_said_to_be_so(tmp_path: Path) 
         label_vocabulary(dataset)
 
 
+@pytest.mark.parametrize("where", ["image", "folder"])
+def test_a_manifest_image_behind_a_link_loop_is_said_to_be_one(tmp_path: Path, where: str) -> None:
+    """A row's image that is a symbolic link loop (or lies in one) was said to be "not found"."""
+    path = _manifest(tmp_path)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    image = "loop" if where == "image" else "loop/x.png"
+    path.write_text("".join(json.dumps({**json.loads(line), "image": image}) + "\n"
+                            for line in path.read_text().splitlines()))
+    culprit = "it" if where == "image" else str(loop)
+    with pytest.raises(RadtrtError, match=f"manifest image {image} \\(relative to {tmp_path}\\) cannot be read: "
+                                          f"{culprit} is a symbolic link loop$"):
+        ManifestDataset(read_manifest(path), tmp_path, tokenizer=None, template=None, max_length=8, image_size=56)
+
+
 def test_cached_pixels_normalise_exactly_like_preprocess(tmp_path: Path) -> None:
     image = tmp_path / "x.png"
     _manifest(tmp_path)

@@ -28,6 +28,7 @@ from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.preprocess import preprocess
 from radtrt.imaging.study import load_study, screen_study, study_files
 from radtrt.model.tokenizer import LlamaSPTokenizer
+from radtrt.outputs import broken_link
 from radtrt.progress import make_progress
 from radtrt.training.examples import build_example, min_length
 
@@ -69,9 +70,15 @@ class ManifestDataset(torch.utils.data.Dataset):
                  f"prompt before the report is longer); it must be at least {min_length(tokenizer, template)}")
         self.images: torch.Tensor | None = None
         if image_size is not None:
-            missing = next((r.image for r in rows if not r.image_path(root).exists()), None)
+            missing = next((r for r in rows if not r.image_path(root).exists()), None)
             if missing is not None:
-                fail(f"manifest image not found: {missing} (relative to {root})")
+                path = missing.image_path(root)
+                # a link that leads nowhere was said as "not found", the file plainly being there
+                broken = next((p for p in (path, *path.parents) if broken_link(p)), None)
+                if broken is not None:
+                    fail(f"manifest image {missing.image} (relative to {root}) cannot be read: "
+                         f"{'it' if broken == path else broken} is {broken_link(broken)}")
+                fail(f"manifest image not found: {missing.image} (relative to {root})")
             if preload:
                 self.images = self._preload(console)
             else:  # read later, by DataLoader workers: what their headers tell is refused now, before the run starts
