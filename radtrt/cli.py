@@ -107,7 +107,7 @@ def convert(
                                                               "float32 \\[default: float16]"),
 ) -> None:
     """Convert between the official release layout and radtrt's merged layout."""
-    from radtrt.model.loading import check_generates, load_model, save_toolkit
+    from radtrt.model.loading import RUN_MARKS, check_generates, load_model, save_toolkit
     from radtrt.outputs import check_new_dir
     from radtrt.runtime.backends import DTYPES
 
@@ -124,6 +124,12 @@ def convert(
     if to == "llava-rad":
         from radtrt.training.release_export import export_release
 
+        if base_model is not None and model.is_dir() and not (model / "config.json").exists() \
+                and any((model / mark).is_file() for mark in RUN_MARKS):
+            # load_model refused the run folder for what it is ("give its model, RUN/model"), though a run folder
+            # is what --to llava-rad takes: the --base-model was what sent it there
+            fail(f"{model} is a training run folder, whose model holds its whole decoder (a stage-2 run's base is the "
+                 f"model it started from, as the run records it): drop --base-model {base_model}")
         source = load_model(model, base_model) if base_model is not None else model
         with err.status(plain(f"writing the release layout to {out}")):
             release, base = export_release(source, out)

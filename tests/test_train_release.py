@@ -83,6 +83,27 @@ def test_a_stage2_run_without_its_train_config_exports_its_lora(chain: Chain, tm
     assert adapter.keys() == trained.keys() and all(torch.equal(adapter[k], trained[k]) for k in adapter)
 
 
+def test_convert_of_a_run_folder_with_a_base_model_says_the_base_model_is_in_the_way(
+        chain: Chain, tmp_path: Path, tiny_release: TinyRelease) -> None:
+    """convert --to llava-rad takes a run folder, but with --base-model it said "RUN is a training run folder, not
+    a model: give its model, RUN/model" (load_model's words), and RUN/model was then refused for --base-model."""
+    from typer.testing import CliRunner
+
+    from radtrt.cli import app
+
+    def convert(*args: object) -> tuple[int, str]:
+        result = CliRunner().invoke(app, ["convert", "--to", "llava-rad", *map(str, args)])
+        return result.exit_code, result.stderr
+
+    run = chain.runs["stage2"]
+    code, err = convert("--model", run, "--base-model", tiny_release.base_dir, "-o", tmp_path / "out")
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert f"{run} is a training run folder, whose model holds its whole decoder" in err
+    assert f"drop --base-model {tiny_release.base_dir}" in err and "give its model" not in err
+    code, err = convert("--model", run, "-o", tmp_path / "out")
+    assert code == 0, err
+
+
 def test_an_unfinished_run_is_sent_where_it_can_go(chain: Chain, tmp_path: Path) -> None:
     """A run without model/ was sent to resume, which had no checkpoint to resume from either."""
     run = tmp_path / "run"
