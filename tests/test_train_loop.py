@@ -491,6 +491,39 @@ def test_an_image_that_fails_before_the_first_checkpoint_says_to_start_again(cha
         resume_config(run)
 
 
+def _with_views(chain: Chain, data: Path, views: dict[int, str]) -> Path:
+    """A copy of the chain's phantoms whose rows ``views`` name a DICOM of that view, after a blank first line."""
+    import shutil
+
+    from radtrt.imaging.synthetic import radiograph_dataset, synthetic_chest
+
+    shutil.copytree(chain.manifest.parent, data)
+    rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    for index, view in views.items():
+        radiograph_dataset(synthetic_chest(rows=72, cols=64, seed=index), view_position=view).save_as(
+            data / f"row{index}.dcm", enforce_file_format=True)
+        rows[index]["image"] = f"row{index}.dcm"
+    (data / "manifest.jsonl").write_text("\n" + "".join(json.dumps(row) + "\n" for row in rows))
+    return data / "manifest.jsonl"
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_training_on_views_that_are_not_frontal_is_warned_about_once(chain: Chain, tmp_path: Path, lazy: bool,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A lateral in a manifest row trained without a word (infer calls a report on one unreliable)."""
+    manifest = _with_views(chain, tmp_path / "data", {2: "PA", 5: "LL", 9: "RL"})
+    cfg = make_config("stage1", "tiny", manifest=str(manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(tmp_path / "run"), max_steps=1, num_workers=1 if lazy else 0,
+                      cache_features=not lazy)  # lazy: screened by headers, read by a DataLoader worker
+    train(cfg)
+    err = capsys.readouterr().err
+    warning = (f"radtrt: warning: 2 manifest rows are not a frontal (PA/AP) view (first: {manifest}:7, a LL view); "
+               f"LLaVA-Rad trains and reports on frontal radiographs, and infer calls a report on any other view "
+               f"unreliable")
+    assert err.count(warning) == 1, err
+    assert "row5.dcm" not in err and "row9.dcm" not in err
+
+
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
     """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),

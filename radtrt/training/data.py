@@ -26,7 +26,10 @@ from radtrt.data.labeler import extract_labels
 from radtrt.data.manifest import ManifestRow
 from radtrt.errors import RadtrtError, fail
 from radtrt.imaging.preprocess import preprocess
+from radtrt.imaging.dicom import read_header
+from radtrt.imaging.raster import sniff_raster
 from radtrt.imaging.study import load_study, screen_study, study_files
+from radtrt.imaging.views import UNKNOWN_VIEW, is_frontal, view_of
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import broken_link
 from radtrt.progress import make_progress
@@ -35,8 +38,28 @@ from radtrt.training.examples import build_example, min_length
 
 def load_pixels_u8(path: Path, image_size: int) -> torch.Tensor:
     """The study's frontal image resized and cropped as ``preprocess`` does, as uint8 ``[S, S]``."""
-    unit = preprocess(load_study(path).pixels_u8, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0]
-    return unit.mul(255).round().to(torch.uint8)
+    return _load_pixels_u8(path, image_size)[0]
+
+
+def _load_pixels_u8(path: Path, image_size: int) -> tuple[torch.Tensor, str]:
+    """:func:`load_pixels_u8`, and the view of the image read (``views.view_of``'s code)."""
+    image = load_study(path)
+    unit = preprocess(image.pixels_u8, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0]
+    return unit.mul(255).round().to(torch.uint8), image.view_position
+
+
+def _screened_view(path: Path) -> str:
+    """The view of the image a screened study will be read from, from its header alone. A folder always gives a
+    frontal image or one of unknown view (``study._choose``), so only a file given by itself is looked at; a PNG or
+    JPEG has no view to tell."""
+    if path.is_dir():
+        return UNKNOWN_VIEW
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:  # read a moment ago by the screening: gone or locked away since
+        fail(f"cannot read manifest image {path} ({e.strerror or e})")
+    return UNKNOWN_VIEW if sniff_raster(head) else view_of(read_header(path))[0]
 
 
 def normalize(pixels_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -69,6 +92,9 @@ class ManifestDataset(torch.utils.data.Dataset):
             fail(f"max_length {max_length} leaves no report token to train on in any '{template}' example (the "
                  f"prompt before the report is longer); it must be at least {min_length(tokenizer, template)}")
         self.images: torch.Tensor | None = None
+        # (row index, view) of each image that is not frontal: infer calls its report unreliable, and a run trained
+        # on them without a word (the training loop warns)
+        self.non_frontal: list[tuple[int, str]] = []
         if image_size is not None:
             missing = next((r for r in rows if not r.image_path(root).exists()), None)
             if missing is not None:
@@ -90,8 +116,9 @@ class ManifestDataset(torch.utils.data.Dataset):
         changed cannot be resumed."""
         with make_progress(console=console or Console(stderr=True), transient=True) as progress:
             task = progress.add_task("checking images", total=len(self.rows))
-            for row in self.rows:
+            for i, row in enumerate(self.rows):
                 screen_study(row.image_path(self.root))
+                self._note_view(i, _screened_view(row.image_path(self.root)))
                 progress.advance(task)
 
     def _preload(self, console: Console | None) -> torch.Tensor:
@@ -100,9 +127,14 @@ class ManifestDataset(torch.utils.data.Dataset):
         with make_progress(console=console or Console(stderr=True), transient=True) as progress:
             task = progress.add_task("reading images", total=len(self.rows))
             for i, row in enumerate(self.rows):
-                images[i] = load_pixels_u8(row.image_path(self.root), self.image_size)
+                images[i], view = _load_pixels_u8(row.image_path(self.root), self.image_size)
+                self._note_view(i, view)
                 progress.advance(task)
         return images
+
+    def _note_view(self, i: int, view: str) -> None:
+        if view != UNKNOWN_VIEW and not is_frontal(view):
+            self.non_frontal.append((i, view))
 
     def images_digest(self) -> str | None:
         """sha256 of the image data the run trains on, for resume to refuse other images under an unchanged

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from radtrt.progress import LineProgress, make_progress
 from torch.nn.parallel import DistributedDataParallel
 
-from radtrt.data.manifest import read_manifest
+from radtrt.data.manifest import read_jsonl, read_manifest
 from radtrt.data.vocabulary import LABELS
 from radtrt.errors import RadtrtError, fail
 from radtrt.model.checkpoints import all_finite
@@ -69,6 +69,17 @@ def label_vocabulary(dataset: ManifestDataset) -> list[str]:
         fail("trunk pretraining needs finding labels: the manifest's rows have none, and none could be read from "
              "their findings")
     return [x for x in LABELS if x in seen] + sorted(seen - set(LABELS))
+
+
+def _non_frontal_warning(manifest: Path, rows: list[tuple[int, str]]) -> str:
+    """One line for every row whose image is not frontal: infer calls a report on such a view unreliable, and
+    training took them without a word. Where to look (the first row's line) and the view code only; never the
+    image's path, which may carry a patient's name."""
+    index, view = rows[0]
+    line = next(lineno for k, (lineno, _) in enumerate(read_jsonl(manifest)) if k == index)
+    return (f"radtrt: warning: {len(rows)} manifest row{'s are' if len(rows) > 1 else ' is'} not a frontal (PA/AP) "
+            f"view (first: {manifest}:{line}, a {view} view); LLaVA-Rad trains and reports on frontal radiographs, "
+            f"and infer calls a report on any other view unreliable")
 
 
 def _optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -203,8 +214,6 @@ def _truncate_log(run_dir: Path, step: int) -> None:
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
     """The run's log entries, for scripts that plot a run; a cut last line (a run killed while appending) is
     left out, as resume leaves it out."""
-    from radtrt.data.manifest import read_jsonl
-
     path = run_dir / LOG_FILE
     return [entry for _, entry in read_jsonl(path, complete_only=True)] if path.is_file() else []
 
@@ -319,6 +328,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                               preload=cfg.num_workers == 0 or cfg.cache_features, console=console,
                               condition_on_labels=cfg.stage == "lm" and cfg.lm_condition == "labels")
     origin["images_sha256"] = dataset.images_digest()  # before the feature cache drops the pixels
+    if dataset.non_frontal and info.is_main:
+        console.print(_non_frontal_warning(manifest, dataset.non_frontal), markup=False, highlight=False,
+                      soft_wrap=True)
     label_names = label_vocabulary(dataset) if cfg.stage == "vision" else None
     dataset.label_names = label_names
     objective, peft_lm = build_objective(cfg, loaded.model, label_names)
