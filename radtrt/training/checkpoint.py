@@ -25,7 +25,7 @@ STATE_FILE = "state.pt"
 FORMAT = "radtrt-train-state-1"
 # what radtrt.outputs.replaced_atomically names its temporary file when it writes state.pt: mkstemp's 8 random
 # characters between ".state.pt." and ".partial"
-_LEFTOVER = re.compile(r"\.%s\.[a-z0-9_]{8}\.partial" % re.escape(STATE_FILE))
+_LEFTOVER = re.compile(rf"\.{re.escape(STATE_FILE)}\.[a-z0-9_]{{8}}\.partial")
 FIELDS = {"config": dict, "step": int, "world_size": int, "trainable": dict, "optimizer": dict, "scheduler": dict,
           "rng": list}  # what save_checkpoint's callers store and resume reads
 

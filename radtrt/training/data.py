@@ -25,8 +25,8 @@ from torch.utils.data import get_worker_info
 from radtrt.data.labeler import extract_labels
 from radtrt.data.manifest import ManifestRow
 from radtrt.errors import RadtrtError, fail
-from radtrt.imaging.preprocess import preprocess
 from radtrt.imaging.dicom import read_header
+from radtrt.imaging.preprocess import preprocess
 from radtrt.imaging.raster import sniff_raster
 from radtrt.imaging.study import load_study, screen_study, study_files
 from radtrt.imaging.views import UNKNOWN_VIEW, is_frontal, view_of
