@@ -178,7 +178,7 @@ def _choose(candidates: list[_Candidate], folder_name: str, skipped: list[_Refus
             return candidates[0]
         fail(f"{folder_name}: {len(candidates)} images with unknown view; cannot tell which is "
              f"frontal (name the frontal image's file itself: on the command line, or as a JSONL manifest row's "
-             f"'image' for calibration and benchmarks){unused}")
+             f"'image' for training, calibration and benchmarks){unused}")
     fail(f"{folder_name}: no frontal (PA/AP) image; views found: {_describe(candidates)}{unused}")
 
 
