@@ -45,8 +45,8 @@ class Generation:
                 if gen.logits is not None:
                     rows[i] = gen.logits[row]
         logits = None
-        if keep_logits:
-            kept = [r for r in rows if r is not None]
+        kept = [r for r in rows if r is not None]
+        if keep_logits and kept:
             logits = torch.full((n, max(r.shape[0] for r in kept), kept[0].shape[-1]), float("nan"))
             for i, r in enumerate(rows):
                 if r is not None:
