@@ -125,14 +125,28 @@ def test_resumes_after_a_failure(server: ScriptedServer, tmp_path: Path) -> None
         synthesize(other, tmp_path / "out.jsonl", client=None, console=None)
 
 
-def test_a_manifest_an_older_radtrt_left_unfinished_is_completed_where_it_is(tmp_path: Path) -> None:
-    """Before OUT.partial, rows were appended to -o itself: such a file is still completed in place."""
+def test_a_manifest_short_of_its_label_file_is_completed_apart(server: ScriptedServer, tmp_path: Path) -> None:
+    """A manifest an older radtrt left unfinished in place, or one whose label file grew since, is moved to
+    OUT.partial and completed there: appended in place, a stopped run left it short under its name."""
     labels = _labels_file(tmp_path / "labels.jsonl", n=3)
     whole = synthesize(labels, tmp_path / "whole.jsonl", client=None, console=None).read_text().splitlines()
-    out = tmp_path / "out.jsonl"
+    out, partial = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"
     out.write_text(whole[0] + "\n")
     synthesize(labels, out, client=None, console=None)
-    assert out.read_text().splitlines() == whole and not (tmp_path / "out.jsonl.partial").exists()
+    assert out.read_text().splitlines() == whole and not partial.exists()
+    grown, asked = tmp_path / "grown.jsonl", tmp_path / "asked.jsonl"
+    server.script = [None, None]
+    synthesize(_labels_file(tmp_path / "two.jsonl", n=2), asked, client=_client(server, None, []), console=None)
+    server.script = [(400, {})]  # the label file grew by a row, whose request fails
+    with pytest.raises(RadtrtError, match="HTTP 400"):
+        synthesize(_labels_file(grown, n=3), asked, client=_client(server, None, []), console=None)
+    assert not asked.exists() and len(asked.with_name("asked.jsonl.partial").read_text().splitlines()) == 2
+    partial.write_text(whole[0] + "\n")
+    out.write_text(whole[0] + "\n")
+    with pytest.raises(RadtrtError, match="both .*out.jsonl and .*out.jsonl.partial exist"):
+        synthesize(labels, out, client=None, console=None)
+    with pytest.raises(RadtrtError, match="unfinished manifest .*out.jsonl.partial is the label file itself"):
+        synthesize(partial, out, client=None, console=None)
 
 
 def test_a_refused_output_file_is_left_as_it_was(tmp_path: Path) -> None:

@@ -285,14 +285,16 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     row's text) is checked before ``out`` is opened, so a refusal leaves no empty manifest behind.
     Rows are written to ``OUT.partial`` and renamed to ``out`` once the last one is: a run stopped part way
     (an endpoint down, Ctrl-C) left an ordinary-looking manifest of its first rows under the final name, which
-    training took as the whole set. A rerun completes ``OUT.partial``; an ``out`` from a radtrt before this
-    (written row by row in place) is still completed where it is.
+    training took as the whole set. A rerun completes ``OUT.partial``. An ``out`` short of the label file's rows
+    (the label file grew since, or a radtrt before this wrote it row by row in place) is moved to ``OUT.partial``
+    and completed there, so it too is never left short under its name.
     """
     check_file_target(out, "output manifest")
-    target = out if out.exists() else out.with_name(out.name + ".partial")
+    target = out.with_name(out.name + ".partial")
     check_file_target(target, "unfinished output manifest")
-    if out.exists() and out.samefile(labels_file):
-        fail(f"-o {out} is the label file itself; choose another output manifest")
+    for path, flag in ((out, "-o"), (target, f"-o {out}'s unfinished manifest")):
+        if path.exists() and path.samefile(labels_file):
+            fail(f"{flag} {path} is the label file itself; choose another output manifest")
     if not (math.isfinite(temperature) and 0 <= temperature <= 2):
         fail(f"--temperature must be within 0-2, got {temperature}")
     rows = list(read_jsonl(labels_file))
@@ -315,6 +317,15 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
     mode["label_rules"] = LABEL_RULES_VERSION
+    if out.exists():
+        if _done_rows(out, inputs, mode, given) == len(inputs):
+            return out  # whole already: nothing to ask
+        if target.exists():
+            fail(f"both {out} and {target} exist, each an unfinished manifest; delete the one you do not want")
+        try:
+            os.replace(out, target)
+        except OSError as e:
+            fail(f"cannot rename {out} to {target}: {e.strerror}")
     start = _done_rows(target, inputs, mode, given)
     templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
                  for i in range(start, len(inputs))} if client is None else {}
@@ -342,9 +353,8 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
             except OSError as e:
                 fail(f"cannot write {target}: {e.strerror}")
             progress.advance(task)
-    if target != out:
-        try:
-            os.replace(target, out)
-        except OSError as e:
-            fail(f"cannot rename {target} to {out}: {e.strerror}")
+    try:
+        os.replace(target, out)
+    except OSError as e:
+        fail(f"cannot rename {target} to {out}: {e.strerror}")
     return out
