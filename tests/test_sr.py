@@ -188,3 +188,10 @@ def test_a_patient_name_its_character_set_cannot_decode_gives_no_sr(tmp_path: Pa
                                           r"\(ISO_IR 192\); no SR written$") as info:
         write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
     assert "SECRET" not in str(info.value) and not (tmp_path / "out").exists()
+    ds = pydicom.dcmread(source)
+    ds.SpecificCharacterSet = ["ISO_IR 192", "DOE^JOHN"]  # a hand-made header: only defined terms are shown
+    ds.save_as(source, enforce_file_format=True)
+    with pytest.raises(RadtrtError, match=r"character set \(ISO_IR 192\\\(a value that is not a DICOM defined "
+                                          r"term\)\)") as info:
+        write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
+    assert "DOE" not in str(info.value)

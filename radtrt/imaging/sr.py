@@ -180,10 +180,21 @@ def _check_decoded(sr: Dataset, source: SelectedImage) -> None:
     document's top level is looked at: that is where the copied values sit (the report is radtrt's own text)."""
     for element in sr:
         if element.VR in _TEXT_VRS and element.value is not None and "\ufffd" in str(element.value):
-            charset = source.dataset.get("SpecificCharacterSet", "ISO_IR 6, none given")
-            named = charset if isinstance(charset, str) else "\\".join(charset)
+            named = _character_sets(source.dataset)
             fail(f"{source.source_file.name}: its {element.keyword or element.tag} cannot be decoded in its "
                  f"character set ({named}); no SR written")
+
+
+def _character_sets(dataset: Dataset) -> str:
+    """The source's SpecificCharacterSet for a message: its defined terms, any other value only described (a
+    hand-made header can hold anything there, a patient's name included)."""
+    from pydicom.charset import python_encoding
+
+    value = dataset.get("SpecificCharacterSet")
+    if not value:
+        return "ISO_IR 6, none given"
+    terms = [value] if isinstance(value, str) else list(value)
+    return "\\".join(t if t in python_encoding else "(a value that is not a DICOM defined term)" for t in terms)
 
 
 def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name: str,
