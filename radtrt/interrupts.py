@@ -4,9 +4,11 @@ Why: radtrt imports its heavy dependencies lazily (torch, onnx, onnxruntime), an
 one of their C extensions' initialisation did not end as an interrupt: torch's pybind11 code aborted the
 process (``terminate called after throwing an instance of 'pybind11::error_already_set'``, status 134), and
 ml_dtypes (imported by onnx) left numpy half-initialised, so the next attribute lookup recursed into a
-900-frame ``RecursionError`` traceback, status 1, an "internal error". An import takes a second at most, so
-the interrupt is held back until the import is over (the handler looks again every ``RETRY_S``), and only
-then raises ``KeyboardInterrupt``, which the commands' wrappers turn into status 130 after their cleanup.
+900-frame ``RecursionError`` traceback, status 1, an "internal error". So the interrupt is held back while the
+main thread imports (usually a second or two), and delivered once, as ``KeyboardInterrupt``, when the import
+is over; the commands' wrappers turn that into status 130 after their cleanup. A second press while one is
+held back adds nothing (two interrupts landing together cut the first one's cleanup short). An import still
+running ``MAX_HOLD_S`` after the interrupt (a hung network filesystem) is interrupted anyway.
 This module imports nothing heavy itself.
 """
 
@@ -14,11 +16,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import time
 from types import FrameType
 
-RETRY_S = 0.05
+POLL_S = 0.05
+MAX_HOLD_S = 30.0
 IMPORT_MACHINERY = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
+
+_held: set[int] = set()  # signals waiting for an import to end (at most one delivery each)
+_forced: set[int] = set()  # signals re-sent by a watcher: delivered whatever the main thread is doing
 
 
 def importing(frame: FrameType | None) -> bool:
@@ -30,13 +38,26 @@ def importing(frame: FrameType | None) -> bool:
     return False
 
 
+def _watch(signum: int, main_id: int) -> None:
+    """Re-send ``signum`` once the main thread's import is over (or has run past ``MAX_HOLD_S``)."""
+    deadline = time.monotonic() + MAX_HOLD_S
+    while time.monotonic() < deadline and importing(sys._current_frames().get(main_id)):
+        time.sleep(POLL_S)
+    _forced.add(signum)
+    os.kill(os.getpid(), signum)
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGINT and SIGTERM both unwind as Ctrl-C does (a ``timeout``, ``kill`` or batch scheduler's SIGTERM too, so
     the ``finally`` blocks that remove half-built outputs run instead of the process just ending)."""
-    if importing(frame):
-        retry = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
-        retry.daemon = True  # never keeps a process that is ending alive
-        retry.start()
+    if signum in _forced:
+        _forced.discard(signum)
+        _held.discard(signum)
+    elif signum in _held:
+        return  # a second press while the first waits: the watcher delivers one
+    elif importing(frame):
+        _held.add(signum)
+        threading.Thread(target=_watch, args=(signum, threading.get_ident()), daemon=True).start()
         return
     raise KeyboardInterrupt
 
@@ -50,5 +71,7 @@ def install() -> None:
 def finished() -> None:
     """The command has ended (its results printed, or its failure said): a Ctrl-C during the second or so the
     interpreter takes to tear down (torch's thread pools, module finalizers) no longer turns a complete run into
-    exit 130, which made ``radtrt ... && next`` skip ``next`` over output that was whole."""
+    exit 130, which made ``radtrt ... && next`` skip ``next`` over output that was whole. SIGTERM ends the
+    process at once, as the signal's default does, instead of raising into the teardown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -33,16 +33,24 @@ def test_an_interrupt_during_an_import_waits_for_it_then_exits_130(tmp_path: Pat
     code = ("import sys\nsys.argv[0] = 'radtrt'\n"
             "from radtrt.entry import INTERRUPTED\nfrom radtrt import interrupts\ninterrupts.install()\n"
             f"sys.path.insert(0, {str(tmp_path)!r})\n"
-            "try:\n    import slow_module\n    import time\n    time.sleep(30)\n"
-            "except KeyboardInterrupt:\n    sys.exit(INTERRUPTED)\n")
+            "import time\n"
+            "try:\n    import slow_module\n    time.sleep(30)\n"
+            "except KeyboardInterrupt:\n"
+            "    end = time.monotonic() + 0.5\n"  # a cleanup, as the commands' finally blocks do
+            "    while time.monotonic() < end:\n        pass\n"
+            f"    open({str(tmp_path / 'cleaned')!r}, 'w').close()\n"
+            "    sys.exit(INTERRUPTED)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not (tmp_path / "started").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)  # pressed again, the import still running: it landed in the cleanup
     proc.wait(timeout=60)
     assert proc.returncode == 130, proc.stderr.read().decode() if proc.stderr else ""
     assert (tmp_path / "imported").exists()  # the import ran to its end before the interrupt landed
+    assert (tmp_path / "cleaned").exists()  # one interrupt, not two: the cleanup ran to its end
 
 
 def test_once_a_command_has_ended_ctrl_c_no_longer_changes_its_status(monkeypatch) -> None:
@@ -58,6 +66,25 @@ def test_once_a_command_has_ended_ctrl_c_no_longer_changes_its_status(monkeypatc
             main()
         assert ended.value.code == 0
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+def test_an_import_that_hangs_is_interrupted_after_the_hold(tmp_path: Path) -> None:
+    """Held back for good, a Ctrl-C could not stop an import that never ends (a hung network filesystem)."""
+    (tmp_path / "stuck_module.py").write_text(
+        "import time\nfrom pathlib import Path\n"
+        f"Path({str(tmp_path / 'started')!r}).touch()\n"
+        "while True:\n    time.sleep(0.01)\n")
+    code = ("import sys\nfrom radtrt import interrupts\ninterrupts.MAX_HOLD_S = 0.5\ninterrupts.install()\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            "try:\n    import stuck_module\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert proc.returncode == 130, proc.stderr.read().decode() if proc.stderr else ""
