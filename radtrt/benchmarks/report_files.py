@@ -116,7 +116,9 @@ def check_outside_studies(studies: Path | None, outputs: list[tuple[str, Path | 
         listed = {e.study if e.study.is_dir() else e.study.parent for e in source_entries(studies, "--studies")[1]}
         folders += [(folder, f"{folder}, a folder of the images the --studies manifest lists")
                     for folder in sorted(listed)]
-    for flag, path in outputs:
-        for folder, named in folders:
-            if path is not None and within(path, folder):
-                fail(f"{flag} {path} is inside {named}; write outputs elsewhere")
+    named_by = {resolved(folder): named for folder, named in reversed(folders)}  # the first naming wins
+    for flag, path in outputs:  # each path's ancestors looked up: a MIMIC-sized manifest lists 10^5 folders
+        place = resolved(path) if path is not None else None
+        for ancestor in (place, *place.parents) if place is not None else ():
+            if ancestor in named_by:
+                fail(f"{flag} {path} is inside {named_by[ancestor]}; write outputs elsewhere")

@@ -82,7 +82,10 @@ def trtllm_mixed_gemm_preprocessor(gpu: GpuInfo) -> Callable[[torch.Tensor], tor
     except (AttributeError, RuntimeError):
         op, arity = None, 3
     else:
-        arity = len(op.default._schema.arguments)
+        try:
+            arity = len(op.default._schema.arguments)
+        except (AttributeError, RuntimeError):  # no single overload to read: the form every target version has
+            arity = 3
     try:
         import tensorrt_llm.quantization.functional as functional
 
