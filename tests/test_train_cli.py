@@ -198,7 +198,8 @@ def test_sigterm_to_the_whole_job_stops_in_one_line_with_the_resume_command(chai
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not (run / "checkpoint").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        # the checkpoint itself, not its folder: made before the first save, which a signal then cut short
+        while not (run / "checkpoint" / "state.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[1]
         os.killpg(proc.pid, signal.SIGTERM)  # the main process and its workers, as a scheduler does
