@@ -360,6 +360,24 @@ def test_convert_refuses_a_model_whose_positions_hold_no_prompt(tiny_release: Ti
     assert not (tmp_path / "rel").exists()
 
 
+def test_a_model_whose_positions_hold_no_prompt_is_refused_before_export_and_infer(merged: Path,
+                                                                                  tmp_path: Path) -> None:
+    """export wrote both graphs (minutes at 7B) before its ONNX Runtime check refused the model with advice
+    (--indication, --max-new-tokens) export has no option for; infer gave the same advice without an indication."""
+    model = tmp_path / "model"
+    shutil.copytree(merged, model)
+    meta = json.loads((model / "config.json").read_text())
+    meta["model"]["decoder"]["max_position_embeddings"] = 10
+    (model / "config.json").write_text(json.dumps(meta))
+    expected = f"{model} cannot generate a report: its decoder has 10 positions (max_position_embeddings)"
+    code, _, err = _invoke("export", "--model", model, "-o", tmp_path / "bundle")
+    _assert_refused(code, err, expected)
+    assert "exporting" not in err and not (tmp_path / "bundle").exists()
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=1), view_position="AP"))
+    code, _, err = _invoke("infer", study, "--model", model, "--max-new-tokens", "2")
+    _assert_refused(code, err, expected)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_convert_loads_in_the_stored_dtype_with_identical_bytes(tiny_release: TinyRelease, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:

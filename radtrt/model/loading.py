@@ -95,7 +95,9 @@ def _adapter_folder(model_dir: Path) -> str:
 
 def load_model(model_dir: Path, base_model: Path | None = None, *, dtype: torch.dtype = torch.float32,
                device: str = "cpu") -> LoadedModel:
-    """Load either layout; the release layout needs the base Vicuna directory."""
+    """Load either layout; the release layout needs the base Vicuna directory. A model that cannot generate
+    (check_generates) is refused here, for every command: export wrote both graphs (minutes at 7B) before its
+    ONNX Runtime check failed, and infer said to shorten an --indication it was not given."""
     _check_memory(model_dir, dtype)
     if layout_of(model_dir) == "toolkit":
         if base_model is not None:  # said, not ignored: the user may believe the base model is being used
@@ -107,6 +109,7 @@ def load_model(model_dir: Path, base_model: Path | None = None, *, dtype: torch.
             fail(f"{model_dir} is the official LLaVA-Rad release layout: pass --base-model with the local "
                  f"Vicuna-7B v1.5 directory")
         loaded = _load_release(model_dir, base_model, dtype)
+    check_generates(loaded, str(model_dir), base_model)
     loaded.model.to(device).eval()
     return loaded
 
@@ -222,8 +225,10 @@ def _check_memory(model_dir: Path, dtype: torch.dtype) -> None:
 
 def check_generates(loaded: LoadedModel, what: str, base_model: Path | None = None) -> None:
     """Refuse a model whose decoder positions cannot hold its shortest prompt (no indication, the image tokens
-    counted) and one new token, before it is written: convert wrote one (max_position_embeddings 10) with exit 0,
-    and every infer of it then failed. Training refuses such a model the same way (loop.py's _check_max_length)."""
+    counted) and one new token: convert wrote one (max_position_embeddings 10) with exit 0, and every infer of it
+    then failed. load_model applies it to every model it loads; a model built in memory (training's release
+    export) is checked before it is written. Training refuses such a model the same way (loop.py's
+    _check_max_length)."""
     cfg = loaded.model.cfg
     length = shortest_prompt_length(loaded.tokenizer.encode, loaded.tokenizer.bos_token_id, cfg.conv_template,
                                     cfg.num_image_tokens)
