@@ -346,11 +346,62 @@ def test_damaged_release_files_are_one_line(broken_copy: TinyRelease, damage: Ca
 
 
 def test_a_weight_map_that_is_not_an_object_is_one_line(tmp_path: Path) -> None:
-    from radtrt.model.io import hf_weight_files
+    from radtrt.model.io import hf_weights
 
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a.safetensors"]}))
     with pytest.raises(RadtrtError, match="'weight_map' is not an object"):  # an AttributeError traceback
-        hf_weight_files(tmp_path)
+        hf_weights(tmp_path)
+
+
+def _shard(base: Path, edit: Callable[[dict[str, dict[str, torch.Tensor]], dict[str, str]], None]) -> None:
+    """Split ``base``'s model.safetensors into two safetensors shards and an index, ``edit`` damaging them first."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": {k: sd[k] for k in names[::2]},
+              "model-00002-of-00002.safetensors": {k: sd[k] for k in names[1::2]}}
+    weight_map = {k: shard for shard, tensors in shards.items() for k in tensors}
+    edit(shards, weight_map)
+    for shard, tensors in shards.items():
+        save_file(tensors, base / shard)
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _duplicate_q0(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str]) -> None:
+    first, second = sorted(shards)
+    owner, other = (first, second) if Q0 in shards[first] else (second, first)
+    shards[other][Q0] = torch.zeros_like(shards[owner][Q0])
+
+
+def _drop_shard(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str]) -> None:
+    for name in [n for n, s in weight_map.items() if s == weight_map[Q0]]:
+        del weight_map[name]
+
+
+@pytest.mark.parametrize("edit, match", [
+    # read in name order into one dict, the later shard's copy replaced the right one: exit 0, wrong weights
+    (_duplicate_q0, f"holds '{Q0}', which it maps to .*a tensor in two shards"),
+    (lambda shards, wm: next(t.pop(Q0) for t in shards.values() if Q0 in t), f"it maps '{Q0}' to .*which does not hold it"),
+    (lambda shards, wm: wm.pop(Q0), f"incomplete index: it does not list '{Q0}'"),
+    # said "LoRA adapter targets '...v_proj', which the base decoder does not have (wrong base model?)"
+    (_drop_shard, "incomplete index: .*index.json maps no shard to 'model."),
+])
+def test_shards_that_disagree_with_their_index_are_refused(broken_copy: TinyRelease, edit: Callable, match: str) -> None:
+    _shard(broken_copy.base_dir, edit)
+    with pytest.raises(RadtrtError, match=match):
+        load_model(broken_copy.release_dir, broken_copy.base_dir)
+
+
+def test_safetensors_shards_load_each_name_from_its_shard(broken_copy: TinyRelease, tiny_release: TinyRelease) -> None:
+    _shard(broken_copy.base_dir, lambda shards, wm: None)
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(5))
+    assert _ours(broken_copy.release_dir, broken_copy.base_dir, pixels, None, 8) == _ours(
+        tiny_release.release_dir, tiny_release.base_dir, pixels, None, 8)
 
 
 def test_a_model_folder_given_as_base_model_is_named_as_such(tiny_release: TinyRelease, tmp_path: Path) -> None:

@@ -125,19 +125,59 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         fail(f"cannot write {path}: {e}")
 
 
-def hf_weight_files(directory: Path) -> list[Path]:
-    """The weight files of a Hugging Face model directory (sharded or not), safetensors preferred."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+HF_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
+              ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
+def hf_weight_map(index: Path) -> dict[str, str]:
+    """Tensor name -> shard file of a Hugging Face index (``*.index.json``), checked to be one."""
+    weight_map = read_json(index).get("weight_map", {})
+    if not isinstance(weight_map, dict):
+        fail(f"{index}: 'weight_map' is not an object of tensor name -> file")
+    if not weight_map:
+        fail(f"{index} lists no weight files")
+    bad = next((name for name, shard in weight_map.items() if not isinstance(shard, str) or not shard), None)
+    if bad is not None:
+        fail(f"{index}: 'weight_map' maps '{bad}' to {weight_map[bad]!r}, not a file name")
+    return weight_map
+
+
+def shard_problem(shard: str, held: set[str], weight_map: dict[str, str]) -> str | None:
+    """What is wrong between one shard's tensor names and its index, or None. Why each: a tensor also held by
+    another shard replaced the one the index maps (whichever file was read last won, exit 0, wrong weights); a
+    name its shard lacks was noticed only as some later, unrelated error, and so was an index that omits names."""
+    mapped = {name for name, file in weight_map.items() if file == shard}
+    absent = sorted(mapped - held)
+    if absent:
+        return (f"it maps '{absent[0]}' to {shard}, which does not hold it ({len(absent)} such; mismatched or "
+                f"damaged shards?)")
+    elsewhere = sorted(name for name in held - mapped if name in weight_map)
+    if elsewhere:
+        return (f"{shard} holds '{elsewhere[0]}', which it maps to {weight_map[elsewhere[0]]} ({len(elsewhere)} "
+                f"such): a tensor in two shards, whose right copy is unknown (mismatched shards?)")
+    unlisted = sorted(held - set(weight_map))
+    if unlisted:
+        return (f"incomplete index: it does not list '{unlisted[0]}', which {shard} holds ({len(unlisted)} such; "
+                f"damaged or hand-edited index?)")
+    return None
+
+
+def hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path | None]:
+    """The tensors of a Hugging Face model directory (sharded or not, safetensors preferred), and the index they
+    were read through (None: one file). Each tensor comes from the shard its index maps it to, and a shard that
+    disagrees with the index is refused (shard_problem): the shards used to be merged file by file."""
+    for index_name, single in HF_WEIGHTS:
         index = directory / index_name
         if index.is_file():
-            weight_map = read_json(index).get("weight_map", {})
-            if not isinstance(weight_map, dict):
-                fail(f"{index}: 'weight_map' is not an object of tensor name -> file")
-            shards = sorted({str(v) for v in weight_map.values()})
-            if not shards:
-                fail(f"{index} lists no weight files")
-            return [directory / s for s in shards]
+            weight_map = hf_weight_map(index)
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                held = load_tensors(directory / shard)
+                problem = shard_problem(shard, set(held), weight_map)
+                if problem:
+                    fail(f"{index}: {problem}")
+                tensors.update((name, held[name]) for name, file in weight_map.items() if file == shard)
+            return tensors, index
         if (directory / single).is_file():
-            return [directory / single]
+            return load_tensors(directory / single), None
     fail(f"no model weights (model.safetensors or pytorch_model.bin, sharded or not) in {directory}")

@@ -23,7 +23,7 @@ from radtrt.errors import fail, printable
 from radtrt.model import checkpoints as ck
 from radtrt.model.config import CONV_TEMPLATES, DecoderConfig, LlavaRadConfig, VisionConfig, config_problem
 from radtrt.model.decoder import Rotary
-from radtrt.model.io import hf_weight_files, load_tensors, read_json, safetensors_header, save_tensors
+from radtrt.model.io import hf_weights, load_tensors, read_json, safetensors_header, save_tensors
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.memory import available_bytes
 from radtrt.model.prompt import shortest_prompt_length
@@ -314,11 +314,10 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
         if getattr(base_cfg, name) != getattr(cfg.decoder, name):
             fail(f"base model {base_dir} has {name}={getattr(base_cfg, name)}, LLaVA-Rad expects "
                  f"{getattr(cfg.decoder, name)}: point --base-model at Vicuna-7B v1.5")
-    decoder: dict[str, torch.Tensor] = {}
-    for f in hf_weight_files(base_dir):
-        decoder.update(load_tensors(f))
+    decoder, index = hf_weights(base_dir)
     projector, overrides = ck.non_lora_to_projector(load_tensors(release_dir / "non_lora_trainables.bin"))
     decoder.update(overrides)
+    _check_base_weights(cfg, decoder, base_dir, index)
     adapter_cfg_file = release_dir / "adapter_config.json"
     adapter_file = next((release_dir / n for n in ("adapter_model.safetensors", "adapter_model.bin")
                          if (release_dir / n).is_file()), None)
@@ -340,6 +339,24 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     if name is not None:
         check_model_name(name, f"{release_dir}/config.json: {RELEASE_NAME_KEY}")
     return LoadedModel(model, tokenizer, name or RELEASE_NAME, source)
+
+
+def _check_base_weights(cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor], base_dir: Path,
+                        index: Path | None) -> None:
+    """Refuse a base decoder that lacks weights before the LoRA merge, whose message ("targets '...v_proj', which
+    the base decoder does not have (wrong base model?)") misled when a shard index merely omitted names."""
+    with torch.device("meta"):
+        expected = set(LlavaRad(cfg).language_model.state_dict())
+    if cfg.decoder.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(decoder))
+    if not missing:
+        return
+    if index is not None:
+        fail(f"incomplete index: {index} maps no shard to '{missing[0]}' ({len(missing)} decoder weights unmapped; "
+             f"damaged or hand-edited index?)")
+    fail(f"base model {base_dir} lacks the decoder weight '{missing[0]}' ({len(missing)} missing in all; wrong base "
+         f"model or damaged file?)")
 
 
 def save_toolkit(loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> Path:
