@@ -390,6 +390,8 @@ def _drop_shard(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str
     (lambda shards, wm: wm.pop(Q0), f"incomplete index: it does not list '{Q0}'"),
     # said "LoRA adapter targets '...v_proj', which the base decoder does not have (wrong base model?)"
     (_drop_shard, "incomplete index: .*index.json maps no shard to 'model."),
+    # read from outside the base model folder, exit 0
+    (lambda shards, wm: wm.update({n: "../base-lm/" + s for n, s in wm.items()}), "which is not a file of"),
 ])
 def test_shards_that_disagree_with_their_index_are_refused(broken_copy: TinyRelease, edit: Callable, match: str) -> None:
     _shard(broken_copy.base_dir, edit)

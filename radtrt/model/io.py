@@ -139,6 +139,11 @@ def hf_weight_map(index: Path) -> dict[str, str]:
     bad = next((name for name, shard in weight_map.items() if not isinstance(shard, str) or not shard), None)
     if bad is not None:
         fail(f"{index}: 'weight_map' maps '{bad}' to {weight_map[bad]!r}, not a file name")
+    # an absolute or '..' name read weights from outside the model folder, with exit 0
+    bad = next((name for name, shard in weight_map.items()
+                if Path(shard).is_absolute() or ".." in Path(shard).parts), None)
+    if bad is not None:
+        fail(f"{index}: 'weight_map' maps '{bad}' to {weight_map[bad]!r}, which is not a file of {index.parent}")
     return weight_map
 
 
