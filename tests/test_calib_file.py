@@ -342,6 +342,10 @@ def test_held_out_samples_are_never_calibration_images(loaded: LoadedModel, phan
     (["--data", "PHANTOMS", "--n", "1", "--seed", "99"], "--seed chooses the phantoms"),
     (["--data", "", "--n", "1"], "--data is empty"),  # Path("") is ".": it calibrated on the current folder
     (["--data", "WITH_CT", "--n", "2"], "ct.dcm: modality"),  # read after the model loaded, sample by sample
+    # each said "has 1 samples; 32 are needed" (read as one study), and with 1 sample "no usable image in folder"
+    (["--data", "MODEL"], "MODEL is a model folder, not chest X-ray studies"),
+    (["--data", "BUNDLE"], "BUNDLE is an ONNX bundle, not chest X-ray studies"),
+    (["--data", "NOTES"], "no usable image in folder"),
 ])
 def test_calibration_data_is_checked_before_the_model_loads(phantoms: Path,
                                                             tmp_path: Path, args: list[str], match: str) -> None:
@@ -351,8 +355,14 @@ def test_calibration_data_is_checked_before_the_model_loads(phantoms: Path,
     with_ct.mkdir()
     shutil.copy(phantoms.parent / json.loads(phantoms.read_text().splitlines()[0])["image"], with_ct / "a.png")
     write_radiograph(with_ct / "ct.dcm", synthetic_chest(seed=3), view_position="PA", modality="CT")
-    args = [{"NOWHERE": str(tmp_path / "nowhere"), "PHANTOMS": str(phantoms), "WITH_CT": str(with_ct)}.get(a, a)
-            for a in args]
+    for folder, files in (("MODEL", ("config.json", "model.safetensors", "tokenizer.model")),
+                          ("BUNDLE", ("manifest.json", "decoder.onnx", "vision.onnx")), ("NOTES", ("notes.txt",))):
+        (tmp_path / folder).mkdir()
+        for name in files:
+            (tmp_path / folder / name).write_text("{}")
+    args = [{"NOWHERE": str(tmp_path / "nowhere"), "PHANTOMS": str(phantoms), "WITH_CT": str(with_ct),
+             "MODEL": str(tmp_path / "MODEL"), "BUNDLE": str(tmp_path / "BUNDLE"),
+             "NOTES": str(tmp_path / "NOTES")}.get(a, a) for a in args]
     result = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "no-model"), *args,
                                  "-o", str(tmp_path / "c.safetensors")])  # the model would be refused once read
     assert result.exit_code == 2 and match in result.stderr, result.stderr

@@ -103,7 +103,7 @@ class Entry:
 def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, list[Entry], dict[str, Any]]:
     """(data root, candidate studies in order, source description); ``what`` names the source in errors."""
     from radtrt.data.manifest import read_manifest
-    from radtrt.imaging.study import split_studies
+    from radtrt.imaging.study import screen_study, split_studies
     from radtrt.outputs import broken_link
 
     if not data.exists():
@@ -125,8 +125,34 @@ def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, li
         fail(f"{what} folder {data} is empty")
     studies = split_studies(data, images_apart=True)  # infer's rule: a PACS study's series are one study
     if studies == [data]:  # the folder of one study (frontal + lateral), not a folder of studies
+        # said before any count: "has 1 samples; 32 are needed" sent the user looking for 31 more studies
+        kind = not_studies(data)
+        if kind:
+            fail(f"{what} {data} is {kind}, not chest X-ray studies: give a study folder, a folder of studies or "
+                 f"a JSONL manifest")
+        screen_study(data)  # a folder without a usable image says so
         return data.parent, [Entry(data)], {"kind": "folder", "path": str(data.resolve())}
     return data, [Entry(p) for p in studies], {"kind": "folder", "path": str(data.resolve())}
+
+
+def not_studies(folder: Path) -> str | None:
+    """What a folder given as studies holds instead, from its marker files (None: nothing known): a model
+    folder or a bundle was read as one study without images."""
+    from radtrt.model.loading import ADAPTER_FILES, RUN_MARKS
+
+    def has(*names: str) -> bool:
+        return any((folder / name).is_file() for name in names)
+
+    if has("manifest.json") and has("decoder.onnx", "vision.onnx"):
+        return "an ONNX bundle"
+    if has(*RUN_MARKS):
+        return "a training run folder"
+    if has("config.json") and has("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                  "pytorch_model.bin.index.json", "non_lora_trainables.bin", *ADAPTER_FILES):
+        return "a model folder"
+    if has(*ADAPTER_FILES):
+        return "a LoRA adapter folder"
+    return None
 
 
 def _relative(path: Path, root: Path) -> str:
