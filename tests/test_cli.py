@@ -208,6 +208,48 @@ def test_doctor() -> None:
     assert f"embedded default model (phantoms only): {default_model_dir()}" in out
 
 
+@pytest.fixture
+def damaged_default_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the embedded default model that radtrt's installation points at instead of its own."""
+    import radtrt.model.default_model as default_model
+
+    copy = tmp_path / "radtrt" / "assets" / default_model.ASSET_NAME
+    shutil.copytree(default_model.default_model_dir(), copy)
+    monkeypatch.setattr(default_model, "files", lambda package: tmp_path / package)
+    return copy
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-1000]),
+     "weight file is truncated or corrupt"),
+])
+def test_doctor_and_infer_report_a_damaged_default_model_with_its_remedy(damaged_default_model: Path,
+                                                                         tmp_path: Path, damage, match: str) -> None:
+    """doctor called a damaged default model fine, and infer failed without the remedy a missing one gets."""
+    damage(damaged_default_model)
+    remedy = "reinstall radtrt, rebuild it with tools/train_default_model.sh, or pass --model"
+    code, out, _ = _invoke("doctor")
+    line = next(line for line in out.splitlines() if "embedded default model" in line)
+    assert code == 0 and "is damaged" in line and match in line and line.endswith(remedy), out
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=1), view_position="AP"))
+    code, _, err = _invoke("infer", study, "--max-new-tokens", "2")
+    _assert_refused(code, err, match)
+    assert " ".join(err.split()).endswith(remedy)
+
+
+def test_a_default_model_that_does_not_load_names_the_remedy(damaged_default_model: Path, tmp_path: Path) -> None:
+    """Damage the header check cannot see (a hand-edited config value) is said with the same remedy."""
+    config = damaged_default_model / "config.json"
+    meta = json.loads(config.read_text())
+    meta["model"]["decoder"]["num_attention_heads"] = 0
+    config.write_text(json.dumps(meta))
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=1), view_position="AP"))
+    code, _, err = _invoke("infer", study, "--max-new-tokens", "2")
+    _assert_refused(code, err, "the embedded default model of this installation does not load")
+    assert "must be positive" in err and " ".join(err.split()).endswith("or pass --model")
+
+
 def test_doctor_reports_an_onnxruntime_that_cannot_list_providers(tmp_path: Path) -> None:
     """An install whose get_available_providers raises (or is missing) ended doctor in a traceback."""
     import subprocess

@@ -101,11 +101,13 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
     if model is None:
-        from radtrt.model.default_model import default_model_dir
+        from radtrt.model.default_model import load_default_model
 
-        model = default_model_dir(console)
-    with console.status(plain(f"loading model from {model}")):
-        loaded = load_model(model, base_model, dtype=DTYPES[dtype], device=device)
+        with console.status("loading radtrt's embedded default model"):
+            loaded = load_default_model(dtype=DTYPES[dtype], device=device, console=console)
+    else:
+        with console.status(plain(f"loading model from {model}")):
+            loaded = load_model(model, base_model, dtype=DTYPES[dtype], device=device)
     console.print(plain(f"backend: {chosen} ({why}), device {device}, {dtype}; model {loaded.name}"), highlight=False,
                   soft_wrap=True)
     return Pipeline(TorchBackend(loaded.model, device), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
