@@ -50,3 +50,28 @@ def test_a_missing_provider_is_refused_with_a_remedy_that_works(monkeypatch: pyt
                                           r"\(or leave both at their defaults\)$"):
         provider_list("cuda")
     assert provider_list("cpu") == ["CPUExecutionProvider"]
+
+
+def test_a_graph_that_fails_to_load_prints_radtrts_line_only(tmp_path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A damaged external-data file printed ONNX Runtime's coloured '[E:onnxruntime:...]' lines before radtrt's
+    one line (the session logger was left at its default level; the provider probe already set it)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # the Transpose is constant-folded at load, which reads the truncated initializer during the session's
+    # initialization, where ONNX Runtime logs the failure before raising it
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              [numpy_helper.from_array(np.ones((64, 64), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(RadtrtError, match="ONNX Runtime cannot load m.onnx"):
+        ort_module._session(tmp_path / "m.onnx", ["CPUExecutionProvider"], None)
+    captured = capfd.readouterr()
+    assert "onnxruntime:" not in captured.err + captured.out, captured.err

@@ -386,14 +386,16 @@ def _drop_shard(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str
 @pytest.mark.parametrize("edit, match", [
     # read in name order into one dict, the later shard's copy replaced the right one: exit 0, wrong weights
     (_duplicate_q0, f"holds '{Q0}', which it maps to .*a tensor in two shards"),
-    (lambda shards, wm: next(t.pop(Q0) for t in shards.values() if Q0 in t), f"it maps '{Q0}' to .*which does not hold it"),
+    (lambda shards, wm: next(t.pop(Q0) for t in shards.values() if Q0 in t),
+     f"it maps '{Q0}' to .*which does not hold it"),
     (lambda shards, wm: wm.pop(Q0), f"incomplete index: it does not list '{Q0}'"),
     # said "LoRA adapter targets '...v_proj', which the base decoder does not have (wrong base model?)"
     (_drop_shard, "incomplete index: .*index.json maps no shard to 'model."),
     # read from outside the base model folder, exit 0
     (lambda shards, wm: wm.update({n: "../base-lm/" + s for n, s in wm.items()}), "which is not a file of"),
 ])
-def test_shards_that_disagree_with_their_index_are_refused(broken_copy: TinyRelease, edit: Callable, match: str) -> None:
+def test_shards_that_disagree_with_their_index_are_refused(broken_copy: TinyRelease, edit: Callable,
+                                                          match: str) -> None:
     _shard(broken_copy.base_dir, edit)
     with pytest.raises(RadtrtError, match=match):
         load_model(broken_copy.release_dir, broken_copy.base_dir)

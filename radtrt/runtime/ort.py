@@ -78,6 +78,11 @@ def _session(path: Path, providers: list[Any], threads: int | None, spin: bool =
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    # Fatal only, as in the provider probe: a graph that fails to load (a damaged external-data file) printed
+    # ONNX Runtime's coloured "[E:onnxruntime:...]" lines before radtrt's one line, which says the same. The
+    # session logger carries nothing else radtrt relies on: the provider-fallback banner is print()ed and the
+    # provider-creation warnings go to ONNX Runtime's default logger, so both still reach stderr.
+    opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Off by default: busy-waiting worker threads halve decode speed when any other process shares the
     # cores (measured: 171.9 -> 86.9 ms/token on the 2-core CI-class machine under load). On a machine
