@@ -337,6 +337,8 @@ def _edit_pickle(path: Path, edit: Callable[[dict], dict]) -> None:
     (lambda rel: (rel / "adapter_config.json").unlink(), "no adapter_config.json"),  # silently ran the bare base
     (lambda rel: _edit_json(rel / "config.json", lambda d: d.update(hidden_act="gelu")),  # it ran as SiLU
      "hidden_act 'gelu' is not supported"),
+    (lambda rel: _edit_json(rel / "config.json", lambda d: d.update(image_aspect_ratio="pad")),  # ran centre-cropped
+     "sets image_aspect_ratio='pad'"),
 ])
 def test_damaged_release_files_are_one_line(broken_copy: TinyRelease, damage: Callable[[Path], None],
                                             match: str) -> None:

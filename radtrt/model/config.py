@@ -241,6 +241,8 @@ def config_problem(cfg: LlavaRadConfig) -> str | None:
         return f"image_std = {cfg.image_std} must be positive"
     if v.embed_dim % v.num_heads or v.img_size < v.patch_size:
         return f"vision embed_dim {v.embed_dim} / num_heads {v.num_heads} / img_size {v.img_size} do not fit"
+    if v.img_size % v.patch_size:  # the patch convolution dropped the last rows and columns of every image, exit 0
+        return f"vision img_size {v.img_size} is not a multiple of patch_size {v.patch_size}"
     for name in ("bos_token_id", "eos_token_id"):  # an end token outside the vocabulary is never generated
         if isinstance(getattr(d, name), bool) or not isinstance(getattr(d, name), int) \
                 or not 0 <= getattr(d, name) < d.vocab_size:

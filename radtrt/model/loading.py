@@ -264,6 +264,11 @@ def release_config(release_dir: Path) -> tuple[LlavaRadConfig, dict[str, Any]]:
         if hf.get(key) not in allowed:
             fail(f"{release_dir}/config.json sets {key}={hf.get(key)}; LLaVA-Rad uses neither image start/end "
                  f"nor patch tokens and radtrt supports only that")
+    # LLaVA's "pad" (expand2square) and "anyres" pad or tile the image; radtrt centre-crops as "square" (the
+    # release's value) does, so another value was accepted and ignored
+    if hf.get("image_aspect_ratio") not in ("square", None):
+        fail(f"{release_dir}/config.json sets image_aspect_ratio={hf.get('image_aspect_ratio')!r}; LLaVA-Rad uses "
+             f"'square' (resize and centre crop) and radtrt supports only that")
     template = hf.get(RELEASE_TEMPLATE_KEY, "v1")  # written by 'radtrt convert --to llava-rad'; the release's is v1
     if template not in CONV_TEMPLATES:
         fail(f"{release_dir}/config.json: {RELEASE_TEMPLATE_KEY} {template!r} is not a conversation template "
