@@ -418,3 +418,17 @@ def test_a_model_folder_given_as_base_model_is_named_as_such(tiny_release: TinyR
         load_model(tiny_release.release_dir, merged)
     with pytest.raises(RadtrtError, match="is a LLaVA-Rad release folder, not a base language model"):
         load_model(tiny_release.release_dir, tiny_release.release_dir)
+
+
+def test_a_file_or_a_bundle_given_as_base_model_is_named_as_such(tiny_release: TinyRelease, tmp_path: Path) -> None:
+    """A file said "base model directory not found" though it exists; a bundle said "missing file: .../config.json",
+    where --model names a bundle as one."""
+    with pytest.raises(RadtrtError, match=f"--base-model {tiny_release.base_dir / 'config.json'} is a file, not a "
+                                          f"directory: .*\\({tiny_release.base_dir}\\?\\)$"):
+        load_model(tiny_release.release_dir, tiny_release.base_dir / "config.json")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in ("manifest.json", "decoder.onnx", "vision.onnx"):
+        (bundle / name).write_text("{}")
+    with pytest.raises(RadtrtError, match="--base-model .*bundle is an ONNX bundle, not a base language model"):
+        load_model(tiny_release.release_dir, bundle)

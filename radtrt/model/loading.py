@@ -57,8 +57,7 @@ def layout_of(model_dir: Path) -> str:
     if not model_dir.is_dir():
         fail(f"{model_dir} is a file, not a model directory" if model_dir.exists() else
              f"model directory not found: {model_dir}")
-    if not (model_dir / "config.json").exists() and (model_dir / "manifest.json").is_file() \
-            and (model_dir / "decoder.onnx").is_file():  # said as such, not as "missing file: config.json"
+    if _is_bundle(model_dir):  # said as such, not as "missing file: config.json"
         fail(f"{model_dir} is an ONNX bundle, not a model: --model takes the model folder it was exported from "
              f"(commands that run bundles take them as --bundle)")
     if not (model_dir / "config.json").exists() and any((model_dir / mark).is_file() for mark in RUN_MARKS):
@@ -76,6 +75,12 @@ def layout_of(model_dir: Path) -> str:
         return "release"
     fail(f"{model_dir} is neither a LLaVA-Rad release (config.json has no mm_vision_tower) "
          f"nor a radtrt model (run 'radtrt convert')")
+
+
+def _is_bundle(folder: Path) -> bool:
+    """Whether a folder given as a model is an ONNX bundle (``radtrt export``'s output) instead."""
+    return not (folder / "config.json").exists() and (folder / "manifest.json").is_file() \
+        and (folder / "decoder.onnx").is_file()
 
 
 def _adapter_folder(model_dir: Path) -> str:
@@ -296,10 +301,18 @@ def release_config(release_dir: Path) -> tuple[LlavaRadConfig, dict[str, Any]]:
 def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> LoadedModel:
     cfg, hf = release_config(release_dir)
     if not base_dir.is_dir():
-        fail(f"base model directory not found: {base_dir}")
+        if not base_dir.exists():
+            fail(f"base model directory not found: {base_dir}")
+        # a file was said as "directory not found", though it exists
+        hint = f" ({base_dir.parent}?)" if base_dir.name == "config.json" else ""
+        fail(f"--base-model {base_dir} is a file, not a directory: give the Hugging Face LLaMA folder (Vicuna-7B "
+             f"v1.5) the release was trained on{hint}")
     if not (base_dir / "config.json").exists() and any((base_dir / mark).is_file() for mark in RUN_MARKS):
         fail(f"--base-model {base_dir} is a radtrt training run folder, not a base language model: give the "
              f"Hugging Face LLaMA folder (Vicuna-7B v1.5) the release was trained on")
+    if _is_bundle(base_dir):  # said as "missing file: .../config.json", as --model was
+        fail(f"--base-model {base_dir} is an ONNX bundle, not a base language model: give the Hugging Face LLaMA "
+             f"folder (Vicuna-7B v1.5) the release was trained on")
     base_hf = read_json(base_dir / "config.json")
     if not isinstance(base_hf, dict):
         fail(f"{base_dir}/config.json is not a JSON object")
