@@ -272,6 +272,23 @@ def test_export_check_runs_without_prepacked_weight_copies(bundle: Path, model_d
     assert opened == [{"1"}] and result["greedy_tokens_equal"] is True
 
 
+def test_a_model_with_few_positions_left_exports(tmp_path: Path) -> None:
+    """A plain-template model whose positions hold its prompt and a token or two (load_model lets it through): the
+    export's check fed it the image and 8 tokens + 4 new ones, and refused it with infer's advice ("shorten
+    --indication or lower --max-new-tokens"), options export does not have."""
+    import dataclasses
+
+    from radtrt.model.tiny import train_tiny_tokenizer
+
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, conv_template="plain", decoder=dataclasses.replace(
+        cfg.decoder, max_position_embeddings=cfg.num_image_tokens + 2))
+    model = save_toolkit(LoadedModel(random_model(cfg, seed=0), train_tiny_tokenizer(), "few"), tmp_path / "model")
+    result = runner.invoke(app, ["export", "--model", str(model), "-o", str(tmp_path / "bundle")])
+    assert result.exit_code == 0, result.stderr
+    assert "greedy tokens identical over 1 steps" in " ".join(result.stderr.split())
+
+
 def test_auto_backend_picks_onnxruntime_for_a_bundle(bundle: Path, studies: list[Path]) -> None:
     result = runner.invoke(app, ["infer", str(studies[0]), "--bundle", str(bundle), "--json", "--max-new-tokens", "2"])
     assert result.exit_code == 0 and json.loads(result.stdout)["backend"] == "onnxruntime"
