@@ -11,6 +11,16 @@ from pathlib import Path
 from radtrt.interrupts import importing
 
 
+def _interrupted_once_started(code: str, started: Path) -> subprocess.Popen:
+    """A Python process running ``code``, sent SIGINT as soon as ``started`` exists (its import has begun)."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    return proc
+
+
 def test_importing_sees_the_import_machinery_among_the_callers(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "probe_module.py").write_text("import sys\nfrom radtrt.interrupts import importing\n"
                                               "SEEN = importing(sys._getframe())\n")
@@ -40,11 +50,7 @@ def test_an_interrupt_during_an_import_waits_for_it_then_exits_130(tmp_path: Pat
             "    while time.monotonic() < end:\n        pass\n"
             f"    open({str(tmp_path / 'cleaned')!r}, 'w').close()\n"
             "    sys.exit(INTERRUPTED)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "started").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc = _interrupted_once_started(code, tmp_path / "started")
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)  # pressed again, the import still running: it landed in the cleanup
     proc.wait(timeout=60)
@@ -81,10 +87,6 @@ def test_an_import_that_hangs_is_interrupted_after_the_hold(tmp_path: Path) -> N
     code = ("import sys\nfrom radtrt import interrupts\ninterrupts.MAX_HOLD_S = 0.5\ninterrupts.install()\n"
             f"sys.path.insert(0, {str(tmp_path)!r})\n"
             "try:\n    import stuck_module\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "started").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc = _interrupted_once_started(code, tmp_path / "started")
     proc.wait(timeout=30)
     assert proc.returncode == 130, proc.stderr.read().decode() if proc.stderr else ""
