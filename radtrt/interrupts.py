@@ -71,7 +71,7 @@ def install() -> None:
 def finished() -> None:
     """The command has ended (its results printed, or its failure said): a Ctrl-C during the second or so the
     interpreter takes to tear down (torch's thread pools, module finalizers) no longer turns a complete run into
-    exit 130, which made ``radtrt ... && next`` skip ``next`` over output that was whole. SIGTERM ends the
-    process at once, as the signal's default does, instead of raising into the teardown."""
+    exit 130 (or SIGTERM into 143), which made ``radtrt ... && next`` skip ``next`` over output that was whole.
+    An interrupt still held for an import is dropped with it: the command it would have stopped has ended."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

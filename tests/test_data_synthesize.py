@@ -587,3 +587,47 @@ def test_a_repeat_among_many_labels_is_found() -> None:
     assert len(parse_labels(names, "x").positive) == 20_000
     with pytest.raises(RadtrtError, match="'finding 7' is given more than once"):
         parse_labels([*names, "Finding_7"], "x")
+
+
+def test_a_manifest_is_left_where_it_was_by_every_refusal(tmp_path: Path) -> None:
+    """A template refusal came after the manifest was moved to OUT.partial; a symbolic link -o was moved and the
+    file it named written in place; a shorter label file was called one of 'other images'."""
+    labels = _labels_file(tmp_path / "labels.jsonl", n=3)
+    out = synthesize(labels, tmp_path / "out.jsonl", client=None, console=None)
+    whole = out.read_bytes()
+    grown = tmp_path / "grown.jsonl"
+    grown.write_text(labels.read_text() + json.dumps({"image": "img9.png", "labels": ["foo_unknown"]}) + "\n")
+    with pytest.raises(RadtrtError, match="not 'foo_unknown'"):
+        synthesize(grown, out, client=None, console=None)
+    shorter = _labels_file(tmp_path / "shorter.jsonl", n=2)
+    with pytest.raises(RadtrtError, match=r"holds 3 rows, more than the label file's 2; delete .* to make it again"):
+        synthesize(shorter, out, client=None, console=None)
+    assert out.read_bytes() == whole and not (tmp_path / "out.jsonl.partial").exists()
+    (tmp_path / "link.jsonl").symlink_to(out)
+    (tmp_path / "someone.txt").write_text("")
+    (tmp_path / "l2.jsonl.partial").symlink_to(tmp_path / "someone.txt")
+    for name in ("link.jsonl", "l2.jsonl"):
+        with pytest.raises(RadtrtError, match=r"is a symbolic link; give the path of the file itself"):
+            synthesize(labels, tmp_path / name, client=None, console=None)
+    assert out.read_bytes() == whole and (tmp_path / "someone.txt").read_text() == ""
+
+
+def test_a_second_run_on_the_same_manifest_is_refused_while_the_first_writes(tmp_path: Path) -> None:
+    """Both appended to one OUT.partial, and the first to end renamed it: rows twice under the final name."""
+    import subprocess
+    import sys
+
+    labels = _labels_file(tmp_path / "labels.jsonl", n=2)
+    out = tmp_path / "out.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from radtrt.locks import lock_file; "
+         "lock = lock_file(Path(sys.argv[1]), 'busy', 'no locks'); print('locked', flush=True); sys.stdin.read()",
+         str(tmp_path / "out.jsonl.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RadtrtError, match=f"process {holder.pid} is writing {out} right now; wait for it to end"):
+            synthesize(labels, out, client=None, console=None)
+        assert not out.exists() and not (tmp_path / "out.jsonl.partial").exists()
+    finally:
+        holder.communicate("")
+    assert synthesize(labels, out, client=None, console=None) == out and not (tmp_path / "out.jsonl.lock").exists()

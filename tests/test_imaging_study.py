@@ -525,3 +525,15 @@ def test_a_thumbnail_is_read_but_said_to_be_one(tmp_path: Path) -> None:
                                            "thousands a side); this report is unreliable"]
     normal = write_radiograph(tmp_path / "normal.dcm")
     assert study_warnings(normal, load_study(normal)) == []
+
+
+def test_a_strip_beside_a_png_radiograph_is_skipped_not_a_second_candidate(tmp_path: Path) -> None:
+    """Raster files joined a folder's candidates unscreened: a strip beside the radiograph made the folder
+    '2 images with unknown view', where a DICOM strip is skipped with its reason."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    Image.fromarray(_grey8()).save(folder / "good.png")
+    Image.fromarray(np.tile(np.arange(257, dtype=np.uint8), (64, 1))).save(folder / "strip.png")
+    selected = load_study(folder)
+    assert selected.source_file.name == "good.png"
+    assert [(name, "not a chest radiograph" in why) for name, why in selected.skipped] == [("strip.png", True)]

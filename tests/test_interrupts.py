@@ -72,7 +72,7 @@ def test_once_a_command_has_ended_ctrl_c_no_longer_changes_its_status(monkeypatc
             main()
         assert ended.value.code == 0
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])

@@ -32,6 +32,7 @@ from radtrt.data.manifest import optional_str, read_jsonl
 from radtrt.data.reports import findings_text
 from radtrt.data.vocabulary import DEVICE_LABELS, LABELS, NO_FINDING, Findings
 from radtrt.errors import fail
+from radtrt.locks import lock_file
 from radtrt.outputs import check_file_target, make_dir, resolved
 from radtrt.progress import make_progress
 
@@ -246,8 +247,6 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any], gi
     if not out.is_file():
         return 0
     done = [obj for _, obj in read_jsonl(out, complete_only=True)]  # checked before anything is changed
-    if len(done) > len(inputs):
-        fail(f"{out} holds rows for other images than the label file; choose another -o")
     base = resolved(out.parent) if done else out.parent
     for d, i, as_given in zip(done, inputs, given):
         if not _same_image(d.get("image"), i["image"], base):
@@ -255,6 +254,9 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any], gi
                 fail(f"{out} was made by an older radtrt, which copied image paths as written ({as_given} names "
                      f"nothing beside it); delete it to make it again, or choose another -o")
             fail(f"{out} holds rows for other images than the label file; choose another -o")
+    if len(done) > len(inputs):  # the label file's rows, and more: rows were removed from it since
+        fail(f"{out} holds {len(done)} rows, more than the label file's {len(inputs)}; delete {out} to make it "
+             f"again, or choose another -o")
     older = [v for v in (_older_rules(d, mode) for d in done) if v is not None]
     if older:  # the same options, an older radtrt: rerunning them cannot help
         changes = "; ".join(c for v, c in sorted(LABEL_RULE_CHANGES.items()) if v > min(older))
@@ -293,6 +295,8 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     target = out.with_name(out.name + ".partial")
     check_file_target(target, "unfinished output manifest")
     for path, flag in ((out, "-o"), (target, f"-o {out}'s unfinished manifest")):
+        if path.is_symlink():  # renamed into place, the link moved and the file it named was written in place
+            fail(f"{flag} {path} is a symbolic link; give the path of the file itself")
         if path.exists() and path.samefile(labels_file):
             fail(f"{flag} {path} is the label file itself; choose another output manifest")
     if not (math.isfinite(temperature) and 0 <= temperature <= 2):
@@ -317,21 +321,26 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
             {"mode": "llm", "model": client.model, "endpoint": urlsplit(client.url).netloc,
              "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
     mode["label_rules"] = LABEL_RULES_VERSION
-    if out.exists():
-        if _done_rows(out, inputs, mode, given) == len(inputs):
-            return out  # whole already: nothing to ask
-        if target.exists():
-            fail(f"both {out} and {target} exist, each an unfinished manifest; delete the one you do not want")
-        try:
-            os.replace(out, target)
-        except OSError as e:
-            fail(f"cannot rename {out} to {target}: {e.strerror}")
-    start = _done_rows(target, inputs, mode, given)
+    # every row's text before anything is moved: a refusal here left the manifest moved to OUT.partial
     templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
-                 for i in range(start, len(inputs))} if client is None else {}
+                 for i in range(len(inputs))} if client is None else {}
     make_dir(out.parent, "folder for the output manifest")
-    with contextlib.ExitStack() as stack, make_progress(console=console or Console(stderr=True),
-                                                          transient=True) as progress:
+    with contextlib.ExitStack() as stack:
+        # two runs on one -o appended to one OUT.partial, and the first to end renamed it under the other
+        stack.enter_context(lock_file(out.with_name(out.name + ".lock"), f"{{holder}} is writing {out} right now; "
+                                      f"wait for it to end", "radtrt writes a manifest only where it can lock it, so "
+                                      "that two runs never append to one: choose a folder on a local file system"))
+        if out.exists():
+            if _done_rows(out, inputs, mode, given) == len(inputs):
+                return out  # whole already: nothing to ask
+            if target.exists():
+                fail(f"both {out} and {target} exist, each an unfinished manifest; delete the one you do not want")
+            try:
+                os.replace(out, target)
+            except OSError as e:
+                fail(f"cannot rename {out} to {target}: {e.strerror}")
+        start = _done_rows(target, inputs, mode, given)
+        progress = stack.enter_context(make_progress(console=console or Console(stderr=True), transient=True))
         handle: TextIO | None = None  # opened with the first row: an endpoint failing at once leaves no empty file
         task = progress.add_task("synthesizing reports", total=len(inputs), completed=start)
         for i in range(start, len(inputs)):
@@ -353,8 +362,8 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
             except OSError as e:
                 fail(f"cannot write {target}: {e.strerror}")
             progress.advance(task)
-    try:
-        os.replace(target, out)
-    except OSError as e:
-        fail(f"cannot rename {target} to {out}: {e.strerror}")
+        try:
+            os.replace(target, out)  # under the lock: no other run appends to it meanwhile
+        except OSError as e:
+            fail(f"cannot rename {target} to {out}: {e.strerror}")
     return out

@@ -201,6 +201,11 @@ def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], 
                 skipped.append(_Refused(path, _empty(path)))
             continue
         if kind == "RASTER":
+            try:  # as a DICOM's header is: a strip beside the PNG radiograph made the folder "2 images, unknown view"
+                check_raster_header(path)
+            except RadtrtError as exc:
+                skipped.append(_Refused(path, str(exc)))
+                continue
             candidates.append(_Candidate(path, kind, UNKNOWN_VIEW))
             continue
         try:

@@ -1,111 +1,28 @@
-"""One process at a time in a run folder: ``RUN/train.lock``, held (``flock``) for the whole run.
+"""One process at a time in a run folder: ``RUN/train.lock``, held for the whole run (see ``radtrt.locks``).
 
 Why: two ``radtrt train resume RUN`` at once both ran, interleaved ``log.jsonl`` for good and removed
 each other's ``lora/``. A new run's exclusive ``train_config.json`` kept a second new run out, but not a
-resume. ``flock`` ends with the process however it ends (a kill, a crash), so a lock can never be stale;
-the file holds the holder's process id only to name it in the refusal.
-
-The file is removed by its holder before the lock is let go, and a process that locked a file which
-was meanwhile removed tries again on the new one: otherwise two processes could each hold a lock, one
-on the removed file and one on its successor.
+resume.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 from pathlib import Path
-from types import TracebackType
 
-from radtrt.errors import fail
+from radtrt.locks import FileLock, lock_file
+from radtrt.locks import lock_holder as _holder
 
 LOCK_FILE = "train.lock"
+RunLock = FileLock
+UNLOCKABLE = ("radtrt trains only in folders it can lock, so that two runs never write into one: choose a run "
+              "folder on a local file system")
 
 
-class RunLock:
-    """A held lock on a run folder; a context manager that lets it go (and removes its file)."""
-
-    def __init__(self, fd: int, path: Path) -> None:
-        self.fd, self.path = fd, path
-
-    def release(self) -> None:
-        if self.fd < 0:
-            return
-        try:
-            self.path.unlink(missing_ok=True)  # while still held: see the module docstring
-        finally:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> "RunLock":
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.release()
-
-
-def _holder_text(fd: int) -> str:
-    """'process N' from the lock file, or a plain 'another process' when it has not written its id yet."""
-    text = os.pread(fd, 64, 0).decode("ascii", errors="replace")
-    pid = text[4:].strip() if text.startswith("pid ") else ""
-    return f"process {pid}" if pid.isdigit() else "another process"
-
-
-def lock_run(run_dir: Path, busy: str) -> RunLock:
+def lock_run(run_dir: Path, busy: str) -> FileLock:
     """Take the run folder's lock, or fail with ``busy``, its ``{holder}`` replaced by e.g. 'process 42'."""
-    path = run_dir / LOCK_FILE
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            fail(f"cannot create the run folder's lock file {path} ({e.strerror or e})")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder_text(fd)
-            os.close(fd)
-            fail(busy.replace("{holder}", holder))
-        except OSError as e:  # a file system without locks: running unprotected is what this module prevents
-            os.close(fd)
-            fail(f"cannot lock {path} ({e.strerror or e}); radtrt trains only in folders it can lock, so that two "
-                 f"runs never write into one: choose a run folder on a local file system")
-        try:
-            current = os.stat(path).st_ino
-        except FileNotFoundError:  # its holder removed it between our open and our lock
-            current = None
-        if current == os.fstat(fd).st_ino:
-            break
-        os.close(fd)
-    lock = RunLock(fd, path)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}\n".encode())
-    except OSError as e:
-        lock.release()
-        fail(f"cannot write the run folder's lock file {path} ({e.strerror or e})")
-    return lock
+    return lock_file(run_dir / LOCK_FILE, busy, UNLOCKABLE)
 
 
 def lock_holder(run_dir: Path) -> str | None:
-    """Who holds the run folder's lock ('process N'), or None when no process does. Only probes: a lock taken
-    here is let go at once, and the file is left as it was."""
-    path = run_dir / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        fail(f"cannot read the run folder's lock file {path} ({e.strerror or e})")
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _holder_text(fd)
-        except OSError as e:
-            fail(f"cannot lock {path} ({e.strerror or e}); radtrt trains only in folders it can lock, so that two "
-                 f"runs never write into one: choose a run folder on a local file system")
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    """Who holds the run folder's lock ('process N'), or None when no process does."""
+    return _holder(run_dir / LOCK_FILE, UNLOCKABLE)

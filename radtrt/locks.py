@@ -1,0 +1,106 @@
+"""One process at a time on an output: a lock file held (``flock``) while the output is written.
+
+Why: two ``radtrt train resume RUN`` at once both ran, interleaved ``log.jsonl`` for good and removed each
+other's ``lora/``; two ``radtrt data synthesize`` to one ``-o`` appended to one ``OUT.partial`` and left a
+manifest with rows twice under the final name. ``flock`` ends with the process however it ends (a kill, a
+crash), so a lock can never be stale; the file holds the holder's process id only to name it in the refusal.
+
+The file is removed by its holder before the lock is let go, and a process that locked a file which
+was meanwhile removed tries again on the new one: otherwise two processes could each hold a lock, one
+on the removed file and one on its successor.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+from radtrt.errors import fail
+
+
+class FileLock:
+    """A held lock; a context manager that lets it go (and removes its file)."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: see the module docstring
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.release()
+
+
+def _holder_text(fd: int) -> str:
+    """'process N' from the lock file, or a plain 'another process' when it has not written its id yet."""
+    text = os.pread(fd, 64, 0).decode("ascii", errors="replace")
+    pid = text[4:].strip() if text.startswith("pid ") else ""
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+def lock_file(path: Path, busy: str, unlockable: str) -> FileLock:
+    """Take the lock of ``path``, or fail with ``busy``, its ``{holder}`` replaced by e.g. 'process 42'.
+    ``unlockable``: what to say where the file system has no locks."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            fail(f"cannot create the lock file {path} ({e.strerror or e})")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(fd)
+            os.close(fd)
+            fail(busy.replace("{holder}", holder))
+        except OSError as e:  # a file system without locks: running unprotected is what this module prevents
+            os.close(fd)
+            fail(f"cannot lock {path} ({e.strerror or e}); {unlockable}")
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and our lock
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    lock = FileLock(fd, path)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+    except OSError as e:
+        lock.release()
+        fail(f"cannot write the lock file {path} ({e.strerror or e})")
+    return lock
+
+
+def lock_holder(path: Path, unlockable: str) -> str | None:
+    """Who holds the lock of ``path`` ('process N'), or None when no process does. Only probes: a lock taken
+    here is let go at once, and the file is left as it was."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        fail(f"cannot read the lock file {path} ({e.strerror or e})")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_text(fd)
+        except OSError as e:
+            fail(f"cannot lock {path} ({e.strerror or e}); {unlockable}")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
