@@ -213,8 +213,8 @@ def calibrate(
     from radtrt.model.loading import load_model
     from radtrt.outputs import check_new_file
 
-    if out.suffix != ".safetensors":
-        fail(f"the calibration file must end in .safetensors, got {out.name}")
+    if out.suffix != ".safetensors":  # a name that is only the extension has none (".safetensors": a hidden file)
+        fail(f"the calibration file must be named NAME.safetensors, got {out.name}")
     check_new_file(out, "calibration file")
     phantoms = means_phantoms(data)
     if not phantoms:  # before the model loads (minutes at 7B)

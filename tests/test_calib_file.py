@@ -393,6 +393,10 @@ def test_phantom_keyword_beside_a_folder_of_that_name_is_refused(tmp_path: Path,
                                               r"give ./phantom to calibrate on that folder"):
             check()
     assert not means_phantoms("./phantom")
+    (tmp_path / "phantom").rmdir()
+    (tmp_path / "phantom").write_text("")  # a file of that name was called a folder
+    with pytest.raises(RadtrtError, match=r"give ./phantom to calibrate on that file"):
+        means_phantoms("phantom")
 
 
 def test_files_written_as_format_version_3_still_load(calib, tmp_path: Path) -> None:

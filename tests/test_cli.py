@@ -621,6 +621,9 @@ def test_output_paths_in_the_way_are_refused_before_the_model_loads(merged: Path
     code, _, err = _invoke("calibrate", "--model", merged, "--data", "phantom", "--n", "1",
                            "-o", a_file / "c.safetensors")
     _assert_refused(code, err, "is not a folder")
+    code, _, err = _invoke("calibrate", "--model", merged, "--data", "phantom", "--n", "1",
+                           "-o", tmp_path / ".safetensors")  # was "must end in .safetensors, got .safetensors"
+    _assert_refused(code, err, "must be named NAME.safetensors, got .safetensors")
     code, out, err = _invoke("infer", study, "--model", merged, "--sr-out", a_file, "--max-new-tokens", "2")
     _assert_refused(code, err, "--sr-out")
     assert out == "" and a_file.read_text() == "user data"

@@ -375,6 +375,8 @@ def test_tokenizer_refusals_are_one_line_and_come_before_training(chain: Chain, 
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A vocabulary too small for the corpus' characters was sentencepiece's RuntimeError traceback; a symlinked
     -o was refused only after the tokenizer had been trained."""
+    code, _, err = _invoke("train", "tokenizer", chain.manifest, "-o", tmp_path / "t263", "--vocab-size", "263")
+    assert code == 2 and "--vocab-size must be at least 300, got 263" in err, err  # was "too small: ... 259 pieces"
     code, _, err = _invoke("train", "tokenizer", chain.manifest, "-o", tmp_path / "t300", "--vocab-size", "300")
     assert code == 2 and "sentencepiece cannot train a 300-piece tokenizer on this manifest (" in err, err
     assert "give a larger --vocab-size" in err and "--character_coverage" not in err and not (tmp_path / "t300").exists()

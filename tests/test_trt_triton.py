@@ -168,6 +168,10 @@ def test_a_given_engine_is_written_as_typed_and_checked_against_the_bundle(tmp_p
         with pytest.raises(RadtrtError, match=match):
             write_triton_repo(bundle, tmp_path / f"r{i + 1}", vision_backend="onnxruntime", decoder_engine=engine,
                               max_batch=4)
+    for bad in ([], 0):  # falsy: it passed as "no build_config"
+        (engine / "config.json").write_text(json.dumps({**good, "build_config": bad}))
+        with pytest.raises(RadtrtError, match=r"build_config is (list|int), not an object"):
+            write_triton_repo(bundle, tmp_path / "rb", vision_backend="onnxruntime", decoder_engine=engine, max_batch=4)
     (engine / "config.json").write_text(json.dumps(good))
     assert write_triton_repo(bundle, tmp_path / "ok", vision_backend="onnxruntime", decoder_engine=engine,
                              max_batch=4).is_dir()

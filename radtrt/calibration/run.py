@@ -115,7 +115,7 @@ def means_phantoms(data: str) -> bool:
         return False
     if Path(data).exists():
         fail(f"'{data}' names the synthetic phantoms, and ./{data} exists here: give ./{data} to calibrate on that "
-             f"folder, or run from another folder for synthetic phantoms")
+             f"{'folder' if Path(data).is_dir() else 'file'}, or run from another folder for synthetic phantoms")
     return True
 
 

@@ -196,7 +196,7 @@ def _engine_config(engine: Path) -> dict[str, Any] | None:
                                                                              str):
         fail(f"{engine} is not a TensorRT-LLM engine folder (its config.json has no pretrained_config.dtype; a "
              f"checkpoint folder becomes an engine with 'radtrt export --target trtllm' on the GPU host)")
-    if not isinstance(data.get("build_config") or {}, dict):
+    if data.get("build_config") is not None and not isinstance(data["build_config"], dict):  # [] or 0 passed
         fail(f"{config}: build_config is {type(data['build_config']).__name__}, not an object (damaged?)")
     return data
 

@@ -30,7 +30,7 @@ def tokenizer_corpus(rows: list[ManifestRow]) -> list[str]:
 def train_tokenizer(rows: list[ManifestRow], vocab_size: int = 1024) -> LlamaSPTokenizer:
     """A tokenizer with at most ``vocab_size`` pieces (fewer when the corpus is small)."""
     if vocab_size < 300:
-        fail(f"--vocab-size {vocab_size} is too small: byte fallback alone takes 259 pieces")
+        fail(f"--vocab-size must be at least 300, got {vocab_size} (byte fallback alone takes 259 pieces)")
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
