@@ -510,7 +510,9 @@ def test_a_failed_study_is_named_as_given(bundle: Path, studies: list[Path], tmp
     (broken / "frontal.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     result = runner.invoke(app, ["infer", str(studies[0]), str(broken), "--bundle", str(bundle), "--json",
                                  "--max-new-tokens", "2"])
-    assert result.exit_code == 2 and f"radtrt: error: {broken}: frontal.png: " in result.stderr, result.stderr
+    # the folder's PNG is screened with its header, as a DICOM is: unusable, so the folder has none usable
+    assert result.exit_code == 2 and f"radtrt: error: {broken}: no usable image in folder: frontal.png: " \
+        in result.stderr, result.stderr
     ran, failed = [json.loads(line) for line in result.stdout.splitlines()]  # the other study still ran
     assert ran["token_ids"] and failed == {"study": str(broken), "error": failed["error"], "stage": "input"}
 
