@@ -285,10 +285,17 @@ _register_subcommands()
 
 def main() -> None:
     interrupts.install()  # SIGTERM unwinds as Ctrl-C does; neither breaks an import in progress
+    status = 1  # an exception that is neither: an internal error
     try:
         _run()
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
+    except KeyboardInterrupt:
+        status = 130
+        raise
     finally:  # the outcome is settled, whichever it is: an interrupt now would only misreport it
-        interrupts.finished()
+        interrupts.finished(status)
 
 
 def _run() -> None:

@@ -6,8 +6,8 @@ process (``terminate called after throwing an instance of 'pybind11::error_alrea
 ml_dtypes (imported by onnx) left numpy half-initialised, so the next attribute lookup recursed into a
 900-frame ``RecursionError`` traceback, status 1, an "internal error". So the interrupt is held back while the
 main thread imports (usually a second or two), and delivered once, as ``KeyboardInterrupt``, when the import
-is over; the commands' wrappers turn that into status 130 after their cleanup. A second press while one is
-held back adds nothing (two interrupts landing together cut the first one's cleanup short). An import still
+is over; the commands' wrappers turn that into status 130 after their cleanup. A second press (or a SIGTERM)
+while one is held back adds nothing (two interrupts landing together cut the first one's cleanup short). An import still
 running ``MAX_HOLD_S`` after the interrupt (a hung network filesystem) is interrupted anyway.
 This module imports nothing heavy itself.
 """
@@ -51,10 +51,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGINT and SIGTERM both unwind as Ctrl-C does (a ``timeout``, ``kill`` or batch scheduler's SIGTERM too, so
     the ``finally`` blocks that remove half-built outputs run instead of the process just ending)."""
     if signum in _forced:
-        _forced.discard(signum)
-        _held.discard(signum)
-    elif signum in _held:
-        return  # a second press while the first waits: the watcher delivers one
+        _forced.clear()
+        _held.clear()
+    elif _held:
+        return  # a second press, or a SIGTERM after a Ctrl-C, while the first waits: the watcher delivers one
     elif importing(frame):
         _held.add(signum)
         threading.Thread(target=_watch, args=(signum, threading.get_ident()), daemon=True).start()
@@ -68,10 +68,22 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def finished() -> None:
-    """The command has ended (its results printed, or its failure said): a Ctrl-C during the second or so the
-    interpreter takes to tear down (torch's thread pools, module finalizers) no longer turns a complete run into
-    exit 130 (or SIGTERM into 143), which made ``radtrt ... && next`` skip ``next`` over output that was whole.
-    An interrupt still held for an import is dropped with it: the command it would have stopped has ended."""
+def finished(status: int) -> None:
+    """The command has ended with ``status`` (its results printed, or its failure said): a Ctrl-C during the second
+    or so the interpreter takes to tear down (torch's thread pools, module finalizers) no longer turns a complete
+    run into exit 130, which made ``radtrt ... && next`` skip ``next`` over output that was whole; a SIGTERM then
+    ends the process at once with that status (a teardown that hangs can still be stopped, without a traceback
+    or a misreported 143). An interrupt still held for an import is dropped: the command it would have stopped
+    has ended."""
+
+    def end_now(signum: int, frame: FrameType | None) -> None:
+        for stream in (sys.stdout, sys.stderr):  # os._exit skips the flush at exit
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):  # closed, or a reader gone: nothing more can reach it
+                pass
+        os._exit(status)
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, end_now)

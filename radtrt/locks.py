@@ -12,8 +12,10 @@ on the removed file and one on its successor.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import re
 from pathlib import Path
 from types import TracebackType
 
@@ -50,13 +52,22 @@ def _holder_text(fd: int) -> str:
     return f"process {pid}" if pid.isdigit() else "another process"
 
 
+def _ours(fd: int) -> bool:
+    """Whether the locked file is empty (just made, by us or a holder that has not written yet) or holds what
+    radtrt writes there: a lock beside a user's output must not take over a file that only shares its name."""
+    text = os.pread(fd, 65, 0)
+    return text == b"" or re.fullmatch(rb"pid [0-9]+\n", text) is not None
+
+
 def lock_file(path: Path, busy: str, unlockable: str) -> FileLock:
     """Take the lock of ``path``, or fail with ``busy``, its ``{holder}`` replaced by e.g. 'process 42'.
     ``unlockable``: what to say where the file system has no locks."""
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:  # O_NOFOLLOW: a link there would have had its target emptied and overwritten
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                fail(f"{path} is a symbolic link, where radtrt keeps its lock file; move it away")
             fail(f"cannot create the lock file {path} ({e.strerror or e})")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,6 +85,9 @@ def lock_file(path: Path, busy: str, unlockable: str) -> FileLock:
         if current == os.fstat(fd).st_ino:
             break
         os.close(fd)
+    if not _ours(fd):  # a user's file of that name: never emptied, written or removed
+        os.close(fd)
+        fail(f"{path} exists and is not a radtrt lock file; move it away (radtrt keeps its lock there)")
     lock = FileLock(fd, path)
     try:
         os.ftruncate(fd, 0)

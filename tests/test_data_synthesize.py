@@ -610,6 +610,14 @@ def test_a_manifest_is_left_where_it_was_by_every_refusal(tmp_path: Path) -> Non
         with pytest.raises(RadtrtError, match=r"is a symbolic link; give the path of the file itself"):
             synthesize(labels, tmp_path / name, client=None, console=None)
     assert out.read_bytes() == whole and (tmp_path / "someone.txt").read_text() == ""
+    (tmp_path / "notes.txt").write_text("my notes")  # the lock beside -o emptied a link's target, and removed
+    (tmp_path / "l3.jsonl.lock").symlink_to(tmp_path / "notes.txt")  # a file that only shared its name
+    (tmp_path / "l4.jsonl.lock").write_text("user data")
+    for name, said in (("l3.jsonl", "is a symbolic link, where radtrt keeps its lock file"),
+                       ("l4.jsonl", "exists and is not a radtrt lock file; move it away")):
+        with pytest.raises(RadtrtError, match=said):
+            synthesize(labels, tmp_path / name, client=None, console=None)
+    assert (tmp_path / "notes.txt").read_text() == "my notes" and (tmp_path / "l4.jsonl.lock").read_text() == "user data"
 
 
 def test_a_second_run_on_the_same_manifest_is_refused_while_the_first_writes(tmp_path: Path) -> None:

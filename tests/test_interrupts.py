@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from radtrt.interrupts import importing
 
 
@@ -31,7 +33,8 @@ def test_importing_sees_the_import_machinery_among_the_callers(tmp_path: Path, m
     assert importing(sys._getframe()) is False
 
 
-def test_an_interrupt_during_an_import_waits_for_it_then_exits_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_an_import_waits_for_it_then_exits_130(tmp_path: Path, second: int) -> None:
     """Ctrl-C inside a C extension's initialisation aborted torch (status 134) or left numpy half-imported (a
     RecursionError traceback, status 1): the interrupt now lands once the import is over."""
     (tmp_path / "slow_module.py").write_text(
@@ -52,7 +55,7 @@ def test_an_interrupt_during_an_import_waits_for_it_then_exits_130(tmp_path: Pat
             "    sys.exit(INTERRUPTED)\n")
     proc = _interrupted_once_started(code, tmp_path / "started")
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)  # pressed again, the import still running: it landed in the cleanup
+    proc.send_signal(second)  # pressed again (or a scheduler's SIGTERM), the import still running: it cut the cleanup
     proc.wait(timeout=60)
     assert proc.returncode == 130, proc.stderr.read().decode() if proc.stderr else ""
     assert (tmp_path / "imported").exists()  # the import ran to its end before the interrupt landed
@@ -61,8 +64,6 @@ def test_an_interrupt_during_an_import_waits_for_it_then_exits_130(tmp_path: Pat
 
 def test_once_a_command_has_ended_ctrl_c_no_longer_changes_its_status(monkeypatch) -> None:
     """A Ctrl-C in the second the interpreter takes to tear down made a complete run exit 130."""
-    import pytest
-
     from radtrt.cli import main
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -72,7 +73,6 @@ def test_once_a_command_has_ended_ctrl_c_no_longer_changes_its_status(monkeypatc
             main()
         assert ended.value.code == 0
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
@@ -90,3 +90,11 @@ def test_an_import_that_hangs_is_interrupted_after_the_hold(tmp_path: Path) -> N
     proc = _interrupted_once_started(code, tmp_path / "started")
     proc.wait(timeout=30)
     assert proc.returncode == 130, proc.stderr.read().decode() if proc.stderr else ""
+
+
+def test_a_sigterm_after_the_command_ends_the_process_with_its_status() -> None:
+    """Raised into the teardown, it was a traceback and 130 (or, ignored, a hung teardown could not be stopped)."""
+    code = ("import os, signal, sys, time\nfrom radtrt import interrupts\ninterrupts.install()\n"
+            "print('done', flush=True)\ninterrupts.finished(3)\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and proc.stdout == "done\n" and "Traceback" not in proc.stderr, proc.stderr
