@@ -392,7 +392,10 @@ def _drop_shard(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str
      f"it maps '{Q0}' to .*which does not hold it"),
     (lambda shards, wm: wm.pop(Q0), f"incomplete index: it does not list '{Q0}'"),
     # said "LoRA adapter targets '...v_proj', which the base decoder does not have (wrong base model?)"
-    (_drop_shard, "incomplete index: .*index.json maps no shard to 'model."),
+    (_drop_shard, "incomplete index: .*index.json maps no shard to 'model.* and it names no shard model-"),
+    # index and shards agree, both without a weight: the base model lacks it (it was called an incomplete index)
+    (lambda shards, wm: [wm.pop("model.norm.weight"), *(t.pop("model.norm.weight", None) for t in shards.values())],
+     "base model .* lacks the decoder weight 'model.norm.weight'"),
     # read from outside the base model folder, exit 0
     (lambda shards, wm: wm.update({n: "../base-lm/" + s for n, s in wm.items()}), "which is not a file of"),
 ])

@@ -23,7 +23,7 @@ from radtrt.errors import fail, printable
 from radtrt.model import checkpoints as ck
 from radtrt.model.config import CONV_TEMPLATES, DecoderConfig, LlavaRadConfig, VisionConfig, config_problem
 from radtrt.model.decoder import Rotary
-from radtrt.model.io import hf_weights, load_tensors, read_json, safetensors_header, save_tensors
+from radtrt.model.io import hf_weight_map, hf_weights, load_tensors, read_json, safetensors_header, save_tensors
 from radtrt.model.llava_rad import LlavaRad
 from radtrt.model.memory import available_bytes
 from radtrt.model.prompt import shortest_prompt_length
@@ -370,11 +370,20 @@ def _check_base_weights(cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor], b
     missing = sorted(expected - set(decoder))
     if not missing:
         return
-    if index is not None:
-        fail(f"incomplete index: {index} maps no shard to '{missing[0]}' ({len(missing)} decoder weights unmapped; "
-             f"damaged or hand-edited index?)")
+    if index is not None and _unindexed_shards(index):  # a weight file the index leaves out: the index is short
+        fail(f"incomplete index: {index} maps no shard to '{missing[0]}' ({len(missing)} decoder weights unmapped, "
+             f"and it names no shard {_unindexed_shards(index)[0]}; damaged or hand-edited index?)")
     fail(f"base model {base_dir} lacks the decoder weight '{missing[0]}' ({len(missing)} missing in all; wrong base "
          f"model or damaged file?)")
+
+
+def _unindexed_shards(index: Path) -> list[str]:
+    """Weight files beside ``index`` (of its own format) that it maps no tensor to. With none, a weight the index
+    does not list is one no shard holds (every held tensor was checked against the index): the base model lacks
+    it, and "incomplete index" sent the user to the wrong file."""
+    suffix = ".safetensors" if index.name.startswith("model.safetensors") else ".bin"
+    listed = set(hf_weight_map(index).values())
+    return sorted(p.name for p in index.parent.iterdir() if p.suffix == suffix and p.name not in listed)
 
 
 def save_toolkit(loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> Path:
