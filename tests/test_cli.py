@@ -250,6 +250,17 @@ def test_a_default_model_that_does_not_load_names_the_remedy(damaged_default_mod
     assert "must be positive" in err and " ".join(err.split()).endswith("or pass --model")
 
 
+def test_a_default_model_refusal_with_its_own_remedy_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too little memory was told to 'reinstall radtrt', the remedy for a damaged copy."""
+    import radtrt.model.loading as loading
+    from radtrt.model.default_model import load_default_model
+
+    monkeypatch.setattr(loading, "available_bytes", lambda: 1)
+    with pytest.raises(RadtrtError, match="available: free memory or use a larger host$") as info:
+        load_default_model()
+    assert "reinstall" not in str(info.value)
+
+
 def test_doctor_reports_an_onnxruntime_that_cannot_list_providers(tmp_path: Path) -> None:
     """An install whose get_available_providers raises (or is missing) ended doctor in a traceback."""
     import subprocess

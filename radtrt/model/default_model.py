@@ -62,9 +62,10 @@ def load_default_model(*, dtype: "torch.dtype | None" = None, device: str = "cpu
     config value, weights that are not finite) names the remedy, as a missing or damaged copy does."""
     import torch
 
-    from radtrt.model.loading import load_model
+    from radtrt.model.loading import check_memory, load_model
 
     path = default_model_dir(console)
+    check_memory(path, dtype or torch.float32)  # outside: too little memory is no damage a reinstall mends
     try:
         return load_model(path, dtype=dtype or torch.float32, device=device)
     except RadtrtError as e:

@@ -103,7 +103,7 @@ def load_model(model_dir: Path, base_model: Path | None = None, *, dtype: torch.
     """Load either layout; the release layout needs the base Vicuna directory. A model that cannot generate
     (check_generates) is refused here, for every command: export wrote both graphs (minutes at 7B) before its
     ONNX Runtime check failed, and infer said to shorten an --indication it was not given."""
-    _check_memory(model_dir, dtype)
+    check_memory(model_dir, dtype)
     if layout_of(model_dir) == "toolkit":
         if base_model is not None:  # said, not ignored: the user may believe the base model is being used
             fail(f"{model_dir} is a radtrt model folder, whose decoder weights are already merged: drop "
@@ -218,14 +218,14 @@ def anonymous_load_bytes(model_dir: Path, dtype: torch.dtype) -> tuple[int, str]
     return numel * torch.finfo(dtype).bits // 8, f"the LoRA adapter is merged into {dtype_name} copies of its weights"
 
 
-def _check_memory(model_dir: Path, dtype: torch.dtype) -> None:
+def check_memory(model_dir: Path, dtype: torch.dtype) -> None:
     need = anonymous_load_bytes(model_dir, dtype)
     if need is None:
         return
     have = available_bytes()
     if need[0] > have:
         fail(f"loading {model_dir} needs at least {need[0] / 1e9:.1f} GB of memory ({need[1]}); this host has "
-             f"{have / 1e9:.1f} GB available: free memory or use a larger host")
+             f"{have / 1e9:.1f} GB available", remedy="free memory or use a larger host")
 
 
 def check_generates(loaded: LoadedModel, what: str, base_model: Path | None = None) -> None:
