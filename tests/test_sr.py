@@ -103,7 +103,7 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, dicom_source: Selected
         raise OSError("disk full")
 
     monkeypatch.setattr(outputs_module.os, "fsync", crash)  # after the bytes were written
-    with pytest.raises(RadtrtError, match="cannot write an SR into folder 'out': disk full"):  # one line, not a traceback
+    with pytest.raises(RadtrtError, match=f"cannot write an SR into folder {tmp_path / 'out'}: disk full"):  # one line, not a traceback
         write_sr(REPORT, dicom_source, tmp_path / "out", model_name="m", model_version="v")
     assert list((tmp_path / "out").iterdir()) == []
 

@@ -131,6 +131,8 @@ def test_resume_reproduces_the_uninterrupted_run(chain: Chain, tmp_path: Path) -
         train(cfg)
     second = train(cfg, resume=True)
     assert second.model_dir is not None
+    with pytest.raises(RadtrtError, match="already holds a trained model; choose another -o"):  # not "resume it"
+        train(cfg)
     assert [e["loss"] for e in read_log(tmp_path / "split")] == [e["loss"] for e in read_log(full)]
     a = load_tensors(full / "model" / "model.safetensors")
     b = load_tensors(tmp_path / "split" / "model" / "model.safetensors")

@@ -8,6 +8,7 @@ to it. Progress goes to stderr. A ``RadtrtError`` becomes one stderr line and ex
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -229,8 +230,8 @@ def parity(
 
     _emit(parity_markdown(report), report.to_json(), as_json, out, stale_chart)
     if predictions_out is not None:  # last: the next step, once every output is written
-        err.print(plain(f"CheXprompt: radtrt eval --paired {ref} {cand} --metrics rouge,labels,chexprompt "
-                        f"--endpoint URL --judge-model NAME"), highlight=False, soft_wrap=True)
+        err.print(plain(f"CheXprompt: radtrt eval --paired {shlex.join([str(ref), str(cand)])} --metrics "
+                        f"rouge,labels,chexprompt --endpoint URL --judge-model NAME"), highlight=False, soft_wrap=True)
 
 
 def _model_options(bundle: Optional[Path], model: Optional[Path], base_model: Optional[Path],

@@ -142,7 +142,9 @@ def write_phantom_set(out: Path, n: int, seed: int, *, rows: int = 288, cols: in
         try:
             _fill(work, n, seed, rows, cols, formats, console)
         except OSError as e:  # a full disk: one line (the folder built aside is removed)
-            fail(f"cannot write the phantoms into {out}: {e.strerror or e}")
+            # pydicom re-raises a write error without its errno, its text a whole traceback: the cause's is kept
+            cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+            fail(f"cannot write the phantoms into {out}: {cause.strerror or str(cause).splitlines()[0]}")
     return out / "manifest.jsonl"
 
 

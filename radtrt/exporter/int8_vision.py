@@ -27,6 +27,7 @@ used). Choices, each measured (``radtrt calibrate``/``export`` report, and the I
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
@@ -107,6 +108,20 @@ def activation_ranges(path: Path, input_absmax: Mapping[str, torch.Tensor], excl
     return ranges
 
 
+@contextmanager
+def _read_back_errors(folder: Path) -> Iterator[None]:
+    """ONNX Runtime's quantizer writes a shape-inferred copy of the graph beside it and reads it back; onnx's
+    writer ignores a full disk, so the read met a truncated file and its protobuf DecodeError was a traceback."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        yield
+    except DecodeError:
+        free = shutil.disk_usage(folder).free
+        fail(f"ONNX Runtime's quantizer could not read back the vision graph it wrote in {folder} (the file is cut "
+             f"short: a full disk? {free / 1e6:.0f} MB free there)")
+
+
 def quantize_vision(fp32_model: Path, out: Path, input_absmax: Mapping[str, torch.Tensor], *,
                     keep_float: Sequence[str] = KEEP_FLOAT, reduce_range: bool = ORT_REDUCE_RANGE) -> dict[str, Any]:
     """Write the Q/DQ INT8 vision graph (external weights next to it); returns what the manifest records.
@@ -127,7 +142,7 @@ def quantize_vision(fp32_model: Path, out: Path, input_absmax: Mapping[str, torc
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
             name: TensorData(lowest=np.array(-a, dtype=np.float32), highest=np.array(a, dtype=np.float32))
             for name, a in ranges.items()}), cache)
-        with quiet_quantizer():
+        with quiet_quantizer(), _read_back_errors(out.parent):
             quantize_static(str(fp32_model), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
                             op_types_to_quantize=VISION_OP_TYPES, nodes_to_exclude=exclude,

@@ -234,5 +234,5 @@ def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_na
         with replaced_atomically(final, mode=0o600) as temp, quiet("highdicom|pydicom"):
             sr.save_as(temp, enforce_file_format=True)
     except OSError as exc:  # a full disk, say: this study's SR is not written, the others still are
-        fail(f"cannot write an SR into folder {out_dir.name!r}: {exc.strerror or exc}")
+        fail(f"cannot write an SR into folder {out_dir}: {exc.strerror or exc}")
     return final

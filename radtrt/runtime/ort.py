@@ -45,7 +45,7 @@ def available_providers() -> list[str]:
 def provider_list(provider: str, trt_cache: Path | None = None) -> list[Any]:
     """ORT providers, most preferred first, with CPU always last as the fallback for unsupported ops."""
     if provider not in PROVIDERS:
-        fail(f"unknown ONNX Runtime provider '{provider}' ({', '.join(PROVIDERS)})")
+        fail(f"unknown ONNX Runtime provider '{provider}' (auto, {', '.join(PROVIDERS)})")
     name = PROVIDERS[provider]
     if name not in available_providers():
         fail(f"ONNX Runtime here has no {name} (available: {', '.join(available_providers())}); "

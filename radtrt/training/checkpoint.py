@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -54,9 +55,13 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         with replaced_atomically(path) as tmp:
             torch.save({"format": FORMAT, **state}, tmp)
-    except (OSError, RuntimeError) as e:  # a full disk: torch's writer raises RuntimeError ("file write failed")
-        fail(f"cannot write training checkpoint {path} ({(str(e).splitlines() or [type(e).__name__])[0]}); the "
-             f"previous one is kept")
+    except (OSError, RuntimeError) as e:  # a full disk: torch's writer raises RuntimeError ("file write failed",
+        # or "unexpected pos": no errno to say so, hence the free space)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+        room = f"; {free / 1e6:.0f} MB free there" if free is not None else ""
+        kept = "the previous one is kept" if path.is_file() else "there is no earlier one"
+        fail(f"cannot write training checkpoint {path} ({why}{room}); {kept}")
     return path
 
 

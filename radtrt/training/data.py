@@ -238,7 +238,7 @@ class Schedule:
         if self.steps_per_epoch < 1:
             fail(f"the manifest has {self.n} rows, fewer than one global batch of {self.global_batch} "
                  f"(micro-batch {self.micro_batch_size} x accumulation {self.grad_accum} x {self.world_size} "
-                 f"processes); lower the batch size")
+                 f"processes); lower --micro-batch-size or --grad-accum")
 
     def total_steps(self, epochs: float, max_steps: int | None) -> int:
         return max_steps if max_steps else max(1, math.ceil(epochs * self.steps_per_epoch))

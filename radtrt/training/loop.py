@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -104,10 +105,11 @@ def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True, stage: str
     holder = lock_holder(run_dir)
     if holder is not None:
         fail(f"{holder} is training in {run_dir} right now; choose another -o")
-    if ckpt.state_path(run_dir).exists():
-        fail(f"{run_dir} already holds a training run; continue it with 'radtrt train resume {run_dir}' or choose another -o")
-    if (run_dir / MODEL_DIR).exists():
+    if (run_dir / MODEL_DIR).exists():  # first: a finished run keeps its checkpoint, and resume refuses it
         fail(f"{run_dir} already holds a trained model; choose another -o")
+    if ckpt.state_path(run_dir).exists():
+        fail(f"{run_dir} already holds a training run; continue it with 'radtrt train resume "
+             f"{shlex.quote(str(run_dir))}' or choose another -o")
     if (run_dir / CONFIG_FILE).exists():
         fail(_before_first_checkpoint(run_dir))
     if is_main:  # the other ranks start while the main one may already be writing into it
@@ -173,8 +175,11 @@ def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
         with path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(entry) + "\n")
     except OSError as e:
+        if not ckpt.state_path(run_dir).is_file():  # resume would refuse: nothing saved yet
+            fail(f"cannot append to training log {path} ({e.strerror or e}) before the run's first checkpoint: free "
+                 f"space, delete {shlex.quote(str(run_dir))} and run the training command again")
         fail(f"cannot append to training log {path} ({e.strerror or e}); the steps since the last checkpoint are "
-             f"lost: free space, then 'radtrt train resume {run_dir}'")
+             f"lost: free space, then 'radtrt train resume {shlex.quote(str(run_dir))}'")
 
 
 def _log_step(line: str) -> int | None:

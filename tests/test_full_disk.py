@@ -1,0 +1,54 @@
+"""A full disk where the writer gives no errno, or wraps the error: one line that says what happened."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from radtrt.errors import RadtrtError
+
+
+def test_a_quantizer_reading_back_a_cut_graph_is_one_line(tmp_path: Path) -> None:
+    """onnx's shape-inference writer ignores a full disk; ONNX Runtime's quantizer then read a cut file, and the
+    protobuf DecodeError was a traceback with exit 1."""
+    from google.protobuf.message import DecodeError
+
+    from radtrt.exporter.int8_vision import _read_back_errors
+
+    with pytest.raises(RadtrtError, match=r"could not read back the vision graph .* a full disk\? \d+ MB free"):
+        with _read_back_errors(tmp_path):
+            raise DecodeError("Error parsing message with type 'onnx.ModelProto'")
+
+
+def test_phantoms_on_a_full_disk_say_so_without_pydicoms_traceback(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom re-raises a write error as OSError(text of a traceback) without its errno."""
+    import radtrt.data.phantom_set as phantom_set
+
+    def full(*args: object, **kwargs: object) -> None:
+        cause = OSError(28, "No space left on device")
+        raise OSError("With tag (7FE0,0010) got exception: [Errno 28] ...\nTraceback (most recent call last):") \
+            from cause
+
+    monkeypatch.setattr(phantom_set, "_fill", full)
+    with pytest.raises(RadtrtError, match=r"cannot write the phantoms into .*: No space left on device$"):
+        phantom_set.write_phantom_set(tmp_path / "ph", 2, 0, rows=64, cols=64, formats=("png",))
+
+
+def test_a_first_checkpoint_or_log_line_that_cannot_be_written_gives_the_remedy_that_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before any checkpoint, both said to resume (which then refused) or that 'the previous one is kept'."""
+    import radtrt.training.checkpoint as ckpt
+    from radtrt.training import loop
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 29248 vs 29140")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(RadtrtError, match=r"unexpected pos .* MB free there\); there is no earlier one$"):
+        ckpt.save_checkpoint(tmp_path, {"step": 1})
+    (tmp_path / "log.jsonl").mkdir()  # appending fails
+    with pytest.raises(RadtrtError, match=r"before the run's first checkpoint: free space, delete .* and run the "
+                                          r"training command again$"):
+        loop._append_log(tmp_path, {"step": 1})
