@@ -102,6 +102,15 @@ def test_convert_of_a_run_folder_with_a_base_model_says_the_base_model_is_in_the
     assert f"drop --base-model {tiny_release.base_dir}" in err and "give its model" not in err
     code, err = convert("--model", run, "-o", tmp_path / "out")
     assert code == 0, err
+    from radtrt.model.loading import load_model  # the next step, given the folder convert wrote, or half of it
+
+    out = tmp_path / "out"
+    with pytest.raises(RadtrtError, match=f"{out} holds the release layout 'radtrt convert --to llava-rad' writes: "
+                                          f"give --model {out / 'llava-rad'} --base-model {out / 'base-lm'}$"):
+        load_model(out)  # was "missing file: OUT/config.json"
+    with pytest.raises(RadtrtError, match=f"pass --base-model with the base model written beside it, "
+                                          f"{out / 'base-lm'}$"):
+        load_model(out / "llava-rad")
 
 
 def test_an_unfinished_run_is_sent_where_it_can_go(chain: Chain, tmp_path: Path) -> None:

@@ -52,6 +52,10 @@ class LoadedModel:
     source: dict[str, Any] = field(default_factory=dict)
 
 
+# the folders 'radtrt convert --to llava-rad' writes (training/release_export.py), named in load_model's messages
+RELEASE_DIR, RELEASE_BASE_DIR = "llava-rad", "base-lm"
+
+
 def layout_of(model_dir: Path) -> str:
     """``'toolkit'`` or ``'release'``, from the directory's config.json."""
     if not model_dir.is_dir():
@@ -66,6 +70,10 @@ def layout_of(model_dir: Path) -> str:
         fail(f"{model_dir} is a training run folder, not a model: give its model, {model}" if model.is_dir() else
              f"{model_dir} is a training run folder that has not written its model yet: 'radtrt train resume "
              f"{model_dir}' finishes it, then give {model}")
+    if not (model_dir / "config.json").exists() and (model_dir / RELEASE_DIR / "config.json").is_file() \
+            and (model_dir / RELEASE_BASE_DIR).is_dir():  # "missing file: OUT/config.json"
+        fail(f"{model_dir} holds the release layout 'radtrt convert --to llava-rad' writes: give --model "
+             f"{model_dir / RELEASE_DIR} --base-model {model_dir / RELEASE_BASE_DIR}")
     if not (model_dir / "config.json").exists() and any((model_dir / name).is_file() for name in ADAPTER_FILES):
         fail(_adapter_folder(model_dir))  # said as "missing file: .../config.json"
     cfg = read_json(model_dir / "config.json")
@@ -111,8 +119,10 @@ def load_model(model_dir: Path, base_model: Path | None = None, *, dtype: torch.
         loaded = _load_toolkit(model_dir, dtype)
     else:
         if base_model is None:
-            fail(f"{model_dir} is the official LLaVA-Rad release layout: pass --base-model with the local "
-                 f"Vicuna-7B v1.5 directory")
+            sibling = model_dir.parent / RELEASE_BASE_DIR  # 'radtrt convert --to llava-rad' writes it beside
+            fail(f"{model_dir} is the official LLaVA-Rad release layout: pass --base-model with "
+                 + (f"the base model written beside it, {sibling}" if model_dir.name == RELEASE_DIR
+                    and (sibling / "config.json").is_file() else "the local Vicuna-7B v1.5 directory"))
         loaded = _load_release(model_dir, base_model, dtype)
     check_generates(loaded, str(model_dir), base_model)
     loaded.model.to(device).eval()

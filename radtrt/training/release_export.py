@@ -25,14 +25,14 @@ from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
 from radtrt.model.io import load_tensors, read_json
 from radtrt.outputs import check_new_dir, new_dir_built_aside
-from radtrt.model.loading import LoadedModel, check_generates, load_model
+from radtrt.model.loading import RELEASE_BASE_DIR, RELEASE_DIR, LoadedModel, check_generates, load_model
 from radtrt.model.release import adapter_config_json, write_base_lm, write_release
 from radtrt.training.config import TrainConfig
 from radtrt.training.checkpoint import state_path
 from radtrt.training.loop import CONFIG_FILE, run_config
 from radtrt.training.outputs import LORA_DIR, MODEL_DIR
 
-RELEASE_DIR, BASE_DIR = "llava-rad", "base-lm"
+
 IDENTITY_RANK = 1
 
 
@@ -53,7 +53,7 @@ def _write(out_dir: Path, loaded: LoadedModel, base: dict[str, torch.Tensor], lo
            adapter_config: dict, base_name: str) -> tuple[Path, Path]:
     check_generates(loaded, f"model {loaded.name}")  # a release no infer can run is not written
     model, cfg = loaded.model, loaded.model.cfg
-    base_dir = write_base_lm(out_dir / BASE_DIR, cfg, base, loaded.tokenizer)
+    base_dir = write_base_lm(out_dir / RELEASE_BASE_DIR, cfg, base, loaded.tokenizer)
     release_dir = write_release(out_dir / RELEASE_DIR, cfg, trunk=_cpu(model.vision_tower.state_dict()),
                                 projector=_cpu(model.mm_projector.state_dict()), lora=lora,
                                 adapter_config=adapter_config, base_name=base_name, model_name=loaded.name)
