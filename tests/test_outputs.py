@@ -82,6 +82,9 @@ def test_build_folder_left_by_an_interrupted_run_is_replaced(tmp_path: Path) -> 
         with new_dir_built_aside(tmp_path / "out2"):
             raise ValueError("export failed")
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out2.partial").exists()
+    with pytest.raises(RadtrtError, match=r"\(problem writing element 1024 to file; \d+ MB free there\); nothing"):
+        with new_dir_built_aside(tmp_path / "out3"):  # numpy's full-disk error, without an errno
+            raise OSError("problem writing element 1024 to file")
 
 
 def test_outputs_are_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
