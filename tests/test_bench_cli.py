@@ -626,3 +626,22 @@ def test_more_threads_than_cpus_are_refused_as_in_training(tiny: Assets, work: P
                                (os.cpu_count() or 1) + 1)
         assert code == 2 and f"is more than this machine's {os.cpu_count()} CPUs" in err
         assert not fresh.exists()
+
+
+def test_a_report_set_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at the JSON left this run's Markdown beside nothing (or an older run's JSON)."""
+    import radtrt.outputs as outputs
+    from radtrt.benchmarks.cli import _emit
+    from radtrt.errors import fail
+
+    real = outputs.write_text
+
+    def full_at_json(path: Path, text: str, what: str) -> None:
+        if path.suffix == ".json":
+            fail(f"cannot write {what} {path}: No space left on device")
+        real(path, text, what)
+
+    monkeypatch.setattr(outputs, "write_text", full_at_json)
+    with pytest.raises(RadtrtError, match="No space left"):
+        _emit("# report\n", {"a": 1}, False, tmp_path / "r.md")
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.benchmarks.report_files import (check_outside_studies, check_predictions_apart, check_report_path,
                                            report_files, reproduce_command)
 from radtrt.cli_support import emit, err, user_errors
-from radtrt.errors import fail
+from radtrt.errors import RadtrtError, fail
 from radtrt.progress import LineProgress, make_progress, plain
 
 _guarded = user_errors
@@ -49,11 +49,18 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
 
         make_dir(out.parent, "report folder")
         md_path, json_path, png_path = report_files(out)
-        write_text(md_path, markdown, "report")
-        write_text(json_path, json.dumps(data, indent=2) + "\n", "report")
+        written: list[Path] = []
+        try:  # the set or nothing: a full disk at the JSON left the Markdown of this run beside an older JSON
+            for path, text in ((md_path, markdown), (json_path, json.dumps(data, indent=2) + "\n")):
+                write_text(path, text, "report")
+                written.append(path)
+            if chart is not None:
+                chart(png_path)
+        except RadtrtError:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         err.print(plain(f"wrote {md_path} and {json_path}"))
-        if chart is not None:
-            chart(png_path)
     emit(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 
 
