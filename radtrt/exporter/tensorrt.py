@@ -21,6 +21,7 @@ with a strongly typed network (trtexec switches them off with a warning); the gr
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,10 +30,20 @@ from typing import Any
 
 from radtrt import __version__
 from radtrt.errors import RadtrtError, fail
-from radtrt.outputs import make_dir, replaced_atomically, write_text
 from radtrt.exporter.bundle import read_manifest, sha256_file
-from radtrt.exporter.gpu import (GpuInfo, check_tensorrt, engine_key, gpu_stamp, loaded_tensorrt_problem, newest_first,
-                                 parse_version, read_stamp, stamp_mismatch, timing_cache_name)
+from radtrt.exporter.gpu import (
+    GpuInfo,
+    check_tensorrt,
+    engine_key,
+    gpu_stamp,
+    loaded_tensorrt_problem,
+    newest_first,
+    parse_version,
+    read_stamp,
+    stamp_mismatch,
+    timing_cache_name,
+)
+from radtrt.outputs import make_dir, replaced_atomically, write_text
 
 ENGINE_FILE = "vision.engine"
 STAMP_FILE = "engine.json"
@@ -346,7 +357,7 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
             fail(f"TensorRT engine {engine} was built from another export of vision.onnx: rebuild it")
         return engine, stamp
     what = f"{precision} " if precision else ""
-    build = f"'radtrt export --bundle {bundle} --target tensorrt'"  # without --bundle it would make a new bundle
+    build = f"'radtrt export --bundle {shlex.quote(str(bundle))} --target tensorrt'"  # without --bundle it would make a new bundle
     if mismatches and gpu.tensorrt is None:  # no rebuild can help before TensorRT is there (as for TensorRT-LLM)
         fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: install TensorRT on this host (the "
              f"version it was built with), or rebuild the engine once it is installed")

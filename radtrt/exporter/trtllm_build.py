@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shlex
 import shutil
 import subprocess
 import time
@@ -18,8 +19,23 @@ import torch
 
 from radtrt import __version__
 from radtrt.errors import fail
-from radtrt.exporter.gpu import GpuInfo, check_trtllm, engine_key, gpu_stamp, newest_first, read_stamp, stamp_mismatch
-from radtrt.exporter.trtllm import BUILD_STAMP, DTYPES, META, mode_tag, read_checkpoint, split_mode_tag
+from radtrt.exporter.gpu import (
+    GpuInfo,
+    check_trtllm,
+    engine_key,
+    gpu_stamp,
+    newest_first,
+    read_stamp,
+    stamp_mismatch,
+)
+from radtrt.exporter.trtllm import (
+    BUILD_STAMP,
+    DTYPES,
+    META,
+    mode_tag,
+    read_checkpoint,
+    split_mode_tag,
+)
 from radtrt.model.io import save_tensors
 from radtrt.outputs import write_text
 
@@ -251,7 +267,7 @@ def check_built_from(engine: Path, stamp: dict[str, Any], manifest: dict[str, An
     if stamp.get("bundle_weights") != manifest["model"].get(BUNDLE_FINGERPRINT):
         fail(f"the TensorRT-LLM engine {engine} was not built from the weights of the model {bundle} was exported "
              f"from (copied from another bundle, or built by an older radtrt): delete its folder and rebuild it "
-             f"with 'radtrt export --bundle {bundle} --model MODEL --target trtllm ...'")
+             f"with 'radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm ...'")
 
 
 def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Path, dict[str, Any]]:
@@ -285,7 +301,7 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
                "w8a8_sq": "--precision int8 --int8-decoder smoothquant"}.get(mode, "") + (" --int8-kv-cache" if kv else "")
     if (kv or mode == "w8a8_sq") and not (bundle / "calibration.safetensors").is_file():
         options += " --calibration-stats CALIB"  # an fp16/fp32 bundle carries no statistics to take them from
-    build = f"'radtrt export --bundle {bundle} --model MODEL --target trtllm {options}'"  # --bundle: into this one
+    build = f"'radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm {options}'"  # --bundle: into this one
     if others:
         fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: rebuild it on this host with {build}")
     has = f" (for this host it has {', '.join(sorted(here))})" if here else ""

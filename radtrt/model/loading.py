@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def _adapter_folder(model_dir: Path) -> str:
                 f"('radtrt convert --to llava-rad' takes the run folder {run} to publish the adapter)"
                 if model.is_dir() else
                 f"{model_dir} is a PEFT LoRA adapter folder, not a model, and its training run has not written its "
-                f"model yet: 'radtrt train resume {run}' finishes it, then give {model}")
+                f"model yet: 'radtrt train resume {shlex.quote(str(run))}' finishes it, then give {model}")
     return (f"{model_dir} is a PEFT LoRA adapter folder (adapter_config.json), not a model: give the model it belongs "
             f"to, the RUN/model of the 'radtrt train stage2' run that wrote it, or the LLaVA-Rad release folder that "
             f"holds it beside its config.json")

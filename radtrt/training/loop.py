@@ -125,7 +125,7 @@ def _check_resume_outputs(run_dir: Path, stage: str | None) -> None:
         work = work_dir(run_dir / name)
         if not_ours(work):
             fail(f"{work} is in the way of the {what} this run ends with (radtrt builds {name}/ there first) and is "
-                 f"not radtrt's unfinished work: move it away, then 'radtrt train resume {run_dir}'")
+                 f"not radtrt's unfinished work: move it away, then 'radtrt train resume {shlex.quote(str(run_dir))}'")
     if stage == "stage2" and not (run_dir / MODEL_DIR).exists():
         check_leftover_lora(run_dir)
 
@@ -272,7 +272,7 @@ def _check_config_file(run_dir: Path, cfg: TrainConfig) -> None:
     try:
         recorded = read_json(path)
     except RadtrtError as e:  # the checkpoint holds the config: the file can be written again from it
-        fail(f"{e}; delete it, and 'radtrt train resume {run_dir}' writes it again from the checkpoint")
+        fail(f"{e}; delete it, and 'radtrt train resume {shlex.quote(str(run_dir))}' writes it again from the checkpoint")
     saved = cfg.to_dict()
     for key in sorted(set(saved) | set(recorded)):
         if key == "out_dir":
@@ -418,7 +418,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                 model_dir = write_outputs(cfg, run_dir, loaded, objective, peft_lm, total)
             except RadtrtError as e:  # a full disk said only "cannot write RUN/model.partial/...", not how to go on
                 fail(f"{e}; all {total} steps are saved in {ckpt.state_path(run_dir)}: once that is fixed, 'radtrt "
-                     f"train resume {run_dir}' writes the model without training again")
+                     f"train resume {shlex.quote(str(run_dir))}' writes the model without training again")
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.interrupts) from timeout, kill or a batch scheduler
         if info.is_main:
             console.print(_interrupted(run_dir, saved), markup=False, highlight=False, soft_wrap=True)
@@ -445,7 +445,7 @@ def _interrupted(run_dir: Path, saved: int | None) -> str:
     if saved is None:
         return (f"radtrt: interrupted before the first checkpoint, so there is nothing to resume: delete {run_dir} "
                 f"and run the command again")
-    return f"radtrt: interrupted; 'radtrt train resume {run_dir}' goes on from step {saved}, its last checkpoint"
+    return f"radtrt: interrupted; 'radtrt train resume {shlex.quote(str(run_dir))}' goes on from step {saved}, its last checkpoint"
 
 
 def _unfinished_saves(files: list[Path]) -> str:
@@ -462,7 +462,7 @@ def _image_failed(error: str, run_dir: Path, saved: int | None) -> str:
         return (f"{error}; the run stopped before its first checkpoint, so there is nothing to resume: once the file "
                 f"can be read, delete {run_dir} and run the training command again (or choose another -o)")
     return (f"{error}; if the file was only out of reach (permissions, a mount), restore access and run 'radtrt "
-            f"train resume {run_dir}'; if its bytes must be repaired, resume refuses a run whose images changed since "
+            f"train resume {shlex.quote(str(run_dir))}'; if its bytes must be repaired, resume refuses a run whose images changed since "
             f"it began: start the run again (delete {run_dir} or choose another -o)")
 
 
