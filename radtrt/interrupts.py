@@ -76,11 +76,18 @@ def finished(status: int) -> None:
     or a misreported 143). An interrupt still held for an import is dropped: the command it would have stopped
     has ended."""
 
+    ending: list[bool] = []
+
     def end_now(signum: int, frame: FrameType | None) -> None:
+        if ending:  # a second SIGTERM while the first flushes
+            return
+        ending.append(True)
         for stream in (sys.stdout, sys.stderr):  # os._exit skips the flush at exit
             try:
                 if stream is not None:
                     stream.flush()
+            except RuntimeError:  # the interpreter was flushing it (a slow reader): its own exit follows
+                return
             except (OSError, ValueError):  # closed, or a reader gone: nothing more can reach it
                 pass
         os._exit(status)

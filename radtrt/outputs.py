@@ -243,7 +243,8 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
         # a file outside the folder (one being read, say) is named: the failure need not be the output's
         elsewhere = f": {e.filename}" if e.filename and not Path(str(e.filename)).is_relative_to(work) else ""
         # numpy's tofile (inside torch's ONNX exporter) says only "problem writing element 1024 to file"
-        room = "" if e.errno is not None else f"; {shutil.disk_usage(out.parent).free / 1e6:.0f} MB free there"
+        room = "" if e.errno is not None or not out.parent.is_dir() else \
+            f"; {shutil.disk_usage(out.parent).free / 1e6:.0f} MB free there"
         fail(f"{what} {out} was not written ({e.strerror or e}{elsewhere}{room}); nothing was left under that name")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # the error itself goes on

@@ -645,3 +645,11 @@ def test_a_report_set_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch
     with pytest.raises(RadtrtError, match="No space left"):
         _emit("# report\n", {"a": 1}, False, tmp_path / "r.md")
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(outputs, "write_text", real)
+
+    def interrupted(path: Path) -> None:  # Ctrl-C while the chart renders
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _emit("# report\n", {"a": 1}, False, tmp_path / "r.md", interrupted)
+    assert list(tmp_path.iterdir()) == []

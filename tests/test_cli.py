@@ -248,6 +248,11 @@ def test_a_default_model_that_does_not_load_names_the_remedy(damaged_default_mod
     code, _, err = _invoke("infer", study, "--max-new-tokens", "2")
     _assert_refused(code, err, "the embedded default model of this installation does not load")
     assert "must be positive" in err and " ".join(err.split()).endswith("or pass --model")
+    del meta["radtrt_format"]  # refused while its size is read, before the load: it was told to 'run radtrt convert'
+    config.write_text(json.dumps(meta))
+    code, _, err = _invoke("infer", study, "--max-new-tokens", "2")
+    _assert_refused(code, err, "the embedded default model of this installation does not load")
+    assert " ".join(err.split()).endswith("or pass --model")
 
 
 def test_a_default_model_refusal_with_its_own_remedy_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,7 +46,8 @@ def test_a_first_checkpoint_or_log_line_that_cannot_be_written_gives_the_remedy_
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 29248 vs 29140")
 
     monkeypatch.setattr(ckpt.torch, "save", full)
-    with pytest.raises(RadtrtError, match=r"unexpected pos .* MB free there\); there is no earlier one$"):
+    with pytest.raises(RadtrtError, match=r"unexpected pos .* MB free there\); there is no earlier one: free space, "
+                                          r"delete .* and run the training command again$"):
         ckpt.save_checkpoint(tmp_path, {"step": 1})
     (tmp_path / "log.jsonl").mkdir()  # appending fails
     with pytest.raises(RadtrtError, match=r"before the run's first checkpoint: free space, delete .* and run the "

@@ -396,6 +396,9 @@ def _drop_shard(shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str
     # index and shards agree, both without a weight: the base model lacks it (it was called an incomplete index)
     (lambda shards, wm: [wm.pop("model.norm.weight"), *(t.pop("model.norm.weight", None) for t in shards.values())],
      "base model .* lacks the decoder weight 'model.norm.weight'"),
+    (lambda shards, wm: [wm.pop("model.norm.weight"), *(t.pop("model.norm.weight", None) for t in shards.values()),
+                         shards.update({"consolidated.safetensors": {"x": torch.zeros(1)}})],  # not a shard's name
+     "base model .* lacks the decoder weight 'model.norm.weight'"),
     # read from outside the base model folder, exit 0
     (lambda shards, wm: wm.update({n: "../base-lm/" + s for n, s in wm.items()}), "which is not a file of"),
 ])

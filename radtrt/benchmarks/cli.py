@@ -19,7 +19,7 @@ from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.benchmarks.report_files import (check_outside_studies, check_predictions_apart, check_report_path,
                                            report_files, reproduce_command)
 from radtrt.cli_support import emit, err, user_errors
-from radtrt.errors import RadtrtError, fail
+from radtrt.errors import fail
 from radtrt.progress import LineProgress, make_progress, plain
 
 _guarded = user_errors
@@ -56,7 +56,7 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
                 written.append(path)
             if chart is not None:
                 chart(png_path)
-        except RadtrtError:
+        except BaseException:  # a refusal, or an interrupt while the chart renders
             for path in written:
                 path.unlink(missing_ok=True)
             raise

@@ -143,8 +143,11 @@ def write_phantom_set(out: Path, n: int, seed: int, *, rows: int = 288, cols: in
             _fill(work, n, seed, rows, cols, formats, console)
         except OSError as e:  # a full disk: one line (the folder built aside is removed)
             # pydicom re-raises a write error without its errno, its text a whole traceback: the cause's is kept
-            cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
-            fail(f"cannot write the phantoms into {out}: {cause.strerror or str(cause).splitlines()[0]}")
+            cause: BaseException = e
+            while cause.__cause__ is not None and not getattr(cause, "errno", None):  # a nested tag wraps twice
+                cause = cause.__cause__
+            why = getattr(cause, "strerror", None) or (str(cause).splitlines() or [type(cause).__name__])[0]
+            fail(f"cannot write the phantoms into {out}: {why}")
     return out / "manifest.jsonl"
 
 

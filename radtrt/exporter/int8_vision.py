@@ -142,7 +142,7 @@ def quantize_vision(fp32_model: Path, out: Path, input_absmax: Mapping[str, torc
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
             name: TensorData(lowest=np.array(-a, dtype=np.float32), highest=np.array(a, dtype=np.float32))
             for name, a in ranges.items()}), cache)
-        with quiet_quantizer(), _read_back_errors(out.parent):
+        with quiet_quantizer(), _read_back_errors(fp32_model.parent):  # where ORT writes its inferred copy
             quantize_static(str(fp32_model), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
                             op_types_to_quantize=VISION_OP_TYPES, nodes_to_exclude=exclude,

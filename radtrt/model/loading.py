@@ -70,7 +70,7 @@ def layout_of(model_dir: Path) -> str:
         model = model_dir / "model"
         fail(f"{model_dir} is a training run folder, not a model: give its model, {model}" if model.is_dir() else
              f"{model_dir} is a training run folder that has not written its model yet: 'radtrt train resume "
-             f"{model_dir}' finishes it, then give {model}")
+             f"{shlex.quote(str(model_dir))}' finishes it, then give {model}")
     if not (model_dir / "config.json").exists() and (model_dir / RELEASE_DIR / "config.json").is_file() \
             and (model_dir / RELEASE_BASE_DIR).is_dir():  # "missing file: OUT/config.json"
         fail(f"{model_dir} holds the release layout 'radtrt convert --to llava-rad' writes: give --model "
@@ -392,9 +392,10 @@ def _unindexed_shards(index: Path) -> list[str]:
     """Weight files beside ``index`` (of its own format) that it maps no tensor to. With none, a weight the index
     does not list is one no shard holds (every held tensor was checked against the index): the base model lacks
     it, and "incomplete index" sent the user to the wrong file."""
-    suffix = ".safetensors" if index.name.startswith("model.safetensors") else ".bin"
+    shard = re.compile(r"model-\d{5}-of-\d{5}\.safetensors" if index.name.startswith("model.safetensors") else
+                       r"pytorch_model-\d{5}-of-\d{5}\.bin")  # Hugging Face's shard names, not a stray adapter's
     listed = set(hf_weight_map(index).values())
-    return sorted(p.name for p in index.parent.iterdir() if p.suffix == suffix and p.name not in listed)
+    return sorted(p.name for p in index.parent.iterdir() if shard.fullmatch(p.name) and p.name not in listed)
 
 
 def save_toolkit(loaded: LoadedModel, out_dir: Path, *, dtype: torch.dtype | None = None) -> Path:

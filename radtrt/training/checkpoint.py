@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import shlex
 import shutil
 import struct
 import zipfile
@@ -60,8 +61,10 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
         room = f"; {free / 1e6:.0f} MB free there" if free is not None else ""
-        kept = "the previous one is kept" if path.is_file() else "there is no earlier one"
-        fail(f"cannot write training checkpoint {path} ({why}{room}); {kept}")
+        run = shlex.quote(str(run_dir))
+        after = (f"the previous one is kept: free space, then 'radtrt train resume {run}'" if path.is_file() else
+                 f"there is no earlier one: free space, delete {run} and run the training command again")
+        fail(f"cannot write training checkpoint {path} ({why}{room}); {after}")
     return path
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,7 +59,7 @@ def check_leftover_lora(run_dir: Path) -> None:
         problem = f"{lora_dir} holds {foreign[0]}, which radtrt did not write" if foreign else None
     if problem is not None:
         fail(f"{problem}; it is in the way of the LoRA adapter this run writes: move it away, then 'radtrt train "
-             f"resume {run_dir}'")
+             f"resume {shlex.quote(str(run_dir))}'")
 
 
 def remove_leftover_lora(run_dir: Path) -> None:
