@@ -138,12 +138,12 @@ def source_entries(data: Path, what: str = "calibration data") -> tuple[Path, li
 def not_studies(folder: Path) -> str | None:
     """What a folder given as studies holds instead, from its marker files (None: nothing known): a model
     folder or a bundle was read as one study without images."""
-    from radtrt.model.loading import ADAPTER_FILES, RUN_MARKS
+    from radtrt.model.loading import ADAPTER_FILES, RUN_MARKS, is_bundle
 
     def has(*names: str) -> bool:
         return any((folder / name).is_file() for name in names)
 
-    if has("manifest.json") and has("decoder.onnx", "vision.onnx"):
+    if is_bundle(folder):  # the rule --model and --base-model use
         return "an ONNX bundle"
     if has(*RUN_MARKS):
         return "a training run folder"

@@ -331,15 +331,17 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
                                       f"wait for it to end", "radtrt writes a manifest only where it can lock it, so "
                                       "that two runs never append to one: choose a folder on a local file system"))
         if out.exists():
-            if _done_rows(out, inputs, mode, given) == len(inputs):
+            start = _done_rows(out, inputs, mode, given)
+            if start == len(inputs):
                 return out  # whole already: nothing to ask
             if target.exists():
                 fail(f"both {out} and {target} exist, each an unfinished manifest; delete the one you do not want")
             try:
-                os.replace(out, target)
+                os.replace(out, target)  # checked (and a cut last line dropped) above: completed where it lands
             except OSError as e:
                 fail(f"cannot rename {out} to {target}: {e.strerror}")
-        start = _done_rows(target, inputs, mode, given)
+        else:
+            start = _done_rows(target, inputs, mode, given)
         progress = stack.enter_context(make_progress(console=console or Console(stderr=True), transient=True))
         handle: TextIO | None = None  # opened with the first row: an endpoint failing at once leaves no empty file
         task = progress.add_task("synthesizing reports", total=len(inputs), completed=start)

@@ -62,16 +62,12 @@ def load_default_model(*, dtype: "torch.dtype | None" = None, device: str = "cpu
     config value, weights that are not finite) names the remedy, as a missing or damaged copy does."""
     import torch
 
-    from radtrt.model.loading import check_memory, load_model
+    from radtrt.model.loading import MEMORY_REMEDY, load_model
 
     path = default_model_dir(console)
     try:
-        check_memory(path, dtype or torch.float32)
-    except RadtrtError as e:
-        if e.remedy is None:  # damage its header reading met
-            fail(f"the embedded default model of this installation does not load ({e})", remedy=REMEDY)
-        raise  # too little memory: no damage a reinstall mends, and its own remedy stands
-    try:
         return load_model(path, dtype=dtype or torch.float32, device=device)
     except RadtrtError as e:
+        if e.remedy == MEMORY_REMEDY:  # too little memory: no damage a reinstall mends, and its own remedy stands
+            raise
         fail(f"the embedded default model of this installation does not load ({e})", remedy=REMEDY)

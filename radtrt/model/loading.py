@@ -62,7 +62,7 @@ def layout_of(model_dir: Path) -> str:
     if not model_dir.is_dir():
         fail(f"{model_dir} is a file, not a model directory" if model_dir.exists() else
              f"model directory not found: {model_dir}")
-    if _is_bundle(model_dir):  # said as such, not as "missing file: config.json"
+    if is_bundle(model_dir):  # said as such, not as "missing file: config.json"
         fail(f"{model_dir} is an ONNX bundle, not a model: --model takes the model folder it was exported from "
              f"(commands that run bundles take them as --bundle)")
     if not (model_dir / "config.json").exists() and any((model_dir / mark).is_file() for mark in RUN_MARKS):
@@ -86,8 +86,8 @@ def layout_of(model_dir: Path) -> str:
          f"nor a radtrt model (run 'radtrt convert')")
 
 
-def _is_bundle(folder: Path) -> bool:
-    """Whether a folder given as a model is an ONNX bundle (``radtrt export``'s output) instead."""
+def is_bundle(folder: Path) -> bool:
+    """Whether a folder given as a model (or as studies) is an ONNX bundle (``radtrt export``'s output) instead."""
     return not (folder / "config.json").exists() and (folder / "manifest.json").is_file() \
         and (folder / "decoder.onnx").is_file()
 
@@ -229,6 +229,9 @@ def anonymous_load_bytes(model_dir: Path, dtype: torch.dtype) -> tuple[int, str]
     return numel * torch.finfo(dtype).bits // 8, f"the LoRA adapter is merged into {dtype_name} copies of its weights"
 
 
+MEMORY_REMEDY = "free memory or use a larger host"  # told apart by the default model's loader (no damage)
+
+
 def check_memory(model_dir: Path, dtype: torch.dtype) -> None:
     need = anonymous_load_bytes(model_dir, dtype)
     if need is None:
@@ -236,7 +239,7 @@ def check_memory(model_dir: Path, dtype: torch.dtype) -> None:
     have = available_bytes()
     if need[0] > have:
         fail(f"loading {model_dir} needs at least {need[0] / 1e9:.1f} GB of memory ({need[1]}); this host has "
-             f"{have / 1e9:.1f} GB available", remedy="free memory or use a larger host")
+             f"{have / 1e9:.1f} GB available", remedy=MEMORY_REMEDY)
 
 
 def check_generates(loaded: LoadedModel, what: str, base_model: Path | None = None) -> None:
@@ -321,7 +324,7 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     if not (base_dir / "config.json").exists() and any((base_dir / mark).is_file() for mark in RUN_MARKS):
         fail(f"--base-model {base_dir} is a radtrt training run folder, not a base language model: give the "
              f"Hugging Face LLaMA folder (Vicuna-7B v1.5) the release was trained on")
-    if _is_bundle(base_dir):  # said as "missing file: .../config.json", as --model was
+    if is_bundle(base_dir):  # said as "missing file: .../config.json", as --model was
         fail(f"--base-model {base_dir} is an ONNX bundle, not a base language model: give the Hugging Face LLaMA "
              f"folder (Vicuna-7B v1.5) the release was trained on")
     base_hf = read_json(base_dir / "config.json")
@@ -381,9 +384,10 @@ def _check_base_weights(cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor], b
     missing = sorted(expected - set(decoder))
     if not missing:
         return
-    if index is not None and _unindexed_shards(index):  # a weight file the index leaves out: the index is short
+    unindexed = _unindexed_shards(index) if index is not None else []
+    if unindexed:  # a weight file the index leaves out: the index is short
         fail(f"incomplete index: {index} maps no shard to '{missing[0]}' ({len(missing)} decoder weights unmapped, "
-             f"and it names no shard {_unindexed_shards(index)[0]}; damaged or hand-edited index?)")
+             f"and it names no shard {unindexed[0]}; damaged or hand-edited index?)")
     fail(f"base model {base_dir} lacks the decoder weight '{missing[0]}' ({len(missing)} missing in all; wrong base "
          f"model or damaged file?)")
 
