@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar
 import typer
 
 from radtrt import __version__, interrupts
-from radtrt.cli_support import WRITE_ERRNOS, emit, err, print_error, stdout_failed, user_errors
+from radtrt.cli_support import WRITE_ERRNOS, PathArgument, PathOption, emit, err, print_error, stdout_failed, user_errors
 from radtrt.errors import RadtrtError, fail, printable, valid_unicode
 from radtrt.progress import plain
 
@@ -46,11 +46,11 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @command
 def infer(
-    studies: list[Path] = typer.Argument(..., help="DICOM file, study folder, folder of studies (one an entry), or PNG/JPEG; several allowed."),
-    model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir (default: "
+    studies: list[Path] = PathArgument(..., help="DICOM file, study folder, folder of studies (one an entry), or PNG/JPEG; several allowed."),
+    model: Optional[Path] = PathOption(None, "--model", help="LLaVA-Rad release dir or radtrt model dir (default: "
                                          "the embedded default model, phantoms only; 'radtrt doctor' names its folder)."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", help="What 'radtrt export' wrote."),
+    base_model: Optional[Path] = PathOption(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
+    bundle: Optional[Path] = PathOption(None, "--bundle", help="What 'radtrt export' wrote."),
     backend: str = typer.Option("auto", "--backend", help="auto | torch | onnxruntime | tensorrt"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when usable, else cpu)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (torch backend). "
@@ -59,10 +59,10 @@ def infer(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation limit."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Studies generated together (left-padded; a fused-attention bundle groups prompts of equal length)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per study on stdout."),
-    sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Write a DICOM SR per study into this folder."),
+    sr_out: Optional[Path] = PathOption(None, "--sr-out", help="Write a DICOM SR per study into this folder."),
     allow_any_modality: bool = typer.Option(False, "--allow-any-modality", help="Accept non-radiograph DICOMs."),
     ort_provider: str = typer.Option("auto", "--ort-provider", help="auto | cpu | cuda | tensorrt (onnxruntime)."),
-    trt_cache: Optional[Path] = typer.Option(None, "--trt-cache", help="Engine/timing cache dir for the TensorRT EP."),
+    trt_cache: Optional[Path] = PathOption(None, "--trt-cache", help="Engine/timing cache dir for the TensorRT EP."),
     ort_spin: bool = typer.Option(False, "--ort-spin", help="ONNX Runtime threads busy-wait between operators: "
                                   "faster INT8 decode on a machine doing nothing else, slower when it is shared."),
     trt_decoder: Optional[str] = typer.Option(None, "--trt-decoder", help="TensorRT-LLM engine to run (tensorrt "
@@ -99,9 +99,9 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
 
 @command
 def convert(
-    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir, radtrt model dir, or (with --to llava-rad) a training run dir."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 directory."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output directory."),
+    model: Path = PathOption(..., "--model", help="LLaVA-Rad release dir, radtrt model dir, or (with --to llava-rad) a training run dir."),
+    base_model: Optional[Path] = PathOption(None, "--base-model", help="Local Vicuna-7B v1.5 directory."),
+    out: Path = PathOption(..., "-o", "--out", help="Output directory."),
     to: str = typer.Option("radtrt", "--to", help="radtrt (merged safetensors) | llava-rad (official release layout)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Stored dtype for --to radtrt: float16 | bfloat16 | "
                                                               "float32 \\[default: float16]"),
@@ -146,20 +146,20 @@ def convert(
 
 @command
 def export(
-    model: Optional[Path] = typer.Option(None, "--model", help="LLaVA-Rad release dir or radtrt model dir."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
+    model: Optional[Path] = PathOption(None, "--model", help="LLaVA-Rad release dir or radtrt model dir."),
+    base_model: Optional[Path] = PathOption(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 "
                                                                       "\\[default: fp32; with --bundle: the bundle's]"),
     target: str = typer.Option("onnx", "--target", help="onnx | tensorrt | trtllm | triton | all"),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Bundle directory (Triton: repository directory); "
+    out: Optional[Path] = PathOption(None, "-o", "--out", help="Bundle directory (Triton: repository directory); "
                                        "not needed with --bundle, whose folder receives the engines."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Existing bundle to add engines to / serve."),
+    bundle: Optional[Path] = PathOption(None, "--bundle", help="Existing bundle to add engines to / serve."),
     int8_decoder: Optional[str] = typer.Option(None, "--int8-decoder", help="weight-only | smoothquant (default: smoothquant for the ONNX decoder, weight-only for TensorRT-LLM)"),
     int8_kv_cache: bool = typer.Option(False, "--int8-kv-cache",
                                        help="INT8 KV cache (TensorRT-LLM engine; ONNX bundle with --precision int8)."),
     attention: Optional[str] = typer.Option(
         None, "--attention", help="ONNX decoder attention: fused (default: GroupQueryAttention; CPU, or fp16 on CUDA) | plain."),
-    calibration_stats: Optional[Path] = typer.Option(None, "--calibration-stats",
+    calibration_stats: Optional[Path] = PathOption(None, "--calibration-stats",
                                                      help="Activation statistics from 'radtrt calibrate'."),
     calibration_data: Optional[str] = typer.Option(
         None, "--calibration-data", help="INT8: a study folder or a folder of studies (one an entry; a PNG/JPEG each), a JSONL manifest, a 'radtrt calibrate' file, or 'phantom'."),
@@ -173,7 +173,7 @@ def export(
     parity_samples: Optional[int] = typer.Option(None, "--parity-samples", min=0,
                                                  help="INT8: held-out samples for the parity gate. \\[default: 8]"),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Engine batch limit. \\[default: 8]"),
-    trtllm_engine: Optional[Path] = typer.Option(None, "--trtllm-engine",
+    trtllm_engine: Optional[Path] = PathOption(None, "--trtllm-engine",
                                                  help="Triton: TensorRT-LLM engine dir on the serving host."),
     trtllm_logits: bool = typer.Option(False, "--trtllm-logits", help="TensorRT-LLM engine that returns each "
                                        "step's logits, for 'radtrt bench parity' (more GPU memory)."),
@@ -193,13 +193,13 @@ def export(
 
 @command
 def calibrate(
-    model: Path = typer.Option(..., "--model", help="LLaVA-Rad release dir or radtrt model dir."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
+    model: Path = PathOption(..., "--model", help="LLaVA-Rad release dir or radtrt model dir."),
+    base_model: Optional[Path] = PathOption(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),
     data: str = typer.Option(..., "--data", help="A study folder or a folder of studies (one an entry; a PNG/JPEG each), a JSONL manifest, or 'phantom' (synthetic)."),
     n: int = typer.Option(32, "--n", min=1, max=10_000, help="Number of samples (the first N of the data)."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Phantom seed (with --data phantom). "
                                                                    "\\[default: 11]"),
-    out: Path = typer.Option(..., "-o", "--out", help="Calibration file to write (.safetensors)."),
+    out: Path = PathOption(..., "-o", "--out", help="Calibration file to write (.safetensors)."),
 ) -> None:
     """Activation statistics on chest X-ray samples for INT8 export (one reusable, versioned file)."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -249,7 +249,7 @@ def doctor() -> None:
 
 
 @command
-def demo(out: Path = typer.Option(Path("radtrt-demo"), "-o", "--out", help="Where to write the demo files."),
+def demo(out: Path = PathOption(Path("radtrt-demo"), "-o", "--out", help="Where to write the demo files."),
          as_json: bool = typer.Option(False, "--json", help="The report as infer --json prints it.")) -> None:
     """First run: a synthetic phantom study through an ONNX bundle of the embedded default model."""
     from radtrt.outputs import check_folder_target

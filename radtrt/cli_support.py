@@ -10,6 +10,7 @@ import errno
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import typer
@@ -23,6 +24,24 @@ WRITE_ERRNOS = frozenset({errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EDQUOT, er
 #: of those, what only a write raises (a read can fail with EIO too): a full disk or quota, a file too large
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def path_text(text: str) -> Path:
+    """A path from the command line; an empty one (an unset shell variable) would silently mean this folder."""
+    if not text:
+        raise typer.BadParameter("is empty (an unset shell variable?): name a file or folder, '.' for this one")
+    return Path(text)
+
+
+def PathOption(default: Any, *names: str, **kwargs: Any) -> Any:  # noqa: N802 - used like typer.Option
+    """``typer.Option`` for a path: every path option refuses an empty value the same way."""
+    kwargs.setdefault("metavar", "<path>")
+    return typer.Option(default, *names, parser=path_text, **kwargs)
+
+
+def PathArgument(default: Any, **kwargs: Any) -> Any:  # noqa: N802 - used like typer.Argument
+    """``typer.Argument`` for paths, with the same empty-value refusal as ``PathOption``."""
+    return typer.Argument(default, parser=path_text, **kwargs)
 
 
 def print_error(message: str) -> None:

@@ -53,3 +53,23 @@ def test_usage_errors_are_one_line_and_exit_2() -> None:
         assert run.returncode == 2 and len(lines) == 1, run.stderr
         assert lines[0].startswith("radtrt: error: ") and match in lines[0] and lines[0].endswith("--help')")
         assert run.stdout == ""
+
+
+def test_every_path_parameter_refuses_an_empty_value() -> None:
+    """An unset shell variable (``radtrt infer "$STUDY"``) made an empty path, which meant this folder."""
+    import inspect
+
+    checked = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        if command.callback is None:
+            continue
+        hints = inspect.signature(inspect.unwrap(command.callback), eval_str=True).parameters
+        for param in command.params:
+            if param.name not in hints or "Path" not in str(hints[param.name].annotation):
+                continue
+            given = [""] * max(param.nargs, 1)
+            args = [*path, *given] if param.param_type_name == "argument" else [*path, param.opts[0], *given]
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2 and "is empty" in result.output, (args, result.output)
+            checked += 1
+    assert checked > 40

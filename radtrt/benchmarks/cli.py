@@ -18,7 +18,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.benchmarks.report_files import (check_outside_studies, check_predictions_apart, check_report_path,
                                            report_files, reproduce_command)
-from radtrt.cli_support import emit, err, user_errors
+from radtrt.cli_support import PathOption, emit, err, user_errors
 from radtrt.errors import fail
 from radtrt.progress import LineProgress, make_progress, plain
 
@@ -69,19 +69,19 @@ RANDOM_HELP = ("Build random weights of this preset (tiny | phantom | mid | llav
                "--work-dir.")
 
 # Options both commands take, declared once.
-BundleOpt = Annotated[Optional[Path], typer.Option("--bundle", help="Bundle from 'radtrt export' (onnxruntime and "
+BundleOpt = Annotated[Optional[Path], PathOption("--bundle", help="Bundle from 'radtrt export' (onnxruntime and "
                                                                    "tensorrt sides).")]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", help=MODEL_HELP)]
-BaseModelOpt = Annotated[Optional[Path], typer.Option("--base-model", help="Vicuna-7B v1.5 dir (release layout).")]
+ModelOpt = Annotated[Optional[Path], PathOption("--model", help=MODEL_HELP)]
+BaseModelOpt = Annotated[Optional[Path], PathOption("--base-model", help="Vicuna-7B v1.5 dir (release layout).")]
 RandomOpt = Annotated[Optional[str], typer.Option("--random-model", help=RANDOM_HELP)]
-WorkDirOpt = Annotated[Optional[Path], typer.Option(
+WorkDirOpt = Annotated[Optional[Path], PathOption(
     "--work-dir", help=f"Cache for random models and synthetic studies (default {DEFAULT_WORK_DIR}).")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the random weights.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="onnxruntime | torch | transformers | tensorrt")]
 TrtDecoderOpt = Annotated[Optional[str], typer.Option(
     "--trt-decoder", help="TensorRT-LLM engine of the tensorrt side: fp16 | w8a16 | w8a8_sq, with -kv8 for an INT8 KV "
                           "cache. \\[default: the one built for this host]")]
-StudiesOpt = Annotated[Optional[Path], typer.Option(
+StudiesOpt = Annotated[Optional[Path], PathOption(
     "--studies", help="A study (file or folder: its series may be subfolders), a folder whose entries are studies (a "
     "PNG/JPEG each), or a "
     "JSONL manifest / phantom set (true labels).")]
@@ -108,7 +108,7 @@ def latency(
     seed: SeedOpt = 0,
     backend: BackendOpt = "onnxruntime",
     vs_backend: Optional[str] = typer.Option(None, "--vs-backend", help="Second backend, run interleaved."),
-    vs_bundle: Optional[Path] = typer.Option(None, "--vs-bundle", help="Second bundle (onnxruntime), run interleaved: "
+    vs_bundle: Optional[Path] = PathOption(None, "--vs-bundle", help="Second bundle (onnxruntime), run interleaved: "
                                              "INT8 against fp32, say."),
     studies: StudiesOpt = None,
     synthetic: Optional[int] = typer.Option(None, "--synthetic", help="Use N synthetic studies (default 1)."),
@@ -123,7 +123,7 @@ def latency(
     ort_spin: SpinOpt = False,
     trt_decoder: TrtDecoderOpt = None,
     as_json: JsonOpt = False,
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json, .png) here."),
+    out: Optional[Path] = PathOption(None, "-o", "--out", help="Write report.md (+ .json, .png) here."),
 ) -> None:
     """Per-stage latency, tokens/s against the bandwidth floor, memory; ratios when two backends run."""
     from radtrt.benchmarks.api import run_latency
@@ -190,8 +190,8 @@ def parity(
     ort_spin: SpinOpt = False,
     trt_decoder: TrtDecoderOpt = None,
     as_json: JsonOpt = False,
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write report.md (+ .json) here."),
-    predictions_out: Optional[Path] = typer.Option(
+    out: Optional[Path] = PathOption(None, "-o", "--out", help="Write report.md (+ .json) here."),
+    predictions_out: Optional[Path] = PathOption(
         None, "--predictions-out", help="Write reference.jsonl and candidate.jsonl here for 'radtrt eval --paired' "
                                         "(CheXprompt); needs --studies with ground-truth findings."),
 ) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from radtrt.cli_support import emit, err, user_errors
+from radtrt.cli_support import PathOption, emit, err, user_errors
 from radtrt.errors import fail
 from radtrt.http_retry import check_api_key
 from radtrt.outputs import resolved
@@ -22,7 +22,7 @@ guarded = user_errors
 
 
 def phantoms(
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder (new or empty)."),
+    out: Path = PathOption(..., "-o", "--out", help="Output folder (new or empty)."),
     n: int = typer.Option(100, "--n", min=1, help="Number of phantoms."),
     seed: int = typer.Option(0, "--seed", min=0, help="Phantom i depends only on (seed, i)."),
     rows: int = typer.Option(288, "--rows", help="Image height in pixels."),
@@ -41,8 +41,8 @@ def phantoms(
 
 
 def synthesize(
-    labels: Path = typer.Option(..., "--labels", help="JSONL rows {image, labels, indication?}."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output manifest (JSONL), written as OUT.partial until whole; a rerun completes an unfinished one."),
+    labels: Path = PathOption(..., "--labels", help="JSONL rows {image, labels, indication?}."),
+    out: Path = PathOption(..., "-o", "--out", help="Output manifest (JSONL), written as OUT.partial until whole; a rerun completes an unfinished one."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. https://host/v1."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name the endpoint serves."),
     template: bool = typer.Option(False, "--template", help="Offline deterministic templates instead of an endpoint."),
@@ -55,7 +55,7 @@ def synthesize(
         None, "--timeout", help="Seconds the endpoint may stay silent (to connect, or between bytes of its answer) "
                                 "before an attempt times out; an answer that keeps arriving slowly is not cut off "
                                 "(at most 3600). \\[default: 60]"),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Answer cache folder. \\[default: OUT.cache]"),
+    cache: Optional[Path] = PathOption(None, "--cache", help="Answer cache folder. \\[default: OUT.cache]"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature of the endpoint. "
                                                                             "\\[default: 0]"),
     seed: int = typer.Option(0, "--seed", help="Template wording of row i; passed to the endpoint too."),

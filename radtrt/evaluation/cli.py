@@ -13,19 +13,19 @@ from typing import Any, Optional
 
 import typer
 
-from radtrt.cli_support import emit, user_errors
+from radtrt.cli_support import PathOption, emit, user_errors
 from radtrt.errors import fail
 
 
 def eval_command(
-    predictions: Optional[Path] = typer.Option(None, "--predictions", "-p",
+    predictions: Optional[Path] = PathOption(None, "--predictions", "-p",
                                                help="JSONL with {study, reference, prediction} per line."),
-    paired: Optional[tuple[Path, Path]] = typer.Option(
-        None, "--paired", help="REFERENCE.jsonl CANDIDATE.jsonl: two backends on the same studies; with "
+    paired: Optional[tuple[Path, Path]] = PathOption(
+        None, "--paired", metavar="<path path>", help="REFERENCE.jsonl CANDIDATE.jsonl: two backends on the same studies; with "
                                "chexprompt, a parity verdict."),
     metrics: str = typer.Option("rouge,bleu,labels", "--metrics",
                                 help="Comma list: rouge,bleu,labels,chexprompt,radgraph,chexbert."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the full results as JSON here."),
+    out: Optional[Path] = PathOption(None, "-o", "--out", help="Write the full results as JSON here."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint",
                                            help="OpenAI-compatible base URL of the judge, e.g. http://host:8000/v1."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (or Azure deployment) name."),
@@ -46,15 +46,15 @@ def eval_command(
         None, "--timeout", help="Seconds the judge may stay silent (to connect, or between bytes of its answer) "
                                 "before an attempt times out; an answer that keeps arriving slowly is not cut off. "
                                 "\\[default: 60]"),
-    judge_cache: Optional[Path] = typer.Option(None, "--judge-cache",
+    judge_cache: Optional[Path] = PathOption(None, "--judge-cache",
                                                help="Judge answer cache (default ~/.cache/radtrt/...)."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Parity margin of --paired runs, significant "
                                            "errors per report. \\[default: 0.1]"),
     n_bootstrap: int = typer.Option(500, "--bootstrap", min=1, max=100_000, help="Bootstrap resamples."),
     seed: int = typer.Option(3, "--seed", help="Bootstrap seed."),
-    chexbert_checkpoint: Optional[Path] = typer.Option(None, "--chexbert-checkpoint", help="Local chexbert.pth."),
-    bert_dir: Optional[Path] = typer.Option(None, "--bert-dir", help="Local bert-base-uncased directory."),
-    radgraph_dir: Optional[Path] = typer.Option(None, "--radgraph-dir",
+    chexbert_checkpoint: Optional[Path] = PathOption(None, "--chexbert-checkpoint", help="Local chexbert.pth."),
+    bert_dir: Optional[Path] = PathOption(None, "--bert-dir", help="Local bert-base-uncased directory."),
+    radgraph_dir: Optional[Path] = PathOption(None, "--radgraph-dir",
                                                 help="Folder holding radgraph/ (extracted radgraph.tar.gz)."),
     device: str = typer.Option("cpu", "--device", help="Device for CheXbert: cpu | cuda."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),

@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from radtrt.cli_support import emit, err
+from radtrt.cli_support import PathArgument, PathOption, emit, err
 from radtrt.cli_support import user_errors as guarded
 from radtrt.errors import fail
 from radtrt.outputs import check_new_dir, resolved
@@ -34,8 +34,8 @@ def _model_name(name: str | None) -> str | None:
     return None if name is None else check_model_name(name, "--name")
 
 
-def tokenizer(manifest: Path = typer.Argument(..., help="Training manifest (JSONL)."),
-              out: Path = typer.Option(..., "-o", "--out", help="Folder for tokenizer.model + config."),
+def tokenizer(manifest: Path = PathArgument(..., help="Training manifest (JSONL)."),
+              out: Path = PathOption(..., "-o", "--out", help="Folder for tokenizer.model + config."),
               vocab_size: int = typer.Option(1024, "--vocab-size", help="Upper bound on the vocabulary.")) -> None:
     """Train a LLaMA-style sentencepiece tokenizer on a manifest's reports."""
     from radtrt.data.manifest import read_manifest
@@ -50,8 +50,8 @@ def tokenizer(manifest: Path = typer.Argument(..., help="Training manifest (JSON
     emit(str(out))
 
 
-def init(out: Path = typer.Option(..., "-o", "--out", help="Output model folder (toolkit layout)."),
-         tokenizer_dir: Path = typer.Option(..., "--tokenizer", help="Folder with tokenizer.model."),
+def init(out: Path = PathOption(..., "-o", "--out", help="Output model folder (toolkit layout)."),
+         tokenizer_dir: Path = PathOption(..., "--tokenizer", help="Folder with tokenizer.model."),
          arch: str = typer.Option("phantom", "--arch", help="phantom | tiny | mid | llava-rad"),
          seed: int = typer.Option(0, "--seed", help="Initialization of the new weights."),
          name: Optional[str] = typer.Option(None, "--name", help="Model name recorded in config.json.")) -> None:
@@ -71,10 +71,10 @@ def init(out: Path = typer.Option(..., "-o", "--out", help="Output model folder 
 
 def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the signature
     def command(
-        manifest: Path = typer.Argument(..., help="Training manifest (JSONL)."),
-        model: Path = typer.Option(..., "--model", help="Model to start from (toolkit dir or release dir)."),
-        base_model: Optional[Path] = typer.Option(None, "--base-model", help="Base LM dir for a release --model."),
-        out: Path = typer.Option(..., "-o", "--out", help="Run folder: checkpoint/, log.jsonl, model/."),
+        manifest: Path = PathArgument(..., help="Training manifest (JSONL)."),
+        model: Path = PathOption(..., "--model", help="Model to start from (toolkit dir or release dir)."),
+        base_model: Optional[Path] = PathOption(None, "--base-model", help="Base LM dir for a release --model."),
+        out: Path = PathOption(..., "-o", "--out", help="Run folder: checkpoint/, log.jsonl, model/."),
         preset: str = typer.Option("paper", "--preset", help="paper | phantom | tiny"),
         epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the manifest (default: the preset's)."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
@@ -126,7 +126,7 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
     return command
 
 
-def resume(run: Path = typer.Argument(..., help="Run folder of an interrupted 'radtrt train' stage."),
+def resume(run: Path = PathArgument(..., help="Run folder of an interrupted 'radtrt train' stage."),
            threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads.")) -> None:
     """Continue an interrupted run from its last checkpoint (same config, data position, RNG)."""
     from radtrt.training.loop import resume_config, train
@@ -137,9 +137,9 @@ def resume(run: Path = typer.Argument(..., help="Run folder of an interrupted 'r
         emit(str(result.model_dir))
 
 
-def evaluate(manifest: Path = typer.Argument(..., help="Held-out manifest with findings (and labels)."),
-             model: Path = typer.Option(..., "--model", help="Model dir (toolkit or release)."),
-             base_model: Optional[Path] = typer.Option(None, "--base-model", help="Base LM dir for a release --model."),
+def evaluate(manifest: Path = PathArgument(..., help="Held-out manifest with findings (and labels)."),
+             model: Path = PathOption(..., "--model", help="Model dir (toolkit or release)."),
+             base_model: Optional[Path] = PathOption(None, "--base-model", help="Base LM dir for a release --model."),
              limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N rows."),
              max_new_tokens: int = typer.Option(160, "--max-new-tokens", min=1, help="Generated tokens per report at most."),
              as_json: bool = typer.Option(False, "--json", help="Print the full result as JSON."),
