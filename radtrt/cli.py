@@ -6,6 +6,11 @@ becomes one line on stderr and exit code 2; so does a usage error (``main``); an
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # ``python -m radtrt.cli`` (torchrun): before the heavy imports below, as the script does
+    from radtrt.entry import main as _entry_main
+
+    _entry_main()  # imports this module as ``radtrt.cli`` with interrupts held, runs it, and exits
+
 import json
 import sys
 from pathlib import Path
@@ -324,6 +329,3 @@ def _run() -> None:
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@ Why a module of its own: ``radtrt.cli`` imports torch and every command group wh
 more before ``main`` handles anything, and a Ctrl-C in that time printed a 30-line ``KeyboardInterrupt``
 traceback. Here the import is guarded, and an interrupt during it exits 130 as an interrupted command does
 (``radtrt.interrupts`` holds it back while a module is being imported).
-This module imports nothing heavy itself. (``python -m radtrt.cli`` still works; it runs the same ``main``.)
+This module imports nothing heavy itself. (``python -m radtrt.cli`` comes here too, before ``radtrt.cli``'s imports.)
 """
 
 from __future__ import annotations

@@ -98,3 +98,21 @@ def test_a_sigterm_after_the_command_ends_the_process_with_its_status() -> None:
             "print('done', flush=True)\ninterrupts.finished(3)\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(30)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3 and proc.stdout == "done\n" and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_python_m_radtrt_cli_holds_interrupts_before_its_heavy_imports(tmp_path: Path) -> None:
+    """``python -m radtrt.cli`` (how torchrun starts training) imported torch unguarded: Ctrl-C then printed a
+    KeyboardInterrupt traceback. The SIGINT handler must be radtrt's when torch starts importing."""
+    seen = tmp_path / "handler"
+    code = ("import runpy, signal, sys\n"
+            "class Probe:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n"
+            f"            open({str(seen)!r}, 'a').write(getattr(signal.getsignal(signal.SIGINT), '__module__', '?'))\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Probe())\n"
+            "sys.argv = ['radtrt', '--version']\n"
+            "runpy.run_module('radtrt.cli', run_name='__main__', alter_sys=True)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("radtrt "), run.stderr
+    assert seen.read_text() == "radtrt.interrupts"  # once: the module is imported once, not twice
