@@ -124,8 +124,9 @@ def test_label_agreement_and_true_label_f1() -> None:
     assert s["reference_label_f1_true"] == 1.0 and s["label_f1_drop"] == pytest.approx(1 - 6 / 7)
     md = parity_markdown(report)
     assert s["label_f1_drop_ci"] == pytest.approx([0.0, 1 - 2 / 3])  # resamples of {a, b}: 0, 1 - 6/7 or 1 - 2/3
-    assert "| finding-label micro-F1 against the manifest's true labels: backend / reference / difference (95% " \
-           "interval) | 0.857 / 1.000 / +0.143 (+0.000 to +0.333) |" in md
+    # named for its sign: reference - backend, a drop ("difference" after "backend / reference" read the other way)
+    assert "| finding-label micro-F1 against the manifest's true labels: backend / reference / drop, reference - " \
+           "backend (95% interval) | 0.857 / 1.000 / 0.143 (0.000 to 0.333) |" in md
     too_few = " (its 95% interval reaches the target: too few studies to tell)"
     assert ("INT8 targets: image-embedding cosine >= 0.99: met; identical reports >= 80%: NOT MET" + too_few
             + "; label micro-F1 within 0.02 of the reference: NOT MET" + too_few) in md
@@ -181,6 +182,22 @@ def test_int8_gate_warnings_say_whether_more_studies_are_needed() -> None:
     # a passing gate on 8 studies (the default) used to read as confident as one on 100
     assert "only 8 held-out studies: a pass says little" in "\n".join(summary_lines(s))
     assert "a pass says little" not in "\n".join(summary_lines(summarize(many)))
+
+
+def test_gate_printout_names_the_f1_drop_by_its_sign() -> None:
+    """INT8 better than fp32 printed "int8 0.833, fp32 0.800 (difference -0.033, ...)": a negative
+    "difference" read as INT8 - fp32, the opposite sign. The value is fp32 - int8, and is called so."""
+    from radtrt.calibration.parity import summarize, summary_lines
+
+    truth = ["cardiomegaly", "pleural_effusion_left"]
+    # INT8 finds both labels in every study, fp32 misses one in the first: INT8 is the better one here
+    studies = [_study(0, truth, ["cardiomegaly"], truth, False)] + [_study(i, truth, truth, truth, True)
+                                                                     for i in range(1, 8)]
+    s = summarize(studies)
+    assert s["label_f1_int8"] == 1.0 and s["label_f1_drop"] == pytest.approx(30 / 31 - 1)  # the JSON key keeps its name
+    line = next(x for x in summary_lines(s) if "vs true labels" in x)
+    assert f"int8 1.000, fp32 {30 / 31:.3f} (drop, fp32 - int8: {30 / 31 - 1:.3f}; 95% interval" in line
+    assert "difference" not in line
 
 
 def test_identical_report_rate_interval_is_wilsons() -> None:

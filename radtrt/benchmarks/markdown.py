@@ -208,9 +208,12 @@ def parity_markdown(report: ParityReport) -> str:
               f"| finding labels (phantom labeler): micro-F1 of the backend's against the reference's | "
               f"{s['label_f1_vs_reference']:.3f} |"]
     if "label_f1_true" in s:
+        # the drop is reference - backend (positive: the backend is worse); "difference" beside
+        # "backend / reference" read as backend - reference, the opposite sign
         lines.append(f"| finding-label micro-F1 against the manifest's true labels: backend / reference / "
-                     f"difference (95% interval) | {s['label_f1_true']:.3f} / {s['reference_label_f1_true']:.3f} / "
-                     f"{s['label_f1_drop']:+.3f} ({s['label_f1_drop_ci'][0]:+.3f} to {s['label_f1_drop_ci'][1]:+.3f}) |")
+                     f"drop, reference - backend (95% interval) | {s['label_f1_true']:.3f} / "
+                     f"{s['reference_label_f1_true']:.3f} / {s['label_f1_drop']:.3f} ({s['label_f1_drop_ci'][0]:.3f} "
+                     f"to {s['label_f1_drop_ci'][1]:.3f}) |")
     if "int8" in report.precision.split(" vs ")[0]:
         lines += ["", f"INT8 targets: {int8_targets(s)}"]
     lines += ["", "## Per study", "",

@@ -223,7 +223,8 @@ class ParityReport:
 
     def label_summary(self) -> dict[str, float]:
         """Finding-label agreement (micro-F1 of the backend's labels against the reference's) and, where
-        every study has true labels, each side's micro-F1 against them and the difference."""
+        every study has true labels, each side's micro-F1 against them and the drop (``label_f1_drop``: the
+        reference's minus the backend's, positive when the backend is worse)."""
         from radtrt.data.labeler import label_f1
 
         got, ref = [s.labels for s in self.studies], [s.reference_labels for s in self.studies]

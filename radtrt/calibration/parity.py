@@ -7,13 +7,14 @@ the later steps' logits where both sides ran on the same tokens (what an INT8 KV
 greedy tokens identical or not, ROUGE-L of the report against the reference report, and the phantom
 labeler's finding labels of both reports (``radtrt.data.labeler``). The
 summary gives the rates, the label micro-F1 of INT8 against fp32 (agreement), and, where the data
-has true labels, both backends' micro-F1 against them and the difference.
+has true labels, both backends' micro-F1 against them and the drop (fp32's minus INT8's: positive when
+INT8 is worse, which is how the printout names it; the JSON key ``label_f1_drop`` says the same).
 
 Thresholds (the INT8 issue's targets): vision cosine >= 0.99, identical reports >= 80%, label
 micro-F1 within 0.02 of fp32. Below them the export warns loudly; it does not refuse, because the
 thresholds are for the trained model and a random-weight test model cannot meet them.
 
-The rate of identical reports comes with a 95% Wilson score interval and the F1 difference with the
+The rate of identical reports comes with a 95% Wilson score interval and the F1 drop with the
 same seeded bootstrap as every other metric, paired over studies (both in ``radtrt.evaluation.bootstrap``).
 On the gate's few studies one changed report moves micro-F1 by several hundredths, so a warning says
 whether its interval still reaches the threshold, i.e. whether more studies are needed before reading
@@ -119,7 +120,7 @@ def _warnings(s: dict[str, Any]) -> list[str]:
                    + _interval(s, "exact_match_rate", ".0%") + ")")
     if s.get("label_f1_drop", 0.0) > MAX_LABEL_F1_DROP:
         out.append(f"finding-label micro-F1 {s['label_f1_int8']:.3f} is {s['label_f1_drop']:.3f} below fp32's "
-                   f"{s['label_f1_fp32']:.3f} (> {MAX_LABEL_F1_DROP}; difference's "
+                   f"{s['label_f1_fp32']:.3f} (> {MAX_LABEL_F1_DROP}; the drop's "
                    + _interval(s, "label_f1_drop", ".3f") + ")")
     return out
 
@@ -143,7 +144,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
              f"finding labels micro-F1 vs fp32 {s['label_f1_vs_fp32']:.3f}"]
     if "label_f1_int8" in s:
         lines.append(f"  finding-label micro-F1 vs true labels: int8 {s['label_f1_int8']:.3f}, "
-                     f"fp32 {s['label_f1_fp32']:.3f} (difference {s['label_f1_drop']:.3f}, 95% interval "
+                     f"fp32 {s['label_f1_fp32']:.3f} (drop, fp32 - int8: {s['label_f1_drop']:.3f}; 95% interval "
                      f"{s['label_f1_drop_ci'][0]:.3f} to {s['label_f1_drop_ci'][1]:.3f})")
     if s["studies"] < FIRM_STUDIES:
         lines.append(f"  only {s['studies']} held-out studies: a pass says little (the label-F1 interval is zero-width "
