@@ -381,6 +381,11 @@ def test_release_without_base_model_exits_2(tiny_release: TinyRelease, tmp_path:
     _assert_refused(code, err, "--base-model")
     code, _, err = _invoke("infer", study, "--base-model", tiny_release.base_dir)  # was ignored: the default ran
     _assert_refused(code, err, "pass --model too")
+    # with --bundle, "pass --model too" led to the next refusal ("--model is not used ... drop --model"): the bundle
+    # holds the decoder, so --base-model is what to drop
+    code, _, err = _invoke("infer", study, "--bundle", tmp_path, "--base-model", tiny_release.base_dir)
+    _assert_refused(code, err, "--base-model is not used with --bundle")
+    assert "--model too" not in err
 
 
 def test_convert_cli(tiny_release: TinyRelease, tmp_path: Path) -> None:

@@ -76,6 +76,8 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     from radtrt.runtime.ort import usable_providers
 
     if base_model is not None and model is None:  # it completes a release --model; alone it would be ignored
+        if bundle is not None:  # "pass --model too" sent the user to the --model refusal below
+            fail("--base-model is not used with --bundle: the bundle holds its decoder already; drop --base-model")
         fail("--base-model names the Vicuna folder of a LLaVA-Rad release given with --model; pass --model too")
     for flag, path in (("--model", model), ("--base-model", base_model)):
         if path is not None and not path.exists():  # found even when the bundle's backend would not read it
