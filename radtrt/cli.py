@@ -51,7 +51,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @command
 def infer(
-    studies: list[Path] = PathArgument(..., help="DICOM file, study folder, folder of studies (one an entry), or PNG/JPEG; several allowed."),
+    studies: list[Path] = PathArgument(..., metavar="STUDY", help="DICOM file, study folder, folder of studies (one an entry), or PNG/JPEG; several allowed."),
     model: Optional[Path] = PathOption(None, "--model", help="LLaVA-Rad release dir or radtrt model dir (default: "
                                          "the embedded default model, phantoms only; 'radtrt doctor' names its folder)."),
     base_model: Optional[Path] = PathOption(None, "--base-model", help="Local Vicuna-7B v1.5 dir (release layout)."),

@@ -73,3 +73,48 @@ def test_every_path_parameter_refuses_an_empty_value() -> None:
             assert result.exit_code == 2 and "is empty" in result.output, (args, result.output)
             checked += 1
     assert checked > 40
+
+
+def test_usage_names_each_argument_in_capitals() -> None:
+    """typer 0.29 wrote the parameter's Python name: 'infer [OPTIONS] {studies}...', 'train resume {run}'. Each
+    argument has a metavar, shown in capitals as usage lines spell placeholders (the braces are typer's mark of a
+    required argument)."""
+    checked = 0
+    for path, command in _commands(typer.main.get_command(app)):
+        arguments = [p for p in command.params if p.param_type_name == "argument"]
+        if not arguments:
+            continue
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "250"})
+        usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+        for param in arguments:
+            assert param.metavar and param.metavar.isupper(), (path, param.name)
+            assert f"{{{param.metavar}}}" in usage and f"{{{param.name}}}" not in usage, (path, usage)
+            checked += 1
+    assert checked >= 5
+    usage = next(line for line in runner.invoke(app, ["infer", "--help"], env={"COLUMNS": "250"}).output.splitlines()
+                 if "Usage:" in line)
+    assert usage.rstrip().endswith("infer [OPTIONS] {STUDY}...")
+
+
+def test_help_texts_and_messages_use_us_spelling() -> None:
+    """'initialised' beside 'Initialization', 'recognises' beside 'recognized': help texts (command docstrings
+    and option help) and the strings radtrt prints (every string literal that is not a docstring) use US spelling."""
+    import ast
+    from pathlib import Path
+
+    british = re.compile(r"\b(initialis|recognis)\w*", re.IGNORECASE)
+    found = []
+    for path, command in _commands(typer.main.get_command(app)):
+        for text in [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]:
+            found += [(path, m.group(0)) for m in british.finditer(text)]
+    root = Path(__file__).resolve().parent.parent / "radtrt"
+    for source in root.rglob("*.py"):
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        found += [(source.name, node.lineno, m.group(0)) for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  for m in british.finditer(node.value)]
+    assert not found, found

@@ -197,7 +197,7 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
             _parse_all(ds.get("file_meta", Dataset()))  # parsed lazily too: a damaged VR there failed much later
     except InvalidDicomError:
         fail(f"{name}: not a DICOM file (no DICOM preamble and 'DICM' prefix), nor a PNG or JPEG image "
-             f"(radtrt recognises files by content, not by name)")
+             f"(radtrt recognizes files by content, not by name)")
     except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
         fail(f"{name}: cannot read file ({exc.strerror or type(exc).__name__})")
     # BytesLengthException: a value whose length does not fit its VR; NotImplementedError: a damaged VR code

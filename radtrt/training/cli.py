@@ -34,7 +34,7 @@ def _model_name(name: str | None) -> str | None:
     return None if name is None else check_model_name(name, "--name")
 
 
-def tokenizer(manifest: Path = PathArgument(..., help="Training manifest (JSONL)."),
+def tokenizer(manifest: Path = PathArgument(..., metavar="MANIFEST", help="Training manifest (JSONL)."),
               out: Path = PathOption(..., "-o", "--out", help="Folder for tokenizer.model + config."),
               vocab_size: int = typer.Option(1024, "--vocab-size", help="Upper bound on the vocabulary.")) -> None:
     """Train a LLaMA-style sentencepiece tokenizer on a manifest's reports."""
@@ -55,7 +55,7 @@ def init(out: Path = PathOption(..., "-o", "--out", help="Output model folder (t
          arch: str = typer.Option("phantom", "--arch", help="phantom | tiny | mid | llava-rad"),
          seed: int = typer.Option(0, "--seed", help="Initialization of the new weights."),
          name: Optional[str] = typer.Option(None, "--name", help="Model name recorded in config.json.")) -> None:
-    """A freshly initialised LLaVA-Rad-architecture model to train from scratch."""
+    """A freshly initialized LLaVA-Rad-architecture model to train from scratch."""
     from radtrt.model.loading import save_toolkit
     from radtrt.model.tokenizer import LlamaSPTokenizer
     from radtrt.training.config import check_seed
@@ -71,7 +71,7 @@ def init(out: Path = PathOption(..., "-o", "--out", help="Output model folder (t
 
 def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the signature
     def command(
-        manifest: Path = PathArgument(..., help="Training manifest (JSONL)."),
+        manifest: Path = PathArgument(..., metavar="MANIFEST", help="Training manifest (JSONL)."),
         model: Path = PathOption(..., "--model", help="Model to start from (toolkit dir or release dir)."),
         base_model: Optional[Path] = PathOption(None, "--base-model", help="Base LM dir for a release --model."),
         out: Path = PathOption(..., "-o", "--out", help="Run folder: checkpoint/, log.jsonl, model/."),
@@ -126,7 +126,7 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
     return command
 
 
-def resume(run: Path = PathArgument(..., help="Run folder of an interrupted 'radtrt train' stage."),
+def resume(run: Path = PathArgument(..., metavar="RUN", help="Run folder of an interrupted 'radtrt train' stage."),
            threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads.")) -> None:
     """Continue an interrupted run from its last checkpoint (same config, data position, RNG)."""
     from radtrt.training.loop import resume_config, train
@@ -137,7 +137,7 @@ def resume(run: Path = PathArgument(..., help="Run folder of an interrupted 'rad
         emit(str(result.model_dir))
 
 
-def evaluate(manifest: Path = PathArgument(..., help="Held-out manifest with findings (and labels)."),
+def evaluate(manifest: Path = PathArgument(..., metavar="MANIFEST", help="Held-out manifest with findings (and labels)."),
              model: Path = PathOption(..., "--model", help="Model dir (toolkit or release)."),
              base_model: Optional[Path] = PathOption(None, "--base-model", help="Base LM dir for a release --model."),
              limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N rows."),
