@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -195,3 +196,62 @@ def test_a_patient_name_its_character_set_cannot_decode_gives_no_sr(tmp_path: Pa
                                           r"term\)\)") as info:
         write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
     assert "DOE" not in str(info.value)
+
+
+def _source_named(tmp_path: Path, charset: str | list[str] | None, name: bytes,
+                  keyword: str = "PatientName") -> Path:
+    """A radiograph whose ``keyword`` holds exactly ``name``'s bytes under the declared character set."""
+    source = write_radiograph(tmp_path / "in" / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    placeholder = "Q" * len(name)  # same length: the element's length field stays right
+    setattr(ds, keyword, placeholder)
+    ds.save_as(source, enforce_file_format=True)
+    raw = source.read_bytes()
+    assert raw.count(placeholder.encode()) == 1
+    source.write_bytes(raw.replace(placeholder.encode(), name))
+    return source
+
+
+_JIS_NAME = b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B"
+
+
+@pytest.mark.parametrize("charset, name, shown", [
+    (None, "Müller^Jürgen".encode(), "ISO_IR 6, none given"),  # UTF-8 bytes, ASCII declared: was 'MÃ¼ller'
+    ("ISO_IR 6", "Müller^Hans".encode("latin-1"), "ISO_IR 6"),
+    ("ISO_IR 999", "Müller^Hans".encode("latin-1"), "(a value that is not a DICOM defined term)"),  # Latin-1 guess
+    (["", "ISO 2022 IR 87"], b"\x1b$B\xff\xfe\x1b(B^X", "\\ISO 2022 IR 87"),  # not JIS X 0208: taken as Latin-1
+    (["", "ISO 2022 IR 87"], "Müller^Hans".encode("latin-1"), "\\ISO 2022 IR 87"),  # 8 bits in the ASCII part
+])
+def test_a_name_its_character_set_does_not_define_gives_no_sr(tmp_path: Path, charset: str | list[str] | None,
+                                                               name: bytes, shown: str) -> None:
+    """pydicom decoded these without a replacement character (a Latin-1 guess), so the SR, in UTF-8, was written
+    under another patient name ('MÃ¼ller') and the study passed."""
+    source = _source_named(tmp_path, charset, name)
+    with pytest.raises(RadtrtError, match=rf"^pa.dcm: its PatientName cannot be decoded in its character set "
+                                          rf"\({re.escape(shown)}\); no SR written$") as info:
+        write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
+    assert "ller" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("charset, name, expected", [
+    ("ISO_IR 100", "Müller^Hans".encode("latin-1"), "Müller^Hans"),
+    ("ISO_IR 192", "Müller^Jürgen".encode(), "Müller^Jürgen"),
+    ("ISO 2022 IR 87", _JIS_NAME, "Yamada^Tarou=山田^太郎"),
+    (["", "ISO 2022 IR 87"], _JIS_NAME, "Yamada^Tarou=山田^太郎"),
+    ("ISO_IR 999", b"Mueller^Hans", "Mueller^Hans"),  # ASCII reads the same whatever the term
+    (None, b"Mueller^Hans", "Mueller^Hans"),
+])
+def test_a_name_its_character_set_defines_is_carried_into_the_sr(tmp_path: Path, charset: str | list[str] | None,
+                                                                 name: bytes, expected: str) -> None:
+    source = _source_named(tmp_path, charset, name)
+    sr = pydicom.dcmread(write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1"))
+    assert str(sr.PatientName) == expected and sr.SpecificCharacterSet == "ISO_IR 192"
+
+
+def test_undecodable_bytes_in_a_value_the_sr_does_not_copy_are_no_refusal(tmp_path: Path) -> None:
+    """The SR's Manufacturer is radtrt's own: the source's (not UTF-8 under ISO_IR 192 here) is not carried."""
+    source = _source_named(tmp_path, "ISO_IR 192", b"Vendor\xff", keyword="Manufacturer")
+    sr = pydicom.dcmread(write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1"))
+    assert sr.Manufacturer == "radtrt"

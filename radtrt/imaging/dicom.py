@@ -61,6 +61,7 @@ from typing import Any, Iterator
 import numpy as np
 import pydicom.config
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
@@ -78,6 +79,8 @@ _GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420"})
 _PIXEL_DATA_TAG = 0x7FE00010
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+TEXT_VRS = ("PN", "LO", "SH", "LT", "ST", "UT", "UC")  # the VRs decoded in the header's SpecificCharacterSet
+RAW_TEXT = "radtrt_raw_text"  # the attribute of a read header that keeps those values' bytes (see read_dicom)
 
 
 @dataclass(frozen=True)
@@ -188,12 +191,21 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
     """``dcmread`` with ``force=False``: anything without the DICM preamble is not DICOM.
 
     ``defer_size`` lets folder scans read headers without loading pixel data.
+
+    The header keeps, as ``ds.radtrt_raw_text`` (tag -> bytes), the undecoded bytes of its top-level text values:
+    pydicom decodes them leniently (bytes its character set does not define become a Latin-1 guess or replacement
+    characters) and parsing drops the bytes, which the SR writer decodes strictly before it files a document
+    under the patient's name (:mod:`radtrt.imaging.sr`).
     """
     name = path.name
     try:
         with quiet():
             ds = dcmread(path, force=False, defer_size=defer_size)
+            undecoded = {tag: raw.value for tag in ds.keys() if tag != _PIXEL_DATA_TAG
+                         and isinstance(raw := ds.get_item(tag, keep_deferred=True), RawDataElement)
+                         and isinstance(raw.value, bytes)}  # a deferred value (over defer_size) is None: not kept
             _parse_all(ds)
+            setattr(ds, RAW_TEXT, {tag: value for tag, value in undecoded.items() if ds[tag].VR in TEXT_VRS})
             _parse_all(ds.get("file_meta", Dataset()))  # parsed lazily too: a damaged VR there failed much later
     except InvalidDicomError:
         fail(f"{name}: not a DICOM file (no DICOM preamble and 'DICM' prefix), nor a PNG or JPEG image "

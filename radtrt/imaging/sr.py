@@ -31,17 +31,20 @@ from __future__ import annotations
 
 import datetime
 import re
+import warnings
 from pathlib import Path
 
 import highdicom as hd
+from pydicom.charset import (CODES_TO_ENCODINGS, ESC, convert_encodings, default_encoding, handled_encodings,
+                             python_encoding)
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, TEXT_VR_DELIMS, TM
 
 import radtrt
 from radtrt.errors import fail
-from radtrt.imaging.dicom import quiet
+from radtrt.imaging.dicom import RAW_TEXT, TEXT_VRS, quiet
 from radtrt.outputs import make_dir, replaced_atomically
 from radtrt.imaging.study import SelectedImage
 
@@ -170,26 +173,71 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
     return sr
 
 
-_TEXT_VRS = ("PN", "LO", "SH", "LT", "ST", "UT", "UC")
-
-
 def _check_decoded(sr: Dataset, source: SelectedImage) -> None:
-    """Refuse an SR whose copied patient or study values pydicom could not decode in the source's character set:
-    it decodes them with replacement characters (its warning silenced above, since it could quote them), and the
-    SR was written under a patient name that differs from the source's, which a PACS cannot reconcile. Only the
-    document's top level is looked at: that is where the copied values sit (the report is radtrt's own text)."""
+    """Refuse an SR whose copied patient or study values the source's character set does not decode: pydicom
+    decodes them anyway (its warning silenced above, since it could quote them), with replacement characters or,
+    under the default repertoire (ASCII) or a term it does not know, as Latin-1 (UTF-8 bytes become ``MÃ¼ller``),
+    and the SR, in UTF-8, would be filed under a patient name that differs from the source's, which a PACS cannot
+    reconcile. The bytes :func:`radtrt.imaging.dicom.read_dicom` kept are decoded strictly; a header built in
+    memory has none, and its values are looked at for replacement characters. Only the document's top level is
+    looked at: that is where the copied values sit (the report is radtrt's own text)."""
+    raw: dict[int, bytes] = getattr(source.dataset, RAW_TEXT, {})
+    value = source.dataset.get("SpecificCharacterSet")
+    terms = [] if not value else [value] if isinstance(value, str) else list(value)
     for element in sr:
-        if element.VR in _TEXT_VRS and element.value is not None and "\ufffd" in str(element.value):
-            named = _character_sets(source.dataset)
+        if element.VR not in TEXT_VRS or element.value is None:
+            continue
+        copied = element.tag in source.dataset and source.dataset[element.tag].value == element.value
+        data = raw.get(element.tag) if copied else None  # radtrt's own values (Manufacturer...) are not the source's
+        if "\ufffd" in str(element.value) or (data is not None and not _decodes_strictly(data, terms)):
             fail(f"{source.source_file.name}: its {element.keyword or element.tag} cannot be decoded in its "
-                 f"character set ({named}); no SR written")
+                 f"character set ({_character_sets(source.dataset)}); no SR written")
+
+
+# pydicom's split of a value with code extensions: the run before the first escape, then one part per escape
+_ESCAPED_PARTS = re.compile(b"(^[^\x1b]+|\x1b[^\x1b]*)")
+_DEFAULT_AS_ASCII = {default_encoding: "ascii"}  # pydicom's default repertoire is Latin-1, the standard's ASCII
+
+
+def _decodes_strictly(data: bytes, terms: list[str]) -> bool:
+    """Whether the bytes of a text value decode in the declared character sets without a guess: pydicom's decoding
+    (``pydicom.charset.decode_bytes``: code extensions, delimiters) with errors refused instead of replaced, the
+    default repertoire taken as ASCII, and an undefined term decoding nothing but ASCII."""
+    if data.isascii() and ESC not in data:
+        return True  # the same text in every character set a header can declare
+    if not terms or any(term not in python_encoding for term in terms):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a stand-alone term among others: dropped, as when pydicom decoded the value
+        encodings = [_DEFAULT_AS_ASCII.get(e, e) for e in convert_encodings(terms)]
+    try:
+        if ESC not in data:
+            data.decode(encodings[0])
+            return True
+        for part in _ESCAPED_PARTS.findall(data):
+            if not part.startswith(ESC):
+                part.decode(encodings[0])
+                continue
+            length = 4 if part.startswith((b"\x1b$(", b"\x1b$)")) else 3
+            encoding = CODES_TO_ENCODINGS.get(part[:length], "")
+            encoding = _DEFAULT_AS_ASCII.get(encoding, encoding)
+            if encoding not in encodings and encoding != "ascii":
+                return False  # an escape to a character set the header does not declare, or to none at all
+            if encoding in handled_encodings:  # Python's codec reads the escape sequences itself
+                part.decode(encoding)
+                continue
+            body = part[length:]
+            cut = next((i for i, byte in enumerate(body) if byte in TEXT_VR_DELIMS), len(body))
+            body[:cut].decode(encoding)
+            body[cut:].decode(encodings[0])  # a delimiter returns to the first character set
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _character_sets(dataset: Dataset) -> str:
     """The source's SpecificCharacterSet for a message: its defined terms, any other value only described (a
     hand-made header can hold anything there, a patient's name included)."""
-    from pydicom.charset import python_encoding
-
     value = dataset.get("SpecificCharacterSet")
     if not value:
         return "ISO_IR 6, none given"
