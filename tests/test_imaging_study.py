@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from radtrt.errors import RadtrtError
-from radtrt.imaging.pixels import equalize_histogram, min_max_to_uint8
+from radtrt.imaging.pixels import MAX_PIXELS, equalize_histogram, min_max_to_uint8
+from radtrt.imaging.raster import check_raster_header
 from radtrt.imaging.study import SelectedImage, load_study, screen_study, split_studies, study_warnings
 from radtrt.imaging.synthetic import FAKE_PATIENT_NAME, synthetic_chest, write_radiograph
 
@@ -537,3 +539,17 @@ def test_a_strip_beside_a_png_radiograph_is_skipped_not_a_second_candidate(tmp_p
     selected = load_study(folder)
     assert selected.source_file.name == "good.png"
     assert [(name, "not a chest radiograph" in why) for name, why in selected.skipped] == [("strip.png", True)]
+
+
+@pytest.mark.parametrize("size", [(10000, 9500), (13000, 13000)])  # between PIL's warning and error limits
+def test_an_image_pil_warns_about_gives_radtrt_refusal_alone(tmp_path: Path, size: tuple[int, int]) -> None:
+    """PIL's DecompressionBombWarning printed two lines on stderr (its file:line and ``warnings.warn(``) before
+    radtrt's own one, in a folder's pre-scan too."""
+    assert MAX_PIXELS < Image.MAX_IMAGE_PIXELS  # what makes radtrt's refusal cover every image PIL warns about
+    Image.new("1", size).save(tmp_path / "big.png")  # a few kB on disk
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RadtrtError, match=f"big.png: {size[0]} x {size[1]} pixels is implausibly large"):
+            check_raster_header(tmp_path / "big.png")
+        _refused(tmp_path / "big.png", f"{size[0]} x {size[1]} pixels is implausibly large")
+    assert [str(w.message) for w in caught] == []

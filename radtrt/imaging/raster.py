@@ -17,6 +17,7 @@ Rules (documented because they decide what the model sees):
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -55,6 +56,17 @@ def _read_errors(name: str) -> Iterator[None]:
         fail(f"{name}: image data is truncated or corrupt")
 
 
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` (lazy: the header only) without PIL's DecompressionBombWarning, which put two lines of
+    Python's warning on stderr before radtrt's own refusal: every image PIL warns about (over about 89 M pixels)
+    is over MAX_PIXELS and refused by :func:`_check_header`, and PIL refuses those over twice its limit itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as opened:
+            yield opened
+
+
 def _check_header(opened: Image.Image, name: str) -> None:
     width, height = opened.size
     if width * height > MAX_PIXELS:
@@ -68,14 +80,14 @@ def check_raster_header(path: Path) -> None:
     """Refuse what ``load_raster`` refuses from the file's header alone (no pixels decoded): a set of images is
     screened before minutes of work are spent on it (a lazily read training run failed at its damaged image
     after checkpoints were written). Damaged pixel data is still found only when the image is read."""
-    with _read_errors(path.name), Image.open(path) as opened:  # lazy: PIL reads the header only
+    with _read_errors(path.name), _opened(path) as opened:
         _check_header(opened, path.name)
 
 
 def load_raster(path: Path) -> np.ndarray:
     """Read a PNG/JPEG as an (H, W) uint8 grey image following the module rules."""
     name = path.name
-    with _read_errors(name), Image.open(path) as opened:  # lazy: the header only, so the checks come before decoding
+    with _read_errors(name), _opened(path) as opened:  # the header only, so the checks come before decoding
         _check_header(opened, name)
         opened.load()
         image = ImageOps.exif_transpose(opened)
