@@ -26,9 +26,11 @@ class RadtrtError(Exception):
 def printable(text: str) -> str:
     """``text`` with control characters escaped (``\\n``, ``\\x1b``), for the terminal: a file named with a newline
     split the one error line in two (a second line could pose as radtrt's), and an escape sequence reached the
-    terminal. Applied where lines are printed, not to the messages themselves: JSON records keep the names as
-    they are (JSON escapes them), so a record's error still starts with its study."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    terminal. A file name's undecodable bytes are written as ``\\xfe`` (:func:`valid_unicode`), as in ``--json``
+    records: stderr showed Python's ``\\udcfe`` for the same file. Applied where lines are printed, not to the
+    messages themselves: JSON records keep the names as they are (JSON escapes them), so a record's error still
+    starts with its study."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), valid_unicode(text))
 
 
 def valid_unicode(text: str) -> str:

@@ -39,3 +39,19 @@ def test_json_records_carry_undecodable_file_names_as_valid_unicode(capsys: pyte
     assert record["study"] == "/data/bad\\xff.dcm" and record["error"].startswith("/data/bad\\xff.dcm: ")
     line.encode("utf-8")  # no surrogate escape in the line, and none in what it parses to
     json.dumps(record, ensure_ascii=False).encode("utf-8")
+
+
+def test_stderr_lines_write_undecodable_file_names_as_the_json_records_do(capsys: pytest.CaptureFixture[str]) -> None:
+    """stderr said ``bad\\udcfe.dcm`` (Python's escape of the lone surrogate) where the --json record said
+    ``bad\\xfe.dcm``: the error line, warnings and progress lines (``plain``) now say what the record says."""
+    import os
+
+    from radtrt.cli_support import print_error
+    from radtrt.errors import printable
+    from radtrt.progress import plain
+
+    name = os.fsdecode(b"bad\xfe.dcm")
+    assert printable(f"{name}: not a DICOM file\n") == "bad\\xfe.dcm: not a DICOM file\\n"
+    assert plain(f"structured report of {name}").plain == "structured report of bad\\xfe.dcm"
+    print_error(f"{name}: not a DICOM file")
+    assert capsys.readouterr().err == "radtrt: error: bad\\xfe.dcm: not a DICOM file\n"

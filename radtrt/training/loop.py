@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from radtrt.data.manifest import read_jsonl, read_manifest
 from radtrt.data.vocabulary import LABELS
-from radtrt.errors import RadtrtError, fail
+from radtrt.errors import RadtrtError, fail, printable
 from radtrt.model.checkpoints import all_finite
 from radtrt.model.fingerprint import weights_fingerprint
 from radtrt.model.io import read_json, sha256_file
@@ -75,12 +75,13 @@ def label_vocabulary(dataset: ManifestDataset) -> list[str]:
 def _non_frontal_warning(manifest: Path, rows: list[tuple[int, str]]) -> str:
     """One line for every row whose image is not frontal: infer calls a report on such a view unreliable, and
     training took them without a word. Where to look (the first row's line) and the view code only; never the
-    image's path, which may carry a patient's name."""
+    image's path, which may carry a patient's name. The manifest's path is written as every stderr line writes one
+    (``printable``: a newline in it made two lines, an undecodable byte showed as ``\\udcfe``)."""
     index, view = rows[0]
     line = next(lineno for k, (lineno, _) in enumerate(read_jsonl(manifest)) if k == index)
-    return (f"radtrt: warning: {len(rows)} manifest row{'s are' if len(rows) > 1 else ' is'} not a frontal (PA/AP) "
-            f"view (first: {manifest}:{line}, a {view} view); LLaVA-Rad trains and reports on frontal radiographs, "
-            f"and infer calls a report on any other view unreliable")
+    return printable(f"radtrt: warning: {len(rows)} manifest row{'s are' if len(rows) > 1 else ' is'} not a frontal "
+                     f"(PA/AP) view (first: {manifest}:{line}, a {view} view); LLaVA-Rad trains and reports on frontal "
+                     f"radiographs, and infer calls a report on any other view unreliable")
 
 
 def _optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
