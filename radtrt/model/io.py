@@ -175,8 +175,13 @@ def hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path | None]:
         index = directory / index_name
         if index.is_file():
             weight_map = hf_weight_map(index)
+            shards = sorted(set(weight_map.values()))
+            # every named file before any is read: a tensor mapped to a missing file but held by a shard read first
+            # was called "a tensor in two shards"
+            for shard in shards:
+                _check_exists(directory / shard)
             tensors: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
+            for shard in shards:
                 held = load_tensors(directory / shard)
                 problem = shard_problem(shard, set(held), weight_map)
                 if problem:
