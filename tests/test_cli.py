@@ -364,6 +364,8 @@ def test_a_study_whose_sr_fails_keeps_its_report_and_gets_an_sr_record(merged: P
     (["--device", "cuda", "--model", "{merged}"], "CUDA"),
     # the torch backend allocated its KV cache for them first: a 300 GB allocation failure, or past the positions
     (["--model", "{merged}", "--max-new-tokens", "100000000"], "exceed the model's 512 positions"),
+    # no --indication given: "shorten --indication" was said all the same
+    (["--model", "{merged}", "--max-new-tokens", "100000000"], "positions; --max-new-tokens 336 at most for this prompt"),
     (["--model", "{merged}", "--indication", "x " * 600], "shorten --indication or lower --max-new-tokens"),
 ])
 def test_bad_options_exit_2(merged: Path, tmp_path: Path, args: list[str], match: str,

@@ -90,11 +90,15 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int, *,
-                    fix: str = "shorten --indication or lower --max-new-tokens") -> None:
+def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int, *, fix: str | None = None) -> None:
     """Refuse a generation longer than the model's positions before its KV cache is allocated (a huge
-    --max-new-tokens was an allocation failure), with the same words on every backend."""
+    --max-new-tokens was an allocation failure), with the same words on every backend. ``fix``: the remedy in the
+    caller's words (``Pipeline.check_fits`` names --indication when one was given); by default the most new
+    tokens this prompt leaves room for, since "shorten --indication" was said to runs that gave none."""
     if prompt_length + max_new_tokens > max_positions:
+        room = max_positions - prompt_length
+        fix = fix or (f"--max-new-tokens {room} at most for this prompt" if room >= 1 else
+                      "the prompt alone fills them, leaving no room for a report")
         fail(f"the prompt ({prompt_length} positions, with the image) + {max_new_tokens} new tokens exceed the "
              f"model's {max_positions} positions; {fix}")
 
