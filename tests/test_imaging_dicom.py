@@ -194,6 +194,9 @@ def test_bits_allocated_disagreeing_is_refused(tmp_path: Path) -> None:
                                                r"term\) is not supported"),
     ({"BitsStored": 20, "HighBit": 19}, "BitsStored 20 does not fit BitsAllocated 16"),
     ({"SamplesPerPixel": 3}, "MONOCHROME2 image with 3 samples per pixel"),
+    # colour with one sample: "cannot decode pixel data (..., ValueError)" for YBR, RGB's said after decoding
+    ({"PhotometricInterpretation": "RGB"}, r"RGB image with 1 sample per pixel \(the header contradicts itself\)"),
+    ({"PhotometricInterpretation": "YBR_FULL"}, r"YBR_FULL image with 1 sample per pixel \(the header contradicts"),
 ])
 def test_header_contradictions_are_named_before_decoding(tmp_path: Path, attrs: dict, match: str) -> None:
     """These were 'cannot decode pixel data' (the decoder ran first) or, for 3 samples of a greyscale image,
@@ -614,3 +617,16 @@ def test_a_damaged_offset_table_is_one_line(tmp_path: Path) -> None:
     at = raw.find(b"\xfe\xff\x00\xe0", raw.rfind(b"\xe0\x7f\x10\x00"))
     (tmp_path / "bot.dcm").write_bytes(raw[:at + 4] + struct.pack("<L", 0x00FFFFF0) + raw[at + 8:])
     _refused(tmp_path / "bot.dcm", "cannot decode pixel data")
+
+
+@pytest.mark.parametrize("spelled", ["monochrome2", " Monochrome2", "monochrome1"])
+def test_a_photometric_interpretation_in_lower_case_is_read_as_its_defined_term(tmp_path: Path, spelled: str) -> None:
+    """It was accepted (upper-cased) by radtrt's checks, then pydicom's decoder, which knows only the upper-case
+    term, failed: "cannot decode pixel data (..., ValueError)"."""
+    ds = radiograph_dataset(synthetic_chest())
+    ds.PhotometricInterpretation = spelled.strip().upper()
+    ds.save_as(tmp_path / "upper.dcm", enforce_file_format=True)
+    ds.PhotometricInterpretation = spelled
+    ds.save_as(tmp_path / "spelled.dcm", enforce_file_format=True)
+    np.testing.assert_array_equal(load_dicom_image(tmp_path / "spelled.dcm").pixels_u8,
+                                  load_dicom_image(tmp_path / "upper.dcm").pixels_u8)

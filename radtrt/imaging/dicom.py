@@ -333,11 +333,12 @@ def _check_geometry(ds: Dataset, name: str) -> tuple[int, int, int]:
     if rows < 1 or cols < 1 or samples not in (1, 3) or bits not in (1, 8, 16, 32):
         fail(f"{name}: invalid image geometry (Rows/Columns/SamplesPerPixel/BitsAllocated)")
     # said here, before the decoder: its error was only "cannot decode pixel data", and a greyscale header with
-    # 3 samples per pixel was called a truncated file (3x the bytes expected)
+    # 3 samples per pixel was called a truncated file (3x the bytes expected), a colour one with 1 undecodable
     if not 1 <= stored <= bits:
         fail(f"{name}: BitsStored {stored} does not fit BitsAllocated {bits}")
-    if photometric in _GREY and samples != 1:
-        fail(f"{name}: {photometric} image with {samples} samples per pixel (the header contradicts itself)")
+    if samples != (1 if photometric in _GREY else 3):
+        fail(f"{name}: {photometric} image with {samples} sample{'s' if samples > 1 else ''} per pixel (the header "
+             f"contradicts itself)")
     if rows * cols > MAX_PIXELS:  # a few compressed bytes can declare gigabytes of pixels
         fail(f"{name}: {cols} x {rows} pixels is implausibly large for a radiograph (decompression bomb guard)")
     check_aspect(name, cols, rows)
@@ -383,6 +384,8 @@ def _check_rle_segments(ds: Dataset, name: str, plane: int) -> None:
 def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
     """Decode the single frame as stored (no LUTs); colour comes back as RGB."""
     rows, cols, samples = _check_geometry(ds, name)
+    if ds.PhotometricInterpretation != (photometric := supported_photometric(ds, name)):
+        ds.PhotometricInterpretation = photometric  # 'monochrome2': pydicom's decoders know the value upper-case only
     if "NumberOfFrames" in ds and ds.NumberOfFrames in (None, "", 0):  # empty or 0 in some exports: one frame
         del ds.NumberOfFrames  # (see check_single_frame), not a decoder warning that refuses the file
     ts_value = ds.get("file_meta", Dataset()).get("TransferSyntaxUID")
@@ -463,7 +466,8 @@ def _padding_as_background(values: np.ndarray, mask: np.ndarray | None, *, dark_
 
 
 def supported_photometric(ds: Dataset, name: str) -> str:
-    """The image's photometric interpretation, refused here unless greyscale or a colour radtrt converts."""
+    """The image's photometric interpretation, refused here unless greyscale or a colour radtrt converts; read as
+    the defined term it spells whatever its case and spaces (``decode_pixels`` gives the decoder that term)."""
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     if photometric not in _GREY | _COLOUR:
         fail(f"{name}: photometric interpretation {_shown_code(photometric, KNOWN_PHOTOMETRIC)} is not supported")
