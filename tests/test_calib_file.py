@@ -395,8 +395,34 @@ def test_phantom_keyword_beside_a_folder_of_that_name_is_refused(tmp_path: Path,
     assert not means_phantoms("./phantom")
     (tmp_path / "phantom").rmdir()
     (tmp_path / "phantom").write_text("")  # a file of that name was called a folder
-    with pytest.raises(RadtrtError, match=r"give ./phantom to calibrate on that file"):
+    with pytest.raises(RadtrtError, match=r"a file ./phantom exists here: to calibrate on it, rename it to "
+                                          r"phantom.jsonl if it is a JSONL manifest; or run from another folder"):
         means_phantoms("phantom")
+
+
+def test_phantom_keyword_beside_a_file_of_that_name_gives_a_remedy_that_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal said "give ./phantom to calibrate on that file", and ./phantom was then refused as "neither a
+    folder nor a JSONL manifest": a file is told apart by its suffix, so the remedy is to rename it."""
+    from radtrt.calibration.run import means_phantoms
+    from radtrt.calibration.samples import check_samples
+    from radtrt.exporter.onnx_int8 import Int8Plan
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "phantom").write_text("")
+    with pytest.raises(RadtrtError) as refused:
+        means_phantoms("phantom")
+    assert "give ./phantom" not in str(refused.value) and ".safetensors" not in str(refused.value)  # calibrate
+    with pytest.raises(RadtrtError) as refused:
+        Int8Plan(calibration_data="phantom").check_ready()
+    assert "rename it to phantom.jsonl if it is a JSONL manifest, phantom.safetensors if it is a 'radtrt " \
+           "calibrate' file; or run from another folder" in str(refused.value)
+    with pytest.raises(RadtrtError, match="neither a folder nor a JSONL manifest"):  # why ./phantom was no remedy
+        check_samples(Path("./phantom"), 1)
+    (tmp_path / "phantom").rename(tmp_path / "phantom.jsonl")  # the remedy given: read as a manifest now
+    with pytest.raises(RadtrtError) as read:
+        check_samples(Path("phantom.jsonl"), 1)
+    assert "neither a folder nor" not in str(read.value)
 
 
 def test_files_written_as_format_version_3_still_load(calib, tmp_path: Path) -> None:

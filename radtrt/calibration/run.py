@@ -107,15 +107,23 @@ def is_calibration_file(path: Path) -> bool:
     return path.is_file() and path.suffix == ".safetensors" and read_metadata(path).get("format") == CALIBRATION_FORMAT
 
 
-def means_phantoms(data: str) -> bool:
+def means_phantoms(data: str, *, calibration_files: bool = False) -> bool:
     """Whether ``--data`` / ``--calibration-data`` asks for synthetic phantoms. The keyword is also a folder name
     ``radtrt data phantoms -o phantom`` may well have made: were it taken as the keyword there, the user's own
-    folder would be ignored without a word, so that case is refused."""
+    folder would be ignored without a word, so that case is refused. A file of that name cannot be given as
+    ``./phantom`` instead: files are told apart by their suffix, which it lacks, so the remedy is a rename to what
+    the option takes (``calibration_files``: ``--calibration-data`` also takes a ``radtrt calibrate`` file)."""
     if data != PHANTOM:
         return False
-    if Path(data).exists():
+    if Path(data).is_dir():
         fail(f"'{data}' names the synthetic phantoms, and ./{data} exists here: give ./{data} to calibrate on that "
-             f"{'folder' if Path(data).is_dir() else 'file'}, or run from another folder for synthetic phantoms")
+             f"folder, or run from another folder for synthetic phantoms")
+    if Path(data).exists():
+        kinds = f"{data}.jsonl if it is a JSONL manifest"
+        if calibration_files:
+            kinds += f", {data}.safetensors if it is a 'radtrt calibrate' file"
+        fail(f"'{data}' names the synthetic phantoms, and a file ./{data} exists here: to calibrate on it, rename "
+             f"it to {kinds}; or run from another folder for synthetic phantoms")
     return True
 
 
@@ -126,7 +134,7 @@ def resolve_calibration(loaded: LoadedModel, data: str | None, n: int = DEFAULT_
         fail("INT8 export needs calibration data: pass --calibration-data DIR|MANIFEST|CALIB_FILE "
              "(chest X-ray studies, or a 'radtrt calibrate' file), or '--calibration-data phantom' for synthetic "
              "phantoms")
-    if means_phantoms(data):
+    if means_phantoms(data, calibration_files=True):
         return calibrate_phantoms(loaded, n, progress=progress)
     path = Path(data)
     if path.is_file() and path.suffix == ".safetensors":  # one that is not a calibration file is told so

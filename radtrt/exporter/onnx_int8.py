@@ -79,7 +79,7 @@ class Int8Plan:
         from radtrt.calibration.samples import check_samples
 
         data = Path(self.calibration_data)
-        if means_phantoms(self.calibration_data):
+        if means_phantoms(self.calibration_data, calibration_files=True):
             return
         if not data.exists():
             fail(f"calibration data not found: {self.calibration_data}")
