@@ -113,6 +113,36 @@ def test_convert_of_a_run_folder_with_a_base_model_says_the_base_model_is_in_the
         load_model(out / "llava-rad")
 
 
+def test_the_release_halves_mixed_up_are_told_apart(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    """--model OUT/base-lm was "neither a LLaVA-Rad release nor a radtrt model (run 'radtrt convert')", a loop,
+    and --base-model OUT "missing file: OUT/config.json"; the suggested options were not quoted (a space)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from radtrt.cli import app
+
+    out = tmp_path / "sp ace" / "rel"
+    shutil.copytree(exported[0].parent, out)
+    halves = (f"give --model {shlex.quote(str(out / 'llava-rad'))} "
+              f"--base-model {shlex.quote(str(out / 'base-lm'))}")
+    assert "'" in halves
+    with pytest.raises(RadtrtError) as refused:
+        load_model(out)
+    assert str(refused.value).endswith(halves)
+    with pytest.raises(RadtrtError) as refused:
+        load_model(out / "base-lm")
+    assert str(refused.value) == (f"{out / 'base-lm'} is the base decoder of the release layout 'radtrt convert "
+                                  f"--to llava-rad' writes, not a model by itself: {halves}")
+    with pytest.raises(RadtrtError) as refused:
+        load_model(out / "llava-rad", out)
+    assert str(refused.value) == (f"--base-model {out} holds the release layout 'radtrt convert --to llava-rad' "
+                                  f"writes, not a base language model: {halves}")
+    result = CliRunner().invoke(app, ["convert", "--model", str(out / "base-lm"), "-o", str(tmp_path / "conv")])
+    assert result.exit_code == 2 and halves in result.stderr.replace("\n", " ") and "run 'radtrt convert'" \
+        not in result.stderr
+
+
 def test_an_unfinished_run_is_sent_where_it_can_go(chain: Chain, tmp_path: Path) -> None:
     """A run without model/ was sent to resume, which had no checkpoint to resume from either."""
     run = tmp_path / "run"

@@ -71,10 +71,9 @@ def layout_of(model_dir: Path) -> str:
         fail(f"{model_dir} is a training run folder, not a model: give its model, {model}" if model.is_dir() else
              f"{model_dir} is a training run folder that has not written its model yet: 'radtrt train resume "
              f"{shlex.quote(str(model_dir))}' finishes it, then give {model}")
-    if not (model_dir / "config.json").exists() and (model_dir / RELEASE_DIR / "config.json").is_file() \
-            and (model_dir / RELEASE_BASE_DIR).is_dir():  # "missing file: OUT/config.json"
-        fail(f"{model_dir} holds the release layout 'radtrt convert --to llava-rad' writes: give --model "
-             f"{model_dir / RELEASE_DIR} --base-model {model_dir / RELEASE_BASE_DIR}")
+    if holds_release_layout(model_dir):  # "missing file: OUT/config.json"
+        fail(f"{model_dir} holds the release layout 'radtrt convert --to llava-rad' writes: give "
+             f"{release_options(model_dir)}")
     if not (model_dir / "config.json").exists() and any((model_dir / name).is_file() for name in ADAPTER_FILES):
         fail(_adapter_folder(model_dir))  # said as "missing file: .../config.json"
     cfg = read_json(model_dir / "config.json")
@@ -82,8 +81,26 @@ def layout_of(model_dir: Path) -> str:
         return "toolkit"
     if "mm_vision_tower" in cfg:
         return "release"
+    if model_dir.name == RELEASE_BASE_DIR and holds_release_layout(model_dir.parent):
+        # its LLaMA config.json was "neither a LLaVA-Rad release nor a radtrt model (run 'radtrt convert')", a loop
+        fail(f"{model_dir} is the base decoder of the release layout 'radtrt convert --to llava-rad' writes, not a "
+             f"model by itself: give {release_options(model_dir.parent)}")
     fail(f"{model_dir} is neither a LLaVA-Rad release (config.json has no mm_vision_tower) "
          f"nor a radtrt model (run 'radtrt convert')")
+
+
+def holds_release_layout(folder: Path) -> bool:
+    """Whether ``folder`` is the OUT of 'radtrt convert --to llava-rad' (OUT/llava-rad + OUT/base-lm), given where
+    one of its halves was meant: said as such, not as "missing file: OUT/config.json"."""
+    return not (folder / "config.json").exists() and (folder / RELEASE_DIR / "config.json").is_file() \
+        and (folder / RELEASE_BASE_DIR).is_dir()
+
+
+def release_options(folder: Path) -> str:
+    """The --model and --base-model that load the release layout written into ``folder``, quoted so that the
+    suggestion pastes into a shell (a path with a space was printed bare)."""
+    return (f"--model {shlex.quote(str(folder / RELEASE_DIR))} "
+            f"--base-model {shlex.quote(str(folder / RELEASE_BASE_DIR))}")
 
 
 def is_bundle(folder: Path) -> bool:
@@ -324,6 +341,9 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     if not (base_dir / "config.json").exists() and any((base_dir / mark).is_file() for mark in RUN_MARKS):
         fail(f"--base-model {base_dir} is a radtrt training run folder, not a base language model: give the "
              f"Hugging Face LLaMA folder (Vicuna-7B v1.5) the release was trained on")
+    if holds_release_layout(base_dir):  # "missing file: OUT/config.json"
+        fail(f"--base-model {base_dir} holds the release layout 'radtrt convert --to llava-rad' writes, not a base "
+             f"language model: give {release_options(base_dir)}")
     if is_bundle(base_dir):  # said as "missing file: .../config.json", as --model was
         fail(f"--base-model {base_dir} is an ONNX bundle, not a base language model: give the Hugging Face LLaMA "
              f"folder (Vicuna-7B v1.5) the release was trained on")
