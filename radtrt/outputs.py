@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from radtrt.errors import fail
 
@@ -133,6 +133,42 @@ def replaced_atomically(path: Path, mode: int | None = None) -> Iterator[Path]:
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def replaced_together(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """:func:`replaced_atomically` for files that belong together (a report's Markdown, JSON and chart): yield a
+    new temporary file beside each path to write. Only once the block has succeeded and every file is flushed
+    to disk are they renamed into place, one after the other, so a failure while writing leaves the earlier set
+    whole instead of half this run's and half an older one's. A temporary file the block removed means "no such
+    file this time": its path is removed as well (an earlier run's file there would describe another run)."""
+    for path in paths:
+        _check_not_special(path, "output")
+    temps: list[Path] = []
+    try:
+        for path in paths:
+            target = resolved(path) if path.is_symlink() else path  # a link stays, as in replaced_atomically
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+            os.close(fd)
+            temps.append(Path(name))
+        yield list(temps)
+        for tmp in temps:
+            if tmp.exists():
+                tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 would make the report private to its writer
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        for tmp, path in zip(temps, paths):
+            if tmp.exists():
+                tmp.replace(resolved(path) if path.is_symlink() else path)
+            else:
+                path.unlink(missing_ok=True)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -629,27 +629,48 @@ def test_more_threads_than_cpus_are_refused_as_in_training(tiny: Assets, work: P
 
 
 def test_a_report_set_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A full disk at the JSON left this run's Markdown beside nothing (or an older run's JSON)."""
-    import radtrt.outputs as outputs
+    """A full disk at the JSON left this run's Markdown beside nothing (or an older run's JSON); with an earlier
+    set there, it left the old JSON and PNG and no Markdown (this run's had replaced the old, then was removed)."""
+    import errno
+
     from radtrt.benchmarks.cli import _emit
-    from radtrt.errors import fail
 
-    real = outputs.write_text
+    def png(file: Path) -> bool:
+        file.write_bytes(b"earlier chart")
+        return True
 
-    def full_at_json(path: Path, text: str, what: str) -> None:
-        if path.suffix == ".json":
-            fail(f"cannot write {what} {path}: No space left on device")
-        real(path, text, what)
+    real = Path.write_text
 
-    monkeypatch.setattr(outputs, "write_text", full_at_json)
-    with pytest.raises(RadtrtError, match="No space left"):
+    def full_at_json(self: Path, *args: object, **kwargs: object) -> int:
+        if ".json" in self.name:  # the JSON's temporary name, or the JSON itself
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_at_json)
+    with pytest.raises(RadtrtError, match=f"cannot write report {tmp_path / 'r.json'}: No space left on device"):
         _emit("# report\n", {"a": 1}, False, tmp_path / "r.md")
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(outputs, "write_text", real)
+    monkeypatch.setattr(Path, "write_text", real)
+    _emit("# earlier\n", {"a": 0}, False, tmp_path / "r.md", png)
+    earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(earlier) == ["r.json", "r.md", "r.png"]
+    monkeypatch.setattr(Path, "write_text", full_at_json)
+    for chart in (png, None):
+        with pytest.raises(RadtrtError, match="No space left on device"):
+            _emit("# report\n", {"a": 1}, False, tmp_path / "r.md", chart)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == earlier  # the earlier set, whole
+    monkeypatch.setattr(Path, "write_text", real)
 
-    def interrupted(path: Path) -> None:  # Ctrl-C while the chart renders
+    def interrupted(path: Path) -> bool:  # Ctrl-C while the chart renders
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         _emit("# report\n", {"a": 1}, False, tmp_path / "r.md", interrupted)
-    assert list(tmp_path.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == earlier
+
+    def no_matplotlib(path: Path) -> bool:
+        return False
+
+    _emit("# report\n", {"a": 1}, False, tmp_path / "r.md", no_matplotlib)  # no chart of this run: the earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # one described another run
+    assert (tmp_path / "r.md").read_text() == "# report\n"

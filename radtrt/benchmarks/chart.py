@@ -36,7 +36,19 @@ def matplotlib_available() -> bool:
 
 
 def write_chart(report: LatencyReport, path: Path) -> Path:
-    """Write the PNG; needs matplotlib (check ``matplotlib_available`` first)."""
+    """Write the PNG whole or not at all; needs matplotlib (check ``matplotlib_available`` first)."""
+    try:
+        with replaced_atomically(path) as tmp:
+            save_chart(report, tmp)
+    except OSError as e:
+        fail(f"cannot write the chart {path}: {e.strerror or e}")
+    return path
+
+
+def save_chart(report: LatencyReport, file: Path) -> None:
+    """Render the PNG into ``file`` as it is (an OSError is the caller's to name: ``radtrt bench`` writes it to a
+    temporary name with the rest of its report set), marked as radtrt's so that a later -o may replace it (and
+    only it). Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; also keeps a GUI backend from being picked up
@@ -61,11 +73,7 @@ def write_chart(report: LatencyReport, path: Path) -> Path:
     ax.set_title(f"{report.model}: stage breakdown", fontsize=10)
     ax.invert_yaxis()
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, ncols=max(shown, 1), frameon=False)
-    try:  # whole or not at all, and marked as radtrt's so that a later -o may replace it (and only it)
-        with replaced_atomically(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": CHART_SOFTWARE})
-    except OSError as e:
-        fail(f"cannot write the chart {path}: {e.strerror or e}")
+    try:
+        fig.savefig(file, format="png", dpi=120, bbox_inches="tight", metadata={"Software": CHART_SOFTWARE})
     finally:
         plt.close(fig)
-    return path

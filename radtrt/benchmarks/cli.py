@@ -41,26 +41,32 @@ def _check_work_dir(work_dir: Path, used: bool) -> None:
 
 
 def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
-          chart: Callable[[Path], None] | None = None) -> None:
-    """Every report file first (``chart`` writes, or removes, ``-o``'s PNG), then stdout: a closed or full stdout
-    fails the command, and it left the chart unwritten."""
+          chart: Callable[[Path], bool] | None = None) -> None:
+    """Every report file first, then stdout: a closed or full stdout fails the command, and it left the chart
+    unwritten. ``chart`` renders ``-o``'s PNG into the file it is given and says whether it did; without one
+    (parity, or no matplotlib) an earlier report's PNG there is removed, as it describes another run."""
     if out is not None:
-        from radtrt.outputs import make_dir, write_text
+        from radtrt.outputs import make_dir, replaced_together
 
         make_dir(out.parent, "report folder")
         md_path, json_path, png_path = report_files(out)
-        written: list[Path] = []
-        try:  # the set or nothing: a full disk at the JSON left the Markdown of this run beside an older JSON
-            for path, text in ((md_path, markdown), (json_path, json.dumps(data, indent=2) + "\n")):
-                write_text(path, text, "report")
-                written.append(path)
-            if chart is not None:
-                chart(png_path)
-        except BaseException:  # a refusal, or an interrupt while the chart renders
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
-        err.print(plain(f"wrote {md_path} and {json_path}"))
+        # the set or none of it: written under temporary names, renamed into place only once all are written (a
+        # full disk at the JSON left an earlier run's JSON and chart, and no Markdown)
+        writing = md_path
+        try:
+            with replaced_together([md_path, json_path, png_path]) as (md_tmp, json_tmp, png_tmp):
+                md_tmp.write_text(markdown, encoding="utf-8")
+                writing = json_path
+                json_tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+                writing = png_path
+                charted = chart is not None and chart(png_tmp)
+                if not charted:
+                    png_tmp.unlink()
+                writing = md_path
+        except OSError as e:
+            fail(f"cannot write report {writing}: {e.strerror or e}")
+        err.print(plain(f"wrote {md_path}, {json_path} and {png_path}" if charted else
+                        f"wrote {md_path} and {json_path}"))
     emit(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 
 
@@ -160,13 +166,14 @@ def latency(
             progress=progress, vs_bundle=vs_bundle, ort_spin=ort_spin, trt_decoder=trt_decoder)
     from radtrt.benchmarks.markdown import latency_markdown
 
-    def chart(path: Path) -> None:
-        from radtrt.benchmarks.chart import matplotlib_available, write_chart
+    def chart(file: Path) -> bool:
+        from radtrt.benchmarks.chart import matplotlib_available, save_chart
 
         if matplotlib_available():
-            err.print(plain(f"wrote {write_chart(report, path)}"))
-        else:
-            err.print("radtrt: no PNG chart: matplotlib is not installed (pip install 'radtrt[bench]')", markup=False)
+            save_chart(report, file)
+            return True
+        err.print("radtrt: no PNG chart: matplotlib is not installed (pip install 'radtrt[bench]')", markup=False)
+        return False
 
     _emit(latency_markdown(report), report.to_json(), as_json, out, chart)
 
@@ -232,10 +239,7 @@ def parity(
         from radtrt.benchmarks.parity import write_paired_predictions
 
         ref, cand = write_paired_predictions(report, predictions_out)
-    def stale_chart(path: Path) -> None:  # an earlier latency report's chart (checked as ours)
-        path.unlink(missing_ok=True)
-
-    _emit(parity_markdown(report), report.to_json(), as_json, out, stale_chart)
+    _emit(parity_markdown(report), report.to_json(), as_json, out)  # an earlier latency report's chart goes
     if predictions_out is not None:  # last: the next step, once every output is written
         err.print(plain(f"CheXprompt: radtrt eval --paired {shlex.join([str(ref), str(cand)])} --metrics "
                         f"rouge,labels,chexprompt --endpoint URL --judge-model NAME"), highlight=False, soft_wrap=True)
