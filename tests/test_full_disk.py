@@ -53,3 +53,34 @@ def test_a_first_checkpoint_or_log_line_that_cannot_be_written_gives_the_remedy_
     with pytest.raises(RadtrtError, match=r"before the run's first checkpoint: free space, delete .* and run the "
                                           r"training command again$"):
         loop._append_log(tmp_path, {"step": 1})
+
+
+def test_synthesize_on_a_full_disk_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row's unwritten rest stayed buffered, and closing the handle (outside the handler that names the file)
+    raised ENOSPC again: "a write failed (No space left on device); stopped there", naming no file."""
+    import errno
+    import io
+    import json
+
+    from radtrt.data.synthesize import synthesize
+
+    class Full(io.RawIOBase):  # what a full disk's file is to the buffered handle above it
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: object) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = Path.open
+
+    def open_full(self: Path, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if self.name.endswith(".partial") and "a" in mode:
+            return io.TextIOWrapper(io.BufferedWriter(Full()), encoding="utf-8")
+        return real(self, mode, *args, **kwargs)
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"image": "a.png", "labels": ["Edema"]}) + "\n")
+    monkeypatch.setattr(Path, "open", open_full)
+    with pytest.raises(RadtrtError) as refused:
+        synthesize(labels, tmp_path / "out.jsonl", client=None, console=None)
+    assert str(refused.value) == f"cannot write {tmp_path / 'out.jsonl.partial'}: No space left on device"

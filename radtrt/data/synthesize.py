@@ -279,6 +279,17 @@ def _done_rows(out: Path, inputs: list[dict[str, Any]], mode: dict[str, Any], gi
     return len(done)
 
 
+def _close_failed(handle: TextIO) -> None:
+    """Close a handle whose last write failed. The row's unwritten rest is still buffered, so closing writes it
+    again and fails again: left to the ExitStack, that second error (the same one) escaped the handler that names
+    the file. The handle is closed even so, and what reached the file is at most a cut last line, which the rerun
+    that completes the manifest drops."""
+    try:
+        handle.close()
+    except OSError:  # the failure just caught, raised again by the flush inside close(): told by the caller
+        return
+
+
 def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed: int = 0, temperature: float = 0.0,
                console: Console | None = None) -> Path:
     """Write (or complete) the manifest ``out``; ``client`` None means template mode.
@@ -362,6 +373,7 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 handle.flush()
             except OSError as e:
+                _close_failed(handle)
                 fail(f"cannot write {target}: {e.strerror}")
             progress.advance(task)
         try:
