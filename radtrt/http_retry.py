@@ -98,14 +98,13 @@ def error_message(body: object, secrets: Iterable[Optional[str]] = ()) -> Option
     ``body`` as the openai SDK keeps it: a JSON body's ``error`` value (or the whole object when it has none), or
     the text of a non-JSON one. Why: "HTTP 400" alone hid the reason (OpenAI's reasoning models reject max_tokens
     and temperature, and say so). Of an object only its message is read: a validation error's other fields may
-    echo the report sent."""
-    if isinstance(body, dict):
-        text = next((body[k] for k in ("message", "detail", "error") if isinstance(body.get(k), str)), None)
-        if text is None:
-            return None
-    elif isinstance(body, str):
-        text = body
-    else:
+    echo the report sent. A non-JSON body (a text or HTML page, a proxy's or the server's own) has no message
+    field to tell from the rest, and may echo the request's clinical text as well: none of it is shown, the
+    status alone says what happened."""
+    if not isinstance(body, dict):
+        return None
+    text = next((body[k] for k in ("message", "detail", "error") if isinstance(body.get(k), str)), None)
+    if text is None:
         return None
     for secret in secrets:
         if secret and len(secret) >= 8:  # a keyless local server's "x" is no secret, and blanking it garbles text

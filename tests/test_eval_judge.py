@@ -435,6 +435,8 @@ def test_failures_are_counted_by_status_and_bodies_without_a_message_are_not_sho
     # what server_message reads of the SDK's error: its parsed body
     echo = SimpleNamespace(body={"detail": [{"loc": ["messages"], "input": "Small left effusion."}]})
     assert server_message(echo) is None  # type: ignore[arg-type]
+    for page in ("<html><body>400 Bad Request: Small left effusion.</body></html>", "Small left effusion."):
+        assert server_message(SimpleNamespace(body=page)) is None  # type: ignore[arg-type]  # not JSON: not shown
     assert server_message(SimpleNamespace(body={"message": "max_tokens is not supported"})) == (  # type: ignore[arg-type]
         "max_tokens is not supported")
 

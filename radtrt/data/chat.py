@@ -178,8 +178,8 @@ class ChatClient:
         text = raw.decode("utf-8", errors="replace")
         try:
             body: Any = json.loads(text)
-        except (ValueError, RecursionError):  # not JSON (a text or HTML page): its text, as the SDK keeps it
-            body = text
+        except (ValueError, RecursionError):  # not JSON (a text or HTML page): no message, only the status
+            return None
         if isinstance(body, dict):
             body = body.get("error", body)
         return error_message(body, (self.api_key,))
