@@ -171,6 +171,10 @@ def test_gives_up_after_retries(server: ScriptedServer, tmp_path: Path) -> None:
     with pytest.raises(RadtrtError, match="failed 4 times .*HTTP 500"):
         _client(server, None, sleeps).complete([{"role": "user", "content": "Positive findings: x."}])
     assert sleeps == [0.5, 1.0, 2.0]
+    server.script = [(500, {})]
+    client = ChatClient(server.url, "gpt-test", api_key=KEY, rate_per_s=1e9, max_retries=0, sleep=sleeps.append)
+    with pytest.raises(RadtrtError, match=r"chat endpoint failed once \(last: HTTP 500\)"):  # was "1 times"
+        client.complete([{"role": "user", "content": "Positive findings: x."}])
 
 
 def test_template_mode_is_deterministic_and_marked(tmp_path: Path) -> None:
@@ -291,7 +295,10 @@ def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
     ("http://127.0.0.1:9/v1", {"timeout_s": -1.0}, "--timeout must be positive"),
     ("http://127.0.0.1:9/v1", {"timeout_s": float("nan")}, "--timeout must be positive"),
     # past threading.TIMEOUT_MAX: an OverflowError traceback in the socket timeout or the rate limiter's sleep
-    ("http://127.0.0.1:9/v1", {"timeout_s": 1e12}, "--timeout must be positive seconds, at most 3600, got 1e\\+12"),
+    ("http://127.0.0.1:9/v1", {"timeout_s": 1e12}, "--timeout must be positive seconds, a finite number at most "
+                                                    "3600, got 1e\\+12"),
+    ("http://127.0.0.1:9/v1", {"rate_per_s": float("inf")}, r"--rate must be a finite number of requests per second, "
+                                                            r"at least .*, got inf$"),  # as if inf were too small
     ("http://127.0.0.1:9/v1", {"rate_per_s": 1e-300}, r"--rate must be .* at least 0.000166667 \(a request every "
                                                        r"6000 s\), got 1e-300"),
     ("http://127.0.0.1:9/v1", {"rate_per_s": 0.0}, "--rate must be"),

@@ -100,7 +100,9 @@ def test_eval_is_deterministic(tmp_path: Path) -> None:
     (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--timeout", "nan"],
      "judge timeout must be a finite positive number"),
     (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--requests-per-minute", "-1"],
-     "--requests-per-minute must be a number >= 0"),
+     "--requests-per-minute must be a finite number >= 0"),
+    (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--requests-per-minute", "inf"],
+     "--requests-per-minute must be a finite number >= 0"),  # "at least 0.01, got inf"
     # past threading.TIMEOUT_MAX: OverflowError tracebacks from the socket and the rate limiter's wait
     (["--metrics", "chexprompt", "--judge-model", "g", "--endpoint", "http://x/v1", "--timeout", "1e12"],
      "at most 3600 (--timeout), got 1000000000000.0"),

@@ -65,7 +65,7 @@ def test_train_commands(chain: Chain, tmp_path: Path) -> None:
     (("train", "lm", "{tmp}/missing.jsonl", "--model", "{model}", "-o", "{tmp}/r"), "not found"),
     (("train", "stage2", "{manifest}", "--model", "{model}", "-o", "{tmp}/r", "--precision", "fp8"), "precision"),
     (("train", "init", "--tokenizer", "{tmp}", "--arch", "huge", "-o", "{tmp}/i"), "unknown --arch"),
-    (("train", "init", "--tokenizer", "{model}", "--arch", "tiny", "-o", "{tmp}/r", "--seed", "-1"), "seed must be in"),
+    (("train", "init", "--tokenizer", "{model}", "--arch", "tiny", "-o", "{tmp}/r", "--seed", "-1"), "--seed must be in"),
 ])
 def test_train_errors_are_one_line(chain: Chain, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     fill = {"manifest": chain.manifest, "model": chain.runs["stage1"] / "model", "tmp": tmp_path}
@@ -136,28 +136,32 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(chain: Chain, tmp
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--save-every", "0", "save_every"),  # divided by zero at the first step
-    ("--max-steps", "0", "max_steps"),  # read as "unset": trained full epochs
-    ("--lora-dropout", "1.5", "lora_dropout"),  # torch's ValueError traceback
-    ("--num-workers", "-1", "num_workers"),
-    ("--lr", "nan", "lr must be a finite number"),  # NaN passed every range check
-    ("--lr", "inf", "lr must be a finite number"),  # trained to non-finite weights
-    ("--epochs", "inf", "epochs must be a finite number"),
-    ("--max-grad-norm", "nan", "max_grad_norm must be a finite number"),
-    ("--weight-decay", "nan", "weight_decay must be a finite number"),
-    ("--lr", "1e38", "lr must be at most 1"),  # AdamW's overflow traceback, and a run folder left behind
-    ("--weight-decay", "1e38", "weight_decay must be in [0, 1]"),  # with --lr 10: infinite weights, exit 0
-    # one line for three options ("lr and epochs must be positive and warmup_ratio in [0, 1)"): which one?
-    ("--lr", "0", "lr must be positive, got 0.0"),
-    ("--epochs", "-1", "epochs must be positive, got -1.0"),
-    ("--warmup-ratio", "1", "warmup_ratio must be in [0, 1), got 1.0"),
-    ("--weight-decay", "-0.1", "weight_decay must be at least 0, got -0.1"),
-    ("--max-grad-norm", "0", "max_grad_norm must be positive, got 0.0"),
-    ("--seed", str(2**64), "seed must be in"),  # torch's RuntimeError traceback
-    ("--lora-alpha", "0", "lora_alpha must be at least 1"),  # a LoRA that can never change the model
+    ("--save-every", "0", "--save-every must be at least 1"),  # divided by zero at the first step
+    ("--max-steps", "0", "--max-steps must be at least 1"),  # read as "unset": trained full epochs
+    ("--lora-dropout", "1.5", "--lora-dropout must be in [0, 1)"),  # torch's ValueError traceback
+    ("--num-workers", "-1", "--num-workers must be at least 0"),
+    ("--lr", "nan", "--lr must be a finite number"),  # NaN passed every range check
+    ("--lr", "inf", "--lr must be a finite number"),  # trained to non-finite weights
+    ("--epochs", "inf", "--epochs must be a finite number"),
+    ("--max-grad-norm", "nan", "--max-grad-norm must be a finite number"),
+    ("--weight-decay", "nan", "--weight-decay must be a finite number"),
+    ("--lr", "1e38", "--lr must be at most 1"),  # AdamW's overflow traceback, and a run folder left behind
+    ("--weight-decay", "1e38", "--weight-decay must be in [0, 1]"),  # with --lr 10: infinite weights, exit 0
+    # one line for three options ("lr and epochs must be positive and warmup_ratio in [0, 1)"): which one? Each
+    # said by its option's name, not its field's ("lr must be positive": the user typed --lr)
+    ("--lr", "0", "--lr must be positive, got 0.0"),
+    ("--epochs", "-1", "--epochs must be positive, got -1.0"),
+    ("--warmup-ratio", "1", "--warmup-ratio must be in [0, 1), got 1.0"),
+    ("--weight-decay", "-0.1", "--weight-decay must be at least 0, got -0.1"),
+    ("--max-grad-norm", "0", "--max-grad-norm must be positive, got 0.0"),
+    ("--seed", str(2**64), "--seed must be in"),  # torch's RuntimeError traceback
+    ("--lora-alpha", "0", "--lora-alpha must be at least 1"),  # a LoRA that can never change the model
     ("--lora-r", "100000", "above the rank of this decoder's smallest linear layer"),  # an allocation failure
     ("--max-length", "3", "leaves no report token to train on"),  # failed at the first step, after the run folder
     ("--max-length", "90", "leaves no report token to train on"),  # kept the <image>, not one report token: loss 0
+    ("--micro-batch-size", "0", "--micro-batch-size must be at least 1"),
+    ("--grad-accum", "0", "--grad-accum must be at least 1"),
+    ("--precision", "fp8", "unknown --precision 'fp8'"),
 ])
 def test_bad_training_values_are_refused_before_the_run_folder(chain: Chain, tmp_path: Path, option: str,
                                                                value: str, message: str) -> None:

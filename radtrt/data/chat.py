@@ -76,10 +76,12 @@ class ChatClient:
         # rate limiter's sleep and the socket timeout, an OverflowError traceback
         min_rate = MIN_REQUESTS_PER_MINUTE / 60
         if not (math.isfinite(self.rate_per_s) and self.rate_per_s >= min_rate):
-            fail(f"--rate must be a number of requests per second, at least {min_rate:.6g} (a request every "
+            # "finite" said: "at least 0.000166667, got inf" read as if inf were too small
+            fail(f"--rate must be a finite number of requests per second, at least {min_rate:.6g} (a request every "
                  f"{1 / min_rate:g} s), got {self.rate_per_s:g}")
         if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S):
-            fail(f"--timeout must be positive seconds, at most {MAX_TIMEOUT_S:g}, got {self.timeout_s:g}")
+            fail(f"--timeout must be positive seconds, a finite number at most {MAX_TIMEOUT_S:g}, got "
+                 f"{self.timeout_s:g}")
         if self.max_retries < 0:
             fail("--retries must be at least 0")
         if self.cache_dir is not None:  # before any request: answers paid for must have somewhere to go
@@ -155,7 +157,8 @@ class ChatClient:
             if attempt < self.max_retries:
                 wait = retry_after if retry_after is not None else self.backoff_s * 2**attempt
                 self.sleep(min(wait, MAX_WAIT_S))  # a server's Retry-After of a day is not obeyed silently
-        fail(f"chat endpoint failed {self.max_retries + 1} times (last: {problem}); rerun to resume")
+        tries = "once" if self.max_retries == 0 else f"{self.max_retries + 1} times"  # --retries 0: not "1 times"
+        fail(f"chat endpoint failed {tries} (last: {problem}); rerun to resume")
 
     @staticmethod
     def _json(raw: bytes) -> dict[str, Any]:

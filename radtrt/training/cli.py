@@ -63,7 +63,7 @@ def init(out: Path = PathOption(..., "-o", "--out", help="Output model folder (t
 
     if arch not in ARCHS:
         fail(f"unknown --arch '{arch}' ({', '.join(ARCHS)})")
-    check_seed(seed)
+    check_seed(seed, "--seed")
     check_new_dir(out)
     save_toolkit(fresh_model(arch, LlamaSPTokenizer.from_dir(tokenizer_dir), seed, _model_name(name)), out)
     emit(str(out))

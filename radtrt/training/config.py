@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,23 @@ SEED_LIMIT = 2**32  # data.Schedule seeds torch.Generator with seed * 100_003 + 
 LM_CONDITIONS = ("none", "labels")
 
 
-def check_seed(seed: int) -> None:
+# the fields a 'radtrt train' stage takes as options (--max-steps for max_steps): a value given there is refused
+# under the option's name ("lr must be positive" named a field the user never typed); the others (lm_condition,
+# a resumed run's train_config.json) keep their field names
+OPTION_FIELDS = ("epochs", "max_steps", "lr", "weight_decay", "warmup_ratio", "micro_batch_size", "grad_accum",
+                 "max_grad_norm", "precision", "max_length", "seed", "save_every", "lora_r", "lora_alpha",
+                 "lora_dropout", "device", "num_workers")
+_AS_OPTIONS: ContextVar[bool] = ContextVar("radtrt_train_config_as_options", default=False)
+
+
+def _said(name: str) -> str:
+    """A field as the user gave it: its option while :func:`make_config` builds the config of a command line."""
+    return "--" + name.replace("_", "-") if _AS_OPTIONS.get() and name in OPTION_FIELDS else name
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
     if not 0 <= seed < SEED_LIMIT:
-        fail(f"seed must be in [0, 2**32), got {seed}")
+        fail(f"{name} must be in [0, 2**32), got {seed}")
 
 
 @dataclass(frozen=True)
@@ -79,52 +94,52 @@ class TrainConfig:
             # a hand-edited train_config.json ("lr": "fast") reached math.isfinite: "must be real number, not str"
             # named no field
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                fail(f"{name} must be a number, got {type(value).__name__} {value!r}")
+                fail(f"{_said(name)} must be a number, got {type(value).__name__} {value!r}")
             if not math.isfinite(value):
-                fail(f"{name} must be a finite number, got {value}")
+                fail(f"{_said(name)} must be a finite number, got {value}")
         for name in ("micro_batch_size", "grad_accum", "max_length", "seed", "save_every", "lora_r", "lora_alpha",
                      "num_workers", "max_steps"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, int)) and not (name == "max_steps" and value is None):
-                fail(f"{name} must be a whole number, got {type(value).__name__} {value!r}")
-        check_seed(self.seed)
+                fail(f"{_said(name)} must be a whole number, got {type(value).__name__} {value!r}")
+        check_seed(self.seed, _said("seed"))
         if self.stage not in STAGES:
             fail(f"unknown training stage '{self.stage}' ({', '.join(STAGES)})")
         if self.precision not in PRECISIONS:
-            fail(f"unknown precision '{self.precision}' ({', '.join(PRECISIONS)})")
+            fail(f"unknown {_said('precision')} '{self.precision}' ({', '.join(PRECISIONS)})")
         for name in ("micro_batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha"):
             if getattr(self, name) < 1:
-                fail(f"{name} must be at least 1, got {getattr(self, name)}")
+                fail(f"{_said(name)} must be at least 1, got {getattr(self, name)}")
         if self.lm_condition not in LM_CONDITIONS:
             fail(f"unknown lm_condition '{self.lm_condition}' ({', '.join(LM_CONDITIONS)})")
         # each named with what was given: "lr and epochs must be positive and warmup_ratio in [0, 1)"
         # left the user to guess which of the three was wrong
         for name in ("lr", "epochs"):
             if getattr(self, name) <= 0:
-                fail(f"{name} must be positive, got {getattr(self, name)}")
+                fail(f"{_said(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
-            fail(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            fail(f"{_said('warmup_ratio')} must be in [0, 1), got {self.warmup_ratio}")
         # checked here, not where they are used: a bad value must not surface mid-run as a traceback
         # (save_every 0 divides by zero at the first step) or be quietly read as "unset" (max_steps 0)
         if self.max_steps is not None and self.max_steps < 1:
-            fail(f"max_steps must be at least 1, got {self.max_steps}")
+            fail(f"{_said('max_steps')} must be at least 1, got {self.max_steps}")
         if self.save_every < 1:
-            fail(f"save_every must be at least 1, got {self.save_every}")
+            fail(f"{_said('save_every')} must be at least 1, got {self.save_every}")
         if self.num_workers < 0:
-            fail(f"num_workers must be at least 0, got {self.num_workers}")
+            fail(f"{_said('num_workers')} must be at least 0, got {self.num_workers}")
         if not 0 <= self.lora_dropout < 1:
-            fail(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            fail(f"{_said('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
         if self.weight_decay < 0:
-            fail(f"weight_decay must be at least 0, got {self.weight_decay}")
+            fail(f"{_said('weight_decay')} must be at least 0, got {self.weight_decay}")
         if self.max_grad_norm <= 0:
-            fail(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+            fail(f"{_said('max_grad_norm')} must be positive, got {self.max_grad_norm}")
         # bounded here, before the run folder is made: lr 1e38 overflowed inside AdamW (a RuntimeError traceback
         # that left train_config.json behind), and lr 10 with weight decay 1e38 trained to infinite weights.
         # AdamW decays by lr * weight_decay per step: above 1 it flips the weights' signs instead of shrinking them
         if self.lr > 1:
-            fail(f"lr must be at most 1, got {self.lr}")
+            fail(f"{_said('lr')} must be at most 1, got {self.lr}")
         if self.weight_decay > 1:
-            fail(f"weight_decay must be in [0, 1], got {self.weight_decay}")
+            fail(f"{_said('weight_decay')} must be in [0, 1], got {self.weight_decay}")
 
     @property
     def template(self) -> str | None:
@@ -194,4 +209,8 @@ def make_config(stage: str, preset: str = "paper", **overrides: Any) -> TrainCon
         base = dict(_TINY)
     if overrides.get("epochs") is not None and overrides.get("max_steps") is None:
         base.pop("max_steps", None)  # epochs asked for: the tiny preset's step count no longer wins over them
-    return TrainConfig(stage=stage, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    token = _AS_OPTIONS.set(True)  # a refusal names the option (a preset's own values are all valid)
+    try:
+        return TrainConfig(stage=stage, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    finally:
+        _AS_OPTIONS.reset(token)

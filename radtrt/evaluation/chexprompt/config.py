@@ -62,7 +62,7 @@ class JudgeConfig:
                  f"(--timeout), got {self.timeout_s}")
         if not (math.isfinite(self.requests_per_minute) and
                 (self.requests_per_minute == 0 or self.requests_per_minute >= MIN_REQUESTS_PER_MINUTE)):
-            fail(f"--requests-per-minute must be a number >= 0: 0 for no limit, else at least "
+            fail(f"--requests-per-minute must be a finite number >= 0: 0 for no limit, else at least "
                  f"{MIN_REQUESTS_PER_MINUTE:g} (a request every {60 / MIN_REQUESTS_PER_MINUTE:g} s), "
                  f"got {self.requests_per_minute}")
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 2) or self.max_tokens < 1:
