@@ -214,7 +214,7 @@ def test_sigterm_to_the_whole_job_stops_in_one_line_with_the_resume_command(chai
     saved = load_checkpoint(run)["step"]
     assert proc.returncode == 130
     assert "Traceback" not in err and "DataLoader worker" not in err, err
-    assert f"'radtrt train resume {run}' goes on from step {saved}," in err
+    assert f"to go on from step {saved}, its last checkpoint, run: radtrt train resume {run}" in err
 
 
 def test_bad_data_and_output_paths_leave_no_run_folder(chain: Chain, tmp_path: Path) -> None:

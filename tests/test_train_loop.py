@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
@@ -363,8 +364,8 @@ def test_resume_refuses_a_checkpoint_that_disagrees_with_the_run_config(chain: C
         resume_config(run)
     state.write_bytes(ours)
     config_file.write_text(written[:50])  # cut short: the remedy is the one a deleted file has
-    with pytest.raises(RadtrtError, match=f"is not valid JSON .*; delete it, and 'radtrt train resume {run}' writes "
-                                          f"it again from the checkpoint"):
+    with pytest.raises(RadtrtError, match=f"is not valid JSON .*; to write it again from the checkpoint, delete it, "
+                                          f"then run: radtrt train resume {run}$"):
         resume_config(run)
     config_file.unlink()  # written again from the checkpoint
     cfg = resume_config(run)
@@ -383,7 +384,7 @@ def test_resume_refuses_a_model_partial_in_the_way_before_training(chain: Chain,
     (run / "model.partial").mkdir()
     (run / "model.partial" / "notes.txt").write_text("mine")
     with pytest.raises(RadtrtError, match=f"{run}/model.partial is in the way of the model this run ends with .* "
-                                          f"move it away, then 'radtrt train resume {run}'$"):
+                                          f"move it away, then run: radtrt train resume {run}$"):
         train(resume_config(run), resume=True)
     assert [e["step"] for e in read_log(run)] == [1, 2] and load_checkpoint(run)["step"] == 2
 
@@ -460,10 +461,10 @@ def test_an_image_that_fails_mid_run_says_the_run_must_start_again(chain: Chain,
     shutil.copytree(chain.manifest.parent, data)
     first = data / json.loads((data / "manifest.jsonl").read_text().splitlines()[0])["image"]
     first.write_bytes(first.read_bytes()[:60])  # the signature and header chunk, the pixel data cut
-    with pytest.raises(RadtrtError, match=f"{first}: image data is truncated or corrupt; if the file was only out of "
-                                          f"reach .* run 'radtrt train resume {run}'; if its bytes must be repaired, "
-                                          f"resume refuses .*: start the run again \\(delete {run} or choose "
-                                          f"another -o\\)$"):
+    with pytest.raises(RadtrtError, match=f"{first}: image data is truncated or corrupt; if its bytes must be "
+                                          f"repaired, resume refuses .*: start the run again \\(delete {run} or "
+                                          f"choose another -o\\); if the file was only out of reach .*, then run: "
+                                          f"radtrt train resume {run}$"):
         train(_lazy_stage1(chain, data, run))
 
 
@@ -605,8 +606,9 @@ def test_a_full_disk_while_writing_the_model_says_resume_writes_it(chain: Chain,
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
                       out_dir=str(run), max_steps=2)
     monkeypatch.setattr(LlamaSPTokenizer, "save", full_disk)
-    with pytest.raises(RadtrtError, match="No space left on device.*; all 2 steps are saved in .*state.pt: once that "
-                                          f"is fixed, 'radtrt train resume {run}' writes the model without training"):
+    with pytest.raises(RadtrtError, match="No space left on device.*; all 2 steps are saved in .*state.pt: to write "
+                                          f"the model without training again once that is fixed, run: radtrt train "
+                                          f"resume {run}$"):
         train(cfg)
     monkeypatch.undo()
     assert train(resume_config(run), resume=True).model_dir == run / "model"
@@ -620,11 +622,15 @@ def test_a_run_folder_given_as_a_model_is_said_to_be_one(chain: Chain, tmp_path:
     run = chain.runs["stage1"]
     with pytest.raises(RadtrtError, match=f"{run} is a training run folder, not a model: give its model, {run}/model$"):
         load_model(run)
-    unfinished = tmp_path / "unfinished"
+    unfinished = tmp_path / "un finished"
     shutil.copytree(run, unfinished, ignore=shutil.ignore_patterns("model"))
-    with pytest.raises(RadtrtError, match=f"has not written its model yet: 'radtrt train resume {unfinished}' "
-                                          f"finishes it, then give {unfinished}/model"):
+    with pytest.raises(RadtrtError) as refused:
         load_model(unfinished)
+    # the command last and bare, so that it pastes: it was 'radtrt train resume '/…/un finished'', quotes in quotes
+    said, command = str(refused.value).split(" run: ")
+    assert said == f"{unfinished} is a training run folder that has not written its model yet: give " \
+                   f"{unfinished}/model once it has; to finish it,"
+    assert shlex.split(command) == ["radtrt", "train", "resume", str(unfinished)]
 
 
 def test_a_lora_adapter_folder_given_as_a_model_is_said_to_be_one(chain: Chain, tmp_path: Path) -> None:
@@ -863,3 +869,14 @@ def test_the_non_frontal_warning_writes_the_manifest_path_on_one_line(tmp_path: 
     (folder / "manifest.jsonl").write_text('{"image": "a.dcm", "findings": "x"}\n')
     warning = _non_frontal_warning(folder / "manifest.jsonl", [(0, "LL")])
     assert "\n" not in warning and f"{tmp_path}/site\\nA\\xfe/manifest.jsonl:1, a LL view" in warning
+
+
+def test_resume_hints_paste_into_a_shell(tmp_path: Path) -> None:
+    """'radtrt train resume '/…/my run'' nested the path's quotes in the hint's own: pasted, the shell joined
+    them into /…/my and run. The command now ends the line, bare."""
+    from radtrt.training.loop import _image_failed, _interrupted
+
+    run = tmp_path / "my run"
+    for line in (_interrupted(run, 3), _image_failed("x.png: damaged", run, 3)):
+        assert shlex.split(line.rsplit("run: ", 1)[1]) == ["radtrt", "train", "resume", str(run)], line
+    assert _interrupted(run, 3).startswith("radtrt: interrupted; to go on from step 3, its last checkpoint, run: ")

@@ -148,8 +148,8 @@ def test_an_unfinished_run_is_sent_where_it_can_go(chain: Chain, tmp_path: Path)
     run = tmp_path / "run"
     shutil.copytree(chain.runs["stage2"], run)
     shutil.rmtree(run / "model")
-    with pytest.raises(RadtrtError, match=f"has not finished \\(no model/\\); resume it first: 'radtrt train resume "
-                                          f"{run}'"):
+    with pytest.raises(RadtrtError, match=f"has not finished \\(no model/\\); resume it first; run: radtrt train "
+                                          f"resume {run}$"):
         export_release(run, tmp_path / "out1")
     shutil.rmtree(run / "checkpoint")
     with pytest.raises(RadtrtError, match="has no checkpoint to resume from either: delete it and start the run again"):

@@ -176,9 +176,9 @@ def test_usable_engines_lists_only_this_hosts_builds(tmp_path: Path) -> None:
     from radtrt.exporter.trtllm_build import find_decoder_engine
 
     with pytest.raises(RadtrtError, match=r"has no TensorRT-LLM w8a8_sq-kv8 decoder engine \(for this host it has "
-                                          r"w8a16-kv8\); build one with 'radtrt export --bundle .* --model MODEL "
+                                          r"w8a16-kv8\); build one with: radtrt export --bundle .* --model MODEL "
                                           r"--target trtllm --precision int8 --int8-decoder smoothquant "
-                                          r"--int8-kv-cache --calibration-stats CALIB'"):
+                                          r"--int8-kv-cache --calibration-stats CALIB$"):
         find_decoder_engine(bundle, ORIN, "w8a8_sq-kv8")
     assert usable_engines(bundle, V100) == {"vision": [], "decoder": []}
     assert usable_engines(bundle, None) == {"vision": [], "decoder": []}
@@ -272,14 +272,14 @@ def test_an_engine_on_a_host_without_tensorrt_llm_asks_for_it_not_for_a_rebuild(
                                           r"TensorRT-LLM on this host"):
         find_decoder_engine(bundle, dataclasses.replace(ORIN, tensorrt_llm=None), None)
     # with TensorRT-LLM there: the rebuild named goes into this bundle (without --bundle it made a new one)
-    with pytest.raises(RadtrtError, match=f"rebuild it on this host with 'radtrt export --bundle {bundle} --model "
-                                          f"MODEL --target trtllm --precision int8'"):
+    with pytest.raises(RadtrtError, match=f"rebuild it on this host with: radtrt export --bundle {bundle} --model "
+                                          f"MODEL --target trtllm --precision int8$"):
         find_decoder_engine(bundle, dataclasses.replace(ORIN, tensorrt_llm="0.14.0"), "w8a16")
     shutil.rmtree(folder)
-    with pytest.raises(RadtrtError, match=r"has no TensorRT-LLM decoder engine; build one with .*--target trtllm "
-                                          r"--precision fp16'"):
+    with pytest.raises(RadtrtError, match=r"has no TensorRT-LLM decoder engine; build one with: .*--target trtllm "
+                                          r"--precision fp16$"):
         find_decoder_engine(bundle, ORIN, None)
-    with pytest.raises(RadtrtError, match=r"--int8-kv-cache --calibration-stats CALIB'"):  # an fp16 bundle has none
+    with pytest.raises(RadtrtError, match=r"--int8-kv-cache --calibration-stats CALIB$"):  # an fp16 bundle has none
         find_decoder_engine(bundle, ORIN, "w8a16-kv8")
 
 

@@ -174,7 +174,7 @@ def test_engine_lookup_and_refusals(tmp_path: Path) -> None:
         find_vision_engine(bundle, V100)
     assert str(e.value) == (f"the TensorRT vision engine in {bundle} was built for Orin (sm87), TensorRT 10.3.0, "
                             f"CUDA 12.6; this host has Tesla V100-SXM2-32GB (sm70), TensorRT 10.4.0, CUDA 12.4: "
-                            f"rebuild it on this host with 'radtrt export --bundle {bundle} --target tensorrt'")
+                            f"rebuild it on this host with: radtrt export --bundle {bundle} --target tensorrt")
     with pytest.raises(RadtrtError, match="install TensorRT on this host"):  # a rebuild there is refused too
         find_vision_engine(bundle, dataclasses.replace(V100, tensorrt=None))
     with pytest.raises(RadtrtError, match="has no TensorRT int8 vision engine"):

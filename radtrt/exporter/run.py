@@ -135,7 +135,7 @@ def run_export(req: ExportRequest, console: Console) -> Path:
         retry = targets.retry_engines_command(bundle_dir, step, plan, **engine_options)
         both = step == "tensorrt" and "trtllm" in plan.steps
         fail(f"{e}; the ONNX bundle at {bundle_dir} is complete: retry only the engine{'s' if both else ''} "
-             f"with '{retry}'")
+             f"with: {retry}")  # bare: its quoted paths nested in quotes did not paste
     return bundle_dir
 
 

@@ -253,8 +253,9 @@ def add_trtllm(bundle: Path, loaded: Any, plan: ExportPlan, log: Callable[[str],
                                 alpha=plan.smoothquant_alpha, bundle_weights=weights)
         log(f"TensorRT-LLM checkpoint ({mode_tag(mode, plan.int8_kv)}): {checkpoint}")
     if gpu is None or library_version("tensorrt_llm") is None:
-        log(f"no GPU with TensorRT-LLM here: build the engine on the GPU host with '{build_command}' "
-            f"({checkpoint.name} is GPU-independent; the model must be there too)")
+        # the command last and bare: its quoted paths nested in quotes ('... --bundle '/a/my b' ...') did not paste
+        log(f"no GPU with TensorRT-LLM here: build the engine on the GPU host ({checkpoint.name} is GPU-independent; "
+            f"the model must be there too) with: {build_command}")
         return checkpoint
     cfg = loaded.model.cfg
     limits = BuildLimits.for_llava(cfg.num_image_tokens, max_batch=plan.max_batch,

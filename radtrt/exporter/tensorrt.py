@@ -357,10 +357,12 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
             fail(f"TensorRT engine {engine} was built from another export of vision.onnx: rebuild it")
         return engine, stamp
     what = f"{precision} " if precision else ""
-    build = f"'radtrt export --bundle {shlex.quote(str(bundle))} --target tensorrt'"  # without --bundle it would make a new bundle
+    # without --bundle it would make a new bundle; the command last and bare, as its quoted path nested in quotes
+    # ('radtrt export --bundle '/a/my bundle' ...') did not paste
+    build = f"radtrt export --bundle {shlex.quote(str(bundle))} --target tensorrt"
     if mismatches and gpu.tensorrt is None:  # no rebuild can help before TensorRT is there (as for TensorRT-LLM)
         fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: install TensorRT on this host (the "
              f"version it was built with), or rebuild the engine once it is installed")
     if mismatches:
-        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: rebuild it on this host with {build}")
-    fail(f"bundle {bundle} has no TensorRT {what}vision engine; build one with {build}")
+        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: rebuild it on this host with: {build}")
+    fail(f"bundle {bundle} has no TensorRT {what}vision engine; build one with: {build}")

@@ -267,7 +267,7 @@ def check_built_from(engine: Path, stamp: dict[str, Any], manifest: dict[str, An
     if stamp.get("bundle_weights") != manifest["model"].get(BUNDLE_FINGERPRINT):
         fail(f"the TensorRT-LLM engine {engine} was not built from the weights of the model {bundle} was exported "
              f"from (copied from another bundle, or built by an older radtrt): delete its folder and rebuild it "
-             f"with 'radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm ...'")
+             f"with: radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm ...")
 
 
 def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Path, dict[str, Any]]:
@@ -301,8 +301,9 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
                "w8a8_sq": "--precision int8 --int8-decoder smoothquant"}.get(mode, "") + (" --int8-kv-cache" if kv else "")
     if (kv or mode == "w8a8_sq") and not (bundle / "calibration.safetensors").is_file():
         options += " --calibration-stats CALIB"  # an fp16/fp32 bundle carries no statistics to take them from
-    build = f"'radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm {options}'"  # --bundle: into this one
+    # --bundle: into this one; the command last and bare (its quoted path nested in quotes did not paste)
+    build = f"radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm {options}".rstrip()
     if others:
-        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: rebuild it on this host with {build}")
+        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: rebuild it on this host with: {build}")
     has = f" (for this host it has {', '.join(sorted(here))})" if here else ""
-    fail(f"bundle {bundle} has no TensorRT-LLM {what}{has}; build one with {build}")
+    fail(f"bundle {bundle} has no TensorRT-LLM {what}{has}; build one with: {build}")

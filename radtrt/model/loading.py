@@ -68,9 +68,10 @@ def layout_of(model_dir: Path) -> str:
     if not (model_dir / "config.json").exists() and any((model_dir / mark).is_file() for mark in RUN_MARKS):
         # a training run (radtrt train ... -o RUN) was said as "missing file: RUN/config.json"
         model = model_dir / "model"
+        # the command last and bare: quoted inside quotes ('radtrt train resume '/a/my run'') it did not paste
         fail(f"{model_dir} is a training run folder, not a model: give its model, {model}" if model.is_dir() else
-             f"{model_dir} is a training run folder that has not written its model yet: 'radtrt train resume "
-             f"{shlex.quote(str(model_dir))}' finishes it, then give {model}")
+             f"{model_dir} is a training run folder that has not written its model yet: give {model} once it has; "
+             f"to finish it, run: radtrt train resume {shlex.quote(str(model_dir))}")
     if holds_release_layout(model_dir):  # "missing file: OUT/config.json"
         fail(f"{model_dir} holds the release layout 'radtrt convert --to llava-rad' writes: give "
              f"{release_options(model_dir)}")
@@ -118,7 +119,8 @@ def _adapter_folder(model_dir: Path) -> str:
                 f"('radtrt convert --to llava-rad' takes the run folder {run} to publish the adapter)"
                 if model.is_dir() else
                 f"{model_dir} is a PEFT LoRA adapter folder, not a model, and its training run has not written its "
-                f"model yet: 'radtrt train resume {shlex.quote(str(run))}' finishes it, then give {model}")
+                f"model yet: give {model} once it has; to finish it, run: radtrt train resume "
+                f"{shlex.quote(str(run))}")
     return (f"{model_dir} is a PEFT LoRA adapter folder (adapter_config.json), not a model: give the model it belongs "
             f"to, the RUN/model of the 'radtrt train stage2' run that wrote it, or the LLaVA-Rad release folder that "
             f"holds it beside its config.json")

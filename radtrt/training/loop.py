@@ -109,8 +109,9 @@ def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True, stage: str
     if (run_dir / MODEL_DIR).exists():  # first: a finished run keeps its checkpoint, and resume refuses it
         fail(f"{run_dir} already holds a trained model; choose another -o")
     if ckpt.state_path(run_dir).exists():
-        fail(f"{run_dir} already holds a training run; continue it with 'radtrt train resume "
-             f"{shlex.quote(str(run_dir))}' or choose another -o")
+        # each command last and bare: quoted inside quotes ('radtrt train resume '/a/my run'') it did not paste
+        fail(f"{run_dir} already holds a training run; choose another -o, or to continue it, run: radtrt train "
+             f"resume {shlex.quote(str(run_dir))}")
     if (run_dir / CONFIG_FILE).exists():
         fail(_before_first_checkpoint(run_dir))
     if is_main:  # the other ranks start while the main one may already be writing into it
@@ -126,7 +127,8 @@ def _check_resume_outputs(run_dir: Path, stage: str | None) -> None:
         work = work_dir(run_dir / name)
         if not_ours(work):
             fail(f"{work} is in the way of the {what} this run ends with (radtrt builds {name}/ there first) and is "
-                 f"not radtrt's unfinished work: move it away, then 'radtrt train resume {shlex.quote(str(run_dir))}'")
+                 f"not radtrt's unfinished work: move it away, then run: radtrt train resume "
+                 f"{shlex.quote(str(run_dir))}")
     if stage == "stage2" and not (run_dir / MODEL_DIR).exists():
         check_leftover_lora(run_dir)
 
@@ -180,7 +182,7 @@ def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
             fail(f"cannot append to training log {path} ({e.strerror or e}) before the run's first checkpoint: free "
                  f"space, delete {shlex.quote(str(run_dir))} and run the training command again")
         fail(f"cannot append to training log {path} ({e.strerror or e}); the steps since the last checkpoint are "
-             f"lost: free space, then 'radtrt train resume {shlex.quote(str(run_dir))}'")
+             f"lost: free space, then run: radtrt train resume {shlex.quote(str(run_dir))}")
 
 
 def _log_step(line: str) -> int | None:
@@ -273,7 +275,8 @@ def _check_config_file(run_dir: Path, cfg: TrainConfig) -> None:
     try:
         recorded = read_json(path)
     except RadtrtError as e:  # the checkpoint holds the config: the file can be written again from it
-        fail(f"{e}; delete it, and 'radtrt train resume {shlex.quote(str(run_dir))}' writes it again from the checkpoint")
+        fail(f"{e}; to write it again from the checkpoint, delete it, then run: radtrt train resume "
+             f"{shlex.quote(str(run_dir))}")
     saved = cfg.to_dict()
     for key in sorted(set(saved) | set(recorded)):
         if key == "out_dir":
@@ -418,8 +421,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
             try:
                 model_dir = write_outputs(cfg, run_dir, loaded, objective, peft_lm, total)
             except RadtrtError as e:  # a full disk said only "cannot write RUN/model.partial/...", not how to go on
-                fail(f"{e}; all {total} steps are saved in {ckpt.state_path(run_dir)}: once that is fixed, 'radtrt "
-                     f"train resume {shlex.quote(str(run_dir))}' writes the model without training again")
+                fail(f"{e}; all {total} steps are saved in {ckpt.state_path(run_dir)}: to write the model without "
+                     f"training again once that is fixed, run: radtrt train resume {shlex.quote(str(run_dir))}")
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.interrupts) from timeout, kill or a batch scheduler
         if info.is_main:
             console.print(_interrupted(run_dir, saved), markup=False, highlight=False, soft_wrap=True)
@@ -446,7 +449,8 @@ def _interrupted(run_dir: Path, saved: int | None) -> str:
     if saved is None:
         return (f"radtrt: interrupted before the first checkpoint, so there is nothing to resume: delete {run_dir} "
                 f"and run the command again")
-    return f"radtrt: interrupted; 'radtrt train resume {shlex.quote(str(run_dir))}' goes on from step {saved}, its last checkpoint"
+    return (f"radtrt: interrupted; to go on from step {saved}, its last checkpoint, run: radtrt train resume "
+            f"{shlex.quote(str(run_dir))}")
 
 
 def _unfinished_saves(files: list[Path]) -> str:
@@ -462,9 +466,9 @@ def _image_failed(error: str, run_dir: Path, saved: int | None) -> str:
     if saved is None:
         return (f"{error}; the run stopped before its first checkpoint, so there is nothing to resume: once the file "
                 f"can be read, delete {run_dir} and run the training command again (or choose another -o)")
-    return (f"{error}; if the file was only out of reach (permissions, a mount), restore access and run 'radtrt "
-            f"train resume {shlex.quote(str(run_dir))}'; if its bytes must be repaired, resume refuses a run whose images changed since "
-            f"it began: start the run again (delete {run_dir} or choose another -o)")
+    return (f"{error}; if its bytes must be repaired, resume refuses a run whose images changed since it began: start "
+            f"the run again (delete {run_dir} or choose another -o); if the file was only out of reach (permissions, "
+            f"a mount), restore access, then run: radtrt train resume {shlex.quote(str(run_dir))}")
 
 
 def _quiet_on_sigterm(worker_id: int) -> None:

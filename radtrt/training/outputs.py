@@ -58,8 +58,8 @@ def check_leftover_lora(run_dir: Path) -> None:
                          or p.is_symlink() or not p.is_file())
         problem = f"{lora_dir} holds {foreign[0]}, which radtrt did not write" if foreign else None
     if problem is not None:
-        fail(f"{problem}; it is in the way of the LoRA adapter this run writes: move it away, then 'radtrt train "
-             f"resume {shlex.quote(str(run_dir))}'")
+        fail(f"{problem}; it is in the way of the LoRA adapter this run writes: move it away, then run: radtrt "
+             f"train resume {shlex.quote(str(run_dir))}")
 
 
 def remove_leftover_lora(run_dir: Path) -> None:
