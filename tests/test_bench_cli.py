@@ -422,6 +422,20 @@ def test_unusable_report_path_is_refused_before_any_work(work: Path, tmp_path: P
     assert not (tmp_path / "never").exists()  # refused before the random model was built
 
 
+def test_a_folder_beside_the_report_is_said_to_be_in_the_way(tmp_path: Path) -> None:
+    """-o r2/x.md with a folder r2/x.json: "report r2/x.json is a folder; give the file to write", though the
+    file given was x.md: the folder must move (or -o change)."""
+    from radtrt.benchmarks.report_files import check_report_path
+
+    for suffix in (".json", ".png"):
+        (tmp_path / f"x{suffix}").mkdir()
+        with pytest.raises(RadtrtError) as refused:
+            check_report_path(tmp_path / "x.md")
+        assert str(refused.value) == (f"{tmp_path / f'x{suffix}'}, where the {suffix[1:].upper()} of -o "
+                                      f"{tmp_path / 'x.md'} goes, is a folder: move it away or choose another -o")
+        (tmp_path / f"x{suffix}").rmdir()
+
+
 @pytest.mark.parametrize("kind", ["latency", "parity"])
 def test_files_beside_the_report_are_the_users_unless_an_earlier_report_wrote_them(tmp_path: Path, kind: str) -> None:
     """-o r.md also writes r.json and r.png: they used to be replaced whatever they held (a bundle's

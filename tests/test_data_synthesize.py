@@ -273,6 +273,11 @@ def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
     assert labels.read_text() == before
     with pytest.raises(RadtrtError, match="is a folder"):
         synthesize(labels, tmp_path, client=None)
+    (tmp_path / "x.jsonl.partial").mkdir()  # "give the file to write": the user gave -o x.jsonl
+    with pytest.raises(RadtrtError) as refused:
+        synthesize(labels, tmp_path / "x.jsonl", client=None)
+    assert str(refused.value) == (f"{tmp_path / 'x.jsonl.partial'}, where the rows of -o {tmp_path / 'x.jsonl'} "
+                                  f"wait until the last is written, is a folder: move it away")
     unknown = tmp_path / "unknown.jsonl"
     unknown.write_text(json.dumps({"image": "a.png", "labels": ["situs inversus"]}) + "\n")
     with pytest.raises(RadtrtError, match="not 'situs inversus'"):

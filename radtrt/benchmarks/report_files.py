@@ -56,6 +56,10 @@ def check_report_path(out: Path | None) -> None:
     if out.suffix.lower() in (".json", ".png"):
         fail(f"-o {out} names the Markdown report (say report.md); its .json and .png are written beside it")
     files = report_files(out)
+    for path in files[1:]:  # "give the file to write": the user gave -o OUT.md, and these names are radtrt's
+        if path.is_dir():
+            fail(f"{path}, where the {path.suffix[1:].upper()} of -o {out} goes, is a folder: move it away or choose "
+                 f"another -o")
     for path in files:
         check_file_target(path, "report")
     theirs = [p for p in files if p.exists() and not is_ours(p)]

@@ -304,6 +304,8 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     """
     check_file_target(out, "output manifest")
     target = out.with_name(out.name + ".partial")
+    if target.is_dir():  # "give the file to write": the user gave -o OUT, and OUT.partial is radtrt's name
+        fail(f"{target}, where the rows of -o {out} wait until the last is written, is a folder: move it away")
     check_file_target(target, "unfinished output manifest")
     for path, flag in ((out, "-o"), (target, f"-o {out}'s unfinished manifest")):
         if path.is_symlink():  # renamed into place, the link moved and the file it named was written in place
