@@ -484,12 +484,18 @@ def test_empty_references_are_refused_before_any_scoring(tmp_path: Path) -> None
                          "-o", str(tmp_path / "r.json"))
     assert code == 2 and "2 of 3 rows have an empty 'reference' (first at line 2)" in err, err
     # nothing visible: zero-width and format characters, a Hangul filler, a variation selector (str.strip keeps them)
-    for invisible in ("\u200b", "\ufeff\u2060 \u200d", "\u3164\ufe0f", "\u00ad\t"):
+    # a Braille blank, a lone combining mark (U+0301, U+20DD) or a private-use code point: missed before
+    for invisible in ("\u200b", "\ufeff\u2060 \u200d", "\u3164\ufe0f", "\u00ad\t", "\u2800", "\u0301",
+                      " \u20dd\u0301", "\ue000"):
         unseen = write_jsonl(tmp_path / "inv.jsonl", [RECORDS[0], {**RECORDS[1], "reference": invisible}])
         code, _, err = run("-p", str(unseen), "--metrics", "rouge")
         assert code == 2 and "1 of 2 rows has an empty 'reference' (first at line 2)" in err, (invisible, err)
     seen = write_jsonl(tmp_path / "vis.jsonl", [{**RECORDS[0], "reference": "\u200bEffusion.\u200b"}])
     assert run("-p", str(seen), "--metrics", "rouge")[0] == 0
+    from radtrt.evaluation.records import has_visible_text
+
+    # a mark on a letter, non-Latin letters, digits, symbols and punctuation are all text
+    assert all(has_visible_text(t) for t in ("e\u0301", "\u0e01\u0e34", "\u80ba", "5", "\u2192", "?"))
     assert "join" in err and "patient-7" not in err and "Traceback" not in err
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "c.sqlite").exists() and out == ""
     code, _, err = run("--paired", str(write_jsonl(tmp_path / "a.jsonl", RECORDS)), str(preds), "--metrics", "rouge")

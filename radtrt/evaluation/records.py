@@ -18,11 +18,14 @@ from radtrt.errors import fail
 FIELDS = ("study", "reference", "prediction")
 # ROUGE-L's table grows with the product of the two lengths: a runaway generation must not exhaust memory
 MAX_REPORT_WORDS = 2000
-# characters that show nothing beside the whitespace and the format and control characters (categories Cf, Cc):
-# Unicode's default-ignorable fillers, the combining grapheme joiner and the variation selectors
-_INVISIBLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u3164\uffa0") | frozenset(
-    map(chr, [*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]))
-_INVISIBLE_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")  # controls, format (zero-width space, BOM), separators
+# characters that show nothing beside those of the categories below: Unicode's default-ignorable fillers (the Hangul
+# fillers among them), the combining grapheme joiner, the variation selectors, and the Braille blank (U+2800, a
+# symbol that prints as a space)
+_INVISIBLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180e\u180f\u2800\u3164\uffa0") \
+    | frozenset(map(chr, [*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)]))
+# controls, format (zero-width space, BOM), separators, marks (a lone combining acute accent has no letter to sit
+# on: nothing a reader can score), private-use and unassigned code points (no glyph a reader shares)
+_INVISIBLE_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me", "Co", "Cn")
 # rouge_score's tokenizer: lowercase, then runs of ASCII letters and digits (everything else separates). Counting
 # whitespace-separated words let "effusion,effusion,..." (8000 ROUGE tokens) pass as one word.
 _ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
