@@ -186,6 +186,13 @@ def test_a_given_engine_is_written_as_typed_and_checked_against_the_bundle(tmp_p
     repo = write_triton_repo(bundle, tmp_path / "ok3", vision_backend="onnxruntime", decoder_engine=engine, max_batch=4)
     params = {p["key"]: p["value"]["string_value"] for p in check_repo(repo)["tensorrt_llm"]["parameters"]}
     assert "max_tokens_in_paged_kv_cache" not in params
+    for key in ("max_seq_len", "max_batch_size"):  # 10**29 reached config.pbtxt: past int64 when served
+        (engine / "config.json").write_text(json.dumps({**good, "build_config": {**good["build_config"], key: 10**29}}))
+        with pytest.raises(RadtrtError, match=f"build_config.{key} is {10**29}, more than any engine holds \\(at "
+                                              f"most 2147483647, .*rebuild the engine$"):
+            write_triton_repo(bundle, tmp_path / "huge", vision_backend="onnxruntime", decoder_engine=engine,
+                              max_batch=4)
+        assert not (tmp_path / "huge").exists()
     for damaged, match in (({**good, "build_config": "x"}, "build_config is str, not an object"),
                            ([good], "does not hold a JSON object")):  # AttributeError tracebacks
         (engine / "config.json").write_text(json.dumps(damaged))

@@ -186,6 +186,11 @@ def _onnx_files(onnx_path: Path) -> list[Path]:
     return [onnx_path.parent / loc for loc in sorted(locations)]
 
 
+# the limits of an engine's build_config this module reads; TensorRT's shapes are 32-bit, so no engine's exceed that
+ENGINE_COUNTS = ("max_batch_size", "max_input_len", "max_seq_len", "max_prompt_embedding_table_size")
+MAX_ENGINE_COUNT = 2**31 - 1
+
+
 def _engine_config(engine: Path) -> dict[str, Any] | None:
     """An engine's config.json, or None when the engine is on the serving host rather than here."""
     config = engine / "config.json"
@@ -198,6 +203,11 @@ def _engine_config(engine: Path) -> dict[str, Any] | None:
              f"checkpoint folder becomes an engine with 'radtrt export --target trtllm' on the GPU host)")
     if data.get("build_config") is not None and not isinstance(data["build_config"], dict):  # [] or 0 passed
         fail(f"{config}: build_config is {type(data['build_config']).__name__}, not an object (damaged?)")
+    for key in ENGINE_COUNTS:  # max_seq_len 1e29 went into config.pbtxt's KV cache size, past int64 when served
+        value = _count((data.get("build_config") or {}).get(key))
+        if value is not None and value > MAX_ENGINE_COUNT:
+            fail(f"{config}: build_config.{key} is {value}, more than any engine holds (at most {MAX_ENGINE_COUNT}, "
+                 f"TensorRT's 32-bit dimensions): a damaged or hand-edited config; rebuild the engine")
     return data
 
 
