@@ -400,8 +400,8 @@ def test_resume_removes_only_the_lora_folder_it_wrote(chain: Chain, tmp_path: Pa
     shutil.rmtree(run / "model")
     (run / "lora" / "notes.txt").write_text("mine")
     with pytest.raises(RadtrtError, match=f"{run}/lora holds notes.txt, which radtrt did not write; it is in the way "
-                                          f"of the LoRA adapter this run writes: move it away, then 'radtrt train "
-                                          f"resume {run}'$"):
+                                          f"of the LoRA adapter this run writes: move it away, then run: radtrt "
+                                          f"train resume {run}$"):
         train(resume_config(run), resume=True)
     assert (run / "lora" / "notes.txt").read_text() == "mine"
     (run / "lora" / "notes.txt").unlink()
