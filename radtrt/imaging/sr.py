@@ -189,9 +189,13 @@ def _check_decoded(sr: Dataset, source: SelectedImage) -> None:
             continue
         copied = element.tag in source.dataset and source.dataset[element.tag].value == element.value
         data = raw.get(element.tag) if copied else None  # radtrt's own values (Manufacturer...) are not the source's
-        if "\ufffd" in str(element.value) or (data is not None and not _decodes_strictly(data, terms)):
+        # ESC left in a value: pydicom leaves some code extensions' escapes in (ISO 2022 IR 58, whose Python
+        # codec it takes for one that reads them), and the SR would carry them as text
+        if any(c in str(element.value) for c in ("\ufffd", "\x1b")) or (
+                data is not None and not _decodes_strictly(data, terms)):
             fail(f"{source.source_file.name}: its {element.keyword or element.tag} cannot be decoded in its "
-                 f"character set ({_character_sets(source.dataset)}); no SR written")
+                 f"character set ({_character_sets(source.dataset)}); no SR written (its report stands; a source "
+                 f"whose SpecificCharacterSet names its bytes' character set gets one)")
 
 
 # pydicom's split of a value with code extensions: the run before the first escape, then one part per escape
@@ -205,11 +209,12 @@ def _decodes_strictly(data: bytes, terms: list[str]) -> bool:
     default repertoire taken as ASCII, and an undefined term decoding nothing but ASCII."""
     if data.isascii() and ESC not in data:
         return True  # the same text in every character set a header can declare
-    if not terms or any(term not in python_encoding for term in terms):
+    defined = [_defined_term(term) for term in terms]
+    if not terms or None in defined:
         return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a stand-alone term among others: dropped, as when pydicom decoded the value
-        encodings = [_DEFAULT_AS_ASCII.get(e, e) for e in convert_encodings(terms)]
+        encodings = [_DEFAULT_AS_ASCII.get(e, e) for e in convert_encodings(defined)]
     try:
         if ESC not in data:
             data.decode(encodings[0])
@@ -235,6 +240,21 @@ def _decodes_strictly(data: bytes, terms: list[str]) -> bool:
     return True
 
 
+def _defined_term(term: str) -> str | None:
+    """``term`` as a DICOM defined term, with the misspellings pydicom itself corrects (``ISO IR 100``,
+    ``ISO-2022-IR-87``) read as the term meant; None for anything else (pydicom's fallback to any Python codec
+    name is a guess a header cannot be held to)."""
+    if term in python_encoding:
+        return term
+    if re.match("^ISO[^_]IR", term):
+        patched = "ISO_IR" + term[6:]
+    elif re.match("^(?=ISO.2022.IR.)(?!ISO 2022 IR )", term):
+        patched = "ISO 2022 IR " + term[12:]
+    else:
+        return None
+    return patched if patched in python_encoding else None
+
+
 def _character_sets(dataset: Dataset) -> str:
     """The source's SpecificCharacterSet for a message: its defined terms, any other value only described (a
     hand-made header can hold anything there, a patient's name included)."""
@@ -242,7 +262,7 @@ def _character_sets(dataset: Dataset) -> str:
     if not value:
         return "ISO_IR 6, none given"
     terms = [value] if isinstance(value, str) else list(value)
-    return "\\".join(t if t in python_encoding else "(a value that is not a DICOM defined term)" for t in terms)
+    return "\\".join(t if _defined_term(t) is not None else "[not a DICOM defined term]" for t in terms)
 
 
 def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name: str,
