@@ -29,7 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def path_text(text: str) -> Path:
     """A path from the command line; an empty one (an unset shell variable) would silently mean this folder."""
     if not text:
-        raise typer.BadParameter("is empty (an unset shell variable?): name a file or folder, '.' for this one")
+        raise typer.BadParameter("is empty (an unset shell variable?): give a path")
     return Path(text)
 
 

@@ -366,7 +366,10 @@ def test_a_study_whose_sr_fails_keeps_its_report_and_gets_an_sr_record(merged: P
     (["--model", "{merged}", "--max-new-tokens", "100000000"], "exceed the model's 512 positions"),
     # no --indication given: "shorten --indication" was said all the same
     (["--model", "{merged}", "--max-new-tokens", "100000000"], "positions; --max-new-tokens 336 at most for this prompt"),
-    (["--model", "{merged}", "--indication", "x " * 600], "shorten --indication or lower --max-new-tokens"),
+    # the prompt alone past the positions: a lower --max-new-tokens was suggested, which cannot help
+    (["--model", "{merged}", "--indication", "x " * 600], "the prompt alone fills them: shorten --indication"),
+    (["--model", "{merged}", "--indication", "x", "--max-new-tokens", "100000000"],
+     "shorten --indication or give --max-new-tokens "),
 ])
 def test_bad_options_exit_2(merged: Path, tmp_path: Path, args: list[str], match: str,
                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -560,7 +563,7 @@ def test_a_prompt_too_long_is_refused_before_any_study_is_read(merged: Path, tmp
     good = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=3)))
     code, out, err = _invoke("infer", garbage, good, "--model", merged, "--json", "--indication", "x " * 600)
     assert code == 2 and out == "" and "garbage.dcm" not in err
-    assert err.strip().splitlines()[-1].endswith("shorten --indication or lower --max-new-tokens")
+    assert err.strip().splitlines()[-1].endswith("the prompt alone fills them: shorten --indication")
 
 
 def test_convert_to_release_layout_reloads_with_identical_tokens(merged: Path, tmp_path: Path) -> None:

@@ -90,15 +90,20 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int, *, fix: str | None = None) -> None:
+def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int, *, shorten: str | None = None) -> None:
     """Refuse a generation longer than the model's positions before its KV cache is allocated (a huge
-    --max-new-tokens was an allocation failure), with the same words on every backend. ``fix``: the remedy in the
-    caller's words (``Pipeline.check_fits`` names --indication when one was given); by default the most new
-    tokens this prompt leaves room for, since "shorten --indication" was said to runs that gave none."""
+    --max-new-tokens was an allocation failure), with the same words on every backend. ``shorten``: what the
+    caller's prompt can be shortened by (``Pipeline.check_fits``: ``--indication``, when one was given); the remedy
+    names it only then, since "shorten --indication" was said to runs that gave none, and lowering
+    --max-new-tokens only while that leaves room for a report."""
     if prompt_length + max_new_tokens > max_positions:
         room = max_positions - prompt_length
-        fix = fix or (f"--max-new-tokens {room} at most for this prompt" if room >= 1 else
-                      "the prompt alone fills them, leaving no room for a report")
+        if room >= 1:
+            fix = f"--max-new-tokens {room} at most for this prompt"
+            fix = f"shorten {shorten} or give {fix}" if shorten else fix
+        else:
+            fix = f"the prompt alone fills them: shorten {shorten}" if shorten else \
+                "the prompt alone fills them, leaving no room for a report"
         fail(f"the prompt ({prompt_length} positions, with the image) + {max_new_tokens} new tokens exceed the "
              f"model's {max_positions} positions; {fix}")
 

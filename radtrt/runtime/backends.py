@@ -28,7 +28,7 @@ class Backend(Protocol):
         """The weights' fingerprint at float16 resolution (``bundle_fingerprint``): one id for a model and every
         bundle exported from it, so an SR says which weights wrote it whatever the backend."""
 
-    def check_length(self, prompt_length: int, max_new_tokens: int, *, fix: str | None = None) -> None:
+    def check_length(self, prompt_length: int, max_new_tokens: int, *, shorten: str | None = None) -> None:
         """Refuse a prompt (image tokens included) plus ``max_new_tokens`` this backend cannot run, in the words
         its ``generate`` would use, before any study is read; ``fix``: the remedy for a prompt past the model's
         positions (``check_positions``)."""
@@ -58,9 +58,9 @@ class TorchBackend:
 
         return bundle_fingerprint(self.model)
 
-    def check_length(self, prompt_length: int, max_new_tokens: int, *, fix: str | None = None) -> None:
+    def check_length(self, prompt_length: int, max_new_tokens: int, *, shorten: str | None = None) -> None:
         check_positions(prompt_length, max_new_tokens, self.model.language_model.cfg.max_position_embeddings,
-                        fix=fix)
+                        shorten=shorten)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

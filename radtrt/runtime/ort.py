@@ -221,8 +221,8 @@ class OrtBackend:
     def weights_id(self) -> str:
         return str(self.manifest["model"].get(BUNDLE_FINGERPRINT, "unknown"))
 
-    def check_length(self, prompt_length: int, max_new_tokens: int, *, fix: str | None = None) -> None:
-        check_positions(prompt_length, max_new_tokens, self.max_positions, fix=fix)
+    def check_length(self, prompt_length: int, max_new_tokens: int, *, shorten: str | None = None) -> None:
+        check_positions(prompt_length, max_new_tokens, self.max_positions, shorten=shorten)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.detach().cpu().numpy().astype(self.dtype, copy=False)

@@ -109,8 +109,7 @@ class Pipeline:
         study of a run shares the prompt, and the refusal came at the first batch, after the studies before it
         had their records (so ``--json`` listed some studies and not the rest)."""
         length = len(self.prompt_ids(indication)) - 1 + self.cfg.num_image_tokens  # the placeholder, expanded
-        self.backend.check_length(length, max_new_tokens,
-                                  fix="shorten --indication or lower --max-new-tokens" if indication else None)
+        self.backend.check_length(length, max_new_tokens, shorten="--indication" if indication else None)
 
     def prompt_ids(self, indication: str | None) -> list[int]:
         prompt = build_prompt(build_query(indication), self.cfg.conv_template)
