@@ -114,6 +114,26 @@ def test_calibration_studies_are_screened_before_loading(tmp_path: Path) -> None
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
+def test_the_fp32_graphs_to_quantize_lie_inside_the_work_folder(model_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed outright (the OOM killer) while the fp32 graphs existed left .radtrt-int8-XXXX beside -o (27 GB
+    at 7B), which nothing removed; inside OUT.partial, the next run's sweep removes it."""
+    import radtrt.exporter.onnx as onnx_export
+    from radtrt.errors import fail
+
+    out, seen = tmp_path / "out" / "b", {}
+
+    def killed_here(model: Any, path: Path, *args: Any, **kwargs: Any) -> None:
+        seen["path"], seen["beside"] = path, sorted(p.name for p in out.parent.iterdir())
+        fail("stopped by the test")  # what a SIGKILL leaves is what is on disk now
+
+    monkeypatch.setattr(onnx_export, "export_vision", killed_here)
+    _refused(["export", "--model", str(model_dir), "--precision", "int8", "--calibration-data", "phantom",
+              "--calibration-n", "1", "--parity-samples", "0", "-o", str(out)], "stopped by the test")
+    assert seen["path"].is_relative_to(out.parent / "b.partial") and seen["beside"] == ["b.partial"]
+    assert list(out.parent.iterdir()) == []
+
+
 def test_vision_graph_is_qdq_with_per_channel_weights_and_float_norms(bundle: Path) -> None:
     model = onnx.load(str(bundle / "vision.onnx"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}

@@ -110,7 +110,10 @@ def build_int8(loaded: LoadedModel, work: Path, plan: Int8Plan, *, progress: Any
     step("calibrating")
     calibration = resolve_calibration(loaded, plan.calibration_data, plan.n, progress=progress)
     calibration.file.without_paths().save(work / CALIBRATION_FILE)
-    with tempfile.TemporaryDirectory(prefix=".radtrt-int8-", dir=work.parent) as tmp_dir:
+    # the fp32 graphs to quantize (~27 GB at 7B) go inside ``work`` (OUT.partial), not beside it: a run killed
+    # outright (the OOM killer, ``kill -9``) then leaves them where the next run's sweep of OUT.partial removes
+    # them; a folder beside -o stayed for good, one more per killed run. Gone before the manifest is hashed.
+    with tempfile.TemporaryDirectory(prefix=".radtrt-int8-", dir=work) as tmp_dir:
         tmp = Path(tmp_dir)
         step("exporting the fp32 vision graph to quantize")
         export_vision(model, tmp / "vision-fp32.onnx")
