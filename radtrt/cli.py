@@ -236,7 +236,7 @@ def calibrate(
                                              progress=progress)
         else:
             calibration = run_calibration(loaded, Path(data), n, progress=progress)
-    calibration.file.save(out)
+    calibration.file.save(out, new="calibration file")  # a second run to the same -o may have saved meanwhile
     meta = calibration.file.meta
     err.print(f"{calibration.file.n} samples ({meta['method']['samples_with_findings']} with findings, "
               f"{meta['method']['decoder_tokens']} decoder tokens), sample-list sha256 {calibration.file.hash[:16]}",

@@ -106,14 +106,18 @@ def check_new_file(path: Path, what: str = "output file") -> None:
 
 
 @contextlib.contextmanager
-def replaced_atomically(path: Path, mode: int | None = None) -> Iterator[Path]:
+def replaced_atomically(path: Path, mode: int | None = None, *, new: str | None = None) -> Iterator[Path]:
     """Yield a new temporary file beside ``path`` to write; it replaces ``path`` when the block succeeds and
     is removed when it fails. The name is fresh (``mkstemp``), never a fixed ``NAME.partial`` that could be
     a user's file. A link at ``path`` stays: the file it names is replaced, as a plain write through it would.
 
     The data is flushed to disk before the rename: otherwise a power cut soon after can leave the final name
     pointing at an empty file. ``mode`` (default: what a plain ``open`` gives under the umask) is for files
-    that must stay private, such as an SR carrying patient data."""
+    that must stay private, such as an SR carrying patient data.
+
+    ``new`` (what the file is, for the message) is for outputs that :func:`check_new_file` said must be new: the
+    file is then put in place only if nothing has taken the name since. Two runs to one -o both passed that check
+    at their start and both exited 0, the file holding one of them's data and the other's result gone."""
     _check_not_special(path, "output")
     if path.is_symlink():
         path = resolved(path)
@@ -130,7 +134,10 @@ def replaced_atomically(path: Path, mode: int | None = None) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        tmp.replace(path)
+        if new is None:
+            tmp.replace(path)
+        else:
+            _place_new(tmp, path, new)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -170,6 +177,25 @@ def replaced_together(paths: Sequence[Path]) -> Iterator[list[Path]]:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _place_new(tmp: Path, path: Path, what: str) -> None:
+    """Give ``tmp`` the name ``path`` unless something has it (a hard link fails then, where a rename replaces),
+    and drop the temporary name."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        fail(f"{what} {path} was written by another run meanwhile (this run's result was not saved); "
+             f"choose another -o")
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):  # a file system without hard links (FAT, some shares)
+            raise
+        if path.exists() or path.is_symlink():  # the best such a file system allows: checked just before
+            fail(f"{what} {path} was written by another run meanwhile (this run's result was not saved); "
+                 f"choose another -o")
+        tmp.replace(path)
+        return
+    tmp.unlink()
 
 
 def _umask() -> int:

@@ -306,6 +306,26 @@ def test_calibration_file_in_a_folder_that_refuses_files_is_refused_first(tiny_r
     assert "loading model" not in result.stderr  # refused before the model was loaded
 
 
+def test_a_calibration_file_saved_by_another_run_meanwhile_is_kept(tiny_release: TinyRelease, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two calibrate runs to one -o both passed the check at their start and both exited 0: the file silently held
+    the other's statistics. The later run now refuses and leaves the earlier one's file (and no temporary file)."""
+    import radtrt.calibration.run as run
+
+    out, real = tmp_path / "cal.safetensors", run.calibrate_phantoms
+
+    def other_run_saves_meanwhile(*args, **kwargs):
+        out.write_bytes(b"the other run's file")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "calibrate_phantoms", other_run_saves_meanwhile)
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_release.release_dir), "--base-model",
+                                 str(tiny_release.base_dir), "--data", "phantom", "--n", "1", "-o", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"calibration file {out} was written by another run meanwhile" in result.stderr
+    assert out.read_bytes() == b"the other run's file" and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 def test_statistics_missing_a_module_are_refused_when_checked(calib, loaded: LoadedModel, tmp_path: Path) -> None:
     """They failed halfway through an export, when the quantizer looked the module up."""
     for key in ("decoder.input:model.layers.0.self_attn.q_proj", "vision.input:vision_tower.patch_embed.proj"):

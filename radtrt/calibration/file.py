@@ -76,7 +76,8 @@ class CalibrationFile:
         meta["samples"] = [{k: v for k, v in s.items() if k not in ("study", "file")} for s in self.meta["samples"]]
         return CalibrationFile(meta, self.decoder, self.vision)
 
-    def save(self, path: Path) -> Path:
+    def save(self, path: Path, *, new: str | None = None) -> Path:
+        """Write the file; ``new`` (what it is called in messages) when it must not exist yet (``save_tensors``)."""
         from radtrt.model.io import save_tensors
 
         tensors = {f"decoder.input:{k}": v for k, v in self.decoder.inputs.items()}
@@ -88,7 +89,7 @@ class CalibrationFile:
         meta = json.dumps(self.meta)
         save_tensors(tensors, path, metadata={"format": CALIBRATION_FORMAT,
                                               "format_version": str(CALIBRATION_FORMAT_VERSION), "meta": meta,
-                                              "content_sha256": content_sha256(meta, tensors)})
+                                              "content_sha256": content_sha256(meta, tensors)}, new=new)
         return path
 
     @classmethod

@@ -116,10 +116,12 @@ def load_weights_pickle(path: Path) -> Any:
              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write safetensors atomically: a crash never leaves a half-written weight file behind."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None, *,
+                 new: str | None = None) -> None:
+    """Write safetensors atomically: a crash never leaves a half-written weight file behind. ``new``: the file must
+    not exist when it is put in place (``replaced_atomically``)."""
     try:
-        with replaced_atomically(path) as tmp:
+        with replaced_atomically(path, new=new) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     except (SafetensorError, OSError) as e:
         fail(f"cannot write {path}: {e}")
