@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 from types import TracebackType
+from typing import Callable
 
 from radtrt.errors import fail
 
@@ -62,6 +63,17 @@ def _ours(fd: int) -> bool:
 def lock_file(path: Path, busy: str, unlockable: str) -> FileLock:
     """Take the lock of ``path``, or fail with ``busy``, its ``{holder}`` replaced by e.g. 'process 42'.
     ``unlockable``: what to say where the file system has no locks."""
+    return _lock(path, unlockable, busy=busy)
+
+
+def wait_for_lock(path: Path, unlockable: str, on_wait: Callable[[str], None]) -> FileLock:
+    """Take the lock of ``path``, waiting for its holder to let it go (``on_wait`` is first told who, e.g.
+    'process 42'): for work the holder does for us too, such as a cache entry the waiter then reuses. A Ctrl-C
+    ends the wait."""
+    return _lock(path, unlockable, on_wait=on_wait)
+
+
+def _lock(path: Path, unlockable: str, *, busy: str = "", on_wait: Callable[[str], None] | None = None) -> FileLock:
     while True:
         try:  # O_NOFOLLOW: a link there would have had its target emptied and overwritten
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
@@ -73,8 +85,10 @@ def lock_file(path: Path, busy: str, unlockable: str) -> FileLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder_text(fd)
-            os.close(fd)
-            fail(busy.replace("{holder}", holder))
+            if on_wait is None:
+                os.close(fd)
+                fail(busy.replace("{holder}", holder))
+            _wait(fd, lambda: on_wait(holder))
         except OSError as e:  # a file system without locks: running unprotected is what this module prevents
             os.close(fd)
             fail(f"cannot lock {path} ({e.strerror or e}); {unlockable}")
@@ -96,6 +110,17 @@ def lock_file(path: Path, busy: str, unlockable: str) -> FileLock:
         lock.release()
         fail(f"cannot write the lock file {path} ({e.strerror or e})")
     return lock
+
+
+def _wait(fd: int, announce: Callable[[], None]) -> None:
+    """Say so, then block until the lock on ``fd`` is ours; ``fd`` is closed when the wait ends otherwise (an
+    interrupt)."""
+    try:
+        announce()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def lock_holder(path: Path, unlockable: str) -> str | None:

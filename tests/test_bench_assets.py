@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,48 @@ def test_a_build_cut_short_is_rebuilt_not_refused(tmp_path: Path, monkeypatch: p
     monkeypatch.undo()
     built = random_assets("tiny", tmp_path)
     assert (built.bundle / "manifest.json").is_file()
+
+
+def test_a_second_run_waits_for_the_build_in_progress_and_reuses_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two bench runs on one cold --work-dir: the second took the first's marker for a stale build's and deleted
+    its folder mid-build ('bundle directory ... was not written'). Now it waits for the first and reuses its build."""
+    import os
+    import threading
+
+    from radtrt.benchmarks import assets
+
+    real, builds, said, second_waits = assets._build, [], [], threading.Event()
+
+    class Progress:  # what the second run shows while it waits
+        def add_task(self, description: str, **kwargs: object) -> int:
+            said.append(description)
+            second_waits.set()
+            return len(said)
+
+        def update(self, task: int, **kwargs: object) -> None:
+            pass
+
+        def remove_task(self, task: int) -> None:
+            pass
+
+    def first_build(*args: object) -> None:
+        builds.append(threading.current_thread().name)
+        if len(builds) == 1:  # the first run is building: the second starts now
+            second.start()
+            second_waits.wait(timeout=10)
+        real(*args)
+
+    results: dict[str, object] = {}
+    second = threading.Thread(target=lambda: results.update(second=random_assets("tiny", tmp_path,
+                                                                                 progress=Progress())))
+    monkeypatch.setattr(assets, "_build", first_build)
+    first = random_assets("tiny", tmp_path)
+    second.join(timeout=120)
+    assert builds == ["MainThread"] and first.built and (first.bundle / "manifest.json").is_file()
+    assert results["second"] == dataclasses.replace(first, built=False)
+    assert said == [f"waiting for process {os.getpid()}, which is building the random model tiny-seed0 in {tmp_path}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-seed0"]  # the lock file went with its holder
 
 
 def test_a_bundle_is_labelled_with_its_models_name(tmp_path: Path) -> None:

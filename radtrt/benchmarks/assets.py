@@ -16,9 +16,10 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from radtrt.calibration.samples import Entry, source_entries
 from radtrt.errors import fail
@@ -29,6 +30,8 @@ DEFAULT_WORK_DIR = Path(".radtrt-cache/bench")
 MAX_SYNTHETIC = 1000
 ASSETS_MARKER = "radtrt-bench-assets.json"
 STUB_VOCAB = 512  # the random models share the tiny tokenizer; a stub decoder needs no larger table
+UNLOCKABLE = ("two bench runs sharing a --work-dir would delete each other's random-model builds: choose a "
+              "--work-dir on a local file system")
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ def random_assets(preset_name: str, work_dir: Path, *, seed: int = 0, vision_onl
                   progress: Any = None) -> Assets:
     """Build (or reuse) a random-weight model directory and its fp32 bundle under ``work_dir``."""
     from radtrt import __version__
+    from radtrt.outputs import make_dir
 
     cfg = random_config(preset_name, vision_only)
     name = f"{preset_name}{'-vision' if vision_only else ''}-seed{seed}"
@@ -126,6 +130,44 @@ def random_assets(preset_name: str, work_dir: Path, *, seed: int = 0, vision_onl
     label = f"{preset_name} ({what}, seed {seed})"
     if _cached(folder, cfg, seed):
         return Assets(folder / "model", folder / "bundle", label)
+    make_dir(work_dir, "--work-dir folder")
+    with _building(work_dir, name, progress):
+        if _cached(folder, cfg, seed):  # built by the run this one waited for
+            return Assets(folder / "model", folder / "bundle", label)
+        meta = {"preset": preset_name, "vision_only": vision_only, "seed": seed, "config_sha256": _config_key(cfg),
+                "radtrt": __version__}
+        _rebuild(cfg, name, seed, folder, meta, progress)
+    return Assets(folder / "model", folder / "bundle", label, built=True)
+
+
+@contextmanager
+def _building(work_dir: Path, name: str, progress: Any) -> Iterator[None]:
+    """Hold ``WORK_DIR/.NAME.lock`` while the entry is checked and built. Why: two bench runs sharing a cold or
+    stale --work-dir deleted each other's build in progress (the second took the first's marker for a stale
+    build's), and failed with 'bundle directory ... was not written' or 'another radtrt is building ...'. The
+    second run now waits and reuses the first's build; a build whose process died holds no lock, so it is
+    rebuilt."""
+    from rich.markup import escape
+
+    from radtrt.locks import wait_for_lock
+
+    task = None
+
+    def waiting(holder: str) -> None:
+        nonlocal task
+        text = escape(f"waiting for {holder}, which is building the random model {name} in {work_dir}")
+        if progress is not None:
+            task = progress.add_task(text, total=None) if task is None else task
+            progress.update(task, description=text)
+
+    with wait_for_lock(work_dir / f".{name}.lock", UNLOCKABLE, waiting):
+        if task is not None:
+            progress.remove_task(task)
+        yield
+
+
+def _rebuild(cfg: LlavaRadConfig, name: str, seed: int, folder: Path, meta: dict[str, Any], progress: Any) -> None:
+    """Build the cache entry afresh (its lock held), removing a stale or cut-short one first."""
     if folder.exists():
         if not (folder / ASSETS_MARKER).is_file() and any(folder.iterdir()):
             fail(f"{folder} exists and was not made by 'radtrt bench'; choose another --work-dir")
@@ -133,12 +175,9 @@ def random_assets(preset_name: str, work_dir: Path, *, seed: int = 0, vision_onl
     folder.mkdir(parents=True)
     # the marker comes first: a build cut short is then known as the bench's own and rebuilt, not refused
     # (until the bundle's manifest exists, ``_cached`` says no)
-    meta = {"preset": preset_name, "vision_only": vision_only, "seed": seed, "config_sha256": _config_key(cfg),
-            "radtrt": __version__}
     (folder / ASSETS_MARKER).write_text(json.dumps(meta))
     _build(cfg, name, seed, folder, progress)
     (folder / ASSETS_MARKER).write_text(json.dumps(meta | {"files": _file_stamps(folder)}))  # complete
-    return Assets(folder / "model", folder / "bundle", label, built=True)
 
 
 def _build(cfg: LlavaRadConfig, name: str, seed: int, folder: Path, progress: Any) -> None:
