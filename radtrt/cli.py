@@ -20,6 +20,7 @@ import typer
 
 from radtrt import __version__, interrupts
 from radtrt.cli_support import WRITE_ERRNOS, PathArgument, PathOption, emit, err, print_error, stdout_failed, user_errors
+from radtrt.entry import INTERRUPTED
 from radtrt.errors import RadtrtError, fail, printable, valid_unicode
 from radtrt.progress import plain
 
@@ -295,8 +296,9 @@ def main() -> None:
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # one landing outside typer's command call (typer makes those exit code 130)
         status = 130
+        interrupts.report()
         raise
     finally:  # the outcome is settled, whichever it is: an interrupt now would only misreport it
         interrupts.finished(status)
@@ -327,5 +329,7 @@ def _run() -> None:
     except RadtrtError as e:  # from an option callback (--version) or stdout_failed: no command's wrapper covers them
         print_error(str(e))
         sys.exit(2)
+    if code == INTERRUPTED:  # typer's code for a command ended by Ctrl-C or SIGTERM
+        interrupts.report()
     sys.exit(code if isinstance(code, int) else 0)
 

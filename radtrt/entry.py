@@ -23,6 +23,7 @@ def main() -> None:
 
         cli_main()
     except KeyboardInterrupt:  # one held back until an import ended may land outside any command's wrapper
+        interrupts.report()  # once: the CLI's own report, if it made one, stands
         sys.exit(INTERRUPTED)
 
 

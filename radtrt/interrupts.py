@@ -14,12 +14,16 @@ This module imports nothing heavy itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
 from types import FrameType
+from typing import Iterator
+
+from radtrt.errors import printable
 
 POLL_S = 0.05
 MAX_HOLD_S = 30.0
@@ -27,6 +31,10 @@ IMPORT_MACHINERY = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstr
 
 _held: set[int] = set()  # signals waiting for an import to end (at most one delivery each)
 _forced: set[int] = set()  # signals re-sent by a watcher: delivered whatever the main thread is doing
+_deferring = 0  # depth of ``deferred`` blocks
+_deferred: set[int] = set()  # signals that arrived inside one, delivered as it ends
+_complete: list[str] = []  # outputs this process finished, e.g. "bundle directory e32": named if interrupted later
+_explained = False  # the command (or ``report``) has said on stderr what its interruption left
 
 
 def importing(frame: FrameType | None) -> bool:
@@ -55,11 +63,66 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
         _held.clear()
     elif _held:
         return  # a second press, or a SIGTERM after a Ctrl-C, while the first waits: the watcher delivers one
+    elif _deferring:
+        _deferred.add(signum)
+        return
     elif importing(frame):
         _held.add(signum)
         threading.Thread(target=_watch, args=(signum, threading.get_ident()), daemon=True).start()
         return
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM (as ``install`` handles them) for the few lines inside, then deliver one as
+    ``KeyboardInterrupt``: for steps that must not be cut in two, such as a finished output renamed into place and
+    recorded as complete (an interrupt between the two made the output look unfinished). Dropped when the block
+    fails: its error ends the command anyway."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        deliver = not _deferring and bool(_deferred)
+        if not _deferring:
+            _deferred.clear()
+    if deliver:
+        raise KeyboardInterrupt
+
+
+def completed(what: str) -> None:
+    """``what`` (e.g. "bundle directory e32") is complete in its place: an interrupt later in the command ends it
+    with 130 all the same (later steps did not run), and ``report`` says the output is whole. Without it, the
+    rerun refused the output as "not empty", and a user could delete a good bundle as a half-built one."""
+    _complete.append(what)
+
+
+def explained() -> None:
+    """The command has said on stderr what its interruption left (train names the resume command): ``report``
+    would only repeat it."""
+    global _explained
+    _explained = True
+
+
+def report() -> None:
+    """The one stderr line of an interrupted command (exit 130), printed once. It claims no more than radtrt
+    ensures: no output is left half-written under its own name (a half-built folder or file is removed, or kept as
+    ``OUT.partial`` for a rerun to complete), and the outputs finished before the interrupt are named. An
+    interrupted ``infer --sr-out`` may have printed a study's report whose SR was not written yet: each SR
+    written has its own line."""
+    global _explained
+    if _explained or sys.stderr is None:
+        return
+    _explained = True
+    kept = "".join(f"; {what} is complete (finished before the interrupt)" for what in _complete)
+    try:
+        sys.stderr.write(printable(f"radtrt: interrupted{kept}; no output was left half-written under its name")
+                         + "\n")
+        sys.stderr.flush()
+    except OSError:  # stderr gone (a reader closed, a full disk): the status, 130, still says it
+        pass
 
 
 def install() -> None:

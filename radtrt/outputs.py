@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from radtrt import interrupts
 from radtrt.errors import fail
 
 WORK_MARKER = ".radtrt-unfinished"  # inside OUT.partial while radtrt builds an output folder there
@@ -312,11 +313,15 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
         shutil.rmtree(work, ignore_errors=True)  # the error itself goes on
         raise
     _share_like_new_files(work)
-    try:
-        if out.exists():
-            out.rmdir()
-        work.rename(out)
-    except OSError as e:  # e.g. a folder created in the meantime; the finished output stays where it is
-        (work / WORK_MARKER).unlink(missing_ok=True)
-        fail(f"cannot move the finished {what} into place at {out} ({e.strerror}); it is complete in {work}")
-    (out / WORK_MARKER).unlink()
+    # not cut in two by an interrupt: a complete folder with the unfinished-work marker inside, or one not yet
+    # recorded as complete (what an interrupted command's last line names), would be taken for a half-built one
+    with interrupts.deferred():
+        try:
+            if out.exists():
+                out.rmdir()
+            work.rename(out)
+        except OSError as e:  # e.g. a folder created in the meantime; the finished output stays where it is
+            (work / WORK_MARKER).unlink(missing_ok=True)
+            fail(f"cannot move the finished {what} into place at {out} ({e.strerror}); it is complete in {work}")
+        (out / WORK_MARKER).unlink()
+        interrupts.completed(f"{what} {out}")

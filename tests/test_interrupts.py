@@ -116,3 +116,80 @@ def test_python_m_radtrt_cli_holds_interrupts_before_its_heavy_imports(tmp_path:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("radtrt "), run.stderr
     assert seen.read_text() == "radtrt.interrupts"  # once: the module is imported once, not twice
+
+
+def test_an_interrupt_inside_a_deferred_block_lands_as_it_ends() -> None:
+    """A finished output renamed into place and recorded as complete: an interrupt between the two left a whole
+    folder that looked half-built."""
+    import os
+
+    from radtrt import interrupts
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                reached.append("end of block")
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert reached == ["end of block"]
+
+
+def _phantoms(out: Path, n: int, prelude: str = "") -> subprocess.Popen:
+    """``radtrt data phantoms`` in a process of its own, ``prelude`` run first."""
+    code = (f"import os, signal, sys\n{prelude}\nfrom radtrt.entry import main\nsys.argv[0] = 'radtrt'\nmain()\n")
+    return subprocess.Popen([sys.executable, "-c", code, "data", "phantoms", "-o", str(out), "--n", str(n), "--rows",
+                             "64", "--cols", "64", "--formats", "png"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_an_interrupted_command_says_so_in_one_line(tmp_path: Path) -> None:
+    """Exit 130 with nothing on stderr (only train said anything): a user could not tell an interrupt from a
+    crash, nor what it left."""
+    out = tmp_path / "set"
+    proc = _phantoms(out, 5000)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "set.partial" / "png").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and not out.exists() and not (tmp_path / "set.partial").exists(), err
+    assert err.splitlines()[-1] == "radtrt: interrupted; no output was left half-written under its name", err
+    assert err.count("radtrt: interrupted") == 1 and "Traceback" not in err
+
+
+def test_an_interrupt_after_the_output_is_in_place_names_it_complete(tmp_path: Path) -> None:
+    """Interrupted after its folder was renamed into place, a command exited 130 without a word: the rerun then
+    refused the folder as not empty, and the user could delete a good output as a half-built one."""
+    out = tmp_path / "set"
+    proc = _phantoms(out, 2, "import radtrt.data.cli as cli\nprint_result = cli.emit\n"
+                             "def late(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGINT)\n"
+                             "    print_result(*args, **kwargs)\ncli.emit = late\n")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == (f"radtrt: interrupted; phantom folder {out} is complete (finished before the "
+                                    f"interrupt); no output was left half-written under its name"), err
+    assert (out / "manifest.jsonl").is_file() and not (out / ".radtrt-unfinished").exists()
+
+
+def test_an_interrupt_while_the_cli_is_imported_says_so_once() -> None:
+    """One landing in the CLI's import (an import that ran past the hold) ends in radtrt.entry: exit 130, one
+    line."""
+    code = ("import sys\n"
+            "class Probe:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'typer':\n"
+            "            raise KeyboardInterrupt\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Probe())\n"
+            "sys.argv = ['radtrt', 'doctor']\n"
+            "from radtrt.entry import main\nmain()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 130 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.count("radtrt: interrupted") == 1 and run.stdout == "", run.stderr

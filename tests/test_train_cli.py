@@ -215,6 +215,7 @@ def test_sigterm_to_the_whole_job_stops_in_one_line_with_the_resume_command(chai
     assert proc.returncode == 130
     assert "Traceback" not in err and "DataLoader worker" not in err, err
     assert f"to go on from step {saved}, its last checkpoint, run: radtrt train resume {run}" in err
+    assert err.count("radtrt: interrupted") == 1  # train's own line, not the CLI's generic one as well
 
 
 def test_bad_data_and_output_paths_leave_no_run_folder(chain: Chain, tmp_path: Path) -> None:

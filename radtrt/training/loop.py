@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from radtrt.progress import LineProgress, make_progress
 from torch.nn.parallel import DistributedDataParallel
 
+from radtrt import interrupts
 from radtrt.data.manifest import read_jsonl, read_manifest
 from radtrt.data.vocabulary import LABELS
 from radtrt.errors import RadtrtError, fail, printable
@@ -426,6 +427,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.interrupts) from timeout, kill or a batch scheduler
         if info.is_main:
             console.print(_interrupted(run_dir, saved), markup=False, highlight=False, soft_wrap=True)
+        interrupts.explained()  # the CLI's generic line would repeat it (on every rank: the main one speaks for all)
         raise
     barrier(info)
     return TrainResult(run_dir, model_dir if end == total else None, end, total, losses)
