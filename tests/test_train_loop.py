@@ -831,6 +831,50 @@ def test_a_run_stopped_before_its_first_checkpoint_says_what_to_do(chain: Chain,
         train(cfg)
 
 
+@pytest.mark.parametrize("before", ["absent", "empty", "user file added"])
+def test_a_run_interrupted_before_its_first_checkpoint_removes_what_it_wrote(chain: Chain, tmp_path: Path, before: str,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """It said 'nothing to resume: delete RUN and run the command again' of a folder holding only its own config and
+    log: radtrt removes them itself (and the folder, when it made it), never a file it did not write."""
+    from radtrt.training import loop
+
+    run = tmp_path / "run"
+    if before != "absent":
+        run.mkdir()
+
+    def interrupted(*args: object) -> None:
+        if before == "user file added":
+            (run / "notes.txt").write_text("mine")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_append_log", interrupted)
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(run), max_steps=4, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    err = " ".join(capsys.readouterr().err.split())
+    head = "radtrt: interrupted before the first checkpoint, so there is nothing to resume"
+    if before == "absent":
+        assert not run.exists() and f"{head}; {run}, which this run had created, was removed: run the command again" in err
+    elif before == "empty":
+        assert list(run.iterdir()) == [] and f"{head}; this run's files in {run} were removed" in err
+    else:
+        assert (run / "notes.txt").read_text() == "mine" and (run / "train_config.json").is_file()
+        assert f"{head}: delete {run} and run the command again" in err
+
+
+def test_resuming_a_run_folder_that_does_not_exist_says_so(tmp_path: Path) -> None:
+    """It said 'no training checkpoint in RUN (expected checkpoint/state.pt)' of a mistyped folder."""
+    from radtrt.training.loop import resume_config
+
+    with pytest.raises(RadtrtError, match=f"run folder {tmp_path / 'nope'} does not exist$"):
+        resume_config(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RadtrtError, match=f"run folder {tmp_path / 'file'} is not a folder$"):
+        resume_config(tmp_path / "file")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_the_feature_cache_changes_only_the_speed(chain: Chain, tmp_path: Path, precision: str) -> None:
     """In bf16 the cache held fp32 trunk features (computed outside autocast) while the per-step path ran the trunk

@@ -95,6 +95,8 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     a resume that quietly trains on flipped bits."""
     path = state_path(run_dir)
     if not path.is_file():
+        if not run_dir.is_dir():  # a mistyped RUN read as a run without a checkpoint
+            fail(f"run folder {run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}")
         fail(f"no training checkpoint in {run_dir} (expected {CHECKPOINT_DIR}/{STATE_FILE})")
     try:
         # torch.load never checks the zip's CRC-32s: a flipped bit in a tensor was resumed from, and trained into

@@ -42,7 +42,7 @@ from radtrt.training.data import ManifestDataset, Schedule, collate
 from radtrt.training.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across, shutdown
 from radtrt.training.objectives import MultimodalLM, build_objective, trainable_parameters
 from radtrt.training.outputs import LORA_DIR, MODEL_DIR, check_leftover_lora, write_outputs
-from radtrt.training.runlock import RunLock, lock_holder, lock_run
+from radtrt.training.runlock import LOCK_FILE, RunLock, lock_holder, lock_run
 from radtrt.training.schedule import cosine_with_warmup
 
 CONFIG_FILE = "train_config.json"
@@ -359,6 +359,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     total = schedule.total_steps(cfg.epochs, cfg.max_steps)
     # at most total - 1 warmup steps: a warmup as long as the run trains every step at lr 0 or near it (one step: 0)
     scheduler = cosine_with_warmup(optimizer, min(math.ceil(cfg.warmup_ratio * total), total - 1), total)
+    created = not run_dir.exists()  # an interrupt before the first checkpoint then removes the folder too
     lock = _prepare_run_dir(cfg, run_dir, resume, info)
     if lock is not None:
         held.enter_context(lock)
@@ -426,7 +427,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                      f"training again once that is fixed, run: radtrt train resume {shlex.quote(str(run_dir))}")
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.interrupts) from timeout, kill or a batch scheduler
         if info.is_main:
-            console.print(_interrupted(run_dir, saved), markup=False, highlight=False, soft_wrap=True)
+            removed = _remove_unstarted(run_dir, created) if saved is None else None
+            console.print(_interrupted(run_dir, saved, removed), markup=False, highlight=False, soft_wrap=True)
         interrupts.explained()  # the CLI's generic line would repeat it (on every rank: the main one speaks for all)
         raise
     barrier(info)
@@ -446,13 +448,41 @@ def _first_non_finite(named: list[tuple[str, torch.nn.Parameter]]) -> str | None
     return next((n for n, p in named if not all_finite(p.detach())), None)
 
 
-def _interrupted(run_dir: Path, saved: int | None) -> str:
-    """What an interrupted run left, and the command that goes on from it."""
+def _interrupted(run_dir: Path, saved: int | None, removed: str | None = None) -> str:
+    """What an interrupted run left, and the command that goes on from it; ``removed``: what
+    :func:`_remove_unstarted` removed."""
+    if saved is None and removed is not None:
+        return (f"radtrt: interrupted before the first checkpoint, so there is nothing to resume; {removed}: run the "
+                f"command again")
     if saved is None:
         return (f"radtrt: interrupted before the first checkpoint, so there is nothing to resume: delete {run_dir} "
                 f"and run the command again")
     return (f"radtrt: interrupted; to go on from step {saved}, its last checkpoint, run: radtrt train resume "
             f"{shlex.quote(str(run_dir))}")
+
+
+def _remove_unstarted(run_dir: Path, created: bool) -> str | None:
+    """Remove what a new run wrote before its first checkpoint (its config, log and lock, an empty checkpoint
+    folder), and the run folder itself when this run created it. Why: the run cannot be resumed, and its folder,
+    no longer empty, refused the rerun, which the user then had to clear by hand. Anything else there (a file
+    the user put in meanwhile) keeps the folder as it is: None. Else what was removed, for the message."""
+    own = {CONFIG_FILE, LOG_FILE, LOCK_FILE}
+    checkpoint = run_dir / ckpt.CHECKPOINT_DIR
+    try:
+        for entry in run_dir.iterdir():
+            if entry.is_symlink() or not (entry.name in own and entry.is_file() or entry == checkpoint and entry.is_dir()
+                                          and not any(entry.iterdir())):
+                return None
+        if checkpoint.is_dir():
+            checkpoint.rmdir()
+        for name in own:  # the lock file too, still held: its release then finds it gone, as it allows
+            (run_dir / name).unlink(missing_ok=True)
+        if created:
+            run_dir.rmdir()
+    except OSError:  # a file added meanwhile, a permission: the message then says to delete the folder
+        return None
+    return (f"{run_dir}, which this run had created, was removed" if created else
+            f"this run's files in {run_dir} were removed (the folder is empty again)")
 
 
 def _unfinished_saves(files: list[Path]) -> str:
