@@ -120,21 +120,11 @@ def replaced_atomically(path: Path, mode: int | None = None, *, new: str | None 
     file is then put in place only if nothing has taken the name since. Two runs to one -o both passed that check
     at their start and both exited 0, the file holding one of them's data and the other's result gone."""
     _check_not_special(path, "output")
-    if path.is_symlink():
-        path = resolved(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(name)
+    path = _target(path)
+    tmp = _temp_beside(path)
     try:
         yield tmp
-        # after the writer: mkstemp's 0600 (or a writer's own temporary file renamed over ``tmp``, as
-        # safetensors does) would make every output private to its writer
-        tmp.chmod(0o666 & ~_umask() if mode is None else mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _settle(tmp, mode)
         if new is None:
             tmp.replace(path)
         else:
@@ -153,31 +143,52 @@ def replaced_together(paths: Sequence[Path]) -> Iterator[list[Path]]:
     file this time": its path is removed as well (an earlier run's file there would describe another run)."""
     for path in paths:
         _check_not_special(path, "output")
+    targets = [_target(path) for path in paths]
     temps: list[Path] = []
     try:
-        for path in paths:
-            target = resolved(path) if path.is_symlink() else path  # a link stays, as in replaced_atomically
-            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-            os.close(fd)
-            temps.append(Path(name))
+        for target in targets:
+            temps.append(_temp_beside(target))
         yield list(temps)
         for tmp in temps:
             if tmp.exists():
-                tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 would make the report private to its writer
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        for tmp, path in zip(temps, paths):
-            if tmp.exists():
-                tmp.replace(resolved(path) if path.is_symlink() else path)
-            else:
-                path.unlink(missing_ok=True)
+                _settle(tmp, None)
+        with interrupts.deferred():  # a Ctrl-C between two renames left this run's Markdown by the last one's JSON
+            for tmp, target in zip(temps, targets):
+                if tmp.exists():
+                    tmp.replace(target)
+                else:
+                    target.unlink(missing_ok=True)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: a link at ``path`` stays, and the file it names is replaced, as a
+    plain write through it would."""
+    return resolved(path) if path.is_symlink() else path
+
+
+def _temp_beside(path: Path) -> Path:
+    """A fresh temporary file beside ``path`` (``mkstemp``), never a fixed ``NAME.partial`` that could be a
+    user's file."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    return Path(name)
+
+
+def _settle(tmp: Path, mode: int | None) -> None:
+    """Give a written temporary file its final mode and flush it to disk before it is renamed into place: a power
+    cut soon after a rename can otherwise leave the final name pointing at an empty file. After the writer, since
+    mkstemp's 0600 (or a writer's own temporary file renamed over ``tmp``, as safetensors does) would make every
+    output private to its writer."""
+    tmp.chmod(0o666 & ~_umask() if mode is None else mode)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _place_new(tmp: Path, path: Path, what: str) -> None:
