@@ -276,3 +276,37 @@ def test_a_json_file_that_is_a_folder_or_a_dangling_link_is_said_so(tmp_path: Pa
     (tmp_path / "other.json").symlink_to(tmp_path / "gone")
     with pytest.raises(RadtrtError, match="other.json is a symbolic link to a missing target"):
         read_json(tmp_path / "other.json")
+
+
+def test_a_report_set_is_not_split_by_an_interrupt_between_its_renames(tmp_path: Path, monkeypatch) -> None:
+    """A Ctrl-C after the Markdown's rename and before the JSON's left this run's Markdown beside the last run's
+    JSON: the renames now run with interrupts deferred, and the interrupt lands once the set is in place."""
+    import os
+    import signal
+
+    from radtrt import interrupts
+    from radtrt.outputs import replaced_together
+
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    md.write_text("old"), js.write_text("old")
+    replace = Path.replace
+    calls: list[Path] = []
+
+    def interrupted_replace(self: Path, target: Path) -> Path:
+        calls.append(self)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # pressed just as the first file goes into place
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", interrupted_replace)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with replaced_together([md, js]) as (md_tmp, js_tmp):
+                md_tmp.write_text("new")
+                js_tmp.write_text("new")
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert md.read_text() == js.read_text() == "new" and len(calls) == 2
