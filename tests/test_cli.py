@@ -806,5 +806,6 @@ def test_an_interrupt_while_the_cli_is_imported_exits_130_without_a_traceback() 
         "main()\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("radtrt: interrupted") == 1 and proc.stdout == "", proc.stderr  # said, and once
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["radtrt"] == "radtrt.entry:main"

@@ -176,20 +176,3 @@ def test_an_interrupt_after_the_output_is_in_place_names_it_complete(tmp_path: P
     assert err.splitlines()[-1] == (f"radtrt: interrupted; phantom folder {out} is complete (finished before the "
                                     f"interrupt); no output was left half-written under its name"), err
     assert (out / "manifest.jsonl").is_file() and not (out / ".radtrt-unfinished").exists()
-
-
-def test_an_interrupt_while_the_cli_is_imported_says_so_once() -> None:
-    """One landing in the CLI's import (an import that ran past the hold) ends in radtrt.entry: exit 130, one
-    line."""
-    code = ("import sys\n"
-            "class Probe:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'typer':\n"
-            "            raise KeyboardInterrupt\n"
-            "        return None\n"
-            "sys.meta_path.insert(0, Probe())\n"
-            "sys.argv = ['radtrt', 'doctor']\n"
-            "from radtrt.entry import main\nmain()\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 130 and "Traceback" not in run.stderr, run.stderr
-    assert run.stderr.count("radtrt: interrupted") == 1 and run.stdout == "", run.stderr
