@@ -295,7 +295,7 @@ def test_train_eval_checks_every_study_before_generating(chain: Chain, tmp_path:
     manifest = chain.manifest.parent / "with-missing.jsonl"
     manifest.write_text("\n".join(rows[:2] + [json.dumps({**json.loads(rows[2]), "image": "png/nowhere.png"})]) + "\n")
     code, _, err = _invoke("train", "eval", manifest, "--model", chain.runs["stage2"] / "model", "--max-new-tokens", "4")
-    assert code == 2 and f"{manifest}:3: study not found" in err and "generating" not in err
+    assert code == 2 and f"{manifest}:3: image not found" in err and "generating" not in err
 
 
 def test_a_damaged_run_config_is_one_line_for_convert(chain: Chain, tmp_path: Path) -> None:

@@ -3,8 +3,12 @@
 Reports are generated through ``radtrt infer``'s own pipeline (study reading, preprocessing,
 prompt with the row's indication, greedy decoding), then the phrase labeler reads labels from the
 generated and the reference findings; micro-F1 between them is the number the default model must
-reach (>= 0.8). Studies are read from the row's ``study`` (DICOM folder) when it has one, else
-from ``image``.
+reach (>= 0.8). Studies are read from the row's ``image``, as training reads them: a ``study`` field (a
+phantom set's DICOM folder, or an accession number in a user's manifest) is not a path to read.
+
+A row's ``labels``, when given, are the truth the generated reports' labels are scored against, so they must
+be names the phrase labeler can give: a CheXpert-style name ("Cardiomegaly"), a typo or an empty list could
+never be matched, and scored silently as false negatives or positives (micro-F1 0.000, exit 0).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from pathlib import Path
 from rich.console import Console
 
 from radtrt.data.labeler import F1Report, extract_labels, label_f1
-from radtrt.data.manifest import ManifestRow, read_manifest
+from radtrt.data.manifest import ManifestRow, parse_row, read_jsonl
+from radtrt.data.vocabulary import DEVICE_LABELS, LABELS, NO_FINDING
 from radtrt.errors import fail
 from radtrt.model.loading import LoadedModel
 from radtrt.progress import make_progress
@@ -34,24 +39,58 @@ class Evaluation:
                                                   for g, r in zip(self.reports[:5], self.references[:5])]}
 
 
-def study_path(row: ManifestRow, root: Path) -> Path:
-    study = row.extra.get("study")
-    return root / study if isinstance(study, str) else row.image_path(root)
+def check_labels(labels: tuple[str, ...], where: str) -> None:
+    """Refuse truth labels that no generated report's labels could match (``where``: the row's file and line).
+
+    Unknown names are refused as ``Findings.from_labels`` refuses them. An empty list is refused as training's
+    trunk stage refuses it: it is not "normal" (that is ``no_finding``), and scored it made every label read from
+    the report a false positive. ``no_finding`` beside a pathology, or devices alone, are sets the labeler never
+    gives (devices do not count as pathology: a study with only a tube is ``no_finding`` too)."""
+    if not labels:
+        fail(f"{where}: 'labels' is an empty list; list the study's findings (\"{NO_FINDING}\" for a normal study), "
+             f"or leave 'labels' out to have them read from the findings")
+    unknown = sorted(set(labels) - set(LABELS))
+    if unknown:
+        fail(f"{where}: unknown phantom label(s) {unknown}; known: {', '.join(LABELS)}")
+    pathology = [x for x in labels if x not in DEVICE_LABELS and x != NO_FINDING]
+    if NO_FINDING in labels and pathology:
+        fail(f"{where}: labels say both {NO_FINDING} and {pathology[0]}")
+    if not pathology and NO_FINDING not in labels:
+        fail(f"{where}: 'labels' lists only devices ({', '.join(labels)}); a study without pathology is also "
+             f"\"{NO_FINDING}\" (devices are not findings): add it")
+
+
+def read_rows(manifest: Path, limit: int | None = None) -> list[ManifestRow]:
+    """The first ``limit`` rows (all without it), each checked before any report is generated, not after all the
+    others were: its image exists, its labels can be scored. Every row is parsed, as training parses them. Errors
+    name the file's line (a blank line counts, as in the other manifest readers), not the row's number."""
+    rows: list[ManifestRow] = []
+    for lineno, obj in read_jsonl(manifest):
+        where = f"{manifest}:{lineno}"
+        row = parse_row(obj, where)
+        if limit is not None and len(rows) >= limit:
+            continue
+        if not row.image_path(manifest.parent).exists():
+            fail(f"{where}: image not found: {row.image_path(manifest.parent)} (its 'image', relative to the "
+                 f"manifest's folder)")
+        if row.labels is not None:
+            check_labels(row.labels, where)
+        rows.append(row)
+    if not rows:
+        fail(f"manifest {manifest} has no rows")
+    return rows
 
 
 def evaluate_findings(loaded: LoadedModel, manifest: Path, *, limit: int | None = None, max_new_tokens: int = 160,
                       use_indication: bool = True, console: Console | None = None) -> Evaluation:
-    rows = read_manifest(manifest)[:limit]
-    for number, row in enumerate(rows, 1):  # before any report is generated, not after all the others were
-        if not study_path(row, manifest.parent).exists():
-            fail(f"{manifest}:{number}: study not found: {study_path(row, manifest.parent)}")
+    rows = read_rows(manifest, limit)
     loaded.model.eval()
     pipeline = Pipeline(TorchBackend(loaded.model), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
     reports = []
     with make_progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("generating reports", total=len(rows))
         for row in rows:
-            result = pipeline.run(study_path(row, manifest.parent), max_new_tokens=max_new_tokens,
+            result = pipeline.run(row.image_path(manifest.parent), max_new_tokens=max_new_tokens,
                                   indication=row.indication if use_indication else None)
             reports.append(result.report)
             progress.advance(task)
