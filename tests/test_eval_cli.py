@@ -502,6 +502,28 @@ def test_empty_references_are_refused_before_any_scoring(tmp_path: Path) -> None
     assert code == 2 and "p.jsonl: 2 of 3 rows have an empty 'reference'" in err
 
 
+def test_references_without_a_word_to_score_are_refused(tmp_path: Path) -> None:
+    """A Chinese reference scored ROUGE-L 0 against an identical prediction, and the offline labels read both as
+    "No Finding" (a true positive); a reference "-" was taken as ground truth."""
+    for reference in ("\u53cc\u80ba\u6e05\u6670\uff0c\u65e0\u80f8\u8154\u79ef\u6db2\u3002", "-", "..."):
+        rows = [RECORDS[0], {**RECORDS[1], "study": "patient-7", "reference": reference, "prediction": reference}]
+        code, out, err = run("-p", str(write_jsonl(tmp_path / "p.jsonl", rows)), "--metrics", "rouge,labels")
+        assert code == 2 and "p.jsonl: 1 of 2 rows has a 'reference' with no word to score (first at line 2)" in err
+        assert "give the English findings text" in err and "patient-7" not in err and out == ""
+        assert len(err.strip().splitlines()) == 1, err
+    ok = [RECORDS[0], {**RECORDS[1], "reference": "No acute findings."}, {**RECORDS[2], "reference": "Herz normal."}]
+    assert run("-p", str(write_jsonl(tmp_path / "ok.jsonl", ok)), "--metrics", "rouge")[0] == 0
+
+
+def test_predictions_without_a_word_to_score_are_counted_once_on_stderr(tmp_path: Path) -> None:
+    rows = [RECORDS[0], {**RECORDS[1], "prediction": "\u53cc\u80ba\u6e05\u6670\u3002"},
+            {**RECORDS[2], "prediction": ""}, {**RECORDS[2], "study": "d", "prediction": "-"}]
+    code, out, err = run("-p", str(write_jsonl(tmp_path / "p.jsonl", rows)), "--metrics", "rouge")
+    assert code == 0, err
+    assert err.count("warning:") == 1 and "p.jsonl: 3 of 4 predictions have no word to score (1 empty" in err, err
+    assert "no word" not in out
+
+
 def test_timeout_help_says_what_it_limits() -> None:
     """"Seconds per judge request" promised a deadline; httpx applies it to each connect and read instead, so an
     answer trickling in stays alive far longer."""

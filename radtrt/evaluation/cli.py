@@ -168,13 +168,21 @@ def _refuse_unused(options: dict[str, Any], metric: str, names: tuple[str, ...])
 
 
 def _warn_empty(path: Path, pairs: list[Any]) -> None:
-    """Empty predictions score as reports that mention nothing, which can look like a perfect normal study."""
+    """Empty predictions score as reports that mention nothing, which can look like a perfect normal study; so do
+    predictions with no word ROUGE, BLEU or the offline labels read (another script, punctuation alone): one line
+    with their count, since the judge may still read them and the run is not refused."""
     from radtrt.cli_support import err
+    from radtrt.evaluation.records import has_visible_text, report_words
 
-    empty = sum(not p.prediction.strip() for p in pairs)
-    if empty:
-        err.print(f"warning: {path.name}: {empty} of {len(pairs)} predictions are empty (scored as reports "
-                  f"that mention no finding)", markup=False, highlight=False, soft_wrap=True)
+    wordless = sum(report_words(p.prediction) == 0 for p in pairs)
+    if not wordless:
+        return
+    empty = sum(not has_visible_text(p.prediction) for p in pairs)
+    what = ("are empty" if empty == wordless else
+            f"have no word to score ({empty} empty, the others no ASCII letters or digits, the only words ROUGE, "
+            f"BLEU and the offline labels read)")
+    err.print(f"warning: {path.name}: {wordless} of {len(pairs)} predictions {what} (scored as reports that "
+              f"mention no finding)", markup=False, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

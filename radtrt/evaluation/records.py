@@ -47,6 +47,7 @@ def load_predictions(path: Path) -> list[ReportPair]:
     pairs: list[ReportPair] = []
     seen: set[str] = set()
     empty_references: list[int] = []  # line numbers, never study ids; empty: nothing visible
+    wordless_references: list[int] = []  # visible, but nothing ROUGE or the labeler reads ("-", another script)
     for lineno, line in text_lines(path, lambda n: f"{path.name} line {n}", "a JSONL predictions file"):
         try:
             obj = json.loads(line)
@@ -73,6 +74,8 @@ def load_predictions(path: Path) -> list[ReportPair]:
         seen.add(obj["study"])
         if not has_visible_text(obj["reference"]):
             empty_references.append(lineno)
+        elif report_words(obj["reference"]) == 0:
+            wordless_references.append(lineno)
         pairs.append(ReportPair(study=obj["study"], reference=obj["reference"], prediction=obj["prediction"]))
     if not pairs:
         fail(f"predictions file {path} has no records")
@@ -82,6 +85,14 @@ def load_predictions(path: Path) -> list[ReportPair]:
         fail(f"{path.name}: {len(empty_references)} of {len(pairs)} rows {verb} an empty 'reference' (first at line "
              f"{empty_references[0]}), so there is no ground truth to score them against; usually the join of "
              f"predictions with the ground-truth findings failed for them: fix or drop those rows")
+    if wordless_references:
+        # scored, a Chinese reference got ROUGE-L 0 against an identical prediction, and the offline labels read it
+        # as "No Finding", a true positive for any prediction they could not read either
+        verb = "has" if len(wordless_references) == 1 else "have"
+        fail(f"{path.name}: {len(wordless_references)} of {len(pairs)} rows {verb} a 'reference' with no word to "
+             f"score (first at line {wordless_references[0]}): ROUGE, BLEU and the offline labels read runs of ASCII "
+             f"letters and digits only, so a reference in another script, or of punctuation alone such as '-', is "
+             f"no ground truth for them; give the English findings text, or drop those rows")
     return pairs
 
 
