@@ -67,6 +67,23 @@ def test_eval_writes_json_and_prints_markdown(tmp_path: Path) -> None:
     assert "| ROUGE-L |" in out and "Micro-F1-14 (offline labels)" in out and "offline proxy" in out
 
 
+def test_intervals_from_too_few_reports_are_not_shown_as_certain(tmp_path: Path) -> None:
+    """One report: every "95% CI" was the value itself ([85.7, 85.7]) with no word, in Markdown and JSON."""
+    one = write_jsonl(tmp_path / "one.jsonl", RECORDS[1:2])
+    code, out, err = run("-p", str(one), "--metrics", "rouge,labels", "-o", str(tmp_path / "r.json"),
+                         "--bootstrap", "20")
+    assert code == 0, err
+    assert re.search(r"\| ROUGE-L \| \d+\.\d \[n/a\] \|", out), out
+    assert "CIs n/a: no interval from fewer than 2 reports" in out
+    rouge = json.loads((tmp_path / "r.json").read_text())["metrics"]["rouge_l"]
+    assert rouge["ci_low"] is None and rouge["ci_high"] is None and "fewer than 2 reports" in rouge["ci_reason"]
+    assert rouge["n"] == 1 and 0 < rouge["value"] < 1
+    code, out, err = run("-p", str(write_jsonl(tmp_path / "three.jsonl", RECORDS)), "--metrics", "rouge",
+                         "-o", str(tmp_path / "r3.json"), "--bootstrap", "20")
+    assert code == 0 and "Intervals from fewer than 30 reports (here 3) are rough" in out and "[n/a]" not in out
+    assert "ci_reason" not in json.loads((tmp_path / "r3.json").read_text())["metrics"]["rouge_l"]
+
+
 def test_eval_is_deterministic(tmp_path: Path) -> None:
     preds = write_jsonl(tmp_path / "preds.jsonl", RECORDS)
     outs = [run("--predictions", str(preds), "--bootstrap", "50")[1] for _ in range(2)]

@@ -21,6 +21,15 @@ BatchStatistic = Callable[[np.ndarray], np.ndarray]
 # Indices drawn and scored at a time (32 MB of int64, a few times that in a statistic's temporaries): the whole
 # (resamples x reports) matrix, 100 000 resamples of 20 000 reports, was a MemoryError traceback.
 CHUNK_ELEMENTS = 1 << 22
+# Fewest reports for an interval: every resample of one report draws that report, so its "95% CI" was the value
+# itself ([85.7, 85.7]), a certainty one study cannot give. Below it an estimate has no interval (JSON null, "n/a").
+MIN_INTERVAL_N = 2
+NO_INTERVAL_REASON = (f"no interval from fewer than {MIN_INTERVAL_N} reports: every resample of one report is that "
+                      f"report, so the interval would be the value itself")
+# Fewest reports for an interval to be read without a caveat: the floor under which the CheXprompt parity verdict
+# (parity.MIN_PAIRED_STUDIES) refuses to decide, for the same reason: a percentile bootstrap over fewer reports is
+# too narrow, and has zero width whenever they all score alike. Summaries say so beside such intervals.
+ROUGH_INTERVAL_N = 30
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,16 @@ class Estimate:
     ci_high: float
     n: int
 
+    @property
+    def has_interval(self) -> bool:
+        """Whether the interval means anything (:data:`MIN_INTERVAL_N`); ``ci_low``/``ci_high`` hold the
+        resampling's (the value itself) either way, so that callers comparing bounds keep working."""
+        return self.n >= MIN_INTERVAL_N
+
     def to_json(self) -> dict[str, Any]:
+        if not self.has_interval:
+            return {"value": self.value, "ci_low": None, "ci_high": None, "ci_reason": NO_INTERVAL_REASON,
+                    "n": self.n}
         return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n}
 
 

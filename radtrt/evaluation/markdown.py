@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from radtrt.evaluation.bootstrap import Estimate
+from radtrt.evaluation.bootstrap import MIN_INTERVAL_N, NO_INTERVAL_REASON, ROUGH_INTERVAL_N, Estimate
 from radtrt.evaluation.chexprompt.parser import ERROR_TYPES
 from radtrt.evaluation.run import EvalReport, PairedReport
 
@@ -21,11 +21,26 @@ _LABEL_PREFIX = {"offline_labels": "offline labels", "chexbert": "CheXbert"}
 
 
 def _pct(e: Optional[Estimate]) -> str:
-    return "n/a" if e is None else f"{100 * e.value:.1f} [{100 * e.ci_low:.1f}, {100 * e.ci_high:.1f}]"
+    if e is None:
+        return "n/a"
+    return f"{100 * e.value:.1f} " + (f"[{100 * e.ci_low:.1f}, {100 * e.ci_high:.1f}]" if e.has_interval else "[n/a]")
 
 
 def _num(e: Optional[Estimate]) -> str:
-    return "n/a" if e is None else f"{e.value:.3f} [{e.ci_low:.3f}, {e.ci_high:.3f}]"
+    if e is None:
+        return "n/a"
+    return f"{e.value:.3f} " + (f"[{e.ci_low:.3f}, {e.ci_high:.3f}]" if e.has_interval else "[n/a]")
+
+
+def _interval_note(estimates: list[Optional[Estimate]]) -> list[str]:
+    """Why a table's intervals are missing or rough, under it: "[85.7, 85.7]" from one report read as certainty."""
+    ns = [e.n for e in estimates if e is not None]
+    if not ns or min(ns) >= ROUGH_INTERVAL_N:
+        return []
+    if min(ns) < MIN_INTERVAL_N:
+        return ["", f"CIs n/a: {NO_INTERVAL_REASON}."]
+    return ["", f"Intervals from fewer than {ROUGH_INTERVAL_N} reports (here {min(ns)}) are rough: a bootstrap over "
+                f"so few is too narrow, and has zero width when they all score alike."]
 
 
 def _metric_rows(report: EvalReport) -> list[tuple[str, Estimate]]:
@@ -58,7 +73,7 @@ def _chexprompt(summary: Any) -> list[str]:
         lines.append(f"| {letter}: {text} | {_num(summary.per_type_significant[letter])} | "
                      f"{_num(summary.per_type_insignificant[letter])} |")
     lines += ["", f"Reports without a clinically significant error (%): {_pct(summary.share_without_significant)}."]
-    return lines
+    return lines + _interval_note([summary.mean_significant])
 
 
 def render_report(report: EvalReport) -> str:
@@ -69,6 +84,7 @@ def render_report(report: EvalReport) -> str:
     rows = _metric_rows(report)
     if rows:
         lines += ["", "| metric | value [95% CI] |", "|---|---|"] + [f"| {name} | {_pct(e)} |" for name, e in rows]
+        lines += _interval_note([e for _, e in rows])
         lines += [""] + _footnotes(report)
     if report.chexprompt is not None:
         lines += [""] + _chexprompt(report.chexprompt)
@@ -85,6 +101,7 @@ def render_paired(report: PairedReport) -> str:
     if ref_rows:
         lines += ["", "| metric | reference | candidate |", "|---|---|---|"]
         lines += [f"| {name} | {_pct(e)} | {_pct(cand_rows[name])} |" for name, e in ref_rows]
+        lines += _interval_note([e for _, e in ref_rows] + list(cand_rows.values()))
         lines += [""] + _footnotes(ref)
     for title, arm in (("reference", ref), ("candidate", cand)):
         if arm.chexprompt is not None:
