@@ -249,9 +249,11 @@ def test_a_huge_unreadable_answer_is_kept_cut(fake_judge: FakeJudge, tmp_path: P
 
 def test_unreadable_answers_in_a_row_stop_the_run(fake_judge: FakeJudge, tmp_path: Path) -> None:
     fake_judge.default = lambda candidate: ("answer", "I cannot judge this.")
-    with pytest.raises(RadtrtError, match="failed 3 reports in a row .*unparseable answer"):
+    with pytest.raises(RadtrtError, match="failed 3 reports in a row .*unparseable answer") as e:
         run_judge(config(fake_judge, tmp_path, max_consecutive_failures=3, concurrency=1), pairs(*"abcdef"))
     assert len(fake_judge.requests) <= 4  # the run stopped: at most the one request in flight went on
+    # "rerun to resume": at temperature 0 the rerun got the same answers
+    assert "rerun to resume" not in str(e.value) and "--judge-model" in str(e.value) and "--judge-prompt" in str(e.value)
 
 
 def test_cache_is_keyed_by_model_and_prompt_and_stores_no_reports(fake_judge: FakeJudge, tmp_path: Path) -> None:
@@ -606,6 +608,21 @@ def test_cli_exits_2_when_the_judge_scored_nothing(fake_judge: FakeJudge, tmp_pa
     assert result.exit_code == 2 and "scored none of the reports" in result.stderr
     assert json.loads((tmp_path / "r.json").read_text())  # the failure table is kept
     assert "Traceback" not in result.stderr
+
+
+def test_cli_points_at_the_judge_when_no_answer_could_be_read(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    """A deterministic judge answering prose: "rerun the same command to ask again" brought the same answers."""
+    preds = _write(tmp_path / "p.jsonl", ["Report A.", "Report B."])
+    common = ["eval", "--predictions", str(preds), "--metrics", "chexprompt", "--endpoint", fake_judge.url + "/v1",
+              "--judge-model", "judge-test", "--judge-prompt", "radtrt", "--judge-cache", str(tmp_path / "c.sqlite"),
+              "--requests-per-minute", "0", "--timeout", "2", "--max-attempts", "1", "--no-progress"]
+    fake_judge.default = lambda c: ("answer", "I think it's fine.")
+    result = _eval_cli(common)
+    assert result.exit_code == 2 and "none of the judge's 2 answers could be read" in result.stderr
+    assert "rerun the same command" not in result.stderr and "--judge-model" in result.stderr and "--judge-prompt" in result.stderr
+    fake_judge.default = lambda c: ("answer", "I think it's fine.") if "A" in c else ("status", 500)
+    result = _eval_cli(common)  # a failed request may pass next time: rerunning is the remedy then
+    assert result.exit_code == 2 and "rerun the same command to ask again" in result.stderr
 
 
 def test_nothing_judged_reads_plain_and_paired_results() -> None:

@@ -130,7 +130,7 @@ def eval_command(
         make_dir(out.parent, "folder for the results file")
         write_text(out, json.dumps(result, indent=2) + "\n", "results file")
     emit(summary, nl=False)
-    from radtrt.evaluation.chexprompt.summary import nothing_judged, refusal
+    from radtrt.evaluation.chexprompt.summary import nothing_judged, refusal, unreadable_only
 
     if nothing_judged(result):
         written = f" (results written to {out})" if out is not None else ""
@@ -139,6 +139,12 @@ def eval_command(
             fail(f"CheXprompt scored none of the reports: the judge endpoint rejected the requests ({refused})"
                  f"{written}; a rerun fails the same way: check --judge-model (a chat model that takes temperature "
                  f"and max_tokens) and --endpoint (or --azure-endpoint)")
+        unreadable = unreadable_only(result)
+        if unreadable is not None:  # at temperature 0 the judge gives the same answers again
+            fail(f"CheXprompt scored none of the reports: none of the judge's {unreadable} answers could be read "
+                 f"(see the reasons above){written}; the judge answers at temperature 0, so a rerun gets the same "
+                 f"answers: use a judge model that answers in the CheXprompt format (--judge-model), or the other "
+                 f"prompt (--judge-prompt published or radtrt)")
         fail(f"CheXprompt scored none of the reports: no judge answer could be used (failed requests or "
              f"unreadable answers, see the reasons above){written}; rerun the same command to ask again")
 

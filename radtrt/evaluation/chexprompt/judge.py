@@ -92,7 +92,7 @@ class Judge:
         progress = make_progress(TextColumn("judging ({task.fields[label]})", markup=False), BarColumn(),
                                  MofNCompleteColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
                                  disable=not show_progress, transient=True)
-        consecutive = streak_refused = 0
+        consecutive = streak_refused = streak_unreadable = 0
         rejected = False  # the endpoint refused the requests themselves: in-flight ones will not bring answers
         self.client.stopping.clear()
         with progress, ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
@@ -129,12 +129,20 @@ class Judge:
                     consecutive = 0 if failure is None else consecutive + 1
                     # refusals within the streak: "a rerun fails the same way" only when every failure was one
                     streak_refused = 0 if failure is None else streak_refused + (exc is not None and refused(exc))
+                    # answers that did not parse: at temperature 0 a rerun gets them again
+                    streak_unreadable = 0 if failure is None else streak_unreadable + (exc is None)
                     if failure is not None and consecutive >= self.cfg.max_consecutive_failures:
                         if streak_refused == consecutive:  # a rerun sends the same requests
                             rejected = True
                             fail(f"the judge failed {consecutive} reports in a row (last: {failure}); the endpoint "
                                  f"refuses the request itself, so a rerun fails the same way: check --judge-model "
                                  f"and --endpoint (or --azure-endpoint); answers so far are cached in "
+                                 f"{self.cache.path}")
+                        if streak_unreadable == consecutive and self.cfg.temperature == 0:
+                            fail(f"the judge failed {consecutive} reports in a row (last: {failure}); none of its "
+                                 f"answers could be read, and at temperature 0 a rerun gets the same answers: use a "
+                                 f"judge model that answers in the CheXprompt format (--judge-model), or the other "
+                                 f"prompt (--judge-prompt published or radtrt); answers so far are cached in "
                                  f"{self.cache.path}")
                         fail(f"the judge failed {consecutive} reports in a row (last: {failure}); answers so far "
                              f"are cached in {self.cache.path}, rerun to resume")

@@ -122,6 +122,17 @@ def refusal(result: Any) -> Optional[str]:
     return examples.get(reasons[0], reasons[0]).removeprefix("request failed: ")
 
 
+def unreadable_only(result: Any) -> Optional[int]:
+    """How many judge answers did not parse, when that was every CheXprompt failure of an eval result (no request
+    failed), else None. Why: the judge answers at temperature 0, so asking again brings the same answers; the
+    judge model or the prompt has to change, not the attempt."""
+    failures = [s["failures"] for s in _summaries(result)]
+    reasons = [r for f in failures for r in f]
+    if not reasons or not all(r.startswith("unparseable") for r in reasons):
+        return None
+    return sum(n for f in failures for n in f.values())
+
+
 def _refused_status(reason: str) -> bool:
     match = _HTTP_FAILURE.match(reason)
     return match is not None and 400 <= int(match.group(1)) < 500 and not retryable_status(int(match.group(1)))
