@@ -158,6 +158,29 @@ def test_paired_arms_must_match() -> None:
         align_pairs(a, [ReportPair("s1", "ref 1", "x"), ReportPair("s2", "other", "y")])
 
 
+def test_paired_ids_written_differently_are_named_as_such() -> None:
+    """'./ph/x' against 'ph/x', or 'café' composed against decomposed: "different studies" and nothing more."""
+    ref = [ReportPair("ph/a", "r", "x"), ReportPair("caf\u00e9", "r", "y"), ReportPair("b", "r", "z")]
+    cand = [ReportPair("./ph/a", "r", "x"), ReportPair("cafe\u0301", "r", "y"), ReportPair("c", "r", "z")]
+    with pytest.raises(RadtrtError, match=r"\(3 only in the reference arm, 3 only in the candidate arm\); 2 of them "
+                                          r"are the same id written differently \(a './' prefix"):
+        align_pairs(ref, cand)
+    with pytest.raises(RadtrtError) as e:
+        align_pairs(ref[2:], cand[2:])
+    assert "written differently" not in str(e.value)
+
+
+def test_infer_records_are_told_how_to_become_predictions(tmp_path: Path) -> None:
+    """'field reference is missing' alone, for the raw 'infer --json' output the README's first commands make."""
+    record = {"study": "ph/dicom/p0", "source_file": "f.dcm", "view_position": "PA", "report": "Clear lungs.",
+              "token_ids": [1, 2], "backend": "torch", "precision": "fp32", "timings_ms": {}}
+    code, _, err = run("-p", str(write_jsonl(tmp_path / "infer.jsonl", [record])), "--metrics", "rouge")
+    assert code == 2 and "infer.jsonl line 1: field 'reference' is missing or not a string: 'radtrt infer " in err
+    assert "join each with its ground-truth findings" in err and "README's CLI table, 'radtrt eval' row" in err
+    code, _, err = run("-p", str(write_jsonl(tmp_path / "p.jsonl", [{"study": "a", "prediction": "x"}])))
+    assert code == 2 and "field 'reference' is missing" in err and "infer" not in err
+
+
 def test_paired_lexical_eval_prints_both_arms(tmp_path: Path) -> None:
     ref = write_jsonl(tmp_path / "ref.jsonl", RECORDS)
     cand = write_jsonl(tmp_path / "cand.jsonl", [{**r, "prediction": r["reference"]} for r in RECORDS])

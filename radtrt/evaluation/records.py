@@ -7,6 +7,7 @@ patient data.
 from __future__ import annotations
 
 import json
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from radtrt.data.manifest import text_lines
 from radtrt.errors import fail
 
 FIELDS = ("study", "reference", "prediction")
+# what a record of ``radtrt infer --json`` lacks to be scored, and where the README shows the join
+INFER_RECORD_REMEDY = ("'radtrt infer --json' records carry no reference and call the prediction 'report': join each "
+                       "with its ground-truth findings into {\"study\", \"reference\", \"prediction\"} (the "
+                       "README's CLI table, 'radtrt eval' row)")
 # ROUGE-L's table grows with the product of the two lengths: a runaway generation must not exhaust memory
 MAX_REPORT_WORDS = 2000
 # characters that show nothing beside those of the categories below: Unicode's default-ignorable fillers (the Hangul
@@ -60,7 +65,8 @@ def load_predictions(path: Path) -> list[ReportPair]:
         for field in FIELDS:
             value = obj.get(field)
             if not isinstance(value, str):
-                fail(f"{path.name} line {lineno}: field '{field}' is missing or not a string")
+                fail(f"{path.name} line {lineno}: field '{field}' is missing or not a string",
+                     remedy=INFER_RECORD_REMEDY if field not in obj and "report" in obj else None)
             if not _is_unicode(value):
                 fail(f"{path.name} line {lineno}: field '{field}' holds a lone surrogate escape (\\ud800-\\udfff), "
                      f"not text")
@@ -120,13 +126,24 @@ def align_pairs(reference_arm: list[ReportPair], candidate_arm: list[ReportPair]
     only_ref = len(ref_by_study.keys() - cand_by_study.keys())
     only_cand = len(cand_by_study.keys() - ref_by_study.keys())
     if only_ref or only_cand:
+        alike = len({_id_key(s) for s in ref_by_study.keys() - cand_by_study.keys()}
+                    & {_id_key(s) for s in cand_by_study.keys() - ref_by_study.keys()})
         fail(f"the two prediction files cover different studies ({only_ref} only in the reference arm, "
-             f"{only_cand} only in the candidate arm)")
+             f"{only_cand} only in the candidate arm)" +
+             (f"; {alike} of them are the same id written differently (a './' prefix, a doubled or trailing '/', "
+              f"or accents composed (NFC) in one file and decomposed (NFD) in the other): write each study id the "
+              f"same way in both files" if alike else ""))
     studies = [p.study for p in reference_arm]
     differing = sum(ref_by_study[s].reference != cand_by_study[s].reference for s in studies)
     if differing:
         fail(f"the ground-truth 'reference' text differs between the two files for {differing} studies")
     return [ref_by_study[s] for s in studies], [cand_by_study[s] for s in studies]
+
+
+def _id_key(study: str) -> str:
+    """A study id as it would compare had both files written it alike (paths normalised, Unicode composed): for the
+    hint only, since ids are matched exactly (two ids of one file may share a key)."""
+    return os.path.normpath(unicodedata.normalize("NFC", study))
 
 
 def _is_unicode(text: str) -> bool:
