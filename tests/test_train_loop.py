@@ -924,3 +924,37 @@ def test_resume_hints_paste_into_a_shell(tmp_path: Path) -> None:
     for line in (_interrupted(run, 3), _image_failed("x.png: damaged", run, 3)):
         assert shlex.split(line.rsplit("run: ", 1)[1]) == ["radtrt", "train", "resume", str(run)], line
     assert _interrupted(run, 3).startswith("radtrt: interrupted; to go on from step 3, its last checkpoint, run: ")
+
+
+def test_a_sigterm_as_the_first_checkpoint_is_saved_names_that_checkpoint(chain: Chain, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """A SIGTERM landing once state.pt was on disk but before the loop recorded it said 'nothing to resume: delete
+    RUN' (a flaky CI failure): the save and its record are one step, and the signal lands after both."""
+    import os
+    import signal
+
+    from radtrt import interrupts
+    from radtrt.training import checkpoint as ckpt
+
+    save = ckpt.save_checkpoint
+
+    def save_then_signalled(run_dir: Path, state: dict) -> None:
+        save(run_dir, state)
+        os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's, just as the first checkpoint lands
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_signalled)
+    run = tmp_path / "run"
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(run), max_steps=4, save_every=2)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "to go on from step 2, its last checkpoint, run: radtrt train resume" in err, err
+    assert ckpt.state_path(run).is_file()

@@ -416,8 +416,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                     assert progress is not None and task is not None
                     progress.update(task, completed=done, loss=step_loss, lr=lr, sps=sps)
                 if done % cfg.save_every == 0 or done == end:
-                    _save(run_dir, cfg, info, done, named, optimizer, scheduler, origin)
-                    saved = done
+                    # one step with its record: a SIGTERM between them named no checkpoint (or an older one) and,
+                    # before the first, had the user delete a run whose checkpoint was already on disk
+                    with interrupts.deferred():
+                        _save(run_dir, cfg, info, done, named, optimizer, scheduler, origin)
+                        saved = done
         model_dir = None
         if end == total and info.is_main:
             try:
