@@ -317,12 +317,14 @@ def test_preprocessing_execute_fails_only_the_bad_requests(tmp_path: Path, monke
 
     good = request([png.getvalue()])
     responses = model.execute([good, request([png.getvalue()] * 2), request([png.getvalue()], b"Dyspn\xe9e"),
-                               request([png.getvalue()], b"x " * 3000, 10**6), good, request([b"not an image"])])
+                               request([png.getvalue()], b"x " * 3000, 10**6), good, request([b"not an image"]),
+                               request([png.getvalue()], b"", 10**6)])
     errors = [str(r.error) if r.error is not None else None for r in responses]
     assert errors[0] is None and errors[4] is None
     assert errors[5].startswith("IMAGE: not a DICOM file")  # not the server's temporary path
     assert "IMAGE holds 2 values: send one request per study" in errors[1]
     assert errors[2] == "INDICATION is not UTF-8 text"
-    assert "exceed the model's 512 positions; shorten INDICATION or lower MAX_NEW_TOKENS" in errors[3]
+    assert "exceed the model's 512 positions; the prompt alone fills them: shorten INDICATION" in errors[3]
+    assert errors[6].endswith(" positions; MAX_NEW_TOKENS 336 at most for this prompt"), errors[6]  # no INDICATION
     outputs = {t.name: t.array for t in responses[0].output_tensors}
     assert outputs["PIXEL_VALUES"].shape == (1, 3, 56, 56) and outputs["REQUEST_OUTPUT_LEN"].tolist() == [[32]]

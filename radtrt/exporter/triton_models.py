@@ -52,7 +52,7 @@ class RequestPreparer:
         ids = tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
         ids = fake_prompt_ids(ids, self.num_image_tokens, self.vocab_size)
         check_positions(len(ids), max_new_tokens, self.cfg.decoder.max_position_embeddings,
-                        fix="shorten INDICATION or lower MAX_NEW_TOKENS")
+                        shorten="INDICATION" if indication else None, limit="MAX_NEW_TOKENS")
         eos = self.tokenizer.eos_token_id
         col = lambda v: np.array([[v]], dtype=np.int32)  # noqa: E731 - [batch 1, 1]
         return {"PIXEL_VALUES": pixels.numpy().astype(NP_DTYPES[self.pixel_dtype])[None],

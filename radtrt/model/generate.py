@@ -90,16 +90,18 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int, *, shorten: str | None = None) -> None:
+def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int, *, shorten: str | None = None,
+                    limit: str = "--max-new-tokens") -> None:
     """Refuse a generation longer than the model's positions before its KV cache is allocated (a huge
     --max-new-tokens was an allocation failure), with the same words on every backend. ``shorten``: what the
     caller's prompt can be shortened by (``Pipeline.check_fits``: ``--indication``, when one was given); the remedy
     names it only then, since "shorten --indication" was said to runs that gave none, and lowering
-    --max-new-tokens only while that leaves room for a report."""
+    --max-new-tokens only while that leaves room for a report. ``limit``: the new-token limit as the caller's user
+    sets it (Triton's request input is ``MAX_NEW_TOKENS``)."""
     if prompt_length + max_new_tokens > max_positions:
         room = max_positions - prompt_length
         if room >= 1:
-            fix = f"--max-new-tokens {room} at most for this prompt"
+            fix = f"{limit} {room} at most for this prompt"
             fix = f"shorten {shorten} or give {fix}" if shorten else fix
         else:
             fix = f"the prompt alone fills them: shorten {shorten}" if shorten else \
