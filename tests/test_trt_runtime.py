@@ -311,3 +311,74 @@ def test_an_srs_version_and_the_engines_limits_are_known_before_any_study() -> N
     backend.check_length(4, 6)
     with pytest.raises(RadtrtError, match=r"exceed the TensorRT-LLM engine's sequences \(up to 10 positions\)"):
         backend.check_length(4, 7)
+
+
+def _broken_tensorrt(site: Path) -> None:
+    """A TensorRT wheel whose package metadata is there but whose import fails (libnvinfer missing), and a
+    TensorRT-LLM that fails the same way."""
+    for name, version, error in (("tensorrt", "10.3.0", "libnvinfer.so.10: cannot open shared object file"),
+                                 ("tensorrt_llm", "0.12.0", "libth_common.so: cannot open shared object file")):
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(f"raise ImportError({error!r})\n")
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_a_tensorrt_that_does_not_import_is_not_usable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Package metadata without a loadable library: doctor called the vision engine buildable and tensorrt a usable
+    backend, auto picked tensorrt, and infer/export ended in an ImportError traceback."""
+    import dataclasses
+    import types
+
+    import radtrt.exporter.gpu as gpu_module
+    from test_trt_vision import ORIN, fake_engine, vision_graph
+
+    from radtrt.exporter.gpu import capability_lines, detect_gpu, tensorrt_backend_possible
+    from radtrt.exporter.tensorrt import _build_serialized, inspect_onnx, plan_vision_build, vision_profile
+    from radtrt.runtime.backends import choose_backend
+    from radtrt.runtime.session import _trt_ready
+    from radtrt.runtime.tensorrt import TrtVisionEngine, open_runner
+
+    _broken_tensorrt(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=0: types.SimpleNamespace(
+        name="Orin", major=8, minor=7, total_memory=32 * 2**30))
+    gpu = detect_gpu()
+    assert gpu is not None and gpu.tensorrt == "10.3.0" and "libnvinfer.so.10" in str(gpu.tensorrt_error)
+    assert gpu == dataclasses.replace(ORIN, memory_gib=32.0, cuda=gpu.cuda)  # an engine's identity is unchanged
+    assert "tensorrt_error" not in gpu_stamp(gpu)
+    lines = "\n".join(capability_lines(gpu))
+    assert "vision engine: no (TensorRT 10.3.0 is installed but does not import (libnvinfer.so.10" in lines
+    assert "buildable" not in lines and "--backend tensorrt: not usable here" in lines
+    assert not tensorrt_backend_possible(gpu)
+    # auto: the engines recorded for this GPU are passed over, saying why
+    bundle = make_fake_bundle(tmp_path)
+    fake_engine(bundle, ORIN)
+    folder = bundle / "trtllm" / "orin-w8a16"
+    folder.mkdir(parents=True)
+    (folder / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
+                                                   "mode": "w8a16", "int8_kv": False, "limits": LIMITS}))
+    ready, why = _trt_ready(bundle, gpu)
+    assert not ready and "does not import (libnvinfer.so.10" in str(why)
+    chosen, said = choose_backend("auto", bundle=True, model=False, ort_providers=["CPUExecutionProvider"],
+                                  trt_ready=ready, trt_unusable=why)
+    assert chosen == "onnxruntime" and said.startswith("the bundle's TensorRT engines for this GPU cannot run here")
+    # --backend tensorrt, and every import of the libraries: one line, not an ImportError traceback
+    with pytest.raises(RadtrtError, match=r"--backend tensorrt: TensorRT 10.3.0 is installed but does not import"):
+        TensorRTBackend(bundle, gpu=gpu)
+    with pytest.raises(RadtrtError, match=r"^TensorRT does not import here \(libnvinfer.so.10.*\): reinstall it"):
+        TrtVisionEngine(tmp_path / "vision.engine", {"gpu": gpu_stamp(ORIN)})
+    with pytest.raises(RadtrtError, match=r"^TensorRT-LLM does not import here \(libth_common.so"):
+        open_runner(folder / "engine", "cpp", LIMITS)
+    vision_graph(tmp_path / "v.onnx")
+    info = inspect_onnx(tmp_path / "v.onnx")
+    with pytest.raises(RadtrtError, match=r"^TensorRT does not import here"):
+        _build_serialized(tmp_path / "v.onnx", info, plan_vision_build(info, "10.3.0"), vision_profile(info, 2),
+                          tmp_path / "t.cache", 2**30, "10.3.0")
+    from radtrt.exporter.gpu import check_tensorrt
+
+    with pytest.raises(RadtrtError, match="does not import"):  # export --target tensorrt's preflight
+        check_tensorrt(gpu)
+    assert gpu_module.trtllm_problem(gpu, "fp16").startswith("TensorRT-LLM needs TensorRT")

@@ -18,8 +18,9 @@ import importlib
 import importlib.metadata
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from radtrt.errors import fail
@@ -68,6 +69,10 @@ class GpuInfo:
     tensorrt: str | None = None
     tensorrt_llm: str | None = None
     memory_gib: float | None = None
+    # why the installed TensorRT (its package metadata says ``tensorrt``) does not import here, e.g. libnvinfer
+    # missing: the version alone made doctor call it buildable and auto pick it, then ``import tensorrt`` raised.
+    # Not part of an engine's identity, so neither compared nor stamped.
+    tensorrt_error: str | None = field(default=None, compare=False)
 
     @property
     def sm_tag(self) -> str:
@@ -100,6 +105,26 @@ def library_version(module: str) -> str | None:
         return None
 
 
+def import_problem(module: str) -> str | None:
+    """Why ``module`` does not import (its first line), or None: an install can have its package metadata and
+    still fail to load (TensorRT's wheel without libnvinfer raises ImportError, a ctypes load OSError)."""
+    try:
+        importlib.import_module(module)
+    except (ImportError, OSError) as e:
+        return (str(e).splitlines() or [type(e).__name__])[0]
+    return None
+
+
+def import_vendor(module: str, label: str) -> ModuleType:
+    """``module`` imported, or one line naming the vendor library that does not load here and why, where the bare
+    import ended in an ImportError traceback (a wheel whose shared libraries are missing)."""
+    try:
+        return importlib.import_module(module)
+    except (ImportError, OSError) as e:
+        fail(f"{label} does not import here ({(str(e).splitlines() or [type(e).__name__])[0]}): reinstall it "
+             f"(see 'radtrt doctor')")
+
+
 def detect_gpu(device: int = 0) -> GpuInfo | None:
     """The host's GPU as PyTorch sees it, with the installed TensorRT/TensorRT-LLM versions."""
     import torch
@@ -107,9 +132,13 @@ def detect_gpu(device: int = 0) -> GpuInfo | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(device)
+    tensorrt = library_version("tensorrt")
+    # TensorRT is imported to prove it loads (TensorRT-LLM, which needs it, is not: importing it starts MPI and
+    # prints a banner; its own failures are caught where it is imported, by ``import_vendor``)
     return GpuInfo(name=props.name, sm=(props.major, props.minor), cuda=torch.version.cuda,
-                   tensorrt=library_version("tensorrt"), tensorrt_llm=library_version("tensorrt_llm"),
-                   memory_gib=round(props.total_memory / 2**30, 1))
+                   tensorrt=tensorrt, tensorrt_llm=library_version("tensorrt_llm"),
+                   memory_gib=round(props.total_memory / 2**30, 1),
+                   tensorrt_error=import_problem("tensorrt") if tensorrt else None)
 
 
 def require_gpu(gpu: GpuInfo | None) -> GpuInfo:
@@ -125,6 +154,8 @@ def tensorrt_problem(gpu: GpuInfo) -> str | None:
     """Why TensorRT cannot build/run engines for this GPU, or None."""
     if gpu.tensorrt is None:
         return "TensorRT is not installed (pip package 'tensorrt', or JetPack on Jetson)"
+    if gpu.tensorrt_error:
+        return f"TensorRT {gpu.tensorrt} is installed but does not import ({gpu.tensorrt_error}): reinstall it"
     if gpu.sm < VOLTA:
         return f"{gpu.name} ({gpu.sm_tag}) predates Volta; radtrt's TensorRT path needs sm70 or newer"
     if gpu.sm == VOLTA and parse_version(gpu.tensorrt)[:2] > LAST_TENSORRT_FOR_VOLTA:
@@ -139,6 +170,8 @@ def trtllm_problem(gpu: GpuInfo, mode: str, *, int8_kv: bool = False) -> str | N
         fail(f"unknown decoder mode '{mode}' (known: {', '.join(MODE_MIN_SM)})")
     if gpu.tensorrt_llm is None:
         return "TensorRT-LLM is not installed"
+    if gpu.tensorrt_error:  # TensorRT-LLM loads TensorRT
+        return f"TensorRT-LLM needs TensorRT, and TensorRT {gpu.tensorrt} does not import ({gpu.tensorrt_error})"
     version = parse_version(gpu.tensorrt_llm)
     if gpu.sm < VOLTA or gpu.sm == XAVIER:
         return f"TensorRT-LLM does not support {gpu.name} ({gpu.sm_tag})"
@@ -221,6 +254,7 @@ def timing_cache_name(gpu: GpuInfo) -> str:
 def gpu_stamp(gpu: GpuInfo) -> dict[str, Any]:
     """What an engine's JSON stamp records about the machine that built it."""
     d = asdict(gpu)
+    del d["tensorrt_error"]  # this host's state, not what the engine was built for
     d["sm"] = list(gpu.sm)
     return d
 

@@ -36,6 +36,7 @@ from radtrt.exporter.gpu import (
     check_tensorrt,
     engine_key,
     gpu_stamp,
+    import_vendor,
     loaded_tensorrt_problem,
     newest_first,
     parse_version,
@@ -239,7 +240,7 @@ def attach_timing_cache(config: Any, cached: bytes) -> str | None:
 def _build_serialized(onnx_path: Path, onnx: OnnxInfo, plan: VisionBuildPlan, profile: dict[str, list[int]],
                       cache_path: Path, workspace_bytes: int, tensorrt_version: str) -> bytes:
     """TensorRT Python API build (lazy import: TensorRT exists only on GPU hosts)."""
-    import tensorrt as trt
+    trt = import_vendor("tensorrt", "TensorRT")
 
     problem = loaded_tensorrt_problem(tensorrt_version, trt.__version__)
     if problem:

@@ -24,6 +24,7 @@ from radtrt.exporter.gpu import (
     check_trtllm,
     engine_key,
     gpu_stamp,
+    import_vendor,
     newest_first,
     read_stamp,
     stamp_mismatch,
@@ -91,7 +92,7 @@ def mixed_gemm_preprocessor(op: Callable[..., torch.Tensor] | None, py_fn: Calla
 
 def trtllm_mixed_gemm_preprocessor(gpu: GpuInfo) -> Callable[[torch.Tensor], torch.Tensor]:
     """TensorRT-LLM's weight rearrangement for *this* GPU (see ``mixed_gemm_preprocessor``)."""
-    import tensorrt_llm  # noqa: F401  (importing it loads libth_common, which registers torch.ops.trtllm)
+    import_vendor("tensorrt_llm", "TensorRT-LLM")  # importing it loads libth_common, which registers torch.ops.trtllm
 
     try:
         op = torch.ops.trtllm.preprocess_weights_for_mixed_gemm

@@ -87,12 +87,14 @@ def resolve_device(device: str) -> str:
 
 
 def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: list[str],
-                   trt_ready: bool = False, cpu: bool = False, gpu_here: bool = True) -> tuple[str, str]:
+                   trt_ready: bool = False, cpu: bool = False, gpu_here: bool = True,
+                   trt_unusable: str | None = None) -> tuple[str, str]:
     """(backend, why): TensorRT > ONNX Runtime (CUDA, then CPU) > torch, among what the inputs allow.
 
     ``trt_ready``: the bundle holds a vision engine and a TensorRT-LLM engine built for this GPU.
     ``cpu``: ``--device cpu`` was given, which TensorRT cannot honour. ``gpu_here``: an NVIDIA GPU was found
-    (without one, "no engines for this host" read as if building some would help).
+    (without one, "no engines for this host" read as if building some would help). ``trt_unusable``: why the
+    engines the bundle holds for this GPU cannot run it here (said in place of "holds no engines", which was false).
     """
     if requested in ("tensorrt", "onnxruntime"):
         if not bundle:
@@ -116,7 +118,8 @@ def choose_backend(requested: str, *, bundle: bool, model: bool, ort_providers: 
         gpu = "CUDAExecutionProvider" in ort_providers
         if not gpu_here and not gpu:
             return "onnxruntime", "no CUDA GPU visible here, so ONNX Runtime on the CPU"
-        return "onnxruntime", ("the bundle holds no TensorRT vision engine and TensorRT-LLM engine pair for this host; "
+        return "onnxruntime", ((f"{trt_unusable}; " if trt_unusable else "the bundle holds no TensorRT vision engine "
+                                "and TensorRT-LLM engine pair for this host; ")
                                + ("ONNX Runtime has CUDA" if gpu else "ONNX Runtime on the CPU"))
     if model:
         return "torch", "no --bundle given, so the PyTorch reference runs the model"

@@ -87,9 +87,10 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     from radtrt.exporter.gpu import detect_gpu
 
     gpu = detect_gpu() if bundle is not None and backend == "auto" and not cpu else None
-    trt_ready = gpu is not None and _trt_ready(bundle, gpu)
+    trt_ready, trt_unusable = _trt_ready(bundle, gpu) if gpu is not None and bundle is not None else (False, None)
     chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers,
-                                 trt_ready=trt_ready, cpu=cpu, gpu_here=gpu is not None or cpu or backend != "auto")
+                                 trt_ready=trt_ready, cpu=cpu, gpu_here=gpu is not None or cpu or backend != "auto",
+                                 trt_unusable=trt_unusable)
     _refuse_unused(chosen, why, dtype=dtype, ort_provider=ort_provider, trt_cache=trt_cache, ort_spin=ort_spin,
                    model=model, bundle=bundle, trt_decoder=trt_decoder)
     dtype = dtype or "float32"
@@ -138,11 +139,19 @@ def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: st
              f"--backend torch and drop --bundle to run the model")
 
 
-def _trt_ready(bundle: Path, gpu: Any) -> bool:  # a radtrt.exporter.gpu.GpuInfo
+def _trt_ready(bundle: Path, gpu: Any) -> tuple[bool, str | None]:  # a radtrt.exporter.gpu.GpuInfo
+    """(whether ``--backend auto`` runs the bundle's engines, why not when it holds a pair for this GPU that cannot
+    run here): picking tensorrt and then refusing left the user to find ``--backend onnxruntime`` alone."""
+    from radtrt.exporter.gpu import tensorrt_problem
     from radtrt.runtime.tensorrt import usable_engines
 
     engines = usable_engines(bundle, gpu)
-    return bool(engines["vision"] and engines["decoder"])
+    if not (engines["vision"] and engines["decoder"]):
+        return False, None
+    problem = tensorrt_problem(gpu)
+    if problem:  # TensorRT installed but not loading (libnvinfer missing): the engines match, the import fails
+        return False, f"the bundle's TensorRT engines for this GPU cannot run here ({problem})"
+    return True, None
 
 
 def _open_trt(bundle: Path, why: str, console: Console, decoder: str | None = None) -> Pipeline:

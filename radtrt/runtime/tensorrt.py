@@ -23,8 +23,8 @@ import torch
 
 from radtrt.errors import fail
 from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, read_manifest
-from radtrt.exporter.gpu import (GpuInfo, detect_gpu, loaded_tensorrt_problem, parse_version, read_stamp, require_gpu,
-                                 stamp_gpu, stamp_mismatch)
+from radtrt.exporter.gpu import (GpuInfo, detect_gpu, import_vendor, loaded_tensorrt_problem, parse_version, read_stamp,
+                                 require_gpu, stamp_gpu, stamp_mismatch, tensorrt_problem)
 from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine
 from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag, split_mode_tag
 from radtrt.exporter.trtllm_build import check_built_from, find_decoder_engine, kv_cache_tokens, read_decoder_stamp
@@ -142,7 +142,7 @@ class TrtVisionEngine:
     add stream synchronizations (and warn on every call)."""
 
     def __init__(self, engine_path: Path, stamp: dict[str, Any]) -> None:
-        import tensorrt as trt
+        trt = import_vendor("tensorrt", "TensorRT")
 
         problem = loaded_tensorrt_problem(stamp_gpu(stamp).tensorrt, trt.__version__)
         if problem:
@@ -207,9 +207,8 @@ def runner_options(session: str, limits: dict[str, Any]) -> dict[str, Any]:
 def open_runner(engine_dir: Path, session: str, limits: dict[str, Any]) -> Any:
     """TensorRT-LLM's C++ runtime (``ModelRunnerCpp``) or its Python session (``ModelRunner``)."""
     options = runner_options(session, limits)
-    from tensorrt_llm.runtime import ModelRunner, ModelRunnerCpp
-
-    cls = ModelRunnerCpp if session == "cpp" else ModelRunner
+    runtime = import_vendor("tensorrt_llm.runtime", "TensorRT-LLM")
+    cls = runtime.ModelRunnerCpp if session == "cpp" else runtime.ModelRunner
     return cls.from_dir(engine_dir=str(engine_dir), rank=0, **options)
 
 
@@ -234,6 +233,8 @@ class TensorRTBackend:
         """``decoder``: the TensorRT-LLM engine's mode tag (``fp16``, ``w8a16``, ``w8a8_sq-kv8`` ...); None takes
         the one engine built for this host, and asks for a choice when there are several."""
         gpu = require_gpu(gpu or detect_gpu())  # before hashing gigabytes of bundle on a host that cannot run it
+        if gpu.tensorrt_error:  # installed but not loading: engines built for this GPU would match, then not import
+            fail(f"--backend tensorrt: {tensorrt_problem(gpu)}")
         self.manifest = read_manifest(bundle, verify=verify)
         engine, self.vision_stamp = find_vision_engine(bundle, gpu, vision_precision, self.manifest)
         tag = choose_decoder(usable_engines(bundle, gpu)["decoder"], decoder, bundle)
