@@ -385,7 +385,7 @@ def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
     (_set("decoder", "kv_cache", "int4"), "kv_cache 'int4' unknown"),
     (_set("decoder", "attention", "weird"), "attention 'weird'"),
     (_set("vision", "image_size", 224), "vision.image_size is 224"),
-    (lambda m: m.update(format_version=str(m["format_version"])), "has format version '1'"),  # said "version 1 ... reads 1"
+    (lambda m: m.update(format_version=str(m["format_version"])), "format version '1' is not a number"),  # "reads 1"
     (lambda m: m.update(format_version=2, tools=None), r"written by an unknown radtrt"),  # an AttributeError
     (lambda m: m.update(graphs=None), "'graphs' section is not an object"),  # an AttributeError
     (lambda m: (m.pop("graph_revision"), m["decoder"].pop("attention")), "exported by an older radtrt"),
@@ -896,3 +896,66 @@ def test_trtllm_logits_builds_an_engine_parity_can_read(bundle_fp16: Path, model
     assert built == [{"gather_generation_logits": True}]
     _refused(["export", "--bundle", str(bundle), "--target", "tensorrt", "--trtllm-logits"],
              "--trtllm-logits is a TensorRT-LLM engine build option")
+
+
+@pytest.mark.parametrize("edit, match", [
+    # not objects where the code reads fields of them: AttributeError / TypeError tracebacks
+    (lambda m: m["graphs"].update({"decoder.onnx": 5}), r"graphs\['decoder.onnx'\] is not an object"),
+    (lambda m: m["graphs"].update({"vision.onnx": "x"}), r"graphs\['vision.onnx'\] is not an object"),
+    (lambda m: m["graphs"]["decoder.onnx"].update(inputs="x"), r"graphs\['decoder.onnx'\].inputs is 'x'"),
+    (lambda m: m.update(vision=[1]), "its 'vision' section is not an object"),
+    (lambda m: m["decoder"].update(num_layers="2"), "decoder.num_layers is '2', not a whole number"),
+    (lambda m: m["decoder"].update(hidden_size=None), "decoder.hidden_size is None, not a whole number"),
+    (lambda m: m["vision"].pop("num_image_tokens"), "no vision.num_image_tokens"),
+    (lambda m: m["model"].update(weights_fingerprint_fp16=7), "model.weights_fingerprint_fp16 is 7, not a string"),
+    (lambda m: m.update(graph_revision="6"), "graph_revision is '6', not a whole number"),
+    (lambda m: m.update(format_version="1"), r"format version '1' is not a number\): re-export the bundle$"),
+    # the manifest's own revision is current: not "exported by an older radtrt (... revision 6; this radtrt writes 6)"
+    (lambda m: m.update(decoder={}), "no decoder.num_layers"),
+    (lambda m: m["decoder"].pop("attention"), "no decoder.attention"),
+])
+def test_a_damaged_manifest_structure_is_one_line(tmp_path: Path, edit: Callable[[dict], None], match: str) -> None:
+    """Any damaged field the code reads is 'BUNDLE/manifest.json is damaged (...): re-export the bundle'."""
+    from test_trt_vision import make_fake_bundle
+
+    bundle = make_fake_bundle(tmp_path)
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["graphs"] = {"decoder.onnx": {"inputs": {"inputs_embeds": [1]}, "outputs": {}}, "vision.onnx": {}}
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(RadtrtError, match=match) as e:
+        read_manifest(bundle)
+    assert str(e.value).startswith(f"{path} is damaged (") and str(e.value).endswith(": re-export the bundle")
+
+
+def test_bundle_version_and_missing_file_messages_give_the_remedy(tmp_path: Path) -> None:
+    """A missing file had no remedy; a newer format version said only 're-export it', which this radtrt cannot
+    read either; an older graph revision without the attention record is still 'an older radtrt'."""
+    from test_trt_vision import make_fake_bundle
+
+    from radtrt.exporter.onnx import GRAPH_REVISION
+
+    bundle = make_fake_bundle(tmp_path)
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for name in ("decoder.onnx", "embed_tokens.safetensors"):  # placeholders: only their presence is checked here
+        (bundle / name).write_bytes(b"x")
+        manifest["files"][name] = {"sha256": sha256_file(bundle / name), "bytes": 1}
+    path.write_text(json.dumps(manifest))
+    read_manifest(bundle)
+    (bundle / "tokenizer.model").unlink()
+    with pytest.raises(RadtrtError, match=f"bundle {bundle} is missing tokenizer.model: re-export the bundle$"):
+        read_manifest(bundle)
+    path.write_text(json.dumps({**manifest, "format_version": BUNDLE_FORMAT_VERSION + 1}))
+    with pytest.raises(RadtrtError, match=r"has format version 2 .*: upgrade radtrt or re-export it with this one$"):
+        read_manifest(bundle, verify=False)
+    path.write_text(json.dumps({**manifest, "format_version": BUNDLE_FORMAT_VERSION - 1}))
+    with pytest.raises(RadtrtError, match=r"has format version 0 .*: re-export it$"):
+        read_manifest(bundle, verify=False)
+    older = {**manifest, "graph_revision": GRAPH_REVISION - 1, "decoder": {
+        k: v for k, v in manifest["decoder"].items() if k != "attention"}}
+    path.write_text(json.dumps(older))
+    with pytest.raises(RadtrtError, match=f"exported by an older radtrt .*graph revision {GRAPH_REVISION - 1};"):
+        read_manifest(bundle, verify=False)
+

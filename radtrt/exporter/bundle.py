@@ -230,20 +230,28 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
     manifest = read_json(path)
     if manifest.get("format") != BUNDLE_FORMAT:
         fail(f"{bundle} is not a radtrt bundle (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
-        fail(f"bundle {bundle} has format version {manifest.get('format_version')!r} (written by "
-             f"{_written_by(manifest)}); this radtrt {__version__} reads version "
-             f"{BUNDLE_FORMAT_VERSION}", remedy="re-export it")
+    version, revision = manifest.get("format_version"), manifest.get("graph_revision")
+    if not _whole(version):  # a string '1' was "format version '1' ... reads version 1: re-export it"
+        fail(f"{path} is damaged (format version {version!r} is not a number)", remedy=REEXPORT)
+    if version != BUNDLE_FORMAT_VERSION:  # a newer one cannot be re-exported by this radtrt alone
+        fail(f"bundle {bundle} has format version {version!r} (written by {_written_by(manifest)}); this radtrt "
+             f"{__version__} reads version {BUNDLE_FORMAT_VERSION}",
+             remedy="re-export it" if version < BUNDLE_FORMAT_VERSION else "upgrade radtrt or re-export it with this one")
+    if _whole(revision) and revision > GRAPH_REVISION:  # older revisions still run: their graphs are plain ONNX
+        fail(f"bundle {bundle} was exported by a newer radtrt ({_written_by(manifest)}, graph revision "
+             f"{revision}; this radtrt {__version__} knows up to {GRAPH_REVISION})",
+             remedy="upgrade radtrt or re-export it with this one")
+    # older: no revision at all, or an older one from before the decoder's attention was recorded. A current
+    # revision without it is a damaged manifest (below): "exported by an older radtrt (graph revision 6; this
+    # radtrt writes 6)" said otherwise
+    decoder = manifest.get("decoder")
+    if "graph_revision" not in manifest or (_whole(revision) and revision < GRAPH_REVISION
+                                            and isinstance(decoder, dict) and "attention" not in decoder):
+        fail(f"bundle {bundle} was exported by an older radtrt ({_written_by(manifest)}, graph revision "
+             f"{revision!r}; this radtrt writes {GRAPH_REVISION})", remedy="re-export it")
     problem = manifest_problem(manifest)
     if problem:
         fail(f"{path} is damaged ({problem})", remedy=REEXPORT)
-    if not isinstance(manifest.get("graph_revision"), int) or "attention" not in manifest["decoder"]:
-        fail(f"bundle {bundle} was exported by an older radtrt ({_written_by(manifest)}, graph revision "
-             f"{manifest.get('graph_revision')!r}; this radtrt writes {GRAPH_REVISION})", remedy="re-export it")
-    if manifest["graph_revision"] > GRAPH_REVISION:  # older revisions still run: their graphs are plain ONNX
-        fail(f"bundle {bundle} was exported by a newer radtrt ({_written_by(manifest)}, graph revision "
-             f"{manifest['graph_revision']}; this radtrt {__version__} knows up to {GRAPH_REVISION})",
-             remedy="upgrade radtrt or re-export it with this one")
     if verify:
         unlisted = [name for name in REQUIRED_FILES if name not in manifest["files"]]
         unlisted += [p.name for p in sorted(bundle.glob("*.onnx.data")) if p.name not in manifest["files"]]
@@ -253,7 +261,7 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
         for name, meta in manifest["files"].items():
             f = bundle / name
             if not f.is_file():
-                fail(f"bundle {bundle} is missing {name}")
+                fail(f"bundle {bundle} is missing {name}", remedy=REEXPORT)
             if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
                 fail(f"bundle file {f} does not match its manifest hash (corrupt or modified)", remedy=REEXPORT)
     if (bundle / MODEL_CONFIG).is_file():  # hashed above; the manifest itself is not, so it is checked against it
@@ -295,8 +303,32 @@ def manifest_mismatch(manifest: dict[str, Any], cfg: LlavaRadConfig) -> str | No
     return None
 
 
+def _whole(value: Any) -> bool:
+    """An integer in JSON (not a bool, which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_KINDS = {int: "a whole number", str: "a string", dict: "an object"}
+# Every field of a section that radtrt reads, with the type it must have: checked here, in one place, so a damaged
+# one is one line naming it, not an AttributeError or TypeError wherever it is read first. Optional fields (None:
+# may be missing) are checked when present.
+_SECTIONS: dict[str, dict[str, tuple[type, bool]]] = {
+    "model": {"name": (str, True), "config_sha256": (str, False), BUNDLE_FINGERPRINT: (str, False)},
+    "vision": {"image_size": (int, True), "num_image_tokens": (int, True)},
+    "decoder": {"num_layers": (int, True), "num_kv_heads": (int, True), "head_dim": (int, True),
+                "hidden_size": (int, True), "vocab_size": (int, True), "attention": (str, True),
+                "kv_cache": (str, True)},
+}
+
+
+def _field_problem(where: str, value: Any, kind: type) -> str | None:
+    ok = _whole(value) if kind is int else isinstance(value, kind)
+    return None if ok else f"{where} is {value!r}, not {_KINDS[kind]}"
+
+
 def manifest_problem(manifest: dict[str, Any]) -> str | None:
-    """What makes a manifest of the current format unusable, or None (pure).
+    """What makes a manifest of the current format unusable, or None (pure): the structure of every section the
+    code reads (``_SECTIONS``, the file list, the graphs' descriptions).
 
     Why: the runtime reads these fields without further checks, and a manifest without its file list
     would silently skip the hash check of every file."""
@@ -311,13 +343,30 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     if (manifest["precision"] == "int8") != isinstance(manifest.get("int8"), dict):  # reports name the precision
         return f"precision {manifest['precision']!r} " + ("without" if manifest["precision"] == "int8" else "with") \
             + " an INT8 quantization record"
-    for key in ("model", "vision", "decoder"):  # "graphs" is the ONNX Runtime backend's own check
-        if not isinstance(manifest.get(key), dict):
-            return f"no '{key}' section"
-    if not isinstance(manifest.get("graphs", {}), dict):
+    problem = _field_problem("graph_revision", manifest.get("graph_revision"), int)
+    if problem:
+        return problem
+    for key, fields in _SECTIONS.items():
+        section = manifest.get(key)
+        if not isinstance(section, dict):
+            return f"no '{key}' section" if section is None else f"its '{key}' section is not an object"
+        for name, (kind, required) in fields.items():
+            if name not in section:
+                if required:
+                    return f"no {key}.{name}"
+                continue
+            problem = _field_problem(f"{key}.{name}", section[name], kind)
+            if problem:
+                return problem
+    graphs = manifest.get("graphs", {})  # a description only (the runtime reads the graphs), but read when there
+    if not isinstance(graphs, dict):
         return "its 'graphs' section is not an object"
-    if not isinstance(manifest["model"].get("name"), str):
-        return "no model name"
+    for name, graph in graphs.items():
+        if not isinstance(graph, dict):
+            return f"graphs[{name!r}] is not an object"
+        for part in ("inputs", "outputs"):
+            if part in graph and not isinstance(graph[part], (dict, list)):
+                return f"graphs[{name!r}].{part} is {graph[part]!r}, not a list of names"
     return None
 
 
