@@ -959,3 +959,44 @@ def test_bundle_version_and_missing_file_messages_give_the_remedy(tmp_path: Path
     with pytest.raises(RadtrtError, match=f"exported by an older radtrt .*graph revision {GRAPH_REVISION - 1};"):
         read_manifest(bundle, verify=False)
 
+
+def test_a_vision_graph_of_another_precision_is_refused(bundle: Path, studies: list[Path], tmp_path: Path) -> None:
+    """An fp16 vision.onnx copied into an fp32 bundle, its hashes updated: an ONNX Runtime InvalidArgument traceback
+    at the first study (only the decoder's input type was checked against the precision)."""
+    from onnx import TensorProto
+    from test_trt_vision import vision_graph
+
+    copy = _copy(bundle, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for name in ("vision.onnx", "vision.onnx.data"):
+        (copy / name).unlink(missing_ok=True)
+        manifest["files"].pop(name, None)
+    vision_graph(copy / "vision.onnx", dtype=TensorProto.FLOAT16, size=manifest["vision"]["image_size"])
+    for name in ("vision.onnx", "vision.onnx.data"):
+        manifest["files"][name] = {"sha256": sha256_file(copy / name), "bytes": (copy / name).stat().st_size}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)],
+             "manifest.json says precision fp32, but vision.onnx takes float16 pixels (an fp32 bundle's takes float32)")
+
+
+def test_external_data_linked_out_of_the_bundle_is_named_with_the_remedy(bundle: Path, studies: list[Path],
+                                                                         tmp_path: Path) -> None:
+    """A bundle 'copied' with its .onnx.data as symbolic links to the original: ONNX Runtime's 'External data path
+    escapes model directory' named neither the link nor what to do."""
+    copy = tmp_path / "linked"
+    copy.mkdir()
+    for f in bundle.iterdir():
+        if f.name == "decoder.onnx.data":
+            (copy / f.name).symlink_to(f)
+        elif f.is_file():
+            shutil.copy(f, copy / f.name)
+    assert any(f.is_symlink() for f in copy.iterdir())
+    _refused(["infer", str(studies[0]), "--bundle", str(copy)],
+             f"{copy}/decoder.onnx.data is a symbolic link out of the bundle folder (to {bundle.resolve()}/"
+             f"decoder.onnx.data), which ONNX Runtime refuses to read: copy the bundle with real files, e.g. cp -rL")
+    inside = _copy(bundle, tmp_path)  # a link within the folder is read as before
+    (inside / "decoder.onnx.data").rename(inside / "real.data")
+    (inside / "decoder.onnx.data").symlink_to("real.data")
+    from radtrt.runtime.ort import _linked_out
+
+    assert _linked_out(inside / "decoder.onnx") is None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shlex
 import sys
 
 import time
@@ -33,6 +34,8 @@ from radtrt.model.prompt import IMAGE_TOKEN_INDEX
 from radtrt.outputs import make_dir
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8"}
+# what each precision's vision graph takes: an INT8 one quantizes its fp32 pixels itself (Q/DQ)
+VISION_INPUT = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "int8": "tensor(float)"}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -74,8 +77,26 @@ def _load_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError, ValueError)
 
 
+def _linked_out(path: Path) -> str | None:
+    """Why ONNX Runtime will refuse ``path``'s external data, or None: it resolves the link and refuses a file
+    outside the graph's folder ("External data path escapes model directory"), which a bundle copied with its
+    ``.onnx.data`` files as symbolic links to the original has."""
+    data = path.with_name(path.name + ".data")
+    if not data.is_symlink():
+        return None
+    target = data.resolve()
+    if target.is_relative_to(path.parent.resolve()):
+        return None
+    return (f"{data} is a symbolic link out of the bundle folder (to {target}), which ONNX Runtime refuses to read: "
+            f"copy the bundle with real files, e.g. cp -rL {shlex.quote(str(path.parent))} NEW_FOLDER")
+
+
 def _session(path: Path, providers: list[Any], threads: int | None, spin: bool = False, prepack: bool = True) -> Any:
     import onnxruntime as ort
+
+    linked = _linked_out(path)
+    if linked:
+        fail(linked)
 
     opts = ort.SessionOptions()
     # Fatal only, as in the provider probe: a graph that fails to load (a damaged external-data file) printed
@@ -188,6 +209,11 @@ class OrtBackend:
         if (self.precision == "fp16") != (embeds_type == "tensor(float16)"):  # reports and logs name the precision
             fail(f"{bundle}/manifest.json says precision {self.precision}, but decoder.onnx takes "
                  f"{ORT_TYPES.get(embeds_type, embeds_type)} embeddings", remedy=REEXPORT)
+        pixels_type = self.vision.get_inputs()[0].type  # a vision graph of another precision failed at its first run
+        if pixels_type != VISION_INPUT[self.precision]:
+            fail(f"{bundle}/manifest.json says precision {self.precision}, but vision.onnx takes "
+                 f"{ORT_TYPES.get(pixels_type, pixels_type)} pixels (an {self.precision} bundle's takes "
+                 f"{ORT_TYPES[VISION_INPUT[self.precision]]})", remedy=REEXPORT)
         self.fused = self._check_decoder_io(bundle, dec["attention"])
         # SmoothQuant's activations are quantized per call, over the whole [batch, tokens, hidden] tensor: in a
         # batch one study's values set the scale of another's, and its report changed with its neighbours
