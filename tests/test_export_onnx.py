@@ -37,6 +37,9 @@ def _exported(model_dir: Path, tmp_path_factory: pytest.TempPathFactory, *option
     assert result.exit_code == 0, result.stderr
     attention = "plain" if "plain" in options else "fused (GroupQueryAttention, com.microsoft)"
     assert f"decoder attention: {attention}" in result.stderr
+    # the reference the check measured: an fp16 bundle's is torch float16 (it said 'fp32 reference')
+    reference = "float16" if "fp16" in options else "float32"
+    assert f"ONNX Runtime vs PyTorch (reference torch {reference} on the CPU)" in result.stderr
     return out
 
 

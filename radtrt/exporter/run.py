@@ -180,7 +180,8 @@ def _export_onnx(loaded: Any, out: Path, precision: str, int8_plan: Any, attenti
                                  attention=attention)
     check = manifest["export_check"]
     what = "random-pixel smoke check, " if precision == "int8" else ""  # INT8 is judged on held-out studies
-    log(f"ONNX Runtime vs PyTorch ({what}fp32 reference): image embeddings max abs err {check['vision']['max_abs']:.3g}, "
+    # the reference the check measured ('torch float16 on the CPU' for fp16), not always 'fp32'
+    log(f"ONNX Runtime vs PyTorch ({what}reference {check['reference']}): image embeddings max abs err {check['vision']['max_abs']:.3g}, "
         f"first-step logits max abs err {check['decoder_first_logits']['max_abs']:.3g}, greedy tokens "
         f"{'identical' if check['greedy_tokens_equal'] else 'DIFFER'} over {check['greedy_steps']} steps")
     dec = manifest["decoder"]
