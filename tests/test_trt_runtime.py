@@ -382,3 +382,64 @@ def test_a_tensorrt_that_does_not_import_is_not_usable(tmp_path: Path, monkeypat
     with pytest.raises(RadtrtError, match="does not import"):  # export --target tensorrt's preflight
         check_tensorrt(gpu)
     assert gpu_module.trtllm_problem(gpu, "fp16").startswith("TensorRT-LLM needs TensorRT")
+
+
+def test_an_engine_of_another_gpu_model_does_not_offer_installing_its_libraries(tmp_path: Path) -> None:
+    """'install TensorRT on this host (the version it was built with), or rebuild...' for a V100's engine on an
+    Orin: no install makes it run there; the offer is kept for an engine of this GPU model."""
+    import dataclasses
+
+    from test_trt_vision import ORIN, V100, fake_engine
+
+    from radtrt.exporter.tensorrt import find_vision_engine
+    from radtrt.exporter.trtllm_build import find_decoder_engine
+
+    bundle = make_fake_bundle(tmp_path)
+    fake_engine(bundle, V100)
+    folder = bundle / "trtllm" / "tesla-w8a16"
+    folder.mkdir(parents=True)
+    (folder / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(V100),
+                                                   "mode": "w8a16", "int8_kv": False, "limits": LIMITS}))
+    bare = dataclasses.replace(ORIN, tensorrt=None, tensorrt_llm=None)
+    with pytest.raises(RadtrtError, match=f"built for Tesla V100.*: install TensorRT on this host, then rebuild it "
+                                          f"here with: radtrt export --bundle {bundle} --target tensorrt$") as e:
+        find_vision_engine(bundle, bare)
+    assert "the version it was built with" not in str(e.value)
+    with pytest.raises(RadtrtError, match=f"built for Tesla V100.*: install TensorRT-LLM on this host, then rebuild "
+                                          f"it here with: radtrt export --bundle {bundle} --model MODEL --target "
+                                          f"trtllm --precision int8$"):
+        find_decoder_engine(bundle, bare, "w8a16")
+    same_model = dataclasses.replace(V100, tensorrt=None, tensorrt_llm=None)  # this GPU model: installing helps
+    with pytest.raises(RadtrtError, match=r"install TensorRT on this host \(the version it was built with\)"):
+        find_vision_engine(bundle, same_model)
+    with pytest.raises(RadtrtError, match=r"install TensorRT-LLM on this host \(the version it was built with\)"):
+        find_decoder_engine(bundle, same_model, "w8a16")
+
+
+def test_auto_passes_over_engines_that_fit_the_gpu_but_not_the_bundle(tmp_path: Path) -> None:
+    """A decoder engine of another model, or a vision engine of another export: auto picked tensorrt (the GPU
+    records fit), which then refused; it now makes the same checks and runs ONNX Runtime, saying why."""
+    from test_trt_vision import ORIN, fake_engine
+
+    from radtrt.runtime.backends import choose_backend
+    from radtrt.runtime.session import _trt_ready
+
+    bundle = make_fake_bundle(tmp_path)
+    vision = fake_engine(bundle, ORIN)
+    folder = bundle / "trtllm" / "orin-w8a16"
+    folder.mkdir(parents=True)
+    decoder = {"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN), "mode": "w8a16", "int8_kv": False,
+               "limits": LIMITS}
+    (folder / "build.json").write_text(json.dumps(decoder))
+    assert _trt_ready(bundle, ORIN) == (True, None)
+    (folder / "build.json").write_text(json.dumps({**decoder, "bundle_weights": "ab" * 32}))  # another model's
+    ready, why = _trt_ready(bundle, ORIN)
+    assert not ready and "do not fit it (the TensorRT-LLM engine" in str(why) and "not built from the weights" in why
+    assert choose_backend("auto", bundle=True, model=False, ort_providers=["CPUExecutionProvider"], trt_ready=ready,
+                          trt_unusable=why) == ("onnxruntime", f"{why}; ONNX Runtime on the CPU")
+    assert not _trt_ready(bundle, ORIN, "w8a16")[0]  # the one --trt-decoder names
+    (folder / "build.json").write_text(json.dumps(decoder))
+    stamp = json.loads((vision / "engine.json").read_text())
+    (vision / "engine.json").write_text(json.dumps({**stamp, "onnx": {"file": "vision.onnx", "sha256": "0" * 64}}))
+    ready, why = _trt_ready(bundle, ORIN)
+    assert not ready and "built from another export of vision.onnx" in str(why)

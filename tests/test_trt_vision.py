@@ -479,3 +479,18 @@ def test_a_failed_first_build_leaves_no_engine_folder(tmp_path: Path, monkeypatc
     with pytest.raises(OSError):
         build_vision_engine(bundle, ORIN, precision="fp16")
     assert not (bundle / "tensorrt" / engine_key(ORIN, "fp16")).exists()
+
+
+def test_a_damaged_vision_engine_names_the_rebuild_command(tmp_path: Path) -> None:
+    """'does not match its stamp (corrupt): rebuild it' and 'built from another export of vision.onnx: rebuild it'
+    gave no command, where the other engine messages do."""
+    bundle = make_fake_bundle(tmp_path)
+    folder = fake_engine(bundle, ORIN)
+    build = f"rebuild it with: radtrt export --bundle {bundle} --target tensorrt$"
+    stamp = json.loads((folder / "engine.json").read_text())
+    (folder / "engine.json").write_text(json.dumps({**stamp, "onnx": {"file": "vision.onnx", "sha256": "0" * 64}}))
+    with pytest.raises(RadtrtError, match=f"built from another export of vision.onnx: {build}"):
+        find_vision_engine(bundle, ORIN)
+    (folder / "vision.engine").write_bytes(b"truncated")
+    with pytest.raises(RadtrtError, match=f"does not match its stamp \\(corrupt\\): {build}"):
+        find_vision_engine(bundle, ORIN)

@@ -296,6 +296,13 @@ def stamp_mismatch(stamp: dict[str, Any], gpu: GpuInfo, *, trtllm: bool = False)
     return f"built for {built.describe(trtllm=trtllm)}; this host has {gpu.describe(trtllm=trtllm)}"
 
 
+def same_gpu(stamp: dict[str, Any], gpu: GpuInfo) -> bool:
+    """Whether an engine was built for this GPU model and compute capability (its libraries aside): only then can
+    installing the libraries it was built with make it run here."""
+    built = stamp_gpu(stamp)
+    return built.name == gpu.name and built.sm == gpu.sm
+
+
 def newest_first(found: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Path, dict[str, Any]]]:
     """(stamp path, stamp) pairs of engines that all fit one host, the most recent build first.
 

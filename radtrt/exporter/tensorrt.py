@@ -41,6 +41,7 @@ from radtrt.exporter.gpu import (
     newest_first,
     parse_version,
     read_stamp,
+    same_gpu,
     stamp_mismatch,
     timing_cache_name,
 )
@@ -331,11 +332,27 @@ def build_vision_engine(bundle: Path, gpu: GpuInfo, *, precision: str | None = N
     return out
 
 
-def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
-                       manifest: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
-    """This host's engine (verified against its stamp, its hash and the bundle's ONNX), or one line
-    naming the machine the existing engine was built for."""
-    manifest = manifest or read_manifest(bundle, verify=False)
+def _build_command(bundle: Path) -> str:
+    # without --bundle it would make a new bundle; the command last and bare, as its quoted path nested in quotes
+    # ('radtrt export --bundle '/a/my bundle' ...') did not paste
+    return f"radtrt export --bundle {shlex.quote(str(bundle))} --target tensorrt"
+
+
+def vision_engine_problem(engine: Path, stamp: dict[str, Any], manifest: dict[str, Any], bundle: Path) -> str | None:
+    """Why this host's vision engine cannot run the bundle (damaged, or built from another export of its
+    vision.onnx), or None: what ``find_vision_engine`` refuses, asked apart by ``--backend auto``."""
+    build = _build_command(bundle)
+    if not engine.is_file() or sha256_file(engine) != stamp["engine_sha256"]:
+        return f"TensorRT engine {engine} is missing or does not match its stamp (corrupt): rebuild it with: {build}"
+    if stamp["onnx"]["sha256"] != manifest["files"].get("vision.onnx", {}).get("sha256"):
+        return f"TensorRT engine {engine} was built from another export of vision.onnx: rebuild it with: {build}"
+    return None
+
+
+def this_hosts_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None
+                             ) -> tuple[tuple[Path, dict[str, Any]] | None, list[tuple[str, bool]]]:
+    """(the engine file and stamp this host would run, unverified, or None; for each engine built elsewhere, why it
+    does not fit and whether it was built for this GPU model)."""
     root = bundle / "tensorrt"
     mismatches, fitting = [], []
     for path in sorted(root.glob(f"*/{STAMP_FILE}")) if root.is_dir() else []:
@@ -344,26 +361,37 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
             continue
         mismatch = stamp_mismatch(stamp, gpu)
         if mismatch:
-            mismatches.append(mismatch)
+            mismatches.append((mismatch, same_gpu(stamp, gpu)))
         else:
             fitting.append((path, stamp))
-    if fitting:
-        # the first precision in order (as before), and of it the newest build: an older folder of the same
-        # engine may remain (see newest_first); min keeps the first, so the newest, of equal precisions
-        path, stamp = min(newest_first(fitting), key=lambda f: str(f[1].get("precision")))
-        engine = path.parent / ENGINE_FILE
-        if not engine.is_file() or sha256_file(engine) != stamp["engine_sha256"]:
-            fail(f"TensorRT engine {engine} is missing or does not match its stamp (corrupt): rebuild it")
-        if stamp["onnx"]["sha256"] != manifest["files"]["vision.onnx"]["sha256"]:
-            fail(f"TensorRT engine {engine} was built from another export of vision.onnx: rebuild it")
-        return engine, stamp
+    if not fitting:
+        return None, mismatches
+    # the first precision in order (as before), and of it the newest build: an older folder of the same
+    # engine may remain (see newest_first); min keeps the first, so the newest, of equal precisions
+    path, stamp = min(newest_first(fitting), key=lambda f: str(f[1].get("precision")))
+    return (path.parent / ENGINE_FILE, stamp), mismatches
+
+
+def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
+                       manifest: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """This host's engine (verified against its stamp, its hash and the bundle's ONNX), or one line
+    naming the machine the existing engine was built for."""
+    manifest = manifest or read_manifest(bundle, verify=False)
+    build = _build_command(bundle)
+    chosen, mismatches = this_hosts_vision_engine(bundle, gpu, precision)
+    if chosen is not None:
+        problem = vision_engine_problem(*chosen, manifest, bundle)
+        if problem:
+            fail(problem)
+        return chosen
     what = f"{precision} " if precision else ""
-    # without --bundle it would make a new bundle; the command last and bare, as its quoted path nested in quotes
-    # ('radtrt export --bundle '/a/my bundle' ...') did not paste
-    build = f"radtrt export --bundle {shlex.quote(str(bundle))} --target tensorrt"
     if mismatches and gpu.tensorrt is None:  # no rebuild can help before TensorRT is there (as for TensorRT-LLM)
-        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: install TensorRT on this host (the "
-             f"version it was built with), or rebuild the engine once it is installed")
+        mismatch, here = next((m for m in mismatches if m[1]), mismatches[0])
+        # installing its TensorRT runs an engine of this GPU model only: a V100's never runs on an Orin
+        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatch}: " + (
+            "install TensorRT on this host (the version it was built with), or rebuild the engine once it is "
+            "installed" if here else f"install TensorRT on this host, then rebuild it here with: {build}"))
     if mismatches:
-        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0]}: rebuild it on this host with: {build}")
+        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0][0]}: rebuild it on this host with: "
+             f"{build}")
     fail(f"bundle {bundle} has no TensorRT {what}vision engine; build one with: {build}")

@@ -27,6 +27,7 @@ from radtrt.exporter.gpu import (
     import_vendor,
     newest_first,
     read_stamp,
+    same_gpu,
     stamp_mismatch,
 )
 from radtrt.exporter.trtllm import (
@@ -259,16 +260,24 @@ def read_decoder_stamp(path: Path) -> dict[str, Any] | None:
     return stamp
 
 
-def check_built_from(engine: Path, stamp: dict[str, Any], manifest: dict[str, Any], bundle: Path) -> None:
-    """Refuse a decoder engine built from other weights than the bundle's graphs hold (an engine folder copied in
-    from another bundle): it would run beside this bundle's vision engine, and reports would name this bundle's
-    weights."""
+def built_from_problem(engine: Path, stamp: dict[str, Any], manifest: dict[str, Any], bundle: Path) -> str | None:
+    """Why a decoder engine was not built from the weights the bundle's graphs hold (an engine folder copied in
+    from another bundle), or None: it would run beside this bundle's vision engine, and reports would name this
+    bundle's weights. ``check_built_from`` refuses it; ``--backend auto`` passes it over."""
     from radtrt.exporter.bundle import BUNDLE_FINGERPRINT
 
     if stamp.get("bundle_weights") != manifest["model"].get(BUNDLE_FINGERPRINT):
-        fail(f"the TensorRT-LLM engine {engine} was not built from the weights of the model {bundle} was exported "
-             f"from (copied from another bundle, or built by an older radtrt): delete its folder and rebuild it "
-             f"with: radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm ...")
+        return (f"the TensorRT-LLM engine {engine} was not built from the weights of the model {bundle} was exported "
+                f"from (copied from another bundle, or built by an older radtrt): delete its folder and rebuild it "
+                f"with: radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm ...")
+    return None
+
+
+def check_built_from(engine: Path, stamp: dict[str, Any], manifest: dict[str, Any], bundle: Path) -> None:
+    """Refuse a decoder engine built from other weights than the bundle's graphs hold (``built_from_problem``)."""
+    problem = built_from_problem(engine, stamp, manifest, bundle)
+    if problem:
+        fail(problem)
 
 
 def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Path, dict[str, Any]]:
@@ -276,7 +285,8 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
     None: any engine (the runtime asks so when none fits this host, for the line that says why)."""
     root = bundle / "trtllm"
     stamps = sorted(root.glob(f"*/{BUILD_STAMP}")) if root.is_dir() else []
-    others, fitting, here = [], [], set()
+    others: list[tuple[str, bool]] = []
+    fitting, here = [], set()
     for path in stamps:
         stamp = read_decoder_stamp(path)
         if stamp is None:
@@ -289,14 +299,11 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
         if mismatch is None:
             fitting.append((path, stamp))
         else:
-            others.append(mismatch)
+            others.append((mismatch, same_gpu(stamp, gpu)))
     if fitting:  # the newest build: an older folder of the same engine may remain (see newest_first)
         path, stamp = newest_first(fitting)[0]
         return path.parent / "engine", stamp
     what = f"{tag} decoder engine" if tag is not None else "decoder engine"
-    if others and gpu.tensorrt_llm is None:  # no rebuild can help before TensorRT-LLM is there
-        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: install TensorRT-LLM on this host "
-             f"(the version it was built with), or rebuild the engine once it is installed")
     mode, kv = split_mode_tag(tag or "fp16")
     options = {"fp16": "--precision fp16", "w8a16": "--precision int8",
                "w8a8_sq": "--precision int8 --int8-decoder smoothquant"}.get(mode, "") + (" --int8-kv-cache" if kv else "")
@@ -304,7 +311,13 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
         options += " --calibration-stats CALIB"  # an fp16/fp32 bundle carries no statistics to take them from
     # --bundle: into this one; the command last and bare (its quoted path nested in quotes did not paste)
     build = f"radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm {options}".rstrip()
+    if others and gpu.tensorrt_llm is None:  # no rebuild can help before TensorRT-LLM is there
+        mismatch, same = next((o for o in others if o[1]), others[0])
+        # installing its TensorRT-LLM runs an engine of this GPU model only: a V100's never runs on an Orin
+        fail(f"the TensorRT-LLM {what} in {bundle} was {mismatch}: " + (
+            "install TensorRT-LLM on this host (the version it was built with), or rebuild the engine once it is "
+            "installed" if same else f"install TensorRT-LLM on this host, then rebuild it here with: {build}"))
     if others:
-        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0]}: rebuild it on this host with: {build}")
+        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0][0]}: rebuild it on this host with: {build}")
     has = f" (for this host it has {', '.join(sorted(here))})" if here else ""
     fail(f"bundle {bundle} has no TensorRT-LLM {what}{has}; build one with: {build}")

@@ -87,7 +87,8 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
     from radtrt.exporter.gpu import detect_gpu
 
     gpu = detect_gpu() if bundle is not None and backend == "auto" and not cpu else None
-    trt_ready, trt_unusable = _trt_ready(bundle, gpu) if gpu is not None and bundle is not None else (False, None)
+    trt_ready, trt_unusable = _trt_ready(bundle, gpu, trt_decoder) if gpu is not None and bundle is not None \
+        else (False, None)
     chosen, why = choose_backend(backend, bundle=bundle is not None, model=model is not None, ort_providers=providers,
                                  trt_ready=trt_ready, cpu=cpu, gpu_here=gpu is not None or cpu or backend != "auto",
                                  trt_unusable=trt_unusable)
@@ -139,11 +140,11 @@ def _refuse_unused(chosen: str, why: str, *, dtype: str | None, ort_provider: st
              f"--backend torch and drop --bundle to run the model")
 
 
-def _trt_ready(bundle: Path, gpu: Any) -> tuple[bool, str | None]:  # a radtrt.exporter.gpu.GpuInfo
+def _trt_ready(bundle: Path, gpu: Any, decoder: str | None = None) -> tuple[bool, str | None]:  # GpuInfo
     """(whether ``--backend auto`` runs the bundle's engines, why not when it holds a pair for this GPU that cannot
     run here): picking tensorrt and then refusing left the user to find ``--backend onnxruntime`` alone."""
     from radtrt.exporter.gpu import tensorrt_problem
-    from radtrt.runtime.tensorrt import usable_engines
+    from radtrt.runtime.tensorrt import engines_problem, usable_engines
 
     engines = usable_engines(bundle, gpu)
     if not (engines["vision"] and engines["decoder"]):
@@ -151,6 +152,9 @@ def _trt_ready(bundle: Path, gpu: Any) -> tuple[bool, str | None]:  # a radtrt.e
     problem = tensorrt_problem(gpu)
     if problem:  # TensorRT installed but not loading (libnvinfer missing): the engines match, the import fails
         return False, f"the bundle's TensorRT engines for this GPU cannot run here ({problem})"
+    problem = engines_problem(bundle, gpu, decoder)
+    if problem:  # the checks --backend tensorrt makes: auto picked it, and then it refused
+        return False, f"the bundle's TensorRT engines for this GPU do not fit it ({problem})"
     return True, None
 
 

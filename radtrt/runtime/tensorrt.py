@@ -25,9 +25,11 @@ from radtrt.errors import fail
 from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, read_manifest
 from radtrt.exporter.gpu import (GpuInfo, detect_gpu, import_vendor, loaded_tensorrt_problem, parse_version, read_stamp,
                                  require_gpu, stamp_gpu, stamp_mismatch, tensorrt_problem)
-from radtrt.exporter.tensorrt import STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine
+from radtrt.exporter.tensorrt import (STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine,
+                                      this_hosts_vision_engine, vision_engine_problem)
 from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag, split_mode_tag
-from radtrt.exporter.trtllm_build import check_built_from, find_decoder_engine, kv_cache_tokens, read_decoder_stamp
+from radtrt.exporter.trtllm_build import (built_from_problem, check_built_from, find_decoder_engine, kv_cache_tokens,
+                                          read_decoder_stamp)
 from radtrt.model.generate import Generation
 from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
@@ -91,6 +93,24 @@ def usable_engines(bundle: Path, gpu: GpuInfo | None) -> dict[str, list[str]]:
             found["decoder"].append(mode_tag(stamp["mode"], stamp["int8_kv"]))
     # one precision built twice (a folder of an older engine key beside its rebuild) is one engine to choose
     return {part: sorted(set(names)) for part, names in found.items()}
+
+
+def engines_problem(bundle: Path, gpu: GpuInfo, decoder: str | None = None) -> str | None:
+    """Why the engines ``bundle`` holds for this GPU (``usable_engines``: both found) cannot run it, by the checks
+    ``--backend tensorrt`` makes (the vision engine intact and built from this vision.onnx, the decoder engine
+    built from these weights), or None. ``--backend auto`` checked only the GPU records: it picked tensorrt, which
+    then refused a decoder engine from another model or a vision engine from another export."""
+    manifest = read_manifest(bundle, verify=False)
+    chosen, _ = this_hosts_vision_engine(bundle, gpu)
+    problem = vision_engine_problem(*chosen, manifest, bundle) if chosen is not None else None
+    if problem:
+        return problem
+    problems = []
+    for tag in [mode_tag(*split_mode_tag(decoder))] if decoder is not None else usable_engines(bundle, gpu)["decoder"]:
+        engine, stamp = find_decoder_engine(bundle, gpu, tag)  # one asked for and missing: its own line, as before
+        problems.append(built_from_problem(engine, stamp, manifest, bundle))
+    # any one that fits: with several, the backend asks which (choose_decoder), as before
+    return None if None in problems or not problems else problems[0]
 
 
 def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> str | None:
