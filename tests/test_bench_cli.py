@@ -688,3 +688,21 @@ def test_a_report_set_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch
     _emit("# report\n", {"a": 1}, False, tmp_path / "r.md", no_matplotlib)  # no chart of this run: the earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # one described another run
     assert (tmp_path / "r.md").read_text() == "# report\n"
+
+
+def test_a_vs_bundle_without_its_weights_fingerprint_is_refused(tiny: Assets, tmp_path: Path) -> None:
+    """Deleting model.weights_fingerprint_fp16 (the manifest is not hashed) skipped the same-model check of
+    --vs-bundle: two bundles of different models were compared without a word."""
+    import shutil
+
+    from radtrt.benchmarks.sides import open_sides
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny.bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["model"]["weights_fingerprint_fp16"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RadtrtError, match=f"{copy}/manifest.json has no model.weights_fingerprint_fp16 \\(damaged, "
+                                          f"or exported by an older radtrt\\), so the two bundles cannot be checked "
+                                          f"to hold one model: re-export the bundle$"):
+        open_sides(["onnxruntime"], tiny, vs_bundle=copy)

@@ -791,3 +791,20 @@ def test_a_bundle_calibration_of_an_older_format_does_not_block_checkpoints_with
     sq = runner.invoke(app, ["export", "--model", str(model_dir), "--bundle", str(copy), "--target", "trtllm",
                              "--int8-decoder", "smoothquant"])
     assert sq.exit_code == 2 and "format version 1" in sq.stderr  # SmoothQuant does need the statistics
+
+
+def test_a_smoothquant_bundle_decodes_alone_whatever_its_manifest_says(bundle: Path, weight_only: Path,
+                                                                        tmp_path: Path) -> None:
+    """Whether studies decode one at a time came from the manifest's INT8 record, which is not hashed: emptying it
+    made a SmoothQuant bundle's batches decode together (one study's activations scaling another's)."""
+    import shutil
+
+    from radtrt.runtime.ort import OrtBackend, quantizes_activations
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["int8"] = {}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert OrtBackend(copy, verify=False).per_study
+    assert not quantizes_activations(weight_only)  # weight-only INT8 quantizes no activation: batches stay whole

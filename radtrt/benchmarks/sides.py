@@ -20,7 +20,7 @@ from radtrt.benchmarks.machine import current_rss_mb
 from radtrt.errors import fail
 from radtrt.outputs import resolved
 from radtrt.threads import set_threads
-from radtrt.exporter.bundle import BUNDLE_FINGERPRINT
+from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, MANIFEST, REEXPORT
 from radtrt.runtime.pipeline import Pipeline
 
 BACKENDS = ("onnxruntime", "torch", "transformers", "tensorrt")
@@ -123,7 +123,11 @@ def open_sides(kinds: list[str], assets: Assets, *, base_model: Path | None = No
         _label_bundle_sides(sides)
         _check_same_model(sides)
         prints = [s.pipeline.backend.manifest["model"].get(BUNDLE_FINGERPRINT) for s in sides]
-        if None not in prints and prints[0] != prints[1]:
+        for bundle, fingerprint in zip((assets.bundle, vs_bundle), prints):
+            if fingerprint is None:  # the manifest is not hashed: deleting the field skipped the check below
+                fail(f"{bundle / MANIFEST} has no model.{BUNDLE_FINGERPRINT} (damaged, or exported by an older "
+                     f"radtrt), so the two bundles cannot be checked to hold one model", remedy=REEXPORT)
+        if prints[0] != prints[1]:
             fail(f"the two bundles were exported from different weights ({assets.bundle}, {vs_bundle}); "
                  f"compare bundles exported from one model")
         return sides

@@ -177,6 +177,15 @@ def provider_starts(name: str) -> bool:
     return session.get_providers()[:1] == [name]
 
 
+def quantizes_activations(graph: Path) -> bool:
+    """Whether a decoder graph quantizes its activations at run time, over each call's whole input (SmoothQuant's
+    ``DynamicQuantizeLinear``); weight-only INT8 graphs do not. The graph alone is read, not its weights."""
+    import onnx
+
+    nodes = onnx.load(str(graph), load_external_data=False).graph.node
+    return any(node.op_type == "DynamicQuantizeLinear" for node in nodes)
+
+
 class OrtBackend:
     """A bundle run by ONNX Runtime behind the torch backend's interface: the bundle is verified against its
     manifest first, and generation keeps its KV cache in preallocated buffers bound to the sessions (I/O
@@ -217,9 +226,9 @@ class OrtBackend:
         self.fused = self._check_decoder_io(bundle, dec["attention"])
         # SmoothQuant's activations are quantized per call, over the whole [batch, tokens, hidden] tensor: in a
         # batch one study's values set the scale of another's, and its report changed with its neighbours
-        int8 = self.manifest.get("int8") or {}
-        method = int8.get("decoder_method") if isinstance(int8, dict) else None
-        self.per_study = isinstance(method, dict) and method.get("method") == "smoothquant"
+        # read from the graph (SmoothQuant's DynamicQuantizeLinear nodes), not the manifest's INT8 record, which is
+        # not hashed: emptying it made a SmoothQuant bundle's batches decode together
+        self.per_study = self.precision == "int8" and quantizes_activations(bundle / "decoder.onnx")
         past_type = next((i.type for i in self.decoder.get_inputs() if i.name == "past_key.0"), None)
         if past_type not in ORT_TYPES:
             fail(f"{bundle / 'decoder.onnx'} has no past_key.0 input of a KV-cache type radtrt knows ({past_type})",
