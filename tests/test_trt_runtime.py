@@ -366,7 +366,8 @@ def test_a_tensorrt_that_does_not_import_is_not_usable(tmp_path: Path, monkeypat
                                   trt_ready=ready, trt_unusable=why)
     assert chosen == "onnxruntime" and said.startswith("the bundle's TensorRT engines for this GPU cannot run here")
     # --backend tensorrt, and every import of the libraries: one line, not an ImportError traceback
-    with pytest.raises(RadtrtError, match=r"--backend tensorrt: TensorRT 10.3.0 is installed but does not import"):
+    with pytest.raises(RadtrtError, match=r"the tensorrt backend cannot run here: TensorRT 10.3.0 is installed but "
+                                          r"does not import"):
         TensorRTBackend(bundle, gpu=gpu)
     with pytest.raises(RadtrtError, match=r"^TensorRT does not import here \(libnvinfer.so.10.*\): reinstall it"):
         TrtVisionEngine(tmp_path / "vision.engine", {"gpu": gpu_stamp(ORIN)})

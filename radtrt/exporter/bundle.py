@@ -310,8 +310,8 @@ def _whole(value: Any) -> bool:
 
 _KINDS = {int: "a whole number", str: "a string", dict: "an object"}
 # Every field of a section that radtrt reads, with the type it must have: checked here, in one place, so a damaged
-# one is one line naming it, not an AttributeError or TypeError wherever it is read first. Optional fields (None:
-# may be missing) are checked when present.
+# one is one line naming it, not an AttributeError or TypeError wherever it is read first. Each is (type, required):
+# an optional one is checked when present.
 _SECTIONS: dict[str, dict[str, tuple[type, bool]]] = {
     "model": {"name": (str, True), "config_sha256": (str, False), BUNDLE_FINGERPRINT: (str, False)},
     "vision": {"image_size": (int, True), "num_image_tokens": (int, True)},

@@ -254,7 +254,7 @@ class TensorRTBackend:
         the one engine built for this host, and asks for a choice when there are several."""
         gpu = require_gpu(gpu or detect_gpu())  # before hashing gigabytes of bundle on a host that cannot run it
         if gpu.tensorrt_error:  # installed but not loading: engines built for this GPU would match, then not import
-            fail(f"--backend tensorrt: {tensorrt_problem(gpu)}")
+            fail(f"the tensorrt backend cannot run here: {tensorrt_problem(gpu)}")
         self.manifest = read_manifest(bundle, verify=verify)
         engine, self.vision_stamp = find_vision_engine(bundle, gpu, vision_precision, self.manifest)
         tag = choose_decoder(usable_engines(bundle, gpu)["decoder"], decoder, bundle)
