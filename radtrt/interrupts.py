@@ -33,7 +33,7 @@ _held: set[int] = set()  # signals waiting for an import to end (at most one del
 _forced: set[int] = set()  # signals re-sent by a watcher: delivered whatever the main thread is doing
 _deferring = 0  # depth of ``deferred`` blocks
 _deferred: set[int] = set()  # signals that arrived inside one, delivered as it ends
-_complete: list[str] = []  # outputs this process finished, e.g. "bundle directory e32": named if interrupted later
+_complete: list[tuple[str, str]] = []  # outputs this process finished ("bundle directory", "e32"): named if interrupted
 _explained = False  # the command (or ``report``) has said on stderr what its interruption left
 
 
@@ -92,11 +92,12 @@ def deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def completed(what: str) -> None:
-    """``what`` (e.g. "bundle directory e32") is complete in its place: an interrupt later in the command ends it
-    with 130 all the same (later steps did not run), and ``report`` says the output is whole. Without it, the
-    rerun refused the output as "not empty", and a user could delete a good bundle as a half-built one."""
-    _complete.append(what)
+def completed(what: str, path: os.PathLike[str] | str) -> None:
+    """``what`` at ``path`` (e.g. "bundle directory", e32) is complete in its place: an interrupt later in the
+    command ends it with 130 all the same (later steps did not run), and ``report`` says the output is whole.
+    Without it, the rerun refused the output as "not empty", and a user could delete a good bundle as a half-built
+    one. One gone by then (a temporary folder of phantoms, removed as the interrupt unwound) is not named."""
+    _complete.append((what, os.fspath(path)))
 
 
 def explained() -> None:
@@ -116,7 +117,8 @@ def report() -> None:
     if _explained or sys.stderr is None:
         return
     _explained = True
-    kept = "".join(f"; {what} is complete (finished before the interrupt)" for what in _complete)
+    kept = "".join(f"; {what} {path} is complete (finished before the interrupt)" for what, path in _complete
+                   if os.path.lexists(path))
     try:
         sys.stderr.write(printable(f"radtrt: interrupted{kept}; no output was left half-written under its name")
                          + "\n")

@@ -200,7 +200,8 @@ def _place_new(tmp: Path, path: Path, what: str) -> None:
         fail(f"{what} {path} was written by another run meanwhile (this run's result was not saved); "
              f"choose another -o")
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):  # a file system without hard links (FAT, some shares)
+        # a file system without hard links (FAT, some shares; FUSE mounts say ENOSYS)
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         if path.exists() or path.is_symlink():  # the best such a file system allows: checked just before
             fail(f"{what} {path} was written by another run meanwhile (this run's result was not saved); "
@@ -335,4 +336,4 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
             (work / WORK_MARKER).unlink(missing_ok=True)
             fail(f"cannot move the finished {what} into place at {out} ({e.strerror}); it is complete in {work}")
         (out / WORK_MARKER).unlink()
-        interrupts.completed(f"{what} {out}")
+        interrupts.completed(what, out)

@@ -310,3 +310,41 @@ def test_a_report_set_is_not_split_by_an_interrupt_between_its_renames(tmp_path:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
     assert md.read_text() == js.read_text() == "new" and len(calls) == 2
+
+
+@pytest.mark.parametrize("errno_name", ["EPERM", "EOPNOTSUPP", "ENOSYS"])
+def test_a_new_file_on_a_file_system_without_hard_links_is_still_saved(tmp_path: Path, monkeypatch,
+                                                                       errno_name: str) -> None:
+    """FAT, some shares and FUSE mounts (ENOSYS) have no hard links: the calibration file was lost after all its
+    work. The check that the name is free is then made just before the rename."""
+    import errno
+    import os
+
+    from radtrt.outputs import replaced_atomically
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "cal.safetensors"
+    with replaced_atomically(out, new="calibration file") as tmp:
+        tmp.write_text("data")
+    assert out.read_text() == "data" and [p.name for p in tmp_path.iterdir()] == ["cal.safetensors"]
+    with pytest.raises(RadtrtError, match="was written by another run meanwhile"):
+        with replaced_atomically(out, new="calibration file") as tmp:
+            tmp.write_text("other")
+    assert out.read_text() == "data" and [p.name for p in tmp_path.iterdir()] == ["cal.safetensors"]
+
+
+def test_an_interrupt_names_only_finished_outputs_that_are_still_there(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A temporary phantom folder (calibrate --data phantom) was named complete after it had been removed."""
+    from radtrt import interrupts
+
+    monkeypatch.setattr(interrupts, "_complete", [])
+    monkeypatch.setattr(interrupts, "_explained", False)
+    (tmp_path / "bundle").mkdir()
+    interrupts.completed("phantom folder", tmp_path / "gone")
+    interrupts.completed("bundle directory", tmp_path / "bundle")
+    interrupts.report()
+    err = capsys.readouterr().err
+    assert f"bundle directory {tmp_path / 'bundle'} is complete" in err and "gone" not in err, err
