@@ -33,6 +33,7 @@ _held: set[int] = set()  # signals waiting for an import to end (at most one del
 _forced: set[int] = set()  # signals re-sent by a watcher: delivered whatever the main thread is doing
 _deferring = 0  # depth of ``deferred`` blocks
 _deferred: set[int] = set()  # signals that arrived inside one, delivered as it ends
+_notes: list[str | None] = []  # what each open ``deferred`` block is doing, said when an interrupt is held
 _complete: list[tuple[str, str]] = []  # outputs this process finished ("bundle directory", "e32"): named if interrupted
 _explained = False  # the command (or ``report``) has said on stderr what its interruption left
 
@@ -64,6 +65,12 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     elif _held:
         return  # a second press, or a SIGTERM after a Ctrl-C, while the first waits: the watcher delivers one
     elif _deferring:
+        if not _deferred and _notes and _notes[-1] and sys.stderr is not None:
+            try:  # a press that seems to do nothing is pressed again, or the job is killed outright
+                sys.stderr.write(f"radtrt: {_notes[-1]} first, then stopping\n")
+                sys.stderr.flush()
+            except (OSError, RuntimeError):  # stderr gone, or being written right now (the note is a courtesy)
+                pass
         _deferred.add(signum)
         return
     elif importing(frame):
@@ -74,17 +81,20 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def deferred() -> Iterator[None]:
+def deferred(note: str | None = None) -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM (as ``install`` handles them) for the few lines inside, then deliver one as
     ``KeyboardInterrupt``: for steps that must not be cut in two, such as a finished output renamed into place and
     recorded as complete (an interrupt between the two made the output look unfinished). Dropped when the block
-    fails: its error ends the command anyway."""
+    fails: its error ends the command anyway. ``note`` (say "finishing the checkpoint save") is printed when an
+    interrupt is held, for a block that can take seconds."""
     global _deferring
     _deferring += 1
+    _notes.append(note)
     try:
         yield
     finally:
         _deferring -= 1
+        _notes.pop()
         deliver = not _deferring and bool(_deferred)
         if not _deferring:
             _deferred.clear()

@@ -655,3 +655,29 @@ def test_a_second_run_on_the_same_manifest_is_refused_while_the_first_writes(tmp
     finally:
         holder.communicate("")
     assert synthesize(labels, out, client=None, console=None) == out and not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_an_interrupted_run_says_where_its_rows_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """It ended with the generic 'no output was left half-written', silent on the rows kept in OUT.partial."""
+    from radtrt import interrupts
+    from radtrt.data import synthesize as module
+
+    positive = module._positive_names
+    calls: list[int] = []
+
+    def third_interrupted(labels: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return positive(labels)
+
+    monkeypatch.setattr(module, "_positive_names", third_interrupted)
+    monkeypatch.setattr(interrupts, "_explained", False)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(_labels_file(tmp_path / "labels.jsonl"), out, client=None, console=None)
+    err = " ".join(capsys.readouterr().err.split())
+    partial = tmp_path / "out.jsonl.partial"
+    assert f"radtrt: interrupted; 2 of 4 rows are kept in {partial}: run the same command again" in err, err
+    assert len(partial.read_text().splitlines()) == 2 and not out.exists() and interrupts._explained

@@ -957,4 +957,28 @@ def test_a_sigterm_as_the_first_checkpoint_is_saved_names_that_checkpoint(chain:
         signal.signal(signal.SIGTERM, before[1])
     err = " ".join(capsys.readouterr().err.split())
     assert "to go on from step 2, its last checkpoint, run: radtrt train resume" in err, err
+    assert "radtrt: finishing the checkpoint save first, then stopping" in err  # a held press is not silent
     assert ckpt.state_path(run).is_file()
+
+
+def test_an_interrupt_once_the_model_is_in_place_says_it_is_complete(chain: Chain, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """One landing after RUN/model was renamed into place said to resume, which then refused: nothing to resume."""
+    from radtrt.training import loop
+
+    write = loop.write_outputs
+
+    def written_then_interrupted(*args: object, **kwargs: object) -> Path:
+        write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "write_outputs", written_then_interrupted)
+    run = tmp_path / "run"
+    cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(run), max_steps=2, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"radtrt: interrupted after the last step; the model is complete in {run / 'model'}" in err, err
+    assert "train resume" not in err

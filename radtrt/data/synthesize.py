@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from rich.console import Console
 
+from radtrt import interrupts
 from radtrt.data.chat import ChatClient
 from radtrt.data.manifest import optional_str, read_jsonl
 from radtrt.data.reports import findings_text
@@ -34,7 +35,7 @@ from radtrt.data.vocabulary import DEVICE_LABELS, LABELS, NO_FINDING, Findings
 from radtrt.errors import fail
 from radtrt.locks import lock_file
 from radtrt.outputs import check_file_target, make_dir, resolved
-from radtrt.progress import make_progress
+from radtrt.progress import make_progress, plain
 
 PROMPT_VERSION = 1
 # Recorded in every row, so a manifest begun under one version is not completed under another. What each
@@ -338,48 +339,62 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
     templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
                  for i in range(len(inputs))} if client is None else {}
     make_dir(out.parent, "folder for the output manifest")
-    with contextlib.ExitStack() as stack:
-        # two runs on one -o appended to one OUT.partial, and the first to end renamed it under the other
-        stack.enter_context(lock_file(out.with_name(out.name + ".lock"), f"{{holder}} is writing {out} right now; "
-                                      f"wait for it to end", "radtrt writes a manifest only where it can lock it, so "
-                                      "that two runs never append to one: choose a folder on a local file system"))
-        if out.exists():
-            start = _done_rows(out, inputs, mode, given)
-            if start == len(inputs):
-                return out  # whole already: nothing to ask
-            if target.exists():
-                fail(f"both {out} and {target} exist, each an unfinished manifest; delete the one you do not want")
-            try:
-                os.replace(out, target)  # checked (and a cut last line dropped) above: completed where it lands
-            except OSError as e:
-                fail(f"cannot rename {out} to {target}: {e.strerror}")
-        else:
-            start = _done_rows(target, inputs, mode, given)
-        progress = stack.enter_context(make_progress(console=console or Console(stderr=True), transient=True))
-        handle: TextIO | None = None  # opened with the first row: an endpoint failing at once leaves no empty file
-        task = progress.add_task("synthesizing reports", total=len(inputs), completed=start)
-        for i in range(start, len(inputs)):
-            obj, labels, indication = inputs[i], parsed[i], indications[i]
-            if client is None:
-                text = templates[i]
-            else:
-                text = client.complete(llm_messages(labels, indication), temperature=temperature, seed=seed)
-            row = {**obj, "findings": text, "indication": indication, "labels": _positive_names(labels),
-                   "source_labels": obj.get("labels"), "synthesis": mode}
-            if handle is None:
+    kept = 0  # the rows in OUT.partial when an interrupt lands
+    try:
+        with contextlib.ExitStack() as stack:
+            # two runs on one -o appended to one OUT.partial, and the first to end renamed it under the other
+            stack.enter_context(lock_file(out.with_name(out.name + ".lock"), f"{{holder}} is writing {out} right now; "
+                                          f"wait for it to end", "radtrt writes a manifest only where it can lock it, so "
+                                          "that two runs never append to one: choose a folder on a local file system"))
+            if out.exists():
+                start = _done_rows(out, inputs, mode, given)
+                if start == len(inputs):
+                    return out  # whole already: nothing to ask
+                if target.exists():
+                    fail(f"both {out} and {target} exist, each an unfinished manifest; delete the one you do not want")
                 try:
-                    handle = stack.enter_context(target.open("a", encoding="utf-8"))
+                    os.replace(out, target)  # checked (and a cut last line dropped) above: completed where it lands
                 except OSError as e:
+                    fail(f"cannot rename {out} to {target}: {e.strerror}")
+            else:
+                start = _done_rows(target, inputs, mode, given)
+            progress = stack.enter_context(make_progress(console=console or Console(stderr=True), transient=True))
+            handle: TextIO | None = None  # opened with the first row: an endpoint failing at once leaves no empty file
+            task = progress.add_task("synthesizing reports", total=len(inputs), completed=start)
+            kept = start
+            for i in range(start, len(inputs)):
+                obj, labels, indication = inputs[i], parsed[i], indications[i]
+                if client is None:
+                    text = templates[i]
+                else:
+                    text = client.complete(llm_messages(labels, indication), temperature=temperature, seed=seed)
+                row = {**obj, "findings": text, "indication": indication, "labels": _positive_names(labels),
+                       "source_labels": obj.get("labels"), "synthesis": mode}
+                if handle is None:
+                    try:
+                        handle = stack.enter_context(target.open("a", encoding="utf-8"))
+                    except OSError as e:
+                        fail(f"cannot write {target}: {e.strerror}")
+                try:  # the rows before this one stay: a rerun completes the manifest
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    handle.flush()
+                    kept = i + 1
+                except OSError as e:
+                    _close_failed(handle)
                     fail(f"cannot write {target}: {e.strerror}")
-            try:  # the rows before this one stay: a rerun completes the manifest
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-                handle.flush()
-            except OSError as e:
-                _close_failed(handle)
-                fail(f"cannot write {target}: {e.strerror}")
-            progress.advance(task)
-        try:
-            os.replace(target, out)  # under the lock: no other run appends to it meanwhile
-        except OSError as e:
-            fail(f"cannot rename {target} to {out}: {e.strerror}")
+                progress.advance(task)
+            with interrupts.deferred():  # the rename and its record, as one
+                try:
+                    os.replace(target, out)  # under the lock: no other run appends to it meanwhile
+                except OSError as e:
+                    fail(f"cannot rename {target} to {out}: {e.strerror}")
+                kept = 0
+                interrupts.completed("manifest", out)
+    except KeyboardInterrupt:  # the generic "interrupted" line was silent on the rows waiting in OUT.partial
+        if kept:
+            (console or Console(stderr=True)).print(
+                plain(f"radtrt: interrupted; {kept} of {len(inputs)} rows are kept in {target}: run the same command "
+                      f"again to complete it"), markup=False, highlight=False, soft_wrap=True)
+            interrupts.explained()
+        raise
     return out

@@ -35,7 +35,7 @@ from radtrt.model.checkpoints import all_finite
 from radtrt.model.fingerprint import weights_fingerprint
 from radtrt.model.io import read_json, sha256_file
 from radtrt.model.loading import load_model
-from radtrt.outputs import check_folder_target, check_new_dir, make_dir, not_ours, work_dir, write_text
+from radtrt.outputs import WORK_MARKER, check_folder_target, check_new_dir, make_dir, not_ours, work_dir, write_text
 from radtrt.training import checkpoint as ckpt
 from radtrt.training.config import TrainConfig
 from radtrt.training.data import ManifestDataset, Schedule, collate
@@ -418,7 +418,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                 if done % cfg.save_every == 0 or done == end:
                     # one step with its record: a SIGTERM between them named no checkpoint (or an older one) and,
                     # before the first, had the user delete a run whose checkpoint was already on disk
-                    with interrupts.deferred():
+                    with interrupts.deferred("finishing the checkpoint save"):
                         _save(run_dir, cfg, info, done, named, optimizer, scheduler, origin)
                         saved = done
         model_dir = None
@@ -430,8 +430,13 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                      f"training again once that is fixed, run: radtrt train resume {shlex.quote(str(run_dir))}")
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.interrupts) from timeout, kill or a batch scheduler
         if info.is_main:
-            removed = _remove_unstarted(run_dir, created) if saved is None else None
-            console.print(_interrupted(run_dir, saved, removed), markup=False, highlight=False, soft_wrap=True)
+            model = run_dir / MODEL_DIR
+            if (model / "config.json").is_file() and not (model / WORK_MARKER).exists():  # in place before it
+                line = f"radtrt: interrupted after the last step; the model is complete in {model}"
+            else:
+                removed = _remove_unstarted(run_dir, created) if saved is None else None
+                line = _interrupted(run_dir, saved, removed)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         interrupts.explained()  # the CLI's generic line would repeat it (on every rank: the main one speaks for all)
         raise
     barrier(info)
