@@ -368,8 +368,11 @@ def test_a_study_whose_sr_fails_keeps_its_report_and_gets_an_sr_record(merged: P
     (["--model", "{merged}", "--max-new-tokens", "100000000"], "positions; --max-new-tokens 336 at most for this prompt"),
     # the prompt alone past the positions: a lower --max-new-tokens was suggested, which cannot help
     (["--model", "{merged}", "--indication", "x " * 600], "the prompt alone fills them: shorten --indication"),
-    (["--model", "{merged}", "--indication", "x", "--max-new-tokens", "100000000"],
+    (["--model", "{merged}", "--indication", "x " * 50, "--max-new-tokens", "300"],
      "shorten --indication or give --max-new-tokens "),
+    # no prompt leaves room for these: shortening --indication was offered all the same
+    (["--model", "{merged}", "--indication", "x", "--max-new-tokens", "100000000"],
+     "new tokens exceed the model's 512 positions; --max-new-tokens "),
 ])
 def test_bad_options_exit_2(merged: Path, tmp_path: Path, args: list[str], match: str,
                             monkeypatch: pytest.MonkeyPatch) -> None:
