@@ -555,6 +555,32 @@ def test_references_without_a_word_to_score_are_refused(tmp_path: Path) -> None:
     assert run("-p", str(write_jsonl(tmp_path / "ok.jsonl", ok)), "--metrics", "rouge")[0] == 0
 
 
+def test_references_in_another_script_are_scored_by_metrics_that_read_them(tmp_path: Path) -> None:
+    """'--metrics chexprompt' refused a Chinese reference although only ROUGE, BLEU and the offline labels read ASCII
+    words alone: the judge reads any language, CheXbert and RadGraph their BERT's WordPiece tokens."""
+    chinese = "\u53cc\u80ba\u6e05\u6670\uff0c\u5fc3\u5f71\u4e0d\u5927\u3002"
+    rows = [RECORDS[0], {**RECORDS[1], "reference": chinese, "prediction": chinese},
+            {**RECORDS[2], "prediction": "\u53cc\u80ba\u6e05\u6670\u3002"}]
+    preds = write_jsonl(tmp_path / "zh.jsonl", rows)
+    for metrics in (("chexprompt",), ("radgraph",), ("chexbert",), ("chexprompt", "chexbert")):
+        assert [p.reference for p in load_predictions(preds, metrics)][1] == chinese
+    with pytest.raises(RadtrtError, match=r"BLEU reads runs of ASCII letters .* leave bleu out of --metrics"):
+        load_predictions(preds, ("chexprompt", "bleu"))
+    with pytest.raises(RadtrtError, match=r"ROUGE, BLEU and the offline labels read .* leave rouge,bleu,labels out"):
+        load_predictions(preds)
+    checkpoint, bert_dir = _tiny_chexbert(tmp_path, bias_class=1)
+    code, out, err = run("-p", str(preds), "--metrics", "chexbert", "--chexbert-checkpoint", str(checkpoint),
+                         "--bert-dir", str(bert_dir), "--bootstrap", "2")
+    assert code == 0 and "no word" not in err and "warning" not in err, err  # a Chinese prediction is read too
+    empty = write_jsonl(tmp_path / "e.jsonl", [*rows[:2], {**RECORDS[2], "prediction": " "}])
+    code, _, err = run("-p", str(empty), "--metrics", "chexbert", "--chexbert-checkpoint", str(checkpoint),
+                       "--bert-dir", str(bert_dir), "--bootstrap", "2")
+    assert code == 0 and "e.jsonl: 1 of 3 predictions are empty" in err, err  # still said for every metric
+    code, _, err = run("-p", str(preds), "--metrics", "rouge,chexbert", "--chexbert-checkpoint", str(checkpoint),
+                       "--bert-dir", str(bert_dir))
+    assert code == 2 and "ROUGE reads runs of ASCII letters and digits only" in err and "no ground truth for it" in err
+
+
 def test_predictions_without_a_word_to_score_are_counted_once_on_stderr(tmp_path: Path) -> None:
     rows = [RECORDS[0], {**RECORDS[1], "prediction": "\u53cc\u80ba\u6e05\u6670\u3002"},
             {**RECORDS[2], "prediction": ""}, {**RECORDS[2], "study": "d", "prediction": "-"}]

@@ -113,15 +113,15 @@ def eval_command(
     cfg.check()
 
     if paired is not None:
-        arms = load_predictions(paired[0]), load_predictions(paired[1])
-        _warn_empty(paired[0], arms[0])
-        _warn_empty(paired[1], arms[1])
+        arms = load_predictions(paired[0], names), load_predictions(paired[1], names)
+        _warn_empty(paired[0], arms[0], names)
+        _warn_empty(paired[1], arms[1], names)
         paired_report = evaluate_paired(*arms, cfg, margin=DEFAULT_MARGIN if margin is None else margin)
         result, summary = paired_report.to_json(), render_paired(paired_report)
     else:
         assert predictions is not None
-        pairs = load_predictions(predictions)
-        _warn_empty(predictions, pairs)
+        pairs = load_predictions(predictions, names)
+        _warn_empty(predictions, pairs, names)
         report = evaluate(pairs, cfg)
         result, summary = report.to_json(), render_report(report)
     if out is not None:  # whole or not at all: a full disk after a long judge run must not cost the old results
@@ -173,20 +173,21 @@ def _refuse_unused(options: dict[str, Any], metric: str, names: tuple[str, ...])
         fail(f"{given[0]} is for the {metric} metric: add {metric} to --metrics, or drop it")
 
 
-def _warn_empty(path: Path, pairs: list[Any]) -> None:
+def _warn_empty(path: Path, pairs: list[Any], metrics: tuple[str, ...]) -> None:
     """Empty predictions score as reports that mention nothing, which can look like a perfect normal study; so do
-    predictions with no word ROUGE, BLEU or the offline labels read (another script, punctuation alone): one line
-    with their count, since the judge may still read them and the run is not refused."""
+    predictions with no word ROUGE, BLEU or the offline labels read (another script, punctuation alone) when one of
+    those runs: one line with their count, since the judge may still read them and the run is not refused."""
     from radtrt.cli_support import err
-    from radtrt.evaluation.records import has_visible_text, report_words
+    from radtrt.evaluation.records import ascii_word_readers, has_visible_text, report_words
 
-    wordless = sum(report_words(p.prediction) == 0 for p in pairs)
+    readers = ascii_word_readers(metrics)
+    empty = sum(not has_visible_text(p.prediction) for p in pairs)
+    # without an ASCII-word metric a prediction in another script is read like any other
+    wordless = sum(report_words(p.prediction) == 0 for p in pairs) if readers else empty
     if not wordless:
         return
-    empty = sum(not has_visible_text(p.prediction) for p in pairs)
     what = ("are empty" if empty == wordless else
-            f"have no word to score ({empty} empty, the others no ASCII letters or digits, the only words ROUGE, "
-            f"BLEU and the offline labels read)")
+            f"have no word to score ({empty} empty, the others no ASCII letters or digits, the only words {readers})")
     err.print(f"warning: {path.name}: {wordless} of {len(pairs)} predictions {what} (scored as reports that "
               f"mention no finding)", markup=False, highlight=False, soft_wrap=True)
 

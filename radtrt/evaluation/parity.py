@@ -136,7 +136,8 @@ def chexprompt_parity(reference_jsonl: Path, candidate_jsonl: Path, judge_config
 
     cfg = EvalConfig(metrics=("chexprompt",), bootstrap=bootstrap or BootstrapConfig(), judge=judge_config,
                      show_progress=show_progress)
-    report = evaluate_paired(load_predictions(reference_jsonl), load_predictions(candidate_jsonl), cfg,
+    report = evaluate_paired(load_predictions(reference_jsonl, cfg.metrics),
+                             load_predictions(candidate_jsonl, cfg.metrics), cfg,
                              margin=margin, max_failure_share=max_failure_share)
     assert report.parity is not None  # chexprompt was requested
     return report.parity

@@ -12,6 +12,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from radtrt.data.manifest import text_lines
 from radtrt.errors import fail
@@ -34,6 +35,11 @@ _INVISIBLE_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me", "Co", "Cn")
 # rouge_score's tokenizer: lowercase, then runs of ASCII letters and digits (everything else separates). Counting
 # whitespace-separated words let "effusion,effusion,..." (8000 ROUGE tokens) pass as one word.
 _ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
+# the metrics that read runs of ASCII letters and digits only (rouge_score's tokenizer, sacrebleu's 13a, which leaves
+# unspaced CJK text one token, the offline phrase labeler), by the names a reader of their message knows: text with
+# no such run is nothing to them. The CheXprompt judge reads any language, and CheXbert and RadGraph read their
+# BERT's WordPiece tokens (which split CJK text into characters), so a reference need not have one for them.
+ASCII_WORD_METRICS = {"rouge": "ROUGE", "bleu": "BLEU", "labels": "the offline labels"}
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,13 @@ class ReportPair:
     prediction: str
 
 
-def load_predictions(path: Path) -> list[ReportPair]:
-    """Parse a predictions JSONL file; every line must carry the three string fields, studies unique."""
+def load_predictions(path: Path, metrics: Sequence[str] = tuple(ASCII_WORD_METRICS)) -> list[ReportPair]:
+    """Parse a predictions JSONL file; every line must carry the three string fields, studies unique.
+
+    ``metrics``: those the pairs will be scored with. A reference with no ASCII word is refused only when one of
+    them reads ASCII words alone: a Chinese reference is ground truth for the CheXprompt judge.
+    """
+    ascii_readers = [key for key in ASCII_WORD_METRICS if key in metrics]
     if not path.is_file():
         fail(f"predictions file {path} " + ("is not a file" if path.exists() else "does not exist"))
     pairs: list[ReportPair] = []
@@ -91,15 +102,26 @@ def load_predictions(path: Path) -> list[ReportPair]:
         fail(f"{path.name}: {len(empty_references)} of {len(pairs)} rows {verb} an empty 'reference' (first at line "
              f"{empty_references[0]}), so there is no ground truth to score them against; usually the join of "
              f"predictions with the ground-truth findings failed for them: fix or drop those rows")
-    if wordless_references:
+    if wordless_references and ascii_readers:
         # scored, a Chinese reference got ROUGE-L 0 against an identical prediction, and the offline labels read it
         # as "No Finding", a true positive for any prediction they could not read either
         verb = "has" if len(wordless_references) == 1 else "have"
         fail(f"{path.name}: {len(wordless_references)} of {len(pairs)} rows {verb} a 'reference' with no word to "
-             f"score (first at line {wordless_references[0]}): ROUGE, BLEU and the offline labels read runs of ASCII "
-             f"letters and digits only, so a reference in another script, or of punctuation alone such as '-', is "
-             f"no ground truth for them; give the English findings text, or drop those rows")
+             f"score (first at line {wordless_references[0]}): {ascii_word_readers(metrics)} runs of ASCII letters "
+             f"and digits only, so a reference in another script, or of punctuation alone such as '-', is no ground "
+             f"truth for {'them' if len(ascii_readers) > 1 else 'it'}; give the English findings text, or drop "
+             f"those rows; for references in another language, leave {','.join(ascii_readers)} out of --metrics "
+             f"(the chexprompt judge reads any language)")
     return pairs
+
+
+def ascii_word_readers(metrics: Sequence[str]) -> str:
+    """Those of ``metrics`` that read ASCII words only, with the verb, for a message ("ROUGE and BLEU read", "BLEU
+    reads"); "" if none: then text without an ASCII letter or digit is still something to score."""
+    names = [name for key, name in ASCII_WORD_METRICS.items() if key in metrics]
+    if not names:
+        return ""
+    return (f"{', '.join(names[:-1])} and {names[-1]} read" if len(names) > 1 else f"{names[0]} reads")
 
 
 def has_visible_text(text: str) -> bool:
