@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +209,30 @@ def test_identical_report_rate_interval_is_wilsons() -> None:
     assert wilson_interval(50, 100) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
     low, high = wilson_interval(0, 5)
     assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.4345, abs=1e-4)
+
+
+def test_predictions_out_is_replaced_as_a_set(tmp_path: Path) -> None:
+    """The marker, reference.jsonl and candidate.jsonl were written one by one: an interrupt between them left this
+    run's reference arm beside the last run's candidate arm, which 'eval --paired' accepted as one run's pair."""
+    import dataclasses
+
+    from radtrt.benchmarks.parity import write_paired_predictions
+
+    earlier = _report()
+    earlier.studies = [dataclasses.replace(s, true_findings="Clear lungs.") for s in earlier.studies]
+    folder = tmp_path / "preds"
+    write_paired_predictions(earlier, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert set(before) == {"radtrt-bench-predictions.json", "reference.jsonl", "candidate.jsonl"}
+
+    class CutShort:  # a study whose candidate report is reached only after the reference arm is written
+        study, true_findings, reference_report = "s1.dcm", "Clear lungs.", "another run's report"
+
+        @property
+        def report(self) -> str:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_paired_predictions(dataclasses.replace(earlier, command="radtrt bench parity --synthetic 1",
+                                                     studies=[CutShort()]), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the earlier set, whole; no temporaries

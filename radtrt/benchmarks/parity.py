@@ -33,7 +33,7 @@ from radtrt.calibration.samples import Entry
 from radtrt.errors import fail
 from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap, resampled_sums, wilson_interval
 from radtrt.model.tokenizer import LlamaSPTokenizer
-from radtrt.outputs import make_dir, write_text
+from radtrt.outputs import make_dir, replaced_together
 from radtrt.runtime.backends import Backend
 from radtrt.runtime.pipeline import Pipeline, postprocess
 
@@ -324,14 +324,22 @@ def write_paired_predictions(report: ParityReport, folder: Path) -> tuple[Path, 
     if len(set(names)) != len(names):
         fail("--predictions-out needs distinct study file names")
     make_dir(folder, "--predictions-out folder")
-    # the marker first: a run cut short between the files still leaves a folder the next run may replace
-    write_text(folder / PREDICTIONS_MARKER, json.dumps({"written_by": _PREDICTIONS_WRITER, "command": report.command,
-                                                         "files": list(PREDICTION_FILES)}) + "\n", "predictions file")
-    paths = []
-    for name, field_name in zip(PREDICTION_FILES, ("reference_report", "report")):
-        path = folder / name
-        write_text(path, "".join(json.dumps({"study": s.study, "reference": s.true_findings,
-                                             "prediction": getattr(s, field_name)}) + "\n" for s in report.studies),
-                   "predictions file")
-        paths.append(path)
+    marker = folder / PREDICTIONS_MARKER
+    paths = [folder / name for name in PREDICTION_FILES]
+    # the set or none of it: written one by one, an interrupt or a full disk between them left this run's reference
+    # arm beside an earlier run's candidate arm, a pair 'radtrt eval --paired' accepts (same studies and ground
+    # truth). The marker is renamed first, so a folder cut short even then is one the next run may replace.
+    writing = marker
+    try:
+        with replaced_together([marker, *paths]) as (marker_tmp, *temps):
+            marker_tmp.write_text(json.dumps({"written_by": _PREDICTIONS_WRITER, "command": report.command,
+                                              "files": list(PREDICTION_FILES)}) + "\n", encoding="utf-8")
+            for path, tmp, field_name in zip(paths, temps, ("reference_report", "report")):
+                writing = path
+                tmp.write_text("".join(json.dumps({"study": s.study, "reference": s.true_findings,
+                                                   "prediction": getattr(s, field_name)}) + "\n"
+                                       for s in report.studies), encoding="utf-8")
+            writing = marker
+    except OSError as e:
+        fail(f"cannot write predictions file {writing}: {e.strerror or e}")
     return paths[0], paths[1]
