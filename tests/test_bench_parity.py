@@ -138,6 +138,23 @@ def test_label_agreement_and_true_label_f1() -> None:
     assert "INT8 targets" not in parity_markdown(without_truth)
 
 
+def test_one_study_gives_no_label_f1_drop_interval() -> None:
+    """One study printed a label-F1-drop interval "0.000 to 0.000": every resample of it is that study, a certainty
+    it cannot give; eval shows n/a there, and so does bench parity now (JSON null with the reason)."""
+    e = torch.ones(3, 2)
+    ref = _outcome([1], [0.0, 1.0], e, "Moderate cardiomegaly.")
+    one = ParityReport(command="c", model="m", backend="onnxruntime", reference="torch", precision="int8 vs fp32",
+                       max_new_tokens=8, machine=MACHINE,
+                       studies=[compare("a", _outcome([2], [0.0, 1.0], e, "No acute findings."), ref, ["cardiomegaly"])])
+    s = one.summary()
+    assert s["label_f1_drop"] == 1.0 and s["label_f1_drop_ci"] is None and "fewer than 2 studies" in \
+        s["label_f1_drop_ci_reason"]
+    assert json.loads(json.dumps(one.to_json()))["summary"]["label_f1_drop_ci"] is None
+    md = parity_markdown(one)
+    assert "| 0.000 / 1.000 / 1.000 (n/a: one study gives no interval) |" in md and "to 1.000)" not in md
+    assert "label micro-F1 within 0.02 of the reference: NOT MET (one study: too few to tell)" in md
+
+
 def test_many_studies_list_only_the_divergences() -> None:
     from radtrt.benchmarks.markdown import _divergences
 

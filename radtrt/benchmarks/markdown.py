@@ -175,10 +175,19 @@ def int8_targets(s: dict[str, Any]) -> str:
     if "label_f1_drop" in s:
         checks.append((f"label micro-F1 within {MAX_LABEL_F1_DROP} of the reference",
                        s["label_f1_drop"] <= MAX_LABEL_F1_DROP, "label_f1_drop"))
-    return "; ".join(f"{name}: " + ("met" if ok else "NOT MET" + (" (its 95% interval reaches the target: too few "
-                                                                  "studies to tell)" if metric and undecided(s, metric)
-                                                                  else ""))
-                     for name, ok, metric in checks)
+    def too_few(metric: str | None) -> str:
+        if metric is not None and s[f"{metric}_ci"] is None:  # one study: no interval to reach the target
+            return " (one study: too few to tell)"
+        return (" (its 95% interval reaches the target: too few studies to tell)" if metric and undecided(s, metric)
+                else "")
+
+    return "; ".join(f"{name}: " + ("met" if ok else "NOT MET" + too_few(metric)) for name, ok, metric in checks)
+
+
+def _drop_interval(s: dict[str, Any]) -> str:
+    """The label-F1 drop's interval, or "n/a" as ``radtrt eval`` writes it where one study gives none."""
+    ci = s["label_f1_drop_ci"]
+    return "n/a: one study gives no interval" if ci is None else f"{ci[0]:.3f} to {ci[1]:.3f}"
 
 
 def _maybe(value: float | None) -> str:
@@ -212,8 +221,7 @@ def parity_markdown(report: ParityReport) -> str:
         # "backend / reference" read as backend - reference, the opposite sign
         lines.append(f"| finding-label micro-F1 against the manifest's true labels: backend / reference / "
                      f"drop, reference - backend (95% interval) | {s['label_f1_true']:.3f} / "
-                     f"{s['reference_label_f1_true']:.3f} / {s['label_f1_drop']:.3f} ({s['label_f1_drop_ci'][0]:.3f} "
-                     f"to {s['label_f1_drop_ci'][1]:.3f}) |")
+                     f"{s['reference_label_f1_true']:.3f} / {s['label_f1_drop']:.3f} ({_drop_interval(s)}) |")
     if "int8" in report.precision.split(" vs ")[0]:
         lines += ["", f"INT8 targets: {int8_targets(s)}"]
     lines += ["", "## Per study", "",

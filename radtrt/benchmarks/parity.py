@@ -31,7 +31,8 @@ import torch
 from radtrt.benchmarks.machine import MachineInfo
 from radtrt.calibration.samples import Entry
 from radtrt.errors import fail
-from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap, resampled_sums, wilson_interval
+from radtrt.evaluation.bootstrap import (MIN_INTERVAL_N, BootstrapConfig, Estimate, bootstrap, resampled_sums,
+                                        wilson_interval)
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import make_dir, replaced_together
 from radtrt.runtime.backends import Backend
@@ -176,11 +177,22 @@ def totals(studies: Sequence[StudyParity]) -> dict[str, Any]:
             "exact_match_rate_ci": list(wilson_interval(sum(s.tokens_equal for s in studies), n))}
 
 
+# why bench parity's JSON has no label-F1-drop interval (as ``radtrt eval``'s ``ci_reason``)
+NO_DROP_INTERVAL_REASON = (f"no interval from fewer than {MIN_INTERVAL_N} studies: every resample of one study is "
+                           f"that study, so the interval would be the drop itself")
+
+
 def _interval(estimate: Estimate) -> list[float]:
+    """The resampling's bounds, even from one study (the value itself): the export's INT8 gate compares them."""
     return [estimate.ci_low, estimate.ci_high]
 
 
 def label_f1_drop_interval(studies: Sequence[StudyParity]) -> list[float]:
+    """:func:`label_f1_drop_estimate`'s bounds."""
+    return _interval(label_f1_drop_estimate(studies))
+
+
+def label_f1_drop_estimate(studies: Sequence[StudyParity]) -> Estimate:
     """95% interval of the reference's micro-F1 minus the backend's, both against the true labels, resampling
     studies with both sides together (the seeded bootstrap of ``radtrt.evaluation``). On a few studies one
     changed report moves micro-F1 by several hundredths; the interval says how far that can be trusted."""
@@ -200,7 +212,7 @@ def label_f1_drop_interval(studies: Sequence[StudyParity]) -> list[float]:
         return micro_f1(*sums[:, :3].T) - micro_f1(*sums[:, 3:].T)
 
     point = float(statistic(np.arange(len(studies))[None])[0])  # all studies once: label_f1's difference
-    return _interval(bootstrap(point, len(studies), statistic, BootstrapConfig()))
+    return bootstrap(point, len(studies), statistic, BootstrapConfig())
 
 
 @dataclass
@@ -221,10 +233,11 @@ class ParityReport:
             "rouge_l_min": min(s.rouge_l for s in self.studies),
             "vision_max_abs_diff": max(s.vision_max_abs_diff for s in self.studies)} | self.label_summary()
 
-    def label_summary(self) -> dict[str, float]:
+    def label_summary(self) -> dict[str, Any]:
         """Finding-label agreement (micro-F1 of the backend's labels against the reference's) and, where
         every study has true labels, each side's micro-F1 against them and the drop (``label_f1_drop``: the
-        reference's minus the backend's, positive when the backend is worse)."""
+        reference's minus the backend's, positive when the backend is worse) with its interval: null, with
+        ``label_f1_drop_ci_reason``, from one study, whose "0.000 to 0.000" claimed a certainty it cannot give."""
         from radtrt.data.labeler import label_f1
 
         got, ref = [s.labels for s in self.studies], [s.reference_labels for s in self.studies]
@@ -232,8 +245,11 @@ class ParityReport:
         truth = [s.true_labels for s in self.studies]
         if all(t is not None for t in truth):
             f1, ref_f1 = label_f1(got, truth).micro_f1, label_f1(ref, truth).micro_f1  # type: ignore[arg-type]
+            drop = label_f1_drop_estimate(self.studies)
             out |= {"label_f1_true": f1, "reference_label_f1_true": ref_f1, "label_f1_drop": ref_f1 - f1,
-                    "label_f1_drop_ci": label_f1_drop_interval(self.studies)}
+                    "label_f1_drop_ci": _interval(drop) if drop.has_interval else None}
+            if not drop.has_interval:
+                out["label_f1_drop_ci_reason"] = NO_DROP_INTERVAL_REASON
         return out
 
     def to_json(self) -> dict[str, Any]:
