@@ -53,6 +53,22 @@ def test_labels_the_labeler_cannot_give_are_refused_with_their_line(tmp_path: Pa
     assert str(e.value).startswith(f"{manifest}:3: {said}"), str(e.value)
 
 
+def test_chexpert_labels_are_told_the_remedy_that_works(tmp_path: Path) -> None:
+    """A 'data synthesize' manifest keeps CheXpert's names in 'labels' ({"Edema": 1} rows): the refusal listed the
+    phantom names and stopped there. Without 'labels' the same rows are read from their findings, as it now says."""
+    row = {**GOOD, "image": "png/b.png", "findings": "There is pulmonary edema.", "labels": ["Edema"]}
+    with pytest.raises(RadtrtError) as e:
+        evaluate.evaluate_findings(MODEL, _manifest(tmp_path, GOOD, row))  # type: ignore[arg-type]
+    assert "unknown phantom label(s) ['Edema']" in str(e.value) and "leave 'labels' out of such rows" in str(e.value)
+    assert "counts as absent" in str(e.value)
+    without = {key: value for key, value in row.items() if key != "labels"}
+    with pytest.raises(ReachedTheModel):  # the remedy: the rows are accepted
+        evaluate.evaluate_findings(MODEL, _manifest(tmp_path, GOOD, without))  # type: ignore[arg-type]
+    from radtrt.data.labeler import extract_labels
+
+    assert extract_labels(without["findings"]) == ["no_finding"]  # what "counts as absent" means for such a row
+
+
 def test_the_image_is_read_not_the_study_field(tmp_path: Path) -> None:
     """Training reads 'image'; eval read 'study' as a path ("study not found: ph/ACC-0")."""
     with pytest.raises(ReachedTheModel):

@@ -51,7 +51,12 @@ def check_labels(labels: tuple[str, ...], where: str) -> None:
              f"or leave 'labels' out to have them read from the findings")
     unknown = sorted(set(labels) - set(LABELS))
     if unknown:
-        fail(f"{where}: unknown phantom label(s) {unknown}; known: {', '.join(LABELS)}")
+        # the remedy that works: no mapping from CheXpert's names exists (Edema has no phantom label), and without
+        # 'labels' the truth is read from the row's findings, as for any row without them
+        fail(f"{where}: unknown phantom label(s) {unknown}; known: {', '.join(LABELS)}; the phrase labeler that "
+             f"scores the reports gives these names only: fix the names, or, for another vocabulary's (CheXpert's, "
+             f"as 'radtrt data synthesize' keeps them), leave 'labels' out of such rows (jq -c 'del(.labels)') to "
+             f"score against the labels read from their findings, where a finding it does not know counts as absent")
     pathology = [x for x in labels if x not in DEVICE_LABELS and x != NO_FINDING]
     if NO_FINDING in labels and pathology:
         fail(f"{where}: labels say both {NO_FINDING} and {pathology[0]}")
