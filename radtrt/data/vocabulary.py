@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from radtrt.errors import fail
 
@@ -33,6 +33,28 @@ LABELS: tuple[str, ...] = (
     "endotracheal_tube", "central_line",
 )
 DEVICE_LABELS = frozenset({"endotracheal_tube", "central_line"})
+
+
+def unknown_labels(labels: Iterable[str]) -> list[str]:
+    return sorted(set(labels) - set(LABELS))
+
+
+def pathology_labels(labels: Iterable[str]) -> list[str]:
+    """The findings among ``labels``: devices are not findings (a study with only a tube is ``no_finding``)."""
+    return [x for x in labels if x not in DEVICE_LABELS and x != NO_FINDING]
+
+
+def label_set_problem(labels: Iterable[str]) -> str | None:
+    """Why ``labels`` is no set of phantom labels (a name outside the vocabulary, ``no_finding`` beside a
+    finding), or None: the one rule for phantom manifests and for the truth that ``train eval`` scores against."""
+    labels = list(labels)
+    unknown = unknown_labels(labels)
+    if unknown:
+        return f"unknown phantom label(s) {unknown}; known: {', '.join(LABELS)}"
+    pathology = pathology_labels(labels)
+    if NO_FINDING in labels and pathology:
+        return f"labels say both {NO_FINDING} and {pathology[0]}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -82,12 +104,9 @@ class Findings:
     @classmethod
     def from_labels(cls, labels: list[str]) -> "Findings":
         """Inverse of :meth:`labels` (a nodule keeps only its side)."""
-        unknown = sorted(set(labels) - set(LABELS))
-        if unknown:
-            fail(f"unknown phantom label(s) {unknown}; known: {', '.join(LABELS)}")
-        pathology = [x for x in labels if x not in DEVICE_LABELS and x != NO_FINDING]
-        if NO_FINDING in labels and pathology:
-            fail(f"labels say both {NO_FINDING} and {pathology[0]}")
+        problem = label_set_problem(labels)
+        if problem:
+            fail(problem)
 
         def side_of(prefix: str) -> list[str]:
             return [s for s in SIDES if f"{prefix}_{s}" in labels]

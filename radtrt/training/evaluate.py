@@ -20,7 +20,7 @@ from rich.console import Console
 
 from radtrt.data.labeler import F1Report, extract_labels, label_f1
 from radtrt.data.manifest import ManifestRow, parse_row, read_jsonl
-from radtrt.data.vocabulary import DEVICE_LABELS, LABELS, NO_FINDING
+from radtrt.data.vocabulary import NO_FINDING, label_set_problem, pathology_labels, unknown_labels
 from radtrt.errors import fail
 from radtrt.model.loading import LoadedModel
 from radtrt.progress import make_progress
@@ -49,17 +49,16 @@ def check_labels(labels: tuple[str, ...], where: str) -> None:
     if not labels:
         fail(f"{where}: 'labels' is an empty list; list the study's findings (\"{NO_FINDING}\" for a normal study), "
              f"or leave 'labels' out to have them read from the findings")
-    unknown = sorted(set(labels) - set(LABELS))
-    if unknown:
-        # the remedy that works: no mapping from CheXpert's names exists (Edema has no phantom label), and without
-        # 'labels' the truth is read from the row's findings, as for any row without them
-        fail(f"{where}: unknown phantom label(s) {unknown}; known: {', '.join(LABELS)}; the phrase labeler that "
-             f"scores the reports gives these names only: fix the names, or, for another vocabulary's (CheXpert's, "
-             f"as 'radtrt data synthesize' keeps them), leave 'labels' out of such rows (jq -c 'del(.labels)') to "
-             f"score against the labels read from their findings, where a finding it does not know counts as absent")
-    pathology = [x for x in labels if x not in DEVICE_LABELS and x != NO_FINDING]
-    if NO_FINDING in labels and pathology:
-        fail(f"{where}: labels say both {NO_FINDING} and {pathology[0]}")
+    problem = label_set_problem(labels)
+    if problem:
+        # the remedy that works for unknown names: no mapping from CheXpert's names exists (Edema has no phantom
+        # label), and without 'labels' the truth is read from the row's findings, as for any row without them
+        remedy = ("; the phrase labeler that scores the reports gives these names only: fix the names, or, for "
+                  "another vocabulary's (CheXpert's, as 'radtrt data synthesize' keeps them), leave 'labels' out of "
+                  "such rows (jq -c 'del(.labels)') to score against the labels read from their findings, where a "
+                  "finding it does not know counts as absent") if unknown_labels(labels) else ""
+        fail(f"{where}: {problem}{remedy}")
+    pathology = pathology_labels(labels)
     if not pathology and NO_FINDING not in labels:
         fail(f"{where}: 'labels' lists only devices ({', '.join(labels)}); a study without pathology is also "
              f"\"{NO_FINDING}\" (devices are not findings): add it")
