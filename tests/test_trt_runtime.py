@@ -18,6 +18,15 @@ from radtrt.runtime.tensorrt import (PromptTableInput, TensorRTBackend, batch_pr
 from test_trt_vision import make_fake_bundle
 
 
+def _decoder_record(bundle: Path, gpu: object, name: str) -> Path:
+    """A w8a16 TensorRT-LLM engine's build record for ``gpu`` in ``bundle``, as the engine build writes it."""
+    folder = bundle / "trtllm" / name
+    folder.mkdir(parents=True)
+    (folder / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(gpu),
+                                                   "mode": "w8a16", "int8_kv": False, "limits": LIMITS}))
+    return folder
+
+
 def test_fake_ids_replace_the_image_placeholder() -> None:
     ids = [1, 319, 13563, IMAGE_TOKEN_INDEX, 13, 1019, 29901]
     fake = fake_prompt_ids(ids, 4, 32000)
@@ -261,10 +270,7 @@ def test_an_engine_on_a_host_without_tensorrt_llm_asks_for_it_not_for_a_rebuild(
     from radtrt.exporter.trtllm_build import find_decoder_engine
 
     bundle = make_fake_bundle(tmp_path)
-    folder = bundle / "trtllm" / "orin-w8a16"
-    folder.mkdir(parents=True)
-    (folder / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
-                                                   "mode": "w8a16", "int8_kv": False, "limits": LIMITS}))
+    folder = _decoder_record(bundle, ORIN, "orin-w8a16")
     with pytest.raises(RadtrtError, match="install TensorRT-LLM on this host"):
         find_decoder_engine(bundle, dataclasses.replace(ORIN, tensorrt_llm=None), "w8a16")
     # no --trt-decoder: the engine there is named with why it does not fit (it read "no fp16 decoder engine")
@@ -356,10 +362,7 @@ def test_a_tensorrt_that_does_not_import_is_not_usable(tmp_path: Path, monkeypat
     # auto: the engines recorded for this GPU are passed over, saying why
     bundle = make_fake_bundle(tmp_path)
     fake_engine(bundle, ORIN)
-    folder = bundle / "trtllm" / "orin-w8a16"
-    folder.mkdir(parents=True)
-    (folder / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
-                                                   "mode": "w8a16", "int8_kv": False, "limits": LIMITS}))
+    folder = _decoder_record(bundle, ORIN, "orin-w8a16")
     ready, why = _trt_ready(bundle, gpu)
     assert not ready and "does not import (libnvinfer.so.10" in str(why)
     chosen, said = choose_backend("auto", bundle=True, model=False, ort_providers=["CPUExecutionProvider"],
@@ -397,10 +400,7 @@ def test_an_engine_of_another_gpu_model_does_not_offer_installing_its_libraries(
 
     bundle = make_fake_bundle(tmp_path)
     fake_engine(bundle, V100)
-    folder = bundle / "trtllm" / "tesla-w8a16"
-    folder.mkdir(parents=True)
-    (folder / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(V100),
-                                                   "mode": "w8a16", "int8_kv": False, "limits": LIMITS}))
+    _decoder_record(bundle, V100, "tesla-w8a16")
     bare = dataclasses.replace(ORIN, tensorrt=None, tensorrt_llm=None)
     with pytest.raises(RadtrtError, match=f"built for Tesla V100.*: install TensorRT on this host, then rebuild it "
                                           f"here with: radtrt export --bundle {bundle} --target tensorrt$") as e:
