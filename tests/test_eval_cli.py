@@ -566,7 +566,7 @@ def test_references_in_another_script_are_scored_by_metrics_that_read_them(tmp_p
         assert [p.reference for p in load_predictions(preds, metrics)][1] == chinese
     with pytest.raises(RadtrtError, match=r"BLEU reads runs of ASCII letters .* leave bleu out of --metrics"):
         load_predictions(preds, ("chexprompt", "bleu"))
-    with pytest.raises(RadtrtError, match=r"ROUGE, BLEU and the offline labels read .* leave rouge,bleu,labels out"):
+    with pytest.raises(RadtrtError, match=r"ROUGE, BLEU and the offline labeler read .* leave rouge,bleu,labels out"):
         load_predictions(preds)
     checkpoint, bert_dir = _tiny_chexbert(tmp_path, bias_class=1)
     code, out, err = run("-p", str(preds), "--metrics", "chexbert", "--chexbert-checkpoint", str(checkpoint),

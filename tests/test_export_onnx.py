@@ -1003,3 +1003,9 @@ def test_external_data_linked_out_of_the_bundle_is_named_with_the_remedy(bundle:
     from radtrt.runtime.ort import _linked_out
 
     assert _linked_out(inside / "decoder.onnx") is None
+    every = tmp_path / "every-file-linked"  # cp -rs: each graph resolves beside its data, which ORT reads
+    every.mkdir()
+    for f in bundle.iterdir():
+        if f.is_file():
+            (every / f.name).symlink_to(f)
+    assert _linked_out(every / "decoder.onnx") is None and _linked_out(every / "vision.onnx") is None

@@ -147,6 +147,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                      f"fp32 {s['label_f1_fp32']:.3f} (drop, fp32 - int8: {s['label_f1_drop']:.3f}; 95% interval "
                      f"{s['label_f1_drop_ci'][0]:.3f} to {s['label_f1_drop_ci'][1]:.3f})")
     if s["studies"] < FIRM_STUDIES:
-        lines.append(f"  only {s['studies']} held-out studies: a pass says little (the label-F1 interval is zero-width "
+        held_out = "1 held-out study" if s["studies"] == 1 else f"{s['studies']} held-out studies"
+        lines.append(f"  only {held_out}: a pass says little (the label-F1 interval is zero-width "
                      f"when every study agrees); --parity-samples {FIRM_STUDIES} or more for a firmer gate")
     return lines

@@ -39,7 +39,7 @@ _ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
 # unspaced CJK text one token, the offline phrase labeler), by the names a reader of their message knows: text with
 # no such run is nothing to them. The CheXprompt judge reads any language, and CheXbert and RadGraph read their
 # BERT's WordPiece tokens (which split CJK text into characters), so a reference need not have one for them.
-ASCII_WORD_METRICS = {"rouge": "ROUGE", "bleu": "BLEU", "labels": "the offline labels"}
+ASCII_WORD_METRICS = {"rouge": "ROUGE", "bleu": "BLEU", "labels": "the offline labeler"}
 
 
 @dataclass(frozen=True)

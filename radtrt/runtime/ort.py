@@ -85,7 +85,7 @@ def _linked_out(path: Path) -> str | None:
     if not data.is_symlink():
         return None
     target = data.resolve()
-    if target.is_relative_to(path.parent.resolve()):
+    if target.is_relative_to(path.resolve().parent):
         return None
     return (f"{data} is a symbolic link out of the bundle folder (to {target}), which ONNX Runtime refuses to read: "
             f"copy the bundle with real files, e.g. cp -rL {shlex.quote(str(path.parent))} NEW_FOLDER")
