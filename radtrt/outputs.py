@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from radtrt import interrupts
 from radtrt.errors import fail
@@ -162,6 +162,27 @@ def replaced_together(paths: Sequence[Path]) -> Iterator[list[Path]]:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def write_set(files: Sequence[tuple[Path, Callable[[Path], object]]], what: str) -> list[Path]:
+    """Write files that belong together with :func:`replaced_together`: each writer fills the temporary file it is
+    given (one returning False writes none this time: an earlier run's file there goes). A failure is one line
+    naming the file being written. The paths written, in order."""
+    paths = [path for path, _ in files]
+    written: list[Path] = []
+    writing = paths[0]
+    try:
+        with replaced_together(paths) as temps:
+            for (path, write), tmp in zip(files, temps):
+                writing = path
+                if write(tmp) is False:
+                    tmp.unlink()
+                else:
+                    written.append(path)
+            writing = paths[0]
+    except OSError as e:
+        fail(f"cannot write {what} {writing}: {e.strerror or e}")
+    return written
 
 
 def _target(path: Path) -> Path:

@@ -46,27 +46,16 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
     unwritten. ``chart`` renders ``-o``'s PNG into the file it is given and says whether it did; without one
     (parity, or no matplotlib) an earlier report's PNG there is removed, as it describes another run."""
     if out is not None:
-        from radtrt.outputs import make_dir, replaced_together
+        from radtrt.outputs import make_dir, write_set
 
         make_dir(out.parent, "report folder")
         md_path, json_path, png_path = report_files(out)
-        # the set or none of it: written under temporary names, renamed into place only once all are written (a
-        # full disk at the JSON left an earlier run's JSON and chart, and no Markdown)
-        writing = md_path
-        try:
-            with replaced_together([md_path, json_path, png_path]) as (md_tmp, json_tmp, png_tmp):
-                md_tmp.write_text(markdown, encoding="utf-8")
-                writing = json_path
-                json_tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-                writing = png_path
-                charted = chart is not None and chart(png_tmp)
-                if not charted:
-                    png_tmp.unlink()
-                writing = md_path
-        except OSError as e:
-            fail(f"cannot write report {writing}: {e.strerror or e}")
-        err.print(plain(f"wrote {md_path}, {json_path} and {png_path}" if charted else
-                        f"wrote {md_path} and {json_path}"))
+        # the set or none of it (a full disk at the JSON left an earlier run's JSON and chart, and no Markdown)
+        written = write_set([(md_path, lambda tmp: tmp.write_text(markdown, encoding="utf-8")),
+                             (json_path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n",
+                                                                    encoding="utf-8")),
+                             (png_path, lambda tmp: chart is not None and chart(tmp))], "report")
+        err.print(plain(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}"))
     emit(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 
 

@@ -34,7 +34,7 @@ from radtrt.errors import fail
 from radtrt.evaluation.bootstrap import (MIN_INTERVAL_N, BootstrapConfig, Estimate, bootstrap, resampled_sums,
                                         wilson_interval)
 from radtrt.model.tokenizer import LlamaSPTokenizer
-from radtrt.outputs import make_dir, replaced_together
+from radtrt.outputs import make_dir, write_set
 from radtrt.runtime.backends import Backend
 from radtrt.runtime.pipeline import Pipeline, postprocess
 
@@ -345,17 +345,14 @@ def write_paired_predictions(report: ParityReport, folder: Path) -> tuple[Path, 
     # the set or none of it: written one by one, an interrupt or a full disk between them left this run's reference
     # arm beside an earlier run's candidate arm, a pair 'radtrt eval --paired' accepts (same studies and ground
     # truth). The marker is renamed first, so a folder cut short even then is one the next run may replace.
-    writing = marker
-    try:
-        with replaced_together([marker, *paths]) as (marker_tmp, *temps):
-            marker_tmp.write_text(json.dumps({"written_by": _PREDICTIONS_WRITER, "command": report.command,
-                                              "files": list(PREDICTION_FILES)}) + "\n", encoding="utf-8")
-            for path, tmp, field_name in zip(paths, temps, ("reference_report", "report")):
-                writing = path
-                tmp.write_text("".join(json.dumps({"study": s.study, "reference": s.true_findings,
-                                                   "prediction": getattr(s, field_name)}) + "\n"
-                                       for s in report.studies), encoding="utf-8")
-            writing = marker
-    except OSError as e:
-        fail(f"cannot write predictions file {writing}: {e.strerror or e}")
+    marker_text = json.dumps({"written_by": _PREDICTIONS_WRITER, "command": report.command,
+                              "files": list(PREDICTION_FILES)}) + "\n"
+
+    def arm(field_name: str) -> Callable[[Path], int]:
+        return lambda tmp: tmp.write_text("".join(
+            json.dumps({"study": s.study, "reference": s.true_findings, "prediction": getattr(s, field_name)}) + "\n"
+            for s in report.studies), encoding="utf-8")
+
+    write_set([(marker, lambda tmp: tmp.write_text(marker_text, encoding="utf-8")),
+               *zip(paths, (arm("reference_report"), arm("report")))], "predictions file")
     return paths[0], paths[1]
