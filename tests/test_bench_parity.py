@@ -218,6 +218,24 @@ def test_gate_printout_names_the_f1_drop_by_its_sign() -> None:
     assert "difference" not in line
 
 
+def test_int8_gate_on_one_study_gives_no_drop_interval() -> None:
+    """'radtrt export --parity-samples 1' printed "95% interval 0.000 to 0.000" for the label-F1 drop and called a
+    drop of 1.0 settled: one study gives no interval (bench parity says n/a), so the gate says it cannot tell."""
+    import json
+
+    from radtrt.calibration.parity import summarize, summary_lines, undecided
+
+    truth = ["cardiomegaly", "pleural_effusion_left"]
+    s = summarize([_study(0, ["cardiomegaly"], truth, truth, False)])
+    assert s["label_f1_drop_ci"] is None and "fewer than 2 studies" in s["label_f1_drop_ci_reason"]
+    assert json.loads(json.dumps(s))["label_f1_drop_ci"] is None  # the bundle's manifest keeps it
+    assert undecided(s, "label_f1_drop")
+    f1_warning = next(w for w in s["warnings"] if "micro-F1" in w)
+    assert "no 95% interval from one study, so more studies are needed to tell" in f1_warning
+    text = "\n".join(summary_lines(s))
+    assert "n/a: one study gives no interval" in text and "0.000 to 0.000" not in text
+
+
 def test_identical_report_rate_interval_is_wilsons() -> None:
     """A bootstrap over 2 of 2 identical reports said '100% to 100%': two studies proved nothing of the sort."""
     from radtrt.evaluation.bootstrap import wilson_interval

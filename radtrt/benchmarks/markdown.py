@@ -184,7 +184,7 @@ def int8_targets(s: dict[str, Any]) -> str:
     return "; ".join(f"{name}: " + ("met" if ok else "NOT MET" + too_few(metric)) for name, ok, metric in checks)
 
 
-def _drop_interval(s: dict[str, Any]) -> str:
+def drop_interval_text(s: dict[str, Any]) -> str:
     """The label-F1 drop's interval, or "n/a" as ``radtrt eval`` writes it where one study gives none."""
     ci = s["label_f1_drop_ci"]
     return "n/a: one study gives no interval" if ci is None else f"{ci[0]:.3f} to {ci[1]:.3f}"
@@ -221,7 +221,7 @@ def parity_markdown(report: ParityReport) -> str:
         # "backend / reference" read as backend - reference, the opposite sign
         lines.append(f"| finding-label micro-F1 against the manifest's true labels: backend / reference / "
                      f"drop, reference - backend (95% interval) | {s['label_f1_true']:.3f} / "
-                     f"{s['reference_label_f1_true']:.3f} / {s['label_f1_drop']:.3f} ({_drop_interval(s)}) |")
+                     f"{s['reference_label_f1_true']:.3f} / {s['label_f1_drop']:.3f} ({drop_interval_text(s)}) |")
     if "int8" in report.precision.split(" vs ")[0]:
         lines += ["", f"INT8 targets: {int8_targets(s)}"]
     lines += ["", "## Per study", "",

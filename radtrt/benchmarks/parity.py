@@ -182,14 +182,13 @@ NO_DROP_INTERVAL_REASON = (f"no interval from fewer than {MIN_INTERVAL_N} studie
                            f"that study, so the interval would be the drop itself")
 
 
-def _interval(estimate: Estimate) -> list[float]:
-    """The resampling's bounds, even from one study (the value itself): the export's INT8 gate compares them."""
-    return [estimate.ci_low, estimate.ci_high]
-
-
-def label_f1_drop_interval(studies: Sequence[StudyParity]) -> list[float]:
-    """:func:`label_f1_drop_estimate`'s bounds."""
-    return _interval(label_f1_drop_estimate(studies))
+def label_f1_drop_interval(studies: Sequence[StudyParity]) -> dict[str, Any]:
+    """``label_f1_drop_ci``, :func:`label_f1_drop_estimate`'s bounds: null, with ``label_f1_drop_ci_reason``, from
+    one study, whose "0.000 to 0.000" claimed a certainty it cannot give (bench parity and the export's gate)."""
+    drop = label_f1_drop_estimate(studies)
+    if not drop.has_interval:
+        return {"label_f1_drop_ci": None, "label_f1_drop_ci_reason": NO_DROP_INTERVAL_REASON}
+    return {"label_f1_drop_ci": [drop.ci_low, drop.ci_high]}
 
 
 def label_f1_drop_estimate(studies: Sequence[StudyParity]) -> Estimate:
@@ -236,8 +235,8 @@ class ParityReport:
     def label_summary(self) -> dict[str, Any]:
         """Finding-label agreement (micro-F1 of the backend's labels against the reference's) and, where
         every study has true labels, each side's micro-F1 against them and the drop (``label_f1_drop``: the
-        reference's minus the backend's, positive when the backend is worse) with its interval: null, with
-        ``label_f1_drop_ci_reason``, from one study, whose "0.000 to 0.000" claimed a certainty it cannot give."""
+        reference's minus the backend's, positive when the backend is worse) with its interval
+        (:func:`label_f1_drop_interval`)."""
         from radtrt.data.labeler import label_f1
 
         got, ref = [s.labels for s in self.studies], [s.reference_labels for s in self.studies]
@@ -245,11 +244,8 @@ class ParityReport:
         truth = [s.true_labels for s in self.studies]
         if all(t is not None for t in truth):
             f1, ref_f1 = label_f1(got, truth).micro_f1, label_f1(ref, truth).micro_f1  # type: ignore[arg-type]
-            drop = label_f1_drop_estimate(self.studies)
             out |= {"label_f1_true": f1, "reference_label_f1_true": ref_f1, "label_f1_drop": ref_f1 - f1,
-                    "label_f1_drop_ci": _interval(drop) if drop.has_interval else None}
-            if not drop.has_interval:
-                out["label_f1_drop_ci_reason"] = NO_DROP_INTERVAL_REASON
+                    **label_f1_drop_interval(self.studies)}
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
         f1_int8 = label_f1([r.labels for r in results], truth).micro_f1  # type: ignore[arg-type]
         f1_fp32 = label_f1([r.reference_labels for r in results], truth).micro_f1  # type: ignore[arg-type]
         summary |= {"label_f1_int8": f1_int8, "label_f1_fp32": f1_fp32, "label_f1_drop": f1_fp32 - f1_int8,
-                    "label_f1_drop_ci": label_f1_drop_interval(results)}
+                    **label_f1_drop_interval(results)}
     summary["warnings"] = _warnings(summary)
     summary["thresholds"] = {"vision_cosine_min": MIN_VISION_COSINE, "exact_match_rate": MIN_EXACT_MATCH,
                              "label_f1_drop": MAX_LABEL_F1_DROP}
@@ -96,7 +96,9 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
 
 def undecided(s: dict[str, Any], metric: str) -> bool:
     """Whether a missed target's 95% interval still reaches it (``exact_match_rate`` or ``label_f1_drop``):
-    then the studies were too few to call it a regression."""
+    then the studies were too few to call it a regression. One study gives no interval, so it cannot tell either."""
+    if s[f"{metric}_ci"] is None:
+        return True
     low, high = s[f"{metric}_ci"]
     if metric == "exact_match_rate":
         return high >= MIN_EXACT_MATCH
@@ -104,6 +106,8 @@ def undecided(s: dict[str, Any], metric: str) -> bool:
 
 
 def _interval(s: dict[str, Any], metric: str, fmt: str) -> str:
+    if s[f"{metric}_ci"] is None:
+        return "no 95% interval from one study, so more studies are needed to tell (--parity-samples)"
     low, high = s[f"{metric}_ci"]
     text = f"95% interval {low:{fmt}} to {high:{fmt}} over {s['studies']} studies"
     if undecided(s, metric):
@@ -143,9 +147,11 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
              f"{s['exact_match_rate_ci'][1]:.0%}), ROUGE-L mean {s['rouge_l_mean']:.3f}, "
              f"finding labels micro-F1 vs fp32 {s['label_f1_vs_fp32']:.3f}"]
     if "label_f1_int8" in s:
+        from radtrt.benchmarks.markdown import drop_interval_text
+
         lines.append(f"  finding-label micro-F1 vs true labels: int8 {s['label_f1_int8']:.3f}, "
                      f"fp32 {s['label_f1_fp32']:.3f} (drop, fp32 - int8: {s['label_f1_drop']:.3f}; 95% interval "
-                     f"{s['label_f1_drop_ci'][0]:.3f} to {s['label_f1_drop_ci'][1]:.3f})")
+                     f"{drop_interval_text(s)})")
     if s["studies"] < FIRM_STUDIES:
         held_out = "1 held-out study" if s["studies"] == 1 else f"{s['studies']} held-out studies"
         lines.append(f"  only {held_out}: a pass says little (the label-F1 interval is zero-width "
