@@ -167,6 +167,33 @@ def test_merged_model_exports_with_an_identity_adapter(chain: Chain, tmp_path: P
         export_release(chain.runs["stage1"], tmp_path / "out")
 
 
+def test_a_release_loaded_with_another_base_is_refused(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    """Another base decoder of the same shape (another training's base-lm/) merged the adapter into the wrong
+    weights with exit 0. The release names its base's weights; a float16 copy of the right base still loads, and a
+    release without the name (LLaVA-Rad's own) is not checked."""
+    from safetensors.torch import load_file, save_file
+
+    release, base = exported
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    weights = load_file(other / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith("q_proj.weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, other / "model.safetensors")
+    with pytest.raises(RadtrtError, match=f"--base-model {other} is not the base decoder {release} was written with"):
+        load_model(release, other)
+    half = tmp_path / "half-base"
+    shutil.copytree(base, half)
+    save_file({k: v.half() for k, v in load_file(half / "model.safetensors").items()}, half / "model.safetensors")
+    load_model(release, half)
+    bare = tmp_path / "bare-release"
+    shutil.copytree(release, bare)
+    hf = json.loads((bare / "config.json").read_text())
+    del hf["radtrt_base_weights_fingerprint"]
+    (bare / "config.json").write_text(json.dumps(hf))
+    load_model(bare, other)
+
+
 def test_export_refuses_a_changed_base(chain: Chain, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(chain.runs["stage2"], run)

@@ -7,6 +7,7 @@ TensorRT-LLM checkpoint beside graphs of a different fine-tune. These two digest
 from __future__ import annotations
 
 import hashlib
+from typing import Mapping
 
 import torch
 
@@ -26,8 +27,15 @@ def weights_fingerprint(model: LlavaRad, per_tensor: int = 4096, dtype: torch.dt
     ``dtype=torch.float16`` gives one digest for a model and its float16 cast (an fp16 export casts the
     loaded model in place, and a later step of the same export must still recognise it).
     """
+    return tensors_fingerprint(model.state_dict(), per_tensor, dtype)
+
+
+@torch.no_grad()
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor], per_tensor: int = 4096,
+                        dtype: torch.dtype = torch.float32) -> str:
+    """:func:`weights_fingerprint` of a state dict (a base decoder's weights, as written and as read back)."""
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(tensors.items()):
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // per_tensor)
         h.update(f"{name}:{tuple(p.shape)}".encode())

@@ -38,6 +38,9 @@ DEFAULT_VISION_JSON = "biomedclipcxr_518.json"
 DEFAULT_VISION_CKPT = "biomedclipcxr_518_checkpoint.pt"
 RELEASE_TEMPLATE_KEY = "radtrt_conv_template"  # model/release.py writes it (it imports this module, not the reverse)
 RELEASE_NAME_KEY = "radtrt_model_name"  # the same: a radtrt model's name, kept through 'convert --to llava-rad'
+# the same: the base decoder's weights fingerprint (float16 resolution), so a release loaded with another base is
+# refused instead of merging its adapter into the wrong weights, which ran silently (LLaVA-Rad's own has none)
+RELEASE_BASE_KEY = "radtrt_base_weights_fingerprint"
 RELEASE_NAME = "llava-rad"  # a release without it (LLaVA-Rad's own)
 # what every training run folder holds (training/loop.py's CONFIG_FILE, training/checkpoint.py's state file)
 RUN_MARKS = ("train_config.json", "checkpoint/state.pt")
@@ -369,6 +372,7 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
             fail(f"base model {base_dir} has {name}={getattr(base_cfg, name)}, LLaVA-Rad expects "
                  f"{getattr(cfg.decoder, name)}: point --base-model at Vicuna-7B v1.5")
     decoder, index = hf_weights(base_dir)
+    _check_base_fingerprint(hf, decoder, release_dir, base_dir)
     projector, overrides = ck.non_lora_to_projector(load_tensors(release_dir / "non_lora_trainables.bin"))
     decoder.update(overrides)
     _check_base_weights(cfg, decoder, base_dir, index)
@@ -393,6 +397,22 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     if name is not None:
         check_model_name(name, f"{release_dir}/config.json: {RELEASE_NAME_KEY}")
     return LoadedModel(model, tokenizer, name or RELEASE_NAME, source)
+
+
+def _check_base_fingerprint(hf: dict[str, Any], decoder: dict[str, torch.Tensor], release_dir: Path,
+                            base_dir: Path) -> None:
+    """A release 'radtrt convert --to llava-rad' wrote names its base decoder's weights; another base of the same
+    shape (another training's base-lm/) merged the adapter into the wrong weights with exit 0."""
+    from radtrt.model.fingerprint import tensors_fingerprint
+
+    recorded = hf.get(RELEASE_BASE_KEY)
+    if recorded is None:
+        return
+    if not isinstance(recorded, str):
+        fail(f"{release_dir}/config.json: {RELEASE_BASE_KEY} is not a string")
+    if tensors_fingerprint(decoder, dtype=torch.float16) != recorded:
+        fail(f"--base-model {base_dir} is not the base decoder {release_dir} was written with (its weights differ "
+             f"from the fingerprint in config.json): give the base-lm/ folder written beside it")
 
 
 def _check_base_weights(cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor], base_dir: Path,

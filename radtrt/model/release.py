@@ -18,14 +18,16 @@ from radtrt.errors import fail
 from radtrt.model import checkpoints as ck
 from radtrt.model.config import LlavaRadConfig
 from radtrt.model.io import save_tensors
-from radtrt.model.loading import DEFAULT_VISION_CKPT, DEFAULT_VISION_JSON, RELEASE_NAME_KEY, RELEASE_TEMPLATE_KEY
+from radtrt.model.loading import (DEFAULT_VISION_CKPT, DEFAULT_VISION_JSON, RELEASE_BASE_KEY, RELEASE_NAME_KEY,
+                                  RELEASE_TEMPLATE_KEY)
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import make_dir
 
 VISION_TOWER_NAME = "biomedclip_cxr_518"
 
 
-def release_config_json(cfg: LlavaRadConfig, base_name: str, model_name: str | None = None) -> dict[str, Any]:
+def release_config_json(cfg: LlavaRadConfig, base_name: str, model_name: str | None = None,
+                        base_fingerprint: str | None = None) -> dict[str, Any]:
     return {
         **cfg.decoder.to_hf(),
         "_name_or_path": base_name,
@@ -50,6 +52,8 @@ def release_config_json(cfg: LlavaRadConfig, base_name: str, model_name: str | N
         RELEASE_TEMPLATE_KEY: cfg.conv_template,
         # radtrt's too: the model's name came back from a round trip as "llava-rad", the release layout's
         **({RELEASE_NAME_KEY: model_name} if model_name else {}),
+        # and the base decoder's weights (model/fingerprint.py), checked when the release is loaded
+        **({RELEASE_BASE_KEY: base_fingerprint} if base_fingerprint else {}),
     }
 
 
@@ -74,11 +78,13 @@ def write_base_lm(out_dir: Path, cfg: LlavaRadConfig, decoder: dict[str, torch.T
 def write_release(out_dir: Path, cfg: LlavaRadConfig, *, trunk: dict[str, torch.Tensor],
                   projector: dict[str, torch.Tensor], lora: dict[str, torch.Tensor] | None,
                   adapter_config: dict[str, Any] | None, base_name: str,
-                  extra_open_clip: dict[str, torch.Tensor] | None = None, model_name: str | None = None) -> Path:
+                  extra_open_clip: dict[str, torch.Tensor] | None = None, model_name: str | None = None,
+                  base_fingerprint: str | None = None) -> Path:
     """The release directory; ``lora`` uses PEFT key names (``base_model.model.model.layers...lora_A.weight``)."""
     make_dir(out_dir)
     with _write_failures(out_dir, "release folder"):
-        (out_dir / "config.json").write_text(json.dumps(release_config_json(cfg, base_name, model_name), indent=2))
+        (out_dir / "config.json").write_text(json.dumps(release_config_json(cfg, base_name, model_name, base_fingerprint),
+                                                         indent=2))
         (out_dir / DEFAULT_VISION_JSON).write_text(json.dumps(cfg.vision.to_open_clip(), indent=2))
         torch.save({"state_dict": {**ck.trunk_to_open_clip(trunk), **(extra_open_clip or {})}},
                    out_dir / DEFAULT_VISION_CKPT)
