@@ -140,7 +140,8 @@ def replaced_together(paths: Sequence[Path]) -> Iterator[list[Path]]:
     new temporary file beside each path to write. Only once the block has succeeded and every file is flushed
     to disk are they renamed into place, one after the other, so a failure while writing leaves the earlier set
     whole instead of half this run's and half an older one's. A temporary file the block removed means "no such
-    file this time": its path is removed as well (an earlier run's file there would describe another run)."""
+    file this time": its path is removed as well (an earlier run's file there would describe another run; a link
+    there is removed, and the file it names is left alone)."""
     for path in paths:
         _check_not_special(path, "output")
     targets = [_target(path) for path in paths]
@@ -153,11 +154,11 @@ def replaced_together(paths: Sequence[Path]) -> Iterator[list[Path]]:
             if tmp.exists():
                 _settle(tmp, None)
         with interrupts.deferred():  # a Ctrl-C between two renames left this run's Markdown by the last one's JSON
-            for tmp, target in zip(temps, targets):
+            for tmp, target, path in zip(temps, targets, paths):
                 if tmp.exists():
                     tmp.replace(target)
-                else:
-                    target.unlink(missing_ok=True)
+                else:  # the name goes, not a file a link there names (bench parity deleted a user's chart)
+                    path.unlink(missing_ok=True)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

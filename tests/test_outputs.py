@@ -312,6 +312,23 @@ def test_a_report_set_is_not_split_by_an_interrupt_between_its_renames(tmp_path:
     assert md.read_text() == js.read_text() == "new" and len(calls) == 2
 
 
+def test_a_file_left_out_of_a_set_removes_a_link_not_what_it_names(tmp_path: Path) -> None:
+    """bench parity (no chart) over a report whose PNG was a link deleted the user's file it named, and the dangling
+    link then refused the next bench run. The link goes; the file stays; a written file still goes through it."""
+    from radtrt.outputs import write_set
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "r.png").write_text("chart"), (real / "r.md").write_text("old")
+    (tmp_path / "r.png").symlink_to(real / "r.png")
+    (tmp_path / "r.md").symlink_to(real / "r.md")
+    written = write_set([(tmp_path / "r.md", lambda tmp: tmp.write_text("new")),
+                         (tmp_path / "r.png", lambda tmp: False)], "report")
+    assert written == [tmp_path / "r.md"]
+    assert not (tmp_path / "r.png").is_symlink() and (real / "r.png").read_text() == "chart"
+    assert (tmp_path / "r.md").is_symlink() and (real / "r.md").read_text() == "new"
+
+
 @pytest.mark.parametrize("errno_name", ["EPERM", "EOPNOTSUPP", "ENOSYS"])
 def test_a_new_file_on_a_file_system_without_hard_links_is_still_saved(tmp_path: Path, monkeypatch,
                                                                        errno_name: str) -> None:
