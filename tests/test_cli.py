@@ -368,6 +368,10 @@ def test_a_study_whose_sr_fails_keeps_its_report_and_gets_an_sr_record(merged: P
     (["--model", "{merged}", "--max-new-tokens", "100000000"], "positions; --max-new-tokens 336 at most for this prompt"),
     # the prompt alone past the positions: a lower --max-new-tokens was suggested, which cannot help
     (["--model", "{merged}", "--indication", "x " * 600], "the prompt alone fills them: shorten --indication"),
+    # the indication fills them and the bare prompt leaves less room than asked: no remedy at all was given
+    (["--model", "{merged}", "--indication", "x " * 600, "--max-new-tokens", "400"],
+     "positions; the prompt alone fills them: shorten --indication, and lower --max-new-tokens (336 at most even "
+     "without --indication)"),
     (["--model", "{merged}", "--indication", "x " * 50, "--max-new-tokens", "300"],
      "shorten --indication or give --max-new-tokens "),
     # no prompt leaves room for these: shortening --indication was offered all the same

@@ -48,11 +48,14 @@ class RequestPreparer:
             selected = load_study(path, shown_as="IMAGE")  # the request input, not a server path
         warnings = "; ".join(study_warnings(Path("IMAGE"), selected))  # the request input, as errors name it
         pixels = self.cfg.preprocessing(selected.pixels_u8)
-        prompt = build_prompt(build_query(indication or None), self.cfg.conv_template)
-        ids = tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
-        ids = fake_prompt_ids(ids, self.num_image_tokens, self.vocab_size)
+        def prompt_ids(text: str | None) -> list[int]:
+            prompt = build_prompt(build_query(text), self.cfg.conv_template)
+            ids = tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
+            return fake_prompt_ids(ids, self.num_image_tokens, self.vocab_size)
+
+        ids = prompt_ids(indication or None)
         check_positions(len(ids), max_new_tokens, self.cfg.decoder.max_position_embeddings,
-                        shorten="INDICATION" if indication else None, limit="MAX_NEW_TOKENS")
+                        shorten=("INDICATION", len(prompt_ids(None))) if indication else None, limit="MAX_NEW_TOKENS")
         eos = self.tokenizer.eos_token_id
         col = lambda v: np.array([[v]], dtype=np.int32)  # noqa: E731 - [batch 1, 1]
         return {"PIXEL_VALUES": pixels.numpy().astype(NP_DTYPES[self.pixel_dtype])[None],

@@ -90,22 +90,27 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int, *, shorten: str | None = None,
-                    limit: str = "--max-new-tokens") -> None:
+def check_positions(prompt_length: int, max_new_tokens: int, max_positions: int, *,
+                    shorten: tuple[str, int] | None = None, limit: str = "--max-new-tokens") -> None:
     """Refuse a generation longer than the model's positions before its KV cache is allocated (a huge
     --max-new-tokens was an allocation failure), with the same words on every backend. ``shorten``: what the
-    caller's prompt can be shortened by (``Pipeline.check_fits``: ``--indication``, when one was given); the remedy
-    names it only then, since "shorten --indication" was said to runs that gave none, and lowering
-    --max-new-tokens only while that leaves room for a report. ``limit``: the new-token limit as the caller's user
-    sets it (Triton's request input is ``MAX_NEW_TOKENS``)."""
+    caller's prompt can be shortened by and the prompt's length without it (``Pipeline.check_fits``:
+    ``--indication``, when one was given); the remedy names it only where leaving it out makes room ("shorten
+    --indication" was said to runs that gave none, and for 100000 new tokens no prompt leaves room for), and
+    lowering --max-new-tokens only while that leaves room for a report. ``limit``: the new-token limit as the
+    caller's user sets it (Triton's request input is ``MAX_NEW_TOKENS``)."""
     if prompt_length + max_new_tokens > max_positions:
         room = max_positions - prompt_length
+        what, room_without = (shorten[0], max_positions - shorten[1]) if shorten else (None, 0)
         if room >= 1:
             fix = f"{limit} {room} at most for this prompt"
-            fix = f"shorten {shorten} or give {fix}" if shorten else fix
+            fix = f"shorten {what} or give {fix}" if what and room_without >= max_new_tokens else fix
+        elif what and room_without >= 1:  # the part that can be shortened is what fills them
+            fix = f"the prompt alone fills them: shorten {what}"
+            if room_without < max_new_tokens:  # said at once: the shortened run would be refused for it next
+                fix += f", and lower {limit} ({room_without} at most even without {what})"
         else:
-            fix = f"the prompt alone fills them: shorten {shorten}" if shorten else \
-                "the prompt alone fills them, leaving no room for a report"
+            fix = "the prompt alone fills them, leaving no room for a report"
         fail(f"the prompt ({prompt_length} positions, with the image) + {max_new_tokens} new tokens exceed the "
              f"model's {max_positions} positions; {fix}")
 

@@ -28,10 +28,11 @@ class Backend(Protocol):
         """The weights' fingerprint at float16 resolution (``bundle_fingerprint``): one id for a model and every
         bundle exported from it, so an SR says which weights wrote it whatever the backend."""
 
-    def check_length(self, prompt_length: int, max_new_tokens: int, *, shorten: str | None = None) -> None:
+    def check_length(self, prompt_length: int, max_new_tokens: int, *,
+                     shorten: tuple[str, int] | None = None) -> None:
         """Refuse a prompt (image tokens included) plus ``max_new_tokens`` this backend cannot run, in the words
-        its ``generate`` would use, before any study is read; ``fix``: the remedy for a prompt past the model's
-        positions (``check_positions``)."""
+        its ``generate`` would use, before any study is read; ``shorten``: what the prompt can be shortened by, and
+        its length without it, for the remedy (``check_positions``)."""
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
 
@@ -58,7 +59,8 @@ class TorchBackend:
 
         return bundle_fingerprint(self.model)
 
-    def check_length(self, prompt_length: int, max_new_tokens: int, *, shorten: str | None = None) -> None:
+    def check_length(self, prompt_length: int, max_new_tokens: int, *,
+                     shorten: tuple[str, int] | None = None) -> None:
         check_positions(prompt_length, max_new_tokens, self.model.language_model.cfg.max_position_embeddings,
                         shorten=shorten)
 

@@ -256,7 +256,8 @@ class OrtBackend:
     def weights_id(self) -> str:
         return str(self.manifest["model"].get(BUNDLE_FINGERPRINT, "unknown"))
 
-    def check_length(self, prompt_length: int, max_new_tokens: int, *, shorten: str | None = None) -> None:
+    def check_length(self, prompt_length: int, max_new_tokens: int, *,
+                     shorten: tuple[str, int] | None = None) -> None:
         check_positions(prompt_length, max_new_tokens, self.max_positions, shorten=shorten)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from radtrt.errors import RadtrtError
 from radtrt.imaging.study import SelectedImage, load_study
 from radtrt.model.config import LlavaRadConfig
 from radtrt.model.generate import MAX_NEW_TOKENS
@@ -109,18 +108,11 @@ class Pipeline:
         TensorRT-LLM engine's build limits) before any study is read: every
         study of a run shares the prompt, and the refusal came at the first batch, after the studies before it
         had their records (so ``--json`` listed some studies and not the rest)."""
-        length = len(self.prompt_ids(indication)) - 1 + self.cfg.num_image_tokens  # the placeholder, expanded
-        self.backend.check_length(length, max_new_tokens, shorten="--indication" if indication and self._fits(
-            max_new_tokens) else None)
+        def length(text: str | None) -> int:
+            return len(self.prompt_ids(text)) - 1 + self.cfg.num_image_tokens  # the placeholder, expanded
 
-    def _fits(self, max_new_tokens: int) -> bool:
-        """Whether the prompt without an indication leaves room for ``max_new_tokens``: only then is shortening
-        --indication a remedy (it was offered for 100000 new tokens that no prompt leaves room for)."""
-        try:
-            self.backend.check_length(len(self.prompt_ids(None)) - 1 + self.cfg.num_image_tokens, max_new_tokens)
-        except RadtrtError:  # the same refusal, without the indication: its remedy is --max-new-tokens alone
-            return False
-        return True
+        self.backend.check_length(length(indication), max_new_tokens,
+                                  shorten=("--indication", length(None)) if indication else None)
 
     def prompt_ids(self, indication: str | None) -> list[int]:
         prompt = build_prompt(build_query(indication), self.cfg.conv_template)

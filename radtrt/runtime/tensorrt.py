@@ -280,7 +280,8 @@ class TensorRTBackend:
     def weights_id(self) -> str:
         return str(self.manifest["model"].get(BUNDLE_FINGERPRINT, "unknown"))
 
-    def check_length(self, prompt_length: int, max_new_tokens: int, *, shorten: str | None = None) -> None:
+    def check_length(self, prompt_length: int, max_new_tokens: int, *,
+                     shorten: tuple[str, int] | None = None) -> None:
         check_engine_limits([prompt_length], max_new_tokens, self.limits)  # tighter than the model's positions
 
     @torch.no_grad()
