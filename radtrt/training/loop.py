@@ -359,25 +359,28 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     total = schedule.total_steps(cfg.epochs, cfg.max_steps)
     # at most total - 1 warmup steps: a warmup as long as the run trains every step at lr 0 or near it (one step: 0)
     scheduler = cosine_with_warmup(optimizer, min(math.ceil(cfg.warmup_ratio * total), total - 1), total)
+    start = _restore(run_dir, objective, named, optimizer, scheduler, info, total, origin) if resume else 0
+    saved = start if resume else None  # the step of the run folder's checkpoint
+    end = total if stop_after is None else min(total, start + stop_after)
+    losses: list[float] = []
     created = not run_dir.exists()  # an interrupt before the first checkpoint then removes the folder too
     lock = _prepare_run_dir(cfg, run_dir, resume, info)
     if lock is not None:
         held.enter_context(lock)
-    start = _restore(run_dir, objective, named, optimizer, scheduler, info, total, origin) if resume else 0
-    model: torch.nn.Module = objective
-    if info.enabled:
-        model = DistributedDataParallel(objective, device_ids=[info.local_rank] if info.device != "cpu" else None)
-    end = total if stop_after is None else min(total, start + stop_after)
-    plan = _Plan(schedule, start, end, info.rank)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collate,
-                                         num_workers=cfg.num_workers, generator=torch.Generator(),
-                                         worker_init_fn=_quiet_on_sigterm if cfg.num_workers else None)
-    batches = iter(loader)
-    losses: list[float] = []
-    model.train()
-    progress = _progress(console) if info.is_main else None
-    saved = start if resume else None  # the step of the run folder's checkpoint
-    try:
+    try:  # from the moment the run folder holds files: an interrupt in the loader's start left them
+        model: torch.nn.Module = objective
+        if info.enabled:
+            model = DistributedDataParallel(objective, device_ids=[info.local_rank] if info.device != "cpu" else None)
+        plan = _Plan(schedule, start, end, info.rank)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=collate,
+                                             num_workers=cfg.num_workers, generator=torch.Generator(),
+                                             worker_init_fn=_quiet_on_sigterm if cfg.num_workers else None)
+        # the workers are forked here: an interrupt landing in logging's at-fork hook was ignored by Python
+        # ("Exception ignored in: _releaseLock"), and training went on; held, it lands once the workers are up
+        with interrupts.deferred():
+            batches = iter(loader)
+        model.train()
+        progress = _progress(console) if info.is_main else None
         with progress or contextlib.nullcontext():
             task = progress.add_task(f"{cfg.stage}", total=total, completed=start, loss=float("nan"), lr=0.0,
                                      sps=0.0) if progress else None
