@@ -33,10 +33,19 @@ def path_text(text: str) -> Path:
     return Path(text)
 
 
-def PathOption(default: Any, *names: str, **kwargs: Any) -> Any:  # noqa: N802 - used like typer.Option
-    """``typer.Option`` for a path: every path option refuses an empty value the same way."""
+def file_text(text: str) -> Path:
+    """:func:`path_text` for an output that is one file: a trailing slash, which ``Path`` drops, asked for a folder
+    (``bench -o newdir/`` wrote a file named ``newdir`` and ``newdir.json``)."""
+    if text.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"'{text}' ends with '/', a folder: give the file to write (say {text}report.md)")
+    return path_text(text)
+
+
+def PathOption(default: Any, *names: str, file: bool = False, **kwargs: Any) -> Any:  # noqa: N802 - as typer.Option
+    """``typer.Option`` for a path: every path option refuses an empty value the same way; ``file``: an output
+    that is one file, which refuses a folder-looking value too (:func:`file_text`)."""
     kwargs.setdefault("metavar", "<path>")
-    return typer.Option(default, *names, parser=path_text, **kwargs)
+    return typer.Option(default, *names, parser=file_text if file else path_text, **kwargs)
 
 
 def PathArgument(default: Any, **kwargs: Any) -> Any:  # noqa: N802 - used like typer.Argument

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -73,6 +75,16 @@ def test_every_path_parameter_refuses_an_empty_value() -> None:
             assert result.exit_code == 2 and "is empty" in result.output, (args, result.output)
             checked += 1
     assert checked > 40
+
+
+@pytest.mark.parametrize("args", [["bench", "latency", "--synthetic", "1"], ["bench", "parity", "--synthetic", "1"],
+                                  ["calibrate", "--model", "m", "--data", "d"], ["eval", "p.jsonl"],
+                                  ["data", "synthesize", "l.jsonl"]])
+def test_a_file_output_given_as_a_folder_is_refused(args: list[str], tmp_path: Path) -> None:
+    """'bench parity -o newdir/' wrote a file named newdir and newdir.json, and said so: Path drops the slash."""
+    result = runner.invoke(app, [*args, "-o", f"{tmp_path}/newdir/"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "ends with '/', a folder: give the file to write" in result.output, result.output
+    assert not (tmp_path / "newdir").exists()
 
 
 def test_usage_names_each_argument_in_capitals() -> None:

@@ -118,7 +118,8 @@ def latency(
     ort_spin: SpinOpt = False,
     trt_decoder: TrtDecoderOpt = None,
     as_json: JsonOpt = False,
-    out: Optional[Path] = PathOption(None, "-o", "--out", help="Write report.md (+ .json, .png) here."),
+    out: Optional[Path] = PathOption(None, "-o", "--out", file=True,
+                                     help="Markdown report file to write (the .json and .png beside it)."),
 ) -> None:
     """Per-stage latency, tokens/s against the bandwidth floor, memory; ratios when two backends run."""
     from radtrt.benchmarks.api import run_latency
@@ -186,7 +187,8 @@ def parity(
     ort_spin: SpinOpt = False,
     trt_decoder: TrtDecoderOpt = None,
     as_json: JsonOpt = False,
-    out: Optional[Path] = PathOption(None, "-o", "--out", help="Write report.md (+ .json) here."),
+    out: Optional[Path] = PathOption(None, "-o", "--out", file=True,
+                                     help="Markdown report file to write (the .json beside it)."),
     predictions_out: Optional[Path] = PathOption(
         None, "--predictions-out", help="Write reference.jsonl and candidate.jsonl here for 'radtrt eval --paired' "
                                         "(CheXprompt); needs --studies with ground-truth findings."),
