@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -158,6 +159,15 @@ def test_junk_named_png_is_refused_as_neither_format(tmp_path: Path) -> None:
     path = tmp_path / "image.png"
     path.write_bytes(b"just some text\n" * 20)
     _refused(path, "nor a PNG or JPEG image")
+
+
+@pytest.mark.parametrize("content", [b'{"image": "png/a.png", "findings": "x"}\n{"image": "png/b.png"}\n', b"[1, 2]\n"])
+def test_a_manifest_given_as_a_study_is_named_as_one(tmp_path: Path, content: bytes) -> None:
+    """'radtrt infer manifest.jsonl' was told only 'not a DICOM file, nor a PNG or JPEG image'."""
+    path = tmp_path / "manifest.jsonl"
+    path.write_bytes(content)
+    _refused(path, re.escape("manifest.jsonl: a JSON file (a manifest?), not an image: give the DICOM files, image "
+                             "files or study folders themselves"))
 
 
 def test_missing_file_is_refused(tmp_path: Path) -> None:

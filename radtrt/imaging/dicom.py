@@ -48,6 +48,7 @@ file (never patient data):
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import struct
@@ -208,6 +209,9 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
             setattr(ds, RAW_TEXT, {tag: value for tag, value in undecoded.items() if ds[tag].VR in TEXT_VRS})
             _parse_all(ds.get("file_meta", Dataset()))  # parsed lazily too: a damaged VR there failed much later
     except InvalidDicomError:
+        if _holds_json(path):  # 'radtrt infer manifest.jsonl' was told only what the file is not
+            fail(f"{name}: a JSON file (a manifest?), not an image: give the DICOM files, image files or study "
+                 f"folders themselves (a manifest is for 'radtrt train', 'calibrate' and 'bench --studies')")
         fail(f"{name}: not a DICOM file (no DICOM preamble and 'DICM' prefix), nor a PNG or JPEG image "
              f"(radtrt recognizes files by content, not by name)")
     except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
@@ -216,6 +220,19 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
     except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError, BytesLengthException):
         fail(f"{name}: DICOM header is truncated or corrupt")
     return ds
+
+
+def _holds_json(path: Path) -> bool:
+    """Whether the file's first line is a JSON object or array (by content, as every study file is recognized)."""
+    try:
+        with path.open("rb") as f:
+            head = f.readline(1 << 16).strip()
+    except OSError:
+        return False
+    try:
+        return isinstance(json.loads(head), (dict, list))
+    except ValueError:  # UnicodeDecodeError included
+        return False
 
 
 def _uid(value: object) -> UID | None:
