@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
