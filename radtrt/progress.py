@@ -146,7 +146,7 @@ class LineProgress:
         task.last_line, task.last_completed = now, task.completed
         task.finished = bool(task.total) and task.completed >= task.total
         count = f" {task.completed:g}/{task.total:g}" if task.total else ""
-        extras = "".join(f"  {k} {_fmt(v)}" for k, v in task.fields.items())
+        extras = "".join(f"  {k} {_fmt(v)}" for k, v in task.fields.items() if v is not None)  # None: none yet
         line = f"{task.description}{count}{extras}  [{time.perf_counter() - task.started:.0f} s]"
         with self._lock:
             if time.perf_counter() < self._quiet_until:

@@ -33,6 +33,29 @@ def test_a_log_gets_lines_for_start_tenths_renames_and_fields() -> None:
     assert [line.split("  [")[0] for line in lines[11:]] == ["export", "exporting vision.onnx", "exporting decoder.onnx"]
 
 
+def test_training_progress_shows_no_loss_before_its_first_step() -> None:
+    """'stage2 0/1  loss nan  lr 0  sps 0' was printed before any step ran, as a log line and on the live bar: a
+    NaN loss is what a diverged run stops for."""
+    from radtrt.training.loop import _progress
+
+    console, buf = _log_console()
+    assert isinstance(_progress(console), LineProgress)
+    with LineProgress(console, quiet_seconds=0) as progress:
+        task = progress.add_task("stage2", total=2, completed=0, loss=None, lr=None, sps=None)
+        progress.update(task, completed=1, loss=0.5, lr=1e-4, sps=3.0)
+    first, second = buf.getvalue().splitlines()[:2]
+    assert first.startswith("stage2 0/2  [") and "nan" not in first
+    assert second.startswith("stage2 1/2  loss 0.5  lr 0.0001  sps 3  [")
+    live = io.StringIO()
+    with _progress(Console(file=live, force_terminal=True, width=200)) as progress:
+        task = progress.add_task("stage2", total=2, completed=0, loss=None, lr=None, sps=None)
+        progress.refresh()
+        assert "loss" not in live.getvalue() and "nan" not in live.getvalue()
+        progress.update(task, completed=1, loss=0.5, lr=1e-4, sps=3.0)
+        progress.refresh()
+    assert "loss 0.5000  lr 1.00e-04  3.0 samples/s" in live.getvalue()
+
+
 def test_a_terminal_gets_rich_live_bars_and_disable_prints_nothing() -> None:
     assert isinstance(make_progress(console=Console(file=io.StringIO(), force_terminal=True)), Progress)
     console, buf = _log_console()

@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from radtrt.progress import LineProgress, make_progress
 from torch.nn.parallel import DistributedDataParallel
@@ -92,10 +93,20 @@ def _optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) ->
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+class _StepStats(ProgressColumn):
+    """The last step's loss, learning rate and speed; nothing before the first step of this invocation (its
+    placeholder "loss nan" read as the divergence a run stops for)."""
+
+    def render(self, task: Task) -> Text:
+        f = task.fields
+        if f.get("loss") is None:
+            return Text("")
+        return Text(f"loss {f['loss']:.4f}  lr {f['lr']:.2e}  {f['sps']:.1f} samples/s")
+
+
 def _progress(console: Console) -> Progress | LineProgress:
-    return make_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[sps]:.1f} samples/s"),
-                    TimeRemainingColumn(), console=console, transient=False)
+    return make_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _StepStats(),
+                         TimeRemainingColumn(), console=console, transient=False)
 
 
 def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True, stage: str | None = None) -> None:
@@ -382,8 +393,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
         model.train()
         progress = _progress(console) if info.is_main else None
         with progress or contextlib.nullcontext():
-            task = progress.add_task(f"{cfg.stage}", total=total, completed=start, loss=float("nan"), lr=0.0,
-                                     sps=0.0) if progress else None
+            task = progress.add_task(f"{cfg.stage}", total=total, completed=start, loss=None, lr=None,
+                                     sps=None) if progress else None
             for step in range(start, end):
                 t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
