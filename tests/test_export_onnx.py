@@ -103,6 +103,18 @@ def test_batched_generation_equals_one_by_one(bundle: Path, model_dir: Path, stu
     assert [r.get("batch_size", 1) for r in batched] == [3, 3, 3, 1]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torch_half_precision_reports_do_not_change_with_the_batch(model_dir: Path, studies: list[Path],
+                                                                   dtype: str) -> None:
+    """Half-precision sums come out of other kernels at other batch shapes: a study's report changed with
+    --batch-size (every study of a tiny model's batch of 7 in bfloat16). Each runs alone, and says so."""
+    args = (*studies, "--model", model_dir, "--backend", "torch", "--dtype", dtype)
+    one = _infer(*args)
+    batched = _infer(*args, "--batch-size", "4")
+    assert [r["token_ids"] for r in batched] == [r["token_ids"] for r in one]
+    assert [r.get("batch_size", 1) for r in batched] == [4, 4, 4, 4] and {r["decode_batch_size"] for r in batched} == {1}
+
+
 @pytest.fixture(scope="module")
 def bundle_plain(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _exported(model_dir, tmp_path_factory, "--attention", "plain")

@@ -52,6 +52,10 @@ class TorchBackend:
         self.model = model
         self.device = device
         self.precision = PRECISION_NAMES.get(model.dtype, str(model.dtype))
+        # float16/bfloat16 sums come out of other kernels at other batch shapes, and a study's report changed with
+        # --batch-size (image embeddings 0.03 apart, a different report from the first token): each runs alone,
+        # as a SmoothQuant bundle's studies do. float32 gets the same tokens batched (tests).
+        self.per_study = model.dtype != torch.float32
 
     @functools.cached_property
     def weights_id(self) -> str:
@@ -66,7 +70,9 @@ class TorchBackend:
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        embeds = self.model.encode_images(pixel_values.to(self.device))
+        pixel_values = pixel_values.to(self.device)
+        embeds = (torch.cat([self.model.encode_images(p[None]) for p in pixel_values]) if self.per_study else
+                  self.model.encode_images(pixel_values))
         clock(embeds.device)  # the pipeline times this stage: wait for the device
         return embeds
 
@@ -76,8 +82,14 @@ class TorchBackend:
 
     def generate(self, embeds: list[torch.Tensor], *, max_new_tokens: int, eos_token_id: int,
                  keep_logits: bool = False) -> Generation:
-        return greedy_generate(self.model.language_model, embeds, eos_token_id=eos_token_id,
-                               max_new_tokens=max_new_tokens, keep_logits=keep_logits)
+        def run(rows: list[torch.Tensor]) -> Generation:
+            return greedy_generate(self.model.language_model, rows, eos_token_id=eos_token_id,
+                                   max_new_tokens=max_new_tokens, keep_logits=keep_logits)
+
+        if self.per_study and len(embeds) > 1:
+            return Generation.merged(len(embeds), [([i], run([e])) for i, e in enumerate(embeds)],
+                                     keep_logits=keep_logits)
+        return run(embeds)
 
 
 def resolve_device(device: str) -> str:
