@@ -321,6 +321,17 @@ def test_bad_studies_exit_2_with_one_line(merged: Path, tmp_path: Path, case: st
     assert ct_name not in err
 
 
+def test_a_study_given_twice_is_refused_before_the_model_loads(merged: Path, tmp_path: Path) -> None:
+    """'infer s s/ s/frontal.dcm --sr-out sr' reported one study three times and filed three SRs for it."""
+    study = tmp_path / "s"
+    frontal = _write(study / "frontal.dcm", radiograph_dataset(synthetic_chest(seed=8)))
+    for args, match in (((study, f"{study}/"), f"{study} and {study} are the same study, given twice: give it once"),
+                        ((study, frontal), f"{frontal} is inside the study {study}, also given: give the study once")):
+        code, out, err = _invoke("infer", *args, "--model", tmp_path / "not-loaded", "--json")
+        _assert_refused(code, err, match)
+        assert out == ""
+
+
 def test_any_modality_override(merged: Path) -> None:
     (result,) = _infer_json(merged, Path(get_testdata_file("CT_small.dcm")), extra=("--allow-any-modality",))
     assert result["token_ids"]

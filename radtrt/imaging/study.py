@@ -280,7 +280,7 @@ def split_studies(folder: Path, *, allow_any_modality: bool = False, images_apar
             # moving the cause out helps only when it is the one thing that made the folder a set
             move = f"move {causes[0].name} out, or " if len(causes) == 1 else ""
             fail(f"{shown}: {owner[uid].name} and {entry.name} hold images of one study (StudyInstanceUID), and "
-                 f"{why}: {move}put each study's images in a folder of its own")
+                 f"{why}: {move}put each study's images in a folder of its own (one a copy of the other? remove it)")
         owner.update(dict.fromkeys(entry_uids, entry))
     for entry, found in sorted(entries.items()):
         view = found[0].view if len(found) == 1 and found[0].path == entry else UNKNOWN_VIEW

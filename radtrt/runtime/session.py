@@ -36,7 +36,23 @@ def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Co
             console.print(plain(f"{study}: a folder of {len(parts)} studies (one per entry); each is reported on"),
                           highlight=False, soft_wrap=True)
         out.extend(parts)
+    _check_given_once(out)
     return out
+
+
+def _check_given_once(studies: list[Path]) -> None:
+    """Refuse a study named twice (``s``, ``s/``, or its folder and a file in it): each got its report and SR, so
+    one study was filed several times."""
+    seen: dict[Path, Path] = {}
+    for study in studies:
+        resolved = study.resolve()
+        if resolved in seen:
+            fail(f"{seen[resolved]} and {study} are the same study, given twice: give it once")
+        seen[resolved] = study
+    for study in studies:
+        holder = next((seen[p] for p in study.resolve().parents if p in seen), None)
+        if holder is not None:
+            fail(f"{study} is inside the study {holder}, also given: give the study once")
 
 
 def infer_studies(studies: list[Path], *, console: Console, model: Path | None = None,
