@@ -322,12 +322,16 @@ def test_bad_studies_exit_2_with_one_line(merged: Path, tmp_path: Path, case: st
 
 
 def test_a_study_given_twice_is_refused_before_the_model_loads(merged: Path, tmp_path: Path) -> None:
-    """'infer s s/ s/frontal.dcm --sr-out sr' reported one study three times and filed three SRs for it."""
+    """'infer s s/ s/frontal.dcm --sr-out sr' filed three SRs for one study (without --sr-out a repeat only prints
+    its report again, which test_one_bad_study_among_several_keeps_the_others relies on)."""
     study = tmp_path / "s"
     frontal = _write(study / "frontal.dcm", radiograph_dataset(synthetic_chest(seed=8)))
-    for args, match in (((study, f"{study}/"), f"{study} and {study} are the same study, given twice: give it once"),
-                        ((study, frontal), f"{frontal} is inside the study {study}, also given: give the study once")):
-        code, out, err = _invoke("infer", *args, "--model", tmp_path / "not-loaded", "--json")
+    for args, match in (((study, f"{study}/"), f"{study} and {study} are the same study, given twice: each would get "
+                                               f"an SR; give it once"),
+                        ((study, frontal), f"{frontal} is inside the study {study}, also given: each would get an SR; "
+                                           f"give the study once")):
+        code, out, err = _invoke("infer", *args, "--model", tmp_path / "not-loaded", "--json", "--sr-out",
+                                 tmp_path / "sr")
         _assert_refused(code, err, match)
         assert out == ""
 

@@ -24,8 +24,10 @@ def check_studies_exist(studies: list[Path]) -> None:
             fail(f"study {study} is {broken_link(study)}" if broken_link(study) else f"study not found: {study}")
 
 
-def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Console) -> list[Path]:
-    """Each folder of several studies (one per entry) in place of the folder, said on ``console``."""
+def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Console,
+                   filed: bool = False) -> list[Path]:
+    """Each folder of several studies (one per entry) in place of the folder, said on ``console``. ``filed``: each
+    study gets an SR (``--sr-out``), so none may be given twice."""
     out: list[Path] = []
     for study in studies:
         try:
@@ -36,23 +38,24 @@ def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Co
             console.print(plain(f"{study}: a folder of {len(parts)} studies (one per entry); each is reported on"),
                           highlight=False, soft_wrap=True)
         out.extend(parts)
-    _check_given_once(out)
+    if filed:
+        _check_given_once(out)
     return out
 
 
 def _check_given_once(studies: list[Path]) -> None:
-    """Refuse a study named twice (``s``, ``s/``, or its folder and a file in it): each got its report and SR, so
-    one study was filed several times."""
+    """Refuse a study named twice (``s``, ``s/``, or its folder and a file in it): each copy got its own SR, so one
+    study was filed several times (without SRs a repeat only prints its report again)."""
     seen: dict[Path, Path] = {}
     for study in studies:
         resolved = study.resolve()
         if resolved in seen:
-            fail(f"{seen[resolved]} and {study} are the same study, given twice: give it once")
+            fail(f"{seen[resolved]} and {study} are the same study, given twice: each would get an SR; give it once")
         seen[resolved] = study
     for study in studies:
         holder = next((seen[p] for p in study.resolve().parents if p in seen), None)
         if holder is not None:
-            fail(f"{study} is inside the study {holder}, also given: give the study once")
+            fail(f"{study} is inside the study {holder}, also given: each would get an SR; give the study once")
 
 
 def infer_studies(studies: list[Path], *, console: Console, model: Path | None = None,
@@ -68,7 +71,7 @@ def infer_studies(studies: list[Path], *, console: Console, model: Path | None =
     from radtrt.model.prompt import build_query
 
     check_studies_exist(studies)
-    studies = expand_studies(studies, allow_any_modality=allow_any_modality, console=console)
+    studies = expand_studies(studies, allow_any_modality=allow_any_modality, console=console, filed=sr_out is not None)
     build_query(indication)
     if sr_out is not None:
         from radtrt.outputs import check_folder_target
