@@ -94,8 +94,14 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
             emit(json.dumps({k: valid_unicode(v) if isinstance(v, str) else v for k, v in result.to_json().items()}))
         elif isinstance(result, StudyResult):  # a failure's line is already on stderr
             t = result.timings_ms
-            emit(f"{printable(result.study)} [{result.view_position}]\n{result.report}\n")
-            if result.stop_reason != "eos":  # --json says "truncated"; a reader of the terminal saw half a sentence
+            # the report's own line breaks kept, any other control character escaped (a damaged model's ESC
+            # reached the terminal)
+            report = "\n".join(printable(line) for line in result.report.splitlines())
+            emit(f"{printable(result.study)} [{result.view_position}]\n{report}\n")
+            if not result.report:  # two blank lines read as a display fault
+                err.print(plain(f"radtrt: warning: {result.study}: the model generated no findings text (it ended "
+                                f"the report at its first token)"), highlight=False, soft_wrap=True)
+            elif result.stop_reason != "eos":  # --json says "truncated"; a reader of the terminal saw half a sentence
                 err.print(plain(f"radtrt: warning: {result.study}: the report was cut off at --max-new-tokens "
                                 f"({len(result.token_ids)} tokens)"), highlight=False, soft_wrap=True)
             err.print(f"timings: preprocess {t['preprocess']:.0f} ms, vision {t['vision']:.0f} ms, prefill "

@@ -321,6 +321,24 @@ def test_bad_studies_exit_2_with_one_line(merged: Path, tmp_path: Path, case: st
     assert ct_name not in err
 
 
+def test_text_mode_escapes_a_reports_control_characters_and_names_an_empty_one(
+        capsys: pytest.CaptureFixture) -> None:
+    """A damaged model's ESC went to the terminal as it was; a report ended at its first token printed two blank
+    lines and nothing else."""
+    from radtrt.cli import _print_results
+    from radtrt.runtime.pipeline import StudyResult
+
+    timings = dict.fromkeys(("preprocess", "vision", "prefill", "decode_per_token", "end_to_end"), 1.0)
+    made = dict(source_file="f.dcm", view_position="PA", stop_reason="eos", backend="torch", precision="fp32",
+                timings_ms=timings)
+    _print_results([StudyResult(study="a", report="Clear\x1b[2J lungs.\nNo effusion.", token_ids=[5, 6], **made),
+                    StudyResult(study="b", report="", token_ids=[], **made)], as_json=False)
+    out, err = capsys.readouterr()
+    assert out.startswith("a [PA]\nClear\\x1b[2J lungs.\nNo effusion.\n") and "\x1b" not in out
+    assert "radtrt: warning: b: the model generated no findings text (it ended the report at its first token)" in err
+    assert "warning: a:" not in err
+
+
 def test_a_study_given_twice_is_refused_before_the_model_loads(merged: Path, tmp_path: Path) -> None:
     """'infer s s/ s/frontal.dcm --sr-out sr' filed three SRs for one study (without --sr-out a repeat only prints
     its report again, which test_one_bad_study_among_several_keeps_the_others relies on)."""

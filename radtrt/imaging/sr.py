@@ -148,7 +148,7 @@ def build_sr(report_text: str, source: SelectedImage, *, model_name: str,
              model_version: str, complete: bool = True) -> hd.sr.ComprehensiveSR:
     """Build (but do not write) the SR document for one study; see the module docstring."""
     if not report_text.strip():
-        fail("the report text is empty; no DICOM SR written")
+        fail("the model generated no findings text for it; no DICOM SR written (an empty report is not filed)")
     if not model_name.strip() or not model_version.strip():
         fail("model name and version are needed to write a DICOM SR")
     from_dicom = source.dataset is not None
