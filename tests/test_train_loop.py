@@ -6,7 +6,7 @@ import json
 import os
 import shlex
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 from pathlib import Path
 
 import pytest
@@ -926,6 +926,22 @@ def test_resume_hints_paste_into_a_shell(tmp_path: Path) -> None:
     assert _interrupted(run, 3).startswith("radtrt: interrupted; to go on from step 3, its last checkpoint, run: ")
 
 
+def _train_interrupted(cfg: Any) -> None:
+    """``train(cfg)`` under radtrt's signal handlers (as the CLI installs them), ended by an interrupt."""
+    import signal
+
+    from radtrt import interrupts
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_a_sigterm_as_the_first_checkpoint_is_saved_names_that_checkpoint(chain: Chain, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          capsys: pytest.CaptureFixture) -> None:
@@ -934,7 +950,6 @@ def test_a_sigterm_as_the_first_checkpoint_is_saved_names_that_checkpoint(chain:
     import os
     import signal
 
-    from radtrt import interrupts
     from radtrt.training import checkpoint as ckpt
 
     save = ckpt.save_checkpoint
@@ -947,14 +962,7 @@ def test_a_sigterm_as_the_first_checkpoint_is_saved_names_that_checkpoint(chain:
     run = tmp_path / "run"
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
                       out_dir=str(run), max_steps=4, save_every=2)
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    interrupts.install()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
-    finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
+    _train_interrupted(cfg)
     err = " ".join(capsys.readouterr().err.split())
     assert "to go on from step 2, its last checkpoint, run: radtrt train resume" in err, err
     assert "radtrt: finishing the checkpoint save first, then stopping" in err  # a held press is not silent
@@ -970,7 +978,6 @@ def test_an_interrupt_as_the_loader_starts_its_workers_stops_the_run(chain: Chai
     import os
     import signal
 
-    from radtrt import interrupts
 
     start = torch.utils.data.DataLoader.__iter__
 
@@ -985,14 +992,7 @@ def test_an_interrupt_as_the_loader_starts_its_workers_stops_the_run(chain: Chai
     run = tmp_path / "run"
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
                       out_dir=str(run), max_steps=2, save_every=2)
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    interrupts.install()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
-    finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
+    _train_interrupted(cfg)
     err = " ".join(capsys.readouterr().err.split())
     assert "interrupted before the first checkpoint" in err and "which this run had created, was removed" in err, err
     assert not run.exists()
