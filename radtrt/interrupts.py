@@ -59,12 +59,14 @@ def _watch(signum: int, main_id: int) -> None:
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGINT and SIGTERM both unwind as Ctrl-C does (a ``timeout``, ``kill`` or batch scheduler's SIGTERM too, so
     the ``finally`` blocks that remove half-built outputs run instead of the process just ending)."""
-    if signum in _forced:
+    forced = signum in _forced
+    if forced:
         _forced.clear()
         _held.clear()
     elif _held:
         return  # a second press, or a SIGTERM after a Ctrl-C, while the first waits: the watcher delivers one
-    elif _deferring:
+    if _deferring:  # a held import's signal, re-sent inside a deferred block, waits for it too (it was raised in
+        # the DataLoader's at-fork hook, where Python ignores exceptions, and training ran to its end)
         if not _deferred and _notes and _notes[-1] and sys.stderr is not None:
             try:  # a press that seems to do nothing is pressed again, or the job is killed outright
                 sys.stderr.write(f"radtrt: {_notes[-1]} first, then stopping\n")
@@ -73,7 +75,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
                 pass
         _deferred.add(signum)
         return
-    elif importing(frame):
+    if not forced and importing(frame):
         _held.add(signum)
         threading.Thread(target=_watch, args=(signum, threading.get_ident()), daemon=True).start()
         return

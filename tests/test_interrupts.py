@@ -141,6 +141,30 @@ def test_an_interrupt_inside_a_deferred_block_lands_as_it_ends() -> None:
     assert reached == ["end of block"]
 
 
+def test_an_interrupt_held_for_an_import_and_sent_again_inside_a_deferred_block_waits_for_it() -> None:
+    """The watcher re-sends a signal held through an import; landing inside a deferred block (the DataLoader forking
+    its workers), it was raised there all the same, in logging's at-fork hook, where Python ignores exceptions:
+    training then ran to its end with exit 0."""
+    import os
+
+    from radtrt import interrupts
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                interrupts._forced.add(signal.SIGINT)  # as _watch marks it before sending it again
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                reached.append("end of block")
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert reached == ["end of block"] and not interrupts._forced
+
+
 def _phantoms(out: Path, n: int, prelude: str = "") -> subprocess.Popen:
     """``radtrt data phantoms`` in a process of its own, ``prelude`` run first."""
     code = (f"import os, signal, sys\n{prelude}\nfrom radtrt.entry import main\nsys.argv[0] = 'radtrt'\nmain()\n")
