@@ -211,7 +211,8 @@ def calibrate(
     n: int = typer.Option(32, "--n", min=1, max=10_000, help="Number of samples (the first N of the data)."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Phantom seed (with --data phantom). "
                                                                    "\\[default: 11]"),
-    out: Path = PathOption(..., "-o", "--out", file=True, help="Calibration file to write (.safetensors)."),
+    out: Path = PathOption(..., "-o", "--out", file="calibration.safetensors",
+                                     help="Calibration file to write (.safetensors)."),
 ) -> None:
     """Activation statistics on chest X-ray samples for INT8 export (one reusable, versioned file)."""
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn

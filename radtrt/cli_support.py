@@ -33,19 +33,24 @@ def path_text(text: str) -> Path:
     return Path(text)
 
 
-def file_text(text: str) -> Path:
-    """:func:`path_text` for an output that is one file: a trailing slash, which ``Path`` drops, asked for a folder
-    (``bench -o newdir/`` wrote a file named ``newdir`` and ``newdir.json``)."""
-    if text.endswith(("/", os.sep)):
-        raise typer.BadParameter(f"'{text}' ends with '/', a folder: give the file to write (say {text}report.md)")
-    return path_text(text)
+def file_parser(example: str) -> Callable[[str], Path]:
+    """:func:`path_text` for an output that is one file (``example``: a name for one): a value that names a folder by
+    its spelling (``newdir/``, ``newdir/.``, ``.``), which ``Path`` turns into ``newdir``, is refused (``bench -o
+    newdir/`` wrote a file named ``newdir`` and ``newdir.json``)."""
+    def parse(text: str) -> Path:
+        stripped = text.rstrip("/" + os.sep)
+        if text and (stripped != text or os.path.basename(stripped) in (".", "..")):
+            raise typer.BadParameter(f"'{text}' names a folder: give the file to write (say "
+                                     f"{os.path.join(os.path.normpath(text), example)})")
+        return path_text(text)
+    return parse
 
 
-def PathOption(default: Any, *names: str, file: bool = False, **kwargs: Any) -> Any:  # noqa: N802 - as typer.Option
-    """``typer.Option`` for a path: every path option refuses an empty value the same way; ``file``: an output
-    that is one file, which refuses a folder-looking value too (:func:`file_text`)."""
+def PathOption(default: Any, *names: str, file: str | None = None, **kwargs: Any) -> Any:  # noqa: N802 - as typer.Option
+    """``typer.Option`` for a path: every path option refuses an empty value the same way; ``file``: the option is
+    an output that is one file (a name for one, for the message), which refuses a folder too (:func:`file_parser`)."""
     kwargs.setdefault("metavar", "<path>")
-    return typer.Option(default, *names, parser=file_text if file else path_text, **kwargs)
+    return typer.Option(default, *names, parser=file_parser(file) if file else path_text, **kwargs)
 
 
 def PathArgument(default: Any, **kwargs: Any) -> Any:  # noqa: N802 - used like typer.Argument

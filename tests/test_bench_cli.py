@@ -572,7 +572,7 @@ def test_a_folder_as_the_report_is_one_line(tmp_path: Path, name: str, monkeypat
     """'.' and '/' have no name to put report.json beside: a ValueError traceback."""
     monkeypatch.chdir(tmp_path)
     code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", tmp_path / "wd", "-o", name)
-    assert code == 2 and "is a folder; name the Markdown report" in err and "Traceback" not in err, err
+    assert code == 2 and f"'{name}' names a folder: give the file to write" in err and "Traceback" not in err, err
 
 
 def test_bundle_labels_keep_the_path_as_typed(tmp_path: Path) -> None:

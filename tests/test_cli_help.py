@@ -77,13 +77,18 @@ def test_every_path_parameter_refuses_an_empty_value() -> None:
     assert checked > 40
 
 
-@pytest.mark.parametrize("args", [["bench", "latency", "--synthetic", "1"], ["bench", "parity", "--synthetic", "1"],
-                                  ["calibrate", "--model", "m", "--data", "d"], ["eval", "p.jsonl"],
-                                  ["data", "synthesize", "l.jsonl"]])
-def test_a_file_output_given_as_a_folder_is_refused(args: list[str], tmp_path: Path) -> None:
-    """'bench parity -o newdir/' wrote a file named newdir and newdir.json, and said so: Path drops the slash."""
-    result = runner.invoke(app, [*args, "-o", f"{tmp_path}/newdir/"], env={"COLUMNS": "400"})
-    assert result.exit_code == 2 and "ends with '/', a folder: give the file to write" in result.output, result.output
+@pytest.mark.parametrize("args, example", [
+    (["bench", "latency", "--synthetic", "1"], "report.md"), (["bench", "parity", "--synthetic", "1"], "report.md"),
+    (["calibrate", "--model", "m", "--data", "d"], "calibration.safetensors"), (["eval", "p.jsonl"], "results.json"),
+    (["data", "synthesize", "l.jsonl"], "manifest.jsonl")])
+@pytest.mark.parametrize("spelling", ["newdir/", "newdir/."])
+def test_a_file_output_given_as_a_folder_is_refused(args: list[str], example: str, spelling: str,
+                                                    tmp_path: Path) -> None:
+    """'bench parity -o newdir/' (or newdir/.) wrote a file named newdir and newdir.json, and said so: Path drops
+    the slash. The example file name is one the option takes (a calibration file must end in .safetensors)."""
+    result = runner.invoke(app, [*args, "-o", f"{tmp_path}/{spelling}"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"names a folder: give the file to write (say {tmp_path}/newdir/{example})" in result.output, result.output
     assert not (tmp_path / "newdir").exists()
 
 

@@ -118,7 +118,7 @@ def latency(
     ort_spin: SpinOpt = False,
     trt_decoder: TrtDecoderOpt = None,
     as_json: JsonOpt = False,
-    out: Optional[Path] = PathOption(None, "-o", "--out", file=True,
+    out: Optional[Path] = PathOption(None, "-o", "--out", file="report.md",
                                      help="Markdown report file to write (the .json and .png beside it)."),
 ) -> None:
     """Per-stage latency, tokens/s against the bandwidth floor, memory; ratios when two backends run."""
@@ -187,7 +187,7 @@ def parity(
     ort_spin: SpinOpt = False,
     trt_decoder: TrtDecoderOpt = None,
     as_json: JsonOpt = False,
-    out: Optional[Path] = PathOption(None, "-o", "--out", file=True,
+    out: Optional[Path] = PathOption(None, "-o", "--out", file="report.md",
                                      help="Markdown report file to write (the .json beside it)."),
     predictions_out: Optional[Path] = PathOption(
         None, "--predictions-out", help="Write reference.jsonl and candidate.jsonl here for 'radtrt eval --paired' "

@@ -42,7 +42,7 @@ def phantoms(
 
 def synthesize(
     labels: Path = PathOption(..., "--labels", help="JSONL rows {image, labels, indication?}."),
-    out: Path = PathOption(..., "-o", "--out", file=True, help="Output manifest (JSONL), written as OUT.partial until whole; a rerun completes an unfinished one."),
+    out: Path = PathOption(..., "-o", "--out", file="manifest.jsonl", help="Output manifest (JSONL), written as OUT.partial until whole; a rerun completes an unfinished one."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible base URL, e.g. https://host/v1."),
     model: Optional[str] = typer.Option(None, "--model", help="Model name the endpoint serves."),
     template: bool = typer.Option(False, "--template", help="Offline deterministic templates instead of an endpoint."),

@@ -25,7 +25,7 @@ def eval_command(
                                "chexprompt, a parity verdict."),
     metrics: str = typer.Option("rouge,bleu,labels", "--metrics",
                                 help="Comma list: rouge,bleu,labels,chexprompt,radgraph,chexbert."),
-    out: Optional[Path] = PathOption(None, "-o", "--out", file=True, help="JSON file to write the full results to."),
+    out: Optional[Path] = PathOption(None, "-o", "--out", file="results.json", help="JSON file to write the full results to."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint",
                                            help="OpenAI-compatible base URL of the judge, e.g. http://host:8000/v1."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (or Azure deployment) name."),
