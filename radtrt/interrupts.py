@@ -14,6 +14,7 @@ This module imports nothing heavy itself.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Iterator
+from typing import Any, Iterator
 
 from radtrt.errors import printable
 
@@ -36,6 +37,7 @@ _deferred: set[int] = set()  # signals that arrived inside one, delivered as it 
 _notes: list[str | None] = []  # what each open ``deferred`` block is doing, said when an interrupt is held
 _complete: list[tuple[str, str]] = []  # outputs this process finished ("bundle directory", "e32"): named if interrupted
 _explained = False  # the command (or ``report``) has said on stderr what its interruption left
+_raised: list[int] = []  # signals raised as KeyboardInterrupt, sent again if Python ignored the raise (_unraisable)
 
 
 def importing(frame: FrameType | None) -> bool:
@@ -79,7 +81,23 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
         _held.add(signum)
         threading.Thread(target=_watch, args=(signum, threading.get_ident()), daemon=True).start()
         return
+    _raised[:] = [signum]
     raise KeyboardInterrupt
+
+
+def _unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook``: an interrupt raised where Python ignores exceptions (a weakref callback torch runs, a
+    ``__del__``, logging's at-fork hook as the DataLoader forks) was printed as "Exception ignored in ..." with a
+    traceback, and the command ran on to exit 0. It is sent again a moment later, from another thread (sent from
+    here, it landed in this hook, whose exceptions are ignored too), to land once the finalizer has returned."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _raised:
+        signum = _raised.pop()
+        _forced.add(signum)  # decided already: not held for an import a second time (a deferred block still holds it)
+        resend = threading.Timer(POLL_S, os.kill, args=(os.getpid(), signum))
+        resend.daemon = True
+        resend.start()
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 @contextlib.contextmanager
@@ -143,6 +161,7 @@ def install() -> None:
     """Take over SIGINT and SIGTERM for this process (the main thread only, as ``signal`` requires)."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    sys.unraisablehook = _unraisable
 
 
 def finished(status: int) -> None:
@@ -171,3 +190,7 @@ def finished(status: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, end_now)
+    # Python gives its signals back their defaults as it finalizes, before torch's and ONNX Runtime's teardown
+    # (a second or so): a SIGTERM then killed a complete run (status 143, and 'cmd && next' skipped next). From the
+    # interpreter's exit on, it is ignored, as SIGINT is; SIGKILL still stops a teardown that hangs.
+    atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)

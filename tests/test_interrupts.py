@@ -100,6 +100,17 @@ def test_a_sigterm_after_the_command_ends_the_process_with_its_status() -> None:
     assert proc.returncode == 3 and proc.stdout == "done\n" and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_a_sigterm_during_the_interpreters_teardown_is_ignored() -> None:
+    """Python resets its signal handlers to their defaults as it finalizes, and torch's teardown takes a second
+    after that: a SIGTERM then killed a complete calibrate/infer/bench run with status 143. Once the interpreter
+    exits, SIGTERM is ignored at the OS level (which Python's finalization leaves as it is)."""
+    code = ("import atexit, signal\nfrom radtrt import interrupts\ninterrupts.install()\n"
+            "atexit.register(lambda: print(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN))\n"  # runs after radtrt's
+            "interrupts.finished(0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "True\n", proc.stderr
+
+
 def test_python_m_radtrt_cli_holds_interrupts_before_its_heavy_imports(tmp_path: Path) -> None:
     """``python -m radtrt.cli`` (how torchrun starts training) imported torch unguarded: Ctrl-C then printed a
     KeyboardInterrupt traceback. The SIGINT handler must be radtrt's when torch starts importing."""
@@ -163,6 +174,34 @@ def test_an_interrupt_held_for_an_import_and_sent_again_inside_a_deferred_block_
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
     assert reached == ["end of block"] and not interrupts._forced
+
+
+def test_an_interrupt_python_ignores_where_it_lands_is_raised_again(capsys: pytest.CaptureFixture) -> None:
+    """Raised inside a finalizer (torch's weakref callbacks, a __del__, logging's at-fork hook), an interrupt was
+    printed as "Exception ignored in ..." and lost: export and training ran on to exit 0."""
+    import os
+
+    from radtrt import interrupts
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs here, inside the finalizer
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    interrupts.install()
+    reached = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Finalized()  # finalized at once
+            reached.append("after the finalizer")
+            time.sleep(1)
+            reached.append("ran on")
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+        sys.unraisablehook = before[2]
+    assert "ran on" not in reached and "Exception ignored" not in capsys.readouterr().err
 
 
 def _phantoms(out: Path, n: int, prelude: str = "") -> subprocess.Popen:
