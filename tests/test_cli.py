@@ -354,6 +354,42 @@ def test_a_study_given_twice_is_refused_before_the_model_loads(merged: Path, tmp
         assert out == ""
 
 
+def test_an_interrupt_as_an_sr_is_written_lands_after_its_line(merged: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C between an SR's rename and its 'structured report of ...' line left an SR that no line named, though
+    the interrupted line promises each SR written has its own."""
+    import io
+    import signal
+
+    from rich.console import Console
+
+    from radtrt import interrupts
+    from radtrt.imaging import sr
+    from radtrt.runtime.session import infer_studies
+
+    write = sr.write_sr
+
+    def written_then_interrupted(*args: object, **kwargs: object) -> Path:
+        path = write(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(sr, "write_sr", written_then_interrupted)
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=8)))
+    log = io.StringIO()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(infer_studies([study], model=merged, backend="torch", max_new_tokens=4, sr_out=tmp_path / "sr",
+                               console=Console(file=log, width=300)))
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    (written,) = (tmp_path / "sr").glob("*.dcm")
+    assert f"structured report of {study}: {written}" in log.getvalue()
+
+
 def test_any_modality_override(merged: Path) -> None:
     (result,) = _infer_json(merged, Path(get_testdata_file("CT_small.dcm")), extra=("--allow-any-modality",))
     assert result["token_ids"]

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 import torch
 from rich.console import Console
 
+from radtrt import interrupts
 from radtrt.errors import RadtrtError, fail, printable
 from radtrt.outputs import broken_link
 from radtrt.progress import plain
@@ -264,14 +265,19 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
                 from radtrt.imaging.sr import write_sr
 
                 assert result.image is not None
-                try:
-                    path = write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
-                                    model_version=pipeline.model_version, complete=result.stop_reason == "eos")
-                except RadtrtError as e:
-                    yield failure(Path(result.study), e, "sr")
-                else:  # named after a new UID: which study's it is was said nowhere
-                    console.print(plain(f"structured report of {result.study}: {path}"), highlight=False,
-                                  soft_wrap=True)
+                refused: RadtrtError | None = None
+                # the SR and its line as one step: an interrupt between them left an SR that no line named
+                with interrupts.deferred():
+                    try:
+                        path = write_sr(result.report, result.image, sr_out, model_name=pipeline.model_name,
+                                        model_version=pipeline.model_version, complete=result.stop_reason == "eos")
+                    except RadtrtError as e:
+                        refused = e
+                    else:  # named after a new UID: which study's it is was said nowhere
+                        console.print(plain(f"structured report of {result.study}: {path}"), highlight=False,
+                                      soft_wrap=True)
+                if refused is not None:
+                    yield failure(Path(result.study), refused, "sr")
     if len(studies) == 1 and failures:
         fail(failures[0].error)  # the line its --json record holds
     if failures:
