@@ -120,6 +120,27 @@ def test_studies_sharing_a_file_name_are_named_apart(tiny: Assets, work: Path, t
     assert code == 2 and "lists a study twice" in err
 
 
+def test_predictions_written_before_an_interrupt_are_named_complete(tiny: Assets, work: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt after --predictions-out was whole and before the reports were written said only 'no output
+    was left half-written': the complete folder went unnamed (export and train name theirs)."""
+    from radtrt import interrupts
+    from radtrt.benchmarks import cli as bench_cli
+    from radtrt.data.phantom_set import write_phantom_set
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    manifest = write_phantom_set(tmp_path / "set", 2, 5, rows=96, cols=80, formats=("png",))
+    monkeypatch.setattr(bench_cli, "_emit", interrupted)
+    monkeypatch.setattr(interrupts, "_complete", [])
+    preds = tmp_path / "preds"
+    _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies", manifest.parent,
+            "--max-new-tokens", 2, "--predictions-out", preds)
+    assert interrupts._complete == [("paired predictions folder", str(preds))]
+    assert (preds / "candidate.jsonl").is_file()
+
+
 def test_predictions_out_needs_ground_truth_findings(tiny: Assets, work: Path, tmp_path: Path) -> None:
     code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--synthetic", 1,
                            "--predictions-out", tmp_path / "p")

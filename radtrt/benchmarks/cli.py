@@ -227,9 +227,12 @@ def parity(
             ort_provider=ort_provider, command=command, progress=progress, need_findings=predictions_out is not None,
             ort_spin=ort_spin, trt_decoder=trt_decoder)
     if predictions_out is not None:
+        from radtrt import interrupts
         from radtrt.benchmarks.parity import write_paired_predictions
 
-        ref, cand = write_paired_predictions(report, predictions_out)
+        with interrupts.deferred():  # in place and named so together: an interrupt before the reports named it not
+            ref, cand = write_paired_predictions(report, predictions_out)
+            interrupts.completed("paired predictions folder", predictions_out)
     _emit(parity_markdown(report), report.to_json(), as_json, out)  # an earlier latency report's chart goes
     if predictions_out is not None:  # last: the next step, once every output is written
         err.print(plain(f"CheXprompt: radtrt eval --paired {shlex.join([str(ref), str(cand)])} --metrics "
