@@ -169,8 +169,8 @@ def test_merged_model_exports_with_an_identity_adapter(chain: Chain, tmp_path: P
 
 def test_a_release_loaded_with_another_base_is_refused(exported: tuple[Path, Path], tmp_path: Path) -> None:
     """Another base decoder of the same shape (another training's base-lm/) merged the adapter into the wrong
-    weights with exit 0. The release names its base's weights; a float16 copy of the right base still loads, and a
-    release without the name (LLaVA-Rad's own) is not checked."""
+    weights with exit 0. The release names its base's weights; copies of the right base still load, a damaged one is
+    named as damaged, and a release without the name (LLaVA-Rad's own) is not checked."""
     from safetensors.torch import load_file, save_file
 
     release, base = exported
@@ -182,10 +182,22 @@ def test_a_release_loaded_with_another_base_is_refused(exported: tuple[Path, Pat
     save_file(weights, other / "model.safetensors")
     with pytest.raises(RadtrtError, match=f"--base-model {other} is not the base decoder {release} was written with"):
         load_model(release, other)
-    half = tmp_path / "half-base"
-    shutil.copytree(base, half)
-    save_file({k: v.half() for k, v in load_file(half / "model.safetensors").items()}, half / "model.safetensors")
-    load_model(release, half)
+    # copies of the right base still load: float16, bfloat16 (not comparable exactly: not checked), and one an older
+    # save left a rotary buffer in
+    for kind, copy in (("half", lambda w: {k: v.half() for k, v in w.items()}),
+                       ("bf16", lambda w: {k: v.bfloat16() for k, v in w.items()}),
+                       ("rotary", lambda w: {**w, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)})):
+        copied = tmp_path / f"{kind}-base"
+        shutil.copytree(base, copied)
+        save_file(copy(load_file(copied / "model.safetensors")), copied / "model.safetensors")
+        load_model(release, copied)
+    # a damaged base is named as damaged, not as another base
+    damaged = tmp_path / "damaged-base"
+    shutil.copytree(base, damaged)
+    save_file({k: v for k, v in load_file(damaged / "model.safetensors").items() if k != name},
+              damaged / "model.safetensors")
+    with pytest.raises(RadtrtError, match=f"base model {damaged} lacks the decoder weight '{name}'"):
+        load_model(release, damaged)
     bare = tmp_path / "bare-release"
     shutil.copytree(release, bare)
     hf = json.loads((bare / "config.json").read_text())

@@ -15,7 +15,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -372,10 +372,11 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
             fail(f"base model {base_dir} has {name}={getattr(base_cfg, name)}, LLaVA-Rad expects "
                  f"{getattr(cfg.decoder, name)}: point --base-model at Vicuna-7B v1.5")
     decoder, index = hf_weights(base_dir)
-    _check_base_fingerprint(hf, decoder, release_dir, base_dir)
+    fingerprint = base_fingerprint(cfg, decoder)  # of the base's own weights, before the release overrides any
     projector, overrides = ck.non_lora_to_projector(load_tensors(release_dir / "non_lora_trainables.bin"))
     decoder.update(overrides)
-    _check_base_weights(cfg, decoder, base_dir, index)
+    _check_base_weights(cfg, decoder, base_dir, index)  # first: a damaged base is named as such, not as another
+    _check_base_fingerprint(hf, fingerprint, release_dir, base_dir)
     adapter_cfg_file = release_dir / "adapter_config.json"
     adapter_file = next((release_dir / n for n in ("adapter_model.safetensors", "adapter_model.bin")
                          if (release_dir / n).is_file()), None)
@@ -399,18 +400,38 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
     return LoadedModel(model, tokenizer, name or RELEASE_NAME, source)
 
 
-def _check_base_fingerprint(hf: dict[str, Any], decoder: dict[str, torch.Tensor], release_dir: Path,
-                            base_dir: Path) -> None:
-    """A release 'radtrt convert --to llava-rad' wrote names its base decoder's weights; another base of the same
-    shape (another training's base-lm/) merged the adapter into the wrong weights with exit 0."""
+def decoder_weight_names(cfg: LlavaRadConfig) -> set[str]:
+    """The weights a base decoder must hold for ``cfg`` (a tied ``lm_head`` is the embedding table)."""
+    with torch.device("meta"):
+        expected = set(LlavaRad(cfg).language_model.state_dict())
+    if cfg.decoder.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    return expected
+
+
+def base_fingerprint(cfg: LlavaRadConfig, decoder: Mapping[str, torch.Tensor]) -> str | None:
+    """The fingerprint (float16 resolution) of a base decoder's weights, as 'radtrt convert --to llava-rad' records
+    it and as a release's loader checks it: over the weights the model uses (a stale rotary buffer an older save
+    left is no difference), and None where they are held in neither float32 nor float16, whose float16 casts
+    alone are exact (a bfloat16 copy of the right base would read as another base)."""
     from radtrt.model.fingerprint import tensors_fingerprint
 
+    used = {name: decoder[name] for name in decoder_weight_names(cfg) if name in decoder}
+    if any(t.dtype not in (torch.float32, torch.float16) for t in used.values()):
+        return None
+    return tensors_fingerprint(used, dtype=torch.float16)
+
+
+def _check_base_fingerprint(hf: dict[str, Any], fingerprint: str | None, release_dir: Path, base_dir: Path) -> None:
+    """A release 'radtrt convert --to llava-rad' wrote names its base decoder's weights; another base of the same
+    shape (another training's base-lm/) merged the adapter into the wrong weights with exit 0. A base in another
+    precision cannot be compared exactly, and is not refused (``base_fingerprint``)."""
     recorded = hf.get(RELEASE_BASE_KEY)
-    if recorded is None:
+    if recorded is None or fingerprint is None:
         return
     if not isinstance(recorded, str):
         fail(f"{release_dir}/config.json: {RELEASE_BASE_KEY} is not a string")
-    if tensors_fingerprint(decoder, dtype=torch.float16) != recorded:
+    if fingerprint != recorded:
         fail(f"--base-model {base_dir} is not the base decoder {release_dir} was written with (its weights differ "
              f"from the fingerprint in config.json): give the base-lm/ folder written beside it")
 
@@ -419,10 +440,7 @@ def _check_base_weights(cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor], b
                         index: Path | None) -> None:
     """Refuse a base decoder that lacks weights before the LoRA merge, whose message ("targets '...v_proj', which
     the base decoder does not have (wrong base model?)") misled when a shard index merely omitted names."""
-    with torch.device("meta"):
-        expected = set(LlavaRad(cfg).language_model.state_dict())
-    if cfg.decoder.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+    expected = decoder_weight_names(cfg)
     missing = sorted(expected - set(decoder))
     if not missing:
         return
