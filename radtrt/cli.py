@@ -96,7 +96,7 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
             t = result.timings_ms
             # the report's own line breaks kept, any other control character escaped (a damaged model's ESC
             # reached the terminal)
-            report = "\n".join(printable(line) for line in result.report.splitlines())
+            report = "\n".join(printable(line) for line in result.report.split("\n"))
             emit(f"{printable(result.study)} [{result.view_position}]\n{report}\n")
             if not result.report:  # two blank lines read as a display fault
                 err.print(plain(f"radtrt: warning: {result.study}: the model generated no findings text (it ended "

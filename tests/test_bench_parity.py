@@ -234,6 +234,7 @@ def test_int8_gate_on_one_study_gives_no_drop_interval() -> None:
     assert "no 95% interval from one study, so more studies are needed to tell" in f1_warning
     text = "\n".join(summary_lines(s))
     assert "n/a: one study gives no interval" in text and "0.000 to 0.000" not in text
+    assert "only 1 held-out study: a pass says little; --parity-samples" in text  # not "the interval is zero-width"
 
 
 def test_identical_report_rate_interval_is_wilsons() -> None:

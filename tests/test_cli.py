@@ -331,10 +331,10 @@ def test_text_mode_escapes_a_reports_control_characters_and_names_an_empty_one(
     timings = dict.fromkeys(("preprocess", "vision", "prefill", "decode_per_token", "end_to_end"), 1.0)
     made = dict(source_file="f.dcm", view_position="PA", stop_reason="eos", backend="torch", precision="fp32",
                 timings_ms=timings)
-    _print_results([StudyResult(study="a", report="Clear\x1b[2J lungs.\nNo effusion.", token_ids=[5, 6], **made),
+    _print_results([StudyResult(study="a", report="Clear\x1b[2J lungs.\nNo\x1c effusion.", token_ids=[5, 6], **made),
                     StudyResult(study="b", report="", token_ids=[], **made)], as_json=False)
     out, err = capsys.readouterr()
-    assert out.startswith("a [PA]\nClear\\x1b[2J lungs.\nNo effusion.\n") and "\x1b" not in out
+    assert out.startswith("a [PA]\nClear\\x1b[2J lungs.\nNo\\x1c effusion.\n") and "\x1b" not in out  # only \n breaks
     assert "radtrt: warning: b: the model generated no findings text (it ended the report at its first token)" in err
     assert "warning: a:" not in err
 
@@ -344,10 +344,16 @@ def test_a_study_given_twice_is_refused_before_the_model_loads(merged: Path, tmp
     its report again, which test_one_bad_study_among_several_keeps_the_others relies on)."""
     study = tmp_path / "s"
     frontal = _write(study / "frontal.dcm", radiograph_dataset(synthetic_chest(seed=8)))
+    other = _write(tmp_path / "t" / "frontal.dcm", radiograph_dataset(synthetic_chest(seed=9)))
     for args, match in (((study, f"{study}/"), f"{study} and {study} are the same study, given twice: each would get "
                                                f"an SR; give it once"),
-                        ((study, frontal), f"{frontal} is inside the study {study}, also given: each would get an SR; "
-                                           f"give the study once")):
+                        ((study, frontal), f"{frontal} is inside the study {study}: the study is given twice, and "
+                                           f"each would get an SR; give it once"),
+                        # a folder of studies and one of its studies: named by where each was found
+                        ((tmp_path, other.parent), f"{other.parent} (in {tmp_path}) and {other.parent} are the same "
+                                                   f"study, given twice"),
+                        ((tmp_path, other), f"{other} is inside the study {other.parent} (in {tmp_path}): the study is "
+                                            f"given twice")):
         code, out, err = _invoke("infer", *args, "--model", tmp_path / "not-loaded", "--json", "--sr-out",
                                  tmp_path / "sr")
         _assert_refused(code, err, match)

@@ -400,7 +400,7 @@ def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
     (_set("decoder", "kv_cache", "int4"), "kv_cache 'int4' unknown"),
     (_set("decoder", "attention", "weird"), "attention 'weird'"),
     (_set("vision", "image_size", 224), "vision.image_size is 224"),
-    (lambda m: m.update(format_version=str(m["format_version"])), "format version '1' is not a whole number"),  # "reads 1"
+    (lambda m: m.update(format_version=str(m["format_version"])), "format version '1' is not an integer"),  # "reads 1"
     (lambda m: m.update(format_version=2, tools=None), r"written by an unknown radtrt"),  # an AttributeError
     (lambda m: m.update(graphs=None), "'graphs' section is not an object"),  # an AttributeError
     (lambda m: (m.pop("graph_revision"), m["decoder"].pop("attention")), "exported by an older radtrt"),
@@ -924,8 +924,8 @@ def test_trtllm_logits_builds_an_engine_parity_can_read(bundle_fp16: Path, model
     (lambda m: m["vision"].pop("num_image_tokens"), "no vision.num_image_tokens"),
     (lambda m: m["model"].update(weights_fingerprint_fp16=7), "model.weights_fingerprint_fp16 is 7, not a string"),
     (lambda m: m.update(graph_revision="6"), "graph_revision is '6', not a whole number"),
-    (lambda m: m.update(format_version="1"), r"format version '1' is not a whole number\): re-export the bundle$"),
-    (lambda m: m.update(format_version=1.0), r"format version 1.0 is not a whole number\): re-export the bundle$"),
+    (lambda m: m.update(format_version="1"), r"format version '1' is not an integer\): re-export the bundle$"),
+    (lambda m: m.update(format_version=1.0), r"format version 1.0 is not an integer\): re-export the bundle$"),
     # the manifest's own revision is current: not "exported by an older radtrt (... revision 6; this radtrt writes 6)"
     (lambda m: m.update(decoder={}), "no decoder.num_layers"),
     (lambda m: m["decoder"].pop("attention"), "no decoder.attention"),

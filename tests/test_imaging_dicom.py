@@ -161,7 +161,8 @@ def test_junk_named_png_is_refused_as_neither_format(tmp_path: Path) -> None:
     _refused(path, "nor a PNG or JPEG image")
 
 
-@pytest.mark.parametrize("content", [b'{"image": "png/a.png", "findings": "x"}\n{"image": "png/b.png"}\n', b"[1, 2]\n"])
+@pytest.mark.parametrize("content", [b'{"image": "png/a.png", "findings": "x"}\n{"image": "png/b.png"}\n', b"[1, 2]\n",
+                                     b'{\n  "studies": [\n    "a.dcm"\n  ]\n}\n'])  # pretty-printed: one document
 def test_a_manifest_given_as_a_study_is_named_as_one(tmp_path: Path, content: bytes) -> None:
     """'radtrt infer manifest.jsonl' was told only 'not a DICOM file, nor a PNG or JPEG image'."""
     path = tmp_path / "manifest.jsonl"

@@ -154,6 +154,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                      f"{drop_interval_text(s)})")
     if s["studies"] < FIRM_STUDIES:
         held_out = "1 held-out study" if s["studies"] == 1 else f"{s['studies']} held-out studies"
-        lines.append(f"  only {held_out}: a pass says little (the label-F1 interval is zero-width "
-                     f"when every study agrees); --parity-samples {FIRM_STUDIES} or more for a firmer gate")
+        why = "" if s["studies"] == 1 else " (the label-F1 interval is zero-width when every study agrees)"
+        lines.append(f"  only {held_out}: a pass says little{why}; --parity-samples {FIRM_STUDIES} or more for a "
+                     f"firmer gate")
     return lines

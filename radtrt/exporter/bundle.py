@@ -232,7 +232,7 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
         fail(f"{bundle} is not a radtrt bundle (format {manifest.get('format')!r})")
     version, revision = manifest.get("format_version"), manifest.get("graph_revision")
     if not _whole(version):  # a string '1' was "format version '1' ... reads version 1: re-export it"
-        fail(f"{path} is damaged (format version {version!r} is not a whole number)", remedy=REEXPORT)
+        fail(f"{path} is damaged (format version {version!r} is not an integer)", remedy=REEXPORT)
     if version != BUNDLE_FORMAT_VERSION:  # a newer one cannot be re-exported by this radtrt alone
         fail(f"bundle {bundle} has format version {version!r} (written by {_written_by(manifest)}); this radtrt "
              f"{__version__} reads version {BUNDLE_FORMAT_VERSION}",

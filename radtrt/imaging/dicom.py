@@ -223,16 +223,21 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
 
 
 def _holds_json(path: Path) -> bool:
-    """Whether the file's first line is a JSON object or array (by content, as every study file is recognized)."""
+    """Whether the file holds JSON objects or arrays, one a line (a manifest) or as one document of up to 1 MB
+    (pretty-printed), by content, as every study file is recognized."""
     try:
         with path.open("rb") as f:
-            head = f.readline(1 << 16).strip()
+            head = f.read(1 << 20)
+            whole = not f.read(1)
     except OSError:
         return False
-    try:
-        return isinstance(json.loads(head), (dict, list))
-    except ValueError:  # UnicodeDecodeError included
-        return False
+    for text in ([head] if whole else []) + [head.split(b"\n", 1)[0]]:
+        try:
+            if isinstance(json.loads(text), (dict, list)):
+                return True
+        except ValueError:  # UnicodeDecodeError included
+            continue
+    return False
 
 
 def _uid(value: object) -> UID | None:

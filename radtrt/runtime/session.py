@@ -30,6 +30,7 @@ def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Co
     """Each folder of several studies (one per entry) in place of the folder, said on ``console``. ``filed``: each
     study gets an SR (``--sr-out``), so none may be given twice."""
     out: list[Path] = []
+    given: list[Path] = []  # the argument each came from, for the messages
     for study in studies:
         try:
             parts = split_studies(study, allow_any_modality=allow_any_modality) if study.is_dir() else [study]
@@ -39,24 +40,30 @@ def expand_studies(studies: list[Path], *, allow_any_modality: bool, console: Co
             console.print(plain(f"{study}: a folder of {len(parts)} studies (one per entry); each is reported on"),
                           highlight=False, soft_wrap=True)
         out.extend(parts)
+        given.extend([study] * len(parts))
     if filed:
-        _check_given_once(out)
+        _check_given_once(out, given)
     return out
 
 
-def _check_given_once(studies: list[Path]) -> None:
+def _check_given_once(studies: list[Path], given: list[Path]) -> None:
     """Refuse a study named twice (``s``, ``s/``, or its folder and a file in it): each copy got its own SR, so one
     study was filed several times (without SRs a repeat only prints its report again)."""
-    seen: dict[Path, Path] = {}
-    for study in studies:
+    def named(i: int) -> str:  # a study found in a folder of studies is said to be there
+        return str(studies[i]) if studies[i] == given[i] else f"{studies[i]} (in {given[i]})"
+
+    seen: dict[Path, int] = {}
+    for i, study in enumerate(studies):
         resolved = study.resolve()
         if resolved in seen:
-            fail(f"{seen[resolved]} and {study} are the same study, given twice: each would get an SR; give it once")
-        seen[resolved] = study
-    for study in studies:
+            fail(f"{named(seen[resolved])} and {named(i)} are the same study, given twice: each would get an SR; "
+                 f"give it once")
+        seen[resolved] = i
+    for i, study in enumerate(studies):
         holder = next((seen[p] for p in study.resolve().parents if p in seen), None)
         if holder is not None:
-            fail(f"{study} is inside the study {holder}, also given: each would get an SR; give the study once")
+            fail(f"{named(i)} is inside the study {named(holder)}: the study is given twice, and each would get an "
+                 f"SR; give it once")
 
 
 def infer_studies(studies: list[Path], *, console: Console, model: Path | None = None,
