@@ -206,6 +206,24 @@ def test_a_release_loaded_with_another_base_is_refused(exported: tuple[Path, Pat
     load_model(bare, other)
 
 
+def test_a_tied_embedding_model_converts_to_the_release_layout_and_back(tmp_path: Path) -> None:
+    """Its base-lm held lm_head and embed_tokens as one tensor, which safetensors refuses ("Some tensors share
+    memory", exit 2): the tied head is left out, as Hugging Face saves one, and comes back tied."""
+    import dataclasses
+
+    from radtrt.model.config import preset
+    from radtrt.model.loading import LoadedModel
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, tie_word_embeddings=True))
+    model = random_model(cfg)
+    release, base = export_release(LoadedModel(model, train_tiny_tokenizer(), "tied"), tmp_path / "out")
+    assert "lm_head.weight" not in load_tensors(base / "model.safetensors")
+    reloaded = load_model(release, base).model.state_dict()
+    assert all(torch.equal(v, reloaded[k]) for k, v in model.state_dict().items())
+
+
 def test_export_refuses_a_changed_base(chain: Chain, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(chain.runs["stage2"], run)

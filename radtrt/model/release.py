@@ -66,7 +66,10 @@ def adapter_config_json(r: int, alpha: int, dropout: float, base_name: str,
 
 def write_base_lm(out_dir: Path, cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor],
                   tokenizer: LlamaSPTokenizer) -> Path:
-    """A Hugging Face LLaMA directory (what ``--base-model`` points at)."""
+    """A Hugging Face LLaMA directory (what ``--base-model`` points at). A tied ``lm_head`` is left out, as Hugging
+    Face saves one (safetensors refuses two names for one tensor: "Some tensors share memory", exit 2)."""
+    if cfg.decoder.tie_word_embeddings:
+        decoder = {k: v for k, v in decoder.items() if k != "lm_head.weight"}
     make_dir(out_dir)
     with _write_failures(out_dir, "base-LM folder"):
         (out_dir / "config.json").write_text(json.dumps(cfg.decoder.to_hf(), indent=2))
