@@ -104,9 +104,10 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
             elif result.stop_reason != "eos":  # --json says "truncated"; a reader of the terminal saw half a sentence
                 err.print(plain(f"radtrt: warning: {result.study}: the report was cut off at --max-new-tokens "
                                 f"({len(result.token_ids)} tokens)"), highlight=False, soft_wrap=True)
+            decode = f"{t['decode_per_token']:.1f} ms/token" if "decode_per_token" in t else "no step"
             err.print(f"timings: preprocess {t['preprocess']:.0f} ms, vision {t['vision']:.0f} ms, prefill "
-                      f"{t['prefill']:.0f} ms, decode {t['decode_per_token']:.1f} ms/token, end to end "
-                      f"{t['end_to_end']:.0f} ms", highlight=False, soft_wrap=True)
+                      f"{t['prefill']:.0f} ms, decode {decode}, end to end {t['end_to_end']:.0f} ms", highlight=False,
+                      soft_wrap=True)
 
 
 @command

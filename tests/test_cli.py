@@ -396,6 +396,17 @@ def test_an_interrupt_as_an_sr_is_written_lands_after_its_line(merged: Path, tmp
     assert f"structured report of {study}: {written}" in log.getvalue()
 
 
+def test_no_per_token_decode_time_without_a_decode_step(merged: Path, tmp_path: Path) -> None:
+    """--max-new-tokens 1 runs no decode step, yet reported the decode loop's overhead as 'ms/token'."""
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=8)))
+    (record,) = _infer_json(merged, study, extra=("--max-new-tokens", "1"))
+    assert "decode_per_token" not in record["timings_ms"] and "decode" in record["timings_ms"]
+    (record,) = _infer_json(merged, study, extra=("--max-new-tokens", "3"))
+    assert record["timings_ms"]["decode_per_token"] > 0
+    code, _, err = _invoke("infer", study, "--model", merged, "--max-new-tokens", "1")
+    assert code == 0 and ", decode no step, end to end " in err, err
+
+
 def test_any_modality_override(merged: Path) -> None:
     (result,) = _infer_json(merged, Path(get_testdata_file("CT_small.dcm")), extra=("--allow-any-modality",))
     assert result["token_ids"]

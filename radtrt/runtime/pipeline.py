@@ -137,9 +137,11 @@ class Pipeline:
         results = []
         for i, (p, ids) in enumerate(zip(batch, gen.token_ids)):
             run, decode_batch = gen.batch_of(i)  # the decoder may have run the batch in parts
+            steps = run.decode_steps(max_new_tokens)
             timings = {"preprocess": p.preprocess_ms, "vision": (t1 - t0) * 1e3, "prefill": run.prefill_ms,
-                       "decode": run.decode_ms, "decode_per_token": run.decode_ms / max(run.decode_steps(max_new_tokens), 1),
-                       "end_to_end": p.preprocess_ms + (t2 - t0) * 1e3}
+                       "decode": run.decode_ms, "end_to_end": p.preprocess_ms + (t2 - t0) * 1e3}
+            if steps:  # none (--max-new-tokens 1, or EOS at once): no per-token time was measured
+                timings["decode_per_token"] = run.decode_ms / steps
             results.append(StudyResult(study=str(p.study), source_file=str(p.image.source_file),
                                        view_position=p.image.view_position,
                                        report=postprocess(self.tokenizer.decode(ids)), token_ids=ids,
