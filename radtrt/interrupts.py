@@ -91,9 +91,9 @@ def _unraisable(unraisable: Any) -> None:
     traceback, and the command ran on to exit 0. It is sent again a moment later, from another thread (sent from
     here, it landed in this hook, whose exceptions are ignored too), to land once the finalizer has returned."""
     if isinstance(unraisable.exc_value, KeyboardInterrupt) and _raised:
-        signum = _raised.pop()
-        _forced.add(signum)  # decided already: not held for an import a second time (a deferred block still holds it)
-        resend = threading.Timer(POLL_S, os.kill, args=(os.getpid(), signum))
+        # not forced: landing in an import by then, it is held for the import as any other (raised into
+        # onnxruntime's, it became "ImportError: import numpy failed" and exit 1)
+        resend = threading.Timer(POLL_S, os.kill, args=(os.getpid(), _raised.pop()))
         resend.daemon = True
         resend.start()
         return

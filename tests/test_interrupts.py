@@ -204,6 +204,36 @@ def test_an_interrupt_python_ignores_where_it_lands_is_raised_again(capsys: pyte
     assert "ran on" not in reached and "Exception ignored" not in capsys.readouterr().err
 
 
+def test_an_interrupt_sent_again_after_a_finalizer_still_waits_for_an_import(tmp_path: Path, monkeypatch) -> None:
+    """Sent again as 'forced', it skipped the import hold: landing in onnxruntime's import it became 'ImportError:
+    import numpy failed' and exit 1, and torch was left half-imported."""
+    import os
+
+    from radtrt import interrupts
+
+    (tmp_path / "slow_after_finalizer.py").write_text(
+        "import time\nend = time.monotonic() + 0.4\nwhile time.monotonic() < end:\n    pass\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    interrupts.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Finalized()
+            import slow_after_finalizer  # noqa: F401 - begun at once: the signal is sent again during it
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+        sys.unraisablehook = before[2]
+    assert sys.modules["slow_after_finalizer"].DONE
+
+
 def _phantoms(out: Path, n: int, prelude: str = "") -> subprocess.Popen:
     """``radtrt data phantoms`` in a process of its own, ``prelude`` run first."""
     code = (f"import os, signal, sys\n{prelude}\nfrom radtrt.entry import main\nsys.argv[0] = 'radtrt'\nmain()\n")
