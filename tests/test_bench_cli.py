@@ -141,6 +141,18 @@ def test_predictions_written_before_an_interrupt_are_named_complete(tiny: Assets
     assert (preds / "candidate.jsonl").is_file()
 
 
+def test_a_report_written_before_an_interrupt_is_named_complete(tiny: Assets, work: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt once the report set was in place said only 'no output was left half-written'."""
+    from radtrt import interrupts
+
+    monkeypatch.setattr(interrupts, "_complete", [])
+    code, _, err = _invoke("bench", "latency", "--random-model", "tiny", "--work-dir", work, "--synthetic", 1,
+                           "--runs", 1, "--warmup", 0, "--max-new-tokens", 2, "-o", tmp_path / "r.md")
+    assert code == 0, err
+    assert ("report", str(tmp_path / "r.md")) in interrupts._complete
+
+
 def test_predictions_out_needs_ground_truth_findings(tiny: Assets, work: Path, tmp_path: Path) -> None:
     code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--synthetic", 1,
                            "--predictions-out", tmp_path / "p")

@@ -197,12 +197,18 @@ def test_a_manifest_without_findings_calibrates_on_prompts_and_images(loaded: Lo
         calibrate(loaded, bare, 1)
 
 
-def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: Path) -> None:
+def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from radtrt import interrupts
+
     model_dir = save_toolkit(load_model(tiny_release.release_dir, tiny_release.base_dir), tmp_path / "m")
+    monkeypatch.setattr(interrupts, "_complete", [])
     out = tmp_path / "calib.safetensors"
     result = runner.invoke(app, ["calibrate", "--model", str(model_dir), "--data", str(phantoms.parent), "--n", "2",
                                  "-o", str(out)])
     assert result.exit_code == 0, result.stderr
+    # an interrupt after the save names the file complete (it said nothing, and the rerun refused the file)
+    assert interrupts._complete == [("calibration file", str(out))]
     assert result.stdout.strip() == str(out) and "sample-list sha256" in result.stderr
     assert CalibrationFile.load(out).n == 2
     again = runner.invoke(app, ["calibrate", "--model", str(model_dir), "--data", str(phantoms.parent), "-o", str(out)])

@@ -51,10 +51,14 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
         make_dir(out.parent, "report folder")
         md_path, json_path, png_path = report_files(out)
         # the set or none of it (a full disk at the JSON left an earlier run's JSON and chart, and no Markdown)
-        written = write_set([(md_path, lambda tmp: tmp.write_text(markdown, encoding="utf-8")),
-                             (json_path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n",
-                                                                    encoding="utf-8")),
-                             (png_path, lambda tmp: chart is not None and chart(tmp))], "report")
+        from radtrt import interrupts
+
+        with interrupts.deferred():  # in place and named complete together, should an interrupt come next
+            written = write_set([(md_path, lambda tmp: tmp.write_text(markdown, encoding="utf-8")),
+                                 (json_path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n",
+                                                                        encoding="utf-8")),
+                                 (png_path, lambda tmp: chart is not None and chart(tmp))], "report")
+            interrupts.completed("report", md_path)
         err.print(plain(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}"))
     emit(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 

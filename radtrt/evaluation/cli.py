@@ -127,8 +127,12 @@ def eval_command(
     if out is not None:  # whole or not at all: a full disk after a long judge run must not cost the old results
         from radtrt.outputs import make_dir, write_text
 
+        from radtrt import interrupts
+
         make_dir(out.parent, "folder for the results file")
-        write_text(out, json.dumps(result, indent=2) + "\n", "results file")
+        with interrupts.deferred():  # in place and named complete together, should an interrupt come next
+            write_text(out, json.dumps(result, indent=2) + "\n", "results file")
+            interrupts.completed("results file", out)
     emit(summary, nl=False)
     from radtrt.evaluation.chexprompt.summary import nothing_judged, refusal, unreadable_only
 
