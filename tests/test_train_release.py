@@ -191,6 +191,14 @@ def test_a_release_loaded_with_another_base_is_refused(exported: tuple[Path, Pat
         shutil.copytree(base, copied)
         save_file(copy(load_file(copied / "model.safetensors")), copied / "model.safetensors")
         load_model(release, copied)
+    # a wrong base with some tensors in bfloat16 is still checked on the others
+    mixed = tmp_path / "mixed-base"
+    shutil.copytree(other, mixed)
+    weights = load_file(mixed / "model.safetensors")
+    save_file({k: v.bfloat16() if k.endswith("norm.weight") else v for k, v in weights.items()},
+              mixed / "model.safetensors")
+    with pytest.raises(RadtrtError, match=f"--base-model {mixed} is not the base decoder"):
+        load_model(release, mixed)
     # a damaged base is named as damaged, not as another base
     damaged = tmp_path / "damaged-base"
     shutil.copytree(base, damaged)
@@ -201,7 +209,7 @@ def test_a_release_loaded_with_another_base_is_refused(exported: tuple[Path, Pat
     bare = tmp_path / "bare-release"
     shutil.copytree(release, bare)
     hf = json.loads((bare / "config.json").read_text())
-    del hf["radtrt_base_weights_fingerprint"]
+    del hf["radtrt_base_weights_fingerprints"]
     (bare / "config.json").write_text(json.dumps(hf))
     load_model(bare, other)
 

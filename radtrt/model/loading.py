@@ -38,9 +38,9 @@ DEFAULT_VISION_JSON = "biomedclipcxr_518.json"
 DEFAULT_VISION_CKPT = "biomedclipcxr_518_checkpoint.pt"
 RELEASE_TEMPLATE_KEY = "radtrt_conv_template"  # model/release.py writes it (it imports this module, not the reverse)
 RELEASE_NAME_KEY = "radtrt_model_name"  # the same: a radtrt model's name, kept through 'convert --to llava-rad'
-# the same: the base decoder's weights fingerprint (float16 resolution), so a release loaded with another base is
+# the same: the base decoder's weights' fingerprints (``base_fingerprint``), so a release loaded with another base is
 # refused instead of merging its adapter into the wrong weights, which ran silently (LLaVA-Rad's own has none)
-RELEASE_BASE_KEY = "radtrt_base_weights_fingerprint"
+RELEASE_BASE_KEY = "radtrt_base_weights_fingerprints"
 RELEASE_NAME = "llava-rad"  # a release without it (LLaVA-Rad's own)
 # what every training run folder holds (training/loop.py's CONFIG_FILE, training/checkpoint.py's state file)
 RUN_MARKS = ("train_config.json", "checkpoint/state.pt")
@@ -409,31 +409,38 @@ def decoder_weight_names(cfg: LlavaRadConfig) -> set[str]:
     return expected
 
 
-def base_fingerprint(cfg: LlavaRadConfig, decoder: Mapping[str, torch.Tensor]) -> str | None:
-    """The fingerprint (float16 resolution) of a base decoder's weights, as 'radtrt convert --to llava-rad' records
-    it and as a release's loader checks it: over the weights the model uses (a stale rotary buffer an older save
-    left is no difference), and None where they are held in neither float32 nor float16, whose float16 casts
-    alone are exact (a bfloat16 copy of the right base would read as another base)."""
+def base_fingerprint(cfg: LlavaRadConfig, decoder: Mapping[str, torch.Tensor]) -> list[str | None]:
+    """A base decoder's weights fingerprinted one by one (float16 resolution, 16 hex digits each, in the order of
+    their sorted names), as 'radtrt convert --to llava-rad' records them and a release's loader checks them: over
+    the weights the model uses (a stale rotary buffer an older save left is no difference), None for one absent or
+    held in neither float32 nor float16, whose float16 casts alone are exact (a bfloat16 copy of the right base
+    read as another base). One by one, so that a base with some tensors in bfloat16 is still checked on the rest."""
     from radtrt.model.fingerprint import tensors_fingerprint
 
-    used = {name: decoder[name] for name in decoder_weight_names(cfg) if name in decoder}
-    if any(t.dtype not in (torch.float32, torch.float16) for t in used.values()):
-        return None
-    return tensors_fingerprint(used, dtype=torch.float16)
+    def one(name: str) -> str | None:
+        t = decoder.get(name)
+        if t is None or t.dtype not in (torch.float32, torch.float16):
+            return None
+        return tensors_fingerprint({name: t}, dtype=torch.float16)[:16]
+
+    return [one(name) for name in sorted(decoder_weight_names(cfg))]
 
 
-def _check_base_fingerprint(hf: dict[str, Any], fingerprint: str | None, release_dir: Path, base_dir: Path) -> None:
+def _check_base_fingerprint(hf: dict[str, Any], fingerprint: list[str | None], release_dir: Path,
+                            base_dir: Path) -> None:
     """A release 'radtrt convert --to llava-rad' wrote names its base decoder's weights; another base of the same
-    shape (another training's base-lm/) merged the adapter into the wrong weights with exit 0. A base in another
-    precision cannot be compared exactly, and is not refused (``base_fingerprint``)."""
+    shape (another training's base-lm/) merged the adapter into the wrong weights with exit 0. Weights held in
+    another precision cannot be compared exactly, and are not (``base_fingerprint``)."""
     recorded = hf.get(RELEASE_BASE_KEY)
-    if recorded is None or fingerprint is None:
+    if recorded is None:
         return
-    if not isinstance(recorded, str):
-        fail(f"{release_dir}/config.json: {RELEASE_BASE_KEY} is not a string")
-    if fingerprint != recorded:
+    if not isinstance(recorded, list) or len(recorded) != len(fingerprint) or \
+            not all(r is None or isinstance(r, str) for r in recorded):
+        fail(f"{release_dir}/config.json: {RELEASE_BASE_KEY} is not one fingerprint per decoder weight (damaged "
+             f"or hand-edited?)")
+    if any(r is not None and f is not None and r != f for r, f in zip(recorded, fingerprint)):
         fail(f"--base-model {base_dir} is not the base decoder {release_dir} was written with (its weights differ "
-             f"from the fingerprint in config.json): give the base-lm/ folder written beside it")
+             f"from the fingerprints in config.json): give the base-lm/ folder written beside it")
 
 
 def _check_base_weights(cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor], base_dir: Path,

@@ -27,7 +27,7 @@ VISION_TOWER_NAME = "biomedclip_cxr_518"
 
 
 def release_config_json(cfg: LlavaRadConfig, base_name: str, model_name: str | None = None,
-                        base_fingerprint: str | None = None) -> dict[str, Any]:
+                        base_fingerprint: list[str | None] | None = None) -> dict[str, Any]:
     return {
         **cfg.decoder.to_hf(),
         "_name_or_path": base_name,
@@ -53,7 +53,7 @@ def release_config_json(cfg: LlavaRadConfig, base_name: str, model_name: str | N
         # radtrt's too: the model's name came back from a round trip as "llava-rad", the release layout's
         **({RELEASE_NAME_KEY: model_name} if model_name else {}),
         # and the base decoder's weights (model/fingerprint.py), checked when the release is loaded
-        **({RELEASE_BASE_KEY: base_fingerprint} if base_fingerprint else {}),
+        **({RELEASE_BASE_KEY: base_fingerprint} if base_fingerprint and any(base_fingerprint) else {}),
     }
 
 
@@ -82,7 +82,7 @@ def write_release(out_dir: Path, cfg: LlavaRadConfig, *, trunk: dict[str, torch.
                   projector: dict[str, torch.Tensor], lora: dict[str, torch.Tensor] | None,
                   adapter_config: dict[str, Any] | None, base_name: str,
                   extra_open_clip: dict[str, torch.Tensor] | None = None, model_name: str | None = None,
-                  base_fingerprint: str | None = None) -> Path:
+                  base_fingerprint: list[str | None] | None = None) -> Path:
     """The release directory; ``lora`` uses PEFT key names (``base_model.model.model.layers...lora_A.weight``)."""
     make_dir(out_dir)
     with _write_failures(out_dir, "release folder"):
