@@ -38,6 +38,8 @@ def file_parser(example: str) -> Callable[[str], Path]:
     its spelling (``newdir/``, ``newdir/.``, ``.``), which ``Path`` turns into ``newdir``, is refused (``bench -o
     newdir/`` wrote a file named ``newdir`` and ``newdir.json``)."""
     def parse(text: str) -> Path:
+        if text == "-":  # a file named '-' was written
+            raise typer.BadParameter(f"'-' is not standard output here: give the file to write (say {example})")
         stripped = text.rstrip("/" + os.sep)
         if text and (stripped != text or os.path.basename(stripped) in (".", "..")):
             raise typer.BadParameter(f"'{text}' names a folder: give the file to write (say "

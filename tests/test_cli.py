@@ -345,8 +345,7 @@ def test_a_study_given_twice_is_refused_before_the_model_loads(merged: Path, tmp
     study = tmp_path / "s"
     frontal = _write(study / "frontal.dcm", radiograph_dataset(synthetic_chest(seed=8)))
     other = _write(tmp_path / "t" / "frontal.dcm", radiograph_dataset(synthetic_chest(seed=9)))
-    for args, match in (((study, f"{study}/"), f"{study} and {study} are the same study, given twice: each would get "
-                                               f"an SR; give it once"),
+    for args, match in (((study, f"{study}/"), f"{study} is given twice: each study would get two SRs; give it once"),
                         ((study, frontal), f"{frontal} is inside the study {study}: the study is given twice, and "
                                            f"each would get an SR; give it once"),
                         # a folder of studies and one of its studies: named by where each was found

@@ -81,14 +81,17 @@ def test_every_path_parameter_refuses_an_empty_value() -> None:
     (["bench", "latency", "--synthetic", "1"], "report.md"), (["bench", "parity", "--synthetic", "1"], "report.md"),
     (["calibrate", "--model", "m", "--data", "d"], "calibration.safetensors"), (["eval", "p.jsonl"], "results.json"),
     (["data", "synthesize", "l.jsonl"], "manifest.jsonl")])
-@pytest.mark.parametrize("spelling", ["newdir/", "newdir/."])
+@pytest.mark.parametrize("spelling", ["newdir/", "newdir/.", "-"])
 def test_a_file_output_given_as_a_folder_is_refused(args: list[str], example: str, spelling: str,
                                                     tmp_path: Path) -> None:
     """'bench parity -o newdir/' (or newdir/.) wrote a file named newdir and newdir.json, and said so: Path drops
     the slash. The example file name is one the option takes (a calibration file must end in .safetensors)."""
-    result = runner.invoke(app, [*args, "-o", f"{tmp_path}/{spelling}"], env={"COLUMNS": "400"})
+    result = runner.invoke(app, [*args, "-o", spelling if spelling == "-" else f"{tmp_path}/{spelling}"],
+                           env={"COLUMNS": "400"})
     assert result.exit_code == 2, result.output
-    assert f"names a folder: give the file to write (say {tmp_path}/newdir/{example})" in result.output, result.output
+    expected = (f"'-' is not standard output here: give the file to write (say {example})" if spelling == "-" else
+                f"names a folder: give the file to write (say {tmp_path}/newdir/{example})")
+    assert expected in result.output, result.output
     assert not (tmp_path / "newdir").exists()
 
 

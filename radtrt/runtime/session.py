@@ -55,6 +55,8 @@ def _check_given_once(studies: list[Path], given: list[Path]) -> None:
     seen: dict[Path, int] = {}
     for i, study in enumerate(studies):
         resolved = study.resolve()
+        if resolved in seen and given[seen[resolved]].resolve() == given[i].resolve():  # 'S S/' read 'S and S are'
+            fail(f"{given[i]} is given twice: each study would get two SRs; give it once")
         if resolved in seen:
             fail(f"{named(seen[resolved])} and {named(i)} are the same study, given twice: each would get an SR; "
                  f"give it once")
