@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from radtrt.interrupts import importing
+
+
+@contextlib.contextmanager
+def _radtrt_handlers() -> Iterator[None]:
+    """radtrt's SIGINT/SIGTERM handlers and unraisable hook (as the CLI installs them), the test's own put back."""
+    from radtrt import interrupts
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    interrupts.install()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+        sys.unraisablehook = before[2]
 
 
 def _interrupted_once_started(code: str, started: Path) -> subprocess.Popen:
@@ -136,19 +153,14 @@ def test_an_interrupt_inside_a_deferred_block_lands_as_it_ends() -> None:
 
     from radtrt import interrupts
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    interrupts.install()
     reached = []
-    try:
+    with _radtrt_handlers():
         with pytest.raises(KeyboardInterrupt):
             with interrupts.deferred():
                 os.kill(os.getpid(), signal.SIGTERM)
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
                 reached.append("end of block")
-    finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
     assert reached == ["end of block"]
 
 
@@ -160,19 +172,14 @@ def test_an_interrupt_held_for_an_import_and_sent_again_inside_a_deferred_block_
 
     from radtrt import interrupts
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    interrupts.install()
     reached = []
-    try:
+    with _radtrt_handlers():
         with pytest.raises(KeyboardInterrupt):
             with interrupts.deferred():
                 interrupts._forced.add(signal.SIGINT)  # as _watch marks it before sending it again
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
                 reached.append("end of block")
-    finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
     assert reached == ["end of block"] and not interrupts._forced
 
 
@@ -181,26 +188,19 @@ def test_an_interrupt_python_ignores_where_it_lands_is_raised_again(capsys: pyte
     printed as "Exception ignored in ..." and lost: export and training ran on to exit 0."""
     import os
 
-    from radtrt import interrupts
 
     class Finalized:
         def __del__(self) -> None:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)  # the handler runs here, inside the finalizer
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
-    interrupts.install()
     reached = []
-    try:
+    with _radtrt_handlers():
         with pytest.raises(KeyboardInterrupt):
             Finalized()  # finalized at once
             reached.append("after the finalizer")
             time.sleep(1)
             reached.append("ran on")
-    finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
-        sys.unraisablehook = before[2]
     assert "ran on" not in reached and "Exception ignored" not in capsys.readouterr().err
 
 
@@ -209,7 +209,6 @@ def test_an_interrupt_sent_again_after_a_finalizer_still_waits_for_an_import(tmp
     import numpy failed' and exit 1, and torch was left half-imported."""
     import os
 
-    from radtrt import interrupts
 
     (tmp_path / "slow_after_finalizer.py").write_text(
         "import time\nend = time.monotonic() + 0.4\nwhile time.monotonic() < end:\n    pass\nDONE = True\n")
@@ -220,17 +219,11 @@ def test_an_interrupt_sent_again_after_a_finalizer_still_waits_for_an_import(tmp
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), sys.unraisablehook
-    interrupts.install()
-    try:
+    with _radtrt_handlers():
         with pytest.raises(KeyboardInterrupt):
             Finalized()
             import slow_after_finalizer  # noqa: F401 - begun at once: the signal is sent again during it
             time.sleep(1)
-    finally:
-        signal.signal(signal.SIGINT, before[0])
-        signal.signal(signal.SIGTERM, before[1])
-        sys.unraisablehook = before[2]
     assert sys.modules["slow_after_finalizer"].DONE
 
 
