@@ -247,9 +247,8 @@ def calibrate(
             calibration = run_calibration(loaded, Path(data), n, progress=progress)
     # saved and named complete together: an interrupt after the save said nothing of it, and the rerun refused the
     # whole file as already there
-    with interrupts.deferred():
+    with interrupts.completing("calibration file", out):
         calibration.file.save(out, new="calibration file")  # a second run to the same -o may have saved meanwhile
-        interrupts.completed("calibration file", out)
     meta = calibration.file.meta
     err.print(f"{calibration.file.n} samples ({meta['method']['samples_with_findings']} with findings, "
               f"{meta['method']['decoder_tokens']} decoder tokens), sample-list sha256 {calibration.file.hash[:16]}",

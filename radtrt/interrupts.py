@@ -122,6 +122,16 @@ def deferred(note: str | None = None) -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def completing(what: str, path: os.PathLike[str] | str) -> Iterator[None]:
+    """The block puts ``what`` in place at ``path``: it runs ``deferred``, and the output is recorded ``completed``
+    once the block succeeds, so an interrupt after it names the output (a calibrate rerun refused a whole file no
+    line had named)."""
+    with deferred():
+        yield
+        completed(what, path)
+
+
 def completed(what: str, path: os.PathLike[str] | str) -> None:
     """``what`` at ``path`` (e.g. "bundle directory", e32) is complete in its place: an interrupt later in the
     command ends it with 130 all the same (later steps did not run), and ``report`` says the output is whole.

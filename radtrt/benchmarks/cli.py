@@ -53,12 +53,11 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
         # the set or none of it (a full disk at the JSON left an earlier run's JSON and chart, and no Markdown)
         from radtrt import interrupts
 
-        with interrupts.deferred():  # in place and named complete together, should an interrupt come next
+        with interrupts.completing("report", md_path):
             written = write_set([(md_path, lambda tmp: tmp.write_text(markdown, encoding="utf-8")),
                                  (json_path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n",
                                                                         encoding="utf-8")),
                                  (png_path, lambda tmp: chart is not None and chart(tmp))], "report")
-            interrupts.completed("report", md_path)
         err.print(plain(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}"))
     emit(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
 
@@ -234,9 +233,8 @@ def parity(
         from radtrt import interrupts
         from radtrt.benchmarks.parity import write_paired_predictions
 
-        with interrupts.deferred():  # in place and named so together: an interrupt before the reports named it not
+        with interrupts.completing("paired predictions folder", predictions_out):
             ref, cand = write_paired_predictions(report, predictions_out)
-            interrupts.completed("paired predictions folder", predictions_out)
     _emit(parity_markdown(report), report.to_json(), as_json, out)  # an earlier latency report's chart goes
     if predictions_out is not None:  # last: the next step, once every output is written
         err.print(plain(f"CheXprompt: radtrt eval --paired {shlex.join([str(ref), str(cand)])} --metrics "

@@ -130,9 +130,8 @@ def eval_command(
         from radtrt import interrupts
 
         make_dir(out.parent, "folder for the results file")
-        with interrupts.deferred():  # in place and named complete together, should an interrupt come next
+        with interrupts.completing("results file", out):
             write_text(out, json.dumps(result, indent=2) + "\n", "results file")
-            interrupts.completed("results file", out)
     emit(summary, nl=False)
     from radtrt.evaluation.chexprompt.summary import nothing_judged, refusal, unreadable_only
 

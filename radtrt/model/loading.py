@@ -15,7 +15,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -372,10 +372,11 @@ def _load_release(release_dir: Path, base_dir: Path, dtype: torch.dtype) -> Load
             fail(f"base model {base_dir} has {name}={getattr(base_cfg, name)}, LLaVA-Rad expects "
                  f"{getattr(cfg.decoder, name)}: point --base-model at Vicuna-7B v1.5")
     decoder, index = hf_weights(base_dir)
-    fingerprint = base_fingerprint(cfg, decoder)  # of the base's own weights, before the release overrides any
+    names = decoder_weight_names(cfg)
+    fingerprint = base_fingerprint(names, decoder)  # of the base's own weights, before the release overrides any
     projector, overrides = ck.non_lora_to_projector(load_tensors(release_dir / "non_lora_trainables.bin"))
     decoder.update(overrides)
-    _check_base_weights(cfg, decoder, base_dir, index)  # first: a damaged base is named as such, not as another
+    _check_base_weights(names, decoder, base_dir, index)  # first: a damaged base is named as such, not as another
     _check_base_fingerprint(hf, fingerprint, release_dir, base_dir)
     adapter_cfg_file = release_dir / "adapter_config.json"
     adapter_file = next((release_dir / n for n in ("adapter_model.safetensors", "adapter_model.bin")
@@ -409,7 +410,7 @@ def decoder_weight_names(cfg: LlavaRadConfig) -> set[str]:
     return expected
 
 
-def base_fingerprint(cfg: LlavaRadConfig, decoder: Mapping[str, torch.Tensor]) -> list[str | None]:
+def base_fingerprint(names: Iterable[str], decoder: Mapping[str, torch.Tensor]) -> list[str | None]:
     """A base decoder's weights fingerprinted one by one (float16 resolution, 16 hex digits each, in the order of
     their sorted names), as 'radtrt convert --to llava-rad' records them and a release's loader checks them: over
     the weights the model uses (a stale rotary buffer an older save left is no difference), None for one absent or
@@ -423,7 +424,7 @@ def base_fingerprint(cfg: LlavaRadConfig, decoder: Mapping[str, torch.Tensor]) -
             return None
         return tensors_fingerprint({name: t}, dtype=torch.float16)[:16]
 
-    return [one(name) for name in sorted(decoder_weight_names(cfg))]
+    return [one(name) for name in sorted(names)]
 
 
 def _check_base_fingerprint(hf: dict[str, Any], fingerprint: list[str | None], release_dir: Path,
@@ -443,11 +444,10 @@ def _check_base_fingerprint(hf: dict[str, Any], fingerprint: list[str | None], r
              f"from the fingerprints in config.json): give the base-lm/ folder written beside it")
 
 
-def _check_base_weights(cfg: LlavaRadConfig, decoder: dict[str, torch.Tensor], base_dir: Path,
+def _check_base_weights(expected: set[str], decoder: dict[str, torch.Tensor], base_dir: Path,
                         index: Path | None) -> None:
     """Refuse a base decoder that lacks weights before the LoRA merge, whose message ("targets '...v_proj', which
     the base decoder does not have (wrong base model?)") misled when a shard index merely omitted names."""
-    expected = decoder_weight_names(cfg)
     missing = sorted(expected - set(decoder))
     if not missing:
         return

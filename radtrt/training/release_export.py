@@ -27,7 +27,7 @@ from radtrt.model import checkpoints as ck
 from radtrt.model.io import load_tensors, read_json
 from radtrt.outputs import check_new_dir, new_dir_built_aside
 from radtrt.model.loading import (RELEASE_BASE_DIR, RELEASE_DIR, LoadedModel, base_fingerprint, check_generates,
-                                  load_model)
+                                  decoder_weight_names, load_model)
 from radtrt.model.release import adapter_config_json, write_base_lm, write_release
 from radtrt.training.config import TrainConfig
 from radtrt.training.checkpoint import state_path
@@ -59,7 +59,7 @@ def _write(out_dir: Path, loaded: LoadedModel, base: dict[str, torch.Tensor], lo
     release_dir = write_release(out_dir / RELEASE_DIR, cfg, trunk=_cpu(model.vision_tower.state_dict()),
                                 projector=_cpu(model.mm_projector.state_dict()), lora=lora,
                                 adapter_config=adapter_config, base_name=base_name, model_name=loaded.name,
-                                base_fingerprint=base_fingerprint(cfg, base))
+                                base_fingerprint=base_fingerprint(decoder_weight_names(cfg), base))
     return release_dir, base_dir
 
 
