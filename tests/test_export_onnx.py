@@ -733,6 +733,9 @@ def test_triton_repository_from_a_bundle(bundle_fp16: Path, tmp_path: Path) -> N
     assert result.exit_code == 0, result.stderr
     check_repo(repo)
     assert (repo / "radtrt" / "config.pbtxt").is_file()
+    # where it can be served, said and kept beside the models
+    assert "serve it from the tritonserver TensorRT-LLM image of the TensorRT-LLM release that built the decoder " \
+           "engine" in " ".join(result.stderr.split())
     text = (repo / "tensorrt_llm" / "config.pbtxt").read_text(encoding="utf-8")
     assert str(engine) in text and "\\ud83d" not in text
 

@@ -23,7 +23,7 @@ from radtrt.exporter.gpu import GpuInfo
 from radtrt.exporter.quant import ActivationStats
 from radtrt.exporter.trtllm import (convert_decoder_weights, decoder_mode, read_checkpoint, trtllm_config,
                                     write_trtllm_checkpoint)
-from radtrt.exporter.trtllm_build import (BuildLimits, build_decoder_engine, check_built_from, find_decoder_engine,
+from radtrt.exporter.trtllm_build import (BuildLimits, build_decoder_engine, check_decoder_engine, find_decoder_engine,
                                           mixed_gemm_preprocessor, prepare_checkpoint_for_host, trtllm_build_command)
 from radtrt.model.config import preset
 from radtrt.model.decoder import LlamaForCausalLM
@@ -311,6 +311,7 @@ def _fake_trtllm_build(bin_dir: Path) -> None:
     script.write_text("#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = --output_dir ] && out=$2; shift; done\n"
                       "mkdir -p \"$out\"\n"
                       "echo '{\"pretrained_config\": {\"dtype\": \"float16\"}}' > \"$out/config.json\"\n"
+                      "echo 'serialized engine' > \"$out/rank0.engine\"\n"
                       "echo built\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
 
@@ -335,9 +336,30 @@ def test_engine_build_flow_refusal_and_lookup(tmp_path: Path, monkeypatch: pytes
     assert (engine / "config.json").is_file() and (engine.parent / "checkpoint" / "rank0.safetensors").is_file()
     stamp = json.loads((engine.parent / "build.json").read_text())
     # the engine keeps the weights its checkpoint was written from: one copied in from another bundle is refused
-    check_built_from(engine, stamp, {"model": {"weights_fingerprint_fp16": "f00d"}}, bundle)
+    ours = {"model": {"weights_fingerprint_fp16": "f00d"}}
+    check_decoder_engine(engine, stamp, ours, bundle)
     with pytest.raises(RadtrtError, match="was not built from the weights of the model .* delete its folder"):
-        check_built_from(engine, stamp, {"model": {"weights_fingerprint_fp16": "beef"}}, bundle)
+        check_decoder_engine(engine, stamp, {"model": {"weights_fingerprint_fp16": "beef"}}, bundle)
+    # the stamp vouches for the engine's files: one changed, truncated or missing is named, not handed to the
+    # C++ loader (whose RuntimeError was a traceback naming no file)
+    assert set(stamp["engine_files"]) == {p.name for p in engine.iterdir()} and "config.json" in stamp["engine_files"]
+    rank0 = engine / "rank0.engine"
+    original = rank0.read_bytes()
+    rank0.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size: only the hash tells
+    check_decoder_engine(engine, stamp, ours, bundle, hashes=False)
+    with pytest.raises(RadtrtError, match=f"engine file {rank0} is missing or does not match its stamp .*rebuild "
+                                          f"it with: radtrt export --bundle {bundle} --model MODEL --target trtllm "
+                                          f"--precision int8$"):
+        check_decoder_engine(engine, stamp, ours, bundle)
+    rank0.write_bytes(original[:-1])
+    with pytest.raises(RadtrtError, match="does not match its stamp"):
+        check_decoder_engine(engine, stamp, ours, bundle, hashes=False)
+    rank0.unlink()
+    with pytest.raises(RadtrtError, match="is missing or does not match"):
+        check_decoder_engine(engine, stamp, ours, bundle, hashes=False)
+    rank0.write_bytes(original)
+    with pytest.raises(RadtrtError, match="records no engine files .*rebuild it with"):
+        check_decoder_engine(engine, {k: v for k, v in stamp.items() if k != "engine_files"}, ours, bundle)
     assert stamp["gpu"]["name"] == V100.name and stamp["command"][0] == "trtllm-build"
     assert stamp["command"][stamp["command"].index("--checkpoint_dir") + 1] == str(engine.parent / "checkpoint")
     found, _ = find_decoder_engine(bundle, V100, "w8a16")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -122,6 +123,53 @@ def test_generate_drives_the_runner_with_a_prompt_table() -> None:
         backend.generate([a], max_new_tokens=3, eos_token_id=2, keep_logits=True)
     with pytest.raises(RadtrtError, match="expected 2 image tokens"):
         backend.embed_prompt([1, IMAGE_TOKEN_INDEX], torch.ones(3, 8))
+
+
+class FailingRunner:
+    """TensorRT-LLM's runner refusing a request as 0.12-1.x do: a bare RuntimeError (``_fill_output``'s
+    ``response.error_msg``), raised at the call or while streaming."""
+
+    def __init__(self, streaming_too: bool) -> None:
+        self.streaming_too = streaming_too
+
+    def generate(self, **kw: object):  # noqa: ANN201
+        if kw.get("streaming") and self.streaming_too:
+            def steps():  # noqa: ANN202
+                yield {}
+                raise RuntimeError("[TensorRT-LLM][ERROR] Encountered an error in forwardAsync function\n  at 0x7f")
+            return steps()
+        raise RuntimeError("Input batch size (2) exceeds the engine or specified limit (1)")
+
+
+@pytest.mark.parametrize("streaming_too", [False, True])
+def test_tensorrt_llm_runtime_errors_are_one_line(streaming_too: bool, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RuntimeError from TensorRT-LLM's runner (loading a damaged engine, a request it refuses, an error response)
+    reached the user as a traceback with exit 1."""
+    import types
+
+    import radtrt.runtime.tensorrt as module
+
+    backend = object.__new__(TensorRTBackend)
+    backend.runner = FailingRunner(streaming_too)
+    backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
+    backend.limits, backend.decoder_stamp, backend.streams_cheaply = LIMITS, {}, True
+    prompt = backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7], torch.ones(2, 8))
+    reason = re.escape("[TensorRT-LLM][ERROR] Encountered an error in forwardAsync function" if streaming_too
+                       else "Input batch size (2) exceeds")
+    with pytest.raises(RadtrtError, match=rf"^TensorRT-LLM failed to generate: {reason}"
+                                          rf"[^\n]*$"):
+        backend.generate([prompt], max_new_tokens=3, eos_token_id=2)
+
+    def from_dir(**_: object) -> None:
+        raise RuntimeError("[TensorRT-LLM][ERROR] Assertion failed: Failed to deserialize cuda engine.")
+
+    cls = types.SimpleNamespace(from_dir=from_dir)
+    monkeypatch.setattr(module, "import_vendor", lambda *_: types.SimpleNamespace(ModelRunnerCpp=cls, ModelRunner=cls))
+    with pytest.raises(RadtrtError, match=rf"^TensorRT-LLM failed to load the engine {tmp_path} \(rebuild it if it is "
+                                          r"damaged\): \[TensorRT-LLM\]\[ERROR\] Assertion failed: Failed to "
+                                          r"deserialize cuda engine.$"):
+        module.open_runner(tmp_path, "cpp", LIMITS)
 
 
 def test_a_logits_engine_before_trtllm_1_is_not_streamed() -> None:
@@ -422,6 +470,7 @@ def test_auto_passes_over_engines_that_fit_the_gpu_but_not_the_bundle(tmp_path: 
     records fit), which then refused; it now makes the same checks and runs ONNX Runtime, saying why."""
     from test_trt_vision import ORIN, fake_engine
 
+    from radtrt.exporter.trtllm_build import engine_files
     from radtrt.runtime.backends import choose_backend
     from radtrt.runtime.session import _trt_ready
 
@@ -429,10 +478,16 @@ def test_auto_passes_over_engines_that_fit_the_gpu_but_not_the_bundle(tmp_path: 
     vision = fake_engine(bundle, ORIN)
     folder = bundle / "trtllm" / "orin-w8a16"
     folder.mkdir(parents=True)
+    (folder / "engine").mkdir()
+    (folder / "engine" / "rank0.engine").write_bytes(b"serialized engine")
     decoder = {"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN), "mode": "w8a16", "int8_kv": False,
-               "limits": LIMITS}
+               "limits": LIMITS, "engine_files": engine_files(folder / "engine")}
     (folder / "build.json").write_text(json.dumps(decoder))
     assert _trt_ready(bundle, ORIN) == (True, None)
+    (folder / "engine" / "rank0.engine").write_bytes(b"truncated")  # auto compares sizes; the backend hashes too
+    ready, why = _trt_ready(bundle, ORIN)
+    assert not ready and "rank0.engine is missing or does not match its stamp" in str(why)
+    (folder / "engine" / "rank0.engine").write_bytes(b"serialized engine")
     (folder / "build.json").write_text(json.dumps({**decoder, "bundle_weights": "ab" * 32}))  # another model's
     ready, why = _trt_ready(bundle, ORIN)
     assert not ready and "do not fit it (the TensorRT-LLM engine" in str(why) and "not built from the weights" in why

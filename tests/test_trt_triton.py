@@ -18,6 +18,7 @@ from radtrt.errors import RadtrtError
 from radtrt.exporter.gpu import gpu_stamp
 from radtrt.exporter.pbtxt import Ident, parse_pbtxt, to_pbtxt
 from radtrt.exporter.triton import RepoSpec, check_repo, model_configs, write_triton_repo
+from radtrt.exporter.trtllm_build import engine_files
 from radtrt.exporter.triton_models import PostprocessingModel, PreprocessingModel, decode_output
 
 from test_trt_vision import ORIN, fake_engine, make_fake_bundle
@@ -83,8 +84,11 @@ def test_repository_with_onnxruntime_vision(tmp_path: Path) -> None:
     engine = _decoder_engine(tmp_path)
     repo = write_triton_repo(bundle, tmp_path / "repo", vision_backend="onnxruntime", decoder_engine=engine,
                              max_batch=4)
-    assert sorted(p.name for p in repo.iterdir()) == ["postprocessing", "preprocessing", "radtrt", "tensorrt_llm",
-                                                      "vision"]
+    assert sorted(p.name for p in repo.iterdir()) == ["postprocessing", "preprocessing", "radtrt",
+                                                      "radtrt-serving.json", "tensorrt_llm", "vision"]
+    # an engine given by its path on the serving host: which TensorRT-LLM built it is not known here
+    serving = json.loads((repo / "radtrt-serving.json").read_text())
+    assert serving["tensorrt_llm"] is None and "its version is not known here" in serving["needs"]
     assert (repo / "vision/1/model.onnx").is_file() and (repo / "vision/1/vision.onnx.data").is_file()
     for name, cls in (("preprocessing", PreprocessingModel), ("postprocessing", PostprocessingModel)):
         shim: dict = {}
@@ -122,14 +126,21 @@ def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
     assert not (tmp_path / "repo2").exists() and not (tmp_path / "repo2.partial").exists()  # nothing half-written
     built = bundle / "trtllm" / "orin-fp16"  # the bundle's own decoder engine, built for batch 2
     built.mkdir(parents=True)
-    _decoder_engine(built)
     (built / "build.json").write_text(json.dumps({"format": "radtrt-trtllm-engine", "gpu": gpu_stamp(ORIN),
                                                   "mode": "fp16", "int8_kv": False,
-                                                  "limits": {"max_batch": 2, "max_input_len": 64, "max_seq_len": 96}}))
+                                                  "limits": {"max_batch": 2, "max_input_len": 64, "max_seq_len": 96},
+                                                  "engine_files": engine_files(_decoder_engine(built))}))
     with pytest.raises(RadtrtError, match="the TensorRT-LLM fp16 engine allows batch 2, below Triton's max batch 8: "
                                           "pass --max-batch 2"):
         write_triton_repo(bundle, tmp_path / "repo4", gpu=ORIN)
     llm = check_repo(write_triton_repo(bundle, tmp_path / "repo5", gpu=ORIN, max_batch=2))["tensorrt_llm"]
+    # the engines load only under the libraries that built them: the repository says which
+    serving = json.loads((tmp_path / "repo5" / "radtrt-serving.json").read_text())
+    assert serving["tensorrt_llm"] == ORIN.tensorrt_llm and serving["tensorrt"] == [ORIN.tensorrt]
+    assert serving["needs"] == (f"serve it from a tritonserver image with TensorRT-LLM {ORIN.tensorrt_llm} and TensorRT "
+                                f"{ORIN.tensorrt} (the tensorrtllm_backend release of TensorRT-LLM {ORIN.tensorrt_llm}), "
+                                f"on {ORIN.name} (sm{ORIN.sm[0]}{ORIN.sm[1]}): its engines were built with these and "
+                                f"load with no other")
     assert llm["max_batch_size"] == 2
     # the KV cache bounded by the engine's limits (2 x two 64-token blocks of its 96 positions), not 85% of a
     # Jetson's free memory

@@ -288,7 +288,8 @@ def check_reusable_checkpoint(checkpoint: Path, alpha: float | None, calibration
 def write_triton(bundle: Path, out: Path, plan: ExportPlan, log: Callable[[str], None]) -> Path:
     from radtrt.exporter.gpu import detect_gpu
     from radtrt.exporter.trtllm import decoder_mode, mode_tag
-    from radtrt.exporter.triton import write_triton_repo
+    from radtrt.exporter.triton import SERVING_RECORD, write_triton_repo
+    from radtrt.model.io import read_json
 
     gpu = detect_gpu()
     tag = mode_tag(decoder_mode(plan.precision, plan.int8_decoder), plan.int8_kv)
@@ -301,4 +302,5 @@ def write_triton(bundle: Path, out: Path, plan: ExportPlan, log: Callable[[str],
     repo = write_triton_repo(bundle, out, gpu=gpu, vision_backend="tensorrt" if gpu else "onnxruntime",
                              decoder_tag=tag, decoder_engine=plan.trtllm_engine, max_batch=plan.max_batch)
     log(f"Triton model repository: {repo}")
+    log(read_json(repo / SERVING_RECORD)["needs"])
     return repo

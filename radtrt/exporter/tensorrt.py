@@ -189,10 +189,12 @@ def network_flag_names(tensorrt_version: str, strongly_typed: bool) -> tuple[str
 
 
 def vision_profile(onnx: OnnxInfo, max_batch: int, opt_batch: int | None = None) -> dict[str, list[int]]:
-    """Optimization profile over the dynamic batch: 1 .. max_batch (opt defaults to max_batch)."""
+    """Optimization profile over the dynamic batch: 1 .. max_batch. TensorRT picks its kernels for the opt shape,
+    and ``infer`` and ``bench latency`` run one study at a time by default, so opt defaults to 1 (it was max_batch:
+    a single image ran on kernels chosen for eight)."""
     if max_batch < 1:
         fail("max batch size must be at least 1")
-    opt = max_batch if opt_batch is None else opt_batch
+    opt = 1 if opt_batch is None else opt_batch
     if not 1 <= opt <= max_batch:
         fail(f"optimum batch {opt} must be within 1..{max_batch}")
     size = onnx.image_size

@@ -19,20 +19,22 @@ parses them back and verifies the ensemble's wiring (names, dtypes, producers).
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.bundle import read_bundle_side
-from radtrt.exporter.gpu import GpuInfo, require_gpu
+from radtrt.exporter.gpu import GpuInfo, require_gpu, stamp_gpu
 from radtrt.exporter.pbtxt import Ident, as_list, parse_pbtxt, to_pbtxt
 from radtrt.exporter.tensorrt import find_vision_engine, inspect_onnx, read_vision_manifest
-from radtrt.exporter.trtllm_build import check_built_from, find_decoder_engine, kv_cache_tokens
-from radtrt.model.io import read_json
+from radtrt.exporter.trtllm_build import (check_decoder_engine, engine_count, find_decoder_engine, kv_cache_tokens,
+                                          read_engine_config)
 from radtrt.model.prompt import shortest_prompt_length
-from radtrt.outputs import check_new_dir, new_dir_built_aside, resolved
+from radtrt.outputs import check_new_dir, new_dir_built_aside, resolved, write_text
 
 TRITON_DTYPES = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16"}
 CASTABLE = {"float16": 10, "bfloat16": 16}  # prompt-table dtypes -> onnx.TensorProto element types
@@ -186,36 +188,6 @@ def _onnx_files(onnx_path: Path) -> list[Path]:
     return [onnx_path.parent / loc for loc in sorted(locations)]
 
 
-# the limits of an engine's build_config this module reads; TensorRT's shapes are 32-bit, so no engine's exceed that
-ENGINE_COUNTS = ("max_batch_size", "max_input_len", "max_seq_len", "max_prompt_embedding_table_size")
-MAX_ENGINE_COUNT = 2**31 - 1
-
-
-def _engine_config(engine: Path) -> dict[str, Any] | None:
-    """An engine's config.json, or None when the engine is on the serving host rather than here."""
-    config = engine / "config.json"
-    if not config.is_file():
-        return None
-    data = read_json(config)
-    if not isinstance(data.get("pretrained_config"), dict) or not isinstance(data["pretrained_config"].get("dtype"),
-                                                                             str):
-        fail(f"{engine} is not a TensorRT-LLM engine folder (its config.json has no pretrained_config.dtype; a "
-             f"checkpoint folder becomes an engine with 'radtrt export --target trtllm' on the GPU host)")
-    if data.get("build_config") is not None and not isinstance(data["build_config"], dict):  # [] or 0 passed
-        fail(f"{config}: build_config is {type(data['build_config']).__name__}, not an object (damaged?)")
-    for key in ENGINE_COUNTS:  # max_seq_len 1e29 went into config.pbtxt's KV cache size, past int64 when served
-        value = _count((data.get("build_config") or {}).get(key))
-        if value is not None and value > MAX_ENGINE_COUNT:
-            fail(f"{config}: build_config.{key} is {value}, more than any engine holds (at most {MAX_ENGINE_COUNT}, "
-                 f"TensorRT's 32-bit dimensions): a damaged or hand-edited config; rebuild the engine")
-    return data
-
-
-def _count(value: Any) -> int | None:
-    """An engine limit as a number, where its config holds one (a bool is not one)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def check_engine_fits(engine: Path, config: dict[str, Any], spec: RepoSpec, prompt_length: int) -> None:
     """A ``--trtllm-engine`` readable here must take what the repository sends it: with another vocabulary the
     image's fake ids ``vocab_size ..`` become ordinary tokens (reports without the image), and a smaller prompt
@@ -230,7 +202,7 @@ def check_engine_fits(engine: Path, config: dict[str, Any], spec: RepoSpec, prom
             ("max_batch_size", spec.max_batch, f"Triton's max batch {spec.max_batch}", "--max-batch"),
             ("max_input_len", prompt_length, f"the {prompt_length}-token prompt without an indication", None))
     for key, want, what, option in need:
-        got = _count(build.get(key))
+        got = engine_count(build.get(key))
         if got is not None and got < want:
             fits = got // (want // spec.max_batch) if option else 0  # the batch the engine does take
             fix = f"pass {option} {fits}, or rebuild the engine" if fits >= 1 else "rebuild the engine"
@@ -251,16 +223,17 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     bundle_cfg, tokenizer = read_bundle_side(bundle)
     given = decoder_engine is not None
     max_seq_len = None  # the engine's, where known here: it bounds the KV cache Triton's backend allocates
+    stamp = None
     if decoder_engine is None:
         decoder_engine, stamp = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
-        check_built_from(decoder_engine, stamp, manifest, bundle)
+        check_decoder_engine(decoder_engine, stamp, manifest, bundle)
         decoder_engine = resolved(decoder_engine)
         max_seq_len = stamp["limits"].get("max_seq_len")
         engine_batch = int(stamp["limits"].get("max_batch", max_batch))
         if engine_batch < max_batch:  # as the vision engine's profile is checked: the server would accept more
             fail(f"the TensorRT-LLM {decoder_tag} engine allows batch {engine_batch}, below Triton's max batch "
                  f"{max_batch}: pass --max-batch {engine_batch}, or rebuild the engine with --max-batch {max_batch}")
-    engine_config = _engine_config(decoder_engine)
+    engine_config = read_engine_config(decoder_engine)
     table_dtype = engine_config["pretrained_config"]["dtype"] if engine_config else "float16"  # radtrt's engines'
     cast_to = None  # the served ONNX graph ends in a Cast to the prompt table's dtype
     if onnx.output_dtype != table_dtype:
@@ -278,16 +251,43 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
         prompt = shortest_prompt_length(tokenizer.encode, tokenizer.bos_token_id, bundle_cfg.conv_template,
                                         spec.num_image_tokens)
         check_engine_fits(decoder_engine, engine_config, spec, prompt)
-        max_seq_len = _count((engine_config.get("build_config") or {}).get("max_seq_len"))
+        max_seq_len = engine_count((engine_config.get("build_config") or {}).get("max_seq_len"))
     platform = "tensorrt_plan" if vision_backend == "tensorrt" else "onnxruntime_onnx"
     # a given engine's path as typed: it names a folder on the serving host, which this host's symlinks
     # (/var/run -> /run, a mount alias) say nothing about
-    seq_len = _count(max_seq_len)
+    seq_len = engine_count(max_seq_len)
     kv_tokens = kv_cache_tokens(max_batch, seq_len) if seq_len is not None and seq_len > 0 else None
     configs = model_configs(spec, platform, decoder_engine, kv_cache_free_gpu_mem_fraction, max_kv_tokens=kv_tokens)
     with new_dir_built_aside(out, "Triton repository") as work:
-        _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch, cast_to)
+        vision_stamp = _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch, cast_to)
+        record = serving_record(stamp, vision_stamp)
+        write_text(work / SERVING_RECORD, json.dumps(record, indent=2), "Triton repository's serving record")
     return out
+
+
+SERVING_RECORD = "radtrt-serving.json"  # beside the model folders: Triton loads subfolders only
+
+
+def serving_record(decoder_stamp: dict[str, Any] | None, vision_stamp: dict[str, Any] | None) -> dict[str, Any]:
+    """What the serving container must hold for the repository's engines to load, and a line saying so: a TensorRT
+    plan and a TensorRT-LLM engine deserialize only under the TensorRT / TensorRT-LLM release that built them, and
+    each tritonserver TensorRT-LLM image (tensorrtllm_backend release) ships one of each. An engine given by path
+    (``--trtllm-engine``) was built elsewhere: its versions are not known here."""
+    built = {part: stamp_gpu(stamp) for part, stamp in (("decoder", decoder_stamp), ("vision", vision_stamp))
+             if stamp is not None}
+    tensorrt = sorted({g.tensorrt for g in built.values() if g.tensorrt})
+    trtllm = built["decoder"].tensorrt_llm if "decoder" in built else None
+    gpus = sorted({f"{g.name} (sm{g.sm[0]}{g.sm[1]})" for g in built.values()})
+    if trtllm is None:
+        needs = ("serve it from the tritonserver TensorRT-LLM image of the TensorRT-LLM release that built the decoder "
+                 "engine (given by path: its version is not known here)")
+    else:
+        needs = (f"serve it from a tritonserver image with TensorRT-LLM {trtllm}" +
+                 (f" and TensorRT {' / '.join(tensorrt)}" if tensorrt else "") +
+                 f" (the tensorrtllm_backend release of TensorRT-LLM {trtllm}), on {' / '.join(gpus)}: its engines "
+                 f"were built with these and load with no other")
+    return {"format": "radtrt-triton-serving", "format_version": 1, "tensorrt_llm": trtllm, "tensorrt": tensorrt,
+            "gpus": gpus, "needs": needs, "radtrt": __version__}
 
 
 def with_output_cast(onnx_path: Path, dtype: str) -> Any:
@@ -310,7 +310,10 @@ def with_output_cast(onnx_path: Path, dtype: str) -> Any:
 
 
 def _fill_repo(out: Path, bundle: Path, manifest: dict[str, Any], configs: dict[str, dict[str, Any]],
-               vision_backend: str, gpu: GpuInfo | None, max_batch: int, cast_to: str | None = None) -> None:
+               vision_backend: str, gpu: GpuInfo | None, max_batch: int,
+               cast_to: str | None = None) -> dict[str, Any] | None:
+    """Fill the repository; return the vision engine's stamp where it serves a TensorRT engine."""
+    stamp = None
     for name, cfg in configs.items():
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         (out / name / "config.pbtxt").write_text(to_pbtxt(cfg), encoding="utf-8")
@@ -338,3 +341,4 @@ def _fill_repo(out: Path, bundle: Path, manifest: dict[str, Any], configs: dict[
         for f in SIDE_FILES:
             shutil.copyfile(bundle / f, folder / f)
     check_repo(out)
+    return stamp

@@ -38,7 +38,7 @@ from radtrt.exporter.trtllm import (
     read_checkpoint,
     split_mode_tag,
 )
-from radtrt.model.io import save_tensors
+from radtrt.model.io import read_json, save_tensors, sha256_file
 from radtrt.outputs import write_text
 
 # Oldest GPU the Python port of the preprocessing handles (it asserts ``sm_ >= 75``); the C++ op also
@@ -242,12 +242,71 @@ def build_decoder_engine(bundle: Path, checkpoint: Path, gpu: GpuInfo, limits: B
     if result.returncode != 0:
         fail(f"trtllm-build failed (exit {result.returncode}); see {root / 'trtllm-build.log'}")
     stamp = {"format": DECODER_STAMP_FORMAT, "format_version": 1, "mode": meta["mode"], "int8_kv": meta["int8_kv"],
-             "gpu": gpu_stamp(gpu), "command": cmd, "limits": asdict(limits),
+             "gpu": gpu_stamp(gpu), "command": cmd, "limits": asdict(limits), "engine_files": engine_files(engine),
              "gather_generation_logits": gather_generation_logits, "bundle_weights": meta.get("bundle_weights"),
              "build_seconds": round(time.perf_counter() - t0, 1),
              "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "radtrt": __version__}
     write_text(root / BUILD_STAMP, json.dumps(stamp, indent=2), "TensorRT-LLM engine stamp")
     return engine
+
+
+def engine_files(engine: Path) -> dict[str, dict[str, Any]]:
+    """Each file trtllm-build wrote (the rank engines, config.json) with its size and sha256, for the stamp to vouch
+    for, as the vision engine's stamp does for its plan: a truncated or edited engine otherwise reached TensorRT-LLM's
+    C++ loader, whose RuntimeError said nothing of which file."""
+    if not engine.is_dir():
+        fail(f"trtllm-build wrote no engine folder {engine}; see the trtllm-build.log beside it")
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(engine.iterdir())
+            if p.is_file()}
+
+
+def decoder_engine_problem(engine: Path, stamp: dict[str, Any], *, hashes: bool = True) -> str | None:
+    """Why a decoder engine folder is not the one its stamp vouches for (a file missing, truncated or changed; a
+    stamp without the record), or None. ``hashes`` False compares sizes only: ``--backend auto``'s cheap look."""
+    bundle = engine.parent.parent.parent  # BUNDLE/trtllm/KEY/engine
+    rebuild = f"rebuild it with: {_build_command(bundle, mode_tag(stamp['mode'], stamp['int8_kv']))}"
+    files = stamp.get("engine_files")
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values()):
+        return (f"the TensorRT-LLM engine stamp {engine.parent / BUILD_STAMP} records no engine files (built by an "
+                f"older radtrt, or damaged): {rebuild}")
+    for name, meta in files.items():
+        path = engine / name
+        if not path.is_file() or path.stat().st_size != meta["bytes"] or (hashes and sha256_file(path) != meta["sha256"]):
+            return (f"the TensorRT-LLM engine file {path} is missing or does not match its stamp (corrupt or "
+                    f"modified): {rebuild}")
+    return None
+
+
+# the limits of an engine's build_config radtrt reads; TensorRT's shapes are 32-bit, so no engine's exceed that
+ENGINE_COUNTS = ("max_batch_size", "max_input_len", "max_seq_len", "max_prompt_embedding_table_size")
+MAX_ENGINE_COUNT = 2**31 - 1
+
+
+def read_engine_config(engine: Path) -> dict[str, Any] | None:
+    """An engine's config.json, or None when the engine is on the serving host rather than here."""
+    config = engine / "config.json"
+    if not config.is_file():
+        return None
+    data = read_json(config)
+    if not isinstance(data.get("pretrained_config"), dict) or not isinstance(data["pretrained_config"].get("dtype"),
+                                                                             str):
+        fail(f"{engine} is not a TensorRT-LLM engine folder (its config.json has no pretrained_config.dtype; a "
+             f"checkpoint folder becomes an engine with 'radtrt export --target trtllm' on the GPU host)")
+    if data.get("build_config") is not None and not isinstance(data["build_config"], dict):  # [] or 0 passed
+        fail(f"{config}: build_config is {type(data['build_config']).__name__}, not an object (damaged?)")
+    for key in ENGINE_COUNTS:  # max_seq_len 1e29 went into config.pbtxt's KV cache size, past int64 when served
+        value = engine_count((data.get("build_config") or {}).get(key))
+        if value is not None and value > MAX_ENGINE_COUNT:
+            fail(f"{config}: build_config.{key} is {value}, more than any engine holds (at most {MAX_ENGINE_COUNT}, "
+                 f"TensorRT's 32-bit dimensions): a damaged or hand-edited config; rebuild the engine")
+    return data
+
+
+def engine_count(value: Any) -> int | None:
+    """An engine limit as a number, where its config holds one (a bool is not one)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def read_decoder_stamp(path: Path) -> dict[str, Any] | None:
@@ -263,7 +322,7 @@ def read_decoder_stamp(path: Path) -> dict[str, Any] | None:
 def built_from_problem(engine: Path, stamp: dict[str, Any], manifest: dict[str, Any], bundle: Path) -> str | None:
     """Why a decoder engine was not built from the weights the bundle's graphs hold (an engine folder copied in
     from another bundle), or None: it would run beside this bundle's vision engine, and reports would name this
-    bundle's weights. ``check_built_from`` refuses it; ``--backend auto`` passes it over."""
+    bundle's weights. ``check_decoder_engine`` refuses it; ``--backend auto`` passes it over."""
     from radtrt.exporter.bundle import BUNDLE_FINGERPRINT
 
     if stamp.get("bundle_weights") != manifest["model"].get(BUNDLE_FINGERPRINT):
@@ -273,11 +332,24 @@ def built_from_problem(engine: Path, stamp: dict[str, Any], manifest: dict[str, 
     return None
 
 
-def check_built_from(engine: Path, stamp: dict[str, Any], manifest: dict[str, Any], bundle: Path) -> None:
-    """Refuse a decoder engine built from other weights than the bundle's graphs hold (``built_from_problem``)."""
-    problem = built_from_problem(engine, stamp, manifest, bundle)
+def check_decoder_engine(engine: Path, stamp: dict[str, Any], manifest: dict[str, Any], bundle: Path, *,
+                         hashes: bool = True) -> None:
+    """Refuse a decoder engine built from other weights than the bundle's graphs hold (``built_from_problem``), or
+    whose files are not those its stamp vouches for (``decoder_engine_problem``)."""
+    problem = built_from_problem(engine, stamp, manifest, bundle) or decoder_engine_problem(engine, stamp, hashes=hashes)
     if problem:
         fail(problem)
+
+
+def _build_command(bundle: Path, tag: str) -> str:
+    """The export that builds the ``tag`` decoder engine into ``bundle``."""
+    mode, kv = split_mode_tag(tag)
+    options = {"fp16": "--precision fp16", "w8a16": "--precision int8",
+               "w8a8_sq": "--precision int8 --int8-decoder smoothquant"}.get(mode, "") + (" --int8-kv-cache" if kv else "")
+    if (kv or mode == "w8a8_sq") and not (bundle / "calibration.safetensors").is_file():
+        options += " --calibration-stats CALIB"  # an fp16/fp32 bundle carries no statistics to take them from
+    # --bundle: into this one; the command last and bare (its quoted path nested in quotes did not paste)
+    return f"radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm {options}".rstrip()
 
 
 def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Path, dict[str, Any]]:
@@ -304,13 +376,7 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
         path, stamp = newest_first(fitting)[0]
         return path.parent / "engine", stamp
     what = f"{tag} decoder engine" if tag is not None else "decoder engine"
-    mode, kv = split_mode_tag(tag or "fp16")
-    options = {"fp16": "--precision fp16", "w8a16": "--precision int8",
-               "w8a8_sq": "--precision int8 --int8-decoder smoothquant"}.get(mode, "") + (" --int8-kv-cache" if kv else "")
-    if (kv or mode == "w8a8_sq") and not (bundle / "calibration.safetensors").is_file():
-        options += " --calibration-stats CALIB"  # an fp16/fp32 bundle carries no statistics to take them from
-    # --bundle: into this one; the command last and bare (its quoted path nested in quotes did not paste)
-    build = f"radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm {options}".rstrip()
+    build = _build_command(bundle, tag or "fp16")
     if others and gpu.tensorrt_llm is None:  # no rebuild can help before TensorRT-LLM is there
         mismatch, same = next((o for o in others if o[1]), others[0])
         # installing its TensorRT-LLM runs an engine of this GPU model only: a V100's never runs on an Orin

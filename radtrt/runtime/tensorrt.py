@@ -15,9 +15,10 @@ pure and tested on CPU.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -28,10 +29,10 @@ from radtrt.exporter.gpu import (GpuInfo, detect_gpu, import_vendor, loaded_tens
 from radtrt.exporter.tensorrt import (STAMP_FILE, STAMP_FORMAT, VISION_STAMP_KEYS, find_vision_engine,
                                       this_hosts_vision_engine, vision_engine_problem)
 from radtrt.exporter.trtllm import BUILD_STAMP, mode_tag, split_mode_tag
-from radtrt.exporter.trtllm_build import (built_from_problem, check_built_from, find_decoder_engine, kv_cache_tokens,
-                                          read_decoder_stamp)
+from radtrt.exporter.trtllm_build import (built_from_problem, check_decoder_engine, decoder_engine_problem,
+                                          find_decoder_engine, kv_cache_tokens, read_decoder_stamp,
+                                          read_engine_config)
 from radtrt.model.generate import Generation
-from radtrt.model.io import read_json
 from radtrt.model.prompt import IMAGE_TOKEN_INDEX
 
 TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
@@ -108,7 +109,8 @@ def engines_problem(bundle: Path, gpu: GpuInfo, decoder: str | None = None) -> s
     problems = []
     for tag in [mode_tag(*split_mode_tag(decoder))] if decoder is not None else usable_engines(bundle, gpu)["decoder"]:
         engine, stamp = find_decoder_engine(bundle, gpu, tag)  # one asked for and missing: its own line, as before
-        problems.append(built_from_problem(engine, stamp, manifest, bundle))
+        problems.append(built_from_problem(engine, stamp, manifest, bundle)
+                        or decoder_engine_problem(engine, stamp, hashes=False))  # sizes: the backend hashes them
     # any one that fits: with several, the backend asks which (choose_decoder), as before
     return None if None in problems or not problems else problems[0]
 
@@ -224,12 +226,26 @@ def runner_options(session: str, limits: dict[str, Any]) -> dict[str, Any]:
     return {"max_tokens_in_paged_kv_cache": kv_cache_tokens(int(limits["max_batch"]), int(limits["max_seq_len"]))}
 
 
+@contextmanager
+def trtllm_errors(doing: str) -> Iterator[None]:
+    """TensorRT-LLM reports what it refuses at run time as a bare ``RuntimeError``: the C++ executor's exceptions
+    (an engine it cannot deserialize, GPU memory), ``ModelRunnerCpp._check_inputs`` (a batch or length over the
+    engine's), and ``_fill_output``'s ``response.error_msg``. One line naming what radtrt was doing, not a
+    traceback; its first line is the vendor's reason."""
+    try:
+        yield
+    except RuntimeError as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        fail(f"TensorRT-LLM failed {doing}: {reason}")
+
+
 def open_runner(engine_dir: Path, session: str, limits: dict[str, Any]) -> Any:
     """TensorRT-LLM's C++ runtime (``ModelRunnerCpp``) or its Python session (``ModelRunner``)."""
     options = runner_options(session, limits)
     runtime = import_vendor("tensorrt_llm.runtime", "TensorRT-LLM")
     cls = runtime.ModelRunnerCpp if session == "cpp" else runtime.ModelRunner
-    return cls.from_dir(engine_dir=str(engine_dir), rank=0, **options)
+    with trtllm_errors(f"to load the engine {engine_dir} (rebuild it if it is damaged)"):
+        return cls.from_dir(engine_dir=str(engine_dir), rank=0, **options)
 
 
 def streams_cheaply(keeps_logits: bool, session: str, trtllm_version: str | None) -> bool:
@@ -259,13 +275,17 @@ class TensorRTBackend:
         engine, self.vision_stamp = find_vision_engine(bundle, gpu, vision_precision, self.manifest)
         tag = choose_decoder(usable_engines(bundle, gpu)["decoder"], decoder, bundle)
         self.decoder_dir, self.decoder_stamp = find_decoder_engine(bundle, gpu, tag)
-        check_built_from(self.decoder_dir, self.decoder_stamp, self.manifest, bundle)
+        check_decoder_engine(self.decoder_dir, self.decoder_stamp, self.manifest, bundle, hashes=verify)
         self.limits = self.decoder_stamp["limits"]
         self.vision = TrtVisionEngine(engine, self.vision_stamp)
         self.runner = open_runner(self.decoder_dir, session, self.limits)
         self.streams_cheaply = streams_cheaply(self.keeps_logits, session, gpu.tensorrt_llm)
-        engine_config = read_json(self.decoder_dir / "config.json")
-        self.table_dtype = getattr(torch, engine_config["pretrained_config"]["dtype"])
+        engine_config = read_engine_config(self.decoder_dir)
+        dtype = engine_config["pretrained_config"]["dtype"] if engine_config is not None else None
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):  # the prompt table is made in this dtype
+            fail(f"{self.decoder_dir / 'config.json'} names no torch dtype (pretrained_config.dtype {dtype!r}): "
+                 f"rebuild the engine")
+        self.table_dtype = getattr(torch, dtype)
         self.vocab_size = int(self.manifest["decoder"]["vocab_size"])
         self.num_image_tokens = int(self.manifest["vision"]["num_image_tokens"])
         decoder_tag = mode_tag(self.decoder_stamp["mode"], self.decoder_stamp["int8_kv"])
@@ -310,7 +330,14 @@ class TensorRTBackend:
 
     def _generate(self, embeds: list[PromptTableInput], max_new_tokens: int, eos_token_id: int,
                   keep_logits: bool) -> Generation:
+        with trtllm_errors("to generate"):
+            return self._run(embeds, max_new_tokens, eos_token_id, keep_logits)
+
+    def _run(self, embeds: list[PromptTableInput], max_new_tokens: int, eos_token_id: int,
+             keep_logits: bool) -> Generation:
         ids, table, tasks = batch_prompt_tables(embeds)
+        if table.is_cuda:  # the stack (and the dtype cast) are queued on this stream; the executor reads on its own
+            torch.cuda.current_stream().synchronize()
         args = dict(batch_input_ids=[torch.tensor(x, dtype=torch.int32) for x in ids], prompt_table=table,
                     prompt_tasks=tasks, max_new_tokens=max_new_tokens, end_id=eos_token_id, pad_id=max(eos_token_id, 0),
                     num_beams=1, top_k=1, temperature=1.0, output_sequence_lengths=True, return_dict=True)
