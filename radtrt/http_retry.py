@@ -91,7 +91,20 @@ def redirect_target(location: Optional[str], url: str) -> Optional[str]:
     return printable(f"{parts.scheme}://{host}" + (f":{port}" if port is not None else ""))
 
 
-def error_message(body: object, secrets: Iterable[Optional[str]] = ()) -> Optional[str]:
+QUOTE_RUN = 16  # characters of the request a server's message may repeat before it is taken as quoting it
+QUOTES_REQUEST = "its message quotes the request, which holds report text: not shown"
+
+
+def quotes(message: str, sent: str) -> bool:
+    """Whether ``message`` repeats a run of ``QUOTE_RUN`` characters of ``sent`` (case and spacing aside): a
+    validation error that echoes its input (FastAPI's 422, a proxy's "invalid input: ...") carried the report or
+    the indication onto stderr. A generic message shares no such run with a radiology prompt."""
+    norm = lambda text: " ".join(text.lower().split())  # noqa: E731
+    message, sent = norm(message), norm(sent)
+    return any(message[i:i + QUOTE_RUN] in sent for i in range(len(message) - QUOTE_RUN + 1))
+
+
+def error_message(body: object, secrets: Iterable[Optional[str]] = (), sent: str = "") -> Optional[str]:
     """The error message in a failed response's body, on one line of at most ``MAX_SERVER_MESSAGE`` characters,
     printable, with ``secrets`` (API keys) blanked out; None when the server sent none.
 
@@ -100,7 +113,8 @@ def error_message(body: object, secrets: Iterable[Optional[str]] = ()) -> Option
     and temperature, and say so). Of an object only its message is read: a validation error's other fields may
     echo the report sent. A non-JSON body (a text or HTML page, a proxy's or the server's own) has no message
     field to tell from the rest, and may echo the request's clinical text as well: none of it is shown, the
-    status alone says what happened."""
+    status alone says what happened. ``sent``: the request's text, which a message that quotes it is not shown
+    for (``quotes``)."""
     if not isinstance(body, dict):
         return None
     text = next((body[k] for k in ("message", "detail", "error") if isinstance(body.get(k), str)), None)
@@ -112,6 +126,8 @@ def error_message(body: object, secrets: Iterable[Optional[str]] = ()) -> Option
     text = printable(" ".join(text.split()))
     if not text:
         return None
+    if quotes(text, sent):
+        return QUOTES_REQUEST
     return text if len(text) <= MAX_SERVER_MESSAGE else text[:MAX_SERVER_MESSAGE - 3] + "..."
 
 

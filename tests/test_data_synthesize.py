@@ -546,6 +546,13 @@ def test_a_refusal_shows_the_servers_message(server: ScriptedServer, tmp_path: P
         client.complete([{"role": "user", "content": "x"}])
     with pytest.raises(RadtrtError, match=r"refused the request: HTTP 400$"):  # an HTML page neither
         client.complete([{"role": "user", "content": "x"}])
+    # a message that repeats the request (a proxy's "invalid input: ..."): the indication it holds was shown
+    prompt = "Write the findings. Indication: Patient DOE^JOHN, MRN 1234, cough. Positive findings: pneumothorax."
+    server.script = [(400, {}, json.dumps({"error": {"message": f"invalid input: {prompt[12:80]}"}}).encode())]
+    with pytest.raises(RadtrtError, match=r"refused the request: HTTP 400: its message quotes the request, which "
+                                          r"holds report text: not shown$") as info:
+        client.complete([{"role": "user", "content": prompt}])
+    assert "DOE" not in str(info.value) and "1234" not in str(info.value)
 
 
 @pytest.mark.parametrize("row, name", [

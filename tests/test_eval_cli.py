@@ -195,7 +195,7 @@ def test_paired_lexical_eval_prints_both_arms(tmp_path: Path) -> None:
 
 # --- F1-CheXbert from local weights: a tiny BERT with the released checkpoint layout ------------------
 
-def _tiny_chexbert(tmp_path: Path, bias_class: int) -> tuple[Path, Path]:
+def _tiny_chexbert(tmp_path: Path, bias_class: int, positions: int = 512) -> tuple[Path, Path]:
     import torch
     from transformers import BertConfig
 
@@ -206,7 +206,7 @@ def _tiny_chexbert(tmp_path: Path, bias_class: int) -> tuple[Path, Path]:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "small", "left", "pleural", "effusion", "."]
     (bert_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=512)
+                     intermediate_size=32, max_position_embeddings=positions)
     cfg.save_pretrained(bert_dir)
     torch.manual_seed(0)
     model = build_labeler(cfg)
@@ -230,6 +230,15 @@ def test_chexbert_labels_from_local_checkpoint(tmp_path: Path) -> None:
     assert codes.shape == (3, 14)
     assert (codes[:, :13] == 2).all()  # the heads were forced to "negative"
     assert (codes[:, 13] == 1).all()  # the two-way No Finding head: its class 1 is "positive"
+
+
+def test_a_report_longer_than_the_berts_positions_is_cut_there(tmp_path: Path) -> None:
+    """A BERT with fewer than 512 positions: a longer report was cut at 512 anyway, a RuntimeError traceback."""
+    from radtrt.evaluation.chexbert import CheXbertConfig, chexbert_labels
+
+    checkpoint, bert_dir = _tiny_chexbert(tmp_path, bias_class=2, positions=64)
+    codes = chexbert_labels(["no effusion " * 400], CheXbertConfig(checkpoint=checkpoint, bert_dir=bert_dir))
+    assert (codes[:, :13] == 2).all()
 
 
 def test_chexbert_metric_through_cli(tmp_path: Path) -> None:

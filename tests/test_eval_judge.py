@@ -419,6 +419,20 @@ def test_a_refused_request_shows_the_server_message_and_suggests_no_rerun(fake_j
     assert "padding " * 30 not in result.stdout
 
 
+def test_a_server_message_quoting_the_report_stays_off_stderr_and_the_results(fake_judge: FakeJudge,
+                                                                                tmp_path: Path) -> None:
+    """A validation error echoing its input put the candidate report on stderr ("HTTP 401: invalid input:
+    Candidate Findings: ...")."""
+    fake_judge.default = lambda c: ("status", 401, {}, {"error": {"message": f"invalid input: {c}"}})
+    preds = _write(tmp_path / "p.jsonl", ["Right lower lobe consolidation.", "Small left effusion."])
+    result = _eval_cli([
+        "eval", "--predictions", str(preds), "--metrics", "chexprompt", "--endpoint", fake_judge.url + "/v1",
+        "--judge-model", "judge-test", "--judge-prompt", "radtrt", "--judge-cache", str(tmp_path / "c.sqlite"),
+        "--requests-per-minute", "0", "--timeout", "2", "--no-progress", "-o", str(tmp_path / "r.json")])
+    assert result.exit_code == 2 and "HTTP 401: its message quotes the request" in result.stderr
+    assert "consolidation" not in result.stderr + result.stdout and "effusion" not in result.stderr + result.stdout
+
+
 def test_failures_are_counted_by_status_and_bodies_without_a_message_are_not_shown() -> None:
     """The server's message made each failure a tally row of its own ('try again in 600ms', '... in 1.2s'), and a
     body without a message (a validation error listing the request's fields) was shown whole, report text and all."""
@@ -440,6 +454,13 @@ def test_failures_are_counted_by_status_and_bodies_without_a_message_are_not_sho
     for page in ("<html><body>400 Bad Request: Small left effusion.</body></html>", "Small left effusion."):
         assert server_message(SimpleNamespace(body=page)) is None  # type: ignore[arg-type]  # not JSON: not shown
     assert server_message(SimpleNamespace(body={"message": "max_tokens is not supported"})) == (  # type: ignore[arg-type]
+        "max_tokens is not supported")
+    # a message that repeats what was sent (FastAPI's 422 and proxies quote their input) is not shown either
+    sent = 'Reference Findings: """Small left effusion.""" Candidate Findings: """Right lower lobe consolidation."""'
+    quoting = SimpleNamespace(body={"message": 'invalid input: Candidate Findings: """Right lower lobe consol'})
+    assert server_message(quoting, sent) == "its message quotes the request, which holds report text: not shown"  # type: ignore[arg-type]
+    assert server_message(quoting) is not None  # type: ignore[arg-type]  # nothing sent to compare with
+    assert server_message(SimpleNamespace(body={"message": "max_tokens is not supported"}), sent) == (  # type: ignore[arg-type]
         "max_tokens is not supported")
 
 

@@ -145,7 +145,8 @@ class ChatClient:
                          "; give the final URL as --endpoint")
                 if not retryable_status(e.code):
                     hint = " (check the API key)" if e.code in (401, 403) else ""
-                    message = self._server_message(e)
+                    sent = " ".join(str(m.get("content", "")) for m in payload["messages"])  # what it may quote
+                    message = self._server_message(e, sent)
                     fail(f"chat endpoint refused the request: HTTP {e.code}" + (f": {message}" if message else "")
                          + hint)
                 problem, retry_after = f"HTTP {e.code}", retry_after_seconds(e.headers)
@@ -171,7 +172,7 @@ class ChatClient:
         except (ValueError, RecursionError):  # JSONDecodeError, a number of 4300+ digits, nesting too deep
             fail("chat endpoint answered with something that is not JSON")
 
-    def _server_message(self, error: urllib.error.HTTPError) -> str | None:
+    def _server_message(self, error: urllib.error.HTTPError, sent: str) -> str | None:
         """The server's error message in a refusal's body, read as the judge's client reads it: a 400 said only
         "HTTP 400", hiding the reason (a parameter the model does not take)."""
         try:
@@ -185,7 +186,7 @@ class ChatClient:
             return None
         if isinstance(body, dict):
             body = body.get("error", body)
-        return error_message(body, (self.api_key,))
+        return error_message(body, (self.api_key,), sent)
 
     @staticmethod
     def _parse(answer: dict[str, Any]) -> str:

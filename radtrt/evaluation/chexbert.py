@@ -81,13 +81,14 @@ def build_labeler(bert_config: transformers.BertConfig) -> torch.nn.Module:
     return CheXbertLabeler()
 
 
-def _encode(tokenizer: object, report: str) -> list[int]:
-    """The released tokenization: whitespace-normalized text, WordPiece, [CLS] ... [SEP], cut at 512."""
+def _encode(tokenizer: object, report: str, limit: int = MAX_TOKENS) -> list[int]:
+    """The released tokenization: whitespace-normalized text, WordPiece, [CLS] ... [SEP], cut at 512, or at the
+    BERT's own position count where it has fewer (a longer report was a RuntimeError traceback)."""
     text = re.sub(r"\s+", " ", report.strip().replace("\n", " "))
     tokens = tokenizer.tokenize(text)  # type: ignore[attr-defined]
     ids = [tokenizer.cls_token_id, *tokenizer.convert_tokens_to_ids(tokens), tokenizer.sep_token_id]  # type: ignore[attr-defined]
-    if len(ids) > MAX_TOKENS:
-        ids = ids[:MAX_TOKENS - 1] + [tokenizer.sep_token_id]  # type: ignore[attr-defined]
+    if len(ids) > limit:
+        ids = ids[:limit - 1] + [tokenizer.sep_token_id]  # type: ignore[attr-defined]
     return ids
 
 
@@ -201,7 +202,8 @@ def chexbert_labels(reports: Sequence[str], cfg: CheXbertConfig) -> np.ndarray:
     import torch
 
     model, tokenizer = load(cfg)
-    encoded = [_encode(tokenizer, r) for r in reports]
+    limit = min(MAX_TOKENS, int(model.bert.config.max_position_embeddings))
+    encoded = [_encode(tokenizer, r, limit) for r in reports]
     out = np.zeros((len(reports), len(CONDITIONS)), dtype=np.int8)
     with torch.inference_mode():
         for start in range(0, len(encoded), cfg.batch_size):

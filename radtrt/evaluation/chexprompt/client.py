@@ -84,22 +84,23 @@ def refused(exc: BaseException) -> bool:
     return isinstance(exc, openai.APIStatusError) and 400 <= exc.status_code < 500 and not is_retryable(exc)
 
 
-def server_message(exc: BaseException) -> Optional[str]:
+def server_message(exc: BaseException, sent: str = "") -> Optional[str]:
     """The error message in a failed response's body (see ``http_retry.error_message``), with the API keys of the
-    environment blanked out; None when the server sent none. Only the body is read, never the request or its
-    headers."""
+    environment blanked out, and not shown where it quotes ``sent`` (the request's text); None when the server
+    sent none. Only the body is read, never the request or its headers."""
     # the SDK's parsed body: the "error" object of a JSON one, or its text
-    return error_message(getattr(exc, "body", None), (os.environ.get(env) for env in (OPENAI_KEY_ENV, AZURE_KEY_ENV)))
+    return error_message(getattr(exc, "body", None), (os.environ.get(env) for env in (OPENAI_KEY_ENV, AZURE_KEY_ENV)),
+                         sent)
 
 
-def describe(exc: BaseException) -> str:
-    """A short, key-free description of a judge request failure."""
+def describe(exc: BaseException, sent: str = "") -> str:
+    """A short, key-free description of a judge request failure (``sent``: see ``server_message``)."""
     if isinstance(exc, openai.APITimeoutError):
         return "timeout"
     if isinstance(exc, openai.APIConnectionError):
         return "connection error"
     if isinstance(exc, openai.APIStatusError):
-        message = server_message(exc)
+        message = server_message(exc, sent)
         return f"HTTP {exc.status_code}" + (f": {message}" if message else "")
     if isinstance(exc, MalformedResponse):
         return str(exc)

@@ -105,6 +105,7 @@ class Judge:
                     i = rows[0]
                     study = pairs[i].study
                     exc = future.exception()
+                    sent = " ".join(str(m.get("content", "")) for m in pending[key][1])  # what an error may quote
                     if exc is None:
                         answer = future.result()
                         results[i] = self._parsed(study, answer, cached=False)
@@ -117,10 +118,10 @@ class Judge:
                              f"{'--azure-endpoint' if self.cfg.is_azure else '--endpoint'}")
                     elif is_fatal(exc):
                         rejected = True
-                        fail(f"the judge endpoint refused the request ({describe(exc)}): check the API key, "
+                        fail(f"the judge endpoint refused the request ({describe(exc, sent)}): check the API key, "
                              f"the model or deployment name and the endpoint URL")
                     elif isinstance(exc, Exception) and _is_request_error(exc):
-                        results[i] = Judgement(study, None, f"request failed: {describe(exc)}", None, False)
+                        results[i] = Judgement(study, None, f"request failed: {describe(exc, sent)}", None, False)
                     else:
                         raise exc
                     for other in rows[1:]:  # the same request's answer, or its failure
