@@ -433,6 +433,22 @@ def test_a_server_message_quoting_the_report_stays_off_stderr_and_the_results(fa
     assert "consolidation" not in result.stderr + result.stdout and "effusion" not in result.stderr + result.stdout
 
 
+def test_a_partly_judged_run_says_so_on_stderr(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    """Reports left unscored were counted on standard output only, with exit 0 and nothing on stderr, and nothing
+    said that a rerun would ask again for the failed requests (not for the unreadable answers)."""
+    fake_judge.default = lambda c: (("status", 500, {}, {"error": {"message": "overloaded"}}) if c == "Report B." else
+                                    ("answer", "no counts here") if c == "Report C." else ("answer", answer()))
+    preds = _write(tmp_path / "p.jsonl", ["Report A.", "Report B.", "Report C.", "Report D."])
+    result = _eval_cli([
+        "eval", "--predictions", str(preds), "--metrics", "chexprompt", "--endpoint", fake_judge.url + "/v1",
+        "--judge-model", "judge-test", "--judge-prompt", "radtrt", "--judge-cache", str(tmp_path / "c.sqlite"),
+        "--requests-per-minute", "0", "--timeout", "2", "--no-progress", "--max-attempts", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert " ".join(result.stderr.split()) == (
+        "warning: CheXprompt left 2 of 4 reports unscored (out of its means; the reasons are in the summary): rerun "
+        "the same command to ask again for the 1 whose requests failed (the answers already given are cached)")
+
+
 def test_failures_are_counted_by_status_and_bodies_without_a_message_are_not_shown() -> None:
     """The server's message made each failure a tally row of its own ('try again in 600ms', '... in 1.2s'), and a
     body without a message (a validation error listing the request's fields) was shown whole, report text and all."""

@@ -133,7 +133,7 @@ def eval_command(
         with interrupts.completing("results file", out):
             write_text(out, json.dumps(result, indent=2) + "\n", "results file")
     emit(summary, nl=False)
-    from radtrt.evaluation.chexprompt.summary import nothing_judged, refusal, unreadable_only
+    from radtrt.evaluation.chexprompt.summary import nothing_judged, refusal, unreadable_only, unscored
 
     if nothing_judged(result):
         written = f" (results written to {out})" if out is not None else ""
@@ -145,11 +145,16 @@ def eval_command(
         unreadable = unreadable_only(result)
         if unreadable is not None:  # at temperature 0 the judge gives the same answers again
             fail(f"CheXprompt scored none of the reports: none of the judge's {unreadable} answers could be read "
-                 f"(see the reasons above){written}; the judge answers at temperature 0, so a rerun gets the same "
+                 f"(see the reasons in the summary){written}; the judge answers at temperature 0, so a rerun gets the same "
                  f"answers: use a judge model that answers in the CheXprompt format (--judge-model), or the other "
                  f"prompt (--judge-prompt published or radtrt)")
         fail(f"CheXprompt scored none of the reports: no judge answer could be used (failed requests or "
-             f"unreadable answers, see the reasons above){written}; rerun the same command to ask again")
+             f"unreadable answers, see the reasons in the summary){written}; rerun the same command to ask again")
+    note = unscored(result)
+    if note is not None:
+        from radtrt.cli_support import err
+
+        err.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _check_results_path(out: Path, inputs: list[Path], judge_cache: Optional[Path]) -> None:

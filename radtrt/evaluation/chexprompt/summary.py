@@ -133,6 +133,23 @@ def unreadable_only(result: Any) -> Optional[int]:
     return sum(n for f in failures for n in f.values())
 
 
+def unscored(result: Any) -> Optional[str]:
+    """A warning for a run that scored some reports but not all (plain or paired), or None. Why: the failures were
+    counted on standard output only, and the run exited 0, so a script, or a user reading stderr, took the means
+    for those of every report; and only a failed request is worth a rerun (its answer was never cached), not an
+    unreadable answer (at temperature 0 it comes back the same) nor a refusal."""
+    summaries = _summaries(result)
+    left = sum(s["n_reports"] - s["n_scored"] for s in summaries if isinstance(s.get("n_reports"), int))
+    if left <= 0:
+        return None
+    reasons = {r: n for s in summaries for r, n in s["failures"].items()}
+    again = sum(n for r, n in reasons.items() if r.startswith("request failed") and not _refused_status(r))
+    total = sum(s["n_reports"] for s in summaries if isinstance(s.get("n_reports"), int))
+    return (f"CheXprompt left {left} of {total} reports unscored (out of its means; the reasons are in the summary)"
+            + (f": rerun the same command to ask again for the {again} whose requests failed (the answers already "
+               f"given are cached)" if again else ""))
+
+
 def _refused_status(reason: str) -> bool:
     match = _HTTP_FAILURE.match(reason)
     return match is not None and 400 <= int(match.group(1)) < 500 and not retryable_status(int(match.group(1)))
