@@ -33,6 +33,11 @@ def endpoint_problem(url: str, option: str) -> str | None:
     "rerun"."""
     if not url.startswith(("http://", "https://")):
         return f"{option} must be an http(s) URL, got '{url}'"
+    if "@" in url.split("/", 3)[2]:  # the URL is not repeated: it holds a password
+        # urllib took 'user:pw@host' for a host name and retried a DNS failure six times ("gaierror"); the SDK sent
+        # them as Basic credentials beside its own Authorization header
+        return (f"{option} holds a user name or password ('user:password@' before the host), which radtrt does not "
+                f"send: give the URL without them (the API key is read from its environment variable)")
     if _UNSENDABLE.search(url):
         return f"{option} '{url}' contains a space or control character"
     try:

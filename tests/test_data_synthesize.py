@@ -297,6 +297,9 @@ def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
     ("http://127.0.0.1:99999/v1", {}, "is not a valid URL"),
     ("http://exa mple/v1", {}, "contains a space"),  # every request failed, then "rerun to resume"
     ("http://exa%20mple/v1", {}, "invalid host name"),
+    # taken for a host name by urllib: a DNS failure retried six times, then "gaierror"; the password not repeated
+    ("http://user:s3cret@127.0.0.1:9/v1", {}, r"^--endpoint holds a user name or password \('user:password@' before "
+                                              r"the host\), which radtrt does not send: give the URL without them"),
     ("http://127.0.0.1:9/v1", {"timeout_s": -1.0}, "--timeout must be positive"),
     ("http://127.0.0.1:9/v1", {"timeout_s": float("nan")}, "--timeout must be positive"),
     # past threading.TIMEOUT_MAX: an OverflowError traceback in the socket timeout or the rate limiter's sleep
@@ -322,6 +325,18 @@ def test_invalid_url_is_never_retried() -> None:
     with pytest.raises(RadtrtError, match="is not a valid URL"):
         client.complete([{"role": "user", "content": "x"}])
     assert client.requests_made == 1 and not sleeps
+
+
+def test_a_refused_connection_is_said_in_words() -> None:
+    """"(last: URLError)" / "(last: gaierror)" named an exception class, not what went wrong."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = ChatClient(f"http://127.0.0.1:{port}/v1", "m", rate_per_s=1e9, max_retries=0)
+    with pytest.raises(RadtrtError, match=r"failed once \(last: connection refused \(nothing listens at --endpoint\?\)\)"):
+        client.complete([{"role": "user", "content": "x"}])
 
 
 @pytest.mark.parametrize("content, match", [

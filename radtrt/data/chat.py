@@ -57,6 +57,17 @@ def completions_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
 
 
+def _connection_problem(reason: object) -> str:
+    """A failed connection in words: "(last: gaierror)" said nothing of a host name that does not resolve."""
+    if isinstance(reason, socket.gaierror):
+        return "the host name does not resolve (check --endpoint)"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused (nothing listens at --endpoint?)"
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "timeout"
+    return type(reason).__name__
+
+
 @dataclass
 class ChatClient:
     endpoint: str
@@ -154,7 +165,7 @@ class ChatClient:
                 fail(f"--endpoint '{self.endpoint}' is not a valid URL ({e})")
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                     http.client.HTTPException) as e:  # HTTPException: a body cut off (IncompleteRead) and kin
-                problem = type(getattr(e, "reason", e)).__name__
+                problem = _connection_problem(getattr(e, "reason", e))
             if attempt < self.max_retries:
                 wait = retry_after if retry_after is not None else self.backoff_s * 2**attempt
                 self.sleep(min(wait, MAX_WAIT_S))  # a server's Retry-After of a day is not obeyed silently
