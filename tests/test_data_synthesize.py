@@ -16,7 +16,7 @@ from radtrt.data.chat import ChatClient
 from radtrt.data.cli import register
 from radtrt.data.labeler import extract_labels
 from radtrt.data.manifest import read_manifest
-from radtrt.data.synthesize import synthesize, template_text, parse_labels
+from radtrt.data.synthesize import REFUSAL, parse_labels, synthesize, template_text
 from radtrt.errors import RadtrtError
 
 KEY = "sk-test-SECRET-0123456789"
@@ -103,6 +103,24 @@ def test_retries_cache_and_key_handling(server: ScriptedServer, tmp_path: Path) 
     again = synthesize(tmp_path / "labels.jsonl", tmp_path / "out2.jsonl",
                        client=_client(server, tmp_path / "cache", sleeps), console=None)
     assert len(server.requests) == 5 and again.read_text() == out.read_text()
+
+
+@pytest.mark.parametrize("refusal", ["I'm sorry, but I can't help with that.", "I can\u2019t assist with this request.",
+                                     "As an AI language model, I cannot provide medical reports."])
+def test_a_refusal_is_never_written_as_findings(refusal: str, server: ScriptedServer, tmp_path: Path) -> None:
+    """A chat model's refusal was written as the row's findings with exit 0, and training took it for a report."""
+    labels = _labels_file(tmp_path / "labels.jsonl", n=3)
+    answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": refusal}}]}).encode()
+    server.script = [None, (200, {"Content-Type": "application/json"}, answer)]
+    with pytest.raises(RadtrtError, match=rf"labels.jsonl:2: the chat model declined to write findings .* the rows "
+                                          rf"before it are kept in {tmp_path / 'out.jsonl.partial'}: check --model") as e:
+        synthesize(labels, tmp_path / "out.jsonl", client=_client(server, None, []), console=None)
+    assert refusal not in str(e.value) and "Cough" not in str(e.value)
+    assert len((tmp_path / "out.jsonl.partial").read_text().splitlines()) == 1
+    assert not (tmp_path / "out.jsonl").exists()
+    # findings that merely contain such words are findings
+    assert not REFUSAL.match("No pneumothorax. I cannot exclude a small effusion.")
+    assert not REFUSAL.match("Sorrylike opacity")
 
 
 def test_resumes_after_a_failure(server: ScriptedServer, tmp_path: Path) -> None:

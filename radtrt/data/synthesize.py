@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ from radtrt.outputs import check_file_target, make_dir, resolved
 from radtrt.progress import make_progress, plain
 
 PROMPT_VERSION = 1
+# how a chat model's refusal begins ("I'm sorry, but I can't help with that."): never findings text
+REFUSAL = re.compile(r"^\W*(i['\u2019]?m sorry|i am sorry|sorry\b|i can['\u2019]?t\b|i cannot\b|i['\u2019]?m unable|"
+                     r"i am unable|i['\u2019]?m not able|as an ai\b|as a language model)", re.IGNORECASE)
 # Recorded in every row, so a manifest begun under one version is not completed under another. What each
 # version changed, for the refusal of a manifest an older radtrt began:
 LABEL_RULE_CHANGES = {
@@ -368,6 +372,12 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
                     text = templates[i]
                 else:
                     text = client.complete(llm_messages(labels, indication), temperature=temperature, seed=seed)
+                    if REFUSAL.match(text):  # written as findings, it went into training as a report; not quoted:
+                        # a refusal may repeat the indication
+                        fail(f"{labels_file}:{rows[i][0]}: the chat model declined to write findings (its answer "
+                             f"begins like a refusal), which no manifest row may hold; the rows before it are kept in "
+                             f"{target}: check --model (a chat model that writes reports), or rephrase that row's "
+                             f"indication, then run the same command again")
                 row = {**obj, "findings": text, "indication": indication, "labels": _positive_names(labels),
                        "source_labels": obj.get("labels"), "synthesis": mode}
                 if handle is None:
