@@ -123,6 +123,12 @@ def test_a_refusal_is_never_written_as_findings(refusal: str, server: ScriptedSe
     assert not REFUSAL.match("Sorrylike opacity")
 
 
+
+def test_a_missing_label_file_is_named_as_one(tmp_path: Path) -> None:
+    with pytest.raises(RadtrtError, match=f"^label file not found: {tmp_path / 'labels.jsonl'}$"):  # "manifest"
+        synthesize(tmp_path / "labels.jsonl", tmp_path / "out.jsonl", client=None, console=None)
+
+
 def test_resumes_after_a_failure(server: ScriptedServer, tmp_path: Path) -> None:
     labels = _labels_file(tmp_path / "labels.jsonl", n=5)
     server.script = [None, None, (400, {})]

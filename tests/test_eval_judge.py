@@ -310,6 +310,13 @@ def test_another_programs_database_is_not_taken_for_the_cache(tmp_path: Path) ->
     db.close()
     with pytest.raises(RadtrtError, match="is another program's SQLite database"):
         JudgeCache(views)
+    # a folder ("unable to open database file") and a text file ("file is not a database") said in words
+    with pytest.raises(RadtrtError, match=f"^--judge-cache {tmp_path} is a folder; give the judge cache's file"):
+        JudgeCache(tmp_path)
+    text = tmp_path / "predictions.jsonl"
+    text.write_text('{"study": "s", "reference": "r", "prediction": "p"}\n' * 100)
+    with pytest.raises(RadtrtError, match=r"predictions.jsonl: it is not a SQLite database \(give --judge-cache a new "):
+        JudgeCache(text)
     with JudgeCache(tmp_path / "new.sqlite") as fresh:  # a new file, and then radtrt's own, still open
         fresh.put("m", "k", "answer")
     with JudgeCache(tmp_path / "new.sqlite") as again:

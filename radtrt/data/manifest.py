@@ -58,10 +58,11 @@ def text_lines(path: Path, where: Callable[[int], str], expected: str, *,
                 yield lineno, line
 
 
-def read_jsonl(path: Path, *, complete_only: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path, *, complete_only: bool = False,
+               what: str = "manifest") -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; anything but a JSON object is refused."""
     if not path.is_file():
-        fail(f"manifest not found: {path}")
+        fail(f"{what} not found: {path}")
     for lineno, line in text_lines(path, lambda n: f"{path}:{n}", "a JSONL manifest", complete_only=complete_only):
         try:
             obj = json.loads(line)

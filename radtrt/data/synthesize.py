@@ -319,7 +319,7 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
             fail(f"{flag} {path} is the label file itself; choose another output manifest")
     if not (math.isfinite(temperature) and 0 <= temperature <= 2):
         fail(f"--temperature must be within 0-2, got {temperature}")
-    rows = list(read_jsonl(labels_file))
+    rows = list(read_jsonl(labels_file, what="label file"))
     if not rows:
         fail(f"label file {labels_file} has no rows")
     inputs = [obj for _, obj in rows]

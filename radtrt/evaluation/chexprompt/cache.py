@@ -39,6 +39,8 @@ class JudgeCache:
     """SQLite store of answers; use from one thread."""
 
     def __init__(self, path: Path) -> None:
+        if path.is_dir():  # sqlite said "unable to open database file"
+            fail(f"--judge-cache {path} is a folder; give the judge cache's file (a new one, or a radtrt judge cache)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # a second eval sharing the default cache waits for the other's write instead of failing
@@ -56,7 +58,11 @@ class JudgeCache:
             self._db.commit()
         except sqlite3.Error as e:  # not a cache of this schema (another SQLite file, say): closed, not leaked
             self._db.close()
-            fail(f"cannot open the judge cache {path}: {e}")
+            # the predictions file given as the cache, say: "file is not a database" (the code from Python 3.11)
+            notadb = getattr(e, "sqlite_errorcode", None) == getattr(sqlite3, "SQLITE_NOTADB", 26)
+            what = (": it is not a SQLite database (give --judge-cache a new file or a radtrt judge cache)" if notadb
+                    else f": {e}")
+            fail(f"cannot open the judge cache {path}{what}")
         self.path = path
 
     def get(self, model: str, key: str) -> Optional[str]:
