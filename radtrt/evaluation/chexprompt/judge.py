@@ -152,7 +152,8 @@ class Judge:
                 running = sum(f.running() for f in futures)
                 if running:  # after a refusal (a rejected key) they will be refused too: no answers to promise
                     progress.console.print(f"stopping: waiting for {running} judge request(s) in flight" +
-                                           ("" if rejected else "; the answers that can be read are cached"), highlight=False)
+                                           ("" if rejected else "; the answers that can be read are cached"),
+                                           highlight=False)
                 self._stop(pool, futures, results, pairs)
                 raise
         return [results[i] for i in range(len(pairs))]
