@@ -272,3 +272,24 @@ def test_predictions_out_is_replaced_as_a_set(tmp_path: Path) -> None:
         write_paired_predictions(dataclasses.replace(earlier, command="radtrt bench parity --synthetic 1",
                                                      studies=[CutShort()]), folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the earlier set, whole; no temporaries
+
+
+def test_each_manifest_row_is_prompted_with_its_own_indication(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    """bench parity prompted every study with --indication alone (none by default), while the INT8 export's gate
+    prompts each held-out row with its own: one bundle read 100% identical at export and 50% in bench parity."""
+    from types import SimpleNamespace
+
+    import radtrt.benchmarks.parity as module
+    import radtrt.imaging.study as study_module
+    from radtrt.calibration.samples import Entry
+
+    asked: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(study_module, "load_study", lambda path: SimpleNamespace(pixels_u8=path.name))
+    monkeypatch.setattr(module, "run_one", lambda pipeline, pixels, *, indication, max_new_tokens:
+                        asked.append((pixels, indication)))
+    monkeypatch.setattr(module, "compare", lambda name, got, ref, truth, findings: name)
+    side = SimpleNamespace(cfg=SimpleNamespace(preprocessing=lambda pixels: pixels))
+    entries = [Entry(tmp_path / "a.png", indication="Cough."), Entry(tmp_path / "b.png")]
+    module.measure_parity(side, side, entries, indication="Fever.", max_new_tokens=4)  # type: ignore[arg-type]
+    assert asked == [("a.png", "Cough."), ("a.png", "Cough."), ("b.png", "Fever."), ("b.png", "Fever.")]

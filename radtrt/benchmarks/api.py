@@ -20,7 +20,7 @@ from radtrt.benchmarks.machine import (
     peak_rss_mb,
     reset_peak_rss,
 )
-from radtrt.benchmarks.parity import ParityReport, measure_parity, study_names
+from radtrt.benchmarks.parity import ParityReport, measure_parity, study_indication, study_names
 from radtrt.benchmarks.sides import open_sides
 from radtrt.errors import fail
 from radtrt.threads import check_threads
@@ -119,8 +119,10 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
                           ort_provider=ort_provider, threads=threads, ort_spin=ort_spin, trt_decoder=trt_decoder)
+    asked = dict.fromkeys(study_indication(e, indication) for e in entries)  # each prompt, checked once
     for side in (got, ref):  # parity compares logits: refused now, not after the first study
-        side.pipeline.check_fits(indication, max_new_tokens)
+        for one in asked:
+            side.pipeline.check_fits(one, max_new_tokens)
         if not getattr(side.pipeline.backend, "keeps_logits", True):
             fail(f"{side.name}: its TensorRT-LLM engine was built without generation logits, which parity compares; "
                  f"'radtrt bench latency' times it, and 'radtrt export --bundle B --model M --target trtllm "

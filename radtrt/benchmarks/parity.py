@@ -266,6 +266,13 @@ def study_names(paths: list[Path]) -> list[str]:
     return [names[os.path.abspath(p)] for p in paths]
 
 
+def study_indication(entry: Entry, indication: str | None) -> str | None:
+    """A manifest row's own indication, else ``--indication``: the INT8 export's parity gate prompts each held-out
+    study with its row's, and parity ignoring it measured other prompts (the gate's "100% identical" read 50% here,
+    on the same bundle and studies)."""
+    return entry.indication if entry.indication is not None else indication
+
+
 def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry], *, indication: str | None,
                    max_new_tokens: int, on_step: Callable[[str], None] | None = None) -> list[StudyParity]:
     from radtrt.imaging.study import load_study
@@ -281,8 +288,9 @@ def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry],
             on_step(f"study {i}/{len(studies)}: {name}")
         image = load_study(study)
         pixels = cfg.preprocessing(image.pixels_u8)
-        got = run_one(backend, pixels, indication=indication, max_new_tokens=max_new_tokens)
-        ref = run_one(reference, pixels, indication=indication, max_new_tokens=max_new_tokens)
+        asked = study_indication(entry, indication)
+        got = run_one(backend, pixels, indication=asked, max_new_tokens=max_new_tokens)
+        ref = run_one(reference, pixels, indication=asked, max_new_tokens=max_new_tokens)
         truth = list(entry.labels) if entry.labels is not None else None
         results.append(compare(name, got, ref, truth, entry.findings))
     return results
