@@ -73,6 +73,22 @@ def test_stats_are_collected_on_prompt_image_and_findings(loaded: LoadedModel, c
     assert bool((calib.file.decoder.inputs["model.layers.0.self_attn.q_proj"] >= first.abs().amax((0, 1)) - 1e-6).all())
 
 
+def test_an_export_from_a_calibration_file_checks_its_held_out_studies_first(loaded: LoadedModel, phantoms: Path,
+                                                                            tmp_path: Path) -> None:
+    """With the folder given, the gate's held-out studies are checked before the model loads; with a calibration file
+    made from it, a broken one failed the export only after calibration and quantization (minutes at 7B)."""
+    from radtrt.exporter.onnx_int8 import Int8Plan
+
+    data = Path(shutil.copytree(phantoms.parent, tmp_path / "set")) / phantoms.name
+    path = calibrate(loaded, data, 3).file.save(tmp_path / "calib.safetensors")
+    Int8Plan(calibration_data=str(path), parity_samples=1).check_ready()
+    held_out = json.loads(data.read_text().splitlines()[3])["image"]
+    (data.parent / held_out).write_bytes(b"not an image")
+    with pytest.raises(RadtrtError, match="not a DICOM file"):
+        Int8Plan(calibration_data=str(path), parity_samples=1).check_ready()
+    Int8Plan(calibration_data=str(path), parity_samples=0).check_ready()  # no gate, nothing of it read
+
+
 def test_file_round_trip_and_activation_stats_compatibility(calib, tmp_path: Path) -> None:
     path = calib.file.save(tmp_path / "calib.safetensors")
     back = CalibrationFile.load(path)

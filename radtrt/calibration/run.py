@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from radtrt.calibration.file import CALIBRATION_FORMAT, CalibrationFile, build_meta, read_metadata
-from radtrt.calibration.samples import Sample, SampleSet, count_samples, load_samples
+from radtrt.calibration.samples import Sample, SampleSet, count_samples, load_samples, source_entries
 from radtrt.calibration.stats import collect_stats
 from radtrt.errors import fail
 from radtrt.model.loading import LoadedModel
@@ -158,14 +158,13 @@ def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,
     note = ""
     kind = source.get("kind")
     # The line goes into the bundle's manifest, so it names the kind of source, never its path (folders name patients).
-    data = Path(source["path"]) if kind in ("manifest", "folder") and "path" in source else None
+    data, used = _heldout_source(calibration.file)
     if kind in ("manifest", "folder") and data is None:
         note = f"; this calibration file does not name its {kind} (a bundle's copy)"
     elif data is not None and not data.exists():
         # a reused calibration file needs no images (``reuse``): the gate then runs on phantoms, and says why
         note = f"; the calibration {kind} is not on this machine"
     elif data is not None:
-        used = int(source.get("skip", 0)) + int(source.get("n", calibration.file.n))
         found = _unseen(data, k, used, calibrated, _preparer(loaded))
         if len(found) == k:
             return found, f"{k} held-out samples of the calibration {kind} (after the {used} calibration ones)"
@@ -179,6 +178,28 @@ def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,
             fail(f"the held-out phantoms (seed {seed}) repeat images of the calibration set; calibrate with "
                  f"another --seed")
         return found, f"{k} held-out synthetic phantoms (seed {seed}){note}"
+
+
+def _heldout_source(file: CalibrationFile) -> tuple[Path | None, int]:
+    """(the folder or manifest a calibration file was made from, where it names one; how many of its samples the
+    calibration read): the parity gate's held-out studies are the ones after those."""
+    source = file.meta["source"]
+    if source.get("kind") not in ("manifest", "folder") or "path" not in source:
+        return None, 0
+    return Path(source["path"]), int(source.get("skip", 0)) + int(source.get("n", file.n))
+
+
+def check_heldout(file: CalibrationFile, k: int) -> None:
+    """Before the model loads (minutes at 7B), for an export given a calibration file: the ``k`` studies after the
+    calibrated ones in its folder or manifest, which the parity gate reads where present, pass what reading checks,
+    as ``check_samples`` checks them for an export given the folder itself (a lateral-only study there failed the
+    export after calibration and quantization)."""
+    from radtrt.imaging.study import screen_study
+
+    data, used = _heldout_source(file)
+    if k and data is not None and data.exists():
+        for entry in source_entries(data)[1][used:used + k]:
+            screen_study(entry.study)
 
 
 def _unseen(data: Path, k: int, skip: int, calibrated: set[str], prepare: Any) -> list[Sample]:

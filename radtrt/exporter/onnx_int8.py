@@ -85,6 +85,11 @@ class Int8Plan:
             fail(f"calibration data not found: {self.calibration_data}")
         if not (data.is_file() and data.suffix == ".safetensors"):  # a calibration file is checked when it loads
             check_samples(data, self.n, held_out=self.parity_samples)
+        elif self.parity_samples:  # its held-out studies, as check_samples checks a folder's
+            from radtrt.calibration.file import CalibrationFile
+            from radtrt.calibration.run import check_heldout
+
+            check_heldout(CalibrationFile.load(data), self.parity_samples)
 
 
 @dataclass
