@@ -966,6 +966,10 @@ def test_bundle_version_and_missing_file_messages_give_the_remedy(tmp_path: Path
     (bundle / "tokenizer.model").unlink()
     with pytest.raises(RadtrtError, match=f"bundle {bundle} is missing tokenizer.model: re-export the bundle$"):
         read_manifest(bundle)
+    (bundle / "tokenizer.model").symlink_to("/dev/zero")  # read as missing
+    with pytest.raises(RadtrtError, match=f"bundle file {bundle / 'tokenizer.model'} is not a regular file"):
+        read_manifest(bundle)
+    (bundle / "tokenizer.model").unlink()
     path.write_text(json.dumps({**manifest, "format_version": BUNDLE_FORMAT_VERSION + 1}))
     with pytest.raises(RadtrtError, match=r"has format version 2 .*: upgrade radtrt or re-export it with this one$"):
         read_manifest(bundle, verify=False)

@@ -260,8 +260,9 @@ def read_manifest(bundle: Path, *, verify: bool = True) -> dict[str, Any]:
                  remedy=REEXPORT)
         for name, meta in manifest["files"].items():
             f = bundle / name
-            if not f.is_file():
-                fail(f"bundle {bundle} is missing {name}", remedy=REEXPORT)
+            if not f.is_file():  # a device or a folder there (a link to /dev/zero, say) was called missing
+                fail(f"bundle {bundle} is missing {name}" if not f.exists() else
+                     f"bundle file {f} is not a regular file (a device, a folder, or a link to one)", remedy=REEXPORT)
             if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
                 fail(f"bundle file {f} does not match its manifest hash (corrupt or modified)", remedy=REEXPORT)
     if (bundle / MODEL_CONFIG).is_file():  # hashed above; the manifest itself is not, so it is checked against it
