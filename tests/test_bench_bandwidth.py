@@ -87,6 +87,29 @@ def test_gemv_probe_reports_its_method() -> None:
     assert set(bw.probes) == {"torch.mv fp32", "numpy.matmul fp32"} and bw.gb_per_s == max(bw.probes.values())
 
 
+def test_the_probes_blas_runs_on_the_threads_the_backends_were_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --threads 1, numpy's BLAS still read on every core: the floor was ~40% above one thread's, and labelled
+    "1 threads"."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    seen: list[int] = []
+    matmul = np.matmul
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(np, "matmul", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bw = measure_gemv_bandwidth(matrix_bytes=1 << 20, repeats=1, decoder=preset("tiny").decoder)
+    finally:
+        torch.set_num_threads(before)
+    assert bw.threads == 1 and seen and set(seen) == {1}
+
+
 def test_decoder_matrix_shapes_follow_the_config() -> None:
     from radtrt.benchmarks.bandwidth import decoder_matrix_shapes
 

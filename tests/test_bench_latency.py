@@ -137,6 +137,10 @@ def test_single_backend_has_no_ratios_and_passes_without_a_decode_step_are_left_
     assert report.backends[0].stages["decode_per_token"].median == 10.0
     md = latency_markdown(report)
     assert " / " not in md.split("| median |")[1].splitlines()[0]
+    # said: 'generated tokens 0' beside a tokens/s read as if every pass had decoded
+    assert "- onnxruntime: decode per token (and tokens/s) over 1 of its 2 passes: the others ended at EOS" in md
+    # one side without warmup: the cold first pass is half the samples, and nothing said so
+    assert "**Warning: --warmup 0.** The first measured pass pays one-time costs" in md
     with pytest.raises(RadtrtError, match="decoded no second token for any study"):
         _report(infos=[_info("onnxruntime")], samples=samples[:1])
     with pytest.raises(RadtrtError, match="needs --max-new-tokens 2 or more"):
@@ -175,6 +179,20 @@ def test_markdown_has_command_tables_and_ratios() -> None:
     assert "Test CPU" in md and "Peak RSS" in md
     assert "own matrix shapes" not in md  # no shaped probe ran
     assert "| resident memory added by loading (MiB) | 900 | 900 |" in md
+
+
+def test_sub_millisecond_times_keep_their_digits_and_a_cached_decoder_is_not_said_to_beat_the_floor() -> None:
+    """'decode per token 0.2' beside '4,975 tokens/s' (and a tiny model's '0.0'); '117% of the floor' under 'tokens/s
+    cannot exceed' it, for a decoder that stays in the caches."""
+    from radtrt.benchmarks.markdown import _ms
+
+    assert (_ms(0.2325), _ms(0.04), _ms(9.996), _ms(12.34), _ms(1234.5), _ms(None)) == (
+        "0.233", "0.04", "10", "12.3", "1,234.5", "n/a")
+    fast = [dataclasses.replace(s, timings_ms={**s.timings_ms, "decode_per_token": 0.2325}) for s in _samples()]
+    md = latency_markdown(_report(samples=fast, infos=[_info("onnxruntime", 7_871_232), _info("torch", 7_871_232)]))
+    assert "| decode per token (ms) | 0.233 | 0.233 | 1.000 |" in md
+    assert "Above 100%: these 7.9 MB of weights stay in the CPU's caches" in md
+    assert "Above 100%" not in latency_markdown(_report())  # 40% of the floor
 
 
 def test_resident_memory_that_fell_while_loading_is_not_a_negative_addition() -> None:

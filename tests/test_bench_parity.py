@@ -30,6 +30,9 @@ def test_cosine() -> None:
     assert cosine(x, -x) == pytest.approx(-1.0)
     assert cosine(x, 3 * x) == pytest.approx(1.0)
     assert cosine(torch.zeros(3), torch.zeros(3)) == 1.0 and cosine(torch.zeros(3), torch.ones(3)) == 0.0
+    # never past +-1 by rounding: identical tensors read 1.0000000000000004
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))  # unclamped: 1.0000000000000007
+    assert cosine(w, w) == 1.0 and cosine(w, -w) == -1.0
     with pytest.raises(RadtrtError):
         cosine(torch.ones(3), torch.ones(4))
 
@@ -153,6 +156,11 @@ def test_one_study_gives_no_label_f1_drop_interval() -> None:
     md = parity_markdown(one)
     assert "| 0.000 / 1.000 / 1.000 (n/a: one study gives no interval) |" in md and "to 1.000)" not in md
     assert "label micro-F1 within 0.02 of the reference: NOT MET (one study: too few to tell)" in md
+    # a pass on one study is no surer: "met" with no interval, and identical reports "met" at 21% to 100%
+    same = ParityReport(command="c", model="m", backend="onnxruntime", reference="torch", precision="int8 vs fp32",
+                        max_new_tokens=8, machine=MACHINE, studies=[compare("a", ref, ref, ["cardiomegaly"])])
+    assert ("identical reports >= 80%: met (its 95% interval reaches past the target: too few studies to confirm); "
+            "label micro-F1 within 0.02 of the reference: met (one study: too few to confirm)") in parity_markdown(same)
 
 
 def test_many_studies_list_only_the_divergences() -> None:

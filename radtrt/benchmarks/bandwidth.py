@@ -113,16 +113,20 @@ def measure_gemv_bandwidth(matrix_bytes: int = DEFAULT_MATRIX_BYTES, repeats: in
     faster one is the host's attainable rate (libraries differ by up to ~30% on the same host). With
     ``decoder``, also ``measure_shaped_gemv`` for it."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     if matrix_bytes < 1 << 20 or repeats < 1:
         fail("the bandwidth probe needs at least 1 MiB and one repeat")
-    results, nbytes = _stream_probes(matrix_bytes, repeats)  # its matrix is freed before the shaped probe
+    threads = torch.get_num_threads()  # what --threads set for the backends
+    # numpy's BLAS has its own pool: with --threads 1 it read on both cores, a floor ~40% above one thread's
+    with threadpool_limits(limits=threads, user_api="blas"):
+        results, nbytes = _stream_probes(matrix_bytes, repeats)  # its matrix is freed before the shaped probe
+        shaped, shaped_bytes = measure_shaped_gemv(decoder, matrix_bytes) if decoder is not None else (None, None)
     probes = {name: nbytes / times[0] / 1e9 for name, times in results.items()}
     method = max(probes, key=probes.__getitem__)
     times = results[method]
-    shaped, shaped_bytes = measure_shaped_gemv(decoder, matrix_bytes) if decoder is not None else (None, None)
     return Bandwidth(gb_per_s=probes[method], matrix_bytes=nbytes, best_ms=times[0] * 1e3,
-                     median_ms=times[len(times) // 2] * 1e3, repeats=repeats, threads=torch.get_num_threads(),
+                     median_ms=times[len(times) // 2] * 1e3, repeats=repeats, threads=threads,
                      method=method, probes=probes, shaped_gb_per_s=shaped, shaped_bytes=shaped_bytes)
 
 

@@ -20,6 +20,14 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def _ms(value: float | None) -> str:
+    """A time in ms with the digits it needs: below 10 ms, three significant ones (a 0.23 ms decode step read "0.2"
+    beside its 4,975 tokens/s, and a tiny model's 0.04 ms "0.0")."""
+    if value is None or abs(value) >= 10:
+        return _num(value)
+    return f"{value:.3g}"
+
+
 def _rss_added(mb: float | None) -> str:
     """Loading can end with less resident memory than it began with (the allocator returned freed pages), and
     "-40 MiB added" read as a measuring error; say what happened instead."""
@@ -69,7 +77,7 @@ def latency_markdown(report: LatencyReport) -> str:
         bw = report.bandwidth
         probes = "; probes GB/s: " + ", ".join(f"{n} {gb:.1f}" for n, gb in bw.probes.items()) if bw.probes else ""
         lines.append(f"- Matrix-vector bandwidth: {bw.gb_per_s:.1f} GB/s ({bw.method} over {_mib(bw.matrix_bytes)}, "
-                     f"best of {bw.repeats}, {bw.threads} threads{probes})")
+                     f"best of {bw.repeats}, {bw.threads} thread{'' if bw.threads == 1 else 's'}{probes})")
         if bw.shaped_gb_per_s is not None and bw.shaped_bytes is not None:
             lines.append(f"- numpy's GEMV over this decoder's own matrix shapes (one layer's q/k/v/o/gate/up/down "
                          f"repeated + lm_head, {_mib(bw.shaped_bytes)} per pass): {bw.shaped_gb_per_s:.1f} GB/s")
@@ -79,6 +87,13 @@ def latency_markdown(report: LatencyReport) -> str:
         if s.warmup == 0:
             lines.append("- **Warning: --warmup 0.** Each side's first measured pass pays one-time costs (thread pools, "
                          "allocations, caches), so ratios from this run are biased; use --warmup 1 or more")
+    for b in report.backends:  # a study that ends at EOS at once has no decode step to time
+        if "decode_per_token" in b.stages and b.stages["decode_per_token"].n < b.stages["end_to_end"].n:
+            lines.append(f"- {b.info.name}: decode per token (and tokens/s) over {b.stages['decode_per_token'].n} of "
+                         f"its {b.stages['end_to_end'].n} passes: the others ended at EOS with no decode step")
+    if len(names) == 1 and s.warmup == 0:
+        lines.append("- **Warning: --warmup 0.** The first measured pass pays one-time costs (thread pools, "
+                     "allocations, caches), which the minimum and the median may show; use --warmup 1 or more")
     gpu = f"; GPU peak (torch) {_num(report.gpu_peak_memory_mb, 0)} MiB" if report.gpu_peak_memory_mb else ""
     lines += [f"- Peak RSS of the process (all backends together; {report.peak_rss_scope}): "
               f"{report.peak_rss_mb:,.0f} MiB{gpu}", ""]
@@ -101,6 +116,10 @@ def latency_markdown(report: LatencyReport) -> str:
             lines.append(f"- {b.info.name}: {_mb(f.weight_bytes)} per token -> floor "
                          f"{_num(f.floor_tokens_per_s)} tokens/s; achieved {_num(f.achieved_tokens_per_s)} tokens/s "
                          f"= {_pct(f.achieved_fraction)} of the floor{kv}{shaped}")
+            if f.achieved_fraction is not None and f.achieved_fraction > 1:  # "cannot exceed", exceeded
+                lines.append(f"  - Above 100%: these {_mb(f.weight_bytes)} of weights stay in the CPU's caches from "
+                             f"one step to the next, which the probe's {_mib(report.bandwidth.matrix_bytes)} matrix "
+                             f"cannot; the floor bounds decoders larger than the caches, not this one")
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +142,7 @@ def _medians_table(report: LatencyReport) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
 
     for stage in report.stage_names:
-        row(f"{STAGE_LABELS[stage]} (ms)", [_num(b.stages[stage].median) for b in backends], ratios.get(stage))
+        row(f"{STAGE_LABELS[stage]} (ms)", [_ms(b.stages[stage].median) for b in backends], ratios.get(stage))
     if any(b.tokens_per_s for b in backends):
         row("decode tokens/s", [_num(b.tokens_per_s.median if b.tokens_per_s else None) for b in backends],
             ratios.get("tokens_per_s"))
@@ -148,10 +167,10 @@ def _distribution_table(report: LatencyReport) -> list[str]:
     for b in report.backends:
         for stage in report.stage_names:
             v = b.stages[stage]
-            p90 = _num(v.p90) if v.n >= MIN_SAMPLES_P90 else "n/a"
-            p95 = _num(v.p95) if v.n >= MIN_SAMPLES_P95 else "n/a"
-            lines.append(f"| {b.info.name} | {stage} | {v.n} | {_num(v.min)} | {_num(v.median)} | {p90} | {p95} | "
-                         f"{_num(v.max)} |")
+            p90 = _ms(v.p90) if v.n >= MIN_SAMPLES_P90 else "n/a"
+            p95 = _ms(v.p95) if v.n >= MIN_SAMPLES_P95 else "n/a"
+            lines.append(f"| {b.info.name} | {stage} | {v.n} | {_ms(v.min)} | {_ms(v.median)} | {p90} | {p95} | "
+                         f"{_ms(v.max)} |")
     return lines
 
 
@@ -181,7 +200,18 @@ def int8_targets(s: dict[str, Any]) -> str:
         return (" (its 95% interval reaches the target: too few studies to tell)" if metric and undecided(s, metric)
                 else "")
 
-    return "; ".join(f"{name}: " + ("met" if ok else "NOT MET" + too_few(metric)) for name, ok, metric in checks)
+    def unconfirmed(metric: str | None) -> str:
+        """A pass is no surer than a miss: 'met' on one study (interval 21% to 100%) read as settled."""
+        if metric is None:
+            return ""
+        if s[f"{metric}_ci"] is None:
+            return " (one study: too few to confirm)"
+        low, high = s[f"{metric}_ci"]
+        missed = low < MIN_EXACT_MATCH if metric == "exact_match_rate" else high > MAX_LABEL_F1_DROP
+        return " (its 95% interval reaches past the target: too few studies to confirm)" if missed else ""
+
+    return "; ".join(f"{name}: " + ("met" + unconfirmed(metric) if ok else "NOT MET" + too_few(metric))
+                     for name, ok, metric in checks)
 
 
 def drop_interval_text(s: dict[str, Any]) -> str:

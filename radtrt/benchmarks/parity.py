@@ -54,7 +54,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     denom = float(a64.norm() * b64.norm())
     if denom == 0.0:  # an all-zero embedding: only another all-zero one is "the same direction"
         return 1.0 if torch.equal(a64, b64) else 0.0
-    return float(a64 @ b64) / denom
+    # rounding put identical embeddings at 1.0000000000000004, printed as "1 - min = -4.4e-16"
+    return min(1.0, max(-1.0, float(a64 @ b64) / denom))
 
 
 def rouge_l(prediction: str, reference: str) -> float:
