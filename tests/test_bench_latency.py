@@ -161,6 +161,11 @@ def test_vision_only_report_has_vision_stages_only() -> None:
     md = latency_markdown(report)
     assert "| vision (ViT + projector) (ms) | 1,820.0 | 1,930.0 | 0.943 |" in md
     assert "prefill" not in md and "bandwidth floor" not in md
+    # no prompt or decoder ran: the JSON recorded the default 64 new tokens and a prompt length as if one had
+    data = report.to_json()
+    assert data["prompt_tokens"] is None and data["settings"]["max_new_tokens"] is None
+    named = _report(study_names=["a/frontal.dcm"])  # the samples' study indices, named
+    assert named.to_json()["study_names"] == ["a/frontal.dcm"] and named.to_json()["prompt_tokens"] == 1430
 
 
 def test_markdown_has_command_tables_and_ratios() -> None:

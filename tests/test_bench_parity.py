@@ -81,6 +81,8 @@ def test_compare_identical_and_divergent() -> None:
     other = compare("s2", _outcome([5, 9], [0.1, 2.5, 2.9], e + 0.01, "the lungs are very clear"), ref)
     assert not other.tokens_equal and other.first_divergence == 1
     assert other.new_tokens == 2 and other.reference_new_tokens == 3
+    # the ids the divergence was read from are kept (the JSON had none: the report could not be checked)
+    assert (other.token_ids, other.reference_token_ids) == ([5, 9], [5, 6, 7])
     assert other.first_logits_max_abs_diff == pytest.approx(4.9) and not other.first_argmax_equal
     assert other.reference_first_logits_max_abs == pytest.approx(3.0)
     assert other.vision_max_abs_diff == pytest.approx(0.01, abs=1e-6) and other.vision_cosine < 1.0

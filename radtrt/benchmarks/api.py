@@ -82,6 +82,7 @@ def run_latency(*, bundle: Path | None = None, model: Path | None = None, base_m
     machine.torch_threads = _torch_threads()
     return build_report(command=command, model=assets.label, settings=settings, machine=machine,
                         infos=[BackendInfo.of(s) for s in sides], samples=samples, n_studies=len(paths),
+                        study_names=study_names(paths),
                         prompt_tokens=prompt_tokens, image_tokens=pipeline.cfg.num_image_tokens,
                         bandwidth=bandwidth, peak_rss_mb=peak, gpu_peak_memory_mb=gpu_peak_memory_mb(),
                         peak_rss_scope=(PEAK_WHOLE_PROCESS if not scoped else

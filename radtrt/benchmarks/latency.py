@@ -160,6 +160,7 @@ class LatencyReport:
     gpu_peak_memory_mb: float | None
     peak_rss_scope: str = PEAK_WHOLE_PROCESS  # what the peak covers (``radtrt.benchmarks.machine``)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    study_names: list[str] = field(default_factory=list)  # what each sample's ``study`` index names
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -176,9 +177,12 @@ class LatencyReport:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        vision = self.settings.stages == "vision"  # no prompt or decoder ran: none is recorded as if it had
+        settings = asdict(self.settings) | ({"max_new_tokens": None, "indication": None} if vision else {})
         return {"kind": "latency", "command": self.command, "created": self.created, "model": self.model,
-                "settings": asdict(self.settings), "machine": self.machine.to_json(), "studies": self.n_studies,
-                "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
+                "settings": settings, "machine": self.machine.to_json(), "studies": self.n_studies,
+                "study_names": self.study_names,
+                "prompt_tokens": None if vision else self.prompt_tokens, "image_tokens": self.image_tokens,
                 "bandwidth": self.bandwidth.to_json() if self.bandwidth else None,
                 "peak_rss_mb": round(self.peak_rss_mb, 1), "peak_rss_scope": self.peak_rss_scope,
                 "gpu_peak_memory_mb": self.gpu_peak_memory_mb,
@@ -216,8 +220,9 @@ def summarize_backend(info: BackendInfo, samples: list[Sample], stages: tuple[st
 def build_report(*, command: str, model: str, settings: LatencySettings, machine: MachineInfo,
                  infos: list[BackendInfo], samples: list[Sample], n_studies: int, prompt_tokens: int,
                  image_tokens: int, bandwidth: Bandwidth | None, peak_rss_mb: float,
-                 gpu_peak_memory_mb: float | None = None, peak_rss_scope: str = PEAK_WHOLE_PROCESS) -> LatencyReport:
+                 gpu_peak_memory_mb: float | None = None, peak_rss_scope: str = PEAK_WHOLE_PROCESS,
+                 study_names: list[str] | None = None) -> LatencyReport:
     stages = STAGE_MODES[settings.stages]
     backends = [summarize_backend(info, samples, stages, prompt_tokens, bandwidth) for info in infos]
     return LatencyReport(command, model, settings, machine, n_studies, prompt_tokens, image_tokens, backends,
-                         bandwidth, peak_rss_mb, gpu_peak_memory_mb, peak_rss_scope)
+                         bandwidth, peak_rss_mb, gpu_peak_memory_mb, peak_rss_scope, study_names=study_names or [])

@@ -148,7 +148,7 @@ def _medians_table(report: LatencyReport) -> list[str]:
             ratios.get("tokens_per_s"))
         row("generated tokens", [_num(b.new_tokens.median if b.new_tokens else None, 0) for b in backends])
     if any(b.floor for b in backends):
-        row("decode floor tokens/s (weights)", [_num(b.floor.floor_tokens_per_s if b.floor else None)
+        row("most tokens/s the bandwidth allows (weights only)", [_num(b.floor.floor_tokens_per_s if b.floor else None)
                                                  for b in backends])
         row("achieved fraction of floor", [_pct(b.floor.achieved_fraction if b.floor else None) for b in backends])
     row("resident memory added by loading (MiB)", [_rss_added(b.info.rss_added_mb) for b in backends])

@@ -98,6 +98,10 @@ class StudyParity:
     reference_labels: list[str]
     true_labels: list[str] | None = None  # from the studies' manifest, where it has them
     true_findings: str | None = None  # the manifest's ground-truth findings (what CheXprompt judges against)
+    # both sides' generated ids: what the first divergence and the reports were read from, kept so a report can
+    # be checked without running again
+    token_ids: list[int] | None = None
+    reference_token_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,8 @@ def compare(study: str, got: Outcome, ref: Outcome, true_labels: list[str] | Non
         vision_cosine=cosine(got.image_embeds, ref.image_embeds),
         vision_max_abs_diff=float((got.image_embeds.float() - ref.image_embeds.float()).abs().max()),
         report=got.report, reference_report=ref.report, labels=extract_labels(got.report),
-        reference_labels=extract_labels(ref.report), true_labels=true_labels, true_findings=true_findings)
+        reference_labels=extract_labels(ref.report), true_labels=true_labels, true_findings=true_findings,
+        token_ids=list(got.token_ids), reference_token_ids=list(ref.token_ids))
 
 
 def outcome(backend: Backend, tokenizer: LlamaSPTokenizer, pixels: torch.Tensor, prompt_ids: list[int], *,
