@@ -33,7 +33,7 @@ def endpoint_problem(url: str, option: str) -> str | None:
     "rerun"."""
     if not url.startswith(("http://", "https://")):
         return f"{option} must be an http(s) URL, got '{url}'"
-    if "@" in url.split("/", 3)[2]:  # the URL is not repeated: it holds a password
+    if "@" in _netloc(url):  # the URL is not repeated: it holds a password
         # urllib took 'user:pw@host' for a host name and retried a DNS failure six times ("gaierror"); the SDK sent
         # them as Basic credentials beside its own Authorization header
         return (f"{option} holds a user name or password ('user:password@' before the host), which radtrt does not "
@@ -53,6 +53,14 @@ def endpoint_problem(url: str, option: str) -> str | None:
     if port == 0:
         return f"{option} '{url}' names port 0, which nothing listens on"
     return None
+
+
+def _netloc(url: str) -> str:
+    """The URL's ``user:password@host:port`` part ('' where it cannot be split: the checks after say why)."""
+    try:
+        return urllib.parse.urlsplit(url).netloc
+    except ValueError:
+        return ""
 
 
 def check_endpoint(url: str, option: str) -> None:

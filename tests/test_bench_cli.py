@@ -62,6 +62,28 @@ def test_parity_onnxruntime_vs_torch_is_exact_in_fp32(tiny: Assets, work: Path) 
 
 
 
+def test_parity_prompts_manifest_rows_with_their_own_indication_and_says_so(tiny: Assets, work: Path,
+                                                                          tmp_path: Path) -> None:
+    """Rows with an indication of their own: --indication prompts only the others (the report said nothing, and its
+    command still named it), and an over-long row indication was blamed on --indication."""
+    from radtrt.data.phantom_set import write_phantom_set
+
+    manifest = write_phantom_set(tmp_path / "set", 2, 5, rows=96, cols=80, formats=("png",))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[1]["indication"] = None
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies", manifest,
+                             "--max-new-tokens", 4, "--indication", "Fever.", "--json")
+    assert code == 0, err
+    assert json.loads(out)["prompts"] == ("1 of 2 studies prompted with their manifest row's indication; the others "
+                                          "--indication")
+    rows[0]["indication"] = "Shortness of breath after a fall. " * 60
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies", manifest,
+                           "--max-new-tokens", 4)
+    assert code == 2 and f"shorten the indication of phantom-00000.png in {manifest}" in " ".join(err.split()), err
+
+
 def test_parity_on_a_phantom_manifest_reports_finding_labels(tiny: Assets, work: Path, tmp_path: Path) -> None:
     """``--studies`` a phantom set: its manifest rows are the studies and give the true labels."""
     from radtrt.data.phantom_set import write_phantom_set

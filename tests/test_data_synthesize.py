@@ -106,22 +106,31 @@ def test_retries_cache_and_key_handling(server: ScriptedServer, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("refusal", ["I'm sorry, but I can't help with that.", "I can\u2019t assist with this request.",
-                                     "As an AI language model, I cannot provide medical reports."])
+                                     "As an AI language model, I cannot provide medical reports.",
+                                     "I apologize, but I cannot write this.", "Unfortunately, I can't do that."])
 def test_a_refusal_is_never_written_as_findings(refusal: str, server: ScriptedServer, tmp_path: Path) -> None:
     """A chat model's refusal was written as the row's findings with exit 0, and training took it for a report."""
     labels = _labels_file(tmp_path / "labels.jsonl", n=3)
     answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": refusal}}]}).encode()
     server.script = [None, (200, {"Content-Type": "application/json"}, answer)]
-    with pytest.raises(RadtrtError, match=rf"labels.jsonl:2: the chat model declined to write findings .* the rows "
-                                          rf"before it are kept in {tmp_path / 'out.jsonl.partial'}: check --model") as e:
-        synthesize(labels, tmp_path / "out.jsonl", client=_client(server, None, []), console=None)
+    cache = tmp_path / "cache"
+    with pytest.raises(RadtrtError, match=rf"labels.jsonl:2: the chat model declined to write findings .*; the 1 row "
+                                          rf"before it is kept in {tmp_path / 'out.jsonl.partial'}; run the same "
+                                          rf"command again to ask again \(the refusal is not cached\), or use a chat "
+                                          rf"model") as e:
+        synthesize(labels, tmp_path / "out.jsonl", client=_client(server, cache, []), console=None)
     assert refusal not in str(e.value) and "Cough" not in str(e.value)
+    assert "reword that row's indication" not in str(e.value)  # row 2 has none
     assert len((tmp_path / "out.jsonl.partial").read_text().splitlines()) == 1
     assert not (tmp_path / "out.jsonl").exists()
-    # findings that merely contain such words are findings
-    assert not REFUSAL.match("No pneumothorax. I cannot exclude a small effusion.")
-    assert not REFUSAL.match("Sorrylike opacity")
-
+    # the rerun asks again (a cached refusal was replayed by every rerun) and completes the manifest
+    synthesize(labels, tmp_path / "out.jsonl", client=_client(server, cache, []), console=None)
+    assert [r.findings for r in read_manifest(tmp_path / "out.jsonl")][1] == "Findings for cardiomegaly."
+    # findings in a radiologist's first person are findings
+    for text in ("I cannot exclude a small left apical pneumothorax.", "No pneumothorax. I cannot exclude a small "
+                 "effusion.", "Sorrylike opacity", "I am unable to exclude a small effusion.",
+                 "Unfortunately the lateral view was not obtained."):
+        assert not REFUSAL.match(text), text
 
 
 def test_a_missing_label_file_is_named_as_one(tmp_path: Path) -> None:
@@ -324,6 +333,7 @@ def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
     # taken for a host name by urllib: a DNS failure retried six times, then "gaierror"; the password not repeated
     ("http://user:s3cret@127.0.0.1:9/v1", {}, r"^--endpoint holds a user name or password \('user:password@' before "
                                               r"the host\), which radtrt does not send: give the URL without them"),
+    ("http://127.0.0.1:9/v1?api-version=1@x", {"timeout_s": -1.0}, "--timeout must be positive"),  # '@' not in the host
     ("http://127.0.0.1:9/v1", {"timeout_s": -1.0}, "--timeout must be positive"),
     ("http://127.0.0.1:9/v1", {"timeout_s": float("nan")}, "--timeout must be positive"),
     # past threading.TIMEOUT_MAX: an OverflowError traceback in the socket timeout or the rate limiter's sleep

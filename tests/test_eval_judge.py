@@ -640,6 +640,22 @@ def test_cli_paired_chexprompt_parity(fake_judge: FakeJudge, tmp_path: Path) -> 
     assert "| B: omission of a finding | 0.000 [0.000, 0.000] | 1.000 [1.000, 1.000] |" in single.stdout
 
 
+def test_a_partly_judged_paired_run_counts_each_arm_once(fake_judge: FakeJudge, tmp_path: Path) -> None:
+    """The paired result holds each arm's summary twice (its metrics and the verdict's): '4 of 16 unscored, 1 to
+    ask again' for 2 of 8 and 2."""
+    fake_judge.default = lambda c: (("status", 500, {}, {"error": {"message": "overloaded"}}) if c.endswith("3.")
+                                    else ("answer", answer()))
+    reference = _write(tmp_path / "torch.jsonl", ["Ref 0.", "Ref 1.", "Ref 2.", "Ref 3."])
+    candidate = _write(tmp_path / "onnx.jsonl", ["Cand 0.", "Cand 1.", "Cand 2.", "Cand 3."])
+    result = _eval_cli(["eval", "--paired", str(reference), str(candidate), "--metrics", "chexprompt", "--endpoint",
+                        fake_judge.url + "/v1", "--judge-model", "judge-test", "--judge-prompt", "radtrt",
+                        "--judge-cache", str(tmp_path / "c.sqlite"), "--requests-per-minute", "0", "--timeout", "2",
+                        "--no-progress", "--max-attempts", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert "CheXprompt left 2 of 8 reports unscored" in result.stderr and "for the 2 whose requests failed" in \
+        " ".join(result.stderr.split())
+
+
 def test_cli_exits_2_when_the_judge_scored_nothing(fake_judge: FakeJudge, tmp_path: Path) -> None:
     """Every request failing (fewer than the consecutive-failure stop) writes the report and exits 2."""
     fake_judge.default = lambda c: ("status", 500)

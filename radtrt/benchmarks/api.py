@@ -20,7 +20,7 @@ from radtrt.benchmarks.machine import (
     peak_rss_mb,
     reset_peak_rss,
 )
-from radtrt.benchmarks.parity import ParityReport, measure_parity, study_indication, study_names
+from radtrt.benchmarks.parity import ParityReport, measure_parity, prompts_note, study_indication, study_names
 from radtrt.benchmarks.sides import open_sides
 from radtrt.errors import fail
 from radtrt.threads import check_threads
@@ -120,10 +120,13 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
     step = _Step(progress, "opening backends")
     got, ref = open_sides([backend, reference], assets, base_model=base_model, device=device,
                           ort_provider=ort_provider, threads=threads, ort_spin=ort_spin, trt_decoder=trt_decoder)
-    asked = dict.fromkeys(study_indication(e, indication) for e in entries)  # each prompt, checked once
+    names = study_names([e.study for e in entries])
+    # each prompt checked once, its remedy naming where its indication came from
+    asked = {study_indication(e, indication): (f"the indication of {name} in {studies}" if e.indication is not None
+                                               else "--indication") for e, name in zip(entries, names)}
     for side in (got, ref):  # parity compares logits: refused now, not after the first study
-        for one in asked:
-            side.pipeline.check_fits(one, max_new_tokens)
+        for one, source in asked.items():
+            side.pipeline.check_fits(one, max_new_tokens, source=source)
         if not getattr(side.pipeline.backend, "keeps_logits", True):
             fail(f"{side.name}: its TensorRT-LLM engine was built without generation logits, which parity compares; "
                  f"'radtrt bench latency' times it, and 'radtrt export --bundle B --model M --target trtllm "
@@ -133,4 +136,5 @@ def run_parity(*, bundle: Path | None = None, model: Path | None = None, base_mo
     machine.torch_threads = _torch_threads()
     precision = f"{got.pipeline.backend.precision} vs {ref.pipeline.backend.precision}"
     return ParityReport(command=command, model=assets.label, backend=got.name, reference=ref.name,
-                        precision=precision, max_new_tokens=max_new_tokens, machine=machine, studies=results)
+                        precision=precision, max_new_tokens=max_new_tokens, machine=machine, studies=results,
+                        prompts=prompts_note(entries, indication))

@@ -230,7 +230,8 @@ def parity_markdown(report: ParityReport) -> str:
     equal = sum(st.tokens_equal for st in report.studies)
     lines = _header(f"radtrt bench parity: {report.backend} vs {report.reference} (reference)", report.command)
     lines += [f"- Model: {report.model}; {report.precision}; greedy, up to {report.max_new_tokens} new tokens; "
-              f"{n} study(ies)", f"- Machine: {report.machine.one_line()}", "",
+              f"{n} study(ies)"] + ([f"- Prompts: {report.prompts}"] if report.prompts else []) + [
+              f"- Machine: {report.machine.one_line()}", "",
               "| metric | value |", "|---|---|",
               f"| exact-match rate of generated tokens (95% interval) | {equal}/{n} ({_pct(s['exact_match_rate'])}; "
               f"{_pct(s['exact_match_rate_ci'][0])} to {_pct(s['exact_match_rate_ci'][1])}) |",

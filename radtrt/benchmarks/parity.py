@@ -231,6 +231,7 @@ class ParityReport:
     machine: MachineInfo
     studies: list[StudyParity]
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    prompts: str | None = None  # which indication prompted which studies, where a manifest gave some its own
 
     def summary(self) -> dict[str, Any]:
         return totals(self.studies) | {
@@ -257,7 +258,7 @@ class ParityReport:
     def to_json(self) -> dict[str, Any]:
         return {"kind": "parity", "command": self.command, "created": self.created, "model": self.model,
                 "backend": self.backend, "reference": self.reference, "precision": self.precision,
-                "max_new_tokens": self.max_new_tokens, "machine": self.machine.to_json(),
+                "max_new_tokens": self.max_new_tokens, "machine": self.machine.to_json(), "prompts": self.prompts,
                 "summary": self.summary(), "studies": [asdict(s) for s in self.studies]}
 
 
@@ -277,6 +278,18 @@ def study_indication(entry: Entry, indication: str | None) -> str | None:
     study with its row's, and parity ignoring it measured other prompts (the gate's "100% identical" read 50% here,
     on the same bundle and studies)."""
     return entry.indication if entry.indication is not None else indication
+
+
+def prompts_note(entries: list[Entry], indication: str | None) -> str | None:
+    """Which indication prompted which studies, for the report (None where no manifest row has one of its own):
+    with rows of their own, --indication prompts only the others, and a report naming it misled."""
+    own = sum(e.indication is not None for e in entries)
+    if not own:
+        return None
+    rest = len(entries) - own
+    others = ("" if not rest else "; the others --indication" if indication is not None else "; the others none")
+    unused = "; --indication prompted none of them" if indication is not None and not rest else ""
+    return f"{own} of {len(entries)} studies prompted with their manifest row's indication{others}{unused}"
 
 
 def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry], *, indication: str | None,

@@ -106,17 +106,20 @@ class ChatClient:
         return self.cache_dir / key[:2] / f"{key}.json"
 
     def complete(self, messages: list[dict[str, str]], *, temperature: float = 0.0, max_tokens: int = 400,
-                 seed: int | None = None) -> str:
-        """The assistant's reply text for ``messages`` (from the cache when answered before)."""
+                 seed: int | None = None, keep: Callable[[str], bool] = lambda _: True) -> str:
+        """The assistant's reply text for ``messages`` (from the cache when answered before). ``keep``: whether an
+        answer may be cached (and taken from the cache): a refusal cached was replayed by every rerun."""
         payload: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": temperature,
                                    "max_tokens": max_tokens}
         if seed is not None:
             payload["seed"] = seed
         cache = self._cache_file(payload)
         if cache is not None and cache.is_file():
-            return self._cached(cache)
+            content = self._cached(cache)
+            if keep(content):
+                return content
         content = self._parse(self._post(payload))
-        if cache is not None:
+        if cache is not None and keep(content):
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 with replaced_atomically(cache) as tmp:

@@ -39,9 +39,14 @@ from radtrt.outputs import check_file_target, make_dir, resolved
 from radtrt.progress import make_progress, plain
 
 PROMPT_VERSION = 1
-# how a chat model's refusal begins ("I'm sorry, but I can't help with that."): never findings text
-REFUSAL = re.compile(r"^\W*(i['\u2019]?m sorry|i am sorry|sorry\b|i can['\u2019]?t\b|i cannot\b|i['\u2019]?m unable|"
-                     r"i am unable|i['\u2019]?m not able|as an ai\b|as a language model)", re.IGNORECASE)
+# how a chat model's refusal begins ("I'm sorry, but I can't help with that."): never findings text. Not "I cannot
+# exclude ...": a radiologist's first person is findings text
+_I = r"i(?:['\u2019]?m| am)"  # I'm, Im, I am
+_DECLINE = r"(?:help|assist|provide|comply|create|generate|write|fulfil|do that|produce|make)"
+REFUSAL = re.compile(rf"^\W*(?:{_I} sorry|sorry\b|i apologi[sz]e|unfortunately,? i\b|{_I} afraid i|"
+                     rf"i (?:can['\u2019]?t|cannot|can not|will not|won['\u2019]?t) {_DECLINE}|"
+                     rf"(?:{_I} (?:unable|not able)|i['\u2019]?m not able) to {_DECLINE}|as an ai\b|"
+                     rf"as a (?:large )?language model)", re.IGNORECASE)
 # Recorded in every row, so a manifest begun under one version is not completed under another. What each
 # version changed, for the refusal of a manifest an older radtrt began:
 LABEL_RULE_CHANGES = {
@@ -371,13 +376,17 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
                 if client is None:
                     text = templates[i]
                 else:
-                    text = client.complete(llm_messages(labels, indication), temperature=temperature, seed=seed)
+                    text = client.complete(llm_messages(labels, indication), temperature=temperature, seed=seed,
+                                           keep=lambda answer: not REFUSAL.match(answer))
                     if REFUSAL.match(text):  # written as findings, it went into training as a report; not quoted:
-                        # a refusal may repeat the indication
+                        # a refusal may repeat the indication. Not cached: a rerun asks again
+                        kept_rows = (f"the {kept} row{'s' if kept > 1 else ''} before it {'are' if kept > 1 else 'is'} kept in "
+                                     f"{target}; " if kept else "")
+                        reword = " or reword that row's indication," if indication else ""
                         fail(f"{labels_file}:{rows[i][0]}: the chat model declined to write findings (its answer "
-                             f"begins like a refusal), which no manifest row may hold; the rows before it are kept in "
-                             f"{target}: check --model (a chat model that writes reports), or rephrase that row's "
-                             f"indication, then run the same command again")
+                             f"begins like a refusal), which no manifest row may hold; {kept_rows}run the same "
+                             f"command again to ask again (the refusal is not cached),{reword} or use a chat model "
+                             f"that writes reports (--model; with another, delete {target} first)")
                 row = {**obj, "findings": text, "indication": indication, "labels": _positive_names(labels),
                        "source_labels": obj.get("labels"), "synthesis": mode}
                 if handle is None:

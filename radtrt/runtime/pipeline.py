@@ -103,16 +103,17 @@ class Pipeline:
         reports differ from the fp32 model's, and its SRs must say so)."""
         return f"weights {self.backend.weights_id[:16]}, {self.backend.precision} on {self.backend.name}"
 
-    def check_fits(self, indication: str | None, max_new_tokens: int) -> None:
+    def check_fits(self, indication: str | None, max_new_tokens: int, *, source: str = "--indication") -> None:
         """Refuse a prompt plus ``max_new_tokens`` the backend cannot run (past the model's positions, or a
         TensorRT-LLM engine's build limits) before any study is read: every
         study of a run shares the prompt, and the refusal came at the first batch, after the studies before it
-        had their records (so ``--json`` listed some studies and not the rest)."""
+        had their records (so ``--json`` listed some studies and not the rest). ``source``: where the indication
+        came from, which the remedy names (bench parity's manifest rows have their own)."""
         def length(text: str | None) -> int:
             return len(self.prompt_ids(text)) - 1 + self.cfg.num_image_tokens  # the placeholder, expanded
 
         self.backend.check_length(length(indication), max_new_tokens,
-                                  shorten=("--indication", length(None)) if indication else None)
+                                  shorten=(source, length(None)) if indication else None)
 
     def prompt_ids(self, indication: str | None) -> list[int]:
         prompt = build_prompt(build_query(indication), self.cfg.conv_template)

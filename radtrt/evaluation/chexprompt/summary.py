@@ -138,12 +138,14 @@ def unscored(result: Any) -> Optional[str]:
     counted on standard output only, and the run exited 0, so a script, or a user reading stderr, took the means
     for those of every report; and only a failed request is worth a rerun (its answer was never cached), not an
     unreadable answer (at temperature 0 it comes back the same) nor a refusal."""
-    summaries = _summaries(result)
+    # a paired result holds each arm's summary twice: in the arm's metrics and in the parity verdict
+    arms = {k: v for k, v in result.items() if k != "chexprompt_parity"} if isinstance(result, dict) else result
+    summaries = _summaries(arms)
     left = sum(s["n_reports"] - s["n_scored"] for s in summaries if isinstance(s.get("n_reports"), int))
     if left <= 0:
         return None
-    reasons = {r: n for s in summaries for r, n in s["failures"].items()}
-    again = sum(n for r, n in reasons.items() if r.startswith("request failed") and not _refused_status(r))
+    again = sum(n for s in summaries for r, n in s["failures"].items()
+                if r.startswith("request failed") and not _refused_status(r))
     total = sum(s["n_reports"] for s in summaries if isinstance(s.get("n_reports"), int))
     return (f"CheXprompt left {left} of {total} reports unscored (out of its means; the reasons are in the summary)"
             + (f": rerun the same command to ask again for the {again} whose requests failed (the answers already "
