@@ -117,9 +117,10 @@ def latency_markdown(report: LatencyReport) -> str:
                          f"{_num(f.floor_tokens_per_s)} tokens/s; achieved {_num(f.achieved_tokens_per_s)} tokens/s "
                          f"= {_pct(f.achieved_fraction)} of the floor{kv}{shaped}")
             if f.achieved_fraction is not None and f.achieved_fraction > 1:  # "cannot exceed", exceeded
-                lines.append(f"  - Above 100%: these {_mb(f.weight_bytes)} of weights stay in the CPU's caches from "
-                             f"one step to the next, which the probe's {_mib(report.bandwidth.matrix_bytes)} matrix "
-                             f"cannot; the floor bounds decoders larger than the caches, not this one")
+                probe = _mib(report.bandwidth.matrix_bytes) if report.bandwidth else "probe's"
+                lines.append(f"  - Above 100%: these {_mb(f.weight_bytes)} of weights were read faster than the probe "
+                             f"streams its {probe} matrix from memory, so they likely stay in the CPU's caches from "
+                             f"one step to the next; the floor bounds decoders larger than the caches")
     return "\n".join(lines) + "\n"
 
 

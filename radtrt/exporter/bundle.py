@@ -138,7 +138,7 @@ def _export_into(work: Path, loaded: LoadedModel, model: LlavaRad, precision: st
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
     describe("checking ONNX Runtime against PyTorch")
     manifest["export_check"] = check_bundle_against_torch(work, model)
-    if int8_result is not None:
+    if int8_result is not None and int8.parity_samples:  # --parity-samples 0: no step shown for a gate not run
         from radtrt.exporter.onnx_int8 import int8_parity
 
         describe("INT8 parity gate on held-out samples")

@@ -277,15 +277,15 @@ class TensorRTBackend:
         self.decoder_dir, self.decoder_stamp = find_decoder_engine(bundle, gpu, tag)
         check_decoder_engine(self.decoder_dir, self.decoder_stamp, self.manifest, bundle, hashes=verify)
         self.limits = self.decoder_stamp["limits"]
-        self.vision = TrtVisionEngine(engine, self.vision_stamp)
-        self.runner = open_runner(self.decoder_dir, session, self.limits)
-        self.streams_cheaply = streams_cheaply(self.keeps_logits, session, gpu.tensorrt_llm)
-        engine_config = read_engine_config(self.decoder_dir)
+        engine_config = read_engine_config(self.decoder_dir)  # before either engine loads onto the GPU
         dtype = engine_config["pretrained_config"]["dtype"] if engine_config is not None else None
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):  # the prompt table is made in this dtype
             fail(f"{self.decoder_dir / 'config.json'} names no torch dtype (pretrained_config.dtype {dtype!r}): "
                  f"rebuild the engine")
         self.table_dtype = getattr(torch, dtype)
+        self.vision = TrtVisionEngine(engine, self.vision_stamp)
+        self.runner = open_runner(self.decoder_dir, session, self.limits)
+        self.streams_cheaply = streams_cheaply(self.keeps_logits, session, gpu.tensorrt_llm)
         self.vocab_size = int(self.manifest["decoder"]["vocab_size"])
         self.num_image_tokens = int(self.manifest["vision"]["num_image_tokens"])
         decoder_tag = mode_tag(self.decoder_stamp["mode"], self.decoder_stamp["int8_kv"])
@@ -330,11 +330,6 @@ class TensorRTBackend:
 
     def _generate(self, embeds: list[PromptTableInput], max_new_tokens: int, eos_token_id: int,
                   keep_logits: bool) -> Generation:
-        with trtllm_errors("to generate"):
-            return self._run(embeds, max_new_tokens, eos_token_id, keep_logits)
-
-    def _run(self, embeds: list[PromptTableInput], max_new_tokens: int, eos_token_id: int,
-             keep_logits: bool) -> Generation:
         ids, table, tasks = batch_prompt_tables(embeds)
         if table.is_cuda:  # the stack (and the dtype cast) are queued on this stream; the executor reads on its own
             torch.cuda.current_stream().synchronize()
@@ -347,25 +342,28 @@ class TensorRTBackend:
             if not self.keeps_logits:
                 fail("the TensorRT-LLM engine was built without generation logits (--gather_generation_logits); "
                      "rebuild it with 'radtrt export --bundle B --model M --target trtllm --trtllm-logits'")
-            out = self.runner.generate(**args, output_generation_logits=True)
-            _sync()
+            with trtllm_errors("to generate"):  # the runner's calls only: radtrt's own errors stay what they are
+                out = self.runner.generate(**args, output_generation_logits=True)
+                _sync()
             total = (time.perf_counter() - t0) * 1e3
             tokens = generated_tokens(out["output_ids"], out["sequence_lengths"], lengths, eos_token_id)
             # [B, beams, max_new_tokens, padded vocab] (ModelRunner): beam 0, the real vocabulary
             logits = out["generation_logits"][:, 0, :, :self.vocab_size].float().cpu()
             return Generation(tokens, prefill_ms=0.0, decode_ms=total, logits=logits)
         if not self.streams_cheaply:  # one call, as the parity path: the first token cannot be timed apart
-            out = self.runner.generate(**args)
-            _sync()
+            with trtllm_errors("to generate"):
+                out = self.runner.generate(**args)
+                _sync()
             tokens = generated_tokens(out["output_ids"], out["sequence_lengths"], lengths, eos_token_id)
             return Generation(tokens, prefill_ms=0.0, decode_ms=(time.perf_counter() - t0) * 1e3)
         first_ms, last = None, None
-        for step in self.runner.generate(**args, streaming=True):  # first yield: prompt + first token
-            if first_ms is None:
-                _sync()
-                first_ms = (time.perf_counter() - t0) * 1e3
-            last = step
-        _sync()
+        with trtllm_errors("to generate"):  # a streamed response's error is raised as it is read
+            for step in self.runner.generate(**args, streaming=True):  # first yield: prompt + first token
+                if first_ms is None:
+                    _sync()
+                    first_ms = (time.perf_counter() - t0) * 1e3
+                last = step
+            _sync()
         total = (time.perf_counter() - t0) * 1e3
         if last is None:
             fail("TensorRT-LLM returned no output")

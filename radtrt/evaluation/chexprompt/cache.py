@@ -41,6 +41,12 @@ class JudgeCache:
     def __init__(self, path: Path) -> None:
         if path.is_dir():  # sqlite said "unable to open database file"
             fail(f"--judge-cache {path} is a folder; give the judge cache's file (a new one, or a radtrt judge cache)")
+        if path.exists() and not path.is_file():  # /dev/null: "disk I/O error"
+            fail(f"--judge-cache {path} is not a regular file; give the judge cache's file (a new one, or a radtrt "
+                 f"judge cache)")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():  # "[Errno 17] File exists: 'afile'"
+            fail(f"--judge-cache {path}: {parent} is a file, not a folder; give a path in a folder")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # a second eval sharing the default cache waits for the other's write instead of failing
