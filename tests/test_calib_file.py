@@ -84,8 +84,12 @@ def test_an_export_from_a_calibration_file_checks_its_held_out_studies_first(loa
     Int8Plan(calibration_data=str(path), parity_samples=1).check_ready()
     held_out = json.loads(data.read_text().splitlines()[3])["image"]
     (data.parent / held_out).write_bytes(b"not an image")
-    with pytest.raises(RadtrtError, match="not a DICOM file"):
+    with pytest.raises(RadtrtError, match=r"not a DICOM file.* \(a held-out study the INT8 parity gate reads after "
+                                          r"the calibration ones\): fix or move it, or skip the gate with "
+                                          r"--parity-samples 0$"):
         Int8Plan(calibration_data=str(path), parity_samples=1).check_ready()
+    with pytest.raises(RadtrtError, match="a held-out study the INT8 parity gate reads"):  # the folder route too
+        Int8Plan(calibration_data=str(data), n=3, parity_samples=1).check_ready()
     Int8Plan(calibration_data=str(path), parity_samples=0).check_ready()  # no gate, nothing of it read
 
 

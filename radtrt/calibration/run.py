@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from radtrt.calibration.file import CALIBRATION_FORMAT, CalibrationFile, build_meta, read_metadata
-from radtrt.calibration.samples import Sample, SampleSet, count_samples, load_samples, source_entries
+from radtrt.calibration.samples import (Sample, SampleSet, count_samples, load_samples, screen_held_out,
+                                       source_entries)
 from radtrt.calibration.stats import collect_stats
 from radtrt.errors import fail
 from radtrt.model.loading import LoadedModel
@@ -194,12 +195,9 @@ def check_heldout(file: CalibrationFile, k: int) -> None:
     calibrated ones in its folder or manifest, which the parity gate reads where present, pass what reading checks,
     as ``check_samples`` checks them for an export given the folder itself (a lateral-only study there failed the
     export after calibration and quantization)."""
-    from radtrt.imaging.study import screen_study
-
     data, used = _heldout_source(file)
     if k and data is not None and data.exists():
-        for entry in source_entries(data)[1][used:used + k]:
-            screen_study(entry.study)
+        screen_held_out(source_entries(data)[1][used:used + k])
 
 
 def _unseen(data: Path, k: int, skip: int, calibrated: set[str], prepare: Any) -> list[Sample]:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from radtrt.errors import fail
+from radtrt.errors import RadtrtError, fail
 from radtrt.model.io import sha256_file
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -184,8 +184,22 @@ def check_samples(data: Path, n: int, *, held_out: int = 0) -> None:
 
     entries = source_entries(data)[1]
     _check_count(data, len(entries), n, 0)
-    for entry in entries[:n + held_out]:
+    for entry in entries[:n]:
         screen_study(entry.study)
+    screen_held_out(entries[n:n + held_out])
+
+
+def screen_held_out(entries: list[Entry]) -> None:
+    """``screen_study`` for the parity gate's held-out studies, saying that is what they are: a file the user never
+    named ("phantom-00004.png: not a DICOM file") failed the export with no word of the gate, or of skipping it."""
+    from radtrt.imaging.study import screen_study
+
+    for entry in entries:
+        try:
+            screen_study(entry.study)
+        except RadtrtError as e:
+            fail(f"{e} (a held-out study the INT8 parity gate reads after the calibration ones)",
+                 remedy="fix or move it, or skip the gate with --parity-samples 0")
 
 
 def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple[Any, torch.Tensor, list[int]]],
