@@ -105,7 +105,7 @@ def redirect_target(location: Optional[str], url: str) -> Optional[str]:
 
 
 QUOTE_RUN = 16  # characters of the request a server's message may repeat before it is taken as quoting it
-QUOTES_REQUEST = "its message quotes the request, which holds report text: not shown"
+QUOTES_REQUEST = "its message quotes the request, which holds clinical text: not shown"
 
 
 def quotes(message: str, sent: str) -> bool:

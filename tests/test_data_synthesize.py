@@ -599,7 +599,7 @@ def test_a_refusal_shows_the_servers_message(server: ScriptedServer, tmp_path: P
     prompt = "Write the findings. Indication: Patient DOE^JOHN, MRN 1234, cough. Positive findings: pneumothorax."
     server.script = [(400, {}, json.dumps({"error": {"message": f"invalid input: {prompt[12:80]}"}}).encode())]
     with pytest.raises(RadtrtError, match=r"refused the request: HTTP 400: its message quotes the request, which "
-                                          r"holds report text: not shown$") as info:
+                                          r"holds clinical text: not shown$") as info:
         client.complete([{"role": "user", "content": prompt}])
     assert "DOE" not in str(info.value) and "1234" not in str(info.value)
 

@@ -486,7 +486,7 @@ def test_failures_are_counted_by_status_and_bodies_without_a_message_are_not_sho
     # a message that repeats what was sent (FastAPI's 422 and proxies quote their input) is not shown either
     sent = 'Reference Findings: """Small left effusion.""" Candidate Findings: """Right lower lobe consolidation."""'
     quoting = SimpleNamespace(body={"message": 'invalid input: Candidate Findings: """Right lower lobe consol'})
-    assert server_message(quoting, sent) == "its message quotes the request, which holds report text: not shown"  # type: ignore[arg-type]
+    assert server_message(quoting, sent) == "its message quotes the request, which holds clinical text: not shown"  # type: ignore[arg-type]
     assert server_message(quoting) is not None  # type: ignore[arg-type]  # nothing sent to compare with
     assert server_message(SimpleNamespace(body={"message": "max_tokens is not supported"}), sent) == (  # type: ignore[arg-type]
         "max_tokens is not supported")
