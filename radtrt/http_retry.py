@@ -56,11 +56,11 @@ def endpoint_problem(url: str, option: str) -> str | None:
 
 
 def _netloc(url: str) -> str:
-    """The URL's ``user:password@host:port`` part ('' where it cannot be split: the checks after say why)."""
+    """The URL's ``user:password@host:port`` part."""
     try:
         return urllib.parse.urlsplit(url).netloc
-    except ValueError:
-        return ""
+    except ValueError:  # an unclosed IPv6 bracket: the text up to the path, which the next check's line would repeat
+        return re.split(r"[/?#]", url.split("//", 1)[-1], maxsplit=1)[0]
 
 
 def check_endpoint(url: str, option: str) -> None:

@@ -75,8 +75,8 @@ def test_parity_prompts_manifest_rows_with_their_own_indication_and_says_so(tiny
     code, out, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies", manifest,
                              "--max-new-tokens", 4, "--indication", "Fever.", "--json")
     assert code == 0, err
-    assert json.loads(out)["prompts"] == ("1 of 2 studies prompted with their manifest row's indication; the others "
-                                          "--indication")
+    assert json.loads(out)["prompts"] == ("1 of 2 studies prompted with the indication of its manifest row; the "
+                                          "others --indication")
     rows[0]["indication"] = "Shortness of breath after a fall. " * 60
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies", manifest,

@@ -138,7 +138,7 @@ def test_single_backend_has_no_ratios_and_passes_without_a_decode_step_are_left_
     md = latency_markdown(report)
     assert " / " not in md.split("| median |")[1].splitlines()[0]
     # said: 'generated tokens 0' beside a tokens/s read as if every pass had decoded
-    assert "- onnxruntime: decode per token (and tokens/s) over 1 of its 2 passes: the others ended at EOS" in md
+    assert "- onnxruntime: decode per token (and tokens/s) over 1 of its 2 passes: the other ended at EOS" in md
     # one side without warmup: the cold first pass is half the samples, and nothing said so
     assert "**Warning: --warmup 0.** The first measured pass pays one-time costs" in md
     with pytest.raises(RadtrtError, match="decoded no second token for any study"):

@@ -85,12 +85,28 @@ def test_an_export_from_a_calibration_file_checks_its_held_out_studies_first(loa
     held_out = json.loads(data.read_text().splitlines()[3])["image"]
     (data.parent / held_out).write_bytes(b"not an image")
     with pytest.raises(RadtrtError, match=r"not a DICOM file.* \(a held-out study the INT8 parity gate reads after "
-                                          r"the calibration ones\): fix or move it, or skip the gate with "
+                                          r"the calibration ones\): fix it or take it out of the data, or skip the gate with "
                                           r"--parity-samples 0$"):
         Int8Plan(calibration_data=str(path), parity_samples=1).check_ready()
     with pytest.raises(RadtrtError, match="a held-out study the INT8 parity gate reads"):  # the folder route too
         Int8Plan(calibration_data=str(data), n=3, parity_samples=1).check_ready()
     Int8Plan(calibration_data=str(path), parity_samples=0).check_ready()  # no gate, nothing of it read
+
+
+def test_a_held_out_study_read_past_a_repeated_image_is_named_as_held_out(loaded: LoadedModel, tmp_path: Path) -> None:
+    """The up-front check reads the k rows after the calibrated ones; the gate skips an image the calibration set
+    repeats and reads on, and a broken study there failed the export late, with no word of the gate."""
+    from radtrt.data.phantom_set import write_phantom_set
+
+    manifest = write_phantom_set(tmp_path / "set", 5, 5, rows=96, cols=80, formats=("png",))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[3]["image"] = rows[0]["image"]  # a repeat of a calibrated image: skipped by the gate
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (manifest.parent / rows[4]["image"]).write_bytes(b"not an image")
+    calibration = calibrate(loaded, manifest, 3)
+    with pytest.raises(RadtrtError, match=r"not a DICOM file.*\(a held-out study the INT8 parity gate reads after the "
+                                          r"calibration ones\): fix it or take it out of the data"):
+        heldout_samples(loaded, calibration, 1)
 
 
 def test_file_round_trip_and_activation_stats_compatibility(calib, tmp_path: Path) -> None:

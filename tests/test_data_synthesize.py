@@ -115,9 +115,9 @@ def test_a_refusal_is_never_written_as_findings(refusal: str, server: ScriptedSe
     server.script = [None, (200, {"Content-Type": "application/json"}, answer)]
     cache = tmp_path / "cache"
     with pytest.raises(RadtrtError, match=rf"labels.jsonl:2: the chat model declined to write findings .*; the 1 row "
-                                          rf"before it is kept in {tmp_path / 'out.jsonl.partial'}; run the same "
-                                          rf"command again to ask again \(the refusal is not cached\), or use a chat "
-                                          rf"model") as e:
+                                          rf"before it is kept in {tmp_path / 'out.jsonl.partial'}; at --temperature 0 "
+                                          rf"a rerun is likely to get the same answer \(it is not cached\): use a chat "
+                                          rf"model that writes reports \(--model\) \(with another, delete") as e:
         synthesize(labels, tmp_path / "out.jsonl", client=_client(server, cache, []), console=None)
     assert refusal not in str(e.value) and "Cough" not in str(e.value)
     assert "reword that row's indication" not in str(e.value)  # row 2 has none
@@ -333,7 +333,8 @@ def test_synthesize_refusals_leave_no_output(tmp_path: Path) -> None:
     # taken for a host name by urllib: a DNS failure retried six times, then "gaierror"; the password not repeated
     ("http://user:s3cret@127.0.0.1:9/v1", {}, r"^--endpoint holds a user name or password \('user:password@' before "
                                               r"the host\), which radtrt does not send: give the URL without them"),
-    ("http://127.0.0.1:9/v1?api-version=1@x", {"timeout_s": -1.0}, "--timeout must be positive"),  # '@' not in the host
+    ("http://127.0.0.1:9?api-version=1@x", {"timeout_s": -1.0}, "--timeout must be positive"),  # '@' not in the host
+    ("http://user:s3cret@[::1/v1", {}, r"^--endpoint holds a user name or password"),  # not repeated as invalid
     ("http://127.0.0.1:9/v1", {"timeout_s": -1.0}, "--timeout must be positive"),
     ("http://127.0.0.1:9/v1", {"timeout_s": float("nan")}, "--timeout must be positive"),
     # past threading.TIMEOUT_MAX: an OverflowError traceback in the socket timeout or the rate limiter's sleep

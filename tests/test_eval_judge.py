@@ -316,7 +316,7 @@ def test_another_programs_database_is_not_taken_for_the_cache(tmp_path: Path) ->
     with pytest.raises(RadtrtError, match="^--judge-cache /dev/null is not a regular file"):  # "disk I/O error"
         JudgeCache(Path("/dev/null"))
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(RadtrtError, match=f"afile/sub/c.sqlite: {tmp_path / 'afile'} is a file, not a folder"):
+    with pytest.raises(RadtrtError, match=f"afile/sub/c.sqlite: {tmp_path / 'afile'} is not a folder"):
         JudgeCache(tmp_path / "afile" / "sub" / "c.sqlite")
     text = tmp_path / "predictions.jsonl"
     text.write_text('{"study": "s", "reference": "r", "prediction": "p"}\n' * 100)

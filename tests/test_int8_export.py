@@ -593,7 +593,7 @@ def int8_kv(model_dir: Path, bundle: Path, tmp_path_factory: pytest.TempPathFact
                                  str(bundle / "calibration.safetensors"), "--parity-samples", "0"])
     assert result.exit_code == 0, result.stderr
     # only the random-pixel smoke check ran: the skipped gate is said, not left to be inferred
-    assert "INT8 parity gate skipped (--parity-samples 0): measure it with 'radtrt bench parity --bundle" in \
+    assert "INT8 parity gate skipped (--parity-samples 0); measure it with: radtrt bench parity --bundle" in \
         " ".join((result.stdout + result.stderr).split())
     return out
 

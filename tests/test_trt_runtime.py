@@ -172,6 +172,26 @@ def test_tensorrt_llm_runtime_errors_are_one_line(streaming_too: bool, tmp_path:
         module.open_runner(tmp_path, "cpp", LIMITS)
 
 
+def test_only_tensorrt_llms_own_errors_become_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RuntimeError of radtrt's own handling of the runner's output is a bug to see whole, not "TensorRT-LLM
+    failed" (the whole generation was wrapped)."""
+    import radtrt.runtime.tensorrt as module
+
+    backend = object.__new__(TensorRTBackend)
+    backend.runner = FakeRunner()
+    backend.vocab_size, backend.num_image_tokens, backend.table_dtype = 512, 2, torch.float16
+    backend.limits, backend.decoder_stamp, backend.streams_cheaply = LIMITS, {}, True
+    prompt = backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7], torch.ones(2, 8))
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug in radtrt")
+
+    monkeypatch.setattr(module, "generated_tokens", broken)
+    with pytest.raises(RuntimeError, match="a bug in radtrt") as e:
+        backend.generate([prompt], max_new_tokens=3, eos_token_id=2)
+    assert not isinstance(e.value, RadtrtError)
+
+
 def test_a_logits_engine_before_trtllm_1_is_not_streamed() -> None:
     """0.12-0.14's ModelRunnerCpp returns the whole generation-logits buffer with every streamed response when
     the engine keeps logits (~33 MB a step at 256 tokens): such engines run in one call."""

@@ -89,8 +89,10 @@ def latency_markdown(report: LatencyReport) -> str:
                          "allocations, caches), so ratios from this run are biased; use --warmup 1 or more")
     for b in report.backends:  # a study that ends at EOS at once has no decode step to time
         if "decode_per_token" in b.stages and b.stages["decode_per_token"].n < b.stages["end_to_end"].n:
-            lines.append(f"- {b.info.name}: decode per token (and tokens/s) over {b.stages['decode_per_token'].n} of "
-                         f"its {b.stages['end_to_end'].n} passes: the others ended at EOS with no decode step")
+            timed, passes = b.stages["decode_per_token"].n, b.stages["end_to_end"].n
+            rest = "the other" if passes - timed == 1 else "the others"
+            lines.append(f"- {b.info.name}: decode per token (and tokens/s) over {timed} of its {passes} passes: "
+                         f"{rest} ended at EOS with no decode step")
     if len(names) == 1 and s.warmup == 0:
         lines.append("- **Warning: --warmup 0.** The first measured pass pays one-time costs (thread pools, "
                      "allocations, caches), which the minimum and the median may show; use --warmup 1 or more")

@@ -289,7 +289,8 @@ def prompts_note(entries: list[Entry], indication: str | None) -> str | None:
     rest = len(entries) - own
     others = ("" if not rest else "; the others --indication" if indication is not None else "; the others none")
     unused = "; --indication prompted none of them" if indication is not None and not rest else ""
-    return f"{own} of {len(entries)} studies prompted with their manifest row's indication{others}{unused}"
+    studies = "study" if len(entries) == 1 else "studies"
+    return f"{own} of {len(entries)} {studies} prompted with the indication of its manifest row{others}{unused}"
 
 
 def measure_parity(backend: Pipeline, reference: Pipeline, studies: list[Entry], *, indication: str | None,

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from radtrt.calibration.file import CALIBRATION_FORMAT, CalibrationFile, build_meta, read_metadata
-from radtrt.calibration.samples import (Sample, SampleSet, count_samples, load_samples, screen_held_out,
-                                       source_entries)
+from radtrt.calibration.samples import (Sample, SampleSet, count_samples, held_out, load_samples,
+                                       screen_held_out, source_entries)
 from radtrt.calibration.stats import collect_stats
 from radtrt.errors import fail
 from radtrt.model.loading import LoadedModel
@@ -166,7 +166,8 @@ def heldout_samples(loaded: LoadedModel, calibration: Calibration, k: int, *,
         # a reused calibration file needs no images (``reuse``): the gate then runs on phantoms, and says why
         note = f"; the calibration {kind} is not on this machine"
     elif data is not None:
-        found = _unseen(data, k, used, calibrated, _preparer(loaded))
+        with held_out():  # past the rows checked up front, where the calibration set repeats an image
+            found = _unseen(data, k, used, calibrated, _preparer(loaded))
         if len(found) == k:
             return found, f"{k} held-out samples of the calibration {kind} (after the {used} calibration ones)"
         images = f"{len(found)} image{'' if len(found) == 1 else 's'}"
@@ -196,7 +197,13 @@ def check_heldout(file: CalibrationFile, k: int) -> None:
     as ``check_samples`` checks them for an export given the folder itself (a lateral-only study there failed the
     export after calibration and quantization)."""
     data, used = _heldout_source(file)
-    if k and data is not None and data.exists():
+    try:  # a folder this user cannot enter: a PermissionError traceback
+        there = data is not None and data.exists()
+    except OSError as e:
+        fail(f"the calibration data {data} the parity gate reads its held-out studies from cannot be read "
+             f"({e.strerror or e}): give it read access, or skip the gate with --parity-samples 0")
+    if k and there:
+        assert data is not None
         screen_held_out(source_entries(data)[1][used:used + k])
 
 

@@ -15,11 +15,12 @@ or where the folder lives (a bundle's copy of a calibration file drops the paths
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -189,17 +190,24 @@ def check_samples(data: Path, n: int, *, held_out: int = 0) -> None:
     screen_held_out(entries[n:n + held_out])
 
 
+@contextlib.contextmanager
+def held_out() -> Iterator[None]:
+    """A study failing inside is the parity gate's held-out study, and is said to be: a file the user never named
+    ("phantom-00004.png: not a DICOM file") failed the export with no word of the gate, or of skipping it."""
+    try:
+        yield
+    except RadtrtError as e:
+        fail(f"{e} (a held-out study the INT8 parity gate reads after the calibration ones)",
+             remedy="fix it or take it out of the data, or skip the gate with --parity-samples 0")
+
+
 def screen_held_out(entries: list[Entry]) -> None:
-    """``screen_study`` for the parity gate's held-out studies, saying that is what they are: a file the user never
-    named ("phantom-00004.png: not a DICOM file") failed the export with no word of the gate, or of skipping it."""
+    """``screen_study`` for the parity gate's held-out studies (``held_out``)."""
     from radtrt.imaging.study import screen_study
 
-    for entry in entries:
-        try:
+    with held_out():
+        for entry in entries:
             screen_study(entry.study)
-        except RadtrtError as e:
-            fail(f"{e} (a held-out study the INT8 parity gate reads after the calibration ones)",
-                 remedy="fix or move it, or skip the gate with --parity-samples 0")
 
 
 def load_samples(data: Path, n: int, prepare: Callable[[Path, str | None], tuple[Any, torch.Tensor, list[int]]],

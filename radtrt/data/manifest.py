@@ -62,7 +62,7 @@ def read_jsonl(path: Path, *, complete_only: bool = False,
                what: str = "manifest") -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; anything but a JSON object is refused."""
     if not path.is_file():
-        fail(f"{what} not found: {path}")
+        fail(f"{what} {path} is a folder, not a JSONL file" if path.is_dir() else f"{what} not found: {path}")
     for lineno, line in text_lines(path, lambda n: f"{path}:{n}", "a JSONL manifest", complete_only=complete_only):
         try:
             obj = json.loads(line)

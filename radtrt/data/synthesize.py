@@ -382,11 +382,13 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
                         # a refusal may repeat the indication. Not cached: a rerun asks again
                         kept_rows = (f"the {kept} row{'s' if kept > 1 else ''} before it {'are' if kept > 1 else 'is'} kept in "
                                      f"{target}; " if kept else "")
-                        reword = " or reword that row's indication," if indication else ""
+                        reword = "reword that row's indication, or " if indication else ""
+                        other = f" (with another, delete {target} first)" if kept else ""
+                        again = ("at --temperature 0 a rerun is likely to get the same answer (it is not cached)"
+                                 if temperature == 0 else "a rerun asks again (the refusal is not cached)")
                         fail(f"{labels_file}:{rows[i][0]}: the chat model declined to write findings (its answer "
-                             f"begins like a refusal), which no manifest row may hold; {kept_rows}run the same "
-                             f"command again to ask again (the refusal is not cached),{reword} or use a chat model "
-                             f"that writes reports (--model; with another, delete {target} first)")
+                             f"begins like a refusal), which no manifest row may hold; {kept_rows}{again}: "
+                             f"{reword}use a chat model that writes reports (--model){other}")
                 row = {**obj, "findings": text, "indication": indication, "labels": _positive_names(labels),
                        "source_labels": obj.get("labels"), "synthesis": mode}
                 if handle is None:

@@ -200,5 +200,6 @@ def _export_onnx(loaded: Any, out: Path, precision: str, int8_plan: Any, attenti
             console.print(f"[bold red]WARNING: INT8 parity below target: {warning}[/bold red]", highlight=False,
                           soft_wrap=True)
     elif int8_plan is not None and int8_plan.parity_samples == 0:  # the smoke check above judges no studies
-        log(f"INT8 parity gate skipped (--parity-samples 0): measure it with 'radtrt bench parity --bundle "
-            f"{shlex.quote(str(out))} --model MODEL --studies HELD_OUT_STUDIES'")
+        # the command last and bare: a quoted path nested in quotes did not paste
+        log(f"INT8 parity gate skipped (--parity-samples 0); measure it with: radtrt bench parity --bundle "
+            f"{shlex.quote(str(out))} --model MODEL --studies HELD_OUT_STUDIES")

@@ -39,14 +39,10 @@ class JudgeCache:
     """SQLite store of answers; use from one thread."""
 
     def __init__(self, path: Path) -> None:
-        if path.is_dir():  # sqlite said "unable to open database file"
-            fail(f"--judge-cache {path} is a folder; give the judge cache's file (a new one, or a radtrt judge cache)")
-        if path.exists() and not path.is_file():  # /dev/null: "disk I/O error"
-            fail(f"--judge-cache {path} is not a regular file; give the judge cache's file (a new one, or a radtrt "
-                 f"judge cache)")
-        parent = next((p for p in path.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():  # "[Errno 17] File exists: 'afile'"
-            fail(f"--judge-cache {path}: {parent} is a file, not a folder; give a path in a folder")
+        try:  # stat() of a path in a folder this user cannot enter raises (a PermissionError traceback)
+            self._check_path(path)
+        except OSError as e:
+            fail(f"cannot open the judge cache {path}: {e.strerror or e}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # a second eval sharing the default cache waits for the other's write instead of failing
@@ -70,6 +66,19 @@ class JudgeCache:
                     else f": {e}")
             fail(f"cannot open the judge cache {path}{what}")
         self.path = path
+
+    @staticmethod
+    def _check_path(path: Path) -> None:
+        """What sqlite says in its own words ("unable to open database file", "disk I/O error", "[Errno 17] File
+        exists"), said in ours."""
+        if path.is_dir():
+            fail(f"--judge-cache {path} is a folder; give the judge cache's file (a new one, or a radtrt judge cache)")
+        if path.exists() and not path.is_file():  # /dev/null
+            fail(f"--judge-cache {path} is not a regular file; give the judge cache's file (a new one, or a radtrt "
+                 f"judge cache)")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            fail(f"--judge-cache {path}: {parent} is not a folder; give a path in a folder")
 
     def get(self, model: str, key: str) -> Optional[str]:
         """``model``: the judge's identity (``JudgeConfig.cache_identity``), not only its name."""
