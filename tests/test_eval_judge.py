@@ -318,6 +318,15 @@ def test_another_programs_database_is_not_taken_for_the_cache(tmp_path: Path) ->
     (tmp_path / "afile").write_text("x")
     with pytest.raises(RadtrtError, match=f"afile/sub/c.sqlite: {tmp_path / 'afile'} is not a folder"):
         JudgeCache(tmp_path / "afile" / "sub" / "c.sqlite")
+    locked = tmp_path / "locked" / "c.sqlite"  # in a folder this user cannot enter (root can: stat is made to fail)
+
+    def denied(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "is_dir", denied)
+        with pytest.raises(RadtrtError, match=f"^cannot open the judge cache {locked}: Permission denied$"):
+            JudgeCache(locked)
     text = tmp_path / "predictions.jsonl"
     text.write_text('{"study": "s", "reference": "r", "prediction": "p"}\n' * 100)
     with pytest.raises(RadtrtError, match=r"predictions.jsonl: it is not a SQLite database \(give --judge-cache a new "):
