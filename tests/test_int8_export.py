@@ -677,7 +677,8 @@ def test_a_smoothquant_batch_records_each_studys_own_decoder_run(bundle: Path, p
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["batch_size"], r["decode_batch_size"]) for r in records] == [(3, 1)] * 3
-    assert len({r["timings_ms"]["decode"] for r in records}) == 3  # each its own run, not one shared sum
+    # each its own run, not one shared sum (which gave all three the same time; two fast runs can tie by chance)
+    assert len({r["timings_ms"]["decode"] for r in records}) > 1
     assert len({r["timings_ms"]["vision"] for r in records}) == 1  # the vision batch still ran once
 
 
