@@ -86,6 +86,15 @@ def test_more_threads_than_cpus_are_refused(chain: Chain, tmp_path: Path, comman
     assert not (tmp_path / "r").exists()
 
 
+def test_more_workers_than_cpus_are_refused(chain: Chain, tmp_path: Path) -> None:
+    """--num-workers 100000: the process was killed (exit 137, no message) and its workers left running."""
+    too_many = (os.cpu_count() or 1) + 1
+    code, _, err = _invoke("train", "stage1", chain.manifest, "--model", chain.runs["lm"] / "model", "-o",
+                           tmp_path / "r", "--preset", "tiny", "--num-workers", too_many)
+    assert code == 2 and f"--num-workers {too_many} is more than this machine's {os.cpu_count()} CPUs" in err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("command", ["stage1", "eval"])
 def test_a_run_folder_as_model_names_its_model(chain: Chain, tmp_path: Path, command: str) -> None:
     run = chain.runs["lm"]

@@ -25,7 +25,7 @@ from radtrt.cli_support import PathArgument, PathOption, emit, err
 from radtrt.cli_support import user_errors as guarded
 from radtrt.errors import fail
 from radtrt.outputs import check_new_dir, resolved
-from radtrt.threads import set_threads
+from radtrt.threads import check_workers, set_threads
 
 
 def _model_name(name: str | None) -> str | None:
@@ -110,6 +110,7 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
             fail(f"{unused[0]} does not apply to 'train {stage}' ("
                  + next(text for prefix, text in why.items() if unused[0].startswith(prefix)) + ")")
         set_threads(threads)
+        check_workers(num_workers)
         cfg = make_config(stage, preset, manifest=str(resolved(manifest)), init_model=str(resolved(model)),
                           init_base_model=str(resolved(base_model)) if base_model else None,
                           out_dir=str(resolved(out)), epochs=epochs, max_steps=max_steps, lr=lr,
