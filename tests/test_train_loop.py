@@ -411,6 +411,25 @@ def test_resume_removes_only_the_lora_folder_it_wrote(chain: Chain, tmp_path: Pa
     assert (run / "lora" / "adapter_model.safetensors").read_bytes() == adapter
 
 
+def test_a_stage2_run_stopped_between_its_lora_and_its_model_leaves_no_lora(chain: Chain, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """RUN/lora is what a finished stage-2 run holds; one interrupted while writing RUN/model left it, and a script
+    checking for it took the run for finished. The resume writes both."""
+    from radtrt.training import outputs
+    from radtrt.training.loop import resume_config
+
+    def interrupted(*_: object, **__: object) -> Path:
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(outputs, "save_toolkit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("stage2", chain.manifest, chain.runs["stage1"] / "model", run, max_steps=2)
+    assert not (run / "lora").exists() and not (run / "model").exists()
+    monkeypatch.undo()
+    assert train(resume_config(run), resume=True).model_dir == run / "model" and (run / "lora").is_dir()
+
+
 @pytest.mark.parametrize("step, max_steps", [(-3, 6), (100, 6), (2, 1)])
 def test_a_checkpoint_at_a_step_outside_its_run_is_refused(chain: Chain, tmp_path: Path, step: int,
                                                           max_steps: int) -> None:

@@ -78,7 +78,19 @@ def model_name(cfg: TrainConfig, init_name: str) -> str:
 
 def write_outputs(cfg: TrainConfig, run_dir: Path, loaded: LoadedModel, objective: nn.Module,
                   peft_lm: "PeftModel | None", steps: int) -> Path:
-    """Write the stage's outputs and return the toolkit model directory."""
+    """Write the stage's outputs and return the toolkit model directory. A stage-2 run stopped after its ``lora/``
+    and before its ``model/`` removes ``lora/`` again: a finished run holds it, and a script checking for it was
+    misled by an unfinished one (the resume writes both)."""
+    try:
+        return _write_outputs(cfg, run_dir, loaded, objective, peft_lm, steps)
+    except BaseException:
+        if peft_lm is not None and not (run_dir / MODEL_DIR).exists():
+            remove_leftover_lora(run_dir)
+        raise
+
+
+def _write_outputs(cfg: TrainConfig, run_dir: Path, loaded: LoadedModel, objective: nn.Module,
+                   peft_lm: "PeftModel | None", steps: int) -> Path:
     llava = loaded.model
     if peft_lm is not None:
         from radtrt.training.lora import adapter_config, adapter_state, merged_decoder_state
