@@ -256,7 +256,9 @@ def test_a_release_that_cannot_be_written_is_one_line(chain: Chain, tmp_path: Pa
         raise failure
 
     monkeypatch.setattr(release.torch, "save", full_disk)
-    with pytest.raises(RadtrtError, match="cannot write release folder .*(file write failed|No space left)"):
+    # the disk's free space named: the zip writer's own words ("unexpected pos 8128 vs 8016") say nothing of it
+    with pytest.raises(RadtrtError, match=r"cannot write release folder .*(file write failed|No space left on device); \d+ MB "
+                                          r"free there\)$"):
         export_release(chain.runs["stage1"] / "model", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -106,4 +107,7 @@ def _write_failures(out_dir: Path, what: str) -> Iterator[None]:
         yield
     except (OSError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"cannot write {what} {out_dir} ({e.strerror if isinstance(e, OSError) and e.strerror else reason})")
+        # the zip writer's "unexpected pos 8128 vs 8016" says nothing of the disk: its free space does
+        room = f"; {shutil.disk_usage(out_dir).free / 1e6:.0f} MB free there" if out_dir.is_dir() else ""
+        fail(f"cannot write {what} {out_dir} ({e.strerror if isinstance(e, OSError) and e.strerror else reason}"
+             f"{room})")
