@@ -466,9 +466,34 @@ def test_an_unreadable_image_is_refused_before_a_lazily_read_run_starts(chain: C
     shutil.copytree(chain.manifest.parent, data)
     first = data / json.loads((data / "manifest.jsonl").read_text().splitlines()[0])["image"]
     first.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)
-    with pytest.raises(RadtrtError, match=f"{first}: image data is truncated or corrupt$"):
+    # named by its manifest line, not its path (which may carry a patient's name)
+    with pytest.raises(RadtrtError, match=f"^{data / 'manifest.jsonl'}:1 \\(its image\\): image data is truncated or "
+                                          f"corrupt$"):
         train(_lazy_stage1(chain, data, run))
     assert not run.exists()
+
+
+def test_a_rows_image_is_named_by_its_line_not_its_path(chain: Chain, tmp_path: Path) -> None:
+    """'manifest image not found: dicom/nope/Doe_Johnathan.dcm', '.../Doe_Johnathan_MRN998877: frontal.dcm: ...':
+    an image's path may carry a patient's name; the non-frontal warning already named the line."""
+    import shutil
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(chain.manifest.parent, data)
+    lines = (data / "manifest.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    row["image"] = "dicom/Doe_Johnathan_MRN998877/frontal.dcm"
+    (data / "manifest.jsonl").write_text("\n".join([lines[0], json.dumps(row), *lines[2:]]) + "\n")
+    cfg = make_config("stage1", "tiny", manifest=str(data / "manifest.jsonl"),
+                      init_model=str(chain.runs["lm"] / "model"), out_dir=str(run), max_steps=2)
+    with pytest.raises(RadtrtError, match=f"^{data / 'manifest.jsonl'}:2: its image is not found") as missing:
+        train(cfg)
+    folder = data / "dicom" / "Doe_Johnathan_MRN998877"
+    folder.mkdir(parents=True)
+    (folder / "frontal.dcm").write_bytes(b"not an image")
+    with pytest.raises(RadtrtError, match=f"^{data / 'manifest.jsonl'}:2 \\(its image\\): ") as unreadable:
+        train(cfg)
+    assert "Doe" not in str(missing.value) + str(unreadable.value) and not run.exists()
 
 
 def test_an_image_that_fails_mid_run_says_the_run_must_start_again(chain: Chain, tmp_path: Path) -> None:
@@ -480,7 +505,8 @@ def test_an_image_that_fails_mid_run_says_the_run_must_start_again(chain: Chain,
     shutil.copytree(chain.manifest.parent, data)
     first = data / json.loads((data / "manifest.jsonl").read_text().splitlines()[0])["image"]
     first.write_bytes(first.read_bytes()[:60])  # the signature and header chunk, the pixel data cut
-    with pytest.raises(RadtrtError, match=f"{first}: image data is truncated or corrupt; if its bytes must be "
+    with pytest.raises(RadtrtError, match=f"{data / 'manifest.jsonl'}:1 \\(its image\\): image data is truncated or "
+                                          f"corrupt; if its bytes must be "
                                           f"repaired, resume refuses .*: start the run again \\(delete {run} or "
                                           f"choose another -o\\); if the file was only out of reach .*, then run: "
                                           f"radtrt train resume {run}$"):
@@ -505,7 +531,8 @@ def test_an_image_that_fails_before_the_first_checkpoint_says_to_start_again(cha
     with pytest.raises(RadtrtError) as failed:
         train(cfg)
     assert str(failed.value) == (
-        f"{image}: image data is truncated or corrupt; the run stopped before its first checkpoint, so there is "
+        f"{data / 'manifest.jsonl'}:13 (its image): image data is truncated or corrupt; the run stopped before its "
+        f"first checkpoint, so there is "
         f"nothing to resume: once the file can be read, delete {run} and run the training command again (or "
         f"choose another -o)")
     assert not (run / "checkpoint").exists()

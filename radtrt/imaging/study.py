@@ -338,17 +338,24 @@ def study_error(study: Path, error: Exception) -> str:
     return f"{study}: {message}"
 
 
+def _named(path: Path, error: RadtrtError, shown_as: str | None) -> str:
+    """``study_error``'s line, with the study's path as given replaced by ``shown_as`` where there is one."""
+    message = study_error(path, error)  # begins with the path as given
+    return message if shown_as is None else shown_as + message[len(str(path)):]
+
+
 def load_study(path: Path, *, allow_any_modality: bool = False, shown_as: str | None = None) -> SelectedImage:
     """Load a study (file or folder) and return its chosen image as equalized 8-bit grey; errors name the
     study as given (every caller's, be it infer, calibration or a benchmark), or as ``shown_as`` (a server's
-    temporary file means nothing to its client)."""
+    temporary file means nothing to its client; a training manifest's row is named by its line, as a path may
+    carry a patient's name)."""
     try:
         return _load_study(Path(path), allow_any_modality)
     except RadtrtError as e:
-        fail(study_error(Path(shown_as) if shown_as is not None else path, e))
+        fail(_named(Path(path), e, shown_as))
 
 
-def screen_study(path: Path, *, allow_any_modality: bool = False) -> None:
+def screen_study(path: Path, *, allow_any_modality: bool = False, shown_as: str | None = None) -> None:
     """Refuse, from headers alone (no pixels decoded, a fraction of a second a study), what ``load_study`` would
     refuse that way: a set of studies is checked before a model loads and minutes of work are spent on it,
     instead of failing at its tenth study (a CT, a lateral-only folder, a missing file). Decoding can still fail
@@ -360,7 +367,7 @@ def screen_study(path: Path, *, allow_any_modality: bool = False) -> None:
         if kind == "RASTER":  # its signature only so far: a PNG signature before garbage passed
             check_raster_header(file)
     except RadtrtError as e:
-        fail(study_error(path, e))
+        fail(_named(Path(path), e, shown_as))
 
 
 def _study_source(path: Path, allow_any_modality: bool) -> tuple[Path, str, tuple[tuple[str, str], ...]]:

@@ -36,14 +36,14 @@ from radtrt.progress import make_progress
 from radtrt.training.examples import build_example, min_length
 
 
-def load_pixels_u8(path: Path, image_size: int) -> torch.Tensor:
+def load_pixels_u8(path: Path, image_size: int, shown_as: str | None = None) -> torch.Tensor:
     """The study's frontal image resized and cropped as ``preprocess`` does, as uint8 ``[S, S]``."""
-    return _load_pixels_u8(path, image_size)[0]
+    return _load_pixels_u8(path, image_size, shown_as)[0]
 
 
-def _load_pixels_u8(path: Path, image_size: int) -> tuple[torch.Tensor, str]:
+def _load_pixels_u8(path: Path, image_size: int, shown_as: str | None = None) -> tuple[torch.Tensor, str]:
     """:func:`load_pixels_u8`, and the view of the image read (``views.view_of``'s code)."""
-    image = load_study(path)
+    image = load_study(path, shown_as=shown_as)
     unit = preprocess(image.pixels_u8, image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0]
     return unit.mul(255).round().to(torch.uint8), image.view_position
 
@@ -82,10 +82,13 @@ class ManifestDataset(torch.utils.data.Dataset):
     def __init__(self, rows: list[ManifestRow], root: Path, *, tokenizer: LlamaSPTokenizer | None,
                  template: str | None, max_length: int, image_size: int | None,
                  label_names: list[str] | None = None, preload: bool = True, console: Console | None = None,
-                 condition_on_labels: bool = False) -> None:
+                 condition_on_labels: bool = False, where: list[str] | None = None) -> None:
+        """``where``: each row as errors name it (``MANIFEST:LINE``), in place of its image's path, which may carry a
+        patient's name (a study folder named after one, say)."""
         if condition_on_labels and template != "text":
             fail("conditioning on labels is only for text-only decoder pretraining")
         self.rows, self.root, self.condition_on_labels = rows, root, condition_on_labels
+        self.where = where
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
         self.image_size, self.label_names = image_size, label_names
         if template is not None and tokenizer is not None and max_length < min_length(tokenizer, template):
@@ -96,15 +99,20 @@ class ManifestDataset(torch.utils.data.Dataset):
         # on them without a word (the training loop warns)
         self.non_frontal: list[tuple[int, str]] = []
         if image_size is not None:
-            missing = next((r for r in rows if not r.image_path(root).exists()), None)
+            missing = next((i for i, r in enumerate(rows) if not r.image_path(root).exists()), None)
             if missing is not None:
-                path = missing.image_path(root)
+                path = rows[missing].image_path(root)
                 # a link that leads nowhere was said as "not found", the file plainly being there
                 broken = next((p for p in (path, *path.parents) if broken_link(p)), None)
+                if where is not None:  # the row's line, not its path
+                    fail(f"{where[missing]}: its image " + (f"is {broken_link(broken)}" if broken == path else
+                                                            "cannot be read (a link on its path leads nowhere)"
+                                                            if broken is not None else "is not found") +
+                         " (its 'image', relative to the manifest's folder)")
                 if broken is not None:
-                    fail(f"manifest image {missing.image} (relative to {root}) cannot be read: "
+                    fail(f"manifest image {rows[missing].image} (relative to {root}) cannot be read: "
                          f"{'it' if broken == path else broken} is {broken_link(broken)}")
-                fail(f"manifest image not found: {missing.image} (relative to {root})")
+                fail(f"manifest image not found: {rows[missing].image} (relative to {root})")
             if preload:
                 self.images = self._preload(console)
             else:  # read later, by DataLoader workers: what their headers tell is refused now, before the run starts
@@ -117,7 +125,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         with make_progress(console=console or Console(stderr=True), transient=True) as progress:
             task = progress.add_task("checking images", total=len(self.rows))
             for i, row in enumerate(self.rows):
-                screen_study(row.image_path(self.root))
+                screen_study(row.image_path(self.root), shown_as=self._shown(i))
                 self._note_view(i, _screened_view(row.image_path(self.root)))
                 progress.advance(task)
 
@@ -127,10 +135,14 @@ class ManifestDataset(torch.utils.data.Dataset):
         with make_progress(console=console or Console(stderr=True), transient=True) as progress:
             task = progress.add_task("reading images", total=len(self.rows))
             for i, row in enumerate(self.rows):
-                images[i], view = _load_pixels_u8(row.image_path(self.root), self.image_size)
+                images[i], view = _load_pixels_u8(row.image_path(self.root), self.image_size, self._shown(i))
                 self._note_view(i, view)
                 progress.advance(task)
         return images
+
+    def _shown(self, i: int) -> str | None:
+        """How errors name row ``i``'s image: by the row's line where known (see ``__init__``)."""
+        return f"{self.where[i]} (its image)" if self.where is not None else None
 
     def _note_view(self, i: int, view: str) -> None:
         if view != UNKNOWN_VIEW and not is_frontal(view):
@@ -183,7 +195,7 @@ class ManifestDataset(torch.utils.data.Dataset):
                 item["pixels"] = self.images[i]
             else:
                 try:
-                    item["pixels"] = load_pixels_u8(row.image_path(self.root), self.image_size)
+                    item["pixels"] = load_pixels_u8(row.image_path(self.root), self.image_size, self._shown(i))
                 except RadtrtError as e:
                     if get_worker_info() is None:
                         raise

@@ -347,7 +347,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
     dataset = ManifestDataset(rows, manifest.parent, tokenizer=loaded.tokenizer,
                               template=cfg.template, max_length=cfg.max_length, image_size=image_size,
                               preload=cfg.num_workers == 0 or cfg.cache_features, console=console,
-                              condition_on_labels=cfg.stage == "lm" and cfg.lm_condition == "labels")
+                              condition_on_labels=cfg.stage == "lm" and cfg.lm_condition == "labels",
+                              where=[f"{manifest}:{lineno}" for lineno, _ in read_jsonl(manifest)])
     origin["images_sha256"] = dataset.images_digest()  # before the feature cache drops the pixels
     if dataset.non_frontal and info.is_main:
         console.print(_non_frontal_warning(manifest, dataset.non_frontal), markup=False, highlight=False,
