@@ -304,7 +304,24 @@ def test_train_eval_checks_every_study_before_generating(chain: Chain, tmp_path:
     manifest = chain.manifest.parent / "with-missing.jsonl"
     manifest.write_text("\n".join(rows[:2] + [json.dumps({**json.loads(rows[2]), "image": "png/nowhere.png"})]) + "\n")
     code, _, err = _invoke("train", "eval", manifest, "--model", chain.runs["stage2"] / "model", "--max-new-tokens", "4")
-    assert code == 2 and f"{manifest}:3: image not found" in err and "generating" not in err
+    assert code == 2 and f"{manifest}:3: its image is not found" in err and "generating" not in err
+
+
+def test_train_eval_names_an_unreadable_image_by_its_line(chain: Chain, tmp_path: Path) -> None:
+    """Read while generating, an image that cannot be read was named by its path, which may carry a patient's
+    name; training names the row's line, and so does eval now."""
+    import shutil
+
+    data = Path(shutil.copytree(chain.manifest.parent, tmp_path / "data"))
+    rows = (data / chain.manifest.name).read_text().splitlines()
+    folder = data / "Doe_Johnathan_MRN998877"
+    folder.mkdir()
+    (folder / "frontal.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)
+    manifest = data / "named.jsonl"
+    manifest.write_text("\n".join([rows[0], json.dumps({**json.loads(rows[1]), "image": "Doe_Johnathan_MRN998877"})])
+                        + "\n")
+    code, _, err = _invoke("train", "eval", manifest, "--model", chain.runs["stage2"] / "model", "--max-new-tokens", "4")
+    assert code == 2 and f"{manifest}:2 (its image): " in err and "Doe" not in err, err
 
 
 def test_a_damaged_run_config_is_one_line_for_convert(chain: Chain, tmp_path: Path) -> None:

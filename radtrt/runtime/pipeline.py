@@ -119,11 +119,12 @@ class Pipeline:
         prompt = build_prompt(build_query(indication), self.cfg.conv_template)
         return tokenizer_image_token(prompt, self.tokenizer.encode, self.tokenizer.bos_token_id)
 
-    def prepare(self, study: Path, *, indication: str | None = None,
-                allow_any_modality: bool = False) -> PreparedStudy:
-        """Everything before the model; a bad study fails here, before any batch is formed."""
+    def prepare(self, study: Path, *, indication: str | None = None, allow_any_modality: bool = False,
+                shown_as: str | None = None) -> PreparedStudy:
+        """Everything before the model; a bad study fails here, before any batch is formed. ``shown_as``: how its
+        errors name the study (``load_study``)."""
         t0 = time.perf_counter()
-        image = load_study(study, allow_any_modality=allow_any_modality)
+        image = load_study(study, allow_any_modality=allow_any_modality, shown_as=shown_as)
         pixels = self.cfg.preprocessing(image.pixels_u8)
         return PreparedStudy(study, image, pixels, self.prompt_ids(indication), (time.perf_counter() - t0) * 1e3)
 
@@ -153,6 +154,7 @@ class Pipeline:
         return results
 
     def run(self, study: Path, *, indication: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
-            allow_any_modality: bool = False) -> StudyResult:
-        prepared = self.prepare(study, indication=indication, allow_any_modality=allow_any_modality)
+            allow_any_modality: bool = False, shown_as: str | None = None) -> StudyResult:
+        prepared = self.prepare(study, indication=indication, allow_any_modality=allow_any_modality,
+                                shown_as=shown_as)
         return self.generate([prepared], max_new_tokens=max_new_tokens)[0]

@@ -74,9 +74,8 @@ def read_rows(manifest: Path, limit: int | None = None) -> list[ManifestRow]:
         row = parse_row(obj, where)
         if limit is not None and len(rows) >= limit:
             continue
-        if not row.image_path(manifest.parent).exists():
-            fail(f"{where}: image not found: {row.image_path(manifest.parent)} (its 'image', relative to the "
-                 f"manifest's folder)")
+        if not row.image_path(manifest.parent).exists():  # its path not repeated: it may carry a patient's name
+            fail(f"{where}: its image is not found (its 'image', relative to the manifest's folder)")
         if row.labels is not None:
             check_labels(row.labels, where)
         rows.append(row)
@@ -91,11 +90,14 @@ def evaluate_findings(loaded: LoadedModel, manifest: Path, *, limit: int | None 
     loaded.model.eval()
     pipeline = Pipeline(TorchBackend(loaded.model), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
     reports = []
+    lines = [lineno for lineno, _ in read_jsonl(manifest)]  # read_rows keeps the first rows, in order
     with make_progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("generating reports", total=len(rows))
-        for row in rows:
+        for row, lineno in zip(rows, lines):
+            # named by its line, as training names it: the image's path may carry a patient's name
             result = pipeline.run(row.image_path(manifest.parent), max_new_tokens=max_new_tokens,
-                                  indication=row.indication if use_indication else None)
+                                  indication=row.indication if use_indication else None,
+                                  shown_as=f"{manifest}:{lineno} (its image)")
             reports.append(result.report)
             progress.advance(task)
     references = [row.findings for row in rows]
