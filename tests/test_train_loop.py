@@ -957,7 +957,7 @@ def test_the_non_frontal_warning_writes_the_manifest_path_on_one_line(tmp_path: 
     folder = tmp_path / os.fsdecode(b"site\nA\xfe")
     folder.mkdir()
     (folder / "manifest.jsonl").write_text('{"image": "a.dcm", "findings": "x"}\n')
-    warning = _non_frontal_warning(folder / "manifest.jsonl", [(0, "LL")])
+    warning = _non_frontal_warning([f"{folder / 'manifest.jsonl'}:1"], [(0, "LL")])
     assert "\n" not in warning and f"{tmp_path}/site\\nA\\xfe/manifest.jsonl:1, a LL view" in warning
 
 

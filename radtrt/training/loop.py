@@ -74,15 +74,15 @@ def label_vocabulary(dataset: ManifestDataset) -> list[str]:
     return [x for x in LABELS if x in seen] + sorted(seen - set(LABELS))
 
 
-def _non_frontal_warning(manifest: Path, rows: list[tuple[int, str]]) -> str:
+def _non_frontal_warning(where: list[str], rows: list[tuple[int, str]]) -> str:
     """One line for every row whose image is not frontal: infer calls a report on such a view unreliable, and
-    training took them without a word. Where to look (the first row's line) and the view code only; never the
-    image's path, which may carry a patient's name. The manifest's path is written as every stderr line writes one
-    (``printable``: a newline in it made two lines, an undecodable byte showed as ``\\udcfe``)."""
+    training took them without a word. Where to look (the first row's ``MANIFEST:LINE``, from ``where``) and the
+    view code only; never the image's path, which may carry a patient's name. The manifest's path is written as
+    every stderr line writes one (``printable``: a newline in it made two lines, an undecodable byte showed as
+    ``\\udcfe``)."""
     index, view = rows[0]
-    line = next(lineno for k, (lineno, _) in enumerate(read_jsonl(manifest)) if k == index)
     return printable(f"radtrt: warning: {len(rows)} manifest row{'s are' if len(rows) > 1 else ' is'} not a frontal "
-                     f"(PA/AP) view (first: {manifest}:{line}, a {view} view); LLaVA-Rad trains and reports on frontal "
+                     f"(PA/AP) view (first: {where[index]}, a {view} view); LLaVA-Rad trains and reports on frontal "
                      f"radiographs, and infer calls a report on any other view unreliable")
 
 
@@ -344,14 +344,15 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
               "tokenizer_sha256": hashlib.sha256(loaded.tokenizer.model_proto).hexdigest()}
     _check_max_length(cfg, loaded.model.cfg)
     image_size = None if cfg.stage == "lm" else loaded.model.cfg.vision.img_size
+    where = [f"{manifest}:{lineno}" for lineno, _ in read_jsonl(manifest)]  # each row, by its line
     dataset = ManifestDataset(rows, manifest.parent, tokenizer=loaded.tokenizer,
                               template=cfg.template, max_length=cfg.max_length, image_size=image_size,
                               preload=cfg.num_workers == 0 or cfg.cache_features, console=console,
                               condition_on_labels=cfg.stage == "lm" and cfg.lm_condition == "labels",
-                              where=[f"{manifest}:{lineno}" for lineno, _ in read_jsonl(manifest)])
+                              where=where)
     origin["images_sha256"] = dataset.images_digest()  # before the feature cache drops the pixels
     if dataset.non_frontal and info.is_main:
-        console.print(_non_frontal_warning(manifest, dataset.non_frontal), markup=False, highlight=False,
+        console.print(_non_frontal_warning(where, dataset.non_frontal), markup=False, highlight=False,
                       soft_wrap=True)
     label_names = label_vocabulary(dataset) if cfg.stage == "vision" else None
     dataset.label_names = label_names
