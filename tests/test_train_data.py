@@ -166,3 +166,28 @@ def test_lazily_read_rows_naming_study_folders_have_a_digest(tmp_path: Path) -> 
     write_radiograph(tmp_path / "store" / "ser" / "pa.dcm", synthetic_chest(seed=4), view_position="PA",
                      study_uid=study_uid)
     assert digest() != linked
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_an_image_unreadable_while_hashed_is_named_by_its_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                folder: bool) -> None:
+    """The digest's read failure named the image's path, which may carry a patient's name (a study folder named
+    after one): the row's line is what other errors name."""
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+
+    image = "Doe^Jane/pa.dcm" if not folder else "Doe^Jane"
+    write_radiograph(tmp_path / "Doe^Jane" / "pa.dcm", synthetic_chest(seed=0), view_position="PA")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": image, "findings": "Clear."}) + "\n")
+    dataset = ManifestDataset(read_manifest(tmp_path / "m.jsonl"), tmp_path, tokenizer=None, template=None,
+                              max_length=2048, image_size=56, preload=False, where=["m.jsonl:1"])
+    real_open = Path.open
+
+    def denied(self: Path, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if self.name == "pa.dcm":
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(RadtrtError) as e:
+        dataset.images_digest()
+    assert "m.jsonl:1" in str(e.value) and "Doe" not in str(e.value) and "Permission denied" in str(e.value)

@@ -48,7 +48,7 @@ def _load_pixels_u8(path: Path, image_size: int, shown_as: str | None = None) ->
     return unit.mul(255).round().to(torch.uint8), image.view_position
 
 
-def _screened_view(path: Path) -> str:
+def _screened_view(path: Path, shown_as: str | None = None) -> str:
     """The view of the image a screened study will be read from, from its header alone. A folder always gives a
     frontal image or one of unknown view (``study._choose``), so only a file given by itself is looked at; a PNG or
     JPEG has no view to tell."""
@@ -58,7 +58,7 @@ def _screened_view(path: Path) -> str:
         with path.open("rb") as f:
             head = f.read(16)
     except OSError as e:  # read a moment ago by the screening: gone or locked away since
-        fail(f"cannot read manifest image {path} ({e.strerror or e})")
+        fail(f"cannot read {shown_as or f'manifest image {path}'} ({e.strerror or e})")
     return UNKNOWN_VIEW if sniff_raster(head) else view_of(read_header(path))[0]
 
 
@@ -126,7 +126,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             task = progress.add_task("checking images", total=len(self.rows))
             for i, row in enumerate(self.rows):
                 screen_study(row.image_path(self.root), shown_as=self._shown(i))
-                self._note_view(i, _screened_view(row.image_path(self.root)))
+                self._note_view(i, _screened_view(row.image_path(self.root), self._shown(i)))
                 progress.advance(task)
 
     def _preload(self, console: Console | None) -> torch.Tensor:
@@ -161,7 +161,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             h.update(memoryview(self.images.contiguous().numpy()))
             return h.hexdigest()
         h.update(b"files\0")
-        for row in self.rows:
+        for i, row in enumerate(self.rows):
             path = row.image_path(self.root)
             # a row may name a study folder: every file in it, by name (it was read as a file: 'Is a directory')
             files = study_files(path) if path.is_dir() else [path]
@@ -172,7 +172,11 @@ class ManifestDataset(torch.utils.data.Dataset):
                         while block := f.read(1 << 22):
                             h.update(block)
                 except OSError as e:
-                    fail(f"cannot read manifest image {file} ({e.strerror or e})")
+                    # by the row, not the path; a file of a row's study folder is not named either (its name may be
+                    # a patient's as much as the folder's)
+                    shown = (self._shown(i) if file == path else f"{self.where[i]} (a file of its study folder)") \
+                        if self.where is not None else None
+                    fail(f"cannot read {shown or f'manifest image {file}'} ({e.strerror or e})")
                 h.update(b"\0")  # file boundaries: two files that swap bytes between them differ
         return h.hexdigest()
 
