@@ -324,6 +324,23 @@ def test_train_eval_names_an_unreadable_image_by_its_line(chain: Chain, tmp_path
     assert code == 2 and f"{manifest}:2 (its image): " in err and "Doe" not in err, err
 
 
+def test_train_eval_warns_of_rows_that_are_not_frontal(chain: Chain, tmp_path: Path) -> None:
+    """Training warns that a lateral row is not what LLaVA-Rad reads, and infer calls its report unreliable;
+    'train eval' scored it without a word."""
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+
+    rows = chain.manifest.read_text().splitlines()
+    write_radiograph(chain.manifest.parent / "lateral-eval.dcm", synthetic_chest(seed=3), view_position="LL")
+    manifest = chain.manifest.parent / "with-lateral.jsonl"
+    manifest.write_text("\n".join([rows[0], json.dumps({**json.loads(rows[1]), "image": "lateral-eval.dcm"})]) + "\n")
+    code, _, err = _invoke("train", "eval", manifest, "--model", chain.runs["stage2"] / "model", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert f"1 manifest row is not a frontal (PA/AP) view (first: {manifest}:2, a LL view)" in err
+    code, _, err = _invoke("train", "eval", manifest, "--model", chain.runs["stage2"] / "model", "--max-new-tokens", "4",
+                           "--limit", "1")
+    assert code == 0 and "not a frontal" not in err, err
+
+
 def test_a_damaged_run_config_is_one_line_for_convert(chain: Chain, tmp_path: Path) -> None:
     import shutil
 

@@ -952,12 +952,12 @@ def test_the_non_frontal_warning_writes_the_manifest_path_on_one_line(tmp_path: 
     """The manifest's path went to stderr as it was: a newline in a folder name split the warning in two."""
     import os
 
-    from radtrt.training.loop import _non_frontal_warning
+    from radtrt.training.data import non_frontal_warning
 
     folder = tmp_path / os.fsdecode(b"site\nA\xfe")
     folder.mkdir()
     (folder / "manifest.jsonl").write_text('{"image": "a.dcm", "findings": "x"}\n')
-    warning = _non_frontal_warning([f"{folder / 'manifest.jsonl'}:1"], [(0, "LL")])
+    warning = non_frontal_warning([f"{folder / 'manifest.jsonl'}:1"], [(0, "LL")])
     assert "\n" not in warning and f"{tmp_path}/site\\nA\\xfe/manifest.jsonl:1, a LL view" in warning
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import get_worker_info
 
 from radtrt.data.labeler import extract_labels
 from radtrt.data.manifest import ManifestRow
-from radtrt.errors import RadtrtError, fail
+from radtrt.errors import RadtrtError, fail, printable
 from radtrt.imaging.dicom import read_header
 from radtrt.imaging.preprocess import preprocess
 from radtrt.imaging.raster import sniff_raster
@@ -60,6 +60,18 @@ def _screened_view(path: Path, shown_as: str | None = None) -> str:
     except OSError as e:  # read a moment ago by the screening: gone or locked away since
         fail(f"cannot read {shown_as or f'manifest image {path}'} ({e.strerror or e})")
     return UNKNOWN_VIEW if sniff_raster(head) else view_of(read_header(path))[0]
+
+
+def non_frontal_warning(where: list[str], rows: list[tuple[int, str]]) -> str:
+    """One line for every row whose image is not frontal: infer calls a report on such a view unreliable, and
+    training and ``train eval`` took them without a word. Where to look (the first row's ``MANIFEST:LINE``, from ``where``) and the
+    view code only; never the image's path, which may carry a patient's name. The manifest's path is written as
+    every stderr line writes one (``printable``: a newline in it made two lines, an undecodable byte showed as
+    ``\\udcfe``)."""
+    index, view = rows[0]
+    return printable(f"radtrt: warning: {len(rows)} manifest row{'s are' if len(rows) > 1 else ' is'} not a frontal "
+                     f"(PA/AP) view (first: {where[index]}, a {view} view); LLaVA-Rad trains and reports on frontal "
+                     f"radiographs, and infer calls a report on any other view unreliable")
 
 
 def normalize(pixels_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

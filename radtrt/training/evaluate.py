@@ -22,10 +22,12 @@ from radtrt.data.labeler import F1Report, extract_labels, label_f1
 from radtrt.data.manifest import ManifestRow, parse_row, read_jsonl
 from radtrt.data.vocabulary import NO_FINDING, label_set_problem, pathology_labels, unknown_labels
 from radtrt.errors import fail
+from radtrt.imaging.views import UNKNOWN_VIEW, is_frontal
 from radtrt.model.loading import LoadedModel
 from radtrt.progress import make_progress
 from radtrt.runtime.backends import TorchBackend
 from radtrt.runtime.pipeline import Pipeline
+from radtrt.training.data import non_frontal_warning
 
 
 @dataclass
@@ -91,15 +93,22 @@ def evaluate_findings(loaded: LoadedModel, manifest: Path, *, limit: int | None 
     pipeline = Pipeline(TorchBackend(loaded.model), loaded.tokenizer, loaded.model.cfg, model_name=loaded.name)
     reports = []
     lines = [lineno for lineno, _ in read_jsonl(manifest)]  # read_rows keeps the first rows, in order
+    where = [f"{manifest}:{lineno}" for lineno in lines]
+    non_frontal: list[tuple[int, str]] = []  # said as training says it: a lateral row's score is not LLaVA-Rad's
     with make_progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task("generating reports", total=len(rows))
-        for row, lineno in zip(rows, lines):
+        for i, row in enumerate(rows):
             # named by its line, as training names it: the image's path may carry a patient's name
             result = pipeline.run(row.image_path(manifest.parent), max_new_tokens=max_new_tokens,
                                   indication=row.indication if use_indication else None,
-                                  shown_as=f"{manifest}:{lineno} (its image)")
+                                  shown_as=f"{where[i]} (its image)")
             reports.append(result.report)
+            if result.view_position != UNKNOWN_VIEW and not is_frontal(result.view_position):
+                non_frontal.append((i, result.view_position))
             progress.advance(task)
+    if non_frontal:
+        (console or Console(stderr=True)).print(non_frontal_warning(where, non_frontal), markup=False,
+                                                highlight=False, soft_wrap=True)
     references = [row.findings for row in rows]
     truth = [list(row.labels) if row.labels is not None else extract_labels(row.findings) for row in rows]
     return Evaluation(label_f1([extract_labels(r) for r in reports], truth), reports, references)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from radtrt import interrupts
 from radtrt.data.manifest import read_jsonl, read_manifest
 from radtrt.data.vocabulary import LABELS
-from radtrt.errors import RadtrtError, fail, printable
+from radtrt.errors import RadtrtError, fail
 from radtrt.model.checkpoints import all_finite
 from radtrt.model.fingerprint import weights_fingerprint
 from radtrt.model.io import read_json, sha256_file
@@ -39,7 +39,7 @@ from radtrt.model.loading import load_model
 from radtrt.outputs import WORK_MARKER, check_folder_target, check_new_dir, make_dir, not_ours, work_dir, write_text
 from radtrt.training import checkpoint as ckpt
 from radtrt.training.config import TrainConfig
-from radtrt.training.data import ManifestDataset, Schedule, collate
+from radtrt.training.data import ManifestDataset, Schedule, collate, non_frontal_warning
 from radtrt.training.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across, shutdown
 from radtrt.training.objectives import MultimodalLM, build_objective, trainable_parameters
 from radtrt.training.outputs import LORA_DIR, MODEL_DIR, check_leftover_lora, write_outputs
@@ -72,18 +72,6 @@ def label_vocabulary(dataset: ManifestDataset) -> list[str]:
         fail("trunk pretraining needs finding labels: the manifest's rows have none, and none could be read from "
              "their findings")
     return [x for x in LABELS if x in seen] + sorted(seen - set(LABELS))
-
-
-def _non_frontal_warning(where: list[str], rows: list[tuple[int, str]]) -> str:
-    """One line for every row whose image is not frontal: infer calls a report on such a view unreliable, and
-    training took them without a word. Where to look (the first row's ``MANIFEST:LINE``, from ``where``) and the
-    view code only; never the image's path, which may carry a patient's name. The manifest's path is written as
-    every stderr line writes one (``printable``: a newline in it made two lines, an undecodable byte showed as
-    ``\\udcfe``)."""
-    index, view = rows[0]
-    return printable(f"radtrt: warning: {len(rows)} manifest row{'s are' if len(rows) > 1 else ' is'} not a frontal "
-                     f"(PA/AP) view (first: {where[index]}, a {view} view); LLaVA-Rad trains and reports on frontal "
-                     f"radiographs, and infer calls a report on any other view unreliable")
 
 
 def _optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -352,7 +340,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                               where=where)
     origin["images_sha256"] = dataset.images_digest()  # before the feature cache drops the pixels
     if dataset.non_frontal and info.is_main:
-        console.print(_non_frontal_warning(where, dataset.non_frontal), markup=False, highlight=False,
+        console.print(non_frontal_warning(where, dataset.non_frontal), markup=False, highlight=False,
                       soft_wrap=True)
     label_names = label_vocabulary(dataset) if cfg.stage == "vision" else None
     dataset.label_names = label_names
