@@ -184,6 +184,38 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
     _refused(path, "truncated")
 
 
+@pytest.mark.parametrize("size", [(256, 200), (128, 100)])  # pixel data over and under the header read's 64 KB
+def test_a_truncated_file_is_refused_from_its_header(tmp_path: Path, size: tuple[int, int]) -> None:
+    """Header screening passed a file cut inside its pixel data; only decoding refused it, which training's
+    DataLoader workers do mid-run, after checkpoints were written. A folder's chosen image is screened too."""
+    from radtrt.imaging.study import screen_study
+
+    path = write_radiograph(tmp_path / "study" / "dx.dcm", synthetic_chest(*size), view_position="PA")
+    screen_study(path)
+    screen_study(path.parent)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    for study in (path, path.parent):
+        with pytest.raises(RadtrtError, match=r"dx.dcm: pixel data truncated \(\d+ of \d+ bytes\)"):
+            screen_study(study)
+
+
+def test_a_deflated_file_is_screened_and_one_cut_short_is_one_line(tmp_path: Path) -> None:
+    """A deflated file's pixel data lies in the inflated stream, not at its file offset (a whole one is not
+    'truncated'); one cut short was zlib.error's traceback."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from radtrt.imaging.study import screen_study
+
+    ds = radiograph_dataset(synthetic_chest())
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "dx.dcm", enforce_file_format=True)
+    screen_study(tmp_path / "dx.dcm")
+    assert load_dicom_image(tmp_path / "dx.dcm").pixels_u8.shape == (256, 200)
+    (tmp_path / "cut.dcm").write_bytes((tmp_path / "dx.dcm").read_bytes()[:-10])
+    _refused(tmp_path / "cut.dcm", "DICOM header is truncated or corrupt")
+
+
 @pytest.mark.parametrize(("delta", "match"), [(10, "truncated"), (-10, "disagrees")])
 def test_rows_disagreeing_with_pixel_length_are_refused(tmp_path: Path, delta: int,
                                                         match: str) -> None:

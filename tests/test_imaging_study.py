@@ -242,7 +242,8 @@ def test_an_entry_whose_files_were_all_refused_stays_a_study(tmp_path: Path) -> 
 
 def test_screening_refuses_from_headers_what_reading_would(tmp_path: Path) -> None:
     """``screen_study`` runs before a model loads: it refuses, by the same words, what ``load_study`` refuses from
-    headers, and leaves pixel damage (which only decoding finds) to the read."""
+    headers, and leaves pixel damage (which only decoding finds) to the read; a file cut short is told by its
+    length, a study folder's chosen image too (with no fallback to another image)."""
     ct = _dx(tmp_path / "ct", "pa.dcm", "PA", modality="CT")
     _dx(tmp_path / "lat", "a.dcm", "LL")
     for study, match in ((ct, "modality"), (ct.parent, "no usable image in folder: pa.dcm: .*modality"),
@@ -258,9 +259,16 @@ def test_screening_refuses_from_headers_what_reading_would(tmp_path: Path) -> No
     assert str(screened.value) == _refused(wide, "not a chest radiograph")
     cut = _dx(tmp_path / "cut", "pa.dcm", "PA")
     cut.write_bytes(cut.read_bytes()[:-5000])  # header intact, pixel data cut
-    screen_study(cut.parent)
-    screen_study(cut)
-    _refused(cut, "truncated")
+    _dx(tmp_path / "cut", "z_ap.dcm", "AP")
+    for study in (cut, cut.parent):
+        with pytest.raises(RadtrtError, match=r"pa.dcm: pixel data truncated \(97400 of 102400 bytes\)") as screened:
+            screen_study(study)
+        assert str(screened.value) == _refused(study, "truncated")
+    damaged = _dx(tmp_path / "damaged", "pa.dcm", "PA")
+    data = bytearray(damaged.read_bytes())
+    data[-5000:] = b"\xff" * 5000  # as long as declared: what only decoding could tell (here nothing does)
+    damaged.write_bytes(bytes(data))
+    screen_study(damaged)
 
 
 def test_an_empty_file_is_said_not_dropped(tmp_path: Path) -> None:

@@ -191,3 +191,16 @@ def test_an_image_unreadable_while_hashed_is_named_by_its_row(tmp_path: Path, mo
     with pytest.raises(RadtrtError) as e:
         dataset.images_digest()
     assert "m.jsonl:1" in str(e.value) and "Doe" not in str(e.value) and "Permission denied" in str(e.value)
+
+
+def test_a_truncated_image_is_refused_before_a_lazily_read_run(tmp_path: Path) -> None:
+    """Read by DataLoader workers, a DICOM cut inside its pixel data failed the run mid-way, after checkpoints were
+    written (and a run whose data changes cannot be resumed): its length is told from the header up front."""
+    from radtrt.imaging.synthetic import synthetic_chest, write_radiograph
+
+    path = write_radiograph(tmp_path / "pa.dcm", synthetic_chest(seed=0), view_position="PA")
+    path.write_bytes(path.read_bytes()[:-100])
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "pa.dcm", "findings": "Clear."}) + "\n")
+    with pytest.raises(RadtrtError, match=r"m.jsonl:1 \(its image\): pixel data truncated \(102300 of 102400"):
+        ManifestDataset(read_manifest(tmp_path / "m.jsonl"), tmp_path, tokenizer=None, template=None,
+                        max_length=2048, image_size=56, preload=False, where=["m.jsonl:1"])

@@ -54,6 +54,7 @@ import re
 import struct
 import threading
 import warnings
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.sequence import Sequence
 from pydicom.encaps import generate_frames
-from pydicom.uid import UID, MediaStorageDirectoryStorage, RLELossless
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage, RLELossless
 
 from radtrt.errors import fail
 from radtrt.imaging.pixels import MAX_PIXELS, check_aspect, equalize_histogram, min_max_to_uint8, rgb_to_grey
@@ -216,8 +217,10 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
              f"(radtrt recognizes files by content, not by name)")
     except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
         fail(f"{name}: cannot read file ({exc.strerror or type(exc).__name__})")
-    # BytesLengthException: a value whose length does not fit its VR; NotImplementedError: a damaged VR code
-    except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError, BytesLengthException):
+    # BytesLengthException: a value whose length does not fit its VR; NotImplementedError: a damaged VR code;
+    # zlib.error: a deflated file cut short (pydicom inflates it whole before reading)
+    except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError, BytesLengthException,
+            zlib.error):
         fail(f"{name}: DICOM header is truncated or corrupt")
     return ds
 
@@ -331,15 +334,36 @@ def _uids(ds: Dataset, name: str) -> dict[str, str]:
     return found
 
 
+HEADER_DEFER = "64 KB"  # header reads leave pixel data unread, beyond this size
+
+
 def read_header(path: Path, *, allow_any_modality: bool = False) -> Dataset:
     """Header-only screening for folder scans: every refusal that needs no pixel decoding."""
-    ds = read_dicom(path, defer_size="64 KB")
+    ds = read_dicom(path, defer_size=HEADER_DEFER)
     check_image_object(ds, path.name)
     check_modality(ds, path.name, allow_any_modality=allow_any_modality)
     check_single_frame(ds, path.name)
     _check_geometry(ds, path.name)
     _uids(ds, path.name)
     return ds
+
+
+def check_pixel_data_complete(ds: Dataset, path: Path) -> None:
+    """Refuse a file that ends before the pixel data its element declares (a copy cut short), from its header
+    (``read_header``'s ``ds``): decoding said so, but only when the image was read, which training's DataLoader
+    workers do mid-run, after checkpoints were written. An encapsulated element (undefined length) is read through
+    at once, and a cut there fails the header read. Not part of ``read_header``: a folder scan would skip such a
+    file, and a study whose chosen image is damaged fails, with no fallback to another one (``study``)."""
+    raw = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+        return
+    if raw.value is None and ds.get("file_meta", Dataset()).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return  # its place is one in the inflated stream, not the file: decoding checks it
+    # a deferred value (over read_header's defer_size) is None, its place in the file known; a read one is as long
+    # as the file allowed
+    available = len(raw.value or b"") if raw.value is not None else max(0, path.stat().st_size - raw.value_tell)
+    if available < raw.length:
+        fail(f"{path.name}: pixel data truncated ({available} of {raw.length} bytes)")
 
 
 def _check_geometry(ds: Dataset, name: str) -> tuple[int, int, int]:

@@ -27,7 +27,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from radtrt.errors import RadtrtError, fail
-from radtrt.imaging.dicom import holds_no_image, load_dicom_image, read_dicom, read_header
+from radtrt.imaging.dicom import (HEADER_DEFER, check_pixel_data_complete, holds_no_image, load_dicom_image, read_dicom,
+                                  read_header)
 from radtrt.imaging.pixels import check_aspect
 from radtrt.imaging.raster import check_raster_header, load_raster, sniff_raster
 from radtrt.imaging.views import FRONTAL_VIEWS, UNKNOWN_VIEW, is_frontal, view_of
@@ -219,7 +220,7 @@ def _scan(folder: Path, *, allow_any_modality: bool) -> tuple[list[_Candidate], 
 
 def _refused_dicom(path: Path, error: RadtrtError) -> _Refused:
     try:
-        ds = read_dicom(path, defer_size="64 KB")
+        ds = read_dicom(path, defer_size=HEADER_DEFER)
     except RadtrtError:  # no header to read a study from
         return _Refused(path, str(error))
     image = "PixelData" in ds or not holds_no_image(ds)  # a SEG or RT Dose holds pixels, whatever its class is named
@@ -362,8 +363,11 @@ def screen_study(path: Path, *, allow_any_modality: bool = False, shown_as: str 
     later (damaged pixel data): that is said when the study is read."""
     try:
         file, kind, _ = _study_source(Path(path), allow_any_modality)
-        if kind == "DICOM" and file == Path(path):  # a folder's images were screened as it was scanned
-            read_header(file, allow_any_modality=allow_any_modality)
+        if kind == "DICOM":  # a folder's images were screened as it was scanned; its chosen one is read again for
+            # the length of its pixel data
+            header = read_header(file, allow_any_modality=allow_any_modality) if file == Path(path) else \
+                read_dicom(file, defer_size=HEADER_DEFER)
+            check_pixel_data_complete(header, file)
         if kind == "RASTER":  # its signature only so far: a PNG signature before garbage passed
             check_raster_header(file)
     except RadtrtError as e:
