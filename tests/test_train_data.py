@@ -204,3 +204,14 @@ def test_a_truncated_image_is_refused_before_a_lazily_read_run(tmp_path: Path) -
     with pytest.raises(RadtrtError, match=r"m.jsonl:1 \(its image\): pixel data truncated \(102300 of 102400"):
         ManifestDataset(read_manifest(tmp_path / "m.jsonl"), tmp_path, tokenizer=None, template=None,
                         max_length=2048, image_size=56, preload=False, where=["m.jsonl:1"])
+
+
+@pytest.mark.parametrize("key", ["indication", "findings"])
+def test_the_image_placeholder_in_a_row_is_refused_naming_the_row(tmp_path: Path, key: str) -> None:
+    """In an indication, the prompt's refusal named no row (a training run, a calibration set or a bench parity
+    manifest of thousands); in findings, tokenizing spliced a second image into the training example."""
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [{"image": "a.png", "findings": "Clear."}, {"image": "b.png", "findings": "Clear.", key: "see <image> here"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RadtrtError, match=rf"manifest.jsonl:2: its '{key}' contains the image placeholder <image>"):
+        read_manifest(manifest)

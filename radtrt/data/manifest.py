@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from radtrt.errors import fail
+from radtrt.model.prompt import IMAGE_TOKEN
 from radtrt.outputs import make_dir, replaced_atomically
 
 
@@ -96,8 +97,12 @@ def parse_row(obj: dict[str, Any], where: str, *, findings_required: bool = True
     labels = obj.get("labels")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
         fail(f"{where}: 'labels' must be a list of label names")
+    indication = optional_str(obj, "indication", where)
+    for key, text in (("indication", indication), ("findings", findings)):
+        if text and IMAGE_TOKEN in text:  # build_query's refusal named no row; in findings it spliced a second image
+            fail(f"{where}: its '{key}' contains the image placeholder {IMAGE_TOKEN}; remove it")
     extra = {k: v for k, v in obj.items() if k not in ("image", "findings", "indication", "labels")}
-    return ManifestRow(image, findings.strip() if findings else None, optional_str(obj, "indication", where),
+    return ManifestRow(image, findings.strip() if findings else None, indication,
                        tuple(labels) if labels is not None else None, extra)
 
 
