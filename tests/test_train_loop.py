@@ -573,6 +573,31 @@ def test_training_on_views_that_are_not_frontal_is_warned_about_once(chain: Chai
     assert "row5.dcm" not in err and "row9.dcm" not in err
 
 
+def test_rows_cut_to_max_length_and_repeated_rows_are_warned_about_once(chain: Chain, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A report longer than --max-length was cut without a word (its end and EOS untrained: the model learns no
+    stop there), and a manifest concatenated twice trained every row twice, silently."""
+    import shutil
+
+    data = Path(shutil.copytree(chain.manifest.parent, tmp_path / "data"))
+    rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    rows[3]["findings"] = " ".join(["The heart is normal in size."] * 40)
+    manifest = data / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows + rows[:2]))
+    cfg = make_config("stage1", "tiny", manifest=str(manifest), init_model=str(chain.runs["lm"] / "model"),
+                      out_dir=str(tmp_path / "run"), max_steps=1, max_length=300)
+    train(cfg)
+    err = capsys.readouterr().err
+    assert err.count(f"radtrt: warning: 1 manifest row is longer than --max-length 300 ids with the prompt, and cut "
+                     f"(first: {manifest}:4, ") == 1, err
+    assert err.count(f"radtrt: warning: 2 manifest rows repeat an earlier row (first: {manifest}:{len(rows) + 1}, a "
+                     f"copy of line 1); each copy is trained on") == 1, err
+    (data / "unique.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:3] + rows[4:6]))
+    train(make_config("stage1", "tiny", manifest=str(data / "unique.jsonl"),
+                      init_model=str(chain.runs["lm"] / "model"), out_dir=str(tmp_path / "run2"), max_steps=1))
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
     """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),

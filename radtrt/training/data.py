@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,36 @@ def non_frontal_warning(where: list[str], rows: list[tuple[int, str]]) -> str:
                      f"radiographs, and infer calls a report on any other view unreliable")
 
 
+def too_long_warning(where: list[str], rows: list[tuple[int, int]], max_length: int) -> str:
+    """One line for every row whose example is cut to ``--max-length``: its report's end and its EOS go untrained,
+    silently (the released trainer cuts as silently). Named by the first row's line, never its image's path."""
+    index, n = rows[0]
+    return printable(f"radtrt: warning: {len(rows)} manifest row{'s are' if len(rows) > 1 else ' is'} longer than "
+                     f"--max-length {max_length} ids with the prompt, and cut (first: {where[index]}, {n} ids): the end "
+                     f"of such a report and its end-of-sequence token are not trained on")
+
+
+def repeated_rows(rows: list[ManifestRow]) -> list[tuple[int, int]]:
+    """(row index, index of the earlier row it repeats) for each row that is another's copy (image, findings,
+    indication and labels): trained on as often as it is copied, a manifest concatenated twice, say."""
+    first: dict[tuple[Any, ...], int] = {}
+    out = []
+    for i, row in enumerate(rows):
+        key = (row.image, row.findings, row.indication, row.labels)
+        if key in first:
+            out.append((i, first[key]))
+        else:
+            first[key] = i
+    return out
+
+
+def repeated_warning(where: list[str], repeats: list[tuple[int, int]]) -> str:
+    i, j = repeats[0]
+    return printable(f"radtrt: warning: {len(repeats)} manifest row{'s repeat' if len(repeats) > 1 else ' repeats'} an "
+                     f"earlier row (first: {where[i]}, a copy of line {where[j].rpartition(':')[2]}); each copy is "
+                     f"trained on")
+
+
 def normalize(pixels_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """``[B, S, S]`` uint8 -> ``[B, 3, S, S]`` model input, identical to ``preprocess``'s output."""
     x = pixels_u8.to(torch.float32).div(255)[:, None].expand(-1, 3, -1, -1)
@@ -107,6 +138,11 @@ class ManifestDataset(torch.utils.data.Dataset):
             fail(f"max_length {max_length} leaves no report token to train on in any '{template}' example (the "
                  f"prompt before the report is longer); it must be at least {min_length(tokenizer, template)}")
         self.images: torch.Tensor | None = None
+        # (row index, its example's length in ids) of each row cut to max_length: its report's end and EOS are not
+        # trained on, so the model learns no stop there (the training loop warns)
+        self.too_long: list[tuple[int, int]] = []
+        if template is not None and tokenizer is not None:
+            self.too_long = self._measure(console)
         # (row index, view) of each image that is not frontal: infer calls its report unreliable, and a run trained
         # on them without a word (the training loop warns)
         self.non_frontal: list[tuple[int, str]] = []
@@ -129,6 +165,20 @@ class ManifestDataset(torch.utils.data.Dataset):
                 self.images = self._preload(console)
             else:  # read later, by DataLoader workers: what their headers tell is refused now, before the run starts
                 self._screen(console)
+
+    def _measure(self, console: Console | None) -> list[tuple[int, int]]:
+        assert self.template is not None and self.tokenizer is not None
+        out = []
+        with make_progress(console=console or Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("measuring reports", total=len(self.rows))
+            for i, row in enumerate(self.rows):
+                context = self.label_context(i) if self.condition_on_labels else None
+                n = len(build_example(self.tokenizer, self.template, row.findings, row.indication, sys.maxsize,
+                                      context).input_ids)
+                if n > self.max_length:
+                    out.append((i, n))
+                progress.advance(task)
+        return out
 
     def _screen(self, console: Console | None) -> None:
         """Refuse an image that reading it would refuse from its header (a damaged PNG, a CT) before the run

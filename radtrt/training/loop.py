@@ -39,7 +39,8 @@ from radtrt.model.loading import load_model
 from radtrt.outputs import WORK_MARKER, check_folder_target, check_new_dir, make_dir, not_ours, work_dir, write_text
 from radtrt.training import checkpoint as ckpt
 from radtrt.training.config import TrainConfig
-from radtrt.training.data import ManifestDataset, Schedule, collate, non_frontal_warning
+from radtrt.training.data import (ManifestDataset, Schedule, collate, non_frontal_warning, repeated_rows,
+                                  repeated_warning, too_long_warning)
 from radtrt.training.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across, shutdown
 from radtrt.training.objectives import MultimodalLM, build_objective, trainable_parameters
 from radtrt.training.outputs import LORA_DIR, MODEL_DIR, check_leftover_lora, write_outputs
@@ -339,9 +340,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                               condition_on_labels=cfg.stage == "lm" and cfg.lm_condition == "labels",
                               where=where)
     origin["images_sha256"] = dataset.images_digest()  # before the feature cache drops the pixels
-    if dataset.non_frontal and info.is_main:
-        console.print(non_frontal_warning(where, dataset.non_frontal), markup=False, highlight=False,
-                      soft_wrap=True)
+    if info.is_main:
+        repeats = repeated_rows(rows)
+        for warning in ([non_frontal_warning(where, dataset.non_frontal)] if dataset.non_frontal else []) + \
+                ([too_long_warning(where, dataset.too_long, cfg.max_length)] if dataset.too_long else []) + \
+                ([repeated_warning(where, repeats)] if repeats else []):
+            console.print(warning, markup=False, highlight=False, soft_wrap=True)
     label_names = label_vocabulary(dataset) if cfg.stage == "vision" else None
     dataset.label_names = label_names
     objective, peft_lm = build_objective(cfg, loaded.model, label_names)
