@@ -284,8 +284,21 @@ def test_generate_keeps_to_the_engines_build_limits() -> None:
         backend.generate(prompts, max_new_tokens=7, eos_token_id=2)
     long_prompt = backend.embed_prompt([1, IMAGE_TOKEN_INDEX, 7, 8, 9, 10, 11], torch.ones(2, 8))
     with pytest.raises(RadtrtError, match=r"the prompt \(8 positions, with the image\) is longer than the "
-                                          r"TensorRT-LLM engine's prompts \(up to 6 positions\): shorten --indication"):
+                                          r"TensorRT-LLM engine's prompts \(up to 6 positions\): this engine cannot take it"):
         backend.generate([long_prompt], max_new_tokens=1, eos_token_id=2)
+
+
+def test_an_engine_prompt_refusal_names_the_indication_only_where_shortening_it_helps() -> None:
+    """'shorten --indication' was said whether or not one was given (the shorten hint was dropped)."""
+    from radtrt.runtime.tensorrt import check_engine_limits
+
+    limits = {"max_input_len": 512, "max_seq_len": 1024}
+    with pytest.raises(RadtrtError, match=r"\(up to 512 positions\): this engine cannot take it$"):
+        check_engine_limits([600], 10, limits)
+    with pytest.raises(RadtrtError, match=r"\(up to 512 positions\): shorten --indication$"):
+        check_engine_limits([600], 10, limits, shorten=("--indication", 500))
+    with pytest.raises(RadtrtError, match=r"\(up to 512 positions\): this engine cannot take it$"):
+        check_engine_limits([600], 10, limits, shorten=("--indication", 520))
 
 
 def test_the_decoder_engine_is_the_one_built_not_always_fp16(tmp_path: Path) -> None:

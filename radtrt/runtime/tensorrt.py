@@ -128,13 +128,18 @@ def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> st
          f"--trt-decoder")
 
 
-def check_engine_limits(prompt_lengths: list[int], max_new_tokens: int, limits: dict[str, Any]) -> None:
+def check_engine_limits(prompt_lengths: list[int], max_new_tokens: int, limits: dict[str, Any], *,
+                        shorten: tuple[str, int] | None = None) -> None:
     """Refuse what the TensorRT-LLM engine was not built for, before it runs: its runner raises a bare
-    ``RuntimeError`` (a traceback) for a prompt or sequence over the build limits."""
+    ``RuntimeError`` (a traceback) for a prompt or sequence over the build limits. ``shorten``: as
+    ``generate.check_positions`` takes it (what the prompt can be shortened by, the length without it); "shorten
+    --indication" was said to runs that gave none."""
     longest = max(prompt_lengths)
     if longest > limits["max_input_len"]:  # fewer new tokens cannot help
+        fix = f"shorten {shorten[0]}" if shorten and shorten[1] <= limits["max_input_len"] else \
+            "this engine cannot take it"
         fail(f"the prompt ({longest} positions, with the image) is longer than the TensorRT-LLM engine's prompts "
-             f"(up to {limits['max_input_len']} positions): shorten --indication")
+             f"(up to {limits['max_input_len']} positions): {fix}")
     if longest + max_new_tokens > limits["max_seq_len"]:
         fail(f"the prompt ({longest} positions, with the image) + {max_new_tokens} new tokens exceed the TensorRT-LLM "
              f"engine's sequences (up to {limits['max_seq_len']} positions): --max-new-tokens "
@@ -302,7 +307,8 @@ class TensorRTBackend:
 
     def check_length(self, prompt_length: int, max_new_tokens: int, *,
                      shorten: tuple[str, int] | None = None) -> None:
-        check_engine_limits([prompt_length], max_new_tokens, self.limits)  # tighter than the model's positions
+        check_engine_limits([prompt_length], max_new_tokens, self.limits, shorten=shorten)  # tighter than the
+        # model's positions
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
