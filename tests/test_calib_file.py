@@ -93,6 +93,25 @@ def test_an_export_from_a_calibration_file_checks_its_held_out_studies_first(loa
     Int8Plan(calibration_data=str(path), parity_samples=0).check_ready()  # no gate, nothing of it read
 
 
+def test_a_calibration_file_is_told_by_its_content_not_its_name(loaded: LoadedModel, phantoms: Path,
+                                                                tmp_path: Path) -> None:
+    """Copied to calib.bin it was "neither a folder nor a JSONL manifest"; a safetensors file of another kind is
+    still told what it is not."""
+    from radtrt.calibration.run import resolve_calibration
+    from radtrt.exporter.onnx_int8 import Int8Plan
+
+    path = calibrate(loaded, phantoms, 3).file.save(tmp_path / "calib.safetensors")
+    renamed = tmp_path / "calib.bin"
+    shutil.copy(path, renamed)
+    Int8Plan(calibration_data=str(renamed), parity_samples=0).check_ready()
+    assert resolve_calibration(loaded, str(renamed)).file.hash == CalibrationFile.load(path).hash
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.bin"))
+    with pytest.raises(RadtrtError, match="other.bin"):
+        resolve_calibration(loaded, str(tmp_path / "other.bin"))
+
+
 def test_a_held_out_study_read_past_a_repeated_image_is_named_as_held_out(loaded: LoadedModel, tmp_path: Path) -> None:
     """The up-front check reads the k rows after the calibrated ones; the gate skips an image the calibration set
     repeats and reads on, and a broken study there failed the export late, with no word of the gate."""

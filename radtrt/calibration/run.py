@@ -22,6 +22,7 @@ from radtrt.calibration.samples import (Sample, SampleSet, count_samples, held_o
                                        screen_held_out, source_entries)
 from radtrt.calibration.stats import collect_stats
 from radtrt.errors import fail
+from radtrt.model.io import is_safetensors
 from radtrt.model.loading import LoadedModel
 from radtrt.progress import progress_callback
 
@@ -105,14 +106,14 @@ def calibrate_phantoms(loaded: LoadedModel, n: int, seed: int = PHANTOM_CALIBRAT
 
 
 def is_calibration_file(path: Path) -> bool:
-    return path.is_file() and path.suffix == ".safetensors" and read_metadata(path).get("format") == CALIBRATION_FORMAT
+    return is_safetensors(path) and read_metadata(path).get("format") == CALIBRATION_FORMAT
 
 
 def means_phantoms(data: str, *, calibration_files: bool = False) -> bool:
     """Whether ``--data`` / ``--calibration-data`` asks for synthetic phantoms. The keyword is also a folder name
     ``radtrt data phantoms -o phantom`` may well have made: were it taken as the keyword there, the user's own
     folder would be ignored without a word, so that case is refused. A file of that name cannot be given as
-    ``./phantom`` instead: files are told apart by their suffix, which it lacks, so the remedy is a rename to what
+    ``./phantom`` instead: a manifest is told apart by its suffix, which it lacks, so the remedy is a rename to what
     the option takes (``calibration_files``: ``--calibration-data`` also takes a ``radtrt calibrate`` file)."""
     if data != PHANTOM:
         return False
@@ -138,7 +139,7 @@ def resolve_calibration(loaded: LoadedModel, data: str | None, n: int = DEFAULT_
     if means_phantoms(data, calibration_files=True):
         return calibrate_phantoms(loaded, n, progress=progress)
     path = Path(data)
-    if path.is_file() and path.suffix == ".safetensors":  # one that is not a calibration file is told so
+    if is_safetensors(path):  # one that is not a calibration file is told so
         return reuse(loaded, path)
     return calibrate(loaded, path, n, progress=progress)
 

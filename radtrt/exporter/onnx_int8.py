@@ -83,7 +83,9 @@ class Int8Plan:
             return
         if not data.exists():
             fail(f"calibration data not found: {self.calibration_data}")
-        if not (data.is_file() and data.suffix == ".safetensors"):  # a calibration file is checked when it loads
+        from radtrt.model.io import is_safetensors
+
+        if not is_safetensors(data):  # a calibration file is checked when it loads
             check_samples(data, self.n, held_out=self.parity_samples)
         elif self.parity_samples:  # its held-out studies, as check_samples checks a folder's
             from radtrt.calibration.file import CalibrationFile

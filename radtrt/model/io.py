@@ -73,9 +73,23 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         fail(f"weight file is truncated or corrupt: {path} ({e})")
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file, by content (an 8-byte header length, then its JSON header), not by
+    name: a 'radtrt calibrate' file copied to ``calib.bin`` was called "neither a folder nor a JSONL manifest", then
+    read as a pickle."""
+    try:
+        if not path.is_file():
+            return False
+        with path.open("rb") as f:
+            head = f.read(9)
+        return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size
+    except OSError:  # unreadable: the route that reads it says why
+        return False
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file or a weights-only pickle, on the CPU."""
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or is_safetensors(path):
         _check_exists(path)
         try:
             return load_file(path)
