@@ -111,7 +111,10 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input
             dynamic_shapes: tuple) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's axis-renaming chatter; errors still raise
+        # the exporter's own chatter, by name; any other warning (a tracer's, constant folding's) may mean a wrong
+        # graph, and is shown
+        warnings.filterwarnings("ignore", r"# The axis name: .* will not be used", UserWarning)
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
         program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=inputs, output_names=outputs,
                                     dynamic_shapes=dynamic_shapes, opset_version=OPSET, optimize=True,
                                     verbose=False)
