@@ -62,9 +62,9 @@ def _header(**attrs: object) -> Dataset:
     return ds
 
 
-def _coded_view(meaning: str) -> Dataset:
+def _coded_view(meaning: str, value: str = "X", scheme: str = "SCT") -> Dataset:
     item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "X", "SCT", meaning
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
     return _header(ViewCodeSequence=[item])
 
 
@@ -78,6 +78,14 @@ def _coded_view(meaning: str) -> Dataset:
         (_coded_view("left lateral"), ("LL", "ViewCodeSequence")),
         (_coded_view("Lateral"), ("LATERAL", "ViewCodeSequence")),
         (_coded_view("cranio-caudal"), (UNKNOWN_VIEW, "none")),
+        # by the coded concept (CID 4010), whatever the meaning says: a meaning-less or wrongly labelled item was
+        # read by its text alone, and a folder of two such images was "2 images with unknown view"
+        (_coded_view("", "272479007"), ("PA", "ViewCodeSequence")),
+        (_coded_view("postero-anterior", "399348003"), ("AP", "ViewCodeSequence")),
+        (_coded_view("PA", "R-10236", "SRT"), ("LL", "ViewCodeSequence")),
+        (_coded_view("", "399198007"), ("RL", "ViewCodeSequence")),
+        (_coded_view("", "r-102cd", "srt"), ("LATERAL", "ViewCodeSequence")),
+        (_coded_view("", "272479007", "99LOCAL"), (UNKNOWN_VIEW, "none")),  # another scheme's 272479007
         (_header(ViewPosition="", SeriesDescription="CHEST PA"), ("PA", "SeriesDescription")),
         (_header(SeriesDescription="Thorax LAT"), ("LATERAL", "SeriesDescription")),
         (_header(SeriesDescription="CHEST PA AND LAT", ProtocolName="AP portable"),

@@ -9,9 +9,11 @@ reduced to one image, and the rules deciding it must be few and visible:
    "AP ERECT" and "PA ERECT", the frontal projection with the posture added, read as AP or PA). Any
    other value is not echoed (a damaged or hand-edited header can hold a name there) and the next
    rules decide.
-2. ``ViewCodeSequence`` (0054,0220) first item, by its code meaning from DICOM CID 4010
-   ("postero-anterior" -> PA, "antero-posterior" -> AP, "left lateral" -> LL,
-   "right lateral" -> RL, any other meaning containing "lateral" -> LATERAL).
+2. ``ViewCodeSequence`` (0054,0220) first item: by its coded concept from DICOM CID 4010 (code value and
+   scheme, SNOMED CT or its legacy SNOMED-RT ids: the normative part of a code, and all some writers fill in),
+   else by its code meaning ("postero-anterior" -> PA, "antero-posterior" -> AP, "left lateral" -> LL,
+   "right lateral" -> RL, any other meaning containing "lateral" -> LATERAL). Where the two disagree (a
+   writer that put "postero-anterior" beside AP's code) the code decides.
 3. ``SeriesDescription`` then ``ProtocolName``: split into words on non-letters; the words
    LAT/LATERAL/LL/RL mean LATERAL, PA means PA, AP means AP. Used only when exactly one of these
    three is present ("CHEST PA" -> PA; "PA AND LAT" is ambiguous and gives nothing).
@@ -37,6 +39,14 @@ _CODE_MEANINGS = {
     "leftlateral": "LL",
     "rightlateral": "RL",
 }
+# CID 4010 (DX View): (scheme, code value) -> view, SNOMED CT ("SCT") and the legacy SNOMED-RT ids ("SRT", "SNM3")
+_CODES = {
+    **dict.fromkeys((("SCT", "272479007"), ("SRT", "R-40888"), ("SNM3", "R-40888")), "PA"),
+    **dict.fromkeys((("SCT", "399348003"), ("SRT", "R-10206"), ("SNM3", "R-10206")), "AP"),
+    **dict.fromkeys((("SCT", "399173006"), ("SRT", "R-10236"), ("SNM3", "R-10236")), "LL"),
+    **dict.fromkeys((("SCT", "399198007"), ("SRT", "R-10232"), ("SNM3", "R-10232")), "RL"),
+    **dict.fromkeys((("SCT", "399067008"), ("SRT", "R-102CD"), ("SNM3", "R-102CD")), "LATERAL"),
+}
 _LATERAL_WORDS = frozenset({"LAT", "LATERAL", "LL", "RL"})
 # ViewPosition's defined terms (PS3.3 C.8.11.5.1.1) and the other projections seen in chest practice
 POSITION_TERMS = frozenset({"AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO", "LAT", "LATERAL", "LAO", "RAO",
@@ -54,7 +64,12 @@ def _from_view_code(ds: Dataset) -> str | None:
     seq = ds.get("ViewCodeSequence")
     if not seq:
         return None
-    meaning = str(seq[0].get("CodeMeaning", "") or "").lower()
+    item = seq[0]
+    code = (str(item.get("CodingSchemeDesignator", "") or "").strip().upper(),
+            str(item.get("CodeValue", "") or "").strip().upper())
+    if code in _CODES:
+        return _CODES[code]
+    meaning = str(item.get("CodeMeaning", "") or "").lower()
     key = re.sub(r"[^a-z]", "", meaning)
     if not key:
         return None
