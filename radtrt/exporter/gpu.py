@@ -21,7 +21,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from radtrt.errors import fail
 
@@ -282,6 +282,22 @@ def read_stamp(path: Path, fmt: str, keys: tuple[str, ...]) -> dict[str, Any] | 
         fail(f"engine stamp {path} is malformed (no '{missing[0]}'); rebuild the engine")
     stamp_gpu(stamp, f"engine stamp {path}")
     return stamp
+
+
+def refuse_missing_engine(vendor: str, what: str, bundle: Path, mismatches: list[tuple[str, bool]], *,
+                          installed: bool, build: str, has: str = "") -> NoReturn:
+    """The one line for a bundle without an engine this host runs (the vision engine's and the decoder's): one
+    built elsewhere (``mismatches``: why, and whether for this GPU model), or none at all. Before ``vendor``'s
+    library is ``installed`` no rebuild can help, and installing it runs an engine of this GPU model only (a
+    V100's never runs on an Orin)."""
+    if mismatches and not installed:
+        mismatch, same = next((m for m in mismatches if m[1]), mismatches[0])
+        fail(f"the {vendor} {what} in {bundle} was {mismatch}: " + (
+            f"install {vendor} on this host (the version it was built with), or rebuild the engine once it is "
+            "installed" if same else f"install {vendor} on this host, then rebuild it here with: {build}"))
+    if mismatches:
+        fail(f"the {vendor} {what} in {bundle} was {mismatches[0][0]}: rebuild it on this host with: {build}")
+    fail(f"bundle {bundle} has no {vendor} {what}{has}; build one with: {build}")
 
 
 def stamp_mismatch(stamp: dict[str, Any], gpu: GpuInfo, *, trtllm: bool = False) -> str | None:

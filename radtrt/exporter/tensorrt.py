@@ -34,6 +34,7 @@ from radtrt.exporter.bundle import read_manifest, sha256_file
 from radtrt.exporter.gpu import (
     GpuInfo,
     check_tensorrt,
+    refuse_missing_engine,
     engine_key,
     gpu_stamp,
     import_vendor,
@@ -386,14 +387,5 @@ def find_vision_engine(bundle: Path, gpu: GpuInfo, precision: str | None = None,
         if problem:
             fail(problem)
         return chosen
-    what = f"{precision} " if precision else ""
-    if mismatches and gpu.tensorrt is None:  # no rebuild can help before TensorRT is there (as for TensorRT-LLM)
-        mismatch, here = next((m for m in mismatches if m[1]), mismatches[0])
-        # installing its TensorRT runs an engine of this GPU model only: a V100's never runs on an Orin
-        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatch}: " + (
-            "install TensorRT on this host (the version it was built with), or rebuild the engine once it is "
-            "installed" if here else f"install TensorRT on this host, then rebuild it here with: {build}"))
-    if mismatches:
-        fail(f"the TensorRT {what}vision engine in {bundle} was {mismatches[0][0]}: rebuild it on this host with: "
-             f"{build}")
-    fail(f"bundle {bundle} has no TensorRT {what}vision engine; build one with: {build}")
+    refuse_missing_engine("TensorRT", f"{precision} vision engine" if precision else "vision engine", bundle,
+                          mismatches, installed=gpu.tensorrt is not None, build=build)

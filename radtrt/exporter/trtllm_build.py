@@ -22,6 +22,7 @@ from radtrt.errors import fail
 from radtrt.exporter.gpu import (
     GpuInfo,
     check_trtllm,
+    refuse_missing_engine,
     engine_key,
     gpu_stamp,
     import_vendor,
@@ -377,13 +378,6 @@ def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Pa
         return path.parent / "engine", stamp
     what = f"{tag} decoder engine" if tag is not None else "decoder engine"
     build = _build_command(bundle, tag or "fp16")
-    if others and gpu.tensorrt_llm is None:  # no rebuild can help before TensorRT-LLM is there
-        mismatch, same = next((o for o in others if o[1]), others[0])
-        # installing its TensorRT-LLM runs an engine of this GPU model only: a V100's never runs on an Orin
-        fail(f"the TensorRT-LLM {what} in {bundle} was {mismatch}: " + (
-            "install TensorRT-LLM on this host (the version it was built with), or rebuild the engine once it is "
-            "installed" if same else f"install TensorRT-LLM on this host, then rebuild it here with: {build}"))
-    if others:
-        fail(f"the TensorRT-LLM {what} in {bundle} was {others[0][0]}: rebuild it on this host with: {build}")
     has = f" (for this host it has {', '.join(sorted(here))})" if here else ""
-    fail(f"bundle {bundle} has no TensorRT-LLM {what}{has}; build one with: {build}")
+    refuse_missing_engine("TensorRT-LLM", what, bundle, others, installed=gpu.tensorrt_llm is not None, build=build,
+                          has=has)
