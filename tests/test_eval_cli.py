@@ -626,3 +626,23 @@ def test_a_metric_whose_extra_is_not_installed_is_one_line(tmp_path: Path, monke
     assert "leave bleu out of --metrics" in err and not (tmp_path / "r.json").exists()
     code, _, err = run("--predictions", str(preds), "--metrics", "rouge,labels", "-o", str(tmp_path / "r.json"))
     assert code == 0, err
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_metrics_of_the_base_install_run_without_the_judges_client(tmp_path: Path, paired: bool) -> None:
+    """Without the eval extra (no openai), '--metrics rouge,labels' printed its table, then a ModuleNotFoundError
+    traceback, exit 1: the CheXprompt checks after it imported the judge's client whatever was scored."""
+    import subprocess
+
+    rows = [{"study": "a", "reference": "The heart is enlarged.", "prediction": "The heart is enlarged."},
+            {"study": "b", "reference": "Small left effusion.", "prediction": "No effusion."}]
+    for name in ("reference", "candidate"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    inputs = (["--paired", str(tmp_path / "reference.jsonl"), str(tmp_path / "candidate.jsonl")] if paired else
+              ["-p", str(tmp_path / "reference.jsonl")])
+    code = ("import sys; sys.modules['openai'] = None; sys.argv = ['radtrt', 'eval', *sys.argv[1:]]; "
+            "from radtrt.entry import main; main()")
+    done = subprocess.run([sys.executable, "-c", code, *inputs, "--metrics", "rouge,labels"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "ROUGE" in done.stdout.upper()

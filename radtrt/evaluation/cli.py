@@ -133,6 +133,12 @@ def eval_command(
         with interrupts.completing("results file", out):
             write_text(out, json.dumps(result, indent=2) + "\n", "results file")
     emit(summary, nl=False)
+    if "chexprompt" in names:  # its summary helpers import the judge's client (the eval extra): only where judged
+        _check_judged(result, out)
+
+
+def _check_judged(result: dict, out: Optional[Path]) -> None:
+    """Fail a CheXprompt run that scored nothing, warn on one that scored some reports only."""
     from radtrt.evaluation.chexprompt.summary import nothing_judged, refusal, unreadable_only, unscored
 
     if nothing_judged(result):
