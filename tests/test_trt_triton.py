@@ -339,3 +339,32 @@ def test_preprocessing_execute_fails_only_the_bad_requests(tmp_path: Path, monke
     assert errors[6].endswith(" positions; MAX_NEW_TOKENS 336 at most for this prompt"), errors[6]  # no INDICATION
     outputs = {t.name: t.array for t in responses[0].output_tensors}
     assert outputs["PIXEL_VALUES"].shape == (1, 3, 56, 56) and outputs["REQUEST_OUTPUT_LEN"].tolist() == [[32]]
+
+
+def test_postprocessing_execute_answers_the_ensembles_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README says the ensemble answers REPORT, TOKEN_IDS and WARNINGS: postprocessing's execute, which makes
+    the first two from TensorRT-LLM's output_ids/sequence_length ([batch 1, beam, ...] per request), never ran in a
+    test, and nothing checked the ensemble's output names."""
+    from radtrt.exporter.pbtxt import as_list
+
+    pb = _fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    bundle = make_fake_bundle(tmp_path)
+    repo = write_triton_repo(bundle, tmp_path / "repo", vision_backend="onnxruntime",
+                             decoder_engine=_decoder_engine(tmp_path))
+    configs = check_repo(repo)
+    assert {io["name"] for io in as_list(configs["radtrt"]["output"])} == {"REPORT", "TOKEN_IDS", "WARNINGS"}
+    post = PostprocessingModel()
+    post.initialize({"model_config": json.dumps({"parameters": {"eos_token_id": {"string_value": "2"}}}),
+                     "model_repository": str(repo / "postprocessing"), "model_version": "1"})
+
+    def request(ids: list[int], length: int) -> dict[str, Any]:
+        return {"TOKENS_BATCH": pb.Tensor("TOKENS_BATCH", np.array([[ids]], dtype=np.int32)),
+                "SEQUENCE_LENGTH": pb.Tensor("SEQUENCE_LENGTH", np.array([[length]], dtype=np.int32))}
+
+    responses = post.execute([request([300, 301, 2, 2], 4), request([302, 303, 304, 0], 3)])
+    outputs = [{t.name: t.array for t in r.output_tensors} for r in responses]
+    assert outputs[0]["TOKEN_IDS"].tolist() == [[300, 301]] and outputs[1]["TOKEN_IDS"].tolist() == [[302, 303, 304]]
+    assert outputs[0]["TOKEN_IDS"].dtype == np.int32
+    assert outputs[0]["REPORT"].tolist() == [[post.tokenizer.decode([300, 301]).strip().encode()]]
+    assert outputs[1]["REPORT"].tolist() == [[post.tokenizer.decode([302, 303, 304]).strip().encode()]]
