@@ -83,6 +83,18 @@ def test_a_broken_chosen_image_fails_the_study_without_fallback(tmp_path: Path) 
     assert "a_pa.dcm" in message
 
 
+def test_a_folder_named_as_its_failing_file_still_names_the_file(tmp_path: Path) -> None:
+    """A study folder 'frontal.dcm' whose file 'frontal.dcm' failed was told as if the folder were the file: the
+    message's leading file name was taken for the study's own and dropped."""
+    folder = tmp_path / "frontal.dcm"
+    pa = _dx(folder, "frontal.dcm", "PA", seed=1)
+    pa.write_bytes(pa.read_bytes()[:-5000])
+    assert _refused(folder, "truncated").startswith(f"{folder}: frontal.dcm: pixel data truncated")
+    single = _dx(tmp_path / "single", "frontal.dcm", "PA", seed=2)
+    single.write_bytes(single.read_bytes()[:-5000])
+    assert _refused(single, "truncated").startswith(f"{single}: pixel data truncated")
+
+
 def test_only_laterals_are_refused_naming_the_views(tmp_path: Path) -> None:
     _dx(tmp_path, "a.dcm", "LL", seed=1)
     _dx(tmp_path, "b.dcm", "RL", seed=2)

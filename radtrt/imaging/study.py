@@ -334,7 +334,8 @@ def study_error(study: Path, error: Exception) -> str:
     message, name = str(error), Path(study).name
     if message.startswith(f"{study}:"):  # named already
         return message
-    if message.startswith(f"{name}:"):  # a file given by itself: its name becomes the path as given
+    # a file given by itself: its name becomes the path as given (not a folder's file of the folder's own name)
+    if message.startswith(f"{name}:") and not Path(study).is_dir():
         return f"{study}{message[len(name):]}"
     return f"{study}: {message}"
 
