@@ -209,7 +209,9 @@ def _flip_a_byte_in_a_pickled_string(run: Path) -> None:
     (_damage_state("step", "3"), "has no valid 'step'"),
     (_damage_state("rng", []), "damaged training state \\(IndexError"),
     (_damage_state("optimizer", {"state": {}}), "damaged training state \\(KeyError"),
-    (_damage_state("trainable", _first_tensor_wrong_shape), "damaged training state \\(RuntimeError"),
+    # a weight of another shape (another model, another LoRA rank) is named with both shapes, not "damaged"
+    (_damage_state("trainable", _first_tensor_wrong_shape),
+     "does not match this stage's trainable weights \\(.*: \\(.*\\) in the checkpoint, \\(.*\\) in the model\\)"),
     (lambda run: (run / "log.jsonl").write_text("garbage\n" + (run / "log.jsonl").read_text()),
      "log.jsonl line 1 is not a training log entry"),
     (lambda run: (run / "model").write_text("x"), "model folder .* is not a folder"),  # found after the last step

@@ -583,7 +583,12 @@ def _restore(run_dir: Path, objective: torch.nn.Module, named: list[tuple[str, t
     unexpected = sorted(set(state["trainable"]) - {n for n, _ in named})
     if unexpected or absent:
         fail(f"checkpoint in {run_dir} does not match this stage's trainable weights ({(unexpected or absent)[0]})")
-    try:  # the names matched; what is inside them (shapes, optimizer groups, RNG bytes) can still be damaged
+    saved = state["trainable"]
+    for n, p in named:  # the names matched; a shape that differs is another model's (or another LoRA rank's) weight
+        if isinstance(saved[n], torch.Tensor) and tuple(saved[n].shape) != tuple(p.shape):
+            fail(f"checkpoint in {run_dir} does not match this stage's trainable weights ({n}: "
+                 f"{tuple(saved[n].shape)} in the checkpoint, {tuple(p.shape)} in the model)")
+    try:  # what else is inside them (optimizer groups, RNG bytes, a value that is no tensor) can still be damaged
         objective.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
