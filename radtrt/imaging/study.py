@@ -334,8 +334,9 @@ def study_error(study: Path, error: Exception) -> str:
     message, name = str(error), Path(study).name
     if message.startswith(f"{study}:"):  # named already
         return message
-    # a file given by itself: its name becomes the path as given (not a folder's file of the folder's own name)
-    if message.startswith(f"{name}:") and not Path(study).is_dir():
+    # the study's own name (a file given by itself, or a folder's own refusal) becomes the path as given; a folder
+    # that holds a file of its own name (frontal.dcm/frontal.dcm) leads with that file's name, which is kept
+    if message.startswith(f"{name}:") and not (Path(study) / name).exists():
         return f"{study}{message[len(name):]}"
     return f"{study}: {message}"
 
