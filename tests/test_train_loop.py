@@ -275,6 +275,28 @@ def test_a_run_stopped_while_writing_its_model_is_finished_by_resume(chain: Chai
     assert (run / "lora" / "adapter_model.safetensors").read_bytes() == adapter
 
 
+def test_resume_refuses_a_checkpoint_folder_that_links_to_another_run(chain: Chain, tmp_path: Path) -> None:
+    """A run folder whose checkpoint/ was a link to another run's resumed, and saved its steps into that other
+    run's checkpoint, overwriting the state it would resume from."""
+    import shutil
+
+    from radtrt.training.loop import resume_config
+
+    cfg = make_config("stage2", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["stage1"] / "model"),
+                      out_dir=str(tmp_path / "original"), max_steps=4, save_every=1)
+    train(cfg, stop_after=2)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    shutil.copy(tmp_path / "original" / "train_config.json", linked)
+    (linked / "checkpoint").symlink_to(tmp_path / "original" / "checkpoint")
+    with pytest.raises(RadtrtError, match=r"checkpoint is a link to .*original/checkpoint: resume would write its "
+                                          r"checkpoints there, into another run's folder; copy the folder"):
+        resume_config(linked)
+    (linked / "checkpoint").unlink()
+    shutil.copytree(tmp_path / "original" / "checkpoint", linked / "checkpoint")
+    assert resume_config(linked).out_dir == str(linked)
+
+
 def test_resume_of_a_finished_run_says_so_before_loading_anything(chain: Chain) -> None:
     """It loaded the model and read every image, then said 'nothing to resume'."""
     from radtrt.training.loop import resume_config

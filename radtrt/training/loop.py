@@ -255,6 +255,10 @@ def resume_config(run_dir: Path) -> TrainConfig:
     """:func:`run_config`, checked against ``RUN/train_config.json``. Why: resume continued whatever checkpoint
     was in the folder (another run's, another stage's) and ignored an edited train_config.json without a word;
     a deleted one is written again from the checkpoint (``convert --to llava-rad`` reads it)."""
+    folder = run_dir / ckpt.CHECKPOINT_DIR
+    if folder.is_symlink():  # a run set up with links to another's files: its saves went into that other run
+        fail(f"{folder} is a link to {os.path.realpath(folder)}: resume would write its checkpoints there, into "
+             f"another run's folder; copy the folder in place of the link (cp -rL) to continue this run on its own")
     cfg, step = _run_state(run_dir)
     _check_config_file(run_dir, cfg)
     if (run_dir / MODEL_DIR).is_dir():  # built aside: present means complete. Said before the model loads and
