@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -556,11 +557,10 @@ def test_an_image_that_fails_before_the_first_checkpoint_says_to_start_again(cha
         train(cfg)
     assert str(failed.value) == (
         f"{data / 'manifest.jsonl'}:13 (its image): image data is truncated or corrupt; the run stopped before its "
-        f"first checkpoint, so there is "
-        f"nothing to resume: once the file can be read, delete {run} and run the training command again (or "
-        f"choose another -o)")
-    assert not (run / "checkpoint").exists()
-    with pytest.raises(RadtrtError, match="stopped before its first checkpoint"):
+        f"first checkpoint; so there is nothing to resume: {run}, which this run had created, was removed; once that "
+        f"is fixed, run the training command again")
+    assert not run.exists()  # a rerun found the folder holding the run's config and log, and refused it
+    with pytest.raises(RadtrtError, match="no training checkpoint|does not exist|not found"):
         resume_config(run)
 
 
@@ -625,9 +625,10 @@ def test_rows_cut_to_max_length_and_repeated_rows_are_warned_about_once(chain: C
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
     """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),
-                      out_dir=str(tmp_path / "run"), max_steps=6)
+                      out_dir=str(tmp_path / "run"), max_steps=6, save_every=1)
     object.__setattr__(cfg, "lr", 1e30)  # above TrainConfig's bound now: the loop's own check is what is tested
-    with pytest.raises(RadtrtError, match="training diverged at step [0-9]+: loss .*a lower --lr"):
+    with pytest.raises(RadtrtError, match="training diverged at step [0-9]+: loss .*a lower --lr.*the checkpoints "
+                                          "before it are kept$"):
         train(cfg)
     assert not (tmp_path / "run" / "model").exists()
     assert all(json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines())
@@ -665,9 +666,26 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(chain: Chain, tmp_path:
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
 
     monkeypatch.setattr(ckpt.torch, "save", full_disk)
-    with pytest.raises(RadtrtError, match="cannot write training checkpoint .*PytorchStreamWriter failed"):
-        run_stage("stage1", chain.manifest, chain.runs["lm"] / "model", tmp_path / "run", max_steps=2)
-    assert not list((tmp_path / "run" / "checkpoint").glob("*"))
+    run = tmp_path / "run"
+    with pytest.raises(RadtrtError) as failed:
+        run_stage("stage1", chain.manifest, chain.runs["lm"] / "model", run, max_steps=2)
+    # the first checkpoint: the folder, left holding the run's config and log, refused the rerun it told the user to
+    # make; what the run wrote is removed, and the folder, which it created
+    assert re.fullmatch(f"cannot write training checkpoint {run}/checkpoint/state.pt \\(.*PytorchStreamWriter failed "
+                        f"writing file; [0-9]+ MB free there\\); it was the run's first; so there is nothing to resume: "
+                        f"{run}, which this run had created, was removed; once that is fixed, run the training "
+                        f"command again", str(failed.value)), str(failed.value)
+    assert not run.exists()
+
+    def full_disk_and_a_note(*_args: object, **_kwargs: object) -> None:
+        (run / "notes.txt").write_text("the user's")  # put in meanwhile: never removed, the remedy is then to delete
+        full_disk()
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk_and_a_note)
+    with pytest.raises(RadtrtError, match=f"once that is fixed, delete {run} and run the training command again \\(or "
+                                          f"choose another -o\\)$"):
+        run_stage("stage1", chain.manifest, chain.runs["lm"] / "model", run, max_steps=2)
+    assert (run / "notes.txt").read_text() == "the user's"
 
 
 def test_a_model_folder_is_never_left_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,8 +62,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
         room = f"; {free / 1e6:.0f} MB free there" if free is not None else ""
         run = shlex.quote(str(run_dir))
+        # before the first one, train adds what to do (it removes what the run wrote)
         after = (f"the previous one is kept: free space, then run: radtrt train resume {run}" if path.is_file() else
-                 f"there is no earlier one: free space, delete {run} and run the training command again")
+                 "it was the run's first")
         fail(f"cannot write training checkpoint {path} ({why}{room}); {after}")
     return path
 

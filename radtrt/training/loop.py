@@ -179,9 +179,8 @@ def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
         with path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(entry) + "\n")
     except OSError as e:
-        if not ckpt.state_path(run_dir).is_file():  # resume would refuse: nothing saved yet
-            fail(f"cannot append to training log {path} ({e.strerror or e}) before the run's first checkpoint: free "
-                 f"space, delete {shlex.quote(str(run_dir))} and run the training command again")
+        if not ckpt.state_path(run_dir).is_file():  # resume would refuse: nothing saved yet (train says what to do)
+            fail(f"cannot append to training log {path} ({e.strerror or e}) before the run's first checkpoint")
         fail(f"cannot append to training log {path} ({e.strerror or e}); the steps since the last checkpoint are "
              f"lost: free space, then run: radtrt train resume {shlex.quote(str(run_dir))}")
 
@@ -411,12 +410,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                 step_loss = mean_across(info, step_loss)
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # before the step spreads it to the weights
                     fail(f"training diverged at step {step + 1}: loss {step_loss}, gradient norm {grad_norm} (a lower --lr?); "
-                         f"no model written, the checkpoints before it are kept")
+                         f"no model written, {_kept(saved)}")
                 optimizer.step()
                 bad = _first_non_finite(named)
                 if bad is not None:  # a finite loss and gradient can still take a step to infinity
                     fail(f"training diverged at step {step + 1}: the step made {bad} non-finite (a lower --lr?); no "
-                         f"model written, the checkpoints before it are kept")
+                         f"model written, {_kept(saved)}")
                 scheduler.step()
                 losses.append(step_loss)
                 sps = schedule.global_batch / (time.perf_counter() - t0)
@@ -440,6 +439,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
             except RadtrtError as e:  # a full disk said only "cannot write RUN/model.partial/...", not how to go on
                 fail(f"{e}; all {total} steps are saved in {ckpt.state_path(run_dir)}: to write the model without "
                      f"training again once that is fixed, run: radtrt train resume {shlex.quote(str(run_dir))}")
+    except RadtrtError as e:
+        if saved is not None or not info.is_main:
+            raise
+        fail(f"{e}; so there is nothing to resume: {_start_again(run_dir, created)}")
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (radtrt.interrupts) from timeout, kill or a batch scheduler
         if info.is_main:
             model = run_dir / MODEL_DIR
@@ -505,6 +508,21 @@ def _remove_unstarted(run_dir: Path, created: bool) -> str | None:
             f"this run's files in {run_dir} were removed (the folder is empty again)")
 
 
+def _kept(saved: int | None) -> str:
+    return "the checkpoints before it are kept" if saved is not None else "and no checkpoint saved yet"
+
+
+def _start_again(run_dir: Path, created: bool) -> str:
+    """How to start again a run that failed before its first checkpoint, after removing what it wrote. Why: the
+    failures' own remedies said to delete the run folder, and a rerun refused the folder left holding the run's
+    config and log; radtrt removes its own files, never one it did not write."""
+    removed = _remove_unstarted(run_dir, created)
+    if removed is not None:
+        return f"{removed}; once that is fixed, run the training command again"
+    return (f"once that is fixed, delete {shlex.quote(str(run_dir))} and run the training command again (or choose "
+            f"another -o)")
+
+
 def _unfinished_saves(files: list[Path]) -> str:
     names = ", ".join(f"{ckpt.CHECKPOINT_DIR}/{f.name}" for f in files)
     return f"{len(files)} unfinished checkpoint save{'s' if len(files) > 1 else ''} ({names})"
@@ -515,9 +533,8 @@ def _image_failed(error: str, run_dir: Path, saved: int | None) -> str:
     whose image data changed since it began (the files' digest), so repairing the image cannot continue this run:
     the message says so, instead of leaving the user to find it out from a refused resume. Before the first
     checkpoint (``saved`` None) there is nothing to resume at all: resume was named, and refused the run."""
-    if saved is None:
-        return (f"{error}; the run stopped before its first checkpoint, so there is nothing to resume: once the file "
-                f"can be read, delete {run_dir} and run the training command again (or choose another -o)")
+    if saved is None:  # train says what to do
+        return f"{error}; the run stopped before its first checkpoint"
     return (f"{error}; if its bytes must be repaired, resume refuses a run whose images changed since it began: start "
             f"the run again (delete {run_dir} or choose another -o); if the file was only out of reach (permissions, "
             f"a mount), restore access, then run: radtrt train resume {shlex.quote(str(run_dir))}")
