@@ -146,6 +146,12 @@ def test_prediction_file_errors_name_the_line_not_the_content(tmp_path: Path) ->
         load_predictions(dup)
     with pytest.raises(RadtrtError, match="does not exist"):
         load_predictions(tmp_path / "missing.jsonl")
+    for body, said in ((b'["PATIENT-SECRET"]\n', "line 2: each line must be a JSON object$"),
+                       (b'{"study": "PATIENT-SECRET",\n', r"line 2: not valid JSON \(Expecting property name"),
+                       (b'"\xff"\n', r"line 2: not UTF-8 text \(a JSONL predictions file is expected\)$")):
+        bad.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + body)  # the manifest's reader, with this file's words
+        with pytest.raises(RadtrtError, match=f"^bad.jsonl {said}"):
+            load_predictions(bad)
 
 
 def test_paired_arms_must_match() -> None:

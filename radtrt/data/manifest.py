@@ -59,20 +59,22 @@ def text_lines(path: Path, where: Callable[[int], str], expected: str, *,
                 yield lineno, line
 
 
-def read_jsonl(path: Path, *, complete_only: bool = False,
-               what: str = "manifest") -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; anything but a JSON object is refused."""
+def read_jsonl(path: Path, *, complete_only: bool = False, what: str = "manifest", row: str = "manifest row",
+               where: Callable[[int], str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; anything but a JSON object is refused. ``where`` names a
+    line in messages (default PATH:N); ``what`` and ``row`` say what the file and a line of it are."""
     if not path.is_file():
         fail(f"{what} {path} is a folder, not a JSONL file" if path.is_dir() else f"{what} not found: {path}")
-    for lineno, line in text_lines(path, lambda n: f"{path}:{n}", "a JSONL manifest", complete_only=complete_only):
+    at = where or (lambda n: f"{path}:{n}")
+    for lineno, line in text_lines(path, at, f"a JSONL {what}", complete_only=complete_only):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            fail(f"{path}:{lineno}: not valid JSON ({e.msg})")
+            fail(f"{at(lineno)}: not valid JSON ({e.msg})")
         except (RecursionError, ValueError) as e:  # nested too deeply; an integer of more than 4300 digits
-            fail(f"{path}:{lineno}: not a manifest row ({type(e).__name__}: JSON nested too deeply or a number too long)")
+            fail(f"{at(lineno)}: not a {row} ({type(e).__name__}: JSON nested too deeply or a number too long)")
         if not isinstance(obj, dict):
-            fail(f"{path}:{lineno}: each line must be a JSON object")
+            fail(f"{at(lineno)}: each line must be a JSON object")
         yield lineno, obj
 
 

@@ -6,7 +6,6 @@ patient data.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import unicodedata
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from radtrt.data.manifest import text_lines
+from radtrt.data.manifest import read_jsonl
 from radtrt.errors import fail
 
 FIELDS = ("study", "reference", "prediction")
@@ -64,15 +63,8 @@ def load_predictions(path: Path, metrics: Sequence[str] = tuple(ASCII_WORD_METRI
     seen: set[str] = set()
     empty_references: list[int] = []  # line numbers, never study ids; empty: nothing visible
     wordless_references: list[int] = []  # visible, but nothing ROUGE or the labeler reads ("-", another script)
-    for lineno, line in text_lines(path, lambda n: f"{path.name} line {n}", "a JSONL predictions file"):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            fail(f"{path.name} line {lineno}: not valid JSON")
-        except (RecursionError, ValueError):  # nested too deeply; an integer of more than 4300 digits
-            fail(f"{path.name} line {lineno}: not a predictions row (JSON nested too deeply or a number too long)")
-        if not isinstance(obj, dict):
-            fail(f"{path.name} line {lineno}: expected a JSON object with {', '.join(FIELDS)}")
+    for lineno, obj in read_jsonl(path, what="predictions file", row="predictions row",
+                                  where=lambda n: f"{path.name} line {n}"):
         for field in FIELDS:
             value = obj.get(field)
             if not isinstance(value, str):
