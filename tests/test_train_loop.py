@@ -744,6 +744,12 @@ def test_a_run_folder_given_as_a_model_is_said_to_be_one(chain: Chain, tmp_path:
     assert said == f"{unfinished} is a training run folder that has not written its model yet: give " \
                    f"{unfinished}/model once it has; to finish it,"
     assert shlex.split(command) == ["radtrt", "train", "resume", str(unfinished)]
+    # no checkpoint either: resume refuses such a run (it stopped before its first), and was suggested all the same
+    shutil.rmtree(unfinished / "checkpoint")
+    with pytest.raises(RadtrtError, match=f"{unfinished} is a training run folder with neither a model nor a "
+                                          f"checkpoint yet .*: give {unfinished}/model once it has one$") as refused:
+        load_model(unfinished)
+    assert "resume" not in str(refused.value)
 
 
 def test_a_lora_adapter_folder_given_as_a_model_is_said_to_be_one(chain: Chain, tmp_path: Path) -> None:

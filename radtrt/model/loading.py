@@ -72,8 +72,13 @@ def layout_of(model_dir: Path) -> str:
         # a training run (radtrt train ... -o RUN) was said as "missing file: RUN/config.json"
         model = model_dir / "model"
         # the command last and bare: quoted inside quotes ('radtrt train resume '/a/my run'') it did not paste
-        fail(f"{model_dir} is a training run folder, not a model: give its model, {model}" if model.is_dir() else
-             f"{model_dir} is a training run folder that has not written its model yet: give {model} once it has; "
+        if model.is_dir():
+            fail(f"{model_dir} is a training run folder, not a model: give its model, {model}")
+        if not (model_dir / RUN_MARKS[1]).is_file():  # resume refuses such a run: it was suggested all the same
+            fail(f"{model_dir} is a training run folder with neither a model nor a checkpoint yet (it is starting, or "
+                 f"it stopped before its first checkpoint, when its training command must be run again): give {model} "
+                 f"once it has one")
+        fail(f"{model_dir} is a training run folder that has not written its model yet: give {model} once it has; "
              f"to finish it, run: radtrt train resume {shlex.quote(str(model_dir))}")
     if holds_release_layout(model_dir):  # "missing file: OUT/config.json"
         fail(f"{model_dir} holds the release layout 'radtrt convert --to llava-rad' writes: give "
