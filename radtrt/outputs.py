@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -273,20 +274,60 @@ def make_dir(path: Path, what: str = "output directory") -> Path:
     return path
 
 
-def _builder(marker: Path) -> int | None:
-    """The process still building the folder a marker belongs to, or None when it has ended (an interrupted
-    run: its leftovers may go). Two exports to one -o deleted each other's files."""
-    for line in marker.read_text(errors="replace").splitlines():
-        if line.startswith("pid ") and line[4:].strip().isdigit():
-            pid = int(line[4:])
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return None
-            except PermissionError:  # alive, another user's
-                return pid
-            return pid if pid != os.getpid() else None
-    return None
+def _builder(marker: Path) -> str | None:
+    """Who is still building the folder a marker belongs to (e.g. 'process 42'), or None when it has ended (an
+    interrupted run: its leftovers may go). Two exports to one -o deleted each other's files.
+
+    The builder holds a lock on its marker (:func:`_claim`), which ends with the process however it ends: a pid
+    alone outlived it, and once the system gave the number to another process the leftovers were "being built"
+    for good. Only where the file system has no locks is the pid all there is to go by."""
+    text = marker.read_text(errors="replace").splitlines()
+    pid = next((int(line[4:]) for line in text if line.startswith("pid ") and line[4:].strip().isdigit()), None)
+    fd = os.open(marker, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return f"process {pid}" if pid is not None else "another process"
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            raise
+    else:
+        return None
+    finally:
+        os.close(fd)
+    if pid is None:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return f"process {pid}"
+    return f"process {pid}" if pid != os.getpid() else None
+
+
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # what flock says where there are none
+
+
+def _claim(work: Path) -> int:
+    """Put the unfinished-work marker in ``work`` and hold a lock on it while the folder is built; the descriptor
+    that holds it, for the caller to close once done. Written and locked under another name, then renamed: a
+    marker seen unlocked is then always a dead builder's, never one about to be locked."""
+    pending = work / f"{WORK_MARKER}.new"
+    pending.write_text(f"an unfinished radtrt output; safe to delete\npid {os.getpid()}\n")
+    fd = os.open(pending, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file in a new folder: no one else holds it
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:  # without locks, the pid in it is what _builder goes by
+            os.close(fd)
+            raise
+    try:
+        pending.rename(work / WORK_MARKER)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def check_buildable_aside(out: Path, what: str = "output directory") -> None:
@@ -322,7 +363,7 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
             fail(f"{work} is in the way of the {what} (radtrt builds it there first); move it or choose another -o")
         builder = _builder(work / WORK_MARKER)
         if builder is not None:
-            fail(f"another radtrt (process {builder}) is building {out} right now; wait for it or choose another -o "
+            fail(f"another radtrt ({builder}) is building {out} right now; wait for it or choose another -o "
                  f"(if none is running, delete {work})")
         shutil.rmtree(work)  # what an interrupted run of radtrt left (its marker says so)
     make_dir(work.parent, f"{what}'s parent folder")
@@ -332,30 +373,35 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
         fail(f"another radtrt is building {out} right now ({work} appeared); wait for it or choose another -o")
     except OSError as e:
         fail(f"cannot create {what} work folder {work}: {e.strerror}")
+    claim = -1  # held until the folder is in place: unlocked, a finished one was another run's leftovers
     try:
-        (work / WORK_MARKER).write_text(f"an unfinished radtrt output; safe to delete\npid {os.getpid()}\n")
-        yield work
-    except OSError as e:  # a full disk, a vanished folder: the user's to fix, and no traceback
-        shutil.rmtree(work, ignore_errors=True)
-        # a file outside the folder (one being read, say) is named: the failure need not be the output's
-        elsewhere = f": {e.filename}" if e.filename and not Path(str(e.filename)).is_relative_to(work) else ""
-        # numpy's tofile (inside torch's ONNX exporter) says only "problem writing element 1024 to file"
-        room = "" if e.errno is not None or not out.parent.is_dir() else \
-            f"; {shutil.disk_usage(out.parent).free / 1e6:.0f} MB free there"
-        fail(f"{what} {out} was not written ({e.strerror or e}{elsewhere}{room}); nothing was left under that name")
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # the error itself goes on
-        raise
-    _share_like_new_files(work)
-    # not cut in two by an interrupt: a complete folder with the unfinished-work marker inside, or one not yet
-    # recorded as complete (what an interrupted command's last line names), would be taken for a half-built one
-    with interrupts.deferred():
         try:
-            if out.exists():
-                out.rmdir()
-            work.rename(out)
-        except OSError as e:  # e.g. a folder created in the meantime; the finished output stays where it is
-            (work / WORK_MARKER).unlink(missing_ok=True)
-            fail(f"cannot move the finished {what} into place at {out} ({e.strerror}); it is complete in {work}")
-        (out / WORK_MARKER).unlink()
-        interrupts.completed(what, out)
+            claim = _claim(work)
+            yield work
+        except OSError as e:  # a full disk, a vanished folder: the user's to fix, and no traceback
+            shutil.rmtree(work, ignore_errors=True)
+            # a file outside the folder (one being read, say) is named: the failure need not be the output's
+            elsewhere = f": {e.filename}" if e.filename and not Path(str(e.filename)).is_relative_to(work) else ""
+            # numpy's tofile (inside torch's ONNX exporter) says only "problem writing element 1024 to file"
+            room = "" if e.errno is not None or not out.parent.is_dir() else \
+                f"; {shutil.disk_usage(out.parent).free / 1e6:.0f} MB free there"
+            fail(f"{what} {out} was not written ({e.strerror or e}{elsewhere}{room}); nothing was left under that name")
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # the error itself goes on
+            raise
+        _share_like_new_files(work)
+        # not cut in two by an interrupt: a complete folder with the unfinished-work marker inside, or one not yet
+        # recorded as complete (what an interrupted command's last line names), would be taken for a half-built one
+        with interrupts.deferred():
+            try:
+                if out.exists():
+                    out.rmdir()
+                work.rename(out)
+            except OSError as e:  # e.g. a folder created in the meantime; the finished output stays where it is
+                (work / WORK_MARKER).unlink(missing_ok=True)
+                fail(f"cannot move the finished {what} into place at {out} ({e.strerror}); it is complete in {work}")
+            (out / WORK_MARKER).unlink()
+            interrupts.completed(what, out)
+    finally:
+        if claim >= 0:
+            os.close(claim)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -144,21 +145,49 @@ def test_a_folder_another_live_radtrt_is_building_is_left_alone(tmp_path: Path) 
     import subprocess
     import sys
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    work = tmp_path / "out.partial"
+    work.mkdir()
+    marker = work / WORK_MARKER
+    (work / "decoder.onnx").write_text("being written")
+    # a builder holds its marker's lock for as long as it builds (what outputs._claim does)
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+              "print('locked', flush=True); time.sleep(60)")
+    builder = subprocess.Popen([sys.executable, "-c", holder, str(marker)], stdout=subprocess.PIPE, text=True)
     try:
-        work = tmp_path / "out.partial"
-        work.mkdir()
-        (work / WORK_MARKER).write_text(f"an unfinished radtrt output; safe to delete\npid {sleeper.pid}\n")
-        (work / "decoder.onnx").write_text("being written")
-        with pytest.raises(RadtrtError, match=f"another radtrt \\(process {sleeper.pid}\\) is building"):
+        marker.write_text(f"an unfinished radtrt output; safe to delete\npid {builder.pid}\n")
+        assert builder.stdout is not None and builder.stdout.readline() == "locked\n"
+        with pytest.raises(RadtrtError, match=f"another radtrt \\(process {builder.pid}\\) is building"):
             with new_dir_built_aside(tmp_path / "out"):
                 pass
         assert (work / "decoder.onnx").is_file()
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        builder.kill()
+        builder.wait()
     with new_dir_built_aside(tmp_path / "out") as fresh:  # the process has ended: its leftovers go
         assert not (fresh / "decoder.onnx").exists()
+
+
+def test_leftovers_whose_pid_was_given_to_another_process_are_replaced(tmp_path: Path) -> None:
+    """The marker's pid alone was the test of a live builder: once the system gave that number to another process
+    (after a reboot, say), 'another radtrt (process N) is building OUT' refused every rerun for good."""
+    import subprocess
+    import sys
+
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        work = tmp_path / "out.partial"
+        work.mkdir()
+        (work / WORK_MARKER).write_text(f"an unfinished radtrt output; safe to delete\npid {unrelated.pid}\n")
+        (work / "half.onnx").write_text("x")
+        with new_dir_built_aside(tmp_path / "out") as fresh:
+            assert not (fresh / "half.onnx").exists()
+            with pytest.raises(RadtrtError, match=f"another radtrt \\(process {os.getpid()}\\) is building"):
+                with new_dir_built_aside(tmp_path / "out"):  # while this one builds, its lock keeps others out
+                    pass
+        assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / WORK_MARKER).exists()
+    finally:
+        unrelated.kill()
+        unrelated.wait()
 
 
 @pytest.mark.parametrize("name", [".", "", ".."])
@@ -208,7 +237,7 @@ def test_a_full_disk_while_building_a_folder_is_one_line_and_leaves_nothing(tmp_
     real_write_text = Path.write_text
 
     def full_disk(self: Path, *args: object, **kwargs: object) -> int:
-        if self.name == WORK_MARKER:
+        if self.name.startswith(WORK_MARKER):  # written as WORK_MARKER.new, then renamed
             raise OSError(28, "No space left on device")
         return real_write_text(self, *args, **kwargs)  # type: ignore[arg-type]
 
