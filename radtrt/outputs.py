@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -108,7 +109,8 @@ def check_new_file(path: Path, what: str = "output file") -> None:
 
 
 @contextlib.contextmanager
-def replaced_atomically(path: Path, mode: int | None = None, *, new: str | None = None) -> Iterator[Path]:
+def replaced_atomically(path: Path, mode: int | None = None, *, new: str | None = None,
+                        held: bool = False) -> Iterator[Path]:
     """Yield a new temporary file beside ``path`` to write; it replaces ``path`` when the block succeeds and
     is removed when it fails. The name is fresh (``mkstemp``), never a fixed ``NAME.partial`` that could be
     a user's file. A link at ``path`` stays: the file it names is replaced, as a plain write through it would.
@@ -119,10 +121,15 @@ def replaced_atomically(path: Path, mode: int | None = None, *, new: str | None 
 
     ``new`` (what the file is, for the message) is for outputs that :func:`check_new_file` said must be new: the
     file is then put in place only if nothing has taken the name since. Two runs to one -o both passed that check
-    at their start and both exited 0, the file holding one of them's data and the other's result gone."""
+    at their start and both exited 0, the file holding one of them's data and the other's result gone.
+
+    ``held``: a lock is held on the temporary file while it is written, so that :func:`remove_unfinished` can tell
+    a killed run's leftover from a file being written. Only for writers that write into the file they are given
+    (a writer that renames its own temporary file over it, as safetensors does, leaves the lock on the old one)."""
     _check_not_special(path, "output")
     path = _target(path)
     tmp = _temp_beside(path)
+    hold = _hold(tmp) if held else -1
     try:
         yield tmp
         _settle(tmp, mode)
@@ -133,6 +140,62 @@ def replaced_atomically(path: Path, mode: int | None = None, *, new: str | None 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if hold >= 0:
+            os.close(hold)
+
+
+def _hold(path: Path) -> int:
+    """A descriptor holding a lock on ``path`` (a new file: no one else holds it), or -1 where the file system has
+    no locks (its leftovers then stay, as :func:`remove_unfinished` cannot tell them from files being written)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # another run's sweep took it for a leftover in the instant before the lock: the
+        return -1              # writer creates it again, unheld
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in _NO_LOCKS:
+            raise
+        return -1
+    return fd
+
+
+def remove_unfinished(folder: Path, final: str) -> int:
+    """Remove the temporary files that runs killed while writing (``kill -9``, a power cut) left in ``folder``
+    under :func:`replaced_atomically`'s names, for final names matching the regular expression ``final``; how many.
+    Only files whose lock no one holds go: one a live run is writing (``held=True``) is locked. Where the file
+    system has no locks, nothing goes.
+
+    Why: such a file is hidden and never renamed into place, and an SR's holds the patient's data. Ctrl-C and a
+    failure remove their own; only a killed process cannot."""
+    leftover = re.compile(rf"\.({final})\.[a-z0-9_]{{8}}\.partial")
+    removed = 0
+    for entry in os.scandir(folder):
+        if not leftover.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:  # its writer renamed it into place meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # being written
+            continue
+        except OSError as e:
+            if e.errno in _NO_LOCKS:
+                return removed
+            raise
+        else:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:  # its writer renamed it into place before letting go of the lock
+                continue
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager

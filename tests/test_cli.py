@@ -181,7 +181,15 @@ def test_unused_files_and_a_lateral_given_by_itself_are_warned_about(merged: Pat
 
 def test_sr_out_reads_back(merged: Path, tmp_path: Path) -> None:
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=7)))
-    (result,) = _infer_json(merged, study, extra=("--sr-out", str(tmp_path / "sr")))
+    left = tmp_path / "sr" / ".SR_1.2.3.dcm.k1ll3d_9.partial"  # a killed run's half-written SR: patient data
+    left.parent.mkdir()
+    left.write_bytes(b"half an SR")
+    code, out, err = _invoke("infer", study, "--model", merged, "--json", "--max-new-tokens", "12", "--sr-out",
+                             tmp_path / "sr")
+    assert code == 0 and f"radtrt: removed 1 unfinished SR file that a killed run left in {tmp_path / 'sr'}" in \
+        " ".join(err.split()), err
+    assert not left.exists()
+    (result,) = [json.loads(line) for line in out.splitlines()]
     (sr_file,) = (tmp_path / "sr").glob("*.dcm")
     sr = pydicom.dcmread(sr_file)
     assert sr.Modality == "SR" and sr.VerificationFlag == "UNVERIFIED"

@@ -109,6 +109,54 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, dicom_source: Selected
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_killed_writers_half_sr_is_removed_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """A run killed while writing an SR (kill -9, a power cut) left a hidden '.SR_<uid>.dcm.XXXXXXXX.partial' holding
+    the patient's data for good: nothing removed it, as its name never comes back. A live writer holds a lock on
+    its file, so only a dead one's goes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from radtrt.imaging.sr import remove_unfinished_srs
+
+    writer = ("import sys, time; from pathlib import Path; from radtrt.outputs import replaced_atomically\n"
+              "with replaced_atomically(Path(sys.argv[1]), 0o600, held=True) as tmp:\n"
+              "    tmp.write_text('patient data'); print(tmp.name, flush=True); time.sleep(60)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(tmp_path / f"SR_1.2.{i}.dcm")],
+                              stdout=subprocess.PIPE, text=True) for i in (1, 2)]
+    try:
+        names = [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+        assert all(re.fullmatch(r"\.SR_1\.2\.\d\.dcm\.[a-z0-9_]{8}\.partial", n) for n in names), names
+        (tmp_path / ".notes.txt.abcd1234.partial").write_text("the user's")  # not an SR's: never touched
+        assert remove_unfinished_srs(tmp_path) == 0  # both being written
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait()
+        assert remove_unfinished_srs(tmp_path) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".notes.txt.abcd1234.partial", names[1]])
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_an_sr_being_written_survives_another_runs_sweep(tmp_path: Path, dicom_source: SelectedImage,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another infer into the same --sr-out, starting while this one writes, must not take its SR for a leftover."""
+    from radtrt.imaging.sr import remove_unfinished_srs
+
+    swept: list[int] = []
+    real_settle = outputs_module._settle
+
+    def sweep_then_settle(tmp: Path, mode: int | None) -> None:  # the written file, before its rename
+        swept.append(remove_unfinished_srs(tmp.parent))
+        real_settle(tmp, mode)
+
+    monkeypatch.setattr(outputs_module, "_settle", sweep_then_settle)
+    written = write_sr(REPORT, dicom_source, tmp_path, model_name="m", model_version="v")
+    assert swept == [0] and pydicom.dcmread(written).Modality == "SR"
+
+
 def test_a_sop_class_highdicom_does_not_know_is_one_line(tmp_path: Path) -> None:
     """A vendor's private SOP class: highdicom's KeyError was a traceback that lost every later study."""
     source = write_radiograph(tmp_path / "in" / "pa.dcm", view_position="PA")

@@ -45,7 +45,7 @@ from pydicom.valuerep import DA, TEXT_VR_DELIMS, TM
 import radtrt
 from radtrt.errors import fail
 from radtrt.imaging.dicom import RAW_TEXT, TEXT_VRS, quiet
-from radtrt.outputs import make_dir, replaced_atomically
+from radtrt.outputs import make_dir, remove_unfinished, replaced_atomically
 from radtrt.imaging.study import SelectedImage
 
 DISCLAIMER = (
@@ -299,8 +299,17 @@ def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_na
     out_dir = make_dir(Path(out_dir), "SR output folder")
     final = out_dir / f"SR_{sr.SOPInstanceUID}.dcm"
     try:
-        with replaced_atomically(final, mode=0o600) as temp, quiet("highdicom|pydicom"):
+        with replaced_atomically(final, mode=0o600, ) as temp, quiet("highdicom|pydicom"):
             sr.save_as(temp, enforce_file_format=True)
     except OSError as exc:  # a full disk, say: this study's SR is not written, the others still are
         fail(f"cannot write an SR into folder {out_dir}: {exc.strerror or exc}")
     return final
+
+
+def remove_unfinished_srs(out_dir: Path) -> int:
+    """Remove the hidden half-written SRs (patient data, under temporary names) that a run killed while writing
+    one left in ``out_dir``; how many. SRs that another run is writing right now stay."""
+    try:
+        return remove_unfinished(out_dir, r"SR_[0-9.]+\.dcm")
+    except OSError as exc:
+        fail(f"cannot clear the unfinished SRs in folder {out_dir}: {exc.strerror or exc}")

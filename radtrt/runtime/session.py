@@ -87,6 +87,12 @@ def infer_studies(studies: list[Path], *, console: Console, model: Path | None =
         from radtrt.outputs import check_folder_target
 
         check_folder_target(sr_out, "--sr-out folder")
+        if sr_out.is_dir():
+            from radtrt.imaging.sr import remove_unfinished_srs
+
+            if cleared := remove_unfinished_srs(sr_out):
+                console.print(plain(f"radtrt: removed {cleared} unfinished SR file{'s' if cleared > 1 else ''} that "
+                                    f"a killed run left in {sr_out}"), highlight=False, soft_wrap=True)
     pipeline = open_pipeline(model=model, base_model=base_model, bundle=bundle, backend=backend, device=device,
                              dtype=dtype, console=console, ort_provider=ort_provider, trt_cache=trt_cache,
                              ort_spin=ort_spin, trt_decoder=trt_decoder)
