@@ -337,6 +337,22 @@ def make_dir(path: Path, what: str = "output directory") -> Path:
     return path
 
 
+def missing_parents(path: Path) -> list[Path]:
+    """The folders above ``path`` that do not exist yet, deepest first: what creating it with its parents makes,
+    for :func:`remove_empty` to take back when the output fails."""
+    return [parent for parent in path.absolute().parents if not (parent.exists() or parent.is_symlink())]
+
+
+def remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed output had created (:func:`missing_parents`), deepest first, as long as they are
+    empty: ``-o new/deep/out`` left ``new/deep/`` behind after a failure, and a file put there meanwhile stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else was put there), or gone: what is above it stays too
+            return
+
+
 def _builder(marker: Path) -> str | None:
     """Who is still building the folder a marker belongs to (e.g. 'process 42'), or None when it has ended (an
     interrupted run: its leftovers may go). Two exports to one -o deleted each other's files.
@@ -429,12 +445,14 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
             fail(f"another radtrt ({builder}) is building {out} right now; wait for it or choose another -o "
                  f"(if none is running, delete {work})")
         shutil.rmtree(work)  # what an interrupted run of radtrt left (its marker says so)
+    made = missing_parents(work)
     make_dir(work.parent, f"{what}'s parent folder")
     try:
         work.mkdir()  # exclusive: a second radtrt that passed the checks above in the meantime stops here
     except FileExistsError:
         fail(f"another radtrt is building {out} right now ({work} appeared); wait for it or choose another -o")
     except OSError as e:
+        remove_empty(made)
         fail(f"cannot create {what} work folder {work}: {e.strerror}")
     claim = -1  # held until the folder is in place: unlocked, a finished one was another run's leftovers
     try:
@@ -442,15 +460,18 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
             claim = _claim(work)
             yield work
         except OSError as e:  # a full disk, a vanished folder: the user's to fix, and no traceback
-            shutil.rmtree(work, ignore_errors=True)
-            # a file outside the folder (one being read, say) is named: the failure need not be the output's
-            elsewhere = f": {e.filename}" if e.filename and not Path(str(e.filename)).is_relative_to(work) else ""
-            # numpy's tofile (inside torch's ONNX exporter) says only "problem writing element 1024 to file"
+            # numpy's tofile (inside torch's ONNX exporter) says only "problem writing element 1024 to file"; the
+            # room is measured before the half-written folder goes (after, it was the room that folder had taken)
             room = "" if e.errno is not None or not out.parent.is_dir() else \
                 f"; {shutil.disk_usage(out.parent).free / 1e6:.0f} MB free there"
+            shutil.rmtree(work, ignore_errors=True)
+            remove_empty(made)
+            # a file outside the folder (one being read, say) is named: the failure need not be the output's
+            elsewhere = f": {e.filename}" if e.filename and not Path(str(e.filename)).is_relative_to(work) else ""
             fail(f"{what} {out} was not written ({e.strerror or e}{elsewhere}{room}); nothing was left under that name")
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)  # the error itself goes on
+            remove_empty(made)
             raise
         _share_like_new_files(work)
         # not cut in two by an interrupt: a complete folder with the unfinished-work marker inside, or one not yet

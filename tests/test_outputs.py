@@ -88,6 +88,24 @@ def test_build_folder_left_by_an_interrupted_run_is_replaced(tmp_path: Path) -> 
             raise OSError("problem writing element 1024 to file")
 
 
+def test_a_failed_output_takes_back_the_parent_folders_it_made(tmp_path: Path) -> None:
+    """'-o new/deep/out' that failed left new/deep/ behind, empty; a folder that was there before, or one that
+    something else was put in meanwhile, stays."""
+    with pytest.raises(ValueError):
+        with new_dir_built_aside(tmp_path / "new" / "deep" / "out"):
+            raise ValueError("export failed")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RadtrtError, match="was not written"):
+        with new_dir_built_aside(tmp_path / "new" / "deep" / "out"):
+            (tmp_path / "new" / "notes.txt").write_text("the user's")
+            raise OSError(28, "No space left on device")
+    assert [p.name for p in tmp_path.rglob("*")] == ["new", "notes.txt"]
+    (tmp_path / "new" / "notes.txt").unlink()
+    with new_dir_built_aside(tmp_path / "new" / "deep" / "out") as work:  # a success keeps them, of course
+        (work / "manifest.json").write_text("{}")
+    assert (tmp_path / "new" / "deep" / "out" / "manifest.json").is_file()
+
+
 def test_outputs_are_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
     """safetensors renames its own temporary file over ours, and quantizers write through mkstemp: bundles
     came out 0600, unreadable by a Triton server running as another user."""
