@@ -21,7 +21,7 @@ import typer
 from radtrt import __version__, interrupts
 from radtrt.cli_support import WRITE_ERRNOS, PathArgument, PathOption, emit, err, print_error, stdout_failed, user_errors
 from radtrt.entry import INTERRUPTED
-from radtrt.errors import RadtrtError, fail, printable, valid_unicode
+from radtrt.errors import RadtrtError, fail, printable, valid_unicode_in
 from radtrt.progress import plain
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def _print_results(results: "Iterable[StudyResult | StudyFailure]", as_json: boo
 
     for result in results:
         if as_json:
-            emit(json.dumps({k: valid_unicode(v) if isinstance(v, str) else v for k, v in result.to_json().items()}))
+            emit(json.dumps(valid_unicode_in(result.to_json())))
         elif isinstance(result, StudyResult):  # a failure's line is already on stderr
             t = result.timings_ms
             # the report's own line breaks kept, any other control character escaped (a damaged model's ESC

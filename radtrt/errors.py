@@ -7,7 +7,7 @@ Messages must never contain patient names or IDs.
 from __future__ import annotations
 
 import re
-from typing import NoReturn
+from typing import Any, NoReturn
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -41,6 +41,18 @@ def valid_unicode(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a surrogate no file name's byte decodes to (``\\ud800``): its escape
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def valid_unicode_in(value: Any) -> Any:
+    """:func:`valid_unicode` on every string of a JSON-able value, keys included: a report's file names (a study,
+    -o, the command that reproduces it) reach the JSON inside lists and objects."""
+    if isinstance(value, str):
+        return valid_unicode(value)
+    if isinstance(value, dict):
+        return {valid_unicode_in(k): valid_unicode_in(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [valid_unicode_in(v) for v in value]
+    return value
 
 
 def fail(message: str, *, remedy: str | None = None) -> NoReturn:

@@ -142,6 +142,34 @@ def test_studies_sharing_a_file_name_are_named_apart(tiny: Assets, work: Path, t
     assert code == 2 and "lists a study twice" in err
 
 
+def test_study_names_that_are_not_utf8_or_hold_a_pipe_are_written_legibly(tiny: Assets, work: Path,
+                                                                         tmp_path: Path) -> None:
+    """A study named in Latin-1 (an old PACS export) made -o's strict UTF-8 writer raise UnicodeEncodeError (exit 1,
+    no report) after the whole benchmark had run; a '|' in a name shifted every later column of its table row."""
+    import os
+
+    from radtrt.data.phantom_set import write_phantom_set
+
+    manifest = write_phantom_set(tmp_path / "set", 2, 5, rows=96, cols=80, formats=("png",))
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    pngs = sorted(manifest.parent.rglob("*.png"))
+    latin1, piped = studies / os.fsdecode(b"pt\xe9.png"), studies / "a|b.png"
+    for source, name in zip(pngs, (latin1, piped)):
+        name.write_bytes(source.read_bytes())
+    out = tmp_path / os.fsdecode(b"r\xe9p") / "parity.md"
+    code, _, err = _invoke("bench", "parity", "--random-model", "tiny", "--work-dir", work, "--studies", studies,
+                           "--max-new-tokens", 2, "-o", out)
+    assert code == 0, err
+    text = out.read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith(("| pt", "| a"))]
+    assert sorted(row.split(" | ")[0] for row in rows) == ["| a\\|b.png", "| pt\\xe9.png"], rows
+    assert all(row.count(" | ") == rows[0].count(" | ") for row in rows)
+    data = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert sorted(st["study"] for st in data["studies"]) == ["a|b.png", "pt\\xe9.png"]
+    assert "r\\xe9p" in data["command"] and "r\\xe9p" in text
+
+
 def test_predictions_written_before_an_interrupt_are_named_complete(tiny: Assets, work: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupt after --predictions-out was whole and before the reports were written said only 'no output

@@ -19,7 +19,7 @@ from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.benchmarks.report_files import (check_outside_studies, check_predictions_apart, check_report_path,
                                            report_files, reproduce_command)
 from radtrt.cli_support import PathOption, emit, err, user_errors
-from radtrt.errors import fail
+from radtrt.errors import fail, valid_unicode, valid_unicode_in
 from radtrt.progress import LineProgress, make_progress, plain
 
 _guarded = user_errors
@@ -45,6 +45,9 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
     """Every report file first, then stdout: a closed or full stdout fails the command, and it left the chart
     unwritten. ``chart`` renders ``-o``'s PNG into the file it is given and says whether it did; without one
     (parity, or no matplotlib) an earlier report's PNG there is removed, as it describes another run."""
+    # a study or path whose name is not UTF-8 (an old PACS export's Latin-1): written as '\xff', as in infer --json;
+    # the strict UTF-8 writer raised UnicodeEncodeError after the whole benchmark had run
+    markdown, data = valid_unicode(markdown), valid_unicode_in(data)
     if out is not None:
         from radtrt.outputs import make_dir, write_set
 

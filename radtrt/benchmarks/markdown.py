@@ -6,6 +6,7 @@ from typing import Any
 
 from radtrt.benchmarks.latency import BackendLatency, LatencyReport
 from radtrt.benchmarks.parity import ParityReport
+from radtrt.errors import printable
 
 STAGE_LABELS = {
     "preprocess": "preprocess (read + resize + normalize)",
@@ -223,6 +224,11 @@ def drop_interval_text(s: dict[str, Any]) -> str:
     return "n/a: one study gives no interval" if ci is None else f"{ci[0]:.3f} to {ci[1]:.3f}"
 
 
+def _cell(text: str) -> str:
+    """A file name as a table cell: a '|' in it shifted every column after it, and a newline ended the row."""
+    return printable(text).replace("|", "\\|")
+
+
 def _maybe(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
@@ -264,7 +270,7 @@ def parity_markdown(report: ParityReport) -> str:
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for st in report.studies:
         div = "none" if st.first_divergence is None else str(st.first_divergence)
-        lines.append(f"| {st.study} | {'yes' if st.tokens_equal else 'NO'} | {div} | {st.new_tokens} / "
+        lines.append(f"| {_cell(st.study)} | {'yes' if st.tokens_equal else 'NO'} | {div} | {st.new_tokens} / "
                      f"{st.reference_new_tokens} | {st.rouge_l:.4f} | {st.first_logits_max_abs_diff:.3g} "
                      f"({st.reference_first_logits_max_abs:.3g}) | {_maybe(st.decode_logits_max_abs_diff)} "
                      f"({st.decode_steps_compared}) | {st.vision_cosine:.8f} |")
