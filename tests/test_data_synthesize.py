@@ -642,6 +642,27 @@ def test_an_api_key_that_cannot_be_sent_is_refused_up_front(server: ScriptedServ
     assert not server.requests and not (tmp_path / "o.jsonl").exists()
 
 
+def test_a_key_variable_that_is_not_set_is_said_so(server: ScriptedServer, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --api-key-env naming an unset variable (a typo, a missing export) the requests went out with no key,
+    and the endpoint's 401 was 'check the API key': a key that was never read."""
+    labels = str(_labels_file(tmp_path / "labels.jsonl", n=1))
+    monkeypatch.delenv("MY_KEY_TYPO", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    code, err = _cli("--labels", labels, "-o", str(tmp_path / "o.jsonl"), "--endpoint", server.url, "--model", "m",
+                     "--api-key-env", "MY_KEY_TYPO")
+    assert code == 2 and "--api-key-env MY_KEY_TYPO: that environment variable is not set" in err, err
+    assert not server.requests and not (tmp_path / "o.jsonl").exists()
+    server.script = [(401, {})]  # the default variable unset: a keyless server is allowed, a 401 says why
+    code, err = _cli("--labels", labels, "-o", str(tmp_path / "o.jsonl"), "--endpoint", server.url, "--model", "m")
+    assert code == 2 and "HTTP 401" in err and "no API key was sent: OPENAI_API_KEY is not set" in " ".join(err.split())
+    assert server.requests[0]["auth"] is None
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server.script = [(401, {})]
+    code, err = _cli("--labels", labels, "-o", str(tmp_path / "o.jsonl"), "--endpoint", server.url, "--model", "m")
+    assert code == 2 and "(check the API key)" in err and KEY not in err
+
+
 def test_timeout_help_says_what_it_bounds() -> None:
     """It said "Seconds per request", but urllib applies it to connecting and to each read of the answer."""
     app = typer.Typer()

@@ -73,6 +73,7 @@ class ChatClient:
     endpoint: str
     model: str
     api_key: str | None = field(default=None, repr=False)
+    key_env: str = "OPENAI_API_KEY"  # where the key was looked for, for the messages
     rate_per_s: float = 1.0
     max_retries: int = 5
     backoff_s: float = 1.0
@@ -158,7 +159,10 @@ class ChatClient:
                     fail(f"chat endpoint redirected (HTTP {e.code})" + (f" to {target}" if target else "") +
                          "; give the final URL as --endpoint")
                 if not retryable_status(e.code):
-                    hint = " (check the API key)" if e.code in (401, 403) else ""
+                    # with no key sent, "check the API key" sent the user to check a key that was never read
+                    hint = "" if e.code not in (401, 403) else " (check the API key)" if self.api_key else \
+                        f" (no API key was sent: {self.key_env} is not set; set it, or name another variable with " \
+                        f"--api-key-env)"
                     sent = " ".join(str(m.get("content", "")) for m in payload["messages"])  # what it may quote
                     message = self._server_message(e, sent)
                     fail(f"chat endpoint refused the request: HTTP {e.code}" + (f": {message}" if message else "")

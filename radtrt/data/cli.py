@@ -82,8 +82,11 @@ def synthesize(
         api_key = os.environ.get(key_env) or None
         if api_key is not None:
             check_api_key(api_key, key_env)
+        elif api_key_env is not None:  # named on purpose: a typo or a missing export, not a keyless server
+            fail(f"--api-key-env {api_key_env}: that environment variable is not set (or empty); set it to the "
+                 f"endpoint's API key, or drop --api-key-env for a server that needs none")
         limits = {"rate_per_s": rate, "max_retries": retries, "timeout_s": timeout}  # the client's defaults otherwise
-        client = ChatClient(endpoint, model, api_key=api_key, cache_dir=cache_dir,
+        client = ChatClient(endpoint, model, api_key=api_key, key_env=key_env, cache_dir=cache_dir,
                             **{k: v for k, v in limits.items() if v is not None})
     path = run(labels, out, client=client, seed=seed, temperature=temperature or 0.0, console=err)
     if client is not None:
