@@ -290,6 +290,31 @@ def test_a_trailing_slash_on_the_endpoint_is_the_same_judge(fake_judge: FakeJudg
     assert len(fake_judge.requests) == 4
 
 
+def test_a_cache_that_cannot_be_written_is_refused_when_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only cache file opened and was read; the first answer's store failed, after the paid requests had been
+    sent, with 'another radtrt eval using it?' as the guess."""
+    import sqlite3
+
+    from radtrt.evaluation.chexprompt import cache as cache_module
+    from radtrt.evaluation.chexprompt.cache import JudgeCache
+
+    path = tmp_path / "judge.sqlite"
+    with JudgeCache(path) as cache:
+        cache.put("judge", "k", "answer")
+        assert len(cache) == 1  # the write probe left no row of its own
+    before = path.read_bytes()
+    real_connect = sqlite3.connect
+
+    def read_only(database: Path, **kwargs: Any) -> sqlite3.Connection:  # a read-only file, even for root
+        return real_connect(f"file:{database}?mode=ro", uri=True, **kwargs)
+
+    monkeypatch.setattr(cache_module.sqlite3, "connect", read_only)
+    with pytest.raises(RadtrtError, match=f"^the judge cache {path} cannot be written \\(attempt to write a readonly "
+                                          f"database\\); make it writable, or give --judge-cache another file$"):
+        JudgeCache(path)
+    assert path.read_bytes() == before
+
+
 def test_another_programs_database_is_not_taken_for_the_cache(tmp_path: Path) -> None:
     """--judge-cache naming another SQLite database silently added radtrt's table to it."""
     import sqlite3

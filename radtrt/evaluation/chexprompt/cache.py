@@ -58,8 +58,15 @@ class JudgeCache:
             self._db.execute(_SCHEMA)
             self._db.execute("SELECT model, prompt_sha256, answer FROM answers LIMIT 1").fetchall()
             self._db.commit()
+            # a cache that cannot be written (a read-only file) opened and was read, and failed at the first answer's
+            # store, after the paid requests had been sent: a row written and taken back proves it can be
+            self._db.execute("INSERT OR IGNORE INTO answers (model, prompt_sha256, answer) VALUES ('', '', '')")
+            self._db.rollback()
         except sqlite3.Error as e:  # not a cache of this schema (another SQLite file, say): closed, not leaked
             self._db.close()
+            if (getattr(e, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_READONLY:
+                fail(f"the judge cache {path} cannot be written ({e}); make it writable, or give --judge-cache "
+                     f"another file")
             # the predictions file given as the cache, say: "file is not a database" (the code from Python 3.11)
             notadb = getattr(e, "sqlite_errorcode", None) == getattr(sqlite3, "SQLITE_NOTADB", 26)
             what = (": it is not a SQLite database (give --judge-cache a new file or a radtrt judge cache)" if notadb
@@ -96,8 +103,10 @@ class JudgeCache:
                              (model, key, answer))
             self._db.commit()
         except sqlite3.Error as e:
-            fail(f"cannot write the judge cache {self.path}: {e}; the answers stored so far stay in it "
-                 f"(another radtrt eval using it? --judge-cache names another file)")
+            # the guess only where it fits: a full disk or a file made read-only meanwhile is no other eval
+            busy = (getattr(e, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+            fail(f"cannot write the judge cache {self.path}: {e}; the answers stored so far stay in it"
+                 + (" (another radtrt eval using it? --judge-cache names another file)" if busy else ""))
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
