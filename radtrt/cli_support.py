@@ -83,6 +83,11 @@ def user_errors(fn: F) -> F:
             elif e.errno in FULL_ERRNOS:  # a full disk or quota where no output step expected it
                 where = f": {e.filename}" if e.filename else ""
                 print_error(f"a write failed ({e.strerror or e}){where}; stopped there")
+            elif e.errno in (errno.EACCES, errno.EPERM) and e.filename:
+                # a bundle or model copied from another user, left 0600, where no step expected it: each file
+                # radtrt reads would need its own conversion, and a new one was missed each time
+                print_error(f"cannot use {e.filename} ({e.strerror}): this user may not read it or a folder above "
+                            f"it (or write it, where radtrt writes); stopped there")
             else:
                 raise
             raise typer.Exit(2) from None

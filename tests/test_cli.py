@@ -847,6 +847,16 @@ def test_a_full_disk_no_output_step_expected_is_one_line(capsys: pytest.CaptureF
                                                "/out/report.md; stopped there")
 
     @user_errors
+    def unreadable() -> None:  # a bundle file copied from another user, mode 0600: was a PermissionError traceback
+        raise PermissionError(errno.EACCES, "Permission denied", "b2/vision.onnx")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        unreadable()
+    assert exit_info.value.exit_code == 2
+    assert capsys.readouterr().err.strip().startswith("radtrt: error: cannot use b2/vision.onnx (Permission denied): "
+                                                      "this user may not read it")
+
+    @user_errors
     def missing() -> None:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
 

@@ -455,6 +455,31 @@ def test_file_type_is_decided_by_content_not_extension(tmp_path: Path) -> None:
     assert load_study(tmp_path / "image.dcm").dataset is None
 
 
+def _nested_sequences(source: Path, target: Path, depth: int) -> Path:
+    """``source`` with ``depth`` sequences nested one in another before its PatientName (explicit VR little endian,
+    undefined lengths): a few KB."""
+    import struct
+
+    raw = source.read_bytes()
+    at = raw.find(b"\x10\x00\x10\x00PN")
+    opening = struct.pack("<HH", 0x0009, 0x1001) + b"SQ\0\0\xff\xff\xff\xff" + struct.pack("<HHI", 0xFFFE, 0xE000,
+                                                                                         0xFFFFFFFF)
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    target.write_bytes(raw[:at] + opening * depth + closing * depth + raw[at:])
+    return target
+
+
+def test_sequences_nested_too_deeply_are_a_corrupt_header_not_a_crash(tmp_path: Path) -> None:
+    """300 nested sequences (5 KB) ended the whole run with a RecursionError traceback, a folder of studies with it."""
+    frontal = write_radiograph(tmp_path / "study" / "pa.dcm", view_position="PA")
+    assert load_study(_nested_sequences(frontal, tmp_path / "ten.dcm", 10)).source_file.name == "ten.dcm"
+    deep = _nested_sequences(frontal, tmp_path / "study" / "zz.dcm", 300)
+    with pytest.raises(RadtrtError, match="zz.dcm: DICOM header is corrupt \\(sequences nested too deeply to read\\)"):
+        load_study(deep)
+    image = load_study(tmp_path / "study")  # a stray one in a study folder: skipped aloud, the study still read
+    assert image.source_file.name == "pa.dcm" and [name for name, _ in image.skipped] == ["zz.dcm"]
+
+
 def test_truncated_png_is_refused(tmp_path: Path) -> None:
     Image.fromarray(_grey8()).save(tmp_path / "cxr.png")
     data = (tmp_path / "cxr.png").read_bytes()

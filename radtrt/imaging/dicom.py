@@ -217,6 +217,8 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
              f"(radtrt recognizes files by content, not by name)")
     except (PermissionError, IsADirectoryError, FileNotFoundError) as exc:
         fail(f"{name}: cannot read file ({exc.strerror or type(exc).__name__})")
+    except RecursionError:  # pydicom reads nested sequences recursively: a few KB of them ended the whole run
+        fail(f"{name}: DICOM header is corrupt (sequences nested too deeply to read)")
     # BytesLengthException: a value whose length does not fit its VR; NotImplementedError: a damaged VR code;
     # zlib.error: a deflated file cut short (pydicom inflates it whole before reading)
     except (EOFError, OSError, struct.error, ValueError, NotImplementedError, KeyError, BytesLengthException,

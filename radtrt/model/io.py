@@ -83,8 +83,8 @@ def is_safetensors(path: Path) -> bool:
         with path.open("rb") as f:
             head = f.read(9)
         return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size
-    except OSError:  # unreadable: the route that reads it says why
-        return False
+    except OSError as e:  # said as what it is: "neither a folder nor a JSONL manifest" sent the user elsewhere
+        fail(f"cannot read {path} ({e.strerror or e})")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
