@@ -622,6 +622,35 @@ def test_rows_cut_to_max_length_and_repeated_rows_are_warned_about_once(chain: C
     assert "warning" not in capsys.readouterr().err
 
 
+def test_rows_whose_prompt_fills_max_length_are_said_to_train_nothing(chain: Chain, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Indications long enough to fill --max-length left no report id to train on: the warning said only that the
+    report's end was cut, and with every row so the run trained on nothing (loss 0 at every step) and exited 0 with
+    its starting model."""
+    import shutil
+
+    data = Path(shutil.copytree(chain.manifest.parent, tmp_path / "data"))
+    rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    long = "Cough and fever for many days. " * 60
+    manifest = data / "long.jsonl"
+    manifest.write_text("".join(json.dumps({**row, "indication": long}) + "\n" for row in rows))
+    cfg = make_config("stage2", "tiny", manifest=str(manifest), init_model=str(chain.runs["stage1"] / "model"),
+                      out_dir=str(tmp_path / "run"), max_steps=1, max_length=300)
+    with pytest.raises(RadtrtError, match=f"every manifest row's prompt fills --max-length 300 ids before its report "
+                                          f"\\(shortest: {re.escape(str(manifest))}:\\d+, (\\d+) ids\\), so the run "
+                                          f"would train on nothing; give --max-length \\d+ or more") as refused:
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    needed = int(re.search(r"give --max-length (\d+)", str(refused.value)).group(1))  # type: ignore[union-attr]
+    manifest.write_text("".join(json.dumps({**row, "indication": long} if i == 2 else row) + "\n"
+                                for i, row in enumerate(rows)))
+    train(cfg)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"radtrt: warning: 1 manifest row trains on nothing: the prompt alone fills --max-length 300 ids (first: " \
+           f"{manifest}:3, {needed - 1} ids before its report" in err, err
+    assert "longer than --max-length" not in err  # not also counted among the rows whose report's end is cut
+
+
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
     """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),

@@ -34,7 +34,7 @@ from radtrt.imaging.views import UNKNOWN_VIEW, is_frontal, view_of
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.outputs import broken_link
 from radtrt.progress import make_progress
-from radtrt.training.examples import build_example, min_length
+from radtrt.training.examples import IGNORE_INDEX, build_example, min_length
 
 
 def load_pixels_u8(path: Path, image_size: int, shown_as: str | None = None) -> torch.Tensor:
@@ -82,6 +82,16 @@ def too_long_warning(where: list[str], rows: list[tuple[int, int]], max_length: 
     return printable(f"radtrt: warning: {len(rows)} manifest row{'s are' if len(rows) > 1 else ' is'} longer than "
                      f"--max-length {max_length} ids with the prompt, and cut (first: {where[index]}, {n} ids): the end "
                      f"of such a report and its end-of-sequence token are not trained on")
+
+
+def untrained_warning(where: list[str], rows: list[tuple[int, int]], max_length: int) -> str:
+    """One line for every row whose prompt alone fills ``--max-length``: cut there, not one id of its report is
+    trained on (it was counted among the rows whose report's end is cut). Named by the first row's line."""
+    index, prompt = rows[0]
+    many = len(rows) > 1
+    return printable(f"radtrt: warning: {len(rows)} manifest row{'s train' if many else ' trains'} on nothing: "
+                     f"the prompt alone fills --max-length {max_length} ids (first: {where[index]}, "
+                     f"{prompt} ids before its report; a long indication?)")
 
 
 def repeated_rows(rows: list[ManifestRow]) -> list[tuple[int, int]]:
@@ -141,8 +151,18 @@ class ManifestDataset(torch.utils.data.Dataset):
         # (row index, its example's length in ids) of each row cut to max_length: its report's end and EOS are not
         # trained on, so the model learns no stop there (the training loop warns)
         self.too_long: list[tuple[int, int]] = []
+        # (row index, its prompt's length in ids) of each row whose prompt alone fills max_length (a long indication):
+        # not one of its report's ids is trained on (the training loop warns; every row so is refused here)
+        self.untrained: list[tuple[int, int]] = []
         if template is not None and tokenizer is not None:
-            self.too_long = self._measure(console)
+            self.too_long, self.untrained = self._measure(console)
+            if self.untrained and len(self.untrained) == len(rows):
+                # a run trained on nothing: loss 0 at every step, and its model, the one it started from, exit 0
+                first, prompt = min(self.untrained, key=lambda row: row[1])
+                row = where[first] if where is not None else f"manifest row {first + 1}"
+                fail(f"every manifest row's prompt fills --max-length {max_length} ids before its report (shortest: "
+                     f"{row}, {prompt} ids), so the run would train on nothing; give --max-length {prompt + 1} or "
+                     f"more, or shorter indications")
         # (row index, view) of each image that is not frontal: infer calls its report unreliable, and a run trained
         # on them without a word (the training loop warns)
         self.non_frontal: list[tuple[int, str]] = []
@@ -166,19 +186,26 @@ class ManifestDataset(torch.utils.data.Dataset):
             else:  # read later, by DataLoader workers: what their headers tell is refused now, before the run starts
                 self._screen(console)
 
-    def _measure(self, console: Console | None) -> list[tuple[int, int]]:
+    def _measure(self, console: Console | None) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The rows cut to max_length (index, example length) and, of those, the ones left with no report id to
+        train on (index, prompt length)."""
         assert self.template is not None and self.tokenizer is not None
-        out = []
+        cut, untrained = [], []
         with make_progress(console=console or Console(stderr=True), transient=True) as progress:
             task = progress.add_task("measuring reports", total=len(self.rows))
             for i, row in enumerate(self.rows):
                 context = self.label_context(i) if self.condition_on_labels else None
-                n = len(build_example(self.tokenizer, self.template, row.findings, row.indication, sys.maxsize,
-                                      context).input_ids)
+                example = build_example(self.tokenizer, self.template, row.findings, row.indication, sys.maxsize,
+                                        context)
+                n = len(example.input_ids)
                 if n > self.max_length:
-                    out.append((i, n))
+                    prompt = next((k for k, label in enumerate(example.labels) if label != IGNORE_INDEX), n)
+                    if prompt >= self.max_length and not example.mismatch:
+                        untrained.append((i, prompt))
+                    else:
+                        cut.append((i, n))
                 progress.advance(task)
-        return out
+        return cut, untrained
 
     def _screen(self, console: Console | None) -> None:
         """Refuse an image that reading it would refuse from its header (a damaged PNG, a CT) before the run
