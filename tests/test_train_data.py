@@ -165,7 +165,21 @@ def test_lazily_read_rows_naming_study_folders_have_a_digest(tmp_path: Path) -> 
     assert linked != second
     write_radiograph(tmp_path / "store" / "ser" / "pa.dcm", synthetic_chest(seed=4), view_position="PA",
                      study_uid=study_uid)
-    assert digest() != linked
+    changed = digest()
+    assert changed != linked
+    # a run folder inside a study folder: its log and checkpoint, written after the run's digest, were "image data
+    # that has changed", and resume refused the run it had just told the user to resume
+    run = tmp_path / "s1" / "run"
+
+    def run_digest() -> str | None:
+        return ManifestDataset(read_manifest(tmp_path / "m.jsonl"), tmp_path, tokenizer=None, template=None,
+                               max_length=2048, image_size=56, preload=False).images_digest(run)
+
+    assert run_digest() == changed
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "state.pt").write_bytes(b"state")
+    (run / "log.jsonl").write_text("{}\n")
+    assert run_digest() == changed and digest() != changed
 
 
 @pytest.mark.parametrize("folder", [False, True])

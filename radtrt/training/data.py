@@ -32,7 +32,7 @@ from radtrt.imaging.raster import sniff_raster
 from radtrt.imaging.study import load_study, screen_study, study_files
 from radtrt.imaging.views import UNKNOWN_VIEW, is_frontal, view_of
 from radtrt.model.tokenizer import LlamaSPTokenizer
-from radtrt.outputs import broken_link
+from radtrt.outputs import broken_link, resolved
 from radtrt.progress import make_progress
 from radtrt.training.examples import IGNORE_INDEX, build_example, min_length
 
@@ -237,11 +237,14 @@ class ManifestDataset(torch.utils.data.Dataset):
         if view != UNKNOWN_VIEW and not is_frontal(view):
             self.non_frontal.append((i, view))
 
-    def images_digest(self) -> str | None:
+    def images_digest(self, run_dir: Path | None = None) -> str | None:
         """sha256 of the image data the run trains on, for resume to refuse other images under an unchanged
         manifest (PNGs overwritten in place continued the run on other data). The preloaded pixels when there are
         any (already in memory: hashing them is cheap, and they are exactly what is trained on); otherwise the
-        files' bytes, one extra read of the data set. None without images."""
+        files' bytes, one extra read of the data set. None without images.
+
+        ``run_dir``: the run's own folder, left out where it lies in a row's study folder: its log and checkpoint,
+        written after this digest was taken, were "image data that has changed", and resume refused the run."""
         if self.image_size is None:
             return None
         h = hashlib.sha256()
@@ -250,11 +253,14 @@ class ManifestDataset(torch.utils.data.Dataset):
             h.update(memoryview(self.images.contiguous().numpy()))
             return h.hexdigest()
         h.update(b"files\0")
+        own = resolved(run_dir) if run_dir is not None else None
         for i, row in enumerate(self.rows):
             path = row.image_path(self.root)
             # a row may name a study folder: every file in it, by name (it was read as a file: 'Is a directory')
             files = study_files(path) if path.is_dir() else [path]
             for file in files:
+                if own is not None and resolved(file).is_relative_to(own):
+                    continue
                 h.update(file.relative_to(path).as_posix().encode() if file != path else b"")
                 try:
                     with file.open("rb") as f:

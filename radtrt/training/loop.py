@@ -342,7 +342,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                               preload=cfg.num_workers == 0 or cfg.cache_features, console=console,
                               condition_on_labels=cfg.stage == "lm" and cfg.lm_condition == "labels",
                               where=where)
-    origin["images_sha256"] = dataset.images_digest()  # before the feature cache drops the pixels
+    origin["images_sha256"] = dataset.images_digest(run_dir)  # before the feature cache drops the pixels
     if info.is_main:
         repeats = repeated_rows(rows)
         for warning in ([non_frontal_warning(where, dataset.non_frontal)] if dataset.non_frontal else []) + \
