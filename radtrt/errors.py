@@ -6,8 +6,10 @@ Messages must never contain patient names or IDs.
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, NoReturn
+import shlex
+from typing import Any, Iterable, NoReturn
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -31,6 +33,21 @@ def printable(text: str) -> str:
     messages themselves: JSON records keep the names as they are (JSON escapes them), so a record's error still
     starts with its study."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), valid_unicode(text))
+
+
+def shell_quote(text: str) -> str:
+    """``shlex.quote``, except for text holding a file name's undecodable bytes or control characters: bash's
+    ``$'...'`` with those bytes escaped. A printed command must paste: ``'/runs/nu\udcffrun'`` became
+    ``'/runs/nu\xffrun'`` on stderr (:func:`printable`), a folder that does not exist."""
+    if not _CONTROL.search(text) and valid_unicode(text) == text:
+        return shlex.quote(text)
+    quoted = "".join(chr(b) if 0x20 <= b < 0x7F and b not in b"\\'" else f"\\x{b:02x}" for b in os.fsencode(text))
+    return f"$'{quoted}'"
+
+
+def shell_join(words: Iterable[str]) -> str:
+    """``shlex.join`` with :func:`shell_quote`."""
+    return " ".join(shell_quote(word) for word in words)
 
 
 def valid_unicode(text: str) -> str:

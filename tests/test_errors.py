@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,21 @@ def test_stderr_lines_write_undecodable_file_names_as_the_json_records_do(capsys
     assert plain(f"structured report of {name}").plain == "structured report of bad\\xfe.dcm"
     print_error(f"{name}: not a DICOM file")
     assert capsys.readouterr().err == "radtrt: error: bad\\xfe.dcm: not a DICOM file\n"
+
+
+def test_printed_commands_paste_whatever_the_file_names(tmp_path: Path) -> None:
+    """A run folder named with a byte that is not UTF-8 was printed as 'radtrt train resume '/runs/nu\\udcffrun'',
+    and as '...nu\\xffrun' once made printable: pasted, either named a folder that does not exist."""
+    import os
+    import subprocess
+
+    from radtrt.errors import printable, shell_quote
+
+    names = [os.fsdecode(b"nu\xffrun"), "a b", "it's", "line\nbreak", "caf\u00e9", "$HOME", "tab\there"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        pasted = printable(f"radtrt train resume {shell_quote(str(tmp_path / name))}")  # as stderr shows it
+        assert "\n" not in pasted
+        listed = subprocess.run(["bash", "-c", f"printf '%s' {pasted.split(' ', 3)[3]}"], capture_output=True,
+                                check=True).stdout
+        assert listed == os.fsencode(str(tmp_path / name)), (name, pasted)

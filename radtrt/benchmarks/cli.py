@@ -8,7 +8,6 @@ to it. Progress goes to stderr. A ``RadtrtError`` becomes one stderr line and ex
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -19,7 +18,7 @@ from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.benchmarks.report_files import (check_outside_studies, check_predictions_apart, check_report_path,
                                            report_files, reproduce_command)
 from radtrt.cli_support import PathOption, emit, err, user_errors
-from radtrt.errors import fail, valid_unicode, valid_unicode_in
+from radtrt.errors import fail, shell_join, valid_unicode, valid_unicode_in
 from radtrt.progress import LineProgress, make_progress, plain
 
 _guarded = user_errors
@@ -240,7 +239,7 @@ def parity(
             ref, cand = write_paired_predictions(report, predictions_out)
     _emit(parity_markdown(report), report.to_json(), as_json, out)  # an earlier latency report's chart goes
     if predictions_out is not None:  # last: the next step, once every output is written
-        err.print(plain(f"CheXprompt: radtrt eval --paired {shlex.join([str(ref), str(cand)])} --metrics "
+        err.print(plain(f"CheXprompt: radtrt eval --paired {shell_join([str(ref), str(cand)])} --metrics "
                         f"rouge,labels,chexprompt --endpoint URL --judge-model NAME"), highlight=False, soft_wrap=True)
 
 

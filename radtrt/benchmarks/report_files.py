@@ -8,11 +8,10 @@ benchmark. The rules live here, beside the library, rather than in the CLI's opt
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Any
 
-from radtrt.errors import fail
+from radtrt.errors import fail, shell_join
 from radtrt.outputs import resolved
 
 def reproduce_command(sub: str, options: list[tuple[str, Any]]) -> str:
@@ -22,7 +21,7 @@ def reproduce_command(sub: str, options: list[tuple[str, Any]]) -> str:
         if value is None or value is False:
             continue
         parts += [flag] if value is True else [flag, str(value)]
-    return shlex.join(parts)
+    return shell_join(parts)
 
 
 REPORT_KINDS = ("latency", "parity")

@@ -6,7 +6,6 @@ command after a failed engine step repeats only what the user typed."""
 
 from __future__ import annotations
 
-import shlex
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from radtrt.errors import RadtrtError, fail
+from radtrt.errors import RadtrtError, fail, shell_quote
 from radtrt.outputs import resolved
 from radtrt.progress import plain
 from radtrt.exporter import targets
@@ -202,4 +201,4 @@ def _export_onnx(loaded: Any, out: Path, precision: str, int8_plan: Any, attenti
     elif int8_plan is not None and int8_plan.parity_samples == 0:  # the smoke check above judges no studies
         # the command last and bare: a quoted path nested in quotes did not paste
         log(f"INT8 parity gate skipped (--parity-samples 0); measure it with: radtrt bench parity --bundle "
-            f"{shlex.quote(str(out))} --model MODEL --studies HELD_OUT_STUDIES")
+            f"{shell_quote(str(out))} --model MODEL --studies HELD_OUT_STUDIES")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from radtrt.errors import fail
+from radtrt.errors import fail, shell_join
 from radtrt.exporter.quant import DEFAULT_ALPHA
 
 TARGETS = ("onnx", "tensorrt", "trtllm", "triton", "all")
@@ -174,8 +174,6 @@ def retry_engines_command(bundle: Path, step: str, plan: ExportPlan, *, model: P
     again is refused ('not empty') after minutes of loading the model. Only options ``--bundle`` accepts
     (``refuse_unused_options``): an INT8 bundle carries its calibration, and the precision is the bundle's own
     unless this run chose the decoder's (``precision_given``: an fp16 bundle's INT8 TensorRT-LLM decoder)."""
-    import shlex
-
     from radtrt.exporter.trtllm import decoder_mode
 
     target = plan.target if step == "tensorrt" else "trtllm"  # 'all' redoes both; after the vision engine, one
@@ -196,7 +194,7 @@ def retry_engines_command(bundle: Path, step: str, plan: ExportPlan, *, model: P
             cmd.append("--trtllm-logits")
     if max_batch_given:
         cmd += ["--max-batch", str(plan.max_batch)]
-    return shlex.join(cmd)
+    return shell_join(cmd)
 
 
 def add_tensorrt(bundle: Path, plan: ExportPlan, log: Callable[[str], None]) -> Path:

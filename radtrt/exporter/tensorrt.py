@@ -21,7 +21,6 @@ with a strongly typed network (trtexec switches them off with a warning); the gr
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from radtrt import __version__
-from radtrt.errors import RadtrtError, fail
+from radtrt.errors import RadtrtError, fail, shell_quote
 from radtrt.exporter.bundle import read_manifest, sha256_file
 from radtrt.exporter.gpu import (
     GpuInfo,
@@ -338,7 +337,7 @@ def build_vision_engine(bundle: Path, gpu: GpuInfo, *, precision: str | None = N
 def _build_command(bundle: Path) -> str:
     # without --bundle it would make a new bundle; the command last and bare, as its quoted path nested in quotes
     # ('radtrt export --bundle '/a/my bundle' ...') did not paste
-    return f"radtrt export --bundle {shlex.quote(str(bundle))} --target tensorrt"
+    return f"radtrt export --bundle {shell_quote(str(bundle))} --target tensorrt"
 
 
 def vision_engine_problem(engine: Path, stamp: dict[str, Any], manifest: dict[str, Any], bundle: Path) -> str | None:

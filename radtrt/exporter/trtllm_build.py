@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shlex
 import shutil
 import subprocess
 import time
@@ -18,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from radtrt import __version__
-from radtrt.errors import fail
+from radtrt.errors import fail, shell_quote
 from radtrt.exporter.gpu import (
     GpuInfo,
     check_trtllm,
@@ -329,7 +328,7 @@ def built_from_problem(engine: Path, stamp: dict[str, Any], manifest: dict[str, 
     if stamp.get("bundle_weights") != manifest["model"].get(BUNDLE_FINGERPRINT):
         return (f"the TensorRT-LLM engine {engine} was not built from the weights of the model {bundle} was exported "
                 f"from (copied from another bundle, or built by an older radtrt): delete its folder and rebuild it "
-                f"with: radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm ...")
+                f"with: radtrt export --bundle {shell_quote(str(bundle))} --model MODEL --target trtllm ...")
     return None
 
 
@@ -350,7 +349,7 @@ def _build_command(bundle: Path, tag: str) -> str:
     if (kv or mode == "w8a8_sq") and not (bundle / "calibration.safetensors").is_file():
         options += " --calibration-stats CALIB"  # an fp16/fp32 bundle carries no statistics to take them from
     # --bundle: into this one; the command last and bare (its quoted path nested in quotes did not paste)
-    return f"radtrt export --bundle {shlex.quote(str(bundle))} --model MODEL --target trtllm {options}".rstrip()
+    return f"radtrt export --bundle {shell_quote(str(bundle))} --model MODEL --target trtllm {options}".rstrip()
 
 
 def find_decoder_engine(bundle: Path, gpu: GpuInfo, tag: str | None) -> tuple[Path, dict[str, Any]]:

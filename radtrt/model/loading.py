@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -20,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from radtrt import __version__
-from radtrt.errors import fail, printable
+from radtrt.errors import fail, printable, shell_quote
 from radtrt.model import checkpoints as ck
 from radtrt.model.config import CONV_TEMPLATES, DecoderConfig, LlavaRadConfig, VisionConfig, config_problem
 from radtrt.model.decoder import Rotary
@@ -79,7 +78,7 @@ def layout_of(model_dir: Path) -> str:
                  f"it stopped before its first checkpoint, when its training command must be run again): give {model} "
                  f"once it has one")
         fail(f"{model_dir} is a training run folder that has not written its model yet: give {model} once it has; "
-             f"to finish it, run: radtrt train resume {shlex.quote(str(model_dir))}")
+             f"to finish it, run: radtrt train resume {shell_quote(str(model_dir))}")
     if holds_release_layout(model_dir):  # "missing file: OUT/config.json"
         fail(f"{model_dir} holds the release layout 'radtrt convert --to llava-rad' writes: give "
              f"{release_options(model_dir)}")
@@ -108,8 +107,8 @@ def holds_release_layout(folder: Path) -> bool:
 def release_options(folder: Path) -> str:
     """The --model and --base-model that load the release layout written into ``folder``, quoted so that the
     suggestion pastes into a shell (a path with a space was printed bare)."""
-    return (f"--model {shlex.quote(str(folder / RELEASE_DIR))} "
-            f"--base-model {shlex.quote(str(folder / RELEASE_BASE_DIR))}")
+    return (f"--model {shell_quote(str(folder / RELEASE_DIR))} "
+            f"--base-model {shell_quote(str(folder / RELEASE_BASE_DIR))}")
 
 
 def is_bundle(folder: Path) -> bool:
@@ -128,7 +127,7 @@ def _adapter_folder(model_dir: Path) -> str:
                 if model.is_dir() else
                 f"{model_dir} is a PEFT LoRA adapter folder, not a model, and its training run has not written its "
                 f"model yet: give {model} once it has; to finish it, run: radtrt train resume "
-                f"{shlex.quote(str(run))}")
+                f"{shell_quote(str(run))}")
     return (f"{model_dir} is a PEFT LoRA adapter folder (adapter_config.json), not a model: give the model it belongs "
             f"to, the RUN/model of the 'radtrt train stage2' run that wrote it, or the LLaVA-Rad release folder that "
             f"holds it beside its config.json")

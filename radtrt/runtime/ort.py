@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import shlex
 import sys
 
 import time
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from radtrt.errors import fail
+from radtrt.errors import fail, shell_quote
 from radtrt.exporter.bundle import BUNDLE_FINGERPRINT, MODEL_CONFIG, REEXPORT, load_embedding_table, read_manifest
 from radtrt.exporter.gqa import SEQLENS, io_names as gqa_io_names
 from radtrt.exporter.onnx import decoder_io_names
@@ -88,7 +87,7 @@ def _linked_out(path: Path) -> str | None:
     if target.is_relative_to(path.resolve().parent):
         return None
     return (f"{data} is a symbolic link out of the bundle folder (to {target}), which ONNX Runtime refuses to read: "
-            f"copy the bundle with real files, e.g. cp -rL {shlex.quote(str(path.parent))} NEW_FOLDER")
+            f"copy the bundle with real files, e.g. cp -rL {shell_quote(str(path.parent))} NEW_FOLDER")
 
 
 def _session(path: Path, providers: list[Any], threads: int | None, spin: bool = False, prepack: bool = True) -> Any:

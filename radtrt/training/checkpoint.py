@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import shlex
 import shutil
 import struct
 import zipfile
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from radtrt.errors import fail
+from radtrt.errors import fail, shell_quote
 from radtrt.outputs import replaced_atomically
 
 CHECKPOINT_DIR = "checkpoint"
@@ -61,7 +60,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
         room = f"; {free / 1e6:.0f} MB free there" if free is not None else ""
-        run = shlex.quote(str(run_dir))
+        run = shell_quote(str(run_dir))
         # before the first one, train adds what to do (it removes what the run wrote)
         after = (f"the previous one is kept: free space, then run: radtrt train resume {run}" if path.is_file() else
                  "it was the run's first")

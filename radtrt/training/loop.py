@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from radtrt import interrupts
 from radtrt.data.manifest import read_jsonl, read_manifest
 from radtrt.data.vocabulary import LABELS
-from radtrt.errors import RadtrtError, fail
+from radtrt.errors import RadtrtError, fail, shell_quote
 from radtrt.model.checkpoints import all_finite
 from radtrt.model.fingerprint import weights_fingerprint
 from radtrt.model.io import read_json, sha256_file
@@ -112,7 +111,7 @@ def _check_run_dir(run_dir: Path, resume: bool, is_main: bool = True, stage: str
     if ckpt.state_path(run_dir).exists():
         # each command last and bare: quoted inside quotes ('radtrt train resume '/a/my run'') it did not paste
         fail(f"{run_dir} already holds a training run; choose another -o, or to continue it, run: radtrt train "
-             f"resume {shlex.quote(str(run_dir))}")
+             f"resume {shell_quote(str(run_dir))}")
     if (run_dir / CONFIG_FILE).exists():
         fail(_before_first_checkpoint(run_dir))
     if is_main:  # the other ranks start while the main one may already be writing into it
@@ -129,7 +128,7 @@ def _check_resume_outputs(run_dir: Path, stage: str | None) -> None:
         if not_ours(work):
             fail(f"{work} is in the way of the {what} this run ends with (radtrt builds {name}/ there first) and is "
                  f"not radtrt's unfinished work: move it away, then run: radtrt train resume "
-                 f"{shlex.quote(str(run_dir))}")
+                 f"{shell_quote(str(run_dir))}")
     if stage == "stage2" and not (run_dir / MODEL_DIR).exists():
         check_leftover_lora(run_dir)
 
@@ -182,7 +181,7 @@ def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
         if not ckpt.state_path(run_dir).is_file():  # resume would refuse: nothing saved yet (train says what to do)
             fail(f"cannot append to training log {path} ({e.strerror or e}) before the run's first checkpoint")
         fail(f"cannot append to training log {path} ({e.strerror or e}); the steps since the last checkpoint are "
-             f"lost: free space, then run: radtrt train resume {shlex.quote(str(run_dir))}")
+             f"lost: free space, then run: radtrt train resume {shell_quote(str(run_dir))}")
 
 
 def _log_step(line: str) -> int | None:
@@ -280,7 +279,7 @@ def _check_config_file(run_dir: Path, cfg: TrainConfig) -> None:
         recorded = read_json(path)
     except RadtrtError as e:  # the checkpoint holds the config: the file can be written again from it
         fail(f"{e}; to write it again from the checkpoint, delete it, then run: radtrt train resume "
-             f"{shlex.quote(str(run_dir))}")
+             f"{shell_quote(str(run_dir))}")
     saved = cfg.to_dict()
     for key in sorted(set(saved) | set(recorded)):
         if key == "out_dir":
@@ -439,7 +438,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
                 model_dir = write_outputs(cfg, run_dir, loaded, objective, peft_lm, total)
             except RadtrtError as e:  # a full disk said only "cannot write RUN/model.partial/...", not how to go on
                 fail(f"{e}; all {total} steps are saved in {ckpt.state_path(run_dir)}: to write the model without "
-                     f"training again once that is fixed, run: radtrt train resume {shlex.quote(str(run_dir))}")
+                     f"training again once that is fixed, run: radtrt train resume {shell_quote(str(run_dir))}")
     except RadtrtError as e:
         if saved is not None or not info.is_main:
             raise
@@ -482,7 +481,7 @@ def _interrupted(run_dir: Path, saved: int | None, removed: str | None = None) -
         return (f"radtrt: interrupted before the first checkpoint, so there is nothing to resume: delete {run_dir} "
                 f"and run the command again")
     return (f"radtrt: interrupted; to go on from step {saved}, its last checkpoint, run: radtrt train resume "
-            f"{shlex.quote(str(run_dir))}")
+            f"{shell_quote(str(run_dir))}")
 
 
 def _remove_unstarted(run_dir: Path, created: bool) -> str | None:
@@ -520,7 +519,7 @@ def _start_again(run_dir: Path, created: bool) -> str:
     removed = _remove_unstarted(run_dir, created)
     if removed is not None:
         return f"{removed}; once that is fixed, run the training command again"
-    return (f"once that is fixed, delete {shlex.quote(str(run_dir))} and run the training command again (or choose "
+    return (f"once that is fixed, delete {shell_quote(str(run_dir))} and run the training command again (or choose "
             f"another -o)")
 
 
@@ -538,7 +537,7 @@ def _image_failed(error: str, run_dir: Path, saved: int | None) -> str:
         return f"{error}; the run stopped before its first checkpoint"
     return (f"{error}; if its bytes must be repaired, resume refuses a run whose images changed since it began: start "
             f"the run again (delete {run_dir} or choose another -o); if the file was only out of reach (permissions, "
-            f"a mount), restore access, then run: radtrt train resume {shlex.quote(str(run_dir))}")
+            f"a mount), restore access, then run: radtrt train resume {shell_quote(str(run_dir))}")
 
 
 def _quiet_on_sigterm(worker_id: int) -> None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from radtrt.errors import fail
+from radtrt.errors import fail, shell_quote
 from radtrt.model.io import save_tensors
 from radtrt.model.loading import LoadedModel, save_toolkit
 from radtrt.outputs import new_dir_built_aside, write_text
@@ -59,7 +58,7 @@ def check_leftover_lora(run_dir: Path) -> None:
         problem = f"{lora_dir} holds {foreign[0]}, which radtrt did not write" if foreign else None
     if problem is not None:
         fail(f"{problem}; it is in the way of the LoRA adapter this run writes: move it away, then run: radtrt "
-             f"train resume {shlex.quote(str(run_dir))}")
+             f"train resume {shell_quote(str(run_dir))}")
 
 
 def remove_leftover_lora(run_dir: Path) -> None:

@@ -16,13 +16,12 @@ and radtrt's ``load_model(OUT/llava-rad, OUT/base-lm)`` both read it.
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from radtrt.errors import fail
+from radtrt.errors import fail, shell_quote
 from radtrt.model import checkpoints as ck
 from radtrt.model.io import load_tensors, read_json
 from radtrt.outputs import check_new_dir, new_dir_built_aside
@@ -118,7 +117,7 @@ def export_release(source: LoadedModel | Path, out_dir: Path, *, base_name: str 
         if run_cfg is not None:
             if not (source / MODEL_DIR / "config.json").is_file():
                 fail(f"training run {source} has not finished (no {MODEL_DIR}/); " + (
-                    f"resume it first; run: radtrt train resume {shlex.quote(str(source))}" if state_path(source).is_file() else
+                    f"resume it first; run: radtrt train resume {shell_quote(str(source))}" if state_path(source).is_file() else
                     "it has no checkpoint to resume from either: delete it and start the run again"))
         if run_cfg is not None and run_cfg.stage == "stage2" and (source / LORA_DIR).is_dir():
             run, cfg = source, run_cfg
