@@ -673,3 +673,47 @@ def test_a_photometric_interpretation_in_lower_case_is_read_as_its_defined_term(
     ds.save_as(tmp_path / "spelled.dcm", enforce_file_format=True)
     np.testing.assert_array_equal(load_dicom_image(tmp_path / "spelled.dcm").pixels_u8,
                                   load_dicom_image(tmp_path / "upper.dcm").pixels_u8)
+
+
+def _patched(data: bytes, marker: bytes, at: int, value: bytes) -> bytes:
+    """``data`` with ``value`` written ``at`` bytes after the one occurrence of ``marker``."""
+    assert data.count(marker) == 1, marker
+    start = data.index(marker) + at
+    return data[:start] + value + data[start + len(value):]
+
+
+def test_a_codestream_larger_than_its_header_is_refused_before_decoding(tmp_path: Path) -> None:
+    """The decoders allocate what the codestream declares: a 1.3 KB JPEG 2000 frame declaring 60000 x 60000 peaked
+    at 4 GB before its shape was found to disagree with the header's Rows x Columns."""
+    ds = radiograph_dataset(synthetic_chest())
+    ds.compress(JPEG2000Lossless)
+    ds.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
+    assert load_dicom_image(tmp_path / "j2k.dcm").pixels_u8.shape[:2] == (ds.Rows, ds.Columns)  # as it was: decoded
+    big = (60000).to_bytes(4, "big") * 2  # Xsiz, Ysiz of SIZ, after SOC
+    (tmp_path / "bomb.dcm").write_bytes(_patched((tmp_path / "j2k.dcm").read_bytes(), b"\xff\x4f\xff\x51", 8, big))
+    _refused(tmp_path / "bomb.dcm", f"its compressed image is 60000 x 60000 pixels, the header says {ds.Columns} x "
+                                    f"{ds.Rows} \\(decompression bomb guard\\)")
+    jpeg = _bundled("SC_rgb_jpeg_dcmtk.dcm")  # a baseline JPEG: SOF0's lines and samples per line
+    source = pydicom.dcmread(jpeg)
+    assert load_dicom_image(jpeg, allow_any_modality=True).pixels_u8.shape[:2] == (source.Rows, source.Columns)
+    (tmp_path / "jpeg.dcm").write_bytes(_patched(jpeg.read_bytes(), b"\xff\xc0", 5, (50000).to_bytes(2, "big") * 2))
+    _refused(tmp_path / "jpeg.dcm", "its compressed image is 50000 x 50000 pixels", allow_any_modality=True)
+
+
+def test_a_deflated_data_set_that_inflates_beyond_any_radiograph_is_refused(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom inflates a deflated data set whole before reading a tag: 2 MB on disk took 4.6 GB of memory (2 GiB
+    inflated), and an OOM kill on a small box, with any folder of studies it was a stray file in."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from radtrt.imaging import bombs
+
+    ds = radiograph_dataset(synthetic_chest())
+    ds.private_block(0x0009, "RADTRT TEST", create=True).add_new(0x10, "OB", bytes(4 << 20))  # zeros: deflate well
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert path.stat().st_size < 1 << 20
+    assert load_dicom_image(path).pixels_u8.shape[:2] == (ds.Rows, ds.Columns)  # under the limit: read as before
+    monkeypatch.setattr(bombs, "MAX_INFLATED", 2 << 20)  # the real one is 364 MB: not written in a test
+    _refused(path, "its deflated data set inflates to more than 2 MB, more than any radiograph holds")

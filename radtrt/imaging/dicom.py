@@ -73,6 +73,7 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage, RLELossless
 
 from radtrt.errors import fail
+from radtrt.imaging.bombs import check_inflated_size, codestream_size
 from radtrt.imaging.pixels import MAX_PIXELS, check_aspect, equalize_histogram, min_max_to_uint8, rgb_to_grey
 from radtrt.imaging.views import view_of
 
@@ -202,6 +203,7 @@ def read_dicom(path: Path, *, defer_size: str | None = None) -> Dataset:
     name = path.name
     try:
         with quiet():
+            check_inflated_size(path, name)  # pydicom inflates a deflated data set whole, before reading a tag
             ds = dcmread(path, force=False, defer_size=defer_size)
             undecoded = {tag: raw.value for tag in ds.keys() if tag != _PIXEL_DATA_TAG
                          and isinstance(raw := ds.get_item(tag, keep_deferred=True), RawDataElement)
@@ -429,6 +431,19 @@ def _check_rle_segments(ds: Dataset, name: str, plane: int) -> None:
         fail(f"{name}: RLE pixel data holds more pixels than Rows x Columns ({ds.Rows} x {ds.Columns}) declare")
 
 
+def _check_codestream(ds: Dataset, name: str, ts: UID, rows: int, cols: int) -> None:
+    """Refuse a compressed frame whose codestream declares another size than the header: the decoder allocates
+    what the codestream declares, gigabytes for a few bytes, before its shape was found to disagree."""
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (StopIteration, ValueError, struct.error):
+        return  # the decoder refuses what has no frame
+    size = codestream_size(frame, ts)
+    if size is not None and size != (cols, rows):
+        fail(f"{name}: its compressed image is {size[0]} x {size[1]} pixels, the header says {cols} x {rows} "
+             f"(decompression bomb guard)")
+
+
 def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
     """Decode the single frame as stored (no LUTs); colour comes back as RGB."""
     rows, cols, samples = _check_geometry(ds, name)
@@ -467,6 +482,8 @@ def decode_pixels(ds: Dataset, name: str) -> np.ndarray:
                  f"Rows/Columns/SamplesPerPixel/BitsAllocated ({expected} bytes)")
     if ts == RLELossless:
         _check_rle_segments(ds, name, rows * cols)
+    elif ts.is_compressed:
+        _check_codestream(ds, name, ts, rows, cols)
     try:
         # pydicom warns, with values, about what it adjusts while decoding (a padding byte in an RLE segment, a
         # JPEG's colour space): valid images do that, so the warnings are neither shown nor a refusal
