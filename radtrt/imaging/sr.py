@@ -299,7 +299,7 @@ def write_sr(report_text: str, source: SelectedImage, out_dir: Path, *, model_na
     out_dir = make_dir(Path(out_dir), "SR output folder")
     final = out_dir / f"SR_{sr.SOPInstanceUID}.dcm"
     try:
-        with replaced_atomically(final, mode=0o600, ) as temp, quiet("highdicom|pydicom"):
+        with replaced_atomically(final, mode=0o600, held=True) as temp, quiet("highdicom|pydicom"):
             sr.save_as(temp, enforce_file_format=True)
     except OSError as exc:  # a full disk, say: this study's SR is not written, the others still are
         fail(f"cannot write an SR into folder {out_dir}: {exc.strerror or exc}")
