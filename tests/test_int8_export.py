@@ -131,7 +131,7 @@ def test_the_fp32_graphs_to_quantize_lie_inside_the_work_folder(model_dir: Path,
     _refused(["export", "--model", str(model_dir), "--precision", "int8", "--calibration-data", "phantom",
               "--calibration-n", "1", "--parity-samples", "0", "-o", str(out)], "stopped by the test")
     assert seen["path"].is_relative_to(out.parent / "b.partial") and seen["beside"] == ["b.partial"]
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # nothing left: the parent folder this run made for -o is taken back too
 
 
 def test_vision_graph_is_qdq_with_per_channel_weights_and_float_norms(bundle: Path) -> None:
