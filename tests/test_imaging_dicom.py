@@ -717,3 +717,23 @@ def test_a_deflated_data_set_that_inflates_beyond_any_radiograph_is_refused(tmp_
     assert load_dicom_image(path).pixels_u8.shape[:2] == (ds.Rows, ds.Columns)  # under the limit: read as before
     monkeypatch.setattr(bombs, "MAX_INFLATED", 2 << 20)  # the real one is 364 MB: not written in a test
     _refused(path, "its deflated data set inflates to more than 2 MB, more than any radiograph holds")
+
+
+def test_codestream_sizes_are_read_past_fill_bytes_and_markers_without_a_length() -> None:
+    """A legal JPEG with fill bytes (0xFF 0xFF) or a standalone marker before its frame header must not be misread:
+    a wrong size here refuses a valid image as a bomb."""
+    from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
+
+    from radtrt.imaging.bombs import codestream_size
+
+    sof0 = b"\xff\xc0\x00\x0b\x08" + (256).to_bytes(2, "big") + (512).to_bytes(2, "big") + b"\x01\x01\x11\x00"
+    app0 = b"\xff\xe0\x00\x06abcd"
+    assert codestream_size(b"\xff\xd8" + app0 + sof0, JPEGBaseline8Bit) == (512, 256)
+    assert codestream_size(b"\xff\xd8" + app0 + b"\xff\xff\xff" + sof0, JPEGBaseline8Bit) == (512, 256)
+    assert codestream_size(b"\xff\xd8\xff\xd0" + sof0, JPEGBaseline8Bit) == (512, 256)
+    sof55 = b"\xff\xf7" + sof0[2:]  # JPEG-LS: laid out as SOF0
+    assert codestream_size(b"\xff\xd8" + sof55, JPEGLSLossless) == (512, 256)
+    no_lines = sof0[:5] + b"\x00\x00" + sof0[7:]  # lines given later by a DNL marker: not judged here
+    assert codestream_size(b"\xff\xd8" + no_lines, JPEGBaseline8Bit) is None
+    assert codestream_size(b"\xff\xd8" + app0[:3], JPEGBaseline8Bit) is None  # cut short: the decoder's to say
+    assert codestream_size(b"\xff\xd8\xff\xda\x00\x02", JPEGBaseline8Bit) is None

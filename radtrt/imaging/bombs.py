@@ -96,7 +96,15 @@ def _jpeg_size(frame: bytes) -> tuple[int, int] | None:
     while frame[offset:offset + 2] not in _SOF:
         if frame[offset] != 0xFF:
             return None
-        (length,) = struct.unpack(">H", frame[offset + 2:offset + 4])
-        offset += 2 + length
+        marker = frame[offset + 1]
+        if marker == 0xFF:  # a fill byte before a marker (B.1.1.2)
+            offset += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            offset += 2
+        elif marker == 0xDA:  # a scan before any frame header: not a frame this reads
+            return None
+        else:
+            (length,) = struct.unpack(">H", frame[offset + 2:offset + 4])
+            offset += 2 + length
     lines, samples = struct.unpack(">HH", frame[offset + 5:offset + 9])
     return (samples, lines) if lines else None  # 0 lines: given later, by a DNL marker after the first scan
