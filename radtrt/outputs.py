@@ -21,6 +21,7 @@ from radtrt import interrupts
 from radtrt.errors import fail
 
 WORK_MARKER = ".radtrt-unfinished"  # inside OUT.partial while radtrt builds an output folder there
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # what flock says where there are none
 
 
 def resolved(path: Path) -> Path:
@@ -383,9 +384,6 @@ def _builder(marker: Path) -> str | None:
     except PermissionError:  # alive, another user's
         return f"process {pid}"
     return f"process {pid}" if pid != os.getpid() else None
-
-
-_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # what flock says where there are none
 
 
 def _claim(work: Path) -> int:

@@ -42,7 +42,8 @@ RELEASE_NAME_KEY = "radtrt_model_name"  # the same: a radtrt model's name, kept 
 RELEASE_BASE_KEY = "radtrt_base_weights_fingerprints"
 RELEASE_NAME = "llava-rad"  # a release without it (LLaVA-Rad's own)
 # what every training run folder holds (training/loop.py's CONFIG_FILE, training/checkpoint.py's state file)
-RUN_MARKS = ("train_config.json", "checkpoint/state.pt")
+RUN_CHECKPOINT = "checkpoint/state.pt"
+RUN_MARKS = ("train_config.json", RUN_CHECKPOINT)
 # a PEFT adapter folder (a stage-2 run's RUN/lora); a release holds them too, beside its config.json
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -73,7 +74,7 @@ def layout_of(model_dir: Path) -> str:
         # the command last and bare: quoted inside quotes ('radtrt train resume '/a/my run'') it did not paste
         if model.is_dir():
             fail(f"{model_dir} is a training run folder, not a model: give its model, {model}")
-        if not (model_dir / RUN_MARKS[1]).is_file():  # resume refuses such a run: it was suggested all the same
+        if not (model_dir / RUN_CHECKPOINT).is_file():  # resume refuses such a run: it was suggested all the same
             fail(f"{model_dir} is a training run folder with neither a model nor a checkpoint yet (it is starting, or "
                  f"it stopped before its first checkpoint, when its training command must be run again): give {model} "
                  f"once it has one")
