@@ -291,6 +291,24 @@ def test_doctor_reports_an_onnxruntime_that_cannot_list_providers(tmp_path: Path
     assert "backends usable here: torch (cpu)" in done.stdout
 
 
+def test_doctor_reads_tensorrt_llm_version_without_importing_it(tmp_path: Path) -> None:
+    """doctor imported TensorRT-LLM, whose import starts MPI and prints a banner onto stdout (a broken MPI aborts)."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "tensorrt_llm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("print('[TensorRT-LLM] banner')\nimport os\nos._exit(3)\n")
+    meta = tmp_path / "tensorrt_llm-0.14.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: tensorrt_llm\nVersion: 0.14.0\n")
+    done = subprocess.run([sys.executable, "-c", "from radtrt.runtime.doctor import report; print(chr(10).join(report()))"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(tmp_path), *sys.path])}, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "TensorRT-LLM 0.14.0" in done.stdout.splitlines() and "banner" not in done.stdout
+
+
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     empty = tmp_path / "empty.dcm"
     empty.write_bytes(b"")

@@ -40,10 +40,14 @@ def report() -> list[str]:
             version_ort = None
     else:
         lines.append(f"onnxruntime: {status}")
-    for name, label in (("tensorrt", "TensorRT"), ("tensorrt_llm", "TensorRT-LLM")):
-        version, status = _module_version(name)
-        lines.append(f"{label} {version}" if version else f"{label}: {status}")
-    from radtrt.exporter.gpu import doctor_lines
+    version, status = _module_version("tensorrt")
+    lines.append(f"TensorRT {version}" if version else f"TensorRT: {status}")
+    from radtrt.exporter.gpu import doctor_lines, library_version
+
+    # TensorRT-LLM's version comes from its package metadata: importing it starts MPI and CUDA and prints a banner
+    # onto doctor's stdout (a broken MPI can abort the process outright); its import is tried where it is used
+    trtllm = library_version("tensorrt_llm")
+    lines.append(f"TensorRT-LLM {trtllm}" if trtllm else "TensorRT-LLM: not installed")
 
     lines.extend(doctor_lines())
     usable = ["torch" + (" (cpu, cuda)" if torch.cuda.is_available() else " (cpu)")]
