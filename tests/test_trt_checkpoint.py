@@ -283,7 +283,9 @@ def test_build_command_lines_per_target(tmp_path: Path) -> None:
     v100 = trtllm_build_command(tmp_path / "c", tmp_path / "e", V100, BuildLimits.for_llava(1369, max_batch=1),
                                 gather_generation_logits=True)
     assert v100[v100.index("--max_multimodal_len") + 1] == "1369"
-    assert v100[-3:] == ["--context_fmha", "disable", "--gather_generation_logits"]
+    assert v100[-1] == "--gather_generation_logits" and "--context_fmha" not in v100  # V100 has fused kernels
+    t4 = trtllm_build_command(tmp_path / "c", tmp_path / "e", GpuInfo("Tesla T4", (7, 5)), limits)
+    assert t4[-2:] == ["--context_fmha", "disable"]  # sm75 has none: the runner asserts
     assert "--context_fmha" not in trtllm_build_command(tmp_path / "c", tmp_path / "e", ORIN, limits)
     bf16 = trtllm_build_command(tmp_path / "c", tmp_path / "e", A100, limits, dtype="bfloat16")
     assert bf16[bf16.index("--gemm_plugin") + 1] == "bfloat16" and bf16[bf16.index("--gpt_attention_plugin") + 1] \

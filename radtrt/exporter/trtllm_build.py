@@ -56,7 +56,7 @@ def mixed_gemm_preprocessor(op: Callable[..., torch.Tensor] | None, py_fn: Calla
       the C++ op TensorRT-LLM's own converters use. It is registered in every target version (0.12 through
       1.x) and lays weights out for the GPU it runs on, Volta included, so it is preferred.
     * ``py_fn`` = ``tensorrt_llm.quantization.functional.preprocess_weights_for_mixed_gemm`` is *not* one
-      function across versions: in the 0.12-0.14-era sources it is a two-argument helper that only
+      function across versions: 0.12 has none, 0.13-0.14 have a two-argument helper that only
       transposes int8 weights (no interleaving or bias, so the plugin would read garbage); later it is a
       Python port of the op taking ``act_dtype`` that asserts sm >= 75. It is only a fallback, and only
       in its port form on Turing or newer.
@@ -204,8 +204,10 @@ def trtllm_build_command(checkpoint_dir: Path, engine_dir: Path, gpu: GpuInfo, l
            "--max_multimodal_len", str(limits.max_multimodal_len),
            "--gemm_plugin", dtype, "--gpt_attention_plugin", dtype, "--remove_input_padding", "enable",
            "--workers", str(workers)]
-    if gpu.sm < (8, 0):
-        cmd += ["--context_fmha", "disable"]  # fused context attention kernels target sm80+
+    if gpu.sm < (8, 0) and gpu.sm != (7, 0):
+        # FusedMHARunnerV2 has kernels for sm70 (FP16 fMHA on V100 since 0.8) and sm80+, and asserts on sm75; on
+        # V100 disabling it ran unfused context attention, slower and with a prompt-squared attention buffer
+        cmd += ["--context_fmha", "disable"]
     if gather_generation_logits:
         cmd.append("--gather_generation_logits")  # first-step logits for parity checks
     return cmd
