@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from radtrt.model.config import preset
-from radtrt.model.prompt import IMAGE_TOKEN_INDEX, SYSTEM_V1, build_query
+from radtrt.model.prompt import IMAGE_TOKEN_INDEX, SYSTEM_V1, build_prompt, build_query, tokenizer_image_token
 from radtrt.model.tiny import random_model, train_tiny_tokenizer
 from radtrt.model.tokenizer import LlamaSPTokenizer
 from radtrt.training.batching import causal_lm_loss, multimodal_inputs, splice_labels
@@ -37,8 +37,12 @@ def test_v1_targets_are_the_answer_and_the_stop_token(tok: LlamaSPTokenizer, ind
     assert tok.decode([i for i in ex.input_ids[:first] if i >= 0]).endswith("ASSISTANT:")
     assert ex.input_ids.count(IMAGE_TOKEN_INDEX) == 1
     conversation = v1_conversation(indication, FINDINGS)
-    query = build_query(indication.replace("\n", " ") if indication else None)
+    query = build_query(indication)
     assert conversation == f"{SYSTEM_V1} USER: <image>\n{query} ASSISTANT: {FINDINGS}</s>"
+    assert indication is None or "fever. Rule out" in query  # the released loaders' newline -> space
+    # what infer / train eval / calibration prompt with is the prefix the model was trained under: newlines
+    # were spaces in training only, so a hard-wrapped indication met a prompt the model never saw
+    assert ex.input_ids[:first] == tokenizer_image_token(build_prompt(query, "v1"), tok.encode, tok.bos_token_id)
 
 
 def test_v1_tokenization_mismatch_ignores_everything(tok: LlamaSPTokenizer) -> None:

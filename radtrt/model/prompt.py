@@ -21,12 +21,14 @@ STOP_STR = "</s>"  # conv_vicuna_v1.sep2
 
 
 def build_query(indication: str | None = None) -> str:
-    """The paper's query, with the exam indication when one is given (blank counts as none)."""
+    """The paper's query, with the exam indication when one is given (blank counts as none). Newlines in the
+    indication become spaces, as the released MIMIC loaders do for training *and* test rows
+    (``reason.replace('\\n', ' ')``): a hard-wrapped indication otherwise reached the model as a prompt it never saw."""
     if indication is None or not indication.strip():
         return QUERY
     if IMAGE_TOKEN in indication:  # the released code strips it once: "<ima<image>ge>" left a second placeholder
         fail(f"the indication contains the image placeholder {IMAGE_TOKEN}; remove it")
-    return QUERY_WITH_INDICATION.format(indication=indication)
+    return QUERY_WITH_INDICATION.format(indication=indication.replace("\n", " "))
 
 
 def build_prompt(query: str, template: str = "v1") -> str:

@@ -46,7 +46,7 @@ class Example:
 
 def human_message(indication: str | None) -> str:
     """The user turn as the released data loader writes it and ``preprocess_multimodal`` moves ``<image>``."""
-    query = build_query(indication.replace("\n", " ") if indication else None)
+    query = build_query(indication)
     return IMAGE_TOKEN + "\n" + query.replace(IMAGE_TOKEN, "").strip()
 
 
