@@ -651,6 +651,31 @@ def test_rows_whose_prompt_fills_max_length_are_said_to_train_nothing(chain: Cha
     assert "longer than --max-length" not in err  # not also counted among the rows whose report's end is cut
 
 
+def test_rows_the_v1_masking_ignores_are_said_and_all_of_them_refused(chain: Chain, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A literal '</s>' in a report (an LLM-synthesized one, say) splits the v1 conversation and the released masking
+    ignores every label of the row: such rows were dropped without a word, and with every row so the run trained on
+    nothing (loss 0, grad 0) and exited 0 with its starting model."""
+    import shutil
+
+    data = Path(shutil.copytree(chain.manifest.parent, tmp_path / "data"))
+    rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    split = [{**row, "findings": row["findings"].replace(".", ".</s>", 1)} for row in rows]
+    manifest = data / "split.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in split))
+    cfg = make_config("stage2", "tiny", manifest=str(manifest), init_model=str(chain.runs["stage1"] / "model"),
+                      out_dir=str(tmp_path / "run"), max_steps=1)
+    with pytest.raises(RadtrtError, match=f"every manifest row would train on nothing: the released v1 masking .*"
+                                          f"and {len(rows)} do \\(first: {re.escape(str(manifest))}:1\\)$"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    manifest.write_text("".join(json.dumps(split[i] if i == 2 else row) + "\n" for i, row in enumerate(rows)))
+    train(cfg)
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("radtrt: warning: 1 manifest row trains on nothing: the released v1 masking ignores every label "
+                     "of a row whose text splits its conversation") == 1 and f"(first: {manifest}:3)" in err, err
+
+
 def test_a_diverging_run_stops_without_writing_a_model(chain: Chain, tmp_path: Path) -> None:
     """lr 1e30: NaN from the first steps on, rc 0, a model of NaNs every later command refused, NaN in the log."""
     cfg = make_config("stage1", "tiny", manifest=str(chain.manifest), init_model=str(chain.runs["lm"] / "model"),

@@ -94,6 +94,17 @@ def untrained_warning(where: list[str], rows: list[tuple[int, int]], max_length:
                      f"{prompt} ids before its report; a long indication?)")
 
 
+MISMATCH_WHY = ("the released v1 masking ignores every label of a row whose text splits its conversation (a literal "
+                "'</s>' or ' ASSISTANT: ' in the findings or indication?)")
+
+
+def mismatch_warning(where: list[str], rows: list[int]) -> str:
+    """One line for every row the released v1 masking ignores whole (the released trainer prints a warning per row
+    and trains on; here they were dropped without a word). Named by the first row's line."""
+    return printable(f"radtrt: warning: {len(rows)} manifest row{'s train' if len(rows) > 1 else ' trains'} on "
+                     f"nothing: {MISMATCH_WHY} (first: {where[rows[0]]})")
+
+
 def repeated_rows(rows: list[ManifestRow]) -> list[tuple[int, int]]:
     """(row index, index of the earlier row it repeats) for each row that is another's copy (image, findings,
     indication and labels): trained on as often as it is copied, a manifest concatenated twice, say."""
@@ -154,15 +165,21 @@ class ManifestDataset(torch.utils.data.Dataset):
         # (row index, its prompt's length in ids) of each row whose prompt alone fills max_length (a long indication):
         # not one of its report's ids is trained on (the training loop warns; every row so is refused here)
         self.untrained: list[tuple[int, int]] = []
+        # index of each row the released v1 masking ignores whole (its "tokenization mismatch", which the released
+        # trainer only prints): a literal stop string or role name in its text splits the conversation's rounds
+        self.mismatched: list[int] = []
         if template is not None and tokenizer is not None:
-            self.too_long, self.untrained = self._measure(console)
+            self.too_long, self.untrained, self.mismatched = self._measure(console)
             if self.untrained and len(self.untrained) == len(rows):
                 # a run trained on nothing: loss 0 at every step, and its model, the one it started from, exit 0
                 first, prompt = min(self.untrained, key=lambda row: row[1])
-                row = where[first] if where is not None else f"manifest row {first + 1}"
                 fail(f"every manifest row's prompt fills --max-length {max_length} ids before its report (shortest: "
-                     f"{row}, {prompt} ids), so the run would train on nothing; give --max-length {prompt + 1} or "
-                     f"more, or shorter indications")
+                     f"{self._row(first)}, {prompt} ids), so the run would train on nothing; give --max-length "
+                     f"{prompt + 1} or more, or shorter indications")
+            if self.mismatched and len(self.mismatched) + len(self.untrained) == len(rows):
+                fail(f"every manifest row would train on nothing: {MISMATCH_WHY}, and {len(self.mismatched)} do "
+                     f"(first: {self._row(self.mismatched[0])})" + (
+                         f"; the others' prompts fill --max-length {max_length}" if self.untrained else ""))
         # (row index, view) of each image that is not frontal: infer calls its report unreliable, and a run trained
         # on them without a word (the training loop warns)
         self.non_frontal: list[tuple[int, str]] = []
@@ -186,11 +203,14 @@ class ManifestDataset(torch.utils.data.Dataset):
             else:  # read later, by DataLoader workers: what their headers tell is refused now, before the run starts
                 self._screen(console)
 
-    def _measure(self, console: Console | None) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """The rows cut to max_length (index, example length) and, of those, the ones left with no report id to
-        train on (index, prompt length)."""
+    def _row(self, index: int) -> str:
+        return self.where[index] if self.where is not None else f"manifest row {index + 1}"
+
+    def _measure(self, console: Console | None) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[int]]:
+        """The rows cut to max_length (index, example length), of those the ones left with no report id to train on
+        (index, prompt length), and the rows whose every label the v1 masking ignores (index)."""
         assert self.template is not None and self.tokenizer is not None
-        cut, untrained = [], []
+        cut, untrained, mismatched = [], [], []
         with make_progress(console=console or Console(stderr=True), transient=True) as progress:
             task = progress.add_task("measuring reports", total=len(self.rows))
             for i, row in enumerate(self.rows):
@@ -198,14 +218,13 @@ class ManifestDataset(torch.utils.data.Dataset):
                 example = build_example(self.tokenizer, self.template, row.findings, row.indication, sys.maxsize,
                                         context)
                 n = len(example.input_ids)
-                if n > self.max_length:
+                if example.mismatch:
+                    mismatched.append(i)
+                elif n > self.max_length:
                     prompt = next((k for k, label in enumerate(example.labels) if label != IGNORE_INDEX), n)
-                    if prompt >= self.max_length and not example.mismatch:
-                        untrained.append((i, prompt))
-                    else:
-                        cut.append((i, n))
+                    (untrained.append((i, prompt)) if prompt >= self.max_length else cut.append((i, n)))
                 progress.advance(task)
-        return cut, untrained
+        return cut, untrained, mismatched
 
     def _screen(self, console: Console | None) -> None:
         """Refuse an image that reading it would refuse from its header (a damaged PNG, a CT) before the run

@@ -39,7 +39,7 @@ from radtrt.outputs import WORK_MARKER, check_folder_target, check_new_dir, make
 from radtrt.training import checkpoint as ckpt
 from radtrt.training.config import TrainConfig
 from radtrt.training.data import (ManifestDataset, Schedule, collate, non_frontal_warning, repeated_rows,
-                                  repeated_warning, too_long_warning, untrained_warning)
+                                  mismatch_warning, repeated_warning, too_long_warning, untrained_warning)
 from radtrt.training.distributed import DistInfo, barrier, gather_objects, init_distributed, mean_across, shutdown
 from radtrt.training.objectives import MultimodalLM, build_objective, trainable_parameters
 from radtrt.training.outputs import LORA_DIR, MODEL_DIR, check_leftover_lora, write_outputs
@@ -347,6 +347,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_after: int | Non
         for warning in ([non_frontal_warning(where, dataset.non_frontal)] if dataset.non_frontal else []) + \
                 ([too_long_warning(where, dataset.too_long, cfg.max_length)] if dataset.too_long else []) + \
                 ([untrained_warning(where, dataset.untrained, cfg.max_length)] if dataset.untrained else []) + \
+                ([mismatch_warning(where, dataset.mismatched)] if dataset.mismatched else []) + \
                 ([repeated_warning(where, repeats)] if repeats else []):
             console.print(warning, markup=False, highlight=False, soft_wrap=True)
     label_names = label_vocabulary(dataset) if cfg.stage == "vision" else None
