@@ -286,6 +286,25 @@ def test_epochs_given_with_the_tiny_preset_are_trained(chain: Chain, tmp_path: P
     assert make_config("stage1", "tiny", manifest=".", init_model=".", out_dir=".").max_steps == 6
 
 
+@pytest.mark.parametrize("world, stage, micro, accum", [
+    (1, "stage2", 16, 4), (4, "stage2", 16, 1), (8, "stage2", 8, 1), (1, "stage1", 32, 8), (4, "stage1", 32, 2)])
+def test_the_paper_preset_keeps_the_recipe_global_batch_under_torchrun(monkeypatch: pytest.MonkeyPatch, world: int,
+                                                                       stage: str, micro: int, accum: int) -> None:
+    """The preset's one-process accumulation was multiplied by the world size: 4 GPUs trained stage 2 at 256, not 64."""
+    from radtrt.errors import RadtrtError
+    from radtrt.training.data import Schedule
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = make_config(stage, "paper", manifest=".", init_model=".", out_dir=".")
+    assert (cfg.micro_batch_size, cfg.grad_accum) == (micro, accum)
+    assert Schedule(10**6, cfg.micro_batch_size, cfg.grad_accum, world, 0).global_batch == {"stage1": 256, "stage2": 64}[stage]
+    explicit = make_config(stage, "paper", manifest=".", init_model=".", out_dir=".", micro_batch_size=2, grad_accum=3)
+    assert (explicit.micro_batch_size, explicit.grad_accum) == (2, 3)  # given both: the user's, as given
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(RadtrtError, match="does not divide among 3 processes"):
+        make_config(stage, "paper", manifest=".", init_model=".", out_dir=".")
+
+
 def test_the_data_plan_is_made_as_the_loader_asks(chain: Chain) -> None:
     """A list of every micro-batch took a minute and 700 MB before step 1 of a long run."""
     import itertools

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from radtrt.errors import RadtrtError, fail
+from radtrt.training.distributed import world_size_from_env
 
 STAGES = ("vision", "lm", "stage1", "stage2")
 TEMPLATES = {"vision": None, "lm": "text", "stage1": "plain", "stage2": "v1"}
@@ -177,7 +178,7 @@ class TrainConfig:
 _PAPER = {
     # scripts/pretrain.sh: lr 1e-3, 1 epoch, global batch 256, cosine, warmup 3%, wd 0, bf16
     "stage1": dict(lr=1e-3, epochs=1.0, micro_batch_size=32, grad_accum=8, precision="bf16"),
-    # scripts/finetune_lora.sh: lr 1e-4, 3 epochs, global batch 64, LoRA r 64 / alpha 128 / dropout 0.05
+    # scripts/finetune_lora.sh: lr 1e-4, 3 epochs, global batch 64 (16 x 4 GPUs), LoRA r 64 / alpha 128 / dropout 0.05
     "stage2": dict(lr=1e-4, epochs=3.0, micro_batch_size=16, grad_accum=4, precision="bf16"),
     "vision": dict(lr=3e-4, epochs=10.0, micro_batch_size=64, grad_accum=1, weight_decay=0.05, precision="bf16"),
     "lm": dict(lr=3e-4, epochs=3.0, micro_batch_size=32, grad_accum=1, weight_decay=0.1, precision="bf16"),
@@ -196,6 +197,23 @@ for _stage in ("lm", "stage1", "stage2"):  # the phantom model's 512 positions h
 _TINY = dict(lr=3e-3, max_steps=6, micro_batch_size=2, grad_accum=2, save_every=2, lora_r=4, lora_alpha=8,
              warmup_ratio=0.2, max_length=256)
 PRESETS = ("paper", "phantom", "tiny")
+# The recipe's global batch, whatever the number of processes: the per-process micro-batch and accumulation above are
+# for one process, and under torchrun the loop multiplies by the world size (4 GPUs trained stage 2 at 256, not 64)
+_PAPER_GLOBAL_BATCH = {"stage1": 256, "stage2": 64}
+
+
+def split_global_batch(global_batch: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) per process so that ``world_size`` processes make ``global_batch`` per step; the
+    micro-batch shrinks where the processes alone exceed it (8 GPUs for stage 2's 64: 8 each, no accumulation)."""
+    if global_batch % world_size:
+        fail(f"the preset's global batch {global_batch} does not divide among {world_size} processes; give "
+             f"--micro-batch-size and --grad-accum yourself")
+    per_process = global_batch // world_size
+    micro = min(micro_batch_size, per_process)
+    if per_process % micro:
+        fail(f"--micro-batch-size {micro_batch_size} does not divide the preset's global batch {global_batch} "
+             f"over {world_size} process{'es' if world_size > 1 else ''} ({per_process} each); give --grad-accum too")
+    return micro, per_process // micro
 
 
 def make_config(stage: str, preset: str = "paper", **overrides: Any) -> TrainConfig:
@@ -207,6 +225,12 @@ def make_config(stage: str, preset: str = "paper", **overrides: Any) -> TrainCon
     base: dict[str, Any] = dict({"paper": _PAPER, "phantom": _PHANTOM}.get(preset, {}).get(stage, {}))
     if preset == "tiny":
         base = dict(_TINY)
+    micro = overrides.get("micro_batch_size")
+    micro = base.get("micro_batch_size") if micro is None else micro
+    if preset == "paper" and stage in _PAPER_GLOBAL_BATCH and overrides.get("grad_accum") is None and micro >= 1:
+        base["micro_batch_size"], base["grad_accum"] = split_global_batch(_PAPER_GLOBAL_BATCH[stage], micro,
+                                                                          world_size_from_env())
+        overrides = {**overrides, "micro_batch_size": None}
     if overrides.get("epochs") is not None and overrides.get("max_steps") is None:
         base.pop("max_steps", None)  # epochs asked for: the tiny preset's step count no longer wins over them
     token = _AS_OPTIONS.set(True)  # a refusal names the option (a preset's own values are all valid)

@@ -64,6 +64,12 @@ def init_distributed(device: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, f"cuda:{local}" if device == "cuda" else "cpu", owns)
 
 
+def world_size_from_env() -> int:
+    """How many processes torchrun started (1 without torchrun), before the process group is joined: a preset's
+    global batch is divided among them when the run's config is made."""
+    return max(_env_int("WORLD_SIZE", 1), 1)
+
+
 def _env_int(name: str, default: int) -> int:
     """A torchrun variable as a number; a stray non-number (``WORLD_SIZE=x``) was a ValueError traceback."""
     raw = os.environ.get(name)
