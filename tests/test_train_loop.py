@@ -101,6 +101,24 @@ def test_each_stage_trains_only_its_parameters(chain: Chain) -> None:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_weight_decay_spares_every_1d_parameter_layerscale_included() -> None:
+    """The help said 'not on biases and norms' while LayerScale gammas were spared too (timm's rule, kept: decaying
+    them towards 0 shrinks the trunk's blocks); the groups are pinned here to what the help now says."""
+    from radtrt.model.config import preset
+    from radtrt.model.tiny import random_model
+    from radtrt.training.loop import _optimizer
+
+    model = random_model(preset("tiny"))
+    named = list(model.vision_tower.named_parameters())
+    cfg = make_config("vision", "tiny", manifest=".", init_model=".", out_dir=".", weight_decay=0.05)
+    decay, spared = _optimizer(named, cfg).param_groups
+    assert decay["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    names = {id(p): n for n, p in named}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert any(n.endswith("ls1.gamma") for n in spared_names) and any(n.endswith(".bias") for n in spared_names)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in spared["params"])
+
+
 def test_stage_outputs(chain: Chain) -> None:
     s1, s2 = load_model(chain.runs["stage1"] / "model"), load_model(chain.runs["stage2"] / "model")
     assert s1.model.cfg.conv_template == "plain" and s2.model.cfg.conv_template == "v1"

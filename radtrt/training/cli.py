@@ -79,7 +79,7 @@ def _stage_command(stage: str, summary: str):  # noqa: ANN202 - typer reads the 
         epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the manifest (default: the preset's)."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (cosine schedule after warmup)."),
-        weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW decay (not on biases and norms)."),
+        weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW decay (not on 1-D parameters: biases, norms, LayerScale)."),
         warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Fraction of the steps with linear warmup."),
         micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Per process."),
         grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),

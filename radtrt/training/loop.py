@@ -1,6 +1,6 @@
 """The training loop: flat and readable (nanoGPT style), one function for every stage.
 
-AdamW (no decay on biases and norm weights, as Hugging Face's Trainer), cosine schedule with
+AdamW (no decay on 1-D parameters: biases, norm weights, LayerScale), cosine schedule with
 linear warmup (the released scripts' ``lr_scheduler_type cosine``: ``schedule.cosine_with_warmup``,
 equal to transformers' ``get_cosine_schedule_with_warmup``), gradient accumulation and clipping, fp32 or bf16 autocast, DDP under torchrun,
 periodic checkpoints with exact resume, a rich progress bar on stderr and ``RUN/log.jsonl``.
@@ -75,6 +75,8 @@ def label_vocabulary(dataset: ManifestDataset) -> list[str]:
 
 
 def _optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with no decay on 1-D parameters (biases, norm weights, the trunk's LayerScale gammas): timm's rule for
+    ViTs, which Hugging Face's name-based rule (biases and norms only) would decay towards 0, shrinking the blocks."""
     decay = [p for n, p in named if p.dim() >= 2]
     no_decay = [p for n, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
