@@ -187,6 +187,15 @@ def test_infer_records_are_told_how_to_become_predictions(tmp_path: Path) -> Non
     assert code == 2 and "field 'reference' is missing" in err and "infer" not in err
 
 
+def test_the_released_llava_rad_prediction_files_are_scored(tmp_path: Path) -> None:
+    """llava/eval/model_mimic_cxr.py writes {"id", "query", "reference", "prediction"}: refused as lacking 'study'."""
+    rows = [{"id": r["study"], "query": "q", "reference": r["reference"], "prediction": r["prediction"]} for r in RECORDS]
+    pairs = load_predictions(write_jsonl(tmp_path / "released.jsonl", rows))
+    assert pairs == load_predictions(write_jsonl(tmp_path / "ours.jsonl", RECORDS))
+    with pytest.raises(RadtrtError, match="line 2: a study appears twice"):
+        load_predictions(write_jsonl(tmp_path / "dup.jsonl", rows[:1] * 2))
+
+
 def test_paired_lexical_eval_prints_both_arms(tmp_path: Path) -> None:
     ref = write_jsonl(tmp_path / "ref.jsonl", RECORDS)
     cand = write_jsonl(tmp_path / "cand.jsonl", [{**r, "prediction": r["reference"]} for r in RECORDS])

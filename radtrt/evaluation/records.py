@@ -1,4 +1,5 @@
-"""Reading prediction files: one JSON object per line, ``{"study", "reference", "prediction"}``.
+"""Reading prediction files: one JSON object per line, ``{"study", "reference", "prediction"}`` (or the released
+LLaVA-Rad's ``{"id", "query", "reference", "prediction"}``).
 
 Errors name the file and line number only, never report text or study identifiers, because both can be
 patient data.
@@ -65,6 +66,9 @@ def load_predictions(path: Path, metrics: Sequence[str] = tuple(ASCII_WORD_METRI
     wordless_references: list[int] = []  # visible, but nothing ROUGE or the labeler reads ("-", another script)
     for lineno, obj in read_jsonl(path, what="predictions file", row="predictions row",
                                   where=lambda n: f"{path.name} line {n}"):
+        if "study" not in obj and isinstance(obj.get("id"), str):
+            # the released LLaVA-Rad's own prediction files (llava/eval/model_mimic_cxr.py) name the study "id"
+            obj = {**obj, "study": obj["id"]}
         for field in FIELDS:
             value = obj.get(field)
             if not isinstance(value, str):
