@@ -373,12 +373,17 @@ def test_text_file_as_chexbert_checkpoint_is_not_called_a_pickle(tmp_path: Path)
 
 # --- F1-RadGraph through the radgraph package: a stand-in package records how it is called ---------
 
-def _radgraph_dir(tmp_path: Path, bert: str) -> Path:
+def _radgraph_config(bert: object, tokenizer_bert: object) -> dict:
+    """radgraph's config.json names its BERT twice: for the tokenizer and for the embedder."""
+    return {"dataset_reader": {"token_indexers": {"bert": {"model_name": tokenizer_bert}}},
+            "model": {"embedder": {"token_embedders": {"bert": {"model_name": bert}}}}}
+
+
+def _radgraph_dir(tmp_path: Path, bert: str, tokenizer_bert: str | None = None) -> Path:
     folder = tmp_path / "weights" / "radgraph"
     (folder / "vocabulary").mkdir(parents=True)
     (folder / "weights.th").write_bytes(b"")
-    (folder / "config.json").write_text(json.dumps(
-        {"model": {"embedder": {"token_embedders": {"bert": {"model_name": bert}}}}}))
+    (folder / "config.json").write_text(json.dumps(_radgraph_config(bert, tokenizer_bert or bert)))
     return tmp_path / "weights"
 
 
@@ -408,8 +413,12 @@ def test_radgraph_uses_local_weights_only(tmp_path: Path, monkeypatch: pytest.Mo
         RadGraphConfig(model_dir=_radgraph_dir(tmp_path / "hub", "some/hub-bert")).check()
     with pytest.raises(RadtrtError, match="extracted radgraph.tar.gz"):
         RadGraphConfig(model_dir=tmp_path / "empty").check()
-
     (tmp_path / "bert").mkdir()
+    # only the embedder's name pointed at the local copy: radgraph would have fetched the tokenizer from the hub
+    with pytest.raises(RadtrtError, match="BERT 'some/hub-bert', which is not a local directory: point "
+                                          "dataset_reader.token_indexers.bert.model_name"):
+        RadGraphConfig(model_dir=_radgraph_dir(tmp_path / "half", str(tmp_path / "bert"), "some/hub-bert")).check()
+
     model_dir = _radgraph_dir(tmp_path, str(tmp_path / "bert"))
     got = f1_radgraph(["same", "different"], ["same", "other"], RadGraphConfig(model_dir=model_dir),
                       BootstrapConfig(n_resamples=50))
@@ -433,7 +442,7 @@ def test_radgraph_package_is_checked_before_any_scoring_and_only_what_is_missing
     code, out, err = run("-p", str(preds), "--metrics", "rouge,radgraph", "--radgraph-dir", str(model_dir),
                          "-o", str(tmp_path / "r.json"))
     assert code == 2 and out == "" and not (tmp_path / "r.json").exists()
-    assert "F1-RadGraph needs the radgraph package (pip install 'radgraph>=0.1')" in err and "--radgraph-dir" not in err
+    assert "F1-RadGraph needs the radgraph package (pip install 'radgraph>=0.1,<=0.1.18')" in err and "--radgraph-dir" not in err
 
     _radgraph_stub(tmp_path, monkeypatch)
     (model_dir / "radgraph" / "weights.th").unlink()
@@ -443,7 +452,7 @@ def test_radgraph_package_is_checked_before_any_scoring_and_only_what_is_missing
 
     (model_dir / "radgraph" / "weights.th").write_bytes(b"")
     (model_dir / "radgraph" / "config.json").write_text(json.dumps(
-        {"model": {"embedder": {"token_embedders": {"bert": {"model_name": 5}}}}}))  # a TypeError traceback
+        _radgraph_config(5, str(tmp_path / "bert"))))  # a TypeError traceback
     code, _, err = run("-p", str(preds), "--metrics", "radgraph", "--radgraph-dir", str(model_dir))
     assert code == 2 and "model_name must be a name or a folder, got 5" in err and "Traceback" not in err
 

@@ -20,10 +20,16 @@ from radtrt.errors import fail
 from radtrt.model.io import read_json
 from radtrt.evaluation.bootstrap import BootstrapConfig, Estimate, bootstrap_mean
 
-PACKAGE = "the radgraph package (pip install 'radgraph>=0.1')"
+PACKAGE = "the radgraph package (pip install 'radgraph>=0.1,<=0.1.18')"
 WHAT_TO_PROVIDE = (f"F1-RadGraph needs {PACKAGE} and local weights: "
                    "--radgraph-dir DIR holding radgraph/config.json, radgraph/vocabulary/ and radgraph/weights.th "
                    "(the extracted radgraph.tar.gz of StanfordAIMI/RRG_scorers)")
+
+
+# where radgraph's config.json names its BERT: ``RadGraph.__init__`` reads the tokenizer's name from the first and the
+# embedder's from the second, and would fetch either from the hub when it is not local
+_BERT_NAMES = (("dataset_reader", "token_indexers", "bert", "model_name"),
+               ("model", "embedder", "token_embedders", "bert", "model_name"))
 
 
 @dataclass(frozen=True)
@@ -47,16 +53,19 @@ class RadGraphConfig:
         if needs:
             fail("F1-RadGraph needs " + " and ".join(needs))
         config = read_json(folder / "config.json")
-        try:
-            bert = config["model"]["embedder"]["token_embedders"]["bert"]["model_name"]
-        except (KeyError, TypeError):
-            fail(f"{folder / 'config.json'} does not name the BERT the RadGraph model uses")
-        if not isinstance(bert, str) or not bert:  # a number there was a TypeError traceback
-            fail(f"{folder / 'config.json'}: the BERT's model_name must be a name or a folder, got {bert!r}")
-        if not Path(bert).is_dir() and os.environ.get("HF_HUB_OFFLINE") != "1":
-            fail(f"the RadGraph model uses the BERT '{bert}', which is not a local directory: point its "
-                 f"model_name in {folder / 'config.json'} at a local copy, or set HF_HUB_OFFLINE=1 with it in "
-                 f"the Hugging Face cache")
+        for where in _BERT_NAMES:  # radgraph loads its tokenizer by one and its embedder by the other
+            bert: object = config
+            try:
+                for key in where:
+                    bert = bert[key]  # type: ignore[index]
+            except (KeyError, TypeError):
+                fail(f"{folder / 'config.json'} does not name the BERT the RadGraph model uses ({'.'.join(where)})")
+            if not isinstance(bert, str) or not bert:  # a number there was a TypeError traceback
+                fail(f"{folder / 'config.json'}: {'.'.join(where)} must be a name or a folder, got {bert!r}")
+            if not Path(bert).is_dir() and os.environ.get("HF_HUB_OFFLINE") != "1":
+                fail(f"the RadGraph model uses the BERT '{bert}', which is not a local directory: point "
+                     f"{'.'.join(where)} in {folder / 'config.json'} at a local copy, or set HF_HUB_OFFLINE=1 with "
+                     f"it in the Hugging Face cache")
 
 
 def radgraph_rewards(predictions: Sequence[str], references: Sequence[str], cfg: RadGraphConfig) -> np.ndarray:

@@ -112,8 +112,10 @@ def select_prompt(choice: str = "auto") -> JudgePrompt:
     if published.is_installed():
         return published.load()
     if choice == "published":
-        fail("the published CheXprompt prompt needs the chexprompt package (GitHub microsoft/chexprompt); "
-             "install it, or use --judge-prompt radtrt")
+        # --no-deps: the package pins openai==0.28, which would replace the openai>=1 client radtrt's judge calls
+        fail("the published CheXprompt prompt needs the chexprompt package (GitHub microsoft/chexprompt): install "
+             "it from a checkout with 'pip install --no-deps -e CHECKOUT' (its openai==0.28 pin would break radtrt's "
+             "judge client), or use --judge-prompt radtrt")
     return radtrt_prompt()
 
 
