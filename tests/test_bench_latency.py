@@ -127,21 +127,26 @@ def test_tokens_per_s_ratio_is_the_inverse_of_the_decode_ms_ratio() -> None:
 
 
 def test_single_backend_has_no_ratios_and_passes_without_a_decode_step_are_left_out() -> None:
-    """A pass that ended at its first token measured only overhead as 'decode per token' (0.1 ms)."""
+    """A pass whose first token was EOS ran no decode step (the pipeline records no decode per token for it); one that
+    gave one token, then EOS, ran one, and was left out too (a rule from before EOS's step counted)."""
     stages = ("preprocess", "vision", "prefill", "decode", "decode_per_token", "end_to_end")
-    samples = [Sample("onnxruntime", 0, 0, {k: 1.0 for k in stages}, 1),
+    no_step = {k: 1.0 for k in stages if k != "decode_per_token"}
+    samples = [Sample("onnxruntime", 0, 0, no_step, 0),
                Sample("onnxruntime", 0, 1, {k: 10.0 for k in stages}, 8)]
     report = _report(infos=[_info("onnxruntime")], samples=samples)
     assert report.ratios() == {}
     assert report.backends[0].stages["decode_per_token"].n == 1 and report.backends[0].stages["vision"].n == 2
     assert report.backends[0].stages["decode_per_token"].median == 10.0
+    one_step = Sample("onnxruntime", 0, 2, {k: 4.0 for k in stages}, 1)  # a token, then EOS: one measured step
+    assert _report(infos=[_info("onnxruntime")], samples=samples + [one_step]).backends[0].stages[
+        "decode_per_token"].n == 2
     md = latency_markdown(report)
     assert " / " not in md.split("| median |")[1].splitlines()[0]
     # said: 'generated tokens 0' beside a tokens/s read as if every pass had decoded
     assert "- onnxruntime: decode per token (and tokens/s) over 1 of its 2 passes: the other ended at EOS" in md
     # one side without warmup: the cold first pass is half the samples, and nothing said so
     assert "**Warning: --warmup 0.** The first measured pass pays one-time costs" in md
-    with pytest.raises(RadtrtError, match="decoded no second token for any study"):
+    with pytest.raises(RadtrtError, match="ran no decode step for any study"):
         _report(infos=[_info("onnxruntime")], samples=samples[:1])
     with pytest.raises(RadtrtError, match="needs --max-new-tokens 2 or more"):
         LatencySettings(max_new_tokens=1)
