@@ -44,6 +44,15 @@ def test_summary_json_is_rounded_plain_numbers() -> None:
     assert data["min"] == 1.2346 and data["n"] == 2
 
 
+def test_summary_json_withholds_percentiles_the_markdown_calls_n_a() -> None:
+    """From 3 samples the JSON gave a p90 and p95 the Markdown beside it shows as n/a: two reports of one run."""
+    assert (lambda d: (d["p90"], d["p95"]))(summarize([1.0, 2.0, 3.0]).to_json()) == (None, None)
+    ten = [float(v) for v in range(10)]
+    data = summarize(ten).to_json()
+    assert data["p90"] == pytest.approx(np.percentile(ten, 90)) and data["p95"] is None
+    assert summarize([float(v) for v in range(20)]).to_json()["p95"] == pytest.approx(np.percentile(range(20), 95))
+
+
 def test_rates_are_the_reciprocals_of_the_timings_statistics() -> None:
     """Two runs at 20 and 30 ms per token: 40 tokens/s (1000 / the 25 ms median printed beside it), not the
     median of 50 and 33.3 tokens/s (41.7), which gave a second, different speed-up for one measurement."""

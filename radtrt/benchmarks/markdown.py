@@ -6,6 +6,7 @@ from typing import Any
 
 from radtrt.benchmarks.latency import BackendLatency, LatencyReport
 from radtrt.benchmarks.parity import ParityReport
+from radtrt.benchmarks.stats import MIN_SAMPLES_P90, MIN_SAMPLES_P95
 from radtrt.errors import printable
 
 STAGE_LABELS = {
@@ -160,8 +161,6 @@ def _medians_table(report: LatencyReport) -> list[str]:
     return lines
 
 
-# fewer samples than these, and p90 / p95 are only interpolations towards the maximum: shown as n/a
-MIN_SAMPLES_P90, MIN_SAMPLES_P95 = 10, 20
 
 
 def _distribution_table(report: LatencyReport) -> list[str]:

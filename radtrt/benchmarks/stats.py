@@ -14,6 +14,11 @@ import numpy as np
 from radtrt.errors import fail
 
 
+# fewer samples than these, and p90 / p95 are only interpolations towards the maximum: n/a in the Markdown, null in
+# the JSON (the raw samples are there for whoever wants to interpolate anyway)
+MIN_SAMPLES_P90, MIN_SAMPLES_P95 = 10, 20
+
+
 @dataclass(frozen=True)
 class Summary:
     """min / median / p90 / p95 / max (and mean) of one quantity over the measured runs."""
@@ -26,8 +31,13 @@ class Summary:
     max: float
     mean: float
 
-    def to_json(self) -> dict[str, float]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+    def to_json(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        if self.n < MIN_SAMPLES_P90:  # the Markdown's n/a: a JSON reader took a 3-sample value for a p90
+            out["p90"] = None
+        if self.n < MIN_SAMPLES_P95:
+            out["p95"] = None
+        return out
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
