@@ -383,8 +383,11 @@ def test_damaged_lut_sequences_are_refused(tmp_path: Path, sequence: str, descri
         item.add_new("ModalityLUTType", "LO", "US")
     setattr(ds, sequence, [item])
     ds.save_as(tmp_path / "lut.dcm", enforce_file_format=True)
-    with pytest.raises(RadtrtError, match="lut.dcm: invalid modality/VOI LUT or window"):
+    with pytest.raises(RadtrtError, match="lut.dcm: invalid modality/VOI LUT or window") as refused:
         load_dicom_image(tmp_path / "lut.dcm")
+    # the exception's bare name ("(error)", "(IndexError)") said nothing of what is wrong
+    assert str(refused.value).endswith("(its LUT data is shorter than its descriptor says)" if descriptor else
+                                       "(a LUT item lacks its descriptor or data)")
 
 
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, RLELossless, JPEGLSLossless])

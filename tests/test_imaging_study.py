@@ -598,3 +598,46 @@ def test_an_image_pil_warns_about_gives_radtrt_refusal_alone(tmp_path: Path, siz
             check_raster_header(tmp_path / "big.png")
         _refused(tmp_path / "big.png", f"{size[0]} x {size[1]} pixels is implausibly large")
     assert [str(w.message) for w in caught] == []
+
+
+def test_a_study_folder_that_cannot_be_searched_is_said_as_itself(tmp_path: Path) -> None:
+    """Given with a parent part ('dir/noaccess'), an unsearchable study folder became 'dir/noaccess/noaccess' (Path.exists
+    raised inside it) and stopped the whole run; a manifest row's folder, named by its line, still showed its own name
+    (a patient's ID, say); and bench named a manifest.jsonl that is not there. Run with real permissions: as root,
+    under setpriv without the capabilities that override them."""
+    import subprocess
+    import sys
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: folder permissions cannot be enforced")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    write_radiograph(tmp_path / "studies" / "noaccess" / "x.dcm")
+    write_radiograph(tmp_path / "pat" / "ID-SECRET-123" / "x.dcm")
+    script = """
+from pathlib import Path
+from radtrt.errors import RadtrtError
+from radtrt.imaging.study import load_study
+from radtrt.benchmarks.report_files import check_outside_studies
+for study, shown in ((Path("studies/noaccess"), None), (Path("pat/ID-SECRET-123"), "m.jsonl:1 (its image)")):
+    try:
+        load_study(study, shown_as=shown)
+    except RadtrtError as e:
+        print(e)
+check_outside_studies(Path("studies/noaccess"), [("-o", Path("r.md"))])
+print("outside")
+"""
+    locked = [tmp_path / "studies" / "noaccess", tmp_path / "pat" / "ID-SECRET-123"]
+    for folder in locked:
+        folder.chmod(0)
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        for folder in locked:
+            folder.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["studies/noaccess: cannot read folder (Permission denied)",
+                                        "m.jsonl:1 (its image): cannot read folder (Permission denied)", "outside"]

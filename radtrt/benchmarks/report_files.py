@@ -8,6 +8,7 @@ benchmark. The rules live here, beside the library, rather than in the CLI's opt
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,9 @@ def check_outside_studies(studies: Path | None, outputs: list[tuple[str, Path | 
     if studies is None:
         return
     folders = [(studies, f"the --studies folder {studies}")] if studies.is_dir() else []
-    if studies.is_file() and studies.suffix in (".jsonl", ".json") or (studies / "manifest.jsonl").is_file():
+    # os.path.isfile: Path.is_file raises PermissionError in a folder that cannot be searched; reading the studies
+    # then says so, naming the folder (not a manifest.jsonl that is not there)
+    if studies.is_file() and studies.suffix in (".jsonl", ".json") or os.path.isfile(studies / "manifest.jsonl"):
         from radtrt.calibration.samples import source_entries
 
         listed = {e.study if e.study.is_dir() else e.study.parent for e in source_entries(studies, "--studies")[1]}

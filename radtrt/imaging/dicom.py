@@ -556,7 +556,11 @@ def to_uint8(ds: Dataset, arr: np.ndarray, name: str) -> np.ndarray:
         # pydicom reads LUT data as declared by its descriptor: short data is a struct.error, an item
         # without its descriptor an AttributeError
         except (ValueError, NotImplementedError, IndexError, TypeError, KeyError, AttributeError, struct.error) as exc:
-            fail(f"{name}: invalid modality/VOI LUT or window ({type(exc).__name__})")
+            # the exception's bare name said little ("(error)" for struct.error): what it means for a LUT
+            why = ("its LUT data is shorter than its descriptor says" if isinstance(exc, (struct.error, IndexError))
+                   else "a LUT item lacks its descriptor or data" if isinstance(exc, (AttributeError, KeyError))
+                   else type(exc).__name__)
+            fail(f"{name}: invalid modality/VOI LUT or window ({why})")
         if not np.isfinite(values).all():
             fail(f"{name}: the rescale/VOI transform gives values beyond floating point (implausible RescaleSlope, "
                  f"RescaleIntercept or window)")

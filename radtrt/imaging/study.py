@@ -295,6 +295,9 @@ def split_studies(folder: Path, *, allow_any_modality: bool = False, images_apar
 def _pick_from_folder(folder: Path, *, allow_any_modality: bool) -> tuple[_Candidate, list[_Refused]]:
     """The image a folder's study will be read from, and the files not used: headers only, no pixels decoded."""
     candidates, skipped = _scan(folder, allow_any_modality=allow_any_modality)
+    unlisted = next((r for r in skipped if r.path == folder), None)
+    if unlisted is not None:  # the study folder itself: said so, not as "no usable image in folder: NAME: cannot read
+        fail(unlisted.reason)  # folder", whose second NAME (a patient's ID, say) a manifest row's line did not replace
     if _study_count(candidates) > 1:  # two patients' images, say: a report of one would be filed under the other
         fail(_mixed(folder, candidates))
     if not candidates:
@@ -336,7 +339,9 @@ def study_error(study: Path, error: Exception) -> str:
         return message
     # the study's own name (a file given by itself, or a folder's own refusal) becomes the path as given; a folder
     # that holds a file of its own name (frontal.dcm/frontal.dcm) leads with that file's name, which is kept
-    if message.startswith(f"{name}:") and not (Path(study) / name).exists():
+    # os.path.exists: Path.exists raises PermissionError inside a folder that cannot be searched (the study
+    # "dir/noaccess" became "dir/noaccess/noaccess" and stopped the whole run)
+    if message.startswith(f"{name}:") and not os.path.exists(Path(study) / name):
         return f"{study}{message[len(name):]}"
     return f"{study}: {message}"
 
