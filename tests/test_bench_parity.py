@@ -303,3 +303,48 @@ def test_each_manifest_row_is_prompted_with_its_own_indication(monkeypatch: pyte
     entries = [Entry(tmp_path / "a.png", indication="Cough."), Entry(tmp_path / "b.png")]
     module.measure_parity(side, side, entries, indication="Fever.", max_new_tokens=4)  # type: ignore[arg-type]
     assert asked == [("a.png", "Cough."), ("a.png", "Cough."), ("b.png", "Fever."), ("b.png", "Fever.")]
+
+
+def test_fp32_and_fp16_sides_have_their_requirements_marked() -> None:
+    """Only INT8 had targets: an fp32 side that changed a token, or an fp16 one 3% of the logit range off, was a
+    plain measurement with exit 0 and no 'NOT MET' in the report or the JSON."""
+    import dataclasses
+
+    truth = ["cardiomegaly"]
+
+    def report(precision: str, studies: list[StudyParity]) -> ParityReport:
+        return ParityReport(command="c", model="m", backend="onnxruntime", reference="torch", precision=precision,
+                            max_new_tokens=8, machine=MACHINE, studies=studies)
+
+    same, changed = _study(0, truth, truth, truth, True), _study(1, truth, truth, truth, False)
+    fp32 = report("fp32 vs fp32", [same, changed])
+    assert fp32.summary()["targets"] == {"identical tokens in every study (fp32)": False}
+    assert "Targets: identical tokens in every study (fp32): NOT MET" in parity_markdown(fp32)
+    assert report("fp32 vs fp32", [same]).summary()["targets"] == {"identical tokens in every study (fp32)": True}
+    near, far = (dataclasses.replace(same, first_logits_max_abs_diff=d) for d in (0.1, 0.3))  # range 10: 1%, 3%
+    within = "first-step logits within 2% of the reference's range (fp16)"
+    assert report("fp16 vs fp32", [near]).summary()["targets"][within] is True
+    md = parity_markdown(report("fp16 vs fp32", [near, far]))
+    assert f"{within}: NOT MET" in md and "image-embedding cosine >= 0.999 (fp16): met" in md and "(3.00%)" in md
+    assert report("bf16 vs fp32", [near]).summary()["targets"] == {}  # none stated: none claimed
+
+
+def test_a_non_finite_difference_is_valid_json_and_fails_its_target(tmp_path: Path) -> None:
+    """An fp16 overflow made the first-step difference inf: the JSON said Infinity, which no JSON reader accepts."""
+    import dataclasses
+
+    from radtrt.benchmarks.report_files import without_non_finite
+
+    truth = ["cardiomegaly"]
+    overflow = dataclasses.replace(_study(0, truth, truth, truth, True), first_logits_max_abs_diff=float("inf"))
+    rep = ParityReport(command="c", model="m", backend="onnxruntime", reference="torch", precision="fp16 vs fp32",
+                       max_new_tokens=8, machine=MACHINE, studies=[overflow])
+    data = without_non_finite(rep.to_json())
+    text = json.dumps(data, allow_nan=False)  # raised ValueError had anything non-finite been left
+    back = json.loads(text)
+    assert back["summary"]["first_logits_max_abs_diff"] is None
+    assert "summary.first_logits_max_abs_diff: inf" in back["non_finite"]
+    assert "studies[0].first_logits_max_abs_diff: inf" in back["non_finite"]
+    assert back["summary"]["targets"]["image-embedding cosine >= 0.999 (fp16)"] is True  # measured finite: met
+    assert back["summary"]["targets"]["first-step logits within 2% of the reference's range (fp16)"] is False
+    assert without_non_finite({"a": [1.0, {"b": 2}]}) == {"a": [1.0, {"b": 2}]}  # nothing added when all is finite

@@ -16,7 +16,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from radtrt.benchmarks.assets import DEFAULT_WORK_DIR
 from radtrt.benchmarks.report_files import (check_outside_studies, check_predictions_apart, check_report_path,
-                                           report_files, reproduce_command)
+                                           report_files, reproduce_command, without_non_finite)
 from radtrt.cli_support import PathOption, emit, err, user_errors
 from radtrt.errors import fail, shell_join, valid_unicode, valid_unicode_in
 from radtrt.progress import LineProgress, make_progress, plain
@@ -46,7 +46,8 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
     (parity, or no matplotlib) an earlier report's PNG there is removed, as it describes another run."""
     # a study or path whose name is not UTF-8 (an old PACS export's Latin-1): written as '\xff', as in infer --json;
     # the strict UTF-8 writer raised UnicodeEncodeError after the whole benchmark had run
-    markdown, data = valid_unicode(markdown), valid_unicode_in(data)
+    markdown, data = valid_unicode(markdown), without_non_finite(valid_unicode_in(data))
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     if out is not None:
         from radtrt.outputs import make_dir, write_set
 
@@ -57,11 +58,10 @@ def _emit(markdown: str, data: dict[str, Any], as_json: bool, out: Path | None,
 
         with interrupts.completing("report", md_path):
             written = write_set([(md_path, lambda tmp: tmp.write_text(markdown, encoding="utf-8")),
-                                 (json_path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n",
-                                                                        encoding="utf-8")),
+                                 (json_path, lambda tmp: tmp.write_text(text, encoding="utf-8")),
                                  (png_path, lambda tmp: chart is not None and chart(tmp))], "report")
         err.print(plain(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}"))
-    emit(json.dumps(data, indent=2) + "\n" if as_json else markdown, nl=False)
+    emit(text if as_json else markdown, nl=False)
 
 
 MODEL_HELP = "radtrt model dir (or LLaVA-Rad release dir) for the torch/transformers side."

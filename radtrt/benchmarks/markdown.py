@@ -245,7 +245,8 @@ def parity_markdown(report: ParityReport) -> str:
               f"{_pct(s['exact_match_rate_ci'][0])} to {_pct(s['exact_match_rate_ci'][1])}) |",
               f"| first divergence position per study | {_divergences(s['first_divergences'])} |",
               f"| ROUGE-L F1 of the reports, mean / min | {s['rouge_l_mean']:.4f} / {s['rouge_l_min']:.4f} |",
-              f"| max \\|logit difference\\| on the first step | {s['first_logits_max_abs_diff']:.3g} |",
+              f"| max \\|logit difference\\| on the first step (of the reference's logit range) | "
+              f"{s['first_logits_max_abs_diff']:.3g} ({s['first_logits_max_rel_diff']:.2%}) |",
               f"| first-step argmax agreement | {_pct(s['first_argmax_agreement'])} |",
               f"| max \\|logit difference\\| on the decode steps both sides ran on the same tokens: largest / "
               f"mean of each step's (steps, all studies) | {_maybe(s['decode_logits_max_abs_diff'])} / "
@@ -263,6 +264,8 @@ def parity_markdown(report: ParityReport) -> str:
                      f"{s['reference_label_f1_true']:.3f} / {s['label_f1_drop']:.3f} ({drop_interval_text(s)}) |")
     if "int8" in report.precision.split(" vs ")[0]:
         lines += ["", f"INT8 targets: {int8_targets(s)}"]
+    elif s["targets"]:  # fp32 and fp16 sides: their stated requirements, as INT8's are
+        lines += ["", "Targets: " + "; ".join(f"{name}: {'met' if ok else 'NOT MET'}" for name, ok in s["targets"].items())]
     lines += ["", "## Per study", "",
               "| study | tokens equal | first divergence | new tokens (backend / reference) | ROUGE-L | "
               "max \\|Δ first logits\\| (ref max \\|logit\\|) | max \\|Δ decode logits\\| (steps) | image cosine |",

@@ -8,6 +8,7 @@ benchmark. The rules live here, beside the library, rather than in the CLI's opt
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,23 @@ def check_outside_studies(studies: Path | None, outputs: list[tuple[str, Path | 
         for ancestor in (place, *place.parents) if place is not None else ():
             if ancestor in named_by:
                 fail(f"{flag} {path} is inside {named_by[ancestor]}; write outputs elsewhere")
+
+
+def without_non_finite(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with every inf / NaN float as null, and where each was in ``non_finite`` (``"summary.x"``,
+    ``"studies[0].y: inf"``): Python's json wrote them as the bare words Infinity and NaN, which is not JSON (browsers,
+    jq, Go and Rust refuse the whole report), exactly when an fp16 overflow is what the report has to show."""
+    found: list[str] = []
+
+    def walk(value: Any, where: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{where}: {value}")
+            return None
+        if isinstance(value, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    clean = walk(data, "")
+    return clean | {"non_finite": found} if found else clean

@@ -74,8 +74,6 @@ def summarize(results: list[StudyParity], *, source: str = "", max_new_tokens: i
 
     summary: dict[str, Any] = totals(results) | {
         "source": source, "max_new_tokens": max_new_tokens,
-        "first_logits_max_rel_diff": max(r.first_logits_max_abs_diff / (r.reference_first_logits_range or 1.0)
-                                         for r in results),
         "label_f1_vs_fp32": label_f1([r.labels for r in results], [r.reference_labels for r in results]).micro_f1,
     }
     truth = [r.true_labels for r in results]
