@@ -40,6 +40,8 @@ def _exported(model_dir: Path, tmp_path_factory: pytest.TempPathFactory, *option
     # the reference the check measured: an fp16 bundle's is torch float16 (it said 'fp32 reference')
     reference = "float16" if "fp16" in options else "float32"
     assert f"ONNX Runtime vs PyTorch (reference torch {reference} on the CPU)" in result.stderr
+    assert "image embeddings max abs err " in result.stderr and ") (rel " not in result.stderr
+    assert " (rel " in result.stderr.split("first-step logits")[1]  # the relative error is printed, not only stored
     return out
 
 
@@ -1030,3 +1032,25 @@ def test_external_data_linked_out_of_the_bundle_is_named_with_the_remedy(bundle:
         if f.is_file():
             (every / f.name).symlink_to(f)
     assert _linked_out(every / "decoder.onnx") is None and _linked_out(every / "vision.onnx") is None
+
+
+def test_fused_attention_refuses_heads_its_kernel_cannot_run(tmp_path: Path) -> None:
+    """head_dim 8: the fused graph was written, then the export check died in ONNX Runtime's GroupQueryAttention
+    ('head_size shall be a multiple of 16') with a traceback and exit 1; --attention plain exports it."""
+    import dataclasses
+
+    from radtrt.model.config import preset
+    from radtrt.model.loading import LoadedModel
+    from radtrt.model.tiny import random_model, train_tiny_tokenizer
+
+    c = preset("tiny")
+    c = dataclasses.replace(c, decoder=dataclasses.replace(c.decoder, hidden_size=32, num_attention_heads=4,
+                                                           num_key_value_heads=2, intermediate_size=64))
+    model = save_toolkit(LoadedModel(random_model(c, seed=0), train_tiny_tokenizer(), "hd8"), tmp_path / "m",
+                         dtype=torch.float32)
+    result = runner.invoke(app, ["export", "--model", str(model), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 2 and not (tmp_path / "b").exists(), result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("this decoder's is 8: export it with --attention plain")
+    assert "Traceback" not in result.stderr
+    result = runner.invoke(app, ["export", "--model", str(model), "--attention", "plain", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.stderr

@@ -24,7 +24,7 @@ import torch
 from radtrt import __version__
 from radtrt.errors import fail
 from radtrt.exporter.gqa import (ATTENTION_KINDS, CACHE_TYPES, DEFAULT_ATTENTION, SEQLENS, FusedAttention,
-                                 describe as describe_attention)
+                                 check_fused_attention_fits, describe as describe_attention)
 from radtrt.exporter.onnx import GRAPH_REVISION, OPSET, export_decoder, export_vision
 from radtrt.model.config import LlavaRadConfig
 from radtrt.model.fingerprint import config_sha256, weights_fingerprint
@@ -92,6 +92,8 @@ def export_bundle(loaded: LoadedModel, out: Path, *, precision: str = "fp32", pr
             fail("INT8 export needs calibration data: pass --calibration-data DIR|MANIFEST|CALIB_FILE, or "
                  "'--calibration-data phantom' for synthetic phantoms")
         int8.check_ready()
+    if (int8.attention if precision == "int8" else attention) == "fused":
+        check_fused_attention_fits(loaded.model.cfg.decoder)
     check_new_dir(out, "bundle directory")
     dtype = PRECISIONS.get(precision, torch.float32)
     identity = {"config_sha256": config_sha256(loaded.model), BUNDLE_FINGERPRINT: bundle_fingerprint(loaded.model)}

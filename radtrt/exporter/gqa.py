@@ -52,6 +52,17 @@ from radtrt.model.config import DecoderConfig
 SEQLENS, TOTAL = "seqlens_k", "total_sequence_length"
 ATTENTION_KINDS = ("fused", "plain")
 DEFAULT_ATTENTION = "fused"
+# ONNX Runtime's CPU GroupQueryAttention applies the rotary embedding only to heads whose size is a multiple of 16
+# ("head_size shall be a multiple of 16"): LLaVA-Rad's 128 is, other LLaMA shapes (head_dim 8, 24, 40) are not
+GQA_HEAD_DIM_MULTIPLE = 16
+
+
+def check_fused_attention_fits(cfg: DecoderConfig) -> None:
+    """Refuse, before anything is exported, a decoder whose heads the fused kernel cannot run: the graph was written,
+    then the export's own check died inside ONNX Runtime in a traceback."""
+    if cfg.head_dim % GQA_HEAD_DIM_MULTIPLE:
+        fail(f"fused attention (ONNX Runtime's GroupQueryAttention) needs a head size that is a multiple of "
+             f"{GQA_HEAD_DIM_MULTIPLE}; this decoder's is {cfg.head_dim}: export it with --attention plain")
 CACHE_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 # names ``float_prompt_attention`` adds
 IS_PROMPT, SCALE_SHAPE, SCALAR_SHAPE = "is_prompt_step", "prompt_kv_scale_shape", "prompt_scalar_shape"

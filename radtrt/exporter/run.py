@@ -182,8 +182,10 @@ def _export_onnx(loaded: Any, out: Path, precision: str, int8_plan: Any, attenti
     check = manifest["export_check"]
     what = "random-pixel smoke check, " if precision == "int8" else ""  # INT8 is judged on held-out studies
     # the reference the check measured ('torch float16 on the CPU' for fp16), not always 'fp32'
-    log(f"ONNX Runtime vs PyTorch ({what}reference {check['reference']}): image embeddings max abs err {check['vision']['max_abs']:.3g}, "
-        f"first-step logits max abs err {check['decoder_first_logits']['max_abs']:.3g}, greedy tokens "
+    vision, logits = check["vision"], check["decoder_first_logits"]
+    log(f"ONNX Runtime vs PyTorch ({what}reference {check['reference']}): image embeddings max abs err "
+        f"{vision['max_abs']:.3g} (rel {vision['max_rel']:.3g}), first-step logits max abs err {logits['max_abs']:.3g} "
+        f"(rel {logits['max_rel']:.3g}), greedy tokens "
         f"{'identical' if check['greedy_tokens_equal'] else 'DIFFER'} over {check['greedy_steps']} steps")
     dec = manifest["decoder"]
     log(f"decoder attention: {dec['attention']}"
