@@ -421,6 +421,19 @@ def test_an_interrupt_as_an_sr_is_written_lands_after_its_line(merged: Path, tmp
     assert f"structured report of {study}: {written}" in log.getvalue()
 
 
+def test_the_library_refuses_no_new_tokens_as_the_cli_does(merged: Path, tmp_path: Path) -> None:
+    """infer_studies(max_new_tokens=0) gave a record of no tokens, 'truncated', with decode_per_token -0.0."""
+    import io
+
+    from rich.console import Console
+
+    from radtrt.runtime.session import infer_studies
+
+    study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=8)))
+    with pytest.raises(RadtrtError, match="^--max-new-tokens must be at least 1$"):
+        list(infer_studies([study], model=merged, backend="torch", max_new_tokens=0, console=Console(file=io.StringIO())))
+
+
 def test_no_per_token_decode_time_without_a_decode_step(merged: Path, tmp_path: Path) -> None:
     """--max-new-tokens 1 runs no decode step, yet reported the decode loop's overhead as 'ms/token'."""
     study = _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=8)))

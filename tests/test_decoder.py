@@ -89,3 +89,4 @@ def test_decode_steps_count_the_step_that_produced_eos() -> None:
     assert Generation([[5] * 10]).decode_steps(10) == 9  # cut off at the limit: no EOS step
     assert Generation([[5, 6], [5] * 9]).decode_steps(10) == 9  # the batch ran as long as its longest row
     assert Generation([[]]).decode_steps(10) == 0  # EOS first, from the prefill
+    assert Generation([[]]).decode_steps(0) == 0  # no token asked for: no step (it was -1)

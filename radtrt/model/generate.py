@@ -68,7 +68,7 @@ class Generation:
     def decode_steps(self, max_new_tokens: int) -> int:
         """Decode steps the batch ran. A row shorter than ``max_new_tokens`` stopped at EOS, whose own step
         counts too (``len - 1`` made every such report's ms per token one step too high)."""
-        return max((min(len(t) + 1, max_new_tokens) for t in self.token_ids), default=1) - 1
+        return max(max((min(len(t) + 1, max_new_tokens) for t in self.token_ids), default=1) - 1, 0)
 
 
 def left_pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

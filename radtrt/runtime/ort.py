@@ -176,13 +176,21 @@ def provider_starts(name: str) -> bool:
     return session.get_providers()[:1] == [name]
 
 
-def quantizes_activations(graph: Path) -> bool:
-    """Whether a decoder graph quantizes its activations at run time, over each call's whole input (SmoothQuant's
-    ``DynamicQuantizeLinear``); weight-only INT8 graphs do not. The graph alone is read, not its weights."""
+# Decoder ops whose CPU kernels make a row's result depend on the rest of the batch: SmoothQuant's activations are
+# quantized with one scale per call over the whole [batch, tokens, hidden] tensor (2 of 6 phantom reports changed
+# with their neighbours), and weight-only INT8's MatMulNBits tiles the flattened batch x tokens rows, so a study's
+# logits moved by ~1e-6 with its place in the batch and a near-tie flipped a token 175 steps in
+BATCH_DEPENDENT_OPS = ("DynamicQuantizeLinear", "MatMulNBits")
+
+
+def depends_on_batch(graph: Path) -> bool:
+    """Whether a decoder graph holds an op whose results for one study depend on the others batched with it (INT8,
+    ``BATCH_DEPENDENT_OPS``); fp32 and fp16 graphs gave bit-identical logits batched and alone. The graph alone is
+    read, not its weights."""
     import onnx
 
     nodes = onnx.load(str(graph), load_external_data=False).graph.node
-    return any(node.op_type == "DynamicQuantizeLinear" for node in nodes)
+    return any(node.op_type in BATCH_DEPENDENT_OPS for node in nodes)
 
 
 class OrtBackend:
@@ -223,11 +231,10 @@ class OrtBackend:
                  f"{ORT_TYPES.get(pixels_type, pixels_type)} pixels (an {self.precision} bundle's takes "
                  f"{ORT_TYPES[VISION_INPUT[self.precision]]})", remedy=REEXPORT)
         self.fused = self._check_decoder_io(bundle, dec["attention"])
-        # SmoothQuant's activations are quantized per call, over the whole [batch, tokens, hidden] tensor: in a
-        # batch one study's values set the scale of another's, and its report changed with its neighbours
-        # read from the graph (SmoothQuant's DynamicQuantizeLinear nodes), not the manifest's INT8 record, which is
-        # not hashed: emptying it made a SmoothQuant bundle's batches decode together
-        self.per_study = self.precision == "int8" and quantizes_activations(bundle / "decoder.onnx")
+        # an INT8 decoder's report must not change with its neighbours (``BATCH_DEPENDENT_OPS``); read from the
+        # graph, not the manifest's INT8 record, which is not hashed: emptying it made a SmoothQuant bundle's
+        # batches decode together
+        self.per_study = self.precision == "int8" and depends_on_batch(bundle / "decoder.onnx")
         past_type = next((i.type for i in self.decoder.get_inputs() if i.name == "past_key.0"), None)
         if past_type not in ORT_TYPES:
             fail(f"{bundle / 'decoder.onnx'} has no past_key.0 input of a KV-cache type radtrt knows ({past_type})",

@@ -243,6 +243,8 @@ def run_studies(pipeline: Pipeline, studies: list[Path], *, indication: str | No
     """
     if batch_size < 1:
         fail("--batch-size must be at least 1")
+    if max_new_tokens < 1:  # the CLI's option refuses it; a library call got records of no tokens, 'truncated'
+        fail("--max-new-tokens must be at least 1")
     pipeline.check_fits(indication, max_new_tokens)
     failures: list[StudyFailure] = []
 
