@@ -223,7 +223,7 @@ def test_template_mode_is_deterministic_and_marked(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("labels, expected", [
     ({"Pneumonia": -1, "Edema": 0}, ()),  # was ("no_finding",) next to "Pneumonia is possible."
-    ({"No Finding": 0}, ()),  # No Finding negated
+    ({"No Finding": 0, "Edema": -1}, ()),  # No Finding negated (alone, template mode refuses it: see below)
     ({"Edema": 0, "Fracture": None}, ("no_finding",)),  # only negatives: CheXpert's No Finding
     ({"Edema": 1, "Pneumonia": -1}, ("Edema",)),
     ({"Support Devices": 1, "Edema": 0}, ("Support Devices", "no_finding")),  # CheXpert's rule ignores devices
@@ -279,6 +279,23 @@ def test_parse_labels_and_template_errors() -> None:
         parse_labels({"No Finding": 1, "Edema": 1}, "x")
     with pytest.raises(RadtrtError, match="not 'situs inversus'"):
         template_text(parse_labels({"situs inversus": 1}, "x"), __import__("random").Random(0))
+
+
+def test_template_rows_of_phantom_labels_with_negatives_and_a_negated_no_finding() -> None:
+    """A phantom label marked 0 sent the row to CheXpert's phrases, which refused 'pneumothorax_left' as unknown
+    ("knows the phantom labels ... not 'pneumothorax_left'"); {"No Finding": 0} alone was written as "No acute
+    cardiopulmonary abnormality.", the opposite of its label."""
+    import random
+
+    from radtrt.data.labeler import extract_labels
+
+    text = template_text(parse_labels({"cardiomegaly": 1, "pneumothorax_left": 0}, "x"), random.Random(0), "l:1")
+    assert extract_labels(text) == ["cardiomegaly"]
+    with pytest.raises(RadtrtError, match="^l:2: 'No Finding' is negated, yet no finding is positive or uncertain"):
+        template_text(parse_labels({"No Finding": 0}, "x"), random.Random(0), "l:2")
+    with pytest.raises(RadtrtError, match="^l:3: template mode writes phantom labels \\('pneumothorax_left'\\) as "
+                                          "present or absent only"):
+        template_text(parse_labels({"pneumothorax_left": -1}, "x"), random.Random(0), "l:3")
 
 
 def test_cli_synthesize(server: ScriptedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

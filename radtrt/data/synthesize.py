@@ -143,17 +143,28 @@ def llm_messages(labels: LabelSet, indication: str | None) -> list[dict[str, str
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
 
 
-def template_text(labels: LabelSet, rng: random.Random) -> str:
-    """Phantom-vocabulary labels get the phantom report generator; CheXpert names get fixed phrases."""
-    if set(labels.positive) <= set(LABELS) and not labels.negative and not labels.uncertain:
+def template_text(labels: LabelSet, rng: random.Random, where: str = "row") -> str:
+    """Phantom-vocabulary labels get the phantom report generator (which states its own negatives, so a phantom
+    label marked absent needs no sentence); CheXpert names get fixed phrases. ``where``: the row, for refusals."""
+    phantom = set(LABELS)
+    no_finding_negated = any(_key(n) == "no finding" for n in labels.negative)
+    if not labels.positive and not labels.uncertain and no_finding_negated:
+        # the fallback sentence below said "No acute cardiopulmonary abnormality." for {"No Finding": 0}
+        fail(f"{where}: 'No Finding' is negated, yet no finding is positive or uncertain: no template text says "
+             f"both; give the findings that make the study abnormal, or use --endpoint")
+    if set(labels.positive) <= phantom and set(labels.negative) <= phantom and not labels.uncertain:
+        # a 0 among phantom labels sent the row to CheXpert's phrases, which refused the phantom label as unknown
         return findings_text(Findings.from_labels(list(labels.positive)), rng)
     sentences = []
     for names, slot in ((labels.positive, 0), (labels.uncertain, 2), (labels.negative, 1)):
         for name in names:
             phrases = CHEXPERT_PHRASES.get(_readable(name).lower())
+            if phrases is None and name in phantom:
+                fail(f"{where}: template mode writes phantom labels ('{name}') as present or absent only, and "
+                     f"without CheXpert's names beside them; use --endpoint for uncertain or mixed labels")
             if phrases is None:
-                fail(f"template mode knows the phantom labels and CheXpert's 14 observations, not '{name}'; "
-                     f"use --endpoint for other label sets")
+                fail(f"{where}: template mode knows the phantom labels and CheXpert's 14 observations, not "
+                     f"'{name}'; use --endpoint for other label sets")
             if phrases[slot]:
                 sentences.append(phrases[slot])
     return " ".join(sentences) or CHEXPERT_PHRASES["no finding"][0]
@@ -345,7 +356,7 @@ def synthesize(labels_file: Path, out: Path, *, client: ChatClient | None, seed:
              "prompt_version": PROMPT_VERSION, "temperature": temperature, "seed": seed})
     mode["label_rules"] = LABEL_RULES_VERSION
     # every row's text before anything is moved: a refusal here left the manifest moved to OUT.partial
-    templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"))
+    templates = {i: template_text(parsed[i], random.Random(f"radtrt-synth-{seed}-{i}"), f"{labels_file}:{rows[i][0]}")
                  for i in range(len(inputs))} if client is None else {}
     make_dir(out.parent, "folder for the output manifest")
     kept = 0  # the rows in OUT.partial when an interrupt lands
