@@ -27,7 +27,10 @@ from radtrt.errors import RadtrtError
     ("Endotracheal tube in standard position. The lungs are clear.", ["no_finding", "endotracheal_tube"]),
     ("A right-sided central venous catheter terminates at the cavoatrial junction. Moderate cardiomegaly.",
      ["cardiomegaly", "central_line"]),
-    ("Small pleural effusion.", ["no_finding"]),  # the vocabulary is sided: no side, no label
+    # the vocabulary is sided: no side, no label; but a pathology all the same, not a normal study ("no_finding")
+    ("Small pleural effusion.", []),
+    ("There is a pneumothorax. Endotracheal tube in place.", ["endotracheal_tube"]),
+    ("Consolidation in the lung base.", []),
     ("", ["no_finding"]),
 ])
 def test_extract_labels(text: str, expected: list[str]) -> None:

@@ -48,13 +48,16 @@ def _nearest(pattern: re.Pattern[str], sentence: str, mention: Mention) -> re.Ma
     return next((m for m in pattern.finditer(sentence) if m.start() >= mention.start), None)
 
 
-def _sentence_labels(sentence: str) -> set[str]:
+def _sentence_labels(sentence: str) -> tuple[set[str], bool]:
+    """The sentence's labels, and whether it mentions a pathology at all (not negated; sided or not)."""
     out: set[str] = set()
+    pathology = False
     for finding, pattern in _PATTERNS.items():
         for m in pattern.finditer(sentence):
             mention = Mention(finding, m.start(), m.end())
             if _NEGATION.search(sentence[: mention.end]):
                 continue
+            pathology |= finding not in DEVICE_LABELS
             if finding in _SIDED:
                 side = _nearest(_SIDE, sentence, mention)
                 sides = {"right", "left"} if side and side.group(1) == "bilateral" else {side.group(1)} if side else set()
@@ -65,19 +68,23 @@ def _sentence_labels(sentence: str) -> set[str]:
                     out.add(f"consolidation_{region.group(1)}_{region.group(2)}")
             else:
                 out.add(finding)
-    return out
+    return out, pathology
 
 
 def extract_labels(text: str) -> list[str]:
     """Phantom-vocabulary labels of a findings paragraph, in ``LABELS`` order.
 
     ``no_finding`` is set when no pathology is mentioned (devices do not count), as in CheXpert.
-    A mention whose side or region is not stated yields no label: the vocabulary is sided.
+    A mention whose side or region is not stated yields no label: the vocabulary is sided. It is still a
+    pathology (it gave "There is a pleural effusion." ``no_finding``, a normal study).
     """
     found: set[str] = set()
+    pathology = False
     for sentence in _SENTENCE.split(text.lower()):
-        found |= _sentence_labels(sentence)
-    if not found - DEVICE_LABELS:
+        labels, mentioned = _sentence_labels(sentence)
+        found |= labels
+        pathology |= mentioned
+    if not pathology:
         found.add(NO_FINDING)
     return [label for label in LABELS if label in found]
 
