@@ -31,6 +31,20 @@ from radtrt.errors import RadtrtError
     ("Small pleural effusion.", []),
     ("There is a pneumothorax. Endotracheal tube in place.", ["endotracheal_tube"]),
     ("Consolidation in the lung base.", []),
+    # negation after the finding; a negation's reach ends at "but" / "and there is"; "cannot exclude" and "no change
+    # in" state a finding (each gave the opposite label)
+    ("The right pleural effusion has resolved.", ["no_finding"]),
+    ("Left pneumothorax is absent.", ["no_finding"]),
+    ("No pneumothorax, but there is a small left pleural effusion.", ["pleural_effusion_left"]),
+    ("The heart is not enlarged and there is a left pleural effusion.", ["pleural_effusion_left"]),
+    ("Can not exclude a small left pneumothorax.", ["pneumothorax_left"]),
+    ("No change in the right pleural effusion.", ["pleural_effusion_right"]),
+    ("No pleural effusion, pneumothorax, or consolidation.", ["no_finding"]),  # commas keep the negation
+    # sides: those named for this finding, not the nearest one of another's (each gave a right effusion)
+    ("Right upper lobe consolidation with a pleural effusion on the left.",
+     ["pleural_effusion_left", "consolidation_right_upper"]),
+    ("Pneumothorax on the right and effusion on the left.", ["pleural_effusion_left", "pneumothorax_right"]),
+    ("Small left and moderate right pleural effusions.", ["pleural_effusion_right", "pleural_effusion_left"]),
     ("", ["no_finding"]),
 ])
 def test_extract_labels(text: str, expected: list[str]) -> None:

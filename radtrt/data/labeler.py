@@ -2,8 +2,9 @@
 
 It reads a findings paragraph the way CheXpert-style rule labelers do: sentences, finding
 mentions by pattern, negation when a cue ("no", "without", "not", ...) occurs earlier in the same
-sentence than the end of the mention, and the side or region named nearest the mention (before it
-if any, else after it). It only knows the phantom vocabulary (``vocabulary.LABELS``), which is
+clause than the end of the mention ("but", "however", "with" end its reach; "cannot exclude" and "no
+change in" are no negations) or a phrase such as "has resolved" follows it, the sides named between
+the previous mention and this one (else the first after it), and the region named nearest it. It only knows the phantom vocabulary (``vocabulary.LABELS``), which is
 what the default model's held-out check needs: labels of generated vs. true reports.
 """
 
@@ -40,6 +41,20 @@ class Mention:
     end: int
 
 
+# Phrases that hold a negation word but state a finding (uncertain, or unchanged): blanked before negation is read,
+# so "Can not exclude a left pneumothorax" reads as "Right effusion is not excluded" does
+_PSEUDO_NEGATION = re.compile(r"\b(?:can ?not|not|cannot) (?:be )?(?:exclude[sd]?|rule[sd]? out)\b|"
+                              r"\bnot (?:been )?(?:excluded|ruled out)\b|\bno (?:significant |interval )?change\b")
+# Where a negation's reach ends: "No pneumothorax, but there is a left effusion" negated the effusion too
+_SCOPE_END = re.compile(r"\b(?:but|however|although|though|whereas|while)\b|\band there (?:is|are)\b|\bwith\b")
+# A negation stated after the finding, before the next one: "Right pleural effusion has resolved"
+_POST_NEGATION = re.compile(r"^[^,]*?\b(?:(?:has|have) resolved|resolved|(?:is|are) (?:absent|no longer (?:seen|present)|"
+                            r"not (?:seen|present|identified|visualized)))\b")
+# A side named right after the previous finding belongs to it: "Pneumothorax on the right and effusion on the left"
+_SIDE_OF_PREVIOUS = re.compile(r"^\W*(?:\w+\W+){0,2}?(?:on|in|at|of|over)\s+the\s+(right|left)\b|"
+                               r"^\W*(?:in|over) the\s+(?:\w+\s+)?(right|left)\b")
+
+
 def _nearest(pattern: re.Pattern[str], sentence: str, mention: Mention) -> re.Match[str] | None:
     """The match of ``pattern`` nearest before the mention, else the first one after it."""
     before = [m for m in pattern.finditer(sentence) if m.end() <= mention.end]
@@ -48,26 +63,40 @@ def _nearest(pattern: re.Pattern[str], sentence: str, mention: Mention) -> re.Ma
     return next((m for m in pattern.finditer(sentence) if m.start() >= mention.start), None)
 
 
+def _sides(sentence: str, mention: Mention, previous_end: int, next_start: int) -> set[str]:
+    """The sides named for a mention: every side word between the previous mention and this one (both of "small
+    left and moderate right pleural effusions"), less one that belongs to the previous mention; else the first
+    one after it, before the next mention. The nearest side word anywhere gave "Right upper lobe consolidation
+    with a pleural effusion on the left" a right effusion."""
+    before = list(_SIDE.finditer(sentence, previous_end, mention.start))
+    if before and previous_end and _SIDE_OF_PREVIOUS.match(sentence[previous_end:mention.start]):
+        before = [m for m in before if not _SIDE_OF_PREVIOUS.match(sentence[previous_end:m.end()])]
+    words = before or list(_SIDE.finditer(sentence, mention.end, next_start))[:1]
+    return {side for m in words for side in (("right", "left") if m.group(1) == "bilateral" else (m.group(1),))}
+
+
 def _sentence_labels(sentence: str) -> tuple[set[str], bool]:
     """The sentence's labels, and whether it mentions a pathology at all (not negated; sided or not)."""
     out: set[str] = set()
     pathology = False
-    for finding, pattern in _PATTERNS.items():
-        for m in pattern.finditer(sentence):
-            mention = Mention(finding, m.start(), m.end())
-            if _NEGATION.search(sentence[: mention.end]):
-                continue
-            pathology |= finding not in DEVICE_LABELS
-            if finding in _SIDED:
-                side = _nearest(_SIDE, sentence, mention)
-                sides = {"right", "left"} if side and side.group(1) == "bilateral" else {side.group(1)} if side else set()
-                out.update(f"{finding}_{s}" for s in sides)
-            elif finding == "consolidation":
-                region = _nearest(_REGION, sentence, mention)
-                if region:
-                    out.add(f"consolidation_{region.group(1)}_{region.group(2)}")
-            else:
-                out.add(finding)
+    mentions = sorted((Mention(finding, m.start(), m.end()) for finding, pattern in _PATTERNS.items()
+                       for m in pattern.finditer(sentence)), key=lambda m: m.start)
+    plain = _PSEUDO_NEGATION.sub(lambda m: "_" * len(m.group()), sentence)  # same offsets
+    for k, mention in enumerate(mentions):
+        previous_end = mentions[k - 1].end if k else 0
+        next_start = mentions[k + 1].start if k + 1 < len(mentions) else len(sentence)
+        scope = max((m.end() for m in _SCOPE_END.finditer(plain, 0, mention.start)), default=0)
+        if _NEGATION.search(plain[scope:mention.end]) or _POST_NEGATION.match(sentence[mention.end:next_start]):
+            continue
+        pathology |= mention.finding not in DEVICE_LABELS
+        if mention.finding in _SIDED:
+            out.update(f"{mention.finding}_{side}" for side in _sides(sentence, mention, previous_end, next_start))
+        elif mention.finding == "consolidation":
+            region = _nearest(_REGION, sentence, mention)
+            if region:
+                out.add(f"consolidation_{region.group(1)}_{region.group(2)}")
+        else:
+            out.add(mention.finding)
     return out, pathology
 
 
