@@ -45,6 +45,7 @@ from radtrt.errors import RadtrtError
      ["pleural_effusion_left", "consolidation_right_upper"]),
     ("Pneumothorax on the right and effusion on the left.", ["pleural_effusion_left", "pneumothorax_right"]),
     ("Small left and moderate right pleural effusions.", ["pleural_effusion_right", "pleural_effusion_left"]),
+    ("Right upper lobe nodule and consolidation in the left lower lobe.", ["consolidation_left_lower", "nodule_right"]),
     ("", ["no_finding"]),
 ])
 def test_extract_labels(text: str, expected: list[str]) -> None:

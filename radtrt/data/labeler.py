@@ -4,7 +4,7 @@ It reads a findings paragraph the way CheXpert-style rule labelers do: sentences
 mentions by pattern, negation when a cue ("no", "without", "not", ...) occurs earlier in the same
 clause than the end of the mention ("but", "however", "with" end its reach; "cannot exclude" and "no
 change in" are no negations) or a phrase such as "has resolved" follows it, the sides named between
-the previous mention and this one (else the first after it), and the region named nearest it. It only knows the phantom vocabulary (``vocabulary.LABELS``), which is
+the previous mention and this one (else the first after it), and the region named likewise. It only knows the phantom vocabulary (``vocabulary.LABELS``), which is
 what the default model's held-out check needs: labels of generated vs. true reports.
 """
 
@@ -55,12 +55,12 @@ _SIDE_OF_PREVIOUS = re.compile(r"^\W*(?:\w+\W+){0,2}?(?:on|in|at|of|over)\s+the\
                                r"^\W*(?:in|over) the\s+(?:\w+\s+)?(right|left)\b")
 
 
-def _nearest(pattern: re.Pattern[str], sentence: str, mention: Mention) -> re.Match[str] | None:
-    """The match of ``pattern`` nearest before the mention, else the first one after it."""
-    before = [m for m in pattern.finditer(sentence) if m.end() <= mention.end]
-    if before:
-        return before[-1]
-    return next((m for m in pattern.finditer(sentence) if m.start() >= mention.start), None)
+def _own_region(sentence: str, mention: Mention, previous_end: int, next_start: int) -> re.Match[str] | None:
+    """The region named for a mention: the last between the previous mention and its end ("left lower lobe
+    opacity"), else the first after it before the next mention. The nearest anywhere gave "Right upper lobe nodule
+    and consolidation in the left lower lobe" a right upper consolidation."""
+    before = list(_REGION.finditer(sentence, previous_end, mention.end))
+    return before[-1] if before else next(_REGION.finditer(sentence, mention.start, next_start), None)
 
 
 def _sides(sentence: str, mention: Mention, previous_end: int, next_start: int) -> set[str]:
@@ -92,7 +92,7 @@ def _sentence_labels(sentence: str) -> tuple[set[str], bool]:
         if mention.finding in _SIDED:
             out.update(f"{mention.finding}_{side}" for side in _sides(sentence, mention, previous_end, next_start))
         elif mention.finding == "consolidation":
-            region = _nearest(_REGION, sentence, mention)
+            region = _own_region(sentence, mention, previous_end, next_start)
             if region:
                 out.add(f"consolidation_{region.group(1)}_{region.group(2)}")
         else:
