@@ -76,6 +76,19 @@ def test_sr_reads_back_with_text_flags_and_references(tmp_path: Path,
     assert images[0].RelationshipType == "INFERRED FROM"
 
 
+@pytest.mark.parametrize("name, version", [("llava-rad-merged-finetuned-on-mimic-cxr-and-chexpert-2026-11-29-run3", "v"),
+                                           ("llava\\rad", "v"), ("m", "w" * 70)])
+def test_a_model_name_longer_than_a_long_string_still_gets_its_sr(tmp_path: Path, dicom_source: SelectedImage,
+                                                                 name: str, version: str) -> None:
+    """A 68-character model folder name (or a backslash) went whole into the 64-character LO fields: highdicom's
+    ValueError stopped every study's SR, said as "its DICOM header cannot be carried into an SR"."""
+    sr = pydicom.dcmread(write_sr(REPORT, dicom_source, tmp_path / "out", model_name=name, model_version=version))
+    lo = [sr.ManufacturerModelName, *sr.SoftwareVersions]
+    lo += [item.DeviceObserverName for item in _items(sr) if "DeviceObserverName" in item]
+    assert lo and all(len(value) <= 64 and "\\" not in value for value in lo)
+    assert _text(_items(sr), "Algorithm Name") == [name] and _text(_items(sr), "Algorithm Version") == [version]
+
+
 def test_sr_for_png_input_is_a_new_anonymous_study(tmp_path: Path) -> None:
     grey = np.random.default_rng(0).integers(0, 256, (64, 48)).astype(np.uint8)
     Image.fromarray(grey).save(tmp_path / "cxr.png")

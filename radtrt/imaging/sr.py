@@ -109,6 +109,13 @@ def _anonymous_evidence() -> Dataset:
     return evidence
 
 
+def _lo(text: str) -> str:
+    """``text`` as a Long String (LO) value may hold it: 64 characters at most, no backslash (the value separator).
+    A model folder's name went whole into the LO fields, and highdicom's ValueError (said as the source's header
+    being at fault) stopped the SR of every study; the Algorithm Name item (free text) keeps it whole."""
+    return text.replace("\\", "/")[:64]
+
+
 def _content(report_text: str, model_name: str, model_version: str,
              source: Dataset | None) -> hd.sr.ContainerContentItem:
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport)
@@ -116,9 +123,9 @@ def _content(report_text: str, model_name: str, model_version: str,
     items.extend(hd.sr.AlgorithmIdentification(name=model_name, version=model_version))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=[MANUFACTURER, model_name, model_version]),
-        name=model_name,
+        name=_lo(model_name),
         manufacturer_name=MANUFACTURER,
-        model_name=model_name,
+        model_name=_lo(model_name),
     )
     items.extend(hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -276,9 +283,9 @@ def _document(report_text: str, evidence: Dataset, from_dicom: bool, model_name:
         sop_instance_uid=generate_uid(),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        manufacturer_model_name=model_name,
+        manufacturer_model_name=_lo(model_name),
         # a list, not the tuple highdicom's hint suggests: pydicom warns on tuples for LO
-        software_versions=[model_version, f"radtrt {radtrt.__version__}"],  # type: ignore[arg-type]
+        software_versions=[_lo(model_version), f"radtrt {radtrt.__version__}"],  # type: ignore[arg-type]
         series_description="AI draft report - research use only",
         is_complete=complete,  # PARTIAL: the report was cut off at --max-new-tokens
         is_final=False,
