@@ -322,3 +322,25 @@ def test_undecodable_bytes_in_a_value_the_sr_does_not_copy_are_no_refusal(tmp_pa
     source = _source_named(tmp_path, "ISO_IR 192", b"Vendor\xff", keyword="Manufacturer")
     sr = pydicom.dcmread(write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1"))
     assert sr.Manufacturer == "radtrt"
+
+
+def test_copied_sequences_are_held_to_the_character_set_too(tmp_path: Path) -> None:
+    """Undeclared UTF-8 bytes in OtherPatientIDsSequence were decoded as a Latin-1 guess ('MÃ¼ller-42') and filed with
+    the study, where the same bytes in PatientName refused the SR."""
+    source = write_radiograph(tmp_path / "in" / "pa.dcm", view_position="PA")
+    ds = pydicom.dcmread(source)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    other = Dataset()
+    other.PatientID = "M\u00fcller-42"
+    other.TypeOfPatientID = "TEXT"
+    ds.OtherPatientIDsSequence = [other]
+    ds.save_as(source, enforce_file_format=True)
+    declared = pydicom.dcmread(write_sr(REPORT, load_study(source), tmp_path / "ok", model_name="m", model_version="1"))
+    assert [item.PatientID for item in declared.OtherPatientIDsSequence] == ["M\u00fcller-42"]
+    ds = pydicom.dcmread(source)
+    del ds.SpecificCharacterSet  # the same UTF-8 bytes, now in the default repertoire (ASCII)
+    ds.save_as(source, enforce_file_format=True)
+    with pytest.raises(RadtrtError, match=r"^pa.dcm: its OtherPatientIDsSequence \(PatientID\) cannot be decoded in "
+                                          r"its character set \(ISO_IR 6, none given\); no SR written"):
+        write_sr(REPORT, load_study(source), tmp_path / "out", model_name="m", model_version="1")
+    assert not (tmp_path / "out").exists()

@@ -33,10 +33,12 @@ import datetime
 import re
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import highdicom as hd
 from pydicom.charset import (CODES_TO_ENCODINGS, ESC, convert_encodings, default_encoding, handled_encodings,
                              python_encoding)
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
@@ -186,8 +188,8 @@ def _check_decoded(sr: Dataset, source: SelectedImage) -> None:
     under the default repertoire (ASCII) or a term it does not know, as Latin-1 (UTF-8 bytes become ``MÃ¼ller``),
     and the SR, in UTF-8, would be filed under a patient name that differs from the source's, which a PACS cannot
     reconcile. The bytes :func:`radtrt.imaging.dicom.read_dicom` kept are decoded strictly; a header built in
-    memory has none, and its values are looked at for replacement characters. Only the document's top level is
-    looked at: that is where the copied values sit (the report is radtrt's own text)."""
+    memory has none, and its values are looked at for replacement characters. The copied sequences' values are
+    checked as ``_check_nested`` says (the report is radtrt's own text)."""
     raw: dict[int, bytes] = getattr(source.dataset, RAW_TEXT, {})
     value = source.dataset.get("SpecificCharacterSet")
     terms = [] if not value else [value] if isinstance(value, str) else list(value)
@@ -200,9 +202,30 @@ def _check_decoded(sr: Dataset, source: SelectedImage) -> None:
         # codec it takes for one that reads them), and the SR would carry them as text
         if any(c in str(element.value) for c in ("\ufffd", "\x1b")) or (
                 data is not None and not _decodes_strictly(data, terms)):
-            fail(f"{source.source_file.name}: its {element.keyword or element.tag} cannot be decoded in its "
-                 f"character set ({_character_sets(source.dataset)}); no SR written (its report stands; a source "
-                 f"whose SpecificCharacterSet names its bytes' character set gets one)")
+            _undecodable(source, element.keyword or str(element.tag))
+    for element in sr:  # sequences copied whole (OtherPatientIDsSequence, ProcedureCodeSequence): their items' text
+        if element.VR == "SQ" and element.tag in source.dataset:  # was written unchecked, a guess and all
+            _check_nested(element, terms, source)
+
+
+def _check_nested(sequence: DataElement, terms: list[str], source: SelectedImage) -> None:
+    """The copied sequence's text values, at any depth: read leniently like the top level's but without their bytes
+    (``read_dicom`` keeps the top level's only), so refused where the decoding shows a guess: a replacement
+    character or an escape left in, or anything beyond ASCII under the default repertoire (none declared)."""
+    for item in sequence.value or []:
+        for element in item:
+            if element.VR == "SQ":
+                _check_nested(element, terms, source)
+            elif element.VR in TEXT_VRS and element.value is not None:
+                text = str(element.value)
+                if any(c in text for c in ("\ufffd", "\x1b")) or (not terms and not text.isascii()):
+                    _undecodable(source, f"{sequence.keyword or sequence.tag} ({element.keyword or element.tag})")
+
+
+def _undecodable(source: SelectedImage, what: str) -> NoReturn:
+    fail(f"{source.source_file.name}: its {what} cannot be decoded in its character set "
+         f"({_character_sets(source.dataset)}); no SR written (its report stands; a source whose SpecificCharacterSet "
+         f"names its bytes' character set gets one)")
 
 
 # pydicom's split of a value with code extensions: the run before the first escape, then one part per escape
