@@ -4,8 +4,9 @@ It reads a findings paragraph the way CheXpert-style rule labelers do: sentences
 mentions by pattern, negation when a cue ("no", "without", "not", ...) occurs earlier in the same
 clause than the end of the mention ("but", "however", "with" end its reach; "cannot exclude" and "no
 change in" are no negations) or a phrase such as "has resolved" follows it, the sides named between
-the previous mention and this one (else the first after it), and the region named likewise. It only knows the phantom vocabulary (``vocabulary.LABELS``), which is
-what the default model's held-out check needs: labels of generated vs. true reports.
+the previous mention and this one (else the first after it), and the region named likewise. It only
+knows the phantom vocabulary (``vocabulary.LABELS``), which is what the default model's held-out
+check needs: labels of generated vs. true reports.
 """
 
 from __future__ import annotations

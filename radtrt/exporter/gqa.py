@@ -56,6 +56,12 @@ DEFAULT_ATTENTION = "fused"
 # ("head_size shall be a multiple of 16"): LLaVA-Rad's 128 is, other LLaMA shapes (head_dim 8, 24, 40) are not
 GQA_HEAD_DIM_MULTIPLE = 16
 
+CACHE_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
+# names ``float_prompt_attention`` adds
+IS_PROMPT, SCALE_SHAPE, SCALAR_SHAPE = "is_prompt_step", "prompt_kv_scale_shape", "prompt_scalar_shape"
+PAD_BEFORE, PAD_LAST, INT8_MIN, INT8_MAX = "prompt_pad_before", "prompt_pad_last", "prompt_int8_min", "prompt_int8_max"
+KV_QUANT_ATTRIBUTES = ("k_quant_type", "v_quant_type", "kv_cache_bit_width")
+
 
 def check_fused_attention_fits(cfg: DecoderConfig) -> None:
     """Refuse, before anything is exported, a decoder whose heads the fused kernel cannot run: the graph was written,
@@ -63,11 +69,6 @@ def check_fused_attention_fits(cfg: DecoderConfig) -> None:
     if cfg.head_dim % GQA_HEAD_DIM_MULTIPLE:
         fail(f"fused attention (ONNX Runtime's GroupQueryAttention) needs a head size that is a multiple of "
              f"{GQA_HEAD_DIM_MULTIPLE}; this decoder's is {cfg.head_dim}: export it with --attention plain")
-CACHE_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
-# names ``float_prompt_attention`` adds
-IS_PROMPT, SCALE_SHAPE, SCALAR_SHAPE = "is_prompt_step", "prompt_kv_scale_shape", "prompt_scalar_shape"
-PAD_BEFORE, PAD_LAST, INT8_MIN, INT8_MAX = "prompt_pad_before", "prompt_pad_last", "prompt_int8_min", "prompt_int8_max"
-KV_QUANT_ATTRIBUTES = ("k_quant_type", "v_quant_type", "kv_cache_bit_width")
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,9 @@ def _check_decoded(sr: Dataset, source: SelectedImage) -> None:
     value = source.dataset.get("SpecificCharacterSet")
     terms = [] if not value else [value] if isinstance(value, str) else list(value)
     for element in sr:
+        if element.VR == "SQ" and element.tag in source.dataset:  # a sequence copied whole (OtherPatientIDsSequence,
+            _check_nested(element, terms, source)  # ProcedureCodeSequence): its items' text was written unchecked
+            continue
         if element.VR not in TEXT_VRS or element.value is None:
             continue
         copied = element.tag in source.dataset and source.dataset[element.tag].value == element.value
@@ -203,9 +206,6 @@ def _check_decoded(sr: Dataset, source: SelectedImage) -> None:
         if any(c in str(element.value) for c in ("\ufffd", "\x1b")) or (
                 data is not None and not _decodes_strictly(data, terms)):
             _undecodable(source, element.keyword or str(element.tag))
-    for element in sr:  # sequences copied whole (OtherPatientIDsSequence, ProcedureCodeSequence): their items' text
-        if element.VR == "SQ" and element.tag in source.dataset:  # was written unchecked, a guess and all
-            _check_nested(element, terms, source)
 
 
 def _check_nested(sequence: DataElement, terms: list[str], source: SelectedImage) -> None:
