@@ -167,11 +167,26 @@ def report() -> None:
         pass
 
 
+def _excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """``sys.excepthook``: multiprocessing's resource-sharer thread (DataLoader workers hand tensors to the main
+    process through it) reports a worker that died mid-handshake through this hook, and a SIGTERM to the whole job
+    (a scheduler's, ``kill`` of the process group) printed that as a traceback beside train's one line. The worker's
+    death is the DataLoader's to report (it does, in the main thread); everything else goes to Python's own hook."""
+    frames, step = [], tb
+    while step is not None:
+        frames.append(step.tb_frame.f_globals.get("__name__"))
+        step = step.tb_next
+    if issubclass(kind, (EOFError, ConnectionError)) and "multiprocessing.resource_sharer" in frames:
+        return
+    sys.__excepthook__(kind, value, tb)
+
+
 def install() -> None:
     """Take over SIGINT and SIGTERM for this process (the main thread only, as ``signal`` requires)."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     sys.unraisablehook = _unraisable
+    sys.excepthook = _excepthook
 
 
 def finished(status: int) -> None:

@@ -262,3 +262,25 @@ def test_an_interrupt_after_the_output_is_in_place_names_it_complete(tmp_path: P
     assert err.splitlines()[-1] == (f"radtrt: interrupted; phantom folder {out} is complete (finished before the "
                                     f"interrupt); no output was left half-written under its name"), err
     assert (out / "manifest.jsonl").is_file() and not (out / ".radtrt-unfinished").exists()
+
+
+def test_a_worker_dying_mid_handshake_prints_no_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGTERM to the whole training job killed a DataLoader worker while multiprocessing's resource-sharer thread
+    was handing it a tensor; that thread reported the broken connection through sys.excepthook, a traceback beside
+    train's one line (seen once in CI). Other exceptions still reach Python's own hook."""
+    from radtrt.interrupts import _excepthook
+
+    def raised(code: str, module: str) -> tuple:
+        try:
+            exec(code, {"__name__": module})
+        except BaseException:  # noqa: BLE001 - captured to hand to the hook, as the thread does
+            return sys.exc_info()
+        raise AssertionError("nothing raised")
+
+    _excepthook(*raised("raise ConnectionResetError(104, 'Connection reset by peer')", "multiprocessing.resource_sharer"))
+    _excepthook(*raised("raise EOFError", "multiprocessing.resource_sharer"))
+    assert capsys.readouterr().err == ""
+    _excepthook(*raised("raise ConnectionResetError(104, 'reset')", "somewhere_else"))
+    _excepthook(*raised("raise ValueError('bug')", "multiprocessing.resource_sharer"))
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 2 and "ConnectionResetError" in err and "ValueError: bug" in err
