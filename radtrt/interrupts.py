@@ -6,7 +6,8 @@ process (``terminate called after throwing an instance of 'pybind11::error_alrea
 ml_dtypes (imported by onnx) left numpy half-initialised, so the next attribute lookup recursed into a
 900-frame ``RecursionError`` traceback, status 1, an "internal error". So the interrupt is held back while the
 main thread imports (usually a second or two), and delivered once, as ``KeyboardInterrupt``, when the import
-is over; the commands' wrappers turn that into status 130 after their cleanup. A second press (or a SIGTERM)
+is over; the commands' wrappers turn that into status 130 after their cleanup. Python can lose a raise from a
+signal handler (see ``_recheck``), so each one is checked on a moment later and raised again if it was lost. A second press (or a SIGTERM)
 while one is held back adds nothing (two interrupts landing together cut the first one's cleanup short). An import still
 running ``MAX_HOLD_S`` after the interrupt (a hung network filesystem) is interrupted anyway.
 This module imports nothing heavy itself.
@@ -27,6 +28,7 @@ from typing import Any, Iterator
 from radtrt.errors import printable
 
 POLL_S = 0.05
+RECHECK_S = 0.25
 MAX_HOLD_S = 30.0
 IMPORT_MACHINERY = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
 
@@ -37,7 +39,7 @@ _deferred: set[int] = set()  # signals that arrived inside one, delivered as it 
 _notes: list[str | None] = []  # what each open ``deferred`` block is doing, said when an interrupt is held
 _complete: list[tuple[str, str]] = []  # outputs this process finished ("bundle directory", "e32"): named if interrupted
 _explained = False  # the command (or ``report``) has said on stderr what its interruption left
-_raised: list[int] = []  # signals raised as KeyboardInterrupt, sent again if Python ignored the raise (_unraisable)
+_rechecks: list[bool] = []  # a SIGINT sent by _recheck is pending: the handler looks whether its raise was lost
 
 
 def importing(frame: FrameType | None) -> bool:
@@ -58,9 +60,36 @@ def _watch(signum: int, main_id: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+def _unwinding() -> bool:
+    """Whether the main thread is handling a ``KeyboardInterrupt``, or an exception raised while it did (click's
+    ``Abort``, ``SystemExit(130)``, a cleanup's own error): the ``except`` and ``finally`` blocks and ``__exit__``
+    methods an interrupt runs all see it in ``sys.exc_info``."""
+    exc = sys.exc_info()[1]
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
+
+
+def _recheck() -> None:
+    """A moment after a raise, send SIGINT for the handler to look whether the raise was lost. CPython 3.11 drops
+    one now and then: a signal landing as ``int("Keyword", 16)`` fails (pydicom's ``"Keyword" in dataset``) lost
+    about 1 in 40 interrupts, and ``data phantoms`` ran to its end with exit 0 (seen in CI); one raised inside a
+    finalizer (torch's weakref callbacks, a ``__del__``, logging's at-fork hook) is ignored too. Nothing is sent
+    once radtrt's handler is gone (the command has ended, or a caller put its own back)."""
+    if signal.getsignal(signal.SIGINT) is _interrupt:
+        _rechecks[:] = [True]
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGINT and SIGTERM both unwind as Ctrl-C does (a ``timeout``, ``kill`` or batch scheduler's SIGTERM too, so
     the ``finally`` blocks that remove half-built outputs run instead of the process just ending)."""
+    if _rechecks:
+        _rechecks.clear()
+        if _unwinding():
+            return  # the raise it checks on is on its way: a second one would cut its cleanup short
     forced = signum in _forced
     if forced:
         _forced.clear()
@@ -81,23 +110,20 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
         _held.add(signum)
         threading.Thread(target=_watch, args=(signum, threading.get_ident()), daemon=True).start()
         return
-    _raised[:] = [signum]
+    recheck = threading.Timer(RECHECK_S, _recheck)
+    recheck.daemon = True
+    recheck.start()
     raise KeyboardInterrupt
 
 
 def _unraisable(unraisable: Any) -> None:
     """``sys.unraisablehook``: an interrupt raised where Python ignores exceptions (a weakref callback torch runs, a
     ``__del__``, logging's at-fork hook as the DataLoader forks) was printed as "Exception ignored in ..." with a
-    traceback, and the command ran on to exit 0. It is sent again a moment later, from another thread (sent from
-    here, it landed in this hook, whose exceptions are ignored too), to land once the finalizer has returned."""
-    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _raised:
-        # not forced: landing in an import by then, it is held for the import as any other (raised into
-        # onnxruntime's, it became "ImportError: import numpy failed" and exit 1)
-        resend = threading.Timer(POLL_S, os.kill, args=(os.getpid(), _raised.pop()))
-        resend.daemon = True
-        resend.start()
-        return
-    sys.__unraisablehook__(unraisable)
+    traceback. It is not printed: ``_recheck`` raises it again once the finalizer has returned (sent as a plain
+    interrupt, not forced: landing in an import by then, it is held for the import as any other; raised into
+    onnxruntime's, it became "ImportError: import numpy failed" and exit 1)."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
 
 
 @contextlib.contextmanager
