@@ -145,6 +145,9 @@ def test_repository_with_tensorrt_vision_and_refusals(tmp_path: Path) -> None:
     # the KV cache bounded by the engine's limits (2 x two 64-token blocks of its 96 positions), not 85% of a
     # Jetson's free memory
     assert {p["key"]: p["value"]["string_value"] for p in llm["parameters"]}["max_tokens_in_paged_kv_cache"] == "256"
+    pre = check_repo(tmp_path / "repo5")["preprocessing"]
+    assert {p["key"]: p["value"]["string_value"] for p in pre["parameters"]}.items() >= {
+        "max_input_len": "64", "max_seq_len": "96"}.items()  # requests over them are refused, not cut short
     fp32_out = make_fake_bundle(tmp_path / "b2", out_dtype=TensorProto.FLOAT)
     with pytest.raises(RadtrtError, match="vision engine outputs float32 but the decoder's prompt table is float16"):
         write_triton_repo(fp32_out, tmp_path / "repo3", gpu=ORIN, decoder_engine=engine)
@@ -192,6 +195,8 @@ def test_a_given_engine_is_written_as_typed_and_checked_against_the_bundle(tmp_p
     repo = write_triton_repo(bundle, tmp_path / "ok2", vision_backend="onnxruntime", decoder_engine=engine, max_batch=4)
     params = {p["key"]: p["value"]["string_value"] for p in check_repo(repo)["tensorrt_llm"]["parameters"]}
     assert params["max_tokens_in_paged_kv_cache"] == str(4 * 320)
+    pre = {p["key"]: p["value"]["string_value"] for p in check_repo(repo)["preprocessing"]["parameters"]}
+    assert pre["max_input_len"] == "256" and pre["max_seq_len"] == "300"
     good["build_config"]["max_seq_len"] = True  # a damaged config: not 1 token (it bounded the cache at 256)
     (engine / "config.json").write_text(json.dumps(good))
     repo = write_triton_repo(bundle, tmp_path / "ok3", vision_backend="onnxruntime", decoder_engine=engine, max_batch=4)
@@ -275,6 +280,18 @@ def test_python_models_prepare_and_decode(tmp_path: Path) -> None:
     assert model.prepare(big.getvalue(), "", 32)["WARNINGS"].tolist() == [[b""]]
     with pytest.raises(RadtrtError):
         model.prepare(b"not an image", "", 32)
+    # the engine's limits, tighter than the model's 512 positions: its backend cut MAX_NEW_TOKENS to fit with only a
+    # warning in the server's log, and a longer prompt got the vendor's error instead of 'shorten INDICATION'
+    limited = PreprocessingModel()
+    limited.initialize({**args, "model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in {
+        "vocab_size": "512", "num_image_tokens": "16", "pixel_dtype": "float16", "max_input_len": str(len(ids)),
+        "max_seq_len": str(len(ids) + 40)}.items()}})})
+    assert limited.prepare(png.getvalue(), "Cough", 40)["REQUEST_OUTPUT_LEN"].tolist() == [[40]]
+    with pytest.raises(RadtrtError, match=rf"engine's sequences \(up to {len(ids) + 40} positions\): MAX_NEW_TOKENS 40 "
+                                          r"at most for this prompt$"):
+        limited.prepare(png.getvalue(), "Cough", 41)
+    with pytest.raises(RadtrtError, match=r"longer than the TensorRT-LLM engine's prompts .*: shorten INDICATION$"):
+        limited.prepare(png.getvalue(), "Cough with fever", 8)
     post = PostprocessingModel()
     post.initialize({"model_config": json.dumps({"parameters": {"eos_token_id": {"string_value": "2"}}}),
                      "model_repository": str(repo / "postprocessing"), "model_version": "1"})

@@ -75,10 +75,13 @@ class RepoSpec:
 
 def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
                   kv_cache_free_gpu_mem_fraction: float = 0.85, max_queue_delay_us: int = 1000,
-                  max_kv_tokens: int | None = None) -> dict[str, dict]:
+                  engine_limits: dict[str, int] | None = None) -> dict[str, dict]:
     """Every model's config (pure). ``vision_platform``: ``tensorrt_plan`` or ``onnxruntime_onnx``.
-    ``max_kv_tokens``: the KV cache the engine's limits can use (``kv_cache_tokens``), where they are known here;
-    the backend then takes no more than that, not the whole free-memory fraction (a Jetson's RAM).
+    ``engine_limits``: the TensorRT-LLM engine's ``max_input_len`` and ``max_seq_len``, where they are known here.
+    Preprocessing refuses a request over them, as ``radtrt infer`` does (the backend cut such a request's
+    MAX_NEW_TOKENS to fit with only a warning in the server's log, and the client got a shorter report and no
+    error), and the backend's KV cache takes no more than they can use (``kv_cache_tokens``), not the whole
+    free-memory fraction (a Jetson's RAM).
 
     The ``tensorrt_llm`` model follows tensorrtllm_backend's ``inflight_batcher_llm/tensorrt_llm/config.pbtxt``
     (scalar inputs declared ``dims: [1]`` with ``reshape: { shape: [] }``). KV-cache block reuse is switched
@@ -94,7 +97,9 @@ def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
         [_io("PIXEL_VALUES", TRITON_DTYPES[spec.pixel_dtype], [3, s, s]), _io("INPUT_IDS", i32, [-1]),
          _io("INPUT_LENGTH", i32, [1]), _io("REQUEST_OUTPUT_LEN", i32, [1]), _io("PROMPT_VOCAB_SIZE", i32, [1]),
          _io("END_ID", i32, [1]), _io("PAD_ID", i32, [1]), _io("WARNINGS", "TYPE_STRING", [1])],
-        {"vocab_size": spec.vocab_size, "num_image_tokens": n, "pixel_dtype": spec.pixel_dtype})
+        {"vocab_size": spec.vocab_size, "num_image_tokens": n, "pixel_dtype": spec.pixel_dtype,
+         **(engine_limits or {})})
+    max_kv_tokens = kv_cache_tokens(b, engine_limits["max_seq_len"]) if engine_limits else None
     vision = {"name": "vision", "platform": vision_platform, "max_batch_size": b,
               "input": [_io(spec.vision_input, TRITON_DTYPES[spec.pixel_dtype], [3, s, s])],
               "output": [_io(spec.vision_output, TRITON_DTYPES[spec.embeds_dtype], [n, spec.hidden_size])],
@@ -222,13 +227,13 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
     # start; the end token is the tokenizer's, as in every radtrt backend (the manifest's copy is not hashed)
     bundle_cfg, tokenizer = read_bundle_side(bundle)
     given = decoder_engine is not None
-    max_seq_len = None  # the engine's, where known here: it bounds the KV cache Triton's backend allocates
+    limits: dict[str, Any] = {}  # the engine's max_input_len / max_seq_len, where known here
     stamp = None
     if decoder_engine is None:
         decoder_engine, stamp = find_decoder_engine(bundle, require_gpu(gpu), decoder_tag)
         check_decoder_engine(decoder_engine, stamp, manifest, bundle)
         decoder_engine = resolved(decoder_engine)
-        max_seq_len = stamp["limits"].get("max_seq_len")
+        limits = stamp["limits"]
         engine_batch = int(stamp["limits"].get("max_batch", max_batch))
         if engine_batch < max_batch:  # as the vision engine's profile is checked: the server would accept more
             fail(f"the TensorRT-LLM {decoder_tag} engine allows batch {engine_batch}, below Triton's max batch "
@@ -251,13 +256,13 @@ def write_triton_repo(bundle: Path, out: Path, *, gpu: GpuInfo | None = None, vi
         prompt = shortest_prompt_length(tokenizer.encode, tokenizer.bos_token_id, bundle_cfg.conv_template,
                                         spec.num_image_tokens)
         check_engine_fits(decoder_engine, engine_config, spec, prompt)
-        max_seq_len = engine_count((engine_config.get("build_config") or {}).get("max_seq_len"))
+        limits = engine_config.get("build_config") or {}
     platform = "tensorrt_plan" if vision_backend == "tensorrt" else "onnxruntime_onnx"
     # a given engine's path as typed: it names a folder on the serving host, which this host's symlinks
     # (/var/run -> /run, a mount alias) say nothing about
-    seq_len = engine_count(max_seq_len)
-    kv_tokens = kv_cache_tokens(max_batch, seq_len) if seq_len is not None and seq_len > 0 else None
-    configs = model_configs(spec, platform, decoder_engine, kv_cache_free_gpu_mem_fraction, max_kv_tokens=kv_tokens)
+    known = {key: engine_count(limits.get(key)) for key in ("max_input_len", "max_seq_len")}
+    engine_limits = known if all(v is not None and v > 0 for v in known.values()) else None
+    configs = model_configs(spec, platform, decoder_engine, kv_cache_free_gpu_mem_fraction, engine_limits=engine_limits)
     with new_dir_built_aside(out, "Triton repository") as work:
         vision_stamp = _fill_repo(work, bundle, manifest, configs, vision_backend, gpu, max_batch, cast_to)
         record = serving_record(stamp, vision_stamp)

@@ -26,19 +26,22 @@ class RequestPreparer:
     vocab_size: int
     num_image_tokens: int
     pixel_dtype: str
+    engine_limits: dict[str, int] | None = None  # the TensorRT-LLM engine's max_input_len / max_seq_len, if known
 
     @classmethod
     def from_dir(cls, folder: Path, params: dict[str, str]) -> "RequestPreparer":
         from radtrt.exporter.bundle import read_bundle_side
 
         cfg, tokenizer = read_bundle_side(folder)
-        return cls(tokenizer, cfg, int(params["vocab_size"]), int(params["num_image_tokens"]), params["pixel_dtype"])
+        limits = {k: int(params[k]) for k in ("max_input_len", "max_seq_len") if k in params}
+        return cls(tokenizer, cfg, int(params["vocab_size"]), int(params["num_image_tokens"]), params["pixel_dtype"],
+                   limits or None)
 
     def __call__(self, image: bytes, indication: str, max_new_tokens: int) -> dict[str, np.ndarray]:
         from radtrt.imaging.study import load_study, study_warnings
         from radtrt.model.generate import check_positions
         from radtrt.model.prompt import build_prompt, build_query, tokenizer_image_token
-        from radtrt.runtime.tensorrt import fake_prompt_ids
+        from radtrt.runtime.tensorrt import check_engine_limits, fake_prompt_ids
 
         if max_new_tokens < 1:
             fail("MAX_NEW_TOKENS must be at least 1")
@@ -54,8 +57,12 @@ class RequestPreparer:
             return fake_prompt_ids(ids, self.num_image_tokens, self.vocab_size)
 
         ids = prompt_ids(indication or None)
-        check_positions(len(ids), max_new_tokens, self.cfg.decoder.max_position_embeddings,
-                        shorten=("INDICATION", len(prompt_ids(None))) if indication else None, limit="MAX_NEW_TOKENS")
+        shorten = ("INDICATION", len(prompt_ids(None))) if indication else None
+        check_positions(len(ids), max_new_tokens, self.cfg.decoder.max_position_embeddings, shorten=shorten,
+                        limit="MAX_NEW_TOKENS")
+        if self.engine_limits:  # tighter than the model's positions; the backend would cut MAX_NEW_TOKENS silently
+            check_engine_limits([len(ids)], max_new_tokens, self.engine_limits, shorten=shorten,
+                                limit="MAX_NEW_TOKENS")
         eos = self.tokenizer.eos_token_id
         col = lambda v: np.array([[v]], dtype=np.int32)  # noqa: E731 - [batch 1, 1]
         return {"PIXEL_VALUES": pixels.numpy().astype(NP_DTYPES[self.pixel_dtype])[None],

@@ -129,11 +129,11 @@ def choose_decoder(usable: list[str], requested: str | None, bundle: Path) -> st
 
 
 def check_engine_limits(prompt_lengths: list[int], max_new_tokens: int, limits: dict[str, Any], *,
-                        shorten: tuple[str, int] | None = None) -> None:
+                        shorten: tuple[str, int] | None = None, limit: str = "--max-new-tokens") -> None:
     """Refuse what the TensorRT-LLM engine was not built for, before it runs: its runner raises a bare
-    ``RuntimeError`` (a traceback) for a prompt or sequence over the build limits. ``shorten``: as
-    ``generate.check_positions`` takes it (what the prompt can be shortened by, the length without it); "shorten
-    --indication" was said to runs that gave none."""
+    ``RuntimeError`` (a traceback) for a prompt or sequence over the build limits. ``shorten`` and ``limit``: as
+    ``generate.check_positions`` takes them (what the prompt can be shortened by, the length without it; the
+    new-token limit as the caller's user sets it); "shorten --indication" was said to runs that gave none."""
     longest = max(prompt_lengths)
     if longest > limits["max_input_len"]:  # fewer new tokens cannot help
         fix = f"shorten {shorten[0]}" if shorten and shorten[1] <= limits["max_input_len"] else \
@@ -142,7 +142,7 @@ def check_engine_limits(prompt_lengths: list[int], max_new_tokens: int, limits: 
              f"(up to {limits['max_input_len']} positions): {fix}")
     if longest + max_new_tokens > limits["max_seq_len"]:
         fail(f"the prompt ({longest} positions, with the image) + {max_new_tokens} new tokens exceed the TensorRT-LLM "
-             f"engine's sequences (up to {limits['max_seq_len']} positions): --max-new-tokens "
+             f"engine's sequences (up to {limits['max_seq_len']} positions): {limit} "
              f"{limits['max_seq_len'] - longest} at most for this prompt")
 
 
