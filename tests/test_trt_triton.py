@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -251,6 +252,25 @@ def test_check_repo_catches_broken_wiring(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("TYPE_FP16", "TYPE_FP32"))
     with pytest.raises(RadtrtError, match="wants TYPE_FP32 but receives TYPE_FP16"):
         check_repo(repo)
+    # what Triton refuses as it loads the ensemble: an unfed required input, a tensor of other dims
+    (tmp_path / "e").mkdir()
+    engine = _decoder_engine(tmp_path / "e")
+    for i, (model, old, new, match) in enumerate((
+            ("radtrt", r'\{\s*key: "input_lengths"\s*value: "\w+"\s*\},', "",
+             r"feeds model tensorrt_llm no input_lengths \(required"),
+            ("radtrt", r'\{\s*key: "end_id"\s*value: "\w+"\s*\},', "", None),  # an optional input
+            ("preprocessing", r"dims: \[ 3, 56, 56 \]", "dims: [ 3, 64, 64 ]",
+             r"vision.pixel_values wants dims \[3, 56, 56\] but receives \[3, 64, 64\]"))):
+        fresh = write_triton_repo(bundle, tmp_path / f"r{i}", vision_backend="onnxruntime", decoder_engine=engine)
+        target = fresh / model / "config.pbtxt"
+        edited = re.sub(old, new, target.read_text(), count=1)
+        assert edited != target.read_text()
+        target.write_text(edited)
+        if match is None:
+            check_repo(fresh)
+        else:
+            with pytest.raises(RadtrtError, match=match):
+                check_repo(fresh)
 
 
 def test_python_models_prepare_and_decode(tmp_path: Path) -> None:

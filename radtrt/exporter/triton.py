@@ -154,34 +154,52 @@ def model_configs(spec: RepoSpec, vision_platform: str, engine_dir: Path,
     return {"preprocessing": pre, "vision": vision, "tensorrt_llm": llm, "postprocessing": post, "radtrt": ensemble}
 
 
+def _dims_match(produced: list[int], consumed: list[int]) -> bool:
+    """Whether a tensor of ``produced`` dims fits an input declared ``consumed`` (-1 takes any size)."""
+    return len(produced) == len(consumed) and all(-1 in (a, b) or a == b for a, b in zip(produced, consumed))
+
+
 def check_repo(repo: Path) -> dict[str, dict[str, Any]]:
-    """Parse every ``config.pbtxt`` back and check the ensemble: each step's model and tensor names
-    exist, every consumed tensor is an ensemble input or an earlier step's output of the same dtype,
-    and every ensemble output is produced. Returns the parsed configs."""
+    """Parse every ``config.pbtxt`` back and check the ensemble as Triton does when it loads it: each step's model
+    and tensor names exist, every required input of a step is fed, every consumed tensor is an ensemble input or
+    an earlier step's output of the same dtype and dims, and every ensemble output is produced. Returns the
+    parsed configs."""
     configs = {p.parent.name: parse_pbtxt(p.read_text(encoding="utf-8")) for p in sorted(repo.glob("*/config.pbtxt"))}
     for name, cfg in configs.items():
         if cfg.get("name") != name:
             fail(f"{repo / name / 'config.pbtxt'} names the model {cfg.get('name')!r}")
     ens = configs.get("radtrt") or fail(f"{repo} has no 'radtrt' ensemble")
-    dtypes = {io["name"]: io["data_type"] for io in as_list(ens.get("input"))}
+
+    def typed(ios: Any) -> dict[str, tuple[Any, list[int]]]:
+        return {io["name"]: (io["data_type"], as_list(io.get("dims"))) for io in as_list(ios)}
+
+    tensors = typed(ens.get("input"))
     for step in as_list(ens["ensemble_scheduling"]["step"]):
-        model = configs.get(step["model_name"]) or fail(f"ensemble step uses unknown model {step['model_name']!r}")
-        ins = {io["name"]: io["data_type"] for io in as_list(model.get("input"))}
-        outs = {io["name"]: io["data_type"] for io in as_list(model.get("output"))}
+        name = step["model_name"]
+        model = configs.get(name) or fail(f"ensemble step uses unknown model {name!r}")
+        ins, outs = typed(model.get("input")), typed(model.get("output"))
+        fed = {m["key"] for m in as_list(step.get("input_map"))}
+        missing = [io["name"] for io in as_list(model.get("input")) if not io.get("optional") and io["name"] not in fed]
+        if missing:
+            fail(f"the ensemble feeds model {name} no {', '.join(missing)} (required inputs)")
         for m in as_list(step.get("input_map")):
             if m["key"] not in ins:
-                fail(f"model {step['model_name']} has no input {m['key']!r}")
-            if m["value"] not in dtypes:
+                fail(f"model {name} has no input {m['key']!r}")
+            if m["value"] not in tensors:
                 fail(f"ensemble tensor {m['value']!r} is consumed before anything produces it")
-            if dtypes[m["value"]] != ins[m["key"]]:
-                fail(f"{step['model_name']}.{m['key']} wants {ins[m['key']]} but receives {dtypes[m['value']]}")
+            (got, got_dims), (want, want_dims) = tensors[m["value"]], ins[m["key"]]
+            if got != want:
+                fail(f"{name}.{m['key']} wants {want} but receives {got}")
+            if not _dims_match(got_dims, want_dims):
+                fail(f"{name}.{m['key']} wants dims {want_dims} but receives {got_dims}")
         for m in as_list(step.get("output_map")):
             if m["key"] not in outs:
-                fail(f"model {step['model_name']} has no output {m['key']!r}")
-            dtypes[m["value"]] = outs[m["key"]]
+                fail(f"model {name} has no output {m['key']!r}")
+            tensors[m["value"]] = outs[m["key"]]
     for io in as_list(ens.get("output")):
-        if dtypes.get(io["name"]) != io["data_type"]:
-            fail(f"ensemble output {io['name']!r} is not produced with {io['data_type']}")
+        produced = tensors.get(io["name"])
+        if produced is None or produced[0] != io["data_type"] or not _dims_match(produced[1], as_list(io.get("dims"))):
+            fail(f"ensemble output {io['name']!r} is not produced with {io['data_type']} {as_list(io.get('dims'))}")
     return configs
 
 
