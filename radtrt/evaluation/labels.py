@@ -41,23 +41,27 @@ _MOD = r"(?:[a-z-]+ )?"  # one optional modifier: "mildly", "slightly", "not"
 _MENTIONS: dict[str, tuple[str, ...]] = {
     "Enlarged Cardiomediastinum": (
         r"(?:widen\w*|enlarge\w*) (?:of )?(?:the )?(?:cardio)?mediastin\w*",
-        r"mediastinal widening",
+        r"mediastinal widening", rf"mediastinum {_LINK} {_MOD}(?:widened|enlarged|prominent)",
+        r"(?:prominent|widened|enlarged) (?:cardio)?mediastinal (?:silhouette|contours?)",
         rf"(?:cardio)?mediastinal (?:silhouette|contours?) {_LINK} {_MOD}(?:enlarged|widened|prominent)",
         r"enlarged cardiomediastinum",
     ),
     "Cardiomegaly": (
         r"cardiomegaly",
-        rf"(?:heart|heart size|cardiac size|cardiac silhouette|cardiac shadow) {_LINK} {_MOD}enlarged",
+        rf"(?:heart|heart size|cardiac size|cardiac silhouette|cardiac shadow) {_LINK} (?:[a-z-]+ ){{0,3}}?enlarged",
+        rf"(?:heart|heart size|cardiac silhouette) {_LINK} (?:[a-z]+ )?large",
         r"enlarged (?:heart|cardiac silhouette)",
         r"(?:enlargement of the (?:heart|cardiac silhouette)|cardiac enlargement)",
     ),
     "Lung Opacity": (
-        r"opacit(?:y|ies)", r"opacification", r"opacified", r"infiltrat\w*", r"densit(?:y|ies)",
-        r"haziness", r"airspace (?:disease|process)", r"ground[- ]glass", r"scarring",
+        r"opacit(?:y|ies)", r"opacification", r"opacified", r"infiltrat\w*", r"(?<!bone )densit(?:y|ies)",
+        r"haziness", r"air[- ]?space (?:disease|process)", r"interstitial markings?",
+        r"peribronchial (?:thickening|cuffing)", r"ground[- ]glass",
+        r"(?<!pleural )(?<!pleural-parenchymal )(?<!pleural parenchymal )scarring",  # CheXpert: pleural scar aside
     ),
     "Lung Lesion": (
-        r"nodules?", r"nodular", r"mass(?:es)?", r"(?:lung|pulmonary) lesions?", r"tumou?rs?", r"neoplasms?",
-        r"carcinoma", r"metasta\w+", r"granulomas?",
+        r"nodules?", r"nodular", r"mass(?:es)?", r"(?:lung|pulmonary|cavitary|spiculated) lesions?", r"tumou?rs?",
+        r"neoplasms?", r"carcinoma", r"(?<!osseous )(?<!bone )(?<!skeletal )metasta\w+", r"granulomas?",
     ),
     "Edema": (
         r"edema", r"(?:vascular|pulmonary) congestion", r"congestive heart failure", r"chf",
@@ -70,17 +74,20 @@ _MENTIONS: dict[str, tuple[str, ...]] = {
     "Pleural Effusion": (
         r"(?<!pericardial )effusions?", r"pleural fluid", r"hydropneumothorax",
         r"blunting of the (?:\w+ )?costophrenic angles?", r"costophrenic (?:angle )?blunting",
+        rf"costophrenic angles? {_LINK} {_MOD}blunted",
     ),
     "Pleural Other": (
-        r"pleural (?:thickening|plaques?|scarring|calcifications?)", r"fibrothorax",
+        r"pleural(?:[- ]parenchymal)? (?:thickening|plaques?|scarring|calcifications?)", r"fibrothorax",
     ),
     "Fracture": (r"fractur\w*", r"fx"),
     "Support Devices": (
-        r"tubes?", r"catheters?", r"picc", r"(?:central|venous|arterial|midline|swan[- ]ganz|subclavian) lines?",
+        r"tubes?", r"ett", r"catheters?", r"picc",
+        r"(?:central|venous|arterial|midline|swan[- ]ganz|subclavian|ij|internal jugular) lines?", r"mediport",
+        r"cannula", r"coils?", r"(?:pacing|pacer) wires",
         r"pacemakers?", r"pacer", r"defibrillators?", r"a?icd", r"(?:pacer|pacemaker|pacing|icd) leads?",
         r"stents?", r"port(?:-a-cath)?", r"(?:sternal|sternotomy) wires", r"(?:surgical )?clips?", r"drains?",
-        r"(?:prosthetic valve|valve (?:replacement|prosthesis))", r"hardware", r"support devices?",
-        r"monitoring devices?", r"balloon pump", r"lvad",
+        r"(?:prosthetic (?:[a-z]+ )?valve|valve (?:replacement|prosthesis))", r"hardware", r"(?:support )?devices?",
+        r"monitoring devices?", r"balloon pump", r"lvad", r"plates?(?!-like)", r"screws",
     ),
 }
 
@@ -99,56 +106,85 @@ _NORMAL_STATEMENTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# What CheXpert's "No Finding" also excludes though no class names it (its no_finding mention list, abridged).
+_OTHER_FINDINGS = (
+    r"emphysema", r"elevat\w*", r"eventration", r"scoliosis", r"kyphosis", r"degenera\w*", r"calcifi\w*",
+    r"hyperinfla\w*", r"hyperexpan\w*", r"hernias?", r"copd", r"osteopenia", r"granulomas?", r"metasta\w+",
+    r"pneumomediastinum", r"pneumoperitoneum", r"volume loss", r"deformity", r"bullae?", r"hematoma",
+)
+
+
 def _compile(patterns: Iterable[str]) -> re.Pattern[str]:
     return re.compile(r"\b(?:" + "|".join(patterns) + r")\b")
 
 
 _MENTION_RE = {cond: _compile(p) for cond, p in _MENTIONS.items()}
 _NORMAL_RE = {cond: _compile(p) for cond, p in _NORMAL_STATEMENTS.items()}
+_OTHER_RE = _compile(_OTHER_FINDINGS)
 
 # "cannot exclude X", "X is not excluded": negation words that express uncertainty (checked first).
 _NEG_UNCERTAIN = re.compile(
-    r"\b(?:cannot|can ?not|can't|could not|not)\s+(?:be\s+)?(?:entirely\s+|completely\s+|definitely\s+)?"
-    r"(?:exclude|excluded|rule out|ruled out)\b")
+    r"\b(?:(?:cannot|can ?not|can't|could not|not)\s+(?:be\s+)?(?:entirely\s+|completely\s+|definitely\s+)?"
+    r"|(?:difficult|hard)\s+to\s+)(?:exclude|excluded|rule out|ruled out)\b")
 _PRE_NEGATION = re.compile(
-    r"\b(?:no|not|without|negative for|free of|clear of|absence of|resolution of|resolved|removal of|"
-    r"removed|nor|no longer)\b")
+    r"\b(?:no|not|neither|without|negative for|free of|clear of|absence of|resolution of|clearing of|removal of|"
+    r"nor|no longer|"  # "resolved X", not "has resolved, X" or "partially resolved X"
+    r"(?<!has )(?<!have )(?<!been )(?<!partially )(?<!nearly )(?<!largely )(?<!mostly )resolved)\b")
 _POST_NEGATION = re.compile(
-    r"^[^,]*?\b(?:(?:not|no longer)\b[a-z ]*?\b(?:seen|identified|present|visualized|visible|appreciated|"
+    r"^[^,]*?(?<!which was )(?<!which were )(?<!that was )"  # "X, which was not present before", is present
+    r"\b(?:(?:not|no longer)\b[a-z ]*?\b(?:seen|identified|present|visualized|visible|appreciated|"
     r"demonstrated|evident|noted|detected)(?!\s+(?:on|in)\s+(?:the\s+)?(?:prior|previous)|\s+previously|\s+before)"
-    r"|(?:has|have)? ?(?:been )?(?:resolved|removed)|absent)\b")
+    r"|(?<!partially )(?<!nearly )(?<!largely )(?<!mostly )(?<!almost )(?:resolved|removed|cleared)|absent)\b")
 _PRE_UNCERTAINTY = re.compile(
     r"\b(?:may|might|could|possibl[ey]|probabl[ey]|likely|suspect\w*|suspicious for|concerning for|"
     r"worrisome for|questionab\w*|question of|equivocal|suggest\w*|versus|vs|differential|consider\w*|"
-    r"borderline|indeterminate|rule out|r/o)\b")
+    r"borderline|indeterminate|rule out|r/o|presum\w*|favou?r\w*|and/or|or(?= (?:[a-z-]+ )?$))\b")
 _POST_UNCERTAINTY = re.compile(
-    r"^\s*(?:versus|vs)\b|^[^,]*?\b(?:(?:is|are) (?:also )?(?:possible|likely|probable|suspected|questioned|"
-    r"a consideration|considered)|may be present|could be present)\b")
-# A comma starting a new statement ends the reach of a preceding "no" or "may".
+    r"^\s*(?:versus|vs|or|and/or)\b|^[^,]*?\b(?:(?:is|are) (?:also )?"
+    r"(?:(?:possible|likely|probable)(?=\s*(?:$|present|[,.;]))"  # "opacity is likely atelectasis": the opacity is not
+    r"|suspected|questioned|questionable|a consideration|considered)|may be present|could be present)\b")
+# A comma or "and the" starting a new statement ends the reach of a preceding "no" or "may" (not inside an
+# "X, Y, or Z" list: see _LISTED).
 _SCOPE_BREAK = re.compile(
-    r",\s*(?:there|with|small|mild|moderate|large|severe|trace|tiny|minimal|new|persistent|stable|"
-    r"unchanged|increas\w*|decreas\w*|improv\w*|worsen\w*|the|a|an)\b")
-_CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|whereas|except|otherwise)\b|;")
+    r"\band (?=(?:the|a|an)\b)|,\s*(?:and\s+)?(?:there|with|left|right|bilateral|small|mild|moderate|large|severe|"
+    r"trace|tiny|minimal|new|persistent|stable|unchanged|increas\w*|decreas\w*|improv\w*|worsen\w*|the|a|an)\b")
+_CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|whereas|except|otherwise|while)\b|;|"
+                           r"\band\b(?= there\b)|\bwith\b(?= (?:persistent|residual|new|unchanged|stable)\b)")
+# After a mention and its verb, "and" starts another statement: "the line ends in the SVC and the tube was removed".
+_AND = re.compile(r"\band\b")
+_VERB = re.compile(r"\b(?:is|are|was|were|has|have|remains?|persists?|terminates?|ends?|projects?|seen|noted)\b")
+_POST_NEG_UNCERTAIN = re.compile(r"^[^,]*?\b(?:is|are|be)\s+(?:not(?: entirely| completely| definitely)?\s+"
+                                 r"(?:excluded|ruled out)|(?:difficult|hard)\s+to\s+(?:exclude|rule out))")
+_HEDGED_MENTION = re.compile(r"\b(?:borderline|possibly|questionably|probably)\b")  # "borderline enlarged"
+_NEGATED_MENTION = re.compile(r"\b(?:not|no)\b")
+_LISTED_AFTER = re.compile(r"^\s*,?\s*(?:or|nor)\b")
+_LISTED_BEFORE = re.compile(r",\s*(?:or|nor)\s+[a-z -]*$")
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
 # "No change in the effusion" reports an unchanged effusion, not an absent one.
 _NO_CHANGE = re.compile(r"\b(?:no|without)\s+(?:significant\s+|interval\s+|substantial\s+|appreciable\s+)*"
                         r"changes?\b(?:\s+(?:in|of))?")
 
 
-def _in_scope(pre: str, cue: re.Pattern[str]) -> bool:
-    """Whether a cue occurs in ``pre`` (clause text before a mention) with no statement break after it."""
+def _in_scope(pre: str, cue: re.Pattern[str], listed: bool = False) -> bool:
+    """Whether a cue occurs in ``pre`` (clause text before a mention) with no statement break after it
+    (a break does not count inside an "X, Y, or Z" list)."""
     matches = list(cue.finditer(pre))
-    return bool(matches) and _SCOPE_BREAK.search(pre, matches[-1].end()) is None
+    return bool(matches) and (listed or _SCOPE_BREAK.search(pre, matches[-1].end()) is None)
 
 
 def _classify(clause: str, start: int, end: int, question: bool) -> Label:
     pre, inside, post = clause[:start], clause[start:end], clause[end:]
-    if _in_scope(pre, _NEG_UNCERTAIN) or _NEG_UNCERTAIN.match(post.lstrip()) or \
-            re.match(r"^\s*(?:is|are)\s+not\s+(?:excluded|ruled out)", post):
+    for conj in _AND.finditer(post):
+        if _VERB.search(inside + post[:conj.start()]):
+            post = post[:conj.start()]
+            break
+    if _in_scope(pre, _NEG_UNCERTAIN) or _NEG_UNCERTAIN.match(post.lstrip()) or _POST_NEG_UNCERTAIN.match(post):
         return Label.UNCERTAIN
-    if _in_scope(pre, _PRE_NEGATION) or re.search(r"\b(?:not|no)\b", inside) or _POST_NEGATION.match(post):
+    listed = bool(_LISTED_AFTER.match(post) or _LISTED_BEFORE.search(pre))
+    if _in_scope(pre, _PRE_NEGATION, listed) or _NEGATED_MENTION.search(inside) or _POST_NEGATION.match(post):
         return Label.NEGATIVE
-    if _in_scope(pre, _PRE_UNCERTAINTY) or _POST_UNCERTAINTY.match(post) or question:
+    if _in_scope(pre, _PRE_UNCERTAINTY) or _HEDGED_MENTION.search(inside) or _POST_UNCERTAINTY.match(post) or \
+            question:
         return Label.UNCERTAIN
     return Label.POSITIVE
 
@@ -175,16 +211,23 @@ def _merge(current: Label, new: Label) -> Label:
 def label_report(text: str) -> dict[str, Label]:
     """The 14 CheXpert labels of one findings section."""
     labels = {cond: Label.BLANK for cond in CONDITIONS}
+    other = False
     for clause, question in _clauses(text):
         for cond, pattern in _NORMAL_RE.items():
             if pattern.search(clause):
                 labels[cond] = _merge(labels[cond], Label.NEGATIVE)
         for cond, pattern in _MENTION_RE.items():
             for match in pattern.finditer(clause):
-                labels[cond] = _merge(labels[cond], _classify(clause, match.start(), match.end(), question))
+                label = _classify(clause, match.start(), match.end(), question)
+                if cond == "Pleural Effusion" and "blunt" in match.group() and label == Label.POSITIVE:
+                    label = Label.UNCERTAIN  # CheXpert: blunting of the costophrenic angle is an uncertain effusion
+                labels[cond] = _merge(labels[cond], label)
+        for match in _OTHER_RE.finditer(clause):
+            if _classify(clause, match.start(), match.end(), question) in (Label.POSITIVE, Label.UNCERTAIN):
+                other = True
     # As in CheXpert: "No Finding" when no pathology (anything but support devices) is positive or uncertain.
     pathologies = [c for c in CONDITIONS if c not in ("Support Devices", "No Finding")]
-    if all(labels[c] not in (Label.POSITIVE, Label.UNCERTAIN) for c in pathologies):
+    if not other and all(labels[c] not in (Label.POSITIVE, Label.UNCERTAIN) for c in pathologies):
         labels["No Finding"] = Label.POSITIVE
     return labels
 
