@@ -341,6 +341,7 @@ def _run() -> None:
         print_error(str(e))
         sys.exit(2)
     if code == INTERRUPTED:  # typer's code for a command ended by Ctrl-C or SIGTERM
+        interrupts.settled()
         interrupts.report()
     sys.exit(code if isinstance(code, int) else 0)
 

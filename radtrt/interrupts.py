@@ -39,7 +39,8 @@ _deferred: set[int] = set()  # signals that arrived inside one, delivered as it 
 _notes: list[str | None] = []  # what each open ``deferred`` block is doing, said when an interrupt is held
 _complete: list[tuple[str, str]] = []  # outputs this process finished ("bundle directory", "e32"): named if interrupted
 _explained = False  # the command (or ``report``) has said on stderr what its interruption left
-_rechecks: list[bool] = []  # a SIGINT sent by _recheck is pending: the handler looks whether its raise was lost
+_rechecks: list[object] = []  # the token of a SIGINT sent by _recheck: the handler looks whether its raise was lost
+_installed: list[Any] = []  # [pid, token] of the last ``install``: a forked DataLoader worker inherits the handler
 
 
 def importing(frame: FrameType | None) -> bool:
@@ -72,24 +73,33 @@ def _unwinding() -> bool:
     return False
 
 
-def _recheck() -> None:
+def _recheck(token: object) -> None:
     """A moment after a raise, send SIGINT for the handler to look whether the raise was lost. CPython 3.11 drops
     one now and then: a signal landing as ``int("Keyword", 16)`` fails (pydicom's ``"Keyword" in dataset``) lost
     about 1 in 40 interrupts, and ``data phantoms`` ran to its end with exit 0 (seen in CI); one raised inside a
     finalizer (torch's weakref callbacks, a ``__del__``, logging's at-fork hook) is ignored too. Nothing is sent
-    once radtrt's handler is gone (the command has ended, or a caller put its own back)."""
-    if signal.getsignal(signal.SIGINT) is _interrupt:
-        _rechecks[:] = [True]
+    once radtrt's handler is gone (the command has ended, or a caller put its own back), nor after another
+    ``install`` (a caller's next run, whose handler is radtrt's again)."""
+    if _installed and _installed[1] is token and signal.getsignal(signal.SIGINT) is _interrupt:
+        _rechecks[:] = [token]
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def settled() -> None:
+    """The interrupt has reached the command's end with no exception left in flight (typer answers a command's
+    ``KeyboardInterrupt`` with exit code 130): a check on it now would find it lost and raise a second one, which
+    could cut short the one line that says what it left."""
+    if _installed:
+        _installed[1] = object()  # checks already scheduled, or sent, are stale
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGINT and SIGTERM both unwind as Ctrl-C does (a ``timeout``, ``kill`` or batch scheduler's SIGTERM too, so
     the ``finally`` blocks that remove half-built outputs run instead of the process just ending)."""
     if _rechecks:
-        _rechecks.clear()
-        if _unwinding():
-            return  # the raise it checks on is on its way: a second one would cut its cleanup short
+        token = _rechecks.pop()
+        if _unwinding() or not _installed or token is not _installed[1]:
+            return  # the raise it checks on is on its way (a second one would cut its cleanup short), or received
     forced = signum in _forced
     if forced:
         _forced.clear()
@@ -110,9 +120,12 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
         _held.add(signum)
         threading.Thread(target=_watch, args=(signum, threading.get_ident()), daemon=True).start()
         return
-    recheck = threading.Timer(RECHECK_S, _recheck)
-    recheck.daemon = True
-    recheck.start()
+    if _installed and _installed[0] == os.getpid():  # a DataLoader worker ends its loop on this raise, and a
+        # second one landing in its exit printed multiprocessing's "Process ...: Traceback"; its main process is
+        # checked on instead
+        recheck = threading.Timer(RECHECK_S, _recheck, args=(_installed[1],))
+        recheck.daemon = True
+        recheck.start()
     raise KeyboardInterrupt
 
 
@@ -211,6 +224,7 @@ def install() -> None:
     """Take over SIGINT and SIGTERM for this process (the main thread only, as ``signal`` requires)."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    _installed[:] = [os.getpid(), object()]
     sys.unraisablehook = _unraisable
     sys.excepthook = _excepthook
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -25,6 +25,7 @@ def _radtrt_handlers() -> Iterator[None]:
     try:
         yield
     finally:
+        interrupts.settled()  # a check still on its way would land in the next test that installs them
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
         sys.unraisablehook = before[2]
@@ -221,6 +222,50 @@ def test_an_interrupt_python_lost_is_raised_again() -> None:
             time.sleep(2)
             reached.append("ran on")
     assert reached == ["lost"]
+
+
+def test_a_forked_worker_that_ends_on_an_interrupt_is_not_interrupted_again() -> None:
+    """A DataLoader worker inherits the handler and ends its loop on the interrupt (``except KeyboardInterrupt:
+    pass``); a check on it raised a second one into its exit, and multiprocessing printed "Process ...: Traceback"."""
+    import multiprocessing
+    import os
+
+    def worker(out: Any) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        except KeyboardInterrupt:
+            pass  # as torch's _worker_loop does
+        time.sleep(1)
+        out.put("exited cleanly")
+
+    with _radtrt_handlers():
+        ctx = multiprocessing.get_context("fork")
+        out = ctx.Queue()
+        proc = ctx.Process(target=worker, args=(out,))
+        proc.start()
+        proc.join(30)
+    assert proc.exitcode == 0 and out.get(timeout=5) == "exited cleanly"
+
+
+def test_an_interrupt_the_command_has_received_is_not_raised_again() -> None:
+    """typer answers a command's interrupt with exit code 130, leaving no exception in flight: the check on it found
+    it 'lost' and raised a second one while the CLI was saying what the interrupt left."""
+    import os
+
+    from radtrt import interrupts
+
+    reached = []
+    with _radtrt_handlers():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        except KeyboardInterrupt:
+            pass  # as typer does, returning 130
+        interrupts.settled()
+        time.sleep(3 * interrupts.RECHECK_S)
+        reached.append("reported")
+    assert reached == ["reported"]
 
 
 def test_an_interrupt_being_cleaned_up_after_is_not_raised_twice() -> None:
