@@ -439,6 +439,35 @@ def test_png_16bit_is_scaled_and_equalized(tmp_path: Path) -> None:
     np.testing.assert_array_equal(chosen.pixels_u8, equalize_histogram(min_max_to_uint8(raw)))
 
 
+def _png16(path: Path, samples: np.ndarray, colour_type: int) -> Path:
+    """A 16-bit PNG written by hand (PIL writes none in colour): ``samples`` (H, W, channels) uint16."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)  # filter 0 on each row
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_16bit_colour_png_is_refused_not_read_at_its_high_byte(tmp_path: Path) -> None:
+    """PIL opens a 16-bit RGB (or grey+alpha) PNG as 8-bit, keeping each sample's high byte: 12-bit detector data
+    became a 0..15 image, calibrated on and reported from without a word."""
+    raw = synthetic_chest().astype(np.uint16)  # 12-bit values
+    grey = _png16(tmp_path / "grey16.png", raw[..., None], 0)
+    assert load_study(grey).pixels_u8.max() == 255  # the greyscale one is read at full depth
+    rgb = _png16(tmp_path / "rgb48.png", np.stack([raw] * 3, axis=-1), 2)
+    assert Image.open(rgb).mode == "RGB"  # PIL's reading, which lost the low byte
+    _refused(rgb, "rgb48.png: a 16-bit RGB PNG, which radtrt cannot read at full depth; save it as 16-bit greyscale")
+    alpha = _png16(tmp_path / "la32.png", np.stack([raw, np.full_like(raw, 65535)], axis=-1), 4)
+    _refused(alpha, "a 16-bit grey with alpha PNG")
+
+
 def test_rgb_png_and_jpeg_become_grey(tmp_path: Path) -> None:
     rgb = np.stack([_grey8(), _grey8(1), _grey8(2)], axis=-1)
     Image.fromarray(rgb).save(tmp_path / "colour.png")

@@ -11,6 +11,8 @@ Rules (documented because they decide what the model sees):
 * High-bit-depth images (16-bit PNG, PIL modes ``I;16*``/``I``/``F``) are raw detector-like data
   with no display transform: they get the DICOM path's steps (d)-(e), i.e. min..max to 8 bit
   and histogram equalization. No inversion is possible: PNG has no MONOCHROME1 flag.
+* A 16-bit colour PNG (RGB, or grey or RGB with alpha) is refused: PIL keeps only the high byte of
+  each sample, which made 12-bit detector data an almost black image (0..15) read without a word.
 * The view is unknown for these files (``views.UNKNOWN_VIEW``).
 """
 
@@ -67,13 +69,23 @@ def _opened(path: Path) -> Iterator[Image.Image]:
             yield opened
 
 
-def _check_header(opened: Image.Image, name: str) -> None:
+PNG_COLOUR_TYPES = {2: "RGB", 4: "grey with alpha", 6: "RGB with alpha"}
+
+
+def _check_header(opened: Image.Image, path: Path) -> None:
+    name = path.name
     width, height = opened.size
     if width * height > MAX_PIXELS:
         fail(f"{name}: {width} x {height} pixels is implausibly large for a radiograph (decompression bomb guard)")
     check_aspect(name, width, height)
     if getattr(opened, "n_frames", 1) != 1:  # an animated PNG; multi-frame DICOM is refused too
         fail(f"{name}: {opened.n_frames} frames (an animation); a chest radiograph is one image")
+    if opened.format == "PNG":
+        with path.open("rb") as f:  # IHDR comes first: bit depth at byte 24, colour type at 25
+            header = f.read(26)
+        if len(header) == 26 and header[24] == 16 and header[25] in PNG_COLOUR_TYPES:
+            fail(f"{name}: a 16-bit {PNG_COLOUR_TYPES[header[25]]} PNG, which radtrt cannot read at full depth; "
+                 f"save it as 16-bit greyscale (or 8-bit)")
 
 
 def check_raster_header(path: Path) -> None:
@@ -81,14 +93,14 @@ def check_raster_header(path: Path) -> None:
     screened before minutes of work are spent on it (a lazily read training run failed at its damaged image
     after checkpoints were written). Damaged pixel data is still found only when the image is read."""
     with _read_errors(path.name), _opened(path) as opened:
-        _check_header(opened, path.name)
+        _check_header(opened, path)
 
 
 def load_raster(path: Path) -> np.ndarray:
     """Read a PNG/JPEG as an (H, W) uint8 grey image following the module rules."""
     name = path.name
     with _read_errors(name), _opened(path) as opened:  # the header only, so the checks come before decoding
-        _check_header(opened, name)
+        _check_header(opened, path)
         opened.load()
         image = ImageOps.exif_transpose(opened)
     if image.mode in _HIGH_BIT_MODES:
