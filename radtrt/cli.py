@@ -130,7 +130,7 @@ def convert(
     # release layout is written in float32 whatever was asked)
     if to == "llava-rad" and dtype is not None:
         fail("--dtype applies to --to radtrt; the release layout is written as the release stores it")
-    dtype = dtype or "float16"
+    dtype = "float16" if dtype is None else dtype  # an empty one (an unset shell variable) is refused, not the default
     if dtype not in DTYPES:
         fail(f"unknown dtype '{dtype}' ({', '.join(DTYPES)})")
     check_new_dir(out)

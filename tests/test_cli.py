@@ -697,6 +697,23 @@ def test_a_prompt_too_long_is_refused_before_any_study_is_read(merged: Path, tmp
     assert err.strip().splitlines()[-1].endswith("the prompt alone fills them: shorten --indication")
 
 
+def test_an_empty_or_mistyped_precision_or_dtype_is_refused_as_such(merged: Path, tmp_path: Path) -> None:
+    """An empty value (a script's unset $DTYPE) was the default without a word (a float16 model, then refused as
+    'calibrated on other weights'), and a mistyped INT8 beside --calibration-data was told it "applies to
+    --precision int8 only (this export is INT8)"."""
+    calib = tmp_path / "calib.safetensors"
+    for args, message in (
+            (("export", "--model", merged, "--precision", ""), "unknown --precision '' (fp32, fp16, int8)"),
+            (("export", "--model", merged, "--precision", "INT8", "--calibration-data", calib),
+             "unknown --precision 'INT8' (fp32, fp16, int8)"),
+            (("convert", "--model", merged, "--dtype", ""), "unknown dtype ''"),
+            (("infer", _write(tmp_path / "a.dcm", radiograph_dataset(synthetic_chest(seed=8))), "--model", merged,
+              "--dtype", ""), "unknown dtype ''")):
+        code, out, err = _invoke(*args, *(("-o", tmp_path / "out") if args[0] != "infer" else ()))
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+        assert not (tmp_path / "out").exists()
+
+
 def test_convert_to_release_layout_reloads_with_identical_tokens(merged: Path, tmp_path: Path) -> None:
     out = tmp_path / "release"
     for dtype in ("bfloat16", "float16"):  # float16, said explicitly, was taken for the default and ignored

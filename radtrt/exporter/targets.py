@@ -40,10 +40,17 @@ class ExportPlan:
                       "all": ["onnx", "tensorrt", "trtllm"], "triton": ["triton"]}[self.target]
 
 
+PRECISION_NAMES = ("fp32", "fp16", "int8")  # every target's
+
+
 def resolve_precision(precision: str | None, bundle: Path | None, target: str) -> str:
     """``--precision``, by default fp32, or with ``--bundle`` the bundle's own: the vision engine is built from
     its graphs, so another precision there is refused; a TensorRT-LLM decoder of another precision than the
-    bundle's is asked for explicitly (an INT8 bundle gave an fp16 decoder by default)."""
+    bundle's is asked for explicitly (an INT8 bundle gave an fp16 decoder by default). Checked before any other
+    option against it: "--calibration-data applies to --precision int8 only (this export is INT8)" answered a
+    mistyped int8, and an empty one (an unset shell variable) was the default without a word."""
+    if precision is not None and precision not in PRECISION_NAMES:
+        fail(f"unknown --precision {precision!r} ({', '.join(PRECISION_NAMES)})")
     if bundle is None:
         return precision or "fp32"
     from radtrt.exporter.bundle import read_manifest

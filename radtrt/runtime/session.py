@@ -129,7 +129,7 @@ def open_pipeline(*, model: Path | None, base_model: Path | None, bundle: Path |
                                  trt_unusable=trt_unusable)
     _refuse_unused(chosen, why, dtype=dtype, ort_provider=ort_provider, trt_cache=trt_cache, ort_spin=ort_spin,
                    model=model, bundle=bundle, trt_decoder=trt_decoder)
-    dtype = dtype or "float32"
+    dtype = "float32" if dtype is None else dtype  # an empty one (an unset shell variable) is refused below
     if chosen == "onnxruntime":
         assert bundle is not None
         return _open_ort(bundle, device, ort_provider, trt_cache, why, console, ort_spin)
