@@ -253,6 +253,11 @@ def calibrate(
     err.print(f"{calibration.file.n} samples ({meta['method']['samples_with_findings']} with findings, "
               f"{meta['method']['decoder_tokens']} decoder tokens), sample-list sha256 {calibration.file.hash[:16]}",
               highlight=False, soft_wrap=True)
+    distinct = len({sample.ref.sha256 for sample in calibration.samples})
+    if distinct < len(calibration.samples):  # rows naming one image (or copies of it) calibrate on it once per row
+        err.print(plain(f"radtrt: warning: the {len(calibration.samples)} samples hold {distinct} distinct "
+                        f"image{'s' if distinct != 1 else ''}; a repeated image counts once per row"),
+                  highlight=False, soft_wrap=True)
     emit(str(out))
 
 

@@ -273,6 +273,18 @@ def test_calibrate_command(tiny_release: TinyRelease, phantoms: Path, tmp_path: 
         CalibrationFile.load(tmp_path / "s.safetensors")
     meta = json.loads(json.dumps(CalibrationFile.load(out).meta))
     assert meta["samples"][0]["file"].startswith("png/") and len(meta["samples"][0]["sha256"]) == 64
+    assert "distinct" not in result.stderr
+    # rows naming one image, as written and as './': said, not counted silently as three samples
+    row = json.loads(phantoms.read_text().splitlines()[0])
+    image = phantoms.parent / row["image"]
+    repeated = tmp_path / "repeated.jsonl"  # beside the shared phantoms, it would be a second manifest in their folder
+    repeated.write_text("".join(json.dumps({**row, "image": name}) + "\n"
+                                for name in (str(image), str(image), f"{phantoms.parent}/./{row['image']}")))
+    result = runner.invoke(app, ["calibrate", "--model", str(model_dir), "--data", str(repeated), "--n", "3",
+                                 "-o", str(tmp_path / "repeated.safetensors")])
+    assert result.exit_code == 0, result.stderr
+    assert "radtrt: warning: the 3 samples hold 1 distinct image; a repeated image counts once per row" in \
+        " ".join(result.stderr.split())
 
 
 def _edited(calib, tmp_path: Path, name: str, meta_edit=None, tensor_edit=None, keep_digest: bool = False) -> Path:
