@@ -144,7 +144,7 @@ _POST_UNCERTAINTY = re.compile(
     r"(?:(?:possible|likely|probable)(?=\s*(?:$|present|[,.;]))"  # "opacity is likely atelectasis": the opacity is not
     r"|suspected|questioned|questionable|a consideration|considered)|may be present|could be present)\b")
 # A comma or "and the" starting a new statement ends the reach of a preceding "no" or "may" (not inside an
-# "X, Y, or Z" list: see _LISTED).
+# "X, Y, or Z" list: see _LISTED_AFTER and _LISTED_BEFORE).
 _SCOPE_BREAK = re.compile(
     r"\band (?=(?:the|a|an)\b)|,\s*(?:and\s+)?(?:there|with|left|right|bilateral|small|mild|moderate|large|severe|"
     r"trace|tiny|minimal|new|persistent|stable|unchanged|increas\w*|decreas\w*|improv\w*|worsen\w*|the|a|an)\b")
