@@ -14,6 +14,7 @@ when it ends if the work is still running, or at a normal exit; an error drops t
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class LineProgress:
         self.disable = disable
         self.heartbeat_seconds = heartbeat_seconds
         self._tasks: dict[int, _Task] = {}
+        self._ids = itertools.count()
         self._held: dict[int, str] = {}  # task -> its latest line, during the quiet window
         self._lock = threading.Lock()
         self._quiet_until = time.perf_counter() + quiet_seconds
@@ -102,11 +104,20 @@ class LineProgress:
                 self._print(line)
 
     def _print(self, line: str) -> None:
-        self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+        """One progress line, a courtesy: a stderr that cannot take it (a full disk, ``2>&1 | head`` gone) stops the
+        lines, not the work. Through rich, a broken pipe raised SystemExit and a full disk an error, and the output
+        nearly built was removed."""
+        if self.disable:
+            return
+        try:
+            self.console.file.write(line + "\n")
+            self.console.file.flush()
+        except (OSError, ValueError):  # ValueError: a stream closed under us
+            self.disable = True
 
     def add_task(self, description: str, total: float | None = 100.0, *, start: bool = True, completed: float = 0,
                  visible: bool = True, **fields: Any) -> int:
-        task_id = len(self._tasks)
+        task_id = next(self._ids)  # not len(): a task removed would give the next one a live task's id
         self._tasks[task_id] = _Task(description, total, completed, fields)
         self._report(task_id, force=True)
         return task_id

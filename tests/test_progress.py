@@ -111,3 +111,33 @@ def test_a_task_that_advances_gets_a_line_at_least_every_heartbeat() -> None:
         progress.update(task, completed=2, loss=0.5)  # no progress since the last line: no line
     lines = [line.split("  [")[0] for line in buf.getvalue().splitlines()]
     assert lines == ["stage2 0/1000  loss 1", "stage2 1/1000  loss 1", "stage2 2/1000  loss 0.5"]
+
+
+def test_a_stderr_that_cannot_take_progress_stops_the_lines_not_the_work() -> None:
+    """Progress through rich into a full disk (2>/dev/full) raised an error, and into a reader gone (2>&1 | head) a
+    SystemExit: either removed the output nearly built. Progress is a courtesy."""
+    for error in (OSError(28, "No space left on device"), BrokenPipeError(32, "Broken pipe")):
+        class Failing(io.StringIO):
+            def write(self, text: str) -> int:
+                raise error
+
+        console = Console(file=Failing(), force_terminal=False, width=200)
+        with LineProgress(console, quiet_seconds=0) as progress:
+            task = progress.add_task("writing phantoms", total=10)
+            for _ in range(10):
+                progress.advance(task)
+        assert progress.disable  # no more attempts once one failed
+
+
+def test_a_task_added_after_one_is_removed_gets_an_id_of_its_own() -> None:
+    """Ids were len(tasks): after a removal the next task got a live task's id, and updating one moved the other."""
+    console, buf = _log_console()
+    with LineProgress(console, quiet_seconds=0) as progress:
+        first = progress.add_task("a", total=10)
+        second = progress.add_task("b", total=10)
+        progress.remove_task(first)
+        third = progress.add_task("c", total=10)
+        assert len({first, second, third}) == 3
+        progress.update(second, completed=10)
+    assert any(line.startswith("b 10/10") for line in buf.getvalue().splitlines())
+    assert not any(line.startswith("c 10/10") for line in buf.getvalue().splitlines())
