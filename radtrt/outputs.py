@@ -13,6 +13,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -476,7 +477,8 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
         # recorded as complete (what an interrupted command's last line names), would be taken for a half-built one
         with interrupts.deferred():
             try:
-                if out.exists():
+                if out.exists():  # the user's empty folder: its place, and its modes (a 0700 one became 0755)
+                    os.chmod(work, stat.S_IMODE(out.stat().st_mode))
                     out.rmdir()
                 work.rename(out)
             except OSError as e:  # e.g. a folder created in the meantime; the finished output stays where it is

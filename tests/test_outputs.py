@@ -412,3 +412,18 @@ def test_an_interrupt_names_only_finished_outputs_that_are_still_there(tmp_path:
     interrupts.report()
     err = capsys.readouterr().err
     assert f"bundle directory {tmp_path / 'bundle'} is complete" in err and "gone" not in err, err
+
+
+def test_a_users_empty_folder_keeps_its_modes(tmp_path: Path) -> None:
+    """The output replaced the user's empty -o folder with one of default modes: a 0700 folder became 0755."""
+    from radtrt.outputs import _umask
+
+    out = tmp_path / "private"
+    out.mkdir(mode=0o700)
+    out.chmod(0o700)
+    with new_dir_built_aside(out) as work:
+        (work / "report.md").write_text("x")
+    assert (out / "report.md").read_text() == "x" and (out.stat().st_mode & 0o777) == 0o700
+    with new_dir_built_aside(tmp_path / "new") as work:  # a new one: as mkdir makes it
+        (work / "a").write_text("y")
+    assert ((tmp_path / "new").stat().st_mode & 0o777) == 0o777 & ~_umask()
