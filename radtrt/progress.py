@@ -107,7 +107,7 @@ class LineProgress:
         """One progress line, a courtesy: a stderr that cannot take it (a full disk, ``2>&1 | head`` gone) stops the
         lines, not the work. Through rich, a broken pipe raised SystemExit and a full disk an error, and the output
         nearly built was removed."""
-        if self.disable:
+        if self.disable or self.console.quiet:  # quiet: a progress inside another's display (phantoms calibrating)
             return
         try:
             self.console.file.write(line + "\n")

@@ -141,3 +141,13 @@ def test_a_task_added_after_one_is_removed_gets_an_id_of_its_own() -> None:
         progress.update(second, completed=10)
     assert any(line.startswith("b 10/10") for line in buf.getvalue().splitlines())
     assert not any(line.startswith("c 10/10") for line in buf.getvalue().splitlines())
+
+
+def test_a_quiet_console_gets_no_lines() -> None:
+    """Phantoms written for calibration report on a quiet console inside calibrate's own progress display."""
+    buf = io.StringIO()
+    with LineProgress(Console(file=buf, force_terminal=False, quiet=True), quiet_seconds=0) as progress:
+        task = progress.add_task("writing phantoms", total=4)
+        for _ in range(4):
+            progress.advance(task)
+    assert buf.getvalue() == ""
