@@ -87,7 +87,7 @@ _MENTIONS: dict[str, tuple[str, ...]] = {
         r"pacemakers?", r"pacer", r"defibrillators?", r"a?icd", r"(?:pacer|pacemaker|pacing|icd) leads?",
         r"stents?", r"port(?:-a-cath)?", r"(?:sternal|sternotomy) wires", r"(?:surgical )?clips?", r"drains?",
         r"(?:prosthetic (?:[a-z]+ )?valve|valve (?:replacement|prosthesis))", r"hardware", r"(?:support )?devices?",
-        r"monitoring devices?", r"balloon pump", r"lvad", r"plates?(?!-like)", r"screws",
+        r"monitoring devices?", r"balloon pump", r"lvad", r"plates?(?!-like| like| atelectasis)", r"screws",
     ),
 }
 
