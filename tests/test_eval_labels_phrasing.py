@@ -40,6 +40,7 @@ c("The chest is negative for pneumothorax.", PX="N")
 # --- atelectasis
 c("Linear atelectasis at the left lung base.", AT="P")
 c("Plate-like atelectasis in the right mid lung.", AT="P")
+c("Interstitial markings are normal.")  # only increased or prominent markings are an opacity
 c("Plate atelectasis at the left base.", AT="P")  # not a plate of hardware
 c("Mild bibasilar atelectasis.", AT="P")
 c("Bibasilar opacities likely reflect atelectasis.", LO="P", AT="U")

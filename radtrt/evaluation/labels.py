@@ -55,7 +55,8 @@ _MENTIONS: dict[str, tuple[str, ...]] = {
     ),
     "Lung Opacity": (
         r"opacit(?:y|ies)", r"opacification", r"opacified", r"infiltrat\w*", r"(?<!bone )densit(?:y|ies)",
-        r"haziness", r"air[- ]?space (?:disease|process)", r"interstitial markings?",
+        r"haziness", r"air[- ]?space (?:disease|process)",
+        r"(?:increased|prominent|prominence of|coarse\w*|accentuated) (?:the )?interstitial markings?",
         r"peribronchial (?:thickening|cuffing)", r"ground[- ]glass",
         r"(?<!pleural )(?<!pleural-parenchymal )(?<!pleural parenchymal )scarring",  # CheXpert: pleural scar aside
     ),
