@@ -408,6 +408,42 @@ def _claim(work: Path) -> int:
     return fd
 
 
+def _take_leftover(work: Path, out: Path) -> Path:
+    """Move an interrupted run's ``OUT.partial`` into a fresh hidden folder beside it, for the caller to delete, and
+    return that folder. Taken under its marker's lock and only if the marker is still the one locked: two reruns
+    that both found it dead each deleted it, one of them the other's new build, which then ended with exit 0 and
+    a manifest naming files no longer there."""
+    marker = work / WORK_MARKER
+    busy = f"another radtrt is building {out} right now; wait for it or choose another -o"
+    builder = _builder(marker)
+    if builder is not None:
+        fail(f"another radtrt ({builder}) is building {out} right now; wait for it or choose another -o "
+             f"(if none is running, delete {work})")
+    try:
+        fd = os.open(marker, os.O_RDONLY)
+    except FileNotFoundError:  # another rerun took it meanwhile
+        fail(busy)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a builder that has just claimed it, or another rerun taking it
+            fail(busy)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:  # without locks, _builder's pid is all there is to go by
+                raise
+        try:
+            same = os.stat(marker).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # taken and built anew while this run looked
+            fail(busy)
+        trash = Path(tempfile.mkdtemp(prefix=f".{work.name}.", suffix=".leftover", dir=work.parent))
+        work.rename(trash / work.name)
+    finally:
+        os.close(fd)
+    return trash
+
+
 def check_buildable_aside(out: Path, what: str = "output directory") -> None:
     """What :func:`new_dir_built_aside` refuses, for callers to check before their slow work (a tokenizer
     trained, then refused for its -o)."""
@@ -439,11 +475,7 @@ def new_dir_built_aside(out: Path, what: str = "output directory") -> Iterator[P
     if work.is_symlink() or work.exists():
         if not_ours(work):
             fail(f"{work} is in the way of the {what} (radtrt builds it there first); move it or choose another -o")
-        builder = _builder(work / WORK_MARKER)
-        if builder is not None:
-            fail(f"another radtrt ({builder}) is building {out} right now; wait for it or choose another -o "
-                 f"(if none is running, delete {work})")
-        shutil.rmtree(work)  # what an interrupted run of radtrt left (its marker says so)
+        shutil.rmtree(_take_leftover(work, out))  # what an interrupted run of radtrt left (its marker says so)
     made = missing_parents(work)
     make_dir(work.parent, f"{what}'s parent folder")
     try:

@@ -427,3 +427,31 @@ def test_a_users_empty_folder_keeps_its_modes(tmp_path: Path) -> None:
     with new_dir_built_aside(tmp_path / "new") as work:  # a new one: as mkdir makes it
         (work / "a").write_text("y")
     assert ((tmp_path / "new").stat().st_mode & 0o777) == 0o777 & ~_umask()
+
+
+def test_a_rerun_never_deletes_a_build_another_rerun_has_just_started(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two reruns found an interrupted run's OUT.partial dead; the slower one deleted the folder the faster one had
+    just made and claimed, which then ended with exit 0 and a manifest naming files that were gone."""
+    import os
+
+    from radtrt import outputs
+
+    out = tmp_path / "out"
+    work = outputs.work_dir(out)
+    work.mkdir()
+    claim = outputs._claim(work)  # the faster rerun, building now
+    (work / "new").write_text("being built")
+    monkeypatch.setattr(outputs, "_builder", lambda marker: None)  # the slower one looked while the leftover was dead
+    try:
+        with pytest.raises(RadtrtError, match="another radtrt is building .* right now"):
+            with new_dir_built_aside(out):
+                pass
+        assert (work / "new").read_text() == "being built"
+    finally:
+        os.close(claim)
+    monkeypatch.undo()
+    with new_dir_built_aside(out) as fresh:  # once the builder is gone, its leftover goes
+        (fresh / "done").write_text("y")
+    assert sorted(p.name for p in out.iterdir()) == ["done"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no leftover folder beside it
