@@ -7,9 +7,10 @@ ml_dtypes (imported by onnx) left numpy half-initialised, so the next attribute 
 900-frame ``RecursionError`` traceback, status 1, an "internal error". So the interrupt is held back while the
 main thread imports (usually a second or two), and delivered once, as ``KeyboardInterrupt``, when the import
 is over; the commands' wrappers turn that into status 130 after their cleanup. Python can lose a raise from a
-signal handler (see ``_recheck``), so each one is checked on a moment later and raised again if it was lost. A second press (or a SIGTERM)
-while one is held back adds nothing (two interrupts landing together cut the first one's cleanup short). An import still
-running ``MAX_HOLD_S`` after the interrupt (a hung network filesystem) is interrupted anyway.
+signal handler (see ``_recheck``), so each one is checked on a moment later and raised again if it was lost. A
+second press (or a SIGTERM) while one is held back adds nothing (two interrupts landing together cut the first
+one's cleanup short). An import still running ``MAX_HOLD_S`` after the interrupt (a hung network filesystem) is
+interrupted anyway.
 This module imports nothing heavy itself.
 """
 

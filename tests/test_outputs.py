@@ -433,8 +433,6 @@ def test_a_rerun_never_deletes_a_build_another_rerun_has_just_started(tmp_path: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Two reruns found an interrupted run's OUT.partial dead; the slower one deleted the folder the faster one had
     just made and claimed, which then ended with exit 0 and a manifest naming files that were gone."""
-    import os
-
     from radtrt import outputs
 
     out = tmp_path / "out"
